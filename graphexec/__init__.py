@@ -1,0 +1,75 @@
+"""graphexec: run CPU-heavy task graphs on every core, with failure handling you can trust.
+
+Build a graph by calling decorated functions inside ``with graph:``, run it
+with ``graph.compute()``, read values and states from the returned ``Run``::
+
+    import graphexec as gx
+
+    @gx.task(retries=2)
+    def simulate(seed): ...
+
+    @gx.task
+    def summarize(values): ...
+
+    graph = gx.Graph()
+    with graph:
+        report = summarize([simulate(s) for s in range(100)])
+    run = graph.compute(workers=4)
+    print(run[report], run.summary())
+
+Everything public is re-exported here; modules starting with ``_`` are private.
+"""
+
+import logging as _logging
+
+from ._errors import (
+    Cancelled,
+    GraphexecError,
+    GraphFailed,
+    MemoryLimitExceeded,
+    RemoteError,
+    ResultReleased,
+    SerializationError,
+    TaskFailure,
+    TaskTimeout,
+    UpstreamFailed,
+    WorkerCrashed,
+)
+from ._graph import Graph, Node, allow_failure
+from ._options import exponential_backoff
+from ._pool import Pool
+from ._run import Run
+from ._state import Attempt, State
+from ._task import Task, task
+
+__version__ = "0.1.0"
+
+# A library logs, the application decides where it goes (no "No handlers" noise).
+_logging.getLogger("graphexec").addHandler(_logging.NullHandler())
+
+__all__ = [
+    # building
+    "Graph",
+    "Node",
+    "Task",
+    "task",
+    "allow_failure",
+    "exponential_backoff",
+    # running
+    "Pool",
+    "Run",
+    "State",
+    "Attempt",
+    # errors
+    "GraphexecError",
+    "GraphFailed",
+    "TaskFailure",
+    "WorkerCrashed",
+    "TaskTimeout",
+    "MemoryLimitExceeded",
+    "SerializationError",
+    "RemoteError",
+    "UpstreamFailed",
+    "Cancelled",
+    "ResultReleased",
+]

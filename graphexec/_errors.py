@@ -1,0 +1,189 @@
+"""Exceptions raised by graphexec, and the stand-ins it builds for remote ones.
+
+The hierarchy::
+
+    GraphexecError                 base of everything graphexec raises itself
+    ├── GraphFailed                compute() ended with unhandled failures; .run keeps
+    │                              every result and state
+    ├── TaskFailure                a fault detected *around* a task, stored as the
+    │   │                          exception of that one node's Failed state
+    │   ├── WorkerCrashed          the worker process died while running the node
+    │   │                          (.exitcode, .signal_name)
+    │   ├── TaskTimeout            the attempt ran past its timeout= (also a TimeoutError)
+    │   ├── MemoryLimitExceeded    the worker's RSS went over memory_limit= (.limit, .rss)
+    │   ├── SerializationError     an argument, result, function or exception would
+    │   │                          not pickle or unpickle (.stage)
+    │   └── RemoteError            the task raised an exception that cannot cross a
+    │                              process boundary; keeps its type name, message and
+    │                              traceback text
+    ├── UpstreamFailed             what a Skipped node holds, and what a dependent that
+    │                              allowed a skipped upstream receives in its place
+    ├── Cancelled                  what a Cancelled node holds (fail_fast, Ctrl-C)
+    └── ResultReleased             the value was freed once no pending node needed it
+                                   (also a KeyError)
+
+Every class pickles (they cross process boundaries inside ``Run`` objects and
+states) and every message says which node it concerns and what to do.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+__all__ = [
+    "Cancelled",
+    "GraphFailed",
+    "GraphexecError",
+    "MemoryLimitExceeded",
+    "RemoteError",
+    "ResultReleased",
+    "SerializationError",
+    "TaskFailure",
+    "TaskTimeout",
+    "UpstreamFailed",
+    "WorkerCrashed",
+]
+
+
+class GraphexecError(Exception):
+    """Base class of the exceptions graphexec raises itself.
+
+    Attributes set by keyword are kept in ``__dict__`` so that the default
+    ``BaseException.__reduce__`` (class, args, __dict__) pickles them.
+    """
+
+    def __init__(self, message: str = "", **attrs: Any) -> None:
+        super().__init__(message)
+        self.__dict__.update(attrs)
+
+    @property
+    def message(self) -> str:
+        """The message the exception was created with."""
+        return self.args[0] if self.args else ""
+
+
+class GraphFailed(GraphexecError):
+    """Raised by ``compute()`` after the run, when a failure was not handled.
+
+    ``.run`` is the complete :class:`graphexec.Run`: completed results are never
+    lost. ``__cause__`` is the first failure's exception, which itself chains
+    the remote traceback text.
+    """
+
+    run: Any
+
+
+class TaskFailure(GraphexecError):
+    """A fault graphexec detected around a task rather than one it raised.
+
+    ``.node`` names the node it concerns.
+    """
+
+    node: str | None = None
+
+
+class WorkerCrashed(TaskFailure):
+    """The worker process died while running the node (segfault, os._exit, OOM killer).
+
+    ``.exitcode`` is the process exit code (negative: killed by a signal) and
+    ``.signal_name`` the signal's name when there was one.
+    """
+
+    exitcode: int | None = None
+    signal_name: str | None = None
+
+
+class TaskTimeout(TaskFailure, TimeoutError):
+    """The attempt ran past the task's ``timeout=``; its worker was killed and replaced."""
+
+    timeout: float | None = None
+
+
+class MemoryLimitExceeded(TaskFailure, MemoryError):
+    """The worker's resident memory went over ``memory_limit=``; it was killed and replaced."""
+
+    limit: int | None = None
+    rss: int | None = None
+
+
+class SerializationError(TaskFailure):
+    """Something about a node would not pickle or unpickle.
+
+    ``.stage`` is one of ``"function"``, ``"arguments"``, ``"unpickle-arguments"``,
+    ``"result"``, ``"unpickle-result"``.
+    """
+
+    stage: str | None = None
+
+
+class RemoteError(TaskFailure):
+    """The task raised an exception that could not be sent back to the parent.
+
+    ``.type_name`` is the qualified name of the original type, ``.original_message``
+    its ``str()``, and ``.remote_traceback`` the traceback text from the worker.
+    """
+
+    type_name: str | None = None
+    original_message: str | None = None
+    remote_traceback: str | None = None
+
+
+class UpstreamFailed(GraphexecError):
+    """The node was skipped because an upstream node failed.
+
+    ``.node`` is the skipped node's name and ``.upstream`` the failed node that
+    caused the skip (the root cause, through chains of skips).
+    """
+
+    node: str | None = None
+    upstream: str | None = None
+
+
+class Cancelled(GraphexecError):
+    """The node was cancelled before it finished (``fail_fast=True`` or Ctrl-C)."""
+
+    node: str | None = None
+
+
+class ResultReleased(GraphexecError, KeyError):
+    """The node ran, but its value was freed once no pending node needed it."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.message
+
+
+class RemoteTraceback(Exception):
+    """Carries a worker's formatted traceback as the ``__cause__`` of its exception.
+
+    The same device as ``concurrent.futures.process._RemoteTraceback``: the user
+    catches their own exception type and still sees where it was raised.
+    """
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def describe_exitcode(exitcode: int | None) -> tuple[str | None, str]:
+    """Return ``(signal_name, advice)`` for a worker's exit code."""
+    if exitcode is None:
+        return None, "the worker vanished without an exit code"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hints = {
+            "SIGKILL": "killed with SIGKILL: often the kernel's out-of-memory killer; "
+            "check `dmesg` and consider memory_limit=",
+            "SIGSEGV": "segmentation fault: a bug in a C extension, or a stack overflow",
+            "SIGABRT": "aborted: a C library called abort()",
+            "SIGBUS": "bus error: often a truncated memory-mapped file",
+            "SIGTERM": "terminated by another process",
+        }
+        return name, hints.get(name, f"killed by {name}")
+    return None, f"the process exited with code {exitcode} (a call to sys.exit or os._exit?)"

@@ -1,0 +1,442 @@
+"""The graph builder: nodes, edges, and how node arguments are found and filled in.
+
+A graph is a set of parallel lists indexed by node id (task, options, args,
+kwargs, dependency ids, edge flags, name); a :class:`Node` is a two-slot handle
+(graph, id) on it. That keeps a 100,000-node graph to a few hundred bytes per
+node and lets the scheduler work on integers.
+
+Edges come from the arguments (data edges: the task receives the upstream
+value) and from ``wait_for=`` (order edges). Nodes are found inside lists,
+tuples, dicts, sets and frozensets, at any depth; ``allow_failure(...)`` marks
+the edges found inside it. Because an argument can only name a node that
+already exists, such edges can never form a cycle; only ``Node.wait_for``,
+which adds order edges after the fact, has to check.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ._task import Task, as_task, pop_graph, push_graph
+
+if TYPE_CHECKING:
+    from ._pool import Pool
+    from ._run import Run
+    from ._state import State
+
+# Edge flags, OR-ed when one upstream appears several times in a call.
+DATA = 1  # the task receives the upstream's value
+ORDER = 2  # wait_for: ordering only
+ALLOW = 4  # allow_failure: run even if that upstream failed or was skipped
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class allow_failure:  # noqa: N801 - spelled like a function, as in Prefect
+    """Mark an upstream (or every upstream in a collection) as allowed to fail.
+
+    The dependent runs even if that upstream failed or was skipped; in place of
+    the value it receives the exception instance (:class:`UpstreamFailed` for a
+    skipped upstream). In a collection only the failed items are replaced.
+
+    Works as an argument and inside ``wait_for=``.
+
+    Example::
+
+        with graph:
+            report = summarize(gx.allow_failure([a, b, 1]))
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"allow_failure({self.value!r})"
+
+    # On the way to a worker the marker disappears: only the value inside is
+    # sent, with its nodes replaced by their values.
+    def __reduce__(self) -> Any:
+        return (_identity, (self.value,))
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+class Node:
+    """A call captured in a graph: a placeholder for its future value.
+
+    Pass it as an argument to other task calls, or in ``wait_for=``. After a
+    run, ``node.result()`` and ``node.state`` read the graph's latest run.
+    """
+
+    __slots__ = ("__weakref__", "graph", "index")
+
+    def __init__(self, graph: Graph, index: int) -> None:
+        self.graph = graph
+        self.index = index
+
+    @property
+    def name(self) -> str:
+        """Readable name, unique in its graph unless given explicitly: ``simulate-17``."""
+        return self.graph._names[self.index]
+
+    @property
+    def task(self) -> Task:
+        """The task this node calls."""
+        return self.graph._tasks[self.index]
+
+    @property
+    def upstream(self) -> list[Node]:
+        """The nodes this one depends on (data and wait_for edges)."""
+        nodes = self.graph._nodes
+        return [nodes[i] for i in self.graph._deps[self.index]]
+
+    @property
+    def state(self) -> State:
+        """This node's state in the graph's latest run."""
+        return self.graph._latest_run_or_raise().state(self)
+
+    def result(self, raise_on_failure: bool = True) -> Any:
+        """This node's value in the graph's latest run (see :meth:`Run.result`)."""
+        return self.graph._latest_run_or_raise().result(self, raise_on_failure=raise_on_failure)
+
+    def wait_for(self, *upstream: Any) -> Node:
+        """Add ordering edges after the node was created; returns the node.
+
+        Raises:
+            ValueError: the edge would close a cycle (the path is named).
+            TypeError: an upstream is not a node of this graph.
+        """
+        self.graph._add_order_edges(self.index, upstream)
+        return self
+
+    def __repr__(self) -> str:
+        run = self.graph._latest_run
+        if run is not None and run._has(self.index):
+            return f"<Node {self.name} ({run.state(self).name})>"
+        return f"<Node {self.name}>"
+
+    def __format__(self, spec: str) -> str:
+        return format(self.name, spec)
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"node {self.name!r} cannot be pickled: a node stands for a value that does not "
+            "exist yet. graphexec finds nodes in arguments only inside lists, tuples, dicts "
+            "and sets; pass the node directly (or in one of those) instead of inside "
+            "another object"
+        )
+
+
+def call_site() -> str:
+    """``file:line`` of the first frame outside graphexec (the user's call)."""
+    frame = sys._getframe(1)
+    while frame is not None and os.path.dirname(
+        os.path.abspath(frame.f_code.co_filename)
+    ).startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+    if frame is None:
+        return "<unknown>"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+class Graph:
+    """A lazily built graph of task calls.
+
+    Task calls inside ``with graph:`` are captured as :class:`Node` objects
+    instead of running; :meth:`compute` runs them. Building is single-threaded:
+    build a graph from one thread at a time.
+
+    Example::
+
+        graph = gx.Graph()
+        with graph:
+            total = add(load(1), load(2))
+        run = graph.compute(workers=2)
+        run[total]
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or "graph"
+        self._tasks: list[Task] = []
+        self._opts: list[Any] = []
+        self._args: list[tuple[Any, ...]] = []
+        self._kwargs: list[dict[str, Any] | None] = []
+        self._deps: list[tuple[int, ...]] = []
+        self._flags: list[tuple[int, ...] | None] = []  # None: every edge is plain DATA
+        self._names: list[str] = []
+        self._nodes: list[Node] = []
+        self._counters: dict[str, int] = {}
+        self._latest_run: Run | None = None
+
+    # -- building -----------------------------------------------------------
+
+    def __enter__(self) -> Graph:
+        push_graph(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pop_graph(self)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    @property
+    def nodes(self) -> list[Node]:
+        """All nodes, in the order they were added."""
+        return list(self._nodes)
+
+    def add(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Node:
+        """Add a call of ``fn`` without a decorator or a ``with`` block.
+
+        ``fn`` may be a :class:`Task` or any callable (default options). The
+        keywords ``wait_for``, ``allow_failure`` and ``return_state`` mean the same
+        as in a task call; every other argument is passed to ``fn``.
+
+        Returns:
+            The new :class:`Node`.
+        """
+        return self._add_call(as_task(fn, "graph.add"), args, kwargs)
+
+    def _add_call(self, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Node:
+        opts = task.options
+        wait_for = kwargs.pop("wait_for", None) if kwargs else None
+        if kwargs and ("allow_failure" in kwargs or "return_state" in kwargs):
+            overrides = {k: kwargs.pop(k) for k in ("allow_failure", "return_state") if k in kwargs}
+            opts = opts.updated(overrides, f"{task.name}() call")
+
+        found: dict[int, int] = {}
+        for value in args:
+            _scan(value, self, found, DATA)
+        if kwargs:
+            for value in kwargs.values():
+                _scan(value, self, found, DATA)
+        if wait_for is not None:
+            self._scan_wait_for(wait_for, found, task.name)
+
+        index = len(self._nodes)
+        node = Node(self, index)
+        self._tasks.append(task)
+        self._opts.append(opts)
+        self._args.append(args)
+        self._kwargs.append(kwargs or None)
+        self._deps.append(tuple(found))
+        flags = tuple(found.values())
+        self._flags.append(None if all(f == DATA for f in flags) else flags)
+        self._names.append(self._node_name(task, opts, args, kwargs))
+        self._nodes.append(node)
+        return node
+
+    def _node_name(self, task: Task, opts: Any, args: tuple, kwargs: dict) -> str:
+        template = opts.task_run_name
+        if template is None:
+            count = self._counters.get(task.name, 0)
+            self._counters[task.name] = count + 1
+            return f"{task.name}-{count}"
+        try:
+            bound = inspect.signature(task.fn).bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = bound.arguments
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"{task.name}() at {call_site()}: arguments do not match its signature: {exc}"
+            ) from None
+        if callable(template):
+            return str(template(**arguments))
+        try:
+            return template.format(**arguments)
+        except (KeyError, IndexError) as exc:
+            raise ValueError(
+                f"{task.name}: task_run_name={template!r} names {exc}, which is not a "
+                "parameter of the function"
+            ) from None
+
+    def _scan_wait_for(self, wait_for: Any, found: dict[int, int], name: str) -> None:
+        items = wait_for if isinstance(wait_for, (list, tuple, set, frozenset)) else [wait_for]
+        for item in items:
+            flag = ORDER
+            if type(item) is allow_failure:
+                flag |= ALLOW
+                inner = item.value
+                targets = inner if isinstance(inner, (list, tuple, set, frozenset)) else [inner]
+            else:
+                targets = [item]
+            for target in targets:
+                if type(target) is not Node:
+                    raise TypeError(
+                        f"{name}() at {call_site()}: wait_for= takes nodes (or "
+                        f"gx.allow_failure(node)), got {type(target).__name__} {target!r}"
+                    )
+                _scan(target, self, found, flag)
+
+    def _add_order_edges(self, index: int, upstream: Iterable[Any]) -> None:
+        found: dict[int, int] = {}
+        self._scan_wait_for(list(upstream), found, self._names[index])
+        for up in found:
+            path = self._path(up, index)
+            if path is not None:
+                cycle = " -> ".join(self._names[i] for i in [index, *path])
+                raise ValueError(
+                    f"{self._names[index]}.wait_for({self._names[up]}) would create a cycle: "
+                    f"{cycle}; remove one of these edges"
+                )
+        deps = dict(zip(self._deps[index], self._flags[index] or [DATA] * len(self._deps[index])))
+        for up, flag in found.items():
+            deps[up] = deps.get(up, 0) | flag
+        self._deps[index] = tuple(deps)
+        flags = tuple(deps.values())
+        self._flags[index] = None if all(f == DATA for f in flags) else flags
+
+    def _path(self, start: int, goal: int) -> list[int] | None:
+        """A dependency path from ``start`` down to ``goal``, or None (iterative DFS)."""
+        parent: dict[int, int] = {start: -1}
+        stack = [start]
+        while stack:
+            node = stack.pop()
+            if node == goal:
+                path = [node]
+                while parent[path[-1]] != -1:
+                    path.append(parent[path[-1]])
+                return path
+            for dep in self._deps[node]:
+                if dep not in parent:
+                    parent[dep] = node
+                    stack.append(dep)
+        return None
+
+    # -- running ------------------------------------------------------------
+
+    def compute(
+        self,
+        *targets: Any,
+        workers: int | None = None,
+        scheduler: str = "processes",
+        fail_fast: bool = False,
+        raise_on_failure: bool = True,
+        keep: str = "targets",
+        pool: Pool | None = None,
+        memory_limit: int | str | None = None,
+        limits: dict[str, int] | None = None,
+        start_method: str | None = None,
+    ) -> Run:
+        """Run the graph (or the ancestors of ``targets``) and return a :class:`Run`.
+
+        Args:
+            *targets: nodes (or lists of nodes) to compute; only their ancestors run.
+                Default: every node.
+            workers: worker processes (threads for ``scheduler="threads"``); default
+                ``os.cpu_count()``. ``0`` runs everything in-process (``"sync"``).
+            scheduler: ``"processes"`` (default), ``"threads"`` for work that releases
+                the GIL, or ``"sync"`` to run in this thread (pdb works).
+            fail_fast: cancel everything still pending at the first unhandled failure.
+            raise_on_failure: raise :class:`GraphFailed` after the run if a failure was
+                not handled by a dependent.
+            keep: ``"targets"`` keeps the values of the targets (by default: the
+                graph's outputs, the nodes nothing depends on) and frees every
+                intermediate once its last dependent has finished; ``"all"`` keeps
+                every value.
+            pool: a :class:`Pool` whose warm workers to use (processes scheduler).
+            memory_limit: per-worker RSS limit, bytes or a string such as ``"4GB"``.
+            limits: concurrency limits per tag, e.g. ``{"db": 2}``.
+            start_method: ``"forkserver"`` (Linux default), ``"spawn"`` or ``"fork"``.
+
+        Returns:
+            The :class:`Run`: a state for every node, values of kept nodes.
+
+        Raises:
+            GraphFailed: an unhandled failure (``raise_on_failure=True``); ``.run``
+                holds the complete run.
+            KeyboardInterrupt: Ctrl-C; ``.run`` holds the partial run, with
+                every node not finished ``Cancelled``.
+        """
+        from ._scheduler import compute
+
+        return compute(
+            self,
+            targets,
+            workers=workers,
+            scheduler=scheduler,
+            fail_fast=fail_fast,
+            raise_on_failure=raise_on_failure,
+            keep=keep,
+            pool=pool,
+            memory_limit=memory_limit,
+            limits=limits,
+            start_method=start_method,
+        )
+
+    def _latest_run_or_raise(self) -> Run:
+        if self._latest_run is None:
+            raise RuntimeError(
+                f"{self.name} has not been computed yet: call graph.compute() first"
+            )
+        return self._latest_run
+
+    def __repr__(self) -> str:
+        return f"<Graph {self.name}: {len(self._nodes)} nodes>"
+
+
+def _scan(obj: Any, graph: Graph, found: dict[int, int], flag: int) -> None:
+    """Record the nodes inside ``obj`` (at any depth of builtin containers)."""
+    kind = type(obj)
+    if kind is Node:
+        if obj.graph is not graph:
+            raise TypeError(
+                f"node {obj.name!r} belongs to another graph ({obj.graph.name}); used at "
+                f"{call_site()}. Build dependent calls inside the same `with graph:` block"
+            )
+        found[obj.index] = found.get(obj.index, 0) | flag
+    elif kind is allow_failure:
+        _scan(obj.value, graph, found, flag | ALLOW)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _scan(key, graph, found, flag)
+            _scan(value, graph, found, flag)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for value in obj:
+            _scan(value, graph, found, flag)
+
+
+def substitute(obj: Any, values: dict[int, Any]) -> Any:
+    """Return ``obj`` with every node replaced by ``values[node.index]``.
+
+    Used by the in-process schedulers; the process pool does the same during
+    unpickling (see ``_serialize``). Containers without nodes are returned
+    as they are, not copied.
+    """
+    kind = type(obj)
+    if kind is Node:
+        return values[obj.index]
+    if kind is allow_failure:
+        return substitute(obj.value, values)
+    if isinstance(obj, dict):
+        items = [(substitute(k, values), substitute(v, values)) for k, v in obj.items()]
+        if all(a is k and b is v for (a, b), (k, v) in zip(items, obj.items())):
+            return obj
+        return _rebuild(obj, items, dict)
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = [substitute(v, values) for v in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        return _rebuild(obj, items, None)
+    return obj
+
+
+def _rebuild(obj: Any, items: list[Any], dict_kind: Any) -> Any:
+    kind = type(obj)
+    if hasattr(kind, "_fields"):  # namedtuple
+        return kind(*items)
+    try:
+        return kind(items)
+    except TypeError:  # a subclass with another constructor: fall back to the base type
+        for base in (dict, list, tuple, set, frozenset):
+            if isinstance(obj, base):
+                return base(items)
+        raise

@@ -1,0 +1,133 @@
+"""Executors that run calls in this process: "sync" (this thread) and "threads".
+
+Both speak the executor protocol of ``_call``. The sync executor runs each
+call inside ``submit`` so the scheduler, the task and pdb share one thread.
+The thread executor is for work that releases the GIL (numpy, I/O).
+
+Threads cannot be killed: a thread whose call passes its timeout is
+abandoned (the node fails with ``TaskTimeout`` at the deadline, the thread's
+eventual result is dropped) and a fresh thread takes its slot.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any
+
+from ._call import ERROR, Call, run_inline, timeout_error
+
+
+class SyncExecutor:
+    """Runs each call in the calling thread, one at a time."""
+
+    def __init__(self) -> None:
+        self._done: list[tuple[Call, int, Any]] = []
+
+    def submit(self, call: Call) -> bool:
+        if self._done:
+            return False  # let the scheduler take this outcome first: depth-first order
+        self._done.append(run_inline(call, "sync"))
+        return True
+
+    def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
+        if not self._done and timeout:
+            time.sleep(timeout)  # only a retry delay is pending
+        done, self._done = self._done, []
+        return done
+
+    def cancel_running(self) -> list[Call]:
+        return []
+
+    def close(self) -> None:
+        self._done = []
+
+
+class ThreadExecutor:
+    """A fixed number of threads fed from one queue."""
+
+    def __init__(self, workers: int) -> None:
+        self._size = workers
+        self._inbox: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[tuple[Call, int, Any]] = queue.SimpleQueue()
+        self._running: dict[int, Call] = {}  # id(call) -> call, in flight
+        self._abandoned: set[int] = set()  # calls past their timeout, still running
+        self._threads: list[threading.Thread] = []
+        self._live = 0  # threads that are not stuck in an abandoned call
+
+    def _loop(self) -> None:
+        name = threading.current_thread().name
+        while True:
+            call = self._inbox.get()
+            if call is None:
+                return
+            self._outbox.put(run_inline(call, name))
+            if id(call) in self._abandoned:
+                return  # a replacement thread has taken this one's slot
+
+    def submit(self, call: Call) -> bool:
+        # The inbox never holds more calls than free slots, so extra threads
+        # (after a timeout race) only idle: concurrency stays <= workers.
+        if len(self._running) >= self._size:
+            return False
+        if self._live < self._size:
+            self._live += 1
+            thread = threading.Thread(
+                target=self._loop, name=f"graphexec-thread-{len(self._threads)}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        call.started = time.time()
+        self._running[id(call)] = call
+        self._inbox.put(call)
+        return True
+
+    def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
+        wait = timeout
+        for call in self._running.values():
+            if call.timeout is not None:
+                until = max(0.0, call.started + call.timeout - time.time())
+                wait = until if wait is None else min(wait, until)
+        outcomes = []
+        try:
+            outcomes.append(self._outbox.get(timeout=wait))
+            while True:
+                outcomes.append(self._outbox.get_nowait())
+        except queue.Empty:
+            pass
+        fresh = []
+        for outcome in outcomes:
+            key = id(outcome[0])
+            if key in self._abandoned:  # its node already failed with TaskTimeout
+                self._abandoned.discard(key)
+            elif self._running.pop(key, None) is not None:
+                fresh.append(outcome)
+        now = time.time()
+        for key, call in list(self._running.items()):
+            if call.timeout is not None and now >= call.started + call.timeout:
+                self._abandon(key)
+                call.finished = now
+                fresh.append((call, ERROR, timeout_error(
+                    call, "threads cannot be killed: it was abandoned and its result "
+                    "will be dropped")))
+        return fresh
+
+    def _abandon(self, key: int) -> None:
+        del self._running[key]
+        self._abandoned.add(key)
+        self._live -= 1
+
+    def cancel_running(self) -> list[Call]:
+        calls = list(self._running.values())
+        for key in list(self._running):
+            self._abandon(key)
+        return calls
+
+    def close(self) -> None:
+        threads, self._threads = self._threads, []
+        for _ in threads:
+            self._inbox.put(None)
+        for thread in threads:
+            # Abandoned threads are daemons still inside user code: not waited for.
+            thread.join(timeout=0.05)

@@ -1,0 +1,294 @@
+"""Task options: validation, Prefect aliases, and the retry policy they describe."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+from collections.abc import Callable, Iterable
+from typing import Any
+
+TRIGGERS = frozenset(
+    {"all_success", "all_done", "any_failed", "all_failed", "none_failed", "always"}
+)
+
+# Prefect spellings accepted as aliases of graphexec's own names.
+ALIASES = {
+    "retry_delay_seconds": "retry_delay",
+    "retry_condition_fn": "retry_on",
+    "timeout_seconds": "timeout",
+}
+
+# Options that belong to later capabilities and are refused rather than
+# silently ignored: a user who asks for caching must not believe they got it.
+NOT_YET = {
+    "cache": "caching",
+    "cache_key_fn": "caching",
+    "cache_expiration": "caching",
+    "refresh_cache": "caching",
+}
+
+# Call keywords a task's own parameters may not use.
+RESERVED_KEYWORDS = ("wait_for", "allow_failure", "return_state")
+
+
+class TaskOptions:
+    """Validated options of one task (or one call with per-call overrides).
+
+    Plain attributes with ``__slots__``: the scheduler reads them on every
+    dispatch and a 100,000-node graph shares a handful of these objects.
+    """
+
+    __slots__ = (
+        "allow_failure",
+        "max_concurrency",
+        "name",
+        "priority",
+        "retries",
+        "retry_delay",
+        "retry_on",
+        "return_state",
+        "tags",
+        "task_run_name",
+        "timeout",
+        "trigger",
+    )
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.task_run_name: str | Callable[..., str] | None = None
+        self.retries = 0
+        self.retry_delay: Any = 0.0
+        self.retry_on: Any = None
+        self.timeout: float | None = None
+        self.allow_failure = False
+        self.return_state = False
+        self.trigger = "all_success"
+        self.max_concurrency: int | None = None
+        self.tags: tuple[str, ...] = ()
+        self.priority = 0
+
+    def copy(self) -> TaskOptions:
+        new = TaskOptions.__new__(TaskOptions)
+        for slot in TaskOptions.__slots__:
+            setattr(new, slot, getattr(self, slot))
+        return new
+
+    def updated(self, options: dict[str, Any], where: str) -> TaskOptions:
+        """Return a copy with ``options`` applied, validating each one.
+
+        Raises:
+            TypeError: unknown option, or a value of the wrong type.
+            ValueError: a value out of range.
+        """
+        new = self.copy()
+        for key, value in options.items():
+            canonical = ALIASES.get(key, key)
+            if canonical in options and canonical != key:
+                raise TypeError(f"{where}: both {key}= and its alias {canonical}= given; use one")
+            if key in NOT_YET:
+                raise NotImplementedError(
+                    f"{where}: {key}= ({NOT_YET[key]}) is not available in this version "
+                    "of graphexec yet; remove it to run without caching"
+                )
+            validator = _VALIDATORS.get(canonical)
+            if validator is None:
+                known = ", ".join(sorted(set(_VALIDATORS) | set(ALIASES)))
+                raise TypeError(f"{where}: unknown task option {key}=; known options: {known}")
+            setattr(new, canonical, validator(value, key, where))
+        return new
+
+
+def _check_name(value: Any, key: str, where: str) -> Any:
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise TypeError(f"{where}: {key}= must be a non-empty string")
+
+
+def _check_run_name(value: Any, key: str, where: str) -> Any:
+    if value is None or isinstance(value, str) or callable(value):
+        return value
+    raise TypeError(
+        f"{where}: {key}= must be a string (a format string such as 'sim-{{seed}}' "
+        "is filled from the call's arguments) or a callable returning one"
+    )
+
+
+def _check_retries(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: {key}= must be an int (the number of extra attempts)")
+    if value < 0:
+        raise ValueError(f"{where}: {key}={value} is negative; use 0 for no retries")
+    return value
+
+
+def _check_seconds(value: Any, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where}: {key}= must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: {key}={value!r} must be a finite number >= 0")
+    return float(value)
+
+
+def _check_retry_delay(value: Any, key: str, where: str) -> Any:
+    if callable(value):
+        return value
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{where}: {key}= list is empty; give at least one delay")
+        return tuple(_check_seconds(v, key, where) for v in value)
+    return _check_seconds(value, key, where)
+
+
+def _check_retry_on(value: Any, key: str, where: str) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, type) and issubclass(value, BaseException):
+        return (value,)
+    if isinstance(value, tuple) and all(
+        isinstance(v, type) and issubclass(v, BaseException) for v in value
+    ):
+        return value
+    if callable(value):
+        return value
+    raise TypeError(
+        f"{where}: {key}= must be an exception type, a tuple of them, or a predicate "
+        "called with the exception"
+    )
+
+
+def _check_timeout(value: Any, key: str, where: str) -> float | None:
+    if value is None:
+        return None
+    seconds = _check_seconds(value, key, where)
+    if seconds == 0:
+        raise ValueError(f"{where}: {key}=0 would fail every attempt; use None for no timeout")
+    return seconds
+
+
+def _check_bool(value: Any, key: str, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: {key}= must be True or False, got {value!r}")
+    return value
+
+
+def _check_trigger(value: Any, key: str, where: str) -> str:
+    if value not in TRIGGERS:
+        raise ValueError(
+            f"{where}: unknown trigger={value!r}; choose one of {', '.join(sorted(TRIGGERS))}"
+        )
+    return value
+
+
+def _check_max_concurrency(value: Any, key: str, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: {key}= must be an int >= 1 (or None for no limit)")
+    return value
+
+
+def _check_tags(value: Any, key: str, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, Iterable) or not all(isinstance(t, str) for t in value):
+        raise TypeError(f"{where}: {key}= must be a list of strings")
+    return tuple(dict.fromkeys(value))
+
+
+def _check_priority(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: {key}= must be an int (higher runs first)")
+    return value
+
+
+_VALIDATORS: dict[str, Callable[[Any, str, str], Any]] = {
+    "name": _check_name,
+    "task_run_name": _check_run_name,
+    "retries": _check_retries,
+    "retry_delay": _check_retry_delay,
+    "retry_on": _check_retry_on,
+    "timeout": _check_timeout,
+    "allow_failure": _check_bool,
+    "return_state": _check_bool,
+    "trigger": _check_trigger,
+    "max_concurrency": _check_max_concurrency,
+    "tags": _check_tags,
+    "priority": _check_priority,
+}
+
+DEFAULT_OPTIONS = TaskOptions()
+
+
+class exponential_backoff:  # noqa: N801 - spelled like a function, as in Prefect
+    """Retry delays that grow geometrically: ``base * factor ** (attempt - 1)``.
+
+    Args:
+        base: delay before the first retry, in seconds.
+        factor: growth per retry.
+        max: upper bound of a delay (before jitter), or None.
+        jitter: relative random spread; 0.1 draws each delay from ±10 % of its value
+            so that many failing tasks do not retry in lock-step.
+
+    Example::
+
+        @gx.task(retries=5, retry_delay=gx.exponential_backoff(0.5, 2, max=30, jitter=0.1))
+        def fetch(i): ...
+    """
+
+    def __init__(
+        self, base: float = 1.0, factor: float = 2.0, max: float | None = None, jitter: float = 0.0
+    ) -> None:
+        for label, value in (("base", base), ("factor", factor), ("jitter", jitter)):
+            _check_seconds(value, label, "exponential_backoff")
+        if max is not None:
+            _check_seconds(max, "max", "exponential_backoff")
+        if jitter > 1:
+            raise ValueError("exponential_backoff: jitter is a fraction between 0 and 1")
+        self.base, self.factor, self.max, self.jitter = base, factor, max, jitter
+
+    def __call__(self, retry: int) -> float:
+        """Delay in seconds before retry number ``retry`` (1 for the first retry)."""
+        delay = self.base * self.factor ** (retry - 1)
+        if self.max is not None:
+            delay = min(delay, self.max)
+        if self.jitter:
+            delay *= 1 + random.uniform(-self.jitter, self.jitter)
+        return max(delay, 0.0)
+
+    def __repr__(self) -> str:
+        return (
+            f"exponential_backoff(base={self.base}, factor={self.factor}, "
+            f"max={self.max}, jitter={self.jitter})"
+        )
+
+
+def retry_delay_for(options: TaskOptions, retry: int) -> float:
+    """Seconds to wait before retry number ``retry`` (1-based)."""
+    delay = options.retry_delay
+    if isinstance(delay, tuple):
+        return delay[min(retry, len(delay)) - 1]
+    if callable(delay):
+        return float(delay(retry))
+    return delay
+
+
+def should_retry(options: TaskOptions, exc: BaseException, state: Any, task: Any) -> bool:
+    """Whether ``retry_on`` lets this exception be retried.
+
+    A predicate with three parameters is called Prefect's way,
+    ``fn(task, task_run, state)`` (``task_run`` is the State here too); one with
+    one parameter gets the exception.
+    """
+    rule = options.retry_on
+    if rule is None:
+        return True
+    if isinstance(rule, tuple):
+        return isinstance(exc, rule)
+    try:
+        arity = len(inspect.signature(rule).parameters)
+    except (TypeError, ValueError):
+        arity = 1
+    if arity >= 3:
+        return bool(rule(task, state, state))
+    return bool(rule(exc))

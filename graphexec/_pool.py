@@ -1,0 +1,561 @@
+"""The process pool: workers the scheduler controls one by one.
+
+::
+
+    scheduler thread                                worker processes
+    ----------------                                ----------------
+    submit(call) --pickle args--> send_bytes ==pipe 1==> recv, run, reply
+                                             ==pipe 2==> ...
+    poll(timeout): multiprocessing.connection.wait(pipes + process sentinels)
+        pipe readable      -> replies, in the order the calls were sent
+        sentinel readable  -> that worker died: its oldest unanswered call is
+                              the one it was running (crash, or our kill for a
+                              timeout / memory limit / cancel); the calls
+                              queued behind it go back to the scheduler
+        deadline passed    -> kill that worker (timeout); the death path
+                              above turns it into TaskTimeout
+
+Unlike ``concurrent.futures.ProcessPoolExecutor``, whose pool is broken by
+one dead worker because it cannot tell which call died, each worker here has
+its own pipe and runs its calls strictly in order, so every fault is
+attributed to exactly one node and only that worker is replaced.
+
+Prefetch: a worker may hold a few more small calls of a function whose
+recent calls were short, so it never waits for the parent between tiny
+tasks. Only small messages are prefetched: a send to a busy worker must fit
+in the pipe's buffer, or the scheduler would block until that worker is free.
+
+Workers are started lazily (never more than there is work for), with the
+``forkserver`` start method on Linux (``spawn`` elsewhere): never a plain
+fork of a parent that may run threads. They are not daemonic, so tasks may
+start their own processes. Shutdown asks politely, then kills, and always
+joins; an ``atexit`` hook closes pools the program forgot.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from multiprocessing.connection import wait as mp_wait
+from typing import Any
+
+from . import _worker
+from ._call import ERROR, OK, REQUEUE, Call, timeout_error
+from ._errors import (
+    MemoryLimitExceeded,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    WorkerCrashed,
+    describe_exitcode,
+)
+from ._serialize import Payload, as_bytes, dumps, dumps_call, find_unpicklable
+
+PREFETCH_MAX_BYTES = 16 * 1024  # a queued message must fit in the pipe buffer
+PREFETCH_DEPTH = 8  # calls a worker may hold when its function's calls are tiny
+SHORT_CALL = 0.002  # seconds: below this a function's calls count as tiny
+MEMORY_SAMPLE_INTERVAL = 0.05
+STOP_TIMEOUT = 1.0
+
+_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def default_start_method() -> str:
+    env = os.environ.get("GRAPHEXEC_START_METHOD")
+    if env:
+        return env
+    if sys.platform.startswith("linux"):
+        return "forkserver"
+    return "spawn"
+
+
+def parse_memory(limit: int | str | None) -> int | None:
+    """Bytes from ``4GB``, ``512 MiB``, ``1.5e9`` or an int; None stays None."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool):
+        raise TypeError("memory_limit= must be bytes (int) or a string such as '4GB'")
+    if isinstance(limit, (int, float)):
+        if limit <= 0:
+            raise ValueError(f"memory_limit={limit!r} must be positive")
+        return int(limit)
+    if not isinstance(limit, str):
+        raise TypeError("memory_limit= must be bytes (int) or a string such as '4GB'")
+    text = limit.strip().upper().replace(" ", "")
+    units = {
+        "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+        "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 2**10, "M": 2**20,
+        "G": 2**30, "T": 2**40, "B": 1, "": 1,
+    }
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            number = text[: len(text) - len(suffix)] if suffix else text
+            try:
+                value = float(number) * units[suffix]
+            except ValueError:
+                break
+            if value <= 0:
+                break
+            return int(value)
+    raise ValueError(
+        f"memory_limit={limit!r} is not a size; write it as bytes or like '4GB', '512MiB'"
+    )
+
+
+class _Worker:
+    __slots__ = (
+        "conn",
+        "functions",
+        "head_started",
+        "id",
+        "inflight",
+        "kill",
+        "pid",
+        "process",
+        "ps",
+    )
+
+    def __init__(self, wid: int, process: Any, conn: Any) -> None:
+        self.id = wid
+        self.process = process
+        self.conn = conn
+        self.pid = process.pid
+        self.inflight: deque[Call] = deque()  # sent, not answered; head is running
+        self.functions: set[int] = set()
+        self.head_started = 0.0
+        self.kill: tuple[Call, BaseException] | None = None  # why we killed it, for whom
+        self.ps: Any = None
+
+
+class Pool:
+    """A pool of worker processes, kept warm across computes.
+
+    Args:
+        workers: number of worker processes (default ``os.cpu_count()``).
+        start_method: ``"forkserver"`` (default on Linux), ``"spawn"`` or ``"fork"``.
+
+    Example::
+
+        with gx.Pool(workers=4) as pool:
+            for params in sweeps:
+                graph.compute(pool=pool)
+
+    Workers start when there is work for them and stay until :meth:`close`.
+    """
+
+    def __init__(self, workers: int | None = None, *, start_method: str | None = None) -> None:
+        self.workers = check_workers(workers, "Pool")
+        if self.workers == 0:
+            raise ValueError("Pool(workers=0) has no workers; use workers >= 1")
+        method = start_method or default_start_method()
+        if method not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                f"start_method={method!r} is not available here; choose one of "
+                f"{', '.join(multiprocessing.get_all_start_methods())}"
+            )
+        self.start_method = method
+        self._ctx = multiprocessing.get_context(method)
+        if method == "forkserver":
+            # Preload what workers need so each fork starts ready; never
+            # __main__, whose top-level code must not run again.
+            preload = ["graphexec._worker"]
+            preload += [m for m in ("numpy", "cloudpickle", "psutil") if m in sys.modules]
+            self._ctx.set_forkserver_preload(preload)
+        self._workers: dict[int, _Worker] = {}
+        self._idle: list[_Worker] = []
+        self._waitables: dict[Any, _Worker] = {}
+        self._next_id = 0
+        self._fn_ids: dict[int, int] = {}  # id(fn) -> fn id; _fn_keep holds the fn alive
+        self._fn_keep: dict[int, Any] = {}
+        self._fn_blobs: dict[int, bytes | BaseException] = {}
+        self._fn_short: dict[int, bool] = {}  # fn id -> its calls are tiny (prefetch)
+        self._outbox: list[tuple[Call, int, Any]] = []
+        self._memory_limit: int | None = None
+        self._next_sample = 0.0
+        self._closed = False
+        self._owner_lock = threading.Lock()
+        _live_pools.add(self)
+
+    # -- lifetime -------------------------------------------------------------
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._workers)} running"
+        return f"<Pool workers={self.workers} {self.start_method} ({state})>"
+
+    def close(self) -> None:
+        """Stop every worker: ask, then kill stragglers; always join. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        workers = list(self._workers.values())
+        for w in workers:
+            if w.inflight:
+                self._kill(w)
+            else:
+                try:
+                    w.conn.send_bytes(pickle.dumps(("stop",)))
+                except OSError:
+                    pass
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for w in workers:
+            w.process.join(max(0.0, deadline - time.monotonic()))
+            if w.process.exitcode is None:
+                self._kill(w)
+                w.process.join(STOP_TIMEOUT)
+            self._forget(w)
+        self._fn_keep.clear()
+        self._fn_blobs.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _acquire(self, memory_limit: int | None) -> None:
+        if self._closed:
+            raise RuntimeError("this Pool is closed; create a new one")
+        if not self._owner_lock.acquire(blocking=False):
+            raise RuntimeError(
+                "this Pool is already running a compute; a Pool runs one compute at a time"
+            )
+        self._memory_limit = memory_limit
+        self._next_sample = 0.0
+
+    def _release(self) -> None:
+        self._memory_limit = None
+        self._outbox = []
+        self._owner_lock.release()
+
+    # -- workers --------------------------------------------------------------
+
+    def _spawn(self) -> _Worker:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        wid = self._next_id
+        self._next_id += 1
+        process = self._ctx.Process(
+            target=_worker.main,
+            args=(child_conn, wid, os.getpid()),
+            name=f"graphexec-worker-{wid}",
+            daemon=False,
+        )
+        process.start()
+        child_conn.close()
+        w = _Worker(wid, process, parent_conn)
+        self._workers[wid] = w
+        self._waitables[parent_conn] = w
+        self._waitables[process.sentinel] = w
+        return w
+
+    def _forget(self, w: _Worker) -> None:
+        self._workers.pop(w.id, None)
+        self._waitables.pop(w.conn, None)
+        self._waitables.pop(w.process.sentinel, None)
+        if w in self._idle:
+            self._idle.remove(w)
+        try:
+            w.conn.close()
+        except OSError:
+            pass
+        if w.process.exitcode is not None:
+            w.process.close()
+
+    def _kill(self, w: _Worker) -> None:
+        """SIGKILL the worker and its process group (subprocesses the task started)."""
+        try:
+            os.killpg(w.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, OSError):
+            try:
+                w.process.kill()
+            except (OSError, ValueError):
+                pass
+
+    # -- executor protocol ----------------------------------------------------
+
+    def submit(self, call: Call) -> bool:
+        fn_id = self._function_id(call.fn)
+        if call.wire is None:
+            try:
+                call.wire = self._message(call, fn_id)
+            except SerializationError as exc:
+                call.started = call.finished = time.time()
+                self._outbox.append((call, ERROR, exc))
+                return True
+        if self._idle:
+            worker = self._idle.pop()
+        elif len(self._workers) < self.workers:
+            worker = self._spawn()
+        else:
+            worker = self._prefetch_target(call, fn_id)
+            if worker is None:
+                return False
+        try:
+            if fn_id not in worker.functions:
+                origin = getattr(getattr(call.fn, "__code__", None), "co_filename", None)
+                worker.conn.send_bytes(
+                    pickle.dumps(("fn", fn_id, self._fn_blobs[fn_id], origin))
+                )
+                worker.functions.add(fn_id)
+            if not worker.inflight:
+                worker.head_started = time.monotonic()
+            worker.inflight.append(call)
+            call.worker = worker.id
+            worker.conn.send_bytes(call.wire)
+        except OSError:
+            pass  # it died; poll() sees the sentinel and fails or requeues the call
+        return True
+
+    def _prefetch_target(self, call: Call, fn_id: int) -> _Worker | None:
+        """A busy worker that may queue this call behind its current one, or None."""
+        if len(call.wire) > PREFETCH_MAX_BYTES or not self._fn_short.get(fn_id, False):
+            return None
+        best = None
+        for w in self._workers.values():
+            if (w.kill is None and fn_id in w.functions and len(w.inflight) < PREFETCH_DEPTH
+                    and (best is None or len(w.inflight) < len(best.inflight))):
+                best = w
+        return best
+
+    def _function_id(self, fn: Any) -> int:
+        key = id(fn)
+        fn_id = self._fn_ids.get(key)
+        if fn_id is None:
+            fn_id = self._fn_ids[key] = len(self._fn_ids)
+            self._fn_keep[fn_id] = fn  # keeps id(fn) from being reused while we map it
+            try:
+                self._fn_blobs[fn_id] = dumps(fn)
+            except Exception as exc:
+                self._fn_blobs[fn_id] = exc
+        return fn_id
+
+    def _message(self, call: Call, fn_id: int) -> bytes:
+        blob = self._fn_blobs[fn_id]
+        if isinstance(blob, BaseException):
+            raise SerializationError(
+                f"the function of {call.name} cannot be pickled: {type(blob).__name__}: "
+                f"{blob}. Define it at module level, or make what it closes over picklable",
+                node=call.name, stage="function",
+            )
+        try:
+            args_blob = dumps_call(call.args, call.kwargs, call.has_nodes)
+            deps = [(i, as_bytes(h)) for i, h in call.inputs.items()] if call.inputs else []
+        except Exception as exc:
+            culprit = find_unpicklable(call.args, call.kwargs)
+            raise SerializationError(
+                f"{culprit} of {call.name} cannot be pickled to send it to a worker: "
+                f"{type(exc).__name__}: {exc}. Pass plain data, or create the object inside "
+                "the task (locks, open files, sockets and generators cannot be sent)",
+                node=call.name, stage="arguments",
+            ) from None
+        return pickle.dumps(("run", id(call), fn_id, call.name, args_blob, deps), protocol=5)
+
+    def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
+        if self._outbox:
+            timeout = 0.0
+        now = time.monotonic()
+        wake = None if timeout is None else now + timeout
+        for w in self._workers.values():
+            if w.inflight and w.kill is None:
+                limit = w.inflight[0].timeout
+                if limit is not None:
+                    deadline = w.head_started + limit
+                    wake = deadline if wake is None else min(wake, deadline)
+        if self._memory_limit is not None and any(w.inflight for w in self._workers.values()):
+            wake = self._next_sample if wake is None else min(wake, self._next_sample)
+        wait = None if wake is None else max(0.0, wake - now)
+        ready = mp_wait(list(self._waitables), wait) if self._waitables else []
+        if not self._waitables and wait:
+            time.sleep(wait)
+        dead = []
+        for obj in ready:
+            w = self._waitables.get(obj)
+            if w is None:
+                continue
+            if obj is w.conn:
+                if not self._drain(w):
+                    dead.append(w)
+            elif w not in dead:
+                dead.append(w)
+        for w in dead:
+            self._bury(w)
+        self._check_deadlines()
+        if self._memory_limit is not None:
+            self._check_memory()
+        outcomes, self._outbox = self._outbox, []
+        return outcomes
+
+    def _drain(self, w: _Worker) -> bool:
+        """Read every reply waiting on ``w``'s pipe; False if the pipe is closed."""
+        try:
+            while w.conn.poll():
+                self._reply(w, pickle.loads(w.conn.recv_bytes()))
+        except (EOFError, OSError):
+            return False
+        return True
+
+    def _reply(self, w: _Worker, message: tuple) -> None:
+        call = w.inflight.popleft()
+        if message[1] != id(call):  # would mean a protocol bug; never blame the wrong node
+            raise RuntimeError(f"worker {w.id} answered out of order")
+        now = time.monotonic()
+        w.head_started = now
+        if message[0] == "ok":
+            _, _, blob, call.started, call.finished = message
+            self._learn(call, w)
+            self._outbox.append((call, OK, Payload(blob)))
+        else:
+            _, _, _stage, exc_blob, tb, call.started, call.finished = message
+            self._learn(call, w)
+            self._outbox.append((call, ERROR, _load_exception(exc_blob, tb, call.name)))
+        if not w.inflight and w.kill is None:
+            self._idle.append(w)
+
+    def _learn(self, call: Call, w: _Worker) -> None:
+        fn_id = self._fn_ids.get(id(call.fn))
+        if fn_id is not None:
+            self._fn_short[fn_id] = (call.finished - call.started) < SHORT_CALL
+
+    def _bury(self, w: _Worker) -> None:
+        """A worker died: fail the call it was running, give back the ones queued."""
+        self._drain(w)  # replies sent before it died still count
+        w.process.join(STOP_TIMEOUT)
+        if w.process.exitcode is None:
+            self._kill(w)
+            w.process.join(STOP_TIMEOUT)
+        exitcode = w.process.exitcode
+        if w.inflight:
+            head = w.inflight.popleft()
+            head.finished = time.time()
+            if not head.started:
+                head.started = head.finished
+            if w.kill is None:
+                self._outbox.append((head, ERROR, _crash_error(head, exitcode)))
+            elif w.kill[0] is head:
+                self._outbox.append((head, ERROR, w.kill[1]))
+            else:  # killed for a call that finished just in time: this one never ran
+                self._outbox.append((head, REQUEUE, None))
+            for call in w.inflight:
+                self._outbox.append((call, REQUEUE, None))
+            w.inflight.clear()
+        self._forget(w)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for w in list(self._workers.values()):
+            if not w.inflight or w.kill is not None:
+                continue
+            head = w.inflight[0]
+            if head.timeout is not None and now >= w.head_started + head.timeout:
+                w.kill = (head, timeout_error(head, "its worker was killed and replaced"))
+                self._kill(w)
+                self._bury(w)
+
+    def _check_memory(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sample:
+            return
+        self._next_sample = now + MEMORY_SAMPLE_INTERVAL
+        import psutil
+
+        for w in list(self._workers.values()):
+            if not w.inflight or w.kill is not None:
+                continue
+            try:
+                if w.ps is None:
+                    w.ps = psutil.Process(w.pid)
+                rss = w.ps.memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > self._memory_limit:
+                head = w.inflight[0]
+                error = MemoryLimitExceeded(
+                    f"{head.name} used {_size(rss)} of memory (RSS of its worker), over "
+                    f"memory_limit={_size(self._memory_limit)}; the worker was killed and "
+                    "replaced. Reduce the task's memory use, split its input, or raise "
+                    "memory_limit=",
+                    node=head.name, limit=self._memory_limit, rss=rss,
+                )
+                w.kill = (head, error)
+                self._kill(w)
+                self._bury(w)
+
+    def cancel_running(self) -> list[Call]:
+        """Kill every busy worker; return the calls they held (none of them finished)."""
+        cancelled: list[Call] = []
+        busy = [w for w in self._workers.values() if w.inflight]
+        for w in busy:
+            self._kill(w)
+        for w in busy:
+            w.process.join(STOP_TIMEOUT)
+            cancelled.extend(w.inflight)
+            w.inflight.clear()
+            self._forget(w)
+        self._outbox = [o for o in self._outbox if o[1] != REQUEUE]
+        return cancelled
+
+
+def _crash_error(call: Call, exitcode: int | None) -> WorkerCrashed:
+    signal_name, advice = describe_exitcode(exitcode)
+    code = f"exit code {exitcode}" + (f", {signal_name}" if signal_name else "")
+    return WorkerCrashed(
+        f"the worker process running {call.name} died ({code}: {advice}). Only this node "
+        "failed; the worker was replaced. To see the crash in-process, compute with "
+        "scheduler='sync'",
+        node=call.name, exitcode=exitcode, signal_name=signal_name,
+    )
+
+
+def _load_exception(blob: bytes, tb: str, name: str) -> BaseException:
+    try:
+        exc = pickle.loads(blob)
+    except Exception as why:
+        exc = RemoteError(
+            f"{name} raised an exception that could not be unpickled in the parent "
+            f"({type(why).__name__}: {why}); its traceback follows",
+            node=name, remote_traceback=tb,
+        )
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(f"{name} failed: {exc!r}", node=name, remote_traceback=tb)
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_workers(workers: Any, where: str) -> int:
+    if workers is None:
+        return os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise TypeError(f"{where}: workers= must be an int, got {workers!r}")
+    if workers < 0:
+        raise ValueError(
+            f"{where}: workers={workers} is negative; use a positive count, or 0 to run "
+            "in-process"
+        )
+    return workers
+
+
+@atexit.register
+def _close_forgotten_pools() -> None:
+    # Runs before multiprocessing's own exit hook (registered earlier), which
+    # would otherwise join our non-daemonic workers forever.
+    for pool in list(_live_pools):
+        pool.close()

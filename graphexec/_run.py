@@ -1,0 +1,232 @@
+"""The result of one compute: a final state for every node, values of the kept ones."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from ._graph import Node
+from ._state import CACHED, CANCELLED, COMPLETED, FAILED, PENDING, SKIPPED, State
+
+if TYPE_CHECKING:
+    from ._graph import Graph
+
+_ORDERED_STATES = (COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED)
+
+
+class Run:
+    """What ``graph.compute()`` returns (and ``GraphFailed.run`` carries).
+
+    Example::
+
+        run = graph.compute()
+        run[report]            # value, or re-raises the node's exception
+        run.state(report)      # gx.State
+        run.failed, run.skipped, run.completed
+        print(run.summary())
+    """
+
+    def __init__(self, graph: Graph, members: list[int], kept: set[int]) -> None:
+        self.graph = graph
+        self.members = members
+        self._member_set = set(members)
+        self._kept = kept
+        self._states: list[State | None] = [None] * len(graph._deps)
+        self._handled: set[int] = set()
+        self.started = time.time()
+        self.finished: float | None = None
+
+    # -- lookup ---------------------------------------------------------------
+
+    def _index(self, node: Any) -> int:
+        if type(node) is not Node or node.graph is not self.graph:
+            raise TypeError(f"expected a node of {self.graph.name}, got {node!r}")
+        if not self._has(node.index):
+            raise KeyError(
+                f"{node.name} was not part of this run: it is not an ancestor of the "
+                "targets given to compute(), or was added to the graph afterwards"
+            )
+        return node.index
+
+    def _has(self, i: int) -> bool:
+        return i in self._member_set
+
+    def state(self, node: Node) -> State:
+        """The node's :class:`State` in this run."""
+        i = self._index(node)
+        state = self._states[i]
+        return state if state is not None else State(PENDING, node.name)
+
+    def result(self, node: Node, raise_on_failure: bool = True) -> Any:
+        """The node's value; see :meth:`State.result` for what is raised."""
+        return self.state(node).result(raise_on_failure=raise_on_failure)
+
+    def __getitem__(self, node: Node) -> Any:
+        return self.result(node)
+
+    def __contains__(self, node: Node) -> bool:
+        try:
+            self._index(node)
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    # -- views ----------------------------------------------------------------
+
+    @property
+    def nodes(self) -> list[Node]:
+        """Every node that took part in this run, dependencies first."""
+        nodes = self.graph._nodes
+        return [nodes[i] for i in self.members]
+
+    def _with(self, *names: str) -> list[Node]:
+        nodes, states = self.graph._nodes, self._states
+        return [nodes[i] for i in sorted(self.members) if states[i] and states[i].name in names]
+
+    @property
+    def completed(self) -> list[Node]:
+        """Nodes that produced a value (Completed or Cached)."""
+        return self._with(COMPLETED, CACHED)
+
+    @property
+    def failed(self) -> list[Node]:
+        """Nodes that ended Failed, handled or not."""
+        return self._with(FAILED)
+
+    @property
+    def skipped(self) -> list[Node]:
+        """Nodes that never ran because an upstream failed (or their trigger was not met)."""
+        return self._with(SKIPPED)
+
+    @property
+    def cancelled(self) -> list[Node]:
+        """Nodes cancelled by fail_fast or Ctrl-C."""
+        return self._with(CANCELLED)
+
+    @property
+    def unhandled(self) -> list[Node]:
+        """Failed nodes whose failure no dependent accepted: these make compute() raise."""
+        return [n for n in self.failed if n.index not in self._handled]
+
+    @property
+    def ok(self) -> bool:
+        """True when compute() would not raise: no unhandled failure."""
+        return not self.unhandled
+
+    @property
+    def duration(self) -> float:
+        """Wall-clock seconds of the run."""
+        end = self.finished if self.finished is not None else time.time()
+        return end - self.started
+
+    def counts(self) -> dict[str, int]:
+        """Number of nodes per state name."""
+        counter = Counter(
+            (self._states[i].name if self._states[i] else PENDING) for i in self.members
+        )
+        return dict(counter)
+
+    # -- reports --------------------------------------------------------------
+
+    def summary(self) -> str:
+        """A human-readable table: per task, counts per state and durations; then failures."""
+        by_task: dict[str, Counter[str]] = {}
+        time_total: dict[str, float] = {}
+        time_max: dict[str, float] = {}
+        retries: Counter[str] = Counter()
+        graph = self.graph
+        for i in self.members:
+            task = graph._tasks[i].name
+            state = self._states[i]
+            name = state.name if state else PENDING
+            by_task.setdefault(task, Counter())[name] += 1
+            if state is not None and state.history:
+                d = state.duration
+                time_total[task] = time_total.get(task, 0.0) + d
+                time_max[task] = max(time_max.get(task, 0.0), d)
+                retries[task] += max(0, state.attempts - 1)
+        columns = [s for s in _ORDERED_STATES if any(c[s] for c in by_task.values())]
+        header = ["task", "nodes", *columns, "retries", "total s", "mean s", "max s"]
+        rows = []
+        for task, counter in by_task.items():
+            ran = sum(counter[s] for s in (COMPLETED, FAILED)) or 1
+            rows.append([
+                task, str(sum(counter.values())), *(str(counter[s]) for s in columns),
+                str(retries[task]), f"{time_total.get(task, 0.0):.3f}",
+                f"{time_total.get(task, 0.0) / ran:.3f}", f"{time_max.get(task, 0.0):.3f}",
+            ])
+        widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
+
+        def line(cells: list[str]) -> str:
+            return "  ".join(
+                c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths))
+            )
+
+        counts = self.counts()
+        status = "ok" if self.ok else f"{len(self.unhandled)} unhandled failure(s)"
+        out = [
+            f"{graph.name}: {len(self.members)} nodes in {self.duration:.2f} s — "
+            + ", ".join(f"{counts[s]} {s.lower()}" for s in _ORDERED_STATES if counts.get(s))
+            + f" — {status}",
+            line(header),
+            line(["-" * w for w in widths]),
+            *(line(r) for r in rows),
+        ]
+        failed = self.failed
+        if failed:
+            out.append("")
+            out.append("Failures:")
+            for node in failed[:20]:
+                state = self._states[node.index]
+                exc = state.exception
+                tag = "" if node.index not in self._handled else " (handled)"
+                attempts = f" after {state.attempts} attempts" if state.attempts > 1 else ""
+                out.append(f"  {node.name}{tag}: {_one_line(exc)}{attempts}")
+            if len(failed) > 20:
+                out.append(f"  ... and {len(failed) - 20} more")
+        skipped = self.skipped
+        if skipped:
+            out.append(f"Skipped: {len(skipped)} node(s), e.g. "
+                       f"{self._states[skipped[0].index].message}")
+        return "\n".join(out)
+
+    def _failure_report(self) -> str:
+        unhandled = self.unhandled
+        counts = self.counts()
+        names = ", ".join(n.name for n in unhandled[:10])
+        more = f" and {len(unhandled) - 10} more" if len(unhandled) > 10 else ""
+        lines = [
+            f"{len(unhandled)} of {len(self.members)} nodes failed without being handled: "
+            f"{names}{more}. {counts.get(SKIPPED, 0)} skipped, "
+            f"{counts.get(COMPLETED, 0) + counts.get(CACHED, 0)} completed, "
+            f"{counts.get(CANCELLED, 0)} cancelled; all results are kept in .run.",
+        ]
+        for node in unhandled[:10]:
+            lines.append(f"  {node.name}: {_one_line(self._states[node.index].exception)}")
+        first = self._first_unhandled()
+        tb = getattr(first.__cause__, "tb", None) if first is not None else None
+        if tb:
+            lines.append(f"Traceback of {unhandled[0].name} (in its worker):")
+            lines.append(tb.rstrip())
+        return "\n".join(lines)
+
+    def _first_unhandled(self) -> BaseException | None:
+        unhandled = self.unhandled
+        if not unhandled:
+            return None
+        return self._states[unhandled[0].index].exception
+
+    def _finish_run(self) -> None:
+        self.finished = time.time()
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(self.counts().items()))
+        return f"<Run {self.graph.name}: {counts}>"
+
+
+def _one_line(exc: BaseException | None) -> str:
+    if exc is None:
+        return ""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -1,0 +1,521 @@
+"""The scheduler: one loop, in the thread that called ``compute``, owns all run state.
+
+::
+
+    graph ──_order──> members in priority order
+                         │
+          ┌──────────────▼──────────────┐      submit(call)      ┌──────────┐
+          │ ready (heap)  parked (per   │ ─────────────────────> │ executor │
+          │ limit)  retry_at (heap)     │ <───────────────────── │ (pool,   │
+          │ running (dict)              │   poll() -> outcomes   │ threads, │
+          └──────────────┬──────────────┘                        │ sync)    │
+                         │ _finish(node, state)                  └──────────┘
+                         ▼
+          release inputs nobody needs ─ wake dependents ─ apply trigger/policy
+
+State containers (all indexed by integer node id; lists sized to the graph):
+
+``waiting[i]``     upstream nodes of i not yet in a final state
+``dependents[i]``  nodes of this run that depend on i
+``uses[i]``        dependents that take i's value (data edges) and are not final;
+                   at 0 the value is released unless i is kept
+``states[i]``      the final State, or a Retrying State, or None (pending/running)
+``history[i]``     Attempt records of i
+``ready``          heap of (-priority, order, i) for nodes whose inputs are settled
+``parked[key]``    deque of nodes waiting for a concurrency slot (tag/task limit)
+``in_use[key]``    slots taken per limit key
+``retry_at``       heap of (time, seq, i): retries waiting out their delay
+``running[i]``     the Call in flight for i
+``handled``        failed nodes whose failure a dependent accepted (or that declared
+                   allow_failure / return_state): they do not make compute() raise
+
+One function, :meth:`Scheduler._finish`, handles "a node reached a final
+state": record it, release inputs, wake dependents and decide for each (run,
+or skip through the trigger rules), iteratively so that a skip cascade down a
+100,000-node chain needs no recursion. Every dispatch and every finish is
+O(edges of that node); nothing scans the graph while it runs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from ._call import OK, REQUEUE, Call
+from ._errors import GraphFailed
+from ._graph import ALLOW, DATA, Graph, Node
+from ._inprocess import SyncExecutor, ThreadExecutor
+from ._options import retry_delay_for, should_retry
+from ._order import post_order, sinks
+from ._pool import Pool, check_workers, parse_memory
+from ._run import Run
+from ._state import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    FINAL,
+    RETRYING,
+    Attempt,
+    State,
+)
+
+logger = logging.getLogger("graphexec")
+
+SCHEDULERS = ("processes", "threads", "sync")
+
+
+def compute(
+    graph: Graph,
+    targets: tuple[Any, ...],
+    *,
+    workers: int | None,
+    scheduler: str,
+    fail_fast: bool,
+    raise_on_failure: bool,
+    keep: str,
+    pool: Pool | None,
+    memory_limit: int | str | None,
+    limits: dict[str, int] | None,
+    start_method: str | None,
+) -> Run:
+    """Validate the arguments, pick an executor, run the scheduler; see ``Graph.compute``."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(
+            f"scheduler={scheduler!r} is not one of {', '.join(map(repr, SCHEDULERS))}"
+        )
+    if keep not in ("targets", "all"):
+        raise ValueError(f"keep={keep!r} must be 'targets' or 'all'")
+    limit_bytes = parse_memory(memory_limit)
+    limits = _check_limits(limits)
+    if pool is not None:
+        if not isinstance(pool, Pool):
+            raise TypeError(f"pool= must be a gx.Pool, got {type(pool).__name__}")
+        if scheduler != "processes" or workers not in (None, pool.workers):
+            raise ValueError("pool= sets the workers itself; do not combine it with "
+                             "workers= or another scheduler")
+        count = pool.workers
+    else:
+        count = check_workers(workers, "compute")
+    if count == 0:
+        scheduler = "sync"
+    if limit_bytes is not None and scheduler != "processes":
+        raise ValueError(
+            f"memory_limit= needs worker processes to measure and kill; scheduler={scheduler!r} "
+            "runs in this process"
+        )
+
+    target_ids = _target_ids(graph, targets)
+    explicit = bool(target_ids)
+    if not explicit:
+        target_ids = sinks(graph._deps)
+    members = post_order(graph._deps, target_ids)
+    kept = set(members) if keep == "all" else set(target_ids)
+
+    run = Run(graph, members, kept)
+    if scheduler == "sync":
+        executor: Any = SyncExecutor()
+    elif scheduler == "threads":
+        executor = ThreadExecutor(count)
+    else:
+        executor = pool if pool is not None else Pool(count, start_method=start_method)
+        executor._acquire(limit_bytes)
+    sched = Scheduler(graph, run, executor, fail_fast=fail_fast, limits=limits)
+    try:
+        sched.run()
+    except KeyboardInterrupt as interrupt:
+        sched.cancel("interrupted (Ctrl-C)", everything=True)
+        run._finish_run()
+        graph._latest_run = run
+        interrupt.run = run  # type: ignore[attr-defined]
+        raise
+    finally:
+        if executor is pool:
+            pool._release()
+        elif isinstance(executor, Pool):
+            executor._release()
+            executor.close()
+        else:
+            executor.close()
+    run._finish_run()
+    graph._latest_run = run
+    if raise_on_failure and not run.ok:
+        failure = run._first_unhandled()
+        raise GraphFailed(run._failure_report(), run=run) from failure
+    return run
+
+
+def _target_ids(graph: Graph, targets: tuple[Any, ...]) -> list[int]:
+    ids: list[int] = []
+    stack = list(reversed(targets))
+    while stack:
+        item = stack.pop()
+        if type(item) is Node:
+            if item.graph is not graph:
+                raise ValueError(f"target {item.name!r} belongs to another graph")
+            ids.append(item.index)
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(reversed(list(item)))
+        elif isinstance(item, dict):
+            stack.extend(reversed(list(item.values())))
+        else:
+            raise TypeError(f"compute() targets must be nodes, got {type(item).__name__}")
+    return list(dict.fromkeys(ids))
+
+
+def _check_limits(limits: Any) -> dict[str, int]:
+    if limits is None:
+        return {}
+    if not isinstance(limits, dict):
+        raise TypeError("limits= must be a dict of tag -> max concurrent runs")
+    for tag, cap in limits.items():
+        if not isinstance(tag, str) or isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise ValueError(f"limits={{{tag!r}: {cap!r}}}: use a tag string and an int >= 1")
+    return dict(limits)
+
+
+class Scheduler:
+    """Runs the members of one :class:`Run` on one executor. See the module docstring."""
+
+    def __init__(
+        self, graph: Graph, run: Run, executor: Any, *, fail_fast: bool, limits: dict[str, int]
+    ) -> None:
+        self.graph = graph
+        self.run_ = run
+        self.executor = executor
+        self.fail_fast = fail_fast
+        self.limits = limits
+        n = len(graph._deps)
+        self.n_members = len(run.members)
+        self.done = 0
+        self.order = [0] * n
+        self.member = bytearray(n)
+        self.waiting = [0] * n
+        self.uses = [0] * n
+        self.dependents: list[list[int] | None] = [None] * n
+        self.states = run._states
+        self.history: dict[int, list[Attempt]] = {}
+        self.root: dict[int, int] = {}  # skipped node -> the failed node that caused it
+        self.handled = run._handled
+        self.kept = run._kept
+        self.ready: list[tuple[int, int, int]] = []
+        self.retry_at: list[tuple[float, int, int]] = []
+        self.parked: dict[Any, deque[int]] = {}
+        self.in_use: dict[Any, int] = {}
+        self.running: dict[int, Call] = {}
+        self.unsent: dict[int, Call] = {}  # calls the executor refused for now
+        self.cancel_reason: str | None = None
+        self.swept = False  # the cancellation sweep has run
+        self.seq = 0
+        self._task_caps: dict[int, int] = {}
+
+        deps, flags = graph._deps, graph._flags
+        for pos, i in enumerate(run.members):
+            self.order[i] = pos
+            self.member[i] = 1
+        for i in run.members:
+            ups = deps[i]
+            self.waiting[i] = len(ups)
+            fl = flags[i]
+            for k, up in enumerate(ups):
+                lst = self.dependents[up]
+                if lst is None:
+                    self.dependents[up] = [i]
+                else:
+                    lst.append(i)
+                if fl is None or fl[k] & DATA:
+                    self.uses[up] += 1
+
+    # -- main loop ------------------------------------------------------------
+
+    def run(self) -> None:
+        for i in self.run_.members:
+            if self.waiting[i] == 0:
+                self._push_ready(i)
+        while self.done < self.n_members:
+            if self.cancel_reason is not None and not self.swept:
+                self.cancel(self.cancel_reason, everything=False)
+                if self.done >= self.n_members:
+                    break
+            self._dispatch()
+            timeout = None
+            if self.retry_at:
+                timeout = max(0.0, self.retry_at[0][0] - time.monotonic())
+            if not self.running and not self.ready and timeout is None:
+                raise RuntimeError(
+                    f"graphexec scheduler stalled with {self.n_members - self.done} nodes "
+                    "unfinished; this is a bug, please report it"
+                )
+            for call, kind, value in self.executor.poll(timeout):
+                self._on_outcome(call, kind, value)
+            now = time.monotonic()
+            while self.retry_at and self.retry_at[0][0] <= now:
+                self._push_ready(heapq.heappop(self.retry_at)[2])
+
+    def _push_ready(self, i: int) -> None:
+        heapq.heappush(self.ready, (-self.graph._opts[i].priority, self.order[i], i))
+
+    def _dispatch(self) -> None:
+        ready, executor = self.ready, self.executor
+        while ready:
+            i = ready[0][2]
+            keys = self._limit_keys(i)
+            if keys:
+                full = next((k for k in keys if self.in_use.get(k, 0) >= self._cap(k)), None)
+                if full is not None:
+                    heapq.heappop(ready)
+                    self.parked.setdefault(full, deque()).append(i)
+                    continue
+            call = self.unsent.pop(i, None) or self._make_call(i)
+            if not executor.submit(call):
+                self.unsent[i] = call
+                return
+            heapq.heappop(ready)
+            for k in keys:
+                self.in_use[k] = self.in_use.get(k, 0) + 1
+            self.running[i] = call
+
+    def _limit_keys(self, i: int) -> list[Any]:
+        opts = self.graph._opts[i]
+        keys: list[Any] = []
+        if opts.max_concurrency is not None:
+            keys.append(("task", id(self.graph._tasks[i].fn)))
+        if opts.tags and self.limits:
+            keys.extend(("tag", t) for t in opts.tags if t in self.limits)
+        return keys
+
+    def _cap(self, key: Any) -> int:
+        if key[0] == "tag":
+            return self.limits[key[1]]
+        # every node of one task shares its options' max_concurrency
+        return self._task_caps[key[1]]
+
+    def _make_call(self, i: int) -> Call:
+        graph = self.graph
+        opts = graph._opts[i]
+        if opts.max_concurrency is not None:
+            self._task_caps[id(graph._tasks[i].fn)] = opts.max_concurrency
+        inputs: dict[int, Any] = {}
+        ups = graph._deps[i]
+        if ups:
+            fl = graph._flags[i]
+            for k, up in enumerate(ups):
+                if fl is None or fl[k] & DATA:
+                    inputs[up] = self._value_for_dependent(up)
+        return Call(
+            i, graph._names[i], graph._tasks[i].fn, graph._args[i], graph._kwargs[i],
+            bool(inputs), inputs, opts.timeout, len(self.history.get(i, ())) + 1,
+        )
+
+    def _value_for_dependent(self, up: int) -> Any:
+        state = self.states[up]
+        if self.graph._opts[up].return_state:
+            return state
+        if state.is_completed():
+            return state._value
+        return state.exception
+
+    # -- outcomes -------------------------------------------------------------
+
+    def _on_outcome(self, call: Call, kind: int, value: Any) -> None:
+        i = call.node
+        if self.running.pop(i, None) is None:
+            return  # cancelled while in flight: already final
+        for k in self._limit_keys(i):
+            self.in_use[k] -= 1
+            waiting = self.parked.get(k)
+            if waiting:
+                self._push_ready(waiting.popleft())
+        if kind == REQUEUE:
+            self._push_ready(i)
+            return
+        error = None if kind == OK else value
+        attempt = Attempt(call.number, call.started, call.finished, call.worker, error)
+        history = self.history.setdefault(i, [])
+        history.append(attempt)
+        name = self.graph._names[i]
+        if kind == OK:
+            self._finish(i, State(COMPLETED, name, value=value, history=history))
+            return
+        opts = self.graph._opts[i]
+        failed = State(FAILED, name, exception=error, history=history,
+                       message=f"{type(error).__name__}: {error}")
+        if call.number <= opts.retries and self.cancel_reason is None:
+            try:
+                again = should_retry(opts, error, failed, self.graph._tasks[i])
+            except Exception:
+                logger.exception("retry_on/retry_condition_fn of %s raised; not retrying", name)
+                again = False
+            if again:
+                delay = retry_delay_for(opts, call.number)
+                attempt.retry_delay = delay
+                self.states[i] = State(
+                    RETRYING, name, exception=error, history=history,
+                    message=f"attempt {call.number} failed ({type(error).__name__}: {error}); "
+                    f"retry {call.number} of {opts.retries} in {delay:g} s",
+                )
+                logger.info("%s: %s", name, self.states[i].message)
+                if delay > 0:
+                    self.seq += 1
+                    heapq.heappush(self.retry_at, (time.monotonic() + delay, self.seq, i))
+                else:
+                    self._push_ready(i)
+                return
+        logger.warning("%s failed: %s: %s", name, type(error).__name__, error)
+        self._finish(i, failed)
+
+    def _finish(self, i: int, state: State) -> None:
+        """Node ``i`` reached a final state: record it, release inputs, wake dependents."""
+        graph = self.graph
+        work = [(i, state)]
+        while work:
+            i, state = work.pop()
+            if self.states[i] is not None and self.states[i].name in FINAL:
+                continue
+            self.states[i] = state
+            self.done += 1
+            if state.name is COMPLETED and self.uses[i] == 0 and i not in self.kept:
+                state._release()
+            elif state.name is FAILED:
+                self._on_failure(i)
+            ups, fl = graph._deps[i], graph._flags[i]
+            for k, up in enumerate(ups):
+                if fl is None or fl[k] & DATA:
+                    self.uses[up] -= 1
+                    if self.uses[up] == 0 and up not in self.kept:
+                        up_state = self.states[up]
+                        if up_state is not None and up_state.name is COMPLETED:
+                            up_state._release()
+            for d in self.dependents[i] or ():
+                self.waiting[d] -= 1
+                if self.waiting[d] == 0 and self.states[d] is None:
+                    skip = self._resolve(d)
+                    if skip is not None:
+                        work.append((d, skip))
+
+    def _on_failure(self, i: int) -> None:
+        opts = self.graph._opts[i]
+        if opts.allow_failure or opts.return_state:
+            self.handled.add(i)  # declared on the task: its failures never block
+            return
+        if not self.fail_fast or self.cancel_reason is not None:
+            return
+        accepted_by_all = all(
+            self._edge_accepts(d, i) for d in self.dependents[i] or ()
+        ) and bool(self.dependents[i])
+        if not accepted_by_all:
+            self.cancel_reason = f"fail_fast: {self.graph._names[i]} failed"
+
+    def _edge_flag(self, d: int, up: int) -> int:
+        ups, fl = self.graph._deps[d], self.graph._flags[d]
+        if fl is None:
+            return DATA
+        return fl[ups.index(up)]
+
+    def _edge_accepts(self, d: int, up: int) -> bool:
+        return bool(self._edge_flag(d, up) & ALLOW) or self.graph._opts[d].trigger != "all_success"
+
+    # -- policies -------------------------------------------------------------
+
+    def _resolve(self, d: int) -> State | None:
+        """All of d's upstreams are final: queue d to run, or return its Skipped state."""
+        graph = self.graph
+        opts = graph._opts[d]
+        trigger = opts.trigger
+        if self.cancel_reason is not None and trigger != "always":
+            return None  # the cancellation sweep gives it its final state
+        ups, fl = graph._deps[d], graph._flags[d]
+        n_failed = 0  # Failed, or Skipped because of a failure, or Cancelled
+        blocking = None  # first upstream that stops an all_success node
+        problems: list[int] = []
+        for k, up in enumerate(ups):
+            st = self.states[up]
+            if st.is_completed():
+                continue
+            failure_like = st.name is FAILED or st.name is CANCELLED or up in self.root
+            if failure_like:
+                n_failed += 1
+            problems.append(up)
+            if blocking is None and trigger == "all_success":
+                flag = DATA if fl is None else fl[k]
+                upopts = graph._opts[up]
+                if not (flag & ALLOW or upopts.allow_failure or upopts.return_state):
+                    blocking = up
+        name = graph._names[d]
+        if trigger == "all_success":
+            run = blocking is None
+        elif trigger in ("all_done", "always"):
+            run = True
+        elif trigger == "any_failed":
+            run = n_failed > 0
+        elif trigger == "all_failed":
+            run = n_failed == len(ups)
+        else:  # none_failed
+            run = n_failed == 0
+        if run:
+            for up in problems:  # this dependent accepted these failures
+                root = up if self.states[up].name is FAILED else self.root.get(up)
+                if root is not None:
+                    self.handled.add(root)
+            self._push_ready(d)
+            return None
+        if blocking is not None:
+            st = self.states[blocking]
+            root = blocking if st.name is FAILED else self.root.get(blocking)
+            if root is not None:
+                self.root[d] = root
+                root_name = graph._names[root]
+                if root == blocking:
+                    why = f"{name} was skipped because its upstream {root_name} failed"
+                else:
+                    why = (f"{name} was skipped because its upstream {graph._names[blocking]} "
+                           f"was skipped ({root_name} failed)")
+                return State.skipped(name, root_name, why)
+            return State.skipped(
+                name, None,
+                f"{name} was skipped because its upstream {graph._names[blocking]} "
+                f"was {st.name.lower()}",
+            )
+        return State.skipped(
+            name, None,
+            f"{name} was skipped: trigger={trigger!r} not met "
+            f"({n_failed} of {len(ups)} upstream nodes failed)",
+        )
+
+    # -- cancellation ---------------------------------------------------------
+
+    def cancel(self, why: str, everything: bool) -> None:
+        """Give every unfinished node a final state: Cancelled.
+
+        ``everything=False`` (fail_fast) spares ``trigger="always"`` nodes that have
+        not started: they still run once their upstreams are final.
+        """
+        self.cancel_reason = why
+        self.swept = True
+        logger.warning("cancelling the run: %s", why)
+        for call in self.executor.cancel_running():
+            if self.running.pop(call.node, None) is not None:
+                history = self.history.setdefault(call.node, [])
+                call.finished = time.time()
+                history.append(Attempt(call.number, call.started or call.finished,
+                                       call.finished, call.worker, None))
+                self._finish(call.node, State.cancelled(self.graph._names[call.node], why, history))
+        self.ready.clear()
+        self.retry_at.clear()
+        self.parked.clear()
+        self.unsent.clear()
+        self.in_use.clear()
+        graph = self.graph
+        for i in self.run_.members:
+            st = self.states[i]
+            if st is not None and st.name in FINAL:
+                continue
+            if not everything and graph._opts[i].trigger == "always":
+                if self.waiting[i] == 0 and i not in self.running:
+                    self._push_ready(i)
+                continue
+            self.running.pop(i, None)
+            self._finish(i, State.cancelled(graph._names[i], why, self.history.get(i)))
+

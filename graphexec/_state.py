@@ -1,0 +1,214 @@
+"""States of a node: one small record per node, as the user sees it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ._errors import Cancelled, GraphexecError, ResultReleased, UpstreamFailed
+from ._serialize import materialize
+
+PENDING = "Pending"
+RUNNING = "Running"
+RETRYING = "Retrying"
+COMPLETED = "Completed"
+CACHED = "Cached"
+FAILED = "Failed"
+SKIPPED = "Skipped"
+CANCELLED = "Cancelled"
+
+FINAL = frozenset({COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED})
+
+_RELEASED = object()
+
+
+class Attempt:
+    """One try of a node: when and where it ran and how it ended (``error`` or None)."""
+
+    __slots__ = ("error", "finished", "number", "retry_delay", "started", "worker")
+
+    def __init__(
+        self,
+        number: int,
+        started: float,
+        finished: float,
+        worker: Any,
+        error: BaseException | None,
+    ) -> None:
+        self.number = number
+        self.started = started  # time.time() wall clock, for timelines
+        self.finished = finished
+        self.worker = worker
+        self.error = error
+        self.retry_delay: float | None = None  # delay chosen before the next attempt
+
+    @property
+    def duration(self) -> float:
+        return self.finished - self.started
+
+    def __repr__(self) -> str:
+        outcome = "ok" if self.error is None else type(self.error).__name__
+        return f"<Attempt {self.number} {outcome} {self.duration:.3f}s on {self.worker}>"
+
+
+class State:
+    """The state of one node in one run.
+
+    ``name`` is one of ``Pending``, ``Running``, ``Retrying``, ``Completed``,
+    ``Cached``, ``Failed``, ``Skipped``, ``Cancelled``. ``result()`` returns the
+    value or re-raises, as Prefect's ``State.result()`` does.
+
+    Attributes:
+        name: the state's name.
+        node: the node's name.
+        exception: the exception of a Failed node (the task's own, or a
+            :class:`TaskFailure`), :class:`UpstreamFailed` for Skipped,
+            :class:`Cancelled` for Cancelled; None otherwise.
+        attempts: how many attempts ran (retries included).
+        history: the :class:`Attempt` records, oldest first.
+        upstream: for a Skipped node, the name of the failed node that caused the
+            skip (the root cause, through chains of skips); None when the skip
+            came from an unmet trigger.
+        message: one line saying what happened.
+    """
+
+    __slots__ = ("_value", "exception", "history", "message", "name", "node", "upstream")
+
+    def __init__(
+        self,
+        name: str,
+        node: str,
+        value: Any = None,
+        exception: BaseException | None = None,
+        history: list[Attempt] | None = None,
+        upstream: str | None = None,
+        message: str = "",
+    ) -> None:
+        self.name = name
+        self.node = node
+        self._value = value
+        self.exception = exception
+        self.history = history if history is not None else []
+        self.upstream = upstream
+        self.message = message
+
+    # -- predicates (Prefect's names) ----------------------------------------
+
+    def is_completed(self) -> bool:
+        """True for Completed and Cached: a value is available."""
+        return self.name is COMPLETED or self.name is CACHED
+
+    def is_cached(self) -> bool:
+        return self.name is CACHED
+
+    def is_failed(self) -> bool:
+        return self.name is FAILED
+
+    def is_skipped(self) -> bool:
+        return self.name is SKIPPED
+
+    def is_cancelled(self) -> bool:
+        return self.name is CANCELLED
+
+    def is_pending(self) -> bool:
+        return self.name is PENDING
+
+    def is_running(self) -> bool:
+        return self.name is RUNNING
+
+    def is_final(self) -> bool:
+        """True once the node has a terminal state."""
+        return self.name in FINAL
+
+    # -- timing --------------------------------------------------------------
+
+    @property
+    def attempts(self) -> int:
+        """Number of attempts that ran (0 if the node never ran)."""
+        return len(self.history)
+
+    @property
+    def duration(self) -> float:
+        """Seconds spent running, summed over attempts."""
+        return sum(a.duration for a in self.history)
+
+    @property
+    def started(self) -> float | None:
+        """Wall-clock start of the first attempt (``time.time()``), or None."""
+        return self.history[0].started if self.history else None
+
+    @property
+    def finished(self) -> float | None:
+        """Wall-clock end of the last attempt, or None."""
+        return self.history[-1].finished if self.history else None
+
+    # -- value ---------------------------------------------------------------
+
+    def result(self, raise_on_failure: bool = True) -> Any:
+        """The node's value; re-raises its exception for a Failed, Skipped or Cancelled node.
+
+        Args:
+            raise_on_failure: if false, return the exception instead of raising it.
+
+        Raises:
+            Exception: the task's own exception (with the remote traceback as
+                ``__cause__``), or a :class:`TaskFailure`, for a Failed node.
+            UpstreamFailed: for a Skipped node.
+            Cancelled: for a Cancelled node.
+            ResultReleased: the value was freed during the run.
+        """
+        if self.is_completed():
+            if self._value is _RELEASED:
+                raise ResultReleased(
+                    f"the value of {self.node} was released once no pending node needed it; "
+                    "pass the node as a target (graph.compute(node)) or use "
+                    "compute(keep='all') to keep it"
+                )
+            self._value = materialize(self._value)
+            return self._value
+        if self.exception is not None:
+            if raise_on_failure:
+                raise self.exception
+            return self.exception
+        raise GraphexecError(f"{self.node} is {self.name}: it has no result yet")
+
+    def _release(self) -> None:
+        self._value = _RELEASED
+
+    @property
+    def released(self) -> bool:
+        """True if the value was freed during the run."""
+        return self._value is _RELEASED
+
+    def __repr__(self) -> str:
+        extra = ""
+        if self.exception is not None and self.name is FAILED:
+            extra = f": {type(self.exception).__name__}: {self.exception}"
+        elif self.message:
+            extra = f": {self.message}"
+        return f"<State {self.name} {self.node}{extra}>"
+
+    # -- construction helpers -----------------------------------------------
+
+    @classmethod
+    def skipped(cls, node: str, upstream: str | None, message: str) -> State:
+        exc = UpstreamFailed(message, node=node, upstream=upstream)
+        return cls(SKIPPED, node, exception=exc, upstream=upstream, message=message)
+
+    @classmethod
+    def cancelled(cls, node: str, why: str, history: list[Attempt] | None = None) -> State:
+        message = f"{node} was cancelled ({why})"
+        return cls(CANCELLED, node, exception=Cancelled(message, node=node), history=history,
+                   message=message)
+
+    @classmethod
+    def from_call(cls, node: str, fn: Any, args: tuple, kwargs: dict) -> State:
+        """Run ``fn`` in-process and wrap the outcome (``return_state=True`` outside a graph)."""
+        started = time.time()
+        try:
+            value = fn(*args, **kwargs)
+        except Exception as exc:
+            attempt = Attempt(1, started, time.time(), "local", exc)
+            return cls(FAILED, node, exception=exc, history=[attempt], message=str(exc))
+        attempt = Attempt(1, started, time.time(), "local", None)
+        return cls(COMPLETED, node, value=value, history=[attempt])

@@ -1,0 +1,169 @@
+"""The ``@task`` decorator and the stack of graphs that capture task calls."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from ._options import DEFAULT_OPTIONS, RESERVED_KEYWORDS, TaskOptions
+
+if TYPE_CHECKING:
+    from ._graph import Graph
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Graphs entered with ``with graph:`` on this thread, innermost last. Building
+# is single-threaded by contract; a thread-local stack keeps a worker thread
+# that calls a task from ever being captured by a graph another thread builds.
+_local = threading.local()
+
+
+def active_graph() -> Graph | None:
+    """The innermost graph entered on this thread, or None."""
+    stack = getattr(_local, "graphs", None)
+    return stack[-1] if stack else None
+
+
+def push_graph(graph: Graph) -> None:
+    stack = getattr(_local, "graphs", None)
+    if stack is None:
+        stack = _local.graphs = []
+    stack.append(graph)
+
+
+def pop_graph(graph: Graph) -> None:
+    stack = getattr(_local, "graphs", None)
+    if not stack or stack[-1] is not graph:
+        raise RuntimeError("graphs must be exited in the reverse order they were entered")
+    stack.pop()
+
+
+def check_callable(fn: Any, where: str) -> None:
+    """Refuse non-callables and functions whose parameters collide with call keywords."""
+    if not callable(fn):
+        raise TypeError(f"{where}: expected a function, got {type(fn).__name__} {fn!r}")
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # some builtins have no signature; nothing to check
+        return
+    clash = [p for p in RESERVED_KEYWORDS if p in params]
+    if clash:
+        raise TypeError(
+            f"{where}: {fn_name(fn)}() has a parameter named {clash[0]!r}, which graphexec "
+            f"reserves as a call keyword ({', '.join(RESERVED_KEYWORDS)}); rename the parameter"
+        )
+
+
+def fn_name(fn: Any) -> str:
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return "lambda" if name == "<lambda>" else name
+
+
+class Task:
+    """A function with graphexec options; calling it inside ``with graph:`` adds a node.
+
+    Outside a graph the task is a plain function: ``simulate(p, seed=1)`` runs it
+    in-process and returns its value, so tasks stay unit-testable.
+
+    Use the :func:`task` decorator rather than this class directly.
+    """
+
+    def __init__(self, fn: Callable[..., Any], options: TaskOptions) -> None:
+        self.fn = fn
+        self.options = options
+        self.name = options.name or fn_name(fn)
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        graph = active_graph()
+        if graph is not None:
+            return graph._add_call(self, args, kwargs)
+        return self._call_plain(args, kwargs)
+
+    def _call_plain(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        wait_for = kwargs.pop("wait_for", None)
+        kwargs.pop("allow_failure", None)
+        return_state = kwargs.pop("return_state", self.options.return_state)
+        if wait_for:
+            raise TypeError(
+                f"{self.name}() called with wait_for= outside a graph: there is nothing to wait "
+                "for; call it inside `with graph:` to build a node"
+            )
+        if not return_state:
+            return self.fn(*args, **kwargs)
+        from ._state import State  # the state module imports this one
+
+        return State.from_call(self.name, self.fn, args, kwargs)
+
+    def with_options(self, **options: Any) -> Task:
+        """Return a copy of this task with some options changed.
+
+        Example::
+
+            quick = simulate.with_options(retries=0, timeout=5)
+        """
+        return Task(self.fn, self.options.updated(options, f"{self.name}.with_options"))
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+    # Tasks are sent to workers as their plain function (see _pool); a Task
+    # object pickled inside an argument or result keeps its options.
+    def __reduce__(self) -> Any:
+        return (Task, (self.fn, self.options))
+
+
+@overload
+def task(fn: F, /) -> Task: ...
+@overload
+def task(fn: None = None, /, **options: Any) -> Callable[[F], Task]: ...
+def task(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    """Turn a function into a task; ``@task`` and ``@task(**options)`` both work.
+
+    Args:
+        fn: the function (when used as a bare ``@task``).
+        **options: ``name``, ``task_run_name`` (format string such as ``"sim-{seed}"``,
+            or a callable given the call's arguments), ``retries``, ``retry_delay``
+            (seconds, a list per retry, or :func:`exponential_backoff`), ``retry_on``
+            (exception types or a predicate), ``timeout`` (seconds per attempt),
+            ``allow_failure``, ``return_state``, ``trigger``, ``max_concurrency``,
+            ``tags``, ``priority``. Prefect spellings ``retry_delay_seconds``,
+            ``retry_condition_fn`` and ``timeout_seconds`` are accepted too.
+
+    Returns:
+        A :class:`Task` (or a decorator producing one).
+
+    Raises:
+        TypeError: an unknown option, a non-callable, or a function with a parameter
+            named ``wait_for``, ``allow_failure`` or ``return_state``.
+        ValueError: an option value out of range.
+
+    Example::
+
+        @gx.task(retries=3, retry_delay=0.5, timeout=60)
+        def simulate(params, seed): ...
+    """
+
+    def decorate(f: Callable[..., Any]) -> Task:
+        where = f"@task on {fn_name(f)}"
+        check_callable(f, where)
+        if isinstance(f, Task):
+            return f.with_options(**options)
+        return Task(f, DEFAULT_OPTIONS.updated(options, where))
+
+    if fn is None:
+        return decorate
+    if options:
+        raise TypeError("use @task(**options) or @task, not task(fn, **options)")
+    return decorate(fn)
+
+
+def as_task(fn: Any, where: str) -> Task:
+    """The Task for ``fn``: itself if already one, else one with default options."""
+    if isinstance(fn, Task):
+        return fn
+    check_callable(fn, where)
+    return Task(fn, DEFAULT_OPTIONS)
