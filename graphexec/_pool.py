@@ -35,6 +35,7 @@ joins; an ``atexit`` hook closes pools the program forgot.
 from __future__ import annotations
 
 import atexit
+import itertools
 import multiprocessing
 import os
 import pickle
@@ -47,7 +48,7 @@ from collections import deque
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
-from . import _worker
+from . import _shm, _worker
 from ._call import ERROR, OK, REQUEUE, Call, timeout_error
 from ._errors import (
     MemoryLimitExceeded,
@@ -57,7 +58,7 @@ from ._errors import (
     WorkerCrashed,
     describe_exitcode,
 )
-from ._serialize import Payload, as_bytes, dumps, dumps_call, find_unpicklable
+from ._serialize import Payload, as_wire, dumps, dumps_call, find_unpicklable
 
 PREFETCH_MAX_BYTES = 16 * 1024  # a queued message must fit in the pipe buffer
 PREFETCH_DEPTH = 8  # calls a worker may hold when its function's calls are tiny
@@ -66,6 +67,7 @@ MEMORY_SAMPLE_INTERVAL = 0.05
 STOP_TIMEOUT = 1.0
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+_pool_ids = itertools.count(1)
 
 
 def default_start_method() -> str:
@@ -182,6 +184,8 @@ class Pool:
         self._next_sample = 0.0
         self._closed = False
         self._owner_lock = threading.Lock()
+        self.id = next(_pool_ids)
+        self._shm_prefix = _shm.pool_prefix(os.getpid(), self.id)
         _live_pools.add(self)
 
     # -- lifetime -------------------------------------------------------------
@@ -235,6 +239,9 @@ class Pool:
         self._next_sample = 0.0
 
     def _release(self) -> None:
+        # Everything the run still needed is mapped or released by now; what
+        # is left under our prefix was written by a worker that died mid-copy.
+        _shm.sweep(self._shm_prefix)
         self._memory_limit = None
         self._outbox = []
         self._owner_lock.release()
@@ -247,7 +254,7 @@ class Pool:
         self._next_id += 1
         process = self._ctx.Process(
             target=_worker.main,
-            args=(child_conn, wid, os.getpid()),
+            args=(child_conn, wid, os.getpid(), self.id),
             name=f"graphexec-worker-{wid}",
             daemon=False,
         )
@@ -350,7 +357,7 @@ class Pool:
             )
         try:
             args_blob = dumps_call(call.args, call.kwargs, call.has_nodes)
-            deps = [(i, as_bytes(h)) for i, h in call.inputs.items()] if call.inputs else []
+            deps = [(i, as_wire(h)) for i, h in call.inputs.items()] if call.inputs else []
         except Exception as exc:
             culprit = find_unpicklable(call.args, call.kwargs)
             raise SerializationError(
@@ -414,7 +421,7 @@ class Pool:
         if message[0] == "ok":
             _, _, blob, call.started, call.finished = message
             self._learn(call, w)
-            self._outbox.append((call, OK, Payload(blob)))
+            self._outbox.append((call, OK, Payload.from_wire(blob)))
         else:
             _, _, _stage, exc_blob, tb, call.started, call.finished = message
             self._learn(call, w)
@@ -450,6 +457,7 @@ class Pool:
                 self._outbox.append((call, REQUEUE, None))
             w.inflight.clear()
         self._forget(w)
+        _shm.sweep(_shm.worker_prefix(os.getpid(), self.id, w.id))
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()

@@ -7,6 +7,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from ._graph import Node
+from ._serialize import Payload
 from ._state import CACHED, CANCELLED, COMPLETED, FAILED, PENDING, SKIPPED, State
 
 if TYPE_CHECKING:
@@ -218,7 +219,16 @@ class Run:
         return self._states[unhandled[0].index].exception
 
     def _finish_run(self) -> None:
+        """Close the run: values still held in shared memory are mapped privately and
+        their segments unlinked, so nothing of the run stays in /dev/shm."""
         self.finished = time.time()
+        for i in self.members:
+            state = self._states[i]
+            if state is not None and state.is_completed():
+                handle = state._value
+                if type(handle) is Payload and handle.segments:
+                    handle.load()
+                    handle.discard()
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(self.counts().items()))

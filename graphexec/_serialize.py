@@ -8,6 +8,10 @@
 * Results stay pickled in the parent (:class:`Payload`): a value made by one
   worker and consumed by another is forwarded as bytes and only unpickled in
   the parent if the user asks for it.
+* Large contiguous buffers (numpy arrays of 64 KiB and more) leave the pickle
+  stream through protocol 5's ``buffer_callback`` and travel in shared memory
+  (``_shm``): the pipe carries only their names. A value on the wire is
+  ``(pickle bytes, ((segment name, size), ...))``.
 * Pickling happens in the parent before dispatch, so an argument that does not
   pickle fails its own node with a :class:`SerializationError` naming it,
   never the pool.
@@ -21,33 +25,59 @@ from typing import Any
 
 import cloudpickle
 
+from . import _shm
 from ._graph import Node
 
 PROTOCOL = 5
+SHM_THRESHOLD = 64 * 1024  # smaller buffers cost less in-band than a segment does
+
+Wire = tuple[bytes, tuple[tuple[str, int], ...]]
 
 
 class Payload:
-    """A value pickled by a worker, unpickled lazily (at most once) in the parent."""
+    """A value pickled by a worker, unpickled lazily (at most once) in the parent.
 
-    __slots__ = ("_loaded", "_value", "data")
+    Owns the shared-memory segments its buffers live in: :meth:`discard`
+    unlinks them once no one needs the value.
+    """
 
-    def __init__(self, data: bytes) -> None:
+    __slots__ = ("_loaded", "_value", "data", "segments")
+
+    def __init__(self, data: bytes, segments: tuple[tuple[str, int], ...] = ()) -> None:
         self.data = data
+        self.segments = segments
         self._loaded = False
         self._value: Any = None
 
+    @classmethod
+    def from_wire(cls, wire: Wire) -> Payload:
+        data, segments = wire
+        if segments:
+            _shm.live.update(name for name, _ in segments)
+        return cls(data, segments)
+
+    @property
+    def wire(self) -> Wire:
+        return (self.data, self.segments)
+
     def load(self) -> Any:
         if not self._loaded:
-            self._value = pickle.loads(self.data)
+            self._value = loads_value(self.wire)
             self._loaded = True
         return self._value
 
+    def discard(self) -> None:
+        """Unlink the segments (values already loaded keep their private mapping)."""
+        if self.segments:
+            _shm.unlink([name for name, _ in self.segments])
+
     @property
     def nbytes(self) -> int:
-        return len(self.data)
+        return len(self.data) + sum(size for _, size in self.segments)
 
     def __reduce__(self) -> Any:
-        return (Payload, (self.data,))
+        # Sent inside a State to a worker: the segments stay owned by the parent.
+        return (Payload, (self.data, self.segments))
 
 
 def materialize(handle: Any) -> Any:
@@ -57,15 +87,52 @@ def materialize(handle: Any) -> Any:
     return handle
 
 
+def discard(handle: Any) -> None:
+    """Free what a released handle holds outside this process's heap."""
+    if type(handle) is Payload:
+        handle.discard()
+
+
 def dumps(obj: Any) -> bytes:
     return cloudpickle.dumps(obj, protocol=PROTOCOL)
 
 
-def as_bytes(handle: Any) -> bytes:
-    """Pickled form of a handle, for sending to a worker (no re-pickling of Payloads)."""
+def dumps_value(obj: Any) -> Wire:
+    """Pickle a value for another process, large buffers into shared memory."""
+    if not _shm.AVAILABLE:
+        return dumps(obj), ()
+    segments: list[tuple[str, int]] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: pickled in-band
+            return True
+        if raw.nbytes < SHM_THRESHOLD:
+            return True
+        segments.append((_shm.create(raw), raw.nbytes))
+        return False
+
+    try:
+        data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=out_of_band)
+    except BaseException:
+        _shm.unlink([name for name, _ in segments])
+        raise
+    return data, tuple(segments)
+
+
+def loads_value(wire: Wire) -> Any:
+    data, segments = wire
+    if not segments:
+        return pickle.loads(data)
+    return pickle.loads(data, buffers=[_shm.attach(name, size) for name, size in segments])
+
+
+def as_wire(handle: Any) -> Wire:
+    """Wire form of a handle, for sending to a worker (a Payload is forwarded as it is)."""
     if type(handle) is Payload:
-        return handle.data
-    return dumps(handle)
+        return handle.wire
+    return dumps(handle), ()
 
 
 class _CallPickler(cloudpickle.Pickler):

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from ._errors import Cancelled, GraphexecError, ResultReleased, UpstreamFailed
-from ._serialize import materialize
+from ._serialize import discard, materialize
 
 PENDING = "Pending"
 RUNNING = "Running"
@@ -173,6 +173,7 @@ class State:
         raise GraphexecError(f"{self.node} is {self.name}: it has no result yet")
 
     def _release(self) -> None:
+        discard(self._value)
         self._value = _RELEASED
 
     @property

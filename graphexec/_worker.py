@@ -34,14 +34,16 @@ import time
 import traceback
 from typing import Any
 
+from . import _shm
 from ._errors import RemoteError, SerializationError
-from ._serialize import dumps, loads_call
+from ._serialize import dumps, dumps_value, loads_call, loads_value
 
 WATCHDOG_INTERVAL = 0.5
 
 
-def main(conn: Any, worker_id: int, parent_pid: int) -> None:
+def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
     """Entry point of a worker process."""
+    _shm.set_prefix(_shm.worker_prefix(parent_pid, pool_id, worker_id))
     try:
         os.setpgrp()
     except OSError:  # already a group leader, or not permitted: kills still reach us
@@ -92,7 +94,7 @@ def _run(message: tuple, functions: dict[int, Any]) -> bytes:
         return fail("function", error, fn.tb)
 
     try:
-        values = {index: pickle.loads(blob) for index, blob in deps}
+        values = {index: loads_value(wire) for index, wire in deps}
         args, kwargs = loads_call(args_blob, values)
     except BaseException as exc:
         error = SerializationError(
@@ -112,7 +114,7 @@ def _run(message: tuple, functions: dict[int, Any]) -> bytes:
     del args, kwargs, values
 
     try:
-        blob = dumps(result)
+        blob = dumps_value(result)
     except BaseException as exc:
         kind = type(result)
         error = SerializationError(
@@ -216,6 +218,8 @@ def _watch_parent(parent_pid: int, first_ppid: int) -> None:
             continue
         _flush_stdio()
         try:
+            # Values of the dead parent's runs that nobody will ever release.
+            _shm.sweep(f"gx-{parent_pid}-")
             if os.getpgrp() == os.getpid():
                 os.killpg(os.getpid(), signal.SIGKILL)  # takes the task's subprocesses too
         finally:
