@@ -282,7 +282,9 @@ class Graph:
         for up in found:
             path = self._path(up, index)
             if path is not None:
-                cycle = " -> ".join(self._names[i] for i in [index, *path])
+                # path runs from this node down its dependents to ``up``, in the
+                # order they would run; the new edge closes it back to this node.
+                cycle = " -> ".join(self._names[i] for i in [*path, index])
                 raise ValueError(
                     f"{self._names[index]}.wait_for({self._names[up]}) would create a cycle: "
                     f"{cycle}; remove one of these edges"

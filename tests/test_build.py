@@ -1,0 +1,501 @@
+"""Building graphs (SPEC §1): decorators, nodes, edges, names and build-time errors."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import namedtuple
+
+import pytest
+
+import graphexec as gx
+
+Pair = namedtuple("Pair", "left right")
+
+
+@gx.task
+def inc(x):
+    return x + 1
+
+
+@gx.task(retries=2, name="loader")
+def load(i):
+    return i * 10
+
+
+@gx.task
+def echo(value):
+    return value
+
+
+@gx.task
+def add(x, y):
+    return x + y
+
+
+def plain_double(x):
+    return 2 * x
+
+
+# -- decorators and plain calls ---------------------------------------------------
+
+
+def test_bare_decorator_makes_a_task_callable_as_a_plain_function():
+    assert isinstance(inc, gx.Task)
+    assert inc(1) == 2
+    assert inc.__name__ == "inc"
+    assert inc.__doc__ is None or isinstance(inc.__doc__, str)
+
+
+def test_decorator_with_options_keeps_options_and_plain_call():
+    assert isinstance(load, gx.Task)
+    assert load.options.retries == 2
+    assert load.name == "loader"
+    assert load(3) == 30
+
+
+def test_plain_call_ignores_policy_keywords_and_return_state_gives_a_state():
+    assert inc(1, allow_failure=True) == 2
+    state = inc(1, return_state=True)
+    assert isinstance(state, gx.State)
+    assert state.is_completed()
+    assert state.result() == 2
+
+    @gx.task
+    def bad():
+        raise ValueError("plain failure")
+
+    failed = bad(return_state=True)
+    assert failed.is_failed()
+    assert isinstance(failed.exception, ValueError)
+    with pytest.raises(ValueError, match="plain failure"):
+        failed.result()
+    with pytest.raises(ValueError, match="plain failure"):
+        bad()
+
+
+def test_plain_call_with_wait_for_is_a_type_error():
+    with pytest.raises(TypeError, match="outside a graph"):
+        inc(1, wait_for=[object()])
+
+
+def test_task_with_fn_and_options_is_refused():
+    with pytest.raises(TypeError):
+        gx.task(plain_double, retries=1)
+
+
+def test_redecorating_a_task_changes_its_options():
+    again = gx.task(retries=5)(inc)
+    assert isinstance(again, gx.Task)
+    assert again.options.retries == 5
+    assert inc.options.retries == 0
+    assert again(1) == 2
+
+
+def test_with_options_returns_a_copy():
+    quick = load.with_options(retries=0, name="quick")
+    assert quick.options.retries == 0
+    assert quick.name == "quick"
+    assert load.options.retries == 2
+    assert load.name == "loader"
+
+
+# -- nodes and edges -----------------------------------------------------------
+
+
+def test_calls_inside_a_graph_return_nodes_and_do_not_run(tmp_path):
+    marker = tmp_path / "ran"
+
+    @gx.task
+    def touch():
+        marker.write_text("x")
+
+    graph = gx.Graph()
+    with graph:
+        node = touch()
+    assert isinstance(node, gx.Node)
+    assert not marker.exists()
+    assert len(graph) == 1
+    assert graph.nodes == [node]
+    # outside the block the task is a plain function again
+    touch()
+    assert marker.exists()
+
+
+def test_graph_add_with_plain_function_and_task():
+    graph = gx.Graph()
+    a = graph.add(plain_double, 4)
+    b = graph.add(inc, a)
+    c = graph.add(lambda x, y: x - y, b, y=1)
+    assert [n.name for n in (a, b)] == ["plain_double-0", "inc-0"]
+    assert c.name == "lambda-0"
+    assert b.upstream == [a]
+    assert c.upstream == [b]
+    run = graph.compute(workers=0)
+    assert run[c] == 8
+
+
+def test_graph_add_takes_reserved_keywords():
+    graph = gx.Graph()
+    a = graph.add(inc, 1)
+    b = graph.add(inc, 2, wait_for=[a])
+    c = graph.add(echo, gx.allow_failure(b), return_state=True)
+    d = graph.add(echo, c)
+    assert b.upstream == [a]
+    assert c.upstream == [b]
+    run = graph.compute(workers=0, keep="all")
+    assert run[b] == 3
+    assert run[c] == 3
+    assert isinstance(run[d], gx.State)  # return_state: dependents receive the State
+    assert run[d].result() == 3
+
+
+def test_upstream_lists_data_and_order_edges_once():
+    graph = gx.Graph()
+    with graph:
+        a = inc(1)
+        b = inc(2)
+        c = add(a, a, wait_for=[a, b])
+    assert c.upstream == [a, b]
+
+
+@pytest.mark.parametrize("scheduler", ["processes", "sync", "threads"])
+def test_nodes_nested_in_containers_are_replaced_by_values(compute):
+    graph = gx.Graph()
+    with graph:
+        a = inc(0)  # 1
+        b = inc(1)  # 2
+        c = inc(2)  # 3
+        got = echo({
+            "list": [a, [b, [c]]],
+            "tuple": (a, (b,)),
+            "dict": {"x": a, "nested": {"y": [b]}},
+            "set": {a, b},
+            "frozenset": frozenset([c]),
+            "namedtuple": Pair(a, c),
+            "key": {a: "one"},
+            "plain": [1, "two", None],
+        })
+    assert set(got.upstream) == {a, b, c}
+    value = compute(graph)[got]
+    assert value == {
+        "list": [1, [2, [3]]],
+        "tuple": (1, (2,)),
+        "dict": {"x": 1, "nested": {"y": [2]}},
+        "set": {1, 2},
+        "frozenset": frozenset([3]),
+        "namedtuple": Pair(1, 3),
+        "key": {1: "one"},
+        "plain": [1, "two", None],
+    }
+    assert type(value["namedtuple"]) is Pair
+
+
+def test_wait_for_orders_without_passing_values(tmp_path):
+    log = tmp_path / "log"
+
+    @gx.task
+    def write(text):
+        with open(log, "a") as f:
+            f.write(text + "\n")
+            f.flush()
+        time.sleep(0.05)
+
+    graph = gx.Graph()
+    with graph:
+        first = write("first")
+        second = write("second", wait_for=[first])
+        third = write("third", wait_for=second)  # a single node is accepted too
+    assert second.upstream == [first]
+    assert third.upstream == [second]
+    run = graph.compute(workers=2, keep="all")
+    assert run.ok
+    assert log.read_text().split() == ["first", "second", "third"]
+    assert run[second] is None
+
+
+def test_node_wait_for_adds_edges_after_creation():
+    graph = gx.Graph()
+    with graph:
+        a = inc(1)
+        b = inc(2)
+    assert b.wait_for(a) is b
+    assert b.upstream == [a]
+    run = graph.compute(workers=0)
+    assert run.state(a).finished <= run.state(b).started
+
+
+# -- names -------------------------------------------------------------------------
+
+
+def test_node_names_count_per_task_and_name_option():
+    graph = gx.Graph()
+    with graph:
+        a0 = inc(1)
+        a1 = inc(2)
+        l0 = load(1)
+        e0 = echo(a0)
+        a2 = inc(3)
+    assert [n.name for n in (a0, a1, l0, e0, a2)] == ["inc-0", "inc-1", "loader-0", "echo-0",
+                                                       "inc-2"]
+    assert repr(a0) == "<Node inc-0>"
+    assert f"{a1}" == "inc-1"
+    # names restart per graph
+    other = gx.Graph()
+    with other:
+        assert inc(1).name == "inc-0"
+
+
+def test_task_run_name_template_and_callable():
+    @gx.task(task_run_name="sim-{seed}")
+    def simulate(params, seed=7):
+        return seed
+
+    @gx.task(task_run_name=lambda i, **_: f"item#{i}")
+    def item(i, scale=2):
+        return i * scale
+
+    graph = gx.Graph()
+    with graph:
+        s3 = simulate({"a": 1}, seed=3)
+        s_default = simulate({"a": 1})
+        first = item(1)
+    assert s3.name == "sim-3"
+    assert s_default.name == "sim-7"
+    assert first.name == "item#1"
+    run = graph.compute(workers=0)
+    assert run.state(s3).node == "sim-3"
+    assert run[s3] == 3
+
+
+def test_task_run_name_naming_an_unknown_parameter_is_a_value_error():
+    @gx.task(task_run_name="sim-{nope}")
+    def simulate(seed):
+        return seed
+
+    graph = gx.Graph()
+    with graph, pytest.raises(ValueError, match="nope"):
+        simulate(1)
+
+
+def test_task_run_name_with_arguments_not_matching_signature_is_a_type_error():
+    @gx.task(task_run_name="sim-{seed}")
+    def simulate(seed):
+        return seed
+
+    graph = gx.Graph()
+    with graph, pytest.raises(TypeError, match="simulate"):
+        simulate(1, 2)
+
+
+# -- build-time errors --------------------------------------------------------------
+
+
+def test_node_of_another_graph_is_a_type_error_naming_node_and_call_site():
+    g1, g2 = gx.Graph("first"), gx.Graph("second")
+    with g1:
+        a = inc(1)
+    with g2, pytest.raises(TypeError) as info:
+        inc([a])
+    message = str(info.value)
+    assert "inc-0" in message
+    assert "first" in message
+    assert "test_build.py" in message
+    assert len(g2) == 0  # nothing half-added
+
+    with pytest.raises(TypeError, match="another graph"):
+        g2.add(inc, 1, wait_for=[a])
+    with pytest.raises(TypeError, match="another graph"):
+        g2.add(echo, gx.allow_failure(a))
+
+
+def test_cycle_through_wait_for_is_a_value_error_naming_the_cycle():
+    graph = gx.Graph()
+    with graph:
+        a = inc(1)
+        b = inc(a)
+        c = inc(b)
+    with pytest.raises(ValueError, match="cycle") as info:
+        a.wait_for(c)
+    message = str(info.value)
+    for name in ("inc-0", "inc-1", "inc-2"):
+        assert name in message
+    assert "inc-0 -> inc-1 -> inc-2 -> inc-0" in message
+    assert a.upstream == []  # the graph is unchanged
+    with pytest.raises(ValueError, match="inc-0 -> inc-0"):
+        a.wait_for(a)
+    assert graph.compute(workers=0)[c] == 4
+
+
+def test_wait_for_accepts_allow_failure_but_no_other_objects():
+    graph = gx.Graph()
+    with graph:
+        a = inc(1)
+        ok = inc(2, wait_for=[gx.allow_failure(a)])
+        with pytest.raises(TypeError, match=r"wait_for.*int 3"):
+            inc(2, wait_for=[a, 3])
+        with pytest.raises(TypeError, match="wait_for"):
+            inc(2, wait_for="inc-0")
+        with pytest.raises(TypeError, match="wait_for"):
+            inc(2, wait_for=[[a]])
+    assert ok.upstream == [a]
+    assert len(graph) == 2
+    with pytest.raises(TypeError, match="wait_for"):
+        ok.wait_for(42)
+    g2 = gx.Graph()
+    with g2:
+        other = inc(1)
+    with pytest.raises(TypeError, match="another graph"):
+        ok.wait_for(other)
+
+
+@pytest.mark.parametrize("keyword", ["wait_for", "allow_failure", "return_state"])
+def test_reserved_parameter_names_are_refused_at_decoration(keyword):
+    namespace: dict = {}
+    exec(f"def f(x, {keyword}=None):\n    return x", namespace)
+    fn = namespace["f"]
+    with pytest.raises(TypeError, match=keyword):
+        gx.task(fn)
+    with pytest.raises(TypeError, match=keyword):
+        gx.task(retries=1)(fn)
+    with pytest.raises(TypeError, match=keyword):
+        gx.Graph().add(fn, 1)
+
+
+def test_reserved_keyword_only_parameter_is_refused_too():
+    def f(x, *, return_state):
+        return x
+
+    with pytest.raises(TypeError, match="return_state"):
+        gx.task(f)
+
+
+@pytest.mark.parametrize("thing", [42, "inc", None, [inc]])
+def test_non_callable_is_a_type_error(thing):
+    with pytest.raises(TypeError, match="expected a function"):
+        gx.task(thing) if thing is not None else gx.task()(thing)
+    with pytest.raises(TypeError, match="expected a function"):
+        gx.Graph().add(thing)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "pattern"),
+    [
+        ({"retries": -1}, ValueError, "negative"),
+        ({"retries": 1.5}, TypeError, "retries"),
+        ({"timeout": 0}, ValueError, "timeout"),
+        ({"timeout": -1}, ValueError, "timeout"),
+        ({"timeout": float("inf")}, ValueError, "timeout"),
+        ({"trigger": "sometimes"}, ValueError, "sometimes"),
+        ({"retires": 3}, TypeError, "unknown task option retires"),
+        ({"retry_delay": -0.5}, ValueError, "retry_delay"),
+        ({"retry_delay": []}, ValueError, "empty"),
+        ({"retry_on": "ValueError"}, TypeError, "retry_on"),
+        ({"allow_failure": "yes"}, TypeError, "allow_failure"),
+        ({"return_state": 1}, TypeError, "return_state"),
+        ({"name": ""}, TypeError, "name"),
+        ({"max_concurrency": 0}, ValueError, "max_concurrency"),
+        ({"retry_delay": 1, "retry_delay_seconds": 1}, TypeError, "alias"),
+    ],
+)
+def test_invalid_task_options(options, error, pattern):
+    with pytest.raises(error, match=pattern):
+        gx.task(**options)(plain_double)
+    with pytest.raises(error, match=pattern):
+        inc.with_options(**options)
+
+
+def test_invalid_call_time_policy_values():
+    graph = gx.Graph()
+    with graph, pytest.raises(TypeError, match="allow_failure"):
+        inc(1, allow_failure="yes")
+    assert len(graph) == 0
+
+
+def test_caching_options_are_refused_not_ignored():
+    with pytest.raises(NotImplementedError, match="cache"):
+        gx.task(cache_key_fn=lambda *a: "k")(plain_double)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"workers": -3}, ValueError, "workers=-3"),
+        ({"workers": 1.5}, TypeError, "workers"),
+        ({"memory_limit": "lots"}, ValueError, "lots"),
+        ({"memory_limit": -1}, ValueError, "memory_limit"),
+        ({"scheduler": "gpu"}, ValueError, "gpu"),
+        ({"keep": "some"}, ValueError, "keep"),
+        ({"memory_limit": "1GB", "scheduler": "sync"}, ValueError, "memory_limit"),
+        ({"limits": {"db": 0}}, ValueError, "limits"),
+    ],
+)
+def test_invalid_compute_arguments(kwargs, error, pattern, tmp_path):
+    marker = tmp_path / "ran"
+    graph = gx.Graph()
+    graph.add(marker.write_text, "x")
+    with pytest.raises(error, match=pattern):
+        graph.compute(**kwargs)
+    assert not marker.exists()
+
+
+def test_compute_targets_must_be_nodes_of_this_graph():
+    graph, other = gx.Graph(), gx.Graph()
+    a = graph.add(inc, 1)
+    b = other.add(inc, 1)
+    with pytest.raises(TypeError, match="targets"):
+        graph.compute("inc-0", workers=0)
+    with pytest.raises(ValueError, match="another graph"):
+        graph.compute(b, workers=0)
+    assert graph.compute([a], workers=0)[a] == 2
+
+
+def test_node_result_before_any_compute_is_an_error():
+    graph = gx.Graph()
+    node = graph.add(inc, 1)
+    with pytest.raises(RuntimeError, match="not been computed"):
+        node.result()
+    with pytest.raises(RuntimeError, match="not been computed"):
+        node.state  # noqa: B018
+
+
+def test_node_cannot_be_pickled():
+    import pickle
+
+    node = gx.Graph().add(inc, 1)
+    with pytest.raises(TypeError, match="inc-0"):
+        pickle.dumps(node)
+
+
+def test_graphs_nest_and_must_exit_in_order():
+    outer, inner = gx.Graph(), gx.Graph()
+    with outer:
+        a = inc(1)
+        with inner:
+            b = inc(2)
+        c = inc(a)
+    assert a.graph is outer and c.graph is outer and b.graph is inner
+    assert len(outer) == 2 and len(inner) == 1
+
+
+# -- scale -------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_hundred_thousand_node_graph_builds_fast():
+    @gx.task
+    def step(x):
+        return x
+
+    graph = gx.Graph()
+    start = time.perf_counter()
+    with graph:
+        previous = step(0)
+        for i in range(1, 100_000):
+            previous = step(previous) if i % 2 else step(i, wait_for=[previous])
+    elapsed = time.perf_counter() - start
+    assert len(graph) == 100_000
+    assert previous.name == "step-99999"
+    assert elapsed < 5.0, f"building 100,000 nodes took {elapsed:.2f} s"
+    # the whole chain culls to itself and its names are readable
+    assert re.fullmatch(r"step-\d+", graph.nodes[12345].name)
