@@ -22,6 +22,7 @@ Everything public is re-exported here; modules starting with ``_`` are private.
 
 import logging as _logging
 
+from ._cache import CacheContext, clear_cache, task_input_hash
 from ._errors import (
     Cancelled,
     GraphexecError,
@@ -55,6 +56,10 @@ __all__ = [
     "task",
     "allow_failure",
     "exponential_backoff",
+    # caching
+    "task_input_hash",
+    "clear_cache",
+    "CacheContext",
     # running
     "Pool",
     "Run",

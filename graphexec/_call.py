@@ -17,6 +17,7 @@ that never started (it was queued behind a call whose worker died).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -34,6 +35,7 @@ class Call:
 
     __slots__ = (
         "args",
+        "cache",
         "finished",
         "fn",
         "has_nodes",
@@ -73,6 +75,7 @@ class Call:
         self.finished = 0.0
         self.worker: Any = None
         self.wire: bytes | None = None  # the executor's encoded form, made once
+        self.cache: tuple[str, str, dict] | None = None  # (cache dir, key, meta) to write
 
     def __repr__(self) -> str:
         return f"<Call {self.name} attempt {self.number}>"
@@ -102,7 +105,22 @@ def run_inline(call: Call, worker: Any) -> tuple[Call, int, Any]:
         # In-process work cannot be interrupted; it is judged when it returns,
         # so the final states match those of the process scheduler.
         return call, ERROR, timeout_error(call)
+    if call.cache is not None:
+        write_cache(call.cache, value, call.name)
     return call, OK, value
+
+
+def write_cache(cache: tuple[str, str, dict], value: Any, name: str) -> None:
+    """Store a successful result; a failed write costs a warning, never the result."""
+    from ._cache import CacheStore
+
+    root, key, meta = cache
+    try:
+        CacheStore(root).write_value(key, value, meta)
+    except Exception as exc:
+        logging.getLogger("graphexec").warning(
+            "%s: result not cached (%s: %s)", name, type(exc).__name__, exc
+        )
 
 
 def timeout_error(call: Call, how: str = "it was stopped") -> TaskTimeout:

@@ -327,6 +327,8 @@ class Graph:
         memory_limit: int | str | None = None,
         limits: dict[str, int] | None = None,
         start_method: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        refresh_cache: bool = False,
     ) -> Run:
         """Run the graph (or the ancestors of ``targets``) and return a :class:`Run`.
 
@@ -348,6 +350,9 @@ class Graph:
             memory_limit: per-worker RSS limit, bytes or a string such as ``"4GB"``.
             limits: concurrency limits per tag, e.g. ``{"db": 2}``.
             start_method: ``"forkserver"`` (Linux default), ``"spawn"`` or ``"fork"``.
+            cache_dir: where cached results live (tasks with ``cache=True`` or a
+                ``cache_key_fn``); default ``./.graphexec-cache``.
+            refresh_cache: recompute and overwrite every cached task's entry.
 
         Returns:
             The :class:`Run`: a state for every node, values of kept nodes.
@@ -372,6 +377,8 @@ class Graph:
             memory_limit=memory_limit,
             limits=limits,
             start_method=start_method,
+            cache_dir=cache_dir,
+            refresh_cache=refresh_cache,
         )
 
     def _latest_run_or_raise(self) -> Run:

@@ -6,6 +6,7 @@ import inspect
 import math
 import random
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from typing import Any
 
 TRIGGERS = frozenset(
@@ -17,15 +18,6 @@ ALIASES = {
     "retry_delay_seconds": "retry_delay",
     "retry_condition_fn": "retry_on",
     "timeout_seconds": "timeout",
-}
-
-# Options that belong to later capabilities and are refused rather than
-# silently ignored: a user who asks for caching must not believe they got it.
-NOT_YET = {
-    "cache": "caching",
-    "cache_key_fn": "caching",
-    "cache_expiration": "caching",
-    "refresh_cache": "caching",
 }
 
 # Call keywords a task's own parameters may not use.
@@ -41,9 +33,12 @@ class TaskOptions:
 
     __slots__ = (
         "allow_failure",
+        "cache_expiration",
+        "cache_key_fn",
         "max_concurrency",
         "name",
         "priority",
+        "refresh_cache",
         "retries",
         "retry_delay",
         "retry_on",
@@ -67,6 +62,9 @@ class TaskOptions:
         self.max_concurrency: int | None = None
         self.tags: tuple[str, ...] = ()
         self.priority = 0
+        self.cache_key_fn: Callable[[Any, dict[str, Any]], str | None] | None = None
+        self.cache_expiration: Any = None
+        self.refresh_cache = False
 
     def copy(self) -> TaskOptions:
         new = TaskOptions.__new__(TaskOptions)
@@ -86,14 +84,14 @@ class TaskOptions:
             canonical = ALIASES.get(key, key)
             if canonical in options and canonical != key:
                 raise TypeError(f"{where}: both {key}= and its alias {canonical}= given; use one")
-            if key in NOT_YET:
-                raise NotImplementedError(
-                    f"{where}: {key}= ({NOT_YET[key]}) is not available in this version "
-                    "of graphexec yet; remove it to run without caching"
-                )
+            if key == "cache":  # short form of cache_key_fn=task_input_hash
+                if "cache_key_fn" in options:
+                    raise TypeError(f"{where}: give cache=True or cache_key_fn=, not both")
+                new.cache_key_fn = _default_key_fn() if _check_bool(value, key, where) else None
+                continue
             validator = _VALIDATORS.get(canonical)
             if validator is None:
-                known = ", ".join(sorted(set(_VALIDATORS) | set(ALIASES)))
+                known = ", ".join(sorted(set(_VALIDATORS) | set(ALIASES) | {"cache"}))
                 raise TypeError(f"{where}: unknown task option {key}=; known options: {known}")
             setattr(new, canonical, validator(value, key, where))
         return new
@@ -196,6 +194,28 @@ def _check_tags(value: Any, key: str, where: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
+def _default_key_fn() -> Any:
+    from ._cache import task_input_hash  # the cache module imports the graph, which imports us
+
+    return task_input_hash
+
+
+def _check_key_fn(value: Any, key: str, where: str) -> Any:
+    if value is None or callable(value):
+        return value
+    raise TypeError(f"{where}: {key}= must be a function (context, arguments) -> str | None")
+
+
+def _check_expiration(value: Any, key: str, where: str) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        if value.total_seconds() < 0:
+            raise ValueError(f"{where}: {key}= is negative")
+        return value
+    return _check_seconds(value, key, where)
+
+
 def _check_priority(value: Any, key: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{where}: {key}= must be an int (higher runs first)")
@@ -215,6 +235,9 @@ _VALIDATORS: dict[str, Callable[[Any, str, str], Any]] = {
     "max_concurrency": _check_max_concurrency,
     "tags": _check_tags,
     "priority": _check_priority,
+    "cache_key_fn": _check_key_fn,
+    "cache_expiration": _check_expiration,
+    "refresh_cache": _check_bool,
 }
 
 DEFAULT_OPTIONS = TaskOptions()

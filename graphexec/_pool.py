@@ -366,7 +366,9 @@ class Pool:
                 "the task (locks, open files, sockets and generators cannot be sent)",
                 node=call.name, stage="arguments",
             ) from None
-        return pickle.dumps(("run", id(call), fn_id, call.name, args_blob, deps), protocol=5)
+        return pickle.dumps(
+            ("run", id(call), fn_id, call.name, args_blob, deps, call.cache), protocol=5
+        )
 
     def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
         if self._outbox:

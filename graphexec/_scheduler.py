@@ -39,20 +39,35 @@ O(edges of that node); nothing scans the graph while it runs.
 from __future__ import annotations
 
 import heapq
+import inspect
 import logging
+import re
 import time
+import warnings
 from collections import deque
 from typing import Any
 
+from ._cache import (
+    CacheContext,
+    CacheStore,
+    Fingerprint,
+    Unhashable,
+    content_hash,
+    expiry,
+    task_input_hash,
+    wire_hash,
+)
 from ._call import OK, REQUEUE, Call
 from ._errors import GraphFailed
-from ._graph import ALLOW, DATA, Graph, Node
+from ._graph import ALLOW, DATA, Graph, Node, substitute
 from ._inprocess import SyncExecutor, ThreadExecutor
 from ._options import retry_delay_for, should_retry
 from ._order import post_order, sinks
 from ._pool import Pool, check_workers, parse_memory
 from ._run import Run
+from ._serialize import Payload, materialize
 from ._state import (
+    CACHED,
     CANCELLED,
     COMPLETED,
     FAILED,
@@ -63,6 +78,9 @@ from ._state import (
 )
 
 logger = logging.getLogger("graphexec")
+
+LOCK_POLL = 0.1  # seconds between looks at a cache entry another process is computing
+_SAFE_KEY = re.compile(r"[0-9a-zA-Z_-]{8,128}")
 
 SCHEDULERS = ("processes", "threads", "sync")
 
@@ -80,6 +98,8 @@ def compute(
     memory_limit: int | str | None,
     limits: dict[str, int] | None,
     start_method: str | None,
+    cache_dir: Any = None,
+    refresh_cache: bool = False,
 ) -> Run:
     """Validate the arguments, pick an executor, run the scheduler; see ``Graph.compute``."""
     if scheduler not in SCHEDULERS:
@@ -115,6 +135,9 @@ def compute(
     kept = set(members) if keep == "all" else set(target_ids)
 
     run = Run(graph, members, kept)
+    store = None
+    if any(graph._opts[i].cache_key_fn is not None for i in members):
+        store = CacheStore(cache_dir)
     if scheduler == "sync":
         executor: Any = SyncExecutor()
     elif scheduler == "threads":
@@ -122,7 +145,8 @@ def compute(
     else:
         executor = pool if pool is not None else Pool(count, start_method=start_method)
         executor._acquire(limit_bytes)
-    sched = Scheduler(graph, run, executor, fail_fast=fail_fast, limits=limits)
+    sched = Scheduler(graph, run, executor, fail_fast=fail_fast, limits=limits,
+                      cache=store, refresh_cache=refresh_cache)
     try:
         sched.run()
     except KeyboardInterrupt as interrupt:
@@ -132,6 +156,8 @@ def compute(
         interrupt.run = run  # type: ignore[attr-defined]
         raise
     finally:
+        if store is not None:
+            store.unlock_all()
         if executor is pool:
             pool._release()
         elif isinstance(executor, Pool):
@@ -180,7 +206,15 @@ class Scheduler:
     """Runs the members of one :class:`Run` on one executor. See the module docstring."""
 
     def __init__(
-        self, graph: Graph, run: Run, executor: Any, *, fail_fast: bool, limits: dict[str, int]
+        self,
+        graph: Graph,
+        run: Run,
+        executor: Any,
+        *,
+        fail_fast: bool,
+        limits: dict[str, int],
+        cache: CacheStore | None = None,
+        refresh_cache: bool = False,
     ) -> None:
         self.graph = graph
         self.run_ = run
@@ -210,6 +244,11 @@ class Scheduler:
         self.swept = False  # the cancellation sweep has run
         self.seq = 0
         self._task_caps: dict[int, int] = {}
+        self.cache = cache
+        self.refresh_cache = refresh_cache
+        self.keys: dict[int, str] = {}  # node -> its cache key (hit, or ours to write)
+        self.locked: set[int] = set()  # nodes whose cache lock we hold
+        self.lock_waits: set[int] = set()  # nodes waiting for another's cache lock
 
         deps, flags = graph._deps, graph._flags
         for pos, i in enumerate(run.members):
@@ -232,8 +271,10 @@ class Scheduler:
 
     def run(self) -> None:
         for i in self.run_.members:
-            if self.waiting[i] == 0:
-                self._push_ready(i)
+            if self.waiting[i] == 0 and self.states[i] is None:
+                cached = self._become_ready(i)
+                if cached is not None:
+                    self._finish(i, cached)
         while self.done < self.n_members:
             if self.cancel_reason is not None and not self.swept:
                 self.cancel(self.cancel_reason, everything=False)
@@ -252,7 +293,14 @@ class Scheduler:
                 self._on_outcome(call, kind, value)
             now = time.monotonic()
             while self.retry_at and self.retry_at[0][0] <= now:
-                self._push_ready(heapq.heappop(self.retry_at)[2])
+                i = heapq.heappop(self.retry_at)[2]
+                if i in self.lock_waits:
+                    self.lock_waits.discard(i)
+                    cached = self._become_ready(i)
+                    if cached is not None:
+                        self._finish(i, cached)
+                else:
+                    self._push_ready(i)
 
     def _push_ready(self, i: int) -> None:
         heapq.heappush(self.ready, (-self.graph._opts[i].priority, self.order[i], i))
@@ -304,10 +352,14 @@ class Scheduler:
             for k, up in enumerate(ups):
                 if fl is None or fl[k] & DATA:
                     inputs[up] = self._value_for_dependent(up)
-        return Call(
+        call = Call(
             i, graph._names[i], graph._tasks[i].fn, graph._args[i], graph._kwargs[i],
             bool(inputs), inputs, opts.timeout, len(self.history.get(i, ())) + 1,
         )
+        if i in self.locked:
+            meta = {"task": graph._tasks[i].name, "expires": expiry(opts.cache_expiration)}
+            call.cache = (str(self.cache.root), self.keys[i], meta)
+        return call
 
     def _value_for_dependent(self, up: int) -> Any:
         state = self.states[up]
@@ -376,6 +428,9 @@ class Scheduler:
                 continue
             self.states[i] = state
             self.done += 1
+            if i in self.locked:
+                self.locked.discard(i)
+                self.cache.unlock(self.keys[i])
             if state.name is COMPLETED and self.uses[i] == 0 and i not in self.kept:
                 state._release()
             elif state.name is FAILED:
@@ -420,7 +475,8 @@ class Scheduler:
     # -- policies -------------------------------------------------------------
 
     def _resolve(self, d: int) -> State | None:
-        """All of d's upstreams are final: queue d to run, or return its Skipped state."""
+        """All of d's upstreams are final: queue d to run, or return its final state
+        (Skipped by the policies, or Cached)."""
         graph = self.graph
         opts = graph._opts[d]
         trigger = opts.trigger
@@ -459,8 +515,7 @@ class Scheduler:
                 root = up if self.states[up].name is FAILED else self.root.get(up)
                 if root is not None:
                     self.handled.add(root)
-            self._push_ready(d)
-            return None
+            return self._become_ready(d)
         if blocking is not None:
             st = self.states[blocking]
             root = blocking if st.name is FAILED else self.root.get(blocking)
@@ -483,6 +538,94 @@ class Scheduler:
             f"{name} was skipped: trigger={trigger!r} not met "
             f"({n_failed} of {len(ups)} upstream nodes failed)",
         )
+
+    # -- caching --------------------------------------------------------------
+
+    def _become_ready(self, i: int) -> State | None:
+        """Queue node i, unless its result is cached: then return its Cached state.
+
+        A miss takes the entry's lock first; if another process (or node) holds
+        it, the node waits a little and looks again, so the entry is computed
+        once and then found.
+        """
+        opts = self.graph._opts[i]
+        if self.cache is None or opts.cache_key_fn is None:
+            self._push_ready(i)
+            return None
+        key = self.keys.get(i) or self._cache_key(i)
+        if key is None:
+            self._push_ready(i)
+            return None
+        self.keys[i] = key
+        refresh = self.refresh_cache or opts.refresh_cache
+        if not refresh:
+            hit = self.cache.lookup(key)
+            if hit is not None:
+                return State(CACHED, self.graph._names[i], value=hit,
+                             message=f"loaded from cache entry {key[:12]}")
+        if self.cache.try_lock(key):
+            # Another process may have written the entry between our lookup and lock.
+            hit = None if refresh else self.cache.lookup(key)
+            if hit is not None:
+                self.cache.unlock(key)
+                return State(CACHED, self.graph._names[i], value=hit,
+                             message=f"loaded from cache entry {key[:12]}")
+            self.locked.add(i)
+            self._push_ready(i)
+            return None
+        self.lock_waits.add(i)
+        self.seq += 1
+        heapq.heappush(self.retry_at, (time.monotonic() + LOCK_POLL, self.seq, i))
+        return None
+
+    def _cache_key(self, i: int) -> str | None:
+        graph = self.graph
+        task, opts = graph._tasks[i], graph._opts[i]
+        ups, fl = graph._deps[i], graph._flags[i]
+        use_fingerprints = opts.cache_key_fn is task_input_hash
+        values: dict[int, Any] = {}
+        try:
+            for k, up in enumerate(ups):
+                if fl is None or fl[k] & DATA:
+                    handle = self._value_for_dependent(up)
+                    values[up] = (Fingerprint(self._fingerprint(up, handle))
+                                  if use_fingerprints else materialize(handle))
+        except Unhashable as exc:
+            warnings.warn(f"{graph._names[i]} is not cached: {exc}", RuntimeWarning,
+                          stacklevel=2)
+            return None
+        args = substitute(graph._args[i], values)
+        kwargs = substitute(graph._kwargs[i], values) if graph._kwargs[i] else {}
+        try:
+            bound = inspect.signature(task.fn).bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+        except (TypeError, ValueError):
+            arguments = {"args": args, "kwargs": kwargs}
+        try:
+            key = opts.cache_key_fn(CacheContext(task, graph._names[i]), arguments)
+        except Exception as exc:
+            logger.warning("%s: cache_key_fn raised %s: %s; not cached",
+                           graph._names[i], type(exc).__name__, exc)
+            return None
+        if key is not None and not isinstance(key, str):
+            key = content_hash(key)
+        elif key is not None and not _SAFE_KEY.match(key):
+            key = content_hash(key)  # user keys become file names: hash anything unusual
+        return key
+
+    def _fingerprint(self, up: int, handle: Any) -> str:
+        """An upstream value's stand-in in a key: its own key, else its content hash."""
+        key = self.keys.get(up)
+        if key is not None and self.states[up].is_completed():
+            return key
+        if type(handle) is Payload:
+            return wire_hash(handle.wire)
+        if isinstance(handle, State):
+            return f"state:{handle.name}:" + self._fingerprint(up, handle._value)
+        if isinstance(handle, BaseException):
+            return content_hash(("exception", type(handle).__qualname__, str(handle)))
+        return content_hash(handle)
 
     # -- cancellation ---------------------------------------------------------
 

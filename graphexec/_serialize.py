@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import io
+import mmap
 import pickle
 from typing import Any
 
@@ -31,7 +32,7 @@ from ._graph import Node
 PROTOCOL = 5
 SHM_THRESHOLD = 64 * 1024  # smaller buffers cost less in-band than a segment does
 
-Wire = tuple[bytes, tuple[tuple[str, int], ...]]
+Wire = tuple[bytes, tuple[tuple, ...]]
 
 
 class Payload:
@@ -43,7 +44,7 @@ class Payload:
 
     __slots__ = ("_loaded", "_value", "data", "segments")
 
-    def __init__(self, data: bytes, segments: tuple[tuple[str, int], ...] = ()) -> None:
+    def __init__(self, data: bytes, segments: tuple[tuple, ...] = ()) -> None:
         self.data = data
         self.segments = segments
         self._loaded = False
@@ -53,7 +54,7 @@ class Payload:
     def from_wire(cls, wire: Wire) -> Payload:
         data, segments = wire
         if segments:
-            _shm.live.update(name for name, _ in segments)
+            _shm.live.update(seg[0] for seg in segments if len(seg) == 2)
         return cls(data, segments)
 
     @property
@@ -67,9 +68,16 @@ class Payload:
         return self._value
 
     def discard(self) -> None:
-        """Unlink the segments (values already loaded keep their private mapping)."""
+        """Unlink the shared-memory segments (values already loaded keep their mapping).
+
+        Segments that are regions of a cache file, ``(path, offset, size)``, stay.
+        """
         if self.segments:
-            _shm.unlink([name for name, _ in self.segments])
+            _shm.unlink([seg[0] for seg in self.segments if len(seg) == 2])
+
+    @property
+    def in_shared_memory(self) -> bool:
+        return any(len(seg) == 2 for seg in self.segments)
 
     @property
     def nbytes(self) -> int:
@@ -122,10 +130,22 @@ def dumps_value(obj: Any) -> Wire:
 
 
 def loads_value(wire: Wire) -> Any:
+    """Inverse of :func:`dumps_value`; segments are shared memory ``(name, size)`` or
+    cache-file regions ``(path, offset, size)``, both mapped copy-on-write."""
     data, segments = wire
     if not segments:
         return pickle.loads(data)
-    return pickle.loads(data, buffers=[_shm.attach(name, size) for name, size in segments])
+    return pickle.loads(data, buffers=[_attach(seg) for seg in segments])
+
+
+def _attach(segment: tuple) -> memoryview:
+    if len(segment) == 2:
+        return _shm.attach(*segment)
+    path, offset, size = segment
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE,
+                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+    return memoryview(mapping)
 
 
 def as_wire(handle: Any) -> Wire:

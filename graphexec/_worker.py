@@ -3,14 +3,17 @@
 Messages (pickled tuples, one ``send_bytes`` each)::
 
     parent -> worker   ("fn", fn_id, fn_blob)        once per function and worker
-                       ("run", token, fn_id, node_name, args_blob, deps)
+                       ("run", token, fn_id, node_name, args_blob, deps, cache)
                        ("stop",)
     worker -> parent   ("ok",  token, result_blob, started, finished)
                        ("err", token, stage, exc_blob, traceback_text, started, finished)
 
-``deps`` is a list of ``(node_index, pickled_value)``. Calls are run strictly in the
-order received, so the parent knows which call a dead worker was running:
-the oldest one it has not answered.
+``deps`` is a list of ``(node_index, pickled_value)``; ``cache`` is None or
+``(cache_dir, key, meta)``: the worker writes the cache entry itself, so
+entries are written in parallel and the parent never copies a result.
+
+Calls are run strictly in the order received, so the parent knows which call
+a dead worker was running: the oldest one it has not answered.
 
 ``stage`` says which step failed: ``function`` (unpickling the function),
 ``unpickle-arguments``, ``call`` (the task raised), ``result`` (pickling it).
@@ -35,6 +38,7 @@ import traceback
 from typing import Any
 
 from . import _shm
+from ._call import write_cache
 from ._errors import RemoteError, SerializationError
 from ._serialize import dumps, dumps_value, loads_call, loads_value
 
@@ -74,7 +78,7 @@ def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
 
 
 def _run(message: tuple, functions: dict[int, Any]) -> bytes:
-    _, token, fn_id, name, args_blob, deps = message
+    _, token, fn_id, name, args_blob, deps, cache = message
     started = time.time()
 
     def fail(stage: str, exc: BaseException, tb: str) -> bytes:
@@ -124,6 +128,8 @@ def _run(message: tuple, functions: dict[int, Any]) -> bytes:
             node=name, stage="result",
         )
         return fail("result", error, traceback.format_exc())
+    if cache is not None:
+        write_cache(cache, result, name)
     return pickle.dumps(("ok", token, blob, started, finished), protocol=5)
 
 
