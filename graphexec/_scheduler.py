@@ -215,6 +215,7 @@ class Scheduler:
         limits: dict[str, int],
         cache: CacheStore | None = None,
         refresh_cache: bool = False,
+        observer: Any = None,
     ) -> None:
         self.graph = graph
         self.run_ = run
@@ -249,6 +250,9 @@ class Scheduler:
         self.keys: dict[int, str] = {}  # node -> its cache key (hit, or ours to write)
         self.locked: set[int] = set()  # nodes whose cache lock we hold
         self.lock_waits: set[int] = set()  # nodes waiting for another's cache lock
+        # Progress bars and reports watch the run through four calls:
+        # started(run), running(i, call), finished(i, state), retrying(i, state).
+        self.observer = observer
 
         deps, flags = graph._deps, graph._flags
         for pos, i in enumerate(run.members):
@@ -270,6 +274,8 @@ class Scheduler:
     # -- main loop ------------------------------------------------------------
 
     def run(self) -> None:
+        if self.observer is not None:
+            self.observer.started(self.run_)
         for i in self.run_.members:
             if self.waiting[i] == 0 and self.states[i] is None:
                 cached = self._become_ready(i)
@@ -324,6 +330,8 @@ class Scheduler:
             for k in keys:
                 self.in_use[k] = self.in_use.get(k, 0) + 1
             self.running[i] = call
+            if self.observer is not None:
+                self.observer.running(i, call)
 
     def _limit_keys(self, i: int) -> list[Any]:
         opts = self.graph._opts[i]
@@ -409,6 +417,8 @@ class Scheduler:
                     f"retry {call.number} of {opts.retries} in {delay:g} s",
                 )
                 logger.info("%s: %s", name, self.states[i].message)
+                if self.observer is not None:
+                    self.observer.retrying(i, self.states[i])
                 if delay > 0:
                     self.seq += 1
                     heapq.heappush(self.retry_at, (time.monotonic() + delay, self.seq, i))
@@ -428,6 +438,8 @@ class Scheduler:
                 continue
             self.states[i] = state
             self.done += 1
+            if self.observer is not None:
+                self.observer.finished(i, state)
             if i in self.locked:
                 self.locked.discard(i)
                 self.cache.unlock(self.keys[i])
