@@ -381,8 +381,11 @@ class Scheduler:
 
     def _on_outcome(self, call: Call, kind: int, value: Any) -> None:
         i = call.node
-        if self.running.pop(i, None) is None:
-            return  # cancelled while in flight: already final
+        if self.running.get(i) is not call:
+            # Cancelled while in flight (already final), or a call left running by
+            # an earlier compute on a shared pool: its node index means nothing here.
+            return
+        del self.running[i]
         for k in self._limit_keys(i):
             self.in_use[k] -= 1
             waiting = self.parked.get(k)
@@ -651,7 +654,8 @@ class Scheduler:
         self.swept = True
         logger.warning("cancelling the run: %s", why)
         for call in self.executor.cancel_running():
-            if self.running.pop(call.node, None) is not None:
+            if self.running.get(call.node) is call:
+                del self.running[call.node]
                 history = self.history.setdefault(call.node, [])
                 call.finished = time.time()
                 history.append(Attempt(call.number, call.started or call.finished,
@@ -663,13 +667,21 @@ class Scheduler:
         self.unsent.clear()
         self.in_use.clear()
         graph = self.graph
+        if not everything:
+            # "always" nodes that were queued (ready, parked, waiting out a retry
+            # delay) go back to the queue once. Those whose last upstream gets
+            # cancelled below are queued by _resolve instead: queuing them here
+            # as well would run them twice.
+            for i in self.run_.members:
+                if (self.states[i] is None or self.states[i].name not in FINAL) and \
+                        graph._opts[i].trigger == "always" and self.waiting[i] == 0 and \
+                        i not in self.running:
+                    self._push_ready(i)
         for i in self.run_.members:
             st = self.states[i]
             if st is not None and st.name in FINAL:
                 continue
             if not everything and graph._opts[i].trigger == "always":
-                if self.waiting[i] == 0 and i not in self.running:
-                    self._push_ready(i)
                 continue
             self.running.pop(i, None)
             self._finish(i, State.cancelled(graph._names[i], why, self.history.get(i)))

@@ -19,6 +19,11 @@ CANCELLED = "Cancelled"
 
 FINAL = frozenset({COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED})
 
+# State names are compared by identity (``state.name is COMPLETED``) on the hot
+# paths; a State that crossed a process boundary gets its name back from here.
+_CANONICAL = {n: n for n in (PENDING, RUNNING, RETRYING, COMPLETED, CACHED, FAILED, SKIPPED,
+                             CANCELLED)}
+
 _RELEASED = object()
 
 
@@ -181,6 +186,14 @@ class State:
         """True if the value was freed during the run."""
         return self._value is _RELEASED
 
+    def __reduce__(self) -> Any:
+        # Sent to a worker (return_state=True) or pickled with a Run: unpickled
+        # strings are new objects, so the name is restored to the canonical one.
+        released = self._value is _RELEASED
+        return (_restore_state, (self.name, self.node, None if released else self._value,
+                                 self.exception, self.history, self.upstream, self.message,
+                                 released))
+
     def __repr__(self) -> str:
         extra = ""
         if self.exception is not None and self.name is FAILED:
@@ -213,3 +226,12 @@ class State:
             return cls(FAILED, node, exception=exc, history=[attempt], message=str(exc))
         attempt = Attempt(1, started, time.time(), "local", None)
         return cls(COMPLETED, node, value=value, history=[attempt])
+
+
+def _restore_state(name: str, node: str, value: Any, exception: BaseException | None,
+                   history: list[Attempt], upstream: str | None, message: str,
+                   released: bool = False) -> State:
+    state = State(_CANONICAL.get(name, name), node, value, exception, history, upstream, message)
+    if released:
+        state._release()
+    return state

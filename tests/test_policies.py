@@ -1,0 +1,635 @@
+"""Failure policies (SPEC §3): skip, allow_failure, return_state, triggers, GraphFailed, fail_fast.
+
+Each policy is checked with a failing upstream and with an upstream that was
+itself skipped because of a failure further up, on the process scheduler and
+the in-process "sync" scheduler (the ``compute`` fixture), whose behaviour
+must match.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+import pytest
+
+import graphexec as gx
+
+ALL_SCHEDULERS = ("processes", "sync", "threads")
+
+
+def describe(value):
+    """What a dependent received, as plain data that survives the trip home."""
+    if isinstance(value, gx.State):
+        exc = type(value.exception).__name__ if value.exception is not None else None
+        payload = value.result() if value.is_completed() else None
+        return ("state", value.name, exc, value.upstream, payload)
+    if isinstance(value, gx.UpstreamFailed):
+        return ("upstream_failed", value.upstream)
+    if isinstance(value, BaseException):
+        return ("exc", type(value).__name__, str(value))
+    return ("value", value)
+
+
+@gx.task
+def ok(x=1):
+    return x
+
+
+@gx.task
+def explode(message="boom"):
+    raise ValueError(message)
+
+
+@gx.task
+def collect(*values):
+    return [describe(v) for v in values]
+
+
+@gx.task
+def collect_items(items):
+    return [describe(v) for v in items]
+
+
+@gx.task(allow_failure=True)
+def fragile(message="fragile broke"):
+    raise ValueError(message)
+
+
+@gx.task(allow_failure=True)
+def fragile_ok(x):
+    return x
+
+
+@gx.task(return_state=True)
+def stateful(x):
+    return x
+
+
+@gx.task(return_state=True)
+def stateful_fail(message="stateful broke"):
+    raise KeyError(message)
+
+
+@gx.task(trigger="any_failed")
+def on_any_failed(*values):
+    return [describe(v) for v in values]
+
+
+# -- default: skip, transitively ----------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", ALL_SCHEDULERS)
+def test_default_skips_dependents_transitively(compute):
+    graph = gx.Graph()
+    with graph:
+        root = explode("root broke")
+        child = ok(root)
+        grandchild = ok([child])
+        sink = collect(grandchild, ok(2))
+        independent = ok(5)
+    with pytest.raises(gx.GraphFailed) as info:
+        compute(graph)
+    run = info.value.run
+    assert run.failed == [root]
+    assert run.skipped == [child, grandchild, sink]
+    assert run[independent] == 5  # keep-going: unrelated work still ran
+    for node in (child, grandchild, sink):
+        state = run.state(node)
+        assert state.name == "Skipped"
+        assert state.is_skipped() and not state.is_failed()
+        assert state.upstream == root.name
+        assert state.attempts == 0
+        with pytest.raises(gx.UpstreamFailed) as skipped:
+            run[node]
+        assert skipped.value.upstream == root.name
+        assert skipped.value.node == node.name
+    assert root.name in run.state(child).message
+    assert "was skipped" in run.state(grandchild).message
+    assert run.ok is False
+
+
+def test_default_skip_through_wait_for(compute):
+    graph = gx.Graph()
+    with graph:
+        root = explode()
+        waiter = ok(1, wait_for=[root])
+        skipped_root = ok(explode("other"))
+        waiter2 = ok(2, wait_for=[skipped_root])
+    with pytest.raises(gx.GraphFailed):
+        compute(graph)
+    run = graph._latest_run
+    assert run.state(waiter).name == "Skipped"
+    assert run.state(waiter).upstream == root.name
+    assert run.state(waiter2).name == "Skipped"
+    assert run.state(waiter2).upstream != root.name
+    assert run.state(waiter2).upstream.startswith("explode-")
+
+
+# -- gx.allow_failure ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", ALL_SCHEDULERS)
+def test_allow_failure_argument_receives_the_exception(compute):
+    graph = gx.Graph()
+    with graph:
+        root = explode("root broke")
+        report = collect(gx.allow_failure(root), ok(2))
+    run = compute(graph)  # handled: no GraphFailed
+    assert run.ok
+    assert run.failed == [root]
+    assert run[report] == [("exc", "ValueError", "root broke"), ("value", 2)]
+
+
+def test_allow_failure_argument_on_skipped_upstream_receives_upstream_failed(compute):
+    graph = gx.Graph()
+    with graph:
+        root = explode()
+        child = ok(root)
+        report = collect(gx.allow_failure(child))
+    run = compute(graph)
+    assert run.ok
+    assert run.skipped == [child]
+    assert run.failed == [root]
+    assert run[report] == [("upstream_failed", root.name)]
+
+
+def test_allow_failure_on_a_successful_upstream_passes_the_value(compute):
+    graph = gx.Graph()
+    with graph:
+        report = collect(gx.allow_failure(ok(3)), gx.allow_failure({"k": ok(4)}))
+    assert compute(graph)[report] == [("value", 3), ("value", {"k": 4})]
+
+
+def test_allow_failure_only_covers_the_marked_edge(compute):
+    graph = gx.Graph()
+    with graph:
+        root = explode()
+        report = collect(gx.allow_failure(ok(1)), root)
+    with pytest.raises(gx.GraphFailed):
+        compute(graph)
+    assert graph._latest_run.state(report).upstream == root.name
+
+
+@pytest.mark.parametrize("chain", ["failed", "skipped"])
+def test_allow_failure_in_wait_for(compute, chain):
+    graph = gx.Graph()
+    with graph:
+        root = explode()
+        upstream = root if chain == "failed" else ok(root)
+        allowed = ok(7, wait_for=[gx.allow_failure(upstream)])
+        plain = ok(8, wait_for=[upstream])
+    run = compute(graph)  # allowed accepted the failure: handled
+    assert run.ok
+    assert run[allowed] == 7
+    assert run.state(plain).name == "Skipped"
+    assert run.state(plain).upstream == root.name
+
+
+def test_allow_failure_on_a_collection_replaces_only_failed_items(compute):
+    graph = gx.Graph()
+    with graph:
+        a = explode("a broke")
+        b = ok(2)
+        skipped = ok(explode("c broke"))
+        report = collect_items(gx.allow_failure([a, b, 1, skipped]))
+        as_tuple = collect_items(gx.allow_failure((b, a)))
+        in_wait_for = ok(9, wait_for=[gx.allow_failure([a, b])])
+    run = compute(graph)
+    assert run.ok
+    root_c = run.state(skipped).upstream
+    assert run[report] == [
+        ("exc", "ValueError", "a broke"),
+        ("value", 2),
+        ("value", 1),
+        ("upstream_failed", root_c),
+    ]
+    assert run[as_tuple] == [("value", 2), ("exc", "ValueError", "a broke")]
+    assert run[in_wait_for] == 9
+
+
+# -- allow_failure=True on the task or the call -------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", ALL_SCHEDULERS)
+def test_task_option_allow_failure(compute):
+    graph = gx.Graph()
+    with graph:
+        broken = fragile()
+        report = collect(broken)
+        also = ok(1, wait_for=[broken])
+    run = compute(graph)
+    assert run.ok
+    assert run.failed == [broken]
+    assert run[report] == [("exc", "ValueError", "fragile broke")]
+    assert run[also] == 1
+
+
+def test_task_option_allow_failure_skipped_chain(compute):
+    graph = gx.Graph()
+    with graph:
+        root = explode()
+        passthrough = fragile_ok(root)  # skipped, but declared allow_failure
+        report = collect(passthrough)
+    run = compute(graph)
+    assert run.ok
+    assert run.state(passthrough).name == "Skipped"
+    assert run[report] == [("upstream_failed", root.name)]
+
+
+def test_call_keyword_allow_failure(compute):
+    graph = gx.Graph()
+    with graph:
+        broken = explode("call broke", allow_failure=True)
+        report = collect(broken)
+        root = explode("root")
+        passthrough = ok(root, allow_failure=True)
+        report2 = collect(passthrough)
+        strict = explode("strict")  # the same task without the keyword is not handled
+    with pytest.raises(gx.GraphFailed) as info:
+        compute(graph)
+    run = info.value.run
+    assert run[report] == [("exc", "ValueError", "call broke")]
+    assert run[report2] == [("upstream_failed", root.name)]
+    assert run.unhandled == [strict]
+    assert set(run.failed) == {broken, root, strict}
+    assert explode.options.allow_failure is False
+
+
+# -- return_state=True ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", ALL_SCHEDULERS)
+def test_task_option_return_state(compute):
+    graph = gx.Graph()
+    with graph:
+        good = stateful(3)
+        bad = stateful_fail()
+        report = collect(good, bad)
+    run = compute(graph, keep="all")
+    assert run.ok
+    assert run.failed == [bad]
+    assert run[report] == [
+        ("state", "Completed", None, None, 3),
+        ("state", "Failed", "KeyError", None, None),
+    ]
+    assert run[good] == 3  # the node's own value is still its value
+
+
+def test_task_option_return_state_skipped_chain(compute):
+    graph = gx.Graph()
+    with graph:
+        root = explode()
+        skipped = stateful(root)
+        report = collect(skipped)
+    run = compute(graph)
+    assert run.ok
+    assert run[report] == [("state", "Skipped", "UpstreamFailed", root.name, None)]
+
+
+def test_call_keyword_return_state(compute):
+    graph = gx.Graph()
+    with graph:
+        bad = explode("call broke", return_state=True)
+        good = ok(5, return_state=True)
+        root = explode("root")
+        skipped = ok(root, return_state=True)
+        report = collect(bad, good, skipped)
+    run = compute(graph)
+    assert run.ok
+    assert run[report] == [
+        ("state", "Failed", "ValueError", None, None),
+        ("state", "Completed", None, None, 5),
+        ("state", "Skipped", "UpstreamFailed", root.name, None),
+    ]
+
+
+# -- triggers -----------------------------------------------------------------------------
+
+# What a trigger does with each mix of upstream outcomes, read off
+# Scheduler._resolve: "failed" counts Failed nodes and nodes Skipped because of
+# a failure; "unmet" is a node skipped because its own trigger was not met,
+# which does not count as a failure.
+SCENARIOS = {
+    "ok+ok": ("ok", "ok"),
+    "ok+failed": ("ok", "failed"),
+    "failed+failed": ("failed", "failed"),
+    "skipped": ("skipped",),
+    "ok+skipped": ("ok", "skipped"),
+    "unmet": ("unmet",),
+    "ok+unmet": ("ok", "unmet"),
+}
+RUNS = {  # trigger -> scenarios in which the dependent runs
+    "all_success": {"ok+ok"},
+    "all_done": set(SCENARIOS),
+    "always": set(SCENARIOS),
+    "any_failed": {"ok+failed", "failed+failed", "skipped", "ok+skipped"},
+    "all_failed": {"failed+failed", "skipped"},
+    "none_failed": {"ok+ok", "unmet", "ok+unmet"},
+}
+
+
+def _upstream(kind: str):
+    if kind == "ok":
+        return ok(1)
+    if kind == "failed":
+        return explode("failed upstream")
+    if kind == "skipped":
+        return ok(explode("failed further up"))
+    assert kind == "unmet"
+    return on_any_failed(ok(0))  # nothing failed: skipped, trigger not met
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("trigger", list(RUNS))
+def test_trigger_table(compute, trigger, scenario):
+    dependent_task = collect.with_options(trigger=trigger)
+    graph = gx.Graph()
+    with graph:
+        ups = [_upstream(kind) for kind in SCENARIOS[scenario]]
+        dependent = dependent_task(*ups)
+        after = ok(dependent)  # default trigger downstream of the dependent
+    should_run = scenario in RUNS[trigger]
+    any_failure = any(kind in ("failed", "skipped") for kind in SCENARIOS[scenario])
+    if any_failure and not should_run:
+        with pytest.raises(gx.GraphFailed):
+            compute(graph)
+        run = graph._latest_run
+    else:
+        run = compute(graph)  # a trigger that ran handled every failure it saw
+        assert run.ok
+    state = run.state(dependent)
+    if should_run:
+        assert state.name == "Completed", state
+        received = run.result(after)
+        expected = []
+        for kind, up in zip(SCENARIOS[scenario], ups):
+            if kind == "ok":
+                expected.append(("value", 1))
+            elif kind == "failed":
+                expected.append(("exc", "ValueError", "failed upstream"))
+            elif kind == "skipped":
+                expected.append(("upstream_failed", run.state(up).upstream))
+            else:
+                expected.append(("upstream_failed", None))
+        assert received == expected
+    else:
+        assert state.name == "Skipped", state
+        assert run.state(after).name == "Skipped"
+        if trigger == "all_success":
+            # skipped by a blocking upstream: named when it is a failure
+            assert (state.upstream is not None) == any_failure
+        else:
+            assert state.upstream is None
+            assert f"trigger={trigger!r} not met" in state.message
+
+
+def test_trigger_unmet_skip_propagates_without_a_root(compute):
+    graph = gx.Graph()
+    with graph:
+        unmet = on_any_failed(ok(1))
+        child = ok(unmet)
+    run = compute(graph)
+    assert run.ok
+    assert run.skipped == [unmet, child]
+    assert run.state(child).upstream is None
+    assert "was skipped" in run.state(child).message
+    with pytest.raises(gx.UpstreamFailed) as info:
+        run[unmet]
+    assert info.value.upstream is None
+
+
+@pytest.mark.parametrize("scheduler", ["processes", "threads"])
+def test_trigger_option_on_threads_and_processes(compute):
+    graph = gx.Graph()
+    with graph:
+        root = explode("x")
+        skipped = ok(root)
+        done = collect.with_options(trigger="all_done")(root, skipped, ok(3))
+    run = compute(graph)
+    assert run.ok
+    assert run[done] == [("exc", "ValueError", "x"), ("upstream_failed", root.name),
+                         ("value", 3)]
+
+
+def test_one_accepting_dependent_handles_the_failure(compute):
+    graph = gx.Graph()
+    with graph:
+        root = explode()
+        accepting = collect(gx.allow_failure(root))
+        strict = ok(root)
+    run = compute(graph)
+    assert run.ok
+    assert run.failed == [root]
+    assert run.unhandled == []
+    assert run.state(strict).name == "Skipped"
+    assert run.state(accepting).name == "Completed"
+
+
+# -- GraphFailed --------------------------------------------------------------------------
+
+
+def test_graph_failed_carries_run_names_failures_and_chains_the_remote_traceback(compute):
+    graph = gx.Graph()
+    with graph:
+        first = explode("first broke")
+        second = explode("second broke")
+        skipped = ok(first)
+        good = ok(4)
+    with pytest.raises(gx.GraphFailed) as info:
+        compute(graph)
+    error = info.value
+    run = error.run
+    assert isinstance(run, gx.Run)
+    assert run is graph._latest_run
+    assert run[good] == 4  # partial results are kept
+    message = str(error)
+    assert first.name in message and second.name in message
+    assert skipped.name not in message.splitlines()[0].split(":", 1)[1]
+    assert "2 of 4 nodes failed" in message
+    assert "ValueError: first broke" in message
+    cause = error.__cause__
+    assert isinstance(cause, ValueError)
+    assert str(cause) == "first broke"
+    assert cause is run.state(first).exception
+    if compute.scheduler == "processes":
+        remote = cause.__cause__
+        assert remote is not None
+        text = str(remote)
+        assert "in explode" in text
+        assert "raise ValueError(message)" in text
+        assert "Traceback of explode-0 (in its worker)" in message
+        assert "raise ValueError(message)" in message
+    else:
+        text = "".join(traceback.format_exception(cause))
+        assert "in explode" in text
+        assert "raise ValueError(message)" in text
+
+
+def test_graph_failed_lists_at_most_ten_nodes():
+    graph = gx.Graph()
+    with graph:
+        for i in range(12):
+            explode(f"n{i}")
+    with pytest.raises(gx.GraphFailed) as info:
+        graph.compute(workers=0)
+    first_line = str(info.value).splitlines()[0]
+    assert "12 of 12 nodes failed" in first_line
+    assert "explode-9" in first_line and "explode-10" not in first_line
+    assert "and 2 more" in first_line
+
+
+def test_raise_on_failure_false_returns_the_run(compute):
+    graph = gx.Graph()
+    with graph:
+        root = explode()
+        child = ok(root)
+    run = compute(graph, raise_on_failure=False)
+    assert not run.ok
+    assert run.unhandled == [root]
+    assert run.state(child).name == "Skipped"
+    with pytest.raises(ValueError, match="boom"):
+        run[root]
+    assert isinstance(run.result(root, raise_on_failure=False), ValueError)
+
+
+def test_exception_types_survive_intact(compute):
+    class Custom(Exception):  # local class: pickled by value to and from the worker
+        def __init__(self, code):
+            super().__init__(f"code {code}")
+            self.code = code
+
+    @gx.task
+    def custom():
+        raise Custom(42)
+
+    graph = gx.Graph()
+    with graph:
+        node = custom()
+    with pytest.raises(gx.GraphFailed) as info:
+        compute(graph)
+    cause = info.value.__cause__
+    assert type(cause).__name__ == "Custom"
+    assert cause.code == 42
+    assert info.value.run.state(node).exception is cause
+
+
+# -- fail_fast ---------------------------------------------------------------------------
+
+
+@gx.task
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@gx.task
+def explode_after(seconds):
+    time.sleep(seconds)
+    raise RuntimeError("late failure")
+
+
+@gx.task
+def touch(path, *_):
+    with open(path, "a") as f:
+        f.write("x")
+    return path
+
+
+@pytest.mark.timeout(20)
+def test_fail_fast_cancels_a_long_running_sibling_promptly(pool):
+    graph = gx.Graph()
+    with graph:
+        # priority follows creation order here: slow and bad take the two workers
+        slow = nap(20)
+        bad = explode_after(0.3)
+        after = ok(bad)
+        queued = [nap.with_options(name="queued")(0.5) for _ in range(4)]
+    start = time.monotonic()
+    with pytest.raises(gx.GraphFailed) as info:
+        graph.compute(pool=pool, fail_fast=True)
+    elapsed = time.monotonic() - start
+    assert elapsed < 5, f"fail_fast took {elapsed:.1f} s"
+    run = info.value.run
+    assert run.state(bad).name == "Failed"
+    assert run.state(slow).name == "Cancelled"
+    assert run.state(slow).is_cancelled()
+    assert run.state(after).name == "Cancelled"
+    for node in queued:
+        assert run.state(node).name == "Cancelled"
+    assert set(run.cancelled) == {slow, after, *queued}
+    with pytest.raises(gx.Cancelled):
+        run[slow]
+    assert run.unhandled == [bad]
+    # the pool is still usable afterwards
+    g2 = gx.Graph()
+    with g2:
+        again = ok(11)
+    assert g2.compute(pool=pool)[again] == 11
+
+
+def test_fail_fast_cancels_pending_work_that_never_starts(compute, tmp_path):
+    graph = gx.Graph()
+    with graph:
+        gate = explode("gate")
+        dependent = touch(str(tmp_path / "dep"), gate)
+        pending = [touch(str(tmp_path / f"f{i}"), wait_for=[ok(i)]) for i in range(3)]
+    # one worker: the gate runs first (it is first in priority order) and alone
+    workers = {"workers": 1} if compute.scheduler == "processes" else {}
+    with pytest.raises(gx.GraphFailed):
+        compute(graph, fail_fast=True, **workers)
+    run = graph._latest_run
+    assert run.state(gate).name == "Failed"
+    assert run.state(dependent).name == "Cancelled"
+    for node in pending:
+        assert run.state(node).name == "Cancelled"
+    assert list(tmp_path.iterdir()) == []
+    # every member has a final state
+    assert all(run.state(n).is_final() for n in run.nodes)
+
+
+def test_without_fail_fast_independent_work_still_runs(compute, tmp_path):
+    graph = gx.Graph()
+    with graph:
+        gate = explode("gate")
+        pending = [touch(str(tmp_path / f"f{i}"), wait_for=[ok(i)]) for i in range(3)]
+    with pytest.raises(gx.GraphFailed):
+        compute(graph)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f0", "f1", "f2"]
+    assert graph._latest_run.state(gate).is_failed()
+    assert all(graph._latest_run.state(n).is_completed() for n in pending)
+
+
+@pytest.mark.timeout(20)
+def test_fail_fast_still_runs_trigger_always_nodes_once(compute, tmp_path):
+    counter = tmp_path / "cleanup"
+    graph = gx.Graph()
+    with graph:
+        slow = nap(0.5 if compute.scheduler == "processes" else 0.0)
+        bad = explode_after(0.1)
+        middle = ok(slow)
+        cleanup = touch.with_options(trigger="always")(str(counter), middle)
+        cleanup_done = touch.with_options(trigger="all_done")(str(tmp_path / "all_done"), middle)
+    with pytest.raises(gx.GraphFailed):
+        compute(graph, fail_fast=True)
+    run = graph._latest_run
+    assert run.state(bad).name == "Failed"
+    assert run.state(cleanup).name == "Completed"
+    assert run.state(cleanup).attempts == 1
+    time.sleep(0.3)  # a duplicate dispatch would still be running on the other worker
+    assert counter.read_text() == "x", "the always node ran more than once"
+    assert run.state(cleanup_done).name == "Cancelled"
+    assert not (tmp_path / "all_done").exists()
+
+
+def test_fail_fast_does_not_cancel_for_a_handled_failure(compute):
+    graph = gx.Graph()
+    with graph:
+        root = explode()
+        report = collect(gx.allow_failure(root))
+        other = [ok(i) for i in range(4)]
+    run = compute(graph, fail_fast=True)
+    assert run.ok
+    assert run.cancelled == []
+    assert [run[n] for n in other] == [0, 1, 2, 3]
+    assert run[report] == [("exc", "ValueError", "boom")]
