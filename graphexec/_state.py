@@ -49,6 +49,7 @@ class Attempt:
 
     @property
     def duration(self) -> float:
+        """Seconds the attempt ran."""
         return self.finished - self.started
 
     def __repr__(self) -> str:
@@ -104,21 +105,27 @@ class State:
         return self.name is COMPLETED or self.name is CACHED
 
     def is_cached(self) -> bool:
+        """True if the value was loaded from the cache instead of computed."""
         return self.name is CACHED
 
     def is_failed(self) -> bool:
+        """True if the node ran and failed (after its last attempt)."""
         return self.name is FAILED
 
     def is_skipped(self) -> bool:
+        """True if the node never ran: an upstream failed, or its trigger was not met."""
         return self.name is SKIPPED
 
     def is_cancelled(self) -> bool:
+        """True if the node was cancelled (``fail_fast`` or Ctrl-C)."""
         return self.name is CANCELLED
 
     def is_pending(self) -> bool:
+        """True if the node has not started yet."""
         return self.name is PENDING
 
     def is_running(self) -> bool:
+        """True while an attempt of the node is running."""
         return self.name is RUNNING
 
     def is_final(self) -> bool:
@@ -206,11 +213,13 @@ class State:
 
     @classmethod
     def skipped(cls, node: str, upstream: str | None, message: str) -> State:
+        """A Skipped state; ``upstream`` names the failed node that caused it, if any."""
         exc = UpstreamFailed(message, node=node, upstream=upstream)
         return cls(SKIPPED, node, exception=exc, upstream=upstream, message=message)
 
     @classmethod
     def cancelled(cls, node: str, why: str, history: list[Attempt] | None = None) -> State:
+        """A Cancelled state holding a :class:`Cancelled` exception that says why."""
         message = f"{node} was cancelled ({why})"
         return cls(CANCELLED, node, exception=Cancelled(message, node=node), history=history,
                    message=message)
