@@ -337,7 +337,11 @@ class Scheduler:
         opts = self.graph._opts[i]
         keys: list[Any] = []
         if opts.max_concurrency is not None:
-            keys.append(("task", id(self.graph._tasks[i].fn)))
+            fn_key = id(self.graph._tasks[i].fn)
+            # known before the first dispatch of this task: _dispatch reads the cap
+            # before any call of it is made
+            self._task_caps[fn_key] = opts.max_concurrency
+            keys.append(("task", fn_key))
         if opts.tags and self.limits:
             keys.extend(("tag", t) for t in opts.tags if t in self.limits)
         return keys
@@ -351,8 +355,6 @@ class Scheduler:
     def _make_call(self, i: int) -> Call:
         graph = self.graph
         opts = graph._opts[i]
-        if opts.max_concurrency is not None:
-            self._task_caps[id(graph._tasks[i].fn)] = opts.max_concurrency
         inputs: dict[int, Any] = {}
         ups = graph._deps[i]
         if ups:
@@ -500,6 +502,7 @@ class Scheduler:
         ups, fl = graph._deps[d], graph._flags[d]
         n_failed = 0  # Failed, or Skipped because of a failure, or Cancelled
         blocking = None  # first upstream that stops an all_success node
+        first_failed = None  # first failure-like upstream (stops a none_failed node)
         problems: list[int] = []
         for k, up in enumerate(ups):
             st = self.states[up]
@@ -508,6 +511,8 @@ class Scheduler:
             failure_like = st.name is FAILED or st.name is CANCELLED or up in self.root
             if failure_like:
                 n_failed += 1
+                if first_failed is None:
+                    first_failed = up
             problems.append(up)
             if blocking is None and trigger == "all_success":
                 flag = DATA if fl is None else fl[k]
@@ -531,6 +536,10 @@ class Scheduler:
                 if root is not None:
                     self.handled.add(root)
             return self._become_ready(d)
+        if trigger == "none_failed":
+            # Skipped because an upstream failed, as all_success would be: record the
+            # root failure so that the skip counts as failure-caused further down.
+            blocking = first_failed
         if blocking is not None:
             st = self.states[blocking]
             root = blocking if st.name is FAILED else self.root.get(blocking)

@@ -412,11 +412,6 @@ def test_invalid_call_time_policy_values():
     assert len(graph) == 0
 
 
-def test_caching_options_are_refused_not_ignored():
-    with pytest.raises(NotImplementedError, match="cache"):
-        gx.task(cache_key_fn=lambda *a: "k")(plain_double)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [

@@ -376,12 +376,29 @@ def test_trigger_table(compute, trigger, scenario):
     else:
         assert state.name == "Skipped", state
         assert run.state(after).name == "Skipped"
-        if trigger == "all_success":
-            # skipped by a blocking upstream: named when it is a failure
+        if trigger in ("all_success", "none_failed"):
+            # skipped because of an upstream: the root failure is named when there is one
             assert (state.upstream is not None) == any_failure
+            if any_failure:
+                roots = {run.state(up).upstream or up.name
+                         for kind, up in zip(SCENARIOS[scenario], ups) if kind != "ok"}
+                assert state.upstream in roots
         else:
             assert state.upstream is None
             assert f"trigger={trigger!r} not met" in state.message
+
+
+def test_none_failed_skip_records_the_root_failure(compute):
+    graph = gx.Graph()
+    with graph:
+        root = explode("root")
+        strict = ok.with_options(trigger="none_failed")(ok(root))
+        reacting = on_any_failed(strict)
+    run = compute(graph)  # reacting ran, accepting the failure behind strict's skip
+    assert run.ok
+    assert run.state(strict).name == "Skipped"
+    assert run.state(strict).upstream == root.name
+    assert run[reacting] == [("upstream_failed", root.name)]
 
 
 def test_trigger_unmet_skip_propagates_without_a_root(compute):

@@ -1,0 +1,261 @@
+"""The three schedulers: identical outcomes, real parallelism, bounded workers, prompt dispatch."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+import graphexec as gx
+
+TOLERANCE = 0.01
+
+
+@gx.task
+def ok(x=1):
+    return x
+
+
+@gx.task
+def plus(x, y=1):
+    return x + y
+
+
+@gx.task
+def explode(message="boom"):
+    raise ValueError(message)
+
+
+@gx.task
+def nap(seconds, *_):
+    time.sleep(seconds)
+    return seconds
+
+
+@gx.task
+def gather(*values):
+    return [v if not isinstance(v, BaseException) else f"{type(v).__name__}: {v}"
+            for v in values]
+
+
+@gx.task(retries=2)
+def flaky(path, fails):
+    try:
+        with open(path) as f:
+            n = int(f.read()) + 1
+    except FileNotFoundError:
+        n = 1
+    with open(path, "w") as f:
+        f.write(str(n))
+    if n <= fails:
+        raise RuntimeError(f"attempt {n}")
+    return n
+
+
+def _build(directory):
+    graph = gx.Graph("zoo")
+    with graph:
+        a = ok(2)
+        b = plus(a, 3)
+        bad = explode("bad")
+        skipped = plus(bad)
+        skipped2 = plus([skipped, {"k": a}])
+        gather(gx.allow_failure(bad), gx.allow_failure(skipped), b)
+        gather.with_options(trigger="all_done")(skipped2, a)
+        gather.with_options(trigger="any_failed")(a, b)  # unmet: skipped
+        gather.with_options(trigger="none_failed")(skipped2)
+        ok(ok(1, return_state=True))
+        explode("handled", allow_failure=True)
+        flaky(os.path.join(directory, "count"), 2)
+        plus(ok(1), wait_for=[gx.allow_failure(bad)])
+        explode("never", wait_for=[skipped])
+        explode("loose")  # nobody accepts this one
+    return graph
+
+
+def _outcome(run, node):
+    state = run.state(node)
+    if state.is_completed():
+        value = state.result()
+        if isinstance(value, gx.State):
+            value = ("State", value.name)
+        detail = repr(value)
+    else:
+        detail = f"{type(state.exception).__name__}: {state.exception}"
+    return (node.name, state.name, state.upstream, state.attempts, detail)
+
+
+@pytest.mark.timeout(30)
+def test_schedulers_agree_on_every_outcome(pool, tmp_path):
+    outcomes = {}
+    for scheduler in ("processes", "sync", "threads"):
+        directory = tmp_path / scheduler
+        directory.mkdir()
+        graph = _build(str(directory))
+        kwargs = {"pool": pool} if scheduler == "processes" else {"scheduler": scheduler}
+        if scheduler == "threads":
+            kwargs["workers"] = 2
+        with pytest.raises(gx.GraphFailed) as info:
+            graph.compute(keep="all", **kwargs)
+        run = info.value.run
+        outcomes[scheduler] = [_outcome(run, n) for n in graph.nodes]
+        outcomes[scheduler].append(("unhandled", [n.name for n in run.unhandled]))
+    assert outcomes["sync"] == outcomes["processes"]
+    assert outcomes["threads"] == outcomes["processes"]
+    # and the zoo is what the policies say it is
+    by_name = {o[0]: o for o in outcomes["sync"][:-1]}
+    assert by_name["plus-1"][1:3] == ("Skipped", "explode-0")
+    assert by_name["flaky-0"][1] == "Completed" and by_name["flaky-0"][3] == 3
+    assert by_name["explode-2"][1:3] == ("Skipped", "explode-0")
+    assert by_name["gather-0"][4] == repr([
+        "ValueError: bad",
+        "UpstreamFailed: plus-1 was skipped because its upstream explode-0 failed",
+        5,
+    ])
+    assert by_name["gather-2"][1:3] == ("Skipped", None)  # any_failed, nothing failed
+    assert by_name["gather-3"][1:3] == ("Skipped", "explode-0")  # none_failed names the root
+    assert by_name["ok-2"][4] == repr(("State", "Completed"))
+    assert outcomes["sync"][-1] == ("unhandled", ["explode-3"])
+
+
+def _overlap(states):
+    """Largest number of intervals running at one moment."""
+    events = []
+    for state in states:
+        events.append((state.started, 1))
+        events.append((state.finished, -1))
+    events.sort(key=lambda e: (e[0], e[1]))
+    best = now = 0
+    for _, step in events:
+        now += step
+        best = max(best, now)
+    return best
+
+
+@pytest.mark.parametrize("scheduler", ["processes", "threads"])
+def test_independent_nodes_run_in_parallel_within_the_worker_bound(compute):
+    graph = gx.Graph()
+    with graph:
+        naps = [nap(0.15) for _ in range(6)]
+    start = time.monotonic()
+    run = compute(graph, keep="all")
+    elapsed = time.monotonic() - start
+    states = [run.state(n) for n in naps]
+    assert _overlap(states) == 2  # two workers: two at a time, never more
+    assert elapsed < 6 * 0.15  # faster than one at a time
+
+
+@pytest.mark.parametrize("scheduler", ["processes", "threads"])
+def test_a_free_worker_takes_ready_work_at_once(compute):
+    graph = gx.Graph()
+    with graph:
+        long = nap(0.6)
+        short = nap(0.05)
+        for _ in range(3):
+            short = nap(0.05, short)
+    run = compute(graph, keep="all")
+    long_state = run.state(long)
+    chain_end = run.state(short)
+    # the short chain ran on the other worker while the long node was running
+    assert chain_end.finished < long_state.finished
+    assert chain_end.finished - long_state.started < 0.55
+
+
+def test_dependents_start_after_their_upstreams_finish(compute):
+    graph = gx.Graph()
+    with graph:
+        a = nap(0.05)
+        b = nap(0.05)
+        c = gather(a, b)
+        d = nap(0.0, wait_for=[c])
+    run = compute(graph, keep="all")
+    for up, down in ((a, c), (b, c), (c, d)):
+        assert run.state(up).finished <= run.state(down).started + TOLERANCE
+
+
+def test_sync_failures_keep_their_real_traceback():
+    graph = gx.Graph()
+    with graph:
+        bad = explode("here")
+    run = graph.compute(scheduler="sync", raise_on_failure=False)
+    tb = run.state(bad).exception.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert "explode" in frames  # post-mortem debugging reaches the task's frame
+
+
+def test_default_workers_is_the_cpu_count():
+    pool = gx.Pool()
+    try:
+        assert pool.workers == os.cpu_count()
+        assert "forkserver" in repr(pool) or "spawn" in repr(pool)
+    finally:
+        pool.close()
+
+
+def test_unknown_start_method_is_refused():
+    with pytest.raises(ValueError, match="start_method"):
+        gx.Pool(workers=1, start_method="teleport")
+
+
+@pytest.mark.timeout(20)
+def test_a_pool_runs_one_compute_at_a_time(pool):
+    graph = gx.Graph()
+    with graph:
+        nap(0.6)
+    started = threading.Event()
+    errors = []
+
+    def background():
+        started.set()
+        try:
+            graph.compute(pool=pool)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    started.wait(5)
+    time.sleep(0.2)
+    other = gx.Graph()
+    with other:
+        ok(1)
+    try:
+        with pytest.raises(RuntimeError, match="already running"):
+            other.compute(pool=pool)
+    finally:
+        thread.join(10)
+    assert errors == []
+    assert other.compute(pool=pool).ok  # free again afterwards
+
+
+# -- concurrency limits (SPEC §4, implemented by the same scheduler) ----------------------------
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "processes"])
+def test_max_concurrency_bounds_one_task_without_blocking_others(compute):
+    single = nap.with_options(max_concurrency=1, name="single")
+    graph = gx.Graph()
+    with graph:
+        limited = [single(0.1) for _ in range(3)]
+        free = [nap(0.1) for _ in range(3)]
+    run = compute(graph, keep="all")
+    assert _overlap([run.state(n) for n in limited]) == 1
+    # while one limited node ran, the free ones used the other worker
+    first_free = min(run.state(n).started for n in free)
+    last_limited = max(run.state(n).started for n in limited)
+    assert first_free < last_limited
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "processes"])
+def test_tag_limits(compute):
+    db = nap.with_options(tags=["db"])
+    graph = gx.Graph()
+    with graph:
+        queries = [db(0.1) for _ in range(3)]
+    run = compute(graph, keep="all", limits={"db": 1})
+    assert _overlap([run.state(n) for n in queries]) == 1
