@@ -388,6 +388,11 @@ class Scheduler:
             # an earlier compute on a shared pool: its node index means nothing here.
             return
         del self.running[i]
+        # Done with this call: drop the upstream values it carried (and their wire
+        # form), so that a value released below is not kept alive by a Call that
+        # some frame or executor still refers to.
+        call.inputs = {}
+        call.wire = None
         for k in self._limit_keys(i):
             self.in_use[k] -= 1
             waiting = self.parked.get(k)
