@@ -36,6 +36,7 @@ from ._errors import (
     UpstreamFailed,
     WorkerCrashed,
 )
+from ._flow import Flow, Future, WaitResult, as_completed, flow, wait
 from ._graph import Graph, Node, allow_failure
 from ._options import exponential_backoff
 from ._pool import Pool
@@ -60,6 +61,13 @@ __all__ = [
     "task_input_hash",
     "clear_cache",
     "CacheContext",
+    # eager: flows and futures
+    "flow",
+    "Flow",
+    "Future",
+    "wait",
+    "WaitResult",
+    "as_completed",
     # running
     "Pool",
     "Run",

@@ -163,6 +163,8 @@ class Graph:
         run[total]
     """
 
+    _node_type: type[Node] = Node  # an eager session's graph makes Futures
+
     def __init__(self, name: str | None = None) -> None:
         self.name = name or "graph"
         self._tasks: list[Task] = []
@@ -222,7 +224,7 @@ class Graph:
             self._scan_wait_for(wait_for, found, task.name)
 
         index = len(self._nodes)
-        node = Node(self, index)
+        node = self._node_type(self, index)
         self._tasks.append(task)
         self._opts.append(opts)
         self._args.append(args)
@@ -231,6 +233,21 @@ class Graph:
         flags = tuple(found.values())
         self._flags.append(None if all(f == DATA for f in flags) else flags)
         self._names.append(self._node_name(task, opts, args, kwargs))
+        self._nodes.append(node)
+        return node
+
+    def _copy_node(self, source: Graph, i: int, mapping: dict[int, Node]) -> Node:
+        """Append a copy of ``source``'s node ``i``; its upstreams are already in ``mapping``."""
+        index = len(self._nodes)
+        node = self._node_type(self, index)
+        self._tasks.append(source._tasks[i])
+        self._opts.append(source._opts[i])
+        self._args.append(remap(source._args[i], mapping))
+        kwargs = source._kwargs[i]
+        self._kwargs.append(remap(kwargs, mapping) if kwargs else None)
+        self._deps.append(tuple(mapping[up].index for up in source._deps[i]))
+        self._flags.append(source._flags[i])
+        self._names.append(source._names[i])
         self._nodes.append(node)
         return node
 
@@ -269,7 +286,7 @@ class Graph:
             else:
                 targets = [item]
             for target in targets:
-                if type(target) is not Node:
+                if not isinstance(target, Node):
                     raise TypeError(
                         f"{name}() at {call_site()}: wait_for= takes nodes (or "
                         f"gx.allow_failure(node)), got {type(target).__name__} {target!r}"
@@ -395,7 +412,7 @@ class Graph:
 def _scan(obj: Any, graph: Graph, found: dict[int, int], flag: int) -> None:
     """Record the nodes inside ``obj`` (at any depth of builtin containers)."""
     kind = type(obj)
-    if kind is Node:
+    if isinstance(obj, Node):
         if obj.graph is not graph:
             raise TypeError(
                 f"node {obj.name!r} belongs to another graph ({obj.graph.name}); used at "
@@ -421,7 +438,7 @@ def substitute(obj: Any, values: dict[int, Any]) -> Any:
     as they are, not copied.
     """
     kind = type(obj)
-    if kind is Node:
+    if isinstance(obj, Node):
         return values[obj.index]
     if kind is allow_failure:
         return substitute(obj.value, values)
@@ -432,6 +449,29 @@ def substitute(obj: Any, values: dict[int, Any]) -> Any:
         return _rebuild(obj, items, dict)
     if isinstance(obj, (list, tuple, set, frozenset)):
         items = [substitute(v, values) for v in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        return _rebuild(obj, items, None)
+    return obj
+
+
+def remap(obj: Any, mapping: dict[int, Node]) -> Any:
+    """``obj`` with each node replaced by ``mapping[node.index]``, markers kept.
+
+    Unlike :func:`substitute` this keeps ``allow_failure`` wrappers: it moves
+    a call from one graph to another, it does not fill in values.
+    """
+    if isinstance(obj, Node):
+        return mapping[obj.index]
+    if type(obj) is allow_failure:
+        return allow_failure(remap(obj.value, mapping))
+    if isinstance(obj, dict):
+        items = [(remap(k, mapping), remap(v, mapping)) for k, v in obj.items()]
+        if all(a is k and b is v for (a, b), (k, v) in zip(items, obj.items())):
+            return obj
+        return _rebuild(obj, items, dict)
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = [remap(v, mapping) for v in obj]
         if all(a is b for a, b in zip(items, obj)):
             return obj
         return _rebuild(obj, items, None)

@@ -24,6 +24,7 @@ class SyncExecutor:
 
     def __init__(self) -> None:
         self._done: list[tuple[Call, int, Any]] = []
+        self._wake = threading.Event()
 
     def submit(self, call: Call) -> bool:
         if self._done:
@@ -32,10 +33,15 @@ class SyncExecutor:
         return True
 
     def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
-        if not self._done and timeout:
-            time.sleep(timeout)  # only a retry delay is pending
+        if not self._done and (timeout is None or timeout > 0):
+            # Only a retry delay is pending, or an eager session waits for work.
+            self._wake.wait(timeout)
+        self._wake.clear()
         done, self._done = self._done, []
         return done
+
+    def wakeup(self) -> None:
+        self._wake.set()
 
     def cancel_running(self) -> list[Call]:
         return []
@@ -98,6 +104,8 @@ class ThreadExecutor:
             pass
         fresh = []
         for outcome in outcomes:
+            if outcome is None:  # wakeup()
+                continue
             key = id(outcome[0])
             if key in self._abandoned:  # its node already failed with TaskTimeout
                 self._abandoned.discard(key)
@@ -112,6 +120,9 @@ class ThreadExecutor:
                     call, "threads cannot be killed: it was abandoned and its result "
                     "will be dropped")))
         return fresh
+
+    def wakeup(self) -> None:
+        self._outbox.put(None)  # type: ignore[arg-type]
 
     def _abandon(self, key: int) -> None:
         del self._running[key]

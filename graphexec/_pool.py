@@ -186,15 +186,33 @@ class Pool:
         self._owner_lock = threading.Lock()
         self.id = next(_pool_ids)
         self._shm_prefix = _shm.pool_prefix(os.getpid(), self.id)
+        # A submission from another thread (an eager session) interrupts poll().
+        self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+        self._session: Any = None  # the eager Session using this pool, if any
         _live_pools.add(self)
 
     # -- lifetime -------------------------------------------------------------
 
     def __enter__(self) -> Pool:
+        from ._flow import push_context
+
+        push_context(self)  # task.submit() inside the block runs on this pool
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        from ._flow import end_pool_session, pop_context
+
+        pop_context(self)
+        try:
+            if exc_type is None:
+                end_pool_session(self)  # waits; raises GraphFailed for unseen failures
+            elif self._session is not None:
+                self._session.cancel("the `with gx.Pool()` block raised")
+                self._session.close()
+                self._session = None
+                self._release()
+        finally:
+            self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._workers)} running"
@@ -223,9 +241,12 @@ class Pool:
             self._forget(w)
         self._fn_keep.clear()
         self._fn_blobs.clear()
+        self._wake_r.close()
+        self._wake_w.close()
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` has run."""
         return self._closed
 
     def _acquire(self, memory_limit: int | None) -> None:
@@ -384,11 +405,13 @@ class Pool:
         if self._memory_limit is not None and any(w.inflight for w in self._workers.values()):
             wake = self._next_sample if wake is None else min(wake, self._next_sample)
         wait = None if wake is None else max(0.0, wake - now)
-        ready = mp_wait(list(self._waitables), wait) if self._waitables else []
-        if not self._waitables and wait:
-            time.sleep(wait)
+        ready = mp_wait([self._wake_r, *self._waitables], wait)
         dead = []
         for obj in ready:
+            if obj is self._wake_r:
+                while self._wake_r.poll():
+                    self._wake_r.recv_bytes()
+                continue
             w = self._waitables.get(obj)
             if w is None:
                 continue
@@ -500,6 +523,13 @@ class Pool:
                 w.kill = (head, error)
                 self._kill(w)
                 self._bury(w)
+
+    def wakeup(self) -> None:
+        """Make a blocked :meth:`poll` return (called from another thread)."""
+        try:
+            self._wake_w.send_bytes(b"")
+        except OSError:
+            pass
 
     def cancel_running(self) -> list[Call]:
         """Kill every busy worker; return the calls they held (none of them finished)."""

@@ -41,7 +41,7 @@ class Run:
     # -- lookup ---------------------------------------------------------------
 
     def _index(self, node: Any) -> int:
-        if type(node) is not Node or node.graph is not self.graph:
+        if not isinstance(node, Node) or node.graph is not self.graph:
             raise TypeError(f"expected a node of {self.graph.name}, got {node!r}")
         if not self._has(node.index):
             raise KeyError(

@@ -109,7 +109,7 @@ def compute(
     if keep not in ("targets", "all"):
         raise ValueError(f"keep={keep!r} must be 'targets' or 'all'")
     limit_bytes = parse_memory(memory_limit)
-    limits = _check_limits(limits)
+    limits = check_limits(limits)
     if pool is not None:
         if not isinstance(pool, Pool):
             raise TypeError(f"pool= must be a gx.Pool, got {type(pool).__name__}")
@@ -128,6 +128,19 @@ def compute(
         )
 
     target_ids = _target_ids(graph, targets)
+    from ._flow import active_session, in_flow
+
+    session = pool._session if pool is not None else (active_session() if in_flow() else None)
+    if session is not None:
+        # One scheduler: a lazy graph computed inside a flow (or next to submits
+        # on the same pool) runs in that session, on its pool.
+        if fail_fast:
+            raise ValueError(
+                "fail_fast=True for a graph computed inside a flow: the flow's scheduler runs "
+                "it, so give fail_fast to @gx.flow instead"
+            )
+        return session.compute_graph(graph, target_ids, raise_on_failure=raise_on_failure,
+                                     keep=keep)
     explicit = bool(target_ids)
     if not explicit:
         target_ids = sinks(graph._deps)
@@ -178,7 +191,7 @@ def _target_ids(graph: Graph, targets: tuple[Any, ...]) -> list[int]:
     stack = list(reversed(targets))
     while stack:
         item = stack.pop()
-        if type(item) is Node:
+        if isinstance(item, Node):
             if item.graph is not graph:
                 raise ValueError(f"target {item.name!r} belongs to another graph")
             ids.append(item.index)
@@ -191,7 +204,7 @@ def _target_ids(graph: Graph, targets: tuple[Any, ...]) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def _check_limits(limits: Any) -> dict[str, int]:
+def check_limits(limits: Any) -> dict[str, int]:
     if limits is None:
         return {}
     if not isinstance(limits, dict):
@@ -274,6 +287,7 @@ class Scheduler:
     # -- main loop ------------------------------------------------------------
 
     def run(self) -> None:
+        """Run every member to a final state (``graph.compute``)."""
         if self.observer is not None:
             self.observer.started(self.run_)
         for i in self.run_.members:
@@ -282,31 +296,88 @@ class Scheduler:
                 if cached is not None:
                     self._finish(i, cached)
         while self.done < self.n_members:
-            if self.cancel_reason is not None and not self.swept:
-                self.cancel(self.cancel_reason, everything=False)
-                if self.done >= self.n_members:
-                    break
-            self._dispatch()
-            timeout = None
-            if self.retry_at:
-                timeout = max(0.0, self.retry_at[0][0] - time.monotonic())
-            if not self.running and not self.ready and timeout is None:
-                raise RuntimeError(
-                    f"graphexec scheduler stalled with {self.n_members - self.done} nodes "
-                    "unfinished; this is a bug, please report it"
-                )
-            for call, kind, value in self.executor.poll(timeout):
-                self._on_outcome(call, kind, value)
-            now = time.monotonic()
-            while self.retry_at and self.retry_at[0][0] <= now:
-                i = heapq.heappop(self.retry_at)[2]
-                if i in self.lock_waits:
-                    self.lock_waits.discard(i)
-                    cached = self._become_ready(i)
-                    if cached is not None:
-                        self._finish(i, cached)
-                else:
-                    self._push_ready(i)
+            self._step(idle_ok=False)
+
+    def serve(self, session: Any) -> None:
+        """Run nodes as a :class:`Session` submits them, until it closes (eager mode).
+
+        Same state, same policies, same executor protocol as :meth:`run`; nodes
+        are admitted one by one, and waiting for the next submission is normal.
+        """
+        if self.observer is not None:
+            self.observer.started(self.run_)
+        while True:
+            for i in session._take_new():
+                self.admit(i)
+            if session._closing and self.done >= self.n_members and not session._has_new():
+                return
+            self._step(idle_ok=True)
+            session._publish()
+
+    def admit(self, i: int) -> None:
+        """Add node ``i`` (already in the graph) to a running session."""
+        graph = self.graph
+        extra = len(graph._deps) - len(self.order)
+        if extra > 0:  # the graph grew since the last admission
+            self.order.extend([0] * extra)
+            self.member.extend(bytes(extra))
+            self.waiting.extend([0] * extra)
+            self.uses.extend([0] * extra)
+            self.dependents.extend([None] * extra)
+            self.states.extend([None] * extra)
+        run = self.run_
+        run.members.append(i)
+        run._member_set.add(i)
+        self.member[i] = 1
+        self.order[i] = self.n_members
+        self.n_members += 1
+        waiting = 0
+        fl = graph._flags[i]
+        for k, up in enumerate(graph._deps[i]):
+            lst = self.dependents[up]
+            if lst is None:
+                self.dependents[up] = [i]
+            else:
+                lst.append(i)
+            if fl is None or fl[k] & DATA:
+                self.uses[up] += 1
+            state = self.states[up]
+            if state is None or state.name not in FINAL:
+                waiting += 1
+        self.waiting[i] = waiting
+        if self.swept and graph._opts[i].trigger != "always":
+            self._finish(i, State.cancelled(graph._names[i], self.cancel_reason or "cancelled"))
+        elif waiting == 0:
+            final = self._resolve(i)
+            if final is not None:
+                self._finish(i, final)
+
+    def _step(self, idle_ok: bool) -> None:
+        """Dispatch what is ready, wait for the executor, apply what came back."""
+        if self.cancel_reason is not None and not self.swept:
+            self.cancel(self.cancel_reason, everything=False)
+            return  # the caller re-checks whether anything is left to do
+        self._dispatch()
+        timeout = None
+        if self.retry_at:
+            timeout = max(0.0, self.retry_at[0][0] - time.monotonic())
+        if not self.running and not self.ready and timeout is None and not idle_ok:
+            raise RuntimeError(
+                f"graphexec scheduler stalled with {self.n_members - self.done} nodes "
+                "unfinished; this is a bug, please report it"
+            )
+        for call, kind, value in self.executor.poll(timeout):
+            self._on_outcome(call, kind, value)
+        now = time.monotonic()
+        while self.retry_at and self.retry_at[0][0] <= now:
+            i = heapq.heappop(self.retry_at)[2]
+            if i in self.lock_waits:
+                self.lock_waits.discard(i)
+                cached = self._become_ready(i)
+                if cached is not None:
+                    self._finish(i, cached)
+            else:
+                self._push_ready(i)
 
     def _push_ready(self, i: int) -> None:
         heapq.heappush(self.ready, (-self.graph._opts[i].priority, self.order[i], i))

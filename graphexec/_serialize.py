@@ -159,7 +159,7 @@ class _CallPickler(cloudpickle.Pickler):
     """Pickles a call's arguments, writing each node as its index."""
 
     def persistent_id(self, obj: Any) -> Any:
-        if type(obj) is Node:
+        if isinstance(obj, Node):
             return obj.index
         return None
 
@@ -200,7 +200,7 @@ def find_unpicklable(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> st
 
 
 def _first_unpicklable(value: Any, label: str, depth: int) -> str | None:
-    if type(value) is Node:
+    if isinstance(value, Node):
         return None
     try:
         dumps_call((value,), None, has_nodes=True)

@@ -81,7 +81,42 @@ class Task:
         graph = active_graph()
         if graph is not None:
             return graph._add_call(self, args, kwargs)
+        from ._flow import active_session, in_flow
+
+        if in_flow():
+            # Prefect's rule: a plain call in a flow runs the task (on the flow's
+            # pool) and returns its value, or its State with return_state=True.
+            # A failure raises here, in the flow body, where it can be caught.
+            future = active_session().submit(self, args, kwargs)  # type: ignore[union-attr]
+            state = future.wait()
+            future._session._observed(future.index)
+            if future.graph._opts[future.index].return_state:
+                return state
+            return state.result()
         return self._call_plain(args, kwargs)
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        """Start the task now and return a :class:`Future` (Prefect's ``task.submit``).
+
+        Works inside a ``@gx.flow`` and inside ``with gx.Pool(...):``; inside
+        ``with graph:`` it adds a lazy node like a plain call. ``wait_for=``,
+        ``allow_failure=`` and ``return_state=`` mean what they mean in a call.
+
+        Raises:
+            RuntimeError: outside a flow, a pool block or a graph.
+        """
+        graph = active_graph()
+        if graph is not None:
+            return graph._add_call(self, args, kwargs)
+        from ._flow import active_session
+
+        session = active_session()
+        if session is None:
+            raise RuntimeError(
+                f"{self.name}.submit() starts work now and needs somewhere to run it: call it "
+                "inside a @gx.flow, or inside `with gx.Pool(workers=N):`"
+            )
+        return session.submit(self, args, kwargs)
 
     def _call_plain(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         wait_for = kwargs.pop("wait_for", None)

@@ -1,0 +1,542 @@
+"""Eager execution: ``task.submit()``, futures and ``@flow``, on the same scheduler.
+
+::
+
+    user thread                               scheduler thread (one per session)
+    -----------                               ----------------------------------
+    task.submit(x) -> graph._add_call ─┐
+                      inbox.append(i)  ├─ executor.wakeup() ─> Scheduler.serve():
+    future.result() <── condition ─────┘                        admit(i), dispatch,
+                        notify_all()  <─────────────────────    poll, finish ...
+
+A :class:`Session` is a :class:`Graph` that grows while it runs, plus the
+ordinary :class:`Scheduler` running in ``serve`` mode in a background thread:
+eager and lazy work share one scheduler, one executor and every policy
+(retries, timeouts, triggers, allow_failure, caching, limits). A ``Future`` is
+a ``Node`` of the session's graph, so it is accepted anywhere a node is.
+
+Failure accounting follows graphexec's rule that success is never reported
+while a failure nobody saw exists: a failure counts as handled when a
+dependent accepted it (as in lazy graphs) or when the user looked at it
+(``future.result()`` raised it or returned it, ``future.state`` was read).
+At the end of a flow, unhandled failures raise :class:`GraphFailed`.
+
+Values are kept for the whole session (the user may ask any future for its
+result at any time), as in Prefect.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
+
+from ._errors import GraphFailed
+from ._graph import Graph, Node
+from ._order import post_order, sinks
+from ._run import Run
+from ._state import FINAL, PENDING, RUNNING, State
+
+_local = threading.local()
+
+
+class _Everything:
+    """Kept set of a session: every value stays available to its futures."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+def active_session() -> Session | None:
+    """The session ``task.submit`` uses on this thread: the innermost flow, or the
+    innermost ``with gx.Pool():`` block (its session starts on first use)."""
+    stack = getattr(_local, "sessions", None)
+    if not stack:
+        return None
+    top = stack[-1]
+    if isinstance(top, Session):
+        return top
+    return session_for_pool(top)
+
+
+def in_flow() -> bool:
+    """True inside a flow's body (where a plain task call runs on the flow's pool)."""
+    stack = getattr(_local, "sessions", None)
+    return bool(stack) and isinstance(stack[-1], Session)
+
+
+def push_context(context: Any) -> None:
+    if not hasattr(_local, "sessions"):
+        _local.sessions = []
+    _local.sessions.append(context)
+
+
+def pop_context(context: Any) -> None:
+    stack = getattr(_local, "sessions", None)
+    if stack and stack[-1] is context:
+        stack.pop()
+
+
+class Future(Node):
+    """The eventual value of a submitted task: ``task.submit(...)`` returns one.
+
+    Accepted anywhere a node is: as an argument (also nested), in ``wait_for``,
+    inside :func:`allow_failure`.
+    """
+
+    __slots__ = ()
+
+    @property
+    def _session(self) -> Session:
+        return self.graph._session  # type: ignore[attr-defined,no-any-return]
+
+    def done(self) -> bool:
+        """True once the task has a final state."""
+        state = self._session._state(self.index)
+        return state is not None and state.name in FINAL
+
+    def wait(self, timeout: float | None = None) -> State:
+        """Block until the task has a final state (or ``timeout`` seconds); return the state.
+
+        Raises:
+            TimeoutError: not final after ``timeout`` seconds.
+        """
+        return self._session._wait(self.index, timeout)
+
+    def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> Any:
+        """Wait for the task and return its value (Prefect's ``future.result()``).
+
+        Args:
+            timeout: seconds to wait at most (None: no limit).
+            raise_on_failure: re-raise the task's exception (default), or return it.
+
+        Raises:
+            TimeoutError: the task did not finish within ``timeout``.
+            Exception: the task's own exception, with its remote traceback.
+        """
+        state = self.wait(timeout)
+        self._session._observed(self.index)
+        return state.result(raise_on_failure=raise_on_failure)
+
+    @property
+    def state(self) -> State:  # type: ignore[override]
+        """The current state (Pending, Running, or final); never blocks."""
+        session = self._session
+        state = session._state(self.index)
+        if state is not None:
+            if state.name in FINAL:
+                session._observed(self.index)
+            return state
+        name = RUNNING if self.index in session._running_nodes() else PENDING
+        return State(name, self.name)
+
+    def __repr__(self) -> str:
+        state = self._session._state(self.index)
+        return f"<Future {self.name} ({state.name if state else 'Pending'})>"
+
+
+class Session:
+    """A growing graph with its own scheduler thread; see the module docstring."""
+
+    def __init__(
+        self,
+        executor: Any,
+        *,
+        name: str = "flow",
+        fail_fast: bool = False,
+        limits: dict[str, int] | None = None,
+        cache_dir: Any = None,
+        observer: Any = None,
+    ) -> None:
+        from ._cache import CacheStore
+        from ._scheduler import Scheduler, check_limits
+
+        self.graph = Graph(name)
+        self.graph._node_type = Future  # type: ignore[attr-defined]
+        self.graph._session = self  # type: ignore[attr-defined]
+        self.run = Run(self.graph, [], _Everything())  # type: ignore[arg-type]
+        self.executor = executor
+        self._make_store = lambda: CacheStore(cache_dir)
+        self.scheduler = Scheduler(
+            self.graph, self.run, executor, fail_fast=fail_fast,
+            limits=check_limits(limits), observer=observer,
+        )
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._new: deque[int] = deque()
+        self._closing = False
+        self._error: BaseException | None = None
+        self._finish_order: list[int] = []
+        self._published = 0
+        self._thread = threading.Thread(target=self._serve, name=f"graphexec-{name}",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- scheduler thread -----------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            self.scheduler.serve(self)
+        except BaseException as exc:  # never leave a waiter hanging on a dead thread
+            self._error = exc
+        finally:
+            self._publish()
+
+    def _take_new(self) -> list[int]:
+        with self._lock:
+            new = list(self._new)
+            self._new.clear()
+        return new
+
+    def _has_new(self) -> bool:
+        return bool(self._new)
+
+    def _publish(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _running_nodes(self) -> set[int]:
+        return set(self.scheduler.running)
+
+    # -- user thread ----------------------------------------------------------
+
+    def submit(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
+        """Add a call to the graph and start it as soon as its inputs are ready."""
+        if self._closing:
+            raise RuntimeError("this flow/pool has finished; submit inside it")
+        if self._error is not None:
+            raise RuntimeError("the graphexec scheduler thread failed") from self._error
+        opts = task.options
+        if opts.cache_key_fn is not None and self.scheduler.cache is None:
+            self.scheduler.cache = self._make_store()
+        with self._lock:
+            node = self.graph._add_call(task, args, kwargs)
+            self._new.append(node.index)
+        self.executor.wakeup()
+        return node  # type: ignore[return-value]
+
+    def _wait(self, index: int, timeout: float | None) -> State:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                state = self._state(index)
+                if state is not None and state.name in FINAL:
+                    return state
+                if self._error is not None:
+                    raise RuntimeError("the graphexec scheduler thread failed") from self._error
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    name = self.graph._names[index]
+                    raise TimeoutError(f"{name} did not finish within {timeout} s")
+                self._cond.wait(remaining if remaining is not None else 0.5)
+
+    def _state(self, index: int) -> State | None:
+        """The node's state, None while pending (or not yet admitted by the scheduler)."""
+        states = self.run._states
+        return states[index] if index < len(states) else None
+
+    def _observed(self, index: int) -> None:
+        state = self._state(index)
+        if state is not None and state.name not in ("Completed", "Cached"):
+            self.run._handled.add(index)
+
+    def wait_all(self) -> None:
+        """Block until every submitted task is final."""
+        with self._cond:
+            while True:
+                if self._error is not None:
+                    raise RuntimeError("the graphexec scheduler thread failed") from self._error
+                sched = self.scheduler
+                if (not self._new and sched.done >= sched.n_members
+                        and sched.n_members == len(self.graph._deps)):
+                    return
+                self._cond.wait(0.5)
+
+    def cancel(self, why: str) -> None:
+        """Cancel every task still pending or running (Ctrl-C, an exception in the flow)."""
+        with self._lock:
+            self.scheduler.cancel_reason = self.scheduler.cancel_reason or why
+        self.executor.wakeup()
+
+    def close(self) -> None:
+        """Let the scheduler thread finish what was submitted, then stop it."""
+        self._closing = True
+        self.executor.wakeup()
+        self._thread.join()
+        self.run._finish_run()
+        if self.scheduler.cache is not None:
+            self.scheduler.cache.unlock_all()
+
+    def compute_graph(self, graph: Graph, targets: list[int], *, raise_on_failure: bool,
+                      keep: str) -> Run:
+        """Run a lazy graph's nodes on this session's scheduler; return that graph's Run.
+
+        The nodes are copied into the session (their nodes replaced by the
+        session's futures), so eager and lazy work share one scheduler and pool.
+        """
+        if not targets:
+            targets = sinks(graph._deps)
+        members = post_order(graph._deps, targets)
+        mapping: dict[int, Future] = {}
+        with self._lock:
+            if any(graph._opts[i].cache_key_fn is not None for i in members) and (
+                self.scheduler.cache is None
+            ):
+                self.scheduler.cache = self._make_store()
+            for i in members:
+                node = self.graph._copy_node(graph, i, mapping)  # type: ignore[arg-type]
+                mapping[i] = node  # type: ignore[assignment]
+                self._new.append(node.index)
+        self.executor.wakeup()
+        kept = set(members) if keep == "all" else set(targets)
+        run = Run(graph, members, kept)
+        for i, fut in mapping.items():
+            run._states[i] = fut.wait()
+            if fut.index in self.run._handled:
+                run._handled.add(i)
+        run._finish_run()
+        graph._latest_run = run
+        # The caller gets this Run (or GraphFailed): its failures are now seen.
+        self.run._handled.update(f.index for f in mapping.values())
+        if raise_on_failure and not run.ok:
+            raise GraphFailed(run._failure_report(), run=run) from run._first_unhandled()
+        return run
+
+
+class WaitResult(NamedTuple):
+    """``(done, not_done)`` sets of futures, as ``concurrent.futures.wait`` returns."""
+
+    done: set[Future]
+    not_done: set[Future]
+
+
+def wait(
+    futures: Iterable[Future], timeout: float | None = None, return_when: str = "ALL_COMPLETED"
+) -> WaitResult:
+    """Wait for futures (``ALL_COMPLETED``, ``FIRST_COMPLETED`` or ``FIRST_EXCEPTION``).
+
+    Returns:
+        ``(done, not_done)``, like :func:`concurrent.futures.wait`.
+    """
+    if return_when not in ("ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"):
+        raise ValueError(f"return_when={return_when!r}: use ALL_COMPLETED, FIRST_COMPLETED "
+                         "or FIRST_EXCEPTION")
+    futures = set(futures)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    sessions = {f._session for f in futures}
+    while True:
+        done = {f for f in futures if f.done()}
+        if (
+            len(done) == len(futures)
+            or (return_when == "FIRST_COMPLETED" and done)
+            or (return_when == "FIRST_EXCEPTION"
+                and any(f.state.name not in ("Completed", "Cached") for f in done))
+        ):
+            return WaitResult(done, futures - done)
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return WaitResult(done, futures - done)
+        session = next(iter(sessions))
+        with session._cond:
+            session._cond.wait(min(0.05, remaining) if remaining is not None else 0.05)
+
+
+def as_completed(futures: Iterable[Future], timeout: float | None = None) -> Iterator[Future]:
+    """Yield futures as they finish, in completion order.
+
+    Raises:
+        TimeoutError: some are not finished after ``timeout`` seconds.
+    """
+    pending = list(dict.fromkeys(futures))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while pending:
+        finished = [f for f in pending if f.done()]
+        if finished:
+            # Completion order: attempts' end times (cached hits: immediately).
+            finished.sort(key=lambda f: f._session._state(f.index).finished or 0.0)
+            for f in finished:
+                pending.remove(f)
+                yield f
+            continue
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError(f"{len(pending)} futures unfinished after {timeout} s")
+        session = pending[0]._session
+        with session._cond:
+            session._cond.wait(min(0.05, remaining) if remaining is not None else 0.05)
+
+
+class Flow:
+    """A function whose body runs with a pool behind it; see :func:`flow`."""
+
+    def __init__(self, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+        self.fn = fn
+        self.options = options
+        self.name = options.get("name") or getattr(fn, "__name__", "flow")
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if active_session() is not None:
+            # A flow called inside a flow runs in the outer flow's session:
+            # same pool, same scheduler, its failures reported by the outer flow.
+            return _resolve(self.fn(*args, **kwargs))
+        from ._inprocess import SyncExecutor, ThreadExecutor
+        from ._pool import Pool, check_workers, parse_memory
+
+        opts = self.options
+        workers = check_workers(opts.get("workers"), f"@flow {self.name}")
+        scheduler = opts.get("scheduler", "processes")
+        memory = parse_memory(opts.get("memory_limit"))
+        if workers == 0 or scheduler == "sync":
+            executor: Any = SyncExecutor()
+        elif scheduler == "threads":
+            executor = ThreadExecutor(workers)
+        else:
+            executor = Pool(workers, start_method=opts.get("start_method"))
+            executor._acquire(memory)
+        observer = _make_observer(opts.get("progress"))
+        session = Session(
+            executor, name=self.name, fail_fast=opts.get("fail_fast", False),
+            limits=opts.get("limits"), cache_dir=opts.get("cache_dir"), observer=observer,
+        )
+        push_context(session)
+        try:
+            try:
+                value = self.fn(*args, **kwargs)
+                session.wait_all()
+                value = _resolve(value)
+            except BaseException as exc:
+                session.cancel(f"the flow body raised {type(exc).__name__}")
+                session.close()
+                exc.run = session.run  # type: ignore[attr-defined]
+                raise
+            session.close()
+        finally:
+            pop_context(session)
+            if isinstance(executor, Pool):
+                executor._release()
+                executor.close()
+            else:
+                executor.close()
+            if observer is not None:
+                observer.closed(session.run)
+        if not session.run.ok:
+            raise GraphFailed(session.run._failure_report(), run=session.run) from (
+                session.run._first_unhandled()
+            )
+        return value
+
+
+def _make_observer(progress: Any) -> Any:
+    try:
+        from ._progress import make_observer
+    except ImportError:  # progress bars arrive with the observability work
+        return None
+    return make_observer(progress)
+
+
+def _resolve(value: Any) -> Any:
+    """The flow's return value with futures and nodes in it replaced by their values."""
+    from ._graph import substitute
+
+    found: dict[int, Any] = {}
+    futures: list[Future] = []
+    _collect(value, futures)
+    if not futures:
+        return value
+    for f in futures:
+        found[f.index] = f.result()
+    return substitute(value, found)
+
+
+def _collect(obj: Any, out: list[Future]) -> None:
+    if isinstance(obj, Future):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _collect(k, out)
+            _collect(v, out)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for v in obj:
+            _collect(v, out)
+
+
+_FLOW_OPTIONS = {
+    "name", "workers", "task_runner_max_concurrency", "memory_limit", "cache_dir",
+    "progress", "limits", "fail_fast", "scheduler", "start_method",
+}
+
+
+def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    """Make a function a flow: its body runs with a pool, tasks start on ``submit()``.
+
+    Args:
+        fn: the function (bare ``@flow``).
+        **options: ``workers`` (max tasks at a time; Prefect's
+            ``task_runner_max_concurrency`` is an alias), ``memory_limit``,
+            ``cache_dir``, ``progress``, ``limits`` (per tag), ``fail_fast``,
+            ``scheduler`` (``"processes"``, ``"threads"``, ``"sync"``),
+            ``start_method``, ``name``.
+
+    Returns:
+        A callable :class:`Flow`. Calling it runs the body and returns its value
+        with futures in it replaced by their values.
+
+    Raises:
+        GraphFailed: when the body returned but a task failure was never handled
+            (no dependent accepted it, nobody looked at its future).
+
+    Example::
+
+        @gx.flow(workers=2)
+        def my_flow():
+            futures = [square.submit(i) for i in range(5)]
+            return [f.result() for f in futures]
+    """
+
+    def decorate(f: Callable[..., Any]) -> Flow:
+        unknown = set(options) - _FLOW_OPTIONS
+        if unknown:
+            raise TypeError(f"@flow: unknown option(s) {', '.join(sorted(unknown))}; known: "
+                            f"{', '.join(sorted(_FLOW_OPTIONS))}")
+        opts = dict(options)
+        alias = opts.pop("task_runner_max_concurrency", None)
+        if alias is not None:
+            if opts.get("workers") not in (None, alias):
+                raise TypeError("@flow: give workers= or task_runner_max_concurrency=, not both")
+            opts["workers"] = alias
+        if not callable(f):
+            raise TypeError(f"@flow expects a function, got {type(f).__name__}")
+        return Flow(f, opts)
+
+    if fn is None:
+        return decorate
+    return decorate(fn)
+
+
+def session_for_pool(pool: Any) -> Session:
+    """The eager session of ``with gx.Pool(...):``, started on first use."""
+    if pool._session is None:
+        pool._acquire(None)
+        pool._session = Session(pool, name="pool")
+    return pool._session  # type: ignore[no-any-return]
+
+
+def end_pool_session(pool: Any) -> None:
+    session = pool._session
+    if session is None:
+        return
+    try:
+        session.wait_all()
+    finally:
+        session.close()
+        pool._session = None
+        pool._release()
+    if not session.run.ok:
+        raise GraphFailed(session.run._failure_report(), run=session.run) from (
+            session.run._first_unhandled()
+        )
+
