@@ -84,6 +84,10 @@ _SAFE_KEY = re.compile(r"[0-9a-zA-Z_-]{8,128}")
 
 SCHEDULERS = ("processes", "threads", "sync")
 
+# Triggers under which a dependent runs although an upstream failed (fail_fast
+# leaves such a failure to them instead of cancelling the run).
+_REACTING_TRIGGERS = frozenset({"all_done", "always", "any_failed", "all_failed"})
+
 
 def compute(
     graph: Graph,
@@ -563,7 +567,10 @@ class Scheduler:
         return fl[ups.index(up)]
 
     def _edge_accepts(self, d: int, up: int) -> bool:
-        return bool(self._edge_flag(d, up) & ALLOW) or self.graph._opts[d].trigger != "all_success"
+        # Triggers that react to failures take this one; none_failed (like
+        # all_success) is skipped by it, so it handles nothing.
+        return bool(self._edge_flag(d, up) & ALLOW) or \
+            self.graph._opts[d].trigger in _REACTING_TRIGGERS
 
     # -- policies -------------------------------------------------------------
 

@@ -650,3 +650,32 @@ def test_fail_fast_does_not_cancel_for_a_handled_failure(compute):
     assert run.cancelled == []
     assert [run[n] for n in other] == [0, 1, 2, 3]
     assert run[report] == [("exc", "ValueError", "boom")]
+
+
+def test_fail_fast_cancels_when_the_only_dependent_will_not_accept(compute, tmp_path):
+    graph = gx.Graph()
+    with graph:
+        gate = explode("gate")
+        strict = touch.with_options(trigger="none_failed")(str(tmp_path / "strict"), gate)
+        pending = [touch(str(tmp_path / f"f{i}"), wait_for=[ok(i)]) for i in range(3)]
+    workers = {"workers": 1} if compute.scheduler == "processes" else {}
+    with pytest.raises(gx.GraphFailed):
+        compute(graph, fail_fast=True, **workers)
+    run = graph._latest_run
+    assert run.state(strict).name == "Cancelled"
+    assert [run.state(n).name for n in pending] == ["Cancelled"] * 3
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("trigger", ["all_done", "always", "any_failed"])
+def test_fail_fast_does_not_cancel_for_a_reacting_trigger(compute, trigger):
+    graph = gx.Graph()
+    with graph:
+        gate = explode("gate")
+        reaction = collect.with_options(trigger=trigger)(gate)
+        others = [ok(i) for i in range(3)]
+    run = compute(graph, fail_fast=True)
+    assert run.ok
+    assert run.cancelled == []
+    assert run[reaction] == [("exc", "ValueError", "gate")]
+    assert [run[n] for n in others] == [0, 1, 2]
