@@ -48,6 +48,8 @@ WATCHDOG_INTERVAL = 0.5
 def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
     """Entry point of a worker process."""
     _shm.set_prefix(_shm.worker_prefix(parent_pid, pool_id, worker_id))
+    sys.stdout = NodeStream(sys.stdout)
+    sys.stderr = NodeStream(sys.stderr)
     try:
         os.setpgrp()
     except OSError:  # already a group leader, or not permitted: kills still reach us
@@ -108,6 +110,7 @@ def _run(message: tuple, functions: dict[int, Any]) -> bytes:
         )
         return fail("unpickle-arguments", error, traceback.format_exc())
 
+    NodeStream.node = name
     try:
         result = fn(*args, **kwargs)
     except BaseException as exc:  # SystemExit and KeyboardInterrupt fail the node too
@@ -199,6 +202,43 @@ def _pickle_exception(exc: BaseException, tb: str) -> bytes:
             type_name=type_name, original_message=text, remote_traceback=tb,
         )
         return dumps(stand_in)
+
+
+class NodeStream:
+    """Prefixes every line a task writes with its node's name: ``[simulate-3] ...``.
+
+    Output goes straight to the stream the worker inherited (the parent's
+    terminal or log), line by line, so megabytes of output cannot fill a pipe
+    and stall anyone; a partial line is completed when the task ends.
+    """
+
+    node: str | None = None  # set by the worker loop before each call
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if not text:
+            return 0
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        if lines:
+            prefix = f"[{self.node}] " if self.node else ""
+            self._stream.write("".join(f"{prefix}{line}\n" for line in lines))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            prefix = f"[{self.node}] " if self.node else ""
+            self._stream.write(f"{prefix}{self._partial}\n")
+            self._partial = ""
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, encoding, isatty, buffer ...
+        return getattr(self._stream, name)
 
 
 def _flush_stdio() -> None:
