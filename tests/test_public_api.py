@@ -84,7 +84,6 @@ def test_public_members_of_api_classes_have_docstrings(name):
     assert _undocumented_members(getattr(gx, name)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="Pool.closed has no docstring (_pool.py)")
 def test_pool_public_members_have_docstrings():
     assert _undocumented_members(gx.Pool, EXECUTOR_PROTOCOL) == []
 
