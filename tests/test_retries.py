@@ -164,8 +164,9 @@ def test_retry_under_fail_fast_is_not_a_failure_yet(compute, tmp_path):
         ((0.08,), [0.08, 0.08]),  # the last delay repeats
         (gx.exponential_backoff(0.03, 3), [0.03, 0.09]),
         (gx.exponential_backoff(0.05, 10, max=0.1), [0.05, 0.1]),
+        (lambda retry: 0.02 * retry, [0.02, 0.04]),  # any callable of the retry number
     ],
-    ids=["number", "list", "longer-list", "short-list", "backoff", "backoff-max"],
+    ids=["number", "list", "longer-list", "short-list", "backoff", "backoff-max", "callable"],
 )
 def test_retry_delays_are_applied(compute, tmp_path, delay, expected):
     graph = gx.Graph()

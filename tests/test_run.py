@@ -186,6 +186,15 @@ def test_second_compute_is_independent(compute, tmp_path):
     assert run1.state(n).result() == 1
 
 
+@pytest.mark.parametrize("scheduler", ALL_SCHEDULERS)
+def test_an_empty_graph_computes_to_an_empty_run(compute):
+    run = compute(gx.Graph())
+    assert run.ok
+    assert run.nodes == [] and run.completed == [] and run.failed == []
+    assert run.counts() == {}
+    assert "0 nodes" in run.summary()
+
+
 def test_a_node_added_after_a_run_is_not_in_it():
     graph = gx.Graph()
     a = graph.add(ok, 1)
