@@ -332,8 +332,9 @@ def test_wait_for_accepts_allow_failure_but_no_other_objects():
     with graph:
         a = inc(1)
         ok = inc(2, wait_for=[gx.allow_failure(a)])
-        with pytest.raises(TypeError, match=r"wait_for.*int 3"):
+        with pytest.raises(TypeError, match=r"wait_for.*int 3") as info:
             inc(2, wait_for=[a, 3])
+        assert "test_build.py" in str(info.value)  # the call site
         with pytest.raises(TypeError, match="wait_for"):
             inc(2, wait_for="inc-0")
         with pytest.raises(TypeError, match="wait_for"):

@@ -152,6 +152,28 @@ def test_retry_under_fail_fast_is_not_a_failure_yet(compute, tmp_path):
     assert [run[o] for o in others] == [1, 2, 3]
 
 
+@gx.task
+def explode_soon():
+    time.sleep(0.05)
+    raise RuntimeError("sibling failed")
+
+
+@pytest.mark.timeout(20)
+def test_fail_fast_cancels_a_node_waiting_for_its_retry(compute, tmp_path):
+    graph = gx.Graph()
+    with graph:
+        waiting = flaky.with_options(retries=3, retry_delay=5)(str(tmp_path / "n"), 99)
+        explode_soon()
+    start = time.monotonic()
+    with pytest.raises(gx.GraphFailed) as info:
+        compute(graph, fail_fast=True)
+    assert time.monotonic() - start < 3  # nobody waited out the 5 s delay
+    state = info.value.run.state(waiting)
+    assert state.name == "Cancelled"
+    assert state.attempts == 1
+    assert read_count(tmp_path / "n") == 1
+
+
 # -- delays ---------------------------------------------------------------------------------
 
 

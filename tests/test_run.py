@@ -162,14 +162,16 @@ def test_summary_reports_counts_durations_and_failures(compute):
     assert row[1:3] == ["3", "3"]  # ok: 3 nodes, 3 completed
     assert "Failures:" in text
     assert f"{bad.name}: ValueError: bad seed" in text
+    assert "(handled)" not in text
     assert f"{skipped.name} was skipped because its upstream {bad.name} failed" in text
 
     graph2 = gx.Graph("fine")
     with graph2:
         ok(1)
+        explode("accepted", allow_failure=True)
     ok_text = compute(graph2).summary()
     assert ok_text.splitlines()[0].endswith("— ok")
-    assert "Failures:" not in ok_text
+    assert "explode-0 (handled): ValueError: accepted" in ok_text
 
 
 def test_second_compute_is_independent(compute, tmp_path):
