@@ -679,3 +679,22 @@ def test_fail_fast_does_not_cancel_for_a_reacting_trigger(compute, trigger):
     assert run.cancelled == []
     assert run[reaction] == [("exc", "ValueError", "gate")]
     assert [run[n] for n in others] == [0, 1, 2]
+
+
+def test_fail_fast_runs_a_queued_always_node_that_had_not_started(compute, tmp_path):
+    marker = tmp_path / "cleanup"
+    graph = gx.Graph()
+    with graph:
+        bad = explode("first")
+        cleanup = touch.with_options(trigger="always")(str(marker))
+        later = touch(str(tmp_path / "later"))
+    # one worker: bad runs first, cleanup and later wait in the queue
+    workers = {"workers": 1} if compute.scheduler == "processes" else {}
+    with pytest.raises(gx.GraphFailed):
+        compute(graph, fail_fast=True, **workers)
+    run = graph._latest_run
+    assert run.state(bad).name == "Failed"
+    assert run.state(cleanup).name == "Completed"
+    assert marker.read_text() == "x"
+    assert run.state(later).name == "Cancelled"
+    assert not (tmp_path / "later").exists()
