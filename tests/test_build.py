@@ -495,3 +495,24 @@ def test_hundred_thousand_node_graph_builds_fast():
     assert elapsed < 5.0, f"building 100,000 nodes took {elapsed:.2f} s"
     # the whole chain culls to itself and its names are readable
     assert re.fullmatch(r"step-\d+", graph.nodes[12345].name)
+
+
+def test_nodes_cost_a_few_hundred_bytes():
+    import tracemalloc
+
+    @gx.task
+    def step(x):
+        return x
+
+    graph = gx.Graph()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        with graph:
+            previous = step(0)
+            for i in range(1, 20_000):
+                previous = step(previous) if i % 2 else step(i, wait_for=[previous])
+        per_node = (tracemalloc.get_traced_memory()[0] - before) / len(graph)
+    finally:
+        tracemalloc.stop()
+    assert per_node < 1024, f"{per_node:.0f} bytes per node"
