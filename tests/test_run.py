@@ -550,6 +550,33 @@ def test_functions_defined_in_main_run_on_workers(tmp_path, start_method):
     assert "traceback-has-line True" in out
 
 
+def _child_square(x, queue):
+    queue.put(x * x)
+
+
+@gx.task
+def start_own_processes(x):
+    import multiprocessing
+
+    out = subprocess.run([sys.executable, "-c", f"print({x} + 1)"], capture_output=True,
+                         text=True, timeout=20, check=True).stdout.strip()
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_square, args=(x, queue))  # refused in a daemon
+    child.start()
+    value = queue.get(timeout=20)
+    child.join(20)
+    return int(out), value
+
+
+@pytest.mark.timeout(30)
+def test_tasks_may_start_their_own_processes(pool):
+    graph = gx.Graph()
+    with graph:
+        node = start_own_processes(6)
+    assert graph.compute(pool=pool)[node] == (7, 36)
+
+
 # -- scale ---------------------------------------------------------------------------------------
 
 
