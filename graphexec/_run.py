@@ -168,7 +168,8 @@ class Run:
         status = "ok" if self.ok else f"{len(self.unhandled)} unhandled failure(s)"
         out = [
             f"{graph.name}: {len(self.members)} nodes in {self.duration:.2f} s — "
-            + ", ".join(f"{counts[s]} {s.lower()}" for s in _ORDERED_STATES if counts.get(s))
+            + (", ".join(f"{counts[s]} {s.lower()}" for s in _ORDERED_STATES if counts.get(s))
+               or "nothing to run")
             + f" — {status}",
             line(header),
             line(["-" * w for w in widths]),

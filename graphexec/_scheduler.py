@@ -580,8 +580,6 @@ class Scheduler:
         graph = self.graph
         opts = graph._opts[d]
         trigger = opts.trigger
-        if self.cancel_reason is not None and trigger != "always":
-            return None  # the cancellation sweep gives it its final state
         ups, fl = graph._deps[d], graph._flags[d]
         n_failed = 0  # Failed, or Skipped because of a failure, or Cancelled
         blocking = None  # first upstream that stops an all_success node
@@ -618,11 +616,21 @@ class Scheduler:
                 root = up if self.states[up].name is FAILED else self.root.get(up)
                 if root is not None:
                     self.handled.add(root)
+            if self.cancel_reason is not None and trigger != "always":
+                # fail_fast: it would run, so it is cancelled (by the sweep). A node
+                # that an upstream failure skips is Skipped even then: it names
+                # the failure, which is what it ended by.
+                return None
             return self._become_ready(d)
         if trigger == "none_failed":
             # Skipped because an upstream failed, as all_success would be: record the
             # root failure so that the skip counts as failure-caused further down.
             blocking = first_failed
+        if self.cancel_reason is not None and trigger != "always" and (
+            blocking is None or (self.states[blocking].name is not FAILED
+                                 and blocking not in self.root)
+        ):
+            return None  # not ended by a failure: the cancellation sweep cancels it
         if blocking is not None:
             st = self.states[blocking]
             root = blocking if st.name is FAILED else self.root.get(blocking)

@@ -571,10 +571,12 @@ def test_fail_fast_cancels_a_long_running_sibling_promptly(pool):
     assert run.state(bad).name == "Failed"
     assert run.state(slow).name == "Cancelled"
     assert run.state(slow).is_cancelled()
-    assert run.state(after).name == "Cancelled"
+    # its dependent was skipped by the failure itself, not cancelled
+    assert run.state(after).name == "Skipped"
+    assert run.state(after).upstream == bad.name
     for node in queued:
         assert run.state(node).name == "Cancelled"
-    assert set(run.cancelled) == {slow, after, *queued}
+    assert set(run.cancelled) == {slow, *queued}
     with pytest.raises(gx.Cancelled):
         run[slow]
     assert run.unhandled == [bad]
@@ -597,7 +599,8 @@ def test_fail_fast_cancels_pending_work_that_never_starts(compute, tmp_path):
         compute(graph, fail_fast=True, **workers)
     run = graph._latest_run
     assert run.state(gate).name == "Failed"
-    assert run.state(dependent).name == "Cancelled"
+    assert run.state(dependent).name == "Skipped"
+    assert run.state(dependent).upstream == gate.name
     for node in pending:
         assert run.state(node).name == "Cancelled"
     assert list(tmp_path.iterdir()) == []
@@ -662,7 +665,7 @@ def test_fail_fast_cancels_when_the_only_dependent_will_not_accept(compute, tmp_
     with pytest.raises(gx.GraphFailed):
         compute(graph, fail_fast=True, **workers)
     run = graph._latest_run
-    assert run.state(strict).name == "Cancelled"
+    assert run.state(strict).name == "Skipped"
     assert [run.state(n).name for n in pending] == ["Cancelled"] * 3
     assert list(tmp_path.iterdir()) == []
 
