@@ -229,7 +229,7 @@ class Run:
                 handle = state._value
                 if type(handle) is Payload and handle.segments:
                     handle.load()
-                    handle.discard()
+                    handle.discard(recycle=False)
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(self.counts().items()))

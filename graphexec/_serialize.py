@@ -67,13 +67,20 @@ class Payload:
             self._loaded = True
         return self._value
 
-    def discard(self) -> None:
-        """Unlink the shared-memory segments (values already loaded keep their mapping).
+    def discard(self, recycle: bool = True) -> None:
+        """Give up the shared-memory segments (values already loaded keep their mapping).
 
-        Segments that are regions of a cache file, ``(path, offset, size)``, stay.
+        ``recycle`` lets a later result of the same size reuse a segment while the
+        run goes on; at the end of a run segments are unlinked. Regions of a
+        cache file, ``(path, offset, size)``, stay.
         """
-        if self.segments:
-            _shm.unlink([seg[0] for seg in self.segments if len(seg) == 2])
+        shm = [seg for seg in self.segments if len(seg) == 2]
+        if not shm:
+            return
+        if recycle:
+            _shm.release(shm)
+        else:
+            _shm.unlink([name for name, _ in shm])
 
     @property
     def in_shared_memory(self) -> bool:

@@ -23,6 +23,13 @@ Lifetime (the parent decides, the workers only create):
 * when the parent dies, each worker unlinks everything under the parent's
   pid before exiting.
 
+Recycling: a released segment of 1 MiB or more is renamed to a free name,
+``/gx-<parent pid>-<pool id>-f<size>-<n>`` (at most ``FREE_MAX`` per pool),
+and the next result of exactly that size claims it with an atomic rename.
+Rewriting pages tmpfs already holds costs about half of allocating new ones
+(3 ms instead of 5.5 ms for 16 MB here), and the parent skips the unlink —
+sweeps of parameter grids produce arrays of one size over and over.
+
 ``multiprocessing.shared_memory`` is not used: it registers every segment
 with a resource-tracker process, which warns about (and unlinks) segments
 that another process created on purpose.
@@ -42,16 +49,22 @@ except ImportError:  # pragma: no cover - Windows
 AVAILABLE = _posixshmem is not None and os.path.isdir("/dev/shm")
 SHM_DIR = "/dev/shm"
 
+RECYCLE_MIN = 1 << 20  # smaller segments are cheap to make: not worth a rename
+FREE_MAX = 8  # free segments kept per pool
+
 _lock = threading.Lock()
 _prefix = f"gx-{os.getpid()}-p"
+_free_prefix = ""  # where this process may claim recycled segments ("" = nowhere)
 _counter = 0
 live: set[str] = set()  # segments referenced by values alive in this (parent) process
 
 
-def set_prefix(prefix: str) -> None:
-    """Name the segments this process creates from now on (called by each worker)."""
-    global _prefix, _counter
+def set_prefix(prefix: str, pool: str = "") -> None:
+    """Name the segments this process creates from now on (called by each worker);
+    ``pool`` is the pool's prefix, under which recycled segments are found."""
+    global _prefix, _counter, _free_prefix
     _prefix = prefix
+    _free_prefix = f"{pool}f" if pool else ""
     _counter = 0
 
 
@@ -69,6 +82,8 @@ def create(data: memoryview) -> str:
     with _lock:
         _counter += 1
         name = f"{_prefix}{_counter}"
+    if _free_prefix and data.nbytes >= RECYCLE_MIN and _claim(data, name):
+        return name
     fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
     try:
         # write() into tmpfs is about twice as fast as faulting in a fresh
@@ -82,6 +97,63 @@ def create(data: memoryview) -> str:
     finally:
         os.close(fd)
     return name
+
+
+def _claim(data: memoryview, name: str) -> bool:
+    """Take a recycled segment of exactly this size, rename it ``name``, fill it."""
+    wanted = f"{_free_prefix}{data.nbytes}-"
+    try:
+        candidates = [n for n in os.listdir(SHM_DIR) if n.startswith(wanted)]
+    except OSError:
+        return False
+    for free in candidates:
+        try:
+            os.rename(f"{SHM_DIR}/{free}", f"{SHM_DIR}/{name}")  # atomic: one claimant wins
+        except OSError:
+            continue
+        try:
+            fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+        except OSError:
+            return False
+        try:
+            written = 0
+            while written < data.nbytes:
+                written += os.pwrite(fd, data[written:], written)
+        except BaseException:
+            unlink([name])
+            raise
+        finally:
+            os.close(fd)
+        return True
+    return False
+
+
+def release(segments: list[tuple[str, int]]) -> None:
+    """The parent no longer needs these segments: recycle the large ones, unlink the rest."""
+    free_count: dict[str, int] = {}
+    for name, size in segments:
+        live.discard(name)
+        pool = name[: name.rfind("-w") + 1] if "-w" in name else ""
+        if not pool or size < RECYCLE_MIN:
+            unlink([name])
+            continue
+        if pool not in free_count:
+            try:
+                free_count[pool] = sum(n.startswith(f"{pool}f") for n in os.listdir(SHM_DIR))
+            except OSError:
+                free_count[pool] = FREE_MAX
+        if free_count[pool] >= FREE_MAX:
+            unlink([name])
+            continue
+        global _counter
+        with _lock:
+            _counter += 1
+            free = f"{pool}f{size}-{os.getpid()}x{_counter}"
+        try:
+            os.rename(f"{SHM_DIR}/{name}", f"{SHM_DIR}/{free}")
+            free_count[pool] += 1
+        except OSError:
+            unlink([name])
 
 
 def attach(name: str, size: int) -> memoryview:

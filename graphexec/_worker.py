@@ -47,7 +47,8 @@ WATCHDOG_INTERVAL = 0.5
 
 def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
     """Entry point of a worker process."""
-    _shm.set_prefix(_shm.worker_prefix(parent_pid, pool_id, worker_id))
+    _shm.set_prefix(_shm.worker_prefix(parent_pid, pool_id, worker_id),
+                    _shm.pool_prefix(parent_pid, pool_id))
     sys.stdout = NodeStream(sys.stdout)
     sys.stderr = NodeStream(sys.stderr)
     try:
