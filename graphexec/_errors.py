@@ -130,10 +130,12 @@ class RemoteError(TaskFailure):
 
 
 class UpstreamFailed(GraphexecError):
-    """The node was skipped because an upstream node failed.
+    """The node was skipped: an upstream node failed, or its trigger was not met.
 
     ``.node`` is the skipped node's name and ``.upstream`` the failed node that
-    caused the skip (the root cause, through chains of skips).
+    caused the skip (the root cause, through chains of skips), or None when
+    the node's ``trigger=`` was not met although nothing failed (e.g.
+    ``any_failed`` when every upstream succeeded).
     """
 
     node: str | None = None

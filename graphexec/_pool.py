@@ -37,6 +37,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import multiprocessing
+import multiprocessing.spawn
 import os
 import pickle
 import signal
@@ -68,6 +69,36 @@ STOP_TIMEOUT = 1.0
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 _pool_ids = itertools.count(1)
+
+
+def _preparation_without_main(original: Any) -> Any:
+    """Wrap ``multiprocessing.spawn.get_preparation_data`` for graphexec workers.
+
+    multiprocessing makes every spawned or forkserver child import the
+    parent's main script again (as ``__mp_main__``) so that pickles naming
+    ``__main__`` resolve. graphexec never needs that — cloudpickle sends
+    functions and classes of ``__main__`` by value — and it is harmful: the
+    script's top-level code runs again in every worker, and a script without
+    an ``if __name__ == "__main__":`` guard tries to start processes from a
+    process that is still starting ("bootstrapping phase" errors, every node
+    a crash). Other processes keep multiprocessing's behaviour.
+    """
+
+    def get_preparation_data(name: str) -> dict[str, Any]:
+        data = original(name)
+        if name.startswith("graphexec-worker-"):
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    get_preparation_data._graphexec = True  # type: ignore[attr-defined]
+    return get_preparation_data
+
+
+if not getattr(multiprocessing.spawn.get_preparation_data, "_graphexec", False):
+    multiprocessing.spawn.get_preparation_data = _preparation_without_main(
+        multiprocessing.spawn.get_preparation_data
+    )
 
 
 def default_start_method() -> str:
@@ -470,8 +501,8 @@ class Pool:
         if w.inflight:
             head = w.inflight.popleft()
             head.finished = time.time()
-            if not head.started:
-                head.started = head.finished
+            if not head.started:  # no reply: it started when its predecessor ended
+                head.started = head.finished - (time.monotonic() - w.head_started)
             if w.kill is None:
                 self._outbox.append((head, ERROR, _crash_error(head, exitcode)))
             elif w.kill[0] is head:

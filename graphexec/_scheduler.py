@@ -260,6 +260,7 @@ class Scheduler:
         self.unsent: dict[int, Call] = {}  # calls the executor refused for now
         self.cancel_reason: str | None = None
         self.swept = False  # the cancellation sweep has run
+        self.fail_fast_cause: int | None = None  # the failure that cancelled the run
         self.seq = 0
         self._task_caps: dict[int, int] = {}
         self.cache = cache
@@ -559,6 +560,7 @@ class Scheduler:
         ) and bool(self.dependents[i])
         if not accepted_by_all:
             self.cancel_reason = f"fail_fast: {self.graph._names[i]} failed"
+            self.fail_fast_cause = i
 
     def _edge_flag(self, d: int, up: int) -> int:
         ups, fl = self.graph._deps[d], self.graph._flags[d]
@@ -581,6 +583,10 @@ class Scheduler:
         opts = graph._opts[d]
         trigger = opts.trigger
         ups, fl = graph._deps[d], graph._flags[d]
+        if not ups:  # nothing to react to: a root node runs whatever its trigger
+            if self.cancel_reason is not None and trigger != "always":
+                return None
+            return self._become_ready(d)
         n_failed = 0  # Failed, or Skipped because of a failure, or Cancelled
         blocking = None  # first upstream that stops an all_success node
         first_failed = None  # first failure-like upstream (stops a none_failed node)
@@ -614,7 +620,9 @@ class Scheduler:
         if run:
             for up in problems:  # this dependent accepted these failures
                 root = up if self.states[up].name is FAILED else self.root.get(up)
-                if root is not None:
+                if root is not None and root != self.fail_fast_cause:
+                    # (the failure that made fail_fast cancel the run stays unhandled:
+                    # a cleanup node running afterwards must not turn it into success)
                     self.handled.add(root)
             if self.cancel_reason is not None and trigger != "always":
                 # fail_fast: it would run, so it is cancelled (by the sweep). A node
