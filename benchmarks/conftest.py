@@ -1,0 +1,178 @@
+"""Shared fixtures: the pools every benchmark reuses, and the ``measure`` helper.
+
+Pools are created once per session, outside every timed region, warmed (all
+workers started, the workload module imported) and closed at the end:
+
+* ``gx_pool``  — ``gx.Pool(workers=2)``, for graphexec's *warm* numbers (its
+  *cold* numbers call ``graph.compute(workers=2)``, start-up included);
+* ``ppe``      — ``concurrent.futures.ProcessPoolExecutor(max_workers=2)``;
+* ``loky_ex``  — ``loky.ProcessPoolExecutor(max_workers=2)`` (skipped if loky
+  is not installed);
+* ``client``   — a ``dask.distributed`` ``LocalCluster(n_workers=2,
+  threads_per_worker=1, processes=True)`` and its ``Client`` (skipped if
+  distributed is not installed).
+
+dask's processes scheduler has no pool to keep: it starts one per compute,
+so its start-up is inside its times.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import pytest
+
+import graphexec as gx
+
+from . import workloads as w
+
+# Rounds per benchmark: the median of these is what the report shows.
+ROUNDS_LIGHT = 5  # W1, W2, W5: a second or less
+ROUNDS_HEAVY = 3  # W3, W4, W6: seconds each
+# Seconds per benchmark test (pyproject's 60 s is for the unit tests).
+TIMEOUT = 900
+
+
+def _warm_executor(executor: Any) -> None:
+    # Enough calls that every worker starts and imports the workload module.
+    assert list(executor.map(w.noop, range(8))) == list(range(8))
+
+
+@pytest.fixture(scope="session")
+def gx_pool() -> Iterator[gx.Pool]:
+    pool = gx.Pool(workers=w.WORKERS)
+    try:
+        # Workers start lazily: give both something to do at once.
+        w.check_w3(
+            w.run_graphexec(w.w3_spec(200_000, 4), pool=pool),
+            [w.spin(200_000, i) for i in range(4)],
+        )
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture(scope="session")
+def ppe() -> Iterator[ProcessPoolExecutor]:
+    executor = ProcessPoolExecutor(max_workers=w.WORKERS)
+    try:
+        _warm_executor(executor)
+        yield executor
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="session")
+def loky_ex() -> Iterator[Any]:
+    loky = pytest.importorskip("loky")
+    executor = loky.ProcessPoolExecutor(max_workers=w.WORKERS)
+    try:
+        _warm_executor(executor)
+        yield executor
+    finally:
+        executor.shutdown(wait=True)
+
+
+@pytest.fixture(scope="session")
+def client() -> Iterator[Any]:
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(
+        n_workers=w.WORKERS,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+    )
+    c = distributed.Client(cluster)
+    try:
+        assert c.gather(c.map(w.noop, range(8))) == list(range(8))
+        yield c
+    finally:
+        c.close()
+        cluster.close()
+
+
+# -- tools ---------------------------------------------------------------------------
+
+# Tool keys (as recorded in extra_info) in the order of the report's columns.
+TOOLS = (
+    "serial",
+    "ppe",
+    "loky",
+    "dask-processes",
+    "dask-distributed",
+    "graphexec-cold",
+    "graphexec-warm",
+)
+
+
+@pytest.fixture(params=TOOLS)
+def tool(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def runner(tool: str, request: pytest.FixtureRequest) -> Callable[..., w.Outcome]:
+    """``runner(spec, states=False)`` runs a spec on the test's tool.
+
+    ``states=True`` asks for failed and skipped calls to be reported (W5);
+    dask's processes scheduler cannot: it raises at the first error.
+    """
+    if tool == "serial":
+        return lambda spec, states=False: w.run_serial(spec)
+    if tool == "ppe":
+        ex = request.getfixturevalue("ppe")
+        return lambda spec, states=False: w.run_executor(ex, spec)
+    if tool == "loky":
+        ex = request.getfixturevalue("loky_ex")
+        return lambda spec, states=False: w.run_executor(ex, spec)
+    if tool == "dask-processes":
+        pytest.importorskip("dask")
+
+        def run(spec: w.Spec, states: bool = False) -> w.Outcome:
+            if states:
+                pytest.skip("dask's processes scheduler raises at the first error: no states")
+            return w.run_dask_processes(spec)
+
+        return run
+    if tool == "dask-distributed":
+        c = request.getfixturevalue("client")
+        return lambda spec, states=False: w.run_distributed(c, spec, all_states=states)
+    if tool == "graphexec-cold":
+        return lambda spec, states=False: w.run_graphexec(spec, workers=w.WORKERS)
+    if tool == "graphexec-warm":
+        pool = request.getfixturevalue("gx_pool")
+        return lambda spec, states=False: w.run_graphexec(spec, pool=pool)
+    raise AssertionError(tool)
+
+
+def measure(
+    benchmark: Any,
+    fn: Callable[[], Any],
+    check: Callable[[Any], None],
+    *,
+    workload: str,
+    tool: str,
+    rounds: int,
+    **extra: Any,
+) -> float | None:
+    """Time ``fn`` for ``rounds`` rounds (one call each); ``check`` every result.
+
+    Records ``workload`` and ``tool`` (and ``extra``) in ``benchmark.extra_info``
+    for the report; returns the median seconds (None when benchmarks are disabled).
+    """
+    outcomes: list[Any] = []
+
+    def once() -> None:
+        outcomes.append(fn())
+
+    benchmark.extra_info.update(workload=workload, tool=tool, **extra)
+    benchmark.pedantic(once, rounds=rounds, iterations=1)
+    assert outcomes
+    for outcome in outcomes:
+        check(outcome)
+    stats = getattr(benchmark, "stats", None)
+    return stats.stats.median if stats is not None else None

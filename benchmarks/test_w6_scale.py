@@ -1,0 +1,150 @@
+"""W6 scale: a layered graph, each node on 2 nodes of the layer before.
+
+100 nodes wide; 100 layers (10,000 nodes) and 1,000 layers (100,000 nodes),
+so that the two sizes show whether the cost per node stays flat.
+
+* ``W6-build``: building the graph with graphexec (task calls inside
+  ``with graph:``), bytes per node (tracemalloc, measured once outside the
+  timed rounds), against a plain dict of tuples and ``dask.delayed`` (10,000
+  nodes only: its build time grows with the square of the depth).
+* ``W6-run``: running the built graph (build not timed) on graphexec's warm
+  pool, against serial calls and the executor driver. dask's schedulers are
+  not run here: ``dask.delayed`` cannot build the 100,000-node graph in
+  reasonable time.
+"""
+
+import functools
+import tracemalloc
+
+import pytest
+
+from . import workloads as w
+from .conftest import ROUNDS_HEAVY, TIMEOUT, measure
+
+pytestmark = pytest.mark.timeout(TIMEOUT)
+
+WIDTH = w.W6_WIDTH
+SIZES = {"10k": w.W6_SMALL_DEPTH, "100k": w.W6_DEPTH}
+
+
+def _check_graph(built, depth):
+    graph, last = built
+    assert len(graph) == WIDTH * depth
+    assert len(last) == WIDTH
+
+
+@functools.cache
+def _bytes_per_node(depth):
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        graph, _last = w.layered_graph(WIDTH, depth)
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    return (after - before) / len(graph)
+
+
+@pytest.mark.benchmark(group="W6-build")
+@pytest.mark.parametrize("size", SIZES)
+def test_w6_build_graphexec(benchmark, size):
+    depth = SIZES[size]
+    per_node = _bytes_per_node(depth)
+    median = measure(
+        benchmark,
+        lambda: w.layered_graph(WIDTH, depth),
+        lambda built: _check_graph(built, depth),
+        workload=f"W6-build-{size}",
+        tool="graphexec",
+        rounds=ROUNDS_HEAVY,
+        nodes=WIDTH * depth,
+        bytes_per_node=per_node,
+    )
+    if median is not None:
+        benchmark.extra_info["us_per_node"] = median / (WIDTH * depth) * 1e6
+
+
+@pytest.mark.benchmark(group="W6-build")
+@pytest.mark.parametrize("size", SIZES)
+def test_w6_build_plain_dict(benchmark, size):
+    depth = SIZES[size]
+
+    def check(graph):
+        assert len(graph) == WIDTH * depth
+
+    measure(
+        benchmark,
+        lambda: w.layered_dict(WIDTH, depth),
+        check,
+        workload=f"W6-build-{size}",
+        tool="plain-dict",
+        rounds=ROUNDS_HEAVY,
+        nodes=WIDTH * depth,
+    )
+
+
+@pytest.mark.benchmark(group="W6-build")
+def test_w6_build_dask_delayed(benchmark):
+    pytest.importorskip("dask")
+    depth = SIZES["10k"]
+
+    def check(last):
+        assert len(last) == WIDTH
+
+    measure(
+        benchmark,
+        lambda: w.layered_delayed(WIDTH, depth),
+        check,
+        workload="W6-build-10k",
+        tool="dask.delayed",
+        rounds=ROUNDS_HEAVY,
+        nodes=WIDTH * depth,
+    )
+
+
+@functools.cache
+def _spec(depth):
+    return w.w6_spec(WIDTH, depth)
+
+
+@functools.cache
+def _graph(depth):
+    return w.layered_graph(WIDTH, depth)
+
+
+@pytest.mark.benchmark(group="W6-run")
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("tool", ["serial", "ppe", "loky", "graphexec-warm"])
+def test_w6_run(benchmark, tool, size, request):
+    depth = SIZES[size]
+    n = WIDTH * depth
+    if tool == "graphexec-warm":
+        pool = request.getfixturevalue("gx_pool")
+        graph, last = _graph(depth)
+
+        def fn():
+            return graph.compute(pool=pool)
+
+        def check(run):
+            assert run.counts() == {"Completed": n}
+            assert {run[node] for node in last} == {depth - 1}
+    else:
+        spec = _spec(depth)
+        if tool == "serial":
+
+            def fn():
+                return w.run_serial(spec)
+        else:
+            ex = request.getfixturevalue("ppe" if tool == "ppe" else "loky_ex")
+
+            def fn():
+                return w.run_executor(ex, spec)
+
+        def check(out):
+            w.check_w6(out, WIDTH, depth)
+
+    median = measure(
+        benchmark, fn, check, workload=f"W6-run-{size}", tool=tool, rounds=ROUNDS_HEAVY, nodes=n
+    )
+    if median is not None:
+        benchmark.extra_info["us_per_node"] = median / n * 1e6

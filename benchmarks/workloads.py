@@ -1,0 +1,515 @@
+"""The workloads W1-W6 of issue #5, and one way to run them per tool.
+
+Every workload is described once, tool-neutrally, as a :class:`Spec`: a list of
+calls ``(fn, args)`` in dependency order, where an argument may be ``Ref(k)``
+(the value of call ``k``) or a list of refs. The runners below turn the same
+spec into what each tool's users would write:
+
+=====================  =======================================================
+``run_serial``         plain calls in order, in this process
+``run_executor``       a ``concurrent.futures`` executor (ProcessPoolExecutor,
+                       loky) driven by a small dependency driver: submit every
+                       ready call, ``wait(FIRST_COMPLETED)``, at most 64 futures
+                       in flight (``wait()`` over thousands of futures is slow)
+``dask_delayed``       ``dask.delayed`` objects, for ``dask.compute`` (processes
+                       scheduler) and ``client.compute`` (dask.distributed)
+``build_graphexec``    task calls inside ``with graph:``
+=====================  =======================================================
+
+Each runner returns an :class:`Outcome` (values of the outputs, indices of the
+calls that failed and of those skipped because an upstream failed), and each
+workload has a ``check_*`` function that asserts the outcome is right. Building
+the graph is part of the work every runner does, so it is inside every timed
+region.
+
+Task functions live at module level so that every worker process can import
+them; nothing here is specific to pytest.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import graphexec as gx
+
+WORKERS = 2
+MAX_INFLIGHT = 64  # futures the executor driver keeps in flight
+
+# Sizes of the issue; the smoke test passes smaller ones.
+W1_TASKS = 5_000
+W2_LENGTH = 500
+W3_TASKS = 40
+W3_SECONDS = 0.1
+W4_ARRAYS = 32
+W4_LENGTH = 2_000_000  # float64: 16 MB
+W5_TASKS = 1_000
+W5_EVERY = 10
+W6_WIDTH = 100
+W6_DEPTH = 1_000  # 100,000 nodes
+W6_SMALL_DEPTH = 100  # 10,000 nodes
+
+
+# -- task functions ------------------------------------------------------------
+
+
+def noop(i: int) -> int:
+    return i
+
+
+def total(values: Sequence[Any]) -> Any:
+    return sum(values)
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def spin(loops: int, seed: int) -> int:
+    """Pure-Python CPU work holding the GIL: ``loops`` multiply-add-modulo steps."""
+    x = seed
+    for i in range(loops):
+        x = (x * 31 + i) % 1_000_003
+    return x
+
+
+def make_array(seed: int, length: int = W4_LENGTH) -> Any:
+    import numpy as np
+
+    return np.random.default_rng(seed).random(length)
+
+
+def sort_array(a: Any) -> Any:
+    import numpy as np
+
+    return np.sort(a)
+
+
+def sum_array(a: Any) -> float:
+    return float(a.sum())
+
+
+class Boom(ValueError):
+    """What every W5_EVERY-th task of W5 raises."""
+
+
+def maybe_fail(i: int) -> int:
+    if i % W5_EVERY == 0:
+        raise Boom(f"task {i} fails on purpose")
+    return i
+
+
+def layer_root(j: int) -> int:
+    return 0
+
+
+def layer_node(a: int, b: int) -> int:
+    return max(a, b) + 1
+
+
+# -- specs ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An argument that stands for the value of call ``index``."""
+
+    index: int
+
+
+@dataclass
+class Spec:
+    """A workload: calls in dependency order, and which calls are its outputs."""
+
+    name: str
+    calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = field(default_factory=list)
+    outputs: list[int] = field(default_factory=list)
+
+    def add(self, fn: Callable[..., Any], *args: Any) -> Ref:
+        self.calls.append((fn, args))
+        return Ref(len(self.calls) - 1)
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+
+@dataclass
+class Outcome:
+    """What a runner reports: output values by call index, failed and skipped calls."""
+
+    values: dict[int, Any]
+    failed: set[int] = field(default_factory=set)
+    skipped: set[int] = field(default_factory=set)
+    n_calls: int = 0
+
+    @property
+    def n_completed(self) -> int:
+        return self.n_calls - len(self.failed) - len(self.skipped)
+
+
+def _deps(args: tuple[Any, ...]) -> list[int]:
+    deps: list[int] = []
+    for a in args:
+        if type(a) is Ref:
+            deps.append(a.index)
+        elif type(a) is list:
+            deps.extend(x.index for x in a if type(x) is Ref)
+    return deps
+
+
+def _resolve(args: tuple[Any, ...], get: Callable[[int], Any]) -> tuple[Any, ...]:
+    out = []
+    for a in args:
+        if type(a) is Ref:
+            out.append(get(a.index))
+        elif type(a) is list:
+            out.append([get(x.index) if type(x) is Ref else x for x in a])
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+def w1_spec(n: int = W1_TASKS) -> Spec:
+    """W1 overhead: ``n`` independent no-op tasks and one sum over them."""
+    spec = Spec("W1")
+    refs = [spec.add(noop, i) for i in range(n)]
+    spec.outputs = [spec.add(total, refs).index]
+    return spec
+
+
+def check_w1(out: Outcome, n: int = W1_TASKS) -> None:
+    assert not out.failed and not out.skipped
+    assert list(out.values.values()) == [n * (n - 1) // 2]
+
+
+def w2_spec(n: int = W2_LENGTH) -> Spec:
+    """W2 latency: a chain of ``n`` dependent +1 tasks starting from 0."""
+    spec = Spec("W2")
+    ref = spec.add(inc, 0)
+    for _ in range(n - 1):
+        ref = spec.add(inc, ref)
+    spec.outputs = [ref.index]
+    return spec
+
+
+def check_w2(out: Outcome, n: int = W2_LENGTH) -> None:
+    assert not out.failed and not out.skipped
+    assert list(out.values.values()) == [n]
+
+
+def calibrate_spin(seconds: float = W3_SECONDS) -> int:
+    """Loop count that makes ``spin`` take about ``seconds`` here (best of a few tries)."""
+    loops = 20_000
+    while True:
+        start = time.perf_counter()
+        spin(loops, 0)
+        elapsed = time.perf_counter() - start
+        if elapsed > 0.02:
+            break
+        loops *= 2
+    best = elapsed
+    for _ in range(3):
+        start = time.perf_counter()
+        spin(loops, 0)
+        best = min(best, time.perf_counter() - start)
+    return max(1, round(loops * seconds / best))
+
+
+def w3_spec(loops: int, n: int = W3_TASKS) -> Spec:
+    """W3 CPU efficiency: ``n`` independent pure-Python tasks of ``loops`` steps."""
+    spec = Spec("W3")
+    refs = [spec.add(spin, loops, i) for i in range(n)]
+    spec.outputs = [r.index for r in refs]
+    return spec
+
+
+def check_w3(out: Outcome, expected: list[int]) -> None:
+    assert not out.failed and not out.skipped
+    assert [out.values[i] for i in sorted(out.values)] == expected
+
+
+def w4_spec(n: int = W4_ARRAYS, length: int = W4_LENGTH) -> Spec:
+    """W4 numpy: ``n`` x make a float64 array → sort it → sum it; one total."""
+    spec = Spec("W4")
+    sums = []
+    for i in range(n):
+        arr = spec.add(make_array, i, length)
+        srt = spec.add(sort_array, arr)
+        sums.append(spec.add(sum_array, srt))
+    spec.outputs = [spec.add(total, sums).index]
+    return spec
+
+
+@functools.lru_cache(maxsize=4)
+def w4_expected(n: int = W4_ARRAYS, length: int = W4_LENGTH) -> float:
+    return sum(float(make_array(i, length).sum()) for i in range(n))
+
+
+def check_w4(out: Outcome, n: int = W4_ARRAYS, length: int = W4_LENGTH) -> None:
+    import math
+
+    assert not out.failed and not out.skipped
+    (value,) = out.values.values()
+    # Summing a sorted array adds in another order: equal up to rounding.
+    assert math.isclose(value, w4_expected(n, length), rel_tol=1e-9), value
+
+
+def w5_spec(n: int = W5_TASKS, every: int = W5_EVERY) -> Spec:
+    """W5 failures: ``n`` tasks, every ``every``-th raising, each with one dependent.
+
+    The dependents gather consecutive groups of ``every`` tasks (one of which
+    raises), so the run ends with n - n/every completed, n/every failed and
+    n/every skipped calls: 900 / 100 / 100 at the issue's size.
+    """
+    assert n % every == 0
+    spec = Spec("W5")
+    refs = [spec.add(maybe_fail, i) for i in range(n)]
+    spec.outputs = [spec.add(total, refs[g : g + every]).index for g in range(0, n, every)]
+    return spec
+
+
+def w5_counts(n: int = W5_TASKS, every: int = W5_EVERY) -> tuple[int, int, int]:
+    """(completed, failed, skipped) that W5 must end with."""
+    return n - n // every, n // every, n // every
+
+
+def check_w5(out: Outcome, n: int = W5_TASKS, every: int = W5_EVERY) -> None:
+    completed, failed, skipped = w5_counts(n, every)
+    assert out.n_calls == n + n // every
+    assert out.failed == set(range(0, n, every))
+    assert len(out.skipped) == skipped
+    assert out.n_completed == completed
+    assert len(out.failed) == failed
+
+
+def w6_spec(width: int = W6_WIDTH, depth: int = W6_DEPTH) -> Spec:
+    """W6 scale: ``depth`` layers of ``width`` nodes, each on 2 nodes of the layer before."""
+    spec = Spec("W6")
+    layer = [spec.add(layer_root, j) for j in range(width)]
+    for _ in range(depth - 1):
+        layer = [spec.add(layer_node, layer[j], layer[(j + 1) % width]) for j in range(width)]
+    spec.outputs = [r.index for r in layer]
+    return spec
+
+
+def check_w6(out: Outcome, width: int = W6_WIDTH, depth: int = W6_DEPTH) -> None:
+    assert not out.failed and not out.skipped
+    assert len(out.values) == width
+    assert set(out.values.values()) == {depth - 1}
+
+
+# -- runners ----------------------------------------------------------------------
+
+
+def run_serial(spec: Spec) -> Outcome:
+    """Every call in order, in this process; a failure skips its dependents."""
+    values: list[Any] = [None] * len(spec.calls)
+    bad: set[int] = set()
+    failed: set[int] = set()
+    skipped: set[int] = set()
+    for k, (fn, args) in enumerate(spec.calls):
+        if any(d in bad for d in _deps(args)):
+            skipped.add(k)
+            bad.add(k)
+            continue
+        try:
+            values[k] = fn(*_resolve(args, values.__getitem__))
+        except Exception:
+            failed.add(k)
+            bad.add(k)
+    return Outcome(
+        {k: values[k] for k in spec.outputs if k not in bad}, failed, skipped, len(spec.calls)
+    )
+
+
+def run_executor(executor: Executor, spec: Spec, max_inflight: int = MAX_INFLIGHT) -> Outcome:
+    """The hand-written dependency driver on a ``concurrent.futures`` executor.
+
+    Submits every call whose inputs are ready (at most ``max_inflight`` in
+    flight), waits for the first to complete, and frees each value once its
+    last dependent has been submitted. A failure skips its dependents
+    (transitively); everything else still runs.
+    """
+    calls = spec.calls
+    n = len(calls)
+    waiting = [0] * n
+    dependents: list[list[int]] = [[] for _ in range(n)]
+    remaining_uses = [0] * n
+    for k, (_fn, args) in enumerate(calls):
+        deps = _deps(args)
+        waiting[k] = len(deps)
+        for d in deps:
+            dependents[d].append(k)
+            remaining_uses[d] += 1
+    outputs = set(spec.outputs)
+    values: dict[int, Any] = {}
+    failed: set[int] = set()
+    skipped: set[int] = set()
+    ready = deque(k for k in range(n) if waiting[k] == 0)
+    inflight: dict[Future[Any], int] = {}
+
+    def skip(k: int) -> None:
+        stack = [k]
+        while stack:
+            for d in dependents[stack.pop()]:
+                if d not in skipped:
+                    skipped.add(d)
+                    stack.append(d)
+
+    while ready or inflight:
+        while ready and len(inflight) < max_inflight:
+            k = ready.popleft()
+            fn, args = calls[k]
+            inflight[executor.submit(fn, *_resolve(args, values.__getitem__))] = k
+            for d in _deps(args):
+                remaining_uses[d] -= 1
+                if remaining_uses[d] == 0 and d not in outputs:
+                    del values[d]
+        done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+        for fut in done:
+            k = inflight.pop(fut)
+            exc = fut.exception()
+            if exc is not None:
+                failed.add(k)
+                skip(k)
+                continue
+            values[k] = fut.result()
+            for d in dependents[k]:
+                waiting[d] -= 1
+                if waiting[d] == 0 and d not in skipped:
+                    ready.append(d)
+    return Outcome({k: values[k] for k in spec.outputs if k in values}, failed, skipped, n)
+
+
+def dask_delayed(spec: Spec) -> list[Any]:
+    """One ``dask.delayed`` object per call (``pure=False``: no hashing of arguments)."""
+    import dask
+
+    objs: list[Any] = []
+    for fn, args in spec.calls:
+        objs.append(dask.delayed(fn, pure=False)(*_resolve(args, objs.__getitem__)))
+    return objs
+
+
+def run_dask_processes(spec: Spec, workers: int = WORKERS) -> Outcome:
+    """``dask.compute(..., scheduler="processes")``: starts its own pool every time."""
+    import dask
+
+    objs = dask_delayed(spec)
+    values = dask.compute(
+        *[objs[k] for k in spec.outputs], scheduler="processes", num_workers=workers
+    )
+    return Outcome(dict(zip(spec.outputs, values)), n_calls=len(spec.calls))
+
+
+def run_distributed(client: Any, spec: Spec, all_states: bool = False) -> Outcome:
+    """``client.compute`` on a dask.distributed cluster.
+
+    With ``all_states`` every call gets a future, so that failed calls and the
+    ones that erred because an upstream failed can be counted (distributed
+    marks both ``error``; a call is counted failed when its own exception is
+    the one the workload raises and it has no failed upstream).
+    """
+    from distributed import wait as dwait
+
+    objs = dask_delayed(spec)
+    if not all_states:
+        futures = client.compute([objs[k] for k in spec.outputs])
+        values = client.gather(futures)
+        return Outcome(dict(zip(spec.outputs, values)), n_calls=len(spec.calls))
+    futures = client.compute(objs)
+    dwait(futures)
+    bad = {k for k, f in enumerate(futures) if f.status == "error"}
+    failed = {k for k in bad if not any(d in bad for d in _deps(spec.calls[k][1]))}
+    values = {k: futures[k].result() for k in spec.outputs if k not in bad}
+    out = Outcome(values, failed, bad - failed, len(spec.calls))
+    for f in futures:
+        f.release()
+    return out
+
+
+@functools.cache
+def as_gx_task(fn: Callable[..., Any]) -> gx.Task:
+    return gx.task(fn)
+
+
+def build_graphexec(spec: Spec) -> tuple[gx.Graph, list[gx.Node]]:
+    """The spec as a graphexec graph: task calls inside ``with graph:``."""
+    graph = gx.Graph(spec.name)
+    nodes: list[gx.Node] = []
+    with graph:
+        for fn, args in spec.calls:
+            nodes.append(as_gx_task(fn)(*_resolve(args, nodes.__getitem__)))
+    return graph, nodes
+
+
+def run_graphexec(spec: Spec, **compute: Any) -> Outcome:
+    """Build the graph and ``graph.compute(**compute)``; states from the Run.
+
+    Pass ``workers=2`` (cold: the compute starts and stops its own pool),
+    ``pool=`` (warm) or ``scheduler="sync"``.
+    """
+    graph, nodes = build_graphexec(spec)
+    compute.setdefault("raise_on_failure", False)
+    run = graph.compute(**compute)
+    return outcome_of_run(spec, nodes, run)
+
+
+def outcome_of_run(spec: Spec, nodes: list[gx.Node], run: gx.Run) -> Outcome:
+    failed: set[int] = set()
+    skipped: set[int] = set()
+    for k, node in enumerate(nodes):
+        name = run.state(node).name
+        if name == "Failed":
+            failed.add(k)
+        elif name == "Skipped":
+            skipped.add(k)
+        else:
+            assert name == "Completed", f"{node.name} ended {name}"
+    values = {k: run[nodes[k]] for k in spec.outputs if k not in failed | skipped}
+    return Outcome(values, failed, skipped, len(nodes))
+
+
+def layered_graph(width: int = W6_WIDTH, depth: int = W6_DEPTH) -> tuple[gx.Graph, list[gx.Node]]:
+    """W6 the way a user writes it: ``depth`` layers of ``width`` task calls.
+
+    Returns the graph and its last layer.
+    """
+    root, node = as_gx_task(layer_root), as_gx_task(layer_node)
+    graph = gx.Graph("W6")
+    with graph:
+        layer = [root(j) for j in range(width)]
+        for _ in range(depth - 1):
+            layer = [node(layer[j], layer[(j + 1) % width]) for j in range(width)]
+    return graph, layer
+
+
+def layered_dict(width: int = W6_WIDTH, depth: int = W6_DEPTH) -> dict[str, Any]:
+    """W6 as a plain dask-style dict of tuples: the floor for building any graph."""
+    graph: dict[str, Any] = {}
+    prev = [f"0-{j}" for j in range(width)]
+    for j, key in enumerate(prev):
+        graph[key] = (layer_root, j)
+    for d in range(1, depth):
+        cur = [f"{d}-{j}" for j in range(width)]
+        for j, key in enumerate(cur):
+            graph[key] = (layer_node, prev[j], prev[(j + 1) % width])
+        prev = cur
+    return graph
+
+
+def layered_delayed(width: int = W6_WIDTH, depth: int = W6_DEPTH) -> list[Any]:
+    """W6 built with ``dask.delayed``; returns the last layer."""
+    import dask
+
+    root = dask.delayed(layer_root, pure=False)
+    node = dask.delayed(layer_node, pure=False)
+    layer = [root(j) for j in range(width)]
+    for _ in range(depth - 1):
+        layer = [node(layer[j], layer[(j + 1) % width]) for j in range(width)]
+    return layer
