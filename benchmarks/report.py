@@ -1,0 +1,325 @@
+"""Print the benchmark tables of issue #5 as markdown.
+
+Commands, from the repository root::
+
+    pip install -e '.[bench]'
+    python -m pytest benchmarks --benchmark-only --benchmark-json=bench.json -p no:cacheprovider
+    python -m benchmarks.report --json bench.json
+
+``python -m benchmarks.report`` without ``--json`` runs that pytest command
+itself first (about 10 minutes on 2 cores; ``--save PATH`` keeps its JSON,
+``-k EXPR`` selects benchmarks as in pytest).
+
+The tables: the median seconds per workload and tool; graphexec's time
+divided by each anchor's (below 1: graphexec is faster), cold (its own pool
+start-up included) and warm (a ``gx.Pool`` started before timing); W3's
+parallel efficiency, serial / (2 x time), from the medians of the same run;
+W6's build time, bytes per node and the cost per node at 10,000 and 100,000
+nodes; and the targets of issue #5, met or missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+# Column order and headings.
+ANCHORS = {
+    "serial": "serial",
+    "ppe": "ProcessPoolExecutor",
+    "loky": "loky",
+    "dask-processes": "dask processes",
+    "dask-distributed": "dask.distributed",
+}
+GX = {"graphexec-cold": "graphexec cold", "graphexec-warm": "graphexec warm"}
+ROWS = {
+    "W1": "W1 5k no-op + sum",
+    "W2": "W2 chain of 500",
+    "W3": "W3 40 x 0.1 s CPU",
+    "W4": "W4 numpy 32 x 16 MB",
+    "W5": "W5 10 % failing",
+    "W6-run-10k": "W6 run 10k nodes",
+    "W6-run-100k": "W6 run 100k nodes",
+    "startup": "start-up (pool + 8 tiny tasks + close)",
+}
+WORKERS = 2
+
+Table = dict[str, dict[str, dict[str, Any]]]  # workload -> tool -> {median, extra}
+
+
+def load(path: str) -> tuple[Table, dict[str, Any]]:
+    """Medians and extra_info by workload and tool, from pytest-benchmark's JSON."""
+    with open(path) as f:
+        data = json.load(f)
+    table: Table = {}
+    for bench in data["benchmarks"]:
+        extra = bench.get("extra_info", {})
+        workload, tool = extra.get("workload"), extra.get("tool")
+        if workload is None or tool is None:
+            continue
+        table.setdefault(workload, {})[tool] = {"median": bench["stats"]["median"], **extra}
+    return table, data
+
+
+def fmt(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 10:
+        return f"{seconds:.1f} s"
+    if seconds >= 0.01:
+        return f"{seconds:.3f} s"
+    return f"{seconds * 1000:.2f} ms"
+
+
+def median(table: Table, workload: str, tool: str) -> float | None:
+    entry = table.get(workload, {}).get(tool)
+    return entry["median"] if entry else None
+
+
+def efficiency(table: Table, tool: str) -> float | None:
+    serial, t = median(table, "W3", "serial"), median(table, "W3", tool)
+    if serial is None or t is None:
+        return None
+    return serial / (WORKERS * t)
+
+
+def medians_table(table: Table) -> list[str]:
+    tools = {**ANCHORS, **GX}
+    lines = [
+        "| workload | " + " | ".join(tools.values()) + " |",
+        "|---|" + "---|" * len(tools),
+    ]
+    for workload, label in ROWS.items():
+        if workload not in table:
+            continue
+        cells = []
+        for tool in tools:
+            cell = fmt(median(table, workload, tool))
+            if workload == "W3" and tool != "serial":
+                eff = efficiency(table, tool)
+                if eff is not None:
+                    cell += f" ({eff:.0%})"
+            if workload == "W5" and tool == "dask-processes":
+                cell = "raises at first error"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def ratios_table(table: Table) -> list[str]:
+    lines = [
+        "| workload | graphexec | " + " | ".join(ANCHORS.values()) + " |",
+        "|---|---|" + "---|" * len(ANCHORS),
+    ]
+    for workload, label in ROWS.items():
+        if workload == "startup":
+            continue
+        for tool, gx_label in GX.items():
+            mine = median(table, workload, tool)
+            if mine is None:
+                continue
+            cells = []
+            for anchor in ANCHORS:
+                other = median(table, workload, anchor)
+                cells.append(f"{mine / other:.2f}" if other else "-")
+            lines.append(f"| {label} | {gx_label.split()[-1]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def w6_lines(table: Table) -> list[str]:
+    lines = [
+        "| nodes | graphexec build | per node | bytes per node | plain dict | dask.delayed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for size in ("10k", "100k"):
+        build = table.get(f"W6-build-{size}", {})
+        gx = build.get("graphexec")
+        if gx is None:
+            continue
+        plain = median(table, f"W6-build-{size}", "plain-dict")
+        delayed = median(table, f"W6-build-{size}", "dask.delayed")
+        lines.append(
+            f"| {gx['nodes']:,} | {fmt(gx['median'])} | {gx['median'] / gx['nodes'] * 1e6:.2f} µs"
+            f" | {gx['bytes_per_node']:.0f} B | {fmt(plain)} | {fmt(delayed)} |"
+        )
+    lines += [
+        "",
+        "Cost per node, 10k vs 100k nodes (flat = linear):",
+        "",
+        "| | 10k | 100k | 100k / 10k |",
+        "|---|---|---|---|",
+    ]
+    rows = [("graphexec build", "W6-build", "graphexec")]
+    rows += [
+        (f"run: {ANCHORS.get(t, GX.get(t, t))}", "W6-run", t)
+        for t in ("serial", "ppe", "loky", "graphexec-warm")
+    ]
+    for label, prefix, tool in rows:
+        per = []
+        for size in ("10k", "100k"):
+            entry = table.get(f"{prefix}-{size}", {}).get(tool)
+            per.append(entry["median"] / entry["nodes"] * 1e6 if entry else None)
+        if per[0] is None and per[1] is None:
+            continue
+        cells = [f"{p:.1f} µs" if p is not None else "-" for p in per]
+        ratio = f"{per[1] / per[0]:.2f}" if None not in per else "-"
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {ratio} |")
+    return lines
+
+
+def targets(table: Table) -> list[str]:
+    """Issue #5's targets (cold: graphexec's pool start-up included) and SPEC §9's."""
+
+    def ratio(workload: str, tool: str, anchor: str) -> float | None:
+        mine, other = median(table, workload, tool), median(table, workload, anchor)
+        return mine / other if mine is not None and other else None
+
+    def verdict(value: float | None, limit: float, below: bool = True) -> str:
+        if value is None:
+            return ""
+        return "met" if (value <= limit if below else value >= limit) else "**missed**"
+
+    rows: list[tuple[str, str, float | None, str]] = []
+    for tool in GX:
+        kind = tool.split("-")[1]
+        r = ratio("W1", tool, "ppe")
+        rows.append((f"W1 {kind}", "≤ 0.5 x ProcessPoolExecutor", r, verdict(r, 0.5)))
+        r = ratio("W1", tool, "dask-processes")
+        rows.append(
+            (
+                f"W1 {kind}",
+                "≤ 0.2 x dask processes (SPEC §9; issue: ≥ 10x faster)",
+                r,
+                verdict(r, 0.2),
+            )
+        )
+        r = ratio("W2", tool, "ppe")
+        rows.append((f"W2 {kind}", "≤ 1 x ProcessPoolExecutor", r, verdict(r, 1.0)))
+        e = efficiency(table, tool)
+        rows.append((f"W3 {kind}", "parallel efficiency ≥ 95 %", e, verdict(e, 0.95, False)))
+        r = ratio("W4", tool, "serial")
+        rows.append((f"W4 {kind}", "≤ 0.55 x serial", r, verdict(r, 0.55)))
+        r = ratio("W4", tool, "dask-distributed")
+        rows.append((f"W4 {kind}", "faster than dask.distributed", r, verdict(r, 1.0)))
+        r = ratio("W4", tool, "dask-processes")
+        rows.append(
+            (f"W4 {kind}", "≥ 3x faster than dask processes (SPEC §9)", r, verdict(r, 1 / 3))
+        )
+        r = ratio("W5", tool, "ppe")
+        rows.append((f"W5 {kind}", "≤ 1 x ProcessPoolExecutor", r, verdict(r, 1.0)))
+    build = table.get("W6-build-100k", {}).get("graphexec")
+    if build:
+        rows.append(
+            ("W6 build", "≤ 1 s for 100k nodes", build["median"], verdict(build["median"], 1.0))
+        )
+        rows.append(
+            (
+                "W6 build",
+                "≤ 1 KB per node",
+                build["bytes_per_node"],
+                verdict(build["bytes_per_node"], 1024),
+            )
+        )
+    lines = ["| workload | target | measured | |", "|---|---|---|---|"]
+    for name, target, value, ok in rows:
+        if value is None:
+            continue  # that workload or anchor was not in this run
+        if "efficiency" in target:
+            shown = f"{value:.1%}"
+        elif "KB" in target:
+            shown = f"{value:.0f} B"
+        elif name == "W6 build":
+            shown = fmt(value)
+        else:
+            shown = f"{value:.2f} x"
+        lines.append(f"| {name} | {target} | {shown} | {ok} |")
+    return lines
+
+
+def report(table: Table, data: dict[str, Any]) -> str:
+    machine = data.get("machine_info", {})
+    cpu = machine.get("cpu", {})
+    header = [
+        f"Run {data.get('datetime', '?')} on {cpu.get('count', '?')} cores "
+        f"({cpu.get('brand_raw') or machine.get('processor') or '?'}), Python "
+        f"{machine.get('python_version', '?')}, workers={WORKERS}. Medians; building the "
+        "graph is inside every time except W6-run's.",
+    ]
+    out = [
+        "## Median seconds",
+        "",
+        *header,
+        "",
+        *medians_table(table),
+        "",
+        "## graphexec time / anchor time (below 1: graphexec is faster)",
+        "",
+        *ratios_table(table),
+        "",
+        *(["## W6 scale", "", *w6_lines(table), ""] if "W6-build-10k" in table else []),
+        "## Targets of issue #5 (ratios: graphexec / anchor)",
+        "",
+        *targets(table),
+    ]
+    return "\n".join(out) + "\n"
+
+
+def run_benchmarks(json_path: str, select: str | None) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "benchmarks",
+        "--benchmark-only",
+        f"--benchmark-json={json_path}",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+    ]
+    if select:
+        cmd += ["-k", select]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    print("$", " ".join(cmd), file=sys.stderr)
+    subprocess.run(cmd, cwd=root, check=True, stdout=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--json", help="pytest-benchmark JSON to read (default: run them now)")
+    parser.add_argument("--save", help="where to keep the JSON of a fresh run")
+    parser.add_argument("-k", dest="select", help="pytest -k expression for a fresh run")
+    args = parser.parse_args(argv)
+    path, scratch = args.json, False
+    if path is None:
+        if args.save:
+            path = os.path.abspath(args.save)
+        else:
+            fd, path = tempfile.mkstemp(suffix=".json", prefix="graphexec-bench-")
+            os.close(fd)
+            scratch = True
+        try:
+            run_benchmarks(path, args.select)
+            table, data = load(path)
+        finally:
+            if scratch:
+                os.unlink(path)
+    else:
+        table, data = load(path)
+    if not table:
+        print(f"{path}: no graphexec benchmarks in it", file=sys.stderr)
+        return 1
+    sys.stdout.write(report(table, data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
