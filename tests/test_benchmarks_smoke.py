@@ -1,0 +1,92 @@
+"""Keep benchmarks/ working: its workloads at tiny sizes, its drivers and its report.
+
+The benchmarks themselves are slow and live outside ``testpaths``; run them
+as ``benchmarks/README.md`` says.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not add it
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import report  # noqa: E402
+from benchmarks import workloads as w  # noqa: E402
+
+W1_N = 50
+W5_N, W5_EVERY = 40, 10
+
+
+@pytest.fixture(params=["sync", "processes"])
+def run_gx(request, pool):
+    if request.param == "sync":
+        return lambda spec: w.run_graphexec(spec, scheduler="sync")
+    return lambda spec: w.run_graphexec(spec, pool=pool)
+
+
+def test_w1_on_graphexec(run_gx):
+    w.check_w1(run_gx(w.w1_spec(W1_N)), W1_N)
+
+
+def test_w5_on_graphexec(run_gx):
+    out = run_gx(w.w5_spec(W5_N, W5_EVERY))
+    w.check_w5(out, W5_N, W5_EVERY)
+    assert (out.n_completed, len(out.failed), len(out.skipped)) == w.w5_counts(W5_N, W5_EVERY)
+
+
+def test_anchor_drivers():
+    w.check_w1(w.run_serial(w.w1_spec(W1_N)), W1_N)
+    w.check_w5(w.run_serial(w.w5_spec(W5_N, W5_EVERY)), W5_N, W5_EVERY)
+    with ProcessPoolExecutor(max_workers=2) as ex:
+        # max_inflight below the task count exercises the driver's refill.
+        w.check_w1(w.run_executor(ex, w.w1_spec(W1_N), max_inflight=8), W1_N)
+        w.check_w5(w.run_executor(ex, w.w5_spec(W5_N, W5_EVERY), max_inflight=8), W5_N, W5_EVERY)
+        w.check_w2(w.run_executor(ex, w.w2_spec(10)), 10)
+
+
+def test_w6_builders_agree():
+    graph, last = w.layered_graph(5, 4)
+    assert len(graph) == 20 and len(last) == 5
+    assert len(w.layered_dict(5, 4)) == 20
+    w.check_w6(w.run_graphexec(w.w6_spec(5, 4), scheduler="sync"), 5, 4)
+    run = graph.compute(scheduler="sync")
+    assert {run[node] for node in last} == {3}
+
+
+def test_report_reads_pytest_benchmark_json(tmp_path):
+    benches = []
+    for workload, times in {
+        "W1": {"serial": 0.01, "ppe": 0.6, "graphexec-cold": 0.3, "graphexec-warm": 0.15},
+        "W3": {"serial": 4.0, "ppe": 2.05, "graphexec-cold": 2.1, "graphexec-warm": 2.0},
+    }.items():
+        for tool, median in times.items():
+            benches.append(
+                {"stats": {"median": median}, "extra_info": {"workload": workload, "tool": tool}}
+            )
+    benches.append(
+        {
+            "stats": {"median": 0.4},
+            "extra_info": {
+                "workload": "W6-build-100k",
+                "tool": "graphexec",
+                "nodes": 100_000,
+                "bytes_per_node": 325.0,
+            },
+        }
+    )
+    benches.append({"stats": {"median": 1.0}, "extra_info": {}})  # not one of ours: ignored
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": benches, "datetime": "today"}))
+    table, data = report.load(str(path))
+    text = report.report(table, data)
+    assert "| W1 5k no-op + sum | 0.010 s | 0.600 s |" in text
+    assert "2.000 s (100%)" in text  # W3 warm: 4.0 / (2 x 2.0)
+    assert "| W1 5k no-op + sum | cold | 30.00 | 0.50 |" in text
+    assert "| W6 build | ≤ 1 KB per node | 325 B | met |" in text
