@@ -1,0 +1,180 @@
+"""Large arrays travel through shared memory, are isolated copy-on-write, and never leak."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import graphexec as gx
+
+N = 1_000_000  # 8 MB of float64: far above the 64 KiB shared-memory threshold
+
+
+def _ours(pid=None):
+    prefix = f"gx-{pid or os.getpid()}-"
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
+
+
+@gx.task
+def make(seed):
+    return np.random.default_rng(seed).random(N)
+
+
+@gx.task
+def shm_entries_now(array, parent_pid):
+    # Runs in a worker while the upstream value is alive: it must be in /dev/shm.
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"gx-{parent_pid}-")]
+
+
+@gx.task
+def zero_in_place(array):
+    array[:] = 0.0  # writes to a private copy-on-write page set
+    return float(array.sum())
+
+
+@gx.task
+def total_later(array, delay):
+    time.sleep(delay)
+    return float(array.sum())
+
+
+@gx.task
+def sort(array):
+    return np.sort(array)
+
+
+@gx.task
+def total(arrays):
+    return float(sum(a.sum() for a in arrays))
+
+
+@gx.task
+def die(array):
+    os._exit(7)
+
+
+@pytest.fixture(autouse=True)
+def no_shm_leftovers():
+    before = set(_ours())
+    yield
+    assert set(_ours()) - before == set(), "shared-memory segments left behind"
+
+
+@pytest.mark.timeout(30)
+def test_large_values_travel_in_shared_memory(pool):
+    graph = gx.Graph()
+    with graph:
+        seen = shm_entries_now(make(1), os.getpid())
+    run = graph.compute(pool=pool)
+    assert run[seen], "the array should have been in /dev/shm while its consumer ran"
+
+
+@pytest.mark.timeout(30)
+def test_a_task_mutating_its_input_does_not_touch_other_consumers(pool):
+    expected = float(np.random.default_rng(2).random(N).sum())
+    graph = gx.Graph()
+    with graph:
+        array = make(2)
+        zeroed = zero_in_place(array)
+        other = total_later(array, 0.3)
+    run = graph.compute(pool=pool, keep="all")
+    assert run[zeroed] == 0.0
+    assert run[other] == pytest.approx(expected)
+    np.testing.assert_array_equal(run[array], np.random.default_rng(2).random(N))
+
+
+@pytest.mark.timeout(60)
+def test_recycled_segments_carry_the_right_values(pool):
+    graph = gx.Graph()
+    with graph:
+        result = total([sort(make(i)) for i in range(12)])
+    expected = sum(float(np.sort(np.random.default_rng(i).random(N)).sum()) for i in range(12))
+    for _ in range(2):  # the second round reuses segments freed in the first
+        assert graph.compute(pool=pool)[result] == pytest.approx(expected)
+
+
+@pytest.mark.timeout(30)
+def test_kept_large_values_are_readable_after_the_run(pool):
+    graph = gx.Graph()
+    with graph:
+        arrays = [sort(make(i)) for i in range(3)]
+    run = graph.compute(pool=pool)
+    assert _ours() == []  # mapped privately and unlinked at the end of the run
+    for i, node in enumerate(arrays):
+        np.testing.assert_array_equal(run[node], np.sort(np.random.default_rng(i).random(N)))
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_dying_while_holding_an_array_leaks_nothing(pool):
+    graph = gx.Graph()
+    with graph:
+        array = make(3)
+        dead = die(array)
+        fine = total_later(array, 0.0)
+    run = graph.compute(pool=pool, raise_on_failure=False)
+    assert isinstance(run.state(dead).exception, gx.WorkerCrashed)
+    assert run[fine] == pytest.approx(float(np.random.default_rng(3).random(N).sum()))
+
+
+@pytest.mark.timeout(30)
+def test_fail_fast_with_arrays_in_flight_leaks_nothing(pool):
+    graph = gx.Graph()
+    with graph:
+        arrays = [make(i) for i in range(4)]
+        dead = die(arrays[0])
+        rest = [total_later(a, 2.0) for a in arrays[1:]]
+    with pytest.raises(gx.GraphFailed) as info:
+        graph.compute(pool=pool, fail_fast=True)
+    assert info.value.run.state(dead).is_failed()
+    assert any(info.value.run.state(n).is_cancelled() for n in rest)
+
+
+PARENT = textwrap.dedent(
+    """
+    import time
+    import numpy as np
+    import graphexec as gx
+
+    @gx.task
+    def make(seed):
+        return np.random.default_rng(seed).random(1_000_000)
+
+    @gx.task
+    def hold(array):
+        print("holding", flush=True)
+        time.sleep(60)
+
+    graph = gx.Graph()
+    with graph:
+        arrays = [make(i) for i in range(2)]
+        held = [hold(a) for a in arrays]
+    graph.compute(workers=2)
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_parent_leaves_no_shared_memory(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while proc.stdout.readline().find("holding") < 0:
+            assert time.monotonic() < deadline, "the script never started its tasks"
+        assert _ours(proc.pid), "arrays should be in shared memory while held"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while _ours(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the workers' watchdogs notice within about a second
+        assert _ours(proc.pid) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
