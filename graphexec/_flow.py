@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from ._errors import GraphFailed
-from ._graph import Graph, Node
+from ._graph import Graph, Node, _rebuild, allow_failure
 from ._order import post_order, sinks
 from ._run import Run
 from ._state import FINAL, PENDING, RUNNING, State
@@ -160,8 +160,9 @@ class Session:
         self.run = Run(self.graph, [], _Everything())  # type: ignore[arg-type]
         self.executor = executor
         self._make_store = lambda: CacheStore(cache_dir)
+        self._published = 0  # scheduler.done when waiters were last woken
         self.scheduler = Scheduler(
-            self.graph, self.run, executor, fail_fast=fail_fast,
+            self.graph, self.run, _PublishingExecutor(self, executor), fail_fast=fail_fast,
             limits=check_limits(limits), observer=observer,
         )
         self._lock = threading.Lock()
@@ -170,7 +171,6 @@ class Session:
         self._closing = False
         self._error: BaseException | None = None
         self._finish_order: list[int] = []
-        self._published = 0
         self._thread = threading.Thread(target=self._serve, name=f"graphexec-{name}",
                                         daemon=True)
         self._thread.start()
@@ -195,6 +195,7 @@ class Session:
         return bool(self._new)
 
     def _publish(self) -> None:
+        self._published = self.scheduler.done
         with self._cond:
             self._cond.notify_all()
 
@@ -306,6 +307,28 @@ class Session:
         return run
 
 
+class _PublishingExecutor:
+    """The session's executor as its scheduler sees it: publishes before each poll.
+
+    The serve loop publishes after each scheduler step, but a node can also end
+    while it is admitted (a cache hit, a skip, a cancellation), just before the
+    scheduler blocks in ``poll`` waiting for work; a future waiting for such a
+    node would otherwise sleep until its own next look (half a second).
+    """
+
+    def __init__(self, session: Session, executor: Any) -> None:
+        self._session = session
+        self._poll = executor.poll
+        self.submit = executor.submit
+        self.cancel_running = executor.cancel_running
+
+    def poll(self, timeout: float | None) -> Any:
+        session = self._session
+        if session.scheduler.done != session._published:
+            session._publish()
+        return self._poll(timeout)
+
+
 class WaitResult(NamedTuple):
     """``(done, not_done)`` sets of futures, as ``concurrent.futures.wait`` returns."""
 
@@ -332,8 +355,11 @@ def wait(
         if (
             len(done) == len(futures)
             or (return_when == "FIRST_COMPLETED" and done)
+            # (reading the session's state, not f.state: waiting is not looking
+            # at a failure, which stays unhandled until result() or .state)
             or (return_when == "FIRST_EXCEPTION"
-                and any(f.state.name not in ("Completed", "Cached") for f in done))
+                and any(f._session._state(f.index).name not in ("Completed", "Cached")
+                        for f in done))
         ):
             return WaitResult(done, futures - done)
         remaining = None if deadline is None else deadline - time.monotonic()
@@ -411,7 +437,10 @@ class Flow:
             except BaseException as exc:
                 session.cancel(f"the flow body raised {type(exc).__name__}")
                 session.close()
-                exc.run = session.run  # type: ignore[attr-defined]
+                if getattr(exc, "run", None) is None:
+                    # (a GraphFailed from a lazy graph computed in the body keeps
+                    # that graph's Run, whose nodes the user holds)
+                    exc.run = session.run  # type: ignore[attr-defined]
                 raise
             session.close()
         finally:
@@ -439,29 +468,27 @@ def _make_observer(progress: Any) -> Any:
 
 
 def _resolve(value: Any) -> Any:
-    """The flow's return value with futures and nodes in it replaced by their values."""
-    from ._graph import substitute
+    """The flow's return value with futures and nodes in it replaced by their values.
 
-    found: dict[int, Any] = {}
-    futures: list[Future] = []
-    _collect(value, futures)
-    if not futures:
-        return value
-    for f in futures:
-        found[f.index] = f.result()
-    return substitute(value, found)
-
-
-def _collect(obj: Any, out: list[Future]) -> None:
-    if isinstance(obj, Future):
-        out.append(obj)
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _collect(k, out)
-            _collect(v, out)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for v in obj:
-            _collect(v, out)
+    A future gives its result; a node of a lazy graph its value in that graph's
+    latest run (a graph computed in the body). Nodes of different graphs share
+    indices, so each is looked up by its own graph, never by index alone.
+    """
+    if isinstance(value, Node):  # a Future, or a lazy graph's node
+        return value.result()
+    if isinstance(value, allow_failure):
+        return _resolve(value.value)
+    if isinstance(value, dict):
+        items = [(_resolve(k), _resolve(v)) for k, v in value.items()]
+        if all(a is k and b is v for (a, b), (k, v) in zip(items, value.items())):
+            return value
+        return _rebuild(value, items, dict)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_resolve(v) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        return _rebuild(value, items, None)
+    return value
 
 
 _FLOW_OPTIONS = {
