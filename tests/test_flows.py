@@ -1,0 +1,780 @@
+"""Futures and flows (SPEC §6, issue #7): Prefect-style ``submit()`` code on graphexec.
+
+Times are recorded inside the tasks (``time.time()`` at start and end, the
+worker's pid) and returned, so ordering, overlap and "which pool ran it" are
+measured where the work happens, not guessed from the parent. Key behaviours
+run on the three schedulers (``@gx.flow(scheduler=...)``): eager code must mean
+the same thing on processes, threads and in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import pytest
+
+import graphexec as gx
+
+ALL = ("processes", "threads", "sync")
+PARALLEL = ("processes", "threads")  # where tasks really run side by side
+
+
+def make_flow(body, scheduler="processes", **options):
+    """``body`` as a flow on ``scheduler`` (two workers unless told otherwise)."""
+    if scheduler != "sync":
+        options.setdefault("workers", 2)
+    return gx.flow(scheduler=scheduler, **options)(body)
+
+
+def run_flow(body, scheduler="processes", **options):
+    return make_flow(body, scheduler, **options)()
+
+
+# -- tasks -------------------------------------------------------------------------
+
+
+@gx.task
+def span(tag, seconds=0.0, *inputs):
+    """Sleep, and say when and where: ``{tag, start, end, pid, inputs}``."""
+    start = time.time()
+    time.sleep(seconds)
+    return {"tag": tag, "start": start, "end": time.time(), "pid": os.getpid(),
+            "inputs": [i["tag"] if isinstance(i, dict) else i for i in inputs]}
+
+
+@gx.task(max_concurrency=1)
+def solo(tag, seconds):
+    start = time.time()
+    time.sleep(seconds)
+    return {"tag": tag, "start": start, "end": time.time()}
+
+
+@gx.task(tags=["db"])
+def db_write(tag, seconds):
+    start = time.time()
+    time.sleep(seconds)
+    return {"tag": tag, "start": start, "end": time.time()}
+
+
+@gx.task
+def add(a, b=0):
+    return a + b
+
+
+@gx.task
+def total(values):
+    """Sum of a structure of numbers (lists, tuples, dict values)."""
+    if isinstance(values, dict):
+        return sum(total.fn(v) for v in values.values())
+    if isinstance(values, (list, tuple)):
+        return sum(total.fn(v) for v in values)
+    return values
+
+
+@gx.task
+def explode(message="boom"):
+    raise ValueError(message)
+
+
+@gx.task
+def describe(value):
+    if isinstance(value, gx.State):
+        return ("state", value.name, type(value.exception).__name__)
+    if isinstance(value, BaseException):
+        return ("exception", type(value).__name__, str(value))
+    return ("value", value)
+
+
+@gx.task
+def touch(path, *_):
+    with open(path, "w") as f:
+        f.write("ran")
+    return path
+
+
+@gx.task
+def pid(*_):
+    time.sleep(0.05)
+    return os.getpid()
+
+
+@gx.task
+def noop(x):
+    return x
+
+
+@gx.task(return_state=True)
+def risky_state(message):
+    raise ValueError(message)
+
+
+@gx.task(cache_key_fn=gx.task_input_hash, cache_expiration=timedelta(hours=1))
+def cached_square(x):
+    return x * x
+
+
+def max_overlap(spans):
+    """The largest number of spans running at the same moment (touching ends don't count)."""
+    events = sorted([(s["start"], 1) for s in spans] + [(s["end"], -1) for s in spans])
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def overlaps(a, b):
+    return a["start"] < b["end"] and b["start"] < a["end"]
+
+
+# -- futures resolve in dependency order ---------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ALL)
+def test_a_chain_of_submits_runs_in_order_with_values(scheduler):
+    def body():
+        a = span.submit("a", 0.05)
+        b = span.submit("b", 0.05, a)
+        c = span.submit("c", 0.05, b)
+        return a, b, c, add.submit(add.submit(1, 2), add.submit(10))
+
+    a, b, c, number = run_flow(body, scheduler)
+    assert number == 13
+    assert b["inputs"] == ["a"] and c["inputs"] == ["b"]
+    assert a["end"] <= b["start"] and b["end"] <= c["start"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ALL)
+def test_a_diamond_of_submits_waits_for_both_sides(scheduler):
+    def body():
+        top = span.submit("top", 0.05)
+        left = span.submit("left", 0.3, top)
+        right = span.submit("right", 0.3, top)
+        bottom = span.submit("bottom", 0.0, left, right)
+        return {"top": top, "left": left, "right": right, "bottom": bottom}
+
+    got = run_flow(body, scheduler)
+    assert got["bottom"]["inputs"] == ["left", "right"]
+    assert got["left"]["start"] >= got["top"]["end"]
+    assert got["right"]["start"] >= got["top"]["end"]
+    assert got["bottom"]["start"] >= max(got["left"]["end"], got["right"]["end"])
+    if scheduler != "sync":  # independent branches do not wait for each other
+        assert overlaps(got["left"], got["right"])
+
+
+@pytest.mark.timeout(30)
+def test_submit_returns_at_once_and_the_future_reports_its_state():
+    seen = {}
+
+    def body():
+        started = time.perf_counter()
+        slow = span.submit("slow", 0.6)
+        seen["submit_seconds"] = time.perf_counter() - started
+        seen["done_at_once"] = slow.done()
+        seen["first_state"] = slow.state.name
+        deadline = time.monotonic() + 5
+        while slow.state.name != "Running" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["running"] = slow.state.name
+        with pytest.raises(TimeoutError, match=r"span-0 did not finish within 0\.05 s"):
+            slow.result(timeout=0.05)
+        seen["done_after_timeout"] = slow.done()
+        state = slow.wait()
+        seen["waited"] = (state.name, slow.done(), slow.state.name)
+        seen["repr"] = repr(slow)
+        return slow.result()["tag"]
+
+    assert run_flow(body) == "slow"
+    assert seen["submit_seconds"] < 0.3
+    assert seen["done_at_once"] is False
+    assert seen["first_state"] in ("Pending", "Running")
+    assert seen["running"] == "Running"
+    assert seen["done_after_timeout"] is False
+    assert seen["waited"] == ("Completed", True, "Completed")
+    assert seen["repr"] == "<Future span-0 (Completed)>"
+
+
+@pytest.mark.timeout(30)
+def test_future_wait_timeout_raises_and_a_later_result_still_works():
+    def body():
+        slow = span.submit("slow", 0.5)
+        with pytest.raises(TimeoutError):
+            slow.wait(timeout=0.05)
+        return slow.result(timeout=10)["tag"]
+
+    assert run_flow(body) == "slow"
+
+
+# -- as_completed and wait -------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ALL)
+def test_as_completed_yields_in_completion_order(scheduler):
+    def body():
+        futures = [span.submit(f"t{i}", s) for i, s in enumerate([0.9, 0.05, 0.45])]
+        return [f.result() for f in gx.as_completed(futures)]
+
+    got = run_flow(body, scheduler, workers=3) if scheduler != "sync" else run_flow(body, "sync")
+    assert [g["end"] for g in got] == sorted(g["end"] for g in got)
+    if scheduler != "sync":  # all three run at once: the shortest sleep ends first
+        assert [g["tag"] for g in got] == ["t1", "t2", "t0"]
+
+
+@pytest.mark.timeout(30)
+def test_as_completed_timeout_raises():
+    def body():
+        slow = span.submit("slow", 1.0)
+        fast = span.submit("fast", 0.0)
+        yielded = []
+        with pytest.raises(TimeoutError, match=r"1 futures unfinished after 0\.3 s"):
+            for f in gx.as_completed([slow, fast], timeout=0.3):
+                yielded.append(f.result()["tag"])
+        return yielded
+
+    assert run_flow(body) == ["fast"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", PARALLEL)
+def test_wait_first_completed(scheduler):
+    def body():
+        fast = span.submit("fast", 0.05)
+        slow = span.submit("slow", 1.5)
+        started = time.perf_counter()
+        done, not_done = gx.wait([fast, slow], return_when="FIRST_COMPLETED")
+        elapsed = time.perf_counter() - started
+        return done == {fast}, not_done == {slow}, elapsed
+
+    first, rest, elapsed = run_flow(body, scheduler)
+    assert first and rest
+    assert elapsed < 1.2
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", PARALLEL)
+def test_wait_first_exception_and_the_failure_stays_unhandled(scheduler):
+    """Waiting is not looking: a failure wait() noticed still fails the flow."""
+    result = {}
+
+    def body():
+        slow = span.submit("slow", 1.5)
+        bad = explode.submit("first failure")
+        started = time.perf_counter()
+        done, not_done = gx.wait([slow, bad], return_when="FIRST_EXCEPTION")
+        result["elapsed"] = time.perf_counter() - started
+        result["sets"] = ({f.name for f in done}, {f.name for f in not_done})
+
+    with pytest.raises(gx.GraphFailed, match="explode-0") as info:
+        run_flow(body, scheduler)
+    assert result["sets"] == ({"explode-0"}, {"span-0"})
+    assert result["elapsed"] < 1.2
+    assert [n.name for n in info.value.run.unhandled] == ["explode-0"]
+
+
+@pytest.mark.timeout(30)
+def test_wait_all_completed_and_timeout():
+    result = {}
+
+    def body():
+        quick = [span.submit(f"q{i}", 0.05) for i in range(3)]
+        slow = span.submit("slow", 1.0)
+        started = time.perf_counter()
+        done, not_done = gx.wait([*quick, slow], timeout=0.4)
+        result["timeout"] = (done == set(quick), not_done == {slow},
+                             time.perf_counter() - started)
+        done, not_done = gx.wait([*quick, slow])  # ALL_COMPLETED
+        result["all"] = (done == {*quick, slow}, not_done)
+        assert isinstance(gx.wait(quick), gx.WaitResult)
+        with pytest.raises(ValueError, match="return_when='ANY'"):
+            gx.wait(quick, return_when="ANY")
+
+    run_flow(body)
+    all_quick, only_slow, elapsed = result["timeout"]
+    assert all_quick and only_slow
+    assert 0.35 <= elapsed < 0.9
+    assert result["all"] == (True, set())
+
+
+# -- wait_for, nesting, allow_failure, return_state ------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ALL)
+def test_wait_for_futures_orders_without_passing_values(scheduler):
+    def body():
+        a = span.submit("a", 0.2)
+        b = span.submit("b", 0.05)
+        after = span.submit("after", 0.0, wait_for=[a, b])
+        return a, b, after
+
+    a, b, after = run_flow(body, scheduler)
+    assert after["inputs"] == []  # order only
+    assert after["start"] >= max(a["end"], b["end"])
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ALL)
+def test_wait_for_a_failed_future_skips_the_dependent(scheduler, tmp_path):
+    marker = tmp_path / "published"
+
+    def body():
+        a = span.submit("a", 0.0)
+        b = explode.submit("upstream broke")
+        touch.submit(str(marker), wait_for=[a, b])
+
+    with pytest.raises(gx.GraphFailed) as info:
+        run_flow(body, scheduler)
+    run = info.value.run
+    assert not marker.exists()
+    state = run.state(next(n for n in run.nodes if n.name == "touch-0"))
+    assert state.name == "Skipped"
+    assert "explode-0 failed" in state.message
+    assert [n.name for n in run.unhandled] == ["explode-0"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ALL)
+def test_wait_for_with_allow_failure_runs_the_dependent(scheduler, tmp_path):
+    marker = tmp_path / "published"
+
+    def body():
+        a = span.submit("a", 0.0)
+        b = explode.submit("upstream broke")
+        return touch.submit(str(marker), wait_for=[a, gx.allow_failure(b)])
+
+    assert run_flow(body, scheduler) == str(marker)  # b's failure is handled: no raise
+    assert marker.exists()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ALL)
+def test_futures_nested_in_lists_and_dicts_are_arguments(scheduler):
+    def body():
+        one, two, three = add.submit(1), add.submit(2), add.submit(3)
+        nested = total.submit({"a": [one, (two, 100)], "b": {"c": three}})
+        as_kwarg = total.submit(values=[one, [two, [three]]])
+        return nested, as_kwarg
+
+    assert run_flow(body, scheduler) == (106, 6)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ALL)
+def test_allow_failure_on_a_future(scheduler):
+    def body():
+        bad = explode.submit("sensor offline")
+        seen = describe.submit(gx.allow_failure(bad))
+        in_list = total.submit(gx.allow_failure([add.submit(1), 2]))
+        return seen, in_list
+
+    seen, in_list = run_flow(body, scheduler)  # the failure was accepted: no GraphFailed
+    assert seen == ("exception", "ValueError", "sensor offline")
+    assert in_list == 3
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ALL)
+def test_return_state_on_submit_and_on_a_plain_call(scheduler):
+    seen = {}
+
+    def body():
+        state_future = explode.submit("gave a state", return_state=True)
+        dependent = describe.submit(state_future)
+        seen["plain"] = risky_state("plain call")  # @gx.task(return_state=True)
+        seen["plain_ok"] = add(2, 3, return_state=True)
+        return dependent
+
+    assert run_flow(body, scheduler) == ("state", "Failed", "ValueError")
+    assert isinstance(seen["plain"], gx.State)
+    assert seen["plain"].is_failed() and str(seen["plain"].exception) == "plain call"
+    assert seen["plain_ok"].name == "Completed" and seen["plain_ok"].result() == 5
+
+
+# -- failures inside flows ----------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ALL)
+def test_failures_caught_in_the_body_let_the_flow_return(scheduler):
+    caught = []
+
+    def body():
+        try:
+            explode("plain call failed")  # runs on the pool, raises here
+        except ValueError as exc:
+            caught.append(str(exc))
+        future = explode.submit("future failed")
+        try:
+            future.result()
+        except ValueError as exc:
+            caught.append(str(exc))
+        looked = explode.submit("state was read")
+        looked.wait()
+        caught.append(looked.state.name)
+        unraised = explode.submit("returned, not raised").result(raise_on_failure=False)
+        caught.append(repr(unraised))
+        return add(1, 2)
+
+    assert run_flow(body, scheduler) == 3
+    assert caught == ["plain call failed", "future failed", "Failed",
+                      "ValueError('returned, not raised')"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ALL)
+def test_an_unhandled_failure_raises_graph_failed_after_the_body(scheduler):
+    progress = []
+
+    def body():
+        good = add.submit(1, 2)
+        bad = explode.submit("nobody looked")
+        skipped = add.submit(bad, 1)
+        progress.append("body finished")
+        return good, skipped.name
+
+    with pytest.raises(gx.GraphFailed, match="explode-0") as info:
+        run_flow(body, scheduler)
+    assert progress == ["body finished"]  # raised at the end, not in the middle
+    run = info.value.run
+    assert isinstance(run, gx.Run)
+    assert [n.name for n in run.failed] == ["explode-0"]
+    assert [n.name for n in run.skipped] == ["add-1"]
+    assert [n.name for n in run.completed] == ["add-0"]
+    assert isinstance(info.value.__cause__, ValueError)
+    assert "nobody looked" in str(info.value)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ALL)
+def test_a_dependent_of_a_failed_future_is_skipped(scheduler):
+    seen = {}
+
+    def body():
+        bad = explode.submit("root cause")
+        child = add.submit(bad, 1)
+        grandchild = add.submit(child, 1)
+        seen["child"] = child.wait()
+        seen["grandchild"] = grandchild.wait()
+        with pytest.raises(gx.UpstreamFailed):
+            grandchild.result()
+        with pytest.raises(ValueError, match="root cause"):
+            bad.result()  # looked at: handled
+
+    run_flow(body, scheduler)
+    assert seen["child"].name == "Skipped" and seen["child"].upstream == "explode-0"
+    assert seen["grandchild"].name == "Skipped"
+    assert "explode-0 failed" in seen["grandchild"].message
+
+
+@pytest.mark.timeout(30)
+def test_returning_a_failed_future_raises_its_exception_with_the_run():
+    def body():
+        return explode.submit("returned failure")
+
+    with pytest.raises(ValueError, match="returned failure") as info:
+        run_flow(body)
+    assert [n.name for n in info.value.run.failed] == ["explode-0"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ALL)
+def test_the_return_value_has_futures_and_lazy_nodes_resolved(scheduler):
+    def body():
+        fut = add.submit(1, 2)  # index 0 of the flow's graph ...
+        graph = gx.Graph()
+        with graph:
+            node = add(100, 200)  # ... and index 0 of the lazy graph
+        graph.compute()
+        return {"future": fut, "node": node, "nested": [fut, (node, "x")], "plain": 7}
+
+    assert run_flow(body, scheduler) == {
+        "future": 3, "node": 300, "nested": [3, (300, "x")], "plain": 7,
+    }
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", PARALLEL)
+def test_an_exception_in_the_body_cancels_pending_tasks_and_reraises(scheduler, tmp_path):
+    marker = tmp_path / "dependent-ran"
+    seconds = 10 if scheduler == "processes" else 1.5  # threads cannot be killed
+
+    def body():
+        slow = span.submit("slow", seconds)
+        touch.submit(str(marker), slow)
+        time.sleep(0.2)
+        raise KeyError("the body broke")
+
+    started = time.perf_counter()
+    with pytest.raises(KeyError, match="the body broke") as info:
+        run_flow(body, scheduler)
+    assert time.perf_counter() - started < seconds - 0.3  # did not wait for the task
+    run = info.value.run
+    assert {n.name: run.state(n).name for n in run.nodes} == {
+        "span-0": "Cancelled", "touch-0": "Cancelled",
+    }
+    assert "the flow body raised KeyError" in run.state(run.nodes[0]).message
+    time.sleep(0.1)
+    assert not marker.exists()
+
+
+# -- plain calls and pools ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_plain_call_in_a_flow_runs_on_the_pool_and_returns_the_value():
+    def body():
+        return pid(), os.getpid()
+
+    worker, me = run_flow(body)
+    assert isinstance(worker, int) and worker != me
+    assert pid() == os.getpid()  # outside a flow: a plain function
+
+
+@pytest.mark.timeout(30)
+def test_a_lazy_graph_computed_in_a_flow_uses_the_flows_pool():
+    seen = {}
+
+    def body():
+        eager = [pid.submit(i) for i in range(6)]  # keep both workers busy: both start
+        seen["eager_pids"] = {f.result() for f in eager}
+        graph = gx.Graph("lazy")
+        with graph:
+            lazy = [pid(i) for i in range(6)]
+            both = total(lazy)
+        run = graph.compute()
+        seen["run"] = run
+        seen["lazy_values"] = [run[n] for n in lazy]
+        seen["both"] = both.result()  # node.result() reads the graph's latest run
+        return run
+
+    run = run_flow(body, workers=2)
+    assert isinstance(run, gx.Run) and run is seen["run"]
+    assert run.graph.name == "lazy" and run.ok and len(run.completed) == 7
+    assert set(seen["lazy_values"]) <= seen["eager_pids"]
+    assert len(seen["eager_pids"]) == 2 and os.getpid() not in seen["eager_pids"]
+    assert seen["both"] == sum(seen["lazy_values"])
+
+
+def _lazy_failure(catch, held):
+    graph = gx.Graph("lazy")
+    with graph:
+        bad = explode("lazy broke")
+        add(bad, 1)
+    held["bad"] = bad
+    if not catch:
+        graph.compute()
+    try:
+        graph.compute()
+    except gx.GraphFailed as failure:
+        return failure.run.state(bad).name
+    return None
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_lazy_graph_in_a_flow_raises_graph_failed_with_its_own_run():
+    held = {}
+    assert run_flow(lambda: _lazy_failure(True, held)) == "Failed"  # caught: flow returns
+
+    with pytest.raises(gx.GraphFailed, match="explode-0") as info:
+        run_flow(lambda: _lazy_failure(False, held))
+    run = info.value.run  # the lazy graph's Run, whose nodes the user holds
+    assert run.graph.name == "lazy"
+    assert run.state(held["bad"]).name == "Failed"
+    assert [n.name for n in run.skipped] == ["add-0"]
+
+
+@pytest.mark.timeout(30)
+def test_with_pool_makes_submit_eager_outside_a_flow():
+    with gx.Pool(workers=2) as pool:
+        first = add.submit(1, 2)
+        second = add.submit(first, 10)
+        assert second.result() == 13
+        graph = gx.Graph()
+        with graph:
+            lazy = [pid(i) for i in range(4)]
+        run = graph.compute(pool=pool)  # the same pool, the same scheduler
+        eager_pids = {pid.submit(i).result() for i in range(4)}
+        assert {run[n] for n in lazy} | eager_pids <= {w.pid for w in pool._workers.values()}
+    assert pool.closed
+
+
+@pytest.mark.timeout(30)
+def test_with_pool_raises_graph_failed_at_exit_for_unseen_failures():
+    with pytest.raises(gx.GraphFailed, match="explode-0") as info, gx.Pool(workers=2):
+        explode.submit("unseen")
+        assert add.submit(1, 1).result() == 2
+    assert [n.name for n in info.value.run.unhandled] == ["explode-0"]
+
+
+def test_submit_outside_a_flow_or_pool_says_where_to_call_it():
+    with pytest.raises(RuntimeError) as info:
+        add.submit(1, 2)
+    message = str(info.value)
+    assert "add.submit()" in message
+    assert "@gx.flow" in message and "gx.Pool(workers=N)" in message
+
+
+# -- nested flows ------------------------------------------------------------------------------
+
+
+@gx.flow(workers=2)
+def inner_flow(x):
+    return {"value": add.submit(x, 1), "pid": pid.submit()}
+
+
+@gx.flow
+def inner_flow_failing():
+    explode.submit("inner failure")
+    return "inner returned"
+
+
+@gx.flow
+def inner_flow_raising():
+    raise LookupError("inner body broke")
+
+
+@pytest.mark.timeout(30)
+def test_nested_flows_run_in_the_outer_flows_session():
+    def body():
+        outer_pids = {f.result() for f in [pid.submit(i) for i in range(4)]}
+        got = inner_flow(41)  # its own workers=2 is not a second pool
+        return got["value"], got["pid"], outer_pids
+
+    value, inner_pid, outer_pids = run_flow(body)
+    assert value == 42
+    assert len(outer_pids) == 2 and inner_pid in outer_pids
+
+
+@pytest.mark.timeout(30)
+def test_an_inner_flows_unhandled_failure_surfaces_in_the_outer_flow():
+    progress = []
+
+    def body():
+        progress.append(inner_flow_failing())  # returns: failures surface at the end
+        try:
+            inner_flow_raising()
+        except LookupError as exc:
+            progress.append(str(exc))
+        return "outer returned"
+
+    with pytest.raises(gx.GraphFailed, match="explode-0") as info:
+        run_flow(body)
+    assert progress == ["inner returned", "inner body broke"]
+    assert "inner failure" in str(info.value)
+
+
+# -- concurrency ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("spelling", ["workers", "task_runner_max_concurrency"])
+@pytest.mark.parametrize("scheduler", PARALLEL)
+def test_at_most_two_tasks_at_a_time(scheduler, spelling):
+    def body():
+        return [span.submit(f"t{i}", 0.15) for i in range(6)]
+
+    flow = gx.flow(scheduler=scheduler, **{spelling: 2})(body)
+    spans = flow()
+    assert max_overlap(spans) == 2  # never more, and really two at once
+
+
+def test_workers_and_its_alias_cannot_disagree():
+    with pytest.raises(TypeError, match="not both"):
+        gx.flow(workers=2, task_runner_max_concurrency=3)(lambda: None)
+    with pytest.raises(TypeError, match="unknown option"):
+        gx.flow(max_workers=2)(lambda: None)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["max_concurrency", "tag_limit"])
+@pytest.mark.parametrize("scheduler", PARALLEL)
+def test_a_limit_is_never_exceeded_while_other_work_proceeds(scheduler, kind):
+    limited_task = solo if kind == "max_concurrency" else db_write
+    options = {"limits": {"db": 1}} if kind == "tag_limit" else {}
+
+    def body():
+        limited = [limited_task.submit(f"l{i}", 0.15) for i in range(4)]
+        others = [span.submit(f"o{i}", 0.1) for i in range(4)]
+        return [f.result() for f in limited], [f.result() for f in others]
+
+    limited, others = run_flow(body, scheduler, workers=2, **options)
+    assert max_overlap(limited) == 1
+    # The free tasks did not queue behind the limited ones: they ran alongside,
+    # and were all done before the limited chain of 4 x 0.15 s was.
+    assert any(overlaps(o, lim) for o in others for lim in limited)
+    assert max(o["end"] for o in others) < max(lim["end"] for lim in limited)
+
+
+@pytest.mark.timeout(30)
+def test_a_tag_limit_of_a_lazy_graph_inside_a_flow_uses_the_flows_limits():
+    def body():
+        graph = gx.Graph()
+        with graph:
+            writes = [db_write(f"w{i}", 0.1) for i in range(4)]
+        run = graph.compute()
+        return [run[n] for n in writes]
+
+    assert max_overlap(run_flow(body, workers=2, limits={"db": 1})) == 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["decorator", "with_options"])
+@pytest.mark.parametrize("scheduler", ALL)
+def test_higher_priority_ready_tasks_start_first(scheduler, how):
+    urgent_task = (gx.task(priority=5)(span.fn) if how == "decorator"
+                   else span.with_options(priority=5))
+
+    def body():
+        blocker = span.submit("blocker", 0.4)
+        deadline = time.monotonic() + 5
+        while blocker.state.name == "Pending" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # Queued behind the blocker on the only worker, low priority first.
+        low = [span.submit(f"low{i}", 0.01) for i in range(3)]
+        high = [urgent_task.submit(f"high{i}", 0.01) for i in range(3)]
+        return blocker, [f.result() for f in low], [f.result() for f in high]
+
+    blocker, low, high = run_flow(body, scheduler, workers=1)
+    order = [s["tag"] for s in sorted(low + high, key=lambda s: s["start"])]
+    assert order == ["high0", "high1", "high2", "low0", "low1", "low2"]
+    assert min(s["start"] for s in low + high) >= blocker["end"]
+
+
+# -- caching and scale ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ALL)
+def test_cached_futures_resolve_without_delay(scheduler, tmp_path):
+    """A cache hit ends as it is admitted; its waiter must be woken at once."""
+    seen = {}
+
+    def body():
+        assert cached_square.submit(7).result() == 49
+        started = time.perf_counter()
+        hits = []
+        for _ in range(20):
+            future = cached_square.submit(7)
+            hits.append((future.result(), future.state.name))
+        seen["seconds"] = time.perf_counter() - started
+        return hits
+
+    hits = run_flow(body, scheduler, cache_dir=str(tmp_path))
+    assert hits == [(49, "Cached")] * 20
+    assert seen["seconds"] < 2.0  # 20 sequential hits; 0.5 s each before the fix
+
+
+@pytest.mark.timeout(60)
+def test_a_flow_with_10000_submits_stays_fast():
+    def body():
+        futures = [noop.submit(i) for i in range(10_000)]
+        return sum(f.result() for f in futures)
+
+    started = time.perf_counter()
+    assert run_flow(body) == sum(range(10_000))
+    assert time.perf_counter() - started < 10
