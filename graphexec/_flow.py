@@ -32,6 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from ._errors import GraphFailed
@@ -150,6 +151,7 @@ class Session:
         limits: dict[str, int] | None = None,
         cache_dir: Any = None,
         observer: Any = None,
+        memory_limit: int | None = None,
     ) -> None:
         from ._cache import CacheStore
         from ._scheduler import Scheduler, check_limits
@@ -160,6 +162,8 @@ class Session:
         self.run = Run(self.graph, [], _Everything())  # type: ignore[arg-type]
         self.executor = executor
         self._make_store = lambda: CacheStore(cache_dir)
+        self._cache_dir = cache_dir
+        self.memory_limit = memory_limit
         self._published = 0  # scheduler.done when waiters were last woken
         self.scheduler = Scheduler(
             self.graph, self.run, _PublishingExecutor(self, executor), fail_fast=fail_fast,
@@ -271,13 +275,54 @@ class Session:
         if self.scheduler.cache is not None:
             self.scheduler.cache.unlock_all()
 
-    def compute_graph(self, graph: Graph, targets: list[int], *, raise_on_failure: bool,
-                      keep: str) -> Run:
+    def _check_compute_options(self, limits: dict[str, int] | None, cache_dir: Any,
+                               memory_limit: int | None) -> None:
+        where = "graph.compute() inside a flow (or a `with gx.Pool()` block with submits)"
+        for tag, cap in (limits or {}).items():
+            have = self.scheduler.limits.get(tag)
+            if have != cap:
+                # (the flow's tasks of that tag may be running already: a limit
+                # cannot start counting half-way through the session)
+                raise ValueError(
+                    f"{where}: limits={{{tag!r}: {cap}}}, but the flow "
+                    + (f"limits {tag!r} to {have}" if have is not None else
+                       f"does not limit {tag!r}")
+                    + "; one scheduler runs both: give limits= to @gx.flow"
+                )
+        if cache_dir is not None and not _same_dir(cache_dir, self._cache_dir):
+            raise ValueError(
+                f"{where}: cache_dir={str(cache_dir)!r} differs from the flow's cache "
+                "directory; give cache_dir= to @gx.flow instead"
+            )
+        if memory_limit is not None and memory_limit != self.memory_limit:
+            raise ValueError(
+                f"{where}: memory_limit= is a property of the flow's pool; give it to "
+                "@gx.flow instead"
+            )
+
+    def compute_graph(
+        self,
+        graph: Graph,
+        targets: list[int],
+        *,
+        raise_on_failure: bool,
+        keep: str,
+        limits: dict[str, int] | None = None,
+        refresh_cache: bool = False,
+        cache_dir: Any = None,
+        memory_limit: int | None = None,
+    ) -> Run:
         """Run a lazy graph's nodes on this session's scheduler; return that graph's Run.
 
         The nodes are copied into the session (their nodes replaced by the
         session's futures), so eager and lazy work share one scheduler and pool.
+        ``graph.compute``'s options mean what they mean outside a flow:
+        ``refresh_cache`` recomputes this graph's cached nodes; ``limits``,
+        ``cache_dir`` and ``memory_limit`` belong to the flow (its scheduler and
+        pool), so a value other than the flow's is a ``ValueError`` saying to
+        give it to ``@gx.flow``, never silently ignored.
         """
+        self._check_compute_options(limits, cache_dir, memory_limit)
         if not targets:
             targets = sinks(graph._deps)
         members = post_order(graph._deps, targets)
@@ -287,9 +332,14 @@ class Session:
                 self.scheduler.cache is None
             ):
                 self.scheduler.cache = self._make_store()
+            opts = self.graph._opts
             for i in members:
                 node = self.graph._copy_node(graph, i, mapping)  # type: ignore[arg-type]
                 mapping[i] = node  # type: ignore[assignment]
+                if refresh_cache and opts[node.index].cache_key_fn is not None:
+                    opts[node.index] = opts[node.index].updated(
+                        {"refresh_cache": True}, "compute(refresh_cache=True)"
+                    )
                 self._new.append(node.index)
         self.executor.wakeup()
         kept = set(members) if keep == "all" else set(targets)
@@ -327,6 +377,14 @@ class _PublishingExecutor:
         if session.scheduler.done != session._published:
             session._publish()
         return self._poll(timeout)
+
+
+def _same_dir(a: Any, b: Any) -> bool:
+    from ._cache import DEFAULT_DIR
+
+    return Path(a if a is not None else DEFAULT_DIR).resolve() == Path(
+        b if b is not None else DEFAULT_DIR
+    ).resolve()
 
 
 class WaitResult(NamedTuple):
@@ -427,6 +485,7 @@ class Flow:
         session = Session(
             executor, name=self.name, fail_fast=opts.get("fail_fast", False),
             limits=opts.get("limits"), cache_dir=opts.get("cache_dir"), observer=observer,
+            memory_limit=memory,
         )
         push_context(session)
         try:

@@ -721,6 +721,68 @@ def test_a_tag_limit_of_a_lazy_graph_inside_a_flow_uses_the_flows_limits():
 
     assert max_overlap(run_flow(body, workers=2, limits={"db": 1})) == 1
 
+    def same_limits():
+        graph = gx.Graph()
+        with graph:
+            writes = [db_write(f"w{i}", 0.1) for i in range(3)]
+        run = graph.compute(limits={"db": 1})  # the flow's own limit: fine
+        return [run[n] for n in writes]
+
+    assert max_overlap(run_flow(same_limits, workers=2, limits={"db": 1})) == 1
+
+
+# compute() inside a flow routes the graph into the flow's session, but
+# _scheduler.compute passes only raise_on_failure and keep to
+# Session.compute_graph: limits=, refresh_cache=, cache_dir= and memory_limit=
+# are dropped without a word (fail_fast= alone is refused). compute_graph takes
+# them now; the scheduler has to pass them on.
+DROPPED = ("graph.compute() inside a flow ignores limits=/refresh_cache=/cache_dir=: "
+           "_scheduler.compute does not pass them to Session.compute_graph")
+
+
+@pytest.mark.xfail(strict=True, reason=DROPPED)
+@pytest.mark.timeout(30)
+def test_a_tag_limit_given_to_compute_inside_a_flow_is_not_silently_dropped():
+    def body():
+        graph = gx.Graph()
+        with graph:
+            writes = [db_write(f"w{i}", 0.2) for i in range(4)]
+        run = graph.compute(limits={"db": 1})  # today: ignored, two writes at once
+        return max_overlap([run[n] for n in writes])
+
+    with pytest.raises(ValueError, match=r"give limits= to @gx\.flow"):
+        run_flow(body, workers=2)
+
+
+@pytest.mark.xfail(strict=True, reason=DROPPED)
+@pytest.mark.timeout(30)
+def test_refresh_cache_given_to_compute_inside_a_flow_recomputes(tmp_path):
+    def body():
+        graph = gx.Graph()
+        with graph:
+            node = cached_square(5)
+        first = graph.compute().state(node).name
+        again = graph.compute(refresh_cache=True).state(node).name  # today: Cached
+        return first, again
+
+    assert run_flow(body, cache_dir=str(tmp_path)) == ("Completed", "Completed")
+
+
+@pytest.mark.xfail(strict=True, reason=DROPPED)
+@pytest.mark.timeout(30)
+def test_a_cache_dir_given_to_compute_inside_a_flow_is_not_silently_dropped(tmp_path):
+    flow_dir, compute_dir = tmp_path / "flow", tmp_path / "compute"
+
+    def body():
+        graph = gx.Graph()
+        with graph:
+            cached_square(6)
+        graph.compute(cache_dir=str(compute_dir))  # today: written to the flow's dir
+
+    with pytest.raises(ValueError, match=r"give cache_dir= to @gx\.flow"):
+        run_flow(body, cache_dir=str(flow_dir))
+    assert not compute_dir.exists()
+
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("how", ["decorator", "with_options"])
