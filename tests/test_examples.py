@@ -104,6 +104,38 @@ def test_prefect_patterns() -> None:
     ])
 
 
+@pytest.mark.timeout(RUN_TIMEOUT + 30)
+def test_prefect_eager() -> None:
+    out = run_example("prefect_eager.py")
+    assert_lines(out, [
+        # 1. return_state
+        "plain call in a flow: <State Failed risky_state-0: ValueError: sensor 1 is offline>, "
+        "is_failed()=True",
+        "its dependent received a State: Failed, exception=ValueError('sensor 2 is offline')",
+        # 2. allow_failure on a future
+        "describe received the exception instance ValueError('sensor 3 is offline')",
+        "on a list: the value [10, ValueError('sensor 4 is offline'), 7]",
+        # 3. submit() in parallel, collected later; as_completed
+        "submitted 6 tasks; done right away: 0",
+        "results: [0, 1, 4, 9, 16, 25]; 2 ran at once;",
+        "gx.as_completed gave naps of [0.9, 0.1, 0.5] s back as [0.1, 0.5, 0.9]",
+        # 4. wait_for: the dependent does not start, the flow raises at its end
+        "GraphFailed: 1 of 3 nodes failed without being handled: risky-0.",
+        "publish: Skipped (publish-0 was skipped because its upstream risky-0 failed)",
+        # 5. wait_for + allow_failure
+        "publish ran and returned 'published'",
+        # 6. retries
+        "downloaded on attempt 3; attempts=3, errors: ['ConnectionError', 'ConnectionError']",
+        # 7. caching across two flow runs
+        "first flow run: Completed, value 1.644924",
+        "second flow run: Cached, value 1.644924",
+        # 8. concurrency
+        "task_runner_max_concurrency=2: slow_square ran at most 2 at once",
+        "query_db (max_concurrency=2) ran at most 2 at once",
+        "write_db (tags=['db'], limits={'db': 2}) ran at most 2 at once",
+        "all eager patterns ran",
+    ])
+
 def test_ci_runs_the_readme_test_command() -> None:
     """README's test command and .ci/run must not drift apart."""
     command = ("python -m venv .venv && .venv/bin/pip install -e '.[test]' && "
