@@ -807,6 +807,53 @@ def test_higher_priority_ready_tasks_start_first(scheduler, how):
     assert min(s["start"] for s in low + high) >= blocker["end"]
 
 
+PARKED_FIFO = (
+    "Scheduler.parked[key] is a FIFO deque: a task waiting for a concurrency slot is "
+    "released in arrival order, so a higher-priority task that arrived later waits behind "
+    "lower-priority ones (fix: a heap of (-priority, order, i) per key)"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=PARKED_FIFO)
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", PARALLEL)
+def test_priority_holds_among_tasks_waiting_for_a_concurrency_slot(scheduler):
+    urgent = solo.with_options(priority=5)  # same function: shares solo's single slot
+
+    def body():
+        blocker = solo.submit("blocker", 0.5)
+        deadline = time.monotonic() + 5
+        while blocker.state.name == "Pending" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        low = [solo.submit(f"low{i}", 0.01) for i in range(3)]
+        time.sleep(0.15)  # the low ones are parked, waiting for the slot
+        high = [urgent.submit(f"high{i}", 0.01) for i in range(3)]
+        return [f.result() for f in low + high]
+
+    spans = run_flow(body, scheduler, workers=2)  # a free worker: only the slot is missing
+    order = [s["tag"] for s in sorted(spans, key=lambda s: s["start"])]
+    assert order == ["high0", "high1", "high2", "low0", "low1", "low2"]
+
+
+@pytest.mark.timeout(30)
+def test_fail_fast_flow_cancels_running_and_later_work():
+    def body():
+        slow = span.submit("slow", 10)
+        explode.submit("first failure")
+        time.sleep(0.5)
+        late = span.submit("late", 0.0)  # after the cancellation: never runs
+        return slow.name, late.name
+
+    started = time.perf_counter()
+    with pytest.raises(gx.GraphFailed, match="explode-0") as info:
+        run_flow(body, fail_fast=True)
+    assert time.perf_counter() - started < 5
+    run = info.value.run
+    assert {n.name: run.state(n).name for n in run.nodes} == {
+        "span-0": "Cancelled", "explode-0": "Failed", "span-1": "Cancelled",
+    }
+
+
 # -- caching and scale ------------------------------------------------------------------------
 
 
