@@ -131,7 +131,7 @@ class Future(Node):
             if state.name in FINAL:
                 session._observed(self.index)
             return state
-        name = RUNNING if self.index in session._running_nodes() else PENDING
+        name = RUNNING if self.index in session.scheduler.running else PENDING
         return State(name, self.name)
 
     def __repr__(self) -> str:
@@ -202,9 +202,6 @@ class Session:
         self._published = self.scheduler.done
         with self._cond:
             self._cond.notify_all()
-
-    def _running_nodes(self) -> set[int]:
-        return set(self.scheduler.running)
 
     # -- user thread ----------------------------------------------------------
 
@@ -596,11 +593,33 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             opts["workers"] = alias
         if not callable(f):
             raise TypeError(f"@flow expects a function, got {type(f).__name__}")
+        _check_flow_options(opts, f"@flow on {getattr(f, '__name__', 'flow')}")
         return Flow(f, opts)
 
     if fn is None:
         return decorate
     return decorate(fn)
+
+
+def _check_flow_options(opts: dict[str, Any], where: str) -> None:
+    """Refuse bad option values when the flow is decorated, as ``compute`` refuses them."""
+    from ._pool import check_workers, parse_memory
+    from ._scheduler import SCHEDULERS, check_limits
+
+    scheduler = opts.get("scheduler", "processes")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(
+            f"{where}: scheduler={scheduler!r} is not one of {', '.join(map(repr, SCHEDULERS))}"
+        )
+    workers = check_workers(opts.get("workers"), where)
+    check_limits(opts.get("limits"))
+    if parse_memory(opts.get("memory_limit")) is not None and (
+        scheduler != "processes" or workers == 0
+    ):
+        raise ValueError(
+            f"{where}: memory_limit= needs worker processes to measure and kill; "
+            f"scheduler={scheduler!r} runs in this process"
+        )
 
 
 def session_for_pool(pool: Any) -> Session:

@@ -683,11 +683,23 @@ def test_at_most_two_tasks_at_a_time(scheduler, spelling):
     assert max_overlap(spans) == 2  # never more, and really two at once
 
 
-def test_workers_and_its_alias_cannot_disagree():
+def test_flow_options_are_checked_when_the_flow_is_decorated():
+    def body():
+        return None
+
     with pytest.raises(TypeError, match="not both"):
-        gx.flow(workers=2, task_runner_max_concurrency=3)(lambda: None)
+        gx.flow(workers=2, task_runner_max_concurrency=3)(body)
     with pytest.raises(TypeError, match="unknown option"):
-        gx.flow(max_workers=2)(lambda: None)
+        gx.flow(max_workers=2)(body)
+    with pytest.raises(ValueError, match="scheduler='thread' is not one of"):
+        gx.flow(scheduler="thread")(body)
+    with pytest.raises(ValueError, match="workers=-1 is negative"):
+        gx.flow(workers=-1)(body)
+    with pytest.raises(ValueError, match="limits="):
+        gx.flow(limits={"db": 0})(body)
+    with pytest.raises(ValueError, match="memory_limit= needs worker processes"):
+        gx.flow(scheduler="threads", memory_limit="1GB")(body)
+    assert gx.flow(task_runner_max_concurrency=2)(body).options["workers"] == 2
 
 
 @pytest.mark.timeout(30)
