@@ -1,23 +1,26 @@
 """The result cache: content keys, and an on-disk store that survives crashes.
 
 Keys
-    :func:`task_input_hash` hashes the task's identity (qualified name *and*
-    source, so an edited function misses) and its arguments by content:
+    :func:`task_input_hash` hashes the task's identity (qualified name, source
+    and bytecode, so an edited function misses; a closure's values and a
+    partial's arguments too) and its arguments by content:
     builtins, nested containers, dataclasses, numpy arrays (dtype, shape and
     bytes, sha256 at ~2 GB/s) and, as a fallback, the pickled bytes. Nothing
     depends on ``hash()``, so keys are stable across processes, runs and
     ``PYTHONHASHSEED``. In a graph, an upstream value enters the key by the
     upstream's own key when it has one (a large intermediate is not hashed
-    again), else by the hash of its pickled bytes.
+    again), else by its content (see :func:`wire_hash`).
 
 Store
     One file per entry, ``<cache_dir>/<key[:2]>/<key>.gxc``::
 
-        b"GXC1" | u32 header length | JSON header | pickle stream | buffers
+        b"GXC2" | u32 header length | u32 crc32 of the header | JSON header
+                | pickle stream | buffers
 
     The header holds the expiry, the task, the layout and a crc32 of
-    everything after it. Buffers (numpy data) are page-aligned so a hit is
-    memory-mapped, not read. Entries are written to a temporary file in the
+    everything after it; it has a crc32 of its own, so a damaged offset cannot
+    point a reader at the wrong bytes. Buffers (numpy data) are page-aligned
+    so a hit is memory-mapped, not copied. Entries are written to a temporary file in the
     same directory, fsynced and renamed into place: a reader sees a whole
     entry or none. A truncated or corrupt entry is reported, deleted and
     recomputed, never returned.
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import inspect
 import json
@@ -46,8 +50,11 @@ import os
 import pickle
 import struct
 import tempfile
+import threading
 import time
+import types
 import warnings
+import weakref
 import zlib
 from datetime import timedelta
 from pathlib import Path
@@ -60,7 +67,8 @@ from ._serialize import PROTOCOL, SHM_THRESHOLD, _attach
 logger = logging.getLogger("graphexec")
 
 DEFAULT_DIR = ".graphexec-cache"
-MAGIC = b"GXC1"
+MAGIC = b"GXC2"
+HEAD = 12  # magic, header length, header crc32
 ALIGN = mmap.ALLOCATIONGRANULARITY  # buffers start on page boundaries: mmap offsets
 
 clock = time.time  # tests replace this to move time without sleeping
@@ -98,15 +106,116 @@ class Fingerprint:
 
 
 def task_identity(fn: Any) -> str:
-    """Qualified name plus source text; editing the function changes it."""
-    fn = getattr(fn, "fn", fn)
-    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+    """Digest of what a task runs: qualified name, source text and compiled code.
+
+    The source names the version on disk; the code (bytecode, constants, names,
+    recursively) is what actually runs, so a file edited but not yet re-imported
+    gives a key of its own instead of filing the old code's value under the new
+    source. A closure's cell contents and a ``functools.partial``'s bound
+    arguments are part of the identity too: tasks made by a factory differ by
+    what they close over.
+    """
+    h = hashlib.sha256(b"identity\n")
+    _feed_callable(h, getattr(fn, "fn", fn), 0)
+    return h.hexdigest()
+
+
+_active = threading.local()  # functions being fed: a recursive closure refers to itself
+
+
+def _feed_callable(h: Any, fn: Any, depth: int) -> None:
+    if depth > 200:
+        raise Unhashable("functions nested more than 200 levels deep")
+    stack = getattr(_active, "stack", None)
+    if stack is None:
+        stack = _active.stack = set()
+    kind = type(fn)
+    if id(fn) in stack:
+        h.update(f"recursive:{getattr(fn, '__qualname__', kind.__qualname__)};".encode())
+        return
+    stack.add(id(fn))
     try:
-        source = inspect.getsource(fn)
-    except (OSError, TypeError):
-        code = getattr(fn, "__code__", None)
-        source = code.co_code.hex() + repr(code.co_consts) if code is not None else ""
-    return name + "\n" + source
+        if isinstance(fn, functools.partial):
+            h.update(b"partial(")
+            _feed_callable(h, fn.func, depth + 1)
+            _feed(h, fn.args, depth + 1)
+            _feed(h, fn.keywords, depth + 1)
+            h.update(b")")
+        elif isinstance(fn, types.MethodType):
+            h.update(b"method(")
+            _feed_callable(h, fn.__func__, depth + 1)
+            _feed(h, fn.__self__, depth + 1)
+            h.update(b")")
+        elif isinstance(fn, types.FunctionType):
+            h.update(b"function:" + _code_identity(fn))
+            _feed(h, fn.__defaults__, depth + 1)
+            _feed(h, fn.__kwdefaults__, depth + 1)
+            for cell in fn.__closure__ or ():
+                try:
+                    contents = cell.cell_contents
+                except ValueError:  # an empty cell
+                    h.update(b"empty-cell;")
+                    continue
+                _feed(h, contents, depth + 1)
+        elif isinstance(fn, type) or kind.__name__ in (
+                "builtin_function_or_method", "method_descriptor", "wrapper_descriptor"):
+            name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+            h.update(b"named:%d:" % len(name.encode()) + name.encode())
+        else:  # a callable instance: its class's __call__ and its own content
+            h.update(f"instance:{kind.__module__}.{kind.__qualname__}(".encode())
+            call = inspect.getattr_static(kind, "__call__", None)
+            if isinstance(call, types.FunctionType):
+                _feed_callable(h, call, depth + 1)
+            _feed_pickle(h, fn)
+            h.update(b")")
+    finally:
+        stack.discard(id(fn))
+
+
+_code_identities: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _code_identity(fn: types.FunctionType) -> bytes:
+    """Name, source and code of a function, computed once per function object.
+
+    Once per object: ``inspect.getsource`` costs ~0.1 ms and a graph calls one
+    function thousands of times; and a function object's code never changes, so
+    the source it was first seen with is the right one even if the file is edited
+    afterwards (what re-importing it would pick up, as a new object).
+    """
+    digest = _code_identities.get(fn)
+    if digest is None:
+        h = hashlib.sha256()
+        name = f"{fn.__module__}.{fn.__qualname__}"
+        h.update(b"%d:" % len(name.encode()) + name.encode())
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError):
+            source = ""
+        _feed(h, source)
+        _feed_code(h, fn.__code__, 0)
+        digest = h.digest()
+        _code_identities[fn] = digest
+    return digest
+
+
+def _feed_code(h: Any, code: types.CodeType, depth: int) -> None:
+    """Bytecode and what it refers to; not line numbers or file names (moving a
+    function does not change what it computes)."""
+    if depth > 200:
+        raise Unhashable("code nested more than 200 levels deep")
+    h.update(b"code:%d:%d:%d:%d:" % (code.co_argcount, code.co_kwonlyargcount,
+                                     code.co_posonlyargcount, code.co_flags))
+    _feed(h, code.co_code, depth + 1)
+    h.update(b"consts:%d[" % len(code.co_consts))
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _feed_code(h, const, depth + 1)
+        else:
+            _feed(h, const, depth + 1)
+    h.update(b"]")
+    for names in (code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars):
+        _feed(h, names, depth + 1)
 
 
 def task_input_hash(context: Any, arguments: dict[str, Any]) -> str | None:
@@ -126,8 +235,8 @@ def task_input_hash(context: Any, arguments: dict[str, Any]) -> str | None:
         def simulate(params, seed): ...
     """
     h = hashlib.sha256()
-    _feed(h, task_identity(context.task))
     try:
+        _feed(h, task_identity(context.task))
         _feed(h, arguments)
     except Unhashable as exc:
         name = getattr(context, "node", None) or getattr(context.task, "name", "?")
@@ -143,10 +252,29 @@ def content_hash(obj: Any) -> str:
     return h.hexdigest()
 
 
+CONTENT_HASH_MAX = 1 << 20  # pickle streams up to this size are hashed by content
+
+
 def wire_hash(wire: tuple[bytes, tuple]) -> str:
-    """Hash of a pickled value (a worker's Payload) without unpickling it."""
-    h = hashlib.sha256(b"wire")
+    """Key of a value a worker pickled (a Payload), for a cached dependent.
+
+    By content, like :func:`content_hash` of the value itself, so that the key
+    does not depend on where the value was made: a set's pickle follows
+    ``PYTHONHASHSEED`` (each run's workers differ), and the sync scheduler
+    hashes the value itself. The value is unpickled for this (buffers mapped,
+    not copied) and dropped. A large pickle stream (a big pure-Python structure)
+    is hashed as bytes instead: unpickling and walking it would cost more than
+    its computation saves; that key is stable as long as its pickle is.
+    """
+    from ._serialize import loads_value
+
     data, segments = wire
+    if len(data) <= CONTENT_HASH_MAX:
+        try:
+            return content_hash(loads_value(wire))
+        except Exception:  # any failure (an import missing here...): hash the bytes
+            pass
+    h = hashlib.sha256(b"wire")
     h.update(data)
     for seg in segments:
         view = _attach(seg)
@@ -186,26 +314,34 @@ def _feed(h: Any, obj: Any, depth: int = 0) -> None:
 
         if obj.dtype.hasobject:
             raise Unhashable("numpy arrays of Python objects are not hashed by content")
-        array = np.ascontiguousarray(obj)
-        h.update(f"ndarray:{array.dtype.str}:{array.shape};".encode())
-        h.update(memoryview(array).cast("B"))
+        # The full dtype description (a structured dtype's fields, a datetime's unit,
+        # the byte order) and the array's own shape: ascontiguousarray makes a 0-d
+        # array 1-d, and the buffer protocol refuses datetimes, so hash a byte view.
+        descr = np.lib.format.dtype_to_descr(obj.dtype)
+        h.update(f"ndarray:{descr!r}:{obj.shape};".encode())
+        h.update(np.ascontiguousarray(obj).reshape(-1).view(np.uint8))
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         h.update(f"dataclass:{kind.__module__}.{kind.__qualname__}(".encode())
         for field in dataclasses.fields(obj):
             _feed(h, field.name, depth + 1)
             _feed(h, getattr(obj, field.name), depth + 1)
         h.update(b")")
-    elif callable(obj) and hasattr(obj, "__code__"):
-        h.update(b"function:" + task_identity(obj).encode())
+    elif isinstance(obj, (types.FunctionType, types.MethodType, functools.partial)):
+        _feed_callable(h, obj, depth + 1)
     else:
-        try:
-            data = cloudpickle.dumps(obj, protocol=PROTOCOL)
-        except Exception as exc:
-            raise Unhashable(
-                f"argument of type {kind.__module__}.{kind.__qualname__} cannot be hashed "
-                f"(it does not pickle: {exc}); pass a cache_key_fn that handles it"
-            ) from None
-        h.update(f"pickle:{kind.__module__}.{kind.__qualname__}:".encode() + data)
+        _feed_pickle(h, obj)
+
+
+def _feed_pickle(h: Any, obj: Any) -> None:
+    kind = type(obj)
+    try:
+        data = cloudpickle.dumps(obj, protocol=PROTOCOL)
+    except Exception as exc:
+        raise Unhashable(
+            f"argument of type {kind.__module__}.{kind.__qualname__} cannot be hashed "
+            f"(it does not pickle: {exc}); pass a cache_key_fn that handles it"
+        ) from None
+    h.update(f"pickle:{kind.__module__}.{kind.__qualname__}:".encode() + data)
 
 
 def _sub(obj: Any, depth: int) -> bytes:
@@ -258,11 +394,12 @@ class CacheStore:
             return None
         try:
             header, body_start = _parse(raw)
+            if len(raw) != header["size"]:
+                raise ValueError(f"{len(raw)} bytes instead of {header['size']}: truncated "
+                                 "or overwritten")
             if zlib.crc32(memoryview(raw)[body_start:]) != header["crc"]:
                 raise ValueError("checksum mismatch")
-            if len(raw) != header["size"]:
-                raise ValueError("truncated")
-        except (ValueError, KeyError, struct.error, json.JSONDecodeError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
             warnings.warn(
                 f"graphexec cache entry {path} is corrupt ({exc}); it was deleted and the "
                 "node will be recomputed", RuntimeWarning, stacklevel=2,
@@ -287,7 +424,7 @@ class CacheStore:
         parts: list[Any] = [data, *buffers]
         reserve = len(json.dumps(meta)) + 200 + 48 * len(parts)
         while True:  # the header holds offsets that depend on its own reserved size
-            base = _round_up(8 + reserve, ALIGN)
+            base = _round_up(HEAD + reserve, ALIGN)
             offsets, pos = [], base
             for k, part in enumerate(parts):
                 if k:
@@ -303,14 +440,14 @@ class CacheStore:
                 cursor = offset + memoryview(part).nbytes
             header["crc"] = crc
             encoded = json.dumps(header).encode()
-            if 8 + len(encoded) <= base:
+            if HEAD + len(encoded) <= base:
                 break
             reserve = len(encoded) + 64
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".gxc")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + struct.pack("<I", len(encoded)) + encoded)
-                f.write(bytes(base - 8 - len(encoded)))
+                f.write(MAGIC + struct.pack("<II", len(encoded), zlib.crc32(encoded)) + encoded)
+                f.write(bytes(base - HEAD - len(encoded)))
                 cursor = base
                 for (offset, size), part in zip(offsets, parts):
                     f.write(bytes(offset - cursor))
@@ -377,11 +514,26 @@ class CacheStore:
 
 
 def _parse(raw: bytes) -> tuple[dict, int]:
+    """The header of an entry and where its body starts; ValueError if it is damaged.
+
+    The header has its own crc32 (the one inside it covers the body): a damaged
+    offset or size must not send a reader to the wrong bytes.
+    """
     if raw[:4] != MAGIC:
         raise ValueError("not a graphexec cache entry")
-    (length,) = struct.unpack("<I", raw[4:8])
-    header = json.loads(raw[8 : 8 + length])
-    return header, header["data"][0]
+    length, crc = struct.unpack("<II", raw[4:HEAD])
+    encoded = raw[HEAD : HEAD + length]
+    if len(encoded) != length or zlib.crc32(encoded) != crc:
+        raise ValueError("header checksum mismatch")
+    header = json.loads(encoded)
+    data = header["data"]
+    if not isinstance(data, list) or not all(
+        isinstance(region, list) and len(region) == 2 and all(
+            isinstance(n, int) and n >= 0 for n in region)
+        for region in [data, *header["buffers"]]
+    ):
+        raise ValueError("malformed header")
+    return header, data[0]
 
 
 def _round_up(n: int, align: int) -> int:
@@ -408,13 +560,16 @@ def clear_cache(
     removed = 0
     now = clock()
     for path in root.glob("*/*.gxc"):
+        if path.name.startswith(".tmp-"):
+            continue  # not an entry (yet): removed below
         if expired_only:
             try:
                 with open(path, "rb") as f:
-                    head = f.read(8)
+                    head = f.read(HEAD)
                     (length,) = struct.unpack("<I", head[4:8])
-                    expires = json.loads(f.read(length)).get("expires")
-            except (OSError, ValueError, struct.error):
+                    header, _ = _parse(head + f.read(length))
+                expires = header.get("expires")
+            except (OSError, ValueError, KeyError, TypeError, struct.error):
                 expires = -1.0  # unreadable: treat as expired
             if expires is None or expires > now:
                 continue
