@@ -35,10 +35,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ._call import OK
 from ._errors import GraphFailed
 from ._graph import Graph, Node, _rebuild, allow_failure
 from ._order import post_order, sinks
 from ._run import Run
+from ._serialize import Payload
 from ._state import FINAL, PENDING, RUNNING, State
 
 _local = threading.local()
@@ -175,6 +177,7 @@ class Session:
         self._closing = False
         self._error: BaseException | None = None
         self._finish_order: list[int] = []
+        self._payloads: list[Payload] = []  # results that came in shared memory
         self._thread = threading.Thread(target=self._serve, name=f"graphexec-{name}",
                                         daemon=True)
         self._thread.start()
@@ -269,6 +272,13 @@ class Session:
         self.executor.wakeup()
         self._thread.join()
         self.run._finish_run()
+        # Values read during the session (future.result()) lost their handle to
+        # _finish_run: unlink their segments too, or /dev/shm keeps them after
+        # the program ends (the mapped values stay valid: mappings are private).
+        payloads, self._payloads = self._payloads, []
+        for payload in payloads:
+            if payload._loaded:
+                payload.discard(recycle=False)
         if self.scheduler.cache is not None:
             self.scheduler.cache.unlock_all()
 
@@ -361,6 +371,11 @@ class _PublishingExecutor:
     while it is admitted (a cache hit, a skip, a cancellation), just before the
     scheduler blocks in ``poll`` waiting for work; a future waiting for such a
     node would otherwise sleep until its own next look (half a second).
+
+    It also notes every result that arrived in shared memory. ``State.result()``
+    swaps a value's handle for the value when the user reads it, so at the end
+    of the session ``Run._finish_run`` no longer sees those segments; the
+    session unlinks them itself (see :meth:`Session.close`).
     """
 
     def __init__(self, session: Session, executor: Any) -> None:
@@ -373,7 +388,11 @@ class _PublishingExecutor:
         session = self._session
         if session.scheduler.done != session._published:
             session._publish()
-        return self._poll(timeout)
+        outcomes = self._poll(timeout)
+        for _call, kind, value in outcomes:
+            if kind == OK and type(value) is Payload and value.in_shared_memory:
+                session._payloads.append(value)
+        return outcomes
 
 
 def _same_dir(a: Any, b: Any) -> bool:

@@ -866,6 +866,50 @@ def test_fail_fast_flow_cancels_running_and_later_work():
     }
 
 
+# -- shared memory -------------------------------------------------------------------------
+
+
+@gx.task
+def big_array(value):
+    import numpy as np
+
+    return np.full(500_000, float(value))  # 4 MB: travels through shared memory
+
+
+@gx.task
+def array_sum(array):
+    return float(array.sum())
+
+
+def _my_segments():
+    if not os.path.isdir("/dev/shm"):
+        return set()
+    return {n for n in os.listdir("/dev/shm") if n.startswith(f"gx-{os.getpid()}-")}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("where", ["flow", "pool"])
+def test_values_read_during_a_flow_leave_nothing_in_shared_memory(where):
+    """future.result() maps a value mid-session; its segment must go when the session ends."""
+    pytest.importorskip("numpy")
+    before = _my_segments()
+
+    def body():
+        arrays = [big_array.submit(i) for i in range(3)]
+        first = arrays[1].result()  # read in the parent, mid-session ...
+        sums = [array_sum.submit(a) for a in arrays]  # ... and still sent to dependents
+        doubled = array_sum.submit(first * 2)  # a parent-made array as an argument
+        return [f.result() for f in sums], doubled.result(), float(first[0])
+
+    if where == "flow":
+        got = run_flow(body)
+    else:
+        with gx.Pool(workers=2):
+            got = body()
+    assert got == ([0.0, 500_000.0, 1_000_000.0], 1_000_000.0, 1.0)
+    assert _my_segments() - before == set()
+
+
 # -- caching and scale ------------------------------------------------------------------------
 
 
