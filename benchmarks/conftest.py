@@ -1,7 +1,8 @@
 """Shared fixtures: the pools every benchmark reuses, and the ``measure`` helper.
 
-Pools are created once per session, outside every timed region, warmed (all
-workers started, the workload module imported) and closed at the end:
+Pools are created outside every timed region, once per session (the
+distributed cluster once per module), warmed (all workers started, the
+workload module imported) and closed at the end:
 
 * ``gx_pool``  — ``gx.Pool(workers=2)``, for graphexec's *warm* numbers (its
   *cold* numbers call ``graph.compute(workers=2)``, start-up included);
@@ -10,7 +11,9 @@ workers started, the workload module imported) and closed at the end:
   is not installed);
 * ``client``   — a ``dask.distributed`` ``LocalCluster(n_workers=2,
   threads_per_worker=1, processes=True)`` and its ``Client`` (skipped if
-  distributed is not installed).
+  distributed is not installed); one per module, and its tests run last in
+  the module, so that its scheduler thread in this process and its worker
+  and nanny processes never run beside another tool's benchmark.
 
 dask's processes scheduler has no pool to keep: it starts one per compute,
 so its start-up is inside its times.
@@ -18,11 +21,14 @@ so its start-up is inside its times.
 
 from __future__ import annotations
 
+import gc
 import logging
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+import psutil
 import pytest
 
 import graphexec as gx
@@ -76,7 +82,7 @@ def loky_ex() -> Iterator[Any]:
         executor.shutdown(wait=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
     distributed = pytest.importorskip("distributed")
     cluster = distributed.LocalCluster(
@@ -97,15 +103,17 @@ def client() -> Iterator[Any]:
 
 # -- tools ---------------------------------------------------------------------------
 
-# Tool keys (as recorded in extra_info) in the order of the report's columns.
+# Tool keys, as recorded in extra_info, in the order the tests run.
+# dask.distributed comes last: its cluster lives for one module (its event loop
+# thread in this process and its four processes stay out of other tools' times).
 TOOLS = (
     "serial",
     "ppe",
     "loky",
     "dask-processes",
-    "dask-distributed",
     "graphexec-cold",
     "graphexec-warm",
+    "dask-distributed",
 )
 
 
@@ -149,6 +157,41 @@ def runner(tool: str, request: pytest.FixtureRequest) -> Callable[..., w.Outcome
     raise AssertionError(tool)
 
 
+def _busy(t: Any) -> float:
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def _tree_cpu() -> float:
+    """CPU seconds of this process and its descendants, reaped children included."""
+    total = 0.0
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            total += sum(p.cpu_times()[:4])  # user, system, children_user, children_system
+        except psutil.Error:
+            pass
+    return total
+
+
+def cpu_snapshot() -> tuple[float, float, float]:
+    return time.monotonic(), _busy(psutil.cpu_times()), _tree_cpu()
+
+
+def cpu_window(before: tuple[float, float, float]) -> dict[str, float]:
+    """Wall seconds since ``before``, and CPU seconds other processes used meanwhile.
+
+    ``foreign_cpu_s`` is the machine's busy time minus this process tree's:
+    other programs competing for the cores. A benchmark with much of it was
+    disturbed (the report flags it); rerun it on a quiet machine.
+    """
+    start, busy, mine = before
+    now, busy_now, mine_now = cpu_snapshot()
+    return {
+        "window_s": now - start,
+        "foreign_cpu_s": max(0.0, (busy_now - busy) - (mine_now - mine)),
+    }
+
+
 def measure(
     benchmark: Any,
     fn: Callable[[], Any],
@@ -161,18 +204,33 @@ def measure(
 ) -> float | None:
     """Time ``fn`` for ``rounds`` rounds (one call each); ``check`` every result.
 
+    Before each round the garbage collector runs (untimed); after it the
+    result is checked and dropped (untimed), so that no round's live objects
+    slow down the next one's garbage collections.
+
     Records ``workload`` and ``tool`` (and ``extra``) in ``benchmark.extra_info``
     for the report; returns the median seconds (None when benchmarks are disabled).
     """
-    outcomes: list[Any] = []
+    pending: list[Any] = []
+    checked = 0
+
+    def setup() -> None:
+        gc.collect()  # no round pays for the garbage of the one before
 
     def once() -> None:
-        outcomes.append(fn())
+        pending.append(fn())
+
+    def check_and_drop() -> None:  # after each round, outside the timed region
+        nonlocal checked
+        check(pending.pop())
+        checked += 1
 
     benchmark.extra_info.update(workload=workload, tool=tool, **extra)
-    benchmark.pedantic(once, rounds=rounds, iterations=1)
-    assert outcomes
-    for outcome in outcomes:
-        check(outcome)
+    before = cpu_snapshot()
+    benchmark.pedantic(once, setup=setup, teardown=check_and_drop, rounds=rounds, iterations=1)
+    benchmark.extra_info.update(cpu_window(before))
+    while pending:  # --benchmark-disable: one call, no teardown
+        check_and_drop()
+    assert checked >= 1
     stats = getattr(benchmark, "stats", None)
     return stats.stats.median if stats is not None else None

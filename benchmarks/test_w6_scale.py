@@ -102,16 +102,6 @@ def test_w6_build_dask_delayed(benchmark):
     )
 
 
-@functools.cache
-def _spec(depth):
-    return w.w6_spec(WIDTH, depth)
-
-
-@functools.cache
-def _graph(depth):
-    return w.layered_graph(WIDTH, depth)
-
-
 @pytest.mark.benchmark(group="W6-run")
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("tool", ["serial", "ppe", "loky", "graphexec-warm"])
@@ -120,7 +110,7 @@ def test_w6_run(benchmark, tool, size, request):
     n = WIDTH * depth
     if tool == "graphexec-warm":
         pool = request.getfixturevalue("gx_pool")
-        graph, last = _graph(depth)
+        graph, last = w.layered_graph(WIDTH, depth)  # built per test: no big leftovers
 
         def fn():
             return graph.compute(pool=pool)
@@ -129,7 +119,7 @@ def test_w6_run(benchmark, tool, size, request):
             assert run.counts() == {"Completed": n}
             assert {run[node] for node in last} == {depth - 1}
     else:
-        spec = _spec(depth)
+        spec = w.w6_spec(WIDTH, depth)
         if tool == "serial":
 
             def fn():
