@@ -6,6 +6,9 @@ Commands, from the repository root::
     python -m pytest benchmarks --benchmark-only --benchmark-json=bench.json -p no:cacheprovider
     python -m benchmarks.report --json bench.json
 
+``--json`` takes several files: a later file's entries replace an earlier
+one's (to rerun some benchmarks, e.g. ``-k w3``, and merge). A number marked
+† was taken while other programs used more than a quarter of a core.
 ``python -m benchmarks.report`` without ``--json`` runs that pytest command
 itself first (about 10 minutes on 2 cores; ``--save PATH`` keeps its JSON,
 ``-k EXPR`` selects benchmarks as in pytest).
@@ -48,22 +51,36 @@ ROWS = {
     "startup": "start-up (pool + 8 tiny tasks + close)",
 }
 WORKERS = 2
+DISTURBED = 0.25  # cores used by other programs, on average, that flag a number
 
 Table = dict[str, dict[str, dict[str, Any]]]  # workload -> tool -> {median, extra}
 
 
-def load(path: str) -> tuple[Table, dict[str, Any]]:
-    """Medians and extra_info by workload and tool, from pytest-benchmark's JSON."""
-    with open(path) as f:
-        data = json.load(f)
+def load(paths: list[str]) -> tuple[Table, list[dict[str, Any]]]:
+    """Medians and extra_info by workload and tool, from pytest-benchmark JSON files.
+
+    A later file's entry replaces an earlier one's (a rerun of some benchmarks).
+    """
     table: Table = {}
-    for bench in data["benchmarks"]:
-        extra = bench.get("extra_info", {})
-        workload, tool = extra.get("workload"), extra.get("tool")
-        if workload is None or tool is None:
-            continue
-        table.setdefault(workload, {})[tool] = {"median": bench["stats"]["median"], **extra}
-    return table, data
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        runs.append(data)
+        for bench in data["benchmarks"]:
+            extra = bench.get("extra_info", {})
+            workload, tool = extra.get("workload"), extra.get("tool")
+            if workload is None or tool is None:
+                continue
+            table.setdefault(workload, {})[tool] = {"median": bench["stats"]["median"], **extra}
+    return table, runs
+
+
+def disturbed(entry: dict[str, Any] | None) -> bool:
+    """Other programs used more than DISTURBED cores on average during the benchmark."""
+    if not entry or not entry.get("window_s"):
+        return False
+    return entry.get("foreign_cpu_s", 0.0) / entry["window_s"] > DISTURBED
 
 
 def fmt(seconds: float | None) -> str:
@@ -106,6 +123,8 @@ def medians_table(table: Table) -> list[str]:
                     cell += f" ({eff:.0%})"
             if workload == "W5" and tool == "dask-processes":
                 cell = "raises at first error"
+            elif disturbed(table.get(workload, {}).get(tool)):
+                cell += " †"
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
@@ -241,15 +260,25 @@ def targets(table: Table) -> list[str]:
     return lines
 
 
-def report(table: Table, data: dict[str, Any]) -> str:
-    machine = data.get("machine_info", {})
-    cpu = machine.get("cpu", {})
-    header = [
-        f"Run {data.get('datetime', '?')} on {cpu.get('count', '?')} cores "
-        f"({cpu.get('brand_raw') or machine.get('processor') or '?'}), Python "
-        f"{machine.get('python_version', '?')}, workers={WORKERS}. Medians; building the "
-        "graph is inside every time except W6-run's.",
+def report(table: Table, runs: list[dict[str, Any]]) -> str:
+    header = []
+    for data in runs:
+        machine = data.get("machine_info", {})
+        cpu = machine.get("cpu", {})
+        header.append(
+            f"Run {data.get('datetime', '?')} on {cpu.get('count', '?')} cores "
+            f"({cpu.get('brand_raw') or machine.get('processor') or '?'}), Python "
+            f"{machine.get('python_version', '?')}."
+        )
+    header += [
+        "",
+        f"workers={WORKERS}; medians; building the graph is inside every time except W6-run's. ",
     ]
+    if any(disturbed(e) for tools in table.values() for e in tools.values()):
+        header[-1] += (
+            f"†: other programs used more than {DISTURBED} of a core on average during "
+            "that benchmark (`foreign_cpu_s` in its extra_info): treat it with care."
+        )
     out = [
         "## Median seconds",
         "",
@@ -294,28 +323,34 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--json", help="pytest-benchmark JSON to read (default: run them now)")
+    parser.add_argument(
+        "--json",
+        nargs="+",
+        metavar="PATH",
+        help="pytest-benchmark JSON files to read; a later file's entries replace an "
+        "earlier one's (default: run the benchmarks now)",
+    )
     parser.add_argument("--save", help="where to keep the JSON of a fresh run")
     parser.add_argument("-k", dest="select", help="pytest -k expression for a fresh run")
     args = parser.parse_args(argv)
-    path, scratch = args.json, False
-    if path is None:
+    paths = args.json
+    if paths is None:
+        scratch = not args.save
         if args.save:
             path = os.path.abspath(args.save)
         else:
             fd, path = tempfile.mkstemp(suffix=".json", prefix="graphexec-bench-")
             os.close(fd)
-            scratch = True
         try:
             run_benchmarks(path, args.select)
-            table, data = load(path)
+            table, data = load([path])
         finally:
             if scratch:
                 os.unlink(path)
     else:
-        table, data = load(path)
+        table, data = load(paths)
     if not table:
-        print(f"{path}: no graphexec benchmarks in it", file=sys.stderr)
+        print("no graphexec benchmarks in the JSON", file=sys.stderr)
         return 1
     sys.stdout.write(report(table, data))
     return 0

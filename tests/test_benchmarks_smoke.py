@@ -84,7 +84,7 @@ def test_report_reads_pytest_benchmark_json(tmp_path):
     benches.append({"stats": {"median": 1.0}, "extra_info": {}})  # not one of ours: ignored
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"benchmarks": benches, "datetime": "today"}))
-    table, data = report.load(str(path))
+    table, data = report.load([str(path)])
     text = report.report(table, data)
     assert "| W1 5k no-op + sum | 0.010 s | 0.600 s |" in text
     assert "2.000 s (100%)" in text  # W3 warm: 4.0 / (2 x 2.0)
