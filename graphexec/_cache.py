@@ -43,6 +43,7 @@ import fcntl
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import mmap
@@ -61,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import psutil
 
 from ._serialize import PROTOCOL, SHM_THRESHOLD, _attach
 
@@ -72,6 +74,8 @@ HEAD = 12  # magic, header length, header crc32
 ALIGN = mmap.ALLOCATIONGRANULARITY  # buffers start on page boundaries: mmap offsets
 
 clock = time.time  # tests replace this to move time without sleeping
+_holds = itertools.count(1)
+STALE_TMP = 3600.0  # seconds: an older .tmp- file was left by a writer that died
 
 
 class CacheContext:
@@ -384,13 +388,22 @@ class CacheStore:
         from ._serialize import Payload
 
         path = self.path(key)
+        # Hold the entry's inode for this run under a private name, *then* read and
+        # check it: buffers are mapped later, when a dependent runs, and by then
+        # another process may have pruned the entry or replaced it (refresh).
+        hold = path.parent / f".hold-{os.getpid()}-{next(_holds)}.hold"
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            os.link(path, hold)
         except FileNotFoundError:
             return None
+        except OSError:
+            hold = path  # no hard links here (some network filesystems): map the entry
+        try:
+            with open(hold, "rb") as f:
+                raw = f.read()
         except OSError as exc:
             logger.warning("cache entry %s unreadable (%s): recomputing", path, exc)
+            self._release_hold(hold, path)
             return None
         try:
             header, body_start = _parse(raw)
@@ -405,14 +418,24 @@ class CacheStore:
                 "node will be recomputed", RuntimeWarning, stacklevel=2,
             )
             self._remove(path)
+            self._release_hold(hold, path)
             return None
         expires = header.get("expires")
         if expires is not None and clock() >= expires:
+            self._release_hold(hold, path)
             return None
         data_off, data_len = header["data"]
         data = raw[data_off : data_off + data_len]
-        segments = tuple((str(path), off, size) for off, size in header["buffers"])
+        if not header["buffers"]:
+            self._release_hold(hold, path)  # everything is in memory already
+            return Payload(data, ())
+        segments = tuple((str(hold), off, size) for off, size in header["buffers"])
         return Payload(data, segments)
+
+    @staticmethod
+    def _release_hold(hold: Path, path: Path) -> None:
+        if hold != path:
+            CacheStore._remove(hold)
 
     # writing -----------------------------------------------------------------
 
@@ -559,7 +582,7 @@ def clear_cache(
         return 0
     removed = 0
     now = clock()
-    for path in root.glob("*/*.gxc"):
+    for path in root.glob("*/[!.]*.gxc"):  # entries, not .tmp- or .hold- files
         if path.name.startswith(".tmp-"):
             continue  # not an entry (yet): removed below
         if expired_only:
@@ -577,5 +600,17 @@ def clear_cache(
         CacheStore._remove(path.with_suffix(".lock"))
         removed += 1
     for tmp in root.glob("*/.tmp-*"):  # left by a writer that was killed
-        CacheStore._remove(tmp)
+        try:
+            stale = time.time() - tmp.stat().st_mtime > STALE_TMP  # not being written now
+        except OSError:
+            continue
+        if stale:
+            CacheStore._remove(tmp)
+    for hold in root.glob("*/.hold-*"):  # left by a run that was killed
+        try:
+            pid = int(hold.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if not psutil.pid_exists(pid):
+            CacheStore._remove(hold)
     return removed

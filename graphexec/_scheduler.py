@@ -22,7 +22,8 @@ State containers (all indexed by integer node id; lists sized to the graph):
 ``states[i]``      the final State, or a Retrying State, or None (pending/running)
 ``history[i]``     Attempt records of i
 ``ready``          heap of (-priority, order, i) for nodes whose inputs are settled
-``parked[key]``    deque of nodes waiting for a concurrency slot (tag/task limit)
+``parked[key]``    heap, like ``ready``, of nodes waiting for a concurrency slot
+                   (tag/task limit): a freed slot goes to the highest priority
 ``in_use[key]``    slots taken per limit key
 ``retry_at``       heap of (time, seq, i): retries waiting out their delay
 ``running[i]``     the Call in flight for i
@@ -44,7 +45,6 @@ import logging
 import re
 import time
 import warnings
-from collections import deque
 from typing import Any
 
 from ._cache import (
@@ -143,8 +143,10 @@ def compute(
                 "fail_fast=True for a graph computed inside a flow: the flow's scheduler runs "
                 "it, so give fail_fast to @gx.flow instead"
             )
-        return session.compute_graph(graph, target_ids, raise_on_failure=raise_on_failure,
-                                     keep=keep)
+        return session.compute_graph(
+            graph, target_ids, raise_on_failure=raise_on_failure, keep=keep, limits=limits,
+            refresh_cache=refresh_cache, cache_dir=cache_dir, memory_limit=limit_bytes,
+        )
     explicit = bool(target_ids)
     if not explicit:
         target_ids = sinks(graph._deps)
@@ -254,7 +256,7 @@ class Scheduler:
         self.kept = run._kept
         self.ready: list[tuple[int, int, int]] = []
         self.retry_at: list[tuple[float, int, int]] = []
-        self.parked: dict[Any, deque[int]] = {}
+        self.parked: dict[Any, list[tuple[int, int, int]]] = {}
         self.in_use: dict[Any, int] = {}
         self.running: dict[int, Call] = {}
         self.unsent: dict[int, Call] = {}  # calls the executor refused for now
@@ -395,8 +397,7 @@ class Scheduler:
             if keys:
                 full = next((k for k in keys if self.in_use.get(k, 0) >= self._cap(k)), None)
                 if full is not None:
-                    heapq.heappop(ready)
-                    self.parked.setdefault(full, deque()).append(i)
+                    heapq.heappush(self.parked.setdefault(full, []), heapq.heappop(ready))
                     continue
             call = self.unsent.pop(i, None) or self._make_call(i)
             if not executor.submit(call):
@@ -473,7 +474,7 @@ class Scheduler:
             self.in_use[k] -= 1
             waiting = self.parked.get(k)
             if waiting:
-                self._push_ready(waiting.popleft())
+                self._push_ready(heapq.heappop(waiting)[2])
         if kind == REQUEUE:
             self._push_ready(i)
             return
@@ -529,7 +530,7 @@ class Scheduler:
             if i in self.locked:
                 self.locked.discard(i)
                 self.cache.unlock(self.keys[i])
-            if state.name is COMPLETED and self.uses[i] == 0 and i not in self.kept:
+            if state.is_completed() and self.uses[i] == 0 and i not in self.kept:
                 state._release()
             elif state.name is FAILED:
                 self._on_failure(i)
@@ -539,7 +540,7 @@ class Scheduler:
                     self.uses[up] -= 1
                     if self.uses[up] == 0 and up not in self.kept:
                         up_state = self.states[up]
-                        if up_state is not None and up_state.name is COMPLETED:
+                        if up_state is not None and up_state.is_completed():
                             up_state._release()
             for d in self.dependents[i] or ():
                 self.waiting[d] -= 1

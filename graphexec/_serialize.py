@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import mmap
+import os
 import pickle
 from typing import Any
 
@@ -74,6 +75,12 @@ class Payload:
         run goes on; at the end of a run segments are unlinked. Regions of a
         cache file, ``(path, offset, size)``, stay.
         """
+        for path in {seg[0] for seg in self.segments if len(seg) == 3}:
+            if os.path.basename(path).startswith(".hold-"):  # a cache hit's private link
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
         shm = [seg for seg in self.segments if len(seg) == 2]
         if not shm:
             return

@@ -61,6 +61,7 @@ def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
     ).start()
     functions: dict[int, Any] = {}
     while True:
+    stopped = False
         try:
             data = conn.recv_bytes()
         except (EOFError, OSError):
@@ -71,6 +72,7 @@ def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
             continue
         if message[0] == "stop":
             break
+            stopped = True
         reply = _run(message, functions)
         _flush_stdio()
         try:
@@ -79,6 +81,10 @@ def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
             break
     conn.close()
 
+    if not stopped and _parent_dies_soon(parent_pid):
+        # The pipe closed because the parent died: nobody will release the
+        # values of its runs, so clean them up here, as the watchdog does.
+        _shm.sweep(f"gx-{parent_pid}-")
 
 def _run(message: tuple, functions: dict[int, Any]) -> bytes:
     _, token, fn_id, name, args_blob, deps, cache = message
@@ -271,3 +277,22 @@ def _watch_parent(parent_pid: int, first_ppid: int) -> None:
                 os.killpg(os.getpid(), signal.SIGKILL)  # takes the task's subprocesses too
         finally:
             os._exit(1)
+def _parent_dies_soon(parent_pid: int, wait: float = 2.0) -> bool:
+    """After an EOF: a parent being killed closes its pipes before it is a zombie."""
+    deadline = time.monotonic() + wait
+    while _parent_alive(parent_pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _parent_alive(parent_pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(parent_pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+

@@ -1026,9 +1026,6 @@ def test_a_timed_out_node_is_not_cached(compute, tmp_path):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason=(
-    "scheduler: Scheduler._finish releases only states named Completed (`state.name is "
-    "COMPLETED`, twice), so Cached intermediates are kept for the whole run"))
 def test_cached_intermediates_are_released_like_computed_ones(compute, tmp_path):
     counter, cache = tmp_path / "calls", tmp_path / "cache"
 
@@ -1064,9 +1061,15 @@ def test_clear_cache_prunes_expired_entries_then_everything(tmp_path, clock):
     shard = entries(cache)[0].parent
     leftover = shard / ".tmp-killedwriter.gxc"  # a writer killed before its rename
     leftover.write_bytes(b"half an entry")
+    two_hours_ago = time.time() - 7200
+    os.utime(leftover, (two_hours_ago, two_hours_ago))
+    writing = shard / ".tmp-writingnow.gxc"  # another process writing at this moment
+    writing.write_bytes(b"being written")
 
     assert gx.clear_cache(cache) == 0  # nothing expired yet
     assert len(entries(cache)) == 3 and not leftover.exists()
+    assert writing.exists(), "a temporary file being written now must not be deleted"
+    writing.unlink()
     clock.now += 45
     assert gx.clear_cache(cache) == 1  # the 30 s one
     clock.now += 15
@@ -1096,11 +1099,6 @@ def test_default_cache_dir_is_in_the_working_directory(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason=(
-    "cache/serialize: a hit's buffers are referred to by the entry's path "
-    "(path, offset, size) and mapped only when used; deleted meanwhile (clear_cache, "
-    "another process's corrupt-entry check), the dependent fails with FileNotFoundError, "
-    "and replaced meanwhile (another run's refresh_cache) it maps the new file's bytes"))
 def test_an_entry_pruned_during_the_run_that_loaded_it_still_serves_that_run(tmp_path):
     """A prune (or another run's refresh) while a run holds a hit it has not used yet."""
     counter, cache = tmp_path / "calls", tmp_path / "cache"

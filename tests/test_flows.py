@@ -748,11 +748,8 @@ def test_a_tag_limit_of_a_lazy_graph_inside_a_flow_uses_the_flows_limits():
 # Session.compute_graph: limits=, refresh_cache=, cache_dir= and memory_limit=
 # are dropped without a word (fail_fast= alone is refused). compute_graph takes
 # them now; the scheduler has to pass them on.
-DROPPED = ("graph.compute() inside a flow ignores limits=/refresh_cache=/cache_dir=: "
-           "_scheduler.compute does not pass them to Session.compute_graph")
 
 
-@pytest.mark.xfail(strict=True, reason=DROPPED)
 @pytest.mark.timeout(30)
 def test_a_tag_limit_given_to_compute_inside_a_flow_is_not_silently_dropped():
     def body():
@@ -766,7 +763,6 @@ def test_a_tag_limit_given_to_compute_inside_a_flow_is_not_silently_dropped():
         run_flow(body, workers=2)
 
 
-@pytest.mark.xfail(strict=True, reason=DROPPED)
 @pytest.mark.timeout(30)
 def test_refresh_cache_given_to_compute_inside_a_flow_recomputes(tmp_path):
     def body():
@@ -780,7 +776,6 @@ def test_refresh_cache_given_to_compute_inside_a_flow_recomputes(tmp_path):
     assert run_flow(body, cache_dir=str(tmp_path)) == ("Completed", "Completed")
 
 
-@pytest.mark.xfail(strict=True, reason=DROPPED)
 @pytest.mark.timeout(30)
 def test_a_cache_dir_given_to_compute_inside_a_flow_is_not_silently_dropped(tmp_path):
     flow_dir, compute_dir = tmp_path / "flow", tmp_path / "compute"
@@ -819,14 +814,8 @@ def test_higher_priority_ready_tasks_start_first(scheduler, how):
     assert min(s["start"] for s in low + high) >= blocker["end"]
 
 
-PARKED_FIFO = (
-    "Scheduler.parked[key] is a FIFO deque: a task waiting for a concurrency slot is "
-    "released in arrival order, so a higher-priority task that arrived later waits behind "
-    "lower-priority ones (fix: a heap of (-priority, order, i) per key)"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=PARKED_FIFO)
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("scheduler", PARALLEL)
 def test_priority_holds_among_tasks_waiting_for_a_concurrency_slot(scheduler):

@@ -343,10 +343,6 @@ graph.compute(workers=2, cache_dir="cache")
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=(
-    "worker: a worker whose parent died exits through main()'s EOF/BrokenPipe path "
-    "(immediately), not through the watchdog, so it never sweeps /dev/shm of the dead "
-    "parent's segments"))
 def test_a_killed_parent_leaves_nothing_in_dev_shm(tmp_path):
     """SIGKILL a parent holding values in shared memory while its workers are idle.
 
