@@ -219,8 +219,13 @@ class Session:
             self.scheduler.cache = self._make_store()
         with self._lock:
             node = self.graph._add_call(task, args, kwargs)
+            # While earlier submissions wait in the inbox, their wakeup is still
+            # to be handled and the scheduler takes the whole inbox at once: one
+            # wakeup per batch, not one per submit (a pipe write with processes).
+            wake = not self._new
             self._new.append(node.index)
-        self.executor.wakeup()
+        if wake:
+            self.executor.wakeup()
         return node  # type: ignore[return-value]
 
     def _wait(self, index: int, timeout: float | None) -> State:
