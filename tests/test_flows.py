@@ -743,11 +743,9 @@ def test_a_tag_limit_of_a_lazy_graph_inside_a_flow_uses_the_flows_limits():
     assert max_overlap(run_flow(same_limits, workers=2, limits={"db": 1})) == 1
 
 
-# compute() inside a flow routes the graph into the flow's session, but
-# _scheduler.compute passes only raise_on_failure and keep to
-# Session.compute_graph: limits=, refresh_cache=, cache_dir= and memory_limit=
-# are dropped without a word (fail_fast= alone is refused). compute_graph takes
-# them now; the scheduler has to pass them on.
+# compute() inside a flow runs the graph in the flow's session: its limits=,
+# refresh_cache=, cache_dir= and memory_limit= are honoured or refused, never
+# dropped without a word (they once were).
 
 
 @pytest.mark.timeout(30)
@@ -756,7 +754,7 @@ def test_a_tag_limit_given_to_compute_inside_a_flow_is_not_silently_dropped():
         graph = gx.Graph()
         with graph:
             writes = [db_write(f"w{i}", 0.2) for i in range(4)]
-        run = graph.compute(limits={"db": 1})  # today: ignored, two writes at once
+        run = graph.compute(limits={"db": 1})  # the flow does not limit "db"
         return max_overlap([run[n] for n in writes])
 
     with pytest.raises(ValueError, match=r"give limits= to @gx\.flow"):
@@ -770,7 +768,7 @@ def test_refresh_cache_given_to_compute_inside_a_flow_recomputes(tmp_path):
         with graph:
             node = cached_square(5)
         first = graph.compute().state(node).name
-        again = graph.compute(refresh_cache=True).state(node).name  # today: Cached
+        again = graph.compute(refresh_cache=True).state(node).name  # not Cached
         return first, again
 
     assert run_flow(body, cache_dir=str(tmp_path)) == ("Completed", "Completed")
@@ -784,7 +782,7 @@ def test_a_cache_dir_given_to_compute_inside_a_flow_is_not_silently_dropped(tmp_
         graph = gx.Graph()
         with graph:
             cached_square(6)
-        graph.compute(cache_dir=str(compute_dir))  # today: written to the flow's dir
+        graph.compute(cache_dir=str(compute_dir))  # the flow caches elsewhere
 
     with pytest.raises(ValueError, match=r"give cache_dir= to @gx\.flow"):
         run_flow(body, cache_dir=str(flow_dir))
@@ -812,8 +810,6 @@ def test_higher_priority_ready_tasks_start_first(scheduler, how):
     order = [s["tag"] for s in sorted(low + high, key=lambda s: s["start"])]
     assert order == ["high0", "high1", "high2", "low0", "low1", "low2"]
     assert min(s["start"] for s in low + high) >= blocker["end"]
-
-
 
 
 @pytest.mark.timeout(30)
