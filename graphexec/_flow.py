@@ -590,11 +590,25 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
 
     Returns:
         A callable :class:`Flow`. Calling it runs the body and returns its value
-        with futures in it replaced by their values.
+        with futures in it (and nodes of lazy graphs computed in it) replaced by
+        their values; a returned future that failed raises its exception.
 
     Raises:
-        GraphFailed: when the body returned but a task failure was never handled
-            (no dependent accepted it, nobody looked at its future).
+        GraphFailed: when the body returned but a task failure was never handled:
+            no dependent accepted it (``allow_failure``, ``return_state``, a
+            trigger) and nobody looked at it (``future.result()`` raising or
+            returning it, reading ``future.state``). Waiting (``future.wait()``,
+            :func:`wait`, :func:`as_completed`) is not looking.
+        Exception: whatever the body raised, after every pending task was
+            cancelled; the exception carries ``.run`` (unless it had one: a
+            ``GraphFailed`` from a lazy graph keeps that graph's Run).
+
+    A flow called inside another flow (or inside ``with gx.Pool():``) is
+    supported and runs in the outer one's session: same pool, same scheduler,
+    and its own options are not applied. It returns its body's value; its
+    unhandled failures are reported when the outer flow ends. A lazy graph
+    computed in a flow runs there too; ``compute``'s ``limits``,
+    ``cache_dir`` and ``memory_limit`` must then match the flow's.
 
     Example::
 
