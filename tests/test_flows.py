@@ -895,6 +895,30 @@ def test_values_read_during_a_flow_leave_nothing_in_shared_memory(where):
     assert _my_segments() - before == set()
 
 
+@gx.task
+def hog(megabytes):
+    data = bytearray(megabytes * 1024 * 1024)
+    for i in range(0, len(data), 4096):  # touch every page: it counts in RSS
+        data[i] = 1
+    time.sleep(5)
+    return len(data)
+
+
+@pytest.mark.timeout(30)
+def test_a_flows_memory_limit_kills_the_task_over_it_and_the_flow_goes_on():
+    def body():
+        greedy = hog.submit(400)
+        state = greedy.wait()
+        after = add.submit(1, 2)  # the pool replaced the worker and goes on
+        return state.name, type(state.exception).__name__, after.result(), greedy.state.name
+
+    started = time.perf_counter()
+    assert run_flow(body, memory_limit="150MB") == (
+        "Failed", "MemoryLimitExceeded", 3, "Failed",
+    )
+    assert time.perf_counter() - started < 4  # killed, not waited for
+
+
 # -- caching and scale ------------------------------------------------------------------------
 
 
