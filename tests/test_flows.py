@@ -611,6 +611,24 @@ def test_with_pool_raises_graph_failed_at_exit_for_unseen_failures():
     assert [n.name for n in info.value.run.unhandled] == ["explode-0"]
 
 
+@pytest.mark.timeout(30)
+def test_a_future_outlives_its_flow_but_belongs_to_it():
+    kept = {}
+
+    def first():
+        kept["future"] = add.submit(1, 2)
+
+    def second():
+        with pytest.raises(TypeError, match=r"node 'add-0' belongs to another graph"):
+            add.submit(kept["future"], 1)
+        with pytest.raises(TypeError, match="wait_for= takes nodes"):
+            add.submit(1, wait_for=[5])
+
+    run_flow(first, workers=1)
+    assert kept["future"].done() and kept["future"].result() == 3
+    run_flow(second, workers=1)
+
+
 def test_submit_outside_a_flow_or_pool_says_where_to_call_it():
     with pytest.raises(RuntimeError) as info:
         add.submit(1, 2)
