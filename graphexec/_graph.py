@@ -346,6 +346,7 @@ class Graph:
         start_method: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         refresh_cache: bool = False,
+        cluster: Any = None,
     ) -> Run:
         """Run the graph (or the ancestors of ``targets``) and return a :class:`Run`.
 
@@ -370,6 +371,12 @@ class Graph:
             cache_dir: where cached results live (tasks with ``cache=True`` or a
                 ``cache_key_fn``); default ``./.graphexec-cache``.
             refresh_cache: recompute and overwrite every cached task's entry.
+            cluster: a ``distributed.Client``: run the tasks on its dask cluster, with
+                the same states and policies (``pip install 'graphexec[distributed]'``).
+                Values stay on the cluster until read with ``run[node]``. Not with
+                ``workers=``, ``pool=``, ``scheduler=``, ``memory_limit=`` or
+                ``start_method=``; see docs/cluster.md for what differs (timeouts
+                cannot kill a running task; the cache directory must be shared).
 
         Returns:
             The :class:`Run`: a state for every node, values of kept nodes.
@@ -396,6 +403,7 @@ class Graph:
             start_method=start_method,
             cache_dir=cache_dir,
             refresh_cache=refresh_cache,
+            cluster=cluster,
         )
 
     def _latest_run_or_raise(self) -> Run:

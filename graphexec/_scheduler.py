@@ -104,6 +104,7 @@ def compute(
     start_method: str | None,
     cache_dir: Any = None,
     refresh_cache: bool = False,
+    cluster: Any = None,
 ) -> Run:
     """Validate the arguments, pick an executor, run the scheduler; see ``Graph.compute``."""
     if scheduler not in SCHEDULERS:
@@ -112,6 +113,11 @@ def compute(
         )
     if keep not in ("targets", "all"):
         raise ValueError(f"keep={keep!r} must be 'targets' or 'all'")
+    if cluster is not None:
+        from ._cluster import check_cluster
+
+        check_cluster(cluster, workers=workers, scheduler=scheduler, pool=pool,
+                      memory_limit=memory_limit, start_method=start_method)
     limit_bytes = parse_memory(memory_limit)
     limits = check_limits(limits)
     if pool is not None:
@@ -138,6 +144,9 @@ def compute(
     if session is not None:
         # One scheduler: a lazy graph computed inside a flow (or next to submits
         # on the same pool) runs in that session, on its pool.
+        if cluster is not None:
+            raise ValueError("cluster= for a graph computed inside a flow: the flow's "
+                             "scheduler runs it, on the flow's workers")
         if fail_fast:
             raise ValueError(
                 "fail_fast=True for a graph computed inside a flow: the flow's scheduler runs "
@@ -157,8 +166,12 @@ def compute(
     store = None
     if any(graph._opts[i].cache_key_fn is not None for i in members):
         store = CacheStore(cache_dir)
-    if scheduler == "sync":
-        executor: Any = SyncExecutor()
+    if cluster is not None:
+        from ._cluster import ClusterExecutor
+
+        executor: Any = ClusterExecutor(cluster, run)
+    elif scheduler == "sync":
+        executor = SyncExecutor()
     elif scheduler == "threads":
         executor = ThreadExecutor(count)
     else:

@@ -1,0 +1,926 @@
+"""The dask.distributed executor: ``graph.compute(cluster=distributed.Client(...))``.
+
+graphexec's scheduler (states, policies, retries, timeouts, caching, the
+``Run``) does not change; this module only runs its calls on a dask cluster,
+through the executor protocol of ``_call``::
+
+    scheduler thread                        dask scheduler            dask workers
+    ----------------                        --------------            ------------
+    submit(call) -- client.submit(_run_remote, key=<unique per attempt>) ---> run it
+                    upstream values passed as the dask Futures that hold them
+    poll(timeout) <- done callbacks (a queue) <- "key-in-memory" / "task-erred"
+                  <- events: "started on worker W" (topic graphexec-start),
+                             "worker W was removed" (topic "all")
+
+Data movement
+    A result stays on the worker that computed it. The outcome handed to the
+    scheduler is a :class:`Payload` whose pickle is a small reference
+    (``_fetch(token)``); the dask Future it stands for is held in a registry
+    of this process. A dependent is submitted with those Futures as
+    arguments, so dask moves the data worker-to-worker (or not at all when
+    it runs where its input is): values never pass through this process.
+    ``run[node]`` unpickles the reference, which fetches the value with
+    ``Future.result()`` once. Futures of values the scheduler releases
+    (``keep="targets"``) are dropped during the run; those of kept nodes
+    live as long as the ``Run`` does. Consequence: read results before
+    closing the Client.
+
+    Values that are in this process already (cache hits, exceptions given to
+    ``allow_failure`` dependents, a State for ``return_state``) are pickled
+    here and sent with the call.
+
+Failures
+    * The task raised: ``_run_remote`` catches it and returns a
+      :class:`_Failure` (a value, so dask logs nothing and never retries it);
+      its type is known without fetching it (``Future.type``), then it is
+      fetched and unpacked as the local pool does: the task's own exception
+      (or a ``RemoteError`` stand-in) with the worker's traceback as
+      ``__cause__``.
+    * The worker died: the task announces itself when it starts (an event
+      with its worker's address); when the dask scheduler reports that
+      worker removed unexpectedly, the node fails with ``WorkerCrashed`` at
+      once and its future is cancelled (dask may already have started it
+      again elsewhere: it retries tasks of dead workers up to
+      ``distributed.scheduler.allowed-failures`` times). A crash too quick
+      for its start event ends as dask's ``KilledWorker`` once dask gives
+      up; that too becomes a ``WorkerCrashed`` that says what happened.
+    * Arguments or a function that do not pickle fail their node here with
+      ``SerializationError``; a result that does not pickle fails on the
+      worker (it is test-pickled there, large buffers aside, since the value
+      would otherwise only fail when dask moves it).
+
+Timeouts
+    A dask task runs in a worker thread and cannot be killed. The deadline
+    starts when the task starts (its start event), not when it was
+    submitted; at the deadline the node fails with ``TaskTimeout``, its
+    future is cancelled and a late result is dropped, and ``retries=``
+    apply. The task itself may go on running on its worker, holding that
+    thread, until it returns.
+
+Capacity
+    At most two calls per worker thread of the cluster are in flight
+    (``client.nthreads()``, re-read while the scheduler waits for a slot), so
+    the ready queue, and its priorities, stay in graphexec.
+
+Caching
+    The worker writes a cache entry itself (``write_cache``); the cache
+    directory must therefore be one path that the workers and this process
+    share. A missing entry after a successful write is reported once.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import itertools
+import logging
+import pickle
+import queue
+import threading
+import time
+import traceback
+import uuid
+import weakref
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from ._call import ERROR, OK, Call, timeout_error, write_cache
+from ._errors import GraphexecError, SerializationError, WorkerCrashed
+from ._serialize import PROTOCOL, Payload, dumps, dumps_call, find_unpicklable, loads_call
+
+logger = logging.getLogger("graphexec")
+
+START_TOPIC = "graphexec-start"  # events of _run_remote: started on a worker, result digest
+CALLS_PER_THREAD = 2  # calls in flight per worker thread of the cluster
+NTHREADS_REFRESH = 2.0  # seconds between looks at the cluster's size while it is full
+SWEEP_INTERVAL = 1.0  # seconds between full passes over the values held for a run
+SCATTER_BYTES = 1 << 20  # a function pickle this large is sent to the cluster once
+
+
+# -- values held on the cluster -------------------------------------------------------
+
+
+class _Held:
+    __slots__ = ("count", "future", "name")
+
+    def __init__(self, future: Any, name: str) -> None:
+        self.future = future
+        self.name = name
+        self.count = 1
+
+
+# reference pickle -> the Future of the value; shared by every run of this process
+_held: dict[bytes, _Held] = {}
+_held_lock = threading.Lock()
+
+
+class _Ref:
+    """What a cluster value's :class:`Payload` pickles: unpickling it fetches the value."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def __reduce__(self) -> Any:
+        return (_fetch, (self.token,))
+
+
+def _ref_bytes(token: str) -> bytes:
+    return pickle.dumps(_Ref(token), protocol=PROTOCOL)
+
+
+def _fetch(token: str) -> Any:
+    """Bring a value computed on the cluster here (``run[node]``)."""
+    entry = _held.get(_ref_bytes(token))
+    if entry is None:
+        raise GraphexecError(
+            "this value was computed on a dask cluster and is no longer held there: it was "
+            "released once no pending node needed it, or the Run was copied to another "
+            "process. Keep the node (make it a target, or compute(keep='all')) and read it "
+            "with run[node] in the process that called compute()"
+        )
+    try:
+        return entry.future.result()
+    except Exception as exc:
+        raise GraphexecError(
+            f"the value of {entry.name} stayed on the dask cluster and could not be fetched "
+            f"({type(exc).__name__}: {exc}). Read results with run[node] before closing the "
+            "Client; a value on a worker that died is recomputed by dask only while the "
+            "cluster runs"
+        ) from exc
+
+
+def _hold(token: str, future: Any, name: str) -> bytes:
+    data = _ref_bytes(token)
+    with _held_lock:
+        entry = _held.get(data)
+        if entry is None:
+            _held[data] = _Held(future, name)
+        else:  # the same content (same digest) is held already: share it
+            entry.count += 1
+    return data
+
+
+def _drop(refs: list[bytes]) -> None:
+    with _held_lock:
+        for data in refs:
+            entry = _held.get(data)
+            if entry is not None:
+                entry.count -= 1
+                if entry.count <= 0:
+                    del _held[data]  # the Future goes: dask releases the value
+
+
+def held_values() -> int:
+    """How many cluster values this process holds (for tests and diagnostics)."""
+    return len(_held)
+
+
+# -- what runs on a dask worker ----------------------------------------------------------
+
+
+class _Failure:
+    """What ``_run_remote`` returns when the call failed: the exception, pickled, and when."""
+
+    __slots__ = ("exc_blob", "finished", "stage", "started", "tb")
+
+    def __init__(self, stage: str, exc_blob: bytes, tb: str, started: float,
+                 finished: float) -> None:
+        self.stage = stage
+        self.exc_blob = exc_blob
+        self.tb = tb
+        self.started = started
+        self.finished = finished
+
+    def __reduce__(self) -> Any:
+        return (_Failure, (self.stage, self.exc_blob, self.tb, self.started, self.finished))
+
+
+_FAILURE_NAME = f"{_Failure.__module__}.{_Failure.__qualname__}"
+
+_functions: collections.OrderedDict[str, Any] = collections.OrderedDict()  # fn id -> function
+_FUNCTIONS_KEPT = 256
+
+
+def _function(fn_id: str, blob: bytes, origin: str | None) -> Any:
+    fn = _functions.get(fn_id)
+    if fn is None:
+        from ._worker import _load_function
+
+        fn = _functions[fn_id] = _load_function(blob, origin)
+        if len(_functions) > _FUNCTIONS_KEPT:
+            _functions.popitem(last=False)
+    return fn
+
+
+def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
+    """Run one call on a dask worker; return its value, or a :class:`_Failure`.
+
+    ``remote`` maps node index -> upstream value (dask put the values of the
+    Futures in place); ``spec`` carries everything else, pickled here once.
+    """
+    from ._worker import _pickle_exception, _Unloadable
+
+    exec_id, key, name, fn_id, origin, args_blob, local_blob, cache, want_digest = spec
+    started = time.time()
+    worker = _this_worker()
+    if worker is not None:
+        worker.log_event(START_TOPIC, {"x": exec_id, "k": key, "t": started})
+
+    def fail(stage: str, exc: BaseException, tb: str) -> _Failure:
+        return _Failure(stage, _pickle_exception(exc, tb), tb, started, time.time())
+
+    fn = _function(fn_id, fn_blob, origin)
+    if type(fn) is _Unloadable:
+        error = SerializationError(
+            f"the function of {name} could not be unpickled on the dask worker: "
+            f"{type(fn.exc).__name__}: {fn.exc}. Is its module importable there (same "
+            "packages, same code on every worker)?",
+            node=name, stage="function",
+        )
+        return fail("function", error, fn.tb)
+    for index, value in remote.items():
+        if type(value) is _Failure:  # dask recomputed a lost upstream value, and it failed
+            error = WorkerCrashed(
+                f"an upstream value of {name} (node {index}) was lost with the dask worker "
+                f"that held it; dask computed it again and this time it failed: {value.tb}",
+                node=name,
+            )
+            return fail("unpickle-arguments", error, value.tb)
+    try:
+        values = dict(remote)
+        if local_blob is not None:
+            for index, (kind, value) in pickle.loads(local_blob).items():
+                if kind == "state" and index in values:
+                    value._value = values[index]  # a return_state State, its value from dask
+                values[index] = value
+        args, kwargs = loads_call(args_blob, values)
+    except BaseException as exc:
+        error = SerializationError(
+            f"the arguments of {name} could not be unpickled on the dask worker: "
+            f"{type(exc).__name__}: {exc}",
+            node=name, stage="unpickle-arguments",
+        )
+        return fail("unpickle-arguments", error, traceback.format_exc())
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt fail the node too
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
+        return fail("call", exc, tb)
+    del args, kwargs, values
+    if want_digest or not _plainly_picklable(result):
+        try:
+            digest = _digest(result)
+        except BaseException as exc:
+            kind = type(result)
+            error = SerializationError(
+                f"the result of {name} (a {kind.__module__}.{kind.__qualname__}) cannot be "
+                f"pickled: {type(exc).__name__}: {exc}. Return plain data (numbers, strings, "
+                "arrays, lists, dicts) or make the type picklable",
+                node=name, stage="result",
+            )
+            return fail("result", error, traceback.format_exc())
+        if want_digest and worker is not None:
+            worker.log_event(START_TOPIC, {"x": exec_id, "k": key, "d": digest})
+    if cache is not None:
+        write_cache(cache, result, name)
+    return result
+
+
+def _this_worker() -> Any:
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except (ImportError, ValueError):
+        return None
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _plainly_picklable(value: Any) -> bool:
+    kind = type(value)
+    if kind in _PLAIN:
+        return True
+    if kind.__name__ == "ndarray" and kind.__module__ == "numpy":
+        return not value.dtype.hasobject
+    return False
+
+
+def _digest(value: Any) -> str:
+    """A content hash of a value, from its pickle (large buffers hashed in place)."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = cloudpickle.dumps(value, protocol=PROTOCOL, buffer_callback=buffers.append)
+    h = hashlib.sha256(b"cluster-value")
+    h.update(data)
+    for buffer in buffers:
+        try:
+            h.update(buffer.raw())
+        except BufferError:  # not contiguous
+            h.update(memoryview(buffer).tobytes())
+    return h.hexdigest()
+
+
+# -- events from the cluster ---------------------------------------------------------------
+
+
+class _Hub:
+    """One per Client while executors use it: routes the cluster's events to them.
+
+    A Client keeps one handler per topic, so executors cannot subscribe each
+    on their own; the handlers run in the Client's event-loop thread and only
+    put messages in the executors' queues. The subscriptions end with the
+    last executor (a Client subscribed to "all" while it closes makes the
+    scheduler log an error).
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.executors: dict[str, ClusterExecutor] = {}
+        handlers = getattr(client, "_event_handlers", None)
+        self._previous = handlers.get("all") if isinstance(handlers, dict) else None
+        client.subscribe_topic(START_TOPIC, self._on_start)
+        client.subscribe_topic("all", self._on_all)
+
+    def close(self) -> None:
+        try:
+            self.client.unsubscribe_topic(START_TOPIC)
+            if self._previous is not None:
+                self.client.subscribe_topic("all", self._previous)
+            else:
+                self.client.unsubscribe_topic("all")
+        except Exception:  # the client is closing or closed: subscriptions went with it
+            pass
+
+    def _on_start(self, event: Any) -> None:
+        msg = event[1]
+        executor = self.executors.get(msg.get("x"))
+        if executor is None:
+            return
+        if "d" in msg:
+            executor._inbox.put(("digest", msg["k"], msg["d"]))
+        else:
+            executor._inbox.put(("start", msg["k"], msg.get("worker"), msg.get("t")))
+
+    def _on_all(self, event: Any) -> Any:
+        msg = event[1]
+        if isinstance(msg, dict) and msg.get("action") == "remove-worker" and \
+                not msg.get("expected"):
+            processing = set(msg.get("processing-tasks") or ())
+            for executor in list(self.executors.values()):
+                executor._inbox.put(("gone", msg.get("worker"), processing))
+        if self._previous is not None:  # someone else's handler for "all" keeps working
+            return self._previous(event)
+        return None
+
+
+_hubs: dict[str, _Hub] = {}  # client id -> its hub, while an executor uses the client
+_hubs_lock = threading.Lock()
+
+
+def _join_hub(client: Any, executor: ClusterExecutor) -> None:
+    with _hubs_lock:
+        hub = _hubs.get(client.id)
+        if hub is None:
+            hub = _hubs[client.id] = _Hub(client)
+        hub.executors[executor.id] = executor
+
+
+def _leave_hub(client: Any, executor: ClusterExecutor) -> None:
+    with _hubs_lock:
+        hub = _hubs.get(client.id)
+        if hub is None:
+            return
+        hub.executors.pop(executor.id, None)
+        if not hub.executors:
+            del _hubs[client.id]
+            hub.close()
+
+
+# -- the executor ------------------------------------------------------------------------------
+
+
+def check_cluster(cluster: Any, *, workers: Any, scheduler: str, pool: Any,
+                  memory_limit: Any, start_method: Any) -> None:
+    """Validate ``compute(cluster=...)`` and the arguments that cannot go with it."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise TypeError(
+            "cluster= takes a distributed.Client, and dask.distributed is not installed: "
+            "pip install 'graphexec[distributed]'"
+        ) from None
+    if not isinstance(cluster, Client):
+        hint = ""
+        if hasattr(cluster, "scheduler_address"):  # a LocalCluster, SLURMCluster, ...
+            hint = "; connect a Client to it first: cluster=distributed.Client(cluster)"
+        raise TypeError(
+            f"cluster= must be a distributed.Client, got {type(cluster).__name__}{hint}"
+        )
+    if cluster.asynchronous:
+        raise ValueError("cluster= needs a synchronous Client (asynchronous=False)")
+    if cluster.status != "running":
+        raise ValueError(
+            f"the Client given as cluster= is not connected (status {cluster.status!r}); "
+            "connect it to the dask scheduler first"
+        )
+    if pool is not None:
+        raise ValueError("cluster= and pool= both say where tasks run; give one of them")
+    if workers is not None:
+        raise ValueError(
+            "workers= sets local worker processes; with cluster= the dask cluster's "
+            "workers run the tasks (scale the cluster instead)"
+        )
+    if scheduler != "processes":
+        raise ValueError(
+            f"scheduler={scheduler!r} runs tasks in this process; it cannot be combined "
+            "with cluster="
+        )
+    if start_method is not None:
+        raise ValueError("start_method= is for local worker processes; not with cluster=")
+    if memory_limit is not None:
+        raise ValueError(
+            "memory_limit= is enforced by graphexec's local worker processes. On a dask "
+            "cluster each worker has its own memory limit (`dask worker --memory-limit 4GB`, "
+            "LocalCluster(memory_limit=...)): its nanny restarts a worker that goes over it, "
+            "and the node that was running fails with WorkerCrashed"
+        )
+
+
+class _Flight:
+    __slots__ = ("call", "digest", "future", "inputs", "key", "started", "submitted", "worker")
+
+    def __init__(self, call: Call, future: Any, key: str, inputs: list[int]) -> None:
+        self.call = call
+        self.future = future
+        self.key = key
+        self.inputs = inputs  # node indices whose values the call received
+        self.submitted = time.time()
+        self.started: float | None = None  # time.monotonic() of its start event
+        self.worker: str | None = None
+        self.digest: str | None = None
+
+
+_executor_ids = itertools.count(1)
+
+
+class ClusterExecutor:
+    """Runs calls on a dask.distributed cluster through ``client``.
+
+    ``run`` (the Run being computed) lets the executor drop the cluster's
+    copy of values the scheduler releases, and keep those of kept nodes for
+    as long as the Run lives; without it every value is kept.
+    """
+
+    def __init__(self, client: Any, run: Any = None) -> None:
+        self.client = client
+        self.id = f"{uuid.uuid4().hex}-{next(_executor_ids)}"
+        self._run = run
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._inflight: dict[str, _Flight] = {}  # dask key -> the call in flight
+        self._outbox: list[tuple[Call, int, Any]] = []
+        self._functions: dict[int, tuple[Any, str, Any]] = {}  # id(fn) -> (fn, fn id, blob)
+        self._held: dict[int, tuple[bytes, Payload]] = {}  # node -> its value on the cluster
+        self._recheck: list[int] = []  # nodes whose value may have been released
+        self._next_sweep = time.monotonic() + SWEEP_INTERVAL
+        self._digest_nodes = _nodes_needing_digests(run)
+        self._stores: dict[str, Any] = {}
+        self._warned_cache = False
+        self._closed = False
+        self._capacity = 0
+        self._sized = 0.0
+        self._resize()
+        _join_hub(client, self)
+
+    # -- capacity -------------------------------------------------------------
+
+    def _resize(self) -> None:
+        self._sized = time.monotonic()
+        try:
+            threads = sum(self.client.nthreads().values())
+        except Exception as exc:
+            logger.warning("could not read the dask cluster's size (%s); assuming 1 thread",
+                           exc)
+            threads = 1
+        if threads == 0 and self._capacity == 0:
+            logger.warning("the dask cluster at %s has no workers yet; tasks wait for workers",
+                           getattr(getattr(self.client, "scheduler", None), "address", "?"))
+        self._capacity = max(CALLS_PER_THREAD * threads, CALLS_PER_THREAD)
+
+    # -- executor protocol ----------------------------------------------------
+
+    def submit(self, call: Call) -> bool:
+        if len(self._inflight) >= self._capacity:
+            if time.monotonic() - self._sized < NTHREADS_REFRESH:
+                return False
+            self._resize()
+            if len(self._inflight) >= self._capacity:
+                return False
+        try:
+            fn_id, origin, blob = self._function(call)
+            args_blob = self._arguments(call)
+            remote, local_blob = self._inputs(call)
+        except SerializationError as exc:
+            call.started = call.finished = time.time()
+            self._outbox.append((call, ERROR, exc))
+            return True
+        key = f"{call.name}-{uuid.uuid4().hex}"
+        spec = (self.id, key, call.name, fn_id, origin, args_blob, local_blob, call.cache,
+                call.node in self._digest_nodes)
+        call.started = time.time()
+        try:
+            future = self.client.submit(_run_remote, blob, spec, remote, key=key, pure=False)
+        except Exception as exc:
+            call.finished = time.time()
+            self._outbox.append((call, ERROR, WorkerCrashed(
+                f"{call.name} could not be sent to the dask cluster: {type(exc).__name__}: "
+                f"{exc}", node=call.name)))
+            return True
+        flight = _Flight(call, future, key, list(call.inputs))
+        self._inflight[key] = flight
+        inbox = self._inbox
+        future.add_done_callback(lambda f, key=key: inbox.put(("done", key)))
+        return True
+
+    def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
+        if self._outbox:
+            timeout = 0.0
+        now = time.monotonic()
+        wait = timeout
+        for flight in self._inflight.values():
+            limit = flight.call.timeout
+            if limit is not None and flight.started is not None:
+                until = max(0.0, flight.started + limit - now)
+                wait = until if wait is None else min(wait, until)
+        if self._held and self._run is not None:
+            until = max(0.0, self._next_sweep - now)
+            wait = until if wait is None else min(wait, until)
+        items = []
+        try:
+            if wait is not None and wait <= 0:
+                items.append(self._inbox.get_nowait())
+            else:
+                items.append(self._inbox.get(timeout=wait))
+            while True:
+                items.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        self._sweep()
+        cancel: list[Any] = []
+        for item in items:
+            if item is None:  # wakeup()
+                continue
+            what = item[0]
+            if what == "done":
+                flight = self._inflight.pop(item[1], None)
+                if flight is not None:
+                    self._outbox.append(self._outcome(flight))
+            elif what == "start":
+                self._started(*item[1:])
+            elif what == "digest":
+                flight = self._inflight.get(item[1])
+                if flight is not None:
+                    flight.digest = item[2]
+            elif what == "gone":
+                self._worker_gone(item[1], item[2], cancel)
+        self._check_deadlines(cancel)
+        if cancel:
+            self._cancel(cancel)
+        outcomes, self._outbox = self._outbox, []
+        return outcomes
+
+    def wakeup(self) -> None:
+        """Make a blocked :meth:`poll` return (called from another thread)."""
+        self._inbox.put(None)
+
+    def cancel_running(self) -> list[Call]:
+        flights = list(self._inflight.values())
+        self._inflight.clear()
+        if flights:
+            self._cancel([f.future for f in flights])
+        return [f.call for f in flights]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._inflight:
+            self.cancel_running()
+        _leave_hub(self.client, self)
+        self._outbox = []
+        self._functions.clear()
+        if self._run is None:
+            return  # nobody tells us which values are still wanted: keep them all
+        self._sweep(everything=True)
+        refs = [data for data, _ in self._held.values()]
+        self._held.clear()
+        if refs:
+            # Kept nodes' values stay on the cluster while the Run can be read.
+            finalizer = weakref.finalize(self._run, _drop, refs)
+            finalizer.atexit = False
+
+    # -- submitting -----------------------------------------------------------
+
+    def _function(self, call: Call) -> tuple[str, str | None, Any]:
+        entry = self._functions.get(id(call.fn))
+        if entry is None:
+            fn_id = f"{self.id}-{len(self._functions)}"
+            try:
+                blob: Any = dumps(call.fn)
+            except Exception as exc:
+                blob = exc
+            else:
+                if len(blob) >= SCATTER_BYTES:  # a big closure: once to the cluster, not per call
+                    blob = self.client.scatter(blob, hash=False)
+            entry = self._functions[id(call.fn)] = (call.fn, fn_id, blob)
+        _, fn_id, blob = entry
+        if isinstance(blob, BaseException):
+            raise SerializationError(
+                f"the function of {call.name} cannot be pickled: {type(blob).__name__}: "
+                f"{blob}. Define it at module level, or make what it closes over picklable",
+                node=call.name, stage="function",
+            )
+        origin = getattr(getattr(call.fn, "__code__", None), "co_filename", None)
+        return fn_id, origin, blob
+
+    def _arguments(self, call: Call) -> bytes:
+        try:
+            return dumps_call(call.args, call.kwargs, call.has_nodes)
+        except Exception as exc:
+            culprit = find_unpicklable(call.args, call.kwargs)
+            raise SerializationError(
+                f"{culprit} of {call.name} cannot be pickled to send it to the dask cluster: "
+                f"{type(exc).__name__}: {exc}. Pass plain data, or create the object inside "
+                "the task (locks, open files, sockets and generators cannot be sent)",
+                node=call.name, stage="arguments",
+            ) from None
+
+    def _inputs(self, call: Call) -> tuple[dict[int, Any], bytes | None]:
+        """Upstream values: Futures of values on the cluster, and the rest pickled here."""
+        from ._state import State
+
+        remote: dict[int, Any] = {}
+        local: dict[int, tuple[str, Any]] = {}
+        for index, handle in call.inputs.items():
+            if isinstance(handle, State):
+                future = self._future_of(handle._value)
+                if future is not None:
+                    template = State(handle.name, handle.node, None, handle.exception,
+                                     handle.history, handle.upstream, handle.message)
+                    local[index] = ("state", template)
+                    remote[index] = future
+                else:
+                    local[index] = ("value", _local_state(handle))
+                continue
+            future = self._future_of(handle)
+            if future is not None:
+                remote[index] = future
+            else:
+                local[index] = ("value", _local(handle))
+        if not local:
+            return remote, None
+        try:
+            return remote, dumps(local)
+        except Exception as exc:
+            names = self._run.graph._names if self._run is not None else None
+            which = ", ".join(names[i] if names else str(i) for i in local)
+            raise SerializationError(
+                f"an upstream value given to {call.name} (from {which}) cannot be pickled to "
+                f"send it to the dask cluster: {type(exc).__name__}: {exc}",
+                node=call.name, stage="arguments",
+            ) from None
+
+    @staticmethod
+    def _future_of(handle: Any) -> Any:
+        if type(handle) is Payload and not handle.segments and len(handle.data) < 512:
+            entry = _held.get(handle.data)
+            if entry is not None:
+                return entry.future
+        return None
+
+    # -- outcomes -------------------------------------------------------------
+
+    def _outcome(self, flight: _Flight) -> tuple[Call, int, Any]:
+        call, future = flight.call, flight.future
+        now = time.time()
+        call.finished = max(now, call.started)
+        status = future.status
+        if status == "finished":
+            if _is_failure(future.type):
+                return self._failed(flight)
+            token = f"d:{flight.digest}" if flight.digest else f"k:{flight.key}"
+            data = _hold(token, future, call.name)
+            handle = Payload(data)
+            old = self._held.pop(call.node, None)
+            if old is not None:
+                _drop([old[0]])
+            self._held[call.node] = (data, handle)
+            self._recheck.append(call.node)
+            self._recheck.extend(flight.inputs)
+            if call.cache is not None:
+                self._check_cache_entry(call)
+            return call, OK, handle
+        self._recheck.extend(flight.inputs)
+        if status == "error":
+            return call, ERROR, self._dask_error(flight)
+        return call, ERROR, WorkerCrashed(
+            f"the dask scheduler dropped {call.name} (its future is {status}): the cluster "
+            "was restarted, this client lost its connection to the scheduler, or another "
+            "client cancelled the task. Only this node failed",
+            node=call.name,
+        )
+
+    def _failed(self, flight: _Flight) -> tuple[Call, int, Any]:
+        from ._pool import _load_exception
+
+        call = flight.call
+        try:
+            failure = flight.future.result()
+        except Exception as exc:
+            return call, ERROR, WorkerCrashed(
+                f"{call.name} failed on the dask cluster, and its error could not be "
+                f"fetched ({type(exc).__name__}: {exc}): its worker probably died since",
+                node=call.name,
+            )
+        call.started = failure.started
+        call.finished = max(failure.finished, failure.started)
+        return call, ERROR, _load_exception(failure.exc_blob, failure.tb, call.name)
+
+    def _dask_error(self, flight: _Flight) -> BaseException:
+        """A task that dask itself failed (not the task's code: that returns a _Failure)."""
+        from distributed import KilledWorker
+        from distributed.comm import CommClosedError
+
+        from ._errors import RemoteTraceback
+
+        call, future = flight.call, flight.future
+        exc = future.exception()
+        if isinstance(exc, KilledWorker):
+            last = getattr(exc.last_worker, "address", exc.last_worker)
+            return WorkerCrashed(
+                f"the dask workers running {call.name} died: dask ran it on "
+                f"{exc.allowed_failures + 1} workers and each died while running it, the last "
+                f"{last} (dask's KilledWorker; its limit is the scheduler's "
+                "distributed.scheduler.allowed-failures). The task probably kills its "
+                "process (segfault, os._exit, memory). Only this node failed; see the "
+                "workers' logs",
+                node=call.name,
+            )
+        if isinstance(exc, (CommClosedError, OSError)):
+            return WorkerCrashed(
+                f"{call.name} was lost on the dask cluster: {type(exc).__name__}: {exc} "
+                "(a worker or the scheduler went away). Only this node failed",
+                node=call.name,
+            )
+        tb = future.traceback()
+        text = "".join(traceback.format_tb(tb)) if tb is not None else ""
+        exc.__cause__ = RemoteTraceback(
+            f"Traceback (on the dask cluster, raised by dask running {call.name}):\n{text}"
+            f"{type(exc).__name__}: {exc}\n"
+        )
+        return exc
+
+    def _started(self, key: str, worker: str | None, when: float | None) -> None:
+        flight = self._inflight.get(key)
+        if flight is None:
+            return
+        flight.started = time.monotonic()  # a re-run elsewhere restarts the clock
+        flight.worker = worker
+        call = flight.call
+        call.worker = worker
+        if when is not None:
+            call.started = min(max(when, flight.submitted), time.time())
+
+    def _worker_gone(self, worker: str | None, processing: set, cancel: list) -> None:
+        for key, flight in list(self._inflight.items()):
+            if flight.worker != worker or worker is None or key not in processing:
+                continue
+            del self._inflight[key]
+            cancel.append(flight.future)  # dask may have started it again elsewhere
+            call = flight.call
+            call.finished = max(time.time(), call.started)
+            self._recheck.extend(flight.inputs)
+            self._outbox.append((call, ERROR, WorkerCrashed(
+                f"the dask worker {worker} running {call.name} died (attempt {call.number}): "
+                "its process was killed or exited (segfault, os._exit, the out-of-memory "
+                "killer, or its nanny restarting it over its memory limit). Only this node "
+                "failed; the worker's log on the cluster says more",
+                node=call.name,
+            )))
+
+    def _check_deadlines(self, cancel: list) -> None:
+        now = time.monotonic()
+        for key, flight in list(self._inflight.items()):
+            call = flight.call
+            if call.timeout is None or flight.started is None:
+                continue
+            if now >= flight.started + call.timeout:
+                del self._inflight[key]
+                cancel.append(flight.future)
+                call.finished = max(time.time(), call.started)
+                self._recheck.extend(flight.inputs)
+                self._outbox.append((call, ERROR, timeout_error(
+                    call, "a dask task cannot be stopped: its future was cancelled and its "
+                    f"result will be dropped, but it may run on in its worker ({flight.worker}) "
+                    "until it returns")))
+
+    def _cancel(self, futures: list[Any]) -> None:
+        try:
+            self.client.cancel(futures)
+        except Exception as exc:  # the cluster is gone: nothing left to stop
+            logger.warning("could not cancel %d dask task(s): %s", len(futures), exc)
+
+    def _check_cache_entry(self, call: Call) -> None:
+        if self._warned_cache:
+            return
+        root, key, _ = call.cache
+        store = self._stores.get(root)
+        if store is None:
+            from ._cache import CacheStore
+
+            store = self._stores[root] = CacheStore(root)
+        if not Path(store.path(key)).exists():
+            self._warned_cache = True
+            logger.warning(
+                "%s: the dask worker ran it but its cache entry is not in %s. The cache "
+                "directory must be a path that every worker and this process share (a shared "
+                "filesystem), or the write failed: see the worker's log",
+                call.name, root,
+            )
+
+    # -- releasing values -----------------------------------------------------
+
+    def _sweep(self, everything: bool = False) -> None:
+        """Drop the cluster's copy of values the scheduler no longer holds."""
+        if self._run is None or not self._held:
+            self._recheck.clear()
+            return
+        now = time.monotonic()
+        if everything or now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL
+            nodes: Any = list(self._held)
+        else:
+            nodes, self._recheck = self._recheck, []
+        states = self._run._states
+        drop = []
+        for node in nodes:
+            entry = self._held.get(node)
+            if entry is None or node >= len(states):
+                continue
+            state = states[node]
+            if state is None:
+                continue  # its outcome is not applied yet
+            if state._value is not entry[1]:  # released, fetched, or never accepted
+                del self._held[node]
+                drop.append(entry[0])
+        if drop:
+            _drop(drop)
+
+
+def _is_failure(kind: Any) -> bool:
+    if kind is _Failure:
+        return True
+    name = kind if isinstance(kind, str) else \
+        f"{getattr(kind, '__module__', '')}.{getattr(kind, '__qualname__', '')}"
+    return name == _FAILURE_NAME
+
+
+def _local(handle: Any) -> Any:
+    from ._serialize import materialize
+
+    return materialize(handle)
+
+
+def _local_state(state: Any) -> Any:
+    from ._state import State
+
+    value = state._value
+    if type(value) is not Payload:
+        return state
+    copy = State(state.name, state.node, None, state.exception, state.history,
+                 state.upstream, state.message)
+    copy._value = value.load()
+    return copy
+
+
+def _nodes_needing_digests(run: Any) -> set[int]:
+    """Upstream nodes whose values enter a dependent's ``task_input_hash`` cache key.
+
+    Their value is hashed on the worker (a stable key needs its content, and
+    it is not here); an upstream with a cache key of its own enters by that key.
+    """
+    if run is None:
+        return set()
+    from ._cache import task_input_hash
+
+    graph = run.graph
+    opts, deps = graph._opts, graph._deps
+    need: set[int] = set()
+    for d in run.members:
+        if opts[d].cache_key_fn is task_input_hash:
+            need.update(up for up in deps[d] if opts[up].cache_key_fn is None)
+    return need
