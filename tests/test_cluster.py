@@ -1,0 +1,685 @@
+"""compute(cluster=distributed.Client(...)) (SPEC §8): same states and policies on dask.
+
+One ``LocalCluster(n_workers=2, threads_per_worker=1, processes=True)`` serves
+the whole module (it starts in about a second). Its worker processes are
+children of the test process and outlive each test on purpose, so this
+module replaces the suite's per-test leak check with one that knows them,
+and checks at teardown that closing the cluster left nothing behind.
+
+Tasks here run on dask workers, which import this module by name; counters
+and markers live in files under ``tmp_path`` (the workers share the
+filesystem). A timed-out task keeps its worker thread until it returns, so
+such tasks sleep briefly.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+import graphexec as gx
+from graphexec import _cluster
+
+distributed = pytest.importorskip("distributed")
+
+pytestmark = pytest.mark.timeout(60)
+
+LEAK_GRACE = 5.0  # seconds: a crashed worker's replacement may still be starting
+
+
+# -- the cluster, and the leak check that knows it ----------------------------------------
+
+
+def _children() -> list[psutil.Process]:
+    alive = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.ppid() == os.getpid() and any(
+                    helper in " ".join(proc.cmdline())
+                    for helper in ("forkserver", "resource_tracker")):
+                continue  # multiprocessing's session-long helpers
+        except psutil.Error:
+            continue
+        alive.append(proc)
+    return alive
+
+
+def _cluster_pids(client) -> set[int]:
+    try:
+        return set(client.run(os.getpid, wait=True).values())
+    except Exception:
+        return set()
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[distributed.Client]:
+    # dashboard_address=":0": no fixed port to collide with another cluster
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+    )
+    client = distributed.Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+        deadline = time.monotonic() + LEAK_GRACE
+        while _children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = _children()
+        for proc in left:
+            proc.kill()
+        assert not left, f"the cluster's processes survived it: {left}"
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes(client) -> Iterator[None]:
+    """Overrides the suite's check: the cluster's workers may outlive a test, nothing else."""
+    yield
+    deadline = time.monotonic() + LEAK_GRACE
+    while True:
+        allowed = _cluster_pids(client)
+        leaked = [p for p in _children() if p.pid not in allowed and
+                  not any(q.pid in allowed for q in _parents(p))]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not leaked, f"child processes survived the test: {leaked}"
+
+
+def _parents(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.parents()
+    except psutil.Error:
+        return []
+
+
+def describe(value):
+    """What a dependent received, as plain data."""
+    if isinstance(value, gx.State):
+        exc = type(value.exception).__name__ if value.exception is not None else None
+        payload = value.result() if value.is_completed() else None
+        return ("state", value.name, exc, value.upstream, payload)
+    if isinstance(value, gx.UpstreamFailed):
+        return ("upstream_failed", value.upstream)
+    if isinstance(value, BaseException):
+        return ("exc", type(value).__name__, str(value))
+    return ("value", value)
+
+
+# -- tasks (imported by name on the dask workers) --------------------------------------------
+
+
+@gx.task
+def ok(x=1):
+    return x
+
+
+@gx.task
+def add(*xs):
+    return sum(xs)
+
+
+@gx.task
+def explode(message="boom"):
+    raise ValueError(message)
+
+
+@gx.task
+def collect(*values):
+    return [describe(v) for v in values]
+
+
+@gx.task
+def collect_items(items):
+    return [describe(v) for v in items]
+
+
+@gx.task
+def shape(nested, scale=1):
+    return {"sum": sum(nested["xs"]) * scale, "pair": nested["pair"], "n": len(nested["xs"])}
+
+
+@gx.task(allow_failure=True)
+def fragile(message="fragile broke"):
+    raise ValueError(message)
+
+
+@gx.task(return_state=True)
+def stateful(x):
+    return x
+
+
+@gx.task(return_state=True)
+def stateful_fail(message="stateful broke"):
+    raise KeyError(message)
+
+
+@gx.task
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@gx.task
+def explode_after(seconds):
+    time.sleep(seconds)
+    raise RuntimeError("late failure")
+
+
+@gx.task
+def touch(path, *_):
+    with open(path, "a") as f:
+        f.write("x")
+    return path
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def bump(path):
+    try:
+        with open(path) as f:
+            count = int(f.read() or 0)
+    except FileNotFoundError:
+        count = 0
+    with open(path, "w") as f:
+        f.write(str(count + 1))
+    return count + 1
+
+
+@gx.task
+def flaky(path, fails):
+    n = bump(path)
+    if n <= fails:
+        raise ValueError(f"attempt {n} failed")
+    return n
+
+
+@gx.task
+def where():
+    return os.getpid()
+
+
+@gx.task
+def exit_now(code=3):
+    os._exit(code)
+
+
+@gx.task
+def sigkill_after(seconds):
+    time.sleep(seconds)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@gx.task
+def make_lock():
+    return threading.Lock()
+
+
+@gx.task
+def counted(path, x):
+    bump(path)
+    return x * 2
+
+
+@gx.task
+def array(n, seed):
+    import numpy as np
+
+    return np.random.default_rng(seed).random(n)
+
+
+@gx.task
+def total(*arrays):
+    return float(sum(a.sum() for a in arrays))
+
+
+# -- values, data movement --------------------------------------------------------------------
+
+
+def test_values_nesting_and_kwargs(client):
+    graph = gx.Graph()
+    with graph:
+        a, b = ok(2), ok(3)
+        s = add(a, b, ok(5))
+        out = shape({"xs": [a, b, s], "pair": (a, "lit")}, scale=ok(10))
+    run = graph.compute(cluster=client)
+    assert run.ok
+    assert run[out] == {"sum": (2 + 3 + 10) * 10, "pair": (2, "lit"), "n": 3}
+    assert run.state(out).name == "Completed"
+    assert run.state(out).attempts == 1
+    worker = run.state(out).history[0].worker
+    assert isinstance(worker, str) and worker.startswith("tcp://")
+
+
+def test_tasks_run_on_the_cluster_workers(client):
+    graph = gx.Graph()
+    with graph:
+        pids = [where() for _ in range(4)]
+    run = graph.compute(cluster=client)
+    ran_on = {run[p] for p in pids}
+    assert os.getpid() not in ran_on
+    assert ran_on <= _cluster_pids(client)
+
+
+def test_values_stay_on_the_cluster_until_read(client):
+    pytest.importorskip("numpy")
+    gc.collect()  # runs of earlier tests (a Graph and its Run refer to each other)
+    before = _cluster.held_values()
+    graph = gx.Graph()
+    with graph:
+        parts = [array(200_000, seed) for seed in range(3)]
+        result = total(*parts)
+    run = graph.compute(cluster=client, keep="all")
+    for node in (*parts, result):
+        handle = run.state(node)._value
+        # a reference to the value on the cluster, not 1.6 MB of array
+        assert type(handle) is gx._serialize.Payload and len(handle.data) < 512
+    assert _cluster.held_values() == before + 4
+    assert run[parts[0]].shape == (200_000,)
+    assert run[result] == pytest.approx(sum(run[p].sum() for p in parts))
+    del run, handle
+    graph._latest_run = None
+    gc.collect()
+    assert _cluster.held_values() == before  # the Run is gone: so are its values
+
+
+def test_intermediates_are_released_on_the_cluster(client):
+    gc.collect()
+    before = _cluster.held_values()
+    graph = gx.Graph()
+    with graph:
+        chain = ok(1)
+        for _ in range(5):
+            chain = add(chain, ok(1))
+    run = graph.compute(cluster=client)
+    assert run[chain] == 6
+    assert _cluster.held_values() == before + 1  # only the target is held
+
+
+# -- skip, allow_failure, return_state ------------------------------------------------------
+
+
+def test_default_skips_dependents_transitively(client):
+    graph = gx.Graph()
+    with graph:
+        root = explode("root broke")
+        child = ok(root)
+        grandchild = ok([child])
+        independent = ok(5)
+    with pytest.raises(gx.GraphFailed) as info:
+        graph.compute(cluster=client)
+    run = info.value.run
+    assert run.failed == [root]
+    assert run.skipped == [child, grandchild]
+    assert run[independent] == 5
+    assert run.state(grandchild).upstream == root.name
+    with pytest.raises(gx.UpstreamFailed):
+        run[grandchild]
+
+
+def test_allow_failure_argument_wait_for_and_collection(client, tmp_path):
+    graph = gx.Graph()
+    with graph:
+        root = explode("root broke")
+        skipped = ok(explode("further up"))
+        arg = collect(gx.allow_failure(root), gx.allow_failure(skipped))
+        waiter = touch(str(tmp_path / "waited"), wait_for=[gx.allow_failure(root)])
+        items = collect_items(gx.allow_failure([ok(1), root, ok(3)]))
+        soft = ok(fragile())
+    run = graph.compute(cluster=client, raise_on_failure=False)
+    assert run[arg] == [("exc", "ValueError", "root broke"),
+                        ("upstream_failed", run.state(skipped).upstream)]
+    assert run.state(waiter).is_completed() and (tmp_path / "waited").exists()
+    assert run[items] == [("value", 1), ("exc", "ValueError", "root broke"), ("value", 3)]
+    # allow_failure=True on the task: dependents get its exception
+    assert isinstance(run[soft], ValueError)
+    assert root not in run.unhandled
+
+
+def test_return_state(client):
+    graph = gx.Graph()
+    with graph:
+        good = stateful(5)
+        bad = stateful_fail()
+        root = explode()
+        skipped = stateful(root)
+        report = collect(good, bad, skipped)
+    run = graph.compute(cluster=client, raise_on_failure=False)
+    assert run[report] == [
+        ("state", "Completed", None, None, 5),
+        ("state", "Failed", "KeyError", None, None),
+        ("state", "Skipped", "UpstreamFailed", root.name, None),
+    ]
+    assert run.ok  # a return_state dependent handles what it received
+
+
+# -- triggers -----------------------------------------------------------------------------------
+
+SCENARIOS = {
+    "ok+ok": ("ok", "ok"),
+    "ok+failed": ("ok", "failed"),
+    "failed+failed": ("failed", "failed"),
+    "skipped": ("skipped",),
+    "unmet": ("unmet",),
+}
+RUNS = {
+    "all_success": {"ok+ok"},
+    "all_done": set(SCENARIOS),
+    "always": set(SCENARIOS),
+    "any_failed": {"ok+failed", "failed+failed", "skipped"},
+    "all_failed": {"failed+failed", "skipped"},
+    "none_failed": {"ok+ok", "unmet"},
+}
+
+
+def _upstream(kind):
+    if kind == "ok":
+        return ok(1)
+    if kind == "failed":
+        return explode("failed upstream")
+    if kind == "skipped":
+        return ok(explode("failed further up"))
+    return collect.with_options(trigger="any_failed")(ok(0))  # nothing failed: unmet
+
+
+@pytest.mark.parametrize("trigger", list(RUNS))
+def test_every_trigger(client, trigger):
+    dependent_task = collect.with_options(trigger=trigger)
+    graph = gx.Graph()
+    with graph:
+        cases = {}
+        for name, kinds in SCENARIOS.items():
+            ups = [_upstream(kind) for kind in kinds]
+            cases[name] = (kinds, ups, dependent_task(*ups))
+    run = graph.compute(cluster=client, raise_on_failure=False)
+    for name, (kinds, ups, dependent) in cases.items():
+        state = run.state(dependent)
+        if name in RUNS[trigger]:
+            assert state.name == "Completed", (name, state)
+            expected = []
+            for kind, up in zip(kinds, ups):
+                if kind == "ok":
+                    expected.append(("value", 1))
+                elif kind == "failed":
+                    expected.append(("exc", "ValueError", "failed upstream"))
+                elif kind == "skipped":
+                    expected.append(("upstream_failed", run.state(up).upstream))
+                else:
+                    expected.append(("upstream_failed", None))
+            assert run[dependent] == expected, name
+        else:
+            assert state.name == "Skipped", (name, state)
+
+
+# -- fail_fast ------------------------------------------------------------------------------------
+
+
+def test_fail_fast_cancels_running_and_pending_work(client, tmp_path):
+    graph = gx.Graph()
+    with graph:
+        slow = nap(1.5)
+        bad = explode_after(0.2)
+        after = ok(bad)
+        pending = [touch(str(tmp_path / f"f{i}"), wait_for=[slow]) for i in range(3)]
+    start = time.monotonic()
+    with pytest.raises(gx.GraphFailed) as info:
+        graph.compute(cluster=client, fail_fast=True)
+    assert time.monotonic() - start < 1.4  # did not wait for the slow sibling
+    run = info.value.run
+    assert run.state(bad).name == "Failed"
+    assert run.state(slow).name == "Cancelled"
+    assert run.state(after).name == "Skipped"
+    assert all(run.state(n).name == "Cancelled" for n in pending)
+    assert run.unhandled == [bad]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fail_fast_ignores_a_handled_failure(client):
+    graph = gx.Graph()
+    with graph:
+        report = collect(gx.allow_failure(explode()))
+        others = [ok(i) for i in range(3)]
+    run = graph.compute(cluster=client, fail_fast=True)
+    assert run.ok and run.cancelled == []
+    assert run[report] == [("exc", "ValueError", "boom")]
+    assert [run[n] for n in others] == [0, 1, 2]
+
+
+# -- retries, GraphFailed, culling -----------------------------------------------------------------
+
+
+def test_retries_count_attempts(client, tmp_path):
+    graph = gx.Graph()
+    with graph:
+        recovers = flaky.with_options(retries=3)(str(tmp_path / "a"), 2)
+        gives_up = flaky.with_options(retries=1)(str(tmp_path / "b"), 5)
+    run = graph.compute(cluster=client, raise_on_failure=False)
+    assert run[recovers] == 3
+    assert run.state(recovers).attempts == 3
+    assert [type(a.error).__name__ if a.error else None
+            for a in run.state(recovers).history] == ["ValueError", "ValueError", None]
+    assert run.state(gives_up).name == "Failed"
+    assert run.state(gives_up).attempts == 2
+    assert str(run.state(gives_up).exception) == "attempt 2 failed"
+
+
+def test_graph_failed_names_failures_and_chains_the_remote_traceback(client):
+    graph = gx.Graph()
+    with graph:
+        first = explode("first broke")
+        ok(first)
+        good = ok(4)
+    with pytest.raises(gx.GraphFailed) as info:
+        graph.compute(cluster=client)
+    error = info.value
+    assert error.run[good] == 4
+    message = str(error)
+    assert "1 of 3 nodes failed" in message and first.name in message
+    assert "ValueError: first broke" in message
+    assert f"Traceback of {first.name} (in its worker)" in message
+    assert "raise ValueError(message)" in message
+    cause = error.__cause__
+    assert isinstance(cause, ValueError) and str(cause) == "first broke"
+    remote = cause.__cause__
+    assert isinstance(remote, gx._errors.RemoteTraceback)
+    assert "in explode" in str(remote)
+    assert "in explode" in "".join(traceback.format_exception(cause))
+
+
+def test_exception_types_survive_and_unpicklable_ones_are_stood_in_for(client):
+    class Custom(Exception):  # local class: by value to the worker and back
+        def __init__(self, code):
+            super().__init__(f"code {code}")
+            self.code = code
+
+    class Stubborn(Exception):
+        def __init__(self, a, b):  # unpickling calls Stubborn("...") and fails
+            super().__init__(f"{a}/{b}")
+
+    @gx.task
+    def custom():
+        raise Custom(42)
+
+    @gx.task
+    def stubborn():
+        raise Stubborn(1, 2)
+
+    graph = gx.Graph()
+    with graph:
+        c, s = custom(), stubborn()
+    run = graph.compute(cluster=client, raise_on_failure=False)
+    exc = run.state(c).exception
+    assert type(exc).__name__ == "Custom" and exc.code == 42
+    stand_in = run.state(s).exception
+    assert isinstance(stand_in, gx.RemoteError)
+    assert stand_in.type_name.endswith("Stubborn") and "1/2" in str(stand_in)
+
+
+def test_culling_runs_only_ancestors(client, tmp_path):
+    graph = gx.Graph()
+    with graph:
+        wanted = counted(str(tmp_path / "wanted"), ok(2))
+        counted(str(tmp_path / "other"), ok(3))
+        explode("never runs")
+    run = graph.compute(wanted, cluster=client)
+    assert run[wanted] == 4
+    assert len(run.nodes) == 2
+    assert not (tmp_path / "other").exists()
+
+
+# -- faults ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_killed_mid_task_fails_only_its_node(client):
+    graph = gx.Graph()
+    with graph:
+        victim = sigkill_after(0.3)
+        child = ok(victim)
+        others = [nap(0.05) for _ in range(6)]
+    with pytest.raises(gx.GraphFailed) as info:
+        graph.compute(cluster=client)
+    run = info.value.run
+    assert run.failed == [victim]
+    exc = run.state(victim).exception
+    assert type(exc) is gx.WorkerCrashed
+    assert exc.node == victim.name and "died" in str(exc)
+    assert run.state(child).name == "Skipped"
+    assert all(run[n] == 0.05 for n in others)  # the run went on
+    client.wait_for_workers(2, timeout=30)
+
+
+@pytest.mark.timeout(60)
+def test_an_instant_crash_ends_as_worker_crashed_not_killed_worker(client):
+    graph = gx.Graph()
+    with graph:
+        victim = exit_now()
+        survivor = ok(7)
+    with pytest.raises(gx.GraphFailed) as info:
+        graph.compute(cluster=client)
+    run = info.value.run
+    exc = run.state(victim).exception
+    assert type(exc) is gx.WorkerCrashed  # dask's KilledWorker never leaks
+    assert exc.node == victim.name and "died" in str(exc)
+    assert run[survivor] == 7
+    client.wait_for_workers(2, timeout=30)
+    # the cluster works afterwards
+    g2 = gx.Graph()
+    with g2:
+        again = ok(11)
+    assert g2.compute(cluster=client)[again] == 11
+
+
+def test_timeout_ends_the_node_at_its_deadline_and_retries(client):
+    graph = gx.Graph()
+    with graph:
+        stuck = nap.with_options(timeout=0.3, retries=1)(1.0)
+        fine = nap.with_options(timeout=5)(0.1)
+    start = time.monotonic()
+    run = graph.compute(cluster=client, raise_on_failure=False)
+    elapsed = time.monotonic() - start
+    state = run.state(stuck)
+    assert state.name == "Failed"
+    assert isinstance(state.exception, gx.TaskTimeout)
+    assert state.attempts == 2
+    assert all(isinstance(a.error, gx.TaskTimeout) for a in state.history)
+    assert "cannot be stopped" in str(state.exception)
+    assert run[fine] == 0.1
+    assert elapsed < 2.5  # two attempts of 0.3 s, not two of 1 s
+    time.sleep(1.0)  # the abandoned attempts finish on their workers
+
+
+def test_unpicklable_argument_result_and_function(client):
+    lock = threading.Lock()
+
+    @gx.task
+    def closes_over_lock():
+        return lock.locked()
+
+    graph = gx.Graph()
+    with graph:
+        bad_arg = ok({"lock": lock})
+        bad_result = make_lock()
+        bad_fn = closes_over_lock()
+        fine = ok(1)
+        child = ok(bad_result)
+    run = graph.compute(cluster=client, raise_on_failure=False)
+    arg_exc = run.state(bad_arg).exception
+    assert isinstance(arg_exc, gx.SerializationError)
+    assert arg_exc.stage == "arguments" and arg_exc.node == bad_arg.name
+    assert "argument 0['lock']" in str(arg_exc)
+    res_exc = run.state(bad_result).exception
+    assert isinstance(res_exc, gx.SerializationError)
+    assert res_exc.stage == "result" and bad_result.name in str(res_exc)
+    fn_exc = run.state(bad_fn).exception
+    assert isinstance(fn_exc, gx.SerializationError) and fn_exc.stage == "function"
+    assert run[fine] == 1
+    assert run.state(child).name == "Skipped"
+
+
+# -- caching ---------------------------------------------------------------------------------------
+
+
+def test_cache_hit_on_the_second_compute(client, tmp_path):
+    counter = str(tmp_path / "runs")
+    cached = counted.with_options(cache=True)
+
+    def build():
+        graph = gx.Graph()
+        with graph:
+            root = cached(counter, 5)  # literal arguments
+            after = cached(counter, ok(21))  # an upstream computed on the cluster
+        return graph, root, after
+
+    cache_dir = tmp_path / "cache"
+    graph, root, after = build()
+    first = graph.compute(cluster=client, cache_dir=cache_dir)
+    assert (first[root], first[after]) == (10, 42)
+    assert read(counter) == "2"
+    graph, root, after = build()
+    second = graph.compute(cluster=client, cache_dir=cache_dir)
+    assert (second[root], second[after]) == (10, 42)
+    assert second.state(root).name == "Cached"
+    assert second.state(after).name == "Cached"  # the upstream's content is hashed remotely
+    assert read(counter) == "2"
+
+
+# -- arguments ------------------------------------------------------------------------------------
+
+
+def test_cluster_argument_validation(client):
+    graph = gx.Graph()
+    with graph:
+        ok(1)
+    with pytest.raises(TypeError, match=r"distributed\.Client"):
+        graph.compute(cluster="tcp://127.0.0.1:8786")
+    with pytest.raises(TypeError, match="connect a Client"):
+        graph.compute(cluster=client.cluster)
+    with pytest.raises(ValueError, match="workers="):
+        graph.compute(cluster=client, workers=2)
+    with pytest.raises(ValueError, match="scheduler="):
+        graph.compute(cluster=client, scheduler="threads")
+    pool = gx.Pool(workers=1)
+    try:
+        with pytest.raises(ValueError, match="pool="):
+            graph.compute(cluster=client, pool=pool)
+    finally:
+        pool.close()
+    with pytest.raises(ValueError, match="memory-limit"):
+        graph.compute(cluster=client, memory_limit="1GB")
+    with pytest.raises(ValueError, match="start_method"):
+        graph.compute(cluster=client, start_method="spawn")
