@@ -23,7 +23,8 @@ Store
     so a hit is memory-mapped, not copied. Entries are written to a temporary file in the
     same directory, fsynced and renamed into place: a reader sees a whole
     entry or none. A truncated or corrupt entry is reported, deleted and
-    recomputed, never returned.
+    recomputed, never returned; so is one this code cannot unpickle (a class
+    renamed since), which a hit finds out by loading the value at once.
 
 Concurrency
     Whoever computes an entry holds ``flock`` on ``<key>.lock``; another
@@ -426,11 +427,25 @@ class CacheStore:
             return None
         data_off, data_len = header["data"]
         data = raw[data_off : data_off + data_len]
-        if not header["buffers"]:
-            self._release_hold(hold, path)  # everything is in memory already
-            return Payload(data, ())
         segments = tuple((str(hold), off, size) for off, size in header["buffers"])
-        return Payload(data, segments)
+        payload = Payload(data, segments)
+        # Load it now: an entry whose pickle names a class or module this code no
+        # longer has (renamed, moved) would fail every dependent, run after run.
+        # Buffers are mapped, not read; the value stays loaded for whoever uses it.
+        try:
+            payload.load()
+        except Exception as exc:
+            warnings.warn(
+                f"graphexec cache entry {path} cannot be loaded by this code "
+                f"({type(exc).__name__}: {exc}); it was deleted and the node will be "
+                "recomputed", RuntimeWarning, stacklevel=2,
+            )
+            self._remove(path)
+            self._release_hold(hold, path)
+            return None
+        if not segments:
+            self._release_hold(hold, path)  # everything is in memory already
+        return payload
 
     @staticmethod
     def _release_hold(hold: Path, path: Path) -> None:

@@ -1022,6 +1022,99 @@ def test_a_timed_out_node_is_not_cached(compute, tmp_path):
     assert entries(cache) == []
 
 
+@gx.task(cache=True)
+def make_generator(counter, n):
+    with open(counter, "a") as f:
+        f.write("make_generator\n")
+    return (i for i in range(n))  # runs fine, but cannot be pickled into an entry
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])  # a worker could not send it back
+def test_a_result_that_cannot_be_stored_costs_a_warning_not_the_result(compute, tmp_path,
+                                                                      caplog):
+    counter, cache = tmp_path / "calls", tmp_path / "cache"
+    for _ in range(2):
+        graph = gx.Graph()
+        with graph:
+            node = make_generator(str(counter), 3)
+        run = compute(graph, cache_dir=cache)
+        assert run.state(node).name == "Completed" and list(run[node]) == [0, 1, 2]
+    assert "not cached" in caplog.text
+    assert calls(counter) == ["make_generator"] * 2
+    assert entries(cache) == [] and not list(cache.glob("*/.tmp-*"))
+
+
+RESULT_MODULE = """\
+import dataclasses
+
+
+@dataclasses.dataclass
+class {name}:
+    value: int
+
+
+def make(x):
+    return {name}(x)
+"""
+
+
+@gx.task(cache=True)
+def build_result(counter, module_name, x):
+    import importlib
+
+    with open(counter, "a") as f:
+        f.write("build_result\n")
+    return importlib.import_module(module_name).make(x)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])  # workers would not find the module
+def test_an_entry_this_code_cannot_load_is_deleted_and_recomputed(compute, tmp_path,
+                                                                 monkeypatch):
+    """The task is unchanged but a class its result used was renamed: resuming must not
+    fail every dependent, run after run."""
+    counter, cache = tmp_path / "calls", tmp_path / "cache"
+    name = f"gx_cache_result_{uuid.uuid4().hex[:10]}"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+
+    def run_once():
+        graph = gx.Graph()
+        with graph:
+            node = build_result(str(counter), name, 7)
+            text = plain_value(node)
+        run = compute(graph, node, text, cache_dir=cache)
+        return run.state(node).name, type(run[text]).__name__, run[text].value
+
+    try:
+        _write_module(tmp_path / f"{name}.py", RESULT_MODULE.format(name="Result"))
+        assert run_once() == ("Completed", "Result", 7)
+        assert run_once() == ("Cached", "Result", 7)
+        sys.modules.pop(name)  # a new process, with the class renamed
+        _write_module(tmp_path / f"{name}.py", RESULT_MODULE.format(name="Outcome") + "# edited")
+        with pytest.warns(RuntimeWarning, match="cannot be loaded.*Result"):
+            assert run_once() == ("Completed", "Outcome", 7)
+        assert run_once() == ("Cached", "Outcome", 7)
+    finally:
+        sys.modules.pop(name, None)
+    assert calls(counter) == ["build_result"] * 2
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.xfail(strict=True, reason=(
+    "scheduler: refresh_cache applies to every node of a key, so N identical nodes are "
+    "computed N times, one after the other (each waits for the previous one's lock)"))
+def test_refresh_computes_a_key_once_per_run(compute, tmp_path):
+    counter, cache = tmp_path / "calls", tmp_path / "cache"
+    graph = gx.Graph()
+    with graph:
+        copies = [square(str(counter), 12) for _ in range(3)]
+    run = compute(graph, *copies, cache_dir=cache, refresh_cache=True)
+    assert sorted(names(run, copies)) == ["Cached", "Cached", "Completed"]
+    assert calls(counter) == ["square 12"]
+
+
 # -- release of cached intermediates --------------------------------------------------------
 
 
