@@ -76,6 +76,8 @@ ALIGN = mmap.ALLOCATIONGRANULARITY  # buffers start on page boundaries: mmap off
 
 clock = time.time  # tests replace this to move time without sleeping
 _holds = itertools.count(1)
+_REPLACED = object()  # lookup: the entry changed under us, look again
+MAP_READ_MIN = 1 << 20  # entries this large are checked through a mapping, not read
 STALE_TMP = 3600.0  # seconds: an older .tmp- file was left by a writer that died
 
 
@@ -377,6 +379,7 @@ class CacheStore:
     def __init__(self, root: str | os.PathLike[str] | None) -> None:
         self.root = Path(root if root is not None else DEFAULT_DIR).resolve()
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._root = str(self.root)
         self._locks: dict[str, int] = {}
 
     def path(self, key: str) -> Path:
@@ -385,50 +388,69 @@ class CacheStore:
     # reading -----------------------------------------------------------------
 
     def lookup(self, key: str) -> Any:
-        """A Payload for a valid, unexpired entry, or None. Corrupt entries are deleted."""
+        """A Payload for a valid, unexpired entry, or None. Corrupt entries are deleted.
+
+        An entry with buffers is held for this run under a private hard link
+        (``.hold-<pid>-<n>.hold``, removed when the value is released): buffers are
+        mapped later, when a dependent runs, and by then another process may have
+        pruned the entry or replaced it (refresh). The link is made after reading,
+        and checked to name the inode that was read.
+        """
+        for _ in range(3):  # the entry was replaced between reading and holding it: again
+            found = self._lookup_once(key)
+            if found is not _REPLACED:
+                return found
+        return None
+
+    def _lookup_once(self, key: str) -> Any:
         from ._serialize import Payload
 
-        path = self.path(key)
-        # Hold the entry's inode for this run under a private name, *then* read and
-        # check it: buffers are mapped later, when a dependent runs, and by then
-        # another process may have pruned the entry or replaced it (refresh).
-        hold = path.parent / f".hold-{os.getpid()}-{next(_holds)}.hold"
+        path = self._file(key)
         try:
-            os.link(path, hold)
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_size >= max(MAP_READ_MIN, 1):  # checked through a mapping: no copy
+                    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                        return self._check_and_load(key, path, st, mapped, Payload)
+                return self._check_and_load(key, path, st, f.read(), Payload)
         except FileNotFoundError:
             return None
-        except OSError:
-            hold = path  # no hard links here (some network filesystems): map the entry
-        try:
-            with open(hold, "rb") as f:
-                raw = f.read()
         except OSError as exc:
             logger.warning("cache entry %s unreadable (%s): recomputing", path, exc)
-            self._release_hold(hold, path)
             return None
+
+    def _check_and_load(self, key: str, path: str, st: os.stat_result, raw: Any,
+                        payload_type: Any) -> Any:
         try:
             header, body_start = _parse(raw)
             if len(raw) != header["size"]:
                 raise ValueError(f"{len(raw)} bytes instead of {header['size']}: truncated "
                                  "or overwritten")
-            if zlib.crc32(memoryview(raw)[body_start:]) != header["crc"]:
-                raise ValueError("checksum mismatch")
+            view = memoryview(raw)
+            try:
+                if zlib.crc32(view[body_start:]) != header["crc"]:
+                    raise ValueError("checksum mismatch")
+            finally:
+                view.release()
         except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
             warnings.warn(
                 f"graphexec cache entry {path} is corrupt ({exc}); it was deleted and the "
-                "node will be recomputed", RuntimeWarning, stacklevel=2,
+                "node will be recomputed", RuntimeWarning, stacklevel=4,
             )
-            self._remove(path)
-            self._release_hold(hold, path)
+            self._remove(Path(path))
             return None
         expires = header.get("expires")
         if expires is not None and clock() >= expires:
-            self._release_hold(hold, path)
             return None
         data_off, data_len = header["data"]
-        data = raw[data_off : data_off + data_len]
-        segments = tuple((str(hold), off, size) for off, size in header["buffers"])
-        payload = Payload(data, segments)
+        data = bytes(raw[data_off : data_off + data_len])
+        hold = path
+        if header["buffers"]:
+            hold = self._hold(path, st)
+            if hold is None or hold is _REPLACED:
+                return hold
+        segments = tuple((hold, off, size) for off, size in header["buffers"])
+        payload = payload_type(data, segments)
         # Load it now: an entry whose pickle names a class or module this code no
         # longer has (renamed, moved) would fail every dependent, run after run.
         # Buffers are mapped, not read; the value stays loaded for whoever uses it.
@@ -438,19 +460,40 @@ class CacheStore:
             warnings.warn(
                 f"graphexec cache entry {path} cannot be loaded by this code "
                 f"({type(exc).__name__}: {exc}); it was deleted and the node will be "
-                "recomputed", RuntimeWarning, stacklevel=2,
+                "recomputed", RuntimeWarning, stacklevel=4,
             )
-            self._remove(path)
+            self._remove(Path(path))
             self._release_hold(hold, path)
             return None
-        if not segments:
-            self._release_hold(hold, path)  # everything is in memory already
         return payload
 
     @staticmethod
-    def _release_hold(hold: Path, path: Path) -> None:
+    def _hold(path: str, st: os.stat_result) -> Any:
+        """A private hard link to the entry just read; None if it is gone, _REPLACED if
+        another file took its name meanwhile."""
+        hold = os.path.join(os.path.dirname(path), f".hold-{os.getpid()}-{next(_holds)}.hold")
+        try:
+            os.link(path, hold)
+        except FileNotFoundError:
+            return None  # pruned since we read it: a miss
+        except OSError:
+            return path  # no hard links here (some network filesystems): map the entry
+        try:
+            held = os.stat(hold)
+        except OSError:
+            return None
+        if (held.st_ino, held.st_dev) != (st.st_ino, st.st_dev):
+            CacheStore._remove(Path(hold))
+            return _REPLACED
+        return hold
+
+    @staticmethod
+    def _release_hold(hold: str, path: str) -> None:
         if hold != path:
-            CacheStore._remove(hold)
+            CacheStore._remove(Path(hold))
+
+    def _file(self, key: str) -> str:
+        return f"{self._root}/{key[:2]}/{key}.gxc"  # path(), without pathlib's cost
 
     # writing -----------------------------------------------------------------
 

@@ -200,6 +200,7 @@ def test_second_compute_is_all_cached_with_identical_values(compute, tmp_path):
     assert i2["tags"] == ("a", 1, None) and type(i2["tags"]) is tuple
     assert np.array_equal(i1["small"], i2["small"]) and i2["small"].dtype == np.float32
     assert second[scalar2] == 49
+    assert not list(cache.glob("*/.hold-*"))  # a hit's private link goes with the run
 
 
 @pytest.mark.timeout(30)
@@ -918,9 +919,12 @@ CORRUPTIONS = {
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("damage", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("reading", ["read", "mapped"])  # small entries are read, large mapped
 def test_corrupt_or_truncated_entry_is_reported_deleted_and_recomputed(compute, tmp_path,
-                                                                      damage):
+                                                                      monkeypatch, damage,
+                                                                      reading):
     counter, cache = tmp_path / "calls", tmp_path / "cache"
+    monkeypatch.setattr(_cache, "MAP_READ_MIN", 0 if reading == "mapped" else 1 << 40)
     graph, array, *_ = _array_graph(counter)
     expected = compute(graph, array, cache_dir=cache)[array].copy()
     (entry,) = entries(cache)
@@ -940,6 +944,32 @@ def test_corrupt_or_truncated_entry_is_reported_deleted_and_recomputed(compute, 
         warnings.simplefilter("error")
         again = compute(graph, array, cache_dir=cache)
     assert again.state(array).is_cached() and np.array_equal(again[array], expected)
+
+
+def test_an_entry_replaced_while_it_is_looked_up_is_read_whole(tmp_path, monkeypatch):
+    """Another process refreshes the entry between our read and our hold on it: the
+    value must come from one file, never one's pickle with the other's buffers."""
+    store = _cache.CacheStore(tmp_path / "cache")
+    key = "ab" + "0" * 62
+    old_value, new_value = np.zeros((300, 100)), np.ones((100, 300))  # same layout on disk
+    store.write_value(key, old_value, {"expires": None})
+    real_link = os.link
+    replaced = []
+
+    def link_after_a_refresh(src, dst, **kw):
+        if not replaced:
+            replaced.append(src)
+            store.write_value(key, new_value, {"expires": None})
+        return real_link(src, dst, **kw)
+
+    monkeypatch.setattr(_cache.os, "link", link_after_a_refresh)
+    payload = store.lookup(key)
+    assert replaced
+    loaded = payload.load()
+    assert loaded.shape == (100, 300) and np.array_equal(loaded, new_value)
+    assert len(list(store.root.glob("*/.hold-*"))) == 1  # held until the value is released
+    payload.discard()
+    assert not list(store.root.glob("*/.hold-*"))
 
 
 @pytest.mark.timeout(30)
