@@ -1145,6 +1145,45 @@ def test_refresh_computes_a_key_once_per_run(compute, tmp_path):
     assert calls(counter) == ["square 12"]
 
 
+@gx.task(cache=True, priority=10)
+def interrupt_while_flag(counter, flag):
+    import os
+
+    with open(counter, "a") as f:
+        f.write("interrupt_while_flag\n")
+    if os.path.exists(flag):
+        raise KeyboardInterrupt  # Ctrl-C while a task runs in the scheduler's thread
+    return "done"
+
+
+@pytest.mark.timeout(30)
+def test_ctrl_c_releases_the_locks_of_nodes_that_did_not_run(tmp_path):
+    """After Ctrl-C, a rerun in the same process must not wait for locks the
+    interrupted run took for its ready nodes."""
+    counter, cache, flag = tmp_path / "calls", tmp_path / "cache", tmp_path / "flag"
+    flag.touch()
+
+    def build():
+        graph = gx.Graph()
+        with graph:
+            first = interrupt_while_flag(str(counter), str(flag))  # runs first (priority)
+            others = [square(str(counter), i) for i in range(3)]  # ready and locked
+        return graph, first, others
+
+    graph, first, others = build()
+    with pytest.raises(KeyboardInterrupt) as info:
+        graph.compute(scheduler="sync", cache_dir=cache)
+    assert names(info.value.run, others) == ["Cancelled"] * 3
+    assert entries(cache) == []
+    flag.unlink()
+    graph, first, others = build()
+    start = time.monotonic()
+    run = graph.compute(scheduler="sync", cache_dir=cache)
+    assert time.monotonic() - start < 5
+    assert names(run, [first, *others]) == ["Completed"] * 4
+    assert calls(counter) == ["interrupt_while_flag"] * 2 + [f"square {i}" for i in range(3)]
+
+
 # -- release of cached intermediates --------------------------------------------------------
 
 
