@@ -972,6 +972,47 @@ def test_an_entry_replaced_while_it_is_looked_up_is_read_whole(tmp_path, monkeyp
     assert not list(store.root.glob("*/.hold-*"))
 
 
+def test_entries_are_written_to_a_temporary_file_synced_then_renamed(tmp_path, monkeypatch):
+    store = _cache.CacheStore(tmp_path / "cache")
+    key = "cd" + "1" * 62
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(_cache.os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+
+    def replace(src, dst):
+        events.append(("replace", Path(src).name.startswith(".tmp-"), Path(dst).name))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(_cache.os, "replace", replace)
+    store.write_value(key, np.arange(100_000), {"expires": None})
+    assert events == ["fsync", ("replace", True, f"{key}.gxc")]
+
+    def crash(src, dst):  # the writer dies between writing and renaming
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(_cache.os, "replace", crash)
+    other = "cd" + "2" * 62
+    with pytest.raises(OSError, match="simulated"):
+        store.write_value(other, np.arange(10), {"expires": None})
+    assert store.lookup(other) is None  # nothing half-written is ever visible
+    assert not list(store.root.glob("*/.tmp-*"))
+    assert np.array_equal(store.lookup(key).load(), np.arange(100_000))
+
+
+def test_a_hit_maps_large_arrays_instead_of_reading_them(tmp_path):
+    import mmap
+
+    counter, cache = tmp_path / "calls", tmp_path / "cache"
+    for _ in range(2):
+        graph, array, *_ = _array_graph(counter)
+        run = graph.compute(array, scheduler="sync", cache_dir=cache)
+    assert run.state(array).is_cached()
+    base = run[array]
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
+
+
 @pytest.mark.timeout(30)
 def test_cache_files_are_private_to_the_user(tmp_path):
     counter, cache = tmp_path / "calls", tmp_path / "cache"
