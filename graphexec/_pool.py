@@ -269,6 +269,7 @@ class Pool:
             if w.process.exitcode is None:
                 self._kill(w)
                 w.process.join(STOP_TIMEOUT)
+            _kill_group(w.pid)  # processes a task started and left running
             self._forget(w)
         self._fn_keep.clear()
         self._fn_blobs.clear()
@@ -479,9 +480,9 @@ class Pool:
             self._learn(call, w)
             self._outbox.append((call, OK, Payload.from_wire(blob)))
         else:
-            _, _, _stage, exc_blob, tb, call.started, call.finished = message
+            _, _, _stage, exc_blob, tb, call.started, call.finished, summary = message
             self._learn(call, w)
-            self._outbox.append((call, ERROR, _load_exception(exc_blob, tb, call.name)))
+            self._outbox.append((call, ERROR, _load_exception(exc_blob, tb, call.name, summary)))
         if not w.inflight and w.kill is None:
             self._idle.append(w)
 
@@ -498,6 +499,7 @@ class Pool:
             self._kill(w)
             w.process.join(STOP_TIMEOUT)
         exitcode = w.process.exitcode
+        _kill_group(w.pid)  # a crashed task's subprocesses would outlive it, orphaned
         if w.inflight:
             head = w.inflight.popleft()
             head.finished = time.time()
@@ -577,6 +579,20 @@ class Pool:
         return cancelled
 
 
+def _kill_group(pid: int) -> None:
+    """SIGKILL what is left of a dead worker's process group (it led the group).
+
+    While any member is alive the kernel keeps the group's id (the worker's
+    pid) from being reused, so this reaches only the task's processes; an
+    empty group is simply gone (ESRCH). Only a pid recycled in the moment
+    since the worker died, by a process that leads its own group, could be hit.
+    """
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
+
+
 def _crash_error(call: Call, exitcode: int | None) -> WorkerCrashed:
     signal_name, advice = describe_exitcode(exitcode)
     code = f"exit code {exitcode}" + (f", {signal_name}" if signal_name else "")
@@ -588,17 +604,27 @@ def _crash_error(call: Call, exitcode: int | None) -> WorkerCrashed:
     )
 
 
-def _load_exception(blob: bytes, tb: str, name: str) -> BaseException:
+def _load_exception(blob: bytes, tb: str, name: str,
+                    summary: tuple[str, str] | None = None) -> BaseException:
+    """The exception a worker sent back, or a :class:`RemoteError` standing in for it.
+
+    ``summary`` is ``(type name, message)`` as the worker saw them, so the
+    stand-in keeps both even when the exception cannot be rebuilt here (its
+    class exists only in the worker, its ``__reduce__`` fails in this process).
+    """
+    type_name, text = summary if summary is not None else (None, None)
     try:
         exc = pickle.loads(blob)
     except Exception as why:
+        what = f"{type_name}: {text}" if type_name else "an exception"
         exc = RemoteError(
-            f"{name} raised an exception that could not be unpickled in the parent "
-            f"({type(why).__name__}: {why}); its traceback follows",
-            node=name, remote_traceback=tb,
+            f"{name} raised {what} (it could not be unpickled in the parent: "
+            f"{type(why).__name__}: {why}; its traceback is attached)",
+            node=name, type_name=type_name, original_message=text, remote_traceback=tb,
         )
     if not isinstance(exc, BaseException):
-        exc = RemoteError(f"{name} failed: {exc!r}", node=name, remote_traceback=tb)
+        exc = RemoteError(f"{name} failed: {exc!r}", node=name, type_name=type_name,
+                          original_message=text, remote_traceback=tb)
     exc.__cause__ = RemoteTraceback(tb)
     return exc
 

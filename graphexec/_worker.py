@@ -6,7 +6,8 @@ Messages (pickled tuples, one ``send_bytes`` each)::
                        ("run", token, fn_id, node_name, args_blob, deps, cache)
                        ("stop",)
     worker -> parent   ("ok",  token, result_blob, started, finished)
-                       ("err", token, stage, exc_blob, traceback_text, started, finished)
+                       ("err", token, stage, exc_blob, traceback_text, started, finished,
+                        (type_name, message))
 
 ``deps`` is a list of ``(node_index, pickled_value)``; ``cache`` is None or
 ``(cache_dir, key, meta)``: the worker writes the cache entry itself, so
@@ -28,6 +29,7 @@ within a second or so of the parent's death, even mid-task.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
 import signal
@@ -43,6 +45,8 @@ from ._errors import RemoteError, SerializationError
 from ._serialize import dumps, dumps_value, loads_call, loads_value
 
 WATCHDOG_INTERVAL = 0.5
+PARTIAL_LINE_MAX = 1024  # characters: an unfinished line longer than this is written out
+ATOMIC_WRITE = 4096  # bytes: PIPE_BUF, the largest write a pipe never interleaves
 
 
 def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
@@ -55,13 +59,18 @@ def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
         os.setpgrp()
     except OSError:  # already a group leader, or not permitted: kills still reach us
         pass
+    # multiprocessing made our own start method this process's default; a task
+    # that starts a Pool expects the platform's default, as in a plain script
+    # (fork on Linux before 3.14): forkserver or spawn children could not find
+    # the script's functions, which workers receive by value, and would hang it.
+    multiprocessing.set_start_method(None, force=True)
     threading.Thread(
         target=_watch_parent, args=(parent_pid, os.getppid()), daemon=True,
         name="graphexec-watchdog",
     ).start()
     functions: dict[int, Any] = {}
-    while True:
     stopped = False
+    while True:
         try:
             data = conn.recv_bytes()
         except (EOFError, OSError):
@@ -71,8 +80,8 @@ def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
             functions[message[1]] = _load_function(message[2], message[3])
             continue
         if message[0] == "stop":
-            break
             stopped = True
+            break
         reply = _run(message, functions)
         _flush_stdio()
         try:
@@ -80,11 +89,11 @@ def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
         except (BrokenPipeError, OSError):
             break
     conn.close()
-
     if not stopped and _parent_dies_soon(parent_pid):
         # The pipe closed because the parent died: nobody will release the
         # values of its runs, so clean them up here, as the watchdog does.
         _shm.sweep(f"gx-{parent_pid}-")
+
 
 def _run(message: tuple, functions: dict[int, Any]) -> bytes:
     _, token, fn_id, name, args_blob, deps, cache = message
@@ -92,7 +101,8 @@ def _run(message: tuple, functions: dict[int, Any]) -> bytes:
 
     def fail(stage: str, exc: BaseException, tb: str) -> bytes:
         return pickle.dumps(
-            ("err", token, stage, _pickle_exception(exc, tb), tb, started, time.time()),
+            ("err", token, stage, _pickle_exception(exc, tb, name), tb, started, time.time(),
+             describe_exception(exc)),
             protocol=5,
         )
 
@@ -150,7 +160,27 @@ def _load_function(blob: bytes, origin: str | None) -> Any:
         return _Unloadable(exc, traceback.format_exc())
     if origin:
         _restore_filenames(fn, origin)
+    if getattr(fn, "__module__", None) == "__main__":
+        _adopt_into_main(fn)
     return fn
+
+
+def _adopt_into_main(fn: Any) -> None:
+    """Make the script's functions and classes that ``fn`` uses findable as ``__main__.x``.
+
+    They arrive by value (workers never run the script), so plain pickle — a
+    ``multiprocessing.Pool`` the task starts, ``concurrent.futures`` — could
+    not send them by reference ("attribute lookup sq on __main__ failed").
+    Naming them in this worker's ``__main__`` lets it; a forked child of the
+    worker inherits the names. The latest definition wins, as in a notebook.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        return
+    for name, value in list(getattr(fn, "__globals__", {}).items()):
+        if getattr(value, "__module__", None) == "__main__" and \
+                getattr(value, "__qualname__", None) == name:
+            setattr(main, name, value)
 
 
 def _restore_filenames(fn: Any, origin: str) -> None:
@@ -190,23 +220,29 @@ class _Unloadable:
         self.exc, self.tb = exc, tb
 
 
-def _pickle_exception(exc: BaseException, tb: str) -> bytes:
+def describe_exception(exc: BaseException) -> tuple[str, str]:
+    """``(qualified type name, str(exc))``, whatever the exception's ``__str__`` does."""
+    kind = type(exc)
+    try:
+        text = str(exc)
+    except BaseException:
+        text = "<str() of the exception failed>"
+    return f"{kind.__module__}.{kind.__qualname__}", text
+
+
+def _pickle_exception(exc: BaseException, tb: str, name: str | None = None) -> bytes:
     """Pickle ``exc`` if it survives a round trip, else a RemoteError standing in for it."""
     try:
         blob = dumps(exc)
         pickle.loads(blob)  # e.g. __init__ with required keyword arguments fails here
         return blob
     except BaseException as why:
-        kind = type(exc)
-        type_name = f"{kind.__module__}.{kind.__qualname__}"
-        try:
-            text = str(exc)
-        except BaseException:
-            text = "<str() of the exception failed>"
+        type_name, text = describe_exception(exc)
+        who = f"{name} raised " if name else ""
         stand_in = RemoteError(
-            f"{type_name}: {text} (the original exception could not be sent back from the "
-            f"worker: {type(why).__name__}: {why})",
-            type_name=type_name, original_message=text, remote_traceback=tb,
+            f"{who}{type_name}: {text} (the exception itself could not be sent back from "
+            f"the worker: {describe_exception(why)[1]}; its traceback is attached)",
+            node=name, type_name=type_name, original_message=text, remote_traceback=tb,
         )
         return dumps(stand_in)
 
@@ -215,33 +251,79 @@ class NodeStream:
     """Prefixes every line a task writes with its node's name: ``[simulate-3] ...``.
 
     Output goes straight to the stream the worker inherited (the parent's
-    terminal or log), line by line, so megabytes of output cannot fill a pipe
-    and stall anyone; a partial line is completed when the task ends.
+    terminal or log), so megabytes of output cannot fill a pipe and stall
+    anyone. Lines are gathered and written whole, in writes of at most
+    ``ATOMIC_WRITE`` bytes: the kernel never splits such a write to a pipe,
+    so the lines of workers sharing one stdout never cut into each other.
+    A partial line is completed when the task ends, or written out once it
+    grows past ``PARTIAL_LINE_MAX`` (a progress bar redrawn with ``\r``).
     """
 
     node: str | None = None  # set by the worker loop before each call
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
-        self._partial = ""
+        # The unfinished line, in pieces: joining on every write would make a
+        # task that writes one character at a time quadratic (minutes for 1 MB).
+        self._partial: list[str] = []
+        self._partial_len = 0
+        self._lines: list[str] = []  # whole, prefixed lines not written yet
+        self._lines_len = 0
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         if not text:
             return 0
-        lines = (self._partial + text).split("\n")
-        self._partial = lines.pop()
-        if lines:
-            prefix = f"[{self.node}] " if self.node else ""
-            self._stream.write("".join(f"{prefix}{line}\n" for line in lines))
+        if "\n" not in text:
+            self._partial.append(text)
+            self._partial_len += len(text)
+            if self._partial_len >= PARTIAL_LINE_MAX:
+                self._end_partial()
+                self._drain()
+            return len(text)
+        lines = text.split("\n")
+        if self._partial:
+            lines[0] = "".join(self._partial) + lines[0]
+            self._partial, self._partial_len = [], 0
+        last = lines.pop()
+        if last:
+            self._partial, self._partial_len = [last], len(last)
+        prefix = f"[{self.node}] " if self.node else ""
+        out = "".join(f"{prefix}{line}\n" for line in lines)
+        self._lines.append(out)
+        self._lines_len += len(out)
+        if self._lines_len >= ATOMIC_WRITE // 4 or getattr(self._stream, "line_buffering", False):
+            self._drain()
         return len(text)
 
-    def flush(self) -> None:
+    def _end_partial(self) -> None:
         if self._partial:
             prefix = f"[{self.node}] " if self.node else ""
-            self._stream.write(f"{prefix}{self._partial}\n")
-            self._partial = ""
+            out = f"{prefix}{''.join(self._partial)}\n"
+            self._partial, self._partial_len = [], 0
+            self._lines.append(out)
+            self._lines_len += len(out)
+
+    def _drain(self) -> None:
+        """Write the gathered lines: whole lines, at most ATOMIC_WRITE bytes a write."""
+        if not self._lines:
+            return
+        text = "".join(self._lines)
+        self._lines, self._lines_len = [], 0
+        limit = ATOMIC_WRITE if text.isascii() else ATOMIC_WRITE // 4  # UTF-8: <= 4 B/char
+        start, stream = 0, self._stream
+        while start < len(text):
+            end = text.rfind("\n", start, start + limit) + 1
+            if end <= start:  # one line longer than the limit: written whole, best effort
+                end = text.find("\n", start) + 1 or len(text)
+            stream.write(text[start:end])
+            stream.flush()
+            start = end
+
+    def flush(self) -> None:
+        self._end_partial()
+        self._drain()
         self._stream.flush()
 
     def __getattr__(self, name: str) -> Any:  # fileno, encoding, isatty, buffer ...
@@ -254,6 +336,25 @@ def _flush_stdio() -> None:
             stream.flush()
         except Exception:
             pass
+
+
+def _parent_dies_soon(parent_pid: int, wait: float = 2.0) -> bool:
+    """After an EOF: a parent being killed closes its pipes before it is a zombie."""
+    deadline = time.monotonic() + wait
+    while _parent_alive(parent_pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _parent_alive(parent_pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(parent_pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _watch_parent(parent_pid: int, first_ppid: int) -> None:
@@ -277,22 +378,3 @@ def _watch_parent(parent_pid: int, first_ppid: int) -> None:
                 os.killpg(os.getpid(), signal.SIGKILL)  # takes the task's subprocesses too
         finally:
             os._exit(1)
-def _parent_dies_soon(parent_pid: int, wait: float = 2.0) -> bool:
-    """After an EOF: a parent being killed closes its pipes before it is a zombie."""
-    deadline = time.monotonic() + wait
-    while _parent_alive(parent_pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def _parent_alive(parent_pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(parent_pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
