@@ -347,6 +347,7 @@ class Graph:
         cache_dir: str | os.PathLike[str] | None = None,
         refresh_cache: bool = False,
         cluster: Any = None,
+        progress: bool | None = None,
     ) -> Run:
         """Run the graph (or the ancestors of ``targets``) and return a :class:`Run`.
 
@@ -377,6 +378,11 @@ class Graph:
                 ``workers=``, ``pool=``, ``scheduler=``, ``memory_limit=`` or
                 ``start_method=``; see docs/cluster.md for what differs (timeouts
                 cannot kill a running task; the cache directory must be shared).
+            progress: show a progress bar on stderr (done/total, running, failed,
+                skipped, cached, ETA). ``None`` (default): only when stderr is a
+                terminal and the ``CI`` environment variable is not set. A graph
+                computed inside a ``@gx.flow`` shows in the flow's bar (its
+                ``progress=``), and inside ``with gx.Pool():`` submits none.
 
         Returns:
             The :class:`Run`: a state for every node, values of kept nodes.
@@ -404,6 +410,7 @@ class Graph:
             cache_dir=cache_dir,
             refresh_cache=refresh_cache,
             cluster=cluster,
+            progress=progress,
         )
 
     def _latest_run_or_raise(self) -> Run:

@@ -105,6 +105,7 @@ def compute(
     cache_dir: Any = None,
     refresh_cache: bool = False,
     cluster: Any = None,
+    progress: bool | None = None,
 ) -> Run:
     """Validate the arguments, pick an executor, run the scheduler; see ``Graph.compute``."""
     if scheduler not in SCHEDULERS:
@@ -120,6 +121,9 @@ def compute(
                       memory_limit=memory_limit, start_method=start_method)
     limit_bytes = parse_memory(memory_limit)
     limits = check_limits(limits)
+    from ._progress import make_observer
+
+    observer = make_observer(progress)  # None unless a bar is wanted: no cost then
     if pool is not None:
         if not isinstance(pool, Pool):
             raise TypeError(f"pool= must be a gx.Pool, got {type(pool).__name__}")
@@ -178,7 +182,7 @@ def compute(
         executor = pool if pool is not None else Pool(count, start_method=start_method)
         executor._acquire(limit_bytes)
     sched = Scheduler(graph, run, executor, fail_fast=fail_fast, limits=limits,
-                      cache=store, refresh_cache=refresh_cache)
+                      cache=store, refresh_cache=refresh_cache, observer=observer)
     try:
         sched.run()
     except KeyboardInterrupt as interrupt:
@@ -188,6 +192,8 @@ def compute(
         interrupt.run = run  # type: ignore[attr-defined]
         raise
     finally:
+        if observer is not None:  # normal end, Ctrl-C (all cancelled by now) or a bug
+            observer.closed(run)
         if store is not None:
             store.unlock_all()
         if executor is pool:

@@ -1,0 +1,192 @@
+"""The live progress bar: a scheduler observer drawing with tqdm on stderr.
+
+The scheduler calls four hooks on its own thread (``started``, ``running``,
+``retrying``, ``finished``); ``compute`` calls ``closed`` once the run is over.
+The hooks only count: drawing is tqdm's job and tqdm throttles it
+(``mininterval``), so a dispatch costs a few attribute updates, not a
+terminal write. The counts shown after the bar (running, failed, ...) are
+formatted only when tqdm draws (``Bar.format_dict``).
+
+When nothing finishes for a while (every worker busy with a long task) no
+hook fires; a small thread redraws the bar once a second so that the elapsed
+time keeps moving and the run does not look hung.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+from functools import cache
+from typing import Any
+
+from ._state import CACHED, CANCELLED, FAILED, SKIPPED
+
+MININTERVAL = 0.2  # seconds between two draws at most; tqdm skips the rest
+IDLE_REDRAW = 1.0  # seconds without a draw after which the bar is redrawn anyway
+
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def wanted(progress: bool | None) -> bool:
+    """Whether to show the bar: ``progress`` if given, else stderr is a terminal outside CI.
+
+    Raises:
+        TypeError: ``progress`` is neither a bool nor None.
+    """
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress= must be True, False or None, got {progress!r}")
+    if progress is not None:
+        return progress
+    if os.environ.get("CI", "").strip().lower() not in _FALSE:
+        return False  # CI services set CI=true and often fake a terminal
+    stream = sys.stderr
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        return False
+
+
+def make_observer(progress: bool | None) -> Progress | None:
+    """A :class:`Progress` observer if a bar is wanted (see :func:`wanted`), else None."""
+    return Progress() if wanted(progress) else None
+
+
+@cache
+def _bar_class() -> type:
+    # tqdm is imported with the first bar: a compute without one does not pay for it.
+    from tqdm import tqdm
+    from tqdm.utils import _screen_shape_wrapper
+
+    shape = _screen_shape_wrapper()
+
+    def size(fp: Any) -> tuple[int, int]:
+        # A pseudo-terminal nobody sized (script, some CI runners, docker exec)
+        # reports 0 x 0, and tqdm would draw nothing at all: fall back to
+        # $COLUMNS/$LINES, else 100 x 24.
+        cols, rows = shape(fp) if shape is not None else (None, None)
+        if not cols or cols <= 0 or not rows or rows <= 0:
+            fallback = shutil.get_terminal_size((100, 24))
+            cols = cols if cols and cols > 0 else fallback.columns
+            rows = rows if rows and rows > 0 else fallback.lines
+        return cols, rows
+
+    class Bar(tqdm):
+        """tqdm with the postfix computed when drawn, not on every update."""
+
+        monitor_interval = 0  # our own redraw thread replaces tqdm's monitor
+
+        def __init__(self, *args: Any, observer: Progress, **kwargs: Any) -> None:
+            self._observer = observer
+            cols, rows = size(kwargs["file"])
+            super().__init__(*args, ncols=cols, nrows=rows, **kwargs)
+            self.dynamic_ncols = size  # follow the window's size from now on
+
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            d = super().format_dict
+            d["postfix"] = self._observer._postfix()
+            return d
+
+    return Bar
+
+
+class Progress:
+    """Counts what the scheduler reports and shows it as one tqdm bar on stderr.
+
+    The bar reads ``done/total``, the rate, the ETA, and after it the nodes
+    running now and, once non-zero, how many failed, were skipped, came from
+    the cache, were cancelled or retried. For an eager flow the total grows
+    as tasks are submitted.
+    """
+
+    def __init__(self, file: Any = None) -> None:
+        self._file = file
+        self._run: Any = None
+        self._bar: Any = None  # the tqdm bar, from started() to closed()
+        self._running: set[int] = set()
+        self._failed = 0
+        self._skipped = 0
+        self._cached = 0
+        self._cancelled = 0
+        self._retries = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- scheduler hooks (scheduler thread) ------------------------------------
+
+    def started(self, run: Any) -> None:
+        self._run = run
+        total = len(run.members) or None  # a flow starts empty and grows
+        self._bar = _bar_class()(
+            total=total,
+            desc=run.graph.name,
+            unit="task",
+            file=self._file if self._file is not None else sys.stderr,
+            mininterval=MININTERVAL,
+            smoothing=0.1,
+            leave=True,
+            observer=self,
+        )
+        self._thread = threading.Thread(target=self._redraw, name="graphexec-progress",
+                                        daemon=True)
+        self._thread.start()
+
+    def running(self, i: int, call: Any) -> None:
+        self._running.add(i)
+
+    def retrying(self, i: int, state: Any) -> None:
+        self._running.discard(i)
+        self._retries += 1
+
+    def finished(self, i: int, state: Any) -> None:
+        self._running.discard(i)
+        name = state.name
+        if name is FAILED:
+            self._failed += 1
+        elif name is SKIPPED:
+            self._skipped += 1
+        elif name is CACHED:
+            self._cached += 1
+        elif name is CANCELLED:
+            self._cancelled += 1
+        bar = self._bar
+        if bar is not None:
+            members = len(self._run.members)
+            if members != bar.total:
+                bar.total = members
+            bar.update(1)
+
+    # -- end (the thread that called compute) --------------------------------
+
+    def closed(self, run: Any) -> None:
+        """Draw the final counts and release the terminal line; safe to call twice."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        bar, self._bar = self._bar, None
+        if bar is None:
+            return
+        bar.total = max(len(run.members), bar.n)
+        bar.close()  # draws the final counts once more, then the newline
+
+    # -- drawing ----------------------------------------------------------------
+
+    def _postfix(self) -> str:
+        parts = [f"running={len(self._running)}"]
+        for label, count in (("failed", self._failed), ("skipped", self._skipped),
+                             ("cached", self._cached), ("cancelled", self._cancelled),
+                             ("retries", self._retries)):
+            if count:
+                parts.append(f"{label}={count}")
+        return " ".join(parts)
+
+    def _redraw(self) -> None:
+        while not self._stop.wait(IDLE_REDRAW):
+            bar = self._bar
+            if bar is None:
+                return
+            if bar._time() - bar.last_print_t >= IDLE_REDRAW:
+                bar.refresh()
