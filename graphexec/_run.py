@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._graph import Node
@@ -192,6 +194,56 @@ class Run:
             out.append(f"Skipped: {len(skipped)} node(s), e.g. "
                        f"{self._states[skipped[0].index].message}")
         return "\n".join(out)
+
+    def to_json(self, indent: int | None = None) -> str:
+        """The run as a JSON document for tools: per node its name, task, state, error
+        (type, message, worker traceback), worker and timings of every attempt; the edges.
+
+        Values are not included. :meth:`from_json` reads it back.
+        """
+        from ._report import run_to_json
+
+        return run_to_json(self, indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Run:
+        """Rebuild a run from :meth:`to_json`'s text.
+
+        Returns a ``Run`` over a rebuilt graph (same node names, task names and
+        edges; its tasks cannot run) whose states, attempts and errors are those
+        of the document: ``summary()``, ``failed``, ``skipped``, ``counts()``,
+        ``state(node)``, ``to_html()`` and ``run.graph.visualize()`` work. Values
+        are not in the document: reading one raises. An exception comes back as
+        its own class if it is a builtin or graphexec's, else as a
+        :class:`RemoteError` subclass of the same name (nothing is imported).
+
+        Raises:
+            ValueError: not a graphexec run document, or of another version.
+        """
+        from ._report import run_from_json
+
+        return run_from_json(text)
+
+    def to_html(self, path: str | os.PathLike[str]) -> Path:
+        """Write a report to ``path``: one self-contained HTML file (no network needed).
+
+        On top, the state counts and the summary table by task; below, a
+        timeline with one lane per worker and one bar per attempt, failures and
+        retried attempts highlighted (hover for node, duration and error; click
+        for the traceback); then the failed and skipped nodes. Opened as
+        ``report.html#node=NAME`` (or ``#first-failure``) it shows that attempt.
+
+        Returns:
+            The path written.
+
+        Example::
+
+            run = graph.compute(raise_on_failure=False)
+            run.to_html("report.html")
+        """
+        from ._report import run_to_html
+
+        return run_to_html(self, path)
 
     def _failure_report(self) -> str:
         unhandled = self.unhandled
