@@ -60,7 +60,10 @@ Timeouts
 Capacity
     At most two calls per worker thread of the cluster are in flight
     (``client.nthreads()``, re-read while the scheduler waits for a slot), so
-    the ready queue, and its priorities, stay in graphexec.
+    the ready queue, and its priorities, stay in graphexec. A function whose
+    recent calls took under 10 ms from start to result may have eight per
+    thread in flight: for such calls the round trip to the cluster, not the
+    work, sets the pace (the local pool prefetches tiny calls the same way).
 
 Caching
     The worker writes a cache entry itself (``write_cache``); the cache
@@ -94,6 +97,8 @@ logger = logging.getLogger("graphexec")
 
 START_TOPIC = "graphexec-start"  # events of _run_remote: started on a worker, result digest
 CALLS_PER_THREAD = 2  # calls in flight per worker thread of the cluster
+SHORT_CALLS_PER_THREAD = 8  # ... for a function whose calls are short (latency-bound)
+SHORT_CALL = 0.01  # seconds from start to result under which a function's calls are short
 NTHREADS_REFRESH = 2.0  # seconds between looks at the cluster's size while it is full
 SWEEP_INTERVAL = 1.0  # seconds between full passes over the values held for a run
 SCATTER_BYTES = 1 << 20  # a function pickle this large is sent to the cluster once
@@ -342,7 +347,11 @@ class _Hub:
         self.client = client
         self.executors: dict[str, ClusterExecutor] = {}
         handlers = getattr(client, "_event_handlers", None)
-        self._previous = handlers.get("all") if isinstance(handlers, dict) else None
+        previous = handlers.get("all") if isinstance(handlers, dict) else None
+        owner = getattr(previous, "__self__", None)
+        if isinstance(owner, _Hub):  # an earlier hub's (unsubscribing leaves it in place)
+            previous = owner._previous
+        self._previous = previous
         client.subscribe_topic(START_TOPIC, self._on_start)
         client.subscribe_topic("all", self._on_all)
 
@@ -452,12 +461,14 @@ def check_cluster(cluster: Any, *, workers: Any, scheduler: str, pool: Any,
 
 
 class _Flight:
-    __slots__ = ("call", "digest", "future", "inputs", "key", "started", "submitted", "worker")
+    __slots__ = ("call", "digest", "fn_id", "future", "inputs", "key", "started", "submitted",
+                 "worker")
 
-    def __init__(self, call: Call, future: Any, key: str, inputs: list[int]) -> None:
+    def __init__(self, call: Call, future: Any, key: str, inputs: list[int], fn_id: str) -> None:
         self.call = call
         self.future = future
         self.key = key
+        self.fn_id = fn_id
         self.inputs = inputs  # node indices whose values the call received
         self.submitted = time.time()
         self.started: float | None = None  # time.monotonic() of its start event
@@ -491,7 +502,8 @@ class ClusterExecutor:
         self._stores: dict[str, Any] = {}
         self._warned_cache = False
         self._closed = False
-        self._capacity = 0
+        self._short: dict[str, bool] = {}  # fn id -> its recent calls were short
+        self._threads = 0
         self._sized = 0.0
         self._resize()
         _join_hub(client, self)
@@ -506,19 +518,27 @@ class ClusterExecutor:
             logger.warning("could not read the dask cluster's size (%s); assuming 1 thread",
                            exc)
             threads = 1
-        if threads == 0 and self._capacity == 0:
+        if threads == 0 and self._threads == 0:
             logger.warning("the dask cluster at %s has no workers yet; tasks wait for workers",
                            getattr(getattr(self.client, "scheduler", None), "address", "?"))
-        self._capacity = max(CALLS_PER_THREAD * threads, CALLS_PER_THREAD)
+        self._threads = max(threads, 1)
+
+    def _full(self, call: Call) -> bool:
+        """Two calls per worker thread in flight; eight if this function's calls are short
+        (then the round trip, not the work, sets the pace)."""
+        entry = self._functions.get(id(call.fn))
+        short = entry is not None and self._short.get(entry[1], False)
+        per_thread = SHORT_CALLS_PER_THREAD if short else CALLS_PER_THREAD
+        return len(self._inflight) >= per_thread * self._threads
 
     # -- executor protocol ----------------------------------------------------
 
     def submit(self, call: Call) -> bool:
-        if len(self._inflight) >= self._capacity:
+        if self._full(call):
             if time.monotonic() - self._sized < NTHREADS_REFRESH:
                 return False
             self._resize()
-            if len(self._inflight) >= self._capacity:
+            if self._full(call):
                 return False
         try:
             fn_id, origin, blob = self._function(call)
@@ -540,7 +560,7 @@ class ClusterExecutor:
                 f"{call.name} could not be sent to the dask cluster: {type(exc).__name__}: "
                 f"{exc}", node=call.name)))
             return True
-        flight = _Flight(call, future, key, list(call.inputs))
+        flight = _Flight(call, future, key, list(call.inputs), fn_id)
         self._inflight[key] = flight
         inbox = self._inbox
         future.add_done_callback(lambda f, key=key: inbox.put(("done", key)))
@@ -708,6 +728,8 @@ class ClusterExecutor:
         call, future = flight.call, flight.future
         now = time.time()
         call.finished = max(now, call.started)
+        if flight.started is not None:
+            self._short[flight.fn_id] = time.monotonic() - flight.started < SHORT_CALL
         status = future.status
         if status == "finished":
             if _is_failure(future.type):

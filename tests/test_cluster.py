@@ -683,3 +683,51 @@ def test_cluster_argument_validation(client):
         graph.compute(cluster=client, memory_limit="1GB")
     with pytest.raises(ValueError, match="start_method"):
         graph.compute(cluster=client, start_method="spawn")
+
+
+def _topics_of(client) -> set[str] | None:
+    """Topics the scheduler sends this client (None if this dask keeps them elsewhere)."""
+    me = client.id
+
+    def topics(dask_scheduler):
+        broker = getattr(dask_scheduler, "_broker", None)
+        if broker is None:
+            return None
+        return {name for name, topic in broker._topics.items() if me in topic.subscribers}
+
+    return client.run_on_scheduler(topics)
+
+
+def _settled_topics(client, done) -> set[str] | None:
+    """The client's topics once ``done(topics)`` (subscribing is asynchronous), or at 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        topics = _topics_of(client)
+        if topics is None or done(topics) or time.monotonic() > deadline:
+            return topics
+        time.sleep(0.02)
+
+
+def test_event_subscriptions_end_with_the_compute_and_spare_the_users_handler(client):
+    graph = gx.Graph()
+    with graph:
+        ok(1)
+    graph.compute(cluster=client)
+    topics = _settled_topics(client, lambda t: not t & {"all", _cluster.START_TOPIC})
+    if topics is not None:  # subscribed to "all" while closing, the scheduler logs errors
+        assert not topics & {"all", _cluster.START_TOPIC}
+    seen = []
+    client.subscribe_topic("all", lambda event: seen.append(event[1]))
+    try:
+        graph.compute(cluster=client)
+        graph.compute(cluster=client)
+        client.log_event("all", {"action": "graphexec-test"})
+        deadline = time.monotonic() + 10
+        while {"action": "graphexec-test"} not in seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert {"action": "graphexec-test"} in seen  # our handler gave way to the user's
+        topics = _settled_topics(client, lambda t: _cluster.START_TOPIC not in t)
+        if topics is not None:
+            assert "all" in topics and _cluster.START_TOPIC not in topics
+    finally:
+        client.unsubscribe_topic("all")
