@@ -813,13 +813,16 @@ _JS = r"""
     }
     out.push('<line x1="0" x2="' + width + '" y1="' + AXIS + '" y2="' + AXIS +
       '" stroke="#cfd6de"/>');
-    D.bars.forEach(function (b, i) {
+    // ok bars first, failures and retries on top: at 10,000 bars they must still show
+    D.bars.forEach(function (b, i) { if (b[5] === 0) bar(b, i); });
+    D.bars.forEach(function (b, i) { if (b[5] !== 0) bar(b, i); });
+    function bar(b, i) {
       var x0 = x(b[1]), w = Math.max(x(b[2]) - x0, 1.5), y = AXIS + b[0] * ROW + (ROW - BAR) / 2;
       var cls = "gx-bar " + KIND[b[5]] + (b[3] === selected ? " gx-sel" : "");
       out.push('<rect class="' + cls + '" data-b="' + i + '" x="' + x0.toFixed(2) + '" y="' +
         y + '" width="' + w.toFixed(2) + '" height="' + BAR + '" rx="2" fill="' + colour(b) +
         '"/>');
-    });
+    }
     out.push("</svg>");
     scroll.innerHTML = out.join("");
   }
