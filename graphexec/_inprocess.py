@@ -18,6 +18,8 @@ from typing import Any
 
 from ._call import ERROR, Call, run_inline, timeout_error
 
+SIGNAL_SLICE = 0.25  # seconds: the longest a blocked wait may delay Ctrl-C
+
 
 class SyncExecutor:
     """Runs each call in the calling thread, one at a time."""
@@ -96,8 +98,19 @@ class ThreadExecutor:
                 until = max(0.0, call.started + call.timeout - time.time())
                 wait = until if wait is None else min(wait, until)
         outcomes = []
+        deadline = None if wait is None else time.monotonic() + wait
         try:
-            outcomes.append(self._outbox.get(timeout=wait))
+            while True:
+                # In slices: Ctrl-C delivered to one of our threads (the kernel may
+                # pick any) does not wake this thread's lock wait; returning to
+                # Python every slice runs the pending KeyboardInterrupt here.
+                left = SIGNAL_SLICE if deadline is None else deadline - time.monotonic()
+                try:
+                    outcomes.append(self._outbox.get(timeout=max(0.0, min(left, SIGNAL_SLICE))))
+                    break
+                except queue.Empty:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
             while True:
                 outcomes.append(self._outbox.get_nowait())
         except queue.Empty:

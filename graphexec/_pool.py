@@ -66,6 +66,7 @@ PREFETCH_DEPTH = 8  # calls a worker may hold when its function's calls are tiny
 SHORT_CALL = 0.002  # seconds: below this a function's calls count as tiny
 MEMORY_SAMPLE_INTERVAL = 0.05
 STOP_TIMEOUT = 1.0
+SIGNAL_SLICE = 0.25  # seconds: the longest a blocked poll may delay Ctrl-C
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 _pool_ids = itertools.count(1)
@@ -436,8 +437,15 @@ class Pool:
                     wake = deadline if wake is None else min(wake, deadline)
         if self._memory_limit is not None and any(w.inflight for w in self._workers.values()):
             wake = self._next_sample if wake is None else min(wake, self._next_sample)
-        wait = None if wake is None else max(0.0, wake - now)
-        ready = mp_wait([self._wake_r, *self._waitables], wait)
+        waitables = [self._wake_r, *self._waitables]
+        while True:
+            # In slices: a Ctrl-C the kernel hands to another thread of this
+            # process (a progress bar's, the user's) does not interrupt this
+            # wait; back in Python every slice, the KeyboardInterrupt is raised.
+            left = SIGNAL_SLICE if wake is None else wake - time.monotonic()
+            ready = mp_wait(waitables, max(0.0, min(left, SIGNAL_SLICE)))
+            if ready or (wake is not None and left <= SIGNAL_SLICE):
+                break
         dead = []
         for obj in ready:
             if obj is self._wake_r:
