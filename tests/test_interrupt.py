@@ -1,0 +1,265 @@
+"""Ctrl-C and a killed parent: nothing finished is lost, nothing is left running (#4).
+
+Each test runs a script in its own Python process (a real SIGINT, a real
+SIGKILL) and watches it from outside: the script prints marker lines when it
+reaches the interesting moment, the test sends the signal, and both sides
+check the outcome — the script its run's states and its child processes, the
+test the worker pids it was told about.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+INTERRUPTED = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import psutil
+    import graphexec as gx
+
+    @gx.task
+    def fast(i):
+        return i * 10
+
+    @gx.task
+    def announce(values):
+        print("FAST-DONE", flush=True)
+        return sum(values)
+
+    @gx.task
+    def sleeper(i):
+        sys.stdout.write(f"SLEEPING {i} {os.getpid()}\\n")  # one write: threads may race
+        sys.stdout.flush()
+        time.sleep(60)
+        return i
+
+    @gx.task
+    def after(x):
+        return x
+
+    @gx.task(retries=3, retry_delay=60)
+    def flaky():
+        raise ValueError("fails, then waits a minute before its retry")
+
+    def workers():
+        me = os.getpid()
+        found = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                line = " ".join(p.cmdline())
+                if p.status() == psutil.STATUS_ZOMBIE or (
+                        p.ppid() == me and ("forkserver" in line or "resource_tracker" in line)):
+                    continue
+            except psutil.Error:
+                continue
+            found.append(p.pid)
+        return found
+
+    mode = sys.argv[1]
+    graph = gx.Graph()
+    with graph:
+        waiting = flaky()
+        fasts = [fast(i) for i in range(4)]
+        done = announce(fasts)
+        sleepers = [sleeper(i, wait_for=[done]) for i in range(3)]
+        tails = [after(s) for s in sleepers]
+
+    def report(exc, pool_workers=()):
+        caught = time.monotonic()
+        run = exc.run
+        deadline = caught + 2.0
+        while set(workers()) - set(pool_workers) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        print("RESULT " + json.dumps({
+            "states": {n.name: run.state(n).name for n in run.nodes},
+            "values": {n.name: run[n] for n in run.completed},
+            "attempts": {n.name: run.state(n).attempts for n in run.nodes},
+            "messages": sorted({str(run.state(n).exception) for n in run.nodes
+                                if run.state(n).name == "Cancelled"}),
+            "left": sorted(set(workers()) - set(pool_workers)),
+            "cleanup": time.monotonic() - caught,
+            "same_run": exc.run is graph._latest_run,
+        }), flush=True)
+
+    if mode == "pool":
+        with gx.Pool(workers=2) as pool:
+            try:
+                graph.compute(pool=pool, keep="all")
+            except KeyboardInterrupt as exc:
+                report(exc, pool_workers=[w.pid for w in pool._workers.values()])
+            small = gx.Graph()
+            with small:
+                node = after(41)
+            print("AGAIN", small.compute(pool=pool)[node], flush=True)
+    else:
+        kw = {"workers": 2} if mode == "processes" else {"scheduler": mode, "workers": 2}
+        try:
+            graph.compute(keep="all", **kw)
+        except KeyboardInterrupt as exc:
+            report(exc)
+        else:
+            print("RESULT none: compute returned", flush=True)
+    """
+)
+
+
+class _Output:
+    """The lines a script prints, read by a thread so that no wait can block forever."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.lines: list[str] = []
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, predicate, timeout):
+        deadline = time.monotonic() + timeout
+        while not predicate(self.lines):
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out; output so far: {self.lines}"
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                self.proc.wait(5)
+                raise AssertionError(f"the script ended early: {self.lines}\n"
+                                     f"{self.proc.stderr.read()[-3000:]}")
+            self.lines.append(line)
+
+
+def _gone(pid):
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("mode", "target"), [
+    ("processes", "pid"),
+    ("processes", "group"),  # what a terminal's Ctrl-C does: the whole foreground group
+    ("pool", "group"),
+    ("sync", "pid"),
+    ("threads", "pid"),
+])
+def test_ctrl_c_cancels_what_is_pending_keeps_what_is_done_and_stops_workers(
+        tmp_path, mode, target):
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED)
+    proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        output = _Output(proc)
+        running = 1 if mode == "sync" else 2
+
+        def ready(lines):
+            return any("FAST-DONE" in x for x in lines) and \
+                sum(x.count("SLEEPING") for x in lines) == running
+
+        output.wait_for(ready, 30)
+        sleeping_pids = [int(p) for x in output.lines for p in re.findall(r"SLEEPING \d+ (\d+)", x)]
+        interrupted = time.monotonic()
+        if target == "group":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGINT)
+        output.wait_for(lambda lines: lines[-1].startswith("RESULT"), 15)
+        reported = time.monotonic() - interrupted
+        proc.wait(15)
+        err = proc.stderr.read()
+        output.wait_for(lambda lines: mode != "pool" or lines[-1].startswith("AGAIN"), 15)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    (result,) = [json.loads(x[len("RESULT "):]) for x in output.lines if x.startswith("RESULT")]
+    states = result["states"]
+    expected = {f"fast-{i}": "Completed" for i in range(4)}
+    expected["announce-0"] = "Completed"
+    expected.update({f"sleeper-{i}": "Cancelled" for i in range(3)})
+    expected.update({f"after-{i}": "Cancelled" for i in range(3)})
+    expected["flaky-0"] = "Cancelled"  # waiting out its retry delay
+    assert states == expected
+    assert result["values"] == {**{f"fast-{i}": 10 * i for i in range(4)}, "announce-0": 60}
+    assert result["attempts"]["flaky-0"] == 1
+    assert result["messages"] and all("interrupted (Ctrl-C)" in m for m in result["messages"])
+    assert result["same_run"]
+    if mode in ("processes", "pool"):
+        assert result["left"] == [], "workers still running after Ctrl-C"
+        assert result["cleanup"] < 2.0
+        assert reported < 5.0
+        for pid in sleeping_pids:
+            assert _gone(pid), f"worker {pid} survived Ctrl-C"
+    if mode == "pool":  # the warm pool went on working
+        assert output.lines[-1] == "AGAIN 41"
+
+
+KILLED = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    import graphexec as gx
+
+    @gx.task
+    def hold(i):
+        child = subprocess.Popen(["sleep", "600"])
+        print(f"HOLDING {os.getpid()} {child.pid}", flush=True)
+        time.sleep(600)
+
+    graph = gx.Graph()
+    with graph:
+        nodes = [hold(i) for i in range(2)]
+    graph.compute(workers=2, start_method=sys.argv[1])
+    """
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_a_killed_parent_leaves_no_process_behind(tmp_path, start_method):
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED)
+    proc = subprocess.Popen([sys.executable, str(script), start_method],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    pids: set[int] = set()
+    try:
+        output = _Output(proc)
+        output.wait_for(lambda lines: sum("HOLDING" in x for x in lines) == 2, 30)
+        pids = {int(p) for x in output.lines if "HOLDING" in x for p in x.split()[-2:]}
+        # Everything the script started: workers, their subprocesses, forkserver,
+        # resource tracker.
+        pids |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 5.0
+        while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = sorted(p for p in pids if not _gone(p))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in pids:  # whatever survived: do not let it outlive the test
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert left == [], f"processes outlived their killed parent by 5 s: {left}"
+    assert len(pids) >= 4
