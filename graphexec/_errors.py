@@ -170,6 +170,14 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
+def safe_str(exc: BaseException) -> str:
+    """``str(exc)``, even for an exception whose ``__str__`` raises."""
+    try:
+        return str(exc)
+    except BaseException:
+        return f"<str() of the {type(exc).__name__} failed>"
+
+
 def describe_exitcode(exitcode: int | None) -> tuple[str | None, str]:
     """Return ``(signal_name, advice)`` for a worker's exit code."""
     if exitcode is None:

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._errors import safe_str
 from ._graph import Node
 from ._serialize import Payload
 from ._state import CACHED, CANCELLED, COMPLETED, FAILED, PENDING, SKIPPED, State
@@ -280,7 +281,10 @@ class Run:
             if state is not None and state.is_completed():
                 handle = state._value
                 if type(handle) is Payload and handle.segments:
-                    handle.load()
+                    try:
+                        handle.load()
+                    except Exception:  # remembered: run[node] raises SerializationError
+                        pass
                     handle.discard(recycle=False)
 
     def __repr__(self) -> str:
@@ -291,5 +295,5 @@ class Run:
 def _one_line(exc: BaseException | None) -> str:
     if exc is None:
         return ""
-    text = str(exc).strip().splitlines()
+    text = safe_str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -58,7 +58,7 @@ from ._cache import (
     wire_hash,
 )
 from ._call import OK, REQUEUE, Call
-from ._errors import GraphFailed
+from ._errors import GraphFailed, safe_str
 from ._graph import ALLOW, DATA, Graph, Node, substitute
 from ._inprocess import SyncExecutor, ThreadExecutor
 from ._options import retry_delay_for, should_retry
@@ -289,6 +289,7 @@ class Scheduler:
         self.keys: dict[int, str] = {}  # node -> its cache key (hit, or ours to write)
         self.locked: set[int] = set()  # nodes whose cache lock we hold
         self.lock_waits: set[int] = set()  # nodes waiting for another's cache lock
+        self.refreshed: set[str] = set()  # keys recomputed by this run (refresh_cache)
         # Progress bars and reports watch the run through four calls:
         # started(run), running(i, call), finished(i, state), retrying(i, state).
         self.observer = observer
@@ -507,7 +508,7 @@ class Scheduler:
             return
         opts = self.graph._opts[i]
         failed = State(FAILED, name, exception=error, history=history,
-                       message=f"{type(error).__name__}: {error}")
+                       message=f"{type(error).__name__}: {safe_str(error)}")
         if call.number <= opts.retries and self.cancel_reason is None:
             try:
                 again = should_retry(opts, error, failed, self.graph._tasks[i])
@@ -519,7 +520,8 @@ class Scheduler:
                 attempt.retry_delay = delay
                 self.states[i] = State(
                     RETRYING, name, exception=error, history=history,
-                    message=f"attempt {call.number} failed ({type(error).__name__}: {error}); "
+                    message=f"attempt {call.number} failed "
+                    f"({type(error).__name__}: {safe_str(error)}); "
                     f"retry {call.number} of {opts.retries} in {delay:g} s",
                 )
                 logger.info("%s: %s", name, self.states[i].message)
@@ -531,7 +533,7 @@ class Scheduler:
                 else:
                     self._push_ready(i)
                 return
-        logger.warning("%s failed: %s: %s", name, type(error).__name__, error)
+        logger.warning("%s failed: %s: %s", name, type(error).__name__, safe_str(error))
         self._finish(i, failed)
 
     def _finish(self, i: int, state: State) -> None:
@@ -549,6 +551,8 @@ class Scheduler:
             if i in self.locked:
                 self.locked.discard(i)
                 self.cache.unlock(self.keys[i])
+                if state.is_completed():
+                    self.refreshed.add(self.keys[i])
             if state.is_completed() and self.uses[i] == 0 and i not in self.kept:
                 state._release()
             elif state.name is FAILED:
@@ -700,7 +704,8 @@ class Scheduler:
             self._push_ready(i)
             return None
         self.keys[i] = key
-        refresh = self.refresh_cache or opts.refresh_cache
+        # Refresh recomputes a key once per run; other nodes with that key then hit.
+        refresh = (self.refresh_cache or opts.refresh_cache) and key not in self.refreshed
         if not refresh:
             hit = self.cache.lookup(key)
             if hit is not None:
@@ -767,7 +772,7 @@ class Scheduler:
         if isinstance(handle, State):
             return f"state:{handle.name}:" + self._fingerprint(up, handle._value)
         if isinstance(handle, BaseException):
-            return content_hash(("exception", type(handle).__qualname__, str(handle)))
+            return content_hash(("exception", type(handle).__qualname__, safe_str(handle)))
         return content_hash(handle)
 
     # -- cancellation ---------------------------------------------------------

@@ -43,11 +43,12 @@ class Payload:
     unlinks them once no one needs the value.
     """
 
-    __slots__ = ("_loaded", "_value", "data", "segments")
+    __slots__ = ("_error", "_loaded", "_value", "data", "segments")
 
     def __init__(self, data: bytes, segments: tuple[tuple, ...] = ()) -> None:
         self.data = data
         self.segments = segments
+        self._error: BaseException | None = None
         self._loaded = False
         self._value: Any = None
 
@@ -63,8 +64,16 @@ class Payload:
         return (self.data, self.segments)
 
     def load(self) -> Any:
+        """The value; an unpickling failure is remembered and raised again on each call
+        (the shared memory it came from may be gone by then)."""
         if not self._loaded:
-            self._value = loads_value(self.wire)
+            if self._error is not None:
+                raise self._error
+            try:
+                self._value = loads_value(self.wire)
+            except Exception as exc:
+                self._error = exc
+                raise
             self._loaded = True
         return self._value
 

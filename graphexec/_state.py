@@ -5,7 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ._errors import Cancelled, GraphexecError, ResultReleased, UpstreamFailed
+from ._errors import (
+    Cancelled,
+    GraphexecError,
+    ResultReleased,
+    SerializationError,
+    UpstreamFailed,
+    safe_str,
+)
 from ._serialize import discard, materialize
 
 PENDING = "Pending"
@@ -176,7 +183,15 @@ class State:
                     "pass the node as a target (graph.compute(node)) or use "
                     "compute(keep='all') to keep it"
                 )
-            self._value = materialize(self._value)
+            try:
+                self._value = materialize(self._value)
+            except Exception as exc:
+                raise SerializationError(
+                    f"the result of {self.node} could not be unpickled in this process: "
+                    f"{type(exc).__name__}: {safe_str(exc)}. The task ran and returned it; is "
+                    "every module its value needs importable here (same environment)?",
+                    node=self.node, stage="unpickle-result",
+                ) from exc
             return self._value
         if self.exception is not None:
             if raise_on_failure:

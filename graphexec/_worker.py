@@ -41,7 +41,7 @@ from typing import Any
 
 from . import _shm
 from ._call import write_cache
-from ._errors import RemoteError, SerializationError
+from ._errors import RemoteError, SerializationError, safe_str
 from ._serialize import dumps, dumps_value, loads_call, loads_value
 
 WATCHDOG_INTERVAL = 0.5
@@ -223,11 +223,7 @@ class _Unloadable:
 def describe_exception(exc: BaseException) -> tuple[str, str]:
     """``(qualified type name, str(exc))``, whatever the exception's ``__str__`` does."""
     kind = type(exc)
-    try:
-        text = str(exc)
-    except BaseException:
-        text = "<str() of the exception failed>"
-    return f"{kind.__module__}.{kind.__qualname__}", text
+    return f"{kind.__module__}.{kind.__qualname__}", safe_str(exc)
 
 
 def _pickle_exception(exc: BaseException, tb: str, name: str | None = None) -> bytes:

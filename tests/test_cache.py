@@ -1173,9 +1173,6 @@ def test_an_entry_this_code_cannot_load_is_deleted_and_recomputed(compute, tmp_p
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason=(
-    "scheduler: refresh_cache applies to every node of a key, so N identical nodes are "
-    "computed N times, one after the other (each waits for the previous one's lock)"))
 def test_refresh_computes_a_key_once_per_run(compute, tmp_path):
     counter, cache = tmp_path / "calls", tmp_path / "cache"
     graph = gx.Graph()

@@ -600,10 +600,6 @@ def test_exceptions_that_travel_arrive_as_themselves(pool, kind, error_type, tex
     _assert_healthy(run, doubled, summed)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_scheduler.Scheduler._on_outcome builds the Failed state's message with "
-    "f'{type(error).__name__}: {error}', so an exception whose __str__ raises escapes "
-    "from compute(); format it with _worker.describe_exception-like safety instead"))
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("scheduler", ["processes", "sync"])
 def test_an_exception_whose_str_raises_still_fails_only_its_node(pool, scheduler):
@@ -630,10 +626,6 @@ def returns_a_trap():
     return _Trap()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "results are unpickled lazily in the parent (_serialize.Payload.load, from "
-    "State.result), and a failure there escapes raw (RuntimeError) instead of the "
-    "SerializationError(stage='unpickle-result', node=...) that _errors documents"))
 @pytest.mark.timeout(30)
 def test_a_result_that_cannot_be_unpickled_in_the_parent_names_the_node(pool):
     graph = gx.Graph()
