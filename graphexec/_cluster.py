@@ -27,7 +27,10 @@ Data movement
 
     Values that are in this process already (cache hits, exceptions given to
     ``allow_failure`` dependents, a State for ``return_state``) are pickled
-    here and sent with the call.
+    here and sent with the call. Pickles of 1 MiB and more (arguments, a
+    function's closure) are scattered to a worker instead of riding in the
+    task's message through the dask scheduler; a function's is scattered
+    once per compute.
 
 Failures
     * The task raised: ``_run_remote`` catches it and returns a
@@ -101,7 +104,8 @@ SHORT_CALLS_PER_THREAD = 8  # ... for a function whose calls are short (latency-
 SHORT_CALL = 0.01  # seconds from start to result under which a function's calls are short
 NTHREADS_REFRESH = 2.0  # seconds between looks at the cluster's size while it is full
 SWEEP_INTERVAL = 1.0  # seconds between full passes over the values held for a run
-SCATTER_BYTES = 1 << 20  # a function pickle this large is sent to the cluster once
+SCATTER_BYTES = 1 << 20  # pickles this large (functions, arguments) are scattered, not
+#                         sent through the dask scheduler inside the task's message
 
 
 # -- values held on the cluster -------------------------------------------------------
@@ -549,8 +553,8 @@ class ClusterExecutor:
             self._outbox.append((call, ERROR, exc))
             return True
         key = f"{call.name}-{uuid.uuid4().hex}"
-        spec = (self.id, key, call.name, fn_id, origin, args_blob, local_blob, call.cache,
-                call.node in self._digest_nodes)
+        spec = (self.id, key, call.name, fn_id, origin, self._large(args_blob),
+                self._large(local_blob), call.cache, call.node in self._digest_nodes)
         call.started = time.time()
         try:
             future = self.client.submit(_run_remote, blob, spec, remote, key=key, pure=False)
@@ -666,6 +670,13 @@ class ClusterExecutor:
             )
         origin = getattr(getattr(call.fn, "__code__", None), "co_filename", None)
         return fn_id, origin, blob
+
+    def _large(self, blob: bytes | None) -> Any:
+        """A large pickle goes to a worker directly (scatter), not inside the task's
+        message through the dask scheduler; the task receives the bytes either way."""
+        if blob is None or len(blob) < SCATTER_BYTES:
+            return blob
+        return self.client.scatter(blob, hash=False)
 
     def _arguments(self, call: Call) -> bytes:
         try:

@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Iterator
 
 import psutil
@@ -629,6 +630,24 @@ def test_unpicklable_argument_result_and_function(client):
     assert isinstance(fn_exc, gx.SerializationError) and fn_exc.stage == "function"
     assert run[fine] == 1
     assert run.state(child).name == "Skipped"
+
+
+def test_large_arguments_and_closures_are_scattered_not_sent_through_the_scheduler(client):
+    blob = os.urandom(12 << 20)  # 12 MB: above dask's 10 MB large-graph warning
+
+    @gx.task
+    def closure_size(n):
+        return len(blob) + n  # closes over the 12 MB
+
+    graph = gx.Graph()
+    with graph:
+        sizes = [ok(blob) for _ in range(2)]
+        closed = [closure_size(i) for i in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # dask warns about large objects in a task graph
+        run = graph.compute(cluster=client)
+    assert [run[n] for n in sizes] == [blob, blob]
+    assert [run[n] for n in closed] == [len(blob), len(blob) + 1]
 
 
 # -- caching ---------------------------------------------------------------------------------------
