@@ -11,7 +11,9 @@ two workers each, all started before timing:
                        cluster: what dask itself costs, without graphexec on top
 =====================  ==================================================================
 
-Workloads (sizes of issue #5): W1 5,000 no-op tasks and one sum; W3 40
+Each benchmark records in ``extra_info["foreign_cpu_s"]`` the CPU seconds
+other programs used while it ran: a large value means the number was
+disturbed. Workloads (sizes of issue #5): W1 5,000 no-op tasks and one sum; W3 40
 pure-Python tasks of ~100 ms (calibrated once); W4 32 x (make a 16 MB float64
 array -> sort -> sum) -> total. Results are checked after every round.
 
@@ -31,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psutil
 import pytest
 
 import graphexec as gx
@@ -204,6 +207,23 @@ def runner(request: pytest.FixtureRequest) -> Callable[..., list]:
     return lambda calls, outputs: run_dask(client, calls, outputs)
 
 
+def _busy() -> float:
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def _tree_cpu() -> float:
+    """CPU seconds of this process and its descendants (the workers)."""
+    total = 0.0
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            total += sum(p.cpu_times()[:4])
+        except psutil.Error:
+            pass
+    return total
+
+
 def measure(benchmark: Any, request: pytest.FixtureRequest, workload: str,
             fn: Callable[[], list], check: Callable[[list], None], **extra: Any) -> None:
     tool = request.node.callspec.params["runner"]
@@ -212,11 +232,14 @@ def measure(benchmark: Any, request: pytest.FixtureRequest, workload: str,
     def once() -> None:
         results.append(fn())
 
-    benchmark.extra_info.update(workload=f"cluster-{workload}", tool=tool, **extra)
     def setup() -> None:
         gc.collect()  # untimed: no round pays for the garbage of the one before
 
+    benchmark.extra_info.update(workload=f"cluster-{workload}", tool=tool, **extra)
+    busy, mine = _busy(), _tree_cpu()
     benchmark.pedantic(once, setup=setup, rounds=ROUNDS[workload], iterations=1)
+    # CPU seconds other programs used meanwhile: much of it means a disturbed number
+    benchmark.extra_info["foreign_cpu_s"] = max(0.0, (_busy() - busy) - (_tree_cpu() - mine))
     assert results
     for result in results:
         check(result)
