@@ -67,6 +67,7 @@ SHORT_CALL = 0.002  # seconds: below this a function's calls count as tiny
 MEMORY_SAMPLE_INTERVAL = 0.05
 STOP_TIMEOUT = 1.0
 SIGNAL_SLICE = 0.25  # seconds: the longest a blocked poll may delay Ctrl-C
+LOAD_ALLOWANCE = 60.0  # seconds a worker may take to start and load a function, past timeout=
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 _pool_ids = itertools.count(1)
@@ -152,6 +153,7 @@ class _Worker:
         "id",
         "inflight",
         "kill",
+        "loading",
         "pid",
         "process",
         "ps",
@@ -165,6 +167,7 @@ class _Worker:
         self.inflight: deque[Call] = deque()  # sent, not answered; head is running
         self.functions: set[int] = set()
         self.head_started = 0.0
+        self.loading: set[int] = set()  # functions sent, not yet acknowledged as loaded
         self.kill: tuple[Call, BaseException] | None = None  # why we killed it, for whom
         self.ps: Any = None
 
@@ -369,6 +372,7 @@ class Pool:
                     pickle.dumps(("fn", fn_id, self._fn_blobs[fn_id], origin))
                 )
                 worker.functions.add(fn_id)
+                worker.loading.add(fn_id)
             if not worker.inflight:
                 worker.head_started = time.monotonic()
             worker.inflight.append(call)
@@ -431,9 +435,8 @@ class Pool:
         wake = None if timeout is None else now + timeout
         for w in self._workers.values():
             if w.inflight and w.kill is None:
-                limit = w.inflight[0].timeout
-                if limit is not None:
-                    deadline = w.head_started + limit
+                deadline = self._deadline(w)
+                if deadline is not None:
                     wake = deadline if wake is None else min(wake, deadline)
         if self._memory_limit is not None and any(w.inflight for w in self._workers.values()):
             wake = self._next_sample if wake is None else min(wake, self._next_sample)
@@ -478,6 +481,13 @@ class Pool:
         return True
 
     def _reply(self, w: _Worker, message: tuple) -> None:
+        if message[0] == "loaded":
+            # The worker is up and has the function of the call it runs next (its
+            # messages come in order, so any call before that one has answered):
+            # that call's timeout starts now.
+            w.loading.discard(message[1])
+            w.head_started = time.monotonic()
+            return
         call = w.inflight.popleft()
         if message[1] != id(call):  # would mean a protocol bug; never blame the wrong node
             raise RuntimeError(f"worker {w.id} answered out of order")
@@ -525,14 +535,33 @@ class Pool:
         self._forget(w)
         _shm.sweep(_shm.worker_prefix(os.getpid(), self.id, w.id))
 
+    def _deadline(self, w: _Worker) -> float | None:
+        """When the call ``w`` runs must be done (monotonic), or None for no timeout.
+
+        Starting a worker and loading a call's function (its imports) do not
+        count against the call's timeout — a task that imports for longer than
+        its timeout could otherwise never succeed — but are bounded too.
+        """
+        head = w.inflight[0]
+        if head.timeout is None:
+            return None
+        if w.loading and self._fn_ids.get(id(head.fn)) in w.loading:
+            return w.head_started + head.timeout + LOAD_ALLOWANCE
+        return w.head_started + head.timeout
+
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for w in list(self._workers.values()):
             if not w.inflight or w.kill is not None:
                 continue
-            head = w.inflight[0]
-            if head.timeout is not None and now >= w.head_started + head.timeout:
-                w.kill = (head, timeout_error(head, "its worker was killed and replaced"))
+            deadline = self._deadline(w)
+            if deadline is not None and now >= deadline:
+                head = w.inflight[0]
+                how = "its worker was killed and replaced"
+                if self._fn_ids.get(id(head.fn)) in w.loading:
+                    how = (f"its worker was still starting or loading the function after "
+                           f"{head.timeout + LOAD_ALLOWANCE:g} s; it was killed and replaced")
+                w.kill = (head, timeout_error(head, how))
                 self._kill(w)
                 self._bury(w)
 

@@ -2,10 +2,11 @@
 
 Messages (pickled tuples, one ``send_bytes`` each)::
 
-    parent -> worker   ("fn", fn_id, fn_blob)        once per function and worker
+    parent -> worker   ("fn", fn_id, fn_blob, origin)  once per function and worker
                        ("run", token, fn_id, node_name, args_blob, deps, cache)
                        ("stop",)
-    worker -> parent   ("ok",  token, result_blob, started, finished)
+    worker -> parent   ("loaded", fn_id)             the function is ready
+                       ("ok",  token, result_blob, started, finished)
                        ("err", token, stage, exc_blob, traceback_text, started, finished,
                         (type_name, message))
 
@@ -78,6 +79,13 @@ def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
         message = pickle.loads(data)
         if message[0] == "fn":
             functions[message[1]] = _load_function(message[2], message[3])
+            try:
+                # Starting this process and importing what the function needs
+                # (torch, a big module) is ours, not the task's: the parent starts
+                # the call's timeout clock from here.
+                conn.send_bytes(pickle.dumps(("loaded", message[1])))
+            except (BrokenPipeError, OSError):
+                break
             continue
         if message[0] == "stop":
             stopped = True

@@ -431,6 +431,40 @@ def test_every_attempt_of_a_retried_timeout_is_cut_at_its_deadline(pool, tmp_pat
     assert "attempt 3" in str(state.exception)
 
 
+def _rebuild_slowly():
+    if multiprocessing.parent_process() is not None:  # in a worker: like `import torch`
+        time.sleep(1.0)
+    return SlowToLoad()
+
+
+class SlowToLoad:
+    def __reduce__(self):
+        return (_rebuild_slowly, ())
+
+
+def _task_with_a_slow_import(timeout):
+    heavy = SlowToLoad()
+
+    def quick(x):
+        assert isinstance(heavy, SlowToLoad)  # travels with the function, by value
+        return x + 1
+
+    return gx.task(timeout=timeout)(quick)
+
+
+@pytest.mark.timeout(30)
+def test_starting_a_worker_and_loading_the_function_do_not_count_against_the_timeout():
+    # Otherwise a task whose imports take longer than its timeout could never
+    # succeed: every retry gets a fresh worker (the timeout killed the last one).
+    quick = _task_with_a_slow_import(timeout=0.5)
+    graph = gx.Graph()
+    with graph:
+        nodes = [quick(i) for i in range(2)]
+    run = graph.compute(workers=1)
+    assert [run[n] for n in nodes] == [1, 2]
+    assert all(run.state(n).duration < 0.5 for n in nodes)
+
+
 # -- memory -----------------------------------------------------------------------
 
 
