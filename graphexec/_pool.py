@@ -357,14 +357,14 @@ class Pool:
                 call.started = call.finished = time.time()
                 self._outbox.append((call, ERROR, exc))
                 return True
-        if self._idle:
-            worker = self._idle.pop()
-        elif len(self._workers) < self.workers:
-            worker = self._spawn()
-        else:
-            worker = self._prefetch_target(call, fn_id)
-            if worker is None:
-                return False
+        worker = self._idle_worker()
+        if worker is None:
+            if len(self._workers) < self.workers:
+                worker = self._spawn()
+            else:
+                worker = self._prefetch_target(call, fn_id)
+                if worker is None:
+                    return False
         try:
             if fn_id not in worker.functions:
                 origin = getattr(getattr(call.fn, "__code__", None), "co_filename", None)
@@ -381,6 +381,16 @@ class Pool:
         except OSError:
             pass  # it died; poll() sees the sentinel and fails or requeues the call
         return True
+
+    def _idle_worker(self) -> _Worker | None:
+        while self._idle:
+            w = self._idle.pop()
+            if w.process.exitcode is None:
+                return w
+            # Died while idle (between computes nobody watches it: the OOM killer,
+            # a stray kill): no node was running on it, so none is blamed.
+            self._bury(w)
+        return None
 
     def _prefetch_target(self, call: Call, fn_id: int) -> _Worker | None:
         """A busy worker that may queue this call behind its current one, or None."""
@@ -475,22 +485,34 @@ class Pool:
         """Read every reply waiting on ``w``'s pipe; False if the pipe is closed."""
         try:
             while w.conn.poll():
-                self._reply(w, pickle.loads(w.conn.recv_bytes()))
+                if not self._reply(w, pickle.loads(w.conn.recv_bytes())):
+                    return False
         except (EOFError, OSError):
             return False
         return True
 
-    def _reply(self, w: _Worker, message: tuple) -> None:
+    def _reply(self, w: _Worker, message: tuple) -> bool:
+        """Apply one message of ``w``; False if it broke the protocol (``w`` is being killed)."""
         if message[0] == "loaded":
             # The worker is up and has the function of the call it runs next (its
             # messages come in order, so any call before that one has answered):
             # that call's timeout starts now.
             w.loading.discard(message[1])
             w.head_started = time.monotonic()
-            return
+            return True
+        if not w.inflight or message[1] != id(w.inflight[0]):
+            # A reply nobody waits for: never guess which node it belongs to. The
+            # likely cause is a task that forked without exec, its child running on
+            # into the worker loop; the worker's own guard normally stops that.
+            if w.inflight and w.kill is None:
+                head = w.inflight[0]
+                w.kill = (head, WorkerCrashed(
+                    f"the worker running {head.name} sent a reply out of turn (did the task "
+                    "fork a child that returned instead of ending with os._exit?); the "
+                    "worker was killed and replaced", node=head.name))
+            self._kill(w)
+            return False
         call = w.inflight.popleft()
-        if message[1] != id(call):  # would mean a protocol bug; never blame the wrong node
-            raise RuntimeError(f"worker {w.id} answered out of order")
         now = time.monotonic()
         w.head_started = now
         if message[0] == "ok":
@@ -503,6 +525,7 @@ class Pool:
             self._outbox.append((call, ERROR, _load_exception(exc_blob, tb, call.name, summary)))
         if not w.inflight and w.kill is None:
             self._idle.append(w)
+        return True
 
     def _learn(self, call: Call, w: _Worker) -> None:
         fn_id = self._fn_ids.get(id(call.fn))
@@ -524,7 +547,8 @@ class Pool:
             if not head.started:  # no reply: it started when its predecessor ended
                 head.started = head.finished - (time.monotonic() - w.head_started)
             if w.kill is None:
-                self._outbox.append((head, ERROR, _crash_error(head, exitcode)))
+                loading = self._fn_ids.get(id(head.fn)) in w.loading
+                self._outbox.append((head, ERROR, _crash_error(head, exitcode, loading)))
             elif w.kill[0] is head:
                 self._outbox.append((head, ERROR, w.kill[1]))
             else:  # killed for a call that finished just in time: this one never ran
@@ -630,13 +654,19 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def _crash_error(call: Call, exitcode: int | None) -> WorkerCrashed:
+def _crash_error(call: Call, exitcode: int | None, loading: bool = False) -> WorkerCrashed:
     signal_name, advice = describe_exitcode(exitcode)
     code = f"exit code {exitcode}" + (f", {signal_name}" if signal_name else "")
+    if loading:
+        what = (f"the worker process that was to run {call.name} died while starting or "
+                f"loading the task's function, before running it ({code}: {advice}). Is "
+                "every module the function needs importable, without crashing, in a fresh "
+                "process?")
+    else:
+        what = f"the worker process running {call.name} died ({code}: {advice})."
     return WorkerCrashed(
-        f"the worker process running {call.name} died ({code}: {advice}). Only this node "
-        "failed; the worker was replaced. To see the crash in-process, compute with "
-        "scheduler='sync'",
+        f"{what} Only this node failed; the worker was replaced. To see the crash "
+        "in-process, compute with scheduler='sync'",
         node=call.name, exitcode=exitcode, signal_name=signal_name,
     )
 

@@ -46,12 +46,15 @@ from ._errors import RemoteError, SerializationError, safe_str
 from ._serialize import dumps, dumps_value, loads_call, loads_value
 
 WATCHDOG_INTERVAL = 0.5
+_worker_pid = 0  # this worker's pid: a process with another one is a child a task forked
 PARTIAL_LINE_MAX = 1024  # characters: an unfinished line longer than this is written out
 ATOMIC_WRITE = 4096  # bytes: PIPE_BUF, the largest write a pipe never interleaves
 
 
 def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
     """Entry point of a worker process."""
+    global _worker_pid
+    _worker_pid = os.getpid()
     _shm.set_prefix(_shm.worker_prefix(parent_pid, pool_id, worker_id),
                     _shm.pool_prefix(parent_pid, pool_id))
     sys.stdout = NodeStream(sys.stdout)
@@ -139,9 +142,11 @@ def _run(message: tuple, functions: dict[int, Any]) -> bytes:
     try:
         result = fn(*args, **kwargs)
     except BaseException as exc:  # SystemExit and KeyboardInterrupt fail the node too
+        _end_if_forked()
         # Start the traceback at the task's own frame, not at this loop.
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
         return fail("call", exc, tb)
+    _end_if_forked()
     finished = time.time()
     del args, kwargs, values
 
@@ -159,6 +164,16 @@ def _run(message: tuple, functions: dict[int, Any]) -> bytes:
     if cache is not None:
         write_cache(cache, result, name)
     return pickle.dumps(("ok", token, blob, started, finished), protocol=5)
+
+
+def _end_if_forked() -> None:
+    """End a child the task forked (``os.fork()`` without exec) that returned into us.
+
+    Left alone it would reply on the worker's pipe as if it were the worker.
+    """
+    if os.getpid() != _worker_pid:
+        _flush_stdio()
+        os._exit(0)
 
 
 def _load_function(blob: bytes, origin: str | None) -> Any:

@@ -15,6 +15,7 @@ import concurrent.futures
 import ctypes
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -343,6 +344,95 @@ def test_calls_queued_behind_a_crash_are_requeued_not_failed(pool):
         if i != 150:
             assert run[node] == i * i
             assert run.state(node).attempts == 1
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_that_died_while_idle_is_replaced_without_blaming_a_node():
+    graph = gx.Graph()
+    with graph:
+        pids = [pid_of(i) for i in range(4)]
+    with gx.Pool(workers=2) as pool:
+        first = graph.compute(pool=pool, keep="all")
+        idle = {w.pid for w in pool._workers.values()}
+        for pid in idle:  # e.g. the OOM killer, between two computes
+            os.kill(pid, signal.SIGKILL)
+        assert all(_gone(pid) for pid in idle)
+        again = graph.compute(pool=pool, keep="all")
+    assert all(again.state(n).name == "Completed" for n in pids)
+    assert {again[n] for n in pids}.isdisjoint(idle)
+    assert {first[n] for n in pids} <= idle
+
+
+@gx.task
+def forks_without_exec(i):
+    os.fork()  # the child returns too, into the worker's loop
+    return i
+
+
+@pytest.mark.timeout(30)
+def test_a_task_that_forks_without_exec_does_not_confuse_the_pool(pool):
+    graph = gx.Graph()
+    with graph:
+        nodes = [forks_without_exec(i) for i in range(6)]
+        doubled, summed = _healthy()
+    run = graph.compute(pool=pool, keep="all")
+    assert [run[n] for n in nodes] == list(range(6))
+    _assert_healthy(run, doubled, summed)
+
+
+@gx.task
+def answers_out_of_turn():
+    import gc
+    from multiprocessing.connection import Connection
+
+    for conn in [o for o in gc.get_objects() if isinstance(o, Connection)]:
+        conn.send_bytes(pickle.dumps(("ok", 12345, (b"", ()), 0.0, 0.0)))
+    time.sleep(5)
+
+
+@pytest.mark.timeout(30)
+def test_a_task_writing_on_its_workers_pipe_fails_alone(pool):
+    graph = gx.Graph()
+    with graph:
+        bad = answers_out_of_turn()
+        doubled, summed = _healthy()
+    run = graph.compute(pool=pool, keep="all", raise_on_failure=False)
+    error = run.state(bad).exception
+    assert type(error) is gx.WorkerCrashed
+    assert "out of turn" in str(error) and bad.name in str(error)
+    assert run.state(bad).duration < 3
+    _assert_healthy(run, doubled, summed)
+
+
+def _exit_in_a_worker():
+    if multiprocessing.parent_process() is not None:
+        os._exit(3)
+    return CrashesOnLoad()
+
+
+class CrashesOnLoad:
+    def __reduce__(self):
+        return (_exit_in_a_worker, ())
+
+
+@pytest.mark.timeout(30)
+def test_a_function_that_kills_its_worker_while_loading_says_so(pool):
+    poison = CrashesOnLoad()
+
+    def task_fn():
+        return poison
+
+    graph = gx.Graph()
+    with graph:
+        bad = graph.add(task_fn)
+        doubled, summed = _healthy()
+    run = graph.compute(pool=pool, keep="all", raise_on_failure=False)
+    error = run.state(bad).exception
+    assert type(error) is gx.WorkerCrashed
+    assert error.exitcode == 3
+    assert "died while starting or loading the task's function, before running it" in \
+        str(error)
+    _assert_healthy(run, doubled, summed)
 
 
 @gx.task
