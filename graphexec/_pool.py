@@ -217,7 +217,8 @@ class Pool:
         self._outbox: list[tuple[Call, int, Any]] = []
         self._memory_limit: int | None = None
         self._next_sample = 0.0
-        self._closed = False
+        self._closed = False  # no new work (set first thing in close)
+        self._stopped = False  # close() has finished: every worker is gone
         self._owner_lock = threading.Lock()
         self.id = next(_pool_ids)
         self._shm_prefix = _shm.pool_prefix(os.getpid(), self.id)
@@ -254,8 +255,13 @@ class Pool:
         return f"<Pool workers={self.workers} {self.start_method} ({state})>"
 
     def close(self) -> None:
-        """Stop every worker: ask, then kill stragglers; always join. Idempotent."""
-        if self._closed:
+        """Stop every worker: ask, then kill stragglers; always join. Idempotent.
+
+        Re-entrant too: a close interrupted half-way (a second Ctrl-C) is finished
+        by the next call, at the latest by the exit hook — a worker left unstopped
+        would make multiprocessing's own exit hook wait for it forever.
+        """
+        if self._stopped:
             return
         self._closed = True
         workers = list(self._workers.values())
@@ -279,6 +285,7 @@ class Pool:
         self._fn_blobs.clear()
         self._wake_r.close()
         self._wake_w.close()
+        self._stopped = True
 
     @property
     def closed(self) -> bool:

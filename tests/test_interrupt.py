@@ -263,3 +263,63 @@ def test_a_killed_parent_leaves_no_process_behind(tmp_path, start_method):
                 os.kill(pid, signal.SIGKILL)
     assert left == [], f"processes outlived their killed parent by 5 s: {left}"
     assert len(pids) >= 4
+
+
+FORGOTTEN = textwrap.dedent(
+    """
+    import os, sys
+    import graphexec as gx
+
+    @gx.task
+    def pid_of(i):
+        return os.getpid()
+
+    pool = gx.Pool(workers=2)
+    graph = gx.Graph()
+    with graph:
+        nodes = [pid_of(i) for i in range(4)]
+    run = graph.compute(pool=pool, keep="all")
+    print("PIDS", *sorted({run[n] for n in nodes}), flush=True)
+    if sys.argv[1] == "interrupted-close":
+        # A second Ctrl-C lands while close() asks the first worker to stop.
+        worker = next(iter(pool._workers.values()))
+
+        class Interrupted:
+            def __init__(self, conn):
+                self.conn = conn
+
+            def send_bytes(self, data):
+                worker.conn = self.conn
+                raise KeyboardInterrupt
+
+            def __getattr__(self, name):
+                return getattr(self.conn, name)
+
+        worker.conn = Interrupted(worker.conn)
+        try:
+            pool.close()
+        except KeyboardInterrupt:
+            print("INTERRUPTED", flush=True)
+    # and the script ends without closing the pool (again)
+    """
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["forgotten", "interrupted-close"])
+def test_a_pool_left_open_does_not_hang_the_exit_or_leave_workers(tmp_path, how):
+    script = tmp_path / "forgotten.py"
+    script.write_text(FORGOTTEN)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert time.monotonic() - started < 15
+    lines = done.stdout.splitlines()
+    assert ("INTERRUPTED" in lines) == (how == "interrupted-close")
+    pids = [int(p) for p in lines[0].split()[1:]]
+    assert pids
+    deadline = time.monotonic() + 5
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(p) for p in pids)
