@@ -276,6 +276,7 @@ class NodeStream:
     so the lines of workers sharing one stdout never cut into each other.
     A partial line is completed when the task ends, or written out once it
     grows past ``PARTIAL_LINE_MAX`` (a progress bar redrawn with ``\r``).
+    Output nobody can receive any more is dropped; the task goes on.
     """
 
     node: str | None = None  # set by the worker loop before each call
@@ -288,6 +289,7 @@ class NodeStream:
         self._partial_len = 0
         self._lines: list[str] = []  # whole, prefixed lines not written yet
         self._lines_len = 0
+        self._lost = False  # the stream broke: output is dropped from now on
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
@@ -330,20 +332,31 @@ class NodeStream:
             return
         text = "".join(self._lines)
         self._lines, self._lines_len = [], 0
+        if self._lost:
+            return
         limit = ATOMIC_WRITE if text.isascii() else ATOMIC_WRITE // 4  # UTF-8: <= 4 B/char
         start, stream = 0, self._stream
-        while start < len(text):
-            end = text.rfind("\n", start, start + limit) + 1
-            if end <= start:  # one line longer than the limit: written whole, best effort
-                end = text.find("\n", start) + 1 or len(text)
-            stream.write(text[start:end])
-            stream.flush()
-            start = end
+        try:
+            while start < len(text):
+                end = text.rfind("\n", start, start + limit) + 1
+                if end <= start:  # one line longer than the limit: written whole, best effort
+                    end = text.find("\n", start) + 1 or len(text)
+                stream.write(text[start:end])
+                stream.flush()
+                start = end
+        except (OSError, ValueError):
+            # Nobody reads any more (`script.py | head`, a closed log): the output
+            # is lost, but a task must not fail for printing.
+            self._lost = True
 
     def flush(self) -> None:
         self._end_partial()
         self._drain()
-        self._stream.flush()
+        if not self._lost:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._lost = True
 
     def __getattr__(self, name: str) -> Any:  # fileno, encoding, isatty, buffer ...
         return getattr(self._stream, name)

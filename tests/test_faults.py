@@ -817,6 +817,46 @@ def test_megabytes_of_output_do_not_deadlock_and_reach_the_parent(tmp_path, star
     assert elapsed < 30  # one character at a time must not be quadratic
 
 
+CLOSED_STDOUT = textwrap.dedent(
+    """
+    import sys
+    import graphexec as gx
+
+    @gx.task
+    def chatty(i):
+        for k in range(20_000):
+            print(f"node {i} line {k} " + "z" * 50)
+        return i
+
+    graph = gx.Graph()
+    with graph:
+        nodes = [chatty(i) for i in range(4)]
+    run = graph.compute(workers=2, raise_on_failure=False)
+    with open(sys.argv[1], "w") as f:
+        f.write(" ".join(run.state(n).name for n in nodes))
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_output_nobody_reads_any_more_does_not_fail_tasks(tmp_path):
+    # `python pipeline.py | head`: the reader goes away after the first line.
+    script, states = tmp_path / "closed.py", tmp_path / "states"
+    script.write_text(CLOSED_STDOUT)
+    proc = subprocess.Popen([sys.executable, str(script), str(states)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("[chatty-")
+        proc.stdout.close()
+        _, err = proc.communicate(timeout=50)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert states.read_text() == "Completed Completed Completed Completed"
+
+
 def square(x):
     return x * x
 
