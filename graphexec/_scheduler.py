@@ -290,6 +290,7 @@ class Scheduler:
         self.locked: set[int] = set()  # nodes whose cache lock we hold
         self.lock_waits: set[int] = set()  # nodes waiting for another's cache lock
         self.refreshed: set[str] = set()  # keys recomputed by this run (refresh_cache)
+        self.refreshing: set[int] = set()  # nodes running to refresh their entry
         # Progress bars and reports watch the run through four calls:
         # started(run), running(i, call), finished(i, state), retrying(i, state).
         self.observer = observer
@@ -551,7 +552,7 @@ class Scheduler:
             if i in self.locked:
                 self.locked.discard(i)
                 self.cache.unlock(self.keys[i])
-                if state.is_completed():
+                if i in self.refreshing and state.is_completed():
                     self.refreshed.add(self.keys[i])
             if state.is_completed() and self.uses[i] == 0 and i not in self.kept:
                 state._release()
@@ -719,6 +720,8 @@ class Scheduler:
                 return State(CACHED, self.graph._names[i], value=hit,
                              message=f"loaded from cache entry {key[:12]}")
             self.locked.add(i)
+            if refresh:
+                self.refreshing.add(i)
             self._push_ready(i)
             return None
         self.lock_waits.add(i)
