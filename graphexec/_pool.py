@@ -393,11 +393,29 @@ class Pool:
         while self._idle:
             w = self._idle.pop()
             if w.process.exitcode is None:
-                return w
-            # Died while idle (between computes nobody watches it: the OOM killer,
-            # a stray kill): no node was running on it, so none is blamed.
+                if self._rss_over_limit(w) is None:
+                    return w
+                # Memory earlier tasks left behind (a module-level cache): the next
+                # task must not be killed for it. Nothing runs there: nobody is blamed.
+                self._kill(w)
+            # Or it died while idle (between computes nobody watches it: the OOM
+            # killer, a stray kill): no node was running on it, so none is blamed.
             self._bury(w)
         return None
+
+    def _rss_over_limit(self, w: _Worker) -> int | None:
+        """The worker's RSS if a memory limit is set and it is over it, else None."""
+        if self._memory_limit is None:
+            return None
+        import psutil
+
+        try:
+            if w.ps is None:
+                w.ps = psutil.Process(w.pid)
+            rss = w.ps.memory_info().rss
+        except psutil.Error:
+            return None
+        return rss if rss > self._memory_limit else None
 
     def _prefetch_target(self, call: Call, fn_id: int) -> _Worker | None:
         """A busy worker that may queue this call behind its current one, or None."""
@@ -601,18 +619,11 @@ class Pool:
         if now < self._next_sample:
             return
         self._next_sample = now + MEMORY_SAMPLE_INTERVAL
-        import psutil
-
         for w in list(self._workers.values()):
             if not w.inflight or w.kill is not None:
                 continue
-            try:
-                if w.ps is None:
-                    w.ps = psutil.Process(w.pid)
-                rss = w.ps.memory_info().rss
-            except psutil.Error:
-                continue
-            if rss > self._memory_limit:
+            rss = self._rss_over_limit(w)
+            if rss is not None:
                 head = w.inflight[0]
                 error = MemoryLimitExceeded(
                     f"{head.name} used {_size(rss)} of memory (RSS of its worker), over "

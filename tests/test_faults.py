@@ -598,6 +598,36 @@ def test_a_memory_kill_is_retried(pool, tmp_path):
     assert type(state.history[0].error) is gx.MemoryLimitExceeded
 
 
+_hoard = []
+
+
+@gx.task
+def leaves_memory_behind(megabytes):
+    _hoard.append(np.ones(megabytes * 2**20 // 8))  # a module-level cache that only grows
+    return os.getpid()
+
+
+@gx.task
+def light(i):
+    time.sleep(0.2)  # long enough for the memory sampler to look at its worker
+    return os.getpid()
+
+
+@pytest.mark.timeout(40)
+def test_memory_an_earlier_task_left_behind_is_not_blamed_on_the_next(tmp_path):
+    with gx.Pool(workers=1) as pool:
+        first = gx.Graph()
+        with first:
+            hoarder = leaves_memory_behind(300)
+        bloated = first.compute(pool=pool)[hoarder]  # no limit yet: it completes
+        second = gx.Graph()
+        with second:
+            nodes = [light(i) for i in range(3)]
+        run = second.compute(pool=pool, memory_limit="200MB")
+    assert [run.state(n).name for n in nodes] == ["Completed"] * 3
+    assert bloated not in {run[n] for n in nodes}  # the bloated worker was replaced
+
+
 # -- arguments, results and exceptions that do not pickle ---------------------------
 
 
