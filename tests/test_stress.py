@@ -320,7 +320,7 @@ def _check_against_oracle(o):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("seed", [1, 2])
 def test_random_faulty_graphs_end_as_the_oracle_says(tmp_path, seed):
-    outcome = _run_pair(seed, 1500, tmp_path)
+    outcome = _run_pair(seed, 2500, tmp_path)
     _no_orphans(outcome.pids)
     _check_against_oracle(outcome)
 
