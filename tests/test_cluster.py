@@ -3,8 +3,9 @@
 One ``LocalCluster(n_workers=2, threads_per_worker=1, processes=True)`` serves
 the whole module (it starts in about a second). Its worker processes are
 children of the test process and outlive each test on purpose, so this
-module replaces the suite's per-test leak check with one that knows them,
-and checks at teardown that closing the cluster left nothing behind.
+module replaces the suite's per-test leak check with one that lets them be
+(a process a test starts must still be gone after it), and checks at
+teardown that closing the cluster left nothing behind.
 
 Tasks here run on dask workers, which import this module by name; counters
 and markers live in files under ``tmp_path`` (the workers share the
@@ -64,6 +65,7 @@ def _cluster_pids(client) -> set[int]:
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[distributed.Client]:
+    before = {p.pid for p in _children()}  # e.g. the suite's shared pool, started earlier
     # dashboard_address=":0": no fixed port to collide with another cluster
     cluster = distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
@@ -75,27 +77,49 @@ def client() -> Iterator[distributed.Client]:
         client.close()
         cluster.close()
         deadline = time.monotonic() + LEAK_GRACE
-        while _children() and time.monotonic() < deadline:
+        while True:
+            left = [p for p in _children() if p.pid not in before and _alive(p)]
+            if not left or time.monotonic() > deadline:
+                break
             time.sleep(0.05)
-        left = _children()
+        report = "\n  ".join(_describe(p) for p in left)
         for proc in left:
             proc.kill()
-        assert not left, f"the cluster's processes survived it: {left}"
+        assert not left, f"the cluster's processes survived it:\n  {report}"
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @pytest.fixture(autouse=True)
 def no_leaked_processes(client) -> Iterator[None]:
-    """Overrides the suite's check: the cluster's workers may outlive a test, nothing else."""
+    """Replaces the suite's check for this module: a process the test started must be
+    gone after it, except the cluster's (its workers outlive tests, and a crashed one
+    is replaced)."""
+    before = {p.pid for p in _children()}
     yield
     deadline = time.monotonic() + LEAK_GRACE
     while True:
-        allowed = _cluster_pids(client)
-        leaked = [p for p in _children() if p.pid not in allowed and
-                  not any(q.pid in allowed for q in _parents(p))]
+        cluster = _cluster_pids(client)
+        leaked = [p for p in _children()
+                  if p.pid not in before and p.pid not in cluster and _alive(p)
+                  and not any(q.pid in cluster for q in _parents(p))]
         if not leaked or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    assert not leaked, f"child processes survived the test: {leaked}"
+    assert not leaked, "child processes survived the test:\n  " + "\n  ".join(
+        _describe(p) for p in leaked)
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid} (parent {proc.ppid()}): {' '.join(proc.cmdline())[:200]}"
+    except psutil.Error:
+        return f"pid {proc.pid} (gone)"
 
 
 def _parents(proc: psutil.Process) -> list[psutil.Process]:
