@@ -54,11 +54,15 @@ Failures
 
 Timeouts
     A dask task runs in a worker thread and cannot be killed. The deadline
-    starts when the task starts (its start event), not when it was
-    submitted; at the deadline the node fails with ``TaskTimeout``, its
-    future is cancelled and a late result is dropped, and ``retries=``
-    apply. The task itself may go on running on its worker, holding that
-    thread, until it returns.
+    starts when the task's start event arrives here, not when it was
+    submitted (a task waiting in a worker's queue does not time out); at
+    the deadline the node fails with ``TaskTimeout``, its future is
+    cancelled and a late result is dropped, and ``retries=`` apply. The
+    task itself may go on running on its worker, holding that thread, until
+    it returns. The event is sent by the worker's event loop, so a task
+    that holds the GIL in C code delays it (and its deadline) meanwhile;
+    the event's own time stamp is not used for deadlines, since the
+    worker's clock may differ from this machine's.
 
 Capacity
     At most two calls per worker thread of the cluster are in flight
@@ -740,7 +744,9 @@ class ClusterExecutor:
         now = time.time()
         call.finished = max(now, call.started)
         if flight.started is not None:
-            self._short[flight.fn_id] = time.monotonic() - flight.started < SHORT_CALL
+            # From the worker's own start stamp: a task holding the GIL in C code (numpy)
+            # delays the start event until it is nearly done.
+            self._short[flight.fn_id] = call.finished - call.started < SHORT_CALL
         status = future.status
         if status == "finished":
             if _is_failure(future.type):
