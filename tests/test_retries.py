@@ -8,6 +8,7 @@ or less.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import time
 
@@ -153,7 +154,12 @@ def test_retry_under_fail_fast_is_not_a_failure_yet(compute, tmp_path):
 
 
 @gx.task
-def explode_soon():
+def explode_soon(after=None):
+    # Fail once the sibling has made its first attempt (a fresh worker may need a
+    # moment to start and import this module), or after 0.05 s without a sibling.
+    deadline = time.monotonic() + 10
+    while after is not None and not os.path.exists(after) and time.monotonic() < deadline:
+        time.sleep(0.01)
     time.sleep(0.05)
     raise RuntimeError("sibling failed")
 
@@ -163,7 +169,7 @@ def test_fail_fast_cancels_a_node_waiting_for_its_retry(compute, tmp_path):
     graph = gx.Graph()
     with graph:
         waiting = flaky.with_options(retries=3, retry_delay=5)(str(tmp_path / "n"), 99)
-        explode_soon()
+        explode_soon(str(tmp_path / "n"))
     start = time.monotonic()
     with pytest.raises(gx.GraphFailed) as info:
         compute(graph, fail_fast=True)
