@@ -59,10 +59,11 @@ Timeouts
     the deadline the node fails with ``TaskTimeout``, its future is
     cancelled and a late result is dropped, and ``retries=`` apply. The
     task itself may go on running on its worker, holding that thread, until
-    it returns. The event is sent by the worker's event loop, so a task
-    that holds the GIL in C code delays it (and its deadline) meanwhile;
-    the event's own time stamp is not used for deadlines, since the
-    worker's clock may differ from this machine's.
+    it returns. The event is sent by the worker's event loop; a call with a
+    timeout waits (a few ms) until the loop has sent it, so that a task
+    holding the GIL in C code cannot hold back its own deadline. The
+    event's time stamp is not used for deadlines: the worker's clock may
+    differ from this machine's.
 
 Capacity
     At most two calls per worker thread of the cluster are in flight
@@ -237,11 +238,11 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
     """
     from ._worker import _pickle_exception, _Unloadable
 
-    exec_id, key, name, fn_id, origin, args_blob, local_blob, cache, want_digest = spec
+    exec_id, key, name, fn_id, origin, args_blob, local_blob, cache, want_digest, timed = spec
     started = time.time()
     worker = _this_worker()
     if worker is not None:
-        worker.log_event(START_TOPIC, {"x": exec_id, "k": key, "t": started})
+        _announce(worker, {"x": exec_id, "k": key, "t": started}, timed)
 
     def fail(stage: str, exc: BaseException, tb: str) -> _Failure:
         return _Failure(stage, _pickle_exception(exc, tb), tb, started, time.time())
@@ -301,6 +302,29 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
     if cache is not None:
         write_cache(cache, result, name)
     return result
+
+
+def _announce(worker: Any, msg: dict, wait: bool) -> None:
+    """Tell the client this call started on ``worker`` (its deadline starts then).
+
+    The worker's event loop sends the event. A call with a timeout waits until
+    the loop has taken it and had time to flush it (a few ms): a task that then
+    holds the GIL in C code would otherwise delay the event, and the deadline,
+    until it is nearly done.
+    """
+    if not wait:
+        worker.log_event(START_TOPIC, msg)
+        return
+    taken = threading.Event()
+
+    def send() -> None:
+        worker.log_event(START_TOPIC, msg)  # in the loop's thread: straight to its stream
+        taken.set()
+
+    worker.loop.add_callback(send)
+    if taken.wait(0.2):
+        stream = getattr(worker, "batched_stream", None)
+        time.sleep(min(getattr(stream, "interval", 0.002), 0.05) + 0.001)
 
 
 def _this_worker() -> Any:
@@ -558,7 +582,8 @@ class ClusterExecutor:
             return True
         key = f"{call.name}-{uuid.uuid4().hex}"
         spec = (self.id, key, call.name, fn_id, origin, self._large(args_blob),
-                self._large(local_blob), call.cache, call.node in self._digest_nodes)
+                self._large(local_blob), call.cache, call.node in self._digest_nodes,
+                call.timeout is not None)
         call.started = time.time()
         try:
             future = self.client.submit(_run_remote, blob, spec, remote, key=key, pure=False)

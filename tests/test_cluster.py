@@ -628,6 +628,27 @@ def test_timeout_ends_the_node_at_its_deadline_and_retries(client):
     time.sleep(1.0)  # the abandoned attempts finish on their workers
 
 
+@gx.task(timeout=0.5)
+def hold_the_gil(n):
+    return sum(range(n))  # one C call: the worker's event loop waits for the GIL
+
+
+def test_a_task_holding_the_gil_still_times_out_at_its_deadline(client):
+    n = 10_000_000
+    start = time.perf_counter()
+    sum(range(n))
+    n = int(n * 3.0 / max(time.perf_counter() - start, 1e-3))  # ~3 s here
+    graph = gx.Graph()
+    with graph:
+        node = hold_the_gil(n)
+    start = time.monotonic()
+    run = graph.compute(cluster=client, raise_on_failure=False)
+    elapsed = time.monotonic() - start
+    assert isinstance(run.state(node).exception, gx.TaskTimeout)
+    assert elapsed < 2.0
+    time.sleep(max(0.0, 3.5 - elapsed))  # let the abandoned call finish on its worker
+
+
 def test_unpicklable_argument_result_and_function(client):
     lock = threading.Lock()
 
