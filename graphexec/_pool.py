@@ -41,6 +41,7 @@ import multiprocessing.spawn
 import os
 import pickle
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -225,6 +226,8 @@ class Pool:
         # A submission from another thread (an eager session) interrupts poll().
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self._session: Any = None  # the eager Session using this pool, if any
+        self._guard = _Guard(f"pool-{self.id}")
+        self._owner_pid = os.getpid()
         _live_pools.add(self)
 
     # -- lifetime -------------------------------------------------------------
@@ -263,6 +266,10 @@ class Pool:
         """
         if self._stopped:
             return
+        if os.getpid() != self._owner_pid:
+            # A forked copy of the process that made the pool (os.fork(), a
+            # pre-fork server) exiting: the workers are not its to stop.
+            return
         self._closed = True
         workers = list(self._workers.values())
         for w in workers:
@@ -285,6 +292,7 @@ class Pool:
         self._fn_blobs.clear()
         self._wake_r.close()
         self._wake_w.close()
+        self._guard.close()
         self._stopped = True
 
     @property
@@ -324,6 +332,7 @@ class Pool:
         )
         process.start()
         child_conn.close()
+        self._guard.add(process.pid)
         w = _Worker(wid, process, parent_conn)
         self._workers[wid] = w
         self._waitables[parent_conn] = w
@@ -331,6 +340,7 @@ class Pool:
         return w
 
     def _forget(self, w: _Worker) -> None:
+        self._guard.remove(w.pid)
         self._workers.pop(w.id, None)
         self._waitables.pop(w.conn, None)
         self._waitables.pop(w.process.sentinel, None)
@@ -656,6 +666,89 @@ class Pool:
             self._forget(w)
         self._outbox = [o for o in self._outbox if o[1] != REQUEUE]
         return cancelled
+
+
+class _Guard:
+    """A ``/bin/sh`` process that kills the pool's workers if this process dies.
+
+    Each worker also watches for that with a thread, but a thread needs the
+    GIL: a task stuck in C code that holds it (a catastrophic regex, a long C
+    loop) would keep its worker alive, orphaned, for as long as that call
+    lasts. The guard learns the workers' pids over a pipe (``+pid``,
+    ``-pid``); end of file without ``bye`` means we are gone (SIGKILL, a hard
+    crash): it kills each worker's process group and removes our shared memory.
+    A shell rather than Python: it starts in about a millisecond, shares no
+    memory with us and waits in ``read``, without polling. It runs in its own
+    session, detached (so not a child of ours), ignoring Ctrl-C.
+    """
+
+    SCRIPT = r"""
+    exec 3<&0
+    (
+      trap '' INT HUP TERM
+      groups=""
+      while IFS= read -r line; do
+        case $line in
+          bye) exit 0 ;;
+          +*) groups="$groups ${line#+}" ;;
+          -*) keep=""
+              for g in $groups; do [ "$g" = "${line#-}" ] || keep="$keep $g"; done
+              groups=$keep ;;
+        esac
+      done
+      for g in $groups; do kill -s KILL -- "-$g" || kill -s KILL "$g"; done
+      rm -f /dev/shm/"$1"*
+    ) <&3 >/dev/null 2>&1 &
+    """
+
+    def __init__(self, label: str) -> None:
+        self._label = label  # names the pool on the guard's command line (ps)
+        self._shell: subprocess.Popen[bytes] | None = None
+        self._pipe: Any = None
+
+    def add(self, pid: int) -> None:
+        if self._shell is None and os.path.exists("/bin/sh"):
+            try:
+                self._shell = subprocess.Popen(
+                    ["/bin/sh", "-c", self.SCRIPT, "graphexec-guard", f"gx-{os.getpid()}-",
+                     self._label],
+                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, start_new_session=True,
+                )
+                self._pipe = self._shell.stdin
+            except OSError:  # no guard: the workers' own watchdogs still work
+                self._shell = None
+        self._tell(f"+{pid}")
+
+    def remove(self, pid: int) -> None:
+        self._tell(f"-{pid}")
+
+    def _tell(self, line: str) -> None:
+        if self._shell is not None and self._shell.returncode is None:
+            self._shell.poll()  # reap the shell that started the guard (it exits at once)
+        if self._pipe is None:
+            return
+        try:
+            self._pipe.write(f"{line}\n".encode())
+            self._pipe.flush()
+        except (OSError, ValueError):
+            self._pipe = None
+
+    def close(self) -> None:
+        """Dismiss the guard (the pool stopped its workers itself)."""
+        self._tell("bye")
+        if self._pipe is not None:
+            try:
+                self._pipe.close()
+            except OSError:
+                pass
+            self._pipe = None
+        if self._shell is not None:
+            try:
+                self._shell.wait(STOP_TIMEOUT)  # the shell that started the guard
+            except subprocess.TimeoutExpired:
+                pass
+            self._shell = None
 
 
 def _kill_group(pid: int) -> None:

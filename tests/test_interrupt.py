@@ -23,6 +23,13 @@ import time
 import psutil
 import pytest
 
+import graphexec as gx
+
+
+@gx.task
+def noop(x):
+    return x
+
 INTERRUPTED = textwrap.dedent(
     """
     import json, os, sys, time
@@ -215,29 +222,35 @@ def test_ctrl_c_cancels_what_is_pending_keeps_what_is_done_and_stops_workers(
 
 KILLED = textwrap.dedent(
     """
-    import os, subprocess, sys, time
+    import os, re, subprocess, sys, time
     import graphexec as gx
 
     @gx.task
-    def hold(i):
+    def hold(i, how):
         child = subprocess.Popen(["sleep", "600"])
         print(f"HOLDING {os.getpid()} {child.pid}", flush=True)
+        if how == "gil":  # a catastrophic regex: C code that holds the GIL for hours
+            re.match(r"(a+)+$", "a" * 60 + "b")
         time.sleep(600)
 
     graph = gx.Graph()
     with graph:
-        nodes = [hold(i) for i in range(2)]
+        nodes = [hold(i, sys.argv[2]) for i in range(2)]
     graph.compute(workers=2, start_method=sys.argv[1])
     """
 )
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
-def test_a_killed_parent_leaves_no_process_behind(tmp_path, start_method):
+@pytest.mark.parametrize(("start_method", "how"), [
+    ("forkserver", "sleep"),
+    ("spawn", "sleep"),
+    ("forkserver", "gil"),  # the worker's own watchdog thread cannot run
+])
+def test_a_killed_parent_leaves_no_process_behind(tmp_path, start_method, how):
     script = tmp_path / "killed.py"
     script.write_text(KILLED)
-    proc = subprocess.Popen([sys.executable, str(script), start_method],
+    proc = subprocess.Popen([sys.executable, str(script), start_method, how],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     pids: set[int] = set()
@@ -248,6 +261,9 @@ def test_a_killed_parent_leaves_no_process_behind(tmp_path, start_method):
         # Everything the script started: workers, their subprocesses, forkserver,
         # resource tracker.
         pids |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+        guards = _guards_of(proc.pid)
+        assert guards, "the pool should have its guard"
+        pids |= set(guards)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         deadline = time.monotonic() + 5.0
@@ -323,3 +339,64 @@ def test_a_pool_left_open_does_not_hang_the_exit_or_leave_workers(tmp_path, how)
     while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(_gone(p) for p in pids)
+
+
+def _guards_of(pid, pool=None):
+    """The guard processes of ``pid``'s pools (of its pool ``pool``)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        args = proc.info["cmdline"] or []
+        if "graphexec-guard" in args and f"gx-{pid}-" in args and (
+                pool is None or f"pool-{pool.id}" in args):
+            found.append(proc.pid)
+    return found
+
+
+@pytest.mark.timeout(30)
+def test_the_pools_guard_leaves_with_the_pool():
+    graph = gx.Graph()
+    with graph:
+        node = noop(1)
+    with gx.Pool(workers=1) as pool:
+        graph.compute(pool=pool)
+        assert _guards_of(os.getpid(), pool), "a running pool has a guard"
+    deadline = time.monotonic() + 3
+    while _guards_of(os.getpid(), pool) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _guards_of(os.getpid(), pool) == []
+    assert node.result() == 1
+
+
+FORKED = textwrap.dedent(
+    """
+    import os
+    import graphexec as gx
+
+    @gx.task
+    def pid_of(i):
+        return os.getpid()
+
+    pool = gx.Pool(workers=2)
+    graph = gx.Graph()
+    with graph:
+        nodes = [pid_of(i) for i in range(4)]
+    before = {graph.compute(pool=pool, keep="all")[n] for n in nodes}
+    if os.fork() == 0:
+        raise SystemExit(0)  # a forked copy (a pre-fork server's child) exits normally
+    os.wait()
+    run = graph.compute(pool=pool, keep="all")
+    print("RESULT", [run.state(n).name for n in nodes], {run[n] for n in nodes} == before)
+    pool.close()
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_copy_of_the_parent_does_not_stop_its_pool(tmp_path):
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=50)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "RESULT ['Completed', 'Completed', " \
+        "'Completed', 'Completed'] True"
