@@ -29,7 +29,11 @@ Workers are started lazily (never more than there is work for), with the
 ``forkserver`` start method on Linux (``spawn`` elsewhere): never a plain
 fork of a parent that may run threads. They are not daemonic, so tasks may
 start their own processes. Shutdown asks politely, then kills, and always
-joins; an ``atexit`` hook closes pools the program forgot.
+joins; an ``atexit`` hook closes pools the program forgot. Each worker leads
+a process group, killed with it, so no subprocess a task started outlives
+it. If this process dies without closing the pool (SIGKILL, a hard crash),
+each worker's watchdog and the pool's guard process (``_Guard``) end the
+workers within a second or so.
 """
 
 from __future__ import annotations
