@@ -495,8 +495,13 @@ class Flow:
         workers = check_workers(opts.get("workers"), f"@flow {self.name}")
         scheduler = opts.get("scheduler", "processes")
         memory = parse_memory(opts.get("memory_limit"))
-        if workers == 0 or scheduler == "sync":
-            executor: Any = SyncExecutor()
+        if opts.get("cluster") is not None:
+            from ._cluster import ClusterExecutor
+
+            # No Run given: a flow keeps every value, on the cluster, while it runs.
+            executor: Any = ClusterExecutor(opts["cluster"])
+        elif workers == 0 or scheduler == "sync":
+            executor = SyncExecutor()
         elif scheduler == "threads":
             executor = ThreadExecutor(workers)
         else:
@@ -573,7 +578,7 @@ def _resolve(value: Any) -> Any:
 
 _FLOW_OPTIONS = {
     "name", "workers", "task_runner_max_concurrency", "memory_limit", "cache_dir",
-    "progress", "limits", "fail_fast", "scheduler", "start_method",
+    "progress", "limits", "fail_fast", "scheduler", "start_method", "cluster",
 }
 
 
@@ -585,7 +590,8 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         **options: ``workers`` (max tasks at a time; Prefect's
             ``task_runner_max_concurrency`` is an alias), ``memory_limit``,
             ``cache_dir``, ``progress``, ``limits`` (per tag), ``fail_fast``,
-            ``scheduler`` (``"processes"``, ``"threads"``, ``"sync"``),
+            ``scheduler`` (``"processes"``, ``"threads"``, ``"sync"``), ``cluster``
+            (a ``distributed.Client``: tasks run on its dask cluster),
             ``start_method``, ``name``.
 
     Returns:
@@ -645,6 +651,13 @@ def _check_flow_options(opts: dict[str, Any], where: str) -> None:
     from ._scheduler import SCHEDULERS, check_limits
 
     scheduler = opts.get("scheduler", "processes")
+    if opts.get("cluster") is not None:
+        from ._cluster import check_cluster
+
+        check_cluster(opts["cluster"], workers=opts.get("workers"), scheduler=scheduler,
+                      pool=None, memory_limit=opts.get("memory_limit"),
+                      start_method=opts.get("start_method"))
+        return
     if scheduler not in SCHEDULERS:
         raise ValueError(
             f"{where}: scheduler={scheduler!r} is not one of {', '.join(map(repr, SCHEDULERS))}"

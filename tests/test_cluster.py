@@ -795,3 +795,37 @@ def test_event_subscriptions_end_with_the_compute_and_spare_the_users_handler(cl
             assert "all" in topics and _cluster.START_TOPIC not in topics
     finally:
         client.unsubscribe_topic("all")
+
+
+@pytest.mark.timeout(60)
+def test_a_flow_runs_its_submits_on_the_cluster(client):
+    @gx.task
+    def square(x):
+        return x * x
+
+    @gx.task
+    def fails(x):
+        raise ValueError(f"no {x}")
+
+    @gx.flow(cluster=client)
+    def ok_flow():
+        futures = [square.submit(i) for i in range(6)]
+        total = square.submit(sum([3]))  # a plain value
+        return [f.result() for f in futures], total
+
+    values, total = ok_flow()
+    assert values == [0, 1, 4, 9, 16, 25]
+    assert total == 9
+
+    @gx.flow(cluster=client)
+    def failing_flow():
+        fails.submit(1)  # nobody looks at it: the flow must not report success
+        return "done"
+
+    with pytest.raises(gx.GraphFailed) as info:
+        failing_flow()
+    [node] = info.value.run.failed
+    assert isinstance(info.value.run.state(node).exception, ValueError)
+
+    with pytest.raises(ValueError):
+        gx.flow(cluster=client, workers=2)(lambda: None)
