@@ -106,6 +106,13 @@ class MemoryLimitExceeded(TaskFailure, MemoryError):
     limit: int | None = None
     rss: int | None = None
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> MemoryLimitExceeded:
+        # ``cls.__new__(cls)`` would find MemoryError.__new__, which refuses a
+        # class whose layout comes from Exception ("not safe"). Unpicklers that
+        # rebuild exceptions that way — tblib's, which dask.distributed installs
+        # for every exception class on import — would fail on this one.
+        return Exception.__new__(cls, *args)
+
 
 class SerializationError(TaskFailure):
     """Something about a node would not pickle or unpickle.

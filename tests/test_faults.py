@@ -628,6 +628,53 @@ def test_memory_an_earlier_task_left_behind_is_not_blamed_on_the_next(tmp_path):
     assert bloated not in {run[n] for n in nodes}  # the bloated worker was replaced
 
 
+@pytest.mark.parametrize("name", sorted(gx._errors.__all__))
+def test_every_error_can_be_rebuilt_without_its_init(name):
+    # What tblib's unpickler does (dask.distributed installs it for every exception
+    # class on import): cls.__new__(cls), then the attributes.
+    cls = getattr(gx, name)
+    assert isinstance(cls.__new__(cls), cls)
+
+
+TBLIB = textwrap.dedent(
+    """
+    import time
+    import numpy as np
+    import tblib.pickling_support
+    import graphexec as gx
+
+    tblib.pickling_support.install()  # as `import distributed` does
+
+    @gx.task
+    def hog():
+        block = np.ones(300 * 2**20 // 8)
+        time.sleep(10)
+        return float(block[0])
+
+    @gx.task
+    def sees(x):
+        return type(x).__name__
+
+    graph = gx.Graph()
+    with graph:
+        seen = sees(gx.allow_failure(hog()))
+    run = graph.compute(workers=1, memory_limit="150MB", raise_on_failure=False)
+    print("RESULT", run.state(seen).name, run.state(seen).result(raise_on_failure=False))
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_a_memory_failure_reaches_its_dependent_when_tblib_pickles_exceptions(tmp_path):
+    pytest.importorskip("tblib")
+    script = tmp_path / "tblib_script.py"
+    script.write_text(TBLIB)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=50)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "RESULT Completed MemoryLimitExceeded"
+
+
 # -- arguments, results and exceptions that do not pickle ---------------------------
 
 

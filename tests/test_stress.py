@@ -296,7 +296,8 @@ def _check_common(run, nodes, spec, executions):
         if state.name == "Completed":
             assert executions[i] == state.attempts, f"{node.name}: attempts not as run"
         if state.name == "Failed":
-            assert spec.kinds[i] != "ok", f"healthy {node.name} failed: {state.exception!r}"
+            assert spec.kinds[i] != "ok", (
+                f"healthy {node.name} failed: {state.exception!r}\n{state.exception.__cause__}")
 
 
 def _check_against_oracle(o):
