@@ -157,39 +157,47 @@ def runner(tool: str, request: pytest.FixtureRequest) -> Callable[..., w.Outcome
     raise AssertionError(tool)
 
 
-def _busy(t: Any) -> float:
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+def _cpu(p: psutil.Process) -> float:
+    # user, system, and the children it has reaped (a pytest run's workers)
+    return sum(p.cpu_times()[:4])
 
 
-def _tree_cpu() -> float:
-    """CPU seconds of this process and its descendants, reaped children included."""
-    total = 0.0
+Snapshot = tuple[float, float, float, dict[tuple[int, float], float]]
+
+
+def cpu_snapshot() -> Snapshot:
+    """Wall clock; the machine's busy CPU seconds; this tree's; each other process's."""
     me = psutil.Process()
-    for p in [me, *me.children(recursive=True)]:
+    mine_pids = {me.pid, *(c.pid for c in me.children(recursive=True))}
+    mine, others = 0.0, {}
+    for p in psutil.process_iter():
         try:
-            total += sum(p.cpu_times()[:4])  # user, system, children_user, children_system
+            if p.pid in mine_pids:
+                mine += _cpu(p)
+            else:
+                others[(p.pid, p.create_time())] = _cpu(p)
         except psutil.Error:
             pass
-    return total
+    t = psutil.cpu_times()
+    busy = sum(t) - t.idle - getattr(t, "iowait", 0.0)
+    return time.monotonic(), busy, mine, others
 
 
-def cpu_snapshot() -> tuple[float, float, float]:
-    return time.monotonic(), _busy(psutil.cpu_times()), _tree_cpu()
+def cpu_window(before: Snapshot) -> dict[str, float]:
+    """Wall seconds since ``before``, and CPU seconds other programs used meanwhile.
 
-
-def cpu_window(before: tuple[float, float, float]) -> dict[str, float]:
-    """Wall seconds since ``before``, and CPU seconds other processes used meanwhile.
-
-    ``foreign_cpu_s`` is the machine's busy time minus this process tree's:
-    other programs competing for the cores. A benchmark with much of it was
-    disturbed (the report flags it); rerun it on a quiet machine.
+    Two estimates, each of which errs high in its own way, and the smaller is
+    kept: the machine's busy time minus this process tree's (high when a
+    worker of ours exited unreaped, its time lost), and the sum over every
+    other process of the CPU it (and the children it reaped) used (high when
+    an orphaned worker of ours turns up as a new process). A benchmark with
+    much of it was disturbed by other programs; the report flags it.
     """
-    start, busy, mine = before
-    now, busy_now, mine_now = cpu_snapshot()
-    return {
-        "window_s": now - start,
-        "foreign_cpu_s": max(0.0, (busy_now - busy) - (mine_now - mine)),
-    }
+    start, busy, mine, others = before
+    now, busy_now, mine_now, others_now = cpu_snapshot()
+    by_machine = (busy_now - busy) - (mine_now - mine)
+    by_process = sum(max(0.0, cpu - others.get(key, 0.0)) for key, cpu in others_now.items())
+    return {"window_s": now - start, "foreign_cpu_s": max(0.0, min(by_machine, by_process))}
 
 
 def measure(
