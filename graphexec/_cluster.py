@@ -236,7 +236,7 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
     ``remote`` maps node index -> upstream value (dask put the values of the
     Futures in place); ``spec`` carries everything else, pickled here once.
     """
-    from ._worker import _pickle_exception, _Unloadable
+    from ._worker import _pickle_exception, _Unloadable, result_error
 
     exec_id, key, name, fn_id, origin, args_blob, local_blob, cache, want_digest, timed = spec
     started = time.time()
@@ -289,14 +289,7 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
         try:
             digest = _digest(result)
         except BaseException as exc:
-            kind = type(result)
-            error = SerializationError(
-                f"the result of {name} (a {kind.__module__}.{kind.__qualname__}) cannot be "
-                f"pickled: {type(exc).__name__}: {exc}. Return plain data (numbers, strings, "
-                "arrays, lists, dicts) or make the type picklable",
-                node=name, stage="result",
-            )
-            return fail("result", error, traceback.format_exc())
+            return fail("result", result_error(name, result, exc), traceback.format_exc())
         if want_digest and worker is not None:
             worker.log_event(START_TOPIC, {"x": exec_id, "k": key, "d": digest})
     if cache is not None:

@@ -295,22 +295,25 @@ class Scheduler:
         # started(run), running(i, call), finished(i, state), retrying(i, state).
         self.observer = observer
 
-        deps, flags = graph._deps, graph._flags
+        deps = graph._deps
         for pos, i in enumerate(run.members):
             self.order[i] = pos
             self.member[i] = 1
         for i in run.members:
-            ups = deps[i]
-            self.waiting[i] = len(ups)
-            fl = flags[i]
-            for k, up in enumerate(ups):
-                lst = self.dependents[up]
-                if lst is None:
-                    self.dependents[up] = [i]
-                else:
-                    lst.append(i)
-                if fl is None or fl[k] & DATA:
-                    self.uses[up] += 1
+            self.waiting[i] = len(deps[i])
+            self._link(i)
+
+    def _link(self, i: int) -> None:
+        """Register node i as a dependent of its upstreams (and a user of their values)."""
+        fl = self.graph._flags[i]
+        for k, up in enumerate(self.graph._deps[i]):
+            lst = self.dependents[up]
+            if lst is None:
+                self.dependents[up] = [i]
+            else:
+                lst.append(i)
+            if fl is None or fl[k] & DATA:
+                self.uses[up] += 1
 
     # -- main loop ------------------------------------------------------------
 
@@ -359,16 +362,9 @@ class Scheduler:
         self.member[i] = 1
         self.order[i] = self.n_members
         self.n_members += 1
+        self._link(i)
         waiting = 0
-        fl = graph._flags[i]
-        for k, up in enumerate(graph._deps[i]):
-            lst = self.dependents[up]
-            if lst is None:
-                self.dependents[up] = [i]
-            else:
-                lst.append(i)
-            if fl is None or fl[k] & DATA:
-                self.uses[up] += 1
+        for up in graph._deps[i]:
             state = self.states[up]
             if state is None or state.name not in FINAL:
                 waiting += 1

@@ -153,14 +153,7 @@ def _run(message: tuple, functions: dict[int, Any]) -> bytes:
     try:
         blob = dumps_value(result)
     except BaseException as exc:
-        kind = type(result)
-        error = SerializationError(
-            f"the result of {name} (a {kind.__module__}.{kind.__qualname__}) cannot be "
-            f"pickled: {type(exc).__name__}: {exc}. Return plain data (numbers, strings, "
-            "arrays, lists, dicts) or make the type picklable",
-            node=name, stage="result",
-        )
-        return fail("result", error, traceback.format_exc())
+        return fail("result", result_error(name, result, exc), traceback.format_exc())
     if cache is not None:
         write_cache(cache, result, name)
     return pickle.dumps(("ok", token, blob, started, finished), protocol=5)
@@ -234,6 +227,17 @@ def _refile(code: Any, origin: str) -> Any:
         _refile(c, origin) if hasattr(c, "co_filename") else c for c in code.co_consts
     )
     return code.replace(co_filename=origin, co_consts=consts)
+
+
+def result_error(name: str, result: Any, exc: BaseException) -> SerializationError:
+    """The error of a node whose result would not pickle, naming the result's type."""
+    kind = type(result)
+    return SerializationError(
+        f"the result of {name} (a {kind.__module__}.{kind.__qualname__}) cannot be "
+        f"pickled: {type(exc).__name__}: {safe_str(exc)}. Return plain data (numbers, "
+        "strings, arrays, lists, dicts) or make the type picklable",
+        node=name, stage="result",
+    )
 
 
 class _Unloadable:
