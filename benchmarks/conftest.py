@@ -36,7 +36,8 @@ import graphexec as gx
 from . import workloads as w
 
 # Rounds per benchmark: the median of these is what the report shows.
-ROUNDS_LIGHT = 5  # W1, W2, W5: a second or less
+ROUNDS_LIGHT = 5  # W1: a second or less (dask.distributed: 11 s)
+ROUNDS_QUICK = 11  # W2, W5: a tenth of a second, noisy (dask.distributed: 2-3 s)
 ROUNDS_HEAVY = 3  # W3, W4, W6: seconds each
 # Seconds per benchmark test (pyproject's 60 s is for the unit tests).
 TIMEOUT = 900

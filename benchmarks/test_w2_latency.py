@@ -3,7 +3,7 @@
 import pytest
 
 from . import workloads as w
-from .conftest import ROUNDS_LIGHT, TIMEOUT, measure
+from .conftest import ROUNDS_QUICK, TIMEOUT, measure
 
 pytestmark = [pytest.mark.benchmark(group="W2"), pytest.mark.timeout(TIMEOUT)]
 
@@ -17,7 +17,7 @@ def test_w2(benchmark, tool, runner):
         w.check_w2,
         workload="W2",
         tool=tool,
-        rounds=ROUNDS_LIGHT,
+        rounds=ROUNDS_QUICK,
         tasks=len(SPEC),
     )
     if median is not None:

@@ -9,7 +9,7 @@ error and reports no states, so it is not timed here.
 import pytest
 
 from . import workloads as w
-from .conftest import ROUNDS_LIGHT, TIMEOUT, measure
+from .conftest import ROUNDS_QUICK, TIMEOUT, measure
 
 pytestmark = [pytest.mark.benchmark(group="W5"), pytest.mark.timeout(TIMEOUT)]
 
@@ -25,6 +25,6 @@ def test_w5(benchmark, tool, runner):
         w.check_w5,
         workload="W5",
         tool=tool,
-        rounds=ROUNDS_LIGHT,
+        rounds=ROUNDS_QUICK,
         tasks=len(SPEC),
     )
