@@ -379,6 +379,14 @@ class Pool:
                 self._outbox.append((call, ERROR, exc))
                 return True
         worker = self._idle_worker()
+        if worker is not None and not self._deliver(worker, call, fn_id):
+            # It died while idle after all, its exit not yet reported (a forkserver
+            # child's status arrives later than its pipe closes): the call never
+            # reached it, so nobody is blamed and a fresh worker takes the call.
+            if call in worker.inflight:
+                worker.inflight.remove(call)
+            self._bury(worker)
+            worker = None
         if worker is None:
             if len(self._workers) < self.workers:
                 worker = self._spawn()
@@ -386,6 +394,13 @@ class Pool:
                 worker = self._prefetch_target(call, fn_id)
                 if worker is None:
                     return False
+            # A failed send here means the worker died starting or while running the
+            # call ahead of this one: poll() sees the sentinel and fails or requeues.
+            self._deliver(worker, call, fn_id)
+        return True
+
+    def _deliver(self, worker: _Worker, call: Call, fn_id: int) -> bool:
+        """Send ``call`` (and its function, the first time); False if the pipe is closed."""
         try:
             if fn_id not in worker.functions:
                 origin = getattr(getattr(call.fn, "__code__", None), "co_filename", None)
@@ -400,13 +415,15 @@ class Pool:
             call.worker = worker.id
             worker.conn.send_bytes(call.wire)
         except OSError:
-            pass  # it died; poll() sees the sentinel and fails or requeues the call
+            return False
         return True
 
     def _idle_worker(self) -> _Worker | None:
         while self._idle:
             w = self._idle.pop()
-            if w.process.exitcode is None:
+            # An idle worker has nothing to say: a readable pipe means it closed (the
+            # worker died) even when its exit code has not been reported yet.
+            if w.process.exitcode is None and not w.conn.poll():
                 if self._rss_over_limit(w) is None:
                     return w
                 # Memory earlier tasks left behind (a module-level cache): the next

@@ -363,6 +363,42 @@ def test_a_worker_that_died_while_idle_is_replaced_without_blaming_a_node():
     assert {first[n] for n in pids} <= idle
 
 
+def _first_answer(value, real):
+    """``real``, except that its first call answers ``value``."""
+    calls = []
+
+    def answer(*args):
+        calls.append(args)
+        return value if len(calls) == 1 else real(*args)
+
+    return answer
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("unnoticed", ["exit code", "exit code and pipe"])
+def test_a_dead_idle_worker_whose_death_is_not_yet_reported_blames_no_node(unnoticed):
+    # A forkserver child's exit status reaches us after its pipe closes: in that
+    # window the dead worker still looks alive. Simulated by making the exit
+    # code (and, for the second case, the pipe check) answer "alive" once.
+    graph = gx.Graph()
+    with graph:
+        pids = [pid_of(i) for i in range(2)]
+    with gx.Pool(workers=2) as pool:
+        graph.compute(pool=pool)
+        idle = list(pool._workers.values())
+        for w in idle:
+            os.kill(w.pid, signal.SIGKILL)
+        assert all(_gone(w.pid) for w in idle)
+        for w in idle:
+            w.process._popen.poll = _first_answer(None, w.process._popen.poll)
+            if unnoticed == "exit code and pipe":
+                w.conn.poll = _first_answer(False, w.conn.poll)
+        again = graph.compute(pool=pool, keep="all")
+    assert all(again.state(n).name == "Completed" for n in pids)
+    assert all(again.state(n).attempts == 1 for n in pids)
+    assert {again[n] for n in pids}.isdisjoint(w.pid for w in idle)
+
+
 @gx.task
 def forks_without_exec(i):
     os.fork()  # the child returns too, into the worker's loop
