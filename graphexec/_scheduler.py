@@ -287,6 +287,7 @@ class Scheduler:
         self.cache = cache
         self.refresh_cache = refresh_cache
         self.keys: dict[int, str] = {}  # node -> its cache key (hit, or ours to write)
+        self.signatures: dict[Any, Any] = {}  # task -> inspect.Signature (or None), for keys
         self.locked: set[int] = set()  # nodes whose cache lock we hold
         self.lock_waits: set[int] = set()  # nodes waiting for another's cache lock
         self.refreshed: set[str] = set()  # keys recomputed by this run (refresh_cache)
@@ -743,11 +744,20 @@ class Scheduler:
             return None
         args = substitute(graph._args[i], values)
         kwargs = substitute(graph._kwargs[i], values) if graph._kwargs[i] else {}
+        signature = self.signatures.get(task, False)
+        if signature is False:  # once per task, not per node: signature() is slow
+            try:
+                signature = inspect.signature(task.fn)
+            except (TypeError, ValueError):
+                signature = None
+            self.signatures[task] = signature
         try:
-            bound = inspect.signature(task.fn).bind(*args, **kwargs)
+            if signature is None:
+                raise TypeError("no signature")
+            bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = dict(bound.arguments)
-        except (TypeError, ValueError):
+        except TypeError:
             arguments = {"args": args, "kwargs": kwargs}
         try:
             key = opts.cache_key_fn(CacheContext(task, graph._names[i]), arguments)
