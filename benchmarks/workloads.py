@@ -307,21 +307,37 @@ def check_w6(out: Outcome, width: int = W6_WIDTH, depth: int = W6_DEPTH) -> None
 
 
 def run_serial(spec: Spec) -> Outcome:
-    """Every call in order, in this process; a failure skips its dependents."""
+    """Every call in order, in this process; a failure skips its dependents.
+
+    A value is dropped once its last consumer has run, as the variables of a
+    plain loop would be: holding W4's 64 arrays (1 GB) makes every new array
+    fresh memory, which the kernel must fault in, and the serial time slower
+    than the code a user would write.
+    """
     values: list[Any] = [None] * len(spec.calls)
+    uses = [0] * len(spec.calls)
+    for _fn, args in spec.calls:
+        for d in _deps(args):
+            uses[d] += 1
+    keep = set(spec.outputs)
     bad: set[int] = set()
     failed: set[int] = set()
     skipped: set[int] = set()
     for k, (fn, args) in enumerate(spec.calls):
-        if any(d in bad for d in _deps(args)):
+        deps = _deps(args)
+        if any(d in bad for d in deps):
             skipped.add(k)
             bad.add(k)
-            continue
-        try:
-            values[k] = fn(*_resolve(args, values.__getitem__))
-        except Exception:
-            failed.add(k)
-            bad.add(k)
+        else:
+            try:
+                values[k] = fn(*_resolve(args, values.__getitem__))
+            except Exception:
+                failed.add(k)
+                bad.add(k)
+        for d in deps:
+            uses[d] -= 1
+            if uses[d] == 0 and d not in keep:
+                values[d] = None
     return Outcome(
         {k: values[k] for k in spec.outputs if k not in bad}, failed, skipped, len(spec.calls)
     )
