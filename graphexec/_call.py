@@ -13,6 +13,14 @@ constants below. For ``OK`` the value is a handle (the value itself, or a
 ``Payload`` from a worker); for ``ERROR`` it is the exception, already
 carrying the remote traceback as ``__cause__``. ``REQUEUE`` gives back a call
 that never started (it was queued behind a call whose worker died).
+
+Chains (process pool only): a call may carry ``then``, the calls of a chain of
+sole consumers to run right behind it on the same worker. Each value but the
+last stays in that worker (its outcome is ``OK`` with the value ``HELD``) and
+is handed to the next call in memory, never pickled nor copied into shared
+memory. The scheduler builds a chain only where nothing could need such a
+value again (see ``Scheduler._chain``), so a value lost with its worker is
+never missed.
 """
 
 from __future__ import annotations
@@ -30,6 +38,21 @@ ERROR = 1
 REQUEUE = 2
 
 
+class _Held:
+    """The value of a chained call, kept by the worker that made it for the next call."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<value held by a worker for the next call of its chain>"
+
+    def __reduce__(self) -> str:
+        return "HELD"
+
+
+HELD = _Held()
+
+
 class Call:
     """One attempt at one node, as an executor sees it."""
 
@@ -45,6 +68,7 @@ class Call:
         "node",
         "number",
         "started",
+        "then",
         "timeout",
         "wire",
         "worker",
@@ -76,6 +100,7 @@ class Call:
         self.worker: Any = None
         self.wire: bytes | None = None  # the executor's encoded form, made once
         self.cache: tuple[str, str, dict] | None = None  # (cache dir, key, meta) to write
+        self.then: list[Call] | None = None  # a chain to run behind this call (see above)
 
     def __repr__(self) -> str:
         return f"<Call {self.name} attempt {self.number}>"

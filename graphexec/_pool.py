@@ -55,7 +55,7 @@ from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
 from . import _shm, _worker
-from ._call import ERROR, OK, REQUEUE, Call, timeout_error
+from ._call import ERROR, HELD, OK, REQUEUE, Call, timeout_error
 from ._errors import (
     MemoryLimitExceeded,
     RemoteError,
@@ -375,45 +375,86 @@ class Pool:
             try:
                 call.wire = self._message(call, fn_id)
             except SerializationError as exc:
+                call.then = None
                 call.started = call.finished = time.time()
                 self._outbox.append((call, ERROR, exc))
                 return True
         worker = self._idle_worker()
-        if worker is not None and not self._deliver(worker, call, fn_id):
+        if worker is None and len(self._workers) >= self.workers:
+            worker = self._prefetch_target(call, fn_id)
+            if worker is None:
+                return False
+            call.then = None  # a chain starts only on a free worker
+            # A failed send means the worker died running the call ahead of this
+            # one: poll() sees the sentinel and fails that one, requeues this one.
+            self._deliver(worker, [(call, fn_id)])
+            return True
+        calls = self._chain(call, fn_id)
+        if worker is not None and not self._deliver(worker, calls):
             # It died while idle after all, its exit not yet reported (a forkserver
-            # child's status arrives later than its pipe closes): the call never
-            # reached it, so nobody is blamed and a fresh worker takes the call.
-            if call in worker.inflight:
-                worker.inflight.remove(call)
+            # child's status arrives later than its pipe closes): the calls never
+            # reached it, so nobody is blamed and a fresh worker takes them.
+            for sent, _ in calls:
+                if sent in worker.inflight:
+                    worker.inflight.remove(sent)
             self._bury(worker)
             worker = None
         if worker is None:
-            if len(self._workers) < self.workers:
-                worker = self._spawn()
-            else:
-                worker = self._prefetch_target(call, fn_id)
-                if worker is None:
-                    return False
-            # A failed send here means the worker died starting or while running the
-            # call ahead of this one: poll() sees the sentinel and fails or requeues.
-            self._deliver(worker, call, fn_id)
+            # A failed send here means the worker died starting: poll() sees it.
+            self._deliver(self._spawn(), calls)
         return True
 
-    def _deliver(self, worker: _Worker, call: Call, fn_id: int) -> bool:
-        """Send ``call`` (and its function, the first time); False if the pipe is closed."""
+    def _chain(self, call: Call, fn_id: int) -> list[tuple[Call, int]]:
+        """``call`` and the chain behind it (``call.then``, see ``_call.py``) that can go.
+
+        A chained call goes only if its message is small (it waits in the pipe
+        while the ones before it run) and picklable (if not, it is dispatched
+        on its own later and fails there, with the usual error). ``call.then``
+        is cut to the calls sent, which the scheduler reads back.
+        """
+        calls = [(call, fn_id)]
+        if not call.then:
+            return calls
+        prev = call
+        for nxt in call.then:
+            nxt_fn = self._function_id(nxt.fn)
+            try:
+                wire = self._message(nxt, nxt_fn, prev=prev, hold=True)
+            except SerializationError:
+                break
+            if len(wire) > PREFETCH_MAX_BYTES:
+                break
+            nxt.wire = wire
+            calls.append((nxt, nxt_fn))
+            prev = nxt
+        call.then = [c for c, _ in calls[1:]]
+        if not call.then:
+            return calls
+        # Every call but the last keeps its value for the next one.
+        call.wire = self._message(call, fn_id, hold=True)
+        last, last_fn = calls[-1]
+        last.wire = self._message(last, last_fn, prev=calls[-2][0], hold=False)
+        return calls
+
+    def _deliver(self, worker: _Worker, calls: list[tuple[Call, int]]) -> bool:
+        """Send the calls (and each function, the first time) to ``worker``, in order.
+
+        False if its pipe is closed.
+        """
         try:
-            if fn_id not in worker.functions:
-                origin = getattr(getattr(call.fn, "__code__", None), "co_filename", None)
-                worker.conn.send_bytes(
-                    pickle.dumps(("fn", fn_id, self._fn_blobs[fn_id], origin))
-                )
-                worker.functions.add(fn_id)
-                worker.loading.add(fn_id)
-            if not worker.inflight:
-                worker.head_started = time.monotonic()
-            worker.inflight.append(call)
-            call.worker = worker.id
-            worker.conn.send_bytes(call.wire)
+            for call, fn_id in calls:
+                if fn_id not in worker.functions:
+                    origin = getattr(getattr(call.fn, "__code__", None), "co_filename", None)
+                    worker.conn.send_bytes(
+                        pickle.dumps(("fn", fn_id, self._fn_blobs[fn_id], origin))
+                    )
+                    worker.functions.add(fn_id)
+                    worker.loading.add(fn_id)
+                if not worker.inflight:
+                    worker.head_started = time.monotonic()
+                worker.inflight.append(call)
+                call.worker = worker.id
+                worker.conn.send_bytes(call.wire)
         except OSError:
             return False
         return True
@@ -471,7 +512,9 @@ class Pool:
                 self._fn_blobs[fn_id] = exc
         return fn_id
 
-    def _message(self, call: Call, fn_id: int) -> bytes:
+    def _message(self, call: Call, fn_id: int, prev: Call | None = None,
+                 hold: bool = False) -> bytes:
+        """The ``run`` message of ``call``; ``prev``: the call of its chain before it."""
         blob = self._fn_blobs[fn_id]
         if isinstance(blob, BaseException):
             raise SerializationError(
@@ -481,7 +524,17 @@ class Pool:
             )
         try:
             args_blob = dumps_call(call.args, call.kwargs, call.has_nodes)
-            deps = [(i, as_wire(h)) for i, h in call.inputs.items()] if call.inputs else []
+            deps: list[tuple] = []
+            for i, h in call.inputs.items():
+                if h is HELD:  # kept by the worker, by the call before this one
+                    if prev is None or prev.node != i:
+                        raise RuntimeError(f"the input of {call.name} from node {i} was kept "
+                                           "by a worker and is gone; this is a bug")
+                    deps.append((i, None, id(prev)))
+                else:
+                    deps.append((i, as_wire(h)))
+        except RuntimeError:
+            raise
         except Exception as exc:
             culprit = find_unpicklable(call.args, call.kwargs)
             raise SerializationError(
@@ -491,7 +544,7 @@ class Pool:
                 node=call.name, stage="arguments",
             ) from None
         return pickle.dumps(
-            ("run", id(call), fn_id, call.name, args_blob, deps, call.cache), protocol=5
+            ("run", id(call), fn_id, call.name, args_blob, deps, call.cache, hold), protocol=5
         )
 
     def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
@@ -571,7 +624,18 @@ class Pool:
         call = w.inflight.popleft()
         now = time.monotonic()
         w.head_started = now
-        if message[0] == "ok":
+        if message[0] == "held":
+            _, _, call.started, call.finished = message
+            self._learn(call, w)
+            if w.kill is not None and w.kill[0] is call:
+                # Killed for this call (its timeout, memory) as it finished: the
+                # value it kept dies with the worker, so the kill's verdict stands.
+                self._outbox.append((call, ERROR, w.kill[1]))
+            else:
+                self._outbox.append((call, OK, HELD))
+        elif message[0] == "skip":  # its chain broke before it: the scheduler decides
+            self._outbox.append((call, REQUEUE, None))
+        elif message[0] == "ok":
             _, _, blob, call.started, call.finished = message
             self._learn(call, w)
             self._outbox.append((call, OK, Payload.from_wire(blob)))

@@ -57,8 +57,8 @@ from ._cache import (
     task_input_hash,
     wire_hash,
 )
-from ._call import OK, REQUEUE, Call
-from ._errors import GraphFailed, safe_str
+from ._call import ERROR, HELD, OK, REQUEUE, Call
+from ._errors import GraphFailed, WorkerCrashed, safe_str
 from ._graph import ALLOW, DATA, Graph, Node, substitute
 from ._inprocess import SyncExecutor, ThreadExecutor
 from ._options import retry_delay_for, should_retry
@@ -80,6 +80,7 @@ from ._state import (
 logger = logging.getLogger("graphexec")
 
 LOCK_POLL = 0.1  # seconds between looks at a cache entry another process is computing
+CHAIN_MAX = 8  # calls chained behind one: each waits in the worker's pipe
 _SAFE_KEY = re.compile(r"[0-9a-zA-Z_-]{8,128}")
 
 SCHEDULERS = ("processes", "threads", "sync")
@@ -279,6 +280,11 @@ class Scheduler:
         self.in_use: dict[Any, int] = {}
         self.running: dict[int, Call] = {}
         self.unsent: dict[int, Call] = {}  # calls the executor refused for now
+        # Chains (see _chain): calls sent to a worker behind the call of their
+        # sole upstream, not running until it answers; only the process pool
+        # runs them, and only for compute() (a flow's user may read any value).
+        self.chained: dict[int, Call] = {}
+        self.chains = type(executor) is Pool
         self.cancel_reason: str | None = None
         self.swept = False  # the cancellation sweep has run
         self.fail_fast_cause: int | None = None  # the failure that cancelled the run
@@ -338,6 +344,7 @@ class Scheduler:
         """
         if self.observer is not None:
             self.observer.started(self.run_)
+        self.chains = False
         while True:
             for i in session._take_new():
                 self.admit(i)
@@ -418,9 +425,18 @@ class Scheduler:
                     heapq.heappush(self.parked.setdefault(full, []), heapq.heappop(ready))
                     continue
             call = self.unsent.pop(i, None) or self._make_call(i)
+            if self.chains:
+                call.then = self._chain(i)
             if not executor.submit(call):
+                call.then = None
                 self.unsent[i] = call
                 return
+            if call.then:  # the pool cut it to what it sent: link it call by call
+                prev = call
+                for nxt in call.then:
+                    self.chained[nxt.node] = nxt
+                    prev.then = [nxt]
+                    prev = nxt
             heapq.heappop(ready)
             for k in keys:
                 self.in_use[k] = self.in_use.get(k, 0) + 1
@@ -447,7 +463,59 @@ class Scheduler:
         # every node of one task shares its options' max_concurrency
         return self._task_caps[key[1]]
 
-    def _make_call(self, i: int) -> Call:
+    def _chain(self, i: int) -> list[Call] | None:
+        """Calls to send right behind node i's, on its worker, each taking the value
+        of the one before it in that worker's memory (see ``_call.py``).
+
+        A value is kept in a worker only where nothing could need it again: its
+        node has one consumer, which takes it once as plain data; it is not kept
+        for the Run nor written to the cache; the consumer will surely run (its
+        other inputs are all completed, plain ``all_success``) and never runs
+        twice (no retries) nor waits for a slot (no concurrency limit) nor keys
+        a cache entry on it. So a value lost with a worker — a crash, a kill —
+        is never needed: its consumer either failed with that worker or never
+        started, and then its upstream failed too.
+        """
+        graph = self.graph
+        chain: list[Call] = []
+        x = i
+        while len(chain) < CHAIN_MAX and self.cancel_reason is None:
+            if x in self.kept or x in self.locked or self.uses[x] != 1 or \
+                    graph._opts[x].return_state:
+                break
+            consumers = self.dependents[x]
+            if consumers is None or len(consumers) != 1:
+                break
+            d = consumers[0]
+            opts = graph._opts[d]
+            if self.states[d] is not None or self.waiting[d] != 1 or d in self.chained or \
+                    d in self.running or d in self.unsent or opts.retries or \
+                    opts.cache_key_fn is not None or opts.trigger != "all_success" or \
+                    self._limit_keys(d):
+                break
+            fl = graph._flags[d]
+            if not all(
+                (fl is None or fl[k] == DATA) if up == x
+                else (self.states[up] is not None and self.states[up].is_completed())
+                for k, up in enumerate(graph._deps[d])
+            ):
+                break
+            chain.append(self._make_call(d, held=x))
+            x = d
+        return chain or None
+
+    def _unchain(self, call: Call) -> None:
+        """``call``'s chain will not run behind it: forget the calls chained to it."""
+        nxt = call.then[0] if call.then else None
+        call.then = None
+        while nxt is not None:
+            self.chained.pop(nxt.node, None)
+            after = nxt.then[0] if nxt.then else None
+            nxt.then = None
+            nxt = after
+
+    def _make_call(self, i: int, held: int = -1) -> Call:
+        """The Call for node i; ``held``: the upstream whose value a worker keeps for it."""
         graph = self.graph
         opts = graph._opts[i]
         inputs: dict[int, Any] = {}
@@ -455,7 +523,9 @@ class Scheduler:
         if ups:
             fl = graph._flags[i]
             for k, up in enumerate(ups):
-                if fl is None or fl[k] & DATA:
+                if up == held:
+                    inputs[up] = HELD
+                elif fl is None or fl[k] & DATA:
                     inputs[up] = self._value_for_dependent(up)
         call = Call(
             i, graph._names[i], graph._tasks[i].fn, graph._args[i], graph._kwargs[i],
@@ -483,6 +553,23 @@ class Scheduler:
             # an earlier compute on a shared pool: its node index means nothing here.
             return
         del self.running[i]
+        if call.then:
+            if kind == OK and value is HELD:  # the next call of the chain starts now
+                nxt = call.then[0]
+                call.then = None
+                del self.chained[nxt.node]
+                self.running[nxt.node] = nxt
+                if self.observer is not None:
+                    self.observer.running(nxt.node, nxt)
+            else:
+                self._unchain(call)
+        if kind == REQUEUE and any(h is HELD for h in call.inputs.values()):
+            # Cannot happen (a chained call runs right after the call it follows,
+            # or not at all); if it did, its input is gone: say so on this node.
+            kind, value = ERROR, WorkerCrashed(
+                f"the input of {call.name} was kept by a worker that stopped before "
+                f"{call.name} started; compute again", node=call.name)
+            call.finished = call.started = time.time()
         # Done with this call: drop the upstream values it carried (and their wire
         # form), so that a value released below is not kept alive by a Call that
         # some frame or executor still refers to.
@@ -565,7 +652,7 @@ class Scheduler:
                             up_state._release()
             for d in self.dependents[i] or ():
                 self.waiting[d] -= 1
-                if self.waiting[d] == 0 and self.states[d] is None:
+                if self.waiting[d] == 0 and self.states[d] is None and d not in self.running:
                     skip = self._resolve(d)
                     if skip is not None:
                         work.append((d, skip))
@@ -807,6 +894,7 @@ class Scheduler:
         self.retry_at.clear()
         self.parked.clear()
         self.unsent.clear()
+        self.chained.clear()
         self.in_use.clear()
         graph = self.graph
         if not everything:

@@ -3,14 +3,18 @@
 Messages (pickled tuples, one ``send_bytes`` each)::
 
     parent -> worker   ("fn", fn_id, fn_blob, origin)  once per function and worker
-                       ("run", token, fn_id, node_name, args_blob, deps, cache)
+                       ("run", token, fn_id, node_name, args_blob, deps, cache, hold)
                        ("stop",)
     worker -> parent   ("loaded", fn_id)             the function is ready
                        ("ok",  token, result_blob, started, finished)
+                       ("held", token, started, finished)  kept here for the next call
+                       ("skip", token)                    its held input is not here
                        ("err", token, stage, exc_blob, traceback_text, started, finished,
                         (type_name, message))
 
-``deps`` is a list of ``(node_index, pickled_value)``; ``cache`` is None or
+``deps`` is a list of ``(node_index, pickled_value)``, or ``(node_index,
+None, token)`` for the value the call ``token`` kept here (``hold``: a chain,
+see ``_call.py``); ``cache`` is None or
 ``(cache_dir, key, meta)``: the worker writes the cache entry itself, so
 entries are written in parallel and the parent never copies a result.
 
@@ -73,6 +77,7 @@ def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
         name="graphexec-watchdog",
     ).start()
     functions: dict[int, Any] = {}
+    held: dict[int, Any] = {}  # token -> value kept for the next call of a chain
     stopped = False
     while True:
         try:
@@ -93,7 +98,7 @@ def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
         if message[0] == "stop":
             stopped = True
             break
-        reply = _run(message, functions)
+        reply = _run(message, functions, held)
         _flush_stdio()
         try:
             conn.send_bytes(reply)
@@ -106,9 +111,20 @@ def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
         _shm.sweep(f"gx-{parent_pid}-")
 
 
-def _run(message: tuple, functions: dict[int, Any]) -> bytes:
-    _, token, fn_id, name, args_blob, deps, cache = message
+def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> bytes:
+    _, token, fn_id, name, args_blob, deps, cache, hold = message
     started = time.time()
+    values: dict[int, Any] = {}
+    chained = False
+    for dep in deps:
+        if len(dep) == 3:  # the value the previous call of the chain kept here
+            if dep[2] not in held:  # that call failed: the parent decides what now
+                held.clear()
+                return pickle.dumps(("skip", token))
+            values[dep[0]] = held.pop(dep[2])
+            chained = True
+    if not chained:
+        held.clear()  # a chain ends with a call that keeps nothing: nothing is left
 
     def fail(stage: str, exc: BaseException, tb: str) -> bytes:
         return pickle.dumps(
@@ -128,7 +144,7 @@ def _run(message: tuple, functions: dict[int, Any]) -> bytes:
         return fail("function", error, fn.tb)
 
     try:
-        values = {index: loads_value(wire) for index, wire in deps}
+        values.update((dep[0], loads_value(dep[1])) for dep in deps if len(dep) == 2)
         args, kwargs = loads_call(args_blob, values)
     except BaseException as exc:
         error = SerializationError(
@@ -149,6 +165,9 @@ def _run(message: tuple, functions: dict[int, Any]) -> bytes:
     _end_if_forked()
     finished = time.time()
     del args, kwargs, values
+    if hold:
+        held[token] = result
+        return pickle.dumps(("held", token, started, finished))
 
     try:
         blob = dumps_value(result)

@@ -69,8 +69,11 @@ def no_shm_leftovers():
 def test_large_values_travel_in_shared_memory(pool):
     graph = gx.Graph()
     with graph:
-        seen = shm_entries_now(make(1), os.getpid())
+        array = make(1)  # two consumers: the value leaves its worker
+        seen = shm_entries_now(array, os.getpid())
+        other = total_later(array, 0.0)
     run = graph.compute(pool=pool)
+    assert run[other] > 0
     assert run[seen], "the array should have been in /dev/shm while its consumer ran"
 
 
@@ -153,7 +156,7 @@ PARENT = textwrap.dedent(
     with graph:
         arrays = [make(i) for i in range(2)]
         held = [hold(a) for a in arrays]
-    graph.compute(workers=2)
+    graph.compute(workers=2, keep="all")  # kept: the arrays leave their workers
     """
 )
 

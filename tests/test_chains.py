@@ -1,0 +1,222 @@
+"""Chains: a sole consumer runs behind its producer, on its worker, taking the value in memory.
+
+The value never goes through a pipe or /dev/shm; and because the scheduler
+chains only where nothing could need such a value again, every fault still
+ends on the one node it concerns (see ``Scheduler._chain``).
+"""
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+import graphexec as gx
+
+N = 1_000_000  # 8 MB of float64
+
+
+def _ours():
+    prefix = f"gx-{os.getpid()}-"
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
+
+
+@gx.task
+def make(seed):
+    return np.random.default_rng(seed).random(N)
+
+
+@gx.task
+def where_am_i(array, parent):
+    # Runs while its input is alive: a value passed through shared memory
+    # would be in /dev/shm now.
+    shm = [n for n in os.listdir("/dev/shm") if n.startswith(f"gx-{parent}-")]
+    return os.getpid(), shm, float(array.sum())
+
+
+@gx.task
+def producer_pid(seed):
+    time.sleep(0.02)  # both workers busy: a consumer lands anywhere unless chained
+    return os.getpid(), np.full(N, float(seed))
+
+
+@gx.task
+def consumer_pid(pair):
+    return pair[0], os.getpid(), float(pair[1].sum())
+
+
+@gx.task
+def inc(x):
+    return x + 1
+
+
+@gx.task
+def boom(array):
+    raise ValueError("bad array")
+
+
+@gx.task
+def crash(array):
+    os._exit(9)
+
+
+@gx.task(timeout=0.5)
+def slow_make(seed):
+    time.sleep(30)
+    return np.zeros(N)
+
+
+@gx.task
+def total(array):
+    return float(array.sum())
+
+
+@gx.task(retries=1)
+def crash_once(array, marker):
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(9)
+    return float(array.sum())
+
+
+@gx.task
+def generator_maker():
+    return (i for i in range(3))  # cannot be pickled
+
+
+@gx.task
+def drain(gen):
+    return sum(gen)
+
+
+def _expected(seed):
+    return float(np.random.default_rng(seed).random(N).sum())
+
+
+@pytest.mark.timeout(30)
+def test_a_sole_consumer_runs_on_its_producers_worker_without_shared_memory(pool):
+    graph = gx.Graph()
+    with graph:
+        pairs = [consumer_pid(producer_pid(i)) for i in range(8)]
+        seen = where_am_i(make(7), os.getpid())
+    run = graph.compute(pool=pool)
+    for i, node in enumerate(pairs):
+        made_in, used_in, value = run[node]
+        assert made_in == used_in, "the consumer should run where its input was made"
+        assert value == float(i) * N
+    _, shm, value = run[seen]
+    assert shm == [], "a chained value should never be copied into /dev/shm"
+    assert value == pytest.approx(_expected(7))
+    assert _ours() == []
+
+
+@pytest.mark.timeout(30)
+def test_a_long_chain_computes_the_right_value(pool):
+    graph = gx.Graph()
+    with graph:
+        x = 0
+        for _ in range(50):  # longer than one chain: several hand-overs
+            x = inc(x)
+    run = graph.compute(pool=pool, keep="all")
+    assert run[x] == 50
+    assert run.ok and len(run.completed) == 50
+
+
+@pytest.mark.timeout(30)
+def test_kept_values_of_a_chain_are_readable(pool):
+    graph = gx.Graph()
+    with graph:
+        array = make(3)
+        result = total(array)
+    run = graph.compute(pool=pool, keep="all")
+    assert run[result] == pytest.approx(_expected(3))
+    assert float(run[array].sum()) == pytest.approx(_expected(3))
+
+
+@pytest.mark.timeout(30)
+def test_a_failure_inside_a_chain_skips_the_rest(pool):
+    graph = gx.Graph()
+    with graph:
+        array = make(1)
+        bad = boom(array)
+        after = total(bad)
+        fine = total(make(2))
+    run = graph.compute(pool=pool, raise_on_failure=False)
+    assert run.state(array).name == "Completed"
+    assert isinstance(run.state(bad).exception, ValueError)
+    assert run.state(after).name == "Skipped"
+    assert run[fine] == pytest.approx(_expected(2))
+
+
+@pytest.mark.timeout(30)
+def test_a_crash_inside_a_chain_is_the_crashing_nodes_alone(pool):
+    graph = gx.Graph()
+    with graph:
+        array = make(1)
+        dead = crash(array)
+        after = total(dead)
+        fine = [total(make(i)) for i in range(2, 5)]
+    run = graph.compute(pool=pool, raise_on_failure=False)
+    assert run.state(array).name == "Completed"
+    error = run.state(dead).exception
+    assert isinstance(error, gx.WorkerCrashed) and error.exitcode == 9
+    assert run.state(after).name == "Skipped"
+    assert [run[n] for n in fine] == pytest.approx([_expected(i) for i in range(2, 5)])
+    assert _ours() == []
+
+
+@pytest.mark.timeout(30)
+def test_a_timeout_at_the_head_of_a_chain_fails_the_head_only(pool):
+    graph = gx.Graph()
+    with graph:
+        late = slow_make(1)
+        after = total(late)
+        fine = total(make(2))
+    start = time.monotonic()
+    run = graph.compute(pool=pool, raise_on_failure=False)
+    assert time.monotonic() - start < 10
+    assert isinstance(run.state(late).exception, gx.TaskTimeout)
+    assert run.state(after).name == "Skipped"
+    assert run[fine] == pytest.approx(_expected(2))
+
+
+@pytest.mark.timeout(30)
+def test_a_consumer_with_retries_is_not_chained_so_its_retry_still_has_the_value(
+    pool, tmp_path
+):
+    # Had the array been kept in the worker the first attempt killed, the
+    # retry would have nothing to read.
+    graph = gx.Graph()
+    with graph:
+        result = crash_once(make(5), str(tmp_path / "crashed-once"))
+    run = graph.compute(pool=pool)
+    assert run[result] == pytest.approx(_expected(5))
+    assert run.state(result).attempts == 2
+
+
+@pytest.mark.timeout(30)
+def test_fail_fast_in_the_middle_of_chains_leaves_nothing_behind(pool):
+    graph = gx.Graph()
+    with graph:
+        dead = crash(make(0))
+        rest = [total(slow_make(i)) for i in range(3)]
+    with pytest.raises(gx.GraphFailed):
+        graph.compute(pool=pool, fail_fast=True)
+    assert graph._latest_run.state(dead).name == "Failed"
+    assert all(graph._latest_run.state(n).name in ("Cancelled", "Failed", "Skipped")
+               for n in rest)
+    assert _ours() == []
+    graph2 = gx.Graph()
+    with graph2:
+        ok = total(make(1))
+    assert graph2.compute(pool=pool)[ok] == pytest.approx(_expected(1))
+
+
+@pytest.mark.timeout(30)
+def test_an_unpicklable_value_reaches_its_sole_consumer_in_memory(pool):
+    # Documented: a chained value is never pickled. The same value crossing
+    # workers fails its producer with SerializationError (tests/test_faults.py).
+    graph = gx.Graph()
+    with graph:
+        result = drain(generator_maker())
+    assert graph.compute(pool=pool)[result] == 3
