@@ -567,12 +567,18 @@ class CacheStore:
             return False  # another node of this run computes the same entry
         path = self.path(key).with_suffix(".lock")
         path.parent.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            if _same_file(fd, path):
+                break
+            # clear_cache removed the file between our open and our lock: a lock
+            # on a file nobody else can open excludes nobody. Try the new one.
             os.close(fd)
-            return False
         self._locks[key] = fd
         return True
 
@@ -655,7 +661,7 @@ def clear_cache(
             if expires is None or expires > now:
                 continue
         CacheStore._remove(path)
-        CacheStore._remove(path.with_suffix(".lock"))
+        _remove_unheld_lock(path.with_suffix(".lock"))
         removed += 1
     for tmp in root.glob("*/.tmp-*"):  # left by a writer that was killed
         try:
@@ -672,3 +678,38 @@ def clear_cache(
         if not psutil.pid_exists(pid):
             CacheStore._remove(hold)
     return removed
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """True if ``path`` still names the file open as ``fd``."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _remove_unheld_lock(path: Path) -> None:
+    """Remove a lock file unless a run is computing its entry right now (holds it).
+
+    Removed while locked, so a run that opened it a moment ago finds, once it
+    has the lock, that the path names another file, and locks that one.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return  # held: its entry is being computed; the lock file stays
+    try:
+        if _same_file(fd, path):
+            path.unlink()
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+

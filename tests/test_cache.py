@@ -1284,6 +1284,52 @@ def test_clear_cache_prunes_expired_entries_then_everything(tmp_path, clock):
 
 
 @pytest.mark.timeout(30)
+def test_clear_cache_keeps_the_lock_of_an_entry_being_computed(tmp_path):
+    # A run computing the entry again holds its lock: deleting that file would
+    # let a third run lock a new file of the same name and compute it too.
+    counter, cache = tmp_path / "calls", tmp_path / "cache"
+    graph = gx.Graph()
+    with graph:
+        square(str(counter), 5)
+    graph.compute(scheduler="sync", cache_dir=cache)
+    (entry,) = entries(cache)
+    key = entry.stem
+    computing = _cache.CacheStore(cache)
+    assert computing.try_lock(key)
+    try:
+        assert gx.clear_cache(cache, expired_only=False) == 1
+        assert entry.with_suffix(".lock").exists()
+        assert not _cache.CacheStore(cache).try_lock(key), "the lock must still exclude"
+    finally:
+        computing.unlock_all()
+    assert gx.clear_cache(cache, expired_only=False) == 0
+    other = _cache.CacheStore(cache)
+    assert other.try_lock(key)
+    other.unlock_all()
+
+
+@pytest.mark.timeout(30)
+def test_a_lock_file_removed_between_open_and_lock_is_not_trusted(tmp_path, monkeypatch):
+    store = _cache.CacheStore(tmp_path / "cache")
+    key = "k" * 16
+    path = store.path(key).with_suffix(".lock")
+    real_flock = _cache.fcntl.flock
+    removed = []
+
+    def flock_after_a_prune(fd, op):
+        if not removed and op & _cache.fcntl.LOCK_EX:
+            removed.append(path)
+            path.unlink()  # clear_cache, just between our open and our flock
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(_cache.fcntl, "flock", flock_after_a_prune)
+    assert store.try_lock(key)
+    fd = store._locks[key]
+    assert removed and _cache._same_file(fd, path), "the lock must be on the file at the path"
+    store.unlock_all()
+
+
+@pytest.mark.timeout(30)
 def test_default_cache_dir_is_in_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     counter = tmp_path / "calls"
