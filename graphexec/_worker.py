@@ -47,7 +47,7 @@ from typing import Any
 from . import _shm
 from ._call import write_cache
 from ._errors import RemoteError, SerializationError, safe_str
-from ._serialize import dumps, dumps_value, loads_call, loads_value
+from ._serialize import check_picklable, dumps, dumps_value, loads_call, loads_value
 
 WATCHDOG_INTERVAL = 0.5
 _worker_pid = 0  # this worker's pid: a process with another one is a child a task forked
@@ -166,6 +166,12 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
     finished = time.time()
     del args, kwargs, values
     if hold:
+        # Kept here for the next call, but a result that could not leave this
+        # process fails its node whatever the graph's shape, as the SPEC says.
+        try:
+            check_picklable(result)
+        except BaseException as exc:
+            return fail("result", result_error(name, result, exc), traceback.format_exc())
         held[token] = result
         return pickle.dumps(("held", token, started, finished))
 

@@ -213,10 +213,15 @@ def test_fail_fast_in_the_middle_of_chains_leaves_nothing_behind(pool):
 
 
 @pytest.mark.timeout(30)
-def test_an_unpicklable_value_reaches_its_sole_consumer_in_memory(pool):
-    # Documented: a chained value is never pickled. The same value crossing
-    # workers fails its producer with SerializationError (tests/test_faults.py).
+def test_a_result_that_cannot_be_pickled_fails_its_node_even_in_a_chain(pool):
+    # Its sole consumer would take it in memory, but whether a result can leave
+    # its worker must not depend on the graph's shape.
     graph = gx.Graph()
     with graph:
-        result = drain(generator_maker())
-    assert graph.compute(pool=pool)[result] == 3
+        gen = generator_maker()
+        result = drain(gen)
+    run = graph.compute(pool=pool, raise_on_failure=False)
+    error = run.state(gen).exception
+    assert isinstance(error, gx.SerializationError)
+    assert "generator" in str(error)
+    assert run.state(result).name == "Skipped"
