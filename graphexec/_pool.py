@@ -25,6 +25,11 @@ recent calls were short, so it never waits for the parent between tiny
 tasks. Only small messages are prefetched: a send to a busy worker must fit
 in the pipe's buffer, or the scheduler would block until that worker is free.
 
+Chains: a call may bring the calls of its sole consumers (``call.then``,
+built by the scheduler); they go to the same free worker right behind it,
+which keeps each value in memory for the next (see ``_call.py``). Where the
+time goes per task, measured: ``docs/dispatch.md``.
+
 Workers are started lazily (never more than there is work for), with the
 ``forkserver`` start method on Linux (``spawn`` elsewhere): never a plain
 fork of a parent that may run threads. They are not daemonic, so tasks may
