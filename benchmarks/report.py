@@ -191,6 +191,25 @@ def w6_lines(table: Table) -> list[str]:
     return lines
 
 
+def memory_lines(table: Table) -> list[str]:
+    """W4's peak memory per tool (``test_w4_memory``), above the idle baseline."""
+    entries = table.get("W4-memory", {})
+    lines = [
+        "| tool | process tree RSS, peak | /dev/shm, peak | of all W4 produces |",
+        "|---|---|---|---|",
+    ]
+    for tool, label in {**ANCHORS, **GX}.items():
+        e = entries.get(tool)
+        if e is None:
+            continue
+        peak = e["peak_rss_mb"] + e["peak_shm_mb"]
+        lines.append(
+            f"| {label} | {e['peak_rss_mb']:.0f} MB | {e['peak_shm_mb']:.0f} MB | "
+            f"{peak / e['produced_mb']:.0%} of {e['produced_mb']:.0f} MB |"
+        )
+    return lines
+
+
 def targets(table: Table) -> list[str]:
     """Issue #5's targets (cold: graphexec's pool start-up included) and SPEC §9's."""
 
@@ -291,6 +310,16 @@ def report(table: Table, runs: list[dict[str, Any]]) -> str:
         *ratios_table(table),
         "",
         *(["## W6 scale", "", *w6_lines(table), ""] if "W6-build-10k" in table else []),
+        *(
+            [
+                "## W4 peak memory (above the idle baseline; RSS summed over the process tree)",
+                "",
+                *memory_lines(table),
+                "",
+            ]
+            if "W4-memory" in table
+            else []
+        ),
         "## Targets of issue #5 (ratios: graphexec / anchor)",
         "",
         *targets(table),

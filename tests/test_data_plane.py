@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -181,3 +182,42 @@ def test_a_killed_parent_leaves_no_shared_memory(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.timeout(60)
+def test_shared_memory_in_use_is_bounded_by_what_is_live_not_by_what_was_made(pool):
+    # 48 arrays of 8 MB (384 MB made), each read by two consumers, so each goes
+    # through /dev/shm; a value's segment is released (or recycled, at most
+    # FREE_MAX kept) once both consumers are done.
+    arrays = 48
+    peak = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.005):
+            size = 0
+            for name in _ours():
+                try:
+                    size += os.stat(f"/dev/shm/{name}").st_size
+                except OSError:
+                    pass
+            peak[0] = max(peak[0], size)
+
+    graph = gx.Graph()
+    with graph:
+        sums = []
+        for i in range(arrays):
+            array = make(i)
+            sums += [total_later(array, 0.0), total_later(array, 0.0)]
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        run = graph.compute(pool=pool)
+    finally:
+        stop.set()
+        sampler.join()
+    assert len({run[s] for s in sums}) == arrays
+    made = arrays * N * 8
+    assert peak[0] > 0, "the arrays should have gone through /dev/shm"
+    assert peak[0] <= made // 4, f"peak {peak[0] >> 20} MB in /dev/shm of {made >> 20} MB made"
+    assert _ours() == []
