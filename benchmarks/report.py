@@ -10,7 +10,7 @@ Commands, from the repository root::
 one's (to rerun some benchmarks, e.g. ``-k w3``, and merge). A number marked
 † was taken while other programs used more than a quarter of a core.
 ``python -m benchmarks.report`` without ``--json`` runs that pytest command
-itself first (about 10 minutes on 2 cores; ``--save PATH`` keeps its JSON,
+itself first (about 13 minutes on 2 cores; ``--save PATH`` keeps its JSON,
 ``-k EXPR`` selects benchmarks as in pytest).
 
 The tables: the median seconds per workload and tool; graphexec's time
