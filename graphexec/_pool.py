@@ -73,6 +73,8 @@ from ._serialize import Payload, as_wire, dumps, dumps_call, find_unpicklable
 
 PREFETCH_MAX_BYTES = 16 * 1024  # a queued message must fit in the pipe buffer
 PREFETCH_DEPTH = 8  # calls a worker may hold when its function's calls are tiny
+CHAIN_MAX_BYTES = 64 * 1024  # messages a chain may queue behind its head (pipe buffer: ~200 KB)
+FN_MESSAGE_OVERHEAD = 512  # bytes of an ("fn", ...) message besides the function's pickle
 SHORT_CALL = 0.002  # seconds: below this a function's calls count as tiny
 MEMORY_SAMPLE_INTERVAL = 0.05
 STOP_TIMEOUT = 1.0
@@ -395,10 +397,12 @@ class Pool:
             self._deliver(worker, [(call, fn_id)])
             return True
         calls = self._chain(call, fn_id)
-        if worker is not None and not self._deliver(worker, calls):
+        if worker is not None and self._deliver(worker, calls) == 0:
             # It died while idle after all, its exit not yet reported (a forkserver
-            # child's status arrives later than its pipe closes): the calls never
-            # reached it, so nobody is blamed and a fresh worker takes them.
+            # child's status arrives later than its pipe closes): not one message
+            # reached it, so nobody is blamed and a fresh worker takes the calls.
+            # (Once a message is through, the head may be running: a later failed
+            # send is a death poll() attributes, as anywhere else.)
             for sent, _ in calls:
                 if sent in worker.inflight:
                     worker.inflight.remove(sent)
@@ -412,23 +416,34 @@ class Pool:
     def _chain(self, call: Call, fn_id: int) -> list[tuple[Call, int]]:
         """``call`` and the chain behind it (``call.then``, see ``_call.py``) that can go.
 
-        A chained call goes only if its message is small (it waits in the pipe
-        while the ones before it run) and picklable (if not, it is dispatched
-        on its own later and fails there, with the usual error). ``call.then``
-        is cut to the calls sent, which the scheduler reads back.
+        Whatever follows the head waits in the pipe while the head runs, so
+        the chained calls' messages, and their functions' (counted as if the
+        worker had none), must fit in ``CHAIN_MAX_BYTES``, well inside the
+        pipe's buffer: a send that does not fit would block the scheduler until
+        the head ends, holding up every timeout and every other worker. A call
+        whose arguments cannot be pickled ends the chain too: dispatched on its
+        own later, it fails with the usual error. ``call.then`` is cut to the
+        calls sent, which the scheduler reads back.
         """
         calls = [(call, fn_id)]
         if not call.then:
             return calls
         prev = call
+        budget = CHAIN_MAX_BYTES
+        functions = {fn_id}
         for nxt in call.then:
             nxt_fn = self._function_id(nxt.fn)
             try:
                 wire = self._message(nxt, nxt_fn, prev=prev, hold=True)
             except SerializationError:
                 break
-            if len(wire) > PREFETCH_MAX_BYTES:
+            cost = len(wire)
+            if nxt_fn not in functions:
+                cost += len(self._fn_blobs[nxt_fn]) + FN_MESSAGE_OVERHEAD
+            if cost > budget:
                 break
+            budget -= cost
+            functions.add(nxt_fn)
             nxt.wire = wire
             calls.append((nxt, nxt_fn))
             prev = nxt
@@ -441,11 +456,13 @@ class Pool:
         last.wire = self._message(last, last_fn, prev=calls[-2][0], hold=False)
         return calls
 
-    def _deliver(self, worker: _Worker, calls: list[tuple[Call, int]]) -> bool:
+    def _deliver(self, worker: _Worker, calls: list[tuple[Call, int]]) -> int:
         """Send the calls (and each function, the first time) to ``worker``, in order.
 
-        False if its pipe is closed.
+        Returns how many messages went through: fewer than needed if its pipe
+        closed (the worker died), 0 if none did.
         """
+        sent = 0
         try:
             for call, fn_id in calls:
                 if fn_id not in worker.functions:
@@ -453,6 +470,7 @@ class Pool:
                     worker.conn.send_bytes(
                         pickle.dumps(("fn", fn_id, self._fn_blobs[fn_id], origin))
                     )
+                    sent += 1
                     worker.functions.add(fn_id)
                     worker.loading.add(fn_id)
                 if not worker.inflight:
@@ -460,9 +478,10 @@ class Pool:
                 worker.inflight.append(call)
                 call.worker = worker.id
                 worker.conn.send_bytes(call.wire)
+                sent += 1
         except OSError:
-            return False
-        return True
+            pass
+        return sent
 
     def _idle_worker(self) -> _Worker | None:
         while self._idle:

@@ -284,7 +284,10 @@ class Scheduler:
         # sole upstream, not running until it answers; only the process pool
         # runs them, and only for compute() (a flow's user may read any value).
         self.chained: dict[int, Call] = {}
-        self.chains = type(executor) is Pool
+        # Not with memory_limit=: a chained call would start in a worker whose
+        # memory the previous call left high, before the pool's check between
+        # calls (Pool._idle_worker) could replace it without blaming anyone.
+        self.chains = type(executor) is Pool and executor._memory_limit is None
         self.cancel_reason: str | None = None
         self.swept = False  # the cancellation sweep has run
         self.fail_fast_cause: int | None = None  # the failure that cancelled the run

@@ -152,19 +152,6 @@ def dumps_value(obj: Any) -> Wire:
     return data, tuple(segments)
 
 
-def check_picklable(obj: Any) -> None:
-    """Raise what pickling ``obj`` for another process would raise; nothing is copied.
-
-    Large buffers are left out of band and dropped, so for arrays this costs
-    only the pickle's small in-band part.
-    """
-    cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=_drop_buffer)
-
-
-def _drop_buffer(buffer: pickle.PickleBuffer) -> bool:
-    return False
-
-
 def loads_value(wire: Wire) -> Any:
     """Inverse of :func:`dumps_value`; segments are shared memory ``(name, size)`` or
     cache-file regions ``(path, offset, size)``, both mapped copy-on-write."""

@@ -47,7 +47,7 @@ from typing import Any
 from . import _shm
 from ._call import write_cache
 from ._errors import RemoteError, SerializationError, safe_str
-from ._serialize import check_picklable, dumps, dumps_value, loads_call, loads_value
+from ._serialize import dumps, dumps_value, loads_call, loads_value
 
 WATCHDOG_INTERVAL = 0.5
 _worker_pid = 0  # this worker's pid: a process with another one is a child a task forked
@@ -166,13 +166,10 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
     finished = time.time()
     del args, kwargs, values
     if hold:
-        # Kept here for the next call, but a result that could not leave this
-        # process fails its node whatever the graph's shape, as the SPEC says.
         try:
-            check_picklable(result)
+            held[token] = handover(result)
         except BaseException as exc:
             return fail("result", result_error(name, result, exc), traceback.format_exc())
-        held[token] = result
         return pickle.dumps(("held", token, started, finished))
 
     try:
@@ -182,6 +179,32 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
     if cache is not None:
         write_cache(cache, result, name)
     return pickle.dumps(("ok", token, blob, started, finished), protocol=5)
+
+
+_IMMUTABLE = frozenset({int, float, complex, bool, str, bytes, type(None)})
+
+
+def handover(result: Any) -> Any:
+    """What the next call of a chain receives in place of ``result``.
+
+    The same as a consumer on another worker would: a value of its own,
+    which it may modify in place without touching anything else. So
+    ``result`` itself only where nothing else in this process can see it — an
+    immutable builtin, or a numpy array that owns its data and is referenced
+    only from here (a fresh array: no view of, and no entry in, a cache the
+    task keeps) — else a copy: ``copy(order="K")`` for other plain arrays, a
+    pickle round trip for everything else (which also fails, as it would
+    between workers, on a result that cannot be pickled).
+    """
+    kind = type(result)
+    if kind in _IMMUTABLE:
+        return result
+    if kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not result.dtype.hasobject:
+        # References: the caller's variable, our argument, getrefcount's own.
+        if result.flags.owndata and sys.getrefcount(result) <= 3:
+            return result
+        return result.copy(order="K")
+    return pickle.loads(dumps(result))
 
 
 def _end_if_forked() -> None:

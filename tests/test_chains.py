@@ -225,3 +225,127 @@ def test_a_result_that_cannot_be_pickled_fails_its_node_even_in_a_chain(pool):
     assert isinstance(error, gx.SerializationError)
     assert "generator" in str(error)
     assert run.state(result).name == "Skipped"
+
+
+_TABLES = {}
+
+
+@gx.task
+def load_table(n):
+    # Memoised in the worker: the array it returns is also kept in _TABLES.
+    if n not in _TABLES:
+        _TABLES[n] = np.arange(n, dtype=float)
+    return _TABLES[n]
+
+
+@gx.task
+def load_view(n):
+    return load_table.fn(n)[1:]  # a view of the memoised array
+
+
+@gx.task
+def load_list(n):
+    return _TABLES.setdefault(("list", n), [0.0] * n)
+
+
+@gx.task
+def shift(values):
+    if isinstance(values, list):
+        values[0] += 1.0
+        return values[0]
+    values += 1.0  # in place: fine on a value of its own
+    return float(values[0])
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("loader", [load_table, load_view, load_list],
+                         ids=["memoised array", "view of it", "memoised list"])
+def test_a_chained_consumer_modifying_its_input_never_touches_its_producers_objects(loader):
+    # Each consumer must get a value of its own, as from another worker: here
+    # the producer returns an object it also keeps, on a one-worker pool.
+    with gx.Pool(workers=1) as one:
+        seen = []
+        for _ in range(3):
+            graph = gx.Graph()
+            with graph:
+                result = shift(loader(1000))
+            seen.append(graph.compute(pool=one)[result])
+    first = 1.0 if loader is not load_view else 2.0
+    assert seen == [first] * 3
+
+
+def _consumer_of_a_big_function():
+    weights = np.ones(500_000)  # 4 MB, pickled with the function: by value
+
+    def weigh(x):
+        return float(x.sum()) + weights.size
+
+    weigh.__qualname__ = weigh.__name__ = "weigh"
+    return gx.task(weigh)
+
+
+@gx.task(timeout=1)
+def hang(seed):
+    time.sleep(60)
+    return np.zeros(10)
+
+
+@pytest.mark.timeout(30)
+def test_a_chain_never_queues_more_than_the_pipe_holds_behind_its_head(pool):
+    # The consumer's function is 4 MB: queued behind a running head it would
+    # block the scheduler until the head ended, and no timeout would fire.
+    weigh = _consumer_of_a_big_function()
+    graph = gx.Graph()
+    with graph:
+        late = hang(1)
+        after = weigh(late)
+        fine = weigh(make(2))
+    start = time.monotonic()
+    run = graph.compute(pool=pool, raise_on_failure=False)
+    assert time.monotonic() - start < 15
+    assert isinstance(run.state(late).exception, gx.TaskTimeout)
+    assert run.state(after).name == "Skipped"
+    assert run[fine] == pytest.approx(_expected(2) + 500_000)
+
+
+@pytest.mark.timeout(30)
+def test_with_a_memory_limit_values_cross_workers_and_nothing_is_chained(pool):
+    # A chained call would start in a worker whose memory its producer left
+    # high, before the pool could replace that worker without blaming anyone.
+    graph = gx.Graph()
+    with graph:
+        seen = where_am_i(make(7), os.getpid())
+    run = graph.compute(pool=pool, memory_limit="8GB")
+    _, shm, value = run[seen]
+    assert shm, "without chains the array should have gone through /dev/shm"
+    assert value == pytest.approx(_expected(7))
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_that_dies_once_the_head_of_a_chain_is_through_blames_the_head():
+    # A send fails only when the worker is dead. Once the head's message went
+    # through, the head may have killed it: it must not be re-run silently.
+    graph = gx.Graph()
+    with graph:
+        head = make(3)
+        after = total(head)
+    with gx.Pool(workers=1) as one:
+        graph.compute(pool=one)  # the worker is up and has both functions
+        (w,) = one._workers.values()
+        real_send = w.conn.send_bytes
+        sends = []
+
+        def send_then_die(data):
+            sends.append(data)
+            if len(sends) == 2:  # the head went through; the worker dies now
+                os.kill(w.pid, 9)
+                w.process.join(5)
+                raise BrokenPipeError("the worker died")
+            return real_send(data)
+
+        w.conn.send_bytes = send_then_die
+        run = graph.compute(pool=one, raise_on_failure=False)
+    assert len(sends) == 2, "the head and its chained consumer went together"
+    assert isinstance(run.state(head).exception, gx.WorkerCrashed)
+    assert run.state(head).attempts == 1
+    assert run.state(after).name == "Skipped"
