@@ -17,8 +17,9 @@ that never started (it was queued behind a call whose worker died).
 Chains (process pool only): a call may carry ``then``, the calls of a chain of
 sole consumers to run right behind it on the same worker. Each value but the
 last stays in that worker (its outcome is ``OK`` with the value ``HELD``) and
-is handed to the next call in memory, never pickled nor copied into shared
-memory. The scheduler builds a chain only where nothing could need such a
+is handed to the next call in memory (``_worker.handover``: the object itself
+where nothing else can see it, else a copy), never through the parent or
+shared memory. The scheduler builds a chain only where nothing could need such a
 value again (see ``Scheduler._chain``), so a value lost with its worker is
 never missed.
 """
