@@ -451,7 +451,11 @@ class Pool:
         if not call.then:
             return calls
         # Every call but the last keeps its value for the next one.
-        call.wire = self._message(call, fn_id, hold=True)
+        try:
+            call.wire = self._message(call, fn_id, hold=True)
+        except SerializationError:  # pickled once already; if not twice, no chain
+            call.then = []
+            return calls[:1]
         last, last_fn = calls[-1]
         last.wire = self._message(last, last_fn, prev=calls[-2][0], hold=False)
         return calls
