@@ -63,6 +63,18 @@ def gx_pool() -> Iterator[gx.Pool]:
 
 
 @pytest.fixture(scope="session")
+def w3_reference() -> tuple[w.Spec, list[int], float]:
+    """W3 calibrated here: its spec, the expected values and the serial seconds."""
+    loops = w.calibrate_spin(w.W3_SECONDS)
+    spec = w.w3_spec(loops)
+    start = time.perf_counter()
+    out = w.run_serial(spec)
+    serial = time.perf_counter() - start
+    expected = [out.values[i] for i in sorted(out.values)]
+    return spec, expected, serial
+
+
+@pytest.fixture(scope="session")
 def ppe() -> Iterator[ProcessPoolExecutor]:
     executor = ProcessPoolExecutor(max_workers=w.WORKERS)
     try:

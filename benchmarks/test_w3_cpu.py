@@ -1,12 +1,11 @@
 """W3 CPU efficiency: 40 pure-Python tasks of ~100 ms each.
 
 The loop count is calibrated once per session so that one task takes about
-0.1 s here; the serial reference is timed once before the benchmarks.
+0.1 s here; the serial reference is timed once before the benchmarks
+(``w3_reference`` in conftest.py).
 Parallel efficiency = serial time / (workers x time) goes to ``extra_info``
 (the report recomputes it from the medians of the same run).
 """
-
-import time
 
 import pytest
 
@@ -14,17 +13,6 @@ from . import workloads as w
 from .conftest import ROUNDS_HEAVY, TIMEOUT, measure
 
 pytestmark = [pytest.mark.benchmark(group="W3"), pytest.mark.timeout(TIMEOUT)]
-
-
-@pytest.fixture(scope="session")
-def w3_reference():
-    loops = w.calibrate_spin(w.W3_SECONDS)
-    spec = w.w3_spec(loops)
-    start = time.perf_counter()
-    out = w.run_serial(spec)
-    serial = time.perf_counter() - start
-    expected = [out.values[i] for i in sorted(out.values)]
-    return spec, expected, serial
 
 
 def test_w3(benchmark, tool, runner, w3_reference):
