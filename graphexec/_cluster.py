@@ -99,7 +99,7 @@ import cloudpickle
 
 from ._call import ERROR, OK, Call, timeout_error, write_cache
 from ._errors import GraphexecError, SerializationError, WorkerCrashed
-from ._serialize import PROTOCOL, Payload, dumps, dumps_call, find_unpicklable, loads_call
+from ._serialize import PROTOCOL, Payload, arguments_error, dumps, dumps_call, loads_call
 
 logger = logging.getLogger("graphexec")
 
@@ -704,13 +704,7 @@ class ClusterExecutor:
         try:
             return dumps_call(call.args, call.kwargs, call.has_nodes)
         except Exception as exc:
-            culprit = find_unpicklable(call.args, call.kwargs)
-            raise SerializationError(
-                f"{culprit} of {call.name} cannot be pickled to send it to the dask cluster: "
-                f"{type(exc).__name__}: {exc}. Pass plain data, or create the object inside "
-                "the task (locks, open files, sockets and generators cannot be sent)",
-                node=call.name, stage="arguments",
-            ) from None
+            raise arguments_error(call, exc, "the dask cluster") from None
 
     def _inputs(self, call: Call) -> tuple[dict[int, Any], bytes | None]:
         """Upstream values: Futures of values on the cluster, and the rest pickled here."""

@@ -69,7 +69,7 @@ from ._errors import (
     WorkerCrashed,
     describe_exitcode,
 )
-from ._serialize import Payload, as_wire, dumps, dumps_call, find_unpicklable
+from ._serialize import Payload, arguments_error, as_wire, dumps, dumps_call
 
 PREFETCH_MAX_BYTES = 16 * 1024  # a queued message must fit in the pipe buffer
 PREFETCH_DEPTH = 8  # calls a worker may hold when its function's calls are tiny
@@ -378,9 +378,11 @@ class Pool:
 
     def submit(self, call: Call) -> bool:
         fn_id = self._function_id(call.fn)
+        message = None
         if call.wire is None:
             try:
-                call.wire = self._message(call, fn_id)
+                message = self._message(call, fn_id)
+                call.wire = _wire(message, hold=False)
             except SerializationError as exc:
                 call.then = None
                 call.started = call.finished = time.time()
@@ -396,7 +398,7 @@ class Pool:
             # one: poll() sees the sentinel and fails that one, requeues this one.
             self._deliver(worker, [(call, fn_id)])
             return True
-        calls = self._chain(call, fn_id)
+        calls = self._chain(call, fn_id, message)
         if worker is not None and self._deliver(worker, calls) == 0:
             # It died while idle after all, its exit not yet reported (a forkserver
             # child's status arrives later than its pipe closes): not one message
@@ -413,7 +415,7 @@ class Pool:
             self._deliver(self._spawn(), calls)
         return True
 
-    def _chain(self, call: Call, fn_id: int) -> list[tuple[Call, int]]:
+    def _chain(self, call: Call, fn_id: int, message: tuple | None) -> list[tuple[Call, int]]:
         """``call`` and the chain behind it (``call.then``, see ``_call.py``) that can go.
 
         Whatever follows the head waits in the pipe while the head runs, so
@@ -428,15 +430,23 @@ class Pool:
         calls = [(call, fn_id)]
         if not call.then:
             return calls
+        if message is None:  # encoded on an earlier, refused submit
+            try:
+                message = self._message(call, fn_id)
+            except SerializationError:  # pickled once already; if not twice, no chain
+                call.then = []
+                return calls
         prev = call
         budget = CHAIN_MAX_BYTES
         functions = {fn_id}
         for nxt in call.then:
             nxt_fn = self._function_id(nxt.fn)
             try:
-                wire = self._message(nxt, nxt_fn, prev=prev, hold=True)
+                nxt_message = self._message(nxt, nxt_fn, prev=prev)
             except SerializationError:
                 break
+            # Every call but the last keeps its value for the next one.
+            wire = _wire(nxt_message, hold=True)
             cost = len(wire)
             if nxt_fn not in functions:
                 cost += len(self._fn_blobs[nxt_fn]) + FN_MESSAGE_OVERHEAD
@@ -446,18 +456,11 @@ class Pool:
             functions.add(nxt_fn)
             nxt.wire = wire
             calls.append((nxt, nxt_fn))
-            prev = nxt
+            prev, last_message = nxt, nxt_message
         call.then = [c for c, _ in calls[1:]]
-        if not call.then:
-            return calls
-        # Every call but the last keeps its value for the next one.
-        try:
-            call.wire = self._message(call, fn_id, hold=True)
-        except SerializationError:  # pickled once already; if not twice, no chain
-            call.then = []
-            return calls[:1]
-        last, last_fn = calls[-1]
-        last.wire = self._message(last, last_fn, prev=calls[-2][0], hold=False)
+        if call.then:
+            call.wire = _wire(message, hold=True)
+            prev.wire = _wire(last_message, hold=False)
         return calls
 
     def _deliver(self, worker: _Worker, calls: list[tuple[Call, int]]) -> int:
@@ -540,9 +543,11 @@ class Pool:
                 self._fn_blobs[fn_id] = exc
         return fn_id
 
-    def _message(self, call: Call, fn_id: int, prev: Call | None = None,
-                 hold: bool = False) -> bytes:
-        """The ``run`` message of ``call``; ``prev``: the call of its chain before it."""
+    def _message(self, call: Call, fn_id: int, prev: Call | None = None) -> tuple:
+        """The ``run`` message of ``call`` but its last field (``_wire`` adds it).
+
+        ``prev``: the call before it in its chain, which keeps its input.
+        """
         blob = self._fn_blobs[fn_id]
         if isinstance(blob, BaseException):
             raise SerializationError(
@@ -550,30 +555,19 @@ class Pool:
                 f"{blob}. Define it at module level, or make what it closes over picklable",
                 node=call.name, stage="function",
             )
+        deps: list[tuple] = []
+        for i, h in call.inputs.items():
+            if h is HELD:  # kept by the worker, by the call before this one
+                if prev is None or prev.node != i:
+                    raise RuntimeError(f"the input of {call.name} from node {i} was kept "
+                                       "by a worker and is gone; this is a bug")
+                deps.append((i, None, id(prev)))
         try:
             args_blob = dumps_call(call.args, call.kwargs, call.has_nodes)
-            deps: list[tuple] = []
-            for i, h in call.inputs.items():
-                if h is HELD:  # kept by the worker, by the call before this one
-                    if prev is None or prev.node != i:
-                        raise RuntimeError(f"the input of {call.name} from node {i} was kept "
-                                           "by a worker and is gone; this is a bug")
-                    deps.append((i, None, id(prev)))
-                else:
-                    deps.append((i, as_wire(h)))
-        except RuntimeError:
-            raise
+            deps += [(i, as_wire(h)) for i, h in call.inputs.items() if h is not HELD]
         except Exception as exc:
-            culprit = find_unpicklable(call.args, call.kwargs)
-            raise SerializationError(
-                f"{culprit} of {call.name} cannot be pickled to send it to a worker: "
-                f"{type(exc).__name__}: {exc}. Pass plain data, or create the object inside "
-                "the task (locks, open files, sockets and generators cannot be sent)",
-                node=call.name, stage="arguments",
-            ) from None
-        return pickle.dumps(
-            ("run", id(call), fn_id, call.name, args_blob, deps, call.cache, hold), protocol=5
-        )
+            raise arguments_error(call, exc, "a worker") from None
+        return ("run", id(call), fn_id, call.name, args_blob, deps, call.cache)
 
     def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
         if self._outbox:
@@ -862,6 +856,11 @@ class _Guard:
             except subprocess.TimeoutExpired:
                 pass
             self._shell = None
+
+
+def _wire(message: tuple, hold: bool) -> bytes:
+    """A ``run`` message as sent: ``hold`` says whether the worker keeps the result."""
+    return pickle.dumps((*message, hold), protocol=5)
 
 
 def _kill_group(pid: int) -> None:

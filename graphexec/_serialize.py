@@ -28,6 +28,7 @@ from typing import Any
 import cloudpickle
 
 from . import _shm
+from ._errors import SerializationError
 from ._graph import Node
 
 PROTOCOL = 5
@@ -209,6 +210,17 @@ def loads_call(data: bytes, values: dict[int, Any]) -> tuple[tuple[Any, ...], di
     """Inverse of :func:`dumps_call`, given the upstream values by node index."""
     args, kwargs = _CallUnpickler(data, values).load()
     return args, kwargs or {}
+
+
+def arguments_error(call: Any, exc: BaseException, destination: str) -> SerializationError:
+    """The error of a call whose arguments cannot be pickled for ``destination``."""
+    culprit = find_unpicklable(call.args, call.kwargs)
+    return SerializationError(
+        f"{culprit} of {call.name} cannot be pickled to send it to {destination}: "
+        f"{type(exc).__name__}: {exc}. Pass plain data, or create the object inside "
+        "the task (locks, open files, sockets and generators cannot be sent)",
+        node=call.name, stage="arguments",
+    )
 
 
 def find_unpicklable(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> str:
