@@ -700,7 +700,8 @@ class Scheduler:
                 return None
             return self._become_ready(d)
         n_failed = 0  # Failed, or Skipped because of a failure, or Cancelled
-        blocking = None  # first upstream that stops an all_success node
+        blocking = None  # upstream that stops an all_success node: the first failure-like
+        blocked_by_failure = False  # one, else the first (a skip not caused by a failure)
         first_failed = None  # first failure-like upstream (stops a none_failed node)
         problems: list[int] = []
         for k, up in enumerate(ups):
@@ -713,11 +714,16 @@ class Scheduler:
                 if first_failed is None:
                     first_failed = up
             problems.append(up)
-            if blocking is None and trigger == "all_success":
+            if trigger == "all_success" and not blocked_by_failure:
                 flag = DATA if fl is None else fl[k]
                 upopts = graph._opts[up]
-                if not (flag & ALLOW or upopts.allow_failure or upopts.return_state):
-                    blocking = up
+                if not (flag & ALLOW or upopts.allow_failure or upopts.return_state) and (
+                    blocking is None or failure_like
+                ):
+                    # A failure upstream wins over a skip that no failure caused,
+                    # whatever the argument order: the skip must count as failure-
+                    # caused further down.
+                    blocking, blocked_by_failure = up, failure_like
         name = graph._names[d]
         if trigger == "all_success":
             run = blocking is None
@@ -730,17 +736,18 @@ class Scheduler:
         else:  # none_failed
             run = n_failed == 0
         if run:
+            if self.cancel_reason is not None and trigger != "always":
+                # fail_fast: it would run, so it is cancelled (by the sweep), and
+                # handles nothing: only a dependent that runs handles a failure. A
+                # node that an upstream failure skips is Skipped even then: it
+                # names the failure, which is what it ended by.
+                return None
             for up in problems:  # this dependent accepted these failures
                 root = up if self.states[up].name is FAILED else self.root.get(up)
                 if root is not None and root != self.fail_fast_cause:
                     # (the failure that made fail_fast cancel the run stays unhandled:
                     # a cleanup node running afterwards must not turn it into success)
                     self.handled.add(root)
-            if self.cancel_reason is not None and trigger != "always":
-                # fail_fast: it would run, so it is cancelled (by the sweep). A node
-                # that an upstream failure skips is Skipped even then: it names
-                # the failure, which is what it ended by.
-                return None
             return self._become_ready(d)
         if trigger == "none_failed":
             # Skipped because an upstream failed, as all_success would be: record the

@@ -416,6 +416,27 @@ def test_trigger_unmet_skip_propagates_without_a_root(compute):
     assert info.value.upstream is None
 
 
+@pytest.mark.parametrize("order", ["unmet first", "failure first"])
+def test_a_failure_upstream_names_the_skip_whatever_the_argument_order(compute, order):
+    # One upstream was skipped by an unmet trigger (no failure behind it), the
+    # other failed: the skip is the failure's, so it counts as failure-caused
+    # further down (none_failed skips, any_failed runs).
+    graph = gx.Graph()
+    with graph:
+        unmet = on_any_failed(ok(0))
+        bad = explode("bad")
+        both = [unmet, bad] if order == "unmet first" else [bad, unmet]
+        mid = collect(*both)
+        strict = ok.with_options(trigger="none_failed")(mid)
+        reacting = on_any_failed(mid)
+    run = compute(graph, raise_on_failure=False, keep="all")
+    assert run.state(mid).name == "Skipped"
+    assert run.state(mid).upstream == bad.name
+    assert run.state(strict).name == "Skipped"
+    assert run.state(strict).upstream == bad.name
+    assert run[reacting] == [("upstream_failed", bad.name)]
+
+
 @pytest.mark.parametrize("scheduler", ["processes", "threads"])
 def test_trigger_option_on_threads_and_processes(compute):
     graph = gx.Graph()
@@ -585,6 +606,25 @@ def test_fail_fast_cancels_a_long_running_sibling_promptly(pool):
     with g2:
         again = ok(11)
     assert g2.compute(pool=pool)[again] == 11
+
+
+@pytest.mark.timeout(20)
+def test_under_fail_fast_a_dependent_cancelled_before_it_ran_handles_nothing(pool):
+    # bad's only dependent accepts failures (all_done), so bad alone does not
+    # cancel the run; the later failure does, and the dependent, waiting for
+    # the nap, is cancelled without running: bad's failure stays unhandled.
+    graph = gx.Graph()
+    with graph:
+        napping = nap(20)
+        bad = explode("bad")
+        cleanup = collect.with_options(trigger="all_done")(bad, napping)
+        late = explode_after(0.5)
+    with pytest.raises(gx.GraphFailed) as info:
+        graph.compute(pool=pool, fail_fast=True)
+    run = info.value.run
+    assert run.state(cleanup).name == "Cancelled"
+    assert set(run.unhandled) == {bad, late}
+    assert bad.name in str(info.value)
 
 
 def test_fail_fast_cancels_pending_work_that_never_starts(compute, tmp_path):
