@@ -337,7 +337,7 @@ class Pool:
         self._next_id += 1
         process = self._ctx.Process(
             target=_worker.main,
-            args=(child_conn, wid, os.getpid(), self.id),
+            args=(child_conn, wid, os.getpid(), self.id, _worker.log_setup()),
             name=f"graphexec-worker-{wid}",
             daemon=False,
         )

@@ -34,6 +34,7 @@ within a second or so of the parent's death, even mid-task.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import pickle
@@ -55,14 +56,21 @@ PARTIAL_LINE_MAX = 1024  # characters: an unfinished line longer than this is wr
 ATOMIC_WRITE = 4096  # bytes: PIPE_BUF, the largest write a pipe never interleaves
 
 
-def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
-    """Entry point of a worker process."""
+def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0,
+         log_setup: tuple[int, str] | None = None) -> None:
+    """Entry point of a worker process.
+
+    ``log_setup``: the parent's root logging level and format, which tasks'
+    log records follow here (see :func:`_mirror_logging`).
+    """
     global _worker_pid
     _worker_pid = os.getpid()
     _shm.set_prefix(_shm.worker_prefix(parent_pid, pool_id, worker_id),
                     _shm.pool_prefix(parent_pid, pool_id))
     sys.stdout = NodeStream(sys.stdout)
     sys.stderr = NodeStream(sys.stderr)
+    if log_setup is not None:
+        _mirror_logging(*log_setup)
     try:
         os.setpgrp()
     except OSError:  # already a group leader, or not permitted: kills still reach us
@@ -109,6 +117,30 @@ def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0) -> None:
         # The pipe closed because the parent died: nobody will release the
         # values of its runs, so clean them up here, as the watchdog does.
         _shm.sweep(f"gx-{parent_pid}-")
+
+
+def log_setup() -> tuple[int, str]:
+    """This process's root logging level and format, for the workers it starts."""
+    root = logging.getLogger()
+    fmt = next((h.formatter._fmt for h in root.handlers if h.formatter and h.formatter._fmt),
+               logging.BASIC_FORMAT)
+    return root.getEffectiveLevel(), fmt
+
+
+def _mirror_logging(level: int, fmt: str) -> None:
+    """Log records of tasks (and of graphexec here) go to stderr as in the parent.
+
+    A worker is a fresh process with no logging set up: without this, a
+    task's ``logging.info`` would vanish even when the parent logs at INFO,
+    and graphexec's own warnings here would be eaten by its NullHandler.
+    stderr is the node-prefixing stream, so each record comes out as
+    ``[node] <the parent's format>``.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]  # a forked worker's copies of the parent's would duplicate
+    root.setLevel(level)
 
 
 def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> bytes:

@@ -944,6 +944,42 @@ def test_megabytes_of_output_do_not_deadlock_and_reach_the_parent(tmp_path, star
     assert elapsed < 30  # one character at a time must not be quadratic
 
 
+LOGGING = textwrap.dedent(
+    """
+    import logging
+    import sys
+    import graphexec as gx
+
+    @gx.task
+    def noisy(i):
+        logging.getLogger("science").info("step %d done", i)
+        logging.getLogger("science").debug("not shown %d", i)
+        return i
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    graph = gx.Graph()
+    with graph:
+        nodes = [noisy(i) for i in range(2)]
+    print("RESULT", [graph.compute(workers=2, start_method=sys.argv[1])[n] for n in nodes])
+    """
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_task_log_records_reach_the_parent_as_its_logging_is_set_up(tmp_path, start_method):
+    script = tmp_path / "logs.py"
+    script.write_text(LOGGING)
+    done = subprocess.run([sys.executable, str(script), start_method], capture_output=True,
+                          text=True, timeout=50)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "RESULT [0, 1]"
+    err = done.stderr.splitlines()
+    for i in range(2):
+        assert f"[noisy-{i}] INFO science: step {i} done" in err
+    assert not any("not shown" in line for line in err)
+
+
 CLOSED_STDOUT = textwrap.dedent(
     """
     import sys
