@@ -108,7 +108,7 @@ def measure(repeat: int = 5) -> list[tuple[str, str, float]]:
                  "kernel", unchained - steps))
     rows.append(("**W2: one link, unchained (`keep=\"all\"`): a round trip each**", "graphexec",
                  unchained))
-    rows.append(("**W2: one link, chained (default): up to 8 links per dispatch**", "graphexec",
+    rows.append(("**W2: one link, chained (default): up to 9 links per dispatch**", "graphexec",
                  link))
     rows.append(("**W1: one task of 5,000, end to end (2 workers, prefetch)**", "graphexec",
                  per_task))

@@ -299,5 +299,5 @@ def main() -> None:
     print("\nall patterns ran")
 
 
-if __name__ == "__main__":  # required: worker processes import this module
+if __name__ == "__main__":  # good practice; graphexec's workers never import this script
     main()

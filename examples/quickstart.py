@@ -127,5 +127,5 @@ def main() -> None:
     print(run.summary())
 
 
-if __name__ == "__main__":  # required: worker processes import this module
+if __name__ == "__main__":  # good practice; graphexec's workers never import this script
     main()

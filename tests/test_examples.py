@@ -1,8 +1,8 @@
 """The examples run as a user runs them, and print what the README says they print.
 
 Each example runs as ``python examples/<name>.py`` in a subprocess from the
-repository root (so its ``if __name__ == "__main__":`` guard and the worker
-processes' import of ``__main__`` are exercised for real), must exit 0 within
+repository root (so functions defined in a script's ``__main__`` travel to
+the workers by value, for real), must exit 0 within
 a bound, and must print its key lines. README's single test command therefore
 covers the examples too.
 """
