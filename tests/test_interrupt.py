@@ -33,8 +33,13 @@ def noop(x):
 INTERRUPTED = textwrap.dedent(
     """
     import json, os, sys, time
+    import numpy as np
     import psutil
     import graphexec as gx
+
+    @gx.task
+    def big():
+        return np.ones(1_000_000)  # 8 MB: crosses workers through /dev/shm
 
     @gx.task
     def fast(i):
@@ -46,7 +51,7 @@ INTERRUPTED = textwrap.dedent(
         return sum(values)
 
     @gx.task
-    def sleeper(i):
+    def sleeper(i, array):
         sys.stdout.write(f"SLEEPING {i} {os.getpid()}\\n")  # one write: threads may race
         sys.stdout.flush()
         time.sleep(60)
@@ -80,7 +85,8 @@ INTERRUPTED = textwrap.dedent(
         waiting = flaky()
         fasts = [fast(i) for i in range(4)]
         done = announce(fasts)
-        sleepers = [sleeper(i, wait_for=[done]) for i in range(3)]
+        array = big()
+        sleepers = [sleeper(i, array, wait_for=[done]) for i in range(3)]
         tails = [after(s) for s in sleepers]
 
     def report(exc, pool_workers=()):
@@ -91,13 +97,15 @@ INTERRUPTED = textwrap.dedent(
             time.sleep(0.02)
         print("RESULT " + json.dumps({
             "states": {n.name: run.state(n).name for n in run.nodes},
-            "values": {n.name: run[n] for n in run.completed},
+            "values": {n.name: run[n] for n in run.completed if n is not array},
             "attempts": {n.name: run.state(n).attempts for n in run.nodes},
             "messages": sorted({str(run.state(n).exception) for n in run.nodes
                                 if run.state(n).name == "Cancelled"}),
             "left": sorted(set(workers()) - set(pool_workers)),
             "cleanup": time.monotonic() - caught,
             "same_run": exc.run is graph._latest_run,
+            "shm": sorted(n for n in os.listdir("/dev/shm")
+                          if n.startswith(f"gx-{os.getpid()}-")),
         }), flush=True)
 
     if mode == "pool":
@@ -202,6 +210,7 @@ def test_ctrl_c_cancels_what_is_pending_keeps_what_is_done_and_stops_workers(
     states = result["states"]
     expected = {f"fast-{i}": "Completed" for i in range(4)}
     expected["announce-0"] = "Completed"
+    expected["big-0"] = "Completed"
     expected.update({f"sleeper-{i}": "Cancelled" for i in range(3)})
     expected.update({f"after-{i}": "Cancelled" for i in range(3)})
     expected["flaky-0"] = "Cancelled"  # waiting out its retry delay
@@ -210,6 +219,7 @@ def test_ctrl_c_cancels_what_is_pending_keeps_what_is_done_and_stops_workers(
     assert result["attempts"]["flaky-0"] == 1
     assert result["messages"] and all("interrupted (Ctrl-C)" in m for m in result["messages"])
     assert result["same_run"]
+    assert result["shm"] == [], "shared memory left behind after Ctrl-C"
     if mode in ("processes", "pool"):
         assert result["left"] == [], "workers still running after Ctrl-C"
         assert result["cleanup"] < 2.0
