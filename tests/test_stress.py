@@ -459,7 +459,10 @@ def nap(i):
 def _leak_graph():
     graph = gx.Graph()
     with graph:
-        means = [mean(array_of(i)) for i in range(4)]
+        arrays = [array_of(i) for i in range(4)]
+        # Two consumers each: the arrays cross workers through /dev/shm (a sole
+        # consumer would take its array in memory, in a chain).
+        means = [mean(a) for a in arrays] + [mean(a) for a in arrays]
         dies()
         raises()
     return graph, means
@@ -484,7 +487,7 @@ def test_fifty_computes_leak_nothing(warm):
     def compute(pool):
         kw = {"pool": pool} if pool is not None else {"workers": 2}
         run = graph.compute(raise_on_failure=False, **kw)
-        assert [run[m] for m in means] == [0.0, 1.0, 2.0, 3.0]
+        assert [run[m] for m in means] == [0.0, 1.0, 2.0, 3.0] * 2
         assert {type(run.state(n).exception) for n in run.failed} == {gx.WorkerCrashed,
                                                                       ValueError}
 
