@@ -33,8 +33,8 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import graphexec as gx
-from graphexec import _worker
-from graphexec._serialize import Payload, dumps, dumps_call
+from graphexec._data.serialize import Payload, dumps, dumps_call
+from graphexec._executors import worker as _worker
 
 from . import workloads as w
 

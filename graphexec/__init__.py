@@ -22,8 +22,8 @@ Everything public is re-exported here; modules starting with ``_`` are private.
 
 import logging as _logging
 
-from ._cache import CacheContext, clear_cache, task_input_hash
-from ._errors import (
+from ._data.cache import clear_cache
+from ._model.errors import (
     Cancelled,
     GraphexecError,
     GraphFailed,
@@ -36,15 +36,17 @@ from ._errors import (
     UpstreamFailed,
     WorkerCrashed,
 )
-from ._flow import Flow, Future, WaitResult, as_completed, flow, wait
-from ._graph import Graph, Node, allow_failure
-from ._options import exponential_backoff
-from ._pool import Pool
-from ._run import Run
-from ._state import Attempt, State
-from ._task import Task, task
-
-__version__ = "0.1.0"
+from ._model.graph import Graph
+from ._model.keys import CacheContext, task_input_hash
+from ._model.node import Node, allow_failure
+from ._model.options import exponential_backoff
+from ._model.run import Run
+from ._model.state import Attempt, State
+from ._model.task import Task, task
+from ._surfaces.eager import Future, WaitResult, as_completed, wait
+from ._surfaces.flow import Flow, flow
+from ._surfaces.pool import Pool
+from ._version import __version__ as __version__
 
 # A library logs, the application decides where it goes (no "No handlers" noise).
 _logging.getLogger("graphexec").addHandler(_logging.NullHandler())

@@ -4,7 +4,7 @@ Every test uses its own cache directory under ``tmp_path`` and passes a
 counter file (also under ``tmp_path``) to its tasks: workers are other
 processes, so a task proves it ran by appending a line to that file. The
 counter path is an argument, hence part of every key, so tests never share
-entries. Expiry moves ``graphexec._cache.clock``; nothing sleeps for it.
+entries. Expiry moves ``graphexec._data.cache.clock``; nothing sleeps for it.
 
 Crash, resume and concurrency tests run small scripts in subprocesses; see
 ``tests/test_resume.py`` for the resume ones.
@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 import graphexec as gx
-from graphexec import _cache
+from graphexec._data import cache as _cache
 
 ALL_SCHEDULERS = ("processes", "sync", "threads")
 
@@ -666,7 +666,7 @@ def test_upstream_values_enter_the_key_by_their_own_key(compute, tmp_path, monke
         run = compute(graph, array, info, cache_dir=cache)
         return names(run, (array, info)), run[info]["sum"]
 
-    from graphexec import _scheduler
+    from graphexec._engine import scheduler as _scheduler
 
     hashed = []
     for fn in ("content_hash", "wire_hash"):  # the big array must not be hashed again

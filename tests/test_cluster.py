@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 import graphexec as gx
-from graphexec import _cluster
+from graphexec._executors import cluster as _cluster
 
 distributed = pytest.importorskip("distributed")
 
@@ -312,7 +312,7 @@ def test_values_stay_on_the_cluster_until_read(client):
     for node in (*parts, result):
         handle = run.state(node)._value
         # a reference to the value on the cluster, not 1.6 MB of array
-        assert type(handle) is gx._serialize.Payload and len(handle.data) < 512
+        assert type(handle) is gx._data.serialize.Payload and len(handle.data) < 512
     assert _cluster.held_values() == before + 4
     assert run[parts[0]].shape == (200_000,)
     assert run[result] == pytest.approx(sum(run[p].sum() for p in parts))
@@ -520,7 +520,7 @@ def test_graph_failed_names_failures_and_chains_the_remote_traceback(client):
     cause = error.__cause__
     assert isinstance(cause, ValueError) and str(cause) == "first broke"
     remote = cause.__cause__
-    assert isinstance(remote, gx._errors.RemoteTraceback)
+    assert isinstance(remote, gx._model.errors.RemoteTraceback)
     assert "in explode" in str(remote)
     assert "in explode" in "".join(traceback.format_exception(cause))
 

@@ -678,7 +678,7 @@ def test_memory_an_earlier_task_left_behind_is_not_blamed_on_the_next(tmp_path):
     assert bloated not in {run[n] for n in nodes}  # the bloated worker was replaced
 
 
-@pytest.mark.parametrize("name", sorted(gx._errors.__all__))
+@pytest.mark.parametrize("name", sorted(gx._model.errors.__all__))
 def test_every_error_can_be_rebuilt_without_its_init(name):
     # What tblib's unpickler does (dask.distributed installs it for every exception
     # class on import): cls.__new__(cls), then the attributes.
@@ -1170,7 +1170,7 @@ def test_bad_pool_arguments_name_the_culprit(kwargs, error, words):
     (3 * 2**30, 3 * 2**30),
 ])
 def test_memory_limit_spellings(pool, text, size):
-    from graphexec._pool import parse_memory
+    from graphexec._surfaces.options import parse_memory
 
     assert parse_memory(text) == size
     graph = gx.Graph()

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 import graphexec as gx
-from graphexec._report import STATE_COLOURS, STATE_FILLS
+from graphexec._surfaces.report import STATE_COLOURS, STATE_FILLS
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"

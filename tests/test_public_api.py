@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pathlib
 import pickle
 
 import pytest
@@ -150,8 +151,23 @@ def test_states_pickle_and_keep_their_meaning():
         pickle.loads(pickle.dumps(run.state(a))).result()
 
 
-def test_private_modules_name_the_data_flow():
-    for module in ("_task", "_graph", "_order", "_scheduler", "_pool", "_worker", "_state",
-                   "_run", "_errors", "_serialize", "_options"):
-        doc = importlib.import_module(f"graphexec.{module}").__doc__
-        assert doc and doc.strip(), f"graphexec.{module} has no module docstring"
+LAYERS = ("_model", "_data", "_executors", "_engine", "_surfaces")
+
+
+def test_the_folder_list_shows_the_layers():
+    package = pathlib.Path(gx.__file__).parent
+    folders = sorted(p.name for p in package.iterdir()
+                     if p.is_dir() and (p / "__init__.py").exists())
+    assert folders == sorted(LAYERS)
+    loose = sorted(p.name for p in package.glob("*.py"))
+    assert loose == ["__init__.py", "__main__.py", "_version.py"] or \
+        loose == ["__init__.py", "_version.py"]
+
+
+def test_every_private_module_says_what_it_holds():
+    package = pathlib.Path(gx.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        module = ".".join(("graphexec", *path.relative_to(package).with_suffix("").parts))
+        module = module.removesuffix(".__init__")
+        doc = importlib.import_module(module).__doc__
+        assert doc and doc.strip(), f"{module} has no module docstring"

@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from graphexec import _cache
+from graphexec._data import cache as _cache
 
 N_STEPS = 20
 EXPECTED_TOTAL = float(sum(i * 20_000 for i in range(N_STEPS)))

@@ -29,7 +29,7 @@ import psutil
 import pytest
 
 import graphexec as gx
-from graphexec._scheduler import Scheduler
+from graphexec._engine.scheduler import Scheduler
 
 pytestmark = pytest.mark.slow
 

@@ -59,29 +59,37 @@ from collections import deque
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
-from . import _shm, _worker
-from ._call import ERROR, HELD, OK, REQUEUE, Call, timeout_error
-from ._errors import (
+from .._data import shm as _shm
+from .._data.serialize import Payload, arguments_error, as_wire, dumps, dumps_call
+from .._model.errors import (
     MemoryLimitExceeded,
-    RemoteError,
-    RemoteTraceback,
     SerializationError,
     WorkerCrashed,
     describe_exitcode,
 )
-from ._serialize import Payload, arguments_error, as_wire, dumps, dumps_call
+from . import worker as _worker
+from .protocol import (
+    ERROR,
+    HELD,
+    OK,
+    REQUEUE,
+    SHORT_CALL,
+    SIGNAL_SLICE,
+    Call,
+    Capabilities,
+    timeout_error,
+)
+from .runtime import load_exception
 
 PREFETCH_MAX_BYTES = 16 * 1024  # a queued message must fit in the pipe buffer
 PREFETCH_DEPTH = 8  # calls a worker may hold when its function's calls are tiny
 CHAIN_MAX_BYTES = 64 * 1024  # messages a chain may queue behind its head (pipe buffer: ~200 KB)
 FN_MESSAGE_OVERHEAD = 512  # bytes of an ("fn", ...) message besides the function's pickle
-SHORT_CALL = 0.002  # seconds: below this a function's calls count as tiny
 MEMORY_SAMPLE_INTERVAL = 0.05
 STOP_TIMEOUT = 1.0
-SIGNAL_SLICE = 0.25  # seconds: the longest a blocked poll may delay Ctrl-C
 LOAD_ALLOWANCE = 60.0  # seconds a worker may take to start and load a function, past timeout=
 
-_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+_live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
 _pool_ids = itertools.count(1)
 
 
@@ -124,39 +132,6 @@ def default_start_method() -> str:
     return "spawn"
 
 
-def parse_memory(limit: int | str | None) -> int | None:
-    """Bytes from ``4GB``, ``512 MiB``, ``1.5e9`` or an int; None stays None."""
-    if limit is None:
-        return None
-    if isinstance(limit, bool):
-        raise TypeError("memory_limit= must be bytes (int) or a string such as '4GB'")
-    if isinstance(limit, (int, float)):
-        if limit <= 0:
-            raise ValueError(f"memory_limit={limit!r} must be positive")
-        return int(limit)
-    if not isinstance(limit, str):
-        raise TypeError("memory_limit= must be bytes (int) or a string such as '4GB'")
-    text = limit.strip().upper().replace(" ", "")
-    units = {
-        "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-        "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 2**10, "M": 2**20,
-        "G": 2**30, "T": 2**40, "B": 1, "": 1,
-    }
-    for suffix in sorted(units, key=len, reverse=True):
-        if text.endswith(suffix):
-            number = text[: len(text) - len(suffix)] if suffix else text
-            try:
-                value = float(number) * units[suffix]
-            except ValueError:
-                break
-            if value <= 0:
-                break
-            return int(value)
-    raise ValueError(
-        f"memory_limit={limit!r} is not a size; write it as bytes or like '4GB', '512MiB'"
-    )
-
-
 class _Worker:
     __slots__ = (
         "conn",
@@ -184,26 +159,16 @@ class _Worker:
         self.ps: Any = None
 
 
-class Pool:
-    """A pool of worker processes, kept warm across computes.
+class ProcessPool:
+    """Worker processes the scheduler controls one by one; see the module docstring.
 
-    Args:
-        workers: number of worker processes (default ``os.cpu_count()``).
-        start_method: ``"forkserver"`` (default on Linux), ``"spawn"`` or ``"fork"``.
-
-    Example::
-
-        with gx.Pool(workers=4) as pool:
-            for params in sweeps:
-                graph.compute(pool=pool)
-
-    Workers start when there is work for them and stay until :meth:`close`.
+    The public, warm ``gx.Pool`` (``_surfaces/pool.py``) owns one; a compute
+    without ``pool=`` makes its own. A run drives it through a :class:`Lease`,
+    the :class:`~graphexec._executors.protocol.Executor` the engine sees.
     """
 
-    def __init__(self, workers: int | None = None, *, start_method: str | None = None) -> None:
-        self.workers = check_workers(workers, "Pool")
-        if self.workers == 0:
-            raise ValueError("Pool(workers=0) has no workers; use workers >= 1")
+    def __init__(self, workers: int, *, start_method: str | None = None) -> None:
+        self.workers = workers
         method = start_method or default_start_method()
         if method not in multiprocessing.get_all_start_methods():
             raise ValueError(
@@ -236,39 +201,17 @@ class Pool:
         self._shm_prefix = _shm.pool_prefix(os.getpid(), self.id)
         # A submission from another thread (an eager session) interrupts poll().
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
-        self._session: Any = None  # the eager Session using this pool, if any
         self._guard = _Guard(f"pool-{self.id}")
         self._owner_pid = os.getpid()
         _live_pools.add(self)
 
     # -- lifetime -------------------------------------------------------------
 
-    def __enter__(self) -> Pool:
-        from ._flow import push_context
-
-        push_context(self)  # task.submit() inside the block runs on this pool
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        from ._flow import end_pool_session, pop_context
-
-        pop_context(self)
-        try:
-            if exc_type is None:
-                end_pool_session(self)  # waits; raises GraphFailed for unseen failures
-            elif self._session is not None:
-                self._session.cancel("the `with gx.Pool()` block raised")
-                self._session.close()
-                self._session = None
-                self._release()
-        finally:
-            self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._workers)} running"
-        return f"<Pool workers={self.workers} {self.start_method} ({state})>"
+        return f"<ProcessPool workers={self.workers} {self.start_method} ({state})>"
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
         """Stop every worker: ask, then kill stragglers; always join. Idempotent.
 
         Re-entrant too: a close interrupted half-way (a second Ctrl-C) is finished
@@ -310,6 +253,15 @@ class Pool:
     def closed(self) -> bool:
         """True once :meth:`close` has run."""
         return self._closed
+
+    def lease(self, memory_limit: int | None, *, shutdown_on_close: bool) -> Lease:
+        """The executor for one run (or one eager session) on these workers.
+
+        One run at a time: a second lease while one is open is a RuntimeError.
+        ``shutdown_on_close``: the pool was made for this run and ends with it.
+        """
+        self._acquire(memory_limit)
+        return Lease(self, memory_limit, shutdown_on_close)
 
     def _acquire(self, memory_limit: int | None) -> None:
         if self._closed:
@@ -664,7 +616,7 @@ class Pool:
         else:
             _, _, _stage, exc_blob, tb, call.started, call.finished, summary = message
             self._learn(call, w)
-            self._outbox.append((call, ERROR, _load_exception(exc_blob, tb, call.name, summary)))
+            self._outbox.append((call, ERROR, load_exception(exc_blob, tb, call.name, summary)))
         if not w.inflight and w.kill is None:
             self._idle.append(w)
         return True
@@ -894,31 +846,6 @@ def _crash_error(call: Call, exitcode: int | None, loading: bool = False) -> Wor
     )
 
 
-def _load_exception(blob: bytes, tb: str, name: str,
-                    summary: tuple[str, str] | None = None) -> BaseException:
-    """The exception a worker sent back, or a :class:`RemoteError` standing in for it.
-
-    ``summary`` is ``(type name, message)`` as the worker saw them, so the
-    stand-in keeps both even when the exception cannot be rebuilt here (its
-    class exists only in the worker, its ``__reduce__`` fails in this process).
-    """
-    type_name, text = summary if summary is not None else (None, None)
-    try:
-        exc = pickle.loads(blob)
-    except Exception as why:
-        what = f"{type_name}: {text}" if type_name else "an exception"
-        exc = RemoteError(
-            f"{name} raised {what} (it could not be unpickled in the parent: "
-            f"{type(why).__name__}: {why}; its traceback is attached)",
-            node=name, type_name=type_name, original_message=text, remote_traceback=tb,
-        )
-    if not isinstance(exc, BaseException):
-        exc = RemoteError(f"{name} failed: {exc!r}", node=name, type_name=type_name,
-                          original_message=text, remote_traceback=tb)
-    exc.__cause__ = RemoteTraceback(tb)
-    return exc
-
-
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
@@ -927,17 +854,45 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def check_workers(workers: Any, where: str) -> int:
-    if workers is None:
-        return os.cpu_count() or 1
-    if isinstance(workers, bool) or not isinstance(workers, int):
-        raise TypeError(f"{where}: workers= must be an int, got {workers!r}")
-    if workers < 0:
-        raise ValueError(
-            f"{where}: workers={workers} is negative; use a positive count, or 0 to run "
-            "in-process"
-        )
-    return workers
+class Lease:
+    """A :class:`ProcessPool` as one run's executor (the engine's view of it).
+
+    The hot methods are the pool's own, bound once: a lease adds no call per
+    submit or poll. Values need no release here: a ``Payload``'s shared
+    memory is recycled when the scheduler drops it.
+    """
+
+    def __init__(self, pool: ProcessPool, memory_limit: int | None,
+                 shutdown_on_close: bool) -> None:
+        self.pool = pool
+        # Chains are off with memory_limit=: a chained call would start in a
+        # worker whose memory the previous call left high, before the pool's
+        # check between calls (ProcessPool._idle_worker) could replace it
+        # without blaming anyone.
+        self.capabilities = Capabilities(kills_calls=True, memory_limit=True,
+                                         chains=memory_limit is None)
+        self.submit = pool.submit
+        self.poll = pool.poll
+        self.wakeup = pool.wakeup
+        self.cancel_running = pool.cancel_running
+        self._shutdown = shutdown_on_close
+        self._closed = False
+
+    def open(self, run: Any) -> None:
+        pass
+
+    def release(self, node: int, handle: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.pool._release()
+        finally:
+            if self._shutdown:
+                self.pool.shutdown()
 
 
 @atexit.register
@@ -945,4 +900,4 @@ def _close_forgotten_pools() -> None:
     # Runs before multiprocessing's own exit hook (registered earlier), which
     # would otherwise join our non-daemonic workers forever.
     for pool in list(_live_pools):
-        pool.close()
+        pool.shutdown()

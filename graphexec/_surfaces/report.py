@@ -42,12 +42,12 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _errors
-from ._errors import GraphexecError, RemoteError, RemoteTraceback
-from ._graph import ALLOW, DATA, ORDER, Graph, Node
-from ._options import TaskOptions
-from ._run import Run
-from ._state import (
+from .._model import errors as _errors
+from .._model.errors import GraphexecError, RemoteError, RemoteTraceback
+from .._model.graph import ALLOW, DATA, ORDER, Graph, Node
+from .._model.options import TaskOptions
+from .._model.run import Run
+from .._model.state import (
     _CANONICAL,
     CACHED,
     CANCELLED,
@@ -58,7 +58,8 @@ from ._state import (
     Attempt,
     State,
 )
-from ._task import Task
+from .._model.task import Task
+from .._version import __version__
 
 if TYPE_CHECKING:
     import graphviz
@@ -401,8 +402,6 @@ def _stand_in_class(module: str, qualname: str, mixin: bool) -> type:
 
 def run_to_html(run: Run, path: str | os.PathLike[str]) -> Path:
     """Write the run report to ``path``: one HTML file that needs no network."""
-    from . import __version__
-
     path = Path(path)
     data = _timeline_data(run)
     graph = run.graph

@@ -17,134 +17,17 @@ from __future__ import annotations
 
 import inspect
 import os
-import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ._task import Task, as_task, pop_graph, push_graph
+from .node import ALLOW, DATA, ORDER, Node, allow_failure, call_site
+from .seam import surfaces
+from .task import Task, as_task, pop_graph, push_graph
+from .walk import find_nodes, remap
 
 if TYPE_CHECKING:
-    from ._pool import Pool
-    from ._run import Run
-    from ._state import State
-
-# Edge flags, OR-ed when one upstream appears several times in a call.
-DATA = 1  # the task receives the upstream's value
-ORDER = 2  # wait_for: ordering only
-ALLOW = 4  # allow_failure: run even if that upstream failed or was skipped
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-class allow_failure:  # noqa: N801 - spelled like a function, as in Prefect
-    """Mark an upstream (or every upstream in a collection) as allowed to fail.
-
-    The dependent runs even if that upstream failed or was skipped; in place of
-    the value it receives the exception instance (:class:`UpstreamFailed` for a
-    skipped upstream). In a collection only the failed items are replaced.
-
-    Works as an argument and inside ``wait_for=``.
-
-    Example::
-
-        with graph:
-            report = summarize(gx.allow_failure([a, b, 1]))
-    """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __repr__(self) -> str:
-        return f"allow_failure({self.value!r})"
-
-    # On the way to a worker the marker disappears: only the value inside is
-    # sent, with its nodes replaced by their values.
-    def __reduce__(self) -> Any:
-        return (_identity, (self.value,))
-
-
-def _identity(value: Any) -> Any:
-    return value
-
-
-class Node:
-    """A call captured in a graph: a placeholder for its future value.
-
-    Pass it as an argument to other task calls, or in ``wait_for=``. After a
-    run, ``node.result()`` and ``node.state`` read the graph's latest run.
-    """
-
-    __slots__ = ("__weakref__", "graph", "index")
-
-    def __init__(self, graph: Graph, index: int) -> None:
-        self.graph = graph
-        self.index = index
-
-    @property
-    def name(self) -> str:
-        """Readable name, unique in its graph unless given explicitly: ``simulate-17``."""
-        return self.graph._names[self.index]
-
-    @property
-    def task(self) -> Task:
-        """The task this node calls."""
-        return self.graph._tasks[self.index]
-
-    @property
-    def upstream(self) -> list[Node]:
-        """The nodes this one depends on (data and wait_for edges)."""
-        nodes = self.graph._nodes
-        return [nodes[i] for i in self.graph._deps[self.index]]
-
-    @property
-    def state(self) -> State:
-        """This node's state in the graph's latest run."""
-        return self.graph._latest_run_or_raise().state(self)
-
-    def result(self, raise_on_failure: bool = True) -> Any:
-        """This node's value in the graph's latest run (see :meth:`Run.result`)."""
-        return self.graph._latest_run_or_raise().result(self, raise_on_failure=raise_on_failure)
-
-    def wait_for(self, *upstream: Any) -> Node:
-        """Add ordering edges after the node was created; returns the node.
-
-        Raises:
-            ValueError: the edge would close a cycle (the path is named).
-            TypeError: an upstream is not a node of this graph.
-        """
-        self.graph._add_order_edges(self.index, upstream)
-        return self
-
-    def __repr__(self) -> str:
-        run = self.graph._latest_run
-        if run is not None and run._has(self.index):
-            return f"<Node {self.name} ({run.state(self).name})>"
-        return f"<Node {self.name}>"
-
-    def __format__(self, spec: str) -> str:
-        return format(self.name, spec)
-
-    def __reduce__(self) -> Any:
-        raise TypeError(
-            f"node {self.name!r} cannot be pickled: a node stands for a value that does not "
-            "exist yet. graphexec finds nodes in arguments only inside lists, tuples, dicts "
-            "and sets; pass the node directly (or in one of those) instead of inside "
-            "another object"
-        )
-
-
-def call_site() -> str:
-    """``file:line`` of the first frame outside graphexec (the user's call)."""
-    frame = sys._getframe(1)
-    while frame is not None and os.path.dirname(
-        os.path.abspath(frame.f_code.co_filename)
-    ).startswith(_PACKAGE_DIR):
-        frame = frame.f_back
-    if frame is None:
-        return "<unknown>"
-    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+    from .._surfaces.pool import Pool  # for the annotation only: compute() goes through the seam
+    from .run import Run
 
 
 class Graph:
@@ -215,11 +98,12 @@ class Graph:
             opts = opts.updated(overrides, f"{task.name}() call")
 
         found: dict[int, int] = {}
+        visit = self._collector(found)
         for value in args:
-            _scan(value, self, found, DATA)
+            find_nodes(value, visit, DATA)
         if kwargs:
             for value in kwargs.values():
-                _scan(value, self, found, DATA)
+                find_nodes(value, visit, DATA)
         if wait_for is not None:
             self._scan_wait_for(wait_for, found, task.name)
 
@@ -250,6 +134,19 @@ class Graph:
         self._names.append(source._names[i])
         self._nodes.append(node)
         return node
+
+    def _collector(self, found: dict[int, int]) -> Callable[[Node, int], None]:
+        """A visitor for :func:`find_nodes` recording this graph's nodes (index -> flags)."""
+
+        def visit(node: Node, flag: int) -> None:
+            if node.graph is not self:
+                raise TypeError(
+                    f"node {node.name!r} belongs to another graph ({node.graph.name}); used at "
+                    f"{call_site()}. Build dependent calls inside the same `with graph:` block"
+                )
+            found[node.index] = found.get(node.index, 0) | flag
+
+        return visit
 
     def _node_name(self, task: Task, opts: Any, args: tuple, kwargs: dict) -> str:
         template = opts.task_run_name
@@ -291,7 +188,7 @@ class Graph:
                         f"{name}() at {call_site()}: wait_for= takes nodes (or "
                         f"gx.allow_failure(node)), got {type(target).__name__} {target!r}"
                     )
-                _scan(target, self, found, flag)
+                find_nodes(target, self._collector(found), flag)
 
     def _add_order_edges(self, index: int, upstream: Iterable[Any]) -> None:
         found: dict[int, int] = {}
@@ -394,9 +291,7 @@ class Graph:
             KeyboardInterrupt: Ctrl-C; ``.run`` holds the partial run, with
                 every node not finished ``Cancelled``.
         """
-        from ._scheduler import compute
-
-        return compute(
+        return surfaces.compute(
             self,
             targets,
             workers=workers,
@@ -453,9 +348,7 @@ class Graph:
             run = graph.compute(raise_on_failure=False)
             graph.visualize("graph.svg")
         """
-        from ._report import visualize
-
-        return visualize(self, path, run=run, collapse=collapse, rankdir=rankdir)
+        return surfaces.visualize(self, path, run=run, collapse=collapse, rankdir=rankdir)
 
     def _latest_run_or_raise(self) -> Run:
         if self._latest_run is None:
@@ -466,85 +359,3 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"<Graph {self.name}: {len(self._nodes)} nodes>"
-
-
-def _scan(obj: Any, graph: Graph, found: dict[int, int], flag: int) -> None:
-    """Record the nodes inside ``obj`` (at any depth of builtin containers)."""
-    kind = type(obj)
-    if isinstance(obj, Node):
-        if obj.graph is not graph:
-            raise TypeError(
-                f"node {obj.name!r} belongs to another graph ({obj.graph.name}); used at "
-                f"{call_site()}. Build dependent calls inside the same `with graph:` block"
-            )
-        found[obj.index] = found.get(obj.index, 0) | flag
-    elif kind is allow_failure:
-        _scan(obj.value, graph, found, flag | ALLOW)
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            _scan(key, graph, found, flag)
-            _scan(value, graph, found, flag)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for value in obj:
-            _scan(value, graph, found, flag)
-
-
-def substitute(obj: Any, values: dict[int, Any]) -> Any:
-    """Return ``obj`` with every node replaced by ``values[node.index]``.
-
-    Used by the in-process schedulers; the process pool does the same during
-    unpickling (see ``_serialize``). Containers without nodes are returned
-    as they are, not copied.
-    """
-    kind = type(obj)
-    if isinstance(obj, Node):
-        return values[obj.index]
-    if kind is allow_failure:
-        return substitute(obj.value, values)
-    if isinstance(obj, dict):
-        items = [(substitute(k, values), substitute(v, values)) for k, v in obj.items()]
-        if all(a is k and b is v for (a, b), (k, v) in zip(items, obj.items())):
-            return obj
-        return _rebuild(obj, items, dict)
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        items = [substitute(v, values) for v in obj]
-        if all(a is b for a, b in zip(items, obj)):
-            return obj
-        return _rebuild(obj, items, None)
-    return obj
-
-
-def remap(obj: Any, mapping: dict[int, Node]) -> Any:
-    """``obj`` with each node replaced by ``mapping[node.index]``, markers kept.
-
-    Unlike :func:`substitute` this keeps ``allow_failure`` wrappers: it moves
-    a call from one graph to another, it does not fill in values.
-    """
-    if isinstance(obj, Node):
-        return mapping[obj.index]
-    if type(obj) is allow_failure:
-        return allow_failure(remap(obj.value, mapping))
-    if isinstance(obj, dict):
-        items = [(remap(k, mapping), remap(v, mapping)) for k, v in obj.items()]
-        if all(a is k and b is v for (a, b), (k, v) in zip(items, obj.items())):
-            return obj
-        return _rebuild(obj, items, dict)
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        items = [remap(v, mapping) for v in obj]
-        if all(a is b for a, b in zip(items, obj)):
-            return obj
-        return _rebuild(obj, items, None)
-    return obj
-
-
-def _rebuild(obj: Any, items: list[Any], dict_kind: Any) -> Any:
-    kind = type(obj)
-    if hasattr(kind, "_fields"):  # namedtuple
-        return kind(*items)
-    try:
-        return kind(items)
-    except TypeError:  # a subclass with another constructor: fall back to the base type
-        for base in (dict, list, tuple, set, frozenset):
-            if isinstance(obj, base):
-                return base(items)
-        raise

@@ -8,10 +8,12 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from ._options import DEFAULT_OPTIONS, RESERVED_KEYWORDS, TaskOptions
+from .options import DEFAULT_OPTIONS, RESERVED_KEYWORDS, TaskOptions
+from .seam import NOT_EAGER, surfaces
+from .state import State
 
 if TYPE_CHECKING:
-    from ._graph import Graph
+    from .graph import Graph
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -81,18 +83,10 @@ class Task:
         graph = active_graph()
         if graph is not None:
             return graph._add_call(self, args, kwargs)
-        from ._flow import active_session, in_flow
-
-        if in_flow():
-            # Prefect's rule: a plain call in a flow runs the task (on the flow's
-            # pool) and returns its value, or its State with return_state=True.
-            # A failure raises here, in the flow body, where it can be caught.
-            future = active_session().submit(self, args, kwargs)  # type: ignore[union-attr]
-            state = future.wait()
-            future._session._observed(future.index)
-            if future.graph._opts[future.index].return_state:
-                return state
-            return state.result()
+        # Prefect's rule: a plain call in a flow runs the task on the flow's pool.
+        value = surfaces.call_eagerly(self, args, kwargs)
+        if value is not NOT_EAGER:
+            return value
         return self._call_plain(args, kwargs)
 
     def submit(self, *args: Any, **kwargs: Any) -> Any:
@@ -108,15 +102,7 @@ class Task:
         graph = active_graph()
         if graph is not None:
             return graph._add_call(self, args, kwargs)
-        from ._flow import active_session
-
-        session = active_session()
-        if session is None:
-            raise RuntimeError(
-                f"{self.name}.submit() starts work now and needs somewhere to run it: call it "
-                "inside a @gx.flow, or inside `with gx.Pool(workers=N):`"
-            )
-        return session.submit(self, args, kwargs)
+        return surfaces.submit(self, args, kwargs)
 
     def _call_plain(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         wait_for = kwargs.pop("wait_for", None)
@@ -129,8 +115,6 @@ class Task:
             )
         if not return_state:
             return self.fn(*args, **kwargs)
-        from ._state import State  # the state module imports this one
-
         return State.from_call(self.name, self.fn, args, kwargs)
 
     def with_options(self, **options: Any) -> Task:

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
+from .keys import task_input_hash
+
 TRIGGERS = frozenset(
     {"all_success", "all_done", "any_failed", "all_failed", "none_failed", "always"}
 )
@@ -87,7 +89,7 @@ class TaskOptions:
             if key == "cache":  # short form of cache_key_fn=task_input_hash
                 if "cache_key_fn" in options:
                     raise TypeError(f"{where}: give cache=True or cache_key_fn=, not both")
-                new.cache_key_fn = _default_key_fn() if _check_bool(value, key, where) else None
+                new.cache_key_fn = task_input_hash if _check_bool(value, key, where) else None
                 continue
             validator = _VALIDATORS.get(canonical)
             if validator is None:
@@ -192,12 +194,6 @@ def _check_tags(value: Any, key: str, where: str) -> tuple[str, ...]:
     if not isinstance(value, Iterable) or not all(isinstance(t, str) for t in value):
         raise TypeError(f"{where}: {key}= must be a list of strings")
     return tuple(dict.fromkeys(value))
-
-
-def _default_key_fn() -> Any:
-    from ._cache import task_input_hash  # the cache module imports the graph, which imports us
-
-    return task_input_hash
 
 
 def _check_key_fn(value: Any, key: str, where: str) -> Any:

@@ -16,17 +16,23 @@ import threading
 import time
 from typing import Any
 
-from ._call import ERROR, Call, run_inline, timeout_error
-
-SIGNAL_SLICE = 0.25  # seconds: the longest a blocked wait may delay Ctrl-C
+from .protocol import ERROR, SIGNAL_SLICE, Call, Capabilities, run_inline, timeout_error
 
 
 class SyncExecutor:
     """Runs each call in the calling thread, one at a time."""
 
+    capabilities = Capabilities(in_caller_thread=True)
+
     def __init__(self) -> None:
         self._done: list[tuple[Call, int, Any]] = []
         self._wake = threading.Event()
+
+    def open(self, run: Any) -> None:
+        pass
+
+    def release(self, node: int, handle: Any) -> None:
+        pass
 
     def submit(self, call: Call) -> bool:
         if self._done:
@@ -55,6 +61,9 @@ class SyncExecutor:
 class ThreadExecutor:
     """A fixed number of threads fed from one queue."""
 
+    # A thread cannot be killed: an overdue call is abandoned, its result dropped.
+    capabilities = Capabilities()
+
     def __init__(self, workers: int) -> None:
         self._size = workers
         self._inbox: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
@@ -63,6 +72,12 @@ class ThreadExecutor:
         self._abandoned: set[int] = set()  # calls past their timeout, still running
         self._threads: list[threading.Thread] = []
         self._live = 0  # threads that are not stuck in an abandoned call
+
+    def open(self, run: Any) -> None:
+        pass
+
+    def release(self, node: int, handle: Any) -> None:
+        pass
 
     def _loop(self) -> None:
         name = threading.current_thread().name

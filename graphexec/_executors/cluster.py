@@ -97,18 +97,29 @@ from typing import Any
 
 import cloudpickle
 
-from ._call import ERROR, OK, Call, timeout_error, write_cache
-from ._errors import GraphexecError, SerializationError, WorkerCrashed
-from ._serialize import PROTOCOL, Payload, arguments_error, dumps, dumps_call, loads_call
+from .._data.serialize import PROTOCOL, Payload, arguments_error, dumps, dumps_call, loads_call
+from .._model.errors import GraphexecError, RemoteTraceback, SerializationError, WorkerCrashed
+from .protocol import ERROR, OK, Call, Capabilities, timeout_error, write_cache
+from .runtime import (
+    Unloadable,
+    arguments_unpickle_error,
+    invoke,
+    load_exception,
+    load_function,
+    pickle_exception,
+    result_error,
+    unloadable_error,
+)
 
 logger = logging.getLogger("graphexec")
 
 START_TOPIC = "graphexec-start"  # events of _run_remote: started on a worker, result digest
 CALLS_PER_THREAD = 2  # calls in flight per worker thread of the cluster
 SHORT_CALLS_PER_THREAD = 8  # ... for a function whose calls are short (latency-bound)
-SHORT_CALL = 0.01  # seconds from start to result under which a function's calls are short
+# Seconds from start to result under which a function's calls are short. Measured
+# from here, round trip included, so longer than the pool's SHORT_CALL (in-worker).
+SHORT_ROUND_TRIP = 0.01
 NTHREADS_REFRESH = 2.0  # seconds between looks at the cluster's size while it is full
-SWEEP_INTERVAL = 1.0  # seconds between full passes over the values held for a run
 SCATTER_BYTES = 1 << 20  # pickles this large (functions, arguments) are scattered, not
 #                         sent through the dask scheduler inside the task's message
 
@@ -222,9 +233,7 @@ _FUNCTIONS_KEPT = 256
 def _function(fn_id: str, blob: bytes, origin: str | None) -> Any:
     fn = _functions.get(fn_id)
     if fn is None:
-        from ._worker import _load_function
-
-        fn = _functions[fn_id] = _load_function(blob, origin)
+        fn = _functions[fn_id] = load_function(blob, origin)
         if len(_functions) > _FUNCTIONS_KEPT:
             _functions.popitem(last=False)
     return fn
@@ -236,8 +245,6 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
     ``remote`` maps node index -> upstream value (dask put the values of the
     Futures in place); ``spec`` carries everything else, pickled here once.
     """
-    from ._worker import _pickle_exception, _Unloadable, result_error
-
     exec_id, key, name, fn_id, origin, args_blob, local_blob, cache, want_digest, timed = spec
     started = time.time()
     worker = _this_worker()
@@ -245,17 +252,13 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
         _announce(worker, {"x": exec_id, "k": key, "t": started}, timed)
 
     def fail(stage: str, exc: BaseException, tb: str) -> _Failure:
-        return _Failure(stage, _pickle_exception(exc, tb), tb, started, time.time())
+        return _Failure(stage, pickle_exception(exc, tb), tb, started, time.time())
 
     fn = _function(fn_id, fn_blob, origin)
-    if type(fn) is _Unloadable:
-        error = SerializationError(
-            f"the function of {name} could not be unpickled on the dask worker: "
-            f"{type(fn.exc).__name__}: {fn.exc}. Is its module importable there (same "
-            "packages, same code on every worker)?",
-            node=name, stage="function",
-        )
-        return fail("function", error, fn.tb)
+    if type(fn) is Unloadable:
+        return fail("function", unloadable_error(
+            name, fn, "on the dask worker", "Is its module importable there (same packages, "
+            "same code on every worker)?"), fn.tb)
     for index, value in remote.items():
         if type(value) is _Failure:  # dask recomputed a lost upstream value, and it failed
             error = WorkerCrashed(
@@ -273,17 +276,12 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
                 values[index] = value
         args, kwargs = loads_call(args_blob, values)
     except BaseException as exc:
-        error = SerializationError(
-            f"the arguments of {name} could not be unpickled on the dask worker: "
-            f"{type(exc).__name__}: {exc}",
-            node=name, stage="unpickle-arguments",
-        )
-        return fail("unpickle-arguments", error, traceback.format_exc())
-    try:
-        result = fn(*args, **kwargs)
-    except BaseException as exc:  # SystemExit and KeyboardInterrupt fail the node too
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
-        return fail("call", exc, tb)
+        return fail("unpickle-arguments",
+                    arguments_unpickle_error(name, exc, "on the dask worker"),
+                    traceback.format_exc())
+    ok, result, tb = invoke(fn, args, kwargs)
+    if not ok:
+        return fail("call", result, tb)
     del args, kwargs, values
     if want_digest or not _plainly_picklable(result):
         try:
@@ -438,53 +436,6 @@ def _leave_hub(client: Any, executor: ClusterExecutor) -> None:
 # -- the executor ------------------------------------------------------------------------------
 
 
-def check_cluster(cluster: Any, *, workers: Any, scheduler: str, pool: Any,
-                  memory_limit: Any, start_method: Any) -> None:
-    """Validate ``compute(cluster=...)`` and the arguments that cannot go with it."""
-    try:
-        from distributed import Client
-    except ImportError:
-        raise TypeError(
-            "cluster= takes a distributed.Client, and dask.distributed is not installed: "
-            "pip install 'graphexec[distributed]'"
-        ) from None
-    if not isinstance(cluster, Client):
-        hint = ""
-        if hasattr(cluster, "scheduler_address"):  # a LocalCluster, SLURMCluster, ...
-            hint = "; connect a Client to it first: cluster=distributed.Client(cluster)"
-        raise TypeError(
-            f"cluster= must be a distributed.Client, got {type(cluster).__name__}{hint}"
-        )
-    if cluster.asynchronous:
-        raise ValueError("cluster= needs a synchronous Client (asynchronous=False)")
-    if cluster.status != "running":
-        raise ValueError(
-            f"the Client given as cluster= is not connected (status {cluster.status!r}); "
-            "connect it to the dask scheduler first"
-        )
-    if pool is not None:
-        raise ValueError("cluster= and pool= both say where tasks run; give one of them")
-    if workers is not None:
-        raise ValueError(
-            "workers= sets local worker processes; with cluster= the dask cluster's "
-            "workers run the tasks (scale the cluster instead)"
-        )
-    if scheduler != "processes":
-        raise ValueError(
-            f"scheduler={scheduler!r} runs tasks in this process; it cannot be combined "
-            "with cluster="
-        )
-    if start_method is not None:
-        raise ValueError("start_method= is for local worker processes; not with cluster=")
-    if memory_limit is not None:
-        raise ValueError(
-            "memory_limit= is enforced by graphexec's local worker processes. On a dask "
-            "cluster each worker has its own memory limit (`dask worker --memory-limit 4GB`, "
-            "LocalCluster(memory_limit=...)): its nanny restarts a worker that goes over it, "
-            "and the node that was running fails with WorkerCrashed"
-        )
-
-
 class _Flight:
     __slots__ = ("call", "digest", "fn_id", "future", "inputs", "key", "started", "submitted",
                  "worker")
@@ -507,23 +458,25 @@ _executor_ids = itertools.count(1)
 class ClusterExecutor:
     """Runs calls on a dask.distributed cluster through ``client``.
 
-    ``run`` (the Run being computed) lets the executor drop the cluster's
-    copy of values the scheduler releases, and keep those of kept nodes for
-    as long as the Run lives; without it every value is kept.
+    The cluster's copy of a value is dropped when the scheduler releases it
+    (:meth:`release`); the values still held when the run closes (kept nodes)
+    stay on the cluster for as long as the :class:`Run` given to :meth:`open`
+    lives.
     """
 
-    def __init__(self, client: Any, run: Any = None) -> None:
+    # Dask runs a task in a worker thread: it cannot be killed, only abandoned.
+    capabilities = Capabilities(remote_values=True)
+
+    def __init__(self, client: Any) -> None:
         self.client = client
         self.id = f"{uuid.uuid4().hex}-{next(_executor_ids)}"
-        self._run = run
+        self._run: Any = None
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._inflight: dict[str, _Flight] = {}  # dask key -> the call in flight
         self._outbox: list[tuple[Call, int, Any]] = []
         self._functions: dict[int, tuple[Any, str, Any]] = {}  # id(fn) -> (fn, fn id, blob)
         self._held: dict[int, tuple[bytes, Payload]] = {}  # node -> its value on the cluster
-        self._recheck: list[int] = []  # nodes whose value may have been released
-        self._next_sweep = time.monotonic() + SWEEP_INTERVAL
-        self._digest_nodes = _nodes_needing_digests(run)
+        self._digest_nodes: set[int] = set()
         self._stores: dict[str, Any] = {}
         self._warned_cache = False
         self._closed = False
@@ -602,9 +555,6 @@ class ClusterExecutor:
             if limit is not None and flight.started is not None:
                 until = max(0.0, flight.started + limit - now)
                 wait = until if wait is None else min(wait, until)
-        if self._held and self._run is not None:
-            until = max(0.0, self._next_sweep - now)
-            wait = until if wait is None else min(wait, until)
         items = []
         try:
             if wait is not None and wait <= 0:
@@ -615,7 +565,6 @@ class ClusterExecutor:
                 items.append(self._inbox.get_nowait())
         except queue.Empty:
             pass
-        self._sweep()
         cancel: list[Any] = []
         for item in items:
             if item is None:  # wakeup()
@@ -650,6 +599,18 @@ class ClusterExecutor:
             self._cancel([f.future for f in flights])
         return [f.call for f in flights]
 
+    def open(self, run: Any) -> None:
+        """Bind to ``run``: its lifetime bounds that of the values it keeps here."""
+        self._run = run
+        self._digest_nodes = _nodes_needing_digests(run)
+
+    def release(self, node: int, handle: Any) -> None:
+        """The scheduler dropped ``node``'s value: drop the cluster's copy too."""
+        entry = self._held.get(node)
+        if entry is not None and entry[1] is handle:
+            del self._held[node]
+            _drop([entry[0]])
+
     def close(self) -> None:
         if self._closed:
             return
@@ -659,15 +620,16 @@ class ClusterExecutor:
         _leave_hub(self.client, self)
         self._outbox = []
         self._functions.clear()
-        if self._run is None:
-            return  # nobody tells us which values are still wanted: keep them all
-        self._sweep(everything=True)
         refs = [data for data, _ in self._held.values()]
         self._held.clear()
         if refs:
-            # Kept nodes' values stay on the cluster while the Run can be read.
-            finalizer = weakref.finalize(self._run, _drop, refs)
-            finalizer.atexit = False
+            # Kept nodes' values stay on the cluster while the Run can be read
+            # (a flow's Run: until the flow's caller lets go of it).
+            if self._run is not None:
+                finalizer = weakref.finalize(self._run, _drop, refs)
+                finalizer.atexit = False
+            else:
+                _drop(refs)
 
     # -- submitting -----------------------------------------------------------
 
@@ -708,7 +670,7 @@ class ClusterExecutor:
 
     def _inputs(self, call: Call) -> tuple[dict[int, Any], bytes | None]:
         """Upstream values: Futures of values on the cluster, and the rest pickled here."""
-        from ._state import State
+        from .._model.state import State
 
         remote: dict[int, Any] = {}
         local: dict[int, tuple[str, Any]] = {}
@@ -758,7 +720,7 @@ class ClusterExecutor:
         if flight.started is not None:
             # From the worker's own start stamp: a task holding the GIL in C code (numpy)
             # delays the start event until it is nearly done.
-            self._short[flight.fn_id] = call.finished - call.started < SHORT_CALL
+            self._short[flight.fn_id] = call.finished - call.started < SHORT_ROUND_TRIP
         status = future.status
         if status == "finished":
             if _is_failure(future.type):
@@ -770,12 +732,9 @@ class ClusterExecutor:
             if old is not None:
                 _drop([old[0]])
             self._held[call.node] = (data, handle)
-            self._recheck.append(call.node)
-            self._recheck.extend(flight.inputs)
             if call.cache is not None:
                 self._check_cache_entry(call)
             return call, OK, handle
-        self._recheck.extend(flight.inputs)
         if status == "error":
             return call, ERROR, self._dask_error(flight)
         return call, ERROR, WorkerCrashed(
@@ -786,8 +745,6 @@ class ClusterExecutor:
         )
 
     def _failed(self, flight: _Flight) -> tuple[Call, int, Any]:
-        from ._pool import _load_exception
-
         call = flight.call
         try:
             failure = flight.future.result()
@@ -799,14 +756,12 @@ class ClusterExecutor:
             )
         call.started = failure.started
         call.finished = max(failure.finished, failure.started)
-        return call, ERROR, _load_exception(failure.exc_blob, failure.tb, call.name)
+        return call, ERROR, load_exception(failure.exc_blob, failure.tb, call.name)
 
     def _dask_error(self, flight: _Flight) -> BaseException:
         """A task that dask itself failed (not the task's code: that returns a _Failure)."""
         from distributed import KilledWorker
         from distributed.comm import CommClosedError
-
-        from ._errors import RemoteTraceback
 
         call, future = flight.call, flight.future
         exc = future.exception()
@@ -854,7 +809,6 @@ class ClusterExecutor:
             cancel.append(flight.future)  # dask may have started it again elsewhere
             call = flight.call
             call.finished = max(time.time(), call.started)
-            self._recheck.extend(flight.inputs)
             self._outbox.append((call, ERROR, WorkerCrashed(
                 f"the dask worker {worker} running {call.name} died (attempt {call.number}): "
                 "its process was killed or exited (segfault, os._exit, the out-of-memory "
@@ -873,7 +827,6 @@ class ClusterExecutor:
                 del self._inflight[key]
                 cancel.append(flight.future)
                 call.finished = max(time.time(), call.started)
-                self._recheck.extend(flight.inputs)
                 self._outbox.append((call, ERROR, timeout_error(
                     call, "a dask task cannot be stopped: its future was cancelled and its "
                     f"result will be dropped, but it may run on in its worker ({flight.worker}) "
@@ -891,7 +844,7 @@ class ClusterExecutor:
         root, key, _ = call.cache
         store = self._stores.get(root)
         if store is None:
-            from ._cache import CacheStore
+            from .._data.cache import CacheStore
 
             store = self._stores[root] = CacheStore(root)
         if not Path(store.path(key)).exists():
@@ -903,35 +856,6 @@ class ClusterExecutor:
                 call.name, root,
             )
 
-    # -- releasing values -----------------------------------------------------
-
-    def _sweep(self, everything: bool = False) -> None:
-        """Drop the cluster's copy of values the scheduler no longer holds."""
-        if self._run is None or not self._held:
-            self._recheck.clear()
-            return
-        now = time.monotonic()
-        if everything or now >= self._next_sweep:
-            self._next_sweep = now + SWEEP_INTERVAL
-            nodes: Any = list(self._held)
-        else:
-            nodes, self._recheck = self._recheck, []
-        states = self._run._states
-        drop = []
-        for node in nodes:
-            entry = self._held.get(node)
-            if entry is None or node >= len(states):
-                continue
-            state = states[node]
-            if state is None:
-                continue  # its outcome is not applied yet
-            if state._value is not entry[1]:  # released, fetched, or never accepted
-                del self._held[node]
-                drop.append(entry[0])
-        if drop:
-            _drop(drop)
-
-
 def _is_failure(kind: Any) -> bool:
     if kind is _Failure:
         return True
@@ -941,13 +865,13 @@ def _is_failure(kind: Any) -> bool:
 
 
 def _local(handle: Any) -> Any:
-    from ._serialize import materialize
+    from .._model.handle import materialize
 
     return materialize(handle)
 
 
 def _local_state(state: Any) -> Any:
-    from ._state import State
+    from .._model.state import State
 
     value = state._value
     if type(value) is not Payload:
@@ -966,7 +890,7 @@ def _nodes_needing_digests(run: Any) -> set[int]:
     """
     if run is None:
         return set()
-    from ._cache import task_input_hash
+    from .._model.keys import task_input_hash
 
     graph = run.graph
     opts, deps = graph._opts, graph._deps

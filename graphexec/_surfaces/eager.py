@@ -1,4 +1,4 @@
-"""Eager execution: ``task.submit()``, futures and ``@flow``, on the same scheduler.
+"""Eager execution: ``task.submit()`` and futures, on the same scheduler as lazy graphs.
 
 ::
 
@@ -27,21 +27,24 @@ result at any time), as in Prefect.
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ._call import OK
-from ._errors import GraphFailed
-from ._graph import Graph, Node, _rebuild, allow_failure
-from ._order import post_order, sinks
-from ._run import Run
-from ._serialize import Payload
-from ._state import FINAL, PENDING, RUNNING, State
+from .._data.cache import DEFAULT_DIR, CacheStore
+from .._data.serialize import Payload
+from .._engine.scheduler import Scheduler
+from .._executors.protocol import OK, Executor
+from .._model.graph import Graph
+from .._model.node import Node
+from .._model.order import post_order, sinks
+from .._model.run import Run
+from .._model.seam import NOT_EAGER
+from .._model.state import FINAL, PENDING, RUNNING, State
+from .options import ComputeOptions, check_limits
 
 _local = threading.local()
 
@@ -65,10 +68,40 @@ def active_session() -> Session | None:
     return session_for_pool(top)
 
 
-def in_flow() -> bool:
-    """True inside a flow's body (where a plain task call runs on the flow's pool)."""
+def flow_session() -> Session | None:
+    """The session of the flow whose body runs on this thread (innermost), or None."""
     stack = getattr(_local, "sessions", None)
-    return bool(stack) and isinstance(stack[-1], Session)
+    if stack and isinstance(stack[-1], Session):
+        return stack[-1]
+    return None
+
+
+def call_eagerly(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A plain task call: inside a flow it runs on the flow's pool (Prefect's rule).
+
+    Returns the value, or the State with ``return_state=True``; a failure raises
+    here, in the flow body, where it can be caught. Outside a flow: NOT_EAGER.
+    """
+    session = flow_session()
+    if session is None:
+        return NOT_EAGER
+    future = session.submit(task, args, kwargs)
+    state = future.wait()
+    session._observed(future.index)
+    if future.graph._opts[future.index].return_state:
+        return state
+    return state.result()
+
+
+def submit(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
+    """``task.submit()``: start the call now in the innermost flow or pool block."""
+    session = active_session()
+    if session is None:
+        raise RuntimeError(
+            f"{task.name}.submit() starts work now and needs somewhere to run it: call it "
+            "inside a @gx.flow, or inside `with gx.Pool(workers=N):`"
+        )
+    return session.submit(task, args, kwargs)
 
 
 def push_context(context: Any) -> None:
@@ -146,7 +179,7 @@ class Session:
 
     def __init__(
         self,
-        executor: Any,
+        executor: Executor,
         *,
         name: str = "flow",
         fail_fast: bool = False,
@@ -155,15 +188,12 @@ class Session:
         observer: Any = None,
         memory_limit: int | None = None,
     ) -> None:
-        from ._cache import CacheStore
-        from ._scheduler import Scheduler, check_limits
-
         self.graph = Graph(name)
         self.graph._node_type = Future  # type: ignore[attr-defined]
         self.graph._session = self  # type: ignore[attr-defined]
         self.run = Run(self.graph, [], _Everything())  # type: ignore[arg-type]
         self.executor = executor
-        self._make_store = lambda: CacheStore(cache_dir)
+        executor.open(self.run)
         self._cache_dir = cache_dir
         self.memory_limit = memory_limit
         self._published = 0  # scheduler.done when waiters were last woken
@@ -210,14 +240,15 @@ class Session:
 
     def submit(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
         """Add a call to the graph and start it as soon as its inputs are ready."""
-        if self._closing:
-            raise RuntimeError("this flow/pool has finished; submit inside it")
-        if self._error is not None:
-            raise RuntimeError("the graphexec scheduler thread failed") from self._error
-        opts = task.options
-        if opts.cache_key_fn is not None and self.scheduler.cache is None:
-            self.scheduler.cache = self._make_store()
         with self._lock:
+            # Under the lock: close() sets _closing under it too, so a submit either
+            # is queued before the scheduler's last look at the inbox, or refused.
+            if self._closing:
+                raise RuntimeError("this flow/pool has finished; submit inside it")
+            if self._error is not None:
+                raise RuntimeError("the graphexec scheduler thread failed") from self._error
+            if task.options.cache_key_fn is not None:
+                self._ensure_store()
             node = self.graph._add_call(task, args, kwargs)
             # While earlier submissions wait in the inbox, their wakeup is still
             # to be handled and the scheduler takes the whole inbox at once: one
@@ -227,6 +258,11 @@ class Session:
         if wake:
             self.executor.wakeup()
         return node  # type: ignore[return-value]
+
+    def _ensure_store(self) -> None:
+        """Open the session's one cache store (caller holds the lock)."""
+        if self.scheduler.cache is None:
+            self.scheduler.cache = CacheStore(self._cache_dir)
 
     def _wait(self, index: int, timeout: float | None) -> State:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -273,7 +309,8 @@ class Session:
 
     def close(self) -> None:
         """Let the scheduler thread finish what was submitted, then stop it."""
-        self._closing = True
+        with self._lock:
+            self._closing = True
         self.executor.wakeup()
         self._thread.join()
         self.run._finish_run()
@@ -286,6 +323,7 @@ class Session:
                 payload.discard(recycle=False)
         if self.scheduler.cache is not None:
             self.scheduler.cache.unlock_all()
+        self.executor.close()
 
     def _check_compute_options(self, limits: dict[str, int] | None, cache_dir: Any,
                                memory_limit: int | None) -> None:
@@ -312,18 +350,7 @@ class Session:
                 "@gx.flow instead"
             )
 
-    def compute_graph(
-        self,
-        graph: Graph,
-        targets: list[int],
-        *,
-        raise_on_failure: bool,
-        keep: str,
-        limits: dict[str, int] | None = None,
-        refresh_cache: bool = False,
-        cache_dir: Any = None,
-        memory_limit: int | None = None,
-    ) -> Run:
+    def compute_graph(self, graph: Graph, targets: list[int], options: ComputeOptions) -> Run:
         """Run a lazy graph's nodes on this session's scheduler; return that graph's Run.
 
         The nodes are copied into the session (their nodes replaced by the
@@ -334,16 +361,15 @@ class Session:
         pool), so a value other than the flow's is a ``ValueError`` saying to
         give it to ``@gx.flow``, never silently ignored.
         """
-        self._check_compute_options(limits, cache_dir, memory_limit)
+        self._check_compute_options(options.limits, options.cache_dir, options.memory_limit)
+        refresh_cache, keep = options.refresh_cache, options.keep
         if not targets:
             targets = sinks(graph._deps)
         members = post_order(graph._deps, targets)
         mapping: dict[int, Future] = {}
         with self._lock:
-            if any(graph._opts[i].cache_key_fn is not None for i in members) and (
-                self.scheduler.cache is None
-            ):
-                self.scheduler.cache = self._make_store()
+            if any(graph._opts[i].cache_key_fn is not None for i in members):
+                self._ensure_store()
             opts = self.graph._opts
             for i in members:
                 node = self.graph._copy_node(graph, i, mapping)  # type: ignore[arg-type]
@@ -364,8 +390,8 @@ class Session:
         graph._latest_run = run
         # The caller gets this Run (or GraphFailed): its failures are now seen.
         self.run._handled.update(f.index for f in mapping.values())
-        if raise_on_failure and not run.ok:
-            raise GraphFailed(run._failure_report(), run=run) from run._first_unhandled()
+        if options.raise_on_failure:
+            run._raise_if_failed()
         return run
 
 
@@ -383,11 +409,16 @@ class _PublishingExecutor:
     session unlinks them itself (see :meth:`Session.close`).
     """
 
-    def __init__(self, session: Session, executor: Any) -> None:
+    def __init__(self, session: Session, executor: Executor) -> None:
         self._session = session
         self._poll = executor.poll
+        self.capabilities = executor.capabilities._replace(chains=False)  # any value may be read
+        self.open = executor.open
         self.submit = executor.submit
+        self.wakeup = executor.wakeup
+        self.release = executor.release
         self.cancel_running = executor.cancel_running
+        self.close = executor.close
 
     def poll(self, timeout: float | None) -> Any:
         session = self._session
@@ -401,8 +432,6 @@ class _PublishingExecutor:
 
 
 def _same_dir(a: Any, b: Any) -> bool:
-    from ._cache import DEFAULT_DIR
-
     return Path(a if a is not None else DEFAULT_DIR).resolve() == Path(
         b if b is not None else DEFAULT_DIR
     ).resolve()
@@ -474,210 +503,10 @@ def as_completed(futures: Iterable[Future], timeout: float | None = None) -> Ite
             session._cond.wait(min(0.05, remaining) if remaining is not None else 0.05)
 
 
-class Flow:
-    """A function whose body runs with a pool behind it; see :func:`flow`."""
-
-    def __init__(self, fn: Callable[..., Any], options: dict[str, Any]) -> None:
-        self.fn = fn
-        self.options = options
-        self.name = options.get("name") or getattr(fn, "__name__", "flow")
-        functools.update_wrapper(self, fn)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if active_session() is not None:
-            # A flow called inside a flow runs in the outer flow's session:
-            # same pool, same scheduler, its failures reported by the outer flow.
-            return _resolve(self.fn(*args, **kwargs))
-        from ._inprocess import SyncExecutor, ThreadExecutor
-        from ._pool import Pool, check_workers, parse_memory
-
-        opts = self.options
-        workers = check_workers(opts.get("workers"), f"@flow {self.name}")
-        scheduler = opts.get("scheduler", "processes")
-        memory = parse_memory(opts.get("memory_limit"))
-        if opts.get("cluster") is not None:
-            from ._cluster import ClusterExecutor
-
-            # No Run given: a flow keeps every value, on the cluster, while it runs.
-            executor: Any = ClusterExecutor(opts["cluster"])
-        elif workers == 0 or scheduler == "sync":
-            executor = SyncExecutor()
-        elif scheduler == "threads":
-            executor = ThreadExecutor(workers)
-        else:
-            executor = Pool(workers, start_method=opts.get("start_method"))
-            executor._acquire(memory)
-        observer = _make_observer(opts.get("progress"))
-        session = Session(
-            executor, name=self.name, fail_fast=opts.get("fail_fast", False),
-            limits=opts.get("limits"), cache_dir=opts.get("cache_dir"), observer=observer,
-            memory_limit=memory,
-        )
-        push_context(session)
-        try:
-            try:
-                value = self.fn(*args, **kwargs)
-                session.wait_all()
-                value = _resolve(value)
-            except BaseException as exc:
-                session.cancel(f"the flow body raised {type(exc).__name__}")
-                session.close()
-                if getattr(exc, "run", None) is None:
-                    # (a GraphFailed from a lazy graph computed in the body keeps
-                    # that graph's Run, whose nodes the user holds)
-                    exc.run = session.run  # type: ignore[attr-defined]
-                raise
-            session.close()
-        finally:
-            pop_context(session)
-            if isinstance(executor, Pool):
-                executor._release()
-                executor.close()
-            else:
-                executor.close()
-            if observer is not None:
-                observer.closed(session.run)
-        if not session.run.ok:
-            raise GraphFailed(session.run._failure_report(), run=session.run) from (
-                session.run._first_unhandled()
-            )
-        return value
-
-
-def _make_observer(progress: Any) -> Any:
-    try:
-        from ._progress import make_observer
-    except ImportError:  # progress bars arrive with the observability work
-        return None
-    return make_observer(progress)
-
-
-def _resolve(value: Any) -> Any:
-    """The flow's return value with futures and nodes in it replaced by their values.
-
-    A future gives its result; a node of a lazy graph its value in that graph's
-    latest run (a graph computed in the body). Nodes of different graphs share
-    indices, so each is looked up by its own graph, never by index alone.
-    """
-    if isinstance(value, Node):  # a Future, or a lazy graph's node
-        return value.result()
-    if isinstance(value, allow_failure):
-        return _resolve(value.value)
-    if isinstance(value, dict):
-        items = [(_resolve(k), _resolve(v)) for k, v in value.items()]
-        if all(a is k and b is v for (a, b), (k, v) in zip(items, value.items())):
-            return value
-        return _rebuild(value, items, dict)
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = [_resolve(v) for v in value]
-        if all(a is b for a, b in zip(items, value)):
-            return value
-        return _rebuild(value, items, None)
-    return value
-
-
-_FLOW_OPTIONS = {
-    "name", "workers", "task_runner_max_concurrency", "memory_limit", "cache_dir",
-    "progress", "limits", "fail_fast", "scheduler", "start_method", "cluster",
-}
-
-
-def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
-    """Make a function a flow: its body runs with a pool, tasks start on ``submit()``.
-
-    Args:
-        fn: the function (bare ``@flow``).
-        **options: ``workers`` (max tasks at a time; Prefect's
-            ``task_runner_max_concurrency`` is an alias), ``memory_limit``,
-            ``cache_dir``, ``progress``, ``limits`` (per tag), ``fail_fast``,
-            ``scheduler`` (``"processes"``, ``"threads"``, ``"sync"``), ``cluster``
-            (a ``distributed.Client``: tasks run on its dask cluster),
-            ``start_method``, ``name``.
-
-    Returns:
-        A callable :class:`Flow`. Calling it runs the body and returns its value
-        with futures in it (and nodes of lazy graphs computed in it) replaced by
-        their values; a returned future that failed raises its exception.
-
-    Raises:
-        GraphFailed: when the body returned but a task failure was never handled:
-            no dependent accepted it (``allow_failure``, ``return_state``, a
-            trigger) and nobody looked at it (``future.result()`` raising or
-            returning it, reading ``future.state``). Waiting (``future.wait()``,
-            :func:`wait`, :func:`as_completed`) is not looking.
-        Exception: whatever the body raised, after every pending task was
-            cancelled; the exception carries ``.run`` (unless it had one: a
-            ``GraphFailed`` from a lazy graph keeps that graph's Run).
-
-    A flow called inside another flow (or inside ``with gx.Pool():``) is
-    supported and runs in the outer one's session: same pool, same scheduler,
-    and its own options are not applied. It returns its body's value; its
-    unhandled failures are reported when the outer flow ends. A lazy graph
-    computed in a flow runs there too; ``compute``'s ``limits``,
-    ``cache_dir`` and ``memory_limit`` must then match the flow's.
-
-    Example::
-
-        @gx.flow(workers=2)
-        def my_flow():
-            futures = [square.submit(i) for i in range(5)]
-            return [f.result() for f in futures]
-    """
-
-    def decorate(f: Callable[..., Any]) -> Flow:
-        unknown = set(options) - _FLOW_OPTIONS
-        if unknown:
-            raise TypeError(f"@flow: unknown option(s) {', '.join(sorted(unknown))}; known: "
-                            f"{', '.join(sorted(_FLOW_OPTIONS))}")
-        opts = dict(options)
-        alias = opts.pop("task_runner_max_concurrency", None)
-        if alias is not None:
-            if opts.get("workers") not in (None, alias):
-                raise TypeError("@flow: give workers= or task_runner_max_concurrency=, not both")
-            opts["workers"] = alias
-        if not callable(f):
-            raise TypeError(f"@flow expects a function, got {type(f).__name__}")
-        _check_flow_options(opts, f"@flow on {getattr(f, '__name__', 'flow')}")
-        return Flow(f, opts)
-
-    if fn is None:
-        return decorate
-    return decorate(fn)
-
-
-def _check_flow_options(opts: dict[str, Any], where: str) -> None:
-    """Refuse bad option values when the flow is decorated, as ``compute`` refuses them."""
-    from ._pool import check_workers, parse_memory
-    from ._scheduler import SCHEDULERS, check_limits
-
-    scheduler = opts.get("scheduler", "processes")
-    if opts.get("cluster") is not None:
-        from ._cluster import check_cluster
-
-        check_cluster(opts["cluster"], workers=opts.get("workers"), scheduler=scheduler,
-                      pool=None, memory_limit=opts.get("memory_limit"),
-                      start_method=opts.get("start_method"))
-        return
-    if scheduler not in SCHEDULERS:
-        raise ValueError(
-            f"{where}: scheduler={scheduler!r} is not one of {', '.join(map(repr, SCHEDULERS))}"
-        )
-    workers = check_workers(opts.get("workers"), where)
-    check_limits(opts.get("limits"))
-    if parse_memory(opts.get("memory_limit")) is not None and (
-        scheduler != "processes" or workers == 0
-    ):
-        raise ValueError(
-            f"{where}: memory_limit= needs worker processes to measure and kill; "
-            f"scheduler={scheduler!r} runs in this process"
-        )
-
-
 def session_for_pool(pool: Any) -> Session:
     """The eager session of ``with gx.Pool(...):``, started on first use."""
     if pool._session is None:
-        pool._acquire(None)
-        pool._session = Session(pool, name="pool")
+        pool._session = Session(pool._lease(None), name="pool")
     return pool._session  # type: ignore[no-any-return]
 
 
@@ -688,11 +517,7 @@ def end_pool_session(pool: Any) -> None:
     try:
         session.wait_all()
     finally:
-        session.close()
         pool._session = None
-        pool._release()
-    if not session.run.ok:
-        raise GraphFailed(session.run._failure_report(), run=session.run) from (
-            session.run._first_unhandled()
-        )
+        session.close()
+    session.run._raise_if_failed()
 

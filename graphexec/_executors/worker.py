@@ -45,10 +45,19 @@ import time
 import traceback
 from typing import Any
 
-from . import _shm
-from ._call import write_cache
-from ._errors import RemoteError, SerializationError, safe_str
-from ._serialize import dumps, dumps_value, loads_call, loads_value
+from .._data import shm as _shm
+from .._data.serialize import dumps, dumps_value, loads_call, loads_value
+from .protocol import write_cache
+from .runtime import (
+    Unloadable,
+    arguments_unpickle_error,
+    describe_exception,
+    invoke,
+    load_function,
+    pickle_exception,
+    result_error,
+    unloadable_error,
+)
 
 WATCHDOG_INTERVAL = 0.5
 _worker_pid = 0  # this worker's pid: a process with another one is a child a task forked
@@ -94,7 +103,7 @@ def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0,
             break  # the parent closed our pipe or died
         message = pickle.loads(data)
         if message[0] == "fn":
-            functions[message[1]] = _load_function(message[2], message[3])
+            functions[message[1]] = load_function(message[2], message[3])
             try:
                 # Starting this process and importing what the function needs
                 # (torch, a big module) is ours, not the task's: the parent starts
@@ -160,40 +169,29 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
 
     def fail(stage: str, exc: BaseException, tb: str) -> bytes:
         return pickle.dumps(
-            ("err", token, stage, _pickle_exception(exc, tb, name), tb, started, time.time(),
+            ("err", token, stage, pickle_exception(exc, tb, name), tb, started, time.time(),
              describe_exception(exc)),
             protocol=5,
         )
 
     fn = functions[fn_id]
-    if type(fn) is _Unloadable:
-        error = SerializationError(
-            f"the function of {name} could not be unpickled in the worker: "
-            f"{type(fn.exc).__name__}: {fn.exc}. Is its module importable from the worker "
-            "(same virtualenv, same working directory)?",
-            node=name, stage="function",
-        )
-        return fail("function", error, fn.tb)
+    if type(fn) is Unloadable:
+        return fail("function", unloadable_error(
+            name, fn, "in the worker", "Is its module importable from the worker (same "
+            "virtualenv, same working directory)?"), fn.tb)
 
     try:
         values.update((dep[0], loads_value(dep[1])) for dep in deps if len(dep) == 2)
         args, kwargs = loads_call(args_blob, values)
     except BaseException as exc:
-        error = SerializationError(
-            f"the arguments of {name} could not be unpickled in the worker: "
-            f"{type(exc).__name__}: {exc}",
-            node=name, stage="unpickle-arguments",
-        )
-        return fail("unpickle-arguments", error, traceback.format_exc())
+        return fail("unpickle-arguments", arguments_unpickle_error(name, exc, "in the worker"),
+                    traceback.format_exc())
 
     NodeStream.node = name
-    try:
-        result = fn(*args, **kwargs)
-    except BaseException as exc:  # SystemExit and KeyboardInterrupt fail the node too
+    ok, result, tb = invoke(fn, args, kwargs)
+    if not ok:
         _end_if_forked()
-        # Start the traceback at the task's own frame, not at this loop.
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
-        return fail("call", exc, tb)
+        return fail("call", result, tb)
     _end_if_forked()
     finished = time.time()
     del args, kwargs, values
@@ -247,107 +245,6 @@ def _end_if_forked() -> None:
     if os.getpid() != _worker_pid:
         _flush_stdio()
         os._exit(0)
-
-
-def _load_function(blob: bytes, origin: str | None) -> Any:
-    try:
-        fn = pickle.loads(blob)
-    except BaseException as exc:  # reported when a call needs it, on that node
-        return _Unloadable(exc, traceback.format_exc())
-    if origin:
-        _restore_filenames(fn, origin)
-    if getattr(fn, "__module__", None) == "__main__":
-        _adopt_into_main(fn)
-    return fn
-
-
-def _adopt_into_main(fn: Any) -> None:
-    """Make the script's functions and classes that ``fn`` uses findable as ``__main__.x``.
-
-    They arrive by value (workers never run the script), so plain pickle — a
-    ``multiprocessing.Pool`` the task starts, ``concurrent.futures`` — could
-    not send them by reference ("attribute lookup sq on __main__ failed").
-    Naming them in this worker's ``__main__`` lets it; a forked child of the
-    worker inherits the names. The latest definition wins, as in a notebook.
-    """
-    main = sys.modules.get("__main__")
-    if main is None:
-        return
-    for name, value in list(getattr(fn, "__globals__", {}).items()):
-        if getattr(value, "__module__", None) == "__main__" and \
-                getattr(value, "__qualname__", None) == name:
-            setattr(main, name, value)
-
-
-def _restore_filenames(fn: Any, origin: str) -> None:
-    """Put back the source file cloudpickle blanks to ``<dynamic-code>``.
-
-    Functions pickled by value (defined in ``__main__``, a notebook, a closure)
-    lose ``co_filename``; without it the remote traceback cannot say where the
-    error is. The helpers such a function pulled along by value come from the
-    same place.
-    """
-    seen: set[int] = set()
-    todo = [fn]
-    while todo:
-        f = todo.pop()
-        code = getattr(f, "__code__", None)
-        if code is None or id(f) in seen or code.co_filename != "<dynamic-code>":
-            continue
-        seen.add(id(f))
-        try:
-            f.__code__ = _refile(code, origin)
-        except (AttributeError, TypeError, ValueError):
-            continue
-        todo.extend(v for v in getattr(f, "__globals__", {}).values() if callable(v))
-
-
-def _refile(code: Any, origin: str) -> Any:
-    consts = tuple(
-        _refile(c, origin) if hasattr(c, "co_filename") else c for c in code.co_consts
-    )
-    return code.replace(co_filename=origin, co_consts=consts)
-
-
-def result_error(name: str, result: Any, exc: BaseException) -> SerializationError:
-    """The error of a node whose result would not pickle, naming the result's type."""
-    kind = type(result)
-    return SerializationError(
-        f"the result of {name} (a {kind.__module__}.{kind.__qualname__}) cannot be "
-        f"pickled: {type(exc).__name__}: {safe_str(exc)}. Return plain data (numbers, "
-        "strings, arrays, lists, dicts) or make the type picklable",
-        node=name, stage="result",
-    )
-
-
-class _Unloadable:
-    __slots__ = ("exc", "tb")
-
-    def __init__(self, exc: BaseException, tb: str) -> None:
-        self.exc, self.tb = exc, tb
-
-
-def describe_exception(exc: BaseException) -> tuple[str, str]:
-    """``(qualified type name, str(exc))``, whatever the exception's ``__str__`` does."""
-    kind = type(exc)
-    return f"{kind.__module__}.{kind.__qualname__}", safe_str(exc)
-
-
-def _pickle_exception(exc: BaseException, tb: str, name: str | None = None) -> bytes:
-    """Pickle ``exc`` if it survives a round trip, else a RemoteError standing in for it."""
-    try:
-        blob = dumps(exc)
-        pickle.loads(blob)  # e.g. __init__ with required keyword arguments fails here
-        return blob
-    except BaseException as why:
-        type_name, text = describe_exception(exc)
-        who = f"{name} raised " if name else ""
-        stand_in = RemoteError(
-            f"{who}{type_name}: {text} (the exception itself could not be sent back from "
-            f"the worker: {describe_exception(why)[1]}; its traceback is attached)",
-            node=name, type_name=type_name, original_message=text, remote_traceback=tb,
-        )
-        return dumps(stand_in)
 
 
 class NodeStream:

@@ -47,26 +47,17 @@ import time
 import warnings
 from typing import Any
 
-from ._cache import (
-    CacheContext,
-    CacheStore,
-    Fingerprint,
-    Unhashable,
-    content_hash,
-    expiry,
-    task_input_hash,
-    wire_hash,
-)
-from ._call import ERROR, HELD, OK, REQUEUE, Call
-from ._errors import GraphFailed, WorkerCrashed, safe_str
-from ._graph import ALLOW, DATA, Graph, Node, substitute
-from ._inprocess import SyncExecutor, ThreadExecutor
-from ._options import retry_delay_for, should_retry
-from ._order import post_order, sinks
-from ._pool import Pool, check_workers, parse_memory
-from ._run import Run
-from ._serialize import Payload, materialize
-from ._state import (
+from .._data.cache import CacheStore, expiry, wire_hash
+from .._data.serialize import Payload
+from .._executors.protocol import ERROR, HELD, OK, REQUEUE, Call, Executor
+from .._model.errors import WorkerCrashed, safe_str
+from .._model.graph import Graph
+from .._model.handle import materialize
+from .._model.keys import CacheContext, Fingerprint, Unhashable, content_hash, task_input_hash
+from .._model.node import ALLOW, DATA
+from .._model.options import retry_delay_for, should_retry
+from .._model.run import Run
+from .._model.state import (
     CACHED,
     CANCELLED,
     COMPLETED,
@@ -76,6 +67,7 @@ from ._state import (
     Attempt,
     State,
 )
+from .._model.walk import substitute
 
 logger = logging.getLogger("graphexec")
 
@@ -83,162 +75,9 @@ LOCK_POLL = 0.1  # seconds between looks at a cache entry another process is com
 CHAIN_MAX = 8  # calls chained behind one: each waits in the worker's pipe
 _SAFE_KEY = re.compile(r"[0-9a-zA-Z_-]{8,128}")
 
-SCHEDULERS = ("processes", "threads", "sync")
-
 # Triggers under which a dependent runs although an upstream failed (fail_fast
 # leaves such a failure to them instead of cancelling the run).
 _REACTING_TRIGGERS = frozenset({"all_done", "always", "any_failed", "all_failed"})
-
-
-def compute(
-    graph: Graph,
-    targets: tuple[Any, ...],
-    *,
-    workers: int | None,
-    scheduler: str,
-    fail_fast: bool,
-    raise_on_failure: bool,
-    keep: str,
-    pool: Pool | None,
-    memory_limit: int | str | None,
-    limits: dict[str, int] | None,
-    start_method: str | None,
-    cache_dir: Any = None,
-    refresh_cache: bool = False,
-    cluster: Any = None,
-    progress: bool | None = None,
-) -> Run:
-    """Validate the arguments, pick an executor, run the scheduler; see ``Graph.compute``."""
-    if scheduler not in SCHEDULERS:
-        raise ValueError(
-            f"scheduler={scheduler!r} is not one of {', '.join(map(repr, SCHEDULERS))}"
-        )
-    if keep not in ("targets", "all"):
-        raise ValueError(f"keep={keep!r} must be 'targets' or 'all'")
-    if cluster is not None:
-        from ._cluster import check_cluster
-
-        check_cluster(cluster, workers=workers, scheduler=scheduler, pool=pool,
-                      memory_limit=memory_limit, start_method=start_method)
-    limit_bytes = parse_memory(memory_limit)
-    limits = check_limits(limits)
-    from ._progress import make_observer
-
-    observer = make_observer(progress)  # None unless a bar is wanted: no cost then
-    if pool is not None:
-        if not isinstance(pool, Pool):
-            raise TypeError(f"pool= must be a gx.Pool, got {type(pool).__name__}")
-        if scheduler != "processes" or workers not in (None, pool.workers):
-            raise ValueError("pool= sets the workers itself; do not combine it with "
-                             "workers= or another scheduler")
-        count = pool.workers
-    else:
-        count = check_workers(workers, "compute")
-    if count == 0:
-        scheduler = "sync"
-    if limit_bytes is not None and scheduler != "processes":
-        raise ValueError(
-            f"memory_limit= needs worker processes to measure and kill; scheduler={scheduler!r} "
-            "runs in this process"
-        )
-
-    target_ids = _target_ids(graph, targets)
-    from ._flow import active_session, in_flow
-
-    session = pool._session if pool is not None else (active_session() if in_flow() else None)
-    if session is not None:
-        # One scheduler: a lazy graph computed inside a flow (or next to submits
-        # on the same pool) runs in that session, on its pool.
-        if cluster is not None:
-            raise ValueError("cluster= for a graph computed inside a flow: the flow's "
-                             "scheduler runs it, on the flow's workers")
-        if fail_fast:
-            raise ValueError(
-                "fail_fast=True for a graph computed inside a flow: the flow's scheduler runs "
-                "it, so give fail_fast to @gx.flow instead"
-            )
-        return session.compute_graph(
-            graph, target_ids, raise_on_failure=raise_on_failure, keep=keep, limits=limits,
-            refresh_cache=refresh_cache, cache_dir=cache_dir, memory_limit=limit_bytes,
-        )
-    explicit = bool(target_ids)
-    if not explicit:
-        target_ids = sinks(graph._deps)
-    members = post_order(graph._deps, target_ids)
-    kept = set(members) if keep == "all" else set(target_ids)
-
-    run = Run(graph, members, kept)
-    store = None
-    if any(graph._opts[i].cache_key_fn is not None for i in members):
-        store = CacheStore(cache_dir)
-    if cluster is not None:
-        from ._cluster import ClusterExecutor
-
-        executor: Any = ClusterExecutor(cluster, run)
-    elif scheduler == "sync":
-        executor = SyncExecutor()
-    elif scheduler == "threads":
-        executor = ThreadExecutor(count)
-    else:
-        executor = pool if pool is not None else Pool(count, start_method=start_method)
-        executor._acquire(limit_bytes)
-    sched = Scheduler(graph, run, executor, fail_fast=fail_fast, limits=limits,
-                      cache=store, refresh_cache=refresh_cache, observer=observer)
-    try:
-        sched.run()
-    except KeyboardInterrupt as interrupt:
-        sched.cancel("interrupted (Ctrl-C)", everything=True)
-        run._finish_run()
-        graph._latest_run = run
-        interrupt.run = run  # type: ignore[attr-defined]
-        raise
-    finally:
-        if observer is not None:  # normal end, Ctrl-C (all cancelled by now) or a bug
-            observer.closed(run)
-        if store is not None:
-            store.unlock_all()
-        if executor is pool:
-            pool._release()
-        elif isinstance(executor, Pool):
-            executor._release()
-            executor.close()
-        else:
-            executor.close()
-    run._finish_run()
-    graph._latest_run = run
-    if raise_on_failure and not run.ok:
-        failure = run._first_unhandled()
-        raise GraphFailed(run._failure_report(), run=run) from failure
-    return run
-
-
-def _target_ids(graph: Graph, targets: tuple[Any, ...]) -> list[int]:
-    ids: list[int] = []
-    stack = list(reversed(targets))
-    while stack:
-        item = stack.pop()
-        if isinstance(item, Node):
-            if item.graph is not graph:
-                raise ValueError(f"target {item.name!r} belongs to another graph")
-            ids.append(item.index)
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.extend(reversed(list(item)))
-        elif isinstance(item, dict):
-            stack.extend(reversed(list(item.values())))
-        else:
-            raise TypeError(f"compute() targets must be nodes, got {type(item).__name__}")
-    return list(dict.fromkeys(ids))
-
-
-def check_limits(limits: Any) -> dict[str, int]:
-    if limits is None:
-        return {}
-    if not isinstance(limits, dict):
-        raise TypeError("limits= must be a dict of tag -> max concurrent runs")
-    for tag, cap in limits.items():
-        if not isinstance(tag, str) or isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
-            raise ValueError(f"limits={{{tag!r}: {cap!r}}}: use a tag string and an int >= 1")
-    return dict(limits)
 
 
 class Scheduler:
@@ -248,7 +87,7 @@ class Scheduler:
         self,
         graph: Graph,
         run: Run,
-        executor: Any,
+        executor: Executor,
         *,
         fail_fast: bool,
         limits: dict[str, int],
@@ -284,10 +123,7 @@ class Scheduler:
         # sole upstream, not running until it answers; only the process pool
         # runs them, and only for compute() (a flow's user may read any value).
         self.chained: dict[int, Call] = {}
-        # Not with memory_limit=: a chained call would start in a worker whose
-        # memory the previous call left high, before the pool's check between
-        # calls (Pool._idle_worker) could replace it without blaming anyone.
-        self.chains = type(executor) is Pool and executor._memory_limit is None
+        self.chains = executor.capabilities.chains
         self.cancel_reason: str | None = None
         self.swept = False  # the cancellation sweep has run
         self.fail_fast_cause: int | None = None  # the failure that cancelled the run
@@ -554,6 +390,8 @@ class Scheduler:
         if self.running.get(i) is not call:
             # Cancelled while in flight (already final), or a call left running by
             # an earlier compute on a shared pool: its node index means nothing here.
+            if kind == OK and value is not HELD:
+                self.executor.release(i, value)
             return
         del self.running[i]
         if call.then:
@@ -642,7 +480,7 @@ class Scheduler:
                 if i in self.refreshing and state.is_completed():
                     self.refreshed.add(self.keys[i])
             if state.is_completed() and self.uses[i] == 0 and i not in self.kept:
-                state._release()
+                self._release(i, state)
             elif state.name is FAILED:
                 self._on_failure(i)
             ups, fl = graph._deps[i], graph._flags[i]
@@ -652,13 +490,19 @@ class Scheduler:
                     if self.uses[up] == 0 and up not in self.kept:
                         up_state = self.states[up]
                         if up_state is not None and up_state.is_completed():
-                            up_state._release()
+                            self._release(up, up_state)
             for d in self.dependents[i] or ():
                 self.waiting[d] -= 1
                 if self.waiting[d] == 0 and self.states[d] is None and d not in self.running:
                     skip = self._resolve(d)
                     if skip is not None:
                         work.append((d, skip))
+
+    def _release(self, i: int, state: State) -> None:
+        """Drop node i's value: nobody pending needs it and it is not kept."""
+        handle = state._value
+        state._release()
+        self.executor.release(i, handle)
 
     def _on_failure(self, i: int) -> None:
         opts = self.graph._opts[i]

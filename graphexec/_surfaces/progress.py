@@ -21,7 +21,7 @@ import threading
 from functools import cache
 from typing import Any
 
-from ._state import CACHED, CANCELLED, FAILED, SKIPPED
+from .._model.state import CACHED, CANCELLED, FAILED, SKIPPED
 
 MININTERVAL = 0.2  # seconds between two draws at most; tqdm skips the rest
 IDLE_REDRAW = 1.0  # seconds without a draw after which the bar is redrawn anyway

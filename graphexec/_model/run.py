@@ -8,13 +8,14 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._errors import safe_str
-from ._graph import Node
-from ._serialize import Payload
-from ._state import CACHED, CANCELLED, COMPLETED, FAILED, PENDING, SKIPPED, State
+from .errors import GraphFailed, safe_str
+from .graph import Node
+from .handle import Deferred
+from .seam import surfaces
+from .state import CACHED, CANCELLED, COMPLETED, FAILED, PENDING, SKIPPED, State
 
 if TYPE_CHECKING:
-    from ._graph import Graph
+    from .graph import Graph
 
 _ORDERED_STATES = (COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED)
 
@@ -202,9 +203,7 @@ class Run:
 
         Values are not included. :meth:`from_json` reads it back.
         """
-        from ._report import run_to_json
-
-        return run_to_json(self, indent=indent)
+        return surfaces.run_to_json(self, indent=indent)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Run:
@@ -221,9 +220,7 @@ class Run:
         Raises:
             ValueError: not a graphexec run document, or of another version.
         """
-        from ._report import run_from_json
-
-        return run_from_json(text)
+        return surfaces.run_from_json(text)
 
     def to_html(self, path: str | os.PathLike[str]) -> Path:
         """Write a report to ``path``: one self-contained HTML file (no network needed).
@@ -242,9 +239,7 @@ class Run:
             run = graph.compute(raise_on_failure=False)
             run.to_html("report.html")
         """
-        from ._report import run_to_html
-
-        return run_to_html(self, path)
+        return surfaces.run_to_html(self, path)
 
     def _failure_report(self) -> str:
         unhandled = self.unhandled
@@ -266,6 +261,15 @@ class Run:
             lines.append(tb.rstrip())
         return "\n".join(lines)
 
+    def _raise_if_failed(self) -> None:
+        """Raise :class:`GraphFailed` if a failure was not handled (the one builder of it).
+
+        ``__cause__`` is the first unhandled failure's exception, which itself
+        chains the remote traceback text.
+        """
+        if not self.ok:
+            raise GraphFailed(self._failure_report(), run=self) from self._first_unhandled()
+
     def _first_unhandled(self) -> BaseException | None:
         unhandled = self.unhandled
         if not unhandled:
@@ -280,12 +284,8 @@ class Run:
             state = self._states[i]
             if state is not None and state.is_completed():
                 handle = state._value
-                if type(handle) is Payload and handle.segments:
-                    try:
-                        handle.load()
-                    except Exception:  # remembered: run[node] raises SerializationError
-                        pass
-                    handle.discard(recycle=False)
+                if isinstance(handle, Deferred):
+                    handle.settle()
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(self.counts().items()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ._errors import (
+from .errors import (
     Cancelled,
     GraphexecError,
     ResultReleased,
@@ -13,7 +13,7 @@ from ._errors import (
     UpstreamFailed,
     safe_str,
 )
-from ._serialize import discard, materialize
+from .handle import discard, materialize
 
 PENDING = "Pending"
 RUNNING = "Running"

@@ -27,9 +27,10 @@ from typing import Any
 
 import cloudpickle
 
-from . import _shm
-from ._errors import SerializationError
-from ._graph import Node
+from .._model.errors import SerializationError
+from .._model.graph import Node
+from .._model.handle import Deferred
+from . import shm as _shm
 
 PROTOCOL = 5
 SHM_THRESHOLD = 64 * 1024  # smaller buffers cost less in-band than a segment does
@@ -37,7 +38,7 @@ SHM_THRESHOLD = 64 * 1024  # smaller buffers cost less in-band than a segment do
 Wire = tuple[bytes, tuple[tuple, ...]]
 
 
-class Payload:
+class Payload(Deferred):
     """A value pickled by a worker, unpickled lazily (at most once) in the parent.
 
     Owns the shared-memory segments its buffers live in: :meth:`discard`
@@ -99,6 +100,16 @@ class Payload:
         else:
             _shm.unlink([name for name, _ in shm])
 
+    def settle(self) -> None:
+        """Map the value privately and unlink its segments (the end of a run): nothing
+        of the run stays in /dev/shm, and the value stays readable."""
+        if self.segments:
+            try:
+                self.load()
+            except Exception:  # remembered: run[node] raises SerializationError
+                pass
+            self.discard(recycle=False)
+
     @property
     def in_shared_memory(self) -> bool:
         return any(len(seg) == 2 for seg in self.segments)
@@ -110,19 +121,6 @@ class Payload:
     def __reduce__(self) -> Any:
         # Sent inside a State to a worker: the segments stay owned by the parent.
         return (Payload, (self.data, self.segments))
-
-
-def materialize(handle: Any) -> Any:
-    """The value behind a handle: a :class:`Payload` is unpickled, anything else is the value."""
-    if type(handle) is Payload:
-        return handle.load()
-    return handle
-
-
-def discard(handle: Any) -> None:
-    """Free what a released handle holds outside this process's heap."""
-    if type(handle) is Payload:
-        handle.discard()
 
 
 def dumps(obj: Any) -> bytes:
@@ -159,10 +157,10 @@ def loads_value(wire: Wire) -> Any:
     data, segments = wire
     if not segments:
         return pickle.loads(data)
-    return pickle.loads(data, buffers=[_attach(seg) for seg in segments])
+    return pickle.loads(data, buffers=[attach_segment(seg) for seg in segments])
 
 
-def _attach(segment: tuple) -> memoryview:
+def attach_segment(segment: tuple) -> memoryview:
     if len(segment) == 2:
         return _shm.attach(*segment)
     path, offset, size = segment

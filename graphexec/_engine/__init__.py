@@ -1,0 +1,1 @@
+"""The engine: the scheduler loop that drives an executor through the policies."""

@@ -1,0 +1,1 @@
+"""Executors: where calls run (in-process, a process pool with its workers, a dask cluster)."""

@@ -1,0 +1,284 @@
+"""The executor protocol: what the engine hands an executor and what comes back.
+
+The scheduler drives every backend through :class:`Executor` and never asks
+which class it has; what a backend can or cannot do is in its
+:class:`Capabilities`::
+
+    open(run)                     bind to the run being computed (kept values live as
+                                  long as it does)
+    submit(call) -> bool          False: no free slot now, try again after poll()
+    poll(timeout) -> [outcome]    block until something finished or timeout (seconds)
+    wakeup()                      make a blocked poll() return; the one thread-safe method
+    release(node, handle)         the scheduler dropped node's value: free its copies
+    cancel_running() -> [call]    stop everything in flight (fail_fast, Ctrl-C)
+    close()                       the run is over; idempotent
+
+An outcome is a tuple ``(call, kind, value)``; ``kind`` is one of the
+constants below. For ``OK`` the value is a handle (the value itself, or a
+``Payload`` from a worker); for ``ERROR`` it is the exception, already
+carrying the remote traceback as ``__cause__``. ``REQUEUE`` gives back a call
+that never started (it was queued behind a call whose worker died).
+
+Chains (executors with ``Capabilities.chains``): a call may carry ``then``,
+the calls of a chain of sole consumers to run right behind it on the same
+worker. Each value but the last stays in that worker (its outcome is ``OK``
+with the value ``HELD``) and is handed to the next call in memory
+(``worker.handover``: the object itself where nothing else can see it, else a
+copy), never through the parent or shared memory. The scheduler builds a
+chain only where nothing could need such a value again (see
+``_engine/chains.py``), so a value lost with its worker is never missed.
+
+Deadlines: every executor that enforces ``timeout=`` keeps them in a
+:class:`Deadlines` heap (lazy deletion, as trio does), so ``poll`` knows how
+long it may block and which calls are overdue in O(log n).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from .._model.run import Run
+
+from .._data.cache import CacheStore
+from .._model.errors import TaskTimeout
+from .._model.handle import materialize
+from .._model.walk import substitute
+
+OK = 0
+ERROR = 1
+REQUEUE = 2
+
+Outcome = tuple["Call", int, Any]
+
+# A call shorter than this (measured by the worker) is dominated by dispatch:
+# a worker may hold a few more of its function's calls (prefetch).
+SHORT_CALL = 0.002
+# The longest a blocked wait may delay Ctrl-C: a signal the kernel hands to
+# another thread of this process does not interrupt a lock or pipe wait.
+SIGNAL_SLICE = 0.25
+
+
+class _Held:
+    """The value of a chained call, kept by the worker that made it for the next call."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<value held by a worker for the next call of its chain>"
+
+    def __reduce__(self) -> str:
+        return "HELD"
+
+
+HELD = _Held()
+
+
+class Call:
+    """One attempt at one node, as an executor sees it."""
+
+    __slots__ = (
+        "args",
+        "cache",
+        "finished",
+        "fn",
+        "has_nodes",
+        "inputs",
+        "kwargs",
+        "name",
+        "node",
+        "number",
+        "started",
+        "then",
+        "timeout",
+        "wire",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        node: int,
+        name: str,
+        fn: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        has_nodes: bool,
+        inputs: dict[int, Any],
+        timeout: float | None,
+        number: int,
+    ) -> None:
+        self.node = node
+        self.name = name
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.has_nodes = has_nodes
+        self.inputs = inputs  # node index -> handle of the value the task receives
+        self.timeout = timeout
+        self.number = number  # 1 for the first attempt
+        self.started = 0.0
+        self.finished = 0.0
+        self.worker: Any = None
+        self.wire: bytes | None = None  # the executor's encoded form, made once
+        self.cache: tuple[str, str, dict] | None = None  # (cache dir, key, meta) to write
+        self.then: list[Call] | None = None  # a chain to run behind this call (see above)
+
+    def __repr__(self) -> str:
+        return f"<Call {self.name} attempt {self.number}>"
+
+
+def run_inline(call: Call, worker: Any) -> tuple[Call, int, Any]:
+    """Run a call in this process and return its outcome (sync and thread executors).
+
+    ``KeyboardInterrupt`` is not caught: in the sync scheduler Ctrl-C must
+    reach the scheduler, which cancels the run.
+    """
+    call.worker = worker
+    call.started = time.time()
+    try:
+        if call.has_nodes:
+            values = {i: materialize(h) for i, h in call.inputs.items()}
+            args = substitute(call.args, values)
+            kwargs = substitute(call.kwargs, values) if call.kwargs else {}
+        else:
+            args, kwargs = call.args, call.kwargs or {}
+        value = call.fn(*args, **kwargs)
+    except (Exception, SystemExit) as exc:
+        call.finished = time.time()
+        return call, ERROR, exc
+    call.finished = time.time()
+    if call.timeout is not None and call.finished - call.started > call.timeout:
+        # In-process work cannot be interrupted; it is judged when it returns,
+        # so the final states match those of the process scheduler.
+        return call, ERROR, timeout_error(call)
+    if call.cache is not None:
+        write_cache(call.cache, value, call.name)
+    return call, OK, value
+
+
+def write_cache(cache: tuple[str, str, dict], value: Any, name: str) -> None:
+    """Store a successful result; a failed write costs a warning, never the result."""
+    root, key, meta = cache
+    try:
+        CacheStore(root).write_value(key, value, meta)
+    except Exception as exc:
+        logging.getLogger("graphexec").warning(
+            "%s: result not cached (%s: %s)", name, type(exc).__name__, exc
+        )
+
+
+def timeout_error(call: Call, how: str = "it was stopped") -> TaskTimeout:
+    return TaskTimeout(
+        f"{call.name} ran longer than its timeout of {call.timeout:g} s "
+        f"(attempt {call.number}); {how}",
+        node=call.name, timeout=call.timeout,
+    )
+
+
+class Capabilities(NamedTuple):
+    """What a backend can do; the engine asks this, never for a concrete class.
+
+    Attributes:
+        kills_calls: a running call can be stopped (a timeout kills it, Ctrl-C
+            stops it); otherwise an overdue call is abandoned and its result dropped.
+        memory_limit: it measures and enforces ``memory_limit=`` per worker.
+        chains: it runs ``Call.then`` chains, keeping values in a worker.
+        remote_values: results stay where they were made; handles are references.
+        in_caller_thread: calls run in the scheduler's own thread (``pdb`` works).
+    """
+
+    kills_calls: bool = False
+    memory_limit: bool = False
+    chains: bool = False
+    remote_values: bool = False
+    in_caller_thread: bool = False
+
+
+class Executor(Protocol):
+    """What the scheduler drives; see the module docstring for the contract."""
+
+    capabilities: Capabilities
+
+    def open(self, run: Run) -> None:
+        """Bind to the run being computed, before the first submit."""
+
+    def submit(self, call: Call) -> bool:
+        """Start ``call``, or return False when no slot is free (retry after poll)."""
+
+    def poll(self, timeout: float | None) -> list[Outcome]:
+        """Outcomes of finished calls; blocks up to ``timeout`` seconds (None: until one)."""
+
+    def wakeup(self) -> None:
+        """Make a blocked :meth:`poll` return; safe from any thread."""
+
+    def release(self, node: int, handle: Any) -> None:
+        """The scheduler no longer holds ``node``'s value ``handle``."""
+
+    def cancel_running(self) -> list[Call]:
+        """Stop every call in flight; return them (none of them finished)."""
+
+    def close(self) -> None:
+        """The run is over: free what it held. Idempotent."""
+
+
+class Deadlines:
+    """When in-flight calls must end: a heap with lazy deletion.
+
+    ``set(key, when)`` (re)arms a key, ``discard(key)`` disarms it; stale heap
+    entries are skipped when they surface. ``when`` is ``time.monotonic()``.
+    """
+
+    __slots__ = ("_due", "_heap", "_seq")
+
+    def __init__(self) -> None:
+        self._due: dict[Hashable, float] = {}
+        self._heap: list[tuple[float, int, Hashable]] = []
+        self._seq = itertools.count()
+
+    def set(self, key: Hashable, when: float) -> None:
+        self._due[key] = when
+        heapq.heappush(self._heap, (when, next(self._seq), key))
+
+    def discard(self, key: Hashable) -> None:
+        self._due.pop(key, None)
+
+    def clear(self) -> None:
+        self._due.clear()
+        self._heap.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self._due)
+
+    def next(self) -> float | None:
+        """The earliest armed deadline, or None."""
+        heap, due = self._heap, self._due
+        while heap:
+            when, _, key = heap[0]
+            if due.get(key) == when:
+                return when
+            heapq.heappop(heap)
+        return None
+
+    def expired(self, now: float) -> list[Hashable]:
+        """Disarm and return the keys whose deadline is at or before ``now``."""
+        heap, due = self._heap, self._due
+        out = []
+        while heap and heap[0][0] <= now:
+            when, _, key = heapq.heappop(heap)
+            if due.get(key) == when:
+                del due[key]
+                out.append(key)
+        return out
+
+    def wait(self, timeout: float | None, now: float) -> float | None:
+        """``timeout`` shortened to reach the next deadline (seconds, >= 0)."""
+        when = self.next()
+        if when is None:
+            return timeout
+        until = max(0.0, when - now)
+        return until if timeout is None else min(timeout, until)

@@ -1,0 +1,186 @@
+"""What runs a call wherever it runs: shared by the process worker and the dask worker.
+
+Both receive a function pickled by the parent and arguments with nodes
+already replaced, run the call, and send back either the result or the
+exception with its traceback text. The steps that must read the same on
+both backends live here: loading a function (with its source file put
+back), calling it with the traceback starting at the task's own frame,
+pickling an exception so that it survives the trip (or a
+:class:`RemoteError` standing in for it), and, in the parent, unpacking that
+exception with the worker's traceback as its ``__cause__`` (the device of
+``concurrent.futures.process._RemoteTraceback``).
+
+Each step names the ``stage`` that failed (``function``,
+``unpickle-arguments``, ``call``, ``result``), so a
+:class:`SerializationError` says which side of the trip broke.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import traceback
+from typing import Any
+
+from .._data.serialize import dumps
+from .._model.errors import RemoteError, RemoteTraceback, SerializationError, safe_str
+
+
+def invoke(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any, str]:
+    """Call ``fn``: ``(True, result, "")``, or ``(False, exception, traceback text)``.
+
+    SystemExit and KeyboardInterrupt raised by the task fail its node too;
+    the traceback starts at the task's own frame, not at this one.
+    """
+    try:
+        return True, fn(*args, **kwargs), ""
+    except BaseException as exc:
+        tb = exc.__traceback__
+        text = "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb else None))
+        return False, exc, text
+
+
+def unloadable_error(name: str, fn: Unloadable, where: str, advice: str) -> SerializationError:
+    """The error of a call whose function could not be unpickled on ``where``."""
+    return SerializationError(
+        f"the function of {name} could not be unpickled {where}: "
+        f"{type(fn.exc).__name__}: {fn.exc}. {advice}",
+        node=name, stage="function",
+    )
+
+
+def arguments_unpickle_error(name: str, exc: BaseException, where: str) -> SerializationError:
+    """The error of a call whose arguments could not be unpickled on ``where``."""
+    return SerializationError(
+        f"the arguments of {name} could not be unpickled {where}: "
+        f"{type(exc).__name__}: {exc}",
+        node=name, stage="unpickle-arguments",
+    )
+
+
+def load_function(blob: bytes, origin: str | None) -> Any:
+    try:
+        fn = pickle.loads(blob)
+    except BaseException as exc:  # reported when a call needs it, on that node
+        return Unloadable(exc, traceback.format_exc())
+    if origin:
+        _restore_filenames(fn, origin)
+    if getattr(fn, "__module__", None) == "__main__":
+        _adopt_into_main(fn)
+    return fn
+
+
+def _adopt_into_main(fn: Any) -> None:
+    """Make the script's functions and classes that ``fn`` uses findable as ``__main__.x``.
+
+    They arrive by value (workers never run the script), so plain pickle — a
+    ``multiprocessing.Pool`` the task starts, ``concurrent.futures`` — could
+    not send them by reference ("attribute lookup sq on __main__ failed").
+    Naming them in this worker's ``__main__`` lets it; a forked child of the
+    worker inherits the names. The latest definition wins, as in a notebook.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        return
+    for name, value in list(getattr(fn, "__globals__", {}).items()):
+        if getattr(value, "__module__", None) == "__main__" and \
+                getattr(value, "__qualname__", None) == name:
+            setattr(main, name, value)
+
+
+def _restore_filenames(fn: Any, origin: str) -> None:
+    """Put back the source file cloudpickle blanks to ``<dynamic-code>``.
+
+    Functions pickled by value (defined in ``__main__``, a notebook, a closure)
+    lose ``co_filename``; without it the remote traceback cannot say where the
+    error is. The helpers such a function pulled along by value come from the
+    same place.
+    """
+    seen: set[int] = set()
+    todo = [fn]
+    while todo:
+        f = todo.pop()
+        code = getattr(f, "__code__", None)
+        if code is None or id(f) in seen or code.co_filename != "<dynamic-code>":
+            continue
+        seen.add(id(f))
+        try:
+            f.__code__ = _refile(code, origin)
+        except (AttributeError, TypeError, ValueError):
+            continue
+        todo.extend(v for v in getattr(f, "__globals__", {}).values() if callable(v))
+
+
+def _refile(code: Any, origin: str) -> Any:
+    consts = tuple(
+        _refile(c, origin) if hasattr(c, "co_filename") else c for c in code.co_consts
+    )
+    return code.replace(co_filename=origin, co_consts=consts)
+
+
+def result_error(name: str, result: Any, exc: BaseException) -> SerializationError:
+    """The error of a node whose result would not pickle, naming the result's type."""
+    kind = type(result)
+    return SerializationError(
+        f"the result of {name} (a {kind.__module__}.{kind.__qualname__}) cannot be "
+        f"pickled: {type(exc).__name__}: {safe_str(exc)}. Return plain data (numbers, "
+        "strings, arrays, lists, dicts) or make the type picklable",
+        node=name, stage="result",
+    )
+
+
+class Unloadable:
+    """A function that could not be unpickled: reported on the node that needs it."""
+
+    __slots__ = ("exc", "tb")
+
+    def __init__(self, exc: BaseException, tb: str) -> None:
+        self.exc, self.tb = exc, tb
+
+
+def describe_exception(exc: BaseException) -> tuple[str, str]:
+    """``(qualified type name, str(exc))``, whatever the exception's ``__str__`` does."""
+    kind = type(exc)
+    return f"{kind.__module__}.{kind.__qualname__}", safe_str(exc)
+
+
+def pickle_exception(exc: BaseException, tb: str, name: str | None = None) -> bytes:
+    """Pickle ``exc`` if it survives a round trip, else a RemoteError standing in for it."""
+    try:
+        blob = dumps(exc)
+        pickle.loads(blob)  # e.g. __init__ with required keyword arguments fails here
+        return blob
+    except BaseException as why:
+        type_name, text = describe_exception(exc)
+        who = f"{name} raised " if name else ""
+        stand_in = RemoteError(
+            f"{who}{type_name}: {text} (the exception itself could not be sent back from "
+            f"the worker: {describe_exception(why)[1]}; its traceback is attached)",
+            node=name, type_name=type_name, original_message=text, remote_traceback=tb,
+        )
+        return dumps(stand_in)
+
+
+def load_exception(blob: bytes, tb: str, name: str,
+                    summary: tuple[str, str] | None = None) -> BaseException:
+    """The exception a worker sent back, or a :class:`RemoteError` standing in for it.
+
+    ``summary`` is ``(type name, message)`` as the worker saw them, so the
+    stand-in keeps both even when the exception cannot be rebuilt here (its
+    class exists only in the worker, its ``__reduce__`` fails in this process).
+    """
+    type_name, text = summary if summary is not None else (None, None)
+    try:
+        exc = pickle.loads(blob)
+    except Exception as why:
+        what = f"{type_name}: {text}" if type_name else "an exception"
+        exc = RemoteError(
+            f"{name} raised {what} (it could not be unpickled in the parent: "
+            f"{type(why).__name__}: {why}; its traceback is attached)",
+            node=name, type_name=type_name, original_message=text, remote_traceback=tb,
+        )
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(f"{name} failed: {exc!r}", node=name, type_name=type_name,
+                          original_message=text, remote_traceback=tb)
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc

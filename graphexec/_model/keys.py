@@ -1,0 +1,279 @@
+"""Cache keys: a task's identity and its arguments hashed by content.
+
+:func:`task_input_hash` hashes the task's identity (qualified name, source
+and bytecode, so an edited function misses; a closure's values and a
+partial's arguments too) and its arguments by content: builtins, nested
+containers, dataclasses, numpy arrays (dtype, shape and bytes, sha256 at
+~2 GB/s) and, as a fallback, the pickled bytes. Nothing depends on
+``hash()``, so keys are stable across processes, runs and
+``PYTHONHASHSEED``. In a graph, an upstream value enters the key by the
+upstream's own key when it has one (a large intermediate is not hashed
+again), else by its content (see ``_data.cache.wire_hash``).
+
+Part of the model: a key is a property of a call, whatever stores the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import threading
+import types
+import warnings
+import weakref
+from typing import Any
+
+import cloudpickle
+
+PROTOCOL = 5  # pickle protocol of the fallback hash (the data plane's too)
+
+class CacheContext:
+    """What a ``cache_key_fn`` receives first (Prefect passes its TaskRunContext).
+
+    Attributes:
+        task: the :class:`Task` (``context.task.fn``, ``context.task.name``).
+        node: the node's name.
+    """
+
+    __slots__ = ("node", "task")
+
+    def __init__(self, task: Any, node: str) -> None:
+        self.task = task
+        self.node = node
+
+
+# -- keys ---------------------------------------------------------------------
+
+
+class Unhashable(TypeError):
+    """An argument could not be hashed by content."""
+
+
+class Fingerprint:
+    """Stands for an upstream value in a key: the upstream's own key or content hash."""
+
+    __slots__ = ("digest",)
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+
+
+def task_identity(fn: Any) -> str:
+    """Digest of what a task runs: qualified name, source text and compiled code.
+
+    The source names the version on disk; the code (bytecode, constants, names,
+    recursively) is what actually runs, so a file edited but not yet re-imported
+    gives a key of its own instead of filing the old code's value under the new
+    source. A closure's cell contents and a ``functools.partial``'s bound
+    arguments are part of the identity too: tasks made by a factory differ by
+    what they close over.
+    """
+    h = hashlib.sha256(b"identity\n")
+    _feed_callable(h, getattr(fn, "fn", fn), 0)
+    return h.hexdigest()
+
+
+_active = threading.local()  # functions being fed: a recursive closure refers to itself
+
+
+def _feed_callable(h: Any, fn: Any, depth: int) -> None:
+    if depth > 200:
+        raise Unhashable("functions nested more than 200 levels deep")
+    stack = getattr(_active, "stack", None)
+    if stack is None:
+        stack = _active.stack = set()
+    kind = type(fn)
+    if id(fn) in stack:
+        h.update(f"recursive:{getattr(fn, '__qualname__', kind.__qualname__)};".encode())
+        return
+    stack.add(id(fn))
+    try:
+        if isinstance(fn, functools.partial):
+            h.update(b"partial(")
+            _feed_callable(h, fn.func, depth + 1)
+            _feed(h, fn.args, depth + 1)
+            _feed(h, fn.keywords, depth + 1)
+            h.update(b")")
+        elif isinstance(fn, types.MethodType):
+            h.update(b"method(")
+            _feed_callable(h, fn.__func__, depth + 1)
+            _feed(h, fn.__self__, depth + 1)
+            h.update(b")")
+        elif isinstance(fn, types.FunctionType):
+            h.update(b"function:" + _code_identity(fn))
+            _feed(h, fn.__defaults__, depth + 1)
+            _feed(h, fn.__kwdefaults__, depth + 1)
+            for cell in fn.__closure__ or ():
+                try:
+                    contents = cell.cell_contents
+                except ValueError:  # an empty cell
+                    h.update(b"empty-cell;")
+                    continue
+                _feed(h, contents, depth + 1)
+        elif isinstance(fn, type) or kind.__name__ in (
+                "builtin_function_or_method", "method_descriptor", "wrapper_descriptor"):
+            name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+            h.update(b"named:%d:" % len(name.encode()) + name.encode())
+        else:  # a callable instance: its class's __call__ and its own content
+            h.update(f"instance:{kind.__module__}.{kind.__qualname__}(".encode())
+            call = inspect.getattr_static(kind, "__call__", None)
+            if isinstance(call, types.FunctionType):
+                _feed_callable(h, call, depth + 1)
+            _feed_pickle(h, fn)
+            h.update(b")")
+    finally:
+        stack.discard(id(fn))
+
+
+_code_identities: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _code_identity(fn: types.FunctionType) -> bytes:
+    """Name, source and code of a function, computed once per function object.
+
+    Once per object: ``inspect.getsource`` costs ~0.1 ms and a graph calls one
+    function thousands of times; and a function object's code never changes, so
+    the source it was first seen with is the right one even if the file is edited
+    afterwards (what re-importing it would pick up, as a new object).
+    """
+    digest = _code_identities.get(fn)
+    if digest is None:
+        h = hashlib.sha256()
+        name = f"{fn.__module__}.{fn.__qualname__}"
+        h.update(b"%d:" % len(name.encode()) + name.encode())
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError):
+            source = ""
+        _feed(h, source)
+        _feed_code(h, fn.__code__, 0)
+        digest = h.digest()
+        _code_identities[fn] = digest
+    return digest
+
+
+def _feed_code(h: Any, code: types.CodeType, depth: int) -> None:
+    """Bytecode and what it refers to; not line numbers or file names (moving a
+    function does not change what it computes)."""
+    if depth > 200:
+        raise Unhashable("code nested more than 200 levels deep")
+    h.update(b"code:%d:%d:%d:%d:" % (code.co_argcount, code.co_kwonlyargcount,
+                                     code.co_posonlyargcount, code.co_flags))
+    _feed(h, code.co_code, depth + 1)
+    h.update(b"consts:%d[" % len(code.co_consts))
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _feed_code(h, const, depth + 1)
+        else:
+            _feed(h, const, depth + 1)
+    h.update(b"]")
+    for names in (code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars):
+        _feed(h, names, depth + 1)
+
+
+def task_input_hash(context: Any, arguments: dict[str, Any]) -> str | None:
+    """A cache key from the task's identity and its arguments' content (Prefect's name).
+
+    Args:
+        context: has ``.task`` (the task being cached).
+        arguments: the call's arguments by parameter name.
+
+    Returns:
+        A hex digest, or None (with a warning) when an argument cannot be hashed,
+        in which case the node is simply not cached.
+
+    Example::
+
+        @gx.task(cache_key_fn=gx.task_input_hash, cache_expiration=timedelta(days=1))
+        def simulate(params, seed): ...
+    """
+    h = hashlib.sha256()
+    try:
+        _feed(h, task_identity(context.task))
+        _feed(h, arguments)
+    except Unhashable as exc:
+        name = getattr(context, "node", None) or getattr(context.task, "name", "?")
+        warnings.warn(f"{name} is not cached: {exc}", RuntimeWarning, stacklevel=2)
+        return None
+    return h.hexdigest()
+
+
+def content_hash(obj: Any) -> str:
+    """Hash of a value by content (raises Unhashable)."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any, depth: int = 0) -> None:
+    if depth > 200:
+        raise Unhashable("arguments nested more than 200 levels deep")
+    kind = type(obj)
+    if obj is None or kind in (bool, int, float, complex):
+        h.update(f"{kind.__name__}:{obj!r};".encode())
+    elif kind is str:
+        data = obj.encode("utf-8", "surrogatepass")
+        h.update(b"str:%d:" % len(data) + data)
+    elif kind in (bytes, bytearray, memoryview):
+        data = bytes(obj)
+        h.update(b"bytes:%d:" % len(data) + data)
+    elif kind is Fingerprint:
+        h.update(b"upstream:" + obj.digest.encode())
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{kind.__qualname__}:{len(obj)}[".encode())
+        for item in obj:
+            _feed(h, item, depth + 1)
+        h.update(b"]")
+    elif isinstance(obj, dict):
+        # Order-independent, like a dict's equality: sort the items' own digests.
+        items = sorted(_sub(k, depth) + _sub(v, depth) for k, v in obj.items())
+        h.update(f"{kind.__qualname__}:{len(items)}{{".encode() + b"".join(items) + b"}")
+    elif isinstance(obj, (set, frozenset)):
+        items = sorted(_sub(v, depth) for v in obj)
+        h.update(f"set:{len(items)}{{".encode() + b"".join(items) + b"}")
+    elif _is_ndarray(obj):
+        import numpy as np
+
+        if obj.dtype.hasobject:
+            raise Unhashable("numpy arrays of Python objects are not hashed by content")
+        # The full dtype description (a structured dtype's fields, a datetime's unit,
+        # the byte order) and the array's own shape: ascontiguousarray makes a 0-d
+        # array 1-d, and the buffer protocol refuses datetimes, so hash a byte view.
+        descr = np.lib.format.dtype_to_descr(obj.dtype)
+        h.update(f"ndarray:{descr!r}:{obj.shape};".encode())
+        h.update(np.ascontiguousarray(obj).reshape(-1).view(np.uint8))
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        h.update(f"dataclass:{kind.__module__}.{kind.__qualname__}(".encode())
+        for field in dataclasses.fields(obj):
+            _feed(h, field.name, depth + 1)
+            _feed(h, getattr(obj, field.name), depth + 1)
+        h.update(b")")
+    elif isinstance(obj, (types.FunctionType, types.MethodType, functools.partial)):
+        _feed_callable(h, obj, depth + 1)
+    else:
+        _feed_pickle(h, obj)
+
+
+def _feed_pickle(h: Any, obj: Any) -> None:
+    kind = type(obj)
+    try:
+        data = cloudpickle.dumps(obj, protocol=PROTOCOL)
+    except Exception as exc:
+        raise Unhashable(
+            f"argument of type {kind.__module__}.{kind.__qualname__} cannot be hashed "
+            f"(it does not pickle: {exc}); pass a cache_key_fn that handles it"
+        ) from None
+    h.update(f"pickle:{kind.__module__}.{kind.__qualname__}:".encode() + data)
+
+
+def _sub(obj: Any, depth: int) -> bytes:
+    h = hashlib.sha256()
+    _feed(h, obj, depth + 1)
+    return h.digest()
+
+
+def _is_ndarray(obj: Any) -> bool:
+    kind = type(obj)
+    return kind.__name__ == "ndarray" and kind.__module__ == "numpy"

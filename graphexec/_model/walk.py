@@ -1,0 +1,92 @@
+"""The one walk over call arguments: finding nodes, and replacing them.
+
+Nodes are found inside lists, tuples, dicts (keys and values), sets and
+frozensets, at any depth, and inside :class:`allow_failure` markers, which
+mark what they hold. Building a graph finds them (:func:`find_nodes`);
+running a call in-process fills in values (:func:`substitute`); a flow moves
+calls between graphs (:func:`remap`) and resolves its return value
+(:func:`replace_nodes`). Containers without nodes are returned as they are,
+never copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .node import ALLOW, Node, allow_failure
+
+_SEQUENCES = (list, tuple, set, frozenset)
+
+
+def find_nodes(obj: Any, visit: Callable[[Node, int], None], flag: int,
+               other: Callable[[Any], None] | None = None) -> None:
+    """Call ``visit(node, flag)`` for every node inside ``obj``; ``allow_failure``
+    adds :data:`ALLOW` to the flag of what it holds. ``other``, if given, is
+    called with every value that is neither a node nor a container."""
+    if isinstance(obj, Node):
+        visit(obj, flag)
+    elif type(obj) is allow_failure:
+        find_nodes(obj.value, visit, flag | ALLOW, other)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            find_nodes(key, visit, flag, other)
+            find_nodes(value, visit, flag, other)
+    elif isinstance(obj, _SEQUENCES):
+        for value in obj:
+            find_nodes(value, visit, flag, other)
+    elif other is not None:
+        other(obj)
+
+
+def replace_nodes(obj: Any, replace: Callable[[Node], Any], keep_markers: bool = False) -> Any:
+    """``obj`` with every node replaced by ``replace(node)``.
+
+    ``keep_markers``: keep ``allow_failure`` wrappers (moving a call to another
+    graph) instead of unwrapping them (filling in values).
+    """
+    if isinstance(obj, Node):
+        return replace(obj)
+    if type(obj) is allow_failure:
+        inner = replace_nodes(obj.value, replace, keep_markers)
+        return allow_failure(inner) if keep_markers else inner
+    if isinstance(obj, dict):
+        items = [(replace_nodes(k, replace, keep_markers), replace_nodes(v, replace, keep_markers))
+                 for k, v in obj.items()]
+        if all(a is k and b is v for (a, b), (k, v) in zip(items, obj.items())):
+            return obj
+        return rebuild(obj, items)
+    if isinstance(obj, _SEQUENCES):
+        items = [replace_nodes(v, replace, keep_markers) for v in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        return rebuild(obj, items)
+    return obj
+
+
+def substitute(obj: Any, values: dict[int, Any]) -> Any:
+    """``obj`` with each node replaced by ``values[node.index]``, markers unwrapped.
+
+    Used by the in-process executors; the process pool does the same while
+    unpickling (``_data/serialize.py``).
+    """
+    return replace_nodes(obj, lambda node: values[node.index])
+
+
+def remap(obj: Any, mapping: dict[int, Node]) -> Any:
+    """``obj`` with each node replaced by ``mapping[node.index]``, markers kept."""
+    return replace_nodes(obj, lambda node: mapping[node.index], keep_markers=True)
+
+
+def rebuild(obj: Any, items: list[Any]) -> Any:
+    """A container of ``obj``'s type holding ``items`` (pairs for a dict)."""
+    kind = type(obj)
+    if hasattr(kind, "_fields"):  # namedtuple
+        return kind(*items)
+    try:
+        return kind(items)
+    except TypeError:  # a subclass with another constructor: fall back to the base type
+        for base in (dict, list, tuple, set, frozenset):
+            if isinstance(obj, base):
+                return base(items)
+        raise

@@ -1,0 +1,153 @@
+"""``@gx.flow``: a function whose body runs with a pool behind it (Prefect's flows).
+
+The body runs in the calling thread; its ``task.submit()`` calls and plain
+task calls go to an eager :class:`~graphexec._surfaces.eager.Session` whose
+scheduler thread runs them on the flow's executor. When the body returns,
+the flow waits for what it submitted, resolves futures in its return value,
+and raises :class:`GraphFailed` for failures nobody handled or looked at.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from .._model.walk import replace_nodes
+from .backends import make_executor
+from .eager import Session, active_session, pop_context, push_context
+from .options import ComputeOptions
+from .progress import make_observer
+
+# Flow options that are run options (the rest: name, task_runner_max_concurrency).
+_RUN_OPTIONS = frozenset({"workers", "memory_limit", "cache_dir", "progress", "limits",
+                          "fail_fast", "scheduler", "start_method", "cluster"})
+
+
+class Flow:
+    """A function whose body runs with a pool behind it; see :func:`flow`."""
+
+    def __init__(self, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+        self.fn = fn
+        self.options = options
+        self.name = options.get("name") or getattr(fn, "__name__", "flow")
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if active_session() is not None:
+            # A flow called inside a flow runs in the outer flow's session:
+            # same pool, same scheduler, its failures reported by the outer flow.
+            return _resolve(self.fn(*args, **kwargs))
+        opts = self.options
+        options = ComputeOptions.validate(
+            f"@flow {self.name}", **{k: v for k, v in opts.items() if k in _RUN_OPTIONS})
+        session = Session(
+            make_executor(options), name=self.name, fail_fast=options.fail_fast,
+            limits=options.limits, cache_dir=options.cache_dir,
+            observer=make_observer(options.progress), memory_limit=options.memory_limit,
+        )
+        push_context(session)
+        try:
+            try:
+                value = self.fn(*args, **kwargs)
+                session.wait_all()
+                value = _resolve(value)
+            except BaseException as exc:
+                session.cancel(f"the flow body raised {type(exc).__name__}")
+                session.close()
+                if getattr(exc, "run", None) is None:
+                    # (a GraphFailed from a lazy graph computed in the body keeps
+                    # that graph's Run, whose nodes the user holds)
+                    exc.run = session.run  # type: ignore[attr-defined]
+                raise
+            session.close()
+        finally:
+            pop_context(session)
+            if session.scheduler.observer is not None:
+                session.scheduler.observer.closed(session.run)
+        session.run._raise_if_failed()
+        return value
+
+
+def _resolve(value: Any) -> Any:
+    """The flow's return value with futures and nodes in it replaced by their values.
+
+    A future gives its result; a node of a lazy graph its value in that graph's
+    latest run (a graph computed in the body). Nodes of different graphs share
+    indices, so each is looked up by its own graph, never by index alone.
+    """
+    return replace_nodes(value, lambda node: node.result())
+
+
+_FLOW_OPTIONS = {
+    "name", "workers", "task_runner_max_concurrency", "memory_limit", "cache_dir",
+    "progress", "limits", "fail_fast", "scheduler", "start_method", "cluster",
+}
+
+
+def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    """Make a function a flow: its body runs with a pool, tasks start on ``submit()``.
+
+    Args:
+        fn: the function (bare ``@flow``).
+        **options: ``workers`` (max tasks at a time; Prefect's
+            ``task_runner_max_concurrency`` is an alias), ``memory_limit``,
+            ``cache_dir``, ``progress``, ``limits`` (per tag), ``fail_fast``,
+            ``scheduler`` (``"processes"``, ``"threads"``, ``"sync"``), ``cluster``
+            (a ``distributed.Client``: tasks run on its dask cluster),
+            ``start_method``, ``name``.
+
+    Returns:
+        A callable :class:`Flow`. Calling it runs the body and returns its value
+        with futures in it (and nodes of lazy graphs computed in it) replaced by
+        their values; a returned future that failed raises its exception.
+
+    Raises:
+        GraphFailed: when the body returned but a task failure was never handled:
+            no dependent accepted it (``allow_failure``, ``return_state``, a
+            trigger) and nobody looked at it (``future.result()`` raising or
+            returning it, reading ``future.state``). Waiting (``future.wait()``,
+            :func:`wait`, :func:`as_completed`) is not looking.
+        Exception: whatever the body raised, after every pending task was
+            cancelled; the exception carries ``.run`` (unless it had one: a
+            ``GraphFailed`` from a lazy graph keeps that graph's Run).
+
+    A flow called inside another flow (or inside ``with gx.Pool():``) is
+    supported and runs in the outer one's session: same pool, same scheduler,
+    and its own options are not applied. It returns its body's value; its
+    unhandled failures are reported when the outer flow ends. A lazy graph
+    computed in a flow runs there too; ``compute``'s ``limits``,
+    ``cache_dir`` and ``memory_limit`` must then match the flow's.
+
+    Example::
+
+        @gx.flow(workers=2)
+        def my_flow():
+            futures = [square.submit(i) for i in range(5)]
+            return [f.result() for f in futures]
+    """
+
+    def decorate(f: Callable[..., Any]) -> Flow:
+        unknown = set(options) - _FLOW_OPTIONS
+        if unknown:
+            raise TypeError(f"@flow: unknown option(s) {', '.join(sorted(unknown))}; known: "
+                            f"{', '.join(sorted(_FLOW_OPTIONS))}")
+        opts = dict(options)
+        alias = opts.pop("task_runner_max_concurrency", None)
+        if alias is not None:
+            if opts.get("workers") not in (None, alias):
+                raise TypeError("@flow: give workers= or task_runner_max_concurrency=, not both")
+            opts["workers"] = alias
+        if not callable(f):
+            raise TypeError(f"@flow expects a function, got {type(f).__name__}")
+        _check_flow_options(opts, f"@flow on {getattr(f, '__name__', 'flow')}")
+        return Flow(f, opts)
+
+    if fn is None:
+        return decorate
+    return decorate(fn)
+
+
+def _check_flow_options(opts: dict[str, Any], where: str) -> None:
+    """Refuse bad option values when the flow is decorated, as ``compute`` refuses them."""
+    ComputeOptions.validate(where, **{k: v for k, v in opts.items() if k in _RUN_OPTIONS})

@@ -1,0 +1,203 @@
+"""Options of a run, validated in one place for every door that takes them.
+
+``Graph.compute()``, ``@gx.flow(...)`` and ``gx.Pool(...)`` accept overlapping
+sets of keywords; each builds a :class:`ComputeOptions` with
+:meth:`ComputeOptions.validate`, so a value is refused with the same message
+wherever it is given, and nothing downstream checks again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEDULERS = ("processes", "threads", "sync")
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """Validated options of one compute or flow (see ``Graph.compute`` for each).
+
+    ``workers`` is the resolved count (``os.cpu_count()`` by default, the
+    pool's size with ``pool=``); ``scheduler`` is ``"sync"`` when it is 0;
+    ``memory_limit`` is in bytes.
+    """
+
+    workers: int
+    scheduler: str = "processes"
+    fail_fast: bool = False
+    raise_on_failure: bool = True
+    keep: str = "targets"
+    pool: Any = None
+    memory_limit: int | None = None
+    limits: dict[str, int] = field(default_factory=dict)
+    start_method: str | None = None
+    cache_dir: Any = None
+    refresh_cache: bool = False
+    cluster: Any = None
+    progress: bool | None = None
+
+    @classmethod
+    def validate(
+        cls,
+        where: str,
+        *,
+        workers: int | None = None,
+        scheduler: str = "processes",
+        fail_fast: bool = False,
+        raise_on_failure: bool = True,
+        keep: str = "targets",
+        pool: Any = None,
+        memory_limit: int | str | None = None,
+        limits: dict[str, int] | None = None,
+        start_method: str | None = None,
+        cache_dir: Any = None,
+        refresh_cache: bool = False,
+        cluster: Any = None,
+        progress: bool | None = None,
+    ) -> ComputeOptions:
+        """Check every option and resolve defaults.
+
+        Raises:
+            TypeError, ValueError: a value of the wrong type, out of range, or a
+                combination that cannot work, with what to do instead.
+        """
+        if scheduler not in SCHEDULERS:
+            raise ValueError(
+                f"{where}: scheduler={scheduler!r} is not one of "
+                f"{', '.join(map(repr, SCHEDULERS))}"
+            )
+        if keep not in ("targets", "all"):
+            raise ValueError(f"{where}: keep={keep!r} must be 'targets' or 'all'")
+        if cluster is not None:
+            check_cluster(cluster, workers=workers, scheduler=scheduler, pool=pool,
+                          memory_limit=memory_limit, start_method=start_method)
+        limit_bytes = parse_memory(memory_limit)
+        if pool is not None:
+            if not hasattr(pool, "_lease"):
+                raise TypeError(f"pool= must be a gx.Pool, got {type(pool).__name__}")
+            if scheduler != "processes" or workers not in (None, pool.workers):
+                raise ValueError("pool= sets the workers itself; do not combine it with "
+                                 "workers= or another scheduler")
+            count = pool.workers
+        else:
+            count = check_workers(workers, where)
+        if count == 0:
+            scheduler = "sync"
+        if limit_bytes is not None and scheduler != "processes":
+            raise ValueError(
+                f"{where}: memory_limit= needs worker processes to measure and kill; "
+                f"scheduler={scheduler!r} runs in this process"
+            )
+        return cls(
+            workers=count, scheduler=scheduler, fail_fast=bool(fail_fast),
+            raise_on_failure=bool(raise_on_failure), keep=keep, pool=pool,
+            memory_limit=limit_bytes, limits=check_limits(limits), start_method=start_method,
+            cache_dir=cache_dir, refresh_cache=bool(refresh_cache), cluster=cluster,
+            progress=progress,
+        )
+
+
+def check_workers(workers: Any, where: str) -> int:
+    if workers is None:
+        return os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise TypeError(f"{where}: workers= must be an int, got {workers!r}")
+    if workers < 0:
+        raise ValueError(
+            f"{where}: workers={workers} is negative; use a positive count, or 0 to run "
+            "in-process"
+        )
+    return workers
+
+
+def parse_memory(limit: int | str | None) -> int | None:
+    """Bytes from ``4GB``, ``512 MiB``, ``1.5e9`` or an int; None stays None."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool):
+        raise TypeError("memory_limit= must be bytes (int) or a string such as '4GB'")
+    if isinstance(limit, (int, float)):
+        if limit <= 0:
+            raise ValueError(f"memory_limit={limit!r} must be positive")
+        return int(limit)
+    if not isinstance(limit, str):
+        raise TypeError("memory_limit= must be bytes (int) or a string such as '4GB'")
+    text = limit.strip().upper().replace(" ", "")
+    units = {
+        "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+        "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 2**10, "M": 2**20,
+        "G": 2**30, "T": 2**40, "B": 1, "": 1,
+    }
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            number = text[: len(text) - len(suffix)] if suffix else text
+            try:
+                value = float(number) * units[suffix]
+            except ValueError:
+                break
+            if value <= 0:
+                break
+            return int(value)
+    raise ValueError(
+        f"memory_limit={limit!r} is not a size; write it as bytes or like '4GB', '512MiB'"
+    )
+
+
+def check_limits(limits: Any) -> dict[str, int]:
+    if limits is None:
+        return {}
+    if not isinstance(limits, dict):
+        raise TypeError("limits= must be a dict of tag -> max concurrent runs")
+    for tag, cap in limits.items():
+        if not isinstance(tag, str) or isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise ValueError(f"limits={{{tag!r}: {cap!r}}}: use a tag string and an int >= 1")
+    return dict(limits)
+
+
+def check_cluster(cluster: Any, *, workers: Any, scheduler: str, pool: Any,
+                  memory_limit: Any, start_method: Any) -> None:
+    """Validate ``compute(cluster=...)`` and the arguments that cannot go with it."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise TypeError(
+            "cluster= takes a distributed.Client, and dask.distributed is not installed: "
+            "pip install 'graphexec[distributed]'"
+        ) from None
+    if not isinstance(cluster, Client):
+        hint = ""
+        if hasattr(cluster, "scheduler_address"):  # a LocalCluster, SLURMCluster, ...
+            hint = "; connect a Client to it first: cluster=distributed.Client(cluster)"
+        raise TypeError(
+            f"cluster= must be a distributed.Client, got {type(cluster).__name__}{hint}"
+        )
+    if cluster.asynchronous:
+        raise ValueError("cluster= needs a synchronous Client (asynchronous=False)")
+    if cluster.status != "running":
+        raise ValueError(
+            f"the Client given as cluster= is not connected (status {cluster.status!r}); "
+            "connect it to the dask scheduler first"
+        )
+    if pool is not None:
+        raise ValueError("cluster= and pool= both say where tasks run; give one of them")
+    if workers is not None:
+        raise ValueError(
+            "workers= sets local worker processes; with cluster= the dask cluster's "
+            "workers run the tasks (scale the cluster instead)"
+        )
+    if scheduler != "processes":
+        raise ValueError(
+            f"scheduler={scheduler!r} runs tasks in this process; it cannot be combined "
+            "with cluster="
+        )
+    if start_method is not None:
+        raise ValueError("start_method= is for local worker processes; not with cluster=")
+    if memory_limit is not None:
+        raise ValueError(
+            "memory_limit= is enforced by graphexec's local worker processes. On a dask "
+            "cluster each worker has its own memory limit (`dask worker --memory-limit 4GB`, "
+            "LocalCluster(memory_limit=...)): its nanny restarts a worker that goes over it, "
+            "and the node that was running fails with WorkerCrashed"
+        )

@@ -1,0 +1,88 @@
+"""The public, warm pool: ``with gx.Pool(workers=4) as pool: graph.compute(pool=pool)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._executors.process import Lease, ProcessPool, default_start_method
+from .eager import end_pool_session, pop_context, push_context
+from .options import check_workers
+
+
+class Pool:
+    """A pool of worker processes, kept warm across computes.
+
+    Args:
+        workers: number of worker processes (default ``os.cpu_count()``).
+        start_method: ``"forkserver"`` (default on Linux), ``"spawn"`` or ``"fork"``.
+
+    Example::
+
+        with gx.Pool(workers=4) as pool:
+            for params in sweeps:
+                graph.compute(pool=pool)
+
+    Workers start when there is work for them and stay until :meth:`close`.
+    Inside ``with pool:``, ``task.submit()`` starts tasks on it at once.
+    """
+
+    def __init__(self, workers: int | None = None, *, start_method: str | None = None) -> None:
+        count = check_workers(workers, "Pool")
+        if count == 0:
+            raise ValueError("Pool(workers=0) has no workers; use workers >= 1")
+        method = start_method or default_start_method()
+        self._procs = ProcessPool(count, start_method=method)
+        self._session: Any = None  # the eager Session of `with pool:` submits, if any
+
+    @property
+    def workers(self) -> int:
+        """The number of worker processes."""
+        return self._procs.workers
+
+    @property
+    def start_method(self) -> str:
+        """How workers are started: ``forkserver``, ``spawn`` or ``fork``."""
+        return self._procs.start_method
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._procs.closed
+
+    @property
+    def id(self) -> int:
+        """This pool's number in the process (names its workers' shared memory and guard)."""
+        return self._procs.id
+
+    @property
+    def _workers(self) -> dict[int, Any]:
+        """The live worker records (pid, process), for tests and diagnostics."""
+        return self._procs._workers
+
+    def _lease(self, memory_limit: int | None) -> Lease:
+        """The executor for one run on these workers (closing it keeps them warm)."""
+        return self._procs.lease(memory_limit, shutdown_on_close=False)
+
+    def __enter__(self) -> Pool:
+        push_context(self)  # task.submit() inside the block runs on this pool
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        pop_context(self)
+        try:
+            if exc_type is None:
+                end_pool_session(self)  # waits; raises GraphFailed for unseen failures
+            elif self._session is not None:
+                session, self._session = self._session, None
+                session.cancel("the `with gx.Pool()` block raised")
+                session.close()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop every worker: ask, then kill stragglers; always join. Idempotent."""
+        self._procs.shutdown()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self._procs._workers)} running"
+        return f"<Pool workers={self.workers} {self.start_method} ({state})>"
