@@ -73,16 +73,19 @@ def measure(repeat: int = 5) -> list[tuple[str, str, float]]:
     encode = _per_call(
         lambda: pickle.dumps(
             ("run", token, fn_id, "noop-1", dumps_call((1,), None, False), [], None, False),
-            protocol=5
+            protocol=5,
         ),
-        2000, repeat,
+        2000,
+        repeat,
     )
     rows.append(("encode: pickle the arguments and the `run` message", "parent", encode))
 
-    message = pickle.loads(pickle.dumps(
-        ("run", token, fn_id, "noop-1", dumps_call((1,), None, False), [], None, False),
-            protocol=5
-    ))
+    message = pickle.loads(
+        pickle.dumps(
+            ("run", token, fn_id, "noop-1", dumps_call((1,), None, False), [], None, False),
+            protocol=5,
+        )
+    )
     functions = {fn_id: pickle.loads(dumps(w.noop))}
     # The worker's loop ends a process whose pid is not the worker's (a child a
     # task forked); here this process plays the worker.
@@ -99,19 +102,25 @@ def measure(repeat: int = 5) -> list[tuple[str, str, float]]:
         link = _median_seconds(lambda: w.run_graphexec(w2, pool=pool), repeat) / n2
         # keep="all" keeps every value for the Run, which turns chains off: each
         # link then makes the round trip through the parent.
-        unchained = _median_seconds(
-            lambda: w.run_graphexec(w2, pool=pool, keep="all"), repeat
-        ) / n2
+        unchained = _median_seconds(lambda: w.run_graphexec(w2, pool=pool, keep="all"), repeat) / n2
         per_task = _median_seconds(lambda: w.run_graphexec(w1, pool=pool), repeat) / n1
     steps = build + (sync - build) + encode + handle + decode
-    rows.append(("round trip: two pipe messages, two wake-ups (unchained link minus the above)",
-                 "kernel", unchained - steps))
-    rows.append(("**W2: one link, unchained (`keep=\"all\"`): a round trip each**", "graphexec",
-                 unchained))
-    rows.append(("**W2: one link, chained (default): up to 9 links per dispatch**", "graphexec",
-                 link))
-    rows.append(("**W1: one task of 5,000, end to end (2 workers, prefetch)**", "graphexec",
-                 per_task))
+    rows.append(
+        (
+            "round trip: two pipe messages, two wake-ups (unchained link minus the above)",
+            "kernel",
+            unchained - steps,
+        )
+    )
+    rows.append(
+        ('**W2: one link, unchained (`keep="all"`): a round trip each**', "graphexec", unchained)
+    )
+    rows.append(
+        ("**W2: one link, chained (default): up to 9 links per dispatch**", "graphexec", link)
+    )
+    rows.append(
+        ("**W1: one task of 5,000, end to end (2 workers, prefetch)**", "graphexec", per_task)
+    )
 
     with ProcessPoolExecutor(max_workers=w.WORKERS) as executor:
         w.run_executor(executor, w.w1_spec(50))

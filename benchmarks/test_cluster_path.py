@@ -52,28 +52,49 @@ def cluster_runner(cluster_tool: str, request: pytest.FixtureRequest) -> Callabl
     return lambda spec: w.run_distributed(client, spec)
 
 
-def _measure(benchmark: Any, tool: str, workload: str, spec: w.Spec,
-             runner: Callable[..., w.Outcome], check: Callable[[w.Outcome], None],
-             rounds: int, **extra: Any) -> None:
-    measure(benchmark, lambda: runner(spec), check, workload=f"cluster-{workload}", tool=tool,
-            rounds=rounds, tasks=len(spec), **extra)
+def _measure(
+    benchmark: Any,
+    tool: str,
+    workload: str,
+    spec: w.Spec,
+    runner: Callable[..., w.Outcome],
+    check: Callable[[w.Outcome], None],
+    rounds: int,
+    **extra: Any,
+) -> None:
+    measure(
+        benchmark,
+        lambda: runner(spec),
+        check,
+        workload=f"cluster-{workload}",
+        tool=tool,
+        rounds=rounds,
+        tasks=len(spec),
+        **extra,
+    )
 
 
 @pytest.mark.benchmark(group="cluster-W1")
 def test_cluster_w1(benchmark, cluster_tool, cluster_runner):
-    _measure(benchmark, cluster_tool, "W1", w.w1_spec(), cluster_runner, w.check_w1,
-             ROUNDS_LIGHT)
+    _measure(benchmark, cluster_tool, "W1", w.w1_spec(), cluster_runner, w.check_w1, ROUNDS_LIGHT)
 
 
 @pytest.mark.benchmark(group="cluster-W3")
 def test_cluster_w3(benchmark, cluster_tool, cluster_runner, w3_reference):
     spec, expected, serial = w3_reference
-    _measure(benchmark, cluster_tool, "W3", spec, cluster_runner,
-             lambda out: w.check_w3(out, expected), ROUNDS_HEAVY, serial_reference_s=serial)
+    _measure(
+        benchmark,
+        cluster_tool,
+        "W3",
+        spec,
+        cluster_runner,
+        lambda out: w.check_w3(out, expected),
+        ROUNDS_HEAVY,
+        serial_reference_s=serial,
+    )
 
 
 @pytest.mark.benchmark(group="cluster-W4")
 def test_cluster_w4(benchmark, cluster_tool, cluster_runner):
     w.w4_expected()  # the reference total, computed before any timing
-    _measure(benchmark, cluster_tool, "W4", w.w4_spec(), cluster_runner, w.check_w4,
-             ROUNDS_HEAVY)
+    _measure(benchmark, cluster_tool, "W4", w.w4_spec(), cluster_runner, w.check_w4, ROUNDS_HEAVY)

@@ -88,8 +88,15 @@ def test_w4_memory(benchmark, tool, runner):
         peaks.append(peak)
         return out
 
-    measure(benchmark, run_sampled, w.check_w4, workload="W4-memory", tool=tool, rounds=1,
-            tasks=len(SPEC))
+    measure(
+        benchmark,
+        run_sampled,
+        w.check_w4,
+        workload="W4-memory",
+        tool=tool,
+        rounds=1,
+        tasks=len(SPEC),
+    )
     peak = peaks[-1]
     benchmark.extra_info.update(
         peak_rss_mb=(peak.rss - peak.base_rss) / MB,

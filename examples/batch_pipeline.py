@@ -50,7 +50,9 @@ def load(i: int) -> np.ndarray:
     yy, xx = np.mgrid[-8:9, -8:9]
     for _ in range(5 + i % 7):  # each star drawn in its own 17x17 patch
         y, x = rng.integers(8, SIZE - 8, 2)
-        frame[y - 8:y + 9, x - 8:x + 9] += rng.uniform(200, 900) * np.exp(-(yy**2 + xx**2) / 8.0)
+        frame[y - 8 : y + 9, x - 8 : x + 9] += rng.uniform(200, 900) * np.exp(
+            -(yy**2 + xx**2) / 8.0
+        )
     kind = BROKEN.get(i)
     if kind == "dropout":
         frame[rng.integers(0, SIZE, 300), rng.integers(0, SIZE, 300)] = np.nan
@@ -65,8 +67,9 @@ def load(i: int) -> np.ndarray:
 def check(frame: np.ndarray, i: int) -> np.ndarray:
     """Refuse frames that would silently poison the catalogue."""
     if frame.shape != (SIZE, SIZE):
-        raise ValueError(f"frame {i}: shape {frame.shape}, expected {(SIZE, SIZE)} "
-                         "(truncated read)")
+        raise ValueError(
+            f"frame {i}: shape {frame.shape}, expected {(SIZE, SIZE)} (truncated read)"
+        )
     bad = int(np.isnan(frame).sum())
     if bad:
         raise ValueError(f"frame {i}: {bad} NaN pixels (sensor drop-out)")
@@ -96,10 +99,19 @@ def measure(frame: np.ndarray, i: int) -> dict:
     bright = frame > background + 10 * frame.std() / 3
     # local maxima among the bright pixels count the stars
     core = frame[1:-1, 1:-1]
-    peaks = bright[1:-1, 1:-1] & (core > frame[:-2, 1:-1]) & (core > frame[2:, 1:-1]) & \
-        (core > frame[1:-1, :-2]) & (core > frame[1:-1, 2:])
-    return {"frame": i, "background": background, "edges": float(edges.mean()),
-            "stars": int(peaks.sum())}
+    peaks = (
+        bright[1:-1, 1:-1]
+        & (core > frame[:-2, 1:-1])
+        & (core > frame[2:, 1:-1])
+        & (core > frame[1:-1, :-2])
+        & (core > frame[1:-1, 2:])
+    )
+    return {
+        "frame": i,
+        "background": background,
+        "edges": float(edges.mean()),
+        "stars": int(peaks.sum()),
+    }
 
 
 @gx.task(retries=2, retry_delay=0.2)
@@ -108,8 +120,7 @@ def store(row: dict, archive: str) -> dict:
     marker = Path(archive) / f".attempted-{row['frame']}"
     if row["frame"] in FLAKY and not marker.exists():
         marker.touch()
-        raise ConnectionError(f"archive dropped the connection while storing frame "
-                              f"{row['frame']}")
+        raise ConnectionError(f"archive dropped the connection while storing frame {row['frame']}")
     return row
 
 
@@ -117,9 +128,12 @@ def store(row: dict, archive: str) -> dict:
 def catalogue(rows: list) -> dict:
     """Everything that made it through; the failed frames arrive as exceptions."""
     good = [r for r in rows if isinstance(r, dict)]
-    return {"frames": len(good), "lost": len(rows) - len(good),
-            "stars": sum(r["stars"] for r in good),
-            "background": float(np.mean([r["background"] for r in good]))}
+    return {
+        "frames": len(good),
+        "lost": len(rows) - len(good),
+        "stars": sum(r["stars"] for r in good),
+        "background": float(np.mean([r["background"] for r in good])),
+    }
 
 
 def build(archive: Path) -> tuple[gx.Graph, gx.Node]:
@@ -141,8 +155,10 @@ def main(out: Path) -> int:
     run = graph.compute(workers=2)  # a progress bar shows when stderr is a terminal
     print(run.summary())
     cat = run[result]
-    print(f"\ncatalogue: {cat['frames']} frames, {cat['lost']} lost, {cat['stars']} stars, "
-          f"mean background {cat['background']:.1f}")
+    print(
+        f"\ncatalogue: {cat['frames']} frames, {cat['lost']} lost, {cat['stars']} stars, "
+        f"mean background {cat['background']:.1f}"
+    )
     retried = [n.name for n in run.nodes if run.state(n).attempts > 1]
     print(f"retried and then stored: {', '.join(retried)}")
     report = run.to_html(out / "report.html")

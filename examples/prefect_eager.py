@@ -77,13 +77,13 @@ def return_state_flow() -> None:
 def return_state() -> None:
     """Prefect::
 
-        @task(return_state=True)
-        def risky(x): ...
+    @task(return_state=True)
+    def risky(x): ...
 
-        @flow
-        def my_flow():
-            state = risky(1)
-            if state.is_failed(): ...
+    @flow
+    def my_flow():
+        state = risky(1)
+        if state.is_failed(): ...
     """
     header("1. return_state=True")
     return_state_flow()  # no GraphFailed: return_state handles the failure
@@ -104,12 +104,12 @@ def allow_failure_flow() -> list[str]:
 def allow_failure() -> None:
     """Prefect::
 
-        from prefect import allow_failure
+    from prefect import allow_failure
 
-        @flow
-        def my_flow():
-            bad = risky.submit(3)
-            return describe.submit(allow_failure(bad))
+    @flow
+    def my_flow():
+        bad = risky.submit(3)
+        return describe.submit(allow_failure(bad))
     """
     header("2. allow_failure on a future")
     one, several = allow_failure_flow()
@@ -163,22 +163,23 @@ def as_they_finish() -> list[float]:
 def parallel_submit() -> None:
     """Prefect::
 
-        @flow
-        def squares():
-            futures = [slow_square.submit(i) for i in range(6)]
-            return [f.result() for f in futures]
+    @flow
+    def squares():
+        futures = [slow_square.submit(i) for i in range(6)]
+        return [f.result() for f in futures]
 
-        for future in as_completed(futures): ...
+    for future in as_completed(futures): ...
     """
     header("3. independent submit() tasks in parallel, results collected later")
     started = time.perf_counter()
     spans = squares_flow()
     elapsed = time.perf_counter() - started
-    print(f"results: {[s['value'] for s in spans]}; {most_at_once(spans)} ran at once; "
-          f"{elapsed:.1f} s for 6 x 0.2 s of work")
+    print(
+        f"results: {[s['value'] for s in spans]}; {most_at_once(spans)} ran at once; "
+        f"{elapsed:.1f} s for 6 x 0.2 s of work"
+    )
 
-    print(f"gx.as_completed gave naps of {NAPS} s back as {as_they_finish()} "
-          "(completion order)")
+    print(f"gx.as_completed gave naps of {NAPS} s back as {as_they_finish()} (completion order)")
 
 
 # -- 4. wait_for=[a, b]: no start if an upstream fails -------------------------------
@@ -194,11 +195,11 @@ def wait_for_flow() -> None:
 def wait_for() -> None:
     """Prefect::
 
-        @flow
-        def my_flow():
-            a = measure.submit(1)
-            b = risky.submit(2)
-            publish.submit(wait_for=[a, b])
+    @flow
+    def my_flow():
+        a = measure.submit(1)
+        b = risky.submit(2)
+        publish.submit(wait_for=[a, b])
     """
     header("4. wait_for=[a, b]")
     try:
@@ -223,11 +224,13 @@ def wait_for_allow_failure_flow() -> str:
 def wait_for_allow_failure() -> None:
     """Prefect::
 
-        publish.submit(wait_for=[allow_failure(b), a])
+    publish.submit(wait_for=[allow_failure(b), a])
     """
     header("5. wait_for + allow_failure")
-    print(f"publish ran and returned {wait_for_allow_failure_flow()!r}; "
-          "b's failure was accepted, so the flow returned normally")
+    print(
+        f"publish ran and returned {wait_for_allow_failure_flow()!r}; "
+        "b's failure was accepted, so the flow returned normally"
+    )
 
 
 # -- 6. retries ----------------------------------------------------------------------
@@ -255,18 +258,20 @@ def retries_flow(counter: str) -> tuple[str, gx.State]:
 def retries() -> None:
     """Prefect::
 
-        @task(retries=3, retry_delay_seconds=10)
-        def flaky_download(): ...
+    @task(retries=3, retry_delay_seconds=10)
+    def flaky_download(): ...
 
-        @flow
-        def my_flow():
-            return flaky_download.submit().result()
+    @flow
+    def my_flow():
+        return flaky_download.submit().result()
     """
     header("6. retries=3, retry_delay_seconds")
     with tempfile.TemporaryDirectory() as tmp:
         value, state = retries_flow(os.path.join(tmp, "attempts"))
-    print(f"{value}; attempts={state.attempts}, errors: "
-          f"{[type(a.error).__name__ for a in state.history if a.error]}")
+    print(
+        f"{value}; attempts={state.attempts}, errors: "
+        f"{[type(a.error).__name__ for a in state.history if a.error]}"
+    )
 
 
 # -- 7. caching ----------------------------------------------------------------------
@@ -290,14 +295,14 @@ def fit_flow(cache_dir: str) -> gx.Flow:
 def caching() -> None:
     """Prefect::
 
-        from prefect.tasks import task_input_hash
+    from prefect.tasks import task_input_hash
 
-        @task(cache_key_fn=task_input_hash, cache_expiration=timedelta(hours=1))
-        def expensive_fit(n): ...
+    @task(cache_key_fn=task_input_hash, cache_expiration=timedelta(hours=1))
+    def expensive_fit(n): ...
 
-        @flow
-        def fitting():
-            return expensive_fit.submit(100_000).result()
+    @flow
+    def fitting():
+        return expensive_fit.submit(100_000).result()
     """
     header("7. cache_key_fn=task_input_hash, cache_expiration")
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -305,8 +310,10 @@ def caching() -> None:
         for attempt in ("first", "second"):
             started = time.perf_counter()
             name, value = fitting()
-            print(f"{attempt} flow run: {name}, value {value:.6f}, "
-                  f"{time.perf_counter() - started:.2f} s")
+            print(
+                f"{attempt} flow run: {name}, value {value:.6f}, "
+                f"{time.perf_counter() - started:.2f} s"
+            )
 
 
 # -- 8. at most two tasks at a time ---------------------------------------------------
@@ -341,19 +348,23 @@ def limited() -> tuple[list[dict[str, float]], list[dict[str, float]]]:
 def concurrency() -> None:
     """Prefect::
 
-        @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
-        def my_flow():
-            futures = [slow_square.submit(i) for i in range(6)]
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    def my_flow():
+        futures = [slow_square.submit(i) for i in range(6)]
 
-        # or a tag limit: `prefect concurrency-limit create db 2` and @task(tags=["db"])
+    # or a tag limit: `prefect concurrency-limit create db 2` and @task(tags=["db"])
     """
     header("8. at most two at a time")
-    print(f"task_runner_max_concurrency=2: slow_square ran at most "
-          f"{most_at_once(two_at_a_time())} at once")
+    print(
+        f"task_runner_max_concurrency=2: slow_square ran at most "
+        f"{most_at_once(two_at_a_time())} at once"
+    )
     queries, writes = limited()
     print(f"workers=3: query_db (max_concurrency=2) ran at most {most_at_once(queries)} at once")
-    print(f"workers=3: write_db (tags=['db'], limits={{'db': 2}}) ran at most "
-          f"{most_at_once(writes)} at once")
+    print(
+        f"workers=3: write_db (tags=['db'], limits={{'db': 2}}) ran at most "
+        f"{most_at_once(writes)} at once"
+    )
 
 
 def main() -> None:

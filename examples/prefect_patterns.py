@@ -56,8 +56,8 @@ def header(title: str) -> None:
 def return_state() -> None:
     """Prefect::
 
-        state = risky(1, return_state=True)
-        if state.is_failed(): ...
+    state = risky(1, return_state=True)
+    if state.is_failed(): ...
     """
     header("1. return_state=True")
     # Outside a graph a task is a plain function; return_state=True wraps the outcome.
@@ -77,8 +77,8 @@ def return_state() -> None:
 def allow_failure() -> None:
     """Prefect::
 
-        from prefect import allow_failure
-        report(allow_failure(risky.submit(3)))
+    from prefect import allow_failure
+    report(allow_failure(risky.submit(3)))
     """
     header("2. allow_failure")
     graph = gx.Graph()
@@ -109,10 +109,10 @@ def squares_flow() -> list[int]:
 def parallel_submit() -> None:
     """Prefect::
 
-        @flow
-        def squares():
-            futures = [slow_square.submit(i) for i in range(6)]
-            return [f.result() for f in futures]
+    @flow
+    def squares():
+        futures = [slow_square.submit(i) for i in range(6)]
+        return [f.result() for f in futures]
     """
     header("3. independent tasks in parallel, results collected later")
     # Lazy: build the nodes, compute once, read the values.
@@ -123,8 +123,10 @@ def parallel_submit() -> None:
     run = graph.compute(workers=2)
     elapsed = time.perf_counter() - started
     workers = sorted({run.state(n).history[-1].worker for n in nodes})
-    print(f"lazy graph: {[run[n] for n in nodes]} on workers {workers} "
-          f"in {elapsed:.1f} s (6 x 0.2 s of work)")
+    print(
+        f"lazy graph: {[run[n] for n in nodes]} on workers {workers} "
+        f"in {elapsed:.1f} s (6 x 0.2 s of work)"
+    )
     # Eager: the same code as Prefect's, with @gx.flow and task.submit().
     print(f"eager flow: {squares_flow()}")
 
@@ -135,9 +137,9 @@ def parallel_submit() -> None:
 def wait_for() -> None:
     """Prefect::
 
-        a = measure.submit(1)
-        b = risky.submit(2)
-        publish.submit(wait_for=[a, b])
+    a = measure.submit(1)
+    b = risky.submit(2)
+    publish.submit(wait_for=[a, b])
     """
     header("4. wait_for=[a, b]")
     graph = gx.Graph()
@@ -159,7 +161,7 @@ def wait_for() -> None:
 def wait_for_allow_failure() -> None:
     """Prefect::
 
-        publish.submit(wait_for=[allow_failure(b), a])
+    publish.submit(wait_for=[allow_failure(b), a])
     """
     header("5. wait_for + allow_failure")
     graph = gx.Graph()
@@ -168,8 +170,10 @@ def wait_for_allow_failure() -> None:
         b = risky(2)
         done = publish(wait_for=[gx.allow_failure(b), a])
     run = graph.compute(workers=2)  # the failure of b is handled: no GraphFailed
-    print(f"publish: {run.state(done).name}, returned {run[done]!r}; "
-          f"failed: {[n.name for n in run.failed]}, run.ok={run.ok}")
+    print(
+        f"publish: {run.state(done).name}, returned {run[done]!r}; "
+        f"failed: {[n.name for n in run.failed]}, run.ok={run.ok}"
+    )
 
 
 # -- 6. retries ----------------------------------------------------------------------
@@ -191,8 +195,8 @@ def flaky_download(counter: str) -> str:
 def retries() -> None:
     """Prefect::
 
-        @task(retries=3, retry_delay_seconds=10)
-        def flaky_download(): ...
+    @task(retries=3, retry_delay_seconds=10)
+    def flaky_download(): ...
     """
     header("6. retries=3, retry_delay_seconds")
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,8 +205,10 @@ def retries() -> None:
             got = flaky_download(os.path.join(tmp, "attempts"))
         run = graph.compute(workers=2)
     state = run.state(got)
-    print(f"{run[got]}; attempts={state.attempts}, errors: "
-          f"{[type(a.error).__name__ for a in state.history if a.error]}")
+    print(
+        f"{run[got]}; attempts={state.attempts}, errors: "
+        f"{[type(a.error).__name__ for a in state.history if a.error]}"
+    )
 
 
 # -- 7. caching ----------------------------------------------------------------------
@@ -217,10 +223,10 @@ def expensive_fit(n: int) -> float:
 def caching() -> None:
     """Prefect::
 
-        from prefect.tasks import task_input_hash
+    from prefect.tasks import task_input_hash
 
-        @task(cache_key_fn=task_input_hash, cache_expiration=timedelta(hours=1))
-        def expensive_fit(n): ...
+    @task(cache_key_fn=task_input_hash, cache_expiration=timedelta(hours=1))
+    def expensive_fit(n): ...
     """
     header("7. cache_key_fn=task_input_hash, cache_expiration")
     with tempfile.TemporaryDirectory() as cache_dir:  # default: ./.graphexec-cache
@@ -230,8 +236,10 @@ def caching() -> None:
                 fit = expensive_fit(100_000)
             started = time.perf_counter()
             run = graph.compute(workers=2, cache_dir=cache_dir)
-            print(f"{attempt} run: {run.state(fit).name}, value {run[fit]:.6f}, "
-                  f"{time.perf_counter() - started:.2f} s")
+            print(
+                f"{attempt} run: {run.state(fit).name}, value {run[fit]:.6f}, "
+                f"{time.perf_counter() - started:.2f} s"
+            )
 
 
 # -- 8. at most two tasks at a time ---------------------------------------------------
@@ -265,10 +273,10 @@ def most_at_once(run: gx.Run, nodes: list[gx.Node]) -> int:
 def concurrency() -> None:
     """Prefect::
 
-        @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
-        def my_flow(): ...
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    def my_flow(): ...
 
-        # or a tag limit: `prefect concurrency-limit create db 2` and @task(tags=["db"])
+    # or a tag limit: `prefect concurrency-limit create db 2` and @task(tags=["db"])
     """
     header("8. at most two at a time")
     graph = gx.Graph()
@@ -276,10 +284,13 @@ def concurrency() -> None:
         queries = [query_db(i) for i in range(6)]
         writes = [write_db(i) for i in range(6)]
     run = graph.compute(workers=3, limits={"db": 2})
-    print(f"workers=3: query_db (max_concurrency=2) ran at most "
-          f"{most_at_once(run, queries)} at once")
-    print(f"workers=3: write_db (tags=['db'], limits={{'db': 2}}) ran at most "
-          f"{most_at_once(run, writes)} at once")
+    print(
+        f"workers=3: query_db (max_concurrency=2) ran at most {most_at_once(run, queries)} at once"
+    )
+    print(
+        f"workers=3: write_db (tags=['db'], limits={{'db': 2}}) ran at most "
+        f"{most_at_once(run, writes)} at once"
+    )
     graph = gx.Graph()
     with graph:
         squares = [slow_square(i) for i in range(6)]

@@ -49,8 +49,9 @@ def validate(point: dict) -> dict:
     |sigma|), so without this check the typo would go unnoticed.
     """
     if not point["sigma"] > 0:
-        raise ValueError(f"sweep point {point['name']!r}: volatility must be > 0, "
-                         f"got sigma={point['sigma']}")
+        raise ValueError(
+            f"sweep point {point['name']!r}: volatility must be > 0, got sigma={point['sigma']}"
+        )
     return point
 
 
@@ -78,12 +79,20 @@ def estimate(point: dict, partials: list[tuple[float, float, int]]) -> dict:
     mean = total / n
     stderr = math.sqrt((squares / n - mean**2) / (n - 1))
     exact = black_scholes_call(point["sigma"])
-    return {"name": point["name"], "sigma": point["sigma"], "price": mean,
-            "stderr": stderr, "exact": exact, "z": (mean - exact) / stderr, "paths": n}
+    return {
+        "name": point["name"],
+        "sigma": point["sigma"],
+        "price": mean,
+        "stderr": stderr,
+        "exact": exact,
+        "z": (mean - exact) / stderr,
+        "paths": n,
+    }
 
 
 def black_scholes_call(sigma: float) -> float:
     """The exact price of the same option (Black-Scholes formula)."""
+
     def cdf(x: float) -> float:
         return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 
@@ -118,8 +127,10 @@ def main() -> None:
         state = run.state(node)
         if state.is_completed():
             e = run[node]
-            print(f"{name:<9} {e['sigma']:>6.2f} {e['price']:>10.4f} ± {e['stderr']:.4f} "
-                  f"{e['exact']:>14.4f} {e['z']:>6.2f}")
+            print(
+                f"{name:<9} {e['sigma']:>6.2f} {e['price']:>10.4f} ± {e['stderr']:.4f} "
+                f"{e['exact']:>14.4f} {e['z']:>6.2f}"
+            )
         else:
             print(f"{name:<9} {state.name}: {state.message}")
 

@@ -166,16 +166,18 @@ def test_nodes_nested_in_containers_are_replaced_by_values(compute):
         a = inc(0)  # 1
         b = inc(1)  # 2
         c = inc(2)  # 3
-        got = echo({
-            "list": [a, [b, [c]]],
-            "tuple": (a, (b,)),
-            "dict": {"x": a, "nested": {"y": [b]}},
-            "set": {a, b},
-            "frozenset": frozenset([c]),
-            "namedtuple": Pair(a, c),
-            "key": {a: "one"},
-            "plain": [1, "two", None],
-        })
+        got = echo(
+            {
+                "list": [a, [b, [c]]],
+                "tuple": (a, (b,)),
+                "dict": {"x": a, "nested": {"y": [b]}},
+                "set": {a, b},
+                "frozenset": frozenset([c]),
+                "namedtuple": Pair(a, c),
+                "key": {a: "one"},
+                "plain": [1, "two", None],
+            }
+        )
     assert set(got.upstream) == {a, b, c}
     value = compute(graph)[got]
     assert value == {
@@ -236,8 +238,13 @@ def test_node_names_count_per_task_and_name_option():
         l0 = load(1)
         e0 = echo(a0)
         a2 = inc(3)
-    assert [n.name for n in (a0, a1, l0, e0, a2)] == ["inc-0", "inc-1", "loader-0", "echo-0",
-                                                       "inc-2"]
+    assert [n.name for n in (a0, a1, l0, e0, a2)] == [
+        "inc-0",
+        "inc-1",
+        "loader-0",
+        "echo-0",
+        "inc-2",
+    ]
     assert repr(a0) == "<Node inc-0>"
     assert f"{a1}" == "inc-1"
     # names restart per graph

@@ -53,8 +53,13 @@ def make_array(counter, seed, rows=50_000):
 def describe(counter, array):
     with open(counter, "a") as f:
         f.write("describe\n")
-    return {"sum": float(array.sum(dtype="float64")), "shape": list(array.shape),
-            "dtype": str(array.dtype), "tags": ("a", 1, None), "small": array[:3].copy()}
+    return {
+        "sum": float(array.sum(dtype="float64")),
+        "shape": list(array.shape),
+        "dtype": str(array.dtype),
+        "tags": ("a", 1, None),
+        "small": array[:3].copy(),
+    }
 
 
 @gx.task
@@ -195,8 +200,9 @@ def test_second_compute_is_all_cached_with_identical_values(compute, tmp_path):
     assert np.array_equal(a1, a2)
     i1, i2 = first[info], second[info2]
     assert i1.keys() == i2.keys()
-    assert {k: v for k, v in i2.items() if k != "small"} == \
-        {k: v for k, v in i1.items() if k != "small"}
+    assert {k: v for k, v in i2.items() if k != "small"} == {
+        k: v for k, v in i1.items() if k != "small"
+    }
     assert i2["tags"] == ("a", 1, None) and type(i2["tags"]) is tuple
     assert np.array_equal(i1["small"], i2["small"]) and i2["small"].dtype == np.float32
     assert second[scalar2] == 49
@@ -401,8 +407,9 @@ def test_editing_the_task_source_invalidates_its_entries(compute, tmp_path, edit
 
 
 @pytest.mark.timeout(30)
-def test_source_edited_on_disk_but_not_reloaded_is_never_a_wrong_hit(compute, tmp_path,
-                                                                     edited_module):
+def test_source_edited_on_disk_but_not_reloaded_is_never_a_wrong_hit(
+    compute, tmp_path, edited_module
+):
     """The file changes while the old code still runs (a notebook without autoreload,
     a long run while its author edits): the old code's value must not be stored under
     the new code's key."""
@@ -522,8 +529,12 @@ def test_task_input_hash_is_stable_across_processes_and_hash_seeds(tmp_path):
     variants = [("0", "forward"), ("1", "reversed"), ("4242", "forward"), ("random", "reversed")]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, cwd=tmp_path, env=dict(os.environ, PYTHONHASHSEED=seed, ORDER=order),
+            [sys.executable, str(script)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=dict(os.environ, PYTHONHASHSEED=seed, ORDER=order),
         )
         for seed, order in variants
     ]
@@ -574,17 +585,45 @@ def test_task_input_hash_differs_when_content_differs():
     structured_a = np.zeros(3, dtype=[("a", "<i4"), ("b", "<f4")])
     structured_b = np.zeros(3, dtype=[("x", "<f4"), ("y", "<i4")])
     variants = [
-        base, changed, base.astype(np.int32), base.reshape(4, 3), base.T,
-        base.astype(">i8"), np.array(5), np.array([5]),
-        structured_a, structured_b,
+        base,
+        changed,
+        base.astype(np.int32),
+        base.reshape(4, 3),
+        base.T,
+        base.astype(">i8"),
+        np.array(5),
+        np.array([5]),
+        structured_a,
+        structured_b,
         np.array(["2020-01-01"], dtype="datetime64[D]"),
         np.array(["2020-01-02"], dtype="datetime64[D]"),
         np.array(["2020-01-01"], dtype="datetime64[s]"),
-        1, 1.0, True, "1", b"1", None, (1,), [1], {1}, frozenset({2}),
-        {"a": 1}, {"a": 2}, {"b": 1}, {"a": [1, 2]}, {"a": [2, 1]},
-        Point(1.0, 2.0), Point(2.0, 1.0), OtherPoint(1.0, 2.0),
-        [1, [2, 3]], [1, [3, 2]], [[1, 2], 3], ((1, 2), 3),
-        0.0, -0.0, float("inf"), 2 + 0j,
+        1,
+        1.0,
+        True,
+        "1",
+        b"1",
+        None,
+        (1,),
+        [1],
+        {1},
+        frozenset({2}),
+        {"a": 1},
+        {"a": 2},
+        {"b": 1},
+        {"a": [1, 2]},
+        {"a": [2, 1]},
+        Point(1.0, 2.0),
+        Point(2.0, 1.0),
+        OtherPoint(1.0, 2.0),
+        [1, [2, 3]],
+        [1, [3, 2]],
+        [[1, 2], 3],
+        ((1, 2), 3),
+        0.0,
+        -0.0,
+        float("inf"),
+        2 + 0j,
     ]
     digests = [_hash({"x": v}) for v in variants]
     assert len(set(digests)) == len(variants)
@@ -671,8 +710,9 @@ def test_upstream_values_enter_the_key_by_their_own_key(compute, tmp_path, monke
     hashed = []
     for fn in ("content_hash", "wire_hash"):  # the big array must not be hashed again
         original = getattr(_scheduler, fn)
-        monkeypatch.setattr(_scheduler, fn,
-                            lambda *a, _f=original, _n=fn: hashed.append(_n) or _f(*a))
+        monkeypatch.setattr(
+            _scheduler, fn, lambda *a, _f=original, _n=fn: hashed.append(_n) or _f(*a)
+        )
 
     names1, sum1 = run_once(1)
     assert names1 == ["Completed", "Completed"]
@@ -740,8 +780,12 @@ def test_uncached_upstream_key_is_stable_across_runs(tmp_path):
     outs = []
     for seed in ("1", "2", "3"):
         proc = subprocess.run(
-            [sys.executable, str(script), str(counter), str(cache)], capture_output=True,
-            text=True, timeout=50, cwd=tmp_path, env=dict(os.environ, PYTHONHASHSEED=seed),
+            [sys.executable, str(script), str(counter), str(cache)],
+            capture_output=True,
+            text=True,
+            timeout=50,
+            cwd=tmp_path,
+            env=dict(os.environ, PYTHONHASHSEED=seed),
         )
         assert proc.returncode == 0, proc.stderr
         outs.append(proc.stdout.strip())
@@ -899,7 +943,7 @@ def _corrupt_header_digit(path: Path) -> None:
     where = raw.index(text, 4)
     shorter = str(offset - 4096).encode()
     assert len(shorter) == len(text)
-    raw[where:where + len(text)] = shorter
+    raw[where : where + len(text)] = shorter
     path.write_bytes(bytes(raw))
 
 
@@ -920,9 +964,9 @@ CORRUPTIONS = {
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("damage", sorted(CORRUPTIONS))
 @pytest.mark.parametrize("reading", ["read", "mapped"])  # small entries are read, large mapped
-def test_corrupt_or_truncated_entry_is_reported_deleted_and_recomputed(compute, tmp_path,
-                                                                      monkeypatch, damage,
-                                                                      reading):
+def test_corrupt_or_truncated_entry_is_reported_deleted_and_recomputed(
+    compute, tmp_path, monkeypatch, damage, reading
+):
     counter, cache = tmp_path / "calls", tmp_path / "cache"
     monkeypatch.setattr(_cache, "MAP_READ_MIN", 0 if reading == "mapped" else 1 << 40)
     graph, array, *_ = _array_graph(counter)
@@ -1046,8 +1090,9 @@ def test_failed_and_skipped_nodes_are_not_cached(compute, tmp_path):
             skipped = square(str(counter), bad)
             grandchild = add(str(counter), skipped, 1)
             good = square(str(counter), 2)
-        run = compute(graph, bad, skipped, grandchild, good, cache_dir=cache,
-                      raise_on_failure=False)
+        run = compute(
+            graph, bad, skipped, grandchild, good, cache_dir=cache, raise_on_failure=False
+        )
         return run, names(run, (bad, skipped, grandchild, good))
 
     run, states = run_once()
@@ -1102,8 +1147,7 @@ def make_generator(counter, n):
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("scheduler", ["sync", "threads"])  # a worker could not send it back
-def test_a_result_that_cannot_be_stored_costs_a_warning_not_the_result(compute, tmp_path,
-                                                                      caplog):
+def test_a_result_that_cannot_be_stored_costs_a_warning_not_the_result(compute, tmp_path, caplog):
     counter, cache = tmp_path / "calls", tmp_path / "cache"
     for _ in range(2):
         graph = gx.Graph()
@@ -1141,8 +1185,7 @@ def build_result(counter, module_name, x):
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("scheduler", ["sync", "threads"])  # workers would not find the module
-def test_an_entry_this_code_cannot_load_is_deleted_and_recomputed(compute, tmp_path,
-                                                                 monkeypatch):
+def test_an_entry_this_code_cannot_load_is_deleted_and_recomputed(compute, tmp_path, monkeypatch):
     """The task is unchanged but a class its result used was renamed: resuming must not
     fail every dependent, run after run."""
     counter, cache = tmp_path / "calls", tmp_path / "cache"
@@ -1356,8 +1399,7 @@ def test_an_entry_pruned_during_the_run_that_loaded_it_still_serves_that_run(tmp
         array = make_array(str(counter), 1)
         pruned = prune(str(cache), wait_for=[array])
         after = consume_in_place(array, wait_for=[pruned])
-    run = graph.compute(array, after, scheduler="sync", cache_dir=cache,
-                        raise_on_failure=False)
+    run = graph.compute(array, after, scheduler="sync", cache_dir=cache, raise_on_failure=False)
     assert run.state(array).is_cached()
     assert run.state(after).name == "Completed", run.state(after).message
     assert run[after] == pytest.approx(float(expected.sum(dtype="float64")) + expected.size)

@@ -166,9 +166,7 @@ def test_a_crash_inside_a_chain_is_the_crashing_nodes_alone(pool):
 
 
 @pytest.mark.timeout(30)
-def test_a_consumer_with_retries_is_not_chained_so_its_retry_still_has_the_value(
-    pool, tmp_path
-):
+def test_a_consumer_with_retries_is_not_chained_so_its_retry_still_has_the_value(pool, tmp_path):
     # Had the array been kept in the worker the first attempt killed, the
     # retry would have nothing to read.
     graph = gx.Graph()
@@ -188,8 +186,7 @@ def test_fail_fast_in_the_middle_of_chains_leaves_nothing_behind(pool):
     with pytest.raises(gx.GraphFailed):
         graph.compute(pool=pool, fail_fast=True)
     assert graph._latest_run.state(dead).name == "Failed"
-    assert all(graph._latest_run.state(n).name in ("Cancelled", "Failed", "Skipped")
-               for n in rest)
+    assert all(graph._latest_run.state(n).name in ("Cancelled", "Failed", "Skipped") for n in rest)
     assert _ours() == []
     graph2 = gx.Graph()
     with graph2:
@@ -243,8 +240,11 @@ def shift(values):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("loader", [load_table, load_view, load_list],
-                         ids=["memoised array", "view of it", "memoised list"])
+@pytest.mark.parametrize(
+    "loader",
+    [load_table, load_view, load_list],
+    ids=["memoised array", "view of it", "memoised list"],
+)
 def test_a_chained_consumer_modifying_its_input_never_touches_its_producers_objects(loader):
     # Each consumer must get a value of its own, as from another worker: here
     # the producer returns an object it also keeps, on a one-worker pool.

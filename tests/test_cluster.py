@@ -47,8 +47,8 @@ def _children() -> list[psutil.Process]:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
             if proc.ppid() == os.getpid() and any(
-                    helper in " ".join(proc.cmdline())
-                    for helper in ("forkserver", "resource_tracker")):
+                helper in " ".join(proc.cmdline()) for helper in ("forkserver", "resource_tracker")
+            ):
                 continue  # multiprocessing's session-long helpers
         except psutil.Error:
             continue
@@ -68,7 +68,10 @@ def client() -> Iterator[distributed.Client]:
     before = {p.pid for p in _children()}  # e.g. the suite's shared pool, started earlier
     # dashboard_address=":0": no fixed port to collide with another cluster
     cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
     )
     client = distributed.Client(cluster)
     try:
@@ -105,14 +108,20 @@ def no_leaked_processes(client) -> Iterator[None]:
     deadline = time.monotonic() + LEAK_GRACE
     while True:
         cluster = _cluster_pids(client)
-        leaked = [p for p in _children()
-                  if p.pid not in before and p.pid not in cluster and _alive(p)
-                  and not any(q.pid in cluster for q in _parents(p))]
+        leaked = [
+            p
+            for p in _children()
+            if p.pid not in before
+            and p.pid not in cluster
+            and _alive(p)
+            and not any(q.pid in cluster for q in _parents(p))
+        ]
         if not leaked or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     assert not leaked, "child processes survived the test:\n  " + "\n  ".join(
-        _describe(p) for p in leaked)
+        _describe(p) for p in leaked
+    )
 
 
 def _describe(proc: psutil.Process) -> str:
@@ -366,8 +375,10 @@ def test_allow_failure_argument_wait_for_and_collection(client, tmp_path):
         items = collect_items(gx.allow_failure([ok(1), root, ok(3)]))
         soft = ok(fragile())
     run = graph.compute(cluster=client, raise_on_failure=False)
-    assert run[arg] == [("exc", "ValueError", "root broke"),
-                        ("upstream_failed", run.state(skipped).upstream)]
+    assert run[arg] == [
+        ("exc", "ValueError", "root broke"),
+        ("upstream_failed", run.state(skipped).upstream),
+    ]
     assert run.state(waiter).is_completed() and (tmp_path / "waited").exists()
     assert run[items] == [("value", 1), ("exc", "ValueError", "root broke"), ("value", 3)]
     # allow_failure=True on the task: dependents get its exception
@@ -495,8 +506,11 @@ def test_retries_count_attempts(client, tmp_path):
     run = graph.compute(cluster=client, raise_on_failure=False)
     assert run[recovers] == 3
     assert run.state(recovers).attempts == 3
-    assert [type(a.error).__name__ if a.error else None
-            for a in run.state(recovers).history] == ["ValueError", "ValueError", None]
+    assert [type(a.error).__name__ if a.error else None for a in run.state(recovers).history] == [
+        "ValueError",
+        "ValueError",
+        None,
+    ]
     assert run.state(gives_up).name == "Failed"
     assert run.state(gives_up).attempts == 2
     assert str(run.state(gives_up).exception) == "attempt 2 failed"

@@ -32,8 +32,10 @@ def run_example(name: str) -> str:
             timeout=RUN_TIMEOUT,
         )
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{name} did not finish within {RUN_TIMEOUT} s; output so far:\n"
-                    f"{exc.stdout}\n{exc.stderr}")
+        pytest.fail(
+            f"{name} did not finish within {RUN_TIMEOUT} s; output so far:\n"
+            f"{exc.stdout}\n{exc.stderr}"
+        )
     assert proc.returncode == 0, (
         f"{name} exited with {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n"
         f"{proc.stderr}"
@@ -49,22 +51,26 @@ def assert_lines(output: str, expected: list[str]) -> None:
 @pytest.mark.timeout(RUN_TIMEOUT + 30)
 def test_quickstart() -> None:
     out = run_example("quickstart.py")
-    assert_lines(out, [
-        # the bad sweep point raises GraphFailed, with the worker's traceback ...
-        "graphexec raised GraphFailed:",
-        "validate-4: ValueError: sweep point 'typo': volatility must be > 0",
-        "Traceback of validate-4 (in its worker):",
-        # ... its dependents are skipped, transitively, naming the root cause ...
-        "typo      Skipped: estimate-4 was skipped because its upstream validate-4 failed",
-        "simulate-16 was skipped because its upstream validate-4 failed",
-        # ... and everything else completed
-        "option-sweep: 30 nodes in",
-        "24 completed, 1 failed, 5 skipped — 1 unhandled failure(s)",
-    ])
+    assert_lines(
+        out,
+        [
+            # the bad sweep point raises GraphFailed, with the worker's traceback ...
+            "graphexec raised GraphFailed:",
+            "validate-4: ValueError: sweep point 'typo': volatility must be > 0",
+            "Traceback of validate-4 (in its worker):",
+            # ... its dependents are skipped, transitively, naming the root cause ...
+            "typo      Skipped: estimate-4 was skipped because its upstream validate-4 failed",
+            "simulate-16 was skipped because its upstream validate-4 failed",
+            # ... and everything else completed
+            "option-sweep: 30 nodes in",
+            "24 completed, 1 failed, 5 skipped — 1 unhandled failure(s)",
+        ],
+    )
     # Every good sweep point agrees with the exact Black-Scholes price.
     rows = re.findall(
         r"^(calm|normal|volatile|wild)\s+([\d.]+)\s+([\d.]+) ± ([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)$",
-        out, re.MULTILINE,
+        out,
+        re.MULTILINE,
     )
     assert [r[0] for r in rows] == ["calm", "normal", "volatile", "wild"], out
     for name, _sigma, price, stderr, exact, _z in rows:
@@ -74,72 +80,80 @@ def test_quickstart() -> None:
 @pytest.mark.timeout(RUN_TIMEOUT + 30)
 def test_prefect_patterns() -> None:
     out = run_example("prefect_patterns.py")
-    assert_lines(out, [
-        # 1. return_state
-        "plain call: <State Failed risky: ValueError: sensor 1 is offline>, is_failed()=True",
-        "in a graph the dependent received a State: Failed, "
-        "exception=ValueError('sensor 2 is offline')",
-        # 2. allow_failure
-        "describe received the exception instance ValueError('sensor 3 is offline')",
-        "on a list: the value [10, ValueError('sensor 4 is offline'), 7]",
-        "failed but handled: ['risky-0', 'risky-1'], run.ok=True",
-        # 3. parallel tasks, collected later: lazy and eager
-        "lazy graph: [0, 1, 4, 9, 16, 25] on workers",
-        "eager flow: [0, 1, 4, 9, 16, 25]",
-        # 4. wait_for: the dependent does not start
-        "GraphFailed: 1 of 3 nodes failed without being handled: risky-0.",
-        "publish: Skipped (publish-0 was skipped because its upstream risky-0 failed)",
-        # 5. wait_for + allow_failure
-        "publish: Completed, returned 'published'; failed: ['risky-0'], run.ok=True",
-        # 6. retries
-        "downloaded on attempt 3; attempts=3, errors: ['ConnectionError', 'ConnectionError']",
-        # 7. caching
-        "first run: Completed, value 1.644924",
-        "second run: Cached, value 1.644924",
-        # 8. concurrency
-        "query_db (max_concurrency=2) ran at most 2 at once",
-        "write_db (tags=['db'], limits={'db': 2}) ran at most 2 at once",
-        "workers=2: slow_square ran at most 2 at once",
-        "all patterns ran",
-    ])
+    assert_lines(
+        out,
+        [
+            # 1. return_state
+            "plain call: <State Failed risky: ValueError: sensor 1 is offline>, is_failed()=True",
+            "in a graph the dependent received a State: Failed, "
+            "exception=ValueError('sensor 2 is offline')",
+            # 2. allow_failure
+            "describe received the exception instance ValueError('sensor 3 is offline')",
+            "on a list: the value [10, ValueError('sensor 4 is offline'), 7]",
+            "failed but handled: ['risky-0', 'risky-1'], run.ok=True",
+            # 3. parallel tasks, collected later: lazy and eager
+            "lazy graph: [0, 1, 4, 9, 16, 25] on workers",
+            "eager flow: [0, 1, 4, 9, 16, 25]",
+            # 4. wait_for: the dependent does not start
+            "GraphFailed: 1 of 3 nodes failed without being handled: risky-0.",
+            "publish: Skipped (publish-0 was skipped because its upstream risky-0 failed)",
+            # 5. wait_for + allow_failure
+            "publish: Completed, returned 'published'; failed: ['risky-0'], run.ok=True",
+            # 6. retries
+            "downloaded on attempt 3; attempts=3, errors: ['ConnectionError', 'ConnectionError']",
+            # 7. caching
+            "first run: Completed, value 1.644924",
+            "second run: Cached, value 1.644924",
+            # 8. concurrency
+            "query_db (max_concurrency=2) ran at most 2 at once",
+            "write_db (tags=['db'], limits={'db': 2}) ran at most 2 at once",
+            "workers=2: slow_square ran at most 2 at once",
+            "all patterns ran",
+        ],
+    )
 
 
 @pytest.mark.timeout(RUN_TIMEOUT + 30)
 def test_prefect_eager() -> None:
     out = run_example("prefect_eager.py")
-    assert_lines(out, [
-        # 1. return_state
-        "plain call in a flow: <State Failed risky_state-0: ValueError: sensor 1 is offline>, "
-        "is_failed()=True",
-        "its dependent received a State: Failed, exception=ValueError('sensor 2 is offline')",
-        # 2. allow_failure on a future
-        "describe received the exception instance ValueError('sensor 3 is offline')",
-        "on a list: the value [10, ValueError('sensor 4 is offline'), 7]",
-        # 3. submit() in parallel, collected later; as_completed
-        "submitted 6 tasks; done right away: 0",
-        "results: [0, 1, 4, 9, 16, 25]; 2 ran at once;",
-        "gx.as_completed gave naps of [0.9, 0.1, 0.5] s back as [0.1, 0.5, 0.9]",
-        # 4. wait_for: the dependent does not start, the flow raises at its end
-        "GraphFailed: 1 of 3 nodes failed without being handled: risky-0.",
-        "publish: Skipped (publish-0 was skipped because its upstream risky-0 failed)",
-        # 5. wait_for + allow_failure
-        "publish ran and returned 'published'",
-        # 6. retries
-        "downloaded on attempt 3; attempts=3, errors: ['ConnectionError', 'ConnectionError']",
-        # 7. caching across two flow runs
-        "first flow run: Completed, value 1.644924",
-        "second flow run: Cached, value 1.644924",
-        # 8. concurrency
-        "task_runner_max_concurrency=2: slow_square ran at most 2 at once",
-        "query_db (max_concurrency=2) ran at most 2 at once",
-        "write_db (tags=['db'], limits={'db': 2}) ran at most 2 at once",
-        "all eager patterns ran",
-    ])
+    assert_lines(
+        out,
+        [
+            # 1. return_state
+            "plain call in a flow: <State Failed risky_state-0: ValueError: sensor 1 is offline>, "
+            "is_failed()=True",
+            "its dependent received a State: Failed, exception=ValueError('sensor 2 is offline')",
+            # 2. allow_failure on a future
+            "describe received the exception instance ValueError('sensor 3 is offline')",
+            "on a list: the value [10, ValueError('sensor 4 is offline'), 7]",
+            # 3. submit() in parallel, collected later; as_completed
+            "submitted 6 tasks; done right away: 0",
+            "results: [0, 1, 4, 9, 16, 25]; 2 ran at once;",
+            "gx.as_completed gave naps of [0.9, 0.1, 0.5] s back as [0.1, 0.5, 0.9]",
+            # 4. wait_for: the dependent does not start, the flow raises at its end
+            "GraphFailed: 1 of 3 nodes failed without being handled: risky-0.",
+            "publish: Skipped (publish-0 was skipped because its upstream risky-0 failed)",
+            # 5. wait_for + allow_failure
+            "publish ran and returned 'published'",
+            # 6. retries
+            "downloaded on attempt 3; attempts=3, errors: ['ConnectionError', 'ConnectionError']",
+            # 7. caching across two flow runs
+            "first flow run: Completed, value 1.644924",
+            "second flow run: Cached, value 1.644924",
+            # 8. concurrency
+            "task_runner_max_concurrency=2: slow_square ran at most 2 at once",
+            "query_db (max_concurrency=2) ran at most 2 at once",
+            "write_db (tags=['db'], limits={'db': 2}) ran at most 2 at once",
+            "all eager patterns ran",
+        ],
+    )
+
 
 def test_ci_runs_the_readme_test_command() -> None:
     """README's test command and .ci/run must not drift apart."""
-    command = ("python -m venv .venv && .venv/bin/pip install -e '.[test]' && "
-               ".venv/bin/python -m pytest")
+    command = (
+        "python -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest"
+    )
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert command in readme.splitlines(), "README.md lost its test command"

@@ -254,8 +254,9 @@ def _check_crash(run, node, exitcode, signal_name, advice):
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(("kind", "exitcode", "signal_name", "advice"), CRASHES)
-def test_a_crash_fails_its_node_only_and_the_pool_goes_on(pool, tmp_path, kind, exitcode,
-                                                          signal_name, advice):
+def test_a_crash_fails_its_node_only_and_the_pool_goes_on(
+    pool, tmp_path, kind, exitcode, signal_name, advice
+):
     marker = str(tmp_path / "crash")
     graph = gx.Graph()
     with graph:
@@ -312,8 +313,11 @@ def test_a_crash_is_retried(pool, tmp_path, kind):
     state = run.state(flaky)
     assert state.name == "Completed"
     assert state.attempts == 3
-    assert [type(a.error) for a in state.history] == [gx.WorkerCrashed, gx.WorkerCrashed,
-                                                      type(None)]
+    assert [type(a.error) for a in state.history] == [
+        gx.WorkerCrashed,
+        gx.WorkerCrashed,
+        type(None),
+    ]
 
 
 @pytest.mark.timeout(30)
@@ -480,8 +484,7 @@ def test_a_function_that_kills_its_worker_while_loading_says_so(pool):
     error = run.state(bad).exception
     assert type(error) is gx.WorkerCrashed
     assert error.exitcode == 3
-    assert "died while starting or loading the task's function, before running it" in \
-        str(error)
+    assert "died while starting or loading the task's function, before running it" in str(error)
     _assert_healthy(run, doubled, summed)
 
 
@@ -544,8 +547,9 @@ def test_a_timeout_fails_its_node_within_a_second_of_the_deadline(pool):
 def test_a_timeout_is_retried(pool, tmp_path):
     graph = gx.Graph()
     with graph:
-        flaky = sleeper.with_options(timeout=0.5, retries=1)(60, str(tmp_path / "m"),
-                                                             slow_attempts=1)
+        flaky = sleeper.with_options(timeout=0.5, retries=1)(
+            60, str(tmp_path / "m"), slow_attempts=1
+        )
     run = graph.compute(pool=pool)
     state = run.state(flaky)
     assert state.name == "Completed"
@@ -615,8 +619,7 @@ def test_a_worker_over_the_memory_limit_fails_its_node(pool):
         big = hog(300)
         after = identity(big)
         doubled, summed = _healthy()
-    run = graph.compute(pool=pool, memory_limit="150MB", raise_on_failure=False,
-                        keep="all")
+    run = graph.compute(pool=pool, memory_limit="150MB", raise_on_failure=False, keep="all")
     state = run.state(big)
     assert state.name == "Failed"
     error = state.exception
@@ -719,8 +722,7 @@ def test_a_memory_failure_reaches_its_dependent_when_tblib_pickles_exceptions(tm
     pytest.importorskip("tblib")
     script = tmp_path / "tblib_script.py"
     script.write_text(TBLIB)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=50)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-1] == "RESULT Completed MemoryLimitExceeded"
 
@@ -777,11 +779,14 @@ def test_an_unpicklable_argument_fails_its_node_naming_it(pool, unpicklable_argu
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(("kind", "type_name"), [
-    ("lock", "_thread.lock"),
-    ("generator", "builtins.generator"),
-    ("socket", "socket.socket"),
-])
+@pytest.mark.parametrize(
+    ("kind", "type_name"),
+    [
+        ("lock", "_thread.lock"),
+        ("generator", "builtins.generator"),
+        ("socket", "socket.socket"),
+    ],
+)
 def test_an_unpicklable_result_fails_its_node_naming_the_type(pool, kind, type_name):
     graph = gx.Graph()
     with graph:
@@ -802,13 +807,17 @@ def test_an_unpicklable_result_fails_its_node_naming_the_type(pool, kind, type_n
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(("kind", "type_name", "text"), [
-    ("keyword-only", "KeywordOnlyError", "failed with code 7"),
-    ("lock-attribute", "HoldsALockError", "holds a lock"),
-    ("parent-refuses", "TrappedError", "trapped"),
-])
-def test_an_exception_that_cannot_travel_keeps_type_message_and_traceback(pool, kind,
-                                                                          type_name, text):
+@pytest.mark.parametrize(
+    ("kind", "type_name", "text"),
+    [
+        ("keyword-only", "KeywordOnlyError", "failed with code 7"),
+        ("lock-attribute", "HoldsALockError", "holds a lock"),
+        ("parent-refuses", "TrappedError", "trapped"),
+    ],
+)
+def test_an_exception_that_cannot_travel_keeps_type_message_and_traceback(
+    pool, kind, type_name, text
+):
     graph = gx.Graph()
     with graph:
         bad = raise_(kind)
@@ -832,10 +841,13 @@ def test_an_exception_that_cannot_travel_keeps_type_message_and_traceback(pool, 
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(("kind", "error_type", "text"), [
-    ("plain", PlainError, "plain failure"),
-    ("system-exit", SystemExit, "4"),
-])
+@pytest.mark.parametrize(
+    ("kind", "error_type", "text"),
+    [
+        ("plain", PlainError, "plain failure"),
+        ("system-exit", SystemExit, "4"),
+    ],
+)
 def test_exceptions_that_travel_arrive_as_themselves(pool, kind, error_type, text):
     graph = gx.Graph()
     with graph:
@@ -926,8 +938,9 @@ def test_megabytes_of_output_do_not_deadlock_and_reach_the_parent(tmp_path, star
     script = tmp_path / "flood.py"
     script.write_text(FLOOD)
     started = time.monotonic()
-    done = subprocess.run([sys.executable, str(script), start_method], capture_output=True,
-                          text=True, timeout=50)
+    done = subprocess.run(
+        [sys.executable, str(script), start_method], capture_output=True, text=True, timeout=50
+    )
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr[-3000:]
     out, err = done.stdout.splitlines(), done.stderr.splitlines()
@@ -935,9 +948,11 @@ def test_megabytes_of_output_do_not_deadlock_and_reach_the_parent(tmp_path, star
     for tag, node in (("A", "flood-0"), ("B", "flood-1")):
         # every line whole, prefixed with its node, in order, none lost
         assert [line for line in out if line.startswith(f"[{node}] {tag} out ")] == [
-            f"[{node}] {tag} out {i} " + "x" * 60 for i in range(40_000)]
+            f"[{node}] {tag} out {i} " + "x" * 60 for i in range(40_000)
+        ]
         assert [line for line in err if line.startswith(f"[{node}] {tag} err ")] == [
-            f"[{node}] {tag} err {i} " + "y" * 60 for i in range(40_000)]
+            f"[{node}] {tag} err {i} " + "y" * 60 for i in range(40_000)
+        ]
         assert f"[{node}] {tag} unfinished line" in out
     dots = [line for line in out if line.startswith("[dots-0] ")]
     assert sum(len(line) - len("[dots-0] ") for line in dots) == 300_000
@@ -970,8 +985,9 @@ LOGGING = textwrap.dedent(
 def test_task_log_records_reach_the_parent_as_its_logging_is_set_up(tmp_path, start_method):
     script = tmp_path / "logs.py"
     script.write_text(LOGGING)
-    done = subprocess.run([sys.executable, str(script), start_method], capture_output=True,
-                          text=True, timeout=50)
+    done = subprocess.run(
+        [sys.executable, str(script), start_method], capture_output=True, text=True, timeout=50
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-1] == "RESULT [0, 1]"
     err = done.stderr.splitlines()
@@ -1006,8 +1022,12 @@ def test_output_nobody_reads_any_more_does_not_fail_tasks(tmp_path):
     # `python pipeline.py | head`: the reader goes away after the first line.
     script, states = tmp_path / "closed.py", tmp_path / "states"
     script.write_text(CLOSED_STDOUT)
-    proc = subprocess.Popen([sys.executable, str(script), str(states)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(states)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().startswith("[chatty-")
         proc.stdout.close()
@@ -1027,8 +1047,13 @@ def square(x):
 @gx.task
 def uses_processes(how, n):
     if how == "subprocess":
-        done = subprocess.run([sys.executable, "-c", f"print(sum(range({n})))"],
-                              capture_output=True, text=True, check=True, timeout=30)
+        done = subprocess.run(
+            [sys.executable, "-c", f"print(sum(range({n})))"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
         return int(done.stdout)
     if how == "multiprocessing.Pool":
         with multiprocessing.Pool(2) as p:
@@ -1039,8 +1064,11 @@ def uses_processes(how, n):
     raise AssertionError(how)
 
 
-EXPECTED = {"subprocess": sum(range(50)), "multiprocessing.Pool": sum(i * i for i in range(50)),
-            "ProcessPoolExecutor": sum(i * i for i in range(50))}
+EXPECTED = {
+    "subprocess": sum(range(50)),
+    "multiprocessing.Pool": sum(i * i for i in range(50)),
+    "ProcessPoolExecutor": sum(i * i for i in range(50)),
+}
 
 
 @pytest.mark.timeout(60)
@@ -1091,8 +1119,9 @@ NESTED_POOLS = textwrap.dedent(
 def test_a_scripts_tasks_start_pools_of_the_scripts_functions(tmp_path, start_method):
     script = tmp_path / "nested.py"
     script.write_text(NESTED_POOLS)
-    done = subprocess.run([sys.executable, str(script), start_method], capture_output=True,
-                          text=True, timeout=80)
+    done = subprocess.run(
+        [sys.executable, str(script), start_method], capture_output=True, text=True, timeout=80
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-1] == "RESULT [285, 285, 42]"
 
@@ -1129,21 +1158,24 @@ def test_workers_talk_over_private_pipes_and_listen_nowhere(start_method):
 # -- bad input ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kwargs", "error", "words"), [
-    ({"workers": -3}, ValueError, "workers=-3 is negative"),
-    ({"workers": "2"}, TypeError, "workers= must be an int"),
-    ({"workers": 1.5}, TypeError, "workers= must be an int"),
-    ({"workers": True}, TypeError, "workers= must be an int"),
-    ({"memory_limit": "lots"}, ValueError, "memory_limit='lots' is not a size"),
-    ({"memory_limit": "-4GB"}, ValueError, "memory_limit='-4GB' is not a size"),
-    ({"memory_limit": 0}, ValueError, "memory_limit=0 must be positive"),
-    ({"memory_limit": -1}, ValueError, "memory_limit=-1 must be positive"),
-    ({"memory_limit": True}, TypeError, "memory_limit= must be bytes"),
-    ({"memory_limit": [4]}, TypeError, "memory_limit= must be bytes"),
-    ({"memory_limit": "1GB", "scheduler": "sync"}, ValueError, "needs worker processes"),
-    ({"start_method": "teleport"}, ValueError, "start_method='teleport' is not available"),
-    ({"scheduler": "gpu"}, ValueError, "scheduler='gpu' is not one of"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"workers": -3}, ValueError, "workers=-3 is negative"),
+        ({"workers": "2"}, TypeError, "workers= must be an int"),
+        ({"workers": 1.5}, TypeError, "workers= must be an int"),
+        ({"workers": True}, TypeError, "workers= must be an int"),
+        ({"memory_limit": "lots"}, ValueError, "memory_limit='lots' is not a size"),
+        ({"memory_limit": "-4GB"}, ValueError, "memory_limit='-4GB' is not a size"),
+        ({"memory_limit": 0}, ValueError, "memory_limit=0 must be positive"),
+        ({"memory_limit": -1}, ValueError, "memory_limit=-1 must be positive"),
+        ({"memory_limit": True}, TypeError, "memory_limit= must be bytes"),
+        ({"memory_limit": [4]}, TypeError, "memory_limit= must be bytes"),
+        ({"memory_limit": "1GB", "scheduler": "sync"}, ValueError, "needs worker processes"),
+        ({"start_method": "teleport"}, ValueError, "start_method='teleport' is not available"),
+        ({"scheduler": "gpu"}, ValueError, "scheduler='gpu' is not one of"),
+    ],
+)
 def test_bad_compute_arguments_name_the_culprit(kwargs, error, words):
     graph = gx.Graph()
     with graph:
@@ -1153,22 +1185,31 @@ def test_bad_compute_arguments_name_the_culprit(kwargs, error, words):
     assert words in str(info.value)
 
 
-@pytest.mark.parametrize(("kwargs", "error", "words"), [
-    ({"workers": 0}, ValueError, "Pool(workers=0) has no workers"),
-    ({"workers": -1}, ValueError, "workers=-1 is negative"),
-    ({"workers": "4"}, TypeError, "workers= must be an int"),
-    ({"start_method": "teleport"}, ValueError, "start_method='teleport' is not available"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"workers": 0}, ValueError, "Pool(workers=0) has no workers"),
+        ({"workers": -1}, ValueError, "workers=-1 is negative"),
+        ({"workers": "4"}, TypeError, "workers= must be an int"),
+        ({"start_method": "teleport"}, ValueError, "start_method='teleport' is not available"),
+    ],
+)
 def test_bad_pool_arguments_name_the_culprit(kwargs, error, words):
     with pytest.raises(error) as info:
         gx.Pool(**kwargs)
     assert words in str(info.value)
 
 
-@pytest.mark.parametrize(("text", "size"), [
-    ("4GB", 4 * 10**9), ("512 MiB", 512 * 2**20), ("1.5e9", 1_500_000_000), ("2g", 2 * 2**30),
-    (3 * 2**30, 3 * 2**30),
-])
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("4GB", 4 * 10**9),
+        ("512 MiB", 512 * 2**20),
+        ("1.5e9", 1_500_000_000),
+        ("2g", 2 * 2**30),
+        (3 * 2**30, 3 * 2**30),
+    ],
+)
 def test_memory_limit_spellings(pool, text, size):
     from graphexec._surfaces.options import parse_memory
 

@@ -40,8 +40,13 @@ def span(tag, seconds=0.0, *inputs):
     """Sleep, and say when and where: ``{tag, start, end, pid, inputs}``."""
     start = time.time()
     time.sleep(seconds)
-    return {"tag": tag, "start": start, "end": time.time(), "pid": os.getpid(),
-            "inputs": [i["tag"] if isinstance(i, dict) else i for i in inputs]}
+    return {
+        "tag": tag,
+        "start": start,
+        "end": time.time(),
+        "pid": os.getpid(),
+        "inputs": [i["tag"] if isinstance(i, dict) else i for i in inputs],
+    }
 
 
 @gx.task(max_concurrency=1)
@@ -285,8 +290,7 @@ def test_wait_all_completed_and_timeout():
         slow = span.submit("slow", 1.0)
         started = time.perf_counter()
         done, not_done = gx.wait([*quick, slow], timeout=0.4)
-        result["timeout"] = (done == set(quick), not_done == {slow},
-                             time.perf_counter() - started)
+        result["timeout"] = (done == set(quick), not_done == {slow}, time.perf_counter() - started)
         done, not_done = gx.wait([*quick, slow])  # ALL_COMPLETED
         result["all"] = (done == {*quick, slow}, not_done)
         assert isinstance(gx.wait(quick), gx.WaitResult)
@@ -421,8 +425,12 @@ def test_failures_caught_in_the_body_let_the_flow_return(scheduler):
         return add(1, 2)
 
     assert run_flow(body, scheduler) == 3
-    assert caught == ["plain call failed", "future failed", "Failed",
-                      "ValueError('returned, not raised')"]
+    assert caught == [
+        "plain call failed",
+        "future failed",
+        "Failed",
+        "ValueError('returned, not raised')",
+    ]
 
 
 @pytest.mark.timeout(30)
@@ -493,7 +501,10 @@ def test_the_return_value_has_futures_and_lazy_nodes_resolved(scheduler):
         return {"future": fut, "node": node, "nested": [fut, (node, "x")], "plain": 7}
 
     assert run_flow(body, scheduler) == {
-        "future": 3, "node": 300, "nested": [3, (300, "x")], "plain": 7,
+        "future": 3,
+        "node": 300,
+        "nested": [3, (300, "x")],
+        "plain": 7,
     }
 
 
@@ -515,7 +526,8 @@ def test_an_exception_in_the_body_cancels_pending_tasks_and_reraises(scheduler, 
     assert time.perf_counter() - started < seconds - 0.3  # did not wait for the task
     run = info.value.run
     assert {n.name: run.state(n).name for n in run.nodes} == {
-        "span-0": "Cancelled", "touch-0": "Cancelled",
+        "span-0": "Cancelled",
+        "touch-0": "Cancelled",
     }
     assert "the flow body raised KeyError" in run.state(run.nodes[0]).message
     time.sleep(0.1)
@@ -811,8 +823,9 @@ def test_a_cache_dir_given_to_compute_inside_a_flow_is_not_silently_dropped(tmp_
 @pytest.mark.parametrize("how", ["decorator", "with_options"])
 @pytest.mark.parametrize("scheduler", ALL)
 def test_higher_priority_ready_tasks_start_first(scheduler, how):
-    urgent_task = (gx.task(priority=5)(span.fn) if how == "decorator"
-                   else span.with_options(priority=5))
+    urgent_task = (
+        gx.task(priority=5)(span.fn) if how == "decorator" else span.with_options(priority=5)
+    )
 
     def body():
         blocker = span.submit("blocker", 0.4)
@@ -865,7 +878,9 @@ def test_fail_fast_flow_cancels_running_and_later_work():
     assert time.perf_counter() - started < 5
     run = info.value.run
     assert {n.name: run.state(n).name for n in run.nodes} == {
-        "span-0": "Cancelled", "explode-0": "Failed", "span-1": "Cancelled",
+        "span-0": "Cancelled",
+        "explode-0": "Failed",
+        "span-1": "Cancelled",
     }
 
 
@@ -932,7 +947,10 @@ def test_a_flows_memory_limit_kills_the_task_over_it_and_the_flow_goes_on():
 
     started = time.perf_counter()
     assert run_flow(body, memory_limit="150MB") == (
-        "Failed", "MemoryLimitExceeded", 3, "Failed",
+        "Failed",
+        "MemoryLimitExceeded",
+        3,
+        "Failed",
     )
     assert time.perf_counter() - started < 4  # killed, not waited for
 

@@ -30,6 +30,7 @@ import graphexec as gx
 def noop(x):
     return x
 
+
 INTERRUPTED = textwrap.dedent(
     """
     import json, os, sys, time
@@ -155,8 +156,9 @@ class _Output:
                 continue
             if line is None:
                 self.proc.wait(5)
-                raise AssertionError(f"the script ended early: {self.lines}\n"
-                                     f"{self.proc.stderr.read()[-3000:]}")
+                raise AssertionError(
+                    f"the script ended early: {self.lines}\n{self.proc.stderr.read()[-3000:]}"
+                )
             self.lines.append(line)
 
 
@@ -168,26 +170,37 @@ def _gone(pid):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("mode", "target"), [
-    ("processes", "pid"),
-    ("processes", "group"),  # what a terminal's Ctrl-C does: the whole foreground group
-    ("pool", "group"),
-    ("sync", "pid"),
-    ("threads", "pid"),
-])
+@pytest.mark.parametrize(
+    ("mode", "target"),
+    [
+        ("processes", "pid"),
+        ("processes", "group"),  # what a terminal's Ctrl-C does: the whole foreground group
+        ("pool", "group"),
+        ("sync", "pid"),
+        ("threads", "pid"),
+    ],
+)
 def test_ctrl_c_cancels_what_is_pending_keeps_what_is_done_and_stops_workers(
-        tmp_path, mode, target):
+    tmp_path, mode, target
+):
     script = tmp_path / "interrupted.py"
     script.write_text(INTERRUPTED)
-    proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output = _Output(proc)
         running = 1 if mode == "sync" else 2
 
         def ready(lines):
-            return any("FAST-DONE" in x for x in lines) and \
-                sum(x.count("SLEEPING") for x in lines) == running
+            return (
+                any("FAST-DONE" in x for x in lines)
+                and sum(x.count("SLEEPING") for x in lines) == running
+            )
 
         output.wait_for(ready, 30)
         sleeping_pids = [int(p) for x in output.lines for p in re.findall(r"SLEEPING \d+ (\d+)", x)]
@@ -206,7 +219,7 @@ def test_ctrl_c_cancels_what_is_pending_keeps_what_is_done_and_stops_workers(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, err[-3000:]
-    (result,) = [json.loads(x[len("RESULT "):]) for x in output.lines if x.startswith("RESULT")]
+    (result,) = [json.loads(x[len("RESULT ") :]) for x in output.lines if x.startswith("RESULT")]
     states = result["states"]
     expected = {f"fast-{i}": "Completed" for i in range(4)}
     expected["announce-0"] = "Completed"
@@ -252,17 +265,24 @@ KILLED = textwrap.dedent(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("start_method", "how"), [
-    ("forkserver", "sleep"),
-    ("spawn", "sleep"),
-    ("forkserver", "gil"),  # the worker's own watchdog thread cannot run
-])
+@pytest.mark.parametrize(
+    ("start_method", "how"),
+    [
+        ("forkserver", "sleep"),
+        ("spawn", "sleep"),
+        ("forkserver", "gil"),  # the worker's own watchdog thread cannot run
+    ],
+)
 def test_a_killed_parent_leaves_no_process_behind(tmp_path, start_method, how):
     script = tmp_path / "killed.py"
     script.write_text(KILLED)
-    proc = subprocess.Popen([sys.executable, str(script), start_method, how],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), start_method, how],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     pids: set[int] = set()
     try:
         output = _Output(proc)
@@ -337,8 +357,9 @@ def test_a_pool_left_open_does_not_hang_the_exit_or_leave_workers(tmp_path, how)
     script = tmp_path / "forgotten.py"
     script.write_text(FORGOTTEN)
     started = time.monotonic()
-    done = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True,
-                          timeout=30)
+    done = subprocess.run(
+        [sys.executable, str(script), how], capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert time.monotonic() - started < 15
     lines = done.stdout.splitlines()
@@ -356,8 +377,11 @@ def _guards_of(pid, pool=None):
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         args = proc.info["cmdline"] or []
-        if "graphexec-guard" in args and f"gx-{pid}-" in args and (
-                pool is None or f"pool-{pool.id}" in args):
+        if (
+            "graphexec-guard" in args
+            and f"gx-{pid}-" in args
+            and (pool is None or f"pool-{pool.id}" in args)
+        ):
             found.append(proc.pid)
     return found
 
@@ -405,8 +429,9 @@ FORKED = textwrap.dedent(
 def test_a_forked_copy_of_the_parent_does_not_stop_its_pool(tmp_path):
     script = tmp_path / "forked.py"
     script.write_text(FORKED)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=50)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.splitlines()[-1] == "RESULT ['Completed', 'Completed', " \
+    assert (
+        done.stdout.splitlines()[-1] == "RESULT ['Completed', 'Completed', "
         "'Completed', 'Completed'] True"
+    )

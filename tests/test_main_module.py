@@ -42,7 +42,11 @@ def test_unguarded_script_runs_once_and_works(tmp_path, method):
     script.write_text(SCRIPT)
     env = dict(os.environ, GRAPHEXEC_START_METHOD=method)
     proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=50, env=env,
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        env=env,
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr

@@ -118,8 +118,13 @@ def run_script(tmp_path: Path, *args: str, tty: bool, env: dict[str, str]) -> st
     full_env = {k: v for k, v in os.environ.items() if k != "CI"}
     full_env.update(env, COLUMNS="100")
     if not tty:
-        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True,
-                              text=True, env=full_env, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, str(script), *args],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr
         assert "counts" in proc.stdout
         return proc.stderr
@@ -127,8 +132,9 @@ def run_script(tmp_path: Path, *args: str, tty: bool, env: dict[str, str]) -> st
         master, slave = os.openpty()
     except OSError as exc:
         pytest.skip(f"no pseudo-terminal available: {exc}")
-    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
-                            stderr=slave, env=full_env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=slave, env=full_env
+    )
     os.close(slave)
     chunks = []
     deadline = time.monotonic() + 60
@@ -253,11 +259,14 @@ def test_json_round_trip(compute, tmp_path):
     by_name = {n.name: n for n in loaded.nodes}
     for node in run.nodes:
         mine, theirs = run.state(node), loaded.state(by_name[node.name])
-        assert (theirs.name, theirs.message, theirs.upstream) == \
-            (mine.name, mine.message, mine.upstream)
-        assert [(a.number, a.started, a.finished, a.worker, a.retry_delay)
-                for a in theirs.history] == [(a.number, a.started, a.finished, a.worker,
-                                              a.retry_delay) for a in mine.history]
+        assert (theirs.name, theirs.message, theirs.upstream) == (
+            mine.name,
+            mine.message,
+            mine.upstream,
+        )
+        assert [
+            (a.number, a.started, a.finished, a.worker, a.retry_delay) for a in theirs.history
+        ] == [(a.number, a.started, a.finished, a.worker, a.retry_delay) for a in mine.history]
         assert [u.name for u in by_name[node.name].upstream] == [u.name for u in node.upstream]
         assert by_name[node.name].task.name == node.task.name
 
@@ -308,8 +317,7 @@ def test_from_json_refuses_other_documents():
 def _svg_nodes(path: Path) -> dict[str, ET.Element]:
     root = ET.parse(path).getroot()
     assert root.tag == f"{SVG}svg"
-    return {g.find(f"{SVG}title").text: g for g in root.iter(f"{SVG}g")
-            if g.get("class") == "node"}
+    return {g.find(f"{SVG}title").text: g for g in root.iter(f"{SVG}g") if g.get("class") == "node"}
 
 
 def test_visualize_colours_nodes_by_state(tmp_path):
@@ -374,8 +382,10 @@ def _chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
-    why = ("Chromium is not installed (Debian: apt-get install chromium); the HTML "
-           "report is checked in a real browser only")
+    why = (
+        "Chromium is not installed (Debian: apt-get install chromium); the HTML "
+        "report is checked in a real browser only"
+    )
     if os.environ.get("GRAPHEXEC_REQUIRE_BROWSER"):  # CI installs it: never skip there
         pytest.fail(why)
     pytest.skip(why)
@@ -384,25 +394,38 @@ def _chromium() -> str:
 def _browse(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
     """Headless Chromium on ``url`` with no network of its own; stderr has console errors."""
     command = [
-        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--enable-logging=stderr", "--v=0", *extra, url,
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        *extra,
+        url,
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=90)
 
 
 def _console_errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines()
-            if "Uncaught" in line or "ERROR:CONSOLE" in line or
-            (":CONSOLE" in line and "Error" in line)]
+    return [
+        line
+        for line in stderr.splitlines()
+        if "Uncaught" in line or "ERROR:CONSOLE" in line or (":CONSOLE" in line and "Error" in line)
+    ]
 
 
 def test_console_errors_are_detected(tmp_path):
     """The check below is not vacuous: a page that throws is caught."""
     page = tmp_path / "broken.html"
-    page.write_text("<!DOCTYPE html><html><body><script>undefinedFunction();</script>"
-                    "</body></html>")
+    page.write_text(
+        "<!DOCTYPE html><html><body><script>undefinedFunction();</script></body></html>"
+    )
     result = _browse(tmp_path, page.as_uri(), "--dump-dom")
     assert _console_errors(result.stderr), result.stderr
 
@@ -441,8 +464,13 @@ def test_html_report_renders_in_chromium(pool, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report.png"
     shot.unlink(missing_ok=True)
-    result = _browse(tmp_path, report.as_uri(), f"--screenshot={shot}",
-                     "--window-size=1400,900", "--hide-scrollbars")
+    result = _browse(
+        tmp_path,
+        report.as_uri(),
+        f"--screenshot={shot}",
+        "--window-size=1400,900",
+        "--hide-scrollbars",
+    )
     assert not _console_errors(result.stderr), _console_errors(result.stderr)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
 
@@ -452,9 +480,13 @@ def test_html_report_renders_in_chromium(pool, tmp_path):
 
 @pytest.mark.timeout(120)
 def test_batch_pipeline_example_writes_report_and_picture(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "batch_pipeline.py"),
-                           str(tmp_path / "out")], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=100)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "batch_pipeline.py"), str(tmp_path / "out")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "frame-pipeline: 241 nodes in" in out

@@ -380,8 +380,11 @@ def test_trigger_table(compute, trigger, scenario):
             # skipped because of an upstream: the root failure is named when there is one
             assert (state.upstream is not None) == any_failure
             if any_failure:
-                roots = {run.state(up).upstream or up.name
-                         for kind, up in zip(SCENARIOS[scenario], ups) if kind != "ok"}
+                roots = {
+                    run.state(up).upstream or up.name
+                    for kind, up in zip(SCENARIOS[scenario], ups)
+                    if kind != "ok"
+                }
                 assert state.upstream in roots
         else:
             assert state.upstream is None
@@ -446,8 +449,7 @@ def test_trigger_option_on_threads_and_processes(compute):
         done = collect.with_options(trigger="all_done")(root, skipped, ok(3))
     run = compute(graph)
     assert run.ok
-    assert run[done] == [("exc", "ValueError", "x"), ("upstream_failed", root.name),
-                         ("value", 3)]
+    assert run[done] == [("exc", "ValueError", "x"), ("upstream_failed", root.name), ("value", 3)]
 
 
 def test_one_accepting_dependent_handles_the_failure(compute):

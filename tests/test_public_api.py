@@ -13,11 +13,27 @@ import graphexec as gx
 
 # What SPEC §1-§3 promises; later issues may add names, never remove these.
 REQUIRED = {
-    "Graph", "Node", "Task", "task", "allow_failure", "exponential_backoff",
-    "Pool", "Run", "State", "Attempt",
-    "GraphexecError", "GraphFailed", "TaskFailure", "WorkerCrashed", "TaskTimeout",
-    "MemoryLimitExceeded", "SerializationError", "RemoteError", "UpstreamFailed",
-    "Cancelled", "ResultReleased",
+    "Graph",
+    "Node",
+    "Task",
+    "task",
+    "allow_failure",
+    "exponential_backoff",
+    "Pool",
+    "Run",
+    "State",
+    "Attempt",
+    "GraphexecError",
+    "GraphFailed",
+    "TaskFailure",
+    "WorkerCrashed",
+    "TaskTimeout",
+    "MemoryLimitExceeded",
+    "SerializationError",
+    "RemoteError",
+    "UpstreamFailed",
+    "Cancelled",
+    "ResultReleased",
 }
 
 # Classes whose public members are documented API (SPEC §1-§3).
@@ -29,7 +45,8 @@ EXECUTOR_PROTOCOL = {"submit", "poll", "cancel_running"}
 
 def _public_names(module):
     return {
-        name for name, value in vars(module).items()
+        name
+        for name, value in vars(module).items()
         if not name.startswith("_") and not inspect.ismodule(value)
     }
 
@@ -94,15 +111,27 @@ def test_key_entry_points_document_args_and_examples():
         doc = inspect.getdoc(obj)
         assert "Example" in doc or "Args" in doc, obj
     compute_doc = inspect.getdoc(gx.Graph.compute)
-    for argument in ("targets", "workers", "scheduler", "fail_fast", "raise_on_failure",
-                     "keep", "pool"):
+    for argument in (
+        "targets",
+        "workers",
+        "scheduler",
+        "fail_fast",
+        "raise_on_failure",
+        "keep",
+        "pool",
+    ):
         assert argument in compute_doc
 
 
 def test_exception_hierarchy():
     assert issubclass(gx.GraphFailed, gx.GraphexecError)
-    for kind in (gx.WorkerCrashed, gx.TaskTimeout, gx.MemoryLimitExceeded,
-                 gx.SerializationError, gx.RemoteError):
+    for kind in (
+        gx.WorkerCrashed,
+        gx.TaskTimeout,
+        gx.MemoryLimitExceeded,
+        gx.SerializationError,
+        gx.RemoteError,
+    ):
         assert issubclass(kind, gx.TaskFailure)
         assert issubclass(kind, gx.GraphexecError)
     assert issubclass(gx.TaskTimeout, TimeoutError)
@@ -156,12 +185,15 @@ LAYERS = ("_model", "_data", "_executors", "_engine", "_surfaces")
 
 def test_the_folder_list_shows_the_layers():
     package = pathlib.Path(gx.__file__).parent
-    folders = sorted(p.name for p in package.iterdir()
-                     if p.is_dir() and (p / "__init__.py").exists())
+    folders = sorted(
+        p.name for p in package.iterdir() if p.is_dir() and (p / "__init__.py").exists()
+    )
     assert folders == sorted(LAYERS)
     loose = sorted(p.name for p in package.glob("*.py"))
-    assert loose == ["__init__.py", "__main__.py", "_version.py"] or \
-        loose == ["__init__.py", "_version.py"]
+    assert loose == ["__init__.py", "__main__.py", "_version.py"] or loose == [
+        "__init__.py",
+        "_version.py",
+    ]
 
 
 def test_every_private_module_says_what_it_holds():

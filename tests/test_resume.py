@@ -87,9 +87,9 @@ def parse(stdout: str) -> tuple[str, dict, float | None]:
     summary, counts, total = "", {}, None
     for line in stdout.splitlines():
         if line.startswith("SUMMARY "):
-            summary = line[len("SUMMARY "):]
+            summary = line[len("SUMMARY ") :]
         elif line.startswith("COUNTS "):
-            counts = json.loads(line[len("COUNTS "):])
+            counts = json.loads(line[len("COUNTS ") :])
         elif line.startswith("TOTAL "):
             total = float(line.split()[1])
     return summary, counts, total
@@ -97,8 +97,11 @@ def parse(stdout: str) -> tuple[str, dict, float | None]:
 
 def run_script(script: Path, *args: str, timeout: float = 40) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True,
-        timeout=timeout, cwd=script.parent,
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=script.parent,
     )
 
 
@@ -139,7 +142,10 @@ def test_rerun_after_a_crash_recomputes_only_what_has_no_entry(tmp_path, resume_
     stderr = open(tmp_path / "stderr", "w+")  # noqa: SIM115 - read after the process ends
     proc = subprocess.Popen(
         [sys.executable, str(resume_script), str(counter), str(flag), str(cache)],
-        stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        cwd=tmp_path,
     )
     markers = []
     try:
@@ -178,7 +184,7 @@ def test_rerun_after_a_crash_recomputes_only_what_has_no_entry(tmp_path, resume_
     assert total == EXPECTED_TOTAL
     assert counts == {"Cached": n_cached, "Completed": N_STEPS + 1 - n_cached}
     assert f"{n_cached} cached" in summary and summary.endswith("— ok")
-    rerun = calls(counter)[len(before):]
+    rerun = calls(counter)[len(before) :]
     assert len(rerun) == N_STEPS + 1 - n_cached  # only the nodes without an entry
     assert len(set(rerun)) == len(rerun) and "total" in rerun
     # and those with an entry had run (completely) before the kill
@@ -192,7 +198,8 @@ def test_rerun_after_a_crash_recomputes_only_what_has_no_entry(tmp_path, resume_
 
 @pytest.mark.timeout(60)
 def test_rerun_after_failures_recomputes_only_the_failed_and_what_they_blocked(
-        tmp_path, resume_script):
+    tmp_path, resume_script
+):
     counter, flag, cache = tmp_path / "calls", tmp_path / "flag", tmp_path / "cache"
     flag.touch()
     first = run_script(resume_script, str(counter), str(flag), str(cache))
@@ -210,8 +217,7 @@ def test_rerun_after_failures_recomputes_only_the_failed_and_what_they_blocked(
     assert counts == {"Cached": 16, "Completed": 5}
     assert "16 cached" in summary
     assert total == EXPECTED_TOTAL
-    assert sorted(calls(counter)[N_STEPS:]) == ["step 0", "step 10", "step 15", "step 5",
-                                               "total"]
+    assert sorted(calls(counter)[N_STEPS:]) == ["step 0", "step 10", "step 15", "step 5", "total"]
 
 
 SHARING_SCRIPT = """\
@@ -272,7 +278,10 @@ def test_two_processes_share_one_cache_directory(tmp_path):
     def start(lo, hi):
         return subprocess.Popen(
             [sys.executable, str(script), str(counter), str(cache), str(lo), str(hi)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
         )
 
     procs = [start(lo, hi) for lo, hi in ranges]  # at the same time
@@ -354,10 +363,15 @@ def test_a_killed_parent_leaves_nothing_in_dev_shm(tmp_path):
         work = tmp_path / f"run{k}"
         work.mkdir()
         (work / "idle.py").write_text(IDLE_HOLDER_SCRIPT)
-        procs.append(subprocess.Popen(
-            [sys.executable, "idle.py"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            text=True, cwd=work,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "idle.py"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                cwd=work,
+            )
+        )
     children = []
     try:
         for proc in procs:

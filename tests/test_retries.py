@@ -305,8 +305,11 @@ def test_retry_on_predicate_gets_the_exception(compute, tmp_path):
     assert run.state(fatal).attempts == 1
     assert run.unhandled == [fatal]
     # the predicate runs in this process and sees the task's own exceptions
-    assert sorted(str(e) for e in seen) == ["disk full 1", "transient glitch 1",
-                                            "transient glitch 2"]
+    assert sorted(str(e) for e in seen) == [
+        "disk full 1",
+        "transient glitch 1",
+        "transient glitch 2",
+    ]
     assert all(isinstance(e, ValueError) for e in seen)
 
 
@@ -380,8 +383,14 @@ def test_exponential_backoff_jitter_spreads_within_bounds():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"base": -1}, {"factor": -2}, {"jitter": 1.5}, {"jitter": -0.1}, {"max": -3},
-     {"base": float("nan")}],
+    [
+        {"base": -1},
+        {"factor": -2},
+        {"jitter": 1.5},
+        {"jitter": -0.1},
+        {"max": -3},
+        {"base": float("nan")},
+    ],
 )
 def test_exponential_backoff_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):

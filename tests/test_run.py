@@ -421,16 +421,23 @@ def test_compute_without_pool_stops_its_workers():
     deadline = time.monotonic() + 3
     alive = worker_pids
     while alive and time.monotonic() < deadline:
-        alive = {p for p in alive if psutil.pid_exists(p)
-                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+        alive = {
+            p
+            for p in alive
+            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        }
         time.sleep(0.02)
     assert not alive, f"workers still running after compute: {alive}"
 
 
 @pytest.mark.parametrize(
     ("kwargs", "same_process"),
-    [({"workers": 0}, True), ({"scheduler": "sync"}, True), ({"scheduler": "threads"}, True),
-     ({"workers": 1}, False)],
+    [
+        ({"workers": 0}, True),
+        ({"scheduler": "sync"}, True),
+        ({"scheduler": "threads"}, True),
+        ({"workers": 1}, False),
+    ],
 )
 def test_where_tasks_run(kwargs, same_process):
     graph = gx.Graph()
@@ -514,7 +521,8 @@ def test_closures_lambdas_and_local_functions_on_processes(pool):
 @pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
 def test_functions_defined_in_main_run_on_workers(tmp_path, start_method):
     script = tmp_path / "pipeline.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import graphexec as gx
 
         OFFSET = 100
@@ -538,9 +546,13 @@ def test_functions_defined_in_main_run_on_workers(tmp_path, start_method):
                 print("total", exc.run[total])
                 print("cause", repr(exc.__cause__))
                 print("traceback-has-line", "raise RuntimeError" in str(exc.__cause__.__cause__))
-    """))
+    """)
+    )
     result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=25,
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=25,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
@@ -558,8 +570,13 @@ def _child_square(x, queue):
 def start_own_processes(x):
     import multiprocessing
 
-    out = subprocess.run([sys.executable, "-c", f"print({x} + 1)"], capture_output=True,
-                         text=True, timeout=20, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", f"print({x} + 1)"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    ).stdout.strip()
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     child = ctx.Process(target=_child_square, args=(x, queue))  # refused in a daemon

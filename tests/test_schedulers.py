@@ -36,8 +36,7 @@ def nap(seconds, *_):
 
 @gx.task
 def gather(*values):
-    return [v if not isinstance(v, BaseException) else f"{type(v).__name__}: {v}"
-            for v in values]
+    return [v if not isinstance(v, BaseException) else f"{type(v).__name__}: {v}" for v in values]
 
 
 @gx.task(retries=2)
@@ -109,11 +108,13 @@ def test_schedulers_agree_on_every_outcome(pool, tmp_path):
     assert by_name["plus-1"][1:3] == ("Skipped", "explode-0")
     assert by_name["flaky-0"][1] == "Completed" and by_name["flaky-0"][3] == 3
     assert by_name["explode-2"][1:3] == ("Skipped", "explode-0")
-    assert by_name["gather-0"][4] == repr([
-        "ValueError: bad",
-        "UpstreamFailed: plus-1 was skipped because its upstream explode-0 failed",
-        5,
-    ])
+    assert by_name["gather-0"][4] == repr(
+        [
+            "ValueError: bad",
+            "UpstreamFailed: plus-1 was skipped because its upstream explode-0 failed",
+            5,
+        ]
+    )
     assert by_name["gather-2"][1:3] == ("Skipped", None)  # any_failed, nothing failed
     assert by_name["gather-3"][1:3] == ("Skipped", "explode-0")  # none_failed names the root
     assert by_name["ok-2"][4] == repr(("State", "Completed"))

@@ -68,8 +68,7 @@ def _count_attempt(log_dir, ident):
 def _encode(value):
     """A stable description of an input: values as they are, failures by type name."""
     if isinstance(value, gx.State):
-        inner = _encode(value.result()) if value.is_completed() else \
-            type(value.exception).__name__
+        inner = _encode(value.result()) if value.is_completed() else type(value.exception).__name__
         return ("state", value.name, inner)
     if isinstance(value, BaseException):
         return ("error", type(value).__name__)
@@ -93,8 +92,12 @@ def _inject(fault, real, ident):
     if fault == "raise":
         raise ValueError(f"injected failure in node {ident}")
     if not real:
-        stand_in = {"crash": gx.WorkerCrashed, "timeout": gx.TaskTimeout,
-                    "memory": gx.MemoryLimitExceeded, "unpicklable": gx.SerializationError}
+        stand_in = {
+            "crash": gx.WorkerCrashed,
+            "timeout": gx.TaskTimeout,
+            "memory": gx.MemoryLimitExceeded,
+            "unpicklable": gx.SerializationError,
+        }
         raise stand_in[fault](f"stand-in for {fault} in node {ident}")
     if fault == "crash":
         _crash(("exit", "sigkill", "segfault")[ident % 3])
@@ -156,8 +159,10 @@ def build(seed, n, real, log_dir, *, fault_rate=0.05, max_timeouts=4, max_memory
         for i in range(n):
             kind, retries = "ok", 0
             if rng.random() < fault_rate:
-                base = rng.choices(["raise", "crash", "timeout", "unpicklable", "memory"],
-                                   weights=[40, 25, 10, 15, 3])[0]
+                base = rng.choices(
+                    ["raise", "crash", "timeout", "unpicklable", "memory"],
+                    weights=[40, 25, 10, 15, 3],
+                )[0]
                 if base in budget:
                     if budget[base] == 0:
                         base = "raise"
@@ -179,8 +184,9 @@ def build(seed, n, real, log_dir, *, fault_rate=0.05, max_timeouts=4, max_memory
             options = {}
             trigger = "all_success"
             if ups and rng.random() < 0.08:
-                trigger = rng.choice(["all_done", "any_failed", "none_failed", "always",
-                                      "all_failed"])
+                trigger = rng.choice(
+                    ["all_done", "any_failed", "none_failed", "always", "all_failed"]
+                )
                 options["trigger"] = trigger
             if retries:
                 options["retries"] = retries
@@ -236,8 +242,12 @@ def _orphans(pids, grace=5.0):
 
 def _describe(run, node):
     st = run.state(node)
-    return (st.name, type(st.exception).__name__ if st.exception else None, st.upstream,
-            st.attempts)
+    return (
+        st.name,
+        type(st.exception).__name__ if st.exception else None,
+        st.upstream,
+        st.attempts,
+    )
 
 
 class Outcome:
@@ -262,8 +272,9 @@ def _run_pair(seed, n, where, *, fail_fast=False, pool=None, chains=False, **sha
     sync_dir.mkdir()
     graph, nodes, spec = build(seed, n, True, real_dir, **shape)
     oracle_graph, oracle_nodes, _ = build(seed, n, False, sync_dir, **shape)
-    oracle = oracle_graph.compute(scheduler="sync", keep="all", raise_on_failure=False,
-                                  fail_fast=fail_fast)
+    oracle = oracle_graph.compute(
+        scheduler="sync", keep="all", raise_on_failure=False, fail_fast=fail_fast
+    )
     started = time.monotonic()
     placement = {"pool": pool} if pool is not None else {"workers": 2}
     settings = {"keep": "targets"} if chains else {"keep": "all", "memory_limit": MEMORY_LIMIT}
@@ -304,7 +315,8 @@ def _check_common(run, nodes, spec, executions):
             assert executions[i] == state.attempts, f"{node.name}: attempts not as run"
         if state.name == "Failed":
             assert spec.kinds[i] != "ok", (
-                f"healthy {node.name} failed: {state.exception!r}\n{state.exception.__cause__}")
+                f"healthy {node.name} failed: {state.exception!r}\n{state.exception.__cause__}"
+            )
 
 
 def _check_against_oracle(o):
@@ -315,8 +327,7 @@ def _check_against_oracle(o):
         got, want = _describe(run, node), _describe(oracle, twin)
         if got != want:
             mismatches.append(f"{node.name} ({spec.kinds[i]}): {got} != oracle {want}")
-        elif got[0] == "Completed" and not run.state(node).released and \
-                run[node] != oracle[twin]:
+        elif got[0] == "Completed" and not run.state(node).released and run[node] != oracle[twin]:
             mismatches.append(f"{node.name}: value {run[node]!r} != oracle {oracle[twin]!r}")
         if got[0] not in ("Skipped", "Cancelled") and executions[i] != got[3]:
             mismatches.append(f"{node.name}: ran {executions[i]} times, {got[3]} attempts")
@@ -397,16 +408,21 @@ def test_random_faulty_graphs_with_fail_fast(tmp_path, seed):
                 accepted = up_state.name == "Skipped" and up_state.upstream is None
             assert accepted, (
                 f"{nodes[i].name} ({trigger}) completed after {nodes[up].name} "
-                f"ended {up_state.name}")
+                f"ended {up_state.name}"
+            )
         # Where every input ended as in the oracle, the value must be the oracle's.
         same_inputs = all(
             _describe(run, nodes[up])[:3] == _describe(oracle, oracle_nodes[up])[:3]
             and (not states[up].is_completed() or run[nodes[up]] == oracle[oracle_nodes[up]])
-            for up in ups)
+            for up in ups
+        )
         if same_inputs and oracle.state(oracle_nodes[i]).name == "Completed":
             assert run[nodes[i]] == oracle[oracle_nodes[i]], nodes[i].name
-    assert all(states[index[s.upstream]].name == "Failed" for s in states
-               if s.name == "Skipped" and s.upstream is not None)
+    assert all(
+        states[index[s.upstream]].name == "Failed"
+        for s in states
+        if s.name == "Skipped" and s.upstream is not None
+    )
 
 
 @pytest.mark.timeout(120)
@@ -417,8 +433,10 @@ def test_retries_turn_flaky_faults_into_successes(tmp_path):
     log_dir.mkdir()
     kinds = ["crash:2", "timeout:1", "raise:2", "crash:1"] * 5
     with graph:
-        flaky = [step.with_options(retries=2, timeout=TIMEOUT)(i, kind, True, str(log_dir))
-                 for i, kind in enumerate(kinds)]
+        flaky = [
+            step.with_options(retries=2, timeout=TIMEOUT)(i, kind, True, str(log_dir))
+            for i, kind in enumerate(kinds)
+        ]
         total = step(len(kinds), "ok", True, str(log_dir), *flaky)
     run = graph.compute(workers=2, keep="all")
     assert [run.state(n).attempts for n in flaky] == [int(k[-1]) + 1 for k in kinds]
@@ -471,12 +489,18 @@ def _leak_graph():
 def _resources():
     me = psutil.Process()
     ours = f"gx-{os.getpid()}-"
-    shm = sorted(n for n in os.listdir("/dev/shm") if n.startswith(ours)) \
-        if os.path.isdir("/dev/shm") else []
-    children = [p for p in me.children(recursive=True)
-                if p.status() != psutil.STATUS_ZOMBIE]
-    return {"fds": me.num_fds(), "threads": me.num_threads(), "children": len(children),
-            "shm": len(shm)}
+    shm = (
+        sorted(n for n in os.listdir("/dev/shm") if n.startswith(ours))
+        if os.path.isdir("/dev/shm")
+        else []
+    )
+    children = [p for p in me.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    return {
+        "fds": me.num_fds(),
+        "threads": me.num_threads(),
+        "children": len(children),
+        "shm": len(shm),
+    }
 
 
 @pytest.mark.timeout(120)
@@ -488,8 +512,7 @@ def test_fifty_computes_leak_nothing(warm):
         kw = {"pool": pool} if pool is not None else {"workers": 2}
         run = graph.compute(raise_on_failure=False, **kw)
         assert [run[m] for m in means] == [0.0, 1.0, 2.0, 3.0] * 2
-        assert {type(run.state(n).exception) for n in run.failed} == {gx.WorkerCrashed,
-                                                                      ValueError}
+        assert {type(run.state(n).exception) for n in run.failed} == {gx.WorkerCrashed, ValueError}
 
     naps = gx.Graph()
     with naps:

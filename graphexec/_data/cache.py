@@ -153,13 +153,15 @@ class CacheStore:
             logger.warning("cache entry %s unreadable (%s): recomputing", path, exc)
             return None
 
-    def _check_and_load(self, key: str, path: str, st: os.stat_result, raw: Any,
-                        payload_type: Any) -> Any:
+    def _check_and_load(
+        self, key: str, path: str, st: os.stat_result, raw: Any, payload_type: Any
+    ) -> Any:
         try:
             header, body_start = _parse(raw)
             if len(raw) != header["size"]:
-                raise ValueError(f"{len(raw)} bytes instead of {header['size']}: truncated "
-                                 "or overwritten")
+                raise ValueError(
+                    f"{len(raw)} bytes instead of {header['size']}: truncated or overwritten"
+                )
             view = memoryview(raw)
             try:
                 if zlib.crc32(view[body_start:]) != header["crc"]:
@@ -169,7 +171,9 @@ class CacheStore:
         except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
             warnings.warn(
                 f"graphexec cache entry {path} is corrupt ({exc}); it was deleted and the "
-                "node will be recomputed", RuntimeWarning, stacklevel=4,
+                "node will be recomputed",
+                RuntimeWarning,
+                stacklevel=4,
             )
             self._remove(Path(path))
             return None
@@ -194,7 +198,9 @@ class CacheStore:
             warnings.warn(
                 f"graphexec cache entry {path} cannot be loaded by this code "
                 f"({type(exc).__name__}: {exc}); it was deleted and the node will be "
-                "recomputed", RuntimeWarning, stacklevel=4,
+                "recomputed",
+                RuntimeWarning,
+                stacklevel=4,
             )
             self._remove(Path(path))
             self._release_hold(hold, path)
@@ -349,8 +355,9 @@ def _parse(raw: bytes) -> tuple[dict, int]:
     header = json.loads(encoded)
     data = header["data"]
     if not isinstance(data, list) or not all(
-        isinstance(region, list) and len(region) == 2 and all(
-            isinstance(n, int) and n >= 0 for n in region)
+        isinstance(region, list)
+        and len(region) == 2
+        and all(isinstance(n, int) and n >= 0 for n in region)
         for region in [data, *header["buffers"]]
     ):
         raise ValueError("malformed header")
@@ -446,4 +453,3 @@ def _remove_unheld_lock(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-

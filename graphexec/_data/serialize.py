@@ -165,8 +165,13 @@ def attach_segment(segment: tuple) -> memoryview:
         return _shm.attach(*segment)
     path, offset, size = segment
     with open(path, "rb") as f:
-        mapping = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE,
-                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        mapping = mmap.mmap(
+            f.fileno(),
+            size,
+            flags=mmap.MAP_PRIVATE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=offset,
+        )
     return memoryview(mapping)
 
 
@@ -217,7 +222,8 @@ def arguments_error(call: Any, exc: BaseException, destination: str) -> Serializ
         f"{culprit} of {call.name} cannot be pickled to send it to {destination}: "
         f"{type(exc).__name__}: {exc}. Pass plain data, or create the object inside "
         "the task (locks, open files, sockets and generators cannot be sent)",
-        node=call.name, stage="arguments",
+        node=call.name,
+        stage="arguments",
     )
 
 

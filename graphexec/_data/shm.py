@@ -160,9 +160,7 @@ def attach(name: str, size: int) -> memoryview:
     """Map a segment copy-on-write; the mapping lives as long as the returned view."""
     fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, mode=0o600)
     try:
-        mapping = mmap.mmap(
-            fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
-        )
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
     return memoryview(mapping)

@@ -319,22 +319,34 @@ class Scheduler:
         chain: list[Call] = []
         x = i
         while len(chain) < CHAIN_MAX and self.cancel_reason is None:
-            if x in self.kept or x in self.locked or self.uses[x] != 1 or \
-                    graph._opts[x].return_state:
+            if (
+                x in self.kept
+                or x in self.locked
+                or self.uses[x] != 1
+                or graph._opts[x].return_state
+            ):
                 break
             consumers = self.dependents[x]
             if consumers is None or len(consumers) != 1:
                 break
             d = consumers[0]
             opts = graph._opts[d]
-            if self.states[d] is not None or self.waiting[d] != 1 or d in self.chained or \
-                    d in self.running or d in self.unsent or opts.retries or \
-                    opts.cache_key_fn is not None or opts.trigger != "all_success" or \
-                    self._limit_keys(d):
+            if (
+                self.states[d] is not None
+                or self.waiting[d] != 1
+                or d in self.chained
+                or d in self.running
+                or d in self.unsent
+                or opts.retries
+                or opts.cache_key_fn is not None
+                or opts.trigger != "all_success"
+                or self._limit_keys(d)
+            ):
                 break
             fl = graph._flags[d]
             if not all(
-                (fl is None or fl[k] == DATA) if up == x
+                (fl is None or fl[k] == DATA)
+                if up == x
                 else (self.states[up] is not None and self.states[up].is_completed())
                 for k, up in enumerate(graph._deps[d])
             ):
@@ -367,8 +379,15 @@ class Scheduler:
                 elif fl is None or fl[k] & DATA:
                     inputs[up] = self._value_for_dependent(up)
         call = Call(
-            i, graph._names[i], graph._tasks[i].fn, graph._args[i], graph._kwargs[i],
-            bool(inputs), inputs, opts.timeout, len(self.history.get(i, ())) + 1,
+            i,
+            graph._names[i],
+            graph._tasks[i].fn,
+            graph._args[i],
+            graph._kwargs[i],
+            bool(inputs),
+            inputs,
+            opts.timeout,
+            len(self.history.get(i, ())) + 1,
         )
         if i in self.locked:
             meta = {"task": graph._tasks[i].name, "expires": expiry(opts.cache_expiration)}
@@ -407,9 +426,14 @@ class Scheduler:
         if kind == REQUEUE and any(h is HELD for h in call.inputs.values()):
             # Cannot happen (a chained call runs right after the call it follows,
             # or not at all); if it did, its input is gone: say so on this node.
-            kind, value = ERROR, WorkerCrashed(
-                f"the input of {call.name} was kept by a worker that stopped before "
-                f"{call.name} started; compute again", node=call.name)
+            kind, value = (
+                ERROR,
+                WorkerCrashed(
+                    f"the input of {call.name} was kept by a worker that stopped before "
+                    f"{call.name} started; compute again",
+                    node=call.name,
+                ),
+            )
             call.finished = call.started = time.time()
         # Done with this call: drop the upstream values it carried (and their wire
         # form), so that a value released below is not kept alive by a Call that
@@ -433,8 +457,13 @@ class Scheduler:
             self._finish(i, State(COMPLETED, name, value=value, history=history))
             return
         opts = self.graph._opts[i]
-        failed = State(FAILED, name, exception=error, history=history,
-                       message=f"{type(error).__name__}: {safe_str(error)}")
+        failed = State(
+            FAILED,
+            name,
+            exception=error,
+            history=history,
+            message=f"{type(error).__name__}: {safe_str(error)}",
+        )
         if call.number <= opts.retries and self.cancel_reason is None:
             try:
                 again = should_retry(opts, error, failed, self.graph._tasks[i])
@@ -445,7 +474,10 @@ class Scheduler:
                 delay = retry_delay_for(opts, call.number)
                 attempt.retry_delay = delay
                 self.states[i] = State(
-                    RETRYING, name, exception=error, history=history,
+                    RETRYING,
+                    name,
+                    exception=error,
+                    history=history,
                     message=f"attempt {call.number} failed "
                     f"({type(error).__name__}: {safe_str(error)}); "
                     f"retry {call.number} of {opts.retries} in {delay:g} s",
@@ -511,9 +543,9 @@ class Scheduler:
             return
         if not self.fail_fast or self.cancel_reason is not None:
             return
-        accepted_by_all = all(
-            self._edge_accepts(d, i) for d in self.dependents[i] or ()
-        ) and bool(self.dependents[i])
+        accepted_by_all = all(self._edge_accepts(d, i) for d in self.dependents[i] or ()) and bool(
+            self.dependents[i]
+        )
         if not accepted_by_all:
             self.cancel_reason = f"fail_fast: {self.graph._names[i]} failed"
             self.fail_fast_cause = i
@@ -527,8 +559,10 @@ class Scheduler:
     def _edge_accepts(self, d: int, up: int) -> bool:
         # Triggers that react to failures take this one; none_failed (like
         # all_success) is skipped by it, so it handles nothing.
-        return bool(self._edge_flag(d, up) & ALLOW) or \
-            self.graph._opts[d].trigger in _REACTING_TRIGGERS
+        return (
+            bool(self._edge_flag(d, up) & ALLOW)
+            or self.graph._opts[d].trigger in _REACTING_TRIGGERS
+        )
 
     # -- policies -------------------------------------------------------------
 
@@ -597,9 +631,13 @@ class Scheduler:
             # Skipped because an upstream failed, as all_success would be: record the
             # root failure so that the skip counts as failure-caused further down.
             blocking = first_failed
-        if self.cancel_reason is not None and trigger != "always" and (
-            blocking is None or (self.states[blocking].name is not FAILED
-                                 and blocking not in self.root)
+        if (
+            self.cancel_reason is not None
+            and trigger != "always"
+            and (
+                blocking is None
+                or (self.states[blocking].name is not FAILED and blocking not in self.root)
+            )
         ):
             return None  # not ended by a failure: the cancellation sweep cancels it
         if blocking is not None:
@@ -611,16 +649,20 @@ class Scheduler:
                 if root == blocking:
                     why = f"{name} was skipped because its upstream {root_name} failed"
                 else:
-                    why = (f"{name} was skipped because its upstream {graph._names[blocking]} "
-                           f"was skipped ({root_name} failed)")
+                    why = (
+                        f"{name} was skipped because its upstream {graph._names[blocking]} "
+                        f"was skipped ({root_name} failed)"
+                    )
                 return State.skipped(name, root_name, why)
             return State.skipped(
-                name, None,
+                name,
+                None,
                 f"{name} was skipped because its upstream {graph._names[blocking]} "
                 f"was {st.name.lower()}",
             )
         return State.skipped(
-            name, None,
+            name,
+            None,
             f"{name} was skipped: trigger={trigger!r} not met "
             f"({n_failed} of {len(ups)} upstream nodes failed)",
         )
@@ -648,15 +690,23 @@ class Scheduler:
         if not refresh:
             hit = self.cache.lookup(key)
             if hit is not None:
-                return State(CACHED, self.graph._names[i], value=hit,
-                             message=f"loaded from cache entry {key[:12]}")
+                return State(
+                    CACHED,
+                    self.graph._names[i],
+                    value=hit,
+                    message=f"loaded from cache entry {key[:12]}",
+                )
         if self.cache.try_lock(key):
             # Another process may have written the entry between our lookup and lock.
             hit = None if refresh else self.cache.lookup(key)
             if hit is not None:
                 self.cache.unlock(key)
-                return State(CACHED, self.graph._names[i], value=hit,
-                             message=f"loaded from cache entry {key[:12]}")
+                return State(
+                    CACHED,
+                    self.graph._names[i],
+                    value=hit,
+                    message=f"loaded from cache entry {key[:12]}",
+                )
             self.locked.add(i)
             if refresh:
                 self.refreshing.add(i)
@@ -677,11 +727,13 @@ class Scheduler:
             for k, up in enumerate(ups):
                 if fl is None or fl[k] & DATA:
                     handle = self._value_for_dependent(up)
-                    values[up] = (Fingerprint(self._fingerprint(up, handle))
-                                  if use_fingerprints else materialize(handle))
+                    values[up] = (
+                        Fingerprint(self._fingerprint(up, handle))
+                        if use_fingerprints
+                        else materialize(handle)
+                    )
         except Unhashable as exc:
-            warnings.warn(f"{graph._names[i]} is not cached: {exc}", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(f"{graph._names[i]} is not cached: {exc}", RuntimeWarning, stacklevel=2)
             return None
         args = substitute(graph._args[i], values)
         kwargs = substitute(graph._kwargs[i], values) if graph._kwargs[i] else {}
@@ -703,8 +755,12 @@ class Scheduler:
         try:
             key = opts.cache_key_fn(CacheContext(task, graph._names[i]), arguments)
         except Exception as exc:
-            logger.warning("%s: cache_key_fn raised %s: %s; not cached",
-                           graph._names[i], type(exc).__name__, exc)
+            logger.warning(
+                "%s: cache_key_fn raised %s: %s; not cached",
+                graph._names[i],
+                type(exc).__name__,
+                exc,
+            )
             return None
         if key is not None and not isinstance(key, str):
             key = content_hash(key)
@@ -741,8 +797,11 @@ class Scheduler:
                 del self.running[call.node]
                 history = self.history.setdefault(call.node, [])
                 call.finished = time.time()
-                history.append(Attempt(call.number, call.started or call.finished,
-                                       call.finished, call.worker, None))
+                history.append(
+                    Attempt(
+                        call.number, call.started or call.finished, call.finished, call.worker, None
+                    )
+                )
                 self._finish(call.node, State.cancelled(self.graph._names[call.node], why, history))
         self.ready.clear()
         self.retry_at.clear()
@@ -757,9 +816,12 @@ class Scheduler:
             # cancelled below are queued by _resolve instead: queuing them here
             # as well would run them twice.
             for i in self.run_.members:
-                if (self.states[i] is None or self.states[i].name not in FINAL) and \
-                        graph._opts[i].trigger == "always" and self.waiting[i] == 0 and \
-                        i not in self.running:
+                if (
+                    (self.states[i] is None or self.states[i].name not in FINAL)
+                    and graph._opts[i].trigger == "always"
+                    and self.waiting[i] == 0
+                    and i not in self.running
+                ):
                     self._push_ready(i)
         for i in self.run_.members:
             st = self.states[i]
@@ -769,4 +831,3 @@ class Scheduler:
                 continue
             self.running.pop(i, None)
             self._finish(i, State.cancelled(graph._names[i], why, self.history.get(i)))
-

@@ -212,8 +212,9 @@ class _Failure:
 
     __slots__ = ("exc_blob", "finished", "stage", "started", "tb")
 
-    def __init__(self, stage: str, exc_blob: bytes, tb: str, started: float,
-                 finished: float) -> None:
+    def __init__(
+        self, stage: str, exc_blob: bytes, tb: str, started: float, finished: float
+    ) -> None:
         self.stage = stage
         self.exc_blob = exc_blob
         self.tb = tb
@@ -256,9 +257,16 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
 
     fn = _function(fn_id, fn_blob, origin)
     if type(fn) is Unloadable:
-        return fail("function", unloadable_error(
-            name, fn, "on the dask worker", "Is its module importable there (same packages, "
-            "same code on every worker)?"), fn.tb)
+        return fail(
+            "function",
+            unloadable_error(
+                name,
+                fn,
+                "on the dask worker",
+                "Is its module importable there (same packages, same code on every worker)?",
+            ),
+            fn.tb,
+        )
     for index, value in remote.items():
         if type(value) is _Failure:  # dask recomputed a lost upstream value, and it failed
             error = WorkerCrashed(
@@ -276,9 +284,11 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
                 values[index] = value
         args, kwargs = loads_call(args_blob, values)
     except BaseException as exc:
-        return fail("unpickle-arguments",
-                    arguments_unpickle_error(name, exc, "on the dask worker"),
-                    traceback.format_exc())
+        return fail(
+            "unpickle-arguments",
+            arguments_unpickle_error(name, exc, "on the dask worker"),
+            traceback.format_exc(),
+        )
     ok, result, tb = invoke(fn, args, kwargs)
     if not ok:
         return fail("call", result, tb)
@@ -400,8 +410,11 @@ class _Hub:
 
     def _on_all(self, event: Any) -> Any:
         msg = event[1]
-        if isinstance(msg, dict) and msg.get("action") == "remove-worker" and \
-                not msg.get("expected"):
+        if (
+            isinstance(msg, dict)
+            and msg.get("action") == "remove-worker"
+            and not msg.get("expected")
+        ):
             processing = set(msg.get("processing-tasks") or ())
             for executor in list(self.executors.values()):
                 executor._inbox.put(("gone", msg.get("worker"), processing))
@@ -437,8 +450,17 @@ def _leave_hub(client: Any, executor: ClusterExecutor) -> None:
 
 
 class _Flight:
-    __slots__ = ("call", "digest", "fn_id", "future", "inputs", "key", "started", "submitted",
-                 "worker")
+    __slots__ = (
+        "call",
+        "digest",
+        "fn_id",
+        "future",
+        "inputs",
+        "key",
+        "started",
+        "submitted",
+        "worker",
+    )
 
     def __init__(self, call: Call, future: Any, key: str, inputs: list[int], fn_id: str) -> None:
         self.call = call
@@ -493,12 +515,13 @@ class ClusterExecutor:
         try:
             threads = sum(self.client.nthreads().values())
         except Exception as exc:
-            logger.warning("could not read the dask cluster's size (%s); assuming 1 thread",
-                           exc)
+            logger.warning("could not read the dask cluster's size (%s); assuming 1 thread", exc)
             threads = 1
         if threads == 0 and self._threads == 0:
-            logger.warning("the dask cluster at %s has no workers yet; tasks wait for workers",
-                           getattr(getattr(self.client, "scheduler", None), "address", "?"))
+            logger.warning(
+                "the dask cluster at %s has no workers yet; tasks wait for workers",
+                getattr(getattr(self.client, "scheduler", None), "address", "?"),
+            )
         self._threads = max(threads, 1)
 
     def _full(self, call: Call) -> bool:
@@ -527,17 +550,34 @@ class ClusterExecutor:
             self._outbox.append((call, ERROR, exc))
             return True
         key = f"{call.name}-{uuid.uuid4().hex}"
-        spec = (self.id, key, call.name, fn_id, origin, self._large(args_blob),
-                self._large(local_blob), call.cache, call.node in self._digest_nodes,
-                call.timeout is not None)
+        spec = (
+            self.id,
+            key,
+            call.name,
+            fn_id,
+            origin,
+            self._large(args_blob),
+            self._large(local_blob),
+            call.cache,
+            call.node in self._digest_nodes,
+            call.timeout is not None,
+        )
         call.started = time.time()
         try:
             future = self.client.submit(_run_remote, blob, spec, remote, key=key, pure=False)
         except Exception as exc:
             call.finished = time.time()
-            self._outbox.append((call, ERROR, WorkerCrashed(
-                f"{call.name} could not be sent to the dask cluster: {type(exc).__name__}: "
-                f"{exc}", node=call.name)))
+            self._outbox.append(
+                (
+                    call,
+                    ERROR,
+                    WorkerCrashed(
+                        f"{call.name} could not be sent to the dask cluster: {type(exc).__name__}: "
+                        f"{exc}",
+                        node=call.name,
+                    ),
+                )
+            )
             return True
         flight = _Flight(call, future, key, list(call.inputs), fn_id)
         self._inflight[key] = flight
@@ -650,7 +690,8 @@ class ClusterExecutor:
             raise SerializationError(
                 f"the function of {call.name} cannot be pickled: {type(blob).__name__}: "
                 f"{blob}. Define it at module level, or make what it closes over picklable",
-                node=call.name, stage="function",
+                node=call.name,
+                stage="function",
             )
         origin = getattr(getattr(call.fn, "__code__", None), "co_filename", None)
         return fn_id, origin, blob
@@ -678,8 +719,15 @@ class ClusterExecutor:
             if isinstance(handle, State):
                 future = self._future_of(handle._value)
                 if future is not None:
-                    template = State(handle.name, handle.node, None, handle.exception,
-                                     handle.history, handle.upstream, handle.message)
+                    template = State(
+                        handle.name,
+                        handle.node,
+                        None,
+                        handle.exception,
+                        handle.history,
+                        handle.upstream,
+                        handle.message,
+                    )
                     local[index] = ("state", template)
                     remote[index] = future
                 else:
@@ -700,7 +748,8 @@ class ClusterExecutor:
             raise SerializationError(
                 f"an upstream value given to {call.name} (from {which}) cannot be pickled to "
                 f"send it to the dask cluster: {type(exc).__name__}: {exc}",
-                node=call.name, stage="arguments",
+                node=call.name,
+                stage="arguments",
             ) from None
 
     @staticmethod
@@ -737,11 +786,15 @@ class ClusterExecutor:
             return call, OK, handle
         if status == "error":
             return call, ERROR, self._dask_error(flight)
-        return call, ERROR, WorkerCrashed(
-            f"the dask scheduler dropped {call.name} (its future is {status}): the cluster "
-            "was restarted, this client lost its connection to the scheduler, or another "
-            "client cancelled the task. Only this node failed",
-            node=call.name,
+        return (
+            call,
+            ERROR,
+            WorkerCrashed(
+                f"the dask scheduler dropped {call.name} (its future is {status}): the cluster "
+                "was restarted, this client lost its connection to the scheduler, or another "
+                "client cancelled the task. Only this node failed",
+                node=call.name,
+            ),
         )
 
     def _failed(self, flight: _Flight) -> tuple[Call, int, Any]:
@@ -749,10 +802,14 @@ class ClusterExecutor:
         try:
             failure = flight.future.result()
         except Exception as exc:
-            return call, ERROR, WorkerCrashed(
-                f"{call.name} failed on the dask cluster, and its error could not be "
-                f"fetched ({type(exc).__name__}: {exc}): its worker probably died since",
-                node=call.name,
+            return (
+                call,
+                ERROR,
+                WorkerCrashed(
+                    f"{call.name} failed on the dask cluster, and its error could not be "
+                    f"fetched ({type(exc).__name__}: {exc}): its worker probably died since",
+                    node=call.name,
+                ),
             )
         call.started = failure.started
         call.finished = max(failure.finished, failure.started)
@@ -809,13 +866,20 @@ class ClusterExecutor:
             cancel.append(flight.future)  # dask may have started it again elsewhere
             call = flight.call
             call.finished = max(time.time(), call.started)
-            self._outbox.append((call, ERROR, WorkerCrashed(
-                f"the dask worker {worker} running {call.name} died (attempt {call.number}): "
-                "its process was killed or exited (segfault, os._exit, the out-of-memory "
-                "killer, or its nanny restarting it over its memory limit). Only this node "
-                "failed; the worker's log on the cluster says more",
-                node=call.name,
-            )))
+            self._outbox.append(
+                (
+                    call,
+                    ERROR,
+                    WorkerCrashed(
+                        f"the dask worker {worker} running {call.name} died "
+                        f"(attempt {call.number}): its process was killed or exited (segfault, "
+                        "os._exit, the out-of-memory killer, or its nanny restarting it over its "
+                        "memory limit). Only this node "
+                        "failed; the worker's log on the cluster says more",
+                        node=call.name,
+                    ),
+                )
+            )
 
     def _check_deadlines(self, cancel: list) -> None:
         now = time.monotonic()
@@ -827,10 +891,18 @@ class ClusterExecutor:
                 del self._inflight[key]
                 cancel.append(flight.future)
                 call.finished = max(time.time(), call.started)
-                self._outbox.append((call, ERROR, timeout_error(
-                    call, "a dask task cannot be stopped: its future was cancelled and its "
-                    f"result will be dropped, but it may run on in its worker ({flight.worker}) "
-                    "until it returns")))
+                self._outbox.append(
+                    (
+                        call,
+                        ERROR,
+                        timeout_error(
+                            call,
+                            "a dask task cannot be stopped: its future was cancelled and its "
+                            "result will be dropped, but it may run on in its worker "
+                            f"({flight.worker}) until it returns",
+                        ),
+                    )
+                )
 
     def _cancel(self, futures: list[Any]) -> None:
         try:
@@ -853,14 +925,19 @@ class ClusterExecutor:
                 "%s: the dask worker ran it but its cache entry is not in %s. The cache "
                 "directory must be a path that every worker and this process share (a shared "
                 "filesystem), or the write failed: see the worker's log",
-                call.name, root,
+                call.name,
+                root,
             )
+
 
 def _is_failure(kind: Any) -> bool:
     if kind is _Failure:
         return True
-    name = kind if isinstance(kind, str) else \
-        f"{getattr(kind, '__module__', '')}.{getattr(kind, '__qualname__', '')}"
+    name = (
+        kind
+        if isinstance(kind, str)
+        else f"{getattr(kind, '__module__', '')}.{getattr(kind, '__qualname__', '')}"
+    )
     return name == _FAILURE_NAME
 
 
@@ -876,8 +953,9 @@ def _local_state(state: Any) -> Any:
     value = state._value
     if type(value) is not Payload:
         return state
-    copy = State(state.name, state.node, None, state.exception, state.history,
-                 state.upstream, state.message)
+    copy = State(
+        state.name, state.node, None, state.exception, state.history, state.upstream, state.message
+    )
     copy._value = value.load()
     return copy
 

@@ -144,9 +144,17 @@ class ThreadExecutor:
             if call.timeout is not None and now >= call.started + call.timeout:
                 self._abandon(key)
                 call.finished = now
-                fresh.append((call, ERROR, timeout_error(
-                    call, "threads cannot be killed: it was abandoned and its result "
-                    "will be dropped")))
+                fresh.append(
+                    (
+                        call,
+                        ERROR,
+                        timeout_error(
+                            call,
+                            "threads cannot be killed: it was abandoned and its result "
+                            "will be dropped",
+                        ),
+                    )
+                )
         return fresh
 
     def wakeup(self) -> None:

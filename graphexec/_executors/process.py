@@ -478,8 +478,12 @@ class ProcessPool:
             return None
         best = None
         for w in self._workers.values():
-            if (w.kill is None and fn_id in w.functions and len(w.inflight) < PREFETCH_DEPTH
-                    and (best is None or len(w.inflight) < len(best.inflight))):
+            if (
+                w.kill is None
+                and fn_id in w.functions
+                and len(w.inflight) < PREFETCH_DEPTH
+                and (best is None or len(w.inflight) < len(best.inflight))
+            ):
                 best = w
         return best
 
@@ -505,14 +509,17 @@ class ProcessPool:
             raise SerializationError(
                 f"the function of {call.name} cannot be pickled: {type(blob).__name__}: "
                 f"{blob}. Define it at module level, or make what it closes over picklable",
-                node=call.name, stage="function",
+                node=call.name,
+                stage="function",
             )
         deps: list[tuple] = []
         for i, h in call.inputs.items():
             if h is HELD:  # kept by the worker, by the call before this one
                 if prev is None or prev.node != i:
-                    raise RuntimeError(f"the input of {call.name} from node {i} was kept "
-                                       "by a worker and is gone; this is a bug")
+                    raise RuntimeError(
+                        f"the input of {call.name} from node {i} was kept "
+                        "by a worker and is gone; this is a bug"
+                    )
                 deps.append((i, None, id(prev)))
         try:
             args_blob = dumps_call(call.args, call.kwargs, call.has_nodes)
@@ -589,10 +596,15 @@ class ProcessPool:
             # into the worker loop; the worker's own guard normally stops that.
             if w.inflight and w.kill is None:
                 head = w.inflight[0]
-                w.kill = (head, WorkerCrashed(
-                    f"the worker running {head.name} sent a reply out of turn (did the task "
-                    "fork a child that returned instead of ending with os._exit?); the "
-                    "worker was killed and replaced", node=head.name))
+                w.kill = (
+                    head,
+                    WorkerCrashed(
+                        f"the worker running {head.name} sent a reply out of turn (did the task "
+                        "fork a child that returned instead of ending with os._exit?); the "
+                        "worker was killed and replaced",
+                        node=head.name,
+                    ),
+                )
             self._kill(w)
             return False
         call = w.inflight.popleft()
@@ -677,8 +689,10 @@ class ProcessPool:
                 head = w.inflight[0]
                 how = "its worker was killed and replaced"
                 if self._fn_ids.get(id(head.fn)) in w.loading:
-                    how = (f"its worker was still starting or loading the function after "
-                           f"{head.timeout + LOAD_ALLOWANCE:g} s; it was killed and replaced")
+                    how = (
+                        f"its worker was still starting or loading the function after "
+                        f"{head.timeout + LOAD_ALLOWANCE:g} s; it was killed and replaced"
+                    )
                 w.kill = (head, timeout_error(head, how))
                 self._kill(w)
                 self._bury(w)
@@ -699,7 +713,9 @@ class ProcessPool:
                     f"memory_limit={_size(self._memory_limit)}; the worker was killed and "
                     "replaced. Reduce the task's memory use, split its input, or raise "
                     "memory_limit=",
-                    node=head.name, limit=self._memory_limit, rss=rss,
+                    node=head.name,
+                    limit=self._memory_limit,
+                    rss=rss,
                 )
                 w.kill = (head, error)
                 self._kill(w)
@@ -769,10 +785,18 @@ class _Guard:
         if self._shell is None and os.path.exists("/bin/sh"):
             try:
                 self._shell = subprocess.Popen(
-                    ["/bin/sh", "-c", self.SCRIPT, "graphexec-guard", f"gx-{os.getpid()}-",
-                     self._label],
-                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL, start_new_session=True,
+                    [
+                        "/bin/sh",
+                        "-c",
+                        self.SCRIPT,
+                        "graphexec-guard",
+                        f"gx-{os.getpid()}-",
+                        self._label,
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
                 )
                 self._pipe = self._shell.stdin
             except OSError:  # no guard: the workers' own watchdogs still work
@@ -833,16 +857,20 @@ def _crash_error(call: Call, exitcode: int | None, loading: bool = False) -> Wor
     signal_name, advice = describe_exitcode(exitcode)
     code = f"exit code {exitcode}" + (f", {signal_name}" if signal_name else "")
     if loading:
-        what = (f"the worker process that was to run {call.name} died while starting or "
-                f"loading the task's function, before running it ({code}: {advice}). Is "
-                "every module the function needs importable, without crashing, in a fresh "
-                "process?")
+        what = (
+            f"the worker process that was to run {call.name} died while starting or "
+            f"loading the task's function, before running it ({code}: {advice}). Is "
+            "every module the function needs importable, without crashing, in a fresh "
+            "process?"
+        )
     else:
         what = f"the worker process running {call.name} died ({code}: {advice})."
     return WorkerCrashed(
         f"{what} Only this node failed; the worker was replaced. To see the crash "
         "in-process, compute with scheduler='sync'",
-        node=call.name, exitcode=exitcode, signal_name=signal_name,
+        node=call.name,
+        exitcode=exitcode,
+        signal_name=signal_name,
     )
 
 
@@ -862,15 +890,17 @@ class Lease:
     memory is recycled when the scheduler drops it.
     """
 
-    def __init__(self, pool: ProcessPool, memory_limit: int | None,
-                 shutdown_on_close: bool) -> None:
+    def __init__(
+        self, pool: ProcessPool, memory_limit: int | None, shutdown_on_close: bool
+    ) -> None:
         self.pool = pool
         # Chains are off with memory_limit=: a chained call would start in a
         # worker whose memory the previous call left high, before the pool's
         # check between calls (ProcessPool._idle_worker) could replace it
         # without blaming anyone.
-        self.capabilities = Capabilities(kills_calls=True, memory_limit=True,
-                                         chains=memory_limit is None)
+        self.capabilities = Capabilities(
+            kills_calls=True, memory_limit=True, chains=memory_limit is None
+        )
         self.submit = pool.submit
         self.poll = pool.poll
         self.wakeup = pool.wakeup

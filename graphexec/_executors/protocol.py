@@ -176,7 +176,8 @@ def timeout_error(call: Call, how: str = "it was stopped") -> TaskTimeout:
     return TaskTimeout(
         f"{call.name} ran longer than its timeout of {call.timeout:g} s "
         f"(attempt {call.number}); {how}",
-        node=call.name, timeout=call.timeout,
+        node=call.name,
+        timeout=call.timeout,
     )
 
 

@@ -45,16 +45,17 @@ def unloadable_error(name: str, fn: Unloadable, where: str, advice: str) -> Seri
     return SerializationError(
         f"the function of {name} could not be unpickled {where}: "
         f"{type(fn.exc).__name__}: {fn.exc}. {advice}",
-        node=name, stage="function",
+        node=name,
+        stage="function",
     )
 
 
 def arguments_unpickle_error(name: str, exc: BaseException, where: str) -> SerializationError:
     """The error of a call whose arguments could not be unpickled on ``where``."""
     return SerializationError(
-        f"the arguments of {name} could not be unpickled {where}: "
-        f"{type(exc).__name__}: {exc}",
-        node=name, stage="unpickle-arguments",
+        f"the arguments of {name} could not be unpickled {where}: {type(exc).__name__}: {exc}",
+        node=name,
+        stage="unpickle-arguments",
     )
 
 
@@ -83,8 +84,10 @@ def _adopt_into_main(fn: Any) -> None:
     if main is None:
         return
     for name, value in list(getattr(fn, "__globals__", {}).items()):
-        if getattr(value, "__module__", None) == "__main__" and \
-                getattr(value, "__qualname__", None) == name:
+        if (
+            getattr(value, "__module__", None) == "__main__"
+            and getattr(value, "__qualname__", None) == name
+        ):
             setattr(main, name, value)
 
 
@@ -112,9 +115,7 @@ def _restore_filenames(fn: Any, origin: str) -> None:
 
 
 def _refile(code: Any, origin: str) -> Any:
-    consts = tuple(
-        _refile(c, origin) if hasattr(c, "co_filename") else c for c in code.co_consts
-    )
+    consts = tuple(_refile(c, origin) if hasattr(c, "co_filename") else c for c in code.co_consts)
     return code.replace(co_filename=origin, co_consts=consts)
 
 
@@ -125,7 +126,8 @@ def result_error(name: str, result: Any, exc: BaseException) -> SerializationErr
         f"the result of {name} (a {kind.__module__}.{kind.__qualname__}) cannot be "
         f"pickled: {type(exc).__name__}: {safe_str(exc)}. Return plain data (numbers, "
         "strings, arrays, lists, dicts) or make the type picklable",
-        node=name, stage="result",
+        node=name,
+        stage="result",
     )
 
 
@@ -156,13 +158,17 @@ def pickle_exception(exc: BaseException, tb: str, name: str | None = None) -> by
         stand_in = RemoteError(
             f"{who}{type_name}: {text} (the exception itself could not be sent back from "
             f"the worker: {describe_exception(why)[1]}; its traceback is attached)",
-            node=name, type_name=type_name, original_message=text, remote_traceback=tb,
+            node=name,
+            type_name=type_name,
+            original_message=text,
+            remote_traceback=tb,
         )
         return dumps(stand_in)
 
 
-def load_exception(blob: bytes, tb: str, name: str,
-                    summary: tuple[str, str] | None = None) -> BaseException:
+def load_exception(
+    blob: bytes, tb: str, name: str, summary: tuple[str, str] | None = None
+) -> BaseException:
     """The exception a worker sent back, or a :class:`RemoteError` standing in for it.
 
     ``summary`` is ``(type name, message)`` as the worker saw them, so the
@@ -177,10 +183,18 @@ def load_exception(blob: bytes, tb: str, name: str,
         exc = RemoteError(
             f"{name} raised {what} (it could not be unpickled in the parent: "
             f"{type(why).__name__}: {why}; its traceback is attached)",
-            node=name, type_name=type_name, original_message=text, remote_traceback=tb,
+            node=name,
+            type_name=type_name,
+            original_message=text,
+            remote_traceback=tb,
         )
     if not isinstance(exc, BaseException):
-        exc = RemoteError(f"{name} failed: {exc!r}", node=name, type_name=type_name,
-                          original_message=text, remote_traceback=tb)
+        exc = RemoteError(
+            f"{name} failed: {exc!r}",
+            node=name,
+            type_name=type_name,
+            original_message=text,
+            remote_traceback=tb,
+        )
     exc.__cause__ = RemoteTraceback(tb)
     return exc

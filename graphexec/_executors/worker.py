@@ -65,8 +65,13 @@ PARTIAL_LINE_MAX = 1024  # characters: an unfinished line longer than this is wr
 ATOMIC_WRITE = 4096  # bytes: PIPE_BUF, the largest write a pipe never interleaves
 
 
-def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0,
-         log_setup: tuple[int, str] | None = None) -> None:
+def main(
+    conn: Any,
+    worker_id: int,
+    parent_pid: int,
+    pool_id: int = 0,
+    log_setup: tuple[int, str] | None = None,
+) -> None:
     """Entry point of a worker process.
 
     ``log_setup``: the parent's root logging level and format, which tasks'
@@ -74,8 +79,9 @@ def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0,
     """
     global _worker_pid
     _worker_pid = os.getpid()
-    _shm.set_prefix(_shm.worker_prefix(parent_pid, pool_id, worker_id),
-                    _shm.pool_prefix(parent_pid, pool_id))
+    _shm.set_prefix(
+        _shm.worker_prefix(parent_pid, pool_id, worker_id), _shm.pool_prefix(parent_pid, pool_id)
+    )
     sys.stdout = NodeStream(sys.stdout)
     sys.stderr = NodeStream(sys.stderr)
     if log_setup is not None:
@@ -90,7 +96,9 @@ def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0,
     # the script's functions, which workers receive by value, and would hang it.
     multiprocessing.set_start_method(None, force=True)
     threading.Thread(
-        target=_watch_parent, args=(parent_pid, os.getppid()), daemon=True,
+        target=_watch_parent,
+        args=(parent_pid, os.getppid()),
+        daemon=True,
         name="graphexec-watchdog",
     ).start()
     functions: dict[int, Any] = {}
@@ -131,8 +139,10 @@ def main(conn: Any, worker_id: int, parent_pid: int, pool_id: int = 0,
 def log_setup() -> tuple[int, str]:
     """This process's root logging level and format, for the workers it starts."""
     root = logging.getLogger()
-    fmt = next((h.formatter._fmt for h in root.handlers if h.formatter and h.formatter._fmt),
-               logging.BASIC_FORMAT)
+    fmt = next(
+        (h.formatter._fmt for h in root.handlers if h.formatter and h.formatter._fmt),
+        logging.BASIC_FORMAT,
+    )
     return root.getEffectiveLevel(), fmt
 
 
@@ -169,23 +179,42 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
 
     def fail(stage: str, exc: BaseException, tb: str) -> bytes:
         return pickle.dumps(
-            ("err", token, stage, pickle_exception(exc, tb, name), tb, started, time.time(),
-             describe_exception(exc)),
+            (
+                "err",
+                token,
+                stage,
+                pickle_exception(exc, tb, name),
+                tb,
+                started,
+                time.time(),
+                describe_exception(exc),
+            ),
             protocol=5,
         )
 
     fn = functions[fn_id]
     if type(fn) is Unloadable:
-        return fail("function", unloadable_error(
-            name, fn, "in the worker", "Is its module importable from the worker (same "
-            "virtualenv, same working directory)?"), fn.tb)
+        return fail(
+            "function",
+            unloadable_error(
+                name,
+                fn,
+                "in the worker",
+                "Is its module importable from the worker (same "
+                "virtualenv, same working directory)?",
+            ),
+            fn.tb,
+        )
 
     try:
         values.update((dep[0], loads_value(dep[1])) for dep in deps if len(dep) == 2)
         args, kwargs = loads_call(args_blob, values)
     except BaseException as exc:
-        return fail("unpickle-arguments", arguments_unpickle_error(name, exc, "in the worker"),
-                    traceback.format_exc())
+        return fail(
+            "unpickle-arguments",
+            arguments_unpickle_error(name, exc, "in the worker"),
+            traceback.format_exc(),
+        )
 
     NodeStream.node = name
     ok, result, tb = invoke(fn, args, kwargs)

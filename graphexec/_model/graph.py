@@ -352,9 +352,7 @@ class Graph:
 
     def _latest_run_or_raise(self) -> Run:
         if self._latest_run is None:
-            raise RuntimeError(
-                f"{self.name} has not been computed yet: call graph.compute() first"
-            )
+            raise RuntimeError(f"{self.name} has not been computed yet: call graph.compute() first")
         return self._latest_run
 
     def __repr__(self) -> str:

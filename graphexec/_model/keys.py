@@ -29,6 +29,7 @@ import cloudpickle
 
 PROTOCOL = 5  # pickle protocol of the fallback hash (the data plane's too)
 
+
 class CacheContext:
     """What a ``cache_key_fn`` receives first (Prefect passes its TaskRunContext).
 
@@ -113,7 +114,10 @@ def _feed_callable(h: Any, fn: Any, depth: int) -> None:
                     continue
                 _feed(h, contents, depth + 1)
         elif isinstance(fn, type) or kind.__name__ in (
-                "builtin_function_or_method", "method_descriptor", "wrapper_descriptor"):
+            "builtin_function_or_method",
+            "method_descriptor",
+            "wrapper_descriptor",
+        ):
             name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
             h.update(b"named:%d:" % len(name.encode()) + name.encode())
         else:  # a callable instance: its class's __call__ and its own content
@@ -159,8 +163,10 @@ def _feed_code(h: Any, code: types.CodeType, depth: int) -> None:
     function does not change what it computes)."""
     if depth > 200:
         raise Unhashable("code nested more than 200 levels deep")
-    h.update(b"code:%d:%d:%d:%d:" % (code.co_argcount, code.co_kwonlyargcount,
-                                     code.co_posonlyargcount, code.co_flags))
+    h.update(
+        b"code:%d:%d:%d:%d:"
+        % (code.co_argcount, code.co_kwonlyargcount, code.co_posonlyargcount, code.co_flags)
+    )
     _feed(h, code.co_code, depth + 1)
     h.update(b"consts:%d[" % len(code.co_consts))
     for const in code.co_consts:

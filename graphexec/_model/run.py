@@ -156,11 +156,17 @@ class Run:
         rows = []
         for task, counter in by_task.items():
             ran = sum(counter[s] for s in (COMPLETED, FAILED)) or 1
-            rows.append([
-                task, str(sum(counter.values())), *(str(counter[s]) for s in columns),
-                str(retries[task]), f"{time_total.get(task, 0.0):.3f}",
-                f"{time_total.get(task, 0.0) / ran:.3f}", f"{time_max.get(task, 0.0):.3f}",
-            ])
+            rows.append(
+                [
+                    task,
+                    str(sum(counter.values())),
+                    *(str(counter[s]) for s in columns),
+                    str(retries[task]),
+                    f"{time_total.get(task, 0.0):.3f}",
+                    f"{time_total.get(task, 0.0) / ran:.3f}",
+                    f"{time_max.get(task, 0.0):.3f}",
+                ]
+            )
         widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
 
         def line(cells: list[str]) -> str:
@@ -172,8 +178,10 @@ class Run:
         status = "ok" if self.ok else f"{len(self.unhandled)} unhandled failure(s)"
         out = [
             f"{graph.name}: {len(self.members)} nodes in {self.duration:.2f} s — "
-            + (", ".join(f"{counts[s]} {s.lower()}" for s in _ORDERED_STATES if counts.get(s))
-               or "nothing to run")
+            + (
+                ", ".join(f"{counts[s]} {s.lower()}" for s in _ORDERED_STATES if counts.get(s))
+                or "nothing to run"
+            )
             + f" — {status}",
             line(header),
             line(["-" * w for w in widths]),
@@ -193,8 +201,9 @@ class Run:
                 out.append(f"  ... and {len(failed) - 20} more")
         skipped = self.skipped
         if skipped:
-            out.append(f"Skipped: {len(skipped)} node(s), e.g. "
-                       f"{self._states[skipped[0].index].message}")
+            out.append(
+                f"Skipped: {len(skipped)} node(s), e.g. {self._states[skipped[0].index].message}"
+            )
         return "\n".join(out)
 
     def to_json(self, indent: int | None = None) -> str:

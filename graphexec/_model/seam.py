@@ -26,8 +26,15 @@ NOT_EAGER: Any = object()
 class Surfaces:
     """The functions the model delegates to; each is replaced by ``install``."""
 
-    __slots__ = ("call_eagerly", "compute", "run_from_json", "run_to_html", "run_to_json",
-                 "submit", "visualize")
+    __slots__ = (
+        "call_eagerly",
+        "compute",
+        "run_from_json",
+        "run_to_html",
+        "run_to_json",
+        "submit",
+        "visualize",
+    )
 
     def __init__(self) -> None:
         #: ``compute(graph, targets, **options) -> Run``: ``Graph.compute``.

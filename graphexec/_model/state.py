@@ -28,8 +28,9 @@ FINAL = frozenset({COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED})
 
 # State names are compared by identity (``state.name is COMPLETED``) on the hot
 # paths; a State that crossed a process boundary gets its name back from here.
-_CANONICAL = {n: n for n in (PENDING, RUNNING, RETRYING, COMPLETED, CACHED, FAILED, SKIPPED,
-                             CANCELLED)}
+_CANONICAL = {
+    n: n for n in (PENDING, RUNNING, RETRYING, COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED)
+}
 
 _RELEASED = object()
 
@@ -190,7 +191,8 @@ class State:
                     f"the result of {self.node} could not be unpickled in this process: "
                     f"{type(exc).__name__}: {safe_str(exc)}. The task ran and returned it; is "
                     "every module its value needs importable here (same environment)?",
-                    node=self.node, stage="unpickle-result",
+                    node=self.node,
+                    stage="unpickle-result",
                 ) from exc
             return self._value
         if self.exception is not None:
@@ -212,9 +214,19 @@ class State:
         # Sent to a worker (return_state=True) or pickled with a Run: unpickled
         # strings are new objects, so the name is restored to the canonical one.
         released = self._value is _RELEASED
-        return (_restore_state, (self.name, self.node, None if released else self._value,
-                                 self.exception, self.history, self.upstream, self.message,
-                                 released))
+        return (
+            _restore_state,
+            (
+                self.name,
+                self.node,
+                None if released else self._value,
+                self.exception,
+                self.history,
+                self.upstream,
+                self.message,
+                released,
+            ),
+        )
 
     def __repr__(self) -> str:
         extra = ""
@@ -236,8 +248,13 @@ class State:
     def cancelled(cls, node: str, why: str, history: list[Attempt] | None = None) -> State:
         """A Cancelled state holding a :class:`Cancelled` exception that says why."""
         message = f"{node} was cancelled ({why})"
-        return cls(CANCELLED, node, exception=Cancelled(message, node=node), history=history,
-                   message=message)
+        return cls(
+            CANCELLED,
+            node,
+            exception=Cancelled(message, node=node),
+            history=history,
+            message=message,
+        )
 
     @classmethod
     def from_call(cls, node: str, fn: Any, args: tuple, kwargs: dict) -> State:
@@ -252,9 +269,16 @@ class State:
         return cls(COMPLETED, node, value=value, history=[attempt])
 
 
-def _restore_state(name: str, node: str, value: Any, exception: BaseException | None,
-                   history: list[Attempt], upstream: str | None, message: str,
-                   released: bool = False) -> State:
+def _restore_state(
+    name: str,
+    node: str,
+    value: Any,
+    exception: BaseException | None,
+    history: list[Attempt],
+    upstream: str | None,
+    message: str,
+    released: bool = False,
+) -> State:
     state = State(_CANONICAL.get(name, name), node, value, exception, history, upstream, message)
     if released:
         state._release()

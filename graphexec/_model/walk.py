@@ -19,8 +19,12 @@ from .node import ALLOW, Node, allow_failure
 _SEQUENCES = (list, tuple, set, frozenset)
 
 
-def find_nodes(obj: Any, visit: Callable[[Node, int], None], flag: int,
-               other: Callable[[Any], None] | None = None) -> None:
+def find_nodes(
+    obj: Any,
+    visit: Callable[[Node, int], None],
+    flag: int,
+    other: Callable[[Any], None] | None = None,
+) -> None:
     """Call ``visit(node, flag)`` for every node inside ``obj``; ``allow_failure``
     adds :data:`ALLOW` to the flag of what it holds. ``other``, if given, is
     called with every value that is neither a node nor a container."""
@@ -51,8 +55,10 @@ def replace_nodes(obj: Any, replace: Callable[[Node], Any], keep_markers: bool =
         inner = replace_nodes(obj.value, replace, keep_markers)
         return allow_failure(inner) if keep_markers else inner
     if isinstance(obj, dict):
-        items = [(replace_nodes(k, replace, keep_markers), replace_nodes(v, replace, keep_markers))
-                 for k, v in obj.items()]
+        items = [
+            (replace_nodes(k, replace, keep_markers), replace_nodes(v, replace, keep_markers))
+            for k, v in obj.items()
+        ]
         if all(a is k and b is v for (a, b), (k, v) in zip(items, obj.items())):
             return obj
         return rebuild(obj, items)

@@ -39,8 +39,10 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
         # One scheduler: a lazy graph computed inside a flow (or next to submits
         # on the same pool) runs in that session, on its pool.
         if options.cluster is not None:
-            raise ValueError("cluster= for a graph computed inside a flow: the flow's "
-                             "scheduler runs it, on the flow's workers")
+            raise ValueError(
+                "cluster= for a graph computed inside a flow: the flow's "
+                "scheduler runs it, on the flow's workers"
+            )
         if options.fail_fast:
             raise ValueError(
                 "fail_fast=True for a graph computed inside a flow: the flow's scheduler runs "
@@ -58,9 +60,16 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
         store = CacheStore(options.cache_dir)
     executor = make_executor(options)
     executor.open(run)
-    sched = Scheduler(graph, run, executor, fail_fast=options.fail_fast,
-                      limits=options.limits, cache=store,
-                      refresh_cache=options.refresh_cache, observer=observer)
+    sched = Scheduler(
+        graph,
+        run,
+        executor,
+        fail_fast=options.fail_fast,
+        limits=options.limits,
+        cache=store,
+        refresh_cache=options.refresh_cache,
+        observer=observer,
+    )
     try:
         sched.run()
     except KeyboardInterrupt as interrupt:

@@ -198,8 +198,12 @@ class Session:
         self.memory_limit = memory_limit
         self._published = 0  # scheduler.done when waiters were last woken
         self.scheduler = Scheduler(
-            self.graph, self.run, _PublishingExecutor(self, executor), fail_fast=fail_fast,
-            limits=check_limits(limits), observer=observer,
+            self.graph,
+            self.run,
+            _PublishingExecutor(self, executor),
+            fail_fast=fail_fast,
+            limits=check_limits(limits),
+            observer=observer,
         )
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -208,8 +212,7 @@ class Session:
         self._error: BaseException | None = None
         self._finish_order: list[int] = []
         self._payloads: list[Payload] = []  # results that came in shared memory
-        self._thread = threading.Thread(target=self._serve, name=f"graphexec-{name}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=f"graphexec-{name}", daemon=True)
         self._thread.start()
 
     # -- scheduler thread -----------------------------------------------------
@@ -296,8 +299,11 @@ class Session:
                 if self._error is not None:
                     raise RuntimeError("the graphexec scheduler thread failed") from self._error
                 sched = self.scheduler
-                if (not self._new and sched.done >= sched.n_members
-                        and sched.n_members == len(self.graph._deps)):
+                if (
+                    not self._new
+                    and sched.done >= sched.n_members
+                    and sched.n_members == len(self.graph._deps)
+                ):
                     return
                 self._cond.wait(0.5)
 
@@ -325,8 +331,9 @@ class Session:
             self.scheduler.cache.unlock_all()
         self.executor.close()
 
-    def _check_compute_options(self, limits: dict[str, int] | None, cache_dir: Any,
-                               memory_limit: int | None) -> None:
+    def _check_compute_options(
+        self, limits: dict[str, int] | None, cache_dir: Any, memory_limit: int | None
+    ) -> None:
         where = "graph.compute() inside a flow (or a `with gx.Pool()` block with submits)"
         for tag, cap in (limits or {}).items():
             have = self.scheduler.limits.get(tag)
@@ -335,8 +342,11 @@ class Session:
                 # cannot start counting half-way through the session)
                 raise ValueError(
                     f"{where}: limits={{{tag!r}: {cap}}}, but the flow "
-                    + (f"limits {tag!r} to {have}" if have is not None else
-                       f"does not limit {tag!r}")
+                    + (
+                        f"limits {tag!r} to {have}"
+                        if have is not None
+                        else f"does not limit {tag!r}"
+                    )
                     + "; one scheduler runs both: give limits= to @gx.flow"
                 )
         if cache_dir is not None and not _same_dir(cache_dir, self._cache_dir):
@@ -432,9 +442,10 @@ class _PublishingExecutor:
 
 
 def _same_dir(a: Any, b: Any) -> bool:
-    return Path(a if a is not None else DEFAULT_DIR).resolve() == Path(
-        b if b is not None else DEFAULT_DIR
-    ).resolve()
+    return (
+        Path(a if a is not None else DEFAULT_DIR).resolve()
+        == Path(b if b is not None else DEFAULT_DIR).resolve()
+    )
 
 
 class WaitResult(NamedTuple):
@@ -453,8 +464,9 @@ def wait(
         ``(done, not_done)``, like :func:`concurrent.futures.wait`.
     """
     if return_when not in ("ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"):
-        raise ValueError(f"return_when={return_when!r}: use ALL_COMPLETED, FIRST_COMPLETED "
-                         "or FIRST_EXCEPTION")
+        raise ValueError(
+            f"return_when={return_when!r}: use ALL_COMPLETED, FIRST_COMPLETED or FIRST_EXCEPTION"
+        )
     futures = set(futures)
     deadline = None if timeout is None else time.monotonic() + timeout
     sessions = {f._session for f in futures}
@@ -465,9 +477,12 @@ def wait(
             or (return_when == "FIRST_COMPLETED" and done)
             # (reading the session's state, not f.state: waiting is not looking
             # at a failure, which stays unhandled until result() or .state)
-            or (return_when == "FIRST_EXCEPTION"
-                and any(f._session._state(f.index).name not in ("Completed", "Cached")
-                        for f in done))
+            or (
+                return_when == "FIRST_EXCEPTION"
+                and any(
+                    f._session._state(f.index).name not in ("Completed", "Cached") for f in done
+                )
+            )
         ):
             return WaitResult(done, futures - done)
         remaining = None if deadline is None else deadline - time.monotonic()
@@ -520,4 +535,3 @@ def end_pool_session(pool: Any) -> None:
         pool._session = None
         session.close()
     session.run._raise_if_failed()
-

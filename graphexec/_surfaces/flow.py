@@ -20,8 +20,19 @@ from .options import ComputeOptions
 from .progress import make_observer
 
 # Flow options that are run options (the rest: name, task_runner_max_concurrency).
-_RUN_OPTIONS = frozenset({"workers", "memory_limit", "cache_dir", "progress", "limits",
-                          "fail_fast", "scheduler", "start_method", "cluster"})
+_RUN_OPTIONS = frozenset(
+    {
+        "workers",
+        "memory_limit",
+        "cache_dir",
+        "progress",
+        "limits",
+        "fail_fast",
+        "scheduler",
+        "start_method",
+        "cluster",
+    }
+)
 
 
 class Flow:
@@ -40,11 +51,16 @@ class Flow:
             return _resolve(self.fn(*args, **kwargs))
         opts = self.options
         options = ComputeOptions.validate(
-            f"@flow {self.name}", **{k: v for k, v in opts.items() if k in _RUN_OPTIONS})
+            f"@flow {self.name}", **{k: v for k, v in opts.items() if k in _RUN_OPTIONS}
+        )
         session = Session(
-            make_executor(options), name=self.name, fail_fast=options.fail_fast,
-            limits=options.limits, cache_dir=options.cache_dir,
-            observer=make_observer(options.progress), memory_limit=options.memory_limit,
+            make_executor(options),
+            name=self.name,
+            fail_fast=options.fail_fast,
+            limits=options.limits,
+            cache_dir=options.cache_dir,
+            observer=make_observer(options.progress),
+            memory_limit=options.memory_limit,
         )
         push_context(session)
         try:
@@ -80,8 +96,17 @@ def _resolve(value: Any) -> Any:
 
 
 _FLOW_OPTIONS = {
-    "name", "workers", "task_runner_max_concurrency", "memory_limit", "cache_dir",
-    "progress", "limits", "fail_fast", "scheduler", "start_method", "cluster",
+    "name",
+    "workers",
+    "task_runner_max_concurrency",
+    "memory_limit",
+    "cache_dir",
+    "progress",
+    "limits",
+    "fail_fast",
+    "scheduler",
+    "start_method",
+    "cluster",
 }
 
 
@@ -130,8 +155,10 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     def decorate(f: Callable[..., Any]) -> Flow:
         unknown = set(options) - _FLOW_OPTIONS
         if unknown:
-            raise TypeError(f"@flow: unknown option(s) {', '.join(sorted(unknown))}; known: "
-                            f"{', '.join(sorted(_FLOW_OPTIONS))}")
+            raise TypeError(
+                f"@flow: unknown option(s) {', '.join(sorted(unknown))}; known: "
+                f"{', '.join(sorted(_FLOW_OPTIONS))}"
+            )
         opts = dict(options)
         alias = opts.pop("task_runner_max_concurrency", None)
         if alias is not None:

@@ -65,21 +65,28 @@ class ComputeOptions:
         """
         if scheduler not in SCHEDULERS:
             raise ValueError(
-                f"{where}: scheduler={scheduler!r} is not one of "
-                f"{', '.join(map(repr, SCHEDULERS))}"
+                f"{where}: scheduler={scheduler!r} is not one of {', '.join(map(repr, SCHEDULERS))}"
             )
         if keep not in ("targets", "all"):
             raise ValueError(f"{where}: keep={keep!r} must be 'targets' or 'all'")
         if cluster is not None:
-            check_cluster(cluster, workers=workers, scheduler=scheduler, pool=pool,
-                          memory_limit=memory_limit, start_method=start_method)
+            check_cluster(
+                cluster,
+                workers=workers,
+                scheduler=scheduler,
+                pool=pool,
+                memory_limit=memory_limit,
+                start_method=start_method,
+            )
         limit_bytes = parse_memory(memory_limit)
         if pool is not None:
             if not hasattr(pool, "_lease"):
                 raise TypeError(f"pool= must be a gx.Pool, got {type(pool).__name__}")
             if scheduler != "processes" or workers not in (None, pool.workers):
-                raise ValueError("pool= sets the workers itself; do not combine it with "
-                                 "workers= or another scheduler")
+                raise ValueError(
+                    "pool= sets the workers itself; do not combine it with "
+                    "workers= or another scheduler"
+                )
             count = pool.workers
         else:
             count = check_workers(workers, where)
@@ -91,10 +98,18 @@ class ComputeOptions:
                 f"scheduler={scheduler!r} runs in this process"
             )
         return cls(
-            workers=count, scheduler=scheduler, fail_fast=bool(fail_fast),
-            raise_on_failure=bool(raise_on_failure), keep=keep, pool=pool,
-            memory_limit=limit_bytes, limits=check_limits(limits), start_method=start_method,
-            cache_dir=cache_dir, refresh_cache=bool(refresh_cache), cluster=cluster,
+            workers=count,
+            scheduler=scheduler,
+            fail_fast=bool(fail_fast),
+            raise_on_failure=bool(raise_on_failure),
+            keep=keep,
+            pool=pool,
+            memory_limit=limit_bytes,
+            limits=check_limits(limits),
+            start_method=start_method,
+            cache_dir=cache_dir,
+            refresh_cache=bool(refresh_cache),
+            cluster=cluster,
             progress=progress,
         )
 
@@ -106,8 +121,7 @@ def check_workers(workers: Any, where: str) -> int:
         raise TypeError(f"{where}: workers= must be an int, got {workers!r}")
     if workers < 0:
         raise ValueError(
-            f"{where}: workers={workers} is negative; use a positive count, or 0 to run "
-            "in-process"
+            f"{where}: workers={workers} is negative; use a positive count, or 0 to run in-process"
         )
     return workers
 
@@ -126,9 +140,20 @@ def parse_memory(limit: int | str | None) -> int | None:
         raise TypeError("memory_limit= must be bytes (int) or a string such as '4GB'")
     text = limit.strip().upper().replace(" ", "")
     units = {
-        "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-        "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 2**10, "M": 2**20,
-        "G": 2**30, "T": 2**40, "B": 1, "": 1,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "K": 2**10,
+        "M": 2**20,
+        "G": 2**30,
+        "T": 2**40,
+        "B": 1,
+        "": 1,
     }
     for suffix in sorted(units, key=len, reverse=True):
         if text.endswith(suffix):
@@ -156,8 +181,9 @@ def check_limits(limits: Any) -> dict[str, int]:
     return dict(limits)
 
 
-def check_cluster(cluster: Any, *, workers: Any, scheduler: str, pool: Any,
-                  memory_limit: Any, start_method: Any) -> None:
+def check_cluster(
+    cluster: Any, *, workers: Any, scheduler: str, pool: Any, memory_limit: Any, start_method: Any
+) -> None:
     """Validate ``compute(cluster=...)`` and the arguments that cannot go with it."""
     try:
         from distributed import Client

@@ -129,8 +129,7 @@ class Progress:
             leave=True,
             observer=self,
         )
-        self._thread = threading.Thread(target=self._redraw, name="graphexec-progress",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._redraw, name="graphexec-progress", daemon=True)
         self._thread.start()
 
     def running(self, i: int, call: Any) -> None:
@@ -176,9 +175,13 @@ class Progress:
 
     def _postfix(self) -> str:
         parts = [f"running={len(self._running)}"]
-        for label, count in (("failed", self._failed), ("skipped", self._skipped),
-                             ("cached", self._cached), ("cancelled", self._cancelled),
-                             ("retries", self._retries)):
+        for label, count in (
+            ("failed", self._failed),
+            ("skipped", self._skipped),
+            ("cached", self._cached),
+            ("cancelled", self._cancelled),
+            ("retries", self._retries),
+        ):
             if count:
                 parts.append(f"{label}={count}")
         return " ".join(parts)

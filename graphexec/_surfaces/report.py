@@ -96,8 +96,14 @@ STATE_FILLS = {
     CANCELLED: "#dadde2",
     PENDING: "#ffffff",
 }
-STATE_WORDS = {COMPLETED: "ok", CACHED: "cached", FAILED: "failed", SKIPPED: "skipped",
-               CANCELLED: "cancelled", PENDING: "not run"}
+STATE_WORDS = {
+    COMPLETED: "ok",
+    CACHED: "cached",
+    FAILED: "failed",
+    SKIPPED: "skipped",
+    CANCELLED: "cancelled",
+    PENDING: "not run",
+}
 
 
 # -- JSON ------------------------------------------------------------------------
@@ -194,8 +200,11 @@ def _error_record(exc: BaseException | None) -> dict[str, Any] | None:
         "traceback": _traceback_text(exc),
     }
     if isinstance(exc, GraphexecError) and not getattr(cls, "_gx_stand_in", False):
-        attrs = {k: v for k, v in vars(exc).items()
-                 if not k.startswith("_") and (v is None or isinstance(v, (str, int, float, bool)))}
+        attrs = {
+            k: v
+            for k, v in vars(exc).items()
+            if not k.startswith("_") and (v is None or isinstance(v, (str, int, float, bool)))
+        }
         if attrs:
             record["attributes"] = attrs
     return record
@@ -256,11 +265,15 @@ def run_from_json(text: str | bytes) -> LoadedRun:
     except json.JSONDecodeError as exc:
         raise ValueError(f"Run.from_json: not JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError("Run.from_json: not a graphexec run document (expected "
-                         f"\"format\": {FORMAT!r}, as written by run.to_json())")
+        raise ValueError(
+            "Run.from_json: not a graphexec run document (expected "
+            f'"format": {FORMAT!r}, as written by run.to_json())'
+        )
     if data.get("version") != VERSION:
-        raise ValueError(f"Run.from_json: document version {data.get('version')!r}; this "
-                         f"graphexec reads version {VERSION}")
+        raise ValueError(
+            f"Run.from_json: document version {data.get('version')!r}; this "
+            f"graphexec reads version {VERSION}"
+        )
     records = data["nodes"]
     graph = Graph(data["graph"])
     tasks: dict[str, Task] = {}
@@ -296,8 +309,10 @@ def run_from_json(text: str | bytes) -> LoadedRun:
 
 def _placeholder_task(name: str) -> Task:
     def not_stored(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(f"task {name!r} was loaded from a run's JSON document: its "
-                           "function is not stored there, so it cannot run")
+        raise RuntimeError(
+            f"task {name!r} was loaded from a run's JSON document: its "
+            "function is not stored there, so it cannot run"
+        )
 
     not_stored.__name__ = not_stored.__qualname__ = name
     options = TaskOptions()
@@ -320,10 +335,19 @@ def _state_from_record(record: dict[str, Any]) -> State | None:
         history.append(attempt)
         last_error = (a["error"], error)
     # The final state's exception is usually the last attempt's: keep them one object.
-    exc = last_error[1] if record["error"] is not None and record["error"] == last_error[0] \
+    exc = (
+        last_error[1]
+        if record["error"] is not None and record["error"] == last_error[0]
         else _error_from_record(record["error"])
-    state = State(name, record["name"], exception=exc, history=history,
-                  upstream=record.get("upstream_failure"), message=record.get("message", ""))
+    )
+    state = State(
+        name,
+        record["name"],
+        exception=exc,
+        history=history,
+        upstream=record.get("upstream_failure"),
+        message=record.get("message", ""),
+    )
     if state.is_completed():
         state._release()  # the value is not in the document
     return state
@@ -377,8 +401,11 @@ def _stand_in_class(module: str, qualname: str, mixin: bool) -> type:
         return cls
     bases: tuple[type, ...] = (RemoteError,)
     builtin = getattr(builtins, qualname, None) if module == "builtins" and mixin else None
-    if isinstance(builtin, type) and issubclass(builtin, BaseException) and \
-            not issubclass(RemoteError, builtin):
+    if (
+        isinstance(builtin, type)
+        and issubclass(builtin, BaseException)
+        and not issubclass(RemoteError, builtin)
+    ):
         bases = (RemoteError, builtin)
     namespace = {
         "__module__": module,
@@ -386,8 +413,10 @@ def _stand_in_class(module: str, qualname: str, mixin: bool) -> type:
         "__doc__": f"Stands for {qualname} read from a graphexec run document.",
         "_gx_stand_in": True,
         "__str__": lambda self: self.original_message,
-        "__reduce__": lambda self: (loaded_error, (module, qualname, self.original_message,
-                                                   self.remote_traceback)),
+        "__reduce__": lambda self: (
+            loaded_error,
+            (module, qualname, self.original_message, self.remote_traceback),
+        ),
     }
     try:
         cls = type(qualname.rsplit(".", 1)[-1], bases, namespace)
@@ -408,8 +437,10 @@ def run_to_html(run: Run, path: str | os.PathLike[str]) -> Path:
     counts = run.counts()
     unhandled = len(run.unhandled)
     if unhandled:
-        status = f'<span class="badge bad">{unhandled} unhandled failure' \
-                 f'{"s" if unhandled != 1 else ""}</span>'
+        status = (
+            f'<span class="badge bad">{unhandled} unhandled failure'
+            f"{'s' if unhandled != 1 else ''}</span>"
+        )
     elif counts.get(FAILED):
         status = '<span class="badge warn">ok — failures handled</span>'
     else:
@@ -429,14 +460,16 @@ def run_to_html(run: Run, path: str | os.PathLike[str]) -> Path:
     ]
     card_html = "".join(
         f'<div class="card{" c-" + cls.lower() if cls else ""}"><div class="v">{v}</div>'
-        f'<div class="k">{html.escape(k)}</div></div>' for k, v, cls in cards
+        f'<div class="k">{html.escape(k)}</div></div>'
+        for k, v, cls in cards
     )
     page = _PAGE.format(
         title=html.escape(f"{graph.name} — graphexec run report"),
         name=html.escape(graph.name),
         status=status,
-        meta=html.escape(f"started {started} · {len(run.members):,} nodes · "
-                         f"{_fmt_seconds(run.duration)}"),
+        meta=html.escape(
+            f"started {started} · {len(run.members):,} nodes · {_fmt_seconds(run.duration)}"
+        ),
         cards=card_html,
         summary=_summary_table(run),
         failures=_failures_section(run),
@@ -446,7 +479,8 @@ def run_to_html(run: Run, path: str | os.PathLike[str]) -> Path:
         css=_CSS,
         js=_JS,
         data=json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-        .replace("</", "<\\/").replace("<!--", "<\\!--"),
+        .replace("</", "<\\/")
+        .replace("<!--", "<\\!--"),
     )
     path.write_text(page, encoding="utf-8")
     return path
@@ -496,8 +530,7 @@ def _timeline_data(run: Run) -> dict[str, Any]:
                 kind = 3 if last_attempt and name is CANCELLED else 0
             e = error_index(a.error)
             start = a.started if a.started > 0 else a.finished
-            raw.append((a.worker, start - t0, max(a.finished - t0, start - t0), k, n + 1, kind,
-                        e))
+            raw.append((a.worker, start - t0, max(a.finished - t0, start - t0), k, n + 1, kind, e))
             end = max(end, a.finished - t0)
         nodes.append([graph._names[i], t, name, len(history)])
     for worker in sorted({r[0] for r in raw}, key=_lane_key):
@@ -555,8 +588,9 @@ def _summary_table(run: Run) -> str:
     rows: dict[str, dict[str, Any]] = {}
     for i in run.members:
         task = graph._tasks[i].name
-        row = rows.setdefault(task, {"counts": dict.fromkeys(STATE_ORDER, 0), "total": 0.0,
-                                     "max": 0.0, "retries": 0})
+        row = rows.setdefault(
+            task, {"counts": dict.fromkeys(STATE_ORDER, 0), "total": 0.0, "max": 0.0, "retries": 0}
+        )
         state = run._states[i]
         name = state.name if state is not None else PENDING
         row["counts"][name] = row["counts"].get(name, 0) + 1
@@ -566,8 +600,9 @@ def _summary_table(run: Run) -> str:
             row["max"] = max(row["max"], d)
             row["retries"] += len(state.history) - 1
     columns = [s for s in STATE_ORDER if any(r["counts"][s] for r in rows.values())]
-    head = "".join(f'<th class="num"><span class="dot s-{s.lower()}"></span>{s}</th>'
-                   for s in columns)
+    head = "".join(
+        f'<th class="num"><span class="dot s-{s.lower()}"></span>{s}</th>' for s in columns
+    )
     body = []
     for task, row in rows.items():
         c = row["counts"]
@@ -575,10 +610,13 @@ def _summary_table(run: Run) -> str:
         ran = (c[COMPLETED] + c[FAILED]) or 1
         share = "".join(
             f'<span class="s-{s.lower()}" style="width:{100 * c[s] / total_nodes:.3f}%" '
-            f'title="{c[s]:,} {s.lower()}"></span>' for s in columns if c[s]
+            f'title="{c[s]:,} {s.lower()}"></span>'
+            for s in columns
+            if c[s]
         )
-        cells = "".join(f'<td class="num{" zero" if not c[s] else ""}">{c[s]:,}</td>'
-                        for s in columns)
+        cells = "".join(
+            f'<td class="num{" zero" if not c[s] else ""}">{c[s]:,}</td>' for s in columns
+        )
         body.append(
             f'<tr><td class="task">{html.escape(task)}</td><td class="num">{total_nodes:,}</td>'
             f'<td class="share"><div class="stack">{share}</div></td>{cells}'
@@ -590,7 +628,7 @@ def _summary_table(run: Run) -> str:
         '<table id="gx-summary" class="grid"><thead><tr><th>task</th><th class="num">nodes</th>'
         f'<th>states</th>{head}<th class="num">retries</th><th class="num">total s</th>'
         f'<th class="num">mean s</th><th class="num">max s</th></tr></thead>'
-        f'<tbody>{"".join(body)}</tbody></table>'
+        f"<tbody>{''.join(body)}</tbody></table>"
     )
 
 
@@ -603,23 +641,31 @@ def _failures_section(run: Run, limit: int = 200) -> str:
         state = run._states[node.index]
         exc = state.exception
         tb = _traceback_text(exc) if exc is not None else None
-        detail = (f'<details><summary>traceback</summary><pre>{html.escape(tb)}</pre></details>'
-                  if tb else "")
-        handled = '<span class="badge warn small">handled</span>' \
-            if node.index in run._handled else ""
+        detail = (
+            f"<details><summary>traceback</summary><pre>{html.escape(tb)}</pre></details>"
+            if tb
+            else ""
+        )
+        handled = (
+            '<span class="badge warn small">handled</span>' if node.index in run._handled else ""
+        )
         rows.append(
             f'<tr class="gx-failure"><td class="task">{html.escape(node.name)} {handled}</td>'
             f'<td>{html.escape(node.task.name)}</td><td class="num">{state.attempts}</td>'
             f'<td class="err"><code>{html.escape(_one_line(exc)) if exc else ""}</code>'
-            f'{detail}</td></tr>'
+            f"{detail}</td></tr>"
         )
-    more = (f'<p class="muted">… and {len(failed) - limit:,} more failed nodes '
-            "(run.failed lists them all).</p>" if len(failed) > limit else "")
+    more = (
+        f'<p class="muted">… and {len(failed) - limit:,} more failed nodes '
+        "(run.failed lists them all).</p>"
+        if len(failed) > limit
+        else ""
+    )
     return (
         f'<section><h2>Failures <span class="count">{len(failed):,}</span></h2>'
         '<table id="gx-failures" class="grid"><thead><tr><th>node</th><th>task</th>'
         '<th class="num">attempts</th><th>error</th></tr></thead>'
-        f'<tbody>{"".join(rows)}</tbody></table>{more}</section>'
+        f"<tbody>{''.join(rows)}</tbody></table>{more}</section>"
     )
 
 
@@ -628,13 +674,15 @@ def _skipped_section(run: Run, limit: int = 200) -> str:
     if not skipped:
         return ""
     items = "".join(
-        f"<li><b>{html.escape(n.name)}</b> — "
-        f"{html.escape(run._states[n.index].message)}</li>" for n in skipped[:limit]
+        f"<li><b>{html.escape(n.name)}</b> — {html.escape(run._states[n.index].message)}</li>"
+        for n in skipped[:limit]
     )
     more = f"<li>… and {len(skipped) - limit:,} more</li>" if len(skipped) > limit else ""
-    return (f'<section><details id="gx-skipped"><summary><h2>Skipped <span class="count">'
-            f'{len(skipped):,}</span></h2></summary><ul class="skips">{items}{more}</ul>'
-            "</details></section>")
+    return (
+        f'<section><details id="gx-skipped"><summary><h2>Skipped <span class="count">'
+        f'{len(skipped):,}</span></h2></summary><ul class="skips">{items}{more}</ul>'
+        "</details></section>"
+    )
 
 
 _CSS = """
@@ -972,8 +1020,10 @@ needs no network.</footer>
 
 # -- graph picture ---------------------------------------------------------------
 
-_INSTALL_PACKAGE = ("graph.visualize() needs the graphviz Python package: "
-                    "pip install graphviz (or pip install 'graphexec[viz]')")
+_INSTALL_PACKAGE = (
+    "graph.visualize() needs the graphviz Python package: "
+    "pip install graphviz (or pip install 'graphexec[viz]')"
+)
 
 
 def visualize(
@@ -990,8 +1040,10 @@ def visualize(
         path = Path(path)
         fmt = path.suffix.lower().lstrip(".")
         if fmt not in ("svg", "png", "dot", "gv", "pdf"):
-            raise ValueError(f"graph.visualize({str(path)!r}): write .svg, .png, .pdf or .dot "
-                             "(the format comes from the file name)")
+            raise ValueError(
+                f"graph.visualize({str(path)!r}): write .svg, .png, .pdf or .dot "
+                "(the format comes from the file name)"
+            )
     try:
         import graphviz
     except ImportError:
@@ -1002,11 +1054,24 @@ def visualize(
         collapse = len(graph) > COLLAPSE_ABOVE
     dot = graphviz.Digraph(
         name=graph.name,
-        graph_attr={"rankdir": rankdir, "fontname": "Helvetica", "fontsize": "11",
-                    "bgcolor": "white", "nodesep": "0.25", "ranksep": "0.45",
-                    "labelloc": "b", "labeljust": "l"},
-        node_attr={"fontname": "Helvetica", "fontsize": "10", "shape": "box",
-                   "style": "rounded,filled", "color": "#8a96a3", "penwidth": "1"},
+        graph_attr={
+            "rankdir": rankdir,
+            "fontname": "Helvetica",
+            "fontsize": "11",
+            "bgcolor": "white",
+            "nodesep": "0.25",
+            "ranksep": "0.45",
+            "labelloc": "b",
+            "labeljust": "l",
+        },
+        node_attr={
+            "fontname": "Helvetica",
+            "fontsize": "10",
+            "shape": "box",
+            "style": "rounded,filled",
+            "color": "#8a96a3",
+            "penwidth": "1",
+        },
         edge_attr={"color": "#9aa5b1", "arrowsize": "0.6"},
     )
     states = _node_states(graph, run)
@@ -1094,7 +1159,9 @@ def _draw_by_task(dot: Any, graph: Graph, states: list[str]) -> None:
         total = sum(c.values())
         cells = "".join(
             f'<TD BGCOLOR="{STATE_FILLS[s]}" BORDER="1" COLOR="{STATE_COLOURS[s]}">'
-            f'{c[s]:,} {STATE_WORDS[s]}</TD>' for s in STATE_ORDER if c.get(s)
+            f"{c[s]:,} {STATE_WORDS[s]}</TD>"
+            for s in STATE_ORDER
+            if c.get(s)
         )
         span = sum(1 for s in STATE_ORDER if c.get(s))
         label = (
@@ -1102,9 +1169,13 @@ def _draw_by_task(dot: Any, graph: Graph, states: list[str]) -> None:
             f'<TR><TD COLSPAN="{span}"><B>{html.escape(name)}</B>  &#215;{total:,}</TD></TR>'
             f"<TR>{cells}</TR></TABLE>>"
         )
-        attrs = {"fillcolor": "white", "shape": "box", "margin": "0.05",
-                 "tooltip": f"{name}: " + ", ".join(f"{c[s]:,} {s.lower()}"
-                                                    for s in STATE_ORDER if c.get(s))}
+        attrs = {
+            "fillcolor": "white",
+            "shape": "box",
+            "margin": "0.05",
+            "tooltip": f"{name}: "
+            + ", ".join(f"{c[s]:,} {s.lower()}" for s in STATE_ORDER if c.get(s)),
+        }
         if c.get(FAILED):
             attrs.update(color=STATE_COLOURS[FAILED], penwidth="2")
         dot.node(f"t{t}", label, **attrs)
@@ -1122,9 +1193,12 @@ def _caption(graph: Graph, states: list[str], run: Run | None, collapse: bool) -
     keys = "".join(
         f'<TD BGCOLOR="{STATE_FILLS[s]}" BORDER="1" COLOR="{STATE_COLOURS[s]}">'
         f"{counts[s]:,} {s.lower() if s is not PENDING else 'not run'}</TD>"
-        for s in STATE_ORDER if counts.get(s)
+        for s in STATE_ORDER
+        if counts.get(s)
     )
     what = f"{len(graph):,} nodes" + (" (one box per task)" if collapse else "")
     when = "latest run" if run is not None else "not computed yet"
-    return ('<<TABLE BORDER="0" CELLSPACING="4" CELLPADDING="3"><TR>'
-            f'<TD><B>{html.escape(graph.name)}</B>  {what}, {when}:</TD>{keys}</TR></TABLE>>')
+    return (
+        '<<TABLE BORDER="0" CELLSPACING="4" CELLPADDING="3"><TR>'
+        f"<TD><B>{html.escape(graph.name)}</B>  {what}, {when}:</TD>{keys}</TR></TABLE>>"
+    )
