@@ -42,7 +42,7 @@ import os
 import threading
 
 try:  # POSIX only; without it large buffers simply travel in-band
-    import _posixshmem
+    import _posixshmem  # type: ignore[import-not-found]  # CPython's, no stubs
 except ImportError:  # pragma: no cover - Windows
     _posixshmem = None
 

@@ -97,8 +97,12 @@ from typing import Any
 
 import cloudpickle
 
+from .._data.cache import CacheStore
 from .._data.serialize import PROTOCOL, Payload, arguments_error, dumps, dumps_call, loads_call
 from .._model.errors import GraphexecError, RemoteTraceback, SerializationError, WorkerCrashed
+from .._model.handle import materialize
+from .._model.keys import task_input_hash
+from .._model.state import State
 from .protocol import ERROR, OK, Call, Capabilities, timeout_error, write_cache
 from .runtime import (
     Unloadable,
@@ -384,7 +388,7 @@ class _Hub:
         owner = getattr(previous, "__self__", None)
         if isinstance(owner, _Hub):  # an earlier hub's (unsubscribing leaves it in place)
             previous = owner._previous
-        self._previous = previous
+        self._previous: Any = previous
         client.subscribe_topic(START_TOPIC, self._on_start)
         client.subscribe_topic("all", self._on_all)
 
@@ -611,15 +615,15 @@ class ClusterExecutor:
                 continue
             what = item[0]
             if what == "done":
-                flight = self._inflight.pop(item[1], None)
-                if flight is not None:
-                    self._outbox.append(self._outcome(flight))
+                done = self._inflight.pop(item[1], None)
+                if done is not None:
+                    self._outbox.append(self._outcome(done))
             elif what == "start":
                 self._started(*item[1:])
             elif what == "digest":
-                flight = self._inflight.get(item[1])
-                if flight is not None:
-                    flight.digest = item[2]
+                hashed = self._inflight.get(item[1])
+                if hashed is not None:
+                    hashed.digest = item[2]
             elif what == "gone":
                 self._worker_gone(item[1], item[2], cancel)
         self._check_deadlines(cancel)
@@ -711,8 +715,6 @@ class ClusterExecutor:
 
     def _inputs(self, call: Call) -> tuple[dict[int, Any], bytes | None]:
         """Upstream values: Futures of values on the cluster, and the rest pickled here."""
-        from .._model.state import State
-
         remote: dict[int, Any] = {}
         local: dict[int, tuple[str, Any]] = {}
         for index, handle in call.inputs.items():
@@ -911,13 +913,11 @@ class ClusterExecutor:
             logger.warning("could not cancel %d dask task(s): %s", len(futures), exc)
 
     def _check_cache_entry(self, call: Call) -> None:
-        if self._warned_cache:
+        if self._warned_cache or call.cache is None:
             return
         root, key, _ = call.cache
         store = self._stores.get(root)
         if store is None:
-            from .._data.cache import CacheStore
-
             store = self._stores[root] = CacheStore(root)
         if not Path(store.path(key)).exists():
             self._warned_cache = True
@@ -942,14 +942,10 @@ def _is_failure(kind: Any) -> bool:
 
 
 def _local(handle: Any) -> Any:
-    from .._model.handle import materialize
-
     return materialize(handle)
 
 
 def _local_state(state: Any) -> Any:
-    from .._model.state import State
-
     value = state._value
     if type(value) is not Payload:
         return state
@@ -968,8 +964,6 @@ def _nodes_needing_digests(run: Any) -> set[int]:
     """
     if run is None:
         return set()
-    from .._model.keys import task_input_hash
-
     graph = run.graph
     opts, deps = graph._opts, graph._deps
     need: set[int] = set()

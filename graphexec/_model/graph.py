@@ -94,7 +94,9 @@ class Graph:
         opts = task.options
         wait_for = kwargs.pop("wait_for", None) if kwargs else None
         if kwargs and ("allow_failure" in kwargs or "return_state" in kwargs):
-            overrides = {k: kwargs.pop(k) for k in ("allow_failure", "return_state") if k in kwargs}
+            overrides: dict[str, Any] = {
+                k: kwargs.pop(k) for k in ("allow_failure", "return_state") if k in kwargs
+            }
             opts = opts.updated(overrides, f"{task.name}() call")
 
         found: dict[int, int] = {}

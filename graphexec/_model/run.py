@@ -87,7 +87,11 @@ class Run:
 
     def _with(self, *names: str) -> list[Node]:
         nodes, states = self.graph._nodes, self._states
-        return [nodes[i] for i in sorted(self.members) if states[i] and states[i].name in names]
+        return [
+            nodes[i]
+            for i in sorted(self.members)
+            if (st := states[i]) is not None and st.name in names
+        ]
 
     @property
     def completed(self) -> list[Node]:
@@ -128,7 +132,7 @@ class Run:
     def counts(self) -> dict[str, int]:
         """Number of nodes per state name."""
         counter = Counter(
-            (self._states[i].name if self._states[i] else PENDING) for i in self.members
+            (st.name if (st := self._states[i]) is not None else PENDING) for i in self.members
         )
         return dict(counter)
 
@@ -192,7 +196,7 @@ class Run:
             out.append("")
             out.append("Failures:")
             for node in failed[:20]:
-                state = self._states[node.index]
+                state = self._final(node.index)
                 exc = state.exception
                 tag = "" if node.index not in self._handled else " (handled)"
                 attempts = f" after {state.attempts} attempts" if state.attempts > 1 else ""
@@ -202,7 +206,7 @@ class Run:
         skipped = self.skipped
         if skipped:
             out.append(
-                f"Skipped: {len(skipped)} node(s), e.g. {self._states[skipped[0].index].message}"
+                f"Skipped: {len(skipped)} node(s), e.g. {self._final(skipped[0].index).message}"
             )
         return "\n".join(out)
 
@@ -262,7 +266,7 @@ class Run:
             f"{counts.get(CANCELLED, 0)} cancelled; all results are kept in .run.",
         ]
         for node in unhandled[:10]:
-            lines.append(f"  {node.name}: {_one_line(self._states[node.index].exception)}")
+            lines.append(f"  {node.name}: {_one_line(self._final(node.index).exception)}")
         first = self._first_unhandled()
         tb = getattr(first.__cause__, "tb", None) if first is not None else None
         if tb:
@@ -283,7 +287,13 @@ class Run:
         unhandled = self.unhandled
         if not unhandled:
             return None
-        return self._states[unhandled[0].index].exception
+        return self._final(unhandled[0].index).exception
+
+    def _final(self, i: int) -> State:
+        """The state of node i, which a listing of final states just named."""
+        state = self._states[i]
+        assert state is not None, f"node {i} has no state"
+        return state
 
     def _finish_run(self) -> None:
         """Close the run: values still held in shared memory are mapped privately and

@@ -28,9 +28,10 @@ FINAL = frozenset({COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED})
 
 # State names are compared by identity (``state.name is COMPLETED``) on the hot
 # paths; a State that crossed a process boundary gets its name back from here.
-_CANONICAL = {
+CANONICAL = {
     n: n for n in (PENDING, RUNNING, RETRYING, COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED)
 }
+_CANONICAL = CANONICAL  # the report's old import; goes when the report is split
 
 _RELEASED = object()
 
@@ -279,7 +280,7 @@ def _restore_state(
     message: str,
     released: bool = False,
 ) -> State:
-    state = State(_CANONICAL.get(name, name), node, value, exception, history, upstream, message)
+    state = State(CANONICAL.get(name, name), node, value, exception, history, upstream, message)
     if released:
         state._release()
     return state
