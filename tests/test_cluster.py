@@ -843,3 +843,21 @@ def test_a_flow_runs_its_submits_on_the_cluster(client):
 
     with pytest.raises(ValueError):
         gx.flow(cluster=client, workers=2)(lambda: None)
+
+
+def test_a_flow_on_the_cluster_releases_its_values_when_done(client):
+    # Defect: a flow's cluster executor had no Run, kept every value, and its
+    # registry was global: each flow's results stayed pinned on the cluster
+    # until the process exited.
+    gc.collect()
+    before = _cluster.held_values()
+
+    @gx.flow(cluster=client)
+    def sweep():
+        parts = [array.submit(1000, seed) for seed in range(3)]
+        return total.submit(*parts).result()
+
+    for _ in range(3):
+        assert sweep() > 0
+    gc.collect()
+    assert _cluster.held_values() == before
