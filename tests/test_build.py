@@ -523,3 +523,63 @@ def test_nodes_cost_a_few_hundred_bytes():
     finally:
         tracemalloc.stop()
     assert per_node < 1024, f"{per_node:.0f} bytes per node"
+
+
+def test_graph_add_wraps_a_plain_function_once_per_graph():
+    # One Task per function, not per call (#15): wrapping checks the signature,
+    # which cost more than adding the node, and kept a wrapper per node.
+    def plain(a, b=0):
+        return a + b
+
+    graph = gx.Graph()
+    nodes = [graph.add(plain, i) for i in range(1000)]
+    assert len({id(node.task) for node in nodes}) == 1
+    assert nodes[5].task.fn is plain
+    assert [n.name for n in nodes[:2]] == ["plain-0", "plain-1"]
+    # a Task passed to graph.add is used as it is
+    decorated = gx.task(plain)
+    assert graph.add(decorated, 1).task is decorated
+
+
+def test_graph_add_does_not_keep_functions_alive_after_the_graph():
+    import gc
+    import weakref
+
+    def make():
+        def fresh(x):
+            return x
+
+        return fresh
+
+    fn = make()
+    ref = weakref.ref(fn)
+    graph = gx.Graph()
+    graph.add(fn, 1)
+    del fn, graph
+    gc.collect()
+    assert ref() is None
+
+
+def test_the_garbage_collector_pauses_while_a_graph_is_built():
+    import gc
+
+    assert gc.isenabled()
+    outer, inner = gx.Graph(), gx.Graph()
+    with outer:
+        assert not gc.isenabled()
+        with inner:
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer block still builds
+    assert gc.isenabled()
+    # A collector the program disabled itself stays disabled.
+    gc.disable()
+    try:
+        with outer:
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    # ... and one block raising re-enables it.
+    with pytest.raises(ZeroDivisionError), outer:
+        raise ZeroDivisionError
+    assert gc.isenabled()

@@ -57,8 +57,7 @@ def test_deferred_imports_are_on_the_named_list():
         f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
         for path, tree in _modules()
         for line, name in _function_imports(tree)
-        if not name.startswith(".")
-        and name.split(".")[0] not in OPTIONAL | DEFERRED_FOR_STARTUP
+        if not name.startswith(".") and name.split(".")[0] not in OPTIONAL | DEFERRED_FOR_STARTUP
     ]
     assert others == [], "\n".join(others)
 
@@ -73,7 +72,8 @@ def test_no_module_takes_another_modules_private_names():
                 taken += [
                     f"{path.relative_to(PACKAGE.parent)}:{node.lineno} takes {alias.name}"
                     for alias in node.names
-                    if alias.name.startswith("_") and not alias.name.startswith("__")
+                    if alias.name.startswith("_")
+                    and not alias.name.startswith("__")
                     and alias.name not in {"_version"}
                 ]
     assert taken == [], "\n".join(taken)

@@ -15,8 +15,10 @@ which adds order edges after the fact, has to check.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
+import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +27,44 @@ from .seam import surfaces
 from .task import Task, as_task, pop_graph, push_graph
 from .walk import find_nodes, remap
 
+_new = object.__new__
+
+# Argument types that cannot hold a node: skipped without a walk.
+_SCALARS = frozenset({int, float, complex, bool, str, bytes, type(None)})
+
 if TYPE_CHECKING:
     from .._surfaces.pool import Pool  # for the annotation only: compute() goes through the seam
     from .run import Run
+
+
+# Python's cyclic garbage collector pauses while a `with graph:` block builds.
+# A build allocates millions of long-lived objects and frees none, so each
+# full collection the growth triggers walks the whole heap for nothing: a
+# third of a million-node build. As libraries that bulk-build object graphs
+# do, the collector is disabled for the block (if it was enabled) and enabled
+# again when the last block on any thread ends; nested and concurrent blocks
+# share one count.
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+_gc_paused_by_us = False
+
+
+def _pause_gc() -> None:
+    global _gc_pauses, _gc_paused_by_us
+    with _gc_lock:
+        if _gc_pauses == 0 and gc.isenabled():
+            gc.disable()
+            _gc_paused_by_us = True
+        _gc_pauses += 1
+
+
+def _resume_gc() -> None:
+    global _gc_pauses, _gc_paused_by_us
+    with _gc_lock:
+        _gc_pauses -= 1
+        if _gc_pauses == 0 and _gc_paused_by_us:
+            _gc_paused_by_us = False
+            gc.enable()
 
 
 class Graph:
@@ -59,15 +96,18 @@ class Graph:
         self._names: list[str] = []
         self._nodes: list[Node] = []
         self._counters: dict[str, int] = {}
+        self._plain_tasks: dict[int, Task] = {}  # id(fn) -> its Task, for graph.add(fn)
         self._latest_run: Run | None = None
 
     # -- building -----------------------------------------------------------
 
     def __enter__(self) -> Graph:
         push_graph(self)
+        _pause_gc()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        _resume_gc()
         pop_graph(self)
 
     def __len__(self) -> int:
@@ -88,37 +128,73 @@ class Graph:
         Returns:
             The new :class:`Node`.
         """
-        return self._add_call(as_task(fn, "graph.add"), args, kwargs)
+        if isinstance(fn, Task):
+            return self._add_call(fn, args, kwargs)
+        # One wrapper per function and graph, not per call: checking a callable
+        # (inspect.signature) costs more than adding the node. The graph holds
+        # the wrapper, and so the function, for as long as it holds its nodes:
+        # id(fn) cannot be reused meanwhile.
+        task = self._plain_tasks.get(id(fn))
+        if task is None:
+            task = self._plain_tasks[id(fn)] = as_task(fn, "graph.add")
+        return self._add_call(task, args, kwargs)
 
     def _add_call(self, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Node:
+        # The hot path of building: a million calls must cost little more than
+        # a dict of tuples. Plain scalars and bare nodes, the usual arguments,
+        # are handled inline; anything else goes through the container walk.
         opts = task.options
-        wait_for = kwargs.pop("wait_for", None) if kwargs else None
-        if kwargs and ("allow_failure" in kwargs or "return_state" in kwargs):
-            overrides: dict[str, Any] = {
-                k: kwargs.pop(k) for k in ("allow_failure", "return_state") if k in kwargs
-            }
-            opts = opts.updated(overrides, f"{task.name}() call")
-
-        found: dict[int, int] = {}
-        visit = self._collector(found)
-        for value in args:
-            find_nodes(value, visit, DATA)
+        wait_for = None
         if kwargs:
-            for value in kwargs.values():
-                find_nodes(value, visit, DATA)
+            wait_for = kwargs.pop("wait_for", None)
+            if "allow_failure" in kwargs or "return_state" in kwargs:
+                overrides: dict[str, Any] = {
+                    k: kwargs.pop(k) for k in ("allow_failure", "return_state") if k in kwargs
+                }
+                opts = opts.updated(overrides, f"{task.name}() call")
+
+        node_type = self._node_type
+        # Upstream indices while every edge is a bare node taken as plain data
+        # (the common case, no dict needed); ``found`` (index -> flags) otherwise.
+        ups: list[int] = []
+        found: dict[int, int] | None = None
+        for value in (*args, *kwargs.values()) if kwargs else args:
+            kind = type(value)
+            if kind in _SCALARS:
+                continue
+            if kind is node_type and value.graph is self and found is None:
+                ups.append(value.index)
+                continue
+            if found is None:
+                found = dict.fromkeys(ups, DATA)
+            find_nodes(value, self._collector(found), DATA)
         if wait_for is not None:
+            if found is None:
+                found = dict.fromkeys(ups, DATA)
             self._scan_wait_for(wait_for, found, task.name)
 
         index = len(self._nodes)
-        node = self._node_type(self, index)
+        node = _new(node_type)  # Node.__init__ without its Python call
+        node.graph = self
+        node.index = index
         self._tasks.append(task)
         self._opts.append(opts)
         self._args.append(args)
         self._kwargs.append(kwargs or None)
-        self._deps.append(tuple(found))
-        flags = tuple(found.values())
-        self._flags.append(None if all(f == DATA for f in flags) else flags)
-        self._names.append(self._node_name(task, opts, args, kwargs))
+        if found is None:
+            self._deps.append(tuple(dict.fromkeys(ups)) if len(ups) > 1 else tuple(ups))
+            self._flags.append(None)
+        else:
+            self._deps.append(tuple(found))
+            flags = tuple(found.values())
+            self._flags.append(None if flags.count(DATA) == len(flags) else flags)
+        if opts.task_run_name is None:
+            counters = self._counters
+            count = counters.get(task.name, 0)
+            counters[task.name] = count + 1
+            self._names.append(f"{task.name}-{count}")
+        else:
+            self._names.append(self._node_name(task, opts, args, kwargs))
         self._nodes.append(node)
         return node
 
@@ -151,11 +227,8 @@ class Graph:
         return visit
 
     def _node_name(self, task: Task, opts: Any, args: tuple, kwargs: dict) -> str:
+        """The name ``task_run_name=`` gives this call (a format string or a callable)."""
         template = opts.task_run_name
-        if template is None:
-            count = self._counters.get(task.name, 0)
-            self._counters[task.name] = count + 1
-            return f"{task.name}-{count}"
         try:
             bound = inspect.signature(task.fn).bind(*args, **kwargs)
             bound.apply_defaults()
