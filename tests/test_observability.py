@@ -5,18 +5,21 @@
   and with ``progress=True``/``False`` overriding the guess.
 * The HTML report is opened in headless Chromium: the rendered DOM must hold
   the lanes, one bar per attempt and the failure highlight, and the browser
-  must log no console error; a screenshot goes to ``tests/artifacts/``.
+  must log no console error; a screenshot goes to ``tests/artifacts/``. Its
+  page, style and script are package data, and the page inlines them.
 * ``visualize`` output is parsed as XML; a 10,000-node graph must collapse.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib.resources
 import os
 import pickle
 import re
 import select
 import shutil
+import string
 import subprocess
 import sys
 import textwrap
@@ -28,6 +31,7 @@ import pytest
 
 import graphexec as gx
 from graphexec._surfaces.report import STATE_COLOURS, STATE_FILLS
+from graphexec._surfaces.report import html as report_html
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -372,6 +376,32 @@ def test_visualize_dot_needs_no_program_and_says_what_to_install(tmp_path, monke
         graph.visualize(tmp_path / "graph.dot")
     with pytest.raises(ValueError, match=r"\.svg, \.png"):
         graph.visualize(tmp_path / "graph.jpeg")
+
+
+# -- HTML report -------------------------------------------------------------------
+
+
+def test_report_templates_are_package_data_inlined_in_the_page(tmp_path):
+    folder = importlib.resources.files("graphexec._surfaces.report") / "templates"
+    page, css, js = (
+        (folder / name).read_text(encoding="utf-8")
+        for name in ("report.html", "report.css", "report.js")
+    )
+    assert report_html.templates() == (page, css, js)
+    assert "--failed:" in css and "data-gx-rendered" in js and "{data}" in page
+    graph = pipeline(tmp_path)
+    run = graph.compute(workers=0, raise_on_failure=False)
+    text = run.to_html(tmp_path / "report.html").read_text(encoding="utf-8")
+    assert f"<style>\n{css}</style>" in text
+    assert f"<script>\n{js}</script>" in text
+    # every fixed piece of the page template is there, in order, and every field filled
+    at = 0
+    for literal, field, _, _ in string.Formatter().parse(page):
+        found = text.find(literal, at)
+        assert found >= 0, f"missing from the page: {literal[:60]!r}"
+        at = found + len(literal)
+        assert field is None or "{" + field + "}" not in text, field
+    assert 'id="gx-summary"' in text and text.count('class="gx-failure"') == len(run.failed)
 
 
 # -- HTML report in a real browser --------------------------------------------------
