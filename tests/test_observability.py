@@ -8,6 +8,8 @@
   must log no console error; a screenshot goes to ``tests/artifacts/``. Its
   page, style and script are package data, and the page inlines them.
 * ``visualize`` output is parsed as XML; a 10,000-node graph must collapse.
+  Drawing .svg/.png needs Graphviz's ``dot``: without it those tests skip
+  (``need_dot`` in conftest.py), or fail where ``GRAPHEXEC_REQUIRE_DOT`` is set.
 """
 
 from __future__ import annotations
@@ -324,11 +326,12 @@ def _svg_nodes(path: Path) -> dict[str, ET.Element]:
     return {g.find(f"{SVG}title").text: g for g in root.iter(f"{SVG}g") if g.get("class") == "node"}
 
 
-def test_visualize_colours_nodes_by_state(tmp_path):
+def test_visualize_colours_nodes_by_state(tmp_path, need_dot):
     graph = pipeline(tmp_path)
     before = graph.visualize(tmp_path / "before.dot")
     assert "not computed yet" in before.source
     run = graph.compute(workers=0, raise_on_failure=False)
+    need_dot()
     graph.visualize(tmp_path / "graph.svg")
     nodes = _svg_nodes(tmp_path / "graph.svg")
     assert len(nodes) == len(graph)  # small: one box per node
@@ -342,7 +345,8 @@ def test_visualize_colours_nodes_by_state(tmp_path):
     assert (tmp_path / "graph.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_visualize_collapses_a_10000_node_graph_by_task(tmp_path):
+def test_visualize_collapses_a_10000_node_graph_by_task(tmp_path, need_dot):
+    need_dot()  # before the 10,000-node run, which is only there to be drawn
     graph = gx.Graph("big")
     with graph:
         stored = [flaky(load(i % 10 + 10 * (i % 7 == 3)), str(tmp_path)) for i in range(5000)]
@@ -376,6 +380,20 @@ def test_visualize_dot_needs_no_program_and_says_what_to_install(tmp_path, monke
         graph.visualize(tmp_path / "graph.dot")
     with pytest.raises(ValueError, match=r"\.svg, \.png"):
         graph.visualize(tmp_path / "graph.jpeg")
+
+
+def test_need_dot_finds_dot_or_skips_or_fails_when_required(tmp_path, monkeypatch, need_dot):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("GRAPHEXEC_REQUIRE_DOT", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install graphviz"):
+        need_dot()
+    monkeypatch.setenv("GRAPHEXEC_REQUIRE_DOT", "1")
+    with pytest.raises(pytest.fail.Exception, match="GRAPHEXEC_REQUIRE_DOT is set"):
+        need_dot()
+    fake = tmp_path / "dot"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert need_dot() == str(fake)
 
 
 # -- HTML report -------------------------------------------------------------------
@@ -509,7 +527,7 @@ def test_html_report_renders_in_chromium(pool, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_batch_pipeline_example_writes_report_and_picture(tmp_path):
+def test_batch_pipeline_example_writes_report_and_picture(tmp_path, need_dot):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "batch_pipeline.py"), str(tmp_path / "out")],
         cwd=tmp_path,
@@ -525,5 +543,9 @@ def test_batch_pipeline_example_writes_report_and_picture(tmp_path):
     assert "catalogue: 45 frames, 3 lost" in out
     assert "retried and then stored: store-3, store-16, store-29, store-38" in out
     assert "%|" not in proc.stderr  # not a terminal: no bar
-    assert ET.parse(tmp_path / "out" / "graph.svg").getroot().tag == f"{SVG}svg"
     assert 'id="gx-summary"' in (tmp_path / "out" / "report.html").read_text()
+    if shutil.which("dot") is None:  # the example says so and goes on
+        assert "no picture: graph.visualize(" in out and "apt-get install graphviz" in out
+    need_dot()  # everything above holds without Graphviz's `dot`; the picture needs it
+    assert f"wrote {tmp_path / 'out' / 'graph.svg'}" in out
+    assert ET.parse(tmp_path / "out" / "graph.svg").getroot().tag == f"{SVG}svg"
