@@ -10,16 +10,20 @@
   ``scheduler`` fixture — ``"processes"`` (on the shared pool) and ``"sync"``
   by default, since behaviour must match; a test widens or narrows the set with
   ``@pytest.mark.parametrize("scheduler", ALL_SCHEDULERS)``.
+* Programs: a test that needs Graphviz's ``dot`` calls :func:`need_dot` where
+  it starts to; without ``dot`` it skips, unless ``GRAPHEXEC_REQUIRE_DOT`` is
+  set (CI installs Graphviz and sets it, so that a broken install fails there).
 """
 
 from __future__ import annotations
 
 import faulthandler
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 import pytest
@@ -160,3 +164,35 @@ def compute(scheduler: str, request: pytest.FixtureRequest) -> Callable[..., gx.
 
     run.scheduler = scheduler  # type: ignore[attr-defined]
     return run
+
+
+# -- programs outside Python -----------------------------------------------------
+
+DOT_MISSING = (
+    "Graphviz's `dot` program is not installed (Debian: apt-get install graphviz); "
+    "graph.visualize() needs it to draw .svg and .png"
+)
+
+
+def missing_program(why: str, require: str) -> NoReturn:
+    """Skip the test, or fail it where the environment variable ``require`` is set."""
+    if os.environ.get(require):  # CI installs the program: a skip there would hide a gap
+        pytest.fail(f"{why} ({require} is set: this run must not skip)")
+    pytest.skip(why)
+
+
+@pytest.fixture
+def need_dot() -> Callable[[], str]:
+    """Call it where the test starts needing ``dot``: its path, or skip or fail as above.
+
+    A callable rather than a plain fixture, so that a test can check what it can
+    without ``dot`` first (the report of an example, say) and skip only the rest.
+    """
+
+    def find() -> str:
+        path = shutil.which("dot")
+        if path is None:
+            missing_program(DOT_MISSING, "GRAPHEXEC_REQUIRE_DOT")
+        return path
+
+    return find

@@ -5,18 +5,23 @@
   and with ``progress=True``/``False`` overriding the guess.
 * The HTML report is opened in headless Chromium: the rendered DOM must hold
   the lanes, one bar per attempt and the failure highlight, and the browser
-  must log no console error; a screenshot goes to ``tests/artifacts/``.
+  must log no console error; a screenshot goes to ``tests/artifacts/``. Its
+  page, style and script are package data, and the page inlines them.
 * ``visualize`` output is parsed as XML; a 10,000-node graph must collapse.
+  Drawing .svg/.png needs Graphviz's ``dot``: without it those tests skip
+  (``need_dot`` in conftest.py), or fail where ``GRAPHEXEC_REQUIRE_DOT`` is set.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib.resources
 import os
 import pickle
 import re
 import select
 import shutil
+import string
 import subprocess
 import sys
 import textwrap
@@ -28,6 +33,7 @@ import pytest
 
 import graphexec as gx
 from graphexec._surfaces.report import STATE_COLOURS, STATE_FILLS
+from graphexec._surfaces.report import html as report_html
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -320,11 +326,12 @@ def _svg_nodes(path: Path) -> dict[str, ET.Element]:
     return {g.find(f"{SVG}title").text: g for g in root.iter(f"{SVG}g") if g.get("class") == "node"}
 
 
-def test_visualize_colours_nodes_by_state(tmp_path):
+def test_visualize_colours_nodes_by_state(tmp_path, need_dot):
     graph = pipeline(tmp_path)
     before = graph.visualize(tmp_path / "before.dot")
     assert "not computed yet" in before.source
     run = graph.compute(workers=0, raise_on_failure=False)
+    need_dot()
     graph.visualize(tmp_path / "graph.svg")
     nodes = _svg_nodes(tmp_path / "graph.svg")
     assert len(nodes) == len(graph)  # small: one box per node
@@ -338,7 +345,8 @@ def test_visualize_colours_nodes_by_state(tmp_path):
     assert (tmp_path / "graph.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_visualize_collapses_a_10000_node_graph_by_task(tmp_path):
+def test_visualize_collapses_a_10000_node_graph_by_task(tmp_path, need_dot):
+    need_dot()  # before the 10,000-node run, which is only there to be drawn
     graph = gx.Graph("big")
     with graph:
         stored = [flaky(load(i % 10 + 10 * (i % 7 == 3)), str(tmp_path)) for i in range(5000)]
@@ -372,6 +380,46 @@ def test_visualize_dot_needs_no_program_and_says_what_to_install(tmp_path, monke
         graph.visualize(tmp_path / "graph.dot")
     with pytest.raises(ValueError, match=r"\.svg, \.png"):
         graph.visualize(tmp_path / "graph.jpeg")
+
+
+def test_need_dot_finds_dot_or_skips_or_fails_when_required(tmp_path, monkeypatch, need_dot):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("GRAPHEXEC_REQUIRE_DOT", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install graphviz"):
+        need_dot()
+    monkeypatch.setenv("GRAPHEXEC_REQUIRE_DOT", "1")
+    with pytest.raises(pytest.fail.Exception, match="GRAPHEXEC_REQUIRE_DOT is set"):
+        need_dot()
+    fake = tmp_path / "dot"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert need_dot() == str(fake)
+
+
+# -- HTML report -------------------------------------------------------------------
+
+
+def test_report_templates_are_package_data_inlined_in_the_page(tmp_path):
+    folder = importlib.resources.files("graphexec._surfaces.report") / "templates"
+    page, css, js = (
+        (folder / name).read_text(encoding="utf-8")
+        for name in ("report.html", "report.css", "report.js")
+    )
+    assert report_html.templates() == (page, css, js)
+    assert "--failed:" in css and "data-gx-rendered" in js and "{data}" in page
+    graph = pipeline(tmp_path)
+    run = graph.compute(workers=0, raise_on_failure=False)
+    text = run.to_html(tmp_path / "report.html").read_text(encoding="utf-8")
+    assert f"<style>\n{css}</style>" in text
+    assert f"<script>\n{js}</script>" in text
+    # every fixed piece of the page template is there, in order, and every field filled
+    at = 0
+    for literal, field, _, _ in string.Formatter().parse(page):
+        found = text.find(literal, at)
+        assert found >= 0, f"missing from the page: {literal[:60]!r}"
+        at = found + len(literal)
+        assert field is None or "{" + field + "}" not in text, field
+    assert 'id="gx-summary"' in text and text.count('class="gx-failure"') == len(run.failed)
 
 
 # -- HTML report in a real browser --------------------------------------------------
@@ -479,7 +527,7 @@ def test_html_report_renders_in_chromium(pool, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_batch_pipeline_example_writes_report_and_picture(tmp_path):
+def test_batch_pipeline_example_writes_report_and_picture(tmp_path, need_dot):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "batch_pipeline.py"), str(tmp_path / "out")],
         cwd=tmp_path,
@@ -495,5 +543,9 @@ def test_batch_pipeline_example_writes_report_and_picture(tmp_path):
     assert "catalogue: 45 frames, 3 lost" in out
     assert "retried and then stored: store-3, store-16, store-29, store-38" in out
     assert "%|" not in proc.stderr  # not a terminal: no bar
-    assert ET.parse(tmp_path / "out" / "graph.svg").getroot().tag == f"{SVG}svg"
     assert 'id="gx-summary"' in (tmp_path / "out" / "report.html").read_text()
+    if shutil.which("dot") is None:  # the example says so and goes on
+        assert "no picture: graph.visualize(" in out and "apt-get install graphviz" in out
+    need_dot()  # everything above holds without Graphviz's `dot`; the picture needs it
+    assert f"wrote {tmp_path / 'out' / 'graph.svg'}" in out
+    assert ET.parse(tmp_path / "out" / "graph.svg").getroot().tag == f"{SVG}svg"

@@ -31,7 +31,6 @@ FINAL = frozenset({COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED})
 CANONICAL = {
     n: n for n in (PENDING, RUNNING, RETRYING, COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED)
 }
-_CANONICAL = CANONICAL  # the report's old import; goes when the report is split
 
 _RELEASED = object()
 

@@ -1,0 +1,36 @@
+"""The state colours and words shared by the JSON counts, the HTML page and the picture."""
+
+from __future__ import annotations
+
+from ..._model.state import CACHED, CANCELLED, COMPLETED, FAILED, PENDING, SKIPPED
+
+STATE_ORDER = (COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED, PENDING)
+
+# One palette for the page and the picture: green done, blue cached, red failed,
+# grey skipped/cancelled, amber for failed attempts that were retried.
+STATE_COLOURS = {
+    COMPLETED: "#3f9b5f",
+    CACHED: "#4a7fc1",
+    FAILED: "#d64545",
+    SKIPPED: "#b8bec6",
+    CANCELLED: "#7c8591",
+    PENDING: "#ffffff",
+}
+RETRY_COLOUR = "#f0a030"
+# Light fills for graph nodes, so that black text stays readable.
+STATE_FILLS = {
+    COMPLETED: "#cdebd6",
+    CACHED: "#d3e3f6",
+    FAILED: "#f6c9c9",
+    SKIPPED: "#eceef1",
+    CANCELLED: "#dadde2",
+    PENDING: "#ffffff",
+}
+STATE_WORDS = {
+    COMPLETED: "ok",
+    CACHED: "cached",
+    FAILED: "failed",
+    SKIPPED: "skipped",
+    CANCELLED: "cancelled",
+    PENDING: "not run",
+}
