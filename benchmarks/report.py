@@ -150,44 +150,59 @@ def ratios_table(table: Table) -> list[str]:
     return lines
 
 
+W6_FORMS = {
+    "graphexec": "task calls in `with graph:`",
+    "graphexec-add": "`graph.add(fn, ...)` in `with graph:`",
+    "graphexec-add-bare": "`graph.add(fn, ...)`, no block",
+}
+
+
 def w6_lines(table: Table) -> list[str]:
     lines = [
-        "| nodes | graphexec build | per node | bytes per node | plain dict | dask.delayed |",
+        "| nodes | build | time | per node | vs plain dict | bytes per node |",
         "|---|---|---|---|---|---|",
     ]
-    for size in ("10k", "100k"):
+    for size in ("10k", "100k", "1M"):
         build = table.get(f"W6-build-{size}", {})
-        gx = build.get("graphexec")
-        if gx is None:
-            continue
         plain = median(table, f"W6-build-{size}", "plain-dict")
+        for tool, label in W6_FORMS.items():
+            gx = build.get(tool)
+            if gx is None:
+                continue
+            ratio = f"{gx['median'] / plain:.2f}" if plain else "-"
+            lines.append(
+                f"| {gx['nodes']:,} | {label} | {fmt(gx['median'])} |"
+                f" {gx['median'] / gx['nodes'] * 1e6:.2f} µs | {ratio} |"
+                f" {gx['bytes_per_node']:.0f} B |"
+            )
+        if plain is not None:
+            lines.append(f"| | plain dict of tuples | {fmt(plain)} | | 1.00 | |")
         delayed = median(table, f"W6-build-{size}", "dask.delayed")
-        lines.append(
-            f"| {gx['nodes']:,} | {fmt(gx['median'])} | {gx['median'] / gx['nodes'] * 1e6:.2f} µs"
-            f" | {gx['bytes_per_node']:.0f} B | {fmt(plain)} | {fmt(delayed)} |"
-        )
+        if delayed is not None:
+            lines.append(f"| | dask.delayed | {fmt(delayed)} | | | |")
     lines += [
         "",
-        "Cost per node, 10k vs 100k nodes (flat = linear):",
+        "Cost per node, 10k vs 100k (and 1M) nodes (flat = linear):",
         "",
-        "| | 10k | 100k | 100k / 10k |",
-        "|---|---|---|---|",
+        "| | 10k | 100k | 100k / 10k | 1M | 1M / 10k |",
+        "|---|---|---|---|---|---|",
     ]
-    rows = [("graphexec build", "W6-build", "graphexec")]
+    rows = [(f"build: {label}", "W6-build", tool) for tool, label in W6_FORMS.items()]
     rows += [
         (f"run: {ANCHORS.get(t, GX.get(t, t))}", "W6-run", t)
         for t in ("serial", "ppe", "loky", "graphexec-warm")
     ]
     for label, prefix, tool in rows:
         per = []
-        for size in ("10k", "100k"):
+        for size in ("10k", "100k", "1M"):
             entry = table.get(f"{prefix}-{size}", {}).get(tool)
             per.append(entry["median"] / entry["nodes"] * 1e6 if entry else None)
         if per[0] is None and per[1] is None:
             continue
         cells = [f"{p:.1f} µs" if p is not None else "-" for p in per]
-        ratio = f"{per[1] / per[0]:.2f}" if None not in per else "-"
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {ratio} |")
+        ratio = f"{per[1] / per[0]:.2f}" if None not in per[:2] else "-"
+        big = f"{per[2] / per[0]:.2f}" if per[2] is not None and per[0] is not None else "-"
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {ratio} | {cells[2]} | {big} |")
     return lines
 
 

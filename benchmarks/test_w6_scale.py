@@ -1,12 +1,16 @@
 """W6 scale: a layered graph, each node on 2 nodes of the layer before.
 
 100 nodes wide; 100 layers (10,000 nodes) and 1,000 layers (100,000 nodes),
-so that the two sizes show whether the cost per node stays flat.
+so that the two sizes show whether the cost per node stays flat; the build
+also at 10,000 layers (1,000,000 nodes).
 
-* ``W6-build``: building the graph with graphexec (task calls inside
-  ``with graph:``), bytes per node (tracemalloc, measured once outside the
-  timed rounds), against a plain dict of tuples and ``dask.delayed`` (10,000
-  nodes only: its build time grows with the square of the depth).
+* ``W6-build``: building the graph with graphexec, three ways (``task``:
+  decorated task calls inside ``with graph:``; ``add``: ``graph.add(fn, ...)``
+  of a plain function inside ``with graph:``; ``add-bare``: the same calls
+  without the block, so with the garbage collector running), bytes per node
+  (tracemalloc, measured once outside the timed rounds), against a plain dict
+  of tuples and ``dask.delayed`` (10,000 nodes only: its build time grows with
+  the square of the depth).
 * ``W6-run``: running the built graph (build not timed) on graphexec's warm
   pool, against serial calls and the executor driver. dask's schedulers are
   not run here: ``dask.delayed`` cannot build the 100,000-node graph in
@@ -25,6 +29,12 @@ pytestmark = pytest.mark.timeout(TIMEOUT)
 
 WIDTH = w.W6_WIDTH
 SIZES = {"10k": w.W6_SMALL_DEPTH, "100k": w.W6_DEPTH}
+BUILD_SIZES = {**SIZES, "1M": 10 * w.W6_DEPTH}
+BUILDERS = {
+    "task": w.layered_graph,
+    "add": functools.partial(w.layered_graph_add, inside_with=True),
+    "add-bare": functools.partial(w.layered_graph_add, inside_with=False),
+}
 
 
 def _check_graph(built, depth):
@@ -34,11 +44,11 @@ def _check_graph(built, depth):
 
 
 @functools.cache
-def _bytes_per_node(depth):
+def _bytes_per_node(form, depth):
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        graph, _last = w.layered_graph(WIDTH, depth)
+        graph, _last = BUILDERS[form](WIDTH, depth)
         after = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
@@ -46,16 +56,18 @@ def _bytes_per_node(depth):
 
 
 @pytest.mark.benchmark(group="W6-build")
-@pytest.mark.parametrize("size", SIZES)
-def test_w6_build_graphexec(benchmark, size):
-    depth = SIZES[size]
-    per_node = _bytes_per_node(depth)
+@pytest.mark.parametrize("size", BUILD_SIZES)
+@pytest.mark.parametrize("form", BUILDERS)
+def test_w6_build_graphexec(benchmark, size, form):
+    depth = BUILD_SIZES[size]
+    per_node = _bytes_per_node(form, depth)
+    build = BUILDERS[form]
     median = measure(
         benchmark,
-        lambda: w.layered_graph(WIDTH, depth),
+        lambda: build(WIDTH, depth),
         lambda built: _check_graph(built, depth),
         workload=f"W6-build-{size}",
-        tool="graphexec",
+        tool="graphexec" if form == "task" else f"graphexec-{form}",
         rounds=ROUNDS_HEAVY,
         nodes=WIDTH * depth,
         bytes_per_node=per_node,
@@ -65,9 +77,9 @@ def test_w6_build_graphexec(benchmark, size):
 
 
 @pytest.mark.benchmark(group="W6-build")
-@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("size", BUILD_SIZES)
 def test_w6_build_plain_dict(benchmark, size):
-    depth = SIZES[size]
+    depth = BUILD_SIZES[size]
 
     def check(graph):
         assert len(graph) == WIDTH * depth

@@ -505,6 +505,29 @@ def layered_graph(width: int = W6_WIDTH, depth: int = W6_DEPTH) -> tuple[gx.Grap
     return graph, layer
 
 
+def layered_graph_add(
+    width: int = W6_WIDTH, depth: int = W6_DEPTH, *, inside_with: bool = True
+) -> tuple[gx.Graph, list[gx.Node]]:
+    """W6 built with ``graph.add(plain_function, ...)``, no decorator.
+
+    ``inside_with``: the calls run inside ``with graph:`` (which pauses the
+    garbage collector while building), else as bare ``graph.add`` calls.
+    """
+    graph = gx.Graph("W6")
+
+    def build() -> list[gx.Node]:
+        add = graph.add
+        layer = [add(layer_root, j) for j in range(width)]
+        for _ in range(depth - 1):
+            layer = [add(layer_node, layer[j], layer[(j + 1) % width]) for j in range(width)]
+        return layer
+
+    if inside_with:
+        with graph:
+            return graph, build()
+    return graph, build()
+
+
 def layered_dict(width: int = W6_WIDTH, depth: int = W6_DEPTH) -> dict[str, Any]:
     """W6 as a plain dask-style dict of tuples: the floor for building any graph."""
     graph: dict[str, Any] = {}
