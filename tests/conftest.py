@@ -164,6 +164,7 @@ def scheduler(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+@pytest.hookimpl(tryfirst=True)  # before the `scheduler` fixture's own params apply
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if metafunc.definition.get_closest_marker("every_backend") is None:
         return
