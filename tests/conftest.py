@@ -235,7 +235,7 @@ class Limit(NamedTuple):
 _IN_PROCESS_CRASH = Limit(
     reason="the task runs inside this process: os._exit, a fatal signal or a segfault ends "
     "the whole program",
-    instead="the program dies with the task; the suite does not run these cases",
+    instead="the whole program dies with the task (the test suite skips these cases)",
     runnable=False,
 )
 _IN_PROCESS_MEMORY = Limit(
@@ -294,6 +294,10 @@ class Backend:
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def limits(self) -> dict[str, Limit]:
+        """Everything this backend cannot do, by the names of :data:`CANNOT`."""
+        return {what: limit for (name, what), limit in CANNOT.items() if name == self.name}
 
     def cannot(self, what: str) -> Limit | None:
         """The limit of this backend for ``what`` (see :data:`CANNOT`), or None if it can."""
