@@ -1,11 +1,12 @@
 """compute(cluster=distributed.Client(...)) (SPEC §8): same states and policies on dask.
 
 One ``LocalCluster(n_workers=2, threads_per_worker=1, processes=True)`` serves
-the whole module (it starts in about a second). Its worker processes are
-children of the test process and outlive each test on purpose, so this
-module replaces the suite's per-test leak check with one that lets them be
-(a process a test starts must still be gone after it), and checks at
-teardown that closing the cluster left nothing behind.
+the whole session (``dask_client`` in conftest.py; it starts in about a
+second, with the first test that needs it). Its worker processes are children
+of the test process and outlive each test on purpose: the suite's leak check
+lets them be (a process a test starts must still be gone after it), and
+checks that closing the cluster, after the last test that needs it, left
+nothing behind.
 
 Tasks here run on dask workers, which import this module by name; counters
 and markers live in files under ``tmp_path`` (the workers share the
@@ -22,9 +23,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Iterator
 
-import psutil
 import pytest
 
 import graphexec as gx
@@ -37,23 +36,13 @@ pytestmark = pytest.mark.timeout(60)
 LEAK_GRACE = 5.0  # seconds: a crashed worker's replacement may still be starting
 
 
-# -- the cluster, and the leak check that knows it ----------------------------------------
+# -- the cluster ---------------------------------------------------------------------------
 
 
-def _children() -> list[psutil.Process]:
-    alive = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            if proc.ppid() == os.getpid() and any(
-                helper in " ".join(proc.cmdline()) for helper in ("forkserver", "resource_tracker")
-            ):
-                continue  # multiprocessing's session-long helpers
-        except psutil.Error:
-            continue
-        alive.append(proc)
-    return alive
+@pytest.fixture
+def client(dask_client: distributed.Client) -> distributed.Client:
+    """The session's cluster (conftest.py), under the name these tests use."""
+    return dask_client
 
 
 def _cluster_pids(client) -> set[int]:
@@ -61,81 +50,6 @@ def _cluster_pids(client) -> set[int]:
         return set(client.run(os.getpid, wait=True).values())
     except Exception:
         return set()
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[distributed.Client]:
-    before = {p.pid for p in _children()}  # e.g. the suite's shared pool, started earlier
-    # dashboard_address=":0": no fixed port to collide with another cluster
-    cluster = distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",
-    )
-    client = distributed.Client(cluster)
-    try:
-        yield client
-    finally:
-        client.close()
-        cluster.close()
-        deadline = time.monotonic() + LEAK_GRACE
-        while True:
-            left = [p for p in _children() if p.pid not in before and _alive(p)]
-            if not left or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        report = "\n  ".join(_describe(p) for p in left)
-        for proc in left:
-            proc.kill()
-        assert not left, f"the cluster's processes survived it:\n  {report}"
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_processes(client) -> Iterator[None]:
-    """Replaces the suite's check for this module: a process the test started must be
-    gone after it, except the cluster's (its workers outlive tests, and a crashed one
-    is replaced)."""
-    before = {p.pid for p in _children()}
-    yield
-    deadline = time.monotonic() + LEAK_GRACE
-    while True:
-        cluster = _cluster_pids(client)
-        leaked = [
-            p
-            for p in _children()
-            if p.pid not in before
-            and p.pid not in cluster
-            and _alive(p)
-            and not any(q.pid in cluster for q in _parents(p))
-        ]
-        if not leaked or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert not leaked, "child processes survived the test:\n  " + "\n  ".join(
-        _describe(p) for p in leaked
-    )
-
-
-def _describe(proc: psutil.Process) -> str:
-    try:
-        return f"pid {proc.pid} (parent {proc.ppid()}): {' '.join(proc.cmdline())[:200]}"
-    except psutil.Error:
-        return f"pid {proc.pid} (gone)"
-
-
-def _parents(proc: psutil.Process) -> list[psutil.Process]:
-    try:
-        return proc.parents()
-    except psutil.Error:
-        return []
 
 
 def describe(value):
