@@ -44,8 +44,12 @@ workers within a second or so.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import itertools
 import multiprocessing
+import multiprocessing.context
+import multiprocessing.forkserver
 import multiprocessing.spawn
 import os
 import pickle
@@ -56,7 +60,11 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterator
+from multiprocessing import reduction, resource_tracker
+from multiprocessing import util as mp_util
 from multiprocessing.connection import wait as mp_wait
+from multiprocessing.context import set_spawning_popen
 from typing import Any
 
 from .._data import shm as _shm
@@ -93,8 +101,8 @@ _live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
 _pool_ids = itertools.count(1)
 
 
-def _preparation_without_main(original: Any) -> Any:
-    """Wrap ``multiprocessing.spawn.get_preparation_data`` for graphexec workers.
+def _preparation_data(name: str) -> dict[str, Any]:
+    """multiprocessing's preparation data for a graphexec worker, without ``__main__``.
 
     multiprocessing makes every spawned or forkserver child import the
     parent's main script again (as ``__mp_main__``) so that pickles naming
@@ -103,24 +111,158 @@ def _preparation_without_main(original: Any) -> Any:
     script's top-level code runs again in every worker, and a script without
     an ``if __name__ == "__main__":`` guard tries to start processes from a
     process that is still starting ("bootstrapping phase" errors, every node
-    a crash). Other processes keep multiprocessing's behaviour.
+    a crash). Only graphexec's own ``Popen`` classes below call this: other
+    processes of the program keep multiprocessing's behaviour untouched.
     """
-
-    def get_preparation_data(name: str) -> dict[str, Any]:
-        data = original(name)
-        if name.startswith("graphexec-worker-"):
-            data.pop("init_main_from_path", None)
-            data.pop("init_main_from_name", None)
-        return data
-
-    get_preparation_data._graphexec = True  # type: ignore[attr-defined]
-    return get_preparation_data
+    data = multiprocessing.spawn.get_preparation_data(name)
+    data.pop("init_main_from_path", None)
+    data.pop("init_main_from_name", None)
+    return data
 
 
-if not getattr(multiprocessing.spawn.get_preparation_data, "_graphexec", False):
-    multiprocessing.spawn.get_preparation_data = _preparation_without_main(
-        multiprocessing.spawn.get_preparation_data
-    )
+@contextlib.contextmanager
+def _default_start_method_kept() -> Iterator[None]:
+    """Leave the program's default start method unchosen if it was.
+
+    multiprocessing's launch helpers read the default start method, and
+    reading it fixes it for the whole program: after that, the user's own
+    ``multiprocessing.set_start_method(...)`` fails with "context has already
+    been set". Starting graphexec's workers must not choose for the user.
+    """
+    unchosen = multiprocessing.get_start_method(allow_none=True) is None
+    try:
+        yield
+    finally:
+        if unchosen:
+            multiprocessing.set_start_method(None, force=True)
+
+
+_server: tuple[int, multiprocessing.forkserver.ForkServer] | None = None  # (pid, server)
+_server_lock = threading.Lock()
+
+
+def _forkserver() -> multiprocessing.forkserver.ForkServer:
+    """graphexec's own forkserver, never Python's shared one.
+
+    Python has one forkserver per program, and its preload list is global:
+    preloading graphexec there would load graphexec into every child of the
+    user's own forkserver pools. Ours preloads what graphexec's workers need
+    (so each fork starts ready) and never ``__main__``, whose top-level code
+    must not run again. A process made by ``os.fork()`` gets its own server:
+    the parent's is not its child to talk to.
+    """
+    global _server
+    with _server_lock:
+        if _server is None or _server[0] != os.getpid():
+            _server = (os.getpid(), multiprocessing.forkserver.ForkServer())
+        server = _server[1]
+        preload = [_worker.__name__]
+        preload += [m for m in ("numpy", "cloudpickle", "psutil") if m in sys.modules]
+        # Read when the server starts (once, or again if it died).
+        server.set_forkserver_preload(preload)
+        return server
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+if sys.platform != "win32":
+    import multiprocessing.popen_forkserver
+    import multiprocessing.popen_spawn_posix
+
+    class _ForkServerPopen(multiprocessing.popen_forkserver.Popen):
+        """CPython's forkserver ``Popen`` (the same in 3.10 to 3.13), but its
+        ``_launch`` asks graphexec's forkserver, with :func:`_preparation_data`."""
+
+        _fds: list[int]
+
+        def _launch(self, process_obj: Any) -> None:
+            prep_data = _preparation_data(process_obj._name)
+            buf = io.BytesIO()
+            set_spawning_popen(self)
+            try:
+                reduction.dump(prep_data, buf)
+                reduction.dump(process_obj, buf)
+            finally:
+                set_spawning_popen(None)
+            self.sentinel, w = _forkserver().connect_to_new_process(self._fds)
+            # As CPython: a duplicate of the data pipe's write end is the child's
+            # sentinel of its parent.
+            parent_w = os.dup(w)
+            self.finalizer = mp_util.Finalize(self, _close_fds, (parent_w, self.sentinel))
+            with open(w, "wb", closefd=True) as f:
+                f.write(buf.getbuffer())
+            self.pid = multiprocessing.forkserver.read_signed(self.sentinel)
+
+    class _SpawnPopen(multiprocessing.popen_spawn_posix.Popen):
+        """CPython's posix spawn ``Popen`` (the same in 3.10 to 3.13), but its
+        ``_launch`` sends :func:`_preparation_data`."""
+
+        _fds: list[int]
+
+        def _launch(self, process_obj: Any) -> None:
+            tracker_fd = resource_tracker.getfd()
+            assert tracker_fd is not None  # getfd() starts the tracker if need be
+            self._fds.append(tracker_fd)
+            prep_data = _preparation_data(process_obj._name)
+            fp = io.BytesIO()
+            set_spawning_popen(self)
+            try:
+                reduction.dump(prep_data, fp)
+                reduction.dump(process_obj, fp)
+            finally:
+                set_spawning_popen(None)
+            parent_r = child_w = child_r = parent_w = None
+            try:
+                parent_r, child_w = os.pipe()
+                child_r, parent_w = os.pipe()
+                cmd = multiprocessing.spawn.get_command_line(
+                    tracker_fd=tracker_fd, pipe_handle=child_r
+                )
+                self._fds.extend([child_r, child_w])
+                exe: Any = multiprocessing.spawn.get_executable()  # str or bytes, by version
+                self.pid = mp_util.spawnv_passfds(exe, cmd, self._fds)
+                self.sentinel = parent_r
+                with open(parent_w, "wb", closefd=False) as f:
+                    f.write(fp.getbuffer())
+            finally:
+                self.finalizer = mp_util.Finalize(
+                    self, _close_fds, [fd for fd in (parent_r, parent_w) if fd is not None]
+                )
+                for fd in (child_r, child_w):
+                    if fd is not None:
+                        os.close(fd)
+
+    class _ForkServerProcess(multiprocessing.context.ForkServerProcess):
+        @staticmethod
+        def _Popen(process_obj: Any) -> Any:  # noqa: N802 (multiprocessing's name)
+            with _default_start_method_kept():
+                return _ForkServerPopen(process_obj)
+
+    class _SpawnProcess(multiprocessing.context.SpawnProcess):
+        @staticmethod
+        def _Popen(process_obj: Any) -> Any:  # noqa: N802 (multiprocessing's name)
+            with _default_start_method_kept():
+                return _SpawnPopen(process_obj)
+
+    class _ForkServerContext(multiprocessing.context.ForkServerContext):
+        """A context of graphexec's own: its processes come from :func:`_forkserver`."""
+
+        Process = _ForkServerProcess
+
+    class _SpawnContext(multiprocessing.context.SpawnContext):
+        """A context of graphexec's own: its processes never import ``__main__``."""
+
+        Process = _SpawnProcess
+
+    _CONTEXTS: dict[str, multiprocessing.context.BaseContext] = {
+        "forkserver": _ForkServerContext(),
+        "spawn": _SpawnContext(),
+    }
+else:  # graphexec runs on Linux (README); Windows keeps multiprocessing's own contexts
+    _CONTEXTS = {}
 
 
 def default_start_method() -> str:
@@ -176,13 +318,9 @@ class ProcessPool:
                 f"{', '.join(multiprocessing.get_all_start_methods())}"
             )
         self.start_method = method
-        self._ctx = multiprocessing.get_context(method)
-        if method == "forkserver":
-            # Preload what workers need so each fork starts ready; never
-            # __main__, whose top-level code must not run again.
-            preload = ["graphexec._worker"]
-            preload += [m for m in ("numpy", "cloudpickle", "psutil") if m in sys.modules]
-            self._ctx.set_forkserver_preload(preload)
+        # Never multiprocessing's own contexts: theirs would change what the
+        # program's other processes do (see _forkserver, _preparation_data).
+        self._ctx: Any = _CONTEXTS.get(method) or multiprocessing.get_context(method)
         self._workers: dict[int, _Worker] = {}
         self._idle: list[_Worker] = []
         self._waitables: dict[Any, _Worker] = {}
