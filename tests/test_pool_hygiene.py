@@ -1,5 +1,7 @@
-"""graphexec leaves the program's multiprocessing alone (#12).
+"""A warm pool stays bounded, and graphexec leaves the program's multiprocessing alone (#12).
 
+* Defect 6: the pool's function registry, and each worker's copy of it, is
+  an LRU: a lambda per compute through one warm pool does not add up.
 * Defect 9: graphexec starts its workers with a context, a forkserver and a
   preparation step of its own: no global patch, no change to Python's
   shared forkserver, no default start method chosen for the program.
@@ -13,13 +15,113 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 from typing import Any
 
+import psutil
 import pytest
 
 import graphexec as gx
 from graphexec._executors import process as _process
 from graphexec._executors import worker as _worker
+
+# -- defect 6: a bounded function registry ---------------------------------------------------
+
+BLOB = 8 * 1024  # bytes each function closes over: a worker keeping them all grows visibly
+
+
+def _closure(i: int) -> Callable[[int], int]:
+    """A new function object every call, sent by value (cloudpickle) with its blob."""
+    blob = bytes([i % 251]) * BLOB
+    return lambda x: x + len(blob) + i
+
+
+def _worker_registry(_: int) -> tuple[int, int]:
+    time.sleep(0.05)  # long enough for every worker to take one of these
+    return os.getpid(), len(_worker.functions)
+
+
+def _registries(pool: gx.Pool) -> dict[int, int]:
+    """pid -> size of that worker's function dict, for every worker of ``pool``."""
+    graph = gx.Graph()
+    nodes = [graph.add(_worker_registry, i) for i in range(4 * pool.workers)]
+    run = graph.compute(pool=pool)
+    return dict(run[n] for n in nodes)
+
+
+def _parent_registry(pool: gx.Pool) -> list[int]:
+    procs = pool._procs
+    return [len(procs._fn_ids), len(procs._fn_keep), len(procs._fn_blobs), len(procs._fn_short)]
+
+
+def _rss(pool: gx.Pool) -> dict[int, int]:
+    return {w.pid: psutil.Process(w.pid).memory_info().rss for w in pool._workers.values()}
+
+
+@pytest.mark.timeout(240)
+def test_ten_thousand_distinct_functions_leave_a_warm_pool_flat() -> None:
+    kept = _process.FUNCTIONS_KEPT
+    with gx.Pool(workers=2) as pool:
+        rss_before: dict[int, int] = {}
+        for batch in range(100):
+            graph = gx.Graph()
+            ks = range(batch * 100, batch * 100 + 100)
+            nodes = [graph.add(_closure(k), 1) for k in ks]
+            run = graph.compute(pool=pool)
+            # Right values: no function id ever named another function.
+            assert [run[n] for n in nodes] == [1 + BLOB + k for k in ks]
+            if batch == 9:  # warm: imports done, arenas grown, the LRU full
+                _registries(pool)
+                rss_before = _rss(pool)
+        sizes = _registries(pool)
+        rss_after = _rss(pool)
+        assert max(_parent_registry(pool)) <= kept + 1, _parent_registry(pool)
+        assert len(sizes) == 2 and max(sizes.values()) <= kept + 1, sizes
+        assert rss_after.keys() == rss_before.keys()  # the same two workers all along
+        for pid, rss in rss_after.items():
+            # Unbounded, each worker would keep ~4,500 more functions of 8 KiB: +36 MiB.
+            assert rss - rss_before[pid] < 12 * 2**20, (rss_before, rss_after)
+
+
+def _step(name: str, k: int) -> Callable[[Any], Any]:
+    def fn(x: Any) -> Any:
+        return [*x, (name, k)] if isinstance(x, list) else [(name, k)]
+
+    return fn
+
+
+def _tiny(k: int) -> int:
+    return k
+
+
+@pytest.mark.timeout(120)
+def test_eviction_never_drops_a_function_with_calls_queued_or_chained(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A tiny cap: every submit evicts, while chains (distinct functions queued
+    # behind a running call), prefetch (tiny calls queued on busy workers) and
+    # refused submits (their message already names a function id) are in flight.
+    monkeypatch.setattr(_process, "FUNCTIONS_KEPT", 4)
+    with gx.Pool(workers=2) as pool:
+        for rnd in range(6):
+            graph = gx.Graph()
+            chains = []
+            for c in range(6):
+                node = graph.add(_step("a", c), None)
+                for s in range(1, 6):  # a -> b -> ... each node the sole consumer
+                    node = graph.add(_step(f"s{s}", rnd * 100 + c), node)
+                chains.append(node)
+            tiny = [graph.add(_tiny, k) for k in range(200)]  # one function, prefetched
+            again = [graph.add(_closure(k % 3), k) for k in range(30)]  # re-sent after eviction
+            run = graph.compute(pool=pool)
+            for c, node in enumerate(chains):
+                assert run[node] == [("a", c)] + [(f"s{s}", rnd * 100 + c) for s in range(1, 6)]
+            assert [run[n] for n in tiny] == list(range(200))
+            assert [run[n] for n in again] == [k + BLOB + k % 3 for k in range(30)]
+        assert max(_parent_registry(pool)) <= 4 + 8, _parent_registry(pool)
+        assert max(_registries(pool).values()) <= 4 + 8
+
 
 # -- defect 9: graphexec's start-up machinery is its own ---------------------------------------
 

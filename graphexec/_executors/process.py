@@ -59,7 +59,7 @@ import sys
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from multiprocessing import reduction, resource_tracker
 from multiprocessing import util as mp_util
@@ -93,6 +93,7 @@ PREFETCH_MAX_BYTES = 16 * 1024  # a queued message must fit in the pipe buffer
 PREFETCH_DEPTH = 8  # calls a worker may hold when its function's calls are tiny
 CHAIN_MAX_BYTES = 64 * 1024  # messages a chain may queue behind its head (pipe buffer: ~200 KB)
 FN_MESSAGE_OVERHEAD = 512  # bytes of an ("fn", ...) message besides the function's pickle
+FUNCTIONS_KEPT = 256  # functions a pool keeps (and its workers): least recently used go
 MEMORY_SAMPLE_INTERVAL = 0.05
 STOP_TIMEOUT = 1.0
 LOAD_ALLOWANCE = 60.0  # seconds a worker may take to start and load a function, past timeout=
@@ -277,6 +278,7 @@ def default_start_method() -> str:
 class _Worker:
     __slots__ = (
         "conn",
+        "forget",
         "functions",
         "head_started",
         "id",
@@ -295,6 +297,7 @@ class _Worker:
         self.pid = process.pid
         self.inflight: deque[Call] = deque()  # sent, not answered; head is running
         self.functions: set[int] = set()
+        self.forget: list[int] = []  # evicted functions it still has: dropped at the next load
         self.head_started = 0.0
         self.loading: set[int] = set()  # functions sent, not yet acknowledged as loaded
         self.kill: tuple[Call, BaseException] | None = None  # why we killed it, for whom
@@ -325,10 +328,17 @@ class ProcessPool:
         self._idle: list[_Worker] = []
         self._waitables: dict[Any, _Worker] = {}
         self._next_id = 0
+        # The function registry, an LRU of at most about FUNCTIONS_KEPT (see
+        # _evict_functions). Ids come from a counter, never reused: a worker may
+        # still hold an evicted id until it is told to forget it.
         self._fn_ids: dict[int, int] = {}  # id(fn) -> fn id; _fn_keep holds the fn alive
-        self._fn_keep: dict[int, Any] = {}
+        self._fn_keep: OrderedDict[int, Any] = OrderedDict()  # fn id -> fn, oldest use first
         self._fn_blobs: dict[int, bytes | BaseException] = {}
         self._fn_short: dict[int, bool] = {}  # fn id -> its calls are tiny (prefetch)
+        self._fn_counter = itertools.count()
+        # Calls refused by submit() keep their message, which names its function's
+        # id: id(call) -> fn id, so that function stays until the call comes back.
+        self._refused: dict[int, int] = {}
         self._outbox: list[tuple[Call, int, Any]] = []
         self._memory_limit: int | None = None
         self._next_sample = 0.0
@@ -380,8 +390,10 @@ class ProcessPool:
                 w.process.join(STOP_TIMEOUT)
             _kill_group(w.pid)  # processes a task started and left running
             self._forget(w)
+        self._fn_ids.clear()
         self._fn_keep.clear()
         self._fn_blobs.clear()
+        self._fn_short.clear()
         self._wake_r.close()
         self._wake_w.close()
         self._guard.close()
@@ -417,6 +429,7 @@ class ProcessPool:
         _shm.sweep(self._shm_prefix)
         self._memory_limit = None
         self._outbox = []
+        self._refused.clear()  # the run's calls are done with: none comes back
         self._owner_lock.release()
 
     # -- workers --------------------------------------------------------------
@@ -467,6 +480,12 @@ class ProcessPool:
     # -- executor protocol ----------------------------------------------------
 
     def submit(self, call: Call) -> bool:
+        if len(self._fn_keep) > FUNCTIONS_KEPT:
+            # Before this call's functions are looked up: evicting one of them
+            # half-way through building its chain would leave a dangling id.
+            self._evict_functions()
+        if self._refused:
+            self._refused.pop(id(call), None)
         fn_id = self._function_id(call.fn)
         message = None
         if call.wire is None:
@@ -482,6 +501,7 @@ class ProcessPool:
         if worker is None and len(self._workers) >= self.workers:
             worker = self._prefetch_target(call, fn_id)
             if worker is None:
+                self._refused[id(call)] = fn_id
                 return False
             call.then = None  # a chain starts only on a free worker
             # A failed send means the worker died running the call ahead of this
@@ -539,6 +559,9 @@ class ProcessPool:
             wire = _wire(nxt_message, hold=True)
             cost = len(wire)
             if nxt_fn not in functions:
+                # (The first function message of a delivery also carries the
+                # worker's forget list: ids of at most the registry's size, a
+                # few kB, well inside the slack left below the pipe's buffer.)
                 cost += len(self._fn_blobs[nxt_fn]) + FN_MESSAGE_OVERHEAD
             if cost > budget:
                 break
@@ -564,8 +587,11 @@ class ProcessPool:
             for call, fn_id in calls:
                 if fn_id not in worker.functions:
                     origin = getattr(getattr(call.fn, "__code__", None), "co_filename", None)
+                    # Functions evicted here since its last load go with the next
+                    # one: a worker's dict only grows by loads, so it stays bounded.
+                    forget, worker.forget = worker.forget, []
                     worker.conn.send_bytes(
-                        pickle.dumps(("fn", fn_id, self._fn_blobs[fn_id], origin))
+                        pickle.dumps(("fn", fn_id, self._fn_blobs[fn_id], origin, forget))
                     )
                     sent += 1
                     worker.functions.add(fn_id)
@@ -628,14 +654,49 @@ class ProcessPool:
     def _function_id(self, fn: Any) -> int:
         key = id(fn)
         fn_id = self._fn_ids.get(key)
-        if fn_id is None:
-            fn_id = self._fn_ids[key] = len(self._fn_ids)
-            self._fn_keep[fn_id] = fn  # keeps id(fn) from being reused while we map it
-            try:
-                self._fn_blobs[fn_id] = dumps(fn)
-            except Exception as exc:
-                self._fn_blobs[fn_id] = exc
+        if fn_id is not None:
+            self._fn_keep.move_to_end(fn_id)
+            return fn_id
+        fn_id = self._fn_ids[key] = next(self._fn_counter)
+        self._fn_keep[fn_id] = fn  # keeps id(fn) from being reused while we map it
+        try:
+            self._fn_blobs[fn_id] = dumps(fn)
+        except Exception as exc:
+            self._fn_blobs[fn_id] = exc
         return fn_id
+
+    def _evict_functions(self) -> None:
+        """Forget the least recently used functions, down to 3/4 of ``FUNCTIONS_KEPT``.
+
+        A warm pool that gets a new lambda or ``functools.partial`` every
+        compute would otherwise keep them all, here and in every worker. Never
+        a function whose id a message still names: one queued or running on a
+        worker (``inflight``: prefetched and chained calls too) or one
+        ``submit`` refused, which comes back with its message. Evicting well
+        below the cap batches the work and the workers' forget lists.
+        """
+        excess = len(self._fn_keep) - (FUNCTIONS_KEPT - FUNCTIONS_KEPT // 4)
+        if excess <= 0:
+            return
+        busy: set[int | None] = set(self._refused.values())
+        for w in self._workers.values():
+            for call in w.inflight:
+                busy.add(self._fn_ids.get(id(call.fn)))
+        victims = []
+        for fn_id in self._fn_keep:  # oldest use first
+            if fn_id not in busy:
+                victims.append(fn_id)
+                if len(victims) == excess:
+                    break
+        for fn_id in victims:
+            del self._fn_ids[id(self._fn_keep.pop(fn_id))]
+            del self._fn_blobs[fn_id]
+            self._fn_short.pop(fn_id, None)
+            for w in self._workers.values():
+                if fn_id in w.functions:
+                    w.functions.discard(fn_id)
+                    w.loading.discard(fn_id)
+                    w.forget.append(fn_id)
 
     def _message(self, call: Call, fn_id: int, prev: Call | None = None) -> tuple:
         """The ``run`` message of ``call`` but its last field (``_wire`` adds it).
