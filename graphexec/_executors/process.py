@@ -32,13 +32,15 @@ time goes per task, measured: ``docs/dispatch.md``.
 
 Workers are started lazily (never more than there is work for), with the
 ``forkserver`` start method on Linux (``spawn`` elsewhere): never a plain
-fork of a parent that may run threads. They are not daemonic, so tasks may
-start their own processes. Shutdown asks politely, then kills, and always
-joins; an ``atexit`` hook closes pools the program forgot. Each worker leads
-a process group, killed with it, so no subprocess a task started outlives
-it. If this process dies without closing the pool (SIGKILL, a hard crash),
-each worker's watchdog and the pool's guard process (``_Guard``) end the
-workers within a second or so.
+fork of a parent that may run threads. The forkserver and the contexts are
+graphexec's own (``_forkserver``, ``_CONTEXTS``): the program's own process
+pools start exactly as they would without graphexec. Workers are not
+daemonic, so tasks may start their own processes. Shutdown asks politely,
+then kills, and always joins; an ``atexit`` hook closes pools the program
+forgot. Each worker leads a process group, killed with it, so no subprocess
+a task started outlives it. If this process dies without closing the pool
+(SIGKILL, a hard crash), each worker's watchdog and the pool's guard process
+(``_Guard``) end the workers within a second or so.
 """
 
 from __future__ import annotations
