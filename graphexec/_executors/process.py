@@ -32,20 +32,26 @@ time goes per task, measured: ``docs/dispatch.md``.
 
 Workers are started lazily (never more than there is work for), with the
 ``forkserver`` start method on Linux (``spawn`` elsewhere): never a plain
-fork of a parent that may run threads. They are not daemonic, so tasks may
-start their own processes. Shutdown asks politely, then kills, and always
-joins; an ``atexit`` hook closes pools the program forgot. Each worker leads
-a process group, killed with it, so no subprocess a task started outlives
-it. If this process dies without closing the pool (SIGKILL, a hard crash),
-each worker's watchdog and the pool's guard process (``_Guard``) end the
-workers within a second or so.
+fork of a parent that may run threads. The forkserver and the contexts are
+graphexec's own (``_forkserver``, ``_CONTEXTS``): the program's own process
+pools start exactly as they would without graphexec. Workers are not
+daemonic, so tasks may start their own processes. Shutdown asks politely,
+then kills, and always joins; an ``atexit`` hook closes pools the program
+forgot. Each worker leads a process group, killed with it, so no subprocess
+a task started outlives it. If this process dies without closing the pool
+(SIGKILL, a hard crash), each worker's watchdog and the pool's guard process
+(``_Guard``) end the workers within a second or so.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import itertools
 import multiprocessing
+import multiprocessing.context
+import multiprocessing.forkserver
 import multiprocessing.spawn
 import os
 import pickle
@@ -55,8 +61,12 @@ import sys
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from multiprocessing import reduction, resource_tracker
+from multiprocessing import util as mp_util
 from multiprocessing.connection import wait as mp_wait
+from multiprocessing.context import set_spawning_popen
 from typing import Any
 
 from .._data import shm as _shm
@@ -85,6 +95,7 @@ PREFETCH_MAX_BYTES = 16 * 1024  # a queued message must fit in the pipe buffer
 PREFETCH_DEPTH = 8  # calls a worker may hold when its function's calls are tiny
 CHAIN_MAX_BYTES = 64 * 1024  # messages a chain may queue behind its head (pipe buffer: ~200 KB)
 FN_MESSAGE_OVERHEAD = 512  # bytes of an ("fn", ...) message besides the function's pickle
+FUNCTIONS_KEPT = 256  # functions a pool keeps (and its workers): least recently used go
 MEMORY_SAMPLE_INTERVAL = 0.05
 STOP_TIMEOUT = 1.0
 LOAD_ALLOWANCE = 60.0  # seconds a worker may take to start and load a function, past timeout=
@@ -93,8 +104,8 @@ _live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
 _pool_ids = itertools.count(1)
 
 
-def _preparation_without_main(original: Any) -> Any:
-    """Wrap ``multiprocessing.spawn.get_preparation_data`` for graphexec workers.
+def _preparation_data(name: str) -> dict[str, Any]:
+    """multiprocessing's preparation data for a graphexec worker, without ``__main__``.
 
     multiprocessing makes every spawned or forkserver child import the
     parent's main script again (as ``__mp_main__``) so that pickles naming
@@ -103,24 +114,158 @@ def _preparation_without_main(original: Any) -> Any:
     script's top-level code runs again in every worker, and a script without
     an ``if __name__ == "__main__":`` guard tries to start processes from a
     process that is still starting ("bootstrapping phase" errors, every node
-    a crash). Other processes keep multiprocessing's behaviour.
+    a crash). Only graphexec's own ``Popen`` classes below call this: other
+    processes of the program keep multiprocessing's behaviour untouched.
     """
-
-    def get_preparation_data(name: str) -> dict[str, Any]:
-        data = original(name)
-        if name.startswith("graphexec-worker-"):
-            data.pop("init_main_from_path", None)
-            data.pop("init_main_from_name", None)
-        return data
-
-    get_preparation_data._graphexec = True  # type: ignore[attr-defined]
-    return get_preparation_data
+    data = multiprocessing.spawn.get_preparation_data(name)
+    data.pop("init_main_from_path", None)
+    data.pop("init_main_from_name", None)
+    return data
 
 
-if not getattr(multiprocessing.spawn.get_preparation_data, "_graphexec", False):
-    multiprocessing.spawn.get_preparation_data = _preparation_without_main(
-        multiprocessing.spawn.get_preparation_data
-    )
+@contextlib.contextmanager
+def _default_start_method_kept() -> Iterator[None]:
+    """Leave the program's default start method unchosen if it was.
+
+    multiprocessing's launch helpers read the default start method, and
+    reading it fixes it for the whole program: after that, the user's own
+    ``multiprocessing.set_start_method(...)`` fails with "context has already
+    been set". Starting graphexec's workers must not choose for the user.
+    """
+    unchosen = multiprocessing.get_start_method(allow_none=True) is None
+    try:
+        yield
+    finally:
+        if unchosen:
+            multiprocessing.set_start_method(None, force=True)
+
+
+_server: tuple[int, multiprocessing.forkserver.ForkServer] | None = None  # (pid, server)
+_server_lock = threading.Lock()
+
+
+def _forkserver() -> multiprocessing.forkserver.ForkServer:
+    """graphexec's own forkserver, never Python's shared one.
+
+    Python has one forkserver per program, and its preload list is global:
+    preloading graphexec there would load graphexec into every child of the
+    user's own forkserver pools. Ours preloads what graphexec's workers need
+    (so each fork starts ready) and never ``__main__``, whose top-level code
+    must not run again. A process made by ``os.fork()`` gets its own server:
+    the parent's is not its child to talk to.
+    """
+    global _server
+    with _server_lock:
+        if _server is None or _server[0] != os.getpid():
+            _server = (os.getpid(), multiprocessing.forkserver.ForkServer())
+        server = _server[1]
+        preload = [_worker.__name__]
+        preload += [m for m in ("numpy", "cloudpickle", "psutil") if m in sys.modules]
+        # Read when the server starts (once, or again if it died).
+        server.set_forkserver_preload(preload)
+        return server
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+if sys.platform != "win32":
+    import multiprocessing.popen_forkserver
+    import multiprocessing.popen_spawn_posix
+
+    class _ForkServerPopen(multiprocessing.popen_forkserver.Popen):
+        """CPython's forkserver ``Popen`` (the same in 3.10 to 3.13), but its
+        ``_launch`` asks graphexec's forkserver, with :func:`_preparation_data`."""
+
+        _fds: list[int]
+
+        def _launch(self, process_obj: Any) -> None:
+            prep_data = _preparation_data(process_obj._name)
+            buf = io.BytesIO()
+            set_spawning_popen(self)
+            try:
+                reduction.dump(prep_data, buf)
+                reduction.dump(process_obj, buf)
+            finally:
+                set_spawning_popen(None)
+            self.sentinel, w = _forkserver().connect_to_new_process(self._fds)
+            # As CPython: a duplicate of the data pipe's write end is the child's
+            # sentinel of its parent.
+            parent_w = os.dup(w)
+            self.finalizer = mp_util.Finalize(self, _close_fds, (parent_w, self.sentinel))
+            with open(w, "wb", closefd=True) as f:
+                f.write(buf.getbuffer())
+            self.pid = multiprocessing.forkserver.read_signed(self.sentinel)
+
+    class _SpawnPopen(multiprocessing.popen_spawn_posix.Popen):
+        """CPython's posix spawn ``Popen`` (the same in 3.10 to 3.13), but its
+        ``_launch`` sends :func:`_preparation_data`."""
+
+        _fds: list[int]
+
+        def _launch(self, process_obj: Any) -> None:
+            tracker_fd = resource_tracker.getfd()
+            assert tracker_fd is not None  # getfd() starts the tracker if need be
+            self._fds.append(tracker_fd)
+            prep_data = _preparation_data(process_obj._name)
+            fp = io.BytesIO()
+            set_spawning_popen(self)
+            try:
+                reduction.dump(prep_data, fp)
+                reduction.dump(process_obj, fp)
+            finally:
+                set_spawning_popen(None)
+            parent_r = child_w = child_r = parent_w = None
+            try:
+                parent_r, child_w = os.pipe()
+                child_r, parent_w = os.pipe()
+                cmd = multiprocessing.spawn.get_command_line(
+                    tracker_fd=tracker_fd, pipe_handle=child_r
+                )
+                self._fds.extend([child_r, child_w])
+                exe: Any = multiprocessing.spawn.get_executable()  # str or bytes, by version
+                self.pid = mp_util.spawnv_passfds(exe, cmd, self._fds)
+                self.sentinel = parent_r
+                with open(parent_w, "wb", closefd=False) as f:
+                    f.write(fp.getbuffer())
+            finally:
+                self.finalizer = mp_util.Finalize(
+                    self, _close_fds, [fd for fd in (parent_r, parent_w) if fd is not None]
+                )
+                for fd in (child_r, child_w):
+                    if fd is not None:
+                        os.close(fd)
+
+    class _ForkServerProcess(multiprocessing.context.ForkServerProcess):
+        @staticmethod
+        def _Popen(process_obj: Any) -> Any:  # noqa: N802 (multiprocessing's name)
+            with _default_start_method_kept():
+                return _ForkServerPopen(process_obj)
+
+    class _SpawnProcess(multiprocessing.context.SpawnProcess):
+        @staticmethod
+        def _Popen(process_obj: Any) -> Any:  # noqa: N802 (multiprocessing's name)
+            with _default_start_method_kept():
+                return _SpawnPopen(process_obj)
+
+    class _ForkServerContext(multiprocessing.context.ForkServerContext):
+        """A context of graphexec's own: its processes come from :func:`_forkserver`."""
+
+        Process = _ForkServerProcess
+
+    class _SpawnContext(multiprocessing.context.SpawnContext):
+        """A context of graphexec's own: its processes never import ``__main__``."""
+
+        Process = _SpawnProcess
+
+    _CONTEXTS: dict[str, multiprocessing.context.BaseContext] = {
+        "forkserver": _ForkServerContext(),
+        "spawn": _SpawnContext(),
+    }
+else:  # graphexec runs on Linux (README); Windows keeps multiprocessing's own contexts
+    _CONTEXTS = {}
 
 
 def default_start_method() -> str:
@@ -135,6 +280,7 @@ def default_start_method() -> str:
 class _Worker:
     __slots__ = (
         "conn",
+        "forget",
         "functions",
         "head_started",
         "id",
@@ -153,6 +299,7 @@ class _Worker:
         self.pid = process.pid
         self.inflight: deque[Call] = deque()  # sent, not answered; head is running
         self.functions: set[int] = set()
+        self.forget: list[int] = []  # evicted functions it still has: dropped at the next load
         self.head_started = 0.0
         self.loading: set[int] = set()  # functions sent, not yet acknowledged as loaded
         self.kill: tuple[Call, BaseException] | None = None  # why we killed it, for whom
@@ -176,21 +323,24 @@ class ProcessPool:
                 f"{', '.join(multiprocessing.get_all_start_methods())}"
             )
         self.start_method = method
-        self._ctx = multiprocessing.get_context(method)
-        if method == "forkserver":
-            # Preload what workers need so each fork starts ready; never
-            # __main__, whose top-level code must not run again.
-            preload = ["graphexec._worker"]
-            preload += [m for m in ("numpy", "cloudpickle", "psutil") if m in sys.modules]
-            self._ctx.set_forkserver_preload(preload)
+        # Never multiprocessing's own contexts: theirs would change what the
+        # program's other processes do (see _forkserver, _preparation_data).
+        self._ctx: Any = _CONTEXTS.get(method) or multiprocessing.get_context(method)
         self._workers: dict[int, _Worker] = {}
         self._idle: list[_Worker] = []
         self._waitables: dict[Any, _Worker] = {}
         self._next_id = 0
+        # The function registry, an LRU of at most about FUNCTIONS_KEPT (see
+        # _evict_functions). Ids come from a counter, never reused: a worker may
+        # still hold an evicted id until it is told to forget it.
         self._fn_ids: dict[int, int] = {}  # id(fn) -> fn id; _fn_keep holds the fn alive
-        self._fn_keep: dict[int, Any] = {}
+        self._fn_keep: OrderedDict[int, Any] = OrderedDict()  # fn id -> fn, oldest use first
         self._fn_blobs: dict[int, bytes | BaseException] = {}
         self._fn_short: dict[int, bool] = {}  # fn id -> its calls are tiny (prefetch)
+        self._fn_counter = itertools.count()
+        # Calls refused by submit() keep their message, which names its function's
+        # id: id(call) -> fn id, so that function stays until the call comes back.
+        self._refused: dict[int, int] = {}
         self._outbox: list[tuple[Call, int, Any]] = []
         self._memory_limit: int | None = None
         self._next_sample = 0.0
@@ -242,8 +392,10 @@ class ProcessPool:
                 w.process.join(STOP_TIMEOUT)
             _kill_group(w.pid)  # processes a task started and left running
             self._forget(w)
+        self._fn_ids.clear()
         self._fn_keep.clear()
         self._fn_blobs.clear()
+        self._fn_short.clear()
         self._wake_r.close()
         self._wake_w.close()
         self._guard.close()
@@ -279,6 +431,7 @@ class ProcessPool:
         _shm.sweep(self._shm_prefix)
         self._memory_limit = None
         self._outbox = []
+        self._refused.clear()  # the run's calls are done with: none comes back
         self._owner_lock.release()
 
     # -- workers --------------------------------------------------------------
@@ -329,6 +482,12 @@ class ProcessPool:
     # -- executor protocol ----------------------------------------------------
 
     def submit(self, call: Call) -> bool:
+        if len(self._fn_keep) > FUNCTIONS_KEPT:
+            # Before this call's functions are looked up: evicting one of them
+            # half-way through building its chain would leave a dangling id.
+            self._evict_functions()
+        if self._refused:
+            self._refused.pop(id(call), None)
         fn_id = self._function_id(call.fn)
         message = None
         if call.wire is None:
@@ -344,6 +503,7 @@ class ProcessPool:
         if worker is None and len(self._workers) >= self.workers:
             worker = self._prefetch_target(call, fn_id)
             if worker is None:
+                self._refused[id(call)] = fn_id
                 return False
             call.then = None  # a chain starts only on a free worker
             # A failed send means the worker died running the call ahead of this
@@ -401,6 +561,9 @@ class ProcessPool:
             wire = _wire(nxt_message, hold=True)
             cost = len(wire)
             if nxt_fn not in functions:
+                # (The first function message of a delivery also carries the
+                # worker's forget list: ids of at most the registry's size, a
+                # few kB, well inside the slack left below the pipe's buffer.)
                 cost += len(self._fn_blobs[nxt_fn]) + FN_MESSAGE_OVERHEAD
             if cost > budget:
                 break
@@ -426,8 +589,11 @@ class ProcessPool:
             for call, fn_id in calls:
                 if fn_id not in worker.functions:
                     origin = getattr(getattr(call.fn, "__code__", None), "co_filename", None)
+                    # Functions evicted here since its last load go with the next
+                    # one: a worker's dict only grows by loads, so it stays bounded.
+                    forget, worker.forget = worker.forget, []
                     worker.conn.send_bytes(
-                        pickle.dumps(("fn", fn_id, self._fn_blobs[fn_id], origin))
+                        pickle.dumps(("fn", fn_id, self._fn_blobs[fn_id], origin, forget))
                     )
                     sent += 1
                     worker.functions.add(fn_id)
@@ -490,14 +656,49 @@ class ProcessPool:
     def _function_id(self, fn: Any) -> int:
         key = id(fn)
         fn_id = self._fn_ids.get(key)
-        if fn_id is None:
-            fn_id = self._fn_ids[key] = len(self._fn_ids)
-            self._fn_keep[fn_id] = fn  # keeps id(fn) from being reused while we map it
-            try:
-                self._fn_blobs[fn_id] = dumps(fn)
-            except Exception as exc:
-                self._fn_blobs[fn_id] = exc
+        if fn_id is not None:
+            self._fn_keep.move_to_end(fn_id)
+            return fn_id
+        fn_id = self._fn_ids[key] = next(self._fn_counter)
+        self._fn_keep[fn_id] = fn  # keeps id(fn) from being reused while we map it
+        try:
+            self._fn_blobs[fn_id] = dumps(fn)
+        except Exception as exc:
+            self._fn_blobs[fn_id] = exc
         return fn_id
+
+    def _evict_functions(self) -> None:
+        """Forget the least recently used functions, down to 3/4 of ``FUNCTIONS_KEPT``.
+
+        A warm pool that gets a new lambda or ``functools.partial`` every
+        compute would otherwise keep them all, here and in every worker. Never
+        a function whose id a message still names: one queued or running on a
+        worker (``inflight``: prefetched and chained calls too) or one
+        ``submit`` refused, which comes back with its message. Evicting well
+        below the cap batches the work and the workers' forget lists.
+        """
+        excess = len(self._fn_keep) - (FUNCTIONS_KEPT - FUNCTIONS_KEPT // 4)
+        if excess <= 0:
+            return
+        busy: set[int | None] = set(self._refused.values())
+        for w in self._workers.values():
+            for call in w.inflight:
+                busy.add(self._fn_ids.get(id(call.fn)))
+        victims = []
+        for fn_id in self._fn_keep:  # oldest use first
+            if fn_id not in busy:
+                victims.append(fn_id)
+                if len(victims) == excess:
+                    break
+        for fn_id in victims:
+            del self._fn_ids[id(self._fn_keep.pop(fn_id))]
+            del self._fn_blobs[fn_id]
+            self._fn_short.pop(fn_id, None)
+            for w in self._workers.values():
+                if fn_id in w.functions:
+                    w.functions.discard(fn_id)
+                    w.loading.discard(fn_id)
+                    w.forget.append(fn_id)
 
     def _message(self, call: Call, fn_id: int, prev: Call | None = None) -> tuple:
         """The ``run`` message of ``call`` but its last field (``_wire`` adds it).

@@ -2,7 +2,7 @@
 
 Messages (pickled tuples, one ``send_bytes`` each)::
 
-    parent -> worker   ("fn", fn_id, fn_blob, origin)  once per function and worker
+    parent -> worker   ("fn", fn_id, fn_blob, origin, forget)  once per function and worker
                        ("run", token, fn_id, node_name, args_blob, deps, cache, hold)
                        ("stop",)
     worker -> parent   ("loaded", fn_id)             the function is ready
@@ -11,6 +11,11 @@ Messages (pickled tuples, one ``send_bytes`` each)::
                        ("skip", token)                    its held input is not here
                        ("err", token, stage, exc_blob, traceback_text, started, finished,
                         (type_name, message))
+
+``forget`` lists the ids of functions the parent evicted from its registry
+(an LRU, see ``ProcessPool._evict_functions``) since this worker's last
+``fn``: dropped before the new one loads, so this worker keeps no more
+functions than the parent does. Ids are never reused.
 
 ``deps`` is a list of ``(node_index, pickled_value)``, or ``(node_index,
 None, token)`` for the value the call ``token`` kept here (``hold``: a chain,
@@ -64,6 +69,10 @@ _worker_pid = 0  # this worker's pid: a process with another one is a child a ta
 PARTIAL_LINE_MAX = 1024  # characters: an unfinished line longer than this is written out
 ATOMIC_WRITE = 4096  # bytes: PIPE_BUF, the largest write a pipe never interleaves
 
+# This process's functions, by the parent's id (a module global so that a task,
+# or a test, can see how many this worker holds).
+functions: dict[int, Any] = {}
+
 
 def main(
     conn: Any,
@@ -101,7 +110,7 @@ def main(
         daemon=True,
         name="graphexec-watchdog",
     ).start()
-    functions: dict[int, Any] = {}
+    functions.clear()  # a forked worker's copy of its parent's, if the parent was a worker
     held: dict[int, Any] = {}  # token -> value kept for the next call of a chain
     stopped = False
     while True:
@@ -111,12 +120,15 @@ def main(
             break  # the parent closed our pipe or died
         message = pickle.loads(data)
         if message[0] == "fn":
-            functions[message[1]] = load_function(message[2], message[3])
+            _, fn_id, blob, origin, forget = message
+            for old in forget:
+                functions.pop(old, None)
+            functions[fn_id] = load_function(blob, origin)
             try:
                 # Starting this process and importing what the function needs
                 # (torch, a big module) is ours, not the task's: the parent starts
                 # the call's timeout clock from here.
-                conn.send_bytes(pickle.dumps(("loaded", message[1])))
+                conn.send_bytes(pickle.dumps(("loaded", fn_id)))
             except (BrokenPipeError, OSError):
                 break
             continue
