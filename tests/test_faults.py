@@ -941,17 +941,6 @@ def test_an_unpicklable_result_fails_its_node_naming_the_type(backend, kind, typ
 
 
 # Cluster cases of the table below that fail today: graphexec bugs, reported in #12.
-_NO_NODE = (
-    "on the cluster a RemoteError for an exception that cannot be sent back from the worker "
-    "has node=None and its message does not name the node (the process pool's does)"
-)
-CLUSTER_REMOTE_ERROR_BUGS = {
-    "keyword-only": _NO_NODE,
-    "lock-attribute": _NO_NODE,
-    "parent-refuses": "on the cluster a RemoteError for an exception that does not unpickle "
-    "in the parent has type_name=None and original_message=None, and its message says "
-    "'raised an exception' without the type and message (the process pool keeps them)",
-}
 
 
 @pytest.mark.every_backend
@@ -967,8 +956,6 @@ CLUSTER_REMOTE_ERROR_BUGS = {
 def test_an_exception_that_cannot_travel_keeps_type_message_and_traceback(
     backend, request, kind, type_name, text
 ):
-    if backend.name == "cluster" and kind in CLUSTER_REMOTE_ERROR_BUGS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=CLUSTER_REMOTE_ERROR_BUGS[kind]))
     graph = gx.Graph()
     with graph:
         bad = raise_(kind)
@@ -1010,14 +997,6 @@ def test_an_exception_that_cannot_travel_keeps_type_message_and_traceback(
     ],
 )
 def test_exceptions_that_travel_arrive_as_themselves(backend, request, kind, error_type, text):
-    if backend.name == "cluster" and kind == "system-exit":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="on the cluster SystemExit(4) arrives with .code None: dask's workers "
-                "pickle exceptions with tblib, which rebuilds it without calling __init__",
-            )
-        )
     graph = gx.Graph()
     with graph:
         bad = raise_(kind)
@@ -1439,11 +1418,6 @@ def test_docs_list_exactly_what_the_backend_cannot_do(backend):
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="on sync, TaskTimeout says 'it was stopped' although the call ran to its end "
-    "(run_inline in _executors/protocol.py calls timeout_error(call) with its default 'how')",
-)
 def test_a_sync_timeout_message_says_the_call_was_judged_when_it_returned():
     graph = gx.Graph()
     with graph:

@@ -107,6 +107,7 @@ from .protocol import ERROR, OK, Call, Capabilities, timeout_error, write_cache
 from .runtime import (
     Unloadable,
     arguments_unpickle_error,
+    describe_exception,
     invoke,
     load_exception,
     load_function,
@@ -212,21 +213,35 @@ def held_values() -> int:
 
 
 class _Failure:
-    """What ``_run_remote`` returns when the call failed: the exception, pickled, and when."""
+    """What ``_run_remote`` returns when the call failed: the exception, pickled, and when.
 
-    __slots__ = ("exc_blob", "finished", "stage", "started", "tb")
+    ``summary`` is ``(type name, message)`` as the worker saw them, so that an
+    exception this process cannot unpickle still says what it was.
+    """
+
+    __slots__ = ("exc_blob", "finished", "stage", "started", "summary", "tb")
 
     def __init__(
-        self, stage: str, exc_blob: bytes, tb: str, started: float, finished: float
+        self,
+        stage: str,
+        exc_blob: bytes,
+        tb: str,
+        started: float,
+        finished: float,
+        summary: tuple[str, str] | None = None,
     ) -> None:
         self.stage = stage
         self.exc_blob = exc_blob
         self.tb = tb
         self.started = started
         self.finished = finished
+        self.summary = summary
 
     def __reduce__(self) -> Any:
-        return (_Failure, (self.stage, self.exc_blob, self.tb, self.started, self.finished))
+        return (
+            _Failure,
+            (self.stage, self.exc_blob, self.tb, self.started, self.finished, self.summary),
+        )
 
 
 _FAILURE_NAME = f"{_Failure.__module__}.{_Failure.__qualname__}"
@@ -257,7 +272,14 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
         _announce(worker, {"x": exec_id, "k": key, "t": started}, timed)
 
     def fail(stage: str, exc: BaseException, tb: str) -> _Failure:
-        return _Failure(stage, pickle_exception(exc, tb), tb, started, time.time())
+        return _Failure(
+            stage,
+            pickle_exception(exc, tb, name),
+            tb,
+            started,
+            time.time(),
+            describe_exception(exc),
+        )
 
     fn = _function(fn_id, fn_blob, origin)
     if type(fn) is Unloadable:
@@ -815,7 +837,7 @@ class ClusterExecutor:
             )
         call.started = failure.started
         call.finished = max(failure.finished, failure.started)
-        return call, ERROR, load_exception(failure.exc_blob, failure.tb, call.name)
+        return call, ERROR, load_exception(failure.exc_blob, failure.tb, call.name, failure.summary)
 
     def _dask_error(self, flight: _Flight) -> BaseException:
         """A task that dask itself failed (not the task's code: that returns a _Failure)."""

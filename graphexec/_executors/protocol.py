@@ -155,7 +155,14 @@ def run_inline(call: Call, worker: Any) -> tuple[Call, int, Any]:
     if call.timeout is not None and call.finished - call.started > call.timeout:
         # In-process work cannot be interrupted; it is judged when it returns,
         # so the final states match those of the process scheduler.
-        return call, ERROR, timeout_error(call)
+        return (
+            call,
+            ERROR,
+            timeout_error(
+                call,
+                "an in-process call cannot be interrupted: it ran to its end and was judged then",
+            ),
+        )
     if call.cache is not None:
         write_cache(call.cache, value, call.name)
     return call, OK, value

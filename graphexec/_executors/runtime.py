@@ -17,12 +17,15 @@ Each step names the ``stage`` that failed (``function``,
 
 from __future__ import annotations
 
+import io
 import pickle
 import sys
 import traceback
 from typing import Any
 
-from .._data.serialize import dumps
+import cloudpickle
+
+from .._data.serialize import PROTOCOL, dumps
 from .._model.errors import RemoteError, RemoteTraceback, SerializationError, safe_str
 
 
@@ -146,10 +149,31 @@ def describe_exception(exc: BaseException) -> tuple[str, str]:
     return f"{kind.__module__}.{kind.__qualname__}", safe_str(exc)
 
 
+class _ExceptionPickler(cloudpickle.Pickler):
+    """Pickles exceptions the standard way, ``type(*args)`` plus ``__dict__``.
+
+    dask.distributed installs tblib's reducers on every exception class in the
+    processes that import it; they rebuild an exception without calling its
+    ``__init__``, so a ``SystemExit(4)`` arrives with ``code`` None. An
+    exception class that defines its own ``__reduce__`` keeps it.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, BaseException) and type(obj).__reduce__ is BaseException.__reduce__:
+            return obj.__reduce__()
+        return super().reducer_override(obj)
+
+
+def _dumps_exception(exc: BaseException) -> bytes:
+    buffer = io.BytesIO()
+    _ExceptionPickler(buffer, protocol=PROTOCOL).dump(exc)
+    return buffer.getvalue()
+
+
 def pickle_exception(exc: BaseException, tb: str, name: str | None = None) -> bytes:
     """Pickle ``exc`` if it survives a round trip, else a RemoteError standing in for it."""
     try:
-        blob = dumps(exc)
+        blob = _dumps_exception(exc)
         pickle.loads(blob)  # e.g. __init__ with required keyword arguments fails here
         return blob
     except BaseException as why:
