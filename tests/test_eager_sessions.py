@@ -10,7 +10,8 @@ threads against the scheduler thread and against ``close``, and check that:
 * threads submitting cached tasks into one flow share one cache store, and no
   entry lock outlives the flow;
 * ``gx.wait``/``gx.as_completed`` are woken by the scheduler (no polling),
-  work across sessions, and are O(n log n).
+  work across sessions, and are O(n log n);
+* an idle session's executor sleeps instead of waking every slice.
 
 Sessions are built directly (``Session(executor)``) where a test needs to hold
 one across threads or close it at a chosen moment.
@@ -32,6 +33,7 @@ import pytest
 import graphexec as gx
 from graphexec._data.cache import CacheStore
 from graphexec._engine.scheduler import Scheduler
+from graphexec._executors import process as process_module
 from graphexec._executors.inprocess import SyncExecutor, ThreadExecutor
 from graphexec._model.graph import Graph
 from graphexec._surfaces import eager
@@ -501,3 +503,82 @@ def test_as_completed_over_20000_finished_futures_is_n_log_n():
         assert ends == sorted(ends)
     finally:
         session.close()
+
+
+# -- idle executors sleep -------------------------------------------------------------
+
+
+class _CountingQueue:
+    """A ThreadExecutor outbox that counts the waits of its reader."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.gets = 0
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        self.gets += 1
+        return self.inner.get(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_thread_session_sleeps_until_there_is_work():
+    """An idle session on threads blocks in one wait (it woke every 0.25 s before)."""
+    executor = ThreadExecutor(1)
+    counting = _CountingQueue(executor._outbox)
+    executor._outbox = counting  # type: ignore[assignment]
+    session = Session(executor, name="idle")
+    try:
+        assert session.submit(inc, (1,), {}).result(timeout=10) == 2
+        before = counting.gets
+        time.sleep(1.2)
+        assert counting.gets - before <= 1
+        assert session.submit(inc, (2,), {}).result(timeout=10) == 3  # and wakes for work
+    finally:
+        session.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_sync_session_sleeps_until_there_is_work():
+    executor = SyncExecutor()
+    waits = [0]
+    real_wait = executor._wake.wait
+
+    def counting_wait(timeout: float | None = None) -> bool:
+        waits[0] += 1
+        return real_wait(timeout)
+
+    executor._wake.wait = counting_wait  # type: ignore[method-assign]
+    session = Session(executor, name="idle-sync")
+    try:
+        assert session.submit(inc, (1,), {}).result(timeout=10) == 2
+        before = waits[0]
+        time.sleep(1.2)
+        assert waits[0] - before <= 1
+        assert session.submit(inc, (2,), {}).result(timeout=10) == 3
+    finally:
+        session.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_pool_session_sleeps_until_there_is_work(monkeypatch):
+    """An idle `with gx.Pool()` session waits on its pipes in one call (0.25 s slices
+    before: only the main thread needs them, for Ctrl-C)."""
+    calls = [0]
+    real_wait = process_module.mp_wait
+
+    def counting_wait(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "graphexec-pool":
+            calls[0] += 1
+        return real_wait(*args, **kwargs)
+
+    monkeypatch.setattr(process_module, "mp_wait", counting_wait)
+    with gx.Pool(workers=1) as pool:
+        assert inc.submit(1).result(timeout=30) == 2
+        before = calls[0]
+        time.sleep(1.2)
+        assert calls[0] - before <= 1
+        assert inc.submit(2).result(timeout=30) == 3
+    assert pool.closed
