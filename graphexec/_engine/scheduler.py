@@ -180,14 +180,34 @@ class Scheduler:
 
         Same state, same policies, same executor protocol as :meth:`run`; nodes
         are admitted one by one, and waiting for the next submission is normal.
+        This loop is the only writer of the scheduler's and the Run's state:
+        user threads post messages to the session's inbox (see
+        ``_surfaces/eager.py``), applied here in order between steps.
         """
         if self.observer is not None:
             self.observer.started(self.run_)
         self.chains = False
         while True:
-            for i in session._take_new():
-                self.admit(i)
-            if session._closing and self.done >= self.n_members and not session._has_new():
+            messages, closing = session._take_inbox()
+            for kind, arg in messages:
+                if kind == "admit":
+                    self.admit(arg)
+                elif kind == "observed":  # the user looked at this failure
+                    self.handled.add(arg)
+                elif kind == "cancel":
+                    self.cancel_reason = self.cancel_reason or arg
+                elif kind == "open-cache":  # once per session, before its first cached node
+                    if self.cache is None:
+                        self.cache = CacheStore(arg)
+                elif kind == "claim":  # a lazy graph's run: accepted failures, then all seen
+                    indices, reply = arg
+                    accepted = [i in self.handled for i in indices]
+                    self.handled.update(indices)
+                    reply.put(accepted)
+                else:
+                    raise ValueError(f"unknown session message {kind!r}")
+            # (closing was read with the inbox: no node can be admitted after it)
+            if closing and self.done >= self.n_members:
                 return
             self._step(idle_ok=True)
             session._publish()
@@ -195,7 +215,8 @@ class Scheduler:
     def admit(self, i: int) -> None:
         """Add node ``i`` (already in the graph) to a running session."""
         graph = self.graph
-        extra = len(graph._deps) - len(self.order)
+        # Up to i only: nodes after it may still be being built by a user thread.
+        extra = i + 1 - len(self.order)
         if extra > 0:  # the graph grew since the last admission
             self.order.extend([0] * extra)
             self.member.extend(bytes(extra))

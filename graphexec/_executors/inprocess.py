@@ -114,14 +114,20 @@ class ThreadExecutor:
                 wait = until if wait is None else min(wait, until)
         outcomes = []
         deadline = None if wait is None else time.monotonic() + wait
+        # In slices in the main thread: Ctrl-C delivered to one of our threads
+        # (the kernel may pick any) does not wake this thread's lock wait;
+        # returning to Python every slice runs the pending KeyboardInterrupt
+        # here. Any other thread (an eager session's scheduler) only gets
+        # KeyboardInterrupt from the main thread: it sleeps until there is news.
+        step = SIGNAL_SLICE if threading.current_thread() is threading.main_thread() else None
         try:
             while True:
-                # In slices: Ctrl-C delivered to one of our threads (the kernel may
-                # pick any) does not wake this thread's lock wait; returning to
-                # Python every slice runs the pending KeyboardInterrupt here.
-                left = SIGNAL_SLICE if deadline is None else deadline - time.monotonic()
+                left = None if deadline is None else deadline - time.monotonic()
+                span = left if step is None else step if left is None else min(left, step)
                 try:
-                    outcomes.append(self._outbox.get(timeout=max(0.0, min(left, SIGNAL_SLICE))))
+                    outcomes.append(
+                        self._outbox.get(timeout=None if span is None else max(0.0, span))
+                    )
                     break
                 except queue.Empty:
                     if deadline is not None and time.monotonic() >= deadline:

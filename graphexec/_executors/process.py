@@ -742,13 +742,19 @@ class ProcessPool:
         if self._memory_limit is not None and any(w.inflight for w in self._workers.values()):
             wake = self._next_sample if wake is None else min(wake, self._next_sample)
         waitables = [self._wake_r, *self._waitables]
+        # In slices in the main thread: a Ctrl-C the kernel hands to another
+        # thread of this process (a progress bar's, the user's) does not
+        # interrupt this wait; back in Python every slice, the KeyboardInterrupt
+        # is raised. Another thread (an eager session's scheduler) never gets
+        # KeyboardInterrupt itself: it sleeps until a pipe or the wakeup speaks.
+        in_main = threading.current_thread() is threading.main_thread()
         while True:
-            # In slices: a Ctrl-C the kernel hands to another thread of this
-            # process (a progress bar's, the user's) does not interrupt this
-            # wait; back in Python every slice, the KeyboardInterrupt is raised.
+            if wake is None and not in_main:
+                ready = mp_wait(waitables)
+                break
             left = SIGNAL_SLICE if wake is None else wake - time.monotonic()
-            ready = mp_wait(waitables, max(0.0, min(left, SIGNAL_SLICE)))
-            if ready or (wake is not None and left <= SIGNAL_SLICE):
+            ready = mp_wait(waitables, max(0.0, min(left, SIGNAL_SLICE) if in_main else left))
+            if ready or (wake is not None and (left <= SIGNAL_SLICE or not in_main)):
                 break
         dead = []
         for obj in ready:

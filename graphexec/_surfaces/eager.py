@@ -2,18 +2,51 @@
 
 ::
 
-    user thread                               scheduler thread (one per session)
-    -----------                               ----------------------------------
+    user threads                                 scheduler thread (one per session)
+    ------------                                 ----------------------------------
     task.submit(x) -> graph._add_call ─┐
-                      inbox.append(i)  ├─ executor.wakeup() ─> Scheduler.serve():
-    future.result() <── condition ─────┘                        admit(i), dispatch,
-                        notify_all()  <─────────────────────    poll, finish ...
+                      inbox ("admit", i) ├─ executor.wakeup() ─> Scheduler.serve():
+    future.result() ── mailbox <───────┘                          apply the inbox,
+                        put(future)  <───── _publish() ────────   dispatch, poll, finish
 
 A :class:`Session` is a :class:`Graph` that grows while it runs, plus the
 ordinary :class:`Scheduler` running in ``serve`` mode in a background thread:
 eager and lazy work share one scheduler, one executor and every policy
 (retries, timeouts, triggers, allow_failure, caching, limits). A ``Future`` is
 a ``Node`` of the session's graph, so it is accepted anywhere a node is.
+
+Thread model (who owns what):
+
+* **The session's scheduler thread** owns the :class:`Scheduler` and the
+  session's :class:`Run` (states, ``handled``, the cache store, the
+  cancellation reason, the executor's run state): from its start until
+  :meth:`Session.close` joins it, no other thread writes them.
+* **User threads** (the flow body, ``with gx.Pool()`` code, any thread holding
+  a future) never write scheduler or Run state. Under ``Session._lock`` they
+  append nodes to the graph and post messages to the session's inbox, which
+  the serve loop applies between steps, in order: ``("admit", i)``,
+  ``("cancel", why)``, ``("observed", i)`` (a failure the user looked at),
+  ``("open-cache", dir)`` (posted once per session: one :class:`CacheStore`),
+  ``("claim", (indices, mailbox))`` (a lazy graph's run: which failures a
+  dependent accepted; answered through the mailbox). A message that needs
+  the scheduler now comes with ``executor.wakeup()``.
+* **The graph is append-only** and built by user threads under the lock; the
+  scheduler reads node ``i`` only after its ``("admit", i)`` message, posted
+  under the same lock once the node is complete, so it never sees a node
+  half-built. (Appending to and indexing a list are atomic under the GIL.)
+* **User threads read** ``run._states[i]`` (assigned once by the scheduler when
+  the node ends; a final state never changes), ``scheduler.running`` for
+  ``Future.state``, and options fixed at the session's start.
+* **Waiting is event-driven.** A waiting thread registers a :class:`_Mailbox`
+  for the futures it waits for; the scheduler thread, publishing what finished
+  (:meth:`Session._publish`), puts each finished future into the mailboxes
+  waiting for it, so one mailbox can wait for futures of several sessions.
+  ``wait_all`` waits on the session's condition, notified at each publish.
+  When the scheduler thread ends (closed, or failed) it wakes every waiter,
+  so no wait outlives it. Only a wait in the main thread wakes on its own, every
+  ``SIGNAL_SLICE``, so that Ctrl-C still interrupts it.
+* **After** :meth:`Session.close` **joins the thread**, the closing thread owns
+  the Run (finishing it, unlinking shared memory, unlocking cache entries).
 
 Failure accounting follows graphexec's rule that success is never reported
 while a failure nobody saw exists: a failure counts as handled when a
@@ -34,10 +67,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .._data.cache import DEFAULT_DIR, CacheStore
+from .._data.cache import DEFAULT_DIR
 from .._data.serialize import Payload
 from .._engine.scheduler import Scheduler
-from .._executors.protocol import OK, Executor
+from .._executors.protocol import OK, SIGNAL_SLICE, Executor
 from .._model.graph import Graph
 from .._model.node import Node
 from .._model.order import post_order, sinks
@@ -139,6 +172,7 @@ class Future(Node):
 
         Raises:
             TimeoutError: not final after ``timeout`` seconds.
+            RuntimeError: its flow's (or pool's) scheduler thread failed: it never ends.
         """
         return self._session._wait(self.index, timeout)
 
@@ -151,6 +185,7 @@ class Future(Node):
 
         Raises:
             TimeoutError: the task did not finish within ``timeout``.
+            RuntimeError: its flow's (or pool's) scheduler thread failed: it never ends.
             Exception: the task's own exception, with its remote traceback.
         """
         state = self.wait(timeout)
@@ -172,6 +207,50 @@ class Future(Node):
     def __repr__(self) -> str:
         state = self._session._state(self.index)
         return f"<Future {self.name} ({state.name if state else 'Pending'})>"
+
+
+class _Mailbox:
+    """What one waiting user thread listens to: items put by any scheduler thread.
+
+    ``put`` never blocks (it runs on a scheduler thread); ``take`` blocks until
+    something was put, or the deadline.
+    """
+
+    __slots__ = ("_cond", "_items")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._items: deque[Any] = deque()
+
+    def put(self, item: Any) -> None:
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify()
+
+    def take(self, deadline: float | None) -> list[Any]:
+        """Everything put so far, waiting for at least one item; [] at the deadline."""
+        with self._cond:
+            while not self._items:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return []
+                _wait_on(self._cond, remaining)
+            items = list(self._items)
+            self._items.clear()
+        return items
+
+
+def _wait_on(cond: threading.Condition, remaining: float | None) -> None:
+    """``cond.wait``; in slices in the main thread, where a Ctrl-C must get through.
+
+    (The kernel may hand SIGINT to any thread: to a scheduler or worker thread,
+    it does not interrupt the main thread's lock wait, so the main thread comes
+    back to Python every slice to run the pending KeyboardInterrupt. Any other
+    thread sleeps until it is notified.)
+    """
+    if threading.current_thread() is threading.main_thread():
+        remaining = SIGNAL_SLICE if remaining is None else min(remaining, SIGNAL_SLICE)
+    cond.wait(remaining)
 
 
 class Session:
@@ -196,21 +275,30 @@ class Session:
         executor.open(self.run)
         self._cache_dir = cache_dir
         self.memory_limit = memory_limit
-        self._published = 0  # scheduler.done when waiters were last woken
+        self.observer = observer  # the user's (progress bar); the scheduler sees _Watch
         self.scheduler = Scheduler(
             self.graph,
             self.run,
             _PublishingExecutor(self, executor),
             fail_fast=fail_fast,
             limits=check_limits(limits),
-            observer=observer,
+            observer=_Watch(self, observer),
         )
+        # Shared by user threads and the scheduler thread, under _lock:
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._new: deque[int] = deque()
-        self._closing = False
-        self._error: BaseException | None = None
-        self._finish_order: list[int] = []
+        self._cond = threading.Condition(self._lock)  # notified at each publish (wait_all)
+        self._inbox: deque[tuple[str, Any]] = deque()  # messages to the scheduler, in order
+        self._woken = False  # a wakeup for the inbox is on its way to the scheduler
+        self._submitted = 0  # nodes sent for admission
+        self._published_done = 0  # nodes final at the last publish
+        self._waiters: dict[int, list[_Mailbox]] = {}  # node -> mailboxes waiting for it
+        self._replies: set[_Mailbox] = set()  # mailboxes waiting for a "claim" answer
+        self._cache_requested = False  # ("open-cache", dir) was posted
+        self._closing = False  # close() began: no more submissions
+        self._stopped = False  # the scheduler thread has ended
+        self._error: BaseException | None = None  # what ended it, if not close()
+        # Scheduler thread only:
+        self._fresh: list[int] = []  # nodes final since the last publish
         self._payloads: list[Payload] = []  # results that came in shared memory
         self._thread = threading.Thread(target=self._serve, name=f"graphexec-{name}", daemon=True)
         self._thread.start()
@@ -224,63 +312,135 @@ class Session:
             self._error = exc
         finally:
             self._publish()
+            self._stop()
 
-    def _take_new(self) -> list[int]:
+    def _take_inbox(self) -> tuple[list[tuple[str, Any]], bool]:
+        """The messages posted so far, and whether the session is closing.
+
+        Read together under the lock: once closing is seen, no message can follow
+        (``submit`` refuses under the same lock), so an empty inbox then is final.
+        """
         with self._lock:
-            new = list(self._new)
-            self._new.clear()
-        return new
-
-    def _has_new(self) -> bool:
-        return bool(self._new)
+            messages = list(self._inbox)
+            self._inbox.clear()
+            self._woken = False
+            return messages, self._closing
 
     def _publish(self) -> None:
-        self._published = self.scheduler.done
-        with self._cond:
+        """Wake whoever waits for the nodes that finished since the last publish."""
+        fresh = self._fresh
+        if not fresh:
+            return
+        self._fresh = []
+        nodes = self.graph._nodes
+        woken: list[tuple[_Mailbox, Any]] = []
+        with self._lock:
+            self._published_done = self.scheduler.done
+            waiters = self._waiters
+            if waiters:
+                for i in fresh:
+                    for mailbox in waiters.pop(i, ()):
+                        woken.append((mailbox, nodes[i]))
             self._cond.notify_all()
+        for mailbox, future in woken:
+            mailbox.put(future)
 
-    # -- user thread ----------------------------------------------------------
+    def _stop(self) -> None:
+        """The scheduler thread ends: wake every waiter (it sees why and returns or raises)."""
+        nodes = self.graph._nodes
+        with self._lock:
+            self._stopped = True
+            waiters, self._waiters = self._waiters, {}
+            replies, self._replies = self._replies, set()
+            self._cond.notify_all()
+        for i, mailboxes in waiters.items():
+            for mailbox in mailboxes:
+                mailbox.put(nodes[i])
+        for mailbox in replies:
+            mailbox.put(None)
+
+    # -- user threads ---------------------------------------------------------
+
+    def _post(self, message: tuple[str, Any], wake: bool) -> None:
+        """Queue a message for the scheduler thread (caller holds the lock)."""
+        self._inbox.append(message)
+        if wake and not self._woken:
+            # One wakeup per batch: until the scheduler takes the inbox, the
+            # wakeup already sent covers later messages (a pipe write with processes).
+            self._woken = True
+            self.executor.wakeup()
+
+    def _check_open(self) -> None:
+        """Raise unless new work can still be added (caller holds the lock)."""
+        if self._error is not None:
+            raise RuntimeError("the graphexec scheduler thread failed") from self._error
+        if self._closing or self._stopped:
+            raise RuntimeError("this flow/pool has finished; submit inside it")
+
+    def _raise_ended(self, index: int) -> None:
+        """Node ``index`` will never end: its session's scheduler thread is gone."""
+        if self._error is not None:
+            raise RuntimeError("the graphexec scheduler thread failed") from self._error
+        raise RuntimeError(
+            f"{self.graph._names[index]} never ran: its flow/pool finished without it"
+        )
 
     def submit(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
         """Add a call to the graph and start it as soon as its inputs are ready."""
         with self._lock:
             # Under the lock: close() sets _closing under it too, so a submit either
             # is queued before the scheduler's last look at the inbox, or refused.
-            if self._closing:
-                raise RuntimeError("this flow/pool has finished; submit inside it")
-            if self._error is not None:
-                raise RuntimeError("the graphexec scheduler thread failed") from self._error
-            if task.options.cache_key_fn is not None:
-                self._ensure_store()
+            self._check_open()
             node = self.graph._add_call(task, args, kwargs)
-            # While earlier submissions wait in the inbox, their wakeup is still
-            # to be handled and the scheduler takes the whole inbox at once: one
-            # wakeup per batch, not one per submit (a pipe write with processes).
-            wake = not self._new
-            self._new.append(node.index)
-        if wake:
-            self.executor.wakeup()
+            if node.graph._opts[node.index].cache_key_fn is not None:
+                self._request_cache()
+            self._submitted += 1
+            self._post(("admit", node.index), wake=True)
         return node  # type: ignore[return-value]
 
-    def _ensure_store(self) -> None:
-        """Open the session's one cache store (caller holds the lock)."""
-        if self.scheduler.cache is None:
-            self.scheduler.cache = CacheStore(self._cache_dir)
+    def _request_cache(self) -> None:
+        """Have the scheduler open the session's one cache store (caller holds the lock)."""
+        if not self._cache_requested:
+            self._cache_requested = True
+            self._post(("open-cache", self._cache_dir), wake=True)
+
+    def _add_waiter(self, index: int, mailbox: _Mailbox) -> bool:
+        """Have ``mailbox`` receive the future ``index`` when it ends.
+
+        False when there is nothing to wait for: it is final, or never will be.
+        """
+        with self._lock:
+            state = self._state(index)
+            if (state is not None and state.name in FINAL) or self._stopped:
+                return False
+            self._waiters.setdefault(index, []).append(mailbox)
+            return True
+
+    def _remove_waiter(self, index: int, mailbox: _Mailbox) -> None:
+        with self._lock:
+            mailboxes = self._waiters.get(index)
+            if mailboxes is not None and mailbox in mailboxes:
+                mailboxes.remove(mailbox)
+                if not mailboxes:
+                    del self._waiters[index]
 
     def _wait(self, index: int, timeout: float | None) -> State:
+        state = self._state(index)
+        if state is not None and state.name in FINAL:
+            return state
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while True:
-                state = self._state(index)
-                if state is not None and state.name in FINAL:
-                    return state
-                if self._error is not None:
-                    raise RuntimeError("the graphexec scheduler thread failed") from self._error
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+        mailbox = _Mailbox()
+        if self._add_waiter(index, mailbox):
+            try:
+                if not mailbox.take(deadline):
                     name = self.graph._names[index]
                     raise TimeoutError(f"{name} did not finish within {timeout} s")
-                self._cond.wait(remaining if remaining is not None else 0.5)
+            finally:
+                self._remove_waiter(index, mailbox)
+        state = self._state(index)
+        if state is None or state.name not in FINAL:
+            self._raise_ended(index)
+        return state  # type: ignore[return-value]
 
     def _state(self, index: int) -> State | None:
         """The node's state, None while pending (or not yet admitted by the scheduler)."""
@@ -288,37 +448,51 @@ class Session:
         return states[index] if index < len(states) else None
 
     def _observed(self, index: int) -> None:
+        """The user looked at this future's final state: a failure in it is handled."""
         state = self._state(index)
-        if state is not None and state.name not in ("Completed", "Cached"):
-            self.run._handled.add(index)
+        if state is None or state.name in ("Completed", "Cached"):
+            return
+        with self._lock:
+            if self._stopped:
+                # The scheduler thread is gone and applies nothing more; the
+                # Run is the user's now (a future outliving its flow).
+                self.run._handled.add(index)
+            else:
+                # No wakeup: nothing runs differently; the scheduler applies it
+                # at its next step, and at the latest before the session ends.
+                self._post(("observed", index), wake=False)
 
     def wait_all(self) -> None:
         """Block until every submitted task is final."""
         with self._cond:
-            while True:
-                if self._error is not None:
-                    raise RuntimeError("the graphexec scheduler thread failed") from self._error
-                sched = self.scheduler
-                if (
-                    not self._new
-                    and sched.done >= sched.n_members
-                    and sched.n_members == len(self.graph._deps)
-                ):
-                    return
-                self._cond.wait(0.5)
+            while self._published_done < self._submitted:
+                if self._stopped:
+                    if self._error is not None:
+                        raise RuntimeError("the graphexec scheduler thread failed") from (
+                            self._error
+                        )
+                    return  # closed by another thread: every admitted node ended
+                _wait_on(self._cond, None)
 
     def cancel(self, why: str) -> None:
         """Cancel every task still pending or running (Ctrl-C, an exception in the flow)."""
         with self._lock:
-            self.scheduler.cancel_reason = self.scheduler.cancel_reason or why
-        self.executor.wakeup()
+            if not self._stopped:
+                self._post(("cancel", why), wake=True)
 
     def close(self) -> None:
         """Let the scheduler thread finish what was submitted, then stop it."""
         with self._lock:
-            self._closing = True
-        self.executor.wakeup()
+            if self._closing:
+                closed_already = True
+            else:
+                closed_already = False
+                self._closing = True
+                self._woken = True
+                self.executor.wakeup()
         self._thread.join()
+        if closed_already:
+            return
         self.run._finish_run()
         # Values read during the session (future.result()) lost their handle to
         # _finish_run: unlink their segments too, or /dev/shm keeps them after
@@ -370,6 +544,9 @@ class Session:
         ``cache_dir`` and ``memory_limit`` belong to the flow (its scheduler and
         pool), so a value other than the flow's is a ``ValueError`` saying to
         give it to ``@gx.flow``, never silently ignored.
+
+        Raises:
+            RuntimeError: the session has finished (a compute racing its close).
         """
         self._check_compute_options(options.limits, options.cache_dir, options.memory_limit)
         refresh_cache, keep = options.refresh_cache, options.keep
@@ -378,31 +555,82 @@ class Session:
         members = post_order(graph._deps, targets)
         mapping: dict[int, Future] = {}
         with self._lock:
+            self._check_open()
             if any(graph._opts[i].cache_key_fn is not None for i in members):
-                self._ensure_store()
+                self._request_cache()
             opts = self.graph._opts
             for i in members:
                 node = self.graph._copy_node(graph, i, mapping)  # type: ignore[arg-type]
                 mapping[i] = node  # type: ignore[assignment]
                 if refresh_cache and opts[node.index].cache_key_fn is not None:
+                    # (still building the node: the scheduler reads it once admitted)
                     opts[node.index] = opts[node.index].updated(
                         {"refresh_cache": True}, "compute(refresh_cache=True)"
                     )
-                self._new.append(node.index)
-        self.executor.wakeup()
+                self._submitted += 1
+                self._post(("admit", node.index), wake=True)
         kept = set(members) if keep == "all" else set(targets)
         run = Run(graph, members, kept)
         for i, fut in mapping.items():
             run._states[i] = fut.wait()
-            if fut.index in self.run._handled:
-                run._handled.add(i)
+        # The caller gets this Run (or GraphFailed): its failures are now seen.
+        accepted = self._claim([f.index for f in mapping.values()])
+        run._handled.update(i for i, yes in zip(mapping, accepted) if yes)
         run._finish_run()
         graph._latest_run = run
-        # The caller gets this Run (or GraphFailed): its failures are now seen.
-        self.run._handled.update(f.index for f in mapping.values())
         if options.raise_on_failure:
             run._raise_if_failed()
         return run
+
+    def _claim(self, indices: list[int]) -> list[bool]:
+        """Which of these (final) nodes' failures a dependent accepted; then mark all seen."""
+        mailbox = _Mailbox()
+        with self._lock:
+            posted = not self._stopped
+            if posted:
+                self._replies.add(mailbox)
+                self._post(("claim", (indices, mailbox)), wake=True)
+        answer: list[bool] | None = None
+        if posted:
+            try:
+                answer = mailbox.take(None)[0]  # the answer, or None from _stop
+            finally:
+                with self._lock:
+                    self._replies.discard(mailbox)
+        if answer is None:
+            # The scheduler thread ended before answering: the Run is ours now.
+            with self._lock:
+                handled = self.run._handled
+                answer = [i in handled for i in indices]
+                handled.update(indices)
+        return answer
+
+
+class _Watch:
+    """The scheduler's observer in a session: notes each finished node for
+    :meth:`Session._publish`, and passes every event on to the user's observer
+    (a progress bar), if any. Runs on the scheduler thread."""
+
+    def __init__(self, session: Session, user: Any) -> None:
+        self._session = session
+        self._user = user
+
+    def started(self, run: Run) -> None:
+        if self._user is not None:
+            self._user.started(run)
+
+    def running(self, i: int, call: Any) -> None:
+        if self._user is not None:
+            self._user.running(i, call)
+
+    def retrying(self, i: int, state: State) -> None:
+        if self._user is not None:
+            self._user.retrying(i, state)
+
+    def finished(self, i: int, state: State) -> None:
+        self._session._fresh.append(i)
+        if self._user is not None:
+            self._user.finished(i, state)
 
 
 class _PublishingExecutor:
@@ -411,7 +639,7 @@ class _PublishingExecutor:
     The serve loop publishes after each scheduler step, but a node can also end
     while it is admitted (a cache hit, a skip, a cancellation), just before the
     scheduler blocks in ``poll`` waiting for work; a future waiting for such a
-    node would otherwise sleep until its own next look (half a second).
+    node would otherwise sleep until the next outcome.
 
     It also notes every result that arrived in shared memory. ``State.result()``
     swaps a value's handle for the value when the user reads it, so at the end
@@ -432,8 +660,7 @@ class _PublishingExecutor:
 
     def poll(self, timeout: float | None) -> Any:
         session = self._session
-        if session.scheduler.done != session._published:
-            session._publish()
+        session._publish()
         outcomes = self._poll(timeout)
         for _call, kind, value in outcomes:
             if kind == OK and type(value) is Payload and value.in_shared_memory:
@@ -455,13 +682,61 @@ class WaitResult(NamedTuple):
     not_done: set[Future]
 
 
+def _failed(future: Future) -> bool:
+    # (the session's state, not future.state: waiting is not looking at a
+    # failure, which stays unhandled until result() or .state)
+    state = future._session._state(future.index)
+    return state is not None and state.name not in ("Completed", "Cached")
+
+
+def _listen(futures: Iterable[Future], mailbox: _Mailbox) -> tuple[list[Future], list[Future]]:
+    """Register ``mailbox`` with the session of each unfinished future.
+
+    Returns:
+        (ended, listened): those with nothing to wait for (final, or their session
+        ended) and those the mailbox will receive when they end.
+    """
+    ended: list[Future] = []
+    listened: list[Future] = []
+    for f in futures:
+        if f.done() or not f._session._add_waiter(f.index, mailbox):
+            ended.append(f)
+        else:
+            listened.append(f)
+    return ended, listened
+
+
+def _unlisten(futures: Iterable[Future], mailbox: _Mailbox) -> None:
+    for f in futures:
+        f._session._remove_waiter(f.index, mailbox)
+
+
+def _ended(futures: list[Future]) -> list[Future]:
+    """``futures`` that ended, in completion order; raise for one that never will."""
+    for f in futures:
+        if not f.done():
+            f._session._raise_ended(f.index)
+    return sorted(futures, key=_finished_at)
+
+
+def _finished_at(future: Future) -> float:
+    """When a final future ended: its attempt's end time (a cache hit: at once, 0)."""
+    state = future._session._state(future.index)
+    return (state.finished if state is not None else None) or 0.0
+
+
 def wait(
     futures: Iterable[Future], timeout: float | None = None, return_when: str = "ALL_COMPLETED"
 ) -> WaitResult:
     """Wait for futures (``ALL_COMPLETED``, ``FIRST_COMPLETED`` or ``FIRST_EXCEPTION``).
 
+    The futures may come from several flows or pools.
+
     Returns:
         ``(done, not_done)``, like :func:`concurrent.futures.wait`.
+
+    Raises:
+        RuntimeError: a future's scheduler thread failed, so it will never end.
     """
     if return_when not in ("ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"):
         raise ValueError(
@@ -469,60 +744,63 @@ def wait(
         )
     futures = set(futures)
     deadline = None if timeout is None else time.monotonic() + timeout
-    sessions = {f._session for f in futures}
-    while True:
-        done = {f for f in futures if f.done()}
-        if (
-            len(done) == len(futures)
-            or (return_when == "FIRST_COMPLETED" and done)
-            # (reading the session's state, not f.state: waiting is not looking
-            # at a failure, which stays unhandled until result() or .state)
-            or (
-                return_when == "FIRST_EXCEPTION"
-                and any(
-                    f._session._state(f.index).name not in ("Completed", "Cached") for f in done
-                )
-            )
-        ):
-            return WaitResult(done, futures - done)
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            return WaitResult(done, futures - done)
-        session = next(iter(sessions))
-        with session._cond:
-            session._cond.wait(min(0.05, remaining) if remaining is not None else 0.05)
+    mailbox = _Mailbox()
+    ended, listened = _listen(futures, mailbox)
+    pending = set(listened)
+    try:
+        done: set[Future] = set(_ended(ended))
+        failed = any(_failed(f) for f in done)
+        while pending:
+            if (return_when == "FIRST_COMPLETED" and done) or (
+                return_when == "FIRST_EXCEPTION" and failed
+            ):
+                break
+            batch = [f for f in mailbox.take(deadline) if f in pending]
+            if not batch:  # the deadline passed
+                break
+            pending.difference_update(batch)
+            done.update(_ended(batch))
+            failed = failed or any(_failed(f) for f in batch)
+    finally:
+        _unlisten(pending, mailbox)
+    return WaitResult(done, futures - done)
 
 
 def as_completed(futures: Iterable[Future], timeout: float | None = None) -> Iterator[Future]:
     """Yield futures as they finish, in completion order.
 
+    The futures may come from several flows or pools; each is yielded once.
+
     Raises:
         TimeoutError: some are not finished after ``timeout`` seconds.
+        RuntimeError: a future's scheduler thread failed, so it will never end.
     """
-    pending = list(dict.fromkeys(futures))
+    unique = list(dict.fromkeys(futures))
     deadline = None if timeout is None else time.monotonic() + timeout
-    while pending:
-        finished = [f for f in pending if f.done()]
-        if finished:
-            # Completion order: attempts' end times (cached hits: immediately).
-            finished.sort(key=lambda f: f._session._state(f.index).finished or 0.0)
-            for f in finished:
-                pending.remove(f)
-                yield f
-            continue
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise TimeoutError(f"{len(pending)} futures unfinished after {timeout} s")
-        session = pending[0]._session
-        with session._cond:
-            session._cond.wait(min(0.05, remaining) if remaining is not None else 0.05)
+    mailbox = _Mailbox()
+    ended, listened = _listen(unique, mailbox)
+    pending = set(listened)
+    try:
+        yield from _ended(ended)
+        while pending:
+            batch = [f for f in mailbox.take(deadline) if f in pending]
+            if not batch:
+                raise TimeoutError(f"{len(pending)} futures unfinished after {timeout} s")
+            pending.difference_update(batch)
+            yield from _ended(batch)
+    finally:
+        _unlisten(pending, mailbox)
+
+
+_pool_lock = threading.Lock()  # one session per pool, whichever thread submits first
 
 
 def session_for_pool(pool: Any) -> Session:
     """The eager session of ``with gx.Pool(...):``, started on first use."""
-    if pool._session is None:
-        pool._session = Session(pool._lease(None), name="pool")
-    return pool._session  # type: ignore[no-any-return]
+    with _pool_lock:
+        if pool._session is None:
+            pool._session = Session(pool._lease(None), name="pool")
+        return pool._session  # type: ignore[no-any-return]
 
 
 def end_pool_session(pool: Any) -> None:

@@ -79,8 +79,8 @@ class Flow:
             session.close()
         finally:
             pop_context(session)
-            if session.scheduler.observer is not None:
-                session.scheduler.observer.closed(session.run)
+            if session.observer is not None:
+                session.observer.closed(session.run)
         session.run._raise_if_failed()
         return value
 
