@@ -564,7 +564,9 @@ class ProcessPool:
                 # (The first function message of a delivery also carries the
                 # worker's forget list: ids of at most the registry's size, a
                 # few kB, well inside the slack left below the pipe's buffer.)
-                cost += len(self._fn_blobs[nxt_fn]) + FN_MESSAGE_OVERHEAD
+                blob = self._fn_blobs[nxt_fn]
+                # (an unpicklable function failed _message above: blob is bytes)
+                cost += (len(blob) if isinstance(blob, bytes) else 0) + FN_MESSAGE_OVERHEAD
             if cost > budget:
                 break
             budget -= cost
@@ -640,7 +642,8 @@ class ProcessPool:
 
     def _prefetch_target(self, call: Call, fn_id: int) -> _Worker | None:
         """A busy worker that may queue this call behind its current one, or None."""
-        if len(call.wire) > PREFETCH_MAX_BYTES or not self._fn_short.get(fn_id, False):
+        wire = call.wire
+        if wire is None or len(wire) > PREFETCH_MAX_BYTES or not self._fn_short.get(fn_id, False):
             return None
         best = None
         for w in self._workers.values():
@@ -762,9 +765,10 @@ class ProcessPool:
                 while self._wake_r.poll():
                     self._wake_r.recv_bytes()
                 continue
-            w = self._waitables.get(obj)
-            if w is None:
+            found = self._waitables.get(obj)
+            if found is None:
                 continue
+            w = found
             if obj is w.conn:
                 if not self._drain(w):
                     dead.append(w)
@@ -898,7 +902,7 @@ class ProcessPool:
                 if self._fn_ids.get(id(head.fn)) in w.loading:
                     how = (
                         f"its worker was still starting or loading the function after "
-                        f"{head.timeout + LOAD_ALLOWANCE:g} s; it was killed and replaced"
+                        f"{(head.timeout or 0.0) + LOAD_ALLOWANCE:g} s; it was killed and replaced"
                     )
                 w.kill = (head, timeout_error(head, how))
                 self._kill(w)
@@ -917,7 +921,7 @@ class ProcessPool:
                 head = w.inflight[0]
                 error = MemoryLimitExceeded(
                     f"{head.name} used {_size(rss)} of memory (RSS of its worker), over "
-                    f"memory_limit={_size(self._memory_limit)}; the worker was killed and "
+                    f"memory_limit={_size(self._memory_limit or 0)}; the worker was killed and "
                     "replaced. Reduce the task's memory use, split its input, or raise "
                     "memory_limit=",
                     node=head.name,

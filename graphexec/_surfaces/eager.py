@@ -65,7 +65,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from .._data.cache import DEFAULT_DIR
 from .._data.serialize import Payload
@@ -160,7 +160,7 @@ class Future(Node):
 
     @property
     def _session(self) -> Session:
-        return self.graph._session  # type: ignore[attr-defined,no-any-return]
+        return cast(_SessionGraph, self.graph).session
 
     def done(self) -> bool:
         """True once the task has a final state."""
@@ -176,7 +176,11 @@ class Future(Node):
         """
         return self._session._wait(self.index, timeout)
 
-    def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> Any:
+    # timeout first, as in concurrent.futures and Prefect: a deliberate difference
+    # from Node.result, whose node has no wait to bound.
+    def result(  # type: ignore[override]
+        self, timeout: float | None = None, raise_on_failure: bool = True
+    ) -> Any:
         """Wait for the task and return its value (Prefect's ``future.result()``).
 
         Args:
@@ -193,7 +197,7 @@ class Future(Node):
         return state.result(raise_on_failure=raise_on_failure)
 
     @property
-    def state(self) -> State:  # type: ignore[override]
+    def state(self) -> State:
         """The current state (Pending, Running, or final); never blocks."""
         session = self._session
         state = session._state(self.index)
@@ -253,6 +257,16 @@ def _wait_on(cond: threading.Condition, remaining: float | None) -> None:
     cond.wait(remaining)
 
 
+class _SessionGraph(Graph):
+    """A session's graph: it grows while it runs, and its nodes are Futures."""
+
+    _node_type = Future
+
+    def __init__(self, name: str, session: Session) -> None:
+        super().__init__(name)
+        self.session = session
+
+
 class Session:
     """A growing graph with its own scheduler thread; see the module docstring."""
 
@@ -267,9 +281,7 @@ class Session:
         observer: Any = None,
         memory_limit: int | None = None,
     ) -> None:
-        self.graph = Graph(name)
-        self.graph._node_type = Future  # type: ignore[attr-defined]
-        self.graph._session = self  # type: ignore[attr-defined]
+        self.graph: _SessionGraph = _SessionGraph(name, self)
         self.run = Run(self.graph, [], _Everything())  # type: ignore[arg-type]
         self.executor = executor
         executor.open(self.run)
@@ -800,7 +812,7 @@ def session_for_pool(pool: Any) -> Session:
     with _pool_lock:
         if pool._session is None:
             pool._session = Session(pool._lease(None), name="pool")
-        return pool._session  # type: ignore[no-any-return]
+        return cast(Session, pool._session)
 
 
 def end_pool_session(pool: Any) -> None:

@@ -41,7 +41,7 @@ class Flow:
     def __init__(self, fn: Callable[..., Any], options: dict[str, Any]) -> None:
         self.fn = fn
         self.options = options
-        self.name = options.get("name") or getattr(fn, "__name__", "flow")
+        self.name: str = options.get("name") or getattr(fn, "__name__", None) or "flow"
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
