@@ -55,6 +55,7 @@ are sized to the graph):
 ``chains``         the executor runs chains (and this is not a flow's session)
 ``gate``           the CacheGate: cache keys, locks, waits (``locked`` is its set of
                    nodes whose entry lock this run holds, read on hot paths)
+``load_kept``      compute() loads a kept value as soon as it arrives (see below)
 ``cancel_reason``  why the run is being cancelled (fail_fast, Ctrl-C), or None;
                    ``swept``: the cancellation sweep has run; ``fail_fast_cause``:
                    the failure that made fail_fast cancel
@@ -65,6 +66,18 @@ state": record it, release inputs, wake dependents and decide for each (run,
 or skip through the trigger rules), iteratively so that a skip cascade down a
 100,000-node chain needs no recursion. Every dispatch and every finish is
 O(edges of that node); nothing scans the graph while it runs.
+
+Values that cannot be loaded here. A process worker's result arrives as a
+``Payload`` (its pickle) and is forwarded to dependents as it is: only
+workers unpickle the values they receive (a failure there is the
+dependent's ``unpickle-arguments`` error). A value ``compute()`` keeps for
+the Run is loaded as soon as it arrives (it would be at the end anyway):
+one that cannot be unpickled in this process — or whose unpickling raises
+anything, ``SystemExit`` included — fails its node with
+``SerializationError`` (stage ``unpickle-result``), without retries (the
+task ran), and the policies treat it like any other failure. Values that
+stay remote (a dask cluster) and a flow's values are loaded when read;
+``State.result`` then raises the same ``SerializationError``.
 """
 
 from __future__ import annotations
@@ -75,8 +88,9 @@ import time
 from typing import Any
 
 from .._data.cache import CacheStore
+from .._data.serialize import Payload
 from .._executors.protocol import ERROR, HELD, OK, REQUEUE, Call, Executor
-from .._model.errors import WorkerCrashed, safe_str
+from .._model.errors import SerializationError, WorkerCrashed, safe_str
 from .._model.graph import Graph
 from .._model.node import DATA
 from .._model.options import retry_delay_for, should_retry
@@ -156,6 +170,7 @@ class Scheduler:
             offload=not executor.capabilities.in_caller_thread,
         )
         self.locked = self.gate.locked
+        self.load_kept = False  # run() turns it on: compute() reads its kept values
         # Progress bars and reports watch the run through four calls:
         # started(run), running(i, call), finished(i, state), retrying(i, state).
         self.observer = observer
@@ -193,6 +208,9 @@ class Scheduler:
 
     def run(self) -> None:
         """Run every member to a final state (``graph.compute``)."""
+        # Remote values (a cluster) stay where they are until read: loading
+        # them here would fetch each one on this thread.
+        self.load_kept = not self.executor.capabilities.remote_values
         if self.observer is not None:
             self.observer.started(self.run_)
         for i in self.run_.members:
@@ -424,11 +442,13 @@ class Scheduler:
             self._push_ready(i)
             return
         error = None if kind == OK else value
+        if kind == OK and self.load_kept and type(value) is Payload and i in self.kept:
+            error = self._unloadable(i, value)
         attempt = Attempt(call.number, call.started, call.finished, call.worker, error)
         history = self.history.setdefault(i, [])
         history.append(attempt)
         name = self.graph._names[i]
-        if kind == OK:
+        if error is None:
             self._finish(i, State(COMPLETED, name, value=value, history=history))
             return
         opts = self.graph._opts[i]
@@ -439,7 +459,8 @@ class Scheduler:
             history=history,
             message=f"{type(error).__name__}: {safe_str(error)}",
         )
-        if call.number <= opts.retries and self.cancel_reason is None:
+        # (a value that cannot be loaded is not retried: the task ran and succeeded)
+        if kind == ERROR and call.number <= opts.retries and self.cancel_reason is None:
             try:
                 again = should_retry(opts, error, failed, self.graph._tasks[i])
             except Exception:
@@ -468,6 +489,31 @@ class Scheduler:
                 return
         logger.warning("%s failed: %s: %s", name, type(error).__name__, safe_str(error))
         self._finish(i, failed)
+
+    def _unloadable(self, i: int, payload: Payload) -> SerializationError | None:
+        """Load a kept value now; if it cannot be, drop it and return the node's error.
+
+        Anything its unpickling raises but Ctrl-C (``SystemExit`` too) is the
+        node's failure, not the caller's: it must not escape ``compute``.
+        """
+        try:
+            payload.load()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            payload.discard()
+            self.executor.release(i, payload)
+            name = self.graph._names[i]
+            error = SerializationError(
+                f"the result of {name} could not be unpickled in this process: "
+                f"{type(exc).__name__}: {safe_str(exc)}. The task ran and returned it; is "
+                "every module its value needs importable here (same environment)?",
+                node=name,
+                stage="unpickle-result",
+            )
+            error.__cause__ = exc
+            return error
+        return None
 
     def _finish(self, i: int, state: State) -> None:
         """Node ``i`` reached a final state: record it, release inputs, wake dependents."""
