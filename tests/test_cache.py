@@ -705,13 +705,13 @@ def test_upstream_values_enter_the_key_by_their_own_key(compute, tmp_path, monke
         run = compute(graph, array, info, cache_dir=cache)
         return names(run, (array, info)), run[info]["sum"]
 
-    from graphexec._engine import scheduler as _scheduler
+    from graphexec._engine import caching as _caching
 
     hashed = []
     for fn in ("content_hash", "wire_hash"):  # the big array must not be hashed again
-        original = getattr(_scheduler, fn)
+        original = getattr(_caching, fn)
         monkeypatch.setattr(
-            _scheduler, fn, lambda *a, _f=original, _n=fn: hashed.append(_n) or _f(*a)
+            _caching, fn, lambda *a, _f=original, _n=fn: hashed.append(_n) or _f(*a)
         )
 
     names1, sum1 = run_once(1)

@@ -40,6 +40,7 @@ import psutil
 import pytest
 
 import graphexec as gx
+from graphexec._data.serialize import Payload
 
 # -- tasks ------------------------------------------------------------------------
 
@@ -1054,6 +1055,79 @@ def test_a_result_that_cannot_be_unpickled_in_the_parent_names_the_node(backend)
         run[bad]
     assert info.value.stage == "unpickle-result"
     assert bad.name in str(info.value)
+
+
+def _exit_in_the_parent(code):
+    if multiprocessing.parent_process() is None:  # the test process
+        sys.exit(code)
+    return _ExitsInTheParent()
+
+
+class _ExitsInTheParent:
+    """A result whose unpickling calls sys.exit(3), in the parent only."""
+
+    def __reduce__(self):
+        return (_exit_in_the_parent, (3,))
+
+
+@gx.task
+def returns_an_exit():
+    return _ExitsInTheParent()
+
+
+@gx.task
+def takes(value):
+    return type(value).__name__
+
+
+RESULTS_THE_PARENT_CANNOT_LOAD = [
+    pytest.param(returns_a_trap, RuntimeError, id="raises"),
+    pytest.param(returns_an_exit, SystemExit, id="sys.exit"),
+]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("task", "cause"), RESULTS_THE_PARENT_CANNOT_LOAD)
+def test_a_target_whose_value_cannot_be_loaded_fails_and_its_dependents_skip(pool, task, cause):
+    graph = gx.Graph()
+    with graph:
+        bad = task()
+        after = takes(bad)
+        fine = double(2)
+    with pytest.raises(gx.GraphFailed) as info:
+        graph.compute(bad, after, fine, pool=pool)
+    run = info.value.run
+    state = run.state(bad)
+    assert state.name == "Failed", state
+    error = state.exception
+    assert type(error) is gx.SerializationError and error.stage == "unpickle-result"
+    assert bad.name in str(error) and isinstance(error.__cause__, cause)
+    assert state.attempts == 1  # the task ran and succeeded: nothing to retry
+    assert run.state(after).name == "Skipped" and run.state(after).upstream == bad.name
+    assert run[fine] == 4
+    with pytest.raises(gx.SerializationError):
+        run[bad]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("task", "cause"), RESULTS_THE_PARENT_CANNOT_LOAD)
+def test_a_value_only_passed_on_is_loaded_by_its_consumers_worker(pool, task, cause):
+    # Not kept, so never unpickled in the parent: the consumer's worker loads it.
+    graph = gx.Graph()
+    with graph:
+        after = takes(task())
+    run = graph.compute(after, pool=pool)
+    assert run[after] in ("TrappedError", "_ExitsInTheParent")
+
+
+def test_reading_a_value_whose_unpickling_exits_raises_serialization_error():
+    # What a flow's future or a cluster value meets: loaded when read, not before.
+    state = gx.State("Completed", "loaded-late", value=Payload(pickle.dumps(_ExitsInTheParent())))
+    for _ in range(2):  # and again: the failure is not a one-off
+        with pytest.raises(gx.SerializationError) as info:
+            state.result()
+        assert info.value.stage == "unpickle-result"
+        assert isinstance(info.value.__cause__, SystemExit)
 
 
 # -- output floods and processes started by tasks ----------------------------------

@@ -51,6 +51,7 @@ from typing import Any
 import cloudpickle
 import psutil
 
+from .._model.errors import safe_str
 from .._model.keys import content_hash
 from .serialize import PROTOCOL, SHM_THRESHOLD, Payload, attach_segment, loads_value
 
@@ -71,7 +72,7 @@ STALE_TMP = 3600.0  # seconds: an older .tmp- file was left by a writer that die
 CONTENT_HASH_MAX = 1 << 20  # pickle streams up to this size are hashed by content
 
 
-def wire_hash(wire: tuple[bytes, tuple]) -> str:
+def wire_hash(wire: tuple[bytes, tuple], task: str = "a cached task") -> str:
     """Key of a value a worker pickled (a Payload), for a cached dependent.
 
     By content, like :func:`content_hash` of the value itself, so that the key
@@ -81,13 +82,19 @@ def wire_hash(wire: tuple[bytes, tuple]) -> str:
     not copied) and dropped. A large pickle stream (a big pure-Python structure)
     is hashed as bytes instead: unpickling and walking it would cost more than
     its computation saves; that key is stable as long as its pickle is.
+
+    A value that cannot be unpickled or hashed here is hashed as bytes too, and
+    a ``RuntimeWarning`` (once per ``task``, the dependent whose key it enters)
+    says so: such a key may change from run to run, and then the entry misses.
     """
     data, segments = wire
     if len(data) <= CONTENT_HASH_MAX:
         try:
             return content_hash(loads_value(wire))
-        except Exception:  # any failure (an import missing here...): hash the bytes
-            pass
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: unpickling runs the value's code
+            _warn_hashed_as_bytes(task, exc)
     h = hashlib.sha256(b"wire")
     h.update(data)
     for seg in segments:
@@ -95,6 +102,26 @@ def wire_hash(wire: tuple[bytes, tuple]) -> str:
         h.update(view)
         view.release()
     return h.hexdigest()
+
+
+_warned_bytes_keys: set[str] = set()  # tasks told that their keys fell back to bytes
+
+
+def _warn_hashed_as_bytes(task: str, exc: BaseException) -> None:
+    if task in _warned_bytes_keys:
+        return
+    _warned_bytes_keys.add(task)
+    warnings.warn(
+        f"graphexec could not hash an upstream value of {task} by content for its cache "
+        f"key ({type(exc).__name__}: {safe_str(exc)}), so it hashed the value's pickled "
+        f"bytes instead; those can differ from run to run (sets, PYTHONHASHSEED, object "
+        f"ids), and then {task} misses its cache entries and is recomputed. Make every "
+        "module the value needs importable in the process that calls compute(), return "
+        f"plain data from the upstream task, or give {task} a cache_key_fn that does not "
+        "depend on this value",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 # -- store --------------------------------------------------------------------

@@ -7,59 +7,95 @@
           ┌──────────────▼──────────────┐      submit(call)      ┌──────────┐
           │ ready (heap)  parked (per   │ ─────────────────────> │ executor │
           │ limit)  retry_at (heap)     │ <───────────────────── │ (pool,   │
-          │ running (dict)              │   poll() -> outcomes   │ threads, │
-          └──────────────┬──────────────┘                        │ sync)    │
-                         │ _finish(node, state)                  └──────────┘
-                         ▼
-          release inputs nobody needs ─ wake dependents ─ apply trigger/policy
+          │ running  unsent  chained    │   poll() -> outcomes   │ threads, │
+          └───────┬──────────────▲──────┘                        │ sync,    │
+                  │ _finish      │ ready, or Cached              │ cluster) │
+                  ▼              │                               └──────────┘
+      release inputs nobody needs, wake dependents
+                  │
+                  ▼
+      policy.resolve(d): run? skip? ──run──> caching.CacheGate: key (on its own
+      (triggers, fail_fast)                  thread), lookup, lock, or wait
 
-State containers (all indexed by integer node id; lists sized to the graph):
+The engine's other modules hold what this loop decides with: ``policy.py``
+the trigger rules and fail_fast (:func:`~.policy.resolve`,
+:func:`~.policy.on_failure`), ``caching.py`` cache keys and entry locks
+(:class:`~.caching.CacheGate`, with its own state list), ``chains.py`` the
+calls sent behind a call to the same worker (:func:`~.chains.build_chain`).
 
+State (all owned by the scheduler thread; ``i`` is an integer node id, lists
+are sized to the graph):
+
+``order[i]``       i's position in the run's priority order (heap tie break)
+``member[i]``      1 if i takes part in this run (a bytearray)
+``n_members``      how many nodes take part; ``done``: how many are final
 ``waiting[i]``     upstream nodes of i not yet in a final state
-``dependents[i]``  nodes of this run that depend on i
+``dependents[i]``  nodes of this run that depend on i (None: none)
 ``uses[i]``        dependents that take i's value (data edges) and are not final;
                    at 0 the value is released unless i is kept
-``states[i]``      the final State, or a Retrying State, or None (pending/running)
+``states[i]``      the final State, or a Retrying State, or None (pending/running);
+                   the Run's own list
 ``history[i]``     Attempt records of i
+``root[i]``        for a node Skipped because of a failure: the failed node that
+                   caused it, through chains of skips (see ``policy.py``)
+``handled``        failed nodes whose failure a dependent accepted (or that declared
+                   allow_failure / return_state): they do not make compute() raise;
+                   the Run's own set
+``kept``           nodes whose value the Run keeps (targets, or all); the Run's
 ``ready``          heap of (-priority, order, i) for nodes whose inputs are settled
 ``parked[key]``    heap, like ``ready``, of nodes waiting for a concurrency slot
                    (tag/task limit): a freed slot goes to the highest priority
-``in_use[key]``    slots taken per limit key
-``retry_at``       heap of (time, seq, i): retries waiting out their delay
+``in_use[key]``    slots taken per limit key; ``_task_caps[id(fn)]``: a task's cap
+``retry_at``       heap of (time, seq, i): retries waiting out their delay, and
+                   nodes that look again at a cache entry another holds; ``seq``
+                   breaks ties
 ``running[i]``     the Call in flight for i
-``handled``        failed nodes whose failure a dependent accepted (or that declared
-                   allow_failure / return_state): they do not make compute() raise
+``unsent[i]``      a Call the executor refused for now (no free slot)
+``chained[i]``     a Call sent to a worker behind another's, not started yet
+``chains``         the executor runs chains (and this is not a flow's session)
+``gate``           the CacheGate: cache keys, locks, waits (``locked`` is its set of
+                   nodes whose entry lock this run holds, read on hot paths)
+``load_kept``      compute() loads a kept value as soon as it arrives (see below)
+``cancel_reason``  why the run is being cancelled (fail_fast, Ctrl-C), or None;
+                   ``swept``: the cancellation sweep has run; ``fail_fast_cause``:
+                   the failure that made fail_fast cancel
+``observer``       progress bars and reports: started, running, finished, retrying
 
 One function, :meth:`Scheduler._finish`, handles "a node reached a final
 state": record it, release inputs, wake dependents and decide for each (run,
 or skip through the trigger rules), iteratively so that a skip cascade down a
 100,000-node chain needs no recursion. Every dispatch and every finish is
 O(edges of that node); nothing scans the graph while it runs.
+
+Values that cannot be loaded here. A process worker's result arrives as a
+``Payload`` (its pickle) and is forwarded to dependents as it is: only
+workers unpickle the values they receive (a failure there is the
+dependent's ``unpickle-arguments`` error). A value ``compute()`` keeps for
+the Run is loaded as soon as it arrives (it would be at the end anyway):
+one that cannot be unpickled in this process — or whose unpickling raises
+anything, ``SystemExit`` included — fails its node with
+``SerializationError`` (stage ``unpickle-result``), without retries (the
+task ran), and the policies treat it like any other failure. Values that
+stay remote (a dask cluster) and a flow's values are loaded when read;
+``State.result`` then raises the same ``SerializationError``.
 """
 
 from __future__ import annotations
 
 import heapq
-import inspect
 import logging
-import re
 import time
-import warnings
 from typing import Any
 
-from .._data.cache import CacheStore, expiry, wire_hash
+from .._data.cache import CacheStore
 from .._data.serialize import Payload
 from .._executors.protocol import ERROR, HELD, OK, REQUEUE, Call, Executor
-from .._model.errors import WorkerCrashed, safe_str
+from .._model.errors import SerializationError, WorkerCrashed, safe_str
 from .._model.graph import Graph
-from .._model.handle import materialize
-from .._model.keys import CacheContext, Fingerprint, Unhashable, content_hash, task_input_hash
-from .._model.node import ALLOW, DATA
+from .._model.node import DATA
 from .._model.options import retry_delay_for, should_retry
 from .._model.run import Run
 from .._model.state import (
-    CACHED,
-    CANCELLED,
     COMPLETED,
     FAILED,
     FINAL,
@@ -67,17 +103,11 @@ from .._model.state import (
     Attempt,
     State,
 )
-from .._model.walk import substitute
+from .caching import KEYING, LOCK_POLL, RUN_NOW, WAIT, CacheGate, Verdict
+from .chains import build_chain, unchain
+from .policy import RUN, on_failure, resolve
 
 logger = logging.getLogger("graphexec")
-
-LOCK_POLL = 0.1  # seconds between looks at a cache entry another process is computing
-CHAIN_MAX = 8  # calls chained behind one: each waits in the worker's pipe
-_SAFE_KEY = re.compile(r"[0-9a-zA-Z_-]{8,128}")
-
-# Triggers under which a dependent runs although an upstream failed (fail_fast
-# leaves such a failure to them instead of cancelling the run).
-_REACTING_TRIGGERS = frozenset({"all_done", "always", "any_failed", "all_failed"})
 
 
 class Scheduler:
@@ -110,7 +140,7 @@ class Scheduler:
         self.dependents: list[list[int] | None] = [None] * n
         self.states = run._states
         self.history: dict[int, list[Attempt]] = {}
-        self.root: dict[int, int] = {}  # skipped node -> the failed node that caused it
+        self.root: dict[int, int] = {}
         self.handled = run._handled
         self.kept = run._kept
         self.ready: list[tuple[int, int, int]] = []
@@ -118,25 +148,29 @@ class Scheduler:
         self.parked: dict[Any, list[tuple[int, int, int]]] = {}
         self.in_use: dict[Any, int] = {}
         self.running: dict[int, Call] = {}
-        self.unsent: dict[int, Call] = {}  # calls the executor refused for now
-        # Chains (see _chain): calls sent to a worker behind the call of their
-        # sole upstream, not running until it answers; only the process pool
-        # runs them, and only for compute() (a flow's user may read any value).
+        self.unsent: dict[int, Call] = {}
+        # Chains: only the process pool runs them, and only for compute() (a
+        # flow's user may read any value).
         self.chained: dict[int, Call] = {}
         self.chains = executor.capabilities.chains
         self.cancel_reason: str | None = None
-        self.swept = False  # the cancellation sweep has run
-        self.fail_fast_cause: int | None = None  # the failure that cancelled the run
+        self.swept = False
+        self.fail_fast_cause: int | None = None
         self.seq = 0
         self._task_caps: dict[int, int] = {}
-        self.cache = cache
-        self.refresh_cache = refresh_cache
-        self.keys: dict[int, str] = {}  # node -> its cache key (hit, or ours to write)
-        self.signatures: dict[Any, Any] = {}  # task -> inspect.Signature (or None), for keys
-        self.locked: set[int] = set()  # nodes whose cache lock we hold
-        self.lock_waits: set[int] = set()  # nodes waiting for another's cache lock
-        self.refreshed: set[str] = set()  # keys recomputed by this run (refresh_cache)
-        self.refreshing: set[int] = set()  # nodes running to refresh their entry
+        # Keys are hashed on a thread of the gate's unless calls run in this
+        # thread anyway (sync): then nothing runs meanwhile that could be delayed.
+        self.gate = CacheGate(
+            graph,
+            self.states,
+            cache,
+            refresh_cache,
+            self._value_for_dependent,
+            executor.wakeup,
+            offload=not executor.capabilities.in_caller_thread,
+        )
+        self.locked = self.gate.locked
+        self.load_kept = False  # run() turns it on: compute() reads its kept values
         # Progress bars and reports watch the run through four calls:
         # started(run), running(i, call), finished(i, state), retrying(i, state).
         self.observer = observer
@@ -148,6 +182,15 @@ class Scheduler:
         for i in run.members:
             self.waiting[i] = len(deps[i])
             self._link(i)
+
+    @property
+    def cache(self) -> CacheStore | None:
+        """The cache store of the run (a flow's session opens it on first use)."""
+        return self.gate.store
+
+    @cache.setter
+    def cache(self, store: CacheStore | None) -> None:
+        self.gate.store = store
 
     def _link(self, i: int) -> None:
         """Register node i as a dependent of its upstreams (and a user of their values)."""
@@ -165,6 +208,9 @@ class Scheduler:
 
     def run(self) -> None:
         """Run every member to a final state (``graph.compute``)."""
+        # Remote values (a cluster) stay where they are until read: loading
+        # them here would fetch each one on this thread.
+        self.load_kept = not self.executor.capabilities.remote_values
         if self.observer is not None:
             self.observer.started(self.run_)
         for i in self.run_.members:
@@ -250,22 +296,33 @@ class Scheduler:
             self.cancel(self.cancel_reason, everything=False)
             return  # the caller re-checks whether anything is left to do
         self._dispatch()
+        gate = self.gate
         timeout = None
         if self.retry_at:
             timeout = max(0.0, self.retry_at[0][0] - time.monotonic())
-        if not self.running and not self.ready and timeout is None and not idle_ok:
+        if (
+            not self.running
+            and not self.ready
+            and timeout is None
+            and not idle_ok
+            and not gate.keying
+        ):
             raise RuntimeError(
                 f"graphexec scheduler stalled with {self.n_members - self.done} nodes "
                 "unfinished; this is a bug, please report it"
             )
         for call, kind, value in self.executor.poll(timeout):
             self._on_outcome(call, kind, value)
+        if gate.results:  # keys computed meanwhile (the keying thread woke poll up)
+            for i, verdict in gate.keyed():
+                cached = self._gate_says(i, verdict)
+                if cached is not None:
+                    self._finish(i, cached)
         now = time.monotonic()
         while self.retry_at and self.retry_at[0][0] <= now:
             i = heapq.heappop(self.retry_at)[2]
-            if i in self.lock_waits:
-                self.lock_waits.discard(i)
-                cached = self._become_ready(i)
+            if i in gate.lock_waits:
+                cached = self._gate_says(i, gate.look_again(i))
                 if cached is not None:
                     self._finish(i, cached)
             else:
@@ -286,7 +343,7 @@ class Scheduler:
                     continue
             call = self.unsent.pop(i, None) or self._make_call(i)
             if self.chains:
-                call.then = self._chain(i)
+                call.then = build_chain(self, i)
             if not executor.submit(call):
                 call.then = None
                 self.unsent[i] = call
@@ -323,69 +380,6 @@ class Scheduler:
         # every node of one task shares its options' max_concurrency
         return self._task_caps[key[1]]
 
-    def _chain(self, i: int) -> list[Call] | None:
-        """Calls to send right behind node i's, on its worker, each taking the value
-        of the one before it in that worker's memory (see ``_call.py``).
-
-        A value is kept in a worker only where nothing could need it again: its
-        node has one consumer, which takes it once as plain data; it is not kept
-        for the Run nor written to the cache; the consumer will surely run (its
-        other inputs are all completed, plain ``all_success``) and never runs
-        twice (no retries) nor waits for a slot (no concurrency limit) nor keys
-        a cache entry on it. So a value lost with a worker — a crash, a kill —
-        is never needed: its consumer either failed with that worker or never
-        started, and then its upstream failed too.
-        """
-        graph = self.graph
-        chain: list[Call] = []
-        x = i
-        while len(chain) < CHAIN_MAX and self.cancel_reason is None:
-            if (
-                x in self.kept
-                or x in self.locked
-                or self.uses[x] != 1
-                or graph._opts[x].return_state
-            ):
-                break
-            consumers = self.dependents[x]
-            if consumers is None or len(consumers) != 1:
-                break
-            d = consumers[0]
-            opts = graph._opts[d]
-            if (
-                self.states[d] is not None
-                or self.waiting[d] != 1
-                or d in self.chained
-                or d in self.running
-                or d in self.unsent
-                or opts.retries
-                or opts.cache_key_fn is not None
-                or opts.trigger != "all_success"
-                or self._limit_keys(d)
-            ):
-                break
-            fl = graph._flags[d]
-            if not all(
-                (fl is None or fl[k] == DATA)
-                if up == x
-                else (self.states[up] is not None and self.states[up].is_completed())
-                for k, up in enumerate(graph._deps[d])
-            ):
-                break
-            chain.append(self._make_call(d, held=x))
-            x = d
-        return chain or None
-
-    def _unchain(self, call: Call) -> None:
-        """``call``'s chain will not run behind it: forget the calls chained to it."""
-        nxt = call.then[0] if call.then else None
-        call.then = None
-        while nxt is not None:
-            self.chained.pop(nxt.node, None)
-            after = nxt.then[0] if nxt.then else None
-            nxt.then = None
-            nxt = after
-
     def _make_call(self, i: int, held: int = -1) -> Call:
         """The Call for node i; ``held``: the upstream whose value a worker keeps for it."""
         graph = self.graph
@@ -411,8 +405,7 @@ class Scheduler:
             len(self.history.get(i, ())) + 1,
         )
         if i in self.locked:
-            meta = {"task": graph._tasks[i].name, "expires": expiry(opts.cache_expiration)}
-            call.cache = (str(self.cache.root), self.keys[i], meta)
+            call.cache = self.gate.entry(i)
         return call
 
     def _value_for_dependent(self, up: int) -> Any:
@@ -443,7 +436,7 @@ class Scheduler:
                 if self.observer is not None:
                     self.observer.running(nxt.node, nxt)
             else:
-                self._unchain(call)
+                unchain(self.chained, call)
         if kind == REQUEUE and any(h is HELD for h in call.inputs.values()):
             # Cannot happen (a chained call runs right after the call it follows,
             # or not at all); if it did, its input is gone: say so on this node.
@@ -470,11 +463,13 @@ class Scheduler:
             self._push_ready(i)
             return
         error = None if kind == OK else value
+        if kind == OK and self.load_kept and type(value) is Payload and i in self.kept:
+            error = self._unloadable(i, value)
         attempt = Attempt(call.number, call.started, call.finished, call.worker, error)
         history = self.history.setdefault(i, [])
         history.append(attempt)
         name = self.graph._names[i]
-        if kind == OK:
+        if error is None:
             self._finish(i, State(COMPLETED, name, value=value, history=history))
             return
         opts = self.graph._opts[i]
@@ -485,7 +480,8 @@ class Scheduler:
             history=history,
             message=f"{type(error).__name__}: {safe_str(error)}",
         )
-        if call.number <= opts.retries and self.cancel_reason is None:
+        # (a value that cannot be loaded is not retried: the task ran and succeeded)
+        if kind == ERROR and call.number <= opts.retries and self.cancel_reason is None:
             try:
                 again = should_retry(opts, error, failed, self.graph._tasks[i])
             except Exception:
@@ -515,41 +511,78 @@ class Scheduler:
         logger.warning("%s failed: %s: %s", name, type(error).__name__, safe_str(error))
         self._finish(i, failed)
 
+    def _unloadable(self, i: int, payload: Payload) -> SerializationError | None:
+        """Load a kept value now; if it cannot be, drop it and return the node's error.
+
+        Anything its unpickling raises but Ctrl-C (``SystemExit`` too) is the
+        node's failure, not the caller's: it must not escape ``compute``.
+        """
+        try:
+            payload.load()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            payload.discard()
+            self.executor.release(i, payload)
+            name = self.graph._names[i]
+            error = SerializationError(
+                f"the result of {name} could not be unpickled in this process: "
+                f"{type(exc).__name__}: {safe_str(exc)}. The task ran and returned it; is "
+                "every module its value needs importable here (same environment)?",
+                node=name,
+                stage="unpickle-result",
+            )
+            error.__cause__ = exc
+            return error
+        return None
+
     def _finish(self, i: int, state: State) -> None:
         """Node ``i`` reached a final state: record it, release inputs, wake dependents."""
         graph = self.graph
+        states, locked, root, handled = self.states, self.locked, self.root, self.handled
         work = [(i, state)]
         while work:
             i, state = work.pop()
-            if self.states[i] is not None and self.states[i].name in FINAL:
+            if states[i] is not None and states[i].name in FINAL:
                 continue
-            self.states[i] = state
+            states[i] = state
             self.done += 1
             if self.observer is not None:
                 self.observer.finished(i, state)
-            if i in self.locked:
-                self.locked.discard(i)
-                self.cache.unlock(self.keys[i])
-                if i in self.refreshing and state.is_completed():
-                    self.refreshed.add(self.keys[i])
+            if i in locked:
+                self.gate.finished(i, state.is_completed())
             if state.is_completed() and self.uses[i] == 0 and i not in self.kept:
                 self._release(i, state)
-            elif state.name is FAILED:
-                self._on_failure(i)
+            elif state.name is FAILED and on_failure(
+                graph, self.dependents, handled, i, self.fail_fast and self.cancel_reason is None
+            ):
+                self.cancel_reason = f"fail_fast: {graph._names[i]} failed"
+                self.fail_fast_cause = i
             ups, fl = graph._deps[i], graph._flags[i]
             for k, up in enumerate(ups):
                 if fl is None or fl[k] & DATA:
                     self.uses[up] -= 1
                     if self.uses[up] == 0 and up not in self.kept:
-                        up_state = self.states[up]
+                        up_state = states[up]
                         if up_state is not None and up_state.is_completed():
                             self._release(up, up_state)
             for d in self.dependents[i] or ():
                 self.waiting[d] -= 1
-                if self.waiting[d] == 0 and self.states[d] is None and d not in self.running:
-                    skip = self._resolve(d)
-                    if skip is not None:
-                        work.append((d, skip))
+                if self.waiting[d] == 0 and states[d] is None and d not in self.running:
+                    # _resolve, inlined: this is the path of every node
+                    verdict = resolve(
+                        graph,
+                        states,
+                        root,
+                        handled,
+                        d,
+                        self.cancel_reason is not None,
+                        self.fail_fast_cause,
+                    )
+                    if verdict is RUN:
+                        verdict = self._become_ready(d)
+                    if verdict is not None:
+                        work.append((d, verdict))
 
     def _release(self, i: int, state: State) -> None:
         """Drop node i's value: nobody pending needs it and it is not kept."""
@@ -557,250 +590,49 @@ class Scheduler:
         state._release()
         self.executor.release(i, handle)
 
-    def _on_failure(self, i: int) -> None:
-        opts = self.graph._opts[i]
-        if opts.allow_failure or opts.return_state:
-            self.handled.add(i)  # declared on the task: its failures never block
-            return
-        if not self.fail_fast or self.cancel_reason is not None:
-            return
-        accepted_by_all = all(self._edge_accepts(d, i) for d in self.dependents[i] or ()) and bool(
-            self.dependents[i]
-        )
-        if not accepted_by_all:
-            self.cancel_reason = f"fail_fast: {self.graph._names[i]} failed"
-            self.fail_fast_cause = i
-
-    def _edge_flag(self, d: int, up: int) -> int:
-        ups, fl = self.graph._deps[d], self.graph._flags[d]
-        if fl is None:
-            return DATA
-        return fl[ups.index(up)]
-
-    def _edge_accepts(self, d: int, up: int) -> bool:
-        # Triggers that react to failures take this one; none_failed (like
-        # all_success) is skipped by it, so it handles nothing.
-        return (
-            bool(self._edge_flag(d, up) & ALLOW)
-            or self.graph._opts[d].trigger in _REACTING_TRIGGERS
-        )
-
-    # -- policies -------------------------------------------------------------
+    # -- policies and caching (policy.py, caching.py) ---------------------------
 
     def _resolve(self, d: int) -> State | None:
         """All of d's upstreams are final: queue d to run, or return its final state
-        (Skipped by the policies, or Cached)."""
-        graph = self.graph
-        opts = graph._opts[d]
-        trigger = opts.trigger
-        ups, fl = graph._deps[d], graph._flags[d]
-        if not ups:  # nothing to react to: a root node runs whatever its trigger
-            if self.cancel_reason is not None and trigger != "always":
-                return None
-            return self._become_ready(d)
-        n_failed = 0  # Failed, or Skipped because of a failure, or Cancelled
-        blocking = None  # upstream that stops an all_success node: the first failure-like
-        blocked_by_failure = False  # one, else the first (a skip not caused by a failure)
-        first_failed = None  # first failure-like upstream (stops a none_failed node)
-        problems: list[int] = []
-        for k, up in enumerate(ups):
-            st = self.states[up]
-            if st.is_completed():
-                continue
-            failure_like = st.name is FAILED or st.name is CANCELLED or up in self.root
-            if failure_like:
-                n_failed += 1
-                if first_failed is None:
-                    first_failed = up
-            problems.append(up)
-            if trigger == "all_success" and not blocked_by_failure:
-                flag = DATA if fl is None else fl[k]
-                upopts = graph._opts[up]
-                if not (flag & ALLOW or upopts.allow_failure or upopts.return_state) and (
-                    blocking is None or failure_like
-                ):
-                    # A failure upstream wins over a skip that no failure caused,
-                    # whatever the argument order: the skip must count as failure-
-                    # caused further down.
-                    blocking, blocked_by_failure = up, failure_like
-        name = graph._names[d]
-        if trigger == "all_success":
-            run = blocking is None
-        elif trigger in ("all_done", "always"):
-            run = True
-        elif trigger == "any_failed":
-            run = n_failed > 0
-        elif trigger == "all_failed":
-            run = n_failed == len(ups)
-        else:  # none_failed
-            run = n_failed == 0
-        if run:
-            if self.cancel_reason is not None and trigger != "always":
-                # fail_fast: it would run, so it is cancelled (by the sweep), and
-                # handles nothing: only a dependent that runs handles a failure. A
-                # node that an upstream failure skips is Skipped even then: it
-                # names the failure, which is what it ended by.
-                return None
-            for up in problems:  # this dependent accepted these failures
-                root = up if self.states[up].name is FAILED else self.root.get(up)
-                if root is not None and root != self.fail_fast_cause:
-                    # (the failure that made fail_fast cancel the run stays unhandled:
-                    # a cleanup node running afterwards must not turn it into success)
-                    self.handled.add(root)
-            return self._become_ready(d)
-        if trigger == "none_failed":
-            # Skipped because an upstream failed, as all_success would be: record the
-            # root failure so that the skip counts as failure-caused further down.
-            blocking = first_failed
-        if (
-            self.cancel_reason is not None
-            and trigger != "always"
-            and (
-                blocking is None
-                or (self.states[blocking].name is not FAILED and blocking not in self.root)
-            )
-        ):
-            return None  # not ended by a failure: the cancellation sweep cancels it
-        if blocking is not None:
-            st = self.states[blocking]
-            root = blocking if st.name is FAILED else self.root.get(blocking)
-            if root is not None:
-                self.root[d] = root
-                root_name = graph._names[root]
-                if root == blocking:
-                    why = f"{name} was skipped because its upstream {root_name} failed"
-                else:
-                    why = (
-                        f"{name} was skipped because its upstream {graph._names[blocking]} "
-                        f"was skipped ({root_name} failed)"
-                    )
-                return State.skipped(name, root_name, why)
-            return State.skipped(
-                name,
-                None,
-                f"{name} was skipped because its upstream {graph._names[blocking]} "
-                f"was {st.name.lower()}",
-            )
-        return State.skipped(
-            name,
-            None,
-            f"{name} was skipped: trigger={trigger!r} not met "
-            f"({n_failed} of {len(ups)} upstream nodes failed)",
+        (Skipped by the policies, or Cached); None also while the cancellation sweep
+        is due to cancel it or the cache gate holds it."""
+        verdict = resolve(
+            self.graph,
+            self.states,
+            self.root,
+            self.handled,
+            d,
+            self.cancel_reason is not None,
+            self.fail_fast_cause,
         )
-
-    # -- caching --------------------------------------------------------------
+        if verdict is RUN:
+            return self._become_ready(d)
+        return verdict
 
     def _become_ready(self, i: int) -> State | None:
         """Queue node i, unless its result is cached: then return its Cached state.
 
-        A miss takes the entry's lock first; if another process (or node) holds
-        it, the node waits a little and looks again, so the entry is computed
-        once and then found.
+        A cached task goes through the gate first: its key may take a while (the
+        gate holds the node meanwhile), and another may hold its entry's lock.
         """
-        opts = self.graph._opts[i]
-        if self.cache is None or opts.cache_key_fn is None:
+        gate = self.gate
+        if gate.store is None or self.graph._opts[i].cache_key_fn is None:
             self._push_ready(i)
             return None
-        key = self.keys.get(i) or self._cache_key(i)
-        if key is None:
+        return self._gate_says(i, gate.enter(i))
+
+    def _gate_says(self, i: int, verdict: Verdict) -> State | None:
+        """Act on the cache gate's verdict for node i; a Cached state is returned."""
+        if isinstance(verdict, State):
+            return verdict
+        if verdict is RUN_NOW:
             self._push_ready(i)
-            return None
-        self.keys[i] = key
-        # Refresh recomputes a key once per run; other nodes with that key then hit.
-        refresh = (self.refresh_cache or opts.refresh_cache) and key not in self.refreshed
-        if not refresh:
-            hit = self.cache.lookup(key)
-            if hit is not None:
-                return State(
-                    CACHED,
-                    self.graph._names[i],
-                    value=hit,
-                    message=f"loaded from cache entry {key[:12]}",
-                )
-        if self.cache.try_lock(key):
-            # Another process may have written the entry between our lookup and lock.
-            hit = None if refresh else self.cache.lookup(key)
-            if hit is not None:
-                self.cache.unlock(key)
-                return State(
-                    CACHED,
-                    self.graph._names[i],
-                    value=hit,
-                    message=f"loaded from cache entry {key[:12]}",
-                )
-            self.locked.add(i)
-            if refresh:
-                self.refreshing.add(i)
-            self._push_ready(i)
-            return None
-        self.lock_waits.add(i)
-        self.seq += 1
-        heapq.heappush(self.retry_at, (time.monotonic() + LOCK_POLL, self.seq, i))
+        elif verdict is WAIT:
+            self.seq += 1
+            heapq.heappush(self.retry_at, (time.monotonic() + LOCK_POLL, self.seq, i))
+        else:
+            assert verdict is KEYING  # the gate's results bring it back
         return None
-
-    def _cache_key(self, i: int) -> str | None:
-        graph = self.graph
-        task, opts = graph._tasks[i], graph._opts[i]
-        ups, fl = graph._deps[i], graph._flags[i]
-        use_fingerprints = opts.cache_key_fn is task_input_hash
-        values: dict[int, Any] = {}
-        try:
-            for k, up in enumerate(ups):
-                if fl is None or fl[k] & DATA:
-                    handle = self._value_for_dependent(up)
-                    values[up] = (
-                        Fingerprint(self._fingerprint(up, handle))
-                        if use_fingerprints
-                        else materialize(handle)
-                    )
-        except Unhashable as exc:
-            warnings.warn(f"{graph._names[i]} is not cached: {exc}", RuntimeWarning, stacklevel=2)
-            return None
-        args = substitute(graph._args[i], values)
-        kwargs = substitute(graph._kwargs[i], values) if graph._kwargs[i] else {}
-        signature = self.signatures.get(task, False)
-        if signature is False:  # once per task, not per node: signature() is slow
-            try:
-                signature = inspect.signature(task.fn)
-            except (TypeError, ValueError):
-                signature = None
-            self.signatures[task] = signature
-        try:
-            if signature is None:
-                raise TypeError("no signature")
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            arguments = dict(bound.arguments)
-        except TypeError:
-            arguments = {"args": args, "kwargs": kwargs}
-        try:
-            key = opts.cache_key_fn(CacheContext(task, graph._names[i]), arguments)
-        except Exception as exc:
-            logger.warning(
-                "%s: cache_key_fn raised %s: %s; not cached",
-                graph._names[i],
-                type(exc).__name__,
-                exc,
-            )
-            return None
-        if key is not None and not isinstance(key, str):
-            key = content_hash(key)
-        elif key is not None and not _SAFE_KEY.match(key):
-            key = content_hash(key)  # user keys become file names: hash anything unusual
-        return key
-
-    def _fingerprint(self, up: int, handle: Any) -> str:
-        """An upstream value's stand-in in a key: its own key, else its content hash."""
-        key = self.keys.get(up)
-        if key is not None and self.states[up].is_completed():
-            return key
-        if type(handle) is Payload:
-            return wire_hash(handle.wire)
-        if isinstance(handle, State):
-            return f"state:{handle.name}:" + self._fingerprint(up, handle._value)
-        if isinstance(handle, BaseException):
-            return content_hash(("exception", type(handle).__qualname__, safe_str(handle)))
-        return content_hash(handle)
 
     # -- cancellation ---------------------------------------------------------
 
@@ -826,6 +658,7 @@ class Scheduler:
                 self._finish(call.node, State.cancelled(self.graph._names[call.node], why, history))
         self.ready.clear()
         self.retry_at.clear()
+        self.gate.cancel()
         self.parked.clear()
         self.unsent.clear()
         self.chained.clear()

@@ -176,6 +176,9 @@ class State:
             UpstreamFailed: for a Skipped node.
             Cancelled: for a Cancelled node.
             ResultReleased: the value was freed during the run.
+            SerializationError: the value cannot be unpickled in this process
+                (stage ``unpickle-result``); whatever its unpickling raised, but
+                ``KeyboardInterrupt``, is its ``__cause__``.
         """
         if self.is_completed():
             if self._value is _RELEASED:
@@ -186,7 +189,9 @@ class State:
                 )
             try:
                 self._value = materialize(self._value)
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # SystemExit too: unpickling runs the value's code
                 raise SerializationError(
                     f"the result of {self.node} could not be unpickled in this process: "
                     f"{type(exc).__name__}: {safe_str(exc)}. The task ran and returned it; is "

@@ -1,0 +1,481 @@
+"""The cache gate: cache keys and entry locks of one run's nodes.
+
+A node with a ``cache_key_fn`` passes through the gate when its upstreams are
+final, before it may run::
+
+    scheduler thread                             keying thread (one, while there is work)
+    ----------------                             -------------
+    enter(i): snapshot of i's inputs ─ jobs ──>  key = cache_key_fn(context, arguments)
+              keying[i] = ticket                 (hashes upstream values: unpickles
+                                                  wire forms, maps shared memory)
+    executor.poll() returns  <── wakeup() ─────  results.append((i, ticket, key))
+    keyed(): each key ─> with_key(i, key)
+        hit                     -> Cached state, i never runs
+        miss, lock taken        -> run; its worker writes the entry, _finish unlocks
+        lock held by another    -> WAIT: look again every LOCK_POLL s (lock_waits)
+
+Keys are computed off the scheduler thread (defect: hashing a large upstream
+array or a slow ``cache_key_fn`` stalled the scheduler, and with it every
+deadline): the scheduler hands the keying thread a snapshot of what the key
+needs (the task, its arguments, the upstream handles or their own keys) and
+goes on; the key comes back through :attr:`CacheGate.results` and the
+executor's ``wakeup()``, and the scheduler applies it (lookup, lock, queue)
+on its own thread. Only an executor that runs calls in the caller's thread
+(``sync``) computes keys inline: nothing of it runs meanwhile, and ``pdb``
+in a ``cache_key_fn`` keeps working.
+
+Waiting for an entry another process computes
+    Whoever computes an entry holds its ``flock`` (``_data/cache.py``). A node
+    whose entry is locked by another process waits for it, looking every
+    ``LOCK_POLL`` seconds, for at most ``LOCK_WAIT`` seconds (600; the
+    environment variable ``GRAPHEXEC_CACHE_LOCK_WAIT`` overrides it). The wait
+    is logged when it starts (INFO, naming the process that holds the entry,
+    read from ``/proc/locks`` on Linux). Past the bound the holder is taken to
+    be stuck: the node computes its value without the cache (it neither reads
+    nor writes the entry, which the holder still owns) and a WARNING names the
+    holder. A node waiting for another node *of this run* with the same key
+    waits without bound: that node runs under this run's own timeouts.
+
+State (plain containers, touched by the scheduler thread only, except
+``results``, which the keying thread appends to):
+
+``keys[i]``        node -> its cache key (a hit, or the entry it computes)
+``signatures``     task -> inspect.Signature or None, to bind arguments by name
+``keying[i]``      nodes whose key is being computed -> ticket of that request
+``results``        deque of (node, ticket, key or None) from the keying thread
+``locked``         nodes whose entry lock this run holds (they write the entry)
+``holders[key]``   the node of this run that holds ``key``'s lock
+``lock_waits[i]``  nodes waiting for another's lock -> monotonic time to give up
+                   (``inf`` when the holder is a node of this run)
+``refreshed``      keys recomputed by this run (``refresh_cache``: once per key)
+``refreshing``     nodes running to refresh their entry
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import re
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from .._data.cache import CacheStore, expiry, wire_hash
+from .._data.serialize import Payload
+from .._model.errors import safe_str
+from .._model.graph import Graph
+from .._model.handle import materialize
+from .._model.keys import CacheContext, Fingerprint, Unhashable, content_hash, task_input_hash
+from .._model.node import DATA
+from .._model.state import CACHED, State
+from .._model.walk import substitute
+
+logger = logging.getLogger("graphexec")
+
+LOCK_POLL = 0.1  # seconds between looks at a cache entry another process is computing
+LOCK_WAIT = 600.0  # seconds a node waits for an entry another process holds
+LOCK_WAIT_ENV = "GRAPHEXEC_CACHE_LOCK_WAIT"
+_SAFE_KEY = re.compile(r"[0-9a-zA-Z_-]{8,128}")
+
+
+class _Verdict:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+RUN_NOW: Final = _Verdict("RUN_NOW")  # queue the node (it computes; a lock is held if keyed)
+KEYING: Final = _Verdict("KEYING")  # its key is being computed: results bring it back
+WAIT: Final = _Verdict("WAIT")  # another holds its entry: look again in LOCK_POLL s
+
+Verdict = State | _Verdict  # a State: the node is Cached, it does not run
+
+
+def lock_wait_bound() -> float:
+    """``LOCK_WAIT``, or the seconds given by ``GRAPHEXEC_CACHE_LOCK_WAIT``."""
+    text = os.environ.get(LOCK_WAIT_ENV)
+    if not text:
+        return LOCK_WAIT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also NaN
+        logger.warning(
+            "%s=%r is not a number of seconds >= 0; using %g", LOCK_WAIT_ENV, text, LOCK_WAIT
+        )
+        return LOCK_WAIT
+    return seconds
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid of the process holding ``flock`` on ``path``, from ``/proc/locks``
+    (Linux); None if unknown."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            text = f.read()
+    except OSError:
+        return None
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    by_inode = None
+    for line in text.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2146993 0 EOF"; a waiter's line has "->"
+        parts = line.split()
+        if len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        try:
+            pid = int(parts[4])
+        except ValueError:
+            continue
+        if parts[5] == dev:
+            return pid
+        if by_inode is None and parts[5].rsplit(":", 1)[-1] == str(st.st_ino):
+            by_inode = pid  # an overlay filesystem reports the device underneath
+    return by_inode
+
+
+class _KeyJob:
+    """What computing one node's key needs, taken on the scheduler thread."""
+
+    __slots__ = ("args", "kwargs", "name", "node", "opts", "task", "ticket", "values")
+
+    def __init__(
+        self,
+        node: int,
+        ticket: int,
+        task: Any,
+        name: str,
+        opts: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        values: dict[int, tuple[str | None, Any]],
+    ) -> None:
+        self.node = node
+        self.ticket = ticket
+        self.task = task
+        self.name = name
+        self.opts = opts
+        self.args = args
+        self.kwargs = kwargs
+        # upstream -> (its own key if it has one and completed, its value's handle)
+        self.values = values
+
+
+class CacheGate:
+    """Cache keys and entry locks of one run; owned by its scheduler. See the module
+    docstring."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        states: list[State | None],
+        store: CacheStore | None,
+        refresh_cache: bool,
+        value_of: Callable[[int], Any],
+        wakeup: Callable[[], None],
+        offload: bool,
+    ) -> None:
+        self.graph = graph
+        self.states = states
+        self.store = store
+        self.refresh_cache = refresh_cache
+        self._value_of = value_of  # the handle a dependent of node i receives
+        self._wakeup = wakeup  # the executor's: makes the scheduler's poll() return
+        self._offload = offload
+        self._lock_wait = lock_wait_bound()
+        self.keys: dict[int, str] = {}
+        self.signatures: dict[Any, Any] = {}
+        self.keying: dict[int, int] = {}
+        self.results: deque[tuple[int, int, str | None]] = deque()
+        self.locked: set[int] = set()
+        self.holders: dict[str, int] = {}
+        self.lock_waits: dict[int, float] = {}
+        self.refreshed: set[str] = set()
+        self.refreshing: set[int] = set()
+        self._tickets = 0
+        self._jobs: deque[_KeyJob] = deque()
+        self._jobs_lock = threading.Lock()
+        self._worker_busy = False  # a keying thread runs (it exits when jobs run out)
+
+    # -- entering the gate ------------------------------------------------------
+
+    def enter(self, i: int) -> Verdict:
+        """Node i is about to run: RUN_NOW, KEYING, WAIT, or its Cached state."""
+        key = self.keys.get(i)
+        if key is not None:
+            return self.with_key(i, key)
+        self._tickets += 1
+        job = self._job(i, self._tickets)
+        if not self._offload:
+            key = self._key_of(job)
+            if key is None:
+                return RUN_NOW
+            self.keys[i] = key
+            return self.with_key(i, key)
+        self.keying[i] = job.ticket
+        with self._jobs_lock:
+            self._jobs.append(job)
+            start = not self._worker_busy
+            self._worker_busy = True
+        if start:
+            threading.Thread(target=self._work, name="graphexec-cache-keys", daemon=True).start()
+        return KEYING
+
+    def keyed(self) -> list[tuple[int, Verdict]]:
+        """Apply the keys the keying thread sent: each node's verdict."""
+        out: list[tuple[int, Verdict]] = []
+        results, keying = self.results, self.keying
+        while results:
+            i, ticket, key = results.popleft()
+            if keying.get(i) != ticket:
+                continue  # the node was cancelled meanwhile: nothing waits for this key
+            del keying[i]
+            if key is None:
+                out.append((i, RUN_NOW))
+            else:
+                self.keys[i] = key
+                out.append((i, self.with_key(i, key)))
+        return out
+
+    def look_again(self, i: int) -> Verdict:
+        """A node waiting for another's lock: look at its entry again."""
+        return self.with_key(i, self.keys[i])
+
+    def with_key(self, i: int, key: str) -> Verdict:
+        """Node i has its key: a hit, the lock (RUN_NOW), or WAIT for the holder.
+
+        A miss takes the entry's lock first; if another process (or node) holds
+        it, the node waits a little and looks again, so the entry is computed
+        once and then found.
+        """
+        store = self.store
+        assert store is not None
+        # Refresh recomputes a key once per run; other nodes with that key then hit.
+        refresh = (
+            self.refresh_cache or self.graph._opts[i].refresh_cache
+        ) and key not in self.refreshed
+        if not refresh:
+            hit = store.lookup(key)
+            if hit is not None:
+                self.lock_waits.pop(i, None)
+                return self._cached(i, key, hit)
+        if store.try_lock(key):
+            self.lock_waits.pop(i, None)
+            # Another process may have written the entry between our lookup and lock.
+            hit = None if refresh else store.lookup(key)
+            if hit is not None:
+                store.unlock(key)
+                return self._cached(i, key, hit)
+            self.locked.add(i)
+            self.holders[key] = i
+            if refresh:
+                self.refreshing.add(i)
+            return RUN_NOW
+        give_up = self.lock_waits.get(i)
+        if give_up is None:
+            self.lock_waits[i] = self._start_wait(i, key)
+        elif time.monotonic() >= give_up:
+            del self.lock_waits[i]
+            self._give_up(i, key)
+            return RUN_NOW
+        return WAIT
+
+    def _cached(self, i: int, key: str, hit: Any) -> State:
+        return State(
+            CACHED,
+            self.graph._names[i],
+            value=hit,
+            message=f"loaded from cache entry {key[:12]}",
+        )
+
+    def _start_wait(self, i: int, key: str) -> float:
+        name = self.graph._names[i]
+        mate = self.holders.get(key)
+        if mate is not None:
+            logger.debug(
+                "%s waits for %s, which computes the same cache entry",
+                name,
+                self.graph._names[mate],
+            )
+            return math.inf
+        logger.info(
+            "%s waits for cache entry %s, which %s is computing (for up to %g s; "
+            "%s sets the bound)",
+            name,
+            key[:12],
+            self._holder_text(key),
+            self._lock_wait,
+            LOCK_WAIT_ENV,
+        )
+        return time.monotonic() + self._lock_wait
+
+    def _give_up(self, i: int, key: str) -> None:
+        logger.warning(
+            "%s waited %g s for cache entry %s, which %s still holds: computing it without "
+            "the cache (the holder may be stuck; it keeps the entry). Set %s to wait longer",
+            self.graph._names[i],
+            self._lock_wait,
+            key[:12],
+            self._holder_text(key),
+            LOCK_WAIT_ENV,
+        )
+
+    def _holder_text(self, key: str) -> str:
+        assert self.store is not None
+        pid = lock_holder(self.store.path(key).with_suffix(".lock"))
+        if pid is None:
+            return "another process"
+        if pid == os.getpid():
+            return f"this process (pid {pid}, another compute)"
+        return f"process {pid}"
+
+    # -- after the node ---------------------------------------------------------
+
+    def finished(self, i: int, completed: bool) -> None:
+        """Node i (whose lock this run holds) is final: let go of its entry."""
+        key = self.keys[i]
+        self.locked.discard(i)
+        self.holders.pop(key, None)
+        assert self.store is not None
+        self.store.unlock(key)
+        if completed and i in self.refreshing:
+            self.refreshed.add(key)
+
+    def entry(self, i: int) -> tuple[str, str, dict]:
+        """What the worker of a locked node needs to write its entry (``Call.cache``)."""
+        assert self.store is not None
+        opts = self.graph._opts[i]
+        meta = {"task": self.graph._tasks[i].name, "expires": expiry(opts.cache_expiration)}
+        return (str(self.store.root), self.keys[i], meta)
+
+    def cancel(self) -> None:
+        """The run is cancelled: nothing waits for a key or a lock any more."""
+        self.keying.clear()
+        self.lock_waits.clear()
+
+    # -- keys -------------------------------------------------------------------
+
+    def _job(self, i: int, ticket: int) -> _KeyJob:
+        graph, keys, states = self.graph, self.keys, self.states
+        ups, fl = graph._deps[i], graph._flags[i]
+        values: dict[int, tuple[str | None, Any]] = {}
+        for k, up in enumerate(ups):
+            if fl is None or fl[k] & DATA:
+                own = keys.get(up)
+                st = states[up]
+                if own is not None and not (st is not None and st.is_completed()):
+                    own = None
+                values[up] = (own, self._value_of(up))
+        return _KeyJob(
+            i,
+            ticket,
+            graph._tasks[i],
+            graph._names[i],
+            graph._opts[i],
+            graph._args[i],
+            graph._kwargs[i],
+            values,
+        )
+
+    def _work(self) -> None:
+        """The keying thread: compute keys until no job is left, then exit."""
+        while True:
+            with self._jobs_lock:
+                if not self._jobs:
+                    self._worker_busy = False
+                    return
+                job = self._jobs.popleft()
+            key = None
+            try:
+                key = self._key_of(job)
+            except BaseException:  # a KeyboardInterrupt raised by user code: no key
+                logger.exception("%s: computing its cache key failed; not cached", job.name)
+            self.results.append((job.node, job.ticket, key))
+            try:
+                self._wakeup()
+            except Exception:  # the run ended meanwhile (Ctrl-C): nobody waits for it
+                pass
+
+    def _key_of(self, job: _KeyJob) -> str | None:
+        """The node's key, or None (not cached: said in a warning)."""
+        try:
+            return self._compute_key(job)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # an upstream value that cannot be loaded here...
+            logger.warning(
+                "%s: its cache key could not be computed (%s: %s); not cached",
+                job.name,
+                type(exc).__name__,
+                safe_str(exc),
+            )
+            return None
+
+    def _compute_key(self, job: _KeyJob) -> str | None:
+        task, opts, name = job.task, job.opts, job.name
+        use_fingerprints = opts.cache_key_fn is task_input_hash
+        values: dict[int, Any] = {}
+        try:
+            for up, (own, handle) in job.values.items():
+                if not use_fingerprints:
+                    values[up] = materialize(handle)
+                else:
+                    values[up] = Fingerprint(own or fingerprint(handle, task.name))
+        except Unhashable as exc:
+            warnings.warn(f"{name} is not cached: {exc}", RuntimeWarning, stacklevel=2)
+            return None
+        args = substitute(job.args, values)
+        kwargs = substitute(job.kwargs, values) if job.kwargs else {}
+        signature = self.signatures.get(task, False)
+        if signature is False:  # once per task, not per node: signature() is slow
+            try:
+                signature = inspect.signature(task.fn)
+            except (TypeError, ValueError):
+                signature = None
+            self.signatures[task] = signature
+        try:
+            if signature is None:
+                raise TypeError("no signature")
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+        except TypeError:
+            arguments = {"args": args, "kwargs": kwargs}
+        try:
+            key = opts.cache_key_fn(CacheContext(task, name), arguments)
+        except Exception as exc:
+            logger.warning(
+                "%s: cache_key_fn raised %s: %s; not cached",
+                name,
+                type(exc).__name__,
+                exc,
+            )
+            return None
+        if key is not None and not isinstance(key, str):
+            key = content_hash(key)
+        elif key is not None and not _SAFE_KEY.match(key):
+            key = content_hash(key)  # user keys become file names: hash anything unusual
+        return key
+
+
+def fingerprint(handle: Any, task: str) -> str:
+    """An upstream value's stand-in in a key, by content (its own key is used instead
+    when it has one). ``task``: the task whose key it enters, for warnings."""
+    if type(handle) is Payload:
+        return wire_hash(handle.wire, task)
+    if isinstance(handle, State):
+        return f"state:{handle.name}:" + fingerprint(handle._value, task)
+    if isinstance(handle, BaseException):
+        return content_hash(("exception", type(handle).__qualname__, safe_str(handle)))
+    return content_hash(handle)
