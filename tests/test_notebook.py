@@ -165,8 +165,8 @@ def slow(seconds):
 
 
 @pytest.mark.timeout(60)
-def test_future_html_shows_its_live_state(pool):
-    with pool:
+def test_future_html_shows_its_live_state():
+    with gx.Pool(workers=1):  # its own: leaving the block closes the pool
         future = slow.submit(0.5)
         deadline = time.monotonic() + 20
         while "Running" not in future._repr_html_() and time.monotonic() < deadline:
