@@ -431,4 +431,10 @@ class Graph:
         return self._latest_run
 
     def __repr__(self) -> str:
-        return f"<Graph {self.name}: {len(self._nodes)} nodes>"
+        name = " ".join(self.name.split())  # a repr is one line, whatever the name holds
+        return f"<Graph {name}: {len(self._nodes)} nodes>"
+
+    def _repr_html_(self) -> str:
+        """How the graph shows in a Jupyter notebook: nodes per task and, for a graph
+        of at most 50 nodes where Graphviz's ``dot`` is installed, its picture."""
+        return surfaces.graph_html(self)

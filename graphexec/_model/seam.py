@@ -29,9 +29,12 @@ class Surfaces:
     __slots__ = (
         "call_eagerly",
         "compute",
+        "graph_html",
         "run_from_json",
+        "run_html",
         "run_to_html",
         "run_to_json",
+        "state_html",
         "submit",
         "visualize",
     )
@@ -50,6 +53,11 @@ class Surfaces:
         self.call_eagerly: Callable[..., Any] = _missing
         #: ``submit(task, args, kwargs) -> Future``: ``task.submit`` in a flow or pool.
         self.submit: Callable[..., Any] = _missing
+        #: ``Run._repr_html_``, ``Graph._repr_html_``, ``State._repr_html_``: how
+        #: each shows in a Jupyter notebook (``_surfaces/notebook.py``).
+        self.run_html: Callable[..., Any] = _missing
+        self.graph_html: Callable[..., Any] = _missing
+        self.state_html: Callable[..., Any] = _missing
 
     def install(self, **functions: Callable[..., Any]) -> None:
         """Fill in the table (the surfaces layer, once, at import)."""

@@ -14,6 +14,7 @@ from .errors import (
     safe_str,
 )
 from .handle import discard, materialize
+from .seam import surfaces
 
 PENDING = "Pending"
 RUNNING = "Running"
@@ -236,10 +237,14 @@ class State:
     def __repr__(self) -> str:
         extra = ""
         if self.exception is not None and self.name is FAILED:
-            extra = f": {type(self.exception).__name__}: {self.exception}"
+            extra = f": {type(self.exception).__name__}: {safe_str(self.exception)}"
         elif self.message:
             extra = f": {self.message}"
-        return f"<State {self.name} {self.node}{extra}>"
+        return single_line(f"<State {self.name} {self.node}{extra}") + ">"
+
+    def _repr_html_(self) -> str:
+        """How the state shows in a Jupyter notebook: one coloured line."""
+        return surfaces.state_html(self)
 
     # -- construction helpers -----------------------------------------------
 
@@ -272,6 +277,12 @@ class State:
             return cls(FAILED, node, exception=exc, history=[attempt], message=str(exc))
         attempt = Attempt(1, started, time.time(), "local", None)
         return cls(COMPLETED, node, value=value, history=[attempt])
+
+
+def single_line(text: str) -> str:
+    """``text`` up to its first line break, with "…" if there was more: a repr is one line."""
+    lines = text.strip().splitlines() or [""]
+    return lines[0].rstrip() + (" …" if any(line.strip() for line in lines[1:]) else "")
 
 
 def _restore_state(

@@ -77,6 +77,7 @@ from .._model.order import post_order, sinks
 from .._model.run import Run
 from .._model.seam import NOT_EAGER
 from .._model.state import FINAL, PENDING, RUNNING, State
+from .notebook import future_html
 from .options import ComputeOptions, check_limits
 
 _local = threading.local()
@@ -211,6 +212,17 @@ class Future(Node):
     def __repr__(self) -> str:
         state = self._session._state(self.index)
         return f"<Future {self.name} ({state.name if state else 'Pending'})>"
+
+    def _repr_html_(self) -> str:
+        """How the future shows in a Jupyter notebook: its live state, one coloured line."""
+        # Not self.state: showing a failed future must not count as the user
+        # having looked at its failure (that would handle it in a flow).
+        session = self._session
+        state = session._state(self.index)
+        if state is None:
+            name = RUNNING if self.index in session.scheduler.running else PENDING
+            state = State(name, self.name)
+        return future_html(state)
 
 
 class _Mailbox:

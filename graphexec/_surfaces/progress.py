@@ -7,6 +7,11 @@ The hooks only count: drawing is tqdm's job and tqdm throttles it
 terminal write. The counts shown after the bar (running, failed, ...) are
 formatted only when tqdm draws (``Bar.format_dict``).
 
+In a Jupyter kernel the bar is tqdm's notebook widget (``tqdm.notebook``,
+which needs ipywidgets) and is shown by default, since a kernel's stderr is
+never a terminal; without ipywidgets it is the text bar, written to the
+cell's stderr.
+
 When nothing finishes for a while (every worker busy with a long task) no
 hook fires; a small thread redraws the bar once a second so that the elapsed
 time keeps moving and the run does not look hung.
@@ -29,8 +34,26 @@ IDLE_REDRAW = 1.0  # seconds without a draw after which the bar is redrawn anywa
 _FALSE = ("", "0", "false", "no", "off")
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel: IPython's kernel, whose shell is a ZMQInteractiveShell.
+
+    Nothing is imported: a process that never loaded ipykernel is no kernel.
+    """
+    if "ipykernel" not in sys.modules:
+        return False
+    get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+    if get_ipython is None:
+        return False
+    try:
+        shell = get_ipython()
+    except Exception:
+        return False
+    return any(cls.__name__ == "ZMQInteractiveShell" for cls in type(shell).__mro__)
+
+
 def wanted(progress: bool | None) -> bool:
-    """Whether to show the bar: ``progress`` if given, else stderr is a terminal outside CI.
+    """Whether to show the bar: ``progress`` if given, else outside CI in a Jupyter
+    kernel or when stderr is a terminal.
 
     Raises:
         TypeError: ``progress`` is neither a bool nor None.
@@ -41,6 +64,8 @@ def wanted(progress: bool | None) -> bool:
         return progress
     if os.environ.get("CI", "").strip().lower() not in _FALSE:
         return False  # CI services set CI=true and often fake a terminal
+    if in_notebook():
+        return True  # a kernel's stderr is a pipe, yet the user watches the cell
     stream = sys.stderr
     try:
         return stream is not None and stream.isatty()
@@ -92,6 +117,42 @@ def _bar_class() -> type:
     return Bar
 
 
+@cache
+def _notebook_bar_class() -> type | None:
+    """tqdm's notebook widget with the same postfix, or None without ipywidgets."""
+    from tqdm import notebook
+
+    if notebook.IProgress is None:  # tqdm.notebook imports without ipywidgets, then cannot draw
+        return None
+
+    class NotebookBar(notebook.tqdm):
+        """The notebook widget, with the postfix computed when drawn."""
+
+        monitor_interval = 0
+
+        def __init__(self, *args: Any, observer: Progress, **kwargs: Any) -> None:
+            self._observer = observer
+            super().__init__(*args, **kwargs)
+
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            d = super().format_dict
+            d["postfix"] = self._observer._postfix()
+            return d
+
+    return NotebookBar
+
+
+def bar_class() -> type:
+    """The bar to draw with here: the notebook widget in a Jupyter kernel that has
+    ipywidgets, else the text bar."""
+    if in_notebook():
+        widget = _notebook_bar_class()
+        if widget is not None:
+            return widget
+    return _bar_class()
+
+
 class Progress:
     """Counts what the scheduler reports and shows it as one tqdm bar on stderr.
 
@@ -119,7 +180,7 @@ class Progress:
     def started(self, run: Any) -> None:
         self._run = run
         total = len(run.members) or None  # a flow starts empty and grows
-        self._bar = _bar_class()(
+        self._bar = bar_class()(
             total=total,
             desc=run.graph.name,
             unit="task",

@@ -1,0 +1,387 @@
+"""The ``graphexec`` command, run as users run it: a subprocess, exit codes and output.
+
+Each command is checked for what it prints and its exit code (0 done, 1 failed,
+2 usage), and ``prune``/``clear`` for what they leave on disk, including
+entries that a live run holds (its compute lock, or its buffers mapped).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import graphexec as gx
+from graphexec._data import cache as cache_store
+
+WORKTREE = Path(__file__).resolve().parents[1]
+DAY = 86400.0
+
+
+def graphexec(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m graphexec ARGS`` with this checkout on the path."""
+    full_env = dict(os.environ, PYTHONPATH=str(WORKTREE), **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "graphexec", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=full_env,
+        timeout=60,
+    )
+
+
+@gx.task(cache=True)
+def square(x):
+    return x * x
+
+
+@gx.task(cache=True, cache_expiration=0.001)
+def fleeting(x):
+    return x + 1
+
+
+@gx.task(cache=True)
+def big(n):
+    return np.arange(n, dtype=np.float64)  # large enough for its buffer to be mapped
+
+
+@gx.task
+def broken(x):
+    raise ValueError(f"bad <input> {x}")
+
+
+def entries(cache: Path) -> dict[str, str]:
+    """Entry file name -> task name, read the way the store writes them."""
+    found = {}
+    for path in cache.glob("*/*.gxc"):
+        raw = path.read_bytes()
+        header, _ = cache_store._parse(raw)
+        found[path.name] = header["task"]
+    return found
+
+
+def fill(cache: Path, monkeypatch: pytest.MonkeyPatch, *, old: int = 0) -> None:
+    """Three fresh ``square`` entries, two expired ``fleeting`` ones, ``old`` ten-day-old
+    ``square`` entries (written with the store's clock moved back)."""
+    graph = gx.Graph()
+    with graph:
+        for i in range(3):
+            square(i)
+        for i in range(2):
+            fleeting(i)
+    graph.compute(scheduler="sync", cache_dir=cache)
+    if old:
+        monkeypatch.setattr(cache_store, "clock", lambda: time.time() - 10 * DAY)
+        graph = gx.Graph()
+        with graph:
+            for i in range(100, 100 + old):
+                square(i)
+        graph.compute(scheduler="sync", cache_dir=cache)
+        monkeypatch.undo()
+    time.sleep(0.01)  # fleeting's entries are past their expiry
+
+
+# -- help and usage -------------------------------------------------------------
+
+
+def test_help_names_commands_and_exit_codes(tmp_path):
+    out = graphexec("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    assert "report" in out.stdout and "cache" in out.stdout
+    assert "exit codes: 0 done, 1 failed" in out.stdout
+    report = graphexec("report", "--help", cwd=tmp_path)
+    assert report.returncode == 0
+    assert "run.to_json()" in report.stdout  # says which format it reads
+    prune = graphexec("cache", "prune", "--help", cwd=tmp_path)
+    assert "--older-than AGE" in prune.stdout and "--expired" in prune.stdout
+
+
+def test_console_script_is_declared():
+    text = (WORKTREE / "pyproject.toml").read_text()
+    assert 'graphexec = "graphexec._surfaces.cli:main"' in text
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],  # no command
+        ["frobnicate"],
+        ["cache"],  # no action
+        ["cache", "prune"],  # nothing said about what to prune
+        ["cache", "prune", "--older-than", "7 parsecs"],
+    ],
+)
+def test_usage_errors_exit_2(tmp_path, args):
+    out = graphexec(*args, cwd=tmp_path)
+    assert out.returncode == 2, out
+    assert "usage: graphexec" in out.stderr
+
+
+def test_prune_without_a_criterion_says_what_to_give(tmp_path):
+    out = graphexec("cache", "prune", cwd=tmp_path)
+    assert "--older-than AGE (e.g. 7d), --expired, or both" in out.stderr
+
+
+def test_age_units():
+    from graphexec._surfaces.cli import age
+
+    assert age("90s") == 90
+    assert age("15m") == 900
+    assert age("7d") == 7 * DAY
+    assert age("2w") == 14 * DAY
+    assert age("1.5h") == 5400
+
+
+# -- report -----------------------------------------------------------------------
+
+
+def test_report_writes_the_html_of_a_saved_run(tmp_path):
+    graph = gx.Graph("saved")
+    with graph:
+        ok = square.with_options(cache=False)(3)
+        broken(ok)
+    run = graph.compute(scheduler="sync", raise_on_failure=False)
+    (tmp_path / "run.json").write_text(run.to_json())
+
+    out = graphexec("report", "run.json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    page = (tmp_path / "run.html").read_text()  # default: RUN with the suffix .html
+    assert "saved — graphexec run report" in page
+    assert "bad &lt;input&gt; 9" in page
+    assert "wrote run.html (2 nodes, 1 unhandled failure(s))" in out.stdout
+
+    out = graphexec("report", "run.json", "-o", "elsewhere/r.html", cwd=tmp_path)
+    assert out.returncode == 1  # the folder does not exist
+    assert "cannot write elsewhere/r.html" in out.stderr and "-o FILE" in out.stderr
+    (tmp_path / "elsewhere").mkdir()
+    out = graphexec("report", "run.json", "-o", "elsewhere/r.html", cwd=tmp_path)
+    assert out.returncode == 0 and (tmp_path / "elsewhere" / "r.html").is_file()
+
+
+def test_report_open_starts_the_browser(tmp_path):
+    run = gx.Graph("opened")
+    with run:
+        square.with_options(cache=False)(2)
+    (tmp_path / "run.json").write_text(run.compute(scheduler="sync").to_json())
+    opener = tmp_path / "browser.sh"
+    opener.write_text(f'#!/bin/sh\necho "$1" > {tmp_path / "opened.txt"}\n')
+    opener.chmod(opener.stat().st_mode | stat.S_IEXEC)
+    out = graphexec("report", "run.json", "--open", cwd=tmp_path, env={"BROWSER": str(opener)})
+    assert out.returncode == 0, out.stderr
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "opened.txt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "opened.txt").read_text().strip() == (tmp_path / "run.html").as_uri()
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (None, "cannot read run.json: No such file or directory"),
+        ("{}", "run.json is not a saved graphexec run"),
+        ("not json at all", "run.json is not a saved graphexec run"),
+    ],
+)
+def test_report_errors_exit_1_and_say_what_to_do(tmp_path, content, said):
+    if content is not None:
+        (tmp_path / "run.json").write_text(content)
+    out = graphexec("report", "run.json", cwd=tmp_path)
+    assert out.returncode == 1
+    assert said in out.stderr
+    assert "run.to_json()" in out.stderr  # how to make the file it wants
+    assert "Traceback" not in out.stderr
+
+
+# -- cache ls / info ------------------------------------------------------------
+
+
+def test_cache_ls_lists_entries_per_task(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    fill(cache, monkeypatch, old=2)
+    out = graphexec("cache", "ls", str(cache), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["task", "entries", "size", "newest", "oldest", "expired", "held"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows["square"][1] == "5" and rows["fleeting"][1] == "2"
+    assert rows["square"][-4:-2] == ["10.0", "d"]  # its oldest entry is ten days old
+    assert rows["fleeting"][-2:] == ["2", "0"]  # both expired, none held
+
+    long = graphexec("cache", "ls", "-l", str(cache), cwd=tmp_path)
+    assert long.returncode == 0
+    assert (
+        sum(line.startswith("fleeting") and "expired" in line for line in long.stdout.splitlines())
+        == 2
+    )
+    assert len(long.stdout.splitlines()) == 1 + 7
+
+
+def test_cache_ls_default_directory_and_missing_directory(tmp_path, monkeypatch):
+    fill(tmp_path / cache_store.DEFAULT_DIR, monkeypatch)
+    out = graphexec("cache", "ls", cwd=tmp_path)
+    assert out.returncode == 0 and "square" in out.stdout
+    missing = graphexec("cache", "ls", "nowhere", cwd=tmp_path)
+    assert missing.returncode == 1
+    assert "nowhere is not a cache directory" in missing.stderr
+    assert "compute(cache_dir=...)" in missing.stderr
+
+
+def test_cache_info_totals(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    fill(cache, monkeypatch)
+    out = graphexec("cache", "info", str(cache), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    info = {line.split()[0]: line.split(None, 1)[1] for line in out.stdout.splitlines()}
+    assert info["entries"] == "5"
+    assert info["tasks"] == "2"
+    assert info["expired"] == "2"
+    assert info["held"] == "0"
+    assert info["directory"] == str(cache.resolve())
+    total = sum(p.stat().st_size for p in cache.glob("*/*.gxc"))
+    assert info["size"] == f"{total / 1000:.1f} kB"
+
+
+def test_cache_ls_reports_an_unreadable_entry(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    fill(cache, monkeypatch)
+    victim = next(cache.glob("*/*.gxc"))
+    victim.write_bytes(b"GXC2 damaged")
+    out = graphexec("cache", "ls", "-l", str(cache), cwd=tmp_path)
+    assert out.returncode == 0
+    assert any(line.startswith("?") and "unreadable" in line for line in out.stdout.splitlines())
+
+
+# -- prune / clear --------------------------------------------------------------
+
+
+def test_prune_expired(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    fill(cache, monkeypatch)
+    out = graphexec("cache", "prune", "--expired", str(cache), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("deleted 2 entries")
+    assert sorted(entries(cache).values()) == ["square"] * 3
+
+
+def test_prune_older_than(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    fill(cache, monkeypatch, old=2)
+    out = graphexec("cache", "prune", "--older-than", "7d", str(cache), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("deleted 2 entries")
+    assert len(entries(cache)) == 5  # the fresh ones, expired included (not asked for)
+    both = graphexec("cache", "prune", "--older-than", "1w", "--expired", str(cache), cwd=tmp_path)
+    assert both.stdout.startswith("deleted 2 entries")
+    assert sorted(entries(cache).values()) == ["square"] * 3
+
+
+def test_clear_one_task_then_all(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    fill(cache, monkeypatch)
+    out = graphexec("cache", "clear", "--task", "fleeting", str(cache), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert sorted(entries(cache).values()) == ["square"] * 3
+    unknown = graphexec("cache", "clear", "--task", "nope", str(cache), cwd=tmp_path)
+    assert unknown.returncode == 1
+    assert "no entries of task 'nope'" in unknown.stderr and "square" in unknown.stderr
+    out = graphexec("cache", "clear", str(cache), cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.startswith("deleted 3 entries")
+    assert entries(cache) == {}
+    assert list(cache.glob("*/*.lock")) == []  # their lock files went with them
+
+
+HOLD_LOCK = textwrap.dedent(
+    """
+    import fcntl, os, sys
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what CacheStore.try_lock does while a run computes
+    print("held", flush=True)
+    sys.stdin.read()
+    """
+)
+
+MAP_ENTRY = textwrap.dedent(
+    """
+    import sys
+    from graphexec._data.cache import CacheStore
+    payload = CacheStore(sys.argv[1]).lookup(sys.argv[2])  # a run reading a hit
+    value = payload.load()
+    print("mapped", value.sum(), flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def _holder(script: str, *args: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(WORKTREE)),
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith(("held", "mapped")), line
+    return proc
+
+
+def _release(proc: subprocess.Popen) -> None:
+    proc.stdin.close()  # type: ignore[union-attr]
+    proc.wait(timeout=10)
+    proc.stdout.close()  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    "command",
+    [["clear"], ["clear", "--task", "square"], ["prune", "--older-than", "1s"]],
+)
+def test_an_entry_a_live_run_holds_survives(tmp_path, monkeypatch, command):
+    cache = tmp_path / "cache"
+    fill(cache, monkeypatch)
+    graph = gx.Graph()
+    with graph:
+        big(20_000)  # 160 kB: the buffer is stored apart and mapped on a hit
+    graph.compute(scheduler="sync", cache_dir=cache)
+    time.sleep(1.1)  # every entry is now older than 1 s
+    by_task = {v: k for k, v in entries(cache).items()}
+    locked = sorted(n for n, t in entries(cache).items() if t == "square")[0]
+    locked_path = next(cache.glob(f"*/{locked}"))
+    mapped_path = next(cache.glob(f"*/{by_task['big']}"))
+
+    computing = _holder(HOLD_LOCK, str(locked_path.with_suffix(".lock")))
+    reading = _holder(MAP_ENTRY, str(cache), mapped_path.stem)
+    try:
+        listing = graphexec("cache", "info", str(cache), cwd=tmp_path)
+        assert "held        2" in listing.stdout
+        out = graphexec("cache", *command, str(cache), cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        left = entries(cache)
+        assert locked in left  # a run is computing it: untouched, lock file too
+        assert locked_path.with_suffix(".lock").exists()
+        others = {n: t for n, t in left.items() if n not in (locked, mapped_path.name)}
+        if command[-1] != "square":  # --task square does not select big's entry
+            assert mapped_path.name in left
+            assert "kept 2 held by a running computation" in out.stdout
+            assert others == {}  # the rest went
+        else:
+            assert "kept 1 held by a running computation" in out.stdout
+            assert sorted(others.values()) == ["fleeting"] * 2  # other tasks stay
+    finally:
+        _release(computing)
+        _release(reading)
+    # Released: now they go.
+    out = graphexec("cache", "clear", str(cache), cwd=tmp_path)
+    assert out.returncode == 0
+    assert entries(cache) == {}
