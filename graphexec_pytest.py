@@ -1,0 +1,123 @@
+"""graphexec's pytest plugin: a warm pool for the session, and in-process computes for debugging.
+
+Installed with graphexec (the ``pytest11`` entry point ``graphexec_pytest``),
+so every pytest session loads it; it does nothing until a test asks for one of
+its fixtures:
+
+* ``graphexec_pool`` — one warm :class:`graphexec.Pool` for the whole session
+  (``--graphexec-workers N``, default 2), closed when the session ends. Pass
+  it as ``graph.compute(pool=graphexec_pool)``: rounds of a benchmark then
+  measure the graph, not process start-up.
+* ``graphexec_sync`` — while the test runs, every ``Graph.compute()`` and
+  every ``@gx.flow`` call runs on the ``"sync"`` scheduler, in the test's own
+  process (a graph's tasks in the test's thread), so that ``pdb``,
+  breakpoints and coverage see the tasks.
+  ``@pytest.mark.usefixtures("graphexec_sync")`` applies it to a whole module
+  or class.
+
+This module lives outside the ``graphexec`` package on purpose: importing
+``graphexec.anything`` runs ``graphexec/__init__.py``, which imports the
+whole library, and a session that never uses these fixtures must not pay
+for that. graphexec is imported inside the fixtures, when a test asks.
+Disable the plugin with ``-p no:graphexec_pytest``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    import graphexec as gx
+
+DEFAULT_WORKERS = 2
+
+# Options that choose *where* tasks run; graphexec_sync replaces them with
+# scheduler="sync". Every other option (retries, timeouts, caching, limits,
+# fail_fast, ...) keeps its meaning; memory_limit= is refused on "sync", as
+# graphexec refuses it there, rather than silently dropped.
+_WHERE = ("workers", "pool", "cluster", "start_method", "scheduler")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add ``--graphexec-workers`` (the size of the ``graphexec_pool`` fixture's pool)."""
+    group = parser.getgroup("graphexec")
+    group.addoption(
+        "--graphexec-workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        metavar="N",
+        help=f"worker processes of the graphexec_pool fixture (default {DEFAULT_WORKERS})",
+    )
+
+
+@pytest.fixture(scope="session")
+def graphexec_pool(pytestconfig: pytest.Config) -> Iterator[gx.Pool]:
+    """One warm ``gx.Pool`` for the session, closed when the session ends.
+
+    Its size is ``--graphexec-workers`` (default 2). Every worker is started
+    before the first test gets the pool, so no test pays for start-up. Use it
+    as ``graph.compute(pool=graphexec_pool)``; do not close it, and do not
+    enter it with ``with`` (leaving the block would close it for the tests
+    that follow).
+
+    Yields:
+        The session's pool.
+    """
+    import graphexec as gx  # deferred: sessions that do not ask pay nothing
+
+    workers = pytestconfig.getoption("graphexec_workers")
+    if workers < 1:
+        raise pytest.UsageError(f"--graphexec-workers must be at least 1, got {workers}")
+    pool = gx.Pool(workers=workers)
+    try:
+        _warm(gx, pool)
+        yield pool
+    finally:
+        pool.close()
+
+
+def _warm(gx: Any, pool: gx.Pool) -> None:
+    # Workers start lazily, one per ready node: as many sleeps as workers,
+    # each long enough that no worker finishes before the last has started.
+    graph = gx.Graph()
+    for _ in range(pool.workers):
+        graph.add(time.sleep, 0.05)
+    graph.compute(pool=pool, progress=False)
+
+
+@pytest.fixture
+def graphexec_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run this test's computes in-process (``scheduler="sync"``), for debugging.
+
+    While the test runs, ``Graph.compute()`` and ``@gx.flow`` calls ignore the
+    options that choose where tasks run (``workers``, ``pool``, ``cluster``,
+    ``start_method``, ``scheduler``) and run every task in the test's own
+    process, one at a time, so ``pdb``, breakpoints, coverage and ``caplog``
+    see the tasks: a graph's tasks in the test's thread, a flow's on the
+    thread that runs the flow's scheduler. Everything else (retries, triggers, caching, limits,
+    timeouts judged when a call returns) behaves as on ``scheduler="sync"``.
+    Tasks submitted inside ``with gx.Pool():`` still run on that pool.
+    """
+    import graphexec as gx  # deferred: sessions that do not ask pay nothing
+
+    compute = gx.Graph.compute
+    call_flow = gx.Flow.__call__
+
+    def compute_in_process(self: gx.Graph, *targets: Any, **options: Any) -> gx.Run:
+        return compute(self, *targets, **_in_process(options))
+
+    def flow_in_process(self: gx.Flow, *args: Any, **kwargs: Any) -> Any:
+        return call_flow(gx.Flow(self.fn, _in_process(self.options)), *args, **kwargs)
+
+    monkeypatch.setattr(gx.Graph, "compute", compute_in_process)
+    monkeypatch.setattr(gx.Flow, "__call__", flow_in_process)
+
+
+def _in_process(options: dict[str, Any]) -> dict[str, Any]:
+    kept = {name: value for name, value in options.items() if name not in _WHERE}
+    kept["scheduler"] = "sync"
+    return kept
