@@ -34,7 +34,10 @@ class ChainHost(Protocol):
     """The scheduler state a chain is built from (see ``scheduler.py``'s docstring)."""
 
     graph: Graph
-    kept: Container[int]
+
+    @property
+    def kept(self) -> Container[int]: ...  # read only: a set, or a session's "everything"
+
     locked: set[int]
     uses: list[int]
     dependents: list[list[int] | None]

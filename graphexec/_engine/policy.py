@@ -13,6 +13,7 @@ failure-caused further down and a reacting dependent handles the real failure.
 
 from __future__ import annotations
 
+import enum
 from typing import Final
 
 from .._model.graph import Graph
@@ -24,16 +25,13 @@ from .._model.state import CANCELLED, FAILED, State
 REACTING_TRIGGERS = frozenset({"all_done", "always", "any_failed", "all_failed"})
 
 
-class _Run:
+class Resolution(enum.Enum):
     """What :func:`resolve` returns for a node that runs (unless its value is cached)."""
 
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "RUN"
+    RUN = "RUN"
 
 
-RUN: Final = _Run()
+RUN: Final = Resolution.RUN
 
 
 def resolve(
@@ -44,7 +42,7 @@ def resolve(
     d: int,
     cancelling: bool,
     fail_fast_cause: int | None,
-) -> State | _Run | None:
+) -> State | Resolution | None:
     """All of d's upstreams are final: :data:`RUN`, its Skipped state, or None.
 
     None: the run is being cancelled and d would run, so the cancellation

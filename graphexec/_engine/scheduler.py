@@ -105,7 +105,7 @@ from .._model.state import (
 )
 from .caching import KEYING, LOCK_POLL, RUN_NOW, WAIT, CacheGate, Verdict
 from .chains import build_chain, unchain
-from .policy import RUN, on_failure, resolve
+from .policy import Resolution, on_failure, resolve
 
 logger = logging.getLogger("graphexec")
 
@@ -410,6 +410,7 @@ class Scheduler:
 
     def _value_for_dependent(self, up: int) -> Any:
         state = self.states[up]
+        assert state is not None  # an upstream is final before its dependent runs
         if self.graph._opts[up].return_state:
             return state
         if state.is_completed():
@@ -490,7 +491,7 @@ class Scheduler:
             if again:
                 delay = retry_delay_for(opts, call.number)
                 attempt.retry_delay = delay
-                self.states[i] = State(
+                retrying = self.states[i] = State(
                     RETRYING,
                     name,
                     exception=error,
@@ -499,7 +500,7 @@ class Scheduler:
                     f"({type(error).__name__}: {safe_str(error)}); "
                     f"retry {call.number} of {opts.retries} in {delay:g} s",
                 )
-                logger.info("%s: %s", name, self.states[i].message)
+                logger.info("%s: %s", name, retrying.message)
                 if self.observer is not None:
                     self.observer.retrying(i, self.states[i])
                 if delay > 0:
@@ -543,7 +544,8 @@ class Scheduler:
         work = [(i, state)]
         while work:
             i, state = work.pop()
-            if states[i] is not None and states[i].name in FINAL:
+            current = states[i]
+            if current is not None and current.name in FINAL:
                 continue
             states[i] = state
             self.done += 1
@@ -579,9 +581,11 @@ class Scheduler:
                         self.cancel_reason is not None,
                         self.fail_fast_cause,
                     )
-                    if verdict is RUN:
-                        verdict = self._become_ready(d)
-                    if verdict is not None:
+                    if verdict is Resolution.RUN:
+                        final = self._become_ready(d)
+                        if final is not None:
+                            work.append((d, final))
+                    elif verdict is not None:
                         work.append((d, verdict))
 
     def _release(self, i: int, state: State) -> None:
@@ -605,7 +609,7 @@ class Scheduler:
             self.cancel_reason is not None,
             self.fail_fast_cause,
         )
-        if verdict is RUN:
+        if verdict is Resolution.RUN:
             return self._become_ready(d)
         return verdict
 
@@ -670,8 +674,9 @@ class Scheduler:
             # cancelled below are queued by _resolve instead: queuing them here
             # as well would run them twice.
             for i in self.run_.members:
+                st = self.states[i]
                 if (
-                    (self.states[i] is None or self.states[i].name not in FINAL)
+                    (st is None or st.name not in FINAL)
                     and graph._opts[i].trigger == "always"
                     and self.waiting[i] == 0
                     and i not in self.running
