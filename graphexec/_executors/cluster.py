@@ -93,7 +93,7 @@ import traceback
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cloudpickle
 
@@ -103,7 +103,7 @@ from .._model.errors import GraphexecError, RemoteTraceback, SerializationError,
 from .._model.handle import materialize
 from .._model.keys import task_input_hash
 from .._model.state import State
-from .protocol import ERROR, OK, Call, Capabilities, timeout_error, write_cache
+from .protocol import ERROR, OK, Call, Capabilities, Deadlines, timeout_error, write_cache
 from .runtime import (
     Unloadable,
     arguments_unpickle_error,
@@ -521,6 +521,7 @@ class ClusterExecutor:
         self._run: Any = None
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._inflight: dict[str, _Flight] = {}  # dask key -> the call in flight
+        self._deadlines = Deadlines()  # dask key -> when its timeout runs out (from its start)
         self._outbox: list[tuple[Call, int, Any]] = []
         self._functions: dict[int, tuple[Any, str, Any]] = {}  # id(fn) -> (fn, fn id, blob)
         self._held: dict[int, tuple[bytes, Payload]] = {}  # node -> its value on the cluster
@@ -614,13 +615,7 @@ class ClusterExecutor:
     def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
         if self._outbox:
             timeout = 0.0
-        now = time.monotonic()
-        wait = timeout
-        for flight in self._inflight.values():
-            limit = flight.call.timeout
-            if limit is not None and flight.started is not None:
-                until = max(0.0, flight.started + limit - now)
-                wait = until if wait is None else min(wait, until)
+        wait = self._deadlines.wait(timeout, time.monotonic())
         items = []
         try:
             if wait is not None and wait <= 0:
@@ -638,6 +633,7 @@ class ClusterExecutor:
             what = item[0]
             if what == "done":
                 done = self._inflight.pop(item[1], None)
+                self._deadlines.discard(item[1])
                 if done is not None:
                     self._outbox.append(self._outcome(done))
             elif what == "start":
@@ -661,6 +657,7 @@ class ClusterExecutor:
     def cancel_running(self) -> list[Call]:
         flights = list(self._inflight.values())
         self._inflight.clear()
+        self._deadlines.clear()
         if flights:
             self._cancel([f.future for f in flights])
         return [f.call for f in flights]
@@ -876,6 +873,8 @@ class ClusterExecutor:
         if flight is None:
             return
         flight.started = time.monotonic()  # a re-run elsewhere restarts the clock
+        if flight.call.timeout is not None:
+            self._deadlines.set(key, flight.started + flight.call.timeout)
         flight.worker = worker
         call = flight.call
         call.worker = worker
@@ -887,6 +886,7 @@ class ClusterExecutor:
             if flight.worker != worker or worker is None or key not in processing:
                 continue
             del self._inflight[key]
+            self._deadlines.discard(key)
             cancel.append(flight.future)  # dask may have started it again elsewhere
             call = flight.call
             call.finished = max(time.time(), call.started)
@@ -906,13 +906,10 @@ class ClusterExecutor:
             )
 
     def _check_deadlines(self, cancel: list) -> None:
-        now = time.monotonic()
-        for key, flight in list(self._inflight.items()):
-            call = flight.call
-            if call.timeout is None or flight.started is None:
-                continue
-            if now >= flight.started + call.timeout:
-                del self._inflight[key]
+        for key in self._deadlines.expired(time.monotonic()):
+            flight = self._inflight.pop(cast(str, key), None)
+            if flight is not None:
+                call = flight.call
                 cancel.append(flight.future)
                 call.finished = max(time.time(), call.started)
                 self._outbox.append(

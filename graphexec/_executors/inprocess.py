@@ -14,9 +14,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
-from .protocol import ERROR, SIGNAL_SLICE, Call, Capabilities, run_inline, timeout_error
+from .protocol import ERROR, SIGNAL_SLICE, Call, Capabilities, Deadlines, run_inline, timeout_error
 
 
 class SyncExecutor:
@@ -69,6 +69,7 @@ class ThreadExecutor:
         self._inbox: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
         self._outbox: queue.SimpleQueue[tuple[Call, int, Any]] = queue.SimpleQueue()
         self._running: dict[int, Call] = {}  # id(call) -> call, in flight
+        self._deadlines = Deadlines()  # id(call) -> when its timeout= runs out
         self._abandoned: set[int] = set()  # calls past their timeout, still running
         self._threads: list[threading.Thread] = []
         self._live = 0  # threads that are not stuck in an abandoned call
@@ -103,15 +104,13 @@ class ThreadExecutor:
             self._threads.append(thread)
         call.started = time.time()
         self._running[id(call)] = call
+        if call.timeout is not None:
+            self._deadlines.set(id(call), time.monotonic() + call.timeout)
         self._inbox.put(call)
         return True
 
     def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
-        wait = timeout
-        for call in self._running.values():
-            if call.timeout is not None:
-                until = max(0.0, call.started + call.timeout - time.time())
-                wait = until if wait is None else min(wait, until)
+        wait = self._deadlines.wait(timeout, time.monotonic())
         outcomes = []
         deadline = None if wait is None else time.monotonic() + wait
         # In slices in the main thread: Ctrl-C delivered to one of our threads
@@ -144,12 +143,14 @@ class ThreadExecutor:
             if key in self._abandoned:  # its node already failed with TaskTimeout
                 self._abandoned.discard(key)
             elif self._running.pop(key, None) is not None:
+                self._deadlines.discard(key)
                 fresh.append(outcome)
-        now = time.time()
-        for key, call in list(self._running.items()):
-            if call.timeout is not None and now >= call.started + call.timeout:
+        for overdue in self._deadlines.expired(time.monotonic()):
+            key = cast(int, overdue)
+            call = self._running.get(key)
+            if call is not None:
                 self._abandon(key)
-                call.finished = now
+                call.finished = time.time()
                 fresh.append(
                     (
                         call,
@@ -168,6 +169,7 @@ class ThreadExecutor:
 
     def _abandon(self, key: int) -> None:
         del self._running[key]
+        self._deadlines.discard(key)
         self._abandoned.add(key)
         self._live -= 1
 
