@@ -67,7 +67,8 @@ class ThreadExecutor:
     def __init__(self, workers: int) -> None:
         self._size = workers
         self._inbox: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
-        self._outbox: queue.SimpleQueue[tuple[Call, int, Any]] = queue.SimpleQueue()
+        # Outcomes, and None from wakeup().
+        self._outbox: queue.SimpleQueue[tuple[Call, int, Any] | None] = queue.SimpleQueue()
         self._running: dict[int, Call] = {}  # id(call) -> call, in flight
         self._deadlines = Deadlines()  # id(call) -> when its timeout= runs out
         self._abandoned: set[int] = set()  # calls past their timeout, still running
@@ -165,7 +166,7 @@ class ThreadExecutor:
         return fresh
 
     def wakeup(self) -> None:
-        self._outbox.put(None)  # type: ignore[arg-type]
+        self._outbox.put(None)
 
     def _abandon(self, key: int) -> None:
         del self._running[key]

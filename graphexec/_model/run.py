@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Container
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ class Run:
         print(run.summary())
     """
 
-    def __init__(self, graph: Graph, members: list[int], kept: set[int]) -> None:
+    def __init__(self, graph: Graph, members: list[int], kept: Container[int]) -> None:
         self.graph = graph
         self.members = members
         self._member_set = set(members)

@@ -294,7 +294,7 @@ class Session:
         memory_limit: int | None = None,
     ) -> None:
         self.graph: _SessionGraph = _SessionGraph(name, self)
-        self.run = Run(self.graph, [], _Everything())  # type: ignore[arg-type]
+        self.run = Run(self.graph, [], _Everything())
         self.executor = executor
         executor.open(self.run)
         self._cache_dir = cache_dir
