@@ -45,6 +45,7 @@ from ._model.state import Attempt, State
 from ._model.task import Task, task
 from ._surfaces.eager import Future, WaitResult, as_completed, wait
 from ._surfaces.flow import Flow, flow
+from ._surfaces.hooks import Observer, observe
 from ._surfaces.pool import Pool
 from ._version import __version__ as __version__
 
@@ -75,6 +76,9 @@ __all__ = [
     "Run",
     "State",
     "Attempt",
+    # watching: hooks and observers
+    "Observer",
+    "observe",
     # errors
     "GraphexecError",
     "GraphFailed",

@@ -23,6 +23,8 @@ REQUIRED = {
     "Run",
     "State",
     "Attempt",
+    "Observer",
+    "observe",
     "GraphexecError",
     "GraphFailed",
     "TaskFailure",

@@ -59,7 +59,8 @@ are sized to the graph):
 ``cancel_reason``  why the run is being cancelled (fail_fast, Ctrl-C), or None;
                    ``swept``: the cancellation sweep has run; ``fail_fast_cause``:
                    the failure that made fail_fast cancel
-``observer``       progress bars and reports: started, running, finished, retrying
+``observer``       progress bars and hooks (``_surfaces/hooks.py``): started, running,
+                   finished, retrying; ``hold(i, state)`` before a value is released
 
 One function, :meth:`Scheduler._finish`, handles "a node reached a final
 state": record it, release inputs, wake dependents and decide for each (run,
@@ -171,8 +172,9 @@ class Scheduler:
         )
         self.locked = self.gate.locked
         self.load_kept = False  # run() turns it on: compute() reads its kept values
-        # Progress bars and reports watch the run through four calls:
-        # started(run), running(i, call), finished(i, state), retrying(i, state).
+        # Progress bars and hooks watch the run through four calls: started(run),
+        # running(i, call), finished(i, state), retrying(i, state); and hold(i, state)
+        # keeps a value a queued hook may read (see _release). None: no cost at all.
         self.observer = observer
 
         deps = graph._deps
@@ -590,7 +592,20 @@ class Scheduler:
 
     def _release(self, i: int, state: State) -> None:
         """Drop node i's value: nobody pending needs it and it is not kept."""
+        if self.observer is not None and self.observer.hold(i, state):
+            return  # a hook of i is queued and may read it: release_held comes later
         handle = state._value
+        state._release()
+        self.executor.release(i, handle)
+
+    def release_held(self, i: int, state: State) -> None:
+        """Drop a value the observer held until node i's hooks ran (this thread only)."""
+        handle = state._value
+        if type(handle) is Payload and handle._loaded:
+            # A hook loaded it, and may keep what it read: its buffers are unlinked,
+            # not recycled, since a recycled segment is rewritten under the mapping.
+            handle.discard(recycle=False)
+            state._value = None
         state._release()
         self.executor.release(i, handle)
 

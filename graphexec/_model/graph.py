@@ -33,6 +33,7 @@ _new = object.__new__
 _SCALARS = frozenset({int, float, complex, bool, str, bytes, type(None)})
 
 if TYPE_CHECKING:
+    from .._surfaces.hooks import Observer  # annotations only, as Pool
     from .._surfaces.pool import Pool  # for the annotation only: compute() goes through the seam
     from .run import Run
 
@@ -320,6 +321,11 @@ class Graph:
         refresh_cache: bool = False,
         cluster: Any = None,
         progress: bool | None = None,
+        observers: list[Observer] | None = None,
+        on_completion: list[Callable[..., Any]] | None = None,
+        on_failure: list[Callable[..., Any]] | None = None,
+        on_cancellation: list[Callable[..., Any]] | None = None,
+        on_crashed: list[Callable[..., Any]] | None = None,
     ) -> Run:
         """Run the graph (or the ancestors of ``targets``) and return a :class:`Run`.
 
@@ -355,7 +361,23 @@ class Graph:
                 skipped, cached, ETA). ``None`` (default): only when stderr is a
                 terminal and the ``CI`` environment variable is not set. A graph
                 computed inside a ``@gx.flow`` shows in the flow's bar (its
-                ``progress=``), and inside ``with gx.Pool():`` submits none.
+                ``progress=``), and inside ``with gx.Pool():`` submits none. Without
+                a bar, when logger ``graphexec`` emits INFO, a progress line is logged
+                every 30 s or tenth of the nodes (``GRAPHEXEC_PROGRESS_LOG`` seconds;
+                ``off`` for none).
+            observers: :class:`Observer` instances told of every event of the run
+                (also those of enclosing ``with gx.observe(...)`` blocks).
+            on_completion: functions called with the :class:`Run` (or Prefect's
+                ``(flow, flow_run, state)``: the graph, the Run, the Run) when the
+                run ends without an unhandled failure.
+            on_failure: the same, when it ends with one (``not run.ok``).
+            on_cancellation: the same, when Ctrl-C or ``fail_fast`` cancelled it.
+            on_crashed: the same, when something outside the tasks ended it (an
+                error inside graphexec, ``SystemExit`` from a signal handler).
+                Run hooks, observers and task hooks run in this process off the
+                scheduler's thread; ``compute`` waits for them before it returns or
+                raises, up to ``GRAPHEXEC_HOOK_WAIT`` seconds (60); see
+                docs/guide/hooks.md.
 
         Returns:
             The :class:`Run`: a state for every node, values of kept nodes.
@@ -382,6 +404,11 @@ class Graph:
             refresh_cache=refresh_cache,
             cluster=cluster,
             progress=progress,
+            observers=observers,
+            on_completion=on_completion,
+            on_failure=on_failure,
+            on_cancellation=on_cancellation,
+            on_crashed=on_crashed,
         )
 
     def visualize(

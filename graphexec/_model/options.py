@@ -39,6 +39,9 @@ class TaskOptions:
         "cache_key_fn",
         "max_concurrency",
         "name",
+        "on_completion",
+        "on_failure",
+        "on_retry",
         "priority",
         "refresh_cache",
         "retries",
@@ -67,6 +70,11 @@ class TaskOptions:
         self.cache_key_fn: Callable[[Any, dict[str, Any]], str | None] | None = None
         self.cache_expiration: Any = None
         self.refresh_cache = False
+        # State hooks (Prefect's names), called in this process off the scheduler's
+        # thread (see _surfaces/hooks.py): tuples, empty when none.
+        self.on_completion: tuple[Callable[..., Any], ...] = ()
+        self.on_failure: tuple[Callable[..., Any], ...] = ()
+        self.on_retry: tuple[Callable[..., Any], ...] = ()
 
     def copy(self) -> TaskOptions:
         new = TaskOptions.__new__(TaskOptions)
@@ -218,6 +226,18 @@ def _check_priority(value: Any, key: str, where: str) -> int:
     return value
 
 
+def _check_hooks(value: Any, key: str, where: str) -> tuple[Callable[..., Any], ...]:
+    if value is None:
+        return ()
+    hooks = [value] if callable(value) else value
+    if not isinstance(hooks, (list, tuple)) or not all(callable(h) for h in hooks):
+        raise TypeError(
+            f"{where}: {key}= must be a list of functions called with (node, state), "
+            "or Prefect's (task, task_run, state)"
+        )
+    return tuple(hooks)
+
+
 _VALIDATORS: dict[str, Callable[[Any, str, str], Any]] = {
     "name": _check_name,
     "task_run_name": _check_run_name,
@@ -234,6 +254,9 @@ _VALIDATORS: dict[str, Callable[[Any, str, str], Any]] = {
     "cache_key_fn": _check_key_fn,
     "cache_expiration": _check_expiration,
     "refresh_cache": _check_bool,
+    "on_completion": _check_hooks,
+    "on_failure": _check_hooks,
+    "on_retry": _check_hooks,
 }
 
 DEFAULT_OPTIONS = TaskOptions()
@@ -304,10 +327,24 @@ def should_retry(options: TaskOptions, exc: BaseException, state: Any, task: Any
         return True
     if isinstance(rule, tuple):
         return isinstance(exc, rule)
-    try:
-        arity = len(inspect.signature(rule).parameters)
-    except (TypeError, ValueError):
-        arity = 1
-    if arity >= 3:
+    if arity(rule, 1) >= 3:
         return bool(rule(task, state, state))
     return bool(rule(exc))
+
+
+def arity(fn: Callable[..., Any], default: int) -> int:
+    """How many parameters ``fn`` takes (``default`` when it has no signature)."""
+    try:
+        return len(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return default
+
+
+def call_state_hook(hook: Callable[..., Any], node: Any, task: Any, state: Any) -> None:
+    """Call a task's state hook: ``hook(node, state)``, or Prefect's
+    ``hook(task, task_run, state)`` when it takes three parameters (``task_run``
+    is the State, as for ``retry_on``)."""
+    if arity(hook, 2) >= 3:
+        hook(task, state, state)
+    else:
+        hook(node, state)

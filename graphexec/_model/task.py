@@ -149,7 +149,9 @@ def task(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             (seconds, a list per retry, or :func:`exponential_backoff`), ``retry_on``
             (exception types or a predicate), ``timeout`` (seconds per attempt),
             ``allow_failure``, ``return_state``, ``trigger``, ``max_concurrency``,
-            ``tags``, ``priority``. Prefect spellings ``retry_delay_seconds``,
+            ``tags``, ``priority``, the state hooks ``on_completion``, ``on_failure``,
+            ``on_retry`` (lists of functions called with ``(node, state)``; see
+            docs/guide/hooks.md). Prefect spellings ``retry_delay_seconds``,
             ``retry_condition_fn`` and ``timeout_seconds`` are accepted too.
 
     Returns:

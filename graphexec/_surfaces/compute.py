@@ -5,6 +5,7 @@
     Graph.compute(**options) ──seam──> compute()
         ComputeOptions.validate ─> targets, culling (_model.order) ─> Run
         make_executor(options).open(run) ─> Scheduler(graph, run, executor).run()
+        hooks and observers (a Dispatch, only if something listens): wait for them
         close the executor ─> Run, or GraphFailed carrying it
 
 A graph computed inside a flow (or next to ``task.submit`` in a ``with
@@ -14,6 +15,7 @@ one pool.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from .._data.cache import CacheStore
@@ -25,8 +27,9 @@ from .._model.run import Run
 from .._model.walk import find_nodes
 from .backends import make_executor
 from .eager import flow_session
+from .hooks import Dispatch, ambient_observers, call_run_hooks, hook_wait, outcome
 from .options import ComputeOptions
-from .progress import make_observer
+from .progress import make_observers
 
 
 def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
@@ -48,13 +51,18 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
                 "fail_fast=True for a graph computed inside a flow: the flow's scheduler runs "
                 "it, so give fail_fast to @gx.flow instead"
             )
-        return session.compute_graph(graph, target_ids, options)
+        if options.observers:
+            raise ValueError(
+                "observers= for a graph computed inside a flow: the flow's scheduler runs "
+                "it, so give observers to @gx.flow instead (they see these nodes too)"
+            )
+        return _in_session(session, graph, target_ids, options)
     if not target_ids:
         target_ids = sinks(graph._deps)
     members = post_order(graph._deps, target_ids)
     kept = set(members) if options.keep == "all" else set(target_ids)
     run = Run(graph, members, kept)
-    observer = make_observer(options.progress)  # None unless a bar is wanted: no cost then
+    dispatch = _dispatch(graph, members, options)  # None when nothing listens: no cost then
     store = None
     if any(graph._opts[i].cache_key_fn is not None for i in members):
         store = CacheStore(options.cache_dir)
@@ -68,26 +76,75 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
         limits=options.limits,
         cache=store,
         refresh_cache=options.refresh_cache,
-        observer=observer,
+        observer=dispatch,
     )
+    kinds: tuple[str, ...] = ("on_crashed",)  # unless the run ends as below
     try:
-        sched.run()
-    except KeyboardInterrupt as interrupt:
-        sched.cancel("interrupted (Ctrl-C)", everything=True)
-        run._finish_run()
-        graph._latest_run = run
-        interrupt.run = run  # type: ignore[attr-defined]
-        raise
+        if dispatch is not None:
+            dispatch.bind(sched.release_held)
+            if dispatch.reads_values:
+                # A chained call's value stays in its worker (HELD), where no hook
+                # can read it: a run whose hooks may read values sends no chains.
+                sched.chains = False
+        try:
+            sched.run()
+        except KeyboardInterrupt as interrupt:
+            sched.cancel("interrupted (Ctrl-C)", everything=True)
+            kinds = ("on_cancellation",)
+            interrupt.run = run  # type: ignore[attr-defined]
+            raise
+        kinds = outcome(run, cancelled=sched.cancel_reason is not None)
     finally:
-        if observer is not None:  # normal end, Ctrl-C (all cancelled by now) or a bug
-            observer.closed(run)
+        # Normal end, Ctrl-C (all cancelled by now) or a bug: the hooks run first
+        # (they may read values still held for them), then the run is finished.
+        if dispatch is not None:
+            deadline = time.monotonic() + hook_wait()
+            dispatch.drain(deadline)
+        if kinds != ("on_crashed",):
+            run._finish_run()
+            graph._latest_run = run
+        if dispatch is not None:
+            dispatch.finish(run, kinds, deadline)
         if store is not None:
             store.unlock_all()
         executor.close()
-    run._finish_run()
-    graph._latest_run = run
     if options.raise_on_failure:
         run._raise_if_failed()
+    return run
+
+
+def _dispatch(graph: Graph, members: list[int], options: ComputeOptions) -> Dispatch | None:
+    """The run's Dispatch, if anything listens: observers (given, of ``observe()``
+    blocks, graphexec's bar or log line), run hooks, or a task hook of a member."""
+    observers = [*make_observers(options.progress), *ambient_observers(), *options.observers]
+    # (a few TaskOptions objects are shared by all the nodes: check each once)
+    unique = set(map(graph._opts.__getitem__, members))
+    if (
+        observers
+        or any(options.hooks)
+        or any(o.on_completion or o.on_failure or o.on_retry for o in unique)
+    ):
+        dispatch = Dispatch(observers, options.hooks, flow=graph)
+        dispatch.reads_values = dispatch.queues_observers or any(o.on_completion for o in unique)
+        return dispatch
+    return None
+
+
+def _in_session(session: Any, graph: Graph, targets: list[int], options: ComputeOptions) -> Run:
+    """A graph computed inside a flow: the flow's session runs it (its dispatcher calls
+    the task hooks); the run hooks are called here, in the flow body's thread."""
+    if not any(options.hooks):
+        return session.compute_graph(graph, targets, options)
+    try:
+        run = session.compute_graph(graph, targets, options)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        failed = getattr(exc, "run", None)
+        if isinstance(failed, Run):
+            call_run_hooks(options.hooks, ("on_failure",), failed, graph)
+        raise
+    call_run_hooks(options.hooks, outcome(run, cancelled=False), run, graph)
     return run
 
 

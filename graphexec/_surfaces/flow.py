@@ -10,14 +10,16 @@ and raises :class:`GraphFailed` for failures nobody handled or looked at.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
 from .._model.walk import replace_nodes
 from .backends import make_executor
 from .eager import Session, active_session, pop_context, push_context
+from .hooks import Dispatch, ambient_observers, hook_wait, outcome
 from .options import ComputeOptions
-from .progress import make_observer
+from .progress import make_observers
 
 # Flow options that are run options (the rest: name, task_runner_max_concurrency).
 _RUN_OPTIONS = frozenset(
@@ -31,6 +33,11 @@ _RUN_OPTIONS = frozenset(
         "scheduler",
         "start_method",
         "cluster",
+        "observers",
+        "on_completion",
+        "on_failure",
+        "on_cancellation",
+        "on_crashed",
     }
 )
 
@@ -53,22 +60,31 @@ class Flow:
         options = ComputeOptions.validate(
             f"@flow {self.name}", **{k: v for k, v in opts.items() if k in _RUN_OPTIONS}
         )
+        # Always a Dispatch: tasks submitted later may carry hooks. Its thread
+        # starts only with the first event that needs one.
+        dispatch = Dispatch(
+            [*make_observers(options.progress), *ambient_observers(), *options.observers],
+            options.hooks,
+            flow=self,
+        )
         session = Session(
             make_executor(options),
             name=self.name,
             fail_fast=options.fail_fast,
             limits=options.limits,
             cache_dir=options.cache_dir,
-            observer=make_observer(options.progress),
+            observer=dispatch,
             memory_limit=options.memory_limit,
         )
         push_context(session)
+        kinds: tuple[str, ...] = ("on_crashed",)
         try:
             try:
                 value = self.fn(*args, **kwargs)
                 session.wait_all()
                 value = _resolve(value)
             except BaseException as exc:
+                kinds = _outcome_of(exc, session)
                 session.cancel(f"the flow body raised {type(exc).__name__}")
                 session.close()
                 if getattr(exc, "run", None) is None:
@@ -77,12 +93,28 @@ class Flow:
                     exc.run = session.run  # type: ignore[attr-defined]
                 raise
             session.close()
+            kinds = outcome(session.run, cancelled=_fail_fast(session))
         finally:
             pop_context(session)
-            if session.observer is not None:
-                session.observer.closed(session.run)
+            deadline = time.monotonic() + hook_wait()
+            dispatch.drain(deadline)
+            dispatch.finish(session.run, kinds, deadline)
         session.run._raise_if_failed()
         return value
+
+
+def _fail_fast(session: Session) -> bool:
+    reason = session.scheduler.cancel_reason
+    return reason is not None and reason.startswith("fail_fast")
+
+
+def _outcome_of(exc: BaseException, session: Session) -> tuple[str, ...]:
+    """The run hooks due when the flow body raised ``exc`` (see docs/guide/hooks.md)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return ("on_cancellation",)
+    if session._error is not None or not isinstance(exc, Exception):
+        return ("on_crashed",)  # graphexec's scheduler thread failed, or SystemExit & co.
+    return ("on_cancellation", "on_failure") if _fail_fast(session) else ("on_failure",)
 
 
 def _resolve(value: Any) -> Any:
@@ -107,6 +139,11 @@ _FLOW_OPTIONS = {
     "scheduler",
     "start_method",
     "cluster",
+    "observers",
+    "on_completion",
+    "on_failure",
+    "on_cancellation",
+    "on_crashed",
 }
 
 
@@ -120,7 +157,11 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             ``cache_dir``, ``progress``, ``limits`` (per tag), ``fail_fast``,
             ``scheduler`` (``"processes"``, ``"threads"``, ``"sync"``), ``cluster``
             (a ``distributed.Client``: tasks run on its dask cluster),
-            ``start_method``, ``name``.
+            ``start_method``, ``name``; ``observers`` (:class:`Observer` instances
+            that see every node of the flow) and the run hooks ``on_completion``,
+            ``on_failure``, ``on_cancellation``, ``on_crashed`` (lists of functions
+            called with the flow's :class:`Run`, or Prefect's ``(flow, flow_run,
+            state)``), as for ``Graph.compute``; see docs/guide/hooks.md.
 
     Returns:
         A callable :class:`Flow`. Calling it runs the body and returns its value

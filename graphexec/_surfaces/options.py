@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .hooks import NO_HOOKS, Observer, RunHooks, check_observers, check_run_hooks
+
 SCHEDULERS = ("processes", "threads", "sync")
 
 
@@ -21,7 +23,8 @@ class ComputeOptions:
 
     ``workers`` is the resolved count (``os.cpu_count()`` by default, the
     pool's size with ``pool=``); ``scheduler`` is ``"sync"`` when it is 0;
-    ``memory_limit`` is in bytes.
+    ``memory_limit`` is in bytes; ``observers`` a tuple of :class:`Observer`;
+    ``hooks`` the run-level hooks.
     """
 
     workers: int
@@ -37,6 +40,8 @@ class ComputeOptions:
     refresh_cache: bool = False
     cluster: Any = None
     progress: bool | None = None
+    observers: tuple[Observer, ...] = ()
+    hooks: RunHooks = NO_HOOKS
 
     @classmethod
     def validate(
@@ -56,6 +61,11 @@ class ComputeOptions:
         refresh_cache: bool = False,
         cluster: Any = None,
         progress: bool | None = None,
+        observers: Any = None,
+        on_completion: Any = None,
+        on_failure: Any = None,
+        on_cancellation: Any = None,
+        on_crashed: Any = None,
     ) -> ComputeOptions:
         """Check every option and resolve defaults.
 
@@ -111,6 +121,13 @@ class ComputeOptions:
             refresh_cache=bool(refresh_cache),
             cluster=cluster,
             progress=progress,
+            observers=check_observers(observers, where),
+            hooks=RunHooks(
+                check_run_hooks(on_completion, "on_completion", where),
+                check_run_hooks(on_failure, "on_failure", where),
+                check_run_hooks(on_cancellation, "on_cancellation", where),
+                check_run_hooks(on_crashed, "on_crashed", where),
+            ),
         )
 
 

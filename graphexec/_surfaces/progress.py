@@ -1,9 +1,11 @@
-"""The live progress bar: a scheduler observer drawing with tqdm on stderr.
+"""The live progress bar and the unattended log line: two observers of graphexec's own.
 
-The scheduler calls four hooks on its own thread (``started``, ``running``,
-``retrying``, ``finished``); ``compute`` calls ``closed`` once the run is over.
-The hooks only count: drawing is tqdm's job and tqdm throttles it
-(``mininterval``), so a dispatch costs a few attribute updates, not a
+Both are :class:`~graphexec._surfaces.hooks.Observer` subclasses, fed by the
+same :class:`~graphexec._surfaces.hooks.Dispatch` as the user's observers,
+but called on the scheduler's thread (``_inline``): they only count, and a
+user's slow hook queued on the dispatcher thread must not freeze the bar.
+That is how the bar always worked: drawing is tqdm's job and tqdm throttles
+it (``mininterval``), so a dispatch costs a few attribute updates, not a
 terminal write. The counts shown after the bar (running, failed, ...) are
 formatted only when tqdm draws (``Bar.format_dict``).
 
@@ -13,23 +15,40 @@ never a terminal; without ipywidgets it is the text bar, written to the
 cell's stderr.
 
 When nothing finishes for a while (every worker busy with a long task) no
-hook fires; a small thread redraws the bar once a second so that the elapsed
+event comes; a small thread redraws the bar once a second so that the elapsed
 time keeps moving and the run does not look hung.
+
+Without a bar (stderr is no terminal: ``nohup``, a batch job, CI) a run logs
+a progress line instead (:class:`ProgressLog`, logger ``graphexec``, INFO):
+every ``GRAPHEXEC_PROGRESS_LOG`` seconds (30 by default; ``0`` or ``off``
+turns it off) or each tenth of the nodes, whichever comes first. It exists
+only when the logger would emit INFO: a program that never configured
+logging pays nothing.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
 import threading
+import time
 from functools import cache
 from typing import Any
 
-from .._model.state import CACHED, CANCELLED, FAILED, SKIPPED
+from .._model.node import Node
+from .._model.run import Run
+from .._model.state import CACHED, CANCELLED, FAILED, SKIPPED, State
+from .hooks import Observer
+
+logger = logging.getLogger("graphexec")
 
 MININTERVAL = 0.2  # seconds between two draws at most; tqdm skips the rest
 IDLE_REDRAW = 1.0  # seconds without a draw after which the bar is redrawn anyway
+LOG_INTERVAL = 30.0  # seconds between two progress lines of an unattended run, at most
+LOG_INTERVAL_ENV = "GRAPHEXEC_PROGRESS_LOG"
+LOG_STEPS = 10  # a line each tenth of the nodes, too
 
 _FALSE = ("", "0", "false", "no", "off")
 
@@ -73,9 +92,36 @@ def wanted(progress: bool | None) -> bool:
         return False
 
 
-def make_observer(progress: bool | None) -> Progress | None:
-    """A :class:`Progress` observer if a bar is wanted (see :func:`wanted`), else None."""
-    return Progress() if wanted(progress) else None
+def make_observers(progress: bool | None) -> list[Observer]:
+    """graphexec's own observers for a run: the bar if one is wanted (see
+    :func:`wanted`), else the log line if an unattended run wants one (see
+    :func:`log_interval`); none at all otherwise."""
+    if wanted(progress):
+        return [Progress()]
+    interval = log_interval()
+    if progress is None and interval is not None:
+        return [ProgressLog(interval)]
+    return []
+
+
+def log_interval() -> float | None:
+    """Seconds between progress lines, or None when no line is wanted: logger
+    ``graphexec`` does not emit INFO, or ``GRAPHEXEC_PROGRESS_LOG`` is ``0``/``off``."""
+    if not logger.isEnabledFor(logging.INFO):
+        return None
+    text = os.environ.get(LOG_INTERVAL_ENV, "").strip().lower()
+    if not text:
+        return LOG_INTERVAL
+    if text in _FALSE:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        logger.warning(
+            "%s=%r is not a number of seconds; using %g", LOG_INTERVAL_ENV, text, LOG_INTERVAL
+        )
+        return LOG_INTERVAL
+    return seconds if seconds > 0 else None
 
 
 @cache
@@ -153,8 +199,8 @@ def bar_class() -> type:
     return _bar_class()
 
 
-class Progress:
-    """Counts what the scheduler reports and shows it as one tqdm bar on stderr.
+class Progress(Observer):
+    """Counts what the run reports and shows it as one tqdm bar on stderr.
 
     The bar reads ``done/total``, the rate, the ETA, and after it the nodes
     running now and, once non-zero, how many failed, were skipped, came from
@@ -162,10 +208,12 @@ class Progress:
     as tasks are submitted.
     """
 
+    _inline = True
+
     def __init__(self, file: Any = None) -> None:
         self._file = file
         self._run: Any = None
-        self._bar: Any = None  # the tqdm bar, from started() to closed()
+        self._bar: Any = None  # the tqdm bar, from on_start() to on_finish()
         self._running: set[int] = set()
         self._failed = 0
         self._skipped = 0
@@ -175,9 +223,9 @@ class Progress:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # -- scheduler hooks (scheduler thread) ------------------------------------
+    # -- events (scheduler thread) ---------------------------------------------
 
-    def started(self, run: Any) -> None:
+    def on_start(self, run: Run) -> None:
         self._run = run
         total = len(run.members) or None  # a flow starts empty and grows
         self._bar = bar_class()(
@@ -193,15 +241,15 @@ class Progress:
         self._thread = threading.Thread(target=self._redraw, name="graphexec-progress", daemon=True)
         self._thread.start()
 
-    def running(self, i: int, call: Any) -> None:
-        self._running.add(i)
+    def on_node_start(self, node: Node, attempt: int) -> None:
+        self._running.add(node.index)
 
-    def retrying(self, i: int, state: Any) -> None:
-        self._running.discard(i)
+    def on_node_retry(self, node: Node, state: State) -> None:
+        self._running.discard(node.index)
         self._retries += 1
 
-    def finished(self, i: int, state: Any) -> None:
-        self._running.discard(i)
+    def on_node_finish(self, node: Node, state: State) -> None:
+        self._running.discard(node.index)
         name = state.name
         if name is FAILED:
             self._failed += 1
@@ -220,7 +268,7 @@ class Progress:
 
     # -- end (the thread that called compute) --------------------------------
 
-    def closed(self, run: Any) -> None:
+    def on_finish(self, run: Run) -> None:
         """Draw the final counts and release the terminal line; safe to call twice."""
         self._stop.set()
         if self._thread is not None:
@@ -254,3 +302,101 @@ class Progress:
                 return
             if bar._time() - bar.last_print_t >= IDLE_REDRAW:
                 bar.refresh()
+
+
+class ProgressLog(Observer):
+    """A progress line on logger ``graphexec`` (INFO) for runs nobody watches on a terminal.
+
+    One line every ``interval`` seconds (a small thread wakes up when nothing
+    finishes for that long) or each time another tenth of the nodes is done,
+    whichever comes first, and a last one at the end::
+
+        sweep: 450/1000 done (45%), 3 failed, 2 running, 0:01:30 elapsed, ETA 0:01:50
+    """
+
+    _inline = True
+
+    def __init__(self, interval: float = LOG_INTERVAL) -> None:
+        self.interval = interval
+        self._run: Any = None
+        self._done = 0
+        self._failed = 0
+        self._running: set[int] = set()
+        self._next_step = 0  # done count at which the next tenth is logged
+        self._last = 0.0  # monotonic time of the last line
+        self._logged = -1  # done count of the last line
+        self._started = 0.0
+        self._lock = threading.Lock()  # the timer thread and the scheduler both log
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def on_start(self, run: Run) -> None:
+        self._run = run
+        self._started = self._last = time.monotonic()
+        self._next_step = self._step()
+        self._thread = threading.Thread(
+            target=self._tick, name="graphexec-progress-log", daemon=True
+        )
+        self._thread.start()
+
+    def on_node_start(self, node: Node, attempt: int) -> None:
+        self._running.add(node.index)
+
+    def on_node_retry(self, node: Node, state: State) -> None:
+        self._running.discard(node.index)
+
+    def on_node_finish(self, node: Node, state: State) -> None:
+        self._running.discard(node.index)
+        self._done += 1
+        if state.name is FAILED:
+            self._failed += 1
+        if self._done >= self._next_step:
+            self._next_step = self._done + self._step()
+            self._log()
+
+    def on_finish(self, run: Run) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._run is not None and self._logged != self._done:
+            self._log()
+        self._run = None
+
+    def _step(self) -> int:
+        return max(1, -(-len(self._run.members) // LOG_STEPS))
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.interval / 4):
+            if time.monotonic() - self._last >= self.interval:
+                self._log()
+
+    def _log(self) -> None:
+        with self._lock:
+            run = self._run
+            if run is None:
+                return
+            now = time.monotonic()
+            self._last = now
+            self._logged = self._done
+            total = len(run.members)
+            done = self._done
+            elapsed = now - self._started
+            eta = _clock(elapsed / done * (total - done)) if 0 < done < total else "-"
+            percent = f" ({100 * done // total}%)" if total else ""
+            logger.info(
+                "%s: %d/%d done%s, %d failed, %d running, %s elapsed, ETA %s",
+                run.graph.name,
+                done,
+                total,
+                percent,
+                self._failed,
+                len(self._running),
+                _clock(elapsed),
+                eta,
+            )
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
