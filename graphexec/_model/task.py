@@ -106,16 +106,26 @@ class Task:
 
     def _call_plain(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         wait_for = kwargs.pop("wait_for", None)
-        kwargs.pop("allow_failure", None)
-        return_state = kwargs.pop("return_state", self.options.return_state)
+        opts = self.options
+        call_allows = False  # the call keyword allow_failure=True (not the task option)
+        if "allow_failure" in kwargs or "return_state" in kwargs:
+            overrides: dict[str, Any] = {
+                k: kwargs.pop(k) for k in ("allow_failure", "return_state") if k in kwargs
+            }
+            opts = opts.updated(overrides, f"{self.name}() call")
+            call_allows = overrides.get("allow_failure") is True
         if wait_for:
             raise TypeError(
                 f"{self.name}() called with wait_for= outside a graph: there is nothing to wait "
                 "for; call it inside `with graph:` to build a node"
             )
-        if not return_state:
-            return self.fn(*args, **kwargs)
-        return State.from_call(self.name, self.fn, args, kwargs)
+        if opts.return_state:
+            return State.from_call(self.name, self.fn, args, kwargs)
+        if call_allows:
+            # The call keyword: a failure is returned as its Failed State, never raised.
+            state = State.from_call(self.name, self.fn, args, kwargs)
+            return state.result() if state.is_completed() else state
+        return self.fn(*args, **kwargs)
 
     def with_options(self, **options: Any) -> Task:
         """Return a copy of this task with some options changed.

@@ -69,6 +69,7 @@ from typing import Any, NamedTuple, cast
 
 from .._data.cache import DEFAULT_DIR
 from .._data.serialize import Payload
+from .._engine.policy import failures_behind
 from .._engine.scheduler import Scheduler
 from .._executors.protocol import OK, SIGNAL_SLICE, Executor
 from .._model.graph import Graph
@@ -119,11 +120,15 @@ def call_eagerly(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
     session = flow_session()
     if session is None:
         return NOT_EAGER
+    # The call keyword (not the task option): a failure comes back as its State.
+    call_allows = kwargs.get("allow_failure") is True
     future = session.submit(task, args, kwargs)
     state = future.wait()
-    session._observed(future.index)
-    if future.graph._opts[future.index].return_state:
+    if future.graph._opts[future.index].return_state or (call_allows and not state.is_completed()):
+        session._observed(future.index)
         return state
+    # Raised here, a skip's UpstreamFailed is caught in the body or ends the flow.
+    session._observed(future.index, through_skip=True)
     return state.result()
 
 
@@ -194,7 +199,8 @@ class Future(Node):
             Exception: the task's own exception, with its remote traceback.
         """
         state = self.wait(timeout)
-        self._session._observed(self.index)
+        # Raised or returned here, a skip's UpstreamFailed shows the failures behind it.
+        self._session._observed(self.index, through_skip=True)
         return state.result(raise_on_failure=raise_on_failure)
 
     @property
@@ -471,20 +477,29 @@ class Session:
         states = self.run._states
         return states[index] if index < len(states) else None
 
-    def _observed(self, index: int) -> None:
-        """The user looked at this future's final state: a failure in it is handled."""
+    def _observed(self, index: int, through_skip: bool = False) -> None:
+        """The user looked at this future's final state: a failure in it is handled.
+
+        ``through_skip``: the user got the ``UpstreamFailed`` of a skipped future
+        (``.result()`` raised or returned it), which names the failures behind the
+        skip: they count as looked at too.
+        """
         state = self._state(index)
         if state is None or state.name in ("Completed", "Cached"):
             return
+        seen = [index]
+        if through_skip and state.name == "Skipped":
+            seen += failures_behind(self.graph, self.run._states, index)
         with self._lock:
-            if self._stopped:
-                # The scheduler thread is gone and applies nothing more; the
-                # Run is the user's now (a future outliving its flow).
-                self.run._handled.add(index)
-            else:
-                # No wakeup: nothing runs differently; the scheduler applies it
-                # at its next step, and at the latest before the session ends.
-                self._post(("observed", index), wake=False)
+            for i in seen:
+                if self._stopped:
+                    # The scheduler thread is gone and applies nothing more; the
+                    # Run is the user's now (a future outliving its flow).
+                    self.run._handled.add(i)
+                else:
+                    # No wakeup: nothing runs differently; the scheduler applies it
+                    # at its next step, and at the latest before the session ends.
+                    self._post(("observed", i), wake=False)
 
     def wait_all(self) -> None:
         """Block until every submitted task is final."""
