@@ -42,7 +42,7 @@ from ._model.node import Node, allow_failure
 from ._model.options import exponential_backoff
 from ._model.run import Run
 from ._model.state import Attempt, State
-from ._model.task import Task, task
+from ._model.task import Task, task, unmapped
 from ._surfaces.eager import Future, WaitResult, as_completed, wait
 from ._surfaces.flow import Flow, flow
 from ._surfaces.hooks import Observer, observe
@@ -59,6 +59,7 @@ __all__ = [
     "Task",
     "task",
     "allow_failure",
+    "unmapped",
     "exponential_backoff",
     # caching
     "task_input_hash",

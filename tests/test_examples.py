@@ -149,6 +149,35 @@ def test_prefect_eager() -> None:
     )
 
 
+# The Prefect forms of issue #13, as users copy them: each must do what the
+# answer it came from promised, and the flow must end without raising.
+PREFECT_FORMS = {
+    "prefect_allow_failure_call.py": [
+        "[task_2-0] task_2 ran",
+        "my_flow ended without raising",
+        "task_1(allow_failure=True) returned <State Failed task_1: ValueError: task_1 failed>",
+    ],
+    "prefect_wait_for_allow_failure.py": [
+        "[task_2-0] task_2 ran",
+        "my_flow ended without raising",
+    ],
+    "prefect_handle_skipped.py": [
+        "Task 2 didn't run because: task_2-0 was skipped because its upstream task_1-0 failed",
+        "my_flow ended without raising",
+    ],
+}
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 30)
+@pytest.mark.parametrize("name", sorted(PREFECT_FORMS))
+def test_prefect_forms_run_as_written(name: str) -> None:
+    out = run_example(name)
+    assert_lines(out, PREFECT_FORMS[name])
+    source = (EXAMPLES / name).read_text(encoding="utf-8")
+    assert "from graphexec import flow, task\n" in source  # the one line changed
+    assert "import graphexec" not in source  # nothing else of graphexec's is used
+
+
 def test_ci_runs_the_readme_test_command() -> None:
     """README's test command and .ci/run must not drift apart."""
     command = (

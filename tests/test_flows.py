@@ -10,6 +10,7 @@ the same thing on processes, threads and in-process.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from datetime import timedelta
 
@@ -988,3 +989,123 @@ def test_a_flow_with_10000_submits_stays_fast():
     started = time.perf_counter()
     assert run_flow(body) == sum(range(10_000))
     assert time.perf_counter() - started < 10
+
+
+# -- futures that behave like futures (#13) ----------------------------------------------
+
+BOTH = ("processes", "sync")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", BOTH)
+def test_future_exception_returns_the_error_or_none_and_counts_as_looking(scheduler):
+    def body():
+        good = add.submit(1, 2)
+        bad = explode.submit("looked at through exception()")
+        skipped = add.submit(explode.submit("behind a skip"), 1)
+        slow = span.submit("slow", 1.0)
+        with pytest.raises(TimeoutError):
+            slow.exception(timeout=0.05)
+        return (
+            good.exception(),
+            repr(bad.exception()),
+            type(skipped.exception()).__name__,
+            slow.exception(),
+        )
+
+    # Both failures were looked at, one directly, one through the skip: no GraphFailed.
+    assert run_flow(body, scheduler) == (
+        None,
+        "ValueError('looked at through exception()')",
+        "UpstreamFailed",
+        None,
+    )
+
+
+@pytest.mark.timeout(30)
+def test_future_running_is_true_only_while_an_attempt_runs():
+    seen = []
+
+    def body():
+        blocker = span.submit("blocker", 0.5)
+        waiting = span.submit("waiting", 0.0, wait_for=[blocker])
+        deadline = time.monotonic() + 10
+        while not blocker.running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append((blocker.running(), waiting.running()))
+        waiting.result()
+        seen.append((blocker.running(), waiting.running()))
+
+    run_flow(body, "processes")
+    assert seen == [(True, False), (False, False)]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", BOTH)
+def test_cancel_a_pending_future(scheduler, tmp_path):
+    marker = tmp_path / "ran"
+    seen = {}
+
+    def body():
+        blocker = span.submit("blocker", 0.5)
+        pending = touch.submit(str(marker), wait_for=[blocker])
+        dependent = add.submit(pending, 1)
+        seen["cancel"] = pending.cancel()
+        seen["again"] = pending.cancel()  # already cancelled: still True
+        seen["cancelled"] = pending.cancelled()
+        seen["finished"] = blocker.cancel()  # blocker runs (or has run): not cancelled
+        blocker.result()
+        seen["blocker"] = blocker.cancelled()
+        with pytest.raises(gx.Cancelled):
+            pending.result()
+        seen["dependent"] = dependent.wait()
+        return "returned"
+
+    assert run_flow(body, scheduler) == "returned"  # a cancellation is no failure
+    assert seen["cancel"] and seen["again"] and seen["cancelled"]
+    assert seen["finished"] is False and seen["blocker"] is False
+    assert seen["dependent"].name == "Skipped"
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(30)
+def test_cancel_a_running_future_returns_false():
+    def body():
+        running = span.submit("running", 0.5)
+        deadline = time.monotonic() + 10
+        while not running.running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return running.cancel(), running.cancelled(), running.result()["tag"]
+
+    assert run_flow(body, "processes") == (False, False, "running")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", BOTH)
+def test_done_callbacks_run_off_the_scheduler_thread_before_the_flow_returns(scheduler, caplog):
+    calls = []
+
+    def record(future):
+        calls.append((future.name, future.done(), threading.current_thread().name))
+
+    def raises(future):
+        raise RuntimeError("a broken callback")
+
+    def body():
+        slow = span.submit("slow", 0.3)
+        slow.add_done_callback(record)
+        slow.add_done_callback(raises)  # logged, ignored
+        slow.add_done_callback(record)  # each registration is called
+        quick = add.submit(1, 2)
+        quick.wait()
+        quick.add_done_callback(record)  # already final: called now, in this thread
+        calls.append(("body", "after quick"))
+        return "returned"
+
+    assert run_flow(body, scheduler) == "returned"
+    here = threading.current_thread().name
+    in_body = [c for c in calls if c[-1] in (here, "after quick")]
+    off_thread = [c for c in calls if c not in in_body]
+    assert in_body == [("add-0", True, here), ("body", "after quick")]
+    assert off_thread == [("span-0", True, "graphexec-body-callbacks")] * 2
+    assert "a done-callback of span-0 raised" in caplog.text

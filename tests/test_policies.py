@@ -242,7 +242,7 @@ def test_call_keyword_allow_failure(compute):
         broken = explode("call broke", allow_failure=True)
         report = collect(broken)
         root = explode("root")
-        passthrough = ok(root, allow_failure=True)
+        passthrough = ok(root, allow_failure=True)  # a failed data input still skips it
         report2 = collect(passthrough)
         strict = explode("strict")  # the same task without the keyword is not handled
     with pytest.raises(gx.GraphFailed) as info:
@@ -250,9 +250,39 @@ def test_call_keyword_allow_failure(compute):
     run = info.value.run
     assert run[report] == [("exc", "ValueError", "call broke")]
     assert run[report2] == [("upstream_failed", root.name)]
-    assert run.unhandled == [strict]
+    assert run.state(passthrough).name == "Skipped"
+    assert run.unhandled == [strict]  # root: handled by report2, which took the skip
     assert set(run.failed) == {broken, root, strict}
     assert explode.options.allow_failure is False
+
+
+def test_call_keyword_allow_failure_covers_its_wait_for(compute):
+    # "Failures around this call are allowed": its wait_for entries count as if
+    # wrapped in gx.allow_failure, failed or skipped, and are handled once it runs.
+    graph = gx.Graph()
+    with graph:
+        failed = explode("prerequisite broke")
+        skipped = ok(explode("further up"))
+        after = ok(7, wait_for=[failed, skipped, ok(1)], allow_failure=True)
+        returned = ok(8, wait_for=failed, allow_failure=True)  # a bare node, not a list
+    run = compute(graph)
+    assert run.ok
+    assert run[after] == 7 and run[returned] == 8
+    assert len(run.failed) == 2 and run.unhandled == []
+
+
+def test_task_option_allow_failure_does_not_cover_wait_for(compute):
+    # Declared once for every call, "allowed to fail" does not also mean "runs
+    # after its prerequisites failed": that takes the call keyword.
+    graph = gx.Graph()
+    with graph:
+        failed = explode("prerequisite broke")
+        waiter = fragile_ok(1, wait_for=[failed])
+    with pytest.raises(gx.GraphFailed) as info:
+        compute(graph)
+    run = info.value.run
+    assert run.state(waiter).name == "Skipped"
+    assert run.unhandled == [failed]
 
 
 # -- return_state=True ----------------------------------------------------------------

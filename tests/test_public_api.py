@@ -18,6 +18,7 @@ REQUIRED = {
     "Task",
     "task",
     "allow_failure",
+    "unmapped",
     "exponential_backoff",
     "Pool",
     "Run",

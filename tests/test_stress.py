@@ -136,6 +136,9 @@ class Spec:
         self.retries: list[int] = []
         self.accepts: list[dict[int, bool]] = []  # upstream -> this edge allows failure
         self.lenient: list[bool] = []  # call-time allow_failure or return_state
+        # upstreams in wait_for of a call with the keyword allow_failure=True, which
+        # covers them as if wrapped in gx.allow_failure (issue #13)
+        self.waived: list[set[int]] = []
 
 
 _variants: dict[tuple, gx.Task] = {}
@@ -174,13 +177,15 @@ def build(seed, n, real, log_dir, *, fault_rate=0.05, max_timeouts=4, max_memory
                 else:
                     kind = base
             ups = sorted(set(rng.sample(range(max(0, i - 40), i), min(i, rng.randint(0, 3)))))
-            args, wait, accepts = [], [], {}
+            args, wait, accepts, waited = [], [], {}, set()
             for up in ups:
                 r = rng.random()
                 allowed = r < 0.15 or 0.9 <= r < 0.95
                 accepts[up] = allowed
                 node = gx.allow_failure(nodes[up]) if allowed else nodes[up]
                 (wait if r >= 0.8 else args).append(node)
+                if r >= 0.8:
+                    waited.add(up)
             options = {}
             trigger = "all_success"
             if ups and rng.random() < 0.08:
@@ -206,6 +211,7 @@ def build(seed, n, real, log_dir, *, fault_rate=0.05, max_timeouts=4, max_memory
             spec.retries.append(retries)
             spec.accepts.append(accepts)
             spec.lenient.append(bool(call_kw.get("allow_failure") or call_kw.get("return_state")))
+            spec.waived.append(waited if call_kw.get("allow_failure") else set())
     return graph, nodes, spec
 
 
@@ -399,11 +405,12 @@ def test_random_faulty_graphs_with_fail_fast(tmp_path, seed):
             up_state = states[up]
             if up_state.is_completed() or trigger in REACTING:
                 continue
-            # A Completed node ran although this upstream did not succeed: its edge or
-            # the upstream's own call-time policy accepted that (all_success), or the
+            # A Completed node ran although this upstream did not succeed: its edge,
+            # its own call keyword allow_failure=True over its wait_for, or the
+            # upstream's own call-time policy accepted that (all_success), or the
             # upstream was skipped by an unmet trigger, not by a failure (none_failed).
             if trigger == "all_success":
-                accepted = allowed or spec.lenient[up]
+                accepted = allowed or up in spec.waived[i] or spec.lenient[up]
             else:
                 accepted = up_state.name == "Skipped" and up_state.upstream is None
             assert accepted, (

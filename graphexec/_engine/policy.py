@@ -18,7 +18,7 @@ from typing import Final
 
 from .._model.graph import Graph
 from .._model.node import ALLOW, DATA
-from .._model.state import CANCELLED, FAILED, State
+from .._model.state import CANCELLED, FAILED, SKIPPED, State
 
 # Triggers under which a dependent runs although an upstream failed (fail_fast
 # leaves such a failure to them instead of cancelling the run).
@@ -194,3 +194,43 @@ def edge_accepts(graph: Graph, d: int, up: int) -> bool:
     reacts to failures). none_failed, like all_success, is skipped by it: it handles
     nothing."""
     return bool(edge_flag(graph, d, up) & ALLOW) or graph._opts[d].trigger in REACTING_TRIGGERS
+
+
+def failures_behind(graph: Graph, states: list[State | None], d: int) -> list[int]:
+    """The failed nodes behind node d's skip: every failure that stopped it.
+
+    Walks up from d through upstreams that were themselves skipped because of a
+    failure, over the edges that blocked (an edge that accepts failures, or an
+    upstream that declared ``allow_failure``/``return_state``, stopped nothing
+    under ``all_success``). A flow's user who caught the ``UpstreamFailed`` of
+    d's ``.result()`` has looked at all of them. Reads final states only, so
+    any thread may call it once d is final.
+    """
+    st = states[d]
+    if st is None or st.name is not SKIPPED or st.upstream is None:
+        return []
+    found: list[int] = []
+    seen = {d}
+    stack = [d]
+    while stack:
+        s = stack.pop()
+        strict = graph._opts[s].trigger == "all_success"
+        ups, fl = graph._deps[s], graph._flags[s]
+        for k, up in enumerate(ups):
+            if up in seen:
+                continue
+            up_state = states[up] if up < len(states) else None
+            if up_state is None:
+                continue
+            if strict:
+                upopts = graph._opts[up]
+                flag = DATA if fl is None else fl[k]
+                if flag & ALLOW or upopts.allow_failure or upopts.return_state:
+                    continue
+            if up_state.name is FAILED:
+                seen.add(up)
+                found.append(up)
+            elif up_state.name is SKIPPED and up_state.upstream is not None:
+                seen.add(up)
+                stack.append(up)
+    return found

@@ -247,6 +247,9 @@ class Scheduler:
                 elif kind == "open-cache":  # once per session, before its first cached node
                     if self.cache is None:
                         self.cache = CacheStore(arg)
+                elif kind == "cancel-node":  # Future.cancel(): the answer goes back by mailbox
+                    i, reply = arg
+                    reply.put(self.cancel_pending(i))
                 elif kind == "claim":  # a lazy graph's run: accepted failures, then all seen
                     indices, reply = arg
                     accepted = [i in self.handled for i in indices]
@@ -654,6 +657,27 @@ class Scheduler:
         return None
 
     # -- cancellation ---------------------------------------------------------
+
+    def cancel_pending(self, i: int) -> bool:
+        """Cancel node i if it has not started (``Future.cancel``); True if it now is.
+
+        Started means running, final, or in the cache gate (keying or waiting
+        for an entry lock). Its dependents then resolve as after any cancellation.
+        """
+        st, gate = self.states[i], self.gate
+        if st is not None and st.name in FINAL:
+            return False
+        if i in self.running or i in gate.keying or i in gate.lock_waits:
+            return False
+        heaps: list[list[Any]] = [self.ready, self.retry_at, *self.parked.values()]
+        for heap in heaps:
+            if any(entry[2] == i for entry in heap):
+                heap[:] = [entry for entry in heap if entry[2] != i]
+                heapq.heapify(heap)
+        self.unsent.pop(i, None)
+        name = self.graph._names[i]
+        self._finish(i, State.cancelled(name, "future.cancel()", self.history.get(i)))
+        return True
 
     def cancel(self, why: str, everything: bool) -> None:
         """Give every unfinished node a final state: Cancelled.

@@ -146,6 +146,7 @@ class Graph:
         # are handled inline; anything else goes through the container walk.
         opts = task.options
         wait_for = None
+        wait_flag = ORDER
         if kwargs:
             wait_for = kwargs.pop("wait_for", None)
             if "allow_failure" in kwargs or "return_state" in kwargs:
@@ -153,6 +154,12 @@ class Graph:
                     k: kwargs.pop(k) for k in ("allow_failure", "return_state") if k in kwargs
                 }
                 opts = opts.updated(overrides, f"{task.name}() call")
+                if overrides.get("allow_failure") is True:
+                    # The call keyword means "failures around this call are allowed":
+                    # its wait_for list is covered as if each entry were wrapped in
+                    # gx.allow_failure. Data inputs are not: a call never receives an
+                    # exception in place of a value it did not ask for.
+                    wait_flag = ORDER | ALLOW
 
         node_type = self._node_type
         # Upstream indices while every edge is a bare node taken as plain data
@@ -172,7 +179,7 @@ class Graph:
         if wait_for is not None:
             if found is None:
                 found = dict.fromkeys(ups, DATA)
-            self._scan_wait_for(wait_for, found, task.name)
+            self._scan_wait_for(wait_for, found, task.name, wait_flag)
 
         index = len(self._nodes)
         node = _new(node_type)  # Node.__init__ without its Python call
@@ -248,10 +255,12 @@ class Graph:
                 "parameter of the function"
             ) from None
 
-    def _scan_wait_for(self, wait_for: Any, found: dict[int, int], name: str) -> None:
+    def _scan_wait_for(
+        self, wait_for: Any, found: dict[int, int], name: str, base: int = ORDER
+    ) -> None:
         items = wait_for if isinstance(wait_for, (list, tuple, set, frozenset)) else [wait_for]
         for item in items:
-            flag = ORDER
+            flag = base
             if type(item) is allow_failure:
                 flag |= ALLOW
                 inner = item.value

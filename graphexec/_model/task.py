@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from .node import Node, allow_failure
 from .options import DEFAULT_OPTIONS, RESERVED_KEYWORDS, TaskOptions
 from .seam import NOT_EAGER, surfaces
 from .state import State
@@ -104,18 +106,107 @@ class Task:
             return graph._add_call(self, args, kwargs)
         return surfaces.submit(self, args, kwargs)
 
+    def map(self, *args: Any, **kwargs: Any) -> list[Any]:
+        """One call per item of the iterable arguments (Prefect's ``task.map``).
+
+        Every iterable argument, positional or keyword, is mapped over, item by
+        item, except strings and bytes; any other argument, and one wrapped in
+        :class:`unmapped`, is passed whole to every call. ``gx.allow_failure``
+        around an iterable marks each of its items. ``wait_for=``,
+        ``allow_failure=`` and ``return_state=`` apply to every call. A
+        generator is consumed once, here.
+
+        Returns:
+            Inside ``with graph:`` a list of :class:`Node`; in a flow or a
+            ``with gx.Pool():`` block a list of futures, submitted at once.
+
+        Raises:
+            TypeError: no argument to map over, or an argument that is a node or
+                future: its length is unknown while building (pass
+                ``future.result()``, or build the calls inside a task).
+            ValueError: the mapped arguments have different lengths.
+            RuntimeError: outside a graph, a flow or a pool block.
+
+        Example::
+
+            with graph:
+                fits = fit.map(seeds, data=gx.unmapped(table))
+        """
+        reserved = {k: kwargs.pop(k) for k in RESERVED_KEYWORDS if k in kwargs}
+        columns: list[Any] = []
+        lengths: dict[str, int] = {}
+        for label, value in (
+            *((f"argument {k}", v) for k, v in enumerate(args)),
+            *((f"{k}=", v) for k, v in kwargs.items()),
+        ):
+            items = self._map_items(label, value)
+            if items is None:
+                columns.append(repeat(value.value if type(value) is unmapped else value))
+            else:
+                columns.append(items)
+                lengths[label] = len(items)
+        if not lengths:
+            raise TypeError(
+                f"{self.name}.map() got nothing to map over: give at least one list (or other "
+                "iterable) argument; arguments wrapped in gx.unmapped() are passed whole"
+            )
+        if len(set(lengths.values())) > 1:
+            sizes = ", ".join(f"{label} has {n}" for label, n in lengths.items())
+            raise ValueError(
+                f"{self.name}.map(): the mapped arguments differ in length ({sizes}); give "
+                "them the same length, or wrap an argument passed whole in gx.unmapped()"
+            )
+        graph = active_graph()
+        call = graph._add_call if graph is not None else surfaces.submit
+        n_args = len(args)
+        names = tuple(kwargs)
+        if not names and not reserved:  # the common form: positional iterables only
+            return [call(self, row, {}) for row in zip(*columns)]
+        return [
+            call(self, row[:n_args], {**dict(zip(names, row[n_args:])), **reserved})
+            for row in zip(*columns)
+        ]
+
+    def _map_items(self, label: str, value: Any) -> list[Any] | None:
+        """The items ``task.map`` maps ``value`` over, or None to pass it whole."""
+        if type(value) is unmapped:
+            return None
+        if isinstance(value, Node):
+            raise TypeError(
+                f"{self.name}.map(): {label} is a single {type(value).__name__} "
+                f"({value.name}), whose length is unknown until it has run: map over "
+                "future.result() in a flow, or build the calls inside a task; wrap it in "
+                "gx.unmapped() to pass it whole to every call"
+            )
+        if type(value) is allow_failure:
+            inner = self._map_items(label, value.value)
+            return None if inner is None else [allow_failure(v) for v in inner]
+        if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Iterable):
+            return None  # one value to its user, as in Prefect
+        return list(value)
+
     def _call_plain(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         wait_for = kwargs.pop("wait_for", None)
-        kwargs.pop("allow_failure", None)
-        return_state = kwargs.pop("return_state", self.options.return_state)
+        opts = self.options
+        call_allows = False  # the call keyword allow_failure=True (not the task option)
+        if "allow_failure" in kwargs or "return_state" in kwargs:
+            overrides: dict[str, Any] = {
+                k: kwargs.pop(k) for k in ("allow_failure", "return_state") if k in kwargs
+            }
+            opts = opts.updated(overrides, f"{self.name}() call")
+            call_allows = overrides.get("allow_failure") is True
         if wait_for:
             raise TypeError(
                 f"{self.name}() called with wait_for= outside a graph: there is nothing to wait "
                 "for; call it inside `with graph:` to build a node"
             )
-        if not return_state:
-            return self.fn(*args, **kwargs)
-        return State.from_call(self.name, self.fn, args, kwargs)
+        if opts.return_state:
+            return State.from_call(self.name, self.fn, args, kwargs)
+        if call_allows:
+            # The call keyword: a failure is returned as its Failed State, never raised.
+            state = State.from_call(self.name, self.fn, args, kwargs)
+            return state.result() if state.is_completed() else state
+        return self.fn(*args, **kwargs)
 
     def with_options(self, **options: Any) -> Task:
         """Return a copy of this task with some options changed.
@@ -180,6 +271,24 @@ def task(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     if options:
         raise TypeError("use @task(**options) or @task, not task(fn, **options)")
     return decorate(fn)
+
+
+class unmapped:  # noqa: N801 - spelled like a function, as in Prefect
+    """Pass an argument whole to every call of :meth:`Task.map` instead of mapping it.
+
+    Example::
+
+        with graph:
+            scores = score.map(samples, model=gx.unmapped(model))  # same model each call
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"unmapped({self.value!r})"
 
 
 def as_task(fn: Any, where: str) -> Task:

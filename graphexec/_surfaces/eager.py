@@ -28,7 +28,8 @@ Thread model (who owns what):
   ``("cancel", why)``, ``("observed", i)`` (a failure the user looked at),
   ``("open-cache", dir)`` (posted once per session: one :class:`CacheStore`),
   ``("claim", (indices, mailbox))`` (a lazy graph's run: which failures a
-  dependent accepted; answered through the mailbox). A message that needs
+  dependent accepted; answered through the mailbox), ``("cancel-node", (i,
+  mailbox))`` (``Future.cancel``: whether i was cancelled before it started). A message that needs
   the scheduler now comes with ``executor.wakeup()``.
 * **The graph is append-only** and built by user threads under the lock; the
   scheduler reads node ``i`` only after its ``("admit", i)`` message, posted
@@ -43,7 +44,10 @@ Thread model (who owns what):
   waiting for it, so one mailbox can wait for futures of several sessions.
   ``wait_all`` waits on the session's condition, notified at each publish.
   When the scheduler thread ends (closed, or failed) it wakes every waiter,
-  so no wait outlives it. Only a wait in the main thread wakes on its own, every
+  so no wait outlives it. A done-callback is such a waiter: its "mailbox"
+  queues the call for the session's callback thread, which runs the user's
+  functions off the scheduler's thread; :meth:`Session.close` drains and joins
+  it. Only a wait in the main thread wakes on its own, every
   ``SIGNAL_SLICE``, so that Ctrl-C still interrupts it.
 * **After** :meth:`Session.close` **joins the thread**, the closing thread owns
   the Run (finishing it, unlinking shared memory, unlocking cache entries).
@@ -60,15 +64,18 @@ result at any time), as in Prefect.
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 from .._data.cache import DEFAULT_DIR
 from .._data.serialize import Payload
+from .._engine.policy import failures_behind
 from .._engine.scheduler import Scheduler
 from .._executors.protocol import OK, SIGNAL_SLICE, Executor
 from .._model.graph import Graph
@@ -81,6 +88,7 @@ from .notebook import future_html
 from .options import ComputeOptions, check_limits
 
 _local = threading.local()
+logger = logging.getLogger("graphexec")
 
 
 class _Everything:
@@ -119,11 +127,15 @@ def call_eagerly(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
     session = flow_session()
     if session is None:
         return NOT_EAGER
+    # The call keyword (not the task option): a failure comes back as its State.
+    call_allows = kwargs.get("allow_failure") is True
     future = session.submit(task, args, kwargs)
     state = future.wait()
-    session._observed(future.index)
-    if future.graph._opts[future.index].return_state:
+    if future.graph._opts[future.index].return_state or (call_allows and not state.is_completed()):
+        session._observed(future.index)
         return state
+    # Raised here, a skip's UpstreamFailed is caught in the body or ends the flow.
+    session._observed(future.index, through_skip=True)
     return state.result()
 
 
@@ -194,8 +206,61 @@ class Future(Node):
             Exception: the task's own exception, with its remote traceback.
         """
         state = self.wait(timeout)
-        self._session._observed(self.index)
+        # Raised or returned here, a skip's UpstreamFailed shows the failures behind it.
+        self._session._observed(self.index, through_skip=True)
         return state.result(raise_on_failure=raise_on_failure)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Wait for the task; return its exception, or None if it completed.
+
+        As :meth:`result` with ``raise_on_failure=False``, it counts as looking
+        at the failure (and, for a skipped future, at the failures behind it).
+        A Skipped future gives its :class:`UpstreamFailed`, a Cancelled one its
+        :class:`Cancelled`.
+
+        Raises:
+            TimeoutError: the task did not finish within ``timeout``.
+            RuntimeError: its flow's (or pool's) scheduler thread failed: it never ends.
+        """
+        state = self.wait(timeout)
+        self._session._observed(self.index, through_skip=True)
+        return None if state.is_completed() else state.exception
+
+    def running(self) -> bool:
+        """True while an attempt of the task runs (not while it waits, nor once final)."""
+        session = self._session
+        return session._state(self.index) is None and self.index in session.scheduler.running
+
+    def cancelled(self) -> bool:
+        """True if the task ended Cancelled (:meth:`cancel`, ``fail_fast``, the flow raising)."""
+        state = self._session._state(self.index)
+        return state is not None and state.is_cancelled()
+
+    def cancel(self) -> bool:
+        """Cancel the task if it has not started, as :meth:`concurrent.futures.Future.cancel`.
+
+        A cancelled task ends ``Cancelled`` and its dependents are Skipped;
+        a cancellation is not a failure, so it does not make the flow raise.
+
+        Returns:
+            True if the task is now cancelled (also when it already was);
+            False if it is running or has ended otherwise.
+        """
+        if self.cancelled():
+            return True
+        return self._session._cancel_one(self.index)
+
+    def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
+        """Call ``fn(future)`` once the task is final.
+
+        The call happens in this process, on a thread of the flow's (or pool
+        block's) own, never the scheduler's; a future already final calls it
+        at once, in the calling thread. The flow returns after every callback
+        has run. An exception from ``fn`` is logged and ignored, as
+        ``concurrent.futures`` does.
+        """
+        if not self._session._add_callback(self, fn):
+            _run_callback(fn, self)
 
     @property
     def state(self) -> State:
@@ -269,6 +334,54 @@ def _wait_on(cond: threading.Condition, remaining: float | None) -> None:
     cond.wait(remaining)
 
 
+def _run_callback(fn: Callable[[Future], Any], future: Future) -> None:
+    try:
+        fn(future)
+    except Exception:
+        logger.exception("a done-callback of %s raised; ignored", future.name)
+
+
+class _Callback:
+    """One ``add_done_callback``: a waiter that hands its future to the callback thread."""
+
+    __slots__ = ("fn", "runner")
+
+    def __init__(self, fn: Callable[[Future], Any], runner: _CallbackThread) -> None:
+        self.fn = fn
+        self.runner = runner
+
+    def put(self, future: Future) -> None:  # on the scheduler thread: never blocks
+        self.runner.queue.put((self.fn, future))
+
+
+class _CallbackThread:
+    """The thread that runs a session's done-callbacks, off the scheduler's thread.
+
+    Started by the session's first ``add_done_callback``; :meth:`close` lets it
+    run what was queued, then joins it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.queue: queue.SimpleQueue[tuple[Callable[[Future], Any], Future] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(
+            target=self._run, name=f"graphexec-{name}-callbacks", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            _run_callback(*item)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self._thread.join()
+
+
 class _SessionGraph(Graph):
     """A session's graph: it grows while it runs, and its nodes are Futures."""
 
@@ -315,9 +428,11 @@ class Session:
         self._woken = False  # a wakeup for the inbox is on its way to the scheduler
         self._submitted = 0  # nodes sent for admission
         self._published_done = 0  # nodes final at the last publish
-        self._waiters: dict[int, list[_Mailbox]] = {}  # node -> mailboxes waiting for it
+        # node -> what waits for it: mailboxes, and done-callbacks (which put like one)
+        self._waiters: dict[int, list[_Mailbox | _Callback]] = {}
         self._replies: set[_Mailbox] = set()  # mailboxes waiting for a "claim" answer
         self._cache_requested = False  # ("open-cache", dir) was posted
+        self._callbacks: _CallbackThread | None = None  # started by the first done-callback
         self._closing = False  # close() began: no more submissions
         self._stopped = False  # the scheduler thread has ended
         self._error: BaseException | None = None  # what ended it, if not close()
@@ -357,7 +472,7 @@ class Session:
             return
         self._fresh = []
         nodes = self.graph._nodes
-        woken: list[tuple[_Mailbox, Any]] = []
+        woken: list[tuple[_Mailbox | _Callback, Any]] = []
         with self._lock:
             self._published_done = self.scheduler.done
             waiters = self._waiters
@@ -379,7 +494,7 @@ class Session:
             self._cond.notify_all()
         for i, mailboxes in waiters.items():
             for mailbox in mailboxes:
-                mailbox.put(nodes[i])
+                mailbox.put(cast(Future, nodes[i]))
         for mailbox in replies:
             mailbox.put(None)
 
@@ -440,6 +555,40 @@ class Session:
             self._waiters.setdefault(index, []).append(mailbox)
             return True
 
+    def _add_callback(self, future: Future, fn: Callable[[Future], Any]) -> bool:
+        """Have ``fn(future)`` called on the callback thread when the future ends.
+
+        False when there is nothing to wait for (final, or never will be).
+        """
+        with self._lock:
+            state = self._state(future.index)
+            if (state is not None and state.name in FINAL) or self._stopped:
+                return False
+            if self._callbacks is None:
+                self._callbacks = _CallbackThread(self.graph.name)
+            self._waiters.setdefault(future.index, []).append(_Callback(fn, self._callbacks))
+            return True
+
+    def _cancel_one(self, index: int) -> bool:
+        """Ask the scheduler thread to cancel node ``index`` if it has not started."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("future.cancel() cannot be called from a task running in-process")
+        state = self._state(index)
+        if state is not None and state.name in FINAL:
+            return False
+        mailbox = _Mailbox()
+        with self._lock:
+            if self._stopped:
+                return False
+            self._replies.add(mailbox)
+            self._post(("cancel-node", (index, mailbox)), wake=True)
+        try:
+            answer = mailbox.take(None)[0]  # the answer, or None from _stop
+        finally:
+            with self._lock:
+                self._replies.discard(mailbox)
+        return bool(answer)
+
     def _remove_waiter(self, index: int, mailbox: _Mailbox) -> None:
         with self._lock:
             mailboxes = self._waiters.get(index)
@@ -471,20 +620,29 @@ class Session:
         states = self.run._states
         return states[index] if index < len(states) else None
 
-    def _observed(self, index: int) -> None:
-        """The user looked at this future's final state: a failure in it is handled."""
+    def _observed(self, index: int, through_skip: bool = False) -> None:
+        """The user looked at this future's final state: a failure in it is handled.
+
+        ``through_skip``: the user got the ``UpstreamFailed`` of a skipped future
+        (``.result()`` raised or returned it), which names the failures behind the
+        skip: they count as looked at too.
+        """
         state = self._state(index)
         if state is None or state.name in ("Completed", "Cached"):
             return
+        seen = [index]
+        if through_skip and state.name == "Skipped":
+            seen += failures_behind(self.graph, self.run._states, index)
         with self._lock:
-            if self._stopped:
-                # The scheduler thread is gone and applies nothing more; the
-                # Run is the user's now (a future outliving its flow).
-                self.run._handled.add(index)
-            else:
-                # No wakeup: nothing runs differently; the scheduler applies it
-                # at its next step, and at the latest before the session ends.
-                self._post(("observed", index), wake=False)
+            for i in seen:
+                if self._stopped:
+                    # The scheduler thread is gone and applies nothing more; the
+                    # Run is the user's now (a future outliving its flow).
+                    self.run._handled.add(i)
+                else:
+                    # No wakeup: nothing runs differently; the scheduler applies it
+                    # at its next step, and at the latest before the session ends.
+                    self._post(("observed", i), wake=False)
 
     def wait_all(self) -> None:
         """Block until every submitted task is final."""
@@ -517,6 +675,10 @@ class Session:
         self._thread.join()
         if closed_already:
             return
+        if self._callbacks is not None:
+            # Every waiter was woken when the scheduler thread ended: the last
+            # callbacks are queued. They run before values are released.
+            self._callbacks.close()
         self.run._finish_run()
         # Values read during the session (future.result()) lost their handle to
         # _finish_run: unlink their segments too, or /dev/shm keeps them after

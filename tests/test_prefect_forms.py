@@ -1,0 +1,244 @@
+"""The Prefect call forms users bring, as they wrote them (issue #13, part 1).
+
+* The call keyword ``allow_failure=True`` means "failures around this call are
+  allowed": a plain call returns the Failed ``gx.State`` instead of raising (in
+  a flow and outside any flow), its own failure never blocks its dependents,
+  and its ``wait_for`` list is covered as if each entry were wrapped in
+  ``gx.allow_failure``. Failed *data* inputs still skip it.
+* The task option ``@gx.task(allow_failure=True)`` keeps its meaning: its own
+  failures never block; it does not cover ``wait_for``, and a plain call of it
+  still raises.
+* Catching the ``UpstreamFailed`` of a skipped future's ``.result()`` counts as
+  looking at every failure behind the skip; a failure nobody looked at still
+  makes the flow raise.
+
+Every flow runs on ``processes`` and ``sync`` (the ``scheduler`` fixture).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import graphexec as gx
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@gx.task
+def task_1():
+    raise ValueError("task_1 failed")
+
+
+@gx.task
+def task_2(*_):
+    return "task_2 ran"
+
+
+@gx.task
+def explode(message="boom"):
+    raise ValueError(message)
+
+
+@gx.task
+def ok(x=1):
+    return x
+
+
+@gx.task(allow_failure=True)
+def tolerant(*_):
+    return "tolerant ran"
+
+
+@gx.task(allow_failure=True)
+def tolerant_explode():
+    raise ValueError("declared on the task")
+
+
+def run_flow(body, scheduler):
+    options = {"workers": 2} if scheduler != "sync" else {}
+    return gx.flow(scheduler=scheduler, **options)(body)()
+
+
+# -- form 1: a plain call with allow_failure=True ----------------------------------
+
+
+def test_plain_call_with_allow_failure_returns_the_failed_state_and_the_flow_goes_on(scheduler):
+    seen = {}
+
+    def body():
+        failed_result = task_1(allow_failure=True)  # raises in the task: never here
+        seen["failed"] = failed_result
+        seen["ok"] = ok(5, allow_failure=True)  # on success: the value
+        return task_2()
+
+    assert run_flow(body, scheduler) == "task_2 ran"  # no GraphFailed: handled
+    state = seen["failed"]
+    assert isinstance(state, gx.State) and state.is_failed()
+    assert isinstance(state.exception, ValueError)
+    assert str(state.exception) == "task_1 failed"
+    assert seen["ok"] == 5
+
+
+def test_plain_call_with_allow_failure_outside_any_flow():
+    state = task_1(allow_failure=True)
+    assert isinstance(state, gx.State) and state.is_failed()
+    assert str(state.exception) == "task_1 failed"
+    assert ok(3, allow_failure=True) == 3
+    with pytest.raises(ValueError, match="task_1 failed"):
+        task_1()  # without the keyword a plain call raises, as before
+    with pytest.raises(TypeError, match="allow_failure= must be True or False"):
+        ok(3, allow_failure="yes")
+
+
+def test_task_option_allow_failure_still_raises_from_a_plain_call(scheduler):
+    def body():
+        with pytest.raises(ValueError, match="declared on the task"):
+            tolerant_explode()
+        return "caught"
+
+    assert run_flow(body, scheduler) == "caught"
+
+
+def test_submit_with_allow_failure_raises_from_result_but_counts_as_handled(scheduler):
+    def body():
+        looked = explode.submit("looked at", allow_failure=True)
+        with pytest.raises(ValueError, match="looked at"):
+            looked.result()  # a future still raises, as futures do
+        explode.submit("never looked at", allow_failure=True)
+        return "done"
+
+    assert run_flow(body, scheduler) == "done"  # neither failure makes the flow raise
+
+
+# -- form 2: wait_for covered by the call keyword ----------------------------------
+
+
+def test_submit_wait_for_with_allow_failure_runs_after_the_failure(scheduler):
+    def body():
+        future_1 = task_1.submit()
+        future_2 = task_2.submit(wait_for=[future_1], allow_failure=True)
+        return future_1, future_2.state.name, future_2.result()
+
+    with pytest.raises(ValueError, match="task_1 failed"):
+        run_flow(body, scheduler)  # returning the failed future raises its exception
+
+    def quiet():
+        future_1 = task_1.submit()
+        future_2 = task_2.submit(wait_for=[future_1], allow_failure=True)
+        return future_2
+
+    assert run_flow(quiet, scheduler) == "task_2 ran"  # future_1's failure was accepted
+
+
+def test_allow_failure_keyword_does_not_cover_data_inputs(scheduler):
+    seen = {}
+
+    def body():
+        bad = explode.submit("data input")
+        dependent = task_2.submit(bad, allow_failure=True)  # data: still skipped
+        seen["state"] = dependent.wait()
+
+    with pytest.raises(gx.GraphFailed, match="explode-0") as info:
+        run_flow(body, scheduler)
+    assert seen["state"].name == "Skipped"
+    assert [n.name for n in info.value.run.unhandled] == ["explode-0"]
+
+
+def test_task_option_allow_failure_does_not_cover_wait_for(scheduler):
+    seen = {}
+
+    def body():
+        bad = explode.submit("a prerequisite")
+        waiter = tolerant.submit(wait_for=[bad])  # the option: its own failures only
+        seen["state"] = waiter.wait()
+
+    with pytest.raises(gx.GraphFailed, match="explode-0"):
+        run_flow(body, scheduler)
+    assert seen["state"].name == "Skipped"
+
+
+def test_call_keyword_in_a_lazy_graph_inside_a_flow(scheduler):
+    def body():
+        graph = gx.Graph()
+        with graph:
+            a = explode("lazy prerequisite")
+            after = task_2(wait_for=[a], allow_failure=True)
+        run = graph.compute()
+        return run[after], [n.name for n in run.failed], run.ok
+
+    assert run_flow(body, scheduler) == ("task_2 ran", ["explode-0"], True)
+
+
+# -- form 3: catching UpstreamFailed from a skipped future -------------------------
+
+
+def test_catching_upstream_failed_handles_the_failure_behind_the_skip(scheduler):
+    printed = []
+
+    def body():
+        future_1 = task_1.submit()
+        future_2 = task_2.submit(wait_for=[future_1])
+        try:
+            future_2.result()
+        except Exception as e:
+            printed.append(f"Task 2 didn't run because: {e}")
+
+    assert run_flow(body, scheduler) is None  # no GraphFailed for task_1
+    why = "task_2-0 was skipped because its upstream task_1-0 failed"
+    assert printed == [f"Task 2 didn't run because: {why}"]
+
+
+def test_every_failure_behind_a_skip_and_through_skipped_chains_counts(scheduler):
+    def body():
+        a = explode.submit("a")
+        b = explode.submit("b")
+        both = task_2.submit(wait_for=[a, b])  # skipped by both
+        chain = ok.submit(ok.submit(explode.submit("c")))  # skipped through a skip
+        for skipped in (both, chain):
+            with pytest.raises(gx.UpstreamFailed):
+                skipped.result()
+        return "went on"
+
+    assert run_flow(body, scheduler) == "went on"
+
+
+def test_a_failure_nobody_looked_at_still_raises(scheduler):
+    def body():
+        looked = explode.submit("looked at through a skip")
+        skipped = task_2.submit(wait_for=[looked])
+        try:
+            skipped.result()
+        except gx.UpstreamFailed:
+            pass
+        explode.submit("nobody looked")  # independent: unseen
+        read_state = explode.submit("behind a skip whose state was read")
+        other = task_2.submit(wait_for=[read_state])
+        assert other.state.name in ("Pending", "Running", "Skipped")
+        other.wait()
+        assert other.state.name == "Skipped"  # reading a state is not a result()
+        allowed = explode.submit("accepted by the dependent, not behind the skip")
+        mixed = task_2.submit(gx.allow_failure(allowed), explode.submit("blocks"))
+        with pytest.raises(gx.UpstreamFailed):
+            mixed.result()
+
+    with pytest.raises(gx.GraphFailed) as info:
+        run_flow(body, scheduler)
+    unhandled = sorted(str(info.value.run.state(n).exception) for n in info.value.run.unhandled)
+    # "accepted ..." is behind no skip's cause and nothing ran to accept it;
+    # "blocks" was looked at through the skip it caused.
+    assert unhandled == [
+        "accepted by the dependent, not behind the skip",
+        "behind a skip whose state was read",
+        "nobody looked",
+    ]
+
+
+def test_a_skipped_plain_call_raises_upstream_failed_and_catching_it_counts(scheduler):
+    def body():
+        bad = explode.submit("behind a plain call")
+        try:
+            ok(bad)
+        except gx.UpstreamFailed as exc:
+            return exc.upstream
+
+    assert run_flow(body, scheduler) == "explode-0"
