@@ -320,6 +320,7 @@ class Graph:
         refresh_cache: bool = False,
         cluster: Any = None,
         progress: bool | None = None,
+        max_calls_per_worker: int | None = None,
     ) -> Run:
         """Run the graph (or the ancestors of ``targets``) and return a :class:`Run`.
 
@@ -356,6 +357,9 @@ class Graph:
                 terminal and the ``CI`` environment variable is not set. A graph
                 computed inside a ``@gx.flow`` shows in the flow's bar (its
                 ``progress=``), and inside ``with gx.Pool():`` submits none.
+            max_calls_per_worker: replace a worker process after it has run this
+                many calls (between calls, blaming nobody); with ``pool=``, give
+                it to :class:`Pool` instead.
 
         Returns:
             The :class:`Run`: a state for every node, values of kept nodes.
@@ -363,8 +367,9 @@ class Graph:
         Raises:
             GraphFailed: an unhandled failure (``raise_on_failure=True``); ``.run``
                 holds the complete run.
-            KeyboardInterrupt: Ctrl-C; ``.run`` holds the partial run, with
-                every node not finished ``Cancelled``.
+            KeyboardInterrupt: Ctrl-C, or SIGTERM while this runs in the main
+                thread (a ``Terminated``, see the schedulers guide); ``.run`` holds
+                the partial run, with every node not finished ``Cancelled``.
         """
         return surfaces.compute(
             self,
@@ -382,6 +387,7 @@ class Graph:
             refresh_cache=refresh_cache,
             cluster=cluster,
             progress=progress,
+            max_calls_per_worker=max_calls_per_worker,
         )
 
     def visualize(

@@ -37,6 +37,7 @@ class TaskOptions:
         "allow_failure",
         "cache_expiration",
         "cache_key_fn",
+        "isolate",
         "max_concurrency",
         "name",
         "priority",
@@ -67,6 +68,9 @@ class TaskOptions:
         self.cache_key_fn: Callable[[Any, dict[str, Any]], str | None] | None = None
         self.cache_expiration: Any = None
         self.refresh_cache = False
+        # Run each call in a fresh worker process, discarded afterwards (the
+        # executor must declare Capabilities.isolates; the scheduler checks).
+        self.isolate = False
 
     def copy(self) -> TaskOptions:
         new = TaskOptions.__new__(TaskOptions)
@@ -234,6 +238,7 @@ _VALIDATORS: dict[str, Callable[[Any, str, str], Any]] = {
     "cache_key_fn": _check_key_fn,
     "cache_expiration": _check_expiration,
     "refresh_cache": _check_bool,
+    "isolate": _check_bool,
 }
 
 DEFAULT_OPTIONS = TaskOptions()

@@ -37,6 +37,7 @@ class ComputeOptions:
     refresh_cache: bool = False
     cluster: Any = None
     progress: bool | None = None
+    max_calls_per_worker: int | None = None
 
     @classmethod
     def validate(
@@ -56,6 +57,7 @@ class ComputeOptions:
         refresh_cache: bool = False,
         cluster: Any = None,
         progress: bool | None = None,
+        max_calls_per_worker: int | None = None,
     ) -> ComputeOptions:
         """Check every option and resolve defaults.
 
@@ -79,6 +81,13 @@ class ComputeOptions:
                 start_method=start_method,
             )
         limit_bytes = parse_memory(memory_limit)
+        max_calls = check_max_calls(max_calls_per_worker, where)
+        if max_calls is not None and (pool is not None or cluster is not None):
+            raise ValueError(
+                f"{where}: max_calls_per_worker= belongs to the workers: with pool=, give it "
+                "to gx.Pool(max_calls_per_worker=...); a dask cluster recycles its own "
+                "workers (dask's worker lifetime settings)"
+            )
         if pool is not None:
             if not hasattr(pool, "_lease"):
                 raise TypeError(f"pool= must be a gx.Pool, got {type(pool).__name__}")
@@ -97,6 +106,11 @@ class ComputeOptions:
                 f"{where}: memory_limit= needs worker processes to measure and kill; "
                 f"scheduler={scheduler!r} runs in this process"
             )
+        if max_calls is not None and scheduler != "processes":
+            raise ValueError(
+                f"{where}: max_calls_per_worker= recycles worker processes; "
+                f"scheduler={scheduler!r} runs in this process"
+            )
         return cls(
             workers=count,
             scheduler=scheduler,
@@ -111,6 +125,7 @@ class ComputeOptions:
             refresh_cache=bool(refresh_cache),
             cluster=cluster,
             progress=progress,
+            max_calls_per_worker=max_calls,
         )
 
 
@@ -124,6 +139,18 @@ def check_workers(workers: Any, where: str) -> int:
             f"{where}: workers={workers} is negative; use a positive count, or 0 to run in-process"
         )
     return workers
+
+
+def check_max_calls(value: Any, where: str) -> int | None:
+    """``max_calls_per_worker=``: None, or the calls a worker runs before it is replaced."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{where}: max_calls_per_worker={value!r} must be an int >= 1 (calls a worker "
+            "runs before it is replaced), or None to keep workers for good"
+        )
+    return value
 
 
 def parse_memory(limit: int | str | None) -> int | None:
