@@ -27,6 +27,7 @@ from .backends import make_executor
 from .eager import flow_session
 from .options import ComputeOptions
 from .progress import make_observer
+from .signals import cancel_reason, sigterm_as_interrupt
 
 
 def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
@@ -71,9 +72,10 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
         observer=observer,
     )
     try:
-        sched.run()
+        with sigterm_as_interrupt():  # SIGTERM raises signals.Terminated, a KeyboardInterrupt
+            sched.run()
     except KeyboardInterrupt as interrupt:
-        sched.cancel("interrupted (Ctrl-C)", everything=True)
+        sched.cancel(cancel_reason(interrupt), everything=True)
         run._finish_run()
         graph._latest_run = run
         interrupt.run = run  # type: ignore[attr-defined]
