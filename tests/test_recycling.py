@@ -68,6 +68,14 @@ def fail_first_time(path):
     raise RuntimeError("transient start-up failure")
 
 
+def succeed_first_time_only(path):
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise RuntimeError("only one worker may start") from None
+    os.close(fd)
+
+
 def _assert_all_first_attempt(run):
     for node in run.nodes:
         state = run.state(node)
@@ -190,6 +198,27 @@ def test_an_initializer_that_fails_once_costs_no_node(tmp_path):
     _assert_all_first_attempt(run)
     assert all(isinstance(run[n], int) for n in nodes)
     assert os.path.exists(marker)
+
+
+@pytest.mark.timeout(60)
+def test_a_broken_pool_keeps_its_live_workers_but_cannot_isolate(tmp_path):
+    marker = str(tmp_path / "started")
+    graph = gx.Graph()
+    with graph:
+        nodes = [whoami(i) for i in range(6)]
+    with gx.Pool(workers=2, initializer=succeed_first_time_only, initargs=(marker,)) as pool:
+        # The second worker never starts; the first one runs everything.
+        run = graph.compute(pool=pool, keep="all")
+        _assert_all_first_attempt(run)
+        assert len({run[n] for n in nodes}) == 1
+        # A fresh worker is what an isolated call needs: it fails at once, no wait.
+        lone = gx.Graph()
+        with lone:
+            node = alone(0)
+        run = lone.compute(pool=pool, raise_on_failure=False)
+        error = run.state(node).exception
+        assert isinstance(error, gx.WorkerCrashed)
+        assert isinstance(error.__cause__, RuntimeError)
 
 
 def test_isolated_calls_get_a_fresh_worker_each_discarded_after():

@@ -638,22 +638,21 @@ class ProcessPool:
         none idle the call waits (False), as any other would.
         """
         call.then = None
+        if self._broken is not None:  # no fresh worker will ever start
+            return self._fail_unstartable(call)
         if not self._may_spawn():
-            idle = self._idle_worker() if self._broken is None else None
-            if idle is not None:
-                self._retire(idle)
-            elif self._broken is not None and not self._workers:
-                return self._fail_unstartable(call)
-            else:
+            idle = self._idle_worker()
+            if idle is None:
                 self._refused[id(call)] = fn_id
                 return False
+            self._retire(idle)
         worker = self._spawn()
         worker.calls_left = 1
         self._deliver(worker, [(call, fn_id)])
         return True
 
     def _fail_unstartable(self, call: Call) -> bool:
-        """The pool is broken (its initializer) and has no worker left: fail ``call``."""
+        """The pool is broken (its initializer) and cannot run ``call``: fail it."""
         call.then = None
         call.started = call.finished = time.time()
         self._outbox.append((call, ERROR, self._initializer_error(call)))
