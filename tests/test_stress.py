@@ -18,7 +18,11 @@ from __future__ import annotations
 import gc
 import os
 import random
+import re
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import zlib
@@ -553,3 +557,87 @@ def test_fifty_computes_leak_nothing(warm):
         before, after = measure(None)
     assert after == before
     assert after["shm"] == 0
+
+
+# -- deep, wide, and a full disk (#18: measured, and kept) ------------------------------
+
+
+@gx.task
+def plus_one(x):
+    return x + 1
+
+
+@gx.task
+def count(*values):
+    return len(values), sum(values)
+
+
+@pytest.mark.timeout(120)
+def test_a_20000_node_chain():
+    graph = gx.Graph()
+    with graph:
+        x = plus_one(0)
+        for _ in range(19_999):
+            x = plus_one(x)
+    run = graph.compute(workers=2)
+    assert run[x] == 20_000
+    assert len(run.completed) == 20_000
+
+
+@pytest.mark.timeout(120)
+def test_a_node_with_20000_inputs():
+    graph = gx.Graph()
+    with graph:
+        total = count(*[plus_one(i) for i in range(20_000)])
+    run = graph.compute(workers=2)
+    assert run[total] == (20_000, sum(range(1, 20_001)))
+
+
+FULL_DISK = textwrap.dedent(
+    """
+    import errno, os, sys
+    import graphexec as gx
+
+    def disk_full():
+        # In each worker: the cache writer's fsync fails as on a full disk.
+        def fsync(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.fsync = fsync
+
+    @gx.task(cache=True)
+    def square(i):
+        return i * i
+
+    graph = gx.Graph()
+    with graph:
+        nodes = [square(i) for i in range(4)]
+    with gx.Pool(workers=2, initializer=disk_full) as pool:
+        run = graph.compute(pool=pool, keep="all", cache_dir=sys.argv[1])
+    print("VALUES", [run[n] for n in nodes], flush=True)
+    print("STATES", sorted({run.state(n).name for n in nodes}), flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_a_full_disk_costs_the_cache_entries_never_the_results(tmp_path):
+    cache_dir = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(cache_dir)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "VALUES [0, 1, 4, 9]" in proc.stdout
+    assert "STATES ['Completed']" in proc.stdout
+    for i in range(4):
+        # Each node says so on the worker's stderr, prefixed with its name.
+        pattern = (
+            rf"\[square-{i}\] .*square-{i}: result not cached "
+            r"\(OSError: \[Errno 28\] No space left on device\)"
+        )
+        assert re.search(pattern, proc.stderr), proc.stderr
+    # Nothing half-written stays behind.
+    assert not [p for p in cache_dir.rglob("*") if p.is_file() and p.suffix == ".gxc"]

@@ -301,6 +301,8 @@ class Scheduler:
             self.cancel(self.cancel_reason, everything=False)
             return  # the caller re-checks whether anything is left to do
         self._dispatch()
+        if not idle_ok and self.done >= self.n_members:
+            return  # dispatch itself finished the last node (isolate=True refused)
         gate = self.gate
         timeout = None
         if self.retry_at:
@@ -347,6 +349,15 @@ class Scheduler:
                     heapq.heappush(self.parked.setdefault(full, []), heapq.heappop(ready))
                     continue
             call = self.unsent.pop(i, None) or self._make_call(i)
+            if call.isolate and not executor.capabilities.isolates:
+                heapq.heappop(ready)
+                error = ValueError(
+                    f"{call.name} has isolate=True, which needs a fresh worker process per "
+                    "call; this scheduler runs calls in this process or on a cluster: "
+                    "compute with scheduler='processes'"
+                )
+                self._finish(i, State(FAILED, call.name, exception=error, message=str(error)))
+                continue
             if self.chains:
                 call.then = build_chain(self, i)
             if not executor.submit(call):
@@ -411,6 +422,8 @@ class Scheduler:
         )
         if i in self.locked:
             call.cache = self.gate.entry(i)
+        if opts.isolate:
+            call.isolate = True
         return call
 
     def _value_for_dependent(self, up: int) -> Any:

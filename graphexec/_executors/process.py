@@ -30,6 +30,14 @@ built by the scheduler); they go to the same free worker right behind it,
 which keeps each value in memory for the next (see ``_call.py``). Where the
 time goes per task, measured: ``docs/dispatch.md``.
 
+Recycling: with ``max_calls``, a worker is sent at most that many calls
+(prefetched and chained ones count) and is replaced once it has answered
+them, between calls: nothing is lost and nobody is blamed. A call with
+``isolate`` goes alone to a fresh worker that is discarded after it. An
+``initializer`` runs once in every worker started, recycled ones too; one
+that fails ``INIT_ATTEMPTS`` times in a row breaks the pool (``_broken``):
+no more workers start, and calls that would need one fail with its error.
+
 Workers are started lazily (never more than there is work for), with the
 ``forkserver`` start method on Linux (``spawn`` elsewhere): never a plain
 fork of a parent that may run threads. The forkserver and the contexts are
@@ -38,9 +46,14 @@ pools start exactly as they would without graphexec. Workers are not
 daemonic, so tasks may start their own processes. Shutdown asks politely,
 then kills, and always joins; an ``atexit`` hook closes pools the program
 forgot. Each worker leads a process group, killed with it, so no subprocess
-a task started outlives it. If this process dies without closing the pool
+a task started outlives it; and before a worker is killed, retired or
+stopped, its descendants are found by parentage (``_descendants``) and killed
+too, so a subprocess that left the group (``os.setsid()``, any daemonizing
+tool) goes as well. Out of reach: a descendant that was re-parented to init
+before we look (a double fork that finished, or any descendant of a worker
+that crashed on its own). If this process dies without closing the pool
 (SIGKILL, a hard crash), each worker's watchdog and the pool's guard process
-(``_Guard``) end the workers within a second or so.
+(``_Guard``) end the workers and their descendants within a second or so.
 """
 
 from __future__ import annotations
@@ -99,6 +112,7 @@ FUNCTIONS_KEPT = 256  # functions a pool keeps (and its workers): least recently
 MEMORY_SAMPLE_INTERVAL = 0.05
 STOP_TIMEOUT = 1.0
 LOAD_ALLOWANCE = 60.0  # seconds a worker may take to start and load a function, past timeout=
+INIT_ATTEMPTS = 3  # initializer failures in a row after which no more workers are started
 
 _live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
 _pool_ids = itertools.count(1)
@@ -279,12 +293,14 @@ def default_start_method() -> str:
 
 class _Worker:
     __slots__ = (
+        "calls_left",
         "conn",
         "forget",
         "functions",
         "head_started",
         "id",
         "inflight",
+        "init_error",
         "kill",
         "loading",
         "pid",
@@ -292,7 +308,7 @@ class _Worker:
         "ps",
     )
 
-    def __init__(self, wid: int, process: Any, conn: Any) -> None:
+    def __init__(self, wid: int, process: Any, conn: Any, calls_left: int | None) -> None:
         self.id = wid
         self.process = process
         self.conn = conn
@@ -304,6 +320,9 @@ class _Worker:
         self.loading: set[int] = set()  # functions sent, not yet acknowledged as loaded
         self.kill: tuple[Call, BaseException] | None = None  # why we killed it, for whom
         self.ps: Any = None
+        # Calls it may still be sent (None: no limit); at 0 it is retired once idle.
+        self.calls_left = calls_left
+        self.init_error: BaseException | None = None  # its initializer raised this
 
 
 class ProcessPool:
@@ -314,8 +333,36 @@ class ProcessPool:
     the :class:`~graphexec._executors.protocol.Executor` the engine sees.
     """
 
-    def __init__(self, workers: int, *, start_method: str | None = None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        *,
+        start_method: str | None = None,
+        max_calls: int | None = None,
+        initializer: Any = None,
+        initargs: tuple[Any, ...] = (),
+    ) -> None:
         self.workers = workers
+        self.max_calls = max_calls
+        # The initializer travels by value (cloudpickle), pickled once: workers
+        # never import __main__, where it is often defined.
+        self._init: tuple[bytes, bytes, str | None] | None = None
+        self._init_name = ""
+        if initializer is not None:
+            self._init_name = getattr(initializer, "__qualname__", None) or repr(initializer)
+            try:
+                self._init = (
+                    dumps(initializer),
+                    dumps(tuple(initargs)),
+                    getattr(getattr(initializer, "__code__", None), "co_filename", None),
+                )
+            except Exception as exc:
+                raise TypeError(
+                    f"initializer={self._init_name} or its initargs cannot be pickled: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        self._init_failures = 0  # initializer failures in a row (INIT_ATTEMPTS)
+        self._broken: BaseException | None = None  # the initializer's error, once it gave up
         method = start_method or default_start_method()
         if method not in multiprocessing.get_all_start_methods():
             raise ValueError(
@@ -327,6 +374,8 @@ class ProcessPool:
         # program's other processes do (see _forkserver, _preparation_data).
         self._ctx: Any = _CONTEXTS.get(method) or multiprocessing.get_context(method)
         self._workers: dict[int, _Worker] = {}
+        # Workers that used up max_calls, told to stop: no longer counted, still reaped.
+        self._retiring: dict[int, _Worker] = {}
         self._idle: list[_Worker] = []
         self._waitables: dict[Any, _Worker] = {}
         self._next_id = 0
@@ -380,10 +429,14 @@ class ProcessPool:
             if w.inflight:
                 self._kill(w)
             else:
+                # What earlier tasks left running (a daemon they started), found
+                # while the worker is still there to be their parent.
+                _kill_all(_descendants(w.pid))
                 try:
                     w.conn.send_bytes(pickle.dumps(("stop",)))
                 except OSError:
                     pass
+        workers += self._retiring.values()
         deadline = time.monotonic() + STOP_TIMEOUT
         for w in workers:
             w.process.join(max(0.0, deadline - time.monotonic()))
@@ -429,6 +482,9 @@ class ProcessPool:
         # Everything the run still needed is mapped or released by now; what
         # is left under our prefix was written by a worker that died mid-copy.
         _shm.sweep(self._shm_prefix)
+        for w in list(self._retiring.values()):
+            if w.process.exitcode is not None:  # reaped now rather than at the next run
+                self._bury(w)
         self._memory_limit = None
         self._outbox = []
         self._refused.clear()  # the run's calls are done with: none comes back
@@ -442,14 +498,14 @@ class ProcessPool:
         self._next_id += 1
         process = self._ctx.Process(
             target=_worker.main,
-            args=(child_conn, wid, os.getpid(), self.id, _worker.log_setup()),
+            args=(child_conn, wid, os.getpid(), self.id, _worker.log_setup(), self._init),
             name=f"graphexec-worker-{wid}",
             daemon=False,
         )
         process.start()
         child_conn.close()
         self._guard.add(process.pid)
-        w = _Worker(wid, process, parent_conn)
+        w = _Worker(wid, process, parent_conn, self.max_calls)
         self._workers[wid] = w
         self._waitables[parent_conn] = w
         self._waitables[process.sentinel] = w
@@ -458,6 +514,7 @@ class ProcessPool:
     def _forget(self, w: _Worker) -> None:
         self._guard.remove(w.pid)
         self._workers.pop(w.id, None)
+        self._retiring.pop(w.id, None)
         self._waitables.pop(w.conn, None)
         self._waitables.pop(w.process.sentinel, None)
         if w in self._idle:
@@ -470,7 +527,13 @@ class ProcessPool:
             w.process.close()
 
     def _kill(self, w: _Worker) -> None:
-        """SIGKILL the worker and its process group (subprocesses the task started)."""
+        """SIGKILL the worker, its process group and every descendant it has.
+
+        The descendants are looked up first, while the worker is alive to be
+        their parent: once it is dead they belong to init, and one that left
+        the group (``os.setsid()``) could no longer be told from any process.
+        """
+        tree = _descendants(w.pid)
         try:
             os.killpg(w.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError, OSError):
@@ -478,6 +541,36 @@ class ProcessPool:
                 w.process.kill()
             except (OSError, ValueError):
                 pass
+        _kill_all(tree)
+
+    def _retire(self, w: _Worker) -> None:
+        """Replace a worker that has answered all the calls it may take.
+
+        Between calls, so nobody is blamed and nothing is lost: it is told to
+        stop and no longer counts against ``workers`` (a fresh one may start at
+        once); ``poll`` reaps it when it has gone (``_bury``).
+        """
+        self._workers.pop(w.id, None)
+        self._retiring[w.id] = w
+        _kill_all(_descendants(w.pid))
+        try:
+            w.conn.send_bytes(pickle.dumps(("stop",)))
+        except OSError:
+            pass  # already gone: its sentinel says so
+
+    def _may_spawn(self) -> bool:
+        return self._broken is None and len(self._workers) < self.workers
+
+    def _initializer_error(self, call: Call) -> WorkerCrashed:
+        cause = self._broken
+        error = WorkerCrashed(
+            f"the pool's initializer {self._init_name} failed in {INIT_ATTEMPTS} worker "
+            f"processes in a row ({type(cause).__name__}: {cause}), so {call.name} did not "
+            "run: this pool starts no more workers. Fix the initializer and create a new Pool",
+            node=call.name,
+        )
+        error.__cause__ = cause
+        return error
 
     # -- executor protocol ----------------------------------------------------
 
@@ -499,8 +592,12 @@ class ProcessPool:
                 call.started = call.finished = time.time()
                 self._outbox.append((call, ERROR, exc))
                 return True
+        if call.isolate:
+            return self._submit_isolated(call, fn_id)
         worker = self._idle_worker()
-        if worker is None and len(self._workers) >= self.workers:
+        if worker is None and not self._may_spawn():
+            if self._broken is not None and not self._workers:
+                return self._fail_unstartable(call)
             worker = self._prefetch_target(call, fn_id)
             if worker is None:
                 self._refused[id(call)] = fn_id
@@ -510,7 +607,8 @@ class ProcessPool:
             # one: poll() sees the sentinel and fails that one, requeues this one.
             self._deliver(worker, [(call, fn_id)])
             return True
-        calls = self._chain(call, fn_id, message)
+        left = worker.calls_left if worker is not None else self.max_calls
+        calls = self._chain(call, fn_id, message, left)
         if worker is not None and self._deliver(worker, calls) == 0:
             # It died while idle after all, its exit not yet reported (a forkserver
             # child's status arrives later than its pipe closes): not one message
@@ -523,11 +621,46 @@ class ProcessPool:
             self._bury(worker)
             worker = None
         if worker is None:
+            if not self._may_spawn():  # the stale idle worker was the last chance
+                call.then = None
+                if self._broken is not None and not self._workers:
+                    return self._fail_unstartable(call)
+                self._refused[id(call)] = fn_id
+                return False
             # A failed send here means the worker died starting: poll() sees it.
             self._deliver(self._spawn(), calls)
         return True
 
-    def _chain(self, call: Call, fn_id: int, message: tuple | None) -> list[tuple[Call, int]]:
+    def _submit_isolated(self, call: Call, fn_id: int) -> bool:
+        """``call`` alone in a fresh worker, retired once it answers (``isolate=True``).
+
+        With every slot taken, an idle worker is retired to make room; with
+        none idle the call waits (False), as any other would.
+        """
+        call.then = None
+        if self._broken is not None:  # no fresh worker will ever start
+            return self._fail_unstartable(call)
+        if not self._may_spawn():
+            idle = self._idle_worker()
+            if idle is None:
+                self._refused[id(call)] = fn_id
+                return False
+            self._retire(idle)
+        worker = self._spawn()
+        worker.calls_left = 1
+        self._deliver(worker, [(call, fn_id)])
+        return True
+
+    def _fail_unstartable(self, call: Call) -> bool:
+        """The pool is broken (its initializer) and cannot run ``call``: fail it."""
+        call.then = None
+        call.started = call.finished = time.time()
+        self._outbox.append((call, ERROR, self._initializer_error(call)))
+        return True
+
+    def _chain(
+        self, call: Call, fn_id: int, message: tuple | None, left: int | None
+    ) -> list[tuple[Call, int]]:
         """``call`` and the chain behind it (``call.then``, see ``_call.py``) that can go.
 
         Whatever follows the head waits in the pipe while the head runs, so
@@ -536,8 +669,10 @@ class ProcessPool:
         pipe's buffer: a send that does not fit would block the scheduler until
         the head ends, holding up every timeout and every other worker. A call
         whose arguments cannot be pickled ends the chain too: dispatched on its
-        own later, it fails with the usual error. ``call.then`` is cut to the
-        calls sent, which the scheduler reads back.
+        own later, it fails with the usual error. ``left``: the calls the
+        worker may still take (``max_calls``), the head included; an isolated
+        call never rides in a chain. ``call.then`` is cut to the calls sent,
+        which the scheduler reads back.
         """
         calls = [(call, fn_id)]
         if not call.then:
@@ -552,6 +687,8 @@ class ProcessPool:
         budget = CHAIN_MAX_BYTES
         functions = {fn_id}
         for nxt in call.then:
+            if nxt.isolate or (left is not None and len(calls) >= left):
+                break
             nxt_fn = self._function_id(nxt.fn)
             try:
                 nxt_message = self._message(nxt, nxt_fn, prev=prev)
@@ -602,6 +739,8 @@ class ProcessPool:
                     worker.loading.add(fn_id)
                 if not worker.inflight:
                     worker.head_started = time.monotonic()
+                if worker.calls_left is not None:
+                    worker.calls_left -= 1
                 worker.inflight.append(call)
                 call.worker = worker.id
                 worker.conn.send_bytes(call.wire)
@@ -649,6 +788,7 @@ class ProcessPool:
         for w in self._workers.values():
             if (
                 w.kill is None
+                and (w.calls_left is None or w.calls_left > 0)
                 and fn_id in w.functions
                 and len(w.inflight) < PREFETCH_DEPTH
                 and (best is None or len(w.inflight) < len(best.inflight))
@@ -801,6 +941,18 @@ class ProcessPool:
             w.loading.discard(message[1])
             w.head_started = time.monotonic()
             return True
+        if message[0] == "ready":  # its initializer succeeded
+            self._init_failures = 0
+            return True
+        if message[0] == "initfail":
+            # The worker exits after this; _bury gives its calls back, or fails
+            # them once the initializer has failed INIT_ATTEMPTS times in a row.
+            _, exc_blob, tb, summary = message
+            w.init_error = load_exception(exc_blob, tb, f"initializer {self._init_name}", summary)
+            self._init_failures += 1
+            if self._init_failures >= INIT_ATTEMPTS and self._broken is None:
+                self._broken = w.init_error
+            return False
         if not w.inflight or message[1] != id(w.inflight[0]):
             # A reply nobody waits for: never guess which node it belongs to. The
             # likely cause is a task that forked without exec, its child running on
@@ -841,7 +993,10 @@ class ProcessPool:
             self._learn(call, w)
             self._outbox.append((call, ERROR, load_exception(exc_blob, tb, call.name, summary)))
         if not w.inflight and w.kill is None:
-            self._idle.append(w)
+            if w.calls_left == 0:
+                self._retire(w)
+            else:
+                self._idle.append(w)
         return True
 
     def _learn(self, call: Call, w: _Worker) -> None:
@@ -858,6 +1013,15 @@ class ProcessPool:
             w.process.join(STOP_TIMEOUT)
         exitcode = w.process.exitcode
         _kill_group(w.pid)  # a crashed task's subprocesses would outlive it, orphaned
+        if w.inflight and w.init_error is not None:
+            # None of its calls started: the initializer failed before them.
+            for call in w.inflight:
+                if self._broken is not None:
+                    call.started = call.finished = time.time()
+                    self._outbox.append((call, ERROR, self._initializer_error(call)))
+                else:
+                    self._outbox.append((call, REQUEUE, None))
+            w.inflight.clear()
         if w.inflight:
             head = w.inflight.popleft()
             head.finished = time.time()
@@ -962,7 +1126,10 @@ class _Guard:
     loop) would keep its worker alive, orphaned, for as long as that call
     lasts. The guard learns the workers' pids over a pipe (``+pid``,
     ``-pid``); end of file without ``bye`` means we are gone (SIGKILL, a hard
-    crash): it kills each worker's process group and removes our shared memory.
+    crash): it lists the workers' descendants by parentage (``/proc/*/stat``,
+    before any dies: a task's subprocess may have left the group with
+    ``setsid``), kills each worker's process group and those descendants, and
+    removes our shared memory.
     A shell rather than Python: it starts in about a millisecond, shares no
     memory with us and waits in ``read``, without polling. It runs in its own
     session, detached (so not a child of ours), ignoring Ctrl-C.
@@ -982,8 +1149,20 @@ class _Guard:
               groups=$keep ;;
         esac
       done
+      prefix=$1
+      found=$groups; tree=""
+      while [ -n "$found" ]; do
+        tree="$tree $found"; next=""
+        for f in /proc/[0-9]*/stat; do
+          { read -r s < "$f"; } 2>/dev/null || continue
+          set -- ${s##*") "}
+          case " $found " in *" $2 "*) p=${f#/proc/}; next="$next ${p%/stat}" ;; esac
+        done
+        found=$next
+      done
       for g in $groups; do kill -s KILL -- "-$g" || kill -s KILL "$g"; done
-      rm -f /dev/shm/"$1"*
+      for p in $tree; do kill -s KILL "$p"; done
+      rm -f /dev/shm/"$prefix"*
     ) <&3 >/dev/null 2>&1 &
     """
 
@@ -1064,6 +1243,43 @@ def _kill_group(pid: int) -> None:
         pass
 
 
+def _descendants(pid: int) -> list[Any]:
+    """The live descendants of ``pid`` by parentage (``psutil.Process``), whatever
+    their session or process group; [] when it has none or is gone.
+
+    The common case, a worker with no child, costs a read of
+    ``/proc/<pid>/task/*/children`` rather than psutil's walk over every process.
+    """
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                if f.read().strip():
+                    break
+        else:
+            return []
+    except OSError:
+        pass  # not Linux, a kernel without the file, or a thread that just ended: ask psutil
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _kill_all(processes: list[Any]) -> None:
+    """SIGKILL each ``psutil.Process`` (psutil refuses a pid reused since it was listed)."""
+    if not processes:
+        return
+    import psutil
+
+    for p in processes:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
 def _crash_error(call: Call, exitcode: int | None, loading: bool = False) -> WorkerCrashed:
     signal_name, advice = describe_exitcode(exitcode)
     code = f"exit code {exitcode}" + (f", {signal_name}" if signal_name else "")
@@ -1110,7 +1326,7 @@ class Lease:
         # check between calls (ProcessPool._idle_worker) could replace it
         # without blaming anyone.
         self.capabilities = Capabilities(
-            kills_calls=True, memory_limit=True, chains=memory_limit is None
+            kills_calls=True, memory_limit=True, chains=memory_limit is None, isolates=True
         )
         self.submit = pool.submit
         self.poll = pool.poll

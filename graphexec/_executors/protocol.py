@@ -89,6 +89,7 @@ class Call:
         "fn",
         "has_nodes",
         "inputs",
+        "isolate",
         "kwargs",
         "name",
         "node",
@@ -127,6 +128,7 @@ class Call:
         self.wire: bytes | None = None  # the executor's encoded form, made once
         self.cache: tuple[str, str, dict] | None = None  # (cache dir, key, meta) to write
         self.then: list[Call] | None = None  # a chain to run behind this call (see above)
+        self.isolate = False  # run in a fresh worker, discarded after (Capabilities.isolates)
 
     def __repr__(self) -> str:
         return f"<Call {self.name} attempt {self.number}>"
@@ -198,6 +200,9 @@ class Capabilities(NamedTuple):
         chains: it runs ``Call.then`` chains, keeping values in a worker.
         remote_values: results stay where they were made; handles are references.
         in_caller_thread: calls run in the scheduler's own thread (``pdb`` works).
+        isolates: it runs a call with ``Call.isolate`` in a fresh worker process
+            that is discarded afterwards (the task option ``isolate=True``); the
+            scheduler refuses such a node on an executor without it.
     """
 
     kills_calls: bool = False
@@ -205,6 +210,7 @@ class Capabilities(NamedTuple):
     chains: bool = False
     remote_values: bool = False
     in_caller_thread: bool = False
+    isolates: bool = False
 
 
 class Executor(Protocol):

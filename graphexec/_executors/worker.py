@@ -5,7 +5,10 @@ Messages (pickled tuples, one ``send_bytes`` each)::
     parent -> worker   ("fn", fn_id, fn_blob, origin, forget)  once per function and worker
                        ("run", token, fn_id, node_name, args_blob, deps, cache, hold)
                        ("stop",)
-    worker -> parent   ("loaded", fn_id)             the function is ready
+    worker -> parent   ("ready",)                    the pool's initializer ran (sent first)
+                       ("initfail", exc_blob, traceback_text, (type_name, message))
+                                                     it raised: the worker exits
+                       ("loaded", fn_id)             the function is ready
                        ("ok",  token, result_blob, started, finished)
                        ("held", token, started, finished)  kept here for the next call
                        ("skip", token)                    its held input is not here
@@ -34,7 +37,13 @@ An exception that will not survive the trip is replaced by a
 The worker leads its own process group, so a terminal's Ctrl-C reaches only
 the parent (which then decides what to cancel), and a kill of the group also
 takes any subprocess the task started. A watchdog thread ends the worker
-within a second or so of the parent's death, even mid-task.
+within a second or so of the parent's death, even mid-task, with its
+descendants (found by parentage: those that left the group too).
+
+The pool's ``initializer`` (with its ``initargs``) runs once, before the
+first message is read; everything it sets up — module globals, the
+environment, the working directory — stays for every call this worker runs,
+as anything a task leaves behind does (see ``max_calls``, ``isolate``).
 """
 
 from __future__ import annotations
@@ -80,11 +89,14 @@ def main(
     parent_pid: int,
     pool_id: int = 0,
     log_setup: tuple[int, str] | None = None,
+    initializer: tuple[bytes, bytes, str | None] | None = None,
 ) -> None:
     """Entry point of a worker process.
 
     ``log_setup``: the parent's root logging level and format, which tasks'
-    log records follow here (see :func:`_mirror_logging`).
+    log records follow here (see :func:`_mirror_logging`). ``initializer``:
+    the pool's initializer and its arguments, pickled, and the initializer's
+    source file.
     """
     global _worker_pid
     _worker_pid = os.getpid()
@@ -111,6 +123,16 @@ def main(
         name="graphexec-watchdog",
     ).start()
     functions.clear()  # a forked worker's copy of its parent's, if the parent was a worker
+    if initializer is not None:
+        ok, reply = _initialize(*initializer)
+        _flush_stdio()
+        try:
+            conn.send_bytes(reply)
+        except (BrokenPipeError, OSError):
+            return
+        if not ok:  # the parent gives our calls back (or fails them) when we are gone
+            conn.close()
+            sys.exit(1)
     held: dict[int, Any] = {}  # token -> value kept for the next call of a chain
     stopped = False
     while True:
@@ -144,8 +166,43 @@ def main(
     conn.close()
     if not stopped and _parent_dies_soon(parent_pid):
         # The pipe closed because the parent died: nobody will release the
-        # values of its runs, so clean them up here, as the watchdog does.
+        # values of its runs, so clean them up here, as the watchdog does, and
+        # end what earlier tasks left running.
         _shm.sweep(f"gx-{parent_pid}-")
+        _kill_descendants()
+
+
+def _initialize(blob: bytes, args_blob: bytes, origin: str | None) -> tuple[bool, bytes]:
+    """Run the pool's initializer: whether it succeeded, and the message to send."""
+    name = "initializer"
+    fn = load_function(blob, origin)
+    if type(fn) is Unloadable:
+        exc, tb = fn.exc, fn.tb
+    else:
+        name = f"initializer {getattr(fn, '__qualname__', fn)!s}"
+        try:
+            fn(*pickle.loads(args_blob))
+            return True, pickle.dumps(("ready",))
+        except BaseException as caught:
+            exc, tb = caught, traceback.format_exc()
+    return False, pickle.dumps(
+        ("initfail", pickle_exception(exc, tb, name), tb, describe_exception(exc)), protocol=5
+    )
+
+
+def _kill_descendants() -> None:
+    """SIGKILL every descendant of this process, by parentage (whatever its group)."""
+    import psutil
+
+    try:
+        tree = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 def log_setup() -> tuple[int, str]:
@@ -428,6 +485,7 @@ def _watch_parent(parent_pid: int, first_ppid: int) -> None:
         try:
             # Values of the dead parent's runs that nobody will ever release.
             _shm.sweep(f"gx-{parent_pid}-")
+            _kill_descendants()
             if os.getpgrp() == os.getpid():
                 os.killpg(os.getpid(), signal.SIGKILL)  # takes the task's subprocesses too
         finally:

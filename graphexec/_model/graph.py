@@ -335,6 +335,7 @@ class Graph:
         on_failure: list[Callable[..., Any]] | None = None,
         on_cancellation: list[Callable[..., Any]] | None = None,
         on_crashed: list[Callable[..., Any]] | None = None,
+        max_calls_per_worker: int | None = None,
     ) -> Run:
         """Run the graph (or the ancestors of ``targets``) and return a :class:`Run`.
 
@@ -387,6 +388,9 @@ class Graph:
                 scheduler's thread; ``compute`` waits for them before it returns or
                 raises, up to ``GRAPHEXEC_HOOK_WAIT`` seconds (60); see
                 docs/guide/hooks.md.
+            max_calls_per_worker: replace a worker process after it has run this
+                many calls (between calls, blaming nobody); with ``pool=``, give
+                it to :class:`Pool` instead.
 
         Returns:
             The :class:`Run`: a state for every node, values of kept nodes.
@@ -394,8 +398,9 @@ class Graph:
         Raises:
             GraphFailed: an unhandled failure (``raise_on_failure=True``); ``.run``
                 holds the complete run.
-            KeyboardInterrupt: Ctrl-C; ``.run`` holds the partial run, with
-                every node not finished ``Cancelled``.
+            KeyboardInterrupt: Ctrl-C, or SIGTERM while this runs in the main
+                thread (a ``Terminated``, see the schedulers guide); ``.run`` holds
+                the partial run, with every node not finished ``Cancelled``.
         """
         return surfaces.compute(
             self,
@@ -418,6 +423,7 @@ class Graph:
             on_failure=on_failure,
             on_cancellation=on_cancellation,
             on_crashed=on_crashed,
+            max_calls_per_worker=max_calls_per_worker,
         )
 
     def visualize(

@@ -37,6 +37,7 @@ class TaskOptions:
         "allow_failure",
         "cache_expiration",
         "cache_key_fn",
+        "isolate",
         "max_concurrency",
         "name",
         "on_completion",
@@ -75,6 +76,9 @@ class TaskOptions:
         self.on_completion: tuple[Callable[..., Any], ...] = ()
         self.on_failure: tuple[Callable[..., Any], ...] = ()
         self.on_retry: tuple[Callable[..., Any], ...] = ()
+        # Run each call in a fresh worker process, discarded afterwards (the
+        # executor must declare Capabilities.isolates; the scheduler checks).
+        self.isolate = False
 
     def copy(self) -> TaskOptions:
         new = TaskOptions.__new__(TaskOptions)
@@ -257,6 +261,7 @@ _VALIDATORS: dict[str, Callable[[Any, str, str], Any]] = {
     "on_completion": _check_hooks,
     "on_failure": _check_hooks,
     "on_retry": _check_hooks,
+    "isolate": _check_bool,
 }
 
 DEFAULT_OPTIONS = TaskOptions()

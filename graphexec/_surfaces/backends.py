@@ -26,6 +26,10 @@ def make_executor(options: ComputeOptions) -> Executor:
     elif options.pool is not None:
         executor = options.pool._lease(options.memory_limit)  # warm: closing keeps it
     else:
-        pool = ProcessPool(options.workers, start_method=options.start_method)
+        pool = ProcessPool(
+            options.workers,
+            start_method=options.start_method,
+            max_calls=options.max_calls_per_worker,
+        )
         executor = pool.lease(options.memory_limit, shutdown_on_close=True)
     return executor

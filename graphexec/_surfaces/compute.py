@@ -30,6 +30,7 @@ from .eager import flow_session
 from .hooks import Dispatch, ambient_observers, call_run_hooks, hook_wait, outcome
 from .options import ComputeOptions
 from .progress import make_observers
+from .signals import cancel_reason, sigterm_as_interrupt
 
 
 def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
@@ -87,9 +88,10 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
                 # can read it: a run whose hooks may read values sends no chains.
                 sched.chains = False
         try:
-            sched.run()
+            with sigterm_as_interrupt():  # SIGTERM raises signals.Terminated, a KeyboardInterrupt
+                sched.run()
         except KeyboardInterrupt as interrupt:
-            sched.cancel("interrupted (Ctrl-C)", everything=True)
+            sched.cancel(cancel_reason(interrupt), everything=True)
             kinds = ("on_cancellation",)
             interrupt.run = run  # type: ignore[attr-defined]
             raise

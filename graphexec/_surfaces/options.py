@@ -42,6 +42,7 @@ class ComputeOptions:
     progress: bool | None = None
     observers: tuple[Observer, ...] = ()
     hooks: RunHooks = NO_HOOKS
+    max_calls_per_worker: int | None = None
 
     @classmethod
     def validate(
@@ -66,6 +67,7 @@ class ComputeOptions:
         on_failure: Any = None,
         on_cancellation: Any = None,
         on_crashed: Any = None,
+        max_calls_per_worker: int | None = None,
     ) -> ComputeOptions:
         """Check every option and resolve defaults.
 
@@ -89,6 +91,13 @@ class ComputeOptions:
                 start_method=start_method,
             )
         limit_bytes = parse_memory(memory_limit)
+        max_calls = check_max_calls(max_calls_per_worker, where)
+        if max_calls is not None and (pool is not None or cluster is not None):
+            raise ValueError(
+                f"{where}: max_calls_per_worker= belongs to the workers: with pool=, give it "
+                "to gx.Pool(max_calls_per_worker=...); a dask cluster recycles its own "
+                "workers (dask's worker lifetime settings)"
+            )
         if pool is not None:
             if not hasattr(pool, "_lease"):
                 raise TypeError(f"pool= must be a gx.Pool, got {type(pool).__name__}")
@@ -105,6 +114,11 @@ class ComputeOptions:
         if limit_bytes is not None and scheduler != "processes":
             raise ValueError(
                 f"{where}: memory_limit= needs worker processes to measure and kill; "
+                f"scheduler={scheduler!r} runs in this process"
+            )
+        if max_calls is not None and scheduler != "processes":
+            raise ValueError(
+                f"{where}: max_calls_per_worker= recycles worker processes; "
                 f"scheduler={scheduler!r} runs in this process"
             )
         return cls(
@@ -128,6 +142,7 @@ class ComputeOptions:
                 check_run_hooks(on_cancellation, "on_cancellation", where),
                 check_run_hooks(on_crashed, "on_crashed", where),
             ),
+            max_calls_per_worker=max_calls,
         )
 
 
@@ -141,6 +156,18 @@ def check_workers(workers: Any, where: str) -> int:
             f"{where}: workers={workers} is negative; use a positive count, or 0 to run in-process"
         )
     return workers
+
+
+def check_max_calls(value: Any, where: str) -> int | None:
+    """``max_calls_per_worker=``: None, or the calls a worker runs before it is replaced."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{where}: max_calls_per_worker={value!r} must be an int >= 1 (calls a worker "
+            "runs before it is replaced), or None to keep workers for good"
+        )
+    return value
 
 
 def parse_memory(limit: int | str | None) -> int | None:

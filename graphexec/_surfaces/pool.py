@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .._executors.process import Lease, ProcessPool, default_start_method
 from .eager import end_pool_session, pop_context, push_context
-from .options import check_workers
+from .options import check_max_calls, check_workers
 
 
 class Pool:
@@ -15,6 +16,18 @@ class Pool:
     Args:
         workers: number of worker processes (default ``os.cpu_count()``).
         start_method: ``"forkserver"`` (default on Linux), ``"spawn"`` or ``"fork"``.
+        max_calls_per_worker: replace a worker after it has run this many calls
+            (between calls; nobody is blamed), so that what tasks leave behind —
+            environment variables, the working directory, module globals, memory a
+            C extension leaks — does not build up. ``None`` (default): keep them.
+        initializer: called as ``initializer(*initargs)`` once in every worker
+            the pool starts (replacements too), before its first call, as in
+            ``concurrent.futures.ProcessPoolExecutor``. If it raises, that worker
+            ends and its calls go to another one; after
+            ``INIT_ATTEMPTS`` (3) failures in a row the pool starts no more
+            workers and each call that would need one fails with
+            :class:`WorkerCrashed` whose ``__cause__`` is the initializer's error.
+        initargs: arguments for ``initializer`` (pickled with cloudpickle).
 
     Example::
 
@@ -24,20 +37,47 @@ class Pool:
 
     Workers start when there is work for them and stay until :meth:`close`.
     Inside ``with pool:``, ``task.submit()`` starts tasks on it at once.
+
+    Raises:
+        TypeError: ``initializer`` is not callable, or it or ``initargs`` cannot
+            be pickled.
+        ValueError: ``workers`` or ``max_calls_per_worker`` out of range.
     """
 
-    def __init__(self, workers: int | None = None, *, start_method: str | None = None) -> None:
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        start_method: str | None = None,
+        max_calls_per_worker: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+    ) -> None:
         count = check_workers(workers, "Pool")
         if count == 0:
             raise ValueError("Pool(workers=0) has no workers; use workers >= 1")
+        max_calls = check_max_calls(max_calls_per_worker, "Pool")
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"Pool: initializer= must be callable, got {initializer!r}")
         method = start_method or default_start_method()
-        self._procs = ProcessPool(count, start_method=method)
+        self._procs = ProcessPool(
+            count,
+            start_method=method,
+            max_calls=max_calls,
+            initializer=initializer,
+            initargs=tuple(initargs),
+        )
         self._session: Any = None  # the eager Session of `with pool:` submits, if any
 
     @property
     def workers(self) -> int:
         """The number of worker processes."""
         return self._procs.workers
+
+    @property
+    def max_calls_per_worker(self) -> int | None:
+        """Calls a worker runs before it is replaced (None: no limit)."""
+        return self._procs.max_calls
 
     @property
     def start_method(self) -> str:

@@ -1,0 +1,114 @@
+"""SIGTERM handled like Ctrl-C while a compute runs, then the process dies of it.
+
+Batch systems (SLURM and PBS at walltime), ``docker stop`` and Kubernetes end
+a job with SIGTERM, then SIGKILL a little later. Python's default for
+SIGTERM is to die on the spot: no cancel, no run record, no ``finally``. So
+while ``compute()`` runs the scheduler in the main thread, and only if
+nobody else has claimed SIGTERM (its handler is ``SIG_DFL``),
+:func:`sigterm_as_interrupt` installs a handler that raises
+:class:`Terminated` — a ``KeyboardInterrupt``, so everything that handles
+Ctrl-C handles it: the compute cancels, stops its workers and raises it with
+``.run``, the partial run; the program's ``except``/``finally`` run.
+
+Then, as Python itself does for an uncaught ``KeyboardInterrupt`` (which
+ends the process by SIGINT), a ``Terminated`` that nobody catches ends the
+process by SIGTERM: after the traceback, the ``atexit`` hooks run (pools
+close, logs flush), the default handler is restored and the process sends
+itself SIGTERM, so its parent sees "killed by SIGTERM" (status -15 to
+``subprocess``, 143 in a shell). A program that catches it decides itself.
+
+A second SIGTERM meanwhile is not intercepted: the default action ends the
+process at once, and the pool's guard and its workers' watchdogs take the
+workers and their descendants down, as after a SIGKILL.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while a compute ran; raised like Ctrl-C's ``KeyboardInterrupt``.
+
+    ``.run`` holds the partial run, as for Ctrl-C. Uncaught, it ends the
+    process by SIGTERM (see the module docstring).
+    """
+
+    signum = signal.SIGTERM
+
+
+def cancel_reason(interrupt: BaseException) -> str:
+    """What a node cancelled by ``interrupt`` says it was cancelled by."""
+    if isinstance(interrupt, Terminated):
+        return "terminated (SIGTERM)"
+    return "interrupted (Ctrl-C)"
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread.
+
+    Nothing is installed outside the main thread (Python runs handlers only
+    there), nor over a handler someone else set (anything but ``SIG_DFL``,
+    including ``SIG_IGN`` and a handler set outside Python). The default is
+    put back when the block ends without a SIGTERM.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            yield
+            return
+    except (ValueError, OSError):  # no signals here (an embedded interpreter)
+        yield
+        return
+    received = False
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        nonlocal received
+        received = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends us at once
+        _die_of_sigterm_if_uncaught()
+        raise Terminated("SIGTERM: the compute was cancelled; .run holds what finished")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        if not received:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _die_of_sigterm_if_uncaught() -> None:
+    """Make an uncaught :class:`Terminated` end the process by SIGTERM."""
+    previous = sys.excepthook
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        previous(kind, value, tb)
+        if isinstance(value, Terminated):
+            _die_of_sigterm()
+
+    sys.excepthook = excepthook
+
+
+def _die_of_sigterm() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    # What an orderly exit would still run: pools close, logging flushes.
+    atexit._run_exitfuncs()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1.0)  # delivered at once unless blocked; then the shell's convention
+    os._exit(128 + signal.SIGTERM)

@@ -1,0 +1,219 @@
+"""SIGTERM while a compute runs is handled like Ctrl-C, then ends the process by SIGTERM (#18).
+
+Batch systems, ``docker stop`` and Kubernetes send SIGTERM before SIGKILL.
+Each test runs a script in its own Python process, waits until both of its
+long tasks are running, sends the real signal and checks from outside: the
+exit status, the file the script wrote in its ``except`` block (what
+finished, what was cancelled and why), and that no worker survived.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+from graphexec._surfaces.signals import Terminated, sigterm_as_interrupt
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    import graphexec as gx
+
+    @gx.task
+    def fast(i):
+        return i * 10
+
+    @gx.task
+    def slow(i, inputs):
+        sys.stdout.write(f"SLOW {os.getpid()}\\n")
+        sys.stdout.flush()
+        time.sleep(60)
+        return i
+
+    mode, out = sys.argv[1], sys.argv[2]
+    if mode == "user-handler":
+        def mine(signum, frame):
+            with open(out, "w") as f:
+                f.write("the user's handler ran")
+            sys.exit(3)
+        signal.signal(signal.SIGTERM, mine)
+
+    graph = gx.Graph()
+    with graph:
+        fasts = [fast(i) for i in range(3)]
+        slows = [slow(i, fasts) for i in range(2)]
+
+    try:
+        graph.compute(workers=2, keep="all")
+    except KeyboardInterrupt as exc:
+        run = exc.run
+        with open(out, "w") as f:
+            json.dump({
+                "type": type(exc).__name__,
+                "states": {n.name: run.state(n).name for n in run.nodes},
+                "values": {n.name: run[n] for n in run.completed},
+                "why": sorted({str(run.state(n).exception) for n in run.nodes
+                               if run.state(n).name == "Cancelled"}),
+            }, f)
+        if mode == "caught":
+            print("CAUGHT, carrying on", flush=True)
+            sys.exit(0)
+        if mode == "second":
+            print("CLEANING-UP", flush=True)
+            time.sleep(60)  # a slow cleanup the second SIGTERM cuts short
+        raise
+    """
+)
+
+
+def _start(mode, out):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, mode, str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+
+def _wait_for_workers(proc):
+    """Read the script's output until both slow tasks run; their workers' pids."""
+    pids = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        found = re.search(rb"SLOW (\d+)", line)
+        if found:
+            pids.append(int(found.group(1)))
+            if len(pids) == 2:
+                return pids
+    raise AssertionError(f"the script ended early: {proc.stderr.read().decode()}")
+
+
+def _alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _none_alive(pids, within=5.0):
+    deadline = time.monotonic() + within
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not [p for p in pids if _alive(p)]
+
+
+def _finish(proc, timeout=30):
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return err.decode()
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_cancels_keeps_what_finished_and_dies_of_sigterm(tmp_path):
+    out = tmp_path / "out.json"
+    proc = _start("default", out)
+    workers = _wait_for_workers(proc)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    err = _finish(proc)
+    assert proc.returncode == -signal.SIGTERM, err
+    assert time.monotonic() - sent < 15  # the run record is written in seconds
+    assert "Terminated" in err  # the traceback, as for an uncaught Ctrl-C
+    report = json.loads(out.read_text())
+    assert report["type"] == "Terminated"
+    assert report["values"] == {"fast-0": 0, "fast-1": 10, "fast-2": 20}
+    assert report["states"]["slow-0"] == report["states"]["slow-1"] == "Cancelled"
+    assert any("SIGTERM" in why for why in report["why"]), report["why"]
+    assert _none_alive(workers)
+
+
+@pytest.mark.timeout(90)
+def test_a_program_that_catches_it_decides_how_to_end(tmp_path):
+    out = tmp_path / "out.json"
+    proc = _start("caught", out)
+    workers = _wait_for_workers(proc)
+    proc.send_signal(signal.SIGTERM)
+    err = _finish(proc)
+    assert proc.returncode == 0, err
+    assert json.loads(out.read_text())["type"] == "Terminated"
+    assert _none_alive(workers)
+
+
+@pytest.mark.timeout(90)
+def test_a_handler_the_program_installed_is_left_alone(tmp_path):
+    out = tmp_path / "out.txt"
+    proc = _start("user-handler", out)
+    workers = _wait_for_workers(proc)
+    proc.send_signal(signal.SIGTERM)
+    err = _finish(proc)
+    assert proc.returncode == 3, err  # its sys.exit(3): not turned into anything else
+    assert out.read_text() == "the user's handler ran"
+    assert _none_alive(workers)  # SystemExit went through compute's cleanup
+
+
+@pytest.mark.timeout(90)
+def test_a_second_sigterm_ends_the_process_at_once_without_orphans(tmp_path):
+    out = tmp_path / "out.json"
+    proc = _start("second", out)
+    workers = _wait_for_workers(proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if b"CLEANING-UP" in line:
+            break
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    err = _finish(proc)
+    assert proc.returncode == -signal.SIGTERM, err
+    assert time.monotonic() - sent < 5  # not after the script's 60 s cleanup
+    assert _none_alive(workers)
+
+
+def test_the_handler_is_installed_only_in_the_main_thread_over_the_default():
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with sigterm_as_interrupt():
+        assert callable(signal.getsignal(signal.SIGTERM))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    seen = []
+
+    def in_thread():
+        with sigterm_as_interrupt():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    assert seen == [signal.SIG_DFL]
+
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with sigterm_as_interrupt():
+            assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_terminated_is_a_keyboard_interrupt():
+    # Code written for Ctrl-C (`except KeyboardInterrupt as e: e.run`) handles it.
+    assert issubclass(Terminated, KeyboardInterrupt)
+    assert Terminated.signum == signal.SIGTERM
