@@ -70,7 +70,10 @@ class ThreadExecutor:
         # Outcomes, and None from wakeup().
         self._outbox: queue.SimpleQueue[tuple[Call, int, Any] | None] = queue.SimpleQueue()
         self._running: dict[int, Call] = {}  # id(call) -> call, in flight
-        self._deadlines = Deadlines()  # id(call) -> when its timeout= runs out
+        # id(call) -> when its timeout= runs out, on the wall clock that times the
+        # call's attempt (call.started): a node fails only once its own recorded
+        # duration has reached its timeout.
+        self._deadlines = Deadlines()
         self._abandoned: set[int] = set()  # calls past their timeout, still running
         self._threads: list[threading.Thread] = []
         self._live = 0  # threads that are not stuck in an abandoned call
@@ -106,12 +109,12 @@ class ThreadExecutor:
         call.started = time.time()
         self._running[id(call)] = call
         if call.timeout is not None:
-            self._deadlines.set(id(call), time.monotonic() + call.timeout)
+            self._deadlines.set(id(call), call.started + call.timeout)
         self._inbox.put(call)
         return True
 
     def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
-        wait = self._deadlines.wait(timeout, time.monotonic())
+        wait = self._deadlines.wait(timeout, time.time())
         outcomes = []
         deadline = None if wait is None else time.monotonic() + wait
         # In slices in the main thread: Ctrl-C delivered to one of our threads
@@ -146,23 +149,30 @@ class ThreadExecutor:
             elif self._running.pop(key, None) is not None:
                 self._deadlines.discard(key)
                 fresh.append(outcome)
-        for overdue in self._deadlines.expired(time.monotonic()):
+        now = time.time()
+        for overdue in self._deadlines.expired(now):
             key = cast(int, overdue)
             call = self._running.get(key)
-            if call is not None:
-                self._abandon(key)
-                call.finished = time.time()
-                fresh.append(
-                    (
+            if call is None:
+                continue
+            assert call.timeout is not None
+            if now < call.started + call.timeout:
+                # The thread started the call after it was queued (run_inline
+                # stamps call.started): its time runs from there.
+                self._deadlines.set(key, call.started + call.timeout)
+                continue
+            self._abandon(key)
+            call.finished = time.time()
+            fresh.append(
+                (
+                    call,
+                    ERROR,
+                    timeout_error(
                         call,
-                        ERROR,
-                        timeout_error(
-                            call,
-                            "threads cannot be killed: it was abandoned and its result "
-                            "will be dropped",
-                        ),
-                    )
+                        "threads cannot be killed: it was abandoned and its result will be dropped",
+                    ),
                 )
+            )
         return fresh
 
     def wakeup(self) -> None:

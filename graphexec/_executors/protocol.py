@@ -244,7 +244,8 @@ class Deadlines:
     """When in-flight calls must end: a heap with lazy deletion.
 
     ``set(key, when)`` (re)arms a key, ``discard(key)`` disarms it; stale heap
-    entries are skipped when they surface. ``when`` is ``time.monotonic()``.
+    entries are skipped when they surface. ``when`` is on whichever clock the
+    executor reads ``now`` from (one clock per tracker).
     """
 
     __slots__ = ("_due", "_heap", "_seq")
