@@ -80,7 +80,7 @@ from multiprocessing import reduction, resource_tracker
 from multiprocessing import util as mp_util
 from multiprocessing.connection import wait as mp_wait
 from multiprocessing.context import set_spawning_popen
-from typing import Any
+from typing import Any, cast
 
 from .._data import shm as _shm
 from .._data.serialize import Payload, arguments_error, as_wire, dumps, dumps_call
@@ -100,6 +100,7 @@ from .protocol import (
     SIGNAL_SLICE,
     Call,
     Capabilities,
+    Deadlines,
     timeout_error,
 )
 from .runtime import load_exception
@@ -378,6 +379,9 @@ class ProcessPool:
         self._retiring: dict[int, _Worker] = {}
         self._idle: list[_Worker] = []
         self._waitables: dict[Any, _Worker] = {}
+        # Worker id -> when the call it runs must be done (monotonic), re-armed
+        # whenever its head call or that call's start changes (see _arm).
+        self._deadlines = Deadlines()
         self._next_id = 0
         # The function registry, an LRU of at most about FUNCTIONS_KEPT (see
         # _evict_functions). Ids come from a counter, never reused: a worker may
@@ -512,6 +516,7 @@ class ProcessPool:
         return w
 
     def _forget(self, w: _Worker) -> None:
+        self._deadlines.discard(w.id)
         self._guard.remove(w.pid)
         self._workers.pop(w.id, None)
         self._retiring.pop(w.id, None)
@@ -747,6 +752,7 @@ class ProcessPool:
                 sent += 1
         except OSError:
             pass
+        self._arm(worker)
         return sent
 
     def _idle_worker(self) -> _Worker | None:
@@ -877,11 +883,9 @@ class ProcessPool:
             timeout = 0.0
         now = time.monotonic()
         wake = None if timeout is None else now + timeout
-        for w in self._workers.values():
-            if w.inflight and w.kill is None:
-                deadline = self._deadline(w)
-                if deadline is not None:
-                    wake = deadline if wake is None else min(wake, deadline)
+        deadline = self._deadlines.next()
+        if deadline is not None:
+            wake = deadline if wake is None else min(wake, deadline)
         if self._memory_limit is not None and any(w.inflight for w in self._workers.values()):
             wake = self._next_sample if wake is None else min(wake, self._next_sample)
         waitables = [self._wake_r, *self._waitables]
@@ -940,6 +944,7 @@ class ProcessPool:
             # that call's timeout starts now.
             w.loading.discard(message[1])
             w.head_started = time.monotonic()
+            self._arm(w)
             return True
         if message[0] == "ready":  # its initializer succeeded
             self._init_failures = 0
@@ -997,6 +1002,7 @@ class ProcessPool:
                 self._retire(w)
             else:
                 self._idle.append(w)
+        self._arm(w)
         return True
 
     def _learn(self, call: Call, w: _Worker) -> None:
@@ -1054,13 +1060,24 @@ class ProcessPool:
             return w.head_started + head.timeout + LOAD_ALLOWANCE
         return w.head_started + head.timeout
 
+    def _arm(self, w: _Worker) -> None:
+        """Track when ``w``'s running call must be done (after its head or start changed)."""
+        deadline = self._deadline(w) if w.inflight and w.kill is None else None
+        if deadline is None:
+            self._deadlines.discard(w.id)
+        else:
+            self._deadlines.set(w.id, deadline)
+
     def _check_deadlines(self) -> None:
         now = time.monotonic()
-        for w in list(self._workers.values()):
-            if not w.inflight or w.kill is not None:
+        for wid in self._deadlines.expired(now):
+            w = self._workers.get(cast(int, wid))
+            if w is None or not w.inflight or w.kill is not None:
                 continue
             deadline = self._deadline(w)
-            if deadline is not None and now >= deadline:
+            if deadline is not None and now < deadline:  # moved later since it was armed
+                self._deadlines.set(w.id, deadline)
+            elif deadline is not None:
                 head = w.inflight[0]
                 how = "its worker was killed and replaced"
                 if self._fn_ids.get(id(head.fn)) in w.loading:
