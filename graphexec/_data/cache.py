@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import functools
 import hashlib
 import itertools
 import json
@@ -125,7 +126,7 @@ _REPLACED = object()  # lookup: the entry changed under us, look again
 MAP_READ_MIN = 1 << 20  # entries this large are checked through a mapping, not read
 STALE_TMP = 3600.0  # seconds: an older .tmp- (or row-less) file was left by a writer that died
 INLINE_MAX = 1 << 20  # pickles up to this size (without out-of-band buffers) are rows
-BATCH_MAX = 256  # rows: a batch this large is committed at once (and their locks let go)
+BATCH_MAX = 128  # rows: a batch this large is committed at once (and their locks let go)
 BATCH_DELAY = 0.05  # seconds a batched row waits at most for its commit
 BUSY_TIMEOUT = 60.0  # seconds SQLite waits for another process's write transaction
 
@@ -208,7 +209,14 @@ CREATE TABLE IF NOT EXISTS entries (
 ) WITHOUT ROWID
 """
 _SELECT = "SELECT expires, crc, data FROM entries WHERE key = ?"
-_INSERT = "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)"
+INSERT_CHUNK = 128  # rows per INSERT statement (7 parameters each)
+
+
+@functools.lru_cache(maxsize=INSERT_CHUNK)
+def _insert(n: int) -> str:
+    return "INSERT OR REPLACE INTO entries VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * n)
+
+
 _LIST = "SELECT key, task, created, expires, size, crc, data IS NULL FROM entries"
 Row = tuple[str, str, float, float | None, int, int, bytes | None]
 
@@ -323,11 +331,18 @@ class _Shared:
                     self._unlock(key)
 
     def write(self, rows: list[Row]) -> None:
-        """Insert (or replace) rows in one transaction, now."""
+        """Insert (or replace) rows in one transaction, now.
+
+        One statement per chunk of ``INSERT_CHUNK`` rows, not ``executemany``: that
+        lets go of the GIL and takes it back for every row, and each time it is
+        taken back the scheduler's thread is made to hand it over.
+        """
         conn = self.conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(_INSERT, rows)
+            for start in range(0, len(rows), INSERT_CHUNK):
+                chunk = rows[start : start + INSERT_CHUNK]
+                conn.execute(_insert(len(chunk)), [v for row in chunk for v in row])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

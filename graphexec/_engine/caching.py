@@ -33,7 +33,11 @@ goes on; the key comes back through :attr:`CacheGate.results` and the
 executor's ``wakeup()``, and the scheduler applies it (lookup, lock, queue)
 on its own thread. Only an executor that runs calls in the caller's thread
 (``sync``) computes keys inline: nothing of it runs meanwhile, and ``pdb``
-in a ``cache_key_fn`` keeps working.
+in a ``cache_key_fn`` keeps working. So is a key that costs microseconds
+(:func:`cheap`: ``task_input_hash`` of a few plain arguments and of upstream
+values that have keys of their own, the nodes of a parameter sweep): handing
+it to a thread would cost more than computing it, for two threads of one
+process that both want the GIL take turns in slices of up to 5 ms.
 
 Waiting for an entry another process computes
     Whoever computes an entry holds its lock (a byte-range lock on the
@@ -85,7 +89,7 @@ from .._model.errors import safe_str
 from .._model.graph import Graph
 from .._model.handle import materialize
 from .._model.keys import CacheContext, Fingerprint, Unhashable, content_hash, task_input_hash
-from .._model.node import DATA
+from .._model.node import DATA, Node
 from .._model.state import CACHED, State
 from .._model.walk import substitute
 
@@ -213,7 +217,7 @@ class CacheGate:
             return self.with_key(i, key)
         self._tickets += 1
         job = self._job(i, self._tickets)
-        if not self._offload:
+        if not self._offload or cheap(job):
             key = self._key_of(job)
             if key is None:
                 return RUN_NOW
@@ -495,6 +499,44 @@ class CacheGate:
         elif key is not None and not _SAFE_KEY.match(key):
             key = content_hash(key)  # user keys become file names: hash anything unusual
         return key
+
+
+_SCALARS = frozenset({int, float, bool, complex, type(None)})
+CHEAP_ITEMS = 64  # arguments (counting nested ones) a cheap key may have
+CHEAP_BYTES = 4096  # the longest str or bytes among them
+
+
+def cheap(job: _KeyJob) -> bool:
+    """True if the node's key costs microseconds: computed inline, not on the thread.
+
+    The default key function, every upstream value entering by its own key (no
+    value to unpickle and hash), and at most ``CHEAP_ITEMS`` arguments, each a
+    number, a short string or bytes, a node, or a list, tuple or dict of these.
+    """
+    if job.opts.cache_key_fn is not task_input_hash:
+        return False
+    if any(own is None for own, _ in job.values.values()):
+        return False
+    budget = [CHEAP_ITEMS]
+
+    def plain(value: Any) -> bool:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return False
+        kind = type(value)
+        if kind in _SCALARS or kind is Node:
+            return True
+        if kind is str or kind is bytes:
+            return len(value) <= CHEAP_BYTES
+        if kind is list or kind is tuple:
+            return all(plain(v) for v in value)
+        if kind is dict:
+            return all(type(k) is str and plain(v) for k, v in value.items())
+        return False
+
+    return all(plain(a) for a in job.args) and (
+        not job.kwargs or all(plain(v) for v in job.kwargs.values())
+    )
 
 
 def fingerprint(handle: Any, task: str) -> str:
