@@ -153,9 +153,11 @@ def calls(counter: Path) -> list[str]:
     return counter.read_text().splitlines() if counter.exists() else []
 
 
-def entries(cache_dir: Path) -> list[Path]:
-    """Complete entries (a writer's temporary file starts with a dot)."""
-    return sorted(p for p in cache_dir.glob("*/*.gxc") if not p.name.startswith("."))
+def entries(cache_dir: Path) -> list[str]:
+    """Keys of the committed entries, as the store lists them."""
+    if not (cache_dir / _cache.DB_NAME).exists():
+        return []
+    return sorted(e.key for e in _cache.CacheStore(cache_dir).entries())
 
 
 def names(run: gx.Run, nodes) -> list[str]:
@@ -874,7 +876,7 @@ def test_custom_cache_key_fn_receives_context_and_arguments(compute, tmp_path):
     assert seen_contexts[0][0] == "keyed"
     assert seen_contexts[0][1] is keyed.fn
     assert seen_contexts[0][2].startswith("keyed")
-    assert (cache / "xo" / "xonly-keyed-1.gxc").exists()  # a safe key is the file name
+    assert "xonly-keyed-1" in entries(cache)  # a safe key is used as it is
 
 
 @pytest.mark.timeout(30)
@@ -971,7 +973,8 @@ def test_corrupt_or_truncated_entry_is_reported_deleted_and_recomputed(
     monkeypatch.setattr(_cache, "MAP_READ_MIN", 0 if reading == "mapped" else 1 << 40)
     graph, array, *_ = _array_graph(counter)
     expected = compute(graph, array, cache_dir=cache)[array].copy()
-    (entry,) = entries(cache)
+    (key,) = entries(cache)
+    entry = _cache.CacheStore(cache).path(key)  # a large entry: its file
     CORRUPTIONS[damage](entry)
 
     graph, array, *_ = _array_graph(counter)
@@ -981,7 +984,7 @@ def test_corrupt_or_truncated_entry_is_reported_deleted_and_recomputed(
     assert run.state(array).name == "Completed"  # recomputed, never returned
     assert np.array_equal(run[array], expected)
     assert calls(counter) == ["make_array 1"] * 2
-    assert entries(cache) == [entry]  # deleted, then written again, whole
+    assert entries(cache) == [key] and entry.exists()  # deleted, then written again
 
     graph, array, *_ = _array_graph(counter)
     with warnings.catch_warnings():
@@ -1029,7 +1032,7 @@ def test_entries_are_written_to_a_temporary_file_synced_then_renamed(tmp_path, m
 
     monkeypatch.setattr(_cache.os, "replace", replace)
     store.write_value(key, np.arange(100_000), {"expires": None})
-    assert events == ["fsync", ("replace", True, f"{key}.gxc")]
+    assert events == ["fsync", ("replace", True, f"{key}.gxb")]
 
     def crash(src, dst):  # the writer dies between writing and renaming
         raise OSError("simulated crash")
@@ -1037,7 +1040,7 @@ def test_entries_are_written_to_a_temporary_file_synced_then_renamed(tmp_path, m
     monkeypatch.setattr(_cache.os, "replace", crash)
     other = "cd" + "2" * 62
     with pytest.raises(OSError, match="simulated"):
-        store.write_value(other, np.arange(10), {"expires": None})
+        store.write_value(other, np.arange(20_000), {"expires": None})
     assert store.lookup(other) is None  # nothing half-written is ever visible
     assert not list(store.root.glob("*/.tmp-*"))
     assert np.array_equal(store.lookup(key).load(), np.arange(100_000))
@@ -1068,7 +1071,8 @@ def test_cache_files_are_private_to_the_user(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
     paths = list(cache.rglob("*"))
-    assert len([p for p in paths if p.suffix == ".gxc"]) == 3
+    assert len([p for p in paths if p.suffix == ".gxb"]) == 1  # make_array's: large
+    assert (cache / _cache.DB_NAME).exists() and (cache / _cache.LOCK_NAME).exists()
     for path in paths:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
@@ -1301,7 +1305,8 @@ def test_clear_cache_prunes_expired_entries_then_everything(tmp_path, clock):
         square(str(counter), 3)
     graph.compute(scheduler="sync", cache_dir=cache)
     assert len(entries(cache)) == 3
-    shard = entries(cache)[0].parent
+    shard = cache / "ab"  # where a large entry's file is written
+    shard.mkdir(exist_ok=True)
     leftover = shard / ".tmp-killedwriter.gxc"  # a writer killed before its rename
     leftover.write_bytes(b"half an entry")
     two_hours_ago = time.time() - 7200
@@ -1327,49 +1332,27 @@ def test_clear_cache_prunes_expired_entries_then_everything(tmp_path, clock):
 
 
 @pytest.mark.timeout(30)
-def test_clear_cache_keeps_the_lock_of_an_entry_being_computed(tmp_path):
-    # A run computing the entry again holds its lock: deleting that file would
-    # let a third run lock a new file of the same name and compute it too.
+def test_clear_cache_keeps_an_entry_being_computed_and_its_lock(tmp_path):
+    # A run computing the entry again (refresh) holds its lock: the entry stays, and
+    # the lock still excludes others (there is no lock file that clearing could delete).
     counter, cache = tmp_path / "calls", tmp_path / "cache"
     graph = gx.Graph()
     with graph:
         square(str(counter), 5)
     graph.compute(scheduler="sync", cache_dir=cache)
-    (entry,) = entries(cache)
-    key = entry.stem
+    (key,) = entries(cache)
     computing = _cache.CacheStore(cache)
     assert computing.try_lock(key)
     try:
-        assert gx.clear_cache(cache, expired_only=False) == 1
-        assert entry.with_suffix(".lock").exists()
+        assert gx.clear_cache(cache, expired_only=False) == 0
+        assert entries(cache) == [key]
         assert not _cache.CacheStore(cache).try_lock(key), "the lock must still exclude"
     finally:
         computing.unlock_all()
-    assert gx.clear_cache(cache, expired_only=False) == 0
+    assert gx.clear_cache(cache, expired_only=False) == 1
     other = _cache.CacheStore(cache)
     assert other.try_lock(key)
     other.unlock_all()
-
-
-@pytest.mark.timeout(30)
-def test_a_lock_file_removed_between_open_and_lock_is_not_trusted(tmp_path, monkeypatch):
-    store = _cache.CacheStore(tmp_path / "cache")
-    key = "k" * 16
-    path = store.path(key).with_suffix(".lock")
-    real_flock = _cache.fcntl.flock
-    removed = []
-
-    def flock_after_a_prune(fd, op):
-        if not removed and op & _cache.fcntl.LOCK_EX:
-            removed.append(path)
-            path.unlink()  # clear_cache, just between our open and our flock
-        return real_flock(fd, op)
-
-    monkeypatch.setattr(_cache.fcntl, "flock", flock_after_a_prune)
-    assert store.try_lock(key)
-    fd = store._locks[key]
-    assert removed and _cache._same_file(fd, path), "the lock must be on the file at the path"
-    store.unlock_all()
 
 
 @pytest.mark.timeout(30)

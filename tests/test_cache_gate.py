@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import pickle
 import subprocess
 import sys
@@ -73,12 +74,28 @@ def test_a_timeout_is_kept_while_another_nodes_key_takes_seconds(compute, tmp_pa
 HELD_KEY = "held-by-another-process"
 
 HOLD_LOCK = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
-fcntl.flock(fd, fcntl.LOCK_EX)
+import sys
+from graphexec._data.cache import CacheStore
+store = CacheStore(sys.argv[1])
+assert store.try_lock(sys.argv[2])  # what a run computing the entry holds
 print("locked", flush=True)
 sys.stdin.read()  # holds the lock until the test closes our stdin
 """
+WORKTREE = Path(__file__).resolve().parents[1]
+
+
+def hold_lock(cache: Path, key: str) -> subprocess.Popen:
+    """Another process that holds ``key``'s compute lock until its stdin is closed."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(cache), key],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(WORKTREE)),
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
 
 
 def held_key(context: object, arguments: dict) -> str:
@@ -96,17 +113,8 @@ def test_a_wait_for_an_entry_another_process_holds_is_bounded_and_names_it(
 ):
     cache = tmp_path / "cache"
     store = _cache.CacheStore(cache)
-    lock = store.path(HELD_KEY).with_suffix(".lock")
-    lock.parent.mkdir(mode=0o700, exist_ok=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(lock)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = hold_lock(cache, HELD_KEY)
     try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "locked"
         monkeypatch.setenv("GRAPHEXEC_CACHE_LOCK_WAIT", "1")
         caplog.set_level(logging.INFO, logger="graphexec")
         graph = gx.Graph()
@@ -117,7 +125,7 @@ def test_a_wait_for_an_entry_another_process_holds_is_bounded_and_names_it(
         waited = time.monotonic() - started
         assert run.state(node).name == "Completed" and run[node] == 40
         assert 1.0 <= waited < 10.0
-        assert not store.path(HELD_KEY).exists(), "the holder's entry is not ours to write"
+        assert not store.has(HELD_KEY), "the holder's entry is not ours to write"
         starts = [r for r in caplog.records if "waits for cache entry" in r.getMessage()]
         assert len(starts) == 1 and f"process {holder.pid}" in starts[0].getMessage()
         gave_up = [r for r in caplog.records if "without the cache" in r.getMessage()]
@@ -131,7 +139,7 @@ def test_a_wait_for_an_entry_another_process_holds_is_bounded_and_names_it(
     with graph:
         node = computes_a_held_entry(4)
     assert compute(graph, cache_dir=cache).state(node).name == "Completed"
-    assert store.path(HELD_KEY).exists()
+    assert store.has(HELD_KEY)
 
 
 def test_the_lock_wait_bound_comes_from_the_environment(monkeypatch, caplog):
@@ -144,17 +152,25 @@ def test_the_lock_wait_bound_comes_from_the_environment(monkeypatch, caplog):
     assert "GRAPHEXEC_CACHE_LOCK_WAIT='soon'" in caplog.text
 
 
+@pytest.mark.timeout(30)
 def test_the_holder_of_a_lock_is_read_from_the_system(tmp_path):
-    if not Path("/proc/locks").exists():
-        pytest.skip("/proc/locks is Linux's")
-    store = _cache.CacheStore(tmp_path)
+    if not sys.platform.startswith("linux"):
+        pytest.skip("F_GETLK's struct layout is Linux's here")
+    cache = tmp_path / "cache"
+    store = _cache.CacheStore(cache)
+    holder = hold_lock(cache, "some-entry-key")
+    try:
+        assert store.holder("some-entry-key") == holder.pid
+        assert not store.try_lock("some-entry-key")
+    finally:
+        holder.communicate(timeout=10)
+    assert store.holder("some-entry-key") is None  # its process ended: the OS let go
     assert store.try_lock("some-entry-key")
     try:
-        path = store.path("some-entry-key").with_suffix(".lock")
-        assert _caching.lock_holder(path) == multiprocessing.current_process().pid
+        assert store.holder("some-entry-key") == os.getpid()
     finally:
         store.unlock_all()
-    assert _caching.lock_holder(path) is None
+    assert store.holder("some-entry-key") is None
 
 
 # -- defect 8: a key that falls back to a value's bytes says so ----------------------

@@ -8,6 +8,7 @@ entries that a live run holds (its compute lock, or its buffers mapped).
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -61,13 +62,15 @@ def broken(x):
 
 
 def entries(cache: Path) -> dict[str, str]:
-    """Entry file name -> task name, read the way the store writes them."""
-    found = {}
-    for path in cache.glob("*/*.gxc"):
-        raw = path.read_bytes()
-        header, _ = cache_store._parse(raw)
-        found[path.name] = header["task"]
-    return found
+    """Entry key -> task name, read from the store's database directly."""
+    db = cache / cache_store.DB_NAME
+    if not db.exists():
+        return {}
+    conn = sqlite3.connect(db)
+    try:
+        return dict(conn.execute("SELECT key, task FROM entries").fetchall())
+    finally:
+        conn.close()
 
 
 def fill(cache: Path, monkeypatch: pytest.MonkeyPatch, *, old: int = 0) -> None:
@@ -247,18 +250,26 @@ def test_cache_info_totals(tmp_path, monkeypatch):
     assert info["expired"] == "2"
     assert info["held"] == "0"
     assert info["directory"] == str(cache.resolve())
-    total = sum(p.stat().st_size for p in cache.glob("*/*.gxc"))
-    assert info["size"] == f"{total / 1000:.1f} kB"
+    conn = sqlite3.connect(cache / cache_store.DB_NAME)
+    (total,) = conn.execute("SELECT sum(length(data)) FROM entries").fetchone()
+    conn.close()
+    assert info["size"] == f"{total} B"  # the values' bytes (five small pickles)
+    on_disk = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    assert info["on"] == f"disk     {on_disk / 1000:.1f} kB"
 
 
 def test_cache_ls_reports_an_unreadable_entry(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     fill(cache, monkeypatch)
-    victim = next(cache.glob("*/*.gxc"))
-    victim.write_bytes(b"GXC2 damaged")
+    conn = sqlite3.connect(cache / cache_store.DB_NAME)
+    with conn:  # a damaged value: its checksum no longer holds
+        conn.execute("UPDATE entries SET data = X'00' WHERE task = 'square' AND key = "
+                     "(SELECT min(key) FROM entries WHERE task = 'square')")  # fmt: skip
+    conn.close()
     out = graphexec("cache", "ls", "-l", str(cache), cwd=tmp_path)
     assert out.returncode == 0
-    assert any(line.startswith("?") and "unreadable" in line for line in out.stdout.splitlines())
+    lines = out.stdout.splitlines()
+    assert sum(line.startswith("square") and "unreadable" in line for line in lines) == 1
 
 
 # -- prune / clear --------------------------------------------------------------
@@ -297,14 +308,15 @@ def test_clear_one_task_then_all(tmp_path, monkeypatch):
     out = graphexec("cache", "clear", str(cache), cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.startswith("deleted 3 entries")
     assert entries(cache) == {}
-    assert list(cache.glob("*/*.lock")) == []  # their lock files went with them
+    # one lock file for the directory, none per entry
+    assert [p.name for p in cache.rglob("*lock*")] == [cache_store.LOCK_NAME]
 
 
 HOLD_LOCK = textwrap.dedent(
     """
-    import fcntl, os, sys
-    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # what CacheStore.try_lock does while a run computes
+    import sys
+    from graphexec._data.cache import CacheStore
+    assert CacheStore(sys.argv[1]).try_lock(sys.argv[2])  # as a run computing the entry
     print("held", flush=True)
     sys.stdin.read()
     """
@@ -357,22 +369,20 @@ def test_an_entry_a_live_run_holds_survives(tmp_path, monkeypatch, command):
     time.sleep(1.1)  # every entry is now older than 1 s
     by_task = {v: k for k, v in entries(cache).items()}
     locked = sorted(n for n, t in entries(cache).items() if t == "square")[0]
-    locked_path = next(cache.glob(f"*/{locked}"))
-    mapped_path = next(cache.glob(f"*/{by_task['big']}"))
+    mapped = by_task["big"]
 
-    computing = _holder(HOLD_LOCK, str(locked_path.with_suffix(".lock")))
-    reading = _holder(MAP_ENTRY, str(cache), mapped_path.stem)
+    computing = _holder(HOLD_LOCK, str(cache), locked)
+    reading = _holder(MAP_ENTRY, str(cache), mapped)
     try:
         listing = graphexec("cache", "info", str(cache), cwd=tmp_path)
         assert "held        2" in listing.stdout
         out = graphexec("cache", *command, str(cache), cwd=tmp_path)
         assert out.returncode == 0, out.stderr
         left = entries(cache)
-        assert locked in left  # a run is computing it: untouched, lock file too
-        assert locked_path.with_suffix(".lock").exists()
-        others = {n: t for n, t in left.items() if n not in (locked, mapped_path.name)}
+        assert locked in left  # a run is computing it: untouched
+        others = {n: t for n, t in left.items() if n not in (locked, mapped)}
         if command[-1] != "square":  # --task square does not select big's entry
-            assert mapped_path.name in left
+            assert mapped in left
             assert "kept 2 held by a running computation" in out.stdout
             assert others == {}  # the rest went
         else:

@@ -1,37 +1,85 @@
-"""The result cache: an on-disk store that survives crashes.
+"""The result cache: an on-disk store that survives crashes, for millions of entries.
 
 Keys are made in the model (``_model.keys``); :func:`wire_hash` keys a value
 that is still in its wire form (a worker's result) by its content.
 
-Store
-    One file per entry, ``<cache_dir>/<key[:2]>/<key>.gxc``::
+A cache directory (layout 3)::
+
+    <dir>/cache.sqlite  (+ -wal, -shm)   one row per entry, SQLite in WAL mode
+    <dir>/cache.lock                     compute locks: one lock per key on ONE file
+    <dir>/<key[:2]>/<key>.gxb            the file of a large entry
+
+Small entries
+    A row ``(key, task, created, expires, size, crc, data)`` whose ``data`` is
+    the value's pickle and ``crc`` a crc32 of the key and the pickle, checked
+    on every hit (SQLite keeps no checksums of its own). Rows are written in
+    transactions, so a reader sees a whole entry or none; a writer killed
+    mid-transaction leaves nothing (the WAL's uncommitted frames are ignored).
+
+Large entries
+    A value with out-of-band buffers (numpy data of ``SHM_THRESHOLD`` bytes and
+    more) or a pickle over ``INLINE_MAX`` is a file::
 
         b"GXC2" | u32 header length | u32 crc32 of the header | JSON header
                 | pickle stream | buffers
 
-    The header holds the expiry, the task, the layout and a crc32 of
+    The header holds the key, the expiry, the task, the layout and a crc32 of
     everything after it; it has a crc32 of its own, so a damaged offset cannot
-    point a reader at the wrong bytes. Buffers (numpy data) are page-aligned
-    so a hit is memory-mapped, not copied. Entries are written to a temporary file in the
-    same directory, fsynced and renamed into place: a reader sees a whole
-    entry or none. A truncated or corrupt entry is reported, deleted and
-    recomputed, never returned; so is one this code cannot unpickle (a class
-    renamed since), which a hit finds out by loading the value at once.
+    point a reader at the wrong bytes. Buffers are page-aligned, so a hit is
+    memory-mapped, not copied. The file is written to a temporary file,
+    fsynced and renamed, and only then is its row (``data`` NULL) committed:
+    the row is the entry; a file without a row (its writer died between the
+    two) is never read, and pruning deletes it.
+
+    A corrupt entry (either kind) is reported, deleted and recomputed, never
+    returned; so is one this code cannot unpickle (a class renamed since),
+    which a hit finds out by loading the value at once.
+
+Who writes, and when
+    The process that computed the value writes its entry, with one exception
+    that costs nothing: a process-pool worker writes large entries itself (the
+    parent never copies their buffers), while a small value's pickle reaches
+    the parent anyway as the call's result, so the parent's cache gate stores
+    it from those bytes (:meth:`CacheStore.put`). Rows written by a process
+    that holds the key's compute lock (the parent; the ``sync`` and
+    ``threads`` executors) join a batch that a flusher thread commits within
+    ``BATCH_DELAY`` seconds or ``BATCH_MAX`` rows, and at the end of each run
+    (:meth:`CacheStore.unlock_all`); the lock of a batched key is released
+    only once its row is committed, so whoever waits for the lock then finds
+    the entry. Any other writer (a large entry, a dask worker) commits at once.
+
+Durability
+    ``synchronous=FULL``: a commit returns once the WAL is on disk, one fsync
+    per batch. A power cut, or a SIGKILL of the parent, loses at most the
+    batch not yet committed (the last ``BATCH_DELAY`` seconds of small
+    entries), never a committed entry, and never leaves a partial one.
 
 Concurrency
-    Whoever computes an entry holds ``flock`` on ``<key>.lock``; another
-    process (or another node with the same key) waits for the lock and then
-    finds the entry, so an entry is computed about once even when several
-    runs share the directory. A crashed holder's lock is released by the OS.
+    Whoever computes an entry holds a ``fcntl`` byte-range lock on
+    ``cache.lock`` at an offset made from the key (a 60-bit hash: two keys
+    share a lock with a probability of about 1e-18 per pair). No file per key;
+    a crashed holder's locks are released by the OS; ``F_GETLK`` names the
+    holder's pid. Such locks belong to a process, not to a file descriptor,
+    so a process-wide registry (``_Shared.held``) excludes this process's
+    other runs, and the lock file is opened once per process and never closed
+    (closing any descriptor of it would drop every lock the process holds).
+
+Old layout
+    A directory written by graphexec before layout 3 holds one ``<key>.gxc``
+    file (and a ``<key>.lock`` file) per entry. They are never read: when the
+    database is created in such a directory, a warning says how many there are
+    and how to delete them (``clear_cache`` and ``graphexec cache clear`` do).
 
 Security
     Entries are pickles: loading a cache directory written by someone else
-    runs their code. The directory is created 0700 and entries 0600.
+    runs their code. The directory is created 0700, its files 0600.
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
+import functools
 import hashlib
 import itertools
 import json
@@ -39,11 +87,16 @@ import logging
 import mmap
 import os
 import pickle
+import sqlite3
 import struct
+import sys
 import tempfile
+import threading
 import time
 import warnings
 import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -58,6 +111,11 @@ from .serialize import PROTOCOL, SHM_THRESHOLD, Payload, attach_segment, loads_v
 logger = logging.getLogger("graphexec")
 
 DEFAULT_DIR = ".graphexec-cache"
+DB_NAME = "cache.sqlite"
+LOCK_NAME = "cache.lock"
+FILE_SUFFIX = ".gxb"  # a large entry's file
+OLD_SUFFIX = ".gxc"  # an entry of the old layout (one file per entry): never read
+LAYOUT = 3
 MAGIC = b"GXC2"
 HEAD = 12  # magic, header length, header crc32
 ALIGN = mmap.ALLOCATIONGRANULARITY  # buffers start on page boundaries: mmap offsets
@@ -66,7 +124,11 @@ clock = time.time  # tests replace this to move time without sleeping
 _holds = itertools.count(1)
 _REPLACED = object()  # lookup: the entry changed under us, look again
 MAP_READ_MIN = 1 << 20  # entries this large are checked through a mapping, not read
-STALE_TMP = 3600.0  # seconds: an older .tmp- file was left by a writer that died
+STALE_TMP = 3600.0  # seconds: an older .tmp- (or row-less) file was left by a writer that died
+INLINE_MAX = 1 << 20  # pickles up to this size (without out-of-band buffers) are rows
+BATCH_MAX = 128  # rows: a batch this large is committed at once (and their locks let go)
+BATCH_DELAY = 0.05  # seconds a batched row waits at most for its commit
+BUSY_TIMEOUT = 60.0  # seconds SQLite waits for another process's write transaction
 
 
 CONTENT_HASH_MAX = 1 << 20  # pickle streams up to this size are hashed by content
@@ -135,60 +197,415 @@ def expiry(expiration: Any) -> float | None:
     return clock() + float(seconds)
 
 
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY NOT NULL,
+    task TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL,
+    size INTEGER NOT NULL,
+    crc INTEGER NOT NULL,
+    data BLOB
+) WITHOUT ROWID
+"""
+_SELECT = "SELECT expires, crc, data FROM entries WHERE key = ?"
+INSERT_CHUNK = 128  # rows per INSERT statement (7 parameters each)
+
+
+@functools.lru_cache(maxsize=INSERT_CHUNK)
+def _insert(n: int) -> str:
+    return "INSERT OR REPLACE INTO entries VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * n)
+
+
+_LIST = "SELECT key, task, created, expires, size, crc, data IS NULL FROM entries"
+Row = tuple[str, str, float, float | None, int, int, bytes | None]
+
+
+def _crc(key: str, data: bytes = b"") -> int:
+    """A row's checksum: the key too, so a damaged key cannot make another key's hit."""
+    return zlib.crc32(data, zlib.crc32(key.encode()))
+
+
+def _offset(key: str) -> int:
+    """The byte of ``cache.lock`` that stands for ``key``'s compute lock."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 4
+
+
+def stored_apart(wire: tuple[bytes, tuple]) -> bool:
+    """True if the value with this wire form is a large entry (a file, written by the
+    process that made the value); else it is a row (see the module docstring)."""
+    data, segments = wire
+    return bool(segments) or len(data) > INLINE_MAX
+
+
+class _Shared:
+    """What the stores of one directory share in this process: connections (one per
+    thread), the batch of rows not yet committed, and the compute locks held."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.db = str(root / DB_NAME)
+        self.mutex = threading.Lock()  # guards pending, release, held
+        self.cond = threading.Condition(self.mutex)
+        self.committing = threading.Lock()  # one commit at a time from this process
+        self.local = threading.local()
+        self.pending: dict[str, Row] = {}  # rows of the batch, visible to lookups here
+        self.release: set[str] = set()  # keys to unlock once their rows are committed
+        self.held: set[str] = set()  # keys whose compute lock this process holds
+        self.since = 0.0  # when the oldest row of the batch joined it
+        self.flusher: threading.Thread | None = None
+        self.warned_damage = False
+        new = not os.path.exists(self.db)
+        if new:  # private from the start: SQLite gives its -wal and -shm the same mode
+            os.close(os.open(self.db, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        self.lock_fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.conn()
+        if new:
+            _warn_old_layout(root)
+
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection (SQLite connections are not shared between threads)."""
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.db, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(_SCHEMA)
+            self.local.conn = conn
+        return conn
+
+    # rows ----------------------------------------------------------------------
+
+    def enqueue(self, row: Row) -> None:
+        """Add a row to the batch (its key's lock is held here: see the docstring)."""
+        with self.cond:
+            if not self.pending:
+                self.since = time.monotonic()
+                self.cond.notify()
+            self.pending[row[0]] = row
+            if len(self.pending) >= BATCH_MAX:
+                self.cond.notify()
+            if self.flusher is None:
+                self.flusher = threading.Thread(
+                    target=self._flush_loop, name="graphexec-cache-flush", daemon=True
+                )
+                self.flusher.start()
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.pending:
+                    self.cond.wait()
+                while len(self.pending) < BATCH_MAX:
+                    left = self.since + BATCH_DELAY - time.monotonic()
+                    if left <= 0 or not self.pending:
+                        break
+                    self.cond.wait(left)
+            self.commit()
+
+    def commit(self) -> None:
+        """Commit the batch, then release the locks that waited for it."""
+        with self.committing:
+            with self.mutex:
+                rows = list(self.pending.values())
+            if rows:
+                try:
+                    self.write(rows)
+                except Exception as exc:  # a full disk, a damaged database: not cached
+                    logger.warning(
+                        "%d cache entries not written to %s (%s: %s); their nodes will be "
+                        "recomputed next time",
+                        len(rows),
+                        self.db,
+                        type(exc).__name__,
+                        safe_str(exc),
+                    )
+            with self.mutex:
+                for row in rows:
+                    if self.pending.get(row[0]) is row:
+                        del self.pending[row[0]]
+                for key in [k for k in self.release if k not in self.pending]:
+                    self.release.discard(key)
+                    self._unlock(key)
+
+    def write(self, rows: list[Row]) -> None:
+        """Insert (or replace) rows in one transaction, now.
+
+        One statement per chunk of ``INSERT_CHUNK`` rows, not ``executemany``: that
+        lets go of the GIL and takes it back for every row, and each time it is
+        taken back the scheduler's thread is made to hand it over.
+        """
+        conn = self.conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for start in range(0, len(rows), INSERT_CHUNK):
+                chunk = rows[start : start + INSERT_CHUNK]
+                conn.execute(_insert(len(chunk)), [v for row in chunk for v in row])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def delete(self, key: str, crc: int) -> None:
+        """Delete the row of ``key`` if it is still the one that was judged (``crc``)."""
+        with self.mutex:
+            row = self.pending.get(key)
+            if row is not None and row[5] == crc:
+                del self.pending[key]
+        try:
+            with self.committing:
+                self.conn().execute("DELETE FROM entries WHERE key = ? AND crc = ?", (key, crc))
+        except sqlite3.Error as exc:
+            self.damaged(exc)
+
+    def damaged(self, exc: BaseException) -> None:
+        if not self.warned_damage:
+            self.warned_damage = True
+            warnings.warn(
+                f"graphexec cache database {self.db} cannot be read ({safe_str(exc)}): "
+                "every entry counts as missing and nodes are recomputed. "
+                f"`graphexec cache clear {self.root}` (or gx.clear_cache(..., "
+                "expired_only=False)) starts it afresh",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    # locks ---------------------------------------------------------------------
+
+    def try_lock(self, key: str) -> bool:
+        with self.mutex:
+            if key in self.held:
+                return False  # another run of this process computes it
+            try:
+                fcntl.lockf(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _offset(key))
+            except OSError:
+                return False
+            self.held.add(key)
+            return True
+
+    def unlock(self, key: str) -> None:
+        with self.mutex:
+            if key in self.pending:
+                self.release.add(key)  # once its row is committed
+            else:
+                self._unlock(key)
+
+    def _unlock(self, key: str) -> None:
+        if key in self.held:
+            self.held.discard(key)
+            fcntl.lockf(self.lock_fd, fcntl.LOCK_UN, 1, _offset(key))
+
+    def holder(self, key: str) -> int | None:
+        """The pid of the process computing ``key`` now (this one included), or None."""
+        if key in self.held:
+            return os.getpid()
+        if not sys.platform.startswith("linux"):
+            return -1 if _locked_elsewhere(self.lock_fd, key) else None
+        # struct flock on Linux: short type, short whence, off_t start, off_t len, pid_t pid
+        query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _offset(key), 1, 0)
+        kind, _, _, _, pid = struct.unpack(
+            "hhqqi4x", fcntl.fcntl(self.lock_fd, fcntl.F_GETLK, query)
+        )
+        return None if kind == fcntl.F_UNLCK else pid
+
+
+def _locked_elsewhere(fd: int, key: str) -> bool:
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _offset(key))
+    except OSError:
+        return True
+    fcntl.lockf(fd, fcntl.LOCK_UN, 1, _offset(key))
+    return False
+
+
+_registry: dict[str, _Shared] = {}
+_registry_lock = threading.Lock()
+_inherited: list[_Shared] = []  # a forked child's copies: never used, never closed
+
+
+def _shared(root: Path) -> _Shared:
+    shared = _registry.get(str(root))
+    if shared is None:
+        with _registry_lock:
+            shared = _registry.get(str(root))
+            if shared is None:
+                shared = _registry[str(root)] = _Shared(root)
+    return shared
+
+
+def _after_fork() -> None:
+    # The parent's connections, threads and locks are not the child's: closing an
+    # inherited SQLite connection could even disturb the parent's. Keep, never use.
+    global _registry_lock
+    _inherited.extend(_registry.values())
+    _registry.clear()
+    _registry_lock = threading.Lock()
+
+
+def _commit_all() -> None:
+    for shared in list(_registry.values()):
+        shared.commit()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+atexit.register(_commit_all)
+
+
+def _warn_old_layout(root: Path) -> None:
+    old = sum(1 for _ in root.glob(f"*/[!.]*{OLD_SUFFIX}"))
+    if old:
+        logger.warning(
+            "%s holds %d cache entries written by an older graphexec (one %s file each). "
+            "This version keeps its entries in %s and never reads those: their nodes are "
+            "recomputed once. `graphexec cache clear %s` (or gx.clear_cache(..., "
+            "expired_only=False)) deletes them",
+            root,
+            old,
+            OLD_SUFFIX,
+            DB_NAME,
+            root,
+        )
+
+
+@dataclass
+class EntryInfo:
+    """One entry as listed (``graphexec cache ls``, pruning)."""
+
+    key: str
+    task: str
+    created: float
+    expires: float | None
+    size: int  # bytes of the value: the pickle, or the file
+    file: Path | None  # a large entry's file
+    readable: bool  # its checksums hold (and its file is there)
+    held: bool  # a run computes it now, or a live process maps its file
+
+    def expired(self, now: float) -> bool:
+        """Past its expiry, or unreadable (a lookup would delete it)."""
+        return not self.readable or (self.expires is not None and self.expires <= now)
+
+
 class CacheStore:
-    """One cache directory. Safe to share between processes."""
+    """One cache directory. Safe to share between processes and threads; cheap to make
+    (what is costly is made once per directory and process)."""
 
     def __init__(self, root: str | os.PathLike[str] | None) -> None:
         self.root = Path(root if root is not None else DEFAULT_DIR).resolve()
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._root = str(self.root)
-        self._locks: dict[str, int] = {}
+        self._shared = _shared(self.root)
+        self._locks: set[str] = set()  # keys this store (one run) holds
 
     def path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.gxc"
+        """Where a large entry of ``key`` has its file."""
+        return self.root / key[:2] / f"{key}{FILE_SUFFIX}"
+
+    def _file(self, key: str) -> str:
+        return f"{self._root}/{key[:2]}/{key}{FILE_SUFFIX}"  # path(), without pathlib's cost
 
     # reading -----------------------------------------------------------------
+
+    def has(self, key: str) -> bool:
+        """True if ``key`` has an entry (valid or not, expired or not)."""
+        if key in self._shared.pending:
+            return True
+        try:
+            return self._shared.conn().execute(_SELECT, (key,)).fetchone() is not None
+        except sqlite3.Error:
+            return False
 
     def lookup(self, key: str) -> Any:
         """A Payload for a valid, unexpired entry, or None. Corrupt entries are deleted.
 
-        An entry with buffers is held for this run under a private hard link
+        A large entry is held for this run under a private hard link
         (``.hold-<pid>-<n>.hold``, removed when the value is released): buffers are
         mapped later, when a dependent runs, and by then another process may have
         pruned the entry or replaced it (refresh). The link is made after reading,
         and checked to name the inode that was read.
         """
-        for _ in range(3):  # the entry was replaced between reading and holding it: again
-            found = self._lookup_once(key)
-            if found is not _REPLACED:
-                return found
-        return None
+        shared = self._shared
+        row = shared.pending.get(key)
+        if row is None:
+            try:
+                found = shared.conn().execute(_SELECT, (key,)).fetchone()
+            except sqlite3.Error as exc:
+                shared.damaged(exc)
+                return None
+            if found is None:
+                return None
+            expires, crc, data = found
+        else:
+            expires, crc, data = row[3], row[5], row[6]
+        if expires is not None and clock() >= expires:
+            return None
+        if data is None:
+            if crc != _crc(key):
+                return self._corrupt(key, crc, f"{key} in {shared.db}", "checksum mismatch")
+            for _ in range(3):  # the file was replaced between reading and holding it
+                found = self._lookup_file(key, crc)
+                if found is not _REPLACED:
+                    return found
+            return None
+        if _crc(key, data) != crc:
+            return self._corrupt(key, crc, f"{key} in {shared.db}", "checksum mismatch")
+        payload = Payload(data)
+        # Load it now: an entry whose pickle names a class or module this code no
+        # longer has (renamed, moved) would fail every dependent, run after run.
+        try:
+            payload.load()
+        except Exception as exc:
+            self._unloadable(f"{key} in {shared.db}", exc)
+            shared.delete(key, crc)
+            return None
+        return payload
 
-    def _lookup_once(self, key: str) -> Any:
+    def _corrupt(self, key: str, crc: int, where: str, why: str) -> None:
+        warnings.warn(
+            f"graphexec cache entry {where} is corrupt ({why}); it was deleted and the "
+            "node will be recomputed",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        self._remove(Path(self._file(key)))
+        self._shared.delete(key, crc)
 
+    @staticmethod
+    def _unloadable(where: str, exc: BaseException) -> None:
+        warnings.warn(
+            f"graphexec cache entry {where} cannot be loaded by this code "
+            f"({type(exc).__name__}: {exc}); it was deleted and the node will be "
+            "recomputed",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+    def _lookup_file(self, key: str, crc: int) -> Any:
         path = self._file(key)
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
                 if st.st_size >= max(MAP_READ_MIN, 1):  # checked through a mapping: no copy
                     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                        return self._check_and_load(key, path, st, mapped, Payload)
-                return self._check_and_load(key, path, st, f.read(), Payload)
+                        return self._check_and_load(key, crc, path, st, mapped)
+                return self._check_and_load(key, crc, path, st, f.read())
         except FileNotFoundError:
+            self._shared.delete(key, crc)  # pruned, or lost to a power cut: no entry
             return None
         except OSError as exc:
             logger.warning("cache entry %s unreadable (%s): recomputing", path, exc)
             return None
 
-    def _check_and_load(
-        self, key: str, path: str, st: os.stat_result, raw: Any, payload_type: Any
-    ) -> Any:
+    def _check_and_load(self, key: str, crc: int, path: str, st: os.stat_result, raw: Any) -> Any:
         try:
             header, body_start = _parse(raw)
             if len(raw) != header["size"]:
                 raise ValueError(
                     f"{len(raw)} bytes instead of {header['size']}: truncated or overwritten"
                 )
+            if header.get("key") != key:
+                raise ValueError("the file is another entry's")
             view = memoryview(raw)
             try:
                 if zlib.crc32(view[body_start:]) != header["crc"]:
@@ -196,17 +613,7 @@ class CacheStore:
             finally:
                 view.release()
         except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
-            warnings.warn(
-                f"graphexec cache entry {path} is corrupt ({exc}); it was deleted and the "
-                "node will be recomputed",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            self._remove(Path(path))
-            return None
-        expires = header.get("expires")
-        if expires is not None and clock() >= expires:
-            return None
+            return self._corrupt(key, crc, path, str(exc))
         data_off, data_len = header["data"]
         data = bytes(raw[data_off : data_off + data_len])
         hold = path
@@ -215,21 +622,13 @@ class CacheStore:
             if hold is None or hold is _REPLACED:
                 return hold
         segments = tuple((hold, off, size) for off, size in header["buffers"])
-        payload = payload_type(data, segments)
-        # Load it now: an entry whose pickle names a class or module this code no
-        # longer has (renamed, moved) would fail every dependent, run after run.
-        # Buffers are mapped, not read; the value stays loaded for whoever uses it.
+        payload = Payload(data, segments)
         try:
-            payload.load()
+            payload.load()  # buffers are mapped, not read
         except Exception as exc:
-            warnings.warn(
-                f"graphexec cache entry {path} cannot be loaded by this code "
-                f"({type(exc).__name__}: {exc}); it was deleted and the node will be "
-                "recomputed",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            self._unloadable(path, exc)
             self._remove(Path(path))
+            self._shared.delete(key, crc)
             self._release_hold(hold, path)
             return None
         return payload
@@ -259,16 +658,50 @@ class CacheStore:
         if hold != path:
             CacheStore._remove(Path(hold))
 
-    def _file(self, key: str) -> str:
-        return f"{self._root}/{key[:2]}/{key}.gxc"  # path(), without pathlib's cost
-
     # writing -----------------------------------------------------------------
 
+    def write_value(self, key: str, value: Any, meta: dict) -> None:
+        """Pickle ``value`` (large buffers kept apart, for mapping) and store it."""
+        buffers: list[memoryview] = []
+
+        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+            try:
+                raw = buffer.raw()
+            except BufferError:
+                return True
+            if raw.nbytes < SHM_THRESHOLD:
+                return True
+            buffers.append(raw)
+            return False
+
+        data = cloudpickle.dumps(value, protocol=PROTOCOL, buffer_callback=out_of_band)
+        if buffers or len(data) > INLINE_MAX:
+            self.write(key, data, buffers, meta)
+        else:
+            self.put(key, data, meta)
+
+    def put(self, key: str, data: bytes, meta: dict) -> None:
+        """Store a small entry: ``data`` is the value's pickle (no out-of-band buffers).
+
+        Batched if this process holds the key's compute lock (the lock is released
+        once the batch is committed), else committed now.
+        """
+        row = (key, str(meta.get("task", "?")), clock(), meta.get("expires"), len(data),
+               _crc(key, data), data)  # fmt: skip
+        shared = self._shared
+        if key in shared.held:
+            shared.enqueue(row)
+        else:
+            with shared.committing:
+                shared.write([row])
+
     def write(self, key: str, data: bytes, buffers: list[memoryview], meta: dict) -> None:
-        """Write an entry atomically (temp file, fsync, rename)."""
+        """Write a large entry: its file atomically (temp file, fsync, rename), then its
+        row, committed now."""
         path = self.path(key)
         path.parent.mkdir(mode=0o700, exist_ok=True)
-        meta = {"created": clock(), **meta}
+        created = clock()
+        meta = {"created": created, "key": key, "layout": LAYOUT, **meta}
         parts: list[Any] = [data, *buffers]
         reserve = len(json.dumps(meta)) + 200 + 48 * len(parts)
         while True:  # the header holds offsets that depend on its own reserved size
@@ -291,7 +724,7 @@ class CacheStore:
             if HEAD + len(encoded) <= base:
                 break
             reserve = len(encoded) + 64
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".gxc")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=FILE_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(MAGIC + struct.pack("<II", len(encoded), zlib.crc32(encoded)) + encoded)
@@ -308,56 +741,116 @@ class CacheStore:
         except BaseException:
             self._remove(Path(tmp))
             raise
+        row = (key, str(meta.get("task", "?")), created, meta.get("expires"), pos, _crc(key),
+               None)  # fmt: skip
+        shared = self._shared
+        with shared.mutex:
+            shared.pending.pop(key, None)  # an older batched row must not replace this one
+        with shared.committing:
+            shared.write([row])
 
-    def write_value(self, key: str, value: Any, meta: dict) -> None:
-        """Pickle ``value`` (large buffers kept apart, for mapping) and write it."""
-        buffers: list[memoryview] = []
-
-        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
-            try:
-                raw = buffer.raw()
-            except BufferError:
-                return True
-            if raw.nbytes < SHM_THRESHOLD:
-                return True
-            buffers.append(raw)
-            return False
-
-        data = cloudpickle.dumps(value, protocol=PROTOCOL, buffer_callback=out_of_band)
-        self.write(key, data, buffers, meta)
+    def flush(self) -> None:
+        """Commit this process's batched rows for this directory now."""
+        self._shared.commit()
 
     # locking -----------------------------------------------------------------
 
     def try_lock(self, key: str) -> bool:
         """Take the compute lock of ``key`` without waiting; True if now ours."""
-        if key in self._locks:
-            return False  # another node of this run computes the same entry
-        path = self.path(key).with_suffix(".lock")
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                return False
-            if _same_file(fd, path):
-                break
-            # clear_cache removed the file between our open and our lock: a lock
-            # on a file nobody else can open excludes nobody. Try the new one.
-            os.close(fd)
-        self._locks[key] = fd
-        return True
+        if self._shared.try_lock(key):
+            self._locks.add(key)
+            return True
+        return False
 
     def unlock(self, key: str) -> None:
-        fd = self._locks.pop(key, None)
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        """Let go of ``key``'s lock (once its batched row, if any, is committed)."""
+        if key in self._locks:
+            self._locks.discard(key)
+            self._shared.unlock(key)
 
     def unlock_all(self) -> None:
+        """The run is over: commit its batched rows, release every lock it holds."""
+        self._shared.commit()
         for key in list(self._locks):
             self.unlock(key)
+
+    def holder(self, key: str) -> int | None:
+        """The pid of the process computing ``key`` now (this one included), or None;
+        -1 where the system cannot say who."""
+        return self._shared.holder(key)
+
+    # listing and pruning -----------------------------------------------------
+
+    def entries(self) -> list[EntryInfo]:
+        """Every entry, with its checksums checked (the files' headers only)."""
+        shared = self._shared
+        shared.commit()
+        mapped = _mapped_inodes(self.root)
+        found = []
+        conn = shared.conn()
+        for key, task, created, expires, size, crc, in_file in conn.execute(_LIST).fetchall():
+            file = self.path(key) if in_file else None
+            readable = True
+            held_file = False
+            if file is None:
+                (data,) = conn.execute("SELECT data FROM entries WHERE key = ?", (key,)).fetchone()
+                readable = data is not None and _crc(key, data) == crc
+            else:
+                try:
+                    header = _read_header(file)
+                    st = file.stat()
+                    readable = header.get("key") == key and crc == _crc(key)
+                    held_file = (st.st_dev, st.st_ino) in mapped
+                except (OSError, ValueError, KeyError, TypeError, struct.error):
+                    readable = False
+            held = held_file or shared.holder(key) is not None
+            found.append(EntryInfo(key, task, created, expires, size, file, readable, held))
+        return found
+
+    def remove(self, chosen: Iterable[EntryInfo]) -> tuple[int, int, int]:
+        """Delete the chosen entries unless a live run holds them (computes one, or maps
+        its file); returns (deleted, bytes freed, kept because held)."""
+        shared = self._shared
+        mapped = _mapped_inodes(self.root)
+        doomed: list[EntryInfo] = []
+        kept = 0
+        for entry in chosen:
+            held = shared.holder(entry.key) is not None
+            if not held and entry.file is not None:
+                try:
+                    st = entry.file.stat()
+                    held = (st.st_dev, st.st_ino) in mapped
+                except OSError:
+                    pass
+            if held:
+                kept += 1
+            else:
+                doomed.append(entry)
+        deleted = freed = 0
+        gone: list[Path] = []
+        if doomed:
+            conn = shared.conn()
+            with shared.committing:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for entry in doomed:
+                        # only the version judged: a run may have written a new one since
+                        cursor = conn.execute(
+                            "DELETE FROM entries WHERE key = ? AND created = ?",
+                            (entry.key, entry.created),
+                        )
+                        if cursor.rowcount:
+                            deleted += 1
+                            freed += entry.size
+                            if entry.file is not None:
+                                gone.append(entry.file)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+        for path in gone:  # after the commit: a row never names a missing file for long
+            self._remove(path)
+        return deleted, freed, kept
 
     @staticmethod
     def _remove(path: Path) -> None:
@@ -365,6 +858,28 @@ class CacheStore:
             path.unlink()
         except OSError:
             pass
+
+
+def _read_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        head = f.read(HEAD)
+        (length,) = struct.unpack("<I", head[4:8])
+        header, _ = _parse(head + f.read(length))
+    return header
+
+
+def _mapped_inodes(root: Path) -> set[tuple[int, int]]:
+    """Files that a live process maps: those its ``.hold-<pid>-<n>.hold`` links name."""
+    found = set()
+    for hold in root.glob("*/.hold-*"):
+        try:
+            pid = int(hold.name.split("-")[1])
+            st = hold.stat()
+        except (IndexError, ValueError, OSError):
+            continue
+        if psutil.pid_exists(pid):
+            found.add((st.st_dev, st.st_ino))
+    return found
 
 
 def _parse(raw: bytes) -> tuple[dict, int]:
@@ -395,10 +910,19 @@ def _round_up(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
 
+def old_layout_files(root: Path) -> list[Path]:
+    """Entries (and lock files) of the layout before this one: never read here."""
+    return [p for pattern in (f"*/[!.]*{OLD_SUFFIX}", "*/[!.]*.lock") for p in root.glob(pattern)]
+
+
 def clear_cache(
     cache_dir: str | os.PathLike[str] | None = None, *, expired_only: bool = True
 ) -> int:
     """Delete cache entries; by default only the expired ones. Returns how many.
+
+    Entries a running computation holds (computes now, or has mapped) stay.
+    Entries of an older graphexec's layout (which this version never reads) are
+    deleted either way, and counted.
 
     Args:
         cache_dir: the directory (default ``./.graphexec-cache``).
@@ -413,24 +937,16 @@ def clear_cache(
     if not root.is_dir():
         return 0
     removed = 0
-    now = clock()
-    for path in root.glob("*/[!.]*.gxc"):  # entries, not .tmp- or .hold- files
-        if path.name.startswith(".tmp-"):
-            continue  # not an entry (yet): removed below
-        if expired_only:
-            try:
-                with open(path, "rb") as f:
-                    head = f.read(HEAD)
-                    (length,) = struct.unpack("<I", head[4:8])
-                    header, _ = _parse(head + f.read(length))
-                expires = header.get("expires")
-            except (OSError, ValueError, KeyError, TypeError, struct.error):
-                expires = -1.0  # unreadable: treat as expired
-            if expires is None or expires > now:
-                continue
+    for path in old_layout_files(root):
+        if path.suffix == OLD_SUFFIX:
+            removed += 1
         CacheStore._remove(path)
-        _remove_unheld_lock(path.with_suffix(".lock"))
-        removed += 1
+    if (root / DB_NAME).exists():
+        store = CacheStore(root)
+        now = clock()
+        chosen = [e for e in store.entries() if not expired_only or e.expired(now)]
+        removed += store.remove(chosen)[0]
+        _remove_orphans(store)
     for tmp in root.glob("*/.tmp-*"):  # left by a writer that was killed
         try:
             stale = time.time() - tmp.stat().st_mtime > STALE_TMP  # not being written now
@@ -448,35 +964,16 @@ def clear_cache(
     return removed
 
 
-def _same_file(fd: int, path: Path) -> bool:
-    """True if ``path`` still names the file open as ``fd``."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
-
-
-def _remove_unheld_lock(path: Path) -> None:
-    """Remove a lock file unless a run is computing its entry right now (holds it).
-
-    Removed while locked, so a run that opened it a moment ago finds, once it
-    has the lock, that the path names another file, and locks that one.
-    """
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return  # held: its entry is being computed; the lock file stays
-    try:
-        if _same_file(fd, path):
-            path.unlink()
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _remove_orphans(store: CacheStore) -> None:
+    """Delete large-entry files without a row: their writer died before committing it
+    (only old ones: a writer may be between its rename and its commit right now)."""
+    conn = store._shared.conn()
+    for path in store.root.glob(f"*/[!.]*{FILE_SUFFIX}"):
+        key = path.name[: -len(FILE_SUFFIX)]
+        try:
+            if conn.execute(_SELECT, (key,)).fetchone() is not None:
+                continue
+            if time.time() - path.stat().st_mtime > STALE_TMP:
+                CacheStore._remove(path)
+        except (OSError, sqlite3.Error):
+            continue

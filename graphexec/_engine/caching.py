@@ -10,9 +10,20 @@ final, before it may run::
                                                   wire forms, maps shared memory)
     executor.poll() returns  <── wakeup() ─────  results.append((i, ticket, key))
     keyed(): each key ─> with_key(i, key)
-        hit                     -> Cached state, i never runs
-        miss, lock taken        -> run; its worker writes the entry, _finish unlocks
+            lock taken, hit         -> unlock; Cached state, i never runs
+        lock taken, miss        -> run; the entry is written, finished() unlocks
+        lock held, hit          -> Cached state
         lock held by another    -> WAIT: look again every LOCK_POLL s (lock_waits)
+
+The lock is taken before the lookup, so one lookup decides: an entry found
+after taking the lock is whole (its writer committed it before letting go),
+and a miss under the lock is ours to compute.
+
+Who writes the entry: the worker that computed the value, through
+``Call.cache`` (``entry()``), except a process-pool worker's small value,
+whose pickle the parent receives anyway: ``finished()`` stores it from those
+bytes (``CacheStore.put``), in the store's batch; the lock is released once
+the batch is committed (``_data/cache.py``, "Who writes, and when").
 
 Keys are computed off the scheduler thread (defect: hashing a large upstream
 array or a slow ``cache_key_fn`` stalled the scheduler, and with it every
@@ -22,19 +33,24 @@ goes on; the key comes back through :attr:`CacheGate.results` and the
 executor's ``wakeup()``, and the scheduler applies it (lookup, lock, queue)
 on its own thread. Only an executor that runs calls in the caller's thread
 (``sync``) computes keys inline: nothing of it runs meanwhile, and ``pdb``
-in a ``cache_key_fn`` keeps working.
+in a ``cache_key_fn`` keeps working. So is a key that costs microseconds
+(:func:`cheap`: ``task_input_hash`` of a few plain arguments and of upstream
+values that have keys of their own, the nodes of a parameter sweep): handing
+it to a thread would cost more than computing it, for two threads of one
+process that both want the GIL take turns in slices of up to 5 ms.
 
 Waiting for an entry another process computes
-    Whoever computes an entry holds its ``flock`` (``_data/cache.py``). A node
-    whose entry is locked by another process waits for it, looking every
-    ``LOCK_POLL`` seconds, for at most ``LOCK_WAIT`` seconds (600; the
-    environment variable ``GRAPHEXEC_CACHE_LOCK_WAIT`` overrides it). The wait
-    is logged when it starts (INFO, naming the process that holds the entry,
-    read from ``/proc/locks`` on Linux). Past the bound the holder is taken to
-    be stuck: the node computes its value without the cache (it neither reads
-    nor writes the entry, which the holder still owns) and a WARNING names the
-    holder. A node waiting for another node *of this run* with the same key
-    waits without bound: that node runs under this run's own timeouts.
+    Whoever computes an entry holds its lock (a byte-range lock on the
+    directory's one ``cache.lock``, ``_data/cache.py``). A node whose entry is
+    locked by another process waits for it, looking every ``LOCK_POLL``
+    seconds, for at most ``LOCK_WAIT`` seconds (600; the environment variable
+    ``GRAPHEXEC_CACHE_LOCK_WAIT`` overrides it). The wait is logged when it
+    starts (INFO, naming the process that holds the entry: ``F_GETLK``). Past
+    the bound the holder is taken to be stuck: the node computes its value
+    without the cache (it neither reads nor writes the entry, which the holder
+    still owns) and a WARNING names the holder. A node waiting for another
+    node *of this run* with the same key waits without bound: that node runs
+    under this run's own timeouts.
 
 State (plain containers, touched by the scheduler thread only, except
 ``results``, which the keying thread appends to):
@@ -47,6 +63,8 @@ State (plain containers, touched by the scheduler thread only, except
 ``holders[key]``   the node of this run that holds ``key``'s lock
 ``lock_waits[i]``  nodes waiting for another's lock -> monotonic time to give up
                    (``inf`` when the holder is a node of this run)
+``parked``         (node, ticket, key) keyed while ``WINDOW`` nodes held locks: they
+                   stay in ``keying`` and go through ``keyed()`` once a lock is let go
 ``refreshed``      keys recomputed by this run (``refresh_cache``: once per key)
 ``refreshing``     nodes running to refresh their entry
 """
@@ -63,16 +81,15 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Final
 
-from .._data.cache import CacheStore, expiry, wire_hash
+from .._data.cache import CacheStore, expiry, stored_apart, wire_hash
 from .._data.serialize import Payload
 from .._model.errors import safe_str
 from .._model.graph import Graph
 from .._model.handle import materialize
 from .._model.keys import CacheContext, Fingerprint, Unhashable, content_hash, task_input_hash
-from .._model.node import DATA
+from .._model.node import DATA, Node
 from .._model.state import CACHED, State
 from .._model.walk import substitute
 
@@ -81,6 +98,11 @@ logger = logging.getLogger("graphexec")
 LOCK_POLL = 0.1  # seconds between looks at a cache entry another process is computing
 LOCK_WAIT = 600.0  # seconds a node waits for an entry another process holds
 LOCK_WAIT_ENV = "GRAPHEXEC_CACHE_LOCK_WAIT"
+# Nodes of one run that hold their entry's lock and have not finished. Beyond it, keyed
+# nodes are parked: the system's byte-range locks of one file cost time in proportion
+# to how many are held (10,000 ready roots holding theirs made each lock take 40 us).
+WINDOW = 128
+_NUDGE = (-1, 0, None)  # a result for no node: makes the scheduler call keyed()
 _SAFE_KEY = re.compile(r"[0-9a-zA-Z_-]{8,128}")
 
 
@@ -116,33 +138,6 @@ def lock_wait_bound() -> float:
         )
         return LOCK_WAIT
     return seconds
-
-
-def lock_holder(path: Path) -> int | None:
-    """The pid of the process holding ``flock`` on ``path``, from ``/proc/locks``
-    (Linux); None if unknown."""
-    try:
-        st = os.stat(path)
-        with open("/proc/locks") as f:
-            text = f.read()
-    except OSError:
-        return None
-    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    by_inode = None
-    for line in text.splitlines():
-        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2146993 0 EOF"; a waiter's line has "->"
-        parts = line.split()
-        if len(parts) < 6 or parts[1] != "FLOCK":
-            continue
-        try:
-            pid = int(parts[4])
-        except ValueError:
-            continue
-        if parts[5] == dev:
-            return pid
-        if by_inode is None and parts[5].rsplit(":", 1)[-1] == str(st.st_ino):
-            by_inode = pid  # an overlay filesystem reports the device underneath
-    return by_inode
 
 
 class _KeyJob:
@@ -185,6 +180,7 @@ class CacheGate:
         value_of: Callable[[int], Any],
         wakeup: Callable[[], None],
         offload: bool,
+        remote_values: bool = False,
     ) -> None:
         self.graph = graph
         self.states = states
@@ -193,6 +189,9 @@ class CacheGate:
         self._value_of = value_of  # the handle a dependent of node i receives
         self._wakeup = wakeup  # the executor's: makes the scheduler's poll() return
         self._offload = offload
+        # A Payload result is the worker's wire form (process pool) unless values stay
+        # remote (a dask cluster: then it is a reference, and the dask worker wrote).
+        self._from_wire = not remote_values
         self._lock_wait = lock_wait_bound()
         self.keys: dict[int, str] = {}
         self.signatures: dict[Any, Any] = {}
@@ -201,6 +200,7 @@ class CacheGate:
         self.locked: set[int] = set()
         self.holders: dict[str, int] = {}
         self.lock_waits: dict[int, float] = {}
+        self.parked: deque[tuple[int, int, str]] = deque()
         self.refreshed: set[str] = set()
         self.refreshing: set[int] = set()
         self._tickets = 0
@@ -217,10 +217,14 @@ class CacheGate:
             return self.with_key(i, key)
         self._tickets += 1
         job = self._job(i, self._tickets)
-        if not self._offload:
+        if not self._offload or cheap(job):
             key = self._key_of(job)
             if key is None:
                 return RUN_NOW
+            if len(self.locked) >= WINDOW:
+                self.keying[i] = job.ticket
+                self.parked.append((i, job.ticket, key))
+                return KEYING
             self.keys[i] = key
             return self.with_key(i, key)
         self.keying[i] = job.ticket
@@ -233,19 +237,30 @@ class CacheGate:
         return KEYING
 
     def keyed(self) -> list[tuple[int, Verdict]]:
-        """Apply the keys the keying thread sent: each node's verdict."""
+        """Apply the keys the keying thread sent (and parked ones, while the window has
+        room): each node's verdict."""
         out: list[tuple[int, Verdict]] = []
-        results, keying = self.results, self.keying
+        results, keying, parked = self.results, self.keying, self.parked
         while results:
             i, ticket, key = results.popleft()
             if keying.get(i) != ticket:
                 continue  # the node was cancelled meanwhile: nothing waits for this key
+            if key is not None and len(self.locked) >= WINDOW:
+                parked.append((i, ticket, key))
+                continue
             del keying[i]
             if key is None:
                 out.append((i, RUN_NOW))
             else:
                 self.keys[i] = key
                 out.append((i, self.with_key(i, key)))
+        while parked and len(self.locked) < WINDOW:
+            i, ticket, key = parked.popleft()
+            if keying.get(i) != ticket:
+                continue
+            del keying[i]
+            self.keys[i] = key
+            out.append((i, self.with_key(i, key)))
         return out
 
     def look_again(self, i: int) -> Verdict:
@@ -265,14 +280,8 @@ class CacheGate:
         refresh = (
             self.refresh_cache or self.graph._opts[i].refresh_cache
         ) and key not in self.refreshed
-        if not refresh:
-            hit = store.lookup(key)
-            if hit is not None:
-                self.lock_waits.pop(i, None)
-                return self._cached(i, key, hit)
         if store.try_lock(key):
             self.lock_waits.pop(i, None)
-            # Another process may have written the entry between our lookup and lock.
             hit = None if refresh else store.lookup(key)
             if hit is not None:
                 store.unlock(key)
@@ -282,6 +291,11 @@ class CacheGate:
             if refresh:
                 self.refreshing.add(i)
             return RUN_NOW
+        if not refresh:
+            hit = store.lookup(key)  # held by another run, which may be reading it too
+            if hit is not None:
+                self.lock_waits.pop(i, None)
+                return self._cached(i, key, hit)
         give_up = self.lock_waits.get(i)
         if give_up is None:
             self.lock_waits[i] = self._start_wait(i, key)
@@ -333,8 +347,8 @@ class CacheGate:
 
     def _holder_text(self, key: str) -> str:
         assert self.store is not None
-        pid = lock_holder(self.store.path(key).with_suffix(".lock"))
-        if pid is None:
+        pid = self.store.holder(key)
+        if pid is None or pid < 0:
             return "another process"
         if pid == os.getpid():
             return f"this process (pid {pid}, another compute)"
@@ -343,14 +357,31 @@ class CacheGate:
     # -- after the node ---------------------------------------------------------
 
     def finished(self, i: int, completed: bool) -> None:
-        """Node i (whose lock this run holds) is final: let go of its entry."""
+        """Node i (whose lock this run holds) is final: store a small value a worker
+        sent (see the module docstring), and let go of its entry."""
         key = self.keys[i]
         self.locked.discard(i)
         self.holders.pop(key, None)
-        assert self.store is not None
-        self.store.unlock(key)
+        store = self.store
+        assert store is not None
+        if completed:
+            state = self.states[i]
+            value = state._value if state is not None else None
+            if type(value) is Payload and self._from_wire and not stored_apart(value.wire):
+                try:
+                    store.put(key, value.data, self.entry(i)[2])
+                except Exception as exc:  # a damaged database: the run goes on
+                    logger.warning(
+                        "%s: result not cached (%s: %s)",
+                        self.graph._names[i],
+                        type(exc).__name__,
+                        safe_str(exc),
+                    )
+        store.unlock(key)
         if completed and i in self.refreshing:
             self.refreshed.add(key)
+        if self.parked and not self.results and len(self.locked) < WINDOW:
+            self.results.append(_NUDGE)
 
     def entry(self, i: int) -> tuple[str, str, dict]:
         """What the worker of a locked node needs to write its entry (``Call.cache``)."""
@@ -363,6 +394,7 @@ class CacheGate:
         """The run is cancelled: nothing waits for a key or a lock any more."""
         self.keying.clear()
         self.lock_waits.clear()
+        self.parked.clear()
 
     # -- keys -------------------------------------------------------------------
 
@@ -467,6 +499,44 @@ class CacheGate:
         elif key is not None and not _SAFE_KEY.match(key):
             key = content_hash(key)  # user keys become file names: hash anything unusual
         return key
+
+
+_SCALARS = frozenset({int, float, bool, complex, type(None)})
+CHEAP_ITEMS = 64  # arguments (counting nested ones) a cheap key may have
+CHEAP_BYTES = 4096  # the longest str or bytes among them
+
+
+def cheap(job: _KeyJob) -> bool:
+    """True if the node's key costs microseconds: computed inline, not on the thread.
+
+    The default key function, every upstream value entering by its own key (no
+    value to unpickle and hash), and at most ``CHEAP_ITEMS`` arguments, each a
+    number, a short string or bytes, a node, or a list, tuple or dict of these.
+    """
+    if job.opts.cache_key_fn is not task_input_hash:
+        return False
+    if any(own is None for own, _ in job.values.values()):
+        return False
+    budget = [CHEAP_ITEMS]
+
+    def plain(value: Any) -> bool:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return False
+        kind = type(value)
+        if kind in _SCALARS or kind is Node:
+            return True
+        if kind is str or kind is bytes:
+            return len(value) <= CHEAP_BYTES
+        if kind is list or kind is tuple:
+            return all(plain(v) for v in value)
+        if kind is dict:
+            return all(type(k) is str and plain(v) for k, v in value.items())
+        return False
+
+    return all(plain(a) for a in job.args) and (
+        not job.kwargs or all(plain(v) for v in job.kwargs.values())
+    )
 
 
 def fingerprint(handle: Any, task: str) -> str:

@@ -169,6 +169,7 @@ class Scheduler:
             self._value_for_dependent,
             executor.wakeup,
             offload=not executor.capabilities.in_caller_thread,
+            remote_values=executor.capabilities.remote_values,
         )
         self.locked = self.gate.locked
         self.load_kept = False  # run() turns it on: compute() reads its kept values

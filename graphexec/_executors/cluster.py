@@ -92,7 +92,6 @@ import time
 import traceback
 import uuid
 import weakref
-from pathlib import Path
 from typing import Any, cast
 
 import cloudpickle
@@ -938,7 +937,7 @@ class ClusterExecutor:
         store = self._stores.get(root)
         if store is None:
             store = self._stores[root] = CacheStore(root)
-        if not Path(store.path(key)).exists():
+        if not store.has(key):
             self._warned_cache = True
             logger.warning(
                 "%s: the dask worker ran it but its cache entry is not in %s. The cache "

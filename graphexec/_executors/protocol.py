@@ -38,6 +38,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import time
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -174,11 +175,17 @@ def write_cache(cache: tuple[str, str, dict], value: Any, name: str) -> None:
     """Store a successful result; a failed write costs a warning, never the result."""
     root, key, meta = cache
     try:
-        CacheStore(root).write_value(key, value, meta)
+        store = _stores.get((os.getpid(), root))
+        if store is None:  # one per directory and process: opening one has a cost
+            store = _stores[(os.getpid(), root)] = CacheStore(root)
+        store.write_value(key, value, meta)
     except Exception as exc:
         logging.getLogger("graphexec").warning(
             "%s: result not cached (%s: %s)", name, type(exc).__name__, exc
         )
+
+
+_stores: dict[tuple[int, str], CacheStore] = {}  # (pid, cache dir) -> its store, for writing
 
 
 def timeout_error(call: Call, how: str = "it was stopped") -> TaskTimeout:

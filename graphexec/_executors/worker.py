@@ -23,8 +23,9 @@ functions than the parent does. Ids are never reused.
 ``deps`` is a list of ``(node_index, pickled_value)``, or ``(node_index,
 None, token)`` for the value the call ``token`` kept here (``hold``: a chain,
 see ``_call.py``); ``cache`` is None or
-``(cache_dir, key, meta)``: the worker writes the cache entry itself, so
-entries are written in parallel and the parent never copies a result.
+``(cache_dir, key, meta)``: the worker writes a large cache entry itself, so
+those are written in parallel and the parent never copies their buffers; a
+small one the parent stores from the reply's blob (``_data/cache.py``).
 
 Calls are run strictly in the order received, so the parent knows which call
 a dead worker was running: the oldest one it has not answered.
@@ -60,6 +61,7 @@ import traceback
 from typing import Any
 
 from .._data import shm as _shm
+from .._data.cache import stored_apart
 from .._data.serialize import dumps, dumps_value, loads_call, loads_value
 from .protocol import write_cache
 from .runtime import (
@@ -304,7 +306,9 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
         blob = dumps_value(result)
     except BaseException as exc:
         return fail("result", result_error(name, result, exc), traceback.format_exc())
-    if cache is not None:
+    if cache is not None and stored_apart(blob):
+        # A large entry is written here, so the parent never copies its buffers; a
+        # small one the parent stores from this blob (it batches its rows).
         write_cache(cache, result, name)
     return pickle.dumps(("ok", token, blob, started, finished), protocol=5)
 

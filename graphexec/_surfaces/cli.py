@@ -11,31 +11,26 @@
 Exit codes: 0 done, 1 failed (the message says why and what to do), 2 the
 command line was wrong (argparse's own code).
 
-The cache commands read the store's layout (``_data/cache.py``: one
-``<key>.gxc`` file per entry under ``<dir>/<key[:2]>/``, a JSON header with
-the task's name, creation and expiry times) through the cache module's own
-header parser, and never delete an entry that a live run holds: one whose
-``<key>.lock`` is locked (a run is computing it) or that a running process
-has mapped through a ``.hold-<pid>-<n>.hold`` link. An entry is deleted while
-the CLI holds its lock, as ``clear_cache`` does, so a run that starts
-computing it meanwhile waits for the deletion and then writes a fresh one.
+The cache commands read the store through its own listing
+(``CacheStore.entries``: one row per entry in ``<dir>/cache.sqlite``, large
+entries with a file, every checksum checked) and delete through
+``CacheStore.remove``, which never deletes an entry that a live run holds: one
+whose compute lock is held (a run is computing it) or whose file a running
+process maps through a ``.hold-<pid>-<n>.hold`` link. Only the version of an
+entry that was listed is deleted: one a run wrote since stays. Entries of the
+older layout (a ``.gxc`` file each), which this version never reads, are
+counted apart; ``clear`` and ``prune --expired`` delete them.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
-import os
 import re
-import struct
 import sys
 import time
 import webbrowser
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-
-import psutil
 
 from .._data import cache as cache_store
 from .._model.run import Run
@@ -228,25 +223,12 @@ def _status(run: Run) -> str:
 # -- cache -------------------------------------------------------------------------
 
 
-@dataclass
-class Entry:
-    """One cache entry as listed: where, whose, how large, how old, and whether held."""
-
-    path: Path
-    task: str  # "?" when the header cannot be read
-    size: int
-    created: float
-    expires: float | None
-    readable: bool
-    held: bool
-
-    def expired(self, now: float) -> bool:
-        """Past its expiry, or unreadable (the cache would delete it at its next lookup)."""
-        return not self.readable or (self.expires is not None and self.expires <= now)
+Entry = cache_store.EntryInfo
 
 
 def read_entries(root: Path) -> list[Entry]:
-    """Every entry of the cache directory ``root``, read-only.
+    """Every entry of the cache directory ``root`` (read-only but for committing this
+    process's own batch, which it has none of).
 
     Raises:
         CommandError: ``root`` is not a directory.
@@ -256,120 +238,51 @@ def read_entries(root: Path) -> list[Entry]:
             f"{root} is not a cache directory (nothing there). Give the directory that "
             f"compute(cache_dir=...) used, or run from where ./{cache_store.DEFAULT_DIR} is"
         )
-    mapped = _mapped_inodes(root)
-    entries = []
-    for path in sorted(root.glob("*/[!.]*.gxc")):  # entries, not .tmp- or .hold- files
+    if not (root / cache_store.DB_NAME).exists():
+        return []  # nothing written by this version (yet)
+    return cache_store.CacheStore(root).entries()
+
+
+def _old_entries(root: Path) -> list[Path]:
+    """Entries of the older layout, never read by this version."""
+    return [p for p in cache_store.old_layout_files(root) if p.suffix == cache_store.OLD_SUFFIX]
+
+
+def _say_old(root: Path) -> None:
+    old = _old_entries(root)
+    if old:
+        print(
+            f"note: {len(old):,} entries in {root} were written by an older graphexec "
+            f"(one {cache_store.OLD_SUFFIX} file each) and are never read; "
+            f"`graphexec cache clear {root}` deletes them",
+            file=sys.stderr,
+        )
+
+
+def _remove_old(root: Path) -> tuple[int, int]:
+    """Delete the older layout's files; (entries deleted, bytes freed)."""
+    deleted = freed = 0
+    for path in cache_store.old_layout_files(root):
         try:
-            st = path.stat()
+            size = path.stat().st_size
+            path.unlink()
         except OSError:
-            continue  # deleted while we looked
-        task, created, expires, readable = "?", st.st_mtime, None, True
-        try:
-            header = _header(path)
-            task = str(header.get("task", "?"))
-            created = float(header.get("created", st.st_mtime))
-            expires = header.get("expires")
-        except (OSError, ValueError, KeyError, TypeError, struct.error):
-            readable = False
-        held = (st.st_dev, st.st_ino) in mapped or _lock_held(path.with_suffix(".lock"))
-        entries.append(Entry(path, task, st.st_size, created, expires, readable, held))
-    return entries
-
-
-def _header(path: Path) -> dict:
-    # The store's own parser (it checks the header's crc32), on the header bytes only.
-    with open(path, "rb") as f:
-        head = f.read(cache_store.HEAD)
-        (length,) = struct.unpack("<I", head[4:8])
-        header, _ = cache_store._parse(head + f.read(length))
-    return header
-
-
-def _mapped_inodes(root: Path) -> set[tuple[int, int]]:
-    """Entries that a live process maps: the files its ``.hold-<pid>-<n>.hold`` links name."""
-    found = set()
-    for hold in root.glob("*/.hold-*"):
-        try:
-            pid = int(hold.name.split("-")[1])
-            st = hold.stat()
-        except (IndexError, ValueError, OSError):
             continue
-        if psutil.pid_exists(pid):
-            found.add((st.st_dev, st.st_ino))
-    return found
-
-
-def _lock_held(lock: Path) -> bool:
-    """True if a run holds the entry's compute lock right now."""
-    try:
-        fd = os.open(lock, os.O_RDWR)
-    except OSError:
-        return False  # no lock file: nobody computes it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # closing releases our lock if we took it
-    return False
-
-
-def remove_entry(entry: Entry, mapped: set[tuple[int, int]]) -> bool:
-    """Delete ``entry`` and its lock file unless a live run holds it; True if deleted.
-
-    The entry's lock is taken first and kept while deleting, so no run is
-    computing it meanwhile; a run that opened the lock file a moment ago finds,
-    once it gets the lock, that the path names another file and locks that one
-    (the store's own protocol, see ``CacheStore.try_lock``).
-    """
-    lock = entry.path.with_suffix(".lock")
-    try:
-        fd: int | None = os.open(lock, os.O_RDWR)
-    except OSError:
-        fd = None
-    if fd is not None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False  # a run is computing this entry
-    try:
-        try:
-            st = entry.path.stat()
-        except OSError:
-            return False  # already gone
-        if (st.st_dev, st.st_ino) in mapped:
-            return False  # a running process has its buffers mapped
-        entry.path.unlink()
-        if fd is not None and _same_file(fd, lock):
-            lock.unlink()
-        return True
-    except OSError:
-        return False
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
-
-
-def _remove(root: Path, chosen: Iterable[Entry]) -> tuple[int, int, int]:
-    """Delete the chosen entries; (deleted, bytes freed, kept because held)."""
-    mapped = _mapped_inodes(root)
-    deleted = freed = kept = 0
-    for entry in chosen:
-        if remove_entry(entry, mapped):
+        if path.suffix == cache_store.OLD_SUFFIX:
             deleted += 1
-            freed += entry.size
-        elif entry.path.exists():
-            kept += 1
+            freed += size
+    return deleted, freed
+
+
+def _remove(root: Path, chosen: list[Entry], old: bool) -> tuple[int, int, int]:
+    """Delete the chosen entries (and the older layout's, if ``old``); (deleted, bytes
+    freed, kept because held)."""
+    deleted = freed = kept = 0
+    if chosen:
+        deleted, freed, kept = cache_store.CacheStore(root).remove(chosen)
+    if old:
+        n, size = _remove_old(root)
+        deleted, freed = deleted + n, freed + size
     return deleted, freed, kept
 
 
@@ -382,6 +295,7 @@ def _say_removed(deleted: int, freed: int, kept: int) -> None:
 
 def _cache_ls(args: argparse.Namespace) -> None:
     entries = read_entries(args.dir)
+    _say_old(args.dir)
     now = time.time()
     if not entries:
         print(f"{args.dir}: no entries")
@@ -395,7 +309,7 @@ def _cache_ls(args: argparse.Namespace) -> None:
             rows.append(
                 [
                     e.task,
-                    e.path.stem[:16],
+                    e.key[:16],
                     _size(e.size),
                     _age(now - e.created),
                     "never" if e.expires is None else _when(e.expires - now),
@@ -426,10 +340,12 @@ def _cache_ls(args: argparse.Namespace) -> None:
 
 def _cache_info(args: argparse.Namespace) -> None:
     entries = read_entries(args.dir)
+    _say_old(args.dir)
     now = time.time()
     print(f"directory   {args.dir.resolve()}")
     print(f"entries     {len(entries):,}")
     print(f"size        {_size(sum(e.size for e in entries))}")
+    print(f"on disk     {_size(_disk_usage(args.dir))}")
     print(f"tasks       {len({e.task for e in entries if e.readable}):,}")
     print(f"expired     {sum(e.expired(now) for e in entries):,}")
     print(f"held        {sum(e.held for e in entries):,}")
@@ -452,7 +368,19 @@ def _cache_prune(args: argparse.Namespace) -> None:
         if (args.expired and e.expired(now))
         or (args.older_than is not None and now - e.created > args.older_than)
     ]
-    _say_removed(*_remove(args.dir, chosen))
+    _say_removed(*_remove(args.dir, chosen, old=args.expired))
+
+
+def _disk_usage(root: Path) -> int:
+    """Bytes of every file under ``root``: the database, its WAL, entries' files."""
+    total = 0
+    for path in root.rglob("*"):
+        try:
+            if path.is_file():
+                total += path.stat().st_size
+        except OSError:
+            continue
+    return total
 
 
 def _cache_clear(args: argparse.Namespace) -> None:
@@ -466,7 +394,7 @@ def _cache_clear(args: argparse.Namespace) -> None:
                 "graphexec cache ls lists them"
             )
         entries = [e for e in entries if e.task == args.task]
-    _say_removed(*_remove(args.dir, entries))
+    _say_removed(*_remove(args.dir, entries, old=args.task is None))
 
 
 # -- formatting ----------------------------------------------------------------------

@@ -1,0 +1,425 @@
+"""The cache store at scale (issue #19): layout 3, its crash behaviour and its bounds.
+
+* SIGKILL of the parent, and of a worker, while entries are being written: a
+  rerun finds only whole entries, with the right values, and recomputes the rest.
+* A writer killed inside its transaction leaves nothing; a large entry's file
+  without its row is never read, and pruning deletes it once it is old.
+* Two processes racing on one key compute it once.
+* 1,000 small entries take at most ~1 KB each on disk beyond their bytes, and
+  leave no file per key.
+* A directory of the old layout is never misread: a warning, then recompute.
+* Damage inside the database file is detected, reported and recomputed.
+* A run holds at most ``WINDOW`` locks for nodes that have not finished, and
+  every batched row is committed when ``compute()`` returns.
+
+Subprocess scripts import graphexec from this checkout (``PYTHONPATH``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import psutil
+import pytest
+
+import graphexec as gx
+from graphexec._data import cache as _cache
+from graphexec._engine import caching as _caching
+
+WORKTREE = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(WORKTREE))
+
+
+def rows(cache: Path) -> dict[str, str]:
+    """key -> task of the committed rows, read with sqlite3 alone (another process)."""
+    db = cache / _cache.DB_NAME
+    if not db.exists():
+        return {}
+    conn = sqlite3.connect(db)
+    try:
+        return dict(conn.execute("SELECT key, task FROM entries").fetchall())
+    finally:
+        conn.close()
+
+
+def integrity(cache: Path) -> str:
+    conn = sqlite3.connect(cache / _cache.DB_NAME)
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def counted(counter: Path) -> list[str]:
+    return counter.read_text().splitlines() if counter.exists() else []
+
+
+# -- crashes in the middle of writes --------------------------------------------------
+
+SWEEP = """\
+import json, sys
+import numpy as np
+import graphexec as gx
+
+COUNTER, CACHE, N, BIG = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "big"
+
+
+@gx.task(cache=True)
+def value(i, counter, big):
+    with open(counter, "a") as f:
+        f.write(f"{i}\\n")
+    if big:
+        return np.full(40_000, float(i))  # 320 kB: a file, written by the worker
+    return i * i
+
+
+graph = gx.Graph()
+with graph:
+    nodes = [value(i, COUNTER, BIG) for i in range(N)]
+run = graph.compute(workers=2, cache_dir=CACHE, raise_on_failure=False)
+values = [run[n] if run.state(n).is_completed() else None for n in nodes]
+if BIG:
+    values = [None if v is None else float(v[0]) for v in values]
+print(json.dumps({"counts": run.counts(), "values": values}), flush=True)
+"""
+
+
+def _start_sweep(script: Path, counter: Path, cache: Path, n: int, big: bool) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(script), str(counter), str(cache), str(n), "big" if big else ""],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=script.parent,
+    )
+
+
+def _wait_for_rows(cache: Path, proc: subprocess.Popen, at_least: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len(rows(cache)) >= at_least:
+                return
+        except sqlite3.Error:
+            pass  # the database is being created
+        time.sleep(0.01)
+    raise AssertionError(f"no {at_least} rows before the sweep ended: {proc.poll()}")
+
+
+def _check_rerun(script: Path, counter: Path, cache: Path, n: int, big: bool) -> dict:
+    """Rerun the sweep: every value right, every entry whole, only the missing ones run."""
+    store = _cache.CacheStore(cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a corrupt or partial entry would warn
+        listed = store.entries()
+        assert all(e.readable for e in listed), [e.key for e in listed if not e.readable]
+    assert integrity(cache) == "ok"
+    before = len(counted(counter))
+    done = _start_sweep(script, counter, cache, n, big)
+    out, err = done.communicate(timeout=120)
+    assert done.returncode == 0, err
+    assert "corrupt" not in err and "Traceback" not in err, err
+    result = json.loads(out)
+    expected = [float(i) for i in range(n)] if big else [i * i for i in range(n)]
+    assert result["values"] == expected
+    cached = result["counts"].get("Cached", 0)
+    assert cached == len(listed)  # every committed entry is a hit
+    assert len(counted(counter)) - before == n - cached  # only the others ran
+    return result
+
+
+@pytest.mark.timeout(180)
+def test_sigkill_of_the_parent_mid_writes_leaves_only_whole_entries(tmp_path):
+    script = tmp_path / "sweep.py"
+    script.write_text(SWEEP)
+    counter, cache, n = tmp_path / "calls", tmp_path / "cache", 3000
+    proc = _start_sweep(script, counter, cache, n, big=False)
+    try:
+        _wait_for_rows(cache, proc, 300)  # batches are being committed now
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.kill()
+        proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    psutil.wait_procs(children, timeout=10)
+    committed = len(rows(cache))
+    assert 300 <= committed < n, committed  # killed mid-run
+    _check_rerun(script, counter, cache, n, big=False)
+
+
+@pytest.mark.timeout(180)
+def test_sigkill_of_a_worker_mid_writes_leaves_only_whole_entries(tmp_path):
+    script = tmp_path / "sweep.py"
+    script.write_text(SWEEP)
+    counter, cache, n = tmp_path / "calls", tmp_path / "cache", 150
+    proc = _start_sweep(script, counter, cache, n, big=True)
+    try:
+        _wait_for_rows(cache, proc, 10)  # workers are writing large entries now
+        workers = [  # the forkserver's children
+            worker
+            for child in psutil.Process(proc.pid).children()
+            if "forkserver" in " ".join(child.cmdline())
+            for worker in child.children()
+        ]
+        assert workers
+        for worker in workers:  # both: whichever is in the middle of a write
+            worker.kill()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert sum(json.loads(out)["counts"].values()) == n  # the calls they ran failed
+    _check_rerun(script, counter, cache, n, big=True)
+
+
+KILLED_IN_TRANSACTION = """\
+import os, signal, sys
+from graphexec._data.cache import CacheStore
+store = CacheStore(sys.argv[1])
+conn = store._shared.conn()
+conn.execute("BEGIN IMMEDIATE")
+conn.execute("INSERT INTO entries VALUES ('halfway', 't', 0, NULL, 1, 0, x'00')")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_writer_killed_inside_its_transaction_leaves_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    store = _cache.CacheStore(cache)
+    store.write_value("whole", 42, {"task": "t", "expires": None})
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_TRANSACTION, str(cache)], env=ENV, timeout=60
+    )
+    assert proc.returncode == -signal.SIGKILL
+    assert rows(cache) == {"whole": "t"}
+    assert store.lookup("halfway") is None and store.lookup("whole").load() == 42
+    store.write_value("after", 7, {"task": "t", "expires": None})  # no lock left behind
+    assert store.lookup("after").load() == 7
+
+
+def test_a_large_entrys_file_without_its_row_is_never_read_and_then_pruned(tmp_path):
+    cache = tmp_path / "cache"
+    store = _cache.CacheStore(cache)
+    store.write_value("big-entry", np.arange(50_000.0), {"task": "t", "expires": None})
+    conn = sqlite3.connect(cache / _cache.DB_NAME)
+    with conn:  # as if its writer died between the rename and the commit
+        conn.execute("DELETE FROM entries")
+    conn.close()
+    path = store.path("big-entry")
+    assert path.exists() and store.lookup("big-entry") is None
+    assert gx.clear_cache(cache) == 0 and path.exists()  # young: a writer may commit yet
+    old = time.time() - 2 * _cache.STALE_TMP
+    os.utime(path, (old, old))
+    gx.clear_cache(cache)
+    assert not path.exists()
+
+
+# -- two processes, one key ----------------------------------------------------------
+
+RACE = """\
+import sys, time
+import graphexec as gx
+
+COUNTER, CACHE = sys.argv[1], sys.argv[2]
+
+
+@gx.task(cache=True)
+def slow(counter):
+    with open(counter, "a") as f:
+        f.write("slow\\n")
+    time.sleep(0.5)
+    return 1234
+
+
+graph = gx.Graph()
+with graph:
+    node = slow(COUNTER)
+run = graph.compute(workers=1, cache_dir=CACHE)
+print(run.state(node).name, run[node], flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_two_processes_racing_on_one_key_compute_it_once(tmp_path):
+    script = tmp_path / "race.py"
+    script.write_text(RACE)
+    counter, cache = tmp_path / "calls", tmp_path / "cache"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(counter), str(cache)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for _ in range(3)
+    ]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        outs.append(out.split())
+    assert counted(counter) == ["slow"]
+    assert sorted(name for name, _ in outs) == ["Cached", "Cached", "Completed"]
+    assert {value for _, value in outs} == {"1234"}
+
+
+# -- bounds ---------------------------------------------------------------------------
+
+
+@gx.task(cache=True)
+def small(i):
+    return i * 1.5
+
+
+def test_a_thousand_small_entries_cost_at_most_a_kilobyte_each_and_no_file_per_key(tmp_path):
+    cache = tmp_path / "cache"
+    graph = gx.Graph()
+    with graph:
+        for i in range(1000):
+            small(i)
+    graph.compute(scheduler="sync", cache_dir=cache)
+    conn = sqlite3.connect(cache / _cache.DB_NAME)
+    (values,) = conn.execute("SELECT sum(length(data)) FROM entries").fetchone()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the WAL is bounded, not per entry
+    conn.close()
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    assert sorted(p.name for p in files if not p.name.startswith(_cache.DB_NAME)) == [
+        _cache.LOCK_NAME
+    ]
+    on_disk = sum(p.stat().st_size for p in files)
+    assert (on_disk - values) / 1000 <= 1024, on_disk
+
+
+@gx.task(cache=True)
+def counted_square(counter, i):
+    with open(counter, "a") as f:
+        f.write(f"{i}\n")
+    return i * i
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scheduler", ["processes", "sync", "threads"])
+def test_a_run_holds_at_most_window_locks_and_commits_before_it_returns(
+    compute, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(_caching, "WINDOW", 4)
+    held: list[int] = []
+    real = _cache._Shared.try_lock
+
+    def counting(self, key):
+        taken = real(self, key)
+        held.append(len(self.held) - len(self.release))  # locks of unfinished nodes
+        return taken
+
+    monkeypatch.setattr(_cache._Shared, "try_lock", counting)
+    counter, cache = tmp_path / "calls", tmp_path / "cache"
+    graph = gx.Graph()
+    with graph:
+        nodes = [counted_square(str(counter), i) for i in range(40)]
+        twins = [counted_square(str(counter), i) for i in range(5)]  # same keys
+    run = compute(graph, cache_dir=cache)
+    assert [run[n] for n in nodes + twins] == [i * i for i in range(40)] + [0, 1, 4, 9, 16]
+    assert sorted(map(int, counted(counter))) == list(range(40))  # each key once
+    assert max(held) <= 4 + 1  # the window, and the lock being taken
+    assert len(rows(cache)) == 40  # committed: another process sees them all now
+
+
+# -- the old layout and damage ---------------------------------------------------------
+
+
+@gx.task(cache=True)
+def square_of(counter, x):
+    with open(counter, "a") as f:
+        f.write("square_of\n")
+    return x * x
+
+
+def test_an_old_layout_directory_is_never_misread(tmp_path, caplog):
+    counter = tmp_path / "calls"
+    # The key square_of(counter, 3) has, and an old-layout entry for it holding 999.
+    scratch = tmp_path / "scratch"
+    graph = gx.Graph()
+    with graph:
+        square_of(str(counter), 3)
+    graph.compute(scheduler="sync", cache_dir=scratch)
+    (key,) = rows(scratch)
+    old = tmp_path / "old"
+    writer = _cache.CacheStore(tmp_path / "writer")
+    writer.write(key, cloudpickle.dumps(999), [], {"task": "square_of", "expires": None})
+    (old / key[:2]).mkdir(parents=True)
+    writer.path(key).rename(old / key[:2] / f"{key}.gxc")  # a GXC2 file, as before #19
+    (old / key[:2] / f"{key}.lock").touch()
+
+    caplog.set_level(logging.WARNING, logger="graphexec")
+    for expected in ("Completed", "Cached"):
+        graph = gx.Graph()
+        with graph:
+            node = square_of(str(counter), 3)
+        run = graph.compute(scheduler="sync", cache_dir=old)
+        assert (run.state(node).name, run[node]) == (expected, 9)
+    said = [r.getMessage() for r in caplog.records if "older graphexec" in r.getMessage()]
+    assert len(said) == 1 and "1 cache entries" in said[0] and "cache clear" in said[0]
+
+    listing = subprocess.run(
+        [sys.executable, "-m", "graphexec", "cache", "ls", str(old)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
+    assert listing.returncode == 0 and "square_of" in listing.stdout
+    assert "1 entries" in listing.stderr and "older graphexec" in listing.stderr
+    assert gx.clear_cache(old, expired_only=False) == 2  # the old one and the new one
+    assert not list(old.glob("*/*.gxc")) and not list(old.glob("*/*.lock"))
+
+
+def test_damage_inside_the_database_file_is_reported_and_recomputed(tmp_path):
+    counter, cache = tmp_path / "calls", tmp_path / "cache"
+    marker = b"graphexec-damage-me-" * 4
+
+    @gx.task(cache=True)
+    def text(counter):
+        with open(counter, "a") as f:
+            f.write("text\n")
+        return marker.decode()
+
+    def run_once():
+        graph = gx.Graph()
+        with graph:
+            node = text(str(counter))
+        run = graph.compute(scheduler="sync", cache_dir=cache)
+        return run.state(node).name, run[node]
+
+    assert run_once() == ("Completed", marker.decode())
+    conn = sqlite3.connect(cache / _cache.DB_NAME)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the row is in the database file now
+    conn.close()
+    db = cache / _cache.DB_NAME
+    raw = bytearray(db.read_bytes())
+    at = raw.index(marker)
+    raw[at + 5] ^= 0x01  # one bit of the value's pickle, as a bad sector would
+    db.write_bytes(bytes(raw))
+    _cache._registry.clear()  # a new process: nothing cached in memory
+    with pytest.warns(RuntimeWarning, match="corrupt.*checksum"):
+        assert run_once() == ("Completed", marker.decode())
+    assert counted(counter) == ["text", "text"]
+    assert run_once() == ("Cached", marker.decode())
