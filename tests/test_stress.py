@@ -33,6 +33,7 @@ import psutil
 import pytest
 
 import graphexec as gx
+from graphexec._data import cache
 from graphexec._engine import scheduler as scheduler_module
 
 pytestmark = pytest.mark.slow
@@ -595,26 +596,42 @@ def test_a_node_with_20000_inputs():
 
 FULL_DISK = textwrap.dedent(
     """
-    import errno, os, sys
+    import errno, logging, os, sys
+    import numpy as np
     import graphexec as gx
+    from graphexec._data import cache
+
+    logging.basicConfig()  # graphexec's warnings reach stderr, as in a configured program
 
     def disk_full():
-        # In each worker: the cache writer's fsync fails as on a full disk.
+        # In each worker: the writer of a large entry's file fails its fsync
+        # as on a full disk.
         def fsync(fd):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         os.fsync = fsync
+
+    # Small entries are rows this process commits in batches (one transaction
+    # each): the database write fails the same way here.
+    def write(self, rows):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    cache._Shared.write = write
 
     @gx.task(cache=True)
     def square(i):
         return i * i
 
+    @gx.task(cache=True)
+    def big(i):
+        return np.full(100_000, i, dtype=np.float64)  # 800 kB: a file of its own
+
     graph = gx.Graph()
     with graph:
         nodes = [square(i) for i in range(4)]
+        arrays = [big(i) for i in range(2)]
     with gx.Pool(workers=2, initializer=disk_full) as pool:
         run = graph.compute(pool=pool, keep="all", cache_dir=sys.argv[1])
-    print("VALUES", [run[n] for n in nodes], flush=True)
-    print("STATES", sorted({run.state(n).name for n in nodes}), flush=True)
+    print("VALUES", [run[n] for n in nodes], [float(run[a][0]) for a in arrays], flush=True)
+    print("STATES", sorted({run.state(n).name for n in [*nodes, *arrays]}), flush=True)
     """
 )
 
@@ -630,14 +647,18 @@ def test_a_full_disk_costs_the_cache_entries_never_the_results(tmp_path):
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )
     assert proc.returncode == 0, proc.stderr
-    assert "VALUES [0, 1, 4, 9]" in proc.stdout
+    assert "VALUES [0, 1, 4, 9] [0.0, 1.0]" in proc.stdout
     assert "STATES ['Completed']" in proc.stdout
-    for i in range(4):
-        # Each node says so on the worker's stderr, prefixed with its name.
-        pattern = (
-            rf"\[square-{i}\] .*square-{i}: result not cached "
-            r"\(OSError: \[Errno 28\] No space left on device\)"
+    enospc = r"\(OSError: \[Errno 28\] No space left on device\)"
+    for i in range(2):
+        # A large entry is written by its worker: the node says so on the
+        # worker's stderr, prefixed with its name.
+        assert re.search(rf"\[big-{i}\] .*big-{i}: result not cached {enospc}", proc.stderr), (
+            proc.stderr
         )
-        assert re.search(pattern, proc.stderr), proc.stderr
-    # Nothing half-written stays behind.
-    assert not [p for p in cache_dir.rglob("*") if p.is_file() and p.suffix == ".gxc"]
+    # The small entries' batches (one, or a few) say how many were not written, and why.
+    counts = re.findall(rf"(\d+) cache entries not written to .* {enospc}", proc.stderr)
+    assert sum(map(int, counts)) == 4, proc.stderr
+    # Nothing half-written stays behind: no entry file, no row.
+    assert not [p for p in cache_dir.rglob("*.gxb")]
+    assert cache.CacheStore(cache_dir).entries() == []
