@@ -33,6 +33,7 @@ from ._model.errors import (
     SerializationError,
     TaskFailure,
     TaskTimeout,
+    Terminated,
     UpstreamFailed,
     WorkerCrashed,
 )
@@ -91,5 +92,6 @@ __all__ = [
     "RemoteError",
     "UpstreamFailed",
     "Cancelled",
+    "Terminated",
     "ResultReleased",
 ]

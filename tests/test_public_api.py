@@ -36,6 +36,7 @@ REQUIRED = {
     "RemoteError",
     "UpstreamFailed",
     "Cancelled",
+    "Terminated",
     "ResultReleased",
 }
 

@@ -22,6 +22,10 @@ The hierarchy::
     └── ResultReleased             the value was freed once no pending node needed it
                                    (also a KeyError)
 
+    KeyboardInterrupt
+    └── Terminated                 SIGTERM arrived while a compute ran (a batch system's
+                                   walltime, docker stop); .run holds the partial run
+
 Every class pickles (they cross process boundaries inside ``Run`` objects and
 states) and every message says which node it concerns and what to do.
 """
@@ -41,6 +45,7 @@ __all__ = [
     "SerializationError",
     "TaskFailure",
     "TaskTimeout",
+    "Terminated",
     "UpstreamFailed",
     "WorkerCrashed",
 ]
@@ -160,6 +165,17 @@ class ResultReleased(GraphexecError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return self.message
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while a compute ran; raised like Ctrl-C's ``KeyboardInterrupt``.
+
+    ``.run`` holds the partial run, as for Ctrl-C. Uncaught, it ends the
+    process by SIGTERM (see the module docstring).
+    """
+
+    signum = signal.SIGTERM
+    run: Any
 
 
 class RemoteTraceback(Exception):

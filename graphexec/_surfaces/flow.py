@@ -33,6 +33,7 @@ _RUN_OPTIONS = frozenset(
         "scheduler",
         "start_method",
         "cluster",
+        "max_calls_per_worker",
         "observers",
         "on_completion",
         "on_failure",
@@ -127,24 +128,8 @@ def _resolve(value: Any) -> Any:
     return replace_nodes(value, lambda node: node.result())
 
 
-_FLOW_OPTIONS = {
-    "name",
-    "workers",
-    "task_runner_max_concurrency",
-    "memory_limit",
-    "cache_dir",
-    "progress",
-    "limits",
-    "fail_fast",
-    "scheduler",
-    "start_method",
-    "cluster",
-    "observers",
-    "on_completion",
-    "on_failure",
-    "on_cancellation",
-    "on_crashed",
-}
+# Every option @gx.flow takes: the run options, its name, and Prefect's alias of workers=.
+_FLOW_OPTIONS = _RUN_OPTIONS | {"name", "task_runner_max_concurrency"}
 
 
 def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
@@ -157,7 +142,8 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             ``cache_dir``, ``progress``, ``limits`` (per tag), ``fail_fast``,
             ``scheduler`` (``"processes"``, ``"threads"``, ``"sync"``), ``cluster``
             (a ``distributed.Client``: tasks run on its dask cluster),
-            ``start_method``, ``name``; ``observers`` (:class:`Observer` instances
+            ``start_method``, ``max_calls_per_worker`` (replace a worker after that
+            many calls), ``name``; ``observers`` (:class:`Observer` instances
             that see every node of the flow) and the run hooks ``on_completion``,
             ``on_failure``, ``on_cancellation``, ``on_crashed`` (lists of functions
             called with the flow's :class:`Run`, or Prefect's ``(flow, flow_run,

@@ -34,15 +34,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived while a compute ran; raised like Ctrl-C's ``KeyboardInterrupt``.
-
-    ``.run`` holds the partial run, as for Ctrl-C. Uncaught, it ends the
-    process by SIGTERM (see the module docstring).
-    """
-
-    signum = signal.SIGTERM
+from .._model.errors import Terminated
 
 
 def cancel_reason(interrupt: BaseException) -> str:
