@@ -227,6 +227,16 @@ def arguments_error(call: Any, exc: BaseException, destination: str) -> Serializ
     )
 
 
+def function_error(name: str, exc: BaseException) -> SerializationError:
+    """The error of a call whose function cannot be pickled (it failed here, once per pool)."""
+    return SerializationError(
+        f"the function of {name} cannot be pickled: {type(exc).__name__}: "
+        f"{exc}. Define it at module level, or make what it closes over picklable",
+        node=name,
+        stage="function",
+    )
+
+
 def find_unpicklable(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> str:
     """Describe which argument would not pickle, e.g. ``argument 'lock' (a _thread.lock)``."""
     named = [(f"argument {i}", v) for i, v in enumerate(args)]

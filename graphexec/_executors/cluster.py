@@ -97,7 +97,15 @@ from typing import Any, cast
 import cloudpickle
 
 from .._data.cache import CacheStore
-from .._data.serialize import PROTOCOL, Payload, arguments_error, dumps, dumps_call, loads_call
+from .._data.serialize import (
+    PROTOCOL,
+    Payload,
+    arguments_error,
+    dumps,
+    dumps_call,
+    function_error,
+    loads_call,
+)
 from .._model.errors import GraphexecError, RemoteTraceback, SerializationError, WorkerCrashed
 from .._model.handle import materialize
 from .._model.keys import task_input_hash
@@ -709,12 +717,7 @@ class ClusterExecutor:
             entry = self._functions[id(call.fn)] = (call.fn, fn_id, blob)
         _, fn_id, blob = entry
         if isinstance(blob, BaseException):
-            raise SerializationError(
-                f"the function of {call.name} cannot be pickled: {type(blob).__name__}: "
-                f"{blob}. Define it at module level, or make what it closes over picklable",
-                node=call.name,
-                stage="function",
-            )
+            raise function_error(call.name, blob)
         origin = getattr(getattr(call.fn, "__code__", None), "co_filename", None)
         return fn_id, origin, blob
 

@@ -83,7 +83,7 @@ from multiprocessing.context import set_spawning_popen
 from typing import Any, cast
 
 from .._data import shm as _shm
-from .._data.serialize import Payload, arguments_error, as_wire, dumps, dumps_call
+from .._data.serialize import Payload, arguments_error, as_wire, dumps, dumps_call, function_error
 from .._model.errors import (
     MemoryLimitExceeded,
     SerializationError,
@@ -856,12 +856,7 @@ class ProcessPool:
         """
         blob = self._fn_blobs[fn_id]
         if isinstance(blob, BaseException):
-            raise SerializationError(
-                f"the function of {call.name} cannot be pickled: {type(blob).__name__}: "
-                f"{blob}. Define it at module level, or make what it closes over picklable",
-                node=call.name,
-                stage="function",
-            )
+            raise function_error(call.name, blob)
         deps: list[tuple] = []
         for i, h in call.inputs.items():
             if h is HELD:  # kept by the worker, by the call before this one
