@@ -576,3 +576,26 @@ def test_notify_on_failure_example_posts_each_failure():
     summary = [p for _, _, p in posts if p["event"] == "run_failed"]
     assert len(summary) == 1 and summary[0]["failed"] == 2 and summary[0]["completed"] == 8
     assert "2 failure(s) posted" in proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_submits_in_a_pool_block_fire_their_hooks_and_tell_ambient_observers():
+    log = []
+    recorder = Recorder()
+    ok = square.with_options(on_completion=[hook_log(log, "completion")])
+    bad = explode.with_options(on_failure=[hook_log(log, "failure")])
+    with gx.observe(recorder), gx.Pool(workers=2):
+        good = ok.submit(3)
+        failed = bad.submit(1)
+        assert good.result() == 9
+        with pytest.raises(ValueError):
+            failed.result()  # looked at: the block does not raise for it
+    # The block waited for its hooks before it ended.
+    assert sorted((label, detail) for label, _name, _state, detail, _thread in log) == [
+        ("completion", 9),
+        ("failure", "ValueError"),
+    ]
+    assert all(thread != threading.current_thread().name for *_, thread in log)
+    assert recorder.of(good.name) == ["node_start", "node_finish"]
+    assert recorder.of(failed.name) == ["node_start", "node_finish"]
+    assert recorder.events[-1] == ("finish", True)

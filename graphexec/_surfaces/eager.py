@@ -84,6 +84,7 @@ from .._model.order import post_order, sinks
 from .._model.run import Run
 from .._model.seam import NOT_EAGER
 from .._model.state import FINAL, PENDING, RUNNING, State
+from .hooks import Dispatch, ambient_observers, hook_wait, outcome
 from .notebook import future_html
 from .options import ComputeOptions, check_limits
 
@@ -985,11 +986,16 @@ def session_for_pool(pool: Any) -> Session:
     """The eager session of ``with gx.Pool(...):``, started on first use."""
     with _pool_lock:
         if pool._session is None:
-            pool._session = Session(pool._lease(None), name="pool")
+            # Its Dispatch fires the submitted tasks' hooks and tells the
+            # observers of enclosing `with gx.observe()` blocks, as in a flow.
+            pool._session = Session(
+                pool._lease(None), name="pool", observer=Dispatch(ambient_observers())
+            )
         return cast(Session, pool._session)
 
 
 def end_pool_session(pool: Any) -> None:
+    """The ``with gx.Pool()`` block ended: wait for its submits, then close its session."""
     session = pool._session
     if session is None:
         return
@@ -998,4 +1004,24 @@ def end_pool_session(pool: Any) -> None:
     finally:
         pool._session = None
         session.close()
+        _finish_hooks(session, outcome(session.run, cancelled=False))
     session.run._raise_if_failed()
+
+
+def cancel_pool_session(pool: Any, why: str) -> None:
+    """The ``with gx.Pool()`` block raised: cancel what it submitted and close."""
+    session, pool._session = pool._session, None
+    if session is None:
+        return
+    session.cancel(why)
+    session.close()
+    _finish_hooks(session, ("on_cancellation",))
+
+
+def _finish_hooks(session: Session, kinds: tuple[str, ...]) -> None:
+    """Let the session's queued hooks and observers run (bounded), then end them."""
+    dispatch = session.observer
+    if isinstance(dispatch, Dispatch):
+        deadline = time.monotonic() + hook_wait()
+        dispatch.drain(deadline)
+        dispatch.finish(session.run, kinds, deadline)

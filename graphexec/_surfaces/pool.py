@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .._executors.process import Lease, ProcessPool, default_start_method
-from .eager import end_pool_session, pop_context, push_context
+from .eager import cancel_pool_session, end_pool_session, pop_context, push_context
 from .options import check_max_calls, check_workers
 
 
@@ -112,10 +112,8 @@ class Pool:
         try:
             if exc_type is None:
                 end_pool_session(self)  # waits; raises GraphFailed for unseen failures
-            elif self._session is not None:
-                session, self._session = self._session, None
-                session.cancel("the `with gx.Pool()` block raised")
-                session.close()
+            else:
+                cancel_pool_session(self, "the `with gx.Pool()` block raised")
         finally:
             self.close()
 
