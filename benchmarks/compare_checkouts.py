@@ -1,0 +1,165 @@
+"""Time two checkouts of graphexec against each other, alternating, in one session.
+
+A refactor must cost nothing; on a shared machine whose speed drifts from day
+to day, the honest check is the old and the new code timed in turns, not
+today's figures against last month's. Each round runs a fresh interpreter
+with one checkout first on ``PYTHONPATH`` (workers inherit it), so both see
+the same machine::
+
+    git worktree add /tmp/before <commit>
+    python -m benchmarks.compare_checkouts /tmp/before .           # all workloads
+    python -m benchmarks.compare_checkouts /tmp/before . --turns 3 --only w1 w6
+
+Prints, per workload, each checkout's median of every turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# The child: measures one workload with the graphexec it imports, prints JSON.
+CHILD = r"""
+import json, statistics, sys, time
+import graphexec as gx
+import numpy as np
+
+which, rounds = sys.argv[1], int(sys.argv[2])
+
+def noop(i):
+    return i
+
+def total(xs):
+    return sum(xs)
+
+def inc(x):
+    return x + 1
+
+def make(i):
+    return np.random.default_rng(i).random(2_000_000)
+
+def srt(a):
+    return np.sort(a)
+
+def sm(a):
+    return float(a.sum())
+
+def tot(*xs):
+    return sum(xs)
+
+def layered(depth):
+    node, root = gx.task(total), gx.task(noop)
+    graph = gx.Graph()
+    with graph:
+        layer = [root(j) for j in range(100)]
+        for _ in range(depth - 1):
+            layer = [node([layer[j], layer[(j + 1) % 100]]) for j in range(100)]
+    return graph
+
+def w1(**kw):
+    t = time.perf_counter()
+    g = gx.Graph()
+    with g:
+        total_ = gx.task(total)([gx.task(noop)(i) for i in range(5000)])
+    g.compute(**kw)
+    return time.perf_counter() - t
+
+def w2(**kw):
+    t = time.perf_counter()
+    g = gx.Graph()
+    step = gx.task(inc)
+    with g:
+        x = step(0)
+        for _ in range(499):
+            x = step(x)
+    g.compute(**kw)
+    return time.perf_counter() - t
+
+def w4(**kw):
+    t = time.perf_counter()
+    g = gx.Graph()
+    with g:
+        gx.task(tot)(*[gx.task(sm)(gx.task(srt)(gx.task(make)(i))) for i in range(32)])
+    g.compute(**kw)
+    return time.perf_counter() - t
+
+def w6(depth, **kw):
+    graph = layered(depth)
+    t = time.perf_counter()
+    graph.compute(**kw)
+    return time.perf_counter() - t
+
+cold = {"w1-cold": w1, "w4-cold": w4}
+warm = {"w1-warm": w1, "w2-warm": w2,
+        "w6-10k-warm": lambda **kw: w6(100, **kw),
+        "w6-100k-warm": lambda **kw: w6(1000, **kw)}
+if which in cold:
+    cold[which](workers=2)
+    times = [cold[which](workers=2) for _ in range(rounds)]
+else:
+    with gx.Pool(workers=2) as pool:
+        warm[which](pool=pool)
+        times = [warm[which](pool=pool) for _ in range(rounds)]
+print(json.dumps({"median": statistics.median(times), "file": gx.__file__}))
+"""
+
+ROUNDS = {
+    "w1-cold": 9,
+    "w1-warm": 9,
+    "w2-warm": 15,
+    "w4-cold": 3,
+    "w6-10k-warm": 7,
+    "w6-100k-warm": 2,
+}
+
+
+def measure(checkout: Path, which: str) -> float:
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, which, str(ROUNDS[which])],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if not result["file"].startswith(str(checkout)):
+        raise SystemExit(f"{checkout}: imported graphexec from {result['file']}")
+    return float(result["median"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("before", type=Path)
+    parser.add_argument("after", type=Path)
+    parser.add_argument("--turns", type=int, default=2, help="alternations (default 2)")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="workload name prefixes, e.g. w1 w6"
+    )
+    args = parser.parse_args()
+    names = [n for n in ROUNDS if not args.only or any(n.startswith(o) for o in args.only)]
+    before, after = args.before.resolve(), args.after.resolve()
+    print(f"before: {before}\nafter:  {after}\n{time.strftime('%Y-%m-%d %H:%M')}")
+    for name in names:
+        runs: dict[str, list[float]] = {"before": [], "after": []}
+        for _ in range(args.turns):
+            runs["before"].append(measure(before, name))
+            runs["after"].append(measure(after, name))
+        cells = {k: ", ".join(f"{v:.3f}" for v in vs) for k, vs in runs.items()}
+        ratio = statistics.median(runs["after"]) / statistics.median(runs["before"])
+        print(
+            f"{name:14s} before {cells['before']} s | after {cells['after']} s | "
+            f"after/before {ratio:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
