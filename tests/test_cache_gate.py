@@ -132,6 +132,11 @@ def test_a_wait_for_an_entry_another_process_holds_is_bounded_and_names_it(
         assert len(gave_up) == 1 and gave_up[0].levelno == logging.WARNING
         assert f"process {holder.pid}" in gave_up[0].getMessage()
         assert "GRAPHEXEC_CACHE_LOCK_WAIT" in gave_up[0].getMessage()
+        # ... and the run's summary says what the wait cost, and for whom.
+        summary = run.summary()
+        assert "Waits for cache entries other processes held:" in summary
+        assert f"{node.name}: waited " in summary
+        assert f"held by process {holder.pid}, then computed it without the cache" in summary
     finally:
         holder.communicate(timeout=10)  # closes its stdin: it exits, the lock goes
     # Once the holder is gone the entry is computed and written as usual.

@@ -181,8 +181,13 @@ class CacheGate:
         wakeup: Callable[[], None],
         offload: bool,
         remote_values: bool = False,
+        notes: dict[int, str] | None = None,
     ) -> None:
         self.graph = graph
+        # The run's notes (Run._notes, shown by run.summary()): what a node's wait
+        # for an entry another process held cost it.
+        self.notes: dict[int, str] = notes if notes is not None else {}
+        self._waits: dict[int, tuple[float, str]] = {}  # node -> (wait start, holder)
         self.states = states
         self.store = store
         self.refresh_cache = refresh_cache
@@ -282,6 +287,7 @@ class CacheGate:
         ) and key not in self.refreshed
         if store.try_lock(key):
             self.lock_waits.pop(i, None)
+            self._waited(i, key, "")
             hit = None if refresh else store.lookup(key)
             if hit is not None:
                 store.unlock(key)
@@ -295,6 +301,7 @@ class CacheGate:
             hit = store.lookup(key)  # held by another run, which may be reading it too
             if hit is not None:
                 self.lock_waits.pop(i, None)
+                self._waited(i, key, "")
                 return self._cached(i, key, hit)
         give_up = self.lock_waits.get(i)
         if give_up is None:
@@ -302,6 +309,7 @@ class CacheGate:
         elif time.monotonic() >= give_up:
             del self.lock_waits[i]
             self._give_up(i, key)
+            self._waited(i, key, ", then computed it without the cache")
             return RUN_NOW
         return WAIT
 
@@ -323,16 +331,29 @@ class CacheGate:
                 self.graph._names[mate],
             )
             return math.inf
+        holder = self._holder_text(key)
         logger.info(
             "%s waits for cache entry %s, which %s is computing (for up to %g s; "
             "%s sets the bound)",
             name,
             key[:12],
-            self._holder_text(key),
+            holder,
             self._lock_wait,
             LOCK_WAIT_ENV,
         )
-        return time.monotonic() + self._lock_wait
+        now = time.monotonic()
+        self._waits[i] = (now, holder)
+        return now + self._lock_wait
+
+    def _waited(self, i: int, key: str, then: str) -> None:
+        """Node i's wait for an entry another process held is over: note what it cost."""
+        wait = self._waits.pop(i, None)
+        if wait is not None:
+            started, holder = wait
+            self.notes[i] = (
+                f"waited {time.monotonic() - started:.1f} s for cache entry {key[:12]}, "
+                f"held by {holder}{then}"
+            )
 
     def _give_up(self, i: int, key: str) -> None:
         logger.warning(

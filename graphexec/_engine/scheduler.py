@@ -170,6 +170,7 @@ class Scheduler:
             executor.wakeup,
             offload=not executor.capabilities.in_caller_thread,
             remote_values=executor.capabilities.remote_values,
+            notes=run._notes,
         )
         self.locked = self.gate.locked
         self.load_kept = False  # run() turns it on: compute() reads its kept values

@@ -40,6 +40,9 @@ class Run:
         self._kept = kept
         self._states: list[State | None] = [None] * len(graph._deps)
         self._handled: set[int] = set()
+        # What happened to a node besides its state, for summary(): e.g. how long
+        # it waited for a cache entry another process was computing.
+        self._notes: dict[int, str] = {}
         self.started = time.time()
         self.finished: float | None = None
 
@@ -209,6 +212,14 @@ class Run:
             out.append(
                 f"Skipped: {len(skipped)} node(s), e.g. {self._final(skipped[0].index).message}"
             )
+        if self._notes:
+            out.append("")
+            out.append("Waits for cache entries other processes held:")
+            nodes = self.graph._nodes
+            for i in sorted(self._notes)[:20]:
+                out.append(f"  {nodes[i].name}: {self._notes[i]}")
+            if len(self._notes) > 20:
+                out.append(f"  ... and {len(self._notes) - 20} more")
         return "\n".join(out)
 
     def to_json(self, indent: int | None = None) -> str:
