@@ -591,3 +591,36 @@ def test_json_documents_still_report(tmp_path):
     assert done.returncode == 0, done.stderr
     with pytest.raises(LookupError, match="read from a JSON document"):
         gx.Run.from_json(doc.read_text()).inputs("check-0")
+
+
+def nightly_body():
+    a = make.submit(10)
+    check.submit(a, limit=2.0)
+    return consume(4)
+
+
+def test_a_flow_writes_its_record_as_it_goes(tmp_path):
+    flow = gx.flow(workers=2, run_dir=tmp_path / "flow")(nightly_body)
+    with pytest.raises(gx.GraphFailed) as info:
+        flow()
+    assert (
+        str(info.value)
+        .splitlines()[-1]
+        .startswith(
+            f"Reproduce it: python -m graphexec replay {tmp_path / 'flow' / 'run.gxrun'} check-0"
+        )
+    )
+    run = gx.Run.load(tmp_path / "flow")
+    assert run.ended
+    assert [n.name for n in run.graph.nodes if n.index in run.graph._deps[1]] == ["make-0"]
+    assert {n.name: run.state(n).name for n in run.nodes} == {
+        "make-0": "Completed",
+        "check-0": "Failed",
+        "consume-0": "Completed",
+    }
+    assert [n.name for n in run.unhandled] == ["check-0"]
+    (array,), kwargs = run.inputs("check-0")
+    np.testing.assert_array_equal(array, np.arange(10.0))
+    assert kwargs == {"limit": 2.0}
+    with pytest.raises(ValueError, match=re.escape("sum 45.0 over 2.0")):
+        run.replay("check-0")

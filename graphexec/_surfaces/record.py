@@ -7,21 +7,24 @@ bytes, little-endian) and a body::
 
     J  {"t": "start", "format", "version", "graph", "started", "pid", "host",
         "python", "graphexec", "nodes": [{"name", "task"}], "edges": [[up, down, kind]]}
+    J  {"t": "add", "id", "name", "task", "edges"}      a node a flow submitted since
     J  {"t": "run", "id", "attempt", "at"}              an attempt was dispatched
-    J  {"t": "inputs", "id", "nbytes", "dropped", "lost", "source_hash"}
+    J  {"t": "inputs", "id", "nbytes", "dropped", "lost", "source_hash", "origin"}
     P  pickle of (fn_blob, KeptCall.portable_state())  right after its "inputs"
     J  {"t": "node", ...the JSON report's node record}  a node reached its final state
     J  {"t": "end", "finished", "handled", "ok"}        the run ended
 
-Node ids are positions in graph order, as in ``run.to_json()``; a node's
-record is the same dict. ``run.save`` writes the whole journal at once;
-``compute(run_dir=...)`` writes it as the run goes, from the hooks'
+Node ids are positions in graph order, as in ``run.to_json()`` (a flow's
+nodes, which come as they are submitted, are numbered in the order the
+record first sees them); a node's record is the same dict. ``run.save``
+writes the whole journal at once; ``compute(run_dir=...)`` and
+``@gx.flow(run_dir=...)`` write it as the run goes, from the hooks'
 dispatcher thread (:class:`Journal`, an :class:`Observer`: the scheduler's
 thread only queues events). Frames are gathered and written, unbuffered,
 whenever the dispatcher has no event waiting (and at once for a failure), so
 a process killed mid-run (SIGKILL, a batch system's walltime) leaves all but
-the events of its last instant; a torn last frame is ignored. Such a record has no
-``end``: the nodes it saw start but not finish load as ``Running``.
+the events of its last instant; a torn last frame is ignored. Such a record
+has no ``end``: the nodes it saw start but not finish load as ``Running``.
 
 Reading the states and the report parses JSON only. The pickles (a failed
 node's function and arguments) are unpickled only when they are used
@@ -229,7 +232,8 @@ def save_run(run: Run, path: str | os.PathLike[str]) -> Path:
 
 
 class Journal(Observer):
-    """Writes a run's record as it goes (``compute(run_dir=...)``); see the module docstring."""
+    """Writes a run's record as it goes (``compute(run_dir=...)``, ``@gx.flow(run_dir=...)``);
+    see the module docstring."""
 
     # It reads states, never values: a run it watches keeps its chains, and no
     # value is held back for it.
@@ -249,14 +253,18 @@ class Journal(Observer):
         self._guard(lambda w: w.json(_start(run, positions)))
 
     def on_node_start(self, node: Node, attempt: int) -> None:
-        k = self._id(node)
-        self._guard(lambda w: w.json({"t": "run", "id": k, "attempt": attempt, "at": time.time()}))
+        def write(w: Writer) -> None:
+            k = self._id(w, node)
+            w.json({"t": "run", "id": k, "attempt": attempt, "at": time.time()})
+
+        self._guard(write)
 
     def on_node_finish(self, node: Node, state: State) -> None:
-        run, k = self._run, self._id(node)
+        run = self._run
         assert run is not None
 
         def write(w: Writer) -> None:
+            k = self._id(w, node)
             if state.name is FAILED:
                 _write_inputs(w, run, node.index, k)
             w.json({"t": "node", **node_record(run, node.index, k, state)})
@@ -277,9 +285,30 @@ class Journal(Observer):
         # killed process loses at most the events of its last instant.
         self._guard(lambda w: w.flush())
 
-    def _id(self, node: Node) -> int:
-        assert self._positions is not None
-        return self._positions.id[node.index]
+    def _id(self, writer: Writer, node: Node) -> int:
+        """The node's id in the record; a node a flow submitted since is added first."""
+        positions, run = self._positions, self._run
+        assert positions is not None and run is not None
+        k = positions.id.get(node.index)
+        if k is None:
+            i, graph = node.index, run.graph
+            k = positions.id[i] = len(positions.members)
+            positions.members.append(i)
+            edges = [
+                [positions.id[up], k, edge_kind(graph, i, j)]
+                for j, up in enumerate(graph._deps[i])
+                if up in positions.id
+            ]
+            writer.json(
+                {
+                    "t": "add",
+                    "id": k,
+                    "name": graph._names[i],
+                    "task": graph._tasks[i].name,
+                    "edges": edges,
+                }
+            )
+        return k
 
     def _guard(self, action: Any) -> None:
         writer = self._writer
@@ -373,6 +402,9 @@ def load_run(path: str | os.PathLike[str]) -> SavedRun:
             started[record["id"]] = record
         elif t == "node":
             finals[record["id"]] = record
+        elif t == "add" and start is not None:  # a node a flow submitted
+            start["nodes"].append({"name": record["name"], "task": record["task"]})
+            start["edges"].extend(record["edges"])
         elif t == "inputs":
             pending = inputs[record["id"]] = _kept_from_meta(record)
         elif t == "end":
