@@ -115,7 +115,7 @@ def takes_state(state):
 # -- inputs and replay on every scheduler -------------------------------------------
 
 
-@pytest.mark.parametrize("scheduler", ALL_SCHEDULERS)
+@pytest.mark.every_backend
 def test_replay_raises_the_same_error_on_the_same_inputs(compute):
     with gx.Graph() as g:
         a = make(10)
@@ -152,7 +152,7 @@ def test_replay_returns_when_it_does_not_fail_again(compute, tmp_path):
         run.replay("check-0")
 
 
-@pytest.mark.parametrize("scheduler", ALL_SCHEDULERS)
+@pytest.mark.every_backend
 def test_policies_pass_exceptions_and_states_which_are_kept(compute):
     with gx.Graph() as g:
         bad = fails(1)
@@ -270,11 +270,19 @@ def test_inputs_past_the_cap_are_dropped_and_named(compute):
         first = check(make(100), limit=1.0)  # ~800 bytes each
         second = check(make(101), limit=1.0)
     run = compute(g, raise_on_failure=False, keep_inputs=1200)
-    assert run.inputs(first)[0][0].shape == (100,)
-    with pytest.raises(LookupError, match=re.escape("past the cap of 1.2 kB")):
-        run.inputs(second)
-    assert "Inputs not kept (run.replay cannot rerun these):" in run.summary()
-    assert "check-1: its inputs" in run.summary()
+    # whichever failed first is kept; the other would go past the cap
+    kept, dropped = [], []
+    for node in (first, second):
+        try:
+            kept.append(run.inputs(node)[0][0].shape)
+        except LookupError as exc:
+            assert "past the cap of 1.2 kB" in str(exc)
+            dropped.append(node.name)
+    assert len(kept) == 1 and kept[0] in ((100,), (101,))
+    assert len(dropped) == 1
+    summary = run.summary()
+    assert "Inputs not kept (run.replay cannot rerun these):" in summary
+    assert f"{dropped[0]}: its inputs" in summary
 
 
 def test_the_cap_comes_from_the_environment(pool, monkeypatch):
@@ -549,20 +557,25 @@ def test_a_parent_killed_mid_run_leaves_a_run_that_loads(tmp_path):
         run.inputs("sleeper-0")
 
 
-def test_the_journal_records_as_it_goes(pool, tmp_path):
-    # The record is readable while the run is still going: after each event.
-    seen = []
+@gx.task
+def sees_on_disk(record, name, _after):
+    # Runs after `name` finished, while the run goes on: is it on disk already?
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        run = gx.Run.load(record)
+        if any(n.name == name for n in run.completed):
+            return True
+        time.sleep(0.05)
+    return False
 
-    class Peek(gx.Observer):
-        def on_node_finish(self, node, state):
-            seen.append(len(gx.Run.load(tmp_path).completed))
 
+def test_the_journal_is_on_disk_while_the_run_goes(pool, tmp_path):
     with gx.Graph() as g:
-        consume.map(range(3))
-    g.compute(pool=pool, run_dir=tmp_path, observers=[Peek()])
-    assert sorted(seen)[-1] >= 1
-    lines = (tmp_path / "run.gxrun").read_bytes()
-    assert lines.count(b'"t": "node"') == 3
+        first = consume(1)
+        seen = sees_on_disk(str(tmp_path / "run.gxrun"), "consume-0", first)
+    run = g.compute(pool=pool, run_dir=tmp_path)
+    assert run[seen] is True
+    assert (tmp_path / "run.gxrun").read_bytes().count(b'"t": "node"') == 2
 
 
 def test_run_dir_keeps_chains(pool, tmp_path):

@@ -153,11 +153,19 @@ def copy_payload(payload: Payload) -> Value:
 class _KeepPickler(cloudpickle.Pickler):
     """Pickles a value in-band; a worker's value inside it (a State's) is copied out of
     shared memory as it goes, so that the pickle does not name segments that the run
-    will unlink."""
+    will unlink (``remote``: a cluster's reference, which the run will release, is
+    replaced by the value, fetched)."""
+
+    def __init__(self, file: Any, remote: bool) -> None:
+        super().__init__(file, protocol=PROTOCOL)
+        self.remote = remote
 
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is Payload and obj.segments:
-            return (_inline_payload, copy_payload(obj))
+        if type(obj) is Payload:
+            if obj.segments:
+                return (_inline_payload, copy_payload(obj))
+            if self.remote:
+                return (_inline_payload, (dumps(obj.load()), []))
         return super().reducer_override(obj)
 
 
@@ -165,10 +173,11 @@ def _inline_payload(data: bytes, buffers: list[bytes]) -> Payload:
     return Payload(dumps(pickle.loads(data, buffers=buffers)), ())
 
 
-def pickle_value(value: Any) -> bytes:
-    """``value`` pickled in-band (its buffers inside the pickle)."""
+def pickle_value(value: Any, remote: bool = False) -> bytes:
+    """``value`` pickled in-band (its buffers inside the pickle); ``remote``: the
+    values of a cluster inside it (a State's) are fetched."""
     buffer = io.BytesIO()
-    _KeepPickler(buffer, protocol=PROTOCOL).dump(value)
+    _KeepPickler(buffer, remote).dump(value)
     return buffer.getvalue()
 
 

@@ -32,8 +32,12 @@ from .._model.run import Run
 logger = logging.getLogger("graphexec")
 
 
-def keep_failed(run: Run, call: Call, inputs: dict[int, Any]) -> None:
-    """Record the arguments ``call`` received (its node ended Failed)."""
+def keep_failed(run: Run, call: Call, inputs: dict[int, Any], remote: bool = False) -> None:
+    """Record the arguments ``call`` received (its node ended Failed).
+
+    ``remote``: the executor's values stay where they were made (a dask
+    cluster): its handles are references, so the values are fetched now.
+    """
     kept = KeptCall()
     run._inputs[call.node] = kept
     kept.source_hash = source_hash(call.fn)
@@ -62,7 +66,7 @@ def keep_failed(run: Run, call: Call, inputs: dict[int, Any]) -> None:
         if type(handle) is Gone:
             kept.lost[up] = handle.why
             continue
-        if type(handle) is Payload:
+        if type(handle) is Payload and not remote:
             payloads[up] = handle
             size += handle.nbytes
             continue
@@ -73,7 +77,7 @@ def keep_failed(run: Run, call: Call, inputs: dict[int, Any]) -> None:
                 kept.lost[up] = f"the value of {names[up]} could not be fetched: {exc}"
                 continue
         try:
-            blob = pickled[up] = pickle_value(handle)
+            blob = pickled[up] = pickle_value(handle, remote)
         except Exception:  # an in-process run handed over an unpicklable object
             kept.live[up] = handle
             continue

@@ -531,7 +531,8 @@ class Scheduler:
                     self._push_ready(i)
                 return
         logger.warning("%s failed: %s: %s", name, type(error).__name__, safe_str(error))
-        keep_failed(self.run_, call, inputs)  # for run.replay: before inputs are released
+        # for run.replay, before the inputs are released
+        keep_failed(self.run_, call, inputs, self.executor.capabilities.remote_values)
         self._finish(i, failed)
 
     def _unloadable(self, i: int, payload: Payload) -> SerializationError | None:
