@@ -562,8 +562,11 @@ def sees_on_disk(record, name, _after):
     # Runs after `name` finished, while the run goes on: is it on disk already?
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        run = gx.Run.load(record)
-        if any(n.name == name for n in run.completed):
+        try:
+            run = gx.Run.load(record)
+        except ValueError:  # its start is not written yet
+            run = None
+        if run is not None and any(n.name == name for n in run.completed):
             return True
         time.sleep(0.05)
     return False
@@ -625,7 +628,8 @@ def test_a_flow_writes_its_record_as_it_goes(tmp_path):
     )
     run = gx.Run.load(tmp_path / "flow")
     assert run.ended
-    assert [n.name for n in run.graph.nodes if n.index in run.graph._deps[1]] == ["make-0"]
+    (checked,) = [n for n in run.nodes if n.name == "check-0"]
+    assert [run.graph.nodes[up].name for up in run.graph._deps[checked.index]] == ["make-0"]
     assert {n.name: run.state(n).name for n in run.nodes} == {
         "make-0": "Completed",
         "check-0": "Failed",
@@ -637,3 +641,39 @@ def test_a_flow_writes_its_record_as_it_goes(tmp_path):
     assert kwargs == {"limit": 2.0}
     with pytest.raises(ValueError, match=re.escape("sum 45.0 over 2.0")):
         run.replay("check-0")
+
+
+@gx.task
+def locked(lock, x):
+    with lock:
+        raise ValueError(f"x={x}")
+
+
+def test_an_unpicklable_input_replays_here_but_is_not_saved(tmp_path):
+    lock = threading.Lock()
+    with gx.Graph() as g:
+        n = locked(lock, consume(2))
+    run = g.compute(scheduler="threads", workers=2, raise_on_failure=False)
+    (got, x), _ = run.inputs(n)
+    assert got is lock and x == 2  # the object itself: it would not pickle
+    with pytest.raises(ValueError, match="x=2"):
+        run.replay(n)
+    loaded = gx.Run.load(run.save(tmp_path / "r.gxrun"))
+    with pytest.raises(LookupError, match=r"could not be pickled \(they replay only in the"):
+        loaded.inputs("locked-0")
+    assert "locked-0: its inputs could not be pickled" in loaded.summary()
+
+
+def test_a_value_many_failed_nodes_got_is_kept_and_saved_once(pool, tmp_path):
+    with gx.Graph() as g:
+        a = make(BIG)  # 1.6 MB
+        bad = [check(a, limit=float(k)) for k in range(5)]
+    run = g.compute(pool=pool, raise_on_failure=False, keep_inputs="2MB")
+    for node in bad:  # all five kept under a 2 MB cap: the array counts once
+        np.testing.assert_array_equal(run.inputs(node)[0][0], np.arange(BIG, dtype=np.float64))
+    saved = run.save(tmp_path / "r.gxrun")
+    assert saved.stat().st_size < 2 * BIG * 8
+    loaded = gx.Run.load(saved)
+    first, last = loaded.inputs("check-0")[0][0], loaded.inputs("check-4")[0][0]
+    np.testing.assert_array_equal(first, last)
+    assert loaded.inputs("check-4")[1] == {"limit": 4.0}

@@ -58,8 +58,11 @@ class KeptCall:
             run that made it, whose graph holds the function).
         origin: the function's source file, which cloudpickle blanks in a function
             pickled by value (a saved run's; tracebacks and the source check need it).
-        packed: a saved run's pickle of ``(fn_blob, portable_state())``, not read
-            yet (reading it unpickles); :meth:`unpack` reads it.
+        packed: a saved run's pickle of ``(fn_blob, portable_state(), value keys)``,
+            not read yet (reading it unpickles); :meth:`unpack` reads it, taking
+            the values from ``shared``.
+        shared: a saved run's upstream values by node index, each stored once
+            however many failed nodes received it (pickled until unpacked).
     """
 
     __slots__ = (
@@ -72,6 +75,7 @@ class KeptCall:
         "nbytes",
         "origin",
         "packed",
+        "shared",
         "source_hash",
         "values",
     )
@@ -87,22 +91,27 @@ class KeptCall:
         self.source_hash: str | None = None
         self.fn_blob: bytes | None = None
         self.packed: bytes | None = None
+        self.shared: dict[int, Any] | None = None
         self.origin: str | None = None  # the function's source file (a saved run's)
 
     def unpack(self) -> None:
         """Read :attr:`packed` (a saved run's record) into the fields: unpickles it."""
         if self.packed is None:
             return
-        fn_blob, state = pickle.loads(self.packed)
-        packed, self.packed = self.packed, None
-        try:
-            kept = KeptCall.from_state(state, fn_blob)
-        except Exception:
-            self.packed = packed
-            raise
+        fn_blob, state, keys = pickle.loads(self.packed)
+        shared = self.shared if self.shared is not None else {}
+        values = {}
+        for up in keys:
+            value = shared[up]
+            if type(value) is bytes:  # decoded once, shared by every node that got it
+                value = shared[up] = pickle.loads(value)
+            values[up] = value
+        kept = KeptCall.from_state(state, fn_blob)
+        kept.values = values
         for name in self.__slots__:
-            if name not in ("packed", "origin"):
+            if name not in ("packed", "origin", "shared"):
                 setattr(self, name, getattr(kept, name))
+        self.packed = None
 
     @property
     def complete(self) -> bool:

@@ -68,7 +68,8 @@ def keep_failed(run: Run, call: Call, inputs: dict[int, Any], remote: bool = Fal
             continue
         if type(handle) is Payload and not remote:
             payloads[up] = handle
-            size += handle.nbytes
+            if up not in run._kept_values:  # else shared with another failed node
+                size += handle.nbytes
             continue
         if isinstance(handle, Deferred):  # a value on a dask cluster: fetched now
             try:
@@ -96,11 +97,16 @@ def keep_failed(run: Run, call: Call, inputs: dict[int, Any], remote: bool = Fal
             f"the cap of {size_text(cap)} (compute(keep_inputs=...) or GRAPHEXEC_KEEP_INPUTS)"
         )
         return
+    shared = run._kept_values
     for up, payload in payloads.items():
-        try:
-            kept.values[up] = copy_payload(payload)
-        except (OSError, ValueError) as exc:
-            kept.lost[up] = f"the value of {names[up]} could not be read back: {exc}"
+        value = shared.get(up)
+        if value is None:
+            try:
+                value = shared[up] = copy_payload(payload)
+            except (OSError, ValueError) as exc:
+                kept.lost[up] = f"the value of {names[up]} could not be read back: {exc}"
+                continue
+        kept.values[up] = value
     for up, blob in pickled.items():
         kept.values[up] = (blob, [])
     kept.args = args

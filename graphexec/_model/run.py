@@ -49,6 +49,9 @@ class Run:
         self._inputs: dict[int, Any] = {}
         self._inputs_cap: int | None = None
         self._inputs_bytes = 0
+        # A worker's value copied out for one failed node, by upstream node: the
+        # next failed node that received it shares the copy (and the cap counts it once).
+        self._kept_values: dict[int, Any] = {}
         # Where this run's record is (compute(run_dir=...), save(), load()): the
         # failure report then shows the command line that replays from it.
         self._record: Path | None = None

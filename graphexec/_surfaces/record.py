@@ -9,8 +9,10 @@ bytes, little-endian) and a body::
         "python", "graphexec", "nodes": [{"name", "task"}], "edges": [[up, down, kind]]}
     J  {"t": "add", "id", "name", "task", "edges"}      a node a flow submitted since
     J  {"t": "run", "id", "attempt", "at"}              an attempt was dispatched
+    J  {"t": "value", "up"}                             an upstream value a failed node got,
+    P  pickle of (data, buffers)                        written once for all who got it
     J  {"t": "inputs", "id", "nbytes", "dropped", "lost", "source_hash", "origin"}
-    P  pickle of (fn_blob, KeptCall.portable_state())  right after its "inputs"
+    P  pickle of (fn_blob, KeptCall.portable_state() without values, value keys)
     J  {"t": "node", ...the JSON report's node record}  a node reached its final state
     J  {"t": "end", "finished", "handled", "ok"}        the run ended
 
@@ -70,6 +72,7 @@ class Writer:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed by close())
+        self.values: set[int] = set()  # upstream values written (by node index)
         self._pending: list[bytes] = [MAGIC]
         self._size = len(MAGIC)
         self.flush()
@@ -158,30 +161,34 @@ def _write_inputs(writer: Writer, run: Run, i: int, k: int) -> None:
     kept: KeptCall | None = run._inputs.get(i)
     if kept is None:
         return
-    if kept.packed is not None:  # read from a saved run, never unpacked: as it is
-        meta, body = _meta(kept, k), kept.packed
-    else:
-        fn_blob, why = kept.fn_blob, None
-        if fn_blob is None:
-            try:
-                fn_blob = dumps(run.graph._tasks[i].fn)
-            except Exception as exc:
-                why = f"its function could not be pickled: {type(exc).__name__}: {exc}"
-        state = kept.portable_state()
-        if why is None and kept.complete and not kept.portable:
-            why = "its inputs could not be pickled (they replay only in the process that ran it)"
-        if why is not None:
-            state = (None, {}, kept.lost, why, 0, kept.source_hash)
-            fn_blob = None
-        meta = _meta(kept, k)
-        meta["dropped"] = state[3]
-        body = dumps((fn_blob, state))
-        if kept.origin is None:
-            code = getattr(run.graph._tasks[i].fn, "__code__", None)
-            kept.origin = getattr(code, "co_filename", None)
+    if kept.packed is not None:  # read from a saved run: its bytes and values, not its code
+        kept.unpack()
+    fn_blob, why = kept.fn_blob, None
+    if fn_blob is None:
+        try:
+            fn_blob = dumps(run.graph._tasks[i].fn)
+        except Exception as exc:
+            why = f"its function could not be pickled: {type(exc).__name__}: {exc}"
+    state = kept.portable_state()
+    if why is None and kept.complete and not kept.portable:
+        why = "its inputs could not be pickled (they replay only in the process that ran it)"
+    if why is not None:
+        state = (None, {}, kept.lost, why, 0, kept.source_hash)
+        fn_blob = None
+    values = state[1]
+    for up, value in values.items():  # each upstream value once per record
+        if up not in writer.values:
+            writer.values.add(up)
+            writer.json({"t": "value", "up": up})
+            writer.blob(dumps(value))
+    if kept.origin is None:
+        code = getattr(run.graph._tasks[i].fn, "__code__", None)
+        kept.origin = getattr(code, "co_filename", None)
+    meta = _meta(kept, k)
+    meta["dropped"] = state[3]
     meta["origin"] = kept.origin
     writer.json(meta)
-    writer.blob(body)
+    writer.blob(dumps((fn_blob, (state[0], {}, *state[2:]), list(values))))
 
 
 def _meta(kept: KeptCall, k: int) -> dict[str, Any]:
@@ -388,11 +395,16 @@ def load_run(path: str | os.PathLike[str]) -> SavedRun:
     inputs: dict[int, KeptCall] = {}
     end: dict[str, Any] | None = None
     pending: KeptCall | None = None
+    value: int | None = None
+    shared: dict[int, Any] = {}  # upstream values, pickled, each stored once
     for kind, body in _frames(data):
         if kind == b"P":
             if pending is not None:
-                pending.packed = body
+                pending.packed, pending.shared = body, shared
                 pending = None
+            elif value is not None:
+                shared[value] = body
+                value = None
             continue
         record = json.loads(body)
         t = record.get("t")
@@ -407,6 +419,8 @@ def load_run(path: str | os.PathLike[str]) -> SavedRun:
             start["edges"].extend(record["edges"])
         elif t == "inputs":
             pending = inputs[record["id"]] = _kept_from_meta(record)
+        elif t == "value":
+            value = record["up"]
         elif t == "end":
             end = record
     if start is None:
