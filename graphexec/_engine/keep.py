@@ -40,7 +40,10 @@ def keep_failed(run: Run, call: Call, inputs: dict[int, Any], remote: bool = Fal
     """
     kept = KeptCall()
     run._inputs[call.node] = kept
-    kept.source_hash = source_hash(call.fn)
+    hashes = run._source_hashes  # (the graph holds the function: its id stays its own)
+    if id(call.fn) not in hashes:
+        hashes[id(call.fn)] = source_hash(call.fn)
+    kept.source_hash = hashes[id(call.fn)]
     cap = run._inputs_cap
     if cap is None:
         try:

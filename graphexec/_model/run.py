@@ -52,6 +52,7 @@ class Run:
         # A worker's value copied out for one failed node, by upstream node: the
         # next failed node that received it shares the copy (and the cap counts it once).
         self._kept_values: dict[int, Any] = {}
+        self._source_hashes: dict[int, str | None] = {}  # id(function) -> its source's hash
         # Where this run's record is (compute(run_dir=...), save(), load()): the
         # failure report then shows the command line that replays from it.
         self._record: Path | None = None
