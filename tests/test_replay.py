@@ -677,3 +677,14 @@ def test_a_value_many_failed_nodes_got_is_kept_and_saved_once(pool, tmp_path):
     first, last = loaded.inputs("check-0")[0][0], loaded.inputs("check-4")[0][0]
     np.testing.assert_array_equal(first, last)
     assert loaded.inputs("check-4")[1] == {"limit": 4.0}
+
+
+def test_an_unwritable_run_dir_is_refused_before_the_run(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with gx.Graph() as g:
+        consume(1)
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        g.compute(scheduler="sync", run_dir=blocker)
+    with pytest.raises(ValueError, match="the run's record cannot be written there"):
+        g.compute(scheduler="sync", run_dir=blocker / "sub")

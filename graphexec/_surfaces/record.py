@@ -248,9 +248,15 @@ class Journal(Observer):
 
     def __init__(self, run_dir: str | os.PathLike[str]) -> None:
         directory = Path(run_dir)
-        directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / FILE
-        self._writer: Writer | None = Writer(self.path)  # fails here, before the run
+        try:  # here, before the run: not a record that stops at its first event
+            directory.mkdir(parents=True, exist_ok=True)
+            self._writer: Writer | None = Writer(self.path)
+        except OSError as exc:
+            raise ValueError(
+                f"run_dir={str(directory)!r}: the run's record cannot be written there "
+                f"({exc.strerror or exc}); give a directory this process can write"
+            ) from None
         self._run: Run | None = None
         self._positions: _Positions | None = None
 
