@@ -4,24 +4,123 @@ Importing this package fills the model's seam (``_model/seam.py``), the one
 door through which ``Graph.compute``, ``Graph.visualize``, ``Run.to_html``,
 the notebook views (``_repr_html_``) and task calls in a flow reach the
 layers that carry them out.
+
+Its modules load on first use, not with the package (PEP 562 ``__getattr__``
+below): ``import graphexec`` stays fast, and so does a worker's start (a
+worker imports the package but never computes, draws or reports). The seam's
+entries are small functions that reach their module through this package's
+attributes when first called.
 """
 
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
+
+from .._model.seam import NOT_EAGER
 from .._model.seam import surfaces as _seam
-from . import notebook as _notebook
-from . import report as _report
-from .compute import compute as _compute
-from .eager import call_eagerly as _call_eagerly
-from .eager import submit as _submit
+
+if TYPE_CHECKING:
+    from . import backends, compute, eager, flow, hooks, notebook, options, pool, progress, report
+
+# The modules of this package that load when first used (an attribute of the package).
+_MODULES = frozenset(
+    {
+        "backends",
+        "cli",
+        "compute",
+        "eager",
+        "flow",
+        "hooks",
+        "notebook",
+        "options",
+        "pool",
+        "progress",
+        "report",
+        "signals",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: called only for names not yet set; importing the submodule binds it
+    # as this package's attribute, so this runs once per module.
+    if name in _MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_this: Any = sys.modules[__name__]
+
+
+def _compute(*args: Any, **kwargs: Any) -> Any:
+    return _this.compute.compute(*args, **kwargs)
+
+
+def _call_eagerly(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # A plain task call outside ``with graph:`` (and in every worker, a task calling
+    # another): only a flow makes it eager, and flows live in ``eager``, so while
+    # that module is not loaded no flow can be running.
+    if f"{__name__}.eager" not in sys.modules:
+        return NOT_EAGER
+    return _this.eager.call_eagerly(task, args, kwargs)
+
+
+def _submit(*args: Any, **kwargs: Any) -> Any:
+    return _this.eager.submit(*args, **kwargs)
+
+
+def _visualize(*args: Any, **kwargs: Any) -> Any:
+    return _this.report.visualize(*args, **kwargs)
+
+
+def _run_to_json(*args: Any, **kwargs: Any) -> Any:
+    return _this.report.run_to_json(*args, **kwargs)
+
+
+def _run_from_json(*args: Any, **kwargs: Any) -> Any:
+    return _this.report.run_from_json(*args, **kwargs)
+
+
+def _run_to_html(*args: Any, **kwargs: Any) -> Any:
+    return _this.report.run_to_html(*args, **kwargs)
+
+
+def _run_html(*args: Any, **kwargs: Any) -> Any:
+    return _this.notebook.run_html(*args, **kwargs)
+
+
+def _graph_html(*args: Any, **kwargs: Any) -> Any:
+    return _this.notebook.graph_html(*args, **kwargs)
+
+
+def _state_html(*args: Any, **kwargs: Any) -> Any:
+    return _this.notebook.state_html(*args, **kwargs)
+
 
 _seam.install(
     compute=_compute,
-    visualize=_report.visualize,
-    run_to_json=_report.run_to_json,
-    run_from_json=_report.run_from_json,
-    run_to_html=_report.run_to_html,
+    visualize=_visualize,
+    run_to_json=_run_to_json,
+    run_from_json=_run_from_json,
+    run_to_html=_run_to_html,
     call_eagerly=_call_eagerly,
     submit=_submit,
-    run_html=_notebook.run_html,
-    graph_html=_notebook.graph_html,
-    state_html=_notebook.state_html,
+    run_html=_run_html,
+    graph_html=_graph_html,
+    state_html=_state_html,
 )
+
+__all__ = [
+    "backends",
+    "compute",
+    "eager",
+    "flow",
+    "hooks",
+    "notebook",
+    "options",
+    "pool",
+    "progress",
+    "report",
+]

@@ -7,7 +7,7 @@ a branch here.
 
 from __future__ import annotations
 
-from .._executors.cluster import ClusterExecutor
+from .. import _executors  # its dask executor loads on first use, with cluster=
 from .._executors.inprocess import SyncExecutor, ThreadExecutor
 from .._executors.process import ProcessPool
 from .._executors.protocol import Executor
@@ -18,7 +18,7 @@ def make_executor(options: ComputeOptions) -> Executor:
     """The executor for ``options``; the caller opens it for its Run, and closes it."""
     executor: Executor
     if options.cluster is not None:
-        executor = ClusterExecutor(options.cluster)
+        executor = _executors.cluster.ClusterExecutor(options.cluster)
     elif options.scheduler == "sync":
         executor = SyncExecutor()
     elif options.scheduler == "threads":
