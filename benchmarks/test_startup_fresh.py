@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +47,27 @@ def _env() -> dict[str, str]:
 
 
 def run_fresh(tool: str) -> dict[str, Any]:
-    """One round: a new interpreter runs ``tool``; its phases, as it printed them."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.fresh_start", tool],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT,
-        check=False,
-    )
-    if out.returncode != 0:
-        raise AssertionError(f"{tool} exited with {out.returncode}:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """One round: a new interpreter runs ``tool``; its phases, as it printed them.
+
+    Its output goes to files, not pipes: waiting for a pipe's end would also wait
+    for helper processes that inherited it (a forkserver, Ray's daemons) to exit
+    after the program did, which a user at a terminal does not wait for.
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        code = subprocess.run(
+            [sys.executable, "-m", "benchmarks.fresh_start", tool],
+            cwd=ROOT,
+            env=_env(),
+            stdout=out,
+            stderr=err,
+            timeout=CHILD_TIMEOUT,
+            check=False,
+        ).returncode
+        out.seek(0)
+        err.seek(0)
+        if code != 0:
+            raise AssertionError(f"{tool} exited with {code}:\n{err.read()[-3000:]}")
+        return json.loads(out.read().strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("tool", ["graphexec", "graphexec-pool", "ppe", "loky", "dask", "ray"])
