@@ -294,8 +294,11 @@ def prestart(start_method: str | None = None) -> None:
     worker; nothing waits for it here.
     """
     if (start_method or default_start_method()) == "forkserver" and "forkserver" in _CONTEXTS:
-        with _default_start_method_kept():  # its preparation data reads the default
-            _forkserver().ensure_running()
+        try:
+            with _default_start_method_kept():  # its preparation data reads the default
+                _forkserver().ensure_running()
+        except OSError:
+            pass  # the first worker's start tries again, and reports what fails there
 
 
 def default_start_method() -> str:
