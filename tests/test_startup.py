@@ -14,11 +14,9 @@ import json
 import subprocess
 import sys
 
-import psutil
 import pytest
 
 import graphexec as gx
-from graphexec._executors.process import ProcessPool
 
 # Loaded on first use only: the scheduler and process pool (a compute), the
 # surfaces' modules, the dask executor, reports and notebook views, and the
@@ -90,31 +88,27 @@ def test_a_plain_task_call_outside_a_flow_loads_no_session_module():
     assert "graphexec._surfaces.eager" not in loaded
 
 
-def _forkservers() -> list[psutil.Process]:
-    found = []
-    for child in psutil.Process().children():
-        try:
-            if "forkserver" in " ".join(child.cmdline()):
-                found.append(child)
-        except psutil.Error:
-            pass
-    return found
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the forkserver is Linux's")
 def test_a_new_pool_starts_its_forkserver_before_any_call():
-    # graphexec's forkserver serves every pool of this process: it may already run
-    # (an earlier test), and then a new pool starts no second one.
-    pool = ProcessPool(2, start_method="forkserver")
-    try:
-        servers = _forkservers()
-        assert len(servers) == 1, [s.cmdline() for s in servers]
-        assert pool._workers == {}  # no worker yet: only the server is up
-        pool2 = ProcessPool(2, start_method="forkserver")
-        pool2.shutdown()
-        assert [s.pid for s in _forkservers()] == [servers[0].pid]
-    finally:
-        pool.shutdown()
+    # In a fresh interpreter, so that no earlier forkserver (ours or Python's) counts.
+    code = (
+        "import psutil\n"
+        "from graphexec._executors.process import ProcessPool\n"
+        "def servers():\n"
+        "    return [p.pid for p in psutil.Process().children()\n"
+        "            if 'forkserver' in ' '.join(p.cmdline())]\n"
+        "assert servers() == []\n"
+        "pool = ProcessPool(2, start_method='forkserver')\n"
+        "first = servers()\n"
+        "assert len(first) == 1 and pool._workers == {}, (first, pool._workers)\n"
+        "ProcessPool(2, start_method='forkserver').shutdown()\n"
+        "assert servers() == first  # one server for the whole process\n"
+        "pool.shutdown()\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
 
 
 def test_first_compute_in_a_fresh_interpreter_works_without_surfaces_loaded():
