@@ -26,7 +26,9 @@ thread only queues events). Frames are gathered and written, unbuffered,
 whenever the dispatcher has no event waiting (and at once for a failure), so
 a process killed mid-run (SIGKILL, a batch system's walltime) leaves all but
 the events of its last instant; a torn last frame is ignored. Such a record
-has no ``end``: the nodes it saw start but not finish load as ``Running``.
+has no ``end``: it loads as interrupted (its headline, JSON and report say
+so, never "ok"); the nodes it saw start but not finish load as ``Running``,
+those it never saw start as ``Pending``.
 
 Reading the states and the report parses JSON only. The pickles (a failed
 node's function and arguments) are unpickled only when they are used
@@ -60,6 +62,8 @@ logger = logging.getLogger("graphexec")
 
 MAGIC = b"GXRUN\x001\n"
 FILE = "run.gxrun"  # the record inside a run directory
+# What a loaded record without an ``end`` says in its headline, JSON and report.
+INTERRUPTED = "the record ends mid-run (the process that wrote it stopped before the run ended)"
 _HEAD = struct.Struct("<cQ")
 
 
@@ -349,20 +353,17 @@ class SavedRun(LoadedRun):
         state = self.state(node)
         if state.is_completed():
             raise GraphexecError(
-                f"{node.name} completed, but its value is not in the saved run (a saved "
+                f"{state.node} completed, but its value is not in the saved run (a saved "
                 "run keeps states, timings, errors and the inputs of failed nodes, not values)"
             )
         return state.result(raise_on_failure=raise_on_failure)
 
     def summary(self) -> str:
         text = super().summary()
-        if self.ended:
+        if self.ended or not self.running:
             return text
         names = ", ".join(self.running[:10]) + (" ..." if len(self.running) > 10 else "")
-        return (
-            f"(this record ends mid-run: the process that wrote it stopped; "
-            f"{len(self.running)} node(s) were running: {names or 'none'})\n{text}"
-        )
+        return f"{text}\n{len(self.running)} node(s) were running when the record ended: {names}"
 
     def __repr__(self) -> str:
         return Run.__repr__(self).replace("<Run ", "<Run (saved) ", 1)
@@ -464,6 +465,8 @@ def load_run(path: str | os.PathLike[str]) -> SavedRun:
         "nodes": nodes,
         "edges": start["edges"],
     }
+    if end is None:
+        document["interrupted"] = INTERRUPTED
     run = run_from_dict(document, SavedRun)
     assert isinstance(run, SavedRun)
     if end is not None:
