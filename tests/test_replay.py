@@ -796,3 +796,42 @@ def test_an_ambiguous_name_lists_the_candidates(pool):
             look("load-1")
     assert "load-1" in run
     assert run.nodes[0] is first
+
+
+# -- a node over its memory limit ------------------------------------------------------
+
+
+@gx.task
+def hog(megabytes, flag):
+    # Holds touched memory (np.ones writes every page) while a sampler looks; after a
+    # first time (its worker killed), only when the flag file says "again".
+    if Path(flag).exists() and Path(flag).read_text() != "again":
+        return "small now"
+    Path(flag).write_text("hogged")
+    block = np.ones(megabytes * 2**20 // 8)
+    time.sleep(10)
+    return float(block[-1])
+
+
+@pytest.mark.timeout(60)
+def test_a_node_over_its_memory_limit_replays_in_a_subprocess_first(pool, tmp_path, capfd):
+    flag = tmp_path / "flag"
+    with gx.Graph() as g:
+        h = hog(300, str(flag))
+    run = g.compute(pool=pool, memory_limit="150MB", raise_on_failure=False)
+    assert type(run.state(h).exception) is gx.MemoryLimitExceeded
+    capfd.readouterr()
+    assert run.replay(h) == "small now"
+    err = capfd.readouterr().err
+    assert (
+        "graphexec: hog-0 went over its memory limit (143.1 MiB); replaying it in a fresh "
+        "subprocess first, so that it cannot exhaust this interpreter's memory"
+    ) in err
+    assert "did not run out of memory in the subprocess (it returned); replaying it" in err
+    # over the limit again: killed in the subprocess, never run here
+    flag.write_text("again")
+    started = time.monotonic()
+    with pytest.raises(gx.MemoryLimitExceeded, match="again when replayed in a fresh subproc"):
+        run.replay(h)
+    assert time.monotonic() - started < 8  # killed, not left to sleep its 10 s
+    assert flag.read_text() == "hogged"  # it did run, in the subprocess

@@ -367,8 +367,11 @@ class Run:
         So ``breakpoint()``, ``pdb`` and a debugger work. A node that crashed its
         worker (``WorkerCrashed``) is first run in a fresh subprocess, and the
         replay says so: if it crashes there again, it is not run here (it would
-        take this interpreter down) and :class:`WorkerCrashed` is raised. A
-        loaded run warns when the function's source changed since it was recorded.
+        take this interpreter down) and :class:`WorkerCrashed` is raised. A node
+        that went over its memory limit (:class:`MemoryLimitExceeded`) is first
+        run in a fresh subprocess too, killed there if it goes over that limit
+        again (then that error is raised, and it is not run here). A loaded run
+        warns when the function's source changed since it was recorded.
 
         Args:
             node: a failed node of this run, or its name.
