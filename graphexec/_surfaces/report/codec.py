@@ -111,13 +111,14 @@ def _attempt_record(a: Attempt) -> dict[str, Any]:
         "number": a.number,
         "started": a.started,
         "finished": a.finished,
-        "worker": _worker_id(a.worker),
+        "worker": worker_id(a.worker),
         "error": _error_record(a.error),
         "retry_delay": a.retry_delay,
     }
 
 
-def _worker_id(worker: Any) -> int | str | None:
+def worker_id(worker: Any) -> int | str | None:
+    """How the document writes the worker of an attempt (an id, else its text)."""
     if worker is None or (isinstance(worker, (int, str)) and not isinstance(worker, bool)):
         return worker
     return str(worker)
