@@ -835,3 +835,35 @@ def test_a_node_over_its_memory_limit_replays_in_a_subprocess_first(pool, tmp_pa
         run.replay(h)
     assert time.monotonic() - started < 8  # killed, not left to sleep its 10 s
     assert flag.read_text() == "hogged"  # it did run, in the subprocess
+
+
+# -- what the journal costs the run -----------------------------------------------------
+
+
+def test_the_journal_hands_nothing_to_the_hooks_thread_and_writes_batches(
+    pool, tmp_path, monkeypatch
+):
+    # Each event handed to the hooks' dispatcher cost a queue hand-off and a thread
+    # wake-up, and each record its own frame: most of run_dir's cost on small tasks.
+    started: list[str] = []
+    real_start = threading.Thread.start
+
+    def start(self):
+        started.append(self.name)
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with gx.Graph() as g:
+        [consume(i) for i in range(300)]
+    g.compute(pool=pool, run_dir=tmp_path)
+    monkeypatch.undo()
+    assert "graphexec-hooks" not in started
+    assert started.count("graphexec-journal") == 1
+    data = (tmp_path / "run.gxrun").read_bytes()
+    frames, at = 0, len(b"GXRUN\x001\n")
+    while at < len(data):
+        kind, size = data[at : at + 1], int.from_bytes(data[at + 1 : at + 9], "little")
+        assert kind == b"J"
+        frames, at = frames + 1, at + 9 + size
+    assert frames < 100  # 600 events, in batches
+    assert gx.Run.load(tmp_path).counts() == {"Completed": 300}
