@@ -92,6 +92,7 @@ class Call:
         "inputs",
         "isolate",
         "kwargs",
+        "memory_limit",
         "name",
         "node",
         "number",
@@ -130,6 +131,7 @@ class Call:
         self.cache: tuple[str, str, dict] | None = None  # (cache dir, key, meta) to write
         self.then: list[Call] | None = None  # a chain to run behind this call (see above)
         self.isolate = False  # run in a fresh worker, discarded after (Capabilities.isolates)
+        self.memory_limit: int | None = None  # a shared pool's run sets its own (shared.py)
 
     def __repr__(self) -> str:
         return f"<Call {self.name} attempt {self.number}>"

@@ -38,7 +38,9 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
     options = ComputeOptions.validate("compute", **given)
     target_ids = target_indices(graph, targets)
     pool = options.pool
-    session = pool._session if pool is not None else flow_session()
+    # With pool=, a run of its own on that pool (concurrent with the pool's other
+    # runs, flows and submits); without, inside a flow, the flow's session.
+    session = None if pool is not None else flow_session()
     if session is not None:
         # One scheduler: a lazy graph computed inside a flow (or next to submits
         # on the same pool) runs in that session, on its pool.

@@ -25,6 +25,7 @@ from .progress import make_observers
 _RUN_OPTIONS = frozenset(
     {
         "workers",
+        "pool",
         "memory_limit",
         "cache_dir",
         "progress",
