@@ -71,6 +71,35 @@ class SharedPool:
         self._owner: dict[int, tuple[Call, RunLease]] = {}  # id(call) -> the call, its run
         self._refused: Call | None = None  # the pool said no to it: offered first
         self._stopped = False
+        # Concurrency limits across runs (under _lock): slots taken per key, and
+        # the calls counted, until their outcome comes back or they are dropped.
+        self._in_use: dict[Any, int] = {}
+        self._counted: dict[int, Call] = {}
+
+    def _full(self, call: Call) -> bool:
+        """A limit of ``call`` has no free slot on the pool (caller holds _lock)."""
+        in_use = self._in_use
+        return any(in_use.get(key, 0) >= cap for key, cap in call.limits or ())
+
+    def _count(self, call: Call) -> None:
+        """``call`` takes a slot of each of its limits (caller holds _lock)."""
+        if call.limits and id(call) not in self._counted:
+            self._counted[id(call)] = call
+            for key, _ in call.limits:
+                self._in_use[key] = self._in_use.get(key, 0) + 1
+
+    def _uncount(self, calls: Any) -> None:
+        """These calls are over (answered, cancelled, dropped): free their slots."""
+        with self._lock:
+            for call in calls:
+                if self._counted.get(id(call)) is call:
+                    del self._counted[id(call)]
+                    for key, _ in call.limits or ():
+                        left = self._in_use[key] - 1
+                        if left:
+                            self._in_use[key] = left
+                        else:  # (keys name functions too: none is kept once idle)
+                            del self._in_use[key]
 
     def lease(self, memory_limit: int | None) -> RunLease:
         """A new run's executor on this pool (any number may be open at once)."""
@@ -188,6 +217,8 @@ class SharedPool:
             lease._sent()
 
     def _route(self, outcomes: list[Outcome]) -> None:
+        if self._counted:
+            self._uncount([o[0] for o in outcomes])
         owner = self._owner
         woken: list[RunLease] = []
         for outcome in outcomes:
@@ -219,11 +250,13 @@ class SharedPool:
         """Stop this run's calls only (drive held): queued ones never start, running
         ones are killed; other runs' calls queued on those workers come back."""
         with self._lock:
+            queued = list(lease._queue)
             lease._queue.clear()
         self._withdraw(lease)
         killed = self.procs.cancel_where(lambda call: self._mine(call, lease))
         for call in killed:
             self._owner.pop(id(call), None)
+        self._uncount([*queued, *killed])
         return killed
 
     def _mine(self, call: Call, lease: RunLease) -> bool:
@@ -236,12 +269,17 @@ class SharedPool:
             self._refused = None
             del self._owner[id(refused)]
             self.procs.withdraw(refused)
+            self._uncount([refused])
 
     def _close(self, lease: RunLease) -> None:
         """A run ended (drive held): forget its calls; with no run left, sweep the pool."""
         self._withdraw(lease)
         for key in [k for k, (_, owner) in self._owner.items() if owner is lease]:
             del self._owner[key]  # calls still running there: their outcomes are dropped
+        with self._lock:
+            queued = list(lease._queue)
+            lease._queue.clear()
+        self._uncount(queued)  # (running ones free their slots when they answer)
         with self._lock:
             if lease in self._leases:
                 index = self._leases.index(lease)
@@ -286,6 +324,14 @@ class RunLease:
             self._fail(call, self._abandoned)
             return True
         shared = self.shared
+        if call.limits:
+            with shared._lock:
+                if shared._full(call):
+                    # Another run holds the slots: wait (as a whole: the scheduler
+                    # stops dispatching) until a call ends somewhere (_route).
+                    self._starved = True
+                    return False
+                shared._count(call)
         if not self._queue and shared._refused is None and shared._drive.acquire(blocking=False):
             # Nobody drives: straight to the pool, unless another run has calls
             # waiting (they go first, in turn).
@@ -303,6 +349,7 @@ class RunLease:
                         # As on a private pool: the scheduler keeps it (and its
                         # chain) until a slot frees; _route wakes this run then.
                         del shared._owner[id(call)]
+                        shared._uncount([call])
                         self._starved = True
                         return False
                     call.then = None  # (sent later, alone)
@@ -314,9 +361,14 @@ class RunLease:
         with shared._lock:
             if len(self._queue) >= self._depth:
                 self._starved = True
-                return False
-            self._queue.append(call)
-            shared._wake()
+                full = True
+            else:
+                full = False
+                self._queue.append(call)
+                shared._wake()
+        if full:
+            shared._uncount([call])
+            return False
         return True
 
     def _sent(self) -> None:
