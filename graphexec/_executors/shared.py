@@ -88,7 +88,7 @@ class SharedPool:
             for key, _ in call.limits:
                 self._in_use[key] = self._in_use.get(key, 0) + 1
 
-    def _uncount(self, calls: Any) -> None:
+    def _uncount(self, calls: list[Call]) -> None:
         """These calls are over (answered, cancelled, dropped): free their slots."""
         with self._lock:
             for call in calls:
