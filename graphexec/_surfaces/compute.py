@@ -8,9 +8,9 @@
         hooks and observers (a Dispatch, only if something listens): wait for them
         close the executor ─> Run, or GraphFailed carrying it
 
-A graph computed inside a flow (or next to ``task.submit`` in a ``with
-gx.Pool():`` block) is handed to that eager session instead: one scheduler,
-one pool.
+A graph computed inside a flow (without ``pool=``) is handed to the flow's
+eager session instead: one scheduler, one pool. With ``pool=`` it is a run of
+its own on that pool, beside the pool's other runs (``_executors/shared.py``).
 """
 
 from __future__ import annotations
