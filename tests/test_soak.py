@@ -15,6 +15,7 @@ for a longer soak.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import threading
@@ -54,6 +55,16 @@ def add_all(xs: list[int]) -> int:
     return sum(xs)
 
 
+@gx.task
+def array_of(x: int) -> np.ndarray:
+    return np.full(32_768, x, dtype=np.int64)  # 256 kB: travels through /dev/shm
+
+
+@gx.task
+def array_sum(a: np.ndarray) -> int:
+    return int(a.sum())
+
+
 @gx.task(timeout=20)
 def fault(kind: str, x: int) -> int:
     if kind == "raise":
@@ -77,6 +88,7 @@ def one_compute(pool: gx.Pool, rng: random.Random) -> None:
     with graph:
         healthy = [inc(base + i) for i in range(WIDTH)]
         total = add_all(healthy)
+        big = array_sum(array_of(base))  # a value in shared memory, released mid-run
         # (the memory hog needs a while to fill its pages on a busy machine)
         bad = (fault.with_options(timeout=0.5) if kind == "timeout" else fault)(kind, base)
         after = inc(bad)
@@ -84,6 +96,7 @@ def one_compute(pool: gx.Pool, rng: random.Random) -> None:
     for i, node in enumerate(healthy):
         assert run.state(node).name == "Completed" and run[node] == base + i + 1
     assert run[total] == sum(base + i + 1 for i in range(WIDTH))
+    assert run[big] == 32_768 * base
     if kind == "none":
         assert run.state(bad).name == "Completed" and run[after] == base + 1
         return
@@ -95,6 +108,10 @@ def one_compute(pool: gx.Pool, rng: random.Random) -> None:
 
 
 def sample(pool: gx.Pool) -> dict[str, float]:
+    # Runs and their graphs refer to each other: the values they mapped (an fd
+    # each) go at the next collection, which comes at its own time; we count
+    # what is left after it.
+    gc.collect()
     me = psutil.Process()
     workers = []
     for w in list(pool._workers.values()):
