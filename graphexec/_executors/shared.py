@@ -220,7 +220,7 @@ class SharedPool:
         if self._counted:
             self._uncount([o[0] for o in outcomes])
         owner = self._owner
-        woken: list[RunLease] = []
+        routed: dict[RunLease, list[Outcome]] = {}
         for outcome in outcomes:
             call = outcome[0]
             found = owner.pop(id(call), None)
@@ -230,20 +230,20 @@ class SharedPool:
             if call.then:  # a chain: its other calls answer on their own
                 for nxt in call.then:
                     owner[id(nxt)] = (nxt, lease)
-            with lease._cond:
-                lease._outbox.append(outcome)
-                if len(lease._outbox) == 1:
-                    woken.append(lease)
-        with self._lock:
-            # Runs refused a slot: one may be free now (their scheduler tries again).
-            starved = [lease for lease in self._leases if lease._starved]
-        for lease in starved:
+            mine = routed.get(lease)
+            if mine is None:
+                routed[lease] = [outcome]
+            else:
+                mine.append(outcome)
+        # Runs refused a slot: one may be free now (their scheduler tries again).
+        # (read without the lock: a flag set meanwhile is seen at the next route)
+        for lease in [lease for lease in self._leases if lease._starved]:
             lease._starved = False
             lease._woken = True
-            if lease not in woken:
-                woken.append(lease)
-        for lease in woken:
+            routed.setdefault(lease, [])
+        for lease, mine in routed.items():
             with lease._cond:
+                lease._outbox += mine
                 lease._cond.notify()
 
     def _cancel(self, lease: RunLease) -> list[Call]:
