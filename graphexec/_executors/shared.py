@@ -211,7 +211,16 @@ class SharedPool:
             owner[id(call)] = (call, lease)
             # (outside the lock: submit pickles the call's arguments, and the
             # runs' threads queue more meanwhile)
-            if not procs.submit(call):
+            try:
+                sent = procs.submit(call)
+            except BaseException:
+                # Ctrl-C in a driving main thread: a call not yet handed to a
+                # worker goes back to the front of its run's queue, never lost.
+                if call.worker is None and not call.finished:
+                    with lock:
+                        lease._queue.appendleft(call)
+                raise
+            if not sent:
                 self._refused = call
                 return
             lease._sent()
