@@ -354,3 +354,35 @@ def test_tag_limits_and_task_caps_hold_across_the_runs_of_a_pool(pool, tmp_path,
 
     results = run_threads([run, run, run])
     assert all(all(r) for r in results), results
+
+
+@gx.task
+def hold_memory(megabytes: int, seconds: float) -> int:
+    block = bytearray(megabytes * 2**20)
+    for k in range(0, len(block), 4096):  # touch every page: RSS grows
+        block[k] = 1
+    time.sleep(seconds)
+    return len(block) // 2**20
+
+
+@pytest.mark.timeout(90)
+def test_a_memory_limit_is_the_runs_own_on_a_shared_pool(pool):
+    """Run A (memory_limit=150MB) has its hog killed; run B, on the same workers at
+    the same time without a limit, holds as much and completes."""
+
+    def run_a() -> gx.Run:
+        graph = gx.Graph("limited")
+        with graph:
+            hold_memory(300, 5.0)
+        return graph.compute(pool=pool, memory_limit="150MB", raise_on_failure=False)
+
+    def run_b() -> gx.Run:
+        graph = gx.Graph("unlimited")
+        with graph:
+            hold_memory(300, 1.0)
+        return graph.compute(pool=pool, raise_on_failure=False)
+
+    limited, unlimited = run_threads([run_a, run_b])
+    (failed,) = limited.failed
+    assert type(limited.state(failed).exception) is gx.MemoryLimitExceeded
+    assert unlimited.ok
