@@ -398,7 +398,13 @@ class RunLease:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return []
-                if self._abandoned is None and shared._drive.acquire(blocking=False):
+                # (not while another thread asks for the drive to cancel or
+                # close: it would have to win the lock against this loop)
+                if (
+                    self._abandoned is None
+                    and not shared._want
+                    and shared._drive.acquire(blocking=False)
+                ):
                     drive = True
                 else:
                     drive = False
