@@ -386,3 +386,44 @@ def test_a_memory_limit_is_the_runs_own_on_a_shared_pool(pool):
     (failed,) = limited.failed
     assert type(limited.state(failed).exception) is gx.MemoryLimitExceeded
     assert unlimited.ok
+
+
+@gx.task
+def crash_later(seconds: float) -> int:
+    time.sleep(seconds)
+    os._exit(3)
+
+
+@pytest.mark.timeout(90)
+def test_calls_of_another_run_queued_behind_a_crashing_call_come_back_untouched():
+    """One worker: run B's tiny calls are queued on it (prefetch) behind run A's
+    call, which then kills the worker. Only A's node fails; B's calls run again
+    elsewhere, each at its first attempt."""
+    with gx.Pool(workers=1) as pool:
+        warm = gx.Graph("warm")
+        with warm:
+            inc(0)
+        warm.compute(pool=pool)  # inc is known to be tiny: its calls may be prefetched
+        a_started = threading.Event()
+
+        def run_a() -> gx.Run:
+            graph = gx.Graph("a")
+            with graph:
+                crash_later(1.0)
+            a_started.set()
+            return graph.compute(pool=pool, raise_on_failure=False)
+
+        def run_b() -> tuple[gx.Run, list[gx.Node]]:
+            a_started.wait(10)
+            time.sleep(0.4)  # A's call is running on the only worker
+            graph = gx.Graph("b")
+            with graph:
+                nodes = [inc(i) for i in range(5)]
+            return graph.compute(pool=pool, keep="all"), nodes
+
+        run, (b_run, nodes) = run_threads([run_a, run_b])
+        (failed,) = run.failed
+        assert type(run.state(failed).exception) is gx.WorkerCrashed
+        assert b_run.ok
+        for i, node in enumerate(nodes):
+            assert b_run[node] == i + 1 and b_run.state(node).attempts == 1
