@@ -101,6 +101,7 @@ from .protocol import (
     Call,
     Capabilities,
     Deadlines,
+    take_back,
     timeout_error,
 )
 from .runtime import load_exception
@@ -1000,7 +1001,9 @@ class ProcessPool:
             self._learn(call, w)
             self._outbox.append((call, OK, Payload.from_wire(blob)))
         else:
-            _, _, _stage, exc_blob, tb, call.started, call.finished, summary = message
+            _, _, _stage, exc_blob, tb, call.started, call.finished, summary, *back = message
+            if back:
+                take_back(call, back[0])
             self._learn(call, w)
             self._outbox.append((call, ERROR, load_exception(exc_blob, tb, call.name, summary)))
         if not w.inflight and w.kill is None:

@@ -8,6 +8,8 @@ layers that carry them out.
 
 from .._model.seam import surfaces as _seam
 from . import notebook as _notebook
+from . import record as _record
+from . import replay as _replay
 from . import report as _report
 from .compute import compute as _compute
 from .eager import call_eagerly as _call_eagerly
@@ -24,4 +26,9 @@ _seam.install(
     run_html=_notebook.run_html,
     graph_html=_notebook.graph_html,
     state_html=_notebook.state_html,
+    run_inputs=_replay.run_inputs,
+    run_replay=_replay.run_replay,
+    replay_hint=_replay.replay_hint,
+    run_save=_record.save_run,
+    run_load=_record.load_run,
 )
