@@ -352,6 +352,8 @@ class Scheduler:
                     heapq.heappush(self.parked.setdefault(full, []), heapq.heappop(ready))
                     continue
             call = self.unsent.pop(i, None) or self._make_call(i)
+            if keys:  # (a shared pool counts them across its runs too)
+                call.limits = [(k, self._cap(k)) for k in keys]
             if call.isolate and not executor.capabilities.isolates:
                 heapq.heappop(ready)
                 error = ValueError(
