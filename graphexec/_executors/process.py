@@ -427,6 +427,8 @@ class ProcessPool:
         # fn id -> how long its last calls took (seconds, smoothed), for prefetch
         self._fn_short: dict[int, float] = {}
         self._batching: list[_Worker] = []  # workers with pending calls to send
+        # Where _drain_burst reads (allocating a large buffer per read would cost more).
+        self._scratch = memoryview(bytearray(BURST_BYTES))
         self._fn_counter = itertools.count()
         # Calls refused by submit() keep their message, which names its function's
         # id: id(call) -> fn id, so that function stays until the call comes back.
@@ -1033,16 +1035,16 @@ class ProcessPool:
         (``Connection.send_bytes``): a 4-byte big-endian length, or -1 and an
         8-byte one. A message not yet whole waits in ``w.rbuf`` for the next poll.
         """
-        buf = w.rbuf
+        buf, scratch = w.rbuf, self._scratch
         open_ = True
         try:
             while True:
-                chunk = sock.recv(BURST_BYTES, socket.MSG_DONTWAIT)
-                if not chunk:
+                n = sock.recv_into(scratch, BURST_BYTES, socket.MSG_DONTWAIT)
+                if not n:
                     open_ = False
                     break
-                buf += chunk
-                if len(chunk) < BURST_BYTES:
+                buf += scratch[:n]
+                if n < BURST_BYTES:
                     break
         except (BlockingIOError, InterruptedError):
             pass
