@@ -83,7 +83,6 @@ stay remote (a dask cluster) and a flow's values are loaded when read;
 
 from __future__ import annotations
 
-import gc
 import heapq
 import logging
 import time
@@ -218,21 +217,13 @@ class Scheduler:
         self.load_kept = not self.executor.capabilities.remote_values
         if self.observer is not None:
             self.observer.started(self.run_)
-        # What is alive now (the graph: up to millions of nodes) is left out of
-        # the collector's full passes while the run lasts: they would walk it
-        # again and again, a cost per node that grows with the graph. (A cycle
-        # among them that becomes garbage meanwhile is collected after the run.)
-        gc.freeze()
-        try:
-            for i in self.run_.members:
-                if self.waiting[i] == 0 and self.states[i] is None:
-                    cached = self._become_ready(i)
-                    if cached is not None:
-                        self._finish(i, cached)
-            while self.done < self.n_members:
-                self._step(idle_ok=False)
-        finally:
-            gc.unfreeze()
+        for i in self.run_.members:
+            if self.waiting[i] == 0 and self.states[i] is None:
+                cached = self._become_ready(i)
+                if cached is not None:
+                    self._finish(i, cached)
+        while self.done < self.n_members:
+            self._step(idle_ok=False)
 
     def serve(self, session: Any) -> None:
         """Run nodes as a :class:`Session` submits them, until it closes (eager mode).
