@@ -88,6 +88,8 @@ class Payload(Deferred):
         run goes on; at the end of a run segments are unlinked. Regions of a
         cache file, ``(path, offset, size)``, stay.
         """
+        if not self.segments:  # a small value, all in its pickle: every tiny task's
+            return
         for path in {seg[0] for seg in self.segments if len(seg) == 3}:
             if os.path.basename(path).startswith(".hold-"):  # a cache hit's private link
                 try:
