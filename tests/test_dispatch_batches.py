@@ -113,3 +113,45 @@ def test_slow_calls_are_never_queued_and_short_ones_only_a_few_ms_deep(monkeypat
     limit = int(process.PREFETCH_SECONDS / (short + process.CALL_OVERHEAD))
     assert max(seen["depth"]) <= max(2, limit)
     assert len(slow_nodes) == 8
+
+
+def _step(x: int, die_at: int) -> int:
+    if x == die_at:
+        os._exit(7)
+    return x + 1
+
+
+@pytest.mark.timeout(60)
+def test_a_crash_in_the_middle_of_a_long_chain_fails_that_link_alone(monkeypatch):
+    # The links of a chain behind its head travel in one batch message; the
+    # worker still answers each link before it runs the next.
+    graph = gx.Graph()
+    with graph:
+        links = [graph.add(_step, 0, 17)]
+        for _ in range(59):
+            links.append(graph.add(_step, links[-1], 17))
+    with gx.Pool(workers=2) as pool:
+        sent: list[int] = []
+        send_batch = process.ProcessPool._send_batch
+        monkeypatch.setattr(
+            process.ProcessPool,
+            "_send_batch",
+            staticmethod(
+                lambda worker, wires: sent.append(len(wires)) or send_batch(worker, wires)
+            ),
+        )
+        run = graph.compute(pool=pool, raise_on_failure=False)
+        assert max(sent) > 8, "the chain was not sent as a batch: the test proves nothing"
+        states = [run.state(n).name for n in links]
+        assert states[:17] == ["Completed"] * 17
+        assert states[17] == "Failed"
+        error = run.state(links[17]).exception
+        assert isinstance(error, gx.WorkerCrashed) and error.exitcode == 7
+        assert run.state(links[17]).attempts == 1
+        assert states[18:] == ["Skipped"] * 42
+        again = gx.Graph()
+        with again:
+            x = again.add(_step, 0, -1)
+            for _ in range(59):
+                x = again.add(_step, x, -1)
+        assert again.compute(pool=pool)[x] == 60

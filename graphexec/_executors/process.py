@@ -779,9 +779,16 @@ class ProcessPool:
         sent = 0
         if worker.pending:  # prefetched calls go first: calls run in the order sent
             self._flush(worker)
+        # The first call goes at once (the worker starts on it); the calls of a
+        # chain behind it go together, in one batch message (a function the
+        # worker lacks goes before the call that needs it, ending a batch).
+        behind: list[bytes] = []
         try:
             for call, fn_id in calls:
                 if fn_id not in worker.functions:
+                    if behind:
+                        sent += self._send_batch(worker, behind)
+                        behind = []
                     origin = getattr(getattr(call.fn, "__code__", None), "co_filename", None)
                     # Functions evicted here since its last load go with the next
                     # one: a worker's dict only grows by loads, so it stays bounded.
@@ -801,12 +808,29 @@ class ProcessPool:
                 wire = call.wire
                 assert wire is not None  # submit() and _chain() encode before delivery
                 worker.queued += len(wire)
-                worker.conn.send_bytes(wire)
-                sent += 1
+                if sent and call.timeout is None:
+                    behind.append(wire)
+                else:  # the first, or a call with a timeout: on its own (module docstring)
+                    if behind:
+                        sent += self._send_batch(worker, behind)
+                        behind = []
+                    worker.conn.send_bytes(wire)
+                    sent += 1
+            if behind:
+                sent += self._send_batch(worker, behind)
         except OSError:
             pass
         self._arm(worker)
         return sent
+
+    @staticmethod
+    def _send_batch(worker: _Worker, wires: list[bytes]) -> int:
+        """Send run messages to ``worker`` as one message (raises OSError if it is gone)."""
+        if len(wires) == 1:
+            worker.conn.send_bytes(wires[0])
+        else:
+            worker.conn.send_bytes(pickle.dumps(("batch", wires), protocol=5))
+        return 1
 
     def _batch(self, worker: _Worker, call: Call) -> None:
         """Queue a prefetched call for ``worker``: sent with others as one message."""
@@ -831,10 +855,7 @@ class ProcessPool:
         pending, worker.pending = worker.pending, []
         self._batching.remove(worker)
         try:
-            if len(pending) == 1:
-                worker.conn.send_bytes(pending[0])
-            else:
-                worker.conn.send_bytes(pickle.dumps(("batch", pending), protocol=5))
+            self._send_batch(worker, pending)
         except OSError:
             pass
 
