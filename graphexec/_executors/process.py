@@ -112,6 +112,7 @@ from .protocol import (
     Call,
     Capabilities,
     Deadlines,
+    take_back,
     timeout_error,
 )
 from .runtime import load_exception
@@ -302,6 +303,24 @@ else:  # graphexec runs on Linux (README); Windows keeps multiprocessing's own c
     _CONTEXTS = {}
 
 
+def prestart(start_method: str | None = None) -> None:
+    """Start graphexec's forkserver now, in the background, if workers will come from it.
+
+    Its start (a Python interpreter importing what a worker needs) is most of a
+    first compute's time; started when a pool is made (or earlier, see
+    ``_surfaces/__init__.py``) it runs while the parent still builds the run,
+    loads the scheduler and pickles the first calls, rather than after. It
+    starts once per process and serves every pool, as it would at the first
+    worker; nothing waits for it here.
+    """
+    if (start_method or default_start_method()) == "forkserver" and "forkserver" in _CONTEXTS:
+        try:
+            with _default_start_method_kept():  # its preparation data reads the default
+                _forkserver().ensure_running()
+        except OSError:
+            pass  # the first worker's start tries again, and reports what fails there
+
+
 def default_start_method() -> str:
     env = os.environ.get("GRAPHEXEC_START_METHOD")
     if env:
@@ -446,6 +465,7 @@ class ProcessPool:
         self._guard = _Guard(f"pool-{self.id}")
         self._owner_pid = os.getpid()
         _live_pools.add(self)
+        prestart(method)
 
     # -- lifetime -------------------------------------------------------------
 
@@ -545,6 +565,7 @@ class ProcessPool:
             name=f"graphexec-worker-{wid}",
             daemon=False,
         )
+        self._guard.start()  # the shell starts while the worker does, not after it
         process.start()
         child_conn.close()
         self._guard.add(process.pid)
@@ -1149,7 +1170,9 @@ class ProcessPool:
             self._learn(call, w)
             self._outbox.append((call, OK, Payload.from_wire(blob)))
         else:
-            _, _, _stage, exc_blob, tb, call.started, call.finished, summary = message
+            _, _, _stage, exc_blob, tb, call.started, call.finished, summary, *back = message
+            if back:
+                take_back(call, back[0])
             self._learn(call, w)
             self._outbox.append((call, ERROR, load_exception(exc_blob, tb, call.name, summary)))
         if not w.inflight and w.kill is None:
@@ -1356,6 +1379,11 @@ class _Guard:
         self._pipe: Any = None
 
     def add(self, pid: int) -> None:
+        self.start()
+        self._tell(f"+{pid}")
+
+    def start(self) -> None:
+        """Start the shell, if not yet (before the first worker: it starts meanwhile)."""
         if self._shell is None and os.path.exists("/bin/sh"):
             try:
                 self._shell = subprocess.Popen(
@@ -1375,7 +1403,6 @@ class _Guard:
                 self._pipe = self._shell.stdin
             except OSError:  # no guard: the workers' own watchdogs still work
                 self._shell = None
-        self._tell(f"+{pid}")
 
     def remove(self, pid: int) -> None:
         self._tell(f"-{pid}")

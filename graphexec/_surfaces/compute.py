@@ -30,6 +30,7 @@ from .eager import flow_session
 from .hooks import Dispatch, ambient_observers, call_run_hooks, hook_wait, outcome
 from .options import ComputeOptions
 from .progress import make_observers
+from .record import Journal
 from .signals import cancel_reason, sigterm_as_interrupt
 
 
@@ -52,6 +53,11 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
                 "fail_fast=True for a graph computed inside a flow: the flow's scheduler runs "
                 "it, so give fail_fast to @gx.flow instead"
             )
+        if options.run_dir is not None:
+            raise ValueError(
+                "run_dir= for a graph computed inside a flow: the flow's scheduler runs it; "
+                "save the flow's run instead (exc.run.save(path) on a GraphFailed)"
+            )
         if options.observers:
             raise ValueError(
                 "observers= for a graph computed inside a flow: the flow's scheduler runs "
@@ -63,7 +69,12 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
     members = post_order(graph._deps, target_ids)
     kept = set(members) if options.keep == "all" else set(target_ids)
     run = Run(graph, members, kept)
-    dispatch = _dispatch(graph, members, options)  # None when nothing listens: no cost then
+    run._inputs_cap = options.keep_inputs
+    journal = None
+    if options.run_dir is not None:  # the run's record, written as it goes
+        journal = Journal(options.run_dir)
+        run._record = journal.path
+    dispatch = _dispatch(graph, members, options, journal)  # None when nothing listens
     store = None
     if any(graph._opts[i].cache_key_fn is not None for i in members):
         store = CacheStore(options.cache_dir)
@@ -115,10 +126,15 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
     return run
 
 
-def _dispatch(graph: Graph, members: list[int], options: ComputeOptions) -> Dispatch | None:
+def _dispatch(
+    graph: Graph, members: list[int], options: ComputeOptions, journal: Journal | None = None
+) -> Dispatch | None:
     """The run's Dispatch, if anything listens: observers (given, of ``observe()``
-    blocks, graphexec's bar or log line), run hooks, or a task hook of a member."""
+    blocks, graphexec's bar or log line, the run's journal), run hooks, or a task
+    hook of a member."""
     observers = [*make_observers(options.progress), *ambient_observers(), *options.observers]
+    if journal is not None:
+        observers.append(journal)
     # (a few TaskOptions objects are shared by all the nodes: check each once)
     unique = set(map(graph._opts.__getitem__, members))
     if (
@@ -127,7 +143,9 @@ def _dispatch(graph: Graph, members: list[int], options: ComputeOptions) -> Disp
         or any(o.on_completion or o.on_failure or o.on_retry for o in unique)
     ):
         dispatch = Dispatch(observers, options.hooks, flow=graph)
-        dispatch.reads_values = dispatch.queues_observers or any(o.on_completion for o in unique)
+        dispatch.reads_values = dispatch.observers_read_values or any(
+            o.on_completion for o in unique
+        )
         return dispatch
     return None
 

@@ -73,6 +73,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
+from .. import _surfaces as _package  # its notebook module loads on first use
 from .._data.cache import DEFAULT_DIR
 from .._data.serialize import Payload
 from .._engine.policy import failures_behind
@@ -85,7 +86,6 @@ from .._model.run import Run
 from .._model.seam import NOT_EAGER
 from .._model.state import FINAL, PENDING, RUNNING, State
 from .hooks import Dispatch, ambient_observers, hook_wait, outcome
-from .notebook import future_html
 from .options import ComputeOptions, check_limits
 
 _local = threading.local()
@@ -288,7 +288,7 @@ class Future(Node):
         if state is None:
             name = RUNNING if self.index in session.scheduler.running else PENDING
             state = State(name, self.name)
-        return future_html(state)
+        return _package.notebook.future_html(state)  # loaded on first use (notebooks)
 
 
 class _Mailbox:
