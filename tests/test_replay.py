@@ -598,6 +598,10 @@ def test_a_record_cut_off_mid_run_says_so_everywhere(killed, tmp_path):
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(
+        "(4 nodes, interrupted: the record ends mid-run (the "
+        "process that wrote it stopped before the run ended); 1 unhandled failure(s))"
+    )
     text = page.read_text()
     assert '<span class="badge bad">interrupted: the record ends mid-run' in text
     assert '<div class="card c-running"><div class="v">1</div><div class="k">running</div>' in text

@@ -254,13 +254,7 @@ class Run:
             )
 
         counts = self.counts()
-        unhandled = len(self.unhandled)
-        if self._interrupted is not None:
-            status = f"interrupted: {self._interrupted}" + (
-                f"; {unhandled} unhandled failure(s)" if unhandled else ""
-            )
-        else:
-            status = "ok" if not unhandled else f"{unhandled} unhandled failure(s)"
+        status = self._status()
         out = [
             f"{graph.name}: {len(self.members)} nodes in {self.duration:.2f} s — "
             + (
@@ -309,6 +303,14 @@ class Run:
             if len(self._notes) > 20:
                 out.append(f"  ... and {len(self._notes) - 20} more")
         return "\n".join(out)
+
+    def _status(self) -> str:
+        """How the run ended, in words: ``ok``, unhandled failures, or interrupted."""
+        unhandled = len(self.unhandled)
+        failures = f"{unhandled} unhandled failure(s)"
+        if self._interrupted is not None:  # never "ok": the run did not end
+            return f"interrupted: {self._interrupted}" + (f"; {failures}" if unhandled else "")
+        return failures if unhandled else "ok"
 
     def to_json(self, indent: int | None = None) -> str:
         """The run as a JSON document for tools: per node its name, task, state, error
