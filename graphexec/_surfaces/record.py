@@ -10,8 +10,7 @@ records written together (a batch); a record whose pickle follows
     J  {"t": "start", "format", "version", "graph", "started", "pid", "host",
         "python", "graphexec", "nodes": [{"name", "task"}], "edges": [[up, down, kind]]}
     J  {"t": "add", "id", "name", "task", "edges"}      a node a flow submitted since
-    J  {"t": "run", "id", "attempt", "at"}              an attempt was dispatched,
-       or ["run", id, attempt, at]                      (the same, compact)
+    J  ["run", id, attempt, at]                         an attempt was dispatched
     J  {"t": "value", "up"}                             an upstream value a failed node got,
     P  pickle of (data, buffers)                        written once for all who got it
     J  {"t": "inputs", "id", "nbytes", "dropped", "lost", "source_hash", "origin"}
@@ -531,8 +530,6 @@ def load_run(path: str | os.PathLike[str]) -> SavedRun:
             t = record.get("t")
             if t == "start":
                 start = record
-            elif t == "run":
-                started[record["id"]] = record
             elif t == "node":
                 finals[record["id"]] = record
             elif t == "add" and start is not None:  # a node a flow submitted
