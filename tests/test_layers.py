@@ -21,7 +21,7 @@ PACKAGE = pathlib.Path(gx.__file__).parent
 # Imports allowed inside functions: optional dependencies (an extra installs
 # them), and heavy ones deferred so that `import graphexec` stays fast.
 OPTIONAL = {"distributed", "graphviz"}
-DEFERRED_FOR_STARTUP = {"tqdm", "psutil", "numpy"}
+DEFERRED_FOR_STARTUP = {"tqdm", "psutil", "numpy", "threadpoolctl"}
 
 
 def _modules() -> list[tuple[pathlib.Path, ast.Module]]:

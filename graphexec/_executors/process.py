@@ -90,6 +90,7 @@ from .._model.errors import (
     WorkerCrashed,
     describe_exitcode,
 )
+from . import threadlimits
 from . import worker as _worker
 from .protocol import (
     ERROR,
@@ -342,9 +343,13 @@ class ProcessPool:
         max_calls: int | None = None,
         initializer: Any = None,
         initargs: tuple[Any, ...] = (),
+        inner_threads: int | None = None,
     ) -> None:
         self.workers = workers
         self.max_calls = max_calls
+        # Library threads per worker (threadlimits.py): read from the environment now.
+        self.inner_threads = inner_threads or threadlimits.automatic(workers)
+        self._thread_env = threadlimits.worker_environment(inner_threads, workers)
         # The initializer travels by value (cloudpickle), pickled once: workers
         # never import __main__, where it is often defined.
         self._init: tuple[bytes, bytes, str | None] | None = None
@@ -503,6 +508,7 @@ class ProcessPool:
         process = self._ctx.Process(
             target=_worker.main,
             args=(child_conn, wid, os.getpid(), self.id, _worker.log_setup(), self._init),
+            kwargs={"thread_env": self._thread_env},
             name=f"graphexec-worker-{wid}",
             daemon=False,
         )

@@ -34,6 +34,7 @@ _RUN_OPTIONS = frozenset(
         "start_method",
         "cluster",
         "max_calls_per_worker",
+        "inner_threads",
         "observers",
         "on_completion",
         "on_failure",
@@ -143,7 +144,8 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             ``scheduler`` (``"processes"``, ``"threads"``, ``"sync"``), ``cluster``
             (a ``distributed.Client``: tasks run on its dask cluster),
             ``start_method``, ``max_calls_per_worker`` (replace a worker after that
-            many calls), ``name``; ``observers`` (:class:`Observer` instances
+            many calls), ``inner_threads`` (threads of BLAS/OpenMP in each
+            worker), ``name``; ``observers`` (:class:`Observer` instances
             that see every node of the flow) and the run hooks ``on_completion``,
             ``on_failure``, ``on_cancellation``, ``on_crashed`` (lists of functions
             called with the flow's :class:`Run`, or Prefect's ``(flow, flow_run,

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .._executors.process import Lease, ProcessPool, default_start_method
+from .._model.options import check_inner_threads
 from .eager import cancel_pool_session, end_pool_session, pop_context, push_context
 from .options import check_max_calls, check_workers
 
@@ -28,6 +29,14 @@ class Pool:
             workers and each call that would need one fails with
             :class:`WorkerCrashed` whose ``__cause__`` is the initializer's error.
         initargs: arguments for ``initializer`` (pickled with cloudpickle).
+        inner_threads: threads that BLAS (OpenBLAS, MKL, BLIS), OpenMP and numexpr
+            may start in each worker, as joblib's ``inner_max_num_threads``.
+            ``None`` (default): ``cores // workers``, at least 1, so that workers x
+            threads fit the cores; a variable such as ``OMP_NUM_THREADS`` or
+            ``OPENBLAS_NUM_THREADS`` set in this process's environment when the
+            pool is made is passed on unchanged. A count applies to all of them.
+            A task's option ``inner_threads=`` overrides it for that task's calls.
+            See docs/guide/threads.md.
 
     Example::
 
@@ -41,7 +50,8 @@ class Pool:
     Raises:
         TypeError: ``initializer`` is not callable, or it or ``initargs`` cannot
             be pickled.
-        ValueError: ``workers`` or ``max_calls_per_worker`` out of range.
+        ValueError: ``workers``, ``max_calls_per_worker`` or ``inner_threads`` out
+            of range.
     """
 
     def __init__(
@@ -52,6 +62,7 @@ class Pool:
         max_calls_per_worker: int | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
+        inner_threads: int | None = None,
     ) -> None:
         count = check_workers(workers, "Pool")
         if count == 0:
@@ -59,6 +70,7 @@ class Pool:
         max_calls = check_max_calls(max_calls_per_worker, "Pool")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"Pool: initializer= must be callable, got {initializer!r}")
+        threads = check_inner_threads(inner_threads, "inner_threads", "Pool")
         method = start_method or default_start_method()
         self._procs = ProcessPool(
             count,
@@ -66,6 +78,7 @@ class Pool:
             max_calls=max_calls,
             initializer=initializer,
             initargs=tuple(initargs),
+            inner_threads=threads,
         )
         self._session: Any = None  # the eager Session of `with pool:` submits, if any
 
@@ -78,6 +91,15 @@ class Pool:
     def max_calls_per_worker(self) -> int | None:
         """Calls a worker runs before it is replaced (None: no limit)."""
         return self._procs.max_calls
+
+    @property
+    def inner_threads(self) -> int:
+        """Threads each worker's BLAS/OpenMP libraries may start (given, or cores // workers).
+
+        Variables the environment set when the pool was made win over the
+        automatic count (see the ``inner_threads`` argument).
+        """
+        return self._procs.inner_threads
 
     @property
     def start_method(self) -> str:
