@@ -36,9 +36,13 @@ ANCHORS = {
     "serial": "serial",
     "ppe": "ProcessPoolExecutor",
     "loky": "loky",
+    "joblib": "joblib",
     "dask-processes": "dask processes",
     "dask-distributed": "dask.distributed",
+    "ray": "Ray",
 }
+# Anchors that only some workloads have: an empty cell elsewhere is expected.
+ONLY_IN = {"joblib": {"W7"}}
 GX = {"graphexec-cold": "graphexec cold", "graphexec-warm": "graphexec warm"}
 ROWS = {
     "W1": "W1 5k no-op + sum",
@@ -48,6 +52,8 @@ ROWS = {
     "W5": "W5 10 % failing",
     "W6-run-10k": "W6 run 10k nodes",
     "W6-run-100k": "W6 run 100k nodes",
+    "W6-run-1M": "W6 run 1M nodes",
+    "W7": "W7 16 x 1500² matmul",
     "startup": "start-up (pool + 8 tiny tasks + close)",
 }
 WORKERS = 2
@@ -105,7 +111,18 @@ def efficiency(table: Table, tool: str) -> float | None:
     return serial / (WORKERS * t)
 
 
-def medians_table(table: Table) -> list[str]:
+def missing(runs: list[dict[str, Any]], tool: str) -> str | None:
+    """Why a tool has no numbers at all in these runs (Ray not installed), or None."""
+    if tool != "ray":
+        return None
+    for data in runs:
+        status = data.get("machine_info", {}).get("ray", "")
+        if status.startswith("not installed"):
+            return "not installed"
+    return None
+
+
+def medians_table(table: Table, runs: list[dict[str, Any]] | None = None) -> list[str]:
     tools = {**ANCHORS, **GX}
     lines = [
         "| workload | " + " | ".join(tools.values()) + " |",
@@ -121,6 +138,9 @@ def medians_table(table: Table) -> list[str]:
                 eff = efficiency(table, tool)
                 if eff is not None:
                     cell += f" ({eff:.0%})"
+            why = missing(runs or [], tool)
+            if cell == "-" and why and workload not in ("W6-run-10k", "W6-run-100k"):
+                cell = why
             if workload == "W5" and tool == "dask-processes":
                 cell = "raises at first error"
             elif disturbed(table.get(workload, {}).get(tool)):
@@ -144,6 +164,9 @@ def ratios_table(table: Table) -> list[str]:
                 continue
             cells = []
             for anchor in ANCHORS:
+                if anchor in ONLY_IN and workload not in ONLY_IN[anchor]:
+                    cells.append("")
+                    continue
                 other = median(table, workload, anchor)
                 cells.append(f"{mine / other:.2f}" if other else "-")
             lines.append(f"| {label} | {gx_label.split()[-1]} | " + " | ".join(cells) + " |")
@@ -225,6 +248,86 @@ def memory_lines(table: Table) -> list[str]:
     return lines
 
 
+CACHE_VARIANTS = {
+    "uncached": "plain tasks",
+    "cold-cache": "cache=True, empty cache",
+    "cached-rerun": "cache=True, full cache (all Cached)",
+}
+
+
+def cache_lines(table: Table) -> list[str]:
+    """test_cache_rerun.py: W1 and W4 uncached, on an empty cache, fully cached (warm pool)."""
+    lines = [
+        "| workload | variant | time | per node | vs uncached |",
+        "|---|---|---|---|---|",
+    ]
+    for workload in ("W1-cache", "W4-cache"):
+        entries = table.get(workload, {})
+        base = median(table, workload, "uncached")
+        for variant, label in CACHE_VARIANTS.items():
+            e = entries.get(variant)
+            if e is None:
+                continue
+            per = f"{e['median'] / e['nodes'] * 1e6:.1f} µs" if e.get("nodes") else "-"
+            ratio = f"{e['median'] / base:.2f}" if base else "-"
+            lines.append(
+                f"| {workload.split('-')[0]} ({e.get('nodes', '?')} nodes) | {label} |"
+                f" {fmt(e['median'])}{' †' if disturbed(e) else ''} | {per} | {ratio} |"
+            )
+    return lines
+
+
+FLOW_FORMS = {
+    "graphexec-flow": "`@gx.flow(workers=2)`, 10,000 `submit()` then `.result()` (start-up in)",
+    "graphexec-lazy-cold": "the same calls in `with graph:`, `compute(workers=2)` (start-up in)",
+    "graphexec-lazy-warm": "the same graph, `compute(pool=warm pool)`",
+}
+
+
+def flow_lines(table: Table) -> list[str]:
+    """test_flow_submit.py: eager submits in a flow against the same lazy graph."""
+    entries = table.get("flow-submit", {})
+    cold = median(table, "flow-submit", "graphexec-lazy-cold")
+    lines = ["| form | time | per task | vs lazy cold |", "|---|---|---|---|"]
+    for tool, label in FLOW_FORMS.items():
+        e = entries.get(tool)
+        if e is None:
+            continue
+        extra = ""
+        if "submit_seconds" in e:
+            extra = f" (the submits: {fmt(e['submit_seconds'])})"
+        ratio = f"{e['median'] / cold:.2f}" if cold else "-"
+        lines.append(
+            f"| {label} | {fmt(e['median'])}{' †' if disturbed(e) else ''}{extra} |"
+            f" {e['median'] / e['tasks'] * 1e6:.1f} µs | {ratio} |"
+        )
+    return lines
+
+
+PROGRESS_FORMS = {
+    "off": "`progress=False`",
+    "bar": "`progress=True` (the tqdm bar)",
+    "log-line": "`progress=None`, logger `graphexec` at INFO (the unattended line)",
+}
+
+
+def progress_lines(table: Table) -> list[str]:
+    """test_progress.py: W1 on the warm pool with and without the bar, in turns."""
+    entries = table.get("progress", {})
+    off = median(table, "progress", "off")
+    lines = ["| progress | W1 time | vs off | per node, over off |", "|---|---|---|---|"]
+    for tool, label in PROGRESS_FORMS.items():
+        e = entries.get(tool)
+        if e is None:
+            continue
+        ratio = f"{e['median'] / off:.2f}" if off else "-"
+        over = f"{(e['median'] - off) / e['tasks'] * 1e6:+.1f} µs" if off else "-"
+        lines.append(
+            f"| {label} | {fmt(e['median'])}{' †' if disturbed(e) else ''} | {ratio} | {over} |"
+        )
+    return lines
+
+
 def targets(table: Table) -> list[str]:
     """Issue #5's targets (cold: graphexec's pool start-up included) and SPEC §9's."""
 
@@ -265,6 +368,9 @@ def targets(table: Table) -> list[str]:
         )
         r = ratio("W5", tool, "ppe")
         rows.append((f"W5 {kind}", "≤ 1 x ProcessPoolExecutor", r, verdict(r, 1.0)))
+        for anchor, label in (("serial", "serial numpy (all cores)"), ("joblib", "joblib")):
+            r = ratio("W7", tool, anchor)
+            rows.append((f"W7 {kind}", f"≤ 1 x {label} (#14)", r, verdict(r, 1.0)))
     build = table.get("W6-build-100k", {}).get("graphexec")
     if build:
         rows.append(
@@ -278,6 +384,15 @@ def targets(table: Table) -> list[str]:
                 verdict(build["bytes_per_node"], 1024),
             )
         )
+    big = table.get("W6-run-1M", {}).get("graphexec-warm")
+    small = table.get("W6-run-10k", {}).get("graphexec-warm")
+    if big:
+        rss = big.get("peak_rss_mb")
+        if rss is not None:
+            rows.append(("W6 1M run", "parent peak RSS ≤ 1.5 GB (#14)", rss, verdict(rss, 1536)))
+        if small:
+            r = (big["median"] / big["nodes"]) / (small["median"] / small["nodes"])
+            rows.append(("W6 1M run", "per node ≤ 1.3 x at 10k (#14)", r, verdict(r, 1.3)))
     lines = ["| workload | target | measured | |", "|---|---|---|---|"]
     for name, target, value, ok in rows:
         if value is None:
@@ -286,6 +401,8 @@ def targets(table: Table) -> list[str]:
             shown = f"{value:.1%}"
         elif "KB" in target:
             shown = f"{value:.0f} B"
+        elif "RSS" in target:
+            shown = f"{value:.0f} MB"
         elif name == "W6 build":
             shown = fmt(value)
         else:
@@ -318,7 +435,7 @@ def report(table: Table, runs: list[dict[str, Any]]) -> str:
         "",
         *header,
         "",
-        *medians_table(table),
+        *medians_table(table, runs),
         "",
         "## graphexec time / anchor time (below 1: graphexec is faster)",
         "",
@@ -335,7 +452,27 @@ def report(table: Table, runs: list[dict[str, Any]]) -> str:
             if "W4-memory" in table
             else []
         ),
-        "## Targets of issue #5 (ratios: graphexec / anchor)",
+        *(
+            ["## Caching (test_cache_rerun.py)", "", *cache_lines(table), ""]
+            if "W1-cache" in table or "W4-cache" in table
+            else []
+        ),
+        *(
+            [
+                "## Flows: submits against a lazy graph (test_flow_submit.py)",
+                "",
+                *flow_lines(table),
+                "",
+            ]
+            if "flow-submit" in table
+            else []
+        ),
+        *(
+            ["## The progress bar's cost (test_progress.py)", "", *progress_lines(table), ""]
+            if "progress" in table
+            else []
+        ),
+        "## Targets of issues #5 and #14 (ratios: graphexec / anchor)",
         "",
         *targets(table),
     ]
