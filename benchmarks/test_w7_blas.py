@@ -38,6 +38,8 @@ from .conftest import ROUNDS_HEAVY, TIMEOUT, cpu_snapshot, cpu_window, measure, 
 pytestmark = [pytest.mark.benchmark(group="W7"), pytest.mark.timeout(TIMEOUT)]
 
 SPEC = w.w7_spec()
+# Turns: more than ROUNDS_HEAVY, for a median that a burst of load moves less.
+TURNS = 5
 IN_TURNS = ("serial", "ppe", "loky", "joblib", "dask-processes", "graphexec-cold", "graphexec-warm")
 ON_THEIR_OWN = ("ray", "dask-distributed")  # dask.distributed last, as everywhere
 
@@ -98,7 +100,7 @@ def turns(request):
     runners = _runners(request)
     times: dict[str, list[float]] = {tool: [] for tool in runners}
     before = cpu_snapshot()
-    for _ in range(ROUNDS_HEAVY):
+    for _ in range(TURNS):
         for tool, run in runners.items():
             gc.collect()
             start = time.perf_counter()

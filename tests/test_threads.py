@@ -165,6 +165,24 @@ def test_inner_threads_is_refused_where_it_cannot_act():
     with pytest.raises(ValueError, match="runs in this process"):
         g.compute(scheduler="threads", inner_threads=1)
 
+    @gx.flow(workers=1, progress=False)
+    def inside():
+        with pytest.raises(ValueError, match=r"give inner_threads to @gx.flow"):
+            g.compute(inner_threads=1)
+        return True
+
+    assert inside()
+
 
 def test_usable_cores_is_what_the_process_may_run_on():
     assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+
+
+def test_flow_inner_threads_applies_to_its_workers(clean_env):
+    @gx.flow(workers=1, inner_threads=2, progress=False)
+    def body():
+        return report.submit(0).result()
+
+    r = body()
+    assert r["openblas"] == 2
+    assert r["env"]["NUMEXPR_NUM_THREADS"] == "2"

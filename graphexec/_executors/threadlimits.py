@@ -47,6 +47,10 @@ THREAD_VARS = (
 # loaded in a starting worker, the environment alone does the job.
 POOL_MODULES = frozenset({"numpy", "scipy", "torch", "numexpr", "sklearn", "mkl", "numba"})
 
+# What the forkserver imports once when numpy is preloaded, so that no worker
+# pays for importing it (about 25 ms) when it limits numpy's BLAS.
+PRELOAD = "threadpoolctl"
+
 # threadpoolctl's names for the libraries each variable governs.
 _LIBRARY_VAR = {
     "openblas": "OPENBLAS_NUM_THREADS",
