@@ -123,6 +123,7 @@ def test_w7(benchmark, tool, turns):
         tasks=len(SPEC),
         blas=_blas(),
         in_turns=True,
+        turn_times=times[tool],  # the report pairs them turn by turn
         **window,
     )
 

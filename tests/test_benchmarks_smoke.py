@@ -157,3 +157,20 @@ def test_report_has_ray_w7_and_the_new_sections(tmp_path):
     assert "| `progress=True` (the tqdm bar) | 0.210 s | 1.05 | +2.0 µs |" in text
     assert "| W6 1M run | parent peak RSS ≤ 1.5 GB (#14) | 900 MB | met |" in text
     assert "| W6 1M run | per node ≤ 1.3 x at 10k (#14) | 1.20 x | met |" in text
+
+
+def test_report_pairs_rounds_of_tools_that_ran_in_turns(tmp_path):
+    def bench(tool, turns):
+        info = {"workload": "W7", "tool": tool, "turn_times": turns}
+        return {"stats": {"median": sorted(turns)[1]}, "extra_info": info}
+
+    benches = [
+        bench("serial", [10.0, 2.0, 3.0]),  # a burst of load in the first turn
+        bench("graphexec-warm", [9.0, 1.8, 3.3]),  # per turn: 0.9, 0.9, 1.1
+    ]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": benches}))
+    table, data = report.load([str(path)])
+    text = report.report(table, data)
+    assert "| W7 warm | ≤ 1 x serial numpy (all cores) per turn (#14) | 0.90 x | met |" in text
+    assert "| W7 16 x 1500² matmul | warm | 0.90 |" in text
