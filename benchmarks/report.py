@@ -308,6 +308,37 @@ def flow_lines(table: Table) -> list[str]:
     return lines
 
 
+# test_startup_fresh: each tool in a new interpreter (import, first result, close).
+FRESH = {
+    "graphexec": "graphexec (`graph.compute(workers=2)`)",
+    "graphexec-pool": "graphexec (`gx.Pool(workers=2)`)",
+    "ppe": "ProcessPoolExecutor",
+    "loky": "loky",
+    "dask": "dask processes",
+    "ray": "Ray",
+}
+
+
+def fresh_lines(table: Table) -> list[str]:
+    """Start-up in a fresh interpreter: the child's phases and the whole process."""
+    entries = table.get("startup-fresh", {})
+    lines = [
+        "| tool | import | first result | close | whole process |",
+        "|---|---|---|---|---|",
+    ]
+    for tool, label in FRESH.items():
+        e = entries.get(tool)
+        if e is None:
+            lines.append(f"| {label} | not installed (or not run) | | | |")
+            continue
+        close = "in first result" if tool in ("graphexec", "dask") else fmt(e["close_s"])
+        lines.append(
+            f"| {label} | {fmt(e['import_s'])} | {fmt(e['first_s'])} | {close} |"
+            f" {fmt(e['median'])} |"
+        )
+    return lines
+
+
 PROGRESS_FORMS = {
     "off": "`progress=False`",
     "bar": "`progress=True` (the tqdm bar)",
@@ -497,6 +528,16 @@ def report(table: Table, runs: list[dict[str, Any]]) -> str:
         *(
             ["## The progress bar's cost (test_progress.py)", "", *progress_lines(table), ""]
             if "progress" in table
+            else []
+        ),
+        *(
+            [
+                "## Start-up in a fresh interpreter (import, first result of 1 call, close)",
+                "",
+                *fresh_lines(table),
+                "",
+            ]
+            if "startup-fresh" in table
             else []
         ),
         "## Targets of issues #5 and #14 (ratios: graphexec / anchor)",
