@@ -91,6 +91,7 @@ from typing import Any
 from .._data.cache import CacheStore
 from .._data.serialize import Payload
 from .._executors.protocol import ERROR, HELD, OK, REQUEUE, Call, Executor
+from .._executors.threadlimits import ThreadLimited
 from .._model.errors import SerializationError, WorkerCrashed, safe_str
 from .._model.graph import Graph
 from .._model.node import DATA
@@ -160,6 +161,8 @@ class Scheduler:
         self.fail_fast_cause: int | None = None
         self.seq = 0
         self._task_caps: dict[int, int] = {}
+        # (id(fn), count) -> the function wrapped for the task option inner_threads=
+        self._limited: dict[tuple[int, int], ThreadLimited] = {}
         # Keys are hashed on a thread of the gate's unless calls run in this
         # thread anyway (sync): then nothing runs meanwhile that could be delayed.
         self.gate = CacheGate(
@@ -416,10 +419,13 @@ class Scheduler:
                     inputs[up] = HELD
                 elif fl is None or fl[k] & DATA:
                     inputs[up] = self._value_for_dependent(up)
+        fn = graph._tasks[i].fn
+        if opts.inner_threads is not None:
+            fn = self._thread_limited(fn, opts.inner_threads)
         call = Call(
             i,
             graph._names[i],
-            graph._tasks[i].fn,
+            fn,
             graph._args[i],
             graph._kwargs[i],
             bool(inputs),
@@ -432,6 +438,14 @@ class Scheduler:
         if opts.isolate:
             call.isolate = True
         return call
+
+    def _thread_limited(self, fn: Any, threads: int) -> ThreadLimited:
+        """One wrapper per function and count, so executors send it once, as the function."""
+        key = (id(fn), threads)
+        wrapper = self._limited.get(key)
+        if wrapper is None:
+            wrapper = self._limited[key] = ThreadLimited(fn, threads)
+        return wrapper
 
     def _value_for_dependent(self, up: int) -> Any:
         state = self.states[up]
