@@ -323,14 +323,14 @@ def test_a_run_holds_at_most_window_locks_and_commits_before_it_returns(
 ):
     monkeypatch.setattr(_caching, "WINDOW", 4)
     held: list[int] = []
-    real = _cache._Shared.try_lock
+    real = _cache._Shared.try_lock_many
 
-    def counting(self, key):
-        taken = real(self, key)
+    def counting(self, keys):
+        taken = real(self, keys)
         held.append(len(self.held) - len(self.release))  # locks of unfinished nodes
         return taken
 
-    monkeypatch.setattr(_cache._Shared, "try_lock", counting)
+    monkeypatch.setattr(_cache._Shared, "try_lock_many", counting)
     counter, cache = tmp_path / "calls", tmp_path / "cache"
     graph = gx.Graph()
     with graph:
