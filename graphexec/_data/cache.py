@@ -275,6 +275,7 @@ class _Shared:
         # Commits of the flusher not yet on disk (see _flush_loop): the syncer's cue.
         self.unsynced = threading.Event()
         self.syncing = threading.Lock()
+        self.checkpoint_due = False  # the flusher's commits are in the WAL only
         self.syncer: threading.Thread | None = None
         self.warned_damage = False
         new = not os.path.exists(self.db)
@@ -396,6 +397,7 @@ class _Shared:
     def _written(self) -> None:
         """A batch was committed (by this thread's connection)."""
         if getattr(self.local, "relaxed", False):  # the flusher: on disk within SYNC_DELAY
+            self.checkpoint_due = True
             self.unsynced.set()
             if self.syncer is None:
                 self.syncer = threading.Thread(
@@ -419,21 +421,21 @@ class _Shared:
         checkpoint the WAL into the database (which bounds the WAL); the end of a run
         only syncs, and leaves the checkpoint to the syncer thread."""
         with self.syncing:
-            if not self.unsynced.is_set():
-                return
-            if checkpoint:
+            if self.unsynced.is_set():
                 self.unsynced.clear()  # a commit after this sets it again: next round
-            try:
-                # SQLite locks the database and its -shm file, never the WAL: this
-                # descriptor can be closed without dropping a lock of SQLite's.
-                fd = os.open(self.db + "-wal", os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                return  # checkpointed and deleted: the database file holds it all
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if checkpoint:
+                try:
+                    # SQLite locks the database and its -shm file, never the WAL: this
+                    # descriptor can be closed without dropping a lock of SQLite's.
+                    fd = os.open(self.db + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    fd = -1  # checkpointed and deleted: the database file holds it all
+                if fd >= 0:
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            if checkpoint and self.checkpoint_due:
+                self.checkpoint_due = False
                 self.conn().execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def write(self, rows: list[Row]) -> None:

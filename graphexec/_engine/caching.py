@@ -246,19 +246,55 @@ class CacheGate:
         if key is not None:
             return self.with_key(i, key)
         self._tickets += 1
-        job = self._job(i, self._tickets)
-        if not self._offload or cheap(job):
+        ticket = self._tickets
+        key = self._flat_key(i)
+        if key is _NOT_FLAT:
+            job = self._job(i, ticket)
+            if self._offload and not cheap(job):
+                return self._hand_over(job)
             key = self._key_of(job)
-            if key is None:
-                return RUN_NOW
-            # Settled with the other nodes keyed in this scheduler step (keyed()):
-            # one query looks all their entries up.
-            self.keying[i] = job.ticket
-            if not self.batch:
-                self.results.append(_NUDGE)
-            self.batch.append((i, job.ticket, key))
-            return KEYING
-        self.keying[i] = job.ticket
+        if key is None:
+            return RUN_NOW
+        # Settled with the other nodes keyed in this scheduler step (keyed()):
+        # one query looks all their entries up.
+        self.keying[i] = ticket
+        if not self.batch:
+            self.results.append(_NUDGE)
+        self.batch.append((i, ticket, key))
+        return KEYING
+
+    def _flat_key(self, i: int) -> Any:
+        """The key of a node without upstreams whose arguments are a few numbers and
+        short strings, under ``task_input_hash`` (a parameter sweep's nodes), or
+        ``_NOT_FLAT``: :meth:`_compute_key` for that case, without its generality."""
+        graph = self.graph
+        args = graph._args[i]
+        if (
+            graph._deps[i]
+            or graph._kwargs[i]
+            or graph._opts[i].cache_key_fn is not task_input_hash
+            or len(args) > CHEAP_ITEMS
+        ):
+            return _NOT_FLAT
+        for a in args:
+            kind = type(a)
+            if kind not in _SCALARS and not (
+                (kind is str or kind is bytes) and len(a) <= CHEAP_BYTES
+            ):
+                return _NOT_FLAT
+        task = graph._tasks[i]
+        identity = self.identities.get(task)
+        try:
+            if identity is None:
+                identity = self.identities[task] = task_identity(task)
+            return input_hash(identity, self._arguments(task, args, {}))
+        except Unhashable as exc:  # the task's identity (a closure over a socket...)
+            warnings.warn(f"{graph._names[i]} is not cached: {exc}", RuntimeWarning, stacklevel=3)
+            return None
+
+    def _hand_over(self, job: _KeyJob) -> Verdict:
+        """Have the keying thread compute this key."""
+        self.keying[job.node] = job.ticket
         with self._jobs_lock:
             self._jobs.append(job)
             start = not self._worker_busy
@@ -654,6 +690,7 @@ class CacheGate:
 
 
 _SCALARS = frozenset({int, float, bool, complex, type(None)})
+_NOT_FLAT: Final = _Verdict("NOT_FLAT")  # _flat_key: not that simple case
 _FLAT = _SCALARS | {str, bytes}  # arguments that hold no node and no marker
 _EMPTY = inspect.Parameter.empty
 CHEAP_ITEMS = 64  # arguments (counting nested ones) a cheap key may have
