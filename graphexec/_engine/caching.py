@@ -119,9 +119,10 @@ logger = logging.getLogger("graphexec")
 LOCK_POLL = 0.1  # seconds between looks at a cache entry another process is computing
 LOCK_WAIT = 600.0  # seconds a node waits for an entry another process holds
 LOCK_WAIT_ENV = "GRAPHEXEC_CACHE_LOCK_WAIT"
-# Nodes of one run that hold their entry's lock and have not finished. Beyond it, keyed
-# nodes are parked: the system's byte-range locks of one file cost time in proportion
-# to how many are held (10,000 ready roots holding theirs made each lock take 40 us).
+# Nodes of one run that hold their entry's lock and have not finished. Beyond it, nodes
+# that missed are parked (hits take no lock): the system's byte-range locks of one file
+# cost time in proportion to how many are held (10,000 ready roots holding theirs made
+# each lock take 40 us). Parked nodes come back once half the window is free.
 WINDOW = 128
 _NUDGE = (-1, 0, None)  # a result for no node: makes the scheduler call keyed()
 _SAFE_KEY = re.compile(r"[0-9a-zA-Z_-]{8,128}")
