@@ -136,6 +136,7 @@ BATCH_MAX = 128  # rows: a batch this large is committed at once (and their lock
 BATCH_DELAY = 0.05  # seconds a batched row waits at most for its commit
 SYNC_DELAY = 1.0  # seconds a batch's commit waits at most to be on disk (power cuts)
 WAL_KEEP = 4 << 20  # bytes of WAL file kept once the WAL restarts (journal_size_limit)
+CHECKPOINT_WAIT = 0.1  # seconds the syncer's checkpoint waits for other processes
 BUSY_TIMEOUT = 60.0  # seconds SQLite waits for another process's write transaction
 
 
@@ -408,6 +409,7 @@ class _Shared:
             self.unsynced.clear()
 
     def _sync_loop(self) -> None:
+        self.conn().execute(f"PRAGMA busy_timeout={int(CHECKPOINT_WAIT * 1000)}")
         while True:
             self.unsynced.wait()
             time.sleep(SYNC_DELAY)  # the commits of the next SYNC_DELAY s share one fsync
@@ -436,7 +438,12 @@ class _Shared:
                         os.close(fd)
             if checkpoint and self.checkpoint_due:
                 self.checkpoint_due = False
-                self.conn().execute("PRAGMA wal_checkpoint(PASSIVE)")
+                # With this process's commits held back, the checkpoint can complete
+                # and empty the WAL (TRUNCATE): concurrent commits kept the WAL from
+                # ever restarting, and it grew by every page written. Other processes
+                # do not hold it up: this thread's connection waits CHECKPOINT_WAIT.
+                with self.committing:
+                    self.conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def write(self, rows: list[Row]) -> None:
         """Insert (or replace) rows in one transaction, now.
@@ -563,7 +570,7 @@ def _after_fork() -> None:
 def _commit_all() -> None:
     for shared in list(_registry.values()):
         shared.commit()
-        shared.sync()
+        shared.sync(checkpoint=False)  # a checkpoint may wait for other processes
 
 
 os.register_at_fork(after_in_child=_after_fork)
