@@ -225,6 +225,37 @@ def memory_lines(table: Table) -> list[str]:
     return lines
 
 
+# test_startup_fresh: each tool in a new interpreter (import, first result, close).
+FRESH = {
+    "graphexec": "graphexec (`graph.compute(workers=2)`)",
+    "graphexec-pool": "graphexec (`gx.Pool(workers=2)`)",
+    "ppe": "ProcessPoolExecutor",
+    "loky": "loky",
+    "dask": "dask processes",
+    "ray": "Ray",
+}
+
+
+def fresh_lines(table: Table) -> list[str]:
+    """Start-up in a fresh interpreter: the child's phases and the whole process."""
+    entries = table.get("startup-fresh", {})
+    lines = [
+        "| tool | import | first result | close | whole process |",
+        "|---|---|---|---|---|",
+    ]
+    for tool, label in FRESH.items():
+        e = entries.get(tool)
+        if e is None:
+            lines.append(f"| {label} | not installed (or not run) | | | |")
+            continue
+        close = "in first result" if tool in ("graphexec", "dask") else fmt(e["close_s"])
+        lines.append(
+            f"| {label} | {fmt(e['import_s'])} | {fmt(e['first_s'])} | {close} |"
+            f" {fmt(e['median'])} |"
+        )
+    return lines
+
+
 def targets(table: Table) -> list[str]:
     """Issue #5's targets (cold: graphexec's pool start-up included) and SPEC §9's."""
 
@@ -333,6 +364,16 @@ def report(table: Table, runs: list[dict[str, Any]]) -> str:
                 "",
             ]
             if "W4-memory" in table
+            else []
+        ),
+        *(
+            [
+                "## Start-up in a fresh interpreter (import, first result of 1 call, close)",
+                "",
+                *fresh_lines(table),
+                "",
+            ]
+            if "startup-fresh" in table
             else []
         ),
         "## Targets of issue #5 (ratios: graphexec / anchor)",

@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
 
 from benchmarks import report  # noqa: E402
 from benchmarks import workloads as w  # noqa: E402
+from benchmarks.test_startup_fresh import run_fresh  # noqa: E402
 
 W1_N = 50
 W5_N, W5_EVERY = 40, 10
@@ -90,3 +91,27 @@ def test_report_reads_pytest_benchmark_json(tmp_path):
     assert "2.000 s (100%)" in text  # W3 warm: 4.0 / (2 x 2.0)
     assert "| W1 5k no-op + sum | cold | 30.00 | 0.50 |" in text
     assert "| W6 build | ≤ 1 KB per node | 325 B | met |" in text
+
+
+@pytest.mark.parametrize("tool", ["graphexec", "ppe"])
+def test_fresh_start_child_reports_its_phases(tool):
+    # What benchmarks/test_startup_fresh.py runs in each round, once.
+    phases = run_fresh(tool)
+    assert set(phases) == {"import", "first", "close"}
+    assert all(0 <= phases[p] < 60 for p in phases)
+
+
+def test_report_shows_fresh_start_up_and_missing_tools(tmp_path):
+    extra = {"workload": "startup-fresh", "import_s": 0.02, "first_s": 0.04, "close_s": 0.0}
+    benches = [
+        {"stats": {"median": 0.1}, "extra_info": {**extra, "tool": "graphexec"}},
+        {"stats": {"median": 0.05}, "extra_info": {**extra, "tool": "ppe", "close_s": 0.003}},
+    ]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": benches, "datetime": "today"}))
+    text = report.report(*report.load([str(path)]))
+    assert "| graphexec (`graph.compute(workers=2)`) | 0.020 s | 0.040 s | in first result |" in (
+        text
+    )
+    assert "| ProcessPoolExecutor | 0.020 s | 0.040 s | 3.00 ms | 0.050 s |" in text
+    assert "| Ray | not installed (or not run) |" in text

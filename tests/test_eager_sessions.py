@@ -37,7 +37,13 @@ from graphexec._executors import process as process_module
 from graphexec._executors.inprocess import SyncExecutor, ThreadExecutor
 from graphexec._model.graph import Graph
 from graphexec._surfaces import eager
-from graphexec._surfaces.eager import Session, flow_session, pop_context, push_context
+from graphexec._surfaces.eager import (
+    PoolBlock,
+    Session,
+    flow_session,
+    pop_context,
+    push_context,
+)
 from graphexec._surfaces.options import ComputeOptions
 
 # -- tasks ------------------------------------------------------------------------------
@@ -349,13 +355,14 @@ def test_threads_submitting_into_one_pool_block_share_one_session():
     """The first submits of a `with gx.Pool()` block, from several threads at once,
     start one session (each used to be able to start its own)."""
     with gx.Pool(workers=1) as pool:
+        block = PoolBlock(pool)  # (one block's context, entered by six threads)
         start = threading.Barrier(6)
         futures: list[Any] = []
         errors: list[BaseException] = []
         lock = threading.Lock()
 
         def submitter() -> None:
-            push_context(pool)
+            push_context(block)
             try:
                 start.wait()
                 future = inc.submit(1)
@@ -364,7 +371,7 @@ def test_threads_submitting_into_one_pool_block_share_one_session():
                     errors.append(exc)
                 return
             finally:
-                pop_context(pool)
+                pop_context(block)
             with lock:
                 futures.append(future)
 

@@ -48,10 +48,11 @@ EXECUTOR_PROTOCOL = {"submit", "poll", "cancel_running"}
 
 
 def _public_names(module):
+    # dir(), not vars(): some names load on first use (graphexec's __getattr__, PEP 562).
     return {
         name
-        for name, value in vars(module).items()
-        if not name.startswith("_") and not inspect.ismodule(value)
+        for name in dir(module)
+        if not name.startswith("_") and not inspect.ismodule(getattr(module, name))
     }
 
 

@@ -93,10 +93,8 @@ import logging
 import mmap
 import os
 import pickle
-import sqlite3
 import struct
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -105,14 +103,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
-import psutil
 
 from .._model.errors import safe_str
 from .._model.keys import content_hash
 from .serialize import PROTOCOL, SHM_THRESHOLD, Payload, attach_segment, loads_value
+
+if TYPE_CHECKING:
+    import sqlite3
 
 logger = logging.getLogger("graphexec")
 
@@ -293,6 +293,8 @@ class _Shared:
         ``synchronous=FULL`` (a commit returns once the WAL is on disk), except the
         flusher's: see :meth:`_flush_loop`.
         """
+        import sqlite3  # deferred: only a run that caches needs it (import graphexec stays fast)
+
         conn = getattr(self.local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(
@@ -465,6 +467,8 @@ class _Shared:
 
     def delete(self, key: str, crc: int) -> None:
         """Delete the row of ``key`` if it is still the one that was judged (``crc``)."""
+        import sqlite3
+
         with self.mutex:
             row = self.pending.get(key)
             if row is not None and row[5] == crc:
@@ -633,6 +637,8 @@ class CacheStore:
 
     def has(self, key: str) -> bool:
         """True if ``key`` has an entry (valid or not, expired or not)."""
+        import sqlite3
+
         if key in self._shared.pending:
             return True
         try:
@@ -658,6 +664,8 @@ class CacheStore:
         keyed in one scheduler step at once: a query costs 4 us, a key in it 0.4 us).
         Rows of this process's batch not yet committed are found too.
         """
+        import sqlite3
+
         shared = self._shared
         pending = shared.pending
         found: dict[str, Found] = {}
@@ -845,6 +853,8 @@ class CacheStore:
     def write(self, key: str, data: bytes, buffers: list[memoryview], meta: dict) -> None:
         """Write a large entry: its file atomically (temp file, fsync, rename), then its
         row, committed now."""
+        import tempfile
+
         path = self.path(key)
         path.parent.mkdir(mode=0o700, exist_ok=True)
         created = clock()
@@ -1024,6 +1034,8 @@ def _read_header(path: Path) -> dict:
 
 def _mapped_inodes(root: Path) -> set[tuple[int, int]]:
     """Files that a live process maps: those its ``.hold-<pid>-<n>.hold`` links name."""
+    import psutil
+
     found = set()
     for hold in root.glob("*/.hold-*"):
         try:
@@ -1087,6 +1099,8 @@ def clear_cache(
         gx.clear_cache()                       # prune expired entries
         gx.clear_cache("runs/cache", expired_only=False)
     """
+    import psutil
+
     root = Path(cache_dir if cache_dir is not None else DEFAULT_DIR)
     if not root.is_dir():
         return 0
@@ -1121,6 +1135,8 @@ def clear_cache(
 def _remove_orphans(store: CacheStore) -> None:
     """Delete large-entry files without a row: their writer died before committing it
     (only old ones: a writer may be between its rename and its commit right now)."""
+    import sqlite3
+
     conn = store._shared.conn()
     for path in store.root.glob(f"*/[!.]*{FILE_SUFFIX}"):
         key = path.name[: -len(FILE_SUFFIX)]

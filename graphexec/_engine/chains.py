@@ -11,10 +11,12 @@ A value is kept in a worker only where nothing could need it again: its node
 has one consumer, which takes it once as plain data; it is not kept for the
 Run nor written to the cache; the consumer will surely run (its other inputs
 are all completed, plain ``all_success``) and never runs twice (no retries)
-nor waits for a slot (no concurrency limit) nor keys a cache entry on it. So
-a value lost with a worker — a crash, a kill — is never needed: its consumer
-either failed with that worker or never started, and then its upstream failed
-too.
+nor waits for a slot (no concurrency limit) nor keys a cache entry on it, and
+has no timeout (a timeout kills the worker). So a value lost with a worker —
+a crash, a kill — is never needed by the run: its consumer either failed
+with that worker or never started, and then its upstream failed too. Only
+``run.replay`` of a consumer that crashed its worker misses it, and
+``run.inputs`` says so; a consumer that raised sends it back.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ def build_chain(s: ChainHost, i: int) -> list[Call] | None:
             or d in s.running
             or d in s.unsent
             or opts.retries
+            # a timeout kills the worker, and with it the held input a replay needs
+            or opts.timeout is not None
             or opts.cache_key_fn is not None
             or opts.trigger != "all_success"
             or s._limit_keys(d)

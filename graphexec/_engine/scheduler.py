@@ -106,6 +106,7 @@ from .._model.state import (
 )
 from .caching import KEYING, LOCK_POLL, RUN_NOW, WAIT, CacheGate, Verdict
 from .chains import build_chain, unchain
+from .keep import keep_failed
 from .policy import Resolution, on_failure, resolve
 
 logger = logging.getLogger("graphexec")
@@ -361,6 +362,8 @@ class Scheduler:
                     heapq.heappush(self.parked.setdefault(full, []), heapq.heappop(ready))
                     continue
             call = self.unsent.pop(i, None) or self._make_call(i)
+            if keys:  # (a shared pool counts them across its runs too)
+                call.limits = [(k, self._cap(k)) for k in keys]
             if call.isolate and not executor.capabilities.isolates:
                 heapq.heappop(ready)
                 error = ValueError(
@@ -483,7 +486,7 @@ class Scheduler:
         # Done with this call: drop the upstream values it carried (and their wire
         # form), so that a value released below is not kept alive by a Call that
         # some frame or executor still refers to.
-        call.inputs = {}
+        inputs, call.inputs = call.inputs, {}
         call.wire = None
         for k in self._limit_keys(i):
             self.in_use[k] -= 1
@@ -540,6 +543,8 @@ class Scheduler:
                     self._push_ready(i)
                 return
         logger.warning("%s failed: %s: %s", name, type(error).__name__, safe_str(error))
+        # for run.replay, before the inputs are released
+        keep_failed(self.run_, call, inputs, self.executor.capabilities.remote_values)
         self._finish(i, failed)
 
     def _unloadable(self, i: int, payload: Payload) -> SerializationError | None:

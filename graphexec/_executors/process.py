@@ -75,7 +75,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing import reduction, resource_tracker
 from multiprocessing import util as mp_util
 from multiprocessing.connection import wait as mp_wait
@@ -101,6 +101,7 @@ from .protocol import (
     Call,
     Capabilities,
     Deadlines,
+    take_back,
     timeout_error,
 )
 from .runtime import load_exception
@@ -283,6 +284,24 @@ else:  # graphexec runs on Linux (README); Windows keeps multiprocessing's own c
     _CONTEXTS = {}
 
 
+def prestart(start_method: str | None = None) -> None:
+    """Start graphexec's forkserver now, in the background, if workers will come from it.
+
+    Its start (a Python interpreter importing what a worker needs) is most of a
+    first compute's time; started when a pool is made (or earlier, see
+    ``_surfaces/__init__.py``) it runs while the parent still builds the run,
+    loads the scheduler and pickles the first calls, rather than after. It
+    starts once per process and serves every pool, as it would at the first
+    worker; nothing waits for it here.
+    """
+    if (start_method or default_start_method()) == "forkserver" and "forkserver" in _CONTEXTS:
+        try:
+            with _default_start_method_kept():  # its preparation data reads the default
+                _forkserver().ensure_running()
+        except OSError:
+            pass  # the first worker's start tries again, and reports what fails there
+
+
 def default_start_method() -> str:
     env = os.environ.get("GRAPHEXEC_START_METHOD")
     if env:
@@ -396,6 +415,8 @@ class ProcessPool:
         self._refused: dict[int, int] = {}
         self._outbox: list[tuple[Call, int, Any]] = []
         self._memory_limit: int | None = None
+        # Runs of a shared pool (shared.py) with a memory limit: sample while > 0.
+        self.limited_runs = 0
         self._next_sample = 0.0
         self._closed = False  # no new work (set first thing in close)
         self._stopped = False  # close() has finished: every worker is gone
@@ -407,6 +428,7 @@ class ProcessPool:
         self._guard = _Guard(f"pool-{self.id}")
         self._owner_pid = os.getpid()
         _live_pools.add(self)
+        prestart(method)
 
     # -- lifetime -------------------------------------------------------------
 
@@ -483,16 +505,20 @@ class ProcessPool:
         self._next_sample = 0.0
 
     def _release(self) -> None:
-        # Everything the run still needed is mapped or released by now; what
+        self.idle_sweep()
+        self._memory_limit = None
+        self._outbox = []
+        self._owner_lock.release()
+
+    def idle_sweep(self) -> None:
+        """No run is using the pool: sweep its shared memory, reap retired workers."""
+        # Everything the runs still needed is mapped or released by now; what
         # is left under our prefix was written by a worker that died mid-copy.
         _shm.sweep(self._shm_prefix)
         for w in list(self._retiring.values()):
             if w.process.exitcode is not None:  # reaped now rather than at the next run
                 self._bury(w)
-        self._memory_limit = None
-        self._outbox = []
-        self._refused.clear()  # the run's calls are done with: none comes back
-        self._owner_lock.release()
+        self._refused.clear()  # the runs' calls are done with: none comes back
 
     # -- workers --------------------------------------------------------------
 
@@ -506,6 +532,7 @@ class ProcessPool:
             name=f"graphexec-worker-{wid}",
             daemon=False,
         )
+        self._guard.start()  # the shell starts while the worker does, not after it
         process.start()
         child_conn.close()
         self._guard.add(process.pid)
@@ -599,7 +626,7 @@ class ProcessPool:
                 return True
         if call.isolate:
             return self._submit_isolated(call, fn_id)
-        worker = self._idle_worker()
+        worker = self._idle_worker(call.memory_limit)
         if worker is None and not self._may_spawn():
             if self._broken is not None and not self._workers:
                 return self._fail_unstartable(call)
@@ -646,7 +673,7 @@ class ProcessPool:
         if self._broken is not None:  # no fresh worker will ever start
             return self._fail_unstartable(call)
         if not self._may_spawn():
-            idle = self._idle_worker()
+            idle = self._idle_worker(call.memory_limit)
             if idle is None:
                 self._refused[id(call)] = fn_id
                 return False
@@ -755,13 +782,15 @@ class ProcessPool:
         self._arm(worker)
         return sent
 
-    def _idle_worker(self) -> _Worker | None:
+    def _idle_worker(self, limit: int | None = None) -> _Worker | None:
+        """An idle worker, live and (``limit``: bytes of RSS) under the memory limit."""
+        limit = limit if limit is not None else self._memory_limit
         while self._idle:
             w = self._idle.pop()
             # An idle worker has nothing to say: a readable pipe means it closed (the
             # worker died) even when its exit code has not been reported yet.
             if w.process.exitcode is None and not w.conn.poll():
-                if self._rss_over_limit(w) is None:
+                if self._rss_over_limit(w, limit) is None:
                     return w
                 # Memory earlier tasks left behind (a module-level cache): the next
                 # task must not be killed for it. Nothing runs there: nobody is blamed.
@@ -771,9 +800,9 @@ class ProcessPool:
             self._bury(w)
         return None
 
-    def _rss_over_limit(self, w: _Worker) -> int | None:
+    def _rss_over_limit(self, w: _Worker, limit: int | None) -> int | None:
         """The worker's RSS if a memory limit is set and it is over it, else None."""
-        if self._memory_limit is None:
+        if limit is None:
             return None
         import psutil
 
@@ -783,7 +812,7 @@ class ProcessPool:
             rss = w.ps.memory_info().rss
         except psutil.Error:
             return None
-        return rss if rss > self._memory_limit else None
+        return rss if rss > limit else None
 
     def _prefetch_target(self, call: Call, fn_id: int) -> _Worker | None:
         """A busy worker that may queue this call behind its current one, or None."""
@@ -881,7 +910,10 @@ class ProcessPool:
         deadline = self._deadlines.next()
         if deadline is not None:
             wake = deadline if wake is None else min(wake, deadline)
-        if self._memory_limit is not None and any(w.inflight for w in self._workers.values()):
+        # (calls of a shared pool's runs carry their own limit: Call.memory_limit)
+        if (self._memory_limit is not None or self.limited_runs) and any(
+            w.inflight for w in self._workers.values()
+        ):
             wake = self._next_sample if wake is None else min(wake, self._next_sample)
         waitables = [self._wake_r, *self._waitables]
         # In slices in the main thread: a Ctrl-C the kernel hands to another
@@ -916,7 +948,7 @@ class ProcessPool:
         for w in dead:
             self._bury(w)
         self._check_deadlines()
-        if self._memory_limit is not None:
+        if self._memory_limit is not None or self.limited_runs:
             self._check_memory()
         outcomes, self._outbox = self._outbox, []
         return outcomes
@@ -989,7 +1021,9 @@ class ProcessPool:
             self._learn(call, w)
             self._outbox.append((call, OK, Payload.from_wire(blob)))
         else:
-            _, _, _stage, exc_blob, tb, call.started, call.finished, summary = message
+            _, _, _stage, exc_blob, tb, call.started, call.finished, summary, *back = message
+            if back:
+                take_back(call, back[0])
             self._learn(call, w)
             self._outbox.append((call, ERROR, load_exception(exc_blob, tb, call.name, summary)))
         if not w.inflight and w.kill is None:
@@ -1092,16 +1126,17 @@ class ProcessPool:
         for w in list(self._workers.values()):
             if not w.inflight or w.kill is not None:
                 continue
-            rss = self._rss_over_limit(w)
+            head = w.inflight[0]
+            limit = head.memory_limit if head.memory_limit is not None else self._memory_limit
+            rss = self._rss_over_limit(w, limit)
             if rss is not None:
-                head = w.inflight[0]
                 error = MemoryLimitExceeded(
                     f"{head.name} used {_size(rss)} of memory (RSS of its worker), over "
-                    f"memory_limit={_size(self._memory_limit or 0)}; the worker was killed and "
+                    f"memory_limit={_size(limit or 0)}; the worker was killed and "
                     "replaced. Reduce the task's memory use, split its input, or raise "
                     "memory_limit=",
                     node=head.name,
-                    limit=self._memory_limit,
+                    limit=limit,
                     rss=rss,
                 )
                 w.kill = (head, error)
@@ -1128,6 +1163,36 @@ class ProcessPool:
             self._forget(w)
         self._outbox = [o for o in self._outbox if o[1] != REQUEUE]
         return cancelled
+
+    # -- a pool shared by several runs (shared.py) -----------------------------
+
+    def cancel_where(self, mine: Callable[[Call], bool]) -> list[Call]:
+        """Stop the calls ``mine`` picks (one run's, on a shared pool); return them.
+
+        A worker whose running call is picked is killed; the calls of other
+        runs queued behind it there come back as REQUEUE outcomes, untouched.
+        A picked call queued behind another run's call is left to run: its
+        outcome comes back as usual, and the caller drops it.
+        """
+        busy = [w for w in self._workers.values() if w.inflight and mine(w.inflight[0])]
+        for w in busy:
+            self._kill(w)
+        cancelled: list[Call] = []
+        for w in busy:
+            w.process.join(STOP_TIMEOUT)
+            for call in w.inflight:
+                if mine(call):
+                    cancelled.append(call)
+                else:
+                    self._outbox.append((call, REQUEUE, None))
+            w.inflight.clear()
+            self._forget(w)
+        self._outbox = [o for o in self._outbox if not (o[1] == REQUEUE and mine(o[0]))]
+        return cancelled
+
+    def withdraw(self, call: Call) -> None:
+        """A call ``submit`` refused will not be offered again (its run ended)."""
+        self._refused.pop(id(call), None)
 
 
 class _Guard:
@@ -1184,6 +1249,11 @@ class _Guard:
         self._pipe: Any = None
 
     def add(self, pid: int) -> None:
+        self.start()
+        self._tell(f"+{pid}")
+
+    def start(self) -> None:
+        """Start the shell, if not yet (before the first worker: it starts meanwhile)."""
         if self._shell is None and os.path.exists("/bin/sh"):
             try:
                 self._shell = subprocess.Popen(
@@ -1203,7 +1273,6 @@ class _Guard:
                 self._pipe = self._shell.stdin
             except OSError:  # no guard: the workers' own watchdogs still work
                 self._shell = None
-        self._tell(f"+{pid}")
 
     def remove(self, pid: int) -> None:
         self._tell(f"-{pid}")

@@ -26,7 +26,9 @@ with the value ``HELD``) and is handed to the next call in memory
 (``worker.handover``: the object itself where nothing else can see it, else a
 copy), never through the parent or shared memory. The scheduler builds a
 chain only where nothing could need such a value again (see
-``_engine/chains.py``), so a value lost with its worker is never missed.
+``_engine/chains.py``), so a value lost with its worker is never missed
+by the run; a chained call that fails sends its held input back with the
+error (:func:`take_back`), so that ``run.replay`` has it.
 
 Deadlines: every executor that enforces ``timeout=`` keeps them in a
 :class:`Deadlines` heap (lazy deletion, as trio does), so ``poll`` knows how
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     from .._model.run import Run
 
 from .._data.cache import CacheStore
+from .._data.serialize import Payload
 from .._model.errors import TaskTimeout
 from .._model.handle import materialize
 from .._model.walk import substitute
@@ -80,6 +83,23 @@ class _Held:
 HELD = _Held()
 
 
+class Gone:
+    """In a failed call's ``inputs``: a chained value its worker could not send back."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def take_back(call: Call, returned: tuple[tuple[int, bytes | None, str], ...]) -> None:
+    """A worker failed ``call`` and sent back the chained inputs it held for it (see
+    ``worker.py``): put them where the call's ``HELD`` markers are, so that the run
+    keeps them like any other input of a failed node (``_engine/keep.py``)."""
+    for up, blob, why in returned:
+        call.inputs[up] = Payload(blob, ()) if blob is not None else Gone(why)
+
+
 class Call:
     """One attempt at one node, as an executor sees it."""
 
@@ -92,6 +112,8 @@ class Call:
         "inputs",
         "isolate",
         "kwargs",
+        "limits",
+        "memory_limit",
         "name",
         "node",
         "number",
@@ -130,6 +152,10 @@ class Call:
         self.cache: tuple[str, str, dict] | None = None  # (cache dir, key, meta) to write
         self.then: list[Call] | None = None  # a chain to run behind this call (see above)
         self.isolate = False  # run in a fresh worker, discarded after (Capabilities.isolates)
+        self.memory_limit: int | None = None  # a shared pool's run sets its own (shared.py)
+        # (key, cap) of each concurrency limit the call counts against (tags, the
+        # task's max_concurrency): a shared pool holds them across its runs.
+        self.limits: list[tuple[Any, int]] | None = None
 
     def __repr__(self) -> str:
         return f"<Call {self.name} attempt {self.number}>"

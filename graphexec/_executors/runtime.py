@@ -62,14 +62,19 @@ def arguments_unpickle_error(name: str, exc: BaseException, where: str) -> Seria
     )
 
 
-def load_function(blob: bytes, origin: str | None) -> Any:
+def load_function(blob: bytes, origin: str | None, adopt: bool = True) -> Any:
+    """Unpickle a function (an :class:`Unloadable` if it fails), its source file put back.
+
+    ``adopt``: make the script's functions findable in ``__main__`` (a worker's;
+    not a user's interpreter, where a replay must not rebind their names).
+    """
     try:
         fn = pickle.loads(blob)
     except BaseException as exc:  # reported when a call needs it, on that node
         return Unloadable(exc, traceback.format_exc())
     if origin:
         _restore_filenames(fn, origin)
-    if getattr(fn, "__module__", None) == "__main__":
+    if adopt and getattr(fn, "__module__", None) == "__main__":
         _adopt_into_main(fn)
     return fn
 

@@ -13,7 +13,7 @@ Messages (pickled tuples, one ``send_bytes`` each)::
                        ("held", token, started, finished)  kept here for the next call
                        ("skip", token)                    its held input is not here
                        ("err", token, stage, exc_blob, traceback_text, started, finished,
-                        (type_name, message))
+                        (type_name, message)[, returned])
 
 ``forget`` lists the ids of functions the parent evicted from its registry
 (an LRU, see ``ProcessPool._evict_functions``) since this worker's last
@@ -29,6 +29,9 @@ small one the parent stores from the reply's blob (``_data/cache.py``).
 
 Calls are run strictly in the order received, so the parent knows which call
 a dead worker was running: the oldest one it has not answered.
+
+``returned``, only for a failed call of a chain: the inputs this worker held
+for it, pickled (``return_inputs``), so that the run keeps them for replay.
 
 ``stage`` says which step failed: ``function`` (unpickling the function),
 ``unpickle-arguments``, ``call`` (the task raised), ``result`` (pickling it).
@@ -237,31 +240,32 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
     _, token, fn_id, name, args_blob, deps, cache, hold = message
     started = time.time()
     values: dict[int, Any] = {}
-    chained = False
+    # Chained inputs: they never passed through the parent, so a failure sends
+    # them back (run.replay needs them); a reference until the reply is made.
+    chained: dict[int, Any] = {}
     for dep in deps:
         if len(dep) == 3:  # the value the previous call of the chain kept here
             if dep[2] not in held:  # that call failed: the parent decides what now
                 held.clear()
                 return pickle.dumps(("skip", token))
-            values[dep[0]] = held.pop(dep[2])
-            chained = True
+            values[dep[0]] = chained[dep[0]] = held.pop(dep[2])
     if not chained:
         held.clear()  # a chain ends with a call that keeps nothing: nothing is left
 
     def fail(stage: str, exc: BaseException, tb: str) -> bytes:
-        return pickle.dumps(
-            (
-                "err",
-                token,
-                stage,
-                pickle_exception(exc, tb, name),
-                tb,
-                started,
-                time.time(),
-                describe_exception(exc),
-            ),
-            protocol=5,
+        reply: tuple[Any, ...] = (
+            "err",
+            token,
+            stage,
+            pickle_exception(exc, tb, name),
+            tb,
+            started,
+            time.time(),
+            describe_exception(exc),
         )
+        if chained:
+            reply += (return_inputs(chained),)
+        return pickle.dumps(reply, protocol=5)
 
     fn = functions[fn_id]
     if type(fn) is Unloadable:
@@ -311,6 +315,18 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
         # small one the parent stores from this blob (it batches its rows).
         write_cache(cache, result, name)
     return pickle.dumps(("ok", token, blob, started, finished), protocol=5)
+
+
+def return_inputs(chained: dict[int, Any]) -> tuple[tuple[int, bytes | None, str], ...]:
+    """The chained inputs of a failed call, pickled to go back to the parent:
+    ``(node, pickle, "")``, or ``(node, None, why)`` for one that will not pickle."""
+    out: list[tuple[int, bytes | None, str]] = []
+    for up, value in chained.items():
+        try:
+            out.append((up, dumps(value), ""))
+        except Exception as exc:
+            out.append((up, None, f"it could not be pickled in the worker: {exc}"))
+    return tuple(out)
 
 
 _IMMUTABLE = frozenset({int, float, complex, bool, str, bytes, type(None)})
@@ -464,6 +480,19 @@ def _parent_dies_soon(parent_pid: int, wait: float = 2.0) -> bool:
 
 
 def _parent_alive(parent_pid: int) -> bool:
+    """The parent exists and is not a zombie.
+
+    On Linux from ``/proc/<pid>/stat`` (the state follows the command name's
+    closing parenthesis), so that a starting worker does not import psutil
+    (milliseconds of a worker's start); elsewhere psutil.
+    """
+    try:
+        with open(f"/proc/{parent_pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        pass  # no /proc: ask psutil
     import psutil
 
     try:
@@ -474,15 +503,9 @@ def _parent_alive(parent_pid: int) -> bool:
 
 def _watch_parent(parent_pid: int, first_ppid: int) -> None:
     """Kill this worker's process group once the parent is gone."""
-    import psutil
-
     while True:
         time.sleep(WATCHDOG_INTERVAL)
-        try:
-            parent = psutil.Process(parent_pid)
-            alive = parent.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            alive = False
+        alive = _parent_alive(parent_pid)
         if alive and os.getppid() == first_ppid:
             continue
         _flush_stdio()

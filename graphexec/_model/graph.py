@@ -336,6 +336,8 @@ class Graph:
         on_cancellation: list[Callable[..., Any]] | None = None,
         on_crashed: list[Callable[..., Any]] | None = None,
         max_calls_per_worker: int | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        keep_inputs: int | str | None = None,
     ) -> Run:
         """Run the graph (or the ancestors of ``targets``) and return a :class:`Run`.
 
@@ -391,6 +393,13 @@ class Graph:
             max_calls_per_worker: replace a worker process after it has run this
                 many calls (between calls, blaming nobody); with ``pool=``, give
                 it to :class:`Pool` instead.
+            run_dir: a directory to write the run's record to as it goes (states
+                and timings as nodes finish, inputs as they fail): if this process
+                is killed, ``Run.load(run_dir)`` reads what finished, what failed
+                (and replays it) and what was running. See docs/howto/replay.md.
+            keep_inputs: bytes of failed nodes' inputs the run keeps for
+                ``run.replay`` (an int or a size such as ``"200MB"``; 0 keeps
+                none); default ``GRAPHEXEC_KEEP_INPUTS``, else 1 GiB.
 
         Returns:
             The :class:`Run`: a state for every node, values of kept nodes.
@@ -424,6 +433,8 @@ class Graph:
             on_cancellation=on_cancellation,
             on_crashed=on_crashed,
             max_calls_per_worker=max_calls_per_worker,
+            run_dir=run_dir,
+            keep_inputs=keep_inputs,
         )
 
     def visualize(

@@ -43,6 +43,19 @@ class Run:
         # What happened to a node besides its state, for summary(): e.g. how long
         # it waited for a cache entry another process was computing.
         self._notes: dict[int, str] = {}
+        # What failed nodes received, for inputs() and replay(): node -> the data
+        # plane's KeptCall (``_engine/keep.py``); at most _inputs_cap bytes (None:
+        # GRAPHEXEC_KEEP_INPUTS, else 1 GiB).
+        self._inputs: dict[int, Any] = {}
+        self._inputs_cap: int | None = None
+        self._inputs_bytes = 0
+        # A worker's value copied out for one failed node, by upstream node: the
+        # next failed node that received it shares the copy (and the cap counts it once).
+        self._kept_values: dict[int, Any] = {}
+        self._source_hashes: dict[int, str | None] = {}  # id(function) -> its source's hash
+        # Where this run's record is (compute(run_dir=...), save(), load()): the
+        # failure report then shows the command line that replays from it.
+        self._record: Path | None = None
         self.started = time.time()
         self.finished: float | None = None
 
@@ -57,6 +70,16 @@ class Run:
                 "targets given to compute(), or was added to the graph afterwards"
             )
         return node.index
+
+    def _lookup(self, node: Any) -> int:
+        """The index of ``node``: a node of this run, or its name as reports show it."""
+        if isinstance(node, str):
+            names = self.graph._names
+            for i in self.members:
+                if names[i] == node:
+                    return i
+            raise KeyError(f"no node named {node!r} in this run of {self.graph.name}")
+        return self._index(node)
 
     def _has(self, i: int) -> bool:
         return i in self._member_set
@@ -207,6 +230,17 @@ class Run:
                 out.append(f"  {node.name}{tag}: {_one_line(exc)}{attempts}")
             if len(failed) > 20:
                 out.append(f"  ... and {len(failed) - 20} more")
+        not_kept = [
+            (node, kept)
+            for node in failed
+            if (kept := self._inputs.get(node.index)) is not None and (kept.dropped or kept.lost)
+        ]
+        if not_kept:
+            out.append("Inputs not kept (run.replay cannot rerun these):")
+            for node, kept in not_kept[:20]:
+                out.append(f"  {node.name}: {kept.dropped or next(iter(kept.lost.values()))}")
+            if len(not_kept) > 20:
+                out.append(f"  ... and {len(not_kept) - 20} more")
         skipped = self.skipped
         if skipped:
             out.append(
@@ -247,6 +281,95 @@ class Run:
         """
         return surfaces.run_from_json(text)
 
+    # -- the morning after: inputs, replay, the saved run ----------------------------
+
+    def inputs(self, node: Node | str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The exact arguments a failed node received: ``(args, kwargs)``.
+
+        Upstream values are in place of the nodes, and exceptions or States
+        where a policy passed those (``gx.allow_failure``, ``return_state``).
+        Each call gives fresh objects. A run keeps them for every node that
+        ended Failed, up to ``compute(keep_inputs=...)`` bytes per run
+        (``GRAPHEXEC_KEEP_INPUTS``; 1 GiB by default).
+
+        Args:
+            node: a node of this run, or its name as ``summary()`` shows it.
+
+        Raises:
+            ValueError: the node did not fail (a Skipped or Cancelled node names
+                the failure to look at instead).
+            LookupError: its inputs were not kept: over the cap, or lost with a
+                worker that crashed holding a chained value; the message says which.
+
+        Example::
+
+            args, kwargs = run.inputs("load-3")
+        """
+        return surfaces.run_inputs(self, node)
+
+    def replay(self, node: Node | str, pdb: bool = False, timeout: float | None = None) -> Any:
+        """Run a failed node's function again, in this process, on its exact inputs.
+
+        So ``breakpoint()``, ``pdb`` and a debugger work. A node that crashed its
+        worker (``WorkerCrashed``) is first run in a fresh subprocess, and the
+        replay says so: if it crashes there again, it is not run here (it would
+        take this interpreter down) and :class:`WorkerCrashed` is raised. A
+        loaded run warns when the function's source changed since it was recorded.
+
+        Args:
+            node: a failed node of this run, or its name.
+            pdb: start post-mortem debugging where the replay raises.
+            timeout: seconds after which the replay raises :class:`TaskTimeout`
+                (main thread only); none by default, even for a node that timed out.
+
+        Returns:
+            The function's value, if it does not fail this time.
+
+        Raises:
+            Exception: whatever the function raises (the original failure, again).
+            ValueError, LookupError: as :meth:`inputs`.
+
+        Example::
+
+            try:
+                graph.compute()
+            except gx.GraphFailed as exc:
+                exc.run.replay("load-3", pdb=True)
+        """
+        return surfaces.run_replay(self, node, pdb=pdb, timeout=timeout)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the run to ``path``: states, timings, errors, and the failed nodes'
+        functions and inputs, in the one format :meth:`load`, ``graphexec report``
+        and ``graphexec replay`` read (the format of ``compute(run_dir=...)``).
+
+        Values of completed nodes are not saved. Functions and inputs are
+        pickled: :meth:`load` unpickles them (only from files you trust).
+
+        Returns:
+            The path written.
+        """
+        return surfaces.run_save(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Run:
+        """Read a run written by :meth:`save` or ``compute(run_dir=...)`` (the
+        directory or its ``run.gxrun`` file), in any process with the same environment.
+
+        States, timings, errors and the report work as after :meth:`from_json`;
+        failed nodes replay (:meth:`replay`, :meth:`inputs`). A run whose process
+        was killed reads as far as it was written: what finished, what failed,
+        and what was running (state ``Running``).
+
+        Security: replaying or reading the inputs of a loaded run unpickles the
+        functions and values in it, which can run arbitrary code: load only
+        runs you (or someone you trust) wrote. The report reads no pickle.
+
+        Raises:
+            ValueError: not a saved graphexec run.
+        """
+        return surfaces.run_load(path)
+
     def to_html(self, path: str | os.PathLike[str]) -> Path:
         """Write a report to ``path``: one self-contained HTML file (no network needed).
 
@@ -284,6 +407,7 @@ class Run:
         if tb:
             lines.append(f"Traceback of {unhandled[0].name} (in its worker):")
             lines.append(tb.rstrip())
+        lines.append(surfaces.replay_hint(self, unhandled[0].index))
         return "\n".join(lines)
 
     def _raise_if_failed(self) -> None:

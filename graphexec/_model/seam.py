@@ -30,8 +30,13 @@ class Surfaces:
         "call_eagerly",
         "compute",
         "graph_html",
+        "replay_hint",
         "run_from_json",
         "run_html",
+        "run_inputs",
+        "run_load",
+        "run_replay",
+        "run_save",
         "run_to_html",
         "run_to_json",
         "state_html",
@@ -48,6 +53,13 @@ class Surfaces:
         self.run_to_json: Callable[..., Any] = _missing
         self.run_from_json: Callable[..., Any] = _missing
         self.run_to_html: Callable[..., Any] = _missing
+        #: ``Run.inputs``, ``Run.replay``, ``Run.save``, ``Run.load``, and the last line
+        #: of ``GraphFailed``'s message (``replay_hint(run, i)``): ``_surfaces/replay.py``.
+        self.run_inputs: Callable[..., Any] = _missing
+        self.run_replay: Callable[..., Any] = _missing
+        self.run_save: Callable[..., Any] = _missing
+        self.run_load: Callable[..., Any] = _missing
+        self.replay_hint: Callable[..., Any] = _missing
         #: ``call_eagerly(task, args, kwargs)``: a plain task call inside a flow runs
         #: there and returns its value (or State); elsewhere it returns NOT_EAGER.
         self.call_eagerly: Callable[..., Any] = _missing

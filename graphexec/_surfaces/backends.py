@@ -7,9 +7,11 @@ a branch here.
 
 from __future__ import annotations
 
-from .._executors.cluster import ClusterExecutor
+from typing import Any
+
+from .. import _executors  # its dask executor loads on first use, with cluster=
 from .._executors.inprocess import SyncExecutor, ThreadExecutor
-from .._executors.process import ProcessPool
+from .._executors.process import ProcessPool, prestart
 from .._executors.protocol import Executor
 from .options import ComputeOptions
 
@@ -18,7 +20,7 @@ def make_executor(options: ComputeOptions) -> Executor:
     """The executor for ``options``; the caller opens it for its Run, and closes it."""
     executor: Executor
     if options.cluster is not None:
-        executor = ClusterExecutor(options.cluster)
+        executor = _executors.cluster.ClusterExecutor(options.cluster)
     elif options.scheduler == "sync":
         executor = SyncExecutor()
     elif options.scheduler == "threads":
@@ -33,3 +35,17 @@ def make_executor(options: ComputeOptions) -> Executor:
         )
         executor = pool.lease(options.memory_limit, shutdown_on_close=True)
     return executor
+
+
+def start_early(given: dict[str, Any]) -> None:
+    """Start the process pool's forkserver now if a compute with these (unvalidated)
+    options will need it: the first compute calls this before loading the scheduler,
+    so that the forkserver's start runs meanwhile. A wrong guess costs only a
+    forkserver started earlier than its first worker (it serves the whole process)."""
+    if (
+        given.get("scheduler", "processes") == "processes"
+        and given.get("pool") is None
+        and given.get("cluster") is None
+        and given.get("workers") != 0
+    ):
+        prestart(given.get("start_method"))

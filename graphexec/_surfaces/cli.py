@@ -2,7 +2,8 @@
 
 ::
 
-    graphexec report RUN.json [-o FILE] [--open]   Run.from_json ─> run.to_html
+    graphexec report RUN [-o FILE] [--open]        Run.load / Run.from_json ─> run.to_html
+    graphexec replay RUN NODE [--pdb] [--timeout S]  Run.load ─> run.replay(NODE)
     graphexec cache ls    [DIR] [-l]               per task: entries, size, ages
     graphexec cache info  [DIR]                    the totals
     graphexec cache prune [DIR] --older-than 7d | --expired
@@ -26,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import reprlib
 import sys
 import time
+import traceback
 import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +38,8 @@ from pathlib import Path
 from .._data import cache as cache_store
 from .._model.run import Run
 from .._version import __version__
+from .record import is_record, load_run
+from .replay import kept_call
 
 OK, ERROR, USAGE = 0, 1, 2
 
@@ -48,8 +53,21 @@ exit codes: 0 done, 1 failed (the message says why and what to do),
 
 _REPORT_HELP = """\
 Write the HTML report of a saved run: summary table, per-worker timeline,
-failures with their tracebacks. RUN is the JSON text that run.to_json() wrote,
-e.g. Path("run.json").write_text(run.to_json()) after graph.compute().
+failures with their tracebacks. RUN is a run saved with run.save(PATH), the
+directory of compute(run_dir=DIR), or the JSON text that run.to_json() wrote.
+Nothing in RUN is unpickled.
+"""
+
+_REPLAY_HELP = """\
+Run a failed node of a saved run again, in this process, on the exact inputs
+it received (run.replay): breakpoint() and pdb work. RUN is a run saved with
+run.save(PATH) or the directory of compute(run_dir=DIR); NODE is the node's
+name as the report and run.summary() show it. A node that crashed its worker
+is first replayed in a fresh subprocess. Exit code 0 if the call returns this
+time, 1 if it fails again (its traceback is printed).
+
+Security: this unpickles the node's function and inputs from RUN, which can
+run any code: replay only runs you trust.
 """
 
 _CACHE_HELP = """\
@@ -94,6 +112,25 @@ def parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--open", action="store_true", help="open the report in a browser")
     report.set_defaults(handler=_report)
+
+    replay = commands.add_parser(
+        "replay",
+        help="run a failed node of a saved run again, here, on its exact inputs",
+        description=_REPLAY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    replay.add_argument("run", metavar="RUN", type=Path, help="run.save()'s file, or a run_dir")
+    replay.add_argument("node", metavar="NODE", help="the failed node's name")
+    replay.add_argument(
+        "--pdb", action="store_true", help="start post-mortem debugging where it raises"
+    )
+    replay.add_argument(
+        "--timeout",
+        metavar="S",
+        type=float,
+        help="stop the replay after S seconds (none by default)",
+    )
+    replay.set_defaults(handler=_replay)
 
     cache = commands.add_parser(
         "cache",
@@ -188,18 +225,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _report(args: argparse.Namespace) -> None:
     source: Path = args.run
     try:
-        text = source.read_bytes()
+        text = b"" if source.is_dir() else source.read_bytes()
     except OSError as exc:
         raise CommandError(
             f"cannot read {source}: {exc.strerror or exc}. Give the file that "
             "run.to_json() was written to"
         ) from None
     try:
-        run = Run.from_json(text)
+        run = load_run(source) if is_record(source) else Run.from_json(text)
     except ValueError as exc:
         raise CommandError(
             f"{source} is not a saved graphexec run ({exc}). Save one with "
-            'Path("run.json").write_text(run.to_json())'
+            'run.save("night.gxrun"), or Path("run.json").write_text(run.to_json())'
         ) from None
     target: Path = args.output if args.output is not None else source.with_suffix(".html")
     try:
@@ -213,6 +250,40 @@ def _report(args: argparse.Namespace) -> None:
         url = written.resolve().as_uri()
         if not webbrowser.open(url):
             print(f"no browser could be started here: open {url} yourself")
+
+
+# -- replay ------------------------------------------------------------------------
+
+
+def _replay(args: argparse.Namespace) -> None:
+    source: Path = args.run
+    try:
+        run = load_run(source)
+    except OSError as exc:
+        raise CommandError(
+            f"cannot read {source}: {exc.strerror or exc}. Give the file run.save() wrote, "
+            "or the run_dir of the compute"
+        ) from None
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        kept_call(run, run._lookup(args.node))
+    except KeyError:
+        failed = ", ".join(n.name for n in run.failed[:10]) or "none"
+        raise CommandError(
+            f"no node named {args.node!r} in {source}; failed nodes: {failed}"
+        ) from None
+    except (ValueError, LookupError) as exc:
+        raise CommandError(str(exc)) from None
+    print(f"replaying {args.node} from {source}", file=sys.stderr, flush=True)
+    try:
+        value = run.replay(args.node, pdb=args.pdb, timeout=args.timeout)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        raise CommandError(f"{args.node} failed again (its traceback is above)") from None
+    print(f"{args.node} returned {reprlib.repr(value)}: it did not fail this time")
 
 
 def _status(run: Run) -> str:

@@ -8,9 +8,9 @@
         hooks and observers (a Dispatch, only if something listens): wait for them
         close the executor ─> Run, or GraphFailed carrying it
 
-A graph computed inside a flow (or next to ``task.submit`` in a ``with
-gx.Pool():`` block) is handed to that eager session instead: one scheduler,
-one pool.
+A graph computed inside a flow (without ``pool=``) is handed to the flow's
+eager session instead: one scheduler, one pool. With ``pool=`` it is a run of
+its own on that pool, beside the pool's other runs (``_executors/shared.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from .eager import flow_session
 from .hooks import Dispatch, ambient_observers, call_run_hooks, hook_wait, outcome
 from .options import ComputeOptions
 from .progress import make_observers
+from .record import Journal
 from .signals import cancel_reason, sigterm_as_interrupt
 
 
@@ -38,7 +39,9 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
     options = ComputeOptions.validate("compute", **given)
     target_ids = target_indices(graph, targets)
     pool = options.pool
-    session = pool._session if pool is not None else flow_session()
+    # With pool=, a run of its own on that pool (concurrent with the pool's other
+    # runs, flows and submits); without, inside a flow, the flow's session.
+    session = None if pool is not None else flow_session()
     if session is not None:
         # One scheduler: a lazy graph computed inside a flow (or next to submits
         # on the same pool) runs in that session, on its pool.
@@ -52,6 +55,11 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
                 "fail_fast=True for a graph computed inside a flow: the flow's scheduler runs "
                 "it, so give fail_fast to @gx.flow instead"
             )
+        if options.run_dir is not None:
+            raise ValueError(
+                "run_dir= for a graph computed inside a flow: the flow's scheduler runs it; "
+                "save the flow's run instead (exc.run.save(path) on a GraphFailed)"
+            )
         if options.observers:
             raise ValueError(
                 "observers= for a graph computed inside a flow: the flow's scheduler runs "
@@ -63,7 +71,12 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
     members = post_order(graph._deps, target_ids)
     kept = set(members) if options.keep == "all" else set(target_ids)
     run = Run(graph, members, kept)
-    dispatch = _dispatch(graph, members, options)  # None when nothing listens: no cost then
+    run._inputs_cap = options.keep_inputs
+    journal = None
+    if options.run_dir is not None:  # the run's record, written as it goes
+        journal = Journal(options.run_dir)
+        run._record = journal.path
+    dispatch = _dispatch(graph, members, options, journal)  # None when nothing listens
     store = None
     if any(graph._opts[i].cache_key_fn is not None for i in members):
         store = CacheStore(options.cache_dir)
@@ -115,10 +128,15 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
     return run
 
 
-def _dispatch(graph: Graph, members: list[int], options: ComputeOptions) -> Dispatch | None:
+def _dispatch(
+    graph: Graph, members: list[int], options: ComputeOptions, journal: Journal | None = None
+) -> Dispatch | None:
     """The run's Dispatch, if anything listens: observers (given, of ``observe()``
-    blocks, graphexec's bar or log line), run hooks, or a task hook of a member."""
+    blocks, graphexec's bar or log line, the run's journal), run hooks, or a task
+    hook of a member."""
     observers = [*make_observers(options.progress), *ambient_observers(), *options.observers]
+    if journal is not None:
+        observers.append(journal)
     # (a few TaskOptions objects are shared by all the nodes: check each once)
     unique = set(map(graph._opts.__getitem__, members))
     if (
@@ -127,7 +145,9 @@ def _dispatch(graph: Graph, members: list[int], options: ComputeOptions) -> Disp
         or any(o.on_completion or o.on_failure or o.on_retry for o in unique)
     ):
         dispatch = Dispatch(observers, options.hooks, flow=graph)
-        dispatch.reads_values = dispatch.queues_observers or any(o.on_completion for o in unique)
+        dispatch.reads_values = dispatch.observers_read_values or any(
+            o.on_completion for o in unique
+        )
         return dispatch
     return None
 

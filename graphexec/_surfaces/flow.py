@@ -20,11 +20,13 @@ from .eager import Session, active_session, pop_context, push_context
 from .hooks import Dispatch, ambient_observers, hook_wait, outcome
 from .options import ComputeOptions
 from .progress import make_observers
+from .record import Journal
 
 # Flow options that are run options (the rest: name, task_runner_max_concurrency).
 _RUN_OPTIONS = frozenset(
     {
         "workers",
+        "pool",
         "memory_limit",
         "cache_dir",
         "progress",
@@ -34,6 +36,8 @@ _RUN_OPTIONS = frozenset(
         "start_method",
         "cluster",
         "max_calls_per_worker",
+        "run_dir",
+        "keep_inputs",
         "observers",
         "on_completion",
         "on_failure",
@@ -63,8 +67,14 @@ class Flow:
         )
         # Always a Dispatch: tasks submitted later may carry hooks. Its thread
         # starts only with the first event that needs one.
+        journal = Journal(options.run_dir) if options.run_dir is not None else None
         dispatch = Dispatch(
-            [*make_observers(options.progress), *ambient_observers(), *options.observers],
+            [
+                *make_observers(options.progress),
+                *ambient_observers(),
+                *options.observers,
+                *([journal] if journal is not None else []),
+            ],
             options.hooks,
             flow=self,
         )
@@ -77,6 +87,9 @@ class Flow:
             observer=dispatch,
             memory_limit=options.memory_limit,
         )
+        session.run._inputs_cap = options.keep_inputs
+        if journal is not None:
+            session.run._record = journal.path
         push_context(session)
         kinds: tuple[str, ...] = ("on_crashed",)
         try:
@@ -143,7 +156,11 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             ``scheduler`` (``"processes"``, ``"threads"``, ``"sync"``), ``cluster``
             (a ``distributed.Client``: tasks run on its dask cluster),
             ``start_method``, ``max_calls_per_worker`` (replace a worker after that
-            many calls), ``name``; ``observers`` (:class:`Observer` instances
+            many calls), ``pool`` (a :class:`Pool` you own: the flow runs on its
+            workers, beside its other computes and flows, and leaves it open),
+            ``run_dir`` (write the flow's record there as it goes) and
+            ``keep_inputs`` (the cap on failed nodes' inputs kept for
+            ``run.replay``), ``name``; ``observers`` (:class:`Observer` instances
             that see every node of the flow) and the run hooks ``on_completion``,
             ``on_failure``, ``on_cancellation``, ``on_crashed`` (lists of functions
             called with the flow's :class:`Run`, or Prefect's ``(flow, flow_run,
@@ -168,8 +185,10 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     supported and runs in the outer one's session: same pool, same scheduler,
     and its own options are not applied. It returns its body's value; its
     unhandled failures are reported when the outer flow ends. A lazy graph
-    computed in a flow runs there too; ``compute``'s ``limits``,
-    ``cache_dir`` and ``memory_limit`` must then match the flow's.
+    computed in a flow runs there too (unless given ``pool=``: then it is a
+    run of its own on that pool); ``compute``'s ``limits``, ``cache_dir`` and
+    ``memory_limit`` must then match the flow's. A flow keeps every value
+    until it ends (a future may be asked for its result at any time).
 
     Example::
 

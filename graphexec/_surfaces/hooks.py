@@ -92,6 +92,9 @@ class Observer:
     # graphexec's own bar and log line are called on the scheduler's thread:
     # they only count, and a user's slow hook must not freeze them.
     _inline: ClassVar[bool] = False
+    # Whether it may read nodes' values (state.result()): then a completed node's
+    # value is held until its event was delivered, and compute() sends no chains.
+    _reads_values: ClassVar[bool] = True
 
     def on_start(self, run: Run) -> None:
         """The run starts (a flow's run has no nodes yet: they come as they are submitted)."""
@@ -115,6 +118,9 @@ class Observer:
 
     def on_finish(self, run: Run) -> None:
         """The run ended (after the last ``on_node_finish``); ``run`` is complete."""
+
+    def _idle(self) -> None:
+        """No event is waiting (graphexec's own: the run's journal writes its batch)."""
 
 
 _ambient: ContextVar[tuple[Observer, ...]] = ContextVar("graphexec_observers", default=())
@@ -271,6 +277,8 @@ class Dispatch:
     ) -> None:
         self._inline = [o for o in observers if o._inline]
         self._queued = [o for o in observers if not o._inline]
+        self._holds = any(o._reads_values for o in self._queued)
+        self._idlers = [o for o in self._queued if type(o)._idle is not Observer._idle]
         self._run_hooks = run_hooks or RunHooks()
         self._flow = flow  # what a Prefect-style run hook gets as `flow`
         self._graph: Any = None
@@ -288,6 +296,11 @@ class Dispatch:
     def queues_observers(self) -> bool:
         """Whether user observers are called (on the dispatcher thread)."""
         return bool(self._queued)
+
+    @property
+    def observers_read_values(self) -> bool:
+        """Whether a queued observer may read values (a run's journal does not)."""
+        return any(o._reads_values for o in self._queued)
 
     def bind(self, release: Callable[[int, State], None]) -> None:
         """How to release a held value once its hooks ran (the scheduler's own release)."""
@@ -337,7 +350,7 @@ class Dispatch:
         else:
             hooks = ()  # Skipped, Cancelled: observers only
         if hooks or self._queued:
-            if completed:
+            if completed and (hooks or self._holds):
                 self._busy.add(i)
             self._put((_FINISH, i, _copy(state), hooks))
 
@@ -410,7 +423,11 @@ class Dispatch:
     def _serve(self) -> None:
         queue = self._queue
         assert queue is not None
+        idlers = self._idlers
         while True:
+            if idlers and queue.empty():
+                for o in idlers:
+                    _guarded(f"{type(o).__name__}._idle", o._idle)
             event = queue.get()
             if event is None:
                 return

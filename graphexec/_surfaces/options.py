@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from .._data.kept import parse_size
 from .hooks import NO_HOOKS, Observer, RunHooks, check_observers, check_run_hooks
 
 SCHEDULERS = ("processes", "threads", "sync")
@@ -43,6 +45,8 @@ class ComputeOptions:
     observers: tuple[Observer, ...] = ()
     hooks: RunHooks = NO_HOOKS
     max_calls_per_worker: int | None = None
+    run_dir: Any = None
+    keep_inputs: int | None = None
 
     @classmethod
     def validate(
@@ -68,6 +72,8 @@ class ComputeOptions:
         on_cancellation: Any = None,
         on_crashed: Any = None,
         max_calls_per_worker: int | None = None,
+        run_dir: Any = None,
+        keep_inputs: int | str | None = None,
     ) -> ComputeOptions:
         """Check every option and resolve defaults.
 
@@ -143,6 +149,8 @@ class ComputeOptions:
                 check_run_hooks(on_crashed, "on_crashed", where),
             ),
             max_calls_per_worker=max_calls,
+            run_dir=check_run_dir(run_dir, where),
+            keep_inputs=check_keep_inputs(keep_inputs, where),
         )
 
 
@@ -156,6 +164,35 @@ def check_workers(workers: Any, where: str) -> int:
             f"{where}: workers={workers} is negative; use a positive count, or 0 to run in-process"
         )
     return workers
+
+
+def check_run_dir(value: Any, where: str) -> Path | None:
+    """``run_dir=``: None, or the directory the run's record is written to as it goes."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{where}: run_dir= must be a path, got {type(value).__name__}")
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{where}: run_dir={str(path)!r} exists and is not a directory")
+    return path
+
+
+def check_keep_inputs(value: Any, where: str) -> int | None:
+    """``keep_inputs=``: bytes of failed nodes' inputs a run keeps (None: the default)."""
+    if value is None:
+        return None
+    size = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value if value >= 0 else None
+    elif isinstance(value, str):
+        size = parse_size(value)
+    if size is None:
+        raise ValueError(
+            f"{where}: keep_inputs={value!r} must be bytes (an int >= 0) or a size such as "
+            "'200MB' (0 keeps none)"
+        )
+    return size
 
 
 def check_max_calls(value: Any, where: str) -> int | None:

@@ -53,20 +53,7 @@ def run_to_dict(run: Run) -> dict[str, Any]:
     nodes = []
     edges = []
     for k, i in enumerate(members):
-        state = run._states[i]
-        record: dict[str, Any] = {
-            "id": k,
-            "name": graph._names[i],
-            "task": graph._tasks[i].name,
-            "state": state.name if state is not None else PENDING,
-            "message": state.message if state is not None else "",
-            "error": _error_record(state.exception) if state is not None else None,
-            "handled": i in run._handled,
-            "upstream_failure": state.upstream if state is not None else None,
-            "duration": state.duration if state is not None else 0.0,
-            "attempts": [_attempt_record(a) for a in state.history] if state else [],
-        }
-        nodes.append(record)
+        nodes.append(node_record(run, i, k, run._states[i]))
         flags = graph._flags[i]
         for j, up in enumerate(graph._deps[i]):
             if up in position:
@@ -84,6 +71,28 @@ def run_to_dict(run: Run) -> dict[str, Any]:
         "nodes": nodes,
         "edges": edges,
     }
+
+
+def node_record(run: Run, i: int, k: int, state: State | None) -> dict[str, Any]:
+    """The document's record of node ``i`` (its ``id`` is ``k``) in ``state``."""
+    return {
+        "id": k,
+        "name": run.graph._names[i],
+        "task": run.graph._tasks[i].name,
+        "state": state.name if state is not None else PENDING,
+        "message": state.message if state is not None else "",
+        "error": _error_record(state.exception) if state is not None else None,
+        "handled": i in run._handled,
+        "upstream_failure": state.upstream if state is not None else None,
+        "duration": state.duration if state is not None else 0.0,
+        "attempts": [_attempt_record(a) for a in state.history] if state else [],
+    }
+
+
+def edge_kind(graph: Graph, i: int, j: int) -> str:
+    """How node ``i`` uses its ``j``-th upstream, as the document writes it."""
+    flags = graph._flags[i]
+    return _edge_kind(DATA if flags is None else flags[j])
 
 
 def run_to_json(run: Run, indent: int | None = None) -> str:
@@ -216,6 +225,11 @@ def run_from_json(text: str | bytes) -> LoadedRun:
             f"Run.from_json: document version {data.get('version')!r}; this "
             f"graphexec reads version {VERSION}"
         )
+    return run_from_dict(data)
+
+
+def run_from_dict(data: dict[str, Any], cls: type[LoadedRun] | None = None) -> LoadedRun:
+    """The run of a document already parsed (a saved run's records build one too)."""
     records = data["nodes"]
     graph = Graph(data["graph"])
     tasks: dict[str, Task] = {}
@@ -238,7 +252,7 @@ def run_from_json(text: str | bytes) -> LoadedRun:
         graph._flags.append(None if all(f == DATA for f in flags[k]) else tuple(flags[k]))
         graph._names.append(record["name"])
         graph._nodes.append(Node(graph, k))
-    run = LoadedRun(graph, list(range(len(records))), set())
+    run = (cls or LoadedRun)(graph, list(range(len(records))), set())
     run.started = data["started"]
     run.finished = data["finished"]
     for k, record in enumerate(records):

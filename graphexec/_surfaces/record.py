@@ -1,0 +1,487 @@
+"""A run's record on disk: ``run.save(path)``, ``compute(run_dir=...)``, ``Run.load``.
+
+One format for every tool (``Run.load``, ``graphexec report``, ``graphexec
+replay``): a file ``run.gxrun`` that starts with :data:`MAGIC` and goes on as
+an append-only journal of frames, each ``kind`` (1 byte), ``length`` (8
+bytes, little-endian) and a body::
+
+    J  {"t": "start", "format", "version", "graph", "started", "pid", "host",
+        "python", "graphexec", "nodes": [{"name", "task"}], "edges": [[up, down, kind]]}
+    J  {"t": "add", "id", "name", "task", "edges"}      a node a flow submitted since
+    J  {"t": "run", "id", "attempt", "at"}              an attempt was dispatched
+    J  {"t": "value", "up"}                             an upstream value a failed node got,
+    P  pickle of (data, buffers)                        written once for all who got it
+    J  {"t": "inputs", "id", "nbytes", "dropped", "lost", "source_hash", "origin"}
+    P  pickle of (fn_blob, KeptCall.portable_state() without values, value keys)
+    J  {"t": "node", ...the JSON report's node record}  a node reached its final state
+    J  {"t": "end", "finished", "handled", "ok"}        the run ended
+
+Node ids are positions in graph order, as in ``run.to_json()`` (a flow's
+nodes, which come as they are submitted, are numbered in the order the
+record first sees them); a node's record is the same dict. ``run.save``
+writes the whole journal at once; ``compute(run_dir=...)`` and
+``@gx.flow(run_dir=...)`` write it as the run goes, from the hooks'
+dispatcher thread (:class:`Journal`, an :class:`Observer`: the scheduler's
+thread only queues events). Frames are gathered and written, unbuffered,
+whenever the dispatcher has no event waiting (and at once for a failure), so
+a process killed mid-run (SIGKILL, a batch system's walltime) leaves all but
+the events of its last instant; a torn last frame is ignored. Such a record
+has no ``end``: the nodes it saw start but not finish load as ``Running``.
+
+Reading the states and the report parses JSON only. The pickles (a failed
+node's function and arguments) are unpickled only when they are used
+(``run.inputs``, ``run.replay``): that runs code from the file, so load
+only records you trust.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .._data.kept import KeptCall
+from .._data.serialize import dumps
+from .._model.errors import GraphexecError
+from .._model.node import Node
+from .._model.run import Run
+from .._model.state import FAILED, RUNNING, State
+from .._version import __version__
+from .hooks import Observer
+from .report.codec import FORMAT, VERSION, LoadedRun, edge_kind, node_record, run_from_dict
+
+logger = logging.getLogger("graphexec")
+
+MAGIC = b"GXRUN\x001\n"
+FILE = "run.gxrun"  # the record inside a run directory
+_HEAD = struct.Struct("<cQ")
+
+
+class Writer:
+    """Appends frames to a record file: gathered, and written by :meth:`flush` in one
+    unbuffered write (so what was flushed is in the kernel's hands, killed or not)."""
+
+    BATCH = 1 << 20  # bytes gathered before a write, whether or not anyone flushes
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed by close())
+        self.values: set[int] = set()  # upstream values written (by node index)
+        self._pending: list[bytes] = [MAGIC]
+        self._size = len(MAGIC)
+        self.flush()
+
+    def json(self, record: dict[str, Any]) -> None:
+        self._frame(b"J", json.dumps(record, ensure_ascii=False, default=str).encode())
+
+    def blob(self, body: bytes) -> None:
+        self._frame(b"P", body)
+
+    def _frame(self, kind: bytes, body: bytes) -> None:
+        self._pending.append(_HEAD.pack(kind, len(body)))
+        self._pending.append(body)
+        self._size += _HEAD.size + len(body)
+        if self._size >= self.BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        view = memoryview(b"".join(self._pending))
+        self._pending.clear()
+        self._size = 0
+        while view:
+            n = self._file.write(view)
+            view = view[n:]
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._file.close()
+
+
+def record_path(path: str | os.PathLike[str]) -> Path:
+    """The record file of ``path``: itself, or ``run.gxrun`` in a run directory."""
+    p = Path(path)
+    return p / FILE if p.is_dir() else p
+
+
+def is_record(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a saved run (a record file, or a run directory)."""
+    try:
+        with open(record_path(path), "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+# -- writing ------------------------------------------------------------------------
+
+
+class _Positions:
+    """Node index <-> id (position in graph order) of one run."""
+
+    def __init__(self, run: Run) -> None:
+        self.members = sorted(run.members)
+        self.id = {i: k for k, i in enumerate(self.members)}
+
+
+def _start(run: Run, positions: _Positions) -> dict[str, Any]:
+    graph = run.graph
+    edges = []
+    for k, i in enumerate(positions.members):
+        for j, up in enumerate(graph._deps[i]):
+            if up in positions.id:
+                edges.append([positions.id[up], k, edge_kind(graph, i, j)])
+    return {
+        "t": "start",
+        "format": FORMAT,
+        "version": VERSION,
+        "graph": graph.name,
+        "started": run.started,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "python": sys.version.split()[0],
+        "graphexec": __version__,
+        "nodes": [
+            {"name": graph._names[i], "task": graph._tasks[i].name} for i in positions.members
+        ],
+        "edges": edges,
+    }
+
+
+def _write_inputs(writer: Writer, run: Run, i: int, k: int) -> None:
+    kept: KeptCall | None = run._inputs.get(i)
+    if kept is None:
+        return
+    if kept.packed is not None:  # read from a saved run: its bytes and values, not its code
+        kept.unpack()
+    fn_blob, why = kept.fn_blob, None
+    if fn_blob is None:
+        try:
+            fn_blob = dumps(run.graph._tasks[i].fn)
+        except Exception as exc:
+            why = f"its function could not be pickled: {type(exc).__name__}: {exc}"
+    state = kept.portable_state()
+    if why is None and kept.complete and not kept.portable:
+        why = "its inputs could not be pickled (they replay only in the process that ran it)"
+    if why is not None:
+        state = (None, {}, kept.lost, why, 0, kept.source_hash)
+        fn_blob = None
+    values = state[1]
+    for up, value in values.items():  # each upstream value once per record
+        if up not in writer.values:
+            writer.values.add(up)
+            writer.json({"t": "value", "up": up})
+            writer.blob(dumps(value))
+    if kept.origin is None:
+        code = getattr(run.graph._tasks[i].fn, "__code__", None)
+        kept.origin = getattr(code, "co_filename", None)
+    meta = _meta(kept, k)
+    meta["dropped"] = state[3]
+    meta["origin"] = kept.origin
+    writer.json(meta)
+    writer.blob(dumps((fn_blob, (state[0], {}, *state[2:]), list(values))))
+
+
+def _meta(kept: KeptCall, k: int) -> dict[str, Any]:
+    return {
+        "t": "inputs",
+        "id": k,
+        "nbytes": kept.nbytes,
+        "dropped": kept.dropped,
+        "lost": {str(up): why for up, why in kept.lost.items()},
+        "source_hash": kept.source_hash,
+    }
+
+
+def _end(run: Run, positions: _Positions) -> dict[str, Any]:
+    return {
+        "t": "end",
+        "finished": run.finished if run.finished is not None else time.time(),
+        "handled": sorted(positions.id[i] for i in run._handled if i in positions.id),
+        "ok": run.ok,
+    }
+
+
+def save_run(run: Run, path: str | os.PathLike[str]) -> Path:
+    """``run.save(path)``: the whole record at once (written aside, then renamed)."""
+    target = record_path(path)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    positions = _Positions(run)
+    writer = Writer(temporary)
+    try:
+        writer.json(_start(run, positions))
+        for k, i in enumerate(positions.members):
+            state = run._states[i]
+            if state is None:
+                continue
+            if state.name is FAILED:
+                _write_inputs(writer, run, i, k)
+            writer.json({"t": "node", **node_record(run, i, k, state)})
+        if not isinstance(run, SavedRun) or run.ended:
+            writer.json(_end(run, positions))
+    except BaseException:
+        writer.close()
+        temporary.unlink(missing_ok=True)
+        raise
+    writer.close()
+    os.replace(temporary, target)
+    run._record = target
+    return target
+
+
+class Journal(Observer):
+    """Writes a run's record as it goes (``compute(run_dir=...)``, ``@gx.flow(run_dir=...)``);
+    see the module docstring."""
+
+    # It reads states, never values: a run it watches keeps its chains, and no
+    # value is held back for it.
+    _reads_values = False
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        directory = Path(run_dir)
+        self.path = directory / FILE
+        try:  # here, before the run: not a record that stops at its first event
+            directory.mkdir(parents=True, exist_ok=True)
+            self._writer: Writer | None = Writer(self.path)
+        except OSError as exc:
+            raise ValueError(
+                f"run_dir={str(directory)!r}: the run's record cannot be written there "
+                f"({exc.strerror or exc}); give a directory this process can write"
+            ) from None
+        self._run: Run | None = None
+        self._positions: _Positions | None = None
+
+    def on_start(self, run: Run) -> None:
+        positions = _Positions(run)
+        self._run, self._positions = run, positions
+        self._guard(lambda w: w.json(_start(run, positions)))
+
+    def on_node_start(self, node: Node, attempt: int) -> None:
+        def write(w: Writer) -> None:
+            k = self._id(w, node)
+            w.json({"t": "run", "id": k, "attempt": attempt, "at": time.time()})
+
+        self._guard(write)
+
+    def on_node_finish(self, node: Node, state: State) -> None:
+        run = self._run
+        assert run is not None
+
+        def write(w: Writer) -> None:
+            k = self._id(w, node)
+            if state.name is FAILED:
+                _write_inputs(w, run, node.index, k)
+            w.json({"t": "node", **node_record(run, node.index, k, state)})
+            if state.name is FAILED:
+                w.flush()  # a failure is on disk at once, whatever comes next
+
+        self._guard(write)
+
+    def on_finish(self, run: Run) -> None:
+        positions = self._positions or _Positions(run)
+        self._guard(lambda w: w.json(_end(run, positions)))
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _idle(self) -> None:
+        # The dispatcher has nothing queued: what was gathered is written now, so a
+        # killed process loses at most the events of its last instant.
+        self._guard(lambda w: w.flush())
+
+    def _id(self, writer: Writer, node: Node) -> int:
+        """The node's id in the record; a node a flow submitted since is added first."""
+        positions, run = self._positions, self._run
+        assert positions is not None and run is not None
+        k = positions.id.get(node.index)
+        if k is None:
+            i, graph = node.index, run.graph
+            k = positions.id[i] = len(positions.members)
+            positions.members.append(i)
+            edges = [
+                [positions.id[up], k, edge_kind(graph, i, j)]
+                for j, up in enumerate(graph._deps[i])
+                if up in positions.id
+            ]
+            writer.json(
+                {
+                    "t": "add",
+                    "id": k,
+                    "name": graph._names[i],
+                    "task": graph._tasks[i].name,
+                    "edges": edges,
+                }
+            )
+        return k
+
+    def _guard(self, action: Any) -> None:
+        writer = self._writer
+        if writer is None:
+            return
+        try:
+            action(writer)
+        except OSError as exc:  # a full disk: the run goes on, its record stops here
+            logger.warning("the run's record %s stops here: %s", writer.path, exc)
+            writer.close()
+            self._writer = None
+
+
+# -- reading ------------------------------------------------------------------------
+
+
+class SavedRun(LoadedRun):
+    """A :class:`Run` read back with :meth:`Run.load`: states, timings, errors, and
+    the failed nodes' functions and inputs (``inputs``, ``replay`` work)."""
+
+    ended = True  # False: the process that wrote it stopped mid-run
+    running: list[str] = []  # nodes it saw start and not finish (only when not ended)
+
+    def result(self, node: Any, raise_on_failure: bool = True) -> Any:
+        state = self.state(node)
+        if state.is_completed():
+            raise GraphexecError(
+                f"{node.name} completed, but its value is not in the saved run (a saved "
+                "run keeps states, timings, errors and the inputs of failed nodes, not values)"
+            )
+        return state.result(raise_on_failure=raise_on_failure)
+
+    def summary(self) -> str:
+        text = super().summary()
+        if self.ended:
+            return text
+        names = ", ".join(self.running[:10]) + (" ..." if len(self.running) > 10 else "")
+        return (
+            f"(this record ends mid-run: the process that wrote it stopped; "
+            f"{len(self.running)} node(s) were running: {names or 'none'})\n{text}"
+        )
+
+    def __repr__(self) -> str:
+        return Run.__repr__(self).replace("<Run ", "<Run (saved) ", 1)
+
+
+def _frames(data: bytes) -> list[tuple[bytes, bytes]]:
+    frames = []
+    at, end = len(MAGIC), len(data)
+    while at + _HEAD.size <= end:
+        kind, size = _HEAD.unpack_from(data, at)
+        body_at = at + _HEAD.size
+        if body_at + size > end:
+            break  # torn by a kill mid-write
+        frames.append((kind, data[body_at : body_at + size]))
+        at = body_at + size
+    return frames
+
+
+def load_run(path: str | os.PathLike[str]) -> SavedRun:
+    """``Run.load(path)``: see the module docstring (reads JSON frames only).
+
+    Raises:
+        ValueError: not a saved graphexec run.
+        OSError: it cannot be read.
+    """
+    source = record_path(path)
+    data = source.read_bytes()
+    if not data.startswith(MAGIC):
+        raise ValueError(
+            f"{source} is not a saved graphexec run (run.save() or compute(run_dir=...) "
+            "write those; a run.to_json() document is read with Run.from_json)"
+        )
+    start: dict[str, Any] | None = None
+    finals: dict[int, dict[str, Any]] = {}
+    started: dict[int, dict[str, Any]] = {}
+    inputs: dict[int, KeptCall] = {}
+    end: dict[str, Any] | None = None
+    pending: KeptCall | None = None
+    value: int | None = None
+    shared: dict[int, Any] = {}  # upstream values, pickled, each stored once
+    for kind, body in _frames(data):
+        if kind == b"P":
+            if pending is not None:
+                pending.packed, pending.shared = body, shared
+                pending = None
+            elif value is not None:
+                shared[value] = body
+                value = None
+            continue
+        record = json.loads(body)
+        t = record.get("t")
+        if t == "start":
+            start = record
+        elif t == "run":
+            started[record["id"]] = record
+        elif t == "node":
+            finals[record["id"]] = record
+        elif t == "add" and start is not None:  # a node a flow submitted
+            start["nodes"].append({"name": record["name"], "task": record["task"]})
+            start["edges"].extend(record["edges"])
+        elif t == "inputs":
+            pending = inputs[record["id"]] = _kept_from_meta(record)
+        elif t == "value":
+            value = record["up"]
+        elif t == "end":
+            end = record
+    if start is None:
+        raise ValueError(f"{source} holds no run yet (its writer stopped before the run started)")
+    latest = start["started"]
+    nodes = []
+    for k, node in enumerate(start["nodes"]):
+        record = finals.get(k)
+        if record is None:
+            begun = started.get(k)
+            state = RUNNING if begun is not None and end is None else "Pending"
+            message = (
+                f"was running (attempt {begun['attempt']}) when the record ended"
+                if state is RUNNING and begun is not None
+                else ""
+            )
+            record = {
+                "id": k,
+                "name": node["name"],
+                "task": node["task"],
+                "state": state,
+                "message": message,
+                "error": None,
+                "attempts": [],
+            }
+        for a in record["attempts"]:
+            latest = max(latest, a["finished"] or 0.0)
+        nodes.append(record)
+    for begun in started.values():
+        latest = max(latest, begun["at"])
+    document = {
+        "graph": start["graph"],
+        "started": start["started"],
+        "finished": end["finished"] if end is not None else latest,
+        "nodes": nodes,
+        "edges": start["edges"],
+    }
+    run = run_from_dict(document, SavedRun)
+    assert isinstance(run, SavedRun)
+    if end is not None:
+        run._handled.clear()
+        run._handled.update(end["handled"])
+    else:
+        run.ended = False
+        run.running = [n["name"] for n in nodes if n["state"] == RUNNING]
+    run._inputs.update(inputs)
+    run._record = source
+    return run
+
+
+def _kept_from_meta(record: dict[str, Any]) -> KeptCall:
+    kept = KeptCall()
+    kept.nbytes = record.get("nbytes", 0)
+    kept.dropped = record.get("dropped")
+    kept.lost = {int(up): why for up, why in (record.get("lost") or {}).items()}
+    kept.source_hash = record.get("source_hash")
+    kept.origin = record.get("origin")
+    return kept

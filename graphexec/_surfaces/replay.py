@@ -1,0 +1,277 @@
+"""``run.inputs(node)`` and ``run.replay(node)``: a failed node again, in this process.
+
+::
+
+    run.replay(node)
+      check: Failed, inputs kept (else the error names why, or the failure
+             behind a Skipped/Cancelled node)
+      the function: the run's graph holds it; a saved run's is unpickled
+      its source hash now == when it failed?  else a warning
+      WorkerCrashed ─> first in a fresh subprocess (python -c, the call pickled
+                       on its stdin): crashes again ─> WorkerCrashed, not run here
+      fn(*args, **kwargs) with fresh copies of the inputs, no timeout unless
+      asked (SIGALRM, main thread); pdb=True: post-mortem where it raised
+
+The inputs were kept when the node failed (``_engine/keep.py``); the last
+line of ``GraphFailed``'s message is :func:`replay_hint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+import pdb as _pdb
+import pickle
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import traceback
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from .._data.kept import KeptCall, source_hash
+from .._data.serialize import dumps
+from .._executors.runtime import Unloadable, load_function
+from .._model.errors import TaskTimeout, WorkerCrashed, safe_str
+from .._model.run import Run
+from .._model.state import CANCELLED, FAILED, RUNNING, SKIPPED
+from .._model.task import fn_name
+
+RAISED = 3  # the replay subprocess's exit code when the call raised (0: it returned)
+_CHILD = "from graphexec._surfaces.replay import child; child()"
+
+
+def run_inputs(run: Run, node: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``Run.inputs``: fresh ``(args, kwargs)`` of a failed node."""
+    return kept_call(run, run._lookup(node)).load()
+
+
+def kept_call(run: Run, i: int) -> KeptCall:
+    """What failed node ``i`` received, ready to load.
+
+    Raises:
+        ValueError: the node did not fail (the message names what to replay instead).
+        LookupError: its inputs were not kept, or were lost.
+    """
+    graph = run.graph
+    name = graph._names[i]
+    state = run._states[i]
+    kind = state.name if state is not None else "Pending"
+    if kind is SKIPPED or kind is CANCELLED:
+        raise ValueError(
+            f"{name} was {kind}: it never ran, so there is nothing to replay. {_root(run, i)}"
+        )
+    if kind is RUNNING:
+        raise ValueError(
+            f"{name} was running when the run's record ended: it never finished, and only "
+            "nodes that ended Failed keep their inputs"
+        )
+    if kind is not FAILED:
+        raise ValueError(
+            f"{name} is {kind}, not Failed: only nodes that ended Failed keep their inputs "
+            "and can be replayed"
+        )
+    kept: KeptCall | None = run._inputs.get(i)
+    if kept is None:
+        raise LookupError(
+            f"the inputs of {name} were not kept: it failed before any call was made "
+            "(or the run was read from a JSON document, which holds no inputs)"
+        )
+    if kept.dropped is not None:
+        raise LookupError(f"the inputs of {name} were not kept: {kept.dropped}")
+    if kept.lost:
+        raise LookupError(
+            f"the inputs of {name} are incomplete, so it cannot be replayed: "
+            + "; ".join(kept.lost.values())
+        )
+    kept.unpack()
+    return kept
+
+
+def _root(run: Run, i: int) -> str:
+    """Which failure to replay instead of Skipped/Cancelled node ``i``."""
+    graph, states = run.graph, run._states
+    seen, todo, roots = {i}, [i], []
+    while todo:
+        for up in graph._deps[todo.pop()]:
+            if up in seen or not run._has(up):
+                continue
+            seen.add(up)
+            st = states[up]
+            if st is None:
+                continue
+            if st.name is FAILED:
+                roots.append(up)
+            elif st.name is SKIPPED or st.name is CANCELLED:
+                todo.append(up)
+    if not roots:
+        roots = [n.index for n in run.unhandled[:1]]
+    if not roots:
+        return "No node of this run failed."
+    first = graph._names[min(roots)]
+    exc = run._final(min(roots)).exception
+    what = ""
+    if exc is not None:
+        text = safe_str(exc).splitlines()
+        what = f" ({type(exc).__name__}: {text[0] if text else ''})"
+    others = f" (and {len(roots) - 1} more failed upstream)" if len(roots) > 1 else ""
+    return f"The failure behind it is {first}{what}{others}: run.replay({first!r})"
+
+
+def run_replay(run: Run, node: Any, pdb: bool = False, timeout: float | None = None) -> Any:
+    """``Run.replay``: see the module docstring."""
+    i = run._lookup(node)
+    kept = kept_call(run, i)
+    name = run.graph._names[i]
+    fn = function_of(run, i, kept)
+    check_source(fn, kept, name)
+    if timeout is not None and threading.current_thread() is not threading.main_thread():
+        raise ValueError("run.replay(timeout=...) works in the main thread only (it uses SIGALRM)")
+    if isinstance(run._final(i).exception, WorkerCrashed):
+        in_subprocess(fn, kept, name, timeout)
+    args, kwargs = kept.load()
+    try:
+        with _deadline(timeout, name):
+            return fn(*args, **kwargs)
+    except BaseException as exc:
+        if pdb and not isinstance(exc, KeyboardInterrupt):
+            _pdb.post_mortem(exc.__traceback__)
+        raise
+
+
+def function_of(run: Run, i: int, kept: KeptCall) -> Any:
+    """The function node ``i`` ran: the graph's own, or a saved run's, unpickled."""
+    if kept.fn_blob is None:
+        return run.graph._tasks[i].fn
+    fn = load_function(kept.fn_blob, kept.origin, adopt=False)
+    if type(fn) is not Unloadable:
+        return fn
+    raise LookupError(
+        f"the function of {run.graph._names[i]} could not be loaded here: "
+        f"{type(fn.exc).__name__}: {fn.exc}. Is its module importable (same environment "
+        "and working directory as the run)?"
+    ) from fn.exc
+
+
+def check_source(fn: Any, kept: KeptCall, name: str) -> None:
+    """Warn when ``fn``'s source is not the one that failed."""
+    if kept.source_hash is None:
+        return
+    now = source_hash(fn)
+    if now is not None and now != kept.source_hash:
+        code = getattr(fn, "__code__", None)
+        where = f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""
+        warnings.warn(
+            f"the source of {fn_name(fn)}{where} changed since {name} failed: the replay "
+            "may not run the code that failed",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+@contextlib.contextmanager
+def _deadline(timeout: float | None, name: str) -> Iterator[None]:
+    if timeout is None:
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise TaskTimeout(
+            f"the replay of {name} ran longer than {timeout:g} s", node=name, timeout=timeout
+        )
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def in_subprocess(fn: Any, kept: KeptCall, name: str, timeout: float | None) -> None:
+    """Run the call in a fresh Python first (it crashed its worker).
+
+    Raises:
+        WorkerCrashed: it crashed there too; it is not run in this process.
+    """
+    print(
+        f"graphexec: {name} crashed its worker; replaying it in a fresh subprocess first, "
+        "so that a crash cannot take this interpreter down",
+        file=sys.stderr,
+        flush=True,
+    )
+    blob = dumps((fn, kept.portable_state()))
+    env = dict(os.environ)
+    # The same imports as here: this process's path, the script's directory included.
+    env["PYTHONPATH"] = os.pathsep.join([p or os.getcwd() for p in sys.path])
+    try:
+        done = subprocess.run([sys.executable, "-c", _CHILD], input=blob, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise TaskTimeout(
+            f"the replay of {name} in a fresh subprocess ran longer than {timeout:g} s",
+            node=name,
+            timeout=timeout,
+        ) from None
+    code = done.returncode
+    if code in (0, RAISED):
+        how = "returned" if code == 0 else "raised (its traceback is above)"
+        print(
+            f"graphexec: {name} did not crash in the subprocess (it {how}); "
+            "replaying it in this process now",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    if code < 0:
+        try:
+            why = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            why = f"killed by signal {-code}"
+    else:
+        why = f"exit code {code}"
+    raise WorkerCrashed(
+        f"{name} crashed again when replayed in a fresh subprocess ({why}); it is not run "
+        "in this process, which it would take down too. Its inputs are "
+        f"run.inputs({name!r}); the subprocess's output (with a faulthandler traceback "
+        "for a fatal signal) is above",
+        node=name,
+        exitcode=code,
+        signal_name=why[10:] if code < 0 else None,
+    )
+
+
+def child() -> None:
+    """The replay subprocess: the call arrives pickled on stdin."""
+    faulthandler.enable()
+    fn, state = pickle.loads(sys.stdin.buffer.read())
+    args, kwargs = KeptCall.from_state(state, None).load()
+    try:
+        fn(*args, **kwargs)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(RAISED)
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def replay_hint(run: Run, i: int) -> str:
+    """The last line of ``GraphFailed``'s message: how to reproduce node i's failure."""
+    name = run.graph._names[i]
+    kept: KeptCall | None = run._inputs.get(i)
+    if kept is None:
+        return f"{name} failed before a call was made: there is nothing to replay."
+    if kept.dropped is not None or kept.lost:
+        why = kept.dropped if kept.dropped is not None else "; ".join(kept.lost.values())
+        return f"Its inputs were not kept, so it cannot be replayed: {why}."
+    if run._record is not None:
+        return (
+            f"Reproduce it: python -m graphexec replay {shlex.quote(str(run._record))} "
+            f"{shlex.quote(name)}  (--pdb to debug it)"
+        )
+    return f"Reproduce it: exc.run.replay({name!r})  (exc: this GraphFailed; pdb=True to debug it)"

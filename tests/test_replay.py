@@ -1,0 +1,690 @@
+"""The morning after: a failed node replayed in this process on its exact inputs (#13).
+
+``run.inputs(node)`` and ``run.replay(node)`` on every scheduler; inputs that
+never pass through the parent (a chained value, a buffer in /dev/shm); the
+cap on kept inputs; ``run.save`` / ``Run.load`` across processes; the record
+a parent killed with SIGKILL leaves in its ``run_dir``; the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ALL_SCHEDULERS
+
+import graphexec as gx
+
+WORKTREE = Path(__file__).resolve().parents[1]
+BIG = 200_000  # float64: 1.6 MB, well over the 64 KiB that go through shared memory
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(WORKTREE), **extra)
+
+
+def _shm_ours() -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"gx-{os.getpid()}-")]
+
+
+@gx.task
+def make(n):
+    return np.arange(n, dtype=np.float64)
+
+
+@gx.task
+def check(array, limit=10.0):
+    if array.sum() > limit:
+        raise ValueError(f"sum {array.sum()} over {limit}")
+    return array
+
+
+@gx.task
+def after(x):
+    return x
+
+
+@gx.task
+def where_was_it(array, parent):
+    # Raises with where its input was: in /dev/shm (a segment of the parent's
+    # run is mapped now) or not (a chained value, handed over in the worker).
+    shm = [n for n in os.listdir("/dev/shm") if n.startswith(f"gx-{parent}-")]
+    raise ValueError(f"segments={len(shm)} sum={float(array.sum())}")
+
+
+@gx.task
+def consume(x):
+    return x
+
+
+@gx.task
+def crash(array):
+    os._exit(9)
+
+
+@gx.task
+def crash_once(flag):
+    # Crashes the first time (in its worker), not when replayed.
+    if not os.path.exists(flag):
+        Path(flag).write_text("crashed")
+        os._exit(9)
+    return "fine now"
+
+
+@gx.task(timeout=0.3)
+def slow(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@gx.task
+def unpicklable_result(x):
+    return threading.Lock()
+
+
+@gx.task
+def fails(x):
+    raise KeyError(x)
+
+
+@gx.task
+def takes_error(err):
+    raise RuntimeError(f"got {err!r}")
+
+
+@gx.task(return_state=True)
+def stated(x):
+    return x
+
+
+@gx.task
+def takes_state(state):
+    raise RuntimeError(f"got a {type(state).__name__}")
+
+
+# -- inputs and replay on every scheduler -------------------------------------------
+
+
+@pytest.mark.every_backend
+def test_replay_raises_the_same_error_on_the_same_inputs(compute):
+    with gx.Graph() as g:
+        a = make(10)
+        b = check(a, limit=3.0)
+        c = after(b)
+    with pytest.raises(gx.GraphFailed) as info:
+        compute(g)
+    run = info.value.run
+    args, kwargs = run.inputs(b)
+    np.testing.assert_array_equal(args[0], np.arange(10.0))
+    assert kwargs == {"limit": 3.0}
+    # fresh objects each time: a replay that changes its input leaves the next one alone
+    args[0][:] = 0
+    assert run.inputs("check-0")[0][0].sum() == 45.0
+    with pytest.raises(ValueError, match=re.escape("sum 45.0 over 3.0")):
+        run.replay(b)
+    with pytest.raises(ValueError, match=r"Skipped.*run\.replay\('check-0'\)"):
+        run.replay(c)
+    with pytest.raises(ValueError, match="Completed, not Failed"):
+        run.inputs(a)
+    assert str(info.value).splitlines()[-1] == (
+        "Reproduce it: exc.run.replay('check-0')  (exc: this GraphFailed; pdb=True to debug it)"
+    )
+
+
+@pytest.mark.parametrize("scheduler", ALL_SCHEDULERS)
+def test_replay_returns_when_it_does_not_fail_again(compute, tmp_path):
+    with gx.Graph() as g:
+        b = check(make(10), limit=3.0)
+    run = compute(g, raise_on_failure=False)
+    # the same node's function, given other inputs by hand, would pass; replay uses the kept ones
+    assert run.state(b).is_failed()
+    with pytest.raises(ValueError):
+        run.replay("check-0")
+
+
+@pytest.mark.every_backend
+def test_policies_pass_exceptions_and_states_which_are_kept(compute):
+    with gx.Graph() as g:
+        bad = fails(1)
+        t = takes_error(gx.allow_failure(bad))
+        s = takes_state(stated(5))
+    run = compute(g, raise_on_failure=False)
+    (err,), _ = run.inputs(t)
+    assert isinstance(err, KeyError) and err.args == (1,)
+    (state,), _ = run.inputs(s)
+    assert isinstance(state, gx.State) and state.result() == 5
+    with pytest.raises(RuntimeError, match="got a State"):
+        run.replay(s)
+
+
+def test_pdb_starts_post_mortem_at_the_failure(compute, monkeypatch):
+    seen = []
+    monkeypatch.setattr("pdb.post_mortem", lambda tb: seen.append(tb))
+    with gx.Graph() as g:
+        b = check(make(10), limit=3.0)
+    run = compute(g, raise_on_failure=False)
+    with pytest.raises(ValueError):
+        run.replay(b, pdb=True)
+    (tb,) = seen
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    assert tb.tb_frame.f_code.co_name == "check"
+    assert tb.tb_frame.f_locals["limit"] == 3.0
+
+
+@pytest.mark.parametrize("scheduler", ["processes", "sync"])
+def test_a_timed_out_node_replays_without_a_timeout_unless_asked(compute):
+    with gx.Graph() as g:
+        s = slow(0.8)
+    run = compute(g, raise_on_failure=False)
+    assert isinstance(run.state(s).exception, gx.TaskTimeout)
+    assert run.replay(s) == 0.8  # no timeout: it runs to its end
+    with pytest.raises(gx.TaskTimeout, match=re.escape("replay of slow-0 ran longer than 0.2 s")):
+        run.replay(s, timeout=0.2)
+
+
+def test_a_result_that_would_not_pickle_replays(pool):
+    with gx.Graph() as g:
+        u = unpicklable_result(1)
+    run = g.compute(pool=pool, raise_on_failure=False)
+    assert isinstance(run.state(u).exception, gx.SerializationError)
+    assert run.inputs(u) == ((1,), {})
+    assert type(run.replay(u)) is type(threading.Lock())
+
+
+# -- inputs that never pass through the parent -----------------------------------------
+
+
+def test_a_chained_input_comes_back_with_the_failure(pool):
+    with gx.Graph() as g:
+        w = where_was_it(make(BIG), os.getpid())
+    run = g.compute(pool=pool, raise_on_failure=False)
+    # the value went to where_was_it inside the worker: no segment of it was mapped
+    assert str(run.state(w).exception).startswith("segments=0 ")
+    (array, _parent), _ = run.inputs(w)
+    np.testing.assert_array_equal(array, np.arange(BIG, dtype=np.float64))
+    with pytest.raises(ValueError, match=f"segments=0 sum={float(array.sum())}"):
+        run.replay(w)
+
+
+def test_a_shared_memory_input_is_copied_out_before_release(pool):
+    with gx.Graph() as g:
+        a = make(BIG)
+        w = where_was_it(a, os.getpid())
+        other = consume(a)  # a second consumer: no chain, the value goes through /dev/shm
+    run = g.compute(w, other, pool=pool, raise_on_failure=False)
+    assert not str(run.state(w).exception).startswith("segments=0 ")
+    assert _shm_ours() == []  # the run released and unlinked its segments...
+    (array, _), _ = run.inputs(w)  # ...and the input was copied out before that
+    np.testing.assert_array_equal(array, np.arange(BIG, dtype=np.float64))
+
+
+def test_a_crashed_worker_holding_a_chained_input_says_it_is_lost(pool):
+    with gx.Graph() as g:
+        c = crash(make(BIG))
+    run = g.compute(pool=pool, raise_on_failure=False)
+    assert isinstance(run.state(c).exception, gx.WorkerCrashed)
+    with pytest.raises(
+        LookupError, match=re.escape("inside a worker (a chain), and that worker stopped")
+    ):
+        run.inputs(c)
+    assert "crash-0: the value of make-0 went from one call" in run.summary()
+
+
+def test_a_crashed_node_replays_in_a_subprocess_first(pool, tmp_path, capfd):
+    flag = tmp_path / "flag"
+    with gx.Graph() as g:
+        c = crash_once(str(flag))
+    run = g.compute(pool=pool, raise_on_failure=False)
+    assert isinstance(run.state(c).exception, gx.WorkerCrashed)
+    assert run.replay(c) == "fine now"
+    err = capfd.readouterr().err
+    assert "replaying it in a fresh subprocess first" in err
+    assert "did not crash in the subprocess (it returned); replaying it in this process" in err
+
+
+def test_a_node_that_crashes_again_is_not_run_in_this_process(pool):
+    with gx.Graph() as g:
+        c = crash(7)  # no upstream: its inputs are kept
+    run = g.compute(pool=pool, raise_on_failure=False)
+    with pytest.raises(gx.WorkerCrashed, match=r"crashed again .* \(exit code 9\)"):
+        run.replay(c)
+
+
+# -- the cap -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", ["processes", "sync"])
+def test_inputs_past_the_cap_are_dropped_and_named(compute):
+    with gx.Graph() as g:
+        first = check(make(100), limit=1.0)  # ~800 bytes each
+        second = check(make(101), limit=1.0)
+    run = compute(g, raise_on_failure=False, keep_inputs=1200)
+    # whichever failed first is kept; the other would go past the cap
+    kept, dropped = [], []
+    for node in (first, second):
+        try:
+            kept.append(run.inputs(node)[0][0].shape)
+        except LookupError as exc:
+            assert "past the cap of 1.2 kB" in str(exc)
+            dropped.append(node.name)
+    assert len(kept) == 1 and kept[0] in ((100,), (101,))
+    assert len(dropped) == 1
+    summary = run.summary()
+    assert "Inputs not kept (run.replay cannot rerun these):" in summary
+    assert f"{dropped[0]}: its inputs" in summary
+
+
+def test_the_cap_comes_from_the_environment(pool, monkeypatch):
+    monkeypatch.setenv("GRAPHEXEC_KEEP_INPUTS", "0")
+    with gx.Graph() as g:
+        b = check(make(10), limit=1.0)
+    with pytest.raises(gx.GraphFailed) as info:
+        g.compute(pool=pool)
+    with pytest.raises(LookupError, match="keeping inputs is turned off"):
+        info.value.run.inputs(b)
+    assert str(info.value).endswith(
+        "Its inputs were not kept, so it cannot be replayed: keeping inputs is turned off "
+        "(keep_inputs=0 or GRAPHEXEC_KEEP_INPUTS=0)."
+    )
+
+
+def test_keep_inputs_is_validated():
+    with gx.Graph() as g:
+        make(1)
+    with pytest.raises(ValueError, match="keep_inputs='lots' must be bytes"):
+        g.compute(keep_inputs="lots")
+
+
+# -- saved runs ------------------------------------------------------------------------
+
+SCRIPT = """
+import sys
+import numpy as np
+import graphexec as gx
+
+@gx.task
+def make(n):
+    return np.arange(n, dtype=np.float64)
+
+@gx.task
+def check(array, limit):
+    if array.sum() > limit:
+        raise ValueError(f"sum {array.sum()} over {limit}")
+    return array
+
+@gx.task
+def fine(x):
+    return x
+
+if __name__ == "__main__":
+    with gx.Graph("night") as g:
+        a = make(200_000)
+        bad = check(a, 1.0)
+        ok = fine(3)
+        other = fine(a)
+    run = g.compute(workers=2, raise_on_failure=False)
+    print(run.save(sys.argv[1]))
+"""
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A run saved by another process whose functions live in its __main__."""
+    where = tmp_path_factory.mktemp("saved")
+    script = where / "night.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(where / "night.gxrun")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+        cwd=where,
+    )
+    assert done.returncode == 0, done.stderr
+    return where / "night.gxrun"
+
+
+def test_a_saved_run_replays_in_another_process(saved):
+    code = textwrap.dedent(f"""
+        import graphexec as gx
+        run = gx.Run.load({str(saved)!r})
+        print(repr(run))
+        (array, limit), kwargs = run.inputs("check-0")
+        print(array.shape, limit, kwargs)
+        try:
+            run.replay("check-0")
+        except ValueError as exc:
+            print("again:", exc)
+        """)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "<Run (saved) night: 3 completed, 1 failed>",
+        "(200000,) 1.0 {}",
+        f"again: sum {float(np.arange(200_000).sum())} over 1.0",
+    ]
+
+
+def test_a_saved_run_reads_like_a_json_one(saved):
+    run = gx.Run.load(saved)
+    assert [n.name for n in run.failed] == ["check-0"]
+    assert run.unhandled == run.failed
+    assert "check-0: ValueError: sum" in run.summary()
+    with pytest.raises(gx.GraphexecError, match="not in the saved run"):
+        run[run.completed[0]]
+    # saved again, and loaded again: the same
+    again = gx.Run.load(run.save(saved.with_name("again.gxrun")))
+    assert again.inputs("check-0")[0][1] == 1.0
+
+
+def test_the_cli_replays_a_saved_run(saved):
+    done = subprocess.run(
+        [sys.executable, "-m", "graphexec", "replay", str(saved), "check-0"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "ValueError: sum" in done.stderr
+    assert "check-0 failed again" in done.stderr
+
+
+def test_the_cli_replays_under_pdb(saved):
+    done = subprocess.run(
+        [sys.executable, "-m", "graphexec", "replay", str(saved), "check-0", "--pdb"],
+        input="p limit * 7\nq\n",
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert "(Pdb) 7.0" in done.stdout
+    assert done.returncode == 1
+
+
+def test_the_cli_names_what_to_replay_instead(saved):
+    done = subprocess.run(
+        [sys.executable, "-m", "graphexec", "replay", str(saved), "fine-0"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "fine-0 is Completed, not Failed" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "graphexec", "replay", str(saved), "nope"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert "no node named 'nope'" in done.stderr and "failed nodes: check-0" in done.stderr
+
+
+def test_the_cli_reports_a_saved_run(saved, tmp_path):
+    out = tmp_path / "r.html"
+    done = subprocess.run(
+        [sys.executable, "-m", "graphexec", "report", str(saved), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "4 nodes, 1 unhandled failure(s)" in done.stdout
+    assert "check-0" in out.read_text()
+
+
+def test_replay_warns_when_the_source_changed(tmp_path):
+    module = tmp_path / "nightly_tasks.py"
+    module.write_text("import graphexec as gx\n\n@gx.task\ndef div(x):\n    return 1 / x\n")
+    save = textwrap.dedent("""
+        import sys, graphexec as gx
+        from nightly_tasks import div
+        with gx.Graph() as g:
+            div(0)
+        g.compute(workers=1, raise_on_failure=False).save(sys.argv[1])
+        """)
+    env = _env()
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{WORKTREE}"
+    saved = tmp_path / "r.gxrun"
+    subprocess.run([sys.executable, "-c", save, str(saved)], env=env, check=True, timeout=60)
+    module.write_text(
+        "import graphexec as gx\n\n@gx.task\ndef div(x):\n    return 2 / x  # changed\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "graphexec", "replay", str(saved), "div-0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert "the source of div" in done.stderr and "changed since div-0 failed" in done.stderr
+    assert "ZeroDivisionError" in done.stderr
+
+
+# -- run_dir: the record written as the run goes -------------------------------------
+
+
+def test_run_dir_holds_the_run_and_the_error_says_how_to_replay(pool, tmp_path):
+    with gx.Graph("nightly") as g:
+        b = check(make(10), limit=1.0)
+        ok = consume(3)
+    with pytest.raises(gx.GraphFailed) as info:
+        g.compute(pool=pool, run_dir=tmp_path / "night")
+    last = str(info.value).splitlines()[-1]
+    assert last == (
+        f"Reproduce it: python -m graphexec replay {tmp_path / 'night' / 'run.gxrun'} check-0"
+        "  (--pdb to debug it)"
+    )
+    run = gx.Run.load(tmp_path / "night")
+    assert run.ended and run.counts() == {"Completed": 2, "Failed": 1}
+    assert [n.name for n in run.unhandled] == ["check-0"]
+    with pytest.raises(ValueError, match=re.escape("sum 45.0 over 1.0")):
+        run.replay(b.name)
+    with pytest.raises(gx.GraphexecError, match="not in the saved run"):
+        run[run.graph.nodes[ok.index]]
+
+
+KILLED = """
+import sys, time
+import graphexec as gx
+
+@gx.task
+def fails(x):
+    raise ValueError(f"bad {x}")
+
+@gx.task
+def quick(x):
+    return x
+
+@gx.task
+def sleeper(x):
+    time.sleep(60)
+
+if __name__ == "__main__":
+    with gx.Graph("killed") as g:
+        fails(1)
+        quick(2)
+        sleeper(3)
+    g.compute(workers=2, run_dir=sys.argv[1])
+"""
+
+
+def test_a_parent_killed_mid_run_leaves_a_run_that_loads(tmp_path):
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED)
+    run_dir = tmp_path / "night"
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], env=_env(), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            record = run_dir / "run.gxrun"
+            if record.exists() and b'"t": "node"' in record.read_bytes():
+                text = record.read_bytes()
+                if text.count(b'"t": "node"') >= 2 and b'"t": "run", "id": 2' in text:
+                    break
+        else:
+            pytest.fail("the run never got going")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    run = gx.Run.load(run_dir)
+    assert not run.ended
+    states = {n.name: run.state(n).name for n in run.nodes}
+    assert states == {"fails-0": "Failed", "quick-0": "Completed", "sleeper-0": "Running"}
+    assert "1 node(s) were running: sleeper-0" in run.summary()
+    with pytest.raises(ValueError, match="bad 1"):
+        run.replay("fails-0")
+    with pytest.raises(ValueError, match="was running when the run's record ended"):
+        run.inputs("sleeper-0")
+
+
+@gx.task
+def sees_on_disk(record, name, _after):
+    # Runs after `name` finished, while the run goes on: is it on disk already?
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            run = gx.Run.load(record)
+        except ValueError:  # its start is not written yet
+            run = None
+        if run is not None and any(n.name == name for n in run.completed):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_journal_is_on_disk_while_the_run_goes(pool, tmp_path):
+    with gx.Graph() as g:
+        first = consume(1)
+        seen = sees_on_disk(str(tmp_path / "run.gxrun"), "consume-0", first)
+    run = g.compute(pool=pool, run_dir=tmp_path)
+    assert run[seen] is True
+    assert (tmp_path / "run.gxrun").read_bytes().count(b'"t": "node"') == 2
+
+
+def test_run_dir_keeps_chains(pool, tmp_path):
+    with gx.Graph() as g:
+        w = where_was_it(make(BIG), os.getpid())
+    run = g.compute(pool=pool, run_dir=tmp_path, raise_on_failure=False)
+    assert str(run.state(w).exception).startswith("segments=0 ")  # still chained
+    loaded = gx.Run.load(tmp_path)
+    np.testing.assert_array_equal(loaded.inputs(w.name)[0][0], np.arange(BIG, dtype=np.float64))
+
+
+def test_json_documents_still_report(tmp_path):
+    with gx.Graph() as g:
+        check(make(10), limit=1.0)
+    run = g.compute(scheduler="sync", raise_on_failure=False)
+    doc = tmp_path / "run.json"
+    doc.write_text(run.to_json())
+    assert json.loads(doc.read_text())["format"] == "graphexec.run"
+    done = subprocess.run(
+        [sys.executable, "-m", "graphexec", "report", str(doc)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    with pytest.raises(LookupError, match="read from a JSON document"):
+        gx.Run.from_json(doc.read_text()).inputs("check-0")
+
+
+def nightly_body():
+    a = make.submit(10)
+    check.submit(a, limit=2.0)
+    return consume(4)
+
+
+def test_a_flow_writes_its_record_as_it_goes(tmp_path):
+    flow = gx.flow(workers=2, run_dir=tmp_path / "flow")(nightly_body)
+    with pytest.raises(gx.GraphFailed) as info:
+        flow()
+    assert (
+        str(info.value)
+        .splitlines()[-1]
+        .startswith(
+            f"Reproduce it: python -m graphexec replay {tmp_path / 'flow' / 'run.gxrun'} check-0"
+        )
+    )
+    run = gx.Run.load(tmp_path / "flow")
+    assert run.ended
+    (checked,) = [n for n in run.nodes if n.name == "check-0"]
+    assert [run.graph.nodes[up].name for up in run.graph._deps[checked.index]] == ["make-0"]
+    assert {n.name: run.state(n).name for n in run.nodes} == {
+        "make-0": "Completed",
+        "check-0": "Failed",
+        "consume-0": "Completed",
+    }
+    assert [n.name for n in run.unhandled] == ["check-0"]
+    (array,), kwargs = run.inputs("check-0")
+    np.testing.assert_array_equal(array, np.arange(10.0))
+    assert kwargs == {"limit": 2.0}
+    with pytest.raises(ValueError, match=re.escape("sum 45.0 over 2.0")):
+        run.replay("check-0")
+
+
+@gx.task
+def locked(lock, x):
+    with lock:
+        raise ValueError(f"x={x}")
+
+
+def test_an_unpicklable_input_replays_here_but_is_not_saved(tmp_path):
+    lock = threading.Lock()
+    with gx.Graph() as g:
+        n = locked(lock, consume(2))
+    run = g.compute(scheduler="threads", workers=2, raise_on_failure=False)
+    (got, x), _ = run.inputs(n)
+    assert got is lock and x == 2  # the object itself: it would not pickle
+    with pytest.raises(ValueError, match="x=2"):
+        run.replay(n)
+    loaded = gx.Run.load(run.save(tmp_path / "r.gxrun"))
+    with pytest.raises(LookupError, match=r"could not be pickled \(they replay only in the"):
+        loaded.inputs("locked-0")
+    assert "locked-0: its inputs could not be pickled" in loaded.summary()
+
+
+def test_a_value_many_failed_nodes_got_is_kept_and_saved_once(pool, tmp_path):
+    with gx.Graph() as g:
+        a = make(BIG)  # 1.6 MB
+        bad = [check(a, limit=float(k)) for k in range(5)]
+    run = g.compute(pool=pool, raise_on_failure=False, keep_inputs="2MB")
+    for node in bad:  # all five kept under a 2 MB cap: the array counts once
+        np.testing.assert_array_equal(run.inputs(node)[0][0], np.arange(BIG, dtype=np.float64))
+    saved = run.save(tmp_path / "r.gxrun")
+    assert saved.stat().st_size < 2 * BIG * 8
+    loaded = gx.Run.load(saved)
+    first, last = loaded.inputs("check-0")[0][0], loaded.inputs("check-4")[0][0]
+    np.testing.assert_array_equal(first, last)
+    assert loaded.inputs("check-4")[1] == {"limit": 4.0}
+
+
+def test_an_unwritable_run_dir_is_refused_before_the_run(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with gx.Graph() as g:
+        consume(1)
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        g.compute(scheduler="sync", run_dir=blocker)
+    with pytest.raises(ValueError, match="the run's record cannot be written there"):
+        g.compute(scheduler="sync", run_dir=blocker / "sub")
