@@ -306,10 +306,12 @@ class Scheduler:
         if self.cancel_reason is not None and not self.swept:
             self.cancel(self.cancel_reason, everything=False)
             return  # the caller re-checks whether anything is left to do
+        gate = self.gate
+        if gate.results:  # nodes keyed since the last step, settled together
+            self._settle_keys()
         self._dispatch()
         if not idle_ok and self.done >= self.n_members:
             return  # dispatch itself finished the last node (isolate=True refused)
-        gate = self.gate
         timeout = None
         if self.retry_at:
             timeout = max(0.0, self.retry_at[0][0] - time.monotonic())
@@ -327,10 +329,7 @@ class Scheduler:
         for call, kind, value in self.executor.poll(timeout):
             self._on_outcome(call, kind, value)
         if gate.results:  # keys computed meanwhile (the keying thread woke poll up)
-            for i, verdict in gate.keyed():
-                cached = self._gate_says(i, verdict)
-                if cached is not None:
-                    self._finish(i, cached)
+            self._settle_keys()
         now = time.monotonic()
         while self.retry_at and self.retry_at[0][0] <= now:
             i = heapq.heappop(self.retry_at)[2]
@@ -340,6 +339,17 @@ class Scheduler:
                     self._finish(i, cached)
             else:
                 self._push_ready(i)
+
+    def _settle_keys(self) -> None:
+        """Apply the cache gate's verdicts, until it has none: nodes it finds Cached
+        wake their dependents, whose keys it then settles too (a chain of hits goes
+        through in one step, without waiting for the executor)."""
+        gate = self.gate
+        while gate.results:
+            for i, verdict in gate.keyed():
+                cached = self._gate_says(i, verdict)
+                if cached is not None:
+                    self._finish(i, cached)
 
     def _push_ready(self, i: int) -> None:
         heapq.heappush(self.ready, (-self.graph._opts[i].priority, self.order[i], i))
