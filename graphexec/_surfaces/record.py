@@ -10,7 +10,8 @@ records written together (a batch); a record whose pickle follows
     J  {"t": "start", "format", "version", "graph", "started", "pid", "host",
         "python", "graphexec", "nodes": [{"name", "task"}], "edges": [[up, down, kind]]}
     J  {"t": "add", "id", "name", "task", "edges"}      a node a flow submitted since
-    J  ["run", id, attempt, at]                         an attempt was dispatched
+    J  ["run", id, attempt, at]                         an attempt was dispatched (written
+                                                        only if it did not end in the batch)
     J  {"t": "value", "up"}                             an upstream value a failed node got,
     P  pickle of (data, buffers)                        written once for all who got it
     J  {"t": "inputs", "id", "nbytes", "dropped", "lost", "source_hash", "origin"}
@@ -379,13 +380,18 @@ class Journal(Observer):
     def _write(self, w: Writer, events: deque[tuple[Any, ...]]) -> None:
         run = self._run
         assert run is not None
+        # Starts whose node finished in the same batch are not written: the final
+        # state says it ran. Only those still running then are (as Running, if the
+        # record ends there): half the records of a run of small tasks.
+        begun: dict[int, tuple[Any, ...]] = {}
         while events:
             event = events.popleft()
             i = event[0]
-            k = self._id(w, i)
             if len(event) == 3:
-                w.json(["run", k, event[1], event[2]])
+                begun[i] = event
                 continue
+            begun.pop(i, None)
+            k = self._id(w, i)
             state = event[1]
             history = state.history
             if (  # a Completed node of one clean attempt: most of a run, written short
@@ -402,6 +408,8 @@ class Journal(Observer):
             if state.name is FAILED:
                 _write_inputs(w, run, i, k)
             w.json({"t": "node", **node_record(run, i, k, state)})
+        for i, attempt, at in begun.values():
+            w.json(["run", self._id(w, i), attempt, at])
         w.flush()
 
     def _id(self, writer: Writer, i: int) -> int:
