@@ -871,3 +871,26 @@ def test_the_journal_hands_nothing_to_the_hooks_thread_and_writes_batches(
         frames, at = frames + 1, at + 9 + size
     assert frames < 100  # 600 events, in batches
     assert gx.Run.load(tmp_path).counts() == {"Completed": 300}
+
+
+def test_a_record_of_the_first_format_still_loads(tmp_path):
+    # One dict per frame, attempts as {"t": "run"}: what run_dir wrote at first.
+    def frame(record):
+        body = json.dumps(record).encode()
+        return b"J" + len(body).to_bytes(8, "little") + body
+
+    start = {
+        "t": "start",
+        "format": "graphexec.run",
+        "version": 1,
+        "graph": "old",
+        "started": 100.0,
+        "nodes": [{"name": "a-0", "task": "a"}, {"name": "b-0", "task": "b"}],
+        "edges": [],
+    }
+    (tmp_path / "run.gxrun").write_bytes(
+        b"GXRUN\x001\n" + frame(start) + frame({"t": "run", "id": 1, "attempt": 1, "at": 101.0})
+    )
+    run = gx.Run.load(tmp_path)
+    assert [run.state(n).name for n in run.nodes] == ["Pending", "Running"]
+    assert "interrupted" in run.summary().splitlines()[0]

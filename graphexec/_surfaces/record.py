@@ -528,7 +528,8 @@ def load_run(path: str | os.PathLike[str]) -> SavedRun:
                 value = None
             continue
         parsed = json.loads(body)
-        for record in parsed:  # a batch
+        # A batch; a lone dict is a frame of the first format (one record per frame).
+        for record in parsed if isinstance(parsed, list) else (parsed,):
             if isinstance(record, list):  # compact: ["run", id, attempt, at], ["ok", id, ...]
                 if record[0] == "run":
                     started[record[1]] = {"attempt": record[2], "at": record[3]}
@@ -540,6 +541,8 @@ def load_run(path: str | os.PathLike[str]) -> SavedRun:
                 start = record
             elif t == "node":
                 finals[record["id"]] = record
+            elif t == "run":  # (the first format's attempt record)
+                started[record["id"]] = record
             elif t == "add" and start is not None:  # a node a flow submitted
                 start["nodes"].append({"name": record["name"], "task": record["task"]})
                 start["edges"].extend(record["edges"])
