@@ -79,6 +79,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from threading import get_ident, main_thread
 from typing import Any
 
 from .._model.errors import WorkerCrashed
@@ -112,11 +113,11 @@ class SignalShield:
         self.pending: list[tuple[Callable[[int, Any], Any], int, Any]] = []
 
     def __enter__(self) -> None:
-        if threading.current_thread() is threading.main_thread():
+        if get_ident() == main_thread().ident:
             self.depth += 1  # (no bytecode after this can raise before the block)
 
     def __exit__(self, *exc: object) -> None:
-        if threading.current_thread() is not threading.main_thread():
+        if get_ident() != main_thread().ident:
             return
         self.depth -= 1
         if self.depth or not self.pending:
