@@ -382,8 +382,10 @@ class Scheduler:
             if self.observer is not None:
                 self.observer.running(i, call)
 
-    def _limit_keys(self, i: int) -> list[Any]:
+    def _limit_keys(self, i: int) -> list[Any] | tuple[()]:
         opts = self.graph._opts[i]
+        if opts.max_concurrency is None and not (opts.tags and self.limits):
+            return ()  # the common case, on the path of every node: nothing to count
         keys: list[Any] = []
         if opts.max_concurrency is not None:
             fn_key = id(self.graph._tasks[i].fn)
@@ -478,11 +480,12 @@ class Scheduler:
         # some frame or executor still refers to.
         inputs, call.inputs = call.inputs, {}
         call.wire = None
-        for k in self._limit_keys(i):
-            self.in_use[k] -= 1
-            waiting = self.parked.get(k)
-            if waiting:
-                self._push_ready(heapq.heappop(waiting)[2])
+        if self.in_use:  # some node holds a concurrency slot: maybe this one
+            for k in self._limit_keys(i):
+                self.in_use[k] -= 1
+                waiting = self.parked.get(k)
+                if waiting:
+                    self._push_ready(heapq.heappop(waiting)[2])
         if kind == REQUEUE:
             self._push_ready(i)
             return

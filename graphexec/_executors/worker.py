@@ -4,6 +4,7 @@ Messages (pickled tuples, one ``send_bytes`` each)::
 
     parent -> worker   ("fn", fn_id, fn_blob, origin, forget)  once per function and worker
                        ("run", token, fn_id, node_name, args_blob, deps, cache, hold)
+                       ("batch", [run_message_bytes, ...])  several run messages, in order
                        ("stop",)
     worker -> parent   ("ready",)                    the pool's initializer ran (sent first)
                        ("initfail", exc_blob, traceback_text, (type_name, message))
@@ -61,6 +62,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from typing import Any
 
 from .._data import shm as _shm
@@ -139,13 +141,22 @@ def main(
             conn.close()
             sys.exit(1)
     held: dict[int, Any] = {}  # token -> value kept for the next call of a chain
+    batch: deque[bytes] = deque()  # the calls of a batch message not run yet, in order
     stopped = False
     while True:
-        try:
-            data = conn.recv_bytes()
-        except (EOFError, OSError):
-            break  # the parent closed our pipe or died
+        if batch:
+            data = batch.popleft()
+        else:
+            try:
+                data = conn.recv_bytes()
+            except (EOFError, OSError):
+                break  # the parent closed our pipe or died
         message = pickle.loads(data)
+        if message[0] == "batch":
+            # Several run messages in one: each is run, and answered, in turn, so
+            # the parent still knows which call a death interrupted.
+            batch.extend(message[1])
+            continue
         if message[0] == "fn":
             _, fn_id, blob, origin, forget = message
             for old in forget:
