@@ -41,8 +41,9 @@ class Pool:
     run keeps its own states, ``fail_fast``, cancellation and values; the
     workers take calls from the runs that have work ready in turn
     (round-robin), so no run waits for another's whole graph. ``with pool:``
-    may be entered by several threads (each block has its own submits); the
-    pool closes when the last block ends, or at :meth:`close`.
+    may be entered by several threads (each block has its own submits, and is
+    left by the thread that entered it); the pool closes when the last block
+    ends, or at :meth:`close`.
 
     Example::
 
