@@ -309,3 +309,36 @@ def test_exiting_with_pool_in_another_thread_is_a_clear_error():
         assert pool.closed
     finally:
         pool.close()
+
+
+def test_a_handler_of_your_own_waits_for_the_end_of_the_critical_section():
+    """The mechanism itself: inside ``with SHIELD:`` (nested too) a wrapped handler
+    does not run; it runs once, as the outermost section ends, and its exception
+    leaves from there. Outside any section it runs at once. The handler is put
+    back afterwards."""
+    from graphexec._executors.shared import SHIELD
+    from graphexec._surfaces.signals import deferred_in_critical_sections
+
+    seen: list[int] = []
+
+    def mine(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, mine)
+    try:
+        with deferred_in_critical_sections():
+            assert signal.getsignal(signal.SIGINT) is not mine  # wrapped
+            with pytest.raises(KeyboardInterrupt), SHIELD:
+                with SHIELD:
+                    signal.raise_signal(signal.SIGINT)
+                    assert seen == []
+                assert seen == []  # still inside the outer section
+            assert seen == [signal.SIGINT]
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+            assert seen == [signal.SIGINT] * 2
+        assert signal.getsignal(signal.SIGINT) is mine
+        assert SHIELD.depth == 0 and not SHIELD.pending
+    finally:
+        signal.signal(signal.SIGINT, previous)

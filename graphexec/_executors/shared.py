@@ -199,6 +199,8 @@ class SharedPool:
                             self._in_use[key] = left
                         else:  # (keys name functions too: none is kept once idle)
                             del self._in_use[key]
+            if self._n_held:
+                self._wake()  # a held call may take the slot (the driver promotes it)
 
     def _hold(self, lease: RunLease, call: Call) -> None:
         """``call`` waits in its run's held list for its slots (caller holds _lock)."""
