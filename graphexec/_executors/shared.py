@@ -324,7 +324,7 @@ class SharedPool:
                     lease._abandon(POOL_CLOSED)
                 return
             self._feed()
-            if lease._outbox or lease._woken or self._want or SHIELD.pending:
+            if lease._outbox or lease._woken or self._want or (in_main and SHIELD.pending):
                 return
             with self._lock:
                 if self._refused is None and any(
