@@ -302,7 +302,7 @@ def test_threads_submitting_cached_tasks_into_one_flow_share_one_cache_store(mon
     leave the first one's flock held for the life of the process). (Workers write
     entries through stores of their own, which never lock.)"""
     lockers: set[int] = set()
-    real_try_lock = CacheStore.try_lock
+    real_try_lock = CacheStore.try_lock_many
     real_init = CacheStore.__init__
 
     def slow_init(self: CacheStore, root: Any) -> None:
@@ -311,11 +311,11 @@ def test_threads_submitting_cached_tasks_into_one_flow_share_one_cache_store(mon
 
     monkeypatch.setattr(CacheStore, "__init__", slow_init)
 
-    def noting_try_lock(self: CacheStore, key: str) -> bool:
+    def noting_try_lock(self: CacheStore, keys: list[str]) -> list[bool]:
         lockers.add(id(self))
-        return real_try_lock(self, key)
+        return real_try_lock(self, keys)
 
-    monkeypatch.setattr(CacheStore, "try_lock", noting_try_lock)
+    monkeypatch.setattr(CacheStore, "try_lock_many", noting_try_lock)  # try_lock's too
 
     def body() -> list[int]:
         session = flow_session()

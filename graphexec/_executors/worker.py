@@ -79,6 +79,7 @@ from .runtime import (
     result_error,
     unloadable_error,
 )
+from .threadlimits import apply_in_worker
 
 WATCHDOG_INTERVAL = 0.5
 _worker_pid = 0  # this worker's pid: a process with another one is a child a task forked
@@ -97,13 +98,15 @@ def main(
     pool_id: int = 0,
     log_setup: tuple[int, str] | None = None,
     initializer: tuple[bytes, bytes, str | None] | None = None,
+    thread_env: dict[str, str] | None = None,
 ) -> None:
     """Entry point of a worker process.
 
     ``log_setup``: the parent's root logging level and format, which tasks'
     log records follow here (see :func:`_mirror_logging`). ``initializer``:
     the pool's initializer and its arguments, pickled, and the initializer's
-    source file.
+    source file. ``thread_env``: the thread-count variables of native libraries
+    (``threadlimits.py``), set before the initializer and the first call run.
     """
     global _worker_pid
     _worker_pid = os.getpid()
@@ -130,6 +133,8 @@ def main(
         name="graphexec-watchdog",
     ).start()
     functions.clear()  # a forked worker's copy of its parent's, if the parent was a worker
+    if thread_env is not None:
+        apply_in_worker(thread_env)
     if initializer is not None:
         ok, reply = _initialize(*initializer)
         _flush_stdio()

@@ -65,6 +65,11 @@ def _compute(graph: Graph, targets: tuple[Any, ...], given: dict[str, Any]) -> R
                 "fail_fast=True for a graph computed inside a flow: the flow's scheduler runs "
                 "it, so give fail_fast to @gx.flow instead"
             )
+        if options.inner_threads is not None:
+            raise ValueError(
+                "inner_threads= for a graph computed inside a flow: its workers are the "
+                "flow's, so give inner_threads to @gx.flow (or gx.Pool) instead"
+            )
         if options.run_dir is not None:
             raise ValueError(
                 "run_dir= for a graph computed inside a flow: the flow's scheduler runs it; "

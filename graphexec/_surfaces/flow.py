@@ -36,6 +36,7 @@ _RUN_OPTIONS = frozenset(
         "start_method",
         "cluster",
         "max_calls_per_worker",
+        "inner_threads",
         "run_dir",
         "keep_inputs",
         "observers",
@@ -160,7 +161,8 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             workers, beside its other computes and flows, and leaves it open),
             ``run_dir`` (write the flow's record there as it goes) and
             ``keep_inputs`` (the cap on failed nodes' inputs kept for
-            ``run.replay``), ``name``; ``observers`` (:class:`Observer` instances
+            ``run.replay``), ``inner_threads`` (threads of BLAS/OpenMP in each
+            worker), ``name``; ``observers`` (:class:`Observer` instances
             that see every node of the flow) and the run hooks ``on_completion``,
             ``on_failure``, ``on_cancellation``, ``on_crashed`` (lists of functions
             called with the flow's :class:`Run`, or Prefect's ``(flow, flow_run,

@@ -8,6 +8,7 @@ from typing import Any
 
 from .._executors.process import ProcessPool, default_start_method
 from .._executors.shared import RunLease, SharedPool
+from .._model.options import check_inner_threads
 from .eager import PoolBlock, cancel_pool_session, end_pool_session, pop_context, push_context
 from .options import check_max_calls, check_workers, parse_memory
 from .signals import deferred_in_critical_sections
@@ -31,6 +32,14 @@ class Pool:
             workers and each call that would need one fails with
             :class:`WorkerCrashed` whose ``__cause__`` is the initializer's error.
         initargs: arguments for ``initializer`` (pickled with cloudpickle).
+        inner_threads: threads that BLAS (OpenBLAS, MKL, BLIS), OpenMP and numexpr
+            may start in each worker, as joblib's ``inner_max_num_threads``.
+            ``None`` (default): ``cores // workers``, at least 1, so that workers x
+            threads fit the cores; a variable such as ``OMP_NUM_THREADS`` or
+            ``OPENBLAS_NUM_THREADS`` set in this process's environment when the
+            pool is made is passed on unchanged. A count applies to all of them.
+            A task's option ``inner_threads=`` overrides it for that task's calls.
+            See docs/guide/threads.md.
         memory_limit: the RSS a worker may reach while it runs a call of a
             compute on this pool (bytes, or ``"2GB"``); over it the worker is
             killed and that one call fails with :class:`MemoryLimitExceeded`.
@@ -57,7 +66,8 @@ class Pool:
     Raises:
         TypeError: ``initializer`` is not callable, or it or ``initargs`` cannot
             be pickled.
-        ValueError: ``workers`` or ``max_calls_per_worker`` out of range.
+        ValueError: ``workers``, ``max_calls_per_worker`` or ``inner_threads`` out
+            of range.
     """
 
     def __init__(
@@ -68,6 +78,7 @@ class Pool:
         max_calls_per_worker: int | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
+        inner_threads: int | None = None,
         memory_limit: int | str | None = None,
     ) -> None:
         count = check_workers(workers, "Pool")
@@ -76,6 +87,7 @@ class Pool:
         max_calls = check_max_calls(max_calls_per_worker, "Pool")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"Pool: initializer= must be callable, got {initializer!r}")
+        threads = check_inner_threads(inner_threads, "inner_threads", "Pool")
         self._memory_limit = parse_memory(memory_limit)
         method = start_method or default_start_method()
         self._procs = ProcessPool(
@@ -84,6 +96,7 @@ class Pool:
             max_calls=max_calls,
             initializer=initializer,
             initargs=tuple(initargs),
+            inner_threads=threads,
         )
         self._shared = SharedPool(self._procs)  # its dispatcher thread serves every run
         self._blocks_lock = threading.Lock()
@@ -99,6 +112,15 @@ class Pool:
     def max_calls_per_worker(self) -> int | None:
         """Calls a worker runs before it is replaced (None: no limit)."""
         return self._procs.max_calls
+
+    @property
+    def inner_threads(self) -> int:
+        """Threads each worker's BLAS/OpenMP libraries may start (given, or cores // workers).
+
+        Variables the environment set when the pool was made win over the
+        automatic count (see the ``inner_threads`` argument).
+        """
+        return self._procs.inner_threads
 
     @property
     def memory_limit(self) -> int | None:
