@@ -31,11 +31,21 @@ from .hooks import Dispatch, ambient_observers, call_run_hooks, hook_wait, outco
 from .options import ComputeOptions
 from .progress import make_observers
 from .record import Journal
-from .signals import cancel_reason, sigterm_as_interrupt
+from .signals import cancel_reason, deferred_in_critical_sections, sigterm_as_interrupt
 
 
 def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
     """Run ``graph`` (or the ancestors of ``targets``); see ``Graph.compute``."""
+    if given.get("pool") is None:
+        return _compute(graph, targets, given)
+    # On a gx.Pool this thread may drive the pool for other threads' runs too:
+    # Ctrl-C and SIGTERM wait out its critical sections (signals.py), from the
+    # first submit to the run's close.
+    with deferred_in_critical_sections():
+        return _compute(graph, targets, given)
+
+
+def _compute(graph: Graph, targets: tuple[Any, ...], given: dict[str, Any]) -> Run:
     options = ComputeOptions.validate("compute", **given)
     target_ids = target_indices(graph, targets)
     pool = options.pool

@@ -87,6 +87,7 @@ from .._model.seam import NOT_EAGER
 from .._model.state import FINAL, PENDING, RUNNING, State
 from .hooks import Dispatch, ambient_observers, hook_wait, outcome
 from .options import ComputeOptions, check_limits
+from .signals import deferred_in_critical_sections
 
 _local = threading.local()
 logger = logging.getLogger("graphexec")
@@ -690,7 +691,9 @@ class Session:
                 payload.discard(recycle=False)
         if self.scheduler.cache is not None:
             self.scheduler.cache.unlock_all()
-        self.executor.close()
+        # (on a gx.Pool, Ctrl-C waits out the close's critical section: signals.py)
+        with deferred_in_critical_sections():
+            self.executor.close()
 
     def _check_compute_options(
         self, limits: dict[str, int] | None, cache_dir: Any, memory_limit: int | None

@@ -11,6 +11,7 @@ from .._executors.shared import RunLease, SharedPool
 from .._model.options import check_inner_threads
 from .eager import PoolBlock, cancel_pool_session, end_pool_session, pop_context, push_context
 from .options import check_max_calls, check_workers, parse_memory
+from .signals import deferred_in_critical_sections
 
 
 class Pool:
@@ -49,8 +50,9 @@ class Pool:
     run keeps its own states, ``fail_fast``, cancellation and values; the
     workers take calls from the runs that have work ready in turn
     (round-robin), so no run waits for another's whole graph. ``with pool:``
-    may be entered by several threads (each block has its own submits); the
-    pool closes when the last block ends, or at :meth:`close`.
+    may be entered by several threads (each block has its own submits, and is
+    left by the thread that entered it); the pool closes when the last block
+    ends, or at :meth:`close`.
 
     Example::
 
@@ -167,7 +169,18 @@ class Pool:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        block = self._local.blocks.pop()
+        stack = getattr(self._local, "blocks", None)
+        if not stack:
+            # Each block belongs to the thread that entered it (its submits, its
+            # session): which of several threads' blocks another thread means is
+            # not defined. Nothing is changed: the entering thread can still exit.
+            raise RuntimeError(
+                f"`with pool:` exited in thread {threading.current_thread().name!r}, which "
+                "did not enter it: exit each `with pool:` block in the thread that entered "
+                "it (to share the pool with other threads, pass pool=pool to their "
+                "computes and flows, or let them enter their own `with pool:` blocks)"
+            )
+        block = stack.pop()
         pop_context(block)
         try:
             if exc_type is None:
@@ -187,7 +200,10 @@ class Pool:
         Runs still going on the pool in other threads end: each call they
         were waiting for fails with :class:`WorkerCrashed` saying the pool closed.
         """
-        self._shared.shutdown()
+        # (Ctrl-C while this thread drives the pool for other runs waits for
+        # the end of the critical section: signals.py)
+        with deferred_in_critical_sections():
+            self._shared.shutdown()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._procs._workers)} running"

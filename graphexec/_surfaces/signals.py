@@ -20,6 +20,15 @@ itself SIGTERM, so its parent sees "killed by SIGTERM" (status -15 to
 A second SIGTERM meanwhile is not intercepted: the default action ends the
 process at once, and the pool's guard and its workers' watchdogs take the
 workers and their descendants down, as after a SIGKILL.
+
+On a shared pool (``gx.Pool``) the main thread may be driving the pool for
+other threads' runs too; a ``KeyboardInterrupt`` raised between two of its
+bytecodes there could lose another run's outcomes. So while a compute on a
+``gx.Pool`` runs in the main thread, :func:`deferred_in_critical_sections`
+wraps the Python handlers of SIGINT and SIGTERM (``default_int_handler``,
+this module's, or the program's own) so that inside the pool's critical
+sections they wait (``_executors/shared.py``'s ``SHIELD``) and run when the
+section ends: at most ``SIGNAL_SLICE`` later.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from .._executors.shared import SHIELD
 from .._model.errors import Terminated
 
 
@@ -69,6 +79,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
         nonlocal received
         received = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends us at once
+        if SHIELD.defer(on_sigterm, signum, frame):
+            return  # raised when the shared pool's critical section ends
         _die_of_sigterm_if_uncaught()
         raise Terminated("SIGTERM: the compute was cancelled; .run holds what finished")
 
@@ -78,6 +90,52 @@ def sigterm_as_interrupt() -> Iterator[None]:
     finally:
         if not received:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def deferred_in_critical_sections() -> Iterator[None]:
+    """Within the block, SIGINT's and SIGTERM's Python handlers wait out the critical
+    sections of a shared pool's drive (``SHIELD``), then run as they would have.
+
+    Main thread only (elsewhere nothing is installed: Python runs handlers
+    there only); a handler that is not a Python callable (``SIG_DFL``,
+    ``SIG_IGN``, one set outside Python) is left alone. Each wrapped handler
+    is put back when the block ends, unless someone replaced the wrapper
+    meanwhile. Nested blocks wrap once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wrapped: list[tuple[int, Any, Any]] = []
+    signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
+    for signum in signums:
+        try:
+            handler = signal.getsignal(signum)
+        except (ValueError, OSError):  # no signals here (an embedded interpreter)
+            continue
+        if not callable(handler) or getattr(handler, "_graphexec_deferring", False):
+            continue
+        wrapper = _deferring(handler)
+        signal.signal(signum, wrapper)
+        wrapped.append((signum, handler, wrapper))
+    try:
+        yield
+    finally:
+        for signum, handler, wrapper in wrapped:
+            if signal.getsignal(signum) is wrapper:
+                signal.signal(signum, handler)
+
+
+def _deferring(handler: Any) -> Any:
+    """``handler``, run at the end of the critical section it lands in, if any."""
+
+    def deferring(signum: int, frame: Any) -> Any:
+        if SHIELD.defer(handler, signum, frame):
+            return None
+        return handler(signum, frame)
+
+    deferring._graphexec_deferring = True  # type: ignore[attr-defined]
+    return deferring
 
 
 def _die_of_sigterm_if_uncaught() -> None:
