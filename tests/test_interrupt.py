@@ -73,7 +73,8 @@ INTERRUPTED = textwrap.dedent(
             try:
                 line = " ".join(p.cmdline())
                 if p.status() == psutil.STATUS_ZOMBIE or (
-                        p.ppid() == me and ("forkserver" in line or "resource_tracker" in line)):
+                        p.ppid() == me and ("forkserver" in line or "resource_tracker" in line
+                                            or p.name() == "gx-zygote")):
                     continue
             except psutil.Error:
                 continue

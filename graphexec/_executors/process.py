@@ -91,6 +91,7 @@ from .._model.errors import (
     describe_exitcode,
 )
 from . import worker as _worker
+from . import zygote as _zygote
 from .protocol import (
     ERROR,
     HELD,
@@ -175,11 +176,21 @@ def _forkserver() -> multiprocessing.forkserver.ForkServer:
         if _server is None or _server[0] != os.getpid():
             _server = (os.getpid(), multiprocessing.forkserver.ForkServer())
         server = _server[1]
-        preload = [_worker.__name__]
-        preload += [m for m in ("numpy", "cloudpickle", "psutil") if m in sys.modules]
         # Read when the server starts (once, or again if it died).
-        server.set_forkserver_preload(preload)
+        server.set_forkserver_preload(_preload())
         return server
+
+
+def _preload() -> list[str]:
+    """What a fresh-interpreter server imports before it forks workers."""
+    preload = [_worker.__name__]
+    preload += [m for m in ("numpy", "cloudpickle", "psutil") if m in sys.modules]
+    return preload
+
+
+def _zygote_server() -> multiprocessing.forkserver.ForkServer:
+    """graphexec's zygote (``zygote.py``): a fork of this process while it ran one thread."""
+    return _zygote.server(_preload())
 
 
 def _close_fds(*fds: int) -> None:
@@ -196,6 +207,7 @@ if sys.platform != "win32":
         ``_launch`` asks graphexec's forkserver, with :func:`_preparation_data`."""
 
         _fds: list[int]
+        _server = staticmethod(_forkserver)  # the server asked to fork the worker
 
         def _launch(self, process_obj: Any) -> None:
             prep_data = _preparation_data(process_obj._name)
@@ -206,7 +218,7 @@ if sys.platform != "win32":
                 reduction.dump(process_obj, buf)
             finally:
                 set_spawning_popen(None)
-            self.sentinel, w = _forkserver().connect_to_new_process(self._fds)
+            self.sentinel, w = self._server().connect_to_new_process(self._fds)
             # As CPython: a duplicate of the data pipe's write end is the child's
             # sentinel of its parent.
             parent_w = os.dup(w)
@@ -214,6 +226,11 @@ if sys.platform != "win32":
             with open(w, "wb", closefd=True) as f:
                 f.write(buf.getbuffer())
             self.pid = multiprocessing.forkserver.read_signed(self.sentinel)
+
+    class _ZygotePopen(_ForkServerPopen):
+        """The forkserver ``Popen``, asking graphexec's zygote (``zygote.py``)."""
+
+        _server = staticmethod(_zygote_server)
 
     class _SpawnPopen(multiprocessing.popen_spawn_posix.Popen):
         """CPython's posix spawn ``Popen`` (the same in 3.10 to 3.13), but its
@@ -260,6 +277,12 @@ if sys.platform != "win32":
             with _default_start_method_kept():
                 return _ForkServerPopen(process_obj)
 
+    class _ZygoteProcess(multiprocessing.context.ForkServerProcess):
+        @staticmethod
+        def _Popen(process_obj: Any) -> Any:  # noqa: N802 (multiprocessing's name)
+            with _default_start_method_kept():
+                return _ZygotePopen(process_obj)
+
     class _SpawnProcess(multiprocessing.context.SpawnProcess):
         @staticmethod
         def _Popen(process_obj: Any) -> Any:  # noqa: N802 (multiprocessing's name)
@@ -271,6 +294,11 @@ if sys.platform != "win32":
 
         Process = _ForkServerProcess
 
+    class _ZygoteContext(multiprocessing.context.ForkServerContext):
+        """A context of graphexec's own: its processes come from :func:`_zygote_server`."""
+
+        Process = _ZygoteProcess
+
     class _SpawnContext(multiprocessing.context.SpawnContext):
         """A context of graphexec's own: its processes never import ``__main__``."""
 
@@ -279,6 +307,7 @@ if sys.platform != "win32":
     _CONTEXTS: dict[str, multiprocessing.context.BaseContext] = {
         "forkserver": _ForkServerContext(),
         "spawn": _SpawnContext(),
+        "zygote": _ZygoteContext(),
     }
 else:  # graphexec runs on Linux (README); Windows keeps multiprocessing's own contexts
     _CONTEXTS = {}
@@ -294,21 +323,35 @@ def prestart(start_method: str | None = None) -> None:
     starts once per process and serves every pool, as it would at the first
     worker; nothing waits for it here.
     """
-    if (start_method or default_start_method()) == "forkserver" and "forkserver" in _CONTEXTS:
+    method = start_method or default_start_method()
+    if method in ("forkserver", "zygote") and method in _CONTEXTS:
         try:
             with _default_start_method_kept():  # its preparation data reads the default
-                _forkserver().ensure_running()
+                (_forkserver() if method == "forkserver" else _zygote_server()).ensure_running()
         except OSError:
             pass  # the first worker's start tries again, and reports what fails there
 
 
 def default_start_method() -> str:
+    """``GRAPHEXEC_START_METHOD`` if set; on Linux ``zygote`` while it can be forked
+    (this process runs one thread, or already has its zygote), else ``forkserver``;
+    elsewhere ``spawn``. See ``zygote.py`` and docs/architecture.md."""
     env = os.environ.get("GRAPHEXEC_START_METHOD")
     if env:
         return env
     if sys.platform.startswith("linux"):
+        if _zygote.running() or _zygote.why_not_fork() is None:
+            return "zygote"
         return "forkserver"
     return "spawn"
+
+
+def start_methods() -> list[str]:
+    """The start methods a pool accepts here."""
+    return [
+        *multiprocessing.get_all_start_methods(),
+        *(["zygote"] if "zygote" in _CONTEXTS else []),
+    ]
 
 
 class _Worker:
@@ -384,10 +427,10 @@ class ProcessPool:
         self._init_failures = 0  # initializer failures in a row (INIT_ATTEMPTS)
         self._broken: BaseException | None = None  # the initializer's error, once it gave up
         method = start_method or default_start_method()
-        if method not in multiprocessing.get_all_start_methods():
+        if method not in start_methods():
             raise ValueError(
                 f"start_method={method!r} is not available here; choose one of "
-                f"{', '.join(multiprocessing.get_all_start_methods())}"
+                f"{', '.join(start_methods())}"
             )
         self.start_method = method
         # Never multiprocessing's own contexts: theirs would change what the
