@@ -229,6 +229,7 @@ def memory_lines(table: Table) -> list[str]:
 FRESH = {
     "graphexec": "graphexec (`graph.compute(workers=2)`)",
     "graphexec-pool": "graphexec (`gx.Pool(workers=2)`)",
+    "graphexec-forkserver": 'graphexec (`start_method="forkserver"`)',
     "ppe": "ProcessPoolExecutor",
     "loky": "loky",
     "dask": "dask processes",

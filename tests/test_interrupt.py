@@ -269,9 +269,11 @@ KILLED = textwrap.dedent(
 @pytest.mark.parametrize(
     ("start_method", "how"),
     [
+        ("zygote", "sleep"),
         ("forkserver", "sleep"),
         ("spawn", "sleep"),
-        ("forkserver", "gil"),  # the worker's own watchdog thread cannot run
+        ("zygote", "gil"),  # the worker's own watchdog thread cannot run
+        ("forkserver", "gil"),
     ],
 )
 def test_a_killed_parent_leaves_no_process_behind(tmp_path, start_method, how):

@@ -38,11 +38,13 @@ them, between calls: nothing is lost and nobody is blamed. A call with
 that fails ``INIT_ATTEMPTS`` times in a row breaks the pool (``_broken``):
 no more workers start, and calls that would need one fail with its error.
 
-Workers are started lazily (never more than there is work for), with the
-``forkserver`` start method on Linux (``spawn`` elsewhere): never a plain
-fork of a parent that may run threads. The forkserver and the contexts are
-graphexec's own (``_forkserver``, ``_CONTEXTS``): the program's own process
-pools start exactly as they would without graphexec. Workers are not
+Workers are started lazily (never more than there is work for), on Linux
+from a server of graphexec's own: the ``zygote`` (``zygote.py``: a fork of
+this process made while it runs one thread) by default, else the
+``forkserver`` (a fresh interpreter); ``spawn`` elsewhere: never a plain
+fork of a parent that may run threads. The servers and the contexts are
+graphexec's own (``_forkserver``, ``_zygote_server``, ``_CONTEXTS``): the
+program's own process pools start exactly as they would without graphexec. Workers are not
 daemonic, so tasks may start their own processes. Shutdown asks politely,
 then kills, and always joins; an ``atexit`` hook closes pools the program
 forgot. Each worker leads a process group, killed with it, so no subprocess
