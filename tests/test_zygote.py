@@ -239,3 +239,35 @@ def test_zygote_is_a_start_method_a_pool_accepts():
         graph = gx.Graph()
         node = graph.add(os.getpid)
         assert graph.compute(pool=pool)[node] != os.getpid()
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_zygote_is_replaced_and_never_by_a_fork_of_a_threaded_program():
+    report, _ = _run(
+        """
+        compute(os.getpid, workers=1)
+        server = zygote.server([])
+        first = server._forkserver_pid
+        os.kill(first, signal.SIGKILL)
+        while psutil.pid_exists(first) and psutil.Process(first).status() != "zombie":
+            time.sleep(0.01)
+        compute(os.getpid, workers=1)  # one thread still: forked again
+        second, forked_again = server._forkserver_pid, server.forked
+        os.kill(second, signal.SIGKILL)
+        while psutil.pid_exists(second) and psutil.Process(second).status() != "zombie":
+            time.sleep(0.01)
+        stop = threading.Event()
+        thread = threading.Thread(target=stop.wait)
+        thread.start()
+        pids = compute(os.getpid, workers=1)  # the default is still the zygote: it runs
+        third, forked_last = server._forkserver_pid, server.forked
+        stop.set()
+        thread.join()
+        report(first=first, second=second, third=third, forked_again=forked_again,
+               forked_last=forked_last, me=os.getpid(), pids=pids)
+        """
+    )
+    assert len({report["first"], report["second"], report["third"]}) == 3
+    assert report["forked_again"] is True
+    assert report["forked_last"] is False  # a fresh interpreter, as a forkserver
+    assert report["me"] not in report["pids"]
