@@ -10,7 +10,10 @@ the same machine::
     python -m benchmarks.compare_checkouts /tmp/before .           # all workloads
     python -m benchmarks.compare_checkouts /tmp/before . --turns 3 --only w1 w6
 
-Prints, per workload, each checkout's median of every turn.
+Prints, per workload, each checkout's median of every turn. For warm
+workloads it also prints the CPU time per task of this process (the
+scheduler) and of the pool's workers: on a machine other programs load,
+CPU time moves far less than wall time does.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from pathlib import Path
 
 # The child: measures one workload with the graphexec it imports, prints JSON.
 CHILD = r"""
-import json, statistics, sys, time
+import json, resource, statistics, sys, time
 import graphexec as gx
 import numpy as np
+import psutil
 
 which, rounds = sys.argv[1], int(sys.argv[2])
 
@@ -89,24 +93,53 @@ def w4(**kw):
     g.compute(**kw)
     return time.perf_counter() - t
 
+def fail(i):
+    if i % 10 == 0:
+        raise ValueError(i)
+    return i
+
+def w5(**kw):
+    t = time.perf_counter()
+    g = gx.Graph()
+    with g:
+        xs = [gx.task(fail)(i) for i in range(1000)]
+        [gx.task(total)(xs[k:k + 10]) for k in range(0, 1000, 10)]
+    g.compute(raise_on_failure=False, **kw)
+    return time.perf_counter() - t
+
 def w6(depth, **kw):
     graph = layered(depth)
     t = time.perf_counter()
     graph.compute(**kw)
     return time.perf_counter() - t
 
-cold = {"w1-cold": w1, "w4-cold": w4}
-warm = {"w1-warm": w1, "w2-warm": w2,
+cold = {"w1-cold": w1, "w4-cold": w4, "w5-cold": w5}
+warm = {"w1-warm": w1, "w2-warm": w2, "w5-warm": w5,
         "w6-10k-warm": lambda **kw: w6(100, **kw),
         "w6-100k-warm": lambda **kw: w6(1000, **kw)}
+extra = {}
 if which in cold:
     cold[which](workers=2)
     times = [cold[which](workers=2) for _ in range(rounds)]
 else:
+    tasks = {"w1-warm": 5001, "w2-warm": 500, "w5-warm": 1100, "w6-10k-warm": 10_000,
+             "w6-100k-warm": 100_000}[which]
     with gx.Pool(workers=2) as pool:
         warm[which](pool=pool)
-        times = [warm[which](pool=pool) for _ in range(rounds)]
-print(json.dumps({"median": statistics.median(times), "file": gx.__file__}))
+        workers = psutil.Process().children(recursive=True)  # forkserver children
+        def cpu():
+            me = resource.getrusage(resource.RUSAGE_SELF)
+            kids = sum(sum(p.cpu_times()[:2]) for p in workers if p.is_running())
+            return me.ru_utime + me.ru_stime, kids
+        times, mine, theirs = [], [], []
+        for _ in range(rounds):
+            before = cpu()
+            times.append(warm[which](pool=pool))
+            after = cpu()
+            mine.append((after[0] - before[0]) / tasks * 1e6)
+            theirs.append((after[1] - before[1]) / tasks * 1e6)
+    extra = {"parent_us": statistics.median(mine), "workers_us": statistics.median(theirs)}
+print(json.dumps({"median": statistics.median(times), "file": gx.__file__, **extra}))
 """
 
 ROUNDS = {
@@ -114,12 +147,16 @@ ROUNDS = {
     "w1-warm": 9,
     "w2-warm": 15,
     "w4-cold": 3,
+    "w5-cold": 5,
+    "w5-warm": 9,
     "w6-10k-warm": 7,
     "w6-100k-warm": 2,
 }
 
 
-def measure(checkout: Path, which: str) -> float:
+def measure(checkout: Path, which: str) -> dict[str, float]:
+    """The child's medians: ``median`` (seconds), and for warm workloads
+    ``parent_us`` and ``workers_us`` (CPU microseconds per task)."""
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     out = subprocess.run(
         [sys.executable, "-c", CHILD, which, str(ROUNDS[which])],
@@ -133,7 +170,8 @@ def measure(checkout: Path, which: str) -> float:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     if not result["file"].startswith(str(checkout)):
         raise SystemExit(f"{checkout}: imported graphexec from {result['file']}")
-    return float(result["median"])
+    del result["file"]
+    return {k: float(v) for k, v in result.items()}
 
 
 def main() -> None:
@@ -149,16 +187,28 @@ def main() -> None:
     before, after = args.before.resolve(), args.after.resolve()
     print(f"before: {before}\nafter:  {after}\n{time.strftime('%Y-%m-%d %H:%M')}")
     for name in names:
-        runs: dict[str, list[float]] = {"before": [], "after": []}
+        runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
         for _ in range(args.turns):
             runs["before"].append(measure(before, name))
             runs["after"].append(measure(after, name))
-        cells = {k: ", ".join(f"{v:.3f}" for v in vs) for k, vs in runs.items()}
-        ratio = statistics.median(runs["after"]) / statistics.median(runs["before"])
-        print(
+        cells = {k: ", ".join(f"{r['median']:.3f}" for r in rs) for k, rs in runs.items()}
+        ratio = statistics.median(r["median"] for r in runs["after"]) / statistics.median(
+            r["median"] for r in runs["before"]
+        )
+        line = (
             f"{name:14s} before {cells['before']} s | after {cells['after']} s | "
             f"after/before {ratio:.2f}"
         )
+        if "parent_us" in runs["before"][0]:
+            cpu = {
+                k: "/".join(
+                    f"{statistics.median(r[f] for r in rs):.1f}"
+                    for f in ("parent_us", "workers_us")
+                )
+                for k, rs in runs.items()
+            }
+            line += f" | CPU us/task parent/workers {cpu['before']} -> {cpu['after']}"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ workload module imported) and closed at the end:
   the module, so that its scheduler thread in this process and its worker
   and nanny processes never run beside another tool's benchmark.
 
+* ``ray_session`` — ``ray.init(num_cpus=2)`` before each Ray benchmark (not
+  timed) and ``ray.shutdown()`` after it, so that Ray's own processes (its
+  GCS, raylet and workers) never run beside another tool's benchmark; skipped
+  if Ray cannot be installed or started (the JSON's ``machine_info["ray"]``
+  says which, and the report's Ray column says so).
+
 dask's processes scheduler has no pool to keep: it starts one per compute,
 so its start-up is inside its times.
 """
@@ -124,6 +130,14 @@ def client() -> Iterator[Any]:
         cluster.close()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--w6-1m",
+        action="store_true",
+        help="also run W6 at 1,000,000 nodes (test_w6_scale.py::test_w6_run_1m; minutes)",
+    )
+
+
 # -- tools ---------------------------------------------------------------------------
 
 # Tool keys, as recorded in extra_info, in the order the tests run.
@@ -136,8 +150,34 @@ TOOLS = (
     "dask-processes",
     "graphexec-cold",
     "graphexec-warm",
+    "ray",
     "dask-distributed",
 )
+
+
+def ray_status() -> str:
+    """Ray's version, or why it is not there (for the report's Ray column)."""
+    try:
+        import ray
+    except Exception as exc:  # not installed, or broken on this platform
+        return f"not installed ({type(exc).__name__}: {exc})"
+    return str(ray.__version__)
+
+
+def pytest_benchmark_update_machine_info(config: Any, machine_info: dict[str, Any]) -> None:
+    machine_info["ray"] = ray_status()
+
+
+@pytest.fixture
+def ray_session() -> Iterator[None]:
+    """``ray.init(num_cpus=2)``, warmed, for one test; ``ray.shutdown()`` after it."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install ray)")
+    w.ray_init(w.WORKERS)
+    try:
+        assert ray.get([w.ray_remote(w.noop).remote(i) for i in range(8)]) == list(range(8))
+        yield
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture(params=TOOLS)
@@ -177,6 +217,9 @@ def runner(tool: str, request: pytest.FixtureRequest) -> Callable[..., w.Outcome
     if tool == "graphexec-warm":
         pool = request.getfixturevalue("gx_pool")
         return lambda spec, states=False: w.run_graphexec(spec, pool=pool)
+    if tool == "ray":
+        request.getfixturevalue("ray_session")
+        return lambda spec, states=False: w.run_ray(spec, all_states=states)
     raise AssertionError(tool)
 
 
@@ -265,3 +308,23 @@ def measure(
     assert checked >= 1
     stats = getattr(benchmark, "stats", None)
     return stats.stats.median if stats is not None else None
+
+
+def record(
+    benchmark: Any, times: list[float], *, workload: str, tool: str, **extra: Any
+) -> float | None:
+    """Report rounds timed elsewhere (tools run in turns) as this benchmark's rounds.
+
+    For workloads whose tools take turns round by round in one fixture, so
+    that a burst of load from other programs lands on all of them alike;
+    pytest-benchmark times a no-op once and its statistics are replaced by
+    ``times``. Returns the median (None when benchmarks are disabled).
+    """
+    benchmark.extra_info.update(workload=workload, tool=tool, **extra)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:  # --benchmark-disable
+        return None
+    # Its statistics are cached properties of the data: a fresh dict drops them.
+    stats.stats.__dict__ = {"data": list(times)}
+    return stats.stats.median  # type: ignore[no-any-return]

@@ -36,9 +36,13 @@ ANCHORS = {
     "serial": "serial",
     "ppe": "ProcessPoolExecutor",
     "loky": "loky",
+    "joblib": "joblib",
     "dask-processes": "dask processes",
     "dask-distributed": "dask.distributed",
+    "ray": "Ray",
 }
+# Anchors that only some workloads have: an empty cell elsewhere is expected.
+ONLY_IN = {"joblib": {"W7"}}
 GX = {"graphexec-cold": "graphexec cold", "graphexec-warm": "graphexec warm"}
 ROWS = {
     "W1": "W1 5k no-op + sum",
@@ -48,6 +52,8 @@ ROWS = {
     "W5": "W5 10 % failing",
     "W6-run-10k": "W6 run 10k nodes",
     "W6-run-100k": "W6 run 100k nodes",
+    "W6-run-1M": "W6 run 1M nodes",
+    "W7": "W7 16 x 1500² matmul",
     "startup": "start-up (pool + 8 tiny tasks + close)",
 }
 WORKERS = 2
@@ -105,7 +111,18 @@ def efficiency(table: Table, tool: str) -> float | None:
     return serial / (WORKERS * t)
 
 
-def medians_table(table: Table) -> list[str]:
+def missing(runs: list[dict[str, Any]], tool: str) -> str | None:
+    """Why a tool has no numbers at all in these runs (Ray not installed), or None."""
+    if tool != "ray":
+        return None
+    for data in runs:
+        status = data.get("machine_info", {}).get("ray", "")
+        if status.startswith("not installed"):
+            return "not installed"
+    return None
+
+
+def medians_table(table: Table, runs: list[dict[str, Any]] | None = None) -> list[str]:
     tools = {**ANCHORS, **GX}
     lines = [
         "| workload | " + " | ".join(tools.values()) + " |",
@@ -121,6 +138,9 @@ def medians_table(table: Table) -> list[str]:
                 eff = efficiency(table, tool)
                 if eff is not None:
                     cell += f" ({eff:.0%})"
+            why = missing(runs or [], tool)
+            if cell == "-" and why and workload not in ("W6-run-10k", "W6-run-100k"):
+                cell = why
             if workload == "W5" and tool == "dask-processes":
                 cell = "raises at first error"
             elif disturbed(table.get(workload, {}).get(tool)):
@@ -144,6 +164,13 @@ def ratios_table(table: Table) -> list[str]:
                 continue
             cells = []
             for anchor in ANCHORS:
+                if anchor in ONLY_IN and workload not in ONLY_IN[anchor]:
+                    cells.append("")
+                    continue
+                paired = turn_ratio(table, workload, tool, anchor)
+                if paired is not None:  # ran in turns: the median of per-turn ratios
+                    cells.append(f"{paired:.2f}")
+                    continue
                 other = median(table, workload, anchor)
                 cells.append(f"{mine / other:.2f}" if other else "-")
             lines.append(f"| {label} | {gx_label.split()[-1]} | " + " | ".join(cells) + " |")
@@ -225,6 +252,62 @@ def memory_lines(table: Table) -> list[str]:
     return lines
 
 
+CACHE_VARIANTS = {
+    "uncached": "plain tasks",
+    "cold-cache": "cache=True, empty cache",
+    "cached-rerun": "cache=True, full cache (all Cached)",
+}
+
+
+def cache_lines(table: Table) -> list[str]:
+    """test_cache_rerun.py: W1 and W4 uncached, on an empty cache, fully cached (warm pool)."""
+    lines = [
+        "| workload | variant | time | per node | vs uncached |",
+        "|---|---|---|---|---|",
+    ]
+    for workload in ("W1-cache", "W4-cache"):
+        entries = table.get(workload, {})
+        base = median(table, workload, "uncached")
+        for variant, label in CACHE_VARIANTS.items():
+            e = entries.get(variant)
+            if e is None:
+                continue
+            per = f"{e['median'] / e['nodes'] * 1e6:.1f} µs" if e.get("nodes") else "-"
+            ratio = f"{e['median'] / base:.2f}" if base else "-"
+            lines.append(
+                f"| {workload.split('-')[0]} ({e.get('nodes', '?')} nodes) | {label} |"
+                f" {fmt(e['median'])}{' †' if disturbed(e) else ''} | {per} | {ratio} |"
+            )
+    return lines
+
+
+FLOW_FORMS = {
+    "graphexec-flow": "`@gx.flow(workers=2)`, 10,000 `submit()` then `.result()` (start-up in)",
+    "graphexec-lazy-cold": "the same calls in `with graph:`, `compute(workers=2)` (start-up in)",
+    "graphexec-lazy-warm": "the same graph, `compute(pool=warm pool)`",
+}
+
+
+def flow_lines(table: Table) -> list[str]:
+    """test_flow_submit.py: eager submits in a flow against the same lazy graph."""
+    entries = table.get("flow-submit", {})
+    cold = median(table, "flow-submit", "graphexec-lazy-cold")
+    lines = ["| form | time | per task | vs lazy cold |", "|---|---|---|---|"]
+    for tool, label in FLOW_FORMS.items():
+        e = entries.get(tool)
+        if e is None:
+            continue
+        extra = ""
+        if "submit_seconds" in e:
+            extra = f" (the submits: {fmt(e['submit_seconds'])})"
+        ratio = f"{e['median'] / cold:.2f}" if cold else "-"
+        lines.append(
+            f"| {label} | {fmt(e['median'])}{' †' if disturbed(e) else ''}{extra} |"
+            f" {e['median'] / e['tasks'] * 1e6:.1f} µs | {ratio} |"
+        )
+    return lines
+
+
 # test_startup_fresh: each tool in a new interpreter (import, first result, close).
 FRESH = {
     "graphexec": "graphexec (`graph.compute(workers=2)`)",
@@ -257,10 +340,53 @@ def fresh_lines(table: Table) -> list[str]:
     return lines
 
 
+PROGRESS_FORMS = {
+    "off": "`progress=False`",
+    "bar": "`progress=True` (the tqdm bar)",
+    "log-line": "`progress=None`, logger `graphexec` at INFO (the unattended line)",
+}
+
+
+def progress_lines(table: Table) -> list[str]:
+    """test_progress.py: W1 on the warm pool with and without the bar, in turns."""
+    entries = table.get("progress", {})
+    off = median(table, "progress", "off")
+    lines = ["| progress | W1 time | vs off | per node, over off |", "|---|---|---|---|"]
+    for tool, label in PROGRESS_FORMS.items():
+        e = entries.get(tool)
+        if e is None:
+            continue
+        ratio = f"{e['median'] / off:.2f}" if off else "-"
+        over = f"{(e['median'] - off) / e['tasks'] * 1e6:+.1f} µs" if off else "-"
+        lines.append(
+            f"| {label} | {fmt(e['median'])}{' †' if disturbed(e) else ''} | {ratio} | {over} |"
+        )
+    return lines
+
+
+def turn_ratio(table: Table, workload: str, tool: str, anchor: str) -> float | None:
+    """The median of per-turn ratios, for tools that ran in turns (W7), else None.
+
+    Pairing each round with the anchor's round of the same turn cancels most
+    of what a burst of load from other programs does to both.
+    """
+    entries = table.get(workload, {})
+    mine = (entries.get(tool) or {}).get("turn_times")
+    other = (entries.get(anchor) or {}).get("turn_times")
+    if not mine or not other or len(mine) != len(other):
+        return None
+    ratios = sorted(a / b for a, b in zip(mine, other))
+    middle = len(ratios) // 2
+    return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+
+
 def targets(table: Table) -> list[str]:
     """Issue #5's targets (cold: graphexec's pool start-up included) and SPEC §9's."""
 
     def ratio(workload: str, tool: str, anchor: str) -> float | None:
+        paired = turn_ratio(table, workload, tool, anchor)
+        if paired is not None:
+            return paired
         mine, other = median(table, workload, tool), median(table, workload, anchor)
         return mine / other if mine is not None and other else None
 
@@ -297,6 +423,10 @@ def targets(table: Table) -> list[str]:
         )
         r = ratio("W5", tool, "ppe")
         rows.append((f"W5 {kind}", "≤ 1 x ProcessPoolExecutor", r, verdict(r, 1.0)))
+        for anchor, label in (("serial", "serial numpy (all cores)"), ("joblib", "joblib")):
+            r = ratio("W7", tool, anchor)
+            how = " per turn" if turn_ratio(table, "W7", tool, anchor) is not None else ""
+            rows.append((f"W7 {kind}", f"≤ 1 x {label}{how} (#14)", r, verdict(r, 1.0)))
     build = table.get("W6-build-100k", {}).get("graphexec")
     if build:
         rows.append(
@@ -310,6 +440,15 @@ def targets(table: Table) -> list[str]:
                 verdict(build["bytes_per_node"], 1024),
             )
         )
+    big = table.get("W6-run-1M", {}).get("graphexec-warm")
+    small = table.get("W6-run-10k", {}).get("graphexec-warm")
+    if big:
+        rss = big.get("peak_rss_mb")
+        if rss is not None:
+            rows.append(("W6 1M run", "parent peak RSS ≤ 1.5 GB (#14)", rss, verdict(rss, 1536)))
+        if small:
+            r = (big["median"] / big["nodes"]) / (small["median"] / small["nodes"])
+            rows.append(("W6 1M run", "per node ≤ 1.3 x at 10k (#14)", r, verdict(r, 1.3)))
     lines = ["| workload | target | measured | |", "|---|---|---|---|"]
     for name, target, value, ok in rows:
         if value is None:
@@ -318,6 +457,8 @@ def targets(table: Table) -> list[str]:
             shown = f"{value:.1%}"
         elif "KB" in target:
             shown = f"{value:.0f} B"
+        elif "RSS" in target:
+            shown = f"{value:.0f} MB"
         elif name == "W6 build":
             shown = fmt(value)
         else:
@@ -350,9 +491,12 @@ def report(table: Table, runs: list[dict[str, Any]]) -> str:
         "",
         *header,
         "",
-        *medians_table(table),
+        *medians_table(table, runs),
         "",
         "## graphexec time / anchor time (below 1: graphexec is faster)",
+        "",
+        "Workloads run in turns (W7: each tool one round per turn) show the median of "
+        "the per-turn ratios.",
         "",
         *ratios_table(table),
         "",
@@ -368,6 +512,26 @@ def report(table: Table, runs: list[dict[str, Any]]) -> str:
             else []
         ),
         *(
+            ["## Caching (test_cache_rerun.py)", "", *cache_lines(table), ""]
+            if "W1-cache" in table or "W4-cache" in table
+            else []
+        ),
+        *(
+            [
+                "## Flows: submits against a lazy graph (test_flow_submit.py)",
+                "",
+                *flow_lines(table),
+                "",
+            ]
+            if "flow-submit" in table
+            else []
+        ),
+        *(
+            ["## The progress bar's cost (test_progress.py)", "", *progress_lines(table), ""]
+            if "progress" in table
+            else []
+        ),
+        *(
             [
                 "## Start-up in a fresh interpreter (import, first result of 1 call, close)",
                 "",
@@ -377,7 +541,7 @@ def report(table: Table, runs: list[dict[str, Any]]) -> str:
             if "startup-fresh" in table
             else []
         ),
-        "## Targets of issue #5 (ratios: graphexec / anchor)",
+        "## Targets of issues #5 and #14 (ratios: graphexec / anchor)",
         "",
         *targets(table),
     ]

@@ -1,5 +1,7 @@
 """Start-up: create a pool of 2 workers, run 8 tiny tasks on it, shut it down.
 
+Ray's is ``ray.init(num_cpus=2)``, the 8 tasks, ``ray.shutdown()`` (#14).
+
 graphexec's cold numbers in W1-W5 include this; the other pools' numbers
 exclude it (their pools are session fixtures), so it is reported on its own.
 """
@@ -66,3 +68,16 @@ def test_startup_distributed(benchmark):
             return w.run_distributed(c, SPEC)
 
     measure(benchmark, fn, check, workload="startup", tool="dask-distributed", rounds=ROUNDS_HEAVY)
+
+
+def test_startup_ray(benchmark):
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install ray)")
+
+    def fn():
+        w.ray_init(w.WORKERS)
+        try:
+            return w.run_ray(SPEC)
+        finally:
+            ray.shutdown()
+
+    measure(benchmark, fn, check, workload="startup", tool="ray", rounds=ROUNDS_HEAVY)

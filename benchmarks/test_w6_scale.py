@@ -14,12 +14,20 @@ also at 10,000 layers (1,000,000 nodes).
 * ``W6-run``: running the built graph (build not timed) on graphexec's warm
   pool, against serial calls and the executor driver. dask's schedulers are
   not run here: ``dask.delayed`` cannot build the 100,000-node graph in
-  reasonable time.
+  reasonable time; nor is Ray (its 5,000 no-op tasks of W1 take seconds).
+* ``W6-run-1M`` (#14), only with ``--w6-1m`` (about 2 minutes on 2 quiet cores:
+  kept out of quick runs): 10,000 layers, 1,000,000 nodes, built and run on
+  the warm pool, one round, against serial calls; ``extra_info`` has the
+  build's seconds and this (parent) process's peak RSS over build and run,
+  sampled every 50 ms (``peak_rss_mb``; the target is 1.5 GB).
 """
 
 import functools
+import threading
+import time
 import tracemalloc
 
+import psutil
 import pytest
 
 from . import workloads as w
@@ -148,5 +156,68 @@ def test_w6_run(benchmark, tool, size, request):
     median = measure(
         benchmark, fn, check, workload=f"W6-run-{size}", tool=tool, rounds=ROUNDS_HEAVY, nodes=n
     )
+    if median is not None:
+        benchmark.extra_info["us_per_node"] = median / n * 1e6
+
+
+DEPTH_1M = BUILD_SIZES["1M"]
+
+
+class PeakRSS:
+    """This process's peak RSS while the block runs (a thread samples every 50 ms)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._me = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self._me.memory_info().rss)
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = self._me.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._me.memory_info().rss)
+
+
+@pytest.mark.benchmark(group="W6-run")
+@pytest.mark.parametrize("tool", ["serial", "graphexec-warm"])
+def test_w6_run_1m(benchmark, tool, request):
+    """As the 10k and 100k runs (the build is not timed), with this process's
+    peak RSS sampled from before the build to after the run."""
+    if not request.config.getoption("--w6-1m"):
+        pytest.skip("W6 at 1,000,000 nodes runs with --w6-1m only (minutes)")
+    n = WIDTH * DEPTH_1M
+    with PeakRSS() as peak:
+        start = time.perf_counter()
+        if tool == "graphexec-warm":
+            pool = request.getfixturevalue("gx_pool")
+            graph, last = w.layered_graph(WIDTH, DEPTH_1M)
+
+            def fn():
+                return graph.compute(pool=pool, progress=False)
+
+            def check(run):
+                assert run.counts() == {"Completed": n}
+                assert {run[node] for node in last} == {DEPTH_1M - 1}
+        else:
+            spec = w.w6_spec(WIDTH, DEPTH_1M)
+
+            def fn():
+                return w.run_serial(spec)
+
+            def check(out):
+                w.check_w6(out, WIDTH, DEPTH_1M)
+
+        build_s = time.perf_counter() - start
+        median = measure(benchmark, fn, check, workload="W6-run-1M", tool=tool, rounds=1, nodes=n)
+    benchmark.extra_info.update(peak_rss_mb=peak.peak / (1 << 20), build_s=build_s)
     if median is not None:
         benchmark.extra_info["us_per_node"] = median / n * 1e6

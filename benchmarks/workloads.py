@@ -1,4 +1,4 @@
-"""The workloads W1-W6 of issue #5, and one way to run them per tool.
+"""The workloads W1-W6 of issue #5 and W7 of #14, and one way to run them per tool.
 
 Every workload is described once, tool-neutrally, as a :class:`Spec`: a list of
 calls ``(fn, args)`` in dependency order, where an argument may be ``Ref(k)``
@@ -14,6 +14,11 @@ spec into what each tool's users would write:
 ``dask_delayed``       ``dask.delayed`` objects, for ``dask.compute`` (processes
                        scheduler) and ``client.compute`` (dask.distributed)
 ``build_graphexec``    task calls inside ``with graph:``
+``run_ray``            ``ray.remote`` functions called with the ``ObjectRef``
+                       of each input (Ray resolves them), ``ray.get`` on the
+                       outputs, on ``ray.init(num_cpus=2)`` (``ray_session``)
+``run_joblib``         ``joblib.Parallel(n_jobs=2)`` over independent calls
+                       (W7 only: joblib has no dependencies between calls)
 =====================  =======================================================
 
 Each runner returns an :class:`Outcome` (values of the outputs, indices of the
@@ -53,6 +58,8 @@ W5_EVERY = 10
 W6_WIDTH = 100
 W6_DEPTH = 1_000  # 100,000 nodes
 W6_SMALL_DEPTH = 100  # 10,000 nodes
+W7_TASKS = 16
+W7_SIZE = 1_500  # two 1500 x 1500 float64 matrices per task (18 MB each)
 
 
 # -- task functions ------------------------------------------------------------
@@ -102,6 +109,21 @@ def maybe_fail(i: int) -> int:
     if i % W5_EVERY == 0:
         raise Boom(f"task {i} fails on purpose")
     return i
+
+
+def matmul(seed: int, size: int = W7_SIZE) -> float:
+    """W7: multiply two ``size`` x ``size`` float64 matrices made from ``seed``.
+
+    The matrices are made here (about a sixth of the task's single-threaded
+    time), so every tool moves only a seed and a float; the product's sum
+    checks the result.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    a = rng.random((size, size))
+    b = rng.random((size, size))
+    return float((a @ b).sum())
 
 
 def layer_root(j: int) -> int:
@@ -301,6 +323,28 @@ def check_w6(out: Outcome, width: int = W6_WIDTH, depth: int = W6_DEPTH) -> None
     assert not out.failed and not out.skipped
     assert len(out.values) == width
     assert set(out.values.values()) == {depth - 1}
+
+
+def w7_spec(n: int = W7_TASKS, size: int = W7_SIZE) -> Spec:
+    """W7 BLAS: ``n`` independent products of two ``size`` x ``size`` matrices."""
+    spec = Spec("W7")
+    spec.outputs = [spec.add(matmul, i, size).index for i in range(n)]
+    return spec
+
+
+@functools.lru_cache(maxsize=4)
+def w7_expected(n: int = W7_TASKS, size: int = W7_SIZE) -> tuple[float, ...]:
+    return tuple(matmul(i, size) for i in range(n))
+
+
+def check_w7(out: Outcome, n: int = W7_TASKS, size: int = W7_SIZE) -> None:
+    import math
+
+    assert not out.failed and not out.skipped
+    got = [out.values[i] for i in sorted(out.values)]
+    # BLAS sums in another order with another thread count: equal up to rounding.
+    for value, expected in zip(got, w7_expected(n, size), strict=True):
+        assert math.isclose(value, expected, rel_tol=1e-9), (value, expected)
 
 
 # -- runners ----------------------------------------------------------------------
@@ -552,3 +596,92 @@ def layered_delayed(width: int = W6_WIDTH, depth: int = W6_DEPTH) -> list[Any]:
     for _ in range(depth - 1):
         layer = [node(layer[j], layer[(j + 1) % width]) for j in range(width)]
     return layer
+
+
+# -- Ray ----------------------------------------------------------------------------
+
+
+def ray_init(workers: int = WORKERS) -> None:
+    """``ray.init(num_cpus=workers)``, quiet: no dashboard, no worker logs to this terminal."""
+    import logging
+
+    import ray
+
+    ray.init(
+        num_cpus=workers,
+        include_dashboard=False,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
+
+
+def _ray_lists(fn: Callable[..., Any], sizes: tuple[int | None, ...], *flat: Any) -> Any:
+    """Call ``fn`` with list arguments put back together (Ray resolves only top-level refs)."""
+    args: list[Any] = []
+    pos = 0
+    for size in sizes:
+        if size is None:
+            args.append(flat[pos])
+            pos += 1
+        else:
+            args.append(list(flat[pos : pos + size]))
+            pos += size
+    return fn(*args)
+
+
+@functools.cache
+def ray_remote(fn: Callable[..., Any]) -> Any:
+    import ray
+
+    return ray.remote(fn)
+
+
+def run_ray(spec: Spec, all_states: bool = False) -> Outcome:
+    """Each call a ``ray.remote`` task given its inputs' ``ObjectRef``s; ``ray.get`` outputs.
+
+    Ray resolves ``ObjectRef`` arguments before the call, but not those inside
+    a list, so a call with a list of inputs (W1's sum, W5's group sums) passes
+    them flat and ``_ray_lists`` rebuilds the list in the worker. A failed
+    task's error propagates to its dependents; with ``all_states``, every
+    call's ref is read, and a call is counted failed when none of its inputs
+    failed (as for dask.distributed).
+    """
+    import ray
+
+    refs: list[Any] = []
+    for fn, args in spec.calls:
+        if any(type(a) is list for a in args):
+            sizes = tuple(len(a) if type(a) is list else None for a in args)
+            flat: list[Any] = []
+            for a in _resolve(args, refs.__getitem__):
+                if type(a) is list:
+                    flat.extend(a)
+                else:
+                    flat.append(a)
+            refs.append(ray_remote(_ray_lists).remote(fn, sizes, *flat))
+        else:
+            refs.append(ray_remote(fn).remote(*_resolve(args, refs.__getitem__)))
+    if not all_states:
+        values = ray.get([refs[k] for k in spec.outputs])
+        return Outcome(dict(zip(spec.outputs, values)), n_calls=len(spec.calls))
+    ray.wait(refs, num_returns=len(refs))
+    bad: set[int] = set()
+    results: dict[int, Any] = {}
+    for k, ref in enumerate(refs):
+        try:
+            results[k] = ray.get(ref)
+        except Exception:
+            bad.add(k)
+    failed = {k for k in bad if not any(d in bad for d in _deps(spec.calls[k][1]))}
+    values = {k: results[k] for k in spec.outputs if k not in bad}
+    return Outcome(values, failed, bad - failed, len(spec.calls))
+
+
+def run_joblib(spec: Spec, workers: int = WORKERS) -> Outcome:
+    """``joblib.Parallel(n_jobs=workers)`` over a spec of independent calls (its loky
+    backend limits BLAS/OpenMP threads in its workers to cores // n_jobs)."""
+    import joblib
+
+    assert not any(_deps(args) for _fn, args in spec.calls), "joblib runs independent calls"
+    values = joblib.Parallel(n_jobs=workers)(joblib.delayed(fn)(*args) for fn, args in spec.calls)
+    return Outcome(dict(enumerate(values)), n_calls=len(spec.calls))

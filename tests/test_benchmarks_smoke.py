@@ -93,6 +93,90 @@ def test_report_reads_pytest_benchmark_json(tmp_path):
     assert "| W6 build | ≤ 1 KB per node | 325 B | met |" in text
 
 
+def test_w7_on_serial_and_graphexec(run_gx):
+    spec = w.w7_spec(3, 40)
+    w.check_w7(w.run_serial(spec), 3, 40)
+    w.check_w7(run_gx(spec), 3, 40)
+
+
+def test_w7_on_joblib():
+    pytest.importorskip("joblib")
+    from joblib.externals.loky import get_reusable_executor
+
+    try:
+        w.check_w7(w.run_joblib(w.w7_spec(3, 40)), 3, 40)
+    finally:  # joblib keeps its workers for the next call: not past this test
+        get_reusable_executor().shutdown(wait=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_ray_driver():
+    ray = pytest.importorskip("ray")
+    w.ray_init(2)
+    try:
+        w.check_w1(w.run_ray(w.w1_spec(W1_N)), W1_N)
+        out = w.run_ray(w.w5_spec(W5_N, W5_EVERY), all_states=True)
+        w.check_w5(out, W5_N, W5_EVERY)
+        w.check_w2(w.run_ray(w.w2_spec(10)), 10)
+    finally:
+        ray.shutdown()
+
+
+def test_report_has_ray_w7_and_the_new_sections(tmp_path):
+    def bench(workload, tool, median, **extra):
+        info = {"workload": workload, "tool": tool, **extra}
+        return {"stats": {"median": median}, "extra_info": info}
+
+    benches = [
+        bench("W7", "serial", 2.0),
+        bench("W7", "joblib", 1.6),
+        bench("W7", "graphexec-cold", 1.5),
+        bench("W1", "graphexec-cold", 0.3),
+        bench("W1-cache", "uncached", 0.2, nodes=5001),
+        bench("W1-cache", "cached-rerun", 0.1, nodes=5001),
+        bench("flow-submit", "graphexec-lazy-cold", 0.5, tasks=10_000),
+        bench("flow-submit", "graphexec-flow", 1.0, tasks=10_000, submit_seconds=0.2),
+        bench("progress", "off", 0.20, tasks=5001),
+        bench("progress", "bar", 0.21, tasks=5001),
+        bench("W6-run-10k", "graphexec-warm", 0.3, nodes=10_000),
+        bench("W6-run-1M", "graphexec-warm", 36.0, nodes=1_000_000, peak_rss_mb=900.0),
+    ]
+    path = tmp_path / "bench.json"
+    info = {"ray": "not installed (ModuleNotFoundError: No module named 'ray')"}
+    path.write_text(json.dumps({"benchmarks": benches, "machine_info": info}))
+    table, data = report.load([str(path)])
+    text = report.report(table, data)
+    assert "| W1 5k no-op + sum | - | - | - | - | - | - | not installed |" in text
+    assert "| W7 cold | ≤ 1 x serial numpy (all cores) (#14) | 0.75 x | met |" in text
+    assert "| W7 cold | ≤ 1 x joblib (#14) | 0.94 x | met |" in text
+    assert (
+        "| W1 (5001 nodes) | cache=True, full cache (all Cached) | 0.100 s | 20.0 µs | 0.50 |"
+        in (text)
+    )
+    assert "(the submits: 0.200 s) | 100.0 µs | 2.00 |" in text
+    assert "| `progress=True` (the tqdm bar) | 0.210 s | 1.05 | +2.0 µs |" in text
+    assert "| W6 1M run | parent peak RSS ≤ 1.5 GB (#14) | 900 MB | met |" in text
+    assert "| W6 1M run | per node ≤ 1.3 x at 10k (#14) | 1.20 x | met |" in text
+
+
+def test_report_pairs_rounds_of_tools_that_ran_in_turns(tmp_path):
+    def bench(tool, turns):
+        info = {"workload": "W7", "tool": tool, "turn_times": turns}
+        return {"stats": {"median": sorted(turns)[1]}, "extra_info": info}
+
+    benches = [
+        bench("serial", [10.0, 2.0, 3.0]),  # a burst of load in the first turn
+        bench("graphexec-warm", [9.0, 1.8, 3.3]),  # per turn: 0.9, 0.9, 1.1
+    ]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": benches}))
+    table, data = report.load([str(path)])
+    text = report.report(table, data)
+    assert "| W7 warm | ≤ 1 x serial numpy (all cores) per turn (#14) | 0.90 x | met |" in text
+    assert "| W7 16 x 1500² matmul | warm | 0.90 |" in text
+
+
 @pytest.mark.parametrize("tool", ["graphexec", "ppe"])
 def test_fresh_start_child_reports_its_phases(tool):
     # What benchmarks/test_startup_fresh.py runs in each round, once.

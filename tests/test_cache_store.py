@@ -17,6 +17,7 @@ Subprocess scripts import graphexec from this checkout (``PYTHONPATH``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ import pytest
 import graphexec as gx
 from graphexec._data import cache as _cache
 from graphexec._engine import caching as _caching
+from graphexec._model import keys as _keys
 
 WORKTREE = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(WORKTREE))
@@ -323,14 +325,14 @@ def test_a_run_holds_at_most_window_locks_and_commits_before_it_returns(
 ):
     monkeypatch.setattr(_caching, "WINDOW", 4)
     held: list[int] = []
-    real = _cache._Shared.try_lock
+    real = _cache._Shared.try_lock_many
 
-    def counting(self, key):
-        taken = real(self, key)
+    def counting(self, keys):
+        taken = real(self, keys)
         held.append(len(self.held) - len(self.release))  # locks of unfinished nodes
         return taken
 
-    monkeypatch.setattr(_cache._Shared, "try_lock", counting)
+    monkeypatch.setattr(_cache._Shared, "try_lock_many", counting)
     counter, cache = tmp_path / "calls", tmp_path / "cache"
     graph = gx.Graph()
     with graph:
@@ -423,3 +425,100 @@ def test_damage_inside_the_database_file_is_reported_and_recomputed(tmp_path):
         assert run_once() == ("Completed", marker.decode())
     assert counted(counter) == ["text", "text"]
     assert run_once() == ("Cached", marker.decode())
+
+
+# -- durability of batched rows, and the keys of the fast paths -------------------------
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_a_batch_is_on_disk_within_sync_delay_and_when_compute_returns(tmp_path, monkeypatch):
+    monkeypatch.setattr(_cache, "SYNC_DELAY", 0.2)
+    synced: list[tuple[float, str]] = []
+    real_fsync = os.fsync
+
+    def recording(fd):
+        real_fsync(fd)
+        synced.append((time.monotonic(), os.readlink(f"/proc/self/fd/{fd}")))
+
+    monkeypatch.setattr(_cache.os, "fsync", recording)
+    cache = tmp_path / "cache"
+    store = _cache.CacheStore(cache)
+    wal = str(cache / f"{_cache.DB_NAME}-wal")
+    assert store.try_lock("batched")
+    store.put("batched", cloudpickle.dumps(1), {"task": "t", "expires": None})
+    deadline = time.monotonic() + 10
+    while "batched" not in rows(cache):  # committed by the flusher (visible to all)
+        assert time.monotonic() < deadline, "the batch was never committed"
+        time.sleep(0.01)
+    committed = time.monotonic()
+    while not any(path == wal and at >= committed - 0.05 for at, path in synced):
+        assert time.monotonic() < committed + 5, f"the WAL was not fsynced: {synced}"
+        time.sleep(0.01)
+    store.unlock("batched")
+
+    # compute() returns with its entries on disk, not within a second of it: the
+    # flusher's commits fsynced, the rest committed with synchronous=FULL
+    monkeypatch.setattr(_cache, "SYNC_DELAY", 60.0)
+    monkeypatch.setattr(_cache, "BATCH_DELAY", 0.0)  # the flusher commits most of them
+    graph = gx.Graph()
+    with graph:
+        nodes = [counted_square(str(tmp_path / "calls"), i) for i in range(200)]
+    shared = store._shared
+    flushed = []
+    real_written = _cache._Shared._written
+    monkeypatch.setattr(
+        _cache._Shared, "_written", lambda self: (flushed.append(1), real_written(self))
+    )
+    run = graph.compute(scheduler="threads", cache_dir=cache)
+    assert [run[n] for n in nodes] == [i * i for i in range(200)]
+    assert flushed and not shared.unsynced.is_set()
+    # the same, deterministically: every row committed by the flusher, then the end
+    assert store.try_lock("late")
+    store.put("late", cloudpickle.dumps(2), {"task": "t", "expires": None})
+    while "late" not in rows(cache):
+        time.sleep(0.01)
+    assert shared.unsynced.is_set()  # committed, in the WAL, not yet on disk
+    store.unlock_all()
+    assert not shared.unsynced.is_set()
+
+
+def test_the_fast_paths_of_the_default_key_give_the_general_paths_keys(tmp_path):
+    def general(obj, depth):
+        h = hashlib.sha256()
+        _keys._feed(h, obj, depth + 1)
+        return h.digest()
+
+    values = [0, -7, 2**80, 1.5, float("inf"), -0.0, True, None, 1 + 2j, "", "é\ud800",
+              "x" * 64, "x" * 65, b"ab", (1, "a"), [2.0], {"k": 1}, {3, 4}]  # fmt: skip
+    for value in values:
+        for depth in (0, 198, 199):
+            try:
+                expected = general(value, depth)
+            except _keys.Unhashable:
+                with pytest.raises(_keys.Unhashable):
+                    _keys._sub(value, depth)
+                continue
+            assert _keys._sub(value, depth) == expected, (value, depth)
+
+    @gx.task(cache=True)
+    def sweep(a, b=2, c="x"):
+        return (a, b, c)
+
+    cache = tmp_path / "cache"
+    graph = gx.Graph()
+    with graph:
+        flat = [sweep(1), sweep(1.5, 3), sweep("s", 4, "t")]  # the gate's flat path
+        general_path = sweep("s", c="y")  # keyword arguments: the general path
+    run = graph.compute(scheduler="threads", cache_dir=cache)
+    assert run[general_path] == ("s", 2, "y")
+    arguments = [
+        {"a": 1, "b": 2, "c": "x"},
+        {"a": 1.5, "b": 3, "c": "x"},
+        {"a": "s", "b": 4, "c": "t"},
+        {"a": "s", "b": 2, "c": "y"},
+    ]
+    expected = {
+        gx.task_input_hash(gx.CacheContext(sweep, run.state(node).name), args)
+        for node, args in zip([*flat, general_path], arguments)
+    }
+    assert set(rows(cache)) == expected

@@ -28,6 +28,7 @@ import pytest
 
 import graphexec as gx
 from graphexec._executors import cluster as _cluster
+from graphexec._executors.protocol import Call
 
 distributed = pytest.importorskip("distributed")
 
@@ -256,6 +257,60 @@ def test_intermediates_are_released_on_the_cluster(client):
     run = graph.compute(cluster=client)
     assert run[chain] == 6
     assert _cluster.held_values() == before + 1  # only the target is held
+
+
+def test_each_dask_task_carries_graphexec_order_as_its_priority(client, monkeypatch):
+    """A worker runs the tasks queued on it by dask priority: a dependent submitted
+    once its input is ready must outrank the independent calls submitted before it
+    (issue #14: W4 lost 40 % to sorts waiting behind later arrays), and priority=
+    outranks everything."""
+    sent: dict[str, int] = {}
+    submit = client.submit
+
+    def recording(*args, **kwargs):
+        sent[kwargs["key"].split("-", 1)[0]] = kwargs["priority"]
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(client, "submit", recording)
+    graph = gx.Graph()
+    with graph:
+        firsts = [ok.with_options(name=f"first{i}")(i) for i in range(4)]
+        seconds = [add.with_options(name=f"second{i}")(f, 1) for i, f in enumerate(firsts)]
+        urgent = ok.with_options(name="urgent", priority=3)(9)
+    run = graph.compute(cluster=client)
+    assert [run[n] for n in seconds] == [1, 2, 3, 4] and run[urgent] == 9
+    assert len(sent) == 9, sent
+    assert sent["urgent"] == max(sent.values())
+    for i in range(4):
+        # depth first: each pair before the next pair, a second right after its first
+        assert sent[f"first{i}"] > sent[f"second{i}"]
+        assert all(sent[f"second{i}"] > sent[f"first{j}"] for j in range(i + 1, 4))
+
+
+def test_a_worker_killed_by_a_known_crasher_blames_no_other_node(client):
+    """dask may re-run a task that killed its worker on another worker before the
+    cancel arrives: that death belongs to the crasher, not to a healthy task that
+    started on the second worker just before (its report lost with the worker)."""
+    executor = _cluster.ClusterExecutor(client)
+    try:
+        call = Call(0, "healthy", None, (), None, False, {}, None, 1)
+        flight = _cluster._Flight(call, None, "healthy-key", [], "f")
+        flight.worker = "tcp://second"
+        executor._inflight["healthy-key"] = flight
+        _cluster._crashers["crasher-key"] = None
+        executor._worker_gone("tcp://second", {"crasher-key", "healthy-key"}, [])
+        assert executor._outbox == [] and "healthy-key" in executor._inflight
+        del _cluster._crashers["crasher-key"]
+        cancel: list = []
+        executor._worker_gone("tcp://second", {"healthy-key"}, cancel)
+        ((failed, _, error),) = executor._outbox
+        assert failed is call and type(error) is gx.WorkerCrashed
+        assert "healthy-key" in _cluster._crashers  # its re-runs will not blame others
+        del _cluster._crashers["healthy-key"]
+        executor._outbox.clear()
+    finally:
+        executor._inflight.clear()
+        executor.close()
 
 
 # -- skip, allow_failure, return_state ------------------------------------------------------

@@ -37,7 +37,13 @@ from graphexec._executors import process as process_module
 from graphexec._executors.inprocess import SyncExecutor, ThreadExecutor
 from graphexec._model.graph import Graph
 from graphexec._surfaces import eager
-from graphexec._surfaces.eager import Session, flow_session, pop_context, push_context
+from graphexec._surfaces.eager import (
+    PoolBlock,
+    Session,
+    flow_session,
+    pop_context,
+    push_context,
+)
 from graphexec._surfaces.options import ComputeOptions
 
 # -- tasks ------------------------------------------------------------------------------
@@ -296,7 +302,7 @@ def test_threads_submitting_cached_tasks_into_one_flow_share_one_cache_store(mon
     leave the first one's flock held for the life of the process). (Workers write
     entries through stores of their own, which never lock.)"""
     lockers: set[int] = set()
-    real_try_lock = CacheStore.try_lock
+    real_try_lock = CacheStore.try_lock_many
     real_init = CacheStore.__init__
 
     def slow_init(self: CacheStore, root: Any) -> None:
@@ -305,11 +311,11 @@ def test_threads_submitting_cached_tasks_into_one_flow_share_one_cache_store(mon
 
     monkeypatch.setattr(CacheStore, "__init__", slow_init)
 
-    def noting_try_lock(self: CacheStore, key: str) -> bool:
+    def noting_try_lock(self: CacheStore, keys: list[str]) -> list[bool]:
         lockers.add(id(self))
-        return real_try_lock(self, key)
+        return real_try_lock(self, keys)
 
-    monkeypatch.setattr(CacheStore, "try_lock", noting_try_lock)
+    monkeypatch.setattr(CacheStore, "try_lock_many", noting_try_lock)  # try_lock's too
 
     def body() -> list[int]:
         session = flow_session()
@@ -349,13 +355,14 @@ def test_threads_submitting_into_one_pool_block_share_one_session():
     """The first submits of a `with gx.Pool()` block, from several threads at once,
     start one session (each used to be able to start its own)."""
     with gx.Pool(workers=1) as pool:
+        block = PoolBlock(pool)  # (one block's context, entered by six threads)
         start = threading.Barrier(6)
         futures: list[Any] = []
         errors: list[BaseException] = []
         lock = threading.Lock()
 
         def submitter() -> None:
-            push_context(pool)
+            push_context(block)
             try:
                 start.wait()
                 future = inc.submit(1)
@@ -364,7 +371,7 @@ def test_threads_submitting_into_one_pool_block_share_one_session():
                     errors.append(exc)
                 return
             finally:
-                pop_context(pool)
+                pop_context(block)
             with lock:
                 futures.append(future)
 

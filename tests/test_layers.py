@@ -23,7 +23,7 @@ PACKAGE = pathlib.Path(gx.__file__).parent
 # start) stays fast: each of these costs milliseconds and only some runs need
 # it (sqlite3 and tempfile: a run that caches; psutil: memory limits, cleanup).
 OPTIONAL = {"distributed", "graphviz"}
-DEFERRED_FOR_STARTUP = {"tqdm", "psutil", "numpy", "sqlite3", "tempfile"}
+DEFERRED_FOR_STARTUP = {"tqdm", "psutil", "numpy", "sqlite3", "tempfile", "threadpoolctl"}
 
 
 # Private modules, not private names: a package that loads its modules on first

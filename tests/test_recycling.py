@@ -84,7 +84,7 @@ def _assert_all_first_attempt(run):
 
 
 def test_compute_replaces_workers_after_max_calls_with_prefetch():
-    # 300 tiny calls: the pool prefetches up to 8 per worker, which must never
+    # 300 tiny calls: the pool prefetches up to 64 per worker, which must never
     # exceed what a worker has left.
     graph = gx.Graph()
     with graph:

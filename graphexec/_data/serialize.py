@@ -36,6 +36,8 @@ PROTOCOL = 5
 SHM_THRESHOLD = 64 * 1024  # smaller buffers cost less in-band than a segment does
 
 Wire = tuple[bytes, tuple[tuple, ...]]
+# Values the C pickler writes exactly as cloudpickle does (nothing by value).
+PLAIN = frozenset({int, float, complex, bool, str, bytes, type(None)})
 
 
 class Payload(Deferred):
@@ -86,6 +88,8 @@ class Payload(Deferred):
         run goes on; at the end of a run segments are unlinked. Regions of a
         cache file, ``(path, offset, size)``, stay.
         """
+        if not self.segments:  # a small value, all in its pickle: every tiny task's
+            return
         for path in {seg[0] for seg in self.segments if len(seg) == 3}:
             if os.path.basename(path).startswith(".hold-"):  # a cache hit's private link
                 try:
@@ -129,6 +133,10 @@ def dumps(obj: Any) -> bytes:
 
 def dumps_value(obj: Any) -> Wire:
     """Pickle a value for another process, large buffers into shared memory."""
+    if type(obj) in PLAIN:
+        # The pickle's own C code, as cloudpickle would write it: a tiny result
+        # pays no cloudpickle Pickler set-up (a few microseconds each).
+        return pickle.dumps(obj, PROTOCOL), ()
     if not _shm.AVAILABLE:
         return dumps(obj), ()
     segments: list[tuple[str, int]] = []
@@ -191,6 +199,20 @@ class _CallPickler(cloudpickle.Pickler):
         return None
 
 
+class _FlatCallPickler(pickle.Pickler):
+    """The C pickler, for arguments that are plain values and nodes only (no cloudpickle)."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        if type(obj) is Node:
+            return obj.index
+        return None
+
+
+def _flat(args: tuple[Any, ...]) -> bool:
+    """True if every argument is a plain value or a node (the common tiny call)."""
+    return all(type(a) in PLAIN or type(a) is Node for a in args)
+
+
 class _CallUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, values: dict[int, Any]) -> None:
         super().__init__(io.BytesIO(data))
@@ -202,6 +224,13 @@ class _CallUnpickler(pickle.Unpickler):
 
 def dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any] | None, has_nodes: bool) -> bytes:
     """Pickle a call's arguments; nodes inside become references to their values."""
+    if not kwargs and _flat(args):
+        # The common tiny call, f(1, node): the C pickler, a tenth of the cost.
+        if not has_nodes:
+            return pickle.dumps((args, None), PROTOCOL)
+        buffer = io.BytesIO()
+        _FlatCallPickler(buffer, protocol=PROTOCOL).dump((args, None))
+        return buffer.getvalue()
     if not has_nodes:
         return dumps((args, kwargs))
     buffer = io.BytesIO()

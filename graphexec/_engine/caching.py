@@ -9,15 +9,22 @@ final, before it may run::
               keying[i] = ticket                 (hashes upstream values: unpickles
                                                   wire forms, maps shared memory)
     executor.poll() returns  <── wakeup() ─────  results.append((i, ticket, key))
-    keyed(): each key ─> with_key(i, key)
-            lock taken, hit         -> unlock; Cached state, i never runs
-        lock taken, miss        -> run; the entry is written, finished() unlocks
-        lock held, hit          -> Cached state
-        lock held by another    -> WAIT: look again every LOCK_POLL s (lock_waits)
+    keyed(): the keys of this step, together (one query for all of them):
+        found, whole and unexpired   -> Cached state, i never runs (no lock taken)
+        else take the lock, then look again (one query for all the misses):
+            lock taken, hit          -> unlock; Cached state
+            lock taken, miss         -> run; the entry is written, finished() unlocks
+            lock held, hit           -> Cached state
+            lock held by another     -> WAIT: look again every LOCK_POLL s (lock_waits)
 
-The lock is taken before the lookup, so one lookup decides: an entry found
-after taking the lock is whole (its writer committed it before letting go),
-and a miss under the lock is ours to compute.
+A hit needs no lock: a committed row is a whole entry (a large entry's file
+is written before its row), so a reader sees an entry or none. A miss takes
+the lock before it looks again, so that look decides: an entry found after
+taking the lock is whole (its writer committed it before letting go), and a
+miss under the lock is ours to compute. Looking up the keys of one step in
+one query, and taking no lock for a hit, is what makes a cached run of many
+small tasks cost little more than running them, and an all-hits rerun less
+(issue #19; ``docs/howto/caching.md``, "Measured").
 
 Who writes the entry: the worker that computed the value, through
 ``Call.cache`` (``entry()``), except a process-pool worker's small value,
@@ -31,8 +38,9 @@ deadline): the scheduler hands the keying thread a snapshot of what the key
 needs (the task, its arguments, the upstream handles or their own keys) and
 goes on; the key comes back through :attr:`CacheGate.results` and the
 executor's ``wakeup()``, and the scheduler applies it (lookup, lock, queue)
-on its own thread. Only an executor that runs calls in the caller's thread
-(``sync``) computes keys inline: nothing of it runs meanwhile, and ``pdb``
+on its own thread, with the keys it computed itself (:attr:`CacheGate.batch`).
+Only an executor that runs calls in the caller's thread (``sync``) computes
+keys inline: nothing of it runs meanwhile, and ``pdb``
 in a ``cache_key_fn`` keeps working. So is a key that costs microseconds
 (:func:`cheap`: ``task_input_hash`` of a few plain arguments and of upstream
 values that have keys of their own, the nodes of a parameter sweep): handing
@@ -56,15 +64,20 @@ State (plain containers, touched by the scheduler thread only, except
 ``results``, which the keying thread appends to):
 
 ``keys[i]``        node -> its cache key (a hit, or the entry it computes)
-``signatures``     task -> inspect.Signature or None, to bind arguments by name
+``signatures``     task -> (inspect.Signature or None, its parameter names and
+                   defaults if all are positional-or-keyword), to bind arguments
+``identities``     task -> its ``task_identity`` (hashed once per run, not per node)
 ``keying[i]``      nodes whose key is being computed -> ticket of that request
 ``results``        deque of (node, ticket, key or None) from the keying thread
 ``locked``         nodes whose entry lock this run holds (they write the entry)
 ``holders[key]``   the node of this run that holds ``key``'s lock
 ``lock_waits[i]``  nodes waiting for another's lock -> monotonic time to give up
                    (``inf`` when the holder is a node of this run)
-``parked``         (node, ticket, key) keyed while ``WINDOW`` nodes held locks: they
-                   stay in ``keying`` and go through ``keyed()`` once a lock is let go
+``batch``          (node, ticket, key) keyed on the scheduler thread since the last
+                   ``keyed()``, which settles them together (they are in ``keying``)
+``parked``         (node, ticket, key) that missed while ``WINDOW`` nodes held locks:
+                   they stay in ``keying`` and go through ``keyed()`` once a lock is
+                   let go
 ``refreshed``      keys recomputed by this run (``refresh_cache``: once per key)
 ``refreshing``     nodes running to refresh their entry
 """
@@ -83,12 +96,20 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
-from .._data.cache import CacheStore, expiry, stored_apart, wire_hash
+from .._data.cache import CacheStore, Found, expiry, stored_apart, wire_hash
 from .._data.serialize import Payload
 from .._model.errors import safe_str
 from .._model.graph import Graph
 from .._model.handle import materialize
-from .._model.keys import CacheContext, Fingerprint, Unhashable, content_hash, task_input_hash
+from .._model.keys import (
+    CacheContext,
+    Fingerprint,
+    Unhashable,
+    content_hash,
+    input_hash,
+    task_identity,
+    task_input_hash,
+)
 from .._model.node import DATA, Node
 from .._model.state import CACHED, State
 from .._model.walk import substitute
@@ -98,9 +119,10 @@ logger = logging.getLogger("graphexec")
 LOCK_POLL = 0.1  # seconds between looks at a cache entry another process is computing
 LOCK_WAIT = 600.0  # seconds a node waits for an entry another process holds
 LOCK_WAIT_ENV = "GRAPHEXEC_CACHE_LOCK_WAIT"
-# Nodes of one run that hold their entry's lock and have not finished. Beyond it, keyed
-# nodes are parked: the system's byte-range locks of one file cost time in proportion
-# to how many are held (10,000 ready roots holding theirs made each lock take 40 us).
+# Nodes of one run that hold their entry's lock and have not finished. Beyond it, nodes
+# that missed are parked (hits take no lock): the system's byte-range locks of one file
+# cost time in proportion to how many are held (10,000 ready roots holding theirs made
+# each lock take 40 us). Parked nodes come back once half the window is free.
 WINDOW = 128
 _NUDGE = (-1, 0, None)  # a result for no node: makes the scheduler call keyed()
 _SAFE_KEY = re.compile(r"[0-9a-zA-Z_-]{8,128}")
@@ -200,12 +222,15 @@ class CacheGate:
         self._lock_wait = lock_wait_bound()
         self.keys: dict[int, str] = {}
         self.signatures: dict[Any, Any] = {}
+        self.identities: dict[Any, str] = {}
+        self._metas: dict[Any, dict] = {}  # task -> its entries' meta (no expiry: shared)
         self.keying: dict[int, int] = {}
         self.results: deque[tuple[int, int, str | None]] = deque()
         self.locked: set[int] = set()
         self.holders: dict[str, int] = {}
         self.lock_waits: dict[int, float] = {}
         self.parked: deque[tuple[int, int, str]] = deque()
+        self.batch: list[tuple[int, int, str]] = []
         self.refreshed: set[str] = set()
         self.refreshing: set[int] = set()
         self._tickets = 0
@@ -216,23 +241,61 @@ class CacheGate:
     # -- entering the gate ------------------------------------------------------
 
     def enter(self, i: int) -> Verdict:
-        """Node i is about to run: RUN_NOW, KEYING, WAIT, or its Cached state."""
+        """Node i is about to run: KEYING (its key and verdict come through
+        :meth:`keyed`), RUN_NOW (not cached: no key), or a verdict at once."""
         key = self.keys.get(i)
         if key is not None:
             return self.with_key(i, key)
         self._tickets += 1
-        job = self._job(i, self._tickets)
-        if not self._offload or cheap(job):
+        ticket = self._tickets
+        key = self._flat_key(i)
+        if key is _NOT_FLAT:
+            job = self._job(i, ticket)
+            if self._offload and not cheap(job):
+                return self._hand_over(job)
             key = self._key_of(job)
-            if key is None:
-                return RUN_NOW
-            if len(self.locked) >= WINDOW:
-                self.keying[i] = job.ticket
-                self.parked.append((i, job.ticket, key))
-                return KEYING
-            self.keys[i] = key
-            return self.with_key(i, key)
-        self.keying[i] = job.ticket
+        if key is None:
+            return RUN_NOW
+        # Settled with the other nodes keyed in this scheduler step (keyed()):
+        # one query looks all their entries up.
+        self.keying[i] = ticket
+        if not self.batch:
+            self.results.append(_NUDGE)
+        self.batch.append((i, ticket, key))
+        return KEYING
+
+    def _flat_key(self, i: int) -> Any:
+        """The key of a node without upstreams whose arguments are a few numbers and
+        short strings, under ``task_input_hash`` (a parameter sweep's nodes), or
+        ``_NOT_FLAT``: :meth:`_compute_key` for that case, without its generality."""
+        graph = self.graph
+        args = graph._args[i]
+        if (
+            graph._deps[i]
+            or graph._kwargs[i]
+            or graph._opts[i].cache_key_fn is not task_input_hash
+            or len(args) > CHEAP_ITEMS
+        ):
+            return _NOT_FLAT
+        for a in args:
+            kind = type(a)
+            if kind not in _SCALARS and not (
+                (kind is str or kind is bytes) and len(a) <= CHEAP_BYTES
+            ):
+                return _NOT_FLAT
+        task = graph._tasks[i]
+        identity = self.identities.get(task)
+        try:
+            if identity is None:
+                identity = self.identities[task] = task_identity(task)
+            return input_hash(identity, self._arguments(task, args, {}))
+        except Unhashable as exc:  # the task's identity (a closure over a socket...)
+            warnings.warn(f"{graph._names[i]} is not cached: {exc}", RuntimeWarning, stacklevel=3)
+            return None
+
+    def _hand_over(self, job: _KeyJob) -> Verdict:
+        """Have the keying thread compute this key."""
+        self.keying[job.node] = job.ticket
         with self._jobs_lock:
             self._jobs.append(job)
             start = not self._worker_busy
@@ -242,31 +305,85 @@ class CacheGate:
         return KEYING
 
     def keyed(self) -> list[tuple[int, Verdict]]:
-        """Apply the keys the keying thread sent (and parked ones, while the window has
-        room): each node's verdict."""
+        """Settle the nodes keyed since the last call (by this thread or the keying
+        thread), and parked ones while the window has room: each node's verdict.
+
+        Fresh keys are looked up first, all in one query, without a lock: a hit
+        (a committed row is a whole entry) costs no lock. Misses then take their
+        entry's lock, within the window, and are looked up again under it (one
+        more query for all of them): an entry committed between the two looks is
+        found, and a miss under the lock is ours to compute. Parked nodes take
+        the lock first, then look.
+        """
         out: list[tuple[int, Verdict]] = []
-        results, keying, parked = self.results, self.keying, self.parked
+        results, keying = self.results, self.keying
+        fresh, self.batch = self.batch, []
         while results:
             i, ticket, key = results.popleft()
             if keying.get(i) != ticket:
-                continue  # the node was cancelled meanwhile: nothing waits for this key
-            if key is not None and len(self.locked) >= WINDOW:
-                parked.append((i, ticket, key))
-                continue
-            del keying[i]
+                continue  # the NUDGE, or a node cancelled meanwhile
             if key is None:
+                del keying[i]
                 out.append((i, RUN_NOW))
             else:
-                self.keys[i] = key
-                out.append((i, self.with_key(i, key)))
-        while parked and len(self.locked) < WINDOW:
-            i, ticket, key = parked.popleft()
-            if keying.get(i) != ticket:
-                continue
-            del keying[i]
-            self.keys[i] = key
-            out.append((i, self.with_key(i, key)))
+                fresh.append((i, ticket, key))
+        if fresh:
+            self._settle(fresh, out)
+        parked = self.parked
+        # Refilled once half the window is free: one query and one pass for many.
+        while parked and len(self.locked) <= WINDOW // 2:
+            take: list[tuple[int, int, str]] = []
+            while parked and len(take) < WINDOW - len(self.locked):
+                entry = parked.popleft()
+                if keying.get(entry[0]) == entry[1]:
+                    take.append(entry)
+            self._lock_and_look(take, out)
         return out
+
+    def _settle(self, fresh: list[tuple[int, int, str]], out: list[tuple[int, Verdict]]) -> None:
+        """Fresh keys: hits now, without a lock; misses go to _lock_and_look."""
+        store = self.store
+        assert store is not None
+        keying, keys = self.keying, self.keys
+        looked = [key for i, _, key in fresh if not self._refresh(i, key)]
+        rows = store.rows(looked) if looked else {}
+        misses = []
+        for entry in fresh:
+            i, _, key = entry
+            row = rows.get(key)
+            hit = store.judge(key, row) if row is not None and not self._refresh(i, key) else None
+            if hit is None:
+                misses.append(entry)
+            else:
+                del keying[i]
+                keys[i] = key
+                out.append((i, self._cached(i, key, hit)))
+        if misses:
+            self._lock_and_look(misses, out)
+
+    def _lock_and_look(
+        self, entries: list[tuple[int, int, str]], out: list[tuple[int, Verdict]]
+    ) -> None:
+        """Take the locks of these keys (those the window has room for; the others are
+        parked), then look all of them up in one query and decide."""
+        store = self.store
+        assert store is not None
+        keying, keys = self.keying, self.keys
+        room = WINDOW - len(self.locked)
+        if len(entries) > room:
+            self.parked.extend(entries[room:])
+            entries = entries[:room]
+        wanted = []
+        for i, _, key in entries:
+            del keying[i]
+            keys[i] = key
+            wanted.append(key)
+        got = store.try_lock_many(wanted)
+        refresh = [self._refresh(i, key) for i, _, key in entries]
+        looked = [key for key, r in zip(wanted, refresh) if not r]
+        rows = store.rows(looked) if looked else {}
+        for (i, _, key), r, locked in zip(entries, refresh, got):
+            out.append((i, self._decide(i, key, r, locked, None if r else rows.get(key))))
 
     def look_again(self, i: int) -> Verdict:
         """A node waiting for another's lock: look at its entry again."""
@@ -281,14 +398,26 @@ class CacheGate:
         """
         store = self.store
         assert store is not None
+        refresh = self._refresh(i, key)
+        locked = store.try_lock(key)
+        row = None if refresh else store.rows((key,)).get(key)
+        return self._decide(i, key, refresh, locked, row)
+
+    def _refresh(self, i: int, key: str) -> bool:
         # Refresh recomputes a key once per run; other nodes with that key then hit.
-        refresh = (
+        return (
             self.refresh_cache or self.graph._opts[i].refresh_cache
         ) and key not in self.refreshed
-        if store.try_lock(key):
+
+    def _decide(self, i: int, key: str, refresh: bool, locked: bool, row: Found | None) -> Verdict:
+        """The verdict for node i once its entry's lock was tried (``locked``: taken)
+        and its row read after that (``row``; None: none, or not read: refresh)."""
+        store = self.store
+        assert store is not None
+        hit = None if row is None else store.judge(key, row)
+        if locked:
             self.lock_waits.pop(i, None)
             self._waited(i, key, "")
-            hit = None if refresh else store.lookup(key)
             if hit is not None:
                 store.unlock(key)
                 return self._cached(i, key, hit)
@@ -297,12 +426,10 @@ class CacheGate:
             if refresh:
                 self.refreshing.add(i)
             return RUN_NOW
-        if not refresh:
-            hit = store.lookup(key)  # held by another run, which may be reading it too
-            if hit is not None:
-                self.lock_waits.pop(i, None)
-                self._waited(i, key, "")
-                return self._cached(i, key, hit)
+        if hit is not None:  # held by another run, which wrote it meanwhile
+            self.lock_waits.pop(i, None)
+            self._waited(i, key, "")
+            return self._cached(i, key, hit)
         give_up = self.lock_waits.get(i)
         if give_up is None:
             self.lock_waits[i] = self._start_wait(i, key)
@@ -390,7 +517,7 @@ class CacheGate:
             value = state._value if state is not None else None
             if type(value) is Payload and self._from_wire and not stored_apart(value.wire):
                 try:
-                    store.put(key, value.data, self.entry(i)[2])
+                    store.put(key, value.data, self._meta(i))
                 except Exception as exc:  # a damaged database: the run goes on
                     logger.warning(
                         "%s: result not cached (%s: %s)",
@@ -401,21 +528,30 @@ class CacheGate:
         store.unlock(key)
         if completed and i in self.refreshing:
             self.refreshed.add(key)
-        if self.parked and not self.results and len(self.locked) < WINDOW:
+        if self.parked and not self.results and len(self.locked) <= WINDOW // 2:
             self.results.append(_NUDGE)
 
     def entry(self, i: int) -> tuple[str, str, dict]:
         """What the worker of a locked node needs to write its entry (``Call.cache``)."""
         assert self.store is not None
-        opts = self.graph._opts[i]
-        meta = {"task": self.graph._tasks[i].name, "expires": expiry(opts.cache_expiration)}
-        return (str(self.store.root), self.keys[i], meta)
+        return (str(self.store.root), self.keys[i], self._meta(i))
+
+    def _meta(self, i: int) -> dict:
+        """The entry's task name and expiry (from now); one dict per task without one."""
+        opts, task = self.graph._opts[i], self.graph._tasks[i]
+        if opts.cache_expiration is not None:
+            return {"task": task.name, "expires": expiry(opts.cache_expiration)}
+        meta = self._metas.get(task)
+        if meta is None:
+            meta = self._metas[task] = {"task": task.name, "expires": None}
+        return meta
 
     def cancel(self) -> None:
         """The run is cancelled: nothing waits for a key or a lock any more."""
         self.keying.clear()
         self.lock_waits.clear()
         self.parked.clear()
+        self.batch.clear()
 
     # -- keys -------------------------------------------------------------------
 
@@ -488,23 +624,20 @@ class CacheGate:
         except Unhashable as exc:
             warnings.warn(f"{name} is not cached: {exc}", RuntimeWarning, stacklevel=2)
             return None
-        args = substitute(job.args, values)
-        kwargs = substitute(job.kwargs, values) if job.kwargs else {}
-        signature = self.signatures.get(task, False)
-        if signature is False:  # once per task, not per node: signature() is slow
+        args, kwargs = job.args, job.kwargs or {}
+        if values or not all(type(a) in _FLAT for a in args) or kwargs:
+            args = substitute(args, values)
+            kwargs = substitute(kwargs, values) if kwargs else {}
+        arguments = self._arguments(task, args, kwargs)
+        if use_fingerprints:  # task_input_hash, with the task's identity hashed once a run
             try:
-                signature = inspect.signature(task.fn)
-            except (TypeError, ValueError):
-                signature = None
-            self.signatures[task] = signature
-        try:
-            if signature is None:
-                raise TypeError("no signature")
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            arguments = dict(bound.arguments)
-        except TypeError:
-            arguments = {"args": args, "kwargs": kwargs}
+                identity = self.identities.get(task)
+                if identity is None:
+                    identity = self.identities[task] = task_identity(task)
+                return input_hash(identity, arguments)
+            except Unhashable as exc:
+                warnings.warn(f"{name} is not cached: {exc}", RuntimeWarning, stacklevel=2)
+                return None
         try:
             key = opts.cache_key_fn(CacheContext(task, name), arguments)
         except Exception as exc:
@@ -521,8 +654,46 @@ class CacheGate:
             key = content_hash(key)  # user keys become file names: hash anything unusual
         return key
 
+    def _arguments(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict:
+        """The call's arguments by parameter name, defaults applied (what
+        ``inspect.Signature.bind`` gives, without its cost for the common case)."""
+        spec = self.signatures.get(task)
+        if spec is None:  # once per task, not per node: signature() is slow
+            try:
+                signature: inspect.Signature | None = inspect.signature(task.fn)
+            except (TypeError, ValueError):
+                signature = None
+            simple = None
+            if signature is not None and all(
+                p.kind is p.POSITIONAL_OR_KEYWORD for p in signature.parameters.values()
+            ):
+                params = signature.parameters.values()
+                simple = (tuple(p.name for p in params), tuple(p.default for p in params))
+            spec = self.signatures[task] = (signature, simple)
+        signature, simple = spec
+        if simple is not None and not kwargs and len(args) <= len(simple[0]):
+            names, defaults = simple
+            arguments = dict(zip(names, args))
+            for k in range(len(args), len(names)):
+                if defaults[k] is _EMPTY:
+                    break  # a missing argument: bind() says how, below
+                arguments[names[k]] = defaults[k]
+            else:
+                return arguments
+        try:
+            if signature is None:
+                raise TypeError("no signature")
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return dict(bound.arguments)
+        except TypeError:
+            return {"args": args, "kwargs": kwargs}
+
 
 _SCALARS = frozenset({int, float, bool, complex, type(None)})
+_NOT_FLAT: Final = _Verdict("NOT_FLAT")  # _flat_key: not that simple case
+_FLAT = _SCALARS | {str, bytes}  # arguments that hold no node and no marker
+_EMPTY = inspect.Parameter.empty
 CHEAP_ITEMS = 64  # arguments (counting nested ones) a cheap key may have
 CHEAP_BYTES = 4096  # the longest str or bytes among them
 
@@ -538,6 +709,17 @@ def cheap(job: _KeyJob) -> bool:
         return False
     if any(own is None for own, _ in job.values.values()):
         return False
+    args = job.args
+    if not job.kwargs and len(args) <= CHEAP_ITEMS:  # the common case, flat arguments
+        for a in args:
+            kind = type(a)
+            if kind in _SCALARS or kind is Node:
+                continue
+            if (kind is str or kind is bytes) and len(a) <= CHEAP_BYTES:
+                continue
+            break
+        else:
+            return True
     budget = [CHEAP_ITEMS]
 
     def plain(value: Any) -> bool:

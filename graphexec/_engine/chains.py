@@ -29,7 +29,9 @@ from .._model.graph import Graph
 from .._model.node import DATA
 from .._model.state import State
 
-CHAIN_MAX = 8  # calls chained behind one: each waits in the worker's pipe
+# Calls chained behind one. They wait in the worker's pipe (the pool also caps
+# their bytes) and can run nowhere else anyway: each needs the one before.
+CHAIN_MAX = 32
 
 
 class ChainHost(Protocol):
@@ -50,7 +52,7 @@ class ChainHost(Protocol):
     unsent: dict[int, Call]
     cancel_reason: str | None
 
-    def _limit_keys(self, i: int) -> list[Any]: ...
+    def _limit_keys(self, i: int) -> list[Any] | tuple[()]: ...
 
     def _make_call(self, i: int, held: int = -1) -> Call: ...
 

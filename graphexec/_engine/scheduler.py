@@ -91,6 +91,7 @@ from typing import Any
 from .._data.cache import CacheStore
 from .._data.serialize import Payload
 from .._executors.protocol import ERROR, HELD, OK, REQUEUE, Call, Executor
+from .._executors.threadlimits import ThreadLimited
 from .._model.errors import SerializationError, WorkerCrashed, safe_str
 from .._model.graph import Graph
 from .._model.node import DATA
@@ -160,6 +161,8 @@ class Scheduler:
         self.fail_fast_cause: int | None = None
         self.seq = 0
         self._task_caps: dict[int, int] = {}
+        # (id(fn), count) -> the function wrapped for the task option inner_threads=
+        self._limited: dict[tuple[int, int], ThreadLimited] = {}
         # Keys are hashed on a thread of the gate's unless calls run in this
         # thread anyway (sync): then nothing runs meanwhile that could be delayed.
         self.gate = CacheGate(
@@ -303,10 +306,12 @@ class Scheduler:
         if self.cancel_reason is not None and not self.swept:
             self.cancel(self.cancel_reason, everything=False)
             return  # the caller re-checks whether anything is left to do
+        gate = self.gate
+        if gate.results:  # nodes keyed since the last step, settled together
+            self._settle_keys()
         self._dispatch()
         if not idle_ok and self.done >= self.n_members:
             return  # dispatch itself finished the last node (isolate=True refused)
-        gate = self.gate
         timeout = None
         if self.retry_at:
             timeout = max(0.0, self.retry_at[0][0] - time.monotonic())
@@ -324,10 +329,7 @@ class Scheduler:
         for call, kind, value in self.executor.poll(timeout):
             self._on_outcome(call, kind, value)
         if gate.results:  # keys computed meanwhile (the keying thread woke poll up)
-            for i, verdict in gate.keyed():
-                cached = self._gate_says(i, verdict)
-                if cached is not None:
-                    self._finish(i, cached)
+            self._settle_keys()
         now = time.monotonic()
         while self.retry_at and self.retry_at[0][0] <= now:
             i = heapq.heappop(self.retry_at)[2]
@@ -337,6 +339,17 @@ class Scheduler:
                     self._finish(i, cached)
             else:
                 self._push_ready(i)
+
+    def _settle_keys(self) -> None:
+        """Apply the cache gate's verdicts, until it has none: nodes it finds Cached
+        wake their dependents, whose keys it then settles too (a chain of hits goes
+        through in one step, without waiting for the executor)."""
+        gate = self.gate
+        while gate.results:
+            for i, verdict in gate.keyed():
+                cached = self._gate_says(i, verdict)
+                if cached is not None:
+                    self._finish(i, cached)
 
     def _push_ready(self, i: int) -> None:
         heapq.heappush(self.ready, (-self.graph._opts[i].priority, self.order[i], i))
@@ -352,6 +365,8 @@ class Scheduler:
                     heapq.heappush(self.parked.setdefault(full, []), heapq.heappop(ready))
                     continue
             call = self.unsent.pop(i, None) or self._make_call(i)
+            if keys:  # (a shared pool counts them across its runs too)
+                call.limits = [(k, self._cap(k)) for k in keys]
             if call.isolate and not executor.capabilities.isolates:
                 heapq.heappop(ready)
                 error = ValueError(
@@ -380,8 +395,10 @@ class Scheduler:
             if self.observer is not None:
                 self.observer.running(i, call)
 
-    def _limit_keys(self, i: int) -> list[Any]:
+    def _limit_keys(self, i: int) -> list[Any] | tuple[()]:
         opts = self.graph._opts[i]
+        if opts.max_concurrency is None and not (opts.tags and self.limits):
+            return ()  # the common case, on the path of every node: nothing to count
         keys: list[Any] = []
         if opts.max_concurrency is not None:
             fn_key = id(self.graph._tasks[i].fn)
@@ -412,10 +429,13 @@ class Scheduler:
                     inputs[up] = HELD
                 elif fl is None or fl[k] & DATA:
                     inputs[up] = self._value_for_dependent(up)
+        fn = graph._tasks[i].fn
+        if opts.inner_threads is not None:
+            fn = self._thread_limited(fn, opts.inner_threads)
         call = Call(
             i,
             graph._names[i],
-            graph._tasks[i].fn,
+            fn,
             graph._args[i],
             graph._kwargs[i],
             bool(inputs),
@@ -428,6 +448,14 @@ class Scheduler:
         if opts.isolate:
             call.isolate = True
         return call
+
+    def _thread_limited(self, fn: Any, threads: int) -> ThreadLimited:
+        """One wrapper per function and count, so executors send it once, as the function."""
+        key = (id(fn), threads)
+        wrapper = self._limited.get(key)
+        if wrapper is None:
+            wrapper = self._limited[key] = ThreadLimited(fn, threads)
+        return wrapper
 
     def _value_for_dependent(self, up: int) -> Any:
         state = self.states[up]
@@ -476,11 +504,12 @@ class Scheduler:
         # some frame or executor still refers to.
         inputs, call.inputs = call.inputs, {}
         call.wire = None
-        for k in self._limit_keys(i):
-            self.in_use[k] -= 1
-            waiting = self.parked.get(k)
-            if waiting:
-                self._push_ready(heapq.heappop(waiting)[2])
+        if self.in_use:  # some node holds a concurrency slot: maybe this one
+            for k in self._limit_keys(i):
+                self.in_use[k] -= 1
+                waiting = self.parked.get(k)
+                if waiting:
+                    self._push_ready(heapq.heappop(waiting)[2])
         if kind == REQUEUE:
             self._push_ready(i)
             return

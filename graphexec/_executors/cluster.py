@@ -65,13 +65,16 @@ Timeouts
     event's time stamp is not used for deadlines: the worker's clock may
     differ from this machine's.
 
-Capacity
-    At most two calls per worker thread of the cluster are in flight
-    (``client.nthreads()``, re-read while the scheduler waits for a slot), so
-    the ready queue, and its priorities, stay in graphexec. A function whose
-    recent calls took under 10 ms from start to result may have eight per
-    thread in flight: for such calls the round trip to the cluster, not the
-    work, sets the pace (the local pool prefetches tiny calls the same way).
+Capacity and order
+    Every ready call goes to dask at once, up to 32 per worker thread of the
+    cluster (``client.nthreads()``, re-read while the scheduler waits for a
+    slot). dask's scheduler holds root calls until a worker thread is free
+    and sends a dependent to the worker holding its input; each task carries
+    graphexec's priority (``priority=``, then graphexec's depth-first order)
+    as its dask priority, so a worker runs a dependent whose input it just
+    made before the independent calls queued on it, as plain dask does.
+    docs/cluster.md measures why: with two calls per thread, and dependents
+    queued behind calls submitted earlier, W4 was 1.3-1.4 x plain dask.
 
 Caching
     The worker writes a cache entry itself (``write_cache``); the cache
@@ -126,11 +129,14 @@ from .runtime import (
 logger = logging.getLogger("graphexec")
 
 START_TOPIC = "graphexec-start"  # events of _run_remote: started on a worker, result digest
-CALLS_PER_THREAD = 2  # calls in flight per worker thread of the cluster
-SHORT_CALLS_PER_THREAD = 8  # ... for a function whose calls are short (latency-bound)
-# Seconds from start to result under which a function's calls are short. Measured
-# from here, round trip included, so longer than the pool's SHORT_CALL (in-worker).
-SHORT_ROUND_TRIP = 0.01
+# Calls in flight per worker thread of the cluster. Every ready call may as well be
+# at dask: its scheduler keeps root calls queued until a worker thread is free
+# (distributed.scheduler.worker-saturation) and sends a dependent to where its
+# input is; a worker runs the calls queued on it in graphexec's order (see _ranks).
+# A short window (two per thread) made workers idle: a dependent waited here for a
+# slot while its input's worker ran out of work. The cap only bounds what one
+# compute hands dask at once (a million-node graph).
+CALLS_PER_THREAD = 32
 NTHREADS_REFRESH = 2.0  # seconds between looks at the cluster's size while it is full
 SCATTER_BYTES = 1 << 20  # pickles this large (functions, arguments) are scattered, not
 #                         sent through the dask scheduler inside the task's message
@@ -509,6 +515,12 @@ class _Flight:
 
 _executor_ids = itertools.count(1)
 
+# Keys of tasks failed because their worker died, for every executor of this process:
+# dask may re-run such a task elsewhere before the cancel arrives, even after its
+# compute ended (see ClusterExecutor._worker_gone).
+_crashers: collections.OrderedDict[str, None] = collections.OrderedDict()
+CRASHERS_KEPT = 1024
+
 
 class ClusterExecutor:
     """Runs calls on a dask.distributed cluster through ``client``.
@@ -533,10 +545,10 @@ class ClusterExecutor:
         self._functions: dict[int, tuple[Any, str, Any]] = {}  # id(fn) -> (fn, fn id, blob)
         self._held: dict[int, tuple[bytes, Payload]] = {}  # node -> its value on the cluster
         self._digest_nodes: set[int] = set()
+        self._ranks: dict[int, int] = {}  # node -> its dask priority (see _rank)
         self._stores: dict[str, Any] = {}
         self._warned_cache = False
         self._closed = False
-        self._short: dict[str, bool] = {}  # fn id -> its recent calls were short
         self._threads = 0
         self._sized = 0.0
         self._resize()
@@ -558,22 +570,17 @@ class ClusterExecutor:
             )
         self._threads = max(threads, 1)
 
-    def _full(self, call: Call) -> bool:
-        """Two calls per worker thread in flight; eight if this function's calls are short
-        (then the round trip, not the work, sets the pace)."""
-        entry = self._functions.get(id(call.fn))
-        short = entry is not None and self._short.get(entry[1], False)
-        per_thread = SHORT_CALLS_PER_THREAD if short else CALLS_PER_THREAD
-        return len(self._inflight) >= per_thread * self._threads
+    def _full(self) -> bool:
+        return len(self._inflight) >= CALLS_PER_THREAD * self._threads
 
     # -- executor protocol ----------------------------------------------------
 
     def submit(self, call: Call) -> bool:
-        if self._full(call):
+        if self._full():
             if time.monotonic() - self._sized < NTHREADS_REFRESH:
                 return False
             self._resize()
-            if self._full(call):
+            if self._full():
                 return False
         try:
             fn_id, origin, blob = self._function(call)
@@ -596,9 +603,20 @@ class ClusterExecutor:
             call.node in self._digest_nodes,
             call.timeout is not None,
         )
+        rank = self._ranks.get(call.node)
+        if rank is None:  # a node a flow added after open()
+            rank = _rank(self._run, call.node, 0)
         call.started = time.time()
         try:
-            future = self.client.submit(_run_remote, blob, spec, remote, key=key, pure=False)
+            future = self.client.submit(
+                _run_remote,
+                blob,
+                spec,
+                remote,
+                key=key,
+                pure=False,
+                priority=rank,
+            )
         except Exception as exc:
             call.finished = time.time()
             self._outbox.append(
@@ -673,6 +691,7 @@ class ClusterExecutor:
         """Bind to ``run``: its lifetime bounds that of the values it keeps here."""
         self._run = run
         self._digest_nodes = _nodes_needing_digests(run)
+        self._ranks = _ranks(run)
 
     def release(self, node: int, handle: Any) -> None:
         """The scheduler dropped ``node``'s value: drop the cluster's copy too."""
@@ -789,10 +808,6 @@ class ClusterExecutor:
         call, future = flight.call, flight.future
         now = time.time()
         call.finished = max(now, call.started)
-        if flight.started is not None:
-            # From the worker's own start stamp: a task holding the GIL in C code (numpy)
-            # delays the start event until it is nearly done.
-            self._short[flight.fn_id] = call.finished - call.started < SHORT_ROUND_TRIP
         status = future.status
         if status == "finished":
             if _is_failure(future.type):
@@ -884,11 +899,21 @@ class ClusterExecutor:
             call.started = min(max(when, flight.submitted), time.time())
 
     def _worker_gone(self, worker: str | None, processing: set, cancel: list) -> None:
+        if not processing.isdisjoint(_crashers):
+            # dask re-ran a task that had already killed a worker (of this compute or
+            # an earlier one) here, before the cancel reached it: it killed this one
+            # too. A task that started on this worker just before it died may have
+            # finished without its report getting out; blaming it would fail a
+            # healthy node. dask runs it again.
+            return
         for key, flight in list(self._inflight.items()):
             if flight.worker != worker or worker is None or key not in processing:
                 continue
             del self._inflight[key]
             self._deadlines.discard(key)
+            _crashers[key] = None
+            if len(_crashers) > CRASHERS_KEPT:
+                _crashers.popitem(last=False)
             cancel.append(flight.future)  # dask may have started it again elsewhere
             call = flight.call
             call.finished = max(time.time(), call.started)
@@ -975,6 +1000,34 @@ def _local_state(state: Any) -> Any:
     )
     copy._value = value.load()
     return copy
+
+
+RANK_SPAN = 1 << 40  # dask priorities: one band per user priority, graphexec's order inside
+
+
+def _rank(run: Any, node: int, behind: int) -> int:
+    """Node's dask priority (higher runs first): its ``priority=``, then ``behind``
+    (how far from the last of graphexec's order it is)."""
+    priority = run.graph._opts[node].priority if run is not None else 0
+    return priority * RANK_SPAN + behind
+
+
+def _ranks(run: Any) -> dict[int, int]:
+    """Each member's dask priority: graphexec's own order (user priority, then depth first).
+
+    A dask worker runs the tasks queued on it by priority, and by submission
+    time among equals. Without this, a dependent submitted once its input is
+    ready queues behind independent calls submitted earlier (a dozen
+    ``make_array`` calls ahead of the ``sort_array`` of an array already
+    made): the worker holding the input falls behind, the other idles, and
+    arrays pile up in memory. With it a worker runs the dependent next, as
+    plain dask does with the priorities of ``dask.order``. Nodes a flow adds
+    later rank by their ``priority=`` alone (``_rank``).
+    """
+    if run is None:
+        return {}
+    size = len(run.members)
+    return {i: _rank(run, i, size - pos) for pos, i in enumerate(run.members)}
 
 
 def _nodes_needing_digests(run: Any) -> set[int]:

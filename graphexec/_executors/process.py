@@ -20,10 +20,19 @@ one dead worker because it cannot tell which call died, each worker here has
 its own pipe and runs its calls strictly in order, so every fault is
 attributed to exactly one node and only that worker is replaced.
 
-Prefetch: a worker may hold a few more small calls of a function whose
-recent calls were short, so it never waits for the parent between tiny
-tasks. Only small messages are prefetched: a send to a busy worker must fit
-in the pipe's buffer, or the scheduler would block until that worker is free.
+Prefetch: a worker may hold more calls of a function whose recent calls
+were short, so it never waits for the parent between tiny tasks: as many as
+make about ``PREFETCH_SECONDS`` of its measured call time (up to
+``PREFETCH_DEPTH``), as joblib's ``batch_size="auto"`` does, so a queue of
+slower calls never holds back a free worker for long. Prefetched calls are
+gathered per worker and sent as one ``batch`` message (when the scheduler
+waits, or ``BATCH_CALLS`` at a time): one write and one wake-up of the worker
+for many calls. The worker still runs them one by one, in order, and answers
+each before it starts the next, so a crash blames exactly the call it was
+running. A call with ``timeout=`` is never batched: it is sent on its own
+(its deadline starts when its predecessor's answer arrives, as before). What
+waits in a worker's pipe is bounded (``QUEUE_MAX_BYTES``), or the scheduler
+would block on a send until that worker is free.
 
 Chains: a call may bring the calls of its sole consumers (``call.then``,
 built by the scheduler); they go to the same free worker right behind it,
@@ -71,13 +80,15 @@ import multiprocessing.spawn
 import os
 import pickle
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing import reduction, resource_tracker
 from multiprocessing import util as mp_util
 from multiprocessing.connection import wait as mp_wait
@@ -92,6 +103,7 @@ from .._model.errors import (
     WorkerCrashed,
     describe_exitcode,
 )
+from . import threadlimits
 from . import worker as _worker
 from . import zygote as _zygote
 from .protocol import (
@@ -110,7 +122,15 @@ from .protocol import (
 from .runtime import load_exception
 
 PREFETCH_MAX_BYTES = 16 * 1024  # a queued message must fit in the pipe buffer
-PREFETCH_DEPTH = 8  # calls a worker may hold when its function's calls are tiny
+PREFETCH_DEPTH = 64  # calls a worker may hold when its function's calls are tiny
+PREFETCH_SECONDS = 0.005  # ... and no more than this much of their measured time
+CALL_OVERHEAD = 2e-5  # seconds a worker spends on a call besides the call itself
+QUEUE_MAX_BYTES = 32 * 1024  # unanswered messages a prefetch may leave in a worker's pipe
+BATCH_CALLS = 16  # prefetched calls gathered for a worker are sent at this many
+BURST_BYTES = 256 * 1024  # read size when draining a worker's replies
+_HEADER = struct.Struct("!i")  # multiprocessing's message framing (Connection.send_bytes)
+_LONG_HEADER = struct.Struct("!Q")
+_READ_BURSTS = sys.platform.startswith("linux")  # duplex pipes are socketpairs there
 CHAIN_MAX_BYTES = 64 * 1024  # messages a chain may queue behind its head (pipe buffer: ~200 KB)
 FN_MESSAGE_OVERHEAD = 512  # bytes of an ("fn", ...) message besides the function's pickle
 FUNCTIONS_KEPT = 256  # functions a pool keeps (and its workers): least recently used go
@@ -187,6 +207,8 @@ def _preload() -> list[str]:
     """What a fresh-interpreter server imports before it forks workers."""
     preload = [_worker.__name__]
     preload += [m for m in ("numpy", "cloudpickle", "psutil") if m in sys.modules]
+    if "numpy" in sys.modules:  # each worker limits numpy's BLAS: 25 ms less per start
+        preload.append(threadlimits.PRELOAD)
     return preload
 
 
@@ -368,9 +390,13 @@ class _Worker:
         "init_error",
         "kill",
         "loading",
+        "pending",
         "pid",
         "process",
         "ps",
+        "queued",
+        "rbuf",
+        "sock",
     )
 
     def __init__(self, wid: int, process: Any, conn: Any, calls_left: int | None) -> None:
@@ -379,6 +405,18 @@ class _Worker:
         self.conn = conn
         self.pid = process.pid
         self.inflight: deque[Call] = deque()  # sent, not answered; head is running
+        # Prefetched calls (in inflight already) not sent yet: one batch message, soon.
+        self.pending: list[bytes] = []
+        self.queued = 0  # bytes of the inflight calls' messages (what its pipe may hold)
+        # Its replies are read in bursts, as many as have arrived, through a
+        # non-blocking duplicate of the pipe's socket (None: read message by message).
+        self.rbuf = bytearray()
+        self.sock: socket.socket | None = None
+        if _READ_BURSTS:
+            try:
+                self.sock = socket.socket(fileno=os.dup(conn.fileno()))
+            except OSError:
+                self.sock = None
         self.functions: set[int] = set()
         self.forget: list[int] = []  # evicted functions it still has: dropped at the next load
         self.head_started = 0.0
@@ -406,9 +444,13 @@ class ProcessPool:
         max_calls: int | None = None,
         initializer: Any = None,
         initargs: tuple[Any, ...] = (),
+        inner_threads: int | None = None,
     ) -> None:
         self.workers = workers
         self.max_calls = max_calls
+        # Library threads per worker (threadlimits.py): read from the environment now.
+        self.inner_threads = inner_threads or threadlimits.automatic(workers)
+        self._thread_env = threadlimits.worker_environment(inner_threads, workers)
         # The initializer travels by value (cloudpickle), pickled once: workers
         # never import __main__, where it is often defined.
         self._init: tuple[bytes, bytes, str | None] | None = None
@@ -453,13 +495,19 @@ class ProcessPool:
         self._fn_ids: dict[int, int] = {}  # id(fn) -> fn id; _fn_keep holds the fn alive
         self._fn_keep: OrderedDict[int, Any] = OrderedDict()  # fn id -> fn, oldest use first
         self._fn_blobs: dict[int, bytes | BaseException] = {}
-        self._fn_short: dict[int, bool] = {}  # fn id -> its calls are tiny (prefetch)
+        # fn id -> how long its last calls took (seconds, smoothed), for prefetch
+        self._fn_short: dict[int, float] = {}
+        self._batching: list[_Worker] = []  # workers with pending calls to send
+        # Where _drain_burst reads (allocating a large buffer per read would cost more).
+        self._scratch = memoryview(bytearray(BURST_BYTES))
         self._fn_counter = itertools.count()
         # Calls refused by submit() keep their message, which names its function's
         # id: id(call) -> fn id, so that function stays until the call comes back.
         self._refused: dict[int, int] = {}
         self._outbox: list[tuple[Call, int, Any]] = []
         self._memory_limit: int | None = None
+        # Runs of a shared pool (shared.py) with a memory limit: sample while > 0.
+        self.limited_runs = 0
         self._next_sample = 0.0
         self._closed = False  # no new work (set first thing in close)
         self._stopped = False  # close() has finished: every worker is gone
@@ -548,16 +596,20 @@ class ProcessPool:
         self._next_sample = 0.0
 
     def _release(self) -> None:
-        # Everything the run still needed is mapped or released by now; what
+        self.idle_sweep()
+        self._memory_limit = None
+        self._outbox = []
+        self._owner_lock.release()
+
+    def idle_sweep(self) -> None:
+        """No run is using the pool: sweep its shared memory, reap retired workers."""
+        # Everything the runs still needed is mapped or released by now; what
         # is left under our prefix was written by a worker that died mid-copy.
         _shm.sweep(self._shm_prefix)
         for w in list(self._retiring.values()):
             if w.process.exitcode is not None:  # reaped now rather than at the next run
                 self._bury(w)
-        self._memory_limit = None
-        self._outbox = []
-        self._refused.clear()  # the run's calls are done with: none comes back
-        self._owner_lock.release()
+        self._refused.clear()  # the runs' calls are done with: none comes back
 
     # -- workers --------------------------------------------------------------
 
@@ -568,6 +620,7 @@ class ProcessPool:
         process = self._ctx.Process(
             target=_worker.main,
             args=(child_conn, wid, os.getpid(), self.id, _worker.log_setup(), self._init),
+            kwargs={"thread_env": self._thread_env},
             name=f"graphexec-worker-{wid}",
             daemon=False,
         )
@@ -583,6 +636,10 @@ class ProcessPool:
 
     def _forget(self, w: _Worker) -> None:
         self._deadlines.discard(w.id)
+        w.pending.clear()
+        w.queued = 0
+        if w in self._batching:
+            self._batching.remove(w)
         self._guard.remove(w.pid)
         self._workers.pop(w.id, None)
         self._retiring.pop(w.id, None)
@@ -594,6 +651,8 @@ class ProcessPool:
             w.conn.close()
         except OSError:
             pass
+        if w.sock is not None:
+            w.sock.close()
         if w.process.exitcode is not None:
             w.process.close()
 
@@ -665,7 +724,7 @@ class ProcessPool:
                 return True
         if call.isolate:
             return self._submit_isolated(call, fn_id)
-        worker = self._idle_worker()
+        worker = self._idle_worker(call.memory_limit)
         if worker is None and not self._may_spawn():
             if self._broken is not None and not self._workers:
                 return self._fail_unstartable(call)
@@ -676,7 +735,10 @@ class ProcessPool:
             call.then = None  # a chain starts only on a free worker
             # A failed send means the worker died running the call ahead of this
             # one: poll() sees the sentinel and fails that one, requeues this one.
-            self._deliver(worker, [(call, fn_id)])
+            if call.timeout is None:
+                self._batch(worker, call)
+            else:  # on its own: see the module docstring
+                self._deliver(worker, [(call, fn_id)])
             return True
         left = worker.calls_left if worker is not None else self.max_calls
         calls = self._chain(call, fn_id, message, left)
@@ -712,7 +774,7 @@ class ProcessPool:
         if self._broken is not None:  # no fresh worker will ever start
             return self._fail_unstartable(call)
         if not self._may_spawn():
-            idle = self._idle_worker()
+            idle = self._idle_worker(call.memory_limit)
             if idle is None:
                 self._refused[id(call)] = fn_id
                 return False
@@ -795,9 +857,18 @@ class ProcessPool:
         closed (the worker died), 0 if none did.
         """
         sent = 0
+        if worker.pending:  # prefetched calls go first: calls run in the order sent
+            self._flush(worker)
+        # The first call goes at once (the worker starts on it); the calls of a
+        # chain behind it go together, in one batch message (a function the
+        # worker lacks goes before the call that needs it, ending a batch).
+        behind: list[bytes] = []
         try:
             for call, fn_id in calls:
                 if fn_id not in worker.functions:
+                    if behind:
+                        sent += self._send_batch(worker, behind)
+                        behind = []
                     origin = getattr(getattr(call.fn, "__code__", None), "co_filename", None)
                     # Functions evicted here since its last load go with the next
                     # one: a worker's dict only grows by loads, so it stays bounded.
@@ -814,20 +885,69 @@ class ProcessPool:
                     worker.calls_left -= 1
                 worker.inflight.append(call)
                 call.worker = worker.id
-                worker.conn.send_bytes(call.wire)
-                sent += 1
+                wire = call.wire
+                assert wire is not None  # submit() and _chain() encode before delivery
+                worker.queued += len(wire)
+                if sent and call.timeout is None:
+                    behind.append(wire)
+                else:  # the first, or a call with a timeout: on its own (module docstring)
+                    if behind:
+                        sent += self._send_batch(worker, behind)
+                        behind = []
+                    worker.conn.send_bytes(wire)
+                    sent += 1
+            if behind:
+                sent += self._send_batch(worker, behind)
         except OSError:
             pass
         self._arm(worker)
         return sent
 
-    def _idle_worker(self) -> _Worker | None:
+    @staticmethod
+    def _send_batch(worker: _Worker, wires: list[bytes]) -> int:
+        """Send run messages to ``worker`` as one message (raises OSError if it is gone)."""
+        if len(wires) == 1:
+            worker.conn.send_bytes(wires[0])
+        else:
+            worker.conn.send_bytes(pickle.dumps(("batch", wires), protocol=5))
+        return 1
+
+    def _batch(self, worker: _Worker, call: Call) -> None:
+        """Queue a prefetched call for ``worker``: sent with others as one message."""
+        assert call.wire is not None
+        if worker.calls_left is not None:
+            worker.calls_left -= 1
+        worker.inflight.append(call)
+        call.worker = worker.id
+        worker.queued += len(call.wire)
+        if not worker.pending:
+            self._batching.append(worker)
+        worker.pending.append(call.wire)
+        if len(worker.pending) >= BATCH_CALLS:
+            self._flush(worker)
+
+    def _flush(self, worker: _Worker) -> None:
+        """Send ``worker``'s pending calls, one message for all (see the module docstring).
+
+        A failed send means the worker died: poll() sees its sentinel, fails
+        the call it was running and gives back the others, these included.
+        """
+        pending, worker.pending = worker.pending, []
+        self._batching.remove(worker)
+        try:
+            self._send_batch(worker, pending)
+        except OSError:
+            pass
+
+    def _idle_worker(self, limit: int | None = None) -> _Worker | None:
+        """An idle worker, live and (``limit``: bytes of RSS) under the memory limit."""
+        limit = limit if limit is not None else self._memory_limit
         while self._idle:
             w = self._idle.pop()
             # An idle worker has nothing to say: a readable pipe means it closed (the
             # worker died) even when its exit code has not been reported yet.
             if w.process.exitcode is None and not w.conn.poll():
-                if self._rss_over_limit(w) is None:
+                if self._rss_over_limit(w, limit) is None:
                     return w
                 # Memory earlier tasks left behind (a module-level cache): the next
                 # task must not be killed for it. Nothing runs there: nobody is blamed.
@@ -837,9 +957,9 @@ class ProcessPool:
             self._bury(w)
         return None
 
-    def _rss_over_limit(self, w: _Worker) -> int | None:
+    def _rss_over_limit(self, w: _Worker, limit: int | None) -> int | None:
         """The worker's RSS if a memory limit is set and it is over it, else None."""
-        if self._memory_limit is None:
+        if limit is None:
             return None
         import psutil
 
@@ -849,20 +969,29 @@ class ProcessPool:
             rss = w.ps.memory_info().rss
         except psutil.Error:
             return None
-        return rss if rss > self._memory_limit else None
+        return rss if rss > limit else None
 
     def _prefetch_target(self, call: Call, fn_id: int) -> _Worker | None:
-        """A busy worker that may queue this call behind its current one, or None."""
+        """A busy worker that may queue this call behind its current one, or None.
+
+        As many calls as make ``PREFETCH_SECONDS`` of this function's measured
+        time (at most ``PREFETCH_DEPTH``), so a free worker is never kept
+        waiting long behind a queue; none once a call of it took ``SHORT_CALL``.
+        """
         wire = call.wire
-        if wire is None or len(wire) > PREFETCH_MAX_BYTES or not self._fn_short.get(fn_id, False):
+        cost = self._fn_short.get(fn_id)
+        if wire is None or len(wire) > PREFETCH_MAX_BYTES or cost is None or cost >= SHORT_CALL:
             return None
+        depth = min(PREFETCH_DEPTH, max(2, int(PREFETCH_SECONDS / (cost + CALL_OVERHEAD))))
+        room = QUEUE_MAX_BYTES - len(wire)
         best = None
         for w in self._workers.values():
             if (
-                w.kill is None
+                len(w.inflight) < depth
+                and w.queued <= room
+                and w.kill is None
                 and (w.calls_left is None or w.calls_left > 0)
                 and fn_id in w.functions
-                and len(w.inflight) < PREFETCH_DEPTH
                 and (best is None or len(w.inflight) < len(best.inflight))
             ):
                 best = w
@@ -940,6 +1069,8 @@ class ProcessPool:
         return ("run", id(call), fn_id, call.name, args_blob, deps, call.cache)
 
     def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
+        while self._batching:
+            self._flush(self._batching[-1])
         if self._outbox:
             timeout = 0.0
         now = time.monotonic()
@@ -947,7 +1078,10 @@ class ProcessPool:
         deadline = self._deadlines.next()
         if deadline is not None:
             wake = deadline if wake is None else min(wake, deadline)
-        if self._memory_limit is not None and any(w.inflight for w in self._workers.values()):
+        # (calls of a shared pool's runs carry their own limit: Call.memory_limit)
+        if (self._memory_limit is not None or self.limited_runs) and any(
+            w.inflight for w in self._workers.values()
+        ):
             wake = self._next_sample if wake is None else min(wake, self._next_sample)
         waitables = [self._wake_r, *self._waitables]
         # In slices in the main thread: a Ctrl-C the kernel hands to another
@@ -982,13 +1116,15 @@ class ProcessPool:
         for w in dead:
             self._bury(w)
         self._check_deadlines()
-        if self._memory_limit is not None:
+        if self._memory_limit is not None or self.limited_runs:
             self._check_memory()
         outcomes, self._outbox = self._outbox, []
         return outcomes
 
     def _drain(self, w: _Worker) -> bool:
         """Read every reply waiting on ``w``'s pipe; False if the pipe is closed."""
+        if w.sock is not None:
+            return self._drain_burst(w, w.sock)
         try:
             while w.conn.poll():
                 if not self._reply(w, pickle.loads(w.conn.recv_bytes())):
@@ -996,6 +1132,48 @@ class ProcessPool:
         except (EOFError, OSError):
             return False
         return True
+
+    def _drain_burst(self, w: _Worker, sock: socket.socket) -> bool:
+        """``_drain`` in one read: every byte that has arrived, then each whole message.
+
+        A poll and two reads per reply would cost more than the rest of the
+        parent's work on a tiny call. The framing is multiprocessing's
+        (``Connection.send_bytes``): a 4-byte big-endian length, or -1 and an
+        8-byte one. A message not yet whole waits in ``w.rbuf`` for the next poll.
+        """
+        buf, scratch = w.rbuf, self._scratch
+        open_ = True
+        try:
+            while True:
+                n = sock.recv_into(scratch, BURST_BYTES, socket.MSG_DONTWAIT)
+                if not n:
+                    open_ = False
+                    break
+                buf += scratch[:n]
+                if n < BURST_BYTES:
+                    break
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            open_ = False
+        pos, end = 0, len(buf)
+        try:
+            while end - pos >= 4:
+                (size,) = _HEADER.unpack_from(buf, pos)
+                start = pos + 4
+                if size == -1:
+                    if end - pos < 12:
+                        break
+                    (size,) = _LONG_HEADER.unpack_from(buf, start)
+                    start += 8
+                if end - start < size:
+                    break
+                pos = start + size
+                if not self._reply(w, pickle.loads(buf[start:pos])):
+                    return False
+        finally:
+            del buf[:pos]
+        return open_
 
     def _reply(self, w: _Worker, message: tuple) -> bool:
         """Apply one message of ``w``; False if it broke the protocol (``w`` is being killed)."""
@@ -1037,6 +1215,7 @@ class ProcessPool:
             self._kill(w)
             return False
         call = w.inflight.popleft()
+        w.queued -= len(call.wire or b"")
         now = time.monotonic()
         w.head_started = now
         if message[0] == "held":
@@ -1071,7 +1250,11 @@ class ProcessPool:
     def _learn(self, call: Call, w: _Worker) -> None:
         fn_id = self._fn_ids.get(id(call.fn))
         if fn_id is not None:
-            self._fn_short[fn_id] = (call.finished - call.started) < SHORT_CALL
+            took = call.finished - call.started
+            before = self._fn_short.get(fn_id)
+            # Up at once (a slow call stops prefetch), down gently (one quick call
+            # after slow ones does not fill a queue).
+            self._fn_short[fn_id] = took if before is None or took > before else (before + took) / 2
 
     def _bury(self, w: _Worker) -> None:
         """A worker died: fail the call it was running, give back the ones queued."""
@@ -1082,10 +1265,18 @@ class ProcessPool:
             w.process.join(STOP_TIMEOUT)
         exitcode = w.process.exitcode
         _kill_group(w.pid)  # a crashed task's subprocesses would outlive it, orphaned
-        if w.inflight and w.init_error is not None:
-            # None of its calls started: the initializer failed before them.
+        if w.pending and len(w.pending) >= len(w.inflight):
+            # Its running call was answered and the rest never left here: none started.
+            w.pending.clear()
             for call in w.inflight:
-                if self._broken is not None:
+                self._outbox.append((call, REQUEUE, None))
+            w.inflight.clear()
+        if w.inflight and w.init_error is not None:
+            # None of its calls started: the initializer failed before them. Once
+            # the pool is broken they fail, unless a live worker is left to take
+            # them (calls prefetched behind this one's first belong to no one).
+            for call in w.inflight:
+                if self._broken is not None and not self._workers.keys() - {w.id}:
                     call.started = call.finished = time.time()
                     self._outbox.append((call, ERROR, self._initializer_error(call)))
                 else:
@@ -1160,16 +1351,17 @@ class ProcessPool:
         for w in list(self._workers.values()):
             if not w.inflight or w.kill is not None:
                 continue
-            rss = self._rss_over_limit(w)
+            head = w.inflight[0]
+            limit = head.memory_limit if head.memory_limit is not None else self._memory_limit
+            rss = self._rss_over_limit(w, limit)
             if rss is not None:
-                head = w.inflight[0]
                 error = MemoryLimitExceeded(
                     f"{head.name} used {_size(rss)} of memory (RSS of its worker), over "
-                    f"memory_limit={_size(self._memory_limit or 0)}; the worker was killed and "
+                    f"memory_limit={_size(limit or 0)}; the worker was killed and "
                     "replaced. Reduce the task's memory use, split its input, or raise "
                     "memory_limit=",
                     node=head.name,
-                    limit=self._memory_limit,
+                    limit=limit,
                     rss=rss,
                 )
                 w.kill = (head, error)
@@ -1196,6 +1388,36 @@ class ProcessPool:
             self._forget(w)
         self._outbox = [o for o in self._outbox if o[1] != REQUEUE]
         return cancelled
+
+    # -- a pool shared by several runs (shared.py) -----------------------------
+
+    def cancel_where(self, mine: Callable[[Call], bool]) -> list[Call]:
+        """Stop the calls ``mine`` picks (one run's, on a shared pool); return them.
+
+        A worker whose running call is picked is killed; the calls of other
+        runs queued behind it there come back as REQUEUE outcomes, untouched.
+        A picked call queued behind another run's call is left to run: its
+        outcome comes back as usual, and the caller drops it.
+        """
+        busy = [w for w in self._workers.values() if w.inflight and mine(w.inflight[0])]
+        for w in busy:
+            self._kill(w)
+        cancelled: list[Call] = []
+        for w in busy:
+            w.process.join(STOP_TIMEOUT)
+            for call in w.inflight:
+                if mine(call):
+                    cancelled.append(call)
+                else:
+                    self._outbox.append((call, REQUEUE, None))
+            w.inflight.clear()
+            self._forget(w)
+        self._outbox = [o for o in self._outbox if not (o[1] == REQUEUE and mine(o[0]))]
+        return cancelled
+
+    def withdraw(self, call: Call) -> None:
+        """A call ``submit`` refused will not be offered again (its run ended)."""
+        self._refused.pop(id(call), None)
 
 
 class _Guard:

@@ -112,6 +112,8 @@ class Call:
         "inputs",
         "isolate",
         "kwargs",
+        "limits",
+        "memory_limit",
         "name",
         "node",
         "number",
@@ -150,6 +152,10 @@ class Call:
         self.cache: tuple[str, str, dict] | None = None  # (cache dir, key, meta) to write
         self.then: list[Call] | None = None  # a chain to run behind this call (see above)
         self.isolate = False  # run in a fresh worker, discarded after (Capabilities.isolates)
+        self.memory_limit: int | None = None  # a shared pool's run sets its own (shared.py)
+        # (key, cap) of each concurrency limit the call counts against (tags, the
+        # task's max_concurrency): a shared pool holds them across its runs.
+        self.limits: list[tuple[Any, int]] | None = None
 
     def __repr__(self) -> str:
         return f"<Call {self.name} attempt {self.number}>"

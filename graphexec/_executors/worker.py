@@ -4,6 +4,7 @@ Messages (pickled tuples, one ``send_bytes`` each)::
 
     parent -> worker   ("fn", fn_id, fn_blob, origin, forget)  once per function and worker
                        ("run", token, fn_id, node_name, args_blob, deps, cache, hold)
+                       ("batch", [run_message_bytes, ...])  several run messages, in order
                        ("stop",)
     worker -> parent   ("ready",)                    the pool's initializer ran (sent first)
                        ("initfail", exc_blob, traceback_text, (type_name, message))
@@ -61,6 +62,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from typing import Any
 
 from .._data import shm as _shm
@@ -77,6 +79,7 @@ from .runtime import (
     result_error,
     unloadable_error,
 )
+from .threadlimits import apply_in_worker
 
 WATCHDOG_INTERVAL = 0.5
 _worker_pid = 0  # this worker's pid: a process with another one is a child a task forked
@@ -95,13 +98,15 @@ def main(
     pool_id: int = 0,
     log_setup: tuple[int, str] | None = None,
     initializer: tuple[bytes, bytes, str | None] | None = None,
+    thread_env: dict[str, str] | None = None,
 ) -> None:
     """Entry point of a worker process.
 
     ``log_setup``: the parent's root logging level and format, which tasks'
     log records follow here (see :func:`_mirror_logging`). ``initializer``:
     the pool's initializer and its arguments, pickled, and the initializer's
-    source file.
+    source file. ``thread_env``: the thread-count variables of native libraries
+    (``threadlimits.py``), set before the initializer and the first call run.
     """
     global _worker_pid
     _worker_pid = os.getpid()
@@ -128,6 +133,8 @@ def main(
         name="graphexec-watchdog",
     ).start()
     functions.clear()  # a forked worker's copy of its parent's, if the parent was a worker
+    if thread_env is not None:
+        apply_in_worker(thread_env)
     if initializer is not None:
         ok, reply = _initialize(*initializer)
         _flush_stdio()
@@ -139,13 +146,22 @@ def main(
             conn.close()
             sys.exit(1)
     held: dict[int, Any] = {}  # token -> value kept for the next call of a chain
+    batch: deque[bytes] = deque()  # the calls of a batch message not run yet, in order
     stopped = False
     while True:
-        try:
-            data = conn.recv_bytes()
-        except (EOFError, OSError):
-            break  # the parent closed our pipe or died
+        if batch:
+            data = batch.popleft()
+        else:
+            try:
+                data = conn.recv_bytes()
+            except (EOFError, OSError):
+                break  # the parent closed our pipe or died
         message = pickle.loads(data)
+        if message[0] == "batch":
+            # Several run messages in one: each is run, and answered, in turn, so
+            # the parent still knows which call a death interrupted.
+            batch.extend(message[1])
+            continue
         if message[0] == "fn":
             _, fn_id, blob, origin, forget = message
             for old in forget:

@@ -336,6 +336,7 @@ class Graph:
         on_cancellation: list[Callable[..., Any]] | None = None,
         on_crashed: list[Callable[..., Any]] | None = None,
         max_calls_per_worker: int | None = None,
+        inner_threads: int | None = None,
         run_dir: str | os.PathLike[str] | None = None,
         keep_inputs: int | str | None = None,
     ) -> Run:
@@ -395,6 +396,12 @@ class Graph:
             max_calls_per_worker: replace a worker process after it has run this
                 many calls (between calls, blaming nobody); with ``pool=``, give
                 it to :class:`Pool` instead.
+            inner_threads: threads that BLAS, OpenMP and numexpr may start in
+                each worker process. ``None`` (default): ``cores // workers``
+                (at least 1), except where you set ``OMP_NUM_THREADS``,
+                ``OPENBLAS_NUM_THREADS`` and the like yourself; a count overrides
+                those too. With ``pool=``, give it to :class:`Pool`; see
+                docs/guide/threads.md.
             run_dir: a directory to write the run's record to as it goes (states
                 and timings as nodes finish, inputs as they fail): if this process
                 is killed, ``Run.load(run_dir)`` reads what finished, what failed
@@ -435,6 +442,7 @@ class Graph:
             on_cancellation=on_cancellation,
             on_crashed=on_crashed,
             max_calls_per_worker=max_calls_per_worker,
+            inner_threads=inner_threads,
             run_dir=run_dir,
             keep_inputs=keep_inputs,
         )

@@ -195,14 +195,24 @@ def task_input_hash(context: Any, arguments: dict[str, Any]) -> str | None:
         @gx.task(cache_key_fn=gx.task_input_hash, cache_expiration=timedelta(days=1))
         def simulate(params, seed): ...
     """
-    h = hashlib.sha256()
     try:
-        _feed(h, task_identity(context.task))
-        _feed(h, arguments)
+        return input_hash(task_identity(context.task), arguments)
     except Unhashable as exc:
         name = getattr(context, "node", None) or getattr(context.task, "name", "?")
         warnings.warn(f"{name} is not cached: {exc}", RuntimeWarning, stacklevel=2)
         return None
+
+
+def input_hash(identity: str, arguments: dict[str, Any]) -> str:
+    """:func:`task_input_hash` of a task whose :func:`task_identity` is ``identity``
+    (raises Unhashable): the cache gate computes a task's identity once per run."""
+    data = identity.encode()
+    h = hashlib.sha256(b"str:%d:" % len(data) + data)  # what _feed(h, identity) feeds
+    if type(arguments) is dict:  # _feed's dict branch, without its dispatch
+        items = sorted([_sub(k, 0) + _sub(v, 0) for k, v in arguments.items()])
+        h.update(b"dict:%d{" % len(items) + b"".join(items) + b"}")
+    else:
+        _feed(h, arguments)
     return h.hexdigest()
 
 
@@ -274,7 +284,31 @@ def _feed_pickle(h: Any, obj: Any) -> None:
     h.update(f"pickle:{kind.__module__}.{kind.__qualname__}:".encode() + data)
 
 
+_SCALARS = (bool, int, float, complex, type(None))
+_short_digests: dict[str, bytes] = {}  # _sub of short strings: parameter names, mostly
+SHORT_STR = 64  # strings up to this long have their digest remembered...
+SHORT_STR_KEPT = 4096  # ...this many of them
+
+
 def _sub(obj: Any, depth: int) -> bytes:
+    """The digest of ``obj`` alone (a dict's item): what ``_feed`` gives a new hash.
+
+    A dict of arguments is hashed item by item (its order must not matter), so
+    a parameter sweep's key makes two of these per argument: the parameter's
+    name, remembered, and a plain value, fed without the general walk.
+    """
+    kind = type(obj)
+    if depth < 199:  # deeper, _feed raises Unhashable: let it
+        if kind is str and len(obj) <= SHORT_STR:
+            digest = _short_digests.get(obj)
+            if digest is None:
+                data = obj.encode("utf-8", "surrogatepass")
+                digest = hashlib.sha256(b"str:%d:" % len(data) + data).digest()
+                if len(_short_digests) < SHORT_STR_KEPT:
+                    _short_digests[obj] = digest
+            return digest
+        if kind in _SCALARS:
+            return hashlib.sha256(f"{kind.__name__}:{obj!r};".encode()).digest()
     h = hashlib.sha256()
     _feed(h, obj, depth + 1)
     return h.digest()

@@ -37,6 +37,7 @@ class TaskOptions:
         "allow_failure",
         "cache_expiration",
         "cache_key_fn",
+        "inner_threads",
         "isolate",
         "max_concurrency",
         "name",
@@ -79,6 +80,9 @@ class TaskOptions:
         # Run each call in a fresh worker process, discarded afterwards (the
         # executor must declare Capabilities.isolates; the scheduler checks).
         self.isolate = False
+        # Threads the native libraries (BLAS, OpenMP) may use during each call;
+        # None: the pool's count (see _executors/threadlimits.py).
+        self.inner_threads: int | None = None
 
     def copy(self) -> TaskOptions:
         new = TaskOptions.__new__(TaskOptions)
@@ -200,6 +204,18 @@ def _check_max_concurrency(value: Any, key: str, where: str) -> int | None:
     return value
 
 
+def check_inner_threads(value: Any, key: str, where: str) -> int | None:
+    """``inner_threads=``: None (the automatic count), or threads per worker >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{where}: {key}={value!r} must be an int >= 1 (threads that BLAS, OpenMP and "
+            "numexpr may start in each worker), or None for cores // workers"
+        )
+    return value
+
+
 def _check_tags(value: Any, key: str, where: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
@@ -262,6 +278,7 @@ _VALIDATORS: dict[str, Callable[[Any, str, str], Any]] = {
     "on_failure": _check_hooks,
     "on_retry": _check_hooks,
     "isolate": _check_bool,
+    "inner_threads": check_inner_threads,
 }
 
 DEFAULT_OPTIONS = TaskOptions()

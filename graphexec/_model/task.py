@@ -242,8 +242,10 @@ def task(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             ``allow_failure``, ``return_state``, ``trigger``, ``max_concurrency``,
             ``tags``, ``priority``, the state hooks ``on_completion``, ``on_failure``,
             ``on_retry`` (lists of functions called with ``(node, state)``; see
-            docs/guide/hooks.md). Prefect spellings ``retry_delay_seconds``,
-            ``retry_condition_fn`` and ``timeout_seconds`` are accepted too.
+            docs/guide/hooks.md), ``isolate``, ``inner_threads`` (threads BLAS and
+            OpenMP may use during each call; see docs/guide/threads.md). Prefect
+            spellings ``retry_delay_seconds``, ``retry_condition_fn`` and
+            ``timeout_seconds`` are accepted too.
 
     Returns:
         A :class:`Task` (or a decorator producing one).

@@ -32,6 +32,7 @@ def make_executor(options: ComputeOptions) -> Executor:
             options.workers,
             start_method=options.start_method,
             max_calls=options.max_calls_per_worker,
+            inner_threads=options.inner_threads,
         )
         executor = pool.lease(options.memory_limit, shutdown_on_close=True)
     return executor

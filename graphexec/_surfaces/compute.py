@@ -8,9 +8,9 @@
         hooks and observers (a Dispatch, only if something listens): wait for them
         close the executor ─> Run, or GraphFailed carrying it
 
-A graph computed inside a flow (or next to ``task.submit`` in a ``with
-gx.Pool():`` block) is handed to that eager session instead: one scheduler,
-one pool.
+A graph computed inside a flow (without ``pool=``) is handed to the flow's
+eager session instead: one scheduler, one pool. With ``pool=`` it is a run of
+its own on that pool, beside the pool's other runs (``_executors/shared.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
     options = ComputeOptions.validate("compute", **given)
     target_ids = target_indices(graph, targets)
     pool = options.pool
-    session = pool._session if pool is not None else flow_session()
+    # With pool=, a run of its own on that pool (concurrent with the pool's other
+    # runs, flows and submits); without, inside a flow, the flow's session.
+    session = None if pool is not None else flow_session()
     if session is not None:
         # One scheduler: a lazy graph computed inside a flow (or next to submits
         # on the same pool) runs in that session, on its pool.
@@ -52,6 +54,11 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
             raise ValueError(
                 "fail_fast=True for a graph computed inside a flow: the flow's scheduler runs "
                 "it, so give fail_fast to @gx.flow instead"
+            )
+        if options.inner_threads is not None:
+            raise ValueError(
+                "inner_threads= for a graph computed inside a flow: its workers are the "
+                "flow's, so give inner_threads to @gx.flow (or gx.Pool) instead"
             )
         if options.run_dir is not None:
             raise ValueError(

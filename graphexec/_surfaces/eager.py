@@ -108,7 +108,7 @@ def active_session() -> Session | None:
     top = stack[-1]
     if isinstance(top, Session):
         return top
-    return session_for_pool(top)
+    return session_for_pool(cast(PoolBlock, top))
 
 
 def flow_session() -> Session | None:
@@ -979,38 +979,53 @@ def as_completed(futures: Iterable[Future], timeout: float | None = None) -> Ite
         _unlisten(pending, mailbox)
 
 
-_pool_lock = threading.Lock()  # one session per pool, whichever thread submits first
+class PoolBlock:
+    """One ``with pool:`` block, in the thread that entered it: its submits' session.
+
+    Each block (each thread, each nesting) has its own session, started on
+    its first submit: its own futures, failures and values, on the pool's
+    shared workers.
+    """
+
+    __slots__ = ("pool", "session")
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.session: Session | None = None
 
 
-def session_for_pool(pool: Any) -> Session:
-    """The eager session of ``with gx.Pool(...):``, started on first use."""
-    with _pool_lock:
-        if pool._session is None:
+_block_lock = threading.Lock()  # one session per block, whichever thread submits first
+
+
+def session_for_pool(block: PoolBlock) -> Session:
+    """The eager session of a ``with gx.Pool(...):`` block, started on first use."""
+    with _block_lock:
+        if block.session is None:
             # Its Dispatch fires the submitted tasks' hooks and tells the
             # observers of enclosing `with gx.observe()` blocks, as in a flow.
-            pool._session = Session(
-                pool._lease(None), name="pool", observer=Dispatch(ambient_observers())
+            block.session = Session(
+                block.pool._lease(None), name="pool", observer=Dispatch(ambient_observers())
             )
-        return cast(Session, pool._session)
+        return block.session
 
 
-def end_pool_session(pool: Any) -> None:
+def end_pool_session(block: PoolBlock) -> None:
     """The ``with gx.Pool()`` block ended: wait for its submits, then close its session."""
-    session = pool._session
+    session = block.session
     if session is None:
         return
     try:
         session.wait_all()
     finally:
-        pool._session = None
+        block.session = None
         session.close()
         _finish_hooks(session, outcome(session.run, cancelled=False))
     session.run._raise_if_failed()
 
 
-def cancel_pool_session(pool: Any, why: str) -> None:
+def cancel_pool_session(block: PoolBlock, why: str) -> None:
     """The ``with gx.Pool()`` block raised: cancel what it submitted and close."""
-    session, pool._session = pool._session, None
+    session, block.session = block.session, None
     if session is None:
         return
     session.cancel(why)

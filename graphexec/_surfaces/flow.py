@@ -26,6 +26,7 @@ from .record import Journal
 _RUN_OPTIONS = frozenset(
     {
         "workers",
+        "pool",
         "memory_limit",
         "cache_dir",
         "progress",
@@ -35,6 +36,7 @@ _RUN_OPTIONS = frozenset(
         "start_method",
         "cluster",
         "max_calls_per_worker",
+        "inner_threads",
         "run_dir",
         "keep_inputs",
         "observers",
@@ -155,9 +157,12 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             ``scheduler`` (``"processes"``, ``"threads"``, ``"sync"``), ``cluster``
             (a ``distributed.Client``: tasks run on its dask cluster),
             ``start_method``, ``max_calls_per_worker`` (replace a worker after that
-            many calls), ``run_dir`` (write the flow's record there as it goes)
-            and ``keep_inputs`` (the cap on failed nodes' inputs kept for
-            ``run.replay``), ``name``; ``observers`` (:class:`Observer` instances
+            many calls), ``pool`` (a :class:`Pool` you own: the flow runs on its
+            workers, beside its other computes and flows, and leaves it open),
+            ``run_dir`` (write the flow's record there as it goes) and
+            ``keep_inputs`` (the cap on failed nodes' inputs kept for
+            ``run.replay``), ``inner_threads`` (threads of BLAS/OpenMP in each
+            worker), ``name``; ``observers`` (:class:`Observer` instances
             that see every node of the flow) and the run hooks ``on_completion``,
             ``on_failure``, ``on_cancellation``, ``on_crashed`` (lists of functions
             called with the flow's :class:`Run`, or Prefect's ``(flow, flow_run,
@@ -182,8 +187,10 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     supported and runs in the outer one's session: same pool, same scheduler,
     and its own options are not applied. It returns its body's value; its
     unhandled failures are reported when the outer flow ends. A lazy graph
-    computed in a flow runs there too; ``compute``'s ``limits``,
-    ``cache_dir`` and ``memory_limit`` must then match the flow's.
+    computed in a flow runs there too (unless given ``pool=``: then it is a
+    run of its own on that pool); ``compute``'s ``limits``, ``cache_dir`` and
+    ``memory_limit`` must then match the flow's. A flow keeps every value
+    until it ends (a future may be asked for its result at any time).
 
     Example::
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .._data.kept import parse_size
+from .._model.options import check_inner_threads
 from .hooks import NO_HOOKS, Observer, RunHooks, check_observers, check_run_hooks
 
 SCHEDULERS = ("processes", "threads", "sync")
@@ -45,6 +46,7 @@ class ComputeOptions:
     observers: tuple[Observer, ...] = ()
     hooks: RunHooks = NO_HOOKS
     max_calls_per_worker: int | None = None
+    inner_threads: int | None = None
     run_dir: Any = None
     keep_inputs: int | None = None
 
@@ -72,6 +74,7 @@ class ComputeOptions:
         on_cancellation: Any = None,
         on_crashed: Any = None,
         max_calls_per_worker: int | None = None,
+        inner_threads: int | None = None,
         run_dir: Any = None,
         keep_inputs: int | str | None = None,
     ) -> ComputeOptions:
@@ -104,6 +107,14 @@ class ComputeOptions:
                 "to gx.Pool(max_calls_per_worker=...); a dask cluster recycles its own "
                 "workers (dask's worker lifetime settings)"
             )
+        threads = check_inner_threads(inner_threads, "inner_threads", where)
+        if threads is not None and (pool is not None or cluster is not None):
+            raise ValueError(
+                f"{where}: inner_threads= belongs to the workers: with pool=, give it to "
+                "gx.Pool(inner_threads=...), or to a task (@gx.task(inner_threads=...)); a "
+                "dask cluster's workers have their own settings (OMP_NUM_THREADS and the "
+                "like in their environment)"
+            )
         if pool is not None:
             if not hasattr(pool, "_lease"):
                 raise TypeError(f"pool= must be a gx.Pool, got {type(pool).__name__}")
@@ -121,6 +132,12 @@ class ComputeOptions:
             raise ValueError(
                 f"{where}: memory_limit= needs worker processes to measure and kill; "
                 f"scheduler={scheduler!r} runs in this process"
+            )
+        if threads is not None and scheduler != "processes":
+            raise ValueError(
+                f"{where}: inner_threads= limits the libraries inside worker processes; "
+                f"scheduler={scheduler!r} runs in this process (a task option "
+                "@gx.task(inner_threads=...) limits a task's calls there)"
             )
         if max_calls is not None and scheduler != "processes":
             raise ValueError(
@@ -149,6 +166,7 @@ class ComputeOptions:
                 check_run_hooks(on_crashed, "on_crashed", where),
             ),
             max_calls_per_worker=max_calls,
+            inner_threads=threads,
             run_dir=check_run_dir(run_dir, where),
             keep_inputs=check_keep_inputs(keep_inputs, where),
         )

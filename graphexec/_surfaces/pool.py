@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .._executors.process import Lease, ProcessPool, default_start_method
-from .eager import cancel_pool_session, end_pool_session, pop_context, push_context
-from .options import check_max_calls, check_workers
+from .._executors.process import ProcessPool, default_start_method
+from .._executors.shared import RunLease, SharedPool
+from .._model.options import check_inner_threads
+from .eager import PoolBlock, cancel_pool_session, end_pool_session, pop_context, push_context
+from .options import check_max_calls, check_workers, parse_memory
 
 
 class Pool:
@@ -32,6 +35,26 @@ class Pool:
             workers and each call that would need one fails with
             :class:`WorkerCrashed` whose ``__cause__`` is the initializer's error.
         initargs: arguments for ``initializer`` (pickled with cloudpickle).
+        inner_threads: threads that BLAS (OpenBLAS, MKL, BLIS), OpenMP and numexpr
+            may start in each worker, as joblib's ``inner_max_num_threads``.
+            ``None`` (default): ``cores // workers``, at least 1, so that workers x
+            threads fit the cores; a variable such as ``OMP_NUM_THREADS`` or
+            ``OPENBLAS_NUM_THREADS`` set in this process's environment when the
+            pool is made is passed on unchanged. A count applies to all of them.
+            A task's option ``inner_threads=`` overrides it for that task's calls.
+            See docs/guide/threads.md.
+        memory_limit: the RSS a worker may reach while it runs a call of a
+            compute on this pool (bytes, or ``"2GB"``); over it the worker is
+            killed and that one call fails with :class:`MemoryLimitExceeded`.
+            A compute's own ``memory_limit=`` applies to its calls instead.
+
+    One pool serves any number of threads at once: ``compute(pool=pool)``,
+    ``@gx.flow(pool=pool)`` and ``with pool:`` submits, concurrently. Each
+    run keeps its own states, ``fail_fast``, cancellation and values; the
+    workers take calls from the runs that have work ready in turn
+    (round-robin), so no run waits for another's whole graph. ``with pool:``
+    may be entered by several threads (each block has its own submits); the
+    pool closes when the last block ends, or at :meth:`close`.
 
     Example::
 
@@ -45,7 +68,8 @@ class Pool:
     Raises:
         TypeError: ``initializer`` is not callable, or it or ``initargs`` cannot
             be pickled.
-        ValueError: ``workers`` or ``max_calls_per_worker`` out of range.
+        ValueError: ``workers``, ``max_calls_per_worker`` or ``inner_threads`` out
+            of range.
     """
 
     def __init__(
@@ -56,6 +80,8 @@ class Pool:
         max_calls_per_worker: int | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
+        inner_threads: int | None = None,
+        memory_limit: int | str | None = None,
     ) -> None:
         count = check_workers(workers, "Pool")
         if count == 0:
@@ -63,6 +89,8 @@ class Pool:
         max_calls = check_max_calls(max_calls_per_worker, "Pool")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"Pool: initializer= must be callable, got {initializer!r}")
+        threads = check_inner_threads(inner_threads, "inner_threads", "Pool")
+        self._memory_limit = parse_memory(memory_limit)
         method = start_method or default_start_method()
         self._procs = ProcessPool(
             count,
@@ -70,8 +98,12 @@ class Pool:
             max_calls=max_calls,
             initializer=initializer,
             initargs=tuple(initargs),
+            inner_threads=threads,
         )
-        self._session: Any = None  # the eager Session of `with pool:` submits, if any
+        self._shared = SharedPool(self._procs)  # its dispatcher thread serves every run
+        self._blocks_lock = threading.Lock()
+        self._blocks = 0  # `with pool:` blocks open, in any thread: the last one closes
+        self._local = threading.local()  # this thread's open blocks (PoolBlock), innermost last
 
     @property
     def workers(self) -> int:
@@ -82,6 +114,20 @@ class Pool:
     def max_calls_per_worker(self) -> int | None:
         """Calls a worker runs before it is replaced (None: no limit)."""
         return self._procs.max_calls
+
+    @property
+    def inner_threads(self) -> int:
+        """Threads each worker's BLAS/OpenMP libraries may start (given, or cores // workers).
+
+        Variables the environment set when the pool was made win over the
+        automatic count (see the ``inner_threads`` argument).
+        """
+        return self._procs.inner_threads
+
+    @property
+    def memory_limit(self) -> int | None:
+        """The RSS (bytes) a worker may reach running a call of a compute without its own."""
+        return self._memory_limit
 
     @property
     def start_method(self) -> str:
@@ -103,27 +149,49 @@ class Pool:
         """The live worker records (pid, process), for tests and diagnostics."""
         return self._procs._workers
 
-    def _lease(self, memory_limit: int | None) -> Lease:
-        """The executor for one run on these workers (closing it keeps them warm)."""
-        return self._procs.lease(memory_limit, shutdown_on_close=False)
+    def _lease(self, memory_limit: int | None) -> RunLease:
+        """The executor for one run on these workers (closing it keeps them warm).
+
+        Any number may be open at once, from any threads (``_executors/shared.py``).
+        """
+        limit = memory_limit if memory_limit is not None else self._memory_limit
+        return self._shared.lease(limit)
 
     def __enter__(self) -> Pool:
-        push_context(self)  # task.submit() inside the block runs on this pool
+        with self._blocks_lock:
+            if self.closed:
+                raise RuntimeError("this Pool is closed; create a new one")
+            self._blocks += 1
+        block = PoolBlock(self)
+        stack = getattr(self._local, "blocks", None)
+        if stack is None:
+            stack = self._local.blocks = []
+        stack.append(block)
+        push_context(block)  # task.submit() inside the block runs on this pool
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        pop_context(self)
+        block = self._local.blocks.pop()
+        pop_context(block)
         try:
             if exc_type is None:
-                end_pool_session(self)  # waits; raises GraphFailed for unseen failures
+                end_pool_session(block)  # waits; raises GraphFailed for unseen failures
             else:
-                cancel_pool_session(self, "the `with gx.Pool()` block raised")
+                cancel_pool_session(block, "the `with gx.Pool()` block raised")
         finally:
-            self.close()
+            with self._blocks_lock:
+                self._blocks -= 1
+                last = self._blocks == 0
+            if last:
+                self.close()
 
     def close(self) -> None:
-        """Stop every worker: ask, then kill stragglers; always join. Idempotent."""
-        self._procs.shutdown()
+        """Stop every worker: ask, then kill stragglers; always join. Idempotent.
+
+        Runs still going on the pool in other threads end: each call they
+        were waiting for fails with :class:`WorkerCrashed` saying the pool closed.
+        """
+        self._shared.shutdown()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._procs._workers)} running"

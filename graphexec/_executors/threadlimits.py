@@ -1,0 +1,150 @@
+"""How many threads the native libraries inside a worker may start (BLAS, OpenMP, numexpr).
+
+numpy's BLAS (OpenBLAS, MKL, BLIS), OpenMP code and numexpr start one
+thread per core in every process that uses them: N workers on N cores would
+run N x N threads fighting for N cores, and a matrix product in each worker
+gets slower than in one process alone. So, as joblib/loky do, each worker is
+limited by default to ``cores // workers`` threads (at least 1); ``Pool`` and
+``compute`` take ``inner_threads=`` (joblib's ``inner_max_num_threads``) to
+choose another count, and a task option of the same name limits one task's
+calls.
+
+Two levers, because a library reads its variable once, when it loads:
+
+- the ``THREAD_VARS`` family is set in the worker's environment before
+  anything else runs there (the pool's initializer, the first call), which
+  reaches every library loaded afterwards, and the subprocesses tasks start;
+- a library already loaded in the worker — numpy, which graphexec's
+  forkserver preloads when the parent has imported it, or what a ``fork``
+  start copied — is told through its own API by ``threadpoolctl``.
+
+A variable the user set in the parent's environment is passed on as it is,
+unless ``inner_threads=`` was given explicitly (the explicit argument wins,
+as in joblib). ``threadpoolctl`` is imported only in workers, and only when a
+library it knows may be loaded, so ``import graphexec`` never pays for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+# joblib's list (joblib/_parallel_backends.py, MAX_NUM_THREADS_VARS).
+THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMBA_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+# Modules whose import loads a thread pool threadpoolctl can limit: if none is
+# loaded in a starting worker, the environment alone does the job.
+POOL_MODULES = frozenset({"numpy", "scipy", "torch", "numexpr", "sklearn", "mkl", "numba"})
+
+# What the forkserver imports once when numpy is preloaded, so that no worker
+# pays for importing it (about 25 ms) when it limits numpy's BLAS.
+PRELOAD = "threadpoolctl"
+
+# threadpoolctl's names for the libraries each variable governs.
+_LIBRARY_VAR = {
+    "openblas": "OPENBLAS_NUM_THREADS",
+    "mkl": "MKL_NUM_THREADS",
+    "blis": "BLIS_NUM_THREADS",
+    "openmp": "OMP_NUM_THREADS",
+}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def automatic(workers: int) -> int:
+    """The default thread count per worker: ``cores // workers``, at least 1."""
+    return max(usable_cores() // max(workers, 1), 1)
+
+
+def worker_environment(inner_threads: int | None, workers: int) -> dict[str, str]:
+    """The variables a pool's workers start with.
+
+    ``inner_threads`` given: that count for every variable. ``None``: the
+    automatic count, except for the variables set in this process's
+    environment, which go to the workers unchanged (the forkserver that forks
+    workers may have started before the user set them).
+    """
+    if inner_threads is not None:
+        return dict.fromkeys(THREAD_VARS, str(inner_threads))
+    default = str(automatic(workers))
+    return {var: os.environ.get(var, default) for var in THREAD_VARS}
+
+
+def apply_in_worker(env: dict[str, str]) -> None:
+    """Set ``env`` in this (worker) process and limit the libraries already loaded."""
+    os.environ.update(env)
+    if POOL_MODULES.isdisjoint(sys.modules):
+        return
+    try:
+        import threadpoolctl
+    except ImportError:  # installed without its dependencies: the environment alone
+        return
+    controller = threadpoolctl.ThreadpoolController()
+    for library, var in _LIBRARY_VAR.items():
+        try:
+            count = int(env.get(var, ""))
+        except ValueError:  # unset, or a value the user set that is not a count
+            continue
+        selected = controller.select(internal_api=library)
+        if selected.lib_controllers:
+            selected.limit(limits=count)
+
+
+@contextlib.contextmanager
+def limited(threads: int) -> Iterator[None]:
+    """Limit the thread pools of the libraries loaded in this process, then restore them."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        raise ImportError(
+            "the task option inner_threads= needs threadpoolctl (a dependency of "
+            "graphexec): pip install threadpoolctl"
+        ) from None
+    with threadpoolctl.threadpool_limits(limits=threads):
+        yield
+
+
+class ThreadLimited:
+    """A task's function whose calls run with at most ``threads`` library threads.
+
+    The scheduler makes one per task and count (the task option
+    ``inner_threads=``); it travels to the worker in place of the function.
+    The limit acts on libraries loaded when the call starts (threadpoolctl),
+    for the call's duration, in the whole process: with ``scheduler="threads"``
+    or on a dask worker's threads, concurrent calls share it.
+    """
+
+    __slots__ = ("fn", "threads")
+
+    def __init__(self, fn: Any, threads: int) -> None:
+        self.fn = fn
+        self.threads = threads
+
+    @property
+    def __code__(self) -> Any:
+        # Where the function comes from: a worker puts its directory on sys.path.
+        return getattr(self.fn, "__code__", None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with limited(self.threads):
+            return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ThreadLimited, (self.fn, self.threads))

@@ -1,0 +1,157 @@
+"""Tiny calls travel in batches (#14), and every fault still lands on one node.
+
+The process pool gathers the calls it prefetches for a busy worker and sends
+them as one ``batch`` message; the worker runs them one by one and answers
+each before starting the next. These tests spy on the pool to see that
+batches really are sent (so the fault cases below do exercise them), that a
+crash inside a batch blames only the call that was running, that a call with
+``timeout=`` is never batched, and that calls too slow to be worth it are not
+queued at all, or only as many as ``PREFETCH_SECONDS`` of them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import pytest
+
+import graphexec as gx
+from graphexec._executors import process
+
+
+def _square_or_die(i: int, bad: frozenset[int]) -> int:
+    if i in bad:
+        os._exit(7)
+    return i * i
+
+
+def _nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def _spy(pool: gx.Pool, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
+    """Record every batch the pool sends (its size) and every call it batches."""
+    procs = pool._procs
+    seen: dict[str, list[Any]] = {"flushed": [], "batched": [], "depth": []}
+    flush, batch = procs._flush, procs._batch
+
+    def spy_flush(worker: Any) -> None:
+        seen["flushed"].append(len(worker.pending))
+        flush(worker)
+
+    def spy_batch(worker: Any, call: Any) -> None:
+        seen["batched"].append(call)
+        batch(worker, call)
+        seen["depth"].append(len(worker.inflight))
+
+    monkeypatch.setattr(procs, "_flush", spy_flush)
+    monkeypatch.setattr(procs, "_batch", spy_batch)
+    return seen
+
+
+@pytest.mark.timeout(60)
+def test_a_crash_inside_a_batch_fails_only_the_call_it_was_running(monkeypatch):
+    bad = frozenset({150, 420, 421})
+    graph = gx.Graph()
+    with graph:
+        nodes = [graph.add(_square_or_die, i, bad) for i in range(600)]
+    with gx.Pool(workers=2) as pool:
+        seen = _spy(pool, monkeypatch)
+        run = graph.compute(pool=pool, raise_on_failure=False, keep="all")
+        assert max(seen["flushed"]) > 1, "no batch was sent: the test proves nothing"
+        assert sorted(n.name for n in run.failed) == sorted(nodes[i].name for i in bad)
+        for i in bad:
+            error = run.state(nodes[i]).exception
+            assert isinstance(error, gx.WorkerCrashed)
+            assert error.exitcode == 7
+            assert run.state(nodes[i]).attempts == 1
+        for i, node in enumerate(nodes):
+            if i not in bad:
+                assert run[node] == i * i
+                assert run.state(node).attempts == 1
+        # The pool goes on working, batching again.
+        again = gx.Graph()
+        with again:
+            more = [again.add(_square_or_die, i, frozenset()) for i in range(300)]
+        rerun = again.compute(pool=pool, keep="all")
+        assert [rerun[n] for n in more] == [i * i for i in range(300)]
+
+
+@pytest.mark.timeout(60)
+def test_calls_with_a_timeout_are_sent_one_by_one(monkeypatch):
+    graph = gx.Graph()
+    with graph:
+        timed = gx.task(timeout=30)(_square_or_die)
+        nodes = [timed(i, frozenset()) for i in range(300)]
+    with gx.Pool(workers=2) as pool:
+        seen = _spy(pool, monkeypatch)
+        run = graph.compute(pool=pool, keep="all")
+    assert [run[n] for n in nodes] == [i * i for i in range(300)]
+    assert seen["batched"] == []
+
+
+@pytest.mark.timeout(60)
+def test_slow_calls_are_never_queued_and_short_ones_only_a_few_ms_deep(monkeypatch):
+    slow = max(2 * process.SHORT_CALL, 0.005)
+    short = 0.001
+    graph = gx.Graph()
+    with graph:
+        slow_nodes = [graph.add(_nap, slow) for _ in range(8)]
+    with gx.Pool(workers=2) as pool:
+        seen = _spy(pool, monkeypatch)
+        graph.compute(pool=pool)
+        assert seen["batched"] == []  # a free worker is never kept behind a slow queue
+        graph = gx.Graph()
+        with graph:
+            [graph.add(_nap, short) for _ in range(60)]
+        graph.compute(pool=pool)
+    # Each queued call took at least `short`: no queue is deeper than the time allows.
+    assert seen["depth"], "short calls were not prefetched at all"
+    limit = int(process.PREFETCH_SECONDS / (short + process.CALL_OVERHEAD))
+    assert max(seen["depth"]) <= max(2, limit)
+    assert len(slow_nodes) == 8
+
+
+def _step(x: int, die_at: int) -> int:
+    if x == die_at:
+        os._exit(7)
+    return x + 1
+
+
+@pytest.mark.timeout(60)
+def test_a_crash_in_the_middle_of_a_long_chain_fails_that_link_alone(monkeypatch):
+    # The links of a chain behind its head travel in one batch message; the
+    # worker still answers each link before it runs the next.
+    graph = gx.Graph()
+    with graph:
+        links = [graph.add(_step, 0, 17)]
+        for _ in range(59):
+            links.append(graph.add(_step, links[-1], 17))
+    with gx.Pool(workers=2) as pool:
+        sent: list[int] = []
+        send_batch = process.ProcessPool._send_batch
+        monkeypatch.setattr(
+            process.ProcessPool,
+            "_send_batch",
+            staticmethod(
+                lambda worker, wires: sent.append(len(wires)) or send_batch(worker, wires)
+            ),
+        )
+        run = graph.compute(pool=pool, raise_on_failure=False)
+        assert max(sent) > 8, "the chain was not sent as a batch: the test proves nothing"
+        states = [run.state(n).name for n in links]
+        assert states[:17] == ["Completed"] * 17
+        assert states[17] == "Failed"
+        error = run.state(links[17]).exception
+        assert isinstance(error, gx.WorkerCrashed) and error.exitcode == 7
+        assert run.state(links[17]).attempts == 1
+        assert states[18:] == ["Skipped"] * 42
+        again = gx.Graph()
+        with again:
+            x = again.add(_step, 0, -1)
+            for _ in range(59):
+                x = again.add(_step, x, -1)
+        assert again.compute(pool=pool)[x] == 60

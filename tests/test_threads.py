@@ -1,0 +1,188 @@
+"""Threads of native libraries inside workers: BLAS, OpenMP, numexpr (#14).
+
+Each worker limits them by default to cores // workers; ``inner_threads=`` on
+a Pool or a compute sets another count, the task option of the same name
+limits one task's calls, and a variable the user set in the environment is
+passed on unless a count was given. Every test asks the worker itself: the
+variables it sees, and what OpenBLAS says through threadpoolctl.
+
+Only the ``*_NUM_THREADS`` family is changed here (in this process, restored
+by monkeypatch); the OpenBLAS variables the machines set (OPENBLAS_CORETYPE,
+OPENBLAS_L2_SIZE) are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy  # loaded here, so forkserver and fork workers start with it
+import pytest
+import threadpoolctl
+
+import graphexec as gx
+from graphexec._executors.threadlimits import THREAD_VARS, automatic, usable_cores
+
+
+def _openblas_threads() -> int | None:
+    for lib in threadpoolctl.threadpool_info():
+        if lib["internal_api"] == "openblas":
+            return lib["num_threads"]
+    return None
+
+
+@gx.task
+def report(i=0):
+    """What this worker's libraries may start: its variables and OpenBLAS's count."""
+    loaded_before = "numpy" in sys.modules
+    numpy.zeros(1)  # OpenBLAS is numpy's (this module imports it wherever it loads)
+    return {
+        "env": {var: os.environ.get(var) for var in THREAD_VARS},
+        "openblas": _openblas_threads(),
+        "numpy_preloaded": loaded_before,
+        "pid": os.getpid(),
+    }
+
+
+@gx.task(inner_threads=1)
+def report_one(i=0):
+    return report.fn(i)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """This process's environment without any of the thread-count variables."""
+    for var in THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def _reports(graph_size: int = 2, **options) -> list[dict]:
+    g = gx.Graph()
+    with g:
+        nodes = [report(i) for i in range(graph_size)]
+    run = g.compute(progress=False, **options)
+    return [run[n] for n in nodes]
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn", "fork"])
+def test_workers_limit_their_libraries_to_cores_over_workers(clean_env, start_method):
+    """numpy already loaded (forkserver preload, fork: threadpoolctl acts) or loaded
+    after the worker set the variables (spawn: this module, the task's, imports it)."""
+    expected = automatic(2)
+    for r in _reports(workers=2, start_method=start_method):
+        assert r["env"] == dict.fromkeys(THREAD_VARS, str(expected))
+        assert r["openblas"] == expected
+    if start_method == "fork":  # the threadpoolctl path: the library was loaded before
+        assert r["numpy_preloaded"]
+
+
+def test_the_parents_own_libraries_are_not_limited(clean_env):
+    before = _openblas_threads()
+    _reports(workers=2)
+    assert _openblas_threads() == before
+
+
+def test_pool_inner_threads_sets_the_count_and_overrides_the_environment(clean_env):
+    clean_env.setenv("OPENBLAS_NUM_THREADS", "7")
+    with gx.Pool(2, inner_threads=3) as pool:
+        assert pool.inner_threads == 3
+        for r in _reports(pool=pool):
+            assert r["env"] == dict.fromkeys(THREAD_VARS, "3")
+            assert r["openblas"] == 3
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "fork"])
+def test_a_variable_the_user_set_is_respected(clean_env, start_method):
+    mine = automatic(1) + 1  # differs from what graphexec would choose
+    clean_env.setenv("OPENBLAS_NUM_THREADS", str(mine))
+    with gx.Pool(1, start_method=start_method) as pool:
+        assert pool.inner_threads == automatic(1)
+        (r,) = _reports(1, pool=pool)
+    assert r["env"]["OPENBLAS_NUM_THREADS"] == str(mine)
+    assert r["openblas"] == mine
+    others = {k: v for k, v in r["env"].items() if k != "OPENBLAS_NUM_THREADS"}
+    assert others == dict.fromkeys(others, str(automatic(1)))
+
+
+def test_compute_inner_threads_applies_to_its_own_workers(clean_env):
+    for r in _reports(workers=2, inner_threads=2):
+        assert r["openblas"] == 2
+        assert r["env"]["OMP_NUM_THREADS"] == "2"
+
+
+def test_task_option_limits_its_calls_and_restores_after(clean_env):
+    with gx.Pool(1, inner_threads=2) as pool:
+        g = gx.Graph()
+        with g:
+            a = report(0)
+            b = report_one(1, wait_for=[a])
+            c = report(2, wait_for=[b])
+        run = g.compute(pool=pool, progress=False, keep="all")
+    assert run[a]["pid"] == run[b]["pid"] == run[c]["pid"]  # one worker ran all three
+    assert run[a]["openblas"] == 2
+    assert run[b]["openblas"] == 1
+    assert run[c]["openblas"] == 2  # put back after the limited call
+
+
+def test_task_option_in_process_restores_this_process(clean_env):
+    before = _openblas_threads()
+    g = gx.Graph()
+    with g:
+        b = report_one(1)
+    run = g.compute(scheduler="sync", progress=False)
+    assert run[b]["openblas"] == 1
+    assert _openblas_threads() == before
+
+
+def test_task_option_keeps_a_failure_on_its_node():
+    @gx.task(inner_threads=1)
+    def boom():
+        raise ValueError("bad input")
+
+    g = gx.Graph()
+    with g:
+        node = boom()
+    run = g.compute(workers=1, raise_on_failure=False, progress=False)
+    assert isinstance(run.state(node).exception, ValueError)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "2"])
+def test_bad_counts_are_refused_everywhere(bad):
+    g = gx.Graph()
+    with pytest.raises(ValueError, match="inner_threads"):
+        gx.Pool(1, inner_threads=bad)
+    with pytest.raises(ValueError, match="inner_threads"):
+        g.compute(workers=1, inner_threads=bad)
+    with pytest.raises(ValueError, match="inner_threads"):
+        gx.task(inner_threads=bad)(lambda: 1)
+
+
+def test_inner_threads_is_refused_where_it_cannot_act():
+    g = gx.Graph()
+    with gx.Pool(1) as pool, pytest.raises(ValueError, match=r"gx.Pool\(inner_threads"):
+        g.compute(pool=pool, inner_threads=1)
+    with pytest.raises(ValueError, match="runs in this process"):
+        g.compute(scheduler="threads", inner_threads=1)
+
+    @gx.flow(workers=1, progress=False)
+    def inside():
+        with pytest.raises(ValueError, match=r"give inner_threads to @gx.flow"):
+            g.compute(inner_threads=1)
+        return True
+
+    assert inside()
+
+
+def test_usable_cores_is_what_the_process_may_run_on():
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+
+
+def test_flow_inner_threads_applies_to_its_workers(clean_env):
+    @gx.flow(workers=1, inner_threads=2, progress=False)
+    def body():
+        return report.submit(0).result()
+
+    r = body()
+    assert r["openblas"] == 2
+    assert r["env"]["NUMEXPR_NUM_THREADS"] == "2"
