@@ -113,6 +113,8 @@ def why_not_fork() -> str | None:
         return "its threads cannot be counted (no /proc)"
     if count != 1:
         return f"it runs {count} threads"
+    if threading.current_thread() is not threading.main_thread():
+        return "not in the main thread (signal handlers can only be set there)"
     size = rss()
     if size is None or size > max_rss():
         return f"its RSS ({size} bytes) is over {max_rss()}"
@@ -255,7 +257,10 @@ def _become_zygote(listener_fd: int, alive_r: int) -> None:
 
 def _fresh_signals() -> None:
     """Python-level handlers back to a fresh interpreter's (as ``exec`` does)."""
-    signal.set_wakeup_fd(-1)
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
     for sig in signal.valid_signals():
         try:
             handler = signal.getsignal(sig)
