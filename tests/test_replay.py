@@ -522,39 +522,99 @@ if __name__ == "__main__":
     with gx.Graph("killed") as g:
         fails(1)
         quick(2)
-        sleeper(3)
+        quick(sleeper(3))
     g.compute(workers=2, run_dir=sys.argv[1])
 """
 
+KILLED_STATES = {
+    "fails-0": "Failed",
+    "quick-0": "Completed",
+    "sleeper-0": "Running",
+    "quick-1": "Pending",
+}
 
-def test_a_parent_killed_mid_run_leaves_a_run_that_loads(tmp_path):
-    script = tmp_path / "killed.py"
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """The run_dir of a parent SIGKILLed while sleeper-0 runs (quick-1 waits for it)."""
+    where = tmp_path_factory.mktemp("killed")
+    script = where / "killed.py"
     script.write_text(KILLED)
-    run_dir = tmp_path / "night"
-    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], env=_env(), cwd=tmp_path)
+    run_dir = where / "night"
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], env=_env(), cwd=where)
     try:
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline:
             time.sleep(0.1)
-            record = run_dir / "run.gxrun"
-            if record.exists() and b'"t": "node"' in record.read_bytes():
-                text = record.read_bytes()
-                if text.count(b'"t": "node"') >= 2 and b'"t": "run", "id": 2' in text:
-                    break
+            try:
+                run = gx.Run.load(run_dir)
+            except (OSError, ValueError):  # not there, or its start not written yet
+                continue
+            if {n.name: run.state(n).name for n in run.nodes} == KILLED_STATES:
+                break
         else:
             pytest.fail("the run never got going")
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
-    run = gx.Run.load(run_dir)
-    assert not run.ended
-    states = {n.name: run.state(n).name for n in run.nodes}
-    assert states == {"fails-0": "Failed", "quick-0": "Completed", "sleeper-0": "Running"}
-    assert "1 node(s) were running: sleeper-0" in run.summary()
+    return run_dir
+
+
+def test_a_parent_killed_mid_run_leaves_a_run_that_loads(killed):
+    run = gx.Run.load(killed)
+    assert not run.ended and not run.ok
+    assert {n.name: run.state(n).name for n in run.nodes} == KILLED_STATES
+    assert "1 node(s) were running when the record ended: sleeper-0" in run.summary()
     with pytest.raises(ValueError, match="bad 1"):
         run.replay("fails-0")
     with pytest.raises(ValueError, match="was running when the run's record ended"):
         run.inputs("sleeper-0")
+
+
+def test_a_record_cut_off_mid_run_says_so_everywhere(killed, tmp_path):
+    run = gx.Run.load(killed)
+    headline = run.summary().splitlines()[0]
+    assert headline.endswith(
+        "1 completed, 1 failed, 1 running, 1 pending — interrupted: the record ends mid-run "
+        "(the process that wrote it stopped before the run ended); 1 unhandled failure(s)"
+    ), headline
+    assert " ok" not in headline
+    # the same states by name, in the JSON document and back from it
+    doc = json.loads(run.to_json())
+    assert doc["ok"] is False and doc["interrupted"].startswith("the record ends mid-run")
+    assert doc["counts"] == {"Completed": 1, "Failed": 1, "Running": 1, "Pending": 1}
+    assert {n["name"]: n["state"] for n in doc["nodes"]} == KILLED_STATES
+    again = gx.Run.from_json(run.to_json())
+    assert again.summary().splitlines()[0] == headline
+    assert run.state("sleeper-0").name == "Running"
+    assert "when the record ended" in run.state("sleeper-0").message
+    # the report of `graphexec report`
+    page = tmp_path / "report.html"
+    done = subprocess.run(
+        [sys.executable, "-m", "graphexec", "report", str(killed), "-o", str(page)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(
+        "(4 nodes, interrupted: the record ends mid-run (the "
+        "process that wrote it stopped before the run ended); 1 unhandled failure(s))"
+    )
+    text = page.read_text()
+    assert '<span class="badge bad">interrupted: the record ends mid-run' in text
+    assert '<div class="card c-running"><div class="v">1</div><div class="k">running</div>' in text
+    assert "badge good" not in text
+    assert "interrupted: the record ends mid-run" in run._repr_html_()
+
+
+def test_an_ended_run_has_no_interrupted_field(pool):
+    with gx.Graph() as g:
+        consume(1)
+    run = g.compute(pool=pool)
+    assert "interrupted" not in json.loads(run.to_json())
+    assert run.summary().splitlines()[0].endswith(" — ok")
 
 
 @gx.task
@@ -578,7 +638,7 @@ def test_the_journal_is_on_disk_while_the_run_goes(pool, tmp_path):
         seen = sees_on_disk(str(tmp_path / "run.gxrun"), "consume-0", first)
     run = g.compute(pool=pool, run_dir=tmp_path)
     assert run[seen] is True
-    assert (tmp_path / "run.gxrun").read_bytes().count(b'"t": "node"') == 2
+    assert gx.Run.load(tmp_path).counts() == {"Completed": 2}
 
 
 def test_run_dir_keeps_chains(pool, tmp_path):
@@ -688,3 +748,149 @@ def test_an_unwritable_run_dir_is_refused_before_the_run(tmp_path):
         g.compute(scheduler="sync", run_dir=blocker)
     with pytest.raises(ValueError, match="the run's record cannot be written there"):
         g.compute(scheduler="sync", run_dir=blocker / "sub")
+
+
+# -- a node by its name ------------------------------------------------------------------
+
+
+@gx.task(task_run_name="load-{x}")
+def load(x):
+    return x
+
+
+def test_state_and_getitem_take_a_name(pool):
+    with gx.Graph() as g:
+        a = consume(1)
+        b = fails(2)
+    run = g.compute(pool=pool, raise_on_failure=False)
+    assert run.state("consume-0") is run.state(a)
+    assert run["consume-0"] == run[a] == 1
+    assert run.state("fails-0").exception is run.state(b).exception
+    with pytest.raises(KeyError):
+        run["fails-0"]  # the node's own exception, re-raised, as run[b] does
+    assert "consume-0" in run and "nothing-0" not in run
+    with pytest.raises(KeyError, match="no node named 'nothing-0'"):
+        run.state("nothing-0")
+
+
+def test_a_loaded_run_is_read_by_names(pool, tmp_path):
+    with gx.Graph() as g:
+        consume(1)
+        fails(2)
+    g.compute(pool=pool, run_dir=tmp_path, raise_on_failure=False)
+    run = gx.Run.load(tmp_path)
+    assert run.state("fails-0").name == "Failed"
+    with pytest.raises(gx.GraphexecError, match="consume-0 completed, but its value is not"):
+        run["consume-0"]
+
+
+def test_an_ambiguous_name_lists_the_candidates(pool):
+    with gx.Graph() as g:
+        first = load(1)
+        load(1)
+        fails(load(2))
+    run = g.compute(pool=pool, raise_on_failure=False)
+    assert run.state("load-2").name == "Completed"
+    message = (
+        "2 nodes of this run of graph are named 'load-1': run.nodes[0] (load, Completed), "
+        "run.nodes[1] (load, Completed); pass the node itself instead of its name"
+    )
+    for look in (run.state, run.__getitem__, run.inputs, run.replay):
+        with pytest.raises(KeyError, match=re.escape(message)):
+            look("load-1")
+    assert "load-1" in run
+    assert run.nodes[0] is first
+
+
+# -- a node over its memory limit ------------------------------------------------------
+
+
+@gx.task
+def hog(megabytes, flag):
+    # Holds touched memory (np.ones writes every page) while a sampler looks; after a
+    # first time (its worker killed), only when the flag file says "again".
+    if Path(flag).exists() and Path(flag).read_text() != "again":
+        return "small now"
+    Path(flag).write_text("hogged")
+    block = np.ones(megabytes * 2**20 // 8)
+    time.sleep(10)
+    return float(block[-1])
+
+
+@pytest.mark.timeout(60)
+def test_a_node_over_its_memory_limit_replays_in_a_subprocess_first(pool, tmp_path, capfd):
+    flag = tmp_path / "flag"
+    with gx.Graph() as g:
+        h = hog(300, str(flag))
+    run = g.compute(pool=pool, memory_limit="150MB", raise_on_failure=False)
+    assert type(run.state(h).exception) is gx.MemoryLimitExceeded
+    capfd.readouterr()
+    assert run.replay(h) == "small now"
+    err = capfd.readouterr().err
+    assert (
+        "graphexec: hog-0 went over its memory limit (143.1 MiB); replaying it in a fresh "
+        "subprocess first, so that it cannot exhaust this interpreter's memory"
+    ) in err
+    assert "did not run out of memory in the subprocess (it returned); replaying it" in err
+    # over the limit again: killed in the subprocess, never run here
+    flag.write_text("again")
+    started = time.monotonic()
+    with pytest.raises(gx.MemoryLimitExceeded, match="again when replayed in a fresh subproc"):
+        run.replay(h)
+    assert time.monotonic() - started < 8  # killed, not left to sleep its 10 s
+    assert flag.read_text() == "hogged"  # it did run, in the subprocess
+
+
+# -- what the journal costs the run -----------------------------------------------------
+
+
+def test_the_journal_hands_nothing_to_the_hooks_thread_and_writes_batches(
+    pool, tmp_path, monkeypatch
+):
+    # Each event handed to the hooks' dispatcher cost a queue hand-off and a thread
+    # wake-up, and each record its own frame: most of run_dir's cost on small tasks.
+    started: list[str] = []
+    real_start = threading.Thread.start
+
+    def start(self):
+        started.append(self.name)
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with gx.Graph() as g:
+        [consume(i) for i in range(300)]
+    g.compute(pool=pool, run_dir=tmp_path)
+    monkeypatch.undo()
+    assert "graphexec-hooks" not in started
+    assert started.count("graphexec-journal") == 1
+    data = (tmp_path / "run.gxrun").read_bytes()
+    frames, at = 0, len(b"GXRUN\x001\n")
+    while at < len(data):
+        kind, size = data[at : at + 1], int.from_bytes(data[at + 1 : at + 9], "little")
+        assert kind == b"J"
+        frames, at = frames + 1, at + 9 + size
+    assert frames < 100  # 600 events, in batches
+    assert gx.Run.load(tmp_path).counts() == {"Completed": 300}
+
+
+def test_a_record_of_the_first_format_still_loads(tmp_path):
+    # One dict per frame, attempts as {"t": "run"}: what run_dir wrote at first.
+    def frame(record):
+        body = json.dumps(record).encode()
+        return b"J" + len(body).to_bytes(8, "little") + body
+
+    start = {
+        "t": "start",
+        "format": "graphexec.run",
+        "version": 1,
+        "graph": "old",
+        "started": 100.0,
+        "nodes": [{"name": "a-0", "task": "a"}, {"name": "b-0", "task": "b"}],
+        "edges": [],
+    }
+    (tmp_path / "run.gxrun").write_bytes(
+        b"GXRUN\x001\n" + frame(start) + frame({"t": "run", "id": 1, "attempt": 1, "at": 101.0})
+    )
+    run = gx.Run.load(tmp_path)
+    assert [run.state(n).name for n in run.nodes] == ["Pending", "Running"]
+    assert "interrupted" in run.summary().splitlines()[0]

@@ -139,7 +139,9 @@ def test_run_api(compute):
     with pytest.raises(TypeError):
         run.state(gx.Graph().add(ok))
     with pytest.raises(TypeError):
-        run["total-0"]
+        run[3]
+    # a node's name as summary() shows it reads the same (#13)
+    assert run["total-0"] == 12 and run.state("total-0") is state
 
 
 def test_summary_reports_counts_durations_and_failures(compute):

@@ -13,12 +13,24 @@ from .errors import GraphFailed, safe_str
 from .graph import Node
 from .handle import Deferred
 from .seam import surfaces
-from .state import CACHED, CANCELLED, COMPLETED, FAILED, PENDING, SKIPPED, State, single_line
+from .state import (
+    CACHED,
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SKIPPED,
+    State,
+    single_line,
+)
 
 if TYPE_CHECKING:
     from .graph import Graph
 
-_ORDERED_STATES = (COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED)
+# Running and Pending come last: a finished run has none; a record cut off mid-run
+# (Run.load of a killed parent's run_dir) shows what was running and what never began.
+_ORDERED_STATES = (COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED, RUNNING, PENDING)
 
 
 class Run:
@@ -32,6 +44,10 @@ class Run:
         run.failed, run.skipped, run.completed
         print(run.summary())
     """
+
+    # Why the run's record stops before the run ended (a run loaded from the record
+    # of a parent killed mid-run), else None: its headline says so, and it is not ok.
+    _interrupted: str | None = None
 
     def __init__(self, graph: Graph, members: list[int], kept: Container[int]) -> None:
         self.graph = graph
@@ -63,7 +79,7 @@ class Run:
 
     def _index(self, node: Any) -> int:
         if not isinstance(node, Node) or node.graph is not self.graph:
-            raise TypeError(f"expected a node of {self.graph.name}, got {node!r}")
+            raise TypeError(f"expected a node of {self.graph.name} or its name, got {node!r}")
         if not self._has(node.index):
             raise KeyError(
                 f"{node.name} was not part of this run: it is not an ancestor of the "
@@ -72,32 +88,63 @@ class Run:
         return node.index
 
     def _lookup(self, node: Any) -> int:
-        """The index of ``node``: a node of this run, or its name as reports show it."""
-        if isinstance(node, str):
-            names = self.graph._names
-            for i in self.members:
-                if names[i] == node:
-                    return i
+        """The index of ``node``: a node of this run, or its name as reports show it.
+
+        Raises:
+            KeyError: no node of this run has that name, or several have (the
+                message lists them, with the ``run.nodes[k]`` that picks each).
+            TypeError: neither a node of this run's graph nor a string.
+        """
+        if not isinstance(node, str):
+            return self._index(node)
+        names = self.graph._names
+        found = [(k, i) for k, i in enumerate(self.members) if names[i] == node]
+        if len(found) == 1:
+            return found[0][1]
+        if not found:
             raise KeyError(f"no node named {node!r} in this run of {self.graph.name}")
-        return self._index(node)
+        states = self._states
+        listed = ", ".join(
+            f"run.nodes[{k}] ({self.graph._tasks[i].name}, "
+            f"{st.name if (st := states[i]) is not None else PENDING})"
+            for k, i in found[:10]
+        )
+        more = f" and {len(found) - 10} more" if len(found) > 10 else ""
+        raise KeyError(
+            f"{len(found)} nodes of this run of {self.graph.name} are named {node!r}: "
+            f"{listed}{more}; pass the node itself instead of its name"
+        )
 
     def _has(self, i: int) -> bool:
         return i in self._member_set
 
-    def state(self, node: Node) -> State:
-        """The node's :class:`State` in this run."""
-        i = self._index(node)
-        state = self._states[i]
-        return state if state is not None else State(PENDING, node.name)
+    def state(self, node: Node | str) -> State:
+        """The node's :class:`State` in this run.
 
-    def result(self, node: Node, raise_on_failure: bool = True) -> Any:
-        """The node's value; see :meth:`State.result` for what is raised."""
+        Args:
+            node: a node of this run, or its name as ``summary()`` shows it
+                (``run.state("load-3")``: a loaded run's nodes need no search).
+
+        Raises:
+            KeyError: the node was not part of this run; no node has that name,
+                or several do (the message lists them).
+        """
+        i = self._lookup(node)
+        state = self._states[i]
+        return state if state is not None else State(PENDING, self.graph._names[i])
+
+    def result(self, node: Node | str, raise_on_failure: bool = True) -> Any:
+        """The node's value (``node``: a node or its name, as :meth:`state`); see
+        :meth:`State.result` for what is raised."""
         return self.state(node).result(raise_on_failure=raise_on_failure)
 
-    def __getitem__(self, node: Node) -> Any:
+    def __getitem__(self, node: Node | str) -> Any:
         return self.result(node)
 
-    def __contains__(self, node: Node) -> bool:
+    def __contains__(self, node: Node | str) -> bool:
+        if isinstance(node, str):
+            names = self.graph._names
+            return any(names[i] == node for i in self.members)
         try:
             self._index(node)
         except (KeyError, TypeError):
@@ -147,8 +194,9 @@ class Run:
 
     @property
     def ok(self) -> bool:
-        """True when compute() would not raise: no unhandled failure."""
-        return not self.unhandled
+        """True when compute() would not raise: no unhandled failure (and, for a run
+        loaded from a record cut off mid-run, never: it did not end)."""
+        return self._interrupted is None and not self.unhandled
 
     @property
     def duration(self) -> float:
@@ -206,7 +254,7 @@ class Run:
             )
 
         counts = self.counts()
-        status = "ok" if self.ok else f"{len(self.unhandled)} unhandled failure(s)"
+        status = self._status()
         out = [
             f"{graph.name}: {len(self.members)} nodes in {self.duration:.2f} s — "
             + (
@@ -255,6 +303,14 @@ class Run:
             if len(self._notes) > 20:
                 out.append(f"  ... and {len(self._notes) - 20} more")
         return "\n".join(out)
+
+    def _status(self) -> str:
+        """How the run ended, in words: ``ok``, unhandled failures, or interrupted."""
+        unhandled = len(self.unhandled)
+        failures = f"{unhandled} unhandled failure(s)"
+        if self._interrupted is not None:  # never "ok": the run did not end
+            return f"interrupted: {self._interrupted}" + (f"; {failures}" if unhandled else "")
+        return failures if unhandled else "ok"
 
     def to_json(self, indent: int | None = None) -> str:
         """The run as a JSON document for tools: per node its name, task, state, error
@@ -313,8 +369,11 @@ class Run:
         So ``breakpoint()``, ``pdb`` and a debugger work. A node that crashed its
         worker (``WorkerCrashed``) is first run in a fresh subprocess, and the
         replay says so: if it crashes there again, it is not run here (it would
-        take this interpreter down) and :class:`WorkerCrashed` is raised. A
-        loaded run warns when the function's source changed since it was recorded.
+        take this interpreter down) and :class:`WorkerCrashed` is raised. A node
+        that went over its memory limit (:class:`MemoryLimitExceeded`) is first
+        run in a fresh subprocess too, killed there if it goes over that limit
+        again (then that error is raised, and it is not run here). A loaded run
+        warns when the function's source changed since it was recorded.
 
         Args:
             node: a failed node of this run, or its name.

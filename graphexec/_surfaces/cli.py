@@ -245,7 +245,7 @@ def _report(args: argparse.Namespace) -> None:
         raise CommandError(
             f"cannot write {target}: {exc.strerror or exc}. Choose another place with -o FILE"
         ) from None
-    print(f"wrote {written} ({len(run.members):,} nodes, {_status(run)})")
+    print(f"wrote {written} ({len(run.members):,} nodes, {run._status()})")
     if args.open:
         url = written.resolve().as_uri()
         if not webbrowser.open(url):
@@ -284,11 +284,6 @@ def _replay(args: argparse.Namespace) -> None:
         traceback.print_exc()
         raise CommandError(f"{args.node} failed again (its traceback is above)") from None
     print(f"{args.node} returned {reprlib.repr(value)}: it did not fail this time")
-
-
-def _status(run: Run) -> str:
-    unhandled = len(run.unhandled)
-    return f"{unhandled} unhandled failure(s)" if unhandled else "ok"
 
 
 # -- cache -------------------------------------------------------------------------

@@ -119,9 +119,6 @@ class Observer:
     def on_finish(self, run: Run) -> None:
         """The run ended (after the last ``on_node_finish``); ``run`` is complete."""
 
-    def _idle(self) -> None:
-        """No event is waiting (graphexec's own: the run's journal writes its batch)."""
-
 
 _ambient: ContextVar[tuple[Observer, ...]] = ContextVar("graphexec_observers", default=())
 
@@ -278,7 +275,6 @@ class Dispatch:
         self._inline = [o for o in observers if o._inline]
         self._queued = [o for o in observers if not o._inline]
         self._holds = any(o._reads_values for o in self._queued)
-        self._idlers = [o for o in self._queued if type(o)._idle is not Observer._idle]
         self._run_hooks = run_hooks or RunHooks()
         self._flow = flow  # what a Prefect-style run hook gets as `flow`
         self._graph: Any = None
@@ -423,11 +419,7 @@ class Dispatch:
     def _serve(self) -> None:
         queue = self._queue
         assert queue is not None
-        idlers = self._idlers
         while True:
-            if idlers and queue.empty():
-                for o in idlers:
-                    _guarded(f"{type(o).__name__}._idle", o._idle)
             event = queue.get()
             if event is None:
                 return

@@ -30,7 +30,7 @@ from typing import Any
 
 from .._model.graph import Graph
 from .._model.run import Run
-from .._model.state import PENDING, RETRYING, RUNNING, State
+from .._model.state import PENDING, RETRYING, State
 from .report import STATE_COLOURS, STATE_FILLS, run_to_html, visualize
 from .report.codec import one_line
 from .report.states import RETRY_COLOUR, STATE_ORDER
@@ -47,7 +47,8 @@ PICTURE_MAX_NODES = 50
 # Failures listed in a Run's output; run.failed has them all.
 FAILURES_SHOWN = 10
 
-_LIVE_COLOURS = {RUNNING: RETRY_COLOUR, RETRYING: RETRY_COLOUR}
+# (Running has its own colour in STATE_COLOURS, as in the report.)
+_LIVE_COLOURS = {RETRYING: RETRY_COLOUR}
 _FONT = "font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;font-size:13px"
 _CELL = "padding:2px 8px;text-align:right"
 _LEFT = "padding:2px 8px;text-align:left"
@@ -71,8 +72,12 @@ def run_html(run: Run) -> str:
     """The notebook view of a run: headline, summary table, failures, the full report."""
     counts = run.counts()
     unhandled = run.unhandled
-    if unhandled:
-        status = f"{len(unhandled)} unhandled failure{'s' if len(unhandled) != 1 else ''}"
+    failures = f"{len(unhandled)} unhandled failure{'s' if len(unhandled) != 1 else ''}"
+    if run._interrupted is not None:  # never "ok": the run did not end
+        status = f"interrupted: {run._interrupted}" + (f"; {failures}" if unhandled else "")
+        status_colour = STATE_COLOURS["Failed"]
+    elif unhandled:
+        status = failures
         status_colour = STATE_COLOURS["Failed"]
     else:
         status = "ok — failures handled" if run.failed else "ok"

@@ -9,6 +9,8 @@
       its source hash now == when it failed?  else a warning
       WorkerCrashed ─> first in a fresh subprocess (python -c, the call pickled
                        on its stdin): crashes again ─> WorkerCrashed, not run here
+      MemoryLimitExceeded ─> the same, its RSS watched against the limit it had:
+                       over it again ─> MemoryLimitExceeded, not run here
       fn(*args, **kwargs) with fresh copies of the inputs, no timeout unless
       asked (SIGALRM, main thread); pdb=True: post-mortem where it raised
 
@@ -28,6 +30,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -36,12 +39,13 @@ from typing import Any
 from .._data.kept import KeptCall, source_hash
 from .._data.serialize import dumps
 from .._executors.runtime import Unloadable, load_function
-from .._model.errors import TaskTimeout, WorkerCrashed, safe_str
+from .._model.errors import MemoryLimitExceeded, TaskTimeout, WorkerCrashed, safe_str
 from .._model.run import Run
 from .._model.state import CANCELLED, FAILED, RUNNING, SKIPPED
 from .._model.task import fn_name
 
 RAISED = 3  # the replay subprocess's exit code when the call raised (0: it returned)
+WATCH_INTERVAL = 0.05  # seconds between looks at the replay subprocess's memory
 _CHILD = "from graphexec._surfaces.replay import child; child()"
 
 
@@ -131,8 +135,15 @@ def run_replay(run: Run, node: Any, pdb: bool = False, timeout: float | None = N
     check_source(fn, kept, name)
     if timeout is not None and threading.current_thread() is not threading.main_thread():
         raise ValueError("run.replay(timeout=...) works in the main thread only (it uses SIGALRM)")
-    if isinstance(run._final(i).exception, WorkerCrashed):
-        in_subprocess(fn, kept, name, timeout)
+    failure = run._final(i).exception
+    # Both could take this interpreter down (a segfault; memory the OOM killer or
+    # the machine runs out of): a fresh subprocess tries first.
+    if isinstance(failure, WorkerCrashed):
+        in_subprocess(fn, kept, name, timeout, "crashed its worker")
+    elif isinstance(failure, MemoryLimitExceeded):
+        limit = failure.limit if isinstance(failure.limit, int) else None
+        went = f"went over its memory limit ({_mib(limit)})" if limit else "used too much memory"
+        in_subprocess(fn, kept, name, timeout, went, limit, memory=True)
     args, kwargs = kept.load()
     try:
         with _deadline(timeout, name):
@@ -193,15 +204,31 @@ def _deadline(timeout: float | None, name: str) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def in_subprocess(fn: Any, kept: KeptCall, name: str, timeout: float | None) -> None:
-    """Run the call in a fresh Python first (it crashed its worker).
+def in_subprocess(
+    fn: Any,
+    kept: KeptCall,
+    name: str,
+    timeout: float | None,
+    why: str,
+    limit: int | None = None,
+    memory: bool = False,
+) -> None:
+    """Run the call in a fresh Python first (it crashed its worker, or went over
+    its memory limit, ``why``); with ``limit``, the subprocess is killed when its
+    resident memory goes over it.
 
     Raises:
         WorkerCrashed: it crashed there too; it is not run in this process.
+        MemoryLimitExceeded: it went over ``limit`` there too; not run here either.
+        TaskTimeout: ``timeout`` seconds passed.
     """
     print(
-        f"graphexec: {name} crashed its worker; replaying it in a fresh subprocess first, "
-        "so that a crash cannot take this interpreter down",
+        f"graphexec: {name} {why}; replaying it in a fresh subprocess first, so that "
+        + (
+            "it cannot exhaust this interpreter's memory"
+            if memory
+            else "a crash cannot take this interpreter down"
+        ),
         file=sys.stderr,
         flush=True,
     )
@@ -209,40 +236,109 @@ def in_subprocess(fn: Any, kept: KeptCall, name: str, timeout: float | None) -> 
     env = dict(os.environ)
     # The same imports as here: this process's path, the script's directory included.
     env["PYTHONPATH"] = os.pathsep.join([p or os.getcwd() for p in sys.path])
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, env=env)
+    # Fed from a thread: the call's inputs may be larger than the pipe, and the
+    # subprocess is watched meanwhile.
+    feeder = threading.Thread(target=_feed, args=(proc, blob), daemon=True)
+    feeder.start()
     try:
-        done = subprocess.run([sys.executable, "-c", _CHILD], input=blob, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise TaskTimeout(
-            f"the replay of {name} in a fresh subprocess ran longer than {timeout:g} s",
+        rss = _watch(proc, name, timeout, limit)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        feeder.join()
+    if rss is not None:
+        assert limit is not None
+        raise MemoryLimitExceeded(
+            f"{name} used {_mib(rss)} of memory again when replayed in a fresh subprocess, "
+            f"over its memory limit ({_mib(limit)}); it was killed there and is not run in "
+            "this process, whose memory it would exhaust too. Its inputs are "
+            f"run.inputs({name!r})",
             node=name,
-            timeout=timeout,
-        ) from None
-    code = done.returncode
+            limit=limit,
+            rss=rss,
+        )
+    code = proc.returncode
     if code in (0, RAISED):
         how = "returned" if code == 0 else "raised (its traceback is above)"
         print(
-            f"graphexec: {name} did not crash in the subprocess (it {how}); "
-            "replaying it in this process now",
+            f"graphexec: {name} did not {'run out of memory' if memory else 'crash'} "
+            f"in the subprocess (it {how}); replaying it in this process now",
             file=sys.stderr,
             flush=True,
         )
         return
     if code < 0:
         try:
-            why = f"killed by {signal.Signals(-code).name}"
+            died = f"killed by {signal.Signals(-code).name}"
         except ValueError:
-            why = f"killed by signal {-code}"
+            died = f"killed by signal {-code}"
     else:
-        why = f"exit code {code}"
+        died = f"exit code {code}"
     raise WorkerCrashed(
-        f"{name} crashed again when replayed in a fresh subprocess ({why}); it is not run "
+        f"{name} crashed again when replayed in a fresh subprocess ({died}); it is not run "
         "in this process, which it would take down too. Its inputs are "
         f"run.inputs({name!r}); the subprocess's output (with a faulthandler traceback "
         "for a fatal signal) is above",
         node=name,
         exitcode=code,
-        signal_name=why[10:] if code < 0 else None,
+        signal_name=died[10:] if code < 0 else None,
     )
+
+
+def _feed(proc: subprocess.Popen[bytes], blob: bytes) -> None:
+    stdin = proc.stdin
+    assert stdin is not None
+    try:
+        stdin.write(blob)
+        stdin.close()
+    except OSError:  # it died before reading it all: its exit code says how
+        pass
+
+
+def _watch(
+    proc: subprocess.Popen[bytes], name: str, timeout: float | None, limit: int | None
+) -> int | None:
+    """Wait for the replay subprocess; its RSS when it went over ``limit`` (it is then
+    still running), else None once it exited.
+
+    Raises:
+        TaskTimeout: ``timeout`` seconds passed.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ps = None
+    if limit is not None:
+        import psutil  # deferred: psutil loads slowly, and only this path needs it
+
+        ps = psutil.Process(proc.pid)
+    while True:
+        wait = WATCH_INTERVAL if ps is not None else None
+        if deadline is not None:
+            left = max(0.0, deadline - time.monotonic())
+            wait = left if wait is None else min(wait, left)
+        try:
+            proc.wait(wait)
+            return None
+        except subprocess.TimeoutExpired:
+            pass
+        if ps is not None and limit is not None:
+            try:
+                rss = ps.memory_info().rss
+            except Exception:  # it exited between the wait and the look
+                continue
+            if rss > limit:
+                return rss
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TaskTimeout(
+                f"the replay of {name} in a fresh subprocess ran longer than {timeout:g} s",
+                node=name,
+                timeout=timeout,
+            )
+
+
+def _mib(size: int | None) -> str:
+    return f"{(size or 0) / 2**20:.1f} MiB"
 
 
 def child() -> None:

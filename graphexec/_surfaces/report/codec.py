@@ -9,6 +9,9 @@ it), ``duration`` and its ``attempts`` (``number``, wall-clock ``started`` and
 An error is ``{"type", "module", "message", "traceback", "attributes"}``:
 ``traceback`` is the worker's traceback text, ``attributes`` the fields of
 graphexec's own errors (``exitcode``, ``signal_name``, ``upstream``, ...).
+A run that did not end (loaded from the record of a parent killed mid-run)
+has ``"interrupted"``, saying so, and ``"ok": false``; its nodes that were
+running are ``Running``, those that never began ``Pending``.
 ``edges`` are ``[upstream id, dependent id, kind]`` with kind ``data``,
 ``order`` (``wait_for``), either followed by ``+allow_failure``. Values are
 never written: they can be large and need not be JSON.
@@ -59,7 +62,7 @@ def run_to_dict(run: Run) -> dict[str, Any]:
             if up in position:
                 edges.append([position[up], k, _edge_kind(DATA if flags is None else flags[j])])
     counts = run.counts()
-    return {
+    document = {
         "format": FORMAT,
         "version": VERSION,
         "graph": graph.name,
@@ -71,6 +74,9 @@ def run_to_dict(run: Run) -> dict[str, Any]:
         "nodes": nodes,
         "edges": edges,
     }
+    if run._interrupted is not None:  # only then: documents of ended runs are unchanged
+        document["interrupted"] = run._interrupted
+    return document
 
 
 def node_record(run: Run, i: int, k: int, state: State | None) -> dict[str, Any]:
@@ -105,13 +111,14 @@ def _attempt_record(a: Attempt) -> dict[str, Any]:
         "number": a.number,
         "started": a.started,
         "finished": a.finished,
-        "worker": _worker_id(a.worker),
+        "worker": worker_id(a.worker),
         "error": _error_record(a.error),
         "retry_delay": a.retry_delay,
     }
 
 
-def _worker_id(worker: Any) -> int | str | None:
+def worker_id(worker: Any) -> int | str | None:
+    """How the document writes the worker of an attempt (an id, else its text)."""
     if worker is None or (isinstance(worker, (int, str)) and not isinstance(worker, bool)):
         return worker
     return str(worker)
@@ -191,11 +198,11 @@ class LoadedRun(Run):
     produced a value raises, since values are not part of the document.
     """
 
-    def result(self, node: Node, raise_on_failure: bool = True) -> Any:
+    def result(self, node: Node | str, raise_on_failure: bool = True) -> Any:
         state = self.state(node)
         if state.is_completed():
             raise GraphexecError(
-                f"{node.name} completed, but its value is not in the JSON document this run "
+                f"{state.node} completed, but its value is not in the JSON document this run "
                 "was loaded from (Run.from_json keeps states, timings and errors, not values)"
             )
         return state.result(raise_on_failure=raise_on_failure)
@@ -255,6 +262,8 @@ def run_from_dict(data: dict[str, Any], cls: type[LoadedRun] | None = None) -> L
     run = (cls or LoadedRun)(graph, list(range(len(records))), set())
     run.started = data["started"]
     run.finished = data["finished"]
+    if data.get("interrupted"):
+        run._interrupted = str(data["interrupted"])
     for k, record in enumerate(records):
         run._states[k] = _state_from_record(record)
         if record.get("handled"):

@@ -57,7 +57,13 @@ def run_to_html(run: Run, path: str | os.PathLike[str]) -> Path:
     graph = run.graph
     counts = run.counts()
     unhandled = len(run.unhandled)
-    if unhandled:
+    if run._interrupted is not None:  # never "ok": the run did not end
+        failures = f"; {unhandled} unhandled failure{'s' if unhandled != 1 else ''}"
+        status = (
+            f'<span class="badge bad">interrupted: {html.escape(run._interrupted)}'
+            f"{failures if unhandled else ''}</span>"
+        )
+    elif unhandled:
         status = (
             f'<span class="badge bad">{unhandled} unhandled failure'
             f"{'s' if unhandled != 1 else ''}</span>"

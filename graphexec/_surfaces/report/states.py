@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from ..._model.state import CACHED, CANCELLED, COMPLETED, FAILED, PENDING, SKIPPED
+from ..._model.state import CACHED, CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, SKIPPED
 
-STATE_ORDER = (COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED, PENDING)
+# Running: only in a run that did not end (a record cut off mid-run, Run.load).
+STATE_ORDER = (COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED, RUNNING, PENDING)
 
 # One palette for the page and the picture: green done, blue cached, red failed,
-# grey skipped/cancelled, amber for failed attempts that were retried.
+# grey skipped/cancelled, violet running (cut off mid-run), amber for failed
+# attempts that were retried.
 STATE_COLOURS = {
     COMPLETED: "#3f9b5f",
     CACHED: "#4a7fc1",
     FAILED: "#d64545",
     SKIPPED: "#b8bec6",
     CANCELLED: "#7c8591",
+    RUNNING: "#8a63c9",
     PENDING: "#ffffff",
 }
 RETRY_COLOUR = "#f0a030"
@@ -24,6 +27,7 @@ STATE_FILLS = {
     FAILED: "#f6c9c9",
     SKIPPED: "#eceef1",
     CANCELLED: "#dadde2",
+    RUNNING: "#e3d8f5",
     PENDING: "#ffffff",
 }
 STATE_WORDS = {
@@ -32,5 +36,6 @@ STATE_WORDS = {
     FAILED: "failed",
     SKIPPED: "skipped",
     CANCELLED: "cancelled",
+    RUNNING: "running",
     PENDING: "not run",
 }
