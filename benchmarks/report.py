@@ -312,6 +312,7 @@ def flow_lines(table: Table) -> list[str]:
 FRESH = {
     "graphexec": "graphexec (`graph.compute(workers=2)`)",
     "graphexec-pool": "graphexec (`gx.Pool(workers=2)`)",
+    "graphexec-forkserver": 'graphexec (`start_method="forkserver"`)',
     "ppe": "ProcessPoolExecutor",
     "loky": "loky",
     "dask": "dask processes",

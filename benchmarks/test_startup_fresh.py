@@ -70,7 +70,9 @@ def run_fresh(tool: str) -> dict[str, Any]:
         return json.loads(out.read().strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("tool", ["graphexec", "graphexec-pool", "ppe", "loky", "dask", "ray"])
+@pytest.mark.parametrize(
+    "tool", ["graphexec", "graphexec-pool", "graphexec-forkserver", "ppe", "loky", "dask", "ray"]
+)
 def test_startup_fresh(benchmark: Any, tool: str) -> None:
     first = run_fresh(tool)  # untimed: writes the bytecode cache, warms the disk cache
     if "missing" in first:

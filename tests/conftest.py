@@ -63,7 +63,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _is_multiprocessing_helper(proc: psutil.Process, me: int) -> bool:
-    """multiprocessing's forkserver and resource tracker live for the whole session.
+    """multiprocessing's forkserver and resource tracker, and graphexec's zygote
+    (a fork of this process named ``gx-zygote``), live for the whole session.
 
     Only the direct children count: processes the forkserver forks (our
     workers) carry the same command line and must not be ignored.
@@ -72,9 +73,10 @@ def _is_multiprocessing_helper(proc: psutil.Process, me: int) -> bool:
         if proc.ppid() != me:
             return False
         cmdline = " ".join(proc.cmdline())
+        name = proc.name()
     except psutil.Error:
         return True  # already gone
-    return "forkserver" in cmdline or "resource_tracker" in cmdline
+    return "forkserver" in cmdline or "resource_tracker" in cmdline or name == "gx-zygote"
 
 
 def _shared_pids() -> set[int]:

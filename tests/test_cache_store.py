@@ -173,10 +173,10 @@ def test_sigkill_of_a_worker_mid_writes_leaves_only_whole_entries(tmp_path):
     proc = _start_sweep(script, counter, cache, n, big=True)
     try:
         _wait_for_rows(cache, proc, 10)  # workers are writing large entries now
-        workers = [  # the forkserver's children
+        workers = [  # the children of graphexec's forkserver or zygote
             worker
             for child in psutil.Process(proc.pid).children()
-            if "forkserver" in " ".join(child.cmdline())
+            if "forkserver" in " ".join(child.cmdline()) or child.name() == "gx-zygote"
             for worker in child.children()
         ]
         assert workers

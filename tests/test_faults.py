@@ -1162,7 +1162,7 @@ FLOOD = textwrap.dedent(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+@pytest.mark.parametrize("start_method", ["zygote", "forkserver", "spawn"])
 def test_megabytes_of_output_do_not_deadlock_and_reach_the_parent(tmp_path, start_method):
     script = tmp_path / "flood.py"
     script.write_text(FLOOD)
@@ -1210,7 +1210,7 @@ LOGGING = textwrap.dedent(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+@pytest.mark.parametrize("start_method", ["zygote", "forkserver", "spawn"])
 def test_task_log_records_reach_the_parent_as_its_logging_is_set_up(tmp_path, start_method):
     script = tmp_path / "logs.py"
     script.write_text(LOGGING)
@@ -1344,7 +1344,7 @@ NESTED_POOLS = textwrap.dedent(
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+@pytest.mark.parametrize("start_method", ["zygote", "forkserver", "spawn"])
 def test_a_scripts_tasks_start_pools_of_the_scripts_functions(tmp_path, start_method):
     script = tmp_path / "nested.py"
     script.write_text(NESTED_POOLS)
@@ -1365,7 +1365,7 @@ def own_sockets(_):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+@pytest.mark.parametrize("start_method", ["zygote", "forkserver", "spawn"])
 def test_workers_talk_over_private_pipes_and_listen_nowhere(start_method):
     graph = gx.Graph()
     with graph:

@@ -73,7 +73,8 @@ INTERRUPTED = textwrap.dedent(
             try:
                 line = " ".join(p.cmdline())
                 if p.status() == psutil.STATUS_ZOMBIE or (
-                        p.ppid() == me and ("forkserver" in line or "resource_tracker" in line)):
+                        p.ppid() == me and ("forkserver" in line or "resource_tracker" in line
+                                            or p.name() == "gx-zygote")):
                     continue
             except psutil.Error:
                 continue
@@ -268,9 +269,11 @@ KILLED = textwrap.dedent(
 @pytest.mark.parametrize(
     ("start_method", "how"),
     [
+        ("zygote", "sleep"),
         ("forkserver", "sleep"),
         ("spawn", "sleep"),
-        ("forkserver", "gil"),  # the worker's own watchdog thread cannot run
+        ("zygote", "gil"),  # the worker's own watchdog thread cannot run
+        ("forkserver", "gil"),
     ],
 )
 def test_a_killed_parent_leaves_no_process_behind(tmp_path, start_method, how):

@@ -346,7 +346,8 @@ def _wait_for_files(folder: Path, pattern: str, count: int, timeout: float) -> l
 
 def _workers_left(kernel_pid: int) -> list[str]:
     """Descendants of the kernel other than multiprocessing's forkserver and
-    resource tracker, which live as long as the kernel (as in conftest.py)."""
+    resource tracker and graphexec's zygote, which live as long as the kernel
+    (as in conftest.py)."""
     left = []
     for proc in psutil.Process(kernel_pid).children(recursive=True):
         try:
@@ -354,7 +355,9 @@ def _workers_left(kernel_pid: int) -> list[str]:
                 continue
             cmdline = " ".join(proc.cmdline())
             if proc.ppid() == kernel_pid and (
-                "forkserver" in cmdline or "resource_tracker" in cmdline
+                "forkserver" in cmdline
+                or "resource_tracker" in cmdline
+                or proc.name() == "gx-zygote"
             ):
                 continue
             left.append(f"{proc.pid}: {cmdline[:120]}")

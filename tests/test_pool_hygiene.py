@@ -154,7 +154,7 @@ PROGRAM = textwrap.dedent(
         if order != "none":
             import graphexec as gx
 
-            for method in ("forkserver", "spawn"):
+            for method in ("zygote", "forkserver", "spawn"):
                 graph = gx.Graph()
                 nodes = [graph.add(parent_pid, i) for i in range(4)]
                 run = graph.compute(workers=2, start_method=method)
@@ -208,6 +208,7 @@ def test_the_users_own_process_pools_start_as_without_graphexec(tmp_path: Any, o
     # graphexec's workers never came from Python's shared forkserver ...
     shared = report["shared-forkserver"]
     assert shared not in report["forkserver-worker-parents"]
+    assert shared not in report["zygote-worker-parents"]
     if order == "graphexec-first":
         # ... which it did not even start; nor did it choose the program's
         # default start method (set_start_method() would then fail).

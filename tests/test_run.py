@@ -520,7 +520,7 @@ def test_closures_lambdas_and_local_functions_on_processes(pool):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+@pytest.mark.parametrize("start_method", ["zygote", "forkserver", "spawn"])
 def test_functions_defined_in_main_run_on_workers(tmp_path, start_method):
     script = tmp_path / "pipeline.py"
     script.write_text(

@@ -47,11 +47,13 @@ them, between calls: nothing is lost and nobody is blamed. A call with
 that fails ``INIT_ATTEMPTS`` times in a row breaks the pool (``_broken``):
 no more workers start, and calls that would need one fail with its error.
 
-Workers are started lazily (never more than there is work for), with the
-``forkserver`` start method on Linux (``spawn`` elsewhere): never a plain
-fork of a parent that may run threads. The forkserver and the contexts are
-graphexec's own (``_forkserver``, ``_CONTEXTS``): the program's own process
-pools start exactly as they would without graphexec. Workers are not
+Workers are started lazily (never more than there is work for), on Linux
+from a server of graphexec's own: the ``zygote`` (``zygote.py``: a fork of
+this process made while it runs one thread) by default, else the
+``forkserver`` (a fresh interpreter); ``spawn`` elsewhere: never a plain
+fork of a parent that may run threads. The servers and the contexts are
+graphexec's own (``_forkserver``, ``_zygote_server``, ``_CONTEXTS``): the
+program's own process pools start exactly as they would without graphexec. Workers are not
 daemonic, so tasks may start their own processes. Shutdown asks politely,
 then kills, and always joins; an ``atexit`` hook closes pools the program
 forgot. Each worker leads a process group, killed with it, so no subprocess
@@ -103,6 +105,7 @@ from .._model.errors import (
 )
 from . import threadlimits
 from . import worker as _worker
+from . import zygote as _zygote
 from .protocol import (
     ERROR,
     HELD,
@@ -195,13 +198,23 @@ def _forkserver() -> multiprocessing.forkserver.ForkServer:
         if _server is None or _server[0] != os.getpid():
             _server = (os.getpid(), multiprocessing.forkserver.ForkServer())
         server = _server[1]
-        preload = [_worker.__name__]
-        preload += [m for m in ("numpy", "cloudpickle", "psutil") if m in sys.modules]
-        if "numpy" in sys.modules:  # each worker limits numpy's BLAS: 25 ms less per start
-            preload.append(threadlimits.PRELOAD)
         # Read when the server starts (once, or again if it died).
-        server.set_forkserver_preload(preload)
+        server.set_forkserver_preload(_preload())
         return server
+
+
+def _preload() -> list[str]:
+    """What a fresh-interpreter server imports before it forks workers."""
+    preload = [_worker.__name__]
+    preload += [m for m in ("numpy", "cloudpickle", "psutil") if m in sys.modules]
+    if "numpy" in sys.modules:  # each worker limits numpy's BLAS: 25 ms less per start
+        preload.append(threadlimits.PRELOAD)
+    return preload
+
+
+def _zygote_server() -> multiprocessing.forkserver.ForkServer:
+    """graphexec's zygote (``zygote.py``): a fork of this process while it ran one thread."""
+    return _zygote.server(_preload())
 
 
 def _close_fds(*fds: int) -> None:
@@ -218,6 +231,7 @@ if sys.platform != "win32":
         ``_launch`` asks graphexec's forkserver, with :func:`_preparation_data`."""
 
         _fds: list[int]
+        _server = staticmethod(_forkserver)  # the server asked to fork the worker
 
         def _launch(self, process_obj: Any) -> None:
             prep_data = _preparation_data(process_obj._name)
@@ -228,7 +242,7 @@ if sys.platform != "win32":
                 reduction.dump(process_obj, buf)
             finally:
                 set_spawning_popen(None)
-            self.sentinel, w = _forkserver().connect_to_new_process(self._fds)
+            self.sentinel, w = self._server().connect_to_new_process(self._fds)
             # As CPython: a duplicate of the data pipe's write end is the child's
             # sentinel of its parent.
             parent_w = os.dup(w)
@@ -236,6 +250,11 @@ if sys.platform != "win32":
             with open(w, "wb", closefd=True) as f:
                 f.write(buf.getbuffer())
             self.pid = multiprocessing.forkserver.read_signed(self.sentinel)
+
+    class _ZygotePopen(_ForkServerPopen):
+        """The forkserver ``Popen``, asking graphexec's zygote (``zygote.py``)."""
+
+        _server = staticmethod(_zygote_server)
 
     class _SpawnPopen(multiprocessing.popen_spawn_posix.Popen):
         """CPython's posix spawn ``Popen`` (the same in 3.10 to 3.13), but its
@@ -282,6 +301,12 @@ if sys.platform != "win32":
             with _default_start_method_kept():
                 return _ForkServerPopen(process_obj)
 
+    class _ZygoteProcess(multiprocessing.context.ForkServerProcess):
+        @staticmethod
+        def _Popen(process_obj: Any) -> Any:  # noqa: N802 (multiprocessing's name)
+            with _default_start_method_kept():
+                return _ZygotePopen(process_obj)
+
     class _SpawnProcess(multiprocessing.context.SpawnProcess):
         @staticmethod
         def _Popen(process_obj: Any) -> Any:  # noqa: N802 (multiprocessing's name)
@@ -293,6 +318,11 @@ if sys.platform != "win32":
 
         Process = _ForkServerProcess
 
+    class _ZygoteContext(multiprocessing.context.ForkServerContext):
+        """A context of graphexec's own: its processes come from :func:`_zygote_server`."""
+
+        Process = _ZygoteProcess
+
     class _SpawnContext(multiprocessing.context.SpawnContext):
         """A context of graphexec's own: its processes never import ``__main__``."""
 
@@ -301,6 +331,7 @@ if sys.platform != "win32":
     _CONTEXTS: dict[str, multiprocessing.context.BaseContext] = {
         "forkserver": _ForkServerContext(),
         "spawn": _SpawnContext(),
+        "zygote": _ZygoteContext(),
     }
 else:  # graphexec runs on Linux (README); Windows keeps multiprocessing's own contexts
     _CONTEXTS = {}
@@ -316,21 +347,35 @@ def prestart(start_method: str | None = None) -> None:
     starts once per process and serves every pool, as it would at the first
     worker; nothing waits for it here.
     """
-    if (start_method or default_start_method()) == "forkserver" and "forkserver" in _CONTEXTS:
+    method = start_method or default_start_method()
+    if method in ("forkserver", "zygote") and method in _CONTEXTS:
         try:
             with _default_start_method_kept():  # its preparation data reads the default
-                _forkserver().ensure_running()
+                (_forkserver() if method == "forkserver" else _zygote_server()).ensure_running()
         except OSError:
             pass  # the first worker's start tries again, and reports what fails there
 
 
 def default_start_method() -> str:
+    """``GRAPHEXEC_START_METHOD`` if set; on Linux ``zygote`` while it can be forked
+    (this process runs one thread, or already has its zygote), else ``forkserver``;
+    elsewhere ``spawn``. See ``zygote.py`` and docs/architecture.md."""
     env = os.environ.get("GRAPHEXEC_START_METHOD")
     if env:
         return env
     if sys.platform.startswith("linux"):
+        if _zygote.running() or _zygote.why_not_fork() is None:
+            return "zygote"
         return "forkserver"
     return "spawn"
+
+
+def start_methods() -> list[str]:
+    """The start methods a pool accepts here."""
+    return [
+        *multiprocessing.get_all_start_methods(),
+        *(["zygote"] if "zygote" in _CONTEXTS else []),
+    ]
 
 
 class _Worker:
@@ -426,10 +471,10 @@ class ProcessPool:
         self._init_failures = 0  # initializer failures in a row (INIT_ATTEMPTS)
         self._broken: BaseException | None = None  # the initializer's error, once it gave up
         method = start_method or default_start_method()
-        if method not in multiprocessing.get_all_start_methods():
+        if method not in start_methods():
             raise ValueError(
                 f"start_method={method!r} is not available here; choose one of "
-                f"{', '.join(multiprocessing.get_all_start_methods())}"
+                f"{', '.join(start_methods())}"
             )
         self.start_method = method
         # Never multiprocessing's own contexts: theirs would change what the

@@ -360,7 +360,9 @@ class Graph:
             pool: a :class:`Pool` whose warm workers to use (processes scheduler).
             memory_limit: per-worker RSS limit, bytes or a string such as ``"4GB"``.
             limits: concurrency limits per tag, e.g. ``{"db": 2}``.
-            start_method: ``"forkserver"`` (Linux default), ``"spawn"`` or ``"fork"``.
+            start_method: ``"zygote"`` (Linux default while this process runs one
+                thread), ``"forkserver"`` (the default otherwise; the opt-out),
+                ``"spawn"`` or ``"fork"``; see docs/guide/schedulers.md.
             cache_dir: where cached results live (tasks with ``cache=True`` or a
                 ``cache_key_fn``); default ``./.graphexec-cache``.
             refresh_cache: recompute and overwrite every cached task's entry.

@@ -19,7 +19,11 @@ class Pool:
 
     Args:
         workers: number of worker processes (default ``os.cpu_count()``).
-        start_method: ``"forkserver"`` (default on Linux), ``"spawn"`` or ``"fork"``.
+        start_method: ``"zygote"`` (default on Linux while this process runs one
+            thread: workers fork from a fork of it), ``"forkserver"`` (the
+            default otherwise, and the opt-out: workers fork from a fresh
+            interpreter), ``"spawn"`` or ``"fork"``; ``GRAPHEXEC_START_METHOD``
+            sets the default. See docs/architecture.md, "Start methods".
         max_calls_per_worker: replace a worker after it has run this many calls
             (between calls; nobody is blamed), so that what tasks leave behind —
             environment variables, the working directory, module globals, memory a
@@ -129,7 +133,7 @@ class Pool:
 
     @property
     def start_method(self) -> str:
-        """How workers are started: ``forkserver``, ``spawn`` or ``fork``."""
+        """How workers are started: ``zygote``, ``forkserver``, ``spawn`` or ``fork``."""
         return self._procs.start_method
 
     @property

@@ -1,0 +1,339 @@
+"""The zygote: graphexec's fork server, forked from the program itself while it runs one thread.
+
+A forkserver is a fresh Python interpreter: before the first worker can fork
+from it, it starts Python and imports multiprocessing and the worker module,
+60-90 ms of a fresh script's first compute. The zygote is the same server
+(multiprocessing's forkserver loop and protocol, so workers are forked and
+run exactly as forkserver workers: same ``Popen``, same preparation data,
+same worker loop) started by ``os.fork()`` of the program instead: it exists
+in about a millisecond, with graphexec and the program's modules already
+loaded, and the first workers fork from it at once.
+
+Forking a process that runs several threads is unsafe (a lock another thread
+held stays held forever in the child), so the zygote is forked only while
+the program runs exactly one OS thread (``/proc/self/task``, which counts C
+threads too); otherwise, or when the program is large
+(``ZYGOTE_MAX_RSS``: every worker's RSS counts the pages it shares with the
+zygote, see ``memory_limit=``), the server is started as a fresh interpreter
+instead, like graphexec's forkserver. Once running, the zygote serves every
+pool of the process whatever threads the program starts later: it is a
+process of its own, single-threaded, and never touches the program again.
+
+What the zygote does with what it inherits (``_become_zygote``):
+
+* its threads: none (the program had one: the thread that forked);
+* its file descriptors: every one but stdin, stdout, stderr and the two it
+  serves on is replaced by ``/dev/null`` (``dup2``, so the numbers stay
+  taken): a pipe or socket of the program (a subprocess's stdin, another
+  pool's worker pipes, the guard's pipe) is not held open by the zygote or
+  its workers, so its peer still sees end-of-file when the program closes it,
+  and a stale Python object of the program (a module-level file or socket)
+  used by a task reads end-of-file, writes nowhere or fails, but never reaches
+  a descriptor the worker opened since;
+* its objects: kept, untouched, and frozen out of the garbage collector
+  (``gc.freeze``): collecting or dropping the program's objects would run
+  their finalizers (a temporary file's removal, a connection's goodbye) on
+  resources that are the program's; it exits with ``os._exit``, and so do
+  its workers, so no ``atexit`` hook of the program runs in them;
+* its signal handlers: Python-level handlers go back to the defaults of a
+  fresh interpreter (ignored signals stay ignored, as across ``exec``);
+  ``faulthandler`` as a fresh interpreter would have it;
+* ``sys.stdin``/``stdout``/``stderr``: the interpreter's own
+  (``sys.__stdout__``...), not whatever the program put there (a capture, a
+  tee); the program's streams are flushed before the fork, so nothing
+  buffered is written twice;
+* multiprocessing's own forkserver and resource tracker state: reset, so a
+  task may start its own process pools as in a fresh process;
+* its name: ``gx-zygote`` (``/proc/self/comm``, what ``ps`` and ``top``
+  show); its workers take the program's name back.
+
+It dies with the program: it reads the end-of-file of a pipe whose write
+end only the program and the workers hold (as a forkserver does), and
+workers end when the program dies (their watchdog, the pool's guard).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import gc
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+from multiprocessing import connection, resource_tracker
+from multiprocessing import forkserver as mp_forkserver
+from multiprocessing import util as mp_util
+from typing import Any, cast
+
+# The program's RSS above which no zygote is forked (a fresh-interpreter server
+# is started instead): a forked worker's RSS counts every page it shares with
+# the zygote, so a big program would start each worker near its memory_limit=
+# (and forking it copies page tables: a few ms per GB).
+ZYGOTE_MAX_RSS = 256 * 1024 * 1024
+NAME = "gx-zygote"  # /proc/<pid>/comm of the zygote (at most 15 characters)
+_ENV_MAX_RSS = "GRAPHEXEC_ZYGOTE_MAX_RSS"
+
+_state: tuple[int, Zygote] | None = None  # (pid of the process it serves, server)
+_lock = threading.Lock()
+
+
+def threads() -> int | None:
+    """How many OS threads this process runs (C threads too); None where unknown."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return None
+
+
+def rss() -> int | None:
+    """This process's resident set size in bytes; None where unknown."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def max_rss() -> int:
+    """``ZYGOTE_MAX_RSS``, or ``GRAPHEXEC_ZYGOTE_MAX_RSS`` (bytes) if set."""
+    try:
+        return int(os.environ.get(_ENV_MAX_RSS) or ZYGOTE_MAX_RSS)
+    except ValueError:
+        return ZYGOTE_MAX_RSS
+
+
+def why_not_fork() -> str | None:
+    """Why a zygote cannot be forked from this process now, or None if it can."""
+    if not hasattr(os, "fork") or not sys.platform.startswith("linux"):
+        return "not Linux"
+    count = threads()
+    if count is None:
+        return "its threads cannot be counted (no /proc)"
+    if count != 1:
+        return f"it runs {count} threads"
+    if threading.current_thread() is not threading.main_thread():
+        return "not in the main thread (signal handlers can only be set there)"
+    size = rss()
+    if size is None or size > max_rss():
+        return f"its RSS ({size} bytes) is over {max_rss()}"
+    return None
+
+
+def running() -> bool:
+    """Whether this process has started its zygote (forked or not) and it may still run."""
+    state = _state
+    return state is not None and state[0] == os.getpid() and state[1].started
+
+
+def server(preload: list[str]) -> Zygote:
+    """This process's zygote server (one per process; a forked child gets its own).
+
+    ``preload``: what a fresh-interpreter server imports, when it cannot be forked.
+    """
+    global _state
+    with _lock:
+        if _state is None or _state[0] != os.getpid():
+            _state = (os.getpid(), Zygote())
+        zygote = _state[1]
+        zygote.set_forkserver_preload(preload)
+        return zygote
+
+
+class Zygote(mp_forkserver.ForkServer):
+    """multiprocessing's ``ForkServer`` whose server is a fork of this process when it can be.
+
+    ``connect_to_new_process`` (and so ``popen_forkserver.Popen``) is the
+    stdlib's, unchanged: the server side runs ``multiprocessing.forkserver.main``
+    either way.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # multiprocessing's own fields (as its __init__ sets them), typed here.
+        self._lock = threading.Lock()
+        self._forkserver_address: Any = None
+        self._forkserver_alive_fd: int | None = None
+        self._forkserver_pid: int | None = None
+        self.forked = False  # the running server is a fork of this process
+        self.started = False
+
+    def ensure_running(self) -> None:
+        """Start the server if it is not running: forked when :func:`why_not_fork` allows."""
+        with self._lock:
+            if self._alive():
+                return
+            if why_not_fork() is None:
+                self._fork()
+                return
+        # Several threads (or no /proc): a fresh interpreter, as a forkserver.
+        super().ensure_running()
+        self.forked = False
+        self.started = True
+
+    def _alive(self) -> bool:
+        pid = self._forkserver_pid
+        if pid is None:
+            return False
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by someone else's waitpid(-1)
+            done = pid
+        if not done:
+            return True
+        if self._forkserver_alive_fd is not None:
+            os.close(self._forkserver_alive_fd)
+        self._forkserver_address = None
+        self._forkserver_alive_fd = None
+        self._forkserver_pid = None
+        return False
+
+    def _fork(self) -> None:
+        address = cast(Any, connection).arbitrary_address("AF_UNIX")
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(address)
+            if not mp_util.is_abstract_socket_namespace(address):
+                os.chmod(address, 0o600)
+            listener.listen()
+            # The program and every worker hold the write end; the zygote
+            # exits at its end-of-file, once all of them are gone.
+            alive_r, alive_w = os.pipe()
+            try:
+                _flush_streams()  # or their buffered text would be written twice
+                pid = os.fork()
+                if pid == 0:
+                    _become_zygote(listener.fileno(), alive_r)  # never returns
+            except BaseException:
+                os.close(alive_w)
+                raise
+            finally:
+                os.close(alive_r)
+        self._forkserver_address = address
+        self._forkserver_alive_fd = alive_w
+        self._forkserver_pid = pid
+        self.forked = self.started = True
+
+
+def _flush_streams() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+
+
+def _become_zygote(listener_fd: int, alive_r: int) -> None:
+    """In the forked child: shed what is the program's, then serve until the end of file."""
+    code = 1
+    try:
+        name = _comm()
+        _fresh_signals()
+        _only_fds({0, 1, 2, listener_fd, alive_r})
+        sys.stdin = sys.__stdin__
+        sys.stdout = sys.__stdout__
+        sys.stderr = sys.__stderr__
+        _fresh_faulthandler()
+        _fresh_multiprocessing()
+        _set_comm(NAME)
+        if name is not None:
+            # Workers forked from here take the program's name back.
+            os.register_at_fork(after_in_child=lambda: _set_comm(name))
+        gc.freeze()  # the program's objects: never collected (their finalizers are its)
+        mp_forkserver.main(listener_fd, alive_r, [])
+        code = 0
+    except SystemExit:  # end of file on the alive pipe: the program and its workers are gone
+        code = 0
+    except BaseException:
+        try:
+            traceback.print_exc()
+            sys.stderr.flush()
+        except BaseException:
+            pass
+    finally:
+        os._exit(code)
+
+
+def _fresh_signals() -> None:
+    """Python-level handlers back to a fresh interpreter's (as ``exec`` does)."""
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    for sig in signal.valid_signals():
+        try:
+            handler = signal.getsignal(sig)
+        except (ValueError, OSError):
+            continue
+        if callable(handler) and handler is not signal.default_int_handler:
+            try:
+                signal.signal(
+                    sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+                )
+            except (ValueError, OSError):
+                pass
+
+
+def _only_fds(keep: set[int]) -> None:
+    """Point every descriptor but ``keep`` at /dev/null (the numbers stay taken)."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for entry in os.listdir("/proc/self/fd"):
+            fd = int(entry)
+            if fd in keep or fd == null:
+                continue
+            try:
+                os.dup2(null, fd, inheritable=False)
+            except OSError:
+                pass  # closed since the listing (the listing's own descriptor)
+    finally:
+        os.close(null)
+
+
+def _fresh_faulthandler() -> None:
+    """faulthandler as a fresh interpreter has it (the program's may write to a closed file)."""
+    if faulthandler.is_enabled():
+        faulthandler.disable()
+    if os.environ.get("PYTHONFAULTHANDLER") or "faulthandler" in sys._xoptions:
+        faulthandler.enable()
+
+
+def _fresh_multiprocessing() -> None:
+    """multiprocessing's own servers as in a fresh process: a task's pools start their own."""
+    shared: Any = mp_forkserver._forkserver
+    shared._forkserver_address = None
+    shared._forkserver_alive_fd = None
+    shared._forkserver_pid = None
+    shared._inherited_fds = None
+    tracker: Any = resource_tracker._resource_tracker
+    tracker._fd = None  # each worker is handed the program's tracker, as forkserver workers are
+    tracker._pid = None
+
+
+def _comm() -> str | None:
+    try:
+        with open("/proc/self/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _set_comm(name: str) -> None:
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
+
+
+def _forget_in_child() -> None:
+    # A forked child (the zygote, a worker, the program's own os.fork()) is not
+    # the process its parent's zygote serves; it makes its own if it needs one.
+    global _state, _lock
+    _state = None
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)

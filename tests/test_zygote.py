@@ -1,0 +1,273 @@
+"""The zygote start method (``graphexec/_executors/zygote.py``, #14).
+
+On Linux, workers fork from a server that is itself a fork of the program,
+made while the program runs one thread; with several threads the server is a
+fresh interpreter, as ``forkserver``. Each check runs a script in a fresh
+interpreter, where the program's state when the zygote forks is known: its
+threads, its pipes, its signal handlers, its ``sys.stdout``.
+
+The rest of the suite runs on the default (the zygote: the test process has
+one thread when its first pool starts); the tests parametrised over start
+methods elsewhere (test_faults, test_interrupt, test_run, test_pool_hygiene)
+run the forkserver path too, and CI runs the process-pool files once more
+with ``GRAPHEXEC_START_METHOD=forkserver``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import graphexec as gx
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the zygote is Linux's (it needs /proc)"
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(gx.__file__)))
+
+PRELUDE = textwrap.dedent(
+    """
+    import json, os, signal, subprocess, sys, threading, time
+    import psutil
+    import graphexec as gx
+    from graphexec._executors import zygote
+
+    def children():
+        return {p.pid: p.name() for p in psutil.Process().children()}
+
+    def compute(fn, *args, n=1, **options):
+        graph = gx.Graph()
+        nodes = [graph.add(fn, *args) for _ in range(n)]
+        run = graph.compute(**options)
+        return [run[node] for node in nodes]
+
+    def report(**values):
+        print("REPORT " + json.dumps(values), flush=True)
+    """
+)
+
+
+def _run(body: str, env: dict[str, str] | None = None) -> tuple[dict, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("GRAPHEXEC_")}
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, environ.get("PYTHONPATH")]))
+    environ.update(env or {})
+    done = subprocess.run(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environ,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("REPORT "))
+    return json.loads(line[len("REPORT ") :]), done.stdout
+
+
+@pytest.mark.timeout(90)
+def test_a_single_threaded_program_forks_its_zygote_and_workers_fork_from_it():
+    report, _ = _run(
+        """
+        def where():
+            return os.getppid(), open("/proc/self/comm").read().strip()
+
+        assert zygote.threads() == 1
+        with gx.Pool(workers=2) as pool:
+            method = pool.start_method
+            helpers = children()  # made with the pool, before any worker
+            parents = compute(where, n=4, pool=pool)
+        report(method=method, helpers=helpers, parents=parents, me=psutil.Process().name())
+        """
+    )
+    assert report["method"] == "zygote"
+    zygotes = [pid for pid, name in report["helpers"].items() if name == "gx-zygote"]
+    assert len(zygotes) == 1  # started when the pool was made
+    for parent, name in report["parents"]:
+        assert parent == int(zygotes[0])
+        assert name == report["me"]  # a worker takes the program's name back
+
+
+@pytest.mark.timeout(90)
+def test_a_threaded_program_gets_a_forkserver_and_never_a_fork():
+    report, _ = _run(
+        """
+        stop = threading.Event()
+        thread = threading.Thread(target=stop.wait)
+        thread.start()
+        default = gx._surfaces.pool.default_start_method()
+        with gx.Pool(workers=1) as pool:
+            compute(os.getpid, pool=pool)
+            default_names = sorted(children().values())
+        # Asked for by name, the zygote is still no fork of a threaded program:
+        # its server is a fresh interpreter, as a forkserver.
+        with gx.Pool(workers=1, start_method="zygote") as pool:
+            compute(os.getpid, pool=pool)
+            server = zygote.server([])
+            forked = server.forked
+            zygote_names = sorted(children().values())
+        stop.set()
+        thread.join()
+        report(default=default, default_names=default_names, forked=forked,
+               zygote_names=zygote_names)
+        """
+    )
+    assert report["default"] == "forkserver"
+    assert "gx-zygote" not in report["default_names"]
+    assert report["forked"] is False
+    assert "gx-zygote" not in report["zygote_names"]
+
+
+@pytest.mark.timeout(90)
+def test_a_large_program_gets_a_forkserver():
+    # Every worker's RSS would count the pages it shares with a large zygote.
+    report, _ = _run(
+        "report(default=gx._surfaces.pool.default_start_method())",
+        env={"GRAPHEXEC_ZYGOTE_MAX_RSS": "1000"},
+    )
+    assert report["default"] == "forkserver"
+
+
+@pytest.mark.timeout(90)
+def test_the_zygote_holds_none_of_the_programs_pipes():
+    # A subprocess whose stdin pipe the program made before the zygote forked
+    # must still see end of file when the program closes it: the zygote and its
+    # workers point every descriptor they do not need at /dev/null.
+    report, _ = _run(
+        """
+        import tempfile
+        cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        log = tempfile.TemporaryFile("w")  # a program's file, open when the zygote forks
+        compute(os.getpid, workers=1)
+        (server,) = [pid for pid, name in children().items() if name == "gx-zygote"]
+        targets = {}
+        for fd in os.listdir(f"/proc/{server}/fd"):
+            try:
+                targets[fd] = os.readlink(f"/proc/{server}/fd/{fd}")
+            except OSError:
+                pass
+        mine = [os.readlink(f"/proc/self/fd/{f.fileno()}") for f in (cat.stdin, log)]
+        cat.stdin.close()
+        code = cat.wait(10)
+        report(code=code, targets=targets, mine=mine)
+        """
+    )
+    assert report["code"] == 0  # cat saw end of file: nobody else held its stdin
+    # The program's pipe and file are not the zygote's: /dev/null took their numbers.
+    assert not set(report["mine"]) & set(report["targets"].values())
+    assert list(report["targets"].values()).count("/dev/null") >= 3
+
+
+@pytest.mark.timeout(90)
+def test_workers_get_a_fresh_interpreters_signals_and_streams():
+    report, out = _run(
+        """
+        import io
+        signal.signal(signal.SIGUSR1, lambda *a: None)  # the program's handler
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)   # ignored: stays so, as across exec
+        sys.stdout.write("BEFORE\\n")  # buffered (stdout is a pipe): never written twice
+        real, sys.stdout = sys.stdout, io.StringIO()   # the program captures its own prints
+
+        def inside():
+            print("FROM-THE-WORKER")
+            return (
+                signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL,
+                signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN,
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+                sys.stdout.__class__.__name__,
+            )
+
+        (seen,) = compute(inside, workers=1)
+        sys.stdout = real
+        report(seen=seen)
+        """
+    )
+    usr1, usr2, sigint_default, stream = report["seen"]
+    assert usr1 is True  # the program's handler is not the worker's
+    assert usr2 is True
+    assert sigint_default is True
+    assert stream == "NodeStream"
+    assert out.count("BEFORE") == 1
+    assert "FROM-THE-WORKER" in out  # the real stdout, not the program's StringIO
+
+
+@pytest.mark.timeout(90)
+def test_workers_of_the_zygote_have_the_programs_modules_and_their_own_random_state():
+    # What a fork gives: the program's modules are loaded already (functions
+    # load faster); what it must not: workers drawing the same random numbers.
+    report, _ = _run(
+        """
+        import decimal, random  # loaded by the program before its first compute
+
+        def probe(_):
+            time.sleep(0.2)  # both workers take one
+            return "decimal" in sys.modules, random.random(), os.getpid()
+
+        graph = gx.Graph()
+        nodes = [graph.add(probe, i) for i in range(2)]
+        run = graph.compute(workers=2)
+        report(seen=[run[n] for n in nodes])
+        """
+    )
+    (a_loaded, a_random, a_pid), (b_loaded, b_random, b_pid) = report["seen"]
+    assert a_loaded and b_loaded
+    assert a_pid != b_pid and a_random != b_random
+
+
+@pytest.mark.timeout(90)
+def test_forkserver_opts_out_by_option_and_by_environment():
+    report, _ = _run(
+        """
+        with gx.Pool(workers=1, start_method="forkserver") as pool:
+            compute(os.getpid, pool=pool)
+            names = sorted(children().values())
+        report(env=gx._surfaces.pool.default_start_method(), names=names)
+        """,
+        env={"GRAPHEXEC_START_METHOD": "forkserver"},
+    )
+    assert report["env"] == "forkserver"
+    assert "gx-zygote" not in report["names"]
+
+
+def test_zygote_is_a_start_method_a_pool_accepts():
+    with gx.Pool(workers=1, start_method="zygote") as pool:
+        assert pool.start_method == "zygote"
+        graph = gx.Graph()
+        node = graph.add(os.getpid)
+        assert graph.compute(pool=pool)[node] != os.getpid()
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_zygote_is_replaced_and_never_by_a_fork_of_a_threaded_program():
+    report, _ = _run(
+        """
+        compute(os.getpid, workers=1)
+        server = zygote.server([])
+        first = server._forkserver_pid
+        os.kill(first, signal.SIGKILL)
+        while psutil.pid_exists(first) and psutil.Process(first).status() != "zombie":
+            time.sleep(0.01)
+        compute(os.getpid, workers=1)  # one thread still: forked again
+        second, forked_again = server._forkserver_pid, server.forked
+        os.kill(second, signal.SIGKILL)
+        while psutil.pid_exists(second) and psutil.Process(second).status() != "zombie":
+            time.sleep(0.01)
+        stop = threading.Event()
+        thread = threading.Thread(target=stop.wait)
+        thread.start()
+        pids = compute(os.getpid, workers=1)  # the default is still the zygote: it runs
+        third, forked_last = server._forkserver_pid, server.forked
+        stop.set()
+        thread.join()
+        report(first=first, second=second, third=third, forked_again=forked_again,
+               forked_last=forked_last, me=os.getpid(), pids=pids)
+        """
+    )
+    assert len({report["first"], report["second"], report["third"]}) == 3
+    assert report["forked_again"] is True
+    assert report["forked_last"] is False  # a fresh interpreter, as a forkserver
+    assert report["me"] not in report["pids"]
