@@ -133,33 +133,61 @@ def test_a_large_program_gets_a_forkserver():
 
 
 @pytest.mark.timeout(90)
-def test_the_zygote_holds_none_of_the_programs_pipes():
+def test_the_zygote_holds_none_of_the_programs_pipes_but_keeps_its_files(tmp_path):
     # A subprocess whose stdin pipe the program made before the zygote forked
     # must still see end of file when the program closes it: the zygote and its
-    # workers point every descriptor they do not need at /dev/null.
+    # workers point every pipe and socket at a dead pipe. A file the program
+    # opened (a module-level log) stays open, as across a plain fork, so that
+    # what a task writes to it is not lost; a stale socket fails loudly.
+    log_path = tmp_path / "program.log"
+    # A module of the program's (functions of __main__ travel by value, and a
+    # file object does not pickle): imported, with its file open, before the fork.
+    (tmp_path / "program_module.py").write_text(
+        textwrap.dedent(
+            f"""
+            import os, socket
+            LOG = open({str(log_path)!r}, "a", buffering=1)
+            A, B = socket.socketpair()
+
+            def write_log():
+                LOG.write(f"from worker {{os.getpid()}}\\n")
+                LOG.flush()
+                return os.getpid()
+
+            def use_socket():
+                try:
+                    A.sendall(b"x")
+                except OSError as exc:
+                    return type(exc).__name__
+                return "sent"
+            """
+        )
+    )
     report, _ = _run(
-        """
-        import tempfile
+        f"""
+        sys.path.insert(0, {str(tmp_path)!r})
+        from program_module import write_log, use_socket
         cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
-        log = tempfile.TemporaryFile("w")  # a program's file, open when the zygote forks
-        compute(os.getpid, workers=1)
+        (worker,) = compute(write_log, workers=1)
+        (sock,) = compute(use_socket, workers=1)
         (server,) = [pid for pid, name in children().items() if name == "gx-zygote"]
-        targets = {}
-        for fd in os.listdir(f"/proc/{server}/fd"):
+        targets = {{}}
+        for fd in os.listdir(f"/proc/{{server}}/fd"):
             try:
-                targets[fd] = os.readlink(f"/proc/{server}/fd/{fd}")
+                targets[fd] = os.readlink(f"/proc/{{server}}/fd/{{fd}}")
             except OSError:
                 pass
-        mine = [os.readlink(f"/proc/self/fd/{f.fileno()}") for f in (cat.stdin, log)]
+        pipe = os.readlink(f"/proc/self/fd/{{cat.stdin.fileno()}}")
         cat.stdin.close()
         code = cat.wait(10)
-        report(code=code, targets=targets, mine=mine)
+        report(code=code, targets=targets, pipe=pipe, worker=worker, sock=sock)
         """
     )
     assert report["code"] == 0  # cat saw end of file: nobody else held its stdin
-    # The program's pipe and file are not the zygote's: /dev/null took their numbers.
-    assert not set(report["mine"]) & set(report["targets"].values())
-    assert list(report["targets"].values()).count("/dev/null") >= 3
+    assert report["pipe"] not in report["targets"].values()
+    assert str(log_path) in report["targets"].values()  # the file is still the program's
+    assert log_path.read_text() == f"from worker {report['worker']}\n"
+    assert report["sock"] in ("OSError", "BrokenPipeError")  # loud, never "sent"
 
 
 @pytest.mark.timeout(90)

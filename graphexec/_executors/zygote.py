@@ -22,14 +22,13 @@ process of its own, single-threaded, and never touches the program again.
 What the zygote does with what it inherits (``_become_zygote``):
 
 * its threads: none (the program had one: the thread that forked);
-* its file descriptors: every one but stdin, stdout, stderr and the two it
-  serves on is replaced by ``/dev/null`` (``dup2``, so the numbers stay
-  taken): a pipe or socket of the program (a subprocess's stdin, another
-  pool's worker pipes, the guard's pipe) is not held open by the zygote or
-  its workers, so its peer still sees end-of-file when the program closes it,
-  and a stale Python object of the program (a module-level file or socket)
-  used by a task reads end-of-file, writes nowhere or fails, but never reaches
-  a descriptor the worker opened since;
+* its file descriptors: files, directories and devices stay open, as across
+  a plain ``fork`` (a module-level log file keeps receiving what workers
+  write); every other one (pipes, sockets) but stdin, stdout, stderr and the
+  two it serves on is pointed at a pipe nobody reads (``_only_fds``): the
+  program's pipes are not held open by the zygote or its workers, so their
+  peers still see end-of-file, and a stale connection object used by a task
+  fails loudly instead of writing into the void;
 * its objects: kept, untouched, and frozen out of the garbage collector
   (``gc.freeze``): collecting or dropping the program's objects would run
   their finalizers (a temporary file's removal, a connection's goodbye) on
@@ -59,6 +58,7 @@ import gc
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import traceback
@@ -276,19 +276,37 @@ def _fresh_signals() -> None:
 
 
 def _only_fds(keep: set[int]) -> None:
-    """Point every descriptor but ``keep`` at /dev/null (the numbers stay taken)."""
-    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    """Take the program's pipes and sockets away from the zygote; keep its files.
+
+    A pipe or socket held here would keep its peer from seeing end of file,
+    and two processes talking on one connection corrupt it: each descriptor
+    but ``keep`` that is neither a file, a directory nor a device is pointed
+    at the write end of a pipe nobody reads (``dup2``, so the numbers stay
+    taken). A task that uses such a stale object then fails loudly (an
+    ``OSError``: ``BrokenPipeError`` on a write, not a socket on a socket
+    call) instead of writing into the void. Files stay open, as across a
+    plain ``fork``: a module-level log file (a ``logging.FileHandler`` made
+    at import) keeps receiving what the workers write, as it would if they
+    had imported the module themselves.
+    """
+    read_end, dead = os.pipe2(os.O_CLOEXEC)
+    os.close(read_end)  # nobody will ever read: writes fail with EPIPE
     try:
         for entry in os.listdir("/proc/self/fd"):
             fd = int(entry)
-            if fd in keep or fd == null:
+            if fd in keep or fd == dead:
                 continue
             try:
-                os.dup2(null, fd, inheritable=False)
+                mode = os.fstat(fd).st_mode
+                if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISCHR(mode):
+                    continue
+                if stat.S_ISBLK(mode):
+                    continue
+                os.dup2(dead, fd, inheritable=False)
             except OSError:
                 pass  # closed since the listing (the listing's own descriptor)
     finally:
-        os.close(null)
+        os.close(dead)
 
 
 def _fresh_faulthandler() -> None:
