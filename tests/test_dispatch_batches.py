@@ -115,6 +115,29 @@ def test_slow_calls_are_never_queued_and_short_ones_only_a_few_ms_deep(monkeypat
     assert len(slow_nodes) == 8
 
 
+@pytest.mark.timeout(60)
+def test_calls_under_a_memory_limit_are_never_queued_behind_another(monkeypatch):
+    # A call queued behind another would start in a worker that call may have
+    # left over the limit, and be blamed for memory that is not its own (chains
+    # are off with memory_limit= for the same reason).
+    graph = gx.Graph()
+    with graph:
+        nodes = [graph.add(_square_or_die, i, frozenset()) for i in range(300)]
+    with gx.Pool(workers=2) as pool:
+        seen = _spy(pool, monkeypatch)
+        run = graph.compute(pool=pool, keep="all")
+        assert seen["batched"], "no call was prefetched without a limit: the test proves nothing"
+        seen["batched"].clear()
+        limited = graph.compute(pool=pool, keep="all", memory_limit="2GB")
+        assert seen["batched"] == []
+    with gx.Pool(workers=2, memory_limit="2GB") as pool:
+        seen = _spy(pool, monkeypatch)
+        pooled = graph.compute(pool=pool, keep="all")
+        assert seen["batched"] == []
+    for done in (run, limited, pooled):
+        assert [done[n] for n in nodes] == [i * i for i in range(300)]
+
+
 def _step(x: int, die_at: int) -> int:
     if x == die_at:
         os._exit(7)

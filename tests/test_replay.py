@@ -750,6 +750,21 @@ def test_an_unwritable_run_dir_is_refused_before_the_run(tmp_path):
         g.compute(scheduler="sync", run_dir=blocker / "sub")
 
 
+
+def test_a_run_its_pool_refuses_leaves_the_record_already_there_whole(tmp_path):
+    # The executor is opened before the record: a closed pool refuses the run
+    # without emptying the record an earlier run left in the same directory.
+    with gx.Graph() as g:
+        fails(1)
+    with gx.Pool(workers=1) as pool:
+        first = g.compute(pool=pool, run_dir=tmp_path, raise_on_failure=False)
+    with pytest.raises(RuntimeError, match="closed"):
+        g.compute(pool=pool, run_dir=tmp_path, raise_on_failure=False)
+    loaded = gx.Run.load(tmp_path)
+    assert [n.name for n in loaded.failed] == [n.name for n in first.failed]
+    assert loaded.summary().count("interrupted") == 0
+
+
 # -- a node by its name ------------------------------------------------------------------
 
 

@@ -299,3 +299,61 @@ def test_a_killed_zygote_is_replaced_and_never_by_a_fork_of_a_threaded_program()
     assert report["forked_again"] is True
     assert report["forked_last"] is False  # a fresh interpreter, as a forkserver
     assert report["me"] not in report["pids"]
+
+
+@pytest.mark.timeout(90)
+def test_a_pool_made_while_its_module_is_imported_finds_what_the_module_defines_later(tmp_path):
+    # A zygote forked in the middle of an import would keep the half-built
+    # module for good: a function defined below the pool's line would be
+    # missing in every worker. Such a pool gets a forkserver; later ones, once
+    # the import is done, the zygote.
+    (tmp_path / "module_with_pool.py").write_text(
+        textwrap.dedent(
+            """
+            import graphexec as gx
+            pool = gx.Pool(1)
+
+            def helper(x):
+                return x * 10
+
+            @gx.task
+            def f(x):
+                return helper(x) + 1
+            """
+        )
+    )
+    report, _ = _run(
+        f"""
+        sys.path.insert(0, {str(tmp_path)!r})
+        import module_with_pool as m
+        graph = gx.Graph()
+        with graph:
+            node = m.f(1)
+        value = graph.compute(pool=m.pool)[node]
+        method = m.pool.start_method
+        m.pool.close()
+        later = gx.Pool(1)
+        later_method = later.start_method
+        later.close()
+        report(value=value, method=method, later=later_method)
+        """
+    )
+    assert report == {"value": 11, "method": "forkserver", "later": "zygote"}
+
+
+@pytest.mark.timeout(90)
+def test_a_memory_limited_pool_gets_a_forkserver_by_default():
+    # A zygote's worker counts the pages it shares with the program in its RSS,
+    # which memory_limit= limits: a limited pool's workers start small instead.
+    report, _ = _run(
+        """
+        limited = gx.Pool(1, memory_limit="1GB")
+        plain = gx.Pool(1)
+        asked = gx.Pool(1, memory_limit="1GB", start_method="zygote")
+        report(limited=limited.start_method, plain=plain.start_method,
+               asked=asked.start_method)
+        for p in (limited, plain, asked):
+            p.close()
+        """
+    )
+    assert report == {"limited": "forkserver", "plain": "zygote", "asked": "zygote"}

@@ -356,14 +356,21 @@ def prestart(start_method: str | None = None) -> None:
             pass  # the first worker's start tries again, and reports what fails there
 
 
-def default_start_method() -> str:
+def default_start_method(memory_limited: bool = False) -> str:
     """``GRAPHEXEC_START_METHOD`` if set; on Linux ``zygote`` while it can be forked
-    (this process runs one thread, or already has its zygote), else ``forkserver``;
-    elsewhere ``spawn``. See ``zygote.py`` and docs/architecture.md."""
+    (this process runs one thread, or already has its zygote) and the workers'
+    memory is not limited, else ``forkserver``; elsewhere ``spawn``. See
+    ``zygote.py`` and docs/architecture.md.
+
+    ``memory_limited``: a zygote's worker counts the pages it shares with the
+    program in its RSS, which ``memory_limit=`` limits; a forkserver's starts small.
+    """
     env = os.environ.get("GRAPHEXEC_START_METHOD")
     if env:
         return env
     if sys.platform.startswith("linux"):
+        if memory_limited:
+            return "forkserver"
         if _zygote.running() or _zygote.why_not_fork() is None:
             return "zygote"
         return "forkserver"
@@ -981,6 +988,10 @@ class ProcessPool:
         wire = call.wire
         cost = self._fn_short.get(fn_id)
         if wire is None or len(wire) > PREFETCH_MAX_BYTES or cost is None or cost >= SHORT_CALL:
+            return None
+        if call.memory_limit is not None or self._memory_limit is not None:
+            # As chains are off there: a call queued behind another would start in
+            # a worker that call may leave over the limit, and be blamed for it.
             return None
         depth = min(PREFETCH_DEPTH, max(2, int(PREFETCH_SECONDS / (cost + CALL_OVERHEAD))))
         room = QUEUE_MAX_BYTES - len(wire)

@@ -118,6 +118,23 @@ def why_not_fork() -> str | None:
     size = rss()
     if size is None or size > max_rss():
         return f"its RSS ({size} bytes) is over {max_rss()}"
+    importing = _importing()
+    if importing is not None:
+        return f"module {importing} is still being imported"
+    return None
+
+
+def _importing() -> str | None:
+    """A module whose import is under way (a pool made at module level), if any.
+
+    A zygote forked now would keep the half-built module for good: its workers
+    never import it again, so a function defined below the line that made the
+    pool would not be found in them.
+    """
+    for name, module in list(sys.modules.items()):
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and getattr(spec, "_initializing", False):
+            return name
     return None
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import _executors  # its dask executor loads on first use, with cluster=
 from .._executors.inprocess import SyncExecutor, ThreadExecutor
-from .._executors.process import ProcessPool, prestart
+from .._executors.process import ProcessPool, default_start_method, prestart
 from .._executors.protocol import Executor
 from .options import ComputeOptions
 
@@ -30,7 +30,8 @@ def make_executor(options: ComputeOptions) -> Executor:
     else:
         pool = ProcessPool(
             options.workers,
-            start_method=options.start_method,
+            start_method=options.start_method
+            or default_start_method(options.memory_limit is not None),
             max_calls=options.max_calls_per_worker,
             inner_threads=options.inner_threads,
         )
@@ -49,4 +50,5 @@ def start_early(given: dict[str, Any]) -> None:
         and given.get("cluster") is None
         and given.get("workers") != 0
     ):
-        prestart(given.get("start_method"))
+        limited = given.get("memory_limit") is not None
+        prestart(given.get("start_method") or default_start_method(limited))

@@ -87,16 +87,22 @@ def _compute(graph: Graph, targets: tuple[Any, ...], given: dict[str, Any]) -> R
     kept = set(members) if options.keep == "all" else set(target_ids)
     run = Run(graph, members, kept)
     run._inputs_cap = options.keep_inputs
-    journal = None
-    if options.run_dir is not None:  # the run's record, written as it goes
-        journal = Journal(options.run_dir)
-        run._record = journal.path
-    dispatch = _dispatch(graph, members, options, journal)  # None when nothing listens
-    store = None
-    if any(graph._opts[i].cache_key_fn is not None for i in members):
-        store = CacheStore(options.cache_dir)
+    # The executor first: a pool that cannot run (closed, say) refuses the run
+    # before its record is opened, so an earlier record there stays whole.
     executor = make_executor(options)
     executor.open(run)
+    try:
+        journal = None
+        if options.run_dir is not None:  # the run's record, written as it goes
+            journal = Journal(options.run_dir)
+            run._record = journal.path
+        dispatch = _dispatch(graph, members, options, journal)  # None when nothing listens
+        store = None
+        if any(graph._opts[i].cache_key_fn is not None for i in members):
+            store = CacheStore(options.cache_dir)
+    except BaseException:
+        executor.close()
+        raise
     sched = Scheduler(
         graph,
         run,

@@ -93,7 +93,7 @@ class Pool:
             raise TypeError(f"Pool: initializer= must be callable, got {initializer!r}")
         threads = check_inner_threads(inner_threads, "inner_threads", "Pool")
         self._memory_limit = parse_memory(memory_limit)
-        method = start_method or default_start_method()
+        method = start_method or default_start_method(self._memory_limit is not None)
         self._procs = ProcessPool(
             count,
             start_method=method,
@@ -102,7 +102,7 @@ class Pool:
             initargs=tuple(initargs),
             inner_threads=threads,
         )
-        self._shared = SharedPool(self._procs)  # its dispatcher thread serves every run
+        self._shared = SharedPool(self._procs)  # every run on it; their threads drive it in turn
         self._blocks_lock = threading.Lock()
         self._blocks = 0  # `with pool:` blocks open, in any thread: the last one closes
         self._local = threading.local()  # this thread's open blocks (PoolBlock), innermost last
