@@ -750,7 +750,6 @@ def test_an_unwritable_run_dir_is_refused_before_the_run(tmp_path):
         g.compute(scheduler="sync", run_dir=blocker / "sub")
 
 
-
 def test_a_run_its_pool_refuses_leaves_the_record_already_there_whole(tmp_path):
     # The executor is opened before the record: a closed pool refuses the run
     # without emptying the record an earlier run left in the same directory.

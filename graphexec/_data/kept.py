@@ -26,11 +26,11 @@ import inspect
 import io
 import os
 import pickle
-import re
 from typing import Any
 
 import cloudpickle
 
+from .._model.sizes import parse_size
 from .._model.walk import substitute
 from .serialize import PROTOCOL, Payload, attach_segment, dumps, loads_call
 
@@ -213,25 +213,3 @@ def cap_from_env() -> int:
             "such as 500MB or 2GiB (0 keeps no inputs)"
         )
     return cap
-
-
-_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-_UNITS.update({"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12})
-_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-
-
-def parse_size(text: str) -> int | None:
-    """Bytes in ``"1GB"``, ``"512 MiB"``, ``"0"``; None if it is not a size."""
-    found = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:e\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if found is None or found.group(2).upper() not in _UNITS:
-        return None
-    return int(float(found.group(1)) * _UNITS[found.group(2).upper()])
-
-
-def size_text(n: float) -> str:
-    """``n`` bytes for people: ``1.5 GB``, ``300 kB``."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

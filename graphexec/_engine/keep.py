@@ -21,13 +21,13 @@ from .._data.kept import (
     cap_from_env,
     copy_payload,
     pickle_value,
-    size_text,
     source_hash,
 )
 from .._data.serialize import Payload, dumps_call
 from .._executors.protocol import HELD, Call, Gone
 from .._model.handle import Deferred, materialize
 from .._model.run import Run
+from .._model.sizes import size_text
 
 logger = logging.getLogger("graphexec")
 

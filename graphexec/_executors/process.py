@@ -103,6 +103,7 @@ from .._model.errors import (
     WorkerCrashed,
     describe_exitcode,
 )
+from .._model.sizes import size_text
 from . import threadlimits
 from . import worker as _worker
 from . import zygote as _zygote
@@ -1367,8 +1368,9 @@ class ProcessPool:
             rss = self._rss_over_limit(w, limit)
             if rss is not None:
                 error = MemoryLimitExceeded(
-                    f"{head.name} used {_size(rss)} of memory (RSS of its worker), over "
-                    f"memory_limit={_size(limit or 0)}; the worker was killed and "
+                    f"{head.name} used {size_text(rss, binary=True)} of memory (RSS of its "
+                    f"worker), over memory_limit={size_text(limit or 0, binary=True)}; the "
+                    "worker was killed and "
                     "replaced. Reduce the task's memory use, split its input, or raise "
                     "memory_limit=",
                     node=head.name,
@@ -1616,14 +1618,6 @@ def _crash_error(call: Call, exitcode: int | None, loading: bool = False) -> Wor
         exitcode=exitcode,
         signal_name=signal_name,
     )
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class Lease:

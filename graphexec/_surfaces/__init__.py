@@ -37,25 +37,24 @@ if TYPE_CHECKING:
         report,
     )
 
-# The modules of this package that load when first used (an attribute of the package).
-_MODULES = frozenset(
-    {
-        "backends",
-        "cli",
-        "compute",
-        "eager",
-        "flow",
-        "hooks",
-        "notebook",
-        "options",
-        "pool",
-        "progress",
-        "record",
-        "replay",
-        "report",
-        "signals",
-    }
-)
+__all__ = [
+    "backends",
+    "compute",
+    "eager",
+    "flow",
+    "hooks",
+    "notebook",
+    "options",
+    "pool",
+    "progress",
+    "record",
+    "replay",
+    "report",
+]
+
+# The modules of this package that load when first used (an attribute of the
+# package): those it lists, and the CLI's and the signal handling's.
+_MODULES = frozenset({*__all__, "cli", "signals"})
 
 
 def __getattr__(name: str) -> Any:
@@ -116,18 +115,3 @@ _seam.install(
     run_save=_late("record", "save_run"),
     run_load=_late("record", "load_run"),
 )
-
-__all__ = [
-    "backends",
-    "compute",
-    "eager",
-    "flow",
-    "hooks",
-    "notebook",
-    "options",
-    "pool",
-    "progress",
-    "record",
-    "replay",
-    "report",
-]

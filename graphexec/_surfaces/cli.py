@@ -37,6 +37,7 @@ from pathlib import Path
 
 from .._data import cache as cache_store
 from .._model.run import Run
+from .._model.sizes import size_text
 from .._version import __version__
 from .record import is_record, load_run
 from .replay import kept_call
@@ -353,7 +354,7 @@ def _remove(root: Path, chosen: list[Entry], old: bool) -> tuple[int, int, int]:
 
 
 def _say_removed(deleted: int, freed: int, kept: int) -> None:
-    line = f"deleted {deleted:,} entr{'y' if deleted == 1 else 'ies'} ({_size(freed)})"
+    line = f"deleted {deleted:,} entr{'y' if deleted == 1 else 'ies'} ({size_text(freed)})"
     if kept:
         line += f"; kept {kept:,} held by a running computation"
     print(line)
@@ -376,7 +377,7 @@ def _cache_ls(args: argparse.Namespace) -> None:
                 [
                     e.task,
                     e.key[:16],
-                    _size(e.size),
+                    size_text(e.size),
                     _age(now - e.created),
                     "never" if e.expires is None else _when(e.expires - now),
                     state,
@@ -394,7 +395,7 @@ def _cache_ls(args: argparse.Namespace) -> None:
             [
                 task,
                 f"{len(group):,}",
-                _size(sum(e.size for e in group)),
+                size_text(sum(e.size for e in group)),
                 _age(now - max(e.created for e in group)),
                 _age(now - min(e.created for e in group)),
                 f"{sum(e.expired(now) for e in group):,}",
@@ -410,8 +411,8 @@ def _cache_info(args: argparse.Namespace) -> None:
     now = time.time()
     print(f"directory   {args.dir.resolve()}")
     print(f"entries     {len(entries):,}")
-    print(f"size        {_size(sum(e.size for e in entries))}")
-    print(f"on disk     {_size(_disk_usage(args.dir))}")
+    print(f"size        {size_text(sum(e.size for e in entries))}")
+    print(f"on disk     {size_text(_disk_usage(args.dir))}")
     print(f"tasks       {len({e.task for e in entries if e.readable}):,}")
     print(f"expired     {sum(e.expired(now) for e in entries):,}")
     print(f"held        {sum(e.held for e in entries):,}")
@@ -474,13 +475,6 @@ def _table(rows: list[list[str]]) -> None:
                 c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))
             ).rstrip()
         )
-
-
-def _size(n: float) -> str:
-    value, unit, larger = float(n), "B", ["kB", "MB", "GB", "TB"]
-    while value >= 1000 and larger:
-        value, unit = value / 1000, larger.pop(0)
-    return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
 def _age(seconds: float) -> str:

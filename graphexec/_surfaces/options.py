@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._data.kept import parse_size
 from .._model.options import check_inner_threads
+from .._model.sizes import parse_size
 from .hooks import NO_HOOKS, Observer, RunHooks, check_observers, check_run_hooks
 
 SCHEDULERS = ("processes", "threads", "sync")
@@ -237,33 +237,9 @@ def parse_memory(limit: int | str | None) -> int | None:
         return int(limit)
     if not isinstance(limit, str):
         raise TypeError("memory_limit= must be bytes (int) or a string such as '4GB'")
-    text = limit.strip().upper().replace(" ", "")
-    units = {
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "K": 2**10,
-        "M": 2**20,
-        "G": 2**30,
-        "T": 2**40,
-        "B": 1,
-        "": 1,
-    }
-    for suffix in sorted(units, key=len, reverse=True):
-        if text.endswith(suffix):
-            number = text[: len(text) - len(suffix)] if suffix else text
-            try:
-                value = float(number) * units[suffix]
-            except ValueError:
-                break
-            if value <= 0:
-                break
-            return int(value)
+    value = parse_size(limit)
+    if value is not None and value > 0:
+        return value
     raise ValueError(
         f"memory_limit={limit!r} is not a size; write it as bytes or like '4GB', '512MiB'"
     )
