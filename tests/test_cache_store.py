@@ -522,3 +522,28 @@ def test_the_fast_paths_of_the_default_key_give_the_general_paths_keys(tmp_path)
         for node, args in zip([*flat, general_path], arguments)
     }
     assert set(rows(cache)) == expected
+
+
+def test_a_new_connection_waits_out_a_database_locked_at_once():
+    # SQLite answers "database is locked" without waiting when waiting could
+    # deadlock (switching to WAL while another process opens the file or
+    # checkpoints it): seen as a second process failing its first cached
+    # compute. The set-up tries again; any other error goes through at once.
+    class Flaky:
+        def __init__(self, failures: int, message: str = "database is locked") -> None:
+            self.failures, self.message, self.statements = failures, message, []
+
+        def execute(self, sql: str) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise sqlite3.OperationalError(self.message)
+            self.statements.append(sql)
+
+    flaky = Flaky(3)
+    _cache._set_up(flaky, sqlite3.OperationalError)
+    assert flaky.statements[0] == "PRAGMA journal_mode=WAL"
+    assert len(flaky.statements) == 3
+
+    broken = Flaky(1, "disk I/O error")
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        _cache._set_up(broken, sqlite3.OperationalError)

@@ -256,6 +256,31 @@ def stored_apart(wire: tuple[bytes, tuple]) -> bool:
     return bool(segments) or len(data) > INLINE_MAX
 
 
+def _set_up(conn: Any, busy: type[Exception]) -> None:
+    """WAL mode, full sync and the table, on a new connection, however busy the file.
+
+    SQLite answers "database is locked" at once, without its busy handler, where
+    waiting could deadlock: switching the journal mode while another process
+    opens the file or checkpoints the WAL (the syncer's TRUNCATE) is such a case.
+    Nothing is held here, so trying again until ``BUSY_TIMEOUT`` is safe.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    pause = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(_SCHEMA)
+            return
+        except busy as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
+
 class _Shared:
     """What the stores of one directory share in this process: connections (one per
     thread), the batch of rows not yet committed, and the compute locks held."""
@@ -300,9 +325,7 @@ class _Shared:
             conn = sqlite3.connect(
                 self.db, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute(_SCHEMA)
+            _set_up(conn, sqlite3.OperationalError)
             self.local.conn = conn
         return conn
 
