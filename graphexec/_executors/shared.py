@@ -444,17 +444,23 @@ class SharedPool:
         """Stop this run's calls only (drive held): queued and held ones never start,
         running ones are killed; other runs' calls queued on those workers come back."""
         with self._lock:
-            queued = list(lease._queue)
-            lease._queue.clear()
-            self._drop_held(lease)
-            lease._chains.clear()
-            lease._gate = None
+            queued = self._empty(lease)
         self._withdraw(lease)
         killed = self.procs.cancel_where(lambda call: self._mine(call, lease))
         for call in killed:
             self._owner.pop(id(call), None)
         self._uncount([*queued, *killed])
         return killed
+
+    def _empty(self, lease: RunLease) -> list[Call]:
+        """(lock held) Take back a run's queued, held and chained calls: none will
+        start; return the queued ones, whose slots the caller frees."""
+        queued = list(lease._queue)
+        lease._queue.clear()
+        self._drop_held(lease)
+        lease._chains.clear()
+        lease._gate = None
+        return queued
 
     def _mine(self, call: Call, lease: RunLease) -> bool:
         found = self._owner.get(id(call))
@@ -474,11 +480,7 @@ class SharedPool:
         for key in [k for k, (_, owner) in self._owner.items() if owner is lease]:
             del self._owner[key]  # calls still running there: their outcomes are dropped
         with self._lock:
-            queued = list(lease._queue)
-            lease._queue.clear()
-            self._drop_held(lease)
-            lease._chains.clear()
-            lease._gate = None
+            queued = self._empty(lease)
             while lease in self._waiters:  # (left by an exception in its poll)
                 self._waiters.remove(lease)
         self._uncount(queued)  # (running ones free their slots when they answer)
