@@ -324,6 +324,7 @@ def test_a_run_holds_at_most_window_locks_and_commits_before_it_returns(
     compute, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(_caching, "WINDOW", 4)
+    monkeypatch.setattr(_caching, "WINDOW_ALONE", 4)  # this process is alone here
     held: list[int] = []
     real = _cache._Shared.try_lock_many
 

@@ -138,6 +138,13 @@ SYNC_DELAY = 1.0  # seconds a batch's commit waits at most to be on disk (power 
 WAL_KEEP = 4 << 20  # bytes of WAL file kept once the WAL restarts (journal_size_limit)
 CHECKPOINT_WAIT = 0.1  # seconds the syncer's checkpoint waits for other processes
 BUSY_TIMEOUT = 60.0  # seconds SQLite waits for another process's write transaction
+# The lock file's two control bytes, above every key's (keys lock offsets below 2**60):
+# see "Alone" in the module docstring.
+PRESENCE = 1 << 62  # read-locked by every process that takes compute locks here
+ALONE = PRESENCE + 1  # write-locked by a process alone here, read-locked by the others
+WATCH = 0.05  # seconds between an alone process's looks for a newcomer
+JOIN_WAIT = 2.0  # seconds a newcomer waits at most, per try, for an alone process to yield
+_OUT, _ALONE, _JOINED = 0, 1, 2  # _Shared.mode
 
 
 CONTENT_HASH_MAX = 1 << 20  # pickle streams up to this size are hashed by content
@@ -295,7 +302,12 @@ class _Shared:
         self.pending: dict[str, Row] = {}  # rows of the batch, visible to lookups here
         self.release: set[str] = set()  # keys to unlock once their rows are committed
         self.held: dict[str, int] = {}  # keys whose compute lock this process holds:
-        # their offsets in the lock file
+        # their offsets in the lock file, or -1 while alone (no lock in the file)
+        self.mode = _OUT  # see "Alone" in the module docstring
+        self.present = False  # PRESENCE is read-locked (mode _JOINED or _ALONE, or joining)
+        # Bumped by whatever may have added a row since a lookup that missed (a commit
+        # of this process, a newcomer): a lookup then must be made again under the lock.
+        self.epoch = 0
         self.since = 0.0  # when the oldest row of the batch joined it
         self.flusher: threading.Thread | None = None
         # Commits of the flusher not yet on disk (see _flush_loop): the syncer's cue.
@@ -344,12 +356,15 @@ class _Shared:
             self.pending[row[0]] = row
             full = len(self.pending) == BATCH_MAX
         if first or full:
-            if self.flusher is None:
-                self.flusher = threading.Thread(
-                    target=self._flush_loop, name="graphexec-cache-flush", daemon=True
-                )
-                self.flusher.start()
+            self._start_flusher()
             self.wake.set()
+
+    def _start_flusher(self) -> None:
+        if self.flusher is None:
+            self.flusher = threading.Thread(
+                target=self._flush_loop, name="graphexec-cache-flush", daemon=True
+            )
+            self.flusher.start()
 
     def _flush_loop(self) -> None:
         """Commit batches: within ``BATCH_DELAY`` of their first row, or once full.
@@ -368,16 +383,18 @@ class _Shared:
         conn.execute(f"PRAGMA journal_size_limit={WAL_KEEP}")
         self.local.relaxed = True
         while True:
-            self.wake.wait()
+            self.wake.wait(WATCH if self.mode == _ALONE else None)
             self.wake.clear()  # before looking: a row added after this sets it again
             while True:
+                if self.mode == _ALONE:
+                    self._watch()
                 with self.mutex:
                     count, since = len(self.pending), self.since
                 if not count:
                     break
                 left = since + BATCH_DELAY - time.monotonic()
                 if count < BATCH_MAX and left > 0:
-                    self.wake.wait(left)
+                    self.wake.wait(min(left, WATCH))
                     self.wake.clear()
                     continue
                 self.commit()
@@ -400,25 +417,34 @@ class _Shared:
                         type(exc).__name__,
                         safe_str(exc),
                     )
+            fd, held = self.lock_fd, self.held
             with self.mutex:
+                self.epoch += 1
                 pending = self.pending
                 for row in rows:
                     if pending.get(row[0]) is row:
                         del pending[row[0]]
                 freed = [k for k in self.release if k not in pending]
                 self.release.difference_update(freed)
+                in_file = []
+                for key in freed:
+                    offset = held.get(key)
+                    if offset is None:
+                        continue
+                    if offset < 0:  # taken while alone: no lock in the file
+                        del held[key]
+                    else:
+                        in_file.append((key, offset))
             # Unlocked outside the mutex (the scheduler's thread takes it for every
             # entry); each key stays in ``held`` until its lock is let go, so that
             # this process does not take it again meanwhile (a lock it holds
             # already would be granted, then released here).
-            fd, held = self.lock_fd, self.held
-            for key in freed:
-                offset = held.get(key)
-                if offset is not None:
-                    fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
-            with self.mutex:
-                for key in freed:
-                    held.pop(key, None)
+            for _, offset in in_file:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+            if in_file:
+                with self.mutex:
+                    for key, _ in in_file:
+                        held.pop(key, None)
 
     def _written(self) -> None:
         """A batch was committed (by this thread's connection)."""
@@ -517,10 +543,23 @@ class _Shared:
     # locks ---------------------------------------------------------------------
 
     def try_lock_many(self, keys: list[str]) -> list[bool]:
-        """Try each key's lock without waiting (one pass under the mutex): taken?"""
+        """Try each key's lock without waiting (one pass under the mutex): taken?
+
+        Alone (see the module docstring), a lock is an entry of ``held`` only.
+        """
         got = []
         held, fd = self.held, self.lock_fd
         with self.mutex:
+            if self.mode == _OUT and not self._join():
+                return [False] * len(keys)  # an alone process has not yielded yet
+            if self.mode == _ALONE:
+                for key in keys:
+                    if key in held:
+                        got.append(False)  # another run of this process computes it
+                    else:
+                        held[key] = -1
+                        got.append(True)
+                return got
             for key in keys:
                 if key in held:
                     got.append(False)  # another run of this process computes it
@@ -535,6 +574,15 @@ class _Shared:
                 got.append(True)
         return got
 
+    def quiet_epoch(self) -> int | None:
+        """``epoch`` if this process is alone in the directory (it joins now if it has
+        not), else None: while alone, no other process adds rows, so a lookup that
+        missed still holds under the lock as long as ``epoch`` has not changed."""
+        with self.mutex:
+            if self.mode == _OUT:
+                self._join()
+            return self.epoch if self.mode == _ALONE else None
+
     def unlock(self, key: str) -> None:
         with self.mutex:
             if key in self.pending:
@@ -544,13 +592,112 @@ class _Shared:
 
     def _unlock(self, key: str) -> None:
         offset = self.held.pop(key, None)
-        if offset is not None:
+        if offset is not None and offset >= 0:
             fcntl.lockf(self.lock_fd, fcntl.LOCK_UN, 1, offset)
 
+    # alone ---------------------------------------------------------------------
+
+    def _join(self) -> bool:
+        """Under the mutex, from ``_OUT``: announce this process, and be alone if no
+        other is here; False if an alone process has not yielded within JOIN_WAIT
+        (then the caller's nodes wait, as for a held entry, and it tries again)."""
+        fd = self.lock_fd
+        if not self.present:
+            # Blocking: an alone process's look for newcomers write-locks PRESENCE for
+            # an instant (_others_present); nobody holds it longer.
+            fcntl.lockf(fd, fcntl.LOCK_SH, 1, PRESENCE)
+            self.present = True
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, ALONE)
+        except OSError:
+            pass  # another process is alone (it yields once it sees us), or joined
+        else:
+            if not self._others_present():
+                self.mode = _ALONE
+                self.epoch += 1
+                self._start_flusher()  # it watches for newcomers
+                return True
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, ALONE)  # from write: granted
+            self.mode = _JOINED
+            self.epoch += 1
+            return True
+        deadline = time.monotonic() + JOIN_WAIT
+        pause = 0.001
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, ALONE)
+            except OSError:
+                if time.monotonic() > deadline:
+                    logger.info(
+                        "cache %s: another process, alone in it, has not yielded within "
+                        "%g s; this one's nodes wait for it",
+                        self.root,
+                        JOIN_WAIT,
+                    )
+                    return False
+                time.sleep(pause)
+                pause = min(pause * 2, 0.01)
+                continue
+            self.mode = _JOINED
+            self.epoch += 1
+            return True
+
+    def _others_present(self) -> bool:
+        """Under the mutex, PRESENCE read-locked: does another process hold it too?
+        (Asked by trying to turn this process's read lock into a write lock, which
+        works where F_GETLK's struct differs.)"""
+        fd = self.lock_fd
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, PRESENCE)
+        except OSError:
+            return True
+        fcntl.lockf(fd, fcntl.LOCK_SH, 1, PRESENCE)  # back to a read lock: granted
+        return False
+
+    def _watch(self) -> None:
+        """The flusher, every WATCH s while alone: a newcomer makes this process yield."""
+        with self.mutex:
+            if self.mode == _ALONE and self._others_present():
+                self._yield()
+
+    def _yield(self) -> None:
+        """Under the mutex: stop being alone. Every key held gets its lock in the file
+        first, then ALONE is only read-locked, which lets the newcomer in."""
+        fd = self.lock_fd
+        held = self.held
+        for key, offset in held.items():
+            if offset < 0:
+                offset = held[key] = _offset(key)
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+                except OSError:  # a process that does not announce itself (an older
+                    pass  # graphexec) holds it: it computes that entry too
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, ALONE)  # from write: granted
+        self.mode = _JOINED
+        self.epoch += 1
+        logger.debug("cache %s: another process joined; compute locks now in the file", self.root)
+
+    def leave(self) -> None:
+        """Stop announcing this process, if it holds no compute lock (end of a run)."""
+        with self.mutex:
+            if self.held or not self.present:
+                return
+            fd = self.lock_fd
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, ALONE)
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, PRESENCE)
+            self.mode = _OUT
+            self.present = False
+            self.epoch += 1
+
     def holder(self, key: str) -> int | None:
-        """The pid of the process computing ``key`` now (this one included), or None."""
+        """The pid of the process computing ``key`` now (this one included), or None;
+        -1 if unknown (an alone process has not yielded yet)."""
         if key in self.held:
             return os.getpid()
+        with self.mutex:  # a process alone here shows its locks once another joins
+            joined = self.mode != _OUT or self._join()
+        if not joined:
+            return -1
         if not sys.platform.startswith("linux"):
             return -1 if _locked_elsewhere(self.lock_fd, key) else None
         # struct flock on Linux: short type, short whence, off_t start, off_t len, pid_t pid
@@ -960,6 +1107,15 @@ class CacheStore:
         self._shared.sync(checkpoint=False)
         for key in list(self._locks):
             self.unlock(key)
+        self._shared.leave()  # unless another run of this process holds locks
+
+    def quiet_epoch(self) -> int | None:
+        """See :meth:`_Shared.quiet_epoch`."""
+        return self._shared.quiet_epoch()
+
+    def epoch(self) -> int:
+        """Bumped by whatever may have added a row (see :meth:`quiet_epoch`)."""
+        return self._shared.epoch
 
     def holder(self, key: str) -> int | None:
         """The pid of the process computing ``key`` now (this one included), or None;
@@ -992,6 +1148,7 @@ class CacheStore:
                     readable = False
             held = held_file or shared.holder(key) is not None
             found.append(EntryInfo(key, task, created, expires, size, file, readable, held))
+        shared.leave()  # holder() announced this process: others need not yield to it
         return found
 
     def remove(self, chosen: Iterable[EntryInfo]) -> tuple[int, int, int]:
@@ -1037,6 +1194,7 @@ class CacheStore:
                     raise
         for path in gone:  # after the commit: a row never names a missing file for long
             self._remove(path)
+        shared.leave()
         return deleted, freed, kept
 
     @staticmethod

@@ -124,6 +124,9 @@ LOCK_WAIT_ENV = "GRAPHEXEC_CACHE_LOCK_WAIT"
 # cost time in proportion to how many are held (10,000 ready roots holding theirs made
 # each lock take 40 us). Parked nodes come back once half the window is free.
 WINDOW = 128
+# Alone in the directory, locks cost nothing (_data/cache.py, "Alone"): the window only
+# bounds what a newcomer makes this process put in the lock file at once.
+WINDOW_ALONE = 4096
 _NUDGE = (-1, 0, None)  # a result for no node: makes the scheduler call keyed()
 _SAFE_KEY = re.compile(r"[0-9a-zA-Z_-]{8,128}")
 
@@ -331,9 +334,10 @@ class CacheGate:
             self._settle(fresh, out)
         parked = self.parked
         # Refilled once half the window is free: one query and one pass for many.
-        while parked and len(self.locked) <= WINDOW // 2:
+        window = self._window() if parked else WINDOW
+        while parked and len(self.locked) <= window // 2:
             take: list[tuple[int, int, str]] = []
-            while parked and len(take) < WINDOW - len(self.locked):
+            while parked and len(take) < window - len(self.locked):
                 entry = parked.popleft()
                 if keying.get(entry[0]) == entry[1]:
                     take.append(entry)
@@ -345,6 +349,9 @@ class CacheGate:
         store = self.store
         assert store is not None
         keying, keys = self.keying, self.keys
+        # Alone in the directory, and nothing committed meanwhile, a miss needs no
+        # second look under the lock: nobody else adds rows (_data/cache.py, "Alone").
+        epoch = store.quiet_epoch()
         looked = [key for i, _, key in fresh if not self._refresh(i, key)]
         rows = store.rows(looked) if looked else {}
         misses = []
@@ -359,17 +366,23 @@ class CacheGate:
                 keys[i] = key
                 out.append((i, self._cached(i, key, hit)))
         if misses:
-            self._lock_and_look(misses, out)
+            self._lock_and_look(misses, out, epoch)
+
+    def _window(self) -> int:
+        """How many nodes of this run may hold their entry's lock before they finish."""
+        assert self.store is not None
+        return WINDOW_ALONE if self.store.quiet_epoch() is not None else WINDOW
 
     def _lock_and_look(
-        self, entries: list[tuple[int, int, str]], out: list[tuple[int, Verdict]]
+        self, entries: list[tuple[int, int, str]], out: list[tuple[int, Verdict]], epoch: Any = None
     ) -> None:
         """Take the locks of these keys (those the window has room for; the others are
-        parked), then look all of them up in one query and decide."""
+        parked), then look all of them up in one query and decide; not looked up
+        again if ``epoch`` (their lookup's) is still the store's quiet epoch."""
         store = self.store
         assert store is not None
         keying, keys = self.keying, self.keys
-        room = WINDOW - len(self.locked)
+        room = self._window() - len(self.locked)
         if len(entries) > room:
             self.parked.extend(entries[room:])
             entries = entries[:room]
@@ -380,8 +393,11 @@ class CacheGate:
             wanted.append(key)
         got = store.try_lock_many(wanted)
         refresh = [self._refresh(i, key) for i, _, key in entries]
-        looked = [key for key, r in zip(wanted, refresh) if not r]
-        rows = store.rows(looked) if looked else {}
+        if epoch is not None and store.quiet_epoch() == epoch:
+            rows: dict[str, Found] = {}  # they missed, and nothing changed since
+        else:
+            looked = [key for key, r in zip(wanted, refresh) if not r]
+            rows = store.rows(looked) if looked else {}
         for (i, _, key), r, locked in zip(entries, refresh, got):
             out.append((i, self._decide(i, key, r, locked, None if r else rows.get(key))))
 
@@ -528,7 +544,7 @@ class CacheGate:
         store.unlock(key)
         if completed and i in self.refreshing:
             self.refreshed.add(key)
-        if self.parked and not self.results and len(self.locked) <= WINDOW // 2:
+        if self.parked and not self.results and len(self.locked) <= self._window() // 2:
             self.results.append(_NUDGE)
 
     def entry(self, i: int) -> tuple[str, str, dict]:
