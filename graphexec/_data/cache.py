@@ -243,12 +243,18 @@ def _insert(n: int) -> str:
 
 
 _LIST = "SELECT key, task, created, expires, size, crc, data IS NULL FROM entries"
-Row = tuple[str, str, float, float | None, int, int, bytes | None]
+Row = tuple[str, str, float, float | None, int, int | None, bytes | None]  # crc None: batched
 
 
 def _crc(key: str, data: bytes = b"") -> int:
     """A row's checksum: the key too, so a damaged key cannot make another key's hit."""
     return zlib.crc32(data, zlib.crc32(key.encode()))
+
+
+def _with_crc(row: Row) -> Row:
+    """A batched row (its crc left to the flusher: None) with its crc."""
+    key, task, created, expires, size, _, data = row
+    return (key, task, created, expires, size, _crc(key, data or b""), data)
 
 
 def _offset(key: str) -> int:
@@ -343,8 +349,9 @@ class _Shared:
 
     # rows ----------------------------------------------------------------------
 
-    def enqueue(self, row: Row) -> None:
-        """Add a row to the batch (its key's lock is held here: see the docstring).
+    def enqueue(self, row: Row, release: bool = False) -> None:
+        """Add a row to the batch (its key's lock is held here: see the docstring);
+        ``release``: and let go of that lock once the row is committed.
 
         The flusher is woken for the first row of a batch and when it is full, not
         for each row: this runs on the scheduler's thread, once per entry.
@@ -354,6 +361,8 @@ class _Shared:
             if first:
                 self.since = time.monotonic()
             self.pending[row[0]] = row
+            if release:
+                self.release.add(row[0])
             full = len(self.pending) == BATCH_MAX
         if first or full:
             self._start_flusher()
@@ -503,6 +512,7 @@ class _Shared:
         lets go of the GIL and takes it back for every row, and each time it is
         taken back the scheduler's thread is made to hand it over.
         """
+        rows = [row if row[5] is not None else _with_crc(row) for row in rows]
         conn = self.conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -520,7 +530,7 @@ class _Shared:
 
         with self.mutex:
             row = self.pending.get(key)
-            if row is not None and row[5] == crc:
+            if row is not None and (row[5] if row[5] is not None else _with_crc(row)[5]) == crc:
                 del self.pending[key]
         try:
             with self.committing:
@@ -845,7 +855,8 @@ class CacheStore:
             if row is None:
                 ask.append(key)
             else:
-                found[key] = (row[3], row[5], row[6])
+                crc = row[5] if row[5] is not None else _crc(key, row[6] or b"")
+                found[key] = (row[3], crc, row[6])
         try:
             conn = shared.conn()
             for start in range(0, len(ask), SELECT_CHUNK):
@@ -1005,20 +1016,32 @@ class CacheStore:
         else:
             self.put(key, data, meta)
 
-    def put(self, key: str, data: bytes, meta: dict) -> None:
+    def put(self, key: str, data: bytes, meta: dict, release: bool = False) -> None:
         """Store a small entry: ``data`` is the value's pickle (no out-of-band buffers).
 
         Batched if this process holds the key's compute lock (the lock is released
-        once the batch is committed), else committed now.
+        once the batch is committed), else committed now. ``release``: the caller
+        is done with the key, as :meth:`unlock` after this.
         """
-        row = (key, str(meta.get("task", "?")), clock(), meta.get("expires"), len(data),
-               _crc(key, data), data)  # fmt: skip
         shared = self._shared
+        row: Row
         if key in shared.held:
+            # The crc is the flusher's to compute (None until then): this runs on
+            # the scheduler's thread, once per entry.
+            row = (key, str(meta.get("task", "?")), clock(), meta.get("expires"), len(data),
+                   None, data)  # fmt: skip
+            if release and key in self._locks:
+                self._locks.discard(key)
+                shared.enqueue(row, release=True)
+                return
             shared.enqueue(row)
         else:
+            row = (key, str(meta.get("task", "?")), clock(), meta.get("expires"), len(data),
+                   _crc(key, data), data)  # fmt: skip
             with shared.committing:
                 shared.write([row])
+        if release:
+            self.unlock(key)
 
     def write(self, key: str, data: bytes, buffers: list[memoryview], meta: dict) -> None:
         """Write a large entry: its file atomically (temp file, fsync, rename), then its

@@ -67,6 +67,7 @@ State (plain containers, touched by the scheduler thread only, except
 ``signatures``     task -> (inspect.Signature or None, its parameter names and
                    defaults if all are positional-or-keyword), to bind arguments
 ``identities``     task -> its ``task_identity`` (hashed once per run, not per node)
+``_plans``         task -> what ``_flat_key`` needs of it (``_flat_plan``), once per run
 ``keying[i]``      nodes whose key is being computed -> ticket of that request
 ``results``        deque of (node, ticket, key or None) from the keying thread
 ``locked``         nodes whose entry lock this run holds (they write the entry)
@@ -96,7 +97,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
-from .._data.cache import CacheStore, Found, expiry, stored_apart, wire_hash
+from .._data.cache import INLINE_MAX, CacheStore, Found, expiry, wire_hash
 from .._data.serialize import Payload
 from .._model.errors import safe_str
 from .._model.graph import Graph
@@ -105,8 +106,11 @@ from .._model.keys import (
     CacheContext,
     Fingerprint,
     Unhashable,
+    argument_digest,
     content_hash,
+    identity_hasher,
     input_hash,
+    items_hash,
     task_identity,
     task_input_hash,
 )
@@ -226,6 +230,7 @@ class CacheGate:
         self.keys: dict[int, str] = {}
         self.signatures: dict[Any, Any] = {}
         self.identities: dict[Any, str] = {}
+        self._plans: dict[Any, Any] = {}  # task -> _flat_plan(task)
         self._metas: dict[Any, dict] = {}  # task -> its entries' meta (no expiry: shared)
         self.keying: dict[int, int] = {}
         self.results: deque[tuple[int, int, str | None]] = deque()
@@ -287,14 +292,49 @@ class CacheGate:
             ):
                 return _NOT_FLAT
         task = graph._tasks[i]
-        identity = self.identities.get(task)
         try:
-            if identity is None:
-                identity = self.identities[task] = task_identity(task)
-            return input_hash(identity, self._arguments(task, args, {}))
+            plan = self._plans.get(task)
+            if plan is None:
+                plan = self._plans[task] = self._flat_plan(task)
+            start, names, tails = plan
+            n = len(args)
+            tail = tails[n] if n <= len(names) else None
+            if tail is not None:
+                items = [names[k] + argument_digest(a) for k, a in enumerate(args)]
+                items += tail
+                return items_hash(start, items)
+            return input_hash(self.identities[task], self._arguments(task, args, {}))
         except Unhashable as exc:  # the task's identity (a closure over a socket...)
             warnings.warn(f"{graph._names[i]} is not cached: {exc}", RuntimeWarning, stacklevel=3)
             return None
+
+    def _flat_plan(self, task: Any) -> tuple[Any, tuple[bytes, ...], list[list[bytes] | None]]:
+        """What :meth:`_flat_key` needs of a task, once per run: the hash fed with its
+        identity, its parameters' digests, and for n positional arguments the items
+        of the defaults after them (None: a parameter would have no value, or its
+        default no digest; then the general path says what to do)."""
+        identity = self.identities.get(task)
+        if identity is None:
+            identity = self.identities[task] = task_identity(task)
+        start = identity_hasher(identity)
+        simple = self._spec(task)[1]
+        if simple is None:
+            return start, (), [None]
+        names, defaults = simple
+        digests = tuple(argument_digest(name) for name in names)
+        tails: list[list[bytes] | None] = [None] * (len(names) + 1)
+        tail: list[bytes] | None = []
+        tails[len(names)] = []
+        for k in range(len(names) - 1, -1, -1):
+            if tail is not None:
+                try:
+                    if defaults[k] is _EMPTY:
+                        raise Unhashable("no default")
+                    tail = [digests[k] + argument_digest(defaults[k]), *tail]
+                except Unhashable:
+                    tail = None
+            tails[k] = tail
+        return start, digests, tails
 
     def _hand_over(self, job: _KeyJob) -> Verdict:
         """Have the keying thread compute this key."""
@@ -432,8 +472,10 @@ class CacheGate:
         assert store is not None
         hit = None if row is None else store.judge(key, row)
         if locked:
-            self.lock_waits.pop(i, None)
-            self._waited(i, key, "")
+            if self.lock_waits:
+                self.lock_waits.pop(i, None)
+            if self._waits:
+                self._waited(i, key, "")
             if hit is not None:
                 store.unlock(key)
                 return self._cached(i, key, hit)
@@ -528,12 +570,19 @@ class CacheGate:
         self.holders.pop(key, None)
         store = self.store
         assert store is not None
+        stored = False  # and let go of
         if completed:
             state = self.states[i]
             value = state._value if state is not None else None
-            if type(value) is Payload and self._from_wire and not stored_apart(value.wire):
+            if (
+                type(value) is Payload
+                and self._from_wire
+                and not value.segments
+                and len(value.data) <= INLINE_MAX  # not stored_apart(): a small entry
+            ):
                 try:
-                    store.put(key, value.data, self._meta(i))
+                    store.put(key, value.data, self._meta(i), release=True)
+                    stored = True
                 except Exception as exc:  # a damaged database: the run goes on
                     logger.warning(
                         "%s: result not cached (%s: %s)",
@@ -541,7 +590,8 @@ class CacheGate:
                         type(exc).__name__,
                         safe_str(exc),
                     )
-        store.unlock(key)
+        if not stored:
+            store.unlock(key)
         if completed and i in self.refreshing:
             self.refreshed.add(key)
         if self.parked and not self.results and len(self.locked) <= self._window() // 2:
@@ -550,7 +600,7 @@ class CacheGate:
     def entry(self, i: int) -> tuple[str, str, dict]:
         """What the worker of a locked node needs to write its entry (``Call.cache``)."""
         assert self.store is not None
-        return (str(self.store.root), self.keys[i], self._meta(i))
+        return (self.store._root, self.keys[i], self._meta(i))
 
     def _meta(self, i: int) -> dict:
         """The entry's task name and expiry (from now); one dict per task without one."""
@@ -673,20 +723,7 @@ class CacheGate:
     def _arguments(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict:
         """The call's arguments by parameter name, defaults applied (what
         ``inspect.Signature.bind`` gives, without its cost for the common case)."""
-        spec = self.signatures.get(task)
-        if spec is None:  # once per task, not per node: signature() is slow
-            try:
-                signature: inspect.Signature | None = inspect.signature(task.fn)
-            except (TypeError, ValueError):
-                signature = None
-            simple = None
-            if signature is not None and all(
-                p.kind is p.POSITIONAL_OR_KEYWORD for p in signature.parameters.values()
-            ):
-                params = signature.parameters.values()
-                simple = (tuple(p.name for p in params), tuple(p.default for p in params))
-            spec = self.signatures[task] = (signature, simple)
-        signature, simple = spec
+        signature, simple = self._spec(task)
         if simple is not None and not kwargs and len(args) <= len(simple[0]):
             names, defaults = simple
             arguments = dict(zip(names, args))
@@ -704,6 +741,25 @@ class CacheGate:
             return dict(bound.arguments)
         except TypeError:
             return {"args": args, "kwargs": kwargs}
+
+    def _spec(self, task: Any) -> tuple[Any, Any]:
+        """The task's signature (None if it has none) and, if all its parameters are
+        positional-or-keyword, their names and defaults; once per task, not per node:
+        ``inspect.signature`` is slow."""
+        spec = self.signatures.get(task)
+        if spec is None:
+            try:
+                signature: inspect.Signature | None = inspect.signature(task.fn)
+            except (TypeError, ValueError):
+                signature = None
+            simple = None
+            if signature is not None and all(
+                p.kind is p.POSITIONAL_OR_KEYWORD for p in signature.parameters.values()
+            ):
+                params = signature.parameters.values()
+                simple = (tuple(p.name for p in params), tuple(p.default for p in params))
+            spec = self.signatures[task] = (signature, simple)
+        return spec
 
 
 _SCALARS = frozenset({int, float, bool, complex, type(None)})

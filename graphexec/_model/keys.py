@@ -206,14 +206,32 @@ def task_input_hash(context: Any, arguments: dict[str, Any]) -> str | None:
 def input_hash(identity: str, arguments: dict[str, Any]) -> str:
     """:func:`task_input_hash` of a task whose :func:`task_identity` is ``identity``
     (raises Unhashable): the cache gate computes a task's identity once per run."""
-    data = identity.encode()
-    h = hashlib.sha256(b"str:%d:" % len(data) + data)  # what _feed(h, identity) feeds
+    h = identity_hasher(identity)
     if type(arguments) is dict:  # _feed's dict branch, without its dispatch
-        items = sorted([_sub(k, 0) + _sub(v, 0) for k, v in arguments.items()])
-        h.update(b"dict:%d{" % len(items) + b"".join(items) + b"}")
-    else:
-        _feed(h, arguments)
+        return items_hash(h, [_sub(k, 0) + _sub(v, 0) for k, v in arguments.items()])
+    _feed(h, arguments)
     return h.hexdigest()
+
+
+def identity_hasher(identity: str) -> Any:
+    """A hash fed with a task's identity, as :func:`input_hash` starts (copy it)."""
+    data = identity.encode()
+    return hashlib.sha256(b"str:%d:" % len(data) + data)  # what _feed(h, identity) feeds
+
+
+def items_hash(start: Any, items: list[bytes]) -> str:
+    """:func:`input_hash` from a copy of ``start`` (:func:`identity_hasher`) and the
+    digests of the arguments' items, ``_sub(name) + _sub(value)`` (sorted here)."""
+    items.sort()
+    h = start.copy()
+    h.update(b"dict:%d{" % len(items) + b"".join(items) + b"}")
+    return h.hexdigest()
+
+
+def argument_digest(obj: Any) -> bytes:
+    """The digest of an argument's name or value as an item of the arguments
+    (``_sub``), for :func:`items_hash`."""
+    return _sub(obj, 0)
 
 
 def content_hash(obj: Any) -> str:
