@@ -133,6 +133,10 @@ MAP_READ_MIN = 1 << 20  # entries this large are checked through a mapping, not 
 STALE_TMP = 3600.0  # seconds: an older .tmp- (or row-less) file was left by a writer that died
 INLINE_MAX = 1 << 20  # pickles up to this size (without out-of-band buffers) are rows
 BATCH_MAX = 128  # rows: a batch this large is committed at once (and their locks let go)
+# ... while alone (see "Alone"): holding locks costs nothing then, and a transaction
+# of many rows rewrites fewer pages per row (random keys: every row touches a page)
+BATCH_MAX_ALONE = 2048
+FLUSHER_CACHE_KIB = 32768  # the flusher's SQLite page cache: a large batch's pages
 BATCH_DELAY = 0.05  # seconds a batched row waits at most for its commit
 SYNC_DELAY = 1.0  # seconds a batch's commit waits at most to be on disk (power cuts)
 WAL_KEEP = 4 << 20  # bytes of WAL file kept once the WAL restarts (journal_size_limit)
@@ -363,10 +367,13 @@ class _Shared:
             self.pending[row[0]] = row
             if release:
                 self.release.add(row[0])
-            full = len(self.pending) == BATCH_MAX
+            full = len(self.pending) == self._batch_max()
         if first or full:
             self._start_flusher()
             self.wake.set()
+
+    def _batch_max(self) -> int:
+        return BATCH_MAX_ALONE if self.mode == _ALONE else BATCH_MAX
 
     def _start_flusher(self) -> None:
         if self.flusher is None:
@@ -390,6 +397,7 @@ class _Shared:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.execute(f"PRAGMA journal_size_limit={WAL_KEEP}")
+        conn.execute(f"PRAGMA cache_size=-{FLUSHER_CACHE_KIB}")
         self.local.relaxed = True
         while True:
             self.wake.wait(WATCH if self.mode == _ALONE else None)
@@ -402,7 +410,7 @@ class _Shared:
                 if not count:
                     break
                 left = since + BATCH_DELAY - time.monotonic()
-                if count < BATCH_MAX and left > 0:
+                if count < self._batch_max() and left > 0:
                     self.wake.wait(min(left, WATCH))
                     self.wake.clear()
                     continue
