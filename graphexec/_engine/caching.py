@@ -624,14 +624,17 @@ class CacheGate:
     def _job(self, i: int, ticket: int) -> _KeyJob:
         graph, keys, states = self.graph, self.keys, self.states
         ups, fl = graph._deps[i], graph._flags[i]
+        # The default key takes an upstream by its own key: no need of its value then
+        by_key = graph._opts[i].cache_key_fn is task_input_hash
         values: dict[int, tuple[str | None, Any]] = {}
         for k, up in enumerate(ups):
             if fl is None or fl[k] & DATA:
                 own = keys.get(up)
-                st = states[up]
-                if own is not None and not (st is not None and st.is_completed()):
-                    own = None
-                values[up] = (own, self._value_of(up))
+                if own is not None:
+                    st = states[up]
+                    if not (st is not None and st.is_completed()):
+                        own = None
+                values[up] = (own, None if by_key and own is not None else self._value_of(up))
         return _KeyJob(
             i,
             ticket,

@@ -258,7 +258,10 @@ def _feed(h: Any, obj: Any, depth: int = 0) -> None:
     elif isinstance(obj, (list, tuple)):
         h.update(f"{kind.__qualname__}:{len(obj)}[".encode())
         for item in obj:
-            _feed(h, item, depth + 1)
+            if type(item) is Fingerprint:  # a reduction's upstreams: _feed's branch, inline
+                h.update(b"upstream:" + item.digest.encode())
+            else:
+                _feed(h, item, depth + 1)
         h.update(b"]")
     elif isinstance(obj, dict):
         # Order-independent, like a dict's equality: sort the items' own digests.
