@@ -1175,9 +1175,7 @@ class CacheStore:
     def try_lock_many(self, keys: list[str]) -> list[bool]:
         """:meth:`try_lock` of each key, in one pass: which were taken."""
         got = self._shared.try_lock_many(keys)
-        for key, taken in zip(keys, got):
-            if taken:
-                self._locks.add(key)
+        self._locks.update([key for key, taken in zip(keys, got) if taken])
         return got
 
     def unlock(self, key: str) -> None:

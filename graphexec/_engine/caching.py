@@ -392,13 +392,14 @@ class CacheGate:
         # Alone in the directory, and nothing committed meanwhile, a miss needs no
         # second look under the lock: nobody else adds rows (_data/cache.py, "Alone").
         epoch = store.quiet_epoch()
-        looked = [key for i, _, key in fresh if not self._refresh(i, key)]
+        refresh = self._refreshes(fresh)
+        looked = [key for (_, _, key), r in zip(fresh, refresh) if not r]
         rows = store.rows(looked) if looked else {}
         misses = []
-        for entry in fresh:
+        for entry, r in zip(fresh, refresh):
             i, _, key = entry
             row = rows.get(key)
-            hit = store.judge(key, row) if row is not None and not self._refresh(i, key) else None
+            hit = store.judge(key, row) if row is not None and not r else None
             if hit is None:
                 misses.append(entry)
             else:
@@ -432,14 +433,28 @@ class CacheGate:
             keys[i] = key
             wanted.append(key)
         got = store.try_lock_many(wanted)
-        refresh = [self._refresh(i, key) for i, _, key in entries]
+        refresh = self._refreshes(entries)
         if epoch is not None and store.quiet_epoch() == epoch:
             rows: dict[str, Found] = {}  # they missed, and nothing changed since
         else:
             looked = [key for key, r in zip(wanted, refresh) if not r]
             rows = store.rows(looked) if looked else {}
+        locked_nodes, holders, waiting = self.locked, self.holders, self.lock_waits
         for (i, _, key), r, locked in zip(entries, refresh, got):
-            out.append((i, self._decide(i, key, r, locked, None if r else rows.get(key))))
+            row = None if r else rows.get(key)
+            if locked and row is None and not r and i not in waiting:  # _decide's common case
+                locked_nodes.add(i)
+                holders[key] = i
+                out.append((i, RUN_NOW))
+            else:
+                out.append((i, self._decide(i, key, r, locked, row)))
+
+    def _refreshes(self, entries: list[tuple[int, int, str]]) -> list[bool]:
+        """:meth:`_refresh` of each entry, in one pass."""
+        opts, refreshed = self.graph._opts, self.refreshed
+        if self.refresh_cache:
+            return [key not in refreshed for _, _, key in entries]
+        return [opts[i].refresh_cache and key not in refreshed for i, _, key in entries]
 
     def look_again(self, i: int) -> Verdict:
         """A node waiting for another's lock: look at its entry again."""
