@@ -73,8 +73,10 @@ SWEEP = """\
 import json, sys
 import numpy as np
 import graphexec as gx
+from graphexec._data import cache
 
 COUNTER, CACHE, N, BIG = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "big"
+cache.BATCH_MAX_ALONE = 128  # several batches committed before the kill, not one at the end
 
 
 @gx.task(cache=True)
@@ -284,6 +286,38 @@ def test_two_processes_racing_on_one_key_compute_it_once(tmp_path):
     assert {value for _, value in outs} == {"1234"}
 
 
+NEWCOMER = """\
+import sys
+from graphexec._data.cache import CacheStore
+store = CacheStore(sys.argv[1])
+print(store.try_lock(sys.argv[2]), store.holder(sys.argv[2]), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_process_alone_keeps_its_locks_in_memory_and_yields_them_to_a_newcomer(tmp_path):
+    cache = tmp_path / "cache"
+    store = _cache.CacheStore(cache)
+    shared = store._shared
+    assert store.try_lock("mine")
+    assert shared.mode == _cache._ALONE and shared.held["mine"] == -1  # not in the file
+    newcomer = subprocess.run(
+        [sys.executable, "-c", NEWCOMER, str(cache), "mine"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
+    assert newcomer.returncode == 0, newcomer.stderr
+    # It waited for this process to put its lock in the file, then saw it taken, by us.
+    assert newcomer.stdout.split() == ["False", str(os.getpid())]
+    assert shared.mode == _cache._JOINED and shared.held["mine"] == _cache._offset("mine")
+    store.unlock_all()  # the run is over: this process stops announcing itself
+    assert shared.mode == _cache._OUT and not shared.present and not shared.held
+    assert store.try_lock("mine") and shared.mode == _cache._ALONE  # the newcomer is gone
+    store.unlock_all()
+
+
 # -- bounds ---------------------------------------------------------------------------
 
 
@@ -461,6 +495,7 @@ def test_a_batch_is_on_disk_within_sync_delay_and_when_compute_returns(tmp_path,
     # flusher's commits fsynced, the rest committed with synchronous=FULL
     monkeypatch.setattr(_cache, "SYNC_DELAY", 60.0)
     monkeypatch.setattr(_cache, "BATCH_DELAY", 0.0)  # the flusher commits most of them
+    monkeypatch.setattr(_cache, "BATCH_DELAY_ALONE", 0.0)
     graph = gx.Graph()
     with graph:
         nodes = [counted_square(str(tmp_path / "calls"), i) for i in range(200)]

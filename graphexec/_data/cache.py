@@ -136,7 +136,8 @@ INLINE_MAX = 1 << 20  # pickles up to this size (without out-of-band buffers) ar
 BATCH_MAX = 128  # rows: a batch this large is committed at once (and their locks let go)
 # ... while alone (see "Alone"): holding locks costs nothing then, and a transaction
 # of many rows rewrites fewer pages per row (random keys: every row touches a page)
-BATCH_MAX_ALONE = 2048
+BATCH_MAX_ALONE = 16384
+BATCH_DELAY_ALONE = 0.25
 FLUSHER_CACHE_KIB = 32768  # the flusher's SQLite page cache: a large batch's pages
 BATCH_DELAY = 0.05  # seconds a batched row waits at most for its commit
 SYNC_DELAY = 1.0  # seconds a batch's commit waits at most to be on disk (power cuts)
@@ -465,8 +466,10 @@ class _Shared:
                     count, since = len(self.pending), self.since
                 if not count:
                     break
-                left = since + BATCH_DELAY - time.monotonic()
-                if count < self._batch_max() and left > 0:
+                alone = self.mode == _ALONE
+                delay = BATCH_DELAY_ALONE if alone else BATCH_DELAY
+                left = since + delay - time.monotonic()
+                if count < (BATCH_MAX_ALONE if alone else BATCH_MAX) and left > 0:
                     self.wake.wait(min(left, WATCH))
                     self.wake.clear()
                     continue
