@@ -43,22 +43,27 @@ Who writes, and when
     it from those bytes (:meth:`CacheStore.put`). Rows written by a process
     that holds the key's compute lock (the parent; the ``sync`` and
     ``threads`` executors) join a batch that a flusher thread commits within
-    ``BATCH_DELAY`` seconds or ``BATCH_MAX`` rows, and at the end of each run
-    (:meth:`CacheStore.unlock_all`); the lock of a batched key is released
-    only once its row is committed, so whoever waits for the lock then finds
-    the entry. Any other writer (a large entry, a dask worker) commits at once.
+    ``BATCH_DELAY`` seconds or ``BATCH_MAX`` rows (``BATCH_DELAY_ALONE`` and
+    ``BATCH_MAX_ALONE`` while alone, below), sorted by key, and at the end of
+    each run (:meth:`CacheStore.unlock_all`); the lock of a batched key is
+    released only once its row is committed, so whoever waits for the lock
+    then finds the entry. Any other writer (a large entry, a dask worker)
+    commits at once.
 
 Durability
     A batch is committed without waiting for the disk (``synchronous=NORMAL``
     on the flusher's connection): visible to every process at once, and kept
     if this process dies. A syncer thread fsyncs the WAL within ``SYNC_DELAY``
-    (1 s) of such a commit, and checkpoints it; the end of each run fsyncs too
-    (:meth:`CacheStore.unlock_all`), and every other commit (a large entry's
-    row, a deletion) is ``synchronous=FULL``. So a SIGKILL of the parent loses
-    at most the batch not yet committed (the last ``BATCH_DELAY`` seconds of
-    small entries), a power cut at most the small entries of the last second
+    (1 s) of such a commit, and checkpoints it; the end of each run commits
+    what is left with ``synchronous=FULL`` (:meth:`CacheStore.unlock_all`),
+    as is every other commit (a large entry's row, a deletion). So a SIGKILL
+    of the parent loses at most the batch not yet committed (the small entries
+    of the last ``BATCH_DELAY_ALONE`` = 0.25 s while alone, ``BATCH_DELAY`` =
+    50 ms otherwise), a power cut at most the small entries of the last second
     (``SYNC_DELAY``); neither leaves a partial or corrupt entry (SQLite's WAL
-    keeps the database whole, and every entry has its checksum).
+    keeps the database whole, and every entry has its checksum). A new
+    directory's database is written whole from a template, fsynced and linked
+    into place (:func:`_create_db`).
 
 Concurrency
     Whoever computes an entry holds a ``fcntl`` byte-range lock on
@@ -69,6 +74,35 @@ Concurrency
     so a process-wide registry (``_Shared.held``) excludes this process's
     other runs, and the lock file is opened once per process and never closed
     (closing any descriptor of it would drop every lock the process holds).
+
+Alone
+    Such a lock costs a system call, and each one costs more the more locks
+    the file carries (10 ns per lock held): with a lock per entry being
+    computed or waiting for its batch, that was a third of the cost of a
+    cold cached run of tiny tasks. Most of the time one process uses a
+    directory; it need not tell anyone which entries it computes. So:
+
+    * every process that takes compute locks read-locks ``PRESENCE`` (a byte
+      above the keys') while it does (from its first lock to the end of its
+      run: :meth:`_Shared.leave`);
+    * a process that finds no other there write-locks ``ALONE`` and is
+      *alone*: its compute locks are entries of ``held`` only (offset -1), no
+      system call, and its batches may be larger and later (holding a lock
+      costs nothing then);
+    * a newcomer read-locks ``PRESENCE``, then waits for a read lock on
+      ``ALONE`` (``JOIN_WAIT`` at most per try; its nodes wait meanwhile, as
+      for a held entry). The alone process's flusher looks for newcomers every
+      ``WATCH`` (50 ms); seeing one, it puts each key it holds in the lock file
+      and only then turns its lock on ``ALONE`` into a read lock
+      (:meth:`_Shared._yield`), which lets the newcomer in: from then on both
+      lock as above, and the newcomer finds every entry being computed locked.
+
+    A process killed while alone loses its locks with it, as ever. While
+    alone, no other process adds rows, so a lookup that missed needs no second
+    look once its lock is taken unless this process committed or let go of a
+    lock meanwhile (``epoch``, :meth:`_Shared.quiet_epoch`). A process of a
+    graphexec before this protocol does not announce itself: beside it, an
+    entry may be computed twice (never a wrong or partial one).
 
 Old layout
     A directory written by graphexec before layout 3 holds one ``<key>.gxc``
@@ -372,8 +406,9 @@ class _Shared:
         # their offsets in the lock file, or -1 while alone (no lock in the file)
         self.mode = _OUT  # see "Alone" in the module docstring
         self.present = False  # PRESENCE is read-locked (mode _JOINED or _ALONE, or joining)
-        # Bumped by whatever may have added a row since a lookup that missed (a commit
-        # of this process, a newcomer): a lookup then must be made again under the lock.
+        # Bumped by whatever may have let a row in since a lookup that missed (a commit
+        # or a lock let go by this process, a change of mode): then a miss is looked
+        # up again under its lock (quiet_epoch).
         self.epoch = 0
         self.since = 0.0  # when the oldest row of the batch joined it
         self.flusher: threading.Thread | None = None
@@ -670,6 +705,7 @@ class _Shared:
 
     def _unlock(self, key: str) -> None:
         offset = self.held.pop(key, None)
+        self.epoch += 1  # its entry may have been written (a large one commits at once)
         if offset is not None and offset >= 0:
             fcntl.lockf(self.lock_fd, fcntl.LOCK_UN, 1, offset)
 

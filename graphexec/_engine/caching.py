@@ -24,7 +24,10 @@ taking the lock is whole (its writer committed it before letting go), and a
 miss under the lock is ours to compute. Looking up the keys of one step in
 one query, and taking no lock for a hit, is what makes a cached run of many
 small tasks cost little more than running them, and an all-hits rerun less
-(issue #19; ``docs/howto/caching.md``, "Measured").
+(issue #19; ``docs/howto/caching.md``, "Measured"). A process alone in the
+cache directory (``_data/cache.py``, "Alone") takes its locks in memory and
+skips the second look when nothing of this process was committed or let go
+since the first (``CacheStore.quiet_epoch``): nobody else adds rows then.
 
 Who writes the entry: the worker that computed the value, through
 ``Call.cache`` (``entry()``), except a process-pool worker's small value,
@@ -76,9 +79,9 @@ State (plain containers, touched by the scheduler thread only, except
                    (``inf`` when the holder is a node of this run)
 ``batch``          (node, ticket, key) keyed on the scheduler thread since the last
                    ``keyed()``, which settles them together (they are in ``keying``)
-``parked``         (node, ticket, key) that missed while ``WINDOW`` nodes held locks:
-                   they stay in ``keying`` and go through ``keyed()`` once a lock is
-                   let go
+``parked``         (node, ticket, key) that missed while ``WINDOW`` (``WINDOW_ALONE``)
+                   nodes held locks: they stay in ``keying`` and go through
+                   ``keyed()`` once a lock is let go
 ``refreshed``      keys recomputed by this run (``refresh_cache``: once per key)
 ``refreshing``     nodes running to refresh their entry
 """
@@ -123,10 +126,11 @@ logger = logging.getLogger("graphexec")
 LOCK_POLL = 0.1  # seconds between looks at a cache entry another process is computing
 LOCK_WAIT = 600.0  # seconds a node waits for an entry another process holds
 LOCK_WAIT_ENV = "GRAPHEXEC_CACHE_LOCK_WAIT"
-# Nodes of one run that hold their entry's lock and have not finished. Beyond it, nodes
-# that missed are parked (hits take no lock): the system's byte-range locks of one file
-# cost time in proportion to how many are held (10,000 ready roots holding theirs made
-# each lock take 40 us). Parked nodes come back once half the window is free.
+# Nodes of one run that hold their entry's lock and have not finished (WINDOW_ALONE
+# while this process is alone in the directory). Beyond it, nodes that missed are
+# parked (hits take no lock): the system's byte-range locks of one file cost time in
+# proportion to how many are held (10,000 ready roots holding theirs made each lock
+# take 40 us). Parked nodes come back once half the window is free.
 WINDOW = 128
 # Alone in the directory, locks cost nothing (_data/cache.py, "Alone"): the window only
 # bounds what a newcomer makes this process put in the lock file at once.
