@@ -172,6 +172,7 @@ BATCH_MAX = 128  # rows: a batch this large is committed at once (and their lock
 # of many rows rewrites fewer pages per row (random keys: every row touches a page)
 BATCH_MAX_ALONE = 16384
 BATCH_DELAY_ALONE = 0.25
+RELEASE_SLICE = 256  # rows of a committed batch let go of per hold of the mutex
 FLUSHER_CACHE_KIB = 32768  # the flusher's SQLite page cache: a large batch's pages
 BATCH_DELAY = 0.05  # seconds a batched row waits at most for its commit
 SYNC_DELAY = 1.0  # seconds a batch's commit waits at most to be on disk (power cuts)
@@ -528,24 +529,31 @@ class _Shared:
                         type(exc).__name__,
                         safe_str(exc),
                     )
-            fd, held = self.lock_fd, self.held
+            fd, held, pending, release = self.lock_fd, self.held, self.pending, self.release
+            in_file: list[tuple[str, int]] = []
+            # In slices: the scheduler's thread takes the mutex for every entry, and a
+            # batch may hold thousands of rows.
+            for start in range(0, len(rows), RELEASE_SLICE):
+                with self.mutex:
+                    self.epoch += 1
+                    for row in rows[start : start + RELEASE_SLICE]:
+                        key = row[0]
+                        if pending.get(key) is not row:
+                            continue  # a newer row of the key waits for the next batch
+                        del pending[key]
+                        if key in release:
+                            release.discard(key)
+                            offset = held.get(key)
+                            if offset is not None:
+                                if offset < 0:  # taken while alone: no lock in the file
+                                    del held[key]
+                                else:
+                                    in_file.append((key, offset))
             with self.mutex:
-                self.epoch += 1
-                pending = self.pending
-                for row in rows:
-                    if pending.get(row[0]) is row:
-                        del pending[row[0]]
-                freed = [k for k in self.release if k not in pending]
-                self.release.difference_update(freed)
-                in_file = []
-                for key in freed:
-                    offset = held.get(key)
-                    if offset is None:
-                        continue
-                    if offset < 0:  # taken while alone: no lock in the file
-                        del held[key]
-                    else:
-                        in_file.append((key, offset))
+                if release and not pending:  # their rows went another way (a deletion)
+                    for key in list(release):
+                        self._unlock(key)
+                    release.clear()
             # Unlocked outside the mutex (the scheduler's thread takes it for every
             # entry); each key stays in ``held`` until its lock is let go, so that
             # this process does not take it again meanwhile (a lock it holds
@@ -554,6 +562,7 @@ class _Shared:
                 fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
             if in_file:
                 with self.mutex:
+                    self.epoch += 1
                     for key, _ in in_file:
                         held.pop(key, None)
 
@@ -614,14 +623,17 @@ class _Shared:
         lets go of the GIL and takes it back for every row, and each time it is
         taken back the scheduler's thread is made to hand it over.
         """
-        # Sorted: SQLite inserts keys in order with fewer page visits (random keys)
-        rows = sorted([row if row[5] is not None else _with_crc(row) for row in rows])
+        rows = sorted(rows)  # SQLite inserts keys in order with fewer page visits
         conn = self.conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             for start in range(0, len(rows), INSERT_CHUNK):
-                chunk = rows[start : start + INSERT_CHUNK]
-                conn.execute(_insert(len(chunk)), [v for row in chunk for v in row])
+                # a chunk's crcs here, between statements (which let go of the GIL):
+                # not all at once, which would keep the scheduler's thread waiting
+                params: list[Any] = []
+                for row in rows[start : start + INSERT_CHUNK]:
+                    params.extend(row if row[5] is not None else _with_crc(row))
+                conn.execute(_insert(len(params) // 7), params)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
