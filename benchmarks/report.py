@@ -43,7 +43,12 @@ ANCHORS = {
 }
 # Anchors that only some workloads have: an empty cell elsewhere is expected.
 ONLY_IN = {"joblib": {"W7"}}
-GX = {"graphexec-cold": "graphexec cold", "graphexec-warm": "graphexec warm"}
+GX = {
+    "graphexec-cold": "graphexec cold",
+    # Workers forked from a fresh-interpreter server: a program running threads.
+    "graphexec-cold-forkserver": "graphexec cold (forkserver)",
+    "graphexec-warm": "graphexec warm",
+}
 ROWS = {
     "W1": "W1 5k no-op + sum",
     "W2": "W2 chain of 500",
@@ -173,7 +178,8 @@ def ratios_table(table: Table) -> list[str]:
                     continue
                 other = median(table, workload, anchor)
                 cells.append(f"{mine / other:.2f}" if other else "-")
-            lines.append(f"| {label} | {gx_label.split()[-1]} | " + " | ".join(cells) + " |")
+            kind = gx_label.removeprefix("graphexec ")
+            lines.append(f"| {label} | {kind} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -313,6 +319,7 @@ FRESH = {
     "graphexec": "graphexec (`graph.compute(workers=2)`)",
     "graphexec-pool": "graphexec (`gx.Pool(workers=2)`)",
     "graphexec-forkserver": 'graphexec (`start_method="forkserver"`)',
+    "graphexec-numpy": "graphexec (numpy imported first)",
     "ppe": "ProcessPoolExecutor",
     "loky": "loky",
     "dask": "dask processes",
@@ -396,7 +403,7 @@ def targets(table: Table) -> list[str]:
         return "met" if (value <= limit if below else value >= limit) else "**missed**"
 
     rows: list[tuple[str, str, float | None, str]] = []
-    for tool in GX:
+    for tool in ("graphexec-cold", "graphexec-warm"):
         kind = tool.split("-")[1]
         r = ratio("W1", tool, "ppe")
         rows.append((f"W1 {kind}", "≤ 0.5 x ProcessPoolExecutor", r, verdict(r, 0.5)))
@@ -476,6 +483,13 @@ def report(table: Table, runs: list[dict[str, Any]]) -> str:
             f"Run {data.get('datetime', '?')} on {cpu.get('count', '?')} cores "
             f"({cpu.get('brand_raw') or machine.get('processor') or '?'}), Python "
             f"{machine.get('python_version', '?')}."
+            + (
+                f" graphexec cold forked its workers from its {machine['graphexec_start_method']}"
+                " (the forkserver column: from a fresh interpreter, as in a program that"
+                " runs threads)."
+                if machine.get("graphexec_start_method")
+                else ""
+            )
         )
     header += [
         "",

@@ -123,6 +123,76 @@ def test_a_threaded_program_gets_a_forkserver_and_never_a_fork():
 
 
 @pytest.mark.timeout(90)
+def test_a_numpy_program_whose_only_other_threads_are_openblass_gets_the_zygote():
+    # OpenBLAS (numpy's wheels) starts a thread per core beyond the first when
+    # numpy loads, and joins them at every fork: such a program forks as safely
+    # as a one-thread one, and a numpy user gets the zygote's fast start.
+    pytest.importorskip("numpy")
+    report, _ = _run(
+        """
+        import numpy as np
+        from graphexec._executors import threadlimits
+        before = zygote.threads()
+        blas = threadlimits.threads_shut_at_fork()
+
+        def product(n):
+            a = np.arange(n * n, dtype=float).reshape(n, n)
+            return float((a @ a).sum()), os.getppid()
+
+        with gx.Pool(workers=2) as pool:
+            method = pool.start_method
+            helpers = children()
+            results = compute(product, 200, n=4, pool=pool)
+        a = np.arange(200 * 200, dtype=float).reshape(200, 200)
+        here = float((a @ a).sum())  # the program's own BLAS still works after the fork
+        report(before=before, blas=blas, method=method, helpers=helpers, results=results,
+               here=here, after=zygote.threads())
+        """,
+        env={"OPENBLAS_NUM_THREADS": "2"},
+    )
+    if report["blas"] == 0:
+        pytest.skip("this numpy's BLAS starts no threads of its own here")
+    assert report["before"] == 1 + report["blas"]
+    assert report["method"] == "zygote"
+    zygotes = [pid for pid, name in report["helpers"].items() if name == "gx-zygote"]
+    assert len(zygotes) == 1
+    for value, parent in report["results"]:
+        assert value == report["here"]
+        assert parent == int(zygotes[0])
+
+
+@pytest.mark.timeout(90)
+def test_a_thread_that_survives_the_fork_means_no_zygote_and_nothing_left_behind():
+    # why_not_fork took the extra thread for OpenBLAS's (forced here); it did
+    # not stop at the fork, so the forked child is killed before it serves and
+    # the server is a fresh interpreter.
+    report, _ = _run(
+        """
+        from graphexec._executors import threadlimits
+        stop = threading.Event()
+        thread = threading.Thread(target=stop.wait)
+        thread.start()
+        threading.active_count = lambda: 1
+        threadlimits.threads_shut_at_fork = lambda: zygote.threads() - 1
+        allowed = zygote.why_not_fork()
+        with gx.Pool(workers=1, start_method="zygote") as pool:
+            value = compute(os.getpid, pool=pool)
+            forked = zygote.server([]).forked
+            names = sorted(children().values())
+        zombies = [p.pid for p in psutil.Process().children() if p.status() == "zombie"]
+        stop.set()
+        thread.join()
+        report(allowed=allowed, forked=forked, names=names, zombies=zombies, value=value)
+        """
+    )
+    assert report["allowed"] is None
+    assert report["forked"] is False
+    assert "gx-zygote" not in report["names"]
+    assert report["zombies"] == []
+    assert len(report["value"]) == 1
+
+
+@pytest.mark.timeout(90)
 def test_a_large_program_gets_a_forkserver():
     # Every worker's RSS would count the pages it shares with a large zygote.
     report, _ = _run(
@@ -357,3 +427,42 @@ def test_a_memory_limited_pool_gets_a_forkserver_by_default():
         """
     )
     assert report == {"limited": "forkserver", "plain": "zygote", "asked": "zygote"}
+
+
+@pytest.mark.timeout(90)
+def test_a_forkserver_imports_the_first_computes_task_modules_once_for_all_workers(tmp_path):
+    # cloudpickle sends a function of an importable module by name: without
+    # the preload each worker would import the module itself before its first
+    # call. __main__'s functions travel by value and are never preloaded.
+    (tmp_path / "sweep_tasks.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+            with open(os.environ["IMPORT_LOG"], "a") as f:
+                f.write(f"{os.getpid()}\\n")
+
+            def where(i):
+                return os.getpid()
+            """
+        )
+    )
+    log = tmp_path / "imports.log"
+    report, _ = _run(
+        """
+        import sweep_tasks
+        from graphexec._executors import process
+        graph = gx.Graph()
+        nodes = [graph.add(sweep_tasks.where, i) for i in range(8)]
+        run = graph.compute(workers=2, start_method="forkserver")
+        workers = sorted({run[node] for node in nodes})
+        report(me=os.getpid(), workers=workers, preload=process._preload(),
+               main=process.importable_modules([compute, sweep_tasks.where, gx.Graph]))
+        """,
+        env={"IMPORT_LOG": str(log), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
+    )
+    assert "sweep_tasks" in report["preload"]
+    assert report["main"] == ["sweep_tasks"]  # not __main__'s, not graphexec's
+    importers = [int(line) for line in log.read_text().split()]
+    assert report["me"] in importers
+    assert len(importers) == 2  # the program and the forkserver, no worker
+    assert not set(importers) & set(report["workers"])

@@ -88,7 +88,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import reduction, resource_tracker
 from multiprocessing import util as mp_util
 from multiprocessing.connection import wait as mp_wait
@@ -204,13 +204,44 @@ def _forkserver() -> multiprocessing.forkserver.ForkServer:
         return server
 
 
+# Modules of the program's task functions that a fresh-interpreter server
+# imports too (prestart's ``modules``): cloudpickle sends a function of an
+# importable module by name, so every worker would import its module (and
+# what that imports: numpy, the program's own packages) before its first
+# call; imported once in the server, each worker forks with it.
+_program_modules: dict[str, None] = {}
+
+
 def _preload() -> list[str]:
     """What a fresh-interpreter server imports before it forks workers."""
     preload = [_worker.__name__]
     preload += [m for m in ("numpy", "cloudpickle", "psutil") if m in sys.modules]
     if "numpy" in sys.modules:  # each worker limits numpy's BLAS: 25 ms less per start
         preload.append(threadlimits.PRELOAD)
+    preload += [m for m in _program_modules if m not in preload]
     return preload
+
+
+def importable_modules(functions: Iterable[Any]) -> list[str]:
+    """The modules of ``functions`` that a fresh interpreter can import by name.
+
+    Not ``__main__`` (whose top-level code must not run again: cloudpickle
+    sends its functions by value anyway), not graphexec's own, and only
+    modules loaded from a file this process imported (a module made at run
+    time has no spec to import it by).
+    """
+    names: dict[str, None] = {}
+    for fn in functions:
+        name = getattr(fn, "__module__", None)
+        if not isinstance(name, str) or name in names or name == "__main__":
+            continue
+        if name == "graphexec" or name.startswith("graphexec."):
+            continue
+        module = sys.modules.get(name)
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and spec.origin not in (None, "built-in", "frozen"):
+            names[name] = None
+    return list(names)
 
 
 def _zygote_server() -> multiprocessing.forkserver.ForkServer:
@@ -338,7 +369,7 @@ else:  # graphexec runs on Linux (README); Windows keeps multiprocessing's own c
     _CONTEXTS = {}
 
 
-def prestart(start_method: str | None = None) -> None:
+def prestart(start_method: str | None = None, modules: list[str] | None = None) -> None:
     """Start graphexec's forkserver now, in the background, if workers will come from it.
 
     Its start (a Python interpreter importing what a worker needs) is most of a
@@ -347,8 +378,13 @@ def prestart(start_method: str | None = None) -> None:
     loads the scheduler and pickles the first calls, rather than after. It
     starts once per process and serves every pool, as it would at the first
     worker; nothing waits for it here.
+
+    ``modules``: the program's modules that define the first compute's task
+    functions (:func:`importable_modules`); a fresh-interpreter server
+    imports them too, once, instead of every worker (a zygote has them).
     """
     method = start_method or default_start_method()
+    _program_modules.update(dict.fromkeys(modules or ()))
     if method in ("forkserver", "zygote") and method in _CONTEXTS:
         try:
             with _default_start_method_kept():  # its preparation data reads the default
