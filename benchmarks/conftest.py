@@ -62,6 +62,31 @@ def _warm_executor(executor: Any) -> None:
     assert list(executor.map(w.noop, range(8))) == list(range(8))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def graphexec_zygote() -> str:
+    """graphexec's workers' server, started before any other tool's pool.
+
+    A program that uses graphexec (numpy too: OpenBLAS's threads stop at a
+    fork) gets the zygote, a fork of itself, as its workers' server
+    (docs/architecture.md, "Start methods"). This session also runs
+    ProcessPoolExecutor, loky, dask and Ray, whose threads would push it onto
+    the forkserver if they ran first; so the zygote starts here, as in a
+    graphexec user's program, and ``graphexec-cold-forkserver`` measures the
+    other case (a notebook kernel, a program that runs threads) apart.
+    Either server starts once per process: every cold compute still starts
+    and stops its own workers.
+    """
+    with gx.Pool(workers=1) as pool:
+        graph = gx.Graph()
+        node = graph.add(w.noop, 1)
+        assert graph.compute(pool=pool)[node] == 1
+        _cold_start_method.append(pool.start_method)
+        return pool.start_method
+
+
+_cold_start_method: list[str] = []
+
+
 @pytest.fixture(scope="session")
 def gx_pool(graphexec_pool: gx.Pool) -> gx.Pool:
     """The plugin's session pool, every worker having imported the workload module."""
@@ -149,6 +174,7 @@ TOOLS = (
     "loky",
     "dask-processes",
     "graphexec-cold",
+    "graphexec-cold-forkserver",
     "graphexec-warm",
     "ray",
     "dask-distributed",
@@ -166,6 +192,8 @@ def ray_status() -> str:
 
 def pytest_benchmark_update_machine_info(config: Any, machine_info: dict[str, Any]) -> None:
     machine_info["ray"] = ray_status()
+    # What "graphexec cold" forked its workers from (graphexec_zygote).
+    machine_info["graphexec_start_method"] = ", ".join(_cold_start_method) or "-"
 
 
 @pytest.fixture
@@ -214,6 +242,10 @@ def runner(tool: str, request: pytest.FixtureRequest) -> Callable[..., w.Outcome
         return lambda spec, states=False: w.run_distributed(c, spec, all_states=states)
     if tool == "graphexec-cold":
         return lambda spec, states=False: w.run_graphexec(spec, workers=w.WORKERS)
+    if tool == "graphexec-cold-forkserver":
+        return lambda spec, states=False: w.run_graphexec(
+            spec, workers=w.WORKERS, start_method="forkserver"
+        )
     if tool == "graphexec-warm":
         pool = request.getfixturevalue("gx_pool")
         return lambda spec, states=False: w.run_graphexec(spec, pool=pool)
