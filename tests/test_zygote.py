@@ -79,7 +79,13 @@ def test_a_single_threaded_program_forks_its_zygote_and_workers_fork_from_it():
         assert zygote.threads() == 1
         with gx.Pool(workers=2) as pool:
             method = pool.start_method
-            helpers = children()  # made with the pool, before any worker
+            # Made with the pool, before any worker (it names itself just after
+            # the fork: a loaded machine may take a moment).
+            deadline = time.monotonic() + 5
+            helpers = children()
+            while "gx-zygote" not in helpers.values() and time.monotonic() < deadline:
+                time.sleep(0.01)
+                helpers = children()
             parents = compute(where, n=4, pool=pool)
         report(method=method, helpers=helpers, parents=parents, me=psutil.Process().name())
         """
@@ -141,8 +147,8 @@ def test_a_numpy_program_whose_only_other_threads_are_openblass_gets_the_zygote(
 
         with gx.Pool(workers=2) as pool:
             method = pool.start_method
-            helpers = children()
             results = compute(product, 200, n=4, pool=pool)
+            helpers = children()  # after the calls: the zygote has named itself
         a = np.arange(200 * 200, dtype=float).reshape(200, 200)
         here = float((a @ a).sum())  # the program's own BLAS still works after the fork
         report(before=before, blas=blas, method=method, helpers=helpers, results=results,
@@ -466,3 +472,38 @@ def test_a_forkserver_imports_the_first_computes_task_modules_once_for_all_worke
     assert report["me"] in importers
     assert len(importers) == 2  # the program and the forkserver, no worker
     assert not set(importers) & set(report["workers"])
+
+
+@pytest.mark.timeout(90)
+def test_a_task_module_that_fails_in_the_fresh_forkserver_is_imported_by_workers_instead(
+    tmp_path,
+):
+    # The forkserver imports the program's task modules before sys.argv, the
+    # cwd and sys.path are the program's (a worker gets them first): one that
+    # raises there kills the server at its start. It starts again without
+    # them, and the workers import the module as they always did.
+    (tmp_path / "argv_tasks.py").write_text(
+        textwrap.dedent(
+            """
+            import sys
+            if sys.argv[:1] == ["-c"]:
+                raise RuntimeError("argv_tasks wants the program's sys.argv")
+
+            def double(i):
+                return 2 * i
+            """
+        )
+    )
+    report, _ = _run(
+        """
+        sys.argv = ["sweep.py"]
+        import argv_tasks
+        graph = gx.Graph()
+        nodes = [graph.add(argv_tasks.double, i) for i in range(6)]
+        run = graph.compute(workers=2, start_method="forkserver", raise_on_failure=False)
+        report(counts=run.counts(), values=[run[n] for n in nodes])
+        """,
+        env={"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
+    )
+    assert report["counts"] == {"Completed": 6}
+    assert report["values"] == [0, 2, 4, 6, 8, 10]

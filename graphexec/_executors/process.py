@@ -222,6 +222,40 @@ def _preload() -> list[str]:
     return preload
 
 
+def forget_program_modules() -> bool:
+    """Preload none of the program's modules from now on; whether there were any."""
+    had = bool(_program_modules)
+    _program_modules.clear()
+    return had
+
+
+def _reap_server(method: str) -> None:
+    """Wait for a dying server (forkserver, or a zygote's fresh interpreter) to
+    exit, so that its next use starts a new one instead of connecting to it."""
+    if method not in ("forkserver", "zygote") or method not in _CONTEXTS:
+        return
+    server: Any = _forkserver() if method == "forkserver" else _zygote_server()
+    with server._lock:
+        pid = server._forkserver_pid
+        if pid is None:
+            return
+        deadline = time.monotonic() + STOP_TIMEOUT
+        try:
+            while not os.waitpid(pid, os.WNOHANG)[0]:
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.01)
+        except ChildProcessError:  # reaped already
+            pass
+        # As ensure_running does when it finds its server dead.
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_address = None
+        server._forkserver_alive_fd = None
+        server._forkserver_pid = None
+
+
 def importable_modules(functions: Iterable[Any]) -> list[str]:
     """The modules of ``functions`` that a fresh interpreter can import by name.
 
@@ -661,15 +695,18 @@ class ProcessPool:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         wid = self._next_id
         self._next_id += 1
-        process = self._ctx.Process(
-            target=_worker.main,
-            args=(child_conn, wid, os.getpid(), self.id, _worker.log_setup(), self._init),
-            kwargs={"thread_env": self._thread_env},
-            name=f"graphexec-worker-{wid}",
-            daemon=False,
-        )
         self._guard.start()  # the shell starts while the worker does, not after it
-        process.start()
+        try:
+            process = self._start_process(child_conn, wid)
+        except EOFError:
+            # The server died before it forked: a program module it preloaded
+            # (prestart's ``modules``) raised at import in its fresh interpreter
+            # (whose sys.argv, cwd and sys.path are not yet the program's, as
+            # they are in a worker). It starts again without them.
+            if not forget_program_modules():
+                raise
+            _reap_server(self.start_method)
+            process = self._start_process(child_conn, wid)
         child_conn.close()
         self._guard.add(process.pid)
         w = _Worker(wid, process, parent_conn, self.max_calls)
@@ -677,6 +714,17 @@ class ProcessPool:
         self._waitables[parent_conn] = w
         self._waitables[process.sentinel] = w
         return w
+
+    def _start_process(self, child_conn: Any, wid: int) -> Any:
+        process = self._ctx.Process(
+            target=_worker.main,
+            args=(child_conn, wid, os.getpid(), self.id, _worker.log_setup(), self._init),
+            kwargs={"thread_env": self._thread_env},
+            name=f"graphexec-worker-{wid}",
+            daemon=False,
+        )
+        process.start()
+        return process
 
     def _forget(self, w: _Worker) -> None:
         self._deadlines.discard(w.id)
