@@ -41,6 +41,7 @@ import psutil
 import pytest
 
 import graphexec as gx
+from graphexec._executors import zygote as gx_zygote
 
 from . import workloads as w
 
@@ -64,24 +65,28 @@ def _warm_executor(executor: Any) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def graphexec_zygote() -> str:
-    """graphexec's workers' server, started before any other tool's pool.
+    """graphexec's zygote, asked for by name before any other tool's pool starts.
 
-    A program that uses graphexec (numpy too: OpenBLAS's threads stop at a
-    fork) gets the zygote, a fork of itself, as its workers' server
-    (docs/architecture.md, "Start methods"). This session also runs
-    ProcessPoolExecutor, loky, dask and Ray, whose threads would push it onto
-    the forkserver if they ran first; so the zygote starts here, as in a
-    graphexec user's program, and ``graphexec-cold-forkserver`` measures the
-    other case (a notebook kernel, a program that runs threads) apart.
-    Either server starts once per process: every cold compute still starts
-    and stops its own workers.
+    A plain script that uses graphexec gets the zygote, a fork of itself, as
+    its workers' server (docs/architecture.md, "Start methods"). This session
+    also runs ProcessPoolExecutor, loky, dask and Ray, whose threads would
+    rule it out if they ran first, and it has numpy loaded, whose OpenBLAS
+    threads rule it out by default (a numpy program gets the forkserver
+    unless it asks: ``start_method="zygote"`` forks past them, as here). So
+    "graphexec cold" is what a script of tiny pure-Python tasks (W1, W2, W5)
+    gets, and ``graphexec-cold-forkserver`` what a numpy program or a
+    notebook gets (W4, W7). Either server starts once per process, so
+    neither column includes it (the start-up table does): every cold compute
+    starts and stops its own workers.
     """
-    with gx.Pool(workers=1) as pool:
+    with gx.Pool(workers=1, start_method="zygote") as pool:
         graph = gx.Graph()
         node = graph.add(w.noop, 1)
         assert graph.compute(pool=pool)[node] == 1
-        _cold_start_method.append(pool.start_method)
-        return pool.start_method
+    state = gx_zygote._state
+    forked = state is not None and state[1].forked
+    _cold_start_method.append("zygote" if forked else "zygote's fresh-interpreter fallback")
+    return _cold_start_method[-1]
 
 
 _cold_start_method: list[str] = []
@@ -193,7 +198,8 @@ def ray_status() -> str:
 def pytest_benchmark_update_machine_info(config: Any, machine_info: dict[str, Any]) -> None:
     machine_info["ray"] = ray_status()
     # What "graphexec cold" forked its workers from (graphexec_zygote).
-    machine_info["graphexec_start_method"] = ", ".join(_cold_start_method) or "-"
+    if _cold_start_method:
+        machine_info["graphexec_start_method"] = _cold_start_method[-1]
 
 
 @pytest.fixture

@@ -244,16 +244,18 @@ def memory_lines(table: Table) -> list[str]:
     """W4's peak memory per tool (``test_w4_memory``), above the idle baseline."""
     entries = table.get("W4-memory", {})
     lines = [
-        "| tool | process tree RSS, peak | /dev/shm, peak | of all W4 produces |",
-        "|---|---|---|---|",
+        "| tool | process tree RSS, peak | process tree PSS, peak | /dev/shm, peak |"
+        " of all W4 produces (RSS) |",
+        "|---|---|---|---|---|",
     ]
     for tool, label in {**ANCHORS, **GX}.items():
         e = entries.get(tool)
         if e is None:
             continue
         peak = e["peak_rss_mb"] + e["peak_shm_mb"]
+        pss = f"{e['peak_pss_mb']:.0f} MB" if "peak_pss_mb" in e else "-"
         lines.append(
-            f"| {label} | {e['peak_rss_mb']:.0f} MB | {e['peak_shm_mb']:.0f} MB | "
+            f"| {label} | {e['peak_rss_mb']:.0f} MB | {pss} | {e['peak_shm_mb']:.0f} MB | "
             f"{peak / e['produced_mb']:.0%} of {e['produced_mb']:.0f} MB |"
         )
     return lines
@@ -491,8 +493,9 @@ def report(table: Table, runs: list[dict[str, Any]]) -> str:
             f"{machine.get('python_version', '?')}."
             + (
                 f" graphexec cold forked its workers from its {machine['graphexec_start_method']}"
-                " (the forkserver column: from a fresh interpreter, as in a program that"
-                " runs threads)."
+                " (a plain script's default; the forkserver column: a fresh-interpreter"
+                " server, a numpy program's or a notebook's default). Either server starts"
+                " once per process, its start in the start-up table, not here."
                 if machine.get("graphexec_start_method")
                 else ""
             )
@@ -523,7 +526,7 @@ def report(table: Table, runs: list[dict[str, Any]]) -> str:
         *(["## W6 scale", "", *w6_lines(table), ""] if "W6-build-10k" in table else []),
         *(
             [
-                "## W4 peak memory (above the idle baseline; RSS summed over the process tree)",
+                "## W4 peak memory (above the idle baseline; summed over the process tree)",
                 "",
                 *memory_lines(table),
                 "",

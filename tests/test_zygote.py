@@ -129,10 +129,11 @@ def test_a_threaded_program_gets_a_forkserver_and_never_a_fork():
 
 
 @pytest.mark.timeout(90)
-def test_a_numpy_program_whose_only_other_threads_are_openblass_gets_the_zygote():
+def test_a_numpy_program_gets_a_forkserver_unless_it_asks_for_the_zygote():
     # OpenBLAS (numpy's wheels) starts a thread per core beyond the first when
-    # numpy loads, and joins them at every fork: such a program forks as safely
-    # as a one-thread one, and a numpy user gets the zygote's fast start.
+    # numpy loads, and joins them at every fork: asked for by name, the zygote
+    # forks such a program as safely as a one-thread one. Not by default: its
+    # workers would share the module-level random generators the program made.
     pytest.importorskip("numpy")
     report, _ = _run(
         """
@@ -140,26 +141,30 @@ def test_a_numpy_program_whose_only_other_threads_are_openblass_gets_the_zygote(
         from graphexec._executors import threadlimits
         before = zygote.threads()
         blas = threadlimits.threads_shut_at_fork()
+        default = gx._surfaces.pool.default_start_method()
 
         def product(n):
             a = np.arange(n * n, dtype=float).reshape(n, n)
             return float((a @ a).sum()), os.getppid()
 
-        with gx.Pool(workers=2) as pool:
+        with gx.Pool(workers=2, start_method="zygote") as pool:
             method = pool.start_method
             results = compute(product, 200, n=4, pool=pool)
+            forked = zygote.server([]).forked
             helpers = children()  # after the calls: the zygote has named itself
         a = np.arange(200 * 200, dtype=float).reshape(200, 200)
         here = float((a @ a).sum())  # the program's own BLAS still works after the fork
-        report(before=before, blas=blas, method=method, helpers=helpers, results=results,
-               here=here, after=zygote.threads())
+        report(before=before, blas=blas, default=default, method=method, forked=forked,
+               helpers=helpers, results=results, here=here)
         """,
         env={"OPENBLAS_NUM_THREADS": "2"},
     )
     if report["blas"] == 0:
         pytest.skip("this numpy's BLAS starts no threads of its own here")
     assert report["before"] == 1 + report["blas"]
+    assert report["default"] == "forkserver"
     assert report["method"] == "zygote"
+    assert report["forked"] is True
     zygotes = [pid for pid, name in report["helpers"].items() if name == "gx-zygote"]
     assert len(zygotes) == 1
     for value, parent in report["results"]:
@@ -180,7 +185,7 @@ def test_a_thread_that_survives_the_fork_means_no_zygote_and_nothing_left_behind
         thread.start()
         threading.active_count = lambda: 1
         threadlimits.threads_shut_at_fork = lambda: zygote.threads() - 1
-        allowed = zygote.why_not_fork()
+        allowed = zygote.why_not_fork(blas_ok=True)
         with gx.Pool(workers=1, start_method="zygote") as pool:
             value = compute(os.getpid, pool=pool)
             forked = zygote.server([]).forked
@@ -433,77 +438,3 @@ def test_a_memory_limited_pool_gets_a_forkserver_by_default():
         """
     )
     assert report == {"limited": "forkserver", "plain": "zygote", "asked": "zygote"}
-
-
-@pytest.mark.timeout(90)
-def test_a_forkserver_imports_the_first_computes_task_modules_once_for_all_workers(tmp_path):
-    # cloudpickle sends a function of an importable module by name: without
-    # the preload each worker would import the module itself before its first
-    # call. __main__'s functions travel by value and are never preloaded.
-    (tmp_path / "sweep_tasks.py").write_text(
-        textwrap.dedent(
-            """
-            import os
-            with open(os.environ["IMPORT_LOG"], "a") as f:
-                f.write(f"{os.getpid()}\\n")
-
-            def where(i):
-                return os.getpid()
-            """
-        )
-    )
-    log = tmp_path / "imports.log"
-    report, _ = _run(
-        """
-        import sweep_tasks
-        from graphexec._executors import process
-        graph = gx.Graph()
-        nodes = [graph.add(sweep_tasks.where, i) for i in range(8)]
-        run = graph.compute(workers=2, start_method="forkserver")
-        workers = sorted({run[node] for node in nodes})
-        report(me=os.getpid(), workers=workers, preload=process._preload(),
-               main=process.importable_modules([compute, sweep_tasks.where, gx.Graph]))
-        """,
-        env={"IMPORT_LOG": str(log), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
-    )
-    assert "sweep_tasks" in report["preload"]
-    assert report["main"] == ["sweep_tasks"]  # not __main__'s, not graphexec's
-    importers = [int(line) for line in log.read_text().split()]
-    assert report["me"] in importers
-    assert len(importers) == 2  # the program and the forkserver, no worker
-    assert not set(importers) & set(report["workers"])
-
-
-@pytest.mark.timeout(90)
-def test_a_task_module_that_fails_in_the_fresh_forkserver_is_imported_by_workers_instead(
-    tmp_path,
-):
-    # The forkserver imports the program's task modules before sys.argv, the
-    # cwd and sys.path are the program's (a worker gets them first): one that
-    # raises there kills the server at its start. It starts again without
-    # them, and the workers import the module as they always did.
-    (tmp_path / "argv_tasks.py").write_text(
-        textwrap.dedent(
-            """
-            import sys
-            if sys.argv[:1] == ["-c"]:
-                raise RuntimeError("argv_tasks wants the program's sys.argv")
-
-            def double(i):
-                return 2 * i
-            """
-        )
-    )
-    report, _ = _run(
-        """
-        sys.argv = ["sweep.py"]
-        import argv_tasks
-        graph = gx.Graph()
-        nodes = [graph.add(argv_tasks.double, i) for i in range(6)]
-        run = graph.compute(workers=2, start_method="forkserver", raise_on_failure=False)
-        report(counts=run.counts(), values=[run[n] for n in nodes])
-        """,
-        env={"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
-    )
-    assert report["counts"] == {"Completed": 6}
-    assert report["values"] == [0, 2, 4, 6, 8, 10]

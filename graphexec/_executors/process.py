@@ -88,7 +88,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing import reduction, resource_tracker
 from multiprocessing import util as mp_util
 from multiprocessing.connection import wait as mp_wait
@@ -204,78 +204,13 @@ def _forkserver() -> multiprocessing.forkserver.ForkServer:
         return server
 
 
-# Modules of the program's task functions that a fresh-interpreter server
-# imports too (prestart's ``modules``): cloudpickle sends a function of an
-# importable module by name, so every worker would import its module (and
-# what that imports: numpy, the program's own packages) before its first
-# call; imported once in the server, each worker forks with it.
-_program_modules: dict[str, None] = {}
-
-
 def _preload() -> list[str]:
     """What a fresh-interpreter server imports before it forks workers."""
     preload = [_worker.__name__]
     preload += [m for m in ("numpy", "cloudpickle", "psutil") if m in sys.modules]
     if "numpy" in sys.modules:  # each worker limits numpy's BLAS: 25 ms less per start
         preload.append(threadlimits.PRELOAD)
-    preload += [m for m in _program_modules if m not in preload]
     return preload
-
-
-def forget_program_modules() -> bool:
-    """Preload none of the program's modules from now on; whether there were any."""
-    had = bool(_program_modules)
-    _program_modules.clear()
-    return had
-
-
-def _reap_server(method: str) -> None:
-    """Wait for a dying server (forkserver, or a zygote's fresh interpreter) to
-    exit, so that its next use starts a new one instead of connecting to it."""
-    if method not in ("forkserver", "zygote") or method not in _CONTEXTS:
-        return
-    server: Any = _forkserver() if method == "forkserver" else _zygote_server()
-    with server._lock:
-        pid = server._forkserver_pid
-        if pid is None:
-            return
-        deadline = time.monotonic() + STOP_TIMEOUT
-        try:
-            while not os.waitpid(pid, os.WNOHANG)[0]:
-                if time.monotonic() > deadline:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    break
-                time.sleep(0.01)
-        except ChildProcessError:  # reaped already
-            pass
-        # As ensure_running does when it finds its server dead.
-        os.close(server._forkserver_alive_fd)
-        server._forkserver_address = None
-        server._forkserver_alive_fd = None
-        server._forkserver_pid = None
-
-
-def importable_modules(functions: Iterable[Any]) -> list[str]:
-    """The modules of ``functions`` that a fresh interpreter can import by name.
-
-    Not ``__main__`` (whose top-level code must not run again: cloudpickle
-    sends its functions by value anyway), not graphexec's own, and only
-    modules loaded from a file this process imported (a module made at run
-    time has no spec to import it by).
-    """
-    names: dict[str, None] = {}
-    for fn in functions:
-        name = getattr(fn, "__module__", None)
-        if not isinstance(name, str) or name in names or name == "__main__":
-            continue
-        if name == "graphexec" or name.startswith("graphexec."):
-            continue
-        module = sys.modules.get(name)
-        spec = getattr(module, "__spec__", None)
-        if spec is not None and spec.origin not in (None, "built-in", "frozen"):
-            names[name] = None
-    return list(names)
 
 
 def _zygote_server() -> multiprocessing.forkserver.ForkServer:
@@ -403,7 +338,7 @@ else:  # graphexec runs on Linux (README); Windows keeps multiprocessing's own c
     _CONTEXTS = {}
 
 
-def prestart(start_method: str | None = None, modules: list[str] | None = None) -> None:
+def prestart(start_method: str | None = None) -> None:
     """Start graphexec's forkserver now, in the background, if workers will come from it.
 
     Its start (a Python interpreter importing what a worker needs) is most of a
@@ -412,13 +347,8 @@ def prestart(start_method: str | None = None, modules: list[str] | None = None) 
     loads the scheduler and pickles the first calls, rather than after. It
     starts once per process and serves every pool, as it would at the first
     worker; nothing waits for it here.
-
-    ``modules``: the program's modules that define the first compute's task
-    functions (:func:`importable_modules`); a fresh-interpreter server
-    imports them too, once, instead of every worker (a zygote has them).
     """
     method = start_method or default_start_method()
-    _program_modules.update(dict.fromkeys(modules or ()))
     if method in ("forkserver", "zygote") and method in _CONTEXTS:
         try:
             with _default_start_method_kept():  # its preparation data reads the default
@@ -695,27 +625,6 @@ class ProcessPool:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         wid = self._next_id
         self._next_id += 1
-        self._guard.start()  # the shell starts while the worker does, not after it
-        try:
-            process = self._start_process(child_conn, wid)
-        except EOFError:
-            # The server died before it forked: a program module it preloaded
-            # (prestart's ``modules``) raised at import in its fresh interpreter
-            # (whose sys.argv, cwd and sys.path are not yet the program's, as
-            # they are in a worker). It starts again without them.
-            if not forget_program_modules():
-                raise
-            _reap_server(self.start_method)
-            process = self._start_process(child_conn, wid)
-        child_conn.close()
-        self._guard.add(process.pid)
-        w = _Worker(wid, process, parent_conn, self.max_calls)
-        self._workers[wid] = w
-        self._waitables[parent_conn] = w
-        self._waitables[process.sentinel] = w
-        return w
-
-    def _start_process(self, child_conn: Any, wid: int) -> Any:
         process = self._ctx.Process(
             target=_worker.main,
             args=(child_conn, wid, os.getpid(), self.id, _worker.log_setup(), self._init),
@@ -723,8 +632,15 @@ class ProcessPool:
             name=f"graphexec-worker-{wid}",
             daemon=False,
         )
+        self._guard.start()  # the shell starts while the worker does, not after it
         process.start()
-        return process
+        child_conn.close()
+        self._guard.add(process.pid)
+        w = _Worker(wid, process, parent_conn, self.max_calls)
+        self._workers[wid] = w
+        self._waitables[parent_conn] = w
+        self._waitables[process.sentinel] = w
+        return w
 
     def _forget(self, w: _Worker) -> None:
         self._deadlines.discard(w.id)

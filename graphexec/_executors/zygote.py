@@ -12,11 +12,15 @@ loaded, and the first workers fork from it at once.
 Forking a process that runs several threads is unsafe (a lock another thread
 held stays held forever in the child), so the zygote is forked only while
 the program runs exactly one OS thread (``/proc/self/task``, which counts C
-threads too), not counting OpenBLAS's pool threads: numpy's OpenBLAS starts
-them when numpy loads and joins them before every fork (its
-``pthread_atfork`` handler), so they are gone at the fork, and the parent
-checks right after it that it ran alone (else the child is killed before it
-serves). Otherwise, or when the program is large
+threads too). Asked for by name (``start_method="zygote"``), it does not count
+OpenBLAS's pool threads: numpy's OpenBLAS starts them when numpy loads and
+joins them before every fork (its ``pthread_atfork`` handler), so they are
+gone at the fork, and the parent checks right after it that it ran alone
+(else the child is killed before it serves). That is not the default for a
+numpy program: its workers would share whatever random generators its
+modules made at import (``RNG = np.random.default_rng()``), where a
+forkserver's workers each import the module and seed their own. Otherwise,
+or when the program is large
 (``ZYGOTE_MAX_RSS``: every worker's RSS counts the pages it shares with the
 zygote, see ``memory_limit=``), the server is started as a fresh interpreter
 instead, like graphexec's forkserver. Once running, the zygote serves every
@@ -111,8 +115,13 @@ def max_rss() -> int:
         return ZYGOTE_MAX_RSS
 
 
-def why_not_fork() -> str | None:
-    """Why a zygote cannot be forked from this process now, or None if it can."""
+def why_not_fork(blas_ok: bool = False) -> str | None:
+    """Why a zygote cannot be forked from this process now, or None if it can.
+
+    ``blas_ok``: OpenBLAS's pool threads, which stop themselves at a fork,
+    do not count (the zygote asked for by name; never the default, see the
+    module's docstring).
+    """
     if not hasattr(os, "fork") or not sys.platform.startswith("linux"):
         return "not Linux"
     count = threads()
@@ -122,7 +131,9 @@ def why_not_fork() -> str | None:
         # numpy's OpenBLAS threads stop themselves at a fork (threadlimits.
         # threads_shut_at_fork); any other thread, Python's or C's, rules it out.
         # _fork checks afterwards that they did stop.
-        blas = threadlimits.threads_shut_at_fork() if threading.active_count() == 1 else 0
+        blas = 0
+        if blas_ok and threading.active_count() == 1:
+            blas = threadlimits.threads_shut_at_fork()
         if count != 1 + blas:
             return f"it runs {count} threads" + (f", {blas} of them OpenBLAS's" if blas else "")
     if threading.current_thread() is not threading.main_thread():
@@ -193,7 +204,9 @@ class Zygote(mp_forkserver.ForkServer):
         with self._lock:
             if self._alive():
                 return
-            if why_not_fork() is None and self._fork():
+            # Lenient on OpenBLAS's threads: the default start method chose the
+            # zygote only if why_not_fork() found none, so here it was asked for.
+            if why_not_fork(blas_ok=True) is None and self._fork():
                 return
         # Several threads (or no /proc): a fresh interpreter, as a forkserver.
         super().ensure_running()
@@ -244,7 +257,8 @@ class Zygote(mp_forkserver.ForkServer):
             # until the next BLAS call). The child may hold a lock one of them
             # held: it never serves; a fresh interpreter does instead.
             os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            with contextlib.suppress(ChildProcessError):  # SIGCHLD ignored: reaped already
+                os.waitpid(pid, 0)
             os.close(alive_w)
             if not mp_util.is_abstract_socket_namespace(address):
                 with contextlib.suppress(OSError):

@@ -72,7 +72,7 @@ def _compute(*args: Any, **kwargs: Any) -> Any:
     if f"{__name__}.compute" not in sys.modules:
         # The first compute: the workers' forkserver starts before the scheduler
         # loads, and boots while it does (in a fresh interpreter, most of the wait).
-        _this.backends.start_early(kwargs, args[0] if args else None)
+        _this.backends.start_early(kwargs)
     return _this.compute.compute(*args, **kwargs)
 
 

@@ -11,14 +11,8 @@ from typing import Any
 
 from .. import _executors  # its dask executor loads on first use, with cluster=
 from .._executors.inprocess import SyncExecutor, ThreadExecutor
-from .._executors.process import (
-    ProcessPool,
-    default_start_method,
-    importable_modules,
-    prestart,
-)
+from .._executors.process import ProcessPool, default_start_method, prestart
 from .._executors.protocol import Executor
-from .._model.graph import Graph
 from .options import ComputeOptions
 
 
@@ -45,14 +39,11 @@ def make_executor(options: ComputeOptions) -> Executor:
     return executor
 
 
-def start_early(given: dict[str, Any], graph: Any = None) -> None:
+def start_early(given: dict[str, Any]) -> None:
     """Start the process pool's forkserver now if a compute with these (unvalidated)
     options will need it: the first compute calls this before loading the scheduler,
     so that the forkserver's start runs meanwhile. A wrong guess costs only a
-    forkserver started earlier than its first worker (it serves the whole process).
-
-    ``graph``: the compute's graph, whose task functions' modules a forkserver
-    imports once for all its workers (a zygote already has them)."""
+    forkserver started earlier than its first worker (it serves the whole process)."""
     if (
         given.get("scheduler", "processes") == "processes"
         and given.get("pool") is None
@@ -60,9 +51,4 @@ def start_early(given: dict[str, Any], graph: Any = None) -> None:
         and given.get("workers") != 0
     ):
         limited = given.get("memory_limit") is not None
-        method = given.get("start_method") or default_start_method(limited)
-        modules = None
-        if method != "zygote" and isinstance(graph, Graph):
-            # dict.fromkeys: the distinct tasks, in C (a 1M-node graph: ~20 ms).
-            modules = importable_modules(t.fn for t in dict.fromkeys(graph._tasks))
-        prestart(method, modules)
+        prestart(given.get("start_method") or default_start_method(limited))
