@@ -440,6 +440,31 @@ def targets(table: Table) -> list[str]:
             r = ratio("W7", tool, anchor)
             how = " per turn" if turn_ratio(table, "W7", tool, anchor) is not None else ""
             rows.append((f"W7 {kind}", f"≤ 1 x {label}{how} (#14)", r, verdict(r, 1.0)))
+    # Issue #14's targets for tiny tasks: cold, start-up included (ratios to PPE).
+    for workload, limit in (("W1", 0.15), ("W2", 0.15), ("W5", 0.2)):
+        for tool in ("graphexec-cold", "graphexec-cold-forkserver"):
+            r = ratio(workload, tool, "ppe")
+            kind = GX[tool].removeprefix("graphexec ")
+            rows.append(
+                (
+                    f"{workload} {kind}",
+                    f"≤ {limit} x ProcessPoolExecutor (#14)",
+                    r,
+                    verdict(r, limit),
+                )
+            )
+    r = ratio("W6-run-100k", "graphexec-warm", "ppe")
+    rows.append(("W6 100k warm", "≤ 0.1 x ProcessPoolExecutor (#14)", r, verdict(r, 0.1)))
+    small = table.get("W6-run-10k", {}).get("graphexec-warm")
+    mid = table.get("W6-run-100k", {}).get("graphexec-warm")
+    if small and mid:
+        r = (mid["median"] / mid["nodes"]) / (small["median"] / small["nodes"])
+        rows.append(("W6 100k warm", "per node ≤ 1.2 x at 10k (#14)", r, verdict(r, 1.2)))
+    e = efficiency(table, "graphexec-cold")
+    rows.append(("W3 cold", "parallel efficiency ≥ 97 % (#14)", e, verdict(e, 0.97, False)))
+    for anchor, label in (("serial", "serial numpy (all cores)"), ("joblib", "joblib")):
+        r = ratio("W7", "graphexec-cold-forkserver", anchor)
+        rows.append(("W7 cold (forkserver)", f"≤ 1 x {label} (#14)", r, verdict(r, 1.0)))
     build = table.get("W6-build-100k", {}).get("graphexec")
     if build:
         rows.append(
