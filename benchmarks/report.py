@@ -357,6 +357,20 @@ PROGRESS_FORMS = {
 }
 
 
+def map_lines(table: Table) -> list[str]:
+    """test_map.py: ``task.map`` against the same calls in a loop (W1's no-op, 100,000)."""
+    lines = ["| where | loop | `task.map` | map / loop |", "|---|---|---|---|"]
+    for workload, label in (
+        ("map-graph", "in `with graph:`, warm pool"),
+        ("map-flow", "in `@gx.flow(workers=2)`, start-up in"),
+    ):
+        loop, mapped = median(table, workload, "loop"), median(table, workload, "map")
+        if loop is None or mapped is None:
+            continue
+        lines.append(f"| {label} | {fmt(loop)} | {fmt(mapped)} | {mapped / loop:.2f} |")
+    return lines
+
+
 def progress_lines(table: Table) -> list[str]:
     """test_progress.py: W1 on the warm pool with and without the bar, in turns."""
     entries = table.get("progress", {})
@@ -572,6 +586,11 @@ def report(table: Table, runs: list[dict[str, Any]]) -> str:
                 "",
             ]
             if "flow-submit" in table
+            else []
+        ),
+        *(
+            ["## W1 as `task.map`, 100,000 calls (test_map.py)", "", *map_lines(table), ""]
+            if "map-graph" in table or "map-flow" in table
             else []
         ),
         *(
