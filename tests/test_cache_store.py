@@ -314,7 +314,16 @@ def test_a_process_alone_keeps_its_locks_in_memory_and_yields_them_to_a_newcomer
     assert shared.mode == _cache._JOINED and shared.held["mine"] == _cache._offset("mine")
     store.unlock_all()  # the run is over: this process stops announcing itself
     assert shared.mode == _cache._OUT and not shared.present and not shared.held
-    assert store.try_lock("mine") and shared.mode == _cache._ALONE  # the newcomer is gone
+    # Alone again (the newcomer is gone), with a flusher that was idle: it watches again.
+    assert store.try_lock("mine") and shared.mode == _cache._ALONE
+    again = subprocess.run(
+        [sys.executable, "-c", NEWCOMER, str(cache), "mine"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
+    assert again.stdout.split() == ["False", str(os.getpid())], again.stderr
     store.unlock_all()
 
 

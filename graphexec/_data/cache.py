@@ -741,7 +741,8 @@ class _Shared:
             if not self._others_present():
                 self.mode = _ALONE
                 self.epoch += 1
-                self._start_flusher()  # it watches for newcomers
+                self._start_flusher()  # it watches for newcomers...
+                self.wake.set()  # ...from now, if it was waiting without a timeout
                 return True
             fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, ALONE)  # from write: granted
             self.mode = _JOINED
