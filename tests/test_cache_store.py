@@ -327,6 +327,52 @@ def test_a_process_alone_keeps_its_locks_in_memory_and_yields_them_to_a_newcomer
     store.unlock_all()
 
 
+ALONE_THEN_STOPPED = """\
+import sys
+from graphexec._data.cache import CacheStore
+assert CacheStore(sys.argv[1]).try_lock(sys.argv[2])
+print("alone", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_alone_process_delays_a_newcomer_once_then_yields_when_it_runs(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(_cache, "JOIN_WAIT", 0.3)
+    cache = tmp_path / "cache"
+    alone = subprocess.Popen(
+        [sys.executable, "-c", ALONE_THEN_STOPPED, str(cache), "theirs"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        assert alone.stdout is not None and alone.stdout.readline().strip() == "alone"
+        os.kill(alone.pid, signal.SIGSTOP)  # its watcher cannot yield now
+        store = _cache.CacheStore(cache)
+        started = time.monotonic()
+        assert not store.try_lock("theirs")  # waited JOIN_WAIT, then: not ours
+        assert 0.3 <= time.monotonic() - started < 5
+        started = time.monotonic()
+        assert store.try_lock_many(["theirs", "mine"]) == [False, False]
+        assert time.monotonic() - started < 0.2  # once only: a scheduler is not stalled
+        assert store.holder("theirs") == -1  # who holds what is not known yet
+        os.kill(alone.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while not store.try_lock("mine"):  # joined once it yielded
+            assert time.monotonic() < deadline, "the alone process never yielded"
+            time.sleep(0.05)
+        assert store._shared.mode == _cache._JOINED
+        assert store.holder("theirs") == alone.pid and not store.try_lock("theirs")
+        store.unlock_all()
+    finally:
+        os.kill(alone.pid, signal.SIGCONT)
+        alone.communicate(timeout=10)
+
+
 # -- bounds ---------------------------------------------------------------------------
 
 

@@ -407,6 +407,7 @@ class _Shared:
         # their offsets in the lock file, or -1 while alone (no lock in the file)
         self.mode = _OUT  # see "Alone" in the module docstring
         self.present = False  # PRESENCE is read-locked (mode _JOINED or _ALONE, or joining)
+        self.refused = False  # an alone process did not yield within JOIN_WAIT: see _join
         # Bumped by whatever may have let a row in since a lookup that missed (a commit
         # or a lock let go by this process, a change of mode): then a miss is looked
         # up again under its lock (quiet_epoch).
@@ -748,23 +749,28 @@ class _Shared:
             self.mode = _JOINED
             self.epoch += 1
             return True
-        deadline = time.monotonic() + JOIN_WAIT
+        # Waited for once; after that one try per call (the gate's nodes look again
+        # every LOCK_POLL s): a stuck alone process must not stall this scheduler.
+        deadline = time.monotonic() + (0.0 if self.refused else JOIN_WAIT)
         pause = 0.001
         while True:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, ALONE)
             except OSError:
-                if time.monotonic() > deadline:
-                    logger.info(
-                        "cache %s: another process, alone in it, has not yielded within "
-                        "%g s; this one's nodes wait for it",
-                        self.root,
-                        JOIN_WAIT,
-                    )
+                if time.monotonic() >= deadline:
+                    if not self.refused:
+                        self.refused = True
+                        logger.info(
+                            "cache %s: another process, alone in it, has not yielded "
+                            "within %g s; this one's nodes wait for it",
+                            self.root,
+                            JOIN_WAIT,
+                        )
                     return False
                 time.sleep(pause)
                 pause = min(pause * 2, 0.01)
                 continue
+            self.refused = False
             self.mode = _JOINED
             self.epoch += 1
             return True
@@ -814,6 +820,7 @@ class _Shared:
             fcntl.lockf(fd, fcntl.LOCK_UN, 1, PRESENCE)
             self.mode = _OUT
             self.present = False
+            self.refused = False
             self.epoch += 1
 
     def holder(self, key: str) -> int | None:
