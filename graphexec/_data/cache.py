@@ -89,13 +89,24 @@ Alone
       *alone*: its compute locks are entries of ``held`` only (offset -1), no
       system call, and its batches may be larger and later (holding a lock
       costs nothing then);
-    * a newcomer read-locks ``PRESENCE``, then waits for a read lock on
-      ``ALONE`` (``JOIN_WAIT`` at most per try; its nodes wait meanwhile, as
-      for a held entry). The alone process's flusher looks for newcomers every
-      ``WATCH`` (50 ms); seeing one, it puts each key it holds in the lock file
-      and only then turns its lock on ``ALONE`` into a read lock
-      (:meth:`_Shared._yield`), which lets the newcomer in: from then on both
-      lock as above, and the newcomer finds every entry being computed locked.
+    * a newcomer read-locks ``PRESENCE``, then tries for a read lock on
+      ``ALONE`` at each call, never sleeping (its nodes wait meanwhile, as for
+      a held entry, and look again every ``LOCK_POLL``). The alone process's
+      flusher looks for newcomers every ``WATCH`` (50 ms); seeing one, it
+      commits its batch (whose keys it then lets go of), puts each key still
+      held in the lock file and only then turns its lock on ``ALONE`` into a
+      read lock (:meth:`_Shared._yield`), which lets the newcomer in: from then
+      on both lock as above, and the newcomer finds every entry being computed
+      locked;
+    * a newcomer not let in within ``JOIN_WAIT`` (2 s) of its first try (the
+      alone process is stopped, or starved) goes ahead and locks in the file
+      anyway: an entry both compute then may be computed twice, never returned
+      wrong or partial ("each entry computed about once"). The alone process
+      yields once it runs again;
+    * listing (``graphexec cache ls|info``, :meth:`CacheStore.entries`) never
+      joins: it cannot see an alone process's locks, and says so
+      (:meth:`CacheStore.alone_elsewhere`); pruning joins, waiting
+      ``JOIN_WAIT`` at most, and keeps every entry if not let in.
 
     A process killed while alone loses its locks with it, as ever. While
     alone, no other process adds rows, so a lookup that missed needs no second
@@ -184,7 +195,9 @@ BUSY_TIMEOUT = 60.0  # seconds SQLite waits for another process's write transact
 PRESENCE = 1 << 62  # read-locked by every process that takes compute locks here
 ALONE = PRESENCE + 1  # write-locked by a process alone here, read-locked by the others
 WATCH = 0.05  # seconds between an alone process's looks for a newcomer
-JOIN_WAIT = 2.0  # seconds a newcomer waits at most, per try, for an alone process to yield
+# Seconds a newcomer waits at most, in all, for an alone process to yield (its nodes
+# wait meanwhile; nothing sleeps); then it locks in the file anyway (see "Alone").
+JOIN_WAIT = 2.0
 _OUT, _ALONE, _JOINED = 0, 1, 2  # _Shared.mode
 
 
@@ -407,7 +420,9 @@ class _Shared:
         # their offsets in the lock file, or -1 while alone (no lock in the file)
         self.mode = _OUT  # see "Alone" in the module docstring
         self.present = False  # PRESENCE is read-locked (mode _JOINED or _ALONE, or joining)
-        self.refused = False  # an alone process did not yield within JOIN_WAIT: see _join
+        # When this process first found another alone here and not yielding (0.0: not
+        # waiting for one): see _join.
+        self.knocked = 0.0
         # Bumped by whatever may have let a row in since a lookup that missed (a commit
         # or a lock let go by this process, a change of mode): then a miss is looked
         # up again under its lock (quiet_epoch).
@@ -725,55 +740,65 @@ class _Shared:
     # alone ---------------------------------------------------------------------
 
     def _join(self) -> bool:
-        """Under the mutex, from ``_OUT``: announce this process, and be alone if no
-        other is here; False if an alone process has not yielded within JOIN_WAIT
-        (then the caller's nodes wait, as for a held entry, and it tries again)."""
+        """Under the mutex, from ``_OUT``, without waiting: announce this process, and
+        be alone if no other is here, or join the others; False while a process alone
+        here has not yielded yet (the caller's nodes wait, as for a held entry, and
+        try again at their next look).
+
+        Nothing sleeps here: this runs on a scheduler's thread, under the mutex. Once
+        ``JOIN_WAIT`` seconds have passed since this process first found the alone
+        process not yielding (it may be stopped, or starved), this one joins anyway
+        and locks in the file: beside a process that has not yielded an entry may be
+        computed twice, never returned wrong or partial.
+        """
         fd = self.lock_fd
         if not self.present:
-            # Blocking: an alone process's look for newcomers write-locks PRESENCE for
-            # an instant (_others_present); nobody holds it longer.
-            fcntl.lockf(fd, fcntl.LOCK_SH, 1, PRESENCE)
-            self.present = True
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, ALONE)
-        except OSError:
-            pass  # another process is alone (it yields once it sees us), or joined
-        else:
-            if not self._others_present():
-                self.mode = _ALONE
-                self.epoch += 1
-                self._start_flusher()  # it watches for newcomers...
-                self.wake.set()  # ...from now, if it was waiting without a timeout
-                return True
-            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, ALONE)  # from write: granted
-            self.mode = _JOINED
-            self.epoch += 1
-            return True
-        # Waited for once; after that one try per call (the gate's nodes look again
-        # every LOCK_POLL s): a stuck alone process must not stall this scheduler.
-        deadline = time.monotonic() + (0.0 if self.refused else JOIN_WAIT)
-        pause = 0.001
-        while True:
             try:
-                fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, ALONE)
-            except OSError:
-                if time.monotonic() >= deadline:
-                    if not self.refused:
-                        self.refused = True
-                        logger.info(
-                            "cache %s: another process, alone in it, has not yielded "
-                            "within %g s; this one's nodes wait for it",
-                            self.root,
-                            JOIN_WAIT,
-                        )
-                    return False
-                time.sleep(pause)
-                pause = min(pause * 2, 0.01)
-                continue
-            self.refused = False
-            self.mode = _JOINED
-            self.epoch += 1
-            return True
+                fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, PRESENCE)
+                self.present = True
+            except OSError:  # an alone process's look for newcomers (an instant)
+                pass
+        if self.present:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, ALONE)
+            except OSError:  # another process is alone (it yields once it sees us), or
+                try:  # others have joined (they read-lock ALONE): then we join them
+                    fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, ALONE)
+                except OSError:
+                    pass
+                else:
+                    return self._joined()
+            else:
+                if not self._others_present():
+                    self.mode = _ALONE
+                    self.knocked = 0.0
+                    self.epoch += 1
+                    self._start_flusher()  # it watches for newcomers...
+                    self.wake.set()  # ...from now, if it was waiting without a timeout
+                    return True
+                fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, ALONE)  # from write: granted
+                return self._joined()
+        now = time.monotonic()
+        if not self.knocked:
+            self.knocked = now
+            return False
+        if now - self.knocked < JOIN_WAIT:
+            return False
+        logger.warning(
+            "cache %s: another process (pid %s), alone in it, has not let this one in "
+            "within %g s (stopped? starved?); this process locks its entries anyway: "
+            "an entry both compute now may be computed twice",
+            self.root,
+            self._alone_pid() or "unknown",
+            JOIN_WAIT,
+        )
+        return self._joined()
+
+    def _joined(self) -> bool:
+        self.mode = _JOINED
+        self.knocked = 0.0
+        self.epoch += 1
+        return True
 
     def _others_present(self) -> bool:
         """Under the mutex, PRESENCE read-locked: does another process hold it too?
@@ -813,41 +838,90 @@ class _Shared:
     def leave(self) -> None:
         """Stop announcing this process, if it holds no compute lock (end of a run)."""
         with self.mutex:
-            if self.held or not self.present:
+            if self.held or (not self.present and self.mode == _OUT):
+                self.knocked = 0.0
                 return
             fd = self.lock_fd
             fcntl.lockf(fd, fcntl.LOCK_UN, 1, ALONE)
             fcntl.lockf(fd, fcntl.LOCK_UN, 1, PRESENCE)
             self.mode = _OUT
             self.present = False
-            self.refused = False
+            self.knocked = 0.0
             self.epoch += 1
+
+    def join(self, wait: float) -> None:
+        """Join (or be alone) as a run does, waiting up to ``wait`` s for an alone
+        process to yield, outside the mutex: for pruning, which must see what every
+        process computes (``holder``); :meth:`leave` when done."""
+        deadline = time.monotonic() + wait
+        while True:
+            with self.mutex:
+                if self.mode != _OUT or self._join():
+                    return
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.01)
 
     def holder(self, key: str) -> int | None:
         """The pid of the process computing ``key`` now (this one included), or None;
-        -1 if unknown (an alone process has not yielded yet)."""
+        -1 if unknown: the system cannot say who, or a process alone here (which keeps
+        its locks in memory) may be computing it.
+
+        Never joins (never makes an alone process yield): ``graphexec cache ls`` and
+        a waiting node's log line ask this, and must not slow a run down or wait.
+        """
         if key in self.held:
             return os.getpid()
-        with self.mutex:  # a process alone here shows its locks once another joins
-            joined = self.mode != _OUT or self._join()
-        if not joined:
+        pid = self.file_holder(key)
+        if pid is None and self._alone_pid() is not None:
             return -1
+        return pid
+
+    def file_holder(self, key: str) -> int | None:
+        """The pid of the process holding ``key``'s lock in the lock file (-1 where
+        the system cannot say who), or None: not counting a process alone here."""
         if not sys.platform.startswith("linux"):
-            return -1 if _locked_elsewhere(self.lock_fd, key) else None
-        # struct flock on Linux: short type, short whence, off_t start, off_t len, pid_t pid
-        query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _offset(key), 1, 0)
-        kind, _, _, _, pid = struct.unpack(
-            "hhqqi4x", fcntl.fcntl(self.lock_fd, fcntl.F_GETLK, query)
-        )
-        return None if kind == fcntl.F_UNLCK else pid
+            return -1 if _locked_elsewhere(self.lock_fd, _offset(key)) else None
+        return _getlk(self.lock_fd, fcntl.F_WRLCK, _offset(key))
+
+    def _alone_pid(self) -> int | None:
+        """The pid of another process alone here (it write-locks ALONE; -1 where the
+        system cannot say who), or None."""
+        if self.mode == _ALONE:
+            return None  # this one
+        if sys.platform.startswith("linux"):
+            return _getlk(self.lock_fd, fcntl.F_RDLCK, ALONE)
+        if self.mode == _JOINED:
+            # read-locks ALONE (or joined without it: JOIN_WAIT): try a write lock
+            try:
+                fcntl.lockf(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, ALONE)
+            except OSError:
+                return None  # others read-lock it too; assume no one alone
+            fcntl.lockf(self.lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, ALONE)
+            return None
+        try:
+            fcntl.lockf(self.lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, ALONE)
+        except OSError:
+            return -1
+        fcntl.lockf(self.lock_fd, fcntl.LOCK_UN, 1, ALONE)
+        return None
 
 
-def _locked_elsewhere(fd: int, key: str) -> bool:
+def _getlk(fd: int, kind: int, offset: int) -> int | None:
+    """Linux: the pid of another process whose lock on byte ``offset`` conflicts with
+    a lock of ``kind``, or None (``F_GETLK``; this process's own locks never do)."""
+    # struct flock on Linux: short type, short whence, off_t start, off_t len, pid_t pid
+    query = struct.pack("hhqqi4x", kind, os.SEEK_SET, offset, 1, 0)
+    found, _, _, _, pid = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    return None if found == fcntl.F_UNLCK else pid
+
+
+def _locked_elsewhere(fd: int, offset: int) -> bool:
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _offset(key))
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
     except OSError:
         return True
-    fcntl.lockf(fd, fcntl.LOCK_UN, 1, _offset(key))
+    fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
     return False
 
 
@@ -1256,19 +1330,26 @@ class CacheStore:
         """See :meth:`_Shared.quiet_epoch`."""
         return self._shared.quiet_epoch()
 
-    def epoch(self) -> int:
-        """Bumped by whatever may have added a row (see :meth:`quiet_epoch`)."""
-        return self._shared.epoch
-
     def holder(self, key: str) -> int | None:
         """The pid of the process computing ``key`` now (this one included), or None;
-        -1 where the system cannot say who."""
+        -1 where the system cannot say who, or while another process is alone in the
+        directory (it may be computing it: asking would make it yield)."""
         return self._shared.holder(key)
+
+    def alone_elsewhere(self) -> int | None:
+        """The pid of another process alone in the directory, whose compute locks
+        are in its memory only (-1 where the system cannot say who), or None."""
+        return self._shared._alone_pid()
 
     # listing and pruning -----------------------------------------------------
 
     def entries(self) -> list[EntryInfo]:
-        """Every entry, with its checksums checked (the files' headers only)."""
+        """Every entry, with its checksums checked (the files' headers only).
+
+        ``held`` counts the compute locks this process and the processes that lock
+        in the file hold, not those of a process alone in the directory (asking for
+        them would make it yield and slow it down: :meth:`alone_elsewhere` says if
+        there is one)."""
         shared = self._shared
         shared.commit()
         mapped = _mapped_inodes(self.root)
@@ -1289,15 +1370,19 @@ class CacheStore:
                     held_file = (st.st_dev, st.st_ino) in mapped
                 except (OSError, ValueError, KeyError, TypeError, struct.error):
                     readable = False
-            held = held_file or shared.holder(key) is not None
+            held = held_file or key in shared.held or shared.file_holder(key) is not None
             found.append(EntryInfo(key, task, created, expires, size, file, readable, held))
-        shared.leave()  # holder() announced this process: others need not yield to it
         return found
 
     def remove(self, chosen: Iterable[EntryInfo]) -> tuple[int, int, int]:
         """Delete the chosen entries unless a live run holds them (computes one, or maps
         its file); returns (deleted, bytes freed, kept because held)."""
         shared = self._shared
+        chosen = list(chosen)
+        if chosen:
+            # An alone process yields its locks to this one (within JOIN_WAIT); one
+            # that does not keeps every entry (holder() cannot say: -1, held).
+            shared.join(JOIN_WAIT)
         mapped = _mapped_inodes(self.root)
         doomed: list[EntryInfo] = []
         kept = 0

@@ -427,7 +427,9 @@ class CacheGate:
         store = self.store
         assert store is not None
         keying, keys = self.keying, self.keys
-        room = self._window() - len(self.locked)
+        # Not below 0: the window shrinks when a newcomer ends this process's being
+        # alone, with more nodes than the new window holding locks.
+        room = max(0, self._window() - len(self.locked))
         if len(entries) > room:
             self.parked.extend(entries[room:])
             entries = entries[:room]

@@ -326,6 +326,21 @@ def _say_old(root: Path) -> None:
         )
 
 
+def _say_alone(root: Path) -> None:
+    """Say that "held" leaves out what a process alone in ``root`` computes: it keeps
+    those locks in memory, and asking would make it yield them (slow it down)."""
+    if not (root / cache_store.DB_NAME).exists():
+        return
+    pid = cache_store.CacheStore(root).alone_elsewhere()
+    if pid is not None:
+        who = "another process" if pid < 0 else f"process {pid}"
+        print(
+            f"note: {who} is running alone in {root}: the entries it is computing now "
+            "are not counted as held (asking would slow it down)",
+            file=sys.stderr,
+        )
+
+
 def _remove_old(root: Path) -> tuple[int, int]:
     """Delete the older layout's files; (entries deleted, bytes freed)."""
     deleted = freed = 0
@@ -363,6 +378,7 @@ def _say_removed(deleted: int, freed: int, kept: int) -> None:
 def _cache_ls(args: argparse.Namespace) -> None:
     entries = read_entries(args.dir)
     _say_old(args.dir)
+    _say_alone(args.dir)
     now = time.time()
     if not entries:
         print(f"{args.dir}: no entries")
@@ -408,6 +424,7 @@ def _cache_ls(args: argparse.Namespace) -> None:
 def _cache_info(args: argparse.Namespace) -> None:
     entries = read_entries(args.dir)
     _say_old(args.dir)
+    _say_alone(args.dir)
     now = time.time()
     print(f"directory   {args.dir.resolve()}")
     print(f"entries     {len(entries):,}")
