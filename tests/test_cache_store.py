@@ -458,6 +458,43 @@ def test_listing_beside_a_stopped_alone_process_neither_waits_nor_makes_it_yield
         assert _end(alone) == str(_cache._ALONE)  # never made to yield
 
 
+@pytest.mark.timeout(60)
+def test_a_yield_commits_the_batch_first_so_only_running_nodes_locks_go_in_the_file(
+    tmp_path, monkeypatch
+):
+    # Review defect 3: the window's locks and the whole batch's (up to ~20,000 keys)
+    # went into the lock file under the mutex, at a cost quadratic in their number.
+    monkeypatch.setattr(_cache, "BATCH_DELAY_ALONE", 60.0)  # the batch waits for the yield
+    cache = tmp_path / "cache"
+    store = _cache.CacheStore(cache)
+    shared = store._shared
+    keys = [f"{i:064x}" for i in range(3000)]
+    assert all(store.try_lock_many(keys)) and shared.mode == _cache._ALONE
+    for key in keys[:2500]:  # finished: their locks go once their rows are committed
+        store.put(key, pickle.dumps(key), {"task": "t"}, release=True)
+    assert len(shared.pending) == 2500
+    put_in_file = []
+    to_yield = shared._yield
+
+    def spy() -> None:
+        put_in_file.append(sum(offset < 0 for offset in shared.held.values()))
+        to_yield()
+
+    monkeypatch.setattr(shared, "_yield", spy)
+    newcomer = subprocess.run(
+        [sys.executable, "-c", NEWCOMER, str(cache), "other"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
+    assert newcomer.returncode == 0, newcomer.stderr
+    assert put_in_file == [500]  # the running nodes' locks only (3,000 before)
+    assert shared.mode == _cache._JOINED and not shared.pending
+    assert len(store.rows(keys)) == 2500  # committed before the newcomer came in
+    store.unlock_all()
+
+
 # -- bounds ---------------------------------------------------------------------------
 
 

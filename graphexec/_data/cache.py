@@ -813,9 +813,20 @@ class _Shared:
         return False
 
     def _watch(self) -> None:
-        """The flusher, every WATCH s while alone: a newcomer makes this process yield."""
+        """The flusher, every WATCH s while alone: a newcomer makes this process yield.
+
+        The batch is committed first, and its keys let go of: only the locks of the
+        nodes still running (at most ``WINDOW_ALONE``, the gate's) and of rows batched
+        meanwhile go into the file. Each lock taken costs time in proportion to the
+        locks the file holds: the window plus a whole batch (20,000 locks) took 5 s,
+        under the mutex.
+        """
         with self.mutex:
-            if self.mode == _ALONE and self._others_present():
+            if self.mode != _ALONE or not self._others_present():
+                return
+        self.commit()  # still alone meanwhile: the newcomer waits (JOIN_WAIT at most)
+        with self.mutex:
+            if self.mode == _ALONE:
                 self._yield()
 
     def _yield(self) -> None:
@@ -823,13 +834,16 @@ class _Shared:
         first, then ALONE is only read-locked, which lets the newcomer in."""
         fd = self.lock_fd
         held = self.held
-        for key, offset in held.items():
-            if offset < 0:
-                offset = held[key] = _offset(key)
-                try:
-                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
-                except OSError:  # a process that does not announce itself (an older
-                    pass  # graphexec) holds it: it computes that entry too
+        # Highest offset first: Linux keeps a process's locks sorted, and a lock below
+        # all the others is found its place at once (a third of the time of random order)
+        taken = sorted(((_offset(key), key) for key, offset in held.items() if offset < 0),
+                       reverse=True)  # fmt: skip
+        for offset, key in taken:
+            held[key] = offset
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+            except OSError:  # a process that does not announce itself (an older
+                pass  # graphexec), or a newcomer past JOIN_WAIT, holds it: both compute it
         fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, ALONE)  # from write: granted
         self.mode = _JOINED
         self.epoch += 1
