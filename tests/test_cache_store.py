@@ -557,6 +557,29 @@ def test_a_run_holds_at_most_window_locks_and_commits_before_it_returns(
     assert len(rows(cache)) == 40  # committed: another process sees them all now
 
 
+def test_no_lock_is_taken_while_more_nodes_hold_locks_than_the_window_allows(
+    tmp_path, monkeypatch
+):
+    # Review defect 4: once a newcomer shrinks the window (WINDOW_ALONE to WINDOW),
+    # more nodes than it allows may hold locks; a negative room then locked the first
+    # entries and parked only the last ones.
+    monkeypatch.setattr(_caching, "WINDOW_ALONE", 4)
+    graph = gx.Graph()
+    with graph:
+        nodes = [small(i) for i in range(8)]
+    store = _cache.CacheStore(tmp_path / "cache")
+    gate = _caching.CacheGate(
+        graph, [None] * len(nodes), store, False, lambda i: None, lambda: None, False
+    )
+    gate.locked.update(range(100, 110))  # ten nodes holding locks: six too many
+    entries = [(n.index, 1, f"key{n.index}") for n in nodes]
+    gate.keying.update((i, 1) for i, _, _ in entries)
+    out: list = []
+    gate._lock_and_look(entries, out)
+    assert out == [] and list(gate.parked) == entries  # all wait for room
+    store.unlock_all()
+
+
 # -- the old layout and damage ---------------------------------------------------------
 
 
