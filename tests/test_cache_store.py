@@ -557,9 +557,7 @@ def test_a_run_holds_at_most_window_locks_and_commits_before_it_returns(
     assert len(rows(cache)) == 40  # committed: another process sees them all now
 
 
-def test_no_lock_is_taken_while_more_nodes_hold_locks_than_the_window_allows(
-    tmp_path, monkeypatch
-):
+def test_no_lock_is_taken_while_more_nodes_hold_locks_than_the_window_allows(tmp_path, monkeypatch):
     # Review defect 4: once a newcomer shrinks the window (WINDOW_ALONE to WINDOW),
     # more nodes than it allows may hold locks; a negative room then locked the first
     # entries and parked only the last ones.
