@@ -495,6 +495,26 @@ def test_a_yield_commits_the_batch_first_so_only_running_nodes_locks_go_in_the_f
     store.unlock_all()
 
 
+def test_a_batched_row_replaced_or_deleted_lets_go_of_its_lock_at_once(tmp_path, monkeypatch):
+    # Review defect 6: its key stayed locked until a later commit.
+    monkeypatch.setattr(_cache, "BATCH_DELAY_ALONE", 60.0)  # no commit meanwhile
+    monkeypatch.setattr(_cache, "BATCH_DELAY", 60.0)
+    store = _cache.CacheStore(tmp_path / "cache")
+    shared = store._shared
+    data = pickle.dumps(1)
+    for key in ("replaced", "deleted"):
+        assert store.try_lock(key)
+        store.put(key, data, {"task": "t"}, release=True)  # let go once committed
+        assert key in shared.held and key in shared.pending
+    store.write("replaced", cloudpickle.dumps(2), [], {"task": "t"})  # a large entry
+    assert "replaced" not in shared.held and "replaced" not in shared.pending
+    assert store.lookup("replaced").load() == 2
+    shared.delete("deleted", _cache._crc("deleted", data))  # as a corrupt entry is
+    assert "deleted" not in shared.held and "deleted" not in shared.pending
+    assert store.try_lock("deleted")  # free for this process's next run
+    store.unlock_all()
+
+
 # -- bounds ---------------------------------------------------------------------------
 
 

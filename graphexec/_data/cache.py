@@ -663,11 +663,28 @@ class _Shared:
             row = self.pending.get(key)
             if row is not None and (row[5] if row[5] is not None else _with_crc(row)[5]) == crc:
                 del self.pending[key]
+                release = self._unbatch(key)
+            else:
+                release = False
         try:
             with self.committing:
                 self.conn().execute("DELETE FROM entries WHERE key = ? AND crc = ?", (key, crc))
         except sqlite3.Error as exc:
             self.damaged(exc)
+        finally:
+            if release:
+                with self.mutex:
+                    self._unlock(key)
+
+    def _unbatch(self, key: str) -> bool:
+        """Under the mutex, ``key``'s row just taken out of the batch: did its lock
+        wait for that row's commit? Then the caller lets go of it (:meth:`_unlock`)
+        once the row that replaces it (or its deletion) is committed: no later batch
+        would (the lock was held until then, and nobody else could compute it)."""
+        if key in self.release:
+            self.release.discard(key)
+            return True
+        return False
 
     def damaged(self, exc: BaseException) -> None:
         if not self.warned_damage:
@@ -1305,9 +1322,15 @@ class CacheStore:
                None)  # fmt: skip
         shared = self._shared
         with shared.mutex:
-            shared.pending.pop(key, None)  # an older batched row must not replace this one
-        with shared.committing:
-            shared.write([row])
+            # an older batched row must not replace this one
+            release = shared.pending.pop(key, None) is not None and shared._unbatch(key)
+        try:
+            with shared.committing:
+                shared.write([row])
+        finally:
+            if release:
+                with shared.mutex:
+                    shared._unlock(key)
 
     def flush(self) -> None:
         """Commit this process's batched rows for this directory now."""
