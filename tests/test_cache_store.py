@@ -515,6 +515,19 @@ def test_a_batched_row_replaced_or_deleted_lets_go_of_its_lock_at_once(tmp_path,
     store.unlock_all()
 
 
+def test_a_new_database_is_written_whole_through_short_writes(tmp_path, monkeypatch):
+    # Review defect 5: os.write's count was not checked (a full disk writes short).
+    real = os.write
+    monkeypatch.setattr(_cache.os, "write", lambda fd, data: real(fd, bytes(data[:1000])))
+    db = tmp_path / _cache.DB_NAME
+    _cache._create_db(tmp_path, str(db))
+    monkeypatch.undo()
+    assert db.read_bytes() == _cache._empty_db()
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*) FROM entries").fetchone() == (0,)
+    conn.close()
+
+
 # -- bounds ---------------------------------------------------------------------------
 
 

@@ -59,9 +59,12 @@ Durability
     as is every other commit (a large entry's row, a deletion). So a SIGKILL
     of the parent loses at most the batch not yet committed (the small entries
     of the last ``BATCH_DELAY_ALONE`` = 0.25 s while alone, ``BATCH_DELAY`` =
-    50 ms otherwise), a power cut at most the small entries of the last second
-    (``SYNC_DELAY``); neither leaves a partial or corrupt entry (SQLite's WAL
-    keeps the database whole, and every entry has its checksum). A new
+    50 ms otherwise), a power cut at most the small entries of the last
+    1.25 s while alone (a row waits up to 0.25 s for its batch's commit, which
+    waits up to ``SYNC_DELAY`` = 1 s for the syncer's fsync; 1.05 s otherwise),
+    plus however long that commit and fsync take on a slow disk; neither
+    leaves a partial or corrupt entry (SQLite's WAL keeps the database whole,
+    and every entry has its checksum). A new
     directory's database is written whole from a template, fsynced and linked
     into place (:func:`_create_db`).
 
@@ -383,7 +386,12 @@ def _create_db(root: Path, db: str) -> None:
         return
     try:
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:  # a short write (a full disk) would link a truncated database
+                written = os.write(fd, view)
+                if written <= 0:
+                    raise OSError(f"could not write {DB_NAME} in {root}")
+                view = view[written:]
             os.fsync(fd)
         finally:
             os.close(fd)
