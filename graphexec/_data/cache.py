@@ -1381,6 +1381,12 @@ class CacheStore:
         directory (it may be computing it: asking would make it yield)."""
         return self._shared.holder(key)
 
+    def knocking(self) -> bool:
+        """True while a process alone in the directory has not let this one in yet
+        (its locks are not known: every miss waits, see :meth:`_Shared._join`)."""
+        shared = self._shared
+        return shared.mode == _OUT and shared.knocked > 0.0
+
     def alone_elsewhere(self) -> int | None:
         """The pid of another process alone in the directory, whose compute locks
         are in its memory only (-1 where the system cannot say who), or None."""

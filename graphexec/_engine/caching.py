@@ -76,7 +76,8 @@ State (plain containers, touched by the scheduler thread only, except
 ``locked``         nodes whose entry lock this run holds (they write the entry)
 ``holders[key]``   the node of this run that holds ``key``'s lock
 ``lock_waits[i]``  nodes waiting for another's lock -> monotonic time to give up
-                   (``inf`` when the holder is a node of this run)
+                   (``inf`` when the holder is a node of this run, or while a process
+                   alone in the directory has not let this one in: ``_knocking``)
 ``batch``          (node, ticket, key) keyed on the scheduler thread since the last
                    ``keyed()``, which settles them together (they are in ``keying``)
 ``parked``         (node, ticket, key) that missed while ``WINDOW`` (``WINDOW_ALONE``)
@@ -243,6 +244,9 @@ class CacheGate:
         self.locked: set[int] = set()
         self.holders: dict[str, int] = {}
         self.lock_waits: dict[int, float] = {}
+        # Waiting nodes whose wait began before a process alone in the directory let
+        # this one in: their wait (logged, bounded) starts once it has.
+        self._knocking: set[int] = set()
         self.parked: deque[tuple[int, int, str]] = deque()
         self.batch: list[tuple[int, int, str]] = []
         self.refreshed: set[str] = set()
@@ -497,6 +501,7 @@ class CacheGate:
         if locked:
             if self.lock_waits:
                 self.lock_waits.pop(i, None)
+                self._knocking.discard(i)
             if self._waits:
                 self._waited(i, key, "")
             if hit is not None:
@@ -509,10 +514,16 @@ class CacheGate:
             return RUN_NOW
         if hit is not None:  # held by another run, which wrote it meanwhile
             self.lock_waits.pop(i, None)
+            self._knocking.discard(i)
             self._waited(i, key, "")
             return self._cached(i, key, hit)
         give_up = self.lock_waits.get(i)
-        if give_up is None:
+        if give_up is None or i in self._knocking:
+            if store.knocking():  # not let in yet (within JOIN_WAIT): no holder known
+                self._knocking.add(i)
+                self.lock_waits[i] = math.inf
+                return WAIT
+            self._knocking.discard(i)
             self.lock_waits[i] = self._start_wait(i, key)
         elif time.monotonic() >= give_up:
             del self.lock_waits[i]
@@ -639,6 +650,7 @@ class CacheGate:
         """The run is cancelled: nothing waits for a key or a lock any more."""
         self.keying.clear()
         self.lock_waits.clear()
+        self._knocking.clear()
         self.parked.clear()
         self.batch.clear()
 
