@@ -90,8 +90,8 @@ Alone
       system call, and its batches may be larger and later (holding a lock
       costs nothing then);
     * a newcomer read-locks ``PRESENCE``, then waits for a read lock on
-      ``ALONE`` (``JOIN_WAIT`` at most per try; its nodes wait meanwhile, as
-      for a held entry). The alone process's flusher looks for newcomers every
+      ``ALONE`` (``JOIN_WAIT`` at most, once; then one try per look, its nodes
+      waiting as for a held entry). The alone process's flusher looks for newcomers every
       ``WATCH`` (50 ms); seeing one, it puts each key it holds in the lock file
       and only then turns its lock on ``ALONE`` into a read lock
       (:meth:`_Shared._yield`), which lets the newcomer in: from then on both
