@@ -173,6 +173,25 @@ def test_a_numpy_program_gets_a_forkserver_unless_it_asks_for_the_zygote():
 
 
 @pytest.mark.timeout(90)
+def test_a_numpy_program_without_blas_threads_still_gets_a_forkserver_by_default():
+    # One BLAS thread (OPENBLAS_NUM_THREADS=1, a one-core machine): one thread,
+    # but a zygote's workers would still share the program's module-level
+    # random generators.
+    pytest.importorskip("numpy")
+    report, _ = _run(
+        """
+        import numpy as np
+        report(threads=zygote.threads(), default=gx._surfaces.pool.default_start_method(),
+               why=zygote.why_not_fork())
+        """,
+        env={"OPENBLAS_NUM_THREADS": "1"},
+    )
+    assert report["threads"] == 1
+    assert report["default"] == "forkserver"
+    assert "numpy" in report["why"]
+
+
+@pytest.mark.timeout(90)
 def test_a_thread_that_survives_the_fork_means_no_zygote_and_nothing_left_behind():
     # why_not_fork took the extra thread for OpenBLAS's (forced here); it did
     # not stop at the fork, so the forked child is killed before it serves and
@@ -185,7 +204,7 @@ def test_a_thread_that_survives_the_fork_means_no_zygote_and_nothing_left_behind
         thread.start()
         threading.active_count = lambda: 1
         threadlimits.threads_shut_at_fork = lambda: zygote.threads() - 1
-        allowed = zygote.why_not_fork(blas_ok=True)
+        allowed = zygote.why_not_fork(asked=True)
         with gx.Pool(workers=1, start_method="zygote") as pool:
             value = compute(os.getpid, pool=pool)
             forked = zygote.server([]).forked

@@ -16,11 +16,12 @@ threads too). Asked for by name (``start_method="zygote"``), it does not count
 OpenBLAS's pool threads: numpy's OpenBLAS starts them when numpy loads and
 joins them before every fork (its ``pthread_atfork`` handler), so they are
 gone at the fork, and the parent checks right after it that it ran alone
-(else the child is killed before it serves). That is not the default for a
-numpy program: its workers would share whatever random generators its
-modules made at import (``RNG = np.random.default_rng()``), where a
-forkserver's workers each import the module and seed their own. Otherwise,
-or when the program is large
+(else the child is killed before it serves). A program that imported numpy
+never gets the zygote by default, however many threads it runs
+(``OPENBLAS_NUM_THREADS=1``, one core): its workers would share whatever
+random generators its modules made at import (``RNG =
+np.random.default_rng()``), where a forkserver's workers each import the
+module and seed their own. Otherwise, or when the program is large
 (``ZYGOTE_MAX_RSS``: every worker's RSS counts the pages it shares with the
 zygote, see ``memory_limit=``), the server is started as a fresh interpreter
 instead, like graphexec's forkserver. Once running, the zygote serves every
@@ -115,13 +116,19 @@ def max_rss() -> int:
         return ZYGOTE_MAX_RSS
 
 
-def why_not_fork(blas_ok: bool = False) -> str | None:
+def why_not_fork(asked: bool = False) -> str | None:
     """Why a zygote cannot be forked from this process now, or None if it can.
 
-    ``blas_ok``: OpenBLAS's pool threads, which stop themselves at a fork,
-    do not count (the zygote asked for by name; never the default, see the
-    module's docstring).
+    ``asked``: the zygote was asked for by name (``start_method="zygote"``):
+    a program that imported numpy may have it, and OpenBLAS's pool threads,
+    which stop themselves at a fork, do not count. Never by default: see
+    the module's docstring.
     """
+    if not asked and "numpy" in sys.modules:
+        return (
+            "it imported numpy: its workers would share the random generators its "
+            "modules made at import (start_method='zygote' forks it anyway)"
+        )
     if not hasattr(os, "fork") or not sys.platform.startswith("linux"):
         return "not Linux"
     count = threads()
@@ -132,7 +139,7 @@ def why_not_fork(blas_ok: bool = False) -> str | None:
         # threads_shut_at_fork); any other thread, Python's or C's, rules it out.
         # _fork checks afterwards that they did stop.
         blas = 0
-        if blas_ok and threading.active_count() == 1:
+        if asked and threading.active_count() == 1:
             blas = threadlimits.threads_shut_at_fork()
         if count != 1 + blas:
             return f"it runs {count} threads" + (f", {blas} of them OpenBLAS's" if blas else "")
@@ -206,7 +213,7 @@ class Zygote(mp_forkserver.ForkServer):
                 return
             # Lenient on OpenBLAS's threads: the default start method chose the
             # zygote only if why_not_fork() found none, so here it was asked for.
-            if why_not_fork(blas_ok=True) is None and self._fork():
+            if why_not_fork(asked=True) is None and self._fork():
                 return
         # Several threads (or no /proc): a fresh interpreter, as a forkserver.
         super().ensure_running()
