@@ -17,7 +17,10 @@ The cache commands read the store through its own listing
 entries with a file, every checksum checked) and delete through
 ``CacheStore.remove``, which never deletes an entry that a live run holds: one
 whose compute lock is held (a run is computing it) or whose file a running
-process maps through a ``.hold-<pid>-<n>.hold`` link. Only the version of an
+process maps through a ``.hold-<pid>-<n>.hold`` link (a process alone in the
+directory keeps its locks in memory: ``remove`` makes it yield them, waiting 2 s
+at most, and keeps every entry if it does not; ``ls`` and ``info`` never ask,
+and say so). Only the version of an
 entry that was listed is deleted: one a run wrote since stays. Entries of the
 older layout (a ``.gxc`` file each), which this version never reads, are
 counted apart; ``clear`` and ``prune --expired`` delete them.
