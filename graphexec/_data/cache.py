@@ -877,8 +877,10 @@ class _Shared:
     def leave(self) -> None:
         """Stop announcing this process, if it holds no compute lock (end of a run)."""
         with self.mutex:
-            if self.held or (not self.present and self.mode == _OUT):
-                self.knocked = 0.0
+            if self.held:
+                return  # another run of this process computes entries
+            if not self.present and self.mode == _OUT:
+                self.knocked = 0.0  # knocked without announcing itself (an instant)
                 return
             fd = self.lock_fd
             fcntl.lockf(fd, fcntl.LOCK_UN, 1, ALONE)
