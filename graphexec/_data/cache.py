@@ -201,6 +201,7 @@ WATCH = 0.05  # seconds between an alone process's looks for a newcomer
 # Seconds a newcomer waits at most, in all, for an alone process to yield (its nodes
 # wait meanwhile; nothing sleeps); then it locks in the file anyway (see "Alone").
 JOIN_WAIT = 2.0
+YIELD_COMMITS = 4  # commits at most of an alone process's batch before it yields
 _OUT, _ALONE, _JOINED = 0, 1, 2  # _Shared.mode
 
 
@@ -849,7 +850,13 @@ class _Shared:
         with self.mutex:
             if self.mode != _ALONE or not self._others_present():
                 return
-        self.commit()  # still alone meanwhile: the newcomer waits (JOIN_WAIT at most)
+        # Still alone meanwhile (the newcomer waits, JOIN_WAIT at most), so the run
+        # batches more rows during a commit: again while that left a batch to commit
+        # (each is shorter than the one before).
+        for _ in range(YIELD_COMMITS):
+            self.commit()
+            if len(self.pending) <= BATCH_MAX:
+                break
         with self.mutex:
             if self.mode == _ALONE:
                 self._yield()
