@@ -61,7 +61,11 @@ Waiting for an entry another process computes
     without the cache (it neither reads nor writes the entry, which the holder
     still owns) and a WARNING names the holder. A node waiting for another
     node *of this run* with the same key waits without bound: that node runs
-    under this run's own timeouts.
+    under this run's own timeouts. A miss also waits, the same way but
+    without a log line, while a process alone in the directory has not let
+    this one in yet (``CacheStore.knocking``; at most ``JOIN_WAIT``, 2 s, in
+    all: ``_data/cache.py``, "Alone"); its logged, bounded wait, if the
+    entry is held, starts once in.
 
 State (plain containers, touched by the scheduler thread only, except
 ``results``, which the keying thread appends to):
