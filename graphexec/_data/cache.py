@@ -815,7 +815,7 @@ class _Shared:
             "within %g s (stopped? starved?); this process locks its entries anyway: "
             "an entry both compute now may be computed twice",
             self.root,
-            self._alone_pid() or "unknown",
+            self._alone_pid(under_mutex=True) or "unknown",
             JOIN_WAIT,
         )
         return self._joined()
@@ -932,26 +932,24 @@ class _Shared:
             return -1 if _locked_elsewhere(self.lock_fd, _offset(key)) else None
         return _getlk(self.lock_fd, fcntl.F_WRLCK, _offset(key))
 
-    def _alone_pid(self) -> int | None:
+    def _alone_pid(self, under_mutex: bool = False) -> int | None:
         """The pid of another process alone here (it write-locks ALONE; -1 where the
         system cannot say who), or None."""
         if self.mode == _ALONE:
             return None  # this one
         if sys.platform.startswith("linux"):
             return _getlk(self.lock_fd, fcntl.F_RDLCK, ALONE)
-        if self.mode == _JOINED:
-            # read-locks ALONE (or joined without it: JOIN_WAIT): try a write lock
-            try:
-                fcntl.lockf(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, ALONE)
-            except OSError:
-                return None  # others read-lock it too; assume no one alone
-            fcntl.lockf(self.lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, ALONE)
-            return None
+        if not under_mutex:  # the test below takes a lock: not beside _join
+            with self.mutex:
+                return self._alone_pid(under_mutex=True)
+        # Elsewhere: can this process read-lock ALONE? Joined, it holds that lock
+        # already (granted again), or went ahead without it (JOIN_WAIT): keeps it.
         try:
             fcntl.lockf(self.lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, ALONE)
         except OSError:
             return -1
-        fcntl.lockf(self.lock_fd, fcntl.LOCK_UN, 1, ALONE)
+        if self.mode == _OUT:
+            fcntl.lockf(self.lock_fd, fcntl.LOCK_UN, 1, ALONE)
         return None
 
 
