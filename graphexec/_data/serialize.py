@@ -244,6 +244,54 @@ def loads_call(data: bytes, values: dict[int, Any]) -> tuple[tuple[Any, ...], di
     return args, kwargs or {}
 
 
+# A call's arguments inside a ``run`` message (``encode_call``): the pickle of
+# ``dumps_call``, or for the common tiny call, positional plain values and
+# nodes only, ``(args, refs)``: the arguments with each node replaced by its
+# index, and the positions of those nodes. The message is pickled once, by the
+# C pickler, with no nested pickle and no Python callback per argument.
+EncodedCall = bytes | tuple[tuple[Any, ...], tuple[int, ...]]
+
+
+def encode_call(
+    args: tuple[Any, ...], kwargs: dict[str, Any] | None, has_nodes: bool
+) -> EncodedCall:
+    """A call's arguments for a ``run`` message; :func:`decode_call` is its inverse."""
+    if not kwargs:
+        if not has_nodes:
+            for a in args:
+                if type(a) not in PLAIN:
+                    return dumps_call(args, kwargs, has_nodes)
+            return args, ()
+        out: list[Any] | None = None
+        refs: list[int] = []
+        for k, a in enumerate(args):
+            kind = type(a)
+            if kind is Node:
+                if out is None:
+                    out = list(args)
+                out[k] = a.index
+                refs.append(k)
+            elif kind not in PLAIN:
+                return dumps_call(args, kwargs, has_nodes)
+        return (tuple(out) if out is not None else args), tuple(refs)
+    return dumps_call(args, kwargs, has_nodes)
+
+
+def decode_call(
+    encoded: EncodedCall, values: dict[int, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Inverse of :func:`encode_call`, given the upstream values by node index."""
+    if type(encoded) is bytes:
+        return loads_call(encoded, values)
+    args, refs = encoded
+    if not refs:
+        return args, {}
+    filled = list(args)
+    for k in refs:
+        filled[k] = values[filled[k]]
+    return tuple(filled), {}
+
+
 def arguments_error(call: Any, exc: BaseException, destination: str) -> SerializationError:
     """The error of a call whose arguments cannot be pickled for ``destination``."""
     culprit = find_unpicklable(call.args, call.kwargs)

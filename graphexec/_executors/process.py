@@ -96,7 +96,14 @@ from multiprocessing.context import set_spawning_popen
 from typing import Any, cast
 
 from .._data import shm as _shm
-from .._data.serialize import Payload, arguments_error, as_wire, dumps, dumps_call, function_error
+from .._data.serialize import (
+    Payload,
+    arguments_error,
+    as_wire,
+    dumps,
+    encode_call,
+    function_error,
+)
 from .._model.errors import (
     MemoryLimitExceeded,
     SerializationError,
@@ -1065,20 +1072,28 @@ class ProcessPool:
         if isinstance(blob, BaseException):
             raise function_error(call.name, blob)
         deps: list[tuple] = []
+        others = None  # inputs that are not a worker's value: pickled below
         for i, h in call.inputs.items():
-            if h is HELD:  # kept by the worker, by the call before this one
+            if type(h) is Payload:  # a worker's value, forwarded as it came
+                deps.append((i, (h.data, h.segments)))
+            elif h is HELD:  # kept by the worker, by the call before this one
                 if prev is None or prev.node != i:
                     raise RuntimeError(
                         f"the input of {call.name} from node {i} was kept "
                         "by a worker and is gone; this is a bug"
                     )
                 deps.append((i, None, id(prev)))
+            elif others is None:
+                others = [(i, h)]
+            else:
+                others.append((i, h))
         try:
-            args_blob = dumps_call(call.args, call.kwargs, call.has_nodes)
-            deps += [(i, as_wire(h)) for i, h in call.inputs.items() if h is not HELD]
+            args = encode_call(call.args, call.kwargs, call.has_nodes)
+            if others is not None:
+                deps += [(i, as_wire(h)) for i, h in others]
         except Exception as exc:
             raise arguments_error(call, exc, "a worker") from None
-        return ("run", id(call), fn_id, call.name, args_blob, deps, call.cache)
+        return ("run", id(call), fn_id, call.name, args, deps, call.cache)
 
     def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
         while self._batching:
