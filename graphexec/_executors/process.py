@@ -512,6 +512,10 @@ class ProcessPool:
         self._fn_blobs: dict[int, bytes | BaseException] = {}
         # fn id -> how long its last calls took (seconds, smoothed), for prefetch
         self._fn_short: dict[int, float] = {}
+        # The function last looked up and its id (the last entry of _fn_keep):
+        # consecutive calls of one function skip the registry.
+        self._last_fn: Any = None
+        self._last_id = 0
         self._batching: list[_Worker] = []  # workers with pending calls to send
         # Where _drain_burst reads (allocating a large buffer per read would cost more).
         self._scratch = memoryview(bytearray(BURST_BYTES))
@@ -579,6 +583,7 @@ class ProcessPool:
             self._forget(w)
         self._fn_ids.clear()
         self._fn_keep.clear()
+        self._last_fn = None
         self._fn_blobs.clear()
         self._fn_short.clear()
         self._wake_r.close()
@@ -731,7 +736,7 @@ class ProcessPool:
         if call.wire is None:
             try:
                 message = self._message(call, fn_id)
-                call.wire = _wire(message, hold=False)
+                call.wire = pickle.dumps((*message, False), protocol=5)  # _wire, inlined
             except SerializationError as exc:
                 call.then = None
                 call.started = call.finished = time.time()
@@ -739,8 +744,9 @@ class ProcessPool:
                 return True
         if call.isolate:
             return self._submit_isolated(call, fn_id)
-        worker = self._idle_worker(call.memory_limit)
-        if worker is None and not self._may_spawn():
+        worker = self._idle_worker(call.memory_limit) if self._idle else None
+        # (not self._may_spawn(), inlined)
+        if worker is None and (self._broken is not None or len(self._workers) >= self.workers):
             if self._broken is not None and not self._workers:
                 return self._fail_unstartable(call)
             worker = self._prefetch_target(call, fn_id)
@@ -1017,10 +1023,13 @@ class ProcessPool:
         return best
 
     def _function_id(self, fn: Any) -> int:
+        if fn is self._last_fn:  # most recently used already: nothing to move
+            return self._last_id
         key = id(fn)
         fn_id = self._fn_ids.get(key)
         if fn_id is not None:
             self._fn_keep.move_to_end(fn_id)
+            self._last_fn, self._last_id = fn, fn_id
             return fn_id
         fn_id = self._fn_ids[key] = next(self._fn_counter)
         self._fn_keep[fn_id] = fn  # keeps id(fn) from being reused while we map it
@@ -1028,6 +1037,7 @@ class ProcessPool:
             self._fn_blobs[fn_id] = dumps(fn)
         except Exception as exc:
             self._fn_blobs[fn_id] = exc
+        self._last_fn, self._last_id = fn, fn_id
         return fn_id
 
     def _evict_functions(self) -> None:
@@ -1053,6 +1063,7 @@ class ProcessPool:
                 victims.append(fn_id)
                 if len(victims) == excess:
                     break
+        self._last_fn = None
         for fn_id in victims:
             del self._fn_ids[id(self._fn_keep.pop(fn_id))]
             del self._fn_blobs[fn_id]
@@ -1243,11 +1254,17 @@ class ProcessPool:
             return False
         call = w.inflight.popleft()
         w.queued -= len(call.wire or b"")
-        now = time.monotonic()
-        w.head_started = now
-        if message[0] == "held":
+        w.head_started = time.monotonic()
+        if message[0] == "ok":  # the common case first
+            _, _, blob, call.started, call.finished = message
+            self._learn(call)
+            data, segments = blob
+            self._outbox.append(
+                (call, OK, Payload(data) if not segments else Payload.from_wire(blob))
+            )
+        elif message[0] == "held":
             _, _, call.started, call.finished = message
-            self._learn(call, w)
+            self._learn(call)
             if w.kill is not None and w.kill[0] is call:
                 # Killed for this call (its timeout, memory) as it finished: the
                 # value it kept dies with the worker, so the kill's verdict stands.
@@ -1256,25 +1273,25 @@ class ProcessPool:
                 self._outbox.append((call, OK, HELD))
         elif message[0] == "skip":  # its chain broke before it: the scheduler decides
             self._outbox.append((call, REQUEUE, None))
-        elif message[0] == "ok":
-            _, _, blob, call.started, call.finished = message
-            self._learn(call, w)
-            self._outbox.append((call, OK, Payload.from_wire(blob)))
         else:
             _, _, _stage, exc_blob, tb, call.started, call.finished, summary, *back = message
             if back:
                 take_back(call, back[0])
-            self._learn(call, w)
+            self._learn(call)
             self._outbox.append((call, ERROR, load_exception(exc_blob, tb, call.name, summary)))
-        if not w.inflight and w.kill is None:
+        inflight = w.inflight
+        if not inflight and w.kill is None:
             if w.calls_left == 0:
                 self._retire(w)
             else:
                 self._idle.append(w)
-        self._arm(w)
+        # Only a call with a timeout is armed: when neither the call answered nor
+        # the one now running has one, nothing changes (see _arm).
+        if call.timeout is not None or (inflight and inflight[0].timeout is not None):
+            self._arm(w)
         return True
 
-    def _learn(self, call: Call, w: _Worker) -> None:
+    def _learn(self, call: Call) -> None:
         fn_id = self._fn_ids.get(id(call.fn))
         if fn_id is not None:
             took = call.finished - call.started

@@ -306,6 +306,10 @@ class SharedPool:
     def _give_drive(self) -> None:
         """Release the drive and tell a waiting run's thread it may take it."""
         self._drive.release()
+        if not self._waiters:
+            # Read without the lock: a run's thread registers as a waiter before
+            # it looks at the drive, which is free by now, so it does not sleep.
+            return
         with self._lock:
             # One with nothing to read: it will take the drive (one with
             # outcomes returns to its scheduler first).
@@ -586,11 +590,13 @@ class RunLease:
         """``submit`` with the drive held and this run's queue empty; None: queue it."""
         shared = self.shared
         with shared._lock:
-            alone = len(shared._leases) == 1
+            leases = shared._leases
+            alone = len(leases) == 1
             direct = (
                 not shared._stopped
                 and shared._refused is None  # (looked at before the drive was ours)
-                and not any(other._queue for other in shared._leases)
+                # (alone: the one lease is this one, whose queue is empty)
+                and (alone or not any(other._queue for other in leases))
             )
         if not direct:
             return None
