@@ -105,6 +105,7 @@ from .._model.state import (
     COMPLETED,
     FAILED,
     FINAL,
+    RELEASED,
     RETRYING,
     Attempt,
     State,
@@ -544,7 +545,9 @@ class Scheduler:
         # Done with this call: drop the upstream values it carried (and their wire
         # form), so that a value released below is not kept alive by a Call that
         # some frame or executor still refers to.
-        inputs, call.inputs = call.inputs, {}
+        inputs = call.inputs
+        if inputs:
+            call.inputs = {}
         call.wire = None
         if self.in_use:  # some node holds a concurrency slot: maybe this one
             for k in self._limit_keys(i):
@@ -676,7 +679,9 @@ class Scheduler:
                     uses[up] = left
                     if left == 0 and up not in kept:
                         up_state = states[up]
-                        if up_state is not None and up_state.is_completed():
+                        if up_state is not None and (
+                            up_state.name is COMPLETED or up_state.name is CACHED
+                        ):
                             self._release(up, up_state)
             cancelling = self.cancel_reason is not None
             for d in dependents[i] or ():
@@ -708,7 +713,10 @@ class Scheduler:
         if self.observer is not None and self.observer.hold(i, state):
             return  # a hook of i is queued and may read it: release_held comes later
         handle = state._value
-        state._release()
+        if type(handle) is Payload and not handle.segments:
+            state._value = RELEASED  # all in its pickle: nothing else to discard
+        else:
+            state._release()
         self.executor.release(i, handle)
 
     def release_held(self, i: int, state: State) -> None:
