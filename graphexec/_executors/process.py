@@ -1009,17 +1009,18 @@ class ProcessPool:
             return None
         depth = min(PREFETCH_DEPTH, max(2, int(PREFETCH_SECONDS / (cost + CALL_OVERHEAD))))
         room = QUEUE_MAX_BYTES - len(wire)
-        best = None
+        # The worker holding the fewest calls, fewer than ``depth`` (the first on a tie).
+        best, fewest = None, depth
         for w in self._workers.values():
+            n = len(w.inflight)
             if (
-                len(w.inflight) < depth
+                n < fewest
                 and w.queued <= room
                 and w.kill is None
                 and (w.calls_left is None or w.calls_left > 0)
                 and fn_id in w.functions
-                and (best is None or len(w.inflight) < len(best.inflight))
             ):
-                best = w
+                best, fewest = w, n
         return best
 
     def _function_id(self, fn: Any) -> int:

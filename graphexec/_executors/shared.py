@@ -75,6 +75,7 @@ still open.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -106,18 +107,26 @@ class SignalShield:
     exception leaves from there.
     """
 
-    __slots__ = ("depth", "pending")
+    __slots__ = ("depth", "main", "pending")
 
     def __init__(self) -> None:
         self.depth = 0
         self.pending: list[tuple[Callable[[int, Any], Any], int, Any]] = []
+        # The main thread's id, read on every dispatch: kept here, and read
+        # again in a child of os.fork(), whose main thread is the forking one.
+        self.main = main_thread().ident
+        if hasattr(os, "register_at_fork"):  # (POSIX)
+            os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        self.main = main_thread().ident
 
     def __enter__(self) -> None:
-        if get_ident() == main_thread().ident:
+        if get_ident() == self.main:
             self.depth += 1  # (no bytecode after this can raise before the block)
 
     def __exit__(self, *exc: object) -> None:
-        if get_ident() != main_thread().ident:
+        if get_ident() != self.main:
             return
         self.depth -= 1
         if self.depth or not self.pending:
