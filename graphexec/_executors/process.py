@@ -1257,8 +1257,16 @@ class ProcessPool:
         w.queued -= len(call.wire or b"")
         w.head_started = time.monotonic()
         if message[0] == "ok":  # the common case first
-            _, _, blob, call.started, call.finished = message
-            self._learn(call)
+            _, _, blob, started, finished = message
+            call.started, call.finished = started, finished
+            # (_learn, inlined)
+            fn_id = self._fn_ids.get(id(call.fn))
+            if fn_id is not None:
+                took = finished - started
+                before = self._fn_short.get(fn_id)
+                self._fn_short[fn_id] = (
+                    took if before is None or took > before else (before + took) / 2
+                )
             data, segments = blob
             self._outbox.append(
                 (call, OK, Payload(data) if not segments else Payload.from_wire(blob))

@@ -468,8 +468,10 @@ class NodeStream:
             self._lost = True
 
     def flush(self) -> None:
-        self._end_partial()
-        self._drain()
+        if self._partial:
+            self._end_partial()
+        if self._lines:
+            self._drain()
         if not self._lost:
             try:
                 self._stream.flush()
