@@ -245,50 +245,80 @@ def loads_call(data: bytes, values: dict[int, Any]) -> tuple[tuple[Any, ...], di
 
 
 # A call's arguments inside a ``run`` message (``encode_call``): the pickle of
-# ``dumps_call``, or for the common tiny call, positional plain values and
-# nodes only, ``(args, refs)``: the arguments with each node replaced by its
-# index, and the positions of those nodes. The message is pickled once, by the
-# C pickler, with no nested pickle and no Python callback per argument.
-EncodedCall = bytes | tuple[tuple[Any, ...], tuple[int, ...]]
+# ``dumps_call``, or for the common tiny call — positional arguments that are
+# plain values, nodes, or lists of those (``total([a, b, c])``) — ``(args,
+# refs)``: the arguments with each node replaced by its index, and where those
+# nodes were: ``k`` (argument k) or ``(k, j)`` (item j of the list in argument
+# k). The message is then pickled once, by the C pickler, with no nested
+# pickle and no Python callback per argument.
+EncodedCall = bytes | tuple[tuple[Any, ...], tuple[Any, ...]]
 
 
 def encode_call(
     args: tuple[Any, ...], kwargs: dict[str, Any] | None, has_nodes: bool
 ) -> EncodedCall:
     """A call's arguments for a ``run`` message; :func:`decode_call` is its inverse."""
-    if not kwargs:
-        if not has_nodes:
-            for a in args:
-                if type(a) not in PLAIN:
+    if kwargs:
+        return dumps_call(args, kwargs, has_nodes)
+    out: list[Any] | None = None
+    refs: list[Any] = []
+    seen: dict[int, list[Any]] | None = None  # id(list with nodes) -> its copy
+    for k, a in enumerate(args):
+        kind = type(a)
+        if kind in PLAIN:
+            continue
+        if kind is Node:
+            if out is None:
+                out = list(args)
+            out[k] = a.index
+            refs.append(k)
+        elif kind is list:
+            if seen is not None and out is not None and id(a) in seen:
+                # The same list again: the same copy (pickled once, filled once).
+                out[k] = seen[id(a)]
+                continue
+            inner: list[Any] | None = None
+            for j, x in enumerate(a):
+                kind = type(x)
+                if kind is Node:
+                    if inner is None:
+                        inner = list(a)
+                    inner[j] = x.index
+                    refs.append((k, j))
+                elif kind not in PLAIN:
                     return dumps_call(args, kwargs, has_nodes)
-            return args, ()
-        out: list[Any] | None = None
-        refs: list[int] = []
-        for k, a in enumerate(args):
-            kind = type(a)
-            if kind is Node:
+            if inner is not None:
                 if out is None:
                     out = list(args)
-                out[k] = a.index
-                refs.append(k)
-            elif kind not in PLAIN:
-                return dumps_call(args, kwargs, has_nodes)
-        return (tuple(out) if out is not None else args), tuple(refs)
-    return dumps_call(args, kwargs, has_nodes)
+                out[k] = inner
+                if seen is None:
+                    seen = {}
+                seen[id(a)] = inner
+        else:
+            return dumps_call(args, kwargs, has_nodes)
+    return (tuple(out) if out is not None else args), tuple(refs)
 
 
 def decode_call(
     encoded: EncodedCall, values: dict[int, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Inverse of :func:`encode_call`, given the upstream values by node index."""
+    """Inverse of :func:`encode_call`, given the upstream values by node index.
+
+    The lists in ``encoded`` are filled in place: it must be a fresh copy (the
+    message was just unpickled).
+    """
     if type(encoded) is bytes:
         return loads_call(encoded, values)
     args, refs = encoded
     if not refs:
         return args, {}
     filled = list(args)
-    for k in refs:
-        filled[k] = values[filled[k]]
+    for ref in refs:
+        if type(ref) is int:
+            filled[ref] = values[filled[ref]]
+        else:
+            items = filled[ref[0]]
+            items[ref[1]] = values[items[ref[1]]]
     return tuple(filled), {}
 
 
