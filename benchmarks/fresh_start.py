@@ -24,7 +24,8 @@ Linux its workers fork from the zygote, a fork of this process),
 ``graphexec-pool`` (the same on a ``gx.Pool(workers=2)``),
 ``graphexec-forkserver`` (``graph.compute(workers=2,
 start_method="forkserver")``: the opt-out, workers forked from a fresh
-interpreter), ``ppe``
+interpreter), ``graphexec-numpy`` (as ``graphexec``, numpy imported first,
+untimed: OpenBLAS's threads run when the pool starts), ``ppe``
 (``concurrent.futures.ProcessPoolExecutor(2)``, fork on Linux before Python
 3.14), ``loky`` (``loky.ProcessPoolExecutor(2)``, joblib's backend), ``dask``
 (``dask.compute(..., scheduler="processes", num_workers=2)``: dask's local
@@ -65,6 +66,13 @@ def graphexec_compute(**options: str) -> tuple[float, float, float]:
 def graphexec_forkserver() -> tuple[float, float, float]:
     # The opt-out of the zygote: workers fork from a fresh interpreter.
     return graphexec_compute(start_method="forkserver")
+
+
+def graphexec_numpy() -> tuple[float, float, float]:
+    # A scientific script: numpy (and its OpenBLAS thread pool) loaded first.
+    import numpy  # noqa: F401  (untimed: the script's own import)
+
+    return graphexec_compute()
 
 
 def graphexec_pool() -> tuple[float, float, float]:
@@ -134,6 +142,7 @@ TOOLS: dict[str, Callable[[], tuple[float, float, float]]] = {
     "graphexec": graphexec_compute,
     "graphexec-pool": graphexec_pool,
     "graphexec-forkserver": graphexec_forkserver,
+    "graphexec-numpy": graphexec_numpy,
     "ppe": ppe,
     "loky": loky,
     "dask": dask,
@@ -143,6 +152,7 @@ TOOLS: dict[str, Callable[[], tuple[float, float, float]]] = {
 MODULES = {
     "graphexec-pool": "graphexec",
     "graphexec-forkserver": "graphexec",
+    "graphexec-numpy": "numpy",
     "ppe": "concurrent.futures",
 }
 

@@ -40,10 +40,16 @@ ANCHORS = {
     "dask-processes": "dask processes",
     "dask-distributed": "dask.distributed",
     "ray": "Ray",
+    "floor": "two processes, half each",
 }
 # Anchors that only some workloads have: an empty cell elsewhere is expected.
-ONLY_IN = {"joblib": {"W7"}}
-GX = {"graphexec-cold": "graphexec cold", "graphexec-warm": "graphexec warm"}
+ONLY_IN = {"joblib": {"W7"}, "floor": {"W4"}}
+GX = {
+    "graphexec-cold": "graphexec cold",
+    # Workers forked from a fresh-interpreter server: a program running threads.
+    "graphexec-cold-forkserver": "graphexec cold (forkserver)",
+    "graphexec-warm": "graphexec warm",
+}
 ROWS = {
     "W1": "W1 5k no-op + sum",
     "W2": "W2 chain of 500",
@@ -173,7 +179,8 @@ def ratios_table(table: Table) -> list[str]:
                     continue
                 other = median(table, workload, anchor)
                 cells.append(f"{mine / other:.2f}" if other else "-")
-            lines.append(f"| {label} | {gx_label.split()[-1]} | " + " | ".join(cells) + " |")
+            kind = gx_label.removeprefix("graphexec ")
+            lines.append(f"| {label} | {kind} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -237,16 +244,18 @@ def memory_lines(table: Table) -> list[str]:
     """W4's peak memory per tool (``test_w4_memory``), above the idle baseline."""
     entries = table.get("W4-memory", {})
     lines = [
-        "| tool | process tree RSS, peak | /dev/shm, peak | of all W4 produces |",
-        "|---|---|---|---|",
+        "| tool | process tree RSS, peak | process tree PSS, peak | /dev/shm, peak |"
+        " of all W4 produces (RSS) |",
+        "|---|---|---|---|---|",
     ]
     for tool, label in {**ANCHORS, **GX}.items():
         e = entries.get(tool)
         if e is None:
             continue
         peak = e["peak_rss_mb"] + e["peak_shm_mb"]
+        pss = f"{e['peak_pss_mb']:.0f} MB" if "peak_pss_mb" in e else "-"
         lines.append(
-            f"| {label} | {e['peak_rss_mb']:.0f} MB | {e['peak_shm_mb']:.0f} MB | "
+            f"| {label} | {e['peak_rss_mb']:.0f} MB | {pss} | {e['peak_shm_mb']:.0f} MB | "
             f"{peak / e['produced_mb']:.0%} of {e['produced_mb']:.0f} MB |"
         )
     return lines
@@ -313,6 +322,7 @@ FRESH = {
     "graphexec": "graphexec (`graph.compute(workers=2)`)",
     "graphexec-pool": "graphexec (`gx.Pool(workers=2)`)",
     "graphexec-forkserver": 'graphexec (`start_method="forkserver"`)',
+    "graphexec-numpy": "graphexec (numpy imported first)",
     "ppe": "ProcessPoolExecutor",
     "loky": "loky",
     "dask": "dask processes",
@@ -345,6 +355,20 @@ PROGRESS_FORMS = {
     "bar": "`progress=True` (the tqdm bar)",
     "log-line": "`progress=None`, logger `graphexec` at INFO (the unattended line)",
 }
+
+
+def map_lines(table: Table) -> list[str]:
+    """test_map.py: ``task.map`` against the same calls in a loop (W1's no-op, 100,000)."""
+    lines = ["| where | loop | `task.map` | map / loop |", "|---|---|---|---|"]
+    for workload, label in (
+        ("map-graph", "in `with graph:`, warm pool"),
+        ("map-flow", "in `@gx.flow(workers=2)`, start-up in"),
+    ):
+        loop, mapped = median(table, workload, "loop"), median(table, workload, "map")
+        if loop is None or mapped is None:
+            continue
+        lines.append(f"| {label} | {fmt(loop)} | {fmt(mapped)} | {mapped / loop:.2f} |")
+    return lines
 
 
 def progress_lines(table: Table) -> list[str]:
@@ -396,7 +420,7 @@ def targets(table: Table) -> list[str]:
         return "met" if (value <= limit if below else value >= limit) else "**missed**"
 
     rows: list[tuple[str, str, float | None, str]] = []
-    for tool in GX:
+    for tool in ("graphexec-cold", "graphexec-warm"):
         kind = tool.split("-")[1]
         r = ratio("W1", tool, "ppe")
         rows.append((f"W1 {kind}", "≤ 0.5 x ProcessPoolExecutor", r, verdict(r, 0.5)))
@@ -415,6 +439,9 @@ def targets(table: Table) -> list[str]:
         rows.append((f"W3 {kind}", "parallel efficiency ≥ 95 %", e, verdict(e, 0.95, False)))
         r = ratio("W4", tool, "serial")
         rows.append((f"W4 {kind}", "≤ 0.55 x serial", r, verdict(r, 0.55)))
+        rows.append((f"W4 {kind}", "≤ 0.53 x serial (#14)", r, verdict(r, 0.53)))
+        r = ratio("W4", tool, "floor")
+        rows.append((f"W4 {kind}", "≤ 1.05 x the two-process floor", r, verdict(r, 1.05)))
         r = ratio("W4", tool, "dask-distributed")
         rows.append((f"W4 {kind}", "faster than dask.distributed", r, verdict(r, 1.0)))
         r = ratio("W4", tool, "dask-processes")
@@ -427,6 +454,31 @@ def targets(table: Table) -> list[str]:
             r = ratio("W7", tool, anchor)
             how = " per turn" if turn_ratio(table, "W7", tool, anchor) is not None else ""
             rows.append((f"W7 {kind}", f"≤ 1 x {label}{how} (#14)", r, verdict(r, 1.0)))
+    # Issue #14's targets for tiny tasks: cold, start-up included (ratios to PPE).
+    for workload, limit in (("W1", 0.15), ("W2", 0.15), ("W5", 0.2)):
+        for tool in ("graphexec-cold", "graphexec-cold-forkserver"):
+            r = ratio(workload, tool, "ppe")
+            kind = GX[tool].removeprefix("graphexec ")
+            rows.append(
+                (
+                    f"{workload} {kind}",
+                    f"≤ {limit} x ProcessPoolExecutor (#14)",
+                    r,
+                    verdict(r, limit),
+                )
+            )
+    r = ratio("W6-run-100k", "graphexec-warm", "ppe")
+    rows.append(("W6 100k warm", "≤ 0.1 x ProcessPoolExecutor (#14)", r, verdict(r, 0.1)))
+    small = table.get("W6-run-10k", {}).get("graphexec-warm")
+    mid = table.get("W6-run-100k", {}).get("graphexec-warm")
+    if small and mid:
+        r = (mid["median"] / mid["nodes"]) / (small["median"] / small["nodes"])
+        rows.append(("W6 100k warm", "per node ≤ 1.2 x at 10k (#14)", r, verdict(r, 1.2)))
+    e = efficiency(table, "graphexec-cold")
+    rows.append(("W3 cold", "parallel efficiency ≥ 97 % (#14)", e, verdict(e, 0.97, False)))
+    for anchor, label in (("serial", "serial numpy (all cores)"), ("joblib", "joblib")):
+        r = ratio("W7", "graphexec-cold-forkserver", anchor)
+        rows.append(("W7 cold (forkserver)", f"≤ 1 x {label} (#14)", r, verdict(r, 1.0)))
     build = table.get("W6-build-100k", {}).get("graphexec")
     if build:
         rows.append(
@@ -440,6 +492,8 @@ def targets(table: Table) -> list[str]:
                 verdict(build["bytes_per_node"], 1024),
             )
         )
+    floor = ratio("W4", "floor", "serial")
+    rows.append(("W4 floor", "two processes, half each, x serial: what 2 cores allow", floor, ""))
     big = table.get("W6-run-1M", {}).get("graphexec-warm")
     small = table.get("W6-run-10k", {}).get("graphexec-warm")
     if big:
@@ -476,6 +530,14 @@ def report(table: Table, runs: list[dict[str, Any]]) -> str:
             f"Run {data.get('datetime', '?')} on {cpu.get('count', '?')} cores "
             f"({cpu.get('brand_raw') or machine.get('processor') or '?'}), Python "
             f"{machine.get('python_version', '?')}."
+            + (
+                f" graphexec cold forked its workers from its {machine['graphexec_start_method']}"
+                " (a plain script's default; the forkserver column: a fresh-interpreter"
+                " server, a numpy program's or a notebook's default). Either server starts"
+                " once per process, its start in the start-up table, not here."
+                if machine.get("graphexec_start_method")
+                else ""
+            )
         )
     header += [
         "",
@@ -503,7 +565,7 @@ def report(table: Table, runs: list[dict[str, Any]]) -> str:
         *(["## W6 scale", "", *w6_lines(table), ""] if "W6-build-10k" in table else []),
         *(
             [
-                "## W4 peak memory (above the idle baseline; RSS summed over the process tree)",
+                "## W4 peak memory (above the idle baseline; summed over the process tree)",
                 "",
                 *memory_lines(table),
                 "",
@@ -524,6 +586,11 @@ def report(table: Table, runs: list[dict[str, Any]]) -> str:
                 "",
             ]
             if "flow-submit" in table
+            else []
+        ),
+        *(
+            ["## W1 as `task.map`, 100,000 calls (test_map.py)", "", *map_lines(table), ""]
+            if "map-graph" in table or "map-flow" in table
             else []
         ),
         *(

@@ -71,7 +71,17 @@ def run_fresh(tool: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "tool", ["graphexec", "graphexec-pool", "graphexec-forkserver", "ppe", "loky", "dask", "ray"]
+    "tool",
+    [
+        "graphexec",
+        "graphexec-pool",
+        "graphexec-forkserver",
+        "graphexec-numpy",
+        "ppe",
+        "loky",
+        "dask",
+        "ray",
+    ],
 )
 def test_startup_fresh(benchmark: Any, tool: str) -> None:
     first = run_fresh(tool)  # untimed: writes the bytecode cache, warms the disk cache

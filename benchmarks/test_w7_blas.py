@@ -40,7 +40,16 @@ pytestmark = [pytest.mark.benchmark(group="W7"), pytest.mark.timeout(TIMEOUT)]
 SPEC = w.w7_spec()
 # Turns: more than ROUNDS_HEAVY, for a median that a burst of load moves less.
 TURNS = 5
-IN_TURNS = ("serial", "ppe", "loky", "joblib", "dask-processes", "graphexec-cold", "graphexec-warm")
+IN_TURNS = (
+    "serial",
+    "ppe",
+    "loky",
+    "joblib",
+    "dask-processes",
+    "graphexec-cold",
+    "graphexec-cold-forkserver",  # a numpy program's default
+    "graphexec-warm",
+)
 ON_THEIR_OWN = ("ray", "dask-distributed")  # dask.distributed last, as everywhere
 
 
@@ -87,6 +96,8 @@ def _runner_for(request, tool):
         return w.run_dask_processes
     if tool == "graphexec-cold":
         return lambda spec: w.run_graphexec(spec, workers=w.WORKERS)
+    if tool == "graphexec-cold-forkserver":
+        return lambda spec: w.run_graphexec(spec, workers=w.WORKERS, start_method="forkserver")
     if tool == "graphexec-warm":
         pool = request.getfixturevalue("gx_pool")
         return lambda spec: w.run_graphexec(spec, pool=pool)

@@ -79,7 +79,13 @@ def test_a_single_threaded_program_forks_its_zygote_and_workers_fork_from_it():
         assert zygote.threads() == 1
         with gx.Pool(workers=2) as pool:
             method = pool.start_method
-            helpers = children()  # made with the pool, before any worker
+            # Made with the pool, before any worker (it names itself just after
+            # the fork: a loaded machine may take a moment).
+            deadline = time.monotonic() + 5
+            helpers = children()
+            while "gx-zygote" not in helpers.values() and time.monotonic() < deadline:
+                time.sleep(0.01)
+                helpers = children()
             parents = compute(where, n=4, pool=pool)
         report(method=method, helpers=helpers, parents=parents, me=psutil.Process().name())
         """
@@ -120,6 +126,81 @@ def test_a_threaded_program_gets_a_forkserver_and_never_a_fork():
     assert "gx-zygote" not in report["default_names"]
     assert report["forked"] is False
     assert "gx-zygote" not in report["zygote_names"]
+
+
+@pytest.mark.timeout(90)
+def test_a_numpy_program_gets_a_forkserver_unless_it_asks_for_the_zygote():
+    # OpenBLAS (numpy's wheels) starts a thread per core beyond the first when
+    # numpy loads, and joins them at every fork: asked for by name, the zygote
+    # forks such a program as safely as a one-thread one. Not by default: its
+    # workers would share the module-level random generators the program made.
+    pytest.importorskip("numpy")
+    report, _ = _run(
+        """
+        import numpy as np
+        from graphexec._executors import threadlimits
+        before = zygote.threads()
+        blas = threadlimits.threads_shut_at_fork()
+        default = gx._surfaces.pool.default_start_method()
+
+        def product(n):
+            a = np.arange(n * n, dtype=float).reshape(n, n)
+            return float((a @ a).sum()), os.getppid()
+
+        with gx.Pool(workers=2, start_method="zygote") as pool:
+            method = pool.start_method
+            results = compute(product, 200, n=4, pool=pool)
+            forked = zygote.server([]).forked
+            helpers = children()  # after the calls: the zygote has named itself
+        a = np.arange(200 * 200, dtype=float).reshape(200, 200)
+        here = float((a @ a).sum())  # the program's own BLAS still works after the fork
+        report(before=before, blas=blas, default=default, method=method, forked=forked,
+               helpers=helpers, results=results, here=here)
+        """,
+        env={"OPENBLAS_NUM_THREADS": "2"},
+    )
+    if report["blas"] == 0:
+        pytest.skip("this numpy's BLAS starts no threads of its own here")
+    assert report["before"] == 1 + report["blas"]
+    assert report["default"] == "forkserver"
+    assert report["method"] == "zygote"
+    assert report["forked"] is True
+    zygotes = [pid for pid, name in report["helpers"].items() if name == "gx-zygote"]
+    assert len(zygotes) == 1
+    for value, parent in report["results"]:
+        assert value == report["here"]
+        assert parent == int(zygotes[0])
+
+
+@pytest.mark.timeout(90)
+def test_a_thread_that_survives_the_fork_means_no_zygote_and_nothing_left_behind():
+    # why_not_fork took the extra thread for OpenBLAS's (forced here); it did
+    # not stop at the fork, so the forked child is killed before it serves and
+    # the server is a fresh interpreter.
+    report, _ = _run(
+        """
+        from graphexec._executors import threadlimits
+        stop = threading.Event()
+        thread = threading.Thread(target=stop.wait)
+        thread.start()
+        threading.active_count = lambda: 1
+        threadlimits.threads_shut_at_fork = lambda: zygote.threads() - 1
+        allowed = zygote.why_not_fork(blas_ok=True)
+        with gx.Pool(workers=1, start_method="zygote") as pool:
+            value = compute(os.getpid, pool=pool)
+            forked = zygote.server([]).forked
+            names = sorted(children().values())
+        zombies = [p.pid for p in psutil.Process().children() if p.status() == "zombie"]
+        stop.set()
+        thread.join()
+        report(allowed=allowed, forked=forked, names=names, zombies=zombies, value=value)
+        """
+    )
+    assert report["allowed"] is None
+    assert report["forked"] is False
+    assert "gx-zygote" not in report["names"]
+    assert report["zombies"] == []
+    assert len(report["value"]) == 1
 
 
 @pytest.mark.timeout(90)

@@ -107,6 +107,32 @@ def apply_in_worker(env: dict[str, str]) -> None:
             selected.limit(limits=count)
 
 
+def threads_shut_at_fork() -> int:
+    """How many of this process's threads are BLAS threads that stop themselves at ``fork``.
+
+    OpenBLAS built on pthreads (numpy's and scipy's wheels) starts its pool
+    when it loads (one thread per core beyond the first) and registers a
+    ``pthread_atfork`` handler that joins those threads before every fork and
+    starts them again at the next BLAS call: a fork of a program whose only
+    other threads are these is as safe as a fork of a one-thread program, and
+    it is what every ``multiprocessing`` user of numpy did under the ``fork``
+    start method. Other pools (MKL, OpenMP, BLIS) make no such promise and
+    count as foreign threads. 0 when no library that threadpoolctl knows is
+    loaded (threadpoolctl is imported only then).
+    """
+    if POOL_MODULES.isdisjoint(sys.modules):
+        return 0
+    try:
+        import threadpoolctl
+    except ImportError:
+        return 0
+    count = 0
+    for info in threadpoolctl.threadpool_info():
+        if info.get("internal_api") == "openblas" and info.get("threading_layer") == "pthreads":
+            count += max(int(info.get("num_threads") or 1) - 1, 0)
+    return count
+
+
 @contextlib.contextmanager
 def limited(threads: int) -> Iterator[None]:
     """Limit the thread pools of the libraries loaded in this process, then restore them."""

@@ -12,7 +12,15 @@ loaded, and the first workers fork from it at once.
 Forking a process that runs several threads is unsafe (a lock another thread
 held stays held forever in the child), so the zygote is forked only while
 the program runs exactly one OS thread (``/proc/self/task``, which counts C
-threads too); otherwise, or when the program is large
+threads too). Asked for by name (``start_method="zygote"``), it does not count
+OpenBLAS's pool threads: numpy's OpenBLAS starts them when numpy loads and
+joins them before every fork (its ``pthread_atfork`` handler), so they are
+gone at the fork, and the parent checks right after it that it ran alone
+(else the child is killed before it serves). That is not the default for a
+numpy program: its workers would share whatever random generators its
+modules made at import (``RNG = np.random.default_rng()``), where a
+forkserver's workers each import the module and seed their own. Otherwise,
+or when the program is large
 (``ZYGOTE_MAX_RSS``: every worker's RSS counts the pages it shares with the
 zygote, see ``memory_limit=``), the server is started as a fresh interpreter
 instead, like graphexec's forkserver. Once running, the zygote serves every
@@ -53,6 +61,7 @@ workers end when the program dies (their watchdog, the pool's guard).
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import gc
 import os
@@ -66,6 +75,8 @@ from multiprocessing import connection, resource_tracker
 from multiprocessing import forkserver as mp_forkserver
 from multiprocessing import util as mp_util
 from typing import Any, cast
+
+from . import threadlimits
 
 # The program's RSS above which no zygote is forked (a fresh-interpreter server
 # is started instead): a forked worker's RSS counts every page it shares with
@@ -104,15 +115,27 @@ def max_rss() -> int:
         return ZYGOTE_MAX_RSS
 
 
-def why_not_fork() -> str | None:
-    """Why a zygote cannot be forked from this process now, or None if it can."""
+def why_not_fork(blas_ok: bool = False) -> str | None:
+    """Why a zygote cannot be forked from this process now, or None if it can.
+
+    ``blas_ok``: OpenBLAS's pool threads, which stop themselves at a fork,
+    do not count (the zygote asked for by name; never the default, see the
+    module's docstring).
+    """
     if not hasattr(os, "fork") or not sys.platform.startswith("linux"):
         return "not Linux"
     count = threads()
     if count is None:
         return "its threads cannot be counted (no /proc)"
     if count != 1:
-        return f"it runs {count} threads"
+        # numpy's OpenBLAS threads stop themselves at a fork (threadlimits.
+        # threads_shut_at_fork); any other thread, Python's or C's, rules it out.
+        # _fork checks afterwards that they did stop.
+        blas = 0
+        if blas_ok and threading.active_count() == 1:
+            blas = threadlimits.threads_shut_at_fork()
+        if count != 1 + blas:
+            return f"it runs {count} threads" + (f", {blas} of them OpenBLAS's" if blas else "")
     if threading.current_thread() is not threading.main_thread():
         return "not in the main thread (signal handlers can only be set there)"
     size = rss()
@@ -181,8 +204,9 @@ class Zygote(mp_forkserver.ForkServer):
         with self._lock:
             if self._alive():
                 return
-            if why_not_fork() is None:
-                self._fork()
+            # Lenient on OpenBLAS's threads: the default start method chose the
+            # zygote only if why_not_fork() found none, so here it was asked for.
+            if why_not_fork(blas_ok=True) is None and self._fork():
                 return
         # Several threads (or no /proc): a fresh interpreter, as a forkserver.
         super().ensure_running()
@@ -206,7 +230,8 @@ class Zygote(mp_forkserver.ForkServer):
         self._forkserver_pid = None
         return False
 
-    def _fork(self) -> None:
+    def _fork(self) -> bool:
+        """Fork the zygote; False (and no zygote) if other threads ran at the fork after all."""
         address = cast(Any, connection).arbitrary_address("AF_UNIX")
         with socket.socket(socket.AF_UNIX) as listener:
             listener.bind(address)
@@ -226,10 +251,24 @@ class Zygote(mp_forkserver.ForkServer):
                 raise
             finally:
                 os.close(alive_r)
+        if threads() != 1:
+            # A thread ran beside the fork: the threads why_not_fork took for
+            # OpenBLAS's did not stop at it (OpenBLAS's handler leaves none
+            # until the next BLAS call). The child may hold a lock one of them
+            # held: it never serves; a fresh interpreter does instead.
+            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):  # SIGCHLD ignored: reaped already
+                os.waitpid(pid, 0)
+            os.close(alive_w)
+            if not mp_util.is_abstract_socket_namespace(address):
+                with contextlib.suppress(OSError):
+                    os.unlink(address)
+            return False
         self._forkserver_address = address
         self._forkserver_alive_fd = alive_w
         self._forkserver_pid = pid
         self.forked = self.started = True
+        return True
 
 
 def _flush_streams() -> None:
