@@ -307,7 +307,7 @@ def decode_call(
     The lists in ``encoded`` are filled in place: it must be a fresh copy (the
     message was just unpickled).
     """
-    if type(encoded) is bytes:
+    if isinstance(encoded, bytes):
         return loads_call(encoded, values)
     args, refs = encoded
     if not refs:
