@@ -252,6 +252,7 @@ def loads_call(data: bytes, values: dict[int, Any]) -> tuple[tuple[Any, ...], di
 # k). The message is then pickled once, by the C pickler, with no nested
 # pickle and no Python callback per argument.
 EncodedCall = bytes | tuple[tuple[Any, ...], tuple[Any, ...]]
+_NO_REFS: list[Any] = []  # never appended to: encode_call replaces it first
 
 
 def encode_call(
@@ -261,7 +262,7 @@ def encode_call(
     if kwargs:
         return dumps_call(args, kwargs, has_nodes)
     out: list[Any] | None = None
-    refs: list[Any] = []
+    refs: list[Any] = _NO_REFS  # (replaced by a list of its own at the first node)
     seen: dict[int, list[Any]] | None = None  # id(list with nodes) -> its copy
     for k, a in enumerate(args):
         kind = type(a)
@@ -271,6 +272,8 @@ def encode_call(
             if out is None:
                 out = list(args)
             out[k] = a.index
+            if refs is _NO_REFS:
+                refs = []
             refs.append(k)
         elif kind is list:
             if seen is not None and out is not None and id(a) in seen:
@@ -284,6 +287,8 @@ def encode_call(
                     if inner is None:
                         inner = list(a)
                     inner[j] = x.index
+                    if refs is _NO_REFS:
+                        refs = []
                     refs.append((k, j))
                 elif kind not in PLAIN:
                     return dumps_call(args, kwargs, has_nodes)

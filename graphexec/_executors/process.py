@@ -1083,6 +1083,12 @@ class ProcessPool:
         blob = self._fn_blobs[fn_id]
         if isinstance(blob, BaseException):
             raise function_error(call.name, blob)
+        if not call.inputs:  # (a root task: no list to build, nor to collect)
+            try:
+                args = encode_call(call.args, call.kwargs, call.has_nodes)
+            except Exception as exc:
+                raise arguments_error(call, exc, "a worker") from None
+            return ("run", id(call), fn_id, call.name, args, (), call.cache)
         deps: list[tuple] = []
         others = None  # inputs that are not a worker's value: pickled below
         for i, h in call.inputs.items():

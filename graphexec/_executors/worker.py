@@ -23,7 +23,8 @@ functions than the parent does. Ids are never reused.
 
 ``args`` are the call's arguments as ``encode_call`` writes them
 (``_data/serialize.py``: a pickle with nodes as references, or plain values
-with the positions of the nodes among them). ``deps`` is a list of
+with the positions of the nodes among them). ``deps`` is a list (a tuple
+when empty) of
 ``(node_index, pickled_value)``, or ``(node_index,
 None, token)`` for the value the call ``token`` kept here (``hold``: a chain,
 see ``_call.py``); ``cache`` is None or
@@ -301,7 +302,8 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
         )
 
     try:
-        values.update((dep[0], loads_value(dep[1])) for dep in deps if len(dep) == 2)
+        if deps:
+            values.update((dep[0], loads_value(dep[1])) for dep in deps if len(dep) == 2)
         args, kwargs = decode_call(encoded, values)
     except BaseException as exc:
         return fail(
