@@ -33,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import graphexec as gx
-from graphexec._data.serialize import Payload, dumps, dumps_call
+from graphexec._data.serialize import Payload, dumps, encode_call
 from graphexec._executors import worker as _worker
 
 from . import workloads as w
@@ -72,7 +72,7 @@ def measure(repeat: int = 5) -> list[tuple[str, str, float]]:
     fn_id, token = 0, 12345
     encode = _per_call(
         lambda: pickle.dumps(
-            ("run", token, fn_id, "noop-1", dumps_call((1,), None, False), [], None, False),
+            ("run", token, fn_id, "noop-1", encode_call((1,), None, False), [], None, False),
             protocol=5,
         ),
         2000,
@@ -82,7 +82,7 @@ def measure(repeat: int = 5) -> list[tuple[str, str, float]]:
 
     message = pickle.loads(
         pickle.dumps(
-            ("run", token, fn_id, "noop-1", dumps_call((1,), None, False), [], None, False),
+            ("run", token, fn_id, "noop-1", encode_call((1,), None, False), [], None, False),
             protocol=5,
         )
     )

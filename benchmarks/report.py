@@ -357,6 +357,32 @@ PROGRESS_FORMS = {
 }
 
 
+def cache_scale_lines(table: Table) -> list[str]:
+    """test_cache_scale.py: N tiny cached tasks, graphexec beside joblib.Memory (#19)."""
+    lines = [
+        "| entries | tool | uncached | first run | x uncached | all hits | x uncached "
+        "| on disk per entry |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n in (10_000, 100_000):
+        entries = table.get(f"cache-scale-{n}", {})
+        for tool, label in (("graphexec", "graphexec"), ("joblib", "joblib.Memory")):
+            base = entries.get(f"{tool}-uncached")
+            first = entries.get(f"{tool}-first")
+            rerun = entries.get(f"{tool}-rerun")
+            if base is None or (first is None and rerun is None):
+                continue
+            cells = [fmt(base["median"])]
+            for e in (first, rerun):
+                cells += (
+                    [fmt(e["median"]), f"{e['median'] / base['median']:.2f}"] if e else ["-", "-"]
+                )
+            disk = (first or {}).get("disk_bytes_settled", (first or {}).get("disk_bytes"))
+            cells.append(f"{disk / n:.0f} B" if disk else "-")
+            lines.append(f"| {n:,} | {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def map_lines(table: Table) -> list[str]:
     """test_map.py: ``task.map`` against the same calls in a loop (W1's no-op, 100,000)."""
     lines = ["| where | loop | `task.map` | map / loop |", "|---|---|---|---|"]
@@ -479,6 +505,27 @@ def targets(table: Table) -> list[str]:
     for anchor, label in (("serial", "serial numpy (all cores)"), ("joblib", "joblib")):
         r = ratio("W7", "graphexec-cold-forkserver", anchor)
         rows.append(("W7 cold (forkserver)", f"≤ 1 x {label} (#14)", r, verdict(r, 1.0)))
+    # Issue #19: the cache at scale (test_cache_scale.py).
+    for n in (10_000, 100_000):
+        entries = table.get(f"cache-scale-{n}", {})
+        base = entries.get("graphexec-uncached")
+        first, rerun = entries.get("graphexec-first"), entries.get("graphexec-rerun")
+        if base and first:
+            r = first["median"] / base["median"]
+            rows.append((f"cache {n:,}", "first run ≤ 1.5 x uncached (#19)", r, verdict(r, 1.5)))
+            disk = first.get("disk_bytes_settled", first.get("disk_bytes"))
+            if disk:
+                rows.append(
+                    (
+                        f"cache {n:,}",
+                        "≤ 1 KB on disk per entry (#19)",
+                        disk / n,
+                        verdict(disk / n, 1024),
+                    )
+                )
+        if base and rerun:
+            r = rerun["median"] / base["median"]
+            rows.append((f"cache {n:,}", "all hits ≤ 1 x uncached (#19)", r, verdict(r, 1.0)))
     build = table.get("W6-build-100k", {}).get("graphexec")
     if build:
         rows.append(
@@ -586,6 +633,16 @@ def report(table: Table, runs: list[dict[str, Any]]) -> str:
                 "",
             ]
             if "flow-submit" in table
+            else []
+        ),
+        *(
+            [
+                "## The cache at scale (test_cache_scale.py, #19)",
+                "",
+                *cache_scale_lines(table),
+                "",
+            ]
+            if "cache-scale-10000" in table or "cache-scale-100000" in table
             else []
         ),
         *(

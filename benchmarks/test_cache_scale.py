@@ -128,7 +128,12 @@ def test_graphexec(benchmark, gx_pool, tmp_path, n, variant):
         counts.append(build().compute(pool=gx_pool, **kw).counts())
 
     benchmark.group = f"cache-scale-{n}"
-    benchmark.extra_info.update(tool="graphexec (warm gx_pool, 2 workers)", tasks=n)
+    benchmark.extra_info.update(
+        workload=f"cache-scale-{n}",
+        tool=f"graphexec-{variant}",
+        label="graphexec (warm gx_pool, 2 workers)",
+        tasks=n,
+    )
     benchmark.pedantic(once, setup=setup, rounds=ROUNDS[n], iterations=1)
     state = "Cached" if variant == "rerun" else "Completed"
     assert all(c == {state: n} for c in counts), counts
@@ -162,7 +167,12 @@ def test_joblib(benchmark, tmp_path, n, variant):
 
     results: list[list[int]] = []
     benchmark.group = f"cache-scale-{n}"
-    benchmark.extra_info.update(tool="joblib.Memory + Parallel(n_jobs=2)", tasks=n)
+    benchmark.extra_info.update(
+        workload=f"cache-scale-{n}",
+        tool=f"joblib-{variant}",
+        label="joblib.Memory + Parallel(n_jobs=2)",
+        tasks=n,
+    )
     benchmark.pedantic(
         lambda: results.append(run()), setup=setup, rounds=JOBLIB_ROUNDS[n], iterations=1
     )

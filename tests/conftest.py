@@ -153,6 +153,24 @@ def no_leaked_processes(request: pytest.FixtureRequest) -> Iterator[None]:
 # -- pools and schedulers ------------------------------------------------------
 
 
+@pytest.fixture(scope="session", autouse=True)
+def workers_server() -> None:
+    """The suite's workers fork from the zygote, as a plain script's do.
+
+    Collecting the suite imports numpy, which would give every pool the
+    forkserver (a program that imported numpy gets it by default); the
+    zygote, asked for by name at the start, serves every later pool of the
+    session instead, so the suite runs on the default of the scripts most
+    users write. CI runs the process-pool files again with
+    ``GRAPHEXEC_START_METHOD=forkserver``, numpy programs' and notebooks'
+    default; ``tests/test_zygote.py`` checks the choice itself in fresh
+    interpreters.
+    """
+    if sys.platform.startswith("linux") and not os.environ.get("GRAPHEXEC_START_METHOD"):
+        with gx.Pool(workers=1, start_method="zygote"):
+            pass
+
+
 @pytest.fixture(scope="session")
 def pool() -> Iterator[gx.Pool]:
     """A warm two-worker pool shared by the session; closed at the end."""

@@ -6,8 +6,9 @@ fresh interpreter, as ``forkserver``. Each check runs a script in a fresh
 interpreter, where the program's state when the zygote forks is known: its
 threads, its pipes, its signal handlers, its ``sys.stdout``.
 
-The rest of the suite runs on the default (the zygote: the test process has
-one thread when its first pool starts); the tests parametrised over start
+The rest of the suite runs on the zygote (``tests/conftest.py`` asks for it at
+the start: collecting the suite imports numpy, which would make the
+forkserver the default); the tests parametrised over start
 methods elsewhere (test_faults, test_interrupt, test_run, test_pool_hygiene)
 run the forkserver path too, and CI runs the process-pool files once more
 with ``GRAPHEXEC_START_METHOD=forkserver``.

@@ -244,6 +244,89 @@ def loads_call(data: bytes, values: dict[int, Any]) -> tuple[tuple[Any, ...], di
     return args, kwargs or {}
 
 
+# A call's arguments inside a ``run`` message (``encode_call``): the pickle of
+# ``dumps_call``, or for the common tiny call — positional arguments that are
+# plain values, nodes, or lists of those (``total([a, b, c])``) — ``(args,
+# refs)``: the arguments with each node replaced by its index, and where those
+# nodes were: ``k`` (argument k) or ``(k, j)`` (item j of the list in argument
+# k). The message is then pickled once, by the C pickler, with no nested
+# pickle and no Python callback per argument.
+EncodedCall = bytes | tuple[tuple[Any, ...], tuple[Any, ...]]
+_NO_REFS: list[Any] = []  # never appended to: encode_call replaces it first
+
+
+def encode_call(
+    args: tuple[Any, ...], kwargs: dict[str, Any] | None, has_nodes: bool
+) -> EncodedCall:
+    """A call's arguments for a ``run`` message; :func:`decode_call` is its inverse."""
+    if kwargs:
+        return dumps_call(args, kwargs, has_nodes)
+    out: list[Any] | None = None
+    refs: list[Any] = _NO_REFS  # (replaced by a list of its own at the first node)
+    seen: dict[int, list[Any]] | None = None  # id(list with nodes) -> its copy
+    for k, a in enumerate(args):
+        kind = type(a)
+        if kind in PLAIN:
+            continue
+        if kind is Node:
+            if out is None:
+                out = list(args)
+            out[k] = a.index
+            if refs is _NO_REFS:
+                refs = []
+            refs.append(k)
+        elif kind is list:
+            if seen is not None and out is not None and id(a) in seen:
+                # The same list again: the same copy (pickled once, filled once).
+                out[k] = seen[id(a)]
+                continue
+            inner: list[Any] | None = None
+            for j, x in enumerate(a):
+                kind = type(x)
+                if kind is Node:
+                    if inner is None:
+                        inner = list(a)
+                    inner[j] = x.index
+                    if refs is _NO_REFS:
+                        refs = []
+                    refs.append((k, j))
+                elif kind not in PLAIN:
+                    return dumps_call(args, kwargs, has_nodes)
+            if inner is not None:
+                if out is None:
+                    out = list(args)
+                out[k] = inner
+                if seen is None:
+                    seen = {}
+                seen[id(a)] = inner
+        else:
+            return dumps_call(args, kwargs, has_nodes)
+    return (tuple(out) if out is not None else args), tuple(refs)
+
+
+def decode_call(
+    encoded: EncodedCall, values: dict[int, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Inverse of :func:`encode_call`, given the upstream values by node index.
+
+    The lists in ``encoded`` are filled in place: it must be a fresh copy (the
+    message was just unpickled).
+    """
+    if isinstance(encoded, bytes):
+        return loads_call(encoded, values)
+    args, refs = encoded
+    if not refs:
+        return args, {}
+    filled = list(args)
+    for ref in refs:
+        if type(ref) is int:
+            filled[ref] = values[filled[ref]]
+        else:
+            items = filled[ref[0]]
+            items[ref[1]] = values[items[ref[1]]]
+    return tuple(filled), {}
+
+
 def arguments_error(call: Any, exc: BaseException, destination: str) -> SerializationError:
     """The error of a call whose arguments cannot be pickled for ``destination``."""
     culprit = find_unpicklable(call.args, call.kwargs)

@@ -33,6 +33,11 @@ class Resolution(enum.Enum):
 
 RUN: Final = Resolution.RUN
 
+# Triggers under which :func:`resolve` says RUN for a node whose upstreams all
+# completed (while the run is not being cancelled): the scheduler's shortcut
+# for the common case, where nothing upstream failed, was skipped or cancelled.
+RUNS_WHEN_CLEAN = frozenset({"all_success", "all_done", "always", "none_failed"})
+
 
 def resolve(
     graph: Graph,

@@ -35,7 +35,10 @@ are sized to the graph):
                    at 0 the value is released unless i is kept
 ``states[i]``      the final State, or a Retrying State, or None (pending/running);
                    the Run's own list
-``history[i]``     Attempt records of i
+``history[i]``     Attempt records of i until it is final (its State keeps them)
+``tainted``        nodes with an upstream that ended without a value: due, they go
+                   through ``policy.resolve``; the others run at once (all their
+                   upstreams completed), unless the run is being cancelled
 ``root[i]``        for a node Skipped because of a failure: the failed node that
                    caused it, through chains of skips (see ``policy.py``)
 ``handled``        failed nodes whose failure a dependent accepted (or that declared
@@ -98,9 +101,11 @@ from .._model.node import DATA
 from .._model.options import retry_delay_for, should_retry
 from .._model.run import Run
 from .._model.state import (
+    CACHED,
     COMPLETED,
     FAILED,
     FINAL,
+    RELEASED,
     RETRYING,
     Attempt,
     State,
@@ -108,7 +113,7 @@ from .._model.state import (
 from .caching import KEYING, LOCK_POLL, RUN_NOW, WAIT, CacheGate, Verdict
 from .chains import build_chain, unchain
 from .keep import keep_failed
-from .policy import Resolution, on_failure, resolve
+from .policy import RUNS_WHEN_CLEAN, Resolution, on_failure, resolve
 
 logger = logging.getLogger("graphexec")
 
@@ -144,6 +149,9 @@ class Scheduler:
         self.states = run._states
         self.history: dict[int, list[Attempt]] = {}
         self.root: dict[int, int] = {}
+        # Nodes with an upstream that ended without a value (Failed, Skipped,
+        # Cancelled): only these go through policy.resolve when they are due.
+        self.tainted: set[int] = set()
         self.handled = run._handled
         self.kept = run._kept
         self.ready: list[tuple[int, int, int]] = []
@@ -183,13 +191,26 @@ class Scheduler:
         # keeps a value a queued hook may read (see _release). None: no cost at all.
         self.observer = observer
 
-        deps = graph._deps
+        # _link for every member, inlined: this loop runs once per node.
+        deps, flags = graph._deps, graph._flags
+        order, member, waiting = self.order, self.member, self.waiting
+        dependents, uses = self.dependents, self.uses
         for pos, i in enumerate(run.members):
-            self.order[i] = pos
-            self.member[i] = 1
-        for i in run.members:
-            self.waiting[i] = len(deps[i])
-            self._link(i)
+            order[i] = pos
+            member[i] = 1
+            ups = deps[i]
+            if not ups:
+                continue
+            waiting[i] = len(ups)
+            fl = flags[i]
+            for k, up in enumerate(ups):
+                lst = dependents[up]
+                if lst is None:
+                    dependents[up] = [i]
+                else:
+                    lst.append(i)
+                if fl is None or fl[k] & DATA:
+                    uses[up] += 1
 
     @property
     def cache(self) -> CacheStore | None:
@@ -293,6 +314,8 @@ class Scheduler:
             state = self.states[up]
             if state is None or state.name not in FINAL:
                 waiting += 1
+            elif not state.is_completed():
+                self.tainted.add(i)
         self.waiting[i] = waiting
         if self.swept and graph._opts[i].trigger != "always":
             self._finish(i, State.cancelled(graph._names[i], self.cancel_reason or "cancelled"))
@@ -355,20 +378,30 @@ class Scheduler:
         heapq.heappush(self.ready, (-self.graph._opts[i].priority, self.order[i], i))
 
     def _dispatch(self) -> None:
-        ready, executor = self.ready, self.executor
+        ready = self.ready
+        if not ready:
+            return
+        executor = self.executor
+        submit = executor.submit
+        opts_of, limits = self.graph._opts, self.limits
+        unsent, running, uses = self.unsent, self.running, self.uses
+        heappop = heapq.heappop
         while ready:
             i = ready[0][2]
-            keys = self._limit_keys(i)
-            if keys:
+            opts = opts_of[i]
+            if opts.max_concurrency is None and not (opts.tags and limits):
+                keys: list[Any] | tuple[()] = ()  # the common case: nothing to count
+            else:
+                keys = self._limit_keys(i)
                 full = next((k for k in keys if self.in_use.get(k, 0) >= self._cap(k)), None)
                 if full is not None:
-                    heapq.heappush(self.parked.setdefault(full, []), heapq.heappop(ready))
+                    heapq.heappush(self.parked.setdefault(full, []), heappop(ready))
                     continue
-            call = self.unsent.pop(i, None) or self._make_call(i)
+            call = (unsent.pop(i, None) if unsent else None) or self._make_call(i)
             if keys:  # (a shared pool counts them across its runs too)
                 call.limits = [(k, self._cap(k)) for k in keys]
             if call.isolate and not executor.capabilities.isolates:
-                heapq.heappop(ready)
+                heappop(ready)
                 error = ValueError(
                     f"{call.name} has isolate=True, which needs a fresh worker process per "
                     "call; this scheduler runs calls in this process or on a cluster: "
@@ -376,11 +409,12 @@ class Scheduler:
                 )
                 self._finish(i, State(FAILED, call.name, exception=error, message=str(error)))
                 continue
-            if self.chains:
+            # (build_chain stops at once unless i's value has exactly one use)
+            if self.chains and uses[i] == 1:
                 call.then = build_chain(self, i)
-            if not executor.submit(call):
+            if not submit(call):
                 call.then = None
-                self.unsent[i] = call
+                unsent[i] = call
                 return
             if call.then:  # the pool cut it to what it sent: link it call by call
                 prev = call
@@ -388,10 +422,10 @@ class Scheduler:
                     self.chained[nxt.node] = nxt
                     prev.then = [nxt]
                     prev = nxt
-            heapq.heappop(ready)
+            heappop(ready)
             for k in keys:
                 self.in_use[k] = self.in_use.get(k, 0) + 1
-            self.running[i] = call
+            running[i] = call
             if self.observer is not None:
                 self.observer.running(i, call)
 
@@ -419,19 +453,27 @@ class Scheduler:
     def _make_call(self, i: int, held: int = -1) -> Call:
         """The Call for node i; ``held``: the upstream whose value a worker keeps for it."""
         graph = self.graph
-        opts = graph._opts[i]
+        opts_of = graph._opts
+        opts = opts_of[i]
         inputs: dict[int, Any] = {}
         ups = graph._deps[i]
         if ups:
             fl = graph._flags[i]
+            states = self.states
             for k, up in enumerate(ups):
                 if up == held:
                     inputs[up] = HELD
                 elif fl is None or fl[k] & DATA:
-                    inputs[up] = self._value_for_dependent(up)
+                    st = states[up]
+                    # _value_for_dependent, inlined for the common case
+                    if st is not None and st.name is COMPLETED and not opts_of[up].return_state:
+                        inputs[up] = st._value
+                    else:
+                        inputs[up] = self._value_for_dependent(up)
         fn = graph._tasks[i].fn
         if opts.inner_threads is not None:
             fn = self._thread_limited(fn, opts.inner_threads)
+        history = self.history.get(i)
         call = Call(
             i,
             graph._names[i],
@@ -441,7 +483,7 @@ class Scheduler:
             bool(inputs),
             inputs,
             opts.timeout,
-            len(self.history.get(i, ())) + 1,
+            1 if history is None else len(history) + 1,
         )
         if i in self.locked:
             call.cache = self.gate.entry(i)
@@ -470,13 +512,14 @@ class Scheduler:
 
     def _on_outcome(self, call: Call, kind: int, value: Any) -> None:
         i = call.node
-        if self.running.get(i) is not call:
+        running = self.running
+        if running.get(i) is not call:
             # Cancelled while in flight (already final), or a call left running by
             # an earlier compute on a shared pool: its node index means nothing here.
             if kind == OK and value is not HELD:
                 self.executor.release(i, value)
             return
-        del self.running[i]
+        del running[i]
         if call.then:
             if kind == OK and value is HELD:  # the next call of the chain starts now
                 nxt = call.then[0]
@@ -502,7 +545,9 @@ class Scheduler:
         # Done with this call: drop the upstream values it carried (and their wire
         # form), so that a value released below is not kept alive by a Call that
         # some frame or executor still refers to.
-        inputs, call.inputs = call.inputs, {}
+        inputs = call.inputs
+        if inputs:
+            call.inputs = {}
         call.wire = None
         if self.in_use:  # some node holds a concurrency slot: maybe this one
             for k in self._limit_keys(i):
@@ -517,12 +562,18 @@ class Scheduler:
         if kind == OK and self.load_kept and type(value) is Payload and i in self.kept:
             error = self._unloadable(i, value)
         attempt = Attempt(call.number, call.started, call.finished, call.worker, error)
-        history = self.history.setdefault(i, [])
-        history.append(attempt)
         name = self.graph._names[i]
         if error is None:
-            self._finish(i, State(COMPLETED, name, value=value, history=history))
+            # Final: the state keeps the attempts (earlier ones only if it was retried).
+            history = self.history.pop(i, None)
+            if history is None:
+                history = [attempt]
+            else:
+                history.append(attempt)
+            self._finish(i, State(COMPLETED, name, value, None, history))
             return
+        history = self.history.setdefault(i, [])
+        history.append(attempt)
         opts = self.graph._opts[i]
         failed = State(
             FAILED,
@@ -562,6 +613,7 @@ class Scheduler:
         logger.warning("%s failed: %s: %s", name, type(error).__name__, safe_str(error))
         # for run.replay, before the inputs are released
         keep_failed(self.run_, call, inputs, self.executor.capabilities.remote_values)
+        del self.history[i]  # final: its state keeps the attempts
         self._finish(i, failed)
 
     def _unloadable(self, i: int, payload: Payload) -> SerializationError | None:
@@ -593,6 +645,9 @@ class Scheduler:
         """Node ``i`` reached a final state: record it, release inputs, wake dependents."""
         graph = self.graph
         states, locked, root, handled = self.states, self.locked, self.root, self.handled
+        deps, flags, opts_of = graph._deps, graph._flags, graph._opts
+        uses, kept, waiting, tainted = self.uses, self.kept, self.waiting, self.tainted
+        dependents, running, observer = self.dependents, self.running, self.observer
         work = [(i, state)]
         while work:
             i, state = work.pop()
@@ -601,37 +656,50 @@ class Scheduler:
                 continue
             states[i] = state
             self.done += 1
-            if self.observer is not None:
-                self.observer.finished(i, state)
-            if i in locked:
+            if observer is not None:
+                observer.finished(i, state)
+            if locked and i in locked:
                 self.gate.finished(i, state.is_completed())
-            if state.is_completed() and self.uses[i] == 0 and i not in self.kept:
-                self._release(i, state)
-            elif state.name is FAILED and on_failure(
-                graph, self.dependents, handled, i, self.fail_fast and self.cancel_reason is None
-            ):
-                self.cancel_reason = f"fail_fast: {graph._names[i]} failed"
-                self.fail_fast_cause = i
-            ups, fl = graph._deps[i], graph._flags[i]
+            name = state.name
+            if name is COMPLETED or name is CACHED:
+                if uses[i] == 0 and i not in kept:
+                    self._release(i, state)
+            else:
+                # Its dependents cannot take the shortcut below: resolve() decides.
+                tainted.update(dependents[i] or ())
+                if name is FAILED and on_failure(
+                    graph, dependents, handled, i, self.fail_fast and self.cancel_reason is None
+                ):
+                    self.cancel_reason = f"fail_fast: {graph._names[i]} failed"
+                    self.fail_fast_cause = i
+            ups, fl = deps[i], flags[i]
             for k, up in enumerate(ups):
                 if fl is None or fl[k] & DATA:
-                    self.uses[up] -= 1
-                    if self.uses[up] == 0 and up not in self.kept:
+                    left = uses[up] - 1
+                    uses[up] = left
+                    if left == 0 and up not in kept:
                         up_state = states[up]
-                        if up_state is not None and up_state.is_completed():
+                        if up_state is not None and (
+                            up_state.name is COMPLETED or up_state.name is CACHED
+                        ):
                             self._release(up, up_state)
-            for d in self.dependents[i] or ():
-                self.waiting[d] -= 1
-                if self.waiting[d] == 0 and states[d] is None and d not in self.running:
-                    # _resolve, inlined: this is the path of every node
+            cancelling = self.cancel_reason is not None
+            for d in dependents[i] or ():
+                left = waiting[d] - 1
+                waiting[d] = left
+                if left == 0 and states[d] is None and d not in running:
+                    opts = opts_of[d]
+                    if not cancelling and d not in tainted and opts.trigger in RUNS_WHEN_CLEAN:
+                        # Every upstream completed: resolve() would say RUN.
+                        if self.gate.store is None or opts.cache_key_fn is None:
+                            heapq.heappush(self.ready, (-opts.priority, self.order[d], d))
+                            continue
+                        final = self._become_ready(d)
+                        if final is not None:
+                            work.append((d, final))
+                        continue
                     verdict = resolve(
-                        graph,
-                        states,
-                        root,
-                        handled,
-                        d,
-                        self.cancel_reason is not None,
-                        self.fail_fast_cause,
+                        graph, states, root, handled, d, cancelling, self.fail_fast_cause
                     )
                     if verdict is Resolution.RUN:
                         final = self._become_ready(d)
@@ -645,7 +713,10 @@ class Scheduler:
         if self.observer is not None and self.observer.hold(i, state):
             return  # a hook of i is queued and may read it: release_held comes later
         handle = state._value
-        state._release()
+        if type(handle) is Payload and not handle.segments:
+            state._value = RELEASED  # all in its pickle: nothing else to discard
+        else:
+            state._release()
         self.executor.release(i, handle)
 
     def release_held(self, i: int, state: State) -> None:

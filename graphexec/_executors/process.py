@@ -96,7 +96,14 @@ from multiprocessing.context import set_spawning_popen
 from typing import Any, cast
 
 from .._data import shm as _shm
-from .._data.serialize import Payload, arguments_error, as_wire, dumps, dumps_call, function_error
+from .._data.serialize import (
+    Payload,
+    arguments_error,
+    as_wire,
+    dumps,
+    encode_call,
+    function_error,
+)
 from .._model.errors import (
     MemoryLimitExceeded,
     SerializationError,
@@ -505,6 +512,10 @@ class ProcessPool:
         self._fn_blobs: dict[int, bytes | BaseException] = {}
         # fn id -> how long its last calls took (seconds, smoothed), for prefetch
         self._fn_short: dict[int, float] = {}
+        # The function last looked up and its id (the last entry of _fn_keep):
+        # consecutive calls of one function skip the registry.
+        self._last_fn: Any = None
+        self._last_id = 0
         self._batching: list[_Worker] = []  # workers with pending calls to send
         # Where _drain_burst reads (allocating a large buffer per read would cost more).
         self._scratch = memoryview(bytearray(BURST_BYTES))
@@ -572,6 +583,7 @@ class ProcessPool:
             self._forget(w)
         self._fn_ids.clear()
         self._fn_keep.clear()
+        self._last_fn = None
         self._fn_blobs.clear()
         self._fn_short.clear()
         self._wake_r.close()
@@ -724,7 +736,7 @@ class ProcessPool:
         if call.wire is None:
             try:
                 message = self._message(call, fn_id)
-                call.wire = _wire(message, hold=False)
+                call.wire = pickle.dumps((*message, False), protocol=5)  # _wire, inlined
             except SerializationError as exc:
                 call.then = None
                 call.started = call.finished = time.time()
@@ -732,8 +744,9 @@ class ProcessPool:
                 return True
         if call.isolate:
             return self._submit_isolated(call, fn_id)
-        worker = self._idle_worker(call.memory_limit)
-        if worker is None and not self._may_spawn():
+        worker = self._idle_worker(call.memory_limit) if self._idle else None
+        # (not self._may_spawn(), inlined)
+        if worker is None and (self._broken is not None or len(self._workers) >= self.workers):
             if self._broken is not None and not self._workers:
                 return self._fail_unstartable(call)
             worker = self._prefetch_target(call, fn_id)
@@ -996,24 +1009,28 @@ class ProcessPool:
             return None
         depth = min(PREFETCH_DEPTH, max(2, int(PREFETCH_SECONDS / (cost + CALL_OVERHEAD))))
         room = QUEUE_MAX_BYTES - len(wire)
-        best = None
+        # The worker holding the fewest calls, fewer than ``depth`` (the first on a tie).
+        best, fewest = None, depth
         for w in self._workers.values():
+            n = len(w.inflight)
             if (
-                len(w.inflight) < depth
+                n < fewest
                 and w.queued <= room
                 and w.kill is None
                 and (w.calls_left is None or w.calls_left > 0)
                 and fn_id in w.functions
-                and (best is None or len(w.inflight) < len(best.inflight))
             ):
-                best = w
+                best, fewest = w, n
         return best
 
     def _function_id(self, fn: Any) -> int:
+        if fn is self._last_fn:  # most recently used already: nothing to move
+            return self._last_id
         key = id(fn)
         fn_id = self._fn_ids.get(key)
         if fn_id is not None:
             self._fn_keep.move_to_end(fn_id)
+            self._last_fn, self._last_id = fn, fn_id
             return fn_id
         fn_id = self._fn_ids[key] = next(self._fn_counter)
         self._fn_keep[fn_id] = fn  # keeps id(fn) from being reused while we map it
@@ -1021,6 +1038,7 @@ class ProcessPool:
             self._fn_blobs[fn_id] = dumps(fn)
         except Exception as exc:
             self._fn_blobs[fn_id] = exc
+        self._last_fn, self._last_id = fn, fn_id
         return fn_id
 
     def _evict_functions(self) -> None:
@@ -1046,6 +1064,7 @@ class ProcessPool:
                 victims.append(fn_id)
                 if len(victims) == excess:
                     break
+        self._last_fn = None
         for fn_id in victims:
             del self._fn_ids[id(self._fn_keep.pop(fn_id))]
             del self._fn_blobs[fn_id]
@@ -1064,21 +1083,35 @@ class ProcessPool:
         blob = self._fn_blobs[fn_id]
         if isinstance(blob, BaseException):
             raise function_error(call.name, blob)
+        if not call.inputs:  # (a root task: no list to build, nor to collect)
+            try:
+                args = encode_call(call.args, call.kwargs, call.has_nodes)
+            except Exception as exc:
+                raise arguments_error(call, exc, "a worker") from None
+            return ("run", id(call), fn_id, call.name, args, (), call.cache)
         deps: list[tuple] = []
+        others = None  # inputs that are not a worker's value: pickled below
         for i, h in call.inputs.items():
-            if h is HELD:  # kept by the worker, by the call before this one
+            if type(h) is Payload:  # a worker's value, forwarded as it came
+                deps.append((i, (h.data, h.segments)))
+            elif h is HELD:  # kept by the worker, by the call before this one
                 if prev is None or prev.node != i:
                     raise RuntimeError(
                         f"the input of {call.name} from node {i} was kept "
                         "by a worker and is gone; this is a bug"
                     )
                 deps.append((i, None, id(prev)))
+            elif others is None:
+                others = [(i, h)]
+            else:
+                others.append((i, h))
         try:
-            args_blob = dumps_call(call.args, call.kwargs, call.has_nodes)
-            deps += [(i, as_wire(h)) for i, h in call.inputs.items() if h is not HELD]
+            args = encode_call(call.args, call.kwargs, call.has_nodes)
+            if others is not None:
+                deps += [(i, as_wire(h)) for i, h in others]
         except Exception as exc:
             raise arguments_error(call, exc, "a worker") from None
-        return ("run", id(call), fn_id, call.name, args_blob, deps, call.cache)
+        return ("run", id(call), fn_id, call.name, args, deps, call.cache)
 
     def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
         while self._batching:
@@ -1228,11 +1261,25 @@ class ProcessPool:
             return False
         call = w.inflight.popleft()
         w.queued -= len(call.wire or b"")
-        now = time.monotonic()
-        w.head_started = now
-        if message[0] == "held":
+        w.head_started = time.monotonic()
+        if message[0] == "ok":  # the common case first
+            _, _, blob, started, finished = message
+            call.started, call.finished = started, finished
+            # (_learn, inlined)
+            fn_id = self._fn_ids.get(id(call.fn))
+            if fn_id is not None:
+                took = finished - started
+                before = self._fn_short.get(fn_id)
+                self._fn_short[fn_id] = (
+                    took if before is None or took > before else (before + took) / 2
+                )
+            data, segments = blob
+            self._outbox.append(
+                (call, OK, Payload(data) if not segments else Payload.from_wire(blob))
+            )
+        elif message[0] == "held":
             _, _, call.started, call.finished = message
-            self._learn(call, w)
+            self._learn(call)
             if w.kill is not None and w.kill[0] is call:
                 # Killed for this call (its timeout, memory) as it finished: the
                 # value it kept dies with the worker, so the kill's verdict stands.
@@ -1241,25 +1288,25 @@ class ProcessPool:
                 self._outbox.append((call, OK, HELD))
         elif message[0] == "skip":  # its chain broke before it: the scheduler decides
             self._outbox.append((call, REQUEUE, None))
-        elif message[0] == "ok":
-            _, _, blob, call.started, call.finished = message
-            self._learn(call, w)
-            self._outbox.append((call, OK, Payload.from_wire(blob)))
         else:
             _, _, _stage, exc_blob, tb, call.started, call.finished, summary, *back = message
             if back:
                 take_back(call, back[0])
-            self._learn(call, w)
+            self._learn(call)
             self._outbox.append((call, ERROR, load_exception(exc_blob, tb, call.name, summary)))
-        if not w.inflight and w.kill is None:
+        inflight = w.inflight
+        if not inflight and w.kill is None:
             if w.calls_left == 0:
                 self._retire(w)
             else:
                 self._idle.append(w)
-        self._arm(w)
+        # Only a call with a timeout is armed: when neither the call answered nor
+        # the one now running has one, nothing changes (see _arm).
+        if call.timeout is not None or (inflight and inflight[0].timeout is not None):
+            self._arm(w)
         return True
 
-    def _learn(self, call: Call, w: _Worker) -> None:
+    def _learn(self, call: Call) -> None:
         fn_id = self._fn_ids.get(id(call.fn))
         if fn_id is not None:
             took = call.finished - call.started

@@ -75,6 +75,7 @@ still open.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -106,18 +107,26 @@ class SignalShield:
     exception leaves from there.
     """
 
-    __slots__ = ("depth", "pending")
+    __slots__ = ("depth", "main", "pending")
 
     def __init__(self) -> None:
         self.depth = 0
         self.pending: list[tuple[Callable[[int, Any], Any], int, Any]] = []
+        # The main thread's id, read on every dispatch: kept here, and read
+        # again in a child of os.fork(), whose main thread is the forking one.
+        self.main = main_thread().ident
+        if hasattr(os, "register_at_fork"):  # (POSIX)
+            os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        self.main = main_thread().ident
 
     def __enter__(self) -> None:
-        if get_ident() == main_thread().ident:
+        if get_ident() == self.main:
             self.depth += 1  # (no bytecode after this can raise before the block)
 
     def __exit__(self, *exc: object) -> None:
-        if get_ident() != main_thread().ident:
+        if get_ident() != self.main:
             return
         self.depth -= 1
         if self.depth or not self.pending:
@@ -306,6 +315,10 @@ class SharedPool:
     def _give_drive(self) -> None:
         """Release the drive and tell a waiting run's thread it may take it."""
         self._drive.release()
+        if not self._waiters:
+            # Read without the lock: a run's thread registers as a waiter before
+            # it looks at the drive, which is free by now, so it does not sleep.
+            return
         with self._lock:
             # One with nothing to read: it will take the drive (one with
             # outcomes returns to its scheduler first).
@@ -586,11 +599,13 @@ class RunLease:
         """``submit`` with the drive held and this run's queue empty; None: queue it."""
         shared = self.shared
         with shared._lock:
-            alone = len(shared._leases) == 1
+            leases = shared._leases
+            alone = len(leases) == 1
             direct = (
                 not shared._stopped
                 and shared._refused is None  # (looked at before the drive was ours)
-                and not any(other._queue for other in shared._leases)
+                # (alone: the one lease is this one, whose queue is empty)
+                and (alone or not any(other._queue for other in leases))
             )
         if not direct:
             return None

@@ -3,7 +3,7 @@
 Messages (pickled tuples, one ``send_bytes`` each)::
 
     parent -> worker   ("fn", fn_id, fn_blob, origin, forget)  once per function and worker
-                       ("run", token, fn_id, node_name, args_blob, deps, cache, hold)
+                       ("run", token, fn_id, node_name, args, deps, cache, hold)
                        ("batch", [run_message_bytes, ...])  several run messages, in order
                        ("stop",)
     worker -> parent   ("ready",)                    the pool's initializer ran (sent first)
@@ -21,7 +21,11 @@ Messages (pickled tuples, one ``send_bytes`` each)::
 ``fn``: dropped before the new one loads, so this worker keeps no more
 functions than the parent does. Ids are never reused.
 
-``deps`` is a list of ``(node_index, pickled_value)``, or ``(node_index,
+``args`` are the call's arguments as ``encode_call`` writes them
+(``_data/serialize.py``: a pickle with nodes as references, or plain values
+with the positions of the nodes among them). ``deps`` is a list (a tuple
+when empty) of
+``(node_index, pickled_value)``, or ``(node_index,
 None, token)`` for the value the call ``token`` kept here (``hold``: a chain,
 see ``_call.py``); ``cache`` is None or
 ``(cache_dir, key, meta)``: the worker writes a large cache entry itself, so
@@ -67,7 +71,7 @@ from typing import Any
 
 from .._data import shm as _shm
 from .._data.cache import stored_apart
-from .._data.serialize import dumps, dumps_value, loads_call, loads_value
+from .._data.serialize import decode_call, dumps, dumps_value, loads_value
 from .protocol import write_cache
 from .runtime import (
     Unloadable,
@@ -253,7 +257,7 @@ def _mirror_logging(level: int, fmt: str) -> None:
 
 
 def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> bytes:
-    _, token, fn_id, name, args_blob, deps, cache, hold = message
+    _, token, fn_id, name, encoded, deps, cache, hold = message
     started = time.time()
     values: dict[int, Any] = {}
     # Chained inputs: they never passed through the parent, so a failure sends
@@ -298,8 +302,9 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
         )
 
     try:
-        values.update((dep[0], loads_value(dep[1])) for dep in deps if len(dep) == 2)
-        args, kwargs = loads_call(args_blob, values)
+        if deps:
+            values.update((dep[0], loads_value(dep[1])) for dep in deps if len(dep) == 2)
+        args, kwargs = decode_call(encoded, values)
     except BaseException as exc:
         return fail(
             "unpickle-arguments",
@@ -465,8 +470,10 @@ class NodeStream:
             self._lost = True
 
     def flush(self) -> None:
-        self._end_partial()
-        self._drain()
+        if self._partial:
+            self._end_partial()
+        if self._lines:
+            self._drain()
         if not self._lost:
             try:
                 self._stream.flush()

@@ -494,9 +494,10 @@ class Run:
         """Close the run: values still held in shared memory are mapped privately and
         their segments unlinked, so nothing of the run stays in /dev/shm."""
         self.finished = time.time()
+        states = self._states
         for i in self.members:
-            state = self._states[i]
-            if state is not None and state.is_completed():
+            state = states[i]
+            if state is not None and (state.name is COMPLETED or state.name is CACHED):
                 handle = state._value
                 if isinstance(handle, Deferred):
                     handle.settle()

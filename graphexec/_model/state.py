@@ -33,7 +33,9 @@ CANONICAL = {
     n: n for n in (PENDING, RUNNING, RETRYING, COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED)
 }
 
-_RELEASED = object()
+# What a released value becomes (``State._release``; the scheduler sets it
+# itself for a value that holds nothing outside this process's heap).
+RELEASED = _RELEASED = object()
 
 
 class Attempt:
