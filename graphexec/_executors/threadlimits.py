@@ -20,8 +20,10 @@ Two levers, because a library reads its variable once, when it loads:
 
 A variable the user set in the parent's environment is passed on as it is,
 unless ``inner_threads=`` was given explicitly (the explicit argument wins,
-as in joblib). ``threadpoolctl`` is imported only in workers, and only when a
-library it knows may be loaded, so ``import graphexec`` never pays for it.
+as in joblib). ``threadpoolctl`` is imported only in workers (and in a program
+that asks for the zygote by name while it runs threads:
+:func:`threads_shut_at_fork`), and only when a library it knows may be
+loaded, so ``import graphexec`` never pays for it.
 """
 
 from __future__ import annotations
