@@ -86,6 +86,7 @@ stay remote (a dask cluster) and a flow's values are loaded when read;
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import time
@@ -116,6 +117,18 @@ from .keep import keep_failed
 from .policy import RUNS_WHEN_CLEAN, Resolution, on_failure, resolve
 
 logger = logging.getLogger("graphexec")
+
+
+def value_for_dependent(graph: Graph, states: list[State | None], up: int) -> Any:
+    """What a dependent of final node ``up`` receives: its State (``return_state``),
+    its value, or its exception."""
+    state = states[up]
+    assert state is not None  # an upstream is final before its dependent runs
+    if graph._opts[up].return_state:
+        return state
+    if state.is_completed():
+        return state._value
+    return state.exception
 
 
 class Scheduler:
@@ -171,6 +184,10 @@ class Scheduler:
         self._task_caps: dict[int, int] = {}
         # (id(fn), count) -> the function wrapped for the task option inner_threads=
         self._limited: dict[tuple[int, int], ThreadLimited] = {}
+        # What a dependent of a node receives. Not a bound method: the gate would
+        # then refer back to this scheduler, and the cycle would keep its lists
+        # (a few per node) alive after the run until a full collection (#14).
+        self._value_for_dependent = functools.partial(value_for_dependent, graph, self.states)
         # Keys are hashed on a thread of the gate's unless calls run in this
         # thread anyway (sync): then nothing runs meanwhile that could be delayed.
         self.gate = CacheGate(
@@ -498,15 +515,6 @@ class Scheduler:
         if wrapper is None:
             wrapper = self._limited[key] = ThreadLimited(fn, threads)
         return wrapper
-
-    def _value_for_dependent(self, up: int) -> Any:
-        state = self.states[up]
-        assert state is not None  # an upstream is final before its dependent runs
-        if self.graph._opts[up].return_state:
-            return state
-        if state.is_completed():
-            return state._value
-        return state.exception
 
     # -- outcomes -------------------------------------------------------------
 
