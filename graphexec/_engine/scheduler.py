@@ -158,7 +158,10 @@ class Scheduler:
         self.member = bytearray(n)
         self.waiting = [0] * n
         self.uses = [0] * n
-        self.dependents: list[list[int] | None] = [None] * n
+        # lists while nodes are linked (built below as lists: Any); run() makes
+        # them tuples (see there)
+        linked: list[Any] = [None] * n
+        self.dependents: list[list[int] | tuple[int, ...] | None] = linked
         self.states = run._states
         self.history: dict[int, list[Attempt]] = {}
         self.root: dict[int, int] = {}
@@ -211,7 +214,7 @@ class Scheduler:
         # _link for every member, inlined: this loop runs once per node.
         deps, flags = graph._deps, graph._flags
         order, member, waiting = self.order, self.member, self.waiting
-        dependents, uses = self.dependents, self.uses
+        dependents, uses = linked, self.uses
         for pos, i in enumerate(run.members):
             order[i] = pos
             member[i] = 1
@@ -245,8 +248,10 @@ class Scheduler:
             lst = self.dependents[up]
             if lst is None:
                 self.dependents[up] = [i]
-            else:
+            elif isinstance(lst, list):
                 lst.append(i)
+            else:  # (admit() links nodes, and run() never admits: not reached)
+                self.dependents[up] = (*lst, i)
             if fl is None or fl[k] & DATA:
                 self.uses[up] += 1
 
@@ -257,6 +262,13 @@ class Scheduler:
         # Remote values (a cluster) stay where they are until read: loading
         # them here would fetch each one on this thread.
         self.load_kept = not self.executor.capabilities.remote_values
+        # Every member is linked: each node's dependents become a tuple of ints,
+        # which the garbage collector stops tracking (a list it walks in every full
+        # collection while the run lasts, one per node), and 8-16 bytes smaller.
+        dependents = self.dependents
+        for up, lst in enumerate(dependents):
+            if lst is not None:
+                dependents[up] = tuple(lst)
         if self.observer is not None:
             self.observer.started(self.run_)
         for i in self.run_.members:
@@ -569,17 +581,21 @@ class Scheduler:
         error = None if kind == OK else value
         if kind == OK and self.load_kept and type(value) is Payload and i in self.kept:
             error = self._unloadable(i, value)
-        attempt = Attempt(call.number, call.started, call.finished, call.worker, error)
         name = self.graph._names[i]
         if error is None:
             # Final: the state keeps the attempts (earlier ones only if it was retried).
             history = self.history.pop(i, None)
             if history is None:
-                history = [attempt]
+                # The first try: its numbers only, the Attempt and its list are made
+                # if someone reads state.history (fewer objects for the collector).
+                state = State(COMPLETED, name, value)
+                state._attempt = (call.number, call.started, call.finished, call.worker)
             else:
-                history.append(attempt)
-            self._finish(i, State(COMPLETED, name, value, None, history))
+                history.append(Attempt(call.number, call.started, call.finished, call.worker, None))
+                state = State(COMPLETED, name, value, None, history)
+            self._finish(i, state)
             return
+        attempt = Attempt(call.number, call.started, call.finished, call.worker, error)
         history = self.history.setdefault(i, [])
         history.append(attempt)
         opts = self.graph._opts[i]
