@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -615,3 +616,99 @@ def test_long_chain_runs_and_skips_without_recursion():
     assert run[good] == 20_001
     assert len(run.skipped) == 20_000
     assert run.state(node).upstream == "explode-0"
+
+
+# -- the garbage collector during a run (#14, docs/dispatch.md "Round four") --------
+
+
+def test_a_node_done_at_its_first_try_has_its_attempt_in_its_history():
+    graph = gx.Graph()
+    with graph:
+        node = plus(1)
+    before = time.time()
+    for scheduler in ALL_SCHEDULERS:
+        state = graph.compute(scheduler=scheduler, workers=1).state(node)
+        assert state.attempts == 1
+        (attempt,) = state.history
+        assert state.history[0] is attempt  # made once, then kept
+        assert attempt.number == 1 and attempt.error is None and attempt.retry_delay is None
+        assert before <= attempt.started <= attempt.finished <= time.time()
+        assert state.started == attempt.started and state.finished == attempt.finished
+        assert attempt.worker is not None
+        # a State that crossed a process boundary (return_state, run.save) keeps it
+        (again,) = pickle.loads(pickle.dumps(state)).history
+        assert again.number == 1
+        assert (again.started, again.finished) == (attempt.started, attempt.finished)
+    assert gx.State("Skipped", "x").attempts == 0 and gx.State("Skipped", "x").history == []
+
+
+@pytest.mark.parametrize("scheduler", ALL_SCHEDULERS)
+def test_a_run_leaves_no_cycle_behind(scheduler):
+    """Its scheduler's per-node lists go when compute() returns, not at some later
+    full collection."""
+    graph = gx.Graph()
+    with graph:
+        layer = [plus(j) for j in range(10)]
+        for _ in range(3):
+            layer = [plus(layer[j], layer[(j + 1) % 10]) for j in range(10)]
+    gc.collect()
+    gc.disable()
+    try:
+        run = graph.compute(scheduler=scheduler, workers=1)
+        assert run.counts() == {"Completed": 40}
+        left = [o for o in gc.get_objects() if type(o).__name__ in ("Scheduler", "CacheGate")]
+        assert left == []
+    finally:
+        gc.enable()
+
+
+@gx.task
+def thresholds(_=None):
+    return gc.get_threshold()
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 14), reason="an incremental collector: no change")
+def test_full_collections_wait_while_the_scheduler_runs_and_the_program_keeps_its_settings():
+    graph = gx.Graph()
+    with graph:
+        seen = thresholds()
+    program = gc.get_threshold()
+    try:
+        gc.set_threshold(500, 5, 7)
+        during = graph.compute(scheduler="sync")[seen]
+        assert during[:2] == (500, 5) and during[2] > 1_000_000  # young ones go on
+        assert gc.get_threshold() == (500, 5, 7)
+        # A collector the program disabled, or whose automatic collection it turned
+        # off, is left alone.
+        gc.disable()
+        try:
+            assert graph.compute(scheduler="sync")[seen] == (500, 5, 7)
+        finally:
+            gc.enable()
+        gc.set_threshold(0, 5, 7)
+        assert graph.compute(scheduler="sync")[seen] == (0, 5, 7)
+        # A threshold set during the run stays as the program set it.
+        with graph:
+            setter = set_thresholds(seen)
+        gc.set_threshold(500, 5, 7)
+        graph.compute(setter, scheduler="sync")
+        assert gc.get_threshold() == (400, 4, 4)
+        # A run interrupted (Ctrl-C) gives it back too.
+        gc.set_threshold(500, 5, 7)
+        with graph:
+            stop = interrupt()
+        with pytest.raises(KeyboardInterrupt):
+            graph.compute(stop, scheduler="sync")
+        assert gc.get_threshold() == (500, 5, 7)
+    finally:
+        gc.set_threshold(*program)
+
+
+@gx.task
+def set_thresholds(_):
+    gc.set_threshold(400, 4, 4)
+
+
+@gx.task
+def interrupt():
+    raise KeyboardInterrupt

@@ -111,6 +111,7 @@ from .._model.state import (
     Attempt,
     State,
 )
+from . import collector
 from .caching import KEYING, LOCK_POLL, RUN_NOW, WAIT, CacheGate, Verdict
 from .chains import build_chain, unchain
 from .keep import keep_failed
@@ -271,13 +272,19 @@ class Scheduler:
                 dependents[up] = tuple(lst)
         if self.observer is not None:
             self.observer.started(self.run_)
-        for i in self.run_.members:
-            if self.waiting[i] == 0 and self.states[i] is None:
-                cached = self._become_ready(i)
-                if cached is not None:
-                    self._finish(i, cached)
-        while self.done < self.n_members:
-            self._step(idle_ok=False)
+        # No full collection while the loop runs: each would walk the whole heap
+        # and find nothing (see collector.py); young collections go on.
+        collector.pause_full_collections()
+        try:
+            for i in self.run_.members:
+                if self.waiting[i] == 0 and self.states[i] is None:
+                    cached = self._become_ready(i)
+                    if cached is not None:
+                        self._finish(i, cached)
+            while self.done < self.n_members:
+                self._step(idle_ok=False)
+        finally:
+            collector.resume_full_collections()
 
     def serve(self, session: Any) -> None:
         """Run nodes as a :class:`Session` submits them, until it closes (eager mode).
