@@ -8,10 +8,11 @@ the objects that survived into the oldest generation since the last one
 exceed a quarter of those already there, and a full collection walks every
 container in the process, the graph's nodes and the run's states included.
 A run's states grow the heap by that quarter again and again: two full
-collections during a 100,000-node run (each 60-100 ms), five during a
-million-node one (about a second each), all finding nothing to free. That,
-not the scheduler's own work, was most of why a node cost more at 100,000
-nodes than at 10,000 (docs/dispatch.md, "Round four").
+collections during a 100,000-node run (60-80 ms each), four during a
+million-node one (about half a second each), all finding nothing to free,
+about a tenth of the parent's time. Such collections, not the scheduler's
+own work, were most of why a node cost more at 100,000 nodes than at 10,000
+(docs/dispatch.md, "Round four").
 
 So, while :meth:`Scheduler.run` loops, the oldest generation's threshold is
 raised out of reach; young collections go on as before, so the short-lived
