@@ -26,8 +26,8 @@ one query, and taking no lock for a hit, is what makes a cached run of many
 small tasks cost little more than running them, and an all-hits rerun less
 (issue #19; ``docs/howto/caching.md``, "Measured"). A process alone in the
 cache directory (``_data/cache.py``, "Alone") takes its locks in memory and
-skips the second look when nothing of this process was committed or let go
-since the first (``CacheStore.quiet_epoch``): nobody else adds rows then.
+looks again under the lock only at the keys it let go of since the first
+look (``CacheStore.changed_since``): nobody else adds rows then.
 
 Who writes the entry: the worker that computed the value, through
 ``Call.cache`` (``entry()``), except a process-pool worker's small value,
@@ -403,8 +403,9 @@ class CacheGate:
         store = self.store
         assert store is not None
         keying, keys = self.keying, self.keys
-        # Alone in the directory, and nothing committed meanwhile, a miss needs no
-        # second look under the lock: nobody else adds rows (_data/cache.py, "Alone").
+        # Alone in the directory, a miss needs no second look under the lock unless
+        # this process let go of its key meanwhile: nobody else adds rows
+        # (_data/cache.py, "Alone").
         epoch = store.quiet_epoch()
         refresh = self._refreshes(fresh)
         looked = [key for (_, _, key), r in zip(fresh, refresh) if not r]
@@ -432,8 +433,9 @@ class CacheGate:
         self, entries: list[tuple[int, int, str]], out: list[tuple[int, Verdict]], epoch: Any = None
     ) -> None:
         """Take the locks of these keys (those the window has room for; the others are
-        parked), then look all of them up in one query and decide; not looked up
-        again if ``epoch`` (their lookup's) is still the store's quiet epoch."""
+        parked), then look them up in one query and decide; if they missed at
+        ``epoch`` (a quiet epoch: alone), only the keys let go of since are looked
+        up again."""
         store = self.store
         assert store is not None
         keying, keys = self.keying, self.keys
@@ -450,11 +452,14 @@ class CacheGate:
             wanted.append(key)
         got = store.try_lock_many(wanted)
         refresh = self._refreshes(entries)
-        if epoch is not None and store.quiet_epoch() == epoch:
-            rows: dict[str, Found] = {}  # they missed, and nothing changed since
-        else:
+        # They missed at ``epoch``: alone in the directory, only a key this process
+        # let go of since may have an entry now.
+        changed = store.changed_since(epoch) if epoch is not None else None
+        if changed is None:
             looked = [key for key, r in zip(wanted, refresh) if not r]
-            rows = store.rows(looked) if looked else {}
+        else:
+            looked = [key for key, r in zip(wanted, refresh) if not r and key in changed]
+        rows: dict[str, Found] = store.rows(looked) if looked else {}
         locked_nodes, holders, waiting = self.locked, self.holders, self.lock_waits
         for (i, _, key), r, locked in zip(entries, refresh, got):
             row = None if r else rows.get(key)
