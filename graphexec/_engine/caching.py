@@ -252,6 +252,8 @@ class CacheGate:
         # this one in: their wait (logged, bounded) starts once it has.
         self._knocking: set[int] = set()
         self.parked: deque[tuple[int, int, str]] = deque()
+        # (key, pickle, meta) of small values finished since store_finished() ran
+        self.finishing: list[tuple[str, bytes, dict]] = []
         self.batch: list[tuple[int, int, str]] = []
         self.refreshed: set[str] = set()
         self.refreshing: set[int] = set()
@@ -370,8 +372,11 @@ class CacheGate:
         entry's lock, within the window, and are looked up again under it (one
         more query for all of them): an entry committed between the two looks is
         found, and a miss under the lock is ours to compute. Parked nodes take
-        the lock first, then look.
+        the lock first, then look. The small values of the nodes finished since
+        are stored first (:meth:`store_finished`).
         """
+        if self.finishing:
+            self.store_finished()
         out: list[tuple[int, Verdict]] = []
         results, keying = self.results, self.keying
         fresh, self.batch = self.batch, []
@@ -623,22 +628,35 @@ class CacheGate:
                 and not value.segments
                 and len(value.data) <= INLINE_MAX  # not stored_apart(): a small entry
             ):
-                try:
-                    store.put(key, value.data, self._meta(i), release=True)
-                    stored = True
-                except Exception as exc:  # a damaged database: the run goes on
-                    logger.warning(
-                        "%s: result not cached (%s: %s)",
-                        self.graph._names[i],
-                        type(exc).__name__,
-                        safe_str(exc),
-                    )
+                # Stored with the others of this scheduler step (store_finished()):
+                # one hold of the store's mutex for all of them.
+                if not self.finishing:
+                    self.results.append(_NUDGE)  # the scheduler then calls keyed()
+                self.finishing.append((key, value.data, self._meta(i)))
+                stored = True
         if not stored:
             store.unlock(key)
         if completed and i in self.refreshing:
             self.refreshed.add(key)
         if self.parked and not self.results and len(self.locked) <= self._window() // 2:
             self.results.append(_NUDGE)
+
+    def store_finished(self) -> None:
+        """Store the small values of the nodes finished since the last call, and let
+        go of their keys once their rows are committed (``CacheStore.put_many``)."""
+        entries, self.finishing = self.finishing, []
+        if not entries:
+            return
+        store = self.store
+        assert store is not None
+        try:
+            store.put_many(entries)
+        except Exception as exc:  # a damaged database: the run goes on
+            logger.warning(
+                "%d results not cached (%s: %s)", len(entries), type(exc).__name__, safe_str(exc)
+            )
+            for key, _, _ in entries:
+                store.unlock(key)
 
     def entry(self, i: int) -> tuple[str, str, dict]:
         """What the worker of a locked node needs to write its entry (``Call.cache``)."""
