@@ -547,6 +547,41 @@ def test_alone_a_miss_is_looked_up_again_only_if_its_key_was_let_go_of_meanwhile
     fresh.unlock_all()
 
 
+WRITER = """
+import sys
+import cloudpickle
+from graphexec._data.cache import CacheStore
+CacheStore(sys.argv[1]).write(sys.argv[2], cloudpickle.dumps(5), [], {"task": "t"})
+"""
+
+
+def test_alone_in_a_new_directory_a_miss_costs_no_query_and_every_write_is_found(
+    tmp_path, monkeypatch
+):
+    # Alone since the directory was empty, only keys this process locked or wrote
+    # can have an entry: others miss without a query (a sweep's first run).
+    cache = tmp_path / "cache"
+    store = _cache.CacheStore(cache)
+    assert store.quiet_epoch() is not None and store._shared.fresh == set()
+    asked: list[int] = []
+    select = _cache._select
+    monkeypatch.setattr(_cache, "_select", lambda n: asked.append(n) or select(n))
+    assert store.rows(["a", "b"]) == {} and asked == []
+    assert store.try_lock("a")
+    # A worker process writes "a" (a large entry) under this process's lock.
+    subprocess.run([sys.executable, "-c", WRITER, str(cache), "a"], check=True, env=ENV, timeout=60)
+    assert set(store.rows(["a", "b"])) == {"a"} and asked == [1]
+    assert store.lookup("a").load() == 5
+    store.put("c", pickle.dumps(6), {"task": "t"})  # without a lock: committed at once
+    assert set(store.rows(["b", "c"])) == {"c"}
+    store.unlock_all()
+    # The next run finds entries there: every key is asked for again.
+    assert store.quiet_epoch() is not None and store._shared.fresh is None
+    asked.clear()
+    assert set(store.rows(["a", "b", "c"])) == {"a", "c"} and asked == [3]
+    store.unlock_all()
+
+
 def test_a_batch_being_committed_stays_visible_to_lookups(tmp_path, monkeypatch):
     # commit() takes the batch whole ("writing") and a new dict takes the next rows:
     # a lookup during the commit finds the rows either there or in the database.

@@ -202,6 +202,7 @@ WATCH = 0.05  # seconds between an alone process's looks for a newcomer
 # Seconds a newcomer waits at most, in all, for an alone process to yield (its nodes
 # wait meanwhile; nothing sleeps); then it locks in the file anyway (see "Alone").
 JOIN_WAIT = 2.0
+FRESH_KEPT = 1 << 21  # keys _Shared.fresh holds at most (then: None, every key asked)
 # Epochs of _Shared.let_go kept: a lookup older than that looks again in full.
 LET_GO_KEPT = 256
 YIELD_COMMITS = 4  # commits at most of an alone process's batch before it yields
@@ -440,6 +441,11 @@ class _Shared:
         # let go by this process, a change of mode); ``let_go`` says which keys each
         # bump concerned (None: any key), so that a miss is looked up again under its
         # lock only if its own key was let go of meanwhile (changed_since).
+        # Alone in a directory that held no entry when this process became alone:
+        # every key it has locked or written since (a superset of the keys with an
+        # entry), so that a lookup of any other key is a miss without a query (the
+        # first run of a sweep into a new directory). None otherwise.
+        self.fresh: set[str] | None = None
         self.epoch = 0
         self.let_go: collections.deque[tuple[int, frozenset[str] | None]] = collections.deque(
             maxlen=LET_GO_KEPT
@@ -494,6 +500,22 @@ class _Shared:
             if release:
                 self.release.add(row[0])
             full = len(self.pending) == self._batch_max()
+        if first or full:
+            self._start_flusher()
+            self.wake.set()
+
+    def enqueue_many(self, rows: list[Row]) -> None:
+        """:meth:`enqueue` of each row, each with ``release``, in one hold of the mutex
+        (a scheduler step's finished nodes)."""
+        with self.mutex:
+            pending = self.pending
+            first = not pending
+            if first:
+                self.since = time.monotonic()
+            for row in rows:
+                pending[row[0]] = row
+            self.release.update([row[0] for row in rows])
+            full = len(pending) >= self._batch_max()
         if first or full:
             self._start_flusher()
             self.wake.set()
@@ -672,6 +694,9 @@ class _Shared:
         taken back the scheduler's thread is made to hand it over.
         """
         rows = sorted(rows)  # SQLite inserts keys in order with fewer page visits
+        fresh = self.fresh
+        if fresh is not None:  # rows written without this process's lock: known too
+            fresh.update([row[0] for row in rows])
         conn = self.conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -749,6 +774,11 @@ class _Shared:
                     else:
                         held[key] = -1
                         got.append(True)
+                fresh = self.fresh
+                if fresh is not None:
+                    fresh.update(keys)
+                    if len(fresh) > FRESH_KEPT:
+                        self.fresh = None
                 return got
             for key in keys:
                 if key in held:
@@ -797,6 +827,17 @@ class _Shared:
         """Under the mutex: a new epoch, for ``keys`` (None: any key)."""
         self.epoch += 1
         self.let_go.append((self.epoch, keys))
+        if keys is None:  # a change of mode: ``fresh`` is known no more
+            self.fresh = None
+
+    def _no_entries(self) -> bool:
+        """True if the database holds no entry (asked once alone: nobody adds one)."""
+        import sqlite3
+
+        try:
+            return self.conn().execute("SELECT 1 FROM entries LIMIT 1").fetchone() is None
+        except sqlite3.Error:
+            return False
 
     def unlock(self, key: str) -> None:
         with self.mutex:
@@ -847,6 +888,7 @@ class _Shared:
                     self.mode = _ALONE
                     self.knocked = 0.0
                     self._bump(None)
+                    self.fresh = set() if self._no_entries() else None
                     self._start_flusher()  # it watches for newcomers...
                     self.wake.set()  # ...from now, if it was waiting without a timeout
                     return True
@@ -1146,12 +1188,17 @@ class CacheStore:
         writing = shared.writing
         found: dict[str, Found] = {}
         ask: list[str] = []
+        # Alone since the directory was empty: a key never locked nor written here
+        # has no entry (``_Shared.fresh``); a stale set (this process no longer
+        # alone) only makes a miss, which its lock's second look settles.
+        fresh = shared.fresh
         for key in keys:
             row = pending.get(key) if pending else None
             if row is None and writing:
                 row = writing.get(key)
             if row is None:
-                ask.append(key)
+                if fresh is None or key in fresh:
+                    ask.append(key)
             else:
                 crc = row[5] if row[5] is not None else _crc(key, row[6] or b"")
                 found[key] = (row[3], crc, row[6])
@@ -1340,6 +1387,22 @@ class CacheStore:
                 shared.write([row])
         if release:
             self.unlock(key)
+
+    def put_many(self, entries: list[tuple[str, bytes, dict]]) -> None:
+        """:meth:`put` of each ``(key, data, meta)`` with ``release``, the rows batched
+        together (one hold of the mutex for all: a scheduler step's finished nodes)."""
+        shared = self._shared
+        held, locks, now = shared.held, self._locks, clock()
+        rows: list[Row] = []
+        for key, data, meta in entries:
+            if key in held and key in locks:
+                locks.discard(key)
+                rows.append((key, str(meta.get("task", "?")), now, meta.get("expires"),
+                             len(data), None, data))  # fmt: skip
+            else:  # not this run's lock (an unusual path): as one put
+                self.put(key, data, meta, release=True)
+        if rows:
+            shared.enqueue_many(rows)
 
     def write(self, key: str, data: bytes, buffers: list[memoryview], meta: dict) -> None:
         """Write a large entry: its file atomically (temp file, fsync, rename), then its
