@@ -582,6 +582,32 @@ def test_alone_in_a_new_directory_a_miss_costs_no_query_and_every_write_is_found
     store.unlock_all()
 
 
+def test_a_directory_used_once_keeps_no_thread_once_idle(tmp_path, monkeypatch):
+    # Its flusher and syncer exit after IDLE_EXIT s without work (a notebook that
+    # used a hundred directories kept two threads for each), and start again.
+    monkeypatch.setattr(_cache, "IDLE_EXIT", 0.2)
+    monkeypatch.setattr(_cache, "SYNC_DELAY", 0.05)
+    cache = tmp_path / "cache"
+    for rerun in (False, True):
+        graph = gx.Graph()
+        with graph:
+            nodes = [small(i) for i in range(50)]
+        run = graph.compute(workers=2, cache_dir=cache)  # rows batched by the parent
+        assert [run[n] for n in nodes] == [i * 1.5 for i in range(50)]
+        assert run.counts() == {"Cached" if rerun else "Completed": 50}
+        shared = _cache.CacheStore(cache)._shared
+        threads = [t for t in (shared.flusher, shared.syncer) if t is not None]
+        assert shared.flusher is not None or rerun  # the first run batched its rows
+        deadline = time.monotonic() + 10
+        while shared.flusher is not None or shared.syncer is not None:
+            assert time.monotonic() < deadline, "the cache threads never exited"
+            time.sleep(0.05)
+        for thread in threads:
+            thread.join(5)
+            assert not thread.is_alive()
+    assert len(rows(cache)) == 50
+
+
 def test_a_batch_being_committed_stays_visible_to_lookups(tmp_path, monkeypatch):
     # commit() takes the batch whole ("writing") and a new dict takes the next rows:
     # a lookup during the commit finds the rows either there or in the database.

@@ -188,6 +188,10 @@ BATCH_MAX = 128  # rows: a batch this large is committed at once (and their lock
 # of many rows rewrites fewer pages per row (random keys: every row touches a page)
 BATCH_MAX_ALONE = 16384
 BATCH_DELAY_ALONE = 0.25
+# Seconds the flusher and the syncer wait without work before they exit (started
+# again by the next batch): a process that used many directories keeps no thread
+# for each.
+IDLE_EXIT = 10.0
 FLUSHER_CACHE_KIB = 32768  # the flusher's SQLite page cache: a large batch's pages
 BATCH_DELAY = 0.05  # seconds a batched row waits at most for its commit
 SYNC_DELAY = 1.0  # seconds a batch's commit waits at most to be on disk (power cuts)
@@ -500,8 +504,9 @@ class _Shared:
             if release:
                 self.release.add(row[0])
             full = len(self.pending) == self._batch_max()
+            if first or full:
+                self._start_flusher()
         if first or full:
-            self._start_flusher()
             self.wake.set()
 
     def enqueue_many(self, rows: list[Row]) -> None:
@@ -516,14 +521,16 @@ class _Shared:
                 pending[row[0]] = row
             self.release.update([row[0] for row in rows])
             full = len(pending) >= self._batch_max()
+            if first or full:
+                self._start_flusher()
         if first or full:
-            self._start_flusher()
             self.wake.set()
 
     def _batch_max(self) -> int:
         return BATCH_MAX_ALONE if self.mode == _ALONE else BATCH_MAX
 
     def _start_flusher(self) -> None:
+        """Under the mutex: start the flusher unless it runs (it exits once idle)."""
         if self.flusher is None:
             self.flusher = threading.Thread(
                 target=self._flush_loop, name="graphexec-cache-flush", daemon=True
@@ -548,7 +555,12 @@ class _Shared:
         conn.execute(f"PRAGMA cache_size=-{FLUSHER_CACHE_KIB}")
         self.local.relaxed = True
         while True:
-            self.wake.wait(WATCH if self.mode == _ALONE else None)
+            alone = self.mode == _ALONE
+            if not self.wake.wait(WATCH if alone else IDLE_EXIT) and not alone:
+                with self.mutex:  # idle: exit (a directory used once keeps no thread)
+                    if not self.pending and not self.release and self.mode != _ALONE:
+                        self.flusher = None
+                        return
             self.wake.clear()  # before looking: a row added after this sets it again
             while True:
                 if self.mode == _ALONE:
@@ -641,18 +653,24 @@ class _Shared:
         if getattr(self.local, "relaxed", False):  # the flusher: on disk within SYNC_DELAY
             self.checkpoint_due = True
             self.unsynced.set()
-            if self.syncer is None:
-                self.syncer = threading.Thread(
-                    target=self._sync_loop, name="graphexec-cache-sync", daemon=True
-                )
-                self.syncer.start()
+            with self.mutex:  # beside the syncer's exit (see _sync_loop)
+                if self.syncer is None:
+                    self.syncer = threading.Thread(
+                        target=self._sync_loop, name="graphexec-cache-sync", daemon=True
+                    )
+                    self.syncer.start()
         else:  # synchronous=FULL: the WAL is on disk, with every commit before this one
             self.unsynced.clear()
 
     def _sync_loop(self) -> None:
         self.conn().execute(f"PRAGMA busy_timeout={int(CHECKPOINT_WAIT * 1000)}")
         while True:
-            self.unsynced.wait()
+            if not self.unsynced.wait(IDLE_EXIT):
+                with self.mutex:  # idle: exit, unless a commit came meanwhile
+                    if not self.unsynced.is_set():
+                        self.syncer = None
+                        return
+                continue
             time.sleep(SYNC_DELAY)  # the commits of the next SYNC_DELAY s share one fsync
             try:
                 self.sync()
