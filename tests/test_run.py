@@ -17,6 +17,8 @@ import psutil
 import pytest
 
 import graphexec as gx
+from graphexec._engine.caching import CacheGate
+from graphexec._engine.scheduler import Scheduler
 
 ALL_SCHEDULERS = ("processes", "sync", "threads")
 
@@ -656,7 +658,7 @@ def test_a_run_leaves_no_cycle_behind(scheduler):
     try:
         run = graph.compute(scheduler=scheduler, workers=1)
         assert run.counts() == {"Completed": 40}
-        left = [o for o in gc.get_objects() if type(o).__name__ in ("Scheduler", "CacheGate")]
+        left = [o for o in gc.get_objects() if type(o) in (Scheduler, CacheGate)]
         assert left == []
     finally:
         gc.enable()
