@@ -27,7 +27,7 @@ State (all owned by the scheduler thread; ``i`` is an integer node id, lists
 are sized to the graph):
 
 ``order[i]``       i's position in the run's priority order (heap tie break)
-``member[i]``      1 if i takes part in this run (a bytearray)
+``member[i]``      1 if i takes part in this run (the Run's bytearray)
 ``n_members``      how many nodes take part; ``done``: how many are final
 ``waiting[i]``     upstream nodes of i not yet in a final state
 ``dependents[i]``  nodes of this run that depend on i (None: none)
@@ -156,7 +156,7 @@ class Scheduler:
         self.n_members = len(run.members)
         self.done = 0
         self.order = [0] * n
-        self.member = bytearray(n)
+        self.member = run._member  # (the Run marked its members)
         self.waiting = [0] * n
         self.uses = [0] * n
         # lists while nodes are linked (built below as lists: Any); run() makes
@@ -214,11 +214,10 @@ class Scheduler:
 
         # _link for every member, inlined: this loop runs once per node.
         deps, flags = graph._deps, graph._flags
-        order, member, waiting = self.order, self.member, self.waiting
+        order, waiting = self.order, self.waiting
         dependents, uses = linked, self.uses
         for pos, i in enumerate(run.members):
             order[i] = pos
-            member[i] = 1
             ups = deps[i]
             if not ups:
                 continue
@@ -340,8 +339,7 @@ class Scheduler:
             self.states.extend([None] * extra)
         run = self.run_
         run.members.append(i)
-        run._member_set.add(i)
-        self.member[i] = 1
+        self.member[i] = 1  # (the Run's: extended above)
         self.order[i] = self.n_members
         self.n_members += 1
         self._link(i)
