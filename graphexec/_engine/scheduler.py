@@ -26,7 +26,7 @@ calls sent behind a call to the same worker (:func:`~.chains.build_chain`).
 State (all owned by the scheduler thread; ``i`` is an integer node id, lists
 are sized to the graph):
 
-``order[i]``       i's position in the run's priority order (heap tie break)
+``order[i]``       i's position in the run's priority order (heap tie break; an array)
 ``member[i]``      1 if i takes part in this run (the Run's bytearray)
 ``n_members``      how many nodes take part; ``done``: how many are final
 ``waiting[i]``     upstream nodes of i not yet in a final state
@@ -90,6 +90,7 @@ import functools
 import heapq
 import logging
 import time
+from array import array
 from typing import Any
 
 from .._data.cache import CacheStore
@@ -155,7 +156,8 @@ class Scheduler:
         n = len(graph._deps)
         self.n_members = len(run.members)
         self.done = 0
-        self.order = [0] * n
+        # machine integers: a list would hold an int object per node (32 bytes)
+        self.order = array("q", (0,)) * n
         self.member = run._member  # (the Run marked its members)
         self.waiting = [0] * n
         self.uses = [0] * n
