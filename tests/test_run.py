@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 import graphexec as gx
+from graphexec._engine import collector
 from graphexec._engine.caching import CacheGate
 from graphexec._engine.scheduler import Scheduler
 
@@ -719,3 +720,26 @@ def set_thresholds(_):
 @gx.task
 def interrupt():
     raise KeyboardInterrupt
+
+
+@pytest.mark.skipif(
+    sys.version_info >= (3, 14) or not hasattr(os, "fork"), reason="no change, or no fork"
+)
+def test_a_process_forked_during_a_run_has_the_programs_thresholds():
+    """A worker (or zygote) forked while full collections wait lives on after the run."""
+    program = gc.get_threshold()
+    read, write = os.pipe()
+    collector.pause_full_collections()
+    try:
+        assert gc.get_threshold()[2] > 1_000_000
+        pid = os.fork()
+        if pid == 0:  # the child: report its thresholds and leave at once
+            os.write(write, repr(gc.get_threshold()).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+    finally:
+        collector.resume_full_collections()
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        assert pipe.read() == repr(program)
+    assert gc.get_threshold() == program

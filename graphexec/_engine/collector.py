@@ -27,13 +27,16 @@ The program keeps the last word: nothing changes if its collector is off or
 its youngest threshold is 0 (no automatic collection), and a threshold it
 sets during the run is left as it set it. Nested and concurrent runs (threads,
 a shared pool) share one count; the threshold comes back when the last one
-ends. From Python 3.14 the collector is incremental and ignores the third
-threshold: nothing is changed there.
+ends. A process forked meanwhile (a worker or a zygote started during a
+run) gets the program's threshold back at once: it is not running the
+run, and a worker lives on after it. From Python 3.14 the collector is
+incremental and ignores the third threshold: nothing is changed there.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import threading
 
@@ -70,3 +73,17 @@ def resume_full_collections() -> None:
             if gc.get_threshold() == _ours:  # else the program set its own meanwhile
                 gc.set_threshold(*_saved)
             _saved = _ours = None
+
+
+def _after_fork_in_child() -> None:
+    """A forked child runs no run of the parent's: the program's threshold, no pause."""
+    global _lock, _pauses, _saved, _ours
+    _lock = threading.Lock()  # (another thread of the parent may have held it)
+    if _saved is not None and gc.get_threshold() == _ours:
+        gc.set_threshold(*_saved)
+    _pauses = 0
+    _saved = _ours = None
+
+
+if hasattr(os, "register_at_fork"):  # (not on Windows, which has no fork)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
