@@ -462,6 +462,51 @@ def test_an_unseen_rerun_explains_no_death_long_after_its_cancel(ledger, fake, m
     assert list(ledger.loose) == ["double-h"]  # the expired crasher is forgotten
 
 
+def test_an_instant_crasher_never_seen_starting_blames_no_healthy_node(ledger, fake):
+    """A task that kills its worker at once is never seen to start: the first death
+    has no known cause. dask runs it again on a worker that had just finished a
+    healthy task (its report lost with the worker): that death is the suspect's too.
+    The crasher fails once, when dask gives up (KilledWorker); the healthy task runs
+    again and completes."""
+    client, executor = fake
+    ex = executor("exit_now-x", "ok-h")
+    client.removed("tcp://a", {"exit_now-x"})
+    assert ex.poll(0) == [] and set(ledger.suspects) == {"exit_now-x"}
+    client.started(ex, "ok-h", "tcp://b")
+    client.removed("tcp://b", {"exit_now-x", "ok-h"})
+    assert ex.poll(0) == [] and set(ex._inflight) == {"exit_now-x", "ok-h"}
+    client.started(ex, "ok-h", "tcp://c")
+    assert set(ledger.suspects) == {"exit_now-x"}
+    healthy = ex._inflight["ok-h"].future
+    healthy.status = "finished"
+    crasher = ex._inflight["exit_now-x"].future
+    crasher.status = "error"
+    killed = distributed.KilledWorker("exit_now-x", "tcp://d", 3)
+    crasher.exception = lambda: killed
+    ex._inbox.put(("done", "ok-h"))
+    ex._inbox.put(("done", "exit_now-x"))
+    outcomes = {call.name: (status, value) for call, status, value in ex.poll(0)}
+    assert outcomes["ok"][0] == _cluster.OK
+    status, error = outcomes["exit_now"]
+    assert status == _cluster.ERROR and type(error) is gx.WorkerCrashed
+    assert "KilledWorker" in str(error)
+    assert not ledger.suspects
+
+
+def test_a_suspect_seen_starting_is_blamed_for_its_own_crash(ledger, fake):
+    """A suspect seen starting is a plain task again: when the worker it started
+    on dies with it, it is blamed, not let off as a suspect."""
+    client, executor = fake
+    ex = executor("crash-q", "double-h")
+    client.removed("tcp://a", {"crash-q"})  # it died before its start event got out
+    assert ex.poll(0) == [] and set(ledger.suspects) == {"crash-q"}
+    client.started(ex, "crash-q", "tcp://b")  # this time it lived a while
+    client.started(ex, "double-h", "tcp://c")
+    assert ex.poll(0) == [] and not ledger.suspects
+    client.removed("tcp://b", {"crash-q"})
+    assert _blamed(ex.poll(0)) == ["crash"] and "double-h" in ex._inflight
+
+
 def test_executors_sharing_a_client_agree_on_a_death(ledger, fake):
     """One death, judged by each executor the hub gave it to: the crasher's unseen
     re-run is used up once, and no executor blames its own healthy task."""

@@ -47,6 +47,10 @@ Failures
       ``distributed.scheduler.allowed-failures`` times). A crash too quick
       for its start event ends as dask's ``KilledWorker`` once dask gives
       up; that too becomes a ``WorkerCrashed`` that says what happened.
+      Such a re-run kills its new worker too, often before the cancel
+      reaches it; the tasks that worker had started may have finished
+      without their report getting out. That death is put down to the
+      crasher, never to them (dask runs them again): :class:`_CrashLedger`.
     * Arguments or a function that do not pickle fail their node here with
       ``SerializationError``; a result that does not pickle fails on the
       worker (it is test-pickled there, large buffers aside, since the value
@@ -420,13 +424,14 @@ class _Departure:
     one possible unseen death (see :class:`_CrashLedger`) is used up once.
     """
 
-    __slots__ = ("culprit", "processing", "when", "worker")
+    __slots__ = ("culprit", "guessed", "processing", "when", "worker")
 
     def __init__(self, worker: str | None, processing: set, when: float) -> None:
         self.worker = worker
         self.processing = processing  # the keys dask had assigned to the worker
         self.when = when  # time.monotonic() when the event reached this process
         self.culprit: str | None = None
+        self.guessed = False  # no evidence ties a culprit to the worker (a loose one, if any)
 
 
 class _CrashLedger:
@@ -451,6 +456,13 @@ class _CrashLedger:
       real crasher kills another worker and is blamed then (or ends as dask's
       ``KilledWorker``): a fault is still put on one node, one death late.
 
+    A task that kills its worker within milliseconds of starting is never
+    seen to start, so it is never blamed here (dask's ``KilledWorker`` ends
+    it). A death that no started task explains makes the tasks dask had
+    given that worker without their start being seen there ``suspects``; a
+    later death of a worker that dask lists one of them on (not seen to start
+    since) is put down to it too, not to a task that started there.
+
     The executors call it from their scheduler threads, the hub from the
     Client's event loop: a lock guards it.
     """
@@ -463,6 +475,8 @@ class _CrashLedger:
         self.loose: dict[str, float] = {}
         # worker -> the crasher key whose re-run started there
         self.hosts: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # keys on a worker that died of no known cause, not seen starting since
+        self.suspects: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def add(self, key: str) -> None:
         """``key``'s worker died under it: the node failed, its future is being cancelled."""
@@ -492,8 +506,21 @@ class _CrashLedger:
                 self.hosts.popitem(last=False)
             return True
 
+    def suspect(self, keys: list[str]) -> None:
+        """A worker died with ``keys`` on it, no start of theirs seen there, no cause known."""
+        with self._lock:
+            for key in keys:
+                self.suspects[key] = None
+            while len(self.suspects) > CRASHERS_KEPT:
+                self.suspects.popitem(last=False)
+
+    def seen(self, key: str) -> None:
+        """``key`` started (its start event says where) or ended: no longer a suspect."""
+        with self._lock:
+            self.suspects.pop(key, None)
+
     def culprit(self, gone: _Departure) -> str | None:
-        """The known crasher ``gone``'s worker died of, or None (see the class)."""
+        """The known crasher or suspect ``gone``'s worker died of, or None (see the class)."""
         with self._lock:
             if gone.culprit is not None:
                 return gone.culprit
@@ -505,6 +532,9 @@ class _CrashLedger:
                 # again, and may start it once more before the cancel does
                 self.loose[key] = max(self.loose.get(key, 0.0), gone.when + CRASHER_GRACE)
             if key is None:
+                key = next((k for k in gone.processing if k in self.suspects), None)
+            gone.guessed = key is None
+            if key is None:
                 for k, until in list(self.loose.items()):
                     if until < gone.when:
                         del self.loose[k]  # its cancel went through long ago
@@ -512,6 +542,14 @@ class _CrashLedger:
                         key = k
                 if key is not None:
                     del self.loose[key]  # a crasher dies once: this was its unseen death
+            if key is not None:
+                logger.info(
+                    "the dask worker %s died; put down to %s (it killed a worker before, or "
+                    "was on one that died, and dask ran it again): the other tasks that "
+                    "worker started run again",
+                    gone.worker,
+                    key,
+                )
             gone.culprit = key
             return key
 
@@ -770,6 +808,8 @@ class ClusterExecutor:
                 continue
             what = item[0]
             if what == "done":
+                if _ledger.suspects:
+                    _ledger.seen(item[1])
                 done = self._inflight.pop(item[1], None)
                 self._deadlines.discard(item[1])
                 if done is not None:
@@ -1020,6 +1060,8 @@ class ClusterExecutor:
         if flight is None:  # done, timed out, or a crasher dask re-ran before our cancel
             _ledger.started(key, worker)
             return
+        if _ledger.suspects:
+            _ledger.seen(key)
         flight.started = time.monotonic()  # a re-run elsewhere restarts the clock
         if flight.call.timeout is not None:
             self._deadlines.set(key, flight.started + flight.call.timeout)
@@ -1030,17 +1072,22 @@ class ClusterExecutor:
             call.started = min(max(when, flight.submitted), time.time())
 
     def _worker_gone(self, gone: _Departure, cancel: list, crashed: list[str]) -> None:
-        if _ledger.culprit(gone) is not None:
+        worker, processing = gone.worker, gone.processing
+        culprit = _ledger.culprit(gone)
+        if culprit is not None:
             # dask re-ran a task that had already killed a worker (of this compute or
             # an earlier one) here, before the cancel reached it: it killed this one
             # too. A task that started on this worker just before it died may have
             # finished without its report getting out; blaming it would fail a
             # healthy node. dask runs it again.
+            if gone.guessed:  # nothing ties the crasher to this worker
+                self._suspect(gone)
             return
-        worker, processing = gone.worker, gone.processing
+        blamed = False
         for key, flight in list(self._inflight.items()):
             if flight.worker != worker or worker is None or key not in processing:
                 continue
+            blamed = True
             del self._inflight[key]
             self._deadlines.discard(key)
             _ledger.add(key)
@@ -1062,6 +1109,20 @@ class ClusterExecutor:
                     ),
                 )
             )
+        if not blamed:
+            self._suspect(gone)
+
+    def _suspect(self, gone: _Departure) -> None:
+        """No started task explains ``gone``: its tasks not seen starting there become
+        suspects (one may have killed it before its start event got out)."""
+        inflight = self._inflight
+        unseen = [
+            key
+            for key in gone.processing
+            if key in inflight and inflight[key].worker != gone.worker
+        ]
+        if unseen:
+            _ledger.suspect(unseen)
 
     def _check_deadlines(self, cancel: list) -> None:
         for key in self._deadlines.expired(time.monotonic()):
