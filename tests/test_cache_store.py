@@ -515,6 +515,129 @@ def test_a_batched_row_replaced_or_deleted_lets_go_of_its_lock_at_once(tmp_path,
     store.unlock_all()
 
 
+def test_alone_a_miss_is_looked_up_again_only_if_its_key_was_let_go_of_meanwhile(tmp_path):
+    # A process alone in the directory looks a miss up again under its lock only if
+    # this process let go of that key since the first look (its row may be committed
+    # now): changed_since names those keys; a change of mode means any key.
+    store = _cache.CacheStore(tmp_path / "cache")
+    epoch = store.quiet_epoch()
+    assert epoch is not None and store.changed_since(epoch) == frozenset()
+    assert store.rows(["a", "b"]) == {}  # both miss at that epoch
+    # Another run of this process computes "a" meanwhile and lets go of it.
+    assert store.try_lock("a")
+    store.put("a", pickle.dumps(1), {"task": "t"}, release=True)
+    assert store.changed_since(epoch) == frozenset()  # held until its row is committed
+    store.flush()
+    assert store.changed_since(epoch) == frozenset({"a"})  # "b" needs no second look
+    assert store.try_lock("b")
+    store.unlock("b")  # a hit's lock: let go of at once
+    assert store.changed_since(epoch) == frozenset({"a", "b"})
+    later = store.quiet_epoch()
+    assert later is not None and store.changed_since(later) == frozenset()
+    store.unlock_all()  # the run ends: no longer alone
+    assert store.changed_since(later) is None
+    # Too old an epoch: any key.
+    fresh = _cache.CacheStore(tmp_path / "cache")
+    start = fresh.quiet_epoch()
+    assert start is not None
+    for k in range(_cache.LET_GO_KEPT + 1):
+        assert fresh.try_lock(f"k{k}")
+        fresh.unlock(f"k{k}")
+    assert fresh.changed_since(start) is None
+    fresh.unlock_all()
+
+
+WRITER = """
+import sys
+import cloudpickle
+from graphexec._data.cache import CacheStore
+CacheStore(sys.argv[1]).write(sys.argv[2], cloudpickle.dumps(5), [], {"task": "t"})
+"""
+
+
+def test_alone_in_a_new_directory_a_miss_costs_no_query_and_every_write_is_found(
+    tmp_path, monkeypatch
+):
+    # Alone since the directory was empty, only keys this process locked or wrote
+    # can have an entry: others miss without a query (a sweep's first run).
+    cache = tmp_path / "cache"
+    store = _cache.CacheStore(cache)
+    assert store.quiet_epoch() is not None and store._shared.fresh == set()
+    asked: list[int] = []
+    select = _cache._select
+    monkeypatch.setattr(_cache, "_select", lambda n: asked.append(n) or select(n))
+    assert store.rows(["a", "b"]) == {} and asked == []
+    assert store.try_lock("a")
+    # A worker process writes "a" (a large entry) under this process's lock.
+    subprocess.run([sys.executable, "-c", WRITER, str(cache), "a"], check=True, env=ENV, timeout=60)
+    assert set(store.rows(["a", "b"])) == {"a"} and asked == [1]
+    assert store.lookup("a").load() == 5
+    store.put("c", pickle.dumps(6), {"task": "t"})  # without a lock: committed at once
+    assert set(store.rows(["b", "c"])) == {"c"}
+    store.unlock_all()
+    # The next run finds entries there: every key is asked for again.
+    assert store.quiet_epoch() is not None and store._shared.fresh is None
+    asked.clear()
+    assert set(store.rows(["a", "b", "c"])) == {"a", "c"} and asked == [3]
+    store.unlock_all()
+
+
+def test_a_directory_used_once_keeps_no_thread_once_idle(tmp_path, monkeypatch):
+    # Its flusher and syncer exit after IDLE_EXIT s without work (a notebook that
+    # used a hundred directories kept two threads for each), and start again.
+    monkeypatch.setattr(_cache, "IDLE_EXIT", 0.2)
+    monkeypatch.setattr(_cache, "SYNC_DELAY", 0.05)
+    cache = tmp_path / "cache"
+    for rerun in (False, True):
+        graph = gx.Graph()
+        with graph:
+            nodes = [small(i) for i in range(50)]
+        run = graph.compute(workers=2, cache_dir=cache)  # rows batched by the parent
+        assert [run[n] for n in nodes] == [i * 1.5 for i in range(50)]
+        assert run.counts() == {"Cached" if rerun else "Completed": 50}
+        shared = _cache.CacheStore(cache)._shared
+        threads = [t for t in (shared.flusher, shared.syncer) if t is not None]
+        assert shared.flusher is not None or rerun  # the first run batched its rows
+        deadline = time.monotonic() + 10
+        while shared.flusher is not None or shared.syncer is not None:
+            assert time.monotonic() < deadline, "the cache threads never exited"
+            time.sleep(0.05)
+        for thread in threads:
+            thread.join(5)
+            assert not thread.is_alive()
+    assert len(rows(cache)) == 50
+
+
+def test_a_batch_being_committed_stays_visible_to_lookups(tmp_path, monkeypatch):
+    # commit() takes the batch whole ("writing") and a new dict takes the next rows:
+    # a lookup during the commit finds the rows either there or in the database.
+    monkeypatch.setattr(_cache, "BATCH_DELAY_ALONE", 60.0)
+    store = _cache.CacheStore(tmp_path / "cache")
+    shared = store._shared
+    keys = [f"{i:064x}" for i in range(300)]
+    assert all(store.try_lock_many(keys))
+    for key in keys:
+        store.put(key, pickle.dumps(key), {"task": "t"}, release=True)
+    seen: list[int] = []
+    write = shared.write
+
+    def spy(rows):  # inside the commit, before its transaction
+        assert not shared.pending and len(shared.writing) == 300
+        seen.append(len(store.rows(keys)))
+        assert store.has(keys[0])
+        store.unlock(keys[1])  # already releasing: stays locked until committed
+        assert keys[1] in shared.held
+        write(rows)
+
+    store.put("late", pickle.dumps(0), {"task": "t"})  # no lock: committed at once
+    monkeypatch.setattr(shared, "write", spy)
+    store.flush()
+    assert seen == [300]
+    assert not shared.writing and not shared.held  # every lock let go after the commit
+    assert len(store.rows(keys)) == 300
+    store.unlock_all()
+
+
 def test_a_new_database_is_written_whole_through_short_writes(tmp_path, monkeypatch):
     # Review defect 5: os.write's count was not checked (a full disk writes short).
     if not hasattr(sqlite3.Connection, "serialize"):
@@ -610,6 +733,34 @@ def test_no_lock_is_taken_while_more_nodes_hold_locks_than_the_window_allows(tmp
     out: list = []
     gate._lock_and_look(entries, out)
     assert out == [] and list(gate.parked) == entries  # all wait for room
+    store.unlock_all()
+
+
+def test_a_miss_whose_key_was_let_go_of_since_its_lookup_is_looked_up_again(tmp_path):
+    # Alone, the gate skips the second look under the lock for keys nobody let go of
+    # since the first: one that was (another run of this process committed its entry
+    # meanwhile) is looked up again and hits, not computed twice.
+    graph = gx.Graph()
+    with graph:
+        nodes = [small(i) for i in range(2)]
+    store = _cache.CacheStore(tmp_path / "cache")
+    gate = _caching.CacheGate(
+        graph, [None] * len(nodes), store, False, lambda i: None, lambda: None, False
+    )
+    epoch = store.quiet_epoch()
+    assert epoch is not None
+    entries = [(n.index, 1, f"key{n.index}") for n in nodes]
+    assert store.rows([key for _, _, key in entries]) == {}  # the first look: misses
+    other = _cache.CacheStore(tmp_path / "cache")  # another run of this process
+    assert other.try_lock("key0")
+    other.put("key0", pickle.dumps(7), {"task": "small"}, release=True)
+    other.flush()  # committed and let go of
+    gate.keying.update((i, 1) for i, _, _ in entries)
+    out: list = []
+    gate._lock_and_look(entries, out, epoch)
+    verdicts = dict(out)
+    assert verdicts[nodes[0].index].name == "Cached"  # looked up again: found
+    assert verdicts[nodes[1].index] is _caching.RUN_NOW  # not let go of: no second look
     store.unlock_all()
 
 

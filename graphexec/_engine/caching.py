@@ -26,8 +26,8 @@ one query, and taking no lock for a hit, is what makes a cached run of many
 small tasks cost little more than running them, and an all-hits rerun less
 (issue #19; ``docs/howto/caching.md``, "Measured"). A process alone in the
 cache directory (``_data/cache.py``, "Alone") takes its locks in memory and
-skips the second look when nothing of this process was committed or let go
-since the first (``CacheStore.quiet_epoch``): nobody else adds rows then.
+looks again under the lock only at the keys it let go of since the first
+look (``CacheStore.changed_since``): nobody else adds rows then.
 
 Who writes the entry: the worker that computed the value, through
 ``Call.cache`` (``entry()``), except a process-pool worker's small value,
@@ -252,6 +252,8 @@ class CacheGate:
         # this one in: their wait (logged, bounded) starts once it has.
         self._knocking: set[int] = set()
         self.parked: deque[tuple[int, int, str]] = deque()
+        # (key, pickle, meta) of small values finished since store_finished() ran
+        self.finishing: list[tuple[str, bytes, dict]] = []
         self.batch: list[tuple[int, int, str]] = []
         self.refreshed: set[str] = set()
         self.refreshing: set[int] = set()
@@ -370,8 +372,11 @@ class CacheGate:
         entry's lock, within the window, and are looked up again under it (one
         more query for all of them): an entry committed between the two looks is
         found, and a miss under the lock is ours to compute. Parked nodes take
-        the lock first, then look.
+        the lock first, then look. The small values of the nodes finished since
+        are stored first (:meth:`store_finished`).
         """
+        if self.finishing:
+            self.store_finished()
         out: list[tuple[int, Verdict]] = []
         results, keying = self.results, self.keying
         fresh, self.batch = self.batch, []
@@ -403,8 +408,9 @@ class CacheGate:
         store = self.store
         assert store is not None
         keying, keys = self.keying, self.keys
-        # Alone in the directory, and nothing committed meanwhile, a miss needs no
-        # second look under the lock: nobody else adds rows (_data/cache.py, "Alone").
+        # Alone in the directory, a miss needs no second look under the lock unless
+        # this process let go of its key meanwhile: nobody else adds rows
+        # (_data/cache.py, "Alone").
         epoch = store.quiet_epoch()
         refresh = self._refreshes(fresh)
         looked = [key for (_, _, key), r in zip(fresh, refresh) if not r]
@@ -432,8 +438,9 @@ class CacheGate:
         self, entries: list[tuple[int, int, str]], out: list[tuple[int, Verdict]], epoch: Any = None
     ) -> None:
         """Take the locks of these keys (those the window has room for; the others are
-        parked), then look all of them up in one query and decide; not looked up
-        again if ``epoch`` (their lookup's) is still the store's quiet epoch."""
+        parked), then look them up in one query and decide; if they missed at
+        ``epoch`` (a quiet epoch: alone), only the keys let go of since are looked
+        up again."""
         store = self.store
         assert store is not None
         keying, keys = self.keying, self.keys
@@ -450,11 +457,14 @@ class CacheGate:
             wanted.append(key)
         got = store.try_lock_many(wanted)
         refresh = self._refreshes(entries)
-        if epoch is not None and store.quiet_epoch() == epoch:
-            rows: dict[str, Found] = {}  # they missed, and nothing changed since
-        else:
+        # They missed at ``epoch``: alone in the directory, only a key this process
+        # let go of since may have an entry now.
+        changed = store.changed_since(epoch) if epoch is not None else None
+        if changed is None:
             looked = [key for key, r in zip(wanted, refresh) if not r]
-            rows = store.rows(looked) if looked else {}
+        else:
+            looked = [key for key, r in zip(wanted, refresh) if not r and key in changed]
+        rows: dict[str, Found] = store.rows(looked) if looked else {}
         locked_nodes, holders, waiting = self.locked, self.holders, self.lock_waits
         for (i, _, key), r, locked in zip(entries, refresh, got):
             row = None if r else rows.get(key)
@@ -618,22 +628,35 @@ class CacheGate:
                 and not value.segments
                 and len(value.data) <= INLINE_MAX  # not stored_apart(): a small entry
             ):
-                try:
-                    store.put(key, value.data, self._meta(i), release=True)
-                    stored = True
-                except Exception as exc:  # a damaged database: the run goes on
-                    logger.warning(
-                        "%s: result not cached (%s: %s)",
-                        self.graph._names[i],
-                        type(exc).__name__,
-                        safe_str(exc),
-                    )
+                # Stored with the others of this scheduler step (store_finished()):
+                # one hold of the store's mutex for all of them.
+                if not self.finishing:
+                    self.results.append(_NUDGE)  # the scheduler then calls keyed()
+                self.finishing.append((key, value.data, self._meta(i)))
+                stored = True
         if not stored:
             store.unlock(key)
         if completed and i in self.refreshing:
             self.refreshed.add(key)
         if self.parked and not self.results and len(self.locked) <= self._window() // 2:
             self.results.append(_NUDGE)
+
+    def store_finished(self) -> None:
+        """Store the small values of the nodes finished since the last call, and let
+        go of their keys once their rows are committed (``CacheStore.put_many``)."""
+        entries, self.finishing = self.finishing, []
+        if not entries:
+            return
+        store = self.store
+        assert store is not None
+        try:
+            store.put_many(entries)
+        except Exception as exc:  # a damaged database: the run goes on
+            logger.warning(
+                "%d results not cached (%s: %s)", len(entries), type(exc).__name__, safe_str(exc)
+            )
+            for key, _, _ in entries:
+                store.unlock(key)
 
     def entry(self, i: int) -> tuple[str, str, dict]:
         """What the worker of a locked node needs to write its entry (``Call.cache``)."""
