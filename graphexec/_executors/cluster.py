@@ -411,7 +411,7 @@ def _digest(value: Any) -> str:
 # Seconds after a crasher's cancel returned during which a worker death that no
 # other evidence explains is put down to it: a re-run dask started before the
 # cancel reached its worker, and that died before its start event got out, dies
-# within milliseconds of the cancel (48 ms in the run that found the race).
+# within milliseconds of the cancel (48 to 200 ms apart in the runs that showed it).
 CRASHER_GRACE = 2.0
 CRASHERS_KEPT = 1024
 
@@ -419,8 +419,8 @@ CRASHERS_KEPT = 1024
 class _Departure:
     """One worker-removed event, shared by every executor it is given to.
 
-    ``culprit`` is the known crasher the death was put down to; once set it
-    stays, so that the executors judging the same death agree and a crasher's
+    ``culprit`` is the known crasher (or suspect) the death was put down to;
+    once set it stays, so that the executors judging the same death agree and a crasher's
     one possible unseen death (see :class:`_CrashLedger`) is used up once.
     """
 
