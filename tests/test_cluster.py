@@ -507,6 +507,24 @@ def test_a_suspect_seen_starting_is_blamed_for_its_own_crash(ledger, fake):
     assert _blamed(ex.poll(0)) == ["crash"] and "double-h" in ex._inflight
 
 
+def test_a_new_crasher_let_off_by_a_guess_stays_suspect(ledger, fake):
+    """A second crasher that kills its worker within CRASHER_GRACE of the first's
+    cancel is let off (the death is put down to the first); it stays a suspect, so
+    that its re-run, killing another worker before its start event gets out, does
+    not get the healthy task that had finished there failed."""
+    client, executor = fake
+    ex = executor("crash-k", "crash-k2", "double-h")
+    client.started(ex, "crash-k", "tcp://a")
+    client.removed("tcp://a", {"crash-k"})
+    assert _blamed(ex.poll(0)) == ["crash"]
+    client.started(ex, "crash-k2", "tcp://b")
+    client.removed("tcp://b", {"crash-k2"})
+    assert ex.poll(0) == [] and set(ledger.suspects) == {"crash-k2"}
+    client.started(ex, "double-h", "tcp://c")
+    client.removed("tcp://c", {"crash-k2", "double-h"})
+    assert ex.poll(0) == [] and set(ex._inflight) == {"crash-k2", "double-h"}
+
+
 def test_executors_sharing_a_client_agree_on_a_death(ledger, fake):
     """One death, judged by each executor the hub gave it to: the crasher's unseen
     re-run is used up once, and no executor blames its own healthy task."""

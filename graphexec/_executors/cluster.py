@@ -1080,8 +1080,8 @@ class ClusterExecutor:
             # too. A task that started on this worker just before it died may have
             # finished without its report getting out; blaming it would fail a
             # healthy node. dask runs it again.
-            if gone.guessed:  # nothing ties the crasher to this worker
-                self._suspect(gone)
+            if gone.guessed:  # a loose crasher, but nothing ties it to this worker
+                self._suspect(gone, started_there=True)
             return
         blamed = False
         for key, flight in list(self._inflight.items()):
@@ -1110,19 +1110,22 @@ class ClusterExecutor:
                 )
             )
         if not blamed:
-            self._suspect(gone)
+            self._suspect(gone, started_there=False)
 
-    def _suspect(self, gone: _Departure) -> None:
+    def _suspect(self, gone: _Departure, started_there: bool) -> None:
         """No started task explains ``gone``: its tasks not seen starting there become
-        suspects (one may have killed it before its start event got out)."""
+        suspects (one may have killed it before its start event got out), and those
+        that did too when the death was only put down to a loose crasher (a guess:
+        one of them may be a new crasher, blamed by nobody if it killed a worker
+        again)."""
         inflight = self._inflight
-        unseen = [
+        keys = [
             key
             for key in gone.processing
-            if key in inflight and inflight[key].worker != gone.worker
+            if key in inflight and (started_there or inflight[key].worker != gone.worker)
         ]
-        if unseen:
-            _ledger.suspect(unseen)
+        if keys:
+            _ledger.suspect(keys)
 
     def _check_deadlines(self, cancel: list) -> None:
         for key in self._deadlines.expired(time.monotonic()):
