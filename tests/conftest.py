@@ -401,6 +401,14 @@ class _SharedCluster:
     def start(self) -> Any:
         distributed = pytest.importorskip("distributed")
         if self.client is None:
+            # A crashed worker's nanny restarts it, but dask's SpecCluster also
+            # closes a nanny for good when no worker of its name is registered
+            # lost-worker-timeout (15 s) after an earlier death of that name. The
+            # crash tests kill both workers every few seconds (dask re-runs the
+            # crasher before graphexec's cancel lands), so a restart could fall on
+            # that instant and leave the session with no workers: every later
+            # cluster test then timed out.
+            pytest.importorskip("dask").config.set({"distributed.deploy.lost-worker-timeout": "1h"})
             # What test_cluster.py has always used: one thread per worker, so a
             # test can tell which task holds a worker; dashboard_address=":0":
             # no fixed port to collide with another cluster.

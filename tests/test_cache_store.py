@@ -359,7 +359,20 @@ def _alone_and_stopped(cache: Path, key: str) -> subprocess.Popen:
     )
     assert alone.stdout is not None and alone.stdout.readline().strip() == "alone"
     os.kill(alone.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while psutil.Process(alone.pid).status() != psutil.STATUS_STOPPED:  # delivered
+        assert time.monotonic() < deadline, "SIGSTOP did not stop the alone process"
+        time.sleep(0.005)
     return alone
+
+
+def _who(store: _cache._Shared, key: str, alone: subprocess.Popen) -> str:
+    """What a failed assertion needs: who holds ``key`` in the file, the alone
+    process's state."""
+    return (
+        f"{key} held in the file by {store.file_holder(key)}; the alone process "
+        f"{alone.pid} is {psutil.Process(alone.pid).status()}"
+    )
 
 
 def _end(alone: subprocess.Popen) -> str:
@@ -391,7 +404,8 @@ def test_a_newcomer_never_sleeps_for_a_stopped_alone_process_and_goes_ahead_afte
         time.sleep(1.1)  # past JOIN_WAIT since this process knocked
         started = time.monotonic()
         # It went ahead, locking in the file: "theirs" may be computed twice, never wrong.
-        assert store.try_lock_many(["theirs", "mine"]) == [True, True]
+        got = store.try_lock_many(["theirs", "mine"])
+        assert got == [True, True], _who(store._shared, "theirs", alone)
         assert time.monotonic() - started < 0.5
         assert store._shared.mode == _cache._JOINED
         assert store.holder("other") == -1  # the stopped process is still alone

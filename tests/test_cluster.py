@@ -287,30 +287,278 @@ def test_each_dask_task_carries_graphexec_order_as_its_priority(client, monkeypa
         assert all(sent[f"second{i}"] > sent[f"first{j}"] for j in range(i + 1, 4))
 
 
-def test_a_worker_killed_by_a_known_crasher_blames_no_other_node(client):
-    """dask may re-run a task that killed its worker on another worker before the
-    cancel arrives: that death belongs to the crasher, not to a healthy task that
-    started on the second worker just before (its report lost with the worker)."""
-    executor = _cluster.ClusterExecutor(client)
-    try:
-        call = Call(0, "healthy", None, (), None, False, {}, None, 1)
-        flight = _cluster._Flight(call, None, "healthy-key", [], "f")
-        flight.worker = "tcp://second"
-        executor._inflight["healthy-key"] = flight
-        _cluster._crashers["crasher-key"] = None
-        executor._worker_gone("tcp://second", {"crasher-key", "healthy-key"}, [])
-        assert executor._outbox == [] and "healthy-key" in executor._inflight
-        del _cluster._crashers["crasher-key"]
-        cancel: list = []
-        executor._worker_gone("tcp://second", {"healthy-key"}, cancel)
-        ((failed, _, error),) = executor._outbox
-        assert failed is call and type(error) is gx.WorkerCrashed
-        assert "healthy-key" in _cluster._crashers  # its re-runs will not blame others
-        del _cluster._crashers["healthy-key"]
-        executor._outbox.clear()
-    finally:
-        executor._inflight.clear()
-        executor.close()
+# -- attributing a worker's death (issue #14): events fed to the executor, no cluster ------
+
+
+class _FakeFuture:
+    """What the executor reads of a dask Future."""
+
+    def __init__(self, key, status="pending"):
+        self.key = key
+        self.status = status
+        self.type = int
+
+
+class _FakeClient:
+    """Just enough of a distributed.Client for a ClusterExecutor and its hub."""
+
+    def __init__(self):
+        self.id = f"fake-{id(self)}"
+        self._event_handlers = {}
+        self.cancelled = []
+
+    def nthreads(self):
+        return {"tcp://a": 1, "tcp://b": 1, "tcp://c": 1}
+
+    def subscribe_topic(self, topic, handler):
+        self._event_handlers[topic] = handler
+
+    def unsubscribe_topic(self, topic):
+        self._event_handlers.pop(topic, None)
+
+    def cancel(self, futures):
+        self.cancelled.extend(f.key for f in futures)
+
+    def started(self, executor, key, worker):
+        """The event ``_run_remote`` sends when it starts, as the dask scheduler relays it."""
+        self._event_handlers[_cluster.START_TOPIC](
+            (time.time(), {"x": executor.id, "k": key, "t": time.time(), "worker": worker})
+        )
+
+    def removed(self, worker, processing):
+        """The dask scheduler removed ``worker``, which had ``processing`` assigned."""
+        msg = {
+            "action": "remove-worker",
+            "processing-tasks": set(processing),
+            "expected": False,
+            "worker": worker,
+        }
+        self._event_handlers["all"]((time.time(), msg))
+
+
+@pytest.fixture
+def ledger(monkeypatch):
+    """A fresh record of crashers: what earlier tests left must not explain these deaths."""
+    fresh = _cluster._CrashLedger()
+    monkeypatch.setattr(_cluster, "_ledger", fresh)
+    return fresh
+
+
+@pytest.fixture
+def fake():
+    client = _FakeClient()
+    executors = []
+
+    def executor(*keys):
+        """A ClusterExecutor with a call in flight for each key (node i for the i-th key)."""
+        ex = _cluster.ClusterExecutor(client)
+        for node, key in enumerate(keys):
+            call = Call(node, key.split("-")[0], None, (), None, False, {}, None, 1)
+            ex._inflight[key] = _cluster._Flight(call, _FakeFuture(key), key, [], "f")
+        executors.append(ex)
+        return ex
+
+    yield client, executor
+    for ex in executors:
+        ex.close()
+
+
+def _blamed(outcomes):
+    return [
+        call.name
+        for call, status, error in outcomes
+        if status == _cluster.ERROR and type(error) is gx.WorkerCrashed
+    ]
+
+
+def test_a_crashers_rerun_dropped_from_the_scheduler_blames_no_healthy_node(ledger, fake):
+    """The race of issue #14, step by step as the failing run logged it: ``crash``
+    kills worker A and fails; graphexec cancels its future; dask had already given
+    it to worker B, which finished ``double`` (its report not yet out) and started
+    the re-run before the cancel reached it. The scheduler, having processed the
+    cancel, lists only ``double`` in B's tasks when B dies."""
+    client, executor = fake
+    ex = executor("crash-k", "double-h")
+    client.started(ex, "crash-k", "tcp://a")
+    client.started(ex, "double-h", "tcp://b")
+    assert ex.poll(0) == []
+    client.removed("tcp://a", {"crash-k"})
+    outcomes = ex.poll(0)
+    assert _blamed(outcomes) == ["crash"]
+    assert "tcp://a" in str(outcomes[0][2])
+    assert client.cancelled == ["crash-k"]
+    client.removed("tcp://b", {"double-h"})  # the re-run's start event died with B
+    assert ex.poll(0) == []  # put down to the crasher: double-h is not failed
+    assert "double-h" in ex._inflight and client.cancelled == ["crash-k"]
+    # dask runs double-h again elsewhere, and it completes
+    client.started(ex, "double-h", "tcp://c")
+    ex._inflight["double-h"].future.status = "finished"
+    ex._inbox.put(("done", "double-h"))
+    ex._inbox.put(("done", "crash-k"))  # the cancelled future: its node failed already
+    ((call, status, value),) = ex.poll(0)
+    assert (call.name, status, type(value)) == ("double", _cluster.OK, _cluster.Payload)
+    assert ex._inflight == {}
+
+
+def test_a_crashers_rerun_seen_starting_explains_that_workers_death_only(ledger, fake, monkeypatch):
+    """A start event of a failed crasher names the worker its re-run killed, however
+    long after the cancel that worker dies; a death elsewhere is not its."""
+    monkeypatch.setattr(_cluster, "CRASHER_GRACE", -1.0)  # no benefit of the doubt
+    client, executor = fake
+    ex = executor("crash-k", "double-h", "double-i")
+    client.started(ex, "crash-k", "tcp://a")
+    client.started(ex, "double-h", "tcp://b")
+    client.started(ex, "double-i", "tcp://c")
+    client.removed("tcp://a", {"crash-k"})
+    assert _blamed(ex.poll(0)) == ["crash"]
+    client.started(ex, "crash-k", "tcp://b")  # dask re-ran it on B before the cancel
+    client.removed("tcp://b", {"double-h"})
+    assert ex.poll(0) == [] and "double-h" in ex._inflight
+    client.removed("tcp://c", {"double-i"})  # nothing ties this death to the crasher
+    assert _blamed(ex.poll(0)) == ["double"]
+    assert "double-i" not in ex._inflight and "double-h" in ex._inflight
+
+
+def test_a_crasher_still_listed_on_the_dead_worker_blames_no_other_node(ledger, fake):
+    """The scheduler had not processed the cancel yet: it lists the re-run on B."""
+    client, executor = fake
+    ex = executor("crash-k", "double-h")
+    client.started(ex, "crash-k", "tcp://a")
+    client.removed("tcp://a", {"crash-k"})
+    assert _blamed(ex.poll(0)) == ["crash"]
+    client.started(ex, "double-h", "tcp://b")
+    client.removed("tcp://b", {"crash-k", "double-h"})
+    assert ex.poll(0) == [] and "double-h" in ex._inflight
+
+
+def test_an_unseen_rerun_explains_one_death_only(ledger, fake):
+    """Without a start event, a crasher is given at most one death (dask runs a task
+    on one worker at a time), and only one that comes within CRASHER_GRACE of its
+    cancel (next test): a later crash is its own task's."""
+    client, executor = fake
+    ex = executor("crash-k", "double-h", "sink-s")
+    client.started(ex, "crash-k", "tcp://a")
+    client.started(ex, "double-h", "tcp://b")
+    client.removed("tcp://a", {"crash-k"})
+    assert _blamed(ex.poll(0)) == ["crash"]
+    client.removed("tcp://b", {"double-h"})
+    assert ex.poll(0) == []  # within the grace: the crasher's re-run's
+    client.started(ex, "sink-s", "tcp://c")
+    client.removed("tcp://c", {"sink-s"})
+    assert _blamed(ex.poll(0)) == ["sink"]  # the crasher's one unseen death is used up
+    assert list(ledger.loose) == ["sink-s"]
+
+
+def test_an_unseen_rerun_explains_no_death_long_after_its_cancel(ledger, fake, monkeypatch):
+    monkeypatch.setattr(_cluster, "CRASHER_GRACE", -1.0)  # its cancel went through long ago
+    client, executor = fake
+    ex = executor("crash-k", "double-h")
+    client.started(ex, "crash-k", "tcp://a")
+    client.started(ex, "double-h", "tcp://b")
+    client.removed("tcp://a", {"crash-k"})
+    assert _blamed(ex.poll(0)) == ["crash"]
+    client.removed("tcp://b", {"double-h"})
+    assert _blamed(ex.poll(0)) == ["double"]
+    assert list(ledger.loose) == ["double-h"]  # the expired crasher is forgotten
+
+
+def test_an_instant_crasher_never_seen_starting_blames_no_healthy_node(ledger, fake):
+    """A task that kills its worker at once is never seen to start: the first death
+    has no known cause. dask runs it again on a worker that had just finished a
+    healthy task (its report lost with the worker): that death is the suspect's too.
+    The crasher fails once, when dask gives up (KilledWorker); the healthy task runs
+    again and completes."""
+    client, executor = fake
+    ex = executor("exit_now-x", "ok-h")
+    client.removed("tcp://a", {"exit_now-x"})
+    assert ex.poll(0) == [] and set(ledger.suspects) == {"exit_now-x"}
+    client.started(ex, "ok-h", "tcp://b")
+    client.removed("tcp://b", {"exit_now-x", "ok-h"})
+    assert ex.poll(0) == [] and set(ex._inflight) == {"exit_now-x", "ok-h"}
+    client.started(ex, "ok-h", "tcp://c")
+    assert set(ledger.suspects) == {"exit_now-x"}
+    healthy = ex._inflight["ok-h"].future
+    healthy.status = "finished"
+    crasher = ex._inflight["exit_now-x"].future
+    crasher.status = "error"
+    killed = distributed.KilledWorker("exit_now-x", "tcp://d", 3)
+    crasher.exception = lambda: killed
+    ex._inbox.put(("done", "ok-h"))
+    ex._inbox.put(("done", "exit_now-x"))
+    outcomes = {call.name: (status, value) for call, status, value in ex.poll(0)}
+    assert outcomes["ok"][0] == _cluster.OK
+    status, error = outcomes["exit_now"]
+    assert status == _cluster.ERROR and type(error) is gx.WorkerCrashed
+    assert "KilledWorker" in str(error)
+    assert not ledger.suspects
+
+
+def test_a_suspect_seen_starting_is_blamed_for_its_own_crash(ledger, fake):
+    """A suspect seen starting is a plain task again: when the worker it started
+    on dies with it, it is blamed, not let off as a suspect."""
+    client, executor = fake
+    ex = executor("crash-q", "double-h")
+    client.removed("tcp://a", {"crash-q"})  # it died before its start event got out
+    assert ex.poll(0) == [] and set(ledger.suspects) == {"crash-q"}
+    client.started(ex, "crash-q", "tcp://b")  # this time it lived a while
+    client.started(ex, "double-h", "tcp://c")
+    assert ex.poll(0) == [] and not ledger.suspects
+    client.removed("tcp://b", {"crash-q"})
+    assert _blamed(ex.poll(0)) == ["crash"] and "double-h" in ex._inflight
+
+
+def test_a_new_crasher_let_off_by_a_guess_stays_suspect(ledger, fake):
+    """A second crasher that kills its worker within CRASHER_GRACE of the first's
+    cancel is let off (the death is put down to the first); it stays a suspect, so
+    that its re-run, killing another worker before its start event gets out, does
+    not get the healthy task that had finished there failed."""
+    client, executor = fake
+    ex = executor("crash-k", "crash-k2", "double-h")
+    client.started(ex, "crash-k", "tcp://a")
+    client.removed("tcp://a", {"crash-k"})
+    assert _blamed(ex.poll(0)) == ["crash"]
+    client.started(ex, "crash-k2", "tcp://b")
+    client.removed("tcp://b", {"crash-k2"})
+    assert ex.poll(0) == [] and set(ledger.suspects) == {"crash-k2"}
+    client.started(ex, "double-h", "tcp://c")
+    client.removed("tcp://c", {"crash-k2", "double-h"})
+    assert ex.poll(0) == [] and set(ex._inflight) == {"crash-k2", "double-h"}
+
+
+def test_executors_sharing_a_client_agree_on_a_death(ledger, fake):
+    """One death, judged by each executor the hub gave it to: the crasher's unseen
+    re-run is used up once, and no executor blames its own healthy task."""
+    client, executor = fake
+    first = executor("crash-k")
+    second = executor("double-h", "sink-s")
+    client.started(first, "crash-k", "tcp://a")
+    client.started(second, "double-h", "tcp://b")
+    client.removed("tcp://a", {"crash-k"})
+    assert _blamed(first.poll(0)) == ["crash"] and second.poll(0) == []
+    client.removed("tcp://b", {"double-h"})
+    assert first.poll(0) == [] and second.poll(0) == []
+    assert "double-h" in second._inflight
+    client.started(second, "sink-s", "tcp://c")
+    client.removed("tcp://c", {"sink-s"})
+    assert first.poll(0) == [] and _blamed(second.poll(0)) == ["sink"]
+
+
+def test_a_rerun_after_its_compute_ended_still_explains_the_death(ledger, fake, monkeypatch):
+    """The crasher's executor closed (its compute ended) before the re-run's start
+    event came: the hub records it, and the next compute's task is not blamed."""
+    monkeypatch.setattr(_cluster, "CRASHER_GRACE", -1.0)
+    client, executor = fake
+    first = executor("crash-k")
+    second = executor("double-h")  # keeps the hub (and its subscriptions) alive
+    client.started(first, "crash-k", "tcp://a")
+    client.removed("tcp://a", {"crash-k"})
+    assert _blamed(first.poll(0)) == ["crash"]
+    second.poll(0)
+    first.close()
+    client.started(first, "crash-k", "tcp://b")
+    client.started(second, "double-h", "tcp://b")
+    client.removed("tcp://b", {"double-h"})
+    assert second.poll(0) == [] and "double-h" in second._inflight
 
 
 # -- skip, allow_failure, return_state ------------------------------------------------------

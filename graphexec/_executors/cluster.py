@@ -47,6 +47,10 @@ Failures
       ``distributed.scheduler.allowed-failures`` times). A crash too quick
       for its start event ends as dask's ``KilledWorker`` once dask gives
       up; that too becomes a ``WorkerCrashed`` that says what happened.
+      Such a re-run kills its new worker too, often before the cancel
+      reaches it; the tasks that worker had started may have finished
+      without their report getting out. That death is put down to the
+      crasher, never to them (dask runs them again): :class:`_CrashLedger`.
     * Arguments or a function that do not pickle fail their node here with
       ``SerializationError``; a result that does not pickle fails on the
       worker (it is test-pickled there, large buffers aside, since the value
@@ -404,6 +408,154 @@ def _digest(value: Any) -> str:
 
 # -- events from the cluster ---------------------------------------------------------------
 
+# Seconds after a crasher's cancel returned during which a worker death that no
+# other evidence explains is put down to it: a re-run dask started before the
+# cancel reached its worker, and that died before its start event got out, dies
+# within milliseconds of the cancel (48 to 200 ms apart in the runs that showed it).
+CRASHER_GRACE = 2.0
+CRASHERS_KEPT = 1024
+
+
+class _Departure:
+    """One worker-removed event, shared by every executor it is given to.
+
+    ``culprit`` is the known crasher (or suspect) the death was put down to;
+    once set it stays, so that the executors judging the same death agree and a crasher's
+    one possible unseen death (see :class:`_CrashLedger`) is used up once.
+    """
+
+    __slots__ = ("culprit", "guessed", "processing", "when", "worker")
+
+    def __init__(self, worker: str | None, processing: set, when: float) -> None:
+        self.worker = worker
+        self.processing = processing  # the keys dask had assigned to the worker
+        self.when = when  # time.monotonic() when the event reached this process
+        self.culprit: str | None = None
+        self.guessed = False  # no evidence ties a culprit to the worker (a loose one, if any)
+
+
+class _CrashLedger:
+    """Tasks failed because their dask worker died, for every executor of this process.
+
+    dask re-runs a dead worker's tasks on other workers at once; graphexec
+    cancels a crasher's future when it fails the node, but a re-run may start
+    before the cancel reaches its new worker and kill that worker too, even
+    after the compute ended. A later death is the crasher's when
+
+    * the worker-removed event lists the crasher among the worker's tasks
+      (the dask scheduler had not processed the cancel yet), or
+    * the crasher's start event came from that worker (``hosts``), or
+    * neither, because the scheduler processed the cancel (and dropped the
+      key from the worker's tasks) while the worker had already started the
+      re-run, which killed it before its start event got out. Then nothing
+      says where it ran: until ``CRASHER_GRACE`` after its cancel returned,
+      a crasher not seen since is ``loose``, and the first death in that time
+      is put down to it, once. Blaming instead the task that started there
+      last would fail a healthy node whose result was lost with the worker
+      (issue #14); dask runs that task again. If that guess was wrong, the
+      real crasher kills another worker and is blamed then (or ends as dask's
+      ``KilledWorker``): a fault is still put on one node, one death late.
+
+    A task that kills its worker within milliseconds of starting is never
+    seen to start, so it is never blamed here (dask's ``KilledWorker`` ends
+    it). A death that no started task explains makes the tasks dask had
+    given that worker without their start being seen there ``suspects``; a
+    later death of a worker that dask lists one of them on (not seen to start
+    since) is put down to it too, not to a task that started there.
+
+    The executors call it from their scheduler threads, the hub from the
+    Client's event loop: a lock guards it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.keys: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # crasher key -> time.monotonic() until which an unseen re-run may kill a
+        # worker (infinite until its cancel returned)
+        self.loose: dict[str, float] = {}
+        # worker -> the crasher key whose re-run started there
+        self.hosts: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # keys on a worker that died of no known cause, not seen starting since
+        self.suspects: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def add(self, key: str) -> None:
+        """``key``'s worker died under it: the node failed, its future is being cancelled."""
+        with self._lock:
+            self.keys[key] = None
+            if len(self.keys) > CRASHERS_KEPT:
+                gone, _ = self.keys.popitem(last=False)
+                self.loose.pop(gone, None)
+            self.loose[key] = float("inf")
+
+    def cancelled(self, keys: list[str], now: float) -> None:
+        """The cancel of these crashers returned (the scheduler has processed it)."""
+        with self._lock:
+            for key in keys:
+                if self.loose.get(key) == float("inf"):
+                    self.loose[key] = now + CRASHER_GRACE
+
+    def started(self, key: str, worker: str | None) -> bool:
+        """A start event for a key no executor runs: a crasher's re-run, if it is one."""
+        with self._lock:
+            if key not in self.keys or worker is None:
+                return False
+            self.loose.pop(key, None)  # it is on ``worker`` now, nowhere else
+            self.hosts.pop(worker, None)
+            self.hosts[worker] = key
+            if len(self.hosts) > CRASHERS_KEPT:
+                self.hosts.popitem(last=False)
+            return True
+
+    def suspect(self, keys: list[str]) -> None:
+        """A worker died with ``keys`` on it, no start of theirs seen there, no cause known."""
+        with self._lock:
+            for key in keys:
+                self.suspects[key] = None
+            while len(self.suspects) > CRASHERS_KEPT:
+                self.suspects.popitem(last=False)
+
+    def seen(self, key: str) -> None:
+        """``key`` started (its start event says where) or ended: no longer a suspect."""
+        with self._lock:
+            self.suspects.pop(key, None)
+
+    def culprit(self, gone: _Departure) -> str | None:
+        """The known crasher or suspect ``gone``'s worker died of, or None (see the class)."""
+        with self._lock:
+            if gone.culprit is not None:
+                return gone.culprit
+            key = self.hosts.pop(gone.worker, None) if gone.worker is not None else None
+            if key is None:
+                key = next((k for k in gone.processing if k in self.keys), None)
+            if key is not None and key in gone.processing:
+                # the cancel had not reached the scheduler: dask queues the crasher
+                # again, and may start it once more before the cancel does
+                self.loose[key] = max(self.loose.get(key, 0.0), gone.when + CRASHER_GRACE)
+            if key is None:
+                key = next((k for k in gone.processing if k in self.suspects), None)
+            gone.guessed = key is None
+            if key is None:
+                for k, until in list(self.loose.items()):
+                    if until < gone.when:
+                        del self.loose[k]  # its cancel went through long ago
+                    elif key is None:
+                        key = k
+                if key is not None:
+                    del self.loose[key]  # a crasher dies once: this was its unseen death
+            if key is not None:
+                logger.info(
+                    "the dask worker %s died; put down to %s (it killed a worker before, or "
+                    "was on one that died, and dask ran it again): the other tasks that "
+                    "worker started run again",
+                    gone.worker,
+                    key,
+                )
+            gone.culprit = key
+            return key
+
+
+_ledger = _CrashLedger()
+
 
 class _Hub:
     """One per Client while executors use it: routes the cluster's events to them.
@@ -440,7 +592,9 @@ class _Hub:
     def _on_start(self, event: Any) -> None:
         msg = event[1]
         executor = self.executors.get(msg.get("x"))
-        if executor is None:
+        if executor is None:  # its compute ended; a crasher's re-run still counts
+            if "d" not in msg:
+                _ledger.started(msg.get("k"), msg.get("worker"))
             return
         if "d" in msg:
             executor._inbox.put(("digest", msg["k"], msg["d"]))
@@ -454,9 +608,11 @@ class _Hub:
             and msg.get("action") == "remove-worker"
             and not msg.get("expected")
         ):
-            processing = set(msg.get("processing-tasks") or ())
+            gone = _Departure(
+                msg.get("worker"), set(msg.get("processing-tasks") or ()), time.monotonic()
+            )
             for executor in list(self.executors.values()):
-                executor._inbox.put(("gone", msg.get("worker"), processing))
+                executor._inbox.put(("gone", gone))
         if self._previous is not None:  # someone else's handler for "all" keeps working
             return self._previous(event)
         return None
@@ -514,12 +670,6 @@ class _Flight:
 
 
 _executor_ids = itertools.count(1)
-
-# Keys of tasks failed because their worker died, for every executor of this process:
-# dask may re-run such a task elsewhere before the cancel arrives, even after its
-# compute ended (see ClusterExecutor._worker_gone).
-_crashers: collections.OrderedDict[str, None] = collections.OrderedDict()
-CRASHERS_KEPT = 1024
 
 
 class ClusterExecutor:
@@ -652,11 +802,14 @@ class ClusterExecutor:
         except queue.Empty:
             pass
         cancel: list[Any] = []
+        crashed: list[str] = []
         for item in items:
             if item is None:  # wakeup()
                 continue
             what = item[0]
             if what == "done":
+                if _ledger.suspects:
+                    _ledger.seen(item[1])
                 done = self._inflight.pop(item[1], None)
                 self._deadlines.discard(item[1])
                 if done is not None:
@@ -668,10 +821,12 @@ class ClusterExecutor:
                 if hashed is not None:
                     hashed.digest = item[2]
             elif what == "gone":
-                self._worker_gone(item[1], item[2], cancel)
+                self._worker_gone(item[1], cancel, crashed)
         self._check_deadlines(cancel)
         if cancel:
             self._cancel(cancel)
+        if crashed:  # the scheduler has their cancel: see _CrashLedger
+            _ledger.cancelled(crashed, time.monotonic())
         outcomes, self._outbox = self._outbox, []
         return outcomes
 
@@ -686,6 +841,20 @@ class ClusterExecutor:
         if flights:
             self._cancel([f.future for f in flights])
         return [f.call for f in flights]
+
+    def _drain(self) -> None:
+        """Events left in the inbox at close: only a crasher's re-run or death still matters."""
+        try:
+            while True:
+                item = self._inbox.get_nowait()
+                if item is None:
+                    continue
+                if item[0] == "start":
+                    _ledger.started(item[1], item[2])
+                elif item[0] == "gone":
+                    _ledger.culprit(item[1])
+        except queue.Empty:
+            pass
 
     def open(self, run: Any) -> None:
         """Bind to ``run``: its lifetime bounds that of the values it keeps here."""
@@ -707,6 +876,7 @@ class ClusterExecutor:
         if self._inflight:
             self.cancel_running()
         _leave_hub(self.client, self)
+        self._drain()
         self._outbox = []
         self._functions.clear()
         refs = [data for data, _ in self._held.values()]
@@ -887,8 +1057,11 @@ class ClusterExecutor:
 
     def _started(self, key: str, worker: str | None, when: float | None) -> None:
         flight = self._inflight.get(key)
-        if flight is None:
+        if flight is None:  # done, timed out, or a crasher dask re-ran before our cancel
+            _ledger.started(key, worker)
             return
+        if _ledger.suspects:
+            _ledger.seen(key)
         flight.started = time.monotonic()  # a re-run elsewhere restarts the clock
         if flight.call.timeout is not None:
             self._deadlines.set(key, flight.started + flight.call.timeout)
@@ -898,22 +1071,27 @@ class ClusterExecutor:
         if when is not None:
             call.started = min(max(when, flight.submitted), time.time())
 
-    def _worker_gone(self, worker: str | None, processing: set, cancel: list) -> None:
-        if not processing.isdisjoint(_crashers):
+    def _worker_gone(self, gone: _Departure, cancel: list, crashed: list[str]) -> None:
+        worker, processing = gone.worker, gone.processing
+        culprit = _ledger.culprit(gone)
+        if culprit is not None:
             # dask re-ran a task that had already killed a worker (of this compute or
             # an earlier one) here, before the cancel reached it: it killed this one
             # too. A task that started on this worker just before it died may have
             # finished without its report getting out; blaming it would fail a
             # healthy node. dask runs it again.
+            if gone.guessed:  # a loose crasher, but nothing ties it to this worker
+                self._suspect(gone, started_there=True)
             return
+        blamed = False
         for key, flight in list(self._inflight.items()):
             if flight.worker != worker or worker is None or key not in processing:
                 continue
+            blamed = True
             del self._inflight[key]
             self._deadlines.discard(key)
-            _crashers[key] = None
-            if len(_crashers) > CRASHERS_KEPT:
-                _crashers.popitem(last=False)
+            _ledger.add(key)
+            crashed.append(key)
             cancel.append(flight.future)  # dask may have started it again elsewhere
             call = flight.call
             call.finished = max(time.time(), call.started)
@@ -931,6 +1109,23 @@ class ClusterExecutor:
                     ),
                 )
             )
+        if not blamed:
+            self._suspect(gone, started_there=False)
+
+    def _suspect(self, gone: _Departure, started_there: bool) -> None:
+        """No started task explains ``gone``: its tasks not seen starting there become
+        suspects (one may have killed it before its start event got out), and those
+        that did too when the death was only put down to a loose crasher (a guess:
+        one of them may be a new crasher, blamed by nobody if it killed a worker
+        again)."""
+        inflight = self._inflight
+        keys = [
+            key
+            for key in gone.processing
+            if key in inflight and (started_there or inflight[key].worker != gone.worker)
+        ]
+        if keys:
+            _ledger.suspect(keys)
 
     def _check_deadlines(self, cancel: list) -> None:
         for key in self._deadlines.expired(time.monotonic()):
