@@ -778,6 +778,100 @@ def test_a_miss_whose_key_was_let_go_of_since_its_lookup_is_looked_up_again(tmp_
     store.unlock_all()
 
 
+@gx.task(cache=True)
+def halved(i):
+    return i / 2
+
+
+@pytest.mark.timeout(60)
+def test_a_value_finished_just_before_ctrl_c_is_still_stored(pool, tmp_path, monkeypatch):
+    # Review defect 1: CacheGate.finished() only appends a process-pool worker's
+    # small value to ``finishing``; it is stored at the next keyed(). A Ctrl-C (or any
+    # exception) between the two: compute() cancels, unlock_all() lets go of the
+    # key, and the completed node's value is never stored. Before, put() batched
+    # it at once and unlock_all() committed it.
+    real = _caching.CacheGate.finished
+    done: list[str] = []
+
+    def finished_then_ctrl_c(self, i, completed):
+        real(self, i, completed)
+        if completed and not done:
+            done.append(self.keys[i])
+            raise KeyboardInterrupt  # Ctrl-C arriving right after this node finished
+
+    monkeypatch.setattr(_caching.CacheGate, "finished", finished_then_ctrl_c)
+    cache = tmp_path / "cache"
+    graph = gx.Graph()
+    with graph:
+        [halved(i) for i in range(4)]
+    with pytest.raises(KeyboardInterrupt):
+        graph.compute(pool=pool, cache_dir=cache)
+    assert done
+    shared = _cache.CacheStore(cache)._shared
+    assert not shared.held  # its lock was let go of (no leak here)
+    assert done[0] in rows(cache), "the completed node's value was dropped"
+
+
+def test_a_commit_interrupted_keeps_its_batch(tmp_path, monkeypatch):
+    # Review defect 3: commit() moves the batch out of ``pending`` before writing it;
+    # a KeyboardInterrupt in write() (the end-of-run commit in unlock_all(), on the
+    # main thread; a second Ctrl-C, or the first arriving there) drops the batch for
+    # good: no later commit (the flusher, atexit's _commit_all, the next run) has it,
+    # ``writing`` keeps serving it to this process's lookups although it is in no
+    # database, and its keys stay locked until some later commit. Before, the rows
+    # stayed in ``pending`` and the flusher committed them within BATCH_DELAY.
+    monkeypatch.setattr(_cache, "BATCH_DELAY_ALONE", 60.0)  # only flush() commits
+    cache = tmp_path / "cache"
+    store = _cache.CacheStore(cache)
+    shared = store._shared
+    assert store.try_lock("k")
+    store.put("k", pickle.dumps(1), {"task": "t"}, release=True)
+    real = _cache._Shared.write
+
+    def interrupted(self, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_cache._Shared, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.flush()
+    monkeypatch.setattr(_cache._Shared, "write", real)
+    store.flush()  # what the flusher, atexit or the next run would do
+    try:
+        assert "k" in rows(cache), "the interrupted batch was lost"
+        assert not getattr(shared, "writing", {}), "a lost batch still serves lookups"
+    finally:
+        store.unlock_all()
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_inside_put_many_leaks_no_lock(pool, tmp_path, monkeypatch):
+    # Review defect 2 (a pattern older than put_many, whose window it widened):
+    # put_many() takes each key out of the run's locks while it builds the rows, and
+    # hands them to enqueue_many() after the loop; a Ctrl-C in between (or an
+    # Exception: store_finished()'s handler then unlocks keys the store no longer
+    # lists) leaves those keys in ``_Shared.held`` for good: unlock_all() does not
+    # know them, leave() then returns early, the process stays alone (flusher never
+    # exits), and a later run with the same key waits LOCK_WAIT (600 s) for
+    # "this process (another compute)". put() had the same pattern per key.
+    def ctrl_c(self, rows):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_cache._Shared, "enqueue_many", ctrl_c)
+    cache = tmp_path / "cache"
+    graph = gx.Graph()
+    with graph:
+        [halved(i) for i in range(4)]
+    with pytest.raises(KeyboardInterrupt):
+        graph.compute(pool=pool, cache_dir=cache)
+    shared = _cache.CacheStore(cache)._shared
+    try:
+        assert not shared.held, f"locks never let go of: {sorted(shared.held)}"
+        assert shared.mode == _cache._OUT  # the run ended: left the directory
+    finally:
+        shared.held.clear()
+        shared.leave()
+
+
 # -- the old layout and damage ---------------------------------------------------------
 
 

@@ -598,6 +598,14 @@ class _Shared:
                 try:
                     self.write(list(batch.values()))
                     self._written()
+                except (KeyboardInterrupt, SystemExit):
+                    # Not committed, and not given up on: the batch goes back (rows
+                    # batched meanwhile are newer) for the next commit.
+                    with self.mutex:
+                        self.writing = {}
+                        for key, row in batch.items():
+                            self.pending.setdefault(key, row)
+                    raise
                 except Exception as exc:  # a full disk, a damaged database: not cached
                     logger.warning(
                         "%d cache entries not written to %s (%s: %s); their nodes will be "
@@ -1394,8 +1402,8 @@ class CacheStore:
             row = (key, str(meta.get("task", "?")), clock(), meta.get("expires"), len(data),
                    None, data)  # fmt: skip
             if release and key in self._locks:
-                self._locks.discard(key)
                 shared.enqueue(row, release=True)
+                self._locks.discard(key)  # only now: see put_many
                 return
             shared.enqueue(row)
         else:
@@ -1414,13 +1422,15 @@ class CacheStore:
         rows: list[Row] = []
         for key, data, meta in entries:
             if key in held and key in locks:
-                locks.discard(key)
                 rows.append((key, str(meta.get("task", "?")), now, meta.get("expires"),
                              len(data), None, data))  # fmt: skip
             else:  # not this run's lock (an unusual path): as one put
                 self.put(key, data, meta, release=True)
         if rows:
             shared.enqueue_many(rows)
+            # Only now: interrupted before, unlock_all() still lets go of these keys
+            # (after, unlock() finds their rows batched and waits for them).
+            locks.difference_update([row[0] for row in rows])
 
     def write(self, key: str, data: bytes, buffers: list[memoryview], meta: dict) -> None:
         """Write a large entry: its file atomically (temp file, fsync, rename), then its

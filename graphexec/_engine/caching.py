@@ -674,7 +674,10 @@ class CacheGate:
         return meta
 
     def cancel(self) -> None:
-        """The run is cancelled: nothing waits for a key or a lock any more."""
+        """The run is cancelled: nothing waits for a key or a lock any more. The values
+        of nodes that finished are stored still (their lock is let go of with them)."""
+        if self.finishing:
+            self.store_finished()
         self.keying.clear()
         self.lock_waits.clear()
         self._knocking.clear()
