@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 import weakref
+from typing import Any
 
 import psutil
 import pytest
@@ -675,51 +676,70 @@ def thresholds(_=None):
     return gc.get_threshold()
 
 
+def _seeing(record: list, then: Any = None) -> Any:
+    """A cache_key_fn that notes the thresholds in this process during the run (it
+    runs here, beside the scheduler), does ``then``, and caches nothing."""
+
+    def key(context: Any, arguments: Any) -> None:
+        record.append(gc.get_threshold())
+        if then is not None:
+            then()
+
+    return key
+
+
 @pytest.mark.skipif(sys.version_info >= (3, 14), reason="an incremental collector: no change")
-def test_full_collections_wait_while_the_scheduler_runs_and_the_program_keeps_its_settings():
-    graph = gx.Graph()
-    with graph:
-        seen = thresholds()
+def test_full_collections_wait_while_the_scheduler_runs_and_the_program_keeps_its_settings(
+    pool, tmp_path, monkeypatch
+):
+    seen: list = []
+
+    def during(then: Any = None) -> tuple[int, int, int]:
+        graph = gx.Graph()
+        with graph:
+            thresholds.with_options(cache_key_fn=_seeing(seen, then))()
+        graph.compute(pool=pool, cache_dir=tmp_path)
+        return seen.pop()
+
     program = gc.get_threshold()
     try:
         gc.set_threshold(500, 5, 7)
-        during = graph.compute(scheduler="sync")[seen]
-        assert during[:2] == (500, 5) and during[2] > 1_000_000  # young ones go on
+        noted = during()
+        assert noted[:2] == (500, 5) and noted[2] > 1_000_000  # young ones go on
         assert gc.get_threshold() == (500, 5, 7)
         # A collector the program disabled, or whose automatic collection it turned
         # off, is left alone.
         gc.disable()
         try:
-            assert graph.compute(scheduler="sync")[seen] == (500, 5, 7)
+            assert during() == (500, 5, 7)
         finally:
             gc.enable()
         gc.set_threshold(0, 5, 7)
-        assert graph.compute(scheduler="sync")[seen] == (0, 5, 7)
+        assert during() == (0, 5, 7)
         # A threshold set during the run stays as the program set it.
-        with graph:
-            setter = set_thresholds(seen)
         gc.set_threshold(500, 5, 7)
-        graph.compute(setter, scheduler="sync")
+        during(lambda: gc.set_threshold(400, 4, 4))
         assert gc.get_threshold() == (400, 4, 4)
         # A run interrupted (Ctrl-C) gives it back too.
         gc.set_threshold(500, 5, 7)
-        with graph:
-            stop = interrupt()
-        with pytest.raises(KeyboardInterrupt):
-            graph.compute(stop, scheduler="sync")
+
+        def ctrl_c(self: Any, idle_ok: bool) -> None:
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Scheduler, "_step", ctrl_c)
+            with pytest.raises(KeyboardInterrupt):
+                during()
         assert gc.get_threshold() == (500, 5, 7)
+        # Calls that run in this process (sync, threads): their garbage is this
+        # process's, and nothing is changed.
+        graph = gx.Graph()
+        with graph:
+            seen_in_task = thresholds()
+        for scheduler in ("sync", "threads"):
+            assert graph.compute(scheduler=scheduler)[seen_in_task] == (500, 5, 7)
     finally:
         gc.set_threshold(*program)
-
-
-@gx.task
-def set_thresholds(_):
-    gc.set_threshold(400, 4, 4)
-
-
-@gx.task
-def interrupt():
-    raise KeyboardInterrupt
 
 
 @pytest.mark.skipif(

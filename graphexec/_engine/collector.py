@@ -21,7 +21,11 @@ the end the program's threshold comes back, and the full collection the
 run's growth calls for happens once, afterwards, instead of every time the
 heap grew by a quarter. It is the same bargain ``with graph:`` makes for a
 build (``_model/graph.py`` pauses the whole collector there), narrowed to
-full collections because a run, unlike a build, may last hours.
+full collections because a run, unlike a build, may last hours. And only when
+the calls run in other processes (``Capabilities.in_process`` false): tasks
+run by the ``sync`` or ``threads`` executor make their garbage here, and a
+cycle of theirs that lived long enough to reach the oldest generation must
+not wait for the end of an overnight run.
 
 The program keeps the last word: nothing changes if its collector is off or
 its youngest threshold is 0 (no automatic collection), and a threshold it

@@ -274,8 +274,13 @@ class Scheduler:
         if self.observer is not None:
             self.observer.started(self.run_)
         # No full collection while the loop runs: each would walk the whole heap
-        # and find nothing (see collector.py); young collections go on.
-        collector.pause_full_collections()
+        # and find nothing (see collector.py); young collections go on. Not when
+        # the calls run in this process: a task's own garbage (cycles that lived
+        # long enough to reach the oldest generation) must not wait hours for the
+        # end of an overnight run.
+        pause = not self.executor.capabilities.in_process
+        if pause:
+            collector.pause_full_collections()
         try:
             for i in self.run_.members:
                 if self.waiting[i] == 0 and self.states[i] is None:
@@ -285,7 +290,10 @@ class Scheduler:
             while self.done < self.n_members:
                 self._step(idle_ok=False)
         finally:
-            collector.resume_full_collections()
+            if pause:
+                collector.resume_full_collections()
+            # Values finished in the last step, if it was cut short: stored still.
+            self.gate.store_finished()
 
     def serve(self, session: Any) -> None:
         """Run nodes as a :class:`Session` submits them, until it closes (eager mode).
