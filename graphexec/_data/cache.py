@@ -1218,13 +1218,14 @@ class CacheStore:
         # has no entry (``_Shared.fresh``); a stale set (this process no longer
         # alone) only makes a miss, which its lock's second look settles.
         fresh = shared.fresh
+        if fresh is not None:  # a key batched or being written is in ``fresh`` too
+            keys = [key for key in keys if key in fresh]
         for key in keys:
             row = pending.get(key) if pending else None
             if row is None and writing:
                 row = writing.get(key)
             if row is None:
-                if fresh is None or key in fresh:
-                    ask.append(key)
+                ask.append(key)
             else:
                 crc = row[5] if row[5] is not None else _crc(key, row[6] or b"")
                 found[key] = (row[3], crc, row[6])
