@@ -5,17 +5,22 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 import weakref
+from typing import Any
 
 import psutil
 import pytest
 
 import graphexec as gx
+from graphexec._engine import collector
+from graphexec._engine.caching import CacheGate
+from graphexec._engine.scheduler import Scheduler
 
 ALL_SCHEDULERS = ("processes", "sync", "threads")
 
@@ -615,3 +620,146 @@ def test_long_chain_runs_and_skips_without_recursion():
     assert run[good] == 20_001
     assert len(run.skipped) == 20_000
     assert run.state(node).upstream == "explode-0"
+
+
+# -- the garbage collector during a run (#14, docs/dispatch.md "Round four") --------
+
+
+def test_a_node_done_at_its_first_try_has_its_attempt_in_its_history():
+    graph = gx.Graph()
+    with graph:
+        node = plus(1)
+    before = time.time()
+    for scheduler in ALL_SCHEDULERS:
+        state = graph.compute(scheduler=scheduler, workers=1).state(node)
+        assert state.attempts == 1
+        (attempt,) = state.history
+        assert state.history[0] is attempt  # made once, then kept
+        assert attempt.number == 1 and attempt.error is None and attempt.retry_delay is None
+        assert before <= attempt.started <= attempt.finished <= time.time()
+        assert state.started == attempt.started and state.finished == attempt.finished
+        assert attempt.worker is not None
+        # a State that crossed a process boundary (return_state, run.save) keeps it
+        (again,) = pickle.loads(pickle.dumps(state)).history
+        assert again.number == 1
+        assert (again.started, again.finished) == (attempt.started, attempt.finished)
+    assert gx.State("Skipped", "x").attempts == 0 and gx.State("Skipped", "x").history == []
+
+
+@pytest.mark.parametrize("scheduler", ALL_SCHEDULERS)
+def test_a_run_leaves_no_cycle_behind(scheduler):
+    """Its scheduler's per-node lists go when compute() returns, not at some later
+    full collection."""
+    graph = gx.Graph()
+    with graph:
+        layer = [plus(j) for j in range(10)]
+        for _ in range(3):
+            layer = [plus(layer[j], layer[(j + 1) % 10]) for j in range(10)]
+
+    def schedulers():  # (an eager session an earlier test left open may hold its own)
+        return {id(o): o for o in gc.get_objects() if type(o) in (Scheduler, CacheGate)}
+
+    gc.collect()
+    gc.disable()
+    try:
+        earlier = schedulers()
+        run = graph.compute(scheduler=scheduler, workers=1)
+        assert run.counts() == {"Completed": 40}
+        left = [o for k, o in schedulers().items() if k not in earlier]
+        assert left == []
+    finally:
+        gc.enable()
+
+
+@gx.task
+def thresholds(_=None):
+    return gc.get_threshold()
+
+
+def _seeing(record: list, then: Any = None) -> Any:
+    """A cache_key_fn that notes the thresholds in this process during the run (it
+    runs here, beside the scheduler), does ``then``, and caches nothing."""
+
+    def key(context: Any, arguments: Any) -> None:
+        record.append(gc.get_threshold())
+        if then is not None:
+            then()
+
+    return key
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 14), reason="an incremental collector: no change")
+def test_full_collections_wait_while_the_scheduler_runs_and_the_program_keeps_its_settings(
+    pool, tmp_path, monkeypatch
+):
+    seen: list = []
+
+    def during(then: Any = None) -> tuple[int, int, int]:
+        graph = gx.Graph()
+        with graph:
+            thresholds.with_options(cache_key_fn=_seeing(seen, then))()
+        graph.compute(pool=pool, cache_dir=tmp_path)
+        return seen.pop()
+
+    program = gc.get_threshold()
+    try:
+        gc.set_threshold(500, 5, 7)
+        noted = during()
+        assert noted[:2] == (500, 5) and noted[2] > 1_000_000  # young ones go on
+        assert gc.get_threshold() == (500, 5, 7)
+        # A collector the program disabled, or whose automatic collection it turned
+        # off, is left alone.
+        gc.disable()
+        try:
+            assert during() == (500, 5, 7)
+        finally:
+            gc.enable()
+        gc.set_threshold(0, 5, 7)
+        assert during() == (0, 5, 7)
+        # A threshold set during the run stays as the program set it.
+        gc.set_threshold(500, 5, 7)
+        during(lambda: gc.set_threshold(400, 4, 4))
+        assert gc.get_threshold() == (400, 4, 4)
+        # A run interrupted (Ctrl-C) gives it back too.
+        gc.set_threshold(500, 5, 7)
+
+        def ctrl_c(self: Any, idle_ok: bool) -> None:
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Scheduler, "_step", ctrl_c)
+            with pytest.raises(KeyboardInterrupt):
+                during()
+        assert gc.get_threshold() == (500, 5, 7)
+        # Calls that run in this process (sync, threads): their garbage is this
+        # process's, and nothing is changed.
+        graph = gx.Graph()
+        with graph:
+            seen_in_task = thresholds()
+        for scheduler in ("sync", "threads"):
+            assert graph.compute(scheduler=scheduler)[seen_in_task] == (500, 5, 7)
+    finally:
+        gc.set_threshold(*program)
+
+
+@pytest.mark.skipif(
+    sys.version_info >= (3, 14) or not hasattr(os, "fork"), reason="no change, or no fork"
+)
+def test_a_process_forked_during_a_run_has_the_programs_thresholds():
+    """A worker (or zygote) forked while full collections wait lives on after the run."""
+    program = gc.get_threshold()
+    read, write = os.pipe()
+    collector.pause_full_collections()
+    try:
+        assert gc.get_threshold()[2] > 1_000_000
+        pid = os.fork()
+        if pid == 0:  # the child: report its thresholds and leave at once
+            os.write(write, repr(gc.get_threshold()).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+    finally:
+        collector.resume_full_collections()
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        assert pipe.read() == repr(program)
+    assert gc.get_threshold() == program

@@ -44,7 +44,7 @@ class ChainHost(Protocol):
 
     locked: set[int]
     uses: list[int]
-    dependents: list[list[int] | None]
+    dependents: list[list[int] | tuple[int, ...] | None]
     states: list[State | None]
     waiting: list[int]
     chained: dict[int, Call]

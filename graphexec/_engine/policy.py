@@ -164,7 +164,7 @@ def _state(states: list[State | None], i: int) -> State:
 
 def on_failure(
     graph: Graph,
-    dependents: list[list[int] | None],
+    dependents: list[list[int] | tuple[int, ...] | None],
     handled: set[int],
     i: int,
     watching: bool,

@@ -26,8 +26,8 @@ calls sent behind a call to the same worker (:func:`~.chains.build_chain`).
 State (all owned by the scheduler thread; ``i`` is an integer node id, lists
 are sized to the graph):
 
-``order[i]``       i's position in the run's priority order (heap tie break)
-``member[i]``      1 if i takes part in this run (a bytearray)
+``order[i]``       i's position in the run's priority order (heap tie break; an array)
+``member[i]``      1 if i takes part in this run (the Run's bytearray)
 ``n_members``      how many nodes take part; ``done``: how many are final
 ``waiting[i]``     upstream nodes of i not yet in a final state
 ``dependents[i]``  nodes of this run that depend on i (None: none)
@@ -86,9 +86,11 @@ stay remote (a dask cluster) and a flow's values are loaded when read;
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import time
+from array import array
 from typing import Any
 
 from .._data.cache import CacheStore
@@ -110,12 +112,25 @@ from .._model.state import (
     Attempt,
     State,
 )
+from . import collector
 from .caching import KEYING, LOCK_POLL, RUN_NOW, WAIT, CacheGate, Verdict
 from .chains import build_chain, unchain
 from .keep import keep_failed
 from .policy import RUNS_WHEN_CLEAN, Resolution, on_failure, resolve
 
 logger = logging.getLogger("graphexec")
+
+
+def value_for_dependent(graph: Graph, states: list[State | None], up: int) -> Any:
+    """What a dependent of final node ``up`` receives: its State (``return_state``),
+    its value, or its exception."""
+    state = states[up]
+    assert state is not None  # an upstream is final before its dependent runs
+    if graph._opts[up].return_state:
+        return state
+    if state.is_completed():
+        return state._value
+    return state.exception
 
 
 class Scheduler:
@@ -141,11 +156,15 @@ class Scheduler:
         n = len(graph._deps)
         self.n_members = len(run.members)
         self.done = 0
-        self.order = [0] * n
-        self.member = bytearray(n)
+        # machine integers: a list would hold an int object per node (32 bytes)
+        self.order = array("q", (0,)) * n
+        self.member = run._member  # (the Run marked its members)
         self.waiting = [0] * n
         self.uses = [0] * n
-        self.dependents: list[list[int] | None] = [None] * n
+        # lists while nodes are linked (built below as lists: Any); run() makes
+        # them tuples (see there)
+        linked: list[Any] = [None] * n
+        self.dependents: list[list[int] | tuple[int, ...] | None] = linked
         self.states = run._states
         self.history: dict[int, list[Attempt]] = {}
         self.root: dict[int, int] = {}
@@ -171,6 +190,10 @@ class Scheduler:
         self._task_caps: dict[int, int] = {}
         # (id(fn), count) -> the function wrapped for the task option inner_threads=
         self._limited: dict[tuple[int, int], ThreadLimited] = {}
+        # What a dependent of a node receives. Not a bound method: the gate would
+        # then refer back to this scheduler, and the cycle would keep its lists
+        # (a few per node) alive after the run until a full collection (#14).
+        self._value_for_dependent = functools.partial(value_for_dependent, graph, self.states)
         # Keys are hashed on a thread of the gate's unless calls run in this
         # thread anyway (sync): then nothing runs meanwhile that could be delayed.
         self.gate = CacheGate(
@@ -193,11 +216,10 @@ class Scheduler:
 
         # _link for every member, inlined: this loop runs once per node.
         deps, flags = graph._deps, graph._flags
-        order, member, waiting = self.order, self.member, self.waiting
-        dependents, uses = self.dependents, self.uses
+        order, waiting = self.order, self.waiting
+        dependents, uses = linked, self.uses
         for pos, i in enumerate(run.members):
             order[i] = pos
-            member[i] = 1
             ups = deps[i]
             if not ups:
                 continue
@@ -228,8 +250,10 @@ class Scheduler:
             lst = self.dependents[up]
             if lst is None:
                 self.dependents[up] = [i]
-            else:
+            elif isinstance(lst, list):
                 lst.append(i)
+            else:  # (admit() links nodes, and run() never admits: not reached)
+                self.dependents[up] = (*lst, i)
             if fl is None or fl[k] & DATA:
                 self.uses[up] += 1
 
@@ -240,15 +264,36 @@ class Scheduler:
         # Remote values (a cluster) stay where they are until read: loading
         # them here would fetch each one on this thread.
         self.load_kept = not self.executor.capabilities.remote_values
+        # Every member is linked: each node's dependents become a tuple of ints,
+        # which the garbage collector stops tracking (a list it walks in every full
+        # collection while the run lasts, one per node), and 8-16 bytes smaller.
+        dependents = self.dependents
+        for up, lst in enumerate(dependents):
+            if lst is not None:
+                dependents[up] = tuple(lst)
         if self.observer is not None:
             self.observer.started(self.run_)
-        for i in self.run_.members:
-            if self.waiting[i] == 0 and self.states[i] is None:
-                cached = self._become_ready(i)
-                if cached is not None:
-                    self._finish(i, cached)
-        while self.done < self.n_members:
-            self._step(idle_ok=False)
+        # No full collection while the loop runs: each would walk the whole heap
+        # and find nothing (see collector.py); young collections go on. Not when
+        # the calls run in this process: a task's own garbage (cycles that lived
+        # long enough to reach the oldest generation) must not wait hours for the
+        # end of an overnight run.
+        pause = not self.executor.capabilities.in_process
+        if pause:
+            collector.pause_full_collections()
+        try:
+            for i in self.run_.members:
+                if self.waiting[i] == 0 and self.states[i] is None:
+                    cached = self._become_ready(i)
+                    if cached is not None:
+                        self._finish(i, cached)
+            while self.done < self.n_members:
+                self._step(idle_ok=False)
+        finally:
+            if pause:
+                collector.resume_full_collections()
+            # Values finished in the last step, if it was cut short: stored still.
+            self.gate.store_finished()
 
     def serve(self, session: Any) -> None:
         """Run nodes as a :class:`Session` submits them, until it closes (eager mode).
@@ -304,8 +349,7 @@ class Scheduler:
             self.states.extend([None] * extra)
         run = self.run_
         run.members.append(i)
-        run._member_set.add(i)
-        self.member[i] = 1
+        self.member[i] = 1  # (the Run's: extended above)
         self.order[i] = self.n_members
         self.n_members += 1
         self._link(i)
@@ -499,15 +543,6 @@ class Scheduler:
             wrapper = self._limited[key] = ThreadLimited(fn, threads)
         return wrapper
 
-    def _value_for_dependent(self, up: int) -> Any:
-        state = self.states[up]
-        assert state is not None  # an upstream is final before its dependent runs
-        if self.graph._opts[up].return_state:
-            return state
-        if state.is_completed():
-            return state._value
-        return state.exception
-
     # -- outcomes -------------------------------------------------------------
 
     def _on_outcome(self, call: Call, kind: int, value: Any) -> None:
@@ -561,17 +596,21 @@ class Scheduler:
         error = None if kind == OK else value
         if kind == OK and self.load_kept and type(value) is Payload and i in self.kept:
             error = self._unloadable(i, value)
-        attempt = Attempt(call.number, call.started, call.finished, call.worker, error)
         name = self.graph._names[i]
         if error is None:
             # Final: the state keeps the attempts (earlier ones only if it was retried).
             history = self.history.pop(i, None)
             if history is None:
-                history = [attempt]
+                # The first try: its numbers only, the Attempt and its list are made
+                # if someone reads state.history (fewer objects for the collector).
+                state = State(COMPLETED, name, value)
+                state._attempt = (call.number, call.started, call.finished, call.worker)
             else:
-                history.append(attempt)
-            self._finish(i, State(COMPLETED, name, value, None, history))
+                history.append(Attempt(call.number, call.started, call.finished, call.worker, None))
+                state = State(COMPLETED, name, value, None, history)
+            self._finish(i, state)
             return
+        attempt = Attempt(call.number, call.started, call.finished, call.worker, error)
         history = self.history.setdefault(i, [])
         history.append(attempt)
         opts = self.graph._opts[i]

@@ -236,6 +236,8 @@ class Capabilities(NamedTuple):
         isolates: it runs a call with ``Call.isolate`` in a fresh worker process
             that is discarded afterwards (the task option ``isolate=True``); the
             scheduler refuses such a node on an executor without it.
+        in_process: calls run in this process (its threads): their garbage is
+            this process's, so the scheduler leaves its garbage collector alone.
     """
 
     kills_calls: bool = False
@@ -244,6 +246,7 @@ class Capabilities(NamedTuple):
     remote_values: bool = False
     in_caller_thread: bool = False
     isolates: bool = False
+    in_process: bool = False
 
 
 class Executor(Protocol):

@@ -52,7 +52,11 @@ class Run:
     def __init__(self, graph: Graph, members: list[int], kept: Container[int]) -> None:
         self.graph = graph
         self.members = members
-        self._member_set = set(members)
+        # 1 at each member's index: a byte a node (a set of them took 32-40), and
+        # the scheduler's own (it extends it as an eager session admits nodes)
+        member = self._member = bytearray(len(graph._deps))
+        for i in members:
+            member[i] = 1
         self._kept = kept
         self._states: list[State | None] = [None] * len(graph._deps)
         self._handled: set[int] = set()
@@ -116,7 +120,8 @@ class Run:
         )
 
     def _has(self, i: int) -> bool:
-        return i in self._member_set
+        member = self._member
+        return i < len(member) and member[i] == 1
 
     def state(self, node: Node | str) -> State:
         """The node's :class:`State` in this run.

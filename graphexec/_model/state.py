@@ -89,7 +89,22 @@ class State:
         message: one line saying what happened.
     """
 
-    __slots__ = ("_value", "exception", "history", "message", "name", "node", "upstream")
+    # ``history`` is a property over two slots: ``_history``, the list once made,
+    # and ``_attempt``, the fields of a node's only attempt while nobody has read
+    # it. The scheduler records a node that completed at its first try without
+    # an Attempt and a list: that is two objects fewer per node for the garbage
+    # collector to walk (their numbers are in a tuple of atomic values, which
+    # the collector stops tracking). See docs/dispatch.md, "Round four".
+    __slots__ = (
+        "_attempt",
+        "_history",
+        "_value",
+        "exception",
+        "message",
+        "name",
+        "node",
+        "upstream",
+    )
 
     def __init__(
         self,
@@ -105,9 +120,30 @@ class State:
         self.node = node
         self._value = value
         self.exception = exception
-        self.history = history if history is not None else []
+        self._history = history  # None: made when first read (see history)
+        # (number, started, finished, worker) of the only attempt, which ended
+        # without an error, while _history is None (the scheduler sets it)
+        self._attempt: tuple[int, float, float, Any] | None = None
         self.upstream = upstream
         self.message = message
+
+    @property
+    def history(self) -> list[Attempt]:
+        """The :class:`Attempt` records, oldest first."""
+        history = self._history
+        if history is None:
+            once = self._attempt
+            if once is None:
+                history = self._history = []
+            else:
+                history = self._history = [Attempt(once[0], once[1], once[2], once[3], None)]
+                self._attempt = None
+        return history
+
+    @history.setter
+    def history(self, history: list[Attempt]) -> None:
+        self._history = history
+        self._attempt = None
 
     # -- predicates (Prefect's names) ----------------------------------------
 
@@ -148,7 +184,9 @@ class State:
     @property
     def attempts(self) -> int:
         """Number of attempts that ran (0 if the node never ran)."""
-        return len(self.history)
+        if self._history is None:
+            return 0 if self._attempt is None else 1
+        return len(self._history)
 
     @property
     def duration(self) -> float:

@@ -244,16 +244,21 @@ def hook_wait() -> float:
 
 
 def _copy(state: State) -> State:
-    # (the history list is the scheduler's, and grows with the next attempt)
-    return State(
+    # (the history list is the scheduler's, and grows with the next attempt; a
+    # first try's numbers, not yet made into a list, are a tuple: shared as is)
+    history = state._history
+    copy = State(
         state.name,
         state.node,
         state._value,
         state.exception,
-        list(state.history),
+        None if history is None else list(history),
         state.upstream,
         state.message,
     )
+    if history is None:
+        copy._attempt = state._attempt
+    return copy
 
 
 _START, _NODE_START, _RETRY, _FINISH, _END, _BARRIER = range(6)
