@@ -561,6 +561,79 @@ def test_a_rerun_after_its_compute_ended_still_explains_the_death(ledger, fake, 
     assert second.poll(0) == [] and "double-h" in second._inflight
 
 
+def _lost_on_b(client, ex):
+    """``crash`` kills worker A and fails; ``nap`` finishes on B, and B dies (the
+    crasher's re-run) before graphexec reads the outcome: dask reports nap's future
+    lost (its key was in memory on B, not processing there) and computes it again."""
+    client.started(ex, "crash-k", "tcp://a")
+    client.started(ex, "nap-h", "tcp://b")
+    client.removed("tcp://a", {"crash-k"})
+    assert _blamed(ex.poll(0)) == ["crash"]
+    ex._inflight["nap-h"].future.status = "lost"
+    ex._inbox.put(("done", "nap-h"))  # the done callback fired, the result is gone
+    client.removed("tcp://b", set())
+    assert ex.poll(0) == []  # waits for dask's recompute
+    assert "nap-h" in ex._inflight and ex._lost == {"nap-h"}
+
+
+def test_a_result_lost_with_its_worker_is_read_once_dask_computed_it_again(ledger, fake):
+    """Issue #14: a finished task whose worker another task's crash killed before
+    its outcome was read is not failed; its node completes with dask's recompute."""
+    client, executor = fake
+    ex = executor("crash-k", "nap-h")
+    _lost_on_b(client, ex)
+    client.started(ex, "nap-h", "tcp://c")  # the recompute
+    assert ex.poll(0) == [] and "nap-h" in ex._inflight
+    ex._inflight["nap-h"].future.status = "finished"  # no second done callback comes
+    began = time.monotonic()
+    ((call, status, value),) = ex.poll(5.0)  # poll looks at lost futures again itself
+    assert time.monotonic() - began < 1.0
+    assert (call.name, status, type(value)) == ("nap", _cluster.OK, _cluster.Payload)
+    assert ex._inflight == {} and not ex._lost
+    assert client.cancelled == ["crash-k"]  # the crasher failed once, nothing else
+
+
+def test_a_lost_result_dask_forgot_fails_its_node_with_a_clear_message(ledger, fake):
+    """dask could not compute the lost value again (it forgot the key: its future
+    is cancelled): the node fails, once, saying so."""
+    client, executor = fake
+    ex = executor("crash-k", "nap-h")
+    _lost_on_b(client, ex)
+    ex._inflight["nap-h"].future.status = "cancelled"
+    ((call, status, error),) = ex.poll(5.0)
+    assert (call.name, status, type(error)) == ("nap", _cluster.ERROR, gx.WorkerCrashed)
+    assert "died before graphexec read it" in str(error) and "forgot" in str(error)
+    assert ex._inflight == {} and not ex._lost
+    assert ex.poll(0) == []
+
+
+def test_a_lost_results_recompute_follows_the_crash_rules(ledger, fake):
+    """The recompute is a run like any other: when dask gives up on it (its own
+    crashes, KilledWorker) the node fails once; a worker death while it runs is
+    put on it only as any running task's would be."""
+    client, executor = fake
+    ex = executor("crash-k", "nap-h")
+    _lost_on_b(client, ex)
+    client.started(ex, "nap-h", "tcp://c")
+    future = ex._inflight["nap-h"].future
+    future.status = "error"
+    killed = distributed.KilledWorker("nap-h", "tcp://c", 3)
+    future.exception = lambda: killed
+    outcomes = ex.poll(5.0)
+    assert _blamed(outcomes) == ["nap"] and "KilledWorker" in str(outcomes[0][2])
+    assert ex._inflight == {} and not ex._lost
+    second = executor("crash-k2", "nap-i")
+    client.started(second, "crash-k2", "tcp://a")
+    client.started(second, "nap-i", "tcp://b")
+    second._inflight["nap-i"].future.status = "lost"
+    second._inbox.put(("done", "nap-i"))
+    assert second.poll(0) == []
+    client.started(second, "nap-i", "tcp://c")  # its recompute runs on C, which dies
+    client.removed("tcp://c", {"nap-i"})  # crash-k's one unseen death was B's
+    assert _blamed(second.poll(0)) == ["nap"]  # nothing else explains that death
+    assert not second._lost and "crash-k2" in second._inflight
+
+
 # -- skip, allow_failure, return_state ------------------------------------------------------
 
 

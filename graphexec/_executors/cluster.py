@@ -51,6 +51,11 @@ Failures
       reaches it; the tasks that worker had started may have finished
       without their report getting out. That death is put down to the
       crasher, never to them (dask runs them again): :class:`_CrashLedger`.
+    * A task finished, but its worker died (killed by another task) before
+      graphexec read the outcome: dask reports the future "lost" and
+      computes it again. The node waits for that (its outcome is read once
+      dask has it), and fails only if the recompute fails or dask forgot the
+      task (its future is then cancelled); see ``_LOST``.
     * Arguments or a function that do not pickle fail their node here with
       ``SerializationError``; a result that does not pickle fails on the
       worker (it is test-pickled there, large buffers aside, since the value
@@ -142,6 +147,13 @@ START_TOPIC = "graphexec-start"  # events of _run_remote: started on a worker, r
 # compute hands dask at once (a million-node graph).
 CALLS_PER_THREAD = 32
 NTHREADS_REFRESH = 2.0  # seconds between looks at the cluster's size while it is full
+# dask Future statuses of a call dask computes again: "lost" (the worker holding its
+# result died; dask recomputes it while it knows the key, then reports it finished,
+# erred, or cancelled if it forgot it) or "pending" (retried). No done callback
+# fires for that (dask fires one per future): ``poll`` looks at such futures again
+# every LOST_POLL seconds. Rare: it takes a worker dying with a result not yet read.
+_LOST = ("lost", "pending")
+LOST_POLL = 0.05
 SCATTER_BYTES = 1 << 20  # pickles this large (functions, arguments) are scattered, not
 #                         sent through the dask scheduler inside the task's message
 
@@ -652,6 +664,7 @@ class _Flight:
         "future",
         "inputs",
         "key",
+        "lost",
         "started",
         "submitted",
         "worker",
@@ -667,6 +680,7 @@ class _Flight:
         self.started: float | None = None  # time.monotonic() of its start event
         self.worker: str | None = None
         self.digest: str | None = None
+        self.lost = False  # dask lost its result with a worker: see _LOST
 
 
 _executor_ids = itertools.count(1)
@@ -690,6 +704,7 @@ class ClusterExecutor:
         self._run: Any = None
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._inflight: dict[str, _Flight] = {}  # dask key -> the call in flight
+        self._lost: set[str] = set()  # keys in flight whose result dask computes again
         self._deadlines = Deadlines()  # dask key -> when its timeout runs out (from its start)
         self._outbox: list[tuple[Call, int, Any]] = []
         self._functions: dict[int, tuple[Any, str, Any]] = {}  # id(fn) -> (fn, fn id, blob)
@@ -791,6 +806,8 @@ class ClusterExecutor:
         if self._outbox:
             timeout = 0.0
         wait = self._deadlines.wait(timeout, time.monotonic())
+        if self._lost:
+            wait = LOST_POLL if wait is None else min(wait, LOST_POLL)
         items = []
         try:
             if wait is not None and wait <= 0:
@@ -810,10 +827,10 @@ class ClusterExecutor:
             if what == "done":
                 if _ledger.suspects:
                     _ledger.seen(item[1])
-                done = self._inflight.pop(item[1], None)
+                done = self._inflight.get(item[1])
                 self._deadlines.discard(item[1])
                 if done is not None:
-                    self._outbox.append(self._outcome(done))
+                    self._finish(done)
             elif what == "start":
                 self._started(*item[1:])
             elif what == "digest":
@@ -822,6 +839,8 @@ class ClusterExecutor:
                     hashed.digest = item[2]
             elif what == "gone":
                 self._worker_gone(item[1], cancel, crashed)
+        if self._lost:
+            self._check_lost()
         self._check_deadlines(cancel)
         if cancel:
             self._cancel(cancel)
@@ -837,6 +856,7 @@ class ClusterExecutor:
     def cancel_running(self) -> list[Call]:
         flights = list(self._inflight.values())
         self._inflight.clear()
+        self._lost.clear()
         self._deadlines.clear()
         if flights:
             self._cancel([f.future for f in flights])
@@ -974,6 +994,29 @@ class ClusterExecutor:
 
     # -- outcomes -------------------------------------------------------------
 
+    def _finish(self, flight: _Flight) -> None:
+        """``flight``'s future is done, or was lost with its worker (then dask computes
+        it again: it stays in flight, with no deadline until its re-run starts)."""
+        if flight.future.status in _LOST:
+            flight.lost = True
+            self._lost.add(flight.key)
+            return
+        del self._inflight[flight.key]
+        self._outbox.append(self._outcome(flight))
+
+    def _check_lost(self) -> None:
+        """Lost futures that dask computed again (or gave up on) end now."""
+        for key in list(self._lost):
+            flight = self._inflight.get(key)
+            if flight is None:  # failed meanwhile: its re-run's worker died, or timed out
+                self._lost.discard(key)
+            elif flight.future.status not in _LOST:
+                self._lost.discard(key)
+                self._deadlines.discard(key)
+                if _ledger.suspects:
+                    _ledger.seen(key)
+                self._finish(flight)
+
     def _outcome(self, flight: _Flight) -> tuple[Call, int, Any]:
         call, future = flight.call, flight.future
         now = time.time()
@@ -994,6 +1037,18 @@ class ClusterExecutor:
             return call, OK, handle
         if status == "error":
             return call, ERROR, self._dask_error(flight)
+        if flight.lost:
+            return (
+                call,
+                ERROR,
+                WorkerCrashed(
+                    f"the dask worker holding the result of {call.name} died before graphexec "
+                    f"read it, and dask did not compute it again (its future is {status}): the "
+                    "dask scheduler forgot the task (an input it needs was lost too, or the "
+                    "task was cancelled). Only this node failed",
+                    node=call.name,
+                ),
+            )
         return (
             call,
             ERROR,
