@@ -783,6 +783,18 @@ def halved(i):
     return i / 2
 
 
+def _interrupted_sweep(pool: gx.Pool, tmp_path: Path) -> Path:
+    """Four cached nodes computed into a new directory, until a KeyboardInterrupt
+    (the caller's patch raises it); the directory."""
+    cache = tmp_path / "cache"
+    graph = gx.Graph()
+    with graph:
+        [halved(i) for i in range(4)]
+    with pytest.raises(KeyboardInterrupt):
+        graph.compute(pool=pool, cache_dir=cache)
+    return cache
+
+
 @pytest.mark.timeout(60)
 def test_a_value_finished_just_before_ctrl_c_is_still_stored(pool, tmp_path, monkeypatch):
     # Review defect 1: CacheGate.finished() only appends a process-pool worker's
@@ -800,12 +812,7 @@ def test_a_value_finished_just_before_ctrl_c_is_still_stored(pool, tmp_path, mon
             raise KeyboardInterrupt  # Ctrl-C arriving right after this node finished
 
     monkeypatch.setattr(_caching.CacheGate, "finished", finished_then_ctrl_c)
-    cache = tmp_path / "cache"
-    graph = gx.Graph()
-    with graph:
-        [halved(i) for i in range(4)]
-    with pytest.raises(KeyboardInterrupt):
-        graph.compute(pool=pool, cache_dir=cache)
+    cache = _interrupted_sweep(pool, tmp_path)
     assert done
     shared = _cache.CacheStore(cache)._shared
     assert not shared.held  # its lock was let go of (no leak here)
@@ -857,12 +864,7 @@ def test_ctrl_c_inside_put_many_leaks_no_lock(pool, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(_cache._Shared, "enqueue_many", ctrl_c)
-    cache = tmp_path / "cache"
-    graph = gx.Graph()
-    with graph:
-        [halved(i) for i in range(4)]
-    with pytest.raises(KeyboardInterrupt):
-        graph.compute(pool=pool, cache_dir=cache)
+    cache = _interrupted_sweep(pool, tmp_path)
     shared = _cache.CacheStore(cache)._shared
     try:
         assert not shared.held, f"locks never let go of: {sorted(shared.held)}"
