@@ -29,6 +29,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import numpy as np
@@ -729,18 +730,25 @@ def test_a_run_holds_at_most_window_locks_and_commits_before_it_returns(
     assert len(rows(cache)) == 40  # committed: another process sees them all now
 
 
+def _gate_of(n: int, tmp_path: Path) -> tuple[list[gx.Node], Any, Any]:
+    """n cached nodes, a store in a new directory, and a gate of theirs (driven by
+    hand, without a scheduler)."""
+    graph = gx.Graph()
+    with graph:
+        nodes = [small(i) for i in range(n)]
+    store = _cache.CacheStore(tmp_path / "cache")
+    gate = _caching.CacheGate(
+        graph, [None] * len(nodes), store, False, lambda i: None, lambda: None, False
+    )
+    return nodes, store, gate
+
+
 def test_no_lock_is_taken_while_more_nodes_hold_locks_than_the_window_allows(tmp_path, monkeypatch):
     # Review defect 4: once a newcomer shrinks the window (WINDOW_ALONE to WINDOW),
     # more nodes than it allows may hold locks; a negative room then locked the first
     # entries and parked only the last ones.
     monkeypatch.setattr(_caching, "WINDOW_ALONE", 4)
-    graph = gx.Graph()
-    with graph:
-        nodes = [small(i) for i in range(8)]
-    store = _cache.CacheStore(tmp_path / "cache")
-    gate = _caching.CacheGate(
-        graph, [None] * len(nodes), store, False, lambda i: None, lambda: None, False
-    )
+    nodes, store, gate = _gate_of(8, tmp_path)
     gate.locked.update(range(100, 110))  # ten nodes holding locks: six too many
     entries = [(n.index, 1, f"key{n.index}") for n in nodes]
     gate.keying.update((i, 1) for i, _, _ in entries)
@@ -754,13 +762,7 @@ def test_a_miss_whose_key_was_let_go_of_since_its_lookup_is_looked_up_again(tmp_
     # Alone, the gate skips the second look under the lock for keys nobody let go of
     # since the first: one that was (another run of this process committed its entry
     # meanwhile) is looked up again and hits, not computed twice.
-    graph = gx.Graph()
-    with graph:
-        nodes = [small(i) for i in range(2)]
-    store = _cache.CacheStore(tmp_path / "cache")
-    gate = _caching.CacheGate(
-        graph, [None] * len(nodes), store, False, lambda i: None, lambda: None, False
-    )
+    nodes, store, gate = _gate_of(2, tmp_path)
     epoch = store.quiet_epoch()
     assert epoch is not None
     entries = [(n.index, 1, f"key{n.index}") for n in nodes]
