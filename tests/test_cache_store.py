@@ -301,19 +301,24 @@ print(store.try_lock(sys.argv[2]), store.holder(sys.argv[2]), time.monotonic() -
 
 
 @pytest.mark.timeout(60)
+def _newcomer(cache: Path, key: str) -> subprocess.CompletedProcess:
+    """Run NEWCOMER, another process that tries ``key``'s lock in ``cache``."""
+    return subprocess.run(
+        [sys.executable, "-c", NEWCOMER, str(cache), key],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
+
+
 def test_a_process_alone_keeps_its_locks_in_memory_and_yields_them_to_a_newcomer(tmp_path):
     cache = tmp_path / "cache"
     store = _cache.CacheStore(cache)
     shared = store._shared
     assert store.try_lock("mine")
     assert shared.mode == _cache._ALONE and shared.held["mine"] == -1  # not in the file
-    newcomer = subprocess.run(
-        [sys.executable, "-c", NEWCOMER, str(cache), "mine"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=60,
-    )
+    newcomer = _newcomer(cache, "mine")
     assert newcomer.returncode == 0, newcomer.stderr
     # It waited for this process to put its lock in the file (not JOIN_WAIT: then it
     # would have gone ahead), then saw it taken, by us.
@@ -324,13 +329,7 @@ def test_a_process_alone_keeps_its_locks_in_memory_and_yields_them_to_a_newcomer
     assert shared.mode == _cache._OUT and not shared.present and not shared.held
     # Alone again (the newcomer is gone), with a flusher that was idle: it watches again.
     assert store.try_lock("mine") and shared.mode == _cache._ALONE
-    again = subprocess.run(
-        [sys.executable, "-c", NEWCOMER, str(cache), "mine"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=60,
-    )
+    again = _newcomer(cache, "mine")
     assert again.stdout.split()[:2] == ["False", str(os.getpid())], again.stderr
     assert float(again.stdout.split()[2]) < _cache.JOIN_WAIT
     store.unlock_all()
@@ -496,13 +495,7 @@ def test_a_yield_commits_the_batch_first_so_only_running_nodes_locks_go_in_the_f
         to_yield()
 
     monkeypatch.setattr(shared, "_yield", spy)
-    newcomer = subprocess.run(
-        [sys.executable, "-c", NEWCOMER, str(cache), "other"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=60,
-    )
+    newcomer = _newcomer(cache, "other")
     assert newcomer.returncode == 0, newcomer.stderr
     assert put_in_file == [500]  # the running nodes' locks only (3,000 before)
     assert shared.mode == _cache._JOINED and not shared.pending
