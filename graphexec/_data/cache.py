@@ -712,6 +712,15 @@ class _Shared:
                 with self.committing:
                     self.conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    def write_now(self, row: Row) -> None:
+        """Commit one row at once (a large entry's, or one without this process's
+        lock). Its key joins ``fresh``: batched rows' keys are there from their lock."""
+        fresh = self.fresh
+        if fresh is not None:
+            fresh.add(row[0])
+        with self.committing:
+            self.write([row])
+
     def write(self, rows: list[Row]) -> None:
         """Insert (or replace) rows in one transaction, now.
 
@@ -720,9 +729,6 @@ class _Shared:
         taken back the scheduler's thread is made to hand it over.
         """
         rows = sorted(rows)  # SQLite inserts keys in order with fewer page visits
-        fresh = self.fresh
-        if fresh is not None:  # rows written without this process's lock: known too
-            fresh.update([row[0] for row in rows])
         conn = self.conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -1410,8 +1416,7 @@ class CacheStore:
         else:
             row = (key, str(meta.get("task", "?")), clock(), meta.get("expires"), len(data),
                    _crc(key, data), data)  # fmt: skip
-            with shared.committing:
-                shared.write([row])
+            shared.write_now(row)
         if release:
             self.unlock(key)
 
@@ -1486,8 +1491,7 @@ class CacheStore:
             # an older batched row must not replace this one
             release = shared.pending.pop(key, None) is not None and shared._unbatch(key)
         try:
-            with shared.committing:
-                shared.write([row])
+            shared.write_now(row)
         finally:
             if release:
                 with shared.mutex:
