@@ -1000,9 +1000,12 @@ def test_a_batch_is_on_disk_within_sync_delay_and_when_compute_returns(tmp_path,
     # the same, deterministically: every row committed by the flusher, then the end
     assert store.try_lock("late")
     store.put("late", cloudpickle.dumps(2), {"task": "t", "expires": None})
-    while "late" not in rows(cache):
+    deadline = time.monotonic() + 10
+    # committed, in the WAL, not yet on disk (the flusher notes it just after the
+    # commit, which another connection may see first)
+    while "late" not in rows(cache) or not shared.unsynced.is_set():
+        assert time.monotonic() < deadline, "the late row was never committed unsynced"
         time.sleep(0.01)
-    assert shared.unsynced.is_set()  # committed, in the WAL, not yet on disk
     store.unlock_all()
     assert not shared.unsynced.is_set()
 
