@@ -523,35 +523,45 @@ def test_a_batched_row_replaced_or_deleted_lets_go_of_its_lock_at_once(tmp_path,
     store.unlock_all()
 
 
-def test_alone_a_miss_is_looked_up_again_only_if_its_key_was_let_go_of_meanwhile(tmp_path):
+def test_alone_a_miss_is_looked_up_again_only_if_its_key_was_let_go_of_meanwhile(
+    tmp_path, monkeypatch
+):
     # A process alone in the directory looks a miss up again under its lock only if
     # this process let go of that key since the first look (its row may be committed
-    # now): changed_since names those keys; a change of mode means any key.
+    # now): look_again names those keys; a change of mode means any key.
     store = _cache.CacheStore(tmp_path / "cache")
+    keys = ["a", "b", "c"]
     epoch = store.quiet_epoch()
-    assert epoch is not None and store.changed_since(epoch) == frozenset()
-    assert store.rows(["a", "b"]) == {}  # both miss at that epoch
+    assert epoch is not None and store.look_again(keys, epoch) == []
+    assert store.rows(keys) == {}  # all miss at that epoch
     # Another run of this process computes "a" meanwhile and lets go of it.
     assert store.try_lock("a")
     store.put("a", pickle.dumps(1), {"task": "t"}, release=True)
-    assert store.changed_since(epoch) == frozenset()  # held until its row is committed
+    assert store.look_again(keys, epoch) == []  # held until its row is committed
     store.flush()
-    assert store.changed_since(epoch) == frozenset({"a"})  # "b" needs no second look
+    assert store.look_again(keys, epoch) == ["a"]  # "b" and "c" need no second look
     assert store.try_lock("b")
     store.unlock("b")  # a hit's lock: let go of at once
-    assert store.changed_since(epoch) == frozenset({"a", "b"})
+    assert store.look_again(keys, epoch) == ["a", "b"]
     later = store.quiet_epoch()
-    assert later is not None and store.changed_since(later) == frozenset()
+    assert later is not None and store.look_again(keys, later) == []
+    assert store.look_again(keys, None) == keys  # missed while not alone: all
     store.unlock_all()  # the run ends: no longer alone
-    assert store.changed_since(later) is None
-    # Too old an epoch: any key.
+    assert store.look_again(keys, later) == keys
+    # More keys let go of than it remembers: an older miss looks again, once.
+    monkeypatch.setattr(_cache, "LET_GO_KEPT", 8)
     fresh = _cache.CacheStore(tmp_path / "cache")
     start = fresh.quiet_epoch()
     assert start is not None
-    for k in range(_cache.LET_GO_KEPT + 1):
+    for k in range(9):
         assert fresh.try_lock(f"k{k}")
         fresh.unlock(f"k{k}")
-    assert fresh.changed_since(start) is None
+    assert fresh.look_again(["x"], start) == ["x"]
+    now = fresh.quiet_epoch()
+    assert now is not None
+    assert fresh.try_lock("k9")
+    fresh.unlock("k9")
+    assert fresh.look_again(["x", "k9"], now) == ["k9"]  # newer misses: as before
     fresh.unlock_all()
 
 
@@ -747,7 +757,8 @@ def test_no_lock_is_taken_while_more_nodes_hold_locks_than_the_window_allows(tmp
     gate.keying.update((i, 1) for i, _, _ in entries)
     out: list = []
     gate._lock_and_look(entries, out)
-    assert out == [] and list(gate.parked) == entries  # all wait for room
+    # all wait for room, with the epoch they missed at (none: no first look)
+    assert out == [] and list(gate.parked) == [(*entry, None) for entry in entries]
     store.unlock_all()
 
 
@@ -770,6 +781,45 @@ def test_a_miss_whose_key_was_let_go_of_since_its_lookup_is_looked_up_again(tmp_
     verdicts = dict(out)
     assert verdicts[nodes[0].index].name == "Cached"  # looked up again: found
     assert verdicts[nodes[1].index] is _caching.RUN_NOW  # not let go of: no second look
+    store.unlock_all()
+
+
+def test_a_parked_miss_is_looked_up_again_only_if_its_key_was_let_go_of(tmp_path, monkeypatch):
+    # Nodes beyond the window are parked; when room comes they take their locks.
+    # They missed at the run's start: alone, only a key let go of since may have an
+    # entry (here another run of this process committed one). Before, every parked
+    # key was asked again, a query each time the window refilled: most of a
+    # 100,000-node first run's misses.
+    monkeypatch.setattr(_caching, "WINDOW_ALONE", 4)
+    seed = _cache.CacheStore(tmp_path / "cache")  # a directory that is not empty
+    assert seed.try_lock("seed")
+    seed.put("seed", pickle.dumps(0), {"task": "small"}, release=True)
+    seed.unlock_all()
+    nodes, store, gate = _gate_of(6, tmp_path)
+    entries = [(n.index, 1, f"key{n.index}") for n in nodes]
+    gate.keying.update((i, 1) for i, _, _ in entries)
+    out: list = []
+    gate._settle(entries, out)
+    assert store._shared.fresh is None  # so only the epoch can spare the second look
+    assert [v for _, v in out] == [_caching.RUN_NOW] * 4 and len(gate.parked) == 2
+    other = _cache.CacheStore(tmp_path / "cache")  # another run of this process
+    assert other.try_lock("key5")
+    other.put("key5", pickle.dumps(7), {"task": "small"}, release=True)
+    other.flush()
+    asked: list[str] = []
+    real_rows = _cache.CacheStore.rows
+
+    def rows(self, keys):
+        keys = list(keys)
+        asked.extend(keys)
+        return real_rows(self, keys)
+
+    monkeypatch.setattr(_cache.CacheStore, "rows", rows)
+    gate.locked.clear()  # the first four finished
+    verdicts = dict(gate.keyed())
+    assert verdicts[nodes[5].index].name == "Cached"  # let go of since: found
+    assert verdicts[nodes[4].index] is _caching.RUN_NOW
+    assert asked == ["key5"]
     store.unlock_all()
 
 

@@ -115,7 +115,8 @@ Alone
     alone, no other process adds rows, so a lookup that missed needs no second
     look once its lock is taken unless this process let go of that key's lock
     meanwhile (its row may be committed then): ``epoch`` counts the lets-go,
-    ``let_go`` names their keys (:meth:`_Shared.changed_since`). A process of a
+    ``let_go`` says when each key was last let go of (:meth:`_Shared.look_again`).
+    A process of a
     graphexec before this protocol does not announce itself: beside it, an
     entry may be computed twice (never a wrong or partial one).
 
@@ -133,7 +134,6 @@ Security
 from __future__ import annotations
 
 import atexit
-import collections
 import fcntl
 import functools
 import hashlib
@@ -207,8 +207,9 @@ WATCH = 0.05  # seconds between an alone process's looks for a newcomer
 # wait meanwhile; nothing sleeps); then it locks in the file anyway (see "Alone").
 JOIN_WAIT = 2.0
 FRESH_KEPT = 1 << 21  # keys _Shared.fresh holds at most (then: None, every key asked)
-# Epochs of _Shared.let_go kept: a lookup older than that looks again in full.
-LET_GO_KEPT = 256
+# Keys _Shared.let_go remembers at most (then forgotten: every older miss is looked
+# up again under its lock, once).
+LET_GO_KEPT = 1 << 21
 YIELD_COMMITS = 4  # commits at most of an alone process's batch before it yields
 _OUT, _ALONE, _JOINED = 0, 1, 2  # _Shared.mode
 
@@ -442,18 +443,20 @@ class _Shared:
         # waiting for one): see _join.
         self.knocked = 0.0
         # Bumped by whatever may have let a row in since a lookup that missed (a lock
-        # let go by this process, a change of mode); ``let_go`` says which keys each
-        # bump concerned (None: any key), so that a miss is looked up again under its
-        # lock only if its own key was let go of meanwhile (changed_since).
+        # let go by this process, a change of mode). ``let_go`` holds the epoch at
+        # which each key was last let go of, ``any_since`` the last epoch that
+        # concerned any key, so that a miss is looked up again under its lock only
+        # if its own key was let go of meanwhile (look_again): one dict lookup a
+        # key, however old the miss (the nodes a run parks until its window has
+        # room missed at its start).
         # Alone in a directory that held no entry when this process became alone:
         # every key it has locked or written since (a superset of the keys with an
         # entry), so that a lookup of any other key is a miss without a query (the
         # first run of a sweep into a new directory). None otherwise.
         self.fresh: set[str] | None = None
         self.epoch = 0
-        self.let_go: collections.deque[tuple[int, frozenset[str] | None]] = collections.deque(
-            maxlen=LET_GO_KEPT
-        )
+        self.let_go: dict[str, int] = {}
+        self.any_since = 0
         self.since = 0.0  # when the oldest row of the batch joined it
         self.flusher: threading.Thread | None = None
         # Commits of the flusher not yet on disk (see _flush_loop): the syncer's cue.
@@ -630,7 +633,7 @@ class _Shared:
                         done.difference_update(self.pending)
                     release -= done
                     if done:
-                        self._bump(frozenset(done))
+                        self._bump(done)
                     for key in done:
                         offset = held.get(key)
                         if offset is not None:
@@ -650,7 +653,7 @@ class _Shared:
                 for offset in in_file:
                     fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
                 with self.mutex:
-                    self._bump(frozenset(done))
+                    self._bump(done)
                     for key in done:
                         offset = held.get(key)
                         if offset is not None and offset >= 0:
@@ -835,32 +838,32 @@ class _Shared:
                 self._join()
             return self.epoch if self.mode == _ALONE else None
 
-    def changed_since(self, epoch: int) -> frozenset[str] | None:
-        """The keys this process let go of since ``epoch`` (a :meth:`quiet_epoch`),
-        each of which may have an entry now that a lookup then missed; None: any
-        key may (this process is no longer alone, or that epoch is too old)."""
+    def look_again(self, keys: list[str], epoch: int | None) -> list[str]:
+        """Those of ``keys``, each of which missed at ``epoch`` (a :meth:`quiet_epoch`;
+        None: not alone then), that may have an entry now: the keys this process
+        let go of since, or all of them if this process is no longer alone (or
+        that epoch is older than what ``let_go`` remembers)."""
         with self.mutex:
-            if self.mode != _ALONE:
-                return None
+            if epoch is None or self.mode != _ALONE or epoch < self.any_since:
+                return keys
             if epoch == self.epoch:
-                return frozenset()
-            log = self.let_go
-            if not log or log[0][0] > epoch + 1:
-                return None
-            changed: set[str] = set()
-            for at, keys in log:
-                if at > epoch:
-                    if keys is None:
-                        return None
-                    changed |= keys
-            return frozenset(changed)
+                return []
+            let_go = self.let_go
+            return [key for key in keys if let_go.get(key, -1) > epoch]
 
-    def _bump(self, keys: frozenset[str] | None) -> None:
+    def _bump(self, keys: Iterable[str] | None) -> None:
         """Under the mutex: a new epoch, for ``keys`` (None: any key)."""
         self.epoch += 1
-        self.let_go.append((self.epoch, keys))
+        let_go = self.let_go
         if keys is None:  # a change of mode: ``fresh`` is known no more
+            self.any_since = self.epoch
+            let_go.clear()
             self.fresh = None
+            return
+        let_go.update(dict.fromkeys(keys, self.epoch))
+        if len(let_go) > LET_GO_KEPT:  # forget them: older misses look again, once
+            let_go.clear()
+            self.any_since = self.epoch
 
     def _no_entries(self) -> bool:
         """True if the database holds no entry (asked once alone: nobody adds one)."""
@@ -880,7 +883,7 @@ class _Shared:
 
     def _unlock(self, key: str) -> None:
         offset = self.held.pop(key, None)
-        self._bump(frozenset((key,)))  # its entry may be written (a large one commits at once)
+        self._bump((key,))  # its entry may be written (a large one commits at once)
         if offset is not None and offset >= 0:
             fcntl.lockf(self.lock_fd, fcntl.LOCK_UN, 1, offset)
 
@@ -1532,9 +1535,9 @@ class CacheStore:
         """See :meth:`_Shared.quiet_epoch`."""
         return self._shared.quiet_epoch()
 
-    def changed_since(self, epoch: int) -> frozenset[str] | None:
-        """See :meth:`_Shared.changed_since`."""
-        return self._shared.changed_since(epoch)
+    def look_again(self, keys: list[str], epoch: int | None) -> list[str]:
+        """See :meth:`_Shared.look_again`."""
+        return self._shared.look_again(keys, epoch)
 
     def holder(self, key: str) -> int | None:
         """The pid of the process computing ``key`` now (this one included), or None;

@@ -27,7 +27,7 @@ small tasks cost little more than running them, and an all-hits rerun less
 (issue #19; ``docs/howto/caching.md``, "Measured"). A process alone in the
 cache directory (``_data/cache.py``, "Alone") takes its locks in memory and
 looks again under the lock only at the keys it let go of since the first
-look (``CacheStore.changed_since``): nobody else adds rows then.
+look (``CacheStore.look_again``): nobody else adds rows then.
 
 Who writes the entry: the worker that computed the value, through
 ``Call.cache`` (``entry()``), except a process-pool worker's small value,
@@ -251,7 +251,8 @@ class CacheGate:
         # Waiting nodes whose wait began before a process alone in the directory let
         # this one in: their wait (logged, bounded) starts once it has.
         self._knocking: set[int] = set()
-        self.parked: deque[tuple[int, int, str]] = deque()
+        # (node, ticket, key, the quiet epoch at which it missed) waiting for room
+        self.parked: deque[tuple[int, int, str, int | None]] = deque()
         # (key, pickle, meta) of small values finished since store_finished() ran
         self.finishing: list[tuple[str, bytes, dict]] = []
         self.batch: list[tuple[int, int, str]] = []
@@ -396,11 +397,19 @@ class CacheGate:
         window = self._window() if parked else WINDOW
         while parked and len(self.locked) <= window // 2:
             take: list[tuple[int, int, str]] = []
+            # They missed at their epochs: the oldest covers them all (unknown: one
+            # missed while this process was not alone).
+            oldest, unknown = math.inf, False
             while parked and len(take) < window - len(self.locked):
-                entry = parked.popleft()
-                if keying.get(entry[0]) == entry[1]:
-                    take.append(entry)
-            self._lock_and_look(take, out)
+                i, ticket, key, epoch = parked.popleft()
+                if keying.get(i) == ticket:
+                    take.append((i, ticket, key))
+                    if epoch is None:
+                        unknown = True
+                    elif epoch < oldest:
+                        oldest = epoch
+            since = None if unknown or not take else int(oldest)
+            self._lock_and_look(take, out, since)
         return out
 
     def _settle(self, fresh: list[tuple[int, int, str]], out: list[tuple[int, Verdict]]) -> None:
@@ -435,7 +444,10 @@ class CacheGate:
         return WINDOW_ALONE if self.store.quiet_epoch() is not None else WINDOW
 
     def _lock_and_look(
-        self, entries: list[tuple[int, int, str]], out: list[tuple[int, Verdict]], epoch: Any = None
+        self,
+        entries: list[tuple[int, int, str]],
+        out: list[tuple[int, Verdict]],
+        epoch: int | None = None,
     ) -> None:
         """Take the locks of these keys (those the window has room for; the others are
         parked), then look them up in one query and decide; if they missed at
@@ -448,7 +460,7 @@ class CacheGate:
         # alone, with more nodes than the new window holding locks.
         room = max(0, self._window() - len(self.locked))
         if len(entries) > room:
-            self.parked.extend(entries[room:])
+            self.parked.extend([(i, t, key, epoch) for i, t, key in entries[room:]])
             entries = entries[:room]
         wanted = []
         for i, _, key in entries:
@@ -459,11 +471,7 @@ class CacheGate:
         refresh = self._refreshes(entries)
         # They missed at ``epoch``: alone in the directory, only a key this process
         # let go of since may have an entry now.
-        changed = store.changed_since(epoch) if epoch is not None else None
-        if changed is None:
-            looked = [key for key, r in zip(wanted, refresh) if not r]
-        else:
-            looked = [key for key, r in zip(wanted, refresh) if not r and key in changed]
+        looked = store.look_again([key for key, r in zip(wanted, refresh) if not r], epoch)
         rows: dict[str, Found] = store.rows(looked) if looked else {}
         locked_nodes, holders, waiting = self.locked, self.holders, self.lock_waits
         for (i, _, key), r, locked in zip(entries, refresh, got):
