@@ -23,6 +23,7 @@ import graphexec as gx
 from graphexec._data import cache as _cache
 from graphexec._data.serialize import dumps_value
 from graphexec._engine import caching as _caching
+from graphexec._model import keys
 
 # -- defect 7: keys are computed off the scheduler thread ---------------------------
 
@@ -260,3 +261,16 @@ def test_wire_hash_of_a_plain_value_is_by_content_and_silent():
         assert _cache.wire_hash(dumps_value({"a": {1, 2, 3}})) == _cache.content_hash(
             {"a": {3, 2, 1}}
         )
+
+
+def test_keys_are_the_same_from_one_release_to_the_next():
+    # Pinned digests (those of the graphexec that wrote today's cache directories):
+    # a change in how arguments are hashed would silently recompute every entry,
+    # and a faster hash for the few bytes of a scalar (#19) must give the same keys.
+    arguments = {"a": 1, "b": "x", "c": 2.5, "d": None, "e": True, "f": 2**70, "g": -3, "h": 1 + 2j}
+    assert keys.input_hash("mod.task:src", arguments) == (
+        "c652704bc9344644beee94139febd9edc0c4e8ac260e211c72ba525c4ccbbd2f"
+    )
+    assert keys.content_hash([1, "x", {"k": 2}]) == (
+        "9b68da591c14c89f312b51b18f7d9d8d20ba274d22d6b4f317508b08f565f8c3"
+    )
