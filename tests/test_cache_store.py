@@ -1125,3 +1125,40 @@ def test_a_new_connection_waits_out_a_database_locked_at_once():
     broken = Flaky(1, "disk I/O error")
     with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
         _cache._set_up(broken, sqlite3.OperationalError)
+
+
+@gx.task(cache=True, cache_expiration=600)
+def big_lived(i: int) -> Any:
+    return np.full(20_000, float(i))  # 160 kB: a file, written by the worker
+
+
+@gx.task(cache=True)
+def big_kept(i: int) -> Any:
+    return np.full(20_000, -float(i))
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_writes_a_large_entry_under_its_directory_task_and_expiry(tmp_path):
+    # A run message names the cache directory and the task by a context id that each
+    # worker is told once (#19: sent whole, they tripled a tiny call's message).
+    # Two directories and two tasks on one pool, whose workers are replaced after
+    # every call: a new worker knows the contexts made before it started.
+    with gx.Pool(workers=2, max_calls_per_worker=1) as pool:
+        for name in ("one", "two"):
+            cache = tmp_path / name
+            graph = gx.Graph()
+            with graph:
+                nodes = [big_lived(i) for i in range(3)] + [big_kept(i) for i in range(3)]
+            before = time.time()
+            run = graph.compute(pool=pool, cache_dir=cache)
+            assert run.counts() == {"Completed": 6}
+            listed = _cache.CacheStore(cache).entries()
+            assert len(listed) == 6 and all(e.file is not None and e.readable for e in listed)
+            lived = [e for e in listed if e.task == "big_lived"]
+            kept = [e for e in listed if e.task == "big_kept"]
+            assert len(lived) == 3 and len(kept) == 3
+            assert all(before + 600 <= e.expires <= time.time() + 600 for e in lived)  # type: ignore[operator]
+            assert all(e.expires is None for e in kept)
+            again = graph.compute(pool=pool, cache_dir=cache)
+            assert again.counts() == {"Cached": 6}
+            assert [float(again[n][0]) for n in nodes] == [0, 1, 2, 0, -1, -2]

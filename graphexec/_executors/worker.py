@@ -3,6 +3,8 @@
 Messages (pickled tuples, one ``send_bytes`` each)::
 
     parent -> worker   ("fn", fn_id, fn_blob, origin, forget)  once per function and worker
+                       ("cache", [(context_id, cache_dir, task_name), ...])
+                                                     once per cache context and worker
                        ("run", token, fn_id, node_name, args, deps, cache, hold)
                        ("batch", [run_message_bytes, ...])  several run messages, in order
                        ("stop",)
@@ -28,9 +30,11 @@ when empty) of
 ``(node_index, pickled_value)``, or ``(node_index,
 None, token)`` for the value the call ``token`` kept here (``hold``: a chain,
 see ``_call.py``); ``cache`` is None or
-``(cache_dir, key, meta)``: the worker writes a large cache entry itself, so
-those are written in parallel and the parent never copies their buffers; a
-small one the parent stores from the reply's blob (``_data/cache.py``).
+``(context_id, key, expires)``, the context (the cache directory and the
+task's name) sent before by a ``cache`` message: the worker writes a large
+cache entry itself, so those are written in parallel and the parent never
+copies their buffers; a small one the parent stores from the reply's blob
+(``_data/cache.py``).
 
 Calls are run strictly in the order received, so the parent knows which call
 a dead worker was running: the oldest one it has not answered.
@@ -93,6 +97,8 @@ ATOMIC_WRITE = 4096  # bytes: PIPE_BUF, the largest write a pipe never interleav
 # This process's functions, by the parent's id (a module global so that a task,
 # or a test, can see how many this worker holds).
 functions: dict[int, Any] = {}
+# Cache contexts by the parent's id: (cache directory, task name).
+contexts: dict[int, tuple[str, str]] = {}
 
 
 def main(
@@ -137,6 +143,7 @@ def main(
         name="graphexec-watchdog",
     ).start()
     functions.clear()  # a forked worker's copy of its parent's, if the parent was a worker
+    contexts.clear()
     if thread_env is not None:
         apply_in_worker(thread_env)
     if initializer is not None:
@@ -178,6 +185,10 @@ def main(
                 conn.send_bytes(pickle.dumps(("loaded", fn_id)))
             except (BrokenPipeError, OSError):
                 break
+            continue
+        if message[0] == "cache":
+            for cid, cache_dir, task in message[1]:
+                contexts[cid] = (cache_dir, task)
             continue
         if message[0] == "stop":
             stopped = True
@@ -334,7 +345,13 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
     if cache is not None and stored_apart(blob):
         # A large entry is written here, so the parent never copies its buffers; a
         # small one the parent stores from this blob (it batches its rows).
-        write_cache(cache, result, name)
+        cid, key, expires = cache
+        context = contexts.get(cid)
+        if context is None:  # the parent tells every worker a context before naming it
+            bug = RuntimeError(f"cache context {cid} unknown to this worker; this is a bug")
+            return fail("result", bug, "")
+        cache_dir, task = context
+        write_cache((cache_dir, key, {"task": task, "expires": expires}), result, name)
     return pickle.dumps(("ok", token, blob, started, finished), protocol=5)
 
 
