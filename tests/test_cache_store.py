@@ -528,26 +528,26 @@ def test_alone_a_miss_is_looked_up_again_only_if_its_key_was_let_go_of_meanwhile
 ):
     # A process alone in the directory looks a miss up again under its lock only if
     # this process let go of that key since the first look (its row may be committed
-    # now): look_again names those keys; a change of mode means any key.
+    # now): let_go_since names those keys; a change of mode means any key.
     store = _cache.CacheStore(tmp_path / "cache")
     keys = ["a", "b", "c"]
     epoch = store.quiet_epoch()
-    assert epoch is not None and store.look_again(keys, epoch) == []
+    assert epoch is not None and store.let_go_since(keys, epoch) == []
     assert store.rows(keys) == {}  # all miss at that epoch
     # Another run of this process computes "a" meanwhile and lets go of it.
     assert store.try_lock("a")
     store.put("a", pickle.dumps(1), {"task": "t"}, release=True)
-    assert store.look_again(keys, epoch) == []  # held until its row is committed
+    assert store.let_go_since(keys, epoch) == []  # held until its row is committed
     store.flush()
-    assert store.look_again(keys, epoch) == ["a"]  # "b" and "c" need no second look
+    assert store.let_go_since(keys, epoch) == ["a"]  # "b" and "c" need no second look
     assert store.try_lock("b")
     store.unlock("b")  # a hit's lock: let go of at once
-    assert store.look_again(keys, epoch) == ["a", "b"]
+    assert store.let_go_since(keys, epoch) == ["a", "b"]
     later = store.quiet_epoch()
-    assert later is not None and store.look_again(keys, later) == []
-    assert store.look_again(keys, None) == keys  # missed while not alone: all
+    assert later is not None and store.let_go_since(keys, later) == []
+    assert store.let_go_since(keys, None) == keys  # missed while not alone: all
     store.unlock_all()  # the run ends: no longer alone
-    assert store.look_again(keys, later) == keys
+    assert store.let_go_since(keys, later) == keys
     # More keys let go of than it remembers: an older miss looks again, once.
     monkeypatch.setattr(_cache, "LET_GO_KEPT", 8)
     fresh = _cache.CacheStore(tmp_path / "cache")
@@ -556,12 +556,12 @@ def test_alone_a_miss_is_looked_up_again_only_if_its_key_was_let_go_of_meanwhile
     for k in range(9):
         assert fresh.try_lock(f"k{k}")
         fresh.unlock(f"k{k}")
-    assert fresh.look_again(["x"], start) == ["x"]
+    assert fresh.let_go_since(["x"], start) == ["x"]
     now = fresh.quiet_epoch()
     assert now is not None
     assert fresh.try_lock("k9")
     fresh.unlock("k9")
-    assert fresh.look_again(["x", "k9"], now) == ["k9"]  # newer misses: as before
+    assert fresh.let_go_since(["x", "k9"], now) == ["k9"]  # newer misses: as before
     fresh.unlock_all()
 
 
@@ -1162,3 +1162,32 @@ def test_a_worker_writes_a_large_entry_under_its_directory_task_and_expiry(tmp_p
             again = graph.compute(pool=pool, cache_dir=cache)
             assert again.counts() == {"Cached": 6}
             assert [float(again[n][0]) for n in nodes] == [0, 1, 2, 0, -1, -2]
+
+
+@gx.task(timeout=1)
+def overstays() -> int:
+    time.sleep(30)
+    return 1
+
+
+def _echo(i: int) -> int:
+    return i
+
+
+@pytest.mark.timeout(60)
+def test_many_cache_contexts_never_block_the_scheduler_on_a_busy_worker(tmp_path):
+    # Review of #19: the pool told every live worker of each new (cache dir, task
+    # name) context at once, busy ones too; past ~300 of them a busy worker's pipe
+    # was full, the scheduler blocked in send until its call ended, and the call's
+    # timeout was never enforced (it ended Completed after 30 s). A worker is now
+    # told a context with the first call that names it, within the pipe's budget.
+    tasks = [gx.task(cache=True, name=f"echo{k}")(_echo) for k in range(600)]
+    with gx.Pool(workers=2) as pool:
+        graph = gx.Graph()
+        with graph:
+            slow = overstays()
+            nodes = [task(k) for k, task in enumerate(tasks)]
+        run = graph.compute(pool=pool, cache_dir=tmp_path / "cache", raise_on_failure=False)
+        assert run.state(slow).name == "Failed"
+        assert "timeout" in str(run.state(slow).exception)
+        assert [run[n] for n in nodes] == list(range(600))

@@ -114,11 +114,11 @@ Alone
     A process killed while alone loses its locks with it, as ever. While
     alone, no other process adds rows, so a lookup that missed needs no second
     look once its lock is taken unless this process let go of that key's lock
-    meanwhile (its row may be committed then): ``epoch`` counts the lets-go,
-    ``let_go`` says when each key was last let go of (:meth:`_Shared.look_again`).
-    A process of a
-    graphexec before this protocol does not announce itself: beside it, an
-    entry may be computed twice (never a wrong or partial one).
+    meanwhile (its row may be committed then): ``epoch`` counts the lets-go
+    and the changes of mode, ``let_go`` says when each key was last let go of
+    (:meth:`_Shared.let_go_since`). A process of a graphexec before this
+    protocol does not announce itself: beside it, an entry may be computed
+    twice (never a wrong or partial one).
 
 Old layout
     A directory written by graphexec before layout 3 holds one ``<key>.gxc``
@@ -446,7 +446,7 @@ class _Shared:
         # let go by this process, a change of mode). ``let_go`` holds the epoch at
         # which each key was last let go of, ``any_since`` the last epoch that
         # concerned any key, so that a miss is looked up again under its lock only
-        # if its own key was let go of meanwhile (look_again): one dict lookup a
+        # if its own key was let go of meanwhile (let_go_since): one dict lookup a
         # key, however old the miss (the nodes a run parks until its window has
         # room missed at its start).
         # Alone in a directory that held no entry when this process became alone:
@@ -838,7 +838,7 @@ class _Shared:
                 self._join()
             return self.epoch if self.mode == _ALONE else None
 
-    def look_again(self, keys: list[str], epoch: int | None) -> list[str]:
+    def let_go_since(self, keys: list[str], epoch: int | None) -> list[str]:
         """Those of ``keys``, each of which missed at ``epoch`` (a :meth:`quiet_epoch`;
         None: not alone then), that may have an entry now: the keys this process
         let go of since, or all of them if this process is no longer alone (or
@@ -1535,9 +1535,9 @@ class CacheStore:
         """See :meth:`_Shared.quiet_epoch`."""
         return self._shared.quiet_epoch()
 
-    def look_again(self, keys: list[str], epoch: int | None) -> list[str]:
-        """See :meth:`_Shared.look_again`."""
-        return self._shared.look_again(keys, epoch)
+    def let_go_since(self, keys: list[str], epoch: int | None) -> list[str]:
+        """See :meth:`_Shared.let_go_since`."""
+        return self._shared.let_go_since(keys, epoch)
 
     def holder(self, key: str) -> int | None:
         """The pid of the process computing ``key`` now (this one included), or None;

@@ -27,7 +27,7 @@ small tasks cost little more than running them, and an all-hits rerun less
 (issue #19; ``docs/howto/caching.md``, "Measured"). A process alone in the
 cache directory (``_data/cache.py``, "Alone") takes its locks in memory and
 looks again under the lock only at the keys it let go of since the first
-look (``CacheStore.look_again``): nobody else adds rows then.
+look (``CacheStore.let_go_since``): nobody else adds rows then.
 
 Who writes the entry: the worker that computed the value, through
 ``Call.cache`` (``entry()``), except a process-pool worker's small value,
@@ -471,7 +471,7 @@ class CacheGate:
         refresh = self._refreshes(entries)
         # They missed at ``epoch``: alone in the directory, only a key this process
         # let go of since may have an entry now.
-        looked = store.look_again([key for key, r in zip(wanted, refresh) if not r], epoch)
+        looked = store.let_go_since([key for key, r in zip(wanted, refresh) if not r], epoch)
         rows: dict[str, Found] = store.rows(looked) if looked else {}
         locked_nodes, holders, waiting = self.locked, self.holders, self.lock_waits
         for (i, _, key), r, locked in zip(entries, refresh, got):

@@ -397,6 +397,7 @@ class _Worker:
     __slots__ = (
         "calls_left",
         "conn",
+        "contexts",
         "forget",
         "functions",
         "head_started",
@@ -433,6 +434,7 @@ class _Worker:
             except OSError:
                 self.sock = None
         self.functions: set[int] = set()
+        self.contexts: set[int] = set()  # the cache contexts it was told (_tell)
         self.forget: list[int] = []  # evicted functions it still has: dropped at the next load
         self.head_started = 0.0
         self.loading: set[int] = set()  # functions sent, not yet acknowledged as loaded
@@ -518,8 +520,10 @@ class ProcessPool:
         self._last_id = 0
         self._batching: list[_Worker] = []  # workers with pending calls to send
         # (cache dir, task name) -> id: a cached call names its context by this id
-        # (_cache_field); every worker is told each context once (_tell_contexts).
+        # (_cache_field); a worker is told a context, once, with the first call
+        # it receives that names it (_tell). The "cache" message of each id:
         self._contexts: dict[tuple[str, str], int] = {}
+        self._context_messages: list[bytes] = []
         # Where _drain_burst reads (allocating a large buffer per read would cost more).
         self._scratch = memoryview(bytearray(BURST_BYTES))
         self._fn_counter = itertools.count()
@@ -586,6 +590,7 @@ class ProcessPool:
             self._forget(w)
         self._fn_ids.clear()
         self._contexts.clear()
+        self._context_messages.clear()
         self._fn_keep.clear()
         self._last_fn = None
         self._fn_blobs.clear()
@@ -656,8 +661,6 @@ class ProcessPool:
         self._workers[wid] = w
         self._waitables[parent_conn] = w
         self._waitables[process.sentinel] = w
-        if self._contexts:
-            self._tell_contexts([w], list(self._contexts.items()))
         return w
 
     def _forget(self, w: _Worker) -> None:
@@ -892,6 +895,12 @@ class ProcessPool:
         behind: list[bytes] = []
         try:
             for call, fn_id in calls:
+                cid = call.context
+                if cid is not None and cid not in worker.contexts:
+                    # Its cache context first, once: in the batch, or on its own
+                    # before a call that goes on its own.
+                    worker.contexts.add(cid)
+                    behind.append(self._context_messages[cid])
                 if fn_id not in worker.functions:
                     if behind:
                         sent += self._send_batch(worker, behind)
@@ -949,6 +958,10 @@ class ProcessPool:
         worker.queued += len(call.wire)
         if not worker.pending:
             self._batching.append(worker)
+        cid = call.context
+        if cid is not None and cid not in worker.contexts:  # its cache context first, once
+            worker.contexts.add(cid)
+            worker.pending.append(self._context_messages[cid])
         worker.pending.append(call.wire)
         if len(worker.pending) >= BATCH_CALLS:
             self._flush(worker)
@@ -1094,7 +1107,7 @@ class ProcessPool:
                 args = encode_call(call.args, call.kwargs, call.has_nodes)
             except Exception as exc:
                 raise arguments_error(call, exc, "a worker") from None
-            cache = None if call.cache is None else self._cache_field(call.cache)
+            cache = None if call.cache is None else self._cache_field(call)
             return ("run", id(call), fn_id, call.name, args, (), cache)
         deps: list[tuple] = []
         others = None  # inputs that are not a worker's value: pickled below
@@ -1118,36 +1131,27 @@ class ProcessPool:
                 deps += [(i, as_wire(h)) for i, h in others]
         except Exception as exc:
             raise arguments_error(call, exc, "a worker") from None
-        cache = None if call.cache is None else self._cache_field(call.cache)
+        cache = None if call.cache is None else self._cache_field(call)
         return ("run", id(call), fn_id, call.name, args, deps, cache)
 
-    def _cache_field(self, cache: tuple[str, str, dict]) -> tuple[int, str, float | None]:
+    def _cache_field(self, call: Call) -> tuple[int, str, float | None]:
         """A cached call's ``cache`` as its run message carries it: ``(context, key,
-        expires)``, the context (cache dir, task name) by its id.
+        expires)``, the context (cache dir, task name) by its id (``call.context``).
 
         The worker needs them only to write a large value's entry itself; sent
-        whole, they made a tiny call's message three times as long (180 bytes
-        against 60), and a first cached run of 100,000 tiny tasks a fifth slower:
-        longer pickles both ways, and a worker that reads its pipe later.
+        whole with every call, they made a tiny call's message three times as
+        long (180 bytes against 60), and a first cached run of 100,000 tiny
+        tasks a tenth slower: longer pickles both ways, and full pipes.
         """
-        root, key, meta = cache
+        assert call.cache is not None
+        root, key, meta = call.cache
         context = (root, str(meta.get("task", "?")))
         cid = self._contexts.get(context)
         if cid is None:
-            cid = self._contexts[context] = len(self._contexts)
-            self._tell_contexts(list(self._workers.values()), [(context, cid)])
+            cid = self._contexts[context] = len(self._context_messages)
+            self._context_messages.append(pickle.dumps(("cache", cid, *context)))
+        call.context = cid
         return (cid, key, meta.get("expires"))
-
-    @staticmethod
-    def _tell_contexts(workers: list[_Worker], contexts: list[tuple[tuple[str, str], int]]) -> None:
-        """Send these cache contexts to these workers, ahead of any call that names
-        them (calls already queued for a worker do not: their contexts are older)."""
-        message = pickle.dumps(("cache", [(cid, root, task) for (root, task), cid in contexts]))
-        for w in workers:
-            try:
-                w.conn.send_bytes(message)
-            except OSError:  # it died: poll() sees its sentinel
-                pass
 
     def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
         while self._batching:

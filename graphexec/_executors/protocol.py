@@ -106,6 +106,7 @@ class Call:
     __slots__ = (
         "args",
         "cache",
+        "context",
         "finished",
         "fn",
         "has_nodes",
@@ -149,6 +150,7 @@ class Call:
         self.finished = 0.0
         self.worker: Any = None
         self.wire: bytes | None = None  # the executor's encoded form, made once
+        self.context: int | None = None  # its cache context's id in ``wire`` (process pool)
         self.cache: tuple[str, str, dict] | None = None  # (cache dir, key, meta) to write
         self.then: list[Call] | None = None  # a chain to run behind this call (see above)
         self.isolate = False  # run in a fresh worker, discarded after (Capabilities.isolates)

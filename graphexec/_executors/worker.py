@@ -3,8 +3,9 @@
 Messages (pickled tuples, one ``send_bytes`` each)::
 
     parent -> worker   ("fn", fn_id, fn_blob, origin, forget)  once per function and worker
-                       ("cache", [(context_id, cache_dir, task_name), ...])
-                                                     once per cache context and worker
+                       ("cache", context_id, cache_dir, task_name)
+                                                     once per cache context and worker,
+                                                     before the first call naming it
                        ("run", token, fn_id, node_name, args, deps, cache, hold)
                        ("batch", [run_message_bytes, ...])  several run messages, in order
                        ("stop",)
@@ -31,7 +32,8 @@ when empty) of
 None, token)`` for the value the call ``token`` kept here (``hold``: a chain,
 see ``_call.py``); ``cache`` is None or
 ``(context_id, key, expires)``, the context (the cache directory and the
-task's name) sent before by a ``cache`` message: the worker writes a large
+task's name) told before by a ``cache`` message (on its own, or earlier in
+the same batch): the worker writes a large
 cache entry itself, so those are written in parallel and the parent never
 copies their buffers; a small one the parent stores from the reply's blob
 (``_data/cache.py``).
@@ -187,8 +189,8 @@ def main(
                 break
             continue
         if message[0] == "cache":
-            for cid, cache_dir, task in message[1]:
-                contexts[cid] = (cache_dir, task)
+            _, cid, cache_dir, task = message
+            contexts[cid] = (cache_dir, task)
             continue
         if message[0] == "stop":
             stopped = True
@@ -347,11 +349,16 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
         # small one the parent stores from this blob (it batches its rows).
         cid, key, expires = cache
         context = contexts.get(cid)
-        if context is None:  # the parent tells every worker a context before naming it
-            bug = RuntimeError(f"cache context {cid} unknown to this worker; this is a bug")
-            return fail("result", bug, "")
-        cache_dir, task = context
-        write_cache((cache_dir, key, {"task": task, "expires": expires}), result, name)
+        if context is None:  # the parent tells a worker a context before naming it
+            logging.getLogger("graphexec").warning(
+                "%s: result not cached (cache context %s unknown to this worker; a bug "
+                "in graphexec, please report it)",
+                name,
+                cid,
+            )
+        else:
+            cache_dir, task = context
+            write_cache((cache_dir, key, {"task": task, "expires": expires}), result, name)
     return pickle.dumps(("ok", token, blob, started, finished), protocol=5)
 
 
