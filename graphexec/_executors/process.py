@@ -434,7 +434,7 @@ class _Worker:
             except OSError:
                 self.sock = None
         self.functions: set[int] = set()
-        self.contexts: set[int] = set()  # the cache contexts it was told (_tell)
+        self.contexts: set[int] = set()  # the cache contexts it was told (_tell_context)
         self.forget: list[int] = []  # evicted functions it still has: dropped at the next load
         self.head_started = 0.0
         self.loading: set[int] = set()  # functions sent, not yet acknowledged as loaded
@@ -521,7 +521,7 @@ class ProcessPool:
         self._batching: list[_Worker] = []  # workers with pending calls to send
         # (cache dir, task name) -> id: a cached call names its context by this id
         # (_cache_field); a worker is told a context, once, with the first call
-        # it receives that names it (_tell). The "cache" message of each id:
+        # it receives that names it (_tell_context). The "cache" message of each id:
         self._contexts: dict[tuple[str, str], int] = {}
         self._context_messages: list[bytes] = []
         # Where _drain_burst reads (allocating a large buffer per read would cost more).
@@ -897,10 +897,9 @@ class ProcessPool:
             for call, fn_id in calls:
                 cid = call.context
                 if cid is not None and cid not in worker.contexts:
-                    # Its cache context first, once: in the batch, or on its own
-                    # before a call that goes on its own.
-                    worker.contexts.add(cid)
-                    behind.append(self._context_messages[cid])
+                    # Its cache context first: in the batch, or on its own before a
+                    # call that goes on its own.
+                    behind.append(self._tell_context(worker, cid))
                 if fn_id not in worker.functions:
                     if behind:
                         sent += self._send_batch(worker, behind)
@@ -959,9 +958,8 @@ class ProcessPool:
         if not worker.pending:
             self._batching.append(worker)
         cid = call.context
-        if cid is not None and cid not in worker.contexts:  # its cache context first, once
-            worker.contexts.add(cid)
-            worker.pending.append(self._context_messages[cid])
+        if cid is not None and cid not in worker.contexts:  # its cache context first
+            worker.pending.append(self._tell_context(worker, cid))
         worker.pending.append(call.wire)
         if len(worker.pending) >= BATCH_CALLS:
             self._flush(worker)
@@ -1152,6 +1150,12 @@ class ProcessPool:
             self._context_messages.append(pickle.dumps(("cache", cid, *context)))
         call.context = cid
         return (cid, key, meta.get("expires"))
+
+    def _tell_context(self, worker: _Worker, cid: int) -> bytes:
+        """The message that tells ``worker`` the cache context ``cid``, which it is
+        taken to know from now on: the caller sends it ahead of the call naming it."""
+        worker.contexts.add(cid)
+        return self._context_messages[cid]
 
     def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
         while self._batching:
