@@ -77,6 +77,79 @@ def test_workers_limit_their_libraries_to_cores_over_workers(clean_env, start_me
         assert r["numpy_preloaded"]
 
 
+def _openblas_pthreads_stoppable() -> bool:
+    """numpy's OpenBLAS runs its own pthreads pool and exports the call that stops it."""
+    import ctypes
+
+    from graphexec._executors.threadlimits import _OPENBLAS_SHUTDOWN
+
+    for lib in threadpoolctl.threadpool_info():
+        if lib["internal_api"] == "openblas" and lib.get("threading_layer") == "pthreads":
+            dynlib = ctypes.CDLL(lib["filepath"])
+            return any(hasattr(dynlib, name) for name in _OPENBLAS_SHUTDOWN)
+    return False
+
+
+@gx.task
+def threads_here(n=0):
+    """OS threads of this worker beside its Python threads, before and after an
+    ``n`` x ``n`` matrix product (0: none), and the CPU time it used meanwhile."""
+    import threading
+    import time
+
+    def native() -> int:
+        return len(os.listdir("/proc/self/task")) - threading.active_count()
+
+    before, cpu = native(), time.process_time()
+    time.sleep(0.2)  # a spinning thread would use most of this
+    idle_cpu = time.process_time() - cpu
+    if n:
+        a = numpy.ones((n, n))
+        assert float((a @ a)[0, 0]) == n
+    return {
+        "before": before,
+        "idle_cpu": idle_cpu,
+        "after": native(),
+        "openblas": _openblas_threads(),
+    }
+
+
+needs_stoppable_openblas = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not _openblas_pthreads_stoppable(),
+    reason="needs /proc and numpy's OpenBLAS on its own pthreads pool",
+)
+
+
+@needs_stoppable_openblas
+@pytest.mark.parametrize("start_method", ["forkserver", "zygote", "fork"])
+def test_a_starting_worker_runs_no_idle_openblas_thread(clean_env, start_method):
+    """Limiting OpenBLAS in a forked worker restarts its pool, whose threads then
+    spin for about 0.1 s of CPU each: the worker stops them again at once."""
+    with gx.Pool(2, start_method=start_method) as pool:
+        g = gx.Graph()
+        with g:
+            nodes = [threads_here() for _ in range(2)]
+        run = g.compute(pool=pool, progress=False)
+    for node in nodes:
+        r = run[node]
+        assert r["openblas"] == automatic(2)
+        assert r["before"] == 0, r  # only the worker's own Python threads
+        assert r["idle_cpu"] < 0.05, r
+
+
+@needs_stoppable_openblas
+def test_a_worker_allowed_two_threads_still_runs_blas_on_two(clean_env):
+    """The stopped pool comes back at the first product that uses it."""
+    with gx.Pool(1, inner_threads=2, start_method="zygote") as pool:
+        g = gx.Graph()
+        with g:
+            node = threads_here(600)
+        r = g.compute(pool=pool, progress=False)[node]
+    assert r["openblas"] == 2
+    assert r["before"] == 0, r
+    assert r["after"] >= 1, r  # OpenBLAS started its pool again for the product
+
+
 def test_the_parents_own_libraries_are_not_limited(clean_env):
     before = _openblas_threads()
     _reports(workers=2)

@@ -89,16 +89,44 @@ def worker_environment(inner_threads: int | None, workers: int) -> dict[str, str
     return {var: os.environ.get(var, default) for var in THREAD_VARS}
 
 
+# The libraries found loaded in the zygote that forked this worker (see
+# prepare_server); None: not probed there, so each worker probes its own.
+_probed: Any = None
+
+
+def prepare_server() -> None:
+    """In the zygote, before it serves: find the loaded libraries whose threads
+    workers limit, once for all the workers it forks.
+
+    ``threadpoolctl.ThreadpoolController()`` walks every shared library the
+    process has loaded: 3-5 ms in a program that imported numpy and a few big
+    packages, paid by each starting worker, all at once, while the first calls
+    wait. Probed here, a worker (a fork of this process, with exactly these
+    libraries loaded when it starts) only sets the counts. Nothing is probed
+    when no library threadpoolctl knows may be loaded.
+    """
+    global _probed
+    if POOL_MODULES.isdisjoint(sys.modules):
+        return
+    try:
+        import threadpoolctl
+    except ImportError:
+        return
+    _probed = threadpoolctl.ThreadpoolController()
+
+
 def apply_in_worker(env: dict[str, str]) -> None:
     """Set ``env`` in this (worker) process and limit the libraries already loaded."""
     os.environ.update(env)
     if POOL_MODULES.isdisjoint(sys.modules):
         return
-    try:
-        import threadpoolctl
-    except ImportError:  # installed without its dependencies: the environment alone
-        return
-    controller = threadpoolctl.ThreadpoolController()
+    controller = _probed
+    if controller is None:
+        try:
+            import threadpoolctl
+        except ImportError:  # installed without its dependencies: the environment alone
+            return
+        controller = threadpoolctl.ThreadpoolController()
     for library, var in _LIBRARY_VAR.items():
         try:
             count = int(env.get(var, ""))
@@ -107,6 +135,36 @@ def apply_in_worker(env: dict[str, str]) -> None:
         selected = controller.select(internal_api=library)
         if selected.lib_controllers:
             selected.limit(limits=count)
+            if library == "openblas":
+                _stop_openblas_threads(selected.lib_controllers)
+
+
+# OpenBLAS's own fork handler (``pthread_atfork``), exported by its builds:
+# joins the pool's threads; its next threaded call starts them again.
+_OPENBLAS_SHUTDOWN = ("blas_thread_shutdown_", "scipy_blas_thread_shutdown_")
+
+
+def _stop_openblas_threads(libraries: list[Any]) -> None:
+    """Stop the pool threads that limiting OpenBLAS just started in this worker.
+
+    A forked worker starts with OpenBLAS's pool stopped (its fork handler
+    joined the threads in the server). ``openblas_set_num_threads`` restarts
+    the pool first, whatever the count, and each new thread then spins
+    looking for work for about 0.1 s of CPU before it sleeps: on two cores,
+    two starting workers took that much from the parent and from each other
+    (a cold 500-call chain 33 ms instead of 23 in a program that imported
+    numpy). Stopped again here, the pool is started by OpenBLAS itself at
+    the first call that uses more than one thread, as after any fork; with
+    a count of 1 it never is. Builds without the symbol keep their threads.
+    """
+    for lib in libraries:
+        if getattr(lib, "threading_layer", None) != "pthreads":
+            continue  # OpenMP's threads are the OpenMP runtime's, not OpenBLAS's
+        for name in _OPENBLAS_SHUTDOWN:
+            shutdown = getattr(lib.dynlib, name, None)
+            if shutdown is not None:
+                shutdown()
+                break
 
 
 def threads_shut_at_fork() -> int:

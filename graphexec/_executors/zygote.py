@@ -303,6 +303,7 @@ def _become_zygote(listener_fd: int, alive_r: int) -> None:
         if name is not None:
             # Workers forked from here take the program's name back.
             os.register_at_fork(after_in_child=lambda: _set_comm(name))
+        threadlimits.prepare_server()  # (before the freeze: its objects stay put too)
         gc.freeze()  # the program's objects: never collected (their finalizers are its)
         mp_forkserver.main(listener_fd, alive_r, [])
         code = 0
