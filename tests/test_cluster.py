@@ -259,6 +259,144 @@ def test_intermediates_are_released_on_the_cluster(client):
     assert _cluster.held_values() == before + 1  # only the target is held
 
 
+# -- chains: a sole consumer goes to dask with the call it follows (issue #14) ---------------
+
+
+def _spy_sends(monkeypatch) -> list[tuple[str, float, bool]]:
+    """(call name, when, chained) of every call the executor hands dask."""
+    sent: list[tuple[str, float, bool]] = []
+    send = _cluster.ClusterExecutor._send
+
+    def spy(self, call, after):
+        sent.append((call.name, time.monotonic(), after is not None))
+        return send(self, call, after)
+
+    monkeypatch.setattr(_cluster.ClusterExecutor, "_send", spy)
+    return sent
+
+
+def test_a_chain_goes_to_dask_whole_and_its_values_stay_there(client, monkeypatch):
+    """No round trip through this process between the calls of a chain: each goes to
+    dask with the Future of the one before, before that one has finished."""
+    sent = _spy_sends(monkeypatch)
+    gc.collect()
+    before = _cluster.held_values()
+    graph = gx.Graph()
+    with graph:
+        head = nap(0.5)
+        middle = ok(head)
+        last = add(middle, 1)
+    start = time.monotonic()
+    run = graph.compute(cluster=client)
+    assert run[last] == 1.5
+    assert [(name, chained) for name, _, chained in sent] == [
+        (head.name, False),
+        (middle.name, True),
+        (last.name, True),
+    ]
+    assert sent[-1][1] - start < 0.4  # all sent while the head still slept
+    assert run.state(head).name == run.state(middle).name == "Completed"
+    assert _cluster.held_values() == before + 1  # the chain's values never came here
+
+
+def test_a_failure_in_a_chain_cancels_the_calls_behind_it(client, monkeypatch, tmp_path):
+    sent = _spy_sends(monkeypatch)
+    marker = str(tmp_path / "ran")
+    graph = gx.Graph()
+    with graph:
+        head = ok("head broke")
+        broken = explode(head)
+        behind = touch(marker, broken)
+        after_that = ok(behind)
+        independent = ok(5)
+    run = graph.compute(cluster=client, raise_on_failure=False)
+    assert [name for name, _, chained in sent if chained] == [
+        broken.name,
+        behind.name,
+        after_that.name,
+    ]
+    assert run.state(head).name == "Completed"
+    assert run.failed == [broken]
+    assert str(run.state(broken).exception) == "head broke"
+    assert run.skipped == [behind, after_that]
+    assert run.state(after_that).upstream == broken.name
+    assert run[independent] == 5
+    assert not os.path.exists(marker)  # never ran on the cluster
+
+
+def test_a_chained_call_that_raises_keeps_its_input_for_replay(client, monkeypatch):
+    sent = _spy_sends(monkeypatch)
+    graph = gx.Graph()
+    with graph:
+        head = ok(41)
+        broken = explode(head)
+    run = graph.compute(cluster=client, raise_on_failure=False)
+    assert (broken.name, True) in [(name, chained) for name, _, chained in sent]
+    assert run.failed == [broken]
+    assert run.inputs(broken) == ((41,), {})  # fetched from the cluster
+    with pytest.raises(ValueError, match="41"):
+        run.replay(broken)
+
+
+def test_a_retried_head_sends_its_chain_again(client, monkeypatch, tmp_path):
+    sent = _spy_sends(monkeypatch)
+    graph = gx.Graph()
+    with graph:
+        head = flaky.with_options(retries=1)(str(tmp_path / "count"), 1)
+        middle = ok(head)
+        last = add(middle, 10)
+    run = graph.compute(cluster=client)
+    assert run[last] == 12  # the second attempt returned 2
+    assert run.state(head).attempts == 2
+    names = [name for name, _, _ in sent]
+    assert names.count(head.name) == 2 and names.count(last.name) == 2
+
+
+def _chain_of_two():
+    """An executor with no cluster behind it, and a chain of two flights on it."""
+    from graphexec._executors.protocol import Deadlines
+
+    ex = object.__new__(_cluster.ClusterExecutor)
+    ex._inflight, ex._behind, ex._early = {}, {}, {}
+    ex._deadlines, ex._lost = Deadlines(), set()
+    ex.cancelled = []
+    ex._cancel = ex.cancelled.extend
+    calls = [Call(k, name, None, (), None, False, {}, None, 1) for k, name in enumerate("pc")]
+    head, behind = (_cluster._Flight(c, f"future-{c.name}", c.name, [], "f") for c in calls)
+    behind.after = head
+    ex._behind[id(head.call)] = behind
+    ex._inflight.update({"p": head, "c": behind})
+    return ex, head.call, behind.call
+
+
+def test_a_chained_calls_outcome_never_comes_before_the_one_it_follows():
+    """dask may report the death of the worker running the second call before the
+    result of the first: the scheduler starts the second at the first's outcome."""
+    from graphexec._executors.protocol import ERROR, HELD, OK
+
+    ex, head, behind = _chain_of_two()
+    crashed = (behind, ERROR, gx.WorkerCrashed("died", node="c"))
+    assert ex._in_chain_order([crashed]) == []  # waits for the head's outcome
+    assert ex._in_chain_order([(head, OK, HELD)]) == [(head, OK, HELD), crashed]
+    assert not ex._behind and not ex._early
+
+    ex, head, behind = _chain_of_two()  # both in one poll
+    crashed = (behind, ERROR, gx.WorkerCrashed("died", node="c"))
+    assert ex._in_chain_order([crashed, (head, OK, HELD)]) == [(head, OK, HELD), crashed]
+
+
+def test_a_failed_call_cancels_the_chain_behind_it_on_the_cluster():
+    from graphexec._executors.protocol import ERROR
+
+    ex, head, behind = _chain_of_two()
+    early = (behind, ERROR, ValueError("its input was a failure"))
+    failed = (head, ERROR, ValueError("boom"))
+    assert ex._in_chain_order([early, failed]) == [failed]  # nothing of the chain
+    assert ex.cancelled == ["future-c"]
+    assert "c" not in ex._inflight
+    assert not ex._behind and not ex._early
+
+
 def test_each_dask_task_carries_graphexec_order_as_its_priority(client, monkeypatch):
     """A worker runs the tasks queued on it by dask priority: a dependent submitted
     once its input is ready must outrank the independent calls submitted before it

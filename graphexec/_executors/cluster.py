@@ -32,6 +32,21 @@ Data movement
     task's message through the dask scheduler; a function's is scattered
     once per compute.
 
+Chains
+    A sole consumer goes to dask with the call whose value it takes
+    (``Capabilities.chains``, the scheduler's ``build_chain``): it is submitted
+    at once with that call's Future as its input, so dask runs it where the
+    value is, as soon as it is there, as it does a plain dask graph, with no
+    round trip through this process in between. The call before it ends
+    ``OK`` with ``HELD`` (its value stays on the cluster, for the next call
+    only); a chained call's outcome is never handed over before that one
+    (``_in_chain_order``). A call that fails breaks its chain: the calls
+    behind it are cancelled on the cluster and the scheduler treats their
+    nodes as after any failed upstream (if dask already ran the next one, it
+    found a failure as its input and returned without calling the task). A
+    chained call that raises gets its input back as a handle of the value on
+    the cluster, for ``run.replay`` (``_take_back``).
+
 Failures
     * The task raised: ``_run_remote`` catches it and returns a
       :class:`_Failure` (a value, so dask logs nothing and never retries it);
@@ -122,7 +137,17 @@ from .._model.errors import GraphexecError, RemoteTraceback, SerializationError,
 from .._model.handle import materialize
 from .._model.keys import task_input_hash
 from .._model.state import State
-from .protocol import ERROR, OK, Call, Capabilities, Deadlines, timeout_error, write_cache
+from .protocol import (
+    ERROR,
+    HELD,
+    OK,
+    Call,
+    Capabilities,
+    Deadlines,
+    Outcome,
+    timeout_error,
+    write_cache,
+)
 from .runtime import (
     Unloadable,
     arguments_unpickle_error,
@@ -658,6 +683,7 @@ def _leave_hub(client: Any, executor: ClusterExecutor) -> None:
 
 class _Flight:
     __slots__ = (
+        "after",
         "call",
         "digest",
         "fn_id",
@@ -665,6 +691,7 @@ class _Flight:
         "inputs",
         "key",
         "lost",
+        "source",
         "started",
         "submitted",
         "worker",
@@ -681,6 +708,12 @@ class _Flight:
         self.worker: str | None = None
         self.digest: str | None = None
         self.lost = False  # dask lost its result with a worker: see _LOST
+        # A chained call: the flight of the call before it, whose value it takes
+        # on the cluster (its input HELD in the scheduler's Call); see "Chains".
+        self.after: _Flight | None = None
+        # ... and that call's Future, dask key and name, for as long as this call
+        # lives (its input, should it fail: _take_back).
+        self.source: tuple[Any, str, str] | None = None
 
 
 _executor_ids = itertools.count(1)
@@ -696,7 +729,7 @@ class ClusterExecutor:
     """
 
     # Dask runs a task in a worker thread: it cannot be killed, only abandoned.
-    capabilities = Capabilities(remote_values=True)
+    capabilities = Capabilities(remote_values=True, chains=True)
 
     def __init__(self, client: Any) -> None:
         self.client = client
@@ -707,6 +740,11 @@ class ClusterExecutor:
         self._lost: set[str] = set()  # keys in flight whose result dask computes again
         self._deadlines = Deadlines()  # dask key -> when its timeout runs out (from its start)
         self._outbox: list[tuple[Call, int, Any]] = []
+        # Chains (see the module docstring): id(call) -> the flight of the call sent
+        # behind it, until the call's outcome is handed over; id(call) -> outcomes of
+        # the calls behind it that came first, handed over right after its own.
+        self._behind: dict[int, _Flight] = {}
+        self._early: dict[int, list[Outcome]] = {}
         self._functions: dict[int, tuple[Any, str, Any]] = {}  # id(fn) -> (fn, fn id, blob)
         self._held: dict[int, tuple[bytes, Payload]] = {}  # node -> its value on the cluster
         self._digest_nodes: set[int] = set()
@@ -747,14 +785,37 @@ class ClusterExecutor:
             self._resize()
             if self._full():
                 return False
+        chain, call.then = call.then, None
+        flight = self._send(call, None)
+        if flight is None or not chain:
+            return True
+        # Its chain goes to dask now, each call with the Future of the one before
+        # it: dask runs it where that value is, as soon as it is there, with no
+        # round trip through this process (see "Chains").
+        sent: list[Call] = []
+        for nxt in chain:
+            behind = self._send(nxt, flight)
+            if behind is None:  # not sendable: the chain ends before it (the
+                break  # scheduler sends it on its own later, and it fails then)
+            self._behind[id(flight.call)] = behind
+            sent.append(nxt)
+            flight = behind
+        call.then = sent or None  # (cut to the calls sent, as the protocol asks)
+        return True
+
+    def _send(self, call: Call, after: _Flight | None) -> _Flight | None:
+        """Submit ``call`` to dask; ``after``: the flight of the call before it in a
+        chain, whose Future stands for its input HELD. None if it was not sent:
+        its failure is handed over then, unless it is a chained call."""
         try:
             fn_id, origin, blob = self._function(call)
             args_blob = self._arguments(call)
-            remote, local_blob = self._inputs(call)
+            remote, local_blob = self._inputs(call, after)
         except SerializationError as exc:
-            call.started = call.finished = time.time()
-            self._outbox.append((call, ERROR, exc))
-            return True
+            if after is None:
+                call.started = call.finished = time.time()
+                self._outbox.append((call, ERROR, exc))
+            return None
         key = f"{call.name}-{uuid.uuid4().hex}"
         spec = (
             self.id,
@@ -783,6 +844,8 @@ class ClusterExecutor:
                 priority=rank,
             )
         except Exception as exc:
+            if after is not None:
+                return None
             call.finished = time.time()
             self._outbox.append(
                 (
@@ -795,12 +858,15 @@ class ClusterExecutor:
                     ),
                 )
             )
-            return True
+            return None
         flight = _Flight(call, future, key, list(call.inputs), fn_id)
+        if after is not None:
+            flight.after = after
+            flight.source = (after.future, after.key, after.call.name)
         self._inflight[key] = flight
         inbox = self._inbox
         future.add_done_callback(lambda f, key=key: inbox.put(("done", key)))
-        return True
+        return flight
 
     def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
         if self._outbox:
@@ -847,7 +913,55 @@ class ClusterExecutor:
         if crashed:  # the scheduler has their cancel: see _CrashLedger
             _ledger.cancelled(crashed, time.monotonic())
         outcomes, self._outbox = self._outbox, []
+        if self._behind or self._early:
+            outcomes = self._in_chain_order(outcomes)
         return outcomes
+
+    def _in_chain_order(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """The outcomes, a chained call's never before that of the call it follows.
+
+        The scheduler starts a chained call when the call before it ends ``OK`` with
+        ``HELD``, and ignores what comes for a call it has not started. Events
+        from dask may come in another order (a worker's death is reported before
+        the result its last task sent), so an early outcome waits here for the
+        one it follows. A call that failed breaks its chain: the calls behind it
+        are cancelled on the cluster and never reported (the scheduler decides
+        what becomes of their nodes, as for any failed upstream).
+        """
+        out: list[Outcome] = []
+        waiting = {id(f.call): f.after.call for f in self._behind.values() if f.after is not None}
+        pending = list(outcomes)
+        while pending:
+            outcome = pending.pop(0)
+            call = outcome[0]
+            before = waiting.get(id(call))
+            if before is not None:
+                self._early.setdefault(id(before), []).append(outcome)
+                continue
+            out.append(outcome)
+            behind = self._behind.pop(id(call), None)
+            if behind is None:
+                continue
+            waiting.pop(id(behind.call), None)
+            behind.after = None
+            early = self._early.pop(id(call), [])
+            if outcome[1] == OK and outcome[2] is HELD:
+                pending[:0] = early  # the next call has started: its outcome may follow
+            else:
+                self._break_chain(behind)
+        return out
+
+    def _break_chain(self, first: _Flight | None) -> None:
+        """The call before ``first`` failed: cancel ``first`` and the calls behind it."""
+        futures = []
+        while first is not None:
+            self._inflight.pop(first.key, None)
+            self._deadlines.discard(first.key)
+            self._lost.discard(first.key)
+            self._early.pop(id(first.call), None)
+            futures.append(first.future)
+            first = self._behind.pop(id(first.call), None)
+        self._cancel(futures)
 
     def wakeup(self) -> None:
         """Make a blocked :meth:`poll` return (called from another thread)."""
@@ -856,6 +970,8 @@ class ClusterExecutor:
     def cancel_running(self) -> list[Call]:
         flights = list(self._inflight.values())
         self._inflight.clear()
+        self._behind.clear()
+        self._early.clear()
         self._lost.clear()
         self._deadlines.clear()
         if flights:
@@ -943,11 +1059,21 @@ class ClusterExecutor:
         except Exception as exc:
             raise arguments_error(call, exc, "the dask cluster") from None
 
-    def _inputs(self, call: Call) -> tuple[dict[int, Any], bytes | None]:
-        """Upstream values: Futures of values on the cluster, and the rest pickled here."""
+    def _inputs(self, call: Call, after: _Flight | None) -> tuple[dict[int, Any], bytes | None]:
+        """Upstream values: Futures of values on the cluster, and the rest pickled here;
+        ``after``: the flight whose value stands for the input ``HELD`` (a chain)."""
         remote: dict[int, Any] = {}
         local: dict[int, tuple[str, Any]] = {}
         for index, handle in call.inputs.items():
+            if handle is HELD:
+                if after is None:  # (the scheduler holds an input only behind a call)
+                    raise SerializationError(
+                        f"an input of {call.name} was kept for a chain that is not there",
+                        node=call.name,
+                        stage="arguments",
+                    )
+                remote[index] = after.future
+                continue
             if isinstance(handle, State):
                 future = self._future_of(handle._value)
                 if future is not None:
@@ -1025,6 +1151,10 @@ class ClusterExecutor:
         if status == "finished":
             if _is_failure(future.type):
                 return self._failed(flight)
+            if id(call) in self._behind:
+                # Its value stays on the cluster for the call behind it, which has it
+                # as an input already: nothing of it is held here.
+                return call, OK, HELD
             token = f"d:{flight.digest}" if flight.digest else f"k:{flight.key}"
             data = _hold(token, future, call.name)
             handle = Payload(data)
@@ -1076,7 +1206,25 @@ class ClusterExecutor:
             )
         call.started = failure.started
         call.finished = max(failure.finished, failure.started)
+        if flight.source is not None:
+            self._take_back(flight, flight.source)
         return call, ERROR, load_exception(failure.exc_blob, failure.tb, call.name, failure.summary)
+
+    def _take_back(self, flight: _Flight, source: tuple[Any, str, str]) -> None:
+        """A chained call raised: its input ``HELD`` becomes a handle of the value on the
+        cluster, held here as any other (as ``protocol.take_back`` does for the local
+        pool), so that the run keeps it for ``run.replay``."""
+        call = flight.call
+        future, key, name = source
+        for index, handle in call.inputs.items():
+            if handle is HELD:
+                data = _hold(f"k:{key}", future, name)
+                old = self._held.pop(index, None)
+                if old is not None:
+                    _drop([old[0]])
+                payload = Payload(data)
+                self._held[index] = (data, payload)
+                call.inputs[index] = payload
 
     def _dask_error(self, flight: _Flight) -> BaseException:
         """A task that dask itself failed (not the task's code: that returns a _Failure)."""

@@ -28,7 +28,10 @@ copy), never through the parent or shared memory. The scheduler builds a
 chain only where nothing could need such a value again (see
 ``_engine/chains.py``), so a value lost with its worker is never missed
 by the run; a chained call that fails sends its held input back with the
-error (:func:`take_back`), so that ``run.replay`` has it.
+error (:func:`take_back`), so that ``run.replay`` has it. On a dask cluster
+(``cluster.py``) "that worker" is the cluster: the chain's calls go to dask
+together, each with the Future of the one before, and dask moves the value
+if it runs the next call elsewhere.
 
 Deadlines: every executor that enforces ``timeout=`` keeps them in a
 :class:`Deadlines` heap (lazy deletion, as trio does), so ``poll`` knows how
