@@ -1,4 +1,4 @@
-"""What ``compute(cluster=...)`` costs on one machine: W1, W3, W4 (issues #9, #14).
+"""What ``compute(cluster=...)`` costs on one machine: W1, W2, W3, W4 (issues #9, #14).
 
 The same graphexec graph, built the same way, runs on three back ends with
 two workers each, all started before timing:
@@ -161,6 +161,13 @@ def _alternate(
 @pytest.mark.benchmark(group="cluster-W1")
 def test_cluster_w1(benchmark, client, gx_pool):
     _alternate(benchmark, "W1", w.w1_spec, w.check_w1, ROUNDS or 3, client, gx_pool)
+
+
+@pytest.mark.benchmark(group="cluster-W2")
+def test_cluster_w2(benchmark, client, gx_pool):
+    """A chain of 500 +1 tasks: latency. Each link was a round trip through this
+    process before chains reached the cluster path; now 33 links go at once."""
+    _alternate(benchmark, "W2", w.w2_spec, w.check_w2, ROUNDS or ROUNDS_HEAVY + 2, client, gx_pool)
 
 
 @pytest.mark.benchmark(group="cluster-W3")
