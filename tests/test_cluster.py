@@ -326,6 +326,8 @@ def test_a_failure_in_a_chain_cancels_the_calls_behind_it(client, monkeypatch, t
 
 def test_a_chained_call_that_raises_keeps_its_input_for_replay(client, monkeypatch):
     sent = _spy_sends(monkeypatch)
+    gc.collect()
+    before = _cluster.held_values()
     graph = gx.Graph()
     with graph:
         head = ok(41)
@@ -333,6 +335,8 @@ def test_a_chained_call_that_raises_keeps_its_input_for_replay(client, monkeypat
     run = graph.compute(cluster=client, raise_on_failure=False)
     assert (broken.name, True) in [(name, chained) for name, _, chained in sent]
     assert run.failed == [broken]
+    # The run keeps its own copy of the failed node's input: none stays on the cluster.
+    assert _cluster.held_values() == before
     assert run.inputs(broken) == ((41,), {})  # fetched from the cluster
     with pytest.raises(ValueError, match="41"):
         run.replay(broken)
@@ -357,7 +361,7 @@ def _chain_of_two():
     from graphexec._executors.protocol import Deadlines
 
     ex = object.__new__(_cluster.ClusterExecutor)
-    ex._inflight, ex._behind, ex._early = {}, {}, {}
+    ex._inflight, ex._behind, ex._early, ex._held = {}, {}, {}, {}
     ex._deadlines, ex._lost = Deadlines(), set()
     ex.cancelled = []
     ex._cancel = ex.cancelled.extend
@@ -365,6 +369,7 @@ def _chain_of_two():
     head, behind = (_cluster._Flight(c, f"future-{c.name}", c.name, [], "f") for c in calls)
     behind.after = head
     ex._behind[id(head.call)] = behind
+    ex._sources = {id(behind.call): ("future-p", "p", "p")}
     ex._inflight.update({"p": head, "c": behind})
     return ex, head.call, behind.call
 
@@ -386,15 +391,35 @@ def test_a_chained_calls_outcome_never_comes_before_the_one_it_follows():
 
 
 def test_a_failed_call_cancels_the_chain_behind_it_on_the_cluster():
-    from graphexec._executors.protocol import ERROR
+    from graphexec._executors.protocol import ERROR, HELD
 
-    ex, head, behind = _chain_of_two()
-    early = (behind, ERROR, ValueError("its input was a failure"))
-    failed = (head, ERROR, ValueError("boom"))
-    assert ex._in_chain_order([early, failed]) == [failed]  # nothing of the chain
-    assert ex.cancelled == ["future-c"]
-    assert "c" not in ex._inflight
-    assert not ex._behind and not ex._early
+    for order in ("behind first", "head first"):  # both "done" in one poll
+        ex, head, behind = _chain_of_two()
+        behind.inputs = {0: HELD}
+        early = (behind, ERROR, ValueError("its input was a failure"))
+        failed = (head, ERROR, ValueError("boom"))
+        both = [early, failed] if order == "behind first" else [failed, early]
+        assert ex._in_chain_order(both) == [failed], order  # nothing of the chain
+        assert ex.cancelled == ["future-c"]
+        assert "c" not in ex._inflight
+        assert not ex._behind and not ex._early and not ex._sources
+        assert behind.inputs == {0: HELD} and not ex._held  # nothing taken back for it
+
+
+def test_a_call_with_a_timeout_sends_no_chain(client, monkeypatch, tmp_path):
+    """Its deadline is judged here: dask could start the next call with its value
+    before the cancel reached it, and that call would run for a Skipped node."""
+    sent = _spy_sends(monkeypatch)
+    graph = gx.Graph()
+    with graph:
+        head = nap.with_options(timeout=5)(0.05)
+        behind = ok(head)
+    run = graph.compute(cluster=client)
+    assert run[behind] == 0.05
+    assert [(name, chained) for name, _, chained in sent] == [
+        (head.name, False),
+        (behind.name, False),
+    ]
 
 
 def test_each_dask_task_carries_graphexec_order_as_its_priority(client, monkeypatch):

@@ -41,11 +41,17 @@ Chains
     ``OK`` with ``HELD`` (its value stays on the cluster, for the next call
     only); a chained call's outcome is never handed over before that one
     (``_in_chain_order``). A call that fails breaks its chain: the calls
-    behind it are cancelled on the cluster and the scheduler treats their
-    nodes as after any failed upstream (if dask already ran the next one, it
-    found a failure as its input and returned without calling the task). A
-    chained call that raises gets its input back as a handle of the value on
-    the cluster, for ``run.replay`` (``_take_back``).
+    behind it are cancelled on the cluster, their outcomes are never handed
+    over, and the scheduler treats their nodes as after any failed upstream
+    (if dask already ran the next one, it found a failure as its input and
+    returned without calling the task). A chained call that fails gets its
+    input back as a handle of the value on the cluster, for ``run.replay``
+    (``_take_back``). A call with a timeout sends no chain: its deadline is
+    judged here, and dask could start the next call with its value before
+    the cancel reached it. One race remains, as with any dask graph: a head
+    whose worker dies may be run again by dask elsewhere before its cancel
+    arrives; the calls behind it may then run on the cluster although their
+    nodes end ``Skipped`` (their results are dropped).
 
 Failures
     * The task raised: ``_run_remote`` catches it and returns a
@@ -691,7 +697,6 @@ class _Flight:
         "inputs",
         "key",
         "lost",
-        "source",
         "started",
         "submitted",
         "worker",
@@ -711,9 +716,6 @@ class _Flight:
         # A chained call: the flight of the call before it, whose value it takes
         # on the cluster (its input HELD in the scheduler's Call); see "Chains".
         self.after: _Flight | None = None
-        # ... and that call's Future, dask key and name, for as long as this call
-        # lives (its input, should it fail: _take_back).
-        self.source: tuple[Any, str, str] | None = None
 
 
 _executor_ids = itertools.count(1)
@@ -745,6 +747,9 @@ class ClusterExecutor:
         # the calls behind it that came first, handed over right after its own.
         self._behind: dict[int, _Flight] = {}
         self._early: dict[int, list[Outcome]] = {}
+        # id(chained call) -> the Future, dask key and name of the call before it,
+        # until its outcome is handed over (its input, should it fail: _take_back).
+        self._sources: dict[int, tuple[Any, str, str]] = {}
         self._functions: dict[int, tuple[Any, str, Any]] = {}  # id(fn) -> (fn, fn id, blob)
         self._held: dict[int, tuple[bytes, Payload]] = {}  # node -> its value on the cluster
         self._digest_nodes: set[int] = set()
@@ -786,6 +791,11 @@ class ClusterExecutor:
             if self._full():
                 return False
         chain, call.then = call.then, None
+        if call.timeout is not None:
+            # Its deadline is judged here, and dask may have started the next call
+            # with its value before the cancel reaches it: that call would run though
+            # its node ends Skipped. The chain waits for the outcome instead.
+            chain = None
         flight = self._send(call, None)
         if flight is None or not chain:
             return True
@@ -862,7 +872,7 @@ class ClusterExecutor:
         flight = _Flight(call, future, key, list(call.inputs), fn_id)
         if after is not None:
             flight.after = after
-            flight.source = (after.future, after.key, after.call.name)
+            self._sources[id(call)] = (after.future, after.key, after.call.name)
         self._inflight[key] = flight
         inbox = self._inbox
         future.add_done_callback(lambda f, key=key: inbox.put(("done", key)))
@@ -913,7 +923,7 @@ class ClusterExecutor:
         if crashed:  # the scheduler has their cancel: see _CrashLedger
             _ledger.cancelled(crashed, time.monotonic())
         outcomes, self._outbox = self._outbox, []
-        if self._behind or self._early:
+        if self._sources:  # chained calls in flight
             outcomes = self._in_chain_order(outcomes)
         return outcomes
 
@@ -930,14 +940,20 @@ class ClusterExecutor:
         """
         out: list[Outcome] = []
         waiting = {id(f.call): f.after.call for f in self._behind.values() if f.after is not None}
-        pending = list(outcomes)
+        broken: set[int] = set()  # calls cancelled behind a failure: never handed over
+        pending = collections.deque(outcomes)
         while pending:
-            outcome = pending.pop(0)
+            outcome = pending.popleft()
             call = outcome[0]
+            if id(call) in broken:
+                continue
             before = waiting.get(id(call))
             if before is not None:
                 self._early.setdefault(id(before), []).append(outcome)
                 continue
+            source = self._sources.pop(id(call), None)
+            if source is not None and outcome[1] == ERROR:
+                self._take_back(call, source)
             out.append(outcome)
             behind = self._behind.pop(id(call), None)
             if behind is None:
@@ -946,22 +962,27 @@ class ClusterExecutor:
             behind.after = None
             early = self._early.pop(id(call), [])
             if outcome[1] == OK and outcome[2] is HELD:
-                pending[:0] = early  # the next call has started: its outcome may follow
+                pending.extendleft(reversed(early))  # the next call has started: its
+                # outcome may follow
             else:
-                self._break_chain(behind)
+                broken |= self._break_chain(behind)
         return out
 
-    def _break_chain(self, first: _Flight | None) -> None:
-        """The call before ``first`` failed: cancel ``first`` and the calls behind it."""
-        futures = []
+    def _break_chain(self, first: _Flight | None) -> set[int]:
+        """The call before ``first`` failed: cancel ``first`` and the calls behind it;
+        their ids (an outcome of theirs already here is dropped)."""
+        futures, ids = [], set()
         while first is not None:
             self._inflight.pop(first.key, None)
             self._deadlines.discard(first.key)
             self._lost.discard(first.key)
             self._early.pop(id(first.call), None)
+            self._sources.pop(id(first.call), None)
             futures.append(first.future)
+            ids.add(id(first.call))
             first = self._behind.pop(id(first.call), None)
         self._cancel(futures)
+        return ids
 
     def wakeup(self) -> None:
         """Make a blocked :meth:`poll` return (called from another thread)."""
@@ -972,6 +993,7 @@ class ClusterExecutor:
         self._inflight.clear()
         self._behind.clear()
         self._early.clear()
+        self._sources.clear()
         self._lost.clear()
         self._deadlines.clear()
         if flights:
@@ -1001,7 +1023,9 @@ class ClusterExecutor:
     def release(self, node: int, handle: Any) -> None:
         """The scheduler dropped ``node``'s value: drop the cluster's copy too."""
         entry = self._held.get(node)
-        if entry is not None and entry[1] is handle:
+        # (HELD: the value stayed on the cluster for a chained call that failed, and
+        # was held here for it since: _take_back)
+        if entry is not None and (entry[1] is handle or handle is HELD):
             del self._held[node]
             _drop([entry[0]])
 
@@ -1206,15 +1230,12 @@ class ClusterExecutor:
             )
         call.started = failure.started
         call.finished = max(failure.finished, failure.started)
-        if flight.source is not None:
-            self._take_back(flight, flight.source)
         return call, ERROR, load_exception(failure.exc_blob, failure.tb, call.name, failure.summary)
 
-    def _take_back(self, flight: _Flight, source: tuple[Any, str, str]) -> None:
-        """A chained call raised: its input ``HELD`` becomes a handle of the value on the
+    def _take_back(self, call: Call, source: tuple[Any, str, str]) -> None:
+        """A chained call failed: its input ``HELD`` becomes a handle of the value on the
         cluster, held here as any other (as ``protocol.take_back`` does for the local
         pool), so that the run keeps it for ``run.replay``."""
-        call = flight.call
         future, key, name = source
         for index, handle in call.inputs.items():
             if handle is HELD:

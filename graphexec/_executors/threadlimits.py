@@ -117,10 +117,13 @@ def prepare_server() -> None:
 
 def apply_in_worker(env: dict[str, str]) -> None:
     """Set ``env`` in this (worker) process and limit the libraries already loaded."""
+    global _probed
     os.environ.update(env)
     if POOL_MODULES.isdisjoint(sys.modules):
         return
-    controller = _probed
+    # Used once: a process forked from this worker later (a task's own pool) has
+    # loaded other libraries since, and probes its own.
+    controller, _probed = _probed, None
     if controller is None:
         try:
             import threadpoolctl
@@ -135,7 +138,7 @@ def apply_in_worker(env: dict[str, str]) -> None:
         selected = controller.select(internal_api=library)
         if selected.lib_controllers:
             selected.limit(limits=count)
-            if library == "openblas":
+            if library == "openblas" and count == 1 and os.name == "posix":
                 _stop_openblas_threads(selected.lib_controllers)
 
 
@@ -153,9 +156,11 @@ def _stop_openblas_threads(libraries: list[Any]) -> None:
     looking for work for about 0.1 s of CPU before it sleeps: on two cores,
     two starting workers took that much from the parent and from each other
     (a cold 500-call chain 33 ms instead of 23 in a program that imported
-    numpy). Stopped again here, the pool is started by OpenBLAS itself at
-    the first call that uses more than one thread, as after any fork; with
-    a count of 1 it never is. Builds without the symbol keep their threads.
+    numpy). Only for a count of 1, the default with as many workers as
+    cores: no call then uses the pool, so it never starts again. With more,
+    the threads are kept (their first products would start the pool anyway,
+    through a path some OpenBLAS releases got wrong after a fork). Builds
+    without the symbol keep their threads.
     """
     for lib in libraries:
         if getattr(lib, "threading_layer", None) != "pthreads":
