@@ -80,6 +80,11 @@ def add(*xs):
 
 
 @gx.task
+def first(x, *_):
+    return x
+
+
+@gx.task
 def explode(message="boom"):
     raise ValueError(message)
 
@@ -404,6 +409,29 @@ def test_a_failed_call_cancels_the_chain_behind_it_on_the_cluster():
         assert "c" not in ex._inflight
         assert not ex._behind and not ex._early and not ex._sources
         assert behind.inputs == {0: HELD} and not ex._held  # nothing taken back for it
+
+
+def test_a_call_dask_cannot_take_fails_its_own_node_and_ends_its_chain(client, monkeypatch):
+    """A scatter of a large argument that fails (the cluster going away) is the
+    node's, never the compute's: a chained call that cannot be sent ends the chain
+    before it, and fails when it is sent on its own."""
+    large = _cluster.ClusterExecutor._large
+
+    def failing(self, blob):
+        if blob is not None and len(blob) >= _cluster.SCATTER_BYTES:
+            raise OSError("the scheduler went away")
+        return large(self, blob)
+
+    monkeypatch.setattr(_cluster.ClusterExecutor, "_large", failing)
+    graph = gx.Graph()
+    with graph:
+        head = ok(1)
+        behind = first(head, b"x" * 2_000_000)  # an argument past SCATTER_BYTES
+    run = graph.compute(cluster=client, raise_on_failure=False)
+    assert run.state(head).name == "Completed"
+    exc = run.state(behind).exception
+    assert type(exc) is gx.WorkerCrashed
+    assert "could not be sent to the dask cluster: OSError: the scheduler went away" in str(exc)
 
 
 def test_a_call_with_a_timeout_sends_no_chain(client, monkeypatch, tmp_path):

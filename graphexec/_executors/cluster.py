@@ -816,34 +816,29 @@ class ClusterExecutor:
     def _send(self, call: Call, after: _Flight | None) -> _Flight | None:
         """Submit ``call`` to dask; ``after``: the flight of the call before it in a
         chain, whose Future stands for its input HELD. None if it was not sent:
-        its failure is handed over then, unless it is a chained call."""
+        its failure is handed over then, unless it is a chained call (the chain
+        ends before it, and the scheduler sends it on its own later)."""
+        key = f"{call.name}-{uuid.uuid4().hex}"
         try:
             fn_id, origin, blob = self._function(call)
             args_blob = self._arguments(call)
             remote, local_blob = self._inputs(call, after)
-        except SerializationError as exc:
-            if after is None:
-                call.started = call.finished = time.time()
-                self._outbox.append((call, ERROR, exc))
-            return None
-        key = f"{call.name}-{uuid.uuid4().hex}"
-        spec = (
-            self.id,
-            key,
-            call.name,
-            fn_id,
-            origin,
-            self._large(args_blob),
-            self._large(local_blob),
-            call.cache,
-            call.node in self._digest_nodes,
-            call.timeout is not None,
-        )
-        rank = self._ranks.get(call.node)
-        if rank is None:  # a node a flow added after open()
-            rank = _rank(self._run, call.node, 0)
-        call.started = time.time()
-        try:
+            spec = (
+                self.id,
+                key,
+                call.name,
+                fn_id,
+                origin,
+                self._large(args_blob),
+                self._large(local_blob),
+                call.cache,
+                call.node in self._digest_nodes,
+                call.timeout is not None,
+            )
+            rank = self._ranks.get(call.node)
+            if rank is None:  # a node a flow added after open()
+                rank = _rank(self._run, call.node, 0)
+            call.started = time.time()
             future = self.client.submit(
                 _run_remote,
                 blob,
@@ -853,21 +848,25 @@ class ClusterExecutor:
                 pure=False,
                 priority=rank,
             )
-        except Exception as exc:
-            if after is not None:
-                return None
-            call.finished = time.time()
-            self._outbox.append(
-                (
-                    call,
-                    ERROR,
-                    WorkerCrashed(
-                        f"{call.name} could not be sent to the dask cluster: {type(exc).__name__}: "
-                        f"{exc}",
-                        node=call.name,
-                    ),
+        except SerializationError as exc:
+            if after is None:
+                call.started = call.finished = time.time()
+                self._outbox.append((call, ERROR, exc))
+            return None
+        except Exception as exc:  # the cluster: a scatter or the submit itself failed
+            if after is None:
+                call.finished = max(time.time(), call.started)
+                self._outbox.append(
+                    (
+                        call,
+                        ERROR,
+                        WorkerCrashed(
+                            f"{call.name} could not be sent to the dask cluster: "
+                            f"{type(exc).__name__}: {exc}",
+                            node=call.name,
+                        ),
+                    )
                 )
-            )
             return None
         flight = _Flight(call, future, key, list(call.inputs), fn_id)
         if after is not None:
