@@ -372,8 +372,8 @@ def _chain_of_two():
     ex._cancel = ex.cancelled.extend
     calls = [Call(k, name, None, (), None, False, {}, None, 1) for k, name in enumerate("pc")]
     head, behind = (_cluster._Flight(c, f"future-{c.name}", c.name, [], "f") for c in calls)
-    behind.after = head
     ex._behind[id(head.call)] = behind
+    ex._before = {id(behind.call): head.call}
     ex._sources = {id(behind.call): ("future-p", "p", "p")}
     ex._inflight.update({"p": head, "c": behind})
     return ex, head.call, behind.call
@@ -407,7 +407,7 @@ def test_a_failed_call_cancels_the_chain_behind_it_on_the_cluster():
         assert ex._in_chain_order(both) == [failed], order  # nothing of the chain
         assert ex.cancelled == ["future-c"]
         assert "c" not in ex._inflight
-        assert not ex._behind and not ex._early and not ex._sources
+        assert not ex._behind and not ex._early and not ex._sources and not ex._before
         assert behind.inputs == {0: HELD} and not ex._held  # nothing taken back for it
 
 

@@ -689,7 +689,6 @@ def _leave_hub(client: Any, executor: ClusterExecutor) -> None:
 
 class _Flight:
     __slots__ = (
-        "after",
         "call",
         "digest",
         "fn_id",
@@ -713,9 +712,6 @@ class _Flight:
         self.worker: str | None = None
         self.digest: str | None = None
         self.lost = False  # dask lost its result with a worker: see _LOST
-        # A chained call: the flight of the call before it, whose value it takes
-        # on the cluster (its input HELD in the scheduler's Call); see "Chains".
-        self.after: _Flight | None = None
 
 
 _executor_ids = itertools.count(1)
@@ -748,8 +744,10 @@ class ClusterExecutor:
         self._behind: dict[int, _Flight] = {}
         self._early: dict[int, list[Outcome]] = {}
         # id(chained call) -> the Future, dask key and name of the call before it,
-        # until its outcome is handed over (its input, should it fail: _take_back).
+        # until its outcome is handed over (its input, should it fail: _take_back);
+        # id(chained call) -> the call before it, until that one's outcome is.
         self._sources: dict[int, tuple[Any, str, str]] = {}
+        self._before: dict[int, Call] = {}
         self._functions: dict[int, tuple[Any, str, Any]] = {}  # id(fn) -> (fn, fn id, blob)
         self._held: dict[int, tuple[bytes, Payload]] = {}  # node -> its value on the cluster
         self._digest_nodes: set[int] = set()
@@ -808,6 +806,7 @@ class ClusterExecutor:
             if behind is None:  # not sendable: the chain ends before it (the
                 break  # scheduler sends it on its own later, and it fails then)
             self._behind[id(flight.call)] = behind
+            self._before[id(nxt)] = flight.call
             sent.append(nxt)
             flight = behind
         call.then = sent or None  # (cut to the calls sent, as the protocol asks)
@@ -870,7 +869,6 @@ class ClusterExecutor:
             return None
         flight = _Flight(call, future, key, list(call.inputs), fn_id)
         if after is not None:
-            flight.after = after
             self._sources[id(call)] = (after.future, after.key, after.call.name)
         self._inflight[key] = flight
         inbox = self._inbox
@@ -938,7 +936,7 @@ class ClusterExecutor:
         what becomes of their nodes, as for any failed upstream).
         """
         out: list[Outcome] = []
-        waiting = {id(f.call): f.after.call for f in self._behind.values() if f.after is not None}
+        waiting = self._before  # (kept up to date as calls come and go: no rebuild)
         broken: set[int] = set()  # calls cancelled behind a failure: never handed over
         pending = collections.deque(outcomes)
         while pending:
@@ -958,7 +956,6 @@ class ClusterExecutor:
             if behind is None:
                 continue
             waiting.pop(id(behind.call), None)
-            behind.after = None
             early = self._early.pop(id(call), [])
             if outcome[1] == OK and outcome[2] is HELD:
                 pending.extendleft(reversed(early))  # the next call has started: its
@@ -977,6 +974,7 @@ class ClusterExecutor:
             self._lost.discard(first.key)
             self._early.pop(id(first.call), None)
             self._sources.pop(id(first.call), None)
+            self._before.pop(id(first.call), None)
             futures.append(first.future)
             ids.add(id(first.call))
             first = self._behind.pop(id(first.call), None)
@@ -993,6 +991,7 @@ class ClusterExecutor:
         self._behind.clear()
         self._early.clear()
         self._sources.clear()
+        self._before.clear()
         self._lost.clear()
         self._deadlines.clear()
         if flights:
