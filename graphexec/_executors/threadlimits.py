@@ -165,8 +165,11 @@ def _stop_openblas_threads(libraries: list[Any]) -> None:
     for lib in libraries:
         if getattr(lib, "threading_layer", None) != "pthreads":
             continue  # OpenMP's threads are the OpenMP runtime's, not OpenBLAS's
+        dynlib = getattr(lib, "dynlib", None)  # (threadpoolctl's handle of the library)
+        if dynlib is None:
+            continue
         for name in _OPENBLAS_SHUTDOWN:
-            shutdown = getattr(lib.dynlib, name, None)
+            shutdown = getattr(dynlib, name, None)
             if shutdown is not None:
                 shutdown()
                 break
