@@ -48,8 +48,8 @@ Chains
     input back as a handle of the value on the cluster, for ``run.replay``
     (``_take_back``). A call with a timeout sends no chain: its deadline is
     judged here, and dask could start the next call with its value before
-    the cancel reached it. One race remains, as with any dask graph: a head
-    whose worker dies may be run again by dask elsewhere before its cancel
+    the cancel reached it. One race remains: a head whose worker dies fails
+    its node here, but dask may run it again elsewhere before the cancel
     arrives; the calls behind it may then run on the cluster although their
     nodes end ``Skipped`` (their results are dropped).
 
@@ -1178,12 +1178,7 @@ class ClusterExecutor:
                 # as an input already: nothing of it is held here.
                 return call, OK, HELD
             token = f"d:{flight.digest}" if flight.digest else f"k:{flight.key}"
-            data = _hold(token, future, call.name)
-            handle = Payload(data)
-            old = self._held.pop(call.node, None)
-            if old is not None:
-                _drop([old[0]])
-            self._held[call.node] = (data, handle)
+            handle = self._keep(call.node, token, future, call.name)
             if call.cache is not None:
                 self._check_cache_entry(call)
             return call, OK, handle
@@ -1237,13 +1232,18 @@ class ClusterExecutor:
         future, key, name = source
         for index, handle in call.inputs.items():
             if handle is HELD:
-                data = _hold(f"k:{key}", future, name)
-                old = self._held.pop(index, None)
-                if old is not None:
-                    _drop([old[0]])
-                payload = Payload(data)
-                self._held[index] = (data, payload)
-                call.inputs[index] = payload
+                call.inputs[index] = self._keep(index, f"k:{key}", future, name)
+
+    def _keep(self, node: int, token: str, future: Any, name: str) -> Payload:
+        """Hold ``future`` here as ``node``'s value on the cluster (one held per node:
+        an earlier one is let go of); its handle, whose pickle is a reference."""
+        data = _hold(token, future, name)
+        handle = Payload(data)
+        old = self._held.pop(node, None)
+        if old is not None:
+            _drop([old[0]])
+        self._held[node] = (data, handle)
+        return handle
 
     def _dask_error(self, flight: _Flight) -> BaseException:
         """A task that dask itself failed (not the task's code: that returns a _Failure)."""
