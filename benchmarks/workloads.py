@@ -703,13 +703,25 @@ def w4_half_server(conn: Any) -> None:
         conn.send(total)
 
 
-class TwoProcesses:
-    """W4's floor on ``WORKERS`` cores: ``WORKERS`` warm processes, each making,
-    sorting and summing its fixed share of the arrays, and only the sums sent
-    back: what no scheduler can beat on this machine, whatever the cores share
-    (memory bandwidth, caches) when they all sort 16 MB arrays at once."""
+def w3_half_server(conn: Any) -> None:
+    """One of W3's floor processes: its fixed share of W3's tasks per request."""
+    while True:
+        request = conn.recv()
+        if request is None:
+            return
+        k, n, loops = request
+        conn.send([spin(loops, i) for i in range(k, n, WORKERS)])
 
-    def __init__(self) -> None:
+
+class TwoProcesses:
+    """A floor on ``WORKERS`` cores: ``WORKERS`` warm processes, each running its
+    fixed share of a workload (``server``: W4's by default), only the results
+    sent back: what no scheduler can beat on this machine. For W4, whatever the
+    cores share (memory bandwidth, caches) when they all sort 16 MB arrays at
+    once; for W3, what two busy cores of this machine give against one alone
+    (a virtual machine's two CPUs may be two threads of one core)."""
+
+    def __init__(self, server: Any = None, warm: tuple = (WORKERS * 2, 1000)) -> None:
         import multiprocessing
 
         ctx = multiprocessing.get_context("forkserver")
@@ -717,17 +729,22 @@ class TwoProcesses:
         self.procs = []
         for _ in range(WORKERS):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=w4_half_server, args=(theirs,), daemon=True)
+            proc = ctx.Process(target=server or w4_half_server, args=(theirs,), daemon=True)
             proc.start()
             theirs.close()
             self.conns.append(mine)
             self.procs.append(proc)
-        self.run(WORKERS * 2, 1000)  # every process started, numpy imported
+        self.ask(*warm)  # every process started, its imports done
+
+    def ask(self, *request: Any) -> list:
+        """Send each process ``(its number, *request)``; their answers, in order."""
+        for k, conn in enumerate(self.conns):
+            conn.send((k, *request))
+        return [conn.recv() for conn in self.conns]
 
     def run(self, n: int = W4_ARRAYS, length: int = W4_LENGTH) -> float:
-        for k, conn in enumerate(self.conns):
-            conn.send((k, n, length))
-        return sum(conn.recv() for conn in self.conns)
+        """W4's total, each process summing its share of the arrays."""
+        return sum(self.ask(n, length))
 
     def close(self) -> None:
         for conn, proc in zip(self.conns, self.procs):
@@ -739,3 +756,19 @@ class TwoProcesses:
 def run_w4_floor(floor: TwoProcesses, spec: Spec) -> Outcome:
     """W4 on the floor processes (``spec`` only names the output's index)."""
     return Outcome({spec.outputs[0]: floor.run()}, n_calls=len(spec))
+
+
+def w3_floor() -> TwoProcesses:
+    """W3's floor processes (``w3_half_server``), started and warm."""
+    return TwoProcesses(w3_half_server, warm=(WORKERS, 10))
+
+
+def run_w3_floor(floor: TwoProcesses, spec: Spec) -> Outcome:
+    """W3 on the floor processes: task i runs in process i % WORKERS."""
+    loops = spec.calls[0][1][0]
+    shares = floor.ask(len(spec.outputs), loops)
+    values = {}
+    for k, share in enumerate(shares):
+        for j, value in enumerate(share):
+            values[spec.outputs[k + j * WORKERS]] = value
+    return Outcome(values, n_calls=len(spec))

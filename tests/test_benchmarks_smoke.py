@@ -199,3 +199,31 @@ def test_report_shows_fresh_start_up_and_missing_tools(tmp_path):
     )
     assert "| ProcessPoolExecutor | 0.020 s | 0.040 s | 3.00 ms | 0.050 s |" in text
     assert "| Ray | not installed (or not run) |" in text
+
+
+def test_w3_floor_runs_a_half_in_each_process_and_the_report_reads_it(tmp_path):
+    spec = w.w3_spec(1000, n=7)
+    serial = w.run_serial(spec)
+    expected = [serial.values[i] for i in sorted(serial.values)]
+    floor = w.w3_floor()
+    try:
+        w.check_w3(w.run_w3_floor(floor, spec), expected)
+    finally:
+        floor.close()
+
+    def bench(tool, turns):
+        info = {"workload": "W3-turns", "tool": tool, "turn_times": turns}
+        return {"stats": {"median": sorted(turns)[1]}, "extra_info": info}
+
+    benches = [
+        bench("serial", [4.0, 4.2, 4.4]),
+        bench("floor", [2.0, 2.1, 2.2]),
+        bench("graphexec-cold", [2.2, 2.1, 2.4]),  # per turn: 1.1, 1.0, 1.09
+        bench("graphexec-warm", [2.0, 2.1, 2.2]),
+    ]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": benches}))
+    text = report.report(*report.load([str(path)]))
+    assert "| W3 cold | ≤ 1.03 x the two-process floor, in turns | 1.09 x | **missed** |" in text
+    assert "| W3 warm | ≤ 1.03 x the two-process floor, in turns | 1.00 x | met |" in text
+    assert "the parallel efficiency 2 cores allow | 100.0% |" in text
