@@ -138,6 +138,26 @@ def test_a_starting_worker_runs_no_idle_openblas_thread(clean_env, start_method)
 
 
 @needs_stoppable_openblas
+@pytest.mark.parametrize("start_method", ["forkserver", "zygote"])
+def test_a_task_limited_to_its_workers_count_starts_no_openblas_thread(clean_env, start_method):
+    """``inner_threads=1`` on a worker at one thread already changes nothing: setting
+    OpenBLAS's count, to the same value too, restarted the pool the worker had
+    stopped, and its thread spun for about 0.1 s of CPU."""
+    limited = threads_here.with_options(inner_threads=1)
+    with gx.Pool(2, inner_threads=1, start_method=start_method) as pool:
+        for _ in range(2):  # the first call of each worker, then the next ones
+            g = gx.Graph()
+            with g:
+                nodes = [limited() for _ in range(2)]
+            run = g.compute(pool=pool, progress=False)
+            for node in nodes:
+                r = run[node]
+                assert r["openblas"] == 1
+                assert r["before"] == 0, r  # only the worker's own Python threads
+                assert r["idle_cpu"] < 0.05, r
+
+
+@needs_stoppable_openblas
 def test_a_worker_allowed_two_threads_keeps_its_openblas_threads(clean_env):
     """Only a count of 1 stops the pool: with more, products use it."""
     with gx.Pool(1, inner_threads=2, start_method="zygote") as pool:

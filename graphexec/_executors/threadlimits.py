@@ -203,7 +203,17 @@ def threads_shut_at_fork() -> int:
 
 @contextlib.contextmanager
 def limited(threads: int) -> Iterator[None]:
-    """Limit the thread pools of the libraries loaded in this process, then restore them."""
+    """Limit the thread pools of the libraries loaded in this process to ``threads``,
+    then put back the counts it changed.
+
+    A library already at ``threads`` is left alone (``threadpool_limits`` sets
+    every one). Setting OpenBLAS's count restarts its pool when the pool is
+    stopped, as it is in a worker that starts at one thread (see
+    :func:`_stop_openblas_threads`), and each new thread spins for about 0.1 s
+    of CPU: ``inner_threads=1`` on the tasks of a default pool (one thread a
+    worker when there are as many workers as cores) cost each worker that,
+    and a thread kept for nothing; now it changes nothing there.
+    """
     try:
         import threadpoolctl
     except ImportError:
@@ -211,8 +221,18 @@ def limited(threads: int) -> Iterator[None]:
             "the task option inner_threads= needs threadpoolctl (a dependency of "
             "graphexec): pip install threadpoolctl"
         ) from None
-    with threadpoolctl.threadpool_limits(limits=threads):
+    changed: list[tuple[Any, Any]] = []
+    for lib in threadpoolctl.ThreadpoolController().lib_controllers:
+        before = lib.num_threads
+        if before != threads:
+            lib.set_num_threads(threads)
+            changed.append((lib, before))
+    try:
         yield
+    finally:
+        for lib, before in changed:
+            if before is not None:  # (a library that cannot say keeps the limit)
+                lib.set_num_threads(before)
 
 
 class ThreadLimited:
