@@ -348,6 +348,26 @@ def measure(
     return stats.stats.median if stats is not None else None
 
 
+def take_turns(
+    runners: dict[str, Callable[[w.Spec], Any]],
+    spec: w.Spec,
+    check: Callable[[Any], None],
+    turns: int,
+) -> dict[str, list[float]]:
+    """Seconds of each round of each tool, the tools taking turns round by round
+    (``turns`` rounds each; the garbage collected before each, untimed): a burst of
+    load from other programs then lands on all of them alike (see :func:`record`)."""
+    times: dict[str, list[float]] = {tool: [] for tool in runners}
+    for _ in range(turns):
+        for tool, run in runners.items():
+            gc.collect()
+            start = time.perf_counter()
+            out = run(spec)
+            times[tool].append(time.perf_counter() - start)
+            check(out)
+    return times
+
+
 def record(
     benchmark: Any, times: list[float], *, workload: str, tool: str, **extra: Any
 ) -> float | None:

@@ -15,14 +15,12 @@ threads of one core) run pure Python slower than one alone; so the report
 reads graphexec against the floor too.
 """
 
-import gc
 import statistics
-import time
 
 import pytest
 
 from . import workloads as w
-from .conftest import ROUNDS_HEAVY, TIMEOUT, measure, record
+from .conftest import ROUNDS_HEAVY, TIMEOUT, measure, record, take_turns
 
 pytestmark = [pytest.mark.benchmark(group="W3"), pytest.mark.timeout(TIMEOUT)]
 
@@ -61,18 +59,10 @@ def floor_turns(w3_reference, gx_pool):
         "graphexec-cold": lambda spec: w.run_graphexec(spec, workers=w.WORKERS),
         "graphexec-warm": lambda spec: w.run_graphexec(spec, pool=gx_pool),
     }
-    times: dict[str, list[float]] = {tool: [] for tool in runners}
     try:
-        for _ in range(FLOOR_TURNS):
-            for tool, run in runners.items():
-                gc.collect()
-                start = time.perf_counter()
-                out = run(spec)
-                times[tool].append(time.perf_counter() - start)
-                w.check_w3(out, expected)
+        return take_turns(runners, spec, lambda out: w.check_w3(out, expected), FLOOR_TURNS)
     finally:
         floor.close()
-    return times
 
 
 @pytest.mark.parametrize("tool", IN_TURNS)

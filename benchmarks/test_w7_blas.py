@@ -27,13 +27,10 @@ OPENBLAS_L2_SIZE python -m pytest ...``) and check the kernel in
 ``extra_info["blas"]`` (threadpoolctl's ``architecture``). Never in tests or CI.
 """
 
-import gc
-import time
-
 import pytest
 
 from . import workloads as w
-from .conftest import ROUNDS_HEAVY, TIMEOUT, cpu_snapshot, cpu_window, measure, record
+from .conftest import ROUNDS_HEAVY, TIMEOUT, cpu_snapshot, cpu_window, measure, record, take_turns
 
 pytestmark = [pytest.mark.benchmark(group="W7"), pytest.mark.timeout(TIMEOUT)]
 
@@ -109,15 +106,8 @@ def turns(request):
     """Seconds of each round of each tool of IN_TURNS, the tools taking turns."""
     w.w7_expected()  # the reference values, computed before any timing
     runners = _runners(request)
-    times: dict[str, list[float]] = {tool: [] for tool in runners}
     before = cpu_snapshot()
-    for _ in range(TURNS):
-        for tool, run in runners.items():
-            gc.collect()
-            start = time.perf_counter()
-            out = run(SPEC)
-            times[tool].append(time.perf_counter() - start)
-            w.check_w7(out)
+    times = take_turns(runners, SPEC, w.check_w7, TURNS)
     return times, cpu_window(before)
 
 

@@ -120,21 +120,27 @@ needs_stoppable_openblas = pytest.mark.skipif(
 )
 
 
+def _run_without_openblas_threads(pool: gx.Pool, task: gx.Task, openblas: int) -> None:
+    """Two calls of ``task`` (``threads_here``) on ``pool``: each saw OpenBLAS at
+    ``openblas`` threads, no native thread beside its Python ones, no CPU idle."""
+    g = gx.Graph()
+    with g:
+        nodes = [task() for _ in range(2)]
+    run = g.compute(pool=pool, progress=False)
+    for node in nodes:
+        r = run[node]
+        assert r["openblas"] == openblas
+        assert r["before"] == 0, r  # only the worker's own Python threads
+        assert r["idle_cpu"] < 0.05, r
+
+
 @needs_stoppable_openblas
 @pytest.mark.parametrize("start_method", ["forkserver", "zygote", "fork"])
 def test_a_starting_worker_runs_no_idle_openblas_thread(clean_env, start_method):
     """Limiting OpenBLAS in a forked worker restarts its pool, whose threads then
     spin for about 0.1 s of CPU each: the worker stops them again at once."""
     with gx.Pool(2, start_method=start_method) as pool:
-        g = gx.Graph()
-        with g:
-            nodes = [threads_here() for _ in range(2)]
-        run = g.compute(pool=pool, progress=False)
-    for node in nodes:
-        r = run[node]
-        assert r["openblas"] == automatic(2)
-        assert r["before"] == 0, r  # only the worker's own Python threads
-        assert r["idle_cpu"] < 0.05, r
+        _run_without_openblas_threads(pool, threads_here, automatic(2))
 
 
 @needs_stoppable_openblas
@@ -146,15 +152,7 @@ def test_a_task_limited_to_its_workers_count_starts_no_openblas_thread(clean_env
     limited = threads_here.with_options(inner_threads=1)
     with gx.Pool(2, inner_threads=1, start_method=start_method) as pool:
         for _ in range(2):  # the first call of each worker, then the next ones
-            g = gx.Graph()
-            with g:
-                nodes = [limited() for _ in range(2)]
-            run = g.compute(pool=pool, progress=False)
-            for node in nodes:
-                r = run[node]
-                assert r["openblas"] == 1
-                assert r["before"] == 0, r  # only the worker's own Python threads
-                assert r["idle_cpu"] < 0.05, r
+            _run_without_openblas_threads(pool, limited, 1)
 
 
 @needs_stoppable_openblas
