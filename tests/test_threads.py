@@ -245,6 +245,28 @@ def test_task_option_in_process_restores_this_process(clean_env):
     assert _openblas_threads() == before
 
 
+@gx.task(inner_threads=1)
+def blas_on_this_thread():
+    import threading
+
+    return threading.current_thread().name, _openblas_threads()
+
+
+def test_task_option_limits_calls_on_every_thread_of_the_threads_scheduler():
+    """threadpoolctl lets one thread at a time set OpenBLAS's count: a limit that did
+    not let go of that control left the calls on the other threads unlimited."""
+    if _openblas_threads() in (None, 1):
+        pytest.skip("this process's OpenBLAS runs one thread already: no limit to see")
+    g = gx.Graph()
+    with g:
+        nodes = [blas_on_this_thread()]
+        for _ in range(7):
+            nodes.append(blas_on_this_thread(wait_for=[nodes[-1]]))
+    run = g.compute(scheduler="threads", workers=2, progress=False, keep="all")
+    seen = [run[n] for n in nodes]
+    assert [count for _, count in seen] == [1] * len(seen), seen
+
+
 def test_task_option_keeps_a_failure_on_its_node():
     @gx.task(inner_threads=1)
     def boom():

@@ -221,18 +221,16 @@ def limited(threads: int) -> Iterator[None]:
             "the task option inner_threads= needs threadpoolctl (a dependency of "
             "graphexec): pip install threadpoolctl"
         ) from None
-    changed: list[tuple[Any, Any]] = []
-    for lib in threadpoolctl.ThreadpoolController().lib_controllers:
-        before = lib.num_threads
-        if before != threads:
-            lib.set_num_threads(threads)
-            changed.append((lib, before))
-    try:
+    controller = threadpoolctl.ThreadpoolController()
+    differ = [lib.filepath for lib in controller.lib_controllers if lib.num_threads != threads]
+    if not differ:
         yield
-    finally:
-        for lib, before in changed:
-            if before is not None:  # (a library that cannot say keeps the limit)
-                lib.set_num_threads(before)
+        return
+    # threadpoolctl's own limiter, not set_num_threads: it also lets go of OpenBLAS's
+    # control by this thread when it restores (threadpoolctl lets one thread at a
+    # time set OpenBLAS's count; with scheduler="threads" others would set nothing).
+    with controller.select(filepath=differ).limit(limits=threads):
+        yield
 
 
 class ThreadLimited:
