@@ -44,6 +44,8 @@ ANCHORS = {
 }
 # Anchors that only some workloads have: an empty cell elsewhere is expected.
 ONLY_IN = {"joblib": {"W7"}, "floor": {"W3-turns", "W4"}}
+# Workloads only some tools run (in turns, in one fixture): the other cells are blank.
+ONLY_TOOLS = {"W3-turns": {"serial", "floor", "graphexec-cold", "graphexec-warm"}}
 GX = {
     "graphexec-cold": "graphexec cold",
     # Workers forked from a fresh-interpreter server: a program running threads.
@@ -140,6 +142,9 @@ def medians_table(table: Table, runs: list[dict[str, Any]] | None = None) -> lis
             continue
         cells = []
         for tool in tools:
+            if workload in ONLY_TOOLS and tool not in ONLY_TOOLS[workload]:
+                cells.append("")
+                continue
             cell = fmt(median(table, workload, tool))
             if workload == "W3" and tool != "serial":
                 eff = efficiency(table, tool)
@@ -171,7 +176,9 @@ def ratios_table(table: Table) -> list[str]:
                 continue
             cells = []
             for anchor in ANCHORS:
-                if anchor in ONLY_IN and workload not in ONLY_IN[anchor]:
+                if (anchor in ONLY_IN and workload not in ONLY_IN[anchor]) or (
+                    workload in ONLY_TOOLS and anchor not in ONLY_TOOLS[workload]
+                ):
                     cells.append("")
                     continue
                 paired = turn_ratio(table, workload, tool, anchor)
@@ -504,9 +511,8 @@ def targets(table: Table) -> list[str]:
     e = efficiency(table, "graphexec-cold")
     rows.append(("W3 cold", "parallel efficiency ≥ 97 % (#14)", e, verdict(e, 0.97, False)))
     # W3 beside its floor, in turns (test_w3_floor): the machine's share of the target.
-    turn_serial = median(table, "W3-turns", "serial")
-    turn_floor = median(table, "W3-turns", "floor")
-    floor_e = turn_serial / (WORKERS * turn_floor) if turn_serial and turn_floor else None
+    paired = turn_ratio(table, "W3-turns", "serial", "floor")
+    floor_e = paired / WORKERS if paired is not None else None
     for tool in ("graphexec-cold", "graphexec-warm"):
         r = ratio("W3-turns", tool, "floor")
         rows.append(

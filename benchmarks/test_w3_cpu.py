@@ -20,7 +20,15 @@ import statistics
 import pytest
 
 from . import workloads as w
-from .conftest import ROUNDS_HEAVY, TIMEOUT, measure, record, take_turns
+from .conftest import (
+    ROUNDS_HEAVY,
+    TIMEOUT,
+    cpu_snapshot,
+    cpu_window,
+    measure,
+    record,
+    take_turns,
+)
 
 pytestmark = [pytest.mark.benchmark(group="W3"), pytest.mark.timeout(TIMEOUT)]
 
@@ -59,16 +67,19 @@ def floor_turns(w3_reference, gx_pool):
         "graphexec-cold": lambda spec: w.run_graphexec(spec, workers=w.WORKERS),
         "graphexec-warm": lambda spec: w.run_graphexec(spec, pool=gx_pool),
     }
+    before = cpu_snapshot()
     try:
-        return take_turns(runners, spec, lambda out: w.check_w3(out, expected), FLOOR_TURNS)
+        times = take_turns(runners, spec, lambda out: w.check_w3(out, expected), FLOOR_TURNS)
     finally:
         floor.close()
+    return times, cpu_window(before)
 
 
 @pytest.mark.parametrize("tool", IN_TURNS)
 def test_w3_floor(benchmark, tool, floor_turns):
     """W3 beside its floor: two warm processes, a fixed half of the tasks each."""
-    times = floor_turns[tool]
+    all_times, window = floor_turns
+    times = all_times[tool]
     median = record(
         benchmark,
         times,
@@ -77,7 +88,8 @@ def test_w3_floor(benchmark, tool, floor_turns):
         tasks=w.W3_TASKS,
         in_turns=True,
         turn_times=times,
+        **window,
     )
     if median is not None and tool != "serial":
-        serial = statistics.median(floor_turns["serial"])
+        serial = statistics.median(all_times["serial"])
         benchmark.extra_info["efficiency"] = serial / (w.WORKERS * median)

@@ -727,14 +727,18 @@ class TwoProcesses:
         ctx = multiprocessing.get_context("forkserver")
         self.conns = []
         self.procs = []
-        for _ in range(WORKERS):
-            mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=server or w4_half_server, args=(theirs,), daemon=True)
-            proc.start()
-            theirs.close()
-            self.conns.append(mine)
-            self.procs.append(proc)
-        self.ask(*warm)  # every process started, its imports done
+        try:
+            for _ in range(WORKERS):
+                mine, theirs = ctx.Pipe()
+                proc = ctx.Process(target=server or w4_half_server, args=(theirs,), daemon=True)
+                proc.start()
+                theirs.close()
+                self.conns.append(mine)
+                self.procs.append(proc)
+            self.ask(*warm)  # every process started, its imports done
+        except BaseException:
+            self.close()
+            raise
 
     def ask(self, *request: Any) -> list:
         """Send each process ``(its number, *request)``; their answers, in order."""
@@ -747,9 +751,16 @@ class TwoProcesses:
         return sum(self.ask(n, length))
 
     def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:  # that process died: terminated below if need be
+                pass
         for conn, proc in zip(self.conns, self.procs):
-            conn.send(None)
             proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(10)
             conn.close()
 
 
