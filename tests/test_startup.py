@@ -126,3 +126,29 @@ def test_first_compute_in_a_fresh_interpreter_works_without_surfaces_loaded():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_a_compute_loads_neither_the_report_page_nor_the_picture():
+    # A run's record needs the report's codec only: the page's module (html,
+    # importlib's resources) and the picture's load when a page or picture is made.
+    loaded = _loaded_after(
+        "import graphexec as gx\n"
+        "g = gx.Graph()\n"
+        "with g:\n"
+        "    n = gx.task(lambda: 1)()\n"
+        "assert g.compute(scheduler='sync', progress=False)[n] == 1\n"
+        "from graphexec._surfaces import report\n"
+        "assert report.run_to_html and report.visualize"  # ...and they load on first use
+    )
+    assert "graphexec._surfaces.report.codec" in loaded
+    assert "graphexec._surfaces.report.html" in loaded  # by the last line alone
+    loaded = _loaded_after(
+        "import graphexec as gx\n"
+        "g = gx.Graph()\n"
+        "with g:\n"
+        "    n = gx.task(lambda: 1)()\n"
+        "assert g.compute(scheduler='sync', progress=False)[n] == 1"
+    )
+    assert "graphexec._surfaces.report.codec" in loaded
+    late = ["graphexec._surfaces.report.html", "graphexec._surfaces.report.graphviz", "html"]
+    assert [m for m in late if m in loaded] == []

@@ -13,10 +13,30 @@ the files in ``templates/`` (package data), ``graphviz`` draws the picture,
 and ``states`` holds the one palette the page and the picture share.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .codec import run_from_json, run_to_json
-from .graphviz import visualize
-from .html import run_to_html
 from .states import STATE_COLOURS, STATE_FILLS
+
+if TYPE_CHECKING:
+    from .graphviz import visualize
+    from .html import run_to_html
+
+# Loaded on first use (PEP 562, as the surfaces package does): a run's record needs
+# only the codec, and the page's and the picture's modules (html, importlib's
+# resources, tempfile) cost the first compute of a fresh interpreter 5 ms.
+_LATE = {"visualize": "graphviz", "run_to_html": "html"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LATE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
 
 __all__ = [
     "STATE_COLOURS",
