@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 # Loaded on first use (PEP 562, as the surfaces package does): a run's record needs
 # only the codec, and the page's and the picture's modules (html, importlib's
-# resources, tempfile) cost the first compute of a fresh interpreter 5 ms.
+# resources) cost the first compute of a fresh interpreter about 5 ms.
 _LATE = {"visualize": "graphviz", "run_to_html": "html"}
 
 
