@@ -25,7 +25,7 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, shutil, sys, tempfile, time
+import gc, json, shutil, sys, tempfile, time
 import graphexec as gx
 
 N, ROUNDS = int(sys.argv[1]), int(sys.argv[2])
@@ -39,6 +39,7 @@ def plain(i):
     return i
 
 def timed(task, **kw):
+    gc.collect()  # as benchmarks/test_cache_scale.py does before each round
     started = time.perf_counter()
     graph = gx.Graph()
     with graph:
