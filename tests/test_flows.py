@@ -1109,3 +1109,19 @@ def test_done_callbacks_run_off_the_scheduler_thread_before_the_flow_returns(sch
     assert in_body == [("add-0", True, here), ("body", "after quick")]
     assert off_thread == [("span-0", True, "graphexec-body-callbacks")] * 2
     assert "a done-callback of span-0 raised" in caplog.text
+
+
+def test_a_flow_cut_short_by_ctrl_c_is_never_ok():
+    """Ctrl-C in a flow's body cancels its run: the run did not end, so it is not
+    ``ok`` and its headline says why, though none of its nodes failed."""
+
+    def body():
+        span.submit("done").result()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run_flow(body, scheduler="sync")
+    run = caught.value.run
+    assert run.counts() == {"Completed": 1}
+    assert not run.ok
+    assert "cancelled by Ctrl-C" in run.summary().splitlines()[0]

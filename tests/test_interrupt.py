@@ -106,6 +106,8 @@ INTERRUPTED = textwrap.dedent(
             "left": sorted(set(workers()) - set(pool_workers)),
             "cleanup": time.monotonic() - caught,
             "same_run": exc.run is graph._latest_run,
+            "ok": run.ok,
+            "headline": run.summary().splitlines()[0],
             "shm": sorted(n for n in os.listdir("/dev/shm")
                           if n.startswith(f"gx-{os.getpid()}-")),
         }), flush=True)
@@ -233,6 +235,9 @@ def test_ctrl_c_cancels_what_is_pending_keeps_what_is_done_and_stops_workers(
     assert result["attempts"]["flaky-0"] == 1
     assert result["messages"] and all("interrupted (Ctrl-C)" in m for m in result["messages"])
     assert result["same_run"]
+    # The run did not end: never "ok", though no node failed.
+    assert result["ok"] is False
+    assert "cancelled by Ctrl-C" in result["headline"], result["headline"]
     assert result["shm"] == [], "shared memory left behind after Ctrl-C"
     if mode in ("processes", "pool"):
         assert result["left"] == [], "workers still running after Ctrl-C"

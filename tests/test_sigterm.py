@@ -64,6 +64,9 @@ SCRIPT = textwrap.dedent(
                 "values": {n.name: run[n] for n in run.completed},
                 "why": sorted({str(run.state(n).exception) for n in run.nodes
                                if run.state(n).name == "Cancelled"}),
+                "ok": run.ok,
+                "headline": run.summary().splitlines()[0],
+                "json_ok": json.loads(run.to_json())["ok"],
             }, f)
         if mode == "caught":
             print("CAUGHT, carrying on", flush=True)
@@ -139,6 +142,9 @@ def test_sigterm_cancels_keeps_what_finished_and_dies_of_sigterm(tmp_path):
     assert report["values"] == {"fast-0": 0, "fast-1": 10, "fast-2": 20}
     assert report["states"]["slow-0"] == report["states"]["slow-1"] == "Cancelled"
     assert any("SIGTERM" in why for why in report["why"]), report["why"]
+    # The run did not end: never "ok", though no node failed.
+    assert report["ok"] is False and report["json_ok"] is False
+    assert "cancelled by SIGTERM" in report["headline"], report["headline"]
     assert _none_alive(workers)
 
 

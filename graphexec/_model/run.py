@@ -45,8 +45,9 @@ class Run:
         print(run.summary())
     """
 
-    # Why the run's record stops before the run ended (a run loaded from the record
-    # of a parent killed mid-run), else None: its headline says so, and it is not ok.
+    # Why the run stopped before it ended, else None: Ctrl-C or SIGTERM cancelled it
+    # (``signals.mark_interrupted``), or it was loaded from the record of a parent
+    # killed mid-run. Its headline says so, and it is not ok.
     _interrupted: str | None = None
 
     def __init__(self, graph: Graph, members: list[int], kept: Container[int]) -> None:
@@ -199,8 +200,9 @@ class Run:
 
     @property
     def ok(self) -> bool:
-        """True when compute() would not raise: no unhandled failure (and, for a run
-        loaded from a record cut off mid-run, never: it did not end)."""
+        """True when compute() would not raise: no unhandled failure, and the run ended
+        (never for a run Ctrl-C or SIGTERM cancelled, nor for one loaded from a record
+        cut off mid-run)."""
         return self._interrupted is None and not self.unhandled
 
     @property

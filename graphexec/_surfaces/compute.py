@@ -31,7 +31,12 @@ from .hooks import Dispatch, ambient_observers, call_run_hooks, hook_wait, outco
 from .options import ComputeOptions
 from .progress import make_observers
 from .record import Journal
-from .signals import cancel_reason, deferred_in_critical_sections, sigterm_as_interrupt
+from .signals import (
+    cancel_reason,
+    deferred_in_critical_sections,
+    mark_interrupted,
+    sigterm_as_interrupt,
+)
 
 
 def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
@@ -126,6 +131,7 @@ def _compute(graph: Graph, targets: tuple[Any, ...], given: dict[str, Any]) -> R
                 sched.run()
         except KeyboardInterrupt as interrupt:
             sched.cancel(cancel_reason(interrupt), everything=True)
+            mark_interrupted(run, interrupt)
             kinds = ("on_cancellation",)
             interrupt.run = run  # type: ignore[attr-defined]
             raise

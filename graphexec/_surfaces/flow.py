@@ -21,6 +21,7 @@ from .hooks import Dispatch, ambient_observers, hook_wait, outcome
 from .options import ComputeOptions
 from .progress import make_observers
 from .record import Journal
+from .signals import mark_interrupted
 
 # Flow options that are run options (the rest: name, task_runner_max_concurrency).
 _RUN_OPTIONS = frozenset(
@@ -102,6 +103,8 @@ class Flow:
                 kinds = _outcome_of(exc, session)
                 session.cancel(f"the flow body raised {type(exc).__name__}")
                 session.close()
+                if isinstance(exc, KeyboardInterrupt):
+                    mark_interrupted(session.run, exc)
                 if getattr(exc, "run", None) is None:
                     # (a GraphFailed from a lazy graph computed in the body keeps
                     # that graph's Run, whose nodes the user holds)

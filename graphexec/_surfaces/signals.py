@@ -54,6 +54,12 @@ def cancel_reason(interrupt: BaseException) -> str:
     return "interrupted (Ctrl-C)"
 
 
+def mark_interrupted(run: Any, interrupt: BaseException) -> None:
+    """``run`` was cancelled by ``interrupt`` (Ctrl-C, SIGTERM) before it ended: it
+    is not ``ok``, and its headline, JSON and report say why."""
+    run._interrupted = "cancelled by " + ("SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C")
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises :class:`Terminated` in the main thread.

@@ -9,9 +9,10 @@ it), ``duration`` and its ``attempts`` (``number``, wall-clock ``started`` and
 An error is ``{"type", "module", "message", "traceback", "attributes"}``:
 ``traceback`` is the worker's traceback text, ``attributes`` the fields of
 graphexec's own errors (``exitcode``, ``signal_name``, ``upstream``, ...).
-A run that did not end (loaded from the record of a parent killed mid-run)
-has ``"interrupted"``, saying so, and ``"ok": false``; its nodes that were
-running are ``Running``, those that never began ``Pending``.
+A run that did not end has ``"interrupted"``, saying why, and ``"ok": false``:
+one Ctrl-C or SIGTERM cancelled (``"cancelled by Ctrl-C"``), or one loaded
+from the record of a parent killed mid-run, whose nodes that were running
+are ``Running``, those that never began ``Pending``.
 ``edges`` are ``[upstream id, dependent id, kind]`` with kind ``data``,
 ``order`` (``wait_for``), either followed by ``+allow_failure``. Values are
 never written: they can be large and need not be JSON.
