@@ -242,6 +242,37 @@ def test_a_waiting_retry_blocks_no_worker(compute, tmp_path):
     assert second.started - first.finished >= delay - TOLERANCE
 
 
+def _broken_delay(retry):
+    return 1 / 0
+
+
+@pytest.mark.parametrize(
+    ("delay", "why"),
+    [
+        (_broken_delay, "ZeroDivisionError"),
+        (lambda retry: -1, "returned -1"),
+        (lambda retry: float("nan"), "returned nan"),
+        (lambda retry: "soon", "returned 'soon'"),
+    ],
+)
+def test_a_retry_delay_that_fails_fails_its_node_only(compute, tmp_path, delay, why):
+    """A callable retry_delay is the user's code: if it raises, or answers no number
+    of seconds >= 0, its node fails with its own error, not retried, the message
+    says why, and the rest of the run goes on (it crashed the whole compute)."""
+    graph = gx.Graph()
+    with graph:
+        node = flaky.with_options(retries=2, retry_delay=delay)(str(tmp_path / "n"), 1)
+        other = plus_one(1)
+    with pytest.raises(gx.GraphFailed) as caught:
+        compute(graph)
+    run = caught.value.run
+    state = run.state(node)
+    assert state.name == "Failed" and isinstance(state.exception, ValueError)
+    assert state.attempts == 1
+    assert "not retried: its retry_delay failed" in state.message and why in state.message
+    assert run[other] == 2
+
+
 def test_retry_delay_seconds_alias(compute, tmp_path):
     task = flaky.with_options(retries=1, retry_delay_seconds=0.05)
     assert task.options.retry_delay == 0.05

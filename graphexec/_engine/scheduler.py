@@ -629,7 +629,20 @@ class Scheduler:
                 logger.exception("retry_on/retry_condition_fn of %s raised; not retrying", name)
                 again = False
             if again:
-                delay = retry_delay_for(opts, call.number)
+                try:
+                    delay = retry_delay_for(opts, call.number)
+                except Exception as exc:  # the user's retry_delay callable: this node only
+                    logger.exception("retry_delay of %s failed; not retrying", name)
+                    failed = State(
+                        FAILED,
+                        name,
+                        exception=error,
+                        history=history,
+                        message=f"{failed.message} (not retried: its retry_delay failed: "
+                        f"{type(exc).__name__}: {safe_str(exc)})",
+                    )
+                    again = False
+            if again:
                 attempt.retry_delay = delay
                 retrying = self.states[i] = State(
                     RETRYING,

@@ -328,12 +328,28 @@ class exponential_backoff:  # noqa: N801 - spelled like a function, as in Prefec
 
 
 def retry_delay_for(options: TaskOptions, retry: int) -> float:
-    """Seconds to wait before retry number ``retry`` (1-based)."""
+    """Seconds to wait before retry number ``retry`` (1-based).
+
+    A callable ``retry_delay`` is the user's code, called here: whatever it
+    raises propagates, and so does a ValueError for an answer that is not a
+    finite number of seconds ≥ 0 (the scheduler then fails the node without
+    retrying it, and says why).
+    """
     delay = options.retry_delay
     if isinstance(delay, tuple):
         return delay[min(retry, len(delay)) - 1]
     if callable(delay):
-        return float(delay(retry))
+        given = delay(retry)
+        try:
+            seconds = float(given)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not 0 <= seconds < math.inf:  # (NaN fails this too)
+            raise ValueError(
+                f"retry_delay({retry}) returned {given!r}: it must return a finite "
+                "number of seconds, 0 or more"
+            )
+        return seconds
     return delay
 
 
