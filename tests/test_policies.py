@@ -271,6 +271,29 @@ def test_call_keyword_allow_failure_covers_its_wait_for(compute):
     assert len(run.failed) == 2 and run.unhandled == []
 
 
+@pytest.mark.parametrize("form", ["call keyword", "wrapped in wait_for", "added later"])
+def test_an_allowed_wait_does_not_allow_the_same_nodes_data(compute, form):
+    # The upstream is both a data input and in wait_for: the allowance covers the
+    # wait, not the value. The call never receives the exception in place of its
+    # argument: it is skipped, and the failure stays unhandled (a data input is
+    # allowed to fail only when wrapped itself).
+    graph = gx.Graph()
+    with graph:
+        failed = explode("input broke")
+        if form == "call keyword":
+            user = ok(failed, wait_for=[failed], allow_failure=True)
+        elif form == "wrapped in wait_for":
+            user = ok(failed, wait_for=[gx.allow_failure(failed)])
+        else:
+            user = ok(failed)
+            user.wait_for(gx.allow_failure(failed))
+    with pytest.raises(gx.GraphFailed) as info:
+        compute(graph)
+    run = info.value.run
+    assert run.state(user).name == "Skipped"
+    assert run.unhandled == [failed]
+
+
 def test_task_option_allow_failure_does_not_cover_wait_for(compute):
     # Declared once for every call, "allowed to fail" does not also mean "runs
     # after its prerequisites failed": that takes the call keyword.

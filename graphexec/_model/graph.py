@@ -68,6 +68,21 @@ def _resume_gc() -> None:
             gc.enable()
 
 
+
+def _with_wait(current: int, flag: int) -> int:
+    """The flags of an edge with ``current`` once ``wait_for`` adds ``flag`` to it
+    (ORDER, with ALLOW from ``gx.allow_failure`` or the call's ``allow_failure=True``).
+
+    An allowance given in ``wait_for`` covers the wait only: if the upstream is
+    also a data input, not itself wrapped in ``gx.allow_failure``, its failure
+    still skips the call, which never receives an exception in place of a value
+    it did not ask for (SPEC: "a failed data input still skips it unless
+    wrapped").
+    """
+    if current & DATA and not current & ALLOW:
+        flag &= ~ALLOW
+    return current | flag
+
 class Graph:
     """A lazily built graph of task calls.
 
@@ -221,8 +236,9 @@ class Graph:
         self._nodes.append(node)
         return node
 
-    def _collector(self, found: dict[int, int]) -> Callable[[Node, int], None]:
-        """A visitor for :func:`find_nodes` recording this graph's nodes (index -> flags)."""
+    def _collector(self, found: dict[int, int], wait: bool = False) -> Callable[[Node, int], None]:
+        """A visitor for :func:`find_nodes` recording this graph's nodes (index -> flags);
+        ``wait``: they come from ``wait_for`` (:func:`_with_wait`)."""
 
         def visit(node: Node, flag: int) -> None:
             if node.graph is not self:
@@ -230,7 +246,8 @@ class Graph:
                     f"node {node.name!r} belongs to another graph ({node.graph.name}); used at "
                     f"{call_site()}. Build dependent calls inside the same `with graph:` block"
                 )
-            found[node.index] = found.get(node.index, 0) | flag
+            current = found.get(node.index, 0)
+            found[node.index] = _with_wait(current, flag) if wait else current | flag
 
         return visit
 
@@ -273,7 +290,7 @@ class Graph:
                         f"{name}() at {call_site()}: wait_for= takes nodes (or "
                         f"gx.allow_failure(node)), got {type(target).__name__} {target!r}"
                     )
-                find_nodes(target, self._collector(found), flag)
+                find_nodes(target, self._collector(found, wait=True), flag)
 
     def _add_order_edges(self, index: int, upstream: Iterable[Any]) -> None:
         found: dict[int, int] = {}
@@ -290,7 +307,7 @@ class Graph:
                 )
         deps = dict(zip(self._deps[index], self._flags[index] or [DATA] * len(self._deps[index])))
         for up, flag in found.items():
-            deps[up] = deps.get(up, 0) | flag
+            deps[up] = _with_wait(deps.get(up, 0), flag)
         self._deps[index] = tuple(deps)
         flags = tuple(deps.values())
         self._flags[index] = None if all(f == DATA for f in flags) else flags
