@@ -862,6 +862,27 @@ def unpicklable_argument(request):
             sock.close()
 
 
+@pytest.mark.timeout(30)
+def test_an_unpicklable_argument_is_not_retried(backend):
+    """The call never started, and the same argument fails the same way on every
+    attempt: no retry (with a delay of a minute, a retried call waited minutes)."""
+    graph = gx.Graph()
+    with graph:
+        bad = identity.with_options(retries=3, retry_delay=60)(threading.Lock())
+        doubled, summed = _healthy()
+    started = time.monotonic()
+    run = backend.compute(graph, raise_on_failure=False, keep="all")
+    assert time.monotonic() - started < 30
+    state = run.state(bad)
+    if backend.cannot("pickle") is not None:  # in-process: the task got the lock itself
+        assert state.name == "Completed"
+        return
+    assert state.name == "Failed" and state.attempts == 1
+    assert type(state.exception) is gx.SerializationError
+    assert state.exception.stage == "arguments"
+    _assert_healthy(run, doubled, summed)
+
+
 @pytest.mark.every_backend
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("unpicklable_argument", ["lock", "generator", "socket"], indirect=True)
@@ -976,6 +997,8 @@ def test_an_exception_that_cannot_travel_keeps_type_message_and_traceback(
         _assert_healthy(run, doubled, summed)
         return
     assert type(error) is gx.RemoteError
+    # SPEC: an exception that does not pickle is a SerializationError naming it
+    assert isinstance(error, gx.SerializationError) and error.stage == "exception"
     assert error.node == bad.name
     assert error.type_name == f"{__name__}.{type_name}"
     assert error.original_message == text

@@ -139,6 +139,7 @@ def test_exception_hierarchy():
     ):
         assert issubclass(kind, gx.TaskFailure)
         assert issubclass(kind, gx.GraphexecError)
+    assert issubclass(gx.RemoteError, gx.SerializationError)  # stage "exception"
     assert issubclass(gx.TaskTimeout, TimeoutError)
     assert issubclass(gx.MemoryLimitExceeded, MemoryError)
     assert issubclass(gx.ResultReleased, KeyError)
@@ -153,6 +154,7 @@ def test_exception_hierarchy():
         gx.Cancelled("cancelled", node="c-0"),
         gx.WorkerCrashed("died", node="w-0", exitcode=-9, signal_name="SIGKILL"),
         gx.TaskTimeout("slow", node="t-0", timeout=1.5),
+        gx.RemoteError("gone", node="r-0", type_name="m.E", original_message="x"),
         gx.ResultReleased("freed"),
     ],
     ids=lambda e: type(e).__name__,

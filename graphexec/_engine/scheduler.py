@@ -133,6 +133,11 @@ def value_for_dependent(graph: Graph, states: list[State | None], up: int) -> An
     return state.exception
 
 
+# SerializationError stages of a call that failed in this process before any
+# worker had it: the same function and arguments fail the same way every time.
+_NEVER_STARTED = frozenset({"function", "arguments"})
+
+
 class Scheduler:
     """Runs the members of one :class:`Run` on one executor. See the module docstring."""
 
@@ -621,8 +626,15 @@ class Scheduler:
             history=history,
             message=f"{type(error).__name__}: {safe_str(error)}",
         )
-        # (a value that cannot be loaded is not retried: the task ran and succeeded)
-        if kind == ERROR and call.number <= opts.retries and self.cancel_reason is None:
+        # (a value that cannot be loaded is not retried: the task ran and succeeded;
+        # nor a call whose function or arguments would not pickle here: it never
+        # started, and every attempt would fail the same way)
+        if (
+            kind == ERROR
+            and call.number <= opts.retries
+            and self.cancel_reason is None
+            and not (isinstance(error, SerializationError) and error.stage in _NEVER_STARTED)
+        ):
             try:
                 again = should_retry(opts, error, failed, self.graph._tasks[i])
             except Exception:

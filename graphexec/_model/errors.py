@@ -123,19 +123,21 @@ class SerializationError(TaskFailure):
     """Something about a node would not pickle or unpickle.
 
     ``.stage`` is one of ``"function"``, ``"arguments"``, ``"unpickle-arguments"``,
-    ``"result"``, ``"unpickle-result"``.
+    ``"result"``, ``"unpickle-result"``, or ``"exception"`` (a :class:`RemoteError`).
     """
 
     stage: str | None = None
 
 
-class RemoteError(TaskFailure):
+class RemoteError(SerializationError):
     """The task raised an exception that could not be sent back to the parent.
 
+    A :class:`SerializationError` at ``.stage == "exception"``, standing in for it:
     ``.type_name`` is the qualified name of the original type, ``.original_message``
     its ``str()``, and ``.remote_traceback`` the traceback text from the worker.
     """
 
+    stage: str | None = "exception"
     type_name: str | None = None
     original_message: str | None = None
     remote_traceback: str | None = None

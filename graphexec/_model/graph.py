@@ -68,7 +68,6 @@ def _resume_gc() -> None:
             gc.enable()
 
 
-
 def _with_wait(current: int, flag: int) -> int:
     """The flags of an edge with ``current`` once ``wait_for`` adds ``flag`` to it
     (ORDER, with ALLOW from ``gx.allow_failure`` or the call's ``allow_failure=True``).
@@ -82,6 +81,7 @@ def _with_wait(current: int, flag: int) -> int:
     if current & DATA and not current & ALLOW:
         flag &= ~ALLOW
     return current | flag
+
 
 class Graph:
     """A lazily built graph of task calls.

@@ -57,7 +57,9 @@ def cancel_reason(interrupt: BaseException) -> str:
 def mark_interrupted(run: Any, interrupt: BaseException) -> None:
     """``run`` was cancelled by ``interrupt`` (Ctrl-C, SIGTERM) before it ended: it
     is not ``ok``, and its headline, JSON and report say why."""
-    run._interrupted = "cancelled by " + ("SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C")
+    run._interrupted = "cancelled by " + (
+        "SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C"
+    )
 
 
 @contextlib.contextmanager
