@@ -799,6 +799,42 @@ def test_fail_fast_cancels_when_the_only_dependent_will_not_accept(compute, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_fail_fast_cancels_when_a_none_failed_dependent_takes_it_as_allowed(compute, tmp_path):
+    # none_failed is skipped by any failure, allow_failure or not: the failure stays
+    # unhandled, so fail_fast cancels the rest at once (it waited for nothing).
+    graph = gx.Graph()
+    with graph:
+        gate = serial_explode("gate")
+        strict = serial_touch.with_options(trigger="none_failed")(
+            str(tmp_path / "strict"), gx.allow_failure(gate)
+        )
+        pending = [serial_touch(str(tmp_path / f"f{i}"), wait_for=[serial_ok(i)]) for i in range(3)]
+    with pytest.raises(gx.GraphFailed):
+        compute(graph, fail_fast=True, **_one_at_a_time(compute))
+    run = graph._latest_run
+    assert run.state(strict).name == "Skipped"
+    assert run.unhandled == [gate]
+    assert [run.state(n).name for n in pending] == ["Cancelled"] * 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_failure_fail_fast_stopped_for_stays_unhandled_after_an_always_node(compute, tmp_path):
+    # A cleanup that runs after the failure itself (trigger="always", on the failed
+    # node) does not turn the failure that made fail_fast cancel into a success.
+    graph = gx.Graph()
+    with graph:
+        bad = serial_explode("first")
+        strict = serial_touch(str(tmp_path / "strict"), bad)
+        cleanup = serial_touch.with_options(trigger="always")(str(tmp_path / "cleanup"), bad)
+    with pytest.raises(gx.GraphFailed):
+        compute(graph, fail_fast=True, **_one_at_a_time(compute))
+    run = graph._latest_run
+    assert run.state(bad).name == "Failed"
+    assert run.state(strict).name == "Skipped"
+    assert run.state(cleanup).name == "Completed"
+    assert run.unhandled == [bad] and not run.ok
+
+
 @pytest.mark.parametrize("trigger", ["all_done", "always", "any_failed"])
 def test_fail_fast_does_not_cancel_for_a_reacting_trigger(compute, trigger):
     graph = gx.Graph()

@@ -196,9 +196,12 @@ def edge_flag(graph: Graph, d: int, up: int) -> int:
 
 def edge_accepts(graph: Graph, d: int, up: int) -> bool:
     """True if d runs when ``up`` fails (it takes the failure as an allowed input or
-    reacts to failures). none_failed, like all_success, is skipped by it: it handles
-    nothing."""
-    return bool(edge_flag(graph, d, up) & ALLOW) or graph._opts[d].trigger in REACTING_TRIGGERS
+    reacts to failures). none_failed is skipped by any failure, even over an
+    allowed edge (``resolve``): it handles nothing, so fail_fast must not wait for it."""
+    trigger = graph._opts[d].trigger
+    if trigger == "none_failed":
+        return False
+    return bool(edge_flag(graph, d, up) & ALLOW) or trigger in REACTING_TRIGGERS
 
 
 def failures_behind(graph: Graph, states: list[State | None], d: int) -> list[int]:
