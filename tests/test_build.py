@@ -295,6 +295,42 @@ def test_task_run_name_with_arguments_not_matching_signature_is_a_type_error():
         simulate(1, 2)
 
 
+def test_a_call_whose_name_fails_leaves_the_graph_as_it_was():
+    # The name used to be made after the node's task, options and arguments were
+    # appended: a failing name left those lists one longer than the names, and the
+    # next node ran the failed call's task (a wrong value, without an error).
+    @gx.task(task_run_name="bad-{nope}")
+    def bad(x):
+        return ("bad", x)
+
+    @gx.task
+    def good(x):
+        return ("good", x)
+
+    graph = gx.Graph()
+    with graph:
+        with pytest.raises(ValueError, match="nope"):
+            bad(1)
+        with pytest.raises(TypeError):
+            bad(1, 2)  # the arguments do not match: the same
+        node = good(42)
+    assert node.index == 0 and len(graph) == 1
+    assert graph.compute(workers=0)[node] == ("good", 42)
+
+
+def test_task_run_name_callable_without_parameters_prefect_style():
+    # Prefect's task_run_name callables take no arguments.
+    @gx.task(task_run_name=lambda: "fixed-name")
+    def fit(model):
+        return model
+
+    graph = gx.Graph()
+    with graph:
+        node = fit("lin")
+    assert node.name == "fixed-name"
+    assert graph.compute(workers=0)[node] == "lin"
+
+
 # -- build-time errors --------------------------------------------------------------
 
 

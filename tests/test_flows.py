@@ -1125,3 +1125,19 @@ def test_a_flow_cut_short_by_ctrl_c_is_never_ok():
     assert run.counts() == {"Completed": 1}
     assert not run.ok
     assert "cancelled by Ctrl-C" in run.summary().splitlines()[0]
+
+
+def test_a_submit_whose_name_fails_does_not_shift_the_next_one():
+    """A submit that raises while its node's name is made adds nothing: the next
+    submit runs its own task (it ran the failed call's task, with no error)."""
+
+    @gx.task(task_run_name="bad-{nope}")
+    def bad(x):
+        return ("bad", x)
+
+    def body():
+        with pytest.raises(ValueError, match="nope"):
+            bad.submit(1)
+        return span.submit("mine").result()["tag"]
+
+    assert run_flow(body, scheduler="sync") == "mine"

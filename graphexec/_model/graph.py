@@ -68,6 +68,13 @@ def _resume_gc() -> None:
             gc.enable()
 
 
+def _takes_parameters(fn: Callable[..., Any]) -> bool:
+    """True unless ``fn``'s signature has no parameter at all (or none can be read)."""
+    try:
+        return bool(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature: give it the arguments
+        return True
+
 def _with_wait(current: int, flag: int) -> int:
     """The flags of an edge with ``current`` once ``wait_for`` adds ``flag`` to it
     (ORDER, with ALLOW from ``gx.allow_failure`` or the call's ``allow_failure=True``).
@@ -196,6 +203,14 @@ class Graph:
                 found = dict.fromkeys(ups, DATA)
             self._scan_wait_for(wait_for, found, task.name, wait_flag)
 
+        if opts.task_run_name is None:
+            counters = self._counters
+            count = counters.get(task.name, 0)
+            name = f"{task.name}-{count}"
+        else:
+            # Before anything is appended: a name that cannot be made raises here and
+            # leaves the graph as it was (its lists stay in step, index for index).
+            name = self._node_name(task, opts, args, kwargs)
         index = len(self._nodes)
         node = _new(node_type)  # Node.__init__ without its Python call
         node.graph = self
@@ -212,12 +227,8 @@ class Graph:
             flags = tuple(found.values())
             self._flags.append(None if flags.count(DATA) == len(flags) else flags)
         if opts.task_run_name is None:
-            counters = self._counters
-            count = counters.get(task.name, 0)
             counters[task.name] = count + 1
-            self._names.append(f"{task.name}-{count}")
-        else:
-            self._names.append(self._node_name(task, opts, args, kwargs))
+        self._names.append(name)
         self._nodes.append(node)
         return node
 
@@ -263,6 +274,10 @@ class Graph:
                 f"{task.name}() at {call_site()}: arguments do not match its signature: {exc}"
             ) from None
         if callable(template):
+            # Prefect's form takes no parameters (it reads the run context); ours
+            # gets the call's arguments by name.
+            if not _takes_parameters(template):
+                return str(template())
             return str(template(**arguments))
         try:
             return template.format(**arguments)

@@ -236,7 +236,8 @@ def task(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     Args:
         fn: the function (when used as a bare ``@task``).
         **options: ``name``, ``task_run_name`` (format string such as ``"sim-{seed}"``,
-            or a callable given the call's arguments), ``retries``, ``retry_delay``
+            or a callable given the call's arguments by name; one without
+            parameters, Prefect's form, is called without), ``retries``, ``retry_delay``
             (seconds, a list per retry, or :func:`exponential_backoff`), ``retry_on``
             (exception types or a predicate), ``timeout`` (seconds per attempt),
             ``allow_failure``, ``return_state``, ``trigger``, ``max_concurrency``,
