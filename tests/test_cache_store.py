@@ -968,6 +968,52 @@ def test_an_old_layout_directory_is_never_misread(tmp_path, caplog):
     assert not list(old.glob("*/*.gxc")) and not list(old.glob("*/*.lock"))
 
 
+def test_a_directory_that_is_no_cache_loses_no_file(tmp_path):
+    # A project's directory given by mistake: its lock files looked like the old
+    # layout's (any */*.lock), and clear deleted them while reporting 0 entries.
+    project = tmp_path / "proj"
+    keep = [
+        project / "frontend" / "yarn.lock",
+        project / "rust" / "Cargo.lock",
+        project / "docs" / "Gemfile.lock",
+        project / "ab" / "abc.lock",  # a two-letter directory, a short name
+        project / "da" / "data.gxc",
+    ]
+    for path in keep:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    assert gx.clear_cache(project) == 0
+    assert gx.clear_cache(project, expired_only=False) == 0
+    for command in (["clear", str(project)], ["prune", "--expired", str(project)]):
+        done = subprocess.run(
+            [sys.executable, "-m", "graphexec", "cache", *command],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=60,
+        )
+        assert done.returncode != 0 and "not a graphexec cache directory" in done.stderr
+    assert all(path.read_text() == "mine" for path in keep)
+
+
+def test_a_key_that_is_not_all_safe_characters_is_hashed(tmp_path):
+    # Keys name large entries' files: one with a path in it after 8 safe characters
+    # passed a prefix match and was used as it was.
+    @gx.task(cache_key_fn=lambda context, arguments: "abcdefgh/../../escaped")
+    def large():
+        return np.zeros(1 << 17)
+
+    cache = tmp_path / "cache"
+    graph = gx.Graph()
+    with graph:
+        node = large()
+    graph.compute(scheduler="sync", cache_dir=cache)
+    (key,) = rows(cache)
+    assert _cache.SAFE_KEY.fullmatch(key), key
+    assert not (tmp_path / "escaped.gxb").exists()
+    assert all(p.is_relative_to(cache) for p in tmp_path.rglob("*.gxb"))
+
+
 def test_damage_inside_the_database_file_is_reported_and_recomputed(tmp_path):
     counter, cache = tmp_path / "calls", tmp_path / "cache"
     marker = b"graphexec-damage-me-" * 4

@@ -143,6 +143,7 @@ import logging
 import mmap
 import os
 import pickle
+import re
 import struct
 import sys
 import tempfile
@@ -183,6 +184,9 @@ _REPLACED = object()  # lookup: the entry changed under us, look again
 MAP_READ_MIN = 1 << 20  # entries this large are checked through a mapping, not read
 STALE_TMP = 3600.0  # seconds: an older .tmp- (or row-less) file was left by a writer that died
 INLINE_MAX = 1 << 20  # pickles up to this size (without out-of-band buffers) are rows
+# A key as it is used (a row's key, a large entry's file name, and the older layout's
+# file names): a cache_key_fn's key that is not all of this is hashed instead.
+SAFE_KEY = re.compile(r"[0-9a-zA-Z_-]{8,128}")
 BATCH_MAX = 128  # rows: a batch this large is committed at once (and their locks let go)
 # ... while alone (see "Alone"): holding locks costs nothing then, and a transaction
 # of many rows rewrites fewer pages per row (random keys: every row touches a page)
@@ -1140,7 +1144,7 @@ atexit.register(_commit_all)
 
 
 def _warn_old_layout(root: Path) -> None:
-    old = sum(1 for _ in root.glob(f"*/[!.]*{OLD_SUFFIX}"))
+    old = sum(1 for p in old_layout_files(root) if p.suffix == OLD_SUFFIX)
     if old:
         logger.warning(
             "%s holds %d cache entries written by an older graphexec (one %s file each). "
@@ -1710,8 +1714,24 @@ def _round_up(n: int, align: int) -> int:
 
 
 def old_layout_files(root: Path) -> list[Path]:
-    """Entries (and lock files) of the layout before this one: never read here."""
-    return [p for pattern in (f"*/[!.]*{OLD_SUFFIX}", "*/[!.]*.lock") for p in root.glob(pattern)]
+    """Entries (and lock files) of the layout before this one: never read here.
+
+    Only ``<key[:2]>/<key>.gxc`` and ``<key[:2]>/<key>.lock`` with a key as
+    :data:`SAFE_KEY` has it: a directory given by mistake (a project's, with its
+    ``yarn.lock`` and ``Cargo.lock``) must not lose a file to a cleanup.
+    """
+    return [
+        p
+        for suffix in (OLD_SUFFIX, ".lock")
+        for p in root.glob(f"*/*{suffix}")
+        if SAFE_KEY.fullmatch(p.stem) and p.parent.name == p.stem[:2]
+    ]
+
+
+def is_cache_dir(root: Path) -> bool:
+    """True if ``root`` holds a cache: this version's database, or an older layout's
+    entries. What deletes files in a directory asks this first."""
+    return (root / DB_NAME).exists() or any(p.suffix == OLD_SUFFIX for p in old_layout_files(root))
 
 
 def clear_cache(
@@ -1735,8 +1755,8 @@ def clear_cache(
     import psutil
 
     root = Path(cache_dir if cache_dir is not None else DEFAULT_DIR)
-    if not root.is_dir():
-        return 0
+    if not root.is_dir() or not is_cache_dir(root):
+        return 0  # (not a cache: nothing here is ours to delete)
     removed = 0
     for path in old_layout_files(root):
         if path.suffix == OLD_SUFFIX:

@@ -97,7 +97,6 @@ import inspect
 import logging
 import math
 import os
-import re
 import threading
 import time
 import warnings
@@ -105,7 +104,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
-from .._data.cache import INLINE_MAX, CacheStore, Found, expiry, wire_hash
+from .._data.cache import INLINE_MAX, SAFE_KEY, CacheStore, Found, expiry, wire_hash
 from .._data.serialize import Payload
 from .._model.errors import safe_str
 from .._model.graph import Graph
@@ -143,7 +142,6 @@ WINDOW = 128
 # first), 4,096 locks taken in ~30 ms.
 WINDOW_ALONE = 4096
 _NUDGE = (-1, 0, None)  # a result for no node: makes the scheduler call keyed()
-_SAFE_KEY = re.compile(r"[0-9a-zA-Z_-]{8,128}")
 
 
 class _Verdict:
@@ -792,7 +790,7 @@ class CacheGate:
             return None
         if key is not None and not isinstance(key, str):
             key = content_hash(key)
-        elif key is not None and not _SAFE_KEY.match(key):
+        elif key is not None and not SAFE_KEY.fullmatch(key):
             key = content_hash(key)  # user keys become file names: hash anything unusual
         return key
 

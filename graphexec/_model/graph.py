@@ -75,6 +75,7 @@ def _takes_parameters(fn: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):  # a builtin without a signature: give it the arguments
         return True
 
+
 def _with_wait(current: int, flag: int) -> int:
     """The flags of an edge with ``current`` once ``wait_for`` adds ``flag`` to it
     (ORDER, with ALLOW from ``gx.allow_failure`` or the call's ``allow_failure=True``).

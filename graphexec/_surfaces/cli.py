@@ -361,7 +361,17 @@ def _remove_old(root: Path) -> tuple[int, int]:
 
 def _remove(root: Path, chosen: list[Entry], old: bool) -> tuple[int, int, int]:
     """Delete the chosen entries (and the older layout's, if ``old``); (deleted, bytes
-    freed, kept because held)."""
+    freed, kept because held).
+
+    Raises:
+        CommandError: ``root`` holds no cache (nothing there is deleted).
+    """
+    if not cache_store.is_cache_dir(root):
+        raise CommandError(
+            f"{root} is not a graphexec cache directory (no {cache_store.DB_NAME}, no entries "
+            "of an older graphexec): nothing deleted. Give the directory that "
+            "compute(cache_dir=...) used"
+        )
     deleted = freed = kept = 0
     if chosen:
         deleted, freed, kept = cache_store.CacheStore(root).remove(chosen)
