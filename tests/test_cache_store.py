@@ -1006,7 +1006,7 @@ def test_a_key_that_is_not_all_safe_characters_is_hashed(tmp_path):
     cache = tmp_path / "cache"
     graph = gx.Graph()
     with graph:
-        node = large()
+        large()
     graph.compute(scheduler="sync", cache_dir=cache)
     (key,) = rows(cache)
     assert _cache.SAFE_KEY.fullmatch(key), key
