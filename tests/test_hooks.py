@@ -180,6 +180,24 @@ def test_prefect_task_hook_signature():
     assert seen == [("square", True, 16)]
 
 
+def test_a_two_argument_hook_with_an_optional_third_is_not_prefect_style():
+    # Parameters with a default are not counted: (node, state, note="x") was taken
+    # for Prefect's (task, task_run, state) and got the Task as its node.
+    seen = []
+
+    def mine(node, state, note="x"):
+        seen.append((type(node).__name__, node.name, state.result(), note))
+
+    def prefect_style(task, task_run, state, *extra, flag=False):
+        seen.append((type(task).__name__, task.name, state.result(), task_run is state))
+
+    graph = gx.Graph()
+    with graph:
+        square.with_options(on_completion=[mine, prefect_style])(3)
+    graph.compute(workers=0)
+    assert seen == [("Node", "square-0", 9, "x"), ("Task", "square", 9, True)]
+
+
 # -- exactly once -----------------------------------------------------------------
 
 

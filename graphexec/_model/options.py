@@ -371,11 +371,15 @@ def should_retry(options: TaskOptions, exc: BaseException, state: Any, task: Any
 
 
 def arity(fn: Callable[..., Any], default: int) -> int:
-    """How many parameters ``fn`` takes (``default`` when it has no signature)."""
+    """How many positional arguments ``fn`` needs: its positional parameters without
+    a default (``default`` when it has no signature). A hook ``(node, state,
+    note="x")`` is a two-argument hook, not Prefect's three-argument form."""
     try:
-        return len(inspect.signature(fn).parameters)
+        parameters = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return default
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in parameters if p.kind in positional and p.default is p.empty)
 
 
 def call_state_hook(hook: Callable[..., Any], node: Any, task: Any, state: Any) -> None:
