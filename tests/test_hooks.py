@@ -337,6 +337,32 @@ def test_a_raising_hook_is_logged_and_changes_nothing(caplog):
     assert "ZeroDivisionError: hook bug" in caplog.text
 
 
+@pytest.mark.parametrize("method", ["on_start", "on_node_start", "on_node_finish", "on_finish"])
+def test_every_observer_method_and_run_hook_that_raises_changes_nothing(caplog, method):
+    def broken(*args):
+        raise ZeroDivisionError(f"{method} bug")
+
+    observer = type("Broken", (gx.Observer,), {method: broken})()
+    run_hook_calls = []
+
+    def run_hook(run):
+        run_hook_calls.append(run.ok)
+        raise KeyError("run hook bug")
+
+    graph = gx.Graph()
+    with graph:
+        a = square(3)
+        b = square(a)
+    with caplog.at_level(logging.ERROR, logger="graphexec"):
+        run = graph.compute(workers=0, observers=[observer], on_completion=[run_hook])
+    assert run.ok and run[b] == 81 and run.counts() == {"Completed": 2}
+    assert run_hook_calls == [True]
+    records = [r for r in caplog.records if r.name == "graphexec"]
+    assert any(f"Broken.{method} raised" in r.getMessage() for r in records)
+    assert any("run_hook" in r.getMessage() and "raised" in r.getMessage() for r in records)
+    assert all(r.exc_info is not None for r in records)
+
+
 def test_compute_waits_for_its_hooks_before_returning():
     finished = []
 
