@@ -35,11 +35,20 @@ if TYPE_CHECKING:
 
 DEFAULT_WORKERS = 2
 
-# Options that choose *where* tasks run; graphexec_sync replaces them with
-# scheduler="sync". Every other option (retries, timeouts, caching, limits,
-# fail_fast, ...) keeps its meaning; memory_limit= is refused on "sync", as
-# graphexec refuses it there, rather than silently dropped.
-_WHERE = ("workers", "pool", "cluster", "start_method", "scheduler")
+# Options that choose *where* tasks run, and the settings of the worker processes
+# they would run in; graphexec_sync replaces them with scheduler="sync". Every
+# other option (retries, timeouts, caching, limits, fail_fast, ...) keeps its
+# meaning; memory_limit= is refused on "sync", as graphexec refuses it there,
+# rather than silently dropped.
+_WHERE = (
+    "workers",
+    "pool",
+    "cluster",
+    "start_method",
+    "scheduler",
+    "max_calls_per_worker",
+    "inner_threads",
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

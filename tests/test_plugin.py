@@ -216,6 +216,8 @@ def test_graphexec_sync_runs_computes_and_flows_in_the_test_thread(
         def test_compute(graphexec_sync):
             assert compute_where(workers=2) == HERE
             assert compute_where(scheduler="processes", start_method="spawn") == HERE
+            # worker processes' settings: there are none to apply them to
+            assert compute_where(workers=2, max_calls_per_worker=50, inner_threads=1) == HERE
 
         def test_compute_on_the_session_pool(graphexec_sync, graphexec_pool):
             assert compute_where(pool=graphexec_pool) == HERE
