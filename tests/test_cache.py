@@ -492,6 +492,20 @@ class Model:
         return x ** self.degree
 
 
+class Settings:  # a plain class of the script (__main__): cloudpickle pickles it by value
+    def __init__(self, tags, inner):
+        self.tags = tags
+        self.inner = inner
+
+
+class Slotted:
+    __slots__ = ("level", "names")
+
+    def __init__(self, level, names):
+        self.level = level
+        self.names = names
+
+
 forward = os.environ["ORDER"] == "forward"
 pairs = [("alpha", 1), ("beta", [1, 2, (3, 4)]), ("gamma", {"x": 1.5, "y": None, "z": "é"})]
 inner = dict(pairs if forward else reversed(pairs))
@@ -513,6 +527,7 @@ arguments = {
         "scalar": np.float64(0.5),
         "sets_in_dicts": {"s": {frozenset({"a", "b"}), frozenset({"c"})}},
         "callables": [functools.partial(scale, 3), Model(2).predict, lambda x: x + 1, len],
+        "objects": [Settings(bag, Slotted(3, frozenset(bag))), Settings([1, 2], None)],
     },
     "options": None,
 }
@@ -562,6 +577,19 @@ class Point:
 class OtherPoint:
     x: float
     y: float
+
+
+class Knob:  # a plain class: hashed by its name and attributes
+    def __init__(self, value):
+        self.value = value
+
+
+class SecretKnob:
+    __slots__ = ("__value", "label")  # a private slot is stored mangled
+
+    def __init__(self, value, label="k"):
+        self.__value = value
+        self.label = label
 
 
 def _hash(arguments, task=square):
@@ -618,6 +646,11 @@ def test_task_input_hash_differs_when_content_differs():
         Point(1.0, 2.0),
         Point(2.0, 1.0),
         OtherPoint(1.0, 2.0),
+        Knob(1),
+        Knob(2),
+        Knob({1, 2}),
+        SecretKnob(1),
+        SecretKnob(2),
         [1, [2, 3]],
         [1, [3, 2]],
         [[1, 2], 3],
@@ -633,6 +666,7 @@ def test_task_input_hash_differs_when_content_differs():
     assert _hash({"x": base}) == _hash({"x": np.arange(12).reshape(3, 4)})
     assert _hash({"x": base.T}) == _hash({"x": np.ascontiguousarray(base.T)})
     assert _hash({"x": {"a": 1, "b": 2}}) == _hash({"x": {"b": 2, "a": 1}})
+    assert _hash({"x": Knob([1, 2])}) == _hash({"x": Knob([1, 2])})
     assert _hash({"x": 1}) != _hash({"x": 1}, task=add)
     assert _hash({"x": 1}) != _hash({"y": 1})
 

@@ -15,6 +15,7 @@ Part of the model: a key is a property of a call, whatever stores the value.
 
 from __future__ import annotations
 
+import copyreg
 import dataclasses
 import functools
 import hashlib
@@ -289,8 +290,57 @@ def _feed(h: Any, obj: Any, depth: int = 0) -> None:
         h.update(b")")
     elif isinstance(obj, (types.FunctionType, types.MethodType, functools.partial)):
         _feed_callable(h, obj, depth + 1)
+    elif _plain_object(kind):
+        _feed_object(h, obj, depth)
     else:
         _feed_pickle(h, obj)
+
+
+def _plain_object(kind: type) -> bool:
+    """True for a class that leaves pickling to ``object`` (no ``__reduce__`` or
+    ``__reduce_ex__`` of its own): :func:`_feed_object` then asks that protocol
+    for the instance's state."""
+    return (
+        kind.__reduce_ex__ is object.__reduce_ex__
+        and kind.__reduce__ is object.__reduce__
+        and not issubclass(kind, type)
+    )
+
+
+def _feed_object(h: Any, obj: Any, depth: int) -> None:
+    """An instance pickled the default way, by its class's name and its state (its
+    ``__dict__`` and slots, or what its ``__getstate__`` gives), walked like any
+    argument: a set's order, a dict's, do not matter.
+
+    Its pickle is no stable key: cloudpickle pickles a class of ``__main__`` (a
+    script's, a notebook's) by value with an id drawn per process, and a set
+    inside pickles in an order that depends on PYTHONHASHSEED, so the same
+    argument had another key in every process and a resumed sweep recomputed it.
+    Anything else (state the default protocol does not give, a C type's own, a
+    walk that fails: a cycle) is hashed by its pickle, as before.
+    """
+    kind = type(obj)
+    try:
+        reduced = obj.__reduce_ex__(PROTOCOL)
+    except Exception:  # e.g. a lock: its pickle fails too, and says why
+        _feed_pickle(h, obj)
+        return
+    if not (
+        isinstance(reduced, tuple)
+        and len(reduced) >= 3
+        and reduced[0] is copyreg.__newobj__
+        and reduced[1] == (kind,)
+        and all(extra is None for extra in reduced[3:])
+    ):
+        _feed_pickle(h, obj)
+        return
+    inner = hashlib.sha256()
+    try:
+        _feed(inner, reduced[2], depth + 1)
+    except Unhashable:
+        _feed_pickle(h, obj)
+        return
+    h.update(f"object:{kind.__module__}.{kind.__qualname__}:".encode() + inner.digest())
 
 
 def _feed_pickle(h: Any, obj: Any) -> None:
