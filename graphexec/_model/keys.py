@@ -296,6 +296,10 @@ def _feed(h: Any, obj: Any, depth: int = 0) -> None:
         _feed_pickle(h, obj)
 
 
+# What object's own reduce names to rebuild an instance (typeshed does not list it).
+_NEWOBJ = getattr(copyreg, "__newobj__")  # noqa: B009
+
+
 def _plain_object(kind: type) -> bool:
     """True for a class that leaves pickling to ``object`` (no ``__reduce__`` or
     ``__reduce_ex__`` of its own): :func:`_feed_object` then asks that protocol
@@ -328,7 +332,7 @@ def _feed_object(h: Any, obj: Any, depth: int) -> None:
     if not (
         isinstance(reduced, tuple)
         and len(reduced) >= 3
-        and reduced[0] is copyreg.__newobj__
+        and reduced[0] is _NEWOBJ
         and reduced[1] == (kind,)
         and all(extra is None for extra in reduced[3:])
     ):
