@@ -816,6 +816,43 @@ def test_an_ambiguous_name_lists_the_candidates(pool):
     assert run.nodes[0] is first
 
 
+@gx.task(task_run_name="fit-{model}")
+def fit(model, seed):
+    raise ValueError(f"{model} diverged at {seed}")
+
+
+def test_failed_nodes_sharing_a_name_are_replayed_by_position(pool, tmp_path):
+    # fit.map over seeds with one model: three nodes named fit-lin. The hint named
+    # "fit-lin", which run.replay and the CLI refused as ambiguous.
+    with gx.Graph() as g:
+        fit.map("lin", [0, 1, 2])
+    with pytest.raises(gx.GraphFailed) as caught:
+        g.compute(pool=pool, run_dir=tmp_path)
+    message = str(caught.value)
+    (hint,) = [line for line in message.splitlines() if "Reproduce it" in line]
+    assert " '#0' " in hint or " #0 " in hint, hint
+    done = subprocess.run(
+        [sys.executable, "-m", "graphexec", "replay", str(tmp_path), "#1"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert done.returncode == 1 and "lin diverged at 1" in done.stderr, done.stderr[-2000:]
+    done = subprocess.run(
+        [sys.executable, "-m", "graphexec", "replay", str(tmp_path), "fit-lin"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "3 nodes" in done.stderr and "give '#k' for run.nodes[k]" in done.stderr
+    run = gx.Run.load(tmp_path)
+    with pytest.raises(ValueError, match="lin diverged at 2"):
+        run.replay(run.nodes[2])
+
+
 # -- a node over its memory limit ------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._data import cache as cache_store
+from .._model.node import Node
 from .._model.run import Run
 from .._model.sizes import size_text
 from .._version import __version__
@@ -124,7 +125,9 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     replay.add_argument("run", metavar="RUN", type=Path, help="run.save()'s file, or a run_dir")
-    replay.add_argument("node", metavar="NODE", help="the failed node's name")
+    replay.add_argument(
+        "node", metavar="NODE", help="the failed node's name, or #k for run.nodes[k]"
+    )
     replay.add_argument(
         "--pdb", action="store_true", help="start post-mortem debugging where it raises"
     )
@@ -270,24 +273,38 @@ def _replay(args: argparse.Namespace) -> None:
         ) from None
     except ValueError as exc:
         raise CommandError(str(exc)) from None
+    node = _pick_node(run, args.node, source)
     try:
-        kept_call(run, run._lookup(args.node))
-    except KeyError:
-        failed = ", ".join(n.name for n in run.failed[:10]) or "none"
-        raise CommandError(
-            f"no node named {args.node!r} in {source}; failed nodes: {failed}"
-        ) from None
+        kept_call(run, node.index)
     except (ValueError, LookupError) as exc:
         raise CommandError(str(exc)) from None
     print(f"replaying {args.node} from {source}", file=sys.stderr, flush=True)
     try:
-        value = run.replay(args.node, pdb=args.pdb, timeout=args.timeout)
+        value = run.replay(node, pdb=args.pdb, timeout=args.timeout)
     except KeyboardInterrupt:
         raise
     except BaseException:
         traceback.print_exc()
         raise CommandError(f"{args.node} failed again (its traceback is above)") from None
     print(f"{args.node} returned {reprlib.repr(value)}: it did not fail this time")
+
+
+def _pick_node(run: Run, given: str, source: Path) -> Node:
+    """The node ``given`` names: its name, or ``#k`` for ``run.nodes[k]`` (what tells
+    apart nodes that share a name, as ``replay_hint`` writes it)."""
+    try:
+        return run.graph._nodes[run._lookup(given)]
+    except KeyError as exc:
+        shared = str(exc.args[0]) if exc.args else ""
+    position = re.fullmatch(r"#(\d+)", given)
+    if position is not None and int(position.group(1)) < len(run.members):
+        return run.nodes[int(position.group(1))]
+    if " are named " in shared:  # several nodes: say which, and how to pick one
+        raise CommandError(
+            shared.replace("pass the node itself instead of its name", "give '#k' for run.nodes[k]")
+        )
+    failed = ", ".join(n.name for n in run.failed[:10]) or "none"
+    raise CommandError(f"no node named {given!r} in {source}; failed nodes: {failed}")
 
 
 # -- cache -------------------------------------------------------------------------

@@ -365,9 +365,15 @@ def replay_hint(run: Run, i: int) -> str:
     if kept.dropped is not None or kept.lost:
         why = kept.dropped if kept.dropped is not None else "; ".join(kept.lost.values())
         return f"Its inputs were not kept, so it cannot be replayed: {why}."
+    names = run.graph._names
+    if sum(1 for k in run.members if names[k] == name) > 1:  # a shared name: by position
+        position = run.members.index(i)
+        cli, python = f"#{position}", f"exc.run.nodes[{position}]"
+    else:
+        cli, python = name, repr(name)
     if run._record is not None:
         return (
             f"Reproduce it: python -m graphexec replay {shlex.quote(str(run._record))} "
-            f"{shlex.quote(name)}  (--pdb to debug it)"
+            f"{shlex.quote(cli)}  (--pdb to debug it)"
         )
-    return f"Reproduce it: exc.run.replay({name!r})  (exc: this GraphFailed; pdb=True to debug it)"
+    return f"Reproduce it: exc.run.replay({python})  (exc: this GraphFailed; pdb=True to debug it)"
