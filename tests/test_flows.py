@@ -1141,3 +1141,17 @@ def test_a_submit_whose_name_fails_does_not_shift_the_next_one():
         return span.submit("mine").result()["tag"]
 
     assert run_flow(body, scheduler="sync") == "mine"
+
+
+def test_wait_for_on_a_submitted_future_is_refused():
+    """The scheduler has a submitted task with its upstreams; an edge added later
+    would do nothing (it was accepted silently)."""
+
+    def body():
+        first = span.submit("first")
+        second = span.submit("second")
+        with pytest.raises(RuntimeError, match="submitted already"):
+            second.wait_for(first)
+        return second.result()["tag"]
+
+    assert run_flow(body, scheduler="sync") == "second"

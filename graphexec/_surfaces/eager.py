@@ -177,6 +177,20 @@ class Future(Node):
     def _session(self) -> Session:
         return cast(_SessionGraph, self.graph).session
 
+    def wait_for(self, *upstream: Any) -> Node:
+        """Refused: a submitted task starts with the upstreams it was submitted with.
+
+        (``Node.wait_for`` adds edges to a lazy graph before it runs; here the
+        scheduler already has the task, and an edge added now would do nothing.)
+
+        Raises:
+            RuntimeError: always; pass ``wait_for=`` to ``submit()`` instead.
+        """
+        raise RuntimeError(
+            f"{self.name} was submitted already: its upstreams were fixed then. Pass "
+            "wait_for=[...] to submit() instead"
+        )
+
     def done(self) -> bool:
         """True once the task has a final state."""
         state = self._session._state(self.index)
