@@ -945,3 +945,25 @@ def test_a_record_of_the_first_format_still_loads(tmp_path):
     run = gx.Run.load(tmp_path)
     assert [run.state(n).name for n in run.nodes] == ["Pending", "Running"]
     assert "interrupted" in run.summary().splitlines()[0]
+
+
+@gx.task
+def pressed_ctrl_c(x):
+    raise KeyboardInterrupt  # what Ctrl-C does to a task in the caller's thread
+
+
+def test_a_run_ctrl_c_cancelled_is_not_ok_once_saved_and_loaded(tmp_path):
+    with gx.Graph() as g:
+        done = consume(1)
+        pressed_ctrl_c(done)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        g.compute(scheduler="sync", run_dir=tmp_path / "journal")
+    run = caught.value.run
+    assert not run.ok
+    for loaded in (
+        gx.Run.load(run.save(tmp_path / "saved.gxrun")),
+        gx.Run.load(tmp_path / "journal"),
+    ):
+        assert not loaded.ok
+        assert "cancelled by Ctrl-C" in loaded.summary().splitlines()[0]
+        assert loaded.state("consume-0").name == "Completed"

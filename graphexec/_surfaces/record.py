@@ -246,12 +246,15 @@ def _meta(kept: KeptCall, k: int) -> dict[str, Any]:
 
 
 def _end(run: Run, positions: _Positions) -> dict[str, Any]:
-    return {
+    frame = {
         "t": "end",
         "finished": run.finished if run.finished is not None else time.time(),
         "handled": sorted(positions.id[i] for i in run._handled if i in positions.id),
         "ok": run.ok,
     }
+    if run._interrupted is not None:  # Ctrl-C or SIGTERM cancelled it: never ok, loaded too
+        frame["interrupted"] = run._interrupted
+    return frame
 
 
 def save_run(run: Run, path: str | os.PathLike[str]) -> Path:
@@ -591,6 +594,8 @@ def load_run(path: str | os.PathLike[str]) -> SavedRun:
     }
     if end is None:
         document["interrupted"] = INTERRUPTED
+    elif end.get("interrupted"):
+        document["interrupted"] = str(end["interrupted"])
     run = run_from_dict(document, SavedRun)
     assert isinstance(run, SavedRun)
     if end is not None:
