@@ -12,6 +12,7 @@ queued at all, or only as many as ``PREFETCH_SECONDS`` of them.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -113,6 +114,51 @@ def test_slow_calls_are_never_queued_and_short_ones_only_a_few_ms_deep(monkeypat
     limit = int(process.PREFETCH_SECONDS / (short + process.CALL_OVERHEAD))
     assert max(seen["depth"]) <= max(2, limit)
     assert len(slow_nodes) == 8
+
+
+def _hold(release: str, limit: float) -> str:
+    """Wait for ``release`` to exist (at most ``limit`` seconds): how it ended."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if os.path.exists(release):
+            return "released"
+        time.sleep(0.01)
+    return "timed out"
+
+
+def _mark(done: str, i: int) -> int:
+    open(os.path.join(done, str(i)), "w").close()
+    return i
+
+
+@pytest.mark.timeout(60)
+def test_short_calls_are_never_queued_behind_another_tasks_long_call(tmp_path):
+    # The long call is released only once every short call has run: short calls
+    # queued behind it (its worker busy, the other free) would wait for it, and
+    # it would time out. (They were: prefetching looked at the queued calls'
+    # function only, not at what the worker was running.)
+    release, done = tmp_path / "release", tmp_path / "done"
+    done.mkdir()
+    n = 100
+    with gx.Pool(workers=2) as pool:
+        warm = gx.Graph()
+        with warm:
+            [warm.add(_mark, str(tmp_path), -i - 1) for i in range(20)]  # measured short
+        warm.compute(pool=pool)
+        graph = gx.Graph()
+        with graph:
+            held = graph.add(_hold, str(release), 20.0)
+            [graph.add(_mark, str(done), i) for i in range(n)]
+
+        def release_when_all_ran() -> None:
+            deadline = time.monotonic() + 25
+            while len(os.listdir(done)) < n and time.monotonic() < deadline:
+                time.sleep(0.01)
+            release.touch()
+
+        threading.Thread(target=release_when_all_ran, daemon=True).start()
+        run = graph.compute(pool=pool)
+    assert run[held] == "released"
 
 
 @pytest.mark.timeout(60)

@@ -132,6 +132,9 @@ from .runtime import load_exception
 PREFETCH_MAX_BYTES = 16 * 1024  # a queued message must fit in the pipe buffer
 PREFETCH_DEPTH = 64  # calls a worker may hold when its function's calls are tiny
 PREFETCH_SECONDS = 0.005  # ... and no more than this much of their measured time
+# A worker whose current call has run this long is no prefetch target, whatever its
+# function measured before: a call of a tiny function may still block (I/O, a lock).
+HEAD_STALLED = 10 * SHORT_CALL
 CALL_OVERHEAD = 2e-5  # seconds a worker spends on a call besides the call itself
 QUEUE_MAX_BYTES = 32 * 1024  # unanswered messages a prefetch may leave in a worker's pipe
 BATCH_CALLS = 16  # prefetched calls gathered for a worker are sent at this many
@@ -1015,6 +1018,10 @@ class ProcessPool:
         As many calls as make ``PREFETCH_SECONDS`` of this function's measured
         time (at most ``PREFETCH_DEPTH``), so a free worker is never kept
         waiting long behind a queue; none once a call of it took ``SHORT_CALL``.
+        Only behind a current call of a function measured short, running for less
+        than ``HEAD_STALLED``: queued behind a long or stuck call of another
+        task, ready calls waited for it (or forever) while another worker went
+        free, and their own ``timeout=`` never started.
         """
         wire = call.wire
         cost = self._fn_short.get(fn_id)
@@ -1028,6 +1035,8 @@ class ProcessPool:
         room = QUEUE_MAX_BYTES - len(wire)
         # The worker holding the fewest calls, fewer than ``depth`` (the first on a tie).
         best, fewest = None, depth
+        fn_ids, short = self._fn_ids, self._fn_short
+        stalled = time.monotonic() - HEAD_STALLED
         for w in self._workers.values():
             n = len(w.inflight)
             if (
@@ -1036,7 +1045,13 @@ class ProcessPool:
                 and w.kill is None
                 and (w.calls_left is None or w.calls_left > 0)
                 and fn_id in w.functions
+                and w.head_started > stalled
             ):
+                if n:  # what it runs now: a call of a function measured short
+                    head = w.inflight[0].fn
+                    cost = short.get(fn_id if head is call.fn else fn_ids.get(id(head), -1))
+                    if cost is None or cost >= SHORT_CALL:
+                        continue
                 best, fewest = w, n
         return best
 
