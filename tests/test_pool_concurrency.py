@@ -245,7 +245,8 @@ def test_closing_the_pool_under_another_threads_compute_fails_its_pending_calls_
         graph = gx.Graph("doomed")
         with graph:
             for i in range(4):
-                nap(i, 1.0)
+                # retries must not be spent on a closed pool: it stays closed
+                nap.with_options(retries=2, retry_delay=20)(i, 1.0)
         box["run"] = graph.compute(pool=pool, raise_on_failure=False)
 
     thread = threading.Thread(target=compute, daemon=True)
@@ -257,7 +258,9 @@ def test_closing_the_pool_under_another_threads_compute_fails_its_pending_calls_
     run = box["run"]
     assert run.failed
     for node in run.failed:
-        assert "the pool was closed" in str(run.state(node).exception)
+        state = run.state(node)
+        assert "the pool was closed" in str(state.exception)
+        assert state.exception.retryable is False and state.attempts == 1
 
 
 CTRL_C_SCRIPT = textwrap.dedent(

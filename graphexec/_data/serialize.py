@@ -336,6 +336,7 @@ def arguments_error(call: Any, exc: BaseException, destination: str) -> Serializ
         "the task (locks, open files, sockets and generators cannot be sent)",
         node=call.name,
         stage="arguments",
+        retryable=False,
     )
 
 
@@ -346,6 +347,7 @@ def function_error(name: str, exc: BaseException) -> SerializationError:
         f"{exc}. Define it at module level, or make what it closes over picklable",
         node=name,
         stage="function",
+        retryable=False,
     )
 
 

@@ -133,11 +133,6 @@ def value_for_dependent(graph: Graph, states: list[State | None], up: int) -> An
     return state.exception
 
 
-# SerializationError stages of a call that failed in this process before any
-# worker had it: the same function and arguments fail the same way every time.
-_NEVER_STARTED = frozenset({"function", "arguments"})
-
-
 class Scheduler:
     """Runs the members of one :class:`Run` on one executor. See the module docstring."""
 
@@ -627,13 +622,13 @@ class Scheduler:
             message=f"{type(error).__name__}: {safe_str(error)}",
         )
         # (a value that cannot be loaded is not retried: the task ran and succeeded;
-        # nor a call whose function or arguments would not pickle here: it never
-        # started, and every attempt would fail the same way)
+        # nor a failure another attempt would meet the same way without running the
+        # task: TaskFailure.retryable, a call that would not pickle, a closed pool)
         if (
             kind == ERROR
             and call.number <= opts.retries
             and self.cancel_reason is None
-            and not (isinstance(error, SerializationError) and error.stage in _NEVER_STARTED)
+            and getattr(error, "retryable", True)
         ):
             try:
                 again = should_retry(opts, error, failed, self.graph._tasks[i])

@@ -1093,6 +1093,7 @@ class ClusterExecutor:
                         f"an input of {call.name} was kept for a chain that is not there",
                         node=call.name,
                         stage="arguments",
+                        retryable=False,
                     )
                 remote[index] = after.future
                 continue
@@ -1130,6 +1131,7 @@ class ClusterExecutor:
                 f"send it to the dask cluster: {type(exc).__name__}: {exc}",
                 node=call.name,
                 stage="arguments",
+                retryable=False,
             ) from None
 
     @staticmethod

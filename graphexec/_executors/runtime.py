@@ -50,6 +50,7 @@ def unloadable_error(name: str, fn: Unloadable, where: str, advice: str) -> Seri
         f"{type(fn.exc).__name__}: {fn.exc}. {advice}",
         node=name,
         stage="function",
+        retryable=False,
     )
 
 

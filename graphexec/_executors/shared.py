@@ -734,7 +734,8 @@ class RunLease:
 
     def _fail(self, call: Call, why: str) -> None:
         call.started = call.finished = time.time()
-        error = WorkerCrashed(f"{call.name} did not finish: {why}", node=call.name)
+        # (retrying cannot help: the pool is gone, and every attempt would fail so)
+        error = WorkerCrashed(f"{call.name} did not finish: {why}", node=call.name, retryable=False)
         with self._cond:
             self._outbox.append((call, ERROR, error))
             self._cond.notify()

@@ -82,10 +82,14 @@ class GraphFailed(GraphexecError):
 class TaskFailure(GraphexecError):
     """A fault graphexec detected around a task rather than one it raised.
 
-    ``.node`` names the node it concerns.
+    ``.node`` names the node it concerns. ``.retryable`` is False where another
+    attempt would fail the same way without running the task (its function or
+    arguments would not pickle; the pool was closed): the node's ``retries=``
+    are not spent on it.
     """
 
     node: str | None = None
+    retryable: bool = True
 
 
 class WorkerCrashed(TaskFailure):
