@@ -410,6 +410,8 @@ def test_pool_argument_validation(pool):
         graph.compute(pool=pool, workers=3)
     with pytest.raises(ValueError, match="pool="):
         graph.compute(pool=pool, scheduler="sync")
+    with pytest.raises(ValueError, match=r"gx\.Pool\(start_method"):  # it was ignored
+        graph.compute(pool=pool, start_method="spawn")
     with pytest.raises(TypeError, match=r"gx\.Pool"):
         graph.compute(pool="warm")
     with pytest.raises(ValueError):

@@ -123,6 +123,11 @@ class ComputeOptions:
                     "pool= sets the workers itself; do not combine it with "
                     "workers= or another scheduler"
                 )
+            if start_method is not None:
+                raise ValueError(
+                    f"{where}: start_method= belongs to the workers: with pool=, give it to "
+                    "gx.Pool(start_method=...)"
+                )
             count = pool.workers
         else:
             count = check_workers(workers, where)
