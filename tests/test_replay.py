@@ -33,6 +33,18 @@ def _env(**extra: str) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(WORKTREE), **extra)
 
 
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m graphexec ARGS`` with this checkout, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "graphexec", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+
+
 def _shm_ours() -> list[str]:
     return [n for n in os.listdir("/dev/shm") if n.startswith(f"gx-{os.getpid()}-")]
 
@@ -392,60 +404,29 @@ def test_a_saved_run_reads_like_a_json_one(saved):
 
 
 def test_the_cli_replays_a_saved_run(saved):
-    done = subprocess.run(
-        [sys.executable, "-m", "graphexec", "replay", str(saved), "check-0"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=60,
-    )
+    done = _cli("replay", str(saved), "check-0")
     assert done.returncode == 1
     assert "ValueError: sum" in done.stderr
     assert "check-0 failed again" in done.stderr
 
 
 def test_the_cli_replays_under_pdb(saved):
-    done = subprocess.run(
-        [sys.executable, "-m", "graphexec", "replay", str(saved), "check-0", "--pdb"],
-        input="p limit * 7\nq\n",
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=60,
-    )
+    done = _cli("replay", str(saved), "check-0", "--pdb", stdin="p limit * 7\nq\n")
     assert "(Pdb) 7.0" in done.stdout
     assert done.returncode == 1
 
 
 def test_the_cli_names_what_to_replay_instead(saved):
-    done = subprocess.run(
-        [sys.executable, "-m", "graphexec", "replay", str(saved), "fine-0"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=60,
-    )
+    done = _cli("replay", str(saved), "fine-0")
     assert done.returncode == 1
     assert "fine-0 is Completed, not Failed" in done.stderr
-    done = subprocess.run(
-        [sys.executable, "-m", "graphexec", "replay", str(saved), "nope"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=60,
-    )
+    done = _cli("replay", str(saved), "nope")
     assert "no node named 'nope'" in done.stderr and "failed nodes: check-0" in done.stderr
 
 
 def test_the_cli_reports_a_saved_run(saved, tmp_path):
     out = tmp_path / "r.html"
-    done = subprocess.run(
-        [sys.executable, "-m", "graphexec", "report", str(saved), "-o", str(out)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=60,
-    )
+    done = _cli("report", str(saved), "-o", str(out))
     assert done.returncode == 0, done.stderr
     assert "4 nodes, 1 unhandled failure(s)" in done.stdout
     assert "check-0" in out.read_text()
@@ -590,13 +571,7 @@ def test_a_record_cut_off_mid_run_says_so_everywhere(killed, tmp_path):
     assert "when the record ended" in run.state("sleeper-0").message
     # the report of `graphexec report`
     page = tmp_path / "report.html"
-    done = subprocess.run(
-        [sys.executable, "-m", "graphexec", "report", str(killed), "-o", str(page)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=60,
-    )
+    done = _cli("report", str(killed), "-o", str(page))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith(
         "(4 nodes, interrupted: the record ends mid-run (the "
@@ -657,13 +632,7 @@ def test_json_documents_still_report(tmp_path):
     doc = tmp_path / "run.json"
     doc.write_text(run.to_json())
     assert json.loads(doc.read_text())["format"] == "graphexec.run"
-    done = subprocess.run(
-        [sys.executable, "-m", "graphexec", "report", str(doc)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=60,
-    )
+    done = _cli("report", str(doc))
     assert done.returncode == 0, done.stderr
     with pytest.raises(LookupError, match="read from a JSON document"):
         gx.Run.from_json(doc.read_text()).inputs("check-0")
@@ -831,21 +800,9 @@ def test_failed_nodes_sharing_a_name_are_replayed_by_position(pool, tmp_path):
     message = str(caught.value)
     (hint,) = [line for line in message.splitlines() if "Reproduce it" in line]
     assert " '#0' " in hint or " #0 " in hint, hint
-    done = subprocess.run(
-        [sys.executable, "-m", "graphexec", "replay", str(tmp_path), "#1"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=60,
-    )
+    done = _cli("replay", str(tmp_path), "#1")
     assert done.returncode == 1 and "lin diverged at 1" in done.stderr, done.stderr[-2000:]
-    done = subprocess.run(
-        [sys.executable, "-m", "graphexec", "replay", str(tmp_path), "fit-lin"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=60,
-    )
+    done = _cli("replay", str(tmp_path), "fit-lin")
     assert done.returncode == 1
     assert "3 nodes" in done.stderr and "give '#k' for run.nodes[k]" in done.stderr
     run = gx.Run.load(tmp_path)
