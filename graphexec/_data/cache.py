@@ -739,21 +739,13 @@ class _Shared:
         """
         conn = self.conn()
         conn.execute("BEGIN IMMEDIATE")
-        crc32 = zlib.crc32
         try:
             for start in range(0, len(rows), INSERT_CHUNK):
                 # a chunk's crcs here, between statements (which let go of the GIL):
-                # not all at once, which would keep the scheduler's thread waiting.
-                # (_with_crc inlined: at the end of a run this is the scheduler's
-                # thread's, for every entry.)
+                # not all at once, which would keep the scheduler's thread waiting
                 params: list[Any] = []
                 for row in rows[start : start + INSERT_CHUNK]:
-                    if row[5] is None:
-                        key, task, created, expires, size, _, data = row
-                        crc = crc32(data or b"", crc32(key.encode()))
-                        params += (key, task, created, expires, size, crc, data)
-                    else:
-                        params += row
+                    params.extend(row if row[5] is not None else _with_crc(row))
                 conn.execute(_insert(len(params) // 7), params)
             conn.execute("COMMIT")
         except BaseException:

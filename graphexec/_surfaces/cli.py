@@ -295,14 +295,12 @@ def _pick_node(run: Run, given: str, source: Path) -> Node:
     try:
         return run.graph._nodes[run._lookup(given)]
     except KeyError as exc:
-        shared = str(exc.args[0]) if exc.args else ""
+        why = str(exc.args[0]) if exc.args else ""
     position = re.fullmatch(r"#(\d+)", given)
     if position is not None and int(position.group(1)) < len(run.members):
         return run.nodes[int(position.group(1))]
-    if " are named " in shared:  # several nodes: say which, and how to pick one
-        raise CommandError(
-            shared.replace("pass the node itself instead of its name", "give '#k' for run.nodes[k]")
-        )
+    if given in run:  # several nodes have that name: _lookup's message lists them
+        raise CommandError(f"{why}; on the command line, give '#k' for run.nodes[k]")
     failed = ", ".join(n.name for n in run.failed[:10]) or "none"
     raise CommandError(f"no node named {given!r} in {source}; failed nodes: {failed}")
 
