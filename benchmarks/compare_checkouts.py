@@ -9,6 +9,7 @@ the same machine::
     git worktree add /tmp/before <commit>
     python -m benchmarks.compare_checkouts /tmp/before .           # all workloads
     python -m benchmarks.compare_checkouts /tmp/before . --turns 3 --only w1 w6
+    python -m benchmarks.compare_checkouts /tmp/before . --only w2-cold --start-method zygote
 
 Prints, per workload, each checkout's median of every turn. For warm
 workloads it also prints the CPU time per task of this process (the
@@ -113,7 +114,7 @@ def w6(depth, **kw):
     graph.compute(**kw)
     return time.perf_counter() - t
 
-cold = {"w1-cold": w1, "w4-cold": w4, "w5-cold": w5}
+cold = {"w1-cold": w1, "w2-cold": w2, "w4-cold": w4, "w5-cold": w5}
 warm = {"w1-warm": w1, "w2-warm": w2, "w5-warm": w5,
         "w6-10k-warm": lambda **kw: w6(100, **kw),
         "w6-100k-warm": lambda **kw: w6(1000, **kw)}
@@ -145,6 +146,7 @@ print(json.dumps({"median": statistics.median(times), "file": gx.__file__, **ext
 ROUNDS = {
     "w1-cold": 9,
     "w1-warm": 9,
+    "w2-cold": 15,
     "w2-warm": 15,
     "w4-cold": 3,
     "w5-cold": 5,
@@ -154,10 +156,17 @@ ROUNDS = {
 }
 
 
-def measure(checkout: Path, which: str) -> dict[str, float]:
+def measure(checkout: Path, which: str, start_method: str | None = None) -> dict[str, float]:
     """The child's medians: ``median`` (seconds), and for warm workloads
-    ``parent_us`` and ``workers_us`` (CPU microseconds per task)."""
+    ``parent_us`` and ``workers_us`` (CPU microseconds per task).
+
+    ``start_method``: ``GRAPHEXEC_START_METHOD`` in the child. The child
+    imports numpy, so its default is the forkserver; ``zygote`` times what a
+    script without numpy gets (as the benchmarks' "graphexec cold" column).
+    """
     env = {**os.environ, "PYTHONPATH": str(checkout)}
+    if start_method is not None:
+        env["GRAPHEXEC_START_METHOD"] = start_method
     out = subprocess.run(
         [sys.executable, "-c", CHILD, which, str(ROUNDS[which])],
         cwd=checkout,
@@ -182,6 +191,9 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="*", default=None, help="workload name prefixes, e.g. w1 w6"
     )
+    parser.add_argument(
+        "--start-method", default=None, help="the workers' start method (default: the child's)"
+    )
     args = parser.parse_args()
     names = [n for n in ROUNDS if not args.only or any(n.startswith(o) for o in args.only)]
     before, after = args.before.resolve(), args.after.resolve()
@@ -189,8 +201,8 @@ def main() -> None:
     for name in names:
         runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
         for _ in range(args.turns):
-            runs["before"].append(measure(before, name))
-            runs["after"].append(measure(after, name))
+            runs["before"].append(measure(before, name, args.start_method))
+            runs["after"].append(measure(after, name, args.start_method))
         cells = {k: ", ".join(f"{r['median']:.3f}" for r in rs) for k, rs in runs.items()}
         ratio = statistics.median(r["median"] for r in runs["after"]) / statistics.median(
             r["median"] for r in runs["before"]

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import textwrap
 
+import psutil
 import pytest
 
 import graphexec as gx
@@ -458,3 +459,94 @@ def test_a_memory_limited_pool_gets_a_forkserver_by_default():
         """
     )
     assert report == {"limited": "forkserver", "plain": "zygote", "asked": "zygote"}
+
+
+# -- asking the server for workers without waiting for its fork -------------------
+
+
+def test_a_pool_asks_for_its_next_worker_before_the_first_is_forked():
+    # CPython's Popen waits for the server's fork (its pid) before it returns;
+    # graphexec's reads the pid when first needed, so a pool asks for all its
+    # workers, and sends them their first calls, before it waits for any.
+    from graphexec._executors.process import ProcessPool
+
+    pool = ProcessPool(2, start_method="zygote")
+    try:
+        first = pool._spawn()
+        second = pool._spawn()
+        assert not second.born  # nothing has read its pid yet
+        pids = [first.pid, second.pid]
+        assert all(isinstance(pid, int) and pid > 1 for pid in pids)
+        assert pids[0] != pids[1]
+        server = gx._executors.zygote.server([])._forkserver_pid
+        assert {psutil.Process(pid).ppid() for pid in pids} == {server}
+    finally:
+        pool.shutdown()
+
+
+def _server_dies_once(monkeypatch):
+    """The next worker's server dies before forking it (its answer: end of file)."""
+    from graphexec._executors import process
+
+    real = process._ForkServerPopen._launch
+    calls = []
+
+    def launch(self, process_obj):
+        calls.append(process_obj.name)
+        if len(calls) > 1:
+            return real(self, process_obj)
+        read, write = os.pipe()
+        os.close(write)
+        self.sentinel = read
+        self.finalizer = None
+
+    monkeypatch.setattr(process._ForkServerPopen, "_launch", launch)
+    return calls
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_dies_before_forking_fails_only_that_node(monkeypatch):
+    calls = _server_dies_once(monkeypatch)
+    graph = gx.Graph()
+    first = graph.add(os.getpid)
+    run = graph.compute(workers=1, start_method="zygote", raise_on_failure=False)
+    state = run.state(first)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, gx.WorkerCrashed)
+    assert "ended before it started the worker that was to run" in str(error)
+    # The next compute starts a worker as usual.
+    again = graph.compute(workers=1, start_method="zygote")
+    assert again[first] != os.getpid()
+    assert len(calls) == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_retry_runs_the_node_on_a_worker_the_server_did_fork(monkeypatch):
+    _server_dies_once(monkeypatch)
+    graph = gx.Graph()
+    node = graph.add(gx.task(retries=1)(os.getpid))
+    run = graph.compute(workers=1, start_method="zygote")
+    assert run[node] != os.getpid()
+    assert run.state(node).attempts == 2
+
+
+def test_a_pid_never_read_kills_no_process_group():
+    # os.killpg(0, ...) is the caller's own group: a worker whose server died
+    # before forking it has no pid (None) and must never be "killed".
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from graphexec._executors.process import _kill_group, _descendants\n"
+            "_kill_group(None); _kill_group(0); _kill_group(1)\n"
+            "assert _descendants(None) == []\n"
+            "print('alive')",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,  # were it broken, it kills its own group, not pytest
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert out.stdout.strip() == "alive", out.stderr

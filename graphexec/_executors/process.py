@@ -47,24 +47,29 @@ them, between calls: nothing is lost and nobody is blamed. A call with
 that fails ``INIT_ATTEMPTS`` times in a row breaks the pool (``_broken``):
 no more workers start, and calls that would need one fail with its error.
 
-Workers are started lazily (never more than there is work for), on Linux
-from a server of graphexec's own: the ``zygote`` (``zygote.py``: a fork of
-this process made while it runs one thread) by default, else the
-``forkserver`` (a fresh interpreter); ``spawn`` elsewhere: never a plain
-fork of a parent that may run threads. The servers and the contexts are
-graphexec's own (``_forkserver``, ``_zygote_server``, ``_CONTEXTS``): the
-program's own process pools start exactly as they would without graphexec. Workers are not
-daemonic, so tasks may start their own processes. Shutdown asks politely,
-then kills, and always joins; an ``atexit`` hook closes pools the program
-forgot. Each worker leads a process group, killed with it, so no subprocess
-a task started outlives it; and before a worker is killed, retired or
-stopped, its descendants are found by parentage (``_descendants``) and killed
-too, so a subprocess that left the group (``os.setsid()``, any daemonizing
-tool) goes as well. Out of reach: a descendant that was re-parented to init
-before we look (a double fork that finished, or any descendant of a worker
-that crashed on its own). If this process dies without closing the pool
-(SIGKILL, a hard crash), each worker's watchdog and the pool's guard process
-(``_Guard``) end the workers and their descendants within a second or so.
+Workers are started lazily (never more than there is work for), on Linux from a
+server of graphexec's own: the ``zygote`` (``zygote.py``: a fork of this
+process made while it runs one thread) by default, else the ``forkserver`` (a
+fresh interpreter); ``spawn`` elsewhere: never a plain fork of a parent that
+may run threads. The servers and the contexts are graphexec's own
+(``_forkserver``, ``_zygote_server``, ``_CONTEXTS``): the program's own process
+pools start exactly as they would without graphexec. Workers are not daemonic,
+so tasks may start their own processes. A worker is asked for without waiting
+for the server's fork (``_ForkServerPopen``: its pid is read when first
+needed), so a cold compute asks for all its workers, and sends them their first
+calls, before it waits for any. Shutdown asks politely, then kills, and always
+joins; an ``atexit`` hook closes pools the program forgot. A compute's own
+pool, at the end of its run, kills its idle workers instead and waits for
+nobody (``shutdown(wait=False)``). Each worker leads a process group, killed
+with it, so no subprocess a task started outlives it; and before a worker is
+killed, retired or stopped, its descendants are found by parentage
+(``_descendants``) and killed too, so a subprocess that left the group
+(``os.setsid()``, any daemonizing tool) goes as well. Out of reach: a
+descendant that was re-parented to init before we look (a double fork that
+finished, or any descendant of a worker that crashed on its own). If this
+process dies without closing the pool (SIGKILL, a hard crash), each worker's
+watchdog and the pool's guard process (``_Guard``) end the workers and their
+descendants within a second or so.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ import itertools
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
+import multiprocessing.process
 import multiprocessing.spawn
 import os
 import pickle
@@ -239,10 +245,55 @@ if sys.platform != "win32":
 
     class _ForkServerPopen(multiprocessing.popen_forkserver.Popen):
         """CPython's forkserver ``Popen`` (the same in 3.10 to 3.13), but its
-        ``_launch`` asks graphexec's forkserver, with :func:`_preparation_data`."""
+        ``_launch`` asks graphexec's forkserver, with :func:`_preparation_data`,
+        and does not wait for the server's fork.
+
+        The server answers with the child's pid once it has forked it (a
+        millisecond or two: the server, then this process, each wake up);
+        CPython's ``_launch`` waits for that answer, so a pool asking for two
+        workers waited for the first one's fork before asking for the second,
+        and sent no call meanwhile. Here the pid is read when first needed
+        (``pid``, ``poll``, ``wait``): a pool asks for all its workers, and
+        sends each its first calls (the pipe holds them), before it waits for
+        any. ``pid`` is None if the server died before forking the child (its
+        exit code is then 255).
+        """
 
         _fds: list[int]
         _server = staticmethod(_forkserver)  # the server asked to fork the worker
+        _pid: int | None = None
+        _pid_read = False
+        # Told the pid when it is read, wherever that happens (the pool's guard;
+        # multiprocessing's own _cleanup() polls every child at each start).
+        on_pid: Callable[[int], None] | None = None
+
+        @property  # type: ignore[override]
+        def pid(self) -> int | None:
+            if not self._pid_read:
+                self._pid_read = True
+                try:
+                    self._pid = multiprocessing.forkserver.read_signed(self.sentinel)
+                except (OSError, EOFError):  # the server died before forking it
+                    self.returncode = 255
+                if self._pid is not None and self.on_pid is not None:
+                    self.on_pid(self._pid)
+            return self._pid
+
+        @pid.setter
+        def pid(self, value: int | None) -> None:
+            self._pid, self._pid_read = value, True
+
+        def poll(self, flag: int = os.WNOHANG) -> int | None:
+            if not self._pid_read:
+                if flag == os.WNOHANG and not mp_wait([self.sentinel], 0):
+                    return None  # not forked yet, so surely running
+                _ = self.pid  # the server's first answer: the pid, not the exit
+            return super().poll(flag)
+
+        def wait(self, timeout: float | None = None) -> int | None:
+            if not self._pid_read:
+                _ = self.pid
+            return super().wait(timeout)
 
         def _launch(self, process_obj: Any) -> None:
             prep_data = _preparation_data(process_obj._name)
@@ -260,7 +311,7 @@ if sys.platform != "win32":
             self.finalizer = mp_util.Finalize(self, _close_fds, (parent_w, self.sentinel))
             with open(w, "wb", closefd=True) as f:
                 f.write(buf.getbuffer())
-            self.pid = multiprocessing.forkserver.read_signed(self.sentinel)
+            # (the pid: read when first needed, see the class)
 
     class _ZygotePopen(_ForkServerPopen):
         """The forkserver ``Popen``, asking graphexec's zygote (``zygote.py``)."""
@@ -398,6 +449,7 @@ def start_methods() -> list[str]:
 
 class _Worker:
     __slots__ = (
+        "_pid",
         "calls_left",
         "conn",
         "contexts",
@@ -410,7 +462,6 @@ class _Worker:
         "kill",
         "loading",
         "pending",
-        "pid",
         "process",
         "ps",
         "queued",
@@ -422,7 +473,7 @@ class _Worker:
         self.id = wid
         self.process = process
         self.conn = conn
-        self.pid = process.pid
+        self._pid: int | None = 0  # 0: not read yet (see pid)
         self.inflight: deque[Call] = deque()  # sent, not answered; head is running
         # Prefetched calls (in inflight already) not sent yet: one batch message, soon.
         self.pending: list[bytes] = []
@@ -446,6 +497,19 @@ class _Worker:
         # Calls it may still be sent (None: no limit); at 0 it is retired once idle.
         self.calls_left = calls_left
         self.init_error: BaseException | None = None  # its initializer raised this
+
+    @property
+    def pid(self) -> int | None:
+        """Its pid, read from the server's answer when first asked (``_ForkServerPopen``);
+        None if the server died before forking it."""
+        if self._pid == 0:
+            self._pid = self.process.pid
+        return self._pid
+
+    @property
+    def born(self) -> bool:
+        """Whether its pid has been read (the server's first answer on the sentinel)."""
+        return self._pid != 0 or getattr(self.process._popen, "_pid_read", True)
 
 
 class ProcessPool:
@@ -556,12 +620,22 @@ class ProcessPool:
         state = "closed" if self._closed else f"{len(self._workers)} running"
         return f"<ProcessPool workers={self.workers} {self.start_method} ({state})>"
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = True) -> None:
         """Stop every worker: ask, then kill stragglers; always join. Idempotent.
 
         Re-entrant too: a close interrupted half-way (a second Ctrl-C) is finished
         by the next call, at the latest by the exit hook — a worker left unstopped
         would make multiprocessing's own exit hook wait for it forever.
+
+        ``wait=False`` (a compute's own pool, at the end of its run): every
+        worker is killed at once instead (``_kill``: its descendants, then its
+        process group, itself included), and a worker of the zygote or the
+        forkserver is let go (:func:`_abandon`) rather than joined. An idle
+        worker holds nothing to lose (its replies are in, its output flushed
+        after each call, and it would end with ``os._exit`` anyway). Asking
+        the worker to stop and joining it took the worker, the server and this
+        process a wake-up each, 2-3 ms of a cold compute on a busy 2-core
+        machine. (A ``spawn`` worker is this process's child: it is joined.)
         """
         if self._stopped:
             return
@@ -572,7 +646,7 @@ class ProcessPool:
         self._closed = True
         workers = list(self._workers.values())
         for w in workers:
-            if w.inflight:
+            if w.inflight or not wait:
                 self._kill(w)
             else:
                 # What earlier tasks left running (a daemon they started), found
@@ -585,12 +659,18 @@ class ProcessPool:
         workers += self._retiring.values()
         deadline = time.monotonic() + STOP_TIMEOUT
         for w in workers:
+            if not wait and isinstance(w.process._popen, _ForkServerPopen):
+                if w.id in self._retiring:  # told to stop earlier, maybe gone
+                    self._kill(w)
+                self._forget(w, close_process=False, stopping=True)
+                _abandon(w.process)
+                continue
             w.process.join(max(0.0, deadline - time.monotonic()))
             if w.process.exitcode is None:
                 self._kill(w)
                 w.process.join(STOP_TIMEOUT)
             _kill_group(w.pid)  # processes a task started and left running
-            self._forget(w)
+            self._forget(w, stopping=True)
         self._fn_ids.clear()
         self._contexts.clear()
         self._context_messages.clear()
@@ -659,20 +739,32 @@ class ProcessPool:
         self._guard.start()  # the shell starts while the worker does, not after it
         process.start()
         child_conn.close()
-        self._guard.add(process.pid)
+        popen = process._popen
+        if isinstance(popen, _ForkServerPopen):
+            # Its pid comes when first needed (poll() reads it when the server
+            # answers), and then the guard is told (see _ForkServerPopen).
+            popen.on_pid = self._guard.add
+        else:
+            self._guard.add(process.pid)
         w = _Worker(wid, process, parent_conn, self.max_calls)
         self._workers[wid] = w
         self._waitables[parent_conn] = w
         self._waitables[process.sentinel] = w
         return w
 
-    def _forget(self, w: _Worker) -> None:
+    def _forget(self, w: _Worker, close_process: bool = True, stopping: bool = False) -> None:
+        """Drop a worker that is gone, or (``stopping``: shutdown) being stopped.
+
+        ``stopping`` leaves the guard as it is (shutdown dismisses it with one
+        line) and, with ``close_process=False``, the ``Process`` to the reaper.
+        """
         self._deadlines.discard(w.id)
         w.pending.clear()
         w.queued = 0
         if w in self._batching:
             self._batching.remove(w)
-        self._guard.remove(w.pid)
+        if not stopping and w.pid is not None:
+            self._guard.remove(w.pid)
         self._workers.pop(w.id, None)
         self._retiring.pop(w.id, None)
         self._waitables.pop(w.conn, None)
@@ -685,7 +777,7 @@ class ProcessPool:
             pass
         if w.sock is not None:
             w.sock.close()
-        if w.process.exitcode is not None:
+        if close_process and w.process.exitcode is not None:
             w.process.close()
 
     def _kill(self, w: _Worker) -> None:
@@ -695,6 +787,8 @@ class ProcessPool:
         their parent: once it is dead they belong to init, and one that left
         the group (``os.setsid()``) could no longer be told from any process.
         """
+        if w.pid is None:  # never forked
+            return
         tree = _descendants(w.pid)
         try:
             os.killpg(w.pid, signal.SIGKILL)
@@ -896,6 +990,7 @@ class ProcessPool:
         # chain behind it go together, in one batch message (a function the
         # worker lacks goes before the call that needs it, ending a batch).
         behind: list[bytes] = []
+        taken = 0  # calls in worker.inflight so far
         try:
             for call, fn_id in calls:
                 cid = call.context
@@ -923,6 +1018,7 @@ class ProcessPool:
                     worker.calls_left -= 1
                 worker.inflight.append(call)
                 call.worker = worker.id
+                taken += 1
                 wire = call.wire
                 assert wire is not None  # submit() and _chain() encode before delivery
                 worker.queued += len(wire)
@@ -937,7 +1033,15 @@ class ProcessPool:
             if behind:
                 sent += self._send_batch(worker, behind)
         except OSError:
-            pass
+            # Gone: it died starting (or its server did, before forking it), or
+            # since. The calls not taken yet are its too, their functions never
+            # loaded, so that poll() fails or gives back each, as the rest.
+            for call, fn_id in calls[taken:]:
+                if not worker.inflight:
+                    worker.head_started = time.monotonic()
+                worker.inflight.append(call)
+                call.worker = worker.id
+                worker.loading.add(fn_id)
         self._arm(worker)
         return sent
 
@@ -1006,6 +1110,8 @@ class ProcessPool:
 
         try:
             if w.ps is None:
+                if w.pid is None:
+                    return None
                 w.ps = psutil.Process(w.pid)
             rss = w.ps.memory_info().rss
         except psutil.Error:
@@ -1216,6 +1322,8 @@ class ProcessPool:
                 if not self._drain(w):
                     dead.append(w)
             elif w not in dead:
+                if not w.born and w.pid is not None and not mp_wait([obj], 0):
+                    continue  # the server's answer was its pid: it is alive
                 dead.append(w)
         for w in dead:
             self._bury(w)
@@ -1407,7 +1515,11 @@ class ProcessPool:
                 head.started = head.finished - (time.monotonic() - w.head_started)
             if w.kill is None:
                 loading = self._fn_ids.get(id(head.fn)) in w.loading
-                self._outbox.append((head, ERROR, _crash_error(head, exitcode, loading)))
+                if w.pid is None:  # never forked: see _ForkServerPopen
+                    error = _unforked_error(head, self.start_method)
+                else:
+                    error = _crash_error(head, exitcode, loading)
+                self._outbox.append((head, ERROR, error))
             elif w.kill[0] is head:
                 self._outbox.append((head, ERROR, w.kill[1]))
             else:  # killed for a call that finished just in time: this one never ran
@@ -1654,7 +1766,7 @@ def _wire(message: tuple, hold: bool) -> bytes:
     return pickle.dumps((*message, hold), protocol=5)
 
 
-def _kill_group(pid: int) -> None:
+def _kill_group(pid: int | None) -> None:
     """SIGKILL what is left of a dead worker's process group (it led the group).
 
     While any member is alive the kernel keeps the group's id (the worker's
@@ -1662,19 +1774,23 @@ def _kill_group(pid: int) -> None:
     empty group is simply gone (ESRCH). Only a pid recycled in the moment
     since the worker died, by a process that leads its own group, could be hit.
     """
+    if pid is None or pid <= 1:  # never forked (killpg of 0 would be our own group)
+        return
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError, OSError):
         pass
 
 
-def _descendants(pid: int) -> list[Any]:
+def _descendants(pid: int | None) -> list[Any]:
     """The live descendants of ``pid`` by parentage (``psutil.Process``), whatever
     their session or process group; [] when it has none or is gone.
 
     The common case, a worker with no child, costs a read of
     ``/proc/<pid>/task/*/children`` rather than psutil's walk over every process.
     """
+    if pid is None:  # a worker never forked
+        return []
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{tid}/children") as f:
@@ -1726,6 +1842,33 @@ def _crash_error(call: Call, exitcode: int | None, loading: bool = False) -> Wor
     )
 
 
+def _abandon(process: Any) -> None:
+    """Let go of a killed worker of the zygote or the forkserver without joining it.
+
+    The server is its parent and reaps it; the status it then writes on the
+    sentinel nobody reads (the server ignores a closed one: "client
+    vanished"). The ``Process`` leaves multiprocessing's list of children
+    (whose next ``_cleanup`` would poll the closed sentinel) and its pipes
+    are closed now, not whenever it is collected: a program that runs
+    thousands of cold computes keeps no descriptor for any of them.
+    """
+    multiprocessing.process._children.discard(process)  # type: ignore[attr-defined]
+    finalizer = process._popen.finalizer
+    if finalizer is not None:
+        finalizer()  # closes the sentinel and the data pipe's duplicate
+
+
+def _unforked_error(call: Call, start_method: str) -> WorkerCrashed:
+    server = "zygote" if start_method == "zygote" else "forkserver"
+    return WorkerCrashed(
+        f"graphexec's {server} (the process that starts the workers) ended before it "
+        f"started the worker that was to run {call.name}, so it did not run. The "
+        "operating system may have killed it (out of memory?); the next worker starts "
+        "a new one. Only this node failed; give it retries= to run it again",
+        node=call.name,
+    )
+
+
 class Lease:
     """A :class:`ProcessPool` as one run's executor (the engine's view of it).
 
@@ -1766,7 +1909,7 @@ class Lease:
             self.pool._release()
         finally:
             if self._shutdown:
-                self.pool.shutdown()
+                self.pool.shutdown(wait=False)
 
 
 @atexit.register
