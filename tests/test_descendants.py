@@ -181,3 +181,50 @@ def test_a_sigkilled_parent_leaves_no_daemon(tmp_path, daemons):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+@gx.task
+def background_job():
+    # A shell's background job: the shell exits at once, so the job is no longer
+    # the worker's descendant (init adopts it), but it is still in its group.
+    out = subprocess.run(
+        ["/bin/sh", "-c", "sleep 120 >/dev/null 2>&1 & echo $!"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout)
+
+
+def test_a_compute_without_pool_takes_a_job_left_in_the_workers_group(daemons):
+    # Nobody joins a cold compute's workers: each kills its group as its last act.
+    graph = gx.Graph()
+    with graph:
+        node = background_job()
+    pid = graph.compute(workers=1)[node]
+    daemons.append(pid)
+    assert _gone_soon(pid)
+
+
+def _mark(path):
+    with open(path, "w") as f:
+        f.write("exited")
+
+
+@gx.task
+def register_exit_hook(path):
+    import multiprocessing.util
+
+    multiprocessing.util.Finalize(None, _mark, args=(path,), exitpriority=0)
+    return os.getpid()
+
+
+def test_a_compute_without_pool_lets_its_workers_run_their_exit_hooks(tmp_path):
+    # (coverage.py saves a subprocess's data from such a hook)
+    path = tmp_path / "mark"
+    graph = gx.Graph()
+    with graph:
+        node = register_exit_hook(str(path))
+    pid = graph.compute(workers=1)[node]
+    assert _gone_soon(pid)
+    assert path.read_text() == "exited"

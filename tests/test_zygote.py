@@ -17,10 +17,14 @@ with ``GRAPHEXEC_START_METHOD=forkserver``.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.util
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import psutil
 import pytest
@@ -498,7 +502,8 @@ def _server_dies_once(monkeypatch):
         read, write = os.pipe()
         os.close(write)
         self.sentinel = read
-        self.finalizer = None
+        self.finalizer = multiprocessing.util.Finalize(self, os.close, (read,))
+        self._pid_lock = threading.Lock()
 
     monkeypatch.setattr(process._ForkServerPopen, "_launch", launch)
     return calls
@@ -506,18 +511,19 @@ def _server_dies_once(monkeypatch):
 
 @pytest.mark.timeout(60)
 def test_a_server_that_dies_before_forking_fails_only_that_node(monkeypatch):
+    # A pool's worker started for a call (not ahead of the run, see below).
     calls = _server_dies_once(monkeypatch)
     graph = gx.Graph()
     first = graph.add(os.getpid)
-    run = graph.compute(workers=1, start_method="zygote", raise_on_failure=False)
-    state = run.state(first)
-    assert state.is_failed()
-    error = state.result(raise_on_failure=False)
-    assert isinstance(error, gx.WorkerCrashed)
-    assert "ended before it started the worker that was to run" in str(error)
-    # The next compute starts a worker as usual.
-    again = graph.compute(workers=1, start_method="zygote")
-    assert again[first] != os.getpid()
+    with gx.Pool(workers=1, start_method="zygote") as pool:
+        run = graph.compute(pool=pool, raise_on_failure=False)
+        state = run.state(first)
+        assert state.is_failed()
+        error = state.result(raise_on_failure=False)
+        assert isinstance(error, gx.WorkerCrashed)
+        assert "ended before it started the worker that was to run" in str(error)
+        # The next worker is forked as usual.
+        assert graph.compute(pool=pool)[first] != os.getpid()
     assert len(calls) == 2
 
 
@@ -526,9 +532,90 @@ def test_a_retry_runs_the_node_on_a_worker_the_server_did_fork(monkeypatch):
     _server_dies_once(monkeypatch)
     graph = gx.Graph()
     node = graph.add(gx.task(retries=1)(os.getpid))
-    run = graph.compute(workers=1, start_method="zygote")
+    with gx.Pool(workers=1, start_method="zygote") as pool:
+        run = graph.compute(pool=pool)
     assert run[node] != os.getpid()
     assert run.state(node).attempts == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_started_ahead_that_was_never_forked_is_replaced_unblamed(monkeypatch):
+    # A cold compute starts its first workers before the first call (Lease.open):
+    # one whose server died before forking it is found dead while idle, and
+    # replaced, as any worker that dies idle.
+    calls = _server_dies_once(monkeypatch)
+    graph = gx.Graph()
+    node = graph.add(os.getpid)
+    run = graph.compute(workers=1, start_method="zygote")
+    assert run[node] != os.getpid()
+    assert run.state(node).attempts == 1
+    assert len(calls) == 2
+
+
+@pytest.mark.timeout(120)
+def test_cold_computes_beside_a_thread_that_polls_every_child():
+    # multiprocessing's _cleanup() (any Process.start, active_children()) polls
+    # every child from whichever thread calls it: a pid not read yet, and a
+    # worker let go at the end of a run, must never be misread there.
+    stop = threading.Event()
+
+    def poll_children():
+        while not stop.is_set():
+            multiprocessing.active_children()
+
+    poller = threading.Thread(target=poll_children, daemon=True)
+    poller.start()
+    try:
+        for _ in range(40):
+            graph = gx.Graph()
+            nodes = [graph.add(abs, -i) for i in range(6)]
+            run = graph.compute(workers=3, start_method="zygote")
+            assert [run[n] for n in nodes] == list(range(6))
+    finally:
+        stop.set()
+        poller.join()
+
+
+def test_an_interrupted_pid_read_is_done_again(monkeypatch):
+    from graphexec._executors import process
+
+    pool = process.ProcessPool(1, start_method="zygote")
+    try:
+        worker = pool._spawn()
+        real = multiprocessing.forkserver.read_signed
+
+        def interrupted(fd):
+            monkeypatch.setattr(multiprocessing.forkserver, "read_signed", real)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(multiprocessing.forkserver, "read_signed", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _ = worker.process.pid
+        assert not worker.born
+        pid = worker.pid
+        assert isinstance(pid, int) and psutil.Process(pid).ppid() != os.getpid()
+        assert worker.process.exitcode is None  # its pid was not taken for an exit status
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(90)
+def test_a_program_with_sigpipe_at_its_default_keeps_its_zygote():
+    # A pool lets go of a cold compute's workers: the zygote's write of their
+    # exit status then meets a closed pipe, which must fail, not kill it.
+    report, _ = _run(
+        """
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        compute(os.getpid, n=2, workers=2)
+        first = zygote.server([])._forkserver_pid
+        for _ in range(3):
+            compute(os.getpid, n=2, workers=2)
+            time.sleep(0.2)  # the workers' exit reaches the zygote meanwhile
+        server = zygote.server([])
+        report(first=first, last=server._forkserver_pid, alive=server._alive())
+        """
+    )
+    assert report["alive"] and report["first"] == report["last"]
 
 
 def test_a_pid_never_read_kills_no_process_group():
@@ -550,3 +637,64 @@ def test_a_pid_never_read_kills_no_process_group():
         env={**os.environ, "PYTHONPATH": ROOT},
     )
     assert out.stdout.strip() == "alive", out.stderr
+
+
+# -- a cold compute starts its first workers before it builds its scheduler ----------
+
+
+@pytest.fixture
+def spawns(monkeypatch):
+    """The workers each cold compute starts, and how many before the first submit."""
+    from graphexec._executors import process
+
+    seen = {"spawned": 0, "before_submit": None}
+    real_spawn, real_submit = process.ProcessPool._spawn, process.ProcessPool.submit
+
+    def spawn(self):
+        seen["spawned"] += 1
+        return real_spawn(self)
+
+    def submit(self, call):
+        if seen["before_submit"] is None:
+            seen["before_submit"] = seen["spawned"]
+        return real_submit(self, call)
+
+    monkeypatch.setattr(process.ProcessPool, "_spawn", spawn)
+    monkeypatch.setattr(process.ProcessPool, "submit", submit)
+    return seen
+
+
+@gx.task
+def _plus(x):
+    return x + 1
+
+
+def test_independent_tasks_get_their_workers_before_the_first_call(spawns):
+    graph = gx.Graph()
+    with graph:
+        nodes = [_plus(i) for i in range(6)]
+    run = graph.compute(workers=2)
+    assert [run[n] for n in nodes] == list(range(1, 7))
+    assert spawns == {"spawned": 2, "before_submit": 2}
+
+
+def test_a_chain_still_gets_one_worker(spawns):
+    graph = gx.Graph()
+    with graph:
+        x = _plus(0)
+        for _ in range(5):
+            x = _plus(x)
+    assert graph.compute(workers=2)[x] == 6
+    assert spawns == {"spawned": 1, "before_submit": 1}
+
+
+def test_a_rerun_whose_entries_are_all_cached_starts_no_worker(spawns, tmp_path):
+    cached = gx.task(cache=True)(_plus.fn)
+    graph = gx.Graph()
+    with graph:
+        nodes = [cached(i) for i in range(4)]
+    graph.compute(workers=2, cache_dir=tmp_path)
+    spawns.update(spawned=0, before_submit=None)
+    run = graph.compute(workers=2, cache_dir=tmp_path)
+    assert [run[n] for n in nodes] == [1, 2, 3, 4]
+    assert spawns == {"spawned": 0, "before_submit": None}

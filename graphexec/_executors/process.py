@@ -47,29 +47,31 @@ them, between calls: nothing is lost and nobody is blamed. A call with
 that fails ``INIT_ATTEMPTS`` times in a row breaks the pool (``_broken``):
 no more workers start, and calls that would need one fail with its error.
 
-Workers are started lazily (never more than there is work for), on Linux from a
-server of graphexec's own: the ``zygote`` (``zygote.py``: a fork of this
-process made while it runs one thread) by default, else the ``forkserver`` (a
-fresh interpreter); ``spawn`` elsewhere: never a plain fork of a parent that
-may run threads. The servers and the contexts are graphexec's own
-(``_forkserver``, ``_zygote_server``, ``_CONTEXTS``): the program's own process
-pools start exactly as they would without graphexec. Workers are not daemonic,
-so tasks may start their own processes. A worker is asked for without waiting
-for the server's fork (``_ForkServerPopen``: its pid is read when first
-needed), so a cold compute asks for all its workers, and sends them their first
-calls, before it waits for any. Shutdown asks politely, then kills, and always
-joins; an ``atexit`` hook closes pools the program forgot. A compute's own
-pool, at the end of its run, kills its idle workers instead and waits for
-nobody (``shutdown(wait=False)``). Each worker leads a process group, killed
-with it, so no subprocess a task started outlives it; and before a worker is
-killed, retired or stopped, its descendants are found by parentage
-(``_descendants``) and killed too, so a subprocess that left the group
-(``os.setsid()``, any daemonizing tool) goes as well. Out of reach: a
-descendant that was re-parented to init before we look (a double fork that
-finished, or any descendant of a worker that crashed on its own). If this
-process dies without closing the pool (SIGKILL, a hard crash), each worker's
-watchdog and the pool's guard process (``_Guard``) end the workers and their
-descendants within a second or so.
+Workers are started lazily (never more than there is work for; a compute's own
+pool starts those its first calls surely need when the run opens, see
+``_sure_roots``), on Linux from a server of graphexec's own: the ``zygote``
+(``zygote.py``: a fork of this process made while it runs one thread) by
+default, else the ``forkserver`` (a fresh interpreter); ``spawn`` elsewhere:
+never a plain fork of a parent that may run threads. The servers and the
+contexts are graphexec's own (``_forkserver``, ``_zygote_server``,
+``_CONTEXTS``): the program's own process pools start exactly as they would
+without graphexec. Workers are not daemonic, so tasks may start their own
+processes. A worker is asked for without waiting for the server's fork
+(``_ForkServerPopen``: its pid is read when first needed), so a cold compute
+asks for all its workers, and sends them their first calls, before it waits for
+any. Shutdown asks politely, then kills, and always joins; an ``atexit`` hook
+closes pools the program forgot. A compute's own pool, at the end of its run,
+asks its workers to stop but lets go of them without joining them
+(``shutdown(wait=False)``); each kills what is left in its group itself
+(``worker._end_group``). Each worker leads a process group, killed with it, so
+no subprocess a task started outlives it; and before a worker is killed,
+retired or stopped, its descendants are found by parentage (``_descendants``)
+and killed too, so a subprocess that left the group (``os.setsid()``, any
+daemonizing tool) goes as well. Out of reach: a descendant that was re-parented
+to init before we look (a double fork that finished, or any descendant of a
+worker that crashed on its own). If this process dies without closing the pool
+(SIGKILL, a hard crash), each worker's watchdog and the pool's guard process
+(``_Guard``) end the workers and their descendants within a second or so.
 """
 
 from __future__ import annotations
@@ -153,6 +155,7 @@ FN_MESSAGE_OVERHEAD = 512  # bytes of an ("fn", ...) message besides the functio
 FUNCTIONS_KEPT = 256  # functions a pool keeps (and its workers): least recently used go
 MEMORY_SAMPLE_INTERVAL = 0.05
 STOP_TIMEOUT = 1.0
+ROOTS_SCAN = 64  # members Lease.open looks at for roots that need a worker at once
 LOAD_ALLOWANCE = 60.0  # seconds a worker may take to start and load a function, past timeout=
 INIT_ATTEMPTS = 3  # initializer failures in a row after which no more workers are started
 
@@ -267,16 +270,24 @@ if sys.platform != "win32":
         # multiprocessing's own _cleanup() polls every child at each start).
         on_pid: Callable[[int], None] | None = None
 
+        _pid_lock: threading.Lock
+
         @property  # type: ignore[override]
         def pid(self) -> int | None:
             if not self._pid_read:
-                self._pid_read = True
-                try:
-                    self._pid = multiprocessing.forkserver.read_signed(self.sentinel)
-                except (OSError, EOFError):  # the server died before forking it
-                    self.returncode = 255
-                if self._pid is not None and self.on_pid is not None:
-                    self.on_pid(self._pid)
+                # Any thread may ask first: multiprocessing's _cleanup() polls
+                # every child from whichever thread starts a process. One reads,
+                # the others wait for it; the flag is set once the read is done,
+                # so an interrupted read (Ctrl-C) is simply done again.
+                with self._pid_lock:
+                    if not self._pid_read:
+                        try:
+                            self._pid = multiprocessing.forkserver.read_signed(self.sentinel)
+                        except (OSError, EOFError):  # the server died before forking it
+                            self.returncode = 255
+                        self._pid_read = True
+                        if self._pid is not None and self.on_pid is not None:
+                            self.on_pid(self._pid)
             return self._pid
 
         @pid.setter
@@ -296,6 +307,7 @@ if sys.platform != "win32":
             return super().wait(timeout)
 
         def _launch(self, process_obj: Any) -> None:
+            self._pid_lock = threading.Lock()
             prep_data = _preparation_data(process_obj._name)
             buf = io.BytesIO()
             set_spawning_popen(self)
@@ -621,21 +633,22 @@ class ProcessPool:
         return f"<ProcessPool workers={self.workers} {self.start_method} ({state})>"
 
     def shutdown(self, wait: bool = True) -> None:
-        """Stop every worker: ask, then kill stragglers; always join. Idempotent.
+        """Stop every worker: ask (a busy one is killed), then join. Idempotent.
 
         Re-entrant too: a close interrupted half-way (a second Ctrl-C) is finished
         by the next call, at the latest by the exit hook — a worker left unstopped
         would make multiprocessing's own exit hook wait for it forever.
 
-        ``wait=False`` (a compute's own pool, at the end of its run): every
-        worker is killed at once instead (``_kill``: its descendants, then its
-        process group, itself included), and a worker of the zygote or the
-        forkserver is let go (:func:`_abandon`) rather than joined. An idle
-        worker holds nothing to lose (its replies are in, its output flushed
-        after each call, and it would end with ``os._exit`` anyway). Asking
-        the worker to stop and joining it took the worker, the server and this
-        process a wake-up each, 2-3 ms of a cold compute on a busy 2-core
-        machine. (A ``spawn`` worker is this process's child: it is joined.)
+        ``wait=False`` (a compute's own pool, at the end of its run): the
+        workers are asked to stop (busy ones killed) as with ``wait=True``, but a
+        worker of the zygote or the forkserver is then let go
+        (:func:`_abandon`) rather than joined: joining took the worker, the
+        server and this process a wake-up each, 2-3 ms of a cold compute on a
+        busy 2-core machine. What the join made sure of, the worker does
+        itself: it ends within ``STOP_TIMEOUT`` + 1 s whatever its exit hooks
+        do, and as its very last act kills what its tasks left in its process
+        group (``worker._end_group``). (A ``spawn`` worker is this process's
+        child: it is joined.)
         """
         if self._stopped:
             return
@@ -646,7 +659,7 @@ class ProcessPool:
         self._closed = True
         workers = list(self._workers.values())
         for w in workers:
-            if w.inflight or not wait:
+            if w.inflight:
                 self._kill(w)
             else:
                 # What earlier tasks left running (a daemon they started), found
@@ -660,8 +673,6 @@ class ProcessPool:
         deadline = time.monotonic() + STOP_TIMEOUT
         for w in workers:
             if not wait and isinstance(w.process._popen, _ForkServerPopen):
-                if w.id in self._retiring:  # told to stop earlier, maybe gone
-                    self._kill(w)
                 self._forget(w, close_process=False, stopping=True)
                 _abandon(w.process)
                 continue
@@ -813,6 +824,18 @@ class ProcessPool:
             w.conn.send_bytes(pickle.dumps(("stop",)))
         except OSError:
             pass  # already gone: its sentinel says so
+
+    def start_workers(self, n: int) -> None:
+        """Start up to ``n`` workers now, idle until the run's first calls (``Lease.open``).
+
+        Not with an initializer (its reply, read while the worker is idle, would
+        be taken for its death by ``_idle_worker``) nor a memory limit (checking
+        an idle worker's memory needs its pid at once).
+        """
+        if self._init is not None or self._memory_limit is not None:
+            return
+        while len(self._workers) < n and self._may_spawn():
+            self._idle.append(self._spawn())
 
     def _may_spawn(self) -> bool:
         return self._broken is None and len(self._workers) < self.workers
@@ -1322,8 +1345,11 @@ class ProcessPool:
                 if not self._drain(w):
                     dead.append(w)
             elif w not in dead:
-                if not w.born and w.pid is not None and not mp_wait([obj], 0):
-                    continue  # the server's answer was its pid: it is alive
+                # The server's first answer is the pid (read now if nobody has:
+                # another thread's multiprocessing._cleanup() may have, since):
+                # only a sentinel still readable after it says the worker died.
+                if w.pid is not None and not mp_wait([obj], 0):
+                    continue
                 dead.append(w)
         for w in dead:
             self._bury(w)
@@ -1842,20 +1868,39 @@ def _crash_error(call: Call, exitcode: int | None, loading: bool = False) -> Wor
     )
 
 
+def _sure_roots(run: Any, most: int) -> int:
+    """How many of the run's first calls surely go to a worker at once (at most ``most``).
+
+    Its roots among the first ``ROOTS_SCAN`` members (post order puts a graph's
+    roots first) that nothing may hold back: no cache to look up first (a
+    hit needs no worker), no isolation (a worker of its own), no limit on
+    how many run at once. "Started lazily, never more than there is work
+    for" stays true: a chain gets one worker, a cached rerun none.
+    """
+    deps, opts = run.graph._deps, run.graph._opts
+    n = 0
+    for i in itertools.islice(run.members, ROOTS_SCAN):
+        o = opts[i]
+        if deps[i] or o.cache_key_fn is not None or o.isolate or o.max_concurrency or o.tags:
+            continue
+        n += 1
+        if n >= most:
+            break
+    return n
+
+
 def _abandon(process: Any) -> None:
-    """Let go of a killed worker of the zygote or the forkserver without joining it.
+    """Let go of a stopping worker of the zygote or the forkserver without joining it.
 
     The server is its parent and reaps it; the status it then writes on the
-    sentinel nobody reads (the server ignores a closed one: "client
-    vanished"). The ``Process`` leaves multiprocessing's list of children
-    (whose next ``_cleanup`` would poll the closed sentinel) and its pipes
-    are closed now, not whenever it is collected: a program that runs
-    thousands of cold computes keeps no descriptor for any of them.
+    sentinel nobody reads. The ``Process`` leaves multiprocessing's list of
+    children (whose ``_cleanup``, at every process start, would poll it), so
+    that dropping it here frees it, and its pipes close, at once. Not sooner:
+    another thread's ``_cleanup`` may still hold it, and a sentinel closed
+    under that thread could be a new worker's by the time it polls (the
+    number reused), whose pid it would then read as this one's exit status.
     """
     multiprocessing.process._children.discard(process)  # type: ignore[attr-defined]
-    finalizer = process._popen.finalizer
-    if finalizer is not None:
-        finalizer()  # closes the sentinel and the data pipe's duplicate
 
 
 def _unforked_error(call: Call, start_method: str) -> WorkerCrashed:
@@ -1896,7 +1941,12 @@ class Lease:
         self._closed = False
 
     def open(self, run: Any) -> None:
-        pass
+        if self._shutdown:
+            # A compute's own pool: its first workers start now, while this
+            # process orders the graph and builds the scheduler, not at the
+            # first submit after that (about 1 ms of a 1,000-node graph, more
+            # of a larger one, against 4 to 5 ms for a worker to boot).
+            self.pool.start_workers(_sure_roots(run, self.pool.workers))
 
     def release(self, node: int, handle: Any) -> None:
         pass

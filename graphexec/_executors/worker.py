@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.util
 import os
 import pickle
 import signal
@@ -92,6 +93,9 @@ from .runtime import (
 from .threadlimits import apply_in_worker
 
 WATCHDOG_INTERVAL = 0.5
+# Seconds a stopped worker's exit (multiprocessing's finalizers, atexit hooks)
+# may take before SIGALRM ends it: nobody joins a cold compute's workers.
+STOP_GRACE = 2
 _worker_pid = 0  # this worker's pid: a process with another one is a child a task forked
 PARTIAL_LINE_MAX = 1024  # characters: an unfinished line longer than this is written out
 ATOMIC_WRITE = 4096  # bytes: PIPE_BUF, the largest write a pipe never interleaves
@@ -133,6 +137,10 @@ def main(
         os.setpgrp()
     except OSError:  # already a group leader, or not permitted: kills still reach us
         pass
+    if os.getpgrp() == os.getpid():
+        # Last of every exit hook: multiprocessing runs its finalizers last, and
+        # this one (lowest priority) last of them.
+        multiprocessing.util.Finalize(None, _end_group, exitpriority=-(2**31))
     # multiprocessing made our own start method this process's default; a task
     # that starts a Pool expects the platform's default, as in a plain script
     # (fork on Linux before 3.14): forkserver or spawn children could not find
@@ -194,6 +202,10 @@ def main(
             continue
         if message[0] == "stop":
             stopped = True
+            # Our exit hooks run now (a task's atexit, coverage's data file);
+            # one that hangs must not keep this process: nobody may join it.
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(STOP_GRACE)
             break
         reply = _run(message, functions, held)
         _flush_stdio()
@@ -226,6 +238,35 @@ def _initialize(blob: bytes, args_blob: bytes, origin: str | None) -> tuple[bool
     return False, pickle.dumps(
         ("initfail", pickle_exception(exc, tb, name), tb, describe_exception(exc)), protocol=5
     )
+
+
+def _end_group() -> None:
+    """A worker's last act: kill what its tasks left running in its process group.
+
+    A task's subprocess that outlived its own parent (a shell's background
+    job) is no longer our descendant, but still in the group this worker
+    leads. The pool used to kill the group once it had joined the worker;
+    a cold compute's pool no longer joins it (``ProcessPool.shutdown``). The
+    group is killed only if another process is in it (``/proc``), taking this
+    worker with it: its exit is done by then.
+    """
+    me = os.getpid()
+    try:
+        names = os.listdir("/proc")
+    except OSError:  # no /proc: a pool that joins its workers kills the group
+        return
+    for name in names:
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == me:  # its process group: ours
+            os.killpg(me, signal.SIGKILL)
+            return
 
 
 def _kill_descendants() -> None:

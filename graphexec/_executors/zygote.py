@@ -337,6 +337,13 @@ def _fresh_signals() -> None:
                 )
             except (ValueError, OSError):
                 pass
+    # A fresh interpreter ignores SIGPIPE (writes fail with EPIPE instead): the
+    # zygote writes each worker's exit status on a pipe its pool may have
+    # closed already (ProcessPool.shutdown(wait=False)), and a program that set
+    # SIGPIPE back to its default (common in command-line tools) must not make
+    # that write kill the zygote, and every worker it serves with it.
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
 
 def _only_fds(keep: set[int]) -> None:
