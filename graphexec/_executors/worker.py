@@ -96,6 +96,7 @@ WATCHDOG_INTERVAL = 0.5
 # Seconds a stopped worker's exit (multiprocessing's finalizers, atexit hooks)
 # may take before SIGALRM ends it: nobody joins a cold compute's workers.
 STOP_GRACE = 2
+_stopping = False  # told to stop: _end_group ends the process group at exit
 _worker_pid = 0  # this worker's pid: a process with another one is a child a task forked
 PARTIAL_LINE_MAX = 1024  # characters: an unfinished line longer than this is written out
 ATOMIC_WRITE = 4096  # bytes: PIPE_BUF, the largest write a pipe never interleaves
@@ -124,7 +125,7 @@ def main(
     source file. ``thread_env``: the thread-count variables of native libraries
     (``threadlimits.py``), set before the initializer and the first call run.
     """
-    global _worker_pid
+    global _stopping, _worker_pid
     _worker_pid = os.getpid()
     _shm.set_prefix(
         _shm.worker_prefix(parent_pid, pool_id, worker_id), _shm.pool_prefix(parent_pid, pool_id)
@@ -202,6 +203,7 @@ def main(
             continue
         if message[0] == "stop":
             stopped = True
+            _stopping = True
             # Our exit hooks run now (a task's atexit, coverage's data file);
             # one that hangs must not keep this process: nobody may join it.
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
@@ -241,32 +243,18 @@ def _initialize(blob: bytes, args_blob: bytes, origin: str | None) -> tuple[bool
 
 
 def _end_group() -> None:
-    """A worker's last act: kill what its tasks left running in its process group.
+    """A stopped worker's last act: kill what its tasks left running in its group.
 
     A task's subprocess that outlived its own parent (a shell's background
     job) is no longer our descendant, but still in the group this worker
     leads. The pool used to kill the group once it had joined the worker;
-    a cold compute's pool no longer joins it (``ProcessPool.shutdown``). The
-    group is killed only if another process is in it (``/proc``), taking this
-    worker with it: its exit is done by then.
+    a cold compute's pool no longer joins it (``ProcessPool.shutdown``). So
+    the worker, told to stop, kills its group as the last of its exit hooks,
+    itself included: its exit is done by then. (Looking in ``/proc`` for
+    another member first cost about a millisecond of CPU per worker.)
     """
-    me = os.getpid()
-    try:
-        names = os.listdir("/proc")
-    except OSError:  # no /proc: a pool that joins its workers kills the group
-        return
-    for name in names:
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == me:  # its process group: ours
-            os.killpg(me, signal.SIGKILL)
-            return
+    if _stopping:
+        os.killpg(os.getpid(), signal.SIGKILL)
 
 
 def _kill_descendants() -> None:
