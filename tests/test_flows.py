@@ -1155,3 +1155,107 @@ def test_wait_for_on_a_submitted_future_is_refused():
         return second.result()["tag"]
 
     assert run_flow(body, scheduler="sync") == "second"
+
+
+# -- found by an audit of the eager API (2026-12-06) ----------------------------------
+
+
+@gx.task
+def _pid():
+    return os.getpid()
+
+
+@gx.task(retries=2, retry_delay=0.01)
+def _third_time_lucky(path):
+    with open(path, "a") as f:
+        f.write("x")
+    with open(path) as f:
+        tries = len(f.read())
+    if tries < 3:
+        raise ValueError(f"attempt {tries}")
+    return tries
+
+
+@pytest.mark.timeout(60)
+def test_a_flow_called_in_a_pool_block_runs_its_plain_calls_on_the_pool(tmp_path):
+    # SPEC §6: "A plain task call inside a flow runs the task on the flow's pool";
+    # a flow inside `with gx.Pool():` runs in that block's session.
+    @gx.flow
+    def body(path):
+        return _pid(), _third_time_lucky(path)
+
+    with gx.Pool(workers=1):
+        pid, tries = body(str(tmp_path / "tries"))
+    assert pid != os.getpid()
+    assert tries == 3  # its retries= applied: the pool ran it
+
+
+class _Abort(BaseException):
+    """Not an Exception: a task's own BaseException subclass."""
+
+
+@gx.task
+def _abort():
+    raise _Abort("stop")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ALL)
+def test_a_task_raising_a_base_exception_fails_its_node_only(scheduler):
+    # SPEC §3: a failure is the task raising; a Failed state of that node only.
+    def body():
+        return _abort.submit().wait(timeout=10)
+
+    with pytest.raises(gx.GraphFailed) as caught:
+        run_flow(body, scheduler)
+    (failed,) = caught.value.run.failed
+    assert isinstance(caught.value.run.state(failed).exception, _Abort)
+    graph = gx.Graph()
+    with graph:
+        node = _abort()
+    run = graph.compute(scheduler=scheduler, raise_on_failure=False, workers=1)
+    assert isinstance(run.state(node).exception, _Abort)
+
+
+@gx.task(retries=1, retry_delay=0.01)
+def _slow_second_attempt(path):
+    if not os.path.exists(path):
+        open(path, "w").close()
+        raise ValueError("first attempt")
+    time.sleep(1.0)
+    return "second"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", PARALLEL)
+def test_a_retried_attempt_is_running(tmp_path, scheduler):
+    def body():
+        future = _slow_second_attempt.submit(str(tmp_path / "first"))
+        seen = set()
+        while not future.done():
+            seen.add((future.state.name, future.running()))
+            time.sleep(0.01)
+        return seen, future.result()
+
+    seen, value = run_flow(body, scheduler)
+    assert value == "second"
+    assert ("Retrying", True) in seen  # the second attempt, running
+
+
+@gx.task
+def _nap():
+    time.sleep(0.5)
+    return "woke"
+
+
+@pytest.mark.timeout(30)
+def test_a_sync_flows_future_is_running_while_its_task_runs():
+    def body():
+        future = _nap.submit()
+        seen = set()
+        while not future.done():
+            seen.add((future.state.name, future.running()))
+            time.sleep(0.01)
+        return seen
+
+    assert ("Running", True) in run_flow(body, "sync")

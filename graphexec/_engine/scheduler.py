@@ -456,7 +456,11 @@ class Scheduler:
             # (build_chain stops at once unless i's value has exactly one use)
             if self.chains and uses[i] == 1:
                 call.then = build_chain(self, i)
+            # Running from here: a sync executor runs the call inside submit(), and a
+            # flow's body (another thread) may look at its future meanwhile.
+            running[i] = call
             if not submit(call):
+                del running[i]
                 call.then = None
                 unsent[i] = call
                 return
@@ -469,7 +473,6 @@ class Scheduler:
             heappop(ready)
             for k in keys:
                 self.in_use[k] = self.in_use.get(k, 0) + 1
-            running[i] = call
             if self.observer is not None:
                 self.observer.running(i, call)
 

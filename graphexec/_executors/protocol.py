@@ -182,7 +182,9 @@ def run_inline(call: Call, worker: Any) -> tuple[Call, int, Any]:
         else:
             args, kwargs = call.args, call.kwargs or {}
         value = call.fn(*args, **kwargs)
-    except (Exception, SystemExit) as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit, a task's own BaseException: a worker's too
         call.finished = time.time()
         return call, ERROR, exc
     call.finished = time.time()

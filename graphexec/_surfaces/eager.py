@@ -243,9 +243,16 @@ class Future(Node):
         return None if state.is_completed() else state.exception
 
     def running(self) -> bool:
-        """True while an attempt of the task runs (not while it waits, nor once final)."""
+        """True while an attempt of the task runs (not while it waits, nor once final).
+
+        A retried attempt runs too: its state reads ``Retrying`` meanwhile, as
+        Prefect's does, between attempts and during them.
+        """
         session = self._session
-        return session._state(self.index) is None and self.index in session.scheduler.running
+        state = session._state(self.index)
+        return (state is None or state.name not in FINAL) and self.index in (
+            session.scheduler.running
+        )
 
     def cancelled(self) -> bool:
         """True if the task ended Cancelled (:meth:`cancel`, ``fail_fast``, the flow raising)."""
@@ -280,7 +287,12 @@ class Future(Node):
 
     @property
     def state(self) -> State:
-        """The current state (Pending, Running, or final); never blocks."""
+        """The current state (Pending, Running, Retrying, or final); never blocks.
+
+        ``Retrying`` from a failed attempt that will be retried until the
+        task is final: while it waits for its retry and while that runs
+        (:meth:`running` tells which).
+        """
         session = self._session
         state = session._state(self.index)
         if state is not None:

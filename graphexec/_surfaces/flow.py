@@ -59,10 +59,17 @@ class Flow:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if active_session() is not None:
-            # A flow called inside a flow runs in the outer flow's session:
-            # same pool, same scheduler, its failures reported by the outer flow.
-            return _resolve(self.fn(*args, **kwargs))
+        outer = active_session()
+        if outer is not None:
+            # A flow called inside a flow (or a `with gx.Pool():` block) runs in
+            # the outer one's session: same pool, same scheduler, its failures
+            # reported by the outer flow. Pushed as this body's session, so that
+            # its plain task calls run there too, not in this process.
+            push_context(outer)
+            try:
+                return _resolve(self.fn(*args, **kwargs))
+            finally:
+                pop_context(outer)
         opts = self.options
         options = ComputeOptions.validate(
             f"@flow {self.name}", **{k: v for k, v in opts.items() if k in _RUN_OPTIONS}
