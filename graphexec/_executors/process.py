@@ -99,6 +99,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from multiprocessing import reduction, resource_tracker
 from multiprocessing import util as mp_util
+from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as mp_wait
 from multiprocessing.context import set_spawning_popen
 from typing import Any, cast
@@ -740,20 +741,29 @@ class ProcessPool:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         wid = self._next_id
         self._next_id += 1
+        self._guard.start()  # the shell starts while the worker does, not after it
+        # The worker tells the guard its pid itself, first thing, before it can
+        # run a call: this process learns the pid only when it next polls
+        # (_ForkServerPopen), and a task holding the GIL would keep the
+        # worker's own watchdog from acting if we died meanwhile.
+        guard_fd = self._guard.fileno()
+        guard = Connection(os.dup(guard_fd), readable=False) if guard_fd is not None else None
         process = self._ctx.Process(
             target=_worker.main,
             args=(child_conn, wid, os.getpid(), self.id, _worker.log_setup(), self._init),
-            kwargs={"thread_env": self._thread_env},
+            kwargs={"thread_env": self._thread_env, "guard": guard},
             name=f"graphexec-worker-{wid}",
             daemon=False,
         )
-        self._guard.start()  # the shell starts while the worker does, not after it
-        process.start()
-        child_conn.close()
+        try:
+            process.start()
+        finally:
+            child_conn.close()
+            if guard is not None:
+                guard.close()
         popen = process._popen
         if isinstance(popen, _ForkServerPopen):
-            # Its pid comes when first needed (poll() reads it when the server
-            # answers), and then the guard is told (see _ForkServerPopen).
+            # And from here too, once its pid is read (see _ForkServerPopen).
             popen.on_pid = self._guard.add
         else:
             self._guard.add(process.pid)
@@ -1684,7 +1694,9 @@ class _Guard:
     GIL: a task stuck in C code that holds it (a catastrophic regex, a long C
     loop) would keep its worker alive, orphaned, for as long as that call
     lasts. The guard learns the workers' pids over a pipe (``+pid``,
-    ``-pid``); end of file without ``bye`` means we are gone (SIGKILL, a hard
+    ``-pid``; each worker writes its own ``+pid`` line first thing, through a
+    duplicate of the pipe it then closes, since this process learns a pid
+    only when it next polls); end of file without ``bye`` means we are gone (SIGKILL, a hard
     crash): it lists the workers' descendants by parentage (``/proc/*/stat``,
     before any dies: a task's subprocess may have left the group with
     ``setsid``), kills each worker's process group and those descendants, and
@@ -1758,6 +1770,15 @@ class _Guard:
 
     def remove(self, pid: int) -> None:
         self._tell(f"-{pid}")
+
+    def fileno(self) -> int | None:
+        """The write end of the shell's input (a worker writes its own ``+pid`` line), or None."""
+        if self._pipe is None:
+            return None
+        try:
+            return int(self._pipe.fileno())
+        except (OSError, ValueError):
+            return None
 
     def _tell(self, line: str) -> None:
         if self._shell is not None and self._shell.returncode is None:

@@ -116,6 +116,7 @@ def main(
     log_setup: tuple[int, str] | None = None,
     initializer: tuple[bytes, bytes, str | None] | None = None,
     thread_env: dict[str, str] | None = None,
+    guard: Any = None,
 ) -> None:
     """Entry point of a worker process.
 
@@ -124,8 +125,19 @@ def main(
     the pool's initializer and its arguments, pickled, and the initializer's
     source file. ``thread_env``: the thread-count variables of native libraries
     (``threadlimits.py``), set before the initializer and the first call run.
+    ``guard``: a pipe to the pool's guard process (``process._Guard``), told
+    this worker's pid and closed at once.
     """
     global _stopping, _worker_pid
+    if guard is not None:
+        # First thing, before any call can run: the pool's guard learns our pid
+        # (one line, written whole: a pipe's writes this small are atomic).
+        try:
+            os.write(guard.fileno(), f"+{os.getpid()}\n".encode())
+        except OSError:
+            pass  # no guard (it failed, or went): our watchdog still works
+        finally:
+            guard.close()
     _worker_pid = os.getpid()
     _shm.set_prefix(
         _shm.worker_prefix(parent_pid, pool_id, worker_id), _shm.pool_prefix(parent_pid, pool_id)
