@@ -270,20 +270,32 @@ KILLED = textwrap.dedent(
 )
 
 
+# The pool learns a worker's pid only when it next polls (_ForkServerPopen); the
+# worker tells the guard its pid itself, before it can run a call. With this
+# prefix only the worker does.
+NEVER_TELLS = (
+    "from graphexec._executors import process\n"
+    "process._Guard.add = lambda self, pid: self.start()  # the parent never tells\n"
+)
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
-    ("start_method", "how"),
+    ("start_method", "how", "prefix"),
     [
-        ("zygote", "sleep"),
-        ("forkserver", "sleep"),
-        ("spawn", "sleep"),
-        ("zygote", "gil"),  # the worker's own watchdog thread cannot run
-        ("forkserver", "gil"),
+        ("zygote", "sleep", ""),
+        ("forkserver", "sleep", ""),
+        ("spawn", "sleep", ""),
+        ("zygote", "gil", ""),  # the worker's own watchdog thread cannot run
+        ("forkserver", "gil", ""),
+        ("zygote", "gil", NEVER_TELLS),
+        ("forkserver", "gil", NEVER_TELLS),
     ],
+    ids=lambda v: "worker-tells-guard" if v == NEVER_TELLS else (v or "parent-tells-guard"),
 )
-def test_a_killed_parent_leaves_no_process_behind(tmp_path, start_method, how):
+def test_a_killed_parent_leaves_no_process_behind(tmp_path, start_method, how, prefix):
     script = tmp_path / "killed.py"
-    script.write_text(KILLED)
+    script.write_text(prefix + KILLED)
     proc = subprocess.Popen(
         [sys.executable, str(script), start_method, how],
         stdout=subprocess.PIPE,
@@ -317,47 +329,6 @@ def test_a_killed_parent_leaves_no_process_behind(tmp_path, start_method, how):
                 os.kill(pid, signal.SIGKILL)
     assert left == [], f"processes outlived their killed parent by 5 s: {left}"
     assert len(pids) >= 4
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("start_method", ["zygote", "forkserver"])
-def test_a_worker_tells_the_guard_its_pid_itself(tmp_path, start_method):
-    # The pool reads a worker's pid only when it next polls; the worker tells the
-    # guard itself before it can run a call. Here the parent never tells it:
-    # killed while a task holds the GIL (no watchdog), the worker goes anyway.
-    script = tmp_path / "killed.py"
-    script.write_text(
-        "from graphexec._executors import process\n"
-        "process._Guard.add = lambda self, pid: self.start()  # the parent never tells\n" + KILLED
-    )
-    proc = subprocess.Popen(
-        [sys.executable, str(script), start_method, "gil"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    pids: set[int] = set()
-    try:
-        output = _Output(proc)
-        output.wait_for(lambda lines: sum("HOLDING" in x for x in lines) == 2, 30)
-        # the workers and the subprocesses they started
-        pids = {int(p) for x in output.lines if "HOLDING" in x for p in x.split()[-2:]}
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        deadline = time.monotonic() + 5.0
-        while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        left = sorted(p for p in pids if not _gone(p))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in pids:
-            if not _gone(pid):
-                os.kill(pid, signal.SIGKILL)
-    assert len(pids) == 4
-    assert left == [], f"processes outlived their killed parent by 5 s: {left}"
 
 
 FORGOTTEN = textwrap.dedent(
