@@ -99,7 +99,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from multiprocessing import reduction, resource_tracker
 from multiprocessing import util as mp_util
-from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as mp_wait
 from multiprocessing.context import set_spawning_popen
 from typing import Any, cast
@@ -747,7 +746,7 @@ class ProcessPool:
         # (_ForkServerPopen), and a task holding the GIL would keep the
         # worker's own watchdog from acting if we died meanwhile.
         guard_fd = self._guard.fileno()
-        guard = Connection(os.dup(guard_fd), readable=False) if guard_fd is not None else None
+        guard = _InheritedFd(guard_fd) if guard_fd is not None else None
         process = self._ctx.Process(
             target=_worker.main,
             args=(child_conn, wid, os.getpid(), self.id, _worker.log_setup(), self._init),
@@ -759,8 +758,6 @@ class ProcessPool:
             process.start()
         finally:
             child_conn.close()
-            if guard is not None:
-                guard.close()
         popen = process._popen
         if isinstance(popen, _ForkServerPopen):
             # And from here too, once its pid is read (see _ForkServerPopen).
@@ -1908,6 +1905,22 @@ def _sure_roots(run: Any, most: int) -> int:
         if n >= most:
             break
     return n
+
+
+class _InheritedFd:
+    """A file descriptor of this process that a worker inherits, as a plain int there.
+
+    Pickled with the worker's arguments, it passes the descriptor as
+    multiprocessing passes a ``Connection``'s (``reduction.DupFd``: the
+    forkserver's or spawn's list of inherited descriptors), but leaves no
+    object behind in the worker: only the number, which the worker closes.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (_worker.inherited_fd, (reduction.DupFd(self.fd),))
 
 
 def _abandon(process: Any) -> None:

@@ -125,19 +125,21 @@ def main(
     the pool's initializer and its arguments, pickled, and the initializer's
     source file. ``thread_env``: the thread-count variables of native libraries
     (``threadlimits.py``), set before the initializer and the first call run.
-    ``guard``: a pipe to the pool's guard process (``process._Guard``), told
-    this worker's pid and closed at once.
+    ``guard``: a descriptor of the pipe to the pool's guard process
+    (``process._Guard``), told this worker's pid and closed at once.
     """
     global _stopping, _worker_pid
     if guard is not None:
         # First thing, before any call can run: the pool's guard learns our pid
         # (one line, written whole: a pipe's writes this small are atomic).
+        # (Under a plain fork nothing is pickled: the object, its fd inherited.)
+        fd = guard if isinstance(guard, int) else int(guard.fd)
         try:
-            os.write(guard.fileno(), f"+{os.getpid()}\n".encode())
+            os.write(fd, f"+{os.getpid()}\n".encode())
         except OSError:
             pass  # no guard (it failed, or went): our watchdog still works
         finally:
-            guard.close()
+            os.close(fd)
     _worker_pid = os.getpid()
     _shm.set_prefix(
         _shm.worker_prefix(parent_pid, pool_id, worker_id), _shm.pool_prefix(parent_pid, pool_id)
@@ -252,6 +254,11 @@ def _initialize(blob: bytes, args_blob: bytes, origin: str | None) -> tuple[bool
     return False, pickle.dumps(
         ("initfail", pickle_exception(exc, tb, name), tb, describe_exception(exc)), protocol=5
     )
+
+
+def inherited_fd(dup: Any) -> int:
+    """The descriptor a worker inherits from its pool (``process._InheritedFd``)."""
+    return int(dup.detach())
 
 
 def _end_group() -> None:
