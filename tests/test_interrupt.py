@@ -270,23 +270,32 @@ KILLED = textwrap.dedent(
 )
 
 
+# The pool learns a worker's pid only when it next polls (_ForkServerPopen); the
+# worker tells the guard its pid itself, before it can run a call. With this
+# prefix only the worker does.
+NEVER_TELLS = (
+    "from graphexec._executors import process\n"
+    "process._Guard.add = lambda self, pid: self.start()  # the parent never tells\n"
+)
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
-    ("start_method", "how"),
+    ("start_method", "how", "prefix"),
     [
-        ("zygote", "sleep"),
-        ("forkserver", "sleep"),
-        ("spawn", "sleep"),
-        # The worker's own watchdog thread cannot run, and only the guard kills
-        # it: which learns its pid from the worker alone, before the worker can
-        # run a call (this process learns it only when it next polls).
-        ("zygote", "gil"),
-        ("forkserver", "gil"),
+        ("zygote", "sleep", ""),
+        ("forkserver", "sleep", ""),
+        ("spawn", "sleep", ""),
+        ("zygote", "gil", ""),  # the worker's own watchdog thread cannot run
+        ("forkserver", "gil", ""),
+        ("zygote", "gil", NEVER_TELLS),
+        ("forkserver", "gil", NEVER_TELLS),
     ],
+    ids=lambda v: "worker-tells-guard" if v == NEVER_TELLS else (v or "parent-tells-guard"),
 )
-def test_a_killed_parent_leaves_no_process_behind(tmp_path, start_method, how):
+def test_a_killed_parent_leaves_no_process_behind(tmp_path, start_method, how, prefix):
     script = tmp_path / "killed.py"
-    script.write_text(KILLED)
+    script.write_text(prefix + KILLED)
     proc = subprocess.Popen(
         [sys.executable, str(script), start_method, how],
         stdout=subprocess.PIPE,

@@ -266,6 +266,10 @@ if sys.platform != "win32":
         _server = staticmethod(_forkserver)  # the server asked to fork the worker
         _pid: int | None = None
         _pid_read = False
+        # Told the pid when it is read, wherever that happens (the pool's guard;
+        # multiprocessing's own _cleanup() polls every child at each start).
+        on_pid: Callable[[int], None] | None = None
+
         _pid_lock: threading.Lock
 
         @property  # type: ignore[override]
@@ -282,6 +286,8 @@ if sys.platform != "win32":
                         except (OSError, EOFError):  # the server died before forking it
                             self.returncode = 255
                         self._pid_read = True
+                        if self._pid is not None and self.on_pid is not None:
+                            self.on_pid(self._pid)
             return self._pid
 
         @pid.setter
@@ -752,6 +758,12 @@ class ProcessPool:
             process.start()
         finally:
             child_conn.close()
+        popen = process._popen
+        if isinstance(popen, _ForkServerPopen):
+            # And from here too, once its pid is read (see _ForkServerPopen).
+            popen.on_pid = self._guard.add
+        else:
+            self._guard.add(process.pid)
         w = _Worker(wid, process, parent_conn, self.max_calls)
         self._workers[wid] = w
         self._waitables[parent_conn] = w
@@ -762,7 +774,7 @@ class ProcessPool:
         """Drop a worker that is gone, or (``stopping``: shutdown) being stopped.
 
         ``stopping`` leaves the guard as it is (shutdown dismisses it with one
-        line) and, with ``close_process=False``, the ``Process`` to :func:`_abandon`.
+        line) and, with ``close_process=False``, the ``Process`` to the reaper.
         """
         self._deadlines.discard(w.id)
         w.pending.clear()
@@ -1678,15 +1690,14 @@ class _Guard:
     Each worker also watches for that with a thread, but a thread needs the
     GIL: a task stuck in C code that holds it (a catastrophic regex, a long C
     loop) would keep its worker alive, orphaned, for as long as that call
-    lasts. The guard learns the workers' pids over a pipe: each worker writes
-    its own ``+pid`` line first thing, through a duplicate of the pipe it then
-    closes (this process learns a pid only when it next polls, see
-    ``_ForkServerPopen``), and this process writes ``-pid`` when it drops one.
-    End of file without ``bye`` means we are gone (SIGKILL, a hard crash):
-    it lists the workers' descendants by parentage (``/proc/*/stat``, before
-    any dies: a task's subprocess may have left the group with ``setsid``),
-    kills each worker's process group and those descendants, and removes our
-    shared memory.
+    lasts. The guard learns the workers' pids over a pipe (``+pid``,
+    ``-pid``; each worker writes its own ``+pid`` line first thing, through a
+    duplicate of the pipe it then closes, since this process learns a pid
+    only when it next polls); end of file without ``bye`` means we are gone (SIGKILL, a hard
+    crash): it lists the workers' descendants by parentage (``/proc/*/stat``,
+    before any dies: a task's subprocess may have left the group with
+    ``setsid``), kills each worker's process group and those descendants, and
+    removes our shared memory.
     A shell rather than Python: it starts in about a millisecond, shares no
     memory with us and waits in ``read``, without polling. It runs in its own
     session, detached (so not a child of ours), ignoring Ctrl-C.
@@ -1727,6 +1738,10 @@ class _Guard:
         self._label = label  # names the pool on the guard's command line (ps)
         self._shell: subprocess.Popen[bytes] | None = None
         self._pipe: Any = None
+
+    def add(self, pid: int) -> None:
+        self.start()
+        self._tell(f"+{pid}")
 
     def start(self) -> None:
         """Start the shell, if not yet (before the first worker: it starts meanwhile)."""
