@@ -266,9 +266,6 @@ if sys.platform != "win32":
         _server = staticmethod(_forkserver)  # the server asked to fork the worker
         _pid: int | None = None
         _pid_read = False
-        # Told the pid when it is read, wherever that happens (the pool's guard;
-        # multiprocessing's own _cleanup() polls every child at each start).
-        on_pid: Callable[[int], None] | None = None
 
         _pid_lock: threading.Lock
 
@@ -286,8 +283,6 @@ if sys.platform != "win32":
                         except (OSError, EOFError):  # the server died before forking it
                             self.returncode = 255
                         self._pid_read = True
-                        if self._pid is not None and self.on_pid is not None:
-                            self.on_pid(self._pid)
             return self._pid
 
         @pid.setter
@@ -729,6 +724,8 @@ class ProcessPool:
         # Everything the runs still needed is mapped or released by now; what
         # is left under our prefix was written by a worker that died mid-copy.
         _shm.sweep(self._shm_prefix)
+        if self._guard.unreaped:
+            self._guard.reap()
         for w in list(self._retiring.values()):
             if w.process.exitcode is not None:  # reaped now rather than at the next run
                 self._bury(w)
@@ -758,12 +755,6 @@ class ProcessPool:
             process.start()
         finally:
             child_conn.close()
-        popen = process._popen
-        if isinstance(popen, _ForkServerPopen):
-            # And from here too, once its pid is read (see _ForkServerPopen).
-            popen.on_pid = self._guard.add
-        else:
-            self._guard.add(process.pid)
         w = _Worker(wid, process, parent_conn, self.max_calls)
         self._workers[wid] = w
         self._waitables[parent_conn] = w
@@ -1309,6 +1300,8 @@ class ProcessPool:
         return self._context_messages[cid]
 
     def poll(self, timeout: float | None) -> list[tuple[Call, int, Any]]:
+        if self._guard.unreaped:
+            self._guard.reap()
         while self._batching:
             self._flush(self._batching[-1])
         if self._outbox:
@@ -1690,17 +1683,19 @@ class _Guard:
     Each worker also watches for that with a thread, but a thread needs the
     GIL: a task stuck in C code that holds it (a catastrophic regex, a long C
     loop) would keep its worker alive, orphaned, for as long as that call
-    lasts. The guard learns the workers' pids over a pipe (``+pid``,
-    ``-pid``; each worker writes its own ``+pid`` line first thing, through a
-    duplicate of the pipe it then closes, since this process learns a pid
-    only when it next polls); end of file without ``bye`` means we are gone (SIGKILL, a hard
-    crash): it lists the workers' descendants by parentage (``/proc/*/stat``,
-    before any dies: a task's subprocess may have left the group with
-    ``setsid``), kills each worker's process group and those descendants, and
-    removes our shared memory.
+    lasts. The guard learns the workers' pids over a pipe: each worker
+    writes its own ``+pid`` line first thing, before it can run a call,
+    through a duplicate of the pipe it then closes (this process learns a
+    forkserver worker's pid only when it next polls), and this process
+    writes ``-pid`` once a worker is gone. End of file without ``bye`` means
+    we are gone (SIGKILL, a hard crash): it lists the workers' descendants by
+    parentage (``/proc/*/stat``, before any dies: a task's subprocess may have
+    left the group with ``setsid``), kills each worker's process group and
+    those descendants, and removes our shared memory.
     A shell rather than Python: it starts in about a millisecond, shares no
     memory with us and waits in ``read``, without polling. It runs in its own
-    session, detached (so not a child of ours), ignoring Ctrl-C.
+    session, detached (so not a child of ours), ignoring Ctrl-C; the shell
+    that starts it exits at once, and is reaped at the pool's next poll.
     """
 
     SCRIPT = r"""
@@ -1738,10 +1733,7 @@ class _Guard:
         self._label = label  # names the pool on the guard's command line (ps)
         self._shell: subprocess.Popen[bytes] | None = None
         self._pipe: Any = None
-
-    def add(self, pid: int) -> None:
-        self.start()
-        self._tell(f"+{pid}")
+        self.unreaped = False  # the shell that started the guard is still our child
 
     def start(self) -> None:
         """Start the shell, if not yet (before the first worker: it starts meanwhile)."""
@@ -1762,8 +1754,17 @@ class _Guard:
                     start_new_session=True,
                 )
                 self._pipe = self._shell.stdin
+                self.unreaped = True
             except OSError:  # no guard: the workers' own watchdogs still work
                 self._shell = None
+
+    def reap(self) -> None:
+        """Reap the shell that started the guard once it has exited (it forks the guard
+        and exits at once). Not waited for in :meth:`start`, on a cold compute's
+        critical path: the pool calls this at each poll, and at the end of each run,
+        until it is done."""
+        if self._shell is None or self._shell.poll() is not None:
+            self.unreaped = False
 
     def remove(self, pid: int) -> None:
         self._tell(f"-{pid}")
@@ -1778,8 +1779,8 @@ class _Guard:
             return None
 
     def _tell(self, line: str) -> None:
-        if self._shell is not None and self._shell.returncode is None:
-            self._shell.poll()  # reap the shell that started the guard (it exits at once)
+        if self.unreaped:
+            self.reap()
         if self._pipe is None:
             return
         try:
