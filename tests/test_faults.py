@@ -1211,6 +1211,71 @@ def test_megabytes_of_output_do_not_deadlock_and_reach_the_parent(tmp_path, star
     assert elapsed < 30  # one character at a time must not be quadratic
 
 
+DYING_WORDS = textwrap.dedent(
+    """
+    import ctypes, os, pathlib, sys, time
+    import graphexec as gx
+
+    @gx.task(timeout=2)
+    def last_words(how, flag):
+        print(f"about to {how}")
+        if how == "exit":
+            os._exit(3)
+        if how == "segfault":
+            ctypes.string_at(0)
+        if how == "hang":  # killed for its timeout
+            time.sleep(60)
+        deadline = time.monotonic() + 30
+        while how == "wait" and not pathlib.Path(flag).exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the test never let it go")
+            time.sleep(0.02)
+        return how
+
+    graph = gx.Graph()
+    with graph:
+        for how in ("exit", "segfault", "hang", "wait"):
+            last_words(how, sys.argv[2])
+    run = graph.compute(workers=2, start_method=sys.argv[1], raise_on_failure=False)
+    print("RESULT", sorted(run.state(n).name for n in graph.nodes))
+    """
+)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("start_method", ["zygote", "forkserver"])
+def test_task_output_reaches_a_log_file_as_the_task_runs_and_survives_its_crash(
+    tmp_path, start_method
+):
+    # stdout to a file (nohup, a batch system): block-buffered in plain Python,
+    # where a crash loses what was printed and a long task's lines come at its end.
+    script, log, flag = tmp_path / "dying.py", tmp_path / "log.txt", tmp_path / "flag"
+    script.write_text(DYING_WORDS)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), start_method, str(flag)],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "[last_words-3] about to wait" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        flag.touch()  # the task printed, and still runs: let it go
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    lines = log.read_text().splitlines()
+    assert lines[-1] == "RESULT ['Completed', 'Failed', 'Failed', 'Failed']"
+    for k, how in enumerate(("exit", "segfault", "hang", "wait")):
+        assert f"[last_words-{k}] about to {how}" in lines
+
+
 LOGGING = textwrap.dedent(
     """
     import logging

@@ -100,6 +100,10 @@ _stopping = False  # told to stop: _end_group ends the process group at exit
 _worker_pid = 0  # this worker's pid: a process with another one is a child a task forked
 PARTIAL_LINE_MAX = 1024  # characters: an unfinished line longer than this is written out
 ATOMIC_WRITE = 4096  # bytes: PIPE_BUF, the largest write a pipe never interleaves
+# Seconds a whole line a task printed waits at most, gathered, before it is
+# written: what a crash, a timeout's kill or os._exit() can lose of its output.
+OUTPUT_DELAY = 0.1
+FLUSH_LOCK_WAIT = 2.0  # seconds a flush waits for the stream's lock, at most
 
 # This process's functions, by the parent's id (a module global so that a task,
 # or a test, can see how many this worker holds).
@@ -466,6 +470,12 @@ class NodeStream:
     anyone. Lines are gathered and written whole, in writes of at most
     ``ATOMIC_WRITE`` bytes: the kernel never splits such a write to a pipe,
     so the lines of workers sharing one stdout never cut into each other.
+    Gathered lines are written within ``OUTPUT_DELAY`` seconds (a thread of
+    this stream's), at once if the stream is line-buffered (a terminal) or
+    unbuffered (``python -u``, ``PYTHONUNBUFFERED``): so a long task's lines
+    reach a log file as it runs, and a task that crashes, is killed for its
+    timeout or calls ``os._exit()`` loses at most the lines of its last
+    ``OUTPUT_DELAY`` seconds (plain Python, block-buffered, loses up to 8 KiB).
     A partial line is completed when the task ends, or written out once it
     grows past ``PARTIAL_LINE_MAX`` (a progress bar redrawn with ``\r``).
     Output nobody can receive any more is dropped; the task goes on.
@@ -482,33 +492,66 @@ class NodeStream:
         self._lines: list[str] = []  # whole, prefixed lines not written yet
         self._lines_len = 0
         self._lost = False  # the stream broke: output is dropped from now on
+        self._at_once = bool(
+            getattr(stream, "line_buffering", False) or getattr(stream, "write_through", False)
+        )
+        self._reset()
+        _streams.append(self)
+
+    def _reset(self) -> None:
+        """The lock and the writer thread's wakeup (anew in a forked child: a lock
+        another thread held at the fork would stay held there for ever)."""
+        # Reentrant: a signal handler (a timeout's) may print while this thread
+        # holds it.
+        self._lock = threading.RLock()
+        self._due = threading.Event()  # lines are gathered: the writer thread writes them
+        self._writer: threading.Thread | None = None
 
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         if not text:
             return 0
-        if "\n" not in text:
-            self._partial.append(text)
-            self._partial_len += len(text)
-            if self._partial_len >= PARTIAL_LINE_MAX:
-                self._end_partial()
+        with self._lock:
+            if "\n" not in text:
+                self._partial.append(text)
+                self._partial_len += len(text)
+                if self._partial_len >= PARTIAL_LINE_MAX:
+                    self._end_partial()
+                    self._drain()
+                return len(text)
+            lines = text.split("\n")
+            if self._partial:
+                lines[0] = "".join(self._partial) + lines[0]
+                self._partial, self._partial_len = [], 0
+            last = lines.pop()
+            if last:
+                self._partial, self._partial_len = [last], len(last)
+            prefix = f"[{self.node}] " if self.node else ""
+            out = "".join(f"{prefix}{line}\n" for line in lines)
+            self._lines.append(out)
+            self._lines_len += len(out)
+            if self._at_once or self._lines_len >= ATOMIC_WRITE // 4:
                 self._drain()
-            return len(text)
-        lines = text.split("\n")
-        if self._partial:
-            lines[0] = "".join(self._partial) + lines[0]
-            self._partial, self._partial_len = [], 0
-        last = lines.pop()
-        if last:
-            self._partial, self._partial_len = [last], len(last)
-        prefix = f"[{self.node}] " if self.node else ""
-        out = "".join(f"{prefix}{line}\n" for line in lines)
-        self._lines.append(out)
-        self._lines_len += len(out)
-        if self._lines_len >= ATOMIC_WRITE // 4 or getattr(self._stream, "line_buffering", False):
-            self._drain()
+            elif not self._due.is_set():
+                self._due.set()
+                if self._writer is None:
+                    self._writer = threading.Thread(
+                        target=self._write_later, daemon=True, name="graphexec-output"
+                    )
+                    self._writer.start()
         return len(text)
+
+    def _write_later(self) -> None:
+        """The writer thread: gathered lines are written ``OUTPUT_DELAY`` s after the
+        first of them (a task printing a line at a time costs one write per delay)."""
+        due = self._due
+        while True:
+            due.wait()
+            time.sleep(OUTPUT_DELAY)
+            with self._lock:
+                due.clear()
+                self._drain()
 
     def _end_partial(self) -> None:
         if self._partial:
@@ -542,18 +585,36 @@ class NodeStream:
             self._lost = True
 
     def flush(self) -> None:
-        if self._partial:
-            self._end_partial()
-        if self._lines:
-            self._drain()
-        if not self._lost:
-            try:
-                self._stream.flush()
-            except (OSError, ValueError):
-                self._lost = True
+        # Bounded: at an interpreter's exit, the writer thread (a daemon) may have
+        # been stopped holding the lock, in a write; the last flush must not hang.
+        if not self._lock.acquire(timeout=FLUSH_LOCK_WAIT):
+            return
+        try:
+            if self._partial:
+                self._end_partial()
+            if self._lines:
+                self._drain()
+            if not self._lost:
+                try:
+                    self._stream.flush()
+                except (OSError, ValueError):
+                    self._lost = True
+        finally:
+            self._lock.release()
 
     def __getattr__(self, name: str) -> Any:  # fileno, encoding, isatty, buffer ...
         return getattr(self._stream, name)
+
+
+_streams: list[NodeStream] = []  # this process's (its stdout's and stderr's)
+
+
+def _reset_streams() -> None:
+    for stream in _streams:
+        stream._reset()
+
+
+os.register_at_fork(after_in_child=_reset_streams)
 
 
 def _flush_stdio() -> None:
