@@ -261,3 +261,24 @@ def test_tag_limits(compute):
         queries = [db(0.1) for _ in range(3)]
     run = compute(graph, keep="all", limits={"db": 1})
     assert _overlap([run.state(n) for n in queries]) == 1
+
+
+@gx.task
+def times_ten(x):
+    return x * 10
+
+
+@gx.task
+def calls_times_ten(x):
+    return times_ten(x) + 1
+
+
+def test_a_sync_compute_inside_with_graph_runs_task_bodies_outside_it():
+    # The body's plain task call must run, not add a node to the graph being built.
+    graph = gx.Graph()
+    with graph:
+        node = calls_times_ten(1)
+        assert graph.compute(scheduler="sync")[node] == 11
+        assert len(graph.nodes) == 1
+        after = calls_times_ten(2)  # the block still builds
+    assert graph.compute(scheduler="sync")[after] == 21

@@ -698,3 +698,36 @@ def test_a_rerun_whose_entries_are_all_cached_starts_no_worker(spawns, tmp_path)
     run = graph.compute(workers=2, cache_dir=tmp_path)
     assert [run[n] for n in nodes] == [1, 2, 3, 4]
     assert spawns == {"spawned": 0, "before_submit": None}
+
+
+@pytest.mark.timeout(90)
+def test_a_zygote_started_inside_with_graph_gives_its_workers_no_graph_and_the_collector():
+    # The zygote is forked when the first pool starts: inside `with graph:` (a
+    # notebook computing in the block) it copied the graph stack and the paused
+    # collector, and every later worker's plain task call returned a Node.
+    report, _ = _run(
+        """
+        import gc
+
+        @gx.task
+        def helper(x):
+            return x * 10
+
+        @gx.task
+        def calls_helper(x):
+            return helper(x) + 1
+
+        @gx.task
+        def collector_on(_):
+            return gc.isenabled()
+
+        graph = gx.Graph()
+        with graph:
+            a, b = calls_helper(1), collector_on(0)
+            inside = graph.compute(workers=1, keep="all")
+            inside = [inside[a], inside[b]]
+        after = graph.compute(workers=1, keep="all")
+        report(inside=inside, after=[after[a], after[b]], started=zygote._state is not None)
+        """
+    )
+    assert report == {"inside": [11, True], "after": [11, True], "started": True}

@@ -55,6 +55,7 @@ from .._data.cache import CacheStore
 from .._data.serialize import Payload
 from .._model.errors import TaskTimeout
 from .._model.handle import materialize
+from .._model.task import hide_graphs, unhide_graphs
 from .._model.walk import substitute
 
 OK = 0
@@ -181,7 +182,11 @@ def run_inline(call: Call, worker: Any) -> tuple[Call, int, Any]:
             kwargs = substitute(call.kwargs, values) if call.kwargs else {}
         else:
             args, kwargs = call.args, call.kwargs or {}
-        value = call.fn(*args, **kwargs)
+        hidden = hide_graphs()  # its task calls are plain calls, as in a worker
+        try:
+            value = call.fn(*args, **kwargs)
+        finally:
+            unhide_graphs(hidden)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # SystemExit, a task's own BaseException: a worker's too

@@ -68,6 +68,18 @@ def _resume_gc() -> None:
             gc.enable()
 
 
+def _gc_after_fork_in_child() -> None:
+    """A forked child builds no graph: the collector as the program had it."""
+    global _gc_lock, _gc_pauses, _gc_paused_by_us
+    _gc_lock = threading.Lock()  # (another thread of the parent may have held it)
+    if _gc_paused_by_us:
+        gc.enable()
+    _gc_pauses, _gc_paused_by_us = 0, False
+
+
+os.register_at_fork(after_in_child=_gc_after_fork_in_child)
+
+
 def _takes_parameters(fn: Callable[..., Any]) -> bool:
     """True unless ``fn``'s signature has no parameter at all (or none can be read)."""
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import threading
 from collections.abc import Callable, Iterable
 from itertools import repeat
@@ -43,6 +44,31 @@ def pop_graph(graph: Graph) -> None:
     if not stack or stack[-1] is not graph:
         raise RuntimeError("graphs must be exited in the reverse order they were entered")
     stack.pop()
+
+
+def hide_graphs() -> list[Graph] | None:
+    """Hide this thread's graphs while a task body runs here (the sync scheduler,
+    inside ``with graph:``): its task calls are plain calls, as in a worker. Give
+    the result to :func:`unhide_graphs` after."""
+    stack = getattr(_local, "graphs", None)
+    if stack:
+        _local.graphs = None
+    return stack
+
+
+def unhide_graphs(stack: list[Graph] | None) -> None:
+    if stack:
+        _local.graphs = stack
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a worker, the zygote) builds none of its parent's graphs,
+    even if the thread that forked was inside ``with graph:``."""
+    global _local
+    _local = threading.local()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def check_callable(fn: Any, where: str) -> None:
