@@ -282,3 +282,31 @@ def test_a_sync_compute_inside_with_graph_runs_task_bodies_outside_it():
         assert len(graph.nodes) == 1
         after = calls_times_ten(2)  # the block still builds
     assert graph.compute(scheduler="sync")[after] == 21
+
+
+@gx.task
+def five():
+    return 5
+
+
+@gx.task
+def identity(x):
+    return x
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scheduler", ["sync", "threads", "processes"])
+def test_dict_subclasses_holding_nodes_keep_their_type_and_items(scheduler):
+    import collections
+
+    graph = gx.Graph()
+    with graph:
+        counter = identity(collections.Counter({"apples": five()}))
+        default = identity(collections.defaultdict(list, {"a": five()}))
+        ordered = identity(collections.OrderedDict([("z", five()), ("a", 1)]))
+    run = graph.compute(scheduler=scheduler, workers=2)
+    assert run[counter] == collections.Counter({"apples": 5})
+    assert type(run[counter]) is collections.Counter
+    assert run[default] == {"a": 5} and run[default].default_factory is list
+    assert list(run[ordered].items()) == [("z", 5), ("a", 1)]
+    assert type(run[ordered]) is collections.OrderedDict

@@ -11,6 +11,7 @@ never copied.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -89,6 +90,18 @@ def rebuild(obj: Any, items: list[Any]) -> Any:
     kind = type(obj)
     if hasattr(kind, "_fields"):  # namedtuple
         return kind(*items)
+    if kind is not dict and isinstance(obj, dict):
+        # A copy, refilled: Counter(pairs) would count the pairs, and defaultdict
+        # takes its factory first. What unpickling gives the process pool's
+        # workers: the type, its attributes (a default_factory), the new items.
+        try:
+            new = copy.copy(obj)
+            new.clear()
+            for key, value in items:
+                new[key] = value
+            return new
+        except Exception:
+            return dict(items)
     try:
         return kind(items)
     except TypeError:  # a subclass with another constructor: fall back to the base type
