@@ -9,6 +9,7 @@ the same thing on processes, threads and in-process.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -531,6 +532,11 @@ def test_an_exception_in_the_body_cancels_pending_tasks_and_reraises(scheduler, 
         "touch-0": "Cancelled",
     }
     assert "the flow body raised KeyError" in run.state(run.nodes[0]).message
+    # Never "ok": the run stopped before it ended (in its headline and JSON too)
+    assert not run.ok
+    headline = run.summary().splitlines()[0]
+    assert headline.endswith("interrupted: the flow body raised KeyError: 'the body broke'")
+    assert json.loads(run.to_json())["ok"] is False
     time.sleep(0.1)
     assert not marker.exists()
 

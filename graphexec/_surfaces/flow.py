@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .._model.errors import safe_str
 from .._model.walk import replace_nodes
 from .backends import make_executor
 from .eager import Session, active_session, pop_context, push_context
@@ -112,6 +113,9 @@ class Flow:
                 session.close()
                 if isinstance(exc, KeyboardInterrupt):
                     mark_interrupted(session.run, exc)
+                elif session.run._interrupted is None:
+                    # Its run stopped before it ended, as by Ctrl-C: never "ok".
+                    session.run._interrupted = _body_raised(exc)
                 if getattr(exc, "run", None) is None:
                     # (a GraphFailed from a lazy graph computed in the body keeps
                     # that graph's Run, whose nodes the user holds)
@@ -126,6 +130,13 @@ class Flow:
             dispatch.finish(session.run, kinds, deadline)
         session.run._raise_if_failed()
         return value
+
+
+def _body_raised(exc: BaseException) -> str:
+    """Why a flow's run stopped when its body raised ``exc``: its headline's words."""
+    text = safe_str(exc).strip().splitlines()
+    said = f": {text[0][:200]}" if text else ""
+    return f"the flow body raised {type(exc).__name__}{said}"
 
 
 def _fail_fast(session: Session) -> bool:
