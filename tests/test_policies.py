@@ -684,6 +684,11 @@ def test_fail_fast_cancels_a_long_running_sibling_promptly(backend, tmp_path):
         assert run.state(slow).name == "Cancelled"
         assert run.state(slow).is_cancelled()
         assert set(run.cancelled) == {slow, *queued}
+        # its attempt ran until the cancel (the timeline, JSON and summary show it)
+        (attempt,) = run.state(slow).history
+        assert attempt.duration >= 0.2 and attempt.worker is not None
+        if backend.name != "cluster":  # (dask may start one as bad's thread frees)
+            assert all(not run.state(node).history for node in queued)  # never started
         with pytest.raises(gx.Cancelled):
             run[slow]
         if cannot_kill is not None:  # abandoned, not stopped: the call runs on
@@ -865,3 +870,20 @@ def test_fail_fast_runs_a_queued_always_node_that_had_not_started(compute, tmp_p
     assert marker.read_text() == "x"
     assert run.state(later).name == "Cancelled"
     assert not (tmp_path / "later").exists()
+
+
+@pytest.mark.timeout(30)
+def test_the_summary_mean_is_over_the_nodes_that_ran():
+    # A node cancelled while it ran counts in the total, and in the mean's count too.
+    graph = gx.Graph()
+    with graph:
+        quick, cut = nap(0.0), nap(20)
+        explode_after(0.5)
+    with pytest.raises(gx.GraphFailed) as info:
+        graph.compute(workers=3, fail_fast=True)
+    run = info.value.run
+    assert run.state(quick).name == "Completed" and run.state(cut).name == "Cancelled"
+    row = next(line.split() for line in run.summary().splitlines() if line.startswith("nap "))
+    total, mean, longest = (float(x) for x in row[-3:])
+    assert longest >= 0.4 and mean <= longest
+    assert mean == pytest.approx(total / 2, abs=0.002)

@@ -873,11 +873,10 @@ class Scheduler:
                 del self.running[call.node]
                 history = self.history.setdefault(call.node, [])
                 call.finished = time.time()
-                history.append(
-                    Attempt(
-                        call.number, call.started or call.finished, call.finished, call.worker, None
+                if call.started:  # (one queued on a worker, never started: no attempt)
+                    history.append(
+                        Attempt(call.number, call.started, call.finished, call.worker, None)
                     )
-                )
                 self._finish(call.node, State.cancelled(self.graph._names[call.node], why, history))
         self.ready.clear()
         self.retry_at.clear()

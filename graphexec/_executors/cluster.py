@@ -996,6 +996,9 @@ class ClusterExecutor:
         self._deadlines.clear()
         if flights:
             self._cancel([f.future for f in flights])
+        for flight in flights:
+            if flight.started is None:  # never seen starting: no attempt (call.started
+                flight.call.started = 0.0  # was its submit time)
         return [f.call for f in flights]
 
     def _drain(self) -> None:

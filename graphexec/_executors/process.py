@@ -1535,10 +1535,9 @@ class ProcessPool:
                     self._outbox.append((call, REQUEUE, None))
             w.inflight.clear()
         if w.inflight:
+            _date_head(w)
             head = w.inflight.popleft()
             head.finished = time.time()
-            if not head.started:  # no reply: it started when its predecessor ended
-                head.started = head.finished - (time.monotonic() - w.head_started)
             if w.kill is None:
                 loading = self._fn_ids.get(id(head.fn)) in w.loading
                 if w.pid is None:  # never forked: see _ForkServerPopen
@@ -1640,6 +1639,7 @@ class ProcessPool:
             self._kill(w)
         for w in busy:
             w.process.join(STOP_TIMEOUT)
+            _date_head(w)  # (the calls queued behind it never started: started stays 0)
             cancelled.extend(w.inflight)
             w.inflight.clear()
             self._forget(w)
@@ -1662,6 +1662,7 @@ class ProcessPool:
         cancelled: list[Call] = []
         for w in busy:
             w.process.join(STOP_TIMEOUT)
+            _date_head(w)
             for call in w.inflight:
                 if mine(call):
                     cancelled.append(call)
@@ -1804,6 +1805,14 @@ class _Guard:
             except subprocess.TimeoutExpired:
                 pass
             self._shell = None
+
+
+def _date_head(w: _Worker) -> None:
+    """Date the start of ``w``'s running call, which has not replied (it started
+    when its predecessor ended, or when its function loaded): for its attempt."""
+    head = w.inflight[0]
+    if not head.started:
+        head.started = time.time() - (time.monotonic() - w.head_started)
 
 
 def _wire(message: tuple, hold: bool) -> bytes:

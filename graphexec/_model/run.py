@@ -226,6 +226,7 @@ class Run:
         time_total: dict[str, float] = {}
         time_max: dict[str, float] = {}
         retries: Counter[str] = Counter()
+        ran: Counter[str] = Counter()  # nodes with an attempt: the mean is over these
         graph = self.graph
         for i in self.members:
             task = graph._tasks[i].name
@@ -237,11 +238,11 @@ class Run:
                 time_total[task] = time_total.get(task, 0.0) + d
                 time_max[task] = max(time_max.get(task, 0.0), d)
                 retries[task] += max(0, state.attempts - 1)
+                ran[task] += 1
         columns = [s for s in _ORDERED_STATES if any(c[s] for c in by_task.values())]
         header = ["task", "nodes", *columns, "retries", "total s", "mean s", "max s"]
         rows = []
         for task, counter in by_task.items():
-            ran = sum(counter[s] for s in (COMPLETED, FAILED)) or 1
             rows.append(
                 [
                     task,
@@ -249,7 +250,7 @@ class Run:
                     *(str(counter[s]) for s in columns),
                     str(retries[task]),
                     f"{time_total.get(task, 0.0):.3f}",
-                    f"{time_total.get(task, 0.0) / ran:.3f}",
+                    f"{time_total.get(task, 0.0) / (ran[task] or 1):.3f}",
                     f"{time_max.get(task, 0.0):.3f}",
                 ]
             )
