@@ -810,6 +810,51 @@ def test_failed_nodes_sharing_a_name_are_replayed_by_position(pool, tmp_path):
         run.replay(run.nodes[2])
 
 
+@gx.task
+def source(x):
+    return x
+
+
+@gx.task(task_run_name="step")
+def step(value, broken):
+    if broken:
+        raise ValueError(f"step broke on {value}")
+    return value
+
+
+def test_the_hint_of_a_shared_name_gives_the_records_position(pool, tmp_path):
+    # A record numbers nodes in graph order; run.members is dependencies first.
+    # The hint once gave the latter's position to the command line, which then
+    # replayed another node ("source-1 is Completed, not Failed").
+    with gx.Graph() as g:
+        a, b = source(1), source(2)
+        broken = step(b, True)
+        step(a, False)
+    with pytest.raises(gx.GraphFailed) as caught:
+        g.compute(pool=pool, run_dir=tmp_path)
+    run = caught.value.run
+    (hint,) = [line for line in str(caught.value).splitlines() if "Reproduce it" in line]
+    position = re.search(r"'?#(\d+)'?", hint).group(1)
+    done = _cli("replay", str(tmp_path), f"#{position}")
+    assert done.returncode == 1 and "step broke on 2" in done.stderr, (hint, done.stderr[-2000:])
+    assert run.nodes.index(broken) != int(position)  # the two orders differ here
+
+
+@gx.task
+def holds_a_lock(lock):
+    raise RuntimeError("never runs")
+
+
+def test_the_hint_of_a_call_whose_inputs_live_in_this_process_only_is_the_python_one(tmp_path):
+    # A lock cannot be pickled into the record: the command line could not replay it.
+    with gx.Graph() as g:
+        holds_a_lock(threading.Lock())
+    with pytest.raises(gx.GraphFailed) as caught:
+        g.compute(workers=1, run_dir=tmp_path)
+    (hint,) = [line for line in str(caught.value).splitlines() if "Reproduce it" in line]
+    assert hint.startswith("Reproduce it: exc.run.replay('holds_a_lock-0')"), hint
+
+
 # -- a node over its memory limit ------------------------------------------------------
 
 

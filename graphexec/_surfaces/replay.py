@@ -367,11 +367,14 @@ def replay_hint(run: Run, i: int) -> str:
         return f"Its inputs were not kept, so it cannot be replayed: {why}."
     names = run.graph._names
     if sum(1 for k in run.members if names[k] == name) > 1:  # a shared name: by position
-        position = run.members.index(i)
-        cli, python = f"#{position}", f"exc.run.nodes[{position}]"
+        # exc.run.nodes lists the members in run order; a record numbers them in
+        # graph order (record.py's _Positions), which `#k` on the command line names
+        cli = f"#{sum(1 for k in run.members if k < i)}"
+        python = f"exc.run.nodes[{run.members.index(i)}]"
     else:
         cli, python = name, repr(name)
-    if run._record is not None:
+    # An argument that would not pickle is in this process only: no command line
+    if run._record is not None and kept.portable:
         return (
             f"Reproduce it: python -m graphexec replay {shlex.quote(str(run._record))} "
             f"{shlex.quote(cli)}  (--pdb to debug it)"
