@@ -498,10 +498,11 @@ class Run:
         assert state is not None, f"node {i} has no state"
         return state
 
-    def _finish_run(self) -> None:
-        """Close the run: values still held in shared memory are mapped privately and
-        their segments unlinked, so nothing of the run stays in /dev/shm."""
-        self.finished = time.time()
+    def _finish_run(self, ended: float | None = None) -> None:
+        """Close the run, which ``ended`` then (``time.time()``; default: now): values
+        still held in shared memory are mapped privately and their segments unlinked,
+        so nothing of the run stays in /dev/shm."""
+        self.finished = time.time() if ended is None else ended
         states = self._states
         for i in self.members:
             state = states[i]

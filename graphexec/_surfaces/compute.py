@@ -138,12 +138,14 @@ def _compute(graph: Graph, targets: tuple[Any, ...], given: dict[str, Any]) -> R
         kinds = outcome(run, cancelled=sched.cancel_reason is not None)
     finally:
         # Normal end, Ctrl-C (all cancelled by now) or a bug: the hooks run first
-        # (they may read values still held for them), then the run is finished.
+        # (they may read values still held for them), then the run is finished,
+        # as of now: its duration is not the hooks' wait.
+        ended = time.time()
         if dispatch is not None:
             deadline = time.monotonic() + hook_wait()
             dispatch.drain(deadline)
         if kinds != ("on_crashed",):
-            run._finish_run()
+            run._finish_run(ended)
             graph._latest_run = run
         if dispatch is not None:
             dispatch.finish(run, kinds, deadline)
