@@ -382,6 +382,14 @@ def test_visualize_dot_needs_no_program_and_says_what_to_install(tmp_path, monke
         graph.visualize(tmp_path / "graph.jpeg")
 
 
+def test_visualize_refuses_a_run_of_another_graph(tmp_path):
+    graph, other = pipeline(tmp_path, n=2), pipeline(tmp_path, n=2)
+    run = other.compute(scheduler="sync", raise_on_failure=False)
+    with pytest.raises(ValueError, match=r"run\.graph\.visualize"):
+        graph.visualize(tmp_path / "graph.dot", run=run)
+    assert other.visualize(tmp_path / "other.dot", run=run) is not None
+
+
 def test_need_dot_finds_dot_or_skips_or_fails_when_required(tmp_path, monkeypatch, need_dot):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("GRAPHEXEC_REQUIRE_DOT", raising=False)

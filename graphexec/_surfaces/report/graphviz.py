@@ -55,6 +55,11 @@ def visualize(
         raise ImportError(_INSTALL_PACKAGE) from None
     if run is None:
         run = graph._latest_run
+    elif run.graph is not graph:  # its node indices would colour this graph's nodes
+        raise ValueError(
+            f"graph.visualize(run=...): that run is of graph {run.graph.name!r}, not of "
+            f"{graph.name!r}; draw it with run.graph.visualize(run=run)"
+        )
     if collapse is None:
         collapse = len(graph) > COLLAPSE_ABOVE
     dot = graphviz.Digraph(
