@@ -855,6 +855,52 @@ def test_the_hint_of_a_call_whose_inputs_live_in_this_process_only_is_the_python
     assert hint.startswith("Reproduce it: exc.run.replay('holds_a_lock-0')"), hint
 
 
+RECORDS_A_MODULES_OBJECT = textwrap.dedent(
+    """
+    import sys
+    import graphexec as gx
+    import labmod
+
+    @gx.task
+    def analyse(sample):
+        raise ValueError("analysis failed")
+
+    with gx.Graph() as g:
+        analyse(labmod.Sample())
+    g.compute(workers=1, run_dir=sys.argv[1], raise_on_failure=False)
+    """
+)
+
+
+@pytest.mark.timeout(90)
+def test_replay_says_clearly_when_the_inputs_cannot_be_loaded_and_checks_its_timeout(tmp_path):
+    (tmp_path / "labmod.py").write_text("class Sample:\n    pass\n")
+    (tmp_path / "script.py").write_text(RECORDS_A_MODULES_OBJECT)
+    made = subprocess.run(
+        [sys.executable, "script.py", str(tmp_path / "night")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr[-3000:]
+    (tmp_path / "labmod.py").unlink()  # replayed where the module is not importable
+    done = _cli("replay", str(tmp_path / "night"), "analyse-0")
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "the inputs of analyse-0 could not be loaded" in done.stderr
+    assert "ModuleNotFoundError" in done.stderr and "Traceback" not in done.stderr
+    assert "failed again" not in done.stderr
+    for bad in ("-1", "0", "nan", "soon"):
+        done = _cli("replay", str(tmp_path / "night"), "analyse-0", "--timeout", bad)
+        assert done.returncode == 2 and "not a number of seconds above 0" in done.stderr
+    run = gx.Run.load(tmp_path / "night")
+    with pytest.raises(ValueError, match="could not be loaded from the record"):
+        run.inputs("analyse-0")
+    with pytest.raises(ValueError, match="a number of seconds above 0"):
+        run.replay("analyse-0", timeout=-1)
+
+
 # -- a node over its memory limit ------------------------------------------------------
 
 

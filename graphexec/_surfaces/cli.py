@@ -29,6 +29,7 @@ counted apart; ``clear`` and ``prune --expired`` delete them.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import reprlib
 import sys
@@ -44,7 +45,7 @@ from .._model.run import Run
 from .._model.sizes import size_text
 from .._version import __version__
 from .record import is_record, load_run
-from .replay import kept_call
+from .replay import InputsUnloadable, kept_call
 
 OK, ERROR, USAGE = 0, 1, 2
 
@@ -134,7 +135,7 @@ def parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--timeout",
         metavar="S",
-        type=float,
+        type=_seconds,
         help="stop the replay after S seconds (none by default)",
     )
     replay.set_defaults(handler=_replay)
@@ -283,10 +284,23 @@ def _replay(args: argparse.Namespace) -> None:
         value = run.replay(node, pdb=args.pdb, timeout=args.timeout)
     except KeyboardInterrupt:
         raise
+    except InputsUnloadable as exc:  # the call was not made: not "failed again"
+        raise CommandError(str(exc)) from None
     except BaseException:
         traceback.print_exc()
         raise CommandError(f"{args.node} failed again (its traceback is above)") from None
     print(f"{args.node} returned {reprlib.repr(value)}: it did not fail this time")
+
+
+def _seconds(text: str) -> float:
+    """``--timeout``'s value: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
 
 
 def _pick_node(run: Run, given: str, source: Path) -> Node:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import math
 import os
 import pdb as _pdb
 import pickle
@@ -51,7 +52,25 @@ _CHILD = "from graphexec._surfaces.replay import child; child()"
 
 def run_inputs(run: Run, node: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """``Run.inputs``: fresh ``(args, kwargs)`` of a failed node."""
-    return kept_call(run, run._lookup(node)).load()
+    i = run._lookup(node)
+    return load_inputs(kept_call(run, i), run.graph._names[i])
+
+
+def load_inputs(kept: KeptCall, name: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``kept.load()``; a failure to load is :class:`InputsUnloadable`, which says so."""
+    try:
+        return kept.load()
+    except Exception as exc:  # a damaged record, or a class no longer importable here
+        raise InputsUnloadable(
+            f"the inputs of {name} could not be loaded from the record: "
+            f"{type(exc).__name__}: {safe_str(exc)}. Is every module they need importable "
+            "here (same environment as the run)? If the record is damaged, run the "
+            "pipeline again to record it anew."
+        ) from exc
+
+
+class InputsUnloadable(ValueError):
+    """A replay could not load the call's inputs (so the call was not made)."""
 
 
 def kept_call(run: Run, i: int) -> KeptCall:
@@ -133,8 +152,16 @@ def run_replay(run: Run, node: Any, pdb: bool = False, timeout: float | None = N
     name = run.graph._names[i]
     fn = function_of(run, i, kept)
     check_source(fn, kept, name)
-    if timeout is not None and threading.current_thread() is not threading.main_thread():
-        raise ValueError("run.replay(timeout=...) works in the main thread only (it uses SIGALRM)")
+    if timeout is not None:
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise ValueError(
+                f"run.replay(timeout={timeout!r}): give a number of seconds above 0, or None "
+                "for no timeout"
+            )
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError(
+                "run.replay(timeout=...) works in the main thread only (it uses SIGALRM)"
+            )
     failure = run._final(i).exception
     # Both could take this interpreter down (a segfault; memory the OOM killer or
     # the machine runs out of): a fresh subprocess tries first.
@@ -144,7 +171,7 @@ def run_replay(run: Run, node: Any, pdb: bool = False, timeout: float | None = N
         limit = failure.limit if isinstance(failure.limit, int) else None
         went = f"went over its memory limit ({_mib(limit)})" if limit else "used too much memory"
         in_subprocess(fn, kept, name, timeout, went, limit, memory=True)
-    args, kwargs = kept.load()
+    args, kwargs = load_inputs(kept, name)
     try:
         with _deadline(timeout, name):
             return fn(*args, **kwargs)
