@@ -1515,6 +1515,7 @@ def test_bad_pool_arguments_name_the_culprit(kwargs, error, words):
     with pytest.raises(error) as info:
         gx.Pool(**kwargs)
     assert words in str(info.value)
+    assert "0 to run in-process" not in str(info.value)  # a Pool refuses 0
 
 
 @pytest.mark.parametrize(

@@ -141,8 +141,9 @@ def test_mismatched_lengths_and_nothing_to_map_are_clear_errors():
 
 
 def test_map_outside_a_graph_flow_or_pool_says_where_to_call_it():
-    with pytest.raises(RuntimeError, match=r"inside a @gx.flow"):
+    with pytest.raises(RuntimeError, match=r"inside a @gx.flow") as info:
         add.map([1, 2])
+    assert ".map() outside `with graph:`" in str(info.value)  # not .submit() alone
 
 
 # -- a flow and a pool block: futures -------------------------------------------------

@@ -146,8 +146,9 @@ def submit(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
     session = active_session()
     if session is None:
         raise RuntimeError(
-            f"{task.name}.submit() starts work now and needs somewhere to run it: call it "
-            "inside a @gx.flow, or inside `with gx.Pool(workers=N):`"
+            f"{task.name}.submit() (and .map() outside `with graph:`) starts work now and "
+            "needs somewhere to run it: call it inside a @gx.flow, or inside `with "
+            "gx.Pool(workers=N):`; inside `with graph:`, .map() adds nodes instead"
         )
     return session.submit(task, args, kwargs)
 

@@ -184,7 +184,8 @@ def check_workers(workers: Any, where: str) -> int:
         raise TypeError(f"{where}: workers= must be an int, got {workers!r}")
     if workers < 0:
         raise ValueError(
-            f"{where}: workers={workers} is negative; use a positive count, or 0 to run in-process"
+            f"{where}: workers={workers} is negative; use a positive count"
+            + ("" if where == "Pool" else ", or 0 to run in-process")
         )
     return workers
 
