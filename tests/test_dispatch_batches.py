@@ -161,6 +161,47 @@ def test_short_calls_are_never_queued_behind_another_tasks_long_call(tmp_path):
     assert run[held] == "released"
 
 
+def _mark_or_hold(done: str, release: str, i: int, hold: int) -> Any:
+    """A tiny task (measured so) whose call ``hold`` blocks until ``release`` exists."""
+    if i == hold:
+        return _hold(release, 20.0)
+    # O_EXCL: a call run twice (given back, yet run where it was queued) fails
+    os.close(os.open(os.path.join(done, str(i)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    return i
+
+
+@pytest.mark.timeout(60)
+def test_calls_queued_behind_a_call_that_blocks_are_given_back_to_a_free_worker(
+    tmp_path, monkeypatch
+):
+    # A call of a tiny function may still block (I/O, a lock, a rare slow input):
+    # the calls prefetched behind it once waited for it while the other worker
+    # stood idle. They are asked back and run there; the blocked call is let go
+    # only once every other has run (else it times out: "timed out").
+    release, done = tmp_path / "release", tmp_path / "done"
+    done.mkdir()
+    n, hold = 300, 40
+    graph = gx.Graph()
+    with graph:
+        nodes = [graph.add(_mark_or_hold, str(done), str(release), i, hold) for i in range(n)]
+
+    def release_when_all_ran() -> None:
+        deadline = time.monotonic() + 25
+        while len(os.listdir(done)) < n - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.touch()
+
+    threading.Thread(target=release_when_all_ran, daemon=True).start()
+    with gx.Pool(workers=2) as pool:
+        seen = _spy(pool, monkeypatch)
+        run = graph.compute(pool=pool)
+    assert run[nodes[hold]] == "released"
+    assert [run[node] for i, node in enumerate(nodes) if i != hold] == [
+        i for i in range(n) if i != hold
+    ]  # each ran once (O_EXCL), none lost
+    assert max(seen["depth"]) >= 2, "nothing was prefetched: the case did not happen"
+
+
 @pytest.mark.timeout(60)
 def test_calls_under_a_memory_limit_are_never_queued_behind_another(monkeypatch):
     # A call queued behind another would start in a worker that call may have

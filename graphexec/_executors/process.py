@@ -139,6 +139,7 @@ from .runtime import load_exception
 
 PREFETCH_MAX_BYTES = 16 * 1024  # a queued message must fit in the pipe buffer
 PREFETCH_DEPTH = 64  # calls a worker may hold when its function's calls are tiny
+RECLAIM_MAX = 128  # calls asked back at once: a request stays under PIPE_BUF (4 KiB)
 PREFETCH_SECONDS = 0.005  # ... and no more than this much of their measured time
 # A worker whose current call has run this long is no prefetch target, whatever its
 # function measured before: a call of a tiny function may still block (I/O, a lock).
@@ -457,9 +458,11 @@ def start_methods() -> list[str]:
 class _Worker:
     __slots__ = (
         "_pid",
+        "asked",
         "calls_left",
         "conn",
         "contexts",
+        "ctrl",
         "forget",
         "functions",
         "head_started",
@@ -473,6 +476,7 @@ class _Worker:
         "ps",
         "queued",
         "rbuf",
+        "runs",
         "sock",
     )
 
@@ -485,6 +489,11 @@ class _Worker:
         # Prefetched calls (in inflight already) not sent yet: one batch message, soon.
         self.pending: list[bytes] = []
         self.queued = 0  # bytes of the inflight calls' messages (what its pipe may hold)
+        self.runs = 0  # calls sent to it so far: the next one's number is runs + 1
+        # Where it is asked for prefetched calls back (_reclaim; -1: nowhere), and
+        # whether it was asked and has not answered.
+        self.ctrl = -1
+        self.asked = False
         # Its replies are read in bursts, as many as have arrived, through a
         # non-blocking duplicate of the pipe's socket (None: read message by message).
         self.rbuf = bytearray()
@@ -744,18 +753,29 @@ class ProcessPool:
         # worker's own watchdog from acting if we died meanwhile.
         guard_fd = self._guard.fileno()
         guard = _InheritedFd(guard_fd) if guard_fd is not None else None
+        steal_r, steal_w = os.pipe()  # (both close on exec: the child gets a duplicate)
+        os.set_blocking(steal_w, False)
         process = self._ctx.Process(
             target=_worker.main,
             args=(child_conn, wid, os.getpid(), self.id, _worker.log_setup(), self._init),
-            kwargs={"thread_env": self._thread_env, "guard": guard},
+            kwargs={
+                "thread_env": self._thread_env,
+                "guard": guard,
+                "steal": _InheritedFd(steal_r),
+            },
             name=f"graphexec-worker-{wid}",
             daemon=False,
         )
         try:
             process.start()
+        except BaseException:
+            os.close(steal_w)
+            raise
         finally:
             child_conn.close()
+            os.close(steal_r)
         w = _Worker(wid, process, parent_conn, self.max_calls)
+        w.ctrl = steal_w
         self._workers[wid] = w
         self._waitables[parent_conn] = w
         self._waitables[process.sentinel] = w
@@ -784,6 +804,9 @@ class ProcessPool:
             w.conn.close()
         except OSError:
             pass
+        if w.ctrl >= 0:
+            os.close(w.ctrl)
+            w.ctrl = -1
         if w.sock is not None:
             w.sock.close()
         if close_process and w.process.exitcode is not None:
@@ -887,6 +910,7 @@ class ProcessPool:
                 self._batch(worker, call)
             else:  # on its own: see the module docstring
                 self._deliver(worker, [(call, fn_id)])
+                call.seq = worker.runs  # may be asked back (_reclaim)
             return True
         left = worker.calls_left if worker is not None else self.max_calls
         calls = self._chain(call, fn_id, message, left)
@@ -1038,6 +1062,8 @@ class ProcessPool:
                 if worker.calls_left is not None:
                     worker.calls_left -= 1
                 worker.inflight.append(call)
+                worker.runs += 1
+                call.seq = 0  # (one given back before keeps no number of its old worker)
                 call.worker = worker.id
                 taken += 1
                 wire = call.wire
@@ -1081,6 +1107,8 @@ class ProcessPool:
         if worker.calls_left is not None:
             worker.calls_left -= 1
         worker.inflight.append(call)
+        worker.runs += 1
+        call.seq = worker.runs  # may be asked back (_reclaim)
         call.worker = worker.id
         worker.queued += len(call.wire)
         if not worker.pending:
@@ -1181,6 +1209,38 @@ class ProcessPool:
                         continue
                 best, fewest = w, n
         return best
+
+    def _reclaim(self, now: float) -> float | None:
+        """A worker is idle while another's current call has run ``HEAD_STALLED`` with
+        prefetched calls queued behind it: ask that worker for them back.
+
+        A queue cannot be taken back from a pipe, and a call of a function
+        measured tiny may still block (I/O, a lock, a rare slow input): the
+        calls behind it waited for it while a worker stood idle (SPEC: a ready
+        node goes to a free worker). The worker's watchdog thread answers at
+        once, whatever its call is doing (unless it holds the GIL in C code),
+        with those it has not started; its loop then skips them, and they come
+        back here as REQUEUE, to run on the free worker. Returns when to look
+        again: the time a head not yet stalled would be.
+        """
+        stalled, again = now - HEAD_STALLED, None
+        for w in self._workers.values():
+            if len(w.inflight) < 2 or w.asked or w.ctrl < 0 or w.kill is not None:
+                continue
+            if w.head_started > stalled:
+                when = w.head_started + HEAD_STALLED
+                again = when if again is None else min(again, when)
+                continue
+            wanted = [c for c in itertools.islice(w.inflight, 1, RECLAIM_MAX + 1) if c.seq]
+            if not wanted:
+                continue
+            request = " ".join(f"{c.seq}:{id(c)}" for c in wanted) + "\n"
+            try:
+                os.write(w.ctrl, request.encode())
+            except OSError:  # (its pipe full or gone: it is not answering anyway)
+                continue
+            w.asked = True
+        return again
 
     def _function_id(self, fn: Any) -> int:
         if fn is self._last_fn:  # most recently used already: nothing to move
@@ -1308,6 +1368,10 @@ class ProcessPool:
             timeout = 0.0
         now = time.monotonic()
         wake = None if timeout is None else now + timeout
+        if self._idle and len(self._workers) > 1:
+            again = self._reclaim(now)
+            if again is not None:
+                wake = again if wake is None else min(wake, again)
         deadline = self._deadlines.next()
         if deadline is not None:
             wake = deadline if wake is None else min(wake, deadline)
@@ -1425,6 +1489,17 @@ class ProcessPool:
             return True
         if message[0] == "ready":  # its initializer succeeded
             self._init_failures = 0
+            return True
+        if message[0] == "returned":  # prefetched calls it gave back (_reclaim)
+            w.asked = False
+            given = set(message[1])
+            for call in [c for c in itertools.islice(w.inflight, 1, None) if id(c) in given]:
+                call.seq = 0
+                w.inflight.remove(call)
+                w.queued -= len(call.wire or b"")
+                if w.calls_left is not None:
+                    w.calls_left += 1
+                self._outbox.append((call, REQUEUE, None))
             return True
         if message[0] == "initfail":
             # The worker exits after this; _bury gives its calls back, or fails

@@ -122,6 +122,7 @@ class Call:
         "name",
         "node",
         "number",
+        "seq",
         "started",
         "then",
         "timeout",
@@ -153,6 +154,9 @@ class Call:
         self.started = 0.0
         self.finished = 0.0
         self.worker: Any = None
+        # A prefetched call's number in its worker's stream of calls (process pool):
+        # what asks for it back if the call ahead of it stalls (0: not prefetched).
+        self.seq = 0
         self.wire: bytes | None = None  # the executor's encoded form, made once
         self.context: int | None = None  # its cache context's id in ``wire`` (process pool)
         self.cache: tuple[str, str, dict] | None = None  # (cache dir, key, meta) to write

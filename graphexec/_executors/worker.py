@@ -63,11 +63,13 @@ as anything a task leaves behind does (see ``max_calls``, ``isolate``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.util
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -105,6 +107,14 @@ ATOMIC_WRITE = 4096  # bytes: PIPE_BUF, the largest write a pipe never interleav
 OUTPUT_DELAY = 0.1
 FLUSH_LOCK_WAIT = 2.0  # seconds a flush waits for the stream's lock, at most
 
+# Giving back queued calls (the pool's ``_reclaim``): the run messages this worker
+# took from its pipe, in order (the pool numbers the calls it sends alike), and
+# the numbers of those it gave back, to skip. The lock also orders replies sent
+# by the loop and by the watchdog thread.
+_steal_lock = threading.Lock()
+_taken = 0
+_skip: dict[int, int] = {}  # number -> id of the call given back
+
 # This process's functions, by the parent's id (a module global so that a task,
 # or a test, can see how many this worker holds).
 functions: dict[int, Any] = {}
@@ -121,6 +131,7 @@ def main(
     initializer: tuple[bytes, bytes, str | None] | None = None,
     thread_env: dict[str, str] | None = None,
     guard: Any = None,
+    steal: Any = None,
 ) -> None:
     """Entry point of a worker process.
 
@@ -131,8 +142,10 @@ def main(
     (``threadlimits.py``), set before the initializer and the first call run.
     ``guard``: a descriptor of the pipe to the pool's guard process
     (``process._Guard``), told this worker's pid and closed at once.
+    ``steal``: a descriptor on which the pool asks for queued calls back
+    (``process.ProcessPool._reclaim``); the watchdog thread answers.
     """
-    global _stopping, _worker_pid
+    global _stopping, _worker_pid, _taken
     if guard is not None:
         # First thing, before any call can run: the pool's guard learns our pid
         # (one line, written whole: a pipe's writes this small are atomic).
@@ -165,9 +178,12 @@ def main(
     # (fork on Linux before 3.14): forkserver or spawn children could not find
     # the script's functions, which workers receive by value, and would hang it.
     multiprocessing.set_start_method(None, force=True)
+    steal_fd = None if steal is None else steal if isinstance(steal, int) else int(steal.fd)
+    _taken = 0
+    _skip.clear()
     threading.Thread(
         target=_watch_parent,
-        args=(parent_pid, os.getppid()),
+        args=(parent_pid, os.getppid(), conn, steal_fd),
         daemon=True,
         name="graphexec-watchdog",
     ).start()
@@ -211,7 +227,8 @@ def main(
                 # Starting this process and importing what the function needs
                 # (torch, a big module) is ours, not the task's: the parent starts
                 # the call's timeout clock from here.
-                conn.send_bytes(pickle.dumps(("loaded", fn_id)))
+                with _steal_lock:
+                    conn.send_bytes(pickle.dumps(("loaded", fn_id)))
             except (BrokenPipeError, OSError):
                 break
             continue
@@ -227,10 +244,15 @@ def main(
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
             signal.alarm(STOP_GRACE)
             break
+        with _steal_lock:
+            _taken += 1
+            if _skip and _skip.pop(_taken, None) == message[1]:
+                continue  # given back: the pool has it run elsewhere (no reply)
         reply = _run(message, functions, held)
         _flush_stdio()
         try:
-            conn.send_bytes(reply)
+            with _steal_lock:
+                conn.send_bytes(reply)
         except (BrokenPipeError, OSError):
             break
     conn.close()
@@ -609,12 +631,15 @@ class NodeStream:
 _streams: list[NodeStream] = []  # this process's (its stdout's and stderr's)
 
 
-def _reset_streams() -> None:
+def _after_fork_in_child() -> None:
+    """A task forked: its child must not wait for a lock another thread held then."""
+    global _steal_lock
+    _steal_lock = threading.Lock()
     for stream in _streams:
         stream._reset()
 
 
-os.register_at_fork(after_in_child=_reset_streams)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _flush_stdio() -> None:
@@ -657,10 +682,52 @@ def _parent_alive(parent_pid: int) -> bool:
         return False
 
 
-def _watch_parent(parent_pid: int, first_ppid: int) -> None:
-    """Kill this worker's process group once the parent is gone."""
+def _give_back(conn: Any, request: bytes) -> None:
+    """The pool asks for calls queued here (``number:id`` pairs): give back those not
+    taken yet, which the loop then skips, and say which (one reply, out of turn)."""
+    wanted = []
+    for pair in request.split():
+        number, _, call_id = pair.partition(b":")
+        try:
+            wanted.append((int(number), int(call_id)))
+        except ValueError:
+            continue
+    with _steal_lock:
+        back = [(n, i) for n, i in wanted if n > _taken]
+        _skip.update(back)
+        try:
+            conn.send_bytes(pickle.dumps(("returned", [i for _, i in back])))
+        except (OSError, ValueError):  # the pool is gone, or killing us: they run here
+            for n, _ in back:
+                _skip.pop(n, None)
+
+
+def _watch_parent(parent_pid: int, first_ppid: int, conn: Any, steal_fd: int | None) -> None:
+    """Kill this worker's process group once the parent is gone; meanwhile answer the
+    pool's requests for queued calls (``steal_fd``)."""
+    check = time.monotonic() + WATCHDOG_INTERVAL
+    pending = b""
     while True:
-        time.sleep(WATCHDOG_INTERVAL)
+        left = check - time.monotonic()
+        if left > 0:
+            if steal_fd is None:
+                time.sleep(left)
+                continue
+            try:
+                readable = select.select([steal_fd], [], [], left)[0]
+                chunk = os.read(steal_fd, 65536) if readable else None
+            except OSError:
+                chunk = b""
+            if chunk is not None and not chunk:  # closed: the pool forgot us, or died
+                with contextlib.suppress(OSError):
+                    os.close(steal_fd)
+                steal_fd = None
+            elif chunk:
+                *requests, pending = (pending + chunk).split(b"\n")
+                for request in requests:
+                    _give_back(conn, request)
+            continue
+        check = time.monotonic() + WATCHDOG_INTERVAL
         alive = _parent_alive(parent_pid)
         if alive and os.getppid() == first_ppid:
             continue
