@@ -202,6 +202,42 @@ def test_calls_queued_behind_a_call_that_blocks_are_given_back_to_a_free_worker(
     assert max(seen["depth"]) >= 2, "nothing was prefetched: the case did not happen"
 
 
+def _megabyte(i: int) -> Any:
+    import numpy as np
+
+    return np.full(1 << 17, float(i))  # 1 MiB: carried in shared memory
+
+
+def _total(a: Any, k: int) -> float:
+    return float(a.sum()) * k
+
+
+@pytest.mark.timeout(60)
+def test_calls_that_make_large_values_are_queued_only_a_few_megabytes_deep(monkeypatch):
+    # 64 queued loads of 1 MiB each were made at once, breadth-first, and held
+    # until their consumers ran: the depth of a queue is bounded by its values too.
+    graph = gx.Graph()
+    with graph:
+        sums = [graph.add(_total, graph.add(_megabyte, i), 2) for i in range(200)]
+    with gx.Pool(workers=2) as pool:
+        graph.compute(pool=pool)  # measured: the first calls' values say how large
+        seen = _spy(pool, monkeypatch)
+        depths: list[int] = []
+        batch = pool._procs._batch
+
+        def spy_batch(worker: Any, call: Any) -> None:
+            batch(worker, call)
+            if call.fn is _megabyte:
+                depths.append(len(worker.inflight))
+
+        monkeypatch.setattr(pool._procs, "_batch", spy_batch)
+        run = graph.compute(pool=pool)
+    assert [run[node] for node in sums] == [2.0 * i * (1 << 17) for i in range(200)]
+    limit = process.PREFETCH_VALUE_BYTES // (1 << 20)
+    assert depths and max(depths) <= limit, (max(depths or [0]), limit)
+    assert seen["batched"]  # they were prefetched: a few at a time
+
+
 @pytest.mark.timeout(60)
 def test_calls_under_a_memory_limit_are_never_queued_behind_another(monkeypatch):
     # A call queued behind another would start in a worker that call may have

@@ -139,6 +139,10 @@ from .runtime import load_exception
 
 PREFETCH_MAX_BYTES = 16 * 1024  # a queued message must fit in the pipe buffer
 PREFETCH_DEPTH = 64  # calls a worker may hold when its function's calls are tiny
+# Bytes of values the calls queued in one worker may make, by their function's
+# largest value so far (64 x 1 MB loads were alive at once, breadth-first)
+PREFETCH_VALUE_BYTES = 4 * 1024 * 1024
+PREFETCH_SMALL_VALUE = 4096  # values up to this size are not weighed
 RECLAIM_MAX = 128  # calls asked back at once: a request stays under PIPE_BUF (4 KiB)
 PREFETCH_SECONDS = 0.005  # ... and no more than this much of their measured time
 # A worker whose current call has run this long is no prefetch target, whatever its
@@ -597,6 +601,7 @@ class ProcessPool:
         self._fn_blobs: dict[int, bytes | BaseException] = {}
         # fn id -> how long its last calls took (seconds, smoothed), for prefetch
         self._fn_short: dict[int, float] = {}
+        self._fn_bytes: dict[int, int] = {}  # fn id -> its largest value (if > 4 KiB)
         # The function last looked up and its id (the last entry of _fn_keep):
         # consecutive calls of one function skip the registry.
         self._last_fn: Any = None
@@ -693,6 +698,7 @@ class ProcessPool:
         self._last_fn = None
         self._fn_blobs.clear()
         self._fn_short.clear()
+        self._fn_bytes.clear()
         self._wake_r.close()
         self._wake_w.close()
         self._guard.close()
@@ -1187,6 +1193,9 @@ class ProcessPool:
             # a worker that call may leave over the limit, and be blamed for it.
             return None
         depth = min(PREFETCH_DEPTH, max(2, int(PREFETCH_SECONDS / (cost + CALL_OVERHEAD))))
+        value = self._fn_bytes.get(fn_id)
+        if value is not None:  # large values: as many as make PREFETCH_VALUE_BYTES
+            depth = min(depth, max(1, PREFETCH_VALUE_BYTES // value))
         room = QUEUE_MAX_BYTES - len(wire)
         # The worker holding the fewest calls, fewer than ``depth`` (the first on a tie).
         best, fewest = None, depth
@@ -1288,6 +1297,7 @@ class ProcessPool:
             del self._fn_ids[id(self._fn_keep.pop(fn_id))]
             del self._fn_blobs[fn_id]
             self._fn_short.pop(fn_id, None)
+            self._fn_bytes.pop(fn_id, None)
             for w in self._workers.values():
                 if fn_id in w.functions:
                     w.functions.discard(fn_id)
@@ -1533,15 +1543,22 @@ class ProcessPool:
         if message[0] == "ok":  # the common case first
             _, _, blob, started, finished = message
             call.started, call.finished = started, finished
+            data, segments = blob
             # (_learn, inlined)
             fn_id = self._fn_ids.get(id(call.fn))
             if fn_id is not None:
                 took = finished - started
+                if segments or len(data) > PREFETCH_SMALL_VALUE:
+                    # Its largest value bounds how many of its calls are queued
+                    # (_prefetch_target): they make their values all at once,
+                    # breadth-first, each held until its dependents ran.
+                    size = len(data) + sum(seg[-1] for seg in segments)
+                    if size > self._fn_bytes.get(fn_id, 0):
+                        self._fn_bytes[fn_id] = size
                 before = self._fn_short.get(fn_id)
                 self._fn_short[fn_id] = (
                     took if before is None or took > before else (before + took) / 2
                 )
-            data, segments = blob
             self._outbox.append(
                 (call, OK, Payload(data) if not segments else Payload.from_wire(blob))
             )
