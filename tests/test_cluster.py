@@ -251,6 +251,21 @@ def test_values_stay_on_the_cluster_until_read(client):
     assert _cluster.held_values() == before  # the Run is gone: so are its values
 
 
+def test_a_value_read_after_its_client_closed_says_so(client):
+    # It raised SerializationError "could not be unpickled ... is every module its
+    # value needs importable here?": the wrong way to look.
+    own = distributed.Client(client.scheduler.address, set_as_default=False)
+    try:
+        graph = gx.Graph()
+        with graph:
+            node = add(ok(1), 2)
+        run = graph.compute(cluster=own, keep="all")
+    finally:
+        own.close()
+    with pytest.raises(gx.ResultReleased, match="before closing the Client"):
+        run[node]
+
+
 def test_intermediates_are_released_on_the_cluster(client):
     gc.collect()
     before = _cluster.held_values()

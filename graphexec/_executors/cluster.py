@@ -139,7 +139,12 @@ from .._data.serialize import (
     function_error,
     loads_call,
 )
-from .._model.errors import GraphexecError, RemoteTraceback, SerializationError, WorkerCrashed
+from .._model.errors import (
+    RemoteTraceback,
+    ResultReleased,
+    SerializationError,
+    WorkerCrashed,
+)
 from .._model.handle import materialize
 from .._model.keys import task_input_hash
 from .._model.state import State
@@ -226,7 +231,7 @@ def _fetch(token: str) -> Any:
     """Bring a value computed on the cluster here (``run[node]``)."""
     entry = _held.get(_ref_bytes(token))
     if entry is None:
-        raise GraphexecError(
+        raise ResultReleased(
             "this value was computed on a dask cluster and is no longer held there: it was "
             "released once no pending node needed it, or the Run was copied to another "
             "process. Keep the node (make it a target, or compute(keep='all')) and read it "
@@ -235,7 +240,7 @@ def _fetch(token: str) -> Any:
     try:
         return entry.future.result()
     except Exception as exc:
-        raise GraphexecError(
+        raise ResultReleased(
             f"the value of {entry.name} stayed on the dask cluster and could not be fetched "
             f"({type(exc).__name__}: {exc}). Read results with run[node] before closing the "
             "Client; a value on a worker that died is recomputed by dask only while the "

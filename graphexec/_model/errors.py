@@ -167,7 +167,8 @@ class Cancelled(GraphexecError):
 
 
 class ResultReleased(GraphexecError, KeyError):
-    """The node ran, but its value was freed once no pending node needed it."""
+    """The node ran, but its value is gone: freed once no pending node needed it (or,
+    on a dask cluster, no longer held there: the Client was closed, the worker died)."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return self.message

@@ -230,7 +230,7 @@ class State:
                 )
             try:
                 self._value = materialize(self._value)
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, ResultReleased):  # (a cluster's value, gone: as it is)
                 raise
             except BaseException as exc:  # SystemExit too: unpickling runs the value's code
                 raise SerializationError(
