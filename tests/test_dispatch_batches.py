@@ -202,6 +202,69 @@ def test_calls_queued_behind_a_call_that_blocks_are_given_back_to_a_free_worker(
     assert max(seen["depth"]) >= 2, "nothing was prefetched: the case did not happen"
 
 
+def _log_and_nap(log: str, i: int, seconds: float, *_: Any) -> int:
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, f"{i}\n".encode())
+    os.close(fd)
+    time.sleep(seconds)
+    return i
+
+
+def _count(values: list[int]) -> int:
+    return len(values)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_give_backs_racing_the_calls_they_ask_for_lose_and_repeat_nothing(tmp_path, seed):
+    # Waves of tiny calls, one in 16 blocking 18-30 ms (just past HEAD_STALLED):
+    # give-backs race the worker finishing the call ahead. A call given back as it
+    # became the head once stayed there: the run hung, or a later reply came "out
+    # of turn" and calls ran twice (an independent review's reproduction).
+    import random
+
+    rng, log = random.Random(seed), str(tmp_path / "log")
+    graph = gx.Graph()
+    with graph:
+        prev = None
+        for wave in range(60):
+            delays = [rng.choice([0.0] * 15 + [rng.uniform(0.018, 0.03)]) for _ in range(30)]
+            calls = [
+                graph.add(_log_and_nap, log, wave * 100 + i, d, prev) for i, d in enumerate(delays)
+            ]
+            prev = graph.add(_count, calls)
+    run = graph.compute(workers=2)
+    assert run.ok
+    with open(log) as f:
+        ran = f.read().split()
+    assert len(ran) == len(set(ran)) == 60 * 30  # each call once
+
+
+def test_a_give_back_naming_the_head_leaves_the_worker_idle_and_requeues_all():
+    # The worker answered the call ahead, then gave the next back before taking it:
+    # by the time the pool reads "returned", that call is its head.
+    with gx.Pool(workers=1) as pool:
+        graph = gx.Graph()
+        with graph:
+            graph.add(_nap, 0.0)
+        graph.compute(pool=pool)  # a live, idle worker
+        procs = pool._procs
+        (w,) = procs._workers.values()
+        procs._idle.remove(w)
+        calls = [
+            gx._executors.protocol.Call(i, f"c-{i}", _nap, (0.0,), None, False, {}, None, 1)
+            for i in range(3)
+        ]
+        w.inflight.extend(calls)
+        assert procs._reply(w, ("returned", [id(c) for c in calls[:2]]))
+        assert list(w.inflight) == [calls[2]]  # the head went back too
+        assert [o[0] for o in procs._outbox if o[1] == process.REQUEUE] == calls[:2]
+        assert procs._reply(w, ("returned", [id(calls[2])]))
+        assert not w.inflight and w in procs._idle
+        procs._outbox.clear()
+
+
 def _megabyte(i: int) -> Any:
     import numpy as np
 

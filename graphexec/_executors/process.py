@@ -1503,13 +1503,26 @@ class ProcessPool:
         if message[0] == "returned":  # prefetched calls it gave back (_reclaim)
             w.asked = False
             given = set(message[1])
-            for call in [c for c in itertools.islice(w.inflight, 1, None) if id(c) in given]:
+            if not given:
+                return True
+            # The head too: the worker may have answered the call ahead of it and
+            # given this one back before taking it (its answer was read first).
+            head = w.inflight[0] if w.inflight else None
+            for call in [c for c in w.inflight if id(c) in given]:
                 call.seq = 0
                 w.inflight.remove(call)
                 w.queued -= len(call.wire or b"")
                 if w.calls_left is not None:
                     w.calls_left += 1
                 self._outbox.append((call, REQUEUE, None))
+            if head is not None and (not w.inflight or w.inflight[0] is not head):
+                w.head_started = time.monotonic()  # the next call starts now
+                if not w.inflight and w.kill is None:
+                    if w.calls_left == 0:
+                        self._retire(w)
+                    else:
+                        self._idle.append(w)
+                self._arm(w)
             return True
         if message[0] == "initfail":
             # The worker exits after this; _bury gives its calls back, or fails
@@ -1640,6 +1653,7 @@ class ProcessPool:
             elif w.kill[0] is head:
                 self._outbox.append((head, ERROR, w.kill[1]))
             else:  # killed for a call that finished just in time: this one never ran
+                head.started = head.finished = 0.0
                 self._outbox.append((head, REQUEUE, None))
             for call in w.inflight:
                 self._outbox.append((call, REQUEUE, None))
