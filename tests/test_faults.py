@@ -1243,20 +1243,30 @@ DYING_WORDS = textwrap.dedent(
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("start_method", ["zygote", "forkserver"])
+@pytest.mark.parametrize(
+    ("start_method", "unbuffered"),
+    [("zygote", False), ("forkserver", False), ("zygote", True)],
+    ids=["zygote", "forkserver", "zygote-python-u"],
+)
 def test_task_output_reaches_a_log_file_as_the_task_runs_and_survives_its_crash(
-    tmp_path, start_method
+    tmp_path, start_method, unbuffered
 ):
     # stdout to a file (nohup, a batch system): block-buffered in plain Python,
     # where a crash loses what was printed and a long task's lines come at its end.
+    # Block-buffered, a worker's lines wait at most OUTPUT_DELAY for its writer
+    # thread; under python -u (PYTHONUNBUFFERED) they are written at once.
     script, log, flag = tmp_path / "dying.py", tmp_path / "log.txt", tmp_path / "flag"
     script.write_text(DYING_WORDS)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, str(script), start_method, str(flag)],
             stdout=out,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
         )
     try:
         deadline = time.monotonic() + 30
@@ -1272,8 +1282,70 @@ def test_task_output_reaches_a_log_file_as_the_task_runs_and_survives_its_crash(
     assert proc.returncode == 0, err[-3000:]
     lines = log.read_text().splitlines()
     assert lines[-1] == "RESULT ['Completed', 'Failed', 'Failed', 'Failed']"
+    # Gathered lines die with a process that ends at once (os._exit, a segfault),
+    # as plain Python's buffer does; under -u nothing is gathered. A task killed
+    # for its timeout printed long before: its line is there either way.
     for k, how in enumerate(("exit", "segfault", "hang", "wait")):
-        assert f"[last_words-{k}] about to {how}" in lines
+        if unbuffered or how in ("hang", "wait"):
+            assert f"[last_words-{k}] about to {how}" in lines
+
+
+FORK_WHILE_WRITING = textwrap.dedent(
+    """
+    import os, sys, time
+    import graphexec as gx
+
+    @gx.task
+    def flood(n):
+        for _ in range(n):
+            print("x" * 10_000)  # gathered, then written by the stream's writer thread
+            time.sleep(0.01)
+        return n
+
+    @gx.task
+    def forks():
+        print("short")
+        time.sleep(0.3)  # the writer thread is now blocked in a write: nobody reads yet
+        pid = os.fork()
+        if pid == 0:
+            print("from the child", flush=True)
+            os._exit(0)
+        return os.waitpid(pid, 0)[1]
+
+    graph = gx.Graph()
+    with graph:
+        a, b = flood(50), forks()
+    run = graph.compute(workers=2, start_method="zygote")
+    print("RESULT", run[a], run[b], flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_a_task_forking_while_its_output_is_written_leaves_a_child_that_can_print(tmp_path):
+    # The child of a fork made while the stream's writer thread was blocked in a
+    # write inherited the real stdout's buffer lock, held: its first flush hung,
+    # and the task waiting for it.
+    script = tmp_path / "fork.py"
+    script.write_text(FORK_WHILE_WRITING)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        time.sleep(1.5)  # a slow reader: the pipe fills meanwhile
+        out, err = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert "[forks-0] from the child" in out
+    assert out.splitlines()[-1] == "RESULT 50 0"
 
 
 LOGGING = textwrap.dedent(

@@ -631,6 +631,19 @@ class NodeStream:
 _streams: list[NodeStream] = []  # this process's (its stdout's and stderr's)
 
 
+def _before_fork() -> None:
+    """A task forks: not while a stream's writer thread is in a write, whose buffer's
+    lock (the real stdout's) the child would hold for ever, and hang on its first
+    flush. The streams' locks are held across the fork (a writer may delay it)."""
+    for stream in _streams:
+        stream._lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for stream in reversed(_streams):
+        stream._lock.release()
+
+
 def _after_fork_in_child() -> None:
     """A task forked: its child must not wait for a lock another thread held then."""
     global _steal_lock
@@ -639,7 +652,11 @@ def _after_fork_in_child() -> None:
         stream._reset()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 
 
 def _flush_stdio() -> None:
