@@ -140,6 +140,7 @@ from .._data.serialize import (
     loads_call,
 )
 from .._model.errors import (
+    GraphexecError,
     RemoteTraceback,
     ResultReleased,
     SerializationError,
@@ -240,7 +241,11 @@ def _fetch(token: str) -> Any:
     try:
         return entry.future.result()
     except Exception as exc:
-        raise ResultReleased(
+        # Gone with its Client: ResultReleased, as it is. Anything else (the value
+        # will not unpickle here) the caller reports as such (SerializationError).
+        client = getattr(entry.future, "client", None)
+        gone = getattr(client, "status", "running") in ("closing", "closed")
+        raise (ResultReleased if gone else GraphexecError)(
             f"the value of {entry.name} stayed on the dask cluster and could not be fetched "
             f"({type(exc).__name__}: {exc}). Read results with run[node] before closing the "
             "Client; a value on a worker that died is recomputed by dask only while the "
