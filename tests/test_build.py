@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections import namedtuple
@@ -619,3 +620,25 @@ def test_the_garbage_collector_pauses_while_a_graph_is_built():
     with pytest.raises(ZeroDivisionError), outer:
         raise ZeroDivisionError
     assert gc.isenabled()
+
+
+def test_a_child_forked_inside_with_graph_runs_task_calls_and_leaves_the_block_cleanly():
+    import gc
+
+    graph = gx.Graph()
+    read, write = os.pipe()
+    with graph:
+        pid = os.fork()
+        if pid == 0:  # the child: builds nothing of its parent's graph
+            try:
+                value = gx.task(lambda x: x * 2)(2)
+                ok = value == 4 and len(graph.nodes) == 0
+            except BaseException:
+                ok = False
+    if pid == 0:
+        os.write(write, b"ok" if ok and gc.isenabled() else b"no")
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 10) == b"ok"
+    os.close(read)

@@ -62,6 +62,8 @@ def _pause_gc() -> None:
 def _resume_gc() -> None:
     global _gc_pauses, _gc_paused_by_us
     with _gc_lock:
+        if _gc_pauses == 0:  # a forked child leaving a block its parent entered
+            return
         _gc_pauses -= 1
         if _gc_pauses == 0 and _gc_paused_by_us:
             _gc_paused_by_us = False

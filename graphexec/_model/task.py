@@ -41,6 +41,8 @@ def push_graph(graph: Graph) -> None:
 
 def pop_graph(graph: Graph) -> None:
     stack = getattr(_local, "graphs", None)
+    if stack is None and _forked:
+        return  # a forked child leaving a block its parent entered: it built nothing
     if not stack or stack[-1] is not graph:
         raise RuntimeError("graphs must be exited in the reverse order they were entered")
     stack.pop()
@@ -61,11 +63,16 @@ def unhide_graphs(stack: list[Graph] | None) -> None:
         _local.graphs = stack
 
 
+_forked = False  # this process is a fork of one that may have been building
+
+
 def _after_fork_in_child() -> None:
     """A forked child (a worker, the zygote) builds none of its parent's graphs,
-    even if the thread that forked was inside ``with graph:``."""
-    global _local
+    even if the thread that forked was inside ``with graph:`` (its task calls are
+    plain calls there, and leaving that block is not an error)."""
+    global _local, _forked
     _local = threading.local()
+    _forked = True
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
