@@ -244,10 +244,11 @@ def main(
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
             signal.alarm(STOP_GRACE)
             break
-        with _steal_lock:
-            _taken += 1
-            if _skip and _skip.pop(_taken, None) == message[1]:
-                continue  # given back: the pool has it run elsewhere (no reply)
+        # Taken, then looked up (no lock: see _give_back, which reads _taken after
+        # adding a number, and takes back one the loop may have passed).
+        _taken += 1
+        if _skip and _skip.pop(_taken, None) == message[1]:
+            continue  # given back: the pool has it run elsewhere (no reply)
         reply = _run(message, functions, held)
         _flush_stdio()
         try:
@@ -607,6 +608,13 @@ class NodeStream:
             self._lost = True
 
     def flush(self) -> None:
+        if not self._partial and not self._lines:  # the loop's flush after each call
+            if not self._lost:
+                try:
+                    self._stream.flush()
+                except (OSError, ValueError):
+                    self._lost = True
+            return
         # Bounded: at an interpreter's exit, the writer thread (a daemon) may have
         # been stopped holding the lock, in a write; the last flush must not hang.
         if not self._lock.acquire(timeout=FLUSH_LOCK_WAIT):
@@ -709,9 +717,16 @@ def _give_back(conn: Any, request: bytes) -> None:
             wanted.append((int(number), int(call_id)))
         except ValueError:
             continue
-    with _steal_lock:
-        back = [(n, i) for n, i in wanted if n > _taken]
-        _skip.update(back)
+    # Lock-free against the loop, which counts a call taken (_taken) before it looks
+    # for it in _skip: a number added here while the loop has not reached it is
+    # skipped there; one the loop reached meanwhile either was skipped (its entry
+    # is gone) or ran (its entry is still here: taken back, not given back).
+    back = [(n, i) for n, i in wanted if n > _taken]
+    for n, i in back:
+        _skip[n] = i
+    reached = _taken
+    back = [(n, i) for n, i in back if n > reached or _skip.pop(n, None) is None]
+    with _steal_lock:  # one sender at a time on the pipe
         try:
             conn.send_bytes(pickle.dumps(("returned", [i for _, i in back])))
         except (OSError, ValueError):  # the pool is gone, or killing us: they run here
