@@ -120,7 +120,8 @@ class Payload(Deferred):
 
     @property
     def nbytes(self) -> int:
-        return len(self.data) + sum(size for _, size in self.segments)
+        """Bytes of the value: its pickle and its buffers (a segment's size is last)."""
+        return len(self.data) + sum(seg[-1] for seg in self.segments)
 
     def __reduce__(self) -> Any:
         # Sent inside a State to a worker: the segments stay owned by the parent.

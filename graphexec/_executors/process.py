@@ -1517,11 +1517,7 @@ class ProcessPool:
                 self._outbox.append((call, REQUEUE, None))
             if head is not None and (not w.inflight or w.inflight[0] is not head):
                 w.head_started = time.monotonic()  # the next call starts now
-                if not w.inflight and w.kill is None:
-                    if w.calls_left == 0:
-                        self._retire(w)
-                    else:
-                        self._idle.append(w)
+                self._maybe_free(w)
                 self._arm(w)
             return True
         if message[0] == "initfail":
@@ -1557,24 +1553,23 @@ class ProcessPool:
             _, _, blob, started, finished = message
             call.started, call.finished = started, finished
             data, segments = blob
+            value = Payload(data) if not segments else Payload.from_wire(blob)
             # (_learn, inlined)
             fn_id = self._fn_ids.get(id(call.fn))
             if fn_id is not None:
                 took = finished - started
-                if segments or len(data) > PREFETCH_SMALL_VALUE:
-                    # Its largest value bounds how many of its calls are queued
-                    # (_prefetch_target): they make their values all at once,
-                    # breadth-first, each held until its dependents ran.
-                    size = len(data) + sum(seg[-1] for seg in segments)
-                    if size > self._fn_bytes.get(fn_id, 0):
-                        self._fn_bytes[fn_id] = size
+                # Its largest value bounds how many of its calls are queued
+                # (_prefetch_target): they make their values all at once,
+                # breadth-first, each held until its dependents ran.
+                if (segments or len(data) > PREFETCH_SMALL_VALUE) and value.nbytes > (
+                    self._fn_bytes.get(fn_id, 0)
+                ):
+                    self._fn_bytes[fn_id] = value.nbytes
                 before = self._fn_short.get(fn_id)
                 self._fn_short[fn_id] = (
                     took if before is None or took > before else (before + took) / 2
                 )
-            self._outbox.append(
-                (call, OK, Payload(data) if not segments else Payload.from_wire(blob))
-            )
+            self._outbox.append((call, OK, value))
         elif message[0] == "held":
             _, _, call.started, call.finished = message
             self._learn(call)
@@ -1593,16 +1588,21 @@ class ProcessPool:
             self._learn(call)
             self._outbox.append((call, ERROR, load_exception(exc_blob, tb, call.name, summary)))
         inflight = w.inflight
-        if not inflight and w.kill is None:
-            if w.calls_left == 0:
-                self._retire(w)
-            else:
-                self._idle.append(w)
+        self._maybe_free(w)
         # Only a call with a timeout is armed: when neither the call answered nor
         # the one now running has one, nothing changes (see _arm).
         if call.timeout is not None or (inflight and inflight[0].timeout is not None):
             self._arm(w)
         return True
+
+    def _maybe_free(self, w: _Worker) -> None:
+        """``w`` has answered or given back all its calls: idle, or retired once it may
+        take no more."""
+        if not w.inflight and w.kill is None:
+            if w.calls_left == 0:
+                self._retire(w)
+            else:
+                self._idle.append(w)
 
     def _learn(self, call: Call) -> None:
         fn_id = self._fn_ids.get(id(call.fn))

@@ -109,9 +109,9 @@ FLUSH_LOCK_WAIT = 2.0  # seconds a flush waits for the stream's lock, at most
 
 # Giving back queued calls (the pool's ``_reclaim``): the run messages this worker
 # took from its pipe, in order (the pool numbers the calls it sends alike), and
-# the numbers of those it gave back, to skip. The lock also orders replies sent
-# by the loop and by the watchdog thread.
-_steal_lock = threading.Lock()
+# the numbers of those it gave back, to skip (see _give_back). The lock orders the
+# replies the loop and the watchdog thread send on the one pipe.
+_send_lock = threading.Lock()
 _taken = 0
 _skip: dict[int, int] = {}  # number -> id of the call given back
 
@@ -227,7 +227,7 @@ def main(
                 # Starting this process and importing what the function needs
                 # (torch, a big module) is ours, not the task's: the parent starts
                 # the call's timeout clock from here.
-                with _steal_lock:
+                with _send_lock:
                     conn.send_bytes(pickle.dumps(("loaded", fn_id)))
             except (BrokenPipeError, OSError):
                 break
@@ -252,7 +252,7 @@ def main(
         reply = _run(message, functions, held)
         _flush_stdio()
         try:
-            with _steal_lock:
+            with _send_lock:
                 conn.send_bytes(reply)
         except (BrokenPipeError, OSError):
             break
@@ -608,29 +608,24 @@ class NodeStream:
             self._lost = True
 
     def flush(self) -> None:
-        if not self._partial and not self._lines:  # the loop's flush after each call
-            if not self._lost:
-                try:
-                    self._stream.flush()
-                except (OSError, ValueError):
-                    self._lost = True
-            return
-        # Bounded: at an interpreter's exit, the writer thread (a daemon) may have
-        # been stopped holding the lock, in a write; the last flush must not hang.
-        if not self._lock.acquire(timeout=FLUSH_LOCK_WAIT):
-            return
-        try:
-            if self._partial:
-                self._end_partial()
-            if self._lines:
-                self._drain()
-            if not self._lost:
-                try:
-                    self._stream.flush()
-                except (OSError, ValueError):
-                    self._lost = True
-        finally:
-            self._lock.release()
+        if self._partial or self._lines:  # (not the loop's flush after each call)
+            # Bounded: at an interpreter's exit, the writer thread (a daemon) may
+            # have been stopped holding the lock, in a write; the last flush must
+            # not hang.
+            if not self._lock.acquire(timeout=FLUSH_LOCK_WAIT):
+                return
+            try:
+                if self._partial:
+                    self._end_partial()
+                if self._lines:
+                    self._drain()
+            finally:
+                self._lock.release()
+        if not self._lost:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._lost = True
 
     def __getattr__(self, name: str) -> Any:  # fileno, encoding, isatty, buffer ...
         return getattr(self._stream, name)
@@ -654,8 +649,8 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child() -> None:
     """A task forked: its child must not wait for a lock another thread held then."""
-    global _steal_lock
-    _steal_lock = threading.Lock()
+    global _send_lock
+    _send_lock = threading.Lock()
     for stream in _streams:
         stream._reset()
 
@@ -726,7 +721,7 @@ def _give_back(conn: Any, request: bytes) -> None:
         _skip[n] = i
     reached = _taken
     back = [(n, i) for n, i in back if n > reached or _skip.pop(n, None) is None]
-    with _steal_lock:  # one sender at a time on the pipe
+    with _send_lock:  # one sender at a time on the pipe
         try:
             conn.send_bytes(pickle.dumps(("returned", [i for _, i in back])))
         except (OSError, ValueError):  # the pool is gone, or killing us: they run here
