@@ -171,6 +171,30 @@ def test_allow_failure_only_covers_the_marked_edge(compute):
     assert graph._latest_run.state(report).upstream == root.name
 
 
+def test_allow_failure_covers_a_node_only_where_every_data_use_is_wrapped(compute):
+    # The same upstream passed wrapped and bare: the bare argument must not receive
+    # the exception (it did not ask for one), so the call is skipped, whichever
+    # comes first; wrapped at every use, the call runs.
+    graph = gx.Graph()
+    with graph:
+        root = explode("root broke")
+        wrapped_first = collect(gx.allow_failure(root), root)
+        bare_first = collect(root, gx.allow_failure([root]))
+    with pytest.raises(gx.GraphFailed):
+        compute(graph)
+    run = graph._latest_run
+    for node in (wrapped_first, bare_first):
+        assert run.state(node).name == "Skipped"
+        assert run.state(node).upstream == root.name
+
+    graph = gx.Graph()
+    with graph:
+        root = explode("root broke")
+        wrapped_twice = collect(gx.allow_failure(root), gx.allow_failure(root))
+    exc = ("exc", "ValueError", "root broke")
+    assert compute(graph)[wrapped_twice] == [exc, exc]
+
+
 @pytest.mark.parametrize("chain", ["failed", "skipped"])
 def test_allow_failure_in_wait_for(compute, chain):
     graph = gx.Graph()

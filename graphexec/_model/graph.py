@@ -105,6 +105,20 @@ def _with_wait(current: int, flag: int) -> int:
     return current | flag
 
 
+def _with_data(current: int, flag: int) -> int:
+    """The flags of an upstream found once more among a call's arguments (``flag``:
+    DATA, with ALLOW if that occurrence is wrapped in ``gx.allow_failure``).
+
+    A call that takes one upstream twice, once wrapped and once bare
+    (``report(gx.allow_failure(fits), best=fits[0])``), is allowed its failure
+    only if every data occurrence is wrapped: else the bare argument would
+    receive the exception in place of a value it did not ask for. An allowance
+    from ``wait_for`` covers the wait only (:func:`_with_wait`).
+    """
+    allow = current & flag & ALLOW if current & DATA else flag & ALLOW
+    return ((current | flag) & ~ALLOW) | allow
+
+
 class Graph:
     """A lazily built graph of task calls.
 
@@ -273,7 +287,7 @@ class Graph:
                     f"{call_site()}. Build dependent calls inside the same `with graph:` block"
                 )
             current = found.get(node.index, 0)
-            found[node.index] = _with_wait(current, flag) if wait else current | flag
+            found[node.index] = (_with_wait if wait else _with_data)(current, flag)
 
         return visit
 
