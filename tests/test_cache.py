@@ -110,6 +110,16 @@ def shorter_lived(counter, x):
     return x
 
 
+@gx.task(cache=True, cache_expiration=60)
+def read_number(source):
+    return int(Path(source).read_text())
+
+
+@gx.task(cache=True, refresh_cache=True)
+def read_number_fresh(source):
+    return int(Path(source).read_text())
+
+
 @gx.task(cache=True)
 def fail_while_flag(counter, flag, x):
     import os
@@ -313,6 +323,42 @@ def test_entries_expire_by_the_injected_clock(compute, tmp_path, clock):
     assert run_once() == ["Completed", "Completed", "Cached"]
     assert sorted(calls(counter)) == sorted(
         ["short_lived 1"] * 3 + ["shorter_lived 2"] * 4 + ["square 3"]
+    )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("recomputed_by", ["expiry", "refresh_cache"])
+def test_a_dependent_never_hits_an_entry_made_from_its_upstreams_older_value(
+    compute, tmp_path, clock, recomputed_by
+):
+    # The upstream's key stays the same when it is recomputed (its entry expired, or
+    # the task refreshes it each run) and its value changes (a file it reads): its
+    # dependent's entry, made from the old value, must not be hit.
+    counter, cache, source = tmp_path / "calls", tmp_path / "cache", tmp_path / "source"
+    reader = read_number if recomputed_by == "expiry" else read_number_fresh
+
+    def run_once():
+        graph = gx.Graph()
+        with graph:
+            number = reader(str(source))
+            doubled = square(str(counter), number)
+        run = compute(graph, number, doubled, cache_dir=cache)
+        return names(run, (number, doubled)), run[doubled]
+
+    source.write_text("2")
+    assert run_once() == (["Completed", "Completed"], 4)
+    if recomputed_by == "expiry":
+        assert run_once() == (["Cached", "Cached"], 4)  # the upstream's entry is valid
+    source.write_text("5")
+    clock.now += 61
+    assert run_once() == (["Completed", "Completed"], 25)
+    if recomputed_by == "expiry":
+        assert run_once() == (["Cached", "Cached"], 25)
+        source.write_text("2")  # back to the first value: its dependent is made anew
+        clock.now += 61
+        assert run_once() == (["Completed", "Completed"], 4)
+    assert calls(counter) == ["square 2", "square 5"] + (
+        ["square 2"] if recomputed_by == "expiry" else []
     )
 
 

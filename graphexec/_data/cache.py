@@ -305,6 +305,11 @@ def _select(n: int) -> str:
     return "SELECT key, expires, crc, data FROM entries WHERE key IN (" + ", ".join("?" * n) + ")"
 
 
+@functools.lru_cache(maxsize=SELECT_CHUNK)
+def _select_created(n: int) -> str:
+    return "SELECT key, created FROM entries WHERE key IN (" + ", ".join("?" * n) + ")"
+
+
 INSERT_CHUNK = 128  # rows per INSERT statement (7 parameters each)
 
 
@@ -1249,6 +1254,37 @@ class CacheStore:
                 chunk = ask[start : start + SELECT_CHUNK]
                 for key, expires, crc, data in conn.execute(_select(len(chunk)), chunk):
                     found[key] = (expires, crc, data)
+        except sqlite3.Error as exc:
+            shared.damaged(exc)
+        return found
+
+    def versions(self, keys: Iterable[str]) -> dict[str, float]:
+        """When the entries of those of ``keys`` that have one were written (a row's
+        ``created``; a batched row's too): what tells one value of a key from the
+        value a recomputation (expiry, ``refresh_cache``) put in its place. A
+        dependent's cache key takes an upstream's key with this stamp
+        (``_engine/caching.py``), so it never hits an entry made from the older
+        value."""
+        import sqlite3
+
+        shared = self._shared
+        pending, writing = shared.pending, shared.writing  # the order of rows()
+        found: dict[str, float] = {}
+        ask: list[str] = []
+        for key in keys:
+            row = pending.get(key) if pending else None
+            if row is None and writing:
+                row = writing.get(key)
+            if row is None:
+                ask.append(key)
+            else:
+                found[key] = row[2]
+        try:
+            conn = shared.conn()
+            for start in range(0, len(ask), SELECT_CHUNK):
+                chunk = ask[start : start + SELECT_CHUNK]
+                for key, created in conn.execute(_select_created(len(chunk)), chunk):
+                    found[key] = created
         except sqlite3.Error as exc:
             shared.damaged(exc)
         return found

@@ -695,16 +695,34 @@ class CacheGate:
     def _job(self, i: int, ticket: int) -> _KeyJob:
         graph, keys, states = self.graph, self.keys, self.states
         ups, fl = graph._deps[i], graph._flags[i]
-        # The default key takes an upstream by its own key: no need of its value then
+        # The default key takes an upstream by its own key and the time its entry
+        # was written (a recomputed upstream, after its entry expired or with
+        # refresh_cache, may have a new value under the same key: its dependents
+        # must not hit entries made from the old one). No need of its value then;
+        # an upstream without an entry (its write failed) enters by its value.
         by_key = graph._opts[i].cache_key_fn is task_input_hash
-        values: dict[int, tuple[str | None, Any]] = {}
+        owns: dict[int, str] = {}
         for k, up in enumerate(ups):
             if fl is None or fl[k] & DATA:
                 own = keys.get(up)
                 if own is not None:
                     st = states[up]
-                    if not (st is not None and st.is_completed()):
-                        own = None
+                    if st is not None and st.is_completed():
+                        owns[up] = own
+        if owns and by_key and self.store is not None:
+            if self.finishing:  # an upstream's small value not batched yet: now
+                self.store_finished()
+            written = self.store.versions(owns.values())
+            for up, own in list(owns.items()):
+                created = written.get(own)
+                if created is None:
+                    del owns[up]
+                else:
+                    owns[up] = f"{own}@{created!r}"
+        values: dict[int, tuple[str | None, Any]] = {}
+        for k, up in enumerate(ups):
+            if fl is None or fl[k] & DATA:
+                own = owns.get(up)
                 values[up] = (own, None if by_key and own is not None else self._value_of(up))
         return _KeyJob(
             i,
