@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import graphexec as gx
+from graphexec._executors import worker as worker_module
 
 N = 1_000_000  # 8 MB of float64
 
@@ -87,6 +88,32 @@ def generator_maker():
 @gx.task
 def drain(gen):
     return sum(gen)
+
+
+def _rebuilt_outside_workers(value):
+    if worker_module._worker_pid == os.getpid():
+        raise RuntimeError("ParentOnly can only be rebuilt outside a worker")
+    return ParentOnly(value)
+
+
+class ParentOnly:
+    """Pickles anywhere; its pickle loads in the parent only."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return (_rebuilt_outside_workers, (self.value,))
+
+
+@gx.task
+def make_parent_only(value):
+    return ParentOnly(value)
+
+
+@gx.task
+def take(anything):
+    return "taken"
 
 
 def _expected(seed):
@@ -207,6 +234,28 @@ def test_a_result_that_cannot_be_pickled_fails_its_node_even_in_a_chain(pool):
     assert isinstance(error, gx.SerializationError)
     assert "generator" in str(error)
     assert run.state(result).name == "Skipped"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("consumers", [1, 2])
+def test_a_result_that_will_not_unpickle_in_a_worker_fails_its_consumers_whatever_the_shape(
+    pool, consumers
+):
+    # With one consumer the two calls are chained (the value never leaves the
+    # worker); with two they are not. Either way the producer completed (its
+    # value reached the parent) and each consumer fails to unpickle its argument.
+    graph = gx.Graph()
+    with graph:
+        made = make_parent_only(1)
+        takers = [take(made) for _ in range(consumers)]
+    run = graph.compute(pool=pool, raise_on_failure=False)
+    assert run.state(made).name == "Completed"
+    for taker in takers:
+        error = run.state(taker).exception
+        assert isinstance(error, gx.SerializationError)
+        assert error.stage == "unpickle-arguments"
+        assert "could not be unpickled" in str(error)
+        assert "outside a worker" in str(error)
 
 
 _TABLES = {}

@@ -411,9 +411,16 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
     if hold:
         try:
             held[token] = handover(result)
+        except _Unloadable:
+            # It pickles but will not unpickle in a worker: it goes to the parent as
+            # any value does, and the next call, not finding it here, comes back
+            # ("skip") to fail as it would on another worker: unpickle-arguments,
+            # on the consumer, not a "cannot be pickled" on this node.
+            pass
         except BaseException as exc:
             return fail("result", result_error(name, result, exc), traceback.format_exc())
-        return pickle.dumps(("held", token, started, finished))
+        else:
+            return pickle.dumps(("held", token, started, finished))
 
     try:
         blob = dumps_value(result)
@@ -462,7 +469,8 @@ def handover(result: Any) -> Any:
     only from here (a fresh array: no view of, and no entry in, a cache the
     task keeps) — else a copy: ``copy(order="K")`` for other plain arrays, a
     pickle round trip for everything else (which also fails, as it would
-    between workers, on a result that cannot be pickled).
+    between workers, on a result that cannot be pickled; one whose pickle does
+    not load raises :class:`_Unloadable`).
     """
     kind = type(result)
     if kind in _IMMUTABLE:
@@ -472,7 +480,15 @@ def handover(result: Any) -> Any:
         if result.flags.owndata and sys.getrefcount(result) <= 3:
             return result
         return result.copy(order="K")
-    return pickle.loads(dumps(result))
+    data = dumps(result)
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
+        raise _Unloadable from exc
+
+
+class _Unloadable(Exception):
+    """:func:`handover`: the result pickles, but its pickle does not load here."""
 
 
 def _end_if_forked() -> None:
