@@ -222,6 +222,36 @@ def test_backoff_jitter_is_recorded_per_attempt(compute, tmp_path):
         assert gap >= wanted - TOLERANCE
 
 
+def test_prefects_retry_jitter_factor_spreads_each_delay(compute, tmp_path):
+    # Prefect's spelling: at most (1 + factor) times the delay; within ±factor here.
+    task = flaky.with_options(retries=2, retry_delay_seconds=[0.04, 0.08], retry_jitter_factor=0.5)
+    assert task.options.retry_jitter_factor == 0.5
+    graph = gx.Graph()
+    with graph:
+        node = task(str(tmp_path / "n"), 2)
+    history = compute(graph).state(node).history
+    first, second = history[0].retry_delay, history[1].retry_delay
+    assert 0.02 <= first <= 0.06
+    assert 0.04 <= second <= 0.12
+    for gap, wanted in zip(gaps(history), (first, second)):
+        assert gap >= wanted - TOLERANCE
+    # Drawn: many delays are not all equal, and stay within their bounds.
+    from graphexec._model.options import retry_delay_for
+
+    draws = {retry_delay_for(task.options, 1) for _ in range(200)}
+    assert len(draws) > 100 and min(draws) >= 0.02 and max(draws) <= 0.06
+    wide = flaky.with_options(retry_delay=1.0, retry_jitter_factor=3).options
+    assert all(0.0 <= retry_delay_for(wide, 1) <= 4.0 for _ in range(200))
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(-0.1, ValueError), (float("inf"), ValueError), ("0.1", TypeError)]
+)
+def test_a_bad_retry_jitter_factor_is_refused_at_decoration(value, error):
+    with pytest.raises(error, match="retry_jitter_factor"):
+        gx.task(retry_jitter_factor=value)(bump)
+
+
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("scheduler", ALL_SCHEDULERS)
 def test_a_waiting_retry_blocks_no_worker(compute, tmp_path):

@@ -48,6 +48,7 @@ class TaskOptions:
         "refresh_cache",
         "retries",
         "retry_delay",
+        "retry_jitter_factor",
         "retry_on",
         "return_state",
         "tags",
@@ -61,6 +62,7 @@ class TaskOptions:
         self.task_run_name: str | Callable[..., str] | None = None
         self.retries = 0
         self.retry_delay: Any = 0.0
+        self.retry_jitter_factor = 0.0
         self.retry_on: Any = None
         self.timeout: float | None = None
         self.allow_failure = False
@@ -141,6 +143,14 @@ def _check_retries(value: Any, key: str, where: str) -> int:
 def _check_seconds(value: Any, key: str, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{where}: {key}= must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: {key}={value!r} must be a finite number >= 0")
+    return float(value)
+
+
+def _check_jitter(value: Any, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where}: {key}= must be a number (0.5: each delay drawn from ±50 %)")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{where}: {key}={value!r} must be a finite number >= 0")
     return float(value)
@@ -263,6 +273,7 @@ _VALIDATORS: dict[str, Callable[[Any, str, str], Any]] = {
     "task_run_name": _check_run_name,
     "retries": _check_retries,
     "retry_delay": _check_retry_delay,
+    "retry_jitter_factor": _check_jitter,
     "retry_on": _check_retry_on,
     "timeout": _check_timeout,
     "allow_failure": _check_bool,
@@ -337,8 +348,8 @@ def retry_delay_for(options: TaskOptions, retry: int) -> float:
     """
     delay = options.retry_delay
     if isinstance(delay, tuple):
-        return delay[min(retry, len(delay)) - 1]
-    if callable(delay):
+        seconds = delay[min(retry, len(delay)) - 1]
+    elif callable(delay):
         given = delay(retry)
         try:
             seconds = float(given)
@@ -349,8 +360,15 @@ def retry_delay_for(options: TaskOptions, retry: int) -> float:
                 f"retry_delay({retry}) returned {given!r}: it must return a finite "
                 "number of seconds, 0 or more"
             )
-        return seconds
-    return delay
+    else:
+        seconds = delay
+    spread = options.retry_jitter_factor
+    if spread and seconds:
+        # Prefect's retry_jitter_factor: at most (1 + factor) times the delay, so that
+        # many failing tasks do not retry in lock-step; uniform, centred on the delay
+        # while factor <= 1 (Prefect draws from a clamped Poisson with that bound).
+        return random.uniform(seconds * max(0.0, 1.0 - spread), seconds * (1.0 + spread))
+    return seconds
 
 
 def should_retry(options: TaskOptions, exc: BaseException, state: Any, task: Any) -> bool:

@@ -271,7 +271,9 @@ def task(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         **options: ``name``, ``task_run_name`` (format string such as ``"sim-{seed}"``,
             or a callable given the call's arguments by name; one without
             parameters, Prefect's form, is called without), ``retries``, ``retry_delay``
-            (seconds, a list per retry, or :func:`exponential_backoff`), ``retry_on``
+            (seconds, a list per retry, or :func:`exponential_backoff`),
+            ``retry_jitter_factor`` (Prefect's: each delay drawn at random, at most
+            ``1 + factor`` times itself; ±factor while factor <= 1), ``retry_on``
             (exception types or a predicate), ``timeout`` (seconds per attempt),
             ``allow_failure``, ``return_state``, ``trigger``, ``max_concurrency``,
             ``tags``, ``priority``, the state hooks ``on_completion``, ``on_failure``,
