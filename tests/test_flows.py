@@ -206,14 +206,44 @@ def test_submit_returns_at_once_and_the_future_reports_its_state():
 
 
 @pytest.mark.timeout(30)
-def test_future_wait_timeout_raises_and_a_later_result_still_works():
+def test_future_wait_timeout_returns_none_as_prefects_and_a_later_result_still_works():
+    # Prefect 2 returns the state or None; Prefect 3 returns None and code looks at
+    # future.state next: neither expects an exception. result() still raises.
+    seen = {}
+
     def body():
         slow = span.submit("slow", 0.5)
+        seen["timed_out"] = slow.wait(timeout=0.05)
+        seen["state_then"] = slow.state.name
         with pytest.raises(TimeoutError):
-            slow.wait(timeout=0.05)
+            slow.exception(timeout=0.05)
+        seen["waited"] = slow.wait(timeout=10).name
         return slow.result(timeout=10)["tag"]
 
     assert run_flow(body) == "slow"
+    assert seen["timed_out"] is None
+    assert seen["state_then"] in ("Pending", "Running")
+    assert seen["waited"] == "Completed"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ALL)
+def test_submit_and_map_with_return_state_give_final_states_as_prefects_do(scheduler):
+    seen = {}
+
+    def body():
+        failed = explode.submit("gave a state", return_state=True)
+        done = add.submit(2, 3, return_state=True)
+        mapped = add.map([1, 2], [10, 20], return_state=True)
+        seen["states"] = (failed, done, *mapped)
+        return "the flow went on"
+
+    assert run_flow(body, scheduler) == "the flow went on"  # the failure was handled
+    failed, done, *mapped = seen["states"]
+    assert all(isinstance(state, gx.State) for state in seen["states"])
+    assert failed.is_failed() and str(failed.exception) == "gave a state"
+    assert done.name == "Completed" and done.result() == 5
+    assert [state.result() for state in mapped] == [11, 22]
 
 
 # -- as_completed and wait -------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_call_keywords_apply_to_every_mapped_call_in_a_graph(compute):
     with graph:
         failed = explode("prerequisite")
         after = add.map([1, 2], wait_for=[failed], allow_failure=True)
-        states = fail_on.map([1, 2], gx.unmapped(2), return_state=True)
+        states = fail_on.map([1, 2], gx.unmapped(2), return_state=True)  # final States
         seen = describe.map(states)
         accepted = describe.map(gx.allow_failure(fail_on.map([3, 4], gx.unmapped(4))))
     run = compute(graph, keep="all")
@@ -181,9 +181,9 @@ def test_call_keywords_apply_to_every_mapped_call_in_a_flow(scheduler):
     def body():
         failed = explode.submit("prerequisite")
         after = add.map([1, 2], wait_for=[failed], allow_failure=True)
-        states = fail_on.map([1, 2], gx.unmapped(2), return_state=True)
+        states = fail_on.map([1, 2], gx.unmapped(2), return_state=True)  # final States
         own = fail_on.map([5, 6], gx.unmapped(6), allow_failure=True)  # never looked at
-        return [f.result() for f in after], [s.wait().name for s in states], len(own)
+        return [f.result() for f in after], [s.name for s in states], len(own)
 
     assert body() == ([1, 2], ["Completed", "Failed"], 2)  # no GraphFailed
 

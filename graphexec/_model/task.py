@@ -129,7 +129,9 @@ class Task:
 
         Works inside a ``@gx.flow`` and inside ``with gx.Pool(...):``; inside
         ``with graph:`` it adds a lazy node like a plain call. ``wait_for=``,
-        ``allow_failure=`` and ``return_state=`` mean what they mean in a call.
+        ``allow_failure=`` and ``return_state=`` mean what they mean in a call;
+        with ``return_state=True`` it also waits, as Prefect's does, and returns
+        the task's final :class:`State` instead of the future.
 
         Raises:
             RuntimeError: outside a flow, a pool block or a graph.
@@ -137,7 +139,9 @@ class Task:
         graph = active_graph()
         if graph is not None:
             return graph._add_call(self, args, kwargs)
-        return surfaces.submit(self, args, kwargs)
+        wants_state = kwargs.get("return_state") is True
+        future = surfaces.submit(self, args, kwargs)
+        return future.wait() if wants_state else future
 
     def map(self, *args: Any, **kwargs: Any) -> list[Any]:
         """One call per item of the iterable arguments (Prefect's ``task.map``).
@@ -151,7 +155,9 @@ class Task:
 
         Returns:
             Inside ``with graph:`` a list of :class:`Node`; in a flow or a
-            ``with gx.Pool():`` block a list of futures, submitted at once.
+            ``with gx.Pool():`` block a list of futures, submitted at once (with
+            ``return_state=True``, as in Prefect, their final states, once all
+            are final).
 
         Raises:
             TypeError: no argument to map over, or an argument that is a node or
@@ -195,10 +201,13 @@ class Task:
         names = tuple(kwargs)
         if not names and not reserved:  # the common form: positional iterables only
             return [call(self, row, {}) for row in zip(*columns)]
-        return [
+        calls: list[Any] = [
             call(self, row[:n_args], {**dict(zip(names, row[n_args:])), **reserved})
             for row in zip(*columns)
         ]
+        if graph is None and reserved.get("return_state") is True:
+            return [future.wait() for future in calls]  # Prefect's: their final States
+        return calls
 
     def _map_items(self, label: str, value: Any) -> list[Any] | None:
         """The items ``task.map`` maps ``value`` over, or None to pass it whole."""

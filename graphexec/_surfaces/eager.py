@@ -132,7 +132,7 @@ def call_eagerly(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> An
     # The call keyword (not the task option): a failure comes back as its State.
     call_allows = kwargs.get("allow_failure") is True
     future = session.submit(task, args, kwargs)
-    state = future.wait()
+    state = session._wait(future.index, None)
     if future.graph._opts[future.index].return_state or (call_allows and not state.is_completed()):
         session._observed(future.index)
         return state
@@ -197,14 +197,23 @@ class Future(Node):
         state = self._session._state(self.index)
         return state is not None and state.name in FINAL
 
-    def wait(self, timeout: float | None = None) -> State:
-        """Block until the task has a final state (or ``timeout`` seconds); return the state.
+    def wait(self, timeout: float | None = None) -> State | None:
+        """Block until the task has a final state; return that state, or None if it
+        has none after ``timeout`` seconds.
+
+        Prefect's form: its 2.x ``wait`` returns the state or None, and its 3.x
+        returns None and is followed by a look at ``future.state``; both work
+        here. :meth:`result` and :meth:`exception` raise ``TimeoutError`` instead.
 
         Raises:
-            TimeoutError: not final after ``timeout`` seconds.
             RuntimeError: its flow's (or pool's) scheduler thread failed: it never ends.
         """
-        return self._session._wait(self.index, timeout)
+        if timeout is None:
+            return self._session._wait(self.index, None)
+        try:
+            return self._session._wait(self.index, timeout)
+        except TimeoutError:
+            return None
 
     # timeout first, as in concurrent.futures and Prefect: a deliberate difference
     # from Node.result, whose node has no wait to bound.
@@ -222,7 +231,7 @@ class Future(Node):
             RuntimeError: its flow's (or pool's) scheduler thread failed: it never ends.
             Exception: the task's own exception, with its remote traceback.
         """
-        state = self.wait(timeout)
+        state = self._session._wait(self.index, timeout)
         # Raised or returned here, a skip's UpstreamFailed shows the failures behind it.
         self._session._observed(self.index, through_skip=True)
         return state.result(raise_on_failure=raise_on_failure)
@@ -239,7 +248,7 @@ class Future(Node):
             TimeoutError: the task did not finish within ``timeout``.
             RuntimeError: its flow's (or pool's) scheduler thread failed: it never ends.
         """
-        state = self.wait(timeout)
+        state = self._session._wait(self.index, timeout)
         self._session._observed(self.index, through_skip=True)
         return None if state.is_completed() else state.exception
 
@@ -789,7 +798,7 @@ class Session:
         kept = set(members) if keep == "all" else set(targets)
         run = Run(graph, members, kept)
         for i, fut in mapping.items():
-            run._states[i] = fut.wait()
+            run._states[i] = self._wait(fut.index, None)
         # The caller gets this Run (or GraphFailed): its failures are now seen.
         accepted = self._claim([f.index for f in mapping.values()])
         run._handled.update(i for i, yes in zip(mapping, accepted) if yes)
