@@ -364,3 +364,97 @@ def test_a_crash_in_the_middle_of_a_long_chain_fails_that_link_alone(monkeypatch
             for _ in range(59):
                 x = again.add(_step, x, -1)
         assert again.compute(pool=pool)[x] == 60
+
+
+WATCHDOG_DELAY = 1.5  # seconds a worker's watchdog takes to send its "returned" answer
+
+
+@gx.task
+def _logged(log: str, label: str, seconds: float = 0.0, slow_watchdog: bool = False) -> str:
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, f"{label}\n".encode())
+    os.close(fd)
+    if slow_watchdog:
+        # This worker's watchdog thread is late to send its answer to a give-back,
+        # as when the OS deschedules it: it waits before taking the pipe's lock.
+        from graphexec._executors import worker
+
+        class SlowForWatchdog:
+            def __init__(self, inner: Any) -> None:
+                self.inner = inner
+
+            def __enter__(self) -> Any:
+                if threading.current_thread().name == "graphexec-watchdog":
+                    time.sleep(WATCHDOG_DELAY)
+                return self.inner.__enter__()
+
+            def __exit__(self, *exc: Any) -> Any:
+                return self.inner.__exit__(*exc)
+
+        worker._send_lock = SlowForWatchdog(worker._send_lock)
+    if label == "crash":
+        os._exit(3)
+    time.sleep(seconds)
+    return label
+
+
+@gx.task
+def _logged_slow(log: str, label: str, seconds: float = 0.0, slow_watchdog: bool = False) -> str:
+    return _logged.fn(log, label, seconds, slow_watchdog)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("last", ["ok", "crash"])
+def test_a_late_give_back_answer_never_blames_the_call_given_back(tmp_path, monkeypatch, last):
+    # A call given back is skipped by the worker's loop, which then runs the next call
+    # the pool queued there. If the watchdog's "returned" came after that call's
+    # reply (or its crash), the pool took the given-back call, still its head, for
+    # the one running: "a reply out of turn", or the crash, was blamed on a call
+    # that never ran, and the next one ran twice.
+    log = str(tmp_path / "log")
+    asked: list[int] = []
+    with gx.Pool(workers=2) as pool:
+        procs = pool._procs
+        reclaim = procs._reclaim
+
+        def spy_reclaim(now: float) -> Any:
+            before = [w.id for w in procs._workers.values() if w.asked]
+            again = reclaim(now)
+            asked.extend(w.id for w in procs._workers.values() if w.asked and w.id not in before)
+            return again
+
+        monkeypatch.setattr(procs, "_reclaim", spy_reclaim)
+        with pool:
+            # Both workers load both functions, measured tiny (prefetch is on).
+            for task in (_logged, _logged_slow):
+                for f in [task.submit(log, "warm", 0.05), task.submit(log, "warm", 0.05)]:
+                    f.result(timeout=30)
+            for _ in range(12):
+                _logged.submit(log, "warm").result(timeout=30)
+                _logged_slow.submit(log, "warm").result(timeout=30)
+            head = _logged_slow.submit(log, "head", 0.6, True)  # blocks on one worker
+            nap = _logged_slow.submit(log, "nap", 0.05)  # the other, briefly
+            # Queued one behind each; the one behind `head` is asked back once the
+            # other worker is idle.
+            queued = [_logged.submit(log, "b1"), _logged.submit(log, "b2")]
+            deadline = time.monotonic() + 20
+            while not asked and time.monotonic() < deadline:
+                time.sleep(0.005)
+            busy = _logged_slow.submit(log, "busy", 2.0)  # the idle worker: busy again
+            # Ready when `head` answers: queued behind the call the pool believes next.
+            after = _logged.submit(log, last, wait_for=[head])
+            futures = [head, nap, *queued, busy, after]
+            gx.wait(futures, timeout=60)
+            states = [f.state for f in futures]
+    assert asked, "no call was asked back: the case did not happen"
+    assert [st.name for st in states[:5]] == ["Completed"] * 5, [
+        (st.name, st.exception) for st in states
+    ]
+    with open(log) as f:
+        ran = [line for line in f.read().split() if line != "warm"]
+    assert sorted(ran) == sorted(["head", "nap", "b1", "b2", "busy", last])  # each once
+    if last == "crash":
+        assert isinstance(states[5].exception, gx.WorkerCrashed)
+        assert states[5].attempts == 1
+    else:
+        assert states[5].name == "Completed"

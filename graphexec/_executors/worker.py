@@ -248,7 +248,13 @@ def main(
         # adding a number, and takes back one the loop may have passed).
         _taken += 1
         if _skip and _skip.pop(_taken, None) == message[1]:
-            continue  # given back: the pool has it run elsewhere (no reply)
+            # Given back: the pool has it run elsewhere (no reply). The watchdog
+            # holds _send_lock from adding its number until its "returned" is sent:
+            # wait for that, so the pool hears of it before any reply, or death, of
+            # a call run after it here (else it blames this call, which never ran).
+            with _send_lock:
+                pass
+            continue
         reply = _run(message, functions, held)
         _flush_stdio()
         try:
@@ -732,12 +738,15 @@ def _give_back(conn: Any, request: bytes) -> None:
     # for it in _skip: a number added here while the loop has not reached it is
     # skipped there; one the loop reached meanwhile either was skipped (its entry
     # is gone) or ran (its entry is still here: taken back, not given back).
-    back = [(n, i) for n, i in wanted if n > _taken]
-    for n, i in back:
-        _skip[n] = i
-    reached = _taken
-    back = [(n, i) for n, i in back if n > reached or _skip.pop(n, None) is None]
-    with _send_lock:  # one sender at a time on the pipe
+    # _send_lock (one sender at a time on the pipe) is held from before the numbers
+    # are added until the answer is sent: a loop that skips one waits for it (see
+    # main), so nothing it runs next can answer, or die, before the pool has this.
+    with _send_lock:
+        back = [(n, i) for n, i in wanted if n > _taken]
+        for n, i in back:
+            _skip[n] = i
+        reached = _taken
+        back = [(n, i) for n, i in back if n > reached or _skip.pop(n, None) is None]
         try:
             conn.send_bytes(pickle.dumps(("returned", [i for _, i in back])))
         except (OSError, ValueError):  # the pool is gone, or killing us: they run here
