@@ -265,6 +265,33 @@ def test_a_give_back_naming_the_head_leaves_the_worker_idle_and_requeues_all():
         procs._outbox.clear()
 
 
+def test_a_worker_whose_give_back_answer_is_due_is_not_idle_until_it_is_read():
+    # A worker may answer all its calls before its watchdog answers the give-back
+    # (an empty "returned"). Idle meanwhile, its readable pipe was taken for its
+    # death: the pool stalled a second burying it and killed a healthy worker.
+    with gx.Pool(workers=1) as pool:
+        graph = gx.Graph()
+        with graph:
+            graph.add(_nap, 0.0)
+        graph.compute(pool=pool)  # a live, idle worker
+        procs = pool._procs
+        (w,) = procs._workers.values()
+        pid = w.pid
+        procs._idle.remove(w)
+        w.asked = True  # asked for calls back, it answered them all first
+        procs._maybe_free(w)
+        assert w not in procs._idle
+        assert procs._reply(w, ("returned", []))  # its late, empty answer
+        assert not w.asked and w in procs._idle
+        assert procs._idle_worker() is w  # live: not taken for dead
+        procs._idle.append(w)
+        again = gx.Graph()
+        with again:
+            node = again.add(_nap, 0.0)
+        again.compute(node, pool=pool)
+        assert [x.pid for x in procs._workers.values()] == [pid]
+
+
 def _megabyte(i: int) -> Any:
     import numpy as np
 

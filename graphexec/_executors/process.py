@@ -1503,8 +1503,6 @@ class ProcessPool:
         if message[0] == "returned":  # prefetched calls it gave back (_reclaim)
             w.asked = False
             given = set(message[1])
-            if not given:
-                return True
             # The head too: the worker may have answered the call ahead of it and
             # given this one back before taking it (its answer was read first).
             head = w.inflight[0] if w.inflight else None
@@ -1517,8 +1515,9 @@ class ProcessPool:
                 self._outbox.append((call, REQUEUE, None))
             if head is not None and (not w.inflight or w.inflight[0] is not head):
                 w.head_started = time.monotonic()  # the next call starts now
-                self._maybe_free(w)
                 self._arm(w)
+            # Answered all its calls before this came (an empty answer, late): idle now.
+            self._maybe_free(w)
             return True
         if message[0] == "initfail":
             # The worker exits after this; _bury gives its calls back, or fails
@@ -1597,8 +1596,10 @@ class ProcessPool:
 
     def _maybe_free(self, w: _Worker) -> None:
         """``w`` has answered or given back all its calls: idle, or retired once it may
-        take no more."""
-        if not w.inflight and w.kill is None:
+        take no more. Not while its answer to a give-back is due (``asked``): an idle
+        worker has nothing to say (``_idle_worker`` takes a readable pipe for its
+        death), and the answer frees it."""
+        if not w.inflight and w.kill is None and not w.asked:
             if w.calls_left == 0:
                 self._retire(w)
             else:
