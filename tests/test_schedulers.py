@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -261,6 +262,19 @@ def test_tag_limits(compute):
         queries = [db(0.1) for _ in range(3)]
     run = compute(graph, keep="all", limits={"db": 1})
     assert _overlap([run.state(n) for n in queries]) == 1
+
+
+def test_a_limit_on_a_tag_no_task_has_is_a_warning_naming_the_tags_there_are():
+    # A typo ("gpus" for "gpu") limited nothing, silently: every tagged call ran at once.
+    gpu = nap.with_options(tags=["gpu"])
+    graph = gx.Graph()
+    with graph:
+        calls = [gpu(0.0) for _ in range(2)]
+    with pytest.warns(UserWarning, match=r"limits=\{'gpus': 1\} limits nothing.*'gpu'"):
+        graph.compute(calls, scheduler="sync", limits={"gpus": 1, "gpu": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graph.compute(calls, scheduler="sync", limits={"gpu": 1})  # no warning
 
 
 @gx.task

@@ -124,6 +124,19 @@ class Node:
         )
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by its caller point at the user's
+    line: the first frame outside graphexec."""
+    level = 1
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and os.path.dirname(
+        os.path.abspath(frame.f_code.co_filename)
+    ).startswith(_PACKAGE_DIR):
+        level += 1
+        frame = frame.f_back
+    return level
+
+
 def call_site() -> str:
     """``file:line`` of the first frame outside graphexec (the user's call)."""
     frame: FrameType | None = sys._getframe(1)

@@ -16,12 +16,13 @@ its own on that pool, beside the pool's other runs (``_executors/shared.py``).
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 from .._data.cache import CacheStore
 from .._engine.scheduler import Scheduler
 from .._model.graph import Graph
-from .._model.node import Node
+from .._model.node import Node, user_stacklevel
 from .._model.order import post_order, sinks
 from .._model.run import Run
 from .._model.walk import find_nodes
@@ -89,6 +90,8 @@ def _compute(graph: Graph, targets: tuple[Any, ...], given: dict[str, Any]) -> R
     if not target_ids:
         target_ids = sinks(graph._deps)
     members = post_order(graph._deps, target_ids)
+    if options.limits:
+        _warn_of_unused_limits(graph, members, options.limits)
     kept = set(members) if options.keep == "all" else set(target_ids)
     run = Run(graph, members, kept)
     run._inputs_cap = options.keep_inputs
@@ -214,3 +217,20 @@ def target_indices(graph: Graph, targets: tuple[Any, ...]) -> list[int]:
     for item in targets:
         find_nodes(list(item.values()) if isinstance(item, dict) else item, visit, 0, refuse)
     return list(dict.fromkeys(ids))
+
+
+def _warn_of_unused_limits(graph: Graph, members: list[int], limits: dict[str, int]) -> None:
+    """A ``limits=`` tag that no task of the run has limits nothing: most often a typo
+    (``"gpus"`` for ``"gpu"``), which would otherwise let every tagged call run at once."""
+    opts = graph._opts
+    distinct = dict(zip(map(id, map(opts.__getitem__, members)), map(opts.__getitem__, members)))
+    tags = {tag for o in distinct.values() for tag in o.tags}
+    for tag, cap in limits.items():
+        if tag not in tags:
+            warnings.warn(
+                f"limits={{{tag!r}: {cap}}} limits nothing: no task of this run has the tag "
+                f"{tag!r} (its tags: {', '.join(map(repr, sorted(tags))) or 'none'}); check "
+                "the spelling, or the tasks' tags=",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
