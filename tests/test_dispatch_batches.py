@@ -241,17 +241,24 @@ def test_give_backs_racing_the_calls_they_ask_for_lose_and_repeat_nothing(tmp_pa
     assert len(ran) == len(set(ran)) == 60 * 30  # each call once
 
 
+def _its_one_worker_taken_busy(pool: gx.Pool) -> tuple[Any, Any]:
+    """The pool's process pool and its one worker, live, out of the idle list (as a
+    busy one is): for tests of the bookkeeping of a worker's answers."""
+    graph = gx.Graph()
+    with graph:
+        graph.add(_nap, 0.0)
+    graph.compute(pool=pool)
+    procs = pool._procs
+    (w,) = procs._workers.values()
+    procs._idle.remove(w)
+    return procs, w
+
+
 def test_a_give_back_naming_the_head_leaves_the_worker_idle_and_requeues_all():
     # The worker answered the call ahead, then gave the next back before taking it:
     # by the time the pool reads "returned", that call is its head.
     with gx.Pool(workers=1) as pool:
-        graph = gx.Graph()
-        with graph:
-            graph.add(_nap, 0.0)
-        graph.compute(pool=pool)  # a live, idle worker
-        procs = pool._procs
-        (w,) = procs._workers.values()
-        procs._idle.remove(w)
+        procs, w = _its_one_worker_taken_busy(pool)
         calls = [
             gx._executors.protocol.Call(i, f"c-{i}", _nap, (0.0,), None, False, {}, None, 1)
             for i in range(3)
@@ -270,14 +277,8 @@ def test_a_worker_whose_give_back_answer_is_due_is_not_idle_until_it_is_read():
     # (an empty "returned"). Idle meanwhile, its readable pipe was taken for its
     # death: the pool stalled a second burying it and killed a healthy worker.
     with gx.Pool(workers=1) as pool:
-        graph = gx.Graph()
-        with graph:
-            graph.add(_nap, 0.0)
-        graph.compute(pool=pool)  # a live, idle worker
-        procs = pool._procs
-        (w,) = procs._workers.values()
+        procs, w = _its_one_worker_taken_busy(pool)
         pid = w.pid
-        procs._idle.remove(w)
         w.asked = True  # asked for calls back, it answered them all first
         procs._maybe_free(w)
         assert w not in procs._idle

@@ -151,7 +151,7 @@ import threading
 import time
 import warnings
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -1224,21 +1224,31 @@ class CacheStore:
         keyed in one scheduler step at once: a query costs 4 us, a key in it 0.4 us).
         Rows of this process's batch not yet committed are found too.
         """
-        import sqlite3
+        # Alone since the directory was empty: a key never locked nor written here
+        # has no entry (``_Shared.fresh``); a stale set (this process no longer
+        # alone) only makes a miss, which its lock's second look settles.
+        fresh = self._shared.fresh
+        if fresh is not None:  # a key batched or being written is in ``fresh`` too
+            keys = [key for key in keys if key in fresh]
+        batched, ask = self._batched(keys)
+        found: dict[str, Found] = {}
+        for key, row in batched.items():
+            crc = row[5] if row[5] is not None else _crc(key, row[6] or b"")
+            found[key] = (row[3], crc, row[6])
+        for key, expires, crc, data in self._query(_select, ask):
+            found[key] = (expires, crc, data)
+        return found
 
+    def _batched(self, keys: Iterable[str]) -> tuple[dict[str, Row], list[str]]:
+        """The rows of ``keys`` batched here and not committed yet, and the other keys
+        (for SQLite)."""
         shared = self._shared
         # In this order: commit() makes a batch ``writing`` before it replaces
         # ``pending``, and empties ``writing`` only once the batch is committed.
         pending = shared.pending
         writing = shared.writing
-        found: dict[str, Found] = {}
+        batched: dict[str, Row] = {}
         ask: list[str] = []
-        # Alone since the directory was empty: a key never locked nor written here
-        # has no entry (``_Shared.fresh``); a stale set (this process no longer
-        # alone) only makes a miss, which its lock's second look settles.
-        fresh = shared.fresh
-        if fresh is not None:  # a key batched or being written is in ``fresh`` too
-            keys = [key for key in keys if key in fresh]
         for key in keys:
             row = pending.get(key) if pending else None
             if row is None and writing:
@@ -1246,17 +1256,24 @@ class CacheStore:
             if row is None:
                 ask.append(key)
             else:
-                crc = row[5] if row[5] is not None else _crc(key, row[6] or b"")
-                found[key] = (row[3], crc, row[6])
+                batched[key] = row
+        return batched, ask
+
+    def _query(self, query: Callable[[int], str], keys: list[str]) -> list[Any]:
+        """The rows ``query(n)`` selects for ``keys``, ``SELECT_CHUNK`` keys a query; none
+        from a damaged database (reported once: ``_Shared.damaged``)."""
+        import sqlite3
+
+        shared = self._shared
+        out: list[Any] = []
         try:
             conn = shared.conn()
-            for start in range(0, len(ask), SELECT_CHUNK):
-                chunk = ask[start : start + SELECT_CHUNK]
-                for key, expires, crc, data in conn.execute(_select(len(chunk)), chunk):
-                    found[key] = (expires, crc, data)
+            for start in range(0, len(keys), SELECT_CHUNK):
+                chunk = keys[start : start + SELECT_CHUNK]
+                out.extend(conn.execute(query(len(chunk)), chunk))
         except sqlite3.Error as exc:
             shared.damaged(exc)
-        return found
+        return out
 
     def versions(self, keys: Iterable[str]) -> dict[str, float]:
         """When the entries of those of ``keys`` that have one were written (a row's
@@ -1265,28 +1282,9 @@ class CacheStore:
         dependent's cache key takes an upstream's key with this stamp
         (``_engine/caching.py``), so it never hits an entry made from the older
         value."""
-        import sqlite3
-
-        shared = self._shared
-        pending, writing = shared.pending, shared.writing  # the order of rows()
-        found: dict[str, float] = {}
-        ask: list[str] = []
-        for key in keys:
-            row = pending.get(key) if pending else None
-            if row is None and writing:
-                row = writing.get(key)
-            if row is None:
-                ask.append(key)
-            else:
-                found[key] = row[2]
-        try:
-            conn = shared.conn()
-            for start in range(0, len(ask), SELECT_CHUNK):
-                chunk = ask[start : start + SELECT_CHUNK]
-                for key, created in conn.execute(_select_created(len(chunk)), chunk):
-                    found[key] = created
-        except sqlite3.Error as exc:
-            shared.damaged(exc)
+        batched, ask = self._batched(keys)
+        found = {key: row[2] for key, row in batched.items()}
+        found.update(self._query(_select_created, ask))
         return found
 
     def judge(self, key: str, found: Found | None) -> Any:

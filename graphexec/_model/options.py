@@ -140,20 +140,16 @@ def _check_retries(value: Any, key: str, where: str) -> int:
     return value
 
 
-def _check_seconds(value: Any, key: str, where: str) -> float:
+def _check_seconds(value: Any, key: str, where: str, what: str = "a number of seconds") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{where}: {key}= must be a number of seconds, got {value!r}")
+        raise TypeError(f"{where}: {key}= must be {what}, got {value!r}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{where}: {key}={value!r} must be a finite number >= 0")
     return float(value)
 
 
 def _check_jitter(value: Any, key: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{where}: {key}= must be a number (0.5: each delay drawn from ±50 %)")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{where}: {key}={value!r} must be a finite number >= 0")
-    return float(value)
+    return _check_seconds(value, key, where, "a number (0.5: each delay drawn from ±50 %)")
 
 
 def _check_retry_delay(value: Any, key: str, where: str) -> Any:
