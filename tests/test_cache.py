@@ -349,17 +349,90 @@ def test_a_dependent_never_hits_an_entry_made_from_its_upstreams_older_value(
     assert run_once() == (["Completed", "Completed"], 4)
     if recomputed_by == "expiry":
         assert run_once() == (["Cached", "Cached"], 4)  # the upstream's entry is valid
+        clock.now += 61
+    # Recomputed with the same value: the dependent's entry is still its value's.
+    assert run_once() == (["Completed", "Cached"], 4)
     source.write_text("5")
     clock.now += 61
     assert run_once() == (["Completed", "Completed"], 25)
-    if recomputed_by == "expiry":
-        assert run_once() == (["Cached", "Cached"], 25)
-        source.write_text("2")  # back to the first value: its dependent is made anew
-        clock.now += 61
-        assert run_once() == (["Completed", "Completed"], 4)
-    assert calls(counter) == ["square 2", "square 5"] + (
-        ["square 2"] if recomputed_by == "expiry" else []
-    )
+    source.write_text("2")  # back to the first value: so is the dependent's entry
+    clock.now += 61
+    assert run_once() == (["Completed", "Cached"], 4)
+    assert calls(counter) == ["square 2", "square 5"]
+
+
+STAMP_RACE_SCRIPT = """\
+import sys, time
+from pathlib import Path
+
+import graphexec as gx
+
+role, tmp = sys.argv[1], Path(sys.argv[2])
+
+
+@gx.task(cache=True)
+def read(source):
+    return int(Path(source).read_text())
+
+
+@gx.task
+def hold(value, tmp):
+    (Path(tmp) / "started").touch()
+    deadline = time.monotonic() + 60
+    while not (Path(tmp) / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return 0
+
+
+@gx.task(cache=True)
+def dependent(value, _):
+    return value
+
+
+graph = gx.Graph()
+with graph:
+    upstream = read(str(tmp / "source"))
+    below = dependent(upstream, hold(upstream, str(tmp)))
+options = dict(cache_dir=str(tmp / "cache"), scheduler="sync")
+if role == "seed":
+    print(graph.compute(upstream, **options)[upstream])
+elif role == "B":
+    (tmp / "source").write_text("2")
+    print(graph.compute(upstream, refresh_cache=True, **options)[upstream])
+else:
+    run = graph.compute(upstream, below, **options)
+    print(run[upstream], run[below], run.state(below).name)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_dependent_keys_on_the_value_it_received_not_on_what_another_process_wrote_since(
+    tmp_path,
+):
+    # A takes its upstream from the cache (1); B recomputes that upstream (2) before A
+    # keys the dependent; A's dependent, made from 1, must not be filed under 2's
+    # entry, where C would hit it.
+    script = tmp_path / "race.py"
+    script.write_text(STAMP_RACE_SCRIPT)
+    (tmp_path / "source").write_text("1")
+
+    def role(name: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, str(script), name, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
+
+    assert role("seed").communicate(timeout=60)[0].split() == ["1"]
+    a = role("A")
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started").exists():  # A read 1 from the cache
+            assert time.monotonic() < deadline and a.poll() is None
+            time.sleep(0.01)
+        assert role("B").communicate(timeout=60)[0].split() == ["2"]
+    finally:
+        (tmp_path / "go").touch()
+    assert a.communicate(timeout=60)[0].split() == ["1", "1", "Completed"]
+    assert role("C").communicate(timeout=60)[0].split() == ["2", "2", "Completed"]
 
 
 # -- refresh --------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_call_keywords_apply_to_every_mapped_call_in_a_graph(compute):
     with graph:
         failed = explode("prerequisite")
         after = add.map([1, 2], wait_for=[failed], allow_failure=True)
-        states = fail_on.map([1, 2], gx.unmapped(2), return_state=True)  # final States
+        states = fail_on.map([1, 2], gx.unmapped(2), return_state=True)
         seen = describe.map(states)
         accepted = describe.map(gx.allow_failure(fail_on.map([3, 4], gx.unmapped(4))))
     run = compute(graph, keep="all")

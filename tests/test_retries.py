@@ -242,6 +242,8 @@ def test_prefects_retry_jitter_factor_spreads_each_delay(compute, tmp_path):
     assert len(draws) > 100 and min(draws) >= 0.02 and max(draws) <= 0.06
     wide = flaky.with_options(retry_delay=1.0, retry_jitter_factor=3).options
     assert all(0.0 <= retry_delay_for(wide, 1) <= 4.0 for _ in range(200))
+    none = flaky.with_options(retry_delay=1.0, retry_jitter_factor=None).options  # Prefect's
+    assert retry_delay_for(none, 1) == 1.0
 
 
 @pytest.mark.parametrize(

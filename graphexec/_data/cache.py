@@ -297,17 +297,17 @@ CREATE TABLE IF NOT EXISTS entries (
 """
 _SELECT = "SELECT expires, crc, data FROM entries WHERE key = ?"
 SELECT_CHUNK = 500  # keys per SELECT (SQLite allows 32,766 parameters since 3.32)
-Found = tuple[float | None, int, bytes | None]  # a row as a lookup judges it
+# A row as a lookup judges it: (expires, crc, data, created)
+Found = tuple[float | None, int, bytes | None, float]
 
 
 @functools.lru_cache(maxsize=SELECT_CHUNK)
 def _select(n: int) -> str:
-    return "SELECT key, expires, crc, data FROM entries WHERE key IN (" + ", ".join("?" * n) + ")"
-
-
-@functools.lru_cache(maxsize=SELECT_CHUNK)
-def _select_created(n: int) -> str:
-    return "SELECT key, created FROM entries WHERE key IN (" + ", ".join("?" * n) + ")"
+    return (
+        "SELECT key, expires, crc, data, created FROM entries WHERE key IN ("
+        + ", ".join("?" * n)
+        + ")"
+    )
 
 
 INSERT_CHUNK = 128  # rows per INSERT statement (7 parameters each)
@@ -331,6 +331,18 @@ def _with_crc(row: Row) -> Row:
     """A batched row (its crc left to the flusher: None) with its crc."""
     key, task, created, expires, size, _, data = row
     return (key, task, created, expires, size, _crc(key, data or b""), data)
+
+
+def entry_stamp(data: bytes | None, created: float) -> str:
+    """What tells one value of an entry's key from another: a digest of a row's bytes
+    (a small entry: equal values, equal stamps), or when a large entry (a file,
+    whose bytes are not read to be hashed) was written. A dependent's cache key
+    takes its upstream's key with this stamp (``_engine/caching.py``), so that an
+    upstream recomputed with a new value (its entry expired, ``refresh_cache``)
+    never lets its dependents hit entries made from the old one."""
+    if data is not None:
+        return hashlib.blake2b(data, digest_size=16).hexdigest()
+    return f"written {created!r}"
 
 
 def _offset(key: str) -> int:
@@ -1218,7 +1230,8 @@ class CacheStore:
         return self.judge(key, self.rows((key,)).get(key))
 
     def rows(self, keys: Iterable[str]) -> dict[str, Found]:
-        """The rows of those of ``keys`` that have one, unjudged: ``(expires, crc, data)``.
+        """The rows of those of ``keys`` that have one, unjudged: ``(expires, crc, data,
+        created)``.
 
         One query per ``SELECT_CHUNK`` keys (a run's gate asks for every node it
         keyed in one scheduler step at once: a query costs 4 us, a key in it 0.4 us).
@@ -1234,9 +1247,9 @@ class CacheStore:
         found: dict[str, Found] = {}
         for key, row in batched.items():
             crc = row[5] if row[5] is not None else _crc(key, row[6] or b"")
-            found[key] = (row[3], crc, row[6])
-        for key, expires, crc, data in self._query(_select, ask):
-            found[key] = (expires, crc, data)
+            found[key] = (row[3], crc, row[6], row[2])
+        for key, expires, crc, data, created in self._query(_select, ask):
+            found[key] = (expires, crc, data, created)
         return found
 
     def _batched(self, keys: Iterable[str]) -> tuple[dict[str, Row], list[str]]:
@@ -1275,24 +1288,12 @@ class CacheStore:
             shared.damaged(exc)
         return out
 
-    def versions(self, keys: Iterable[str]) -> dict[str, float]:
-        """When the entries of those of ``keys`` that have one were written (a row's
-        ``created``; a batched row's too): what tells one value of a key from the
-        value a recomputation (expiry, ``refresh_cache``) put in its place. A
-        dependent's cache key takes an upstream's key with this stamp
-        (``_engine/caching.py``), so it never hits an entry made from the older
-        value."""
-        batched, ask = self._batched(keys)
-        found = {key: row[2] for key, row in batched.items()}
-        found.update(self._query(_select_created, ask))
-        return found
-
     def judge(self, key: str, found: Found | None) -> Any:
         """:meth:`lookup` of a row :meth:`rows` fetched (None: no row): a Payload, or
         None for a miss (a corrupt or unloadable entry is deleted)."""
         if found is None:
             return None
-        expires, crc, data = found
+        expires, crc, data, _ = found
         if expires is not None and clock() >= expires:
             return None
         shared = self._shared

@@ -104,7 +104,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
-from .._data.cache import INLINE_MAX, SAFE_KEY, CacheStore, Found, expiry, wire_hash
+from .._data.cache import (
+    INLINE_MAX,
+    SAFE_KEY,
+    CacheStore,
+    Found,
+    entry_stamp,
+    expiry,
+    wire_hash,
+)
 from .._data.serialize import Payload
 from .._model.errors import safe_str
 from .._model.graph import Graph
@@ -201,7 +209,8 @@ class _KeyJob:
         self.opts = opts
         self.args = args
         self.kwargs = kwargs
-        # upstream -> (its own key if it has one and completed, its value's handle)
+        # upstream -> (its own key and entry's stamp if it has them and completed,
+        # its value's handle)
         self.values = values
 
 
@@ -237,6 +246,9 @@ class CacheGate:
         self._from_wire = not remote_values
         self._lock_wait = lock_wait_bound()
         self.keys: dict[int, str] = {}
+        # node -> the stamp of the entry its value is (entry_stamp; "" for none): taken
+        # when the value is, so a dependent keys on the value it receives
+        self.stamps: dict[int, str] = {}
         self.signatures: dict[Any, Any] = {}
         self.identities: dict[Any, str] = {}
         self._plans: dict[Any, Any] = {}  # task -> _flat_plan(task)
@@ -432,7 +444,7 @@ class CacheGate:
             else:
                 del keying[i]
                 keys[i] = key
-                out.append((i, self._cached(i, key, hit)))
+                out.append((i, self._cached(i, key, hit, row)))
         if misses:
             self._lock_and_look(misses, out, epoch)
 
@@ -526,7 +538,7 @@ class CacheGate:
                 self._waited(i, key, "")
             if hit is not None:
                 store.unlock(key)
-                return self._cached(i, key, hit)
+                return self._cached(i, key, hit, row)
             self.locked.add(i)
             self.holders[key] = i
             if refresh:
@@ -536,7 +548,7 @@ class CacheGate:
             self.lock_waits.pop(i, None)
             self._knocking.discard(i)
             self._waited(i, key, "")
-            return self._cached(i, key, hit)
+            return self._cached(i, key, hit, row)
         give_up = self.lock_waits.get(i)
         if give_up is None or i in self._knocking:
             if store.knocking():  # not let in yet (within JOIN_WAIT): no holder known
@@ -552,7 +564,9 @@ class CacheGate:
             return RUN_NOW
         return WAIT
 
-    def _cached(self, i: int, key: str, hit: Any) -> State:
+    def _cached(self, i: int, key: str, hit: Any, row: Any) -> State:
+        if row[2] is None:  # a large entry: stamped now (a small one's bytes are the hit's)
+            self.stamps[i] = entry_stamp(None, row[3])
         return State(
             CACHED,
             self.graph._names[i],
@@ -635,11 +649,18 @@ class CacheGate:
                 and len(value.data) <= INLINE_MAX  # not stored_apart(): a small entry
             ):
                 # Stored with the others of this scheduler step (store_finished()):
-                # one hold of the store's mutex for all of them.
+                # one hold of the store's mutex for all of them. Its stamp is its
+                # bytes' (_stamp), taken if a dependent needs it.
                 if not self.finishing:
                     self.results.append(_NUDGE)  # the scheduler then calls keyed()
                 self.finishing.append((key, value.data, self._meta(i)))
                 stored = True
+            else:
+                # Written by whoever ran it (this process's thread, a worker for a
+                # large value, a dask worker): the entry is read while this run still
+                # holds its lock, so nobody has replaced it. None: not written.
+                row = store.rows((key,)).get(key)
+                self.stamps[i] = "" if row is None else entry_stamp(row[2], row[3])
         if not stored:
             store.unlock(key)
         if completed and i in self.refreshing:
@@ -695,34 +716,20 @@ class CacheGate:
     def _job(self, i: int, ticket: int) -> _KeyJob:
         graph, keys, states = self.graph, self.keys, self.states
         ups, fl = graph._deps[i], graph._flags[i]
-        # The default key takes an upstream by its own key and the time its entry
-        # was written (a recomputed upstream, after its entry expired or with
+        # The default key takes an upstream by its own key and the stamp of the entry
+        # its value is (a recomputed upstream, after its entry expired or with
         # refresh_cache, may have a new value under the same key: its dependents
         # must not hit entries made from the old one). No need of its value then;
         # an upstream without an entry (its write failed) enters by its value.
         by_key = graph._opts[i].cache_key_fn is task_input_hash
-        owns: dict[int, str] = {}
-        for k, up in enumerate(ups):
-            if fl is None or fl[k] & DATA:
-                own = keys.get(up)
-                if own is not None:
-                    st = states[up]
-                    if st is not None and st.is_completed():
-                        owns[up] = own
-        if owns and by_key and self.store is not None:
-            if self.finishing:  # an upstream's small value not batched yet: now
-                self.store_finished()
-            written = self.store.versions(owns.values())
-            for up, own in list(owns.items()):
-                created = written.get(own)
-                if created is None:
-                    del owns[up]
-                else:
-                    owns[up] = f"{own}@{created!r}"
         values: dict[int, tuple[str | None, Any]] = {}
         for k, up in enumerate(ups):
             if fl is None or fl[k] & DATA:
-                own = owns.get(up)
+                own = keys.get(up) if by_key else None
+                if own is not None:
+                    st = states[up]
+                    stamp = self._stamp(up) if st is not None and st.is_completed() else ""
+                    own = f"{own}:{stamp}" if stamp else None
                 values[up] = (own, None if by_key and own is not None else self._value_of(up))
         return _KeyJob(
             i,
@@ -734,6 +741,19 @@ class CacheGate:
             graph._kwargs[i],
             values,
         )
+
+    def _stamp(self, i: int) -> str:
+        """The stamp of the entry node i's value is (see :attr:`stamps`); a small value
+        from a worker or the cache is stamped by its bytes, here, once."""
+        stamp = self.stamps.get(i)
+        if stamp is None:
+            state = self.states[i]
+            value = state._value if state is not None else None
+            stamp = ""
+            if type(value) is Payload and not value.segments:
+                stamp = entry_stamp(value.data, 0.0)
+            self.stamps[i] = stamp
+        return stamp
 
     def _work(self) -> None:
         """The keying thread: compute keys until no job is left, then exit."""
@@ -865,7 +885,7 @@ CHEAP_BYTES = 4096  # the longest str or bytes among them
 def cheap(job: _KeyJob) -> bool:
     """True if the node's key costs microseconds: computed inline, not on the thread.
 
-    The default key function, every upstream value entering by its own key (no
+    The default key function, every upstream value entering by its own key and stamp (no
     value to unpickle and hash), and at most ``CHEAP_ITEMS`` arguments, each a
     number, a short string or bytes, a node, or a list, tuple or dict of these.
     """
@@ -907,8 +927,8 @@ def cheap(job: _KeyJob) -> bool:
 
 
 def fingerprint(handle: Any, task: str) -> str:
-    """An upstream value's stand-in in a key, by content (its own key is used instead
-    when it has one). ``task``: the task whose key it enters, for warnings."""
+    """An upstream value's stand-in in a key, by content (its own key and entry's stamp
+    are used instead when it has them). ``task``: the task whose key it enters, for warnings."""
     if type(handle) is Payload:
         return wire_hash(handle.wire, task)
     if isinstance(handle, State):

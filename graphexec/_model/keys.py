@@ -7,8 +7,10 @@ containers, dataclasses, numpy arrays (dtype, shape and bytes, sha256 at
 ~2 GB/s) and, as a fallback, the pickled bytes. Nothing depends on
 ``hash()``, so keys are stable across processes, runs and
 ``PYTHONHASHSEED``. In a graph, an upstream value enters the key by the
-upstream's own key when it has one (a large intermediate is not hashed
-again), else by its content (see ``_data.cache.wire_hash``).
+upstream's own key and the stamp of its entry when it has one (a digest of
+a small entry's bytes, when a large one was written: a large intermediate
+is not hashed again; ``_data.cache.entry_stamp``), else by its content (see
+``_data.cache.wire_hash``).
 
 Part of the model: a key is a property of a call, whatever stores the value.
 """
@@ -54,7 +56,8 @@ class Unhashable(TypeError):
 
 
 class Fingerprint:
-    """Stands for an upstream value in a key: the upstream's own key or content hash."""
+    """Stands for an upstream value in a key: the upstream's own key with its entry's
+    stamp, or its content hash."""
 
     __slots__ = ("digest",)
 

@@ -149,6 +149,8 @@ def _check_seconds(value: Any, key: str, where: str, what: str = "a number of se
 
 
 def _check_jitter(value: Any, key: str, where: str) -> float:
+    if value is None:  # Prefect's default
+        return 0.0
     return _check_seconds(value, key, where, "a number (0.5: each delay drawn from ±50 %)")
 
 
