@@ -227,3 +227,86 @@ def test_graphexecs_forkserver_preloads_its_worker_module() -> None:
     assert _worker.__name__ in server._preload_modules
     # Every name resolves: a stale one is silently skipped, and workers start slow.
     assert all(importlib.util.find_spec(m) is not None for m in server._preload_modules)
+
+
+EXIT_WITH_A_DAEMON_COMPUTING = """\
+import atexit, json, os, sys, threading, time
+from pathlib import Path
+
+here = Path(sys.argv[1])
+
+
+def wait_for_the_daemon():
+    # Registered before graphexec's own exit hook, so run after it (atexit is
+    # last in, first out): the daemon thread reports its run meanwhile.
+    deadline = time.monotonic() + 20
+    while not (here / "states.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+atexit.register(wait_for_the_daemon)
+
+import graphexec as gx
+
+
+@gx.task
+def quick(i):
+    return i
+
+
+@gx.task
+def slow(path):
+    Path(path).touch()
+    time.sleep(60)
+
+
+pool = gx.Pool(workers=2)
+
+
+def compute():
+    graph = gx.Graph()
+    with graph:
+        nodes = [quick(1), slow(str(here / "started"))]
+    run = graph.compute(pool=pool, raise_on_failure=False)
+    states = {n.name: (run.state(n).name, str(run.state(n).exception)) for n in nodes}
+    (here / "states.json").write_text(json.dumps(states))
+
+
+threading.Thread(target=compute, daemon=True).start()
+while not (here / "started").exists():
+    time.sleep(0.01)
+print("PIDS", json.dumps([w.pid for w in pool._procs._workers.values()]), flush=True)
+# The program ends here, its pool open and a daemon thread's compute running on it.
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_program_exiting_while_a_daemon_thread_computes_ends_its_run_cleanly(
+    tmp_path: Any,
+) -> None:
+    # The exit hook stopped the workers behind the back of the thread driving the pool:
+    # "ValueError: process object is closed" in the hook, nodes blamed on a SIGKILL
+    # "often the kernel's out-of-memory killer", or the compute raising an internal
+    # error. Now the pool is shut down as close() does it: the run's pending nodes
+    # fail saying the program exited, and no worker is left.
+    script = tmp_path / "program.py"
+    script.write_text(EXIT_WITH_A_DAEMON_COMPUTING)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        env=_env(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Exception ignored" not in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    pids = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("PIDS "))[5:])
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
+        assert time.monotonic() < deadline, "a worker outlived the program"
+        time.sleep(0.05)
+    states = json.loads((tmp_path / "states.json").read_text())
+    assert states["quick-0"][0] == "Completed"
+    assert states["slow-0"][0] == "Failed"
+    assert "the program exited" in states["slow-0"][1]

@@ -632,6 +632,9 @@ class ProcessPool:
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self._guard = _Guard(f"pool-{self.id}")
         self._owner_pid = os.getpid()
+        # What the interpreter's exit calls for this pool while it is open: its
+        # owner's shutdown (a shared pool ends its open runs first), else ours.
+        self.at_exit: weakref.WeakMethod[Callable[[], None]] | None = None
         _live_pools.add(self)
         prestart(method)
 
@@ -2118,4 +2121,5 @@ def _close_forgotten_pools() -> None:
     # Runs before multiprocessing's own exit hook (registered earlier), which
     # would otherwise join our non-daemonic workers forever.
     for pool in list(_live_pools):
-        pool.shutdown()
+        owner = pool.at_exit() if pool.at_exit is not None else None
+        (owner or pool.shutdown)()

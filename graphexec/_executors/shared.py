@@ -78,6 +78,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from threading import get_ident, main_thread
@@ -87,6 +88,9 @@ from .._model.errors import WorkerCrashed
 from .process import ProcessPool
 from .protocol import ERROR, SIGNAL_SLICE, Call, Capabilities, Outcome
 
+# Seconds the interpreter's exit waits for a thread driving an open pool to give up
+# the drive (SharedPool.shutdown_at_exit) before it stops the workers anyway.
+EXIT_DRIVE_WAIT = 5.0
 QUEUE_DEPTH = 2  # calls a run may have queued, not yet sent, per worker of the pool
 # A waiting run's thread looks whether the drive is free at least this often
 # (a safety net: the driver hands the drive on when it returns).
@@ -94,6 +98,11 @@ HANDOFF_CHECK = 0.05
 POOL_CLOSED = (
     "the pool was closed (pool.close(), or the last `with pool:` block ended) "
     "while it was pending or running; keep the pool open until its computes end"
+)
+POOL_CLOSED_AT_EXIT = (
+    "the program exited while it was pending or running, its pool still open (a "
+    "daemon thread's compute, or one a Ctrl-C left running): join the threads that "
+    "compute before the program ends"
 )
 
 
@@ -158,6 +167,7 @@ class SharedPool:
 
     def __init__(self, procs: ProcessPool) -> None:
         self.procs = procs
+        procs.at_exit = weakref.WeakMethod(self.shutdown_at_exit)
         self._lock = threading.Lock()  # the fields below but _drive's and _owner
         self._drive = threading.Lock()  # held by the one thread touching procs
         self._leases: list[RunLease] = []  # open runs, in round-robin order
@@ -271,22 +281,25 @@ class SharedPool:
     def shutdown(self) -> None:
         """Fail what open runs still wait for, then stop the workers. Idempotent."""
         with SHIELD:
-            self._take_drive()
+            self._take_drive(None)
             try:
-                if self._stopped:
-                    return
-                with self._lock:
-                    self._stopped = True
-                    leases, self._leases = self._leases, []
-                try:
-                    for lease in leases:
-                        lease._abandon(POOL_CLOSED)
-                finally:
-                    # (a run this loop did not reach fails its calls when it next
-                    # drives: _run_driver sees _stopped)
-                    self.procs.shutdown()
+                self._stop(POOL_CLOSED)
             finally:
                 self._give_drive()
+
+    def _stop(self, why: str) -> None:
+        """:meth:`shutdown`, the drive held: the open runs' calls fail saying ``why``.
+        Once more, it finishes a shutdown a Ctrl-C interrupted (the exit's does)."""
+        with self._lock:
+            self._stopped = True
+            leases, self._leases = self._leases, []
+        try:
+            for lease in leases:
+                lease._abandon(why)
+        finally:
+            # (a run this loop did not reach fails its calls when it next
+            # drives: _run_driver sees _stopped)
+            self.procs.shutdown()
 
     # -- the drive ---------------------------------------------------------------
 
@@ -296,18 +309,38 @@ class SharedPool:
             self._piped = True
             self.procs.wakeup()
 
-    def _take_drive(self) -> None:
-        """Take the drive, however long the driver waits (cancel, close, shutdown).
+    def shutdown_at_exit(self) -> None:
+        """The interpreter exits with this pool open (a thread may still be running a
+        compute on it: a daemon, or one Ctrl-C left behind): :meth:`shutdown`, so that
+        its runs end as a closed pool's do, unless the thread driving the pool does
+        not give the drive up within ``EXIT_DRIVE_WAIT``; then the workers are
+        stopped at once, as the exit must not hang."""
+        with SHIELD:
+            if not self._take_drive(EXIT_DRIVE_WAIT):
+                self.procs.shutdown()
+                return
+            try:
+                self._stop(POOL_CLOSED_AT_EXIT)
+            finally:
+                self._give_drive()
+
+    def _take_drive(self, wait: float | None) -> bool:
+        """Take the drive, however long the driver waits (cancel, close, shutdown), or
+        within ``wait`` seconds: False if not.
 
         In the main thread, call it inside ``with SHIELD:`` (and give it back there).
         """
+        give_up = None if wait is None else time.monotonic() + wait
         with self._lock:
             self._want += 1
             self._wake()
         try:
             while not self._drive.acquire(timeout=SIGNAL_SLICE):
+                if give_up is not None and time.monotonic() >= give_up:
+                    return False
                 with self._lock:
                     self._wake()
+            return True
         finally:
             with self._lock:
                 self._want -= 1
@@ -709,7 +742,7 @@ class RunLease:
             return []
         shared = self.shared
         with SHIELD:
-            shared._take_drive()
+            shared._take_drive(None)
             try:
                 killed = shared._cancel(self)
             finally:
@@ -725,7 +758,7 @@ class RunLease:
             return
         shared = self.shared
         with SHIELD:
-            shared._take_drive()
+            shared._take_drive(None)
             try:
                 shared._close(self)
             finally:
