@@ -1143,40 +1143,8 @@ def test_a_value_only_passed_on_is_loaded_by_its_consumers_worker(pool, task, ca
     assert run[after] in ("TrappedError", "_ExitsInTheParent")
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize(("task", "cause"), RESULTS_THE_PARENT_CANNOT_LOAD)
-@pytest.mark.parametrize("entry", ["flow", "pool-block"])
-def test_a_flow_or_a_pool_block_fails_a_value_it_cannot_load_as_compute_does(
-    pool, task, cause, entry
-):
-    # Was: Completed, loaded only when read; a flow that never read it succeeded.
-    seen = {}
-
-    def body():
-        seen["bad"] = task.submit()
-        seen["after"] = takes.submit(seen["bad"])
-        seen["fine"] = double.submit(2)
-        return seen["fine"].result()
-
-    with pytest.raises(gx.GraphFailed) as info:
-        if entry == "flow":
-            gx.flow(pool=pool)(body)()
-        else:
-            with gx.Pool(workers=2):
-                body()
-    run = info.value.run
-    state = run.state(seen["bad"])
-    assert state.name == "Failed", state
-    error = state.exception
-    assert type(error) is gx.SerializationError and error.stage == "unpickle-result"
-    assert isinstance(error.__cause__, cause)
-    after = run.state(seen["after"])
-    assert after.name == "Skipped" and after.upstream == seen["bad"].name
-    assert run[seen["fine"]] == 4
-
-
 def test_reading_a_value_whose_unpickling_exits_raises_serialization_error():
-    # What a cluster value meets: loaded when read, not before.
+    # What a flow's future or a cluster value meets: loaded when read, not before.
     state = gx.State("Completed", "loaded-late", value=Payload(pickle.dumps(_ExitsInTheParent())))
     for _ in range(2):  # and again: the failure is not a one-off
         with pytest.raises(gx.SerializationError) as info:

@@ -75,14 +75,13 @@ Values that cannot be loaded here. A process worker's result arrives as a
 ``Payload`` (its pickle) and is forwarded to dependents as it is: only
 workers unpickle the values they receive (a failure there is the
 dependent's ``unpickle-arguments`` error). A value ``compute()`` keeps for
-the Run, and every value of a flow or a pool block (they keep them all), is
-loaded as soon as it arrives (it would be when read anyway): one that cannot
-be unpickled in this process — or whose unpickling raises anything,
-``SystemExit`` included — fails its node with ``SerializationError`` (stage
-``unpickle-result``), without retries (the task ran), and the policies
-treat it like any other failure, whatever the entry point. Values that stay
-remote (a dask cluster) are loaded when read; ``State.result`` then raises
-the same ``SerializationError``.
+the Run is loaded as soon as it arrives (it would be at the end anyway):
+one that cannot be unpickled in this process — or whose unpickling raises
+anything, ``SystemExit`` included — fails its node with
+``SerializationError`` (stage ``unpickle-result``), without retries (the
+task ran), and the policies treat it like any other failure. Values that
+stay remote (a dask cluster) and a flow's values are loaded when read;
+``State.result`` then raises the same ``SerializationError``.
 """
 
 from __future__ import annotations
@@ -308,10 +307,6 @@ class Scheduler:
         if self.observer is not None:
             self.observer.started(self.run_)
         self.chains = False
-        # A session keeps every value: each is loaded as it arrives, as compute()'s
-        # kept ones are, so that one this process cannot unpickle fails its node
-        # (and skips its dependents) whatever the entry point.
-        self.load_kept = not self.executor.capabilities.remote_values
         while True:
             messages, closing = session._take_inbox()
             for kind, arg in messages:
