@@ -120,6 +120,24 @@ def read_number_fresh(source):
     return int(Path(source).read_text())
 
 
+class NotForTheCache(int):
+    """An int that this process can use but not pickle: its cache entry is not written."""
+
+    def __reduce__(self):
+        raise TypeError("not picklable")
+
+
+@gx.task(cache=True)
+def read_number_unstorable_past_one(source):
+    value = int(Path(source).read_text())
+    return value if value == 1 else NotForTheCache(value)
+
+
+@gx.task(cache=True)
+def times_ten(x):
+    return int(x) * 10
+
+
 @gx.task(cache=True)
 def fail_while_flag(counter, flag, x):
     import os
@@ -338,6 +356,7 @@ def test_a_dependent_never_hits_an_entry_made_from_its_upstreams_older_value(
     reader = read_number if recomputed_by == "expiry" else read_number_fresh
 
     def run_once():
+        clock.now += 1  # time goes on between runs (entries are told apart by it)
         graph = gx.Graph()
         with graph:
             number = reader(str(source))
@@ -359,6 +378,32 @@ def test_a_dependent_never_hits_an_entry_made_from_its_upstreams_older_value(
     clock.now += 61
     assert run_once() == (["Completed", "Cached"], 4)
     assert calls(counter) == ["square 2", "square 5"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_an_upstream_whose_entry_write_failed_is_not_stamped_with_the_entry_it_left(
+    tmp_path, scheduler
+):
+    # Refreshed to a value that cannot be stored, the upstream left its old entry in
+    # place: its dependent, made from the new value, must not be filed under the old
+    # entry's stamp, where the next run (which hits the old entry) would find it.
+    source = tmp_path / "source"
+    graph = gx.Graph()
+    with graph:
+        upstream = read_number_unstorable_past_one(str(source))
+        below = times_ten(upstream)
+    options = dict(cache_dir=tmp_path / "cache", scheduler=scheduler)
+    source.write_text("1")
+    assert graph.compute(upstream, below, **options)[below] == 10
+    source.write_text("2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the entry that cannot be written, said
+        run = graph.compute(upstream, below, refresh_cache=True, **options)
+    assert run[below] == 20
+    run = graph.compute(upstream, below, **options)
+    assert (run[upstream], run.state(upstream).name) == (1, "Cached")
+    assert run[below] == 10
 
 
 STAMP_RACE_SCRIPT = """\

@@ -249,6 +249,9 @@ class CacheGate:
         # node -> the stamp of the entry its value is (entry_stamp; "" for none): taken
         # when the value is, so a dependent keys on the value it receives
         self.stamps: dict[int, str] = {}
+        # node that runs to replace an entry -> that entry's `created` (a row still
+        # there when it finishes is not its value's: its write failed)
+        self._replacing: dict[int, float] = {}
         self.signatures: dict[Any, Any] = {}
         self.identities: dict[Any, str] = {}
         self._plans: dict[Any, Any] = {}  # task -> _flat_plan(task)
@@ -482,10 +485,12 @@ class CacheGate:
         # They missed at ``epoch``: alone in the directory, only a key this process
         # let go of since may have an entry now.
         looked = store.let_go_since([key for key, r in zip(wanted, refresh) if not r], epoch)
+        if any(refresh):  # the rows they replace (never hits): see _decide
+            looked += [key for key, r in zip(wanted, refresh) if r]
         rows: dict[str, Found] = store.rows(looked) if looked else {}
         locked_nodes, holders, waiting = self.locked, self.holders, self.lock_waits
         for (i, _, key), r, locked in zip(entries, refresh, got):
-            row = None if r else rows.get(key)
+            row = rows.get(key)
             if locked and row is None and not r and i not in waiting:  # _decide's common case
                 locked_nodes.add(i)
                 holders[key] = i
@@ -515,7 +520,7 @@ class CacheGate:
         assert store is not None
         refresh = self._refresh(i, key)
         locked = store.try_lock(key)
-        row = None if refresh else store.rows((key,)).get(key)
+        row = store.rows((key,)).get(key)
         return self._decide(i, key, refresh, locked, row)
 
     def _refresh(self, i: int, key: str) -> bool:
@@ -526,10 +531,10 @@ class CacheGate:
 
     def _decide(self, i: int, key: str, refresh: bool, locked: bool, row: Found | None) -> Verdict:
         """The verdict for node i once its entry's lock was tried (``locked``: taken)
-        and its row read after that (``row``; None: none, or not read: refresh)."""
+        and its row read after that (``row``; None: none; never a hit: refresh)."""
         store = self.store
         assert store is not None
-        hit = None if row is None else store.judge(key, row)
+        hit = None if row is None or refresh else store.judge(key, row)
         if locked:
             if self.lock_waits:
                 self.lock_waits.pop(i, None)
@@ -543,6 +548,8 @@ class CacheGate:
             self.holders[key] = i
             if refresh:
                 self.refreshing.add(i)
+            if row is not None:  # expired, refreshed, or will not load: to be replaced
+                self._replacing[i] = row[3]
             return RUN_NOW
         if hit is not None:  # held by another run, which wrote it meanwhile
             self.lock_waits.pop(i, None)
@@ -658,9 +665,15 @@ class CacheGate:
             else:
                 # Written by whoever ran it (this process's thread, a worker for a
                 # large value, a dask worker): the entry is read while this run still
-                # holds its lock, so nobody has replaced it. None: not written.
+                # holds its lock, so nobody else has replaced it. None, or the row it
+                # was to replace: its write failed (a warning said so).
                 row = store.rows((key,)).get(key)
-                self.stamps[i] = "" if row is None else entry_stamp(row[2], row[3])
+                replaced = self._replacing.get(i)
+                self.stamps[i] = (
+                    "" if row is None or row[3] == replaced else entry_stamp(row[2], row[3])
+                )
+        if self._replacing:
+            self._replacing.pop(i, None)
         if not stored:
             store.unlock(key)
         if completed and i in self.refreshing:
