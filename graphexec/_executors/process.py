@@ -635,6 +635,8 @@ class ProcessPool:
         # What the interpreter's exit calls for this pool while it is open: its
         # owner's shutdown (a shared pool ends its open runs first), else ours.
         self.at_exit: weakref.WeakMethod[Callable[[], None]] | None = None
+        self._exiting = False  # the program exits while a run uses it (_end_at_exit)
+        self._shutdown_lock = threading.RLock()
         _live_pools.add(self)
         prestart(method)
 
@@ -661,7 +663,14 @@ class ProcessPool:
         do, and as its very last act kills what its tasks left in its process
         group (``worker._end_group``). (A ``spawn`` worker is this process's
         child: it is joined.)
+
+        One thread at a time: at the program's exit, the hook and a run's own
+        thread, ending its compute, may both stop the pool (``_end_at_exit``).
         """
+        with self._shutdown_lock:
+            self._shut_down(wait)
+
+    def _shut_down(self, wait: bool) -> None:
         if self._stopped:
             return
         if os.getpid() != self._owner_pid:
@@ -736,6 +745,24 @@ class ProcessPool:
         self._memory_limit = None
         self._outbox = []
         self._owner_lock.release()
+
+    def _end_at_exit(self) -> None:
+        """The program exits while a run (in another thread: a daemon's compute or
+        flow) uses this pool: its workers are killed here, by pid, so that nothing its
+        thread still touches is closed under it; that thread then fails the run's
+        calls saying the program exited (``_exiting``), lets go of the pool, and the
+        pool is shut down, if within ``EXIT_RUN_WAIT``: the exit must not hang."""
+        self._exiting = True
+        for w in list(self._workers.values()):
+            if w.pid is not None:
+                _kill_group(w.pid)
+        try:
+            self.wakeup()
+        except (OSError, ValueError):
+            pass
+        if self._owner_lock.acquire(timeout=EXIT_RUN_WAIT):
+            self._owner_lock.release()
+            self.shutdown()
 
     def idle_sweep(self) -> None:
         """No run is using the pool: sweep its shared memory, reap retired workers."""
@@ -884,6 +911,10 @@ class ProcessPool:
     # -- executor protocol ----------------------------------------------------
 
     def submit(self, call: Call) -> bool:
+        if self._exiting:  # (_end_at_exit) no worker will run it
+            call.started = call.finished = time.time()
+            self._outbox.append((call, ERROR, _exited_error(call)))
+            return True
         if len(self._fn_keep) > FUNCTIONS_KEPT:
             # Before this call's functions are looked up: evicting one of them
             # half-way through building its chain would leave a dangling id.
@@ -1643,6 +1674,12 @@ class ProcessPool:
                 else:
                     self._outbox.append((call, REQUEUE, None))
             w.inflight.clear()
+        if w.inflight and self._exiting:  # (_end_at_exit) killed: the program exits
+            _date_head(w)
+            for call in w.inflight:
+                call.finished = time.time()
+                self._outbox.append((call, ERROR, _exited_error(call)))
+            w.inflight.clear()
         if w.inflight:
             _date_head(w)
             head = w.inflight.popleft()
@@ -1985,6 +2022,19 @@ def _kill_all(processes: list[Any]) -> None:
             pass
 
 
+EXIT_RUN_WAIT = 5.0  # seconds the exit waits for a run it ended to let go of its pool
+
+
+def _exited_error(call: Call) -> WorkerCrashed:
+    return WorkerCrashed(
+        f"{call.name} did not finish: the program exited while it was pending or running "
+        "(a compute or a flow in a daemon thread, or one a Ctrl-C left running): join "
+        "the threads that compute before the program ends",
+        node=call.name,
+        retryable=False,
+    )
+
+
 def _crash_error(call: Call, exitcode: int | None, loading: bool = False) -> WorkerCrashed:
     signal_name, advice = describe_exitcode(exitcode)
     code = f"exit code {exitcode}" + (f", {signal_name}" if signal_name else "")
@@ -2122,4 +2172,10 @@ def _close_forgotten_pools() -> None:
     # would otherwise join our non-daemonic workers forever.
     for pool in list(_live_pools):
         owner = pool.at_exit() if pool.at_exit is not None else None
-        (owner or pool.shutdown)()
+        if owner is not None:
+            owner()
+        elif pool._owner_lock.acquire(blocking=False):  # no run uses it
+            pool._owner_lock.release()
+            pool.shutdown()
+        else:
+            pool._end_at_exit()
