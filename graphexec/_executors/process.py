@@ -2025,13 +2025,17 @@ def _kill_all(processes: list[Any]) -> None:
 EXIT_RUN_WAIT = 5.0  # seconds the exit waits for a run it ended to let go of its pool
 
 
+# Why a run's calls fail when the program exits under it (here, and shared.py's)
+PROGRAM_EXITED = (
+    "the program exited while it was pending or running (a compute or a flow in a "
+    "daemon thread, or one a Ctrl-C left running): join the threads that compute "
+    "before the program ends"
+)
+
+
 def _exited_error(call: Call) -> WorkerCrashed:
     return WorkerCrashed(
-        f"{call.name} did not finish: the program exited while it was pending or running "
-        "(a compute or a flow in a daemon thread, or one a Ctrl-C left running): join "
-        "the threads that compute before the program ends",
-        node=call.name,
-        retryable=False,
+        f"{call.name} did not finish: {PROGRAM_EXITED}", node=call.name, retryable=False
     )
 
 

@@ -85,7 +85,7 @@ from threading import get_ident, main_thread
 from typing import Any
 
 from .._model.errors import WorkerCrashed
-from .process import ProcessPool
+from .process import PROGRAM_EXITED, ProcessPool
 from .protocol import ERROR, SIGNAL_SLICE, Call, Capabilities, Outcome
 
 # Seconds the interpreter's exit waits for a thread driving an open pool to give up
@@ -98,11 +98,6 @@ HANDOFF_CHECK = 0.05
 POOL_CLOSED = (
     "the pool was closed (pool.close(), or the last `with pool:` block ended) "
     "while it was pending or running; keep the pool open until its computes end"
-)
-POOL_CLOSED_AT_EXIT = (
-    "the program exited while it was pending or running, its pool still open (a "
-    "daemon thread's compute, or one a Ctrl-C left running): join the threads that "
-    "compute before the program ends"
 )
 
 
@@ -320,7 +315,7 @@ class SharedPool:
                 self.procs.shutdown()
                 return
             try:
-                self._stop(POOL_CLOSED_AT_EXIT)
+                self._stop(PROGRAM_EXITED)
             finally:
                 self._give_drive()
 
