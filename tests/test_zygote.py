@@ -153,6 +153,7 @@ def test_a_numpy_program_gets_a_forkserver_unless_it_asks_for_the_zygote():
             a = np.arange(n * n, dtype=float).reshape(n, n)
             return float((a @ a).sum()), os.getppid()
 
+        why_not = zygote.why_not_fork(asked=True)  # (said if the fork did not happen)
         with gx.Pool(workers=2, start_method="zygote") as pool:
             method = pool.start_method
             results = compute(product, 200, n=4, pool=pool)
@@ -161,7 +162,8 @@ def test_a_numpy_program_gets_a_forkserver_unless_it_asks_for_the_zygote():
         a = np.arange(200 * 200, dtype=float).reshape(200, 200)
         here = float((a @ a).sum())  # the program's own BLAS still works after the fork
         report(before=before, blas=blas, default=default, method=method, forked=forked,
-               helpers=helpers, results=results, here=here)
+               helpers=helpers, results=results, here=here, why_not=why_not,
+               threads_now=zygote.threads())
         """,
         env={"OPENBLAS_NUM_THREADS": "2"},
     )
@@ -170,7 +172,7 @@ def test_a_numpy_program_gets_a_forkserver_unless_it_asks_for_the_zygote():
     assert report["before"] == 1 + report["blas"]
     assert report["default"] == "forkserver"
     assert report["method"] == "zygote"
-    assert report["forked"] is True
+    assert report["forked"] is True, report  # (why_not: why_not_fork just before)
     zygotes = [pid for pid, name in report["helpers"].items() if name == "gx-zygote"]
     assert len(zygotes) == 1
     for value, parent in report["results"]:
