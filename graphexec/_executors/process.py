@@ -913,7 +913,7 @@ class ProcessPool:
     def submit(self, call: Call) -> bool:
         if self._exiting:  # (_end_at_exit) no worker will run it
             call.started = call.finished = time.time()
-            self._outbox.append((call, ERROR, _exited_error(call)))
+            self._outbox.append((call, ERROR, did_not_finish(call, PROGRAM_EXITED)))
             return True
         if len(self._fn_keep) > FUNCTIONS_KEPT:
             # Before this call's functions are looked up: evicting one of them
@@ -1678,7 +1678,7 @@ class ProcessPool:
             _date_head(w)
             for call in w.inflight:
                 call.finished = time.time()
-                self._outbox.append((call, ERROR, _exited_error(call)))
+                self._outbox.append((call, ERROR, did_not_finish(call, PROGRAM_EXITED)))
             w.inflight.clear()
         if w.inflight:
             _date_head(w)
@@ -2033,10 +2033,10 @@ PROGRAM_EXITED = (
 )
 
 
-def _exited_error(call: Call) -> WorkerCrashed:
-    return WorkerCrashed(
-        f"{call.name} did not finish: {PROGRAM_EXITED}", node=call.name, retryable=False
-    )
+def did_not_finish(call: Call, why: str) -> WorkerCrashed:
+    """The error of a call its pool ended before it did (closed, the program exiting):
+    not retryable, as every attempt would end so."""
+    return WorkerCrashed(f"{call.name} did not finish: {why}", node=call.name, retryable=False)
 
 
 def _crash_error(call: Call, exitcode: int | None, loading: bool = False) -> WorkerCrashed:

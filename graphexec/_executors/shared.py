@@ -84,8 +84,7 @@ from collections.abc import Callable
 from threading import get_ident, main_thread
 from typing import Any
 
-from .._model.errors import WorkerCrashed
-from .process import PROGRAM_EXITED, ProcessPool
+from .process import PROGRAM_EXITED, ProcessPool, did_not_finish
 from .protocol import ERROR, SIGNAL_SLICE, Call, Capabilities, Outcome
 
 # Seconds the interpreter's exit waits for a thread driving an open pool to give up
@@ -762,8 +761,7 @@ class RunLease:
 
     def _fail(self, call: Call, why: str) -> None:
         call.started = call.finished = time.time()
-        # (retrying cannot help: the pool is gone, and every attempt would fail so)
-        error = WorkerCrashed(f"{call.name} did not finish: {why}", node=call.name, retryable=False)
+        error = did_not_finish(call, why)
         with self._cond:
             self._outbox.append((call, ERROR, error))
             self._cond.notify()

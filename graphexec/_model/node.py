@@ -124,26 +124,28 @@ class Node:
         )
 
 
-def user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning raised by its caller point at the user's
-    line: the first frame outside graphexec."""
+def _user_frame() -> tuple[FrameType | None, int]:
+    """The first frame outside graphexec above its caller's caller, and how many
+    frames up from that caller it is (1: the caller's caller)."""
     level = 1
-    frame: FrameType | None = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None and os.path.dirname(
         os.path.abspath(frame.f_code.co_filename)
     ).startswith(_PACKAGE_DIR):
         level += 1
         frame = frame.f_back
-    return level
+    return frame, level
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by its caller point at the user's
+    line: the first frame outside graphexec."""
+    return _user_frame()[1]
 
 
 def call_site() -> str:
     """``file:line`` of the first frame outside graphexec (the user's call)."""
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None and os.path.dirname(
-        os.path.abspath(frame.f_code.co_filename)
-    ).startswith(_PACKAGE_DIR):
-        frame = frame.f_back
+    frame = _user_frame()[0]
     if frame is None:
         return "<unknown>"
     return f"{frame.f_code.co_filename}:{frame.f_lineno}"
