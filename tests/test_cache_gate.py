@@ -274,3 +274,44 @@ def test_keys_are_the_same_from_one_release_to_the_next():
     assert keys.content_hash([1, "x", {"k": 2}]) == (
         "9b68da591c14c89f312b51b18f7d9d8d20ba274d22d6b4f317508b08f565f8c3"
     )
+
+
+@gx.task(cache=True)
+def one_argument(i):
+    return i
+
+
+@gx.task(cache=True)
+def two_arguments(a, b):
+    return a, b
+
+
+@gx.task(cache=True)
+def with_a_default(a, b=3):
+    return a, b
+
+
+def test_a_parameter_sweeps_keys_are_the_general_paths():
+    # The gate keys a sweep's nodes (no upstream, a few scalars) without the general
+    # path (_flat_key, with a shortcut for one argument): the same keys, or the
+    # entries written by one path would be missed by the other.
+    graph = gx.Graph()
+    with graph:
+        nodes = [
+            one_argument(7),
+            one_argument("x"),
+            two_arguments(1, 2.5),
+            with_a_default(1),
+            with_a_default(1, 4),
+        ]
+    gate = _caching.CacheGate(
+        graph, [None] * len(nodes), None, False, lambda i: None, lambda: None, False
+    )
+    expected = [
+        keys.input_hash(keys.task_identity(one_argument), {"i": 7}),
+        keys.input_hash(keys.task_identity(one_argument), {"i": "x"}),
+        keys.input_hash(keys.task_identity(two_arguments), {"a": 1, "b": 2.5}),
+        keys.input_hash(keys.task_identity(with_a_default), {"a": 1, "b": 3}),
+        keys.input_hash(keys.task_identity(with_a_default), {"a": 1, "b": 4}),
+    ]
+    assert [gate._flat_key(node.index) for node in nodes] == expected

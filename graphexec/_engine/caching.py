@@ -330,6 +330,10 @@ class CacheGate:
             n = len(args)
             tail = tails[n] if n <= len(names) else None
             if tail is not None:
+                if n == 1 and not tail:  # items_hash of one item: nothing to sort or join
+                    h = start.copy()
+                    h.update(b"dict:1{" + names[0] + argument_digest(args[0]) + b"}")
+                    return str(h.hexdigest())
                 items = [names[k] + argument_digest(a) for k, a in enumerate(args)]
                 items += tail
                 return items_hash(start, items)
