@@ -1660,3 +1660,73 @@ def test_a_sync_timeout_message_says_the_call_was_judged_when_it_returned():
     run = graph.compute(scheduler="sync", raise_on_failure=False)
     message = str(run.state(slow).exception)
     assert "stopped" not in message and "killed" not in message
+
+
+# -- the worker's traceback text --------------------------------------------------------
+
+
+def _raises(kind: str) -> BaseException:
+    """An exception of one shape, caught with its traceback."""
+
+    def deep(n: int) -> None:
+        if n:
+            deep(n - 1)
+        raise KeyError("deep")
+
+    try:
+        if kind == "plain":
+            {}["missing"]
+        elif kind == "chained":
+            try:
+                int("not a number")
+            except ValueError as inner:
+                raise LookupError("outer") from inner
+        elif kind == "context":
+            try:
+                [][1]
+            except IndexError:
+                raise RuntimeError("while handling")  # noqa: B904 (its context is the point)
+        elif kind == "recursion":
+            deep(30)  # "[Previous line repeated ...]"
+        elif kind == "group" and sys.version_info >= (3, 11):
+            raise ExceptionGroup("two", [ValueError("a"), TypeError("b")])  # noqa: F821
+        elif kind == "syntax":
+            compile("1 +* 2", "<cell>", "exec")
+        else:
+            raise OSError(2, "no such file", "x.txt")
+    except BaseException as exc:
+        return exc
+    raise AssertionError("nothing raised")
+
+
+@pytest.mark.parametrize(
+    "kind", ["plain", "chained", "context", "recursion", "group", "syntax", "oserror"]
+)
+def test_a_failed_calls_traceback_text_is_the_standard_one_however_often(kind):
+    # The worker formats a failure's traceback with its stacks remembered (a sweep
+    # fails at the same lines, and each format cost it ~60 us): the text must be
+    # traceback.format_exception's, the first time and the next.
+    from graphexec._executors import runtime
+
+    for _ in range(3):
+        exc = _raises(kind)
+        expected = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        assert runtime.format_traceback(exc, exc.__traceback__) == expected
+    assert runtime._stack_texts  # remembered
+
+
+def test_remembered_stacks_are_bounded(monkeypatch):
+    from graphexec._executors import runtime
+
+    monkeypatch.setattr(runtime, "STACK_TEXTS_KEPT", 3)
+    runtime._stack_texts.clear()
+    for n in range(10):
+        exc = _raises("recursion" if n % 2 else "plain")
+        namespace: dict = {}
+        exec(compile(f"def f{n}():\n    raise ValueError({n})\n", f"<gen{n}>", "exec"), namespace)
+        try:
+            namespace[f"f{n}"]()
+        except ValueError as caught:
+            exc = caught
+        runtime.format_traceback(exc, exc.__traceback__)
+        assert len(runtime._stack_texts) <= 3

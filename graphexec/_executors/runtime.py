@@ -39,8 +39,60 @@ def invoke(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool
         return True, fn(*args, **kwargs), ""
     except BaseException as exc:
         tb = exc.__traceback__
-        text = "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb else None))
-        return False, exc, text
+        return False, exc, format_traceback(exc, tb.tb_next if tb else None)
+
+
+# The formatted stacks of the tracebacks this process formatted, by their frames. A
+# sweep's failures fail at the same lines, and formatting a stack costs tens of
+# microseconds a frame (since Python 3.11, a compile() of each frame's line to
+# place its ^^^ marks), which a worker pays before it can answer: most of what a
+# failed call cost it (W5: 1,000 calls, 100 of them failing).
+_stack_texts: dict[tuple, list[str]] = {}
+STACK_TEXTS_KEPT = 256  # stacks remembered at most (then forgotten, all at once)
+
+
+class _KnownStack(traceback.StackSummary):
+    """A stack whose lines, once formatted, are remembered (``_stack_texts``)."""
+
+    def format(self, **kwargs: Any) -> list[str]:
+        key = (
+            tuple(
+                [
+                    (f.filename, f.lineno, f.name, f.line, *[getattr(f, a, None) for a in _AT])
+                    for f in self
+                ]
+            ),
+            tuple(sorted(kwargs.items())),
+        )
+        text = _stack_texts.get(key)
+        if text is None:
+            text = super().format(**kwargs)
+            if len(_stack_texts) >= STACK_TEXTS_KEPT:
+                _stack_texts.clear()
+            _stack_texts[key] = text
+        return list(text)
+
+
+_AT = ("end_lineno", "colno", "end_colno")  # a frame's position beyond its line (3.11+)
+
+
+def format_traceback(exc: BaseException, tb: Any) -> str:
+    """``traceback.format_exception(type(exc), exc, tb)``, the same text, with the
+    stacks of its exceptions (chained, grouped) formatted once per process."""
+    top = traceback.TracebackException(type(exc), exc, tb)
+    seen: set[int] = set()
+    todo = [top]
+    while todo:
+        te = todo.pop()
+        if id(te) in seen:
+            continue
+        seen.add(id(te))
+        known = _KnownStack()  # (not from_list(): it makes a plain StackSummary)
+        known.extend(te.stack)
+        te.stack = known
+        todo += [t for t in (te.__cause__, te.__context__) if t is not None]
+        todo += getattr(te, "exceptions", None) or ()
+    return "".join(top.format())
 
 
 def unloadable_error(name: str, fn: Unloadable, where: str, advice: str) -> SerializationError:
