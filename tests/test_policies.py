@@ -911,3 +911,44 @@ def test_the_summary_mean_is_over_the_nodes_that_ran():
     total, mean, longest = (float(x) for x in row[-3:])
     assert longest >= 0.4 and mean <= longest
     assert mean == pytest.approx(total / 2, abs=0.002)
+
+
+# -- a slot waited for by a node that also waits for another ------------------------
+
+
+@gx.task(tags=["b"], priority=20)
+def holds_b() -> float:
+    time.sleep(1.5)
+    return time.time()  # when "b" frees
+
+
+@gx.task(tags=["a"], priority=20)
+def holds_a_briefly() -> float:
+    time.sleep(0.2)
+    return time.time()
+
+
+@gx.task(tags=["a", "b"], priority=10)
+def needs_a_and_b() -> float:
+    return time.time()
+
+
+@gx.task(tags=["a"])
+def needs_a() -> float:
+    return time.time()  # when it started
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scheduler", ["threads", "processes"])
+def test_a_node_waiting_for_two_slots_leaves_a_freed_one_to_the_next_waiter(scheduler):
+    # Both wait for "a"; when it frees, the first (higher priority) still waits for
+    # "b": the slot goes to the next node waiting for "a", not unused until "b"
+    # frees (SPEC: waiting for a slot never blocks other ready work). Before, the
+    # one woken was parked again under "b" and "a" stayed free, unused.
+    graph = gx.Graph()
+    with graph:
+        b_frees, both, a_only = holds_b(), needs_a_and_b(), needs_a()
+        holds_a_briefly()
+    run = graph.compute(workers=4, scheduler=scheduler, limits={"a": 1, "b": 1})
+    assert run[a_only] < run[b_frees], "the free slot of 'a' waited for 'b'"
+    assert run[both] >= run[b_frees]

@@ -430,3 +430,48 @@ def test_calls_of_another_run_queued_behind_a_crashing_call_come_back_untouched(
         assert b_run.ok
         for i, node in enumerate(nodes):
             assert b_run[node] == i + 1 and b_run.state(node).attempts == 1
+
+
+@gx.task(tags=["b"])
+def keeps_b() -> float:
+    time.sleep(1.5)
+    return time.time()  # when "b" frees
+
+
+@gx.task(tags=["a", "b"])
+def wants_a_and_b() -> float:
+    return time.time()
+
+
+@gx.task(tags=["a"])
+def wants_a() -> float:
+    return time.time()  # when it started
+
+
+@pytest.mark.timeout(60)
+def test_a_call_held_for_one_slot_does_not_keep_a_later_call_from_another_free_one(pool):
+    # Run 1 holds "b"; run 2's call waits for "a" and "b" ("b" is full); run 3's call
+    # wants "a" only, which is free: it runs now, not behind run 2's call (first
+    # come, first served is per slot: run 2's call could not take "a" anyway).
+    # Before, any call held on the pool for a slot kept every later call naming
+    # that slot waiting, free or not.
+    out: dict[str, float] = {}
+
+    def run(task: Any, key: str, limits: dict[str, int]) -> None:
+        graph = gx.Graph()
+        with graph:
+            node = task()
+        out[key] = graph.compute(pool=pool, limits=limits)[node]
+
+    first = threading.Thread(target=run, args=(keeps_b, "b", {"b": 1}))
+    first.start()
+    time.sleep(0.3)  # (keeps_b is running: "b" is taken)
+    second = threading.Thread(target=run, args=(wants_a_and_b, "both", {"a": 1, "b": 1}))
+    second.start()
+    time.sleep(0.3)  # (its call is held for "b")
+    third = threading.Thread(target=run, args=(wants_a, "a", {"a": 1}))
+    third.start()
+    for thread in (first, second, third):
+        thread.join(30)
+    assert out["a"] < out["b"], "the call wanting only the free slot 'a' waited for 'b'"
+    assert out["both"] >= out["b"]

@@ -440,6 +440,16 @@ class Scheduler:
                 full = next((k for k in keys if self.in_use.get(k, 0) >= self._cap(k)), None)
                 if full is not None:
                     heapq.heappush(self.parked.setdefault(full, []), heappop(ready))
+                    # Woken by a slot of another of its keys (or come while one is
+                    # free): that slot goes to the next node waiting for it, or it
+                    # would stay unused until this one's `full` frees.
+                    for k in keys:
+                        if (
+                            k != full
+                            and self.parked.get(k)
+                            and self.in_use.get(k, 0) < self._cap(k)
+                        ):
+                            self._push_ready(heappop(self.parked[k])[2])
                     continue
             call = (unsent.pop(i, None) if unsent else None) or self._make_call(i)
             if keys:  # (a shared pool counts them across its runs too)

@@ -188,10 +188,21 @@ class SharedPool:
         return any(in_use.get(key, 0) >= cap for key, cap in call.limits or ())
 
     def _must_hold(self, call: Call) -> bool:
-        """``call`` waits for a slot: one of its limits is full, or calls already
-        wait for one of them (first come, first served; caller holds _lock)."""
+        """``call`` waits for a slot: one of its limits is full, or a call already
+        waits for one of them that could take it now (first come, first served;
+        caller holds _lock). One held for another of its limits, still full, does
+        not keep it from a free slot."""
         held, in_use = self._held_keys, self._in_use
-        return any(in_use.get(key, 0) >= cap or key in held for key, cap in call.limits or ())
+        limits = call.limits or ()
+        if any(in_use.get(key, 0) >= cap for key, cap in limits):
+            return True
+        waited = {key for key, _ in limits if key in held}
+        return bool(waited) and any(
+            not self._full(other)
+            for lease in self._leases
+            for other in lease._held
+            if any(key in waited for key, _ in other.limits or ())
+        )
 
     def _count(self, call: Call) -> None:
         """``call`` takes a slot of each of its limits (caller holds _lock)."""
