@@ -1558,6 +1558,10 @@ def test_workers_talk_over_private_pipes_and_listen_nowhere(start_method):
         ({"memory_limit": "-4GB"}, ValueError, "memory_limit='-4GB' is not a size"),
         ({"memory_limit": 0}, ValueError, "memory_limit=0 must be positive"),
         ({"memory_limit": -1}, ValueError, "memory_limit=-1 must be positive"),
+        # (a fraction was a limit of 0 bytes: every call then failed over it)
+        ({"memory_limit": 0.5}, ValueError, "memory_limit=0.5 must be positive: a number of bytes"),
+        ({"memory_limit": float("inf")}, ValueError, "memory_limit=inf must be positive"),
+        ({"memory_limit": float("nan")}, ValueError, "memory_limit=nan must be positive"),
         ({"memory_limit": True}, TypeError, "memory_limit= must be bytes"),
         ({"memory_limit": [4]}, TypeError, "memory_limit= must be bytes"),
         ({"memory_limit": "1GB", "scheduler": "sync"}, ValueError, "needs worker processes"),
@@ -1581,6 +1585,7 @@ def test_bad_compute_arguments_name_the_culprit(kwargs, error, words):
         ({"workers": -1}, ValueError, "workers=-1 is negative"),
         ({"workers": "4"}, TypeError, "workers= must be an int"),
         ({"start_method": "teleport"}, ValueError, "start_method='teleport' is not available"),
+        ({"workers": 1, "memory_limit": 0.999}, ValueError, "memory_limit=0.999 must be positive"),
     ],
 )
 def test_bad_pool_arguments_name_the_culprit(kwargs, error, words):

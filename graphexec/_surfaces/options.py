@@ -238,8 +238,8 @@ def parse_memory(limit: int | str | None) -> int | None:
     if isinstance(limit, bool):
         raise TypeError("memory_limit= must be bytes (int) or a string such as '4GB'")
     if isinstance(limit, (int, float)):
-        if limit <= 0:
-            raise ValueError(f"memory_limit={limit!r} must be positive")
+        if not 1 <= limit < float("inf"):  # (also NaN; 0.5 would be a limit of 0 bytes)
+            raise ValueError(f"memory_limit={limit!r} must be positive: a number of bytes >= 1")
         return int(limit)
     if not isinstance(limit, str):
         raise TypeError("memory_limit= must be bytes (int) or a string such as '4GB'")
