@@ -398,3 +398,106 @@ def test_an_entry_a_live_run_holds_survives(tmp_path, monkeypatch, command):
     out = graphexec("cache", "clear", str(cache), cwd=tmp_path)
     assert out.returncode == 0
     assert entries(cache) == {}
+
+
+# -- a project's run, from the shell (SPEC audit) --------------------------------------
+
+PIPELINE = """
+import graphexec as gx
+import helpers
+
+if __name__ == "__main__":
+    graph = gx.Graph("nightly")
+    for i in range(1, 6):
+        graph.add(helpers.ratio, list(range(i)))
+    try:
+        graph.compute(workers=2, run_dir="nightly-run")
+    except gx.GraphFailed as exc:
+        print(str(exc).splitlines()[-1])
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A script whose task lives in a module beside it, run with run_dir=: ratio-2
+    (of 1, 2 and 3 values: one over zero) failed."""
+    (tmp_path / "helpers.py").write_text(
+        "def ratio(data):\n    return sum(data) / (len(data) - 3)\n"
+    )
+    (tmp_path / "pipeline.py").write_text(PIPELINE)
+    done = subprocess.run(
+        [sys.executable, "pipeline.py"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(WORKTREE)),
+        timeout=120,
+    )
+    assert "python -m graphexec replay nightly-run/run.gxrun ratio-2" in done.stdout, done
+    return tmp_path
+
+
+@pytest.mark.timeout(120)
+def test_report_of_the_current_directory_is_written_beside_it(project):
+    # `graphexec report .` from inside a run_dir: Path(".") has no name to give a
+    # suffix, and the command died with a traceback.
+    done = graphexec("report", ".", cwd=project / "nightly-run")
+    assert done.returncode == 0, done.stderr
+    assert (project / "nightly-run.html").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_replay_whose_function_cannot_be_loaded_does_not_say_it_failed_again(
+    project, tmp_path_factory
+):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")  # helpers.py cannot be imported here
+    done = graphexec("replay", str(project / "nightly-run"), "ratio-2", cwd=elsewhere)
+    assert done.returncode == 1
+    assert "the function of ratio-2 could not be loaded here" in done.stderr
+    assert "failed again" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.timeout(120)
+def test_the_graphexec_script_replays_a_module_task_from_the_runs_directory(project):
+    # The `graphexec` console script's sys.path starts at its bin/ directory, not at
+    # the working directory as `python -m graphexec`'s does: helpers.py, beside the
+    # script, could not be imported there.
+    script = (
+        "import sys; sys.path[0] = sys.prefix + '/bin'\n"  # as a console script's
+        "from graphexec._surfaces.cli import main\n"
+        "sys.exit(main(['replay', 'nightly-run', 'ratio-2']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=project,
+        env=dict(os.environ, PYTHONPATH=str(WORKTREE)),
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "ZeroDivisionError" in done.stderr, done.stderr
+    assert "ratio-2 failed again" in done.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", [["ls"], ["info"], ["prune", "--expired"], ["clear"]])
+def test_cache_commands_on_a_damaged_database_say_so(tmp_path, command):
+    (tmp_path / cache_store.DB_NAME).write_bytes(b"this is not an sqlite database" * 200)
+    done = graphexec("cache", *command, str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.startswith("graphexec: error:"), done.stderr
+    assert "cannot be read as a cache database" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_run_on_a_damaged_cache_database_computes_without_the_cache(tmp_path):
+    (tmp_path / cache_store.DB_NAME).write_bytes(b"this is not an sqlite database" * 200)
+    graph = gx.Graph()
+    with graph:
+        node = square(7)
+    with pytest.warns(RuntimeWarning, match="this run computes without the cache"):
+        run = graph.compute(scheduler="sync", cache_dir=tmp_path)
+    assert run[node] == 49
+    assert run.state(node).name == "Completed"

@@ -345,6 +345,20 @@ def entry_stamp(data: bytes | None, created: float) -> str:
     return f"written {created!r}"
 
 
+class CacheDamaged(Exception):
+    """A cache directory's database cannot be opened (it is not an SQLite database)."""
+
+
+def store_for_run(root: str | os.PathLike[str] | None) -> CacheStore | None:
+    """The store a run caches in; None, with a warning, if its database is damaged:
+    the run then computes every node without the cache, rather than not at all."""
+    try:
+        return CacheStore(root)
+    except CacheDamaged as exc:
+        warnings.warn(f"{exc}; this run computes without the cache", RuntimeWarning, stacklevel=3)
+        return None
+
+
 def _offset(key: str) -> int:
     """The byte of ``cache.lock`` that stands for ``key``'s compute lock."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 4
@@ -490,7 +504,16 @@ class _Shared:
         if new:
             _create_db(root, self.db)
         self.lock_fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self.conn()
+        import sqlite3
+
+        try:
+            self.conn()
+        except sqlite3.DatabaseError as exc:  # not a database (a file overwritten, truncated)
+            os.close(self.lock_fd)
+            raise CacheDamaged(
+                f"{self.db} cannot be read as a cache database ({safe_str(exc)}): delete "
+                f"{root} (or move it away) to start a new cache there"
+            ) from None
         if new:
             _warn_old_layout(root)
 

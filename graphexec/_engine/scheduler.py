@@ -93,7 +93,7 @@ import time
 from array import array
 from typing import Any
 
-from .._data.cache import CacheStore
+from .._data.cache import CacheStore, store_for_run
 from .._data.serialize import Payload
 from .._executors.protocol import ERROR, HELD, OK, REQUEUE, Call, Executor
 from .._executors.threadlimits import ThreadLimited
@@ -318,7 +318,7 @@ class Scheduler:
                     self.cancel_reason = self.cancel_reason or arg
                 elif kind == "open-cache":  # once per session, before its first cached node
                     if self.cache is None:
-                        self.cache = CacheStore(arg)
+                        self.cache = store_for_run(arg)
                 elif kind == "cancel-node":  # Future.cancel(): the answer goes back by mailbox
                     i, reply = arg
                     reply.put(self.cancel_pending(i))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import reprlib
 import sys
@@ -45,7 +46,7 @@ from .._model.run import Run
 from .._model.sizes import size_text
 from .._version import __version__
 from .record import is_record, load_run
-from .replay import InputsUnloadable, kept_call
+from .replay import FunctionUnloadable, InputsUnloadable, kept_call
 
 OK, ERROR, USAGE = 0, 1, 2
 
@@ -220,7 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = parser().parse_args(argv)  # exits with 2 on a usage error
     try:
-        args.handler(args)
+        try:
+            args.handler(args)
+        except cache_store.CacheDamaged as exc:
+            raise CommandError(str(exc)) from None
     except CommandError as exc:
         print(f"graphexec: error: {exc}", file=sys.stderr)
         return ERROR
@@ -246,7 +250,10 @@ def _report(args: argparse.Namespace) -> None:
             f"{source} is not a saved graphexec run ({exc}). Save one with "
             'run.save("night.gxrun"), or Path("run.json").write_text(run.to_json())'
         ) from None
-    target: Path = args.output if args.output is not None else source.with_suffix(".html")
+    if args.output is not None:
+        target: Path = args.output
+    else:  # beside the file or directory (resolved: "." has no name to give a suffix)
+        target = (source if source.name else source.resolve()).with_suffix(".html")
     try:
         written = run.to_html(target)
     except OSError as exc:
@@ -275,6 +282,12 @@ def _replay(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     node = _pick_node(run, args.node, source)
+    # The run's workers imported the task's module from the working directory, as
+    # `python -m graphexec` does (its sys.path starts there); the `graphexec`
+    # script's starts at its own bin/ directory instead.
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path:
+        sys.path.insert(0, here)
     try:
         kept_call(run, node.index)
     except (ValueError, LookupError) as exc:
@@ -284,8 +297,8 @@ def _replay(args: argparse.Namespace) -> None:
         value = run.replay(node, pdb=args.pdb, timeout=args.timeout)
     except KeyboardInterrupt:
         raise
-    except InputsUnloadable as exc:  # the call was not made: not "failed again"
-        raise CommandError(str(exc)) from None
+    except (InputsUnloadable, FunctionUnloadable) as exc:  # the call was not made: not
+        raise CommandError(str(exc)) from None  # "failed again"
     except BaseException:
         traceback.print_exc()
         raise CommandError(f"{args.node} failed again (its traceback is above)") from None

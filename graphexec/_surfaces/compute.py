@@ -19,7 +19,7 @@ import time
 import warnings
 from typing import Any
 
-from .._data.cache import CacheStore
+from .._data.cache import store_for_run
 from .._engine.scheduler import Scheduler
 from .._model.graph import Graph
 from .._model.node import Node, user_stacklevel
@@ -107,7 +107,7 @@ def _compute(graph: Graph, targets: tuple[Any, ...], given: dict[str, Any]) -> R
         dispatch = _dispatch(graph, members, options, journal)  # None when nothing listens
         store = None
         if any(graph._opts[i].cache_key_fn is not None for i in members):
-            store = CacheStore(options.cache_dir)
+            store = store_for_run(options.cache_dir)
     except BaseException:
         executor.close()
         raise

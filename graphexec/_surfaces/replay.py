@@ -73,6 +73,10 @@ class InputsUnloadable(ValueError):
     """A replay could not load the call's inputs (so the call was not made)."""
 
 
+class FunctionUnloadable(LookupError):
+    """A replay could not load the call's function (so the call was not made)."""
+
+
 def kept_call(run: Run, i: int) -> KeptCall:
     """What failed node ``i`` received, ready to load.
 
@@ -188,7 +192,7 @@ def function_of(run: Run, i: int, kept: KeptCall) -> Any:
     fn = load_function(kept.fn_blob, kept.origin, adopt=False)
     if type(fn) is not Unloadable:
         return fn
-    raise LookupError(
+    raise FunctionUnloadable(
         f"the function of {run.graph._names[i]} could not be loaded here: "
         f"{type(fn.exc).__name__}: {fn.exc}. Is its module importable (same environment "
         "and working directory as the run)?"
