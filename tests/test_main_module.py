@@ -54,3 +54,69 @@ def test_unguarded_script_runs_once_and_works(tmp_path, method):
     assert "values [0, 1, 4, 16]" in proc.stdout
     assert "caught Odd: three" in proc.stdout
     assert "bootstrapping" not in proc.stderr
+
+
+SHARED_GLOBALS = textwrap.dedent(
+    """
+    import sys
+    import graphexec as gx
+
+    MODEL = None
+    THRESHOLD = 5
+
+    def load_model(name):  # the pool's initializer: "warm a model" into a global
+        global MODEL
+        MODEL = name
+
+    def helper():
+        return MODEL, THRESHOLD
+
+    class Box:
+        def get(self):
+            return MODEL
+
+    @gx.task
+    def predict(i):
+        return helper(), Box().get()
+
+    @gx.task
+    def later(i):
+        return THRESHOLD
+
+    if __name__ == "__main__":
+        graph = gx.Graph()
+        with graph:
+            nodes = [predict(i) for i in range(4)]
+        with gx.Pool(workers=2, initializer=load_model, initargs=("resnet",)) as pool:
+            run = graph.compute(pool=pool)
+            print("seen", sorted({repr(run[n]) for n in nodes}))
+            THRESHOLD = 10  # sent with the next function the workers have not seen
+            second = gx.Graph()
+            with second:
+                more = [later(i) for i in range(2)]
+            print("later", [second.compute(pool=pool)[n] for n in more])
+    """
+)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", ["zygote", "forkserver", "spawn"])
+def test_what_an_initializer_in_the_script_sets_the_tasks_see(tmp_path, method):
+    # The script's functions travel by value, each pickle with its own copy of the
+    # globals it names: the initializer set MODEL in its copy, and every task read
+    # None from its own (docs/guide/schedulers.md has initializer= "warm a model").
+    # In a worker they now share its __main__, as in the script.
+    script = tmp_path / "model.py"
+    script.write_text(SHARED_GLOBALS)
+    env = dict(os.environ, GRAPHEXEC_START_METHOD=method)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "seen [\"(('resnet', 5), 'resnet')\"]" in proc.stdout, proc.stdout
+    assert "later [10, 10]" in proc.stdout, proc.stdout
