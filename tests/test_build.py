@@ -80,6 +80,29 @@ def test_plain_call_with_wait_for_is_a_type_error():
         inc(1, wait_for=[object()])
 
 
+@pytest.mark.parametrize("how", ["bare", "keyword", "in a list", "in a dict"])
+def test_a_node_passed_to_a_task_outside_a_graph_says_so(how):
+    # A task called outside `with graph:` runs at once: a node among its arguments
+    # reached the function, which failed on it obscurely ("unsupported operand
+    # type(s) for +: 'Node' and 'int'"), or not at all.
+    graph = gx.Graph()
+    with graph:
+        node = inc(1)
+    call = {
+        "bare": lambda: inc(node),
+        "keyword": lambda: inc(x=node),
+        "in a list": lambda: plain_task([1, node]),
+        "in a dict": lambda: plain_task({"a": node}),
+    }[how]
+    with pytest.raises(TypeError, match=r"called with the node inc-0 outside a graph"):
+        call()
+
+
+@gx.task
+def plain_task(values):
+    return values
+
+
 def test_task_with_fn_and_options_is_refused():
     with pytest.raises(TypeError):
         gx.task(plain_double, retries=1)

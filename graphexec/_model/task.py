@@ -99,6 +99,19 @@ def fn_name(fn: Any) -> str:
     return "lambda" if name == "<lambda>" else name
 
 
+def _a_node_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Node | None:
+    """A node among a plain call's arguments (and in the lists, tuples, sets and dicts
+    they are), if there is one; none is looked for deeper."""
+    for value in (*args, *kwargs.values()):
+        if type(value) is Node:
+            return value
+        if isinstance(value, (list, tuple, set, frozenset, dict)):
+            for item in value.values() if isinstance(value, dict) else value:
+                if type(item) is Node:
+                    return item
+    return None
+
+
 class Task:
     """A function with graphexec options; calling it inside ``with graph:`` adds a node.
 
@@ -241,6 +254,13 @@ class Task:
             raise TypeError(
                 f"{self.name}() called with wait_for= outside a graph: there is nothing to wait "
                 "for; call it inside `with graph:` to build a node"
+            )
+        node = _a_node_in(args, kwargs)
+        if node is not None:  # (else the function gets a Node, and fails on it obscurely)
+            raise TypeError(
+                f"{self.name}() called with the node {node.name} outside a graph: a node's "
+                "value exists only once its graph is computed. Call it inside `with graph:` "
+                "to build a node, or pass the value (run[node], node.result())"
             )
         if opts.return_state:
             return State.from_call(self.name, self.fn, args, kwargs)
