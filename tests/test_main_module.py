@@ -35,20 +35,24 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("method", ["forkserver", "spawn"])
-def test_unguarded_script_runs_once_and_works(tmp_path, method):
-    script = tmp_path / "unguarded.py"
-    script.write_text(SCRIPT)
-    env = dict(os.environ, GRAPHEXEC_START_METHOD=method)
-    proc = subprocess.run(
+def _run_script(tmp_path, text: str, method: str) -> subprocess.CompletedProcess:
+    """Run ``text`` as a script of its own, its workers started with ``method``."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    return subprocess.run(
         [sys.executable, str(script)],
         capture_output=True,
         text=True,
         timeout=50,
-        env=env,
+        env=dict(os.environ, GRAPHEXEC_START_METHOD=method),
         cwd=tmp_path,
     )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_unguarded_script_runs_once_and_works(tmp_path, method):
+    proc = _run_script(tmp_path, SCRIPT, method)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("top-level code ran") == 1, proc.stdout
     assert "values [0, 1, 4, 16]" in proc.stdout
@@ -106,17 +110,7 @@ def test_what_an_initializer_in_the_script_sets_the_tasks_see(tmp_path, method):
     # globals it names: the initializer set MODEL in its copy, and every task read
     # None from its own (docs/guide/schedulers.md has initializer= "warm a model").
     # In a worker they now share its __main__, as in the script.
-    script = tmp_path / "model.py"
-    script.write_text(SHARED_GLOBALS)
-    env = dict(os.environ, GRAPHEXEC_START_METHOD=method)
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=100,
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = _run_script(tmp_path, SHARED_GLOBALS, method)
     assert proc.returncode == 0, proc.stderr
     assert "seen [\"(('resnet', 5), 'resnet')\"]" in proc.stdout, proc.stdout
     assert "later [10, 10]" in proc.stdout, proc.stdout
