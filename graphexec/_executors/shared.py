@@ -181,6 +181,9 @@ class SharedPool:
         self._counted: dict[int, Call] = {}
         self._held_keys: dict[Any, int] = {}
         self._n_held = 0
+        # A slot freed while calls were held, and _promote has not looked since: a
+        # new call naming a slot they wait for waits behind them (_must_hold).
+        self._freed = False
 
     def _full(self, call: Call) -> bool:
         """A limit of ``call`` has no free slot on the pool (caller holds _lock)."""
@@ -188,21 +191,15 @@ class SharedPool:
         return any(in_use.get(key, 0) >= cap for key, cap in call.limits or ())
 
     def _must_hold(self, call: Call) -> bool:
-        """``call`` waits for a slot: one of its limits is full, or a call already
-        waits for one of them that could take it now (first come, first served;
-        caller holds _lock). One held for another of its limits, still full, does
-        not keep it from a free slot."""
+        """``call`` waits for a slot: one of its limits is full, or calls already
+        wait for one of them and a slot freed since they were last looked at (they
+        may take it: first come, first served; caller holds _lock). Calls held for
+        another of its limits, still full, do not keep it from a free slot."""
         held, in_use = self._held_keys, self._in_use
         limits = call.limits or ()
         if any(in_use.get(key, 0) >= cap for key, cap in limits):
             return True
-        waited = {key for key, _ in limits if key in held}
-        return bool(waited) and any(
-            not self._full(other)
-            for lease in self._leases
-            for other in lease._held
-            if any(key in waited for key, _ in other.limits or ())
-        )
+        return self._freed and any(key in held for key, _ in limits)
 
     def _count(self, call: Call) -> None:
         """``call`` takes a slot of each of its limits (caller holds _lock)."""
@@ -224,6 +221,7 @@ class SharedPool:
                         else:  # (keys name functions too: none is kept once idle)
                             del self._in_use[key]
             if self._n_held:
+                self._freed = True
                 self._wake()  # a held call may take the slot (the driver promotes it)
 
     def _hold(self, lease: RunLease, call: Call) -> None:
@@ -253,6 +251,7 @@ class SharedPool:
     def _promote(self) -> None:
         """Held calls whose slots are free take them and go to the front of their
         run's queue, one per run in turn (caller holds _lock and the drive)."""
+        self._freed = False
         leases = self._leases
         n = len(leases)
         front: dict[RunLease, int] = {}
