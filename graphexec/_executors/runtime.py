@@ -21,7 +21,6 @@ import io
 import pickle
 import sys
 import traceback
-from types import FunctionType
 from typing import Any
 
 import cloudpickle
@@ -128,82 +127,29 @@ def load_function(blob: bytes, origin: str | None, adopt: bool = True) -> Any:
         return Unloadable(exc, traceback.format_exc())
     if origin:
         _restore_filenames(fn, origin)
-    if adopt:
-        inner = getattr(fn, "fn", None)  # (a ThreadLimited wraps the task's function)
-        if type(inner) is FunctionType and type(fn) is not FunctionType:
-            fn.fn = _into_main(inner)
-        else:
-            fn = _into_main(fn)
+    if adopt and getattr(fn, "__module__", None) == "__main__":
+        _adopt_into_main(fn)
     return fn
 
 
-# The value each name of the worker's __main__ had when a function last brought it
-# (see _into_main): a name whose value is still that one was not set here since.
-_brought: dict[str, Any] = {}
+def _adopt_into_main(fn: Any) -> None:
+    """Make the script's functions and classes that ``fn`` uses findable as ``__main__.x``.
 
-
-def _into_main(fn: Any) -> Any:
-    """The script's function ``fn`` (and the script's functions and classes it uses),
-    run in this worker's ``__main__`` namespace: one namespace, as in the script.
-
-    They arrive by value (workers never run the script), each pickle with its own
-    copy of the globals it names: what the pool's ``initializer`` set (a model,
-    a connection, in a global) was in the initializer's copy, and no task saw it.
-    So every one of them is rebound to ``__main__.__dict__``, into which the
-    globals it brings are merged: a name is set from the newest function that
-    brings it, unless this worker set it since (the initializer did, or a task):
-    that value stays. Named in ``__main__``, they are also findable by plain
-    pickle (a ``multiprocessing.Pool`` a task starts, ``concurrent.futures``:
-    "attribute lookup sq on __main__ failed"), and a forked child of the worker
-    inherits them. The latest definition wins, as in a notebook.
+    They arrive by value (workers never run the script), so plain pickle — a
+    ``multiprocessing.Pool`` the task starts, ``concurrent.futures`` — could
+    not send them by reference ("attribute lookup sq on __main__ failed").
+    Naming them in this worker's ``__main__`` lets it; a forked child of the
+    worker inherits the names. The latest definition wins, as in a notebook.
     """
     main = sys.modules.get("__main__")
-    if main is None or type(fn) is not FunctionType or fn.__module__ != "__main__":
-        return fn
-    shared = main.__dict__
-    done: dict[int, Any] = {}
-
-    def rebind(f: Any) -> Any:
-        if type(f) is not FunctionType or f.__module__ != "__main__" or f.__globals__ is shared:
-            return f
-        new = done.get(id(f))
-        if new is not None:
-            return new
-        new = done[id(f)] = FunctionType(
-            f.__code__, shared, f.__name__, f.__defaults__, f.__closure__
-        )
-        new.__kwdefaults__ = f.__kwdefaults__
-        new.__qualname__ = f.__qualname__
-        new.__module__ = f.__module__
-        new.__doc__ = f.__doc__
-        new.__annotations__ = f.__annotations__
-        new.__dict__.update(f.__dict__)
-        for name, value in list(f.__globals__.items()):
-            if name.startswith("__"):  # the module's own: __name__, __builtins__...
-                continue
-            if type(value) is type and value.__module__ == "__main__":
-                rebind_methods(value)
-            else:
-                value = rebind(value)
-            if name not in shared or name not in _brought or shared[name] is _brought[name]:
-                shared[name] = _brought[name] = value
-        return new
-
-    def rebind_methods(cls: type) -> None:
-        if id(cls) in done:
-            return
-        done[id(cls)] = cls
-        for name, member in list(vars(cls).items()):
-            if isinstance(member, (staticmethod, classmethod)):
-                inner = rebind(member.__func__)
-                if inner is not member.__func__:
-                    setattr(cls, name, type(member)(inner))
-            else:
-                new = rebind(member)
-                if new is not member:
-                    setattr(cls, name, new)
-
-    return rebind(fn)
+    if main is None:
+        return
+    for name, value in list(getattr(fn, "__globals__", {}).items()):
+        if (
+            getattr(value, "__module__", None) == "__main__"
+            and getattr(value, "__qualname__", None) == name
+        ):
+            setattr(main, name, value)
 
 
 def _restore_filenames(fn: Any, origin: str) -> None:
