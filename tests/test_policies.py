@@ -928,7 +928,7 @@ def holds_a_briefly() -> float:
     return time.time()
 
 
-@gx.task(tags=["a", "b"], priority=10)
+@gx.task(tags=["a", "b"])
 def needs_a_and_b() -> float:
     return time.time()
 
@@ -941,10 +941,11 @@ def needs_a() -> float:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("scheduler", ["threads", "processes"])
 def test_a_node_waiting_for_two_slots_leaves_a_freed_one_to_the_next_waiter(scheduler):
-    # Both wait for "a"; when it frees, the first (higher priority) still waits for
-    # "b": the slot goes to the next node waiting for "a", not unused until "b"
-    # frees (SPEC: waiting for a slot never blocks other ready work). Before, the
-    # one woken was parked again under "b" and "a" stayed free, unused.
+    # Both wait for "a"; when it frees, the first still waits for "b": the slot
+    # goes to the next node waiting for "a" (of the same priority), not unused
+    # until "b" frees (SPEC: waiting for a slot never blocks other ready work).
+    # Before, the one woken was parked again under "b" and "a" stayed free.
+    # With a higher priority the first keeps it instead (next test).
     graph = gx.Graph()
     with graph:
         b_frees, both, a_only = holds_b(), needs_a_and_b(), needs_a()
@@ -952,3 +953,20 @@ def test_a_node_waiting_for_two_slots_leaves_a_freed_one_to_the_next_waiter(sche
     run = graph.compute(workers=4, scheduler=scheduler, limits={"a": 1, "b": 1})
     assert run[a_only] < run[b_frees], "the free slot of 'a' waited for 'b'"
     assert run[both] >= run[b_frees]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scheduler", ["threads", "processes"])
+def test_a_freed_slot_is_kept_for_a_higher_priority_node_that_waits_for_another(scheduler):
+    # Handing "a" to every lower-priority node waiting for it starved the urgent
+    # node under a stream of them: it needs "a" and "b" free at once (a review
+    # found it starting only after the whole stream). Kept for it, "a" waits for
+    # "b" with it, and it runs first.
+    graph = gx.Graph()
+    with graph:
+        holds_b()
+        holds_a_briefly()
+        urgent = needs_a_and_b.with_options(priority=10)()
+        after = [needs_a() for _ in range(3)]
+    run = graph.compute(workers=4, scheduler=scheduler, limits={"a": 1, "b": 1})
+    assert all(run[urgent] <= run[n] for n in after)

@@ -439,17 +439,22 @@ class Scheduler:
                 keys = self._limit_keys(i)
                 full = next((k for k in keys if self.in_use.get(k, 0) >= self._cap(k)), None)
                 if full is not None:
-                    heapq.heappush(self.parked.setdefault(full, []), heappop(ready))
+                    entry = heappop(ready)
+                    heapq.heappush(self.parked.setdefault(full, []), entry)
                     # Woken by a slot of another of its keys (or come while one is
-                    # free): that slot goes to the next node waiting for it, or it
-                    # would stay unused until this one's `full` frees.
+                    # free): that slot goes to the next node waiting for it if that
+                    # one's priority is as high (else it would stay unused until
+                    # this one's `full` frees); a lower one's does not take it: it
+                    # stays this node's, which would never run under a stream of
+                    # nodes that need one of its keys.
                     for k in keys:
+                        waiting = self.parked.get(k) if k != full else None
                         if (
-                            k != full
-                            and self.parked.get(k)
+                            waiting
+                            and waiting[0][0] <= entry[0]
                             and self.in_use.get(k, 0) < self._cap(k)
                         ):
-                            self._push_ready(heappop(self.parked[k])[2])
+                            self._push_ready(heappop(waiting)[2])
                     continue
             call = (unsent.pop(i, None) if unsent else None) or self._make_call(i)
             if keys:  # (a shared pool counts them across its runs too)
