@@ -447,6 +447,16 @@ def test_report_of_the_current_directory_is_written_beside_it(project):
 
 
 @pytest.mark.timeout(120)
+def test_report_of_the_parent_directory_is_written_beside_it(project):
+    below = project / "nightly-run" / "below"
+    below.mkdir()
+    done = graphexec("report", "..", cwd=below)
+    assert done.returncode == 0, done.stderr
+    assert (project / "nightly-run.html").exists()
+    assert not list(below.iterdir())  # (not a hidden "...html" here)
+
+
+@pytest.mark.timeout(120)
 def test_a_replay_whose_function_cannot_be_loaded_does_not_say_it_failed_again(
     project, tmp_path_factory
 ):
@@ -487,8 +497,25 @@ def test_cache_commands_on_a_damaged_database_say_so(tmp_path, command):
     done = graphexec("cache", *command, str(tmp_path), cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr.startswith("graphexec: error:"), done.stderr
-    assert "cannot be read as a cache database" in done.stderr
+    assert "is damaged" in done.stderr and "to start a new cache there" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(120)
+def test_cache_commands_on_a_database_with_damaged_pages_say_so(tmp_path, monkeypatch):
+    # It opens (its header is whole), but a query meets a damaged page.
+    fill(tmp_path, monkeypatch)
+    cache_store.CacheStore(tmp_path).flush()
+    conn = sqlite3.connect(tmp_path / cache_store.DB_NAME)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the file itself
+    conn.close()
+    with open(tmp_path / cache_store.DB_NAME, "r+b") as f:
+        f.seek(4096)  # the first page is the header's: the table's pages follow
+        f.write(os.urandom(3 * 4096))
+    done = graphexec("cache", "ls", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.startswith("graphexec: error:"), done.stderr
+    assert "is damaged" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.timeout(120)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import linecache
 import multiprocessing
 import os
 import pickle
@@ -1562,6 +1563,7 @@ def test_workers_talk_over_private_pipes_and_listen_nowhere(start_method):
         ({"memory_limit": 0.5}, ValueError, "memory_limit=0.5 must be positive: a number of bytes"),
         ({"memory_limit": float("inf")}, ValueError, "memory_limit=inf must be positive"),
         ({"memory_limit": float("nan")}, ValueError, "memory_limit=nan must be positive"),
+        ({"memory_limit": "1e400"}, ValueError, "memory_limit='1e400' is not a size"),
         ({"memory_limit": True}, TypeError, "memory_limit= must be bytes"),
         ({"memory_limit": [4]}, TypeError, "memory_limit= must be bytes"),
         ({"memory_limit": "1GB", "scheduler": "sync"}, ValueError, "needs worker processes"),
@@ -1735,3 +1737,34 @@ def test_remembered_stacks_are_bounded(monkeypatch):
             exc = caught
         runtime.format_traceback(exc, exc.__traceback__)
         assert len(runtime._stack_texts) <= 3
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        # trailing spaces only: the line shown is the same, its ^^^ marks move
+        ("def f(d):\n    return d['k'] + 1\n", "def f(d):\n    return d['k'] + 1   \n"),
+        # the second line of a statement over two (shown whole since 3.13)
+        (
+            "def f(d):\n    return (d['k'] +\n        1)\n",
+            "def f(d):\n    return (d['k'] +\n        1)  # edited\n",
+        ),
+    ],
+)
+def test_a_remembered_stack_is_not_shown_once_its_file_changed(tmp_path, before, after):
+    # A warm pool's worker keeps its remembered stacks while the script is edited:
+    # a failure at the same line must show the file as it is now, as the stdlib does.
+    from graphexec._executors import runtime
+
+    path = tmp_path / "edited.py"
+    for text in (before, after):
+        path.write_text(text)
+        namespace: dict = {}
+        exec(compile(text, str(path), "exec"), namespace)
+        try:
+            namespace["f"]({})
+        except KeyError as caught:
+            exc = caught
+        linecache.checkcache(str(path))
+        expected = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        assert runtime.format_traceback(exc, exc.__traceback__) == expected

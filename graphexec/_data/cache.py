@@ -161,6 +161,7 @@ import cloudpickle
 
 from .._model.errors import safe_str
 from .._model.keys import content_hash
+from .._model.node import user_stacklevel
 from .serialize import PROTOCOL, SHM_THRESHOLD, Payload, attach_segment, loads_value
 
 if TYPE_CHECKING:
@@ -349,13 +350,25 @@ class CacheDamaged(Exception):
     """A cache directory's database cannot be opened (it is not an SQLite database)."""
 
 
+def damage_text(root: Any, exc: BaseException) -> str:
+    """What to say of the damaged database of the cache directory ``root``."""
+    return (
+        f"the cache database {Path(root) / DB_NAME} is damaged ({safe_str(exc)}): delete "
+        f"{root} (or move it away) to start a new cache there"
+    )
+
+
 def store_for_run(root: str | os.PathLike[str] | None) -> CacheStore | None:
     """The store a run caches in; None, with a warning, if its database is damaged:
     the run then computes every node without the cache, rather than not at all."""
     try:
         return CacheStore(root)
     except CacheDamaged as exc:
-        warnings.warn(f"{exc}; this run computes without the cache", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{exc}; this run computes without the cache",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
         return None
 
 
@@ -510,10 +523,7 @@ class _Shared:
             self.conn()
         except sqlite3.DatabaseError as exc:  # not a database (a file overwritten, truncated)
             os.close(self.lock_fd)
-            raise CacheDamaged(
-                f"{self.db} cannot be read as a cache database ({safe_str(exc)}): delete "
-                f"{root} (or move it away) to start a new cache there"
-            ) from None
+            raise CacheDamaged(damage_text(root, exc)) from None
         if new:
             _warn_old_layout(root)
 
@@ -827,12 +837,10 @@ class _Shared:
         if not self.warned_damage:
             self.warned_damage = True
             warnings.warn(
-                f"graphexec cache database {self.db} cannot be read ({safe_str(exc)}): "
-                "every entry counts as missing and nodes are recomputed. "
-                f"`graphexec cache clear {self.root}` (or gx.clear_cache(..., "
-                "expired_only=False)) starts it afresh",
+                f"{damage_text(self.root, exc)}; meanwhile every entry counts as missing "
+                "and nodes are recomputed",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
 
     # locks ---------------------------------------------------------------------

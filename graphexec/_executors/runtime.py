@@ -18,6 +18,7 @@ Each step names the ``stage`` that failed (``function``,
 from __future__ import annotations
 
 import io
+import linecache
 import pickle
 import sys
 import traceback
@@ -55,13 +56,12 @@ class _KnownStack(traceback.StackSummary):
     """A stack whose lines, once formatted, are remembered (``_stack_texts``)."""
 
     def format(self, **kwargs: Any) -> list[str]:
+        # A frame by where it is and the source it shows: its statement's lines as
+        # they are now (the stdlib formats from them: the first one unstripped for
+        # the ^^^ marks, every one of a statement over several lines since 3.13),
+        # so an edited file is never shown as it was.
         key = (
-            tuple(
-                [
-                    (f.filename, f.lineno, f.name, f.line, *[getattr(f, a, None) for a in _AT])
-                    for f in self
-                ]
-            ),
+            tuple([(f.name, *[getattr(f, a, None) for a in _AT], *_source(f)) for f in self]),
             tuple(sorted(kwargs.items())),
         )
         text = _stack_texts.get(key)
@@ -74,6 +74,14 @@ class _KnownStack(traceback.StackSummary):
 
 
 _AT = ("end_lineno", "colno", "end_colno")  # a frame's position beyond its line (3.11+)
+
+
+def _source(f: traceback.FrameSummary) -> tuple[str, ...]:
+    """The file and the lines of the statement frame ``f`` was in, as linecache has
+    them (read for the TracebackException just made)."""
+    first = f.lineno or 0
+    last = max(first, getattr(f, "end_lineno", None) or first)
+    return (f.filename, *[linecache.getline(f.filename, k) for k in range(first, last + 1)])
 
 
 def format_traceback(exc: BaseException, tb: Any) -> str:

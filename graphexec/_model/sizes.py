@@ -4,6 +4,7 @@ and listings that print sizes."""
 
 from __future__ import annotations
 
+import math
 import re
 
 # kB/MB/GB are decimal, KiB/MiB/GiB binary; a bare K/M/G is binary, as in `ulimit`.
@@ -19,7 +20,8 @@ def parse_size(text: str) -> int | None:
     found = _SIZE.fullmatch(text.strip().upper().replace(" ", ""))
     if found is None or found.group(2) not in _UNITS:
         return None
-    return int(float(found.group(1)) * _UNITS[found.group(2)])
+    value = float(found.group(1)) * _UNITS[found.group(2)]
+    return int(value) if math.isfinite(value) else None  # ("1e400": no size)
 
 
 def size_text(n: float, binary: bool = False) -> str:

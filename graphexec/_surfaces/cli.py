@@ -33,6 +33,7 @@ import math
 import os
 import re
 import reprlib
+import sqlite3
 import sys
 import time
 import traceback
@@ -225,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.handler(args)
         except cache_store.CacheDamaged as exc:
             raise CommandError(str(exc)) from None
+        except sqlite3.DatabaseError as exc:  # it opened, but its pages are damaged
+            raise CommandError(cache_store.damage_text(getattr(args, "dir", "?"), exc)) from None
     except CommandError as exc:
         print(f"graphexec: error: {exc}", file=sys.stderr)
         return ERROR
@@ -252,8 +255,11 @@ def _report(args: argparse.Namespace) -> None:
         ) from None
     if args.output is not None:
         target: Path = args.output
-    else:  # beside the file or directory (resolved: "." has no name to give a suffix)
-        target = (source if source.name else source.resolve()).with_suffix(".html")
+    else:  # beside the file or directory (resolved: "." or ".." has no name of its own)
+        resolved = source.resolve()
+        if not resolved.name:
+            raise CommandError(f"{source} has no name to write its report beside: give -o FILE")
+        target = resolved.with_suffix(".html")
     try:
         written = run.to_html(target)
     except OSError as exc:
