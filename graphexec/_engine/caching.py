@@ -333,7 +333,7 @@ class CacheGate:
                 if n == 1 and not tail:  # items_hash of one item: nothing to sort or join
                     h = start.copy()
                     h.update(b"dict:1{" + names[0] + argument_digest(args[0]) + b"}")
-                    return str(h.hexdigest())
+                    return h.hexdigest()
                 items = [names[k] + argument_digest(a) for k, a in enumerate(args)]
                 items += tail
                 return items_hash(start, items)
