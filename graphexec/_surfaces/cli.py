@@ -256,10 +256,10 @@ def _report(args: argparse.Namespace) -> None:
     if args.output is not None:
         target: Path = args.output
     else:  # beside the file or directory (resolved: "." or ".." has no name of its own)
-        resolved = source.resolve()
-        if not resolved.name:
+        named = source if source.name not in ("", "..") else source.resolve()
+        if not named.name:
             raise CommandError(f"{source} has no name to write its report beside: give -o FILE")
-        target = resolved.with_suffix(".html")
+        target = named.with_suffix(".html")
     try:
         written = run.to_html(target)
     except OSError as exc:
