@@ -101,7 +101,9 @@ def fn_name(fn: Any) -> str:
 
 def _a_node_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Node | None:
     """A node among a plain call's arguments (and in the lists, tuples, sets and dicts
-    they are), if there is one; none is looked for deeper."""
+    they are), if there is one; none is looked for deeper. Not ``walk.find_nodes``,
+    which goes to any depth: a plain call (a task called inside another) may carry
+    large containers, and this runs at every one of them."""
     for value in (*args, *kwargs.values()):
         if type(value) is Node:
             return value
