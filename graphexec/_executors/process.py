@@ -782,11 +782,12 @@ class ProcessPool:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         wid = self._next_id
         self._next_id += 1
-        self._guard.start()  # the shell starts while the worker does, not after it
         # The worker tells the guard its pid itself, first thing, before it can
         # run a call: this process learns the pid only when it next polls
         # (_ForkServerPopen), and a task holding the GIL would keep the
-        # worker's own watchdog from acting if we died meanwhile.
+        # worker's own watchdog from acting if we died meanwhile. The guard's
+        # pipe exists now; its shell starts once the worker's fork is asked for.
+        self._guard.open()
         guard_fd = self._guard.fileno()
         guard = _InheritedFd(guard_fd) if guard_fd is not None else None
         steal_r, steal_w = os.pipe()  # (both close on exec: the child gets a duplicate)
@@ -810,6 +811,10 @@ class ProcessPool:
         finally:
             child_conn.close()
             os.close(steal_r)
+        # Started after the worker's fork was asked for, so that both start at once:
+        # starting the shell keeps this thread for 1.5 to 2 ms (until its exec), a
+        # fifth of a cold compute's start, which the fork no longer waits behind.
+        self._guard.start()
         w = _Worker(wid, process, parent_conn, self.max_calls)
         w.ctrl = steal_w
         self._workers[wid] = w
@@ -1881,30 +1886,44 @@ class _Guard:
         self._label = label  # names the pool on the guard's command line (ps)
         self._shell: subprocess.Popen[bytes] | None = None
         self._pipe: Any = None
+        self._read_end = -1  # the shell's input, until the shell has it
         self.unreaped = False  # the shell that started the guard is still our child
 
+    def open(self) -> None:
+        """Make the shell's input pipe, if not yet: a worker may write its ``+pid``
+        line there before the shell runs (the pipe keeps it)."""
+        if self._shell is None and self._pipe is None and os.path.exists("/bin/sh"):
+            r, w = os.pipe()  # (both close on exec)
+            # (closed by close(), or by start() if the shell cannot start)
+            self._read_end, self._pipe = r, open(w, "wb", buffering=0)  # noqa: SIM115
+
     def start(self) -> None:
-        """Start the shell, if not yet (before the first worker: it starts meanwhile)."""
-        if self._shell is None and os.path.exists("/bin/sh"):
-            try:
-                self._shell = subprocess.Popen(
-                    [
-                        "/bin/sh",
-                        "-c",
-                        self.SCRIPT,
-                        "graphexec-guard",
-                        f"gx-{os.getpid()}-",
-                        self._label,
-                    ],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-                self._pipe = self._shell.stdin
-                self.unreaped = True
-            except OSError:  # no guard: the workers' own watchdogs still work
-                self._shell = None
+        """Start the shell on the pipe of :meth:`open`, if not yet."""
+        if self._shell is not None or self._read_end < 0:
+            return
+        try:
+            self._shell = subprocess.Popen(
+                [
+                    "/bin/sh",
+                    "-c",
+                    self.SCRIPT,
+                    "graphexec-guard",
+                    f"gx-{os.getpid()}-",
+                    self._label,
+                ],
+                stdin=self._read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            self.unreaped = True
+        except OSError:  # no guard: the workers' own watchdogs still work
+            self._shell = None
+            self._pipe.close()  # a worker's line, or ours, then fails at once (EPIPE)
+            self._pipe = None
+        finally:
+            os.close(self._read_end)
+            self._read_end = -1
 
     def reap(self) -> None:
         """Reap the shell that started the guard once it has exited (it forks the guard
@@ -1940,6 +1959,9 @@ class _Guard:
     def close(self) -> None:
         """Dismiss the guard (the pool stopped its workers itself)."""
         self._tell("bye")
+        if self._read_end >= 0:  # opened, never started (the worker's start failed)
+            os.close(self._read_end)
+            self._read_end = -1
         if self._pipe is not None:
             try:
                 self._pipe.close()
