@@ -12,6 +12,7 @@ Crash, resume and concurrency tests run small scripts in subprocesses; see
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import importlib
@@ -833,6 +834,71 @@ def test_task_input_hash_differs_when_content_differs():
     assert _hash({"x": Knob([1, 2])}) == _hash({"x": Knob([1, 2])})
     assert _hash({"x": 1}) != _hash({"x": 1}, task=add)
     assert _hash({"x": 1}) != _hash({"y": 1})
+
+
+class _TaggedList(list):
+    """A list subclass with an attribute of its own (its items do not show it)."""
+
+
+def _tagged(items, tag=None):
+    out = _TaggedList(items)
+    if tag is not None:
+        out.tag = tag
+    return out
+
+
+def test_task_input_hash_tells_container_subclasses_by_what_makes_them_differ():
+    """An OrderedDict's order, a defaultdict's default and a subclass's attributes are
+    part of the argument: equal items with another of those never share a key (a
+    wrong hit: the function would see another order, another missing-key value)."""
+    Pair = collections.namedtuple("Pair", "a b")
+    variants = [
+        collections.OrderedDict([("a", 1), ("b", 2)]),
+        collections.OrderedDict([("b", 2), ("a", 1)]),
+        collections.defaultdict(int),
+        collections.defaultdict(list),
+        collections.defaultdict(int, {"a": 1}),
+        collections.defaultdict(None, {"a": 1}),
+        {"a": 1},
+        _tagged([1, 2]),
+        _tagged([1, 2], tag="x"),
+        _tagged([1, 2], tag="y"),
+        [1, 2],
+        Pair(1, 2),
+        (1, 2),
+    ]
+    digests = [_hash({"x": v}) for v in variants]
+    assert len(set(digests)) == len(variants)
+    # equal arguments, equal keys: the same order, default and attributes
+    assert _hash({"x": collections.OrderedDict([("a", 1), ("b", 2)])}) == digests[0]
+    assert _hash({"x": collections.defaultdict(list)}) == digests[3]
+    assert _hash({"x": _tagged([1, 2], tag="x")}) == digests[8]
+    assert _hash({"x": Pair(1, 2)}) == digests[11]
+
+
+@gx.task(cache=True)
+def _first_key(mapping):
+    return next(iter(mapping))
+
+
+@gx.task(cache=True)
+def _missing_key(mapping):
+    return mapping["nope"]
+
+
+def test_an_ordered_dict_or_defaultdict_never_hits_another_ones_entry(tmp_path):
+    def run(task, arg):
+        graph = gx.Graph()
+        with graph:
+            node = task(arg)
+        run = graph.compute(scheduler="sync", cache_dir=tmp_path)
+        return run[node], run.state(node).name
+
+    assert run(_first_key, collections.OrderedDict([("a", 1), ("b", 2)])) == ("a", "Completed")
+    assert run(_first_key, collections.OrderedDict([("b", 2), ("a", 1)])) == ("b", "Completed")
+    assert run(_first_key, collections.OrderedDict([("b", 2), ("a", 1)])) == ("b", "Cached")
+    assert run(_missing_key, collections.defaultdict(int)) == (0, "Completed")
+    assert run(_missing_key, collections.defaultdict(list)) == ([], "Completed")
 
 
 def test_task_identity_covers_what_the_task_runs():

@@ -17,6 +17,7 @@ Part of the model: a key is a property of a call, whatever stores the value.
 
 from __future__ import annotations
 
+import collections
 import copyreg
 import dataclasses
 import functools
@@ -267,13 +268,26 @@ def _feed(h: Any, obj: Any, depth: int = 0) -> None:
             else:
                 _feed(h, item, depth + 1)
         h.update(b"]")
+        if kind is not list and kind is not tuple:
+            _feed_subclass_state(h, obj, depth)
     elif isinstance(obj, dict):
-        # Order-independent, like a dict's equality: sort the items' own digests.
-        items = sorted(_sub(k, depth) + _sub(v, depth) for k, v in obj.items())
+        if isinstance(obj, collections.OrderedDict):
+            # Its order is part of its equality (and of what a function sees first).
+            items = [_sub(k, depth) + _sub(v, depth) for k, v in obj.items()]
+        else:  # order-independent, like a dict's equality: sort the items' own digests
+            items = sorted(_sub(k, depth) + _sub(v, depth) for k, v in obj.items())
         h.update(f"{kind.__qualname__}:{len(items)}{{".encode() + b"".join(items) + b"}")
+        if kind is not dict:
+            if isinstance(obj, collections.defaultdict):
+                # What a missing key gives: defaultdict(int) and defaultdict(list) differ.
+                h.update(b"default:")
+                _feed(h, obj.default_factory, depth + 1)
+            _feed_subclass_state(h, obj, depth)
     elif isinstance(obj, (set, frozenset)):
         items = sorted(_sub(v, depth) for v in obj)
         h.update(f"set:{len(items)}{{".encode() + b"".join(items) + b"}")
+        if kind is not set and kind is not frozenset:
+            _feed_subclass_state(h, obj, depth)
     elif _is_ndarray(obj):
         import numpy as np
 
@@ -297,6 +311,17 @@ def _feed(h: Any, obj: Any, depth: int = 0) -> None:
         _feed_object(h, obj, depth)
     else:
         _feed_pickle(h, obj)
+
+
+def _feed_subclass_state(h: Any, obj: Any, depth: int) -> None:
+    """A container subclass's own attributes (its instance ``__dict__``), which its
+    items do not show: two instances with equal items but other attributes are
+    other arguments. None (a namedtuple, a plain subclass): nothing is fed, and the
+    key is its items' and its class name's, as before."""
+    state = getattr(obj, "__dict__", None)
+    if state:
+        h.update(b"attributes:")
+        _feed(h, state, depth + 1)
 
 
 # What object's own reduce names to rebuild an instance (typeshed does not list it).
