@@ -98,6 +98,29 @@ def test_a_node_passed_to_a_task_outside_a_graph_says_so(how):
         call()
 
 
+@pytest.mark.parametrize("how", ["bare", "in a list", "after the block"])
+def test_a_future_passed_to_a_plain_call_outside_a_flow_says_so(how):
+    # Inside `with gx.Pool():` (or after it) a plain call runs at once, here: a future
+    # among its arguments reached the function ("unsupported operand type(s) for +:
+    # 'Future' and 'int'"). In a flow a plain call runs on the flow's pool and
+    # receives the future's value.
+    with gx.Pool(workers=1):
+        future = inc.submit(1)
+        assert future.result() == 2
+        if how == "bare":
+            with pytest.raises(TypeError, match=r"called with the future of inc-0 outside a flow"):
+                inc(future)
+        elif how == "in a list":
+            with pytest.raises(TypeError, match=r"future\.result\(\)"):
+                plain_task([1, future])
+        with pytest.raises(TypeError, match=r"\.submit\(\.\.\., wait_for=\.\.\.\)"):
+            inc(1, wait_for=[future])
+        assert inc.submit(future).result() == 3  # the way to pass it
+    if how == "after the block":
+        with pytest.raises(TypeError, match=r"called with the future of inc-0 outside a flow"):
+            inc(future)
+
+
 @gx.task
 def plain_task(values):
     return values

@@ -105,11 +105,11 @@ def _a_node_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Node | None:
     which goes to any depth: a plain call (a task called inside another) may carry
     large containers, and this runs at every one of them."""
     for value in (*args, *kwargs.values()):
-        if type(value) is Node:
+        if isinstance(value, Node):  # (a future of the eager API is one too)
             return value
         if isinstance(value, (list, tuple, set, frozenset, dict)):
             for item in value.values() if isinstance(value, dict) else value:
-                if type(item) is Node:
+                if isinstance(item, Node):
                     return item
     return None
 
@@ -254,15 +254,25 @@ class Task:
             call_allows = overrides.get("allow_failure") is True
         if wait_for:
             raise TypeError(
-                f"{self.name}() called with wait_for= outside a graph: there is nothing to wait "
-                "for; call it inside `with graph:` to build a node"
+                f"{self.name}() called with wait_for= outside a graph or a flow: a plain call "
+                "runs at once, in this process, and waits for nothing. Call it inside `with "
+                "graph:` to build a node, or start it with .submit(..., wait_for=...) in a "
+                "flow or a `with gx.Pool():` block"
             )
         node = _a_node_in(args, kwargs)
         if node is not None:  # (else the function gets a Node, and fails on it obscurely)
-            raise TypeError(
-                f"{self.name}() called with the node {node.name} outside a graph: a node's "
-                "value exists only once its graph is computed. Call it inside `with graph:` "
-                "to build a node, or pass the value (run[node], node.result())"
+            if type(node) is Node:
+                raise TypeError(
+                    f"{self.name}() called with the node {node.name} outside a graph: a "
+                    "node's value exists only once its graph is computed. Call it inside "
+                    "`with graph:` to build a node, or pass the value (run[node], "
+                    "node.result())"
+                )
+            raise TypeError(  # a future, outside a flow (a flow's plain call resolves it)
+                f"{self.name}() called with the future of {node.name} outside a flow: a plain "
+                "call runs at once, in this process, and would get the future itself. Pass "
+                "its value (future.result()), or start the call with .submit(), which "
+                "waits for the future and receives its value"
             )
         if opts.return_state:
             return State.from_call(self.name, self.fn, args, kwargs)
