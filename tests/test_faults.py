@@ -172,6 +172,20 @@ class TrappedError(Exception):
         return (_rebuild_only_in_a_worker, self.args)
 
 
+def _exit_in_the_parent(message):
+    if multiprocessing.parent_process() is None:  # the test process: as a module whose
+        raise SystemExit(9)  # import calls sys.exit() would
+    return ExitTrappedError(message)
+
+
+class ExitTrappedError(Exception):
+    """Unpickling it in the parent raises SystemExit: one node's failure all the same,
+    never the end of compute() (the run's other results are kept)."""
+
+    def __reduce__(self):
+        return (_exit_in_the_parent, self.args)
+
+
 class BrokenStrError(Exception):
     def __str__(self):
         raise RuntimeError("__str__ is broken")
@@ -185,6 +199,8 @@ def raise_(kind):
         raise HoldsALockError("holds a lock")
     if kind == "parent-refuses":
         raise TrappedError("trapped")
+    if kind == "parent-exits":
+        raise ExitTrappedError("exits")
     if kind == "plain":
         raise PlainError("plain failure")
     if kind == "system-exit":
@@ -974,6 +990,7 @@ def test_an_unpicklable_result_fails_its_node_naming_the_type(backend, kind, typ
         ("keyword-only", "KeywordOnlyError", "failed with code 7"),
         ("lock-attribute", "HoldsALockError", "holds a lock"),
         ("parent-refuses", "TrappedError", "trapped"),
+        ("parent-exits", "ExitTrappedError", "exits"),
     ],
 )
 def test_an_exception_that_cannot_travel_keeps_type_message_and_traceback(

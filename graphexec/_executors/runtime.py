@@ -268,7 +268,9 @@ def load_exception(
     type_name, text = summary if summary is not None else (None, None)
     try:
         exc = pickle.loads(blob)
-    except Exception as why:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as why:  # SystemExit too (a module whose import exits): one node's
         what = f"{type_name}: {text}" if type_name else "an exception"
         exc = RemoteError(
             f"{name} raised {what} (it could not be unpickled in the parent: "
