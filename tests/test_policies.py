@@ -351,6 +351,24 @@ def test_task_option_return_state(compute):
     assert run[good] == 3  # the node's own value is still its value
 
 
+@gx.task
+def keeps(value):
+    return {"kept": value}
+
+
+def test_a_state_a_target_keeps_is_its_own_after_the_upstream_is_released(compute):
+    # The upstream is not a target: its value is released once its one user ran.
+    # In-process (sync, threads) the dependent received the scheduler's own State,
+    # whose value the release then took from under the kept target.
+    graph = gx.Graph()
+    with graph:
+        kept = keeps(stateful([1, 1]))
+    run = compute(graph, kept)
+    state = run[kept]["kept"]
+    assert state.name == "Completed"
+    assert state.result() == [1, 1]
+
+
 def test_task_option_return_state_skipped_chain(compute):
     graph = gx.Graph()
     with graph:

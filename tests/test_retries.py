@@ -414,6 +414,11 @@ def test_retry_predicate_that_raises_stops_retrying(compute, tmp_path, caplog):
     assert state.attempts == 1
     assert isinstance(state.exception, ValueError)  # the task's failure, not the predicate's
     assert "bug in predicate" in caplog.text
+    # and the state says why retries=3 never happened (run.summary() shows it)
+    assert (
+        "not retried: its retry_on/retry_condition_fn raised RuntimeError: bug in predicate"
+        in state.message
+    )
 
 
 # -- exponential_backoff ------------------------------------------------------------------------

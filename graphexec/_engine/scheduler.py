@@ -86,6 +86,7 @@ stay remote (a dask cluster) and a flow's values are loaded when read;
 
 from __future__ import annotations
 
+import copy
 import functools
 import heapq
 import logging
@@ -127,7 +128,9 @@ def value_for_dependent(graph: Graph, states: list[State | None], up: int) -> An
     state = states[up]
     assert state is not None  # an upstream is final before its dependent runs
     if graph._opts[up].return_state:
-        return state
+        # A copy: the scheduler's own State has its value released once its last
+        # user ran, and a dependent (in this process: sync, threads) may keep this.
+        return copy.copy(state)
     if state.is_completed():
         return state._value
     return state.exception
@@ -650,8 +653,16 @@ class Scheduler:
         ):
             try:
                 again = should_retry(opts, error, failed, self.graph._tasks[i])
-            except Exception:
+            except Exception as exc:  # the user's predicate: this node only, and it says so
                 logger.exception("retry_on/retry_condition_fn of %s raised; not retrying", name)
+                failed = State(
+                    FAILED,
+                    name,
+                    exception=error,
+                    history=history,
+                    message=f"{failed.message} (not retried: its retry_on/retry_condition_fn "
+                    f"raised {type(exc).__name__}: {safe_str(exc)})",
+                )
                 again = False
             if again:
                 try:

@@ -256,6 +256,15 @@ class State:
         """True if the value was freed during the run."""
         return self._value is _RELEASED
 
+    def __copy__(self) -> State:
+        """A State of its own with the same fields (its history list too)."""
+        twin = State.__new__(State)
+        for slot in State.__slots__:
+            setattr(twin, slot, getattr(self, slot))
+        if twin._history is not None:
+            twin._history = list(twin._history)
+        return twin
+
     def __reduce__(self) -> Any:
         # Sent to a worker (return_state=True) or pickled with a Run: unpickled
         # strings are new objects, so the name is restored to the canonical one.
