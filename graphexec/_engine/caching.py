@@ -326,14 +326,14 @@ class CacheGate:
             plan = self._plans.get(task)
             if plan is None:
                 plan = self._plans[task] = self._flat_plan(task)
-            start, names, tails = plan
+            start, names, tails, one = plan
             n = len(args)
+            if n == 1 and one:  # items_hash of one item: nothing to sort or join
+                h = start.copy()
+                h.update(one + argument_digest(args[0]) + b"}")
+                return h.hexdigest()
             tail = tails[n] if n <= len(names) else None
             if tail is not None:
-                if n == 1 and not tail:  # items_hash of one item: nothing to sort or join
-                    h = start.copy()
-                    h.update(b"dict:1{" + names[0] + argument_digest(args[0]) + b"}")
-                    return h.hexdigest()
                 items = [names[k] + argument_digest(a) for k, a in enumerate(args)]
                 items += tail
                 return items_hash(start, items)
@@ -342,18 +342,21 @@ class CacheGate:
             warnings.warn(f"{graph._names[i]} is not cached: {exc}", RuntimeWarning, stacklevel=3)
             return None
 
-    def _flat_plan(self, task: Any) -> tuple[Any, tuple[bytes, ...], list[list[bytes] | None]]:
+    def _flat_plan(
+        self, task: Any
+    ) -> tuple[Any, tuple[bytes, ...], list[list[bytes] | None], bytes]:
         """What :meth:`_flat_key` needs of a task, once per run: the hash fed with its
-        identity, its parameters' digests, and for n positional arguments the items
-        of the defaults after them (None: a parameter would have no value, or its
-        default no digest; then the general path says what to do)."""
+        identity, its parameters' digests, for n positional arguments the items of
+        the defaults after them (None: a parameter would have no value, or its
+        default no digest; then the general path says what to do), and what the
+        one item of a one-argument call follows (b"": not that case)."""
         identity = self.identities.get(task)
         if identity is None:
             identity = self.identities[task] = task_identity(task)
         start = identity_hasher(identity)
         simple = self._spec(task)[1]
         if simple is None:
-            return start, (), [None]
+            return start, (), [None], b""
         names, defaults = simple
         digests = tuple(argument_digest(name) for name in names)
         tails: list[list[bytes] | None] = [None] * (len(names) + 1)
@@ -368,7 +371,9 @@ class CacheGate:
                 except Unhashable:
                     tail = None
             tails[k] = tail
-        return start, digests, tails
+        # items_hash's text around the one item, as it would join it
+        one = b"dict:1{" + digests[0] if len(digests) >= 1 and tails[1] == [] else b""
+        return start, digests, tails, one
 
     def _hand_over(self, job: _KeyJob) -> Verdict:
         """Have the keying thread compute this key."""

@@ -233,12 +233,6 @@ def items_hash(start: Any, items: list[bytes]) -> str:
     return h.hexdigest()
 
 
-def argument_digest(obj: Any) -> bytes:
-    """The digest of an argument's name or value as an item of the arguments
-    (``_sub``), for :func:`items_hash`."""
-    return _sub(obj, 0)
-
-
 def content_hash(obj: Any) -> str:
     """Hash of a value by content (raises Unhashable)."""
     h = hashlib.sha256()
@@ -403,7 +397,7 @@ SHORT_STR = 64  # strings up to this long have their digest remembered...
 SHORT_STR_KEPT = 4096  # ...this many of them
 
 
-def _sub(obj: Any, depth: int) -> bytes:
+def _sub(obj: Any, depth: int = 0) -> bytes:
     """The digest of ``obj`` alone (a dict's item): what ``_feed`` gives a new hash.
 
     A dict of arguments is hashed item by item (its order must not matter), so
@@ -427,6 +421,12 @@ def _sub(obj: Any, depth: int) -> bytes:
     h = hashlib.sha256()
     _feed(h, obj, depth + 1)
     return h.digest()
+
+
+# The digest of an argument's name or value as an item of the arguments, for
+# items_hash: _sub itself (not a function calling it: a parameter sweep's key
+# makes one per node, on the scheduler's thread).
+argument_digest = _sub
 
 
 def _is_ndarray(obj: Any) -> bool:
