@@ -1161,6 +1161,42 @@ def test_a_value_only_passed_on_is_loaded_by_its_consumers_worker(pool, task, ca
     assert run[after] in ("TrappedError", "_ExitsInTheParent")
 
 
+class _NeverRebuilds:
+    """Pickles anywhere, unpickles nowhere."""
+
+    def __reduce__(self):
+        return (_refuse_to_rebuild, ())
+
+
+def _refuse_to_rebuild():
+    raise RuntimeError("cannot rebuild")
+
+
+@gx.task
+def returns_what_never_rebuilds():
+    return _NeverRebuilds()
+
+
+@pytest.mark.timeout(30)
+def test_an_input_that_does_not_rebuild_in_the_consumers_worker_is_named(pool):
+    # The consumer fails (it is the one that cannot start), and its error names the
+    # upstream whose value did not rebuild: the worker knows only its index.
+    graph = gx.Graph()
+    with graph:
+        maker = returns_what_never_rebuilds()
+        after = takes(maker)
+        fine = double(2)
+    run = graph.compute(after, fine, pool=pool, raise_on_failure=False)
+    assert run.state(maker).name == "Completed"
+    error = run.state(after).exception
+    assert type(error) is gx.SerializationError and error.stage == "unpickle-arguments"
+    assert error.upstream == maker.name
+    assert f"the value of {maker.name}, its input, did not rebuild" in str(error)
+    assert "RuntimeError: cannot rebuild" in str(error)
+    assert f"the value of {maker.name}" in run.state(after).message
+    assert run[fine] == 4
+
+
 def test_reading_a_value_whose_unpickling_exits_raises_serialization_error():
     # What a flow's future or a cluster value meets: loaded when read, not before.
     state = gx.State("Completed", "loaded-late", value=Payload(pickle.dumps(_ExitsInTheParent())))

@@ -136,6 +136,15 @@ def value_for_dependent(graph: Graph, states: list[State | None], up: int) -> An
     return state.exception
 
 
+def _name_the_input(error: SerializationError, names: list[str]) -> None:
+    """An input whose value a worker could not unpickle, named: the worker knows
+    its node's index only (``runtime.arguments_unpickle_error``)."""
+    up = getattr(error, "input_node", None)
+    if isinstance(up, int) and 0 <= up < len(names) and error.args:
+        error.upstream = names[up]
+        error.args = (str(error.args[0]).replace(f"node #{up}", names[up], 1), *error.args[1:])
+
+
 class Scheduler:
     """Runs the members of one :class:`Run` on one executor. See the module docstring."""
 
@@ -631,6 +640,8 @@ class Scheduler:
                 state = State(COMPLETED, name, value, None, history)
             self._finish(i, state)
             return
+        if type(error) is SerializationError and error.stage == "unpickle-arguments":
+            _name_the_input(error, self.graph._names)
         attempt = Attempt(call.number, call.started, call.finished, call.worker, error)
         history = self.history.setdefault(i, [])
         history.append(attempt)

@@ -114,12 +114,27 @@ def unloadable_error(name: str, fn: Unloadable, where: str, advice: str) -> Seri
     )
 
 
-def arguments_unpickle_error(name: str, exc: BaseException, where: str) -> SerializationError:
-    """The error of a call whose arguments could not be unpickled on ``where``."""
+def arguments_unpickle_error(
+    name: str, exc: BaseException, where: str, input_node: int | None = None
+) -> SerializationError:
+    """The error of a call whose arguments could not be unpickled on ``where``;
+    ``input_node``: the upstream whose value it was (the scheduler puts its name,
+    ``.upstream``, in the message: a worker knows its index only)."""
+    if input_node is None:
+        return SerializationError(
+            f"the arguments of {name} could not be unpickled {where}: {type(exc).__name__}: {exc}",
+            node=name,
+            stage="unpickle-arguments",
+        )
     return SerializationError(
-        f"the arguments of {name} could not be unpickled {where}: {type(exc).__name__}: {exc}",
+        f"the arguments of {name} could not be unpickled {where}: the value of node "
+        f"#{input_node}, its input, did not rebuild ({type(exc).__name__}: {exc}). That "
+        "node completed: its value pickles, but unpickling it fails (a __reduce__ or "
+        "__setstate__ that raises, a class or module missing in the worker); the "
+        "traceback shows where",
         node=name,
         stage="unpickle-arguments",
+        input_node=input_node,
     )
 
 

@@ -395,14 +395,17 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
             fn.tb,
         )
 
+    dep = None  # the input being loaded (its node is named in the error)
     try:
-        if deps:
-            values.update((dep[0], loads_value(dep[1])) for dep in deps if len(dep) == 2)
+        for dep in deps:
+            if len(dep) == 2:
+                values[dep[0]] = loads_value(dep[1])
+        dep = None
         args, kwargs = decode_call(encoded, values)
     except BaseException as exc:
         return fail(
             "unpickle-arguments",
-            arguments_unpickle_error(name, exc, "in the worker"),
+            arguments_unpickle_error(name, exc, "in the worker", None if dep is None else dep[0]),
             traceback.format_exc(),
         )
 

@@ -128,9 +128,13 @@ class SerializationError(TaskFailure):
 
     ``.stage`` is one of ``"function"``, ``"arguments"``, ``"unpickle-arguments"``,
     ``"result"``, ``"unpickle-result"``, or ``"exception"`` (a :class:`RemoteError`).
+    At ``"unpickle-arguments"``, ``.upstream`` names the input node whose value did
+    not rebuild in the worker, when it was a node's value (else None).
     """
 
     stage: str | None = None
+    upstream: str | None = None
+    input_node: int | None = None  # the worker's: that input's index, named by the scheduler
 
 
 class RemoteError(SerializationError):
