@@ -316,11 +316,36 @@ def test_retry_delay_seconds_alias(compute, tmp_path):
     assert gaps(run.state(node).history)[0] >= 0.05 - TOLERANCE
 
 
+@gx.task
+def _sleeps(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def test_timeout_seconds_alias(pool):
+    # Prefect's spelling of timeout=: the same option, enforced the same way (on a
+    # process pool: sync cannot stop a call that runs in the caller's thread).
+    task = _sleeps.with_options(timeout_seconds=0.3)
+    assert task.options.timeout == 0.3
+    graph = gx.Graph()
+    with graph:
+        slow = task(30)
+        quick = _sleeps(0)
+    started = time.monotonic()
+    run = graph.compute(pool=pool, raise_on_failure=False)
+    state = run.state(slow)
+    assert state.name == "Failed" and isinstance(state.exception, gx.TaskTimeout)
+    assert run[quick] == 0
+    assert time.monotonic() - started < 20  # not the task's 30 s
+
+
 def test_aliases_and_their_originals_are_exclusive():
     with pytest.raises(TypeError, match="alias"):
         gx.task(retry_delay=1, retry_delay_seconds=1)(bump)
     with pytest.raises(TypeError, match="alias"):
         gx.task(retry_on=ValueError, retry_condition_fn=lambda e: True)(bump)
+    with pytest.raises(TypeError, match="alias"):
+        gx.task(timeout=1, timeout_seconds=1)(bump)
 
 
 # -- retry_on ---------------------------------------------------------------------------------
