@@ -153,6 +153,35 @@ def test_replay_raises_the_same_error_on_the_same_inputs(compute):
     )
 
 
+@gx.task
+def _sleeps(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_cancelled_node_names_the_runs_failure_even_once_it_was_handled():
+    # The flow looked at fails-0's failure (a caught .result()), then its body raised
+    # while _sleeps-0 still ran: _sleeps-0 is Cancelled, and nothing is unhandled.
+    @gx.flow(workers=2)
+    def body():
+        failing = fails.submit(1)
+        _sleeps.submit(5)
+        try:
+            failing.result()
+        except KeyError:
+            pass
+        raise RuntimeError("the body gives up")
+
+    with pytest.raises(RuntimeError) as info:
+        body()
+    run = info.value.run
+    assert [n.name for n in run.failed] == ["fails-0"]
+    assert run.state("_sleeps-0").name == "Cancelled"
+    with pytest.raises(ValueError, match=r"Cancelled.*run\.replay\('fails-0'\)") as refused:
+        run.replay("_sleeps-0")
+    assert "No node of this run failed" not in str(refused.value)
+
+
 @pytest.mark.parametrize("scheduler", ALL_SCHEDULERS)
 def test_replay_returns_when_it_does_not_fail_again(compute, tmp_path):
     with gx.Graph() as g:

@@ -135,8 +135,10 @@ def _root(run: Run, i: int) -> str:
                 roots.append(up)
             elif st.name is SKIPPED or st.name is CANCELLED:
                 todo.append(up)
-    if not roots:
-        roots = [n.index for n in run.unhandled[:1]]
+    if not roots:  # cancelled (fail_fast, a flow body that raised): the run's failure
+        # that nobody handled, else its first failure (one handled by a caught
+        # .result() still names the node to replay)
+        roots = [n.index for n in (run.unhandled or run.failed)[:1]]
     if not roots:
         return "No node of this run failed."
     first = graph._names[min(roots)]
