@@ -257,7 +257,10 @@ class State:
         return self._value is _RELEASED
 
     def __copy__(self) -> State:
-        """A State of its own with the same fields (its history list too)."""
+        """A State of its own with the same fields, its history list copied (the
+        scheduler's grows with the next attempt; a first try's numbers, not yet made
+        into a list, are a tuple: shared as they are). What hooks and dependents
+        receive: the scheduler's own may be released or retried meanwhile."""
         twin = State.__new__(State)
         for slot in State.__slots__:
             setattr(twin, slot, getattr(self, slot))

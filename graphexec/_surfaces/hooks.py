@@ -36,6 +36,7 @@ logger with its traceback, and changes nothing.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -243,24 +244,6 @@ def hook_wait() -> float:
     return max(seconds, 0.0)
 
 
-def _copy(state: State) -> State:
-    # (the history list is the scheduler's, and grows with the next attempt; a
-    # first try's numbers, not yet made into a list, are a tuple: shared as is)
-    history = state._history
-    copy = State(
-        state.name,
-        state.node,
-        state._value,
-        state.exception,
-        None if history is None else list(history),
-        state.upstream,
-        state.message,
-    )
-    if history is None:
-        copy._attempt = state._attempt
-    return copy
-
-
 _START, _NODE_START, _RETRY, _FINISH, _END, _BARRIER = range(6)
 
 
@@ -333,7 +316,7 @@ class Dispatch:
                 o.on_node_retry(node, state)
         hooks = self._graph._opts[i].on_retry
         if hooks or self._queued:
-            self._put((_RETRY, i, _copy(state), hooks))
+            self._put((_RETRY, i, copy.copy(state), hooks))
 
     def finished(self, i: int, state: State) -> None:
         if self._ran:
@@ -353,7 +336,7 @@ class Dispatch:
         if hooks or self._queued:
             if completed and (hooks or self._holds):
                 self._busy.add(i)
-            self._put((_FINISH, i, _copy(state), hooks))
+            self._put((_FINISH, i, copy.copy(state), hooks))
 
     def hold(self, i: int, state: State) -> bool:
         """The scheduler is about to release node i's value: keep it if a hook is due.
