@@ -167,6 +167,39 @@ def test_run_hooks_completion_and_failure(backend, compute):
     assert calls == [(bad_graph, False)]
 
 
+def test_prefect_run_hooks_read_the_flow_run_and_its_state_as_prefects_do(scheduler):
+    # Prefect's notification hook, as its docs write it: flow_run.name, state.name,
+    # state.message, state.is_failed(). The third argument was the Run again, and
+    # such a hook raised AttributeError (logged only: nothing was notified).
+    said = []
+
+    def notify(flow, flow_run, state):
+        said.append((flow.name, flow_run.name, state.name, state.is_failed(), state.message))
+
+    options = {"workers": 0} if scheduler == "sync" else {"workers": 2}
+
+    @gx.flow(on_failure=[notify], on_completion=[notify], **options)
+    def nightly(fail):
+        square(3)
+        if fail:
+            explode(1)
+
+    nightly(False)
+    with pytest.raises(ValueError):
+        nightly(True)
+    assert said[0] == ("nightly", "nightly", "Completed", False, "1 completed")
+    flow, run_name, name, failed, message = said[1]
+    assert (flow, run_name, name, failed) == ("nightly", "nightly", "Failed", True)
+    assert "1 failed" in message and "first failure: explode-0 (ValueError: " in message
+
+    said.clear()
+    graph = gx.Graph("sweep")
+    with graph:
+        explode(2)
+    graph.compute(on_failure=[notify], raise_on_failure=False, scheduler="sync")
+    assert said[0][:4] == ("sweep", "sweep", "Failed", True)
+
+
 def test_prefect_task_hook_signature():
     seen = []
 

@@ -194,6 +194,12 @@ class Run:
         return self._with(CANCELLED)
 
     @property
+    def name(self) -> str:
+        """The name of what ran: its graph's (``gx.Graph(name)``), or its flow's (what
+        Prefect's run hooks read as ``flow_run.name``)."""
+        return self.graph.name
+
+    @property
     def unhandled(self) -> list[Node]:
         """Failed nodes whose failure no dependent accepted: these make compute() raise."""
         return [n for n in self.failed if n.index not in self._handled]

@@ -24,6 +24,7 @@ CACHED = "Cached"
 FAILED = "Failed"
 SKIPPED = "Skipped"
 CANCELLED = "Cancelled"
+CRASHED = "Crashed"  # a run's outcome only (a Prefect-style run hook's state), never a node's
 
 FINAL = frozenset({COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED})
 
@@ -73,7 +74,9 @@ class State:
 
     ``name`` is one of ``Pending``, ``Running``, ``Retrying``, ``Completed``,
     ``Cached``, ``Failed``, ``Skipped``, ``Cancelled``. ``result()`` returns the
-    value or re-raises, as Prefect's ``State.result()`` does.
+    value or re-raises, as Prefect's ``State.result()`` does. (A run hook taking
+    Prefect's ``(flow, flow_run, state)`` gets the run's outcome as a State too:
+    ``Completed``, ``Failed``, ``Cancelled`` or ``Crashed``, named after the run.)
 
     Attributes:
         name: the state's name.

@@ -48,10 +48,11 @@ from contextvars import ContextVar
 from queue import SimpleQueue
 from typing import Any, ClassVar, NamedTuple
 
+from .._model.errors import safe_str
 from .._model.node import Node
 from .._model.options import arity, call_state_hook
 from .._model.run import Run
-from .._model.state import FAILED, State
+from .._model.state import CANCELLED, COMPLETED, CRASHED, FAILED, State
 from .._model.task import fn_name
 
 logger = logging.getLogger("graphexec")
@@ -213,15 +214,45 @@ def outcome(run: Run, cancelled: bool) -> tuple[str, ...]:
 
 
 def call_run_hooks(hooks: RunHooks, kinds: Sequence[str], run: Run, flow: Any) -> None:
-    """Call the run hooks of ``kinds`` with ``run`` (or ``(flow, run, run)``), each guarded."""
+    """Call the run hooks of ``kinds`` with ``run``, or Prefect's ``(flow, flow_run,
+    state)`` (the graph or flow, the run, :func:`run_state`), each guarded."""
     for kind in RUN_HOOKS:
         if kind in kinds:
             for hook in getattr(hooks, kind):
                 what = f"{kind} hook {fn_name(hook)}"
                 if arity(hook, 1) >= 3:
-                    _guarded(what, hook, flow, run, run)
+                    _guarded(what, hook, flow, run, run_state(kind, run))
                 else:
                     _guarded(what, hook, run)
+
+
+_RUN_STATES = {
+    "on_completion": COMPLETED,
+    "on_failure": FAILED,
+    "on_cancellation": CANCELLED,
+    "on_crashed": CRASHED,
+}
+
+
+def run_state(kind: str, run: Run) -> State:
+    """A run's outcome as the ``state`` of a Prefect-style run hook: what Prefect's
+    flow-run hooks read (``state.name``, ``state.message``, ``state.is_failed()``),
+    named after the run; a Failed one holds the first unhandled failure's exception
+    (else the first failure's)."""
+    name = _RUN_STATES[kind]
+    counts = run.counts()
+    message = ", ".join(f"{n} {state.lower()}" for state, n in counts.items()) or "no nodes"
+    exception = None
+    first = (run.unhandled or run.failed)[:1]
+    if first:
+        exception = run.state(first[0]).exception
+        if exception is not None:
+            text = safe_str(exception).splitlines()
+            message += (
+                f"; first failure: {first[0].name} "
+                f"({type(exception).__name__}: {text[0] if text else ''})"
+            )
+    return State(name, run.name, exception=exception if name is FAILED else None, message=message)
 
 
 def _guarded(what: str, fn: Callable[..., Any], *args: Any) -> None:
