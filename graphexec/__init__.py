@@ -51,7 +51,7 @@ from ._version import __version__ as __version__
 
 if _TYPE_CHECKING:
     from ._data.cache import clear_cache
-    from ._surfaces.eager import Future, WaitResult, as_completed, wait
+    from ._surfaces.eager import Future, FutureList, WaitResult, as_completed, wait
     from ._surfaces.flow import Flow, flow
     from ._surfaces.hooks import Observer, observe
     from ._surfaces.pool import Pool
@@ -62,6 +62,7 @@ if _TYPE_CHECKING:
 _LAZY = {
     "clear_cache": "._data.cache",
     "Future": "._surfaces.eager",
+    "FutureList": "._surfaces.eager",
     "WaitResult": "._surfaces.eager",
     "as_completed": "._surfaces.eager",
     "wait": "._surfaces.eager",
@@ -106,6 +107,7 @@ __all__ = [
     "flow",
     "Flow",
     "Future",
+    "FutureList",
     "wait",
     "WaitResult",
     "as_completed",

@@ -176,6 +176,35 @@ def test_map_under_a_pool_block_returns_futures():
         assert [f.result() for f in futures] == [1, 2, 3, 4]
 
 
+def test_mapped_futures_have_prefect_3s_result_and_wait(scheduler):
+    # Prefect 3's task.map returns a PrefectFutureList: `.result()` is the form
+    # people copy. In a lazy graph map returns plain nodes (nothing to wait for).
+    @flow_on(scheduler)
+    def body():
+        futures = add.map(range(3), b=10)
+        assert futures.wait() is None
+        assert all(f.done() for f in futures)
+        values = futures.result()
+        errors = fail_on.map([1, 2, 3], bad=2).result(raise_on_failure=False)
+        return type(futures), values, [type(e).__name__ for e in errors]
+
+    kind, values, errors = body()
+    assert kind is gx.FutureList and issubclass(kind, list)
+    assert values == [10, 11, 12]
+    assert errors == ["int", "ValueError", "int"]
+    with gx.Graph():
+        assert type(add.map([1, 2])) is list
+
+
+def test_mapped_futures_result_raises_the_first_failure_or_times_out():
+    with gx.Pool(workers=2):
+        with pytest.raises(ValueError):
+            fail_on.map([1, 2, 3], bad=2).result()
+        slow = nap.map([1.0, 0])  # (the block waits for it at its end)
+        with pytest.raises(TimeoutError, match=r"1 of 2 futures did not finish within 0\.2 s"):
+            slow.result(timeout=0.2)
+
+
 def test_call_keywords_apply_to_every_mapped_call_in_a_flow(scheduler):
     @flow_on(scheduler)
     def body():

@@ -29,6 +29,7 @@ class Surfaces:
     __slots__ = (
         "call_eagerly",
         "compute",
+        "future_list",
         "graph_html",
         "replay_hint",
         "run_from_json",
@@ -65,6 +66,8 @@ class Surfaces:
         self.call_eagerly: Callable[..., Any] = _missing
         #: ``submit(task, args, kwargs) -> Future``: ``task.submit`` in a flow or pool.
         self.submit: Callable[..., Any] = _missing
+        #: ``future_list(futures)``: what ``task.map`` returns in a flow or pool block.
+        self.future_list: Callable[..., Any] = _missing
         #: ``Run._repr_html_``, ``Graph._repr_html_``, ``State._repr_html_``: how
         #: each shows in a Jupyter notebook (``_surfaces/notebook.py``).
         self.run_html: Callable[..., Any] = _missing

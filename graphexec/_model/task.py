@@ -170,7 +170,8 @@ class Task:
 
         Returns:
             Inside ``with graph:`` a list of :class:`Node`; in a flow or a
-            ``with gx.Pool():`` block a list of futures, submitted at once (with
+            ``with gx.Pool():`` block a :class:`FutureList` of futures, submitted
+            at once (a list with Prefect 3's ``.result()`` and ``.wait()``; with
             ``return_state=True``, as in Prefect, their final states, once all
             are final).
 
@@ -211,18 +212,22 @@ class Task:
                 "them the same length, or wrap an argument passed whole in gx.unmapped()"
             )
         graph = active_graph()
-        call = graph._add_call if graph is not None else surfaces.submit
+        call: Callable[..., Any] = graph._add_call if graph is not None else surfaces.submit
         n_args = len(args)
         names = tuple(kwargs)
+        calls: list[Any]
         if not names and not reserved:  # the common form: positional iterables only
-            return [call(self, row, {}) for row in zip(*columns)]
-        calls: list[Any] = [
-            call(self, row[:n_args], {**dict(zip(names, row[n_args:])), **reserved})
-            for row in zip(*columns)
-        ]
-        if graph is None and reserved.get("return_state") is True:
+            calls = [call(self, row, {}) for row in zip(*columns)]
+        else:
+            calls = [
+                call(self, row[:n_args], {**dict(zip(names, row[n_args:])), **reserved})
+                for row in zip(*columns)
+            ]
+        if graph is not None:
+            return calls
+        if reserved.get("return_state") is True:
             return [future.wait() for future in calls]  # Prefect's: their final States
-        return calls
+        return surfaces.future_list(calls)  # (Prefect 3's: .result() and .wait() too)
 
     def _map_items(self, label: str, value: Any) -> list[Any] | None:
         """The items ``task.map`` maps ``value`` over, or None to pass it whole."""

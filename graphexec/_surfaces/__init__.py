@@ -89,6 +89,10 @@ def _submit(*args: Any, **kwargs: Any) -> Any:
     return _this.eager.submit(*args, **kwargs)
 
 
+def _future_list(*args: Any, **kwargs: Any) -> Any:
+    return _this.eager.future_list(*args, **kwargs)
+
+
 def _late(module: str, name: str) -> Any:
     # A seam entry that reaches ``module.name`` when first called, not at import.
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -106,6 +110,7 @@ _seam.install(
     run_to_html=_late("report", "run_to_html"),
     call_eagerly=_call_eagerly,
     submit=_submit,
+    future_list=_future_list,
     run_html=_late("notebook", "run_html"),
     graph_html=_late("notebook", "graph_html"),
     state_html=_late("notebook", "state_html"),

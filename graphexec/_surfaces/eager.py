@@ -901,6 +901,44 @@ def _same_dir(a: Any, b: Any) -> bool:
     )
 
 
+class FutureList(list):
+    """What ``task.map`` returns in a flow or a ``with gx.Pool():`` block: a list of
+    its futures, with the two methods of Prefect 3's ``PrefectFutureList``.
+
+    Example::
+
+        squares = square.map(range(10)).result()
+    """
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every future is final, or ``timeout`` seconds have passed."""
+        wait(self, timeout=timeout)
+
+    def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> list[Any]:
+        """Wait for every future and return their values, in order.
+
+        Args:
+            timeout: seconds to wait at most for all of them (None: no limit).
+            raise_on_failure: re-raise the first failed task's exception (default),
+                or return each failed task's exception in its place.
+
+        Raises:
+            TimeoutError: not all of them finished within ``timeout``.
+        """
+        if timeout is not None:
+            not_done = wait(self, timeout=timeout).not_done
+            if not_done:
+                raise TimeoutError(
+                    f"{len(not_done)} of {len(self)} futures did not finish within {timeout} s"
+                )
+        return [future.result(raise_on_failure=raise_on_failure) for future in self]
+
+
+def future_list(futures: list[Future]) -> FutureList:
+    """``task.map``'s futures, as :class:`FutureList` (the model's seam calls this)."""
+    return FutureList(futures)
+
+
 class WaitResult(NamedTuple):
     """``(done, not_done)`` sets of futures, as ``concurrent.futures.wait`` returns."""
 
