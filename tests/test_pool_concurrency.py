@@ -475,3 +475,64 @@ def test_a_call_held_for_one_slot_does_not_keep_a_later_call_from_another_free_o
         thread.join(30)
     assert out["a"] < out["b"], "the call wanting only the free slot 'a' waited for 'b'"
     assert out["both"] >= out["b"]
+
+
+@gx.task(isolate=True)
+def isolated_pid(x: int) -> int:
+    time.sleep(0.05)
+    return os.getpid()
+
+
+@pytest.mark.timeout(90)
+def test_isolated_calls_of_several_runs_each_get_a_worker_no_other_call_used():
+    """isolate=True from three threads while two others keep the pool busy: each
+    isolated call runs in a fresh worker of its own, which ran no other call, of
+    its run or of another (issue #18: isolation holds on a shared pool)."""
+    with gx.Pool(workers=2) as pool:
+
+        def isolated(t: int) -> list[int]:
+            graph = gx.Graph(f"iso{t}")
+            with graph:
+                nodes = [isolated_pid(100 * t + k) for k in range(3)]
+            run = graph.compute(pool=pool, keep="all")
+            return [run[n] for n in nodes]
+
+        def busy(t: int) -> list[int]:
+            graph = gx.Graph(f"busy{t}")
+            with graph:
+                nodes = [pid_of(k) for k in range(30)]
+            run = graph.compute(pool=pool, keep="all")
+            return [run[n] for n in nodes]
+
+        results = run_threads(
+            [lambda t=t: isolated(t) for t in range(3)] + [lambda t=t: busy(t) for t in range(2)]
+        )
+    isolated_pids = [pid for r in results[:3] for pid in r]
+    other_pids = {pid for r in results[3:] for pid in r}
+    assert len(set(isolated_pids)) == len(isolated_pids) == 9  # one worker per call
+    assert not set(isolated_pids) & other_pids
+
+
+@pytest.mark.timeout(90)
+def test_max_calls_per_worker_holds_across_the_runs_of_a_pool():
+    """Four threads' runs on one pool with max_calls_per_worker=3: no worker runs
+    more calls than it may, whatever run they come from (calls are queued on
+    workers ahead of time), and every result goes to its own run."""
+    with gx.Pool(workers=2, max_calls_per_worker=3) as pool:
+
+        def computes(t: int) -> list[int]:
+            pids = []
+            for c in range(5):
+                graph = gx.Graph(f"r{t}-{c}")
+                with graph:
+                    firsts = [pid_of(k) for k in range(4)]
+                    seconds = [pid_of(first) for first in firsts]  # each after its first
+                run = graph.compute(pool=pool, keep="all")
+                pids += [run[n] for n in firsts + seconds]
+            return pids
+
+        results = run_threads([lambda t=t: computes(t) for t in range(4)])
+    pids = [pid for r in results for pid in r]
+    counts = {pid: pids.count(pid) for pid in set(pids)}
+    assert len(pids) == 4 * 5 * 8
+    assert max(counts.values()) <= 3, counts
