@@ -223,3 +223,56 @@ def test_terminated_is_a_keyboard_interrupt():
     # Code written for Ctrl-C (`except KeyboardInterrupt as e: e.run`) handles it.
     assert issubclass(Terminated, KeyboardInterrupt)
     assert Terminated.signum == signal.SIGTERM
+
+
+EAGER_SCRIPT = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    import graphexec as gx
+
+    @gx.task
+    def slow(i):
+        # a descendant that leaves the worker's process group, as a task's tool may
+        child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        sys.stdout.write(f"SLOW {os.getpid()} {child.pid}\\n")
+        sys.stdout.flush()
+        time.sleep(60)
+        return i
+
+    if sys.argv[1] == "flow":
+        @gx.flow(workers=2)
+        def body():
+            return [f.result() for f in [slow.submit(0), slow.submit(1)]]
+        body()
+    else:
+        with gx.Pool(workers=2):
+            [f.result() for f in [slow.submit(0), slow.submit(1)]]
+    """
+)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", ["flow", "pool-block"])
+def test_sigterm_in_an_eager_session_ends_the_process_and_leaves_no_worker_behind(mode):
+    # There SIGTERM keeps its default (docs/guide/schedulers.md): the process ends at
+    # once, and the pool's guard stops the workers and their descendants.
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", EAGER_SCRIPT, mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    pids = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        found = re.search(rb"SLOW (\d+) (\d+)", line)
+        if found:
+            pids += [int(found.group(1)), int(found.group(2))]
+            if len(pids) == 4:
+                break
+    assert len(pids) == 4, _finish(proc)
+    proc.send_signal(signal.SIGTERM)
+    err = _finish(proc)
+    assert proc.returncode == -signal.SIGTERM, err
+    assert _none_alive(pids), [p for p in pids if _alive(p)]
