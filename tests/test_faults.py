@@ -1483,6 +1483,63 @@ def test_output_nobody_reads_any_more_does_not_fail_tasks(tmp_path):
     assert states.read_text() == "Completed Completed Completed Completed"
 
 
+TTY_PRINTS = textwrap.dedent(
+    """
+    import time
+    import graphexec as gx
+
+    @gx.task
+    def chatty(i):
+        time.sleep(0.3)
+        print(f"hello from {i}")
+        return i
+
+    graph = gx.Graph("tp")
+    with graph:
+        [chatty(i) for i in range(6)]
+    graph.compute(workers=2, progress=True)
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_task_lines_on_a_terminal_are_not_glued_to_the_progress_bar(tmp_path):
+    # On a terminal the bar is drawn on the cursor's line; a task's line written
+    # by its worker came right after the bar's text. Each now clears that line.
+    import pty
+
+    script = tmp_path / "tty.py"
+    script.write_text(TTY_PRINTS)
+    main, sub = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env["TERM"] = "xterm"
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=sub, stderr=sub, env=env)
+    os.close(sub)
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(main, 65536)
+            except OSError:  # the process ended: the terminal's other side is gone
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        os.close(main)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = b"".join(chunks).decode(errors="replace")
+    lines = [line for line in text.split("\n") if "hello from" in line]
+    assert len(lines) == 6, text
+    assert "task/s" in text  # the bar was drawn
+    for line in lines:
+        before = line[: line.index("[chatty-")]
+        assert before.endswith("\r\x1b[K") or before in ("", "\r"), repr(line)
+
+
 def square(x):
     return x * x
 

@@ -526,7 +526,11 @@ class NodeStream:
     ``OUTPUT_DELAY`` seconds (plain Python, block-buffered, loses up to 8 KiB).
     A partial line is completed when the task ends, or written out once it
     grows past ``PARTIAL_LINE_MAX`` (a progress bar redrawn with ``\r``).
-    Output nobody can receive any more is dropped; the task goes on.
+    Output nobody can receive any more is dropped; the task goes on. On a
+    terminal each write first clears the line the cursor is on (``\r`` and
+    ``ESC [K``): that is where the parent's progress bar is drawn, and a task's
+    line written after it was glued to the bar's text; the bar is redrawn
+    below at its next refresh.
     """
 
     node: str | None = None  # set by the worker loop before each call
@@ -543,6 +547,7 @@ class NodeStream:
         self._at_once = bool(
             getattr(stream, "line_buffering", False) or getattr(stream, "write_through", False)
         )
+        self._clear = CLEAR_LINE if _a_terminal(stream) else ""
         self._reset()
         _streams.append(self)
 
@@ -624,7 +629,7 @@ class NodeStream:
                 end = text.rfind("\n", start, start + limit) + 1
                 if end <= start:  # one line longer than the limit: written whole, best effort
                     end = text.find("\n", start) + 1 or len(text)
-                stream.write(text[start:end])
+                stream.write(self._clear + text[start:end])
                 stream.flush()
                 start = end
         except (OSError, ValueError):
@@ -657,6 +662,18 @@ class NodeStream:
 
 
 _streams: list[NodeStream] = []  # this process's (its stdout's and stderr's)
+
+CLEAR_LINE = "\r\x1b[K"  # back to the line's start, and erase it (ANSI: every terminal here)
+
+
+def _a_terminal(stream: Any) -> bool:
+    """A terminal that takes ANSI sequences (not ``TERM=dumb``): where a progress bar
+    may be drawn on the line a task's output would be glued to."""
+    try:
+        tty = bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+    return tty and os.environ.get("TERM", "") not in ("", "dumb")
 
 
 def _before_fork() -> None:
