@@ -294,11 +294,20 @@ def test_a_crashed_node_replays_in_a_subprocess_first(pool, tmp_path, capfd):
     assert "did not crash in the subprocess (it returned); replaying it in this process" in err
 
 
-def test_a_node_that_crashes_again_is_not_run_in_this_process(pool):
+@gx.task
+def exits_with(code):
+    os._exit(code)
+
+
+@pytest.mark.parametrize("code", [9, 0, 3])
+def test_a_node_that_crashes_again_is_not_run_in_this_process(pool, code):
+    # Whatever code the call ends the process with: 0 and 3 were the replay
+    # subprocess's own codes for "returned" and "raised", and such a call was then
+    # run in this process, which it ended.
     with gx.Graph() as g:
-        c = crash(7)  # no upstream: its inputs are kept
+        c = exits_with(code)  # no upstream: its inputs are kept
     run = g.compute(pool=pool, raise_on_failure=False)
-    with pytest.raises(gx.WorkerCrashed, match=r"crashed again .* \(exit code 9\)"):
+    with pytest.raises(gx.WorkerCrashed, match=rf"crashed again .* \(exit code {code}\)"):
         run.replay(c)
 
 

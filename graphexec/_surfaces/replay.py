@@ -45,7 +45,11 @@ from .._model.run import Run
 from .._model.state import CANCELLED, FAILED, RUNNING, SKIPPED
 from .._model.task import fn_name
 
-RAISED = 3  # the replay subprocess's exit code when the call raised (0: it returned)
+# What the replay subprocess writes to its outcome pipe once the call is over: its
+# exit code cannot say it, since the call itself may end the process with any code
+# (os._exit(0) in a task is a crash here, not a return).
+RETURNED, RAISED = b"R", b"E"
+OUTCOME_FD_ENV = "GRAPHEXEC_REPLAY_OUTCOME_FD"
 WATCH_INTERVAL = 0.05  # seconds between looks at the replay subprocess's memory
 _CHILD = "from graphexec._surfaces.replay import child; child()"
 
@@ -269,7 +273,17 @@ def in_subprocess(
     env = dict(os.environ)
     # The same imports as here: this process's path, the script's directory included.
     env["PYTHONPATH"] = os.pathsep.join([p or os.getcwd() for p in sys.path])
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, env=env)
+    said, tell = os.pipe()  # the subprocess's outcome (RETURNED, RAISED), or nothing
+    env[OUTCOME_FD_ENV] = str(tell)  # (not an argument: the call may read sys.argv)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, env=env, pass_fds=(tell,)
+        )
+    except BaseException:
+        os.close(said)
+        raise
+    finally:
+        os.close(tell)
     # Fed from a thread: the call's inputs may be larger than the pipe, and the
     # subprocess is watched meanwhile.
     feeder = threading.Thread(target=_feed, args=(proc, blob), daemon=True)
@@ -281,6 +295,15 @@ def in_subprocess(
             proc.kill()
         proc.wait()
         feeder.join()
+        # Written before it exited; not waited for (a process the call started may
+        # hold the pipe open): nothing there now is nothing at all.
+        os.set_blocking(said, False)
+        try:
+            outcome = os.read(said, 1)
+        except BlockingIOError:
+            outcome = b""
+        finally:
+            os.close(said)
     if rss is not None:
         assert limit is not None
         raise MemoryLimitExceeded(
@@ -293,8 +316,8 @@ def in_subprocess(
             rss=rss,
         )
     code = proc.returncode
-    if code in (0, RAISED):
-        how = "returned" if code == 0 else "raised (its traceback is above)"
+    if outcome in (RETURNED, RAISED):
+        how = "returned" if outcome == RETURNED else "raised (its traceback is above)"
         print(
             f"graphexec: {name} did not {'run out of memory' if memory else 'crash'} "
             f"in the subprocess (it {how}); replaying it in this process now",
@@ -307,7 +330,7 @@ def in_subprocess(
             died = f"killed by {signal.Signals(-code).name}"
         except ValueError:
             died = f"killed by signal {-code}"
-    else:
+    else:  # (0 too: the call ended the process itself, os._exit(0), before returning)
         died = f"exit code {code}"
     raise WorkerCrashed(
         f"{name} crashed again when replayed in a fresh subprocess ({died}); it is not run "
@@ -375,17 +398,23 @@ def _mib(size: int | None) -> str:
 
 
 def child() -> None:
-    """The replay subprocess: the call arrives pickled on stdin."""
+    """The replay subprocess: the call arrives pickled on stdin; its outcome goes to
+    the descriptor named by ``OUTCOME_FD_ENV`` (see ``RETURNED``)."""
     faulthandler.enable()
+    tell = int(os.environ.pop(OUTCOME_FD_ENV))
+    os.set_inheritable(tell, False)  # not into processes the call starts
     fn, state = pickle.loads(sys.stdin.buffer.read())
     args, kwargs = KeptCall.from_state(state, None).load()
     try:
         fn(*args, **kwargs)
     except BaseException:
         traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(RAISED)
+        outcome = RAISED
+    else:
+        outcome = RETURNED
+    sys.stdout.flush()
     sys.stderr.flush()
+    os.write(tell, outcome)
     os._exit(0)
 
 
