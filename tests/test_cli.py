@@ -21,6 +21,7 @@ import pytest
 
 import graphexec as gx
 from graphexec._data import cache as cache_store
+from graphexec._surfaces.cli import _disk_usage
 
 WORKTREE = Path(__file__).resolve().parents[1]
 DAY = 86400.0
@@ -193,10 +194,13 @@ def test_report_open_starts_the_browser(tmp_path):
         (None, "cannot read run.json: No such file or directory"),
         ("{}", "run.json is not a saved graphexec run"),
         ("not json at all", "run.json is not a saved graphexec run"),
+        ("a directory", "run.json is a directory that holds no saved run"),
     ],
 )
 def test_report_errors_exit_1_and_say_what_to_do(tmp_path, content, said):
-    if content is not None:
+    if content == "a directory":
+        (tmp_path / "run.json").mkdir()
+    elif content is not None:
         (tmp_path / "run.json").write_text(content)
     out = graphexec("report", "run.json", cwd=tmp_path)
     assert out.returncode == 1
@@ -237,6 +241,54 @@ def test_cache_ls_default_directory_and_missing_directory(tmp_path, monkeypatch)
     assert missing.returncode == 1
     assert "nowhere is not a cache directory" in missing.stderr
     assert "compute(cache_dir=...)" in missing.stderr
+
+
+def test_cache_ls_and_info_refuse_a_directory_that_is_no_cache(tmp_path):
+    # A run_dir, a project, /usr: not listed as an empty cache, nor walked whole by
+    # info (which summed every file under it as the cache's size on disk).
+    other = tmp_path / "project"
+    (other / "src").mkdir(parents=True)
+    (other / "src" / "main.py").write_text("print('hi')\n")
+    for action in ("ls", "info"):
+        out = graphexec("cache", action, str(other), cwd=tmp_path)
+        assert out.returncode == 1, out.stdout
+        assert "project is not a graphexec cache directory" in out.stderr
+        assert "compute(cache_dir=...)" in out.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = graphexec("cache", "ls", str(empty), cwd=tmp_path)
+    assert out.returncode == 0 and "no entries" in out.stdout
+
+
+def test_cache_ls_into_a_pipe_closed_early_stops_quietly(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    graph = gx.Graph()
+    with graph:
+        for i in range(3000):
+            square(i)
+    graph.compute(scheduler="sync", cache_dir=cache)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "graphexec", "cache", "ls", "-l", str(cache)],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(WORKTREE)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()  # `| head -1`
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_cache_info_counts_a_held_entrys_second_link_once(tmp_path):
+    (tmp_path / "ab").mkdir()
+    entry = tmp_path / "ab" / "abcdef12.gxb"
+    entry.write_bytes(b"x" * 10_000)
+    os.link(entry, tmp_path / "ab" / ".hold-abcdef12")  # what a hit holds while it reads
+    (tmp_path / "cache.sqlite").write_bytes(b"y" * 100)
+    assert _disk_usage(tmp_path) == 10_100
 
 
 def test_cache_info_totals(tmp_path, monkeypatch):

@@ -34,6 +34,7 @@ import os
 import re
 import reprlib
 import sqlite3
+import stat
 import sys
 import time
 import traceback
@@ -50,13 +51,15 @@ from .record import is_record, load_run
 from .replay import FunctionUnloadable, InputsUnloadable, kept_call
 
 OK, ERROR, USAGE = 0, 1, 2
+BROKEN_PIPE = 128 + 13  # what a shell reports for a process SIGPIPE killed
 
 _DESCRIPTION = """\
 graphexec: run task graphs on every core. This command reads what runs left
 behind: a saved run (to write its HTML report) and the result cache.
 
 exit codes: 0 done, 1 failed (the message says why and what to do),
-2 wrong command line.
+2 wrong command line, 141 the reader of the output went away (`| head`: the
+output stops there, as any Unix tool's killed by SIGPIPE).
 """
 
 _REPORT_HELP = """\
@@ -106,11 +109,16 @@ def parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report",
-        help="write the HTML report of a run saved with run.to_json()",
+        help="write the HTML report of a saved run (run.save(), a run_dir, run.to_json())",
         description=_REPORT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    report.add_argument("run", metavar="RUN", type=Path, help="the saved run (run.to_json())")
+    report.add_argument(
+        "run",
+        metavar="RUN",
+        type=Path,
+        help="the saved run: run.save()'s file, the run_dir of a compute, or run.to_json()'s text",
+    )
     report.add_argument(
         "-o",
         "--output",
@@ -231,6 +239,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         print(f"graphexec: error: {exc}", file=sys.stderr)
         return ERROR
+    except BrokenPipeError:
+        # `graphexec cache ls -l | head`: the reader went away. Stop quietly, and keep
+        # the interpreter's last flush of stdout from failing (and saying so) too.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return BROKEN_PIPE
     return OK
 
 
@@ -239,12 +255,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _report(args: argparse.Namespace) -> None:
     source: Path = args.run
+    if source.is_dir() and not is_record(source):
+        raise CommandError(
+            f"{source} is a directory that holds no saved run. Give the run_dir of a "
+            "compute (compute(run_dir=DIR)), or the file run.save() or run.to_json() wrote"
+        )
     try:
         text = b"" if source.is_dir() else source.read_bytes()
     except OSError as exc:
         raise CommandError(
-            f"cannot read {source}: {exc.strerror or exc}. Give the file that "
-            "run.to_json() was written to"
+            f"cannot read {source}: {exc.strerror or exc}. Give the file run.save() or "
+            "run.to_json() wrote, or the run_dir of the compute"
         ) from None
     try:
         run = load_run(source) if is_record(source) else Run.from_json(text)
@@ -281,8 +302,9 @@ def _replay(args: argparse.Namespace) -> None:
     try:
         run = load_run(source)
     except OSError as exc:
+        what = exc.filename or source  # (a run_dir's record file, when it is missing)
         raise CommandError(
-            f"cannot read {source}: {exc.strerror or exc}. Give the file run.save() wrote, "
+            f"cannot read {what}: {exc.strerror or exc}. Give the file run.save() wrote, "
             "or the run_dir of the compute"
         ) from None
     except ValueError as exc:
@@ -356,8 +378,16 @@ def read_entries(root: Path) -> list[Entry]:
             f"{root} is not a cache directory (nothing there). Give the directory that "
             f"compute(cache_dir=...) used, or run from where ./{cache_store.DEFAULT_DIR} is"
         )
+    if not cache_store.is_cache_dir(root):
+        if any(root.iterdir()):  # a run_dir, a project, /usr: never walked as a cache
+            raise CommandError(
+                f"{root} is not a graphexec cache directory (no {cache_store.DB_NAME}, no "
+                "entries of an older graphexec). Give the directory that "
+                "compute(cache_dir=...) used"
+            )
+        return []  # an empty directory: no cache yet
     if not (root / cache_store.DB_NAME).exists():
-        return []  # nothing written by this version (yet)
+        return []  # only an older graphexec's entries (_say_old says so)
     return cache_store.CacheStore(root).entries()
 
 
@@ -517,14 +547,17 @@ def _cache_prune(args: argparse.Namespace) -> None:
 
 
 def _disk_usage(root: Path) -> int:
-    """Bytes of every file under ``root``: the database, its WAL, entries' files."""
-    total = 0
+    """Bytes of every file under the cache directory ``root``: the database, its WAL,
+    entries' files; a file with several links there (an entry a hit holds) once."""
+    total, seen = 0, set()
     for path in root.rglob("*"):
         try:
-            if path.is_file():
-                total += path.stat().st_size
+            st = path.lstat()
         except OSError:
             continue
+        if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
     return total
 
 
