@@ -13,6 +13,7 @@ import contextvars
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -607,6 +608,23 @@ def test_progress_line_is_logged_periodically_without_a_terminal(monkeypatch, ca
     with caplog.at_level(logging.INFO, logger="graphexec"):
         graph.compute(workers=0, progress=None)
     assert not [r for r in caplog.records if r.getMessage().startswith("overnight:")]
+
+
+def test_the_progress_line_counts_no_more_running_than_the_executor_runs(monkeypatch, caplog):
+    # Calls handed over ahead of time (queued on a busy worker, or in a thread
+    # pool's inbox) were counted as running: "117 running" on 2 workers.
+    monkeypatch.setenv("GRAPHEXEC_PROGRESS_LOG", "0.2")
+    graph = gx.Graph("queued")
+    with graph:
+        [nap(0.3) for _ in range(4)]
+    with caplog.at_level(logging.INFO, logger="graphexec"):
+        graph.compute(scheduler="threads", workers=1, progress=None)
+    counts = [
+        int(re.search(r"(\d+) running", r.getMessage()).group(1))
+        for r in caplog.records
+        if r.getMessage().startswith("queued:")
+    ]
+    assert counts and max(counts) == 1, counts
 
 
 # -- the example: failures posted to a webhook -----------------------------------------

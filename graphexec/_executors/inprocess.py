@@ -22,7 +22,7 @@ from .protocol import ERROR, SIGNAL_SLICE, Call, Capabilities, Deadlines, run_in
 class SyncExecutor:
     """Runs each call in the calling thread, one at a time."""
 
-    capabilities = Capabilities(in_caller_thread=True, in_process=True)
+    capabilities = Capabilities(in_caller_thread=True, in_process=True, slots=1)
 
     def __init__(self) -> None:
         self._done: list[tuple[Call, int, Any]] = []
@@ -62,9 +62,8 @@ class ThreadExecutor:
     """A fixed number of threads fed from one queue."""
 
     # A thread cannot be killed: an overdue call is abandoned, its result dropped.
-    capabilities = Capabilities(in_process=True)
-
     def __init__(self, workers: int) -> None:
+        self.capabilities = Capabilities(in_process=True, slots=workers)
         self._size = workers
         self._inbox: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
         # Outcomes, and None from wakeup().

@@ -2161,7 +2161,11 @@ class Lease:
         # check between calls (ProcessPool._idle_worker) could replace it
         # without blaming anyone.
         self.capabilities = Capabilities(
-            kills_calls=True, memory_limit=True, chains=memory_limit is None, isolates=True
+            kills_calls=True,
+            memory_limit=True,
+            chains=memory_limit is None,
+            isolates=True,
+            slots=pool.workers,
         )
         self.submit = pool.submit
         self.poll = pool.poll

@@ -254,6 +254,10 @@ class Capabilities(NamedTuple):
             scheduler refuses such a node on an executor without it.
         in_process: calls run in this process (its threads): their garbage is
             this process's, so the scheduler leaves its garbage collector alone.
+        slots: how many calls it runs at once at most (its workers or threads),
+            or None if it cannot say (a cluster); more calls may be handed to it
+            (queued on a busy worker), and a progress bar counts at most this
+            many of them as running.
     """
 
     kills_calls: bool = False
@@ -263,6 +267,7 @@ class Capabilities(NamedTuple):
     in_caller_thread: bool = False
     isolates: bool = False
     in_process: bool = False
+    slots: int | None = None
 
 
 class Executor(Protocol):

@@ -555,7 +555,11 @@ class RunLease:
         self.memory_limit = memory_limit
         # Off with memory_limit=, as on a private pool (process.Lease).
         self.capabilities = Capabilities(
-            kills_calls=True, memory_limit=True, chains=memory_limit is None, isolates=True
+            kills_calls=True,
+            memory_limit=True,
+            chains=memory_limit is None,
+            isolates=True,
+            slots=shared.procs.workers,
         )
         self._depth = QUEUE_DEPTH * shared.procs.workers
         self._queue: deque[Call] = deque()  # under shared._lock

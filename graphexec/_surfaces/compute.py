@@ -104,7 +104,8 @@ def _compute(graph: Graph, targets: tuple[Any, ...], given: dict[str, Any]) -> R
         if options.run_dir is not None:  # the run's record, written as it goes
             journal = Journal(options.run_dir)
             run._record = journal.path
-        dispatch = _dispatch(graph, members, options, journal)  # None when nothing listens
+        # None when nothing listens
+        dispatch = _dispatch(graph, members, options, journal, executor.capabilities.slots)
         store = None
         if any(graph._opts[i].cache_key_fn is not None for i in members):
             store = store_for_run(options.cache_dir)
@@ -161,12 +162,20 @@ def _compute(graph: Graph, targets: tuple[Any, ...], given: dict[str, Any]) -> R
 
 
 def _dispatch(
-    graph: Graph, members: list[int], options: ComputeOptions, journal: Journal | None = None
+    graph: Graph,
+    members: list[int],
+    options: ComputeOptions,
+    journal: Journal | None = None,
+    slots: int | None = None,
 ) -> Dispatch | None:
     """The run's Dispatch, if anything listens: observers (given, of ``observe()``
     blocks, graphexec's bar or log line, the run's journal), run hooks, or a task
     hook of a member."""
-    observers = [*make_observers(options.progress), *ambient_observers(), *options.observers]
+    observers = [
+        *make_observers(options.progress, slots),
+        *ambient_observers(),
+        *options.observers,
+    ]
     if journal is not None:
         observers.append(journal)
     # (a few TaskOptions objects are shared by all the nodes: check each once)

@@ -78,9 +78,10 @@ class Flow:
         # Always a Dispatch: tasks submitted later may carry hooks. Its thread
         # starts only with the first event that needs one.
         journal = Journal(options.run_dir) if options.run_dir is not None else None
+        executor = make_executor(options)
         dispatch = Dispatch(
             [
-                *make_observers(options.progress),
+                *make_observers(options.progress, executor.capabilities.slots),
                 *ambient_observers(),
                 *options.observers,
                 *([journal] if journal is not None else []),
@@ -89,7 +90,7 @@ class Flow:
             flow=self,
         )
         session = Session(
-            make_executor(options),
+            executor,
             name=self.name,
             fail_fast=options.fail_fast,
             limits=options.limits,

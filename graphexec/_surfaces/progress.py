@@ -92,16 +92,24 @@ def wanted(progress: bool | None) -> bool:
         return False
 
 
-def make_observers(progress: bool | None) -> list[Observer]:
+def make_observers(progress: bool | None, slots: int | None = None) -> list[Observer]:
     """graphexec's own observers for a run: the bar if one is wanted (see
     :func:`wanted`), else the log line if an unattended run wants one (see
-    :func:`log_interval`); none at all otherwise."""
+    :func:`log_interval`); none at all otherwise. ``slots``: how many calls the
+    run's executor runs at once at most (``Capabilities.slots``)."""
     if wanted(progress):
-        return [Progress()]
+        return [Progress(slots=slots)]
     interval = log_interval()
     if progress is None and interval is not None:
-        return [ProgressLog(interval)]
+        return [ProgressLog(interval, slots=slots)]
     return []
+
+
+def running_count(handed: int, slots: int | None) -> int:
+    """How many of the ``handed`` calls run now, at most: a busy worker may hold
+    short calls queued behind the one it runs (prefetched), which the scheduler's
+    observers see start when handed over; no more than ``slots`` run at once."""
+    return handed if slots is None else min(handed, slots)
 
 
 def log_interval() -> float | None:
@@ -210,8 +218,9 @@ class Progress(Observer):
 
     _inline = True
 
-    def __init__(self, file: Any = None) -> None:
+    def __init__(self, file: Any = None, slots: int | None = None) -> None:
         self._file = file
+        self._slots = slots
         self._run: Any = None
         self._bar: Any = None  # the tqdm bar, from on_start() to on_finish()
         self._running: set[int] = set()
@@ -283,7 +292,7 @@ class Progress(Observer):
     # -- drawing ----------------------------------------------------------------
 
     def _postfix(self) -> str:
-        parts = [f"running={len(self._running)}"]
+        parts = [f"running={running_count(len(self._running), self._slots)}"]
         for label, count in (
             ("failed", self._failed),
             ("skipped", self._skipped),
@@ -316,8 +325,9 @@ class ProgressLog(Observer):
 
     _inline = True
 
-    def __init__(self, interval: float = LOG_INTERVAL) -> None:
+    def __init__(self, interval: float = LOG_INTERVAL, slots: int | None = None) -> None:
         self.interval = interval
+        self._slots = slots
         self._run: Any = None
         self._done = 0
         self._failed = 0
@@ -391,7 +401,7 @@ class ProgressLog(Observer):
                 total,
                 percent,
                 self._failed,
-                len(self._running),
+                running_count(len(self._running), self._slots),
                 _clock(elapsed),
                 eta,
             )
