@@ -324,3 +324,18 @@ def test_dict_subclasses_holding_nodes_keep_their_type_and_items(scheduler):
     assert run[default] == {"a": 5} and run[default].default_factory is list
     assert list(run[ordered].items()) == [("z", 5), ("a", 1)]
     assert type(run[ordered]) is collections.OrderedDict
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scheduler", ["sync", "threads", "processes"])
+def test_a_deque_holding_nodes_is_filled_in_like_a_list(scheduler):
+    # A node inside a deque was no edge: sync passed the Node itself, the process
+    # pool failed the call ("node cannot be pickled").
+    import collections
+
+    graph = gx.Graph()
+    with graph:
+        window = identity(collections.deque([five(), 1, five()], maxlen=3))
+    run = graph.compute(scheduler=scheduler, workers=2)
+    assert run[window] == collections.deque([5, 1, 5], maxlen=3)
+    assert type(run[window]) is collections.deque and run[window].maxlen == 3

@@ -6,6 +6,7 @@ import functools
 import inspect
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -100,14 +101,14 @@ def fn_name(fn: Any) -> str:
 
 
 def _a_node_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Node | None:
-    """A node among a plain call's arguments (and in the lists, tuples, sets and dicts
+    """A node among a plain call's arguments (and in the lists, tuples, sets, deques and dicts
     they are), if there is one; none is looked for deeper. Not ``walk.find_nodes``,
     which goes to any depth: a plain call (a task called inside another) may carry
     large containers, and this runs at every one of them."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, Node):  # (a future of the eager API is one too)
             return value
-        if isinstance(value, (list, tuple, set, frozenset, dict)):
+        if isinstance(value, (list, tuple, set, frozenset, deque, dict)):
             for item in value.values() if isinstance(value, dict) else value:
                 if isinstance(item, Node):
                     return item

@@ -1,7 +1,7 @@
 """The one walk over call arguments: finding nodes, and replacing them.
 
-Nodes are found inside lists, tuples, dicts (keys and values), sets and
-frozensets, at any depth, and inside :class:`allow_failure` markers, which
+Nodes are found inside lists, tuples, dicts (keys and values), sets,
+frozensets and deques, at any depth, and inside :class:`allow_failure` markers, which
 mark what they hold. Building a graph finds them (:func:`find_nodes`);
 running a call in-process fills in values (:func:`substitute`); a flow moves
 calls between graphs (:func:`remap`) and resolves its return value
@@ -12,12 +12,13 @@ never copied.
 from __future__ import annotations
 
 import copy
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from .node import ALLOW, Node, allow_failure
 
-_SEQUENCES = (list, tuple, set, frozenset)
+_SEQUENCES = (list, tuple, set, frozenset, deque)
 
 
 def find_nodes(
@@ -90,6 +91,8 @@ def rebuild(obj: Any, items: list[Any]) -> Any:
     kind = type(obj)
     if hasattr(kind, "_fields"):  # namedtuple
         return kind(*items)
+    if kind is deque:
+        return deque(items, obj.maxlen)
     if kind is not dict and isinstance(obj, dict):
         # A copy, refilled: Counter(pairs) would count the pairs, and defaultdict
         # takes its factory first. What unpickling gives the process pool's
@@ -105,7 +108,7 @@ def rebuild(obj: Any, items: list[Any]) -> Any:
     try:
         return kind(items)
     except TypeError:  # a subclass with another constructor: fall back to the base type
-        for base in (dict, list, tuple, set, frozenset):
+        for base in (dict, list, tuple, set, frozenset, deque):
             if isinstance(obj, base):
                 return base(items)
         raise
