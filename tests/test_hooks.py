@@ -13,7 +13,6 @@ import contextvars
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -199,6 +198,26 @@ def test_prefect_run_hooks_read_the_flow_run_and_its_state_as_prefects_do(schedu
         explode(2)
     graph.compute(on_failure=[notify], raise_on_failure=False, scheduler="sync")
     assert said[0][:4] == ("sweep", "sweep", "Failed", True)
+
+
+def test_a_prefect_run_hooks_state_holds_what_the_flow_body_raised():
+    said = []
+
+    def notify(flow, flow_run, state):
+        said.append((state.name, state.exception, state.message))
+
+    @gx.flow(on_failure=[notify], workers=0)
+    def body():
+        square(2)
+        raise RuntimeError("the body gave up")
+
+    with pytest.raises(RuntimeError):
+        body()
+    ((name, exception, message),) = said
+    assert name == "Failed"
+    assert type(exception) is RuntimeError and str(exception) == "the body gave up"
+    assert "1 completed" in message
+    assert "the flow body raised RuntimeError: the body gave up" in message
 
 
 def test_prefect_task_hook_signature():
@@ -610,21 +629,30 @@ def test_progress_line_is_logged_periodically_without_a_terminal(monkeypatch, ca
     assert not [r for r in caplog.records if r.getMessage().startswith("overnight:")]
 
 
-def test_the_progress_line_counts_no_more_running_than_the_executor_runs(monkeypatch, caplog):
-    # Calls handed over ahead of time (queued on a busy worker, or in a thread
-    # pool's inbox) were counted as running: "117 running" on 2 workers.
-    monkeypatch.setenv("GRAPHEXEC_PROGRESS_LOG", "0.2")
+def test_the_bar_and_the_line_count_no_more_running_than_the_executor_runs(caplog):
+    # Calls handed over ahead of time (short calls queued on a busy worker) were
+    # counted as running: "117 running" on 2 workers. Fed more starts than slots.
+    from graphexec._surfaces.progress import Progress, ProgressLog
+
     graph = gx.Graph("queued")
     with graph:
-        [nap(0.3) for _ in range(4)]
-    with caplog.at_level(logging.INFO, logger="graphexec"):
-        graph.compute(scheduler="threads", workers=1, progress=None)
-    counts = [
-        int(re.search(r"(\d+) running", r.getMessage()).group(1))
-        for r in caplog.records
-        if r.getMessage().startswith("queued:")
-    ]
-    assert counts and max(counts) == 1, counts
+        nodes = [nap(0) for _ in range(6)]
+    run = graph.compute(scheduler="sync")
+    bar = Progress(slots=2)
+    line = ProgressLog(interval=1000.0, slots=2)
+    unbounded = Progress()  # an executor that cannot say (a cluster): all of them
+    for observer in (bar, line, unbounded):
+        for node in nodes[:5]:
+            observer.on_node_start(node, 1)
+    assert bar._postfix().startswith("running=2")
+    assert unbounded._postfix().startswith("running=5")
+    line.on_start(run)
+    try:
+        with caplog.at_level(logging.INFO, logger="graphexec"):
+            line._log()
+    finally:
+        line.on_finish(run)
+    assert ", 2 running," in caplog.records[0].getMessage()
 
 
 # -- the example: failures posted to a webhook -----------------------------------------

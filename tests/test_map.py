@@ -196,6 +196,28 @@ def test_mapped_futures_have_prefect_3s_result_and_wait(scheduler):
         assert type(add.map([1, 2])) is list
 
 
+@gx.task
+def kind_of(values):
+    return type(values).__name__, list(values)
+
+
+def test_mapped_futures_filled_in_are_a_plain_list(scheduler):
+    # Futures in a FutureList, passed on or returned, arrive as their values in a
+    # plain list, as they did before map returned a FutureList: never a FutureList
+    # of values (whose .result() would fail), nor another cache key.
+    @flow_on(scheduler)
+    def body():
+        squares = add.map(range(3), b=10)
+        passed = kind_of.submit(squares).result()
+        called = kind_of(add.map(range(2), b=1))  # a plain call in a flow
+        return squares, passed, called
+
+    returned, passed, called = body()
+    assert type(returned) is list and returned == [10, 11, 12]
+    assert passed == ("list", [10, 11, 12])
+    assert called == ("list", [1, 2])
+
+
 def test_mapped_futures_result_raises_the_first_failure_or_times_out():
     with gx.Pool(workers=2):
         with pytest.raises(ValueError):

@@ -62,8 +62,10 @@ class ThreadExecutor:
     """A fixed number of threads fed from one queue."""
 
     # A thread cannot be killed: an overdue call is abandoned, its result dropped.
+    capabilities = Capabilities(in_process=True)
+
     def __init__(self, workers: int) -> None:
-        self.capabilities = Capabilities(in_process=True, slots=workers)
+        self.capabilities = self.capabilities._replace(slots=workers)  # (its own threads)
         self._size = workers
         self._inbox: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
         # Outcomes, and None from wakeup().

@@ -811,15 +811,16 @@ class ProcessPool:
         finally:
             child_conn.close()
             os.close(steal_r)
-        # Started after the worker's fork was asked for, so that both start at once:
-        # starting the shell keeps this thread for 1.5 to 2 ms (until its exec), a
-        # fifth of a cold compute's start, which the fork no longer waits behind.
-        self._guard.start()
         w = _Worker(wid, process, parent_conn, self.max_calls)
         w.ctrl = steal_w
         self._workers[wid] = w
         self._waitables[parent_conn] = w
         self._waitables[process.sentinel] = w
+        # Started after the worker's fork was asked for, so that both start at once:
+        # starting the shell keeps this thread for 1.5 to 2 ms (until its exec), a
+        # fifth of a cold compute's start, which the fork no longer waits behind.
+        # (After the worker is ours: interrupted here, shutdown still stops it.)
+        self._guard.start()
         return w
 
     def _forget(self, w: _Worker, close_process: bool = True, stopping: bool = False) -> None:
@@ -1917,10 +1918,14 @@ class _Guard:
                 start_new_session=True,
             )
             self.unreaped = True
-        except OSError:  # no guard: the workers' own watchdogs still work
+        except BaseException as exc:
+            # No guard (the workers' own watchdogs still work), never half of one: a
+            # pipe without its reader would take the +pid lines of later workers.
             self._shell = None
             self._pipe.close()  # a worker's line, or ours, then fails at once (EPIPE)
             self._pipe = None
+            if not isinstance(exc, OSError):
+                raise  # (an interrupt: the pool is being stopped)
         finally:
             os.close(self._read_end)
             self._read_end = -1

@@ -129,9 +129,9 @@ def arguments_unpickle_error(
     return SerializationError(
         f"the arguments of {name} could not be unpickled {where}: the value of node "
         f"#{input_node}, its input, did not rebuild ({type(exc).__name__}: {exc}). That "
-        "node completed: its value pickles, but unpickling it fails (a __reduce__ or "
-        "__setstate__ that raises, a class or module missing in the worker); the "
-        "traceback shows where",
+        "node completed and its value was pickled; unpickling it here failed, usually "
+        "because of a __reduce__ or __setstate__ that raises, or a class or module "
+        "missing in the worker; the traceback shows where",
         node=name,
         stage="unpickle-arguments",
         input_node=input_node,

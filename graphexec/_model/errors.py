@@ -212,6 +212,13 @@ def safe_str(exc: BaseException) -> str:
         return f"<str() of the {type(exc).__name__} failed>"
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: how reports, pictures and run hooks name an
+    error."""
+    text = safe_str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
 def describe_exitcode(exitcode: int | None) -> tuple[str | None, str]:
     """Return ``(signal_name, advice)`` for a worker's exit code."""
     if exitcode is None:

@@ -49,6 +49,9 @@ class Run:
     # (``signals.mark_interrupted``), or it was loaded from the record of a parent
     # killed mid-run. Its headline says so, and it is not ok.
     _interrupted: str | None = None
+    # The exception a flow's body raised, which ended its run (a run hook's state
+    # holds it when no node failed).
+    _raised: BaseException | None = None
 
     def __init__(self, graph: Graph, members: list[int], kept: Container[int]) -> None:
         self.graph = graph
@@ -517,9 +520,12 @@ class Run:
                 if isinstance(handle, Deferred):
                     handle.settle()
 
+    def _counts_text(self) -> str:
+        """``3 completed, 1 failed``: the nodes per state, in words."""
+        return ", ".join(f"{v} {k.lower()}" for k, v in sorted(self.counts().items()))
+
     def __repr__(self) -> str:
-        counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(self.counts().items()))
-        return f"<Run {single_line(self.graph.name)}: {counts}>"
+        return f"<Run {single_line(self.graph.name)}: {self._counts_text()}>"
 
     def _repr_html_(self) -> str:
         """How the run shows in a Jupyter notebook.

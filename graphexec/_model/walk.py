@@ -89,6 +89,7 @@ def remap(obj: Any, mapping: dict[int, Node]) -> Any:
 def rebuild(obj: Any, items: list[Any]) -> Any:
     """A container of ``obj``'s type holding ``items`` (pairs for a dict)."""
     kind = type(obj)
+    kind = getattr(kind, "values_as", kind)  # a list of futures, once filled in: a list
     if hasattr(kind, "_fields"):  # namedtuple
         return kind(*items)
     if kind is deque:

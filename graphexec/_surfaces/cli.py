@@ -223,7 +223,9 @@ def age(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``graphexec`` command; returns its exit code (0 done, 1 failed, 2 usage).
+    """Run the ``graphexec`` command; returns its exit code (0 done, 1 failed, 2 usage,
+    141 the reader of its output went away: then this process's stdout is pointed at
+    /dev/null, so that nothing more is written into the closed pipe).
 
     Args:
         argv: the arguments, without the program name (default ``sys.argv[1:]``).
@@ -243,7 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `graphexec cache ls -l | head`: the reader went away. Stop quietly, and keep
         # the interpreter's last flush of stdout from failing (and saying so) too.
         try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, sys.stdout.fileno())
+            finally:
+                os.close(devnull)
         except (OSError, ValueError):
             pass
         return BROKEN_PIPE

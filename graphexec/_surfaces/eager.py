@@ -908,7 +908,17 @@ class FutureList(list):
     Example::
 
         squares = square.map(range(10)).result()
+
+    Passed to a task (``total.submit(futures)``), it arrives as a plain ``list`` of
+    the values, with a plain list's cache key.
     """
+
+    # A container of futures filled in with their values is a plain list (walk.rebuild),
+    # and so is its pickle (a worker's copy): the methods are for the futures only.
+    values_as = list
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (list, (list(self),))
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every future is final, or ``timeout`` seconds have passed."""

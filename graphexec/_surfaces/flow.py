@@ -79,16 +79,20 @@ class Flow:
         # starts only with the first event that needs one.
         journal = Journal(options.run_dir) if options.run_dir is not None else None
         executor = make_executor(options)
-        dispatch = Dispatch(
-            [
-                *make_observers(options.progress, executor.capabilities.slots),
-                *ambient_observers(),
-                *options.observers,
-                *([journal] if journal is not None else []),
-            ],
-            options.hooks,
-            flow=self,
-        )
+        try:
+            dispatch = Dispatch(
+                [
+                    *make_observers(options.progress, executor.capabilities.slots),
+                    *ambient_observers(),
+                    *options.observers,
+                    *([journal] if journal is not None else []),
+                ],
+                options.hooks,
+                flow=self,
+            )
+        except BaseException:
+            executor.close()
+            raise
         session = Session(
             executor,
             name=self.name,
@@ -117,6 +121,7 @@ class Flow:
                 elif session.run._interrupted is None:
                     # Its run stopped before it ended, as by Ctrl-C: never "ok".
                     session.run._interrupted = _body_raised(exc)
+                    session.run._raised = exc
                 if getattr(exc, "run", None) is None:
                     # (a GraphFailed from a lazy graph computed in the body keeps
                     # that graph's Run, whose nodes the user holds)

@@ -48,7 +48,7 @@ from contextvars import ContextVar
 from queue import SimpleQueue
 from typing import Any, ClassVar, NamedTuple
 
-from .._model.errors import safe_str
+from .._model.errors import one_line
 from .._model.node import Node
 from .._model.options import arity, call_state_hook
 from .._model.run import Run
@@ -237,22 +237,26 @@ _RUN_STATES = {
 def run_state(kind: str, run: Run) -> State:
     """A run's outcome as the ``state`` of a Prefect-style run hook: what Prefect's
     flow-run hooks read (``state.name``, ``state.message``, ``state.is_failed()``),
-    named after the run; a Failed one holds the first unhandled failure's exception
-    (else the first failure's)."""
+    named after the run. Its message: the nodes per state, how the run ended if not
+    well (the run's headline words), and its first failure; a Failed one holds that
+    failure's exception (the first unhandled one's, else the first one's), or the
+    exception its flow's body raised."""
     name = _RUN_STATES[kind]
-    counts = run.counts()
-    message = ", ".join(f"{n} {state.lower()}" for state, n in counts.items()) or "no nodes"
+    parts = [run._counts_text() or "no nodes"]
+    status = run._status()
+    if status != "ok":
+        parts.append(status)
     exception = None
     first = (run.unhandled or run.failed)[:1]
     if first:
         exception = run.state(first[0]).exception
         if exception is not None:
-            text = safe_str(exception).splitlines()
-            message += (
-                f"; first failure: {first[0].name} "
-                f"({type(exception).__name__}: {text[0] if text else ''})"
-            )
-    return State(name, run.name, exception=exception if name is FAILED else None, message=message)
+            parts.append(f"first failure: {first[0].name} ({one_line(exception)})")
+    if exception is None:
+        exception = run._raised
+    return State(
+        name, run.name, exception=exception if name is FAILED else None, message="; ".join(parts)
+    )
 
 
 def _guarded(what: str, fn: Callable[..., Any], *args: Any) -> None:

@@ -28,11 +28,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .._model.errors import one_line
 from .._model.graph import Graph
 from .._model.run import Run
 from .._model.state import PENDING, RETRYING, State
 from .report import STATE_COLOURS, STATE_FILLS, run_to_html, visualize
-from .report.codec import one_line
 from .report.states import RETRY_COLOUR, STATE_ORDER
 
 # Runs up to this many nodes carry their full HTML report inside the output, as

@@ -25,8 +25,9 @@ as their own class when it is a builtin or one of graphexec's, else as a
 :class:`RemoteError` subclass with the original class name (nothing from the
 document is imported or executed).
 
-How an error reads as text (:func:`safe_str`, :func:`traceback_text`,
-:func:`one_line`) lives here too: the page and the picture show the same words.
+How an error reads as text: :func:`traceback_text` here, ``safe_str`` and
+``one_line`` in ``_model/errors.py`` (run hooks use them too): the page, the
+picture and a hook's state show the same words.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import traceback
 from typing import Any
 
 from ..._model import errors as _errors
-from ..._model.errors import GraphexecError, RemoteError, RemoteTraceback
+from ..._model.errors import GraphexecError, RemoteError, RemoteTraceback, safe_str
 from ..._model.graph import ALLOW, DATA, ORDER, Graph, Node
 from ..._model.options import TaskOptions
 from ..._model.run import Run
@@ -163,13 +164,6 @@ def _error_record(exc: BaseException | None) -> dict[str, Any] | None:
     return record
 
 
-def safe_str(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:  # a user's __str__ that raises must not break the report
-        return f"<str() of {type(exc).__name__} failed>"
-
-
 def traceback_text(exc: BaseException) -> str | None:
     """The traceback where the exception was raised: the worker's text when remote."""
     cause = exc.__cause__
@@ -181,12 +175,6 @@ def traceback_text(exc: BaseException) -> str | None:
     if exc.__traceback__ is not None:  # raised in this process (sync, threads)
         return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return None
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message``: how the page and the picture name an error."""
-    text = safe_str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 class LoadedRun(Run):

@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..._model.errors import one_line
 from ..._model.graph import ALLOW, DATA, Graph
 from ..._model.run import Run
 from ..._model.state import FAILED, PENDING, SKIPPED
-from .codec import one_line
 from .states import STATE_COLOURS, STATE_FILLS, STATE_ORDER, STATE_WORDS
 
 if TYPE_CHECKING:

@@ -19,10 +19,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..._model.errors import one_line
 from ..._model.run import Run
 from ..._model.state import CANCELLED, COMPLETED, FAILED, PENDING, State
 from ..._version import __version__
-from .codec import one_line, traceback_text
+from .codec import traceback_text
 from .states import RETRY_COLOUR, STATE_COLOURS, STATE_ORDER
 
 # Tracebacks embedded in one HTML page, in characters: beyond this, failures keep
