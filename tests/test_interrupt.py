@@ -471,3 +471,53 @@ def test_a_forked_copy_of_the_parent_does_not_stop_its_pool(tmp_path):
         done.stdout.splitlines()[-1] == "RESULT ['Completed', 'Completed', "
         "'Completed', 'Completed'] True"
     )
+
+
+@gx.task
+def _naps(i):
+    time.sleep(0.3)
+    return i
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_the_workers_start_cancels_every_node_and_carries_the_run(monkeypatch):
+    # Ctrl-C landing in the pool's start (the guard's shell, a fork) came out bare:
+    # no .run, no node Cancelled; the worker started meanwhile is stopped too.
+    from graphexec._executors import process
+
+    real_start = process._Guard.start
+    fired = []
+
+    def interrupted(self):
+        if not fired:
+            fired.append(True)
+            raise KeyboardInterrupt
+        return real_start(self)
+
+    monkeypatch.setattr(process._Guard, "start", interrupted)
+    graph = gx.Graph()
+    with graph:
+        [_naps(i) for i in range(6)]
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}  # (the zygote, a tracker)
+    with pytest.raises(KeyboardInterrupt) as info:
+        graph.compute(workers=2)
+    run = info.value.run
+    assert run.counts() == {"Cancelled": 6}
+    assert "cancelled by Ctrl-C" in run.summary()
+
+    def new_ones():  # workers (the zygote and multiprocessing's tracker stay: per process)
+        found = []
+        for p in me.children(recursive=True):
+            try:
+                server = p.name() == "gx-zygote" or "resource_tracker" in " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            if p.pid not in before and not server:
+                found.append(p)
+        return found
+
+    deadline = time.monotonic() + 5
+    while new_ones() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not new_ones()

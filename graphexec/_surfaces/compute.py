@@ -98,7 +98,13 @@ def _compute(graph: Graph, targets: tuple[Any, ...], given: dict[str, Any]) -> R
     # The executor first: a pool that cannot run (closed, say) refuses the run
     # before its record is opened, so an earlier record there stays whole.
     executor = make_executor(options)
-    executor.open(run)
+    # Ctrl-C while the workers start (a fork, the guard's shell): handled below as
+    # one during the run, so that it too cancels every node and carries the Run.
+    early: KeyboardInterrupt | None = None
+    try:
+        executor.open(run)
+    except KeyboardInterrupt as interrupt:
+        early = interrupt
     try:
         journal = None
         if options.run_dir is not None:  # the run's record, written as it goes
@@ -132,6 +138,8 @@ def _compute(graph: Graph, targets: tuple[Any, ...], given: dict[str, Any]) -> R
                 sched.chains = False
         try:
             with sigterm_as_interrupt():  # SIGTERM raises signals.Terminated, a KeyboardInterrupt
+                if early is not None:
+                    raise early
                 sched.run()
         except KeyboardInterrupt as interrupt:
             sched.cancel(cancel_reason(interrupt), everything=True)
