@@ -21,6 +21,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.util
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -733,3 +734,33 @@ def test_a_zygote_started_inside_with_graph_gives_its_workers_no_graph_and_the_c
         """
     )
     assert report == {"inside": [11, True], "after": [11, True], "started": True}
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_and_sigterm_wait_out_the_zygotes_fork_and_the_zygote_gets_them_back():
+    # A Ctrl-C that came while CPython ran its after-fork hooks in the program was
+    # printed as "Exception ignored" and lost: the compute ran to its end. Both
+    # signals are held during the fork (and delivered after it); the zygote, and
+    # so its workers, do not keep them held.
+    report, _ = _run(
+        """
+        real_fork = os.fork
+        held = []
+
+        def fork():
+            held.append(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+            return real_fork()
+
+        os.fork = fork
+
+        def blocked():
+            return sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+        with gx.Pool(workers=1) as pool:
+            in_worker = compute(blocked, pool=pool)[0]
+        report(held=held, in_worker=in_worker, after=blocked())
+        """
+    )
+    assert report["held"] and {signal.SIGINT, signal.SIGTERM} <= set(report["held"][0])
+    assert signal.SIGINT not in report["in_worker"] and signal.SIGTERM not in report["in_worker"]
+    assert signal.SIGINT not in report["after"]

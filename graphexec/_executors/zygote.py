@@ -248,16 +248,28 @@ class Zygote(mp_forkserver.ForkServer):
             # The program and every worker hold the write end; the zygote
             # exits at its end-of-file, once all of them are gone.
             alive_r, alive_w = os.pipe()
+            # Ctrl-C and SIGTERM wait until the fork is over and recorded: one that
+            # came while CPython ran its after-fork hooks (logging's lock release)
+            # was printed as "Exception ignored" and lost, and the compute ran on.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_AT_FORK)
             try:
-                _flush_streams()  # or their buffered text would be written twice
-                pid = os.fork()
-                if pid == 0:
-                    _become_zygote(listener.fileno(), alive_r)  # never returns
-            except BaseException:
-                os.close(alive_w)
-                raise
+                try:
+                    _flush_streams()  # or their buffered text would be written twice
+                    pid = os.fork()
+                    if pid == 0:
+                        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                        _become_zygote(listener.fileno(), alive_r)  # never returns
+                except BaseException:
+                    os.close(alive_w)
+                    raise
+                finally:
+                    os.close(alive_r)
+                return self._forked(pid, address, alive_w)
             finally:
-                os.close(alive_r)
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)  # (what came is raised now)
+
+    def _forked(self, pid: int, address: Any, alive_w: int) -> bool:
+        """Keep the zygote just forked, or end it if other threads ran at the fork."""
         if threads() != 1:
             # A thread ran beside the fork: the threads why_not_fork took for
             # OpenBLAS's did not stop at it (OpenBLAS's handler leaves none
@@ -276,6 +288,9 @@ class Zygote(mp_forkserver.ForkServer):
         self._forkserver_pid = pid
         self.forked = self.started = True
         return True
+
+
+_HELD_AT_FORK = {signal.SIGINT, signal.SIGTERM}
 
 
 def _flush_streams() -> None:
