@@ -480,7 +480,10 @@ def _naps(i):
 
 
 @pytest.mark.timeout(60)
-def test_ctrl_c_while_the_workers_start_cancels_every_node_and_carries_the_run(monkeypatch):
+@pytest.mark.parametrize("watched", [False, True])
+def test_ctrl_c_while_the_workers_start_cancels_every_node_and_carries_the_run(
+    monkeypatch, tmp_path, watched
+):
     # Ctrl-C landing in the pool's start (the guard's shell, a fork) came out bare:
     # no .run, no node Cancelled; the worker started meanwhile is stopped too.
     from graphexec._executors import process
@@ -500,10 +503,24 @@ def test_ctrl_c_while_the_workers_start_cancels_every_node_and_carries_the_run(m
         [_naps(i) for i in range(6)]
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}  # (the zygote, a tracker)
+    # watched: a run's record and an observer (what a progress bar is) see it too
+    seen: list[str] = []
+
+    class Seen(gx.Observer):
+        def on_start(self, run):
+            seen.append("start")
+
+        def on_node_finish(self, node, state):
+            seen.append(state.name)
+
+    options = {"run_dir": tmp_path / "rec", "observers": [Seen()]} if watched else {}
     with pytest.raises(KeyboardInterrupt) as info:
-        graph.compute(workers=2)
+        graph.compute(workers=2, **options)
     run = info.value.run
     assert run.counts() == {"Cancelled": 6}
+    if watched:
+        assert seen == ["start"] + ["Cancelled"] * 6
+        assert gx.Run.load(tmp_path / "rec").counts() == {"Cancelled": 6}
     assert "cancelled by Ctrl-C" in run.summary()
 
     def new_ones():  # workers (the zygote and multiprocessing's tracker stay: per process)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -326,6 +327,10 @@ def test_dict_subclasses_holding_nodes_keep_their_type_and_items(scheduler):
     assert type(run[ordered]) is collections.OrderedDict
 
 
+class Window(collections.deque):
+    """A deque subclass: rebuilt as itself, its maxlen kept."""
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("scheduler", ["sync", "threads", "processes"])
 def test_a_deque_holding_nodes_is_filled_in_like_a_list(scheduler):
@@ -336,6 +341,8 @@ def test_a_deque_holding_nodes_is_filled_in_like_a_list(scheduler):
     graph = gx.Graph()
     with graph:
         window = identity(collections.deque([five(), 1, five()], maxlen=3))
+        mine = identity(Window([five(), 2], maxlen=2))
     run = graph.compute(scheduler=scheduler, workers=2)
     assert run[window] == collections.deque([5, 1, 5], maxlen=3)
     assert type(run[window]) is collections.deque and run[window].maxlen == 3
+    assert list(run[mine]) == [5, 2] and type(run[mine]) is Window and run[mine].maxlen == 2

@@ -271,8 +271,13 @@ class Scheduler:
 
     # -- main loop ------------------------------------------------------------
 
-    def run(self) -> None:
-        """Run every member to a final state (``graph.compute``)."""
+    def run(self, interrupted: KeyboardInterrupt | None = None) -> None:
+        """Run every member to a final state (``graph.compute``).
+
+        ``interrupted``: a Ctrl-C that came while the executor opened, raised here
+        once the observers know the run started (its nodes are then cancelled as
+        after any interrupt, which they see too).
+        """
         # Remote values (a cluster) stay where they are until read: loading
         # them here would fetch each one on this thread.
         self.load_kept = not self.executor.capabilities.remote_values
@@ -285,6 +290,8 @@ class Scheduler:
                 dependents[up] = tuple(lst)
         if self.observer is not None:
             self.observer.started(self.run_)
+        if interrupted is not None:
+            raise interrupted
         # No full collection while the loop runs: each would walk the whole heap
         # and find nothing (see collector.py); young collections go on. Not when
         # the calls run in this process: a task's own garbage (cycles that lived

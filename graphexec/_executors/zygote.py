@@ -256,9 +256,8 @@ class Zygote(mp_forkserver.ForkServer):
                 try:
                     _flush_streams()  # or their buffered text would be written twice
                     pid = os.fork()
-                    if pid == 0:
-                        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-                        _become_zygote(listener.fileno(), alive_r)  # never returns
+                    if pid == 0:  # (the signals still held: see _become_zygote)
+                        _become_zygote(listener.fileno(), alive_r, held)  # never returns
                 except BaseException:
                     os.close(alive_w)
                     raise
@@ -302,12 +301,19 @@ def _flush_streams() -> None:
             pass
 
 
-def _become_zygote(listener_fd: int, alive_r: int) -> None:
-    """In the forked child: shed what is the program's, then serve until the end of file."""
+def _become_zygote(listener_fd: int, alive_r: int, held: set[int | signal.Signals]) -> None:
+    """In the forked child: shed what is the program's, then serve until the end of file.
+
+    ``held``: the signal mask of the program before its fork, which held SIGINT and
+    SIGTERM. One of them already pending here was meant for the program (a
+    Ctrl-C reaches its whole process group): it is dropped, not raised in this
+    copy of the program, which must never run the program's own code.
+    """
     code = 1
     try:
         name = _comm()
         _fresh_signals()
+        _drop_pending(held)
         _only_fds({0, 1, 2, listener_fd, alive_r})
         sys.stdin = sys.__stdin__
         sys.stdout = sys.__stdout__
@@ -332,6 +338,17 @@ def _become_zygote(listener_fd: int, alive_r: int) -> None:
             pass
     finally:
         os._exit(code)
+
+
+def _drop_pending(mask: set[int | signal.Signals]) -> None:
+    """Drop SIGINT and SIGTERM pending since the fork, then restore ``mask``: ignored
+    while unblocked, a pending signal is discarded; then their fresh handlers."""
+    fresh = {sig: signal.getsignal(sig) for sig in _HELD_AT_FORK}
+    for sig in fresh:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    for sig, handler in fresh.items():
+        signal.signal(sig, handler)
 
 
 def _fresh_signals() -> None:

@@ -89,11 +89,15 @@ def remap(obj: Any, mapping: dict[int, Node]) -> Any:
 def rebuild(obj: Any, items: list[Any]) -> Any:
     """A container of ``obj``'s type holding ``items`` (pairs for a dict)."""
     kind = type(obj)
-    kind = getattr(kind, "values_as", kind)  # a list of futures, once filled in: a list
+    # A list of futures (gx.FutureList), once filled in with their values: a list.
+    kind = getattr(kind, "_graphexec_values_as", kind)
     if hasattr(kind, "_fields"):  # namedtuple
         return kind(*items)
-    if kind is deque:
-        return deque(items, obj.maxlen)
+    if isinstance(obj, deque):  # its maxlen too (a subclass's: as unpickling gives it)
+        try:
+            return kind(items, obj.maxlen)
+        except TypeError:
+            return deque(items, obj.maxlen)
     if kind is not dict and isinstance(obj, dict):
         # A copy, refilled: Counter(pairs) would count the pairs, and defaultdict
         # takes its factory first. What unpickling gives the process pool's

@@ -138,9 +138,7 @@ def _compute(graph: Graph, targets: tuple[Any, ...], given: dict[str, Any]) -> R
                 sched.chains = False
         try:
             with sigterm_as_interrupt():  # SIGTERM raises signals.Terminated, a KeyboardInterrupt
-                if early is not None:
-                    raise early
-                sched.run()
+                sched.run(interrupted=early)
         except KeyboardInterrupt as interrupt:
             sched.cancel(cancel_reason(interrupt), everything=True)
             mark_interrupted(run, interrupt)

@@ -915,10 +915,13 @@ class FutureList(list):
 
     # A container of futures filled in with their values is a plain list (walk.rebuild),
     # and so is its pickle (a worker's copy): the methods are for the futures only.
-    values_as = list
+    _graphexec_values_as = list
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (list, (list(self),))
+
+    def __copy__(self) -> FutureList:
+        return FutureList(self)
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every future is final, or ``timeout`` seconds have passed."""
