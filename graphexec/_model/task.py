@@ -6,7 +6,6 @@ import functools
 import inspect
 import os
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -15,6 +14,7 @@ from .node import Node, allow_failure
 from .options import DEFAULT_OPTIONS, RESERVED_KEYWORDS, TaskOptions
 from .seam import NOT_EAGER, surfaces
 from .state import State
+from .walk import SEQUENCES
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -100,6 +100,9 @@ def fn_name(fn: Any) -> str:
     return "lambda" if name == "<lambda>" else name
 
 
+_CONTAINERS = (*SEQUENCES, dict)  # walk's: the containers a node is found in
+
+
 def _a_node_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Node | None:
     """A node among a plain call's arguments (and in the lists, tuples, sets, deques and dicts
     they are), if there is one; none is looked for deeper. Not ``walk.find_nodes``,
@@ -108,7 +111,7 @@ def _a_node_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Node | None:
     for value in (*args, *kwargs.values()):
         if isinstance(value, Node):  # (a future of the eager API is one too)
             return value
-        if isinstance(value, (list, tuple, set, frozenset, deque, dict)):
+        if isinstance(value, _CONTAINERS):
             for item in value.values() if isinstance(value, dict) else value:
                 if isinstance(item, Node):
                     return item

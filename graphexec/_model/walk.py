@@ -18,7 +18,8 @@ from typing import Any
 
 from .node import ALLOW, Node, allow_failure
 
-_SEQUENCES = (list, tuple, set, frozenset, deque)
+# The containers searched for nodes (besides dicts): here, and in a plain call's check.
+SEQUENCES = (list, tuple, set, frozenset, deque)
 
 
 def find_nodes(
@@ -38,7 +39,7 @@ def find_nodes(
         for key, value in obj.items():
             find_nodes(key, visit, flag, other)
             find_nodes(value, visit, flag, other)
-    elif isinstance(obj, _SEQUENCES):
+    elif isinstance(obj, SEQUENCES):
         for value in obj:
             find_nodes(value, visit, flag, other)
     elif other is not None:
@@ -64,7 +65,7 @@ def replace_nodes(obj: Any, replace: Callable[[Node], Any], keep_markers: bool =
         if all(a is k and b is v for (a, b), (k, v) in zip(items, obj.items())):
             return obj
         return rebuild(obj, items)
-    if isinstance(obj, _SEQUENCES):
+    if isinstance(obj, SEQUENCES):
         items = [replace_nodes(v, replace, keep_markers) for v in obj]
         if all(a is b for a, b in zip(items, obj)):
             return obj
@@ -113,7 +114,7 @@ def rebuild(obj: Any, items: list[Any]) -> Any:
     try:
         return kind(items)
     except TypeError:  # a subclass with another constructor: fall back to the base type
-        for base in (dict, list, tuple, set, frozenset, deque):
+        for base in (dict, *SEQUENCES):
             if isinstance(obj, base):
                 return base(items)
         raise
