@@ -287,9 +287,9 @@ def _spy_sends(monkeypatch) -> list[tuple[str, float, bool]]:
     sent: list[tuple[str, float, bool]] = []
     send = _cluster.ClusterExecutor._send
 
-    def spy(self, call, after):
+    def spy(self, call, after, feeds=False):
         sent.append((call.name, time.monotonic(), after is not None))
-        return send(self, call, after)
+        return send(self, call, after, feeds)
 
     monkeypatch.setattr(_cluster.ClusterExecutor, "_send", spy)
     return sent
@@ -1203,6 +1203,120 @@ def test_large_arguments_and_closures_are_scattered_not_sent_through_the_schedul
         run = graph.compute(cluster=client)
     assert [run[n] for n in sizes] == [blob, blob]
     assert [run[n] for n in closed] == [len(blob), len(blob) + 1]
+
+
+@gx.task
+def zeros(n):
+    import numpy as np
+
+    return np.zeros(n)
+
+
+@gx.task
+def increment_in_place(a):
+    a += 1  # the task changes its input
+    return float(a.sum())
+
+
+@gx.task
+def sum_after(a, *_after):
+    return float(sum(a))
+
+
+@gx.task
+def three():
+    return [1, 2, 3]
+
+
+@gx.task(retries=2)
+def append_then_fail(xs, path):
+    xs.append(99)  # before failing: a retry must not see it
+    with open(path, "a") as f:
+        f.write("x")
+    with open(path) as f:
+        if len(f.read()) < 3:
+            raise ValueError("not yet")
+    return list(xs)
+
+
+def test_a_task_that_changes_its_input_changes_only_its_own_copy(client, tmp_path):
+    # dask gives every task on a worker the object in its memory: graphexec hands a
+    # copy, as the process pool does (a value of its own), to siblings, retries and
+    # the Run alike.
+    graph = gx.Graph()
+    with graph:
+        a = zeros(4)
+        changed = increment_in_place(a)
+        sibling = sum_after(a, changed)
+        xs = three()
+        retried = append_then_fail(xs, str(tmp_path / "attempts"))
+        after = sum_after(xs, retried)
+    run = graph.compute(a, changed, sibling, xs, retried, after, cluster=client)
+    assert run[changed] == 4.0
+    assert run[sibling] == 0.0
+    assert run[a].tolist() == [0.0] * 4
+    assert run.state(retried).attempts == 3
+    assert run[retried] == [1, 2, 3, 99]  # each attempt started from [1, 2, 3]
+    assert run[after] == 6.0 and run[xs] == [1, 2, 3]
+
+
+_MEMO: dict = {}
+
+
+@gx.task
+def memoised():
+    import numpy as np
+
+    return _MEMO.setdefault("zeros", np.zeros(4))  # an object the task keeps
+
+
+@gx.task
+def bump_sum(a):
+    a += 1
+    return float(a.sum())
+
+
+def test_a_chain_link_that_changes_its_input_leaves_what_the_producer_keeps(client):
+    # Each bump_sum is its input's sole consumer: a chain, its input not copied on
+    # arrival, so the producer made its value one of its own before dask held it.
+    graph = gx.Graph()
+    with graph:
+        sums = [bump_sum(memoised()) for _ in range(6)]
+    run = graph.compute(cluster=client)
+    assert [run[s] for s in sums] == [4.0] * 6
+
+
+class Homesick:
+    """Unpickles anywhere but in the process whose pid it carries."""
+
+    def __init__(self, home: int) -> None:
+        self.home = home
+
+    def __reduce__(self):
+        return (_rebuild_homesick, (self.home,))
+
+
+def _rebuild_homesick(home: int) -> Homesick:
+    if os.getpid() == home:
+        raise RuntimeError("cannot rebuild here")
+    return Homesick(home)
+
+
+@gx.task
+def homesick(home):
+    return Homesick(home)
+
+
+def test_a_value_that_does_not_unpickle_here_says_so_not_that_the_client_closed(client):
+    graph = gx.Graph()
+    with graph:
+        node = homesick(os.getpid())
+    run = graph.compute(cluster=client)
+    with pytest.raises(gx.SerializationError) as info:
+        run[node]
+    text = str(info.value)
+    assert "does not unpickle here" in text and "cannot rebuild here" in text
+    assert "closing the Client" not in text
 
 
 # -- caching ---------------------------------------------------------------------------------------

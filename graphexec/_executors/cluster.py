@@ -145,6 +145,7 @@ from .._model.errors import (
     ResultReleased,
     SerializationError,
     WorkerCrashed,
+    safe_str,
 )
 from .._model.handle import materialize
 from .._model.keys import task_input_hash
@@ -162,8 +163,10 @@ from .protocol import (
 )
 from .runtime import (
     Unloadable,
+    UnloadableValue,
     arguments_unpickle_error,
     describe_exception,
+    handover,
     invoke,
     load_exception,
     load_function,
@@ -244,12 +247,17 @@ def _fetch(token: str) -> Any:
         # Gone with its Client: ResultReleased, as it is. Anything else (the value
         # will not unpickle here) the caller reports as such (SerializationError).
         client = getattr(entry.future, "client", None)
-        gone = getattr(client, "status", "running") in ("closing", "closed")
-        raise (ResultReleased if gone else GraphexecError)(
-            f"the value of {entry.name} stayed on the dask cluster and could not be fetched "
-            f"({type(exc).__name__}: {exc}). Read results with run[node] before closing the "
-            "Client; a value on a worker that died is recomputed by dask only while the "
-            "cluster runs"
+        if getattr(client, "status", "running") in ("closing", "closed"):
+            raise ResultReleased(
+                f"the value of {entry.name} stayed on the dask cluster and could not be "
+                f"fetched ({type(exc).__name__}: {exc}). Read results with run[node] before "
+                "closing the Client; a value on a worker that died is recomputed by dask "
+                "only while the cluster runs"
+            ) from exc
+        # (the caller says what to check: SerializationError, stage unpickle-result)
+        raise GraphexecError(
+            f"the value of {entry.name}, computed on the dask cluster, does not unpickle "
+            f"here ({type(exc).__name__}: {safe_str(exc)})"
         ) from exc
 
 
@@ -335,7 +343,10 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
     ``remote`` maps node index -> upstream value (dask put the values of the
     Futures in place); ``spec`` carries everything else, pickled here once.
     """
-    exec_id, key, name, fn_id, origin, args_blob, local_blob, cache, want_digest, timed = spec
+    (exec_id, key, name, fn_id, origin, args_blob, local_blob, cache, want_digest, timed) = spec[
+        :10
+    ]
+    owned, hand_over = spec[10:]
     started = time.time()
     worker = _this_worker()
     if worker is not None:
@@ -371,8 +382,26 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
                 node=name,
             )
             return fail("unpickle-arguments", error, value.tb)
+    # A value of its own, as from a process worker: dask hands every task on a
+    # worker the object in its memory, which a task changing its input in place
+    # would change for its siblings, its own retries and the Run. Not the input
+    # of a chain's link (``owned``): its producer made it a value of its own
+    # (``hand_over``), and nothing else will read it (``_engine/chains.py``).
+    values: dict[int, Any] = {}
+    for index, value in remote.items():
+        if index == owned:
+            values[index] = value
+            continue
+        try:
+            values[index] = handover(value)
+        except UnloadableValue as exc:
+            cause = exc.__cause__ or exc
+            return fail(
+                "unpickle-arguments",
+                arguments_unpickle_error(name, cause, "on the dask worker", input_node=index),
+                traceback.format_exc(),
+            )
     try:
-        values = dict(remote)
         if local_blob is not None:
             for index, (kind, value) in pickle.loads(local_blob).items():
                 if kind == "state" and index in values:
@@ -389,6 +418,11 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
     if not ok:
         return fail("call", result, tb)
     del args, kwargs, values
+    if hand_over:  # the next link changes it at will: not an object the task keeps
+        try:
+            result = handover(result)
+        except BaseException as exc:  # (UnloadableValue: its consumer fails to load it)
+            return fail("result", result_error(name, result, exc), traceback.format_exc())
     if want_digest or not _plainly_picklable(result):
         try:
             digest = _digest(result)
@@ -399,6 +433,11 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
     if cache is not None:
         write_cache(cache, result, name)
     return result
+
+
+def _held_index(call: Call) -> int | None:
+    """The input of a chain's link that its predecessor's value stands for."""
+    return next((index for index, handle in call.inputs.items() if handle is HELD), None)
 
 
 def _announce(worker: Any, msg: dict, wait: bool) -> None:
@@ -804,15 +843,15 @@ class ClusterExecutor:
             # with its value before the cancel reaches it: that call would run though
             # its node ends Skipped. The chain waits for the outcome instead.
             chain = None
-        flight = self._send(call, None)
+        flight = self._send(call, None, bool(chain))
         if flight is None or not chain:
             return True
         # Its chain goes to dask now, each call with the Future of the one before
         # it: dask runs it where that value is, as soon as it is there, with no
         # round trip through this process (see "Chains").
         sent: list[Call] = []
-        for nxt in chain:
-            behind = self._send(nxt, flight)
+        for k, nxt in enumerate(chain):
+            behind = self._send(nxt, flight, k + 1 < len(chain))
             if behind is None:  # not sendable: the chain ends before it (the
                 break  # scheduler sends it on its own later, and it fails then)
             self._behind[id(flight.call)] = behind
@@ -822,9 +861,10 @@ class ClusterExecutor:
         call.then = sent or None  # (cut to the calls sent, as the protocol asks)
         return True
 
-    def _send(self, call: Call, after: _Flight | None) -> _Flight | None:
+    def _send(self, call: Call, after: _Flight | None, feeds: bool = False) -> _Flight | None:
         """Submit ``call`` to dask; ``after``: the flight of the call before it in a
-        chain, whose Future stands for its input HELD. None if it was not sent:
+        chain, whose Future stands for its input HELD; ``feeds``: a chain's next call
+        takes its value. None if it was not sent:
         its failure is handed over then, unless it is a chained call (the chain
         ends before it, and the scheduler sends it on its own later)."""
         key = f"{call.name}-{uuid.uuid4().hex}"
@@ -843,6 +883,8 @@ class ClusterExecutor:
                 call.cache,
                 call.node in self._digest_nodes,
                 call.timeout is not None,
+                _held_index(call) if after is not None else None,
+                feeds,
             )
             rank = self._ranks.get(call.node)
             if rank is None:  # a node a flow added after open()

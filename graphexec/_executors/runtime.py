@@ -224,6 +224,43 @@ class Unloadable:
         self.exc, self.tb = exc, tb
 
 
+_IMMUTABLE = frozenset({int, float, complex, bool, str, bytes, type(None)})
+
+
+def handover(result: Any) -> Any:
+    """What a call receives in place of a value this process holds: the next call of
+    a chain its predecessor's result, a dask task an upstream value from its
+    worker's memory.
+
+    The same as a consumer on another worker would: a value of its own,
+    which it may modify in place without touching anything else. So
+    ``result`` itself only where nothing else in this process can see it — an
+    immutable builtin, or a numpy array that owns its data and is referenced
+    only from here (a fresh array: no view of, and no entry in, a cache the
+    task keeps) — else a copy: ``copy(order="K")`` for other plain arrays, a
+    pickle round trip for everything else (which also fails, as it would
+    between workers, on a result that cannot be pickled; one whose pickle does
+    not load raises :class:`UnloadableValue`).
+    """
+    kind = type(result)
+    if kind in _IMMUTABLE:
+        return result
+    if kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not result.dtype.hasobject:
+        # References: the caller's variable, our argument, getrefcount's own.
+        if result.flags.owndata and sys.getrefcount(result) <= 3:
+            return result
+        return result.copy(order="K")
+    data = dumps(result)
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
+        raise UnloadableValue from exc
+
+
+class UnloadableValue(Exception):
+    """:func:`handover`: the value pickles, but its pickle does not load here."""
+
+
 def describe_exception(exc: BaseException) -> tuple[str, str]:
     """``(qualified type name, str(exc))``, whatever the exception's ``__str__`` does."""
     kind = type(exc)

@@ -84,8 +84,10 @@ from .._data.serialize import decode_call, dumps, dumps_value, loads_value
 from .protocol import write_cache
 from .runtime import (
     Unloadable,
+    UnloadableValue,
     arguments_unpickle_error,
     describe_exception,
+    handover,
     invoke,
     load_function,
     pickle_exception,
@@ -420,7 +422,7 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
     if hold:
         try:
             held[token] = handover(result)
-        except _Unloadable:
+        except UnloadableValue:
             # It pickles but will not unpickle in a worker: it goes to the parent as
             # any value does, and the next call, not finding it here, comes back
             # ("skip") to fail as it would on another worker: unpickle-arguments,
@@ -463,41 +465,6 @@ def return_inputs(chained: dict[int, Any]) -> tuple[tuple[int, bytes | None, str
         except Exception as exc:
             out.append((up, None, f"it could not be pickled in the worker: {exc}"))
     return tuple(out)
-
-
-_IMMUTABLE = frozenset({int, float, complex, bool, str, bytes, type(None)})
-
-
-def handover(result: Any) -> Any:
-    """What the next call of a chain receives in place of ``result``.
-
-    The same as a consumer on another worker would: a value of its own,
-    which it may modify in place without touching anything else. So
-    ``result`` itself only where nothing else in this process can see it — an
-    immutable builtin, or a numpy array that owns its data and is referenced
-    only from here (a fresh array: no view of, and no entry in, a cache the
-    task keeps) — else a copy: ``copy(order="K")`` for other plain arrays, a
-    pickle round trip for everything else (which also fails, as it would
-    between workers, on a result that cannot be pickled; one whose pickle does
-    not load raises :class:`_Unloadable`).
-    """
-    kind = type(result)
-    if kind in _IMMUTABLE:
-        return result
-    if kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not result.dtype.hasobject:
-        # References: the caller's variable, our argument, getrefcount's own.
-        if result.flags.owndata and sys.getrefcount(result) <= 3:
-            return result
-        return result.copy(order="K")
-    data = dumps(result)
-    try:
-        return pickle.loads(data)
-    except Exception as exc:
-        raise _Unloadable from exc
-
-
-class _Unloadable(Exception):
-    """:func:`handover`: the result pickles, but its pickle does not load here."""
 
 
 def _end_if_forked() -> None:
