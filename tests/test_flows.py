@@ -735,6 +735,70 @@ def test_an_inner_flows_unhandled_failure_surfaces_in_the_outer_flow():
     assert "inner failure" in str(info.value)
 
 
+@gx.flow(workers=2, limits={"db": 1})
+def inner_limited():
+    return [db_write.submit(f"w{i}", 0.1) for i in range(3)]
+
+
+@pytest.mark.timeout(30)
+def test_an_inner_flows_limits_must_be_the_outer_flows():
+    # One scheduler runs both: a limit the outer flow does not have would be
+    # dropped (all three writes at once); it is refused, as in graph.compute.
+    with pytest.raises(ValueError, match=r"inside flow 'body'.*does not limit 'db'"):
+        run_flow(lambda: inner_limited(), name="body")
+    spans = run_flow(lambda: inner_limited(), limits={"db": 1})
+    assert max_overlap(spans) == 1
+
+
+@pytest.mark.timeout(30)
+def test_an_inner_flows_fail_fast_must_be_the_outer_flows():
+    inner = gx.flow(fail_fast=True)(lambda: add.submit(1).result())
+    with pytest.raises(ValueError, match=r"fail_fast=True, but the outer flow's is False"):
+        run_flow(lambda: inner())
+    assert run_flow(lambda: inner(), fail_fast=True) == 1
+
+
+@pytest.mark.timeout(30)
+def test_an_inner_flows_hooks_are_not_called_and_it_says_so():
+    called = []
+    inner = gx.flow(on_failure=[called.append], name="inner")(lambda: add.submit(1).result())
+    with pytest.warns(UserWarning, match=r"flow 'inner' called inside flow .* on_failure"):
+        assert run_flow(lambda: inner()) == 1
+    assert called == []
+
+
+@pytest.mark.timeout(60)
+def test_a_flow_in_a_pool_block_is_a_flow_of_its_own_on_that_pool():
+    # Its limits, fail_fast and hooks apply, as when called outside the block;
+    # its workers are the block's.
+    failed = []
+
+    @gx.flow(workers=4, limits={"db": 1}, on_failure=[failed.append])
+    def writes():
+        spans = [db_write.submit(f"w{i}", 0.1) for i in range(3)]
+        explode.submit("in the pool block")
+        return spans
+
+    with gx.Pool(workers=3):
+        with pytest.raises(gx.GraphFailed, match="in the pool block"):
+            writes()
+        assert len(failed) == 1 and failed[0].counts()["Failed"] == 1
+        spans = gx.flow(workers=4, limits={"db": 1})(
+            lambda: [db_write.submit(f"w{i}", 0.1) for i in range(3)]
+        )()
+        assert max_overlap(spans) == 1
+        in_flow = gx.flow(workers=4)(lambda: [span.submit(i, 0.05) for i in range(8)])()
+        in_block = [s.result() for s in [span.submit(i, 0.05) for i in range(8)]]
+    # the block's three workers ran the flow's tasks: no pool of four of its own
+    assert len({s["pid"] for s in in_flow + in_block}) <= 3
+
+
+@pytest.mark.timeout(30)
+def test_a_flow_limit_on_a_tag_no_task_has_warns():
+    with pytest.warns(UserWarning, match=r"limits=\{'DB': 1\} limits nothing.*'db'"):
+        run_flow(lambda: [db_write.submit("w", 0.0)], limits={"DB": 1})
+
+
 # -- concurrency ---------------------------------------------------------------------------------
 
 

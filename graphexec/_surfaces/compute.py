@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from .._data.cache import store_for_run
@@ -91,7 +92,7 @@ def _compute(graph: Graph, targets: tuple[Any, ...], given: dict[str, Any]) -> R
         target_ids = sinks(graph._deps)
     members = post_order(graph._deps, target_ids)
     if options.limits:
-        _warn_of_unused_limits(graph, members, options.limits)
+        warn_of_unused_limits(graph, members, options.limits)
     kept = set(members) if options.keep == "all" else set(target_ids)
     run = Run(graph, members, kept)
     run._inputs_cap = options.keep_inputs
@@ -234,7 +235,7 @@ def target_indices(graph: Graph, targets: tuple[Any, ...]) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def _warn_of_unused_limits(graph: Graph, members: list[int], limits: dict[str, int]) -> None:
+def warn_of_unused_limits(graph: Graph, members: Sequence[int], limits: dict[str, int]) -> None:
     """A ``limits=`` tag that no task of the run has limits nothing: most often a typo
     (``"gpus"`` for ``"gpu"``), which would otherwise let every tagged call run at once."""
     opts = graph._opts

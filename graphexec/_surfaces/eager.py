@@ -112,6 +112,14 @@ def active_session() -> Session | None:
     return session_for_pool(cast(PoolBlock, top))
 
 
+def pool_block() -> PoolBlock | None:
+    """The innermost context on this thread if it is a ``with gx.Pool():`` block."""
+    stack = getattr(_local, "sessions", None)
+    if stack and isinstance(stack[-1], PoolBlock):
+        return stack[-1]
+    return None
+
+
 def flow_session() -> Session | None:
     """The session of the flow whose body runs on this thread (innermost), or None."""
     stack = getattr(_local, "sessions", None)
@@ -731,10 +739,15 @@ class Session:
         with deferred_in_critical_sections():
             self.executor.close()
 
-    def _check_compute_options(
-        self, limits: dict[str, int] | None, cache_dir: Any, memory_limit: int | None
+    def check_options(
+        self,
+        limits: dict[str, int] | None,
+        cache_dir: Any,
+        memory_limit: int | None,
+        where: str = "graph.compute() inside a flow (or a `with gx.Pool()` block with submits)",
     ) -> None:
-        where = "graph.compute() inside a flow (or a `with gx.Pool()` block with submits)"
+        """Refuse run options of a compute (or a flow called) in this session that its
+        one scheduler and pool cannot honour: they belong to the flow."""
         for tag, cap in (limits or {}).items():
             have = self.scheduler.limits.get(tag)
             if have != cap:
@@ -774,7 +787,7 @@ class Session:
         Raises:
             RuntimeError: the session has finished (a compute racing its close).
         """
-        self._check_compute_options(options.limits, options.cache_dir, options.memory_limit)
+        self.check_options(options.limits, options.cache_dir, options.memory_limit)
         refresh_cache, keep = options.refresh_cache, options.keep
         if not targets:
             targets = sinks(graph._deps)

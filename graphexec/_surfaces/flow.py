@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from .._model.errors import safe_str
 from .._model.walk import replace_nodes
 from .backends import make_executor
-from .eager import Session, active_session, pop_context, push_context
+from .compute import warn_of_unused_limits
+from .eager import Session, flow_session, pool_block, pop_context, push_context
 from .hooks import Dispatch, ambient_observers, hook_wait, outcome
 from .options import ComputeOptions
 from .progress import make_observers
@@ -50,6 +52,33 @@ _RUN_OPTIONS = frozenset(
 )
 
 
+# Options that make a flow's workers: inside `with gx.Pool():`, the block's pool has them.
+_WORKER_OPTIONS = frozenset(
+    {"workers", "scheduler", "start_method", "max_calls_per_worker", "inner_threads"}
+)
+# What only a run of its own has: not applied to a flow called inside another flow.
+_OWN_RUN_OPTIONS = (
+    "observers",
+    "on_completion",
+    "on_failure",
+    "on_cancellation",
+    "on_crashed",
+    "run_dir",
+    "progress",
+)
+
+
+def _runs_on_processes(opts: dict[str, Any]) -> bool:
+    """A flow that would start a process pool of its own (no pool=, cluster=, or
+    threads): inside `with gx.Pool():` it uses the block's pool instead."""
+    return (
+        opts.get("pool") is None
+        and opts.get("cluster") is None
+        and opts.get("scheduler", "processes") == "processes"
+        and opts.get("workers") != 0
+    )
+
+
 class Flow:
     """A function whose body runs with a pool behind it; see :func:`flow`."""
 
@@ -60,18 +89,26 @@ class Flow:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        outer = active_session()
+        outer = flow_session()
         if outer is not None:
-            # A flow called inside a flow (or a `with gx.Pool():` block) runs in
-            # the outer one's session: same pool, same scheduler, its failures
-            # reported by the outer flow. Pushed as this body's session, so that
-            # its plain task calls run there too, not in this process.
+            # A flow called inside a flow runs in the outer one's session: same
+            # pool, same scheduler, its failures reported by the outer flow. Pushed
+            # as this body's session, so that its plain task calls run there too,
+            # not in this process.
+            self._check_nested(outer)
             push_context(outer)
             try:
                 return _resolve(self.fn(*args, **kwargs))
             finally:
                 pop_context(outer)
         opts = self.options
+        block = pool_block()
+        if block is not None and _runs_on_processes(opts):
+            # Inside `with gx.Pool():` a flow is a flow of its own on the block's
+            # pool (as with pool=): its limits, fail_fast, hooks and run; the
+            # options that make workers are the pool's.
+            opts = {k: v for k, v in opts.items() if k not in _WORKER_OPTIONS}
+            opts["pool"] = block.pool
         options = ComputeOptions.validate(
             f"@flow {self.name}", **{k: v for k, v in opts.items() if k in _RUN_OPTIONS}
         )
@@ -131,11 +168,41 @@ class Flow:
             kinds = outcome(session.run, cancelled=_fail_fast(session))
         finally:
             pop_context(session)
+            if options.limits and session.graph._nodes:
+                warn_of_unused_limits(
+                    session.graph, range(len(session.graph._nodes)), options.limits
+                )
             deadline = time.monotonic() + hook_wait()
             dispatch.drain(deadline)
             dispatch.finish(session.run, kinds, deadline)
         session.run._raise_if_failed()
         return value
+
+    def _check_nested(self, outer: Session) -> None:
+        """This flow runs in ``outer``'s session: an option that would change what its
+        tasks do there is refused, as ``graph.compute`` in a flow refuses it; one
+        that belongs to a run of its own (hooks, observers) is not applied: say so."""
+        opts = self.options
+        where = f"flow {self.name!r} called inside flow {outer.graph.name!r}"
+        outer.check_options(
+            opts.get("limits"), opts.get("cache_dir"), opts.get("memory_limit"), where
+        )
+        fail_fast = opts.get("fail_fast")
+        if fail_fast is not None and bool(fail_fast) != outer.scheduler.fail_fast:
+            raise ValueError(
+                f"{where}: fail_fast={fail_fast!r}, but the outer flow's is "
+                f"{outer.scheduler.fail_fast}; one scheduler runs both: give fail_fast= to "
+                "the outer flow"
+            )
+        unused = sorted(k for k in _OWN_RUN_OPTIONS if opts.get(k))
+        if unused:
+            warnings.warn(
+                f"{where} runs in the outer flow's session, which has no run of its own "
+                f"for {', '.join(unused)}: not applied. Give them to the outer flow, or "
+                "call this flow outside it",
+                UserWarning,
+                stacklevel=2,
+            )
 
 
 def _body_raised(exc: BaseException) -> str:
@@ -210,10 +277,13 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             cancelled; the exception carries ``.run`` (unless it had one: a
             ``GraphFailed`` from a lazy graph keeps that graph's Run).
 
-    A flow called inside another flow (or inside ``with gx.Pool():``) is
-    supported and runs in the outer one's session: same pool, same scheduler,
-    and its own options are not applied. It returns its body's value; its
-    unhandled failures are reported when the outer flow ends. A lazy graph
+    A flow called inside another flow runs in the outer one's session: same
+    pool, same scheduler. It returns its body's value; its unhandled failures
+    are reported when the outer flow ends. Its ``limits``, ``fail_fast``,
+    ``cache_dir`` and ``memory_limit`` must be the outer flow's (else
+    ``ValueError``); its hooks, observers, ``run_dir`` and ``progress`` are not
+    applied (a ``UserWarning`` says so). Inside ``with gx.Pool():`` a flow is
+    a flow of its own on that block's pool, as with ``pool=``. A lazy graph
     computed in a flow runs there too (unless given ``pool=``: then it is a
     run of its own on that pool); ``compute``'s ``limits``, ``cache_dir`` and
     ``memory_limit`` must then match the flow's. A flow keeps every value
