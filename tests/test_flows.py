@@ -262,6 +262,29 @@ def test_as_completed_yields_in_completion_order(scheduler):
         assert [g["tag"] for g in got] == ["t1", "t2", "t0"]
 
 
+@gx.task
+def explode_late(seconds):
+    time.sleep(seconds)
+    raise ValueError("late")
+
+
+@pytest.mark.timeout(30)
+def test_as_completed_yields_a_skipped_future_when_it_was_skipped():
+    # A Skipped node has no end time of its own: it became final when its
+    # upstream failed, after the quick task, and is yielded then (it came first).
+    def body():
+        fast = span.submit("fast", 0.05)
+        late = explode_late.submit(0.4)
+        skipped = add.submit(late)
+        slow = span.submit("slow", 0.2)
+        time.sleep(1.0)  # all final before as_completed looks
+        order = [f.name for f in gx.as_completed([skipped, slow, late, fast])]
+        assert late.state.is_failed()  # looked at: the flow returns
+        return order
+
+    assert run_flow(body, workers=3) == ["span-0", "span-1", "explode_late-0", "add-0"]
+
+
 @pytest.mark.timeout(30)
 def test_as_completed_timeout_raises():
     def body():
@@ -668,7 +691,8 @@ def test_a_future_outlives_its_flow_but_belongs_to_it():
         kept["future"] = add.submit(1, 2)
 
     def second():
-        with pytest.raises(TypeError, match=r"node 'add-0' belongs to another graph"):
+        # (said: belongs to another graph; build calls in the same `with graph:`)
+        with pytest.raises(TypeError, match=r"future 'add-0' belongs to another flow.*result\(\)"):
             add.submit(kept["future"], 1)
         with pytest.raises(TypeError, match="wait_for= takes nodes"):
             add.submit(1, wait_for=[5])
@@ -1359,3 +1383,23 @@ def test_a_sync_flows_future_is_running_while_its_task_runs():
         return seen
 
     assert ("Running", True) in run_flow(body, "sync")
+
+
+@pytest.mark.timeout(30)
+def test_submit_from_a_thread_the_flow_started_says_flows_hold_per_thread():
+    def body():
+        errors = []
+
+        def job():
+            try:
+                add.submit(1)
+            except RuntimeError as exc:
+                errors.append(str(exc))
+
+        worker = threading.Thread(target=job, name="helper-thread")
+        worker.start()
+        worker.join()
+        return errors
+
+    (text,) = run_flow(body)
+    assert "this thread (helper-thread) is in none" in text

@@ -242,3 +242,19 @@ def test_a_skipped_plain_call_raises_upstream_failed_and_catching_it_counts(sche
             return exc.upstream
 
     assert run_flow(body, scheduler) == "explode-0"
+
+
+def test_async_def_tasks_and_flows_are_refused_when_decorated():
+    # They were accepted, then failed at their first call with errors that
+    # blamed pickling or said to call inside a flow.
+    async def fetch(x):
+        return x
+
+    with pytest.raises(TypeError, match=r"fetch is an async def.*asyncio\.run"):
+        gx.task(fetch)
+    with pytest.raises(TypeError, match=r"fetch is an async def"):
+        gx.task(retries=2)(fetch)
+    with pytest.raises(TypeError, match=r"@flow: fetch is an async def.*flow's body"):
+        gx.flow(workers=2)(fetch)
+    with pytest.raises(TypeError, match=r"async def"):
+        gx.Graph().add(fetch, 1)

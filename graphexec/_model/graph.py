@@ -282,10 +282,8 @@ class Graph:
 
         def visit(node: Node, flag: int) -> None:
             if node.graph is not self:
-                raise TypeError(
-                    f"node {node.name!r} belongs to another graph ({node.graph.name}); used at "
-                    f"{call_site()}. Build dependent calls inside the same `with graph:` block"
-                )
+                where = node._ELSEWHERE.format(name=node.name, graph=node.graph.name)
+                raise TypeError(f"{where}; used at {call_site()}. {node._ELSEWHERE_ADVICE}")
             current = found.get(node.index, 0)
             found[node.index] = (_with_wait if wait else _with_data)(current, flag)
 

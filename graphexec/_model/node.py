@@ -67,6 +67,10 @@ class Node:
 
     __slots__ = ("__weakref__", "graph", "index")
 
+    # What to say when one is used in another graph (a Future says it its way).
+    _ELSEWHERE = "node {name!r} belongs to another graph ({graph})"
+    _ELSEWHERE_ADVICE = "Build dependent calls inside the same `with graph:` block"
+
     def __init__(self, graph: Graph, index: int) -> None:
         self.graph = graph
         self.index = index

@@ -83,6 +83,7 @@ def check_callable(fn: Any, where: str) -> None:
     """Refuse non-callables and functions whose parameters collide with call keywords."""
     if not callable(fn):
         raise TypeError(f"{where}: expected a function, got {type(fn).__name__} {fn!r}")
+    refuse_coroutine_function(fn, where, "a task as a plain function in a worker process")
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # some builtins have no signature; nothing to check
@@ -92,6 +93,16 @@ def check_callable(fn: Any, where: str) -> None:
         raise TypeError(
             f"{where}: {fn_name(fn)}() has a parameter named {clash[0]!r}, which graphexec "
             f"reserves as a call keyword ({', '.join(RESERVED_KEYWORDS)}); rename the parameter"
+        )
+
+
+def refuse_coroutine_function(fn: Any, where: str, what: str) -> None:
+    """An ``async def`` would return a coroutine where a value is expected (a task's
+    result, a flow's body): say so when it is decorated, not at its first call."""
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise TypeError(
+            f"{where}: {fn_name(fn)} is an async def; graphexec runs {what}, so it is not "
+            "supported. Make it a def, and run what it awaits inside it with asyncio.run(...)"
         )
 
 

@@ -64,6 +64,7 @@ result at any time), as in Prefect.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -153,10 +154,19 @@ def submit(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
     """``task.submit()``: start the call now in the innermost flow or pool block."""
     session = active_session()
     if session is None:
+        thread = threading.current_thread()
         raise RuntimeError(
             f"{task.name}.submit() (and .map() outside `with graph:`) starts work now and "
             "needs somewhere to run it: call it inside a @gx.flow, or inside `with "
             "gx.Pool(workers=N):`; inside `with graph:`, .map() adds nodes instead"
+            + (
+                ""
+                if thread is threading.main_thread()
+                else f". A flow or pool block holds in the thread that entered it, and "
+                f"this thread ({thread.name}) is in none, even if a flow started it: submit "
+                "from the flow's thread, or enter `with pool:` here (a gx.Pool serves "
+                "many threads)"
+            )
         )
     return session.submit(task, args, kwargs)
 
@@ -179,6 +189,12 @@ class Future(Node):
     Accepted anywhere a node is: as an argument (also nested), in ``wait_for``,
     inside :func:`allow_failure`.
     """
+
+    _ELSEWHERE = "future {name!r} belongs to another flow or pool block ({graph})"
+    _ELSEWHERE_ADVICE = (
+        "A future is an argument only where it was submitted (its flow, or its "
+        "`with gx.Pool()` block): pass its value, future.result(), instead"
+    )
 
     __slots__ = ()
 
@@ -484,6 +500,9 @@ class Session:
         self._error: BaseException | None = None  # what ended it, if not close()
         # Scheduler thread only:
         self._fresh: list[int] = []  # nodes final since the last publish
+        # node -> its rank among every session's nodes by when it became final
+        # (as_completed's order: a skipped or cached node has no end time of its own)
+        self._ended_rank: dict[int, int] = {}
         self._payloads: list[Payload] = []  # results that came in shared memory
         self._thread = threading.Thread(target=self._serve, name=f"graphexec-{name}", daemon=True)
         self._thread.start()
@@ -867,7 +886,9 @@ class _Watch:
             self._user.retrying(i, state)
 
     def finished(self, i: int, state: State) -> None:
-        self._session._fresh.append(i)
+        session = self._session
+        session._fresh.append(i)
+        session._ended_rank[i] = next(_ENDED)
         if self._user is not None:
             self._user.finished(i, state)
 
@@ -1009,10 +1030,12 @@ def _ended(futures: list[Future]) -> list[Future]:
     return sorted(futures, key=_finished_at)
 
 
-def _finished_at(future: Future) -> float:
-    """When a final future ended: its attempt's end time (a cache hit: at once, 0)."""
-    state = future._session._state(future.index)
-    return (state.finished if state is not None else None) or 0.0
+_ENDED = itertools.count()  # ranks of nodes by when they became final, all sessions
+
+
+def _finished_at(future: Future) -> int:
+    """When a final future ended, as a rank among all sessions' final nodes."""
+    return future._session._ended_rank.get(future.index, -1)
 
 
 def wait(

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._model.errors import safe_str
+from .._model.task import refuse_coroutine_function
 from .._model.walk import replace_nodes
 from .backends import make_executor
 from .compute import warn_of_unused_limits
@@ -312,6 +313,7 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             opts["workers"] = alias
         if not callable(f):
             raise TypeError(f"@flow expects a function, got {type(f).__name__}")
+        refuse_coroutine_function(f, "@flow", "a flow's body as a plain function")
         _check_flow_options(opts, f"@flow on {getattr(f, '__name__', 'flow')}")
         return Flow(f, opts)
 
