@@ -319,7 +319,7 @@ CANNOT: dict[tuple[str, str], Limit] = {
         reason="a Python thread cannot be killed",
         instead="at its deadline the node fails with TaskTimeout (fail_fast: Cancelled) and "
         "the thread is abandoned: the call runs on until it returns, its result dropped, "
-        "and a fresh thread takes its slot",
+        "keeping its thread and its concurrency slots until then",
     ),
     ("threads", "crash"): _IN_PROCESS_CRASH,
     ("threads", "memory_limit"): _IN_PROCESS_MEMORY,

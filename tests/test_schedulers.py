@@ -265,6 +265,52 @@ def test_tag_limits(compute):
     assert _overlap([run.state(n) for n in queries]) == 1
 
 
+_SPANS: list[tuple[float, float]] = []  # (start, end) of overstay's calls (threads)
+_SPANS_LOCK = threading.Lock()
+
+
+@gx.task
+def overstay(seconds):
+    start = time.monotonic()
+    time.sleep(seconds)
+    with _SPANS_LOCK:
+        _SPANS.append((start, time.monotonic()))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("bound", ["max_concurrency", "tag", "workers"])
+def test_a_thread_past_its_timeout_keeps_its_slot_until_it_returns(bound):
+    # A thread cannot be killed: its node fails at the deadline, the call runs on.
+    # Its concurrency slots (and its thread) were given to the next call at once:
+    # a task of max_concurrency=1 ran five at a time.
+    _SPANS.clear()
+    options = {"max_concurrency": 1} if bound == "max_concurrency" else {}
+    if bound == "tag":
+        options["tags"] = ["db"]
+    task = overstay.with_options(timeout=0.05, **options)
+    graph = gx.Graph()
+    with graph:
+        nodes = [task(0.25) for _ in range(5)]
+    workers = 2 if bound == "workers" else 4
+    run = graph.compute(
+        scheduler="threads",
+        workers=workers,
+        raise_on_failure=False,
+        limits={"db": 1} if bound == "tag" else None,
+    )
+    assert [run.state(n).name for n in nodes] == ["Failed"] * 5
+    assert all(isinstance(run.state(n).exception, gx.TaskTimeout) for n in nodes)
+    deadline = time.monotonic() + 10
+    while len(_SPANS) < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)  # the abandoned calls return on their own
+    events = sorted([(s, 1) for s, _ in _SPANS] + [(e, -1) for _, e in _SPANS])
+    now = most = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    assert len(_SPANS) == 5 and most == (2 if bound == "workers" else 1)
+
+
 def test_a_limit_on_a_tag_no_task_has_is_a_warning_naming_the_tags_there_are():
     # A typo ("gpus" for "gpu") limited nothing, silently: every tagged call ran at once.
     gpu = nap.with_options(tags=["gpu"])

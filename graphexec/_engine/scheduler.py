@@ -49,6 +49,8 @@ are sized to the graph):
 ``parked[key]``    heap, like ``ready``, of nodes waiting for a concurrency slot
                    (tag/task limit): a freed slot goes to the highest priority
 ``in_use[key]``    slots taken per limit key; ``_task_caps[id(fn)]``: a task's cap
+``holding``        calls whose node failed at its timeout but which still run (a
+                   thread): their slots stay taken until the executor's FREED
 ``retry_at``       heap of (time, seq, i): retries waiting out their delay, and
                    nodes that look again at a cache entry another holds; ``seq``
                    breaks ties
@@ -96,7 +98,7 @@ from typing import Any
 
 from .._data.cache import CacheStore, store_for_run
 from .._data.serialize import Payload
-from .._executors.protocol import ERROR, HELD, OK, REQUEUE, Call, Executor
+from .._executors.protocol import ERROR, FREED, HELD, OK, REQUEUE, Call, Executor
 from .._executors.threadlimits import ThreadLimited
 from .._model.errors import SerializationError, WorkerCrashed, safe_str
 from .._model.graph import Graph
@@ -189,6 +191,9 @@ class Scheduler:
         self.retry_at: list[tuple[float, int, int]] = []
         self.parked: dict[Any, list[tuple[int, int, int]]] = {}
         self.in_use: dict[Any, int] = {}
+        # calls given up on while still running (Call.holds_slots) whose slots are
+        # still taken: parked nodes wait for their FREED, not a stall
+        self.holding = 0
         self.running: dict[int, Call] = {}
         self.unsent: dict[int, Call] = {}
         # Chains: only the process pool runs them, and only for compute() (a
@@ -407,6 +412,7 @@ class Scheduler:
             and timeout is None
             and not idle_ok
             and not gate.keying
+            and not self.holding
         ):
             raise RuntimeError(
                 f"graphexec scheduler stalled with {self.n_members - self.done} nodes "
@@ -510,6 +516,19 @@ class Scheduler:
             if self.observer is not None:
                 self.observer.running(i, call)
 
+    def _free_slots(self, i: int) -> None:
+        """A call of node ``i`` ended: the concurrency slots it took go to the next
+        node waiting for each."""
+        in_use = self.in_use
+        if in_use:  # some node holds a concurrency slot: maybe this one
+            for k in self._limit_keys(i):
+                if not in_use.get(k):  # (a FREED after the run let go of every slot)
+                    continue
+                in_use[k] -= 1
+                waiting = self.parked.get(k)
+                if waiting:
+                    self._push_ready(heapq.heappop(waiting)[2])
+
     def _limit_keys(self, i: int) -> list[Any] | tuple[()]:
         opts = self.graph._opts[i]
         if opts.max_concurrency is None and not (opts.tags and self.limits):
@@ -584,6 +603,10 @@ class Scheduler:
 
     def _on_outcome(self, call: Call, kind: int, value: Any) -> None:
         i = call.node
+        if kind == FREED:  # an abandoned call ended: its node's outcome came before
+            self.holding -= 1
+            self._free_slots(i)
+            return
         running = self.running
         if running.get(i) is not call:
             # Cancelled while in flight (already final), or a call left running by
@@ -621,12 +644,10 @@ class Scheduler:
         if inputs:
             call.inputs = {}
         call.wire = None
-        if self.in_use:  # some node holds a concurrency slot: maybe this one
-            for k in self._limit_keys(i):
-                self.in_use[k] -= 1
-                waiting = self.parked.get(k)
-                if waiting:
-                    self._push_ready(heapq.heappop(waiting)[2])
+        if call.holds_slots:  # until it ends (FREED)
+            self.holding += 1
+        else:
+            self._free_slots(i)
         if kind == REQUEUE:
             self._push_ready(i)
             return

@@ -1,12 +1,14 @@
 """Executors that run calls in this process: "sync" (this thread) and "threads".
 
-Both speak the executor protocol of ``_call``. The sync executor runs each
+Both speak the executor protocol of ``protocol.py``. The sync executor runs each
 call inside ``submit`` so the scheduler, the task and pdb share one thread.
 The thread executor is for work that releases the GIL (numpy, I/O).
 
 Threads cannot be killed: a thread whose call passes its timeout is
 abandoned (the node fails with ``TaskTimeout`` at the deadline, the thread's
-eventual result is dropped) and a fresh thread takes its slot.
+eventual result is dropped). It keeps its place until the call returns (no
+fresh thread: at most ``workers`` calls run), and so do the concurrency slots
+the call took (``Call.holds_slots``; a ``FREED`` outcome gives them back).
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ import threading
 import time
 from typing import Any, cast
 
-from .protocol import ERROR, SIGNAL_SLICE, Call, Capabilities, Deadlines, run_inline, timeout_error
+from .protocol import (
+    ERROR,
+    FREED,
+    SIGNAL_SLICE,
+    Call,
+    Capabilities,
+    Deadlines,
+    run_inline,
+    timeout_error,
+)
 
 
 class SyncExecutor:
@@ -77,7 +88,7 @@ class ThreadExecutor:
         self._deadlines = Deadlines()
         self._abandoned: set[int] = set()  # calls past their timeout, still running
         self._threads: list[threading.Thread] = []
-        self._live = 0  # threads that are not stuck in an abandoned call
+        self._live = 0  # threads started
 
     def open(self, run: Any) -> None:
         pass
@@ -92,13 +103,12 @@ class ThreadExecutor:
             if call is None:
                 return
             self._outbox.put(run_inline(call, name))
-            if id(call) in self._abandoned:
-                return  # a replacement thread has taken this one's slot
 
     def submit(self, call: Call) -> bool:
-        # The inbox never holds more calls than free slots, so extra threads
-        # (after a timeout race) only idle: concurrency stays <= workers.
-        if len(self._running) >= self._size:
+        # The inbox never holds more calls than free threads: an abandoned call
+        # keeps its thread until it returns (no replacement is started), so at
+        # most ``workers`` calls run, as workers= says.
+        if len(self._running) + len(self._abandoned) >= self._size:
             return False
         if self._live < self._size:
             self._live += 1
@@ -140,13 +150,15 @@ class ThreadExecutor:
                 outcomes.append(self._outbox.get_nowait())
         except queue.Empty:
             pass
-        fresh = []
+        fresh: list[tuple[Call, int, Any]] = []
         for outcome in outcomes:
             if outcome is None:  # wakeup()
                 continue
             key = id(outcome[0])
             if key in self._abandoned:  # its node already failed with TaskTimeout
                 self._abandoned.discard(key)
+                if outcome[0].holds_slots:  # its thread is free, and so are its slots
+                    fresh.append((outcome[0], FREED, None))
             elif self._running.pop(key, None) is not None:
                 self._deadlines.discard(key)
                 fresh.append(outcome)
@@ -163,6 +175,9 @@ class ThreadExecutor:
                 self._deadlines.set(key, call.started + call.timeout)
                 continue
             self._abandon(key)
+            # Its node fails now, but the call runs on: its concurrency slots (tags,
+            # max_concurrency) stay taken until it returns (FREED).
+            call.holds_slots = True
             call.finished = time.time()
             fresh.append(
                 (
@@ -183,7 +198,6 @@ class ThreadExecutor:
         del self._running[key]
         self._deadlines.discard(key)
         self._abandoned.add(key)
-        self._live -= 1
 
     def cancel_running(self) -> list[Call]:
         calls = list(self._running.values())

@@ -17,13 +17,16 @@ An outcome is a tuple ``(call, kind, value)``; ``kind`` is one of the
 constants below. For ``OK`` the value is a handle (the value itself, or a
 ``Payload`` from a worker); for ``ERROR`` it is the exception, already
 carrying the remote traceback as ``__cause__``. ``REQUEUE`` gives back a call
-that never started (it was queued behind a call whose worker died).
+that never started (it was queued behind a call whose worker died). ``FREED``
+comes after an outcome given while its call still ran (``Call.holds_slots``: a
+thread abandoned at its timeout): the call has ended, and the concurrency
+slots it counted against are free.
 
 Chains (executors with ``Capabilities.chains``): a call may carry ``then``,
 the calls of a chain of sole consumers to run right behind it on the same
 worker. Each value but the last stays in that worker (its outcome is ``OK``
 with the value ``HELD``) and is handed to the next call in memory
-(``worker.handover``: the object itself where nothing else can see it, else a
+(``runtime.handover``: the object itself where nothing else can see it, else a
 copy), never through the parent or shared memory. The scheduler builds a
 chain only where nothing could need such a value again (see
 ``_engine/chains.py``), so a value lost with its worker is never missed
@@ -61,6 +64,9 @@ from .._model.walk import substitute
 OK = 0
 ERROR = 1
 REQUEUE = 2
+# A call whose outcome was given while it still ran (``Call.holds_slots``: a thread
+# past its timeout, abandoned) has ended now: its concurrency slots are free.
+FREED = 3
 
 Outcome = tuple["Call", int, Any]
 
@@ -114,6 +120,7 @@ class Call:
         "finished",
         "fn",
         "has_nodes",
+        "holds_slots",
         "inputs",
         "isolate",
         "kwargs",
@@ -166,6 +173,10 @@ class Call:
         # (key, cap) of each concurrency limit the call counts against (tags, the
         # task's max_concurrency): a shared pool holds them across its runs.
         self.limits: list[tuple[Any, int]] | None = None
+        # Set by an executor that gives the call's outcome while the call still runs
+        # (a thread cannot be killed at its timeout): its slots stay taken until a
+        # FREED outcome for it says it ended.
+        self.holds_slots = False
 
     def __repr__(self) -> str:
         return f"<Call {self.name} attempt {self.number}>"

@@ -442,7 +442,8 @@ class Graph:
             observers: :class:`Observer` instances told of every event of the run
                 (also those of enclosing ``with gx.observe(...)`` blocks).
             on_completion: functions called with the :class:`Run` (or Prefect's
-                ``(flow, flow_run, state)``: the graph, the Run, the Run) when the
+                ``(flow, flow_run, state)``: the graph, the Run, and a
+                :class:`State` of the run's outcome named after it) when the
                 run ends without an unhandled failure.
             on_failure: the same, when it ends with one (``not run.ok``).
             on_cancellation: the same, when Ctrl-C or ``fail_fast`` cancelled it.
