@@ -256,6 +256,19 @@ def test_max_concurrency_bounds_one_task_without_blocking_others(compute):
 
 
 @pytest.mark.parametrize("scheduler", ["threads", "processes"])
+def test_copies_of_a_task_share_its_count_each_under_its_own_cap(compute):
+    low = nap.with_options(max_concurrency=1, name="low")
+    high = low.with_options(max_concurrency=2, name="high")
+    graph = gx.Graph()
+    with graph:
+        lows = [low(0.15) for _ in range(3)]
+        highs = [high(0.15) for _ in range(3)]
+    run = compute(graph, keep="all", workers=4)
+    assert _overlap([run.state(n) for n in lows]) == 1
+    assert _overlap([run.state(n) for n in lows + highs]) <= 2
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "processes"])
 def test_tag_limits(compute):
     db = nap.with_options(tags=["db"])
     graph = gx.Graph()
