@@ -688,3 +688,39 @@ def test_a_child_forked_inside_with_graph_runs_task_calls_and_leaves_the_block_c
     os.waitpid(pid, 0)
     assert os.read(read, 10) == b"ok"
     os.close(read)
+
+
+@gx.task
+def total(values):
+    return sum(values)
+
+
+@gx.task
+def pick(params):
+    return params["k"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scheduler", ["sync", "processes"])
+def test_a_container_changed_after_the_call_changes_neither_its_arguments_nor_edges(scheduler):
+    # The call keeps the list or dict as it was (its edges were taken then): the
+    # later items reached the task, which failed with an internal KeyError.
+    graph = gx.Graph()
+    with graph:
+        acc = []
+        totals = []
+        for i in range(4):
+            acc.append(inc(i))
+            totals.append(total(acc))  # a running total: each call sees its own list
+        params = {"k": inc(10)}
+        first = pick(params)
+        params["k"] = inc(20)
+        second = pick(params)
+        marked = total(gx.allow_failure(acc[:1]))
+    assert [len(t.upstream) for t in totals] == [1, 2, 3, 4]
+    kw = {"workers": 2} if scheduler == "processes" else {}
+    run = graph.compute(scheduler=scheduler, **kw)
+    assert [run[t] for t in totals] == [1, 3, 6, 10]
+    assert (run[first], run[second], run[marked]) == (11, 21, 1)
+    assert graph._args[first.index][0] is not params  # a copy, nodes and all
+    assert len(acc) == 4 and isinstance(acc[0], gx.Node)  # the caller's own is untouched

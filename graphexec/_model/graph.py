@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .node import ALLOW, DATA, ORDER, Node, allow_failure, call_site
 from .seam import surfaces
 from .task import Task, as_task, pop_graph, push_graph
-from .walk import find_nodes, remap
+from .walk import find_nodes, remap, take_nodes
 
 _new = object.__new__
 
@@ -217,6 +217,8 @@ class Graph:
         # (the common case, no dict needed); ``found`` (index -> flags) otherwise.
         ups: list[int] = []
         found: dict[int, int] | None = None
+        # id(argument) -> its copy: a container holding nodes, copied (take_nodes)
+        taken: dict[int, Any] | None = None
         for value in (*args, *kwargs.values()) if kwargs else args:
             kind = type(value)
             if kind in _SCALARS:
@@ -226,7 +228,15 @@ class Graph:
                 continue
             if found is None:
                 found = dict.fromkeys(ups, DATA)
-            find_nodes(value, self._collector(found), DATA)
+            copied = take_nodes(value, self._collector(found), DATA)
+            if copied is not value:
+                if taken is None:
+                    taken = {}
+                taken[id(value)] = copied
+        if taken is not None:  # the call keeps the copies: the caller may change its own
+            args = tuple([taken.get(id(a), a) for a in args])
+            if kwargs:
+                kwargs = {k: taken.get(id(v), v) for k, v in kwargs.items()}
         if wait_for is not None:
             if found is None:
                 found = dict.fromkeys(ups, DATA)

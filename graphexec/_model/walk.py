@@ -2,7 +2,8 @@
 
 Nodes are found inside lists, tuples, dicts (keys and values), sets,
 frozensets and deques, at any depth, and inside :class:`allow_failure` markers, which
-mark what they hold. Building a graph finds them (:func:`find_nodes`);
+mark what they hold. Building a graph finds them, and copies the containers
+that hold them (:func:`take_nodes`);
 running a call in-process fills in values (:func:`substitute`); a flow moves
 calls between graphs (:func:`remap`) and resolves its return value
 (:func:`replace_nodes`). Containers without nodes are returned as they are,
@@ -44,6 +45,53 @@ def find_nodes(
             find_nodes(value, visit, flag, other)
     elif other is not None:
         other(obj)
+
+
+def take_nodes(obj: Any, visit: Callable[[Node, int], None], flag: int) -> Any:
+    """:func:`find_nodes` for a call being added: ``obj`` with every container that
+    holds a node (at any depth) copied, so that changing the caller's list or
+    dict afterwards changes neither the call's arguments nor its edges (a
+    loop that appends to one list and passes it to each call). Containers
+    without nodes are returned as they are, never copied."""
+    return _take(obj, visit, flag)[0]
+
+
+def _take(obj: Any, visit: Callable[[Node, int], None], flag: int) -> tuple[Any, bool]:
+    """(:func:`take_nodes` of ``obj``, whether it is or holds a node)."""
+    if isinstance(obj, Node):
+        visit(obj, flag)
+        return obj, True
+    if type(obj) is allow_failure:
+        inner, held = _take(obj.value, visit, flag | ALLOW)
+        return (allow_failure(inner) if held else obj), held
+    if isinstance(obj, dict):
+        items = []
+        held = False
+        for key, value in obj.items():
+            k, held_k = _take(key, visit, flag)
+            v, held_v = _take(value, visit, flag)
+            items.append((k, v))
+            held = held or held_k or held_v
+        return (rebuild(obj, items) if held else obj), held
+    if isinstance(obj, SEQUENCES):
+        items = []
+        held = False
+        for value in obj:
+            if isinstance(value, Node):  # (inline: a list of nodes is the usual case)
+                visit(value, flag)
+                held = True
+                items.append(value)
+            else:
+                v, held_v = _take(value, visit, flag)
+                items.append(v)
+                held = held or held_v
+        if not held:
+            return obj, False
+        kind = type(obj)
+        return (
+            items if kind is list else tuple(items) if kind is tuple else rebuild(obj, items)
+        ), True
+    return obj, False
 
 
 def replace_nodes(obj: Any, replace: Callable[[Node], Any], keep_markers: bool = False) -> Any:
