@@ -724,3 +724,25 @@ def test_a_container_changed_after_the_call_changes_neither_its_arguments_nor_ed
     assert (run[first], run[second], run[marked]) == (11, 21, 1)
     assert graph._args[first.index][0] is not params  # a copy, nodes and all
     assert len(acc) == 4 and isinstance(acc[0], gx.Node)  # the caller's own is untouched
+
+
+class _Model:
+    def __init__(self, scale):
+        self.scale = scale
+
+    def predict(self, x):
+        return x * self.scale
+
+
+def test_graph_add_of_a_bound_method_makes_one_wrapper_for_its_object():
+    # model.predict is a new object at each access: each call made a wrapper of its
+    # own (and the pool pickled the model again for every call).
+    model, other = _Model(2), _Model(3)
+    graph = gx.Graph()
+    nodes = [graph.add(model.predict, i) for i in range(50)]
+    more = graph.add(other.predict, 1)
+    assert len({id(graph._tasks[n.index]) for n in nodes}) == 1
+    assert graph._tasks[more.index] is not graph._tasks[nodes[0].index]
+    assert len(graph._plain_tasks) == 2
+    run = graph.compute(scheduler="sync")
+    assert [run[n] for n in nodes[:3]] == [0, 2, 4] and run[more] == 3

@@ -20,6 +20,7 @@ import inspect
 import os
 import threading
 from collections.abc import Callable, Iterable
+from types import MethodType
 from typing import TYPE_CHECKING, Any
 
 from .node import ALLOW, DATA, ORDER, Node, allow_failure, call_site
@@ -148,7 +149,9 @@ class Graph:
         self._names: list[str] = []
         self._nodes: list[Node] = []
         self._counters: dict[str, int] = {}
-        self._plain_tasks: dict[int, Task] = {}  # id(fn) -> its Task, for graph.add(fn)
+        # id(fn) (a bound method: ids of its object and function) -> its Task, for
+        # graph.add(fn)
+        self._plain_tasks: dict[Any, Task] = {}
         self._latest_run: Run | None = None
 
     # -- building -----------------------------------------------------------
@@ -185,10 +188,15 @@ class Graph:
         # One wrapper per function and graph, not per call: checking a callable
         # (inspect.signature) costs more than adding the node. The graph holds
         # the wrapper, and so the function, for as long as it holds its nodes:
-        # id(fn) cannot be reused meanwhile.
-        task = self._plain_tasks.get(id(fn))
+        # id(fn) cannot be reused meanwhile. A bound method (``model.predict``) is a
+        # new object at each access: it is known by its object and function, so
+        # one wrapper (and one pickle of the object for the workers) serves all.
+        key: Any = id(fn)
+        if type(fn) is MethodType:
+            key = (id(fn.__self__), id(fn.__func__))
+        task = self._plain_tasks.get(key)
         if task is None:
-            task = self._plain_tasks[id(fn)] = as_task(fn, "graph.add")
+            task = self._plain_tasks[key] = as_task(fn, "graph.add")
         return self._add_call(task, args, kwargs)
 
     def _add_call(self, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Node:

@@ -65,7 +65,7 @@ def _take(obj: Any, visit: Callable[[Node, int], None], flag: int) -> tuple[Any,
         inner, held = _take(obj.value, visit, flag | ALLOW)
         return (allow_failure(inner) if held else obj), held
     if isinstance(obj, dict):
-        items = []
+        items: list[Any] = []
         held = False
         for key, value in obj.items():
             k, held_k = _take(key, visit, flag)
