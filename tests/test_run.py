@@ -765,3 +765,24 @@ def test_a_process_forked_during_a_run_has_the_programs_thresholds():
     with os.fdopen(read) as pipe:
         assert pipe.read() == repr(program)
     assert gc.get_threshold() == program
+
+
+def test_an_empty_target_list_runs_nothing():
+    # compute([]) (a selection that came out empty) ran every node, as compute() does.
+    graph = gx.Graph()
+    graph.add(int, 1)
+    run = graph.compute([], scheduler="sync")
+    assert run.nodes == [] and run.ok
+    assert len(graph.compute(scheduler="sync").nodes) == 1
+
+
+@pytest.mark.timeout(30)
+def test_an_empty_target_list_in_a_flow_runs_nothing():
+    graph = gx.Graph()
+    graph.add(int, 1)
+
+    @gx.flow(scheduler="threads", workers=1)
+    def body():
+        return len(graph.compute([]).nodes), len(graph.compute().nodes)
+
+    assert body() == (0, 1)

@@ -423,6 +423,7 @@ class Graph:
             *targets: nodes (or lists of nodes) to compute; only their ancestors run.
                 Default: the graph's outputs (nodes nothing depends on), so every
                 node runs; with ``keep="targets"`` only the targets' values are kept.
+                An empty list (a selection that came out empty) runs nothing.
             workers: worker processes (threads for ``scheduler="threads"``); default
                 ``os.cpu_count()``. ``0`` runs everything in-process (``"sync"``).
             scheduler: ``"processes"`` (default), ``"threads"`` for work that releases

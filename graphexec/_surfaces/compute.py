@@ -54,7 +54,8 @@ def compute(graph: Graph, targets: tuple[Any, ...], **given: Any) -> Run:
 
 def _compute(graph: Graph, targets: tuple[Any, ...], given: dict[str, Any]) -> Run:
     options = ComputeOptions.validate("compute", **given)
-    target_ids = target_indices(graph, targets)
+    # No target: every sink. An empty selection (compute([])) is no target at all.
+    target_ids = target_indices(graph, targets) if targets else sinks(graph._deps)
     pool = options.pool
     # With pool=, a run of its own on that pool (concurrent with the pool's other
     # runs, flows and submits); without, inside a flow, the flow's session.
@@ -88,8 +89,6 @@ def _compute(graph: Graph, targets: tuple[Any, ...], given: dict[str, Any]) -> R
                 "it, so give observers to @gx.flow instead (they see these nodes too)"
             )
         return _in_session(session, graph, target_ids, options)
-    if not target_ids:
-        target_ids = sinks(graph._deps)
     members = post_order(graph._deps, target_ids)
     if options.limits:
         warn_of_unused_limits(graph, members, options.limits)

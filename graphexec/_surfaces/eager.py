@@ -82,7 +82,7 @@ from .._engine.scheduler import Scheduler
 from .._executors.protocol import OK, SIGNAL_SLICE, Executor
 from .._model.graph import Graph
 from .._model.node import Node
-from .._model.order import post_order, sinks
+from .._model.order import post_order
 from .._model.run import Run
 from .._model.seam import NOT_EAGER
 from .._model.state import FINAL, PENDING, RUNNING, State
@@ -808,8 +808,6 @@ class Session:
         """
         self.check_options(options.limits, options.cache_dir, options.memory_limit)
         refresh_cache, keep = options.refresh_cache, options.keep
-        if not targets:
-            targets = sinks(graph._deps)
         members = post_order(graph._deps, targets)
         mapping: dict[int, Future] = {}
         with self._lock:
