@@ -324,6 +324,27 @@ def test_a_thread_past_its_timeout_keeps_its_slot_until_it_returns(bound):
     assert len(_SPANS) == 5 and most == (2 if bound == "workers" else 1)
 
 
+@pytest.mark.timeout(30)
+def test_fail_fast_keeps_the_slot_of_a_call_that_runs_on():
+    # After fail_fast's cancel, "always" nodes of the tag ran beside the timed-out
+    # call still running, and its FREED later gave a slot back twice.
+    _SPANS.clear()
+    gpu = overstay.with_options(tags=["gpu"])
+    graph = gx.Graph()
+    with graph:
+        gpu.with_options(timeout=0.05)(0.5)
+        for _ in range(3):
+            gpu.with_options(trigger="always")(0.2)
+    with pytest.raises(gx.GraphFailed):
+        graph.compute(scheduler="threads", workers=4, limits={"gpu": 1}, fail_fast=True)
+    deadline = time.monotonic() + 10
+    while len(_SPANS) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ordered = sorted(_SPANS)
+    assert len(ordered) == 4
+    assert all(ordered[k][1] <= ordered[k + 1][0] for k in range(3))  # one at a time
+
+
 def test_a_limit_on_a_tag_no_task_has_is_a_warning_naming_the_tags_there_are():
     # A typo ("gpus" for "gpu") limited nothing, silently: every tagged call ran at once.
     gpu = nap.with_options(tags=["gpu"])

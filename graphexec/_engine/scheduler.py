@@ -49,8 +49,8 @@ are sized to the graph):
 ``parked[key]``    heap, like ``ready``, of nodes waiting for a concurrency slot
                    (tag/task limit): a freed slot goes to the highest priority
 ``in_use[key]``    slots taken per limit key; ``_task_caps[id(fn)]``: a task's cap
-``holding``        calls whose node failed at its timeout but which still run (a
-                   thread): their slots stay taken until the executor's FREED
+``held``           calls given up on that still run (a thread past its timeout, or
+                   cancelled): their slots stay taken until the executor's FREED
 ``retry_at``       heap of (time, seq, i): retries waiting out their delay, and
                    nodes that look again at a cache entry another holds; ``seq``
                    breaks ties
@@ -191,9 +191,10 @@ class Scheduler:
         self.retry_at: list[tuple[float, int, int]] = []
         self.parked: dict[Any, list[tuple[int, int, int]]] = {}
         self.in_use: dict[Any, int] = {}
-        # calls given up on while still running (Call.holds_slots) whose slots are
-        # still taken: parked nodes wait for their FREED, not a stall
-        self.holding = 0
+        # id(call) -> node, of calls given up on while still running (Call.holds_slots:
+        # a thread past its timeout, or cancelled): their slots stay taken until
+        # their FREED; parked nodes waiting for them are not a stall
+        self.held: dict[int, int] = {}
         self.running: dict[int, Call] = {}
         self.unsent: dict[int, Call] = {}
         # Chains: only the process pool runs them, and only for compute() (a
@@ -412,7 +413,7 @@ class Scheduler:
             and timeout is None
             and not idle_ok
             and not gate.keying
-            and not self.holding
+            and not self.held
         ):
             raise RuntimeError(
                 f"graphexec scheduler stalled with {self.n_members - self.done} nodes "
@@ -604,8 +605,8 @@ class Scheduler:
     def _on_outcome(self, call: Call, kind: int, value: Any) -> None:
         i = call.node
         if kind == FREED:  # an abandoned call ended: its node's outcome came before
-            self.holding -= 1
-            self._free_slots(i)
+            if self.held.pop(id(call), None) is not None:
+                self._free_slots(i)
             return
         running = self.running
         if running.get(i) is not call:
@@ -645,7 +646,7 @@ class Scheduler:
             call.inputs = {}
         call.wire = None
         if call.holds_slots:  # until it ends (FREED)
-            self.holding += 1
+            self.held[id(call)] = i
         else:
             self._free_slots(i)
         if kind == REQUEUE:
@@ -934,6 +935,8 @@ class Scheduler:
         self.swept = True
         logger.warning("cancelling the run: %s", why)
         for call in self.executor.cancel_running():
+            if call.holds_slots:  # it runs on (a thread): its slots stay taken
+                self.held[id(call)] = call.node
             if self.running.get(call.node) is call:
                 del self.running[call.node]
                 history = self.history.setdefault(call.node, [])
@@ -949,7 +952,11 @@ class Scheduler:
         self.parked.clear()
         self.unsent.clear()
         self.chained.clear()
+        # What runs no more lets go of its slots; a call that runs on keeps them.
         self.in_use.clear()
+        for i in self.held.values():
+            for k in self._limit_keys(i):
+                self.in_use[k] = self.in_use.get(k, 0) + 1
         graph = self.graph
         if not everything:
             # "always" nodes that were queued (ready, parked, waiting out a retry

@@ -203,6 +203,8 @@ class ThreadExecutor:
         calls = list(self._running.values())
         for key in list(self._running):
             self._abandon(key)
+        for call in calls:  # they run on: their slots stay taken until FREED
+            call.holds_slots = True
         return calls
 
     def close(self) -> None:

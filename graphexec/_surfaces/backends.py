@@ -39,16 +39,22 @@ def make_executor(options: ComputeOptions) -> Executor:
     return executor
 
 
+def starts_own_pool(given: dict[str, Any]) -> bool:
+    """Whether a compute or flow with these (unvalidated) options starts a process pool
+    of its own: no ``pool=``, ``cluster=``, threads or sync."""
+    return (
+        given.get("scheduler", "processes") == "processes"
+        and given.get("pool") is None
+        and given.get("cluster") is None
+        and given.get("workers") != 0
+    )
+
+
 def start_early(given: dict[str, Any]) -> None:
     """Start the process pool's forkserver now if a compute with these (unvalidated)
     options will need it: the first compute calls this before loading the scheduler,
     so that the forkserver's start runs meanwhile. A wrong guess costs only a
     forkserver started earlier than its first worker (it serves the whole process)."""
-    if (
-        given.get("scheduler", "processes") == "processes"
-        and given.get("pool") is None
-        and given.get("cluster") is None
-        and given.get("workers") != 0
-    ):
+    if starts_own_pool(given):
         limited = given.get("memory_limit") is not None
         prestart(given.get("start_method") or default_start_method(limited))

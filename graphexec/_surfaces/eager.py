@@ -67,6 +67,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -1032,8 +1033,9 @@ _ENDED = itertools.count()  # ranks of nodes by when they became final, all sess
 
 
 def _finished_at(future: Future) -> int:
-    """When a final future ended, as a rank among all sessions' final nodes."""
-    return future._session._ended_rank.get(future.index, -1)
+    """When a final future ended, as a rank among all sessions' final nodes (one the
+    scheduler made final a moment ago may have no rank yet: the newest)."""
+    return future._session._ended_rank.get(future.index, sys.maxsize)
 
 
 def wait(

@@ -18,7 +18,7 @@ from typing import Any
 from .._model.errors import safe_str
 from .._model.task import refuse_coroutine_function
 from .._model.walk import replace_nodes
-from .backends import make_executor
+from .backends import make_executor, starts_own_pool
 from .compute import warn_of_unused_limits
 from .eager import Session, flow_session, pool_block, pop_context, push_context
 from .hooks import Dispatch, ambient_observers, hook_wait, outcome
@@ -57,7 +57,8 @@ _RUN_OPTIONS = frozenset(
 _WORKER_OPTIONS = frozenset(
     {"workers", "scheduler", "start_method", "max_calls_per_worker", "inner_threads"}
 )
-# What only a run of its own has: not applied to a flow called inside another flow.
+# Not applied to a flow called inside another flow, and said so: what only a run of
+# its own has, and where its tasks run (the outer flow's pool runs them).
 _OWN_RUN_OPTIONS = (
     "observers",
     "on_completion",
@@ -66,18 +67,11 @@ _OWN_RUN_OPTIONS = (
     "on_crashed",
     "run_dir",
     "progress",
+    "keep_inputs",
+    "scheduler",
+    "pool",
+    "cluster",
 )
-
-
-def _runs_on_processes(opts: dict[str, Any]) -> bool:
-    """A flow that would start a process pool of its own (no pool=, cluster=, or
-    threads): inside `with gx.Pool():` it uses the block's pool instead."""
-    return (
-        opts.get("pool") is None
-        and opts.get("cluster") is None
-        and opts.get("scheduler", "processes") == "processes"
-        and opts.get("workers") != 0
-    )
 
 
 class Flow:
@@ -104,7 +98,7 @@ class Flow:
                 pop_context(outer)
         opts = self.options
         block = pool_block()
-        if block is not None and _runs_on_processes(opts):
+        if block is not None and starts_own_pool(opts):
             # Inside `with gx.Pool():` a flow is a flow of its own on the block's
             # pool (as with pool=): its limits, fail_fast, hooks and run; the
             # options that make workers are the pool's.
@@ -169,13 +163,13 @@ class Flow:
             kinds = outcome(session.run, cancelled=_fail_fast(session))
         finally:
             pop_context(session)
-            if options.limits and session.graph._nodes:
-                warn_of_unused_limits(
-                    session.graph, range(len(session.graph._nodes)), options.limits
-                )
             deadline = time.monotonic() + hook_wait()
             dispatch.drain(deadline)
             dispatch.finish(session.run, kinds, deadline)
+        if options.limits and session.graph._nodes:
+            # (not in the finally above: a warning made an error must not replace the
+            # body's exception, nor keep the hooks from running)
+            warn_of_unused_limits(session.graph, range(len(session.graph._nodes)), options.limits)
         session.run._raise_if_failed()
         return value
 
@@ -185,8 +179,14 @@ class Flow:
         that belongs to a run of its own (hooks, observers) is not applied: say so."""
         opts = self.options
         where = f"flow {self.name!r} called inside flow {outer.graph.name!r}"
+        # Validated (memory_limit="2GB" in bytes, as the outer flow's is kept)
+        given = {k: v for k, v in opts.items() if k in _RUN_OPTIONS}
+        mine = ComputeOptions.validate(f"@flow {self.name}", **given)
         outer.check_options(
-            opts.get("limits"), opts.get("cache_dir"), opts.get("memory_limit"), where
+            mine.limits if "limits" in given else None,
+            opts.get("cache_dir"),
+            mine.memory_limit,
+            where,
         )
         fail_fast = opts.get("fail_fast")
         if fail_fast is not None and bool(fail_fast) != outer.scheduler.fail_fast:
@@ -195,11 +195,15 @@ class Flow:
                 f"{outer.scheduler.fail_fast}; one scheduler runs both: give fail_fast= to "
                 "the outer flow"
             )
-        unused = sorted(k for k in _OWN_RUN_OPTIONS if opts.get(k))
+        unused = sorted(
+            k
+            for k in _OWN_RUN_OPTIONS
+            if opts.get(k) and (k, opts[k]) != ("scheduler", "processes")
+        )
         if unused:
             warnings.warn(
-                f"{where} runs in the outer flow's session, which has no run of its own "
-                f"for {', '.join(unused)}: not applied. Give them to the outer flow, or "
+                f"{where} runs in the outer flow's session, on its pool, with no run of its "
+                f"own: its {', '.join(unused)} not applied. Give them to the outer flow, or "
                 "call this flow outside it",
                 UserWarning,
                 stacklevel=2,
@@ -283,8 +287,10 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     are reported when the outer flow ends. Its ``limits``, ``fail_fast``,
     ``cache_dir`` and ``memory_limit`` must be the outer flow's (else
     ``ValueError``); its hooks, observers, ``run_dir`` and ``progress`` are not
-    applied (a ``UserWarning`` says so). Inside ``with gx.Pool():`` a flow is
-    a flow of its own on that block's pool, as with ``pool=``. A lazy graph
+    applied (a ``UserWarning`` says so). Inside ``with gx.Pool():`` a flow that
+    would start a process pool of its own is a flow of its own on that block's
+    pool, as with ``pool=`` (one given ``scheduler="threads"``/``"sync"``,
+    ``cluster=`` or its own ``pool=`` runs where it says). A lazy graph
     computed in a flow runs there too (unless given ``pool=``: then it is a
     run of its own on that pool); ``compute``'s ``limits``, ``cache_dir`` and
     ``memory_limit`` must then match the flow's. A flow keeps every value
