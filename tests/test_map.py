@@ -248,3 +248,22 @@ def test_a_future_as_the_iterable_is_a_type_error(scheduler):
         return add.map(listing.result(), b=1)
 
     assert body() == [2, 3]
+
+
+def test_a_map_that_fails_part_way_leaves_the_graph_as_it_was():
+    # One map is one call: its first calls stayed in the graph, half a map.
+    named = gx.task(task_run_name=lambda x: f"n-{10 // x}")(lambda x: x)
+    plain = gx.task(name="plain")(lambda x: x)
+    other = gx.Graph()
+    with other:
+        foreign = plain(9)
+    graph = gx.Graph()
+    with graph:
+        first = plain.map([1, 2])
+        with pytest.raises(ZeroDivisionError):
+            named.map([1, 2, 0, 4])
+        with pytest.raises(TypeError, match="belongs to another graph"):
+            plain.map([1, 2, foreign])
+        after = plain(3)
+    assert len(graph) == 3 and graph.nodes == [*first, after]
+    assert after.name == "plain-2"  # the names go on from where the graph was

@@ -199,6 +199,26 @@ class Graph:
             task = self._plain_tasks[key] = as_task(fn, "graph.add")
         return self._add_call(task, args, kwargs)
 
+    def _mark(self) -> tuple[int, dict[str, int]]:
+        """Where the graph is now, for :meth:`_rollback` (``task.map``)."""
+        return len(self._nodes), dict(self._counters)
+
+    def _rollback(self, mark: tuple[int, dict[str, int]]) -> None:
+        """Drop the nodes added since ``mark``: the graph is as it was then."""
+        n, counters = mark
+        for column in (
+            self._tasks,
+            self._opts,
+            self._args,
+            self._kwargs,
+            self._deps,
+            self._flags,
+            self._names,
+            self._nodes,
+        ):
+            del column[n:]
+        self._counters = counters
+
     def _add_call(self, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Node:
         # The hot path of building: a million calls must cost little more than
         # a dict of tuples. Plain scalars and bare nodes, the usual arguments,

@@ -231,13 +231,21 @@ class Task:
         n_args = len(args)
         names = tuple(kwargs)
         calls: list[Any]
-        if not names and not reserved:  # the common form: positional iterables only
-            calls = [call(self, row, {}) for row in zip(*columns)]
-        else:
-            calls = [
-                call(self, row[:n_args], {**dict(zip(names, row[n_args:])), **reserved})
-                for row in zip(*columns)
-            ]
+        # One map is one call to its user: one that fails part way (a task_run_name
+        # that cannot be made, a node of another graph) leaves the graph as it was.
+        mark = graph._mark() if graph is not None else None
+        try:
+            if not names and not reserved:  # the common form: positional iterables only
+                calls = [call(self, row, {}) for row in zip(*columns)]
+            else:
+                calls = [
+                    call(self, row[:n_args], {**dict(zip(names, row[n_args:])), **reserved})
+                    for row in zip(*columns)
+                ]
+        except BaseException:
+            if graph is not None and mark is not None:
+                graph._rollback(mark)
+            raise
         if graph is not None:
             return calls
         if reserved.get("return_state") is True:
