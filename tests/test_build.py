@@ -746,3 +746,25 @@ def test_graph_add_of_a_bound_method_makes_one_wrapper_for_its_object():
     assert len(graph._plain_tasks) == 2
     run = graph.compute(scheduler="sync")
     assert [run[n] for n in nodes[:3]] == [0, 2, 4] and run[more] == 3
+
+
+def test_a_node_inside_an_object_is_refused_at_the_call_on_every_scheduler():
+    # sync and threads handed the task the Node itself (run.ok), the process pool
+    # failed to pickle it: now the call says so, the same for all.
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Config:
+        source: object
+        scale: int = 1
+
+    graph = gx.Graph()
+    with graph:
+        node = inc(1)
+        with pytest.raises(
+            TypeError, match=r"node 'inc-0' is inside a Config object \(Config.source\)"
+        ):
+            echo(Config(node))
+        fine = echo({"cfg": Config(3), "x": node})  # objects without nodes, and dicts: as before
+    assert len(graph) == 2
+    assert graph.compute(scheduler="sync")[fine]["cfg"] == Config(3)

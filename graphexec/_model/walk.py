@@ -15,9 +15,10 @@ from __future__ import annotations
 import copy
 from collections import deque
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
-from .node import ALLOW, Node, allow_failure
+from .node import ALLOW, Node, allow_failure, call_site
 
 # The containers searched for nodes (besides dicts): here, and in a plain call's check.
 SEQUENCES = (list, tuple, set, frozenset, deque)
@@ -91,7 +92,26 @@ def _take(obj: Any, visit: Callable[[Node, int], None], flag: int) -> tuple[Any,
         return (
             items if kind is list else tuple(items) if kind is tuple else rebuild(obj, items)
         ), True
+    _refuse_hidden_node(obj)
     return obj, False
+
+
+def _refuse_hidden_node(obj: Any) -> None:
+    """A node among an object's attributes (a dataclass, a config object) is not an
+    edge: the sync and thread schedulers would hand the task the Node itself, the
+    process pool fail to pickle it. Said at the call, the same for every backend."""
+    attrs = getattr(obj, "__dict__", None)
+    if type(attrs) is not dict or isinstance(obj, (type, ModuleType)):
+        return
+    for name, value in attrs.items():
+        if isinstance(value, Node):
+            kind = type(obj).__name__
+            raise TypeError(
+                f"node {value.name!r} is inside a {kind} object ({kind}.{name}), used at "
+                f"{call_site()}: only lists, tuples, dicts, sets and deques are searched "
+                f"for nodes, so it would not be a dependency. Pass the node as an argument "
+                f"of its own and build the {kind} inside the task"
+            )
 
 
 def replace_nodes(obj: Any, replace: Callable[[Node], Any], keep_markers: bool = False) -> Any:
