@@ -768,3 +768,15 @@ def test_a_node_inside_an_object_is_refused_at_the_call_on_every_scheduler():
         fine = echo({"cfg": Config(3), "x": node})  # objects without nodes, and dicts: as before
     assert len(graph) == 2
     assert graph.compute(scheduler="sync")[fine]["cfg"] == Config(3)
+
+
+def test_a_task_pickles_with_the_standard_pickle_by_its_name():
+    # Its function's name finds the Task, so pickle refused the function inside it
+    # ("not the same object"): a ProcessPoolExecutor or a Queue could not take one.
+    import pickle
+
+    assert pickle.loads(pickle.dumps(inc)) is inc
+    copy = load.with_options(retries=5)
+    back = pickle.loads(pickle.dumps(copy))
+    assert back.fn is load.fn and back.options.retries == 5 and back.name == "loader"
+    assert back(3) == load(3)

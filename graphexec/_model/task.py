@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import os
 import threading
@@ -323,9 +324,34 @@ class Task:
         return f"<Task {self.name}>"
 
     # Tasks are sent to workers as their plain function (see _pool); a Task
-    # object pickled inside an argument or result keeps its options.
+    # object pickled inside an argument or result keeps its options. One whose
+    # module holds it under its function's name is pickled by that name, as a
+    # function is: its function cannot be (the name finds the Task), so the
+    # standard pickle (a ProcessPoolExecutor, a multiprocessing queue) refused it.
+    # Elsewhere (__main__, a closure) cloudpickle takes the function by value.
     def __reduce__(self) -> Any:
-        return (Task, (self.fn, self.options))
+        fn = self.fn
+        module = getattr(fn, "__module__", None)
+        qualname = getattr(fn, "__qualname__", "")
+        if module and module != "__main__" and "<locals>" not in qualname:
+            try:
+                found = _by_name(module, qualname)
+            except Exception:
+                found = None
+            if found is self:
+                return (_by_name, (module, qualname))
+            if type(found) is Task and found.fn is fn:  # a copy (with_options)
+                return (_by_name, (module, qualname, self.options))
+        return (Task, (fn, self.options))
+
+
+def _by_name(module: str, qualname: str, options: TaskOptions | None = None) -> Any:
+    """What ``module.qualname`` names; with ``options``, a Task of its function with
+    them (a copy made with ``with_options``: its original's name, its own options)."""
+    found: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found if options is None else Task(found.fn, options)
 
 
 @overload
