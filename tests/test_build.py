@@ -427,10 +427,9 @@ def test_wait_for_accepts_allow_failure_but_no_other_objects():
         assert "test_build.py" in str(info.value)  # the call site
         with pytest.raises(TypeError, match="wait_for"):
             inc(2, wait_for="inc-0")
-        with pytest.raises(TypeError, match="wait_for"):
-            inc(2, wait_for=[[a]])
-    assert ok.upstream == [a]
-    assert len(graph) == 2
+        nested = inc(2, wait_for=[[a]])  # (searched like an argument's containers)
+    assert ok.upstream == [a] and nested.upstream == [a]
+    assert len(graph) == 3
     with pytest.raises(TypeError, match="wait_for"):
         ok.wait_for(42)
     g2 = gx.Graph()
@@ -780,3 +779,27 @@ def test_a_task_pickles_with_the_standard_pickle_by_its_name():
     back = pickle.loads(pickle.dumps(copy))
     assert back.fn is load.fn and back.options.retries == 5 and back.name == "loader"
     assert back(3) == load(3)
+
+
+def test_wait_for_takes_nodes_in_any_iterable_and_the_containers_arguments_take():
+    # A generator, dict.values(), a deque, a nested list were refused, though an
+    # argument may hold nodes in all of them; node.wait_for([b]) was too.
+    from collections import deque
+
+    graph = gx.Graph()
+    with graph:
+        a, b, c, d = inc(1), inc(2), inc(3), inc(4)
+        g1 = echo(0, wait_for=(n for n in (a, b)))
+        g2 = echo(0, wait_for={"x": c}.values())
+        g3 = echo(0, wait_for=[[a, b], deque([c])])
+        g4 = echo(0, wait_for=[gx.allow_failure([[d]])])
+        with pytest.raises(TypeError, match=r"echo\(\) at .*wait_for= takes nodes.*got int 5"):
+            echo(0, wait_for=[a, 5])
+    assert [n.name for n in g1.upstream] == ["inc-0", "inc-1"]
+    assert [n.name for n in g2.upstream] == ["inc-2"]
+    assert [n.name for n in g3.upstream] == ["inc-0", "inc-1", "inc-2"]
+    assert [n.name for n in g4.upstream] == ["inc-3"]
+    d.wait_for([a, b])
+    assert [n.name for n in d.upstream] == ["inc-0", "inc-1"]
+    with pytest.raises(TypeError, match=r"inc-3.wait_for\(\) at .*got str"):
+        d.wait_for("inc-2")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .node import ALLOW, DATA, ORDER, Node, allow_failure, call_site
 from .seam import surfaces
 from .task import Task, as_task, pop_graph, push_graph
-from .walk import find_nodes, remap, take_nodes
+from .walk import SEQUENCES, find_nodes, remap, take_nodes
 
 _new = object.__new__
 
@@ -268,7 +268,7 @@ class Graph:
         if wait_for is not None:
             if found is None:
                 found = dict.fromkeys(ups, DATA)
-            self._scan_wait_for(wait_for, found, task.name, wait_flag)
+            self._scan_wait_for(wait_for, found, f"{task.name}() at {call_site()}", wait_flag)
 
         if opts.task_run_name is None:
             counters = self._counters
@@ -353,28 +353,31 @@ class Graph:
             ) from None
 
     def _scan_wait_for(
-        self, wait_for: Any, found: dict[int, int], name: str, base: int = ORDER
+        self, wait_for: Any, found: dict[int, int], where: str, base: int = ORDER
     ) -> None:
-        items = wait_for if isinstance(wait_for, (list, tuple, set, frozenset)) else [wait_for]
-        for item in items:
-            flag = base
-            if type(item) is allow_failure:
-                flag |= ALLOW
-                inner = item.value
-                targets = inner if isinstance(inner, (list, tuple, set, frozenset)) else [inner]
-            else:
-                targets = [item]
-            for target in targets:
-                if not isinstance(target, Node):
-                    raise TypeError(
-                        f"{name}() at {call_site()}: wait_for= takes nodes (or "
-                        f"gx.allow_failure(node)), got {type(target).__name__} {target!r}"
-                    )
-                find_nodes(target, self._collector(found, wait=True), flag)
+        """Record the nodes of ``wait_for`` (a node, or any iterable of them, nested in
+        the containers arguments are searched in, ``gx.allow_failure`` marking what it
+        holds) in ``found`` as order edges; anything else is a TypeError naming
+        ``where`` (the call, or ``node.wait_for``)."""
+        if not isinstance(wait_for, (Node, allow_failure, str, bytes, dict, *SEQUENCES)):
+            try:
+                wait_for = list(wait_for)  # a generator, dict.values(), a FutureList...
+            except TypeError:
+                pass
+
+        def refuse(value: Any) -> None:
+            raise TypeError(
+                f"{where}: wait_for= takes nodes (or gx.allow_failure(node), or lists of "
+                f"them), got {type(value).__name__} {value!r}"
+            )
+
+        find_nodes(wait_for, self._collector(found, wait=True), base, refuse)
 
     def _add_order_edges(self, index: int, upstream: Iterable[Any]) -> None:
         found: dict[int, int] = {}
-        self._scan_wait_for(list(upstream), found, self._names[index])
+        self._scan_wait_for(
+            list(upstream), found, f"{self._names[index]}.wait_for() at {call_site()}"
+        )
         for up in found:
             path = self._path(up, index)
             if path is not None:
