@@ -146,7 +146,6 @@ import pickle
 import re
 import struct
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -436,6 +435,10 @@ def _create_db(root: Path, db: str) -> None:
     creating it with SQLite (the switch to WAL, then the table) took a run ~20 ms
     of waiting for the disk, a sixth of a cold run of 5,000 tiny tasks.
     """
+    # (with shutil and random, 5 ms: a sync or threads run without a cache need not
+    # pay it; the process pool's multiprocessing.connection imports it anyway)
+    import tempfile
+
     try:
         data = _empty_db()
         fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=".sqlite")
@@ -1541,6 +1544,8 @@ class CacheStore:
             if HEAD + len(encoded) <= base:
                 break
             reserve = len(encoded) + 64
+        import tempfile  # (see _create_db)
+
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=FILE_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:

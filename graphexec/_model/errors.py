@@ -10,10 +10,11 @@ The hierarchy::
     │   ├── WorkerCrashed          the worker process died while running the node
     │   │                          (.exitcode, .signal_name)
     │   ├── TaskTimeout            the attempt ran past its timeout= (also a TimeoutError)
-    │   ├── MemoryLimitExceeded    the worker's RSS went over memory_limit= (.limit, .rss)
-    │   ├── SerializationError     an argument, result, function or exception would
-    │   │                          not pickle or unpickle (.stage)
-    │   └── RemoteError            the task raised an exception that cannot cross a
+    │   ├── MemoryLimitExceeded    the worker's RSS went over memory_limit= (.limit, .rss;
+    │   │                          also a MemoryError)
+    │   └── SerializationError     an argument, result, function or exception would
+    │       │                      not pickle or unpickle (.stage)
+    │       └── RemoteError        the task raised an exception that cannot cross a
     │                              process boundary; keeps its type name, message and
     │                              traceback text
     ├── UpstreamFailed             what a Skipped node holds, and what a dependent that
@@ -104,7 +105,10 @@ class WorkerCrashed(TaskFailure):
 
 
 class TaskTimeout(TaskFailure, TimeoutError):
-    """The attempt ran past the task's ``timeout=``; its worker was killed and replaced."""
+    """The attempt ran past the task's ``timeout=``, and was stopped: on the process
+    pool its worker was killed and replaced; a thread (``scheduler="threads"``) or
+    a dask task cannot be killed, so its call was abandoned and runs on, its result
+    dropped; ``"sync"`` judges the timeout when the call returns (docs/backends.md)."""
 
     timeout: float | None = None
 
@@ -212,9 +216,11 @@ def safe_str(exc: BaseException) -> str:
         return f"<str() of the {type(exc).__name__} failed>"
 
 
-def one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException | None) -> str:
     """``Type: first line of the message``: how reports, pictures and run hooks name an
-    error."""
+    error ("" for None)."""
+    if exc is None:
+        return ""
     text = safe_str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 

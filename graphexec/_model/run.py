@@ -9,7 +9,7 @@ from collections.abc import Container
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import GraphFailed, safe_str
+from .errors import GraphFailed, one_line
 from .graph import Node
 from .handle import Deferred
 from .seam import surfaces
@@ -292,7 +292,7 @@ class Run:
                 exc = state.exception
                 tag = "" if node.index not in self._handled else " (handled)"
                 attempts = f" after {state.attempts} attempts" if state.attempts > 1 else ""
-                out.append(f"  {node.name}{tag}: {_one_line(exc)}{attempts}")
+                out.append(f"  {node.name}{tag}: {one_line(exc)}{attempts}")
             if len(failed) > 20:
                 out.append(f"  ... and {len(failed) - 20} more")
         not_kept = [
@@ -477,7 +477,7 @@ class Run:
             f"{counts.get(CANCELLED, 0)} cancelled; all results are kept in .run.",
         ]
         for node in unhandled[:10]:
-            lines.append(f"  {node.name}: {_one_line(self._final(node.index).exception)}")
+            lines.append(f"  {node.name}: {one_line(self._final(node.index).exception)}")
         first = self._first_unhandled()
         tb = getattr(first.__cause__, "tb", None) if first is not None else None
         if tb:
@@ -537,10 +537,3 @@ class Run:
         the line of code that writes it).
         """
         return surfaces.run_html(self)
-
-
-def _one_line(exc: BaseException | None) -> str:
-    if exc is None:
-        return ""
-    text = safe_str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

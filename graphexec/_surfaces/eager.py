@@ -1045,10 +1045,18 @@ def wait(
 
     The futures may come from several flows or pools.
 
+    Args:
+        futures: the futures to wait for.
+        timeout: seconds to wait at most (None: until ``return_when`` holds); the
+            futures not done then are in ``not_done``, nothing raises.
+        return_when: ``"ALL_COMPLETED"`` (default), ``"FIRST_COMPLETED"``, or
+            ``"FIRST_EXCEPTION"`` (a future ended Failed, Skipped or Cancelled).
+
     Returns:
         ``(done, not_done)``, like :func:`concurrent.futures.wait`.
 
     Raises:
+        ValueError: ``return_when`` is none of the three.
         RuntimeError: a future's scheduler thread failed, so it will never end.
     """
     if return_when not in ("ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"):

@@ -40,8 +40,16 @@ from typing import Any
 from .._data.kept import KeptCall, source_hash
 from .._data.serialize import dumps
 from .._executors.runtime import Unloadable, load_function
-from .._model.errors import MemoryLimitExceeded, TaskTimeout, WorkerCrashed, safe_str
+from .._model.errors import (
+    MemoryLimitExceeded,
+    TaskTimeout,
+    WorkerCrashed,
+    describe_exitcode,
+    one_line,
+    safe_str,
+)
 from .._model.run import Run
+from .._model.sizes import size_text
 from .._model.state import CANCELLED, FAILED, RUNNING, SKIPPED
 from .._model.task import fn_name
 
@@ -147,10 +155,7 @@ def _root(run: Run, i: int) -> str:
         return "No node of this run failed."
     first = graph._names[min(roots)]
     exc = run._final(min(roots)).exception
-    what = ""
-    if exc is not None:
-        text = safe_str(exc).splitlines()
-        what = f" ({type(exc).__name__}: {text[0] if text else ''})"
+    what = f" ({one_line(exc)})" if exc is not None else ""
     others = f" (and {len(roots) - 1} more failed upstream)" if len(roots) > 1 else ""
     return f"The failure behind it is {first}{what}{others}: run.replay({first!r})"
 
@@ -179,7 +184,11 @@ def run_replay(run: Run, node: Any, pdb: bool = False, timeout: float | None = N
         in_subprocess(fn, kept, name, timeout, "crashed its worker")
     elif isinstance(failure, MemoryLimitExceeded):
         limit = failure.limit if isinstance(failure.limit, int) else None
-        went = f"went over its memory limit ({_mib(limit)})" if limit else "used too much memory"
+        went = (
+            f"went over its memory limit ({size_text(limit or 0, binary=True)})"
+            if limit
+            else "used too much memory"
+        )
         in_subprocess(fn, kept, name, timeout, went, limit, memory=True)
     args, kwargs = load_inputs(kept, name)
     try:
@@ -307,9 +316,10 @@ def in_subprocess(
     if rss is not None:
         assert limit is not None
         raise MemoryLimitExceeded(
-            f"{name} used {_mib(rss)} of memory again when replayed in a fresh subprocess, "
-            f"over its memory limit ({_mib(limit)}); it was killed there and is not run in "
-            "this process, whose memory it would exhaust too. Its inputs are "
+            f"{name} used {size_text(rss or 0, binary=True)} of memory again when replayed in "
+            f"a fresh subprocess, over its memory limit ({size_text(limit, binary=True)}); it "
+            "was killed there and is not run in this process, whose memory it would exhaust "
+            "too. Its inputs are "
             f"run.inputs({name!r})",
             node=name,
             limit=limit,
@@ -325,13 +335,9 @@ def in_subprocess(
             flush=True,
         )
         return
-    if code < 0:
-        try:
-            died = f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            died = f"killed by signal {-code}"
-    else:  # (0 too: the call ended the process itself, os._exit(0), before returning)
-        died = f"exit code {code}"
+    # (0 too: the call ended the process itself, os._exit(0), before returning)
+    signal_name = describe_exitcode(code)[0]
+    died = f"killed by {signal_name}" if signal_name else f"exit code {code}"
     raise WorkerCrashed(
         f"{name} crashed again when replayed in a fresh subprocess ({died}); it is not run "
         "in this process, which it would take down too. Its inputs are "
@@ -391,10 +397,6 @@ def _watch(
                 node=name,
                 timeout=timeout,
             )
-
-
-def _mib(size: int | None) -> str:
-    return f"{(size or 0) / 2**20:.1f} MiB"
 
 
 def child() -> None:
