@@ -1683,3 +1683,17 @@ def test_cached_runs_leave_nothing_in_dev_shm(tmp_path):
         assert names(run, arrays) == [expected] * 4
         assert _my_segments() - before == set()
     assert len(calls(counter)) == 4
+
+
+def test_a_node_that_cannot_be_keyed_is_warned_of_at_the_users_line(tmp_path):
+    # The warning pointed into graphexec (_engine/caching.py), not at the compute.
+    @gx.task(cache=True)
+    def takes(x):
+        return 1
+
+    graph = gx.Graph()
+    with graph:
+        takes(threading.Lock())
+    with pytest.warns(RuntimeWarning, match="is not cached") as caught:
+        graph.compute(scheduler="sync", cache_dir=tmp_path)
+    assert {w.filename for w in caught} == {__file__}

@@ -269,7 +269,7 @@ def _warn_hashed_as_bytes(task: str, exc: BaseException) -> None:
         f"plain data from the upstream task, or give {task} a cache_key_fn that does not "
         "depend on this value",
         RuntimeWarning,
-        stacklevel=2,
+        stacklevel=user_stacklevel(),
     )
 
 
@@ -1357,7 +1357,7 @@ class CacheStore:
             f"graphexec cache entry {where} is corrupt ({why}); it was deleted and the "
             "node will be recomputed",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
         self._remove(Path(self._file(key)))
         self._shared.delete(key, crc)
@@ -1369,7 +1369,7 @@ class CacheStore:
             f"({type(exc).__name__}: {exc}); it was deleted and the node will be "
             "recomputed",
             RuntimeWarning,
-            stacklevel=5,
+            stacklevel=user_stacklevel(),
         )
 
     def _lookup_file(self, key: str, crc: int) -> Any:

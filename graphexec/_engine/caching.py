@@ -99,7 +99,6 @@ import math
 import os
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
@@ -128,6 +127,7 @@ from .._model.keys import (
     items_hash,
     task_identity,
     task_input_hash,
+    warn_not_cached,
 )
 from .._model.node import DATA, Node
 from .._model.state import CACHED, State
@@ -339,7 +339,7 @@ class CacheGate:
                 return items_hash(start, items)
             return input_hash(self.identities[task], self._arguments(task, args, {}))
         except Unhashable as exc:  # the task's identity (a closure over a socket...)
-            warnings.warn(f"{graph._names[i]} is not cached: {exc}", RuntimeWarning, stacklevel=3)
+            warn_not_cached(graph._names[i], exc)
             return None
 
     def _flat_plan(
@@ -822,7 +822,7 @@ class CacheGate:
                 else:
                     values[up] = Fingerprint(own or fingerprint(handle, task.name))
         except Unhashable as exc:
-            warnings.warn(f"{name} is not cached: {exc}", RuntimeWarning, stacklevel=2)
+            warn_not_cached(name, exc)
             return None
         args, kwargs = job.args, job.kwargs or {}
         if values or not all(type(a) in _FLAT for a in args) or kwargs:
@@ -836,7 +836,7 @@ class CacheGate:
                     identity = self.identities[task] = task_identity(task)
                 return input_hash(identity, arguments)
             except Unhashable as exc:
-                warnings.warn(f"{name} is not cached: {exc}", RuntimeWarning, stacklevel=2)
+                warn_not_cached(name, exc)
                 return None
         try:
             key = opts.cache_key_fn(CacheContext(task, name), arguments)

@@ -31,6 +31,8 @@ from typing import Any
 
 import cloudpickle
 
+from .node import user_stacklevel
+
 PROTOCOL = 5  # pickle protocol of the fallback hash (the data plane's too)
 
 
@@ -64,6 +66,12 @@ class Fingerprint:
 
     def __init__(self, digest: str) -> None:
         self.digest = digest
+
+
+def warn_not_cached(name: str, exc: BaseException) -> None:
+    """Node ``name`` has no cache key (``exc`` says why): it runs without the cache,
+    and a warning says so at the user's line."""
+    warnings.warn(f"{name} is not cached: {exc}", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def task_identity(fn: Any) -> str:
@@ -203,8 +211,8 @@ def task_input_hash(context: Any, arguments: dict[str, Any]) -> str | None:
     try:
         return input_hash(task_identity(context.task), arguments)
     except Unhashable as exc:
-        name = getattr(context, "node", None) or getattr(context.task, "name", "?")
-        warnings.warn(f"{name} is not cached: {exc}", RuntimeWarning, stacklevel=2)
+        name = str(getattr(context, "node", None) or getattr(context.task, "name", "?"))
+        warn_not_cached(name, exc)
         return None
 
 

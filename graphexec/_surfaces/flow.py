@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._model.errors import safe_str
+from .._model.node import user_stacklevel
 from .._model.task import refuse_coroutine_function
 from .._model.walk import replace_nodes
 from .backends import make_executor, starts_own_pool
@@ -206,7 +207,7 @@ class Flow:
                 f"own: its {', '.join(unused)} not applied. Give them to the outer flow, or "
                 "call this flow outside it",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
 
 

@@ -48,6 +48,7 @@ from .._model.errors import (
     one_line,
     safe_str,
 )
+from .._model.node import user_stacklevel
 from .._model.run import Run
 from .._model.sizes import size_text
 from .._model.state import CANCELLED, FAILED, RUNNING, SKIPPED
@@ -226,7 +227,7 @@ def check_source(fn: Any, kept: KeptCall, name: str) -> None:
             f"the source of {fn_name(fn)}{where} changed since {name} failed: the replay "
             "may not run the code that failed",
             UserWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
 
