@@ -19,8 +19,8 @@ from .state import (
     COMPLETED,
     FAILED,
     PENDING,
-    RUNNING,
     SKIPPED,
+    STATE_ORDER,
     State,
     single_line,
 )
@@ -28,9 +28,25 @@ from .state import (
 if TYPE_CHECKING:
     from .graph import Graph
 
-# Running and Pending come last: a finished run has none; a record cut off mid-run
-# (Run.load of a killed parent's run_dir) shows what was running and what never began.
-_ORDERED_STATES = (COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED, RUNNING, PENDING)
+
+# (STATE_ORDER: Running and Pending come last: a finished run has none; a record cut
+# off mid-run, Run.load of a killed parent's run_dir, shows what was running and what
+# never began.)
+class TaskStats:
+    """One task's line of a run's summary: its nodes' states, retries and durations."""
+
+    __slots__ = ("counts", "max", "ran", "retries", "total")
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()  # state name -> nodes
+        self.total = 0.0  # seconds its attempts ran, summed
+        self.max = 0.0  # the longest node's
+        self.retries = 0
+        self.ran = 0  # nodes with an attempt: the mean is over these
+
+    @property
+    def mean(self) -> float:
+        return self.total / (self.ran or 1)
 
 
 class Run:
@@ -229,38 +245,42 @@ class Run:
 
     # -- reports --------------------------------------------------------------
 
-    def summary(self) -> str:
-        """A human-readable table: per task, counts per state and durations; then failures."""
-        by_task: dict[str, Counter[str]] = {}
-        time_total: dict[str, float] = {}
-        time_max: dict[str, float] = {}
-        retries: Counter[str] = Counter()
-        ran: Counter[str] = Counter()  # nodes with an attempt: the mean is over these
+    def _task_stats(self) -> dict[str, TaskStats]:
+        """Per task (by name, in the order tasks first appear): what every summary
+        shows, the text one, the HTML page's and the notebook's."""
+        stats: dict[str, TaskStats] = {}
         graph = self.graph
         for i in self.members:
             task = graph._tasks[i].name
+            row = stats.get(task)
+            if row is None:
+                row = stats[task] = TaskStats()
             state = self._states[i]
-            name = state.name if state else PENDING
-            by_task.setdefault(task, Counter())[name] += 1
+            row.counts[state.name if state is not None else PENDING] += 1
             if state is not None and state.history:
                 d = state.duration
-                time_total[task] = time_total.get(task, 0.0) + d
-                time_max[task] = max(time_max.get(task, 0.0), d)
-                retries[task] += max(0, state.attempts - 1)
-                ran[task] += 1
-        columns = [s for s in _ORDERED_STATES if any(c[s] for c in by_task.values())]
+                row.total += d
+                row.max = max(row.max, d)
+                row.retries += max(0, state.attempts - 1)
+                row.ran += 1
+        return stats
+
+    def summary(self) -> str:
+        """A human-readable table: per task, counts per state and durations; then failures."""
+        by_task = self._task_stats()
+        columns = [s for s in STATE_ORDER if any(t.counts[s] for t in by_task.values())]
         header = ["task", "nodes", *columns, "retries", "total s", "mean s", "max s"]
         rows = []
-        for task, counter in by_task.items():
+        for task, t in by_task.items():
             rows.append(
                 [
                     task,
-                    str(sum(counter.values())),
-                    *(str(counter[s]) for s in columns),
-                    str(retries[task]),
-                    f"{time_total.get(task, 0.0):.3f}",
-                    f"{time_total.get(task, 0.0) / (ran[task] or 1):.3f}",
-                    f"{time_max.get(task, 0.0):.3f}",
+                    str(sum(t.counts.values())),
+                    *(str(t.counts[s]) for s in columns),
+                    str(t.retries),
+                    f"{t.total:.3f}",
+                    f"{t.mean:.3f}",
+                    f"{t.max:.3f}",
                 ]
             )
         widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
@@ -273,9 +293,9 @@ class Run:
         counts = self.counts()
         status = self._status()
         out = [
-            f"{graph.name}: {len(self.members)} nodes in {self.duration:.2f} s — "
+            f"{self.graph.name}: {len(self.members)} nodes in {self.duration:.2f} s — "
             + (
-                ", ".join(f"{counts[s]} {s.lower()}" for s in _ORDERED_STATES if counts.get(s))
+                ", ".join(f"{counts[s]} {s.lower()}" for s in STATE_ORDER if counts.get(s))
                 or "nothing to run"
             )
             + f" — {status}",

@@ -31,9 +31,9 @@ from typing import Any
 from .._model.errors import one_line
 from .._model.graph import Graph
 from .._model.run import Run
-from .._model.state import PENDING, RETRYING, State
+from .._model.state import RETRYING, STATE_ORDER, State
 from .report import STATE_COLOURS, STATE_FILLS, run_to_html, visualize
-from .report.states import RETRY_COLOUR, STATE_ORDER
+from .report.states import RETRY_COLOUR
 
 # Runs up to this many nodes carry their full HTML report inside the output, as
 # a download link: building the page costs about a millisecond per hundred
@@ -95,15 +95,9 @@ def run_html(run: Run) -> str:
 
 
 def _summary_table(run: Run) -> str:
-    graph = run.graph
-    by_task: dict[str, Counter[str]] = {}
-    seconds: dict[str, float] = {}
-    for i in run.members:
-        task = graph._tasks[i].name
-        state = run._states[i]
-        by_task.setdefault(task, Counter())[state.name if state is not None else PENDING] += 1
-        if state is not None:
-            seconds[task] = seconds.get(task, 0.0) + state.duration
+    stats = run._task_stats()  # (as run.summary() and the HTML page count them)
+    by_task = {task: t.counts for task, t in stats.items()}
+    seconds = {task: t.total for task, t in stats.items()}
     columns = [s for s in STATE_ORDER if any(c[s] for c in by_task.values())]
     head = "".join(f'<th style="{_CELL}">{_chip(s)}{_e(s.lower())}</th>' for s in columns)
     rows = []

@@ -42,9 +42,8 @@ from ..._model.errors import GraphexecError, RemoteError, RemoteTraceback, safe_
 from ..._model.graph import ALLOW, DATA, ORDER, Graph, Node
 from ..._model.options import TaskOptions
 from ..._model.run import Run
-from ..._model.state import CANONICAL, PENDING, Attempt, State
+from ..._model.state import CANONICAL, PENDING, STATE_ORDER, Attempt, State
 from ..._model.task import Task
-from .states import STATE_ORDER
 
 FORMAT = "graphexec.run"
 VERSION = 1

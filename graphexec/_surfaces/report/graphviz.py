@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from ..._model.errors import one_line
 from ..._model.graph import ALLOW, DATA, Graph
 from ..._model.run import Run
-from ..._model.state import FAILED, PENDING, SKIPPED
-from .states import STATE_COLOURS, STATE_FILLS, STATE_ORDER, STATE_WORDS
+from ..._model.state import FAILED, PENDING, SKIPPED, STATE_ORDER
+from .states import STATE_COLOURS, STATE_FILLS, STATE_WORDS
 
 if TYPE_CHECKING:
     import graphviz

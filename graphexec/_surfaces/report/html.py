@@ -21,10 +21,10 @@ from typing import Any, NamedTuple
 
 from ..._model.errors import one_line
 from ..._model.run import Run
-from ..._model.state import CANCELLED, COMPLETED, FAILED, PENDING, State
+from ..._model.state import CANCELLED, FAILED, PENDING, STATE_ORDER, State
 from ..._version import __version__
 from .codec import traceback_text
-from .states import RETRY_COLOUR, STATE_COLOURS, STATE_ORDER
+from .states import RETRY_COLOUR, STATE_COLOURS
 
 # Tracebacks embedded in one HTML page, in characters: beyond this, failures keep
 # their one-line error and the page stays small enough to open.
@@ -207,31 +207,17 @@ def _fmt_seconds(s: float) -> str:
 
 
 def _summary_table(run: Run) -> str:
-    """Per task: counts per state (with a bar of their shares), retries and durations."""
-    graph = run.graph
-    rows: dict[str, dict[str, Any]] = {}
-    for i in run.members:
-        task = graph._tasks[i].name
-        row = rows.setdefault(
-            task, {"counts": dict.fromkeys(STATE_ORDER, 0), "total": 0.0, "max": 0.0, "retries": 0}
-        )
-        state = run._states[i]
-        name = state.name if state is not None else PENDING
-        row["counts"][name] = row["counts"].get(name, 0) + 1
-        if state is not None and state.history:
-            d = state.duration
-            row["total"] += d
-            row["max"] = max(row["max"], d)
-            row["retries"] += len(state.history) - 1
-    columns = [s for s in STATE_ORDER if any(r["counts"][s] for r in rows.values())]
+    """Per task: counts per state (with a bar of their shares), retries and durations
+    (``Run._task_stats``, as ``run.summary()`` shows them)."""
+    rows = run._task_stats()
+    columns = [s for s in STATE_ORDER if any(r.counts[s] for r in rows.values())]
     head = "".join(
         f'<th class="num"><span class="dot s-{s.lower()}"></span>{s}</th>' for s in columns
     )
     body = []
     for task, row in rows.items():
-        c = row["counts"]
+        c = row.counts
         total_nodes = sum(c.values())
-        ran = (c[COMPLETED] + c[FAILED]) or 1
         share = "".join(
             f'<span class="s-{s.lower()}" style="width:{100 * c[s] / total_nodes:.3f}%" '
             f'title="{c[s]:,} {s.lower()}"></span>'
@@ -244,9 +230,9 @@ def _summary_table(run: Run) -> str:
         body.append(
             f'<tr><td class="task">{html.escape(task)}</td><td class="num">{total_nodes:,}</td>'
             f'<td class="share"><div class="stack">{share}</div></td>{cells}'
-            f'<td class="num{" zero" if not row["retries"] else ""}">{row["retries"]:,}</td>'
-            f'<td class="num">{row["total"]:.3f}</td><td class="num">{row["total"] / ran:.3f}</td>'
-            f'<td class="num">{row["max"]:.3f}</td></tr>'
+            f'<td class="num{" zero" if not row.retries else ""}">{row.retries:,}</td>'
+            f'<td class="num">{row.total:.3f}</td><td class="num">{row.mean:.3f}</td>'
+            f'<td class="num">{row.max:.3f}</td></tr>'
         )
     return (
         '<table id="gx-summary" class="grid"><thead><tr><th>task</th><th class="num">nodes</th>'

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from ..._model.state import CACHED, CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, SKIPPED
-
-# Running: only in a run that did not end (a record cut off mid-run, Run.load).
-STATE_ORDER = (COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED, RUNNING, PENDING)
+from ..._model.state import (
+    CACHED,
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SKIPPED,
+)
 
 # One palette for the page and the picture: green done, blue cached, red failed,
 # grey skipped/cancelled, violet running (cut off mid-run), amber for failed
