@@ -35,8 +35,8 @@ whose pickle the parent receives anyway: ``finished()`` stores it from those
 bytes (``CacheStore.put``), in the store's batch; the lock is released once
 the batch is committed (``_data/cache.py``, "Who writes, and when").
 
-Keys are computed off the scheduler thread (defect: hashing a large upstream
-array or a slow ``cache_key_fn`` stalled the scheduler, and with it every
+Keys are computed off the scheduler thread (hashing a large upstream array or
+a slow ``cache_key_fn`` there would stall the scheduler, and with it every
 deadline): the scheduler hands the keying thread a snapshot of what the key
 needs (the task, its arguments, the upstream handles or their own keys) and
 goes on; the key comes back through :attr:`CacheGate.results` and the

@@ -1,8 +1,8 @@
 """Full collections of Python's cyclic garbage collector wait while ``compute`` runs.
 
 A run's scheduler loop allocates one long-lived object per node (its
-:class:`~graphexec.State`, kept by the Run) and, since #14's fourth session,
-leaves no cyclic garbage of its own: everything else it makes dies by
+:class:`~graphexec.State`, kept by the Run) and leaves no cyclic garbage of
+its own: everything else it makes dies by
 reference counting. CPython (before 3.14) starts a full collection whenever
 the objects that survived into the oldest generation since the last one
 exceed a quarter of those already there, and a full collection walks every

@@ -210,7 +210,7 @@ class Scheduler:
         self._limited: dict[tuple[int, int], ThreadLimited] = {}
         # What a dependent of a node receives. Not a bound method: the gate would
         # then refer back to this scheduler, and the cycle would keep its lists
-        # (a few per node) alive after the run until a full collection (#14).
+        # (a few per node) alive after the run until a full collection.
         self._value_for_dependent = functools.partial(value_for_dependent, graph, self.states)
         # Keys are hashed on a thread of the gate's unless calls run in this
         # thread anyway (sync): then nothing runs meanwhile that could be delayed.

@@ -543,8 +543,8 @@ class _CrashLedger:
       says where it ran: until ``CRASHER_GRACE`` after its cancel returned,
       a crasher not seen since is ``loose``, and the first death in that time
       is put down to it, once. Blaming instead the task that started there
-      last would fail a healthy node whose result was lost with the worker
-      (issue #14); dask runs that task again. If that guess was wrong, the
+      last would fail a healthy node whose result was lost with the worker;
+      dask runs that task again. If that guess was wrong, the
       real crasher kills another worker and is blamed then (or ends as dask's
       ``KilledWorker``): a fault is still put on one node, one death late.
 

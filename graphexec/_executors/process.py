@@ -30,7 +30,7 @@ waits, or ``BATCH_CALLS`` at a time): one write and one wake-up of the worker
 for many calls. The worker still runs them one by one, in order, and answers
 each before it starts the next, so a crash blames exactly the call it was
 running. A call with ``timeout=`` is never batched: it is sent on its own
-(its deadline starts when its predecessor's answer arrives, as before). What
+(its deadline starts when its predecessor's answer arrives). What
 waits in a worker's pipe is bounded (``QUEUE_MAX_BYTES``), or the scheduler
 would block on a send until that worker is free.
 
@@ -818,7 +818,7 @@ class ProcessPool:
         self._waitables[process.sentinel] = w
         # Started after the worker's fork was asked for, so that both start at once:
         # starting the shell keeps this thread for 1.5 to 2 ms (until its exec), a
-        # fifth of a cold compute's start, which the fork no longer waits behind.
+        # fifth of a cold compute's start, which the fork must not wait behind.
         # (After the worker is ours: interrupted here, shutdown still stops it.)
         self._guard.start()
         return w

@@ -254,15 +254,22 @@ def _check_priority(value: Any, key: str, where: str) -> int:
     return value
 
 
-def _check_hooks(value: Any, key: str, where: str) -> tuple[Callable[..., Any], ...]:
+def check_hooks(
+    value: Any,
+    key: str,
+    where: str,
+    called_with: str = "(node, state), or Prefect's (task, task_run, state)",
+) -> tuple[Callable[..., Any], ...]:
+    """A hook option (a task's, or with ``called_with`` a run's) as a tuple of callables.
+
+    Raises:
+        TypeError: not a callable or a list of them.
+    """
     if value is None:
         return ()
     hooks = [value] if callable(value) else value
     if not isinstance(hooks, (list, tuple)) or not all(callable(h) for h in hooks):
-        raise TypeError(
-            f"{where}: {key}= must be a list of functions called with (node, state), "
-            "or Prefect's (task, task_run, state)"
-        )
+        raise TypeError(f"{where}: {key}= must be a list of functions called with {called_with}")
     return tuple(hooks)
 
 
@@ -283,9 +290,9 @@ _VALIDATORS: dict[str, Callable[[Any, str, str], Any]] = {
     "cache_key_fn": _check_key_fn,
     "cache_expiration": _check_expiration,
     "refresh_cache": _check_bool,
-    "on_completion": _check_hooks,
-    "on_failure": _check_hooks,
-    "on_retry": _check_hooks,
+    "on_completion": check_hooks,
+    "on_failure": check_hooks,
+    "on_retry": check_hooks,
     "isolate": _check_bool,
     "inner_threads": check_inner_threads,
 }

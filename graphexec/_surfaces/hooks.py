@@ -50,7 +50,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from .._model.errors import one_line
 from .._model.node import Node
-from .._model.options import arity, call_state_hook
+from .._model.options import arity, call_state_hook, check_hooks
 from .._model.run import Run
 from .._model.state import CANCELLED, COMPLETED, CRASHED, FAILED, State
 from .._model.task import fn_name
@@ -181,15 +181,7 @@ def check_run_hooks(value: Any, key: str, where: str) -> tuple[Callable[..., Any
     Raises:
         TypeError: not a callable or a list of them.
     """
-    if value is None:
-        return ()
-    hooks = [value] if callable(value) else value
-    if not isinstance(hooks, (list, tuple)) or not all(callable(h) for h in hooks):
-        raise TypeError(
-            f"{where}: {key}= must be a list of functions called with (run), "
-            "or Prefect's (flow, flow_run, state)"
-        )
-    return tuple(hooks)
+    return check_hooks(value, key, where, "(run), or Prefect's (flow, flow_run, state)")
 
 
 class RunHooks(NamedTuple):
