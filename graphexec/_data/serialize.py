@@ -30,6 +30,7 @@ import cloudpickle
 from .._model.errors import SerializationError
 from .._model.graph import Node
 from .._model.handle import Deferred
+from .._model.walk import PLAIN
 from . import shm as _shm
 
 PROTOCOL = 5
@@ -37,7 +38,6 @@ SHM_THRESHOLD = 64 * 1024  # smaller buffers cost less in-band than a segment do
 
 Wire = tuple[bytes, tuple[tuple, ...]]
 # Values the C pickler writes exactly as cloudpickle does (nothing by value).
-PLAIN = frozenset({int, float, complex, bool, str, bytes, type(None)})
 
 
 class Payload(Deferred):

@@ -150,6 +150,7 @@ from .._model.errors import (
 from .._model.handle import materialize
 from .._model.keys import task_input_hash
 from .._model.state import State
+from .._model.walk import PLAIN
 from .protocol import (
     ERROR,
     HELD,
@@ -472,12 +473,11 @@ def _this_worker() -> Any:
         return None
 
 
-_PLAIN = (type(None), bool, int, float, complex, str, bytes)
 
 
 def _plainly_picklable(value: Any) -> bool:
     kind = type(value)
-    if kind in _PLAIN:
+    if kind in PLAIN:
         return True
     if kind.__name__ == "ndarray" and kind.__module__ == "numpy":
         return not value.dtype.hasobject

@@ -28,6 +28,7 @@ import cloudpickle
 
 from .._data.serialize import PROTOCOL, dumps
 from .._model.errors import RemoteError, RemoteTraceback, SerializationError, safe_str
+from .._model.walk import PLAIN
 
 
 def invoke(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any, str]:
@@ -224,7 +225,6 @@ class Unloadable:
         self.exc, self.tb = exc, tb
 
 
-_IMMUTABLE = frozenset({int, float, complex, bool, str, bytes, type(None)})
 
 
 def handover(result: Any) -> Any:
@@ -243,7 +243,7 @@ def handover(result: Any) -> Any:
     not load raises :class:`UnloadableValue`).
     """
     kind = type(result)
-    if kind in _IMMUTABLE:
+    if kind in PLAIN:
         return result
     if kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not result.dtype.hasobject:
         # References: the caller's variable, our argument, getrefcount's own.

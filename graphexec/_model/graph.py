@@ -26,12 +26,11 @@ from typing import TYPE_CHECKING, Any
 from .node import ALLOW, DATA, ORDER, Node, allow_failure, call_site
 from .seam import surfaces
 from .task import Task, as_task, pop_graph, push_graph
-from .walk import SEQUENCES, find_nodes, remap, take_nodes
+from .walk import PLAIN, SEQUENCES, find_nodes, remap, take_nodes
 
 _new = object.__new__
 
 # Argument types that cannot hold a node: skipped without a walk.
-_SCALARS = frozenset({int, float, complex, bool, str, bytes, type(None)})
 
 if TYPE_CHECKING:
     from .._surfaces.hooks import Observer  # annotations only, as Pool
@@ -249,7 +248,7 @@ class Graph:
         taken: dict[int, Any] | None = None
         for value in (*args, *kwargs.values()) if kwargs else args:
             kind = type(value)
-            if kind in _SCALARS:
+            if kind in PLAIN:
                 continue
             if kind is node_type and value.graph is self and found is None:
                 ups.append(value.index)

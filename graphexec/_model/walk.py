@@ -22,6 +22,9 @@ from .node import ALLOW, Node, allow_failure, call_site
 
 # The containers searched for nodes (besides dicts): here, and in a plain call's check.
 SEQUENCES = (list, tuple, set, frozenset, deque)
+# Plain immutable values: they hold no node, need no copy, and pickle as they are
+# (the hot paths of building a graph, encoding a call and handing a value over).
+PLAIN = frozenset({int, float, complex, bool, str, bytes, type(None)})
 
 
 def find_nodes(
