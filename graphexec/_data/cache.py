@@ -142,7 +142,6 @@ import json
 import logging
 import mmap
 import os
-import pickle
 import re
 import struct
 import sys
@@ -156,12 +155,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import cloudpickle
-
 from .._model.errors import safe_str
 from .._model.keys import content_hash
 from .._model.node import user_stacklevel
-from .serialize import PROTOCOL, SHM_THRESHOLD, Payload, attach_segment, loads_value
+from .serialize import Payload, attach_segment, dumps_apart, loads_value
 
 if TYPE_CHECKING:
     import sqlite3
@@ -1454,18 +1451,7 @@ class CacheStore:
     def write_value(self, key: str, value: Any, meta: dict) -> None:
         """Pickle ``value`` (large buffers kept apart, for mapping) and store it."""
         buffers: list[memoryview] = []
-
-        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
-            try:
-                raw = buffer.raw()
-            except BufferError:
-                return True
-            if raw.nbytes < SHM_THRESHOLD:
-                return True
-            buffers.append(raw)
-            return False
-
-        data = cloudpickle.dumps(value, protocol=PROTOCOL, buffer_callback=out_of_band)
+        data = dumps_apart(value, buffers.append)
         if buffers or len(data) > INLINE_MAX:
             self.write(key, data, buffers, meta)
         else:

@@ -23,6 +23,7 @@ import io
 import mmap
 import os
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
@@ -132,6 +133,24 @@ def dumps(obj: Any) -> bytes:
     return cloudpickle.dumps(obj, protocol=PROTOCOL)
 
 
+def dumps_apart(obj: Any, put: Callable[[memoryview], None]) -> bytes:
+    """Pickle ``obj`` with its contiguous buffers of ``SHM_THRESHOLD`` bytes or more
+    out of band, each handed to ``put`` (shared memory, a cache file); smaller or
+    non-contiguous ones stay in the pickle."""
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: pickled in-band
+            return True
+        if raw.nbytes < SHM_THRESHOLD:
+            return True
+        put(raw)
+        return False
+
+    return cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=out_of_band)
+
+
 def dumps_value(obj: Any) -> Wire:
     """Pickle a value for another process, large buffers into shared memory."""
     if type(obj) in PLAIN:
@@ -141,19 +160,8 @@ def dumps_value(obj: Any) -> Wire:
     if not _shm.AVAILABLE:
         return dumps(obj), ()
     segments: list[tuple[str, int]] = []
-
-    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
-        try:
-            raw = buffer.raw()
-        except BufferError:  # not contiguous: pickled in-band
-            return True
-        if raw.nbytes < SHM_THRESHOLD:
-            return True
-        segments.append((_shm.create(raw), raw.nbytes))
-        return False
-
     try:
-        data = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=out_of_band)
+        data = dumps_apart(obj, lambda raw: segments.append((_shm.create(raw), raw.nbytes)))
     except BaseException:
         _shm.unlink([name for name, _ in segments])
         raise
