@@ -159,8 +159,6 @@ from .protocol import (
     Capabilities,
     Deadlines,
     Outcome,
-    timeout_error,
-    write_cache,
 )
 from .runtime import (
     Unloadable,
@@ -173,7 +171,9 @@ from .runtime import (
     load_function,
     pickle_exception,
     result_error,
+    timeout_error,
     unloadable_error,
+    write_cache,
 )
 
 logger = logging.getLogger("graphexec")
@@ -471,8 +471,6 @@ def _this_worker() -> Any:
         return get_worker()
     except (ImportError, ValueError):
         return None
-
-
 
 
 def _plainly_picklable(value: Any) -> bool:

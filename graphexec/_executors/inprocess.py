@@ -25,9 +25,8 @@ from .protocol import (
     Call,
     Capabilities,
     Deadlines,
-    run_inline,
-    timeout_error,
 )
+from .runtime import run_inline, timeout_error
 
 
 class SyncExecutor:

@@ -133,9 +133,8 @@ from .protocol import (
     Capabilities,
     Deadlines,
     take_back,
-    timeout_error,
 )
-from .runtime import load_exception
+from .runtime import load_exception, timeout_error
 
 PREFETCH_MAX_BYTES = 16 * 1024  # a queued message must fit in the pipe buffer
 PREFETCH_DEPTH = 64  # calls a worker may hold when its function's calls are tiny

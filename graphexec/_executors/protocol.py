@@ -45,21 +45,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import logging
-import os
-import time
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from .._model.run import Run
 
-from .._data.cache import CacheStore
 from .._data.serialize import Payload
-from .._model.errors import TaskTimeout
-from .._model.handle import materialize
-from .._model.task import hide_graphs, unhide_graphs
-from .._model.walk import substitute
 
 OK = 0
 ERROR = 1
@@ -180,74 +172,6 @@ class Call:
 
     def __repr__(self) -> str:
         return f"<Call {self.name} attempt {self.number}>"
-
-
-def run_inline(call: Call, worker: Any) -> tuple[Call, int, Any]:
-    """Run a call in this process and return its outcome (sync and thread executors).
-
-    ``KeyboardInterrupt`` is not caught: in the sync scheduler Ctrl-C must
-    reach the scheduler, which cancels the run.
-    """
-    call.worker = worker
-    call.started = time.time()
-    try:
-        if call.has_nodes:
-            values = {i: materialize(h) for i, h in call.inputs.items()}
-            args = substitute(call.args, values)
-            kwargs = substitute(call.kwargs, values) if call.kwargs else {}
-        else:
-            args, kwargs = call.args, call.kwargs or {}
-        hidden = hide_graphs()  # its task calls are plain calls, as in a worker
-        try:
-            value = call.fn(*args, **kwargs)
-        finally:
-            unhide_graphs(hidden)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # SystemExit, a task's own BaseException: a worker's too
-        call.finished = time.time()
-        return call, ERROR, exc
-    call.finished = time.time()
-    if call.timeout is not None and call.finished - call.started > call.timeout:
-        # In-process work cannot be interrupted; it is judged when it returns,
-        # so the final states match those of the process scheduler.
-        return (
-            call,
-            ERROR,
-            timeout_error(
-                call,
-                "an in-process call cannot be interrupted: it ran to its end and was judged then",
-            ),
-        )
-    if call.cache is not None:
-        write_cache(call.cache, value, call.name)
-    return call, OK, value
-
-
-def write_cache(cache: tuple[str, str, dict], value: Any, name: str) -> None:
-    """Store a successful result; a failed write costs a warning, never the result."""
-    root, key, meta = cache
-    try:
-        store = _stores.get((os.getpid(), root))
-        if store is None:  # one per directory and process: opening one has a cost
-            store = _stores[(os.getpid(), root)] = CacheStore(root)
-        store.write_value(key, value, meta)
-    except Exception as exc:
-        logging.getLogger("graphexec").warning(
-            "%s: result not cached (%s: %s)", name, type(exc).__name__, exc
-        )
-
-
-_stores: dict[tuple[int, str], CacheStore] = {}  # (pid, cache dir) -> its store, for writing
-
-
-def timeout_error(call: Call, how: str = "it was stopped") -> TaskTimeout:
-    return TaskTimeout(
-        f"{call.name} ran longer than its timeout of {call.timeout:g} s "
-        f"(attempt {call.number}); {how}",
-        node=call.name,
-        timeout=call.timeout,
-    )
 
 
 class Capabilities(NamedTuple):

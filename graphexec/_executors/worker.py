@@ -81,7 +81,6 @@ from typing import Any
 from .._data import shm as _shm
 from .._data.cache import stored_apart
 from .._data.serialize import decode_call, dumps, dumps_value, loads_value
-from .protocol import write_cache
 from .runtime import (
     Unloadable,
     UnloadableValue,
@@ -93,6 +92,7 @@ from .runtime import (
     pickle_exception,
     result_error,
     unloadable_error,
+    write_cache,
 )
 from .threadlimits import apply_in_worker
 
