@@ -103,7 +103,10 @@ def _refuse_hidden_node(obj: Any) -> None:
     """A node among an object's attributes (a dataclass, a config object) is not an
     edge: the sync and thread schedulers would hand the task the Node itself, the
     process pool fail to pickle it. Said at the call, the same for every backend."""
-    attrs = getattr(obj, "__dict__", None)
+    try:
+        attrs = getattr(obj, "__dict__", None)
+    except Exception:  # a proxy whose referent is gone, say: nothing to look at
+        return
     if type(attrs) is not dict or isinstance(obj, (type, ModuleType)):
         return
     for name, value in attrs.items():
