@@ -764,7 +764,8 @@ def test_a_worker_over_the_memory_limit_fails_its_node(backend, tmp_path):
     assert error.limit < error.rss < 400 * 2**20
     message = str(error)
     assert big.name in message
-    assert "memory_limit=143.1 MiB" in message  # 150 MB, as the message spells sizes
+    # as the user wrote it, and in the binary units the RSS is given in
+    assert "memory_limit=150.0 MB (143.1 MiB)" in message
     assert "MiB of memory" in message
     assert "killed and replaced" in message
     assert state.duration < 5  # killed, not left to finish its 10 s sleep

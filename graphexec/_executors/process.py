@@ -1764,8 +1764,8 @@ class ProcessPool:
             if rss is not None:
                 error = MemoryLimitExceeded(
                     f"{head.name} used {size_text(rss, binary=True)} of memory (RSS of its "
-                    f"worker), over memory_limit={size_text(limit or 0, binary=True)}; the "
-                    "worker was killed and "
+                    f"worker), over memory_limit={size_text(limit or 0)} "
+                    f"({size_text(limit or 0, binary=True)}); the worker was killed and "
                     "replaced. Reduce the task's memory use, split its input, or raise "
                     "memory_limit=",
                     node=head.name,
