@@ -747,9 +747,9 @@ def test_graph_add_of_a_bound_method_makes_one_wrapper_for_its_object():
     assert [run[n] for n in nodes[:3]] == [0, 2, 4] and run[more] == 3
 
 
-def test_a_node_inside_an_object_is_refused_at_the_call_on_every_scheduler():
+def test_a_node_inside_a_dataclass_is_refused_at_the_call_on_every_scheduler():
     # sync and threads handed the task the Node itself (run.ok), the process pool
-    # failed to pickle it: now the call says so, the same for all.
+    # failed to pickle it: now the call says so, the same for all, at any depth.
     import dataclasses
 
     @dataclasses.dataclass
@@ -757,14 +757,25 @@ def test_a_node_inside_an_object_is_refused_at_the_call_on_every_scheduler():
         source: object
         scale: int = 1
 
+    @dataclasses.dataclass(slots=True)
+    class Slotted:
+        inner: object
+
     graph = gx.Graph()
     with graph:
         node = inc(1)
-        with pytest.raises(
-            TypeError, match=r"node 'inc-0' is inside a Config object \(Config.source\)"
-        ):
-            echo(Config(node))
-        fine = echo({"cfg": Config(3), "x": node})  # objects without nodes, and dicts: as before
+        for value, path in [
+            (Config(node), r"Config\.source\)"),
+            (Slotted(node), r"Slotted\.inner\)"),
+            (Config([1, node]), r"Config\.source\[\.\.\.\]\)"),
+            (Config(Slotted({"k": node})), r"Config\.source\.inner\[\.\.\.\]\)"),
+            ([Config(node)], r"Config\.source\)"),
+        ]:
+            with pytest.raises(
+                TypeError, match=r"node 'inc-0' is inside a \w+ dataclass \(" + path
+            ):
+                echo(value)
+        fine = echo({"cfg": Config(3), "x": node})  # dataclasses without nodes: as before
     assert len(graph) == 2
     assert graph.compute(scheduler="sync")[fine]["cfg"] == Config(3)
 
@@ -791,15 +802,50 @@ def test_wait_for_takes_nodes_in_any_iterable_and_the_containers_arguments_take(
         a, b, c, d = inc(1), inc(2), inc(3), inc(4)
         g1 = echo(0, wait_for=(n for n in (a, b)))
         g2 = echo(0, wait_for={"x": c}.values())
+        g2b = echo(0, wait_for={"x": c})  # a dict: by its values (said "got str 'x'")
         g3 = echo(0, wait_for=[[a, b], deque([c])])
         g4 = echo(0, wait_for=[gx.allow_failure([[d]])])
         with pytest.raises(TypeError, match=r"echo\(\) at .*wait_for= takes nodes.*got int 5"):
             echo(0, wait_for=[a, 5])
     assert [n.name for n in g1.upstream] == ["inc-0", "inc-1"]
-    assert [n.name for n in g2.upstream] == ["inc-2"]
+    assert [n.name for n in g2.upstream] == [n.name for n in g2b.upstream] == ["inc-2"]
     assert [n.name for n in g3.upstream] == ["inc-0", "inc-1", "inc-2"]
     assert [n.name for n in g4.upstream] == ["inc-3"]
     d.wait_for([a, b])
     assert [n.name for n in d.upstream] == ["inc-0", "inc-1"]
     with pytest.raises(TypeError, match=r"inc-3.wait_for\(\) at .*got str"):
         d.wait_for("inc-2")
+
+
+@pytest.mark.timeout(60)
+def test_a_task_of_a_module_cloudpickle_takes_by_value_goes_by_value(tmp_path, monkeypatch):
+    # cloudpickle.register_pickle_by_value(module) sends a module the other side
+    # cannot import (a dask worker's); its tasks were pickled by name regardless.
+    import importlib
+    import pickle
+    import subprocess
+    import sys
+
+    import cloudpickle
+
+    (tmp_path / "byvalue_tasks.py").write_text(
+        "import graphexec as gx\n\n@gx.task(retries=1)\ndef inc(x):\n    return x + 1\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("byvalue_tasks")
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        data = cloudpickle.dumps(module.inc)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+        sys.modules.pop("byvalue_tasks", None)
+    code = (
+        "import pickle, sys; t = pickle.loads(sys.stdin.buffer.read()); "
+        "print(t(1), t.options.retries)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=data, capture_output=True, timeout=50, cwd="/"
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().split() == ["2", "1"]
+    assert pickle.loads(pickle.dumps(inc)) is inc  # an importable one: by name

@@ -267,7 +267,7 @@ class Graph:
         if wait_for is not None:
             if found is None:
                 found = dict.fromkeys(ups, DATA)
-            self._scan_wait_for(wait_for, found, f"{task.name}() at {call_site()}", wait_flag)
+            self._scan_wait_for(wait_for, found, task.name, wait_flag)
 
         if opts.task_run_name is None:
             counters = self._counters
@@ -352,31 +352,31 @@ class Graph:
             ) from None
 
     def _scan_wait_for(
-        self, wait_for: Any, found: dict[int, int], where: str, base: int = ORDER
+        self, wait_for: Any, found: dict[int, int], name: str, base: int = ORDER
     ) -> None:
         """Record the nodes of ``wait_for`` (a node, or any iterable of them, nested in
         the containers arguments are searched in, ``gx.allow_failure`` marking what it
-        holds) in ``found`` as order edges; anything else is a TypeError naming
-        ``where`` (the call, or ``node.wait_for``)."""
-        if not isinstance(wait_for, (Node, allow_failure, str, bytes, dict, *SEQUENCES)):
+        holds; a dict by its values) in ``found`` as order edges; anything else is a
+        TypeError naming ``name`` (a task's call, or ``node.wait_for``) and where."""
+        if isinstance(wait_for, dict):
+            wait_for = list(wait_for.values())
+        elif not isinstance(wait_for, (Node, allow_failure, str, bytes, *SEQUENCES)):
             try:
                 wait_for = list(wait_for)  # a generator, dict.values(), a FutureList...
-            except TypeError:
-                pass
+            except Exception:
+                pass  # not iterable: refused below, with what it is
 
         def refuse(value: Any) -> None:
             raise TypeError(
-                f"{where}: wait_for= takes nodes (or gx.allow_failure(node), or lists of "
-                f"them), got {type(value).__name__} {value!r}"
+                f"{name}() at {call_site()}: wait_for= takes nodes (or gx.allow_failure(node), "
+                f"or lists of them), got {type(value).__name__} {value!r}"
             )
 
         find_nodes(wait_for, self._collector(found, wait=True), base, refuse)
 
     def _add_order_edges(self, index: int, upstream: Iterable[Any]) -> None:
         found: dict[int, int] = {}
-        self._scan_wait_for(
-            list(upstream), found, f"{self._names[index]}.wait_for() at {call_site()}"
-        )
+        self._scan_wait_for(list(upstream), found, f"{self._names[index]}.wait_for")
         for up in found:
             path = self._path(up, index)
             if path is not None:

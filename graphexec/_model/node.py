@@ -122,8 +122,8 @@ class Node:
     def __reduce__(self) -> Any:
         raise TypeError(
             f"node {self.name!r} cannot be pickled: a node stands for a value that does not "
-            "exist yet. graphexec finds nodes in arguments only inside lists, tuples, dicts "
-            "and sets; pass the node directly (or in one of those) instead of inside "
+            "exist yet. graphexec finds nodes in arguments only inside lists, tuples, dicts, "
+            "sets and deques; pass the node directly (or in one of those) instead of inside "
             "another object"
         )
 

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+import cloudpickle
+
 from .node import Node, allow_failure
 from .options import DEFAULT_OPTIONS, RESERVED_KEYWORDS, TaskOptions
 from .seam import NOT_EAGER, surfaces
@@ -333,7 +335,7 @@ class Task:
         fn = self.fn
         module = getattr(fn, "__module__", None)
         qualname = getattr(fn, "__qualname__", "")
-        if module and module != "__main__" and "<locals>" not in qualname:
+        if module and module != "__main__" and "<locals>" not in qualname and not _by_value(module):
             try:
                 found = _by_name(module, qualname)
             except Exception:
@@ -343,6 +345,14 @@ class Task:
             if type(found) is Task and found.fn is fn:  # a copy (with_options)
                 return (_by_name, (module, qualname, self.options))
         return (Task, (fn, self.options))
+
+
+def _by_value(module: str) -> bool:
+    """Whether cloudpickle was told to pickle ``module`` by value
+    (``cloudpickle.register_pickle_by_value``: a module the receiving side cannot
+    import, a dask worker's say): its tasks then go by value too."""
+    registry = cloudpickle.list_registry_pickle_by_value()
+    return any(module == name or module.startswith(name + ".") for name in registry)
 
 
 def _by_name(module: str, qualname: str, options: TaskOptions | None = None) -> Any:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 from collections import deque
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 from .node import ALLOW, Node, allow_failure, call_site
@@ -100,24 +99,56 @@ def _take(obj: Any, visit: Callable[[Node, int], None], flag: int) -> tuple[Any,
 
 
 def _refuse_hidden_node(obj: Any) -> None:
-    """A node among an object's attributes (a dataclass, a config object) is not an
-    edge: the sync and thread schedulers would hand the task the Node itself, the
-    process pool fail to pickle it. Said at the call, the same for every backend."""
-    try:
-        attrs = getattr(obj, "__dict__", None)
-    except Exception:  # a proxy whose referent is gone, say: nothing to look at
+    """A node in a dataclass's fields (at any depth, in containers or dataclasses
+    there) is not an edge: the sync and thread schedulers would hand the task the
+    Node itself, the process pool fail to pickle it. Said at the call, the same
+    for every backend. Only dataclasses are looked into (the usual config object;
+    ``slots=True`` too): walking every object's attributes would make building
+    slow."""
+    if not hasattr(type(obj), "__dataclass_fields__") or isinstance(obj, type):
         return
-    if type(attrs) is not dict or isinstance(obj, (type, ModuleType)):
-        return
-    for name, value in attrs.items():
-        if isinstance(value, Node):
-            kind = type(obj).__name__
-            raise TypeError(
-                f"node {value.name!r} is inside a {kind} object ({kind}.{name}), used at "
-                f"{call_site()}: only lists, tuples, dicts, sets and deques are searched "
-                f"for nodes, so it would not be a dependency. Pass the node as an argument "
-                f"of its own and build the {kind} inside the task"
-            )
+    found = _hidden(obj, 0)
+    if found is not None:
+        node, path = found
+        kind = type(obj).__name__
+        raise TypeError(
+            f"node {node.name!r} is inside a {kind} dataclass ({kind}{path}), used at "
+            f"{call_site()}: only lists, tuples, dicts, sets and deques are searched for "
+            f"nodes, so it would not be a dependency. Pass the node as an argument of its "
+            f"own and build the {kind} inside the task"
+        )
+
+
+def _hidden(value: Any, depth: int) -> tuple[Node, str] | None:
+    """A node in ``value`` (containers and dataclass fields), with the path to it."""
+    if depth > 50:  # (a cycle)
+        return None
+    if isinstance(value, Node):
+        return value, ""
+    if type(value) is allow_failure:
+        return _hidden(value.value, depth + 1)
+    items: Any
+    if isinstance(value, dict):
+        items = (*value.keys(), *value.values())
+    elif isinstance(value, SEQUENCES):
+        items = value
+    elif hasattr(type(value), "__dataclass_fields__") and not isinstance(value, type):
+        for name in type(value).__dataclass_fields__:
+            try:
+                field = getattr(value, name)
+            except Exception:  # a field not set (init=False), a property that raises
+                continue
+            found = _hidden(field, depth + 1)
+            if found is not None:
+                return found[0], f".{name}{found[1]}"
+        return None
+    else:
+        return None
+    for item in items:
+        found = _hidden(item, depth + 1)
+        if found is not None:
+            return found[0], f"[...]{found[1]}"
+    return None
 
 
 def replace_nodes(obj: Any, replace: Callable[[Node], Any], keep_markers: bool = False) -> Any:
