@@ -303,7 +303,7 @@ def test_a_thread_past_its_timeout_keeps_its_slot_until_it_returns(bound):
     task = overstay.with_options(timeout=0.05, **options)
     graph = gx.Graph()
     with graph:
-        nodes = [task(0.25) for _ in range(5)]
+        nodes = [task(0.15) for _ in range(5)]
     workers = 2 if bound == "workers" else 4
     run = graph.compute(
         scheduler="threads",
