@@ -344,10 +344,20 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
     ``remote`` maps node index -> upstream value (dask put the values of the
     Futures in place); ``spec`` carries everything else, pickled here once.
     """
-    (exec_id, key, name, fn_id, origin, args_blob, local_blob, cache, want_digest, timed) = spec[
-        :10
-    ]
-    owned, hand_over = spec[10:]
+    (
+        exec_id,
+        key,
+        name,
+        fn_id,
+        origin,
+        args_blob,
+        local_blob,
+        cache,
+        want_digest,
+        timed,
+        owned,
+        hand_over,
+    ) = spec
     started = time.time()
     worker = _this_worker()
     if worker is not None:

@@ -30,8 +30,6 @@ from .walk import PLAIN, SEQUENCES, find_nodes, remap, take_nodes
 
 _new = object.__new__
 
-# Argument types that cannot hold a node: skipped without a walk.
-
 if TYPE_CHECKING:
     from .._surfaces.hooks import Observer  # annotations only, as Pool
     from .._surfaces.pool import Pool  # for the annotation only: compute() goes through the seam

@@ -29,9 +29,6 @@ if TYPE_CHECKING:
     from .graph import Graph
 
 
-# (STATE_ORDER: Running and Pending come last: a finished run has none; a record cut
-# off mid-run, Run.load of a killed parent's run_dir, shows what was running and what
-# never began.)
 class TaskStats:
     """One task's line of a run's summary: its nodes' states, retries and durations."""
 

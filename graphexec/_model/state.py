@@ -27,8 +27,9 @@ CANCELLED = "Cancelled"
 CRASHED = "Crashed"  # a run's outcome only (a Prefect-style run hook's state), never a node's
 
 FINAL = frozenset({COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED})
-# The order every report lists states in (Running: only in a run that did not end,
-# a record cut off mid-run, Run.load).
+# The order every report lists states in. Running and Pending come last: a finished
+# run has none; a record cut off mid-run (Run.load of a killed parent's run_dir)
+# shows what was running and what never began.
 STATE_ORDER = (COMPLETED, CACHED, FAILED, SKIPPED, CANCELLED, RUNNING, PENDING)
 
 # State names are compared by identity (``state.name is COMPLETED``) on the hot
