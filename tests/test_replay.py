@@ -270,6 +270,63 @@ def test_a_shared_memory_input_is_copied_out_before_release(pool):
     np.testing.assert_array_equal(array, np.arange(BIG, dtype=np.float64))
 
 
+@gx.task
+def listing():
+    return [3, 1, 2]
+
+
+@gx.task
+def appends_then_fails(xs):
+    xs.append(0)  # in place, before failing
+    raise ValueError(f"got {xs}")
+
+
+@gx.task
+def negates_then_fails(array):
+    array *= -1  # in place, before failing
+    raise ValueError(f"sum {float(array.sum())}")
+
+
+@pytest.mark.parametrize("producer", ["listing", "small array"])
+def test_a_chained_input_is_kept_as_the_call_received_it(pool, producer):
+    # The value is handed over inside the worker (a chain); the call changes it in
+    # place, then fails: its kept inputs are the value before the call.
+    with gx.Graph() as g:
+        if producer == "listing":
+            f = appends_then_fails(listing())
+        else:
+            f = negates_then_fails(make(100))
+    run = g.compute(pool=pool, raise_on_failure=False)
+    first = str(run.state(f).exception)
+    (value,), _ = run.inputs(f)
+    if producer == "listing":
+        assert first == "got [3, 1, 2, 0]" and value == [3, 1, 2]
+    else:
+        assert first == f"sum {-float(np.arange(100.0).sum())}"
+        np.testing.assert_array_equal(value, np.arange(100.0))
+    with pytest.raises(ValueError, match=re.escape(first)):
+        run.replay(f)  # the same error as the run's, not that of a second change
+
+
+def test_a_shared_memory_input_replays_writable(pool, tmp_path):
+    # A large input comes through /dev/shm (two consumers: no chain); the call got
+    # a writable array, so its replay must too (not "read-only" instead of its error).
+    with gx.Graph() as g:
+        a = make(BIG)
+        f = negates_then_fails(a)
+        other = consume(a)
+    run = g.compute(f, other, pool=pool, raise_on_failure=False)
+    first = str(run.state(f).exception)
+    assert first == f"sum {-float(np.arange(BIG, dtype=np.float64).sum())}"
+    (array,), _ = run.inputs(f)
+    assert array.flags.writeable
+    with pytest.raises(ValueError, match=re.escape(first)):
+        run.replay(f)
+    loaded = gx.Run.load(run.save(tmp_path / "run.gxrun"))
+    with pytest.raises(ValueError, match=re.escape(first)):
+        loaded.replay(f.name)
+
+
 def test_a_crashed_worker_holding_a_chained_input_says_it_is_lost(pool):
     with gx.Graph() as g:
         c = crash(make(BIG))

@@ -125,8 +125,13 @@ class KeptCall:
 
     def load(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Fresh ``(args, kwargs)``, as the call received them."""
+        # Out-of-band buffers as writable copies: the call got a writable array, and a
+        # task that works in place must fail on replay as it did (kept bytes would
+        # unpickle as read-only arrays).
         values: dict[int, Any] = {
-            up: pickle.loads(data, buffers=buffers) if buffers else pickle.loads(data)
+            up: pickle.loads(data, buffers=[bytearray(b) for b in buffers])
+            if buffers
+            else pickle.loads(data)
             for up, (data, buffers) in self.values.items()
         }
         values.update(self.live)

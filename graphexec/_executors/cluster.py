@@ -404,7 +404,7 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
             values[index] = value
             continue
         try:
-            values[index] = handover(value)
+            values[index] = handover(value)[0]
         except UnloadableValue as exc:
             cause = exc.__cause__ or exc
             return fail(
@@ -431,7 +431,7 @@ def _run_remote(fn_blob: bytes, spec: tuple, remote: dict[int, Any]) -> Any:
     del args, kwargs, values
     if hand_over:  # the next link changes it at will: not an object the task keeps
         try:
-            result = handover(result)
+            result = handover(result)[0]
         except BaseException as exc:  # (UnloadableValue: its consumer fails to load it)
             return fail("result", result_error(name, result, exc), traceback.format_exc())
     if want_digest or not _plainly_picklable(result):

@@ -31,7 +31,7 @@ from typing import Any
 import cloudpickle
 
 from .._data.cache import CacheStore
-from .._data.serialize import PROTOCOL, dumps
+from .._data.serialize import PROTOCOL, SHM_THRESHOLD, dumps
 from .._model.errors import RemoteError, RemoteTraceback, SerializationError, TaskTimeout, safe_str
 from .._model.handle import materialize
 from .._model.task import hide_graphs, unhide_graphs
@@ -233,10 +233,10 @@ class Unloadable:
         self.exc, self.tb = exc, tb
 
 
-def handover(result: Any) -> Any:
-    """What a call receives in place of a value this process holds: the next call of
+def handover(result: Any, keep: bool = False) -> tuple[Any, bytes | None]:
+    """What a call receives in place of a value this process holds (the next call of
     a chain its predecessor's result, a dask task an upstream value from its
-    worker's memory.
+    worker's memory), and the pickle of it as the call receives it, if any.
 
     The same as a consumer on another worker would: a value of its own,
     which it may modify in place without touching anything else. So
@@ -247,18 +247,28 @@ def handover(result: Any) -> Any:
     pickle round trip for everything else (which also fails, as it would
     between workers, on a result that cannot be pickled; one whose pickle does
     not load raises :class:`UnloadableValue`).
+
+    The pickle is the round trip's, or with ``keep`` a small array's (next to
+    nothing): a failed call's inputs are kept from it (a chain's link), since
+    the call may have changed its value in place. None for an immutable value
+    (nothing to keep apart) and for a large array handed over as it is (a copy
+    per call of a chain would cost what the chain saves; the inputs kept are then
+    the array as the call left
+    it: docs/howto/replay.md).
     """
     kind = type(result)
     if kind in PLAIN:
-        return result
+        return result, None
     if kind.__name__ == "ndarray" and kind.__module__ == "numpy" and not result.dtype.hasobject:
         # References: the caller's variable, our argument, getrefcount's own.
         if result.flags.owndata and sys.getrefcount(result) <= 3:
-            return result
-        return result.copy(order="K")
+            value = result
+        else:
+            value = result.copy(order="K")
+        return value, dumps(value) if keep and value.nbytes < SHM_THRESHOLD else None
     data = dumps(result)
     try:
-        return pickle.loads(data)
+        return pickle.loads(data), data
     except Exception as exc:
         raise UnloadableValue from exc
 

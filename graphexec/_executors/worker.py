@@ -357,14 +357,16 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
     started = time.time()
     values: dict[int, Any] = {}
     # Chained inputs: they never passed through the parent, so a failure sends
-    # them back (run.replay needs them); a reference until the reply is made.
-    chained: dict[int, Any] = {}
+    # them back (run.replay needs them): (value, its pickle from before the call
+    # or None), a reference until the reply is made.
+    chained: dict[int, tuple[Any, bytes | None]] = {}
     for dep in deps:
         if len(dep) == 3:  # the value the previous call of the chain kept here
             if dep[2] not in held:  # that call failed: the parent decides what now
                 held.clear()
                 return pickle.dumps(("skip", token))
-            values[dep[0]] = chained[dep[0]] = held.pop(dep[2])
+            chained[dep[0]] = kept = held.pop(dep[2])
+            values[dep[0]] = kept[0]
     if not chained:
         held.clear()  # a chain ends with a call that keeps nothing: nothing is left
 
@@ -421,7 +423,7 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
     del args, kwargs, values
     if hold:
         try:
-            held[token] = handover(result)
+            held[token] = handover(result, keep=True)
         except UnloadableValue:
             # It pickles but will not unpickle in a worker: it goes to the parent as
             # any value does, and the next call, not finding it here, comes back
@@ -455,13 +457,17 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
     return pickle.dumps(("ok", token, blob, started, finished), protocol=5)
 
 
-def return_inputs(chained: dict[int, Any]) -> tuple[tuple[int, bytes | None, str], ...]:
+def return_inputs(
+    chained: dict[int, tuple[Any, bytes | None]],
+) -> tuple[tuple[int, bytes | None, str], ...]:
     """The chained inputs of a failed call, pickled to go back to the parent:
-    ``(node, pickle, "")``, or ``(node, None, why)`` for one that will not pickle."""
+    ``(node, pickle, "")``, or ``(node, None, why)`` for one that will not pickle.
+    The pickle made before the call where there is one (the call may have changed
+    its value in place), else the value as the call left it (a large array)."""
     out: list[tuple[int, bytes | None, str]] = []
-    for up, value in chained.items():
+    for up, (value, before) in chained.items():
         try:
-            out.append((up, dumps(value), ""))
+            out.append((up, before if before is not None else dumps(value), ""))
         except Exception as exc:
             out.append((up, None, f"it could not be pickled in the worker: {exc}"))
     return tuple(out)
