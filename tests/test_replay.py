@@ -936,6 +936,37 @@ def test_the_hint_of_a_shared_name_gives_the_records_position(pool, tmp_path):
 
 
 @gx.task
+def waits(i):
+    time.sleep(0.3 * (2 - i))  # the later submitted, the sooner done
+    return i
+
+
+@gx.task(task_run_name="job")
+def bad_job(x):
+    raise ValueError(f"bad {x}")
+
+
+def test_the_hint_of_a_shared_name_in_a_flow_gives_its_records_number(tmp_path):
+    # A flow's record numbers nodes as it first sees them (here the last submitted
+    # first); the hint once counted in graph order and replayed another job.
+    @gx.flow(workers=2, run_dir=tmp_path / "night")
+    def night():
+        jobs = [bad_job.submit(w) for w in [waits.submit(i) for i in range(3)]]
+        gx.wait(jobs)
+        return 1
+
+    with pytest.raises(gx.GraphFailed) as caught:
+        night()
+    message = str(caught.value)
+    first = re.search(r"ValueError: (bad \d)", message).group(1)
+    hint = message.splitlines()[-1]
+    assert hint.startswith("Reproduce it: python -m graphexec replay"), hint
+    position = re.search(r"'?#(\d+)'?", hint).group(1)
+    done = _cli("replay", str(tmp_path / "night"), f"#{position}")
+    assert done.returncode == 1 and first in done.stderr, (hint, done.stderr[-2000:])
+
+
+@gx.task
 def holds_a_lock(lock):
     raise RuntimeError("never runs")
 

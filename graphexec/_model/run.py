@@ -93,6 +93,10 @@ class Run:
         # Where this run's record is (compute(run_dir=...), save(), load()): the
         # failure report then shows the command line that replays from it.
         self._record: Path | None = None
+        # node -> its id in the record this run writes (the journal's numbering: graph
+        # order for a compute, the order a flow submitted them in), which `#k` names
+        # on the command line; None for a run without one, or loaded (graph order).
+        self._record_ids: dict[int, int] | None = None
         self.started = time.time()
         self.finished: float | None = None
 

@@ -365,6 +365,7 @@ class Journal(Observer):
         run = self._run
         assert run is not None
         self._positions = _Positions(run)
+        run._record_ids = self._positions.id  # replay_hint's `#k` (a flow adds to it)
         self._guard(lambda w: w.json(_start(run, self._positions)))
         events, wake = self._events, self._wake
         while self._writer is not None:

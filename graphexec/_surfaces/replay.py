@@ -431,15 +431,18 @@ def replay_hint(run: Run, i: int) -> str:
         why = kept.dropped if kept.dropped is not None else "; ".join(kept.lost.values())
         return f"Its inputs were not kept, so it cannot be replayed: {why}."
     names = run.graph._names
-    if sum(1 for k in run.members if names[k] == name) > 1:  # a shared name: by position
-        # exc.run.nodes lists the members in run order; a record numbers them in
-        # graph order (record.py's _Positions), which `#k` on the command line names
-        cli = f"#{sum(1 for k in run.members if k < i)}"
-        python = f"exc.run.nodes[{run.members.index(i)}]"
-    else:
-        cli, python = name, repr(name)
+    shared = sum(1 for k in run.members if names[k] == name) > 1  # then by position
+    # exc.run.nodes lists the members in run order; `#k` on the command line names
+    # the record's numbering (record.py's journal: graph order for a compute, the
+    # order of submission for a flow; a loaded run's graph order is its record's)
+    python = f"exc.run.nodes[{run.members.index(i)}]" if shared else repr(name)
+    cli: str | None = name
+    if shared:
+        ids = run._record_ids
+        k = sum(1 for k in run.members if k < i) if ids is None else ids.get(i)
+        cli = None if k is None else f"#{k}"  # None: not in the record yet
     # An argument that would not pickle is in this process only: no command line
-    if run._record is not None and kept.portable:
+    if run._record is not None and kept.portable and cli is not None:
         return (
             f"Reproduce it: python -m graphexec replay {shlex.quote(str(run._record))} "
             f"{shlex.quote(cli)}  (--pdb to debug it)"
