@@ -527,23 +527,27 @@ def test_the_cli_reports_a_saved_run(saved, tmp_path):
     assert "check-0" in out.read_text()
 
 
-def test_replay_warns_when_the_source_changed(tmp_path):
+@pytest.mark.parametrize("form", ["task", "graph.add"])
+def test_replay_warns_when_the_source_changed(tmp_path, form):
+    # A decorated task's function is not its module's attribute (the Task is), so a
+    # record carries it by value: the replay runs the code that failed. A plain
+    # function given to graph.add is its module's: imported anew, the changed code.
     module = tmp_path / "nightly_tasks.py"
-    module.write_text("import graphexec as gx\n\n@gx.task\ndef div(x):\n    return 1 / x\n")
-    save = textwrap.dedent("""
+    decorator = "@gx.task\n" if form == "task" else ""
+    module.write_text(f"import graphexec as gx\n\n{decorator}def div(x):\n    return 1 / x\n")
+    build = "div(0)" if form == "task" else "g.add(div, 0)"
+    save = textwrap.dedent(f"""
         import sys, graphexec as gx
         from nightly_tasks import div
         with gx.Graph() as g:
-            div(0)
+            {build}
         g.compute(workers=1, raise_on_failure=False).save(sys.argv[1])
         """)
     env = _env()
     env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{WORKTREE}"
     saved = tmp_path / "r.gxrun"
     subprocess.run([sys.executable, "-c", save, str(saved)], env=env, check=True, timeout=60)
-    module.write_text(
-        "import graphexec as gx\n\n@gx.task\ndef div(x):\n    return 2 / x  # changed\n"
-    )
+    module.write_text(f"import graphexec as gx\n\n{decorator}def div(x):\n    return x  # fixed\n")
     done = subprocess.run(
         [sys.executable, "-m", "graphexec", "replay", str(saved), "div-0"],
         capture_output=True,
@@ -552,7 +556,36 @@ def test_replay_warns_when_the_source_changed(tmp_path):
         timeout=60,
     )
     assert "the source of div" in done.stderr and "changed since div-0 failed" in done.stderr
-    assert "ZeroDivisionError" in done.stderr
+    if form == "task":
+        assert "the replay runs the code that failed" in done.stderr
+        assert "ZeroDivisionError" in done.stderr and done.returncode == 1
+    else:
+        assert "the replay runs the changed code" in done.stderr
+        assert done.returncode == 0, done.stderr  # the fix, tried
+
+
+def test_replay_of_a_scripts_changed_function_says_it_runs_the_code_that_failed(tmp_path):
+    # A script's function is carried by value: the replay runs what failed, though the
+    # traceback shows the file's new lines. The warning once said the opposite.
+    script = tmp_path / "night.py"
+    body = """
+        import sys, graphexec as gx
+        @gx.task
+        def bad(x):
+            raise ValueError(f"bad {x}")
+        if __name__ == "__main__":
+            with gx.Graph() as g:
+                bad(1)
+            g.compute(workers=1, raise_on_failure=False).save(sys.argv[1])
+        """
+    script.write_text(textwrap.dedent(body))
+    saved = tmp_path / "r.gxrun"
+    subprocess.run([sys.executable, str(script), str(saved)], env=_env(), check=True, timeout=60)
+    script.write_text(textwrap.dedent(body.replace('raise ValueError(f"bad {x}")', "return x")))
+    done = _cli("replay", str(saved), "bad-0")
+    assert done.returncode == 1 and "ValueError: bad 1" in done.stderr, done.stderr
+    assert "the replay runs the code that failed" in done.stderr
+    assert "run.inputs('bad-0')" in done.stderr
 
 
 # -- run_dir: the record written as the run goes -------------------------------------

@@ -216,19 +216,36 @@ def function_of(run: Run, i: int, kept: KeptCall) -> Any:
 
 
 def check_source(fn: Any, kept: KeptCall, name: str) -> None:
-    """Warn when ``fn``'s source is not the one that failed."""
+    """Warn when ``fn``'s source file changed since the call failed, saying which
+    code the replay runs: the one that failed (the live function, or one a record
+    carries by value: a script's, a closure), whose traceback lines and pdb then
+    show the file's new text; or the changed one (a record names a module's
+    function, which is imported anew)."""
     if kept.source_hash is None:
         return
     now = source_hash(fn)
-    if now is not None and now != kept.source_hash:
-        code = getattr(fn, "__code__", None)
-        where = f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""
-        warnings.warn(
-            f"the source of {fn_name(fn)}{where} changed since {name} failed: the replay "
-            "may not run the code that failed",
-            UserWarning,
-            stacklevel=user_stacklevel(),
+    if now is None or now == kept.source_hash:
+        return
+    code = getattr(fn, "__code__", None)
+    where = f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""
+    # cloudpickle pickles a function by value with its own helpers, by reference as a
+    # plain global: the blob of the latter never names cloudpickle
+    if kept.fn_blob is None or b"cloudpickle" in kept.fn_blob:
+        what = (
+            "the replay runs the code that failed, but tracebacks and pdb show the "
+            "file's current lines, which are not that code. To try your change, call "
+            f"the changed function on run.inputs({name!r})"
         )
+    else:
+        what = (
+            "the replay runs the changed code, imported from its module now, not the "
+            "code that failed"
+        )
+    warnings.warn(
+        f"the source of {fn_name(fn)}{where} changed since {name} failed: {what}",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 @contextlib.contextmanager
