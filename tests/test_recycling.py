@@ -58,6 +58,21 @@ def failing_init():
     raise ValueError("the database is not there")
 
 
+def exiting_init(starts):
+    # Ends its process instead of raising (a C extension's abort, os._exit).
+    open(os.path.join(starts, str(os.getpid())), "w").close()
+    os._exit(4)
+
+
+def exit_first_time(path):
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os._exit(4)
+
+
 def fail_first_time(path):
     # Fails in the first worker that runs it only: a file marks that it ran.
     try:
@@ -188,6 +203,36 @@ def test_a_failing_initializer_fails_the_calls_once_and_for_all():
     assert time.monotonic() - started < 30  # bounded: no retry loop
 
 
+def test_an_initializer_that_ends_its_process_fails_the_calls_once_and_for_all(tmp_path):
+    # It never says "initfail": its death before "ready" is the initializer's failure,
+    # not a crash of the call it was sent (that blamed every call on its task and
+    # started a worker per call, without the INIT_ATTEMPTS bound).
+    graph = gx.Graph()
+    with graph:
+        nodes = [whoami(i) for i in range(20)]
+    with gx.Pool(workers=2, initializer=exiting_init, initargs=(str(tmp_path),)) as pool:
+        run = graph.compute(pool=pool, raise_on_failure=False)
+    assert len(os.listdir(tmp_path)) <= 2 + 3  # not one per call: INIT_ATTEMPTS in a row
+    for node in nodes:
+        error = run.state(node).exception
+        assert isinstance(error, gx.WorkerCrashed)
+        assert "initializer exiting_init failed in 3 worker processes" in str(error)
+        assert isinstance(error.__cause__, gx.WorkerCrashed)
+        assert "ended its worker process before returning (exit code 4" in str(error.__cause__)
+
+
+def test_an_initializer_that_ends_its_process_once_costs_no_node(tmp_path):
+    graph = gx.Graph()
+    with graph:
+        nodes = [whoami(i) for i in range(4)]
+    marker = str(tmp_path / "ran")
+    with gx.Pool(workers=2, initializer=exit_first_time, initargs=(marker,)) as pool:
+        run = graph.compute(pool=pool, keep="all")
+    _assert_all_first_attempt(run)
+    assert all(isinstance(run[n], int) for n in nodes)
+    assert os.path.exists(marker)
+
+
 def test_an_initializer_that_fails_once_costs_no_node(tmp_path):
     graph = gx.Graph()
     with graph:
@@ -237,6 +282,22 @@ def test_isolated_calls_get_a_fresh_worker_each_discarded_after():
             time.sleep(0.05)
         assert not [p for p in lone if _alive(p)]
         assert not set(lone) & {w.pid for w in pool._workers.values()}
+
+
+@gx.task(isolate=True)
+def crashes_alone(x):
+    os._exit(9)
+
+
+def test_an_isolated_calls_crash_advises_replay_not_the_sync_scheduler():
+    # sync refuses isolate=True: its advice could not be followed.
+    graph = gx.Graph()
+    with graph:
+        node = crashes_alone(0)
+    run = graph.compute(workers=1, raise_on_failure=False)
+    error = run.state(node).exception
+    assert isinstance(error, gx.WorkerCrashed)
+    assert "scheduler='sync'" not in str(error) and "run.replay" in str(error)
 
 
 @pytest.mark.parametrize("scheduler", ["threads", "sync"])

@@ -479,6 +479,7 @@ class _Worker:
         "ps",
         "queued",
         "rbuf",
+        "ready",
         "runs",
         "sock",
     )
@@ -516,6 +517,7 @@ class _Worker:
         # Calls it may still be sent (None: no limit); at 0 it is retired once idle.
         self.calls_left = calls_left
         self.init_error: BaseException | None = None  # its initializer raised this
+        self.ready = False  # its initializer (if the pool has one) returned: "ready"
 
     @property
     def pid(self) -> int | None:
@@ -1537,6 +1539,7 @@ class ProcessPool:
             self._arm(w)
             return True
         if message[0] == "ready":  # its initializer succeeded
+            w.ready = True
             self._init_failures = 0
             return True
         if message[0] == "returned":  # prefetched calls it gave back (_reclaim)
@@ -1668,6 +1671,18 @@ class ProcessPool:
             for call in w.inflight:
                 self._outbox.append((call, REQUEUE, None))
             w.inflight.clear()
+        if (
+            self._init is not None
+            and not w.ready
+            and w.init_error is None
+            and w.kill is None
+            and w.pid is not None
+            and not self._exiting
+        ):
+            # It died before its initializer returned (os._exit, a crash in a C
+            # extension): the initializer's failure, as if it had raised, not a crash
+            # of the call it was sent.
+            self._initializer_died(w, exitcode)
         if w.inflight and w.init_error is not None:
             # None of its calls started: the initializer failed before them. Once
             # the pool is broken they fail, unless a live worker is left to take
@@ -1706,6 +1721,21 @@ class ProcessPool:
             w.inflight.clear()
         self._forget(w)
         _shm.sweep(_shm.worker_prefix(os.getpid(), self.id, w.id))
+
+    def _initializer_died(self, w: _Worker, exitcode: int | None) -> None:
+        """``w`` ended inside the pool's initializer: count it as an initializer
+        failure (INIT_ATTEMPTS in a row break the pool), its cause named."""
+        signal_name, advice = describe_exitcode(exitcode)
+        code = f"exit code {exitcode}" + (f", {signal_name}" if signal_name else "")
+        w.init_error = WorkerCrashed(
+            f"the pool's initializer {self._init_name} ended its worker process before "
+            f"returning ({code}: {advice})",
+            exitcode=exitcode,
+            signal_name=signal_name,
+        )
+        self._init_failures += 1
+        if self._init_failures >= INIT_ATTEMPTS and self._broken is None:
+            self._broken = w.init_error
 
     def _deadline(self, w: _Worker) -> float | None:
         """When the call ``w`` runs must be done (monotonic), or None for no timeout.
@@ -2077,9 +2107,15 @@ def _crash_error(call: Call, exitcode: int | None, loading: bool = False) -> Wor
         )
     else:
         what = f"the worker process running {call.name} died ({code}: {advice})."
+    # isolate=True needs a worker process per call: sync would refuse it
+    see = (
+        "replay it (run.replay runs a crashed node in a fresh subprocess first)"
+        if call.isolate
+        else "compute with scheduler='sync'"
+    )
     return WorkerCrashed(
         f"{what} Only this node failed; the worker was replaced. To see the crash "
-        "in-process, compute with scheduler='sync'",
+        f"in-process, {see}",
         node=call.name,
         exitcode=exitcode,
         signal_name=signal_name,

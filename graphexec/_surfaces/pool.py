@@ -30,11 +30,13 @@ class Pool:
             C extension leaks — does not build up. ``None`` (default): keep them.
         initializer: called as ``initializer(*initargs)`` once in every worker
             the pool starts (replacements too), before its first call, as in
-            ``concurrent.futures.ProcessPoolExecutor``. If it raises, that worker
-            ends and its calls go to another one; after
-            ``INIT_ATTEMPTS`` (3) failures in a row the pool starts no more
-            workers and each call that would need one fails with
-            :class:`WorkerCrashed` whose ``__cause__`` is the initializer's error.
+            ``concurrent.futures.ProcessPoolExecutor``. If it raises, or ends its
+            process (``os._exit``, a crash in a C extension), that worker ends
+            and its calls go to another one; after ``INIT_ATTEMPTS`` (3)
+            failures in a row the pool starts no more workers and each call
+            that would need one fails with :class:`WorkerCrashed` whose
+            ``__cause__`` is the initializer's error (a ``WorkerCrashed`` with
+            the exit code for a process it ended).
         initargs: arguments for ``initializer`` (pickled with cloudpickle).
         inner_threads: threads that BLAS (OpenBLAS, MKL, BLIS), OpenMP and numexpr
             may start in each worker, as joblib's ``inner_max_num_threads``.
