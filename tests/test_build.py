@@ -535,6 +535,19 @@ def test_compute_targets_must_be_nodes_of_this_graph():
     assert graph.compute([a], workers=0)[a] == 2
 
 
+def test_compute_targets_may_be_nested_lists_and_dicts_whose_keys_are_labels():
+    graph = gx.Graph()
+    a = graph.add(inc, 1)
+    b = graph.add(inc, a)
+    c = graph.add(inc, 10)
+    for targets in ([{"k": b}], {"k": {"j": b}}, ({"k": [b]},)):
+        run = graph.compute(targets, workers=0)
+        assert run[b] == 3
+        assert c.index not in run.members  # culled: only b's ancestors ran
+    with pytest.raises(TypeError, match="targets must be nodes, got int"):
+        graph.compute({"k": [b, 3]}, workers=0)
+
+
 def test_node_result_before_any_compute_is_an_error():
     graph = gx.Graph()
     node = graph.add(inc, 1)

@@ -26,7 +26,7 @@ from .._model.graph import Graph
 from .._model.node import Node, user_stacklevel
 from .._model.order import post_order, sinks
 from .._model.run import Run
-from .._model.walk import find_nodes
+from .._model.walk import SEQUENCES
 from .backends import make_executor
 from .eager import flow_session
 from .hooks import Dispatch, ambient_observers, call_run_hooks, hook_wait, outcome
@@ -221,16 +221,23 @@ def target_indices(graph: Graph, targets: tuple[Any, ...]) -> list[int]:
     """The node indices named by ``compute()``'s targets (nodes, or containers of them)."""
     ids: list[int] = []
 
-    def visit(node: Node, flag: int) -> None:
-        if node.graph is not graph:
-            raise ValueError(f"target {node.name!r} belongs to another graph")
-        ids.append(node.index)
+    def visit(item: Any) -> None:
+        # A dict's keys are labels (``{"fit": fit, "plot": [a, b]}``) at any depth, not
+        # targets: this is not find_nodes, which searches a call's keys too.
+        if isinstance(item, Node):
+            if item.graph is not graph:
+                raise ValueError(f"target {item.name!r} belongs to another graph")
+            ids.append(item.index)
+        elif isinstance(item, dict):
+            for value in item.values():
+                visit(value)
+        elif isinstance(item, SEQUENCES):
+            for value in item:
+                visit(value)
+        else:
+            raise TypeError(f"compute() targets must be nodes, got {type(item).__name__}")
 
-    def refuse(value: Any) -> None:
-        raise TypeError(f"compute() targets must be nodes, got {type(value).__name__}")
-
-    for item in targets:
-        find_nodes(list(item.values()) if isinstance(item, dict) else item, visit, 0, refuse)
+    visit(targets)
     return list(dict.fromkeys(ids))
 
 
