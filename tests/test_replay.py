@@ -772,6 +772,45 @@ def nightly_body():
     return consume(4)
 
 
+def test_a_failure_is_on_disk_before_its_hooks_run(tmp_path):
+    # The record's writes are slowed down; an on_failure hook kills the process at
+    # once. The failure must be in the record all the same (the scheduler's thread
+    # waits for its write): it once read Pending, now and then.
+    script = textwrap.dedent("""
+        import os, sys, time
+        import graphexec as gx
+        from graphexec._surfaces import record
+
+        slow = record.Writer.flush
+        def flush(self):
+            time.sleep(0.3)
+            slow(self)
+        record.Writer.flush = flush
+
+        def die(task, run, state):
+            os.kill(os.getpid(), 9)
+
+        @gx.task
+        def up():
+            return 1
+
+        @gx.task(on_failure=[die])
+        def bad(x):
+            raise ValueError("bad")
+
+        with gx.Graph() as g:
+            bad(up())
+        g.compute(workers=1, run_dir=sys.argv[1])
+        """)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "r")], env=_env(), timeout=60
+    )
+    assert done.returncode == -signal.SIGKILL
+    run = gx.Run.load(tmp_path / "r")
+    assert run.state("bad-0").name == "Failed"
+    assert run.inputs("bad-0") == ((1,), {})
+
+
 def test_a_flow_writes_its_record_as_it_goes(tmp_path):
     flow = gx.flow(workers=2, run_dir=tmp_path / "flow")(nightly_body)
     with pytest.raises(gx.GraphFailed) as info:

@@ -301,6 +301,7 @@ class Journal(Observer):
     # value is held back for it.
     _reads_values = False
     EVERY = 0.05  # seconds between writes: a killed process loses the events of these
+    FAILURE_WAIT = 1.0  # seconds the scheduler's thread waits at most for a failure's write
 
     def __init__(self, run_dir: str | os.PathLike[str]) -> None:
         directory = Path(run_dir)
@@ -321,6 +322,13 @@ class Journal(Observer):
         self._wake = threading.Event()
         self._ended = False
         self._thread: threading.Thread | None = None
+        # Failures queued by the scheduler's thread, and written (flushed) by the
+        # journal's: the first waits for the second (FAILURE_WAIT at most), so that a
+        # process killed right after a failure (by its on_failure hook, a walltime)
+        # still has it on disk.
+        self._failures = 0
+        self._failures_out = 0
+        self._flushed = threading.Condition()
 
     def on_start(self, run: Run) -> None:
         self._run = run
@@ -338,9 +346,23 @@ class Journal(Observer):
 
     def on_node_finish(self, node: Node, state: State) -> None:
         # (a final state is not changed any more: it is read on the journal's thread)
+        if state.name is not FAILED:
+            self._events.append((node.index, state))
+            return
+        # A failure is on disk before anything else happens (its hooks run after the
+        # observers): the journal's thread writes it at once, and this one waits.
+        self._failures += 1
+        mine = self._failures
         self._events.append((node.index, state))
-        if state.name is FAILED:
-            self._wake.set()  # a failure is on disk at once, whatever comes next
+        self._wake.set()
+        thread = self._thread
+        if thread is None:
+            return
+        with self._flushed:
+            self._flushed.wait_for(
+                lambda: self._failures_out >= mine or self._writer is None or not thread.is_alive(),
+                self.FAILURE_WAIT,
+            )
 
     def on_finish(self, run: Run) -> None:
         self._ended = True
@@ -388,6 +410,7 @@ class Journal(Observer):
         # state says it ran. Only those still running then are (as Running, if the
         # record ends there): half the records of a run of small tasks.
         begun: dict[int, tuple[Any, ...]] = {}
+        failures = 0
         while events:
             event = events.popleft()
             i = event[0]
@@ -411,10 +434,15 @@ class Journal(Observer):
                 continue
             if state.name is FAILED:
                 _write_inputs(w, run, i, k)
+                failures += 1
             w.json({"t": "node", **node_record(run, i, k, state)})
         for i, attempt, at in begun.values():
             w.json(["run", self._id(w, i), attempt, at])
         w.flush()
+        if failures:
+            with self._flushed:
+                self._failures_out += failures
+                self._flushed.notify_all()
 
     def _id(self, writer: Writer, i: int) -> int:
         """Node ``i``'s id in the record; a node a flow submitted since is added first."""
