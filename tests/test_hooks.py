@@ -454,13 +454,18 @@ def test_the_wait_for_hooks_is_bounded(monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("scheduler", ["sync", "processes"])
-def test_a_released_value_is_held_until_its_hooks_ran(scheduler, pool):
+def test_a_released_value_is_held_until_its_hooks_ran(scheduler, pool, tmp_path):
     np = pytest.importorskip("numpy")
-    gate = threading.Event()
     seen = []
+    done = tmp_path / "total-done"
 
     def late_reader(node, state):
-        gate.wait(5)  # the consumer finishes meanwhile: the value would be released
+        # The consumer finishes meanwhile (hooks run one after another, so a hook of
+        # the consumer's could not say so): the value would be released.
+        deadline = time.monotonic() + 5
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # its end reaches the scheduler, which would release the value
         seen.append(float(state.result().sum()))
 
     @gx.task
@@ -468,16 +473,14 @@ def test_a_released_value_is_held_until_its_hooks_ran(scheduler, pool):
         return np.ones(n)  # 1 MB: in shared memory with processes
 
     @gx.task
-    def total(values):
+    def total(values, flag):
+        Path(flag).touch()
         return float(values.sum())
-
-    def open_gate(node, state):
-        gate.set()
 
     graph = gx.Graph()
     with graph:
         produced = big.with_options(on_completion=[late_reader])(125_000)
-        result = total.with_options(on_completion=[open_gate])(produced)
+        result = total(produced, str(done))
     kwargs = {"pool": pool} if scheduler == "processes" else {"workers": 0}
     run = graph.compute(result, **kwargs)
     assert seen == [125_000.0] and run[result] == 125_000.0
