@@ -513,9 +513,10 @@ def test_the_cli_replays_under_pdb(saved):
 
 def test_the_cli_names_what_to_replay_instead(saved):
     done = _cli("replay", str(saved), "fine-0")
-    assert done.returncode == 1
+    assert done.returncode == 3  # could not replay: not "failed again" (1)
     assert "fine-0 is Completed, not Failed" in done.stderr
     done = _cli("replay", str(saved), "nope")
+    assert done.returncode == 3
     assert "no node named 'nope'" in done.stderr and "failed nodes: check-0" in done.stderr
 
 
@@ -970,7 +971,7 @@ def test_failed_nodes_sharing_a_name_are_replayed_by_position(pool, tmp_path):
     done = _cli("replay", str(tmp_path), "#1")
     assert done.returncode == 1 and "lin diverged at 1" in done.stderr, done.stderr[-2000:]
     done = _cli("replay", str(tmp_path), "fit-lin")
-    assert done.returncode == 1
+    assert done.returncode == 3
     assert "3 nodes" in done.stderr and "give '#k' for run.nodes[k]" in done.stderr
     run = gx.Run.load(tmp_path)
     with pytest.raises(ValueError, match="lin diverged at 2"):
@@ -1085,7 +1086,7 @@ def test_replay_says_clearly_when_the_inputs_cannot_be_loaded_and_checks_its_tim
     assert made.returncode == 0, made.stderr[-3000:]
     (tmp_path / "labmod.py").unlink()  # replayed where the module is not importable
     done = _cli("replay", str(tmp_path / "night"), "analyse-0")
-    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.returncode == 3, done.stderr[-2000:]
     assert "the inputs of analyse-0 could not be loaded" in done.stderr
     assert "ModuleNotFoundError" in done.stderr and "Traceback" not in done.stderr
     assert "failed again" not in done.stderr

@@ -51,6 +51,9 @@ from .record import is_record, load_run
 from .replay import FunctionUnloadable, InputsUnloadable, kept_call
 
 OK, ERROR, USAGE = 0, 1, 2
+# replay: the call was not made (no such node, its inputs not kept, its function not
+# importable here): a script trying a fix tells this from "failed again" (1)
+CANNOT_REPLAY = 3
 BROKEN_PIPE = 128 + 13  # what a shell reports for a process SIGPIPE killed
 
 _DESCRIPTION = """\
@@ -58,8 +61,9 @@ graphexec: run task graphs on every core. This command reads what runs left
 behind: a saved run (to write its HTML report) and the result cache.
 
 exit codes: 0 done, 1 failed (the message says why and what to do),
-2 wrong command line, 141 the reader of the output went away (`| head`: the
-output stops there, as any Unix tool's killed by SIGPIPE).
+2 wrong command line, 3 replay could not make the call, 141 the reader of
+the output went away (`| head`: the output stops there, as any Unix tool's
+killed by SIGPIPE).
 """
 
 _REPORT_HELP = """\
@@ -75,7 +79,9 @@ it received (run.replay): breakpoint() and pdb work. RUN is a run saved with
 run.save(PATH) or the directory of compute(run_dir=DIR); NODE is the node's
 name as the report and run.summary() show it. A node that crashed its worker
 is first replayed in a fresh subprocess. Exit code 0 if the call returns this
-time, 1 if it fails again (its traceback is printed).
+time, 1 if it fails again (its traceback is printed), 3 if it could not be
+made (no such node, its inputs were not kept, its function or inputs do not
+load here), 2 for a wrong command line.
 
 Security: this unpickles the node's function and inputs from RUN, which can
 run any code: replay only runs you trust.
@@ -91,7 +97,12 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 class CommandError(Exception):
-    """A failure the user can fix: printed as ``graphexec: error: ...``, exit code 1."""
+    """A failure the user can fix: printed as ``graphexec: error: ...``, exit code
+    ``code`` (1, :data:`ERROR`, unless said otherwise)."""
+
+    def __init__(self, message: str, code: int = ERROR) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # -- the command line ------------------------------------------------------------
@@ -240,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CommandError(cache_store.damage_text(getattr(args, "dir", "?"), exc)) from None
     except CommandError as exc:
         print(f"graphexec: error: {exc}", file=sys.stderr)
-        return ERROR
+        return exc.code
     except BrokenPipeError:
         # `graphexec cache ls -l | head`: the reader went away. Stop quietly, and keep
         # the interpreter's last flush of stdout from failing (and saying so) too.
@@ -304,6 +315,25 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _replay(args: argparse.Namespace) -> None:
+    try:
+        run, node = _replayable(args)
+    except CommandError as exc:
+        raise CommandError(str(exc), CANNOT_REPLAY) from None
+    print(f"replaying {args.node} from {args.run}", file=sys.stderr, flush=True)
+    try:
+        value = run.replay(node, pdb=args.pdb, timeout=args.timeout)
+    except KeyboardInterrupt:
+        raise
+    except (InputsUnloadable, FunctionUnloadable) as exc:  # the call was not made: not
+        raise CommandError(str(exc), CANNOT_REPLAY) from None  # "failed again"
+    except BaseException:
+        traceback.print_exc()
+        raise CommandError(f"{args.node} failed again (its traceback is above)") from None
+    print(f"{args.node} returned {reprlib.repr(value)}: it did not fail this time")
+
+
+def _replayable(args: argparse.Namespace) -> tuple[Run, Node]:
+    """The run and the node ``replay`` names, with a call kept to make again."""
     source: Path = args.run
     try:
         run = load_run(source)
@@ -326,17 +356,7 @@ def _replay(args: argparse.Namespace) -> None:
         kept_call(run, node.index)
     except (ValueError, LookupError) as exc:
         raise CommandError(str(exc)) from None
-    print(f"replaying {args.node} from {source}", file=sys.stderr, flush=True)
-    try:
-        value = run.replay(node, pdb=args.pdb, timeout=args.timeout)
-    except KeyboardInterrupt:
-        raise
-    except (InputsUnloadable, FunctionUnloadable) as exc:  # the call was not made: not
-        raise CommandError(str(exc)) from None  # "failed again"
-    except BaseException:
-        traceback.print_exc()
-        raise CommandError(f"{args.node} failed again (its traceback is above)") from None
-    print(f"{args.node} returned {reprlib.repr(value)}: it did not fail this time")
+    return run, node
 
 
 def _seconds(text: str) -> float:
