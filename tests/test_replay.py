@@ -392,6 +392,33 @@ def test_inputs_past_the_cap_are_dropped_and_named(compute):
     assert f"{dropped[0]}: its inputs" in summary
 
 
+@gx.task
+def check_later(array, delay):
+    time.sleep(delay)
+    raise ValueError(f"sum {array.sum()}")
+
+
+def test_past_the_cap_the_hint_names_a_replayable_failure_of_the_same_task(pool):
+    with gx.Graph() as g:
+        first = check_later(make(100), 0.5)  # first in the graph, last to fail: past the cap
+        second = check_later(make(101), 0.0)
+    with pytest.raises(gx.GraphFailed) as info:
+        g.compute(pool=pool, keep_inputs=1200)
+    run = info.value.run
+    assert run.unhandled[0] == first
+    with pytest.raises(LookupError, match="past the cap"):
+        run.inputs(first)
+    assert (
+        str(info.value)
+        .splitlines()[-1]
+        .startswith("Its inputs were not kept, so it cannot be replayed: ")
+    )
+    assert str(info.value).endswith(
+        f"Another failed call of check_later can be: exc.run.replay({second.name!r})  "
+        "(exc: this GraphFailed; pdb=True to debug it)"
+    )
+
+
 def test_the_cap_comes_from_the_environment(pool, monkeypatch):
     monkeypatch.setenv("GRAPHEXEC_KEEP_INPUTS", "0")
     with gx.Graph() as g:

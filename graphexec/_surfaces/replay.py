@@ -446,6 +446,16 @@ def replay_hint(run: Run, i: int) -> str:
         return f"{name} failed before a call was made: there is nothing to replay."
     if kept.dropped is not None or kept.lost:
         why = kept.dropped if kept.dropped is not None else "; ".join(kept.lost.values())
+        # Past the cap, a later failure of the same task may still be replayable
+        task = run.graph._tasks[i]
+        for k in run.unhandled:
+            other = run._inputs.get(k.index)
+            if run.graph._tasks[k.index] is task and other is not None and other.complete:
+                return (
+                    f"Its inputs were not kept, so it cannot be replayed: {why}. Another "
+                    f"failed call of {fn_name(task.fn)} can be: "
+                    f"{replay_hint(run, k.index).removeprefix('Reproduce it: ')}"
+                )
         return f"Its inputs were not kept, so it cannot be replayed: {why}."
     names = run.graph._names
     shared = sum(1 for k in run.members if names[k] == name) > 1  # then by position
