@@ -448,13 +448,13 @@ def replay_hint(run: Run, i: int) -> str:
         why = kept.dropped if kept.dropped is not None else "; ".join(kept.lost.values())
         # Past the cap, a later failure of the same task may still be replayable
         task = run.graph._tasks[i]
-        for k in run.unhandled:
-            other = run._inputs.get(k.index)
-            if run.graph._tasks[k.index] is task and other is not None and other.complete:
+        for node in run.unhandled:
+            other = run._inputs.get(node.index)
+            if run.graph._tasks[node.index] is task and other is not None and other.complete:
                 return (
                     f"Its inputs were not kept, so it cannot be replayed: {why}. Another "
                     f"failed call of {fn_name(task.fn)} can be: "
-                    f"{replay_hint(run, k.index).removeprefix('Reproduce it: ')}"
+                    f"{replay_hint(run, node.index).removeprefix('Reproduce it: ')}"
                 )
         return f"Its inputs were not kept, so it cannot be replayed: {why}."
     names = run.graph._names
@@ -466,8 +466,8 @@ def replay_hint(run: Run, i: int) -> str:
     cli: str | None = name
     if shared:
         ids = run._record_ids
-        k = sum(1 for k in run.members if k < i) if ids is None else ids.get(i)
-        cli = None if k is None else f"#{k}"  # None: not in the record yet
+        at = sum(1 for k in run.members if k < i) if ids is None else ids.get(i)
+        cli = None if at is None else f"#{at}"  # None: not in the record yet
     # An argument that would not pickle is in this process only: no command line
     if run._record is not None and kept.portable and cli is not None:
         return (
