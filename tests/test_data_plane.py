@@ -102,6 +102,124 @@ def test_recycled_segments_carry_the_right_values(pool):
         assert graph.compute(pool=pool)[result] == pytest.approx(expected)
 
 
+TWO_MIB = 2 * 1024 * 1024 // 8  # float64s: a segment large enough to be recycled
+
+
+@gx.task
+def filled(i):
+    return np.full(TWO_MIB, float(i))
+
+
+@gx.task
+def first_item(array):
+    return float(array[0])
+
+
+@pytest.mark.timeout(60)
+def test_values_hooks_and_observers_kept_are_not_rewritten_by_later_results(pool):
+    # Read in this process, a value's segment was recycled all the same: a later
+    # result of the same size was written into it, under the kept array.
+    seen = []
+
+    class Keep(gx.Observer):
+        def __init__(self):
+            self.values = []
+
+        def on_node_finish(self, node, state):
+            if node.name.startswith("filled") and state.is_completed():
+                self.values.append(state.result())
+
+    keep = Keep()
+    graph = gx.Graph()
+    with graph:
+        hooked = filled.with_options(on_completion=[lambda t, r, s: seen.append(s.result())])
+        [first_item(hooked(i)) for i in range(12)]
+    graph.compute(pool=pool, observers=[keep])
+    assert sorted(float(v[0]) for v in keep.values) == [float(i) for i in range(12)]
+    assert sorted(float(v[0]) for v in seen) == [float(i) for i in range(12)]
+    assert all((v == v[0]).all() for v in keep.values)
+
+
+@gx.task
+def stash(array):
+    import builtins
+
+    builtins._graphexec_test_kept = array  # a task's module-level cache
+    return float(array.sum())
+
+
+@gx.task
+def read_stash():
+    import builtins
+
+    array = builtins._graphexec_test_kept
+    del builtins._graphexec_test_kept
+    return float(array.sum()), float(array[0])
+
+
+@pytest.mark.timeout(60)
+def test_an_input_a_worker_keeps_is_not_rewritten_by_a_later_result():
+    # One worker: it keeps a reference to its input; the parent releases the value
+    # once its consumers are done, and a later result of the same size must not be
+    # written into that segment (recycled) under the worker's mapping.
+    graph = gx.Graph()
+    with graph:
+        ones = filled(1)
+        kept = stash(ones)
+        other = first_item(ones)
+        sevens = filled(7).wait_for([kept, other])
+        later = first_item(sevens)
+        back = read_stash().wait_for([later])
+    run = graph.compute(back, later, sevens, workers=1)  # sevens: to this process, in shm
+    assert run[later] == 7.0
+    assert run[back] == (float(TWO_MIB), 1.0)
+    assert _ours() == []  # the worker's pin went with the run's other segments
+
+
+def _fail_fast_beside(pool):
+    @gx.task
+    def fails():
+        time.sleep(0.05)
+        raise ValueError("x")
+
+    graph = gx.Graph()
+    with graph:
+        small = [small_array(i) for i in range(300)]
+        fails()
+        [total(small[k : k + 2]) for k in range(0, 300, 2)]
+    run = graph.compute(pool=pool, fail_fast=True, raise_on_failure=False)
+    assert not run.ok
+
+
+@gx.task
+def small_array(i):
+    return np.full(20_000, float(i))  # 160 kB: shared memory, a fast call
+
+
+@pytest.mark.timeout(120)
+def test_a_run_cancelled_beside_another_on_one_pool_leaks_no_shared_memory(pool):
+    # Outcomes that a cancelled or ended run never read (its killed calls' answers
+    # routed already, its answers after it closed) kept their segments for good.
+    def steady():
+        graph = gx.Graph()
+        with graph:
+            small = [small_array(i) for i in range(1500)]
+            [total(small[k : k + 4]) for k in range(0, 1500, 4)]
+        graph.compute(pool=pool)
+
+    for _ in range(3):
+        threads = [
+            threading.Thread(target=steady),
+            threading.Thread(target=_fail_fast_beside, args=(pool,)),
+        ]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)
+        for thread in threads:
+            thread.join(60)
+        assert _ours() == []
+
+
 @pytest.mark.timeout(30)
 def test_kept_large_values_are_readable_after_the_run(pool):
     graph = gx.Graph()

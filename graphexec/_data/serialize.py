@@ -23,6 +23,7 @@ import io
 import mmap
 import os
 import pickle
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -86,8 +87,11 @@ class Payload(Deferred):
         """Give up the shared-memory segments (values already loaded keep their mapping).
 
         ``recycle`` lets a later result of the same size reuse a segment while the
-        run goes on; at the end of a run segments are unlinked. Regions of a
-        cache file, ``(path, offset, size)``, stay.
+        run goes on (``shm.release``: not one a worker still maps); at the end of
+        a run segments are unlinked. A value loaded here is never recycled: a
+        recycled segment is rewritten in place, under every mapping of it (the
+        value a hook kept would change). Regions of a cache file,
+        ``(path, offset, size)``, stay.
         """
         if not self.segments:  # a small value, all in its pickle: every tiny task's
             return
@@ -100,7 +104,7 @@ class Payload(Deferred):
         shm = [seg for seg in self.segments if len(seg) == 2]
         if not shm:
             return
-        if recycle:
+        if recycle and not self._loaded:
             _shm.release(shm)
         else:
             _shm.unlink([name for name, _ in shm])
@@ -168,13 +172,20 @@ def dumps_value(obj: Any) -> Wire:
     return data, tuple(segments)
 
 
-def loads_value(wire: Wire) -> Any:
+def loads_value(wire: Wire, mapped: list[tuple[str, Any]] | None = None) -> Any:
     """Inverse of :func:`dumps_value`; segments are shared memory ``(name, size)`` or
-    cache-file regions ``(path, offset, size)``, both mapped copy-on-write."""
+    cache-file regions ``(path, offset, size)``, both mapped copy-on-write.
+    ``mapped``, if given, receives ``(segment name, weakref to its mapping)`` for each
+    shared-memory segment (a worker pins those its task still maps: ``shm.pin``)."""
     data, segments = wire
     if not segments:
         return pickle.loads(data)
-    return pickle.loads(data, buffers=[attach_segment(seg) for seg in segments])
+    buffers = [attach_segment(seg) for seg in segments]
+    if mapped is not None:
+        mapped.extend(
+            (seg[0], weakref.ref(view.obj)) for seg, view in zip(segments, buffers) if len(seg) == 2
+        )
+    return pickle.loads(data, buffers=buffers)
 
 
 def attach_segment(segment: tuple) -> memoryview:

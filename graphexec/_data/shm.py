@@ -28,7 +28,14 @@ Recycling: a released segment of 1 MiB or more is renamed to a free name,
 and the next result of exactly that size claims it with an atomic rename.
 Rewriting pages tmpfs already holds costs about half of allocating new ones
 (3 ms instead of 5.5 ms for 16 MB here), and the parent skips the unlink —
-sweeps of parameter grids produce arrays of one size over and over.
+sweeps of parameter grids produce arrays of one size over and over. A segment
+is rewritten in place, under every mapping of it (``MAP_PRIVATE`` copies only
+the pages its own process writes), so one that anyone may still map is never
+recycled: the parent's loaded values (``Payload.discard``), and a worker's
+input that the task kept a reference to (a module-level cache) — the worker
+adds a hard link to it, ``<name>.pin<pid>``, before it replies (:func:`pin`),
+removed when its mapping goes, and :func:`release` unlinks a segment with
+more than one link instead of recycling it.
 
 ``multiprocessing.shared_memory`` is not used: it registers every segment
 with a resource-tracker process, which warns about (and unlinks) segments
@@ -145,6 +152,13 @@ def release(segments: list[tuple[str, int]]) -> None:
         if free_count[pool] >= FREE_MAX:
             unlink([name])
             continue
+        try:
+            if os.stat(f"{SHM_DIR}/{name}").st_nlink > 1:  # pinned: a worker maps it
+                unlink([name])
+                continue
+        except OSError:
+            unlink([name])
+            continue
         global _counter
         with _lock:
             _counter += 1
@@ -164,6 +178,27 @@ def attach(name: str, size: int) -> memoryview:
     finally:
         os.close(fd)
     return memoryview(mapping)
+
+
+def pin(name: str) -> str | None:
+    """A worker still maps segment ``name`` after its call: a second link to it, so that
+    :func:`release` does not recycle it; the link's path, to remove once the mapping
+    goes (None if the segment is gone or already pinned by this process)."""
+    path = f"{SHM_DIR}/{name}"
+    pinned = f"{path}.pin{os.getpid()}"
+    try:
+        os.link(path, pinned)
+    except OSError:
+        return None
+    return pinned
+
+
+def unpin(pinned: str) -> None:
+    """Remove a :func:`pin` link (a sweep may have removed it already)."""
+    try:
+        os.unlink(pinned)
+    except OSError:
+        pass
 
 
 def unlink(names: list[str] | tuple[str, ...]) -> None:

@@ -102,6 +102,7 @@ from .._executors.protocol import ERROR, FREED, HELD, OK, REQUEUE, Call, Executo
 from .._executors.threadlimits import ThreadLimited
 from .._model.errors import SerializationError, WorkerCrashed, safe_str
 from .._model.graph import Graph
+from .._model.handle import discard
 from .._model.node import DATA
 from .._model.options import retry_delay_for, should_retry
 from .._model.run import Run
@@ -612,7 +613,10 @@ class Scheduler:
         if running.get(i) is not call:
             # Cancelled while in flight (already final), or a call left running by
             # an earlier compute on a shared pool: its node index means nothing here.
+            # Its value is nobody's: its shared memory goes now (not at a sweep,
+            # which skips what a value alive in this process names).
             if kind == OK and value is not HELD:
+                discard(value)
                 self.executor.release(i, value)
             return
         del running[i]
@@ -848,13 +852,10 @@ class Scheduler:
         self.executor.release(i, handle)
 
     def release_held(self, i: int, state: State) -> None:
-        """Drop a value the observer held until node i's hooks ran (this thread only)."""
+        """Drop a value the observer held until node i's hooks ran (this thread only).
+        (A hook that loaded it may keep what it read: Payload.discard recycles no
+        loaded value's segments.)"""
         handle = state._value
-        if type(handle) is Payload and handle._loaded:
-            # A hook loaded it, and may keep what it read: its buffers are unlinked,
-            # not recycled, since a recycled segment is rewritten under the mapping.
-            handle.discard(recycle=False)
-            state._value = None
         state._release()
         self.executor.release(i, handle)
 

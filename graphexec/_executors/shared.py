@@ -84,8 +84,9 @@ from collections.abc import Callable
 from threading import get_ident, main_thread
 from typing import Any
 
+from .._model.handle import discard
 from .process import PROGRAM_EXITED, ProcessPool, did_not_finish
-from .protocol import ERROR, SIGNAL_SLICE, Call, Capabilities, Outcome
+from .protocol import ERROR, OK, SIGNAL_SLICE, Call, Capabilities, Outcome
 
 # Seconds the interpreter's exit waits for a thread driving an open pool to give up
 # the drive (SharedPool.shutdown_at_exit) before it stops the workers anyway.
@@ -472,7 +473,8 @@ class SharedPool:
             call = outcome[0]
             found = owner.pop(id(call), None)
             if found is None or found[0] is not call:
-                continue  # a call whose run was cancelled or closed: dropped
+                _drop(outcome)  # a call whose run was cancelled or closed
+                continue
             lease = found[1]
             mine = routed.get(lease)
             if mine is None:
@@ -545,6 +547,13 @@ class SharedPool:
             idle = not self._leases
         if idle and not self._stopped:
             self.procs.idle_sweep()
+
+
+def _drop(outcome: Outcome) -> None:
+    """An outcome no run will read: its value's shared memory goes now (a sweep skips
+    the segments a value alive in this process names, so they would stay)."""
+    if outcome[1] == OK:
+        discard(outcome[2])
 
 
 class RunLease:
@@ -758,7 +767,13 @@ class RunLease:
         with self._cond:
             # Outcomes already routed for calls it killed: those are cancelled now.
             gone = {id(c) for c in killed}
-            self._outbox = [o for o in self._outbox if id(o[0]) not in gone]
+            kept: list[Outcome] = []
+            for outcome in self._outbox:
+                if id(outcome[0]) not in gone:
+                    kept.append(outcome)
+                else:
+                    _drop(outcome)
+            self._outbox = kept
         return killed
 
     def close(self) -> None:
@@ -771,6 +786,10 @@ class RunLease:
                 shared._close(self)
             finally:
                 shared._give_drive()
+        with self._cond:
+            left, self._outbox = self._outbox, []
+        for outcome in left:  # outcomes the run ended without reading
+            _drop(outcome)
         self._closed = True
 
     def _fail(self, call: Call, why: str) -> None:

@@ -75,6 +75,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from typing import Any
 
@@ -353,6 +354,22 @@ def _mirror_logging(level: int, fmt: str) -> None:
 
 
 def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> bytes:
+    """Run one call; its reply. Shared-memory inputs the task still maps once the call
+    is over (it kept a reference: a module-level cache) are pinned before the reply
+    goes: the parent may release them as soon as it has it (``shm.pin``)."""
+    mapped: list[tuple[str, Any]] = []
+    reply = _call(message, functions, held, mapped)
+    # _call's locals are gone: a mapping alive now is the task's doing
+    for segment, ref in mapped:
+        mapping = ref()
+        if mapping is not None:
+            pinned = _shm.pin(segment)
+            if pinned is not None:
+                weakref.finalize(mapping, _shm.unpin, pinned)
+    return reply
+
+
+def _call(message: tuple, functions: dict[int, Any], held: dict[int, Any], mapped: list) -> bytes:
     _, token, fn_id, name, encoded, deps, cache, hold = message
     started = time.time()
     values: dict[int, Any] = {}
@@ -381,6 +398,9 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
             time.time(),
             describe_exception(exc),
         )
+        # Its frames (the task's arguments) go now, not at a collection: else its
+        # inputs would look still mapped, and be pinned (_run)
+        exc.__traceback__ = None
         if chained:
             reply += (return_inputs(chained),)
         return pickle.dumps(reply, protocol=5)
@@ -403,7 +423,7 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
     try:
         for dep in deps:
             if len(dep) == 2:
-                values[dep[0]] = loads_value(dep[1])
+                values[dep[0]] = loads_value(dep[1], mapped)
         dep = None
         args, kwargs = decode_call(encoded, values)
     except BaseException as exc:
