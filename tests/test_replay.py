@@ -24,6 +24,7 @@ import pytest
 from conftest import ALL_SCHEDULERS
 
 import graphexec as gx
+from graphexec._executors.runtime import handover
 
 WORKTREE = Path(__file__).resolve().parents[1]
 BIG = 200_000  # float64: 1.6 MB, well over the 64 KiB that go through shared memory
@@ -306,6 +307,19 @@ def test_a_chained_input_is_kept_as_the_call_received_it(pool, producer):
         np.testing.assert_array_equal(value, np.arange(100.0))
     with pytest.raises(ValueError, match=re.escape(first)):
         run.replay(f)  # the same error as the run's, not that of a second change
+
+
+def test_a_chain_keeps_the_pickle_of_a_small_value_only():
+    # The pickle of what a chained call receives is kept beside the value for as long
+    # as the call runs: for a large value that doubled the worker's memory.
+    small, small_pickle = handover({"a": [1, 2, 3]}, keep=True)
+    assert small == {"a": [1, 2, 3]} and small_pickle is not None
+    large, large_pickle = handover({"a": np.zeros(BIG)}, keep=True)
+    assert large["a"].shape == (BIG,) and large_pickle is None
+    _, array_pickle = handover(np.arange(10.0), keep=True)
+    assert array_pickle is not None
+    assert handover(np.zeros(BIG), keep=True)[1] is None
+    assert handover({"a": [1]})[1] is None  # without keep (dask): nothing kept
 
 
 def test_a_shared_memory_input_replays_writable(pool, tmp_path):
@@ -1063,6 +1077,13 @@ def test_the_hint_of_a_shared_name_in_a_flow_gives_its_records_number(tmp_path):
     assert hint.startswith("Reproduce it: python -m graphexec replay"), hint
     position = re.search(r"'?#(\d+)'?", hint).group(1)
     done = _cli("replay", str(tmp_path / "night"), f"#{position}")
+    assert done.returncode == 1 and first in done.stderr, (hint, done.stderr[-2000:])
+    # Saved again, the run's file numbers its nodes in graph order: the hint follows
+    run = caught.value.run
+    run.save(tmp_path / "archive.gxrun")
+    hint = run._failure_report().splitlines()[-1]
+    position = re.search(r"'?#(\d+)'?", hint).group(1)
+    done = _cli("replay", str(tmp_path / "archive.gxrun"), f"#{position}")
     assert done.returncode == 1 and first in done.stderr, (hint, done.stderr[-2000:])
 
 

@@ -248,13 +248,13 @@ def handover(result: Any, keep: bool = False) -> tuple[Any, bytes | None]:
     between workers, on a result that cannot be pickled; one whose pickle does
     not load raises :class:`UnloadableValue`).
 
-    The pickle is the round trip's, or with ``keep`` a small array's (next to
-    nothing): a failed call's inputs are kept from it (a chain's link), since
-    the call may have changed its value in place. None for an immutable value
-    (nothing to keep apart) and for a large array handed over as it is (a copy
-    per call of a chain would cost what the chain saves; the inputs kept are then
-    the array as the call left
-    it: docs/howto/replay.md).
+    With ``keep`` (a chain's link), the pickle of a small value (under 64 KiB:
+    the round trip's, or a small array's, next to nothing): a failed call's
+    inputs are kept from it, since the call may have changed its value in
+    place. None for an immutable value (nothing to keep apart) and for a large
+    one (a copy per call of a chain would cost what the chain saves, and a
+    large pickle held beside its value doubles the memory; the inputs kept are
+    then the value as the call left it: docs/howto/replay.md).
     """
     kind = type(result)
     if kind in PLAIN:
@@ -268,9 +268,11 @@ def handover(result: Any, keep: bool = False) -> tuple[Any, bytes | None]:
         return value, dumps(value) if keep and value.nbytes < SHM_THRESHOLD else None
     data = dumps(result)
     try:
-        return pickle.loads(data), data
+        value = pickle.loads(data)
     except Exception as exc:
         raise UnloadableValue from exc
+    # (a large pickle kept beside its value would double what the chain holds)
+    return value, data if keep and len(data) < SHM_THRESHOLD else None
 
 
 class UnloadableValue(Exception):

@@ -281,6 +281,7 @@ def save_run(run: Run, path: str | os.PathLike[str]) -> Path:
     writer.close()
     os.replace(temporary, target)
     run._record = target
+    run._record_ids = None  # the saved file numbers its nodes in graph order
     return target
 
 
@@ -288,14 +289,16 @@ class Journal(Observer):
     """Writes a run's record as it goes (``compute(run_dir=...)``, ``@gx.flow(run_dir=...)``);
     see the module docstring.
 
-    On the scheduler's thread (an inline observer) it only appends each event to
-    a deque, for about a microsecond; its own thread encodes and writes them, every
-    :attr:`EVERY` seconds, and at once for a failure. (Through the hooks'
-    dispatcher, every event cost a queue hand-off and a thread wake-up: most of
-    what a run_dir cost on small tasks.)
+    On the scheduler's thread (an inline observer) it appends each event to a
+    deque, for about a microsecond; its own thread encodes and writes them, every
+    :attr:`EVERY` seconds, and at once for a failure, whose write the scheduler's
+    thread waits for (:attr:`FAILURE_WAIT` at most: the failure is on disk before
+    its hooks run). (Through the hooks' dispatcher, every event cost a queue
+    hand-off and a thread wake-up: most of what a run_dir cost on small tasks.)
     """
 
-    # Called on the scheduler's thread: it only queues, never blocks nor raises.
+    # Called on the scheduler's thread: it only queues (and waits, bounded, for a
+    # failure's write), never raises.
     _inline = True
     # It reads states, never values: a run it watches keeps its chains, and no
     # value is held back for it.
