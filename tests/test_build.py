@@ -546,6 +546,7 @@ def test_compute_targets_may_be_nested_lists_and_dicts_whose_keys_are_labels():
         assert c.index not in run.members  # culled: only b's ancestors ran
     with pytest.raises(TypeError, match="targets must be nodes, got int"):
         graph.compute({"k": [b, 3]}, workers=0)
+    assert graph.compute(gx.allow_failure(b), workers=0)[b] == 3  # as find_nodes reads it
 
 
 def test_node_result_before_any_compute_is_an_error():

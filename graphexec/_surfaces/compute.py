@@ -23,7 +23,7 @@ from typing import Any
 from .._data.cache import store_for_run
 from .._engine.scheduler import Scheduler
 from .._model.graph import Graph
-from .._model.node import Node, user_stacklevel
+from .._model.node import Node, allow_failure, user_stacklevel
 from .._model.order import post_order, sinks
 from .._model.run import Run
 from .._model.walk import SEQUENCES
@@ -228,6 +228,8 @@ def target_indices(graph: Graph, targets: tuple[Any, ...]) -> list[int]:
             if item.graph is not graph:
                 raise ValueError(f"target {item.name!r} belongs to another graph")
             ids.append(item.index)
+        elif type(item) is allow_failure:  # (as find_nodes unwraps it)
+            visit(item.value)
         elif isinstance(item, dict):
             for value in item.values():
                 visit(value)
