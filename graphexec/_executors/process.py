@@ -1565,10 +1565,9 @@ class ProcessPool:
             # The worker exits after this; _bury gives its calls back, or fails
             # them once the initializer has failed INIT_ATTEMPTS times in a row.
             _, exc_blob, tb, summary = message
-            w.init_error = load_exception(exc_blob, tb, f"initializer {self._init_name}", summary)
-            self._init_failures += 1
-            if self._init_failures >= INIT_ATTEMPTS and self._broken is None:
-                self._broken = w.init_error
+            self._init_failed(
+                w, load_exception(exc_blob, tb, f"initializer {self._init_name}", summary)
+            )
             return False
         if not w.inflight or message[1] != id(w.inflight[0]):
             # A reply nobody waits for: never guess which node it belongs to. The
@@ -1723,19 +1722,24 @@ class ProcessPool:
         _shm.sweep(_shm.worker_prefix(os.getpid(), self.id, w.id))
 
     def _initializer_died(self, w: _Worker, exitcode: int | None) -> None:
-        """``w`` ended inside the pool's initializer: count it as an initializer
-        failure (INIT_ATTEMPTS in a row break the pool), its cause named."""
+        """``w`` ended inside the pool's initializer: an initializer failure."""
         signal_name, advice = describe_exitcode(exitcode)
         code = f"exit code {exitcode}" + (f", {signal_name}" if signal_name else "")
-        w.init_error = WorkerCrashed(
+        error = WorkerCrashed(
             f"the pool's initializer {self._init_name} ended its worker process before "
             f"returning ({code}: {advice})",
             exitcode=exitcode,
             signal_name=signal_name,
         )
+        self._init_failed(w, error)
+
+    def _init_failed(self, w: _Worker, error: BaseException) -> None:
+        """The initializer failed in ``w`` (it raised, or ended the process): its calls
+        go to another worker, until INIT_ATTEMPTS failures in a row break the pool."""
+        w.init_error = error
         self._init_failures += 1
         if self._init_failures >= INIT_ATTEMPTS and self._broken is None:
-            self._broken = w.init_error
+            self._broken = error
 
     def _deadline(self, w: _Worker) -> float | None:
         """When the call ``w`` runs must be done (monotonic), or None for no timeout.
