@@ -34,6 +34,7 @@ from typing import Any
 
 import graphexec as gx
 from graphexec._data.serialize import Payload, dumps, encode_call
+from graphexec._engine.chains import CHAIN_MAX
 from graphexec._executors import worker as _worker
 
 from . import workloads as w
@@ -116,7 +117,11 @@ def measure(repeat: int = 5) -> list[tuple[str, str, float]]:
         ('**W2: one link, unchained (`keep="all"`): a round trip each**', "graphexec", unchained)
     )
     rows.append(
-        ("**W2: one link, chained (default): up to 9 links per dispatch**", "graphexec", link)
+        (
+            f"**W2: one link, chained (default): up to {CHAIN_MAX + 1} links per dispatch**",
+            "graphexec",
+            link,
+        )
     )
     rows.append(
         ("**W1: one task of 5,000, end to end (2 workers, prefetch)**", "graphexec", per_task)
