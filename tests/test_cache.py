@@ -381,6 +381,46 @@ def test_a_dependent_never_hits_an_entry_made_from_its_upstreams_older_value(
     assert calls(counter) == ["square 2", "square 5"]
 
 
+@gx.task(return_state=True)
+def fails_with(message):
+    raise KeyError(message)
+
+
+@gx.task
+def raises(message):
+    raise KeyError(message)
+
+
+@gx.task(cache=True)
+def describe_state(state):
+    return f"{state.name} {state.exception!r}"
+
+
+@gx.task(cache=True)
+def describe_error(error):
+    return repr(error)
+
+
+@pytest.mark.parametrize("form", ["return_state", "allow_failure"])
+def test_a_dependent_never_hits_the_entry_of_another_failure_of_its_upstream(
+    compute, tmp_path, form
+):
+    # A failed upstream has no value: its failure is what the dependent receives, and
+    # two failures must not share one key (every failure once gave the same one).
+    def run_once(message):
+        graph = gx.Graph()
+        with graph:
+            if form == "return_state":
+                seen = describe_state(fails_with(message))
+            else:
+                seen = describe_error(gx.allow_failure(raises(message)))
+        return compute(graph, seen, cache_dir=tmp_path / "c", raise_on_failure=False)[seen]
+
+    first, second = run_once("first"), run_once("second")
+    assert "'first'" in first and "'second'" in second
+    assert run_once("second") == second  # the same failure: a hit is right
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("scheduler", ["sync", "threads"])
 def test_an_upstream_whose_entry_write_failed_is_not_stamped_with_the_entry_it_left(

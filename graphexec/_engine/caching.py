@@ -954,7 +954,13 @@ def fingerprint(handle: Any, task: str) -> str:
     if type(handle) is Payload:
         return wire_hash(handle.wire, task)
     if isinstance(handle, State):
-        return f"state:{handle.name}:" + fingerprint(handle._value, task)
+        # (return_state=True, a trigger) A state that did not complete has no value: its
+        # exception tells one failure from another (without it, every failure of the
+        # upstream had one key, and a dependent got the last failure's entry)
+        text = f"state:{handle.name}:" + fingerprint(handle._value, task)
+        if handle.exception is not None:
+            text += ":" + fingerprint(handle.exception, task)
+        return text
     if isinstance(handle, BaseException):
         return content_hash(("exception", type(handle).__qualname__, safe_str(handle)))
     return content_hash(handle)
