@@ -538,3 +538,47 @@ def test_ctrl_c_while_the_workers_start_cancels_every_node_and_carries_the_run(
     while new_ones() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not new_ones()
+
+
+def _stopped_during_the_hooks(how: signal.Signals):
+    def late_stop(task, run, state):
+        time.sleep(0.3)  # the run is over: compute waits for this hook
+        os.kill(os.getpid(), how)
+        time.sleep(3)
+
+    return late_stop
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_while_compute_waits_for_hooks_stops_its_workers(how):
+    # The hooks' wait came after the run's signal handling: a Ctrl-C there left the
+    # compute's own workers running for the rest of the process, without .run, and
+    # a SIGTERM there killed the process.
+    @gx.task(on_failure=[_stopped_during_the_hooks(how)])
+    def fails():
+        raise ValueError("overnight")
+
+    graph = gx.Graph()
+    with graph:
+        fails()
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}  # (the zygote, a tracker)
+    with pytest.raises(KeyboardInterrupt) as info:
+        graph.compute(workers=2)
+    assert info.value.run.counts() == {"Failed": 1}
+
+    def workers_left():
+        found = []
+        for p in me.children(recursive=True):
+            try:
+                server = p.name() == "gx-zygote" or "resource_tracker" in " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            if p.pid not in before and not server and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        return found
+
+    deadline = time.monotonic() + 5
+    while workers_left() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not workers_left()

@@ -29,7 +29,7 @@ from .._model.run import Run
 from .._model.walk import SEQUENCES
 from .backends import make_executor
 from .eager import flow_session
-from .hooks import Dispatch, ambient_observers, call_run_hooks, hook_wait, outcome
+from .hooks import Dispatch, ambient_observers, call_run_hooks, end_hooks, outcome
 from .options import ComputeOptions
 from .progress import make_observers
 from .record import Journal
@@ -151,17 +151,19 @@ def _compute(graph: Graph, targets: tuple[Any, ...], given: dict[str, Any]) -> R
         # (they may read values still held for them), then the run is finished,
         # as of now: its duration is not the hooks' wait.
         ended = time.time()
-        if dispatch is not None:
-            deadline = time.monotonic() + hook_wait()
-            dispatch.drain(deadline)
-        if kinds != ("on_crashed",):
-            run._finish_run(ended)
-            graph._latest_run = run
-        if dispatch is not None:
-            dispatch.finish(run, kinds, deadline)
-        if store is not None:
-            store.unlock_all()
-        executor.close()
+
+        def finish() -> None:
+            if kinds != ("on_crashed",) and run.finished is None:
+                run._finish_run(ended)
+                graph._latest_run = run
+
+        try:
+            end_hooks(dispatch, run, kinds, finish)
+        finally:  # (a Ctrl-C in the hooks' wait too: the workers must go all the same)
+            finish()
+            if store is not None:
+                store.unlock_all()
+            executor.close()
     if options.raise_on_failure:
         run._raise_if_failed()
     return run

@@ -87,7 +87,7 @@ from .._model.order import post_order
 from .._model.run import Run
 from .._model.seam import NOT_EAGER
 from .._model.state import FINAL, PENDING, RUNNING, State
-from .hooks import Dispatch, ambient_observers, hook_wait, outcome
+from .hooks import Dispatch, ambient_observers, end_hooks, outcome
 from .options import ComputeOptions, check_limits
 from .signals import deferred_in_critical_sections
 
@@ -1171,6 +1171,4 @@ def _finish_hooks(session: Session, kinds: tuple[str, ...]) -> None:
     """Let the session's queued hooks and observers run (bounded), then end them."""
     dispatch = session.observer
     if isinstance(dispatch, Dispatch):
-        deadline = time.monotonic() + hook_wait()
-        dispatch.drain(deadline)
-        dispatch.finish(session.run, kinds, deadline)
+        end_hooks(dispatch, session.run, kinds)

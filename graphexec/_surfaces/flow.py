@@ -10,7 +10,6 @@ and raises :class:`GraphFailed` for failures nobody handled or looked at.
 from __future__ import annotations
 
 import functools
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +21,7 @@ from .._model.walk import replace_nodes
 from .backends import make_executor, starts_own_pool
 from .compute import warn_of_unused_limits
 from .eager import Session, flow_session, pool_block, pop_context, push_context
-from .hooks import Dispatch, ambient_observers, hook_wait, outcome
+from .hooks import Dispatch, ambient_observers, end_hooks, outcome
 from .options import ComputeOptions
 from .progress import make_observers
 from .record import Journal
@@ -164,9 +163,7 @@ class Flow:
             kinds = outcome(session.run, cancelled=_fail_fast(session))
         finally:
             pop_context(session)
-            deadline = time.monotonic() + hook_wait()
-            dispatch.drain(deadline)
-            dispatch.finish(session.run, kinds, deadline)
+            end_hooks(dispatch, session.run, kinds)
         if options.limits and session.graph._nodes:
             # (not in the finally above: a warning made an error must not replace the
             # body's exception, nor keep the hooks from running)

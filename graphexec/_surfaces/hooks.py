@@ -54,6 +54,7 @@ from .._model.options import arity, call_state_hook, check_hooks
 from .._model.run import Run
 from .._model.state import CANCELLED, COMPLETED, CRASHED, FAILED, State
 from .._model.task import fn_name
+from .signals import sigterm_as_interrupt
 
 logger = logging.getLogger("graphexec")
 
@@ -256,6 +257,34 @@ def _guarded(what: str, fn: Callable[..., Any], *args: Any) -> None:
         fn(*args)
     except BaseException:  # SystemExit too: it must not end the dispatcher thread
         logger.exception("%s raised; the run goes on unchanged", what)
+
+
+def end_hooks(
+    dispatch: Dispatch | None,
+    run: Run,
+    kinds: tuple[str, ...],
+    between: Callable[[], None] | None = None,
+) -> None:
+    """The end of a run's hooks: wait (``hook_wait()`` at most) for the node hooks and
+    observers still queued, call ``between``, then run the run hooks ``kinds``.
+
+    A Ctrl-C or SIGTERM meanwhile (SIGTERM is Ctrl-C here too, as during the run)
+    stops the wait: the hooks still running are abandoned, and the interrupt goes
+    on with ``.run``; whoever called this still closes the run's executor.
+    """
+    try:
+        with sigterm_as_interrupt():
+            deadline = time.monotonic() + hook_wait()
+            if dispatch is not None:
+                dispatch.drain(deadline)
+            if between is not None:
+                between()
+            if dispatch is not None:
+                dispatch.finish(run, kinds, deadline)
+    except KeyboardInterrupt as interrupt:
+        if getattr(interrupt, "run", None) is None:
+            interrupt.run = run  # type: ignore[attr-defined]
+        raise
 
 
 def hook_wait() -> float:
