@@ -582,3 +582,41 @@ def test_ctrl_c_or_sigterm_while_compute_waits_for_hooks_stops_its_workers(how):
     while workers_left() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not workers_left()
+
+
+@gx.task
+def _boom():
+    raise ValueError("overnight")
+
+
+@gx.task
+def _long_nap():
+    time.sleep(20)
+
+
+@gx.task(trigger="always")
+def _cleanup(*values):
+    return "cleaned"
+
+
+def test_after_ctrl_c_an_always_node_that_never_ran_handles_no_failure():
+    # Ctrl-C cancels "always" nodes too (fail_fast does not): cleanup never runs, so
+    # boom's failure stays unhandled; it was counted as handled. And the attempt
+    # Ctrl-C cut short is not a success.
+    class InterruptAfterBoom(gx.Observer):
+        def on_node_finish(self, node, state):
+            if node.name.startswith("_boom"):
+                threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    graph = gx.Graph()
+    with graph:
+        boom, nap = _boom(), _long_nap()
+        cleanup = _cleanup(boom, nap)
+    with pytest.raises(KeyboardInterrupt) as info:
+        graph.compute(workers=2, observers=[InterruptAfterBoom()])
+    run = info.value.run
+    assert run.state(cleanup).name == "Cancelled" and not run.state(cleanup).history
+    assert run.unhandled == [boom]
+    assert "(handled)" not in run.summary()
+    (attempt,) = run.state(nap).history
+    assert isinstance(attempt.error, gx.Cancelled), attempt

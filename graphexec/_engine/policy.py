@@ -47,20 +47,24 @@ def resolve(
     d: int,
     cancelling: bool,
     fail_fast_cause: int | None,
+    spare_always: bool = True,
 ) -> State | Resolution | None:
     """All of d's upstreams are final: :data:`RUN`, its Skipped state, or None.
 
     None: the run is being cancelled and d would run, so the cancellation
     sweep cancels it. ``cancelling``: fail_fast (or Ctrl-C) set a cancel
-    reason; ``fail_fast_cause``: the failure that did it. Records in
-    ``handled`` the failures a running d accepts, and in ``root`` the failure
-    behind d's skip.
+    reason; ``fail_fast_cause``: the failure that did it; ``spare_always``:
+    ``trigger="always"`` nodes still run (fail_fast; not Ctrl-C, which cancels
+    everything). Records in ``handled`` the failures a running d accepts, and
+    in ``root`` the failure behind d's skip.
     """
     opts = graph._opts[d]
     trigger = opts.trigger
+    # cancelled with the rest: every node but an "always" one fail_fast spares
+    cancels_it = cancelling and not (spare_always and trigger == "always")
     ups, fl = graph._deps[d], graph._flags[d]
     if not ups:  # nothing to react to: a root node runs whatever its trigger
-        if cancelling and trigger != "always":
+        if cancels_it:
             return None
         return RUN
     n_failed = 0  # Failed, or Skipped because of a failure, or Cancelled
@@ -101,7 +105,7 @@ def resolve(
     else:  # none_failed
         run = n_failed == 0
     if run:
-        if cancelling and trigger != "always":
+        if cancels_it:
             # fail_fast: it would run, so it is cancelled (by the sweep), and
             # handles nothing: only a dependent that runs handles a failure. A
             # node that an upstream failure skips is Skipped even then: it
@@ -118,13 +122,8 @@ def resolve(
         # Skipped because an upstream failed, as all_success would be: record the
         # root failure so that the skip counts as failure-caused further down.
         blocking = first_failed
-    if (
-        cancelling
-        and trigger != "always"
-        and (
-            blocking is None
-            or (_state(states, blocking).name is not FAILED and blocking not in root)
-        )
+    if cancels_it and (
+        blocking is None or (_state(states, blocking).name is not FAILED and blocking not in root)
     ):
         return None  # not ended by a failure: the cancellation sweep cancels it
     if blocking is not None:

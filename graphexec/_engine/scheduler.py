@@ -203,6 +203,7 @@ class Scheduler:
         self.chained: dict[int, Call] = {}
         self.chains = executor.capabilities.chains
         self.cancel_reason: str | None = None
+        self.cancel_all = False  # the cancel spares no "always" node (Ctrl-C, not fail_fast)
         self.swept = False
         self.fail_fast_cause: int | None = None
         self.seq = 0
@@ -831,7 +832,14 @@ class Scheduler:
                             work.append((d, final))
                         continue
                     verdict = resolve(
-                        graph, states, root, handled, d, cancelling, self.fail_fast_cause
+                        graph,
+                        states,
+                        root,
+                        handled,
+                        d,
+                        cancelling,
+                        self.fail_fast_cause,
+                        not self.cancel_all,
                     )
                     if verdict is Resolution.RUN:
                         final = self._become_ready(d)
@@ -873,6 +881,7 @@ class Scheduler:
             d,
             self.cancel_reason is not None,
             self.fail_fast_cause,
+            not self.cancel_all,
         )
         if verdict is Resolution.RUN:
             return self._become_ready(d)
@@ -933,6 +942,7 @@ class Scheduler:
         not started: they still run once their upstreams are final.
         """
         self.cancel_reason = why
+        self.cancel_all = self.cancel_all or everything
         self.swept = True
         logger.warning("cancelling the run: %s", why)
         for call in self.executor.cancel_running():
@@ -942,11 +952,15 @@ class Scheduler:
                 del self.running[call.node]
                 history = self.history.setdefault(call.node, [])
                 call.finished = time.time()
+                state = State.cancelled(self.graph._names[call.node], why, history)
                 if call.started:  # (one queued on a worker, never started: no attempt)
+                    # ended by the cancel: its error is the state's Cancelled
                     history.append(
-                        Attempt(call.number, call.started, call.finished, call.worker, None)
+                        Attempt(
+                            call.number, call.started, call.finished, call.worker, state.exception
+                        )
                     )
-                self._finish(call.node, State.cancelled(self.graph._names[call.node], why, history))
+                self._finish(call.node, state)
         self.ready.clear()
         self.retry_at.clear()
         self.gate.cancel()
