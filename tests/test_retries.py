@@ -222,6 +222,12 @@ def test_backoff_jitter_is_recorded_per_attempt(compute, tmp_path):
         assert gap >= wanted - TOLERANCE
 
 
+def test_backoff_past_a_floats_range_is_its_max():
+    # (2 ** 1100 raised OverflowError: the node failed as "its retry_delay failed")
+    assert gx.exponential_backoff(0.5, 2.0, max=30)(1100) == 30
+    assert gx.exponential_backoff(0.5, 2.0)(1100) == float("inf")  # refused when used
+
+
 def test_prefects_retry_jitter_factor_spreads_each_delay(compute, tmp_path):
     # Prefect's spelling: at most (1 + factor) times the delay; within ±factor here.
     task = flaky.with_options(retries=2, retry_delay_seconds=[0.04, 0.08], retry_jitter_factor=0.5)

@@ -329,7 +329,10 @@ class exponential_backoff:  # noqa: N801 - spelled like a function, as in Prefec
 
     def __call__(self, retry: int) -> float:
         """Delay in seconds before retry number ``retry`` (1 for the first retry)."""
-        delay = self.base * self.factor ** (retry - 1)
+        try:
+            delay = self.base * self.factor ** (retry - 1)
+        except OverflowError:  # past ~1,000 retries of factor 2: as large as a float gets
+            delay = math.inf
         if self.max is not None:
             delay = min(delay, self.max)
         if self.jitter:
