@@ -1145,6 +1145,7 @@ def test_a_target_whose_value_cannot_be_loaded_fails_and_its_dependents_skip(poo
     assert type(error) is gx.SerializationError and error.stage == "unpickle-result"
     assert bad.name in str(error) and isinstance(error.__cause__, cause)
     assert state.attempts == 1  # the task ran and succeeded: nothing to retry
+    assert error.retryable is False  # and its error says so
     assert run.state(after).name == "Skipped" and run.state(after).upstream == bad.name
     assert run[fine] == 4
     with pytest.raises(gx.SerializationError):

@@ -769,6 +769,7 @@ class Scheduler:
                 "every module its value needs importable here (same environment)?",
                 node=name,
                 stage="unpickle-result",
+                retryable=False,  # the task succeeded: another attempt would not help
             )
             error.__cause__ = exc
             return error
