@@ -774,6 +774,32 @@ def test_a_worker_over_the_memory_limit_fails_its_node(backend, tmp_path):
     _pool_still_works(pool)
 
 
+@gx.task
+def megabytes_of_ones(megabytes):
+    return np.ones(megabytes * 2**20 // 8)
+
+
+@gx.task
+def reads_both(a, b):
+    total = float(a.sum() + b.sum())  # maps and reads every page of both inputs
+    time.sleep(2)  # for the memory sampler
+    return total
+
+
+@pytest.mark.timeout(40)
+def test_a_memory_kill_says_how_much_of_the_rss_is_shared_inputs(pool):
+    # RSS counts the pages of inputs mapped from /dev/shm: "reduce the task's memory
+    # use" alone misled when the task's own memory was small.
+    graph = gx.Graph()
+    with graph:
+        a, b = megabytes_of_ones(70), megabytes_of_ones(70)
+        both = reads_both(a, b)  # ~40 MB of its own, at least 73 MB of mapped inputs
+    run = graph.compute(both, pool=pool, memory_limit="150MB", raise_on_failure=False)
+    error = run.state(both).exception
+    assert type(error) is gx.MemoryLimitExceeded, error
+    assert "are pages it shares (its inputs mapped from shared memory" in str(error)
+
+
 @pytest.mark.timeout(40)
 def test_a_memory_kill_is_retried(pool, tmp_path):
     graph = gx.Graph()

@@ -1198,8 +1198,9 @@ class ProcessPool:
             self._bury(w)
         return None
 
-    def _rss_over_limit(self, w: _Worker, limit: int | None) -> int | None:
-        """The worker's RSS if a memory limit is set and it is over it, else None."""
+    def _rss_over_limit(self, w: _Worker, limit: int | None) -> Any:
+        """The worker's memory (psutil's ``memory_info()``: ``.rss``, ``.shared``) if a
+        memory limit is set and its RSS is over it, else None."""
         if limit is None:
             return None
         import psutil
@@ -1209,10 +1210,10 @@ class ProcessPool:
                 if w.pid is None:
                     return None
                 w.ps = psutil.Process(w.pid)
-            rss = w.ps.memory_info().rss
+            memory = w.ps.memory_info()
         except psutil.Error:
             return None
-        return rss if rss > limit else None
+        return memory if memory.rss > limit else None
 
     def _prefetch_target(self, call: Call, fn_id: int) -> _Worker | None:
         """A busy worker that may queue this call behind its current one, or None.
@@ -1794,11 +1795,20 @@ class ProcessPool:
                 continue
             head = w.inflight[0]
             limit = head.memory_limit if head.memory_limit is not None else self._memory_limit
-            rss = self._rss_over_limit(w, limit)
-            if rss is not None:
+            memory = self._rss_over_limit(w, limit)
+            if memory is not None:
+                rss = memory.rss
+                shared = getattr(memory, "shared", 0)  # (Linux: mapped files, shared memory)
+                # RSS counts pages the worker shares: inputs mapped from /dev/shm, libraries
+                of_which = (
+                    f", of which {size_text(shared, binary=True)} are pages it shares (its "
+                    "inputs mapped from shared memory, libraries), which RSS counts"
+                    if shared > rss // 4
+                    else ""
+                )
                 error = MemoryLimitExceeded(
                     f"{head.name} used {size_text(rss, binary=True)} of memory (RSS of its "
-                    f"worker), over memory_limit={size_text(limit or 0)} "
+                    f"worker{of_which}), over memory_limit={size_text(limit or 0)} "
                     f"({size_text(limit or 0, binary=True)}); the worker was killed and "
                     "replaced. Reduce the task's memory use, split its input, or raise "
                     "memory_limit=",
