@@ -1323,6 +1323,26 @@ def test_an_entry_replaced_while_it_is_looked_up_is_read_whole(tmp_path, monkeyp
     assert not list(store.root.glob("*/.hold-*"))
 
 
+def test_a_file_whose_row_was_never_committed_is_not_a_hit(tmp_path, monkeypatch):
+    """A writer renamed its new file into place and was killed before committing its row
+    (or has not committed it yet): the old row, whose time stamps its dependents' keys,
+    must not be paired with the new value (a dependent then hit its old entry)."""
+    store = _cache.CacheStore(tmp_path / "cache")
+    key = "ef" + "2" * 62
+    store.write_value(key, np.zeros(100_000), {"expires": None})
+
+    def killed(self, row):
+        raise KeyboardInterrupt  # as a SIGKILL between the rename and the commit
+
+    monkeypatch.setattr(_cache._Shared, "write_now", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_value(key, np.ones(100_000), {"expires": None})
+    monkeypatch.undo()
+    assert store.lookup(key) is None  # a miss: the node recomputes, its write fixes both
+    store.write_value(key, np.ones(100_000), {"expires": None})
+    assert np.array_equal(store.lookup(key).load(), np.ones(100_000))
+
+
 def test_entries_are_written_to_a_temporary_file_synced_then_renamed(tmp_path, monkeypatch):
     store = _cache.CacheStore(tmp_path / "cache")
     key = "cd" + "1" * 62

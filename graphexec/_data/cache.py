@@ -1324,17 +1324,25 @@ class CacheStore:
         None for a miss (a corrupt or unloadable entry is deleted)."""
         if found is None:
             return None
-        expires, crc, data, _ = found
+        expires, crc, data, created = found
         if expires is not None and clock() >= expires:
             return None
         shared = self._shared
         if data is None:
-            if crc != _crc(key):
-                return self._corrupt(key, crc, f"{key} in {shared.db}", "checksum mismatch")
-            for _ in range(3):  # the file was replaced between reading and holding it
-                hit = self._lookup_file(key, crc)
+            for _ in range(3):
+                if crc != _crc(key):
+                    return self._corrupt(key, crc, f"{key} in {shared.db}", "checksum mismatch")
+                hit = self._lookup_file(key, crc, created)
                 if hit is not _REPLACED:
                     return hit
+                # The file was replaced between reading and holding it: by an entry
+                # whose row says when it was made (its value's stamp), read anew
+                again = self.rows((key,)).get(key)
+                if again is None or again[2] is not None:
+                    return None
+                expires, crc, _, created = again
+                if expires is not None and clock() >= expires:
+                    return None
             return None
         if _crc(key, data) != crc:
             return self._corrupt(key, crc, f"{key} in {shared.db}", "checksum mismatch")
@@ -1369,15 +1377,15 @@ class CacheStore:
             stacklevel=user_stacklevel(),
         )
 
-    def _lookup_file(self, key: str, crc: int) -> Any:
+    def _lookup_file(self, key: str, crc: int, created: float) -> Any:
         path = self._file(key)
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
                 if st.st_size >= max(MAP_READ_MIN, 1):  # checked through a mapping: no copy
                     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                        return self._check_and_load(key, crc, path, st, mapped)
-                return self._check_and_load(key, crc, path, st, f.read())
+                        return self._check_and_load(key, crc, created, path, st, mapped)
+                return self._check_and_load(key, crc, created, path, st, f.read())
         except FileNotFoundError:
             self._shared.delete(key, crc)  # pruned, or lost to a power cut: no entry
             return None
@@ -1385,7 +1393,9 @@ class CacheStore:
             logger.warning("cache entry %s unreadable (%s): recomputing", path, exc)
             return None
 
-    def _check_and_load(self, key: str, crc: int, path: str, st: os.stat_result, raw: Any) -> Any:
+    def _check_and_load(
+        self, key: str, crc: int, created: float, path: str, st: os.stat_result, raw: Any
+    ) -> Any:
         try:
             header, body_start = _parse(raw)
             if len(raw) != header["size"]:
@@ -1402,6 +1412,12 @@ class CacheStore:
                 view.release()
         except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
             return self._corrupt(key, crc, path, str(exc))
+        if header.get("created") != created:
+            # A whole entry, but not the row's: a writer put its file in place and has
+            # not committed its row yet (a refresh in another process), or was killed
+            # in between. Its value is not the one the row stamps, which dependents key
+            # on: a miss (the node recomputes; its write replaces both).
+            return None
         data_off, data_len = header["data"]
         data = bytes(raw[data_off : data_off + data_len])
         hold = path
