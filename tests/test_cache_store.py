@@ -1238,3 +1238,16 @@ def test_many_cache_contexts_never_block_the_scheduler_on_a_busy_worker(tmp_path
         assert run.state(slow).name == "Failed"
         assert "timeout" in str(run.state(slow).exception)
         assert [run[n] for n in nodes] == list(range(600))
+
+
+def test_a_rollback_after_sqlite_rolled_back_itself_keeps_the_first_error(tmp_path):
+    # On a full disk SQLite ends the transaction itself: a ROLLBACK then raised "no
+    # transaction is active", and the warning named that instead of the full disk.
+    conn = sqlite3.connect(tmp_path / "db", isolation_level=None)
+    conn.execute("CREATE TABLE t (x)")
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO t VALUES (1)")
+    _cache.rollback(conn)
+    assert not conn.in_transaction and conn.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    _cache.rollback(conn)  # nothing to roll back: nothing raised
+    conn.close()

@@ -7,6 +7,7 @@ entries that a live run holds (its compute lock, or its buffers mapped).
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import stat
@@ -22,6 +23,7 @@ import pytest
 import graphexec as gx
 from graphexec._data import cache as cache_store
 from graphexec._surfaces.cli import _disk_usage
+from graphexec._surfaces.cli import main as cli_main
 
 WORKTREE = Path(__file__).resolve().parents[1]
 DAY = 86400.0
@@ -568,6 +570,38 @@ def test_cache_commands_on_a_database_with_damaged_pages_say_so(tmp_path, monkey
     assert done.returncode == 1
     assert done.stderr.startswith("graphexec: error:"), done.stderr
     assert "is damaged" in done.stderr and "Traceback" not in done.stderr
+
+
+def _read_only_lock_file(monkeypatch):
+    """Opening the cache's lock file for writing fails as on a read-only filesystem (a
+    test running as root writes through any permission bits)."""
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if os.fspath(path).endswith(cache_store.LOCK_NAME) and flags & (os.O_RDWR | os.O_WRONLY):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(cache_store.os, "open", read_only)
+
+
+def test_a_run_on_a_read_only_cache_directory_computes_without_the_cache(tmp_path, monkeypatch):
+    _read_only_lock_file(monkeypatch)
+    graph = gx.Graph()
+    with graph:
+        node = square(7)
+    with pytest.warns(RuntimeWarning, match="cannot be used .*Read-only file system"):
+        run = graph.compute(scheduler="sync", cache_dir=tmp_path)
+    assert run[node] == 49 and run.state(node).name == "Completed"
+
+
+def test_cache_commands_on_a_read_only_directory_say_so(tmp_path, monkeypatch, capsys):
+    _read_only_lock_file(monkeypatch)
+    (tmp_path / cache_store.DB_NAME).write_bytes(b"")  # a cache directory, by its look
+    assert cli_main(["cache", "ls", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("graphexec: error:") and "Read-only file system" in err, err
+    assert "Traceback" not in err
 
 
 @pytest.mark.timeout(120)

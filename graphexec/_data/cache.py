@@ -354,18 +354,36 @@ def damage_text(root: Any, exc: BaseException) -> str:
     )
 
 
+def rollback(conn: Any) -> None:
+    """Roll back the transaction an error interrupted, if SQLite has not already (it
+    does on a full disk: a ROLLBACK then raises, and would hide the disk's error)."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except Exception:  # the error being raised is the one to report
+            pass
+
+
 def store_for_run(root: str | os.PathLike[str] | None) -> CacheStore | None:
-    """The store a run caches in; None, with a warning, if its database is damaged:
-    the run then computes every node without the cache, rather than not at all."""
+    """The store a run caches in; None, with a warning, if its database is damaged or
+    the directory cannot be used (read-only, not ours, a full disk): the run then
+    computes every node without the cache, rather than not at all."""
     try:
         return CacheStore(root)
     except CacheDamaged as exc:
-        warnings.warn(
-            f"{exc}; this run computes without the cache",
-            RuntimeWarning,
-            stacklevel=user_stacklevel(),
+        why = str(exc)
+    except OSError as exc:  # (a path that is a file is refused before: ValueError)
+        why = (
+            f"the cache directory {root if root is not None else DEFAULT_DIR} cannot be "
+            f"used ({exc.strerror or exc}{': ' + exc.filename if exc.filename else ''}); "
+            "give compute(cache_dir=...) a directory this process can write"
         )
-        return None
+    warnings.warn(
+        f"{why}; this run computes without the cache",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
+    return None
 
 
 def _offset(key: str) -> int:
@@ -799,7 +817,7 @@ class _Shared:
                 conn.execute(_insert(len(params) // 7), params)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             raise
 
     def delete(self, key: str, crc: int) -> None:
@@ -1711,7 +1729,7 @@ class CacheStore:
                                 gone.append(entry.file)
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    rollback(conn)
                     raise
         for path in gone:  # after the commit: a row never names a missing file for long
             self._remove(path)

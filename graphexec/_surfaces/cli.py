@@ -29,6 +29,7 @@ counted apart; ``clear`` and ``prune --expired`` delete them.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import re
@@ -249,6 +250,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CommandError(str(exc)) from None
         except sqlite3.DatabaseError as exc:  # it opened, but its pages are damaged
             raise CommandError(cache_store.damage_text(getattr(args, "dir", "?"), exc)) from None
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            # a read-only filesystem, a directory not ours
+            raise CommandError(
+                f"{exc.filename or getattr(args, 'dir', '?')}: {exc.strerror}; this command "
+                "opens the cache's database and lock file for writing"
+            ) from None
     except CommandError as exc:
         print(f"graphexec: error: {exc}", file=sys.stderr)
         return exc.code
