@@ -549,6 +549,35 @@ def test_compute_targets_may_be_nested_lists_and_dicts_whose_keys_are_labels():
     assert graph.compute(gx.allow_failure(b), workers=0)[b] == 3  # as find_nodes reads it
 
 
+def test_arguments_too_deep_or_holding_themselves_are_refused_clearly():
+    # They crashed the build with graphexec's own RecursionError, or (a node a few
+    # hundred levels deep) failed the node at run time, retried, on sync and threads.
+    graph = gx.Graph()
+    a = graph.add(inc, 1)
+    nested = a
+    for _ in range(50):
+        nested = [nested]
+    fine = graph.add(echo, nested)
+    got = graph.compute(fine, workers=0)[fine]
+    for _ in range(50):
+        got = got[0]
+    assert got == 2
+    for _ in range(100):
+        nested = [nested]
+    with pytest.raises(TypeError, match=r"inc-0 is nested 15\d containers deep .*at most 100"):
+        graph.add(echo, nested)
+    plain = 1
+    for _ in range(5000):
+        plain = [plain]
+    with pytest.raises(TypeError, match="deeper than Python's recursion limit, or contains"):
+        graph.add(echo, plain)
+    itself: list = [1]
+    itself.append(itself)
+    with pytest.raises(TypeError, match="contains itself"):
+        graph.add(echo, itself)
+    assert len(graph.nodes) == 2  # nothing of the refused calls was added
+
+
 def test_node_result_before_any_compute_is_an_error():
     graph = gx.Graph()
     node = graph.add(inc, 1)

@@ -1,7 +1,7 @@
 """The one walk over call arguments: finding nodes, and replacing them.
 
 Nodes are found inside lists, tuples, dicts (keys and values), sets,
-frozensets and deques, at any depth, and inside :class:`allow_failure` markers, which
+frozensets and deques (up to NODE_DEPTH_MAX deep), and inside :class:`allow_failure` markers, which
 mark what they hold. Building a graph finds them, and copies the containers
 that hold them (:func:`take_nodes`);
 running a call in-process fills in values (:func:`substitute`); a flow moves
@@ -55,24 +55,45 @@ def take_nodes(obj: Any, visit: Callable[[Node, int], None], flag: int) -> Any:
     holds a node (at any depth) copied, so that changing the caller's list or
     dict afterwards changes neither the call's arguments nor its edges (a
     loop that appends to one list and passes it to each call). Containers
-    without nodes are returned as they are, never copied."""
-    return _take(obj, visit, flag)[0]
+    without nodes are returned as they are, never copied.
+
+    Raises:
+        TypeError: a node nested more than :data:`NODE_DEPTH_MAX` containers deep
+            (replacing it by its value, later, would go past Python's recursion
+            limit), or an argument too deep to search at all, or that contains
+            itself.
+    """
+    try:
+        return _take(obj, visit, flag, 0)[0]
+    except RecursionError:
+        raise TypeError(
+            "an argument nests containers deeper than Python's recursion limit, or "
+            "contains itself: graphexec cannot search it for nodes. Flatten it, or make "
+            "it inside a task (its result goes to the next task as it is)"
+        ) from None
 
 
-def _take(obj: Any, visit: Callable[[Node, int], None], flag: int) -> tuple[Any, bool]:
+# Containers a node may be nested in, in an argument: its value replaces it by a walk
+# that recurses (and pickle's own depth limit is a few hundred on the process pool)
+NODE_DEPTH_MAX = 100
+
+
+def _take(obj: Any, visit: Callable[[Node, int], None], flag: int, depth: int) -> tuple[Any, bool]:
     """(:func:`take_nodes` of ``obj``, whether it is or holds a node)."""
     if isinstance(obj, Node):
+        if depth > NODE_DEPTH_MAX:
+            _too_deep(obj, depth)
         visit(obj, flag)
         return obj, True
     if type(obj) is allow_failure:
-        inner, held = _take(obj.value, visit, flag | ALLOW)
+        inner, held = _take(obj.value, visit, flag | ALLOW, depth)
         return (allow_failure(inner) if held else obj), held
     if isinstance(obj, dict):
         items: list[Any] = []
         held = False
         for key, value in obj.items():
-            k, held_k = _take(key, visit, flag)
-            v, held_v = _take(value, visit, flag)
+            k, held_k = _take(key, visit, flag, depth + 1)
+            v, held_v = _take(value, visit, flag, depth + 1)
             items.append((k, v))
             held = held or held_k or held_v
         return (rebuild(obj, items) if held else obj), held
@@ -81,11 +102,13 @@ def _take(obj: Any, visit: Callable[[Node, int], None], flag: int) -> tuple[Any,
         held = False
         for value in obj:
             if isinstance(value, Node):  # (inline: a list of nodes is the usual case)
+                if depth >= NODE_DEPTH_MAX:
+                    _too_deep(value, depth + 1)
                 visit(value, flag)
                 held = True
                 items.append(value)
             else:
-                v, held_v = _take(value, visit, flag)
+                v, held_v = _take(value, visit, flag, depth + 1)
                 items.append(v)
                 held = held or held_v
         if not held:
@@ -96,6 +119,13 @@ def _take(obj: Any, visit: Callable[[Node, int], None], flag: int) -> tuple[Any,
         ), True
     _refuse_hidden_node(obj)
     return obj, False
+
+
+def _too_deep(node: Node, depth: int) -> None:
+    raise TypeError(
+        f"{node.name} is nested {depth} containers deep in an argument (at most "
+        f"{NODE_DEPTH_MAX}): flatten the structure that holds it"
+    )
 
 
 def _refuse_hidden_node(obj: Any) -> None:
