@@ -1083,6 +1083,26 @@ def test_exceptions_that_travel_arrive_as_themselves(backend, request, kind, err
     _assert_healthy(run, doubled, summed)
 
 
+@gx.task
+def raises_keyboard_interrupt():
+    raise KeyboardInterrupt("raised by the task, not by Ctrl-C")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("scheduler", ["threads", "processes"])
+def test_a_task_raising_keyboard_interrupt_fails_only_its_node(scheduler):
+    # On threads the exception ended the worker thread and compute waited for ever.
+    # (sync runs the task in the caller's thread: there it is Ctrl-C, and cancels.)
+    graph = gx.Graph()
+    with graph:
+        bad = raises_keyboard_interrupt()
+        doubled, summed = _healthy()
+    run = graph.compute(scheduler=scheduler, workers=2, raise_on_failure=False, keep="all")
+    assert run.state(bad).name == "Failed"
+    assert type(run.state(bad).exception) is KeyboardInterrupt
+    _assert_healthy(run, doubled, summed)
+
+
 @pytest.mark.every_backend
 @pytest.mark.timeout(30)
 def test_an_exception_whose_str_raises_still_fails_only_its_node(backend):

@@ -101,7 +101,15 @@ class ThreadExecutor:
             call = self._inbox.get()
             if call is None:
                 return
-            self._outbox.put(run_inline(call, name))
+            try:
+                outcome = run_inline(call, name)
+            except KeyboardInterrupt as exc:
+                # Raised by the task itself (a signal reaches the main thread only): its
+                # node fails, as on the process pool. Uncaught, it ended this thread
+                # and the run waited for the call for ever.
+                call.finished = time.time()
+                outcome = (call, ERROR, exc)
+            self._outbox.put(outcome)
 
     def submit(self, call: Call) -> bool:
         # The inbox never holds more calls than free threads: an abandoned call
