@@ -1042,8 +1042,13 @@ def test_exception_types_survive_and_unpicklable_ones_are_stood_in_for(client):
             self.code = code
 
     class Stubborn(Exception):
-        def __init__(self, a, b):  # unpickling calls Stubborn("...") and fails
+        def __init__(self, a, b):  # the default unpickling calls Stubborn("...") and fails
             super().__init__(f"{a}/{b}")
+
+    class Locked(Exception):
+        def __init__(self):
+            super().__init__("holds a lock")
+            self.lock = threading.Lock()  # does not pickle at all
 
     @gx.task
     def custom():
@@ -1053,15 +1058,21 @@ def test_exception_types_survive_and_unpicklable_ones_are_stood_in_for(client):
     def stubborn():
         raise Stubborn(1, 2)
 
+    @gx.task
+    def locked():
+        raise Locked()
+
     graph = gx.Graph()
     with graph:
-        c, s = custom(), stubborn()
+        c, s, k = custom(), stubborn(), locked()
     run = graph.compute(cluster=client, raise_on_failure=False)
     exc = run.state(c).exception
     assert type(exc).__name__ == "Custom" and exc.code == 42
-    stand_in = run.state(s).exception
+    rebuilt = run.state(s).exception  # sent by state: itself, without its __init__
+    assert type(rebuilt).__name__ == "Stubborn" and str(rebuilt) == "1/2"
+    stand_in = run.state(k).exception
     assert isinstance(stand_in, gx.RemoteError)
-    assert stand_in.type_name.endswith("Stubborn") and "1/2" in str(stand_in)
+    assert stand_in.type_name.endswith("Locked") and "holds a lock" in str(stand_in)
 
 
 def test_culling_runs_only_ancestors(client, tmp_path):

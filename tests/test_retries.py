@@ -380,6 +380,33 @@ def test_retry_on_exception_types(compute, tmp_path, retry_on, kind, attempts):
     assert read_count(tmp_path / "n") == attempts
 
 
+class TwoArgsError(Exception):
+    """Its __init__ does not take its own args back (as many user exceptions): the
+    default pickle cannot rebuild it, so it once arrived as a RemoteError, which
+    retry_on=TwoArgsError did not match: no retry."""
+
+    def __init__(self, path, code):
+        super().__init__(f"{path} failed with code {code}")
+        self.code = code
+
+
+@gx.task
+def fails_with_two_args(path):
+    raise TwoArgsError(path, bump(path))
+
+
+def test_retry_on_matches_an_exception_whose_init_takes_other_arguments(compute, tmp_path):
+    graph = gx.Graph()
+    with graph:
+        node = fails_with_two_args.with_options(retries=2, retry_on=TwoArgsError)(
+            str(tmp_path / "n")
+        )
+    run = compute(graph, raise_on_failure=False)
+    state = run.state(node)
+    assert state.attempts == 3
+    assert type(state.exception) is TwoArgsError and state.exception.code == 3
+
+
 def test_retry_on_predicate_gets_the_exception(compute, tmp_path):
     seen = []
 

@@ -353,6 +353,16 @@ def describe_exception(exc: BaseException) -> tuple[str, str]:
     return f"{kind.__module__}.{kind.__qualname__}", safe_str(exc)
 
 
+class _ByState:
+    """Pickles as :func:`rebuild_exception` of what it holds."""
+
+    def __init__(self, kind: type, args: tuple[Any, ...], state: dict[str, Any]) -> None:
+        self.reduced = (rebuild_exception, (kind, args, state))
+
+    def __reduce__(self) -> Any:
+        return self.reduced
+
+
 class _ExceptionPickler(cloudpickle.Pickler):
     """Pickles exceptions the standard way, ``type(*args)`` plus ``__dict__``.
 
@@ -374,11 +384,36 @@ def _dumps_exception(exc: BaseException) -> bytes:
     return buffer.getvalue()
 
 
+def rebuild_exception(kind: type, args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    """An exception rebuilt from what its instance held, without calling its
+    ``__init__`` (see :func:`pickle_exception`)."""
+    exc = kind.__new__(kind, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
 def pickle_exception(exc: BaseException, tb: str, name: str | None = None) -> bytes:
-    """Pickle ``exc`` if it survives a round trip, else a RemoteError standing in for it."""
+    """Pickle ``exc`` if it survives a round trip, else a RemoteError standing in for it.
+
+    The standard way first (``type(*args)`` plus ``__dict__``); an exception whose
+    ``__init__`` does not take its own ``args`` back (keyword-only or several
+    parameters, a message built from them: common in user code) is then sent by
+    state, rebuilt without ``__init__`` (:func:`rebuild_exception`): it arrives as
+    its own type, so ``retry_on=`` and ``except`` clauses still match it.
+    """
     try:
         blob = _dumps_exception(exc)
         pickle.loads(blob)  # e.g. __init__ with required keyword arguments fails here
+        return blob
+    except BaseException:
+        pass
+    try:
+        if type(exc).__reduce__ is not BaseException.__reduce__:
+            raise TypeError("its class pickles itself, and that failed")
+        state = dict(getattr(exc, "__dict__", {}))
+        blob = dumps(_ByState(type(exc), exc.args, state))
+        pickle.loads(blob)
         return blob
     except BaseException as why:
         type_name, text = describe_exception(exc)
