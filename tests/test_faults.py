@@ -1086,6 +1086,28 @@ def test_exceptions_that_travel_arrive_as_themselves(backend, request, kind, err
 
 
 @gx.task
+def raises_a_huge_message(i):
+    raise ValueError("M" * 1_000_000)
+
+
+@pytest.mark.timeout(60)
+def test_a_huge_error_message_is_cut_in_reports_and_kept_whole_in_the_exception(pool):
+    # A megabyte message made every summary line, State message and GraphFailed that
+    # big, once per failed node: an overnight log of hundreds of MB.
+    graph = gx.Graph()
+    with graph:
+        [raises_a_huge_message(i) for i in range(5)]
+    with pytest.raises(gx.GraphFailed) as info:
+        graph.compute(pool=pool)
+    run = info.value.run
+    assert len(str(info.value)) < 30_000
+    assert len(run.summary()) < 10_000
+    state = run.state(run.failed[0])
+    assert len(state.message) < 5_000 and "characters in all)" in state.message
+    assert len(str(state.exception)) == 1_000_000  # the exception keeps it whole
+
+
+@gx.task
 def raises_keyboard_interrupt():
     raise KeyboardInterrupt("raised by the task, not by Ctrl-C")
 

@@ -100,7 +100,7 @@ from .._data.cache import CacheStore, store_for_run
 from .._data.serialize import Payload
 from .._executors.protocol import ERROR, FREED, HELD, OK, REQUEUE, Call, Executor
 from .._executors.threadlimits import ThreadLimited
-from .._model.errors import SerializationError, WorkerCrashed, safe_str
+from .._model.errors import SerializationError, WorkerCrashed, capped, safe_str
 from .._model.graph import Graph
 from .._model.handle import discard
 from .._model.node import DATA
@@ -685,7 +685,7 @@ class Scheduler:
             name,
             exception=error,
             history=history,
-            message=f"{type(error).__name__}: {safe_str(error)}",
+            message=capped(f"{type(error).__name__}: {safe_str(error)}"),
         )
         # (a value that cannot be loaded is not retried: the task ran and succeeded;
         # nor a failure another attempt would meet the same way without running the

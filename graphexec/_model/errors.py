@@ -216,13 +216,28 @@ def safe_str(exc: BaseException) -> str:
         return f"<str() of the {type(exc).__name__} failed>"
 
 
+# Characters of an error's text that a line of a report (one_line) and a State's
+# message keep: an exception with megabytes of message made every summary, report
+# and GraphFailed that big (the exception itself keeps all of it)
+LINE_MAX = 500
+MESSAGE_MAX = 4000
+
+
+def capped(text: str, limit: int = MESSAGE_MAX) -> str:
+    """``text``, or its first ``limit`` characters and how many there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters in all)"
+
+
 def one_line(exc: BaseException | None) -> str:
     """``Type: first line of the message``: how reports, pictures and run hooks name an
-    error ("" for None)."""
+    error ("" for None); at most :data:`LINE_MAX` characters of it."""
     if exc is None:
         return ""
-    text = safe_str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+    text = safe_str(exc).strip()
+    first = text.split("\n", 1)[0].rstrip("\r")
+    return f"{type(exc).__name__}: {capped(first, LINE_MAX)}"
 
 
 def describe_exitcode(exitcode: int | None) -> tuple[str | None, str]:

@@ -9,7 +9,7 @@ from collections.abc import Container
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import GraphFailed, one_line
+from .errors import GraphFailed, capped, one_line
 from .graph import Node
 from .handle import Deferred
 from .seam import surfaces
@@ -27,6 +27,10 @@ from .state import (
 
 if TYPE_CHECKING:
     from .graph import Graph
+
+# Characters of the first failure's traceback that GraphFailed's message shows (its
+# exception keeps all of it, as __cause__)
+TRACEBACK_MAX = 20_000
 
 
 class TaskStats:
@@ -503,7 +507,7 @@ class Run:
         tb = getattr(first.__cause__, "tb", None) if first is not None else None
         if tb:
             lines.append(f"Traceback of {unhandled[0].name} (in its worker):")
-            lines.append(tb.rstrip())
+            lines.append(capped(tb.rstrip(), TRACEBACK_MAX))
         lines.append(surfaces.replay_hint(self, unhandled[0].index))
         return "\n".join(lines)
 

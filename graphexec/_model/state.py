@@ -11,6 +11,7 @@ from .errors import (
     ResultReleased,
     SerializationError,
     UpstreamFailed,
+    capped,
     safe_str,
 )
 from .handle import discard, materialize
@@ -333,7 +334,7 @@ class State:
             value = fn(*args, **kwargs)
         except Exception as exc:
             attempt = Attempt(1, started, time.time(), "local", exc)
-            return cls(FAILED, node, exception=exc, history=[attempt], message=str(exc))
+            return cls(FAILED, node, exception=exc, history=[attempt], message=capped(str(exc)))
         attempt = Attempt(1, started, time.time(), "local", None)
         return cls(COMPLETED, node, value=value, history=[attempt])
 
