@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import graphexec as gx
+from graphexec._data import shm
 
 N = 1_000_000  # 8 MB of float64: far above the 64 KiB shared-memory threshold
 
@@ -174,6 +175,52 @@ def test_an_input_a_worker_keeps_is_not_rewritten_by_a_later_result():
     assert run[later] == 7.0
     assert run[back] == (float(TWO_MIB), 1.0)
     assert _ours() == []  # the worker's pin went with the run's other segments
+
+
+@gx.task
+def keep_as(key, array):
+    import builtins
+
+    kept = builtins.__dict__.setdefault("_graphexec_test_kept_by_key", {})
+    kept[key] = array  # a task's module-level cache
+    return key
+
+
+@gx.task
+def drop_kept(key):
+    import builtins
+
+    del builtins._graphexec_test_kept_by_key[key]
+    return key
+
+
+@gx.task
+def read_kept(key):
+    import builtins
+
+    array = builtins._graphexec_test_kept_by_key.pop(key)
+    return float(array.sum()), float(array[0])
+
+
+@pytest.mark.timeout(60)
+def test_an_input_two_calls_keep_stays_pinned_until_both_let_go():
+    # Two calls of one worker keep the same input; the first lets go: the second's
+    # mapping must still keep the segment from being recycled (one pin per process
+    # once served only the first mapping).
+    graph = gx.Graph()
+    with graph:
+        ones = filled(1)
+        a = keep_as("a", ones)
+        b = keep_as("b", ones).wait_for([a])
+        dropped = drop_kept("a").wait_for([b])
+        other = first_item(ones).wait_for([dropped])
+        sevens = filled(7).wait_for([other])
+        later = first_item(sevens)
+        back = read_kept("b").wait_for([later])
+    run = graph.compute(back, later, sevens, workers=1)
+    assert run[later] == 7.0
+    assert run[back] == (float(TWO_MIB), 1.0)
+    assert _ours() == []
 
 
 def _fail_fast_beside(pool):
@@ -339,3 +386,24 @@ def test_shared_memory_in_use_is_bounded_by_what_is_live_not_by_what_was_made(po
     assert peak[0] > 0, "the arrays should have gone through /dev/shm"
     assert peak[0] <= made // 4, f"peak {peak[0] >> 20} MB in /dev/shm of {made >> 20} MB made"
     assert _ours() == []
+
+
+def test_a_sweep_keeps_the_pin_of_a_value_alive_here():
+    # A dead producer's segments are swept, but not one a live value names: nor its
+    # pin, which another worker's mapping needs (else the segment could be recycled).
+    name = f"gx-{os.getpid()}-99-w0-1"
+    path = f"/dev/shm/{name}"
+    with open(path, "wb") as f:
+        f.write(b"x" * 100)
+    try:
+        shm.live.add(name)
+        assert shm.pin(name)
+        assert os.stat(path).st_nlink == 2
+        shm.sweep(f"gx-{os.getpid()}-99-w0-")
+        assert os.stat(path).st_nlink == 2  # the value and its pin both stay
+        shm.unpin(name)
+        assert os.stat(path).st_nlink == 1
+    finally:
+        shm.live.discard(name)
+        shm.sweep(f"gx-{os.getpid()}-99-")
+    assert not os.path.exists(path)

@@ -180,23 +180,38 @@ def attach(name: str, size: int) -> memoryview:
     return memoryview(mapping)
 
 
-def pin(name: str) -> str | None:
-    """A worker still maps segment ``name`` after its call: a second link to it, so that
-    :func:`release` does not recycle it; the link's path, to remove once the mapping
-    goes (None if the segment is gone or already pinned by this process)."""
-    path = f"{SHM_DIR}/{name}"
-    pinned = f"{path}.pin{os.getpid()}"
-    try:
-        os.link(path, pinned)
-    except OSError:
-        return None
-    return pinned
+_pins: dict[str, int] = {}  # segment -> this process's mappings of it still pinned
 
 
-def unpin(pinned: str) -> None:
-    """Remove a :func:`pin` link (a sweep may have removed it already)."""
+def pin(name: str) -> bool:
+    """A worker still maps segment ``name`` after its call: a second link to it (one per
+    process, counted per mapping), so that :func:`release` does not recycle it. Call
+    :func:`unpin` once that mapping goes; False if the segment is gone."""
+    with _lock:
+        count = _pins.get(name, 0)
+        if not count:
+            path = f"{SHM_DIR}/{name}"
+            try:
+                os.link(path, f"{path}.pin{os.getpid()}")
+            except FileExistsError:
+                pass
+            except OSError:
+                return False
+        _pins[name] = count + 1
+    return True
+
+
+def unpin(name: str) -> None:
+    """A mapping :func:`pin` counted is gone: the link goes with the last one (a sweep
+    may have removed it already)."""
+    with _lock:
+        count = _pins.get(name, 0) - 1
+        if count > 0:
+            _pins[name] = count
+            return
+        _pins.pop(name, None)
     try:
-        os.unlink(pinned)
+        os.unlink(f"{SHM_DIR}/{name}.pin{os.getpid()}")
     except OSError:
         pass
 
@@ -216,7 +231,13 @@ def sweep(prefix: str) -> int:
     if not AVAILABLE:
         return 0
     try:
-        names = [n for n in os.listdir(SHM_DIR) if n.startswith(prefix) and n not in live]
+        # (a pin, "<segment>.pin<pid>", of a value alive here stays: another worker maps
+        # it, and the segment must not be recycled under that mapping)
+        names = [
+            n
+            for n in os.listdir(SHM_DIR)
+            if n.startswith(prefix) and n not in live and n.partition(".pin")[0] not in live
+        ]
     except OSError:
         return 0
     unlink(names)

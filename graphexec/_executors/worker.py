@@ -362,10 +362,8 @@ def _run(message: tuple, functions: dict[int, Any], held: dict[int, Any]) -> byt
     # _call's locals are gone: a mapping alive now is the task's doing
     for segment, ref in mapped:
         mapping = ref()
-        if mapping is not None:
-            pinned = _shm.pin(segment)
-            if pinned is not None:
-                weakref.finalize(mapping, _shm.unpin, pinned)
+        if mapping is not None and _shm.pin(segment):
+            weakref.finalize(mapping, _shm.unpin, segment)
     return reply
 
 
