@@ -42,6 +42,7 @@ import pytest
 
 import graphexec as gx
 from graphexec._data.serialize import Payload
+from graphexec._executors.runtime import load_exception, pickle_exception
 
 # -- tasks ------------------------------------------------------------------------
 
@@ -1084,6 +1085,46 @@ def test_exceptions_that_travel_arrive_as_themselves(backend, request, kind, err
     with pytest.raises(error_type):
         run[bad]
     _assert_healthy(run, doubled, summed)
+
+
+class SlottedError(Exception):
+    __slots__ = ("code", "path")
+
+    def __init__(self, path, code):
+        super().__init__(f"{path} failed")
+        self.path, self.code = path, code
+
+    def __str__(self):
+        return f"{self.path} failed with {self.code}"
+
+
+class ExitWithPath(SystemExit):
+    def __init__(self, path, code):
+        super().__init__(code)
+        self.path = path
+
+
+class StopWithExtra(StopIteration):
+    def __init__(self, value, extra):
+        super().__init__(value)
+        self.extra = extra
+
+
+@pytest.mark.parametrize(
+    ("error", "fields"),
+    [
+        (SlottedError("/data", 3), {"path": "/data", "code": 3}),
+        (ExitWithPath("/data", 3), {"path": "/data", "code": 3}),
+        (StopWithExtra(5, "x"), {"value": 5, "extra": "x"}),
+    ],
+    ids=["slots", "SystemExit.code", "StopIteration.value"],
+)
+def test_an_exception_sent_by_state_keeps_its_slots_and_its_builtin_fields(error, fields):
+    # Rebuilt without its own __init__: the slots were lost (its str() then raised),
+    # and so were the fields its builtin base's __init__ sets.
+    rebuilt = load_exception(pickle_exception(error, "tb", "node"), "tb", "node")
+    assert type(rebuilt) is type(error) and str(rebuilt) == str(error)
+    assert {k: getattr(rebuilt, k) for k in fields} == fields
 
 
 @gx.task

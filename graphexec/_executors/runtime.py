@@ -385,12 +385,30 @@ def _dumps_exception(exc: BaseException) -> bytes:
 
 
 def rebuild_exception(kind: type, args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
-    """An exception rebuilt from what its instance held, without calling its
-    ``__init__`` (see :func:`pickle_exception`)."""
+    """An exception rebuilt from what its instance held, without calling its own
+    ``__init__`` (see :func:`pickle_exception`): its builtin base's ``__init__``
+    sets that base's fields from ``args`` (``SystemExit.code``,
+    ``StopIteration.value``), then its attributes are put back."""
     exc = kind.__new__(kind, *args)
-    exc.args = args
-    exc.__dict__.update(state)
+    base = next(k for k in kind.__mro__ if k.__module__ == "builtins")
+    base.__init__(exc, *args)  # type: ignore[misc]  # (the base of kind, on its instance)
+    for name, value in state.items():
+        setattr(exc, name, value)
     return exc
+
+
+def _state_of(exc: BaseException) -> dict[str, Any]:
+    """What an exception's instance holds beyond ``args``: its ``__dict__`` and the
+    slots of its classes."""
+    state = dict(getattr(exc, "__dict__", {}))
+    for klass in type(exc).__mro__:
+        if klass.__module__ == "builtins":
+            break
+        slots = klass.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and hasattr(exc, name):
+                state[name] = getattr(exc, name)
+    return state
 
 
 def pickle_exception(exc: BaseException, tb: str, name: str | None = None) -> bytes:
@@ -411,9 +429,8 @@ def pickle_exception(exc: BaseException, tb: str, name: str | None = None) -> by
     try:
         if type(exc).__reduce__ is not BaseException.__reduce__:
             raise TypeError("its class pickles itself, and that failed")
-        state = dict(getattr(exc, "__dict__", {}))
-        blob = dumps(_ByState(type(exc), exc.args, state))
-        pickle.loads(blob)
+        blob = dumps(_ByState(type(exc), exc.args, _state_of(exc)))
+        str(pickle.loads(blob))  # whole: its __str__ finds what it reads
         return blob
     except BaseException as why:
         type_name, text = describe_exception(exc)
