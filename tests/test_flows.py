@@ -1429,3 +1429,40 @@ def test_submit_from_a_thread_the_flow_started_says_flows_hold_per_thread():
 
     (text,) = run_flow(body)
     assert "this thread (helper-thread) is in none" in text
+
+
+@gx.task
+def _slow_step():
+    time.sleep(5)
+    return 1
+
+
+@gx.task(trigger="always")
+def _cleanup_marker(path, *upstream):
+    with open(path, "w") as f:
+        f.write("ran")
+    return "cleaned"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("form", ["flow", "pool block"])
+def test_ctrl_c_in_a_flow_body_runs_no_always_task(tmp_path, form):
+    # As in compute: Ctrl-C cancels "always" tasks too (fail_fast and a body that raises
+    # another exception leave them to run); a flow's cancel once spared them.
+    marker = tmp_path / "cleanup"
+
+    def body():
+        step = _slow_step.submit()
+        _cleanup_marker.submit(str(marker), step)
+        time.sleep(0.3)
+        raise KeyboardInterrupt
+
+    if form == "flow":
+        with pytest.raises(KeyboardInterrupt) as info:
+            gx.flow(workers=2)(body)()
+        assert info.value.run.counts() == {"Cancelled": 2}
+    else:
+        with pytest.raises(KeyboardInterrupt), gx.Pool(workers=2):
+            body()
+    time.sleep(0.5)  # a cleanup that ran would have written by now
+    assert not marker.exists()

@@ -341,8 +341,10 @@ class Scheduler:
                     self.admit(arg)
                 elif kind == "observed":  # the user looked at this failure
                     self.handled.add(arg)
-                elif kind == "cancel":
-                    self.cancel_reason = self.cancel_reason or arg
+                elif kind == "cancel":  # (why, everything: Ctrl-C spares no "always" node)
+                    why, everything = arg
+                    self.cancel_reason = self.cancel_reason or why
+                    self.cancel_all = self.cancel_all or everything
                 elif kind == "open-cache":  # once per session, before its first cached node
                     if self.cache is None:
                         self.cache = store_for_run(arg)
@@ -398,7 +400,7 @@ class Scheduler:
     def _step(self, idle_ok: bool) -> None:
         """Dispatch what is ready, wait for the executor, apply what came back."""
         if self.cancel_reason is not None and not self.swept:
-            self.cancel(self.cancel_reason, everything=False)
+            self.cancel(self.cancel_reason, everything=self.cancel_all)
             return  # the caller re-checks whether anything is left to do
         gate = self.gate
         if gate.results:  # nodes keyed since the last step, settled together

@@ -25,7 +25,7 @@ Thread model (who owns what):
   a future) never write scheduler or Run state. Under ``Session._lock`` they
   append nodes to the graph and post messages to the session's inbox, which
   the serve loop applies between steps, in order: ``("admit", i)``,
-  ``("cancel", why)``, ``("observed", i)`` (a failure the user looked at),
+  ``("cancel", (why, everything))``, ``("observed", i)`` (a failure the user looked at),
   ``("open-cache", dir)`` (posted once per session: one :class:`CacheStore`),
   ``("claim", (indices, mailbox))`` (a lazy graph's run: which failures a
   dependent accepted; answered through the mailbox), ``("cancel-node", (i,
@@ -722,11 +722,13 @@ class Session:
                     return  # closed by another thread: every admitted node ended
                 _wait_on(self._cond, None)
 
-    def cancel(self, why: str) -> None:
-        """Cancel every task still pending or running (Ctrl-C, an exception in the flow)."""
+    def cancel(self, why: str, everything: bool = False) -> None:
+        """Cancel every task still pending or running (Ctrl-C, an exception in the flow).
+        ``everything``: ``trigger="always"`` tasks too (Ctrl-C), else they still run,
+        as after fail_fast."""
         with self._lock:
             if not self._stopped:
-                self._post(("cancel", why), wake=True)
+                self._post(("cancel", (why, everything)), wake=True)
 
     def close(self) -> None:
         """Let the scheduler thread finish what was submitted, then stop it."""
@@ -1157,12 +1159,13 @@ def end_pool_session(block: PoolBlock) -> None:
     session.run._raise_if_failed()
 
 
-def cancel_pool_session(block: PoolBlock, why: str) -> None:
-    """The ``with gx.Pool()`` block raised: cancel what it submitted and close."""
+def cancel_pool_session(block: PoolBlock, why: str, everything: bool = False) -> None:
+    """The ``with gx.Pool()`` block raised: cancel what it submitted and close
+    (``everything``: Ctrl-C, ``Session.cancel``)."""
     session, block.session = block.session, None
     if session is None:
         return
-    session.cancel(why)
+    session.cancel(why, everything)
     session.close()
     _finish_hooks(session, ("on_cancellation",))
 

@@ -146,7 +146,10 @@ class Flow:
                 value = _resolve(value)
             except BaseException as exc:
                 kinds = _outcome_of(exc, session)
-                session.cancel(f"the flow body raised {type(exc).__name__}")
+                session.cancel(
+                    f"the flow body raised {type(exc).__name__}",
+                    everything=isinstance(exc, KeyboardInterrupt),
+                )
                 session.close()
                 if isinstance(exc, KeyboardInterrupt):
                     mark_interrupted(session.run, exc)

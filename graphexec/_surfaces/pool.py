@@ -192,7 +192,12 @@ class Pool:
             if exc_type is None:
                 end_pool_session(block)  # waits; raises GraphFailed for unseen failures
             else:
-                cancel_pool_session(block, "the `with gx.Pool()` block raised")
+                cancel_pool_session(
+                    block,
+                    "the `with gx.Pool()` block raised",
+                    everything=isinstance(exc_type, type)
+                    and issubclass(exc_type, KeyboardInterrupt),
+                )
         finally:
             with self._blocks_lock:
                 self._blocks -= 1
