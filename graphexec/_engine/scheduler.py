@@ -100,7 +100,7 @@ from .._data.cache import CacheStore, store_for_run
 from .._data.serialize import Payload
 from .._executors.protocol import ERROR, FREED, HELD, OK, REQUEUE, Call, Executor
 from .._executors.threadlimits import ThreadLimited
-from .._model.errors import SerializationError, WorkerCrashed, capped, safe_str
+from .._model.errors import SerializationError, WorkerCrashed, capped, one_line, safe_str
 from .._model.graph import Graph
 from .._model.handle import discard
 from .._model.node import DATA
@@ -732,8 +732,7 @@ class Scheduler:
                     name,
                     exception=error,
                     history=history,
-                    message=f"attempt {call.number} failed "
-                    f"({type(error).__name__}: {safe_str(error)}); "
+                    message=f"attempt {call.number} failed ({one_line(error)}); "
                     f"retry {call.number} of {opts.retries} in {delay:g} s",
                 )
                 logger.info("%s: %s", name, retrying.message)

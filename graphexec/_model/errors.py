@@ -33,6 +33,7 @@ states) and every message says which node it concerns and what to do.
 
 from __future__ import annotations
 
+import re
 import signal
 from typing import Any
 
@@ -221,6 +222,8 @@ def safe_str(exc: BaseException) -> str:
 # and GraphFailed that big (the exception itself keeps all of it)
 LINE_MAX = 500
 MESSAGE_MAX = 4000
+# what str.splitlines() splits at, for the first line alone (not a list of them all)
+_LINE_BREAK = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 def capped(text: str, limit: int = MESSAGE_MAX) -> str:
@@ -235,8 +238,7 @@ def one_line(exc: BaseException | None) -> str:
     error ("" for None); at most :data:`LINE_MAX` characters of it."""
     if exc is None:
         return ""
-    text = safe_str(exc).strip()
-    first = text.split("\n", 1)[0].rstrip("\r")
+    first = _LINE_BREAK.split(safe_str(exc).strip(), maxsplit=1)[0]
     return f"{type(exc).__name__}: {capped(first, LINE_MAX)}"
 
 

@@ -535,8 +535,8 @@ class Run:
     def _finish_run(self, ended: float | None = None) -> None:
         """Close the run, which ``ended`` then (``time.time()``; default: now): values
         still held in shared memory are mapped privately and their segments unlinked,
-        so nothing of the run stays in /dev/shm."""
-        self.finished = time.time() if ended is None else ended
+        so nothing of the run stays in /dev/shm. ``finished`` is set last: a Ctrl-C
+        meanwhile leaves it None, and a second call settles the rest."""
         states = self._states
         for i in self.members:
             state = states[i]
@@ -544,6 +544,7 @@ class Run:
                 handle = state._value
                 if isinstance(handle, Deferred):
                     handle.settle()
+        self.finished = time.time() if ended is None else ended
 
     def _counts_text(self) -> str:
         """``3 completed, 1 failed``: the nodes per state, in words."""
