@@ -1,5 +1,6 @@
 """Large arrays travel through shared memory, are isolated copy-on-write, and never leak."""
 
+import builtins
 import os
 import signal
 import subprocess
@@ -142,19 +143,20 @@ def test_values_hooks_and_observers_kept_are_not_rewritten_by_later_results(pool
 
 
 @gx.task
-def stash(array):
-    import builtins
-
-    builtins._graphexec_test_kept = array  # a task's module-level cache
-    return float(array.sum())
+def keep_as(key, array):
+    builtins.__dict__.setdefault("_graphexec_test_kept", {})[key] = array  # a module cache
+    return key
 
 
 @gx.task
-def read_stash():
-    import builtins
+def drop_kept(key):
+    del builtins._graphexec_test_kept[key]
+    return key
 
-    array = builtins._graphexec_test_kept
-    del builtins._graphexec_test_kept
+
+@gx.task
+def read_kept(key):
+    array = builtins._graphexec_test_kept.pop(key)
     return float(array.sum()), float(array[0])
 
 
@@ -166,40 +168,15 @@ def test_an_input_a_worker_keeps_is_not_rewritten_by_a_later_result():
     graph = gx.Graph()
     with graph:
         ones = filled(1)
-        kept = stash(ones)
+        kept = keep_as("one", ones)
         other = first_item(ones)
         sevens = filled(7).wait_for([kept, other])
         later = first_item(sevens)
-        back = read_stash().wait_for([later])
+        back = read_kept("one").wait_for([later])
     run = graph.compute(back, later, sevens, workers=1)  # sevens: to this process, in shm
     assert run[later] == 7.0
     assert run[back] == (float(TWO_MIB), 1.0)
     assert _ours() == []  # the worker's pin went with the run's other segments
-
-
-@gx.task
-def keep_as(key, array):
-    import builtins
-
-    kept = builtins.__dict__.setdefault("_graphexec_test_kept_by_key", {})
-    kept[key] = array  # a task's module-level cache
-    return key
-
-
-@gx.task
-def drop_kept(key):
-    import builtins
-
-    del builtins._graphexec_test_kept_by_key[key]
-    return key
-
-
-@gx.task
-def read_kept(key):
-    import builtins
-
-    array = builtins._graphexec_test_kept_by_key.pop(key)
-    return float(array.sum()), float(array[0])
 
 
 @pytest.mark.timeout(60)

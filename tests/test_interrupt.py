@@ -523,15 +523,22 @@ def test_ctrl_c_while_the_workers_start_cancels_every_node_and_carries_the_run(
         assert gx.Run.load(tmp_path / "rec").counts() == {"Cancelled": 6}
     assert "cancelled by Ctrl-C" in run.summary()
 
-    def new_ones():  # workers (the zygote and multiprocessing's tracker stay: per process)
+    _assert_no_new_workers(me, before)
+
+
+def _assert_no_new_workers(me, before):
+    """Within 5 s, no process of ``me``'s tree is left that ``before`` did not hold
+    but the servers (the zygote and multiprocessing's tracker stay: per process)."""
+
+    def new_ones():
         found = []
         for p in me.children(recursive=True):
             try:
                 server = p.name() == "gx-zygote" or "resource_tracker" in " ".join(p.cmdline())
+                if p.pid not in before and not server and p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p)
             except psutil.Error:
                 continue
-            if p.pid not in before and not server:
-                found.append(p)
         return found
 
     deadline = time.monotonic() + 5
@@ -572,22 +579,7 @@ def test_ctrl_c_or_sigterm_while_compute_waits_for_hooks_stops_its_workers(how):
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert info.value.run.counts() == {"Failed": 1}
-
-    def workers_left():
-        found = []
-        for p in me.children(recursive=True):
-            try:
-                server = p.name() == "gx-zygote" or "resource_tracker" in " ".join(p.cmdline())
-            except psutil.Error:
-                continue
-            if p.pid not in before and not server and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        return found
-
-    deadline = time.monotonic() + 5
-    while workers_left() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not workers_left()
+    _assert_no_new_workers(me, before)
 
 
 @gx.task

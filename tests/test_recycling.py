@@ -221,24 +221,13 @@ def test_an_initializer_that_ends_its_process_fails_the_calls_once_and_for_all(t
         assert "ended its worker process before returning (exit code 4" in str(error.__cause__)
 
 
-def test_an_initializer_that_ends_its_process_once_costs_no_node(tmp_path):
+@pytest.mark.parametrize("initializer", [fail_first_time, exit_first_time], ids=["raises", "exits"])
+def test_an_initializer_that_fails_once_costs_no_node(tmp_path, initializer):
     graph = gx.Graph()
     with graph:
         nodes = [whoami(i) for i in range(4)]
     marker = str(tmp_path / "ran")
-    with gx.Pool(workers=2, initializer=exit_first_time, initargs=(marker,)) as pool:
-        run = graph.compute(pool=pool, keep="all")
-    _assert_all_first_attempt(run)
-    assert all(isinstance(run[n], int) for n in nodes)
-    assert os.path.exists(marker)
-
-
-def test_an_initializer_that_fails_once_costs_no_node(tmp_path):
-    graph = gx.Graph()
-    with graph:
-        nodes = [whoami(i) for i in range(4)]
-    marker = str(tmp_path / "ran")
-    with gx.Pool(workers=2, initializer=fail_first_time, initargs=(marker,)) as pool:
+    with gx.Pool(workers=2, initializer=initializer, initargs=(marker,)) as pool:
         run = graph.compute(pool=pool, keep="all")
     _assert_all_first_attempt(run)
     assert all(isinstance(run[n], int) for n in nodes)
