@@ -161,43 +161,27 @@ def read_kept(key):
 
 
 @pytest.mark.timeout(60)
-def test_an_input_a_worker_keeps_is_not_rewritten_by_a_later_result():
-    # One worker: it keeps a reference to its input; the parent releases the value
-    # once its consumers are done, and a later result of the same size must not be
-    # written into that segment (recycled) under the worker's mapping.
+@pytest.mark.parametrize("keepers", [1, 2], ids=["one call keeps it", "two, one lets go"])
+def test_an_input_a_worker_keeps_is_not_rewritten_by_a_later_result(keepers):
+    # One worker: its tasks keep a reference to their input; the parent releases the
+    # value once its consumers are done, and a later result of the same size must not
+    # be written into that segment (recycled) under the worker's mapping. With two
+    # calls keeping it and the first letting go, the second's mapping must still
+    # count (one pin per process once served only the first mapping).
     graph = gx.Graph()
     with graph:
         ones = filled(1)
-        kept = keep_as("one", ones)
-        other = first_item(ones)
-        sevens = filled(7).wait_for([kept, other])
-        later = first_item(sevens)
-        back = read_kept("one").wait_for([later])
-    run = graph.compute(back, later, sevens, workers=1)  # sevens: to this process, in shm
-    assert run[later] == 7.0
-    assert run[back] == (float(TWO_MIB), 1.0)
-    assert _ours() == []  # the worker's pin went with the run's other segments
-
-
-@pytest.mark.timeout(60)
-def test_an_input_two_calls_keep_stays_pinned_until_both_let_go():
-    # Two calls of one worker keep the same input; the first lets go: the second's
-    # mapping must still keep the segment from being recycled (one pin per process
-    # once served only the first mapping).
-    graph = gx.Graph()
-    with graph:
-        ones = filled(1)
-        a = keep_as("a", ones)
-        b = keep_as("b", ones).wait_for([a])
-        dropped = drop_kept("a").wait_for([b])
-        other = first_item(ones).wait_for([dropped])
+        kept = keep_as("b", ones)
+        if keepers == 2:
+            kept = drop_kept("a").wait_for([keep_as("a", ones).wait_for([kept])])
+        other = first_item(ones).wait_for([kept])
         sevens = filled(7).wait_for([other])
         later = first_item(sevens)
         back = read_kept("b").wait_for([later])
-    run = graph.compute(back, later, sevens, workers=1)
+    run = graph.compute(back, later, sevens, workers=1)  # sevens: to this process, in shm
     assert run[later] == 7.0
     assert run[back] == (float(TWO_MIB), 1.0)
-    assert _ours() == []
+    assert _ours() == []  # the worker's pins went with the run's other segments
 
 
 def _fail_fast_beside(pool):

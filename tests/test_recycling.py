@@ -64,31 +64,29 @@ def exiting_init(starts):
     os._exit(4)
 
 
-def exit_first_time(path):
+def _first_time(path):
+    """True in the first worker that asks only: a file marks that one did."""
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        return
+        return False
     os.close(fd)
-    os._exit(4)
+    return True
+
+
+def exit_first_time(path):
+    if _first_time(path):
+        os._exit(4)
 
 
 def fail_first_time(path):
-    # Fails in the first worker that runs it only: a file marks that it ran.
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
-    raise RuntimeError("transient start-up failure")
+    if _first_time(path):
+        raise RuntimeError("transient start-up failure")
 
 
 def succeed_first_time_only(path):
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        raise RuntimeError("only one worker may start") from None
-    os.close(fd)
+    if not _first_time(path):
+        raise RuntimeError("only one worker may start")
 
 
 def _assert_all_first_attempt(run):
