@@ -578,6 +578,26 @@ def test_arguments_too_deep_or_holding_themselves_are_refused_clearly():
     assert len(graph.nodes) == 2  # nothing of the refused calls was added
 
 
+def test_an_add_cut_short_by_ctrl_c_leaves_no_column_out_of_step():
+    # A Ctrl-C between an add's appends left the first columns one longer: the next
+    # node then ran the cut-short call's function on its arguments (a wrong value,
+    # silently). Here the cut is made by hand: the first three columns appended.
+    graph = gx.Graph()
+    with graph:
+        first = inc(1)
+    graph._tasks.append(graph._tasks[0])
+    graph._opts.append(graph._opts[0])
+    graph._args.append((41,))
+    with graph:
+        second = echo(100)
+    run = graph.compute(workers=0)
+    assert (run[first], run[second]) == (2, 100)
+    with pytest.raises(KeyboardInterrupt), graph:
+        graph._tasks.append(graph._tasks[0])
+        raise KeyboardInterrupt
+    assert len(graph._tasks) == len(graph._nodes) == 2
+
+
 def test_node_result_before_any_compute_is_an_error():
     graph = gx.Graph()
     node = graph.add(inc, 1)

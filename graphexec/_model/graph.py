@@ -161,6 +161,8 @@ class Graph:
     def __exit__(self, *exc: object) -> None:
         _resume_gc()
         pop_graph(self)
+        if len(self._tasks) != len(self._nodes):  # (a Ctrl-C mid-add: see _trim)
+            self._trim()
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -199,6 +201,12 @@ class Graph:
     def _mark(self) -> tuple[int, dict[str, int]]:
         """Where the graph is now, for :meth:`_rollback` (``task.map``)."""
         return len(self._nodes), dict(self._counters)
+
+    def _trim(self) -> None:
+        """Drop what an add cut short left (a Ctrl-C between its appends): every column
+        as long as ``_nodes``, appended last, which says what exists. Else the next
+        node's columns would be another's (its function, its arguments)."""
+        self._rollback((len(self._nodes), self._counters))
 
     def _rollback(self, mark: tuple[int, dict[str, int]]) -> None:
         """Drop the nodes added since ``mark``: the graph is as it was then."""
@@ -276,6 +284,8 @@ class Graph:
             # leaves the graph as it was (its lists stay in step, index for index).
             name = self._node_name(task, opts, args, kwargs)
         index = len(self._nodes)
+        if len(self._tasks) != index:  # an add cut short (Ctrl-C mid-way): undo its rest
+            self._trim()
         node = _new(node_type)  # Node.__init__ without its Python call
         node.graph = self
         node.index = index
@@ -299,6 +309,8 @@ class Graph:
     def _copy_node(self, source: Graph, i: int, mapping: dict[int, Node]) -> Node:
         """Append a copy of ``source``'s node ``i``; its upstreams are already in ``mapping``."""
         index = len(self._nodes)
+        if len(self._tasks) != index:  # (see _add_call)
+            self._trim()
         node = self._node_type(self, index)
         self._tasks.append(source._tasks[i])
         self._opts.append(source._opts[i])
