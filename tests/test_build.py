@@ -598,6 +598,52 @@ def test_an_add_cut_short_by_ctrl_c_leaves_no_column_out_of_step():
     assert len(graph._tasks) == len(graph._nodes) == 2
 
 
+@gx.task
+def keyword_only(a, *, scale, offset=0):
+    return a * scale + offset
+
+
+@gx.task
+def anything(*args, **kwargs):
+    return len(args) + len(kwargs)
+
+
+@pytest.mark.parametrize(
+    ("call", "says"),
+    [
+        (lambda: add(1, 2, 3), "too many positional arguments"),
+        (lambda: add(1), "missing a required argument: 'y'"),
+        (lambda: add(1, 2, z=3), "unexpected keyword argument 'z'"),
+        (lambda: add(1, 2, x=3), "multiple values for argument 'x'"),
+        (lambda: keyword_only(1), "missing a required argument: 'scale'"),
+        (lambda: keyword_only(1, 2), "too many positional arguments"),
+    ],
+)
+def test_arguments_that_do_not_bind_are_refused_at_the_call(call, says):
+    # They were found when the node ran, after its retries (and an overnight run's hours).
+    graph = gx.Graph()
+    with graph, pytest.raises(TypeError, match=f"at .*test_build.py:\\d+: .*{says}"):
+        call()
+    assert len(graph.nodes) == 0
+
+
+def test_arguments_that_bind_are_taken_in_every_form():
+    graph = gx.Graph()
+    with graph:
+        nodes = [
+            add(1, 2),
+            add(1, y=2),
+            add(x=1, y=2),
+            keyword_only(2, scale=3),
+            keyword_only(a=2, scale=3, offset=1),
+            anything(),
+            anything(1, 2, k=3),
+            graph.add(lambda a, b=2: a + b, 1),
+        ]
+    run = graph.compute(workers=0)
+    assert [run[n] for n in nodes] == [3, 3, 3, 6, 7, 0, 3, 3]
+
+
 def test_node_result_before_any_compute_is_an_error():
     graph = gx.Graph()
     node = graph.add(inc, 1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -244,6 +245,19 @@ class Graph:
                     # gx.allow_failure. Data inputs are not: a call never receives an
                     # exception in place of a value it did not ask for.
                     wait_flag = ORDER | ALLOW
+
+        # The arguments must bind to the function's parameters: said at the call, not
+        # when the node runs (a failure there spent its retries first). Inline for
+        # positional arguments, the usual call: a few comparisons.
+        arity = task._arity
+        if arity is None:
+            arity = task._arity = _arity(task.fn)
+        if (
+            arity
+            and (kwargs or not (arity[1] <= len(args) <= arity[5]) or arity[4])
+            and not _fits(arity, args, kwargs)
+        ):
+            _refuse_arguments(task, args, kwargs)
 
         node_type = self._node_type
         # Upstream indices while every edge is a bare node taken as plain data
@@ -612,3 +626,65 @@ class Graph:
         """How the graph shows in a Jupyter notebook: nodes per task and, for a graph
         of at most 50 nodes where Graphviz's ``dot`` is installed, its picture."""
         return surfaces.graph_html(self)
+
+
+# -- arguments against the function's signature, at the call -------------------------
+
+
+def _arity(fn: Callable[..., Any]) -> Any:
+    """What a call of ``fn`` must give, for :func:`_fits`, once per task (``()``: no
+    signature, any call goes): (the most
+    positional arguments, None for ``*args``; the required positional ones; the names
+    a keyword may take, None for ``**kwargs``; the names positional arguments fill;
+    the required keyword-only names)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return ()  # no signature to check (a builtin without one): any call goes
+    kind = inspect.Parameter
+    positional = [
+        p for p in parameters if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)
+    ]
+    most = None if any(p.kind is kind.VAR_POSITIONAL for p in parameters) else len(positional)
+    required = sum(1 for p in positional if p.default is kind.empty)
+    keywords = (
+        None
+        if any(p.kind is kind.VAR_KEYWORD for p in parameters)
+        else frozenset(
+            p.name for p in parameters if p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY)
+        )
+    )
+    names = tuple(p.name for p in positional)
+    kw_required = frozenset(
+        p.name for p in parameters if p.kind is kind.KEYWORD_ONLY and p.default is kind.empty
+    )
+    # (last: the most positional arguments as a number, for the inline check)
+    return most, required, keywords, names, kw_required, math.inf if most is None else most
+
+
+def _fits(arity: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether the call binds (a few comparisons: the build's hot path); a False is
+    said exactly by :func:`_refuse_arguments`."""
+    most, required, keywords, names, kw_required, _ = arity
+    n = len(args)
+    if most is not None and n > most:
+        return False
+    if not kwargs:
+        return n >= required and not kw_required
+    if keywords is not None and not keywords.issuperset(kwargs):
+        return False
+    given = names[:n]
+    if any(name in kwargs for name in given):
+        return False
+    missing = [name for name in names[n:required] if name not in kwargs]
+    return not missing and kw_required.issubset(kwargs)
+
+
+def _refuse_arguments(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """The call does not bind: say so now, as Python would, not when it runs."""
+    try:
+        inspect.signature(task.fn).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(
+            f"{task.name}() at {call_site()}: arguments do not match its signature: {exc}"
+        ) from None

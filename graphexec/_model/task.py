@@ -141,6 +141,9 @@ class Task:
     Use the :func:`task` decorator rather than this class directly.
     """
 
+    # What a call must give (graph._arity), made at the first call in a graph
+    _arity: tuple[Any, ...] | None = None
+
     def __init__(self, fn: Callable[..., Any], options: TaskOptions) -> None:
         self.fn = fn
         self.options = options
