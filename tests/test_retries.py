@@ -222,6 +222,30 @@ def test_backoff_jitter_is_recorded_per_attempt(compute, tmp_path):
         assert gap >= wanted - TOLERANCE
 
 
+def prefects_exponential_backoff(backoff_factor):
+    """prefect.tasks.exponential_backoff, as Prefect 3 defines it: a callable that
+    returns the list of delays for ``retries`` retries."""
+
+    def retry_delays(retries):
+        return [backoff_factor * max(0, 2**r) for r in range(retries)]
+
+    return retry_delays
+
+
+def test_prefects_callable_that_returns_a_list_of_delays_is_taken(compute, tmp_path):
+    # It returned a list: "it must return a finite number of seconds", and no retry.
+    graph = gx.Graph()
+    with graph:
+        node = flaky.with_options(
+            retries=3, retry_delay_seconds=prefects_exponential_backoff(0.01)
+        )(str(tmp_path / "n"), 3)
+    run = compute(graph)
+    history = run.state(node).history
+    assert run[node] == 4
+    assert [a.retry_delay for a in history[:-1]] == pytest.approx([0.01, 0.02, 0.04])
+    assert gx.exponential_backoff(backoff_factor=0.5)(3) == 2.0  # Prefect's keyword too
+
+
 def test_backoff_past_a_floats_range_is_its_max():
     # (2 ** 1100 raised OverflowError: the node failed as "its retry_delay failed")
     assert gx.exponential_backoff(0.5, 2.0, max=30)(1100) == 30

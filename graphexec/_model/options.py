@@ -309,6 +309,7 @@ class exponential_backoff:  # noqa: N801 - spelled like a function, as in Prefec
         max: upper bound of a delay (before jitter), or None.
         jitter: relative random spread; 0.1 draws each delay from ±10 % of its value
             so that many failing tasks do not retry in lock-step.
+        backoff_factor: Prefect's name for ``base`` (``exponential_backoff(backoff_factor=10)``).
 
     Example::
 
@@ -317,8 +318,16 @@ class exponential_backoff:  # noqa: N801 - spelled like a function, as in Prefec
     """
 
     def __init__(
-        self, base: float = 1.0, factor: float = 2.0, max: float | None = None, jitter: float = 0.0
+        self,
+        base: float = 1.0,
+        factor: float = 2.0,
+        max: float | None = None,
+        jitter: float = 0.0,
+        *,
+        backoff_factor: float | None = None,
     ) -> None:
+        if backoff_factor is not None:  # Prefect's spelling: backoff_factor * 2 ** retry
+            base = backoff_factor
         for label, value in (("base", base), ("factor", factor), ("jitter", jitter)):
             _check_seconds(value, label, "exponential_backoff")
         if max is not None:
@@ -359,6 +368,11 @@ def retry_delay_for(options: TaskOptions, retry: int) -> float:
         seconds = delay[min(retry, len(delay)) - 1]
     elif callable(delay):
         given = delay(retry)
+        if isinstance(given, (list, tuple)) and given:
+            # Prefect's form (its exponential_backoff): a list of delays, one a retry,
+            # made for ``retries`` retries; called with this retry's number, its last
+            # item is this retry's delay
+            given = given[min(retry, len(given)) - 1]
         try:
             seconds = float(given)
         except (TypeError, ValueError):
