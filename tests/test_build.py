@@ -627,6 +627,23 @@ def test_arguments_that_do_not_bind_are_refused_at_the_call(call, says):
     assert len(graph.nodes) == 0
 
 
+def test_a_generator_argument_and_misspelt_switches_are_refused_at_once():
+    # A generator was consumed when the task ran: its task calls then ran as plain
+    # calls (sync, threads) or it failed to pickle (processes). fail_fast="no" was on.
+    graph = gx.Graph()
+    with graph, pytest.raises(TypeError, match=r"an argument is a generator.*list\(\.\.\.\)"):
+        echo(inc(i) for i in range(3))
+    assert len(graph.nodes) == 0
+    with graph:
+        echo(1)
+    for key, value in (("fail_fast", "no"), ("raise_on_failure", None)):
+        with pytest.raises(TypeError, match=f"{key}= must be True or False"):
+            graph.compute(workers=0, **{key: value})
+    assert graph.compute(workers=0, fail_fast=1, raise_on_failure=0).ok
+    with pytest.raises(ValueError, match="timeout=-1 must be a number of seconds above 0"):
+        gx.task(timeout=-1)(inc)
+
+
 def test_arguments_that_bind_are_taken_in_every_form():
     graph = gx.Graph()
     with graph:

@@ -21,7 +21,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterable
-from types import MethodType
+from types import GeneratorType, MethodType
 from typing import TYPE_CHECKING, Any
 
 from .node import ALLOW, DATA, ORDER, Node, allow_failure, call_site
@@ -273,6 +273,14 @@ class Graph:
             if kind is node_type and value.graph is self and found is None:
                 ups.append(value.index)
                 continue
+            if kind is GeneratorType:
+                # Consumed when the task runs, not now: its task calls would run then,
+                # as plain calls, with no edges (or it fails to pickle for a worker)
+                raise TypeError(
+                    f"{task.name}() at {call_site()}: an argument is a generator; a graph "
+                    "is built from values, not from iterators consumed later: pass "
+                    "list(...) of it"
+                )
             if found is None:
                 found = dict.fromkeys(ups, DATA)
             copied = take_nodes(value, self._collector(found), DATA)

@@ -184,6 +184,10 @@ def _check_retry_on(value: Any, key: str, where: str) -> Any:
 def _check_timeout(value: Any, key: str, where: str) -> float | None:
     if value is None:
         return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise ValueError(
+            f"{where}: {key}={value!r} must be a number of seconds above 0 (None: no timeout)"
+        )
     seconds = _check_seconds(value, key, where)
     if seconds == 0:
         raise ValueError(f"{where}: {key}=0 would fail every attempt; use None for no timeout")

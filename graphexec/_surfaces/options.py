@@ -149,6 +149,10 @@ class ComputeOptions:
                 f"{where}: max_calls_per_worker= recycles worker processes; "
                 f"scheduler={scheduler!r} runs in this process"
             )
+        for key, flag in (("fail_fast", fail_fast), ("raise_on_failure", raise_on_failure)):
+            # (bool("no") is True: a switch takes True or False, 1 or 0, numpy's bools)
+            if isinstance(flag, str) or flag not in (True, False):
+                raise TypeError(f"{where}: {key}= must be True or False, got {flag!r}")
         return cls(
             workers=count,
             scheduler=scheduler,
