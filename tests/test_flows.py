@@ -1354,9 +1354,9 @@ def _abort():
 def test_a_task_raising_a_base_exception_fails_its_node_only(scheduler):
     # SPEC §3: a failure is the task raising; a Failed state of that node only.
     def body():
-        return _abort.submit().wait(timeout=10)
+        return _abort.submit().wait(timeout=10)  # a Failed State, returned: the flow fails
 
-    with pytest.raises(gx.GraphFailed) as caught:
+    with pytest.raises(_Abort) as caught:
         run_flow(body, scheduler)
     (failed,) = caught.value.run.failed
     assert isinstance(caught.value.run.state(failed).exception, _Abort)
@@ -1466,3 +1466,37 @@ def test_ctrl_c_in_a_flow_body_runs_no_always_task(tmp_path, form):
             body()
     time.sleep(0.5)  # a cleanup that ran would have written by now
     assert not marker.exists()
+
+
+@gx.task
+def _raises_bad():
+    raise ValueError("bad")
+
+
+@gx.task
+def _fine():
+    return 1
+
+
+@pytest.mark.parametrize("shape", ["state", "list of states"])
+def test_a_flow_returning_a_failed_state_fails(shape):
+    # As in Prefect, a returned Failed State makes the flow Failed; it came back as a
+    # plain value and the flow succeeded.
+    @gx.flow(workers=2)
+    def returns_states():
+        failed = _raises_bad(return_state=True)
+        if shape == "state":
+            return failed
+        return [_fine(return_state=True), failed]
+
+    with pytest.raises(ValueError, match="bad"):
+        returns_states()
+
+
+def test_a_flow_returning_completed_states_returns_them():
+    @gx.flow(workers=2)
+    def returns_states():
+        return [_fine(return_state=True), _fine.submit(return_state=True)]
+
+    states = returns_states()
+    assert [s.result() for s in states] == [1, 1]

@@ -16,8 +16,9 @@ from typing import Any
 
 from .._model.errors import safe_str
 from .._model.node import user_stacklevel
+from .._model.state import State
 from .._model.task import refuse_coroutine_function
-from .._model.walk import replace_nodes
+from .._model.walk import find_nodes, replace_nodes
 from .backends import make_executor, starts_own_pool
 from .compute import warn_of_unused_limits
 from .eager import Session, flow_session, pool_block, pop_context, push_context
@@ -237,9 +238,19 @@ def _resolve(value: Any) -> Any:
 
     A future gives its result; a node of a lazy graph its value in that graph's
     latest run (a graph computed in the body). Nodes of different graphs share
-    indices, so each is looked up by its own graph, never by index alone.
+    indices, so each is looked up by its own graph, never by index alone. A
+    Failed or Skipped :class:`State` in it (``return_state=True``) fails the flow
+    with its exception, as Prefect makes such a flow Failed (a State returned
+    as a plain value was the flow's success).
     """
-    return replace_nodes(value, lambda node: node.result())
+    resolved = replace_nodes(value, lambda node: node.result())
+
+    def fail_on(obj: Any) -> None:
+        if isinstance(obj, State) and (obj.is_failed() or obj.is_skipped()):
+            obj.result()  # raises the failure (UpstreamFailed for a skip)
+
+    find_nodes(resolved, lambda node, flag: None, 0, fail_on)
+    return resolved
 
 
 # Every option @gx.flow takes: the run options, its name, and Prefect's alias of workers=.
