@@ -1500,3 +1500,30 @@ def test_a_flow_returning_completed_states_returns_them():
 
     states = returns_states()
     assert [s.result() for s in states] == [1, 1]
+
+
+def test_a_flow_call_takes_prefects_return_state_and_wait_for():
+    # Both went into the flow's own function: "unexpected keyword argument".
+    @gx.flow(workers=2)
+    def child(x):
+        return _fine() + x
+
+    @gx.flow(workers=2)
+    def failing():
+        return _raises_bad()
+
+    state = child(1, return_state=True)
+    assert state.is_completed() and state.result() == 2
+    state = failing(return_state=True)
+    assert state.is_failed() and isinstance(state.exception, ValueError)
+    with pytest.raises(ValueError):
+        state.result()
+
+    @gx.flow(workers=2)
+    def parent_that_looks():
+        ok, bad = _fine.submit(), _raises_bad.submit()
+        after_bad = child(3, wait_for=[bad], return_state=True)
+        bad.state  # looked at: handled  # noqa: B018
+        return child(2, wait_for=[ok]), type(after_bad.exception).__name__
+
+    assert parent_that_looks() == (3, "UpstreamFailed")

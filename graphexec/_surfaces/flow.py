@@ -10,18 +10,19 @@ and raises :class:`GraphFailed` for failures nobody handled or looked at.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-from .._model.errors import safe_str
+from .._model.errors import UpstreamFailed, one_line, safe_str
 from .._model.node import user_stacklevel
-from .._model.state import State
+from .._model.state import COMPLETED, FAILED, State
 from .._model.task import refuse_coroutine_function
 from .._model.walk import find_nodes, replace_nodes
 from .backends import make_executor, starts_own_pool
 from .compute import warn_of_unused_limits
-from .eager import Session, flow_session, pool_block, pop_context, push_context
+from .eager import Future, Session, flow_session, pool_block, pop_context, push_context, wait
 from .hooks import Dispatch, ambient_observers, end_hooks, outcome
 from .options import ComputeOptions
 from .progress import make_observers
@@ -85,6 +86,38 @@ class Flow:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the flow. Prefect's call keywords, which the flow's own parameters do
+        not take: ``return_state=True`` returns the flow's final :class:`State`
+        (Completed with its value, or Failed with the exception it would raise)
+        instead of raising; ``wait_for=[futures]`` waits for them first, and does
+        not run the flow (UpstreamFailed) if one of them did not complete."""
+        params = _parameters(self.fn)
+        return_state = kwargs.pop("return_state", False) if "return_state" not in params else False
+        wait_for = kwargs.pop("wait_for", None) if "wait_for" not in params else None
+        if not return_state:
+            return self._run(wait_for, args, kwargs)
+        try:
+            value = self._run(wait_for, args, kwargs)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # (a GraphFailed, the body's own exception)
+            return State(FAILED, self.name, exception=exc, message=one_line(exc))
+        return State(COMPLETED, self.name, value=value)
+
+    def _run(self, wait_for: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if wait_for is not None:
+            found: list[Any] = []
+            find_nodes(wait_for, lambda node, flag: found.append(node), 0)
+            futures = [f for f in found if isinstance(f, Future)]
+            wait(futures)
+            for future in futures:
+                state = future.state
+                if not state.is_completed():
+                    raise UpstreamFailed(
+                        f"flow {self.name} did not run: its wait_for upstream "
+                        f"{future.name} ended {state.name}",
+                        node=self.name,
+                    )
         outer = flow_session()
         if outer is not None:
             # A flow called inside a flow runs in the outer one's session: same
@@ -231,6 +264,14 @@ def _outcome_of(exc: BaseException, session: Session) -> tuple[str, ...]:
     if session._error is not None or not isinstance(exc, Exception):
         return ("on_crashed",)  # graphexec's scheduler thread failed, or SystemExit & co.
     return ("on_cancellation", "on_failure") if _fail_fast(session) else ("on_failure",)
+
+
+def _parameters(fn: Callable[..., Any]) -> frozenset[str]:
+    """The names ``fn`` takes (its own ``return_state``/``wait_for`` stay its own)."""
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
 
 
 def _resolve(value: Any) -> Any:
