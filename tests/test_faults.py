@@ -935,8 +935,14 @@ def test_an_unpicklable_argument_is_not_retried(backend):
 @pytest.mark.parametrize("unpicklable_argument", ["lock", "generator", "socket"], indirect=True)
 @pytest.mark.parametrize("where", ["positional", "keyword", "nested"])
 def test_an_unpicklable_argument_fails_its_node_naming_it(backend, unpicklable_argument, where):
-    _, value, type_name = unpicklable_argument
+    kind, value, type_name = unpicklable_argument
     graph = gx.Graph()
+    if kind == "generator" and where != "nested":
+        # An argument itself a generator is refused at the call (it would be consumed
+        # when the task runs); inside a container it goes on as any other object.
+        with graph, pytest.raises(TypeError, match="an argument is a generator"):
+            identity(value) if where == "positional" else identity(x=value)
+        return
     with graph:
         if where == "positional":
             bad, label = identity(value), "argument 0"
