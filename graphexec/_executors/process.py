@@ -1724,8 +1724,7 @@ class ProcessPool:
 
     def _initializer_died(self, w: _Worker, exitcode: int | None) -> None:
         """``w`` ended inside the pool's initializer: an initializer failure."""
-        signal_name, advice = describe_exitcode(exitcode)
-        code = f"exit code {exitcode}" + (f", {signal_name}" if signal_name else "")
+        code, signal_name, advice = _exit_words(exitcode)
         error = WorkerCrashed(
             f"the pool's initializer {self._init_name} ended its worker process before "
             f"returning ({code}: {advice})",
@@ -2109,9 +2108,18 @@ def did_not_finish(call: Call, why: str) -> WorkerCrashed:
     return WorkerCrashed(f"{call.name} did not finish: {why}", node=call.name, retryable=False)
 
 
-def _crash_error(call: Call, exitcode: int | None, loading: bool = False) -> WorkerCrashed:
+def _exit_words(exitcode: int | None) -> tuple[str, str | None, str]:
+    """``("exit code -11, SIGSEGV", "SIGSEGV", advice)`` for a worker's exit code."""
     signal_name, advice = describe_exitcode(exitcode)
-    code = f"exit code {exitcode}" + (f", {signal_name}" if signal_name else "")
+    return (
+        f"exit code {exitcode}" + (f", {signal_name}" if signal_name else ""),
+        signal_name,
+        advice,
+    )
+
+
+def _crash_error(call: Call, exitcode: int | None, loading: bool = False) -> WorkerCrashed:
+    code, signal_name, advice = _exit_words(exitcode)
     if loading:
         what = (
             f"the worker process that was to run {call.name} died while starting or "

@@ -365,10 +365,9 @@ class Graph:
             bound = inspect.signature(task.fn).bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = bound.arguments
-        except (TypeError, ValueError) as exc:
-            raise TypeError(
-                f"{task.name}() at {call_site()}: arguments do not match its signature: {exc}"
-            ) from None
+        except (TypeError, ValueError):
+            _refuse_arguments(task, args, kwargs)  # the one message for a call that does not bind
+            raise
         if callable(template):
             # Prefect's form takes no parameters (it reads the run context); ours
             # gets the call's arguments by name.
@@ -692,7 +691,7 @@ def _refuse_arguments(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any])
     """The call does not bind: say so now, as Python would, not when it runs."""
     try:
         inspect.signature(task.fn).bind(*args, **kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # (ValueError: it has no signature)
         raise TypeError(
             f"{task.name}() at {call_site()}: arguments do not match its signature: {exc}"
         ) from None
