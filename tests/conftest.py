@@ -62,6 +62,18 @@ def pytest_configure(config: pytest.Config) -> None:
 # -- leaked processes ----------------------------------------------------------
 
 
+def running(pid: int) -> bool:
+    """Whether process ``pid`` is still running (an unreaped zombie has ended).
+
+    The one way the suite asks it: a process can end between any two psutil
+    calls, so ``pid_exists(p) and Process(p).status()`` races.
+    """
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _is_multiprocessing_helper(proc: psutil.Process, me: int) -> bool:
     """multiprocessing's forkserver and resource tracker, and graphexec's zygote
     (a fork of this process named ``gx-zygote``), live for the whole session.

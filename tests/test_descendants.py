@@ -20,6 +20,7 @@ import time
 
 import psutil
 import pytest
+from conftest import running
 
 import graphexec as gx
 
@@ -59,18 +60,11 @@ def daemonize_and_hang(path):
     time.sleep(60)
 
 
-def _alive(pid):
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def _gone_soon(pid, within=5.0):
     deadline = time.monotonic() + within
-    while _alive(pid) and time.monotonic() < deadline:
+    while running(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    return not _alive(pid)
+    return not running(pid)
 
 
 def _read_pid(path):
@@ -121,7 +115,7 @@ def test_closing_the_pool_takes_the_daemon(tmp_path, daemons):
         pid = graph.compute(pool=pool)[node]
         daemons.append(pid)
         time.sleep(0.2)
-        assert _alive(pid)  # a warm worker keeps what its tasks started
+        assert running(pid)  # a warm worker keeps what its tasks started
     assert _gone_soon(pid)
 
 

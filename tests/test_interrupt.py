@@ -22,6 +22,7 @@ import time
 
 import psutil
 import pytest
+from conftest import running
 
 import graphexec as gx
 
@@ -166,10 +167,7 @@ class _Output:
 
 
 def _gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+    return not running(pid)
 
 
 @pytest.mark.timeout(60)
@@ -197,12 +195,12 @@ def test_ctrl_c_cancels_what_is_pending_keeps_what_is_done_and_stops_workers(
     )
     try:
         output = _Output(proc)
-        running = 1 if mode == "sync" else 2
+        sleepers = 1 if mode == "sync" else 2
 
         def ready(lines):
             return (
                 any("FAST-DONE" in x for x in lines)
-                and sum(x.count("SLEEPING") for x in lines) == running
+                and sum(x.count("SLEEPING") for x in lines) == sleepers
             )
 
         output.wait_for(ready, 30)

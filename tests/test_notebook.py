@@ -27,6 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import running
 
 import graphexec as gx
 from graphexec._model.state import FAILED, State
@@ -421,7 +422,7 @@ def test_interrupting_the_kernel_cancels_the_run_and_leaves_no_worker(kernel_env
         while (left := _workers_left(kernel_pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert left == []
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+        alive = [p for p in pids if running(p)]
         assert alive == []
     finally:
         # The kernel's forkserver and resource tracker end with it: wait for them,

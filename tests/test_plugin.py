@@ -14,8 +14,8 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-import psutil
 import pytest
+from conftest import running
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,13 +57,6 @@ def run_inner(pytester: pytest.Pytester, *args: str, plugin: bool = True) -> pyt
     return pytester.runpytest_subprocess(
         *extra, "-s", "-p", "no:cacheprovider", *args, timeout=INNER_TIMEOUT
     )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.mark.timeout(INNER_TIMEOUT + 30)
@@ -160,7 +153,7 @@ def test_one_warm_pool_for_the_session_closed_at_its_end(
     # the test process, and none alive once the session is over.
     pids = record["pids"]
     assert len(pids) == 2 and record["test_process"] not in pids, record
-    assert [pid for pid in pids if _alive(pid)] == [], "orphaned workers"
+    assert [pid for pid in pids if running(pid)] == [], "orphaned workers"
 
 
 @pytest.mark.timeout(INNER_TIMEOUT + 30)
@@ -175,7 +168,7 @@ def test_graphexec_workers_sets_the_pool_size(
     record = json.loads(record_path.read_text())
     assert record["workers"] == [3]
     assert record["closed"] == [True]
-    assert [pid for pid in record["pids"] if _alive(pid)] == []
+    assert [pid for pid in record["pids"] if running(pid)] == []
 
 
 @pytest.mark.timeout(INNER_TIMEOUT + 30)

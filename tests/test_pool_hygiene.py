@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 import pytest
+from conftest import running
 
 import graphexec as gx
 from graphexec._executors import process as _process
@@ -321,7 +322,7 @@ def test_a_program_exiting_while_a_daemon_thread_computes_ends_its_run_cleanly(
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     pids = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("PIDS "))[5:])
     deadline = time.monotonic() + 10
-    while any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
+    while any(running(p) for p in pids):
         assert time.monotonic() < deadline, "a worker outlived the program"
         time.sleep(0.05)
     states = json.loads((tmp_path / "states.json").read_text())

@@ -15,6 +15,7 @@ from collections import Counter
 
 import psutil
 import pytest
+from conftest import running
 
 import graphexec as gx
 
@@ -151,14 +152,7 @@ def test_a_warm_pool_recycles_across_computes():
         deadline = time.monotonic() + 5
         while any(psutil.pid_exists(p) for p in gone) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not [p for p in gone if _alive(p)]  # retired workers were reaped
-
-
-def _alive(pid):
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+        assert not [p for p in gone if running(p)]  # retired workers were reaped
 
 
 def test_initializer_runs_in_every_worker_recycled_ones_too():
@@ -265,9 +259,9 @@ def test_isolated_calls_get_a_fresh_worker_each_discarded_after():
         assert len(set(lone)) == 4
         assert not set(lone) & {run[n] for n in shared}
         deadline = time.monotonic() + 5
-        while any(_alive(p) for p in lone) and time.monotonic() < deadline:
+        while any(running(p) for p in lone) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not [p for p in lone if _alive(p)]
+        assert not [p for p in lone if running(p)]
         assert not set(lone) & {w.pid for w in pool._workers.values()}
 
 

@@ -14,8 +14,8 @@ import time
 import weakref
 from typing import Any
 
-import psutil
 import pytest
+from conftest import running
 
 import graphexec as gx
 from graphexec._engine import collector
@@ -430,11 +430,7 @@ def test_compute_without_pool_stops_its_workers():
     deadline = time.monotonic() + 3
     alive = worker_pids
     while alive and time.monotonic() < deadline:
-        alive = {
-            p
-            for p in alive
-            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-        }
+        alive = {p for p in alive if running(p)}
         time.sleep(0.02)
     assert not alive, f"workers still running after compute: {alive}"
 

@@ -19,8 +19,8 @@ import textwrap
 import threading
 import time
 
-import psutil
 import pytest
+from conftest import running
 
 from graphexec._surfaces.signals import Terminated, sigterm_as_interrupt
 
@@ -102,18 +102,11 @@ def _wait_for_workers(proc):
     raise AssertionError(f"the script ended early: {proc.stderr.read().decode()}")
 
 
-def _alive(pid):
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def _none_alive(pids, within=5.0):
     deadline = time.monotonic() + within
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
-    return not [p for p in pids if _alive(p)]
+    return not [p for p in pids if running(p)]
 
 
 def _finish(proc, timeout=30):
@@ -275,4 +268,4 @@ def test_sigterm_in_an_eager_session_ends_the_process_and_leaves_no_worker_behin
     proc.send_signal(signal.SIGTERM)
     err = _finish(proc)
     assert proc.returncode == -signal.SIGTERM, err
-    assert _none_alive(pids), [p for p in pids if _alive(p)]
+    assert _none_alive(pids), [p for p in pids if running(p)]

@@ -31,6 +31,7 @@ from collections import Counter
 import numpy as np
 import psutil
 import pytest
+from conftest import running
 
 import graphexec as gx
 from graphexec._data import cache
@@ -239,13 +240,7 @@ def _orphans(pids, grace=5.0):
     """Worker pids still alive ``grace`` seconds after their compute returned."""
     deadline = time.monotonic() + grace
     while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
+        alive = [pid for pid in pids if running(pid)]
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.1)
@@ -506,7 +501,7 @@ def _resources():
         if os.path.isdir("/dev/shm")
         else []
     )
-    children = [p for p in me.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    children = [p for p in me.children(recursive=True) if running(p.pid)]
     return {
         "fds": me.num_fds(),
         "threads": me.num_threads(),
