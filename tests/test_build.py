@@ -477,7 +477,7 @@ def test_non_callable_is_a_type_error(thing):
         ({"timeout": -1}, ValueError, "timeout"),
         ({"timeout": float("inf")}, ValueError, "timeout"),
         ({"trigger": "sometimes"}, ValueError, "sometimes"),
-        ({"retires": 3}, TypeError, "unknown task option retires"),
+        ({"retires": 3}, TypeError, "unknown option retires="),
         ({"retry_delay": -0.5}, ValueError, "retry_delay"),
         ({"retry_delay": []}, ValueError, "empty"),
         ({"retry_on": "ValueError"}, TypeError, "retry_on"),

@@ -17,6 +17,9 @@ Every flow runs on ``processes`` and ``sync`` (the ``scheduler`` fixture).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 import graphexec as gx
@@ -258,3 +261,119 @@ def test_async_def_tasks_and_flows_are_refused_when_decorated():
         gx.flow(workers=2)(fetch)
     with pytest.raises(TypeError, match=r"async def"):
         gx.Graph().add(fetch, 1)
+
+
+# -- decorator keywords: Prefect's metadata accepted, the others say what to write --
+
+QUICKSTART = """
+import graphexec as gx
+
+@gx.task(log_prints=True, description="says hello", version="2")
+def hello(name):
+    print(f"Hello {name}!")
+    return name
+
+@gx.flow(log_prints=True, flow_run_name="greet-{n}", workers=2, validate_parameters=False)
+def greet(n=2):
+    return [hello.submit(f"p{i}") for i in range(n)]
+
+print("VALUES", greet(), greet(n=3, return_state=True).name)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_prefect_metadata_keywords_run_as_written_and_prints_reach_the_terminal(tmp_path):
+    script = tmp_path / "quickstart.py"
+    script.write_text(QUICKSTART)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout.splitlines()
+    assert "VALUES ['p0', 'p1'] Completed" in out
+    # log_prints=True: what the task prints reaches the terminal, on its node's line
+    assert {"[hello-0] Hello p0!", "[hello-1] Hello p1!", "[hello-2] Hello p2!"} <= set(out)
+
+
+def test_description_and_version_read_back_as_prefect_does():
+    @gx.task
+    def plain(x):
+        """Twice x."""
+        return 2 * x
+
+    described = plain.with_options(description="doubles", version="1.2")
+    assert (plain.description, plain.version) == ("Twice x.", None)
+    assert (described.description, described.version) == ("doubles", "1.2")
+    assert described(3) == 6  # the options change nothing else
+
+    def body(n):
+        """A sweep."""
+        return n
+
+    assert gx.flow(body).description == "A sweep."
+    made = gx.flow(description="sweeps", version="7", log_prints=False)(body)
+    assert (made.description, made.version, made(4)) == ("sweeps", "7", 4)
+    with pytest.raises(TypeError, match=r"version= must be a string, got int"):
+        gx.task(version=2)(body)
+    with pytest.raises(TypeError, match=r"log_prints= must be True, False or None"):
+        gx.flow(log_prints="yes")(body)
+
+
+def test_flow_run_name_names_each_calls_run(scheduler):
+    seen = []
+
+    def hook(flow, flow_run, state):
+        seen.append((flow.name, flow_run.name, state.name))
+
+    def body(seed, scale=2):
+        return seed * scale
+
+    options = {"workers": 2} if scheduler != "sync" else {}
+    templated = gx.flow(
+        flow_run_name="sim-{seed}-x{scale}", on_completion=[hook], scheduler=scheduler, **options
+    )(body)
+    assert templated(3) == 6
+    assert templated(seed=1, scale=5) == 5
+    by_callable = gx.flow(flow_run_name=lambda: "fixed", on_completion=[hook], **options)(body)
+    by_callable(1)
+    assert seen == [
+        ("body", "sim-3-x2", "Completed"),
+        ("body", "sim-1-x5", "Completed"),
+        ("body", "fixed", "Completed"),
+    ]
+    with pytest.raises(ValueError, match=r"flow_run_name='\{sed\}' names 'sed', which is not a"):
+        gx.flow(flow_run_name="{sed}")(body)(1)
+    with pytest.raises(TypeError, match=r"missing a required argument|required positional"):
+        templated()  # does not bind: Python's own error, not the template's
+
+
+@pytest.mark.parametrize(
+    ("decorator", "options", "says"),
+    [
+        (
+            gx.task,
+            {"cache_policy": object()},
+            r"Prefect's cache_policy= has no counterpart here: give cache=True",
+        ),
+        (gx.task, {"persist_result": True}, r"persist_result=.*cache=True keeps them across runs"),
+        (gx.task, {"result_storage": "s3/bucket"}, r"result_storage=.*cache_dir="),
+        (gx.task, {"result_serializer": "json"}, r"result_serializer=.*pickled"),
+        (gx.task, {"on_running": []}, r"on_running=.*on_node_start"),
+        (
+            gx.flow,
+            {"retries": 2},
+            r"retries=.*give retries= \(and retry_delay_seconds=\) to its tasks",
+        ),
+        (gx.flow, {"retry_delay_seconds": 5}, r"retry_delay_seconds=.*to its tasks"),
+        (gx.flow, {"timeout_seconds": 60}, r"timeout_seconds=.*to its tasks"),
+        (gx.flow, {"validate_parameters": True}, r"does not validate or convert"),
+        (gx.flow, {"task_runner": object()}, r"task_runner=.*workers=N"),
+        (gx.flow, {"cache_policy": object()}, r"cache_policy=.*cache=True"),
+    ],
+)
+def test_prefect_keywords_done_another_way_say_what_to_write(decorator, options, says):
+    def body(x=1):
+        return x
+
+    with pytest.raises(TypeError, match=says):
+        decorator(**options)(body)
+    with pytest.raises(TypeError, match=r"unknown option\(?s?\)? bogus"):
+        decorator(bogus=1)(body)  # an unknown keyword of no one still lists the known ones

@@ -89,6 +89,23 @@ def _takes_parameters(fn: Callable[..., Any]) -> bool:
         return True
 
 
+def run_name(template: str | Callable[..., Any], arguments: dict[str, Any], what: str) -> str:
+    """The name a ``task_run_name=`` or ``flow_run_name=`` template (``what``) gives
+    a call whose bound ``arguments`` (defaults applied) are these."""
+    if callable(template):
+        # Prefect's form takes no parameters (it reads the run context); ours
+        # gets the call's arguments by name.
+        if not _takes_parameters(template):
+            return str(template())
+        return str(template(**arguments))
+    try:
+        return template.format(**arguments)
+    except (KeyError, IndexError) as exc:
+        raise ValueError(
+            f"{what}{template!r} names {exc}, which is not a parameter of the function"
+        ) from None
+
+
 def _with_wait(current: int, flag: int) -> int:
     """The flags of an edge with ``current`` once ``wait_for`` adds ``flag`` to it
     (ORDER, with ALLOW from ``gx.allow_failure`` or the call's ``allow_failure=True``).
@@ -368,19 +385,7 @@ class Graph:
         except (TypeError, ValueError):
             _refuse_arguments(task, args, kwargs)  # the one message for a call that does not bind
             raise
-        if callable(template):
-            # Prefect's form takes no parameters (it reads the run context); ours
-            # gets the call's arguments by name.
-            if not _takes_parameters(template):
-                return str(template())
-            return str(template(**arguments))
-        try:
-            return template.format(**arguments)
-        except (KeyError, IndexError) as exc:
-            raise ValueError(
-                f"{task.name}: task_run_name={template!r} names {exc}, which is not a "
-                "parameter of the function"
-            ) from None
+        return run_name(template, arguments, f"{task.name}: task_run_name=")
 
     def _scan_wait_for(
         self, wait_for: Any, found: dict[int, int], name: str, base: int = ORDER

@@ -22,6 +22,73 @@ ALIASES = {
     "timeout_seconds": "timeout",
 }
 
+# Prefect keywords graphexec has no counterpart for, and what to write instead:
+# a Prefect user's unknown keyword meets one sentence that says what to do, not
+# a list of the options there are. Shared by @task and @flow (``prefect_only``).
+PREFECT_ONLY = {
+    "cache_policy": (
+        "give cache=True (an entry is keyed by the task's code and its inputs, as "
+        "Prefect's TASK_SOURCE + INPUTS), or cache_key_fn= for a key of your own; "
+        "the entries go in cache_dir= of compute() or @gx.flow"
+    ),
+    "persist_result": (
+        "values stay in memory for the run; cache=True keeps them across runs "
+        "(in cache_dir=), and run_dir= keeps a record of the run"
+    ),
+    "result_storage": (
+        "values stay in memory for the run; cache=True keeps them across runs, in the "
+        "directory compute(cache_dir=) or @gx.flow(cache_dir=) names"
+    ),
+    "result_storage_key": "cache_key_fn= names a cache entry (with cache_dir=)",
+    "result_serializer": (
+        "values travel and are stored pickled (cloudpickle; numpy buffers apart, "
+        "without a copy); there is no other serializer"
+    ),
+    "cache_result_in_memory": (
+        "a run keeps a value only while a node that needs it has not run, and the "
+        "values asked for (compute's targets, a flow's futures)"
+    ),
+    "on_running": (
+        "a gx.Observer (observers=[...] on compute() or @gx.flow) is told when a run "
+        "starts, on_start(run), and when each attempt of a node starts, "
+        "on_node_start(node, attempt)"
+    ),
+    "on_rollback": "graphexec has no transactions: use on_failure=",
+    "on_commit": "graphexec has no transactions: use on_completion=",
+    "task_runner": (
+        "give workers=N (ThreadPoolTaskRunner(max_workers=N): scheduler='threads', "
+        "workers=N; DaskTaskRunner: cluster=Client(...))"
+    ),
+}
+
+# Prefect's flow keywords for a whole flow run that graphexec does per task.
+PREFECT_FLOW_ONLY = {
+    "retries": (
+        "a flow's body is not run again; give retries= (and retry_delay_seconds=) "
+        "to its tasks: a failed task is retried alone, nothing that completed runs "
+        "twice"
+    ),
+    "timeout_seconds": (
+        "a flow's body cannot be stopped from outside; give timeout_seconds= to its "
+        "tasks (each attempt is stopped at its deadline, its worker replaced)"
+    ),
+    "validate_parameters": (
+        "graphexec does not validate or convert a flow's parameters (Prefect's "
+        "validate_parameters=True); validate_parameters=False is accepted"
+    ),
+}
+PREFECT_FLOW_ONLY["retry_delay_seconds"] = PREFECT_FLOW_ONLY["retries"]
+
+
+def unknown_option(where: str, key: str, known: Iterable[str], hints: dict[str, str]) -> str:
+    """The message for an unknown option ``key=``: what to write instead when it is
+    one of Prefect's (``hints``), else the options there are."""
+    hint = hints.get(key)
+    if hint is not None:
+        return f"{where}: Prefect's {key}= has no counterpart here: {hint}"
+    return f"{where}: unknown option {key}=; known options: {', '.join(sorted(known))}"
+
+
 # Call keywords a task's own parameters may not use.
 RESERVED_KEYWORDS = ("wait_for", "allow_failure", "return_state")
 
@@ -37,8 +104,10 @@ class TaskOptions:
         "allow_failure",
         "cache_expiration",
         "cache_key_fn",
+        "description",
         "inner_threads",
         "isolate",
+        "log_prints",
         "max_concurrency",
         "name",
         "on_completion",
@@ -55,6 +124,7 @@ class TaskOptions:
         "task_run_name",
         "timeout",
         "trigger",
+        "version",
     )
 
     def __init__(self) -> None:
@@ -85,6 +155,13 @@ class TaskOptions:
         # Threads the native libraries (BLAS, OpenMP) may use during each call;
         # None: the pool's count (see _executors/threadlimits.py).
         self.inner_threads: int | None = None
+        # Prefect's metadata, for Prefect code run as written: ``Task.description``
+        # and ``Task.version``. ``log_prints`` changes nothing: what a task prints
+        # always reaches the terminal, prefixed with its node (as Prefect's
+        # log_prints=True shows it in the run's log).
+        self.description: str | None = None
+        self.version: str | None = None
+        self.log_prints: bool | None = None
 
     def copy(self) -> TaskOptions:
         new = TaskOptions.__new__(TaskOptions)
@@ -111,8 +188,8 @@ class TaskOptions:
                 continue
             validator = _VALIDATORS.get(canonical)
             if validator is None:
-                known = ", ".join(sorted(set(_VALIDATORS) | set(ALIASES) | {"cache"}))
-                raise TypeError(f"{where}: unknown task option {key}=; known options: {known}")
+                known = set(_VALIDATORS) | set(ALIASES) | {"cache"}
+                raise TypeError(unknown_option(where, key, known, PREFECT_ONLY))
             setattr(new, canonical, validator(value, key, where))
         return new
 
@@ -123,7 +200,21 @@ def _check_name(value: Any, key: str, where: str) -> Any:
     raise TypeError(f"{where}: {key}= must be a non-empty string")
 
 
-def _check_run_name(value: Any, key: str, where: str) -> Any:
+def check_text(value: Any, key: str, where: str) -> str | None:
+    """A piece of metadata (``description=``, ``version=``): a string or None."""
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"{where}: {key}= must be a string, got {type(value).__name__}")
+
+
+def check_optional_bool(value: Any, key: str, where: str) -> bool | None:
+    """``log_prints=``: True, False or None (Prefect's default: inherit)."""
+    if value is None or isinstance(value, bool):
+        return value
+    raise TypeError(f"{where}: {key}= must be True, False or None, got {value!r}")
+
+
+def check_run_name(value: Any, key: str, where: str) -> Any:
     if value is None or isinstance(value, str) or callable(value):
         return value
     raise TypeError(
@@ -279,7 +370,7 @@ def check_hooks(
 
 _VALIDATORS: dict[str, Callable[[Any, str, str], Any]] = {
     "name": _check_name,
-    "task_run_name": _check_run_name,
+    "task_run_name": check_run_name,
     "retries": _check_retries,
     "retry_delay": _check_retry_delay,
     "retry_jitter_factor": _check_jitter,
@@ -299,6 +390,9 @@ _VALIDATORS: dict[str, Callable[[Any, str, str], Any]] = {
     "on_retry": check_hooks,
     "isolate": _check_bool,
     "inner_threads": check_inner_threads,
+    "description": check_text,
+    "version": check_text,
+    "log_prints": check_optional_bool,
 }
 
 DEFAULT_OPTIONS = TaskOptions()

@@ -325,6 +325,17 @@ class Task:
         """
         return Task(self.fn, self.options.updated(options, f"{self.name}.with_options"))
 
+    @property
+    def description(self) -> str | None:
+        """Prefect's ``description``: the ``description=`` option, else the function's
+        docstring."""
+        return self.options.description or inspect.getdoc(self.fn)
+
+    @property
+    def version(self) -> str | None:
+        """Prefect's ``version``: the ``version=`` option (None when not given)."""
+        return self.options.version
+
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
 
@@ -389,14 +400,19 @@ def task(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             docs/guide/hooks.md), ``isolate``, ``inner_threads`` (threads BLAS and
             OpenMP may use during each call; see docs/guide/threads.md). Prefect
             spellings ``retry_delay_seconds``, ``retry_condition_fn`` and
-            ``timeout_seconds`` are accepted too.
+            ``timeout_seconds`` are accepted too, and Prefect's ``description``
+            and ``version`` (read back as :attr:`Task.description`, else the
+            docstring, and :attr:`Task.version`) and ``log_prints`` (it changes
+            nothing: what a task prints always reaches the terminal).
 
     Returns:
         A :class:`Task` (or a decorator producing one).
 
     Raises:
-        TypeError: an unknown option, a non-callable, or a function with a parameter
-            named ``wait_for``, ``allow_failure`` or ``return_state``.
+        TypeError: an unknown option (one of Prefect's that graphexec does another
+            way, ``cache_policy=`` say, says what to write), a non-callable, or a
+            function with a parameter named ``wait_for``, ``allow_failure`` or
+            ``return_state``.
         ValueError: an option value out of range.
 
     Example::

@@ -16,7 +16,16 @@ from collections.abc import Callable
 from typing import Any
 
 from .._model.errors import UpstreamFailed, one_line, safe_str
+from .._model.graph import run_name
 from .._model.node import user_stacklevel
+from .._model.options import (
+    PREFECT_FLOW_ONLY,
+    PREFECT_ONLY,
+    check_optional_bool,
+    check_run_name,
+    check_text,
+    unknown_option,
+)
 from .._model.state import COMPLETED, FAILED, State
 from .._model.task import refuse_coroutine_function
 from .._model.walk import find_nodes, replace_nodes
@@ -79,11 +88,21 @@ _OWN_RUN_OPTIONS = (
 class Flow:
     """A function whose body runs with a pool behind it; see :func:`flow`."""
 
-    def __init__(self, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], options: dict[str, Any], prefect: dict[str, Any] | None = None
+    ) -> None:
         self.fn = fn
         self.options = options
         self.name: str = options.get("name") or getattr(fn, "__name__", None) or "flow"
         functools.update_wrapper(self, fn)
+        prefect = prefect or {}
+        #: Prefect's ``description``: the ``description=`` option, else the docstring.
+        self.description: str | None = prefect.get("description") or inspect.getdoc(fn)
+        #: Prefect's ``version``: the ``version=`` option (None when not given).
+        self.version: str | None = prefect.get("version")
+        #: Prefect's ``flow_run_name``: each call's :class:`Run` is named from it
+        #: (a format string filled from the call's arguments, or a callable).
+        self.flow_run_name: str | Callable[..., str] | None = prefect.get("flow_run_name")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the flow. Prefect's call keywords, which the flow's own parameters do
@@ -161,7 +180,7 @@ class Flow:
             raise
         session = Session(
             executor,
-            name=self.name,
+            name=self._run_name(args, kwargs),
             fail_fast=options.fail_fast,
             limits=options.limits,
             cache_dir=options.cache_dir,
@@ -207,6 +226,19 @@ class Flow:
             warn_of_unused_limits(session.graph, range(len(session.graph._nodes)), options.limits)
         session.run._raise_if_failed()
         return value
+
+    def _run_name(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The name of this call's run: ``flow_run_name=`` filled from the call's
+        arguments, else the flow's name (also when they do not bind: the body's
+        call then raises Python's own TypeError)."""
+        if self.flow_run_name is None:
+            return self.name
+        try:
+            bound = inspect.signature(self.fn).bind(*args, **kwargs)
+        except (TypeError, ValueError):
+            return self.name
+        bound.apply_defaults()
+        return run_name(self.flow_run_name, bound.arguments, f"flow {self.name}: flow_run_name=")
 
     def _check_nested(self, outer: Session) -> None:
         """This flow runs in ``outer``'s session: an option that would change what its
@@ -298,6 +330,24 @@ def _resolve(value: Any) -> Any:
 _FLOW_OPTIONS = _RUN_OPTIONS | {"name", "task_runner_max_concurrency"}
 
 
+def _check_no_validation(value: Any, key: str, where: str) -> bool:
+    """``validate_parameters=``: a bool (True is refused in ``decorate``, with why)."""
+    if isinstance(value, bool):
+        return value
+    raise TypeError(f"{where}: {key}= must be True or False, got {value!r}")
+
+
+# Prefect's flow keywords kept for Prefect code run as written (see Flow.__init__);
+# log_prints changes nothing: a task's prints always reach the terminal.
+_PREFECT_CHECKS: dict[str, Callable[[Any, str, str], Any]] = {
+    "description": check_text,
+    "version": check_text,
+    "flow_run_name": check_run_name,
+    "log_prints": check_optional_bool,
+    "validate_parameters": _check_no_validation,
+}
+
+
 def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     """Make a function a flow: its body runs with a pool, tasks start on ``submit()``.
 
@@ -319,6 +369,11 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             ``on_failure``, ``on_cancellation``, ``on_crashed`` (lists of functions
             called with the flow's :class:`Run`, or Prefect's ``(flow, flow_run,
             state)``), as for ``Graph.compute``; see docs/guide/hooks.md.
+            Prefect's ``description``, ``version`` (read back as
+            ``Flow.description`` and ``Flow.version``), ``flow_run_name`` (names
+            each call's :class:`Run`: a format string filled from the call's
+            arguments, or a callable), ``log_prints`` (changes nothing: task
+            output always reaches the terminal) and ``validate_parameters=False``.
 
     Returns:
         A callable :class:`Flow`. Calling it runs the body and returns its value
@@ -326,6 +381,9 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         their values; a returned future that failed raises its exception.
 
     Raises:
+        TypeError: (when decorating) an unknown option; one of Prefect's that
+            graphexec does another way (``retries=`` on a flow, ``cache_policy=``,
+            ``persist_result=``, ...) says what to write instead.
         GraphFailed: when the body returned but a task failure was never handled:
             no dependent accepted it (``allow_failure``, ``return_state``, a
             trigger) and nobody looked at it (``future.result()`` raising or
@@ -358,13 +416,24 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     """
 
     def decorate(f: Callable[..., Any]) -> Flow:
-        unknown = set(options) - _FLOW_OPTIONS
+        where = f"@flow on {getattr(f, '__name__', 'flow')}"
+        opts = dict(options)
+        prefect = {
+            k: _PREFECT_CHECKS[k](opts.pop(k), k, where) for k in options if k in _PREFECT_CHECKS
+        }
+        if prefect.get("validate_parameters") is True:
+            raise TypeError(unknown_option(where, "validate_parameters", (), PREFECT_FLOW_ONLY))
+        unknown = sorted(set(opts) - _FLOW_OPTIONS)
+        for key in unknown:
+            if key in PREFECT_FLOW_ONLY or key in PREFECT_ONLY:
+                raise TypeError(
+                    unknown_option(where, key, (), {**PREFECT_ONLY, **PREFECT_FLOW_ONLY})
+                )
         if unknown:
             raise TypeError(
-                f"@flow: unknown option(s) {', '.join(sorted(unknown))}; known: "
-                f"{', '.join(sorted(_FLOW_OPTIONS))}"
+                f"@flow: unknown option(s) {', '.join(unknown)}; known: "
+                f"{', '.join(sorted(_FLOW_OPTIONS | set(_PREFECT_CHECKS)))}"
             )
-        opts = dict(options)
         alias = opts.pop("task_runner_max_concurrency", None)
         if alias is not None:
             if opts.get("workers") not in (None, alias):
@@ -373,8 +442,8 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         if not callable(f):
             raise TypeError(f"@flow expects a function, got {type(f).__name__}")
         refuse_coroutine_function(f, "@flow", "a flow's body as a plain function")
-        _check_flow_options(opts, f"@flow on {getattr(f, '__name__', 'flow')}")
-        return Flow(f, opts)
+        _check_flow_options(opts, where)
+        return Flow(f, opts, prefect)
 
     if fn is None:
         return decorate
