@@ -120,7 +120,7 @@ def graphexec_sync(monkeypatch: pytest.MonkeyPatch) -> None:
         return compute(self, *targets, **_in_process(options))
 
     def flow_in_process(self: gx.Flow, *args: Any, **kwargs: Any) -> Any:
-        return call_flow(gx.Flow(self.fn, _in_process(self.options)), *args, **kwargs)
+        return call_flow(self._with_run_options(_in_process(self.options)), *args, **kwargs)
 
     monkeypatch.setattr(gx.Graph, "compute", compute_in_process)
     monkeypatch.setattr(gx.Flow, "__call__", flow_in_process)

@@ -817,6 +817,26 @@ def test_an_inner_flows_hooks_are_not_called_and_it_says_so():
     assert called == []
 
 
+@pytest.mark.timeout(30)
+def test_an_inner_flows_worker_options_and_run_name_are_not_applied_and_it_says_so():
+    # Its tasks run on the outer flow's workers: inner_threads=, workers= & co. were
+    # dropped without a word (graph.compute in a flow refuses inner_threads=).
+    inner = gx.flow(
+        name="inner",
+        workers=7,
+        inner_threads=2,
+        start_method="spawn",
+        max_calls_per_worker=3,
+        flow_run_name="inner-run",
+    )(lambda: add.submit(1).result())
+    with pytest.warns(UserWarning, match=r"flow 'inner' called inside flow") as seen:
+        assert run_flow(lambda: inner()) == 1
+    said = str(seen[0].message)
+    for option in ("inner_threads", "start_method", "max_calls_per_worker", "flow_run_name"):
+        assert option in said, said
+    assert "workers" not in said.replace("max_calls_per_worker", "")  # the outer pool's count
+
+
 @pytest.mark.timeout(60)
 def test_a_flow_in_a_pool_block_is_a_flow_of_its_own_on_that_pool():
     # Its limits, fail_fast and hooks apply, as when called outside the block;

@@ -220,6 +220,16 @@ def test_graphexec_sync_runs_computes_and_flows_in_the_test_thread(
             pid, _ = flow_where()
             assert pid == os.getpid()
 
+        def test_flow_keeps_its_prefect_keywords(graphexec_sync):
+            names = []
+
+            @gx.flow(workers=2, flow_run_name="sweep-{n}", on_completion=[
+                lambda flow, flow_run, state: names.append(flow_run.name)])
+            def sweep(n):
+                return n
+
+            assert sweep(2) == 2 and names == ["sweep-2"]
+
         @pytest.mark.usefixtures("graphexec_sync")
         class TestWholeClass:
             def test_compute(self):
@@ -250,7 +260,7 @@ def test_graphexec_sync_runs_computes_and_flows_in_the_test_thread(
         """
     )
     result = run_inner(inner)
-    result.assert_outcomes(passed=6)
+    result.assert_outcomes(passed=7)
 
 
 def _pyproject() -> dict:

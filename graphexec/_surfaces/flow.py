@@ -82,6 +82,10 @@ _OWN_RUN_OPTIONS = (
     "scheduler",
     "pool",
     "cluster",
+    # (not workers=: how many tasks at a time, which a subflow written to run on
+    # its own too often gives, the outer flow's pool decides, as a nested call is
+    # expected to; the others change what the worker processes are)
+    *sorted(_WORKER_OPTIONS - {"scheduler", "workers"}),
 )
 
 
@@ -95,7 +99,7 @@ class Flow:
         self.options = options
         self.name: str = options.get("name") or getattr(fn, "__name__", None) or "flow"
         functools.update_wrapper(self, fn)
-        prefect = prefect or {}
+        prefect = self._prefect = prefect or {}
         #: Prefect's ``description``: the ``description=`` option, else the docstring.
         self.description: str | None = prefect.get("description") or inspect.getdoc(fn)
         #: Prefect's ``version``: the ``version=`` option (None when not given).
@@ -227,6 +231,11 @@ class Flow:
         session.run._raise_if_failed()
         return value
 
+    def _with_run_options(self, options: dict[str, Any]) -> Flow:
+        """This flow with other run options (``options`` replaces them all), its
+        Prefect metadata kept (the pytest plugin's ``graphexec_sync``)."""
+        return Flow(self.fn, options, self._prefect)
+
     def _run_name(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The name of this call's run: ``flow_run_name=`` filled from the call's
         arguments, else the flow's name (also when they do not bind: the body's
@@ -267,6 +276,8 @@ class Flow:
             for k in _OWN_RUN_OPTIONS
             if opts.get(k) and (k, opts[k]) != ("scheduler", "processes")
         )
+        if self.flow_run_name is not None:
+            unused.append("flow_run_name")
         if unused:
             warnings.warn(
                 f"{where} runs in the outer flow's session, on its pool, with no run of its "
@@ -393,19 +404,20 @@ def flow(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
             cancelled; the exception carries ``.run`` (unless it had one: a
             ``GraphFailed`` from a lazy graph keeps that graph's Run).
 
-    A flow called inside another flow runs in the outer one's session: same
-    pool, same scheduler. It returns its body's value; its unhandled failures
-    are reported when the outer flow ends. Its ``limits``, ``fail_fast``,
-    ``cache_dir`` and ``memory_limit`` must be the outer flow's (else
-    ``ValueError``); its hooks, observers, ``run_dir`` and ``progress`` are not
-    applied (a ``UserWarning`` says so). Inside ``with gx.Pool():`` a flow that
-    would start a process pool of its own is a flow of its own on that block's
-    pool, as with ``pool=`` (one given ``scheduler="threads"``/``"sync"``,
-    ``cluster=`` or its own ``pool=`` runs where it says). A lazy graph
-    computed in a flow runs there too (unless given ``pool=``: then it is a
-    run of its own on that pool); ``compute``'s ``limits``, ``cache_dir`` and
-    ``memory_limit`` must then match the flow's. A flow keeps every value
-    until it ends (a future may be asked for its result at any time).
+    A flow called inside another flow runs in the outer one's session: same pool,
+    same scheduler. It returns its body's value; its unhandled failures are reported
+    when the outer flow ends. Its ``limits``, ``fail_fast``, ``cache_dir`` and
+    ``memory_limit`` must be the outer flow's (else ``ValueError``); its hooks,
+    observers, ``run_dir``, ``progress``, ``flow_run_name`` and worker options
+    (``inner_threads``, ``start_method``, ``max_calls_per_worker``) are not applied
+    (a ``UserWarning`` says so). Inside ``with gx.Pool():`` a flow that would start
+    a process pool of its own is a flow of its own on that block's pool, as with
+    ``pool=`` (one given ``scheduler="threads"``/``"sync"``, ``cluster=`` or its own
+    ``pool=`` runs where it says). A lazy graph computed in a flow runs there too
+    (unless given ``pool=``: then it is a run of its own on that pool);
+    ``compute``'s ``limits``, ``cache_dir`` and ``memory_limit`` must then match the
+    flow's. A flow keeps every value until it ends (a future may be asked for its
+    result at any time).
 
     Example::
 
