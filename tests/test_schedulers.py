@@ -426,3 +426,49 @@ def test_a_deque_holding_nodes_is_filled_in_like_a_list(scheduler):
     assert run[window] == collections.deque([5, 1, 5], maxlen=3)
     assert type(run[window]) is collections.deque and run[window].maxlen == 3
     assert list(run[mine]) == [5, 2] and type(run[mine]) is Window and run[mine].maxlen == 2
+
+
+CELL = """
+OFFSET = 5
+
+def scale(x):
+    return 2 * x
+
+def shifted(x):
+    return scale(x) + OFFSET
+"""
+
+
+def _cell() -> dict:
+    """Functions as a notebook cell or a script makes them: of a module no worker
+    can import, so they travel by value, with the globals they name."""
+    namespace: dict = {"__name__": "gx_test_notebook_cell"}
+    exec(CELL, namespace)
+    return namespace
+
+
+@pytest.mark.timeout(30)
+def test_a_warm_pool_runs_a_cells_function_with_its_globals_as_they_are_now():
+    # A warm pool kept the first pickle of such a function: after the user
+    # changed a constant or a helper, it went on returning the old results.
+    cell = _cell()
+    shifted = gx.task(cell["shifted"])
+    own = gx.Pool(workers=2)
+
+    def compute(x):
+        graph = gx.Graph()
+        with graph:
+            node = shifted(x)
+        return graph.compute(pool=own)[node]
+
+    with own:  # closed at the end of the block
+        assert compute(1) == 7
+        assert compute(2) == 9  # unchanged: the same pickle (not sent again)
+        cell["OFFSET"] = 100
+        assert compute(1) == 102
+        exec("def scale(x):\n    return 10 * x\n", cell)  # the helper redefined
+        assert compute(1) == 110
+        cell["OFFSET"] = 0
+        assert gx.flow(pool=own)(lambda: shifted.submit(3).result())() == 30
+        cell["OFFSET"] = 1
+        assert shifted.submit(3).result() == 31  # the block's own calls

@@ -603,10 +603,18 @@ class ProcessPool:
         # fn id -> how long its last calls took (seconds, smoothed), for prefetch
         self._fn_short: dict[int, float] = {}
         self._fn_bytes: dict[int, int] = {}  # fn id -> its largest value (if > 4 KiB)
-        # The function last looked up and its id (the last entry of _fn_keep):
-        # consecutive calls of one function skip the registry.
+        # Runs started on this pool (new_run) and the run count each function's
+        # pickle was made at: a function is pickled again in each run that uses
+        # it, since a script's or a notebook's function travels by value, with the
+        # globals it names as they were then (see _function_id).
+        self._runs = 0
+        self._fn_made: dict[int, int] = {}
+        # The function last looked up, its id (the last entry of _fn_keep), and
+        # the run it was looked up in: consecutive calls of one function in one
+        # run skip the registry.
         self._last_fn: Any = None
         self._last_id = 0
+        self._last_run = 0
         self._batching: list[_Worker] = []  # workers with pending calls to send
         # (cache dir, task name) -> id: a cached call names its context by this id
         # (_cache_field); a worker is told a context, once, with the first call
@@ -708,6 +716,7 @@ class ProcessPool:
         self._contexts.clear()
         self._context_messages.clear()
         self._fn_keep.clear()
+        self._fn_made.clear()
         self._last_fn = None
         self._fn_blobs.clear()
         self._fn_short.clear()
@@ -1293,23 +1302,55 @@ class ProcessPool:
             w.asked = True
         return again
 
+    def new_run(self) -> None:
+        """A run starts on this pool (its lease opens): functions it calls are
+        pickled again at their first call in it (see :meth:`_function_id`)."""
+        self._runs += 1
+
     def _function_id(self, fn: Any) -> int:
-        if fn is self._last_fn:  # most recently used already: nothing to move
+        runs = self._runs
+        if fn is self._last_fn and self._last_run == runs:  # nothing to move or check
             return self._last_id
         key = id(fn)
         fn_id = self._fn_ids.get(key)
         if fn_id is not None:
             self._fn_keep.move_to_end(fn_id)
-            self._last_fn, self._last_id = fn, fn_id
-            return fn_id
-        fn_id = self._fn_ids[key] = next(self._fn_counter)
-        self._fn_keep[fn_id] = fn  # keeps id(fn) from being reused while we map it
-        try:
-            self._fn_blobs[fn_id] = dumps(fn)
-        except Exception as exc:
-            self._fn_blobs[fn_id] = exc
-        self._last_fn, self._last_id = fn, fn_id
+            if self._fn_made[fn_id] != runs:
+                self._fn_made[fn_id] = runs
+                self._pickle_again(fn_id, fn)
+        else:
+            fn_id = self._fn_ids[key] = next(self._fn_counter)
+            self._fn_keep[fn_id] = fn  # keeps id(fn) from being reused while we map it
+            self._fn_made[fn_id] = runs
+            try:
+                self._fn_blobs[fn_id] = dumps(fn)
+            except Exception as exc:
+                self._fn_blobs[fn_id] = exc
+        self._last_fn, self._last_id, self._last_run = fn, fn_id, runs
         return fn_id
+
+    def _pickle_again(self, fn_id: int, fn: Any) -> None:
+        """The first call of a known function in a new run: pickle it again.
+
+        A function of a script or a notebook (``__main__``) travels by value, with
+        the globals and helpers it names as they are when it is pickled: a warm
+        pool that kept its first pickle ran a notebook's old constant or helper
+        after the cell that changed it, with no sign of it. So each run pickles
+        its functions once more (a few µs for an importable function, which
+        travels by name); only one whose pickle changed is sent to the workers
+        again (each loads it with its next call of it), under the same id: calls
+        already queued on a worker, from a run before, run as they were sent.
+        """
+        try:
+            blob: bytes | BaseException = dumps(fn)
+        except Exception as exc:
+            blob = exc
+        old = self._fn_blobs[fn_id]
+        if blob == old or (isinstance(blob, BaseException) and isinstance(old, BaseException)):
+            return
+        self._fn_blobs[fn_id] = blob
+        for w in self._workers.values():
+            w.functions.discard(fn_id)
 
     def _evict_functions(self) -> None:
         """Forget the least recently used functions, down to 3/4 of ``FUNCTIONS_KEPT``.
@@ -1338,6 +1379,7 @@ class ProcessPool:
         for fn_id in victims:
             del self._fn_ids[id(self._fn_keep.pop(fn_id))]
             del self._fn_blobs[fn_id]
+            del self._fn_made[fn_id]
             self._fn_short.pop(fn_id, None)
             self._fn_bytes.pop(fn_id, None)
             for w in self._workers.values():
@@ -2237,6 +2279,7 @@ class Lease:
         self._closed = False
 
     def open(self, run: Any) -> None:
+        self.pool.new_run()
         if self._shutdown:
             # A compute's own pool: its first workers start now, while this
             # process orders the graph and builds the scheduler, not at the

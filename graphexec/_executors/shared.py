@@ -585,7 +585,7 @@ class RunLease:
         self._closed = False
 
     def open(self, run: Any) -> None:
-        pass
+        self.shared.procs.new_run()
 
     def _ungate(self) -> None:
         """The run's thread is back: the chain it queued last is linked, may be sent."""
