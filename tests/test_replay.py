@@ -630,6 +630,40 @@ def test_replay_of_a_scripts_changed_function_says_it_runs_the_code_that_failed(
     assert "run.inputs('bad-0')" in done.stderr
 
 
+def test_replay_of_a_function_whose_file_is_gone_warns_of_no_change(tmp_path):
+    # A notebook cell's file (/tmp/ipykernel_*/N.py) is gone once its kernel ends:
+    # getsource then read the running __main__'s file (graphexec's launcher) and
+    # the replay warned that the source had "changed".
+    script = tmp_path / "cell_7.py"
+    script.write_text(
+        textwrap.dedent("""
+        import sys, graphexec as gx
+        @gx.task
+        def bad(x):
+            raise ValueError(f"bad {x}")
+        with gx.Graph() as g:
+            bad(1)
+        g.compute(workers=1, raise_on_failure=False).save(sys.argv[1])
+        """)
+    )
+    saved = tmp_path / "r.gxrun"
+    subprocess.run([sys.executable, str(script), str(saved)], env=_env(), check=True, timeout=60)
+    script.unlink()
+    # The installed `graphexec` command: a script, the __main__ getsource fell back to
+    launcher = Path(sys.executable).with_name("graphexec")
+    if not launcher.exists():
+        pytest.skip("no graphexec command next to this interpreter (pip install -e .)")
+    done = subprocess.run(
+        [sys.executable, str(launcher), "replay", str(saved), "bad-0"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert done.returncode == 1 and "ValueError: bad 1" in done.stderr, done.stderr
+    assert "changed since" not in done.stderr, done.stderr
+
+
 # -- run_dir: the record written as the run goes -------------------------------------
 
 

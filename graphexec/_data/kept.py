@@ -197,9 +197,15 @@ def pickle_value(value: Any, remote: bool = False) -> bytes:
 
 def source_hash(fn: Any) -> str | None:
     """A short hash of ``fn``'s source text, or None if its source cannot be read."""
-    target = getattr(fn, "func", fn)  # functools.partial
+    target = inspect.unwrap(getattr(fn, "func", fn))  # functools.partial
+    code = getattr(target, "__code__", None)
+    if code is not None and not os.path.isfile(code.co_filename):
+        # Its file is gone (a notebook cell's, after the kernel ended; a deleted
+        # script): getsource would read another file, the running __main__'s,
+        # whose text is no source of this function.
+        return None
     try:
-        text = inspect.getsource(inspect.unwrap(target))
+        text = inspect.getsource(target)
     except (OSError, TypeError):
         return None
     return hashlib.sha256(text.encode()).hexdigest()[:16]
