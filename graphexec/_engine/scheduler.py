@@ -1,8 +1,9 @@
-"""The scheduler: one loop, in the thread that called ``compute``, owns all run state.
+"""The scheduler: one loop owns all run state, in the thread that called ``compute``
+(an eager session's, a flow's or a pool block's: the session's own thread, ``serve``).
 
 ::
 
-    graph ──_order──> members in priority order
+    graph ──order.post_order──> members in priority order (before the loop starts)
                          │
           ┌──────────────▼──────────────┐      submit(call)      ┌──────────┐
           │ ready (heap)  parked (per   │ ─────────────────────> │ executor │

@@ -51,7 +51,7 @@ from .._version import __version__
 from .record import is_record, load_run
 from .replay import FunctionUnloadable, InputsUnloadable, kept_call
 
-OK, ERROR, USAGE = 0, 1, 2
+OK, ERROR = 0, 1  # (2: a command line argparse refuses, its own exit code)
 # replay: the call was not made (no such node, its inputs not kept, its function not
 # importable here): a script trying a fix tells this from "failed again" (1)
 CANNOT_REPLAY = 3

@@ -333,11 +333,6 @@ class Dispatch:
         self.reads_values = True
 
     @property
-    def queues_observers(self) -> bool:
-        """Whether user observers are called (on the dispatcher thread)."""
-        return bool(self._queued)
-
-    @property
     def observers_read_values(self) -> bool:
         """Whether a queued observer may read values (a run's journal does not)."""
         return any(o._reads_values for o in self._queued)
