@@ -414,11 +414,11 @@ def test_report_templates_are_package_data_inlined_in_the_page(tmp_path):
         for name in ("report.html", "report.css", "report.js")
     )
     assert report_html.templates() == (page, css, js)
-    assert "--failed:" in css and "data-gx-rendered" in js and "{data}" in page
+    assert "var(--failed)" in css and "data-gx-rendered" in js and "{data}" in page
     graph = pipeline(tmp_path)
     run = graph.compute(workers=0, raise_on_failure=False)
     text = run.to_html(tmp_path / "report.html").read_text(encoding="utf-8")
-    assert f"<style>\n{css}</style>" in text
+    assert f"<style>\n{report_html._state_css()}{css}</style>" in text
     assert f"<script>\n{js}</script>" in text
     # every fixed piece of the page template is there, in order, and every field filled
     at = 0
@@ -428,6 +428,19 @@ def test_report_templates_are_package_data_inlined_in_the_page(tmp_path):
         at = found + len(literal)
         assert field is None or "{" + field + "}" not in text, field
     assert 'id="gx-summary"' in text and text.count('class="gx-failure"') == len(run.failed)
+
+
+def test_the_pages_state_colours_come_from_the_one_palette(tmp_path, monkeypatch):
+    # report.css held its own copies of the hex values, already different from
+    # STATE_COLOURS for one state: a new colour recoloured half the page.
+    css = report_html.templates().css
+    assert not re.search(r"--(ok|cached|failed|skipped|cancelled|running|retry):", css)
+    monkeypatch.setitem(STATE_COLOURS, "Failed", "#123456")
+    monkeypatch.setattr(report_html, "RETRY_COLOUR", "#abcdef")
+    run = pipeline(tmp_path).compute(workers=0, raise_on_failure=False)
+    text = run.to_html(tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "--failed:#123456" in text and "--retry:#abcdef" in text
+    assert f"--ok:{STATE_COLOURS['Completed']}" in text
 
 
 # -- HTML report in a real browser --------------------------------------------------
