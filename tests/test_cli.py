@@ -350,6 +350,36 @@ def test_prune_older_than(tmp_path, monkeypatch):
     assert sorted(entries(cache).values()) == ["square"] * 3
 
 
+@pytest.mark.parametrize("command", [["prune", "--older-than", "7d"], ["clear"]])
+def test_prune_and_clear_remove_what_killed_writers_left_as_clear_cache_does(
+    tmp_path, monkeypatch, command
+):
+    # They had their own deletion, which left a killed writer's temporary file, an
+    # entry file whose row never came and a dead run's hold link for ever.
+    cache = tmp_path / "cache"
+    fill(cache, monkeypatch)
+    shard = cache / "ab"
+    shard.mkdir(exist_ok=True)
+    left = [shard / ".tmp-killedwriter.gxb", shard / f"ab{'0' * 62}{cache_store.FILE_SUFFIX}"]
+    for path in left:
+        path.write_bytes(b"half an entry")
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    hold = shard / f".hold-{int(dead.stdout)}-1"
+    os.link(left[1], hold)
+    writing = shard / ".tmp-writingnow.gxb"  # being written now: not touched
+    writing.write_bytes(b"x")
+    out = graphexec("cache", *command, str(cache), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [p for p in [*left, hold] if p.exists()] == []
+    assert writing.exists()
+
+
 def test_clear_one_task_then_all(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     fill(cache, monkeypatch)

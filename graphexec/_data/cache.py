@@ -1835,21 +1835,40 @@ def clear_cache(
         gx.clear_cache()                       # prune expired entries
         gx.clear_cache("runs/cache", expired_only=False)
     """
-    import psutil
-
     root = Path(cache_dir if cache_dir is not None else DEFAULT_DIR)
     if not root.is_dir() or not is_cache_dir(root):
         return 0  # (not a cache: nothing here is ours to delete)
-    removed = 0
-    for path in old_layout_files(root):
-        if path.suffix == OLD_SUFFIX:
-            removed += 1
-        CacheStore._remove(path)
+    chosen: list[EntryInfo] = []
+    if (root / DB_NAME).exists():
+        now = clock()
+        chosen = [e for e in CacheStore(root).entries() if not expired_only or e.expired(now)]
+    return prune(root, chosen, old=True)[0]
+
+
+def prune(root: Path, chosen: list[EntryInfo], *, old: bool) -> tuple[int, int, int]:
+    """Delete the ``chosen`` entries of the cache in ``root`` (those a running
+    computation holds stay), and the older layout's files if ``old``; then what
+    killed writers and runs left behind. Returns (entries deleted, bytes freed,
+    entries kept because held). The one pruning of :func:`clear_cache` and of
+    ``graphexec cache prune|clear``."""
+    import psutil
+
+    deleted = freed = kept = 0
+    if old:
+        for path in old_layout_files(root):
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except OSError:
+                continue
+            if path.suffix == OLD_SUFFIX:
+                deleted += 1
+                freed += size
     if (root / DB_NAME).exists():
         store = CacheStore(root)
-        now = clock()
-        chosen = [e for e in store.entries() if not expired_only or e.expired(now)]
-        removed += store.remove(chosen)[0]
+        if chosen:
+            n, size, kept = store.remove(chosen)
+            deleted, freed = deleted + n, freed + size
         _remove_orphans(store)
     # left by a writer (or the database's creator, at the top) that was killed
     for tmp in [*root.glob("*/.tmp-*"), *root.glob(".tmp-*")]:
@@ -1866,7 +1885,7 @@ def clear_cache(
             continue
         if not psutil.pid_exists(pid):
             CacheStore._remove(hold)
-    return removed
+    return deleted, freed, kept
 
 
 def _remove_orphans(store: CacheStore) -> None:

@@ -457,21 +457,6 @@ def _say_alone(root: Path) -> None:
         )
 
 
-def _remove_old(root: Path) -> tuple[int, int]:
-    """Delete the older layout's files; (entries deleted, bytes freed)."""
-    deleted = freed = 0
-    for path in cache_store.old_layout_files(root):
-        try:
-            size = path.stat().st_size
-            path.unlink()
-        except OSError:
-            continue
-        if path.suffix == cache_store.OLD_SUFFIX:
-            deleted += 1
-            freed += size
-    return deleted, freed
-
-
 def _remove(root: Path, chosen: list[Entry], old: bool) -> tuple[int, int, int]:
     """Delete the chosen entries (and the older layout's, if ``old``); (deleted, bytes
     freed, kept because held).
@@ -485,13 +470,7 @@ def _remove(root: Path, chosen: list[Entry], old: bool) -> tuple[int, int, int]:
             "of an older graphexec): nothing deleted. Give the directory that "
             "compute(cache_dir=...) used"
         )
-    deleted = freed = kept = 0
-    if chosen:
-        deleted, freed, kept = cache_store.CacheStore(root).remove(chosen)
-    if old:
-        n, size = _remove_old(root)
-        deleted, freed = deleted + n, freed + size
-    return deleted, freed, kept
+    return cache_store.prune(root, chosen, old=old)
 
 
 def _say_removed(deleted: int, freed: int, kept: int) -> None:
