@@ -65,7 +65,7 @@ asks its workers to stop but lets go of them without joining them
 (``shutdown(wait=False)``); each kills what is left in its group itself
 (``worker._end_group``). Each worker leads a process group, killed with it, so
 no subprocess a task started outlives it; and before a worker is killed,
-retired or stopped, its descendants are found by parentage (``_descendants``)
+retired or stopped, its descendants are found by parentage (``worker.descendants``)
 and killed too, so a subprocess that left the group (``os.setsid()``, any
 daemonizing tool) goes as well. Out of reach: a descendant that was re-parented
 to init before we look (a double fork that finished, or any descendant of a
@@ -694,7 +694,7 @@ class ProcessPool:
             else:
                 # What earlier tasks left running (a daemon they started), found
                 # while the worker is still there to be their parent.
-                _kill_all(_descendants(w.pid))
+                _worker.kill_all(_worker.descendants(w.pid))
                 try:
                     w.conn.send_bytes(pickle.dumps(("stop",)))
                 except OSError:
@@ -873,7 +873,7 @@ class ProcessPool:
         """
         if w.pid is None:  # never forked
             return
-        tree = _descendants(w.pid)
+        tree = _worker.descendants(w.pid)
         try:
             os.killpg(w.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError, OSError):
@@ -881,7 +881,7 @@ class ProcessPool:
                 w.process.kill()
             except (OSError, ValueError):
                 pass
-        _kill_all(tree)
+        _worker.kill_all(tree)
 
     def _retire(self, w: _Worker) -> None:
         """Replace a worker that has answered all the calls it may take.
@@ -892,7 +892,7 @@ class ProcessPool:
         """
         self._workers.pop(w.id, None)
         self._retiring[w.id] = w
-        _kill_all(_descendants(w.pid))
+        _worker.kill_all(_worker.descendants(w.pid))
         try:
             w.conn.send_bytes(pickle.dumps(("stop",)))
         except OSError:
@@ -2092,45 +2092,6 @@ def _kill_group(pid: int | None) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError, OSError):
         pass
-
-
-def _descendants(pid: int | None) -> list[Any]:
-    """The live descendants of ``pid`` by parentage (``psutil.Process``), whatever
-    their session or process group; [] when it has none or is gone.
-
-    The common case, a worker with no child, costs a read of
-    ``/proc/<pid>/task/*/children`` rather than psutil's walk over every process.
-    """
-    if pid is None:  # a worker never forked
-        return []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                if f.read().strip():
-                    break
-        else:
-            return []
-    except OSError:
-        pass  # not Linux, a kernel without the file, or a thread that just ended: ask psutil
-    import psutil
-
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-def _kill_all(processes: list[Any]) -> None:
-    """SIGKILL each ``psutil.Process`` (psutil refuses a pid reused since it was listed)."""
-    if not processes:
-        return
-    import psutil
-
-    for p in processes:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
 
 
 EXIT_RUN_WAIT = 5.0  # seconds the exit waits for a run it ended to let go of its pool

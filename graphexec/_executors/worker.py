@@ -314,13 +314,42 @@ def _end_group() -> None:
 
 def _kill_descendants() -> None:
     """SIGKILL every descendant of this process, by parentage (whatever its group)."""
+    kill_all(descendants(os.getpid()))
+
+
+def descendants(pid: int | None) -> list[Any]:
+    """The live descendants of ``pid`` by parentage (``psutil.Process``), whatever
+    their session or process group; [] when it has none or is gone.
+
+    The common case, a worker with no child, costs a read of
+    ``/proc/<pid>/task/*/children`` rather than psutil's walk over every process.
+    """
+    if pid is None:  # a worker never forked
+        return []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                if f.read().strip():
+                    break
+        else:
+            return []
+    except OSError:
+        pass  # not Linux, a kernel without the file, or a thread that just ended: ask psutil
     import psutil
 
     try:
-        tree = psutil.Process().children(recursive=True)
+        return psutil.Process(pid).children(recursive=True)
     except psutil.Error:
+        return []
+
+
+def kill_all(processes: list[Any]) -> None:
+    """SIGKILL each ``psutil.Process`` (psutil refuses a pid reused since it was listed)."""
+    if not processes:
         return
-    for p in tree:
+    import psutil
+
+    for p in processes:
         try:
             p.kill()
         except psutil.Error:

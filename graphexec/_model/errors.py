@@ -239,6 +239,8 @@ def one_line(exc: BaseException | None) -> str:
     if exc is None:
         return ""
     first = _LINE_BREAK.split(safe_str(exc).strip(), maxsplit=1)[0]
+    if not first:  # (a bare KeyboardInterrupt, ValueError())
+        return type(exc).__name__
     return f"{type(exc).__name__}: {capped(first, LINE_MAX)}"
 
 

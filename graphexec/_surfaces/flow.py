@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from .._model.errors import UpstreamFailed, one_line, safe_str
+from .._model.errors import UpstreamFailed, one_line
 from .._model.graph import run_name
 from .._model.node import user_stacklevel
 from .._model.options import (
@@ -290,9 +290,7 @@ class Flow:
 
 def _body_raised(exc: BaseException) -> str:
     """Why a flow's run stopped when its body raised ``exc``: its headline's words."""
-    text = safe_str(exc).strip().splitlines()
-    said = f": {text[0][:200]}" if text else ""
-    return f"the flow body raised {type(exc).__name__}{said}"
+    return f"the flow body raised {one_line(exc)}"
 
 
 def _fail_fast(session: Session) -> bool:
