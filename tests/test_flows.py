@@ -835,6 +835,9 @@ def test_an_inner_flows_worker_options_and_run_name_are_not_applied_and_it_says_
     for option in ("inner_threads", "start_method", "max_calls_per_worker", "flow_run_name"):
         assert option in said, said
     assert "workers" not in said.replace("max_calls_per_worker", "")  # the outer pool's count
+    outer = gx.flow(name="outer", flow_run_name="outer-{n}")(lambda n: inner())
+    with pytest.warns(UserWarning, match=r"flow 'inner' called inside flow 'outer' "):
+        assert outer(3) == 1  # the outer flow by its name, not its run's
 
 
 @pytest.mark.timeout(60)

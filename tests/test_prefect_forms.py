@@ -332,7 +332,9 @@ def test_flow_run_name_names_each_calls_run(scheduler):
     )(body)
     assert templated(3) == 6
     assert templated(seed=1, scale=5) == 5
-    by_callable = gx.flow(flow_run_name=lambda: "fixed", on_completion=[hook], **options)(body)
+    by_callable = gx.flow(
+        flow_run_name=lambda: "fixed", on_completion=[hook], scheduler=scheduler, **options
+    )(body)
     by_callable(1)
     assert seen == [
         ("body", "sim-3-x2", "Completed"),
@@ -340,9 +342,17 @@ def test_flow_run_name_names_each_calls_run(scheduler):
         ("body", "fixed", "Completed"),
     ]
     with pytest.raises(ValueError, match=r"flow_run_name='\{sed\}' names 'sed', which is not a"):
-        gx.flow(flow_run_name="{sed}")(body)(1)
+        gx.flow(flow_run_name="{sed}", scheduler=scheduler, **options)(body)(1)
     with pytest.raises(TypeError, match=r"missing a required argument|required positional"):
         templated()  # does not bind: Python's own error, not the template's
+    # A name that cannot be made leaves no run open on a pool (it was made after
+    # the pool's lease was taken, outside what closes it)
+    with gx.Pool(workers=1) as own:
+        bad = gx.flow(flow_run_name="{sed}", pool=own)(body)
+        for _ in range(3):
+            with pytest.raises(ValueError, match="flow_run_name="):
+                bad(1)
+        assert own._shared._leases == []
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import warnings
 import pytest
 
 import graphexec as gx
+from graphexec._executors import process as process_module
 
 TOLERANCE = 0.01
 
@@ -472,3 +473,86 @@ def test_a_warm_pool_runs_a_cells_function_with_its_globals_as_they_are_now():
         assert gx.flow(pool=own)(lambda: shifted.submit(3).result())() == 30
         cell["OFFSET"] = 1
         assert shifted.submit(3).result() == 31  # the block's own calls
+
+
+@pytest.mark.timeout(30)
+def test_a_warm_pool_pickles_a_function_again_only_when_a_name_it_reads_was_rebound(
+    monkeypatch,
+):
+    # Pickling it again in every run cost what its globals cost (a large array
+    # it names: 0.2 s a run); the objects it names are compared first.
+    cell = _cell()
+    shifted = gx.task(cell["shifted"])
+    pickled = []
+    dumps = process_module.dumps
+
+    def counting(obj, *args, **kwargs):
+        if obj is cell["shifted"]:
+            pickled.append(1)
+        return dumps(obj, *args, **kwargs)
+
+    monkeypatch.setattr(process_module, "dumps", counting)
+    with gx.Pool(workers=2) as own:
+        procs = own._procs
+
+        def compute(x):
+            graph = gx.Graph()
+            with graph:
+                nodes = [shifted(x) for _ in range(8)]  # both workers load it
+            run = graph.compute(pool=own)
+            values = {run[n] for n in nodes}
+            assert len(values) == 1
+            return values.pop()
+
+        def blob():
+            return procs._fn_blobs[procs._fn_ids[id(cell["shifted"])]]
+
+        assert compute(1) == 7
+        first = blob()
+        assert compute(1) == 7 and compute(2) == 9
+        assert blob() is first and len(pickled) == 1  # nothing it names changed
+        cell["OFFSET"] = 6
+        graph = gx.Graph()
+        with graph:
+            one = shifted(1)  # one call: one worker loads the new pickle
+        assert graph.compute(pool=own)[one] == 8
+        assert blob() != first and len(pickled) == 2
+        fn_id = procs._fn_ids[id(cell["shifted"])]
+        for w in procs._workers.values():
+            # loaded again, or told to forget its old copy (which it kept for good)
+            assert (fn_id in w.functions) != (fn_id in w.forget), (w.functions, w.forget)
+
+
+@pytest.mark.timeout(30)
+def test_a_call_refused_before_its_function_stopped_pickling_fails_as_unpicklable():
+    # Its message was made (then refused: the one worker busy) before another run
+    # found the function no longer pickles: the error object went to the worker
+    # as the function's pickle, and the node failed "could not be unpickled".
+    cell = _cell()
+    cell["OFFSET"] = 0
+    exec("import time\ndef slow(x):\n    time.sleep(x)\n    return OFFSET\n", cell)
+    slow = gx.task(cell["slow"])
+    outcome = {}
+    with gx.Pool(workers=1) as own:
+
+        def first_run():
+            graph = gx.Graph()
+            with graph:
+                slow(1.0)
+                slow(0.01)
+            outcome["run"] = graph.compute(pool=own, raise_on_failure=False)
+
+        thread = threading.Thread(target=first_run)
+        thread.start()
+        time.sleep(0.5)  # slow(1.0) runs, slow(0.01) waits, its message made
+        cell["OFFSET"] = threading.Lock()  # the function, by value, no longer pickles
+        graph = gx.Graph()
+        with graph:
+            slow(0.0)
+        second = graph.compute(pool=own, raise_on_failure=False)
+        thread.join(20)
+    for run in (second, outcome["run"]):
+        for node in run.failed:
+            message = run.state(node).message
+            assert "cannot be pickled" in message and "unpickled" not in message, message
+    assert len(outcome["run"].failed) == 1 and len(second.failed) == 1

@@ -628,9 +628,10 @@ def test_a_pid_never_read_kills_no_process_group():
         [
             sys.executable,
             "-c",
-            "from graphexec._executors.process import _kill_group, _descendants\n"
+            "from graphexec._executors.process import _kill_group\n"
+            "from graphexec._executors.worker import descendants\n"
             "_kill_group(None); _kill_group(0); _kill_group(1)\n"
-            "assert _descendants(None) == []\n"
+            "assert descendants(None) == []\n"
             "print('alive')",
         ],
         capture_output=True,

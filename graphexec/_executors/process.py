@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import io
 import itertools
 import multiprocessing
@@ -94,6 +95,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -603,12 +605,14 @@ class ProcessPool:
         # fn id -> how long its last calls took (seconds, smoothed), for prefetch
         self._fn_short: dict[int, float] = {}
         self._fn_bytes: dict[int, int] = {}  # fn id -> its largest value (if > 4 KiB)
-        # Runs started on this pool (new_run) and the run count each function's
-        # pickle was made at: a function is pickled again in each run that uses
-        # it, since a script's or a notebook's function travels by value, with the
-        # globals it names as they were then (see _function_id).
+        # Runs started on this pool (new_run), the run count each function was last
+        # looked at in, and what it named then (_names): a script's or a
+        # notebook's function travels by value, with the globals it names as they
+        # were when pickled, so a new run that finds them rebound pickles it again
+        # (see _pickle_again).
         self._runs = 0
         self._fn_made: dict[int, int] = {}
+        self._fn_names: dict[int, tuple[Any, ...]] = {}
         # The function last looked up, its id (the last entry of _fn_keep), and
         # the run it was looked up in: consecutive calls of one function in one
         # run skip the registry.
@@ -717,6 +721,7 @@ class ProcessPool:
         self._context_messages.clear()
         self._fn_keep.clear()
         self._fn_made.clear()
+        self._fn_names.clear()
         self._last_fn = None
         self._fn_blobs.clear()
         self._fn_short.clear()
@@ -948,6 +953,15 @@ class ProcessPool:
                 call.started = call.finished = time.time()
                 self._outbox.append((call, ERROR, exc))
                 return True
+        elif type(self._fn_blobs[fn_id]) is not bytes:
+            # Encoded (then refused) before a new run found its function no longer
+            # pickles (see _pickle_again): it fails here, as _message fails it.
+            call.then = None
+            call.started = call.finished = time.time()
+            error = self._fn_blobs[fn_id]
+            assert isinstance(error, BaseException)
+            self._outbox.append((call, ERROR, function_error(call.name, error)))
+            return True
         if call.isolate:
             return self._submit_isolated(call, fn_id)
         worker = self._idle_worker(call.memory_limit) if self._idle else None
@@ -1322,6 +1336,7 @@ class ProcessPool:
             fn_id = self._fn_ids[key] = next(self._fn_counter)
             self._fn_keep[fn_id] = fn  # keeps id(fn) from being reused while we map it
             self._fn_made[fn_id] = runs
+            self._fn_names[fn_id] = _names(fn)
             try:
                 self._fn_blobs[fn_id] = dumps(fn)
             except Exception as exc:
@@ -1330,17 +1345,26 @@ class ProcessPool:
         return fn_id
 
     def _pickle_again(self, fn_id: int, fn: Any) -> None:
-        """The first call of a known function in a new run: pickle it again.
+        """The first call of a known function in a new run: pickle it again if what
+        it names was rebound since.
 
         A function of a script or a notebook (``__main__``) travels by value, with
         the globals and helpers it names as they are when it is pickled: a warm
         pool that kept its first pickle ran a notebook's old constant or helper
-        after the cell that changed it, with no sign of it. So each run pickles
-        its functions once more (a few µs for an importable function, which
-        travels by name); only one whose pickle changed is sent to the workers
-        again (each loads it with its next call of it), under the same id: calls
-        already queued on a worker, from a run before, run as they were sent.
+        after the cell that changed it, with no sign of it. Pickling each function
+        again in every run costs what its globals cost (a 200 MB array it names:
+        0.2 s a run), so a run first compares the objects it names, by identity
+        (:func:`_names`: a few µs), and pickles it again only if one was rebound
+        (``OFFSET = 100``, a helper redefined); a value changed in place is not
+        seen (pass such a value as an argument). A pickle that changed is sent to
+        the workers again under the same id, each loading it with its next call
+        of it; calls already queued on a worker, from a run before, run as they
+        were sent (its old copy is forgotten after them).
         """
+        names, before = _names(fn), self._fn_names[fn_id]
+        if len(names) == len(before) and all(a is b for a, b in zip(names, before)):
+            return
+        self._fn_names[fn_id] = names
         try:
             blob: bytes | BaseException = dumps(fn)
         except Exception as exc:
@@ -1350,7 +1374,13 @@ class ProcessPool:
             return
         self._fn_blobs[fn_id] = blob
         for w in self._workers.values():
-            w.functions.discard(fn_id)
+            if fn_id in w.functions:
+                # Forgotten with the next function message, after the calls already
+                # in its pipe; a worker sent none keeps no stale copy (evictions
+                # only tell the workers that still have an id).
+                w.functions.discard(fn_id)
+                w.loading.discard(fn_id)
+                w.forget.append(fn_id)
 
     def _evict_functions(self) -> None:
         """Forget the least recently used functions, down to 3/4 of ``FUNCTIONS_KEPT``.
@@ -1380,6 +1410,7 @@ class ProcessPool:
             del self._fn_ids[id(self._fn_keep.pop(fn_id))]
             del self._fn_blobs[fn_id]
             del self._fn_made[fn_id]
+            del self._fn_names[fn_id]
             self._fn_short.pop(fn_id, None)
             self._fn_bytes.pop(fn_id, None)
             for w in self._workers.values():
@@ -2092,6 +2123,51 @@ def _kill_group(pid: int | None) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError, OSError):
         pass
+
+
+def _names(fn: Any, depth: int = 3) -> tuple[Any, ...]:
+    """What ``fn`` names: the globals its code reads (and the code of the
+    functions and lambdas inside it), its closure's values, its defaults, and,
+    ``depth`` functions deep, what the functions among them name.
+
+    Compared by identity with what an earlier call gave, it tells whether one of
+    those names was rebound since (a value changed in place stays the same
+    object). The objects themselves are kept, not their ids: a rebound name's
+    old object, freed, could leave its id to the new one.
+    """
+    seen: list[Any] = [fn]
+    target = fn
+    if isinstance(fn, functools.partial):
+        target = fn.func
+        seen += [fn.args, fn.keywords, target]
+    code = getattr(target, "__code__", None)
+    if code is None:  # a builtin, a class, a callable object: itself only
+        return tuple(seen)
+    found: list[Any] = []
+    glob = getattr(target, "__globals__", {})
+    codes = [code]
+    while codes:
+        c = codes.pop()
+        for name in c.co_names:
+            value = glob.get(name, _MISSING)
+            if value is not _MISSING:
+                found.append(value)
+        codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    for cell in getattr(target, "__closure__", None) or ():
+        try:
+            found.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    seen += found
+    seen += [getattr(target, "__defaults__", None), getattr(target, "__kwdefaults__", None)]
+    if depth:
+        for value in found:
+            if isinstance(value, types.FunctionType) and value is not target:
+                seen += _names(value, depth - 1)
+    return tuple(seen)
+
+
+_MISSING = object()
 
 
 EXIT_RUN_WAIT = 5.0  # seconds the exit waits for a run it ended to let go of its pool

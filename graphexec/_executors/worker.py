@@ -3,6 +3,7 @@
 Messages (pickled tuples, one ``send_bytes`` each)::
 
     parent -> worker   ("fn", fn_id, fn_blob, origin, forget)  once per function and worker
+                                                     (again when its pickle changed)
                        ("cache", context_id, cache_dir, task_name)
                                                      once per cache context and worker,
                                                      before the first call naming it
@@ -20,9 +21,11 @@ Messages (pickled tuples, one ``send_bytes`` each)::
                         (type_name, message)[, returned])
 
 ``forget`` lists the ids of functions the parent evicted from its registry
-(an LRU, see ``ProcessPool._evict_functions``) since this worker's last
-``fn``: dropped before the new one loads, so this worker keeps no more
-functions than the parent does. Ids are never reused.
+(an LRU, see ``ProcessPool._evict_functions``), or pickled anew
+(``ProcessPool._pickle_again``), since this worker's last ``fn``: dropped
+before the new one loads (so a function sent again replaces its old copy),
+and this worker keeps no more functions than the parent does. Ids are never
+reused.
 
 ``args`` are the call's arguments as ``encode_call`` writes them
 (``_data/serialize.py``: a pickle with nodes as references, or plain values

@@ -470,6 +470,8 @@ class Session:
         memory_limit: int | None = None,
     ) -> None:
         self.graph: _SessionGraph = _SessionGraph(name, self)
+        # The flow's own name (the graph's is its run's: flow_run_name= names it)
+        self.flow_name = name
         self.run = Run(self.graph, [], _Everything())
         self.executor = executor
         executor.open(self.run)

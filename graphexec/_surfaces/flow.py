@@ -164,6 +164,7 @@ class Flow:
         options = ComputeOptions.validate(
             f"@flow {self.name}", **{k: v for k, v in opts.items() if k in _RUN_OPTIONS}
         )
+        name = self._run_name(args, kwargs)  # (before any executor: it may raise)
         # Always a Dispatch: tasks submitted later may carry hooks. Its thread
         # starts only with the first event that needs one.
         journal = Journal(options.run_dir) if options.run_dir is not None else None
@@ -184,13 +185,14 @@ class Flow:
             raise
         session = Session(
             executor,
-            name=self._run_name(args, kwargs),
+            name=name,
             fail_fast=options.fail_fast,
             limits=options.limits,
             cache_dir=options.cache_dir,
             observer=dispatch,
             memory_limit=options.memory_limit,
         )
+        session.flow_name = self.name
         session.run._inputs_cap = options.keep_inputs
         if journal is not None:
             session.run._record = journal.path
@@ -254,7 +256,7 @@ class Flow:
         tasks do there is refused, as ``graph.compute`` in a flow refuses it; one
         that belongs to a run of its own (hooks, observers) is not applied: say so."""
         opts = self.options
-        where = f"flow {self.name!r} called inside flow {outer.graph.name!r}"
+        where = f"flow {self.name!r} called inside flow {outer.flow_name!r}"
         # Validated (memory_limit="2GB" in bytes, as the outer flow's is kept)
         given = {k: v for k, v in opts.items() if k in _RUN_OPTIONS}
         mine = ComputeOptions.validate(f"@flow {self.name}", **given)
