@@ -387,3 +387,40 @@ def test_prefect_keywords_done_another_way_say_what_to_write(decorator, options,
         decorator(**options)(body)
     with pytest.raises(TypeError, match=r"unknown option\(?s?\)? bogus"):
         decorator(bogus=1)(body)  # an unknown keyword of no one still lists the known ones
+
+
+# -- a task defined in a class is a method ------------------------------------------
+
+
+class Model:
+    def __init__(self, k):
+        self.k = k
+
+    @gx.task(retries=1)
+    def score(self, x):
+        """Scaled by the model."""
+        return self.k * x
+
+
+def test_a_task_defined_in_a_class_is_a_method_of_its_instances(scheduler):
+    # It was called without its instance ("missing a required argument: 'x'").
+    model = Model(3)
+    graph = gx.Graph()
+    with graph:
+        one = model.score(2)
+        many = model.score.map([1, 2, 3])  # the instance whole to every call
+        added = graph.add(model.score, 5)
+        renamed = model.score.with_options(name="fast")(7)
+    options = {"workers": 2} if scheduler != "sync" else {}
+    run = graph.compute(scheduler=scheduler, **options)
+    assert (run[one], [run[n] for n in many], run[added], run[renamed]) == (6, [3, 6, 9], 15, 21)
+    assert one.name == "score-0" and renamed.name == "fast-0"
+    assert run.state(one).attempts == 1
+
+    def body():
+        return model.score.submit(4).result(), model.score.map([1, 2]).result()
+
+    assert run_flow(body, scheduler) == (12, [3, 6])
+    assert model.score(10) == 30  # a plain call
+    assert Model.score.name == "score" and model.score.description == "Scaled by the model."
+    assert isinstance(Model.score, gx.Task)  # through the class: the task itself

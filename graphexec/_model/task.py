@@ -336,6 +336,14 @@ class Task:
         """Prefect's ``version``: the ``version=`` option (None when not given)."""
         return self.options.version
 
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        """A task defined in a class is a method: reached through an instance, its
+        calls pass that instance first, as a function's do (Prefect 3 binds them
+        too). The instance travels to the worker as an argument, pickled."""
+        if instance is None:
+            return self
+        return BoundTask(self, instance)
+
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
 
@@ -451,6 +459,41 @@ class unmapped:  # noqa: N801 - spelled like a function, as in Prefect
 
     def __repr__(self) -> str:
         return f"unmapped({self.value!r})"
+
+
+class BoundTask:
+    """A task reached through an instance (``model.score``, ``score`` a task defined
+    in ``model``'s class): each call, submit and map passes the instance first, to
+    every call of a map whole (:class:`unmapped`). Everything else is the task's."""
+
+    __slots__ = ("instance", "task")
+
+    def __init__(self, task: Task, instance: Any) -> None:
+        self.task = task
+        self.instance = instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.task(self.instance, *args, **kwargs)
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`Task.submit` with the instance first."""
+        return self.task.submit(self.instance, *args, **kwargs)
+
+    def map(self, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`Task.map` with the instance given whole to every call."""
+        return self.task.map(unmapped(self.instance), *args, **kwargs)
+
+    def with_options(self, **options: Any) -> BoundTask:
+        """:meth:`Task.with_options`, bound to the same instance."""
+        return BoundTask(self.task.with_options(**options), self.instance)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in BoundTask.__slots__:
+            raise AttributeError(name)  # (not yet set: being unpickled, copied)
+        return getattr(self.task, name)  # name, fn, options, description, ...
+
+    def __repr__(self) -> str:
+        return f"<Task {self.task.name} of {type(self.instance).__name__}>"
 
 
 def as_task(fn: Any, where: str) -> Task:
