@@ -414,8 +414,11 @@ def test_a_task_defined_in_a_class_is_a_method_of_its_instances(scheduler):
     options = {"workers": 2} if scheduler != "sync" else {}
     run = graph.compute(scheduler=scheduler, **options)
     assert (run[one], [run[n] for n in many], run[added], run[renamed]) == (6, [3, 6, 9], 15, 21)
-    assert one.name == "score-0" and renamed.name == "fast-0"
+    assert (one.name, added.name, renamed.name) == ("score-0", "score-4", "fast-0")
     assert run.state(one).attempts == 1
+    assert graph.nodes[added.index].task is Model.score  # graph.add kept the task, options and all
+    retried = gx.task(retries=3)(model.score)  # re-optioned, still bound
+    assert retried.options.retries == 3 and retried(1) == 3
 
     def body():
         return model.score.submit(4).result(), model.score.map([1, 2]).result()
@@ -424,3 +427,28 @@ def test_a_task_defined_in_a_class_is_a_method_of_its_instances(scheduler):
     assert model.score(10) == 30  # a plain call
     assert Model.score.name == "score" and model.score.description == "Scaled by the model."
     assert isinstance(Model.score, gx.Task)  # through the class: the task itself
+
+
+@gx.task
+def _load(x):
+    return x * 10
+
+
+class Steps:  # a namespace of module-level tasks: not methods
+    load = _load
+
+    @gx.task
+    @staticmethod
+    def parse(x):
+        return x + 1
+
+
+def test_a_task_put_in_a_class_or_made_static_is_not_bound():
+    # Binding every task reached through an instance broke both (one argument too many)
+    steps = Steps()
+    assert steps.load(1) == 10 and Steps.load(1) == 10
+    assert steps.parse(1) == 2 and Steps.parse(1) == 2
+    graph = gx.Graph()
+    with graph:
+        node = steps.parse(41)
+    assert graph.compute(workers=0)[node] == 42

@@ -556,3 +556,57 @@ def test_a_call_refused_before_its_function_stopped_pickling_fails_as_unpicklabl
             message = run.state(node).message
             assert "cannot be pickled" in message and "unpickled" not in message, message
     assert len(outcome["run"].failed) == 1 and len(second.failed) == 1
+
+
+DEEP_CELL = """
+OFFSET = 1
+
+class Scaler:  # a class of the cell: pickled by value, its methods' globals with it
+    def shift(self, x):
+        return x + OFFSET
+
+SCALER = Scaler()
+
+def via_class(x):
+    return SCALER.shift(x)
+
+class Shifter:
+    def __call__(self, x):
+        return x + OFFSET
+
+def h4(x):
+    return x + OFFSET
+
+def h3(x):
+    return h4(x)
+
+def h2(x):
+    return h3(x)
+
+def h1(x):
+    return h2(x)
+
+def deep(x):
+    return h1(x)
+"""
+
+
+@pytest.mark.timeout(30)
+def test_a_warm_pool_sees_a_rebound_name_through_a_cells_class_object_or_deep_helper():
+    # The identity walk stopped at classes, callable objects and 3 helpers deep:
+    # those ran with the old constant (a review of its first version).
+    cell = {"__name__": "gx_test_deep_cell"}
+    exec(DEEP_CELL, cell)
+    kinds = {"via_class": cell["via_class"], "callable": cell["Shifter"](), "deep": cell["deep"]}
+    with gx.Pool(workers=1) as own:
+
+        def values():
+            graph = gx.Graph()
+            with graph:
+                nodes = {kind: graph.add(fn, 0) for kind, fn in kinds.items()}
+            run = graph.compute(pool=own)
+            return {kind: run[node] for kind, node in nodes.items()}
+
+        assert values() == dict.fromkeys(kinds, 1)
+        cell["OFFSET"] = 100
+        assert values() == dict.fromkeys(kinds, 100)

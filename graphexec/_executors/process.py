@@ -121,6 +121,7 @@ from .._model.errors import (
     describe_exitcode,
 )
 from .._model.sizes import size_text
+from .._model.task import pickled_by_value
 from . import threadlimits
 from . import worker as _worker
 from . import zygote as _zygote
@@ -612,7 +613,7 @@ class ProcessPool:
         # (see _pickle_again).
         self._runs = 0
         self._fn_made: dict[int, int] = {}
-        self._fn_names: dict[int, tuple[Any, ...]] = {}
+        self._fn_names: dict[int, tuple[Any, ...] | None] = {}
         # The function last looked up, its id (the last entry of _fn_keep), and
         # the run it was looked up in: consecutive calls of one function in one
         # run skip the registry.
@@ -1362,7 +1363,12 @@ class ProcessPool:
         were sent (its old copy is forgotten after them).
         """
         names, before = _names(fn), self._fn_names[fn_id]
-        if len(names) == len(before) and all(a is b for a, b in zip(names, before)):
+        if (
+            names is not None
+            and before is not None
+            and len(names) == len(before)
+            and all(a is b for a, b in zip(names, before))
+        ):
             return
         self._fn_names[fn_id] = names
         try:
@@ -2125,46 +2131,88 @@ def _kill_group(pid: int | None) -> None:
         pass
 
 
-def _names(fn: Any, depth: int = 3) -> tuple[Any, ...]:
-    """What ``fn`` names: the globals its code reads (and the code of the
-    functions and lambdas inside it), its closure's values, its defaults, and,
-    ``depth`` functions deep, what the functions among them name.
+def _names(fn: Any) -> tuple[Any, ...] | None:
+    """What ``fn`` names, or None when that cannot be told from its code alone.
 
-    Compared by identity with what an earlier call gave, it tells whether one of
-    those names was rebound since (a value changed in place stays the same
-    object). The objects themselves are kept, not their ids: a rebound name's
-    old object, freed, could leave its id to the new one.
+    The objects the function reads: the globals its code names (and the code
+    of the functions and lambdas inside it), its closure's values, its
+    defaults, and the same of every plain function among them (a helper, a
+    helper's helper: each once). Compared by identity with what an earlier call
+    gave, it tells whether a name was rebound since (a value changed in place
+    stays the same object). The objects themselves are kept, not their ids: a
+    rebound name's old object, freed, could leave its id to the new one.
+
+    None (the caller then pickles the function each run and compares the
+    pickles, as exact as it is dear) for what a walk of code cannot see
+    through: a class, or an instance of one, that travels by value (its
+    methods read globals too), a callable that is no plain function, or more
+    than ``NAMES_FUNCTIONS_MAX`` functions to walk.
     """
+    try:
+        return _walk_names(fn)
+    except Exception:  # an odd callable (a __code__ that is no code object, a proxy)
+        return None
+
+
+NAMES_FUNCTIONS_MAX = 200
+
+
+def _walk_names(fn: Any) -> tuple[Any, ...] | None:
     seen: list[Any] = [fn]
-    target = fn
-    if isinstance(fn, functools.partial):
-        target = fn.func
-        seen += [fn.args, fn.keywords, target]
-    code = getattr(target, "__code__", None)
-    if code is None:  # a builtin, a class, a callable object: itself only
-        return tuple(seen)
-    found: list[Any] = []
-    glob = getattr(target, "__globals__", {})
-    codes = [code]
-    while codes:
-        c = codes.pop()
-        for name in c.co_names:
-            value = glob.get(name, _MISSING)
-            if value is not _MISSING:
-                found.append(value)
-        codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
-    for cell in getattr(target, "__closure__", None) or ():
-        try:
-            found.append(cell.cell_contents)
-        except ValueError:  # an empty cell
-            continue
-    seen += found
-    seen += [getattr(target, "__defaults__", None), getattr(target, "__kwdefaults__", None)]
-    if depth:
+    todo, walked = [fn], {id(fn)}
+    while todo:
+        target = todo.pop()
+        while isinstance(target, functools.partial):
+            seen += [target.args, target.keywords, target.func]
+            for value in (*target.args, *target.keywords.values()):
+                if _opaque(value):
+                    return None
+            target = target.func
+        if type(target) is types.MethodType:
+            seen.append(target.__self__)
+            if _opaque(target.__self__):
+                return None
+            target = target.__func__
+        if not isinstance(target, types.FunctionType):
+            if isinstance(target, (types.BuiltinFunctionType, type)) and not _opaque(target):
+                continue  # travels by name: itself (already in seen)
+            return None  # a callable object: pickled with its state, each run
+        found: list[Any] = []
+        glob = target.__globals__
+        codes = [target.__code__]
+        while codes:
+            code = codes.pop()
+            for name in code.co_names:
+                value = glob.get(name, _MISSING)
+                if value is not _MISSING:
+                    found.append(value)
+            codes.extend(k for k in code.co_consts if isinstance(k, types.CodeType))
+        for cell in target.__closure__ or ():
+            try:
+                found.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                continue
+        found += [target.__defaults__, target.__kwdefaults__]
+        seen += found
         for value in found:
-            if isinstance(value, types.FunctionType) and value is not target:
-                seen += _names(value, depth - 1)
+            if isinstance(value, (types.FunctionType, functools.partial, types.MethodType)):
+                if id(value) not in walked:
+                    walked.add(id(value))
+                    if len(walked) > NAMES_FUNCTIONS_MAX:
+                        return None
+                    todo.append(value)
+            elif _opaque(value):
+                return None
     return tuple(seen)
+
+
+def _opaque(value: Any) -> bool:
+    """A class, or an instance of one, that travels by value: its methods' globals
+    are pickled with it, out of the walk's sight."""
+    cls = value if isinstance(value, type) else type(value)
+    if cls.__module__ == "builtins":
+        return False
+    return pickled_by_value(cls.__module__)
 
 
 _MISSING = object()

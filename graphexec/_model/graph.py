@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .node import ALLOW, DATA, ORDER, Node, allow_failure, call_site
 from .seam import surfaces
-from .task import Task, as_task, pop_graph, push_graph
+from .task import BoundTask, Task, as_task, pop_graph, push_graph
 from .walk import PLAIN, SEQUENCES, find_nodes, remap, take_nodes
 
 _new = object.__new__
@@ -202,6 +202,8 @@ class Graph:
         """
         if isinstance(fn, Task):
             return self._add_call(fn, args, kwargs)
+        if type(fn) is BoundTask:  # model.score, score a task of model's class
+            return self._add_call(fn.task, (fn.instance, *args), kwargs)
         # One wrapper per function and graph, not per call: checking a callable
         # (inspect.signature) costs more than adding the node. The graph holds
         # the wrapper, and so the function, for as long as it holds its nodes:

@@ -6,6 +6,7 @@ import functools
 import importlib
 import inspect
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from itertools import repeat
@@ -144,11 +145,17 @@ class Task:
     # What a call must give (graph._arity), made at the first call in a graph
     _arity: tuple[Any, ...] | None = None
 
-    def __init__(self, fn: Callable[..., Any], options: TaskOptions) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], options: TaskOptions, method: bool | None = None
+    ) -> None:
         self.fn = fn
         self.options = options
         self.name = options.name or fn_name(fn)
         functools.update_wrapper(self, fn)
+        # Whether it binds to an instance (see __get__): defined in a class body,
+        # and not a staticmethod; a task made elsewhere and put in a class (a
+        # namespace of steps) stays a plain task there.
+        self._method = _defined_in_class(fn) if method is None else method
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         stack = getattr(_local, "graphs", None)  # active_graph(), inlined: the build's hot path
@@ -323,7 +330,9 @@ class Task:
 
             quick = simulate.with_options(retries=0, timeout=5)
         """
-        return Task(self.fn, self.options.updated(options, f"{self.name}.with_options"))
+        return Task(
+            self.fn, self.options.updated(options, f"{self.name}.with_options"), self._method
+        )
 
     @property
     def description(self) -> str | None:
@@ -340,7 +349,7 @@ class Task:
         """A task defined in a class is a method: reached through an instance, its
         calls pass that instance first, as a function's do (Prefect 3 binds them
         too). The instance travels to the worker as an argument, pickled."""
-        if instance is None:
+        if instance is None or not self._method:
             return self
         return BoundTask(self, instance)
 
@@ -357,7 +366,7 @@ class Task:
         fn = self.fn
         module = getattr(fn, "__module__", None)
         qualname = getattr(fn, "__qualname__", "")
-        if module and module != "__main__" and "<locals>" not in qualname and not _by_value(module):
+        if module and "<locals>" not in qualname and not pickled_by_value(module):
             try:
                 found = _by_name(module, qualname)
             except Exception:
@@ -366,13 +375,16 @@ class Task:
                 return (_by_name, (module, qualname))
             if type(found) is Task and found.fn is fn:  # a copy (with_options)
                 return (_by_name, (module, qualname, self.options))
-        return (Task, (fn, self.options))
+        return (Task, (fn, self.options, self._method))
 
 
-def _by_value(module: str) -> bool:
-    """Whether cloudpickle was told to pickle ``module`` by value
-    (``cloudpickle.register_pickle_by_value``: a module the receiving side cannot
-    import, a dask worker's say): its tasks then go by value too."""
+def pickled_by_value(module: str | None) -> bool:
+    """Whether cloudpickle pickles what ``module`` defines by value: a script's or a
+    notebook's (``__main__``), one no process can import by that name, or one
+    ``cloudpickle.register_pickle_by_value`` was told of (a module a dask worker
+    cannot import, say): its tasks then go by value too."""
+    if not module or module == "__main__" or module not in sys.modules:
+        return True
     registry = cloudpickle.list_registry_pickle_by_value()
     return any(module == name or module.startswith(name + ".") for name in registry)
 
@@ -430,7 +442,14 @@ def task(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     """
 
     def decorate(f: Callable[..., Any]) -> Task:
+        if isinstance(f, staticmethod):  # @task over @staticmethod: never bound
+            inner = f.__func__
+            where = f"@task on {fn_name(inner)}"
+            check_callable(inner, where)
+            return Task(inner, DEFAULT_OPTIONS.updated(options, where), method=False)
         where = f"@task on {fn_name(f)}"
+        if isinstance(f, BoundTask):  # gx.task(...)(model.score): the task, re-optioned
+            return f.with_options(**options)  # type: ignore[return-value]
         check_callable(f, where)
         if isinstance(f, Task):
             return f.with_options(**options)
@@ -459,6 +478,14 @@ class unmapped:  # noqa: N801 - spelled like a function, as in Prefect
 
     def __repr__(self) -> str:
         return f"unmapped({self.value!r})"
+
+
+def _defined_in_class(fn: Any) -> bool:
+    """Whether ``fn`` was defined in a class body (its qualname ``Cls.name``, not
+    ``f.<locals>.name`` nor ``name``)."""
+    qualname = getattr(fn, "__qualname__", "")
+    owner, dot, _ = qualname.rpartition(".")
+    return bool(dot) and not owner.endswith("<locals>")
 
 
 class BoundTask:
@@ -491,6 +518,23 @@ class BoundTask:
         if name.startswith("__") or name in BoundTask.__slots__:
             raise AttributeError(name)  # (not yet set: being unpickled, copied)
         return getattr(self.task, name)  # name, fn, options, description, ...
+
+    # What a bound method answers too
+    @property
+    def __name__(self) -> str:
+        return str(getattr(self.task.fn, "__name__", self.task.name))
+
+    @property
+    def __wrapped__(self) -> Any:
+        return self.task.fn
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            type(other) is BoundTask and other.task is self.task and other.instance is self.instance
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.task), id(self.instance)))
 
     def __repr__(self) -> str:
         return f"<Task {self.task.name} of {type(self.instance).__name__}>"
