@@ -588,6 +588,25 @@ def h1(x):
 
 def deep(x):
     return h1(x)
+
+TABLE = {"h": h4}
+
+def via_dict(x):
+    return TABLE["h"](x)
+
+def via_default(x, helper=h4):
+    return helper(x)
+
+def make_local():
+    class Local:  # a class no worker can import by name
+        def shift(self, x):
+            return x + OFFSET
+    return Local()
+
+LOCAL = make_local()
+
+def via_local_class(x):
+    return LOCAL.shift(x)
 """
 
 
@@ -597,7 +616,15 @@ def test_a_warm_pool_sees_a_rebound_name_through_a_cells_class_object_or_deep_he
     # those ran with the old constant (a review of its first version).
     cell = {"__name__": "gx_test_deep_cell"}
     exec(DEEP_CELL, cell)
-    kinds = {"via_class": cell["via_class"], "callable": cell["Shifter"](), "deep": cell["deep"]}
+    exec(
+        "import graphexec as gx\n"
+        "h4_task = gx.task(h4)\n"
+        "def via_task(x):\n    return h4_task.fn(x)\n",
+        cell,
+    )
+    names = ("via_class", "deep", "via_dict", "via_default", "via_local_class", "via_task")
+    kinds = {name: cell[name] for name in names}
+    kinds["callable"] = cell["Shifter"]()
     with gx.Pool(workers=1) as own:
 
         def values():

@@ -121,7 +121,7 @@ from .._model.errors import (
     describe_exitcode,
 )
 from .._model.sizes import size_text
-from .._model.task import pickled_by_value
+from .._model.task import BoundTask, Task, pickled_by_value
 from . import threadlimits
 from . import worker as _worker
 from . import zygote as _zygote
@@ -2134,85 +2134,106 @@ def _kill_group(pid: int | None) -> None:
 def _names(fn: Any) -> tuple[Any, ...] | None:
     """What ``fn`` names, or None when that cannot be told from its code alone.
 
-    The objects the function reads: the globals its code names (and the code
-    of the functions and lambdas inside it), its closure's values, its
-    defaults, and the same of every plain function among them (a helper, a
-    helper's helper: each once). Compared by identity with what an earlier call
-    gave, it tells whether a name was rebound since (a value changed in place
-    stays the same object). The objects themselves are kept, not their ids: a
-    rebound name's old object, freed, could leave its id to the new one.
+    The objects the function reads, as cloudpickle will send them: the globals
+    its code names (and the code of the functions and lambdas inside it), its
+    closure's values and its defaults; and the same, each once, of what travels
+    with it by value among them: functions of the script (a helper, a helper's
+    helper, a task's function), partials, methods, and the items of lists,
+    tuples, sets and dicts. A function or class a worker imports by name is
+    not walked: the worker's module is what it runs. Compared by identity with
+    what an earlier call gave, it tells whether a name was rebound since (a
+    value changed in place stays the same object). The objects themselves are
+    kept, not their ids: a rebound name's old object, freed, could leave its
+    id to the new one.
 
     None (the caller then pickles the function each run and compares the
-    pickles, as exact as it is dear) for what a walk of code cannot see
-    through: a class, or an instance of one, that travels by value (its
-    methods read globals too), a callable that is no plain function, or more
-    than ``NAMES_FUNCTIONS_MAX`` functions to walk.
+    pickles, as exact as it is dear) for what this walk cannot see through: a
+    class of the script, or an object of one (its methods read globals too), a
+    callable object, a container of over ``NAMES_CONTAINER_MAX`` items, more
+    than ``NAMES_FUNCTIONS_MAX`` functions or ``NAMES_VALUES_MAX`` objects, or
+    a walk that fails (an odd callable).
     """
     try:
         return _walk_names(fn)
-    except Exception:  # an odd callable (a __code__ that is no code object, a proxy)
+    except Exception:
         return None
 
 
 NAMES_FUNCTIONS_MAX = 200
+NAMES_VALUES_MAX = 20_000
+NAMES_CONTAINER_MAX = 10_000
+_PLAIN_VALUES = (str, bytes, int, float, complex, bool, type(None), types.ModuleType)
 
 
 def _walk_names(fn: Any) -> tuple[Any, ...] | None:
-    seen: list[Any] = [fn]
-    todo, walked = [fn], {id(fn)}
+    seen: list[Any] = []
+    todo, visited, functions = [fn], set(), 0
     while todo:
-        target = todo.pop()
-        while isinstance(target, functools.partial):
-            seen += [target.args, target.keywords, target.func]
-            for value in (*target.args, *target.keywords.values()):
-                if _opaque(value):
-                    return None
-            target = target.func
-        if type(target) is types.MethodType:
-            seen.append(target.__self__)
-            if _opaque(target.__self__):
+        value = todo.pop()
+        if id(value) in visited:
+            continue
+        visited.add(id(value))
+        seen.append(value)
+        if len(visited) > NAMES_VALUES_MAX:
+            return None
+        if isinstance(value, _PLAIN_VALUES) or type(value) is types.BuiltinFunctionType:
+            continue
+        if isinstance(value, Task):
+            todo.append(value.fn)
+        elif type(value) is BoundTask:
+            todo += [value.task, value.instance]
+        elif isinstance(value, functools.partial):
+            todo += [value.func, *value.args, *value.keywords.values()]
+        elif type(value) is types.MethodType:
+            todo += [value.__func__, value.__self__]
+        elif type(value) is types.FunctionType:
+            if _travels_by_name(value):
+                continue  # the worker imports it: its module's globals are the worker's
+            functions += 1
+            if functions > NAMES_FUNCTIONS_MAX:
                 return None
-            target = target.__func__
-        if not isinstance(target, types.FunctionType):
-            if isinstance(target, (types.BuiltinFunctionType, type)) and not _opaque(target):
-                continue  # travels by name: itself (already in seen)
-            return None  # a callable object: pickled with its state, each run
-        found: list[Any] = []
-        glob = target.__globals__
-        codes = [target.__code__]
-        while codes:
-            code = codes.pop()
-            for name in code.co_names:
-                value = glob.get(name, _MISSING)
-                if value is not _MISSING:
-                    found.append(value)
-            codes.extend(k for k in code.co_consts if isinstance(k, types.CodeType))
-        for cell in target.__closure__ or ():
-            try:
-                found.append(cell.cell_contents)
-            except ValueError:  # an empty cell
-                continue
-        found += [target.__defaults__, target.__kwdefaults__]
-        seen += found
-        for value in found:
-            if isinstance(value, (types.FunctionType, functools.partial, types.MethodType)):
-                if id(value) not in walked:
-                    walked.add(id(value))
-                    if len(walked) > NAMES_FUNCTIONS_MAX:
-                        return None
-                    todo.append(value)
-            elif _opaque(value):
+            glob = value.__globals__
+            codes = [value.__code__]
+            while codes:
+                code = codes.pop()
+                for name in code.co_names:
+                    found = glob.get(name, _MISSING)
+                    if found is not _MISSING:
+                        todo.append(found)
+                codes.extend(k for k in code.co_consts if isinstance(k, types.CodeType))
+            for cell in value.__closure__ or ():
+                try:
+                    todo.append(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    continue
+            todo += value.__defaults__ or ()
+            todo += (value.__kwdefaults__ or {}).values()
+        elif isinstance(value, (tuple, list, set, frozenset, dict)):
+            if len(value) > NAMES_CONTAINER_MAX:
                 return None
+            todo += value.values() if isinstance(value, dict) else value
+        elif isinstance(value, type):
+            if not _travels_by_name(value):
+                return None  # a class of the script: pickled with its methods
+        elif not _travels_by_name(type(value)) or callable(value):
+            return None  # an object of a script's class, or a callable object
     return tuple(seen)
 
 
-def _opaque(value: Any) -> bool:
-    """A class, or an instance of one, that travels by value: its methods' globals
-    are pickled with it, out of the walk's sight."""
-    cls = value if isinstance(value, type) else type(value)
-    if cls.__module__ == "builtins":
+def _travels_by_name(obj: Any) -> bool:
+    """Whether cloudpickle sends ``obj`` (a function or a class) by reference: its
+    module imports in the worker and names it there by its qualified name."""
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or "<locals>" in qualname:
         return False
-    return pickled_by_value(cls.__module__)
+    if pickled_by_value(module):
+        return False
+    found: Any = sys.modules[module]
+    for part in qualname.split("."):
+        found = getattr(found, part, _MISSING)
+        if found is _MISSING:
+            return False
+    return found is obj
 
 
 _MISSING = object()

@@ -8,6 +8,7 @@ import inspect
 import os
 import sys
 import threading
+import types
 from collections.abc import Callable, Iterable
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -152,10 +153,10 @@ class Task:
         self.options = options
         self.name = options.name or fn_name(fn)
         functools.update_wrapper(self, fn)
-        # Whether it binds to an instance (see __get__): defined in a class body,
-        # and not a staticmethod; a task made elsewhere and put in a class (a
-        # namespace of steps) stays a plain task there.
-        self._method = _defined_in_class(fn) if method is None else method
+        # Whether it binds to an instance (see __get__): set by __set_name__ for a
+        # function defined in that class's body; False for a staticmethod.
+        self._method = bool(method)
+        self._static = method is False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         stack = getattr(_local, "graphs", None)  # active_graph(), inlined: the build's hot path
@@ -331,7 +332,9 @@ class Task:
             quick = simulate.with_options(retries=0, timeout=5)
         """
         return Task(
-            self.fn, self.options.updated(options, f"{self.name}.with_options"), self._method
+            self.fn,
+            self.options.updated(options, f"{self.name}.with_options"),
+            False if self._static else self._method,
         )
 
     @property
@@ -344,6 +347,14 @@ class Task:
     def version(self) -> str | None:
         """Prefect's ``version``: the ``version=`` option (None when not given)."""
         return self.options.version
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        """Put in a class body: a method if its function was defined there (``def``
+        under ``@gx.task`` in that class), not if a task made elsewhere is given a
+        name in it (a namespace of steps: ``load = load_task``)."""
+        fn = self.fn
+        if not self._static and isinstance(fn, types.FunctionType):
+            self._method = fn.__qualname__ == f"{owner.__qualname__}.{fn.__name__}"
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         """A task defined in a class is a method: reached through an instance, its
@@ -375,7 +386,7 @@ class Task:
                 return (_by_name, (module, qualname))
             if type(found) is Task and found.fn is fn:  # a copy (with_options)
                 return (_by_name, (module, qualname, self.options))
-        return (Task, (fn, self.options, self._method))
+        return (Task, (fn, self.options, False if self._static else self._method))
 
 
 def pickled_by_value(module: str | None) -> bool:
@@ -395,7 +406,9 @@ def _by_name(module: str, qualname: str, options: TaskOptions | None = None) -> 
     found: Any = importlib.import_module(module)
     for part in qualname.split("."):
         found = getattr(found, part)
-    return found if options is None else Task(found.fn, options)
+    if options is None:
+        return found
+    return Task(found.fn, options, False if found._static else found._method)
 
 
 @overload
@@ -480,14 +493,6 @@ class unmapped:  # noqa: N801 - spelled like a function, as in Prefect
         return f"unmapped({self.value!r})"
 
 
-def _defined_in_class(fn: Any) -> bool:
-    """Whether ``fn`` was defined in a class body (its qualname ``Cls.name``, not
-    ``f.<locals>.name`` nor ``name``)."""
-    qualname = getattr(fn, "__qualname__", "")
-    owner, dot, _ = qualname.rpartition(".")
-    return bool(dot) and not owner.endswith("<locals>")
-
-
 class BoundTask:
     """A task reached through an instance (``model.score``, ``score`` a task defined
     in ``model``'s class): each call, submit and map passes the instance first, to
@@ -519,14 +524,21 @@ class BoundTask:
             raise AttributeError(name)  # (not yet set: being unpickled, copied)
         return getattr(self.task, name)  # name, fn, options, description, ...
 
-    # What a bound method answers too
+    # What a bound method answers too (its __doc__ is the class's: a slot class's
+    # docstring cannot be a property)
     @property
     def __name__(self) -> str:
         return str(getattr(self.task.fn, "__name__", self.task.name))
 
     @property
-    def __wrapped__(self) -> Any:
-        return self.task.fn
+    def __signature__(self) -> inspect.Signature | None:
+        """The function's, without its first parameter (the instance), as a bound
+        method's."""
+        try:
+            signature = inspect.signature(self.task.fn)
+        except (TypeError, ValueError):
+            return None
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
 
     def __eq__(self, other: object) -> bool:
         return (
