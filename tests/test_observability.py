@@ -34,6 +34,7 @@ import pytest
 import graphexec as gx
 from graphexec._surfaces.report import STATE_COLOURS, STATE_FILLS
 from graphexec._surfaces.report import html as report_html
+from graphexec._surfaces.report import states as report_states
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -418,7 +419,7 @@ def test_report_templates_are_package_data_inlined_in_the_page(tmp_path):
     graph = pipeline(tmp_path)
     run = graph.compute(workers=0, raise_on_failure=False)
     text = run.to_html(tmp_path / "report.html").read_text(encoding="utf-8")
-    assert f"<style>\n{report_html._state_css()}{css}</style>" in text
+    assert f"<style>\n{report_states.state_css()}{css}</style>" in text
     assert f"<script>\n{js}</script>" in text
     # every fixed piece of the page template is there, in order, and every field filled
     at = 0
@@ -436,7 +437,7 @@ def test_the_pages_state_colours_come_from_the_one_palette(tmp_path, monkeypatch
     css = report_html.templates().css
     assert not re.search(r"--(ok|cached|failed|skipped|cancelled|running|retry):", css)
     monkeypatch.setitem(STATE_COLOURS, "Failed", "#123456")
-    monkeypatch.setattr(report_html, "RETRY_COLOUR", "#abcdef")
+    monkeypatch.setattr(report_states, "RETRY_COLOUR", "#abcdef")
     run = pipeline(tmp_path).compute(workers=0, raise_on_failure=False)
     text = run.to_html(tmp_path / "report.html").read_text(encoding="utf-8")
     assert "--failed:#123456" in text and "--retry:#abcdef" in text

@@ -21,20 +21,10 @@ from typing import Any, NamedTuple
 
 from ..._model.errors import one_line
 from ..._model.run import Run
-from ..._model.state import (
-    CACHED,
-    CANCELLED,
-    COMPLETED,
-    FAILED,
-    PENDING,
-    RUNNING,
-    SKIPPED,
-    STATE_ORDER,
-    State,
-)
+from ..._model.state import CANCELLED, FAILED, PENDING, STATE_ORDER, State
 from ..._version import __version__
 from .codec import traceback_text
-from .states import RETRY_COLOUR, STATE_COLOURS
+from .states import RETRY_COLOUR, STATE_COLOURS, state_css
 
 # Tracebacks embedded in one HTML page, in characters: beyond this, failures keep
 # their one-line error and the page stays small enough to open.
@@ -115,7 +105,7 @@ def run_to_html(run: Run, path: str | os.PathLike[str]) -> Path:
         skipped=_skipped_section(run),
         version=html.escape(__version__),
         generated=html.escape(time.strftime("%Y-%m-%d %H:%M:%S")),
-        css=_state_css() + files.css,
+        css=state_css() + files.css,
         js=files.js,
         data=json.dumps(data, ensure_ascii=False, separators=(",", ":"))
         .replace("</", "<\\/")
@@ -123,24 +113,6 @@ def run_to_html(run: Run, path: str | os.PathLike[str]) -> Path:
     )
     path.write_text(page, encoding="utf-8")
     return path
-
-
-# The CSS variable of each state's colour (report.css reads them; a pending
-# node's dot is drawn in the page's line grey, since its colour is white).
-_STATE_VARIABLES = {
-    COMPLETED: "ok",
-    CACHED: "cached",
-    FAILED: "failed",
-    SKIPPED: "skipped",
-    CANCELLED: "cancelled",
-    RUNNING: "running",
-}
-
-
-def _state_css() -> str:
-    """The states' colours as CSS variables, from the one palette (states.py)."""
-    colours = [f"--{var}:{STATE_COLOURS[state]}" for state, var in _STATE_VARIABLES.items()]
-    return ":root{" + ";".join([*colours, f"--retry:{RETRY_COLOUR}"]) + "}\n"
 
 
 def _states(run: Run) -> list[State | None]:

@@ -44,3 +44,22 @@ STATE_WORDS = {
     RUNNING: "running",
     PENDING: "not run",
 }
+
+
+# The CSS variable of each state's colour (report.css reads them; a pending
+# node's dot is drawn in the page's line grey, since its colour is white).
+_STATE_VARIABLES = {
+    COMPLETED: "ok",
+    CACHED: "cached",
+    FAILED: "failed",
+    SKIPPED: "skipped",
+    CANCELLED: "cancelled",
+    RUNNING: "running",
+}
+
+
+def state_css() -> str:
+    """The states' colours as CSS variables for the HTML page (report.css reads them),
+    from the palette above."""
+    colours = [f"--{var}:{STATE_COLOURS[state]}" for state, var in _STATE_VARIABLES.items()]
+    return ":root{" + ";".join([*colours, f"--retry:{RETRY_COLOUR}"]) + "}\n"
