@@ -46,20 +46,9 @@ STATE_WORDS = {
 }
 
 
-# The CSS variable of each state's colour (report.css reads them; a pending
-# node's dot is drawn in the page's line grey, since its colour is white).
-_STATE_VARIABLES = {
-    COMPLETED: "ok",
-    CACHED: "cached",
-    FAILED: "failed",
-    SKIPPED: "skipped",
-    CANCELLED: "cancelled",
-    RUNNING: "running",
-}
-
-
 def state_css() -> str:
-    """The states' colours as CSS variables for the HTML page (report.css reads them),
-    from the palette above."""
-    colours = [f"--{var}:{STATE_COLOURS[state]}" for state, var in _STATE_VARIABLES.items()]
+    """The states' colours as CSS variables for the HTML page (report.css reads
+    ``--ok``, ``--failed``, ... by the states' words), from the palette above; a
+    pending node's dot is drawn in the page's line grey, its colour being white."""
+    colours = [f"--{STATE_WORDS[s]}:{c}" for s, c in STATE_COLOURS.items() if s != PENDING]
     return ":root{" + ";".join([*colours, f"--retry:{RETRY_COLOUR}"]) + "}\n"
