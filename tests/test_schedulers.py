@@ -484,14 +484,14 @@ def test_a_warm_pool_pickles_a_function_again_only_when_a_name_it_reads_was_rebo
     cell = _cell()
     shifted = gx.task(cell["shifted"])
     pickled = []
-    dumps = process_module.dumps
+    dumps = process_module.dumps_function
 
     def counting(obj, *args, **kwargs):
         if obj is cell["shifted"]:
             pickled.append(1)
         return dumps(obj, *args, **kwargs)
 
-    monkeypatch.setattr(process_module, "dumps", counting)
+    monkeypatch.setattr(process_module, "dumps_function", counting)
     with gx.Pool(workers=2) as own:
         procs = own._procs
 

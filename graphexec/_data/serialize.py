@@ -137,6 +137,15 @@ def dumps(obj: Any) -> bytes:
     return cloudpickle.dumps(obj, protocol=PROTOCOL)
 
 
+def dumps_function(fn: Any) -> bytes | BaseException:
+    """A task's function pickled for the workers, or why it cannot be: the error is
+    kept in its place, for each call of it to fail with (``function_error``)."""
+    try:
+        return dumps(fn)
+    except Exception as exc:
+        return exc
+
+
 def dumps_apart(obj: Any, put: Callable[[memoryview], None]) -> bytes:
     """Pickle ``obj`` with its contiguous buffers of ``SHM_THRESHOLD`` bytes or more
     out of band, each handed to ``put`` (shared memory, a cache file); smaller or

@@ -136,6 +136,7 @@ from .._data.serialize import (
     arguments_error,
     dumps,
     dumps_call,
+    dumps_function,
     function_error,
     loads_call,
 )
@@ -1117,13 +1118,9 @@ class ClusterExecutor:
         entry = self._functions.get(id(call.fn))
         if entry is None:
             fn_id = f"{self.id}-{len(self._functions)}"
-            try:
-                blob: Any = dumps(call.fn)
-            except Exception as exc:
-                blob = exc
-            else:
-                if len(blob) >= SCATTER_BYTES:  # a big closure: once to the cluster, not per call
-                    blob = self.client.scatter(blob, hash=False)
+            blob: Any = dumps_function(call.fn)
+            if isinstance(blob, bytes) and len(blob) >= SCATTER_BYTES:
+                blob = self.client.scatter(blob, hash=False)  # a big closure: once, not per call
             entry = self._functions[id(call.fn)] = (call.fn, fn_id, blob)
         _, fn_id, blob = entry
         if isinstance(blob, BaseException):

@@ -111,6 +111,7 @@ from .._data.serialize import (
     arguments_error,
     as_wire,
     dumps,
+    dumps_function,
     encode_call,
     function_error,
 )
@@ -1338,10 +1339,7 @@ class ProcessPool:
             self._fn_keep[fn_id] = fn  # keeps id(fn) from being reused while we map it
             self._fn_made[fn_id] = runs
             self._fn_names[fn_id] = _names(fn)
-            try:
-                self._fn_blobs[fn_id] = dumps(fn)
-            except Exception as exc:
-                self._fn_blobs[fn_id] = exc
+            self._fn_blobs[fn_id] = dumps_function(fn)
         self._last_fn, self._last_id, self._last_run = fn, fn_id, runs
         return fn_id
 
@@ -1371,10 +1369,7 @@ class ProcessPool:
         ):
             return
         self._fn_names[fn_id] = names
-        try:
-            blob: bytes | BaseException = dumps(fn)
-        except Exception as exc:
-            blob = exc
+        blob = dumps_function(fn)
         old = self._fn_blobs[fn_id]
         if blob == old or (isinstance(blob, BaseException) and isinstance(old, BaseException)):
             return

@@ -184,7 +184,7 @@ class TaskOptions:
             if key == "cache":  # short form of cache_key_fn=task_input_hash
                 if "cache_key_fn" in options:
                     raise TypeError(f"{where}: give cache=True or cache_key_fn=, not both")
-                new.cache_key_fn = task_input_hash if _check_bool(value, key, where) else None
+                new.cache_key_fn = task_input_hash if check_bool(value, key, where) else None
                 continue
             validator = _VALIDATORS.get(canonical)
             if validator is None:
@@ -285,7 +285,8 @@ def _check_timeout(value: Any, key: str, where: str) -> float | None:
     return seconds
 
 
-def _check_bool(value: Any, key: str, where: str) -> bool:
+def check_bool(value: Any, key: str, where: str) -> bool:
+    """A flag: True or False, nothing else (``fail_fast="no"`` is not False)."""
     if not isinstance(value, bool):
         raise TypeError(f"{where}: {key}= must be True or False, got {value!r}")
     return value
@@ -376,19 +377,19 @@ _VALIDATORS: dict[str, Callable[[Any, str, str], Any]] = {
     "retry_jitter_factor": _check_jitter,
     "retry_on": _check_retry_on,
     "timeout": _check_timeout,
-    "allow_failure": _check_bool,
-    "return_state": _check_bool,
+    "allow_failure": check_bool,
+    "return_state": check_bool,
     "trigger": _check_trigger,
     "max_concurrency": _check_max_concurrency,
     "tags": _check_tags,
     "priority": _check_priority,
     "cache_key_fn": _check_key_fn,
     "cache_expiration": _check_expiration,
-    "refresh_cache": _check_bool,
+    "refresh_cache": check_bool,
     "on_completion": check_hooks,
     "on_failure": check_hooks,
     "on_retry": check_hooks,
-    "isolate": _check_bool,
+    "isolate": check_bool,
     "inner_threads": check_inner_threads,
     "description": check_text,
     "version": check_text,

@@ -334,7 +334,7 @@ class Task:
         return Task(
             self.fn,
             self.options.updated(options, f"{self.name}.with_options"),
-            False if self._static else self._method,
+            self._binding(),
         )
 
     @property
@@ -347,6 +347,10 @@ class Task:
     def version(self) -> str | None:
         """Prefect's ``version``: the ``version=`` option (None when not given)."""
         return self.options.version
+
+    def _binding(self) -> bool | None:
+        """The ``method=`` a copy of this task is made with (with_options, pickling)."""
+        return False if self._static else self._method
 
     def __set_name__(self, owner: type, name: str) -> None:
         """Put in a class body: a method if its function was defined there (``def``
@@ -386,7 +390,7 @@ class Task:
                 return (_by_name, (module, qualname))
             if type(found) is Task and found.fn is fn:  # a copy (with_options)
                 return (_by_name, (module, qualname, self.options))
-        return (Task, (fn, self.options, False if self._static else self._method))
+        return (Task, (fn, self.options, self._binding()))
 
 
 def pickled_by_value(module: str | None) -> bool:
@@ -408,7 +412,7 @@ def _by_name(module: str, qualname: str, options: TaskOptions | None = None) -> 
         found = getattr(found, part)
     if options is None:
         return found
-    return Task(found.fn, options, False if found._static else found._method)
+    return Task(found.fn, options, found._binding())
 
 
 @overload

@@ -21,6 +21,7 @@ from .._model.node import user_stacklevel
 from .._model.options import (
     PREFECT_FLOW_ONLY,
     PREFECT_ONLY,
+    check_bool,
     check_optional_bool,
     check_run_name,
     check_text,
@@ -341,13 +342,6 @@ def _resolve(value: Any) -> Any:
 _FLOW_OPTIONS = _RUN_OPTIONS | {"name", "task_runner_max_concurrency"}
 
 
-def _check_no_validation(value: Any, key: str, where: str) -> bool:
-    """``validate_parameters=``: a bool (True is refused in ``decorate``, with why)."""
-    if isinstance(value, bool):
-        return value
-    raise TypeError(f"{where}: {key}= must be True or False, got {value!r}")
-
-
 # Prefect's flow keywords kept for Prefect code run as written (see Flow.__init__);
 # log_prints changes nothing: a task's prints always reach the terminal.
 _PREFECT_CHECKS: dict[str, Callable[[Any, str, str], Any]] = {
@@ -355,7 +349,7 @@ _PREFECT_CHECKS: dict[str, Callable[[Any, str, str], Any]] = {
     "version": check_text,
     "flow_run_name": check_run_name,
     "log_prints": check_optional_bool,
-    "validate_parameters": _check_no_validation,
+    "validate_parameters": check_bool,  # True is refused in decorate, with why
 }
 
 
