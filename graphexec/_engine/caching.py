@@ -130,6 +130,7 @@ from .._model.keys import (
     warn_not_cached,
 )
 from .._model.node import DATA, Node
+from .._model.signature import signature as read_signature
 from .._model.state import CACHED, State
 from .._model.walk import substitute
 
@@ -882,10 +883,7 @@ class CacheGate:
         ``inspect.signature`` is slow."""
         spec = self.signatures.get(task)
         if spec is None:
-            try:
-                signature: inspect.Signature | None = inspect.signature(task.fn)
-            except (TypeError, ValueError):
-                signature = None
+            signature = read_signature(task.fn)
             simple = None
             if signature is not None and all(
                 p.kind is p.POSITIONAL_OR_KEYWORD for p in signature.parameters.values()

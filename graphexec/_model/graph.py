@@ -16,8 +16,6 @@ which adds order edges after the fact, has to check.
 from __future__ import annotations
 
 import gc
-import inspect
-import math
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -26,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .node import ALLOW, DATA, ORDER, Node, allow_failure, call_site
 from .seam import surfaces
+from .signature import call_shape, signature
 from .task import BoundTask, Task, as_task, pop_graph, push_graph
 from .walk import PLAIN, SEQUENCES, find_nodes, remap, take_nodes
 
@@ -83,10 +82,8 @@ os.register_at_fork(after_in_child=_gc_after_fork_in_child)
 
 def _takes_parameters(fn: Callable[..., Any]) -> bool:
     """True unless ``fn``'s signature has no parameter at all (or none can be read)."""
-    try:
-        return bool(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):  # a builtin without a signature: give it the arguments
-        return True
+    sig = signature(fn)
+    return sig is None or bool(sig.parameters)  # (none: a builtin; give it the arguments)
 
 
 def run_name(template: str | Callable[..., Any], arguments: dict[str, Any], what: str) -> str:
@@ -270,7 +267,7 @@ class Graph:
         # positional arguments, the usual call: a few comparisons.
         arity = task._arity
         if arity is None:
-            arity = task._arity = _arity(task.fn)
+            arity = task._arity = call_shape(task.fn)
         if (
             arity
             and (kwargs or not (arity[1] <= len(args) <= arity[5]) or arity[4])
@@ -380,8 +377,11 @@ class Graph:
     def _node_name(self, task: Task, opts: Any, args: tuple, kwargs: dict) -> str:
         """The name ``task_run_name=`` gives this call (a format string or a callable)."""
         template = opts.task_run_name
+        sig = signature(task.fn)
         try:
-            bound = inspect.signature(task.fn).bind(*args, **kwargs)
+            if sig is None:
+                raise ValueError("no signature")
+            bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = bound.arguments
         except (TypeError, ValueError):
@@ -645,37 +645,6 @@ class Graph:
 # -- arguments against the function's signature, at the call -------------------------
 
 
-def _arity(fn: Callable[..., Any]) -> Any:
-    """What a call of ``fn`` must give, for :func:`_fits`, once per task (``()``: no
-    signature, any call goes): (the most
-    positional arguments, None for ``*args``; the required positional ones; the names
-    a keyword may take, None for ``**kwargs``; the names positional arguments fill;
-    the required keyword-only names)."""
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return ()  # no signature to check (a builtin without one): any call goes
-    kind = inspect.Parameter
-    positional = [
-        p for p in parameters if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)
-    ]
-    most = None if any(p.kind is kind.VAR_POSITIONAL for p in parameters) else len(positional)
-    required = sum(1 for p in positional if p.default is kind.empty)
-    keywords = (
-        None
-        if any(p.kind is kind.VAR_KEYWORD for p in parameters)
-        else frozenset(
-            p.name for p in parameters if p.kind in (kind.POSITIONAL_OR_KEYWORD, kind.KEYWORD_ONLY)
-        )
-    )
-    names = tuple(p.name for p in positional)
-    kw_required = frozenset(
-        p.name for p in parameters if p.kind is kind.KEYWORD_ONLY and p.default is kind.empty
-    )
-    # (last: the most positional arguments as a number, for the inline check)
-    return most, required, keywords, names, kw_required, math.inf if most is None else most
-
-
 def _fits(arity: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether the call binds (a few comparisons: the build's hot path); a False is
     said exactly by :func:`_refuse_arguments`."""
@@ -696,8 +665,11 @@ def _fits(arity: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 
 def _refuse_arguments(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """The call does not bind: say so now, as Python would, not when it runs."""
+    sig = signature(task.fn)
     try:
-        inspect.signature(task.fn).bind(*args, **kwargs)
+        if sig is None:
+            raise ValueError(f"no signature found for {task.name}")
+        sig.bind(*args, **kwargs)
     except (TypeError, ValueError) as exc:  # (ValueError: it has no signature)
         raise TypeError(
             f"{task.name}() at {call_site()}: arguments do not match its signature: {exc}"

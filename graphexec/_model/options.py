@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 from collections.abc import Callable, Iterable
@@ -10,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 from .keys import task_input_hash
+from .signature import required_positional
 
 TRIGGERS = frozenset(
     {"all_success", "all_done", "any_failed", "all_failed", "none_failed", "always"}
@@ -176,6 +176,8 @@ class TaskOptions:
             TypeError: unknown option, or a value of the wrong type.
             ValueError: a value out of range.
         """
+        if not options:
+            return self  # (options are never changed once made: shared, as DEFAULT_OPTIONS is)
         new = self.copy()
         for key, value in options.items():
             canonical = ALIASES.get(key, key)
@@ -504,28 +506,16 @@ def should_retry(options: TaskOptions, exc: BaseException, state: Any, task: Any
         return True
     if isinstance(rule, tuple):
         return isinstance(exc, rule)
-    if arity(rule, 1) >= 3:
+    if required_positional(rule, 1) >= 3:
         return bool(rule(task, state, state))
     return bool(rule(exc))
-
-
-def arity(fn: Callable[..., Any], default: int) -> int:
-    """How many positional arguments ``fn`` needs: its positional parameters without
-    a default (``default`` when it has no signature). A hook ``(node, state,
-    note="x")`` is a two-argument hook, not Prefect's three-argument form."""
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return default
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return sum(1 for p in parameters if p.kind in positional and p.default is p.empty)
 
 
 def call_state_hook(hook: Callable[..., Any], node: Any, task: Any, state: Any) -> None:
     """Call a task's state hook: ``hook(node, state)``, or Prefect's
     ``hook(task, task_run, state)`` when it takes three parameters (``task_run``
     is the State, as for ``retry_on``)."""
-    if arity(hook, 2) >= 3:
+    if required_positional(hook, 2) >= 3:
         hook(task, state, state)
     else:
         hook(node, state)

@@ -18,6 +18,7 @@ import cloudpickle
 from .node import Node, allow_failure
 from .options import DEFAULT_OPTIONS, RESERVED_KEYWORDS, TaskOptions
 from .seam import NOT_EAGER, surfaces
+from .signature import parameter_names, signature
 from .state import State
 from .walk import SEQUENCES
 
@@ -89,10 +90,7 @@ def check_callable(fn: Any, where: str) -> None:
     if not callable(fn):
         raise TypeError(f"{where}: expected a function, got {type(fn).__name__} {fn!r}")
     refuse_coroutine_function(fn, where, "a task as a plain function in a worker process")
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # some builtins have no signature; nothing to check
-        return
+    params = parameter_names(fn)  # (none for a builtin without a signature)
     clash = [p for p in RESERVED_KEYWORDS if p in params]
     if clash:
         raise TypeError(
@@ -538,11 +536,10 @@ class BoundTask:
     def __signature__(self) -> inspect.Signature | None:
         """The function's, without its first parameter (the instance), as a bound
         method's."""
-        try:
-            signature = inspect.signature(self.task.fn)
-        except (TypeError, ValueError):
+        found = signature(self.task.fn)
+        if found is None:
             return None
-        return signature.replace(parameters=list(signature.parameters.values())[1:])
+        return found.replace(parameters=list(found.parameters.values())[1:])
 
     def __eq__(self, other: object) -> bool:
         return (

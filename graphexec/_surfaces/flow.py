@@ -27,6 +27,7 @@ from .._model.options import (
     check_text,
     unknown_option,
 )
+from .._model.signature import parameter_names, signature
 from .._model.state import COMPLETED, FAILED, State
 from .._model.task import refuse_coroutine_function
 from .._model.walk import find_nodes, replace_nodes
@@ -245,9 +246,12 @@ class Flow:
         call then raises Python's own TypeError)."""
         if self.flow_run_name is None:
             return self.name
+        sig = signature(self.fn)
         try:
-            bound = inspect.signature(self.fn).bind(*args, **kwargs)
-        except (TypeError, ValueError):
+            if sig is None:
+                return self.name
+            bound = sig.bind(*args, **kwargs)
+        except TypeError:
             return self.name
         bound.apply_defaults()
         return run_name(self.flow_run_name, bound.arguments, f"flow {self.name}: flow_run_name=")
@@ -312,10 +316,7 @@ def _outcome_of(exc: BaseException, session: Session) -> tuple[str, ...]:
 
 def _parameters(fn: Callable[..., Any]) -> frozenset[str]:
     """The names ``fn`` takes (its own ``return_state``/``wait_for`` stay its own)."""
-    try:
-        return frozenset(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return frozenset()
+    return parameter_names(fn)
 
 
 def _resolve(value: Any) -> Any:

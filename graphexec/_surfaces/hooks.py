@@ -50,8 +50,9 @@ from typing import Any, ClassVar, NamedTuple
 
 from .._model.errors import one_line
 from .._model.node import Node
-from .._model.options import arity, call_state_hook, check_hooks
+from .._model.options import call_state_hook, check_hooks
 from .._model.run import Run
+from .._model.signature import required_positional
 from .._model.state import CANCELLED, COMPLETED, CRASHED, FAILED, State
 from .._model.task import fn_name
 from .signals import sigterm_as_interrupt
@@ -213,7 +214,7 @@ def call_run_hooks(hooks: RunHooks, kinds: Sequence[str], run: Run, flow: Any) -
         if kind in kinds:
             for hook in getattr(hooks, kind):
                 what = f"{kind} hook {fn_name(hook)}"
-                if arity(hook, 1) >= 3:
+                if required_positional(hook, 1) >= 3:
                     _guarded(what, hook, flow, run, run_state(kind, run))
                 else:
                     _guarded(what, hook, run)
