@@ -78,6 +78,33 @@ def test_plain_call_ignores_policy_keywords_and_return_state_gives_a_state():
 def test_plain_call_with_wait_for_is_a_type_error():
     with pytest.raises(TypeError, match="outside a graph"):
         inc(1, wait_for=[object()])
+    graph = gx.Graph()
+    with graph:
+        node = inc(1)
+    with pytest.raises(TypeError, match="outside a graph"):  # a node alone, not a list
+        inc(1, wait_for=node)
+    assert inc(1, wait_for=[]) == 2  # nothing to wait for
+
+
+def test_a_node_refuses_a_truth_test():
+    # `if is_valid(x):` inside `with graph:` tested the placeholder, always true: the
+    # other branch was silently never built. Refused, as dask refuses a Delayed's.
+    graph = gx.Graph()
+    with graph:
+        node = inc(1)
+        for test in (bool, lambda n: not n, lambda n: n or 1, lambda n: 1 if n else 0):
+            with pytest.raises(TypeError, match=r"node 'inc-0' has no value yet.*run\[node\]"):
+                test(node)
+    assert node is not None  # the way to ask whether one was made
+    assert graph.compute()[node] == 2
+
+
+def test_a_future_is_true_as_in_prefect():
+    # Prefect code that writes `if future:` (made or not) runs as written.
+    with gx.Pool(workers=1):
+        future = inc.submit(1)
+        assert future and bool(future)
+        assert future.result() == 2
 
 
 @pytest.mark.parametrize("how", ["bare", "keyword", "in a list", "in a dict"])

@@ -62,7 +62,8 @@ class Node:
     """A call captured in a graph: a placeholder for its future value.
 
     Pass it as an argument to other task calls, or in ``wait_for=``. After a
-    run, ``node.result()`` and ``node.state`` read the graph's latest run.
+    run, ``node.result()`` and ``node.state`` read the graph's latest run. It
+    has no truth value (``if node:`` is a ``TypeError``): test ``run[node]``.
     """
 
     __slots__ = ("__weakref__", "graph", "index")
@@ -118,6 +119,18 @@ class Node:
 
     def __format__(self, spec: str) -> str:
         return format(self.name, spec)
+
+    def __bool__(self) -> bool:
+        # ``if check(x):`` inside ``with graph:`` tests the placeholder, not the value
+        # the task will return: always true, the other branch silently never built.
+        # Refused as dask refuses a Delayed's truth. (A Future keeps Python's default:
+        # Prefect's futures are true, and Prefect code is run as written.)
+        raise TypeError(
+            f"node {self.name!r} has no value yet: `if`, `and`, `or`, `not` and bool() on "
+            "a node would decide before its task runs. Decide inside a task (a task that "
+            "takes the node's value as an argument), or compute the graph and test "
+            "run[node]; to check that a node was made, write `node is not None`"
+        )
 
     def __reduce__(self) -> Any:
         raise TypeError(

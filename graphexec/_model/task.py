@@ -292,7 +292,8 @@ class Task:
             }
             opts = opts.updated(overrides, f"{self.name}() call")
             call_allows = overrides.get("allow_failure") is True
-        if wait_for:
+        # (not `if wait_for:`: a node refuses a truth test)
+        if wait_for is not None and not (isinstance(wait_for, _CONTAINERS) and not wait_for):
             raise TypeError(
                 f"{self.name}() called with wait_for= outside a graph or a flow: a plain call "
                 "runs at once, in this process, and waits for nothing. Call it inside `with "

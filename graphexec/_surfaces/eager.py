@@ -199,6 +199,9 @@ class Future(Node):
 
     __slots__ = ()
 
+    def __bool__(self) -> bool:
+        return True  # as Prefect's futures (Node refuses it: see Node.__bool__)
+
     @property
     def _session(self) -> Session:
         return cast(_SessionGraph, self.graph).session
