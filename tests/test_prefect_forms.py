@@ -452,3 +452,51 @@ def test_a_task_put_in_a_class_or_made_static_is_not_bound():
     with graph:
         node = steps.parse(41)
     assert graph.compute(workers=0)[node] == 42
+
+
+class Units:
+    factor = 10
+
+    @gx.task(retries=1)
+    @classmethod
+    def task_over_classmethod(cls, x):
+        return cls.factor * x
+
+    @classmethod
+    @gx.task
+    def classmethod_over_task(cls, x):
+        return cls.factor * x
+
+
+class MoreUnits(Units):
+    factor = 100
+
+
+@pytest.mark.parametrize("name", ["task_over_classmethod", "classmethod_over_task"])
+def test_a_classmethod_task_passes_its_class(name):
+    # @classmethod over @gx.task lost the class on Python 3.9 to 3.12 ("missing a
+    # required argument: 'x'"); @gx.task over @classmethod was refused as not callable.
+    for owner in (Units, Units(), MoreUnits):
+        assert getattr(owner, name)(2) == (200 if owner is MoreUnits else 20)  # a plain call
+    graph = gx.Graph()
+    with graph:
+        one = getattr(Units, name)(2)
+        sub = getattr(MoreUnits, name)(3)
+        through_instance = getattr(Units(), name)(4)
+    run = graph.compute(workers=1)
+    assert (run[one], run[sub], run[through_instance]) == (20, 300, 40)
+    assert one.name == f"{name}-0"
+
+
+def test_a_task_over_a_classmethod_submits_maps_and_keeps_its_options():
+    method = Units.task_over_classmethod
+    assert method.options.retries == 1 and repr(method) == "<Task task_over_classmethod of Units>"
+    faster = method.with_options(retries=0)
+    assert faster.options.retries == 0 and faster(1) == 10
+    graph = gx.Graph()
+    with graph:
+        many = MoreUnits.task_over_classmethod.map([1, 2])  # the class whole to every call
+    run = graph.compute(workers=1)
+    assert [run[n] for n in many] == [100, 200]
+    with gx.Pool(workers=1):
+        assert Units.task_over_classmethod.submit(5).result() == 50

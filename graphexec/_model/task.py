@@ -11,7 +11,7 @@ import threading
 import types
 from collections.abc import Callable, Iterable
 from itertools import repeat
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import cloudpickle
 
@@ -145,16 +145,21 @@ class Task:
     _arity: tuple[Any, ...] | None = None
 
     def __init__(
-        self, fn: Callable[..., Any], options: TaskOptions, method: bool | None = None
+        self,
+        fn: Callable[..., Any],
+        options: TaskOptions,
+        method: bool | Literal["class"] | None = None,
     ) -> None:
         self.fn = fn
         self.options = options
         self.name = options.name or fn_name(fn)
         functools.update_wrapper(self, fn)
         # Whether it binds to an instance (see __get__): set by __set_name__ for a
-        # function defined in that class's body; False for a staticmethod.
-        self._method = bool(method)
+        # function defined in that class's body; False for a staticmethod; "class"
+        # for a classmethod (it binds to the class).
+        self._method = method is True
         self._static = method is False
+        self._classmethod = method == "class"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         stack = getattr(_local, "graphs", None)  # active_graph(), inlined: the build's hot path
@@ -347,8 +352,10 @@ class Task:
         """Prefect's ``version``: the ``version=`` option (None when not given)."""
         return self.options.version
 
-    def _binding(self) -> bool | None:
+    def _binding(self) -> bool | Literal["class"] | None:
         """The ``method=`` a copy of this task is made with (with_options, pickling)."""
+        if self._classmethod:
+            return "class"
         return False if self._static else self._method
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -356,16 +363,26 @@ class Task:
         under ``@gx.task`` in that class), not if a task made elsewhere is given a
         name in it (a namespace of steps: ``load = load_task``)."""
         fn = self.fn
-        if not self._static and isinstance(fn, types.FunctionType):
+        if not (self._static or self._classmethod) and isinstance(fn, types.FunctionType):
             self._method = fn.__qualname__ == f"{owner.__qualname__}.{fn.__name__}"
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         """A task defined in a class is a method: reached through an instance, its
         calls pass that instance first, as a function's do (Prefect 3 binds them
-        too). The instance travels to the worker as an argument, pickled."""
-        if instance is None or not self._method:
+        too). The instance travels to the worker as an argument, pickled. A
+        classmethod's passes the class."""
+        if self._classmethod:  # @gx.task over @classmethod
+            return BoundTask(self, owner if owner is not None else type(instance))
+        if instance is None:
             return self
-        return BoundTask(self, instance)
+        if self._method:
+            return BoundTask(self, instance)
+        if instance is owner and isinstance(instance, type):
+            # @classmethod over @gx.task: Python 3.9 to 3.12 hand the class to the
+            # task's __get__ as both instance and owner (3.13 makes a bound method,
+            # whose call passes the class too).
+            return BoundTask(self, instance)
+        return self
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
@@ -458,11 +475,12 @@ def task(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     """
 
     def decorate(f: Callable[..., Any]) -> Task:
-        if isinstance(f, staticmethod):  # @task over @staticmethod: never bound
+        if isinstance(f, (staticmethod, classmethod)):  # never bound; bound to the class
             inner = f.__func__
             where = f"@task on {fn_name(inner)}"
             check_callable(inner, where)
-            return Task(inner, DEFAULT_OPTIONS.updated(options, where), method=False)
+            binding = False if isinstance(f, staticmethod) else "class"
+            return Task(inner, DEFAULT_OPTIONS.updated(options, where), method=binding)
         where = f"@task on {fn_name(f)}"
         if isinstance(f, BoundTask):  # gx.task(...)(model.score): the task, re-optioned
             return f.with_options(**options)  # type: ignore[return-value]
@@ -551,7 +569,8 @@ class BoundTask:
         return hash((id(self.task), id(self.instance)))
 
     def __repr__(self) -> str:
-        return f"<Task {self.task.name} of {type(self.instance).__name__}>"
+        owner = self.instance if isinstance(self.instance, type) else type(self.instance)
+        return f"<Task {self.task.name} of {owner.__name__}>"
 
 
 def as_task(fn: Any, where: str) -> Task:
