@@ -13,7 +13,9 @@ its fixtures:
   process (a graph's tasks in the test's thread), so that ``pdb``,
   breakpoints and coverage see the tasks.
   ``@pytest.mark.usefixtures("graphexec_sync")`` applies it to a whole module
-  or class.
+  or class. Under ``--pdb``, a test that fails with ``GraphFailed`` from such
+  a compute is debugged where the task raised, not where ``compute()``
+  re-raised it.
 
 This module lives outside the ``graphexec`` package on purpose: importing
 ``graphexec.anything`` runs ``graphexec/__init__.py``, which imports the
@@ -24,6 +26,7 @@ Disable the plugin with ``-p no:graphexec_pytest``.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -124,6 +127,28 @@ def graphexec_sync(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(gx.Graph, "compute", compute_in_process)
     monkeypatch.setattr(gx.Flow, "__call__", flow_in_process)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_exception_interact(node: Any, call: pytest.CallInfo[Any], report: Any) -> None:
+    """Under ``--pdb``, debug a ``GraphFailed`` where its first failed task raised.
+
+    A compute that ran in this process (``graphexec_sync``, ``scheduler="sync"``)
+    raises ``GraphFailed`` from the task's own exception, whose traceback still
+    holds the task's frames: pdb would stop in ``compute()``'s re-raise, where
+    none of the task's variables can be read. This runs before pytest's pdb
+    plugin and hands it the task's exception instead. A failure on a worker
+    process has no frames here (its traceback is text): left alone.
+    """
+    gx = sys.modules.get("graphexec")
+    excinfo = call.excinfo
+    if gx is None or excinfo is None or not node.config.getoption("usepdb", False):
+        return
+    failure = excinfo.value
+    if isinstance(failure, gx.GraphFailed):
+        cause = failure.__cause__
+        if cause is not None and cause.__traceback__ is not None:
+            call.excinfo = pytest.ExceptionInfo.from_exception(cause)
 
 
 def _in_process(options: dict[str, Any]) -> dict[str, Any]:

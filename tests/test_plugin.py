@@ -294,3 +294,41 @@ def test_installed_graphexec_loads_the_plugin_by_itself(inner: pytest.Pytester) 
     result = run_inner(inner, plugin=False)
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["AT-EXIT {'graphexec_pytest': True, 'graphexec': True}"])
+
+
+@pytest.mark.timeout(INNER_TIMEOUT + 30)
+def test_under_pdb_a_graph_failure_is_debugged_where_its_task_raised(
+    inner: pytest.Pytester,
+) -> None:
+    # pytest --pdb stopped in compute()'s re-raise of GraphFailed, where none of the
+    # task's variables can be read ("NameError: name 'secret' is not defined").
+    inner.makepyfile(
+        test_debug="""
+        import graphexec as gx
+
+        @gx.task
+        def boom(x):
+            secret = x + 40
+            raise ValueError(f"bad {secret}")
+
+        def test_in_process(graphexec_sync):
+            graph = gx.Graph()
+            with graph:
+                boom(1)
+            graph.compute(workers=2)
+        """
+    )
+    result = inner.run(
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        PLUGIN,
+        "-p",
+        "no:cacheprovider",
+        "--pdb",
+        "test_debug.py",
+        stdin=b"p f'<{secret}>'\nq\n",
+        timeout=INNER_TIMEOUT,
+    )
+    result.stdout.fnmatch_lines(["*test_debug.py(6)boom()*", "*<41>*"])
