@@ -59,11 +59,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("graphexec")
     group.addoption(
         "--graphexec-workers",
-        type=int,
+        type=_workers,
         default=DEFAULT_WORKERS,
         metavar="N",
         help=f"worker processes of the graphexec_pool fixture (default {DEFAULT_WORKERS})",
     )
+
+
+def _workers(text: str) -> int:
+    """``--graphexec-workers``'s value, refused when the command line is read (not
+    as an error of every test that asks for the pool)."""
+    import argparse
+
+    try:
+        workers = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {workers}")
+    return workers
 
 
 @pytest.fixture(scope="session")
@@ -82,8 +96,6 @@ def graphexec_pool(pytestconfig: pytest.Config) -> Iterator[gx.Pool]:
     import graphexec as gx  # deferred: sessions that do not ask pay nothing
 
     workers = pytestconfig.getoption("graphexec_workers")
-    if workers < 1:
-        raise pytest.UsageError(f"--graphexec-workers must be at least 1, got {workers}")
     pool = gx.Pool(workers=workers)
     try:
         _warm(gx, pool)

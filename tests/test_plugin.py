@@ -173,10 +173,20 @@ def test_graphexec_workers_sets_the_pool_size(
 
 @pytest.mark.timeout(INNER_TIMEOUT + 30)
 def test_graphexec_workers_must_be_positive(inner: pytest.Pytester) -> None:
-    inner.makepyfile(test_pool="def test_pool(graphexec_pool):\n    pass\n")
-    result = run_inner(inner, "--graphexec-workers", "0")
-    assert result.ret != 0
-    result.stdout.fnmatch_lines(["*--graphexec-workers must be at least 1, got 0*"])
+    # Refused when the command line is read: it was an error of each test that asked
+    # for the pool, and the others ran.
+    inner.makepyfile(
+        test_pool="def test_pool(graphexec_pool):\n    pass\n",
+        test_plain="def test_plain():\n    pass\n",
+    )
+    for value, says in (
+        ("0", "must be at least 1, got 0"),
+        ("two", "must be a whole number, got 'two'"),
+    ):
+        result = run_inner(inner, "--graphexec-workers", value)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines([f"*--graphexec-workers: {says}*"])
+        assert "passed" not in result.stdout.str()
 
 
 @pytest.mark.timeout(INNER_TIMEOUT + 30)
