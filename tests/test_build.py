@@ -1003,3 +1003,28 @@ def test_a_task_of_a_module_cloudpickle_takes_by_value_goes_by_value(tmp_path, m
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout.decode().split() == ["2", "1"]
     assert pickle.loads(pickle.dumps(inc)) is inc  # an importable one: by name
+
+
+def test_a_function_changed_in_place_is_checked_by_its_new_signature():
+    # IPython's autoreload swaps a function's __code__ and __defaults__ in place: the
+    # signature read once for it (kept per function) must be read again.
+    def step(x, y):
+        return x + y
+
+    def two(graph, *args):
+        with graph:
+            return graph.add(step, *args)
+
+    with pytest.raises(TypeError, match="missing a required argument: 'y'"):
+        two(gx.Graph(), 1)
+    step.__defaults__ = (10,)
+    graph = gx.Graph()
+    node = two(graph, 1)
+    assert graph.compute(scheduler="sync")[node] == 11
+
+    def step_v2(x, y, z):
+        return x + y + z
+
+    step.__code__, step.__defaults__ = step_v2.__code__, None
+    with pytest.raises(TypeError, match="missing a required argument: 'z'"):
+        two(gx.Graph(), 1, 2)

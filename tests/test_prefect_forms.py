@@ -17,6 +17,7 @@ Every flow runs on ``processes`` and ``sync`` (the ``scheduler`` fixture).
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 
@@ -500,3 +501,23 @@ def test_a_task_over_a_classmethod_submits_maps_and_keeps_its_options():
     assert [run[n] for n in many] == [100, 200]
     with gx.Pool(workers=1):
         assert Units.task_over_classmethod.submit(5).result() == 50
+
+
+@pytest.mark.parametrize("name", ["task_over_classmethod", "classmethod_over_task"])
+def test_a_classmethod_task_is_added_re_optioned_and_pickled_by_name(name):
+    # graph.add and gx.task(...) of one lost the class on Python 3.13 (a plain bound
+    # method there); the standard pickle refused one ("not the same object as
+    # ...Units.task_over_classmethod"): a task is pickled by its name.
+    method = getattr(MoreUnits, name)
+    graph = gx.Graph()
+    with graph:
+        added = graph.add(method, 3)
+        retried = gx.task(retries=2)(method)
+        again = retried(4)
+    run = graph.compute(workers=1)
+    assert (run[added], run[again]) == (300, 400)
+    assert retried.options.retries == 2 and run.state(again).attempts == 1
+    raw = vars(Units)[name]
+    task = raw if isinstance(raw, gx.Task) else raw.__func__
+    assert pickle.loads(pickle.dumps(task)) is task
+    assert pickle.loads(pickle.dumps(getattr(Units, name)))(2) == 20

@@ -201,6 +201,9 @@ class Graph:
             return self._add_call(fn, args, kwargs)
         if type(fn) is BoundTask:  # model.score, score a task of model's class
             return self._add_call(fn.task, (fn.instance, *args), kwargs)
+        if type(fn) is MethodType and isinstance(fn.__func__, Task):
+            # (@classmethod over a task reached on Python 3.13: a plain bound method)
+            return self._add_call(fn.__func__, (fn.__self__, *args), kwargs)
         # One wrapper per function and graph, not per call: checking a callable
         # (inspect.signature) costs more than adding the node. The graph holds
         # the wrapper, and so the function, for as long as it holds its nodes:

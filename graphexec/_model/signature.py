@@ -11,9 +11,10 @@ leaves with its old self), and every question about parameters goes through
 
 Only ``def`` and ``lambda`` functions are kept: they hash by identity and
 live as long as their users; a bound method is a new object at every attribute
-read, and a callable object may define ``__eq__``. A function whose
-``__signature__``, ``__wrapped__`` or ``__defaults__`` is reassigned after its
-first use keeps its first signature here, as a Task keeps its first options.
+read, and a callable object may define ``__eq__``. A kept signature is read
+again when what it was read from has changed in place: the function's code
+(IPython's ``autoreload`` swaps ``__code__``), defaults, ``__signature__`` or
+``__wrapped__``.
 """
 
 from __future__ import annotations
@@ -25,32 +26,60 @@ from collections.abc import Callable
 from types import FunctionType
 from typing import Any
 
-_SIGNATURES: weakref.WeakKeyDictionary[Callable[..., Any], inspect.Signature | None] = (
-    weakref.WeakKeyDictionary()
-)
-_SHAPES: weakref.WeakKeyDictionary[Callable[..., Any], tuple[Any, ...]] = (
-    weakref.WeakKeyDictionary()
-)
+# id(function) -> [a weak reference to it, what it was read from (_stamp), its
+# signature, its call_shape or None]. Not a WeakKeyDictionary: its lookups make a
+# weak reference each, a third of a lookup here. An entry leaves with its function.
+_KEPT: dict[int, list[Any]] = {}
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
+def _stamp(fn: Any) -> tuple[Any, ...]:
+    """What a plain function's signature is read from, to tell when it changed."""
+    own = fn.__dict__
+    return (
+        fn.__code__,
+        fn.__defaults__,
+        fn.__kwdefaults__,
+        own.get("__signature__"),
+        own.get("__wrapped__"),
+    )
+
+
+def _kept(fn: Any) -> list[Any]:
+    """A plain function's entry in ``_KEPT``, read (again) if missing or stale."""
+    stamp = _stamp(fn)
+    key = id(fn)
+    entry = _KEPT.get(key)
+    # (== on the stamps: identity first, item by item, so the usual case is cheap)
+    if entry is None or entry[0]() is not fn or entry[1] != stamp:
+        entry = _KEPT[key] = [weakref.ref(fn, _forget(key)), stamp, _read(fn), None]
+    return entry
+
+
+def _forget(key: int) -> Callable[[weakref.ref[Any]], None]:
+    def gone(ref: weakref.ref[Any]) -> None:
+        entry = _KEPT.get(key)
+        if entry is not None and entry[0] is ref:  # (not a newer function's, same id)
+            del _KEPT[key]
+
+    return gone
+
+
+def _read(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
 def signature(fn: Callable[..., Any]) -> inspect.Signature | None:
     """``inspect.signature(fn)``, or None when it has none (a builtin without one, a
-    non-callable); a plain function's is read once."""
-    keep = type(fn) is FunctionType
-    if keep:
-        try:
-            return _SIGNATURES[fn]
-        except KeyError:
-            pass
-    try:
-        found: inspect.Signature | None = inspect.signature(fn)
-    except (TypeError, ValueError):
-        found = None
-    if keep:
-        _SIGNATURES[fn] = found
-    return found
+    non-callable); a plain function's is read once (again if it changed)."""
+    if type(fn) is FunctionType:
+        sig: inspect.Signature | None = _kept(fn)[2]
+        return sig
+    return _read(fn)
 
 
 def parameter_names(fn: Callable[..., Any]) -> frozenset[str]:
@@ -76,12 +105,11 @@ def call_shape(fn: Callable[..., Any]) -> tuple[Any, ...]:
     ones; the names a keyword may take, None for ``**kwargs``; the names positional
     arguments fill; the required keyword-only names; the most positional arguments
     as a number, ``inf`` for ``*args``)."""
-    keep = type(fn) is FunctionType
-    if keep:
-        shape = _SHAPES.get(fn)
-        if shape is not None:
-            return shape
-    sig = signature(fn)
+    entry = _kept(fn) if type(fn) is FunctionType else None
+    if entry is not None and entry[3] is not None:
+        return entry[3]
+    sig = entry[2] if entry is not None else _read(fn)
+    shape: tuple[Any, ...]
     if sig is None:
         shape = ()
     else:
@@ -110,6 +138,6 @@ def call_shape(fn: Callable[..., Any]) -> tuple[Any, ...]:
             ),
             math.inf if most is None else most,
         )
-    if keep:
-        _SHAPES[fn] = shape
+    if entry is not None:
+        entry[3] = shape
     return shape

@@ -297,8 +297,7 @@ class Task:
             }
             opts = opts.updated(overrides, f"{self.name}() call")
             call_allows = overrides.get("allow_failure") is True
-        # (not `if wait_for:`: a node refuses a truth test)
-        if wait_for is not None and not (isinstance(wait_for, _CONTAINERS) and not wait_for):
+        if isinstance(wait_for, Node) or wait_for:  # (a node refuses a truth test)
             raise TypeError(
                 f"{self.name}() called with wait_for= outside a graph or a flow: a plain call "
                 "runs at once, in this process, and waits for nothing. Call it inside `with "
@@ -426,6 +425,11 @@ def _by_name(module: str, qualname: str, options: TaskOptions | None = None) -> 
     found: Any = importlib.import_module(module)
     for part in qualname.split("."):
         found = getattr(found, part)
+    # A task of a class is reached bound (a classmethod's, to the class): the task
+    if type(found) is BoundTask:
+        found = found.task
+    elif isinstance(found, types.MethodType) and isinstance(found.__func__, Task):
+        found = found.__func__  # (@classmethod over a task, Python 3.13)
     if options is None:
         return found
     return Task(found.fn, options, found._binding())
@@ -484,6 +488,9 @@ def task(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         where = f"@task on {fn_name(f)}"
         if isinstance(f, BoundTask):  # gx.task(...)(model.score): the task, re-optioned
             return f.with_options(**options)  # type: ignore[return-value]
+        if isinstance(f, types.MethodType) and isinstance(f.__func__, Task):
+            # (@classmethod over a task reached on Python 3.13: a plain bound method)
+            return BoundTask(f.__func__, f.__self__).with_options(**options)  # type: ignore[return-value]
         check_callable(f, where)
         if isinstance(f, Task):
             return f.with_options(**options)
