@@ -15,8 +15,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import gc
 import importlib
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -1757,3 +1759,46 @@ def test_a_node_that_cannot_be_keyed_is_warned_of_at_the_users_line(tmp_path):
     with pytest.warns(RuntimeWarning, match="is not cached") as caught:
         graph.compute(scheduler="sync", cache_dir=tmp_path)
     assert {w.filename for w in caught} == {__file__}
+
+
+def test_a_thread_that_looked_entries_up_leaves_no_open_connection(tmp_path, monkeypatch):
+    # Each thread has its own SQLite connection; one left to the garbage collector
+    # when its thread ended was a ResourceWarning on Python 3.13 ("unclosed database"),
+    # an error under pytest's -W error, for every thread that ran a cached compute.
+    made = []
+    connect = sqlite3.connect
+
+    def recording(database, *args, **kwargs):
+        conn = connect(database, *args, **kwargs)
+        if database != ":memory:":  # (a new directory's database is made in memory)
+            made.append(conn)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", recording)
+
+    @gx.task(cache=True)
+    def square(x):
+        return x * x
+
+    def run():
+        graph = gx.Graph()
+        with graph:
+            nodes = [square(i) for i in range(3)]
+        run = graph.compute(scheduler="sync", cache_dir=tmp_path)
+        assert [run[n] for n in nodes] == [0, 1, 4]
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    del thread
+    gc.collect()
+    # (the store's own threads, the flusher and the syncer, keep theirs while they live)
+    assert any(_closed(c) for c in made), "the ended thread's connection is still open"
+
+
+def _closed(conn):
+    try:
+        conn.execute("SELECT 1")
+    except sqlite3.ProgrammingError:
+        return True
+    return False

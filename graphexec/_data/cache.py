@@ -423,6 +423,24 @@ def _set_up(conn: Any, busy: type[Exception]) -> None:
             pause = min(pause * 2, 0.1)
 
 
+class _Held:
+    """A thread's connection, closed when the thread ends (its ``threading.local``
+    values go then) or the store goes: left to the garbage collector, an open
+    connection is a ``ResourceWarning`` on Python 3.13 (an error under pytest's
+    ``-W error``) for every thread that ever looked an entry up."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def __del__(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:  # (an interpreter shutting down: nothing to do)
+            pass
+
+
 @functools.cache
 def _empty_db() -> bytes:
     """The bytes of an empty cache database in WAL mode, with its table."""
@@ -553,14 +571,18 @@ class _Shared:
         """
         import sqlite3  # deferred: only a run that caches needs it (import graphexec stays fast)
 
-        conn = getattr(self.local, "conn", None)
-        if conn is None:
+        held = getattr(self.local, "conn", None)
+        if held is None:
             conn = sqlite3.connect(
                 self.db, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
             )
-            _set_up(conn, sqlite3.OperationalError)
-            self.local.conn = conn
-        return conn
+            try:
+                _set_up(conn, sqlite3.OperationalError)
+            except BaseException:
+                conn.close()
+                raise
+            held = self.local.conn = _Held(conn)
+        return held.conn
 
     # rows ----------------------------------------------------------------------
 
