@@ -12,6 +12,7 @@ import pytest
 
 import graphexec as gx
 from graphexec._executors import process as process_module
+from graphexec._executors import threadlimits
 
 TOLERANCE = 0.01
 
@@ -192,13 +193,27 @@ def test_sync_failures_keep_their_real_traceback():
     assert "explode" in frames  # post-mortem debugging reaches the task's frame
 
 
-def test_default_workers_is_the_cpu_count():
+def test_default_workers_is_the_cores_this_process_may_use(monkeypatch):
     pool = gx.Pool()
     try:
-        assert pool.workers == os.cpu_count()
+        assert pool.workers == threadlimits.usable_cores() <= len(os.sched_getaffinity(0))
         assert any(method in repr(pool) for method in ("zygote", "forkserver", "spawn"))
     finally:
         pool.close()
+    # A container's CPU quota (docker run --cpus=1.5) rounds up; the machine's count
+    # (os.cpu_count()) was taken before, whatever the process could use.
+    monkeypatch.setattr(threadlimits, "cgroup_cpu_quota", lambda: 1.0)
+    with gx.Pool() as pool:
+        assert pool.workers == 1
+    graph = gx.Graph()
+    nodes = [graph.add(_pid_after_a_nap) for _ in range(3)]
+    run = graph.compute()
+    assert len({run[n] for n in nodes}) == 1 and run[nodes[0]] != os.getpid()
+
+
+def _pid_after_a_nap():
+    time.sleep(0.05)  # (long enough for a second worker, had there been one, to take one)
+    return os.getpid()
 
 
 def test_unknown_start_method_is_refused():

@@ -21,6 +21,7 @@ import pytest
 import threadpoolctl
 
 import graphexec as gx
+from graphexec._executors import threadlimits
 from graphexec._executors.threadlimits import THREAD_VARS, automatic, usable_cores
 
 
@@ -306,8 +307,64 @@ def test_inner_threads_is_refused_where_it_cannot_act():
     assert inside()
 
 
-def test_usable_cores_is_what_the_process_may_run_on():
+def test_usable_cores_is_what_the_process_may_run_on(monkeypatch):
     assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(threadlimits, "cgroup_cpu_quota", lambda: None)
+    assert usable_cores() == 4  # a SLURM job's 4 cores of a larger node
+    monkeypatch.setattr(threadlimits, "cgroup_cpu_quota", lambda: 2.5)
+    assert usable_cores() == 3  # a quota of 2.5 CPUs: 3 workers share it
+    monkeypatch.setattr(threadlimits, "cgroup_cpu_quota", lambda: 16.0)
+    assert usable_cores() == 4  # the smaller of the two
+    monkeypatch.setattr(threadlimits, "cgroup_cpu_quota", lambda: 0.2)
+    assert usable_cores() == 1
+
+
+def _tree(tmp_path, proc_lines, files):
+    proc = tmp_path / "cgroup"
+    proc.write_text("\n".join(proc_lines) + "\n")
+    for name, text in files.items():
+        path = tmp_path / "fs" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(proc), str(tmp_path / "fs")
+
+
+@pytest.mark.parametrize(
+    ("proc_lines", "files", "quota"),
+    [
+        # cgroup v2, the limit on the process's own group
+        (["0::/job/step"], {"job/step/cpu.max": "150000 100000\n"}, 1.5),
+        # ... on a parent's (a parent's limit applies to its children): the smallest
+        (["0::/job/step"], {"job/cpu.max": "200000 100000", "job/step/cpu.max": "max 100000"}, 2.0),
+        # a container: its group is "/" in its own namespace
+        (["0::/"], {"cpu.max": "400000 100000"}, 4.0),
+        (["0::/"], {"cpu.max": "max 100000"}, None),
+        # a hybrid system: the v2 hierarchy under unified/
+        (["1:cpu:/", "0::/"], {"unified/cpu.max": "50000 100000"}, 0.5),
+        # cgroup v1
+        (
+            ["4:memory:/x", "3:cpu,cpuacct:/docker/abc"],
+            {
+                "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "300000",
+                "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000",
+            },
+            3.0,
+        ),
+        (
+            ["2:cpu:/"],
+            {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"},
+            None,
+        ),
+        # nothing readable: no limit
+        (["0::/gone"], {}, None),
+        (["0::/"], {"cpu.max": "garbage"}, None),
+    ],
+)
+def test_cgroup_cpu_quota_reads_v1_and_v2_limits(tmp_path, proc_lines, files, quota):
+    proc, root = _tree(tmp_path, proc_lines, files)
+    assert threadlimits.cgroup_cpu_quota(proc, root) == quota
+    assert threadlimits.cgroup_cpu_quota(str(tmp_path / "no-such-file"), root) is None
 
 
 def test_flow_inner_threads_applies_to_its_workers(clean_env):

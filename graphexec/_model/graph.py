@@ -488,7 +488,9 @@ class Graph:
                 node runs; with ``keep="targets"`` only the targets' values are kept.
                 An empty list (a selection that came out empty) runs nothing.
             workers: worker processes (threads for ``scheduler="threads"``); default
-                ``os.cpu_count()``. ``0`` runs everything in-process (``"sync"``).
+                the cores this process may use (its CPU affinity and its cgroup's CPU
+                quota, as in a SLURM job or a container). ``0`` runs everything
+                in-process (``"sync"``).
             scheduler: ``"processes"`` (default), ``"threads"`` for work that releases
                 the GIL, or ``"sync"`` to run in this thread (pdb works).
             fail_fast: cancel everything still pending at the first unhandled failure.

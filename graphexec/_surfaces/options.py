@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._executors.threadlimits import usable_cores
 from .._model.options import check_inner_threads
 from .._model.sizes import parse_size
 from .hooks import NO_HOOKS, Observer, RunHooks, check_observers, check_run_hooks
@@ -24,7 +25,7 @@ SCHEDULERS = ("processes", "threads", "sync")
 class ComputeOptions:
     """Validated options of one compute or flow (see ``Graph.compute`` for each).
 
-    ``workers`` is the resolved count (``os.cpu_count()`` by default, the
+    ``workers`` is the resolved count (the usable cores by default, the
     pool's size with ``pool=``); ``scheduler`` is ``"sync"`` when it is 0;
     ``memory_limit`` is in bytes; ``observers`` a tuple of :class:`Observer`;
     ``hooks`` the run-level hooks.
@@ -183,7 +184,7 @@ class ComputeOptions:
 
 def check_workers(workers: Any, where: str) -> int:
     if workers is None:
-        return os.cpu_count() or 1
+        return usable_cores()  # (the affinity mask and the cgroup's CPU quota)
     if isinstance(workers, bool) or not isinstance(workers, int):
         raise TypeError(f"{where}: workers= must be an int, got {workers!r}")
     if workers < 0:

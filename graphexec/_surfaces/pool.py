@@ -18,7 +18,8 @@ class Pool:
     """A pool of worker processes, kept warm across computes.
 
     Args:
-        workers: number of worker processes (default ``os.cpu_count()``).
+        workers: number of worker processes (default: the cores this process may
+            use, its CPU affinity and its cgroup's CPU quota, not the whole machine's).
         start_method: ``"zygote"`` (default on Linux while this process runs one
             thread: workers fork from a fork of it), ``"forkserver"`` (the
             default otherwise, and the opt-out: workers fork from a fresh
