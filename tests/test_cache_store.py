@@ -1251,3 +1251,53 @@ def test_a_rollback_after_sqlite_rolled_back_itself_keeps_the_first_error(tmp_pa
     assert not conn.in_transaction and conn.execute("SELECT count(*) FROM t").fetchone() == (0,)
     _cache.rollback(conn)  # nothing to roll back: nothing raised
     conn.close()
+
+
+MOUNTINFO = """\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw
+40 27 0:50 / /home rw,relatime - nfs4 server:/home rw,vers=4.2
+41 40 0:51 / /home/me/scratch\\040space rw - lustre 10.0.0.1@tcp:/fs rw
+42 40 8:2 / /home/me/local rw - xfs /dev/sdb1 rw
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("/home/me/project/.graphexec-cache", "nfs4"),
+        ("/home/me/scratch space/cache", "lustre"),  # (an escaped space in mountinfo)
+        ("/home/me/local/cache", None),  # a local disk mounted under the network one
+        ("/tmp/cache", None),
+        ("/homework/cache", None),  # not under /home
+    ],
+)
+def test_network_filesystems_are_told_from_local_ones(tmp_path, path, kind):
+    info = tmp_path / "mountinfo"
+    info.write_text(MOUNTINFO)
+    assert _cache.network_filesystem(path, str(info)) == kind
+    assert _cache.network_filesystem(path, str(tmp_path / "missing")) is None
+
+
+def test_a_cache_on_a_network_filesystem_warns_once_that_machines_must_not_share_it(
+    tmp_path, monkeypatch
+):
+    # SQLite's WAL needs every process that uses the database on one machine: the
+    # tasks of a SLURM array on several nodes sharing a cache on NFS could corrupt it.
+    monkeypatch.setattr(_cache, "network_filesystem", lambda path: "nfs4")
+
+    @gx.task(cache=True)
+    def double(x):
+        return 2 * x
+
+    def run():
+        graph = gx.Graph()
+        with graph:
+            node = double(21)
+        return graph.compute(scheduler="sync", cache_dir=tmp_path / "shared")[node]
+
+    with pytest.warns(RuntimeWarning, match=r"network filesystem \(nfs4\).*own\s+cache_dir="):
+        assert run() == 42
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run() == 42  # once per directory and process

@@ -562,6 +562,7 @@ class _Shared:
             raise CacheDamaged(damage_text(root, exc)) from None
         if new:
             _warn_old_layout(root)
+        _warn_if_shared_across_machines(root)  # (once per directory and process)
 
     def conn(self) -> sqlite3.Connection:
         """This thread's connection (SQLite connections are not shared between threads).
@@ -1221,6 +1222,52 @@ def _commit_all() -> None:
 
 os.register_at_fork(after_in_child=_after_fork)
 atexit.register(_commit_all)
+
+
+# Filesystems whose files other machines may open too (mountinfo's type field).
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
+        "glusterfs", "fuse.glusterfs", "fuse.sshfs", "fuse.cephfs", "9p", "afs",
+        "ocfs2", "gfs2", "panfs", "wekafs", "fuse.s3fs", "fuse.gcsfuse",
+    }
+)  # fmt: skip
+
+
+def network_filesystem(path: Path | str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The type of the network filesystem ``path`` is on (``"nfs4"``, ``"lustre"``...),
+    or None: a local one, or the system does not say (not Linux)."""
+    real = os.path.realpath(path)
+    best, found = -1, None
+    try:
+        with open(mountinfo) as f:
+            for line in f:
+                fields = line.split()
+                if "-" not in fields:
+                    continue
+                # (mountinfo escapes a space, tab, newline or backslash as \ooo)
+                mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) > best:
+                    best, found = len(mount), fields[fields.index("-") + 1]
+    except (OSError, IndexError):
+        return None
+    return found if found in NETWORK_FILESYSTEMS else None
+
+
+def _warn_if_shared_across_machines(root: Path) -> None:
+    kind = network_filesystem(root)
+    if kind is not None:
+        warnings.warn(
+            f"graphexec's cache directory {root} is on a network filesystem ({kind}). "
+            "Its database (SQLite in WAL mode) is safe there only while every process "
+            "using it runs on one machine: processes on other machines (the tasks of a "
+            "SLURM array on several nodes) must not share it, or it can be corrupted "
+            "(lookups then fail and nodes are recomputed). Give each machine its own "
+            "cache_dir= (a local disk, $TMPDIR), or keep the sweep on one machine",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 def _warn_old_layout(root: Path) -> None:
