@@ -1279,25 +1279,43 @@ def test_network_filesystems_are_told_from_local_ones(tmp_path, path, kind):
     assert _cache.network_filesystem(path, str(tmp_path / "missing")) is None
 
 
-def test_a_cache_on_a_network_filesystem_warns_once_that_machines_must_not_share_it(
-    tmp_path, monkeypatch
-):
+def test_a_cache_on_a_network_filesystem_shared_by_two_machines_warns(tmp_path, monkeypatch):
     # SQLite's WAL needs every process that uses the database on one machine: the
     # tasks of a SLURM array on several nodes sharing a cache on NFS could corrupt it.
+    # One machine alone on NFS is fine, and is not warned about.
+    import socket
+
     monkeypatch.setattr(_cache, "network_filesystem", lambda path: "nfs4")
 
     @gx.task(cache=True)
     def double(x):
         return 2 * x
 
-    def run():
+    def run(cache_dir):
         graph = gx.Graph()
         with graph:
             node = double(21)
-        return graph.compute(scheduler="sync", cache_dir=tmp_path / "shared")[node]
+        return graph.compute(scheduler="sync", cache_dir=cache_dir)[node]
 
-    with pytest.warns(RuntimeWarning, match=r"network filesystem \(nfs4\).*own\s+cache_dir="):
-        assert run() == 42
+    def as_another_process(host):  # a new process, here on machine `host`
+        _cache._registry.clear()
+        monkeypatch.setattr(socket, "gethostname", lambda: host)
+
+    shared = tmp_path / "shared"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert run() == 42  # once per directory and process
+        as_another_process("node-1")
+        assert run(shared) == 42
+        as_another_process("node-1")
+        assert run(shared) == 42  # the same machine again: nothing to say
+    as_another_process("node-2")
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"network filesystem \(nfs4\).*another machine too \(node-1\).*own\s+cache_dir=",
+    ):
+        assert run(shared) == 42
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        as_another_process("node-3")
+        monkeypatch.setattr(_cache, "network_filesystem", lambda path: None)
+        assert run(shared) == 42  # a local filesystem: not even looked at

@@ -562,7 +562,7 @@ class _Shared:
             raise CacheDamaged(damage_text(root, exc)) from None
         if new:
             _warn_old_layout(root)
-        _warn_if_shared_across_machines(root)  # (once per directory and process)
+        _warn_if_shared_across_machines(root, self.conn())  # (once per directory and process)
 
     def conn(self) -> sqlite3.Connection:
         """This thread's connection (SQLite connections are not shared between threads).
@@ -1255,16 +1255,45 @@ def network_filesystem(path: Path | str, mountinfo: str = "/proc/self/mountinfo"
     return found if found in NETWORK_FILESYSTEMS else None
 
 
-def _warn_if_shared_across_machines(root: Path) -> None:
+# How recently another machine must have used a directory for a warning.
+OTHER_MACHINE_WINDOW = 7 * 24 * 3600.0
+
+
+def _other_machines(conn: Any, now: float) -> list[str]:
+    """Record that this machine uses the directory; the others that did lately.
+
+    Only on a network filesystem (a local one cannot be opened from elsewhere), in a
+    table of its own that older graphexecs ignore: one row per machine."""
+    import socket
+
+    me = socket.gethostname()
+    conn.execute("CREATE TABLE IF NOT EXISTS machines (host TEXT PRIMARY KEY, seen REAL)")
+    conn.execute("INSERT OR REPLACE INTO machines VALUES (?, ?)", (me, now))
+    rows = conn.execute(
+        "SELECT host FROM machines WHERE host != ? AND seen > ? ORDER BY seen DESC",
+        (me, now - OTHER_MACHINE_WINDOW),
+    ).fetchall()
+    return [host for (host,) in rows]
+
+
+def _warn_if_shared_across_machines(root: Path, conn: Any) -> None:
     kind = network_filesystem(root)
-    if kind is not None:
+    if kind is None:
+        return
+    try:
+        others = _other_machines(conn, time.time())
+    except Exception as exc:  # (read-only, busy: the warning is a courtesy)
+        logger.debug("graphexec: could not record this machine in %s: %s", root, exc)
+        return
+    if others:
         warnings.warn(
-            f"graphexec's cache directory {root} is on a network filesystem ({kind}). "
-            "Its database (SQLite in WAL mode) is safe there only while every process "
-            "using it runs on one machine: processes on other machines (the tasks of a "
-            "SLURM array on several nodes) must not share it, or it can be corrupted "
-            "(lookups then fail and nodes are recomputed). Give each machine its own "
-            "cache_dir= (a local disk, $TMPDIR), or keep the sweep on one machine",
+            f"graphexec's cache directory {root} is on a network filesystem ({kind}) and "
+            f"was used in the last week from another machine too ({', '.join(others[:3])}). "
+            "Its database (SQLite in WAL mode) is safe only while every process using "
+            "it runs on one machine: shared between machines (the tasks of a SLURM "
+            "array on several nodes) it can be corrupted, and its lookups then fail "
+            "and nodes are recomputed. Give each machine its own cache_dir= (a local "
+            "disk, $TMPDIR, or a directory named after the machine)",
             RuntimeWarning,
             stacklevel=user_stacklevel(),
         )
