@@ -1259,6 +1259,8 @@ MOUNTINFO = """\
 40 27 0:50 / /home rw,relatime - nfs4 server:/home rw,vers=4.2
 41 40 0:51 / /home/me/scratch\\040space rw - lustre 10.0.0.1@tcp:/fs rw
 42 40 8:2 / /home/me/local rw - xfs /dev/sdb1 rw
+50 27 0:60 / /data rw - autofs systemd-1 rw
+51 50 0:61 / /data rw - nfs4 fs1:/export/data rw
 """
 
 
@@ -1270,6 +1272,7 @@ MOUNTINFO = """\
         ("/home/me/local/cache", None),  # a local disk mounted under the network one
         ("/tmp/cache", None),
         ("/homework/cache", None),  # not under /home
+        ("/data/cache", "nfs4"),  # mounted by an automounter over its autofs entry
     ],
 )
 def test_network_filesystems_are_told_from_local_ones(tmp_path, path, kind):
@@ -1319,3 +1322,61 @@ def test_a_cache_on_a_network_filesystem_shared_by_two_machines_warns(tmp_path, 
         as_another_process("node-3")
         monkeypatch.setattr(_cache, "network_filesystem", lambda path: None)
         assert run(shared) == 42  # a local filesystem: not even looked at
+
+
+def test_a_connection_is_closed_only_by_the_process_and_interpreter_that_use_it(tmp_path):
+    # In a forked child, clearing the parent's other threads dropped their connections
+    # there, and closed them (an inherited SQLite connection must not be touched).
+    conn = sqlite3.connect(tmp_path / "x.sqlite")
+    held = _cache._Held(conn)
+    held.pid = -1  # as in a child forked from the process that opened it
+    del held
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+    held = _cache._Held(conn)
+    del held
+    with pytest.raises(sqlite3.ProgrammingError):
+        conn.execute("SELECT 1")
+
+
+HOLDS_THE_DATABASE = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("held", flush=True)
+time.sleep(30)
+"""
+
+WAITS_IN_A_DAEMON_THREAD = """
+import sys, threading, time
+from pathlib import Path
+from graphexec._data import cache
+store = cache._shared(Path(sys.argv[1]))
+def wait_for_the_lock():
+    store.conn().execute("BEGIN IMMEDIATE")  # waits: the other process holds it
+threading.Thread(target=wait_for_the_lock, daemon=True).start()
+time.sleep(0.5)
+"""
+
+
+def test_exit_does_not_wait_for_a_daemon_threads_database_call(tmp_path):
+    # The interpreter's exit closed the daemon threads' connections from its main
+    # thread, and each close waited for the SQLite call its thread was in: up to the
+    # busy timeout (60 s) for a thread waiting on another process's lock.
+    _cache._shared(tmp_path)  # the database
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDS_THE_DATABASE, str(tmp_path / _cache.DB_NAME)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        waiter = subprocess.run(
+            [sys.executable, "-c", WAITS_IN_A_DAEMON_THREAD, str(tmp_path)],
+            timeout=20,  # (the holder keeps its lock for 30 s)
+            env={**os.environ, "PYTHONPATH": str(Path(gx.__file__).parent.parent)},
+        )
+        assert waiter.returncode == 0
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()

@@ -427,17 +427,26 @@ class _Held:
     """A thread's connection, closed when the thread ends (its ``threading.local``
     values go then) or the store goes: left to the garbage collector, an open
     connection is a ``ResourceWarning`` on Python 3.13 (an error under pytest's
-    ``-W error``) for every thread that ever looked an entry up."""
+    ``-W error``) for every thread that ever looked an entry up.
 
-    __slots__ = ("conn",)
+    Not closed in a forked child (clearing the parent's other threads there drops
+    their values: see :func:`_after_fork`, an inherited connection is never
+    touched) nor while the interpreter exits (its main thread then clears the
+    daemon threads' values, and a close would wait for whatever SQLite call such
+    a thread was in, up to ``BUSY_TIMEOUT``)."""
+
+    __slots__ = ("conn", "pid")
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
+        self.pid = os.getpid()
 
     def __del__(self) -> None:
+        if self.pid != os.getpid() or sys.is_finalizing():
+            return
         try:
             self.conn.close()
-        except Exception:  # (an interpreter shutting down: nothing to do)
+        except Exception:  # (closed already, or an interpreter half gone: nothing to do)
             pass
 
 
@@ -1248,7 +1257,9 @@ def network_filesystem(path: Path | str, mountinfo: str = "/proc/self/mountinfo"
                 # (mountinfo escapes a space, tab, newline or backslash as \ooo)
                 mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
                 inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-                if inside and len(mount) > best:
+                # (>=: of mounts on one point the last is the one in use, as an
+                # NFS share an automounter put over its autofs entry)
+                if inside and len(mount) >= best:
                     best, found = len(mount), fields[fields.index("-") + 1]
     except (OSError, IndexError):
         return None
