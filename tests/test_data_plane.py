@@ -368,3 +368,78 @@ def test_a_sweep_keeps_the_pin_of_a_value_alive_here():
         shm.live.discard(name)
         shm.sweep(f"gx-{os.getpid()}-99-")
     assert not os.path.exists(path)
+
+
+def test_a_full_dev_shm_sends_large_values_through_the_pipe(monkeypatch, caplog):
+    # A container's /dev/shm (64 MB under Docker and Kubernetes) filled by a 100 MB
+    # result failed the node: "cannot be pickled: OSError: No space left on device.
+    # ... make the type picklable".
+    import errno
+
+    from graphexec._data import serialize
+
+    made = []
+    create = shm.create
+
+    def full(raw):
+        if made:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        made.append(create(raw))  # the first buffer fits, the second does not
+        return made[-1]
+
+    monkeypatch.setattr(serialize._shm, "create", full)
+    monkeypatch.setattr(serialize, "_said_shm_is_full", False)
+    value = {"a": np.arange(300_000.0), "b": np.ones(400_000)}
+    with caplog.at_level("WARNING", logger="graphexec"):
+        data, segments = serialize.dumps_value(value)
+        serialize.dumps_value(value)
+    assert segments == () and not os.path.exists(f"/dev/shm/{made[0]}")  # nothing left
+    again = serialize.loads_value((data, segments))
+    assert np.array_equal(again["a"], value["a"]) and np.array_equal(again["b"], value["b"])
+    said = [r.getMessage() for r in caplog.records if "is full" in r.getMessage()]
+    assert len(said) == 1 and "--shm-size" in said[0]  # once per process
+    monkeypatch.setattr(
+        serialize._shm,
+        "create",
+        lambda raw: (_ for _ in ()).throw(OSError(errno.EACCES, "Permission denied")),
+    )
+    with pytest.raises(OSError, match="Permission denied"):  # any other error: as before
+        serialize.dumps_value(value)
+
+
+SMALL_DEV_SHM = """
+import numpy as np, graphexec as gx
+def big(n):
+    return np.ones(n // 8)
+graph = gx.Graph()
+node = graph.add(big, 80 * 2**20)
+print("MB", graph.compute(workers=1)[node].nbytes // 2**20)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_result_larger_than_a_containers_dev_shm_arrives(tmp_path):
+    # The real thing: /dev/shm of 32 MB in a mount namespace of its own (root only).
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0
+    ):
+        pytest.skip("needs root and unshare -m to give a process a small /dev/shm")
+    script = tmp_path / "big.py"
+    script.write_text(SMALL_DEV_SHM)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(gx.__file__)))
+    out = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o size=32m tmpfs /dev/shm && exec {sys.executable} {script}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env={**os.environ, "PYTHONPATH": root},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "MB 80" in out.stdout and "/dev/shm is full" in out.stderr

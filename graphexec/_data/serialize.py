@@ -19,7 +19,9 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import logging
 import mmap
 import os
 import pickle
@@ -32,6 +34,7 @@ import cloudpickle
 from .._model.errors import SerializationError
 from .._model.graph import Node
 from .._model.handle import Deferred
+from .._model.sizes import size_text
 from .._model.walk import PLAIN
 from . import shm as _shm
 
@@ -175,10 +178,44 @@ def dumps_value(obj: Any) -> Wire:
     segments: list[tuple[str, int]] = []
     try:
         data = dumps_apart(obj, lambda raw: segments.append((_shm.create(raw), raw.nbytes)))
+    except OSError as exc:
+        _shm.unlink([name for name, _ in segments])
+        if exc.errno not in _SHM_FULL:
+            raise
+        _say_shm_is_full(exc)
+        return dumps(obj), ()  # in band, through the pipe: slower, but it arrives
     except BaseException:
         _shm.unlink([name for name, _ in segments])
         raise
     return data, tuple(segments)
+
+
+# /dev/shm out of room: a container's (Docker and Kubernetes give it 64 MB), or one
+# filled by other programs. A value's large buffers then travel in its pickle.
+_SHM_FULL = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EDQUOT})
+_said_shm_is_full = False
+
+
+def _say_shm_is_full(exc: OSError) -> None:
+    global _said_shm_is_full
+    if _said_shm_is_full:
+        return
+    _said_shm_is_full = True
+    try:
+        st = os.statvfs(_shm.SHM_DIR)
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        room = f"{size_text(free, binary=True)} free of {size_text(total, binary=True)}"
+    except OSError:
+        room = "its size unknown"
+    logging.getLogger("graphexec").warning(
+        "graphexec: %s is full (%s: %s): values with large buffers travel through the "
+        "workers' pipes instead, more slowly. In a container, give it room "
+        "(docker run --shm-size=4g; Kubernetes: an emptyDir volume with medium: Memory "
+        "mounted at /dev/shm)",
+        _shm.SHM_DIR,
+        room,
+        exc.strerror,
+    )
 
 
 def loads_value(wire: Wire, mapped: list[tuple[str, Any]] | None = None) -> Any:
