@@ -26,6 +26,7 @@ Disable the plugin with ``-p no:graphexec_pytest``.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Iterator
@@ -69,8 +70,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _workers(text: str) -> int:
     """``--graphexec-workers``'s value, refused when the command line is read (not
     as an error of every test that asks for the pool)."""
-    import argparse
-
     try:
         workers = int(text)
     except ValueError:

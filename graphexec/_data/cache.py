@@ -143,6 +143,7 @@ import logging
 import mmap
 import os
 import re
+import socket
 import struct
 import sys
 import threading
@@ -1275,8 +1276,6 @@ def _other_machines(conn: Any, now: float) -> list[str]:
 
     Only on a network filesystem (a local one cannot be opened from elsewhere), in a
     table of its own that older graphexecs ignore: one row per machine."""
-    import socket
-
     me = socket.gethostname()
     conn.execute("CREATE TABLE IF NOT EXISTS machines (host TEXT PRIMARY KEY, seen REAL)")
     conn.execute("INSERT OR REPLACE INTO machines VALUES (?, ?)", (me, now))
