@@ -1998,3 +1998,21 @@ def test_a_remembered_stack_is_not_shown_once_its_file_changed(tmp_path, before,
         linecache.checkcache(str(path))
         expected = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         assert runtime.format_traceback(exc, exc.__traceback__) == expected
+
+
+def _oom_score_adj():
+    with open("/proc/self/oom_score_adj") as f:
+        return int(f.read())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/oom_score_adj"), reason="Linux only")
+@pytest.mark.parametrize("start_method", ["zygote", "forkserver", "spawn"])
+def test_when_memory_runs_out_the_kernel_kills_a_worker_before_the_parent(start_method):
+    # The out-of-memory killer picks the process with the most memory: the parent,
+    # holding the run's results, outweighed any one of several workers whose tasks
+    # together exhausted memory, and killing it ended the whole run. Workers now
+    # add OOM_SCORE_ADJ to their score (Ray does the same for its workers).
+    graph = gx.Graph()
+    node = graph.add(_oom_score_adj)
+    assert graph.compute(workers=1, start_method=start_method)[node] == 500
+    assert _oom_score_adj() == 0  # this process's own is left alone
