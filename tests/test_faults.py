@@ -2014,5 +2014,6 @@ def test_when_memory_runs_out_the_kernel_kills_a_worker_before_the_parent(start_
     # add OOM_SCORE_ADJ to their score (Ray does the same for its workers).
     graph = gx.Graph()
     node = graph.add(_oom_score_adj)
-    assert graph.compute(workers=1, start_method=start_method)[node] == 500
-    assert _oom_score_adj() == 0  # this process's own is left alone
+    mine = _oom_score_adj()  # (0 unless the test runner's environment raised it)
+    assert graph.compute(workers=1, start_method=start_method)[node] == min(mine + 500, 1000)
+    assert _oom_score_adj() == mine  # this process's own is left alone

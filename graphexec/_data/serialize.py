@@ -175,15 +175,31 @@ def dumps_value(obj: Any) -> Wire:
         return pickle.dumps(obj, PROTOCOL), ()
     if not _shm.AVAILABLE:
         return dumps(obj), ()
+    try:
+        return _into_segments(obj)
+    except OSError as exc:
+        if exc.errno not in _SHM_FULL:
+            raise
+        full = exc
+    # The pool's recycled segments, kept for results of their sizes, may be what
+    # fills it: let them go and try once more.
+    if _shm.drop_free():
+        try:
+            return _into_segments(obj)
+        except OSError as exc:
+            if exc.errno not in _SHM_FULL:
+                raise
+            full = exc
+    _say_shm_is_full(full)
+    return dumps(obj), ()  # in band, through the pipe: slower, but it arrives
+
+
+def _into_segments(obj: Any) -> Wire:
+    """The pickle of ``obj`` and its large buffers in new segments (none left behind
+    if it fails)."""
     segments: list[tuple[str, int]] = []
     try:
         data = dumps_apart(obj, lambda raw: segments.append((_shm.create(raw), raw.nbytes)))
-    except OSError as exc:
-        _shm.unlink([name for name, _ in segments])
-        if exc.errno not in _SHM_FULL:
-            raise
-        _say_shm_is_full(exc)
-        return dumps(obj), ()  # in band, through the pipe: slower, but it arrives
     except BaseException:
         _shm.unlink([name for name, _ in segments])
         raise
@@ -191,8 +207,9 @@ def dumps_value(obj: Any) -> Wire:
 
 
 # /dev/shm out of room: a container's (Docker and Kubernetes give it 64 MB), or one
-# filled by other programs. A value's large buffers then travel in its pickle.
-_SHM_FULL = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EDQUOT})
+# filled by other programs. A value's large buffers then travel in its pickle. (Not
+# ENOMEM: out of memory, two more copies of the value in band would not help.)
+_SHM_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _said_shm_is_full = False
 
 
@@ -208,10 +225,11 @@ def _say_shm_is_full(exc: OSError) -> None:
     except OSError:
         room = "its size unknown"
     logging.getLogger("graphexec").warning(
-        "graphexec: %s is full (%s: %s): values with large buffers travel through the "
-        "workers' pipes instead, more slowly. In a container, give it room "
-        "(docker run --shm-size=4g; Kubernetes: an emptyDir volume with medium: Memory "
-        "mounted at /dev/shm)",
+        "graphexec: %s has no room for a value's buffers (%s: %s), so values with large "
+        "buffers travel through the workers' pipes instead, more slowly. Values kept "
+        "from earlier runs hold their part of it until they are let go of. In a "
+        "container, give it room (docker run --shm-size=4g; Kubernetes: an emptyDir "
+        "volume with medium: Memory mounted at /dev/shm)",
         _shm.SHM_DIR,
         room,
         exc.strerror,

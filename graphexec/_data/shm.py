@@ -226,6 +226,21 @@ def unlink(names: list[str] | tuple[str, ...]) -> None:
             pass
 
 
+def drop_free() -> int:
+    """Unlink the recycled segments this process's pool keeps free (for a value that
+    found no room: ``/dev/shm`` full); return the count. Safe at any time: a free
+    segment is mapped by nobody, and one another worker claims meanwhile (an
+    atomic rename) is simply no longer there to unlink."""
+    if not (AVAILABLE and _free_prefix):
+        return 0
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith(_free_prefix)]
+    except OSError:
+        return 0
+    unlink(names)
+    return len(names)
+
+
 def sweep(prefix: str) -> int:
     """Unlink every segment under ``prefix`` that no live value uses; return the count."""
     if not AVAILABLE:

@@ -334,15 +334,16 @@ def _prefer_for_the_oom_killer() -> None:
     share of memory: the parent, which holds the run's results, outweighs any one
     of several workers whose tasks together exhausted memory, and killing it ends
     the whole run. A killed worker ends one node, ``WorkerCrashed`` with SIGKILL's
-    hint, and the run goes on. Raising one's own score needs no privilege; a
-    process whose score was set higher already keeps it."""
+    hint, and the run goes on. Added to what the worker inherited (the program's
+    own, through the zygote or forkserver), at most 1000: raising one's own score
+    needs no privilege."""
     try:
         with open("/proc/self/oom_score_adj", "r+") as f:
-            if int(f.read() or 0) < OOM_SCORE_ADJ:
-                f.seek(0)
-                f.write(str(OOM_SCORE_ADJ))
+            inherited = int(f.read() or 0)
+            f.seek(0)
+            f.write(str(min(inherited + OOM_SCORE_ADJ, 1000)))
     except (OSError, ValueError):
-        pass  # not Linux, or a kernel without it
+        pass  # not Linux, a kernel without it, or a read-only /proc
 
 
 def descendants(pid: int | None) -> list[Any]:
