@@ -27,6 +27,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -72,6 +73,18 @@ def running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def reap(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` if it still runs, wait for it and close its pipes: the one end of
+    a test's subprocess (a pipe left open is a ResourceWarning when it is collected,
+    shown against whichever test runs then)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(30)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def _is_multiprocessing_helper(proc: psutil.Process, me: int) -> bool:

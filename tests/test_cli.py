@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import reap
 
 import graphexec as gx
 from graphexec._data import cache as cache_store
@@ -281,6 +282,7 @@ def test_cache_ls_into_a_pipe_closed_early_stops_quietly(tmp_path, monkeypatch):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, err
+    reap(proc)
     assert "Traceback" not in err and "BrokenPipeError" not in err
 
 

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import reap
 
 import graphexec as gx
 from graphexec._data import shm
@@ -305,9 +306,7 @@ def test_a_killed_parent_leaves_no_shared_memory(tmp_path):
             time.sleep(0.1)  # the workers' watchdogs notice within about a second
         assert _ours(proc.pid) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 @pytest.mark.timeout(60)

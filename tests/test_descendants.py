@@ -20,7 +20,7 @@ import time
 
 import psutil
 import pytest
-from conftest import running
+from conftest import reap, running
 
 import graphexec as gx
 
@@ -173,8 +173,7 @@ def test_a_sigkilled_parent_leaves_no_daemon(tmp_path, daemons):
         for worker in workers:
             assert _gone_soon(worker, within=10)
     finally:
-        proc.kill()
-        proc.wait(10)
+        reap(proc)
 
 
 @gx.task

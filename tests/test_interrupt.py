@@ -22,7 +22,7 @@ import time
 
 import psutil
 import pytest
-from conftest import running
+from conftest import reap, running
 
 import graphexec as gx
 
@@ -311,9 +311,7 @@ def test_a_killed_parent_leaves_no_process_behind(tmp_path, start_method, how):
             time.sleep(0.05)
         left = sorted(p for p in pids if not _gone(p))
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
         for pid in pids:  # whatever survived: do not let it outlive the test
             if not _gone(pid):
                 os.kill(pid, signal.SIGKILL)
