@@ -646,3 +646,38 @@ def test_a_run_on_a_damaged_cache_database_computes_without_the_cache(tmp_path):
         run = graph.compute(scheduler="sync", cache_dir=tmp_path)
     assert run[node] == 49
     assert run.state(node).name == "Completed"
+
+
+def test_doctor_prints_what_graphexec_will_use_here(tmp_path, capsys):
+    assert cli_main(["doctor", "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    for fact in ("workers by default", "threads per worker", "memory", "/dev/shm"):
+        assert f"  {fact}" in out
+    assert f"{tmp_path / 'cache'} (not made yet; local)" in out
+    assert not (tmp_path / "cache").exists()  # it writes nothing
+
+
+def test_doctor_says_what_to_change_on_a_cluster_node_or_in_a_container(tmp_path, monkeypatch):
+    # A job's 8 cores under a quota of 1.5 CPUs, a 1 GiB memory limit, a small
+    # /dev/shm, a cache directory on NFS: each a fact, and a line of advice.
+    from graphexec._executors import machine
+    from graphexec._surfaces import doctor
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(machine, "cgroup_cpu_quota", lambda: 1.5)
+    monkeypatch.setattr(machine, "cgroup_memory_limit", lambda: 2**30)
+    monkeypatch.setattr(doctor, "SHM_ADVISED", 2**62)
+    monkeypatch.setattr(cache_store, "network_filesystem", lambda path: "nfs4")
+    found = doctor.checkup(tmp_path)
+    text = found.text()
+    assert "workers by default  2 (machine" in text and "cgroup CPU quota 1.5" in text
+    assert "this cgroup's limit 1.0 GiB" in text
+    starts = (
+        "the cgroup's CPU quota (1.5 CPUs) is below the 8 cores this process may run on",
+        "this process's cgroup may use 1.0 GiB",
+        "/dev/shm holds",
+        "the cache directory is on nfs4",
+    )
+    assert len(found.advice) == 4, found.advice
+    assert all(line.startswith(s) for line, s in zip(found.advice, starts)), found.advice
+    assert "\n! the cache directory is on nfs4" in text and "nothing to change" not in text

@@ -11,8 +11,8 @@ import warnings
 import pytest
 
 import graphexec as gx
+from graphexec._executors import machine
 from graphexec._executors import process as process_module
-from graphexec._executors import threadlimits
 
 TOLERANCE = 0.01
 
@@ -196,13 +196,13 @@ def test_sync_failures_keep_their_real_traceback():
 def test_default_workers_is_the_cores_this_process_may_use(monkeypatch):
     pool = gx.Pool()
     try:
-        assert pool.workers == threadlimits.usable_cores() <= len(os.sched_getaffinity(0))
+        assert pool.workers == machine.usable_cores() <= len(os.sched_getaffinity(0))
         assert any(method in repr(pool) for method in ("zygote", "forkserver", "spawn"))
     finally:
         pool.close()
     # A container's CPU quota (docker run --cpus=1.5) rounds up; the machine's count
     # (os.cpu_count()) was taken before, whatever the process could use.
-    monkeypatch.setattr(threadlimits, "cgroup_cpu_quota", lambda: 1.0)
+    monkeypatch.setattr(machine, "cgroup_cpu_quota", lambda: 1.0)
     with gx.Pool() as pool:
         assert pool.workers == 1
     graph = gx.Graph()

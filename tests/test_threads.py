@@ -21,8 +21,9 @@ import pytest
 import threadpoolctl
 
 import graphexec as gx
-from graphexec._executors import threadlimits
-from graphexec._executors.threadlimits import THREAD_VARS, automatic, usable_cores
+from graphexec._executors import machine, threadlimits
+from graphexec._executors.machine import usable_cores
+from graphexec._executors.threadlimits import THREAD_VARS, automatic
 
 
 def _openblas_threads() -> int | None:
@@ -172,7 +173,6 @@ def test_a_worker_allowed_two_threads_keeps_its_openblas_threads(clean_env):
 def test_the_zygotes_probe_of_libraries_serves_one_worker_only(clean_env, monkeypatch):
     """A process forked from a worker later (a task's own pool) may have loaded
     other libraries since: it probes them itself."""
-    from graphexec._executors import threadlimits
 
     asked = []
 
@@ -310,13 +310,13 @@ def test_inner_threads_is_refused_where_it_cannot_act():
 def test_usable_cores_is_what_the_process_may_run_on(monkeypatch):
     assert 1 <= usable_cores() <= (os.cpu_count() or 1)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(threadlimits, "cgroup_cpu_quota", lambda: None)
+    monkeypatch.setattr(machine, "cgroup_cpu_quota", lambda: None)
     assert usable_cores() == 4  # a SLURM job's 4 cores of a larger node
-    monkeypatch.setattr(threadlimits, "cgroup_cpu_quota", lambda: 2.5)
+    monkeypatch.setattr(machine, "cgroup_cpu_quota", lambda: 2.5)
     assert usable_cores() == 3  # a quota of 2.5 CPUs: 3 workers share it
-    monkeypatch.setattr(threadlimits, "cgroup_cpu_quota", lambda: 16.0)
+    monkeypatch.setattr(machine, "cgroup_cpu_quota", lambda: 16.0)
     assert usable_cores() == 4  # the smaller of the two
-    monkeypatch.setattr(threadlimits, "cgroup_cpu_quota", lambda: 0.2)
+    monkeypatch.setattr(machine, "cgroup_cpu_quota", lambda: 0.2)
     assert usable_cores() == 1
 
 
@@ -363,8 +363,8 @@ def _tree(tmp_path, proc_lines, files):
 )
 def test_cgroup_cpu_quota_reads_v1_and_v2_limits(tmp_path, proc_lines, files, quota):
     proc, root = _tree(tmp_path, proc_lines, files)
-    assert threadlimits.cgroup_cpu_quota(proc, root) == quota
-    assert threadlimits.cgroup_cpu_quota(str(tmp_path / "no-such-file"), root) is None
+    assert machine.cgroup_cpu_quota(proc, root) == quota
+    assert machine.cgroup_cpu_quota(str(tmp_path / "no-such-file"), root) is None
 
 
 def test_flow_inner_threads_applies_to_its_workers(clean_env):
@@ -375,3 +375,19 @@ def test_flow_inner_threads_applies_to_its_workers(clean_env):
     r = body()
     assert r["openblas"] == 2
     assert r["env"]["NUMEXPR_NUM_THREADS"] == "2"
+
+
+@pytest.mark.parametrize(
+    ("proc_lines", "files", "limit"),
+    [
+        (["0::/job"], {"job/memory.max": "4294967296\n"}, 4 * 2**30),
+        (["0::/job/step"], {"job/memory.max": "max", "job/step/memory.max": "1073741824"}, 2**30),
+        (["0::/"], {"memory.max": "max"}, None),
+        (["5:memory:/docker/abc"], {"memory/docker/abc/memory.limit_in_bytes": "536870912"}, 2**29),
+        (["5:memory:/"], {"memory/memory.limit_in_bytes": "9223372036854771712"}, None),
+        (["0::/gone"], {}, None),
+    ],
+)
+def test_cgroup_memory_limit_reads_v1_and_v2_limits(tmp_path, proc_lines, files, limit):
+    proc, root = _tree(tmp_path, proc_lines, files)
+    assert machine.cgroup_memory_limit(proc, root) == limit

@@ -29,12 +29,12 @@ loaded, so ``import graphexec`` never pays for it.
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
 import os
 import sys
 from collections.abc import Iterator
 from typing import Any
+
+from .machine import usable_cores
 
 # joblib's list (joblib/_parallel_backends.py, MAX_NUM_THREADS_VARS).
 THREAD_VARS = (
@@ -62,89 +62,6 @@ _LIBRARY_VAR = {
     "blis": "BLIS_NUM_THREADS",
     "openmp": "OMP_NUM_THREADS",
 }
-
-
-def usable_cores() -> int:
-    """The cores this process may use: its CPU affinity where the OS tells it (a
-    SLURM job's cpuset, ``taskset``), less if its cgroup's CPU quota is smaller
-    (``docker run --cpus``, a Kubernetes CPU limit), rounded up; at least 1.
-
-    The default number of workers, and of threads per worker. ``os.cpu_count()``
-    counts the whole machine: a job given 4 of a node's 64 cores started 64
-    workers on them. (loky's ``cpu_count`` and dask's ``CPU_COUNT`` read the
-    same two limits.)
-    """
-    try:
-        cores = len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    quota = cgroup_cpu_quota()
-    if quota is not None:
-        cores = min(cores, max(math.ceil(quota), 1))
-    return cores
-
-
-@functools.cache
-def cgroup_cpu_quota(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
-    """The CPUs this process's cgroup may use (``quota / period``, the smallest along
-    its path to the root), or None if none is set or it cannot be read. Read once
-    per process (a quarter of a millisecond of file reads: every compute asks).
-
-    cgroup v2: ``cpu.max`` (``"max 100000"`` or ``"200000 100000"``) in the
-    unified hierarchy (``root``, or ``root/unified`` on a hybrid system); v1:
-    ``cpu.cfs_quota_us`` (-1: none) and ``cpu.cfs_period_us`` under the ``cpu``
-    controller's mount. The paths come from ``proc`` (``/proc/self/cgroup``).
-    """
-    try:
-        with open(proc) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    found: list[float] = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # v2
-            for base in (root, os.path.join(root, "unified")):
-                found += _levels(base, path, _v2_quota)
-        elif "cpu" in controllers.split(","):  # v1
-            for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
-                found += _levels(os.path.join(root, mount), path, _v1_quota)
-    return min(found) if found else None
-
-
-def _levels(base: str, path: str, read: Any) -> list[float]:
-    """The quotas ``read`` finds from ``base + path`` up to ``base`` (a parent's limit
-    applies to its children). Inside a container ``path`` is often ``/``, and the
-    files at ``base`` are the container's own."""
-    quotas = []
-    parts = [p for p in path.split("/") if p]
-    for depth in range(len(parts), -1, -1):
-        quota = read(os.path.join(base, *parts[:depth]))
-        if quota is not None:
-            quotas.append(quota)
-    return quotas
-
-
-def _v2_quota(directory: str) -> float | None:
-    try:
-        with open(os.path.join(directory, "cpu.max")) as f:
-            quota, period = f.read().split()[:2]
-        if quota == "max":
-            return None
-        return int(quota) / int(period) if int(period) > 0 and int(quota) > 0 else None
-    except (OSError, ValueError):
-        return None
-
-
-def _v1_quota(directory: str) -> float | None:
-    try:
-        with open(os.path.join(directory, "cpu.cfs_quota_us")) as f:
-            quota = int(f.read())
-        with open(os.path.join(directory, "cpu.cfs_period_us")) as f:
-            period = int(f.read())
-    except (OSError, ValueError):
-        return None
-    return quota / period if quota > 0 and period > 0 else None
 
 
 def automatic(workers: int) -> int:

@@ -48,6 +48,7 @@ from .._model.node import Node
 from .._model.run import Run
 from .._model.sizes import size_text
 from .._version import __version__
+from . import doctor
 from .record import is_record, load_run
 from .replay import FunctionUnloadable, InputsUnloadable, kept_call
 
@@ -217,6 +218,20 @@ def parser() -> argparse.ArgumentParser:
     )
     clear.add_argument("--task", metavar="NAME", help="only the entries of this task")
     clear.set_defaults(handler=_cache_clear)
+
+    check = commands.add_parser(
+        "doctor",
+        help="what graphexec will use here (cores, memory, /dev/shm, cache) and what to fix",
+        description=(doctor.__doc__ or "").split("\n\n")[1].replace("``", ""),
+    )
+    check.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        type=Path,
+        default=Path(cache_store.DEFAULT_DIR),
+        help=f"the cache directory to look at (default: ./{cache_store.DEFAULT_DIR})",
+    )
+    check.set_defaults(handler=lambda args: doctor.main(args.cache_dir))
     return top
 
 

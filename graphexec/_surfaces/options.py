@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._executors.threadlimits import usable_cores
+from .._executors.machine import usable_cores
 from .._model.options import check_inner_threads
 from .._model.sizes import parse_size
 from .hooks import NO_HOOKS, Observer, RunHooks, check_observers, check_run_hooks
