@@ -175,21 +175,19 @@ def dumps_value(obj: Any) -> Wire:
         return pickle.dumps(obj, PROTOCOL), ()
     if not _shm.AVAILABLE:
         return dumps(obj), ()
-    try:
-        return _into_segments(obj)
-    except OSError as exc:
-        if exc.errno not in _SHM_FULL:
-            raise
-        full = exc
-    # The pool's recycled segments, kept for results of their sizes, may be what
-    # fills it: let them go and try once more.
-    if _shm.drop_free():
+    full: OSError | None = None
+    for again in (False, True):
+        # (again: the pool's recycled segments, kept for results of their sizes, may
+        # be what fills it; let them go, and try once more if there were any)
+        if again and not _shm.drop_free():
+            break
         try:
             return _into_segments(obj)
         except OSError as exc:
             if exc.errno not in _SHM_FULL:
                 raise
             full = exc
+    assert full is not None
     _say_shm_is_full(full)
     return dumps(obj), ()  # in band, through the pipe: slower, but it arrives
 
