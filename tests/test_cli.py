@@ -660,9 +660,11 @@ def test_doctor_prints_what_graphexec_will_use_here(tmp_path, capsys):
 def test_doctor_says_what_to_change_on_a_cluster_node_or_in_a_container(tmp_path, monkeypatch):
     # A job's 8 cores under a quota of 1.5 CPUs, a 1 GiB memory limit, a small
     # /dev/shm, a cache directory on NFS: each a fact, and a line of advice.
-    from graphexec._executors import machine
+    from graphexec._executors import machine, threadlimits
     from graphexec._surfaces import doctor
 
+    for var in threadlimits.THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.setattr(machine, "cgroup_cpu_quota", lambda: 1.5)
     monkeypatch.setattr(machine, "cgroup_memory_limit", lambda: 2**30)
@@ -671,7 +673,7 @@ def test_doctor_says_what_to_change_on_a_cluster_node_or_in_a_container(tmp_path
     found = doctor.checkup(tmp_path)
     text = found.text()
     assert "workers by default  2 (machine" in text and "cgroup CPU quota 1.5" in text
-    assert "this cgroup's limit 1.0 GiB" in text
+    assert "memory              this cgroup may use 1.0 GiB (the machine: " in text
     starts = (
         "the cgroup's CPU quota (1.5 CPUs) is below the 8 cores this process may run on",
         "this process's cgroup may use 1.0 GiB",
@@ -681,3 +683,35 @@ def test_doctor_says_what_to_change_on_a_cluster_node_or_in_a_container(tmp_path
     assert len(found.advice) == 4, found.advice
     assert all(line.startswith(s) for line, s in zip(found.advice, starts)), found.advice
     assert "\n! the cache directory is on nfs4" in text and "nothing to change" not in text
+
+
+def test_doctor_says_what_the_environment_and_a_bad_cache_path_would_do(tmp_path, monkeypatch):
+    from graphexec._executors import threadlimits
+    from graphexec._surfaces import doctor
+
+    for var in threadlimits.THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # passed to every worker as it is
+    monkeypatch.setattr(doctor.shm, "AVAILABLE", False)  # no /dev/shm at all
+    (tmp_path / "afile").write_text("")
+    found = doctor.checkup(tmp_path / "afile" / "cache")
+    text = found.text()
+    assert "from your environment: OMP_NUM_THREADS=4" in text
+    assert any("gives each worker 4 threads (OMP_NUM_THREADS=4)" in a for a in found.advice)
+    assert any(a.startswith("there is no /dev/shm") for a in found.advice)
+    assert f"{tmp_path / 'afile'} is not a directory" in text
+    assert any(a.startswith(f"{tmp_path / 'afile'} is not a directory") for a in found.advice)
+
+
+def test_the_command_works_without_docstrings(tmp_path):
+    # python -OO drops docstrings: the doctor's help was made from its module's, and
+    # every graphexec command failed (IndexError), --version included.
+    for args in (["--version"], ["doctor", "--cache-dir", str(tmp_path)]):
+        out = subprocess.run(
+            [sys.executable, "-OO", "-m", "graphexec", *args],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(WORKTREE)),
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy  # loaded here, so forkserver and fork workers start with it
 import pytest
@@ -391,3 +392,21 @@ def test_flow_inner_threads_applies_to_its_workers(clean_env):
 def test_cgroup_memory_limit_reads_v1_and_v2_limits(tmp_path, proc_lines, files, limit):
     proc, root = _tree(tmp_path, proc_lines, files)
     assert machine.cgroup_memory_limit(proc, root) == limit
+
+
+def test_a_cgroup_limit_changed_under_a_running_process_is_read_again(tmp_path, monkeypatch):
+    # Kubernetes resizes a pod in place, systemctl set-property a unit's quota: the
+    # pool is sized by what holds now, not what held at the first compute (read at
+    # most every FRESH_FOR seconds: every compute asks).
+    proc, root = _tree(tmp_path, ["0::/job"], {"job/cpu.max": "200000 100000"})
+    assert machine.cgroup_cpu_quota(proc, root) == 2.0
+    (tmp_path / "fs" / "job" / "cpu.max").write_text("100000 100000")
+    assert machine.cgroup_cpu_quota(proc, root) == 2.0  # within FRESH_FOR: kept
+    later = time.monotonic() + machine.FRESH_FOR + 1
+    monkeypatch.setattr(machine.time, "monotonic", lambda: later)
+    assert machine.cgroup_cpu_quota(proc, root) == 1.0
+
+
+def test_a_malformed_cgroup_line_is_skipped(tmp_path):
+    proc, root = _tree(tmp_path, ["garbage", "0::/job"], {"job/cpu.max": "150000 100000"})
+    assert machine.cgroup_cpu_quota(proc, root) == 1.5

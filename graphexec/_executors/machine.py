@@ -15,7 +15,11 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 from collections.abc import Callable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # cgroup v1 mounts the controllers at these names, alone or together.
 _V1_MOUNTS = {
@@ -23,6 +27,33 @@ _V1_MOUNTS = {
     "memory": ("memory",),
 }
 NO_LIMIT = 2**60  # (v1 writes "no limit" as a page-rounded 2**63 - 1)
+
+# Seconds a cgroup limit read is used again: every compute asks (a quarter of a
+# millisecond of file reads each time), and a limit can change under a running
+# process (Kubernetes resizing a pod in place, systemctl set-property).
+FRESH_FOR = 5.0
+
+
+def _fresh_for(seconds: float) -> Callable[[F], F]:
+    """Keep a function's result per arguments for ``seconds``."""
+
+    def wrap(fn: F) -> F:
+        kept: dict[tuple[Any, ...], tuple[float, Any]] = {}
+
+        @functools.wraps(fn)
+        def read(*args: Any) -> Any:
+            now = time.monotonic()
+            hit = kept.get(args)
+            if hit is not None and now - hit[0] < seconds:
+                return hit[1]
+            value = fn(*args)
+            kept[args] = (now, value)
+            return value
+
+        read.cache_clear = kept.clear  # type: ignore[attr-defined]
+        return read  # type: ignore[return-value]
+
+    return wrap
 
 
 def usable_cores() -> int:
@@ -45,11 +76,11 @@ def usable_cores() -> int:
     return cores
 
 
-@functools.cache
+@_fresh_for(FRESH_FOR)
 def cgroup_cpu_quota(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
     """The CPUs this process's cgroup may use (``quota / period``, the smallest along
-    its path to the root), or None if none is set or it cannot be read. Read once
-    per process (a quarter of a millisecond of file reads: every compute asks).
+    its path to the root), or None if none is set or it cannot be read. Read again
+    after ``FRESH_FOR`` seconds.
 
     cgroup v2: ``cpu.max`` (``"max 100000"`` or ``"200000 100000"``) in the
     unified hierarchy (``root``, or ``root/unified`` on a hybrid system); v1:
@@ -75,7 +106,10 @@ def _smallest(
         return None
     found: list[float] = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue  # (not a cgroup line: nothing to read from it)
+        _, controllers, path = fields
         if controllers == "":  # v2
             for base in (root, os.path.join(root, "unified")):
                 found += _levels(base, path, v2)
@@ -120,13 +154,13 @@ def _v1_quota(directory: str) -> float | None:
     return quota / period if quota > 0 and period > 0 else None
 
 
-@functools.cache
+@_fresh_for(FRESH_FOR)
 def cgroup_memory_limit(
     proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
 ) -> int | None:
     """The bytes this process's cgroup may use (v2 ``memory.max``, v1
     ``memory.limit_in_bytes``), the smallest along its path, or None if none is set
-    or it cannot be read. Read once per process."""
+    or it cannot be read. Read again after ``FRESH_FOR`` seconds."""
     found = _smallest(proc, root, "memory", _v2_memory, _v1_memory)
     return None if found is None else int(found)
 

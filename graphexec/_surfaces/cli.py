@@ -8,6 +8,7 @@
     graphexec cache info  [DIR]                    the totals
     graphexec cache prune [DIR] --older-than 7d | --expired
     graphexec cache clear [DIR] [--task NAME]
+    graphexec doctor [--cache-dir DIR]             what graphexec will use here, advice
 
 Exit codes: 0 done, 1 failed (the message says why and what to do), 2 the
 command line was wrong (argparse's own code).
@@ -60,12 +61,21 @@ BROKEN_PIPE = 128 + 13  # what a shell reports for a process SIGPIPE killed
 
 _DESCRIPTION = """\
 graphexec: run task graphs on every core. This command reads what runs left
-behind: a saved run (to write its HTML report) and the result cache.
+behind: a saved run (to write its HTML report) and the result cache; and
+says what graphexec will use on this machine (doctor).
 
 exit codes: 0 done, 1 failed (the message says why and what to do),
 2 wrong command line, 3 replay could not make the call, 141 the reader of
 the output went away (`| head`: the output stops there, as any Unix tool's
 killed by SIGPIPE).
+"""
+
+_DOCTOR_HELP = """\
+Print what graphexec will use on this machine: the cores this process may use
+(the default number of workers), threads per worker, memory and the cgroup's
+limit, /dev/shm, the cache directory's filesystem; then a line of advice for
+each limit a long run should know first. It starts no worker and writes
+nothing.
 """
 
 _REPORT_HELP = """\
@@ -222,7 +232,7 @@ def parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "doctor",
         help="what graphexec will use here (cores, memory, /dev/shm, cache) and what to fix",
-        description=(doctor.__doc__ or "").split("\n\n")[1].replace("``", ""),
+        description=_DOCTOR_HELP,
     )
     check.add_argument(
         "--cache-dir",

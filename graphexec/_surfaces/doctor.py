@@ -13,6 +13,7 @@ do. It starts no worker and writes nothing.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import platform
 import shutil
@@ -81,14 +82,25 @@ def _cores(found: Checkup) -> None:
         limits.append(f"CPU affinity {affinity}")
     limits.append(f"cgroup CPU quota {quota:g}" if quota is not None else "no cgroup CPU quota")
     found.facts.append(("workers by default", f"{cores} ({', '.join(limits)})"))
-    found.facts.append(
-        (
-            "threads per worker",
-            f"{threadlimits.automatic(cores)} (BLAS and OpenMP in each worker: "
-            "cores // workers; inner_threads= changes it)",
-        )
+    threads = threadlimits.worker_environment(None, cores)  # what each worker starts with
+    counts = sorted({int(v) for v in threads.values() if v.isdigit()})
+    yours = {k: v for k, v in threads.items() if k in os.environ}
+    shown = f"{counts[0]} to {counts[-1]}" if len(counts) > 1 else "".join(map(str, counts))
+    text = (
+        f"{shown or 'as your environment says'} (BLAS and OpenMP in each worker: "
+        "cores // workers; inner_threads= changes it)"
     )
-    if quota is not None and affinity is not None and quota < affinity:
+    if yours:
+        text += "; from your environment: " + ", ".join(f"{k}={v}" for k, v in yours.items())
+    found.facts.append(("threads per worker", text))
+    if counts and counts[-1] > 1 and yours:  # (workers x threads > cores)
+        found.advice.append(
+            f"your environment gives each worker {counts[-1]} threads "
+            f"({', '.join(f'{k}={v}' for k, v in yours.items())}): {cores} workers would "
+            f"run up to {counts[-1] * cores} threads on {cores} cores. Unset it, or give "
+            "inner_threads= (it wins over the environment)"
+        )
+    if quota is not None and affinity is not None and math.ceil(quota) < affinity:
         found.advice.append(
             f"the cgroup's CPU quota ({quota:g} CPUs) is below the {affinity} cores this "
             f"process may run on: {cores} workers by default, as the quota allows"
@@ -103,7 +115,7 @@ def _memory(found: Checkup) -> None:
     text = f"{size_text(memory.available, binary=True)} available of {total}"
     limit = machine.cgroup_memory_limit()
     if limit is not None and limit < memory.total:
-        text += f"; this cgroup's limit {size_text(limit, binary=True)}"
+        text = f"this cgroup may use {size_text(limit, binary=True)} (the machine: {text})"
         found.advice.append(
             f"this process's cgroup may use {size_text(limit, binary=True)} of the machine's "
             f"{total}: when its tasks together pass it, the "
@@ -114,10 +126,17 @@ def _memory(found: Checkup) -> None:
 
 
 def _shared_memory(found: Checkup) -> None:
-    if not shm.AVAILABLE:
+    try:
+        st = os.statvfs(shm.SHM_DIR) if shm.AVAILABLE else None
+    except OSError:
+        st = None
+    if st is None:
         found.facts.append(("/dev/shm", "none: large values travel through pipes"))
+        found.advice.append(
+            "there is no /dev/shm: values with large arrays travel through pipes, more "
+            "slowly. In a container, mount one (docker run --shm-size=4g)"
+        )
         return
-    st = os.statvfs(shm.SHM_DIR)
     free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
     found.facts.append(
         (
@@ -135,18 +154,24 @@ def _shared_memory(found: Checkup) -> None:
 
 
 def _cache(found: Checkup, cache_dir: Path) -> None:
-    where = cache_dir.resolve()
-    probe = where
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent  # (not made yet: the filesystem it will be made on)
+    where = Path(os.path.abspath(cache_dir))
+    probe, problem = where, None
+    try:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent  # (not made yet: where it would be made)
+        if not probe.is_dir():
+            problem = f"{probe} is not a directory"
+        elif not os.access(probe, os.W_OK | os.X_OK):
+            problem = f"{probe} is not writable by this user"
+    except OSError as exc:  # (a parent this user may not enter)
+        problem = f"{probe} cannot be looked at ({exc.strerror})"
     kind = cache_store.network_filesystem(probe)
-    writable = os.access(probe, os.W_OK)
-    state = "exists" if where.exists() else "not made yet"
+    state = "exists" if probe == where and problem is None else "not made yet"
     found.facts.append(
         (
             "cache directory",
-            f"{where} ({state}; {kind + ', a network filesystem' if kind else 'local'}"
-            f"{'' if writable else '; not writable'})",
+            f"{where} ({state if problem is None else problem}; "
+            f"{kind + ', a network filesystem' if kind else 'local'})",
         )
     )
     if kind:
@@ -155,10 +180,10 @@ def _cache(found: Checkup, cache_dir: Path) -> None:
             "machine (SQLite's WAL); for a job on several nodes, give each node its own "
             "cache_dir= (a local disk, $TMPDIR)"
         )
-    if not writable:
+    if problem is not None:
         found.advice.append(
-            f"{probe} is not writable: a cached compute would run without its cache; "
-            "give compute(cache_dir=...) a directory this user can write"
+            f"{problem}: a cached compute would run without its cache; give "
+            "compute(cache_dir=...) a directory this user can make and write"
         )
 
 
