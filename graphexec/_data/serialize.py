@@ -216,12 +216,12 @@ def _say_shm_is_full(exc: OSError) -> None:
     if _said_shm_is_full:
         return
     _said_shm_is_full = True
-    try:
-        st = os.statvfs(_shm.SHM_DIR)
-        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-        room = f"{size_text(free, binary=True)} free of {size_text(total, binary=True)}"
-    except OSError:
-        room = "its size unknown"
+    space = _shm.room()
+    room = (
+        "its size unknown"
+        if space is None
+        else f"{size_text(space[0], binary=True)} free of {size_text(space[1], binary=True)}"
+    )
     logging.getLogger("graphexec").warning(
         "graphexec: %s has no room for a value's buffers (%s: %s), so values with large "
         "buffers travel through the workers' pipes instead, more slowly. Values kept "

@@ -226,6 +226,17 @@ def unlink(names: list[str] | tuple[str, ...]) -> None:
             pass
 
 
+def room() -> tuple[int, int] | None:
+    """``/dev/shm``'s free and total bytes, or None where there is none to read."""
+    if not AVAILABLE:
+        return None
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
 def drop_free() -> int:
     """Unlink the recycled segments this process's pool keeps free (for a value that
     found no room: ``/dev/shm`` full); return the count. Safe at any time: a free

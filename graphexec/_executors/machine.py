@@ -66,14 +66,20 @@ def usable_cores() -> int:
     workers on them. (loky's ``cpu_count`` and dask's ``CPU_COUNT`` read the
     same two limits.)
     """
-    try:
-        cores = len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    cores = cpu_affinity() or os.cpu_count() or 1
     quota = cgroup_cpu_quota()
     if quota is not None:
         cores = min(cores, max(math.ceil(quota), 1))
     return cores
+
+
+def cpu_affinity() -> int | None:
+    """How many cores this process may run on (its affinity mask), or None where the
+    OS does not say (not Linux)."""
+    try:
+        return len(os.sched_getaffinity(0)) or None
+    except AttributeError:
+        return None
 
 
 @_fresh_for(FRESH_FOR)

@@ -71,10 +71,7 @@ def checkup(cache_dir: Path) -> Checkup:
 
 
 def _cores(found: Checkup) -> None:
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        affinity = None
+    affinity = machine.cpu_affinity()
     quota = machine.cgroup_cpu_quota()
     cores = machine.usable_cores()
     limits = [f"machine {os.cpu_count()}"]
@@ -126,18 +123,15 @@ def _memory(found: Checkup) -> None:
 
 
 def _shared_memory(found: Checkup) -> None:
-    try:
-        st = os.statvfs(shm.SHM_DIR) if shm.AVAILABLE else None
-    except OSError:
-        st = None
-    if st is None:
+    space = shm.room()
+    if space is None:
         found.facts.append(("/dev/shm", "none: large values travel through pipes"))
         found.advice.append(
             "there is no /dev/shm: values with large arrays travel through pipes, more "
             "slowly. In a container, mount one (docker run --shm-size=4g)"
         )
         return
-    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    free, total = space
     found.facts.append(
         (
             "/dev/shm",
