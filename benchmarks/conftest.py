@@ -312,13 +312,15 @@ def measure(
     workload: str,
     tool: str,
     rounds: int,
+    pause: float = 0.0,
     **extra: Any,
 ) -> float | None:
     """Time ``fn`` for ``rounds`` rounds (one call each); ``check`` every result.
 
     Before each round the garbage collector runs (untimed); after it the
     result is checked and dropped (untimed), so that no round's live objects
-    slow down the next one's garbage collections.
+    slow down the next one's garbage collections. ``pause``: seconds slept
+    before each round (untimed), as a program works between two computes.
 
     Records ``workload`` and ``tool`` (and ``extra``) in ``benchmark.extra_info``
     for the report; returns the median seconds (None when benchmarks are disabled).
@@ -328,6 +330,8 @@ def measure(
 
     def setup() -> None:
         gc.collect()  # no round pays for the garbage of the one before
+        if pause:
+            time.sleep(pause)
 
     def once() -> None:
         pending.append(fn())

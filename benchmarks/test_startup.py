@@ -34,7 +34,61 @@ def test_startup_graphexec(benchmark):
         finally:
             pool.close()
 
-    measure(benchmark, fn, check, workload="startup", tool="graphexec-cold", rounds=ROUNDS_HEAVY)
+    measure(
+        benchmark,
+        fn,
+        check,
+        workload="startup",
+        tool="graphexec-cold",
+        rounds=ROUNDS_HEAVY,
+    )
+
+
+# The first result of a new pool, after a pause: a program works between two
+# computes (loads data, writes results), as scripts and notebooks do.
+# graphexec's zygote forks workers ahead once no pool has asked it for one for
+# 50 ms (zygote.py's spares), so such a pool starts on them; back to back, as
+# above, the next pool asks before that.
+PAUSE = 0.1
+ROUNDS_PAUSED = 21  # about 10 ms each: noisy
+
+
+def test_first_result_after_a_pause_graphexec(benchmark):
+    def fn():
+        graph = gx.Graph()
+        with graph:
+            node = gx.task(w.inc)(1)
+        return graph.compute(workers=w.WORKERS)[node]
+
+    measure(
+        benchmark,
+        fn,
+        _is_two,
+        workload="startup-paused",
+        tool="graphexec-cold",
+        rounds=ROUNDS_PAUSED,
+        pause=PAUSE,
+    )
+
+
+def test_first_result_after_a_pause_ppe(benchmark):
+    def fn():
+        with concurrent.futures.ProcessPoolExecutor(max_workers=w.WORKERS) as ex:
+            return ex.submit(w.inc, 1).result()
+
+    measure(
+        benchmark,
+        fn,
+        _is_two,
+        workload="startup-paused",
+        tool="ppe",
+        rounds=ROUNDS_PAUSED,
+        pause=PAUSE,
+    )
+
+
+def _is_two(value):
+    assert value == 2
 
 
 @pytest.mark.parametrize("tool", ["ppe", "loky"])

@@ -89,16 +89,21 @@ def reap(proc: subprocess.Popen) -> None:
 
 def _is_multiprocessing_helper(proc: psutil.Process, me: int) -> bool:
     """multiprocessing's forkserver and resource tracker, and graphexec's zygote
-    (a fork of this process named ``gx-zygote``), live for the whole session.
+    (a fork of this process named ``gx-zygote``) with its spares (``gx-spare``,
+    workers forked ahead), live for the whole session.
 
-    Only the direct children count: processes the forkserver forks (our
-    workers) carry the same command line and must not be ignored.
+    Only the direct children count, and the zygote's spares: processes the
+    forkserver forks (our workers) carry the same command line and must not
+    be ignored.
     """
     try:
+        name = proc.name()
+        if name == "gx-spare":
+            parent = proc.parent()
+            return parent is None or (parent.name() == "gx-zygote" and parent.ppid() == me)
         if proc.ppid() != me:
             return False
         cmdline = " ".join(proc.cmdline())
-        name = proc.name()
     except psutil.Error:
         return True  # already gone
     return "forkserver" in cmdline or "resource_tracker" in cmdline or name == "gx-zygote"

@@ -73,7 +73,7 @@ INTERRUPTED = textwrap.dedent(
         for p in psutil.Process().children(recursive=True):
             try:
                 line = " ".join(p.cmdline())
-                if p.status() == psutil.STATUS_ZOMBIE or (
+                if p.status() == psutil.STATUS_ZOMBIE or p.name() == "gx-spare" or (
                         p.ppid() == me and ("forkserver" in line or "resource_tracker" in line
                                             or p.name() == "gx-zygote")):
                     continue
@@ -524,13 +524,16 @@ def test_ctrl_c_while_the_workers_start_cancels_every_node_and_carries_the_run(
 
 def _assert_no_new_workers(me, before):
     """Within 5 s, no process of ``me``'s tree is left that ``before`` did not hold
-    but the servers (the zygote and multiprocessing's tracker stay: per process)."""
+    but the servers (the zygote, its spares and multiprocessing's tracker stay: per
+    process)."""
 
     def new_ones():
         found = []
         for p in me.children(recursive=True):
             try:
-                server = p.name() == "gx-zygote" or "resource_tracker" in " ".join(p.cmdline())
+                server = p.name() in ("gx-zygote", "gx-spare") or "resource_tracker" in " ".join(
+                    p.cmdline()
+                )
                 if p.pid not in before and not server and p.status() != psutil.STATUS_ZOMBIE:
                     found.append(p)
             except psutil.Error:

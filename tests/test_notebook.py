@@ -361,6 +361,8 @@ def _workers_left(kernel_pid: int) -> list[str]:
                 or proc.name() == "gx-zygote"
             ):
                 continue
+            if proc.name() == "gx-spare":  # the zygote's workers forked ahead
+                continue
             left.append(f"{proc.pid}: {cmdline[:120]}")
         except psutil.Error:
             continue

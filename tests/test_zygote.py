@@ -26,6 +26,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import psutil
 import pytest
@@ -60,7 +61,11 @@ PRELUDE = textwrap.dedent(
 )
 
 
-def _run(body: str, env: dict[str, str] | None = None) -> tuple[dict, str]:
+def _run(
+    body: str, env: dict[str, str] | None = None, stderr: list[str] | None = None
+) -> tuple[dict, str]:
+    """Run ``body`` after PRELUDE in a fresh interpreter: its report and stdout (``stderr``:
+    a list that receives its standard error)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("GRAPHEXEC_")}
     environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, environ.get("PYTHONPATH")]))
     environ.update(env or {})
@@ -72,6 +77,8 @@ def _run(body: str, env: dict[str, str] | None = None) -> tuple[dict, str]:
         env=environ,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    if stderr is not None:
+        stderr.append(done.stderr)
     line = next(x for x in done.stdout.splitlines() if x.startswith("REPORT "))
     return json.loads(line[len("REPORT ") :]), done.stdout
 
@@ -774,3 +781,144 @@ def test_ctrl_c_and_sigterm_wait_out_the_zygotes_fork_and_the_zygote_gets_them_b
     assert report["held"] and {signal.SIGINT, signal.SIGTERM} <= set(report["held"][0])
     assert signal.SIGINT not in report["in_worker"] and signal.SIGTERM not in report["in_worker"]
     assert signal.SIGINT not in report["after"]
+
+
+SPARES = """
+def spares(wanted=zygote.SPARES):
+    # The zygote's spares, once it has made ``wanted`` of them (it waits for a
+    # pause in requests first).
+    zpid = zygote.server([])._forkserver_pid
+    deadline = time.monotonic() + 10
+    while True:
+        found = []
+        for p in psutil.Process(zpid).children():
+            try:
+                if p.name() == "gx-spare" and p.status() != "zombie":
+                    found.append(p.pid)
+            except psutil.Error:  # (a pool's worker exiting)
+                pass
+        found.sort()
+        if len(found) >= wanted or time.monotonic() > deadline:
+            return zpid, found
+        time.sleep(0.01)
+
+def me_and_parent():
+    return os.getpid(), os.getppid(), open("/proc/self/comm").read().strip()
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_new_pool_starts_on_the_spares_the_zygote_forked_while_idle():
+    report, _ = _run(
+        SPARES
+        + textwrap.dedent(
+            """
+        compute(os.getpid, workers=1)
+        zpid, ahead = spares()
+        with gx.Pool(workers=2) as pool:
+            seen = compute(me_and_parent, n=8, pool=pool)
+            workers = sorted(pool._workers)
+            pids = sorted(w.pid for w in pool._workers.values())
+        # Used up: the zygote makes new ones after a pause, and the next pool runs
+        # on those.
+        _, again = spares()
+        report(zpid=zpid, ahead=ahead, pids=pids, seen=seen, again=again,
+               me=psutil.Process().name())
+        """
+        )
+    )
+    assert len(report["ahead"]) == 2
+    assert report["pids"] == report["ahead"]  # no fork when the pool asked
+    for pid, parent, name in report["seen"]:
+        assert pid in report["ahead"]
+        assert parent == report["zpid"]
+        assert name == report["me"]  # a spare takes the program's name when a pool takes it
+    assert len(report["again"]) == 2 and not set(report["again"]) & set(report["ahead"])
+
+
+@pytest.mark.timeout(90)
+def test_a_spare_that_died_waiting_is_replaced_unnoticed():
+    errors: list[str] = []
+    report, _ = _run(
+        SPARES
+        + textwrap.dedent(
+            """
+        compute(os.getpid, workers=1)
+        zpid, ahead = spares()
+        for pid in ahead:
+            os.kill(pid, signal.SIGKILL)
+        # Asked at once, before the zygote reaped them, and again after.
+        first = compute(os.getpid, n=4, workers=2)
+        time.sleep(0.2)
+        second = compute(os.getpid, n=4, workers=2)
+        report(ahead=ahead, first=first, second=second, left=spares()[1])
+        """
+        ),
+        stderr=errors,
+    )
+    assert errors == [""]  # no warning, no traceback: the zygote, the pools
+    assert not set(report["first"]) & set(report["ahead"])
+    assert not set(report["second"]) & set(report["ahead"])
+    assert len(report["left"]) == 2
+
+
+@pytest.mark.timeout(90)
+def test_spares_end_with_the_zygote_and_with_the_program():
+    # The zygote killed under a running pool (whose workers, forked from it, hold
+    # no spare's socket): its spares exit at once. Then the program killed: the
+    # zygote it made next, and that one's spares, are gone too.
+    script = (
+        PRELUDE
+        + textwrap.dedent(SPARES)
+        + textwrap.dedent(
+            """
+        with gx.Pool(workers=2) as pool:
+            compute(os.getpid, n=2, pool=pool)
+            compute(os.getpid, workers=1)  # (the idle wait below is after a request)
+            zpid, ahead = spares()
+            os.kill(zpid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                      for p in ahead) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            alive = [p for p in ahead if psutil.pid_exists(p)
+                     and psutil.Process(p).status() != "zombie"]
+            compute(os.getpid, workers=1)  # a new zygote
+            zpid2, ahead2 = spares()
+        report(alive=alive, ahead=ahead, ahead2=ahead2, zpid2=zpid2)
+        sys.stdout.flush()
+        time.sleep(60)
+        """
+        )
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("GRAPHEXEC_")}
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, environ.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=environ
+    )
+    try:
+        assert proc.stdout is not None
+        line = next(x for x in proc.stdout if x.startswith("REPORT "))
+        report = json.loads(line[len("REPORT ") :])
+        assert len(report["ahead"]) == 2 and report["alive"] == []
+        assert len(report["ahead2"]) == 2
+        proc.kill()
+        proc.wait(timeout=30)
+        left = [report["zpid2"], *report["ahead2"]]
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in left) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in left if _alive(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

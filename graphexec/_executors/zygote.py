@@ -55,23 +55,34 @@ What the zygote does with what it inherits (``_become_zygote``):
 * its name: ``gx-zygote`` (``/proc/self/comm``, what ``ps`` and ``top``
   show); its workers take the program's name back.
 
+It serves with a loop of its own (``_serve``: the stdlib's protocol, plus two
+*spares*, ``gx-spare``, workers forked ahead while it is idle, which a pool's
+request starts at once; see ``_serve``).
+
 It dies with the program: it reads the end-of-file of a pipe whose write
 end only the program and the workers hold (as a forkserver does), and
-workers end when the program dies (their watchdog, the pool's guard).
+workers end when the program dies (their watchdog, the pool's guard); its
+spares end with it (the end of file of their sockets).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import errno
 import faulthandler
 import gc
+import inspect
 import os
+import selectors
 import signal
 import socket
 import stat
 import sys
 import threading
+import time
 import traceback
+from collections.abc import Callable
 from multiprocessing import connection, resource_tracker
 from multiprocessing import forkserver as mp_forkserver
 from multiprocessing import util as mp_util
@@ -85,6 +96,21 @@ from . import threadlimits
 # (and forking it copies page tables: a few ms per GB).
 ZYGOTE_MAX_RSS = 256 * 1024 * 1024
 NAME = "gx-zygote"  # /proc/<pid>/comm of the zygote (at most 15 characters)
+# Workers forked ahead and waiting for a pool (see _serve): how many, forked after
+# how long without a request, and their name until a pool takes them.
+SPARES = 2
+SPARE_AFTER = 0.05
+SPARE_NAME = "gx-spare"
+SPARE_ANSWER = 1.0  # seconds a spare has to say it took a request
+# The stdlib's forkserver protocol as 3.10 to 3.13 speak it (_serve speaks it
+# too); a later one (3.14 authenticates its clients) gets the stdlib's own loop.
+_STDLIB_PROTOCOL = list(inspect.signature(mp_forkserver.main).parameters) == [
+    "listener_fd",
+    "alive_r",
+    "preload",
+    "main_path",
+    "sys_path",
+]
 _ENV_MAX_RSS = "GRAPHEXEC_ZYGOTE_MAX_RSS"
 
 _state: tuple[int, Zygote] | None = None  # (pid of the process it serves, server)
@@ -326,7 +352,10 @@ def _become_zygote(listener_fd: int, alive_r: int, held: set[int | signal.Signal
             os.register_at_fork(after_in_child=lambda: _set_comm(name))
         threadlimits.prepare_server()  # (before the freeze: its objects stay put too)
         gc.freeze()  # the program's objects: never collected (their finalizers are its)
-        mp_forkserver.main(listener_fd, alive_r, [])
+        if _STDLIB_PROTOCOL:
+            _serve(listener_fd, alive_r, name)
+        else:  # a multiprocessing whose protocol this module does not know
+            mp_forkserver.main(listener_fd, alive_r, [])
         code = 0
     except SystemExit:  # end of file on the alive pipe: the program and its workers are gone
         code = 0
@@ -337,6 +366,215 @@ def _become_zygote(listener_fd: int, alive_r: int, held: set[int | signal.Signal
         except BaseException:
             pass
     finally:
+        os._exit(code)
+
+
+def _serve(listener_fd: int, alive_r: int, name: str | None) -> None:
+    """``multiprocessing.forkserver.main``'s loop and protocol, with spares.
+
+    A request is served as the stdlib serves it (the same descriptors, the
+    child's pid and then its exit code written to the client), except that
+    the child may be a spare: a process forked ahead, while the zygote was
+    idle, that has been through the fork and CPython's after-fork hooks and
+    waits on a socket for the request's descriptors. A worker forked on
+    request spends 4 to 5 ms there before it runs a line of its own (copying
+    page tables, then a copy-on-write fault of about 5 us per page its
+    after-fork hooks touch, on these virtual machines); a spare starts at
+    once, so a new pool's workers start that much sooner. This is Android's
+    zygote's pool of unspecialized processes (USAP), for the same reason.
+
+    The zygote keeps ``SPARES`` of them, forked only after ``SPARE_AFTER`` of
+    idleness (never while a pool is starting, when the cores are busy), named
+    ``gx-spare``. A spare holds nothing of any pool until it is handed one,
+    and exits at the end of file of its socket: when the zygote exits, so do
+    its spares. One that dies while waiting (the OOM killer, a stray kill) is
+    forgotten when its exit is reaped, and a request that finds it dead gets a
+    process forked on the spot, as before.
+    """
+    mp_util._close_stdin()  # type: ignore[attr-defined]
+    sig_r, sig_w = os.pipe()
+    os.set_blocking(sig_r, False)
+    os.set_blocking(sig_w, False)
+    handlers: dict[signal.Signals, Any] = {
+        signal.SIGCHLD: _wake_on_child,
+        signal.SIGINT: signal.SIG_IGN,
+    }
+    old_handlers = {sig: signal.signal(sig, val) for sig, val in handlers.items()}
+    signal.set_wakeup_fd(sig_w)  # (an os.write in a Python handler would race)
+    pid_to_fd: dict[int, int] = {}  # a client's child -> the client's status pipe
+    spares: dict[int, socket.socket] = {}  # a spare's pid -> the zygote's end of its socket
+
+    def leave_zygote() -> None:
+        """In a child of the zygote: close what is the zygote's (the stdlib's child does too)."""
+        signal.set_wakeup_fd(-1)  # before its pipe is closed (a signal would write there)
+        listener.close()
+        selector.close()
+        for fd in (alive_r, sig_r, sig_w, *pid_to_fd.values()):
+            os.close(fd)
+        for sock in spares.values():
+            sock.close()
+
+    with (
+        socket.socket(socket.AF_UNIX, fileno=listener_fd) as listener,
+        selectors.DefaultSelector() as selector,
+    ):
+        cast(Any, mp_forkserver._forkserver)._forkserver_address = listener.getsockname()
+        selector.register(listener, selectors.EVENT_READ)
+        selector.register(alive_r, selectors.EVENT_READ)
+        selector.register(sig_r, selectors.EVENT_READ)
+        last_request = time.monotonic()
+        while True:
+            try:
+                timeout = None
+                if len(spares) < SPARES:
+                    timeout = max(0.0, last_request + SPARE_AFTER - time.monotonic())
+                events = selector.select(timeout)
+                if not events:  # no request for SPARE_AFTER
+                    try:
+                        _fork_spare(spares, leave_zygote, old_handlers, name)
+                    except OSError:  # (no process to spare: a limit) tried again later
+                        last_request = time.monotonic()
+                    continue
+                ready = [key.fileobj for key, _ in events]
+                if alive_r in ready:
+                    # End of file: the program and all its workers are gone.
+                    assert os.read(alive_r, 1) == b""
+                    raise SystemExit
+                if sig_r in ready:
+                    os.read(sig_r, 65536)
+                    _reap(pid_to_fd, spares)
+                if listener in ready:
+                    last_request = time.monotonic()
+                    with listener.accept()[0] as s:
+                        fds = mp_forkserver.reduction.recvfds(  # type: ignore[attr-defined]
+                            s, mp_forkserver.MAXFDS_TO_SEND + 1
+                        )
+                    if len(fds) > mp_forkserver.MAXFDS_TO_SEND:
+                        raise RuntimeError(f"Too many ({len(fds):n}) fds to send")
+                    child_r, child_w, *fds = fds
+                    pid = _hand_to_spare(spares, child_r, fds)
+                    if pid is None:
+                        pid = os.fork()
+                        if pid == 0:
+                            leave_zygote()
+                            _child(child_r, fds, [child_w], old_handlers)
+                    try:
+                        mp_forkserver.write_signed(child_w, pid)
+                    except BrokenPipeError:  # the client went
+                        pass
+                    pid_to_fd[pid] = child_w
+                    os.close(child_r)
+                    for fd in fds:
+                        os.close(fd)
+            except OSError as e:
+                if e.errno != errno.ECONNABORTED:
+                    raise
+
+
+def _wake_on_child(*_: Any) -> None:
+    """SIGCHLD's handler: nothing; the signal's byte on the wake-up pipe wakes the loop."""
+
+
+def _reap(pid_to_fd: dict[int, int], spares: dict[int, socket.socket]) -> None:
+    """Send each exited child's exit code to its client; forget a spare that died."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        child_w = pid_to_fd.pop(pid, None)
+        if child_w is not None:
+            try:
+                mp_forkserver.write_signed(child_w, os.waitstatus_to_exitcode(status))
+            except BrokenPipeError:  # the client went
+                pass
+            os.close(child_w)
+        else:
+            sock = spares.pop(pid, None)  # (or one found dead when handed a request)
+            if sock is not None:
+                sock.close()
+
+
+def _hand_to_spare(spares: dict[int, socket.socket], child_r: int, fds: list[int]) -> int | None:
+    """Give a request's descriptors to the oldest live spare: its pid, or None if none took them.
+
+    The spare says it has them: one killed a moment before (its exit not yet
+    reaped) would otherwise take the request with it, and its pool would blame
+    the worker's death on the node it was to run.
+    """
+    while spares:
+        pid = next(iter(spares))
+        sock = spares.pop(pid)
+        try:
+            socket.send_fds(sock, [b"go"], [child_r, *fds])
+            sock.settimeout(SPARE_ANSWER)
+            if sock.recv(1) == b"!":
+                return pid
+        except TimeoutError:  # stopped, or starved: the next, and this one goes
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        except OSError:  # it died waiting (its exit not reaped yet): the next
+            pass
+        finally:
+            sock.close()
+    return None
+
+
+def _fork_spare(
+    spares: dict[int, socket.socket],
+    leave_zygote: Callable[[], None],
+    handlers: dict[signal.Signals, Any],
+    name: str | None,
+) -> None:
+    """Fork a spare: it waits for a request's descriptors, then serves it as ``_child``."""
+    ours, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        pid = os.fork()
+    except OSError:
+        ours.close()
+        its.close()
+        raise
+    if pid:
+        its.close()
+        spares[pid] = ours
+        return
+    try:
+        ours.close()
+        leave_zygote()
+        _set_comm(SPARE_NAME)
+        _, fds, _, _ = socket.recv_fds(its, 16, mp_forkserver.MAXFDS_TO_SEND + 1)
+        if not fds:  # end of file: the zygote is gone
+            os._exit(0)
+        its.sendall(b"!")  # (see _hand_to_spare)
+        its.close()
+        if name is not None:
+            _set_comm(name)
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
+            sys.stderr.flush()
+        os._exit(1)
+    _child(fds[0], fds[1:], [], handlers)
+
+
+def _child(
+    child_r: int, fds: list[int], unused: list[int], handlers: dict[signal.Signals, Any]
+) -> None:
+    """Serve one request in the child, as the stdlib's forkserver child does; never returns."""
+    code = 1
+    try:
+        if sys.version_info >= (3, 13):  # (as 3.13's forkserver: the child's own exit hooks)
+            atexit._clear()  # type: ignore[attr-defined]
+            atexit.register(mp_util._exit_function)  # type: ignore[attr-defined]
+        code = mp_forkserver._serve_one(child_r, fds, unused, handlers)  # type: ignore[attr-defined]
+    except Exception:
+        sys.excepthook(*sys.exc_info())
+        sys.stderr.flush()
+    finally:
+        if sys.version_info >= (3, 13):
+            atexit._run_exitfuncs()  # type: ignore[attr-defined]
         os._exit(code)
 
 
