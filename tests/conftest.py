@@ -89,8 +89,8 @@ def reap(proc: subprocess.Popen) -> None:
 
 def _is_multiprocessing_helper(proc: psutil.Process, me: int) -> bool:
     """multiprocessing's forkserver and resource tracker, and graphexec's zygote
-    (a fork of this process named ``gx-zygote``) with its spares (``gx-spare``,
-    workers forked ahead), live for the whole session.
+    (a fork of this process named ``gx-zygote``), with the spares of either
+    (``gx-spare``, workers forked ahead), live for the whole session.
 
     Only the direct children count, and the zygote's spares: processes the
     forkserver forks (our workers) carry the same command line and must not
@@ -100,7 +100,10 @@ def _is_multiprocessing_helper(proc: psutil.Process, me: int) -> bool:
         name = proc.name()
         if name == "gx-spare":
             parent = proc.parent()
-            return parent is None or (parent.name() == "gx-zygote" and parent.ppid() == me)
+            return parent is None or (
+                parent.ppid() == me
+                and (parent.name() == "gx-zygote" or "forkserver" in " ".join(parent.cmdline()))
+            )
         if proc.ppid() != me:
             return False
         cmdline = " ".join(proc.cmdline())

@@ -784,10 +784,10 @@ def test_ctrl_c_and_sigterm_wait_out_the_zygotes_fork_and_the_zygote_gets_them_b
 
 
 SPARES = """
-def spares(wanted=zygote.SPARES):
-    # The zygote's spares, once it has made ``wanted`` of them (it waits for a
-    # pause in requests first).
-    zpid = zygote.server([])._forkserver_pid
+def spares(wanted=zygote.SPARES, server=None):
+    # The zygote's spares (or ``server``'s), once it has made ``wanted`` of them
+    # (it waits for a pause in requests first).
+    zpid = (server or zygote.server([]))._forkserver_pid
     deadline = time.monotonic() + 10
     while True:
         found = []
@@ -834,6 +834,33 @@ def test_a_new_pool_starts_on_the_spares_the_zygote_forked_while_idle():
         assert parent == report["zpid"]
         assert name == report["me"]  # a spare takes the program's name when a pool takes it
     assert len(report["again"]) == 2 and not set(report["again"]) & set(report["ahead"])
+
+
+@pytest.mark.timeout(90)
+def test_graphexecs_forkserver_keeps_spares_too():
+    # A fresh interpreter (a numpy program's or a notebook's default server)
+    # serves with the same loop.
+    report, _ = _run(
+        SPARES
+        + textwrap.dedent(
+            """
+        from graphexec._executors import process
+        compute(os.getpid, workers=1, start_method="forkserver")
+        server = process._forkserver()
+        zpid, ahead = spares(server=server)
+        with gx.Pool(workers=2, start_method="forkserver") as pool:
+            seen = compute(me_and_parent, n=8, pool=pool)
+        report(zpid=zpid, ahead=ahead, seen=seen, cmdline=psutil.Process(zpid).cmdline(),
+               server_name=psutil.Process(zpid).name())
+        """
+        )
+    )
+    assert "forkserver_main" in " ".join(report["cmdline"])
+    assert len(report["ahead"]) == 2
+    for pid, parent, name in report["seen"]:
+        assert pid in report["ahead"]
+        assert parent == report["zpid"]
+        assert name == report["server_name"] != "gx-spare"  # a fresh interpreter's name
 
 
 @pytest.mark.timeout(90)

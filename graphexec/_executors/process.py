@@ -224,7 +224,7 @@ def _forkserver() -> multiprocessing.forkserver.ForkServer:
     global _server
     with _server_lock:
         if _server is None or _server[0] != os.getpid():
-            _server = (os.getpid(), multiprocessing.forkserver.ForkServer())
+            _server = (os.getpid(), _zygote.ForkServer())
         server = _server[1]
         # Read when the server starts (once, or again if it died).
         server.set_forkserver_preload(_preload())

@@ -85,6 +85,8 @@ import traceback
 from collections.abc import Callable
 from multiprocessing import connection, resource_tracker
 from multiprocessing import forkserver as mp_forkserver
+from multiprocessing import process as mp_process
+from multiprocessing import spawn as mp_spawn
 from multiprocessing import util as mp_util
 from typing import Any, cast
 
@@ -214,7 +216,86 @@ def server(preload: list[str]) -> Zygote:
         return zygote
 
 
-class Zygote(mp_forkserver.ForkServer):
+class ForkServer(mp_forkserver.ForkServer):
+    """multiprocessing's ``ForkServer``, whose fresh interpreter serves with ``_serve``
+    (spares) instead of the stdlib's loop: graphexec's forkserver, and the zygote's
+    when it cannot be forked.
+
+    ``ensure_running`` is the stdlib's (the same in 3.10 to 3.13) but for the
+    command the server runs; a Python whose protocol is not that one
+    (``_STDLIB_PROTOCOL``) gets the stdlib's server, without spares.
+    """
+
+    def ensure_running(self) -> None:
+        if not _STDLIB_PROTOCOL:
+            super().ensure_running()
+            return
+        me: Any = self
+        with me._lock:
+            resource_tracker.ensure_running()
+            if me._forkserver_pid is not None:
+                pid, _ = os.waitpid(me._forkserver_pid, os.WNOHANG)
+                if not pid:
+                    return  # still alive
+                os.close(me._forkserver_alive_fd)  # dead: launch it again
+                me._forkserver_address = None
+                me._forkserver_alive_fd = None
+                me._forkserver_pid = None
+            cmd = f"from {__name__} import forkserver_main; forkserver_main(%d, %d, %r, **%r)"
+            data: dict[str, Any] = {}
+            if me._preload_modules:
+                prepared = mp_spawn.get_preparation_data("ignore")
+                data = {k: v for k, v in prepared.items() if k in ("main_path", "sys_path")}
+            with socket.socket(socket.AF_UNIX) as listener:
+                address = cast(Any, connection).arbitrary_address("AF_UNIX")
+                listener.bind(address)
+                if not mp_util.is_abstract_socket_namespace(address):
+                    os.chmod(address, 0o600)
+                listener.listen()
+                # Every client holds the write end of the "alive" pipe: when all are
+                # gone, the server reads its end of file.
+                alive_r, alive_w = os.pipe()
+                try:
+                    fds_to_pass = [listener.fileno(), alive_r]
+                    cmd %= (listener.fileno(), alive_r, me._preload_modules, data)
+                    exe = mp_spawn.get_executable()
+                    args = [exe, *mp_util._args_from_interpreter_flags(), "-c", cmd]  # type: ignore[attr-defined]
+                    pid = mp_util.spawnv_passfds(cast(Any, exe), args, fds_to_pass)
+                except BaseException:
+                    os.close(alive_w)
+                    raise
+                finally:
+                    os.close(alive_r)
+                me._forkserver_address = address
+                me._forkserver_alive_fd = alive_w
+                me._forkserver_pid = pid
+
+
+def forkserver_main(
+    listener_fd: int,
+    alive_r: int,
+    preload: list[str],
+    main_path: str | None = None,
+    sys_path: list[str] | None = None,
+) -> None:
+    """The fresh interpreter's server (``ForkServer``): the stdlib's preload, then ``_serve``."""
+    if preload:
+        if "__main__" in preload and main_path is not None:
+            process = mp_process.current_process()
+            process._inheriting = True  # type: ignore[attr-defined]
+            try:
+                mp_spawn.import_main_path(main_path)
+            finally:
+                del process._inheriting  # type: ignore[attr-defined]
+        for module in preload:
+            try:
+                __import__(module)
+            except ImportError:
+                pass
+    _serve(listener_fd, alive_r, _comm())
+
+
+class Zygote(ForkServer):
     """multiprocessing's ``ForkServer`` whose server is a fork of this process when it can be.
 
     ``connect_to_new_process`` (and so ``popen_forkserver.Popen``) is the
