@@ -73,7 +73,9 @@ INTERRUPTED = textwrap.dedent(
         for p in psutil.Process().children(recursive=True):
             try:
                 line = " ".join(p.cmdline())
-                if p.status() == psutil.STATUS_ZOMBIE or p.name() == "gx-spare" or (
+                spare = p.name() == "gx-spare" and (p.parent().name() == "gx-zygote"
+                                                    or "forkserver" in line)
+                if p.status() == psutil.STATUS_ZOMBIE or spare or (
                         p.ppid() == me and ("forkserver" in line or "resource_tracker" in line
                                             or p.name() == "gx-zygote")):
                     continue
@@ -527,13 +529,17 @@ def _assert_no_new_workers(me, before):
     but the servers (the zygote, its spares and multiprocessing's tracker stay: per
     process)."""
 
+    def is_server(p):
+        return p.name() == "gx-zygote" or any(
+            word in " ".join(p.cmdline()) for word in ("resource_tracker", "forkserver_main")
+        )
+
     def new_ones():
         found = []
         for p in me.children(recursive=True):
             try:
-                server = p.name() in ("gx-zygote", "gx-spare") or "resource_tracker" in " ".join(
-                    p.cmdline()
-                )
+                # a spare: a server's child that is no pool's yet
+                server = is_server(p) or (p.name() == "gx-spare" and is_server(p.parent()))
                 if p.pid not in before and not server and p.status() != psutil.STATUS_ZOMBIE:
                     found.append(p)
             except psutil.Error:

@@ -103,7 +103,8 @@ NAME = "gx-zygote"  # /proc/<pid>/comm of the zygote (at most 15 characters)
 SPARES = 2
 SPARE_AFTER = 0.05
 SPARE_NAME = "gx-spare"
-SPARE_ANSWER = 1.0  # seconds a spare has to say it took a request
+SPARE_ANSWER = 0.25  # seconds the zygote waits for a spare to say it took a request
+SPARE_BACKOFF = 60.0  # at most, between spares that keep dying unused (doubling)
 # The stdlib's forkserver protocol as 3.10 to 3.13 speak it (_serve speaks it
 # too); a later one (3.14 authenticates its clients) gets the stdlib's own loop.
 _STDLIB_PROTOCOL = list(inspect.signature(mp_forkserver.main).parameters) == [
@@ -112,6 +113,11 @@ _STDLIB_PROTOCOL = list(inspect.signature(mp_forkserver.main).parameters) == [
     "preload",
     "main_path",
     "sys_path",
+] and list(inspect.signature(mp_forkserver._serve_one).parameters) == [  # type: ignore[attr-defined]
+    "child_r",
+    "fds",
+    "unused_fds",
+    "handlers",
 ]
 _ENV_MAX_RSS = "GRAPHEXEC_ZYGOTE_MAX_RSS"
 
@@ -469,8 +475,9 @@ def _serve(listener_fd: int, alive_r: int, name: str | None) -> None:
     ``gx-spare``. A spare holds nothing of any pool until it is handed one,
     and exits at the end of file of its socket: when the zygote exits, so do
     its spares. One that dies while waiting (the OOM killer, a stray kill) is
-    forgotten when its exit is reaped, and a request that finds it dead gets a
-    process forked on the spot, as before.
+    forgotten when its exit is reaped (the next is forked after twice the
+    wait, up to ``SPARE_BACKOFF``, until a spare is used again), and a request
+    that finds it dead gets a process forked on the spot, as before.
     """
     mp_util._close_stdin()  # type: ignore[attr-defined]
     sig_r, sig_w = os.pipe()
@@ -504,26 +511,31 @@ def _serve(listener_fd: int, alive_r: int, name: str | None) -> None:
         selector.register(alive_r, selectors.EVENT_READ)
         selector.register(sig_r, selectors.EVENT_READ)
         last_request = time.monotonic()
+        # Spares that die unused (the OOM killer in a full cgroup, a process limit)
+        # are forked again later and later, not in a loop.
+        wait = SPARE_AFTER
         while True:
             try:
                 timeout = None
                 if len(spares) < SPARES:
-                    timeout = max(0.0, last_request + SPARE_AFTER - time.monotonic())
+                    timeout = max(0.0, last_request + wait - time.monotonic())
                 events = selector.select(timeout)
-                if not events:  # no request for SPARE_AFTER
+                if not events:  # no request for that long
                     try:
                         _fork_spare(spares, leave_zygote, old_handlers, name)
-                    except OSError:  # (no process to spare: a limit) tried again later
+                    except OSError:  # (no process to spare: a limit)
                         last_request = time.monotonic()
+                        wait = min(wait * 2, SPARE_BACKOFF)
                     continue
                 ready = [key.fileobj for key, _ in events]
                 if alive_r in ready:
                     # End of file: the program and all its workers are gone.
-                    assert os.read(alive_r, 1) == b""
                     raise SystemExit
                 if sig_r in ready:
                     os.read(sig_r, 65536)
-                    _reap(pid_to_fd, spares)
+                    if _reap(pid_to_fd, spares):
+                        last_request = time.monotonic()
+                        wait = min(wait * 2, SPARE_BACKOFF)
                 if listener in ready:
                     last_request = time.monotonic()
                     with listener.accept()[0] as s:
@@ -534,7 +546,9 @@ def _serve(listener_fd: int, alive_r: int, name: str | None) -> None:
                         raise RuntimeError(f"Too many ({len(fds):n}) fds to send")
                     child_r, child_w, *fds = fds
                     pid = _hand_to_spare(spares, child_r, fds)
-                    if pid is None:
+                    if pid is not None:
+                        wait = SPARE_AFTER  # spares live to be used
+                    else:
                         pid = os.fork()
                         if pid == 0:
                             leave_zygote()
@@ -556,15 +570,19 @@ def _wake_on_child(*_: Any) -> None:
     """SIGCHLD's handler: nothing; the signal's byte on the wake-up pipe wakes the loop."""
 
 
-def _reap(pid_to_fd: dict[int, int], spares: dict[int, socket.socket]) -> None:
-    """Send each exited child's exit code to its client; forget a spare that died."""
+def _reap(pid_to_fd: dict[int, int], spares: dict[int, socket.socket]) -> int:
+    """Send each exited child's exit code to its client; forget a spare that died.
+
+    Returns how many spares died waiting.
+    """
+    died = 0
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return died
         if pid == 0:
-            return
+            return died
         child_w = pid_to_fd.pop(pid, None)
         if child_w is not None:
             try:
@@ -576,14 +594,17 @@ def _reap(pid_to_fd: dict[int, int], spares: dict[int, socket.socket]) -> None:
             sock = spares.pop(pid, None)  # (or one found dead when handed a request)
             if sock is not None:
                 sock.close()
+                died += 1
 
 
 def _hand_to_spare(spares: dict[int, socket.socket], child_r: int, fds: list[int]) -> int | None:
     """Give a request's descriptors to the oldest live spare: its pid, or None if none took them.
 
     The spare says it has them: one killed a moment before (its exit not yet
-    reaped) would otherwise take the request with it, and its pool would blame
-    the worker's death on the node it was to run.
+    reaped) closes its socket unanswered, and the next one (or a fork) gets the
+    request, which a dead process never read. One that does not answer within
+    ``SPARE_ANSWER`` (stopped, or starved of CPU) keeps the request all the same:
+    it has the descriptors, and it may yet read them, so no other process may.
     """
     while spares:
         pid = next(iter(spares))
@@ -593,9 +614,8 @@ def _hand_to_spare(spares: dict[int, socket.socket], child_r: int, fds: list[int
             sock.settimeout(SPARE_ANSWER)
             if sock.recv(1) == b"!":
                 return pid
-        except TimeoutError:  # stopped, or starved: the next, and this one goes
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        except TimeoutError:
+            return pid
         except OSError:  # it died waiting (its exit not reaped yet): the next
             pass
         finally:
