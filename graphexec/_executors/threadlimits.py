@@ -89,8 +89,8 @@ _probed: Any = None
 
 
 def prepare_server() -> None:
-    """In the zygote, before it serves: find the loaded libraries whose threads
-    workers limit, once for all the workers it forks.
+    """In the zygote or graphexec's forkserver, before it serves: find the loaded
+    libraries whose threads workers limit, once for all the workers it forks.
 
     ``threadpoolctl.ThreadpoolController()`` walks every shared library the
     process has loaded: 3-5 ms in a program that imported numpy and a few big

@@ -298,6 +298,7 @@ def forkserver_main(
                 __import__(module)
             except ImportError:
                 pass
+    threadlimits.prepare_server()  # as the zygote does: once, not in every worker
     _serve(listener_fd, alive_r, _comm())
 
 
