@@ -46,9 +46,9 @@ def test_startup_graphexec(benchmark):
 
 # The first result of a new pool, after a pause: a program works between two
 # computes (loads data, writes results), as scripts and notebooks do.
-# graphexec's zygote forks workers ahead once no pool has asked it for one for
-# 50 ms (zygote.py's spares), so such a pool starts on them; back to back, as
-# above, the next pool asks before that.
+# graphexec's zygote forks workers ahead when a pool's workers exit (zygote.py's
+# spares), so such a pool starts on them; back to back, as above, the next pool
+# may ask before they are ready.
 PAUSE = 0.1
 ROUNDS_PAUSED = 21  # about 10 ms each: noisy
 

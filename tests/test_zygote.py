@@ -839,6 +839,28 @@ def test_a_new_pool_starts_on_the_spares_the_zygote_forked_while_idle():
 
 
 @pytest.mark.timeout(90)
+def test_spares_are_forked_when_a_pools_workers_exit_not_while_it_runs():
+    # While a pool runs, its workers need the cores: forking spares then took
+    # CPU from the run; when its workers exit, cores have come free.
+    report, _ = _run(
+        SPARES
+        + textwrap.dedent(
+            """
+        with gx.Pool(workers=2) as pool:
+            compute(os.getpid, n=4, pool=pool)
+            time.sleep(0.5)
+            zpid = zygote.server([])._forkserver_pid
+            during = [p.pid for p in psutil.Process(zpid).children() if p.name() == "gx-spare"]
+        _, after = spares()
+        report(during=during, after=after)
+        """
+        )
+    )
+    assert report["during"] == []
+    assert len(report["after"]) == 2
+
+
+@pytest.mark.timeout(90)
 def test_graphexecs_forkserver_keeps_spares_too():
     # A fresh interpreter (a numpy program's or a notebook's default server)
     # serves with the same loop.

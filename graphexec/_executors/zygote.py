@@ -56,8 +56,8 @@ What the zygote does with what it inherits (``_become_zygote``):
   show); its workers take the program's name back.
 
 It serves with a loop of its own (``_serve``: the stdlib's protocol, plus two
-*spares*, ``gx-spare``, workers forked ahead while it is idle, which a pool's
-request starts at once; see ``_serve``).
+*spares*, ``gx-spare``: workers forked ahead when a pool's worker exits, which
+the next pool's request starts at once).
 
 It dies with the program: it reads the end-of-file of a pipe whose write
 end only the program and the workers hold (as a forkserver does), and
@@ -98,13 +98,15 @@ from . import threadlimits
 # (and forking it copies page tables: a few ms per GB).
 ZYGOTE_MAX_RSS = 256 * 1024 * 1024
 NAME = "gx-zygote"  # /proc/<pid>/comm of the zygote (at most 15 characters)
-# Workers forked ahead and waiting for a pool (see _serve): how many, forked after
-# how long without a request, and their name until a pool takes them.
+# Workers forked ahead and waiting for a pool (see _serve): how many, and their name
+# until a pool takes them.
 SPARES = 2
-SPARE_AFTER = 0.05
 SPARE_NAME = "gx-spare"
 SPARE_ANSWER = 0.25  # seconds the zygote waits for a spare to say it took a request
-SPARE_BACKOFF = 60.0  # at most, between spares that keep dying unused (doubling)
+# Seconds before forking again after a spare died unused (or a fork failed),
+# doubling each time up to SPARE_BACKOFF, back to SPARE_RETRY once one is used.
+SPARE_RETRY = 0.05
+SPARE_BACKOFF = 60.0
 # The stdlib's forkserver protocol as 3.10 to 3.13 speak it (_serve speaks it
 # too); a later one (3.14 authenticates its clients) gets the stdlib's own loop.
 _STDLIB_PROTOCOL = list(inspect.signature(mp_forkserver.main).parameters) == [
@@ -462,8 +464,8 @@ def _serve(listener_fd: int, alive_r: int, name: str | None) -> None:
 
     A request is served as the stdlib serves it (the same descriptors, the
     child's pid and then its exit code written to the client), except that
-    the child may be a spare: a process forked ahead, while the zygote was
-    idle, that has been through the fork and CPython's after-fork hooks and
+    the child may be a spare: a process forked ahead, when cores came free,
+    that has been through the fork and CPython's after-fork hooks and
     waits on a socket for the request's descriptors. A worker forked on
     request spends 4 to 5 ms there before it runs a line of its own (copying
     page tables, then a copy-on-write fault of about 5 us per page its
@@ -471,14 +473,16 @@ def _serve(listener_fd: int, alive_r: int, name: str | None) -> None:
     once, so a new pool's workers start that much sooner. This is Android's
     zygote's pool of unspecialized processes (USAP), for the same reason.
 
-    The zygote keeps ``SPARES`` of them, forked only after ``SPARE_AFTER`` of
-    idleness (never while a pool is starting, when the cores are busy), named
-    ``gx-spare``. A spare holds nothing of any pool until it is handed one,
+    The zygote keeps ``SPARES`` of them, named ``gx-spare``, forked when a
+    pool's worker exits (a pool closed, a worker crashed or was recycled):
+    when cores come free, and never while a pool is starting and its workers
+    need the cores. A spare holds nothing of any pool until it is handed one,
     and exits at the end of file of its socket: when the zygote exits, so do
     its spares. One that dies while waiting (the OOM killer, a stray kill) is
-    forgotten when its exit is reaped (the next is forked after twice the
-    wait, up to ``SPARE_BACKOFF``, until a spare is used again), and a request
-    that finds it dead gets a process forked on the spot, as before.
+    forgotten when its exit is reaped (the next is forked after
+    ``SPARE_RETRY``, doubling up to ``SPARE_BACKOFF`` while they keep dying
+    unused), and a request that finds it dead gets the next spare or a process
+    forked on the spot, as before.
     """
     mp_util._close_stdin()  # type: ignore[attr-defined]
     sig_r, sig_w = os.pipe()
@@ -511,22 +515,27 @@ def _serve(listener_fd: int, alive_r: int, name: str | None) -> None:
         selector.register(listener, selectors.EVENT_READ)
         selector.register(alive_r, selectors.EVENT_READ)
         selector.register(sig_r, selectors.EVENT_READ)
-        last_request = time.monotonic()
-        # Spares that die unused (the OOM killer in a full cgroup, a process limit)
-        # are forked again later and later, not in a loop.
-        wait = SPARE_AFTER
+        # When to fork spares: when a worker of a pool exits (a pool closed, a worker
+        # crashed or was recycled), which is when cores come free, never while a
+        # pool is starting; spares that die unused (the OOM killer in a full
+        # cgroup, a process limit) later and later, not in a loop.
+        due: float | None = None
+        wait = SPARE_RETRY
         while True:
             try:
                 timeout = None
-                if len(spares) < SPARES:
-                    timeout = max(0.0, last_request + wait - time.monotonic())
+                if due is not None and len(spares) < SPARES:
+                    timeout = max(0.0, due - time.monotonic())
                 events = selector.select(timeout)
-                if not events:  # no request for that long
+                if not events:  # due, and nothing else to do first
                     try:
                         _fork_spare(spares, leave_zygote, old_handlers, name)
                     except OSError:  # (no process to spare: a limit)
-                        last_request = time.monotonic()
+                        due = time.monotonic() + wait
                         wait = min(wait * 2, SPARE_BACKOFF)
+                    else:
+                        if len(spares) >= SPARES:
+                            due = None
                     continue
                 ready = [key.fileobj for key, _ in events]
                 if alive_r in ready:
@@ -534,11 +543,13 @@ def _serve(listener_fd: int, alive_r: int, name: str | None) -> None:
                     raise SystemExit
                 if sig_r in ready:
                     os.read(sig_r, 65536)
-                    if _reap(pid_to_fd, spares):
-                        last_request = time.monotonic()
+                    exited, died = _reap(pid_to_fd, spares)
+                    if died:
+                        due = time.monotonic() + wait
                         wait = min(wait * 2, SPARE_BACKOFF)
+                    elif exited and due is None:
+                        due = time.monotonic()  # (after the requests already waiting)
                 if listener in ready:
-                    last_request = time.monotonic()
                     with listener.accept()[0] as s:
                         fds = mp_forkserver.reduction.recvfds(  # type: ignore[attr-defined]
                             s, mp_forkserver.MAXFDS_TO_SEND + 1
@@ -548,7 +559,7 @@ def _serve(listener_fd: int, alive_r: int, name: str | None) -> None:
                     child_r, child_w, *fds = fds
                     pid = _hand_to_spare(spares, child_r, fds)
                     if pid is not None:
-                        wait = SPARE_AFTER  # spares live to be used
+                        wait = SPARE_RETRY  # spares live to be used
                     else:
                         pid = os.fork()
                         if pid == 0:
@@ -571,21 +582,23 @@ def _wake_on_child(*_: Any) -> None:
     """SIGCHLD's handler: nothing; the signal's byte on the wake-up pipe wakes the loop."""
 
 
-def _reap(pid_to_fd: dict[int, int], spares: dict[int, socket.socket]) -> int:
+def _reap(pid_to_fd: dict[int, int], spares: dict[int, socket.socket]) -> tuple[int, int]:
     """Send each exited child's exit code to its client; forget a spare that died.
 
-    Returns how many spares died waiting.
+    Returns how many of the clients' children exited, and how many spares died
+    waiting.
     """
-    died = 0
+    exited = died = 0
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return died
+            return exited, died
         if pid == 0:
-            return died
+            return exited, died
         child_w = pid_to_fd.pop(pid, None)
         if child_w is not None:
+            exited += 1
             try:
                 mp_forkserver.write_signed(child_w, os.waitstatus_to_exitcode(status))
             except BrokenPipeError:  # the client went
