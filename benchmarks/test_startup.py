@@ -60,15 +60,7 @@ def test_first_result_after_a_pause_graphexec(benchmark):
             node = gx.task(w.inc)(1)
         return graph.compute(workers=w.WORKERS)[node]
 
-    measure(
-        benchmark,
-        fn,
-        _is_two,
-        workload="startup-paused",
-        tool="graphexec-cold",
-        rounds=ROUNDS_PAUSED,
-        pause=PAUSE,
-    )
+    _after_a_pause(benchmark, fn, "graphexec-cold")
 
 
 def test_first_result_after_a_pause_ppe(benchmark):
@@ -76,12 +68,16 @@ def test_first_result_after_a_pause_ppe(benchmark):
         with concurrent.futures.ProcessPoolExecutor(max_workers=w.WORKERS) as ex:
             return ex.submit(w.inc, 1).result()
 
+    _after_a_pause(benchmark, fn, "ppe")
+
+
+def _after_a_pause(benchmark, fn, tool):
     measure(
         benchmark,
         fn,
         _is_two,
         workload="startup-paused",
-        tool="ppe",
+        tool=tool,
         rounds=ROUNDS_PAUSED,
         pause=PAUSE,
     )
