@@ -861,6 +861,72 @@ def test_spares_are_forked_when_a_pools_workers_exit_not_while_it_runs():
 
 
 @pytest.mark.timeout(90)
+def test_a_worker_that_exits_while_the_spares_are_full_forks_none_later():
+    # A review found the exit remembered: the next pool to take the spares had
+    # them forked again at its start.
+    report, _ = _run(
+        SPARES
+        + textwrap.dedent(
+            """
+        def spares_now():
+            zpid = zygote.server([])._forkserver_pid
+            return [p.pid for p in psutil.Process(zpid).children() if p.name() == "gx-spare"]
+
+        a = gx.Pool(workers=1)
+        compute(os.getpid, pool=a)
+        compute(os.getpid, workers=1)  # its worker exits: two spares
+        full = spares()[1]
+        a.close()  # an exit while the spares are full
+        time.sleep(0.3)
+        with gx.Pool(workers=2) as c:
+            compute(os.getpid, n=4, pool=c)  # takes both
+            time.sleep(0.5)
+            during = spares_now()
+        report(full=full, during=during)
+        """
+        )
+    )
+    assert len(report["full"]) == 2
+    assert report["during"] == []
+
+
+@pytest.mark.timeout(90)
+def test_graphexecs_forkserver_finds_graphexec_through_the_programs_sys_path():
+    # The server is a fresh interpreter: it must import graphexec wherever the
+    # program found it (a checkout beside the script, a notebook's
+    # sys.path.append). -S (which the server inherits) keeps site-packages, and
+    # the editable install's finder, off its default path.
+    import sysconfig
+
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path[:0] = [{ROOT!r}, {sysconfig.get_paths()["purelib"]!r}]
+        import graphexec as gx
+
+        def where():
+            import graphexec
+            return graphexec.__file__
+
+        graph = gx.Graph()
+        node = graph.add(where)
+        print("RESULT", graph.compute(workers=1, start_method="forkserver")[node])
+        """
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("GRAPHEXEC_", "PYTHON"))}
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environ,
+        cwd="/",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RESULT " + os.path.join(ROOT, "graphexec", "__init__.py") in done.stdout
+
+
+@pytest.mark.timeout(90)
 def test_graphexecs_forkserver_keeps_spares_too():
     # A fresh interpreter (a numpy program's or a notebook's default server)
     # serves with the same loop.

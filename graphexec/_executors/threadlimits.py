@@ -106,7 +106,10 @@ def prepare_server() -> None:
         import threadpoolctl
     except ImportError:
         return
-    _probed = threadpoolctl.ThreadpoolController()
+    try:
+        _probed = threadpoolctl.ThreadpoolController()
+    except Exception:  # (a library it failed to read) each worker probes its own, as before
+        _probed = None
 
 
 def apply_in_worker(env: dict[str, str]) -> None:

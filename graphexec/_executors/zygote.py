@@ -242,18 +242,25 @@ class ForkServer(mp_forkserver.ForkServer):
         with me._lock:
             resource_tracker.ensure_running()
             if me._forkserver_pid is not None:
-                pid, _ = os.waitpid(me._forkserver_pid, os.WNOHANG)
+                try:
+                    pid, _ = os.waitpid(me._forkserver_pid, os.WNOHANG)
+                except ChildProcessError:  # reaped by someone else's waitpid(-1)
+                    pid = me._forkserver_pid
                 if not pid:
                     return  # still alive
                 os.close(me._forkserver_alive_fd)  # dead: launch it again
                 me._forkserver_address = None
                 me._forkserver_alive_fd = None
                 me._forkserver_pid = None
-            cmd = f"from {__name__} import forkserver_main; forkserver_main(%d, %d, %r, **%r)"
-            data: dict[str, Any] = {}
-            if me._preload_modules:
-                prepared = mp_spawn.get_preparation_data("ignore")
-                data = {k: v for k, v in prepared.items() if k in ("main_path", "sys_path")}
+            # The program's sys.path first, as a spawned worker gets it: graphexec may
+            # be importable only through it (a checkout beside the script, a notebook's
+            # sys.path.append), and the stdlib's command imports only the stdlib.
+            cmd = (
+                "import sys; data = %r; sys.path[:] = data.get('sys_path', sys.path); "
+                f"from {__name__} import forkserver_main; forkserver_main(%d, %d, %r, **data)"
+            )
+            prepared = mp_spawn.get_preparation_data("ignore")
+            data = {k: v for k, v in prepared.items() if k in ("main_path", "sys_path")}
             with socket.socket(socket.AF_UNIX) as listener:
                 address = cast(Any, connection).arbitrary_address("AF_UNIX")
                 listener.bind(address)
@@ -265,7 +272,7 @@ class ForkServer(mp_forkserver.ForkServer):
                 alive_r, alive_w = os.pipe()
                 try:
                     fds_to_pass = [listener.fileno(), alive_r]
-                    cmd %= (listener.fileno(), alive_r, me._preload_modules, data)
+                    cmd %= (data, listener.fileno(), alive_r, me._preload_modules)
                     exe = mp_spawn.get_executable()
                     args = [exe, *mp_util._args_from_interpreter_flags(), "-c", cmd]  # type: ignore[attr-defined]
                     pid = mp_util.spawnv_passfds(cast(Any, exe), args, fds_to_pass)
@@ -547,7 +554,7 @@ def _serve(listener_fd: int, alive_r: int, name: str | None) -> None:
                     if died:
                         due = time.monotonic() + wait
                         wait = min(wait * 2, SPARE_BACKOFF)
-                    elif exited and due is None:
+                    elif exited and due is None and len(spares) < SPARES:
                         due = time.monotonic()  # (after the requests already waiting)
                 if listener in ready:
                     with listener.accept()[0] as s:
