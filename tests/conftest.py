@@ -97,19 +97,31 @@ def _is_multiprocessing_helper(proc: psutil.Process, me: int) -> bool:
     be ignored.
     """
     try:
-        name = proc.name()
-        if name == "gx-spare":
-            parent = proc.parent()
-            return parent is None or (
-                parent.ppid() == me
-                and (parent.name() == "gx-zygote" or "forkserver" in " ".join(parent.cmdline()))
-            )
+        if is_spare(proc, me):
+            return True
         if proc.ppid() != me:
             return False
         cmdline = " ".join(proc.cmdline())
+        name = proc.name()
     except psutil.Error:
         return True  # already gone
     return "forkserver" in cmdline or "resource_tracker" in cmdline or name == "gx-zygote"
+
+
+def is_spare(proc: psutil.Process, me: int | None = None) -> bool:
+    """A spare (``gx-spare``) of graphexec's zygote or forkserver, a child of ``me``
+    (default: this process); one already gone counts too."""
+    me = os.getpid() if me is None else me
+    try:
+        if proc.name() != "gx-spare":
+            return False
+        parent = proc.parent()
+        return parent is None or (
+            parent.ppid() == me
+            and (parent.name() == "gx-zygote" or "forkserver" in " ".join(parent.cmdline()))
+        )
+    except psutil.Error:
+        return True
 
 
 def _shared_pids() -> set[int]:
