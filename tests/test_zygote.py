@@ -1069,32 +1069,36 @@ def _spare_peer(answer: bytes | None) -> tuple[socket.socket, threading.Thread, 
     return ours, thread, got
 
 
-def test_a_request_goes_to_the_first_spare_that_answers(monkeypatch):
+@pytest.fixture
+def request_fds(monkeypatch):
+    """A request's descriptors (a pipe's two ends); no spare may be killed meanwhile."""
     monkeypatch.setattr(os, "kill", lambda *a: pytest.fail("no spare is killed"))
+    r, w = os.pipe()
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
+def test_a_request_goes_to_the_first_spare_that_answers(request_fds):
+    r, w = request_fds
     dead, t1, _ = _spare_peer(b"")
     t1.join()  # its end closed: a spare that died before its exit was reaped
     live, t2, got2 = _spare_peer(b"!")
     spares = {101: dead, 102: live}
-    r, w = os.pipe()
-    try:
-        assert zygote._hand_to_spare(spares, r, [w]) == 102
-        t2.join(5)
-        assert spares == {} and len(got2) == 1 and len(got2[0]) == 2  # child_r and the rest
-        assert zygote._hand_to_spare({}, r, [w]) is None  # none left: the zygote forks
-    finally:
-        os.close(r)
-        os.close(w)
+    assert zygote._hand_to_spare(spares, r, [w]) == 102
+    t2.join(5)
+    assert spares == {} and len(got2) == 1 and len(got2[0]) == 2  # child_r and the rest
+    assert zygote._hand_to_spare({}, r, [w]) is None  # none left: the zygote forks
 
 
-def test_a_spare_too_slow_to_answer_keeps_the_request(monkeypatch):
+def test_a_spare_too_slow_to_answer_keeps_the_request(monkeypatch, request_fds):
     # It has the descriptors and may yet read the request: giving the request to
     # another process too would have two serve it (a review found that race).
+    r, w = request_fds
     monkeypatch.setattr(zygote, "SPARE_ANSWER", 0.05)
-    monkeypatch.setattr(os, "kill", lambda *a: pytest.fail("the slow spare is not killed"))
     slow, thread, got = _spare_peer(None)
     other, t2, _ = _spare_peer(b"!")
     spares = {201: slow, 202: other}
-    r, w = os.pipe()
     try:
         assert zygote._hand_to_spare(spares, r, [w]) == 201
         thread.join(5)
@@ -1103,8 +1107,6 @@ def test_a_spare_too_slow_to_answer_keeps_the_request(monkeypatch):
     finally:
         other.close()
         t2.join(5)
-        os.close(r)
-        os.close(w)
 
 
 def test_graphexecs_forkserver_does_once_what_each_worker_did(monkeypatch):

@@ -241,17 +241,8 @@ class ForkServer(mp_forkserver.ForkServer):
         me: Any = self
         with me._lock:
             resource_tracker.ensure_running()
-            if me._forkserver_pid is not None:
-                try:
-                    pid, _ = os.waitpid(me._forkserver_pid, os.WNOHANG)
-                except ChildProcessError:  # reaped by someone else's waitpid(-1)
-                    pid = me._forkserver_pid
-                if not pid:
-                    return  # still alive
-                os.close(me._forkserver_alive_fd)  # dead: launch it again
-                me._forkserver_address = None
-                me._forkserver_alive_fd = None
-                me._forkserver_pid = None
+            if self._alive():
+                return
             # The program's sys.path first, as a spawned worker gets it: graphexec may
             # be importable only through it (a checkout beside the script, a notebook's
             # sys.path.append), and the stdlib's command imports only the stdlib.
@@ -284,6 +275,25 @@ class ForkServer(mp_forkserver.ForkServer):
                 me._forkserver_address = address
                 me._forkserver_alive_fd = alive_w
                 me._forkserver_pid = pid
+
+    def _alive(self) -> bool:
+        """Whether the server runs; if it ended, forget it (it is launched again)."""
+        me: Any = self
+        pid = me._forkserver_pid
+        if pid is None:
+            return False
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by someone else's waitpid(-1)
+            done = pid
+        if not done:
+            return True
+        if me._forkserver_alive_fd is not None:
+            os.close(me._forkserver_alive_fd)
+        me._forkserver_address = None
+        me._forkserver_alive_fd = None
+        me._forkserver_pid = None
+        return False
 
 
 def forkserver_main(
@@ -342,23 +352,6 @@ class Zygote(ForkServer):
         super().ensure_running()
         self.forked = False
         self.started = True
-
-    def _alive(self) -> bool:
-        pid = self._forkserver_pid
-        if pid is None:
-            return False
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:  # reaped by someone else's waitpid(-1)
-            done = pid
-        if not done:
-            return True
-        if self._forkserver_alive_fd is not None:
-            os.close(self._forkserver_alive_fd)
-        self._forkserver_address = None
-        self._forkserver_alive_fd = None
-        self._forkserver_pid = None
-        return False
 
     def _fork(self) -> bool:
         """Fork the zygote; False (and no zygote) if other threads ran at the fork after all."""
